@@ -1,0 +1,366 @@
+//! The configuration: TOML in, a validated [`Config`] out.
+//!
+//! Parsing happens in two steps: serde turns the file into `raw::*` structs (unknown keys are an error), then
+//! [`validate`](raw::RawConfig::validate) checks what serde cannot and produces the types the rest of relay uses.
+//! Every error names the file, the key and the reason, because a sysadmin reads it in `journalctl` without the
+//! source at hand.
+
+mod raw;
+mod size;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+pub use size::ByteSize;
+
+/// The embedded default: loopback only, plain, no authentication, no accounts.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[[listener]]
+address = "127.0.0.1:2525"
+tls = "none"
+auth = "none"
+allow = ["127.0.0.0/8", "::1/128"]
+"#;
+
+/// Where the default config file lives when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay/relay.toml";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Where this config came from: a path, or `<embedded default>`.
+    #[serde(skip)]
+    pub source: String,
+    pub state_dir: PathBuf,
+    pub hostname: String,
+    pub default_account: Option<String>,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(rename = "user")]
+    pub users: Vec<UserConfig>,
+    #[serde(rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    pub queue: QueueConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthPolicy {
+    /// MAIL is refused until the client has authenticated.
+    Required,
+    /// AUTH is offered; clients inside `allow` may also send without it.
+    Optional,
+    /// AUTH is not offered; every client inside `allow` may send.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    /// Refuse the message (SMTP smuggling defence, RFC 5321 section 2.3.8).
+    Reject,
+    /// Turn each bare CR or LF into CRLF; for devices that cannot be fixed.
+    Normalize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub auth: AuthPolicy,
+    pub plaintext_auth: bool,
+    pub bare_lf: BareLineEndings,
+    pub allow: Vec<IpNet>,
+    pub max_message_size: ByteSize,
+    pub max_recipients: usize,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_delay: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(serialize_with = "redacted")]
+    pub password_hash: String,
+    pub account: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Microsoft,
+    Google,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    DeviceCode,
+    AuthorizationCode,
+    ClientCredentials,
+    Password,
+    ServiceAccount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Smtp,
+    Graph,
+    GmailApi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewriteFrom {
+    None,
+    Envelope,
+    Header,
+}
+
+/// An upstream account. Issue 2 only reads and checks these; delivery uses them from issue 3 on.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub name: String,
+    pub provider: Provider,
+    pub flow: Flow,
+    #[serde(default = "default_transport")]
+    pub transport: Transport,
+    pub mailbox: String,
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub certificate_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    pub service_account_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub client_secret_expires: Option<String>,
+    #[serde(default = "default_rewrite")]
+    pub rewrite_from: RewriteFrom,
+    pub token_url: Option<String>,
+    pub device_authorization_url: Option<String>,
+    pub authorization_url: Option<String>,
+    pub scope: Option<String>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub smtp_tls: Option<TlsMode>,
+    pub ca_file: Option<PathBuf>,
+    pub graph_url: Option<String>,
+    pub gmail_api_url: Option<String>,
+}
+
+fn default_transport() -> Transport {
+    Transport::Smtp
+}
+
+fn default_rewrite() -> RewriteFrom {
+    RewriteFrom::Envelope
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub sender: Option<String>,
+    pub recipient: Option<String>,
+    pub listener: Option<String>,
+    pub user: Option<String>,
+    pub account: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueConfig {
+    #[serde(serialize_with = "durations")]
+    pub retry: Vec<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        QueueConfig {
+            retry: vec![m(1), m(5), m(15), m(30), m(60), m(120), m(240)],
+            max_age: Duration::from_secs(5 * 86400),
+        }
+    }
+}
+
+fn redacted<S: serde::Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("[redacted]")
+}
+
+fn durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// The config relay runs on when no file is given.
+    pub fn embedded_default() -> Config {
+        // The embedded text is a constant checked by a unit test, so this cannot fail at run time.
+        Self::parse(EMBEDDED_DEFAULT, "<embedded default>")
+            .expect("embedded default config is valid")
+    }
+
+    /// Parses config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            let key = match e.span() {
+                Some(span) => {
+                    let upto = &text[..span.start.min(text.len())];
+                    let line = upto.matches('\n').count() + 1;
+                    let col = upto.rsplit('\n').next().map_or(0, str::len) + 1;
+                    format!("line {line}, column {col}")
+                }
+                None => "(document)".into(),
+            };
+            ConfigError {
+                file: file.into(),
+                key,
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        raw.validate(file)
+    }
+
+    /// The resolved config as TOML, secrets redacted (for `relay check`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Where state lives when the config does not say: systemd's `$STATE_DIRECTORY`, then `/var/lib/relay` for
+/// root, then the XDG state directory, so that a newcomer's `relay serve` works without root.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY")
+        && let Some(first) = dir.to_string_lossy().split(':').next()
+        && !first.is_empty()
+    {
+        return PathBuf::from(first);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/relay");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("relay");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/relay"),
+        None => PathBuf::from("/var/lib/relay"),
+    }
+}
+
+/// The host name for the greeting and `Received:` lines.
+pub fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end])
+            && !name.is_empty()
+        {
+            return name.to_string();
+        }
+    }
+    "localhost".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:2525");
+        assert_eq!(c.listeners[0].auth, AuthPolicy::None);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nbogus = 1\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.file, "x.toml");
+        assert!(e.key.contains("line 3"), "{e}");
+        assert!(e.reason.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"starttls\"\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "listener[0].cert");
+        let e = Config::parse("[[listener]]\naddress = \"nowhere\"\n", "x.toml").unwrap_err();
+        assert_eq!(e.key, "listener[0].address");
+        let e = Config::parse(
+            "[[user]]\nname = \"p\"\npassword_hash = \"plain\"\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "user[0].password_hash");
+    }
+
+    #[test]
+    fn check_output_redacts_hashes() {
+        let c = Config::parse(
+            "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$K1XcYB0T/Vr5xa6Q0rD0bNPqQHxqx2h8CfPqI9z1Ddk\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        let out = c.to_toml();
+        assert!(out.contains("[redacted]"));
+        assert!(!out.contains("argon2id"));
+    }
+}

@@ -1,0 +1,308 @@
+//! The file's shape as serde sees it, and the checks that turn it into a [`Config`].
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    state_dir: Option<PathBuf>,
+    hostname: Option<String>,
+    default_account: Option<String>,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    user: Vec<RawUser>,
+    #[serde(default)]
+    account: Vec<AccountConfig>,
+    #[serde(default)]
+    route: Vec<RouteConfig>,
+    queue: Option<RawQueue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    address: String,
+    tls: Option<TlsMode>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    auth: Option<AuthPolicy>,
+    plaintext_auth: Option<bool>,
+    bare_lf: Option<BareLineEndings>,
+    allow: Option<Vec<String>>,
+    max_message_size: Option<ByteSize>,
+    max_recipients: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    command_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    data_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    auth_failure_delay: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password_hash: String,
+    account: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    #[serde(default, with = "humantime_serde::option")]
+    max_age: Option<Duration>,
+    retry: Option<Vec<String>>,
+}
+
+/// Builds errors that all name the same file.
+struct Errs<'a>(&'a str);
+
+impl Errs<'_> {
+    fn at(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.0.to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Postfix's default `message_size_limit` is 10 MB; Microsoft 365 accepts 35 MB (before base64 growth), and that
+/// is what the scanners and NAS boxes we replace Postfix for tend to send.
+const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 << 20;
+
+impl RawConfig {
+    pub(super) fn validate(self, file: &str) -> Result<Config, ConfigError> {
+        let errs = Errs(file);
+
+        let mut accounts = HashSet::new();
+        for (i, a) in self.account.iter().enumerate() {
+            if a.name.is_empty()
+                || !a
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(errs.at(
+                    format!("account[{i}].name"),
+                    "must be non-empty and use only letters, digits, '-', '_' and '.' (it names a token file)",
+                ));
+            }
+            if a.name.starts_with('.') {
+                return Err(errs.at(format!("account[{i}].name"), "must not start with '.'"));
+            }
+            if !accounts.insert(a.name.as_str()) {
+                return Err(errs.at(
+                    format!("account[{i}].name"),
+                    format!("duplicate account `{}`", a.name),
+                ));
+            }
+        }
+        let known_account = |key: String, name: &Option<String>| match name {
+            Some(n) if !accounts.contains(n.as_str()) => {
+                Err(errs.at(key, format!("no [[account]] is named `{n}`")))
+            }
+            _ => Ok(()),
+        };
+        known_account("default_account".into(), &self.default_account)?;
+
+        let listeners = self
+            .listener
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.validate(&errs, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut addrs = HashSet::new();
+        for (i, l) in listeners.iter().enumerate() {
+            if !addrs.insert(l.address) {
+                return Err(errs.at(
+                    format!("listener[{i}].address"),
+                    format!("{} is listed twice", l.address),
+                ));
+            }
+        }
+
+        let mut names = HashSet::new();
+        let mut users = Vec::new();
+        for (i, u) in self.user.into_iter().enumerate() {
+            if u.name.is_empty() || u.name.contains(['\0', '\r', '\n']) {
+                return Err(errs.at(format!("user[{i}].name"), "must be non-empty and one line"));
+            }
+            if !names.insert(u.name.clone()) {
+                return Err(errs.at(
+                    format!("user[{i}].name"),
+                    format!("duplicate user `{}`", u.name),
+                ));
+            }
+            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+                return Err(errs.at(
+                    format!("user[{i}].password_hash"),
+                    format!("not a PHC hash string ({e}); make one with `relay hash-password`"),
+                ));
+            }
+            known_account(format!("user[{i}].account"), &u.account)?;
+            users.push(UserConfig {
+                name: u.name,
+                password_hash: u.password_hash,
+                account: u.account,
+            });
+        }
+
+        for (i, r) in self.route.iter().enumerate() {
+            known_account(format!("route[{i}].account"), &Some(r.account.clone()))?;
+        }
+
+        let mut queue = QueueConfig::default();
+        if let Some(q) = self.queue {
+            if let Some(steps) = q.retry {
+                if steps.is_empty() {
+                    return Err(errs.at("queue.retry", "needs at least one interval"));
+                }
+                queue.retry = steps
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        humantime::parse_duration(s).map_err(|e| {
+                            errs.at(format!("queue.retry[{j}]"), format!("`{s}`: {e}"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            if let Some(max_age) = q.max_age {
+                queue.max_age = max_age;
+            }
+        }
+
+        Ok(Config {
+            source: file.to_string(),
+            state_dir: self.state_dir.unwrap_or_else(default_state_dir),
+            hostname: self.hostname.unwrap_or_else(system_hostname),
+            default_account: self.default_account,
+            listeners,
+            users,
+            accounts: self.account,
+            routes: self.route,
+            queue,
+        })
+    }
+}
+
+impl RawListener {
+    fn validate(self, errs: &Errs<'_>, i: usize) -> Result<ListenerConfig, ConfigError> {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        let address: SocketAddr = self.address.parse().map_err(|_| {
+            errs.at(
+                key("address"),
+                format!("`{}` is not IP:PORT (e.g. \"0.0.0.0:587\")", self.address),
+            )
+        })?;
+        let tls = self.tls.unwrap_or(TlsMode::None);
+        if tls != TlsMode::None {
+            if self.cert.is_none() {
+                return Err(errs.at(
+                    key("cert"),
+                    format!("required when tls = \"{}\"", tls_name(tls)),
+                ));
+            }
+            if self.key.is_none() {
+                return Err(errs.at(
+                    key("key"),
+                    format!("required when tls = \"{}\"", tls_name(tls)),
+                ));
+            }
+        }
+        let auth = self.auth.unwrap_or(AuthPolicy::Required);
+        // Without an allow list, a listener that lets clients send without logging in serves loopback only:
+        // relay must never become an open relay by omission.
+        let allow = match self.allow {
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    parse_cidr(s).map_err(|r| errs.at(format!("listener[{i}].allow[{j}]"), r))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None if auth == AuthPolicy::Required => vec![any_v4(), any_v6()],
+            None => vec![loopback_v4(), loopback_v6()],
+        };
+        let max_message_size = self
+            .max_message_size
+            .unwrap_or(ByteSize(DEFAULT_MAX_MESSAGE_SIZE));
+        if max_message_size.0 == 0 {
+            return Err(errs.at(key("max_message_size"), "must be greater than 0"));
+        }
+        let positive = |k: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(errs.at(key(k), "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        Ok(ListenerConfig {
+            address,
+            tls,
+            cert: self.cert,
+            key: self.key,
+            auth,
+            // Legacy devices on a LAN often cannot do TLS at all; where the operator chose tls = "none", AUTH
+            // has to be offered in the clear or those devices cannot log in.
+            plaintext_auth: self.plaintext_auth.unwrap_or(tls == TlsMode::None),
+            bare_lf: self.bare_lf.unwrap_or(BareLineEndings::Reject),
+            allow,
+            max_message_size,
+            max_recipients: positive("max_recipients", self.max_recipients, 100)?,
+            // RFC 5321 section 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
+            command_timeout: self.command_timeout.unwrap_or(Duration::from_secs(300)),
+            // RFC 5321 section 4.5.3.2.6 asks clients for 10 minutes after the final dot; a server waiting 10
+            // minutes between data blocks is as patient.
+            data_timeout: self.data_timeout.unwrap_or(Duration::from_secs(600)),
+            max_connections: positive("max_connections", self.max_connections, 200)?,
+            max_connections_per_client: positive(
+                "max_connections_per_client",
+                self.max_connections_per_client,
+                50,
+            )?,
+            auth_failure_delay: self.auth_failure_delay.unwrap_or(Duration::from_secs(2)),
+        })
+    }
+}
+
+fn tls_name(t: TlsMode) -> &'static str {
+    match t {
+        TlsMode::None => "none",
+        TlsMode::Starttls => "starttls",
+        TlsMode::Implicit => "implicit",
+    }
+}
+
+/// Accepts a CIDR or a bare address (a host).
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{s}` is not a CIDR (e.g. \"192.168.10.0/24\") or an IP address"))
+}
+
+fn any_v4() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::default())
+}
+fn any_v6() -> IpNet {
+    IpNet::V6(ipnet::Ipv6Net::default())
+}
+fn loopback_v4() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8))
+}
+fn loopback_v6() -> IpNet {
+    IpNet::V6(ipnet::Ipv6Net::new_assert(
+        std::net::Ipv6Addr::LOCALHOST,
+        128,
+    ))
+}

@@ -1,0 +1,99 @@
+//! relay: an SMTP relay that lets legacy devices send through Microsoft 365 and Gmail with OAuth2.
+//!
+//! A message's path: [`smtp`] receives it, [`queue`] makes it durable before the client hears 250.
+
+pub mod config;
+pub mod logging;
+pub mod queue;
+pub mod smtp;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use config::Config;
+use queue::{Spool, SpoolError};
+use smtp::{BindError, Listener};
+
+/// How long a shutdown waits for sessions in the middle of a message to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("state dir {dir}: {source}")]
+    Spool { dir: String, source: SpoolError },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// A started relay: listeners bound, spool open. Tests start one on port 0 and ask for its addresses.
+pub struct Relay {
+    listeners: Vec<Listener>,
+    addrs: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    sessions: watch::Sender<usize>,
+}
+
+impl Relay {
+    pub async fn start(config: &Config) -> Result<Relay, RunError> {
+        let spool = Spool::open(&config.state_dir).map_err(|source| RunError::Spool {
+            dir: config.state_dir.display().to_string(),
+            source,
+        })?;
+        let (stop, stop_rx) = watch::channel(false);
+        let listeners = smtp::bind(config, &spool, &stop_rx).await?;
+        let addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        Ok(Relay {
+            listeners,
+            addrs,
+            stop,
+            sessions: watch::channel(0).0,
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolved), in config order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Live SMTP connections; a test can wait for this to reach 0.
+    pub fn sessions(&self) -> watch::Receiver<usize> {
+        self.sessions.subscribe()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets messages in flight finish, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            tasks.spawn(l.run(self.stop.subscribe(), self.sessions.clone()));
+        }
+        for addr in &self.addrs {
+            tracing::info!(relay_event = "listening", address = %addr, "listening");
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; waiting for messages in flight");
+        let _ = self.stop.send(true);
+        while tasks.join_next().await.is_some() {}
+        let mut live = self.sessions.subscribe();
+        if tokio::time::timeout(DRAIN_TIMEOUT, live.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = *live.borrow(),
+                "sessions still open after the drain timeout"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Starts relay on `config` and serves until `shutdown` completes.
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    Relay::start(config).await?.run(shutdown).await
+}

@@ -1,0 +1,331 @@
+//! The `relay` command line. Everything here is argument parsing and printing; the work is in the library.
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use relay::queue::{Envelope, QueueStore};
+
+#[derive(Parser)]
+#[command(
+    name = "relay",
+    version,
+    about = "SMTP relay for legacy devices to Microsoft 365 and Gmail (OAuth2)"
+)]
+struct Cli {
+    /// Config file [default: /etc/relay/relay.toml if it exists, else the embedded default]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground
+    Serve,
+    /// Validate the config and print what it resolves to (secrets redacted)
+    Check,
+    /// Read a password on stdin and print an argon2id hash for a [[user]] entry
+    HashPassword,
+    /// Queue counts and account health
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and act on the queue
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages, oldest first
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message's envelope and headers
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one message for good
+    Delete { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let config = || load_config(cli.config.as_deref());
+    match cli.command {
+        Command::Serve => serve(config()?),
+        Command::Check => match load_config(cli.config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "# {} is valid; resolved settings follow (secrets redacted)",
+                    c.source
+                );
+                print!("{}", c.to_toml());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("relay: invalid config: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::HashPassword => hash_password(),
+        Command::Status { json } => status(&config()?, json),
+        Command::Queue(q) => queue(&config()?, q),
+    }
+}
+
+/// `--config`, else the system file if present, else the embedded default.
+fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            Config::load(Path::new(DEFAULT_CONFIG_PATH))
+        }
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn serve(config: Config) -> Result<ExitCode> {
+    relay::logging::init();
+    // Two crypto providers end up compiled in through dependencies; rustls refuses to guess between them.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
+        let relay = relay::Relay::start(&config).await?;
+        if config.accounts.is_empty() {
+            tracing::warn!("no [[account]] is configured: mail is accepted and queued, but not delivered");
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        spawn_watchdog();
+        relay.run(shutdown_signal()).await?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive.
+fn spawn_watchdog() {
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let every = interval / 2;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the only way out is being killed; serve on.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn hash_password() -> Result<ExitCode> {
+    let mut line = String::new();
+    let stdin = std::io::stdin();
+    if stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read stdin")?
+        == 0
+    {
+        // Allow `printf 'pw' | relay hash-password` without a newline, and nothing else.
+        stdin.lock().read_to_string(&mut line)?;
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!("relay: no password on stdin");
+        return Ok(ExitCode::from(1));
+    }
+    let hash = relay::smtp::auth::hash_password(password)
+        .map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(t: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(t)
+        .unwrap_or_default()
+        .as_secs();
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn status(config: &Config, json: bool) -> Result<ExitCode> {
+    let store = QueueStore::new(&config.state_dir);
+    let queued = store.list()?;
+    let dead = store.list_dead()?.len();
+    let deferred = queued.iter().filter(|e| e.attempts > 0).count();
+    let oldest = queued.first().map(|e| e.received_at);
+    let needs_attention = config.accounts.is_empty() || dead > 0;
+    if json {
+        let doc = serde_json::json!({
+            "queue": {
+                "queued": queued.len(),
+                "deferred": deferred,
+                "dead": dead,
+                "oldest_age_seconds": oldest.map(|t| SystemTime::now().duration_since(t).unwrap_or_default().as_secs()),
+            },
+            "accounts": config.accounts.iter().map(|a| serde_json::json!({"name": a.name, "state": "needs-authorization"})).collect::<Vec<_>>(),
+            "ok": !needs_attention,
+        });
+        println!("{doc}");
+    } else {
+        println!("state dir: {}", config.state_dir.display());
+        print!(
+            "queue: {} queued ({} deferred), {} dead",
+            queued.len(),
+            deferred,
+            dead
+        );
+        match oldest {
+            Some(t) => println!(", oldest {}", age(t)),
+            None => println!(),
+        }
+        if config.accounts.is_empty() {
+            println!(
+                "accounts: no account is configured; mail is queued but not delivered (add an [[account]])"
+            );
+        }
+        for a in &config.accounts {
+            println!(
+                "account {}: needs-authorization (delivery is not implemented yet)",
+                a.name
+            );
+        }
+    }
+    Ok(if needs_attention {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
+    let store = QueueStore::new(&config.state_dir);
+    match cmd {
+        QueueCommand::List { json } => {
+            let list = store.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("queue is empty");
+            } else {
+                println!(
+                    "{:<32}  {:>10}  {:>9}  {:<30}  recipients",
+                    "id", "age", "size", "sender"
+                );
+                for e in &list {
+                    print_row(e);
+                }
+                println!("{} message(s)", list.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Show { id, json } => {
+            let (env, path) = store.get(QueueStore::parse_id(&id)?)?;
+            if json {
+                println!("{}", serde_json::to_string(&env)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "id:          {}", env.id)?;
+            writeln!(
+                out,
+                "received:    {} ({} ago)",
+                humantime::format_rfc3339_seconds(env.received_at),
+                age(env.received_at)
+            )?;
+            writeln!(
+                out,
+                "client:      {} (helo {})",
+                env.client,
+                env.helo.as_deref().unwrap_or("-")
+            )?;
+            writeln!(out, "user:        {}", env.user.as_deref().unwrap_or("-"))?;
+            writeln!(out, "listener:    {}", env.listener)?;
+            writeln!(out, "sender:      <{}>", env.sender)?;
+            writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
+            writeln!(out, "size:        {} bytes", env.size)?;
+            writeln!(out, "attempts:    {}", env.attempts)?;
+            if let Some(err) = &env.last_error {
+                writeln!(out, "last error:  {err}")?;
+            }
+            writeln!(out, "\n--- headers ({}) ---", path.display())?;
+            print_headers(&path, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Delete { id } => {
+            let id = QueueStore::parse_id(&id)?;
+            store.delete(id)?;
+            println!("deleted {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_row(e: &Envelope) {
+    let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
+    println!(
+        "{:<32}  {:>10}  {:>9}  {:<30}  {}",
+        e.id,
+        age(e.received_at),
+        e.size,
+        sender,
+        e.recipients.join(",")
+    );
+}
+
+/// Prints the header block only: a message may be tens of megabytes.
+fn print_headers(path: &Path, out: &mut impl Write) -> Result<()> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line?;
+        if line == b"\r" || line.is_empty() {
+            break;
+        }
+        out.write_all(&line)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}

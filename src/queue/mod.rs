@@ -1,0 +1,11 @@
+//! The durable queue: `spool` writes messages in, `store` reads and manages them.
+
+mod envelope;
+mod id;
+mod spool;
+mod store;
+
+pub use envelope::Envelope;
+pub use id::QueueId;
+pub use spool::{Incoming, Spool, SpoolError, SpoolPaths};
+pub use store::{QueueStore, StoreError};

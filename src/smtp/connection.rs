@@ -1,0 +1,280 @@
+//! One client connection: moves bytes between the socket, the [`Session`] state machine and the spool.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+
+use super::auth::Authenticator;
+use super::data::Progress;
+use super::reply::Reply;
+use super::session::{Policy, Session, Step};
+use crate::config::ListenerConfig;
+use crate::queue::{Incoming, QueueId, Spool};
+
+/// Read buffer; also the most body bytes handled per step.
+const READ_BUF: usize = 64 * 1024;
+
+/// What every connection of one listener shares.
+pub(crate) struct ListenerCtx {
+    pub cfg: ListenerConfig,
+    pub policy: Arc<Policy>,
+    pub tls: Option<TlsAcceptor>,
+    pub spool: Spool,
+    pub auth: Arc<Authenticator>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+enum Outcome<S> {
+    Closed,
+    StartTls(S),
+}
+
+/// Serves one accepted connection to its end. Errors are the client's problem (a reset, a timeout) and are
+/// logged at debug level only.
+pub(crate) async fn serve(ctx: Arc<ListenerCtx>, tcp: TcpStream, implicit_tls: bool) {
+    let Ok(peer) = tcp.peer_addr() else { return };
+    let mut session = Session::new(ctx.policy.clone(), peer, false);
+    let result = async {
+        if implicit_tls {
+            let tls = handshake(&ctx, tcp).await?;
+            session.tls_started();
+            let greeting = session.greeting();
+            drive(&ctx, &mut session, tls, Some(greeting)).await?;
+            return Ok(());
+        }
+        let greeting = session.greeting();
+        if let Outcome::StartTls(tcp) = drive(&ctx, &mut session, tcp, Some(greeting)).await? {
+            let tls = handshake(&ctx, tcp).await?;
+            session.tls_started();
+            drive(&ctx, &mut session, tls, None).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(relay_client = %peer, error = %e, "connection ended");
+    }
+}
+
+async fn handshake(
+    ctx: &ListenerCtx,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let Some(acceptor) = &ctx.tls else {
+        return Err(std::io::Error::other(
+            "TLS requested on a listener without a certificate",
+        ));
+    };
+    timeout(ctx.cfg.command_timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// The message being received, and its id for log lines even once its bytes are dropped.
+struct Receiving {
+    id: QueueId,
+    incoming: Option<Incoming>,
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ListenerCtx,
+    session: &mut Session,
+    mut stream: S,
+    greeting: Option<Reply>,
+) -> std::io::Result<Outcome<S>> {
+    let peer = session.peer();
+    let mut buf = vec![0u8; READ_BUF];
+    let (mut pos, mut filled) = (0, 0);
+    let mut out: Vec<u8> = greeting.map(|g| g.to_wire()).unwrap_or_default();
+    let mut body = Vec::with_capacity(READ_BUF + 2);
+    let mut receiving: Option<Receiving> = None;
+    let mut shutdown = ctx.shutdown.clone();
+
+    loop {
+        let mut input = &buf[pos..filled];
+        if session.is_receiving_data() {
+            body.clear();
+            let progress = session.feed_data(&mut input, &mut body);
+            pos = filled - input.len();
+            let refused = session.refusal().is_some();
+            if let Some(r) = receiving.as_mut() {
+                if refused {
+                    // Stop storing at once (and remove the partial file), but read on to the final dot.
+                    r.incoming = None;
+                } else if let Some(incoming) = r.incoming.as_mut()
+                    && let Err(e) = incoming.write(&body).await
+                {
+                    tracing::error!(relay_event = "rejected", relay_queue_id = %r.id, relay_client = %peer, error = %e, "cannot spool message");
+                    r.incoming = None;
+                }
+            }
+            if progress == Progress::Done {
+                let reply = finish_message(session, receiving.take()).await;
+                out.extend_from_slice(&reply.to_wire());
+                continue;
+            }
+        } else {
+            let step = session.next(&mut input);
+            pos = filled - input.len();
+            match step {
+                Step::Reply(reply) => {
+                    out.extend_from_slice(&reply.to_wire());
+                    continue;
+                }
+                Step::Authenticate(creds) => {
+                    let step = if ctx.auth.verify(&creds.username, &creds.password).await {
+                        tracing::info!(relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authenticated");
+                        session.auth_succeeded(creds.username)
+                    } else {
+                        tracing::warn!(relay_event = "auth_failed", relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authentication failed");
+                        // Slows password guessing; the client waits, nothing else does.
+                        tokio::time::sleep(ctx.cfg.auth_failure_delay).await;
+                        session.auth_failed()
+                    };
+                    match step {
+                        Step::Close(reply) => {
+                            return close(&mut stream, &mut out, reply, ctx).await;
+                        }
+                        Step::Reply(reply) => out.extend_from_slice(&reply.to_wire()),
+                        _ => {}
+                    }
+                    continue;
+                }
+                Step::StartTls(reply) => {
+                    out.extend_from_slice(&reply.to_wire());
+                    write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
+                    // RFC 3207 section 4.2: anything pipelined after STARTTLS was sent in the clear and
+                    // must not be executed inside TLS (CVE-2011-0411).
+                    return Ok(Outcome::StartTls(stream));
+                }
+                Step::Data(reply) => {
+                    out.extend_from_slice(&reply.to_wire());
+                    let mut incoming = ctx.spool.begin();
+                    let id = incoming.id();
+                    let header = session.received_header(id, SystemTime::now());
+                    let incoming = match incoming.write(header.as_bytes()).await {
+                        Ok(()) => Some(incoming),
+                        Err(e) => {
+                            tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot spool message");
+                            None
+                        }
+                    };
+                    receiving = Some(Receiving { id, incoming });
+                    continue;
+                }
+                Step::Close(reply) => return close(&mut stream, &mut out, reply, ctx).await,
+                Step::NeedInput => {}
+            }
+        }
+
+        // Every buffered byte is used: send the replies so far (RFC 2920 lets us hold them until now) and read.
+        write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
+        let (limit, idle) = if session.is_receiving_data() {
+            (ctx.cfg.data_timeout, false)
+        } else {
+            (ctx.cfg.command_timeout, true)
+        };
+        enum Woke {
+            Read(std::io::Result<usize>),
+            TimedOut,
+            Shutdown,
+        }
+        let woke = tokio::select! {
+            read = timeout(limit, stream.read(&mut buf)) => read.map_or(Woke::TimedOut, Woke::Read),
+            // A message in the middle of DATA is allowed to finish; an idle session is told to come back.
+            _ = shutdown.wait_for(|stop| *stop), if idle => Woke::Shutdown,
+        };
+        let n = match woke {
+            Woke::Read(r) => r?,
+            Woke::TimedOut => {
+                let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
+                return close(&mut stream, &mut out, reply, ctx).await;
+            }
+            Woke::Shutdown => {
+                let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
+                return close(&mut stream, &mut out, reply, ctx).await;
+            }
+        };
+        if n == 0 {
+            if let Some(r) = receiving {
+                tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded");
+            }
+            return Ok(Outcome::Closed);
+        }
+        pos = 0;
+        filled = n;
+    }
+}
+
+/// The final dot has arrived: store the message, or say why not.
+async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> Reply {
+    let peer = session.peer();
+    let Some(Receiving { id, incoming }) = receiving else {
+        return session.data_stored(Err(()));
+    };
+    if let Some(refusal) = session.refusal() {
+        tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
+        return session.data_refused();
+    }
+    let Some(incoming) = incoming else {
+        // Already logged where the write failed.
+        return session.data_stored(Err(()));
+    };
+    let Some(envelope) = session.envelope(id, incoming.len(), SystemTime::now()) else {
+        return session.data_stored(Err(()));
+    };
+    match incoming.commit(&envelope).await {
+        Ok(id) => {
+            tracing::info!(
+                relay_event = "accepted",
+                relay_queue_id = %id,
+                relay_client = %peer,
+                sender = %envelope.sender,
+                recipients = envelope.recipients.len(),
+                size = envelope.size,
+                user = envelope.user.as_deref().unwrap_or(""),
+                "message queued"
+            );
+            session.data_stored(Ok(id))
+        }
+        Err(e) => {
+            tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot queue message");
+            session.data_stored(Err(()))
+        }
+    }
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    limit: Duration,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    timeout(limit, async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))??;
+    out.clear();
+    Ok(())
+}
+
+async fn close<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    reply: Reply,
+    ctx: &ListenerCtx,
+) -> std::io::Result<Outcome<S>> {
+    out.extend_from_slice(&reply.to_wire());
+    write_out(stream, out, ctx.cfg.command_timeout).await?;
+    let _ = stream.shutdown().await;
+    Ok(Outcome::Closed)
+}

@@ -1,0 +1,233 @@
+//! Receiving the DATA body: dot-unstuffing, end-of-data detection and our bare-CR/LF policy in one pass.
+//!
+//! smtp-proto has a DATA receiver, but it leaves bare LF and bare CR in the body and holds back a trailing CR
+//! in its output; applying a reject/normalize policy on top would need a second scanner that tracks line
+//! endings across chunk boundaries again. One small state machine that sees every line ending once is
+//! simpler to reason about, and that matters here: this is where SMTP smuggling happens.
+//!
+//! The rule that defeats smuggling: only `<CRLF>.<CRLF>` ends the body, where both CRLFs are real. A dot after
+//! a bare LF or a bare CR never ends it, whatever the policy, and is not unstuffed.
+
+use memchr::memchr2;
+
+use crate::config::BareLineEndings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// All input consumed; the body goes on.
+    NeedMore,
+    /// `<CRLF>.<CRLF>` seen; input after it is the next command.
+    Done,
+}
+
+pub struct DataReceiver {
+    policy: BareLineEndings,
+    /// The last bytes were a real CRLF (or DATA just began): a '.' here is special.
+    line_start: bool,
+    /// A '.' was seen at a line start and is held back until we know whether the line is ".".
+    dot: bool,
+    /// A CR was seen and is held back until we know whether LF follows.
+    cr: bool,
+    /// A bare CR or bare LF passed.
+    pub saw_bare: bool,
+}
+
+impl DataReceiver {
+    pub fn new(policy: BareLineEndings) -> DataReceiver {
+        DataReceiver {
+            policy,
+            line_start: true,
+            dot: false,
+            cr: false,
+            saw_bare: false,
+        }
+    }
+
+    /// Feeds bytes, appending body bytes to `out`. Advances `input` past what was consumed.
+    pub fn feed(&mut self, input: &mut &[u8], out: &mut Vec<u8>) -> Progress {
+        let mut rest = *input;
+        while !rest.is_empty() {
+            // Fast path: copy a run of ordinary bytes in one go.
+            if !self.cr && !self.dot && !self.line_start {
+                let run = memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+                out.extend_from_slice(&rest[..run]);
+                rest = &rest[run..];
+                if rest.is_empty() {
+                    break;
+                }
+            }
+            let b = rest[0];
+            rest = &rest[1..];
+            if self.cr {
+                self.cr = false;
+                if b == b'\n' {
+                    if self.dot {
+                        *input = rest;
+                        return Progress::Done;
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                    continue;
+                }
+                self.bare_line_ending(out, b"\r");
+                // `b` is examined below as an ordinary byte.
+            }
+            match b {
+                b'\r' => self.cr = true,
+                b'\n' => {
+                    self.dot = false;
+                    self.line_start = false;
+                    self.bare_line_ending(out, b"\n");
+                }
+                b'.' if self.line_start => {
+                    self.line_start = false;
+                    self.dot = true;
+                }
+                _ => {
+                    // The held dot was a stuffing dot (RFC 5321 section 4.5.2): it is dropped.
+                    self.dot = false;
+                    self.line_start = false;
+                    out.push(b);
+                }
+            }
+        }
+        *input = rest;
+        Progress::NeedMore
+    }
+
+    fn bare_line_ending(&mut self, out: &mut Vec<u8>, raw: &[u8]) {
+        self.saw_bare = true;
+        // A bare ending never starts a line where '.' could end the body or be unstuffed.
+        self.dot = false;
+        self.line_start = false;
+        match self.policy {
+            BareLineEndings::Normalize => out.extend_from_slice(b"\r\n"),
+            // The message will be refused; keep the byte so that what is measured stays honest.
+            BareLineEndings::Reject => out.extend_from_slice(raw),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(policy: BareLineEndings, chunks: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>, bool) {
+        let mut r = DataReceiver::new(policy);
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut input = *chunk;
+            if r.feed(&mut input, &mut out) == Progress::Done {
+                let mut rest = input.to_vec();
+                for c in &chunks[i + 1..] {
+                    rest.extend_from_slice(c);
+                }
+                return (out, Some(rest), r.saw_bare);
+            }
+        }
+        (out, None, r.saw_bare)
+    }
+
+    fn whole(policy: BareLineEndings, data: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, bool) {
+        run(policy, &[data])
+    }
+
+    /// Every way of cutting the input in two gives the same result as feeding it whole.
+    fn split_everywhere(policy: BareLineEndings, data: &[u8]) -> (Vec<u8>, Option<Vec<u8>>, bool) {
+        let expect = whole(policy, data);
+        for i in 0..=data.len() {
+            let (a, b) = data.split_at(i);
+            assert_eq!(
+                run(policy, &[a, b]),
+                expect,
+                "split at {i} of {:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        assert_eq!(run(policy, &bytes), expect);
+        expect
+    }
+
+    #[test]
+    fn plain_body_and_unstuffing() {
+        let (out, rest, bare) = split_everywhere(
+            BareLineEndings::Reject,
+            b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+        );
+        assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n");
+        assert_eq!(rest.as_deref(), Some(&b"QUIT\r\n"[..]));
+        assert!(!bare);
+    }
+
+    #[test]
+    fn empty_body() {
+        let (out, rest, _) = split_everywhere(BareLineEndings::Reject, b".\r\n");
+        assert!(out.is_empty());
+        assert_eq!(rest.as_deref(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn smuggling_vectors_never_end_the_body() {
+        for vector in [
+            &b"\n.\n"[..],
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n.\n",
+            b"\r\n.\r",
+        ] {
+            let mut data = b"Subject: a\r\n\r\nbody".to_vec();
+            data.extend_from_slice(vector);
+            data.extend_from_slice(
+                b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
+            for policy in [BareLineEndings::Reject, BareLineEndings::Normalize] {
+                let (out, rest, bare) = split_everywhere(policy, &data);
+                assert!(bare, "{vector:?} not flagged");
+                assert_eq!(
+                    rest.as_deref(),
+                    Some(&b""[..]),
+                    "{vector:?} ended the body early"
+                );
+                assert!(out.ends_with(b"smuggled\r\n"), "{vector:?}");
+                if policy == BareLineEndings::Normalize {
+                    for (i, &b) in out.iter().enumerate() {
+                        if b == b'\n' {
+                            assert_eq!(out[i - 1], b'\r', "bare LF left at {i} for {vector:?}");
+                        }
+                        if b == b'\r' {
+                            assert_eq!(
+                                out.get(i + 1),
+                                Some(&b'\n'),
+                                "bare CR left at {i} for {vector:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normalize_turns_bare_endings_into_crlf() {
+        let (out, rest, bare) = split_everywhere(BareLineEndings::Normalize, b"a\nb\rc\r\n.\r\n");
+        assert_eq!(out, b"a\r\nb\r\nc\r\n");
+        assert!(rest.is_some());
+        assert!(bare);
+    }
+
+    #[test]
+    fn cr_before_crlf_is_bare() {
+        let (out, rest, bare) = split_everywhere(BareLineEndings::Normalize, b"a\r\r\n.\r\n");
+        assert_eq!(out, b"a\r\n\r\n");
+        assert!(rest.is_some());
+        assert!(bare);
+    }
+
+    #[test]
+    fn dot_line_then_more_is_unstuffed() {
+        let (out, rest, _) = split_everywhere(BareLineEndings::Reject, b".x\r\n.\r\n");
+        assert_eq!(out, b"x\r\n");
+        assert!(rest.is_some());
+    }
+}

@@ -1,0 +1,649 @@
+//! One SMTP session as a state machine: bytes in, steps out. No sockets, no files, no clocks, so every reply
+//! code and every odd input is a unit test (and a fuzz target).
+//!
+//! The connection code asks [`Session::next`] what to do with the bytes it has; a [`Step`] either carries a
+//! reply to send or asks it to do something only it can (check a password, start TLS, receive a body).
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use secrecy::SecretString;
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, Request,
+};
+
+use super::data::{DataReceiver, Progress};
+use super::reply::Reply;
+use crate::config::{AuthPolicy, BareLineEndings};
+use crate::queue::{Envelope, QueueId};
+
+/// Longest command line we accept; RFC 5321 asks for 512, AUTH lines and extensions need more.
+pub const MAX_LINE: usize = 4096;
+/// Unrecognised or malformed commands before we hang up (a client that is not speaking SMTP).
+const MAX_ERRORS: u32 = 10;
+/// Failed AUTH attempts before we hang up; each one is also delayed by the connection code.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+/// What a listener allows; shared by all its sessions.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub hostname: String,
+    pub listener: String,
+    pub auth: AuthPolicy,
+    pub plaintext_auth: bool,
+    /// STARTTLS is offered (a `starttls` listener that has not started TLS yet).
+    pub starttls: bool,
+    pub bare_lf: BareLineEndings,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+}
+
+/// Credentials a client presented; the connection code checks them and calls [`Session::auth_succeeded`]
+/// or [`Session::auth_failed`].
+#[derive(Debug)]
+pub struct Credentials {
+    pub mechanism: &'static str,
+    pub username: String,
+    pub password: SecretString,
+}
+
+#[derive(Debug)]
+pub enum Step {
+    /// Send this reply; then ask again.
+    Reply(Reply),
+    /// Check these credentials, then call [`Session::auth_succeeded`] or [`Session::auth_failed`].
+    Authenticate(Credentials),
+    /// Send this reply, throw away any input already buffered (RFC 3207 section 4.2), start TLS and call
+    /// [`Session::tls_started`].
+    StartTls(Reply),
+    /// Send this 354 reply; the body follows: feed it to [`Session::feed_data`].
+    Data(Reply),
+    /// Send this reply and close the connection.
+    Close(Reply),
+    /// Every buffered byte is used up: read more.
+    NeedInput,
+}
+
+/// The envelope of the message being received.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub body_8bit: bool,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Command,
+    AuthPlain,
+    AuthLoginUser,
+    AuthLoginPassword { username: String },
+    Data,
+}
+
+pub struct Session {
+    policy: Arc<Policy>,
+    peer: SocketAddr,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    user: Option<String>,
+    txn: Option<Transaction>,
+    mode: Mode,
+    line: Vec<u8>,
+    line_too_long: bool,
+    errors: u32,
+    auth_failures: u32,
+    data: Option<DataState>,
+}
+
+struct DataState {
+    receiver: DataReceiver,
+    len: u64,
+    too_big: bool,
+}
+
+impl Session {
+    pub fn new(policy: Arc<Policy>, peer: SocketAddr, tls: bool) -> Session {
+        Session {
+            policy,
+            peer,
+            tls,
+            helo: None,
+            esmtp: false,
+            user: None,
+            txn: None,
+            mode: Mode::Command,
+            line: Vec::new(),
+            line_too_long: false,
+            errors: 0,
+            auth_failures: 0,
+            data: None,
+        }
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::bare(
+            220,
+            vec![format!("{} ESMTP relay", self.policy.hostname).into()],
+        )
+    }
+
+    /// The AUTH user, once logged in.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn is_receiving_data(&self) -> bool {
+        matches!(self.mode, Mode::Data)
+    }
+
+    /// Takes bytes from `input` (advancing it) until there is something to do.
+    pub fn next(&mut self, input: &mut &[u8]) -> Step {
+        debug_assert!(!self.is_receiving_data(), "body bytes go to feed_data");
+        let line = match self.take_line(input) {
+            None => return Step::NeedInput,
+            Some(Err(())) => return self.error(Reply::new(500, "5.5.2", "Line too long")),
+            Some(Ok(line)) => line,
+        };
+        match std::mem::replace(&mut self.mode, Mode::Command) {
+            Mode::Command => self.command(&line),
+            Mode::AuthPlain => self.auth_plain_response(&line),
+            Mode::AuthLoginUser => self.auth_login_username(&line),
+            Mode::AuthLoginPassword { username } => self.auth_login_password(username, &line),
+            Mode::Data => unreachable!("checked above"),
+        }
+    }
+
+    /// Cuts one line (through its LF) off the input, buffering a partial one. `Err` for a line over
+    /// [`MAX_LINE`], reported once its end arrives so that the rest of it is not read as a command.
+    fn take_line(&mut self, input: &mut &[u8]) -> Option<Result<Vec<u8>, ()>> {
+        match memchr::memchr(b'\n', input) {
+            None => {
+                if self.line.len() + input.len() > MAX_LINE {
+                    self.line_too_long = true;
+                    self.line.clear();
+                } else if !self.line_too_long {
+                    self.line.extend_from_slice(input);
+                }
+                *input = &[];
+                None
+            }
+            Some(pos) => {
+                let (head, tail) = input.split_at(pos + 1);
+                *input = tail;
+                if std::mem::take(&mut self.line_too_long)
+                    || self.line.len() + head.len() > MAX_LINE
+                {
+                    self.line.clear();
+                    return Some(Err(()));
+                }
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(head);
+                Some(Ok(line))
+            }
+        }
+    }
+
+    fn error(&mut self, reply: Reply) -> Step {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            return Step::Close(Reply::new(
+                421,
+                "4.7.0",
+                "Too many errors, closing connection",
+            ));
+        }
+        Step::Reply(reply)
+    }
+
+    fn command(&mut self, line: &[u8]) -> Step {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => return self.error(parse_error_reply(e)),
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(host.into_owned(), true),
+            Request::Helo { host } => self.hello(host.into_owned(), false),
+            Request::Mail { from } => self.mail(&from.address, from.size, from.flags),
+            Request::Rcpt { to } => self.rcpt(&to.address),
+            Request::Data => self.data(),
+            Request::Rset => {
+                self.txn = None;
+                Step::Reply(Reply::new(250, "2.0.0", "Ok"))
+            }
+            Request::Noop { .. } => Step::Reply(Reply::new(250, "2.0.0", "Ok")),
+            Request::Quit => Step::Close(Reply::new(221, "2.0.0", "Bye")),
+            // RFC 5321 section 3.5.3: 252 when we will take mail for the address but cannot verify it.
+            Request::Vrfy { .. } => Step::Reply(Reply::new(
+                252,
+                "2.5.0",
+                "Cannot VRFY user, but will accept message",
+            )),
+            Request::Help { .. } => Step::Reply(Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+            )),
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
+            // CHUNKING is not offered, so a BDAT's chunk follows that we would otherwise read as commands:
+            // hang up rather than interpret client data as SMTP.
+            Request::Bdat { .. } => Step::Close(Reply::new(
+                502,
+                "5.5.1",
+                "BDAT not supported (CHUNKING is not offered)",
+            )),
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Lhlo { .. } => {
+                self.error(Reply::new(502, "5.5.1", "Command not implemented"))
+            }
+        }
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) -> Step {
+        self.txn = None;
+        self.esmtp = esmtp;
+        let greeting = format!("{} Hello {}", self.policy.hostname, host);
+        self.helo = Some(host);
+        if !esmtp {
+            return Step::Reply(Reply::bare(250, vec![greeting.into()]));
+        }
+        let mut lines: Vec<Cow<'static, str>> = vec![
+            greeting.into(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.policy.max_message_size).into(),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if self.policy.starttls && !self.tls {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".into());
+            // Old Outlook-era firmware only recognises the pre-standard form.
+            lines.push("AUTH=PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        Step::Reply(Reply::bare(250, lines))
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.policy.auth != AuthPolicy::None && (self.tls || self.policy.plaintext_auth)
+    }
+
+    fn mail(&mut self, sender: &str, size: usize, flags: u64) -> Step {
+        if self.helo.is_none() {
+            return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
+        }
+        if self.txn.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Nested MAIL command"));
+        }
+        if self.policy.auth == AuthPolicy::Required && self.user.is_none() {
+            let text = if self.auth_offered() {
+                "Authentication required"
+            } else {
+                "Authentication required; issue STARTTLS first"
+            };
+            return Step::Reply(Reply::new(530, "5.7.0", text));
+        }
+        if size as u64 > self.policy.max_message_size {
+            return Step::Reply(Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            ));
+        }
+        if flags & MAIL_BODY_BINARYMIME != 0 {
+            return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
+        }
+        self.txn = Some(Transaction {
+            sender: sender.to_string(),
+            recipients: Vec::new(),
+            body_8bit: flags & MAIL_BODY_8BITMIME != 0,
+        });
+        Step::Reply(Reply::new(250, "2.1.0", "Ok"))
+    }
+
+    fn rcpt(&mut self, recipient: &str) -> Step {
+        let max = self.policy.max_recipients;
+        let Some(txn) = self.txn.as_mut() else {
+            return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+        };
+        if recipient.is_empty() {
+            return self.error(Reply::new(501, "5.1.3", "Empty recipient address"));
+        }
+        if txn.recipients.len() >= max {
+            // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later.
+            return Step::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        txn.recipients.push(recipient.to_string());
+        Step::Reply(Reply::new(250, "2.1.5", "Ok"))
+    }
+
+    fn data(&mut self) -> Step {
+        match &self.txn {
+            None => self.error(Reply::new(503, "5.5.1", "Need MAIL command")),
+            Some(t) if t.recipients.is_empty() => {
+                self.error(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
+            Some(_) => {
+                self.mode = Mode::Data;
+                self.data = Some(DataState {
+                    receiver: DataReceiver::new(self.policy.bare_lf),
+                    len: 0,
+                    too_big: false,
+                });
+                Step::Data(Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
+            }
+        }
+    }
+
+    /// Feeds body bytes; the body (unstuffed, policy applied) is appended to `out`. Returns `Done` at the
+    /// final dot, with `input` advanced past it. Check [`refusal`](Session::refusal) to stop storing early.
+    pub fn feed_data(&mut self, input: &mut &[u8], out: &mut Vec<u8>) -> Progress {
+        let Some(state) = self.data.as_mut() else {
+            return Progress::Done;
+        };
+        let before = out.len();
+        let progress = state.receiver.feed(input, out);
+        state.len += (out.len() - before) as u64;
+        if state.len > self.policy.max_message_size {
+            state.too_big = true;
+        }
+        progress
+    }
+
+    /// Why the message being received will be refused, if it will be. The body must still be read to its
+    /// end: stopping early would make the rest of it commands.
+    pub fn refusal(&self) -> Option<Reply> {
+        let state = self.data.as_ref()?;
+        if state.too_big {
+            return Some(Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            ));
+        }
+        if state.receiver.saw_bare && self.policy.bare_lf == BareLineEndings::Reject {
+            // RFC 5321 section 2.3.8: CR and LF only as CRLF. Accepting them enables SMTP smuggling.
+            return Some(Reply::new(
+                550,
+                "5.6.0",
+                "Message refused: bare CR or LF in DATA (RFC 5321 section 2.3.8)",
+            ));
+        }
+        None
+    }
+
+    /// The final dot was seen and the message refused: the transaction ends.
+    pub fn data_refused(&mut self) -> Reply {
+        let reply = self
+            .refusal()
+            .unwrap_or_else(|| Reply::new(554, "5.0.0", "Message refused"));
+        self.end_data();
+        reply
+    }
+
+    /// The final dot was seen and the connection code stored the message (or failed to).
+    pub fn data_stored(&mut self, result: Result<QueueId, ()>) -> Reply {
+        self.end_data();
+        match result {
+            Ok(id) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            // RFC 3463: 4.3.1 "mail system full"; the client keeps the message and tries again.
+            Err(()) => Reply::new(452, "4.3.1", "Insufficient system storage, try again later"),
+        }
+    }
+
+    fn end_data(&mut self) {
+        self.mode = Mode::Command;
+        self.data = None;
+        self.txn = None;
+    }
+
+    /// The envelope of the message being received.
+    pub fn envelope(&self, id: QueueId, size: u64, received_at: SystemTime) -> Option<Envelope> {
+        let txn = self.txn.as_ref()?;
+        Some(Envelope {
+            id,
+            sender: txn.sender.clone(),
+            recipients: txn.recipients.clone(),
+            client: self.peer.to_string(),
+            helo: self.helo.clone(),
+            user: self.user.clone(),
+            listener: self.policy.listener.clone(),
+            received_at,
+            size,
+            body_8bit: txn.body_8bit,
+            attempts: 0,
+            next_attempt: None,
+            last_error: None,
+        })
+    }
+
+    /// The trace line put in front of the message (RFC 5321 section 4.4), with the protocol names of RFC 3848.
+    pub fn received_header(&self, id: QueueId, date: SystemTime) -> String {
+        let proto = match (self.esmtp, self.tls, self.user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let helo: String = self
+            .helo
+            .as_deref()
+            .unwrap_or("unknown")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(255)
+            .collect();
+        let date = httpdate::fmt_http_date(date).replace(" GMT", " +0000");
+        format!(
+            "Received: from {helo} ([{ip}])\r\n\tby {host} (relay) with {proto}\r\n\tid {id}; {date}\r\n",
+            ip = self.peer.ip(),
+            host = self.policy.hostname,
+        )
+    }
+
+    fn starttls(&mut self) -> Step {
+        if self.tls {
+            return self.error(Reply::new(503, "5.5.1", "TLS already active"));
+        }
+        if !self.policy.starttls {
+            return self.error(Reply::new(502, "5.5.1", "STARTTLS not offered"));
+        }
+        Step::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+    }
+
+    /// TLS is up: RFC 3207 section 4.2 says to forget everything learnt before it.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.user = None;
+        self.txn = None;
+        self.mode = Mode::Command;
+        self.line.clear();
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: &str) -> Step {
+        if self.policy.auth == AuthPolicy::None {
+            return self.error(Reply::new(502, "5.5.1", "AUTH not offered on this port"));
+        }
+        if self.helo.is_none() || !self.esmtp {
+            return self.error(Reply::new(503, "5.5.1", "Send EHLO first"));
+        }
+        if self.user.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Already authenticated"));
+        }
+        if self.txn.is_some() {
+            return self.error(Reply::new(
+                503,
+                "5.5.1",
+                "AUTH not allowed during a mail transaction",
+            ));
+        }
+        if !self.auth_offered() {
+            // RFC 4954 section 6.
+            return Step::Reply(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        match mechanism {
+            AUTH_PLAIN if initial.is_empty() => {
+                self.mode = Mode::AuthPlain;
+                Step::Reply(Reply::bare(334, vec!["".into()]))
+            }
+            AUTH_PLAIN => self.auth_plain_response(initial.as_bytes()),
+            AUTH_LOGIN if initial.is_empty() => {
+                self.mode = Mode::AuthLoginUser;
+                Step::Reply(Reply::bare(334, vec!["VXNlcm5hbWU6".into()]))
+            }
+            AUTH_LOGIN => self.auth_login_username(initial.as_bytes()),
+            _ => self.error(Reply::new(504, "5.5.4", "Unrecognized authentication type")),
+        }
+    }
+
+    fn auth_plain_response(&mut self, line: &[u8]) -> Step {
+        let decoded = match decode_response(line) {
+            Ok(d) => d,
+            Err(step) => return step,
+        };
+        // RFC 4616: [authzid] NUL authcid NUL passwd. Acting as another user is not supported.
+        let mut parts = decoded.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.error(Reply::new(501, "5.5.2", "Malformed AUTH PLAIN response"));
+        };
+        if !authzid.is_empty() && authzid != authcid {
+            return self.auth_failed();
+        }
+        self.credentials("PLAIN", authcid, password)
+    }
+
+    fn auth_login_username(&mut self, line: &[u8]) -> Step {
+        match decode_response(line) {
+            Ok(user) => {
+                let username = String::from_utf8_lossy(&user).into_owned();
+                self.mode = Mode::AuthLoginPassword { username };
+                Step::Reply(Reply::bare(334, vec!["UGFzc3dvcmQ6".into()]))
+            }
+            Err(step) => step,
+        }
+    }
+
+    fn auth_login_password(&mut self, username: String, line: &[u8]) -> Step {
+        match decode_response(line) {
+            Ok(password) => self.credentials("LOGIN", username.as_bytes(), &password),
+            Err(step) => step,
+        }
+    }
+
+    fn credentials(&mut self, mechanism: &'static str, username: &[u8], password: &[u8]) -> Step {
+        match (std::str::from_utf8(username), std::str::from_utf8(password)) {
+            (Ok(u), Ok(p)) if !u.is_empty() => Step::Authenticate(Credentials {
+                mechanism,
+                username: u.to_string(),
+                password: SecretString::from(p.to_string()),
+            }),
+            _ => self.auth_failed(),
+        }
+    }
+
+    /// The [`Credentials`] were good: the session is now that user's.
+    pub fn auth_succeeded(&mut self, username: String) -> Step {
+        self.user = Some(username);
+        Step::Reply(Reply::new(235, "2.7.0", "Authentication successful"))
+    }
+
+    /// A failed check: 535, or hang up after repeated failures.
+    pub fn auth_failed(&mut self) -> Step {
+        self.auth_failures += 1;
+        if self.auth_failures >= MAX_AUTH_FAILURES {
+            return Step::Close(Reply::new(
+                421,
+                "4.7.0",
+                "Too many failed authentications, closing connection",
+            ));
+        }
+        Step::Reply(Reply::new(
+            535,
+            "5.7.8",
+            "Authentication credentials invalid",
+        ))
+    }
+}
+
+/// Decodes one SASL response line; `*` cancels the exchange (RFC 4954 section 4).
+fn decode_response(line: &[u8]) -> Result<Vec<u8>, Step> {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    let text = text.strip_suffix(b"\r").unwrap_or(text);
+    let text = trim_ascii(text);
+    if text == b"*" {
+        return Err(Step::Reply(Reply::new(
+            501,
+            "5.0.0",
+            "Authentication cancelled",
+        )));
+    }
+    if text == b"=" {
+        return Ok(Vec::new());
+    }
+    BASE64
+        .decode(text)
+        .map_err(|_| Step::Reply(Reply::new(501, "5.5.2", "Invalid base64 in AUTH response")))
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end.max(start)]
+}
+
+fn parse_error_reply(e: ParseError) -> Reply {
+    match e {
+        ParseError::UnknownCommand => Reply::new(500, "5.5.2", "Command unrecognized"),
+        ParseError::InvalidSenderAddress => Reply::new(501, "5.1.7", "Bad sender address syntax"),
+        ParseError::InvalidRecipientAddress => {
+            Reply::new(501, "5.1.3", "Bad recipient address syntax")
+        }
+        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        ParseError::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("Invalid parameter {param}"))
+        }
+        ParseError::UnsupportedParameter { param } => {
+            let param: String = param
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(64)
+                .collect();
+            Reply::new(555, "5.5.4", format!("Unsupported parameter {param}"))
+        }
+        ParseError::ResponseTooLong => Reply::new(500, "5.5.2", "Line too long"),
+        _ => Reply::new(500, "5.5.2", "Syntax error"),
+    }
+}
