@@ -125,7 +125,7 @@ impl RawConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
-            if !addrs.insert(l.address) {
+            if l.address.port() != 0 && !addrs.insert(l.address) {
                 return Err(errs.at(
                     format!("listener[{i}].address"),
                     format!("{} is listed twice", l.address),

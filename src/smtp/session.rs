@@ -647,3 +647,7 @@ fn parse_error_reply(e: ParseError) -> Reply {
         _ => Reply::new(500, "5.5.2", "Syntax error"),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

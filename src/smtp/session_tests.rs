@@ -1,0 +1,343 @@
+//! The session state machine without sockets: every reply code the issue names, and the odd inputs.
+
+use secrecy::ExposeSecret;
+
+use super::*;
+
+fn policy(auth: AuthPolicy, plaintext_auth: bool, starttls: bool) -> Arc<Policy> {
+    Arc::new(Policy {
+        hostname: "relay.test".into(),
+        listener: "127.0.0.1:2525".into(),
+        auth,
+        plaintext_auth,
+        starttls,
+        bare_lf: BareLineEndings::Reject,
+        max_message_size: 1000,
+        max_recipients: 2,
+    })
+}
+
+fn session(auth: AuthPolicy) -> Session {
+    Session::new(
+        policy(auth, true, true),
+        "192.0.2.7:40000".parse().unwrap(),
+        false,
+    )
+}
+
+/// Feeds `input` and collects every step until the session wants more input.
+fn steps(s: &mut Session, input: &[u8]) -> Vec<Step> {
+    let mut input = input;
+    let mut out = Vec::new();
+    loop {
+        match s.next(&mut input) {
+            Step::NeedInput => return out,
+            step => {
+                let stop = matches!(step, Step::Data(_) | Step::StartTls(_) | Step::Close(_));
+                out.push(step);
+                if stop {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+/// The reply codes with enhanced status, e.g. "250 2.1.0".
+fn codes(steps: &[Step]) -> Vec<String> {
+    steps
+        .iter()
+        .map(|s| match s {
+            Step::Reply(r) | Step::Data(r) | Step::StartTls(r) | Step::Close(r) => {
+                format!("{} {}", r.code, r.status.unwrap_or("-"))
+            }
+            Step::Authenticate(c) => format!("auth {} {}", c.mechanism, c.username),
+            Step::NeedInput => "need".into(),
+        })
+        .collect()
+}
+
+fn reply_text(step: &Step) -> String {
+    match step {
+        Step::Reply(r) | Step::Data(r) | Step::StartTls(r) | Step::Close(r) => r.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn b64(s: &[u8]) -> String {
+    BASE64.encode(s)
+}
+
+#[test]
+fn ehlo_lists_extensions() {
+    let mut s = session(AuthPolicy::Required);
+    let out = steps(&mut s, b"EHLO printer\r\n");
+    let text = reply_text(&out[0]);
+    for ext in [
+        "PIPELINING",
+        "SIZE 1000",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+        "AUTH PLAIN LOGIN",
+    ] {
+        assert!(text.contains(ext), "{ext} missing from {text}");
+    }
+    assert!(text.starts_with("250-relay.test Hello printer\r\n"));
+}
+
+#[test]
+fn auth_is_hidden_without_tls_unless_plaintext_auth() {
+    let mut s = Session::new(
+        policy(AuthPolicy::Required, false, true),
+        "192.0.2.7:1".parse().unwrap(),
+        false,
+    );
+    let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
+    assert!(!text.contains("AUTH"));
+    assert_eq!(
+        codes(&steps(&mut s, b"AUTH PLAIN AGEAYg==\r\n")),
+        ["538 5.7.11"]
+    );
+    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["530 5.7.0"]);
+    s.tls_started();
+    let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
+    assert!(text.contains("AUTH PLAIN LOGIN") && !text.contains("STARTTLS"));
+}
+
+#[test]
+fn mail_needs_helo_and_auth_when_required() {
+    let mut s = session(AuthPolicy::Required);
+    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["503 5.5.1"]);
+    assert_eq!(
+        codes(&steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\n")),
+        ["250 -", "530 5.7.0"]
+    );
+}
+
+#[test]
+fn auth_plain_then_pipelined_transaction() {
+    let mut s = session(AuthPolicy::Required);
+    steps(&mut s, b"EHLO x\r\n");
+    let line = format!("AUTH PLAIN {}\r\n", b64(b"\0printer\0pw"));
+    let out = steps(&mut s, line.as_bytes());
+    let Some(Step::Authenticate(c)) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(c.username, "printer");
+    assert_eq!(c.password.expose_secret(), "pw");
+    assert!(
+        !format!("{c:?}").contains("pw\""),
+        "password must not show in Debug"
+    );
+    assert_eq!(codes(&[s.auth_succeeded("printer".into())]), ["235 2.7.0"]);
+    let out = steps(&mut s, b"MAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n");
+    assert_eq!(
+        codes(&out),
+        [
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "452 4.5.3",
+            "354 2.0.0"
+        ]
+    );
+    let mut body = Vec::new();
+    let mut input: &[u8] = b"Subject: t\r\n\r\n..x\r\n.\r\nQUIT\r\n";
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert_eq!(body, b"Subject: t\r\n\r\n.x\r\n");
+    let id = QueueId::new();
+    let env = s.envelope(id, 7, SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(env.recipients, ["c@d", "e@f"]);
+    assert_eq!(env.user.as_deref(), Some("printer"));
+    assert!(env.body_8bit);
+    let header = s.received_header(id, SystemTime::UNIX_EPOCH);
+    assert_eq!(
+        header,
+        format!(
+            "Received: from x ([192.0.2.7])\r\n\tby relay.test (relay) with ESMTPA\r\n\tid {id}; Thu, 01 Jan 1970 00:00:00 +0000\r\n"
+        )
+    );
+    let reply = s.data_stored(Ok(id));
+    assert_eq!(
+        reply.to_string(),
+        format!("250 2.0.0 Ok: queued as {id}\r\n")
+    );
+    assert_eq!(codes(&steps(&mut s, input)), ["221 2.0.0"]);
+}
+
+#[test]
+fn auth_login_dialogue() {
+    let mut s = session(AuthPolicy::Required);
+    steps(&mut s, b"EHLO x\r\n");
+    let out = steps(&mut s, b"AUTH LOGIN\r\n");
+    assert_eq!(reply_text(&out[0]), "334 VXNlcm5hbWU6\r\n");
+    let out = steps(&mut s, format!("{}\r\n", b64(b"scanner")).as_bytes());
+    assert_eq!(reply_text(&out[0]), "334 UGFzc3dvcmQ6\r\n");
+    let out = steps(&mut s, format!("{}\r\n", b64(b"secret")).as_bytes());
+    assert_eq!(codes(&out), ["auth LOGIN scanner"]);
+    // Initial response carries the user name.
+    let mut s = session(AuthPolicy::Required);
+    steps(&mut s, b"EHLO x\r\n");
+    let out = steps(
+        &mut s,
+        format!("AUTH LOGIN {}\r\n", b64(b"scanner")).as_bytes(),
+    );
+    assert_eq!(reply_text(&out[0]), "334 UGFzc3dvcmQ6\r\n");
+}
+
+#[test]
+fn auth_errors() {
+    let mut s = session(AuthPolicy::Required);
+    steps(&mut s, b"EHLO x\r\n");
+    assert_eq!(
+        codes(&steps(&mut s, b"AUTH LOGIN\r\n*\r\n")),
+        ["334 -", "501 5.0.0"]
+    );
+    assert_eq!(
+        codes(&steps(&mut s, b"AUTH PLAIN\r\n!!!\r\n")),
+        ["334 -", "501 5.5.2"]
+    );
+    assert_eq!(codes(&steps(&mut s, b"AUTH CRAM-MD5\r\n")), ["504 5.5.4"]);
+    // Acting for another user is refused like a wrong password.
+    let line = format!("AUTH PLAIN {}\r\n", b64(b"admin\0printer\0pw"));
+    assert_eq!(codes(&steps(&mut s, line.as_bytes())), ["535 5.7.8"]);
+    assert_eq!(codes(&[s.auth_failed()]), ["535 5.7.8"]);
+    assert!(matches!(s.auth_failed(), Step::Close(r) if r.code == 421));
+}
+
+#[test]
+fn auth_none_listener_does_not_offer_auth() {
+    let mut s = session(AuthPolicy::None);
+    let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
+    assert!(!text.contains("AUTH"));
+    assert_eq!(
+        codes(&steps(&mut s, b"AUTH PLAIN AGEAYg==\r\n")),
+        ["502 5.5.1"]
+    );
+    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<>\r\n")), ["250 2.1.0"]);
+}
+
+#[test]
+fn size_limits() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b> SIZE=1001\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+    );
+    assert_eq!(
+        codes(&out),
+        ["250 -", "552 5.3.4", "250 2.1.0", "250 2.1.5", "354 2.0.0"]
+    );
+    let big = vec![b'x'; 1200];
+    let mut input = &big[..];
+    let mut body = Vec::new();
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::NeedMore);
+    assert_eq!(s.refusal().map(|r| r.code), Some(552));
+    let mut input: &[u8] = b"\r\n.\r\n";
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert_eq!(codes(&[Step::Reply(s.data_refused())]), ["552 5.3.4"]);
+    // The transaction is over: a new one starts cleanly.
+    assert_eq!(codes(&steps(&mut s, b"RCPT TO:<c@d>\r\n")), ["503 5.5.1"]);
+}
+
+#[test]
+fn bare_lf_is_refused_by_default() {
+    let mut s = session(AuthPolicy::None);
+    steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+    );
+    let mut input: &[u8] = b"a\n.\nMAIL FROM:<x@y>\r\n.\r\n";
+    let mut body = Vec::new();
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert!(input.is_empty());
+    assert_eq!(codes(&[Step::Reply(s.data_refused())]), ["550 5.6.0"]);
+}
+
+#[test]
+fn sequence_errors() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(&mut s, b"EHLO x\r\nRCPT TO:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nRSET\r\nNOOP\r\nVRFY root\r\nHELP\r\nEXPN x\r\n");
+    assert_eq!(
+        codes(&out),
+        [
+            "250 -",
+            "503 5.5.1",
+            "503 5.5.1",
+            "250 2.1.0",
+            "554 5.5.1",
+            "503 5.5.1",
+            "250 2.0.0",
+            "250 2.0.0",
+            "252 2.5.0",
+            "214 2.0.0",
+            "502 5.5.1"
+        ]
+    );
+}
+
+#[test]
+fn malformed_commands_get_5xx_and_then_a_hang_up() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@@b>\r\nRCPT TO:<>\r\nMAIL FROM:<a@b> FOO=BAR\r\nHELO\r\n",
+    );
+    assert_eq!(codes(&out)[0], "250 -");
+    assert!(
+        out[1..]
+            .iter()
+            .all(|s| matches!(s, Step::Reply(r) if r.code >= 500)),
+        "{:?}",
+        codes(&out)
+    );
+    let out = steps(&mut s, &b"XYZZY\r\n".repeat(20));
+    assert!(
+        matches!(out.last(), Some(Step::Close(r)) if r.code == 421),
+        "{:?}",
+        codes(&out)
+    );
+}
+
+#[test]
+fn long_lines_are_refused_and_the_rest_ignored() {
+    let mut s = session(AuthPolicy::None);
+    let mut input = vec![b'A'; MAX_LINE + 10];
+    input.extend_from_slice(b"MAIL FROM:<a@b>\r\nNOOP\r\n");
+    // In pieces, so the long line spans reads.
+    let mut all = Vec::new();
+    for chunk in input.chunks(1000) {
+        all.extend(steps(&mut s, chunk));
+    }
+    assert_eq!(codes(&all), ["500 5.5.2", "250 2.0.0"]);
+}
+
+#[test]
+fn starttls_resets_the_session() {
+    let mut s = session(AuthPolicy::Optional);
+    let out = steps(&mut s, b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<evil@x>\r\n");
+    assert_eq!(codes(&out), ["250 -", "220 2.0.0"]);
+    s.tls_started();
+    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["503 5.5.1"]);
+    assert_eq!(
+        codes(&steps(&mut s, b"EHLO x\r\nSTARTTLS\r\n")),
+        ["250 -", "503 5.5.1"]
+    );
+}
+
+#[test]
+fn bdat_hangs_up() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 5 LAST\r\n",
+    );
+    assert!(matches!(out.last(), Some(Step::Close(r)) if r.code == 502));
+}
+
+#[test]
+fn quit_closes() {
+    let mut s = session(AuthPolicy::None);
+    assert!(matches!(steps(&mut s, b"QUIT\r\n").as_slice(), [Step::Close(r)] if r.code == 221));
+}

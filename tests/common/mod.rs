@@ -1,0 +1,373 @@
+//! Shared test helpers: an in-process relay on port 0, a raw SMTP client, TLS certificates, the real binary.
+#![allow(dead_code)] // each test binary uses a different part of this
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader as TokioBufReader,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+
+/// Every wait in the tests is bounded by this.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+pub const PASSWORD: &str = "correct horse";
+
+/// An argon2id hash of [`PASSWORD`], made once per test binary.
+pub fn password_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| relay::smtp::auth::hash_password(PASSWORD).expect("hash"))
+        .clone()
+}
+
+pub fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// A self-signed certificate for `localhost`, written as PEM files into `dir`.
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub pem: String,
+}
+
+pub fn make_cert(dir: &Path) -> TestCert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    let pem = ck.cert.pem();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, &pem).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    TestCert { cert, key, pem }
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    pub dir: tempfile::TempDir,
+    pub addrs: Vec<SocketAddr>,
+    pub sessions: watch::Receiver<usize>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRelay {
+    /// Starts relay with `listeners` (TOML for `[[listener]]` tables, `{cert}`/`{key}` replaced) plus one user,
+    /// `printer`, whose password is [`PASSWORD`].
+    pub async fn start(listeners: &str) -> TestRelay {
+        Self::start_in(tempfile::tempdir().unwrap(), listeners).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, listeners: &str) -> TestRelay {
+        install_crypto();
+        let cert = if dir.path().join("cert.pem").exists() {
+            TestCert {
+                cert: dir.path().join("cert.pem"),
+                key: dir.path().join("key.pem"),
+                pem: std::fs::read_to_string(dir.path().join("cert.pem")).unwrap(),
+            }
+        } else {
+            make_cert(dir.path())
+        };
+        let text = format!(
+            "state_dir = {state:?}\nhostname = \"relay.test\"\n{listeners}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
+            state = dir.path().join("state"),
+            listeners = listeners
+                .replace("{cert}", &cert.cert.display().to_string())
+                .replace("{key}", &cert.key.display().to_string()),
+            hash = password_hash(),
+        );
+        let config = relay::config::Config::parse(&text, "test.toml").expect("test config");
+        let relay = relay::Relay::start(&config).await.expect("relay starts");
+        let addrs = relay.local_addrs().to_vec();
+        let sessions = relay.sessions();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("relay runs");
+        });
+        TestRelay {
+            dir,
+            addrs,
+            sessions,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn cert_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cert.pem")).unwrap()
+    }
+
+    /// Waits (bounded) until the server has closed every connection, so that its clean-up has run.
+    pub async fn idle(&mut self) {
+        tokio::time::timeout(LIMIT, self.sessions.wait_for(|n| *n == 0))
+            .await
+            .expect("sessions end in time")
+            .expect("relay alive");
+    }
+
+    /// Stops the relay (clean drain) and gives back its directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(LIMIT, task)
+                .await
+                .expect("stops in time")
+                .expect("no panic");
+        }
+        self.dir
+    }
+
+    /// Queued messages: (envelope JSON, message bytes).
+    pub fn queued(&self) -> Vec<(serde_json::Value, Vec<u8>)> {
+        queued_in(&self.state())
+    }
+}
+
+pub fn queued_in(state: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(state.join("queue")) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for p in paths {
+        if p.extension().is_some_and(|e| e == "json") {
+            let env: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let eml = std::fs::read(p.with_extension("eml")).unwrap();
+            out.push((env, eml));
+        }
+    }
+    out
+}
+
+/// Files in a state subdirectory (`queue`, `tmp`, `dead`).
+pub fn files_in(state: &Path, sub: &str) -> Vec<String> {
+    match std::fs::read_dir(state.join(sub)) {
+        Ok(e) => e
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The message as stored, minus relay's own `Received:` line (its first three lines).
+pub fn strip_received(eml: &[u8]) -> &[u8] {
+    assert!(
+        eml.starts_with(b"Received: from "),
+        "no Received line first"
+    );
+    let mut at = 0;
+    for _ in 0..3 {
+        at += eml[at..].iter().position(|&b| b == b'\n').unwrap() + 1;
+    }
+    &eml[at..]
+}
+
+/// A hand-driven SMTP client for exact bytes and odd inputs.
+pub struct RawClient<S> {
+    stream: TokioBufReader<S>,
+}
+
+impl RawClient<TcpStream> {
+    pub async fn connect(addr: SocketAddr) -> RawClient<TcpStream> {
+        let tcp = tokio::time::timeout(LIMIT, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        RawClient {
+            stream: TokioBufReader::new(tcp),
+        }
+    }
+
+    pub fn into_inner(self) -> TcpStream {
+        self.stream.into_inner()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    pub fn new(stream: S) -> Self {
+        RawClient {
+            stream: TokioBufReader::new(stream),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(LIMIT, self.stream.get_mut().write_all(bytes))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply: its code and full text. `None` if the server closed.
+    pub async fn reply(&mut self) -> Option<(u16, String)> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(LIMIT, self.stream.read_line(&mut line))
+                .await
+                .expect("reply in time")
+                .ok()?;
+            if n == 0 {
+                return if text.is_empty() {
+                    None
+                } else {
+                    panic!("truncated reply {text:?}")
+                };
+            }
+            text.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                let code = text[..3].parse().expect("numeric reply");
+                return Some((code, text));
+            }
+        }
+    }
+
+    pub async fn expect(&mut self, code: u16) -> String {
+        let (got, text) = self.reply().await.expect("a reply, not a close");
+        assert_eq!(got, code, "unexpected reply {text:?}");
+        text
+    }
+
+    /// Sends a command line and checks the reply code.
+    pub async fn cmd(&mut self, line: &str, code: u16) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.expect(code).await
+    }
+
+    /// True once the server has closed the connection (bounded).
+    pub async fn closed(&mut self) -> bool {
+        let mut buf = Vec::new();
+        matches!(
+            tokio::time::timeout(
+                LIMIT,
+                tokio::io::AsyncReadExt::read_to_end(&mut self.stream, &mut buf)
+            )
+            .await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ) || buf.is_empty()
+    }
+}
+
+/// The real `relay` binary running `serve`, with its address read from its own log.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_relay")
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path) -> Daemon {
+        let mut child = Command::new(relay_bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("JOURNAL_STREAM")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("relay binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log: rx,
+        };
+        let line = daemon.wait_log("relay_event=\"listening\"");
+        let addr = line.rsplit("address=").next().unwrap().trim();
+        daemon.addr = addr.parse().expect("address in the listening line");
+        daemon
+    }
+
+    /// Waits (bounded) for a log line containing `needle` and returns it.
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then the exit status (bounded).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let pid = self.child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(LIMIT) {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("relay did not exit after SIGTERM");
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config file for the binary: one listener (given as TOML lines) and the `printer` user.
+pub fn write_config(dir: &Path, listener: &str) -> PathBuf {
+    let path = dir.join("relay.toml");
+    let text = format!(
+        "state_dir = {state:?}\nhostname = \"relay.test\"\n[[listener]]\n{listener}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
+        state = dir.join("state"),
+        hash = password_hash(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
