@@ -213,7 +213,7 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
             Request::Helo { host } => self.hello(host.into_owned(), false),
-            Request::Mail { from } => self.mail(&from.address, from.size, from.flags),
+            Request::Mail { from } => self.mail(&from.address, declared_size(line), from.flags),
             Request::Rcpt { to } => self.rcpt(&to.address),
             Request::Data => self.data(),
             Request::Rset => {
@@ -286,7 +286,7 @@ impl Session {
         self.policy.auth != AuthPolicy::None && (self.tls || self.policy.plaintext_auth)
     }
 
-    fn mail(&mut self, sender: &str, size: usize, flags: u64) -> Step {
+    fn mail(&mut self, sender: &str, size: u64, flags: u64) -> Step {
         if self.helo.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
         }
@@ -301,7 +301,7 @@ impl Session {
             };
             return Step::Reply(Reply::new(530, "5.7.0", text));
         }
-        if size as u64 > self.policy.max_message_size {
+        if size > self.policy.max_message_size {
             return Step::Reply(Reply::new(
                 552,
                 "5.3.4",
@@ -622,6 +622,27 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &b[start..end.max(start)]
+}
+
+/// The SIZE= parameter of a MAIL line (RFC 1870), saturating. Read here rather than from smtp-proto because its
+/// parser wraps around past `usize::MAX` digits (SIZE=99999999999999999999999 comes out small), and a size
+/// check that a long enough number slips past is no check.
+fn declared_size(line: &[u8]) -> u64 {
+    line.split(|b| b.is_ascii_whitespace())
+        .filter_map(|word| {
+            let (key, value) = word.split_at_checked(5)?;
+            key.eq_ignore_ascii_case(b"SIZE=").then_some(value)
+        })
+        .map(|digits| {
+            digits
+                .iter()
+                .take_while(|d| d.is_ascii_digit())
+                .fold(0u64, |n, d| {
+                    n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+                })
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn parse_error_reply(e: ParseError) -> Reply {

@@ -341,3 +341,13 @@ fn quit_closes() {
     let mut s = session(AuthPolicy::None);
     assert!(matches!(steps(&mut s, b"QUIT\r\n").as_slice(), [Step::Close(r)] if r.code == 221));
 }
+
+#[test]
+fn huge_declared_size_is_refused() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b> SIZE=99999999999999999999999\r\nMAIL FROM:<a@b> size=1001\r\n",
+    );
+    assert_eq!(codes(&out), ["250 -", "552 5.3.4", "552 5.3.4"]);
+}

@@ -259,6 +259,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         self.expect(code).await
     }
 
+    /// Sends a line and returns whatever reply comes.
+    pub async fn reply_to(&mut self, line: &str) -> (u16, String) {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await.expect("a reply, not a close")
+    }
+
     /// True once the server has closed the connection (bounded).
     pub async fn closed(&mut self) -> bool {
         let mut buf = Vec::new();

@@ -1,0 +1,216 @@
+//! Listener policy over real sockets: authentication, allow lists, size limits, SMTP smuggling, caps, timeouts.
+
+mod common;
+
+use common::*;
+
+async fn ready(relay: &TestRelay, index: usize) -> RawClient<tokio::net::TcpStream> {
+    let mut c = RawClient::connect(relay.addrs[index]).await;
+    c.expect(220).await;
+    c.cmd("EHLO device.lan", 250).await;
+    c
+}
+
+#[tokio::test]
+async fn auth_required_refuses_mail_before_auth() {
+    let relay =
+        TestRelay::start("[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\n").await;
+    let mut c = ready(&relay, 0).await;
+    let reply = c.cmd("MAIL FROM:<a@example.com>", 530).await;
+    assert!(reply.starts_with("530 5.7.0 "), "{reply}");
+    c.cmd("RCPT TO:<b@example.com>", 503).await;
+    assert!(relay.queued().is_empty());
+}
+
+#[tokio::test]
+async fn client_outside_allow_list_gets_554_and_is_closed() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nallow = [\"10.0.0.0/8\", \"192.168.10.0/24\"]\n",
+    )
+    .await;
+    let mut c = RawClient::connect(relay.addr()).await;
+    let (code, text) = c.reply().await.expect("a reply before the close");
+    assert_eq!(code, 554, "{text}");
+    assert!(text.starts_with("554 5.7.1 "), "{text}");
+    assert!(c.closed().await);
+}
+
+const SMALL: &str =
+    "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"4KiB\"\n";
+
+#[tokio::test]
+async fn oversized_message_is_refused_with_552_and_nothing_is_kept() {
+    let mut relay = TestRelay::start(SMALL).await;
+    let mut c = ready(&relay, 0).await;
+    // Declared too big: refused at MAIL.
+    let reply = c.cmd("MAIL FROM:<a@example.com> SIZE=5000", 552).await;
+    assert!(reply.starts_with("552 5.3.4 "), "{reply}");
+    // Undeclared: refused at the final dot, after the whole body was read.
+    c.cmd("MAIL FROM:<a@example.com>", 250).await;
+    c.cmd("RCPT TO:<b@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    let line = format!("{}\r\n", "x".repeat(998));
+    for _ in 0..200 {
+        c.send(line.as_bytes()).await;
+    }
+    c.send(b".\r\n").await;
+    let reply = c.expect(552).await;
+    assert!(reply.starts_with("552 5.3.4 "), "{reply}");
+    // The session goes on.
+    c.cmd("NOOP", 250).await;
+    c.cmd("QUIT", 221).await;
+    relay.idle().await;
+    assert!(relay.queued().is_empty());
+    assert!(files_in(&relay.state(), "tmp").is_empty());
+    assert!(files_in(&relay.state(), "queue").is_empty());
+}
+
+/// The vectors of the 2023 SMTP smuggling research: a fake end of data that some servers honour.
+const VECTORS: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"];
+
+fn smuggling_payload(vector: &[u8]) -> Vec<u8> {
+    let mut data = b"From: a@example.com\r\nSubject: first\r\n\r\nfirst message".to_vec();
+    data.extend_from_slice(vector);
+    data.extend_from_slice(
+        b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n",
+    );
+    data
+}
+
+#[tokio::test]
+async fn smuggling_vectors_are_refused_and_never_end_the_message() {
+    let relay = TestRelay::start(SMALL).await;
+    for vector in VECTORS {
+        let mut c = ready(&relay, 0).await;
+        c.cmd("MAIL FROM:<a@example.com>", 250).await;
+        c.cmd("RCPT TO:<b@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(&smuggling_payload(vector)).await;
+        // Exactly one reply for the whole thing: the refusal. A smuggled MAIL would have produced a 250 here.
+        let reply = c.expect(550).await;
+        assert!(reply.starts_with("550 5.6.0 "), "{vector:?}: {reply}");
+        let noop = c.cmd("NOOP", 250).await;
+        assert!(noop.starts_with("250 2.0.0"), "{vector:?}: {noop}");
+        c.cmd("QUIT", 221).await;
+    }
+    assert!(relay.queued().is_empty(), "nothing may be queued");
+}
+
+#[tokio::test]
+async fn normalize_accepts_one_message_with_crlf_only() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nbare_lf = \"normalize\"\n",
+    )
+    .await;
+    for vector in VECTORS {
+        let mut c = ready(&relay, 0).await;
+        c.cmd("MAIL FROM:<a@example.com>", 250).await;
+        c.cmd("RCPT TO:<b@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(&smuggling_payload(vector)).await;
+        c.expect(250).await;
+        c.cmd("NOOP", 250).await;
+    }
+    let queued = relay.queued();
+    assert_eq!(
+        queued.len(),
+        VECTORS.len(),
+        "one message per session, never two"
+    );
+    for (env, eml) in queued {
+        assert_eq!(env["recipients"], serde_json::json!(["b@example.com"]));
+        let body = strip_received(&eml);
+        assert!(
+            body.ends_with(b"smuggled\r\n"),
+            "the smuggled part stays inside the first message"
+        );
+        for (i, &b) in body.iter().enumerate() {
+            if b == b'\n' {
+                assert_eq!(body[i - 1], b'\r', "bare LF stored");
+            }
+            if b == b'\r' {
+                assert_eq!(body.get(i + 1), Some(&b'\n'), "bare CR stored");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn per_client_connection_cap() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections_per_client = 2\n",
+    )
+    .await;
+    let mut a = ready(&relay, 0).await;
+    let mut b = ready(&relay, 0).await;
+    let mut c = RawClient::connect(relay.addr()).await;
+    let reply = c.expect(421).await;
+    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
+    assert!(c.closed().await);
+    a.cmd("QUIT", 221).await;
+    assert!(a.closed().await);
+    b.cmd("NOOP", 250).await;
+}
+
+#[tokio::test]
+async fn listener_connection_cap() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections = 1\n",
+    )
+    .await;
+    let _a = ready(&relay, 0).await;
+    let mut c = RawClient::connect(relay.addr()).await;
+    c.expect(421).await;
+}
+
+#[tokio::test]
+async fn idle_client_is_timed_out_with_421() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\ncommand_timeout = \"200ms\"\n",
+    )
+    .await;
+    let mut c = ready(&relay, 0).await;
+    // No command: the server gives up on us.
+    let reply = c.expect(421).await;
+    assert!(reply.starts_with("421 4.4.2 "), "{reply}");
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn repeated_auth_failures_end_the_connection() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\nauth_failure_delay = \"10ms\"\n",
+    )
+    .await;
+    let mut c = ready(&relay, 0).await;
+    use base64::Engine;
+    let bad = base64::engine::general_purpose::STANDARD.encode("\0printer\0guess");
+    c.cmd(&format!("AUTH PLAIN {bad}"), 535).await;
+    c.cmd(&format!("AUTH PLAIN {bad}"), 535).await;
+    c.cmd(&format!("AUTH PLAIN {bad}"), 421).await;
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn garbage_gets_5xx_never_a_crash() {
+    let relay =
+        TestRelay::start("[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n").await;
+    let mut c = ready(&relay, 0).await;
+    for line in [
+        "\u{0}\u{1}\u{2}",
+        "MAIL FROM:<<<>>>",
+        "RCPT",
+        "MAIL FROM:<a@b> SIZE=99999999999999999999999",
+    ] {
+        let (code, text) = c.reply_to(line).await;
+        assert!((500..600).contains(&code), "{line:?} -> {text}");
+        assert!(
+            text[4..].starts_with("5."),
+            "enhanced status code missing: {text}"
+        );
+    }
+    c.send(&[0xff; 5000]).await;
+    c.send(b"\r\n").await;
+    c.expect(500).await;
+    c.cmd("NOOP", 250).await;
+}
