@@ -292,9 +292,14 @@ pub fn relay_bin() -> &'static str {
 
 impl Daemon {
     pub fn spawn(config: &Path) -> Daemon {
-        let mut child = Command::new(relay_bin())
-            .args(["serve", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(relay_bin());
+        cmd.args(["serve", "--config"]).arg(config);
+        Daemon::start(cmd)
+    }
+
+    /// Starts `cmd` (a `relay serve` command line) and waits for it to listen.
+    pub fn start(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())

@@ -1,0 +1,254 @@
+//! The real `relay` binary: check, hash-password, serve, queue commands, status, memory while streaming.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn relay(args: &[&str]) -> std::process::Output {
+    Command::new(relay_bin())
+        .args(args)
+        .output()
+        .expect("relay runs")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+#[test]
+fn check_prints_resolved_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"required\"");
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("password_hash = \"[redacted]\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("$argon2id$"), "hash leaked: {stdout}");
+    assert!(
+        stdout.contains("bare_lf = \"reject\""),
+        "defaults shown: {stdout}"
+    );
+    // The global option works after the subcommand's own words too.
+    let out = Command::new(relay_bin())
+        .args(["--config", config.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn bad_config_fails_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    for (body, key, reason) in [
+        (
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nmax_mesage_size = \"1MiB\"\n",
+            "line 3",
+            "unknown field `max_mesage_size`",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nallow = [\"10.0.0.0/33\"]\n",
+            "listener[0].allow[0]",
+            "not a CIDR",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:25\"\ntls = \"implicit\"\n",
+            "listener[0].cert",
+            "required",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nmax_message_size = \"35 parsecs\"\n",
+            "line 3",
+            "unknown unit",
+        ),
+        (
+            "[queue]\nretry = [\"1m\", \"soon\"]\n",
+            "queue.retry[1]",
+            "soon",
+        ),
+    ] {
+        std::fs::write(&path, body).unwrap();
+        let out = relay(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{body}");
+        let err = text(&out.stderr);
+        assert!(err.contains(path.to_str().unwrap()), "file missing: {err}");
+        assert!(err.contains(key), "key {key} missing: {err}");
+        assert!(err.contains(reason), "reason {reason} missing: {err}");
+        // serve refuses the same config at start, with the same words.
+        let out = relay(&["serve", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(key));
+    }
+}
+
+#[test]
+fn hash_password_prints_a_hash_that_logs_in() {
+    use std::io::Write;
+    let mut child = Command::new(relay_bin())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hunter2\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = text(&out.stdout).trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    use argon2::PasswordVerifier;
+    assert!(
+        argon2::Argon2::default()
+            .verify_password(b"hunter2", hash.as_str())
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn serve_queue_commands_status_and_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let cfg = config.to_str().unwrap().to_string();
+    let mut daemon = Daemon::spawn(&config);
+    let mut ids = Vec::new();
+    for subject in ["first", "second"] {
+        let mut c = RawClient::connect(daemon.addr).await;
+        c.expect(220).await;
+        c.cmd("EHLO nas.lan", 250).await;
+        c.cmd("MAIL FROM:<nas@example.com>", 250).await;
+        c.cmd("RCPT TO:<ops@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes())
+            .await;
+        let reply = c.expect(250).await;
+        ids.push(reply.trim_end().rsplit(' ').next().unwrap().to_string());
+    }
+    // The accepted event carries the queue id (journald field RELAY_QUEUE_ID under systemd).
+    let line = daemon.wait_log("relay_event=\"accepted\"");
+    assert!(
+        line.contains(&format!("relay_queue_id={}", ids[0])),
+        "{line}"
+    );
+
+    // While the daemon runs.
+    let out = relay(&["queue", "list", "--config", &cfg]);
+    assert!(out.status.success());
+    let list = text(&out.stdout);
+    assert!(list.contains(&ids[0]) && list.contains(&ids[1]), "{list}");
+    let out = relay(&["queue", "list", "--json", "--config", &cfg]);
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json prints JSON only");
+    assert_eq!(json.as_array().unwrap().len(), 2);
+
+    let out = relay(&["queue", "show", &ids[0], "--config", &cfg]);
+    assert!(out.status.success());
+    let show = text(&out.stdout);
+    assert!(
+        show.contains("Subject: first") && show.contains("nas@example.com"),
+        "{show}"
+    );
+
+    let out = relay(&["queue", "show", "../../etc/passwd", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not a queue id"));
+
+    let out = relay(&["queue", "delete", &ids[0], "--config", &cfg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = relay(&["queue", "show", &ids[0], "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no message"));
+
+    let out = relay(&["status", "--config", &cfg]);
+    let status = text(&out.stdout);
+    assert!(status.contains("1 queued"), "{status}");
+    assert!(status.contains("no account is configured"), "{status}");
+    assert_eq!(out.status.code(), Some(1), "no account: needs attention");
+    let out = relay(&["status", "--json", "--config", &cfg]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["queue"]["queued"], 1);
+
+    let status = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    assert_eq!(queued_in(&dir.path().join("state")).len(), 1);
+}
+
+/// Reads a field (in KiB) from /proc/PID/status.
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn fifty_mib_message_streams_to_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"60MiB\"",
+    );
+    let daemon = Daemon::spawn(&config);
+    let mut c = RawClient::connect(daemon.addr).await;
+    c.expect(220).await;
+    c.cmd("EHLO scanner.lan", 250).await;
+    let before = proc_kib(daemon.pid(), "VmRSS:");
+    c.cmd("MAIL FROM:<scanner@example.com> SIZE=52428800", 250)
+        .await;
+    c.cmd("RCPT TO:<ops@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: big scan\r\n\r\n").await;
+    // 50 MiB in 1 KiB lines, generated as we go so that this process does not hold it either.
+    let line = format!("{}\r\n", "s".repeat(1022));
+    let chunk = line.repeat(64);
+    for _ in 0..(50 * 1024 / 64) {
+        c.send(chunk.as_bytes()).await;
+    }
+    c.send(b".\r\n").await;
+    let reply = c.expect(250).await;
+    let peak = proc_kib(daemon.pid(), "VmHWM:");
+    let queued = queued_in(&dir.path().join("state"));
+    assert_eq!(queued.len(), 1, "{reply}");
+    assert_eq!(strip_received(&queued[0].1).len(), 21 + 50 * 1024 * 1024);
+    eprintln!("RSS before {before} KiB, peak {peak} KiB");
+    // Streaming keeps the process well under the message size; holding it whole would add 50 MiB at least.
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 16,
+        "peak RSS grew by {growth_mib} MiB (from {before} KiB to {peak} KiB)"
+    );
+}
+
+#[tokio::test]
+async fn embedded_default_serves_loopback_2525_with_a_state_dir_it_creates() {
+    if std::path::Path::new("/etc/relay/relay.toml").exists() {
+        eprintln!(
+            "SKIPPED: /etc/relay/relay.toml exists, so the embedded default is not what runs"
+        );
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(relay_bin());
+    // systemd's StateDirectory= wins over every other default, for root and others alike.
+    cmd.arg("serve")
+        .env("STATE_DIRECTORY", state.path().join("relay"));
+    let daemon = Daemon::start(cmd);
+    assert_eq!(daemon.addr.to_string(), "127.0.0.1:2525");
+    let mut c = RawClient::connect(daemon.addr).await;
+    let greeting = c.expect(220).await;
+    assert!(greeting.contains("ESMTP relay"));
+    c.cmd("EHLO x", 250).await;
+    c.cmd("MAIL FROM:<a@example.com>", 250).await;
+    c.cmd("RCPT TO:<b@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: default\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    assert_eq!(queued_in(&state.path().join("relay")).len(), 1);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
