@@ -75,7 +75,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = || load_config(cli.config.as_deref());
     match cli.command {
         Command::Serve => serve(config()?),
-        Command::Check => match load_config(cli.config.as_deref()) {
+        Command::Check => match load_config(cli.config.as_deref()).and_then(check_files) {
             Ok(c) => {
                 println!(
                     "# {} is valid; resolved settings follow (secrets redacted)",
@@ -93,6 +93,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json } => status(&config()?, json),
         Command::Queue(q) => queue(&config()?, q),
     }
+}
+
+/// What `serve` would read at start besides the config itself: certificates and keys.
+fn check_files(config: Config) -> Result<Config, ConfigError> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let (Some(cert), Some(key)) = (&l.cert, &l.key)
+            && let Err(e) = relay::smtp::tls::acceptor(cert, key)
+        {
+            return Err(ConfigError {
+                file: config.source.clone(),
+                key: format!("listener[{i}].cert"),
+                reason: e.to_string(),
+            });
+        }
+    }
+    Ok(config)
 }
 
 /// `--config`, else the system file if present, else the embedded default.

@@ -49,7 +49,7 @@ impl std::str::FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, mult) in UNITS.iter().rev() {
-            if *mult > 1 && self.0 % mult == 0 && unit.contains('i') {
+            if *mult > 1 && self.0.is_multiple_of(*mult) && unit.contains('i') {
                 return write!(f, "{}{}", self.0 / mult, unit);
             }
         }
