@@ -11,7 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn expect(r: &mut BufReader<TcpStream>, code: &str) {
@@ -53,7 +56,10 @@ fn main() {
     let messages = env("RELAY_BENCH_MESSAGES", 20_000);
     let dir = std::env::var("RELAY_BENCH_DIR")
         .unwrap_or_else(|_| format!("/var/tmp/relay-bench-{}", std::process::id()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rate = runtime.block_on(async {
         let text = format!(
             "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
@@ -68,7 +74,9 @@ fn main() {
         }));
         let mut body = b"Subject: bench\r\n\r\n".to_vec();
         while body.len() < 4096 - 5 {
-            body.extend_from_slice(b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\r\n");
+            body.extend_from_slice(
+                b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\r\n",
+            );
         }
         body.truncate(4096 - 5);
         body.extend_from_slice(b"\r\n.\r\n");
@@ -105,7 +113,9 @@ fn main() {
 /// Replaces the text between `<!-- NAME -->` and `<!-- /NAME -->` in BENCHMARKS.md.
 fn record(name: &str, line: &str) {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/BENCHMARKS.md");
-    let Ok(text) = std::fs::read_to_string(path) else { return };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
     let (open, close) = (format!("<!-- {name} -->"), format!("<!-- /{name} -->"));
     if let (Some(a), Some(b)) = (text.find(&open), text.find(&close)) {
         let updated = format!("{}{open}\n{line}\n{}", &text[..a], &text[b..]);

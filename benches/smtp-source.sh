@@ -24,7 +24,7 @@ for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break;
 start=$(date +%s.%N)
 smtp-source -s 20 -m 20000 -l 4096 -f bench@example.com -t sink@example.com 127.0.0.1:$port
 end=$(date +%s.%N)
-queued=$(find "$state/queue" -name '*.json' | wc -l)
+queued=$(find "$state/queue" -name '*.msg' | wc -l)
 rate=$(echo "20000 / ($end - $start)" | bc)
 line="$rate messages/s: smtp-source -s 20 -m 20000 -l 4096, $queued queued, state on $(df --output=fstype "$state" | tail -1) ($(date -u +%FT%TZ))"
 echo "$line"

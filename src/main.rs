@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use relay::queue::{Envelope, QueueStore};
+use relay::queue::{QueueStore, QueuedMessage};
 
 #[derive(Parser)]
 #[command(
@@ -211,8 +211,9 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let store = QueueStore::new(&config.state_dir);
     let queued = store.list()?;
     let dead = store.list_dead()?.len();
-    let deferred = queued.iter().filter(|e| e.attempts > 0).count();
-    let oldest = queued.first().map(|e| e.received_at);
+    // Nothing is deferred until delivery exists (issue 3): every queued message is still waiting for its first try.
+    let deferred = 0;
+    let oldest = queued.first().map(|m| m.envelope.received_at);
     let needs_attention = config.accounts.is_empty() || dead > 0;
     if json {
         let doc = serde_json::json!({
@@ -271,19 +272,20 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     "{:<32}  {:>10}  {:>9}  {:<30}  recipients",
                     "id", "age", "size", "sender"
                 );
-                for e in &list {
-                    print_row(e);
+                for m in &list {
+                    print_row(m);
                 }
                 println!("{} message(s)", list.len());
             }
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Show { id, json } => {
-            let (env, path) = store.get(QueueStore::parse_id(&id)?)?;
+            let msg = store.get(QueueStore::parse_id(&id)?)?;
             if json {
-                println!("{}", serde_json::to_string(&env)?);
+                println!("{}", serde_json::to_string(&msg)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            let env = &msg.envelope;
             let mut out = std::io::stdout().lock();
             writeln!(out, "id:          {}", env.id)?;
             writeln!(
@@ -302,13 +304,9 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "listener:    {}", env.listener)?;
             writeln!(out, "sender:      <{}>", env.sender)?;
             writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
-            writeln!(out, "size:        {} bytes", env.size)?;
-            writeln!(out, "attempts:    {}", env.attempts)?;
-            if let Some(err) = &env.last_error {
-                writeln!(out, "last error:  {err}")?;
-            }
-            writeln!(out, "\n--- headers ({}) ---", path.display())?;
-            print_headers(&path, &mut out)?;
+            writeln!(out, "size:        {} bytes", msg.size)?;
+            writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
+            print_headers(&msg, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Delete { id } => {
@@ -320,22 +318,25 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     }
 }
 
-fn print_row(e: &Envelope) {
+fn print_row(m: &QueuedMessage) {
+    let e = &m.envelope;
     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
     println!(
         "{:<32}  {:>10}  {:>9}  {:<30}  {}",
         e.id,
         age(e.received_at),
-        e.size,
+        m.size,
         sender,
         e.recipients.join(",")
     );
 }
 
 /// Prints the header block only: a message may be tens of megabytes.
-fn print_headers(path: &Path, out: &mut impl Write) -> Result<()> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+fn print_headers(msg: &QueuedMessage, out: &mut impl Write) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(&msg.path)
+        .with_context(|| format!("cannot open {}", msg.path.display()))?;
+    file.seek(SeekFrom::Start(msg.offset))?;
     for line in std::io::BufReader::new(file).split(b'\n') {
         let line = line?;
         if line == b"\r" || line.is_empty() {

@@ -94,7 +94,10 @@ fn example_config_is_valid_apart_from_its_certificate_paths() {
     let out = relay(&["check", "--config", example]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.contains("listener[1].cert") && err.contains("/etc/relay/tls/cert.pem"), "{err}");
+    assert!(
+        err.contains("listener[1].cert") && err.contains("/etc/relay/tls/cert.pem"),
+        "{err}"
+    );
 }
 
 #[test]

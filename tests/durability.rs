@@ -78,20 +78,17 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
     for sub in ["tmp", "queue"] {
         std::fs::create_dir_all(state.join(sub)).unwrap();
     }
-    // A body written but never acknowledged, and a message whose envelope rename never happened.
+    // A message written but never acknowledged: the crash came before its rename into queue/.
     std::fs::write(
-        state.join("tmp/01a20a2d000000000000000000000001.eml"),
-        "partial",
-    )
-    .unwrap();
-    std::fs::write(
-        state.join("queue/01a20a2d000000000000000000000002.eml"),
-        "orphan",
+        state.join("tmp/01a20a2d000000000000000000000001.msg"),
+        "{\"id\":",
     )
     .unwrap();
     let relay = TestRelay::start_in(dir, LISTENER).await;
     assert!(files_in(&relay.state(), "tmp").is_empty());
     assert!(files_in(&relay.state(), "queue").is_empty());
+    send_one(&relay, "after the crash").await;
+    assert_eq!(relay.queued().len(), 1);
 }
 
 #[tokio::test]

@@ -8,4 +8,4 @@ mod store;
 pub use envelope::Envelope;
 pub use id::QueueId;
 pub use spool::{Incoming, Spool, SpoolError, SpoolPaths};
-pub use store::{QueueStore, StoreError};
+pub use store::{QueueStore, QueuedMessage, StoreError};

@@ -1,12 +1,17 @@
 //! Reading and acting on the queue from outside the daemon (`relay queue …`, `relay status`). Safe while the
-//! daemon runs: a message is visible once its `.json` is, and deletion removes the `.json` first.
+//! daemon runs: a message appears in `queue/` whole, by rename.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::spool::{SpoolPaths, queued_eml, queued_json};
+use serde::Serialize;
+
+use super::spool::{SpoolPaths, msg_path};
 use super::{Envelope, QueueId};
+
+/// Longest envelope line we read: 100 recipients of 256 bytes fit many times over.
+const MAX_ENVELOPE_LINE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -16,17 +21,56 @@ pub enum StoreError {
     BadId(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: unreadable envelope: {source}")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("{path}: unreadable envelope line: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A message in the queue: its envelope, and where its bytes are.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueuedMessage {
+    #[serde(flatten)]
+    pub envelope: Envelope,
+    /// Bytes of the message: relay's `Received:` line plus what the client sent.
+    pub size: u64,
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Where the message starts in the file (after the envelope line).
+    #[serde(skip)]
+    pub offset: u64,
+}
+
+impl QueuedMessage {
+    /// Reads the envelope line of a queue file.
+    pub fn read(path: &Path) -> Result<QueuedMessage, StoreError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let mut line = Vec::new();
+        BufReader::new(io::Read::take(file, MAX_ENVELOPE_LINE))
+            .read_until(b'\n', &mut line)
+            .map_err(io_err(path))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if line.last() != Some(&b'\n') {
+            return Err(corrupt("no complete first line".into()));
+        }
+        let envelope: Envelope =
+            serde_json::from_slice(&line).map_err(|e| corrupt(e.to_string()))?;
+        let offset = line.len() as u64;
+        Ok(QueuedMessage {
+            envelope,
+            size: len.saturating_sub(offset),
+            path: path.to_path_buf(),
+            offset,
+        })
     }
 }
 
@@ -43,12 +87,12 @@ impl QueueStore {
     }
 
     /// Every queued message, oldest first. A missing queue directory is an empty queue.
-    pub fn list(&self) -> Result<Vec<Envelope>, StoreError> {
+    pub fn list(&self) -> Result<Vec<QueuedMessage>, StoreError> {
         list_dir(&self.paths.queue)
     }
 
     /// Every message in `dead/`, oldest first.
-    pub fn list_dead(&self) -> Result<Vec<Envelope>, StoreError> {
+    pub fn list_dead(&self) -> Result<Vec<QueuedMessage>, StoreError> {
         list_dir(&self.paths.dead)
     }
 
@@ -56,30 +100,23 @@ impl QueueStore {
         QueueId::parse(s).ok_or_else(|| StoreError::BadId(s.to_string()))
     }
 
-    /// The envelope and the path of the message bytes.
-    pub fn get(&self, id: QueueId) -> Result<(Envelope, PathBuf), StoreError> {
-        let json = queued_json(&self.paths.queue, id);
-        match read_envelope(&json) {
+    pub fn get(&self, id: QueueId) -> Result<QueuedMessage, StoreError> {
+        match QueuedMessage::read(&msg_path(&self.paths.queue, id)) {
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 Err(StoreError::NotFound(id.to_string()))
             }
-            other => other.map(|e| (e, queued_eml(&self.paths.queue, id))),
+            other => other,
         }
     }
 
     /// Removes a message for good.
     pub fn delete(&self, id: QueueId) -> Result<(), StoreError> {
-        let json = queued_json(&self.paths.queue, id);
-        match fs::remove_file(&json) {
+        let path = msg_path(&self.paths.queue, id);
+        match fs::remove_file(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound(id.to_string()));
             }
-            other => other.map_err(io_err(&json))?,
-        }
-        let eml = queued_eml(&self.paths.queue, id);
-        match fs::remove_file(&eml) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&eml)(e)),
-            _ => {}
+            other => other.map_err(io_err(&path))?,
         }
         File::open(&self.paths.queue)
             .and_then(|d| d.sync_all())
@@ -87,15 +124,7 @@ impl QueueStore {
     }
 }
 
-fn read_envelope(path: &Path) -> Result<Envelope, StoreError> {
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn list_dir(dir: &Path) -> Result<Vec<Envelope>, StoreError> {
+fn list_dir(dir: &Path) -> Result<Vec<QueuedMessage>, StoreError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -104,16 +133,16 @@ fn list_dir(dir: &Path) -> Result<Vec<Envelope>, StoreError> {
     let mut out = Vec::new();
     for entry in entries {
         let path = entry.map_err(io_err(dir))?.path();
-        if path.extension().is_none_or(|e| e != "json") {
+        if path.extension().is_none_or(|e| e != "msg") {
             continue;
         }
-        match read_envelope(&path) {
-            Ok(env) => out.push(env),
+        match QueuedMessage::read(&path) {
+            Ok(m) => out.push(m),
             // Deleted between the listing and the read: it is simply gone.
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }
-    out.sort_by_key(|e| (e.received_at, e.id));
+    out.sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
     Ok(out)
 }

@@ -154,15 +154,21 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Step::Data(reply) => {
                     out.extend_from_slice(&reply.to_wire());
-                    let mut incoming = ctx.spool.begin();
-                    let id = incoming.id();
-                    let header = session.received_header(id, SystemTime::now());
-                    let incoming = match incoming.write(header.as_bytes()).await {
-                        Ok(()) => Some(incoming),
-                        Err(e) => {
-                            tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot spool message");
-                            None
+                    let id = QueueId::new();
+                    let now = SystemTime::now();
+                    let incoming = match session.envelope(id, now) {
+                        Some(envelope) => {
+                            let mut incoming = ctx.spool.begin(&envelope);
+                            let header = session.received_header(id, now);
+                            match incoming.write(header.as_bytes()).await {
+                                Ok(()) => Some(incoming),
+                                Err(e) => {
+                                    tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot spool message");
+                                    None
+                                }
+                            }
                         }
+                        None => None,
                     };
                     receiving = Some(Receiving { id, incoming });
                     continue;
@@ -225,19 +231,15 @@ async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> 
         // Already logged where the write failed.
         return session.data_stored(Err(()));
     };
-    let Some(envelope) = session.envelope(id, incoming.len(), SystemTime::now()) else {
-        return session.data_stored(Err(()));
-    };
-    match incoming.commit(&envelope).await {
+    let (size, user) = (incoming.len(), session.user().unwrap_or("").to_string());
+    match incoming.commit().await {
         Ok(id) => {
             tracing::info!(
                 relay_event = "accepted",
                 relay_queue_id = %id,
                 relay_client = %peer,
-                sender = %envelope.sender,
-                recipients = envelope.recipients.len(),
-                size = envelope.size,
-                user = envelope.user.as_deref().unwrap_or(""),
+                size,
+                user = %user,
                 "message queued"
             );
             session.data_stored(Ok(id))

@@ -416,7 +416,7 @@ impl Session {
     }
 
     /// The envelope of the message being received.
-    pub fn envelope(&self, id: QueueId, size: u64, received_at: SystemTime) -> Option<Envelope> {
+    pub fn envelope(&self, id: QueueId, received_at: SystemTime) -> Option<Envelope> {
         let txn = self.txn.as_ref()?;
         Some(Envelope {
             id,
@@ -427,11 +427,7 @@ impl Session {
             user: self.user.clone(),
             listener: self.policy.listener.clone(),
             received_at,
-            size,
             body_8bit: txn.body_8bit,
-            attempts: 0,
-            next_attempt: None,
-            last_error: None,
         })
     }
 

@@ -147,7 +147,7 @@ fn auth_plain_then_pipelined_transaction() {
     assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
     assert_eq!(body, b"Subject: t\r\n\r\n.x\r\n");
     let id = QueueId::new();
-    let env = s.envelope(id, 7, SystemTime::UNIX_EPOCH).unwrap();
+    let env = s.envelope(id, SystemTime::UNIX_EPOCH).unwrap();
     assert_eq!(env.recipients, ["c@d", "e@f"]);
     assert_eq!(env.user.as_deref(), Some("printer"));
     assert!(env.body_8bit);

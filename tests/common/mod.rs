@@ -147,6 +147,7 @@ impl TestRelay {
     }
 }
 
+/// Queued messages in a state dir: (envelope line as JSON, message bytes), oldest id first.
 pub fn queued_in(state: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(state.join("queue")) else {
@@ -155,12 +156,18 @@ pub fn queued_in(state: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
     let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
     paths.sort();
     for p in paths {
-        if p.extension().is_some_and(|e| e == "json") {
-            let env: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-            let eml = std::fs::read(p.with_extension("eml")).unwrap();
-            out.push((env, eml));
-        }
+        assert_eq!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("msg"),
+            "stray file {p:?} in queue/"
+        );
+        let bytes = std::fs::read(&p).unwrap();
+        let nl = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("envelope line");
+        let env: serde_json::Value = serde_json::from_slice(&bytes[..nl]).expect("envelope JSON");
+        out.push((env, bytes[nl + 1..].to_vec()));
     }
     out
 }
