@@ -130,16 +130,8 @@ async fn serve_queue_commands_status_and_clean_stop() {
     let mut daemon = Daemon::spawn(&config);
     let mut ids = Vec::new();
     for subject in ["first", "second"] {
-        let mut c = RawClient::connect(daemon.addr).await;
-        c.expect(220).await;
-        c.cmd("EHLO nas.lan", 250).await;
-        c.cmd("MAIL FROM:<nas@example.com>", 250).await;
-        c.cmd("RCPT TO:<ops@example.com>", 250).await;
-        c.cmd("DATA", 354).await;
-        c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes())
-            .await;
-        let reply = c.expect(250).await;
-        ids.push(reply.trim_end().rsplit(' ').next().unwrap().to_string());
+        let body = format!("From: nas@example.com\r\nSubject: {subject}\r\n\r\nbody\r\n");
+        ids.push(send_message(daemon.addr, body.as_bytes()).await);
     }
     // The accepted event carries the queue id (journald field RELAY_QUEUE_ID under systemd).
     let line = daemon.wait_log("relay_event=\"accepted\"");
@@ -254,15 +246,7 @@ async fn embedded_default_serves_loopback_2525_with_a_state_dir_it_creates() {
         .env("STATE_DIRECTORY", state.path().join("relay"));
     let daemon = Daemon::start(cmd);
     assert_eq!(daemon.addr.to_string(), "127.0.0.1:2525");
-    let mut c = RawClient::connect(daemon.addr).await;
-    let greeting = c.expect(220).await;
-    assert!(greeting.contains("ESMTP relay"));
-    c.cmd("EHLO x", 250).await;
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
-    c.send(b"Subject: default\r\n\r\nhi\r\n.\r\n").await;
-    c.expect(250).await;
+    send_message(daemon.addr, b"Subject: default\r\n\r\nhi\r\n").await;
     assert_eq!(queued_in(&state.path().join("relay")).len(), 1);
     assert_eq!(daemon.terminate().code(), Some(0));
 }

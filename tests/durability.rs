@@ -7,17 +7,11 @@ use common::*;
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 
 async fn send_one(relay: &TestRelay, subject: &str) -> String {
-    let mut c = RawClient::connect(relay.addr()).await;
-    c.expect(220).await;
-    c.cmd("EHLO device.lan", 250).await;
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
-    c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes())
-        .await;
-    let reply = c.expect(250).await;
-    c.cmd("QUIT", 221).await;
-    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+    send_message(
+        relay.addr(),
+        format!("Subject: {subject}\r\n\r\nbody\r\n").as_bytes(),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -51,12 +45,7 @@ async fn restart_keeps_every_queued_message() {
 #[tokio::test]
 async fn session_cut_off_mid_data_leaves_nothing() {
     let mut relay = TestRelay::start(LISTENER).await;
-    let mut c = RawClient::connect(relay.addr()).await;
-    c.expect(220).await;
-    c.cmd("EHLO device.lan", 250).await;
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
+    let mut c = RawClient::in_data(relay.addr()).await;
     // More than the in-memory part, so that a temp file exists when the connection drops.
     let line = format!("{}\r\n", "y".repeat(998));
     for _ in 0..300 {
@@ -99,12 +88,7 @@ async fn unwritable_spool_answers_452_and_keeps_nothing() {
     std::fs::remove_dir(&tmp).unwrap();
     std::fs::write(&tmp, "not a directory").unwrap();
     for size in [100, 200_000] {
-        let mut c = RawClient::connect(relay.addr()).await;
-        c.expect(220).await;
-        c.cmd("EHLO device.lan", 250).await;
-        c.cmd("MAIL FROM:<a@example.com>", 250).await;
-        c.cmd("RCPT TO:<b@example.com>", 250).await;
-        c.cmd("DATA", 354).await;
+        let mut c = RawClient::in_data(relay.addr()).await;
         let mut body = b"Subject: x\r\n\r\n".to_vec();
         body.extend(std::iter::repeat_n(b'z', size));
         body.extend_from_slice(b"\r\n.\r\n");
@@ -144,19 +128,12 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     }
     let _guard = Unmount(state.clone());
     let mut relay = TestRelay::start_in(dir, LISTENER).await;
-    let mut c = RawClient::connect(relay.addr()).await;
-    c.expect(220).await;
-    c.cmd("EHLO device.lan", 250).await;
     // A small message fits.
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
+    let mut c = RawClient::in_data(relay.addr()).await;
     c.send(b"Subject: fits\r\n\r\nsmall\r\n.\r\n").await;
     c.expect(250).await;
     // One MiB does not.
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
+    c.begin_message().await;
     let line = format!("{}\r\n", "q".repeat(1022));
     for _ in 0..1024 {
         c.send(line.as_bytes()).await;

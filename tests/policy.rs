@@ -4,18 +4,11 @@ mod common;
 
 use common::*;
 
-async fn ready(relay: &TestRelay, index: usize) -> RawClient<tokio::net::TcpStream> {
-    let mut c = RawClient::connect(relay.addrs[index]).await;
-    c.expect(220).await;
-    c.cmd("EHLO device.lan", 250).await;
-    c
-}
-
 #[tokio::test]
 async fn auth_required_refuses_mail_before_auth() {
     let relay =
         TestRelay::start("[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\n").await;
-    let mut c = ready(&relay, 0).await;
+    let mut c = RawClient::ready(relay.addr()).await;
     let reply = c.cmd("MAIL FROM:<a@example.com>", 530).await;
     assert!(reply.starts_with("530 5.7.0 "), "{reply}");
     c.cmd("RCPT TO:<b@example.com>", 503).await;
@@ -41,14 +34,12 @@ const SMALL: &str =
 #[tokio::test]
 async fn oversized_message_is_refused_with_552_and_nothing_is_kept() {
     let mut relay = TestRelay::start(SMALL).await;
-    let mut c = ready(&relay, 0).await;
+    let mut c = RawClient::ready(relay.addr()).await;
     // Declared too big: refused at MAIL.
     let reply = c.cmd("MAIL FROM:<a@example.com> SIZE=5000", 552).await;
     assert!(reply.starts_with("552 5.3.4 "), "{reply}");
     // Undeclared: refused at the final dot, after the whole body was read.
-    c.cmd("MAIL FROM:<a@example.com>", 250).await;
-    c.cmd("RCPT TO:<b@example.com>", 250).await;
-    c.cmd("DATA", 354).await;
+    c.begin_message().await;
     let line = format!("{}\r\n", "x".repeat(998));
     for _ in 0..200 {
         c.send(line.as_bytes()).await;
@@ -81,10 +72,7 @@ fn smuggling_payload(vector: &[u8]) -> Vec<u8> {
 async fn smuggling_vectors_are_refused_and_never_end_the_message() {
     let relay = TestRelay::start(SMALL).await;
     for vector in VECTORS {
-        let mut c = ready(&relay, 0).await;
-        c.cmd("MAIL FROM:<a@example.com>", 250).await;
-        c.cmd("RCPT TO:<b@example.com>", 250).await;
-        c.cmd("DATA", 354).await;
+        let mut c = RawClient::in_data(relay.addr()).await;
         c.send(&smuggling_payload(vector)).await;
         // Exactly one reply for the whole thing: the refusal. A smuggled MAIL would have produced a 250 here.
         let reply = c.expect(550).await;
@@ -103,10 +91,7 @@ async fn normalize_accepts_one_message_with_crlf_only() {
     )
     .await;
     for vector in VECTORS {
-        let mut c = ready(&relay, 0).await;
-        c.cmd("MAIL FROM:<a@example.com>", 250).await;
-        c.cmd("RCPT TO:<b@example.com>", 250).await;
-        c.cmd("DATA", 354).await;
+        let mut c = RawClient::in_data(relay.addr()).await;
         c.send(&smuggling_payload(vector)).await;
         c.expect(250).await;
         c.cmd("NOOP", 250).await;
@@ -141,8 +126,8 @@ async fn per_client_connection_cap() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections_per_client = 2\n",
     )
     .await;
-    let mut a = ready(&relay, 0).await;
-    let mut b = ready(&relay, 0).await;
+    let mut a = RawClient::ready(relay.addr()).await;
+    let mut b = RawClient::ready(relay.addr()).await;
     let mut c = RawClient::connect(relay.addr()).await;
     let reply = c.expect(421).await;
     assert!(reply.starts_with("421 4.7.0 "), "{reply}");
@@ -158,7 +143,7 @@ async fn listener_connection_cap() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections = 1\n",
     )
     .await;
-    let _a = ready(&relay, 0).await;
+    let _a = RawClient::ready(relay.addr()).await;
     let mut c = RawClient::connect(relay.addr()).await;
     c.expect(421).await;
 }
@@ -169,7 +154,7 @@ async fn idle_client_is_timed_out_with_421() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\ncommand_timeout = \"200ms\"\n",
     )
     .await;
-    let mut c = ready(&relay, 0).await;
+    let mut c = RawClient::ready(relay.addr()).await;
     // No command: the server gives up on us.
     let reply = c.expect(421).await;
     assert!(reply.starts_with("421 4.4.2 "), "{reply}");
@@ -182,7 +167,7 @@ async fn repeated_auth_failures_end_the_connection() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\nauth_failure_delay = \"10ms\"\n",
     )
     .await;
-    let mut c = ready(&relay, 0).await;
+    let mut c = RawClient::ready(relay.addr()).await;
     use base64::Engine;
     let bad = base64::engine::general_purpose::STANDARD.encode("\0printer\0guess");
     c.cmd(&format!("AUTH PLAIN {bad}"), 535).await;
@@ -195,7 +180,7 @@ async fn repeated_auth_failures_end_the_connection() {
 async fn garbage_gets_5xx_never_a_crash() {
     let relay =
         TestRelay::start("[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n").await;
-    let mut c = ready(&relay, 0).await;
+    let mut c = RawClient::ready(relay.addr()).await;
     for line in [
         "\u{0}\u{1}\u{2}",
         "MAIL FROM:<<<>>>",

@@ -211,6 +211,21 @@ impl RawClient<TcpStream> {
         }
     }
 
+    /// Connected, greeted, and EHLO said.
+    pub async fn ready(addr: SocketAddr) -> RawClient<TcpStream> {
+        let mut c = Self::connect(addr).await;
+        c.expect(220).await;
+        c.cmd("EHLO device.lan", 250).await;
+        c
+    }
+
+    /// Ready, then MAIL FROM:<a@example.com>, RCPT TO:<b@example.com> and DATA: the body comes next.
+    pub async fn in_data(addr: SocketAddr) -> RawClient<TcpStream> {
+        let mut c = Self::ready(addr).await;
+        c.begin_message().await;
+        c
+    }
+
     pub fn into_inner(self) -> TcpStream {
         self.stream.into_inner()
     }
@@ -266,6 +281,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         self.expect(code).await
     }
 
+    /// MAIL, RCPT and DATA on an open session.
+    pub async fn begin_message(&mut self) {
+        self.cmd("MAIL FROM:<a@example.com>", 250).await;
+        self.cmd("RCPT TO:<b@example.com>", 250).await;
+        self.cmd("DATA", 354).await;
+    }
+
     /// Sends a line and returns whatever reply comes.
     pub async fn reply_to(&mut self, line: &str) -> (u16, String) {
         self.send(format!("{line}\r\n").as_bytes()).await;
@@ -284,6 +306,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
             Ok(Ok(0)) | Ok(Err(_))
         ) || buf.is_empty()
     }
+}
+
+/// Sends one message (body without the final dot) on a fresh connection; returns its queue id.
+pub async fn send_message(addr: SocketAddr, body: &[u8]) -> String {
+    let mut c = RawClient::in_data(addr).await;
+    c.send(body).await;
+    c.send(b".\r\n").await;
+    let reply = c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
 }
 
 /// The real `relay` binary running `serve`, with its address read from its own log.
