@@ -46,7 +46,7 @@ async fn restart_keeps_every_queued_message() {
 async fn session_cut_off_mid_data_leaves_nothing() {
     let mut relay = TestRelay::start(LISTENER).await;
     let mut c = RawClient::in_data(relay.addr()).await;
-    // More than the in-memory part, so that a temp file exists when the connection drops.
+    // More than the in-memory part, so that the message's file exists when the connection drops.
     let line = format!("{}\r\n", "y".repeat(998));
     for _ in 0..300 {
         c.send(line.as_bytes()).await;
@@ -54,39 +54,61 @@ async fn session_cut_off_mid_data_leaves_nothing() {
     drop(c);
     relay.idle().await;
     assert!(
-        files_in(&relay.state(), "tmp").is_empty(),
-        "partial file left in tmp/"
+        files_in(&relay.state(), "queue").is_empty(),
+        "partial file left in queue/"
     );
-    assert!(files_in(&relay.state(), "queue").is_empty());
 }
 
 #[tokio::test]
 async fn leftovers_of_a_crash_are_cleared_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    for sub in ["tmp", "queue"] {
-        std::fs::create_dir_all(state.join(sub)).unwrap();
-    }
-    // A message written but never acknowledged: the crash came before its rename into queue/.
+    // Two messages queued, then a stop; then what a crash in the middle of a third leaves: its file with the
+    // envelope line still unsealed, and one cut off inside the envelope line.
+    let relay = TestRelay::start(LISTENER).await;
+    send_one(&relay, "one").await;
+    send_one(&relay, "two").await;
+    let dir = relay.stop().await;
+    let queue = dir.path().join("state/queue");
+    let (_, kept) = std::fs::read_dir(&queue)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+        .next()
+        .unwrap();
+    let unsealed = String::from_utf8(kept.clone()).unwrap().replace(
+        &format!("\"seal\":\"{}", &sealed_of(&kept)),
+        &format!("\"seal\":\"{}", "0".repeat(80)),
+    );
+    std::fs::write(queue.join("01a20a2d000000000000000000000001.msg"), unsealed).unwrap();
     std::fs::write(
-        state.join("tmp/01a20a2d000000000000000000000001.msg"),
+        queue.join("01a20a2d000000000000000000000002.msg"),
         "{\"id\":",
     )
     .unwrap();
     let relay = TestRelay::start_in(dir, LISTENER).await;
-    assert!(files_in(&relay.state(), "tmp").is_empty());
-    assert!(files_in(&relay.state(), "queue").is_empty());
+    assert_eq!(
+        files_in(&relay.state(), "queue").len(),
+        2,
+        "only the two acknowledged messages stay"
+    );
+    assert_eq!(relay.queued().len(), 2);
     send_one(&relay, "after the crash").await;
-    assert_eq!(relay.queued().len(), 1);
+    assert_eq!(relay.queued().len(), 3);
+}
+
+/// The seal in a queue file's envelope line.
+fn sealed_of(file: &[u8]) -> String {
+    let nl = file.iter().position(|&b| b == b'\n').unwrap();
+    let line: serde_json::Value = serde_json::from_slice(&file[..nl]).unwrap();
+    line["seal"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]
 async fn unwritable_spool_answers_452_and_keeps_nothing() {
     let mut relay = TestRelay::start(LISTENER).await;
-    // Root ignores file modes; a regular file where the spool's temp directory should be fails for anyone.
-    let tmp = relay.state().join("tmp");
-    std::fs::remove_dir(&tmp).unwrap();
-    std::fs::write(&tmp, "not a directory").unwrap();
+    // Root ignores file modes; a regular file where the queue directory should be fails for anyone.
+    let queue = relay.state().join("queue");
+    std::fs::remove_dir(&queue).unwrap();
+    std::fs::write(&queue, "not a directory").unwrap();
     for size in [100, 200_000] {
         let mut c = RawClient::in_data(relay.addr()).await;
         let mut body = b"Subject: x\r\n\r\n".to_vec();
@@ -143,8 +165,9 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     assert!(reply.starts_with("452 4.3.1 "), "{reply}");
     c.cmd("QUIT", 221).await;
     relay.idle().await;
-    assert!(
-        files_in(&relay.state(), "tmp").is_empty(),
+    assert_eq!(
+        files_in(&relay.state(), "queue").len(),
+        1,
         "partial file left behind"
     );
     assert_eq!(

@@ -1,10 +1,10 @@
 //! What relay knows about a queued message besides its bytes.
 //!
-//! A queued message is one file, `queue/ID.msg`: this envelope as one line of JSON, then the message (relay's
-//! `Received:` line and the bytes the client sent). One file per message because creating a file is the
-//! costliest step of accepting one; see `spool.rs`. Everything here is known when DATA begins, so the line is
-//! written first and the body streams after it. Delivery state that changes later (attempts, errors) belongs
-//! in a separate file written only when an attempt fails.
+//! A queued message is one file, `queue/ID.msg`: this envelope and the message's seal as one line of JSON, then
+//! the message (relay's `Received:` line and the bytes the client sent). One file per message because creating a
+//! file is the costliest step of accepting one; see `spool.rs`. Everything here is known when DATA begins, so the
+//! line is written first and the body streams after it. Delivery state that changes later (attempts, errors)
+//! belongs in a separate file written only when an attempt fails.
 
 use std::time::SystemTime;
 
@@ -31,13 +31,4 @@ pub struct Envelope {
     /// The client declared BODY=8BITMIME.
     #[serde(default)]
     pub body_8bit: bool,
-}
-
-impl Envelope {
-    /// The envelope as the first line of a queue file: compact JSON never holds a raw newline.
-    pub fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).unwrap_or_default();
-        line.push(b'\n');
-        line
-    }
 }

@@ -1,5 +1,5 @@
 //! Reading and acting on the queue from outside the daemon (`relay queue …`, `relay status`). Safe while the
-//! daemon runs: a message appears in `queue/` whole, by rename.
+//! daemon runs: a message still arriving has no seal yet and is not listed.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader};
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::seal::is_sealed;
 use super::spool::{SpoolPaths, msg_path};
 use super::{Envelope, QueueId};
 
@@ -44,9 +45,37 @@ pub struct QueuedMessage {
     /// Where the message starts in the file (after the envelope line).
     #[serde(skip)]
     pub offset: u64,
+    /// Length and hash of the message, or zeros while it is still arriving (`seal.rs`).
+    #[serde(skip)]
+    pub seal: String,
+}
+
+/// The first line of a queue file.
+#[derive(Serialize, serde::Deserialize)]
+struct Line<E> {
+    #[serde(flatten)]
+    envelope: E,
+    seal: String,
 }
 
 impl QueuedMessage {
+    /// The first line of a queue file: the envelope and the seal, as one line of JSON (compact JSON never
+    /// holds a raw newline).
+    pub(crate) fn line(envelope: &Envelope, seal: &str) -> Vec<u8> {
+        let line = Line {
+            envelope,
+            seal: seal.to_string(),
+        };
+        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Complete: not a message still arriving.
+    pub fn is_sealed(&self) -> bool {
+        is_sealed(&self.seal)
+    }
+
     /// Reads the envelope line of a queue file.
     pub fn read(path: &Path) -> Result<QueuedMessage, StoreError> {
         let file = File::open(path).map_err(io_err(path))?;
@@ -62,14 +91,15 @@ impl QueuedMessage {
         if line.last() != Some(&b'\n') {
             return Err(corrupt("no complete first line".into()));
         }
-        let envelope: Envelope =
+        let parsed: Line<Envelope> =
             serde_json::from_slice(&line).map_err(|e| corrupt(e.to_string()))?;
         let offset = line.len() as u64;
         Ok(QueuedMessage {
-            envelope,
+            envelope: parsed.envelope,
             size: len.saturating_sub(offset),
             path: path.to_path_buf(),
             offset,
+            seal: parsed.seal,
         })
     }
 }
@@ -105,6 +135,7 @@ impl QueueStore {
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 Err(StoreError::NotFound(id.to_string()))
             }
+            Ok(m) if !m.is_sealed() => Err(StoreError::NotFound(id.to_string())),
             other => other,
         }
     }
@@ -137,7 +168,9 @@ fn list_dir(dir: &Path) -> Result<Vec<QueuedMessage>, StoreError> {
             continue;
         }
         match QueuedMessage::read(&path) {
-            Ok(m) => out.push(m),
+            Ok(m) if m.is_sealed() => out.push(m),
+            // Still arriving.
+            Ok(_) => {}
             // Deleted between the listing and the read: it is simply gone.
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),

@@ -167,12 +167,18 @@ pub fn queued_in(state: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
             .position(|&b| b == b'\n')
             .expect("envelope line");
         let env: serde_json::Value = serde_json::from_slice(&bytes[..nl]).expect("envelope JSON");
-        out.push((env, bytes[nl + 1..].to_vec()));
+        let message = bytes[nl + 1..].to_vec();
+        let seal = env["seal"].as_str().expect("a seal");
+        assert!(
+            relay::queue::seal::verify(seal, &message),
+            "seal does not match {p:?}"
+        );
+        out.push((env, message));
     }
     out
 }
 
-/// Files in a state subdirectory (`queue`, `tmp`, `dead`).
+/// Files in a state subdirectory (`queue`, `dead`).
 pub fn files_in(state: &Path, sub: &str) -> Vec<String> {
     match std::fs::read_dir(state.join(sub)) {
         Ok(e) => e
