@@ -254,14 +254,19 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
 
 /// The committer thread: one batch at a time, as many messages per batch as are waiting.
 fn committer(paths: SpoolPaths, jobs: mpsc::Receiver<Job>) {
+    // Opened once: every batch flushes through it.
+    let mut dir = File::open(&paths.queue);
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        commit_batch(&paths, batch);
+        if dir.is_err() {
+            dir = File::open(&paths.queue);
+        }
+        commit_batch(&paths, &dir, batch);
     }
 }
 
-fn commit_batch(paths: &SpoolPaths, batch: Vec<Job>) {
+fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) {
     let mut written = Vec::with_capacity(batch.len());
     for job in batch {
         match write_job(paths, &job) {
@@ -272,7 +277,10 @@ fn commit_batch(paths: &SpoolPaths, batch: Vec<Job>) {
     if written.is_empty() {
         return;
     }
-    let flushed = flush(paths, written.iter().map(|(_, f)| f));
+    let flushed = match dir {
+        Ok(dir) => flush(dir, written.iter().map(|(_, f)| f)),
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+    };
     for (job, _) in written {
         match &flushed {
             Ok(()) => {
@@ -316,11 +324,7 @@ fn fail(paths: &SpoolPaths, job: Job, error: SpoolError) {
 /// fdatasync writes its inode and flushes the disk cache separately): per-file fdatasync managed 1,100 to 2,400
 /// files/s from one thread, syncfs 5,700 to 6,800. The price is that syncfs also writes out other dirty data of
 /// the same filesystem; it only runs when messages arrive faster than one flush takes.
-fn flush<'a>(
-    paths: &SpoolPaths,
-    mut files: impl ExactSizeIterator<Item = &'a File>,
-) -> io::Result<()> {
-    let dir = File::open(&paths.queue)?;
+fn flush<'a>(dir: &File, mut files: impl ExactSizeIterator<Item = &'a File>) -> io::Result<()> {
     if files.len() == 1 {
         files.next().map_or(Ok(()), File::sync_data)?;
         return dir.sync_all();

@@ -93,7 +93,7 @@ impl Listener {
         sessions.send_modify(|n| *n += 1);
         let sessions = sessions.clone();
         tokio::spawn(async move {
-            serve(ctx, tcp, implicit).await;
+            serve(ctx, tcp, peer, implicit).await;
             drop((slot, client_slot));
             sessions.send_modify(|n| *n -= 1);
         });
