@@ -4,8 +4,11 @@
 
 pub mod config;
 pub mod logging;
+pub mod oauth;
 pub mod queue;
 pub mod smtp;
+pub mod tokens;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

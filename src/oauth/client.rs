@@ -1,0 +1,194 @@
+//! Token endpoint requests (RFC 6749 section 4.4 and 6, RFC 8628).
+//!
+//! Written over reqwest rather than with the oauth2 crate: each grant here is one form POST and one JSON reply,
+//! and the crate's device flow expects `verification_uri` where Google sends `verification_url`, so we would
+//! be working around it in the flow that most needs to be clear to users.
+
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::OAuthError;
+
+/// Tokens as the endpoint issued them.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub access_token: SecretString,
+    pub expires_at: SystemTime,
+    pub refresh_token: Option<SecretString>,
+}
+
+/// What `relay authorize` shows the user, and what it polls with.
+#[derive(Debug, Clone)]
+pub struct DeviceAuthorization {
+    pub device_code: SecretString,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub expires_in: Duration,
+    pub interval: Duration,
+    pub message: Option<String>,
+}
+
+/// One step of device-code polling.
+#[derive(Debug)]
+pub enum DevicePoll {
+    Granted(Grant),
+    /// `authorization_pending`: ask again after the interval.
+    Pending,
+    /// `slow_down`: ask again, 5 seconds more apart (RFC 8628 section 3.5).
+    SlowDown,
+}
+
+#[derive(Deserialize)]
+struct TokenReply {
+    access_token: String,
+    expires_in: Option<u64>,
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: String,
+    error_description: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeviceReply {
+    device_code: String,
+    user_code: String,
+    // RFC 8628 says verification_uri; Google says verification_url.
+    #[serde(alias = "verification_url")]
+    verification_uri: String,
+    expires_in: u64,
+    interval: Option<u64>,
+    message: Option<String>,
+}
+
+/// A client for one account's token endpoint.
+#[derive(Clone)]
+pub struct TokenClient {
+    http: reqwest::Client,
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub scope: String,
+}
+
+impl TokenClient {
+    pub fn new(
+        http: reqwest::Client,
+        token_url: String,
+        client_id: String,
+        client_secret: Option<SecretString>,
+        scope: String,
+    ) -> Self {
+        TokenClient {
+            http,
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        }
+    }
+
+    /// The client credentials grant (app-only).
+    pub async fn client_credentials(&self) -> Result<Grant, OAuthError> {
+        self.token(&[("grant_type", "client_credentials"), ("scope", &self.scope)])
+            .await
+    }
+
+    /// The refresh token grant. Microsoft rotates refresh tokens: the grant may carry a new one.
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Grant, OAuthError> {
+        self.token(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose_secret()),
+            ("scope", &self.scope),
+        ])
+        .await
+    }
+
+    /// Starts the device authorization grant.
+    pub async fn device_start(&self, device_url: &str) -> Result<DeviceAuthorization, OAuthError> {
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("scope", &self.scope),
+        ];
+        let reply = self.http.post(device_url).form(&form).send().await?;
+        let status = reply.status();
+        let body = reply.bytes().await?;
+        if !status.is_success() {
+            return Err(endpoint_error(status.as_u16(), &body));
+        }
+        let d: DeviceReply =
+            serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+        Ok(DeviceAuthorization {
+            device_code: SecretString::from(d.device_code),
+            user_code: d.user_code,
+            verification_uri: d.verification_uri,
+            expires_in: Duration::from_secs(d.expires_in),
+            interval: Duration::from_secs(d.interval.unwrap_or(5)),
+            message: d.message,
+        })
+    }
+
+    /// Asks once whether the user has approved the device code.
+    pub async fn device_poll(
+        &self,
+        device: &DeviceAuthorization,
+    ) -> Result<DevicePoll, OAuthError> {
+        let result = self
+            .token(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("device_code", device.device_code.expose_secret()),
+            ])
+            .await;
+        match result {
+            Ok(grant) => Ok(DevicePoll::Granted(grant)),
+            Err(OAuthError::Endpoint { error, .. }) if error == "authorization_pending" => {
+                Ok(DevicePoll::Pending)
+            }
+            Err(OAuthError::Endpoint { error, .. }) if error == "slow_down" => {
+                Ok(DevicePoll::SlowDown)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn token(&self, params: &[(&str, &str)]) -> Result<Grant, OAuthError> {
+        let mut form: Vec<(&str, &str)> = params.to_vec();
+        form.push(("client_id", &self.client_id));
+        if let Some(secret) = &self.client_secret {
+            form.push(("client_secret", secret.expose_secret()));
+        }
+        let before = SystemTime::now();
+        let reply = self.http.post(&self.token_url).form(&form).send().await?;
+        let status = reply.status();
+        let body = reply.bytes().await?;
+        if !status.is_success() {
+            return Err(endpoint_error(status.as_u16(), &body));
+        }
+        let t: TokenReply =
+            serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+        Ok(Grant {
+            access_token: SecretString::from(t.access_token),
+            // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
+            expires_at: before + Duration::from_secs(t.expires_in.unwrap_or(3600)),
+            refresh_token: t.refresh_token.map(SecretString::from),
+        })
+    }
+}
+
+fn endpoint_error(status: u16, body: &[u8]) -> OAuthError {
+    match serde_json::from_slice::<ErrorReply>(body) {
+        Ok(e) => OAuthError::Endpoint {
+            status,
+            error: e.error,
+            description: e.error_description.unwrap_or_default(),
+        },
+        Err(_) => OAuthError::Http {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}

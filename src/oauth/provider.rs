@@ -1,0 +1,138 @@
+//! Where each provider's endpoints are, and what an account's overrides make of them.
+
+use crate::config::{AccountConfig, Flow, Provider, TlsMode};
+
+/// An account's resolved endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub token_url: String,
+    pub device_authorization_url: Option<String>,
+    pub scope: String,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_tls: TlsMode,
+}
+
+/// Microsoft's delegated scope for SMTP AUTH; `offline_access` brings the refresh token.
+pub const MICROSOFT_DELEGATED_SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
+/// Microsoft's app-only scope (client credentials, with the SMTP.SendAsApp permission).
+pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
+
+/// Resolves an account's endpoints; `Err((key, reason))` names the offending key.
+pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)> {
+    let (token_url, device_url, scope, host) = match a.provider {
+        Provider::Microsoft => {
+            let tenant = a.tenant.as_deref().ok_or((
+                "tenant",
+                "required for provider = \"microsoft\" (your directory's domain, e.g. contoso.onmicrosoft.com, or its id)"
+                    .to_string(),
+            ))?;
+            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+            let scope = if a.flow == Flow::ClientCredentials {
+                MICROSOFT_APP_SCOPE
+            } else {
+                MICROSOFT_DELEGATED_SCOPE
+            };
+            (
+                Some(format!("{base}/token")),
+                Some(format!("{base}/devicecode")),
+                Some(scope.to_string()),
+                Some("smtp.office365.com".to_string()),
+            )
+        }
+        Provider::Google => (
+            Some("https://oauth2.googleapis.com/token".to_string()),
+            Some("https://oauth2.googleapis.com/device/code".to_string()),
+            Some(GOOGLE_SCOPE.to_string()),
+            Some("smtp.gmail.com".to_string()),
+        ),
+        Provider::Generic => (None, None, None, None),
+    };
+    let token_url = a
+        .token_url
+        .clone()
+        .or(token_url)
+        .ok_or(("token_url", required_generic()))?;
+    let device_authorization_url = a.device_authorization_url.clone().or(device_url);
+    let scope = a
+        .scope
+        .clone()
+        .or(scope)
+        .ok_or(("scope", required_generic()))?;
+    let smtp_host = a
+        .smtp_host
+        .clone()
+        .or(host)
+        .ok_or(("smtp_host", required_generic()))?;
+    let smtp_tls = a.smtp_tls.unwrap_or(TlsMode::Starttls);
+    let smtp_port = a.smtp_port.unwrap_or(if smtp_tls == TlsMode::Implicit {
+        465
+    } else {
+        587
+    });
+
+    check_url("token_url", &token_url)?;
+    if let Some(u) = &device_authorization_url {
+        check_url("device_authorization_url", u)?;
+    }
+    if smtp_tls == TlsMode::None && !is_loopback_host(&smtp_host) {
+        return Err((
+            "smtp_tls",
+            format!(
+                "\"none\" sends the access token in the clear; allowed only to a loopback host, not {smtp_host}"
+            ),
+        ));
+    }
+    if a.flow == Flow::ClientCredentials && a.client_secret_file.is_none() {
+        return Err((
+            "client_secret_file",
+            "required for flow = \"client_credentials\" (a certificate comes in a later release)"
+                .into(),
+        ));
+    }
+    if a.client_id.as_deref().is_none_or(str::is_empty) {
+        return Err((
+            "client_id",
+            "required: the application (client) id of your app registration".into(),
+        ));
+    }
+    Ok(Endpoints {
+        token_url,
+        device_authorization_url,
+        scope,
+        smtp_host,
+        smtp_port,
+        smtp_tls,
+    })
+}
+
+fn required_generic() -> String {
+    "required for provider = \"generic\"".into()
+}
+
+/// Plain http only to loopback: a token endpoint in the clear elsewhere would leak secrets and tokens.
+fn check_url(key: &'static str, url: &str) -> Result<(), (&'static str, String)> {
+    if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        if !is_loopback_host(host.trim_start_matches('[').trim_end_matches(']')) {
+            return Err((
+                key,
+                format!("plain http is allowed only to a loopback host: {url}"),
+            ));
+        }
+        return Ok(());
+    }
+    if !url.starts_with("https://") {
+        return Err((key, format!("not an https:// URL: {url}")));
+    }
+    Ok(())
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}

@@ -1,0 +1,223 @@
+//! An account's tokens in the daemon: fresh when asked for, renewed ahead of expiry, kept alive when idle.
+//!
+//! One [`AccountTokens`] per account. Its lock is held across a refresh, so there is one refresh in flight per
+//! account whoever asks (the refresher, a delivery, a delivery that just got 535). The token file is reread
+//! when it changes, so a `relay authorize` run while the daemon runs takes effect at once.
+
+pub mod store;
+
+use std::time::{Duration, SystemTime};
+
+use secrecy::SecretString;
+use tokio::sync::Mutex;
+
+use crate::config::Flow;
+use crate::oauth::{OAuthError, TokenClient};
+pub use store::{StoreError, StoredTokens, TokenStore};
+
+/// Renew once the smaller of this and a quarter of the token's lifetime remains.
+const RENEW_AHEAD: Duration = Duration::from_secs(600);
+/// Use the refresh token at least this often: Microsoft's die after 90 days unused, Google's "Testing" ones in 7.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("account {0} needs authorization: run `relay authorize {0}`")]
+    NeedsAuthorization(String),
+    #[error("account {account}: {source}")]
+    OAuth { account: String, source: OAuthError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl TokenError {
+    /// Mail waits (never bounces) on these: they may clear up by themselves or by `relay authorize`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TokenError::NeedsAuthorization(_) => true,
+            TokenError::OAuth { source, .. } => {
+                source.is_transient() || source.needs_authorization()
+            }
+            TokenError::Store(_) => true,
+        }
+    }
+}
+
+pub struct AccountTokens {
+    pub name: String,
+    flow: Flow,
+    client: TokenClient,
+    store: TokenStore,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    tokens: Option<StoredTokens>,
+    file_mtime: Option<SystemTime>,
+}
+
+impl AccountTokens {
+    pub fn new(name: String, flow: Flow, client: TokenClient, store: TokenStore) -> AccountTokens {
+        AccountTokens {
+            name,
+            flow,
+            client,
+            store,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A valid access token, refreshed first if it is close to expiry.
+    pub async fn access_token(&self) -> Result<SecretString, TokenError> {
+        let mut state = self.state.lock().await;
+        self.reload_if_changed(&mut state)?;
+        if let Some(t) = &state.tokens
+            && !t.needs_authorization
+            && SystemTime::now() < renew_at(t)
+        {
+            return Ok(t.access_token.clone());
+        }
+        self.refresh_locked(&mut state).await
+    }
+
+    /// A new access token now, whatever the old one's expiry: after the upstream refused it (535).
+    pub async fn force_refresh(&self) -> Result<SecretString, TokenError> {
+        let mut state = self.state.lock().await;
+        self.reload_if_changed(&mut state)?;
+        self.refresh_locked(&mut state).await
+    }
+
+    /// When the refresher should next act for this account.
+    pub async fn next_due(&self) -> Result<SystemTime, TokenError> {
+        let mut state = self.state.lock().await;
+        self.reload_if_changed(&mut state)?;
+        Ok(match &state.tokens {
+            None => SystemTime::now(),
+            Some(t) if t.needs_authorization => SystemTime::now() + Duration::from_secs(60),
+            Some(t) => {
+                let keep_alive = t.last_refresh.unwrap_or(t.obtained_at) + KEEP_ALIVE;
+                renew_at(t).min(keep_alive)
+            }
+        })
+    }
+
+    fn reload_if_changed(&self, state: &mut State) -> Result<(), TokenError> {
+        let mtime = self.store.mtime(&self.name);
+        if mtime != state.file_mtime || state.tokens.is_none() {
+            state.tokens = self.store.load(&self.name)?;
+            state.file_mtime = mtime;
+        }
+        Ok(())
+    }
+
+    async fn refresh_locked(&self, state: &mut State) -> Result<SecretString, TokenError> {
+        let previous = state.tokens.clone();
+        let grant = match self.flow {
+            Flow::ClientCredentials => self.client.client_credentials().await,
+            _ => {
+                let Some(refresh) = previous.as_ref().and_then(|t| t.refresh_token.clone()) else {
+                    return Err(TokenError::NeedsAuthorization(self.name.clone()));
+                };
+                if previous.as_ref().is_some_and(|t| t.needs_authorization) {
+                    return Err(TokenError::NeedsAuthorization(self.name.clone()));
+                }
+                self.client.refresh(&refresh).await
+            }
+        };
+        let now = SystemTime::now();
+        match grant {
+            Ok(g) => {
+                let tokens = StoredTokens {
+                    access_token: g.access_token.clone(),
+                    expires_at: g.expires_at,
+                    obtained_at: now,
+                    // A rotated refresh token replaces the old one; without one, the old stays valid.
+                    refresh_token: g
+                        .refresh_token
+                        .or_else(|| previous.and_then(|p| p.refresh_token)),
+                    last_refresh: Some(now),
+                    needs_authorization: false,
+                    last_error: None,
+                };
+                self.store.save(&self.name, &tokens)?;
+                state.file_mtime = self.store.mtime(&self.name);
+                state.tokens = Some(tokens);
+                tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(g.expires_at), "access token renewed");
+                Ok(g.access_token)
+            }
+            Err(e) => {
+                if e.needs_authorization()
+                    && let Some(mut t) = previous
+                {
+                    t.needs_authorization = true;
+                    t.last_error = Some(e.to_string());
+                    self.store.save(&self.name, &t)?;
+                    state.file_mtime = self.store.mtime(&self.name);
+                    state.tokens = Some(t);
+                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
+                } else {
+                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e, "token refresh failed");
+                }
+                Err(TokenError::OAuth {
+                    account: self.name.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// When a token should be renewed: once min(10 minutes, a quarter of its lifetime) remains.
+fn renew_at(t: &StoredTokens) -> SystemTime {
+    let lifetime = t
+        .expires_at
+        .duration_since(t.obtained_at)
+        .unwrap_or_default();
+    t.expires_at - RENEW_AHEAD.min(lifetime / 4)
+}
+
+/// Keeps every account's token fresh and its refresh token alive, whether or not mail flows.
+pub async fn refresher(
+    accounts: Vec<std::sync::Arc<AccountTokens>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for account in accounts {
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            let mut backoff = Duration::from_secs(30);
+            loop {
+                let due = account
+                    .next_due()
+                    .await
+                    .unwrap_or_else(|_| SystemTime::now() + backoff);
+                let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match account.force_refresh().await {
+                    Ok(_) => backoff = Duration::from_secs(30),
+                    Err(TokenError::NeedsAuthorization(_)) => {
+                        // Wait for `relay authorize`: next_due rereads the file.
+                        let wait = Duration::from_secs(60);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(600));
+                    }
+                }
+            }
+        });
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    tasks.shutdown().await;
+}

@@ -1,0 +1,139 @@
+//! Delivery to Microsoft 365 / Gmail over SMTP with AUTH XOAUTH2 (lettre).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{Outcome, UpstreamError};
+use crate::config::TlsMode;
+use crate::oauth::Endpoints;
+
+/// One account's SMTP upstream. Connections are pooled by lettre and reused while the token stays the same;
+/// a new token means a new transport, because lettre fixes credentials per transport.
+pub struct SmtpUpstream {
+    mailbox: String,
+    endpoints: Endpoints,
+    ca: Option<Vec<u8>>,
+    transport: Mutex<Option<(blake3::Hash, AsyncSmtpTransport<Tokio1Executor>)>>,
+}
+
+impl SmtpUpstream {
+    pub fn new(mailbox: String, endpoints: Endpoints, ca: Option<Vec<u8>>) -> SmtpUpstream {
+        SmtpUpstream {
+            mailbox,
+            endpoints,
+            ca,
+            transport: Mutex::new(None),
+        }
+    }
+
+    fn transport(
+        &self,
+        token: &SecretString,
+    ) -> Result<AsyncSmtpTransport<Tokio1Executor>, UpstreamError> {
+        let key = blake3::hash(token.expose_secret().as_bytes());
+        let mut slot = self
+            .transport
+            .lock()
+            .map_err(|_| UpstreamError::Setup("transport lock poisoned".into()))?;
+        if let Some((k, t)) = slot.as_ref()
+            && *k == key
+        {
+            return Ok(t.clone());
+        }
+        let e = &self.endpoints;
+        let tls = || -> Result<TlsParameters, UpstreamError> {
+            let mut b = TlsParameters::builder(e.smtp_host.clone());
+            if let Some(pem) = &self.ca {
+                let cert = Certificate::from_pem(pem)
+                    .map_err(|e| UpstreamError::Setup(format!("ca_file: {e}")))?;
+                b = b
+                    .certificate_store(CertificateStore::None)
+                    .add_root_certificate(cert);
+            }
+            b.build_rustls()
+                .map_err(|e| UpstreamError::Setup(e.to_string()))
+        };
+        let tls = match e.smtp_tls {
+            TlsMode::Starttls => Tls::Required(tls()?),
+            TlsMode::Implicit => Tls::Wrapper(tls()?),
+            TlsMode::None => Tls::None,
+        };
+        let transport =
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(e.smtp_host.clone())
+                .port(e.smtp_port)
+                .tls(tls)
+                .credentials(Credentials::new(
+                    self.mailbox.clone(),
+                    token.expose_secret().to_string(),
+                ))
+                .authentication(vec![Mechanism::Xoauth2])
+                .timeout(Some(Duration::from_secs(60)))
+                .build();
+        *slot = Some((key, transport.clone()));
+        Ok(transport)
+    }
+
+    /// Sends the queued bytes as they are. `message` must use CRLF line endings (the spool guarantees it).
+    pub async fn send(
+        &self,
+        token: &SecretString,
+        sender: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Outcome {
+        let envelope = match envelope(sender, recipients) {
+            Ok(e) => e,
+            Err(reply) => return Outcome::Permanent(reply),
+        };
+        // lettre always writes CRLF "." CRLF after the body: a body that already ends in CRLF would gain an
+        // empty line, so one trailing CRLF goes (DEPENDENCIES.md, trap 1).
+        let body = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let transport = match self.transport(token) {
+            Ok(t) => t,
+            Err(e) => return Outcome::Transient(e.to_string()),
+        };
+        match transport.send_raw(&envelope, body).await {
+            Ok(reply) => Outcome::Delivered(format!(
+                "{} {}",
+                reply.code(),
+                reply.message().collect::<Vec<_>>().join(" ")
+            )),
+            Err(e) => classify(&e),
+        }
+    }
+}
+
+fn envelope(sender: &str, recipients: &[String]) -> Result<lettre::address::Envelope, String> {
+    let from = if sender.is_empty() {
+        None
+    } else {
+        Some(
+            sender
+                .parse()
+                .map_err(|e| format!("sender <{sender}> not accepted: {e}"))?,
+        )
+    };
+    let to = recipients
+        .iter()
+        .map(|r| {
+            r.parse()
+                .map_err(|e| format!("recipient <{r}> not accepted: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    lettre::address::Envelope::new(from, to).map_err(|e| e.to_string())
+}
+
+fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
+    let text = e.to_string();
+    match e.status().map(|c| c.to_string()) {
+        // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535).
+        Some(code) if code == "535" || code == "534" => Outcome::AuthRejected(text),
+        _ if e.is_permanent() => Outcome::Permanent(text),
+        _ => Outcome::Transient(text),
+    }
+}
