@@ -1,7 +1,9 @@
 //! relay: an SMTP relay that lets legacy devices send through Microsoft 365 and Gmail with OAuth2.
 //!
-//! A message's path: [`smtp`] receives it, [`queue`] makes it durable before the client hears 250.
+//! A message's path: [`smtp`] receives it, [`queue`] makes it durable before the client hears 250, the queue's
+//! scheduler hands it to [`upstream`] with a token from [`tokens`] (obtained through [`oauth`]).
 
+pub mod accounts;
 pub mod config;
 pub mod logging;
 pub mod oauth;
@@ -29,11 +31,16 @@ pub enum RunError {
     Spool { dir: String, source: SpoolError },
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    Account(#[from] accounts::AccountError),
 }
 
 /// A started relay: listeners bound, spool open. Tests start one on port 0 and ask for its addresses.
 pub struct Relay {
     listeners: Vec<Listener>,
+    scheduler: queue::scheduler::Scheduler,
+    committed: tokio::sync::mpsc::UnboundedReceiver<queue::QueueId>,
+    accounts: Vec<std::sync::Arc<queue::scheduler::Account>>,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     sessions: watch::Sender<usize>,
@@ -41,9 +48,13 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(config: &Config) -> Result<Relay, RunError> {
-        let spool = Spool::open(&config.state_dir).map_err(|source| RunError::Spool {
-            dir: config.state_dir.display().to_string(),
-            source,
+        let accounts = accounts::build(config)?;
+        let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
+        let spool = Spool::open(&config.state_dir, Some(committed_tx)).map_err(|source| {
+            RunError::Spool {
+                dir: config.state_dir.display().to_string(),
+                source,
+            }
         })?;
         let (stop, stop_rx) = watch::channel(false);
         let listeners = smtp::bind(config, &spool, &stop_rx).await?;
@@ -53,6 +64,9 @@ impl Relay {
             .collect();
         Ok(Relay {
             listeners,
+            scheduler: queue::scheduler::Scheduler::new(config, accounts.clone()),
+            committed,
+            accounts,
             addrs,
             stop,
             sessions: watch::channel(0).0,
@@ -75,6 +89,9 @@ impl Relay {
         for l in self.listeners {
             tasks.spawn(l.run(self.stop.subscribe(), self.sessions.clone()));
         }
+        let tokens = self.accounts.iter().map(|a| a.tokens.clone()).collect();
+        tasks.spawn(tokens::refresher(tokens, self.stop.subscribe()));
+        tasks.spawn(self.scheduler.run(self.committed, self.stop.subscribe()));
         for addr in &self.addrs {
             tracing::info!(relay_event = "listening", address = %addr, "listening");
         }

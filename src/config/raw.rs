@@ -108,6 +108,23 @@ impl RawConfig {
                     format!("duplicate account `{}`", a.name),
                 ));
             }
+            if !a.mailbox.contains('@') {
+                return Err(errs.at(
+                    format!("account[{i}].mailbox"),
+                    "must be an address: the mailbox that sends",
+                ));
+            }
+            crate::oauth::endpoints(a)
+                .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason))?;
+            for (key, file) in [
+                ("client_secret_file", &a.client_secret_file),
+                ("ca_file", &a.ca_file),
+            ] {
+                if let Some(path) = file {
+                    check_secret_file(path, key == "client_secret_file")
+                        .map_err(|reason| errs.at(format!("account[{i}].{key}"), reason))?;
+                }
+            }
         }
         let known_account = |key: String, name: &Option<String>| match name {
             Some(n) if !accounts.contains(n.as_str()) => {
@@ -274,6 +291,27 @@ impl RawListener {
             auth_failure_delay: self.auth_failure_delay.unwrap_or(Duration::from_secs(2)),
         })
     }
+}
+
+/// A file relay must read at start. Secrets must not be readable by others: the daemon refuses them, because
+/// a world-readable client secret is a leaked one.
+fn check_secret_file(path: &std::path::Path, secret: bool) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if secret && mode & 0o007 != 0 {
+        return Err(format!(
+            "{} is readable by others (mode {mode:04o}); run `chmod 640 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn tls_name(t: TlsMode) -> &'static str {

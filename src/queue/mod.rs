@@ -2,6 +2,7 @@
 
 mod envelope;
 mod id;
+pub mod scheduler;
 pub mod seal;
 mod spool;
 mod store;

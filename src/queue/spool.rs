@@ -85,8 +85,11 @@ struct Job {
 
 impl Spool {
     /// Creates the queue directories if needed, removes what an interrupted run left unsealed, and starts the
-    /// committer.
-    pub fn open(state_dir: &Path) -> Result<Spool, SpoolError> {
+    /// committer. Each message made durable is announced on `committed`, for delivery.
+    pub fn open(
+        state_dir: &Path,
+        committed: Option<tokio::sync::mpsc::UnboundedSender<QueueId>>,
+    ) -> Result<Spool, SpoolError> {
         let paths = SpoolPaths::new(state_dir);
         for dir in [state_dir, &paths.queue, &paths.dead] {
             fs::DirBuilder::new()
@@ -100,7 +103,7 @@ impl Spool {
         let committer_paths = paths.clone();
         std::thread::Builder::new()
             .name("relay-commit".into())
-            .spawn(move || committer(committer_paths, rx))
+            .spawn(move || committer(committer_paths, rx, committed))
             .map_err(|e| SpoolError::io(&paths.queue, e))?;
         Ok(Spool {
             inner: Arc::new(Inner { paths, jobs: tx }),
@@ -243,6 +246,9 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
     let entries = fs::read_dir(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
     for entry in entries.flatten() {
         let path = entry.path();
+        if path.extension().is_none_or(|e| e != "msg") {
+            continue;
+        }
         let sealed = QueuedMessage::read(&path).is_ok_and(|m| m.is_sealed());
         if !sealed {
             tracing::warn!(path = %path.display(), "removing a message that was never acknowledged (cut off by a stop or crash)");
@@ -253,7 +259,11 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
 }
 
 /// The committer thread: one batch at a time, as many messages per batch as are waiting.
-fn committer(paths: SpoolPaths, jobs: mpsc::Receiver<Job>) {
+fn committer(
+    paths: SpoolPaths,
+    jobs: mpsc::Receiver<Job>,
+    committed: Option<tokio::sync::mpsc::UnboundedSender<QueueId>>,
+) {
     // Opened once: every batch flushes through it.
     let mut dir = File::open(&paths.queue);
     while let Ok(first) = jobs.recv() {
@@ -262,11 +272,16 @@ fn committer(paths: SpoolPaths, jobs: mpsc::Receiver<Job>) {
         if dir.is_err() {
             dir = File::open(&paths.queue);
         }
-        commit_batch(&paths, &dir, batch);
+        for id in commit_batch(&paths, &dir, batch) {
+            if let Some(tx) = &committed {
+                let _ = tx.send(id);
+            }
+        }
     }
 }
 
-fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) {
+/// Returns the ids made durable.
+fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) -> Vec<QueueId> {
     let mut written = Vec::with_capacity(batch.len());
     for job in batch {
         match write_job(paths, &job) {
@@ -275,15 +290,17 @@ fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) {
         }
     }
     if written.is_empty() {
-        return;
+        return Vec::new();
     }
     let flushed = match dir {
         Ok(dir) => flush(dir, written.iter().map(|(_, f)| f)),
         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
     };
+    let mut durable = Vec::with_capacity(written.len());
     for (job, _) in written {
         match &flushed {
             Ok(()) => {
+                durable.push(job.id);
                 let _ = job.done.send(Ok(()));
             }
             Err(e) => {
@@ -292,6 +309,7 @@ fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) {
             }
         }
     }
+    durable
 }
 
 /// Writes a job's remaining bytes and its seal; returns its file, still to be flushed.

@@ -1,0 +1,76 @@
+//! Building each configured account's token manager and upstream at start.
+
+use std::sync::Arc;
+
+use secrecy::SecretString;
+
+use crate::config::Config;
+use crate::oauth::{TokenClient, endpoints};
+use crate::queue::scheduler::Account;
+use crate::tokens::{AccountTokens, TokenStore};
+use crate::upstream::smtp::SmtpUpstream;
+
+#[derive(Debug, thiserror::Error)]
+#[error("account {account}: {reason}")]
+pub struct AccountError {
+    pub account: String,
+    pub reason: String,
+}
+
+/// One HTTP client for every token endpoint: no redirects (a token endpoint never redirects, and following one
+/// would resend the secret elsewhere), rustls only.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+}
+
+pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
+    let http = http_client().map_err(|e| AccountError {
+        account: "*".into(),
+        reason: e.to_string(),
+    })?;
+    let store = TokenStore::new(&config.state_dir);
+    config
+        .accounts
+        .iter()
+        .map(|a| {
+            let err = |reason: String| AccountError {
+                account: a.name.clone(),
+                reason,
+            };
+            let ep = endpoints(a).map_err(|(k, r)| err(format!("{k}: {r}")))?;
+            let secret = match &a.client_secret_file {
+                Some(p) => Some(SecretString::from(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| err(format!("{}: {e}", p.display())))?
+                        .trim()
+                        .to_string(),
+                )),
+                None => None,
+            };
+            let ca = match &a.ca_file {
+                Some(p) => {
+                    Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?)
+                }
+                None => None,
+            };
+            let client = TokenClient::new(
+                http.clone(),
+                ep.token_url.clone(),
+                a.client_id.clone().unwrap_or_default(),
+                secret,
+                ep.scope.clone(),
+            );
+            let tokens = Arc::new(AccountTokens::new(
+                a.name.clone(),
+                a.flow,
+                client,
+                store.clone(),
+            ));
+            let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca);
+            Ok(Arc::new(Account::new(a.name.clone(), tokens, upstream)))
+        })
+        .collect()
+}

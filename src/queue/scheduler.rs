@@ -1,0 +1,307 @@
+//! Delivery: takes queued messages when they are due, sends them through their account, and acts on the
+//! outcome: remove (delivered), retry later on the `[queue] retry` schedule (deferred), or move to `dead/`.
+//!
+//! Delivery state that changes (attempts, next try, last error) lives in `queue/ID.state`, written atomically
+//! after each failed attempt; the message file itself is never rewritten.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::seal::verify;
+use super::spool::{SpoolPaths, msg_path};
+use super::store::QueuedMessage;
+use super::{QueueId, QueueStore};
+use crate::config::{Config, QueueConfig};
+use crate::tokens::{AccountTokens, TokenError};
+use crate::upstream::Outcome;
+use crate::upstream::smtp::SmtpUpstream;
+
+/// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
+const PER_ACCOUNT: usize = 4;
+
+/// An upstream account as delivery sees it.
+pub struct Account {
+    pub name: String,
+    pub tokens: Arc<AccountTokens>,
+    pub upstream: SmtpUpstream,
+    slots: Semaphore,
+}
+
+impl Account {
+    pub fn new(name: String, tokens: Arc<AccountTokens>, upstream: SmtpUpstream) -> Account {
+        Account {
+            name,
+            tokens,
+            upstream,
+            slots: Semaphore::new(PER_ACCOUNT),
+        }
+    }
+}
+
+/// `queue/ID.state` (and `dead/ID.state`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeliveryState {
+    pub attempts: u32,
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub next_attempt: Option<SystemTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+pub fn state_path(dir: &Path, id: QueueId) -> PathBuf {
+    dir.join(format!("{id}.state"))
+}
+
+pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
+    std::fs::read(state_path(dir, id))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = atomic_write_file::AtomicWriteFile::open(state_path(dir, id))?;
+    f.write_all(&serde_json::to_vec_pretty(state).unwrap_or_default())?;
+    f.commit()
+}
+
+/// Which account a message goes through: the AUTH user's account, else `default_account`.
+struct Routing {
+    users: HashMap<String, String>,
+    default_account: Option<String>,
+}
+
+impl Routing {
+    fn account_for(&self, m: &QueuedMessage) -> Option<&str> {
+        m.envelope
+            .user
+            .as_ref()
+            .and_then(|u| self.users.get(u))
+            .or(self.default_account.as_ref())
+            .map(String::as_str)
+    }
+}
+
+pub struct Scheduler {
+    paths: SpoolPaths,
+    queue: QueueConfig,
+    routing: Routing,
+    accounts: HashMap<String, Arc<Account>>,
+}
+
+impl Scheduler {
+    pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Scheduler {
+        Scheduler {
+            paths: SpoolPaths::new(&config.state_dir),
+            queue: config.queue.clone(),
+            routing: Routing {
+                users: config
+                    .users
+                    .iter()
+                    .filter_map(|u| Some((u.name.clone(), u.account.clone()?)))
+                    .collect(),
+                default_account: config.default_account.clone(),
+            },
+            accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
+        }
+    }
+
+    /// Runs until `stop`: takes new messages from `committed`, and every queued one when it falls due.
+    pub async fn run(
+        self,
+        mut committed: mpsc::UnboundedReceiver<QueueId>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let this = Arc::new(self);
+        let mut due: BinaryHeap<Reverse<(SystemTime, QueueId)>> = BinaryHeap::new();
+        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<SystemTime>)>();
+        if let Ok(list) =
+            QueueStore::new(this.paths.queue.parent().unwrap_or(Path::new("."))).list()
+        {
+            for m in list {
+                let state = read_state(&this.paths.queue, m.envelope.id);
+                due.push(Reverse((
+                    state.next_attempt.unwrap_or(SystemTime::UNIX_EPOCH),
+                    m.envelope.id,
+                )));
+            }
+        }
+        loop {
+            let now = SystemTime::now();
+            while let Some(Reverse((at, id))) = due.peek().copied() {
+                if at > now {
+                    break;
+                }
+                due.pop();
+                if in_flight.insert(id) {
+                    let this = this.clone();
+                    let done = done_tx.clone();
+                    tokio::spawn(async move {
+                        let next = this.attempt(id).await;
+                        let _ = done.send((id, next));
+                    });
+                }
+            }
+            let sleep = due
+                .peek()
+                .map(|Reverse((at, _))| at.duration_since(now).unwrap_or_default())
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                Some(id) = committed.recv() => due.push(Reverse((SystemTime::now(), id))),
+                Some((id, next)) = done_rx.recv() => {
+                    in_flight.remove(&id);
+                    if let Some(at) = next {
+                        due.push(Reverse((at, id)));
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One delivery attempt. Returns when to try again, if the message stays queued.
+    async fn attempt(&self, id: QueueId) -> Option<SystemTime> {
+        let path = msg_path(&self.paths.queue, id);
+        let msg = QueuedMessage::read(&path).ok()?;
+        let mut state = read_state(&self.paths.queue, id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(_) => return None, // deleted meanwhile (relay queue delete)
+        };
+        let message = &bytes[msg.offset as usize..];
+        if !verify(&msg.seal, message) {
+            self.dead(
+                id,
+                &mut state,
+                "message file damaged on disk (its seal does not match)",
+                None,
+            );
+            return None;
+        }
+        if msg.envelope.received_at + self.queue.max_age < SystemTime::now() {
+            let why = format!(
+                "expired after {} in the queue",
+                humantime::format_duration(self.queue.max_age)
+            );
+            let why = match &state.last_error {
+                Some(last) => format!("{why}; last error: {last}"),
+                None => why,
+            };
+            self.dead(id, &mut state, &why, None);
+            return None;
+        }
+        let Some(name) = self.routing.account_for(&msg) else {
+            return self.defer(
+                id,
+                &mut state,
+                "no account is configured for this message",
+                None,
+            );
+        };
+        let Some(account) = self.accounts.get(name) else {
+            return self.defer(
+                id,
+                &mut state,
+                &format!("account {name} is not configured"),
+                None,
+            );
+        };
+        let _slot = account.slots.acquire().await.ok()?;
+        let e = &msg.envelope;
+        let outcome = match account.tokens.access_token().await {
+            Ok(token) => {
+                let first = account
+                    .upstream
+                    .send(&token, &e.sender, &e.recipients, message)
+                    .await;
+                if let Outcome::AuthRejected(_) = first {
+                    // The token may have been revoked or rotated early: one refresh, one retry, then defer.
+                    match account.tokens.force_refresh().await {
+                        Ok(token) => {
+                            account
+                                .upstream
+                                .send(&token, &e.sender, &e.recipients, message)
+                                .await
+                        }
+                        Err(err) => Outcome::Transient(err.to_string()),
+                    }
+                } else {
+                    first
+                }
+            }
+            Err(err @ TokenError::NeedsAuthorization(_)) => Outcome::Transient(err.to_string()),
+            Err(err) if err.is_transient() => Outcome::Transient(err.to_string()),
+            Err(err) => Outcome::Transient(err.to_string()),
+        };
+        match outcome {
+            Outcome::Delivered(reply) => {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
+                None
+            }
+            Outcome::Permanent(reply) => {
+                self.dead(id, &mut state, &reply, Some(&account.name));
+                None
+            }
+            Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
+                self.defer(id, &mut state, &reply, Some(&account.name))
+            }
+        }
+    }
+
+    fn defer(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: Option<&str>,
+    ) -> Option<SystemTime> {
+        state.attempts += 1;
+        let step = self
+            .queue
+            .retry
+            .get(state.attempts as usize - 1)
+            .or(self.queue.retry.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(300));
+        let next = SystemTime::now() + step;
+        state.next_attempt = Some(next);
+        state.last_error = Some(why.to_string());
+        if let Err(e) = write_state(&self.paths.queue, id, state) {
+            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
+        }
+        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
+        Some(next)
+    }
+
+    fn dead(&self, id: QueueId, state: &mut DeliveryState, why: &str, account: Option<&str>) {
+        state.attempts += 1;
+        state.next_attempt = None;
+        state.last_error = Some(why.to_string());
+        let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
+            std::fs::rename(
+                msg_path(&self.paths.queue, id),
+                msg_path(&self.paths.dead, id),
+            )
+        });
+        let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+        if let Err(e) = moved {
+            tracing::error!(relay_queue_id = %id, error = %e, "cannot move the message to dead/");
+        }
+        tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+    }
+}
