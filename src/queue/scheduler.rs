@@ -123,6 +123,11 @@ impl Scheduler {
         mut committed: mpsc::UnboundedReceiver<QueueId>,
         mut stop: watch::Receiver<bool>,
     ) {
+        if self.accounts.is_empty() {
+            // Nothing to deliver through: mail stays queued, untouched, until an account is configured.
+            let _ = stop.wait_for(|s| *s).await;
+            return;
+        }
         let this = Arc::new(self);
         let mut due: BinaryHeap<Reverse<(SystemTime, QueueId)>> = BinaryHeap::new();
         let mut in_flight: HashSet<QueueId> = HashSet::new();
