@@ -78,6 +78,11 @@ impl Relay {
         &self.addrs
     }
 
+    /// Finished delivery attempts so far; a test can wait for a count.
+    pub fn delivery_attempts(&self) -> watch::Receiver<u64> {
+        self.scheduler.attempts.subscribe()
+    }
+
     /// Live SMTP connections; a test can wait for this to reach 0.
     pub fn sessions(&self) -> watch::Receiver<usize> {
         self.sessions.subscribe()

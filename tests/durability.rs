@@ -168,7 +168,8 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     assert_eq!(
         files_in(&relay.state(), "queue").len(),
         1,
-        "partial file left behind: {:?}", files_in(&relay.state(), "queue")
+        "partial file left behind: {:?}",
+        files_in(&relay.state(), "queue")
     );
     assert_eq!(
         relay.queued().len(),

@@ -94,6 +94,8 @@ impl Routing {
 }
 
 pub struct Scheduler {
+    /// Counts finished delivery attempts, so that tests (and status) can wait for one without polling.
+    pub attempts: watch::Sender<u64>,
     paths: SpoolPaths,
     queue: QueueConfig,
     routing: Routing,
@@ -103,6 +105,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Scheduler {
         Scheduler {
+            attempts: watch::channel(0).0,
             paths: SpoolPaths::new(&config.state_dir),
             queue: config.queue.clone(),
             routing: Routing {
@@ -167,6 +170,7 @@ impl Scheduler {
                 Some(id) = committed.recv() => due.push(Reverse((SystemTime::now(), id))),
                 Some((id, next)) = done_rx.recv() => {
                     in_flight.remove(&id);
+                    this.attempts.send_modify(|n| *n += 1);
                     if let Some(at) = next {
                         due.push(Reverse((at, id)));
                     }

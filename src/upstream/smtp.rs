@@ -130,6 +130,13 @@ fn envelope(sender: &str, recipients: &[String]) -> Result<lettre::address::Enve
 
 fn classify(e: &lettre::transport::smtp::Error) -> Outcome {
     let text = e.to_string();
+    // Gmail answers a bad XOAUTH2 token with a 334 challenge carrying a JSON error (the 535 only follows the
+    // client's empty reply); lettre gives up at the 334 with this client error. It means the same as 535.
+    if e.is_client() && text.contains("does not expect a challenge") {
+        return Outcome::AuthRejected(
+            "334 XOAUTH2 token refused (challenge instead of 235)".into(),
+        );
+    }
     match e.status().map(|c| c.to_string()) {
         // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535).
         Some(code) if code == "535" || code == "534" => Outcome::AuthRejected(text),

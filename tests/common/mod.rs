@@ -1,6 +1,8 @@
 //! Shared test helpers: an in-process relay on port 0, a raw SMTP client, TLS certificates, the real binary.
 #![allow(dead_code)] // each test binary uses a different part of this
 
+pub mod upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,7 @@ pub struct TestRelay {
     pub dir: tempfile::TempDir,
     pub addrs: Vec<SocketAddr>,
     pub sessions: watch::Receiver<usize>,
+    pub attempts: watch::Receiver<u64>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -67,6 +70,12 @@ impl TestRelay {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, listeners: &str) -> TestRelay {
+        Self::start_with(dir, "", listeners).await
+    }
+
+    /// As [`start_in`](Self::start_in), with top-level TOML (`default_account`, `[[account]]`) before the
+    /// listeners; `{dir}` in it is replaced by the test directory.
+    pub async fn start_with(dir: tempfile::TempDir, top: &str, listeners: &str) -> TestRelay {
         install_crypto();
         let cert = if dir.path().join("cert.pem").exists() {
             TestCert {
@@ -78,8 +87,9 @@ impl TestRelay {
             make_cert(dir.path())
         };
         let text = format!(
-            "state_dir = {state:?}\nhostname = \"relay.test\"\n{listeners}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
+            "state_dir = {state:?}\nhostname = \"relay.test\"\n{top}\n{listeners}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
             state = dir.path().join("state"),
+            top = top.replace("{dir}", &dir.path().display().to_string()),
             listeners = listeners
                 .replace("{cert}", &cert.cert.display().to_string())
                 .replace("{key}", &cert.key.display().to_string()),
@@ -89,6 +99,7 @@ impl TestRelay {
         let relay = relay::Relay::start(&config).await.expect("relay starts");
         let addrs = relay.local_addrs().to_vec();
         let sessions = relay.sessions();
+        let attempts = relay.delivery_attempts();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             relay
@@ -102,6 +113,7 @@ impl TestRelay {
             dir,
             addrs,
             sessions,
+            attempts,
             stop: Some(stop),
             task: Some(task),
         }
@@ -124,6 +136,14 @@ impl TestRelay {
         tokio::time::timeout(LIMIT, self.sessions.wait_for(|n| *n == 0))
             .await
             .expect("sessions end in time")
+            .expect("relay alive");
+    }
+
+    /// Waits (bounded) until `n` delivery attempts have finished.
+    pub async fn attempts_done(&mut self, n: u64) {
+        tokio::time::timeout(LIMIT, self.attempts.wait_for(|done| *done >= n))
+            .await
+            .expect("delivery attempts in time")
             .expect("relay alive");
     }
 

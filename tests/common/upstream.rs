@@ -1,0 +1,181 @@
+//! A fake Microsoft 365 / Gmail SMTP endpoint speaking AUTH XOAUTH2 the way they do: 235 for a good token; for
+//! a bad one, Gmail's 334 with a base64 JSON error, then 535 after the client's empty line.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A message as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub auth: String,
+    pub from: String,
+    pub to: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub received: mpsc::UnboundedReceiver<Received>,
+    /// Tokens accepted; anything else gets the 334/535 treatment.
+    pub tokens: Arc<Mutex<Vec<String>>>,
+    /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no".
+    pub data_reply: Arc<Mutex<String>>,
+}
+
+impl FakeUpstream {
+    pub async fn start(tokens: &[&str]) -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, received) = mpsc::unbounded_channel();
+        let tokens = Arc::new(Mutex::new(
+            tokens.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        ));
+        let data_reply = Arc::new(Mutex::new("250 2.0.0 OK queued upstream".to_string()));
+        let (t, d) = (tokens.clone(), data_reply.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(session(tcp, tx.clone(), t.clone(), d.clone()));
+            }
+        });
+        FakeUpstream {
+            addr,
+            received,
+            tokens,
+            data_reply,
+        }
+    }
+
+    /// The next message the fake accepted (bounded wait).
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(super::LIMIT, self.received.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+    }
+}
+
+async fn session(
+    tcp: tokio::net::TcpStream,
+    tx: mpsc::UnboundedSender<Received>,
+    tokens: Arc<Mutex<Vec<String>>>,
+    data_reply: Arc<Mutex<String>>,
+) {
+    let mut s = BufReader::new(tcp);
+    let _ = w(&mut s, "220 fake.outlook.test ESMTP".into()).await;
+    let mut msg = Received {
+        auth: String::new(),
+        from: String::new(),
+        to: Vec::new(),
+        data: Vec::new(),
+    };
+    let mut authed = false;
+    loop {
+        let mut line = String::new();
+        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let cmd = line.trim_end().to_string();
+        let upper = cmd.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO") {
+            "250-fake.outlook.test\r\n250-8BITMIME\r\n250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
+                .to_string()
+        } else if upper.starts_with("AUTH XOAUTH2 ") {
+            let decoded = B64.decode(cmd[13..].trim()).unwrap_or_default();
+            let decoded = String::from_utf8_lossy(&decoded).into_owned();
+            msg.auth = decoded.clone();
+            let token = decoded
+                .split("auth=Bearer ")
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches('\x01')
+                .to_string();
+            if tokens.lock().unwrap().contains(&token) {
+                authed = true;
+                "235 2.7.0 Accepted".into()
+            } else {
+                let err = B64.encode(
+                    r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#,
+                );
+                let _ = w(&mut s, format!("334 {err}")).await;
+                let mut empty = String::new();
+                let _ = s.read_line(&mut empty).await;
+                "535 5.7.8 Username and Password not accepted".into()
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            if !authed {
+                "530 5.7.0 Authentication Required".into()
+            } else {
+                msg.from = cmd[10..]
+                    .trim()
+                    .trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                msg.to.clear();
+                "250 2.1.0 OK".into()
+            }
+        } else if upper.starts_with("RCPT TO:") {
+            msg.to.push(
+                cmd[8..]
+                    .trim()
+                    .trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+            "250 2.1.5 OK".into()
+        } else if upper == "DATA" {
+            let _ = w(&mut s, "354 Go ahead".into()).await;
+            let mut data = Vec::new();
+            loop {
+                let mut byte = [0u8; 1];
+                if s.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+                data.push(byte[0]);
+                if data.ends_with(b"\r\n.\r\n") {
+                    break;
+                }
+            }
+            data.truncate(data.len() - 3);
+            // Undo the client's dot-stuffing (RFC 5321 section 4.5.2).
+            let text = data;
+            let mut unstuffed = Vec::with_capacity(text.len());
+            let mut at_line_start = true;
+            for (i, &b) in text.iter().enumerate() {
+                if !(at_line_start && b == b'.' && text.get(i + 1) == Some(&b'.')) {
+                    unstuffed.push(b);
+                }
+                at_line_start = b == b'\n';
+            }
+            msg.data = unstuffed;
+            let reply = data_reply.lock().unwrap().clone();
+            if reply.starts_with('2') {
+                let _ = tx.send(msg.clone());
+            }
+            reply
+        } else if upper == "QUIT" {
+            let _ = w(&mut s, "221 2.0.0 Bye".into()).await;
+            return;
+        } else if upper == "RSET" || upper == "NOOP" {
+            "250 2.0.0 OK".into()
+        } else {
+            "502 5.5.1 Unrecognized command".into()
+        };
+        if w(&mut s, reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn w(s: &mut BufReader<tokio::net::TcpStream>, line: String) -> std::io::Result<()> {
+    s.get_mut().write_all((line + "\r\n").as_bytes()).await
+}

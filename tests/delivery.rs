@@ -1,0 +1,168 @@
+//! Delivery through a fake XOAUTH2 upstream with tokens from a fake token endpoint (wiremock).
+
+mod common;
+
+use common::upstream::FakeUpstream;
+use common::*;
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
+
+fn token(access: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(serde_json::json!({
+        "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": access
+    }))
+}
+
+/// A client-credentials account pointed at the fakes.
+async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let top = format!(
+        r#"default_account = "office"
+[[account]]
+name = "office"
+provider = "generic"
+flow = "client_credentials"
+mailbox = "relay@example.com"
+client_id = "cid-123"
+client_secret_file = "{{dir}}/secret"
+token_url = "{idp}/token"
+scope = "https://outlook.office365.com/.default"
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+smtp_tls = "none"
+"#,
+        idp = idp.uri(),
+        port = upstream.addr.port(),
+    );
+    TestRelay::start_with(dir, &top, LISTENER).await
+}
+
+/// The message, and as the client sends it (dot-stuffed, RFC 5321 section 4.5.2).
+const BODY: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n.dot line\r\nend\r\n";
+const WIRE: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n..dot line\r\nend\r\n";
+
+#[tokio::test]
+async fn delivers_byte_for_byte_with_xoauth2() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=client_credentials"))
+        .and(body_string_contains("client_secret=s3cret-value"))
+        .and(body_string_contains("client_id=cid-123"))
+        .respond_with(token("tok-1"))
+        .expect(1)
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let id = send_message(relay.addr(), WIRE).await;
+    let got = upstream.next().await;
+    assert_eq!(
+        got.auth,
+        "user=relay@example.com\x01auth=Bearer tok-1\x01\x01"
+    );
+    assert_eq!(got.from, "a@example.com");
+    assert_eq!(got.to, ["b@example.com"]);
+    relay.attempts_done(1).await;
+    // What arrived upstream is what was queued: relay's Received line, then the client's bytes.
+    assert!(got.data.starts_with(b"Received: from device.lan"));
+    assert_eq!(strip_received(&got.data), BODY);
+    assert!(
+        got.data.windows(32).any(|w| w == id.as_bytes()),
+        "the Received line names the queue id"
+    );
+    assert!(relay.queued().is_empty(), "delivered mail leaves the queue");
+    // A second message reuses the token (the mock expects one token request).
+    send_message(relay.addr(), WIRE).await;
+    upstream.next().await;
+    relay.attempts_done(2).await;
+}
+
+#[tokio::test]
+async fn rejected_token_is_refreshed_once_then_delivered() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("stale"))
+        .up_to_n_times(1)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("fresh"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["fresh"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    send_message(relay.addr(), WIRE).await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer fresh"));
+    relay.attempts_done(1).await;
+    assert!(relay.queued().is_empty());
+    assert_eq!(
+        idp.received_requests().await.unwrap().len(),
+        2,
+        "one refresh after the 334/535"
+    );
+}
+
+#[tokio::test]
+async fn upstream_4xx_defers_and_5xx_goes_to_dead() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() =
+        "451 4.3.0 Mail server temporarily rejected message".into();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let deferred = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.state().join(format!("queue/{deferred}.state"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["attempts"], 1);
+    assert!(
+        state["last_error"].as_str().unwrap().contains("451"),
+        "{state}"
+    );
+    assert!(state["next_attempt"].is_string());
+    assert_eq!(relay.queued().len(), 1, "deferred mail stays queued");
+
+    *upstream.data_reply.lock().unwrap() =
+        "550 5.7.60 SMTP; Client does not have permissions to send as this sender".into();
+    let dead = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(2).await;
+    assert!(relay.state().join(format!("dead/{dead}.msg")).exists());
+    let state = std::fs::read_to_string(relay.state().join(format!("dead/{dead}.state"))).unwrap();
+    assert!(state.contains("5.7.60"), "{state}");
+    assert_eq!(relay.queued().len(), 1);
+}
+
+#[tokio::test]
+async fn token_endpoint_failure_defers_and_keeps_the_mail() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."
+        })))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let id = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    let state = std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap();
+    assert!(state.contains("invalid_client"), "{state}");
+    assert_eq!(relay.queued().len(), 1);
+}
