@@ -4,6 +4,7 @@
 //! scheduler hands it to [`upstream`] with a token from [`tokens`] (obtained through [`oauth`]).
 
 pub mod accounts;
+pub mod authorize;
 pub mod config;
 pub mod logging;
 pub mod oauth;

@@ -33,6 +33,8 @@ enum Command {
     Check,
     /// Read a password on stdin and print an argon2id hash for a [[user]] entry
     HashPassword,
+    /// Obtain an account's OAuth2 grant (device code: prints a URL and a code, then waits) and store its tokens
+    Authorize { account: String },
     /// Queue counts and account health
     Status {
         #[arg(long)]
@@ -90,6 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::HashPassword => hash_password(),
+        Command::Authorize { account } => authorize(&config()?, &account),
         Command::Status { json } => status(&config()?, json),
         Command::Queue(q) => queue(&config()?, q),
     }
@@ -175,6 +178,21 @@ async fn shutdown_signal() {
     }
 }
 
+fn authorize(config: &Config, account: &str) -> Result<ExitCode> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout();
+    match runtime.block_on(relay::authorize::authorize(config, account, &mut out)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("relay authorize {account}: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 fn hash_password() -> Result<ExitCode> {
     let mut line = String::new();
     let stdin = std::io::stdin();
@@ -207,14 +225,63 @@ fn age(t: SystemTime) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+/// One account's health, as `relay status` shows it.
+#[derive(serde::Serialize)]
+struct AccountStatus {
+    name: String,
+    mailbox: String,
+    /// `ok`, `needs-authorization` or `failing`.
+    state: &'static str,
+    token_valid_until: Option<String>,
+    last_refresh: Option<String>,
+    last_error: Option<String>,
+}
+
+fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountStatus {
+    let store = relay::tokens::TokenStore::new(&config.state_dir);
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let (state, tokens, error) = match store.load(&a.name) {
+        Err(e) => ("failing", None, Some(e.to_string())),
+        // Client credentials need no authorize step: the daemon fetches a token when it first needs one.
+        Ok(None) if a.flow == relay::config::Flow::ClientCredentials => ("ok", None, None),
+        Ok(None) => (
+            "needs-authorization",
+            None,
+            Some(format!("no tokens yet: run `relay authorize {}`", a.name)),
+        ),
+        Ok(Some(t)) if t.needs_authorization => {
+            ("needs-authorization", Some(t.clone()), t.last_error.clone())
+        }
+        Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
+        Ok(Some(t)) => ("ok", Some(t), None),
+    };
+    AccountStatus {
+        name: a.name.clone(),
+        mailbox: a.mailbox.clone(),
+        state,
+        token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
+        last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
+        last_error: error,
+    }
+}
+
 fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let store = QueueStore::new(&config.state_dir);
     let queued = store.list()?;
     let dead = store.list_dead()?.len();
-    // Nothing is deferred until delivery exists (issue 3): every queued message is still waiting for its first try.
-    let deferred = 0;
+    let queue_dir = config.state_dir.join("queue");
+    let deferred = queued
+        .iter()
+        .filter(|m| relay::queue::scheduler::read_state(&queue_dir, m.envelope.id).attempts > 0)
+        .count();
     let oldest = queued.first().map(|m| m.envelope.received_at);
-    let needs_attention = config.accounts.is_empty() || dead > 0;
+    let accounts: Vec<AccountStatus> = config
+        .accounts
+        .iter()
+        .map(|a| account_status(config, a))
+        .collect();
+    let needs_attention =
+        accounts.is_empty() || dead > 0 || accounts.iter().any(|a| a.state != "ok");
     if json {
         let doc = serde_json::json!({
             "queue": {
@@ -223,7 +290,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 "dead": dead,
                 "oldest_age_seconds": oldest.map(|t| SystemTime::now().duration_since(t).unwrap_or_default().as_secs()),
             },
-            "accounts": config.accounts.iter().map(|a| serde_json::json!({"name": a.name, "state": "needs-authorization"})).collect::<Vec<_>>(),
+            "accounts": accounts,
             "ok": !needs_attention,
         });
         println!("{doc}");
@@ -239,16 +306,22 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             Some(t) => println!(", oldest {}", age(t)),
             None => println!(),
         }
-        if config.accounts.is_empty() {
+        if accounts.is_empty() {
             println!(
                 "accounts: no account is configured; mail is queued but not delivered (add an [[account]])"
             );
         }
-        for a in &config.accounts {
-            println!(
-                "account {}: needs-authorization (delivery is not implemented yet)",
-                a.name
-            );
+        for a in &accounts {
+            println!("account {} <{}>: {}", a.name, a.mailbox, a.state);
+            if let Some(t) = &a.token_valid_until {
+                println!("  token valid until {t}");
+            }
+            if let Some(t) = &a.last_refresh {
+                println!("  last refresh {t}");
+            }
+            if let Some(e) = &a.last_error {
+                println!("  last error: {e}");
+            }
         }
     }
     Ok(if needs_attention {

@@ -1,0 +1,258 @@
+//! OAuth flows against a fake identity provider speaking the real wire formats: device code (with
+//! authorization_pending, slow_down, expired_token, access_denied), refresh with rotation, invalid_grant.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use common::upstream::FakeUpstream;
+use common::*;
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn oauth_error(code: &str) -> ResponseTemplate {
+    ResponseTemplate::new(400).set_body_json(serde_json::json!({
+        "error": code, "error_description": format!("AADSTS: {code}"), "error_codes": [70016]
+    }))
+}
+
+fn tokens(access: &str, refresh: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(serde_json::json!({
+        "token_type": "Bearer", "scope": "https://outlook.office.com/SMTP.Send", "expires_in": 3599,
+        "access_token": access, "refresh_token": refresh
+    }))
+}
+
+/// A config with one device-code account pointed at the fakes; returns (dir, config path).
+fn device_config(idp: &MockServer, smtp_port: u16) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"state_dir = "{state}"
+default_account = "office"
+[[listener]]
+address = "127.0.0.1:0"
+auth = "none"
+[[account]]
+name = "office"
+provider = "generic"
+flow = "device_code"
+mailbox = "noreply@example.com"
+client_id = "cid-dev"
+token_url = "{idp}/token"
+device_authorization_url = "{idp}/devicecode"
+scope = "https://outlook.office.com/SMTP.Send offline_access"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port}
+smtp_tls = "none"
+"#,
+            state = dir.path().join("state").display(),
+            idp = idp.uri(),
+        ),
+    )
+    .unwrap();
+    (dir, path)
+}
+
+async fn mount_device_start(idp: &MockServer, expires_in: u64) {
+    Mock::given(method("POST"))
+        .and(path("/devicecode"))
+        .and(body_string_contains("client_id=cid-dev"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "device_code": "DEVICE-CODE-1", "user_code": "ABCD-EFGH",
+            "verification_uri": "https://microsoft.com/devicelogin",
+            "expires_in": expires_in, "interval": 0,
+            "message": "To sign in, use a web browser to open the page https://microsoft.com/devicelogin"
+        })))
+        .mount(idp)
+        .await;
+}
+
+async fn run_authorize(config: &std::path::Path) -> std::process::Output {
+    let child = tokio::process::Command::new(relay_bin())
+        .args(["authorize", "office", "--config"])
+        .arg(config)
+        .output();
+    tokio::time::timeout(LIMIT, child)
+        .await
+        .expect("authorize finishes")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn device_code_polls_slows_down_and_stores_tokens() {
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 900).await;
+    let poll = || {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(body_string_contains(
+                "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code",
+            ))
+            .and(body_string_contains("device_code=DEVICE-CODE-1"))
+    };
+    poll()
+        .respond_with(oauth_error("authorization_pending"))
+        .up_to_n_times(2)
+        .mount(&idp)
+        .await;
+    poll()
+        .respond_with(oauth_error("slow_down"))
+        .up_to_n_times(1)
+        .mount(&idp)
+        .await;
+    poll()
+        .respond_with(tokens("access-1", "refresh-1"))
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let out = run_authorize(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("https://microsoft.com/devicelogin") && stdout.contains("ABCD-EFGH"),
+        "{stdout}"
+    );
+    let polls = idp
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/token")
+        .count();
+    assert_eq!(polls, 4, "pending, pending, slow_down, granted");
+    let file = dir.path().join("state/tokens/office.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(stored["refresh_token"], "refresh-1");
+    assert_eq!(stored["access_token"], "access-1");
+    assert!(
+        !stdout.contains("access-1") && !stdout.contains("refresh-1"),
+        "tokens never printed"
+    );
+}
+
+#[tokio::test]
+async fn device_code_failures_are_explained() {
+    for (error, words) in [("expired_token", "expired"), ("access_denied", "declined")] {
+        let idp = MockServer::start().await;
+        mount_device_start(&idp, 900).await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(oauth_error(error))
+            .mount(&idp)
+            .await;
+        let (dir, config) = device_config(&idp, 9);
+        let out = run_authorize(&config).await;
+        assert_eq!(out.status.code(), Some(1), "{error}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(words) && stderr.contains(error),
+            "{error}: {stderr}"
+        );
+        assert!(!dir.path().join("state/tokens/office.json").exists());
+    }
+}
+
+#[tokio::test]
+async fn device_code_that_stays_pending_runs_out() {
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 0).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(oauth_error("authorization_pending"))
+        .mount(&idp)
+        .await;
+    let (_dir, config) = device_config(&idp, 9);
+    let out = run_authorize(&config).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("expired before the sign-in was finished"),
+        "{stderr}"
+    );
+}
+
+/// Writes a token file as `relay authorize` would, with an access token that has already expired.
+fn expired_tokens(state: &std::path::Path, refresh: &str) {
+    let store = relay::tokens::TokenStore::new(state);
+    let past = SystemTime::now() - Duration::from_secs(60);
+    store
+        .save(
+            "office",
+            &relay::tokens::StoredTokens {
+                access_token: "old-access".to_string().into(),
+                expires_at: past,
+                obtained_at: past - Duration::from_secs(3600),
+                refresh_token: Some(refresh.to_string().into()),
+                last_refresh: Some(past),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .unwrap();
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .and(body_string_contains("refresh_token=refresh-1"))
+        .respond_with(tokens("access-2", "refresh-2"))
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=refresh-2"))
+        .respond_with(oauth_error("invalid_grant"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-2"]).await;
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let state = dir.path().join("state");
+    expired_tokens(&state, "refresh-1");
+    let mut daemon = Daemon::spawn(&config);
+    send_message(daemon.addr, b"Subject: one\r\n\r\nbody\r\n").await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer access-2"));
+    daemon.wait_log("relay_event=\"delivered\"");
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    assert_eq!(
+        stored["refresh_token"], "refresh-2",
+        "the rotated refresh token is saved"
+    );
+
+    // Now the grant is revoked: the next refresh gets invalid_grant; mail stays queued.
+    expired_tokens(&state, "refresh-2");
+    let id = send_message(daemon.addr, b"Subject: two\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log("relay_event=\"authorization_needed\"");
+    assert!(line.contains("relay authorize office"), "{line}");
+    daemon.wait_log("relay_event=\"deferred\"");
+    assert!(
+        state.join(format!("queue/{id}.msg")).exists(),
+        "never bounced"
+    );
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status["accounts"][0]["state"], "needs-authorization",
+        "{status}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
