@@ -60,6 +60,12 @@ enum QueueCommand {
     },
     /// Delete one message for good
     Delete { id: String },
+    /// Try a deferred message (or every queued message) now
+    Retry {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -380,6 +386,20 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
             print_headers(&msg, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Retry { id, all } => {
+            let ids = match (id, all) {
+                (Some(id), false) => {
+                    let id = QueueStore::parse_id(&id)?;
+                    store.get(id)?;
+                    Some(vec![id])
+                }
+                (None, true) => None,
+                _ => anyhow::bail!("say which message (relay queue retry ID) or --all"),
+            };
+            let n = relay::queue::scheduler::request_retry(&config.state_dir, ids.as_deref())?;
+            println!("{n} message(s) due now; a running relay picks them up within seconds");
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Delete { id } => {

@@ -166,3 +166,89 @@ async fn token_endpoint_failure_defers_and_keeps_the_mail() {
     assert!(state.contains("invalid_client"), "{state}");
     assert_eq!(relay.queued().len(), 1);
 }
+
+#[tokio::test]
+async fn queue_retry_sends_a_deferred_message_now() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() =
+        "421 4.3.2 Service not available, closing channel".into();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let id = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    assert_eq!(relay.queued().len(), 1);
+    // The next try is a minute away; the sysadmin wants it now.
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let cli_config = relay.dir.path().join("cli.toml");
+    std::fs::write(&cli_config, format!("state_dir = {:?}\n", relay.state())).unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["queue", "retry", &id, "--config"])
+        .arg(&cli_config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    relay.attempts_done(2).await;
+    assert!(relay.queued().is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_share_one_token_request() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .expect(1)
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let addr = relay.addr();
+    let sends: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(send_message(addr, WIRE)))
+        .collect();
+    for s in sends {
+        s.await.unwrap();
+    }
+    for _ in 0..6 {
+        upstream.next().await;
+    }
+    relay.attempts_done(6).await;
+    assert!(relay.queued().is_empty());
+}
+
+#[tokio::test]
+async fn mail_older_than_max_age_goes_to_dead() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s").unwrap();
+    let top = format!(
+        "default_account = \"office\"\n[queue]\nmax_age = \"0s\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"relay@example.com\"\nclient_id = \"c\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
+        idp.uri(),
+        upstream.addr.port()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    let id = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    assert!(state.contains("expired after"), "{state}");
+}

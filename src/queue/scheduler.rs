@@ -58,6 +58,10 @@ pub struct DeliveryState {
     pub last_error: Option<String>,
 }
 
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 pub fn state_path(dir: &Path, id: QueueId) -> PathBuf {
     dir.join(format!("{id}.state"))
 }
@@ -74,6 +78,43 @@ fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Resul
     let mut f = atomic_write_file::AtomicWriteFile::open(state_path(dir, id))?;
     f.write_all(&serde_json::to_vec_pretty(state).unwrap_or_default())?;
     f.commit()
+}
+
+/// `STATE_DIR/.retry`, touched by `relay queue retry` and `relay authorize`: the daemon rereads the queue's
+/// schedule when it changes (checked every 2 s; a file, so that it works without a control socket).
+pub const RETRY_TRIGGER: &str = ".retry";
+/// How often the daemon looks at the trigger.
+const TRIGGER_CHECK: Duration = Duration::from_secs(2);
+
+/// Makes messages due now (`ids`, or every queued message) and tells a running daemon. Returns how many.
+pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Result<usize> {
+    let paths = SpoolPaths::new(state_dir);
+    let all: Vec<QueueId> = match ids {
+        Some(ids) => ids.to_vec(),
+        None => QueueStore::new(state_dir)
+            .list()
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .into_iter()
+            .map(|m| m.envelope.id)
+            .collect(),
+    };
+    for id in &all {
+        let mut state = read_state(&paths.queue, *id);
+        if state.next_attempt.take().is_some() {
+            write_state(&paths.queue, *id, &state)?;
+        }
+    }
+    touch_trigger(state_dir)?;
+    Ok(all.len())
+}
+
+/// Tells a running daemon to reread the queue's schedule.
+pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
+    let path = state_dir.join(RETRY_TRIGGER);
+    std::fs::write(
+        path,
+        humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+    )
 }
 
 /// Which account a message goes through: the AUTH user's account, else `default_account`.
@@ -135,17 +176,15 @@ impl Scheduler {
         let mut due: BinaryHeap<Reverse<(SystemTime, QueueId)>> = BinaryHeap::new();
         let mut in_flight: HashSet<QueueId> = HashSet::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<SystemTime>)>();
-        if let Ok(list) =
-            QueueStore::new(this.paths.queue.parent().unwrap_or(Path::new("."))).list()
-        {
-            for m in list {
-                let state = read_state(&this.paths.queue, m.envelope.id);
-                due.push(Reverse((
-                    state.next_attempt.unwrap_or(SystemTime::UNIX_EPOCH),
-                    m.envelope.id,
-                )));
-            }
-        }
+        let trigger = this
+            .paths
+            .queue
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(RETRY_TRIGGER);
+        let mut trigger_seen = mtime(&trigger);
+        this.load_schedule(&mut due, &in_flight);
+        let mut check = tokio::time::interval(TRIGGER_CHECK);
         loop {
             let now = SystemTime::now();
             while let Some(Reverse((at, id))) = due.peek().copied() {
@@ -176,8 +215,40 @@ impl Scheduler {
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
+                _ = check.tick() => {
+                    let now_seen = mtime(&trigger);
+                    if now_seen != trigger_seen {
+                        trigger_seen = now_seen;
+                        due.clear();
+                        this.load_schedule(&mut due, &in_flight);
+                    }
+                }
                 _ = stop.wait_for(|s| *s) => return,
             }
+        }
+    }
+
+    /// Every queued message not in flight, due at its recorded next attempt (now, if none).
+    fn load_schedule(
+        &self,
+        due: &mut BinaryHeap<Reverse<(SystemTime, QueueId)>>,
+        in_flight: &HashSet<QueueId>,
+    ) {
+        let state_dir = self.paths.queue.parent().unwrap_or(Path::new("."));
+        match QueueStore::new(state_dir).list() {
+            Ok(list) => {
+                for m in list
+                    .into_iter()
+                    .filter(|m| !in_flight.contains(&m.envelope.id))
+                {
+                    let state = read_state(&self.paths.queue, m.envelope.id);
+                    due.push(Reverse((
+                        state.next_attempt.unwrap_or(SystemTime::UNIX_EPOCH),
+                        m.envelope.id,
+                    )));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the queue"),
         }
     }
 
