@@ -250,3 +250,43 @@ async fn embedded_default_serves_loopback_2525_with_a_state_dir_it_creates() {
     assert_eq!(queued_in(&state.path().join("relay")).len(), 1);
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+#[test]
+fn secret_file_readable_by_others_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("office.secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[account]]\nname = \"office\"\nprovider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"contoso.onmicrosoft.com\"\nmailbox = \"noreply@example.com\"\nclient_id = \"c\"\nclient_secret_file = {:?}\n",
+            dir.path().join("state"),
+            secret
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    for args in [
+        vec!["check", "--config", cfg],
+        vec!["serve", "--config", cfg],
+    ] {
+        let out = relay(&args);
+        assert_ne!(out.status.code(), Some(0));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("account[0].client_secret_file") && err.contains("readable by others"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("s3cret"),
+            "the secret itself is never printed"
+        );
+    }
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = relay(&["check", "--config", cfg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("s3cret"));
+}

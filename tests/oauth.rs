@@ -256,3 +256,36 @@ async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// `relay authorize` is often run as root: the token file must then belong to the state dir's owner (the daemon's
+/// user), or the daemon could not read it.
+#[tokio::test]
+async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to change file ownership");
+        return;
+    }
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 900).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("a", "r"))
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let out = run_authorize(&config).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::MetadataExt;
+    for path in ["tokens/office.json", "tokens"] {
+        let meta = std::fs::metadata(state.join(path)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
+    }
+}

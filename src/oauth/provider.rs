@@ -136,3 +136,95 @@ pub fn is_loopback_host(host: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(extra: &str) -> AccountConfig {
+        toml::from_str(&format!(
+            "name = \"a\"\nmailbox = \"m@example.com\"\nclient_id = \"c\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn microsoft_defaults() {
+        let e = endpoints(&account("provider = \"microsoft\"\nflow = \"device_code\"\ntenant = \"contoso.onmicrosoft.com\""))
+            .unwrap();
+        assert_eq!(
+            e.token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            e.device_authorization_url.as_deref(),
+            Some(
+                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/devicecode"
+            )
+        );
+        assert_eq!(e.scope, MICROSOFT_DELEGATED_SCOPE);
+        assert_eq!(
+            (e.smtp_host.as_str(), e.smtp_port, e.smtp_tls),
+            ("smtp.office365.com", 587, TlsMode::Starttls)
+        );
+        let e = endpoints(&account(
+            "provider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_secret_file = \"/x\"",
+        ))
+        .unwrap();
+        assert_eq!(e.scope, MICROSOFT_APP_SCOPE);
+        assert_eq!(
+            endpoints(&account("provider = \"microsoft\"\nflow = \"device_code\""))
+                .unwrap_err()
+                .0,
+            "tenant"
+        );
+    }
+
+    #[test]
+    fn google_defaults() {
+        let e = endpoints(&account("provider = \"google\"\nflow = \"device_code\"")).unwrap();
+        assert_eq!(e.token_url, "https://oauth2.googleapis.com/token");
+        assert_eq!(
+            e.device_authorization_url.as_deref(),
+            Some("https://oauth2.googleapis.com/device/code")
+        );
+        assert_eq!(e.scope, GOOGLE_SCOPE);
+        assert_eq!((e.smtp_host.as_str(), e.smtp_port), ("smtp.gmail.com", 587));
+    }
+
+    #[test]
+    fn plain_text_only_to_loopback() {
+        let base = "provider = \"google\"\nflow = \"device_code\"\n";
+        assert!(
+            endpoints(&account(&format!(
+                "{base}token_url = \"http://127.0.0.1:8080/token\""
+            )))
+            .is_ok()
+        );
+        assert!(
+            endpoints(&account(&format!(
+                "{base}token_url = \"http://[::1]:8080/token\""
+            )))
+            .is_ok()
+        );
+        let e = endpoints(&account(&format!(
+            "{base}token_url = \"http://idp.example.com/token\""
+        )))
+        .unwrap_err();
+        assert_eq!(e.0, "token_url");
+        let e = endpoints(&account(&format!("{base}smtp_tls = \"none\""))).unwrap_err();
+        assert_eq!(e.0, "smtp_tls");
+        assert!(
+            endpoints(&account(&format!(
+                "{base}smtp_tls = \"none\"\nsmtp_host = \"localhost\""
+            )))
+            .is_ok()
+        );
+        assert_eq!(
+            endpoints(&account(&format!("{base}smtp_tls = \"implicit\"")))
+                .unwrap()
+                .smtp_port,
+            465
+        );
+    }
+}

@@ -221,3 +221,35 @@ pub async fn refresher(
     let _ = stop.wait_for(|s| *s).await;
     tasks.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(lifetime: u64) -> StoredTokens {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        StoredTokens {
+            access_token: SecretString::from("a"),
+            expires_at: now + Duration::from_secs(lifetime),
+            obtained_at: now,
+            refresh_token: None,
+            last_refresh: Some(now),
+            needs_authorization: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn renews_when_the_smaller_of_ten_minutes_and_a_quarter_remains() {
+        let t = tokens(3600);
+        assert_eq!(
+            t.expires_at.duration_since(renew_at(&t)).unwrap(),
+            Duration::from_secs(600)
+        );
+        let t = tokens(1200);
+        assert_eq!(
+            t.expires_at.duration_since(renew_at(&t)).unwrap(),
+            Duration::from_secs(300)
+        );
+    }
+}

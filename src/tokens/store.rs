@@ -3,7 +3,7 @@
 //! goes to the state dir's owner, so that the daemon's user can still read it.
 
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -125,8 +125,20 @@ impl TokenStore {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
         let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !self.dir.exists() {
+            std::fs::DirBuilder::new()
+                .mode(0o750)
+                .create(&self.dir)
+                .map_err(io)?;
+            // The daemon's user writes here too (every refresh replaces the file).
+            if root {
+                std::os::unix::fs::chown(&self.dir, Some(owner.uid()), Some(owner.gid()))
+                    .map_err(io)?;
+            }
+        }
         let body = serde_json::to_vec_pretty(&File {
             access_token: t.access_token.expose_secret().to_string(),
             expires_at: t.expires_at,
@@ -145,8 +157,7 @@ impl TokenStore {
         file.as_file()
             .set_permissions(std::fs::Permissions::from_mode(0o640))
             .map_err(io)?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if root {
             std::os::unix::fs::fchown(file.as_file(), Some(owner.uid()), Some(owner.gid()))
                 .map_err(io)?;
         }
