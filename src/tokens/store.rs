@@ -125,19 +125,21 @@ impl TokenStore {
             path: path.clone(),
             source,
         };
-        let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        if !self.dir.exists() {
+        let created = !self.dir.exists();
+        if created {
             std::fs::DirBuilder::new()
+                .recursive(true)
                 .mode(0o750)
                 .create(&self.dir)
                 .map_err(io)?;
-            // The daemon's user writes here too (every refresh replaces the file).
-            if root {
-                std::os::unix::fs::chown(&self.dir, Some(owner.uid()), Some(owner.gid()))
-                    .map_err(io)?;
-            }
+        }
+        let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
+        // The daemon's user writes here too (every refresh replaces the file).
+        if created && root {
+            std::os::unix::fs::chown(&self.dir, Some(owner.uid()), Some(owner.gid()))
+                .map_err(io)?;
         }
         let body = serde_json::to_vec_pretty(&File {
             access_token: t.access_token.expose_secret().to_string(),
