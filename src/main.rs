@@ -241,6 +241,7 @@ struct AccountStatus {
     token_valid_until: Option<String>,
     last_refresh: Option<String>,
     last_error: Option<String>,
+    last_delivery: Option<relay::queue::scheduler::LastDelivery>,
 }
 
 fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountStatus {
@@ -268,6 +269,7 @@ fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountS
         token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,
+        last_delivery: relay::queue::scheduler::read_last_delivery(&config.state_dir, &a.name),
     }
 }
 
@@ -327,6 +329,14 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
             if let Some(e) = &a.last_error {
                 println!("  last error: {e}");
+            }
+            if let Some(d) = &a.last_delivery {
+                println!(
+                    "  last delivery {} ({} ago): {}",
+                    d.outcome,
+                    age(d.at),
+                    d.reply
+                );
             }
         }
     }

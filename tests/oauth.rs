@@ -289,3 +289,86 @@ async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
         assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
     }
 }
+
+fn stored(
+    access_valid_for: Duration,
+    lifetime: Duration,
+    last_refresh_ago: Duration,
+) -> relay::tokens::StoredTokens {
+    let now = SystemTime::now();
+    relay::tokens::StoredTokens {
+        access_token: "current".to_string().into(),
+        expires_at: now + access_valid_for,
+        obtained_at: now + access_valid_for - lifetime,
+        refresh_token: Some("refresh-1".to_string().into()),
+        last_refresh: Some(now - last_refresh_ago),
+        needs_authorization: false,
+        last_error: None,
+    }
+}
+
+/// With no mail at all, a refresh token unused for a day is used, so that it never reaches its idle expiry.
+#[tokio::test]
+async fn idle_refresh_token_is_kept_alive() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("refresh_token=refresh-1"))
+        .respond_with(tokens("access-2", "refresh-2"))
+        .expect(1)
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let state = dir.path().join("state");
+    let day = Duration::from_secs(86_400);
+    relay::tokens::TokenStore::new(&state)
+        .save(
+            "office",
+            &stored(
+                Duration::from_secs(3000),
+                Duration::from_secs(3600),
+                day + Duration::from_secs(3600),
+            ),
+        )
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    daemon.wait_log("relay_event=\"token_refreshed\"");
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    assert_eq!(file["refresh_token"], "refresh-2");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// The access token is renewed before it expires, without any delivery asking for it.
+#[tokio::test]
+async fn access_token_is_renewed_ahead_of_expiry() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("access-2", "refresh-2"))
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let state = dir.path().join("state");
+    // A 4-second token: renewal is due when a quarter of its life (1 s) remains, 3 s from now.
+    let t = stored(
+        Duration::from_secs(4),
+        Duration::from_secs(4),
+        Duration::ZERO,
+    );
+    let expires_at = t.expires_at;
+    relay::tokens::TokenStore::new(&state)
+        .save("office", &t)
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    daemon.wait_log("relay_event=\"token_refreshed\"");
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    let refreshed = humantime::parse_rfc3339(file["last_refresh"].as_str().unwrap()).unwrap();
+    assert!(
+        refreshed < expires_at,
+        "renewed before the old token expired"
+    );
+    assert_eq!(file["access_token"], "access-2");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

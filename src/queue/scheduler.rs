@@ -31,15 +31,65 @@ pub struct Account {
     pub tokens: Arc<AccountTokens>,
     pub upstream: SmtpUpstream,
     slots: Semaphore,
+    last_written: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
+}
+
+/// `STATE_DIR/accounts/NAME.json`: the last delivery result, for `relay status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastDelivery {
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    /// `delivered`, `deferred` or `dead`.
+    pub outcome: String,
+    pub reply: String,
+}
+
+pub fn last_delivery_path(state_dir: &Path, account: &str) -> PathBuf {
+    state_dir.join("accounts").join(format!("{account}.json"))
+}
+
+pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDelivery> {
+    serde_json::from_slice(&std::fs::read(last_delivery_path(state_dir, account)).ok()?).ok()
 }
 
 impl Account {
+    /// Records the last result for `relay status`: at once when the kind of outcome changes, else at most once a
+    /// second, so a busy relay does not write a file per message. Not fsynced: it is a report, not mail.
+    fn record(&self, state_dir: &Path, outcome: &'static str, reply: &str) {
+        let now = std::time::Instant::now();
+        if let Ok(mut last) = self.last_written.lock() {
+            if let Some((at, kind)) = *last
+                && kind == outcome
+                && now.duration_since(at) < Duration::from_secs(1)
+            {
+                return;
+            }
+            *last = Some((now, outcome));
+        }
+        let path = last_delivery_path(state_dir, &self.name);
+        let doc = LastDelivery {
+            at: SystemTime::now(),
+            outcome: outcome.to_string(),
+            reply: reply.to_string(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
+            .and_then(|()| {
+                std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot record the last delivery");
+        }
+    }
+
     pub fn new(name: String, tokens: Arc<AccountTokens>, upstream: SmtpUpstream) -> Account {
         Account {
             name,
             tokens,
             upstream,
             slots: Semaphore::new(PER_ACCOUNT),
+            last_written: std::sync::Mutex::new(None),
         }
     }
 }
@@ -326,6 +376,14 @@ impl Scheduler {
             Err(err) if err.is_transient() => Outcome::Transient(err.to_string()),
             Err(err) => Outcome::Transient(err.to_string()),
         };
+        let state_dir = self.paths.queue.parent().unwrap_or(Path::new("."));
+        match &outcome {
+            Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
+            Outcome::Permanent(r) => account.record(state_dir, "dead", r),
+            Outcome::Transient(r) | Outcome::AuthRejected(r) => {
+                account.record(state_dir, "deferred", r)
+            }
+        }
         match outcome {
             Outcome::Delivered(reply) => {
                 let _ = std::fs::remove_file(&path);
