@@ -91,6 +91,8 @@ pub async fn authorize(
     store
         .save(name, &tokens)
         .map_err(|e| failed(e.to_string()))?;
+    // Mail deferred while the account waited for this is due now.
+    let _ = crate::queue::scheduler::request_retry(&config.state_dir, None);
     let _ = writeln!(
         out,
         "Authorized {} (account {name}). Tokens stored in {}; a running relay picks them up by itself.",

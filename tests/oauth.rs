@@ -372,3 +372,37 @@ async fn access_token_is_renewed_ahead_of_expiry() {
     assert_eq!(file["access_token"], "access-2");
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// Mail for an account that is not yet authorized waits; `relay authorize`, run while the daemon runs, lets it
+/// go at once, without a restart.
+#[tokio::test]
+async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 900).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("device_code=DEVICE-CODE-1"))
+        .respond_with(tokens("access-1", "refresh-1"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-1"]).await;
+    let (_dir, config) = device_config(&idp, upstream.addr.port());
+    let mut daemon = Daemon::spawn(&config);
+    let id = send_message(daemon.addr, b"Subject: waiting\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log("relay_event=\"deferred\"");
+    assert!(
+        line.contains(&id) && line.contains("relay authorize office"),
+        "{line}"
+    );
+    let out = run_authorize(&config).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer access-1"));
+    assert!(String::from_utf8_lossy(&got.data).contains("Subject: waiting"));
+    daemon.wait_log("relay_event=\"delivered\"");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
