@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::config::Config;
-use crate::oauth::{TokenClient, endpoints};
+use crate::config::{AccountConfig, Config};
+use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::scheduler::Account;
 use crate::tokens::{AccountTokens, TokenStore};
 use crate::upstream::smtp::SmtpUpstream;
@@ -26,6 +26,29 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
+/// An account's endpoints and a client for its token endpoint, with its secret read from its file.
+pub fn token_client(
+    a: &AccountConfig,
+    http: &reqwest::Client,
+) -> Result<(Endpoints, TokenClient), String> {
+    let ep = endpoints(a).map_err(|(k, r)| format!("{k}: {r}"))?;
+    let secret = match &a.client_secret_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            Some(SecretString::from(text.trim().to_string()))
+        }
+        None => None,
+    };
+    let client = TokenClient::new(
+        http.clone(),
+        ep.token_url.clone(),
+        a.client_id.clone().unwrap_or_default(),
+        secret,
+        ep.scope.clone(),
+    );
+    Ok((ep, client))
+}
+
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
     let http = http_client().map_err(|e| AccountError {
         account: "*".into(),
@@ -40,29 +63,13 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 account: a.name.clone(),
                 reason,
             };
-            let ep = endpoints(a).map_err(|(k, r)| err(format!("{k}: {r}")))?;
-            let secret = match &a.client_secret_file {
-                Some(p) => Some(SecretString::from(
-                    std::fs::read_to_string(p)
-                        .map_err(|e| err(format!("{}: {e}", p.display())))?
-                        .trim()
-                        .to_string(),
-                )),
-                None => None,
-            };
+            let (ep, client) = token_client(a, &http).map_err(err)?;
             let ca = match &a.ca_file {
                 Some(p) => {
                     Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?)
                 }
                 None => None,
             };
-            let client = TokenClient::new(
-                http.clone(),
-                ep.token_url.clone(),
-                a.client_id.clone().unwrap_or_default(),
-                secret,
-                ep.scope.clone(),
-            );
             let tokens = Arc::new(AccountTokens::new(
                 a.name.clone(),
                 a.flow,

@@ -7,10 +7,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
-use secrecy::SecretString;
-
 use crate::config::{AccountConfig, Config, Flow};
-use crate::oauth::{DevicePoll, OAuthError, TokenClient, endpoints};
+use crate::oauth::{DevicePoll, OAuthError, TokenClient};
 use crate::tokens::{StoredTokens, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,24 +34,8 @@ pub async fn authorize(
         .iter()
         .find(|a| a.name == name)
         .ok_or_else(|| AuthorizeError::NoSuchAccount(name.to_string()))?;
-    let ep = endpoints(account).map_err(|(k, r)| failed(format!("{k}: {r}")))?;
-    let secret = match &account.client_secret_file {
-        Some(p) => Some(SecretString::from(
-            std::fs::read_to_string(p)
-                .map_err(|e| failed(format!("{}: {e}", p.display())))?
-                .trim()
-                .to_string(),
-        )),
-        None => None,
-    };
     let http = crate::accounts::http_client().map_err(|e| failed(e.to_string()))?;
-    let client = TokenClient::new(
-        http,
-        ep.token_url.clone(),
-        account.client_id.clone().unwrap_or_default(),
-        secret,
-        ep.scope.clone(),
-    );
+    let (ep, client) = crate::accounts::token_client(account, &http).map_err(failed)?;
     let store = TokenStore::new(&config.state_dir);
     let grant = match account.flow {
         Flow::DeviceCode => {

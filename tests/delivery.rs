@@ -17,6 +17,15 @@ fn token(access: &str) -> ResponseTemplate {
 
 /// A client-credentials account pointed at the fakes.
 async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
+    relay_with_account_and(idp, upstream, "").await
+}
+
+/// As [`relay_with_account`], with more TOML tables (e.g. `[queue]`) after the account.
+async fn relay_with_account_and(
+    idp: &MockServer,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> TestRelay {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s3cret-value\n").unwrap();
@@ -36,6 +45,7 @@ scope = "https://outlook.office365.com/.default"
 smtp_host = "127.0.0.1"
 smtp_port = {port}
 smtp_tls = "none"
+{more}
 "#,
         idp = idp.uri(),
         port = upstream.addr.port(),
@@ -236,17 +246,7 @@ async fn mail_older_than_max_age_goes_to_dead() {
         .mount(&idp)
         .await;
     let upstream = FakeUpstream::start(&["tok"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s").unwrap();
-    let top = format!(
-        "default_account = \"office\"\n[queue]\nmax_age = \"0s\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"relay@example.com\"\nclient_id = \"c\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
-        idp.uri(),
-        upstream.addr.port()
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    let mut relay = relay_with_account_and(&idp, &upstream, "[queue]\nmax_age = \"0s\"").await;
     let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
     let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();

@@ -114,14 +114,7 @@ impl TokenClient {
             ("client_id", self.client_id.as_str()),
             ("scope", &self.scope),
         ];
-        let reply = self.http.post(device_url).form(&form).send().await?;
-        let status = reply.status();
-        let body = reply.bytes().await?;
-        if !status.is_success() {
-            return Err(endpoint_error(status.as_u16(), &body));
-        }
-        let d: DeviceReply =
-            serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+        let d: DeviceReply = self.post(device_url, &form).await?;
         Ok(DeviceAuthorization {
             device_code: SecretString::from(d.device_code),
             user_code: d.user_code,
@@ -155,6 +148,21 @@ impl TokenClient {
         }
     }
 
+    /// One form POST; a JSON reply on success, the endpoint's OAuth error otherwise.
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> Result<T, OAuthError> {
+        let reply = self.http.post(url).form(form).send().await?;
+        let status = reply.status();
+        let body = reply.bytes().await?;
+        if !status.is_success() {
+            return Err(endpoint_error(status.as_u16(), &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))
+    }
+
     async fn token(&self, params: &[(&str, &str)]) -> Result<Grant, OAuthError> {
         let mut form: Vec<(&str, &str)> = params.to_vec();
         form.push(("client_id", &self.client_id));
@@ -162,14 +170,7 @@ impl TokenClient {
             form.push(("client_secret", secret.expose_secret()));
         }
         let before = SystemTime::now();
-        let reply = self.http.post(&self.token_url).form(&form).send().await?;
-        let status = reply.status();
-        let body = reply.bytes().await?;
-        if !status.is_success() {
-            return Err(endpoint_error(status.as_u16(), &body));
-        }
-        let t: TokenReply =
-            serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+        let t: TokenReply = self.post(&self.token_url, &form).await?;
         Ok(Grant {
             access_token: SecretString::from(t.access_token),
             // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
