@@ -252,3 +252,39 @@ async fn mail_older_than_max_age_goes_to_dead() {
     let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
     assert!(state.contains("expired after"), "{state}");
 }
+
+/// Implicit TLS to the upstream, trusting its certificate through `ca_file` only.
+#[tokio::test]
+async fn upstream_over_tls_verified_with_ca_file() {
+    install_crypto();
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .mount(&idp)
+        .await;
+    let certs = tempfile::tempdir().unwrap();
+    let cert = make_cert(certs.path());
+    let acceptor = relay::smtp::tls::acceptor(&cert.cert, &cert.key).unwrap();
+    let mut upstream = FakeUpstream::start_tls(&["tok"], Some(acceptor)).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let top = format!(
+        "default_account = \"office\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"relay@example.com\"\nclient_id = \"c\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"s\"\nsmtp_host = \"localhost\"\nsmtp_port = {}\nsmtp_tls = \"implicit\"\nca_file = {:?}\n",
+        idp.uri(),
+        upstream.addr.port(),
+        cert.cert
+    );
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    send_message(relay.addr(), WIRE).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    relay.attempts_done(1).await;
+    assert!(relay.queued().is_empty());
+}

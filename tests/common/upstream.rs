@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -30,6 +30,14 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start(tokens: &[&str]) -> FakeUpstream {
+        Self::start_tls(tokens, None).await
+    }
+
+    /// With `tls`, the fake speaks implicit TLS (port-465 style) with that acceptor.
+    pub async fn start_tls(
+        tokens: &[&str],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, received) = mpsc::unbounded_channel();
@@ -40,7 +48,17 @@ impl FakeUpstream {
         let (t, d) = (tokens.clone(), data_reply.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(session(tcp, tx.clone(), t.clone(), d.clone()));
+                let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                session(stream, tx, t, d).await;
+                            }
+                        }
+                        None => session(tcp, tx, t, d).await,
+                    }
+                });
             }
         });
         FakeUpstream {
@@ -60,8 +78,8 @@ impl FakeUpstream {
     }
 }
 
-async fn session(
-    tcp: tokio::net::TcpStream,
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    tcp: S,
     tx: mpsc::UnboundedSender<Received>,
     tokens: Arc<Mutex<Vec<String>>>,
     data_reply: Arc<Mutex<String>>,
@@ -176,6 +194,9 @@ async fn session(
     }
 }
 
-async fn w(s: &mut BufReader<tokio::net::TcpStream>, line: String) -> std::io::Result<()> {
+async fn w<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    line: String,
+) -> std::io::Result<()> {
     s.get_mut().write_all((line + "\r\n").as_bytes()).await
 }
