@@ -88,10 +88,17 @@ async fn delivers_byte_for_byte_with_xoauth2() {
         "the Received line names the queue id"
     );
     assert!(relay.queued().is_empty(), "delivered mail leaves the queue");
-    // A second message reuses the token (the mock expects one token request).
+    // A second message reuses the token (the mock expects one token request) and the upstream connection.
     send_message(relay.addr(), WIRE).await;
     upstream.next().await;
     relay.attempts_done(2).await;
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "connection reused"
+    );
 }
 
 #[tokio::test]

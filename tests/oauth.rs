@@ -406,3 +406,42 @@ async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
     daemon.wait_log("relay_event=\"delivered\"");
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// A refresh that fails for a passing reason (503) is retried after a short backoff; nothing is lost.
+#[tokio::test]
+async fn transient_refresh_failure_is_retried() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("Service Unavailable"))
+        .up_to_n_times(1)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("access-2", "refresh-2"))
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let state = dir.path().join("state");
+    let day = Duration::from_secs(86_400);
+    relay::tokens::TokenStore::new(&state)
+        .save(
+            "office",
+            &stored(
+                Duration::from_secs(3000),
+                Duration::from_secs(3600),
+                day + Duration::from_secs(60),
+            ),
+        )
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let failed = daemon.wait_log("relay_event=\"token_refresh_failed\"");
+    assert!(failed.contains("503"), "{failed}");
+    daemon.wait_log("relay_event=\"token_refreshed\"");
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    assert_eq!(file["refresh_token"], "refresh-2");
+    assert_eq!(file["needs_authorization"], false);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

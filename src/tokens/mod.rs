@@ -17,6 +17,8 @@ pub use store::{StoreError, StoredTokens, TokenStore};
 
 /// Renew once the smaller of this and a quarter of the token's lifetime remains.
 const RENEW_AHEAD: Duration = Duration::from_secs(600);
+/// After a transient refresh failure (network, 5xx), wait this long, doubling up to 10 minutes.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 /// Use the refresh token at least this often: Microsoft's die after 90 days unused, Google's "Testing" ones in 7.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(86_400);
 
@@ -78,7 +80,17 @@ impl AccountTokens {
         {
             return Ok(t.access_token.clone());
         }
-        self.refresh_locked(&mut state).await
+        match self.refresh_locked(&mut state).await {
+            // The renewal window opens well before expiry: while the old token is still good, a failed renewal
+            // (the token endpoint down) need not hold up mail.
+            Err(e) if e.is_transient() => match &state.tokens {
+                Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
+                    Ok(t.access_token.clone())
+                }
+                _ => Err(e),
+            },
+            other => other,
+        }
     }
 
     /// A new access token now, whatever the old one's expiry: after the upstream refused it (535).
@@ -147,17 +159,19 @@ impl AccountTokens {
                 Ok(g.access_token)
             }
             Err(e) => {
-                if e.needs_authorization()
-                    && let Some(mut t) = previous
-                {
-                    t.needs_authorization = true;
+                let revoked = e.needs_authorization();
+                if revoked {
+                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
+                } else {
+                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e, "token refresh failed");
+                }
+                // Recorded in the token file, so that `relay status` can say what is wrong.
+                if let Some(mut t) = previous {
+                    t.needs_authorization |= revoked;
                     t.last_error = Some(e.to_string());
                     self.store.save(&self.name, &t)?;
                     state.file_mtime = self.store.mtime(&self.name);
                     state.tokens = Some(t);
-                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
-                } else {
-                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e, "token refresh failed");
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
@@ -186,7 +200,7 @@ pub async fn refresher(
     for account in accounts {
         let mut stop = stop.clone();
         tasks.spawn(async move {
-            let mut backoff = Duration::from_secs(30);
+            let mut backoff = FIRST_BACKOFF;
             loop {
                 let due = account
                     .next_due()
@@ -198,7 +212,7 @@ pub async fn refresher(
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 match account.force_refresh().await {
-                    Ok(_) => backoff = Duration::from_secs(30),
+                    Ok(_) => backoff = FIRST_BACKOFF,
                     Err(TokenError::NeedsAuthorization(_)) => {
                         // Wait for `relay authorize`: next_due rereads the file.
                         let wait = Duration::from_secs(60);

@@ -26,6 +26,8 @@ pub struct FakeUpstream {
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no".
     pub data_reply: Arc<Mutex<String>>,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeUpstream {
@@ -46,8 +48,11 @@ impl FakeUpstream {
         ));
         let data_reply = Arc::new(Mutex::new("250 2.0.0 OK queued upstream".to_string()));
         let (t, d) = (tokens.clone(), data_reply.clone());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = connections.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
                 tokio::spawn(async move {
                     match tls {
@@ -66,6 +71,7 @@ impl FakeUpstream {
             received,
             tokens,
             data_reply,
+            connections,
         }
     }
 
