@@ -49,6 +49,20 @@ pub fn token_client(
     Ok((ep, client))
 }
 
+/// The user name and password of a `flow = "password"` account.
+pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
+    let path = a
+        .password_file
+        .as_ref()
+        .ok_or("password_file: required for flow = \"password\"")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let user = a.username.clone().unwrap_or_else(|| a.mailbox.clone());
+    Ok((
+        user,
+        SecretString::from(text.trim_end_matches(['\r', '\n']).to_string()),
+    ))
+}
+
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
     let http = http_client().map_err(|e| AccountError {
         account: "*".into(),
@@ -70,12 +84,12 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 }
                 None => None,
             };
-            let tokens = Arc::new(AccountTokens::new(
-                a.name.clone(),
-                a.flow,
-                client,
-                store.clone(),
-            ));
+            let mut tokens = AccountTokens::new(a.name.clone(), a.flow, client, store.clone());
+            if a.flow == crate::config::Flow::Password {
+                let (user, pw) = password(a).map_err(err)?;
+                tokens = tokens.with_password(user, pw);
+            }
+            let tokens = Arc::new(tokens);
             let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca);
             Ok(Arc::new(Account::new(a.name.clone(), tokens, upstream)))
         })

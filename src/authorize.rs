@@ -54,6 +54,18 @@ pub async fn authorize(
                 .await
                 .map_err(|e| failed(explain(&e)))?
         }
+        Flow::AuthorizationCode => authorization_code(account, &ep, &client, out).await?,
+        Flow::Password => {
+            let _ = writeln!(
+                out,
+                "Account {name} uses the password flow: relay signs in by itself. Checking that it can…"
+            );
+            let (user, password) = crate::accounts::password(account).map_err(failed)?;
+            client
+                .password(&user, &password)
+                .await
+                .map_err(|e| failed(explain(&e)))?
+        }
         other => {
             return Err(failed(format!(
                 "flow {other:?} is not supported by this version of relay authorize"
@@ -82,6 +94,148 @@ pub async fn authorize(
         store.path(name).display()
     );
     Ok(())
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The page the browser shows after the redirect.
+const DONE_PAGE: &str = "<!doctype html><meta charset=utf-8><title>relay</title><h1>relay is authorized</h1><p>You can close this tab.</p>";
+
+async fn authorization_code(
+    account: &AccountConfig,
+    ep: &crate::oauth::Endpoints,
+    client: &TokenClient,
+    out: &mut (impl Write + Send),
+) -> Result<crate::oauth::Grant, AuthorizeError> {
+    use crate::oauth::authcode::{Pkce, authorization_url, new_state};
+    let configured = account
+        .redirect_uri
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:0/".to_string());
+    let mut redirect =
+        reqwest::Url::parse(&configured).map_err(|e| failed(format!("redirect_uri: {e}")))?;
+    // A loopback redirect gets a one-shot listener (RFC 8252 section 7.3); port 0 picks a free port.
+    let listener = match (redirect.scheme(), redirect.host_str()) {
+        ("http", Some(host))
+            if crate::oauth::provider::is_loopback_host(host.trim_matches(['[', ']'])) =>
+        {
+            let addr = format!("{}:{}", host, redirect.port().unwrap_or(80));
+            let l = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| failed(format!("cannot listen on {addr} for the redirect: {e}")))?;
+            let port = l.local_addr().map_err(|e| failed(e.to_string()))?.port();
+            let _ = redirect.set_port(Some(port));
+            Some(l)
+        }
+        _ => None,
+    };
+    let redirect_uri = redirect.to_string();
+    let pkce = Pkce::new();
+    let state = new_state();
+    let url = authorization_url(ep, account, &redirect_uri, &pkce, &state).map_err(failed)?;
+    let _ = writeln!(
+        out,
+        "To let relay send as {} (account {}), open this address and sign in:",
+        account.mailbox, account.name
+    );
+    let _ = writeln!(out, "{url}");
+    if listener.is_some() {
+        let _ = writeln!(
+            out,
+            "Waiting for the browser to come back to {redirect_uri} …"
+        );
+        let _ = writeln!(
+            out,
+            "On a machine without a browser, sign in elsewhere and paste here the address the browser ends up on."
+        );
+    } else {
+        let _ = writeln!(out, "Then paste here the address the browser ends up on.");
+    }
+    let _ = out.flush();
+
+    let code = wait_for_redirect(listener, &state).await?;
+    client
+        .exchange_code(&code, &redirect_uri, &pkce.verifier)
+        .await
+        .map_err(|e| failed(explain(&e)))
+}
+
+/// The redirect target: from the loopback listener, or pasted on stdin, whichever comes first.
+async fn wait_for_redirect(
+    listener: Option<tokio::net::TcpListener>,
+    state: &str,
+) -> Result<String, AuthorizeError> {
+    use crate::oauth::authcode::{Redirect, parse_redirect};
+    // The code, or why there is none; checked here so that the browser page can say which.
+    let check = |target: &str| -> Result<String, AuthorizeError> {
+        match parse_redirect(target).map_err(failed)? {
+            Redirect::Code { code, state: got } if got == state => Ok(code),
+            Redirect::Code { .. } => Err(failed(
+                "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request); run relay authorize again",
+            )),
+            Redirect::Error { error, description } => Err(failed(explain(&OAuthError::Endpoint {
+                status: 400,
+                error,
+                description,
+            }))),
+        }
+    };
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((mut tcp, _)) = accept => {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..len]);
+                let target = head.lines().next().and_then(|l| l.split(' ').nth(1)).unwrap_or("").to_string();
+                if !target.contains("code=") && !target.contains("error=") {
+                    // A favicon or a stray request: not the redirect.
+                    let _ = tcp.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                    continue;
+                }
+                let result = check(&target);
+                let (status, page) = match &result {
+                    Ok(_) => ("200 OK", DONE_PAGE.to_string()),
+                    Err(e) => ("400 Bad Request", format!("<!doctype html><meta charset=utf-8><title>relay</title><h1>relay was not authorized</h1><p>{}</p>", html_escape(&e.to_string()))),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = tcp.write_all(response.as_bytes()).await;
+                let _ = tcp.shutdown().await;
+                return result;
+            }
+            line = stdin.next_line(), if stdin_open => match line {
+                Ok(Some(l)) if !l.trim().is_empty() => return check(&l),
+                Ok(Some(_)) => {}
+                _ => {
+                    stdin_open = false;
+                    if listener.is_none() {
+                        return Err(failed("no redirect address was pasted"));
+                    }
+                }
+            },
+        }
+    }
 }
 
 async fn device_code(

@@ -85,6 +85,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve => serve(config()?),
         Command::Check => match load_config(cli.config.as_deref()).and_then(check_files) {
             Ok(c) => {
+                for a in c
+                    .accounts
+                    .iter()
+                    .filter(|a| a.flow == relay::config::Flow::Password)
+                {
+                    eprintln!(
+                        "warning: account {} uses flow = \"password\": it stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials",
+                        a.name
+                    );
+                }
                 println!(
                     "# {} is valid; resolved settings follow (secrets redacted)",
                     c.source

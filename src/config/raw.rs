@@ -118,10 +118,11 @@ impl RawConfig {
                 .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason))?;
             for (key, file) in [
                 ("client_secret_file", &a.client_secret_file),
+                ("password_file", &a.password_file),
                 ("ca_file", &a.ca_file),
             ] {
                 if let Some(path) = file {
-                    check_secret_file(path, key == "client_secret_file")
+                    check_secret_file(path, key != "ca_file")
                         .map_err(|reason| errs.at(format!("account[{i}].{key}"), reason))?;
                 }
             }

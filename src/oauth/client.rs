@@ -108,6 +108,37 @@ impl TokenClient {
         .await
     }
 
+    /// The authorization code grant, with the PKCE verifier (RFC 7636 section 4.5).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        verifier: &str,
+    ) -> Result<Grant, OAuthError> {
+        self.token(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", verifier),
+        ])
+        .await
+    }
+
+    /// The resource owner password grant (RFC 6749 section 4.3). Breaks with MFA and Conditional Access.
+    pub async fn password(
+        &self,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<Grant, OAuthError> {
+        self.token(&[
+            ("grant_type", "password"),
+            ("username", username),
+            ("password", password.expose_secret()),
+            ("scope", &self.scope),
+        ])
+        .await
+    }
+
     /// Starts the device authorization grant.
     pub async fn device_start(&self, device_url: &str) -> Result<DeviceAuthorization, OAuthError> {
         let form = [

@@ -1,5 +1,6 @@
 //! OAuth2: providers' endpoints (`provider`) and the grants relay uses (`client`).
 
+pub mod authcode;
 pub mod client;
 pub mod provider;
 

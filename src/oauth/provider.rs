@@ -7,6 +7,7 @@ use crate::config::{AccountConfig, Flow, Provider, TlsMode};
 pub struct Endpoints {
     pub token_url: String,
     pub device_authorization_url: Option<String>,
+    pub authorization_url: Option<String>,
     pub scope: String,
     pub smtp_host: String,
     pub smtp_port: u16,
@@ -21,6 +22,18 @@ pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
 /// Resolves an account's endpoints; `Err((key, reason))` names the offending key.
 pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)> {
+    let authorization_url =
+        a.authorization_url
+            .clone()
+            .or(match (a.provider, a.tenant.as_deref()) {
+                (Provider::Microsoft, Some(tenant)) => Some(format!(
+                    "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
+                )),
+                (Provider::Google, _) => {
+                    Some("https://accounts.google.com/o/oauth2/v2/auth".to_string())
+                }
+                _ => None,
+            });
     let (token_url, device_url, scope, host) = match a.provider {
         Provider::Microsoft => {
             let tenant = a.tenant.as_deref().ok_or((
@@ -76,6 +89,12 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
     if let Some(u) = &device_authorization_url {
         check_url("device_authorization_url", u)?;
     }
+    if let Some(u) = &authorization_url {
+        check_url("authorization_url", u)?;
+    }
+    if a.flow == Flow::AuthorizationCode && authorization_url.is_none() {
+        return Err(("authorization_url", required_generic()));
+    }
     if smtp_tls == TlsMode::None && !is_loopback_host(&smtp_host) {
         return Err((
             "smtp_tls",
@@ -91,6 +110,9 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
                 .into(),
         ));
     }
+    if a.flow == Flow::Password && a.password_file.is_none() {
+        return Err(("password_file", "required for flow = \"password\"".into()));
+    }
     if a.client_id.as_deref().is_none_or(str::is_empty) {
         return Err((
             "client_id",
@@ -100,6 +122,7 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
     Ok(Endpoints {
         token_url,
         device_authorization_url,
+        authorization_url,
         scope,
         smtp_host,
         smtp_port,

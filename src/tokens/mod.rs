@@ -51,6 +51,8 @@ pub struct AccountTokens {
     client: TokenClient,
     store: TokenStore,
     state: Mutex<State>,
+    /// User name and password, for `flow = "password"`: the daemon signs in again by itself.
+    password: Option<(String, SecretString)>,
 }
 
 #[derive(Default)]
@@ -67,7 +69,14 @@ impl AccountTokens {
             client,
             store,
             state: Mutex::new(State::default()),
+            password: None,
         }
+    }
+
+    /// For `flow = "password"`: the credentials the daemon signs in with.
+    pub fn with_password(mut self, user: String, password: SecretString) -> AccountTokens {
+        self.password = Some((user, password));
+        self
     }
 
     /// A valid access token, refreshed first if it is close to expiry.
@@ -127,6 +136,12 @@ impl AccountTokens {
         let previous = state.tokens.clone();
         let grant = match self.flow {
             Flow::ClientCredentials => self.client.client_credentials().await,
+            // No refresh token needed: the password grant is repeated (and a refresh token, if the provider
+            // gave one, would only add a second secret to keep).
+            Flow::Password => match &self.password {
+                Some((user, password)) => self.client.password(user, password).await,
+                None => return Err(TokenError::NeedsAuthorization(self.name.clone())),
+            },
             _ => {
                 let Some(refresh) = previous.as_ref().and_then(|t| t.refresh_token.clone()) else {
                     return Err(TokenError::NeedsAuthorization(self.name.clone()));

@@ -1,0 +1,299 @@
+//! Authorization code with PKCE through the real binary, the test acting as the browser: the loopback redirect,
+//! the pasted redirect URL, a wrong `state`; and the password flow.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine;
+use common::upstream::FakeUpstream;
+use common::*;
+use sha2::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn config(
+    idp: &MockServer,
+    flow: &str,
+    extra: &str,
+    smtp_port: u16,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"state_dir = "{state}"
+default_account = "gmail"
+[[listener]]
+address = "127.0.0.1:0"
+auth = "none"
+[[account]]
+name = "gmail"
+provider = "generic"
+flow = "{flow}"
+mailbox = "scanner@example.org"
+client_id = "cid-web"
+token_url = "{idp}/token"
+authorization_url = "{idp}/authorize"
+scope = "https://mail.google.com/"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port}
+smtp_tls = "none"
+{extra}
+"#,
+            state = dir.path().join("state").display(),
+            idp = idp.uri(),
+        ),
+    )
+    .unwrap();
+    (dir, path)
+}
+
+/// `relay authorize` running, and the authorization URL it printed.
+fn start_authorize(config: &std::path::Path) -> (Child, reqwest::Url) {
+    let mut child = Command::new(relay_bin())
+        .args(["authorize", "gmail", "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(LIMIT)
+            .expect("relay authorize prints the URL");
+        if line.starts_with("http") {
+            return (child, reqwest::Url::parse(&line).unwrap());
+        }
+    }
+}
+
+fn param(url: &reqwest::Url, key: &str) -> String {
+    url.query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// The browser following the provider's redirect to relay's loopback listener.
+async fn browser_get(redirect_uri: &str, query: &str) -> String {
+    let url = reqwest::Url::parse(redirect_uri).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let mut tcp = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(&addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let request = format!(
+        "GET {}?{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+        url.path()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(LIMIT, tcp.read_to_string(&mut page))
+        .await
+        .unwrap()
+        .unwrap();
+    page
+}
+
+async fn wait(child: Child) -> std::process::Output {
+    tokio::time::timeout(
+        LIMIT,
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("relay authorize finishes")
+    .unwrap()
+}
+
+fn tokens(access: &str, refresh: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(serde_json::json!({
+        "access_token": access, "expires_in": 3599, "refresh_token": refresh, "scope": "https://mail.google.com/",
+        "token_type": "Bearer"
+    }))
+}
+
+/// The form fields of the last request to the token endpoint.
+async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
+    let requests = idp.received_requests().await.unwrap();
+    let last = requests
+        .iter()
+        .rev()
+        .find(|r| r.url.path() == "/token")
+        .expect("a token request");
+    reqwest::Url::parse(&format!(
+        "http://x/?{}",
+        String::from_utf8_lossy(&last.body)
+    ))
+    .unwrap()
+    .query_pairs()
+    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+    .collect()
+}
+
+fn field<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
+    form.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn loopback_redirect_with_pkce_then_delivery() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("access-ac", "refresh-ac"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-ac"]).await;
+    let (dir, config) = config(&idp, "authorization_code", "", upstream.addr.port());
+    let (child, url) = start_authorize(&config);
+    assert_eq!(url.path(), "/authorize");
+    assert_eq!(param(&url, "response_type"), "code");
+    assert_eq!(param(&url, "client_id"), "cid-web");
+    assert_eq!(param(&url, "code_challenge_method"), "S256");
+    assert_eq!(param(&url, "prompt"), "consent");
+    assert_eq!(param(&url, "login_hint"), "scanner@example.org");
+    let redirect_uri = param(&url, "redirect_uri");
+    assert!(
+        redirect_uri.starts_with("http://127.0.0.1:"),
+        "{redirect_uri}"
+    );
+    let page = browser_get(
+        &redirect_uri,
+        &format!("code=the-code&state={}", param(&url, "state")),
+    )
+    .await;
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("You can close this tab"),
+        "{page}"
+    );
+    let out = wait(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let form = last_token_form(&idp).await;
+    assert_eq!(field(&form, "grant_type"), "authorization_code");
+    assert_eq!(field(&form, "code"), "the-code");
+    assert_eq!(field(&form, "redirect_uri"), redirect_uri);
+    let verifier = field(&form, "code_verifier");
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    assert_eq!(
+        challenge,
+        param(&url, "code_challenge"),
+        "code_verifier matches the code_challenge"
+    );
+
+    // The grant is used for delivery.
+    let daemon = Daemon::spawn(&config);
+    send_message(daemon.addr, b"Subject: via auth code\r\n\r\nhi\r\n").await;
+    let got = upstream.next().await;
+    assert_eq!(
+        got.auth,
+        "user=scanner@example.org\x01auth=Bearer access-ac\x01\x01"
+    );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("access-p", "refresh-p"))
+        .mount(&idp)
+        .await;
+    let (dir, config) = config(&idp, "authorization_code", "", 9);
+
+    // Headless: the user pastes the address the browser ended on.
+    let (mut child, url) = start_authorize(&config);
+    let pasted = format!(
+        "{}?code=pasted-code&state={}\n",
+        param(&url, "redirect_uri"),
+        param(&url, "state")
+    );
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(pasted.as_bytes())
+        .unwrap();
+    let out = wait(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&last_token_form(&idp).await, "code"), "pasted-code");
+    assert!(dir.path().join("state/tokens/gmail.json").exists());
+
+    // A redirect whose state is not this sign-in's is refused, in the browser and on the command line.
+    let (child, url) = start_authorize(&config);
+    let page = browser_get(
+        &param(&url, "redirect_uri"),
+        "code=forged&state=not-the-state",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 400"), "{page}");
+    let out = wait(child).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state does not match"));
+    let requests = idp.received_requests().await.unwrap();
+    assert!(
+        !requests
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains("forged")),
+        "forged code never exchanged"
+    );
+}
+
+#[tokio::test]
+async fn password_flow_signs_in_by_itself() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("grant_type=password"))
+        .and(body_string_contains("username=scanner%40example.org"))
+        .and(body_string_contains("password=p%40ss+word"))
+        .respond_with(tokens("access-pw", "refresh-pw"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-pw"]).await;
+    let pw = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pw.path(), "p@ss word\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(pw.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let extra = format!("password_file = {:?}", pw.path());
+    let (_dir, config) = config(&idp, "password", &extra, upstream.addr.port());
+    let out = Command::new(relay_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("MFA") && text.contains("Conditional Access"),
+        "check warns: {text}"
+    );
+    let daemon = Daemon::spawn(&config);
+    send_message(daemon.addr, b"Subject: pw\r\n\r\nhi\r\n").await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer access-pw"));
+}
