@@ -70,11 +70,16 @@ fn start_authorize(config: &std::path::Path) -> (Child, reqwest::Url) {
         }
     });
     loop {
-        let line = rx
-            .recv_timeout(LIMIT)
-            .expect("relay authorize prints the URL");
-        if line.starts_with("http") {
-            return (child, reqwest::Url::parse(&line).unwrap());
+        match rx.recv_timeout(LIMIT) {
+            Ok(line) if line.starts_with("http") => {
+                return (child, reqwest::Url::parse(&line).unwrap());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("relay authorize printed no URL: {e}");
+            }
         }
     }
 }
