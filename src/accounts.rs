@@ -5,6 +5,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 
 use crate::config::{AccountConfig, Config};
+use crate::oauth::assertion::{ClientCertificate, ServiceAccount};
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::scheduler::Account;
 use crate::tokens::{AccountTokens, TokenStore};
@@ -39,13 +40,19 @@ pub fn token_client(
         }
         None => None,
     };
-    let client = TokenClient::new(
+    let mut client = TokenClient::new(
         http.clone(),
         ep.token_url.clone(),
         a.client_id.clone().unwrap_or_default(),
         secret,
         ep.scope.clone(),
     );
+    if let (Some(cert), Some(key)) = (&a.certificate_file, &a.private_key_file) {
+        let alg = a
+            .assertion_algorithm
+            .unwrap_or(crate::config::AssertionAlgorithm::PS256);
+        client.certificate = Some(Arc::new(ClientCertificate::load(cert, key, alg)?));
+    }
     Ok((ep, client))
 }
 
@@ -88,6 +95,10 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             if a.flow == crate::config::Flow::Password {
                 let (user, pw) = password(a).map_err(err)?;
                 tokens = tokens.with_password(user, pw);
+            }
+            if let Some(path) = &a.service_account_file {
+                let sa = ServiceAccount::load(path).map_err(err)?;
+                tokens = tokens.with_service_account(sa, a.mailbox.clone());
             }
             let tokens = Arc::new(tokens);
             let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca);

@@ -55,6 +55,24 @@ pub async fn authorize(
                 .map_err(|e| failed(explain(&e)))?
         }
         Flow::AuthorizationCode => authorization_code(account, &ep, &client, out).await?,
+        Flow::ServiceAccount => {
+            let _ = writeln!(
+                out,
+                "Account {name} uses a service account: relay signs its own requests. Checking that it can…"
+            );
+            let path = account
+                .service_account_file
+                .as_ref()
+                .ok_or_else(|| failed("service_account_file: required"))?;
+            let key = crate::oauth::assertion::ServiceAccount::load(path).map_err(failed)?;
+            let jwt = key
+                .assertion(&account.mailbox, &ep.scope, &ep.token_url)
+                .map_err(failed)?;
+            client
+                .jwt_bearer(&jwt)
+                .await
+                .map_err(|e| failed(explain(&e)))?
+        }
         Flow::Password => {
             let _ = writeln!(
                 out,

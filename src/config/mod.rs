@@ -151,6 +151,15 @@ pub enum Transport {
     GmailApi,
 }
 
+/// The signature of a client assertion (private_key_jwt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum AssertionAlgorithm {
+    /// PS256 with an `x5t#S256` header: what Microsoft's current documentation asks for.
+    PS256,
+    /// RS256 with a SHA-1 `x5t` header: older Microsoft documentation, and some other providers.
+    RS256,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RewriteFrom {
@@ -174,6 +183,8 @@ pub struct AccountConfig {
     pub client_secret_file: Option<PathBuf>,
     pub certificate_file: Option<PathBuf>,
     pub private_key_file: Option<PathBuf>,
+    /// PS256 (default) or RS256, for client assertions signed with `private_key_file`.
+    pub assertion_algorithm: Option<AssertionAlgorithm>,
     pub service_account_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub username: Option<String>,

@@ -119,10 +119,13 @@ impl RawConfig {
             for (key, file) in [
                 ("client_secret_file", &a.client_secret_file),
                 ("password_file", &a.password_file),
+                ("private_key_file", &a.private_key_file),
+                ("service_account_file", &a.service_account_file),
+                ("certificate_file", &a.certificate_file),
                 ("ca_file", &a.ca_file),
             ] {
                 if let Some(path) = file {
-                    check_secret_file(path, key != "ca_file")
+                    check_secret_file(path, !matches!(key, "ca_file" | "certificate_file"))
                         .map_err(|reason| errs.at(format!("account[{i}].{key}"), reason))?;
                 }
             }

@@ -73,6 +73,8 @@ pub struct TokenClient {
     pub client_id: String,
     pub client_secret: Option<SecretString>,
     pub scope: String,
+    /// Authenticates with a signed assertion (private_key_jwt) instead of a secret.
+    pub certificate: Option<std::sync::Arc<super::assertion::ClientCertificate>>,
 }
 
 impl TokenClient {
@@ -89,6 +91,7 @@ impl TokenClient {
             client_id,
             client_secret,
             scope,
+            certificate: None,
         }
     }
 
@@ -137,6 +140,17 @@ impl TokenClient {
             ("scope", &self.scope),
         ])
         .await
+    }
+
+    /// The JWT bearer grant (RFC 7523 section 2.1): Google service accounts. No client authentication.
+    pub async fn jwt_bearer(&self, assertion: &str) -> Result<Grant, OAuthError> {
+        let form = [
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", assertion),
+        ];
+        let before = SystemTime::now();
+        let t: TokenReply = self.post(&self.token_url, &form).await?;
+        Ok(grant(t, before))
     }
 
     /// Starts the device authorization grant.
@@ -197,17 +211,31 @@ impl TokenClient {
     async fn token(&self, params: &[(&str, &str)]) -> Result<Grant, OAuthError> {
         let mut form: Vec<(&str, &str)> = params.to_vec();
         form.push(("client_id", &self.client_id));
-        if let Some(secret) = &self.client_secret {
+        let assertion;
+        if let Some(cert) = &self.certificate {
+            assertion = cert
+                .assertion(&self.client_id, &self.token_url)
+                .map_err(OAuthError::Signing)?;
+            form.push((
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+            form.push(("client_assertion", &assertion));
+        } else if let Some(secret) = &self.client_secret {
             form.push(("client_secret", secret.expose_secret()));
         }
         let before = SystemTime::now();
         let t: TokenReply = self.post(&self.token_url, &form).await?;
-        Ok(Grant {
-            access_token: SecretString::from(t.access_token),
-            // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
-            expires_at: before + Duration::from_secs(t.expires_in.unwrap_or(3600)),
-            refresh_token: t.refresh_token.map(SecretString::from),
-        })
+        Ok(grant(t, before))
+    }
+}
+
+fn grant(t: TokenReply, before: SystemTime) -> Grant {
+    Grant {
+        access_token: SecretString::from(t.access_token),
+        // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
+        expires_at: before + Duration::from_secs(t.expires_in.unwrap_or(3600)),
+        refresh_token: t.refresh_token.map(SecretString::from),
     }
 }
 

@@ -1,5 +1,6 @@
 //! OAuth2: providers' endpoints (`provider`) and the grants relay uses (`client`).
 
+pub mod assertion;
 pub mod authcode;
 pub mod client;
 pub mod provider;
@@ -22,6 +23,8 @@ pub enum OAuthError {
     Network(#[from] reqwest::Error),
     #[error("token endpoint reply not understood: {0}")]
     Malformed(String),
+    #[error("{0}")]
+    Signing(String),
 }
 
 impl OAuthError {
@@ -37,7 +40,7 @@ impl OAuthError {
             OAuthError::Http { status, .. } | OAuthError::Endpoint { status, .. } => {
                 *status >= 500 || *status == 429
             }
-            OAuthError::Malformed(_) => false,
+            OAuthError::Malformed(_) | OAuthError::Signing(_) => false,
         }
     }
 }

@@ -103,17 +103,35 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
             ),
         ));
     }
-    if a.flow == Flow::ClientCredentials && a.client_secret_file.is_none() {
+    let certificate = a.certificate_file.is_some() || a.private_key_file.is_some();
+    if certificate && (a.certificate_file.is_none() || a.private_key_file.is_none()) {
+        let missing = if a.certificate_file.is_none() {
+            "certificate_file"
+        } else {
+            "private_key_file"
+        };
+        return Err((
+            missing,
+            "certificate_file and private_key_file go together (PEM files)".into(),
+        ));
+    }
+    if a.flow == Flow::ClientCredentials && a.client_secret_file.is_none() && !certificate {
         return Err((
             "client_secret_file",
-            "required for flow = \"client_credentials\" (a certificate comes in a later release)"
-                .into(),
+            "flow = \"client_credentials\" needs client_secret_file, or certificate_file and private_key_file".into(),
+        ));
+    }
+    if a.flow == Flow::ServiceAccount && a.service_account_file.is_none() {
+        return Err((
+            "service_account_file",
+            "required for flow = \"service_account\" (Google's JSON key)".into(),
         ));
     }
     if a.flow == Flow::Password && a.password_file.is_none() {
         return Err(("password_file", "required for flow = \"password\"".into()));
     }
-    if a.client_id.as_deref().is_none_or(str::is_empty) {
+    // A service account is identified by its key file; every other flow needs the app's client id.
+    if a.flow != Flow::ServiceAccount && a.client_id.as_deref().is_none_or(str::is_empty) {
         return Err((
             "client_id",
             "required: the application (client) id of your app registration".into(),

@@ -53,6 +53,8 @@ pub struct AccountTokens {
     state: Mutex<State>,
     /// User name and password, for `flow = "password"`: the daemon signs in again by itself.
     password: Option<(String, SecretString)>,
+    /// Google service account key and the mailbox it acts as, for `flow = "service_account"`.
+    service_account: Option<(crate::oauth::assertion::ServiceAccount, String)>,
 }
 
 #[derive(Default)]
@@ -70,7 +72,18 @@ impl AccountTokens {
             store,
             state: Mutex::new(State::default()),
             password: None,
+            service_account: None,
         }
+    }
+
+    /// For `flow = "service_account"`: the key, and the mailbox to act as (domain-wide delegation).
+    pub fn with_service_account(
+        mut self,
+        key: crate::oauth::assertion::ServiceAccount,
+        mailbox: String,
+    ) -> AccountTokens {
+        self.service_account = Some((key, mailbox));
+        self
     }
 
     /// For `flow = "password"`: the credentials the daemon signs in with.
@@ -138,6 +151,15 @@ impl AccountTokens {
             Flow::ClientCredentials => self.client.client_credentials().await,
             // No refresh token needed: the password grant is repeated (and a refresh token, if the provider
             // gave one, would only add a second secret to keep).
+            Flow::ServiceAccount => match &self.service_account {
+                Some((key, mailbox)) => {
+                    match key.assertion(mailbox, &self.client.scope, &self.client.token_url) {
+                        Ok(jwt) => self.client.jwt_bearer(&jwt).await,
+                        Err(e) => Err(OAuthError::Signing(e)),
+                    }
+                }
+                None => return Err(TokenError::NeedsAuthorization(self.name.clone())),
+            },
             Flow::Password => match &self.password {
                 Some((user, password)) => self.client.password(user, password).await,
                 None => return Err(TokenError::NeedsAuthorization(self.name.clone())),
