@@ -84,11 +84,6 @@ pub async fn authorize(
                 .await
                 .map_err(|e| failed(explain(&e)))?
         }
-        other => {
-            return Err(failed(format!(
-                "flow {other:?} is not supported by this version of relay authorize"
-            )));
-        }
     };
     let now = SystemTime::now();
     let tokens = StoredTokens {
