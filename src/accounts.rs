@@ -47,7 +47,13 @@ pub fn token_client(
         secret,
         ep.scope.clone(),
     );
-    if let (Some(cert), Some(key)) = (&a.certificate_file, &a.private_key_file) {
+    client.basic_auth = a.client_auth == Some(crate::config::ClientAuth::ClientSecretBasic);
+    let use_certificate = a
+        .client_auth
+        .is_none_or(|c| c == crate::config::ClientAuth::PrivateKeyJwt);
+    if let (Some(cert), Some(key), true) =
+        (&a.certificate_file, &a.private_key_file, use_certificate)
+    {
         let alg = a
             .assertion_algorithm
             .unwrap_or(crate::config::AssertionAlgorithm::PS256);

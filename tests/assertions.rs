@@ -195,3 +195,51 @@ async fn google_service_account_jwt_bearer() {
     let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert!(lifetime <= 3600);
 }
+
+/// A generic provider that wants the secret in an HTTP Basic header (client_secret_basic).
+#[tokio::test]
+async fn generic_provider_with_client_secret_basic() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token())
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["jwt-token"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cr:t/+\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let top = format!(
+        "default_account = \"gen\"\n[[account]]\nname = \"gen\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nclient_auth = \"client_secret_basic\"\nmailbox = \"noreply@example.com\"\nclient_id = \"my client\"\nclient_secret_file = {secret:?}\ntoken_url = \"{}/token\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
+        idp.uri(),
+        upstream.addr.port()
+    );
+    deliver_with(top, dir, &mut upstream).await;
+    let requests = idp.received_requests().await.unwrap();
+    let request = requests
+        .iter()
+        .rev()
+        .find(|r| r.url.path() == "/token")
+        .unwrap();
+    let auth = request
+        .headers
+        .get("authorization")
+        .expect("an Authorization header")
+        .to_str()
+        .unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.strip_prefix("Basic ").unwrap())
+        .unwrap();
+    // RFC 6749 section 2.3.1: each part form-urlencoded first.
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        "my+client:s3cr%3At%2F%2B"
+    );
+    let form = last_form(&idp).await;
+    assert_eq!(
+        field(&form, "client_secret"),
+        None,
+        "the secret is not also in the body"
+    );
+}

@@ -151,6 +151,18 @@ pub enum Transport {
     GmailApi,
 }
 
+/// How the client authenticates to the token endpoint (RFC 6749 section 2.3, RFC 7523).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// The secret in the form body (Microsoft's and Google's usual way).
+    ClientSecretPost,
+    /// The secret in an HTTP Basic header.
+    ClientSecretBasic,
+    /// A JWT signed with `private_key_file` (needs `certificate_file` too).
+    PrivateKeyJwt,
+}
+
 /// The signature of a client assertion (private_key_jwt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum AssertionAlgorithm {
@@ -185,6 +197,8 @@ pub struct AccountConfig {
     pub private_key_file: Option<PathBuf>,
     /// PS256 (default) or RS256, for client assertions signed with `private_key_file`.
     pub assertion_algorithm: Option<AssertionAlgorithm>,
+    /// Default: private_key_jwt with a certificate, else client_secret_post.
+    pub client_auth: Option<ClientAuth>,
     pub service_account_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub username: Option<String>,

@@ -75,6 +75,8 @@ pub struct TokenClient {
     pub scope: String,
     /// Authenticates with a signed assertion (private_key_jwt) instead of a secret.
     pub certificate: Option<std::sync::Arc<super::assertion::ClientCertificate>>,
+    /// Send the secret in an HTTP Basic header (client_secret_basic) rather than in the form.
+    pub basic_auth: bool,
 }
 
 impl TokenClient {
@@ -92,6 +94,7 @@ impl TokenClient {
             client_secret,
             scope,
             certificate: None,
+            basic_auth: false,
         }
     }
 
@@ -199,7 +202,16 @@ impl TokenClient {
         url: &str,
         form: &[(&str, &str)],
     ) -> Result<T, OAuthError> {
-        let reply = self.http.post(url).form(form).send().await?;
+        let mut request = self.http.post(url).form(form);
+        if self.basic_auth
+            && url == self.token_url
+            && let Some(secret) = &self.client_secret
+        {
+            // RFC 6749 section 2.3.1: both parts form-urlencoded before the Basic encoding.
+            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            request = request.basic_auth(enc(&self.client_id), Some(enc(secret.expose_secret())));
+        }
+        let reply = request.send().await?;
         let status = reply.status();
         let body = reply.bytes().await?;
         if !status.is_success() {
@@ -221,7 +233,9 @@ impl TokenClient {
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ));
             form.push(("client_assertion", &assertion));
-        } else if let Some(secret) = &self.client_secret {
+        } else if let Some(secret) = &self.client_secret
+            && !self.basic_auth
+        {
             form.push(("client_secret", secret.expose_secret()));
         }
         let before = SystemTime::now();

@@ -1,6 +1,6 @@
 //! Where each provider's endpoints are, and what an account's overrides make of them.
 
-use crate::config::{AccountConfig, Flow, Provider, TlsMode};
+use crate::config::{AccountConfig, ClientAuth, Flow, Provider, TlsMode};
 
 /// An account's resolved endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +120,23 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
             "client_secret_file",
             "flow = \"client_credentials\" needs client_secret_file, or certificate_file and private_key_file".into(),
         ));
+    }
+    match a.client_auth {
+        Some(ClientAuth::PrivateKeyJwt) if !certificate => {
+            return Err((
+                "client_auth",
+                "private_key_jwt needs certificate_file and private_key_file".into(),
+            ));
+        }
+        Some(ClientAuth::ClientSecretPost | ClientAuth::ClientSecretBasic)
+            if a.client_secret_file.is_none() =>
+        {
+            return Err((
+                "client_auth",
+                "client_secret_post and client_secret_basic need client_secret_file".into(),
+            ));
+        }
+        _ => {}
     }
     if a.flow == Flow::ServiceAccount && a.service_account_file.is_none() {
         return Err((
