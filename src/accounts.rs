@@ -112,3 +112,30 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
         })
         .collect()
 }
+
+/// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking
+/// hourly, so that `journalctl -u relay RELAY_EVENT=credential_expiring` shows it coming.
+pub async fn watch_expiries(
+    accounts: Vec<AccountConfig>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::oauth::expiry::{expiries, threshold_reached, warning};
+    let mut logged = std::collections::HashSet::new();
+    loop {
+        let now = std::time::SystemTime::now();
+        for a in &accounts {
+            for e in expiries(a) {
+                if let Some(t) = threshold_reached(&e, now)
+                    && logged.insert((a.name.clone(), e.what, t))
+                    && let Some(w) = warning(&a.name, &e, now)
+                {
+                    tracing::warn!(relay_event = "credential_expiring", relay_account = %a.name, "{w}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

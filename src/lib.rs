@@ -42,6 +42,7 @@ pub struct Relay {
     scheduler: queue::scheduler::Scheduler,
     committed: tokio::sync::mpsc::UnboundedReceiver<queue::QueueId>,
     accounts: Vec<std::sync::Arc<queue::scheduler::Account>>,
+    account_configs: Vec<config::AccountConfig>,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     sessions: watch::Sender<usize>,
@@ -68,6 +69,7 @@ impl Relay {
             scheduler: queue::scheduler::Scheduler::new(config, accounts.clone()),
             committed,
             accounts,
+            account_configs: config.accounts.clone(),
             addrs,
             stop,
             sessions: watch::channel(0).0,
@@ -95,6 +97,10 @@ impl Relay {
         for l in self.listeners {
             tasks.spawn(l.run(self.stop.subscribe(), self.sessions.clone()));
         }
+        tasks.spawn(accounts::watch_expiries(
+            self.account_configs,
+            self.stop.subscribe(),
+        ));
         let tokens = self.accounts.iter().map(|a| a.tokens.clone()).collect();
         tasks.spawn(tokens::refresher(tokens, self.stop.subscribe()));
         tasks.spawn(self.scheduler.run(self.committed, self.stop.subscribe()));

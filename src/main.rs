@@ -252,6 +252,8 @@ struct AccountStatus {
     last_refresh: Option<String>,
     last_error: Option<String>,
     last_delivery: Option<relay::queue::scheduler::LastDelivery>,
+    /// Credentials expiring within 30 days, or expired.
+    warnings: Vec<String>,
 }
 
 fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountStatus {
@@ -272,6 +274,17 @@ fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountS
         Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
         Ok(Some(t)) => ("ok", Some(t), None),
     };
+    let last_delivery = relay::queue::scheduler::read_last_delivery(&config.state_dir, &a.name);
+    // The last delivery did not get through: the account is failing, whatever its token says.
+    let state = match &last_delivery {
+        Some(d) if state == "ok" && d.outcome != "delivered" => "failing",
+        _ => state,
+    };
+    let now = SystemTime::now();
+    let warnings = relay::oauth::expiry::expiries(a)
+        .iter()
+        .filter_map(|e| relay::oauth::expiry::warning(&a.name, e, now))
+        .collect();
     AccountStatus {
         name: a.name.clone(),
         mailbox: a.mailbox.clone(),
@@ -279,7 +292,8 @@ fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountS
         token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,
-        last_delivery: relay::queue::scheduler::read_last_delivery(&config.state_dir, &a.name),
+        last_delivery,
+        warnings,
     }
 }
 
@@ -298,8 +312,11 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
         .iter()
         .map(|a| account_status(config, a))
         .collect();
-    let needs_attention =
-        accounts.is_empty() || dead > 0 || accounts.iter().any(|a| a.state != "ok");
+    let needs_attention = accounts.is_empty()
+        || dead > 0
+        || accounts
+            .iter()
+            .any(|a| a.state != "ok" || !a.warnings.is_empty());
     if json {
         let doc = serde_json::json!({
             "queue": {
@@ -339,6 +356,9 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
             if let Some(e) = &a.last_error {
                 println!("  last error: {e}");
+            }
+            for w in &a.warnings {
+                println!("  warning: {w}");
             }
             if let Some(d) = &a.last_delivery {
                 println!(

@@ -3,6 +3,7 @@
 pub mod assertion;
 pub mod authcode;
 pub mod client;
+pub mod expiry;
 pub mod provider;
 
 pub use client::{DeviceAuthorization, DevicePoll, Grant, TokenClient};
@@ -31,6 +32,40 @@ impl OAuthError {
     /// The grant is dead: only a new `relay authorize` helps.
     pub fn needs_authorization(&self) -> bool {
         matches!(self, OAuthError::Endpoint { error, .. } if error == "invalid_grant")
+    }
+
+    /// What to do about it, where we know: the fixes sysadmins otherwise search the web for.
+    pub fn hint(&self, token_url: &str) -> Option<&'static str> {
+        let OAuthError::Endpoint {
+            error, description, ..
+        } = self
+        else {
+            return None;
+        };
+        if description.contains("AADSTS7000222") {
+            return Some(
+                "the client secret has expired: create a new secret in the app registration (Certificates & secrets), write it to client_secret_file and update client_secret_expires",
+            );
+        }
+        if error == "invalid_client" && description.contains("AADSTS7000215") {
+            return Some(
+                "the client secret is wrong: copy the secret's Value (not its ID) into client_secret_file",
+            );
+        }
+        if error == "invalid_grant" && token_url.contains("googleapis.com") {
+            return Some(
+                "if the app's OAuth consent screen is in \"Testing\" status, Google expires its refresh tokens after 7 days: publish the app (\"In production\") and run relay authorize again",
+            );
+        }
+        None
+    }
+
+    /// The error with its hint, for logs, the token file and `relay status`.
+    pub fn explained(&self, token_url: &str) -> String {
+        match self.hint(token_url) {
+            Some(h) => format!("{self}; fix: {h}"),
+            None => self.to_string(),
+        }
     }
 
     /// Worth retrying later: the network, or the endpoint's own trouble.

@@ -138,6 +138,9 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
         }
         _ => {}
     }
+    if let Some(d) = &a.client_secret_expires {
+        super::expiry::parse_date(d).map_err(|r| ("client_secret_expires", r))?;
+    }
     if a.flow == Flow::ServiceAccount && a.service_account_file.is_none() {
         return Err((
             "service_account_file",

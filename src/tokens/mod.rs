@@ -26,8 +26,13 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(86_400);
 pub enum TokenError {
     #[error("account {0} needs authorization: run `relay authorize {0}`")]
     NeedsAuthorization(String),
-    #[error("account {account}: {source}")]
-    OAuth { account: String, source: OAuthError },
+    #[error("account {account}: {explained}")]
+    OAuth {
+        account: String,
+        source: OAuthError,
+        /// The error with its fix, where one is known (`OAuthError::explained`).
+        explained: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -198,20 +203,21 @@ impl AccountTokens {
             Err(e) => {
                 let revoked = e.needs_authorization();
                 if revoked {
-                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
+                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e.explained(&self.client.token_url), "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
                 } else {
-                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e, "token refresh failed");
+                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e.explained(&self.client.token_url), "token refresh failed");
                 }
                 // Recorded in the token file, so that `relay status` can say what is wrong.
                 if let Some(mut t) = previous {
                     t.needs_authorization |= revoked;
-                    t.last_error = Some(e.to_string());
+                    t.last_error = Some(e.explained(&self.client.token_url));
                     self.store.save(&self.name, &t)?;
                     state.file_mtime = self.store.mtime(&self.name);
                     state.tokens = Some(t);
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
+                    explained: e.explained(&self.client.token_url),
                     source: e,
                 })
             }
