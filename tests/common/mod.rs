@@ -352,6 +352,8 @@ pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// Log lines read but not yet matched.
+    seen: Vec<String>,
 }
 
 pub fn relay_bin() -> &'static str {
@@ -387,6 +389,7 @@ impl Daemon {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             log: rx,
+            seen: Vec::new(),
         };
         let line = daemon.wait_log("relay_event=\"listening\"");
         let addr = line.rsplit("address=").next().unwrap().trim();
@@ -394,15 +397,19 @@ impl Daemon {
         daemon
     }
 
-    /// Waits (bounded) for a log line containing `needle` and returns it.
+    /// Waits (bounded) for a log line containing `needle` and returns it. Lines are matched in order, each
+    /// once; lines read while looking for another are kept for later calls.
     pub fn wait_log(&mut self, needle: &str) -> String {
+        if let Some(i) = self.seen.iter().position(|l| l.contains(needle)) {
+            return self.seen.remove(i);
+        }
         let deadline = std::time::Instant::now() + LIMIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.log.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no log line with {needle:?}: {e}"),
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!("no log line with {needle:?} (seen: {:?}): {e}", self.seen),
             }
         }
     }
