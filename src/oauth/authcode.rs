@@ -135,6 +135,26 @@ mod tests {
     }
 
     #[test]
+    fn google_asks_for_offline_access() {
+        let account: AccountConfig = toml::from_str(
+            "name = \"g\"\nprovider = \"google\"\nflow = \"authorization_code\"\nmailbox = \"m@example.org\"\nclient_id = \"cid\"",
+        )
+        .unwrap();
+        let ep = super::super::endpoints(&account).unwrap();
+        let pkce = Pkce::new();
+        let url = authorization_url(&ep, &account, "http://127.0.0.1:5555/", &pkce, "st").unwrap();
+        let url = reqwest::Url::parse(&url).unwrap();
+        assert_eq!(url.host_str(), Some("accounts.google.com"));
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["access_type"], "offline");
+        assert_eq!(q["prompt"], "consent");
+        assert_eq!(q["login_hint"], "m@example.org");
+        assert_eq!(q["scope"], "https://mail.google.com/");
+        assert_eq!(q["code_challenge"], pkce.challenge);
+        assert_eq!(q["redirect_uri"], "http://127.0.0.1:5555/");
+    }
+
+    #[test]
     fn redirects() {
         assert_eq!(
             parse_redirect("http://127.0.0.1:5000/?code=abc%2F1&state=xyz").unwrap(),

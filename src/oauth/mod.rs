@@ -72,10 +72,56 @@ impl OAuthError {
     pub fn is_transient(&self) -> bool {
         match self {
             OAuthError::Network(_) => true,
+            OAuthError::Endpoint { error, .. }
+                if error == "temporarily_unavailable" || error == "server_error" =>
+            {
+                true
+            }
             OAuthError::Http { status, .. } | OAuthError::Endpoint { status, .. } => {
                 *status >= 500 || *status == 429
             }
             OAuthError::Malformed(_) | OAuthError::Signing(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(error: &str, description: &str) -> OAuthError {
+        OAuthError::Endpoint {
+            status: 400,
+            error: error.into(),
+            description: description.into(),
+        }
+    }
+
+    #[test]
+    fn hints_name_the_fix() {
+        let expired = endpoint(
+            "invalid_client",
+            "AADSTS7000222: The provided client secret keys are expired.",
+        );
+        assert!(
+            expired
+                .explained("https://login.microsoftonline.com/t/oauth2/v2.0/token")
+                .contains("create a new secret")
+        );
+        let google = endpoint("invalid_grant", "Token has been expired or revoked.");
+        assert!(
+            google
+                .explained("https://oauth2.googleapis.com/token")
+                .contains("Testing")
+        );
+        assert!(google.needs_authorization());
+        assert_eq!(
+            google.hint("https://login.microsoftonline.com/t/oauth2/v2.0/token"),
+            None
+        );
+        assert!(!endpoint("invalid_client", "x").is_transient());
+        // RFC 6749 section 4.1.2.1: these two say "later", whatever the HTTP status.
+        assert!(endpoint("temporarily_unavailable", "x").is_transient());
+        assert!(endpoint("server_error", "x").is_transient());
     }
 }
