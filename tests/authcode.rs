@@ -224,7 +224,13 @@ async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
         .respond_with(tokens("access-p", "refresh-p"))
         .mount(&idp)
         .await;
-    let (dir, config) = config(&idp, "authorization_code", "", 9);
+    // A confidential client: its secret goes with the code exchange.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "web-secret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(secret.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let extra = format!("client_secret_file = {:?}", secret.path());
+    let (dir, config) = config(&idp, "authorization_code", &extra, 9);
 
     // Headless: the user pastes the address the browser ended on.
     let (mut child, url) = start_authorize(&config);
@@ -245,7 +251,13 @@ async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(field(&last_token_form(&idp).await, "code"), "pasted-code");
+    let form = last_token_form(&idp).await;
+    assert_eq!(field(&form, "code"), "pasted-code");
+    assert_eq!(field(&form, "client_secret"), "web-secret");
+    assert!(
+        !field(&form, "code_verifier").is_empty(),
+        "PKCE with a confidential client too"
+    );
     assert!(dir.path().join("state/tokens/gmail.json").exists());
 
     // A redirect whose state is not this sign-in's is refused, in the browser and on the command line.
