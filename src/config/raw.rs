@@ -194,14 +194,20 @@ impl RawConfig {
                     .iter()
                     .enumerate()
                     .map(|(j, s)| {
-                        humantime::parse_duration(s).map_err(|e| {
-                            errs.at(format!("queue.retry[{j}]"), format!("`{s}`: {e}"))
-                        })
+                        humantime::parse_duration(s)
+                            .map_err(|e| format!("`{s}`: {e}"))
+                            .and_then(|d| at_most(d, YEAR, s))
+                            .map_err(|r| errs.at(format!("queue.retry[{j}]"), r))
                     })
                     .collect::<Result<_, _>>()?;
             }
             if let Some(max_age) = q.max_age {
-                queue.max_age = max_age;
+                queue.max_age = at_most(
+                    max_age,
+                    10 * YEAR,
+                    &humantime::format_duration(max_age).to_string(),
+                )
+                .map_err(|r| errs.at("queue.max_age", r))?;
             }
         }
 
@@ -316,6 +322,19 @@ fn check_secret_file(path: &std::path::Path, secret: bool) -> Result<(), String>
     std::fs::File::open(path)
         .map(drop)
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+/// Durations that get added to the clock are kept sane, so that date arithmetic can never overflow.
+fn at_most(d: Duration, max: Duration, text: &str) -> Result<Duration, String> {
+    if d > max {
+        return Err(format!(
+            "`{text}` is longer than {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 fn tls_name(t: TlsMode) -> &'static str {

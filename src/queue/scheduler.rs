@@ -311,7 +311,7 @@ impl Scheduler {
             Ok(b) => b,
             Err(_) => return None, // deleted meanwhile (relay queue delete)
         };
-        let message = &bytes[msg.offset as usize..];
+        let message = bytes.get(msg.offset as usize..).unwrap_or_default();
         if !verify(&msg.seal, message) {
             self.dead(
                 id,
@@ -321,7 +321,12 @@ impl Scheduler {
             );
             return None;
         }
-        if msg.envelope.received_at + self.queue.max_age < SystemTime::now() {
+        if msg
+            .envelope
+            .received_at
+            .checked_add(self.queue.max_age)
+            .is_some_and(|end| end < SystemTime::now())
+        {
             let why = format!(
                 "expired after {} in the queue",
                 humantime::format_duration(self.queue.max_age)

@@ -231,7 +231,10 @@ fn renew_at(t: &StoredTokens) -> SystemTime {
         .expires_at
         .duration_since(t.obtained_at)
         .unwrap_or_default();
-    t.expires_at - RENEW_AHEAD.min(lifetime / 4)
+    let ahead = RENEW_AHEAD.min(lifetime / 4);
+    t.expires_at
+        .checked_sub(ahead)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// Keeps every account's token fresh and its refresh token alive, whether or not mail flows.
