@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use common::idp::{form_field, last_token_form};
 use common::upstream::FakeUpstream;
 use common::*;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -29,27 +30,6 @@ fn private_copy(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     std::fs::copy(format!("{FIXTURES}/{name}"), &to).unwrap();
     std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
     to
-}
-
-async fn last_form(idp: &MockServer) -> Vec<(String, String)> {
-    let requests = idp.received_requests().await.unwrap();
-    let last = requests
-        .iter()
-        .rev()
-        .find(|r| r.url.path() == "/token")
-        .expect("a token request");
-    reqwest::Url::parse(&format!(
-        "http://x/?{}",
-        String::from_utf8_lossy(&last.body)
-    ))
-    .unwrap()
-    .query_pairs()
-    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-    .collect()
-}
-
-fn field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 fn public_key() -> DecodingKey {
@@ -91,18 +71,18 @@ async fn certificate_flow(alg: &str) -> (jsonwebtoken::Header, serde_json::Value
         auth,
         "user=noreply@example.com\x01auth=Bearer jwt-token\x01\x01"
     );
-    let form = last_form(&idp).await;
-    assert_eq!(field(&form, "grant_type"), Some("client_credentials"));
+    let form = last_token_form(&idp).await;
+    assert_eq!(form_field(&form, "grant_type"), Some("client_credentials"));
     assert_eq!(
-        field(&form, "client_assertion_type"),
+        form_field(&form, "client_assertion_type"),
         Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
     );
     assert_eq!(
-        field(&form, "client_secret"),
+        form_field(&form, "client_secret"),
         None,
         "no secret alongside an assertion"
     );
-    let jwt = field(&form, "client_assertion")
+    let jwt = form_field(&form, "client_assertion")
         .expect("client_assertion")
         .to_string();
     let header = jsonwebtoken::decode_header(&jwt).unwrap();
@@ -175,12 +155,12 @@ async fn google_service_account_jwt_bearer() {
         auth,
         "user=scanner@example.org\x01auth=Bearer jwt-token\x01\x01"
     );
-    let form = last_form(&idp).await;
+    let form = last_token_form(&idp).await;
     assert_eq!(
-        field(&form, "grant_type"),
+        form_field(&form, "grant_type"),
         Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
     );
-    let jwt = field(&form, "assertion").expect("assertion");
+    let jwt = form_field(&form, "assertion").expect("assertion");
     let header = jsonwebtoken::decode_header(jwt).unwrap();
     assert_eq!(header.alg, Algorithm::RS256);
     assert_eq!(header.kid.as_deref(), Some("kid-123"));
@@ -236,9 +216,9 @@ async fn generic_provider_with_client_secret_basic() {
         String::from_utf8(decoded).unwrap(),
         "my+client:s3cr%3At%2F%2B"
     );
-    let form = last_form(&idp).await;
+    let form = last_token_form(&idp).await;
     assert_eq!(
-        field(&form, "client_secret"),
+        form_field(&form, "client_secret"),
         None,
         "the secret is not also in the body"
     );

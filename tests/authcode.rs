@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
+use common::idp::{form_field, last_token_form};
 use common::upstream::FakeUpstream;
 use common::*;
 use sha2::Digest;
@@ -112,6 +113,10 @@ async fn browser_get(redirect_uri: &str, query: &str) -> String {
     page
 }
 
+fn field<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
+    form_field(form, key).unwrap_or("")
+}
+
 async fn wait(child: Child) -> std::process::Output {
     tokio::time::timeout(
         LIMIT,
@@ -130,30 +135,6 @@ fn tokens(access: &str, refresh: &str) -> ResponseTemplate {
 }
 
 /// The form fields of the last request to the token endpoint.
-async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
-    let requests = idp.received_requests().await.unwrap();
-    let last = requests
-        .iter()
-        .rev()
-        .find(|r| r.url.path() == "/token")
-        .expect("a token request");
-    reqwest::Url::parse(&format!(
-        "http://x/?{}",
-        String::from_utf8_lossy(&last.body)
-    ))
-    .unwrap()
-    .query_pairs()
-    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-    .collect()
-}
-
-fn field<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
-    form.iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("")
-}
-
 #[tokio::test]
 async fn loopback_redirect_with_pkce_then_delivery() {
     let idp = MockServer::start().await;
