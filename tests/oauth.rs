@@ -350,10 +350,11 @@ async fn access_token_is_renewed_ahead_of_expiry() {
         .await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
-    // A 4-second token: renewal is due when a quarter of its life (1 s) remains, 3 s from now.
+    // An 8-second token: renewal is due when a quarter of its life (2 s) remains, 6 s from now; the margin
+    // keeps the test honest on a loaded machine.
     let t = stored(
-        Duration::from_secs(4),
-        Duration::from_secs(4),
+        Duration::from_secs(8),
+        Duration::from_secs(8),
         Duration::ZERO,
     );
     let expires_at = t.expires_at;

@@ -153,8 +153,9 @@ async fn idle_client_is_timed_out_with_421() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\ncommand_timeout = \"200ms\"\n",
     )
     .await;
-    let mut c = RawClient::ready(relay.addr()).await;
-    // No command: the server gives up on us.
+    let mut c = RawClient::connect(relay.addr()).await;
+    c.expect(220).await;
+    // No command at all: the server gives up on us.
     let reply = c.expect(421).await;
     assert!(reply.starts_with("421 4.4.2 "), "{reply}");
     assert!(c.closed().await);
