@@ -3,7 +3,7 @@
 //! `cargo bench --bench accept` starts relay in this process and drives it with a minimal SMTP client on
 //! loopback (client and server share the machine's cores, as with smtp-source). It prints the rate and records it
 //! in BENCHMARKS.md between the `accept` markers. Knobs: RELAY_BENCH_SESSIONS (20), RELAY_BENCH_MESSAGES
-//! (20000), RELAY_BENCH_DIR (a fresh directory under /var/tmp).
+//! (20000), RELAY_BENCH_DIR (a fresh directory under /var/tmp, left in place afterwards).
 
 use std::time::Instant;
 
@@ -100,7 +100,8 @@ fn main() {
         let _ = server.await;
         messages as f64 / elapsed.as_secs_f64()
     });
-    let _ = std::fs::remove_dir_all(&dir);
+    // The queue is left in place: deleting 20,000 files would slow the next run's file creation (BENCHMARKS.md).
+    eprintln!("queue left in {dir}");
     let line = format!(
         "{rate:.0} messages/s: {messages} messages of 4 KiB from {sessions} concurrent sessions, one connection per message, \
          in-process client (`cargo bench --bench accept`, {})",
