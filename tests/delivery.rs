@@ -15,6 +15,17 @@ fn token(access: &str) -> ResponseTemplate {
     }))
 }
 
+/// A fake identity provider that issues `access` to every token request.
+async fn idp_issuing(access: &str) -> MockServer {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token(access))
+        .mount(&idp)
+        .await;
+    idp
+}
+
 /// A client-credentials account pointed at the fakes.
 async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
     relay_with_account_and(idp, upstream, "").await
@@ -131,12 +142,7 @@ async fn rejected_token_is_refreshed_once_then_delivered() {
 
 #[tokio::test]
 async fn upstream_4xx_defers_and_5xx_goes_to_dead() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("tok"))
-        .mount(&idp)
-        .await;
+    let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     *upstream.data_reply.lock().unwrap() =
         "451 4.3.0 Mail server temporarily rejected message".into();
@@ -186,12 +192,7 @@ async fn token_endpoint_failure_defers_and_keeps_the_mail() {
 
 #[tokio::test]
 async fn queue_retry_sends_a_deferred_message_now() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("tok"))
-        .mount(&idp)
-        .await;
+    let idp = idp_issuing("tok").await;
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     *upstream.data_reply.lock().unwrap() =
         "421 4.3.2 Service not available, closing channel".into();
@@ -246,12 +247,7 @@ async fn concurrent_deliveries_share_one_token_request() {
 
 #[tokio::test]
 async fn mail_older_than_max_age_goes_to_dead() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("tok"))
-        .mount(&idp)
-        .await;
+    let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let mut relay = relay_with_account_and(&idp, &upstream, "[queue]\nmax_age = \"0s\"").await;
     let id = send_message(relay.addr(), WIRE).await;
@@ -264,12 +260,7 @@ async fn mail_older_than_max_age_goes_to_dead() {
 #[tokio::test]
 async fn upstream_over_tls_verified_with_ca_file() {
     install_crypto();
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("tok"))
-        .mount(&idp)
-        .await;
+    let idp = idp_issuing("tok").await;
     let certs = tempfile::tempdir().unwrap();
     let cert = make_cert(certs.path());
     let acceptor = relay::smtp::tls::acceptor(&cert.cert, &cert.key).unwrap();

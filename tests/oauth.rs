@@ -226,8 +226,7 @@ async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
     let got = upstream.next().await;
     assert!(got.auth.contains("Bearer access-2"));
     daemon.wait_log("relay_event=\"delivered\"");
-    let stored: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    let stored: serde_json::Value = token_file(&state);
     assert_eq!(
         stored["refresh_token"], "refresh-2",
         "the rotated refresh token is saved"
@@ -290,6 +289,11 @@ async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
     }
 }
 
+/// The account's token file as JSON.
+fn token_file(state: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap()
+}
+
 fn stored(
     access_valid_for: Duration,
     lifetime: Duration,
@@ -333,8 +337,7 @@ async fn idle_refresh_token_is_kept_alive() {
         .unwrap();
     let mut daemon = Daemon::spawn(&config);
     daemon.wait_log("relay_event=\"token_refreshed\"");
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    let file: serde_json::Value = token_file(&state);
     assert_eq!(file["refresh_token"], "refresh-2");
     assert_eq!(daemon.terminate().code(), Some(0));
 }
@@ -363,8 +366,7 @@ async fn access_token_is_renewed_ahead_of_expiry() {
         .unwrap();
     let mut daemon = Daemon::spawn(&config);
     daemon.wait_log("relay_event=\"token_refreshed\"");
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    let file: serde_json::Value = token_file(&state);
     let refreshed = humantime::parse_rfc3339(file["last_refresh"].as_str().unwrap()).unwrap();
     assert!(
         refreshed < expires_at,
@@ -440,8 +442,7 @@ async fn transient_refresh_failure_is_retried() {
     let failed = daemon.wait_log("relay_event=\"token_refresh_failed\"");
     assert!(failed.contains("503"), "{failed}");
     daemon.wait_log("relay_event=\"token_refreshed\"");
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap();
+    let file: serde_json::Value = token_file(&state);
     assert_eq!(file["refresh_token"], "refresh-2");
     assert_eq!(file["needs_authorization"], false);
     assert_eq!(daemon.terminate().code(), Some(0));
