@@ -286,3 +286,37 @@ async fn upstream_over_tls_verified_with_ca_file() {
     relay.attempts_done(1).await;
     assert!(relay.queued().is_empty());
 }
+
+/// `[[route]]`: the first match picks the account; other mail goes to `default_account`.
+#[tokio::test]
+async fn routes_pick_the_account() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let more = format!(
+        "[[account]]\nname = \"scan\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"scans@example.com\"\nclient_id = \"cid-123\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n[[route]]\nsender = \"*@scanner.lan\"\naccount = \"scan\"\n",
+        idp.uri(),
+        upstream.addr.port()
+    );
+    let mut relay = relay_with_account_and(&idp, &upstream, &more).await;
+    let mut c = RawClient::ready(relay.addr()).await;
+    c.cmd("MAIL FROM:<copier@Scanner.lan>", 250).await;
+    c.cmd("RCPT TO:<ops@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: scan\r\n\r\nscan\r\n.\r\n").await;
+    c.expect(250).await;
+    let got = upstream.next().await;
+    assert!(
+        got.auth.starts_with("user=scans@example.com\x01"),
+        "routed: {:?}",
+        got.auth
+    );
+    relay.attempts_done(1).await;
+    send_message(relay.addr(), WIRE).await;
+    let got = upstream.next().await;
+    assert!(
+        got.auth.starts_with("user=relay@example.com\x01"),
+        "default: {:?}",
+        got.auth
+    );
+    relay.attempts_done(2).await;
+}

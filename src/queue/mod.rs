@@ -2,6 +2,7 @@
 
 mod envelope;
 mod id;
+pub mod route;
 pub mod scheduler;
 pub mod seal;
 mod spool;

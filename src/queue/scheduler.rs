@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use super::route::Routing;
 use super::seal::verify;
 use super::spool::{SpoolPaths, msg_path};
 use super::store::QueuedMessage;
@@ -167,23 +168,6 @@ pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
     )
 }
 
-/// Which account a message goes through: the AUTH user's account, else `default_account`.
-struct Routing {
-    users: HashMap<String, String>,
-    default_account: Option<String>,
-}
-
-impl Routing {
-    fn account_for(&self, m: &QueuedMessage) -> Option<&str> {
-        m.envelope
-            .user
-            .as_ref()
-            .and_then(|u| self.users.get(u))
-            .or(self.default_account.as_ref())
-            .map(String::as_str)
-    }
-}
-
 pub struct Scheduler {
     /// Counts finished delivery attempts, so that tests (and status) can wait for one without polling.
     pub attempts: watch::Sender<u64>,
@@ -199,14 +183,7 @@ impl Scheduler {
             attempts: watch::channel(0).0,
             paths: SpoolPaths::new(&config.state_dir),
             queue: config.queue.clone(),
-            routing: Routing {
-                users: config
-                    .users
-                    .iter()
-                    .filter_map(|u| Some((u.name.clone(), u.account.clone()?)))
-                    .collect(),
-                default_account: config.default_account.clone(),
-            },
+            routing: Routing::new(config),
             accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
         }
     }
@@ -338,7 +315,7 @@ impl Scheduler {
             self.dead(id, &mut state, &why, None);
             return None;
         }
-        let Some(name) = self.routing.account_for(&msg) else {
+        let Some(name) = self.routing.account_for(&msg.envelope) else {
             return self.defer(
                 id,
                 &mut state,
