@@ -289,6 +289,18 @@ async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
     }
 }
 
+/// Writes the account's token file, as `relay authorize` would.
+fn save_tokens(state: &std::path::Path, t: &relay::tokens::StoredTokens) {
+    relay::tokens::TokenStore::new(state)
+        .save("office", t)
+        .unwrap();
+}
+
+/// Tokens with a valid access token whose refresh token was last used `ago`.
+fn idle_since(ago: Duration) -> relay::tokens::StoredTokens {
+    stored(Duration::from_secs(3000), Duration::from_secs(3600), ago)
+}
+
 /// The account's token file as JSON.
 fn token_file(state: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(state.join("tokens/office.json")).unwrap()).unwrap()
@@ -324,17 +336,7 @@ async fn idle_refresh_token_is_kept_alive() {
         .await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
-    let day = Duration::from_secs(86_400);
-    relay::tokens::TokenStore::new(&state)
-        .save(
-            "office",
-            &stored(
-                Duration::from_secs(3000),
-                Duration::from_secs(3600),
-                day + Duration::from_secs(3600),
-            ),
-        )
-        .unwrap();
+    save_tokens(&state, &idle_since(Duration::from_secs(86_400 + 3600)));
     let mut daemon = Daemon::spawn(&config);
     daemon.wait_log("relay_event=\"token_refreshed\"");
     let file: serde_json::Value = token_file(&state);
@@ -427,17 +429,7 @@ async fn transient_refresh_failure_is_retried() {
         .await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
-    let day = Duration::from_secs(86_400);
-    relay::tokens::TokenStore::new(&state)
-        .save(
-            "office",
-            &stored(
-                Duration::from_secs(3000),
-                Duration::from_secs(3600),
-                day + Duration::from_secs(60),
-            ),
-        )
-        .unwrap();
+    save_tokens(&state, &idle_since(Duration::from_secs(86_400 + 60)));
     let mut daemon = Daemon::spawn(&config);
     let failed = daemon.wait_log("relay_event=\"token_refresh_failed\"");
     assert!(failed.contains("503"), "{failed}");
