@@ -363,9 +363,7 @@ async fn access_token_is_renewed_ahead_of_expiry() {
         Duration::ZERO,
     );
     let expires_at = t.expires_at;
-    relay::tokens::TokenStore::new(&state)
-        .save("office", &t)
-        .unwrap();
+    save_tokens(&state, &t);
     let mut daemon = Daemon::spawn(&config);
     daemon.wait_log("relay_event=\"token_refreshed\"");
     let file: serde_json::Value = token_file(&state);
