@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use crate::config::{AccountConfig, Config};
 use crate::oauth::assertion::{ClientCertificate, ServiceAccount};
 use crate::oauth::{Endpoints, TokenClient, endpoints};
-use crate::queue::scheduler::Account;
+use crate::queue::delivery::Account;
 use crate::tokens::{AccountTokens, TokenStore};
 use crate::upstream::smtp::SmtpUpstream;
 

@@ -99,7 +99,7 @@ pub async fn authorize(
         .save(name, &tokens)
         .map_err(|e| failed(e.to_string()))?;
     // Mail deferred while the account waited for this is due now.
-    let _ = crate::queue::scheduler::request_retry(&config.state_dir, None);
+    let _ = crate::queue::retry::request_retry(&config.state_dir, None);
     let _ = writeln!(
         out,
         "Authorized {} (account {name}). Tokens stored in {}; a running relay picks them up by itself.",

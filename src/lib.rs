@@ -41,7 +41,7 @@ pub struct Relay {
     listeners: Vec<Listener>,
     scheduler: queue::scheduler::Scheduler,
     committed: tokio::sync::mpsc::UnboundedReceiver<queue::QueueId>,
-    accounts: Vec<std::sync::Arc<queue::scheduler::Account>>,
+    accounts: Vec<std::sync::Arc<queue::delivery::Account>>,
     account_configs: Vec<config::AccountConfig>,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,

@@ -251,7 +251,7 @@ struct AccountStatus {
     token_valid_until: Option<String>,
     last_refresh: Option<String>,
     last_error: Option<String>,
-    last_delivery: Option<relay::queue::scheduler::LastDelivery>,
+    last_delivery: Option<relay::queue::delivery::LastDelivery>,
     /// Credentials expiring within 30 days, or expired.
     warnings: Vec<String>,
 }
@@ -274,7 +274,7 @@ fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountS
         Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
         Ok(Some(t)) => ("ok", Some(t), None),
     };
-    let last_delivery = relay::queue::scheduler::read_last_delivery(&config.state_dir, &a.name);
+    let last_delivery = relay::queue::delivery::read_last_delivery(&config.state_dir, &a.name);
     // The last delivery did not get through: the account is failing, whatever its token says.
     let state = match &last_delivery {
         Some(d) if state == "ok" && d.outcome != "delivered" => "failing",
@@ -304,7 +304,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let queue_dir = config.state_dir.join("queue");
     let deferred = queued
         .iter()
-        .filter(|m| relay::queue::scheduler::read_state(&queue_dir, m.envelope.id).attempts > 0)
+        .filter(|m| relay::queue::state::read_state(&queue_dir, m.envelope.id).attempts > 0)
         .count();
     let oldest = queued.first().map(|m| m.envelope.received_at);
     let accounts: Vec<AccountStatus> = config
@@ -438,7 +438,7 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 (None, true) => None,
                 _ => anyhow::bail!("say which message (relay queue retry ID) or --all"),
             };
-            let n = relay::queue::scheduler::request_retry(&config.state_dir, ids.as_deref())?;
+            let n = relay::queue::retry::request_retry(&config.state_dir, ids.as_deref())?;
             println!("{n} message(s) due now; a running relay picks them up within seconds");
             Ok(ExitCode::SUCCESS)
         }

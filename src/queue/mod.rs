@@ -1,14 +1,23 @@
-//! The durable queue: `spool` writes messages in, `store` reads and manages them.
+//! The durable queue. `layout` names the files, `file` is the format of one queued message, `spool` writes
+//! messages in, `store` reads and manages them from outside the daemon, and delivery is `scheduler` (when) plus
+//! `delivery` (one attempt), with `state` (per-message delivery state) and `retry` (the trigger).
 
+pub mod delivery;
 mod envelope;
+pub mod file;
 mod id;
+pub mod layout;
+pub mod retry;
 pub mod route;
 pub mod scheduler;
 pub mod seal;
 mod spool;
+pub mod state;
 mod store;
 
 pub use envelope::Envelope;
+pub use file::{FileError, QueuedMessage};
 pub use id::QueueId;
-pub use spool::{Incoming, Spool, SpoolError, SpoolPaths};
-pub use store::{QueueStore, QueuedMessage, StoreError};
+pub use layout::SpoolPaths;
+pub use spool::{Incoming, Spool, SpoolError};
+pub use store::{Listing, QueueStore, StoreError};

@@ -1,190 +1,47 @@
-//! Delivery: takes queued messages when they are due, sends them through their account, and acts on the
-//! outcome: remove (delivered), retry later on the `[queue] retry` schedule (deferred), or move to `dead/`.
+//! When each queued message is due: new messages from the spool at once, deferred ones at their recorded next
+//! attempt, everything again when `relay queue retry` touches the trigger. Each attempt runs as its own task
+//! (`delivery.rs`); this loop only decides when.
 //!
-//! Delivery state that changes (attempts, next try, last error) lives in `queue/ID.state`, written atomically
-//! after each failed attempt; the message file itself is never rewritten.
+//! Bounded by design: at most [`MAX_IN_FLIGHT`] attempts exist at a time (the rest wait here as an id and a
+//! time, 32 bytes each), at most [`MAX_SCHEDULED`] of those wait in memory (beyond that the queue directory is
+//! read again once the schedule has room), and on shutdown attempts in flight get [`DRAIN`] to finish; the rest
+//! are stopped and their messages stay queued.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 
-use super::route::Routing;
-use super::seal::verify;
-use super::spool::{SpoolPaths, msg_path};
-use super::store::QueuedMessage;
-use super::{QueueId, QueueStore};
-use crate::config::{Config, QueueConfig};
-use crate::tokens::{AccountTokens, TokenError};
-use crate::upstream::Outcome;
-use crate::upstream::smtp::SmtpUpstream;
+use super::QueueId;
+use super::delivery::{Account, Delivery};
+use super::layout::{FileKind, parse_file_name};
+use super::retry::{TRIGGER_CHECK, trigger_mtime};
+use super::state::read_state;
+use crate::config::Config;
 
-/// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
-const PER_ACCOUNT: usize = 4;
+/// Delivery attempts that exist at once, across accounts (each account further limits its own connections).
+const MAX_IN_FLIGHT: usize = 64;
+/// Messages the schedule holds in memory; a larger backlog is read from disk again as the schedule drains.
+const MAX_SCHEDULED: usize = 100_000;
+/// How long a shutdown waits for deliveries in flight.
+pub const DRAIN: Duration = Duration::from_secs(20);
 
-/// An upstream account as delivery sees it.
-pub struct Account {
-    pub name: String,
-    pub tokens: Arc<AccountTokens>,
-    pub upstream: SmtpUpstream,
-    slots: Semaphore,
-    last_written: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
-}
-
-/// `STATE_DIR/accounts/NAME.json`: the last delivery result, for `relay status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LastDelivery {
-    #[serde(with = "humantime_serde")]
-    pub at: SystemTime,
-    /// `delivered`, `deferred` or `dead`.
-    pub outcome: String,
-    pub reply: String,
-}
-
-pub fn last_delivery_path(state_dir: &Path, account: &str) -> PathBuf {
-    state_dir.join("accounts").join(format!("{account}.json"))
-}
-
-pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDelivery> {
-    serde_json::from_slice(&std::fs::read(last_delivery_path(state_dir, account)).ok()?).ok()
-}
-
-impl Account {
-    /// Records the last result for `relay status`: at once when the kind of outcome changes, else at most once a
-    /// second, so a busy relay does not write a file per message. Not fsynced: it is a report, not mail.
-    fn record(&self, state_dir: &Path, outcome: &'static str, reply: &str) {
-        let now = std::time::Instant::now();
-        if let Ok(mut last) = self.last_written.lock() {
-            if let Some((at, kind)) = *last
-                && kind == outcome
-                && now.duration_since(at) < Duration::from_secs(1)
-            {
-                return;
-            }
-            *last = Some((now, outcome));
-        }
-        let path = last_delivery_path(state_dir, &self.name);
-        let doc = LastDelivery {
-            at: SystemTime::now(),
-            outcome: outcome.to_string(),
-            reply: reply.to_string(),
-        };
-        let tmp = path.with_extension("json.tmp");
-        let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
-            .and_then(|()| {
-                std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot record the last delivery");
-        }
-    }
-
-    pub fn new(name: String, tokens: Arc<AccountTokens>, upstream: SmtpUpstream) -> Account {
-        Account {
-            name,
-            tokens,
-            upstream,
-            slots: Semaphore::new(PER_ACCOUNT),
-            last_written: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-/// `queue/ID.state` (and `dead/ID.state`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DeliveryState {
-    pub attempts: u32,
-    #[serde(
-        default,
-        with = "humantime_serde::option",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub next_attempt: Option<SystemTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
-
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-pub fn state_path(dir: &Path, id: QueueId) -> PathBuf {
-    dir.join(format!("{id}.state"))
-}
-
-pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
-    std::fs::read(state_path(dir, id))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = atomic_write_file::AtomicWriteFile::open(state_path(dir, id))?;
-    f.write_all(&serde_json::to_vec_pretty(state).unwrap_or_default())?;
-    f.commit()
-}
-
-/// `STATE_DIR/.retry`, touched by `relay queue retry` and `relay authorize`: the daemon rereads the queue's
-/// schedule when it changes (checked every 2 s; a file, so that it works without a control socket).
-pub const RETRY_TRIGGER: &str = ".retry";
-/// How often the daemon looks at the trigger.
-const TRIGGER_CHECK: Duration = Duration::from_secs(2);
-
-/// Makes messages due now (`ids`, or every queued message) and tells a running daemon. Returns how many.
-pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Result<usize> {
-    let paths = SpoolPaths::new(state_dir);
-    let all: Vec<QueueId> = match ids {
-        Some(ids) => ids.to_vec(),
-        None => QueueStore::new(state_dir)
-            .list()
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .into_iter()
-            .map(|m| m.envelope.id)
-            .collect(),
-    };
-    for id in &all {
-        let mut state = read_state(&paths.queue, *id);
-        if state.next_attempt.take().is_some() {
-            write_state(&paths.queue, *id, &state)?;
-        }
-    }
-    touch_trigger(state_dir)?;
-    Ok(all.len())
-}
-
-/// Tells a running daemon to reread the queue's schedule.
-pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
-    let path = state_dir.join(RETRY_TRIGGER);
-    std::fs::write(
-        path,
-        humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
-    )
-}
+type Due = BinaryHeap<Reverse<(SystemTime, QueueId)>>;
 
 pub struct Scheduler {
     /// Counts finished delivery attempts, so that tests (and status) can wait for one without polling.
     pub attempts: watch::Sender<u64>,
-    paths: SpoolPaths,
-    queue: QueueConfig,
-    routing: Routing,
-    accounts: HashMap<String, Arc<Account>>,
+    delivery: Arc<Delivery>,
 }
 
 impl Scheduler {
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Scheduler {
         Scheduler {
             attempts: watch::channel(0).0,
-            paths: SpoolPaths::new(&config.state_dir),
-            queue: config.queue.clone(),
-            routing: Routing::new(config),
-            accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            delivery: Arc::new(Delivery::new(config, accounts)),
         }
     }
 
@@ -194,23 +51,24 @@ impl Scheduler {
         mut committed: mpsc::UnboundedReceiver<QueueId>,
         mut stop: watch::Receiver<bool>,
     ) {
-        if self.accounts.is_empty() {
+        if !self.delivery.has_accounts() {
             // Nothing to deliver through: mail stays queued, untouched, until an account is configured.
             let _ = stop.wait_for(|s| *s).await;
             return;
         }
-        let this = Arc::new(self);
-        let mut due: BinaryHeap<Reverse<(SystemTime, QueueId)>> = BinaryHeap::new();
+        let state_dir = self.delivery.paths().state_dir().to_path_buf();
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut tasks: JoinSet<Option<SystemTime>> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, QueueId> = HashMap::new();
         let mut in_flight: HashSet<QueueId> = HashSet::new();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<SystemTime>)>();
-        let trigger = this
-            .paths
-            .queue
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(RETRY_TRIGGER);
-        let mut trigger_seen = mtime(&trigger);
-        this.load_schedule(&mut due, &in_flight);
+        let mut trigger_seen = trigger_mtime(&state_dir);
+        let mut due = Due::new();
+        // Some when the schedule is incomplete: a reread is needed once it has room.
+        let mut overflow = false;
+        match self.load_schedule(&in_flight) {
+            Ok((d, o)) => (due, overflow) = (d, o),
+            Err(e) => tracing::error!(error = %e, "cannot read the queue; retrying shortly"),
+        }
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         loop {
             let now = SystemTime::now();
@@ -218,210 +76,137 @@ impl Scheduler {
                 if at > now {
                     break;
                 }
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
                 due.pop();
                 if in_flight.insert(id) {
-                    let this = this.clone();
-                    let done = done_tx.clone();
-                    tokio::spawn(async move {
-                        let next = this.attempt(id).await;
-                        let _ = done.send((id, next));
+                    let delivery = self.delivery.clone();
+                    let handle = tasks.spawn(async move {
+                        let next = delivery.attempt(id).await;
+                        drop(permit);
+                        next
                     });
+                    running.insert(handle.id(), id);
                 }
             }
-            let sleep = due
-                .peek()
-                .map(|Reverse((at, _))| at.duration_since(now).unwrap_or_default())
-                .unwrap_or(Duration::from_secs(3600));
+            if overflow && due.len() < MAX_SCHEDULED / 2 {
+                if let Ok((d, o)) = self.load_schedule(&in_flight) {
+                    (due, overflow) = (d, o);
+                    continue;
+                }
+            }
+            let waiting_for_slot = due.peek().is_some_and(|Reverse((at, _))| *at <= now);
+            let sleep = match due.peek() {
+                _ if waiting_for_slot => Duration::from_secs(3600),
+                Some(Reverse((at, _))) => at.duration_since(now).unwrap_or_default(),
+                None => Duration::from_secs(3600),
+            };
             tokio::select! {
-                Some(id) = committed.recv() => due.push(Reverse((SystemTime::now(), id))),
-                Some((id, next)) = done_rx.recv() => {
-                    in_flight.remove(&id);
-                    this.attempts.send_modify(|n| *n += 1);
-                    if let Some(at) = next {
-                        due.push(Reverse((at, id)));
+                Some(id) = committed.recv() => {
+                    if due.len() < MAX_SCHEDULED {
+                        due.push(Reverse((SystemTime::now(), id)));
+                    } else {
+                        overflow = true;
                     }
+                }
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (task, next) = match joined {
+                        Ok((task, next)) => (task, next),
+                        Err(e) => {
+                            let task = e.id();
+                            let next = running.get(&task).and_then(|id| {
+                                tracing::error!(relay_queue_id = %id, error = %e, "delivery attempt failed unexpectedly; the message stays queued");
+                                self.delivery.after_failure(*id, "delivery attempt failed unexpectedly")
+                            });
+                            (task, next)
+                        }
+                    };
+                    if let Some(id) = running.remove(&task) {
+                        in_flight.remove(&id);
+                        if let Some(at) = next {
+                            if due.len() < MAX_SCHEDULED {
+                                due.push(Reverse((at, id)));
+                            } else {
+                                overflow = true;
+                            }
+                        }
+                    }
+                    self.attempts.send_modify(|n| *n += 1);
                 }
                 _ = tokio::time::sleep(sleep) => {}
                 _ = check.tick() => {
-                    let now_seen = mtime(&trigger);
+                    let now_seen = trigger_mtime(&state_dir);
                     if now_seen != trigger_seen {
-                        trigger_seen = now_seen;
-                        due.clear();
-                        this.load_schedule(&mut due, &in_flight);
-                    }
-                }
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    }
-
-    /// Every queued message not in flight, due at its recorded next attempt (now, if none).
-    fn load_schedule(
-        &self,
-        due: &mut BinaryHeap<Reverse<(SystemTime, QueueId)>>,
-        in_flight: &HashSet<QueueId>,
-    ) {
-        let state_dir = self.paths.queue.parent().unwrap_or(Path::new("."));
-        match QueueStore::new(state_dir).list() {
-            Ok(list) => {
-                for m in list
-                    .into_iter()
-                    .filter(|m| !in_flight.contains(&m.envelope.id))
-                {
-                    let state = read_state(&self.paths.queue, m.envelope.id);
-                    due.push(Reverse((
-                        state.next_attempt.unwrap_or(SystemTime::UNIX_EPOCH),
-                        m.envelope.id,
-                    )));
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot read the queue"),
-        }
-    }
-
-    /// One delivery attempt. Returns when to try again, if the message stays queued.
-    async fn attempt(&self, id: QueueId) -> Option<SystemTime> {
-        let path = msg_path(&self.paths.queue, id);
-        let msg = QueuedMessage::read(&path).ok()?;
-        let mut state = read_state(&self.paths.queue, id);
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(_) => return None, // deleted meanwhile (relay queue delete)
-        };
-        let message = bytes.get(msg.offset as usize..).unwrap_or_default();
-        if !verify(&msg.seal, message) {
-            self.dead(
-                id,
-                &mut state,
-                "message file damaged on disk (its seal does not match)",
-                None,
-            );
-            return None;
-        }
-        if msg
-            .envelope
-            .received_at
-            .checked_add(self.queue.max_age)
-            .is_some_and(|end| end < SystemTime::now())
-        {
-            let why = format!(
-                "expired after {} in the queue",
-                humantime::format_duration(self.queue.max_age)
-            );
-            let why = match &state.last_error {
-                Some(last) => format!("{why}; last error: {last}"),
-                None => why,
-            };
-            self.dead(id, &mut state, &why, None);
-            return None;
-        }
-        let Some(name) = self.routing.account_for(&msg.envelope) else {
-            return self.defer(
-                id,
-                &mut state,
-                "no account is configured for this message",
-                None,
-            );
-        };
-        let Some(account) = self.accounts.get(name) else {
-            return self.defer(
-                id,
-                &mut state,
-                &format!("account {name} is not configured"),
-                None,
-            );
-        };
-        let _slot = account.slots.acquire().await.ok()?;
-        let e = &msg.envelope;
-        let outcome = match account.tokens.access_token().await {
-            Ok(token) => {
-                let first = account
-                    .upstream
-                    .send(&token, &e.sender, &e.recipients, message)
-                    .await;
-                if let Outcome::AuthRejected(_) = first {
-                    // The token may have been revoked or rotated early: one refresh, one retry, then defer.
-                    match account.tokens.force_refresh().await {
-                        Ok(token) => {
-                            account
-                                .upstream
-                                .send(&token, &e.sender, &e.recipients, message)
-                                .await
+                        // Replaced only once the new schedule is read: a failed read keeps the old one.
+                        match self.load_schedule(&in_flight) {
+                            Ok((d, o)) => {
+                                trigger_seen = now_seen;
+                                (due, overflow) = (d, o);
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot reread the queue; keeping the current schedule"),
                         }
-                        Err(err) => Outcome::Transient(err.to_string()),
                     }
-                } else {
-                    first
                 }
-            }
-            Err(err @ TokenError::NeedsAuthorization(_)) => Outcome::Transient(err.to_string()),
-            Err(err) if err.is_transient() => Outcome::Transient(err.to_string()),
-            Err(err) => Outcome::Transient(err.to_string()),
-        };
-        let state_dir = self.paths.queue.parent().unwrap_or(Path::new("."));
-        match &outcome {
-            Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
-            Outcome::Permanent(r) => account.record(state_dir, "dead", r),
-            Outcome::Transient(r) | Outcome::AuthRejected(r) => {
-                account.record(state_dir, "deferred", r)
+                _ = stop.wait_for(|s| *s) => break,
             }
         }
-        match outcome {
-            Outcome::Delivered(reply) => {
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
-                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
-                None
+        self.drain(tasks).await;
+    }
+
+    /// Lets attempts in flight finish within [`DRAIN`]; stops the rest, whose messages stay queued.
+    async fn drain(&self, mut tasks: JoinSet<Option<SystemTime>>) {
+        if tasks.is_empty() {
+            return;
+        }
+        tracing::info!(deliveries = tasks.len(), "waiting for deliveries in flight");
+        let finished = tokio::time::timeout(DRAIN, async {
+            while tasks.join_next().await.is_some() {
+                self.attempts.send_modify(|n| *n += 1);
             }
-            Outcome::Permanent(reply) => {
-                self.dead(id, &mut state, &reply, Some(&account.name));
-                None
-            }
-            Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
-                self.defer(id, &mut state, &reply, Some(&account.name))
-            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                deliveries = tasks.len(),
+                "deliveries still in flight after the drain timeout; their messages stay queued"
+            );
+            tasks.shutdown().await;
         }
     }
 
-    fn defer(
-        &self,
-        id: QueueId,
-        state: &mut DeliveryState,
-        why: &str,
-        account: Option<&str>,
-    ) -> Option<SystemTime> {
-        state.attempts += 1;
-        let step = self
-            .queue
-            .retry
-            .get(state.attempts as usize - 1)
-            .or(self.queue.retry.last())
-            .copied()
-            .unwrap_or(Duration::from_secs(300));
-        let next = SystemTime::now() + step;
-        state.next_attempt = Some(next);
-        state.last_error = Some(why.to_string());
-        if let Err(e) = write_state(&self.paths.queue, id, state) {
-            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
+    /// Every queued message not in flight, due at its recorded next attempt (now, if none): the
+    /// [`MAX_SCHEDULED`] soonest, and whether some were left out. Reads file names and state files only.
+    fn load_schedule(&self, in_flight: &HashSet<QueueId>) -> std::io::Result<(Due, bool)> {
+        let queue = &self.delivery.paths().queue;
+        let mut messages = Vec::new();
+        let mut with_state = HashSet::new();
+        for entry in std::fs::read_dir(queue)? {
+            match parse_file_name(&entry?.path()) {
+                Some((id, FileKind::Message)) if !in_flight.contains(&id) => messages.push(id),
+                Some((id, FileKind::State)) => {
+                    with_state.insert(id);
+                }
+                _ => {}
+            }
         }
-        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
-        Some(next)
-    }
-
-    fn dead(&self, id: QueueId, state: &mut DeliveryState, why: &str, account: Option<&str>) {
-        state.attempts += 1;
-        state.next_attempt = None;
-        state.last_error = Some(why.to_string());
-        let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
-            std::fs::rename(
-                msg_path(&self.paths.queue, id),
-                msg_path(&self.paths.dead, id),
-            )
-        });
-        let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
-        if let Err(e) = moved {
-            tracing::error!(relay_queue_id = %id, error = %e, "cannot move the message to dead/");
+        // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
+        let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
+        let mut overflow = false;
+        for id in messages {
+            let at = if with_state.contains(&id) {
+                read_state(queue, id)
+                    .next_attempt
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+            } else {
+                SystemTime::UNIX_EPOCH
+            };
+            kept.push((at, id));
+            if kept.len() > MAX_SCHEDULED {
+                kept.pop();
+                overflow = true;
+            }
         }
-        tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+        Ok((kept.into_iter().map(Reverse).collect(), overflow))
     }
 }

@@ -11,8 +11,9 @@
 //! accepting a message, and a disk flush is the longest wait. A lone message is flushed on its own (fdatasync of
 //! the file and of `queue/`), so a quiet relay never waits on other programs' data.
 //!
-//! At start-up, any file in `queue/` without a seal is removed: it was still arriving when relay stopped, and
-//! its client never heard 250.
+//! The seal is the last thing written before the flush (`file.rs`). At start-up, a file in `queue/` whose seal
+//! slot still holds the placeholder is removed: it was still arriving when relay stopped, and its client never
+//! heard 250. A file that is not what relay writes goes to `quarantine/`, never away.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -22,8 +23,8 @@ use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::seal::{SEAL_LEN, UNSEALED, seal};
-use super::store::QueuedMessage;
+use super::file::{self, FileError, SEAL_AT};
+use super::layout::{FileKind, SpoolPaths, msg_path, parse_file_name};
 use super::{Envelope, QueueId};
 
 /// In-memory part of a message before it spills to its file. Most device mail (a scan, an alert) fits.
@@ -46,22 +47,6 @@ impl SpoolError {
     }
 }
 
-/// The directories under the state dir that hold mail.
-#[derive(Debug, Clone)]
-pub struct SpoolPaths {
-    pub queue: PathBuf,
-    pub dead: PathBuf,
-}
-
-impl SpoolPaths {
-    pub fn new(state_dir: &Path) -> SpoolPaths {
-        SpoolPaths {
-            queue: state_dir.join("queue"),
-            dead: state_dir.join("dead"),
-        }
-    }
-}
-
 /// The queue's write side, shared by every session.
 #[derive(Clone)]
 pub struct Spool {
@@ -75,11 +60,11 @@ struct Inner {
 
 struct Job {
     id: QueueId,
-    /// The file, if the body spilled; its envelope line then still holds the placeholder at `seal_at`.
+    /// The file, if the body spilled; its envelope line still holds the placeholder.
     file: Option<File>,
+    /// The bytes not yet in the file (all of them, envelope line first, if the body never spilled).
     tail: Vec<u8>,
     seal: String,
-    seal_at: usize,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
@@ -91,7 +76,7 @@ impl Spool {
         committed: Option<tokio::sync::mpsc::UnboundedSender<QueueId>>,
     ) -> Result<Spool, SpoolError> {
         let paths = SpoolPaths::new(state_dir);
-        for dir in [state_dir, &paths.queue, &paths.dead] {
+        for dir in [state_dir, &paths.queue, &paths.dead, &paths.quarantine] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o750)
@@ -117,12 +102,7 @@ impl Spool {
     /// Starts a new message: its envelope goes first, the message bytes follow with [`Incoming::write`].
     pub fn begin(&self, envelope: &Envelope) -> Incoming {
         let mut buf = Vec::with_capacity(8192);
-        buf.extend_from_slice(&QueuedMessage::line(envelope, UNSEALED));
-        // The placeholder is the only run of 80 zeros in the line: ids and times are shorter.
-        let seal_at = buf
-            .windows(SEAL_LEN)
-            .position(|w| w == UNSEALED.as_bytes())
-            .unwrap_or(0);
+        buf.extend_from_slice(&file::unsealed_line(envelope));
         Incoming {
             spool: self.inner.clone(),
             id: envelope.id,
@@ -130,7 +110,6 @@ impl Spool {
             file: None,
             len: 0,
             hash: blake3::Hasher::new(),
-            seal_at,
         }
     }
 }
@@ -143,7 +122,6 @@ pub struct Incoming {
     file: Option<File>,
     len: u64,
     hash: blake3::Hasher,
-    seal_at: usize,
 }
 
 impl Incoming {
@@ -197,19 +175,13 @@ impl Incoming {
 
     /// Makes the message durable in `queue/`. Returns once it is on disk, or with the reason it is not.
     pub async fn commit(mut self) -> Result<QueueId, SpoolError> {
-        let seal = seal(self.len, &self.hash.finalize());
-        if self.file.is_none()
-            && let Some(slot) = self.buf.get_mut(self.seal_at..self.seal_at + SEAL_LEN)
-        {
-            slot.copy_from_slice(seal.as_bytes());
-        }
+        let seal = file::seal_for(self.len, &self.hash.finalize());
         let (done, wait) = oneshot::channel();
         let job = Job {
             id: self.id,
             file: self.file.take(),
             tail: std::mem::take(&mut self.buf),
             seal,
-            seal_at: self.seal_at,
             done,
         };
         // From here the committer owns the file, and removes it if it fails.
@@ -228,11 +200,6 @@ impl Drop for Incoming {
     }
 }
 
-/// Where a message lives in `dir` (`queue/` or `dead/`).
-pub(crate) fn msg_path(dir: &Path, id: QueueId) -> PathBuf {
-    dir.join(format!("{id}.msg"))
-}
-
 fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
@@ -241,21 +208,66 @@ fn create_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Start-up clean-up: a file without a seal was still arriving when relay stopped and was never acknowledged.
+/// Start-up clean-up. A file whose seal slot holds the placeholder was still arriving when relay stopped and
+/// was never acknowledged: removed. A file relay cannot read goes to `quarantine/` with a log line: it might
+/// have been acknowledged, so it is never removed. A state file without its message is a leftover of a delivery
+/// or deletion cut off between its two unlinks.
 fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
     let entries = fs::read_dir(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
+    let mut states = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|e| e != "msg") {
-            continue;
+        match parse_file_name(&path) {
+            Some((_, FileKind::Message)) => match file::read(&path) {
+                Ok(_) => {}
+                Err(FileError::Unsealed { .. }) => {
+                    tracing::info!(path = %path.display(), "removing a message that was never acknowledged (cut off by a stop or crash)");
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => quarantine(paths, &path, &e.to_string()),
+            },
+            Some((id, FileKind::State)) => states.push(id),
+            // atomic-write-file's temporary files (`.NAME.RANDOM`), left by a crash mid-write.
+            None if entry.file_name().to_string_lossy().starts_with('.') => {
+                let _ = fs::remove_file(&path);
+            }
+            None => {}
         }
-        let sealed = QueuedMessage::read(&path).is_ok_and(|m| m.is_sealed());
-        if !sealed {
-            tracing::warn!(path = %path.display(), "removing a message that was never acknowledged (cut off by a stop or crash)");
-            let _ = fs::remove_file(&path);
+    }
+    for id in states {
+        if !msg_path(&paths.queue, id).exists() {
+            let _ = fs::remove_file(super::layout::state_path(&paths.queue, id));
         }
     }
     Ok(())
+}
+
+/// Moves a file relay cannot deliver from to `quarantine/`, with a log line. Its state file goes with it.
+pub(crate) fn quarantine(paths: &SpoolPaths, path: &Path, why: &str) {
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let _ = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&paths.quarantine);
+    let to = paths.quarantine.join(name);
+    match fs::rename(path, &to) {
+        Ok(()) => {
+            if let Some((id, _)) = parse_file_name(path) {
+                let state = super::layout::state_path(&paths.queue, id);
+                let _ = fs::rename(&state, super::layout::state_path(&paths.quarantine, id));
+            }
+            let _ = File::open(&paths.quarantine).and_then(|d| d.sync_all());
+            let _ = File::open(&paths.queue).and_then(|d| d.sync_all());
+            tracing::error!(relay_event = "quarantined", path = %to.display(), reason = %why, "queue file moved to quarantine/ (not delivered, not deleted): look at it, then move it back or remove it");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(path = %path.display(), reason = %why, error = %e, "cannot move an unreadable queue file to quarantine/");
+        }
+    }
 }
 
 /// The committer thread: one batch at a time, as many messages per batch as are waiting.
@@ -312,20 +324,18 @@ fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) -> 
     durable
 }
 
-/// Writes a job's remaining bytes and its seal; returns its file, still to be flushed.
+/// Writes a job's remaining bytes, then its seal; returns its file, still to be flushed.
 fn write_job(paths: &SpoolPaths, job: &Job) -> Result<File, SpoolError> {
     let path = msg_path(&paths.queue, job.id);
     let io = |e| SpoolError::io(&path, e);
     let mut file = match &job.file {
-        Some(f) => {
-            let f = f.try_clone().map_err(io)?;
-            f.write_all_at(job.seal.as_bytes(), job.seal_at as u64)
-                .map_err(io)?;
-            f
-        }
+        Some(f) => f.try_clone().map_err(io)?,
         None => create_new(&path).map_err(io)?,
     };
     file.write_all(&job.tail).map_err(io)?;
+    // Last: a file with a seal is a whole file, even if relay is killed between these writes.
+    file.write_all_at(job.seal.as_bytes(), SEAL_AT as u64)
+        .map_err(io)?;
     Ok(file)
 }
 

@@ -1,18 +1,15 @@
 //! Reading and acting on the queue from outside the daemon (`relay queue …`, `relay status`). Safe while the
-//! daemon runs: a message still arriving has no seal yet and is not listed.
+//! daemon runs: a message still arriving has no seal yet and is not listed, a file that vanishes between the
+//! listing and the read (delivered, deleted) is simply gone, and nothing here ever fails a whole listing
+//! because of one file.
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
-use super::seal::is_sealed;
-use super::spool::{SpoolPaths, msg_path};
-use super::{Envelope, QueueId};
-
-/// Longest envelope line we read: 100 recipients of 256 bytes fit many times over.
-const MAX_ENVELOPE_LINE: u64 = 1 << 20;
+use super::QueueId;
+use super::file::{self, FileError, QueuedMessage};
+use super::layout::{FileKind, SpoolPaths, msg_path, parse_file_name, state_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,8 +19,8 @@ pub enum StoreError {
     BadId(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: unreadable envelope line: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -33,75 +30,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// A message in the queue: its envelope, and where its bytes are.
-#[derive(Debug, Clone, Serialize)]
-pub struct QueuedMessage {
-    #[serde(flatten)]
-    pub envelope: Envelope,
-    /// Bytes of the message: relay's `Received:` line plus what the client sent.
-    pub size: u64,
-    #[serde(skip)]
-    pub path: PathBuf,
-    /// Where the message starts in the file (after the envelope line).
-    #[serde(skip)]
-    pub offset: u64,
-    /// Length and hash of the message, or zeros while it is still arriving (`seal.rs`).
-    #[serde(skip)]
-    pub seal: String,
-}
-
-/// The first line of a queue file.
-#[derive(Serialize, serde::Deserialize)]
-struct Line<E> {
-    #[serde(flatten)]
-    envelope: E,
-    seal: String,
-}
-
-impl QueuedMessage {
-    /// The first line of a queue file: the envelope and the seal, as one line of JSON (compact JSON never
-    /// holds a raw newline).
-    pub(crate) fn line(envelope: &Envelope, seal: &str) -> Vec<u8> {
-        let line = Line {
-            envelope,
-            seal: seal.to_string(),
-        };
-        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-        bytes.push(b'\n');
-        bytes
-    }
-
-    /// Complete: not a message still arriving.
-    pub fn is_sealed(&self) -> bool {
-        is_sealed(&self.seal)
-    }
-
-    /// Reads the envelope line of a queue file.
-    pub fn read(path: &Path) -> Result<QueuedMessage, StoreError> {
-        let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
-        let mut line = Vec::new();
-        BufReader::new(io::Read::take(file, MAX_ENVELOPE_LINE))
-            .read_until(b'\n', &mut line)
-            .map_err(io_err(path))?;
-        let corrupt = |reason: String| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if line.last() != Some(&b'\n') {
-            return Err(corrupt("no complete first line".into()));
-        }
-        let parsed: Line<Envelope> =
-            serde_json::from_slice(&line).map_err(|e| corrupt(e.to_string()))?;
-        let offset = line.len() as u64;
-        Ok(QueuedMessage {
-            envelope: parsed.envelope,
-            size: len.saturating_sub(offset),
-            path: path.to_path_buf(),
-            offset,
-            seal: parsed.seal,
-        })
-    }
+/// A directory's messages: the readable ones, and how many could not be read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Sealed messages, oldest first.
+    pub messages: Vec<QueuedMessage>,
+    /// Files that are not what relay writes (the daemon moves them to `quarantine/`).
+    pub unreadable: usize,
 }
 
 /// The queue as seen from the state dir.
@@ -116,14 +51,57 @@ impl QueueStore {
         }
     }
 
+    pub fn paths(&self) -> &SpoolPaths {
+        &self.paths
+    }
+
     /// Every queued message, oldest first. A missing queue directory is an empty queue.
     pub fn list(&self) -> Result<Vec<QueuedMessage>, StoreError> {
-        list_dir(&self.paths.queue)
+        Ok(self.scan(&self.paths.queue)?.messages)
     }
 
     /// Every message in `dead/`, oldest first.
     pub fn list_dead(&self) -> Result<Vec<QueuedMessage>, StoreError> {
-        list_dir(&self.paths.dead)
+        Ok(self.scan(&self.paths.dead)?.messages)
+    }
+
+    /// Message files in `quarantine/`.
+    pub fn count_quarantined(&self) -> Result<usize, StoreError> {
+        let entries = match fs::read_dir(&self.paths.quarantine) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&self.paths.quarantine)(e)),
+        };
+        Ok(entries
+            .flatten()
+            .filter(|e| parse_file_name(&e.path()).is_some_and(|(_, k)| k == FileKind::Message))
+            .count())
+    }
+
+    /// The sealed messages of `dir`, and how many files there could not be read.
+    pub fn scan(&self, dir: &Path) -> Result<Listing, StoreError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
+            Err(e) => return Err(io_err(dir)(e)),
+        };
+        let mut out = Listing::default();
+        for entry in entries {
+            let path = entry.map_err(io_err(dir))?.path();
+            if !parse_file_name(&path).is_some_and(|(_, k)| k == FileKind::Message) {
+                continue;
+            }
+            match file::read(&path) {
+                Ok(m) => out.messages.push(m),
+                // Still arriving, or gone between the listing and the read.
+                Err(FileError::Unsealed { .. }) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(_) => out.unreadable += 1,
+            }
+        }
+        out.messages
+            .sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
+        Ok(out)
     }
 
     pub fn parse_id(s: &str) -> Result<QueueId, StoreError> {
@@ -131,16 +109,14 @@ impl QueueStore {
     }
 
     pub fn get(&self, id: QueueId) -> Result<QueuedMessage, StoreError> {
-        match QueuedMessage::read(&msg_path(&self.paths.queue, id)) {
-            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Err(StoreError::NotFound(id.to_string()))
-            }
-            Ok(m) if !m.is_sealed() => Err(StoreError::NotFound(id.to_string())),
-            other => other,
+        match file::read(&msg_path(&self.paths.queue, id)) {
+            Err(e) if e.is_not_found() => Err(StoreError::NotFound(id.to_string())),
+            Err(FileError::Unsealed { .. }) => Err(StoreError::NotFound(id.to_string())),
+            other => Ok(other?),
         }
     }
 
-    /// Removes a message for good.
+    /// Removes a message for good, its state file after it (a state file left alone is cleaned up at start).
     pub fn delete(&self, id: QueueId) -> Result<(), StoreError> {
         let path = msg_path(&self.paths.queue, id);
         match fs::remove_file(&path) {
@@ -149,33 +125,9 @@ impl QueueStore {
             }
             other => other.map_err(io_err(&path))?,
         }
+        let _ = fs::remove_file(state_path(&self.paths.queue, id));
         File::open(&self.paths.queue)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.paths.queue))
     }
-}
-
-fn list_dir(dir: &Path) -> Result<Vec<QueuedMessage>, StoreError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(io_err(dir))?.path();
-        if path.extension().is_none_or(|e| e != "msg") {
-            continue;
-        }
-        match QueuedMessage::read(&path) {
-            Ok(m) if m.is_sealed() => out.push(m),
-            // Still arriving.
-            Ok(_) => {}
-            // Deleted between the listing and the read: it is simply gone.
-            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    out.sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
-    Ok(out)
 }

@@ -1,0 +1,356 @@
+//! One delivery attempt: read a queued message, send it through its account, and act on the outcome: remove it
+//! (delivered), retry later on the `[queue] retry` schedule (deferred), move it to `dead/`, or to
+//! `quarantine/` when its file is damaged.
+//!
+//! Memory is bounded here, not by how much mail waits: a message's bytes are read only once the attempt holds
+//! its account's connection slot and its share of [`DELIVERY_MEMORY`], so a backlog of any size costs the
+//! scheduler a few dozen bytes per message and no more.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::QueueId;
+use super::file::{self, FileError};
+use super::layout::{SpoolPaths, msg_path, state_path};
+use super::route::Routing;
+use super::spool::quarantine;
+use super::state::{DeliveryState, read_state, write_state};
+use crate::config::{Config, QueueConfig};
+use crate::tokens::AccountTokens;
+use crate::upstream::Outcome;
+use crate::upstream::smtp::SmtpUpstream;
+
+/// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
+const PER_ACCOUNT: usize = 4;
+/// Message bytes held by all deliveries together. The SMTP client holds a whole message (and may copy it while
+/// dot-stuffing), so each delivery is charged twice its size; a message larger than the budget runs alone.
+pub const DELIVERY_MEMORY: usize = 32 << 20;
+
+/// An upstream account as delivery sees it.
+pub struct Account {
+    pub name: String,
+    pub tokens: Arc<AccountTokens>,
+    pub upstream: SmtpUpstream,
+    slots: Semaphore,
+    last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
+}
+
+/// `STATE_DIR/accounts/NAME.json`: the last delivery result, for `relay status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastDelivery {
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    /// `delivered`, `deferred` or `dead`.
+    pub outcome: String,
+    pub reply: String,
+}
+
+pub fn last_delivery_path(state_dir: &Path, account: &str) -> PathBuf {
+    state_dir.join("accounts").join(format!("{account}.json"))
+}
+
+pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDelivery> {
+    serde_json::from_slice(&std::fs::read(last_delivery_path(state_dir, account)).ok()?).ok()
+}
+
+impl Account {
+    pub fn new(name: String, tokens: Arc<AccountTokens>, upstream: SmtpUpstream) -> Account {
+        Account {
+            name,
+            tokens,
+            upstream,
+            slots: Semaphore::new(PER_ACCOUNT),
+            last_written: Mutex::new(None),
+        }
+    }
+
+    /// Records the last result for `relay status`: at once when the kind of outcome changes, else at most once a
+    /// second, so a busy relay does not write a file per message. Not fsynced: it is a report, not mail.
+    fn record(&self, state_dir: &Path, outcome: &'static str, reply: &str) {
+        let now = std::time::Instant::now();
+        if let Ok(mut last) = self.last_written.lock() {
+            if let Some((at, kind)) = *last
+                && kind == outcome
+                && now.duration_since(at) < Duration::from_secs(1)
+            {
+                return;
+            }
+            *last = Some((now, outcome));
+        }
+        let path = last_delivery_path(state_dir, &self.name);
+        let doc = LastDelivery {
+            at: SystemTime::now(),
+            outcome: outcome.to_string(),
+            reply: reply.to_string(),
+        };
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
+            .and_then(|()| {
+                std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot record the last delivery");
+        }
+    }
+}
+
+/// What every delivery attempt shares.
+pub struct Delivery {
+    paths: SpoolPaths,
+    queue: QueueConfig,
+    routing: Routing,
+    accounts: HashMap<String, Arc<Account>>,
+    /// [`DELIVERY_MEMORY`] in KiB.
+    memory: Semaphore,
+    /// Delivered, but their file could not be removed: never sent again by this run.
+    delivered: Mutex<HashSet<QueueId>>,
+}
+
+const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
+
+impl Delivery {
+    pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Delivery {
+        Delivery {
+            paths: SpoolPaths::new(&config.state_dir),
+            queue: config.queue.clone(),
+            routing: Routing::new(config),
+            accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            memory: Semaphore::new(MEMORY_UNITS as usize),
+            delivered: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn paths(&self) -> &SpoolPaths {
+        &self.paths
+    }
+
+    pub fn has_accounts(&self) -> bool {
+        !self.accounts.is_empty()
+    }
+
+    /// Whether this run already delivered `id` (its file could not be removed).
+    pub fn already_delivered(&self, id: QueueId) -> bool {
+        self.delivered.lock().is_ok_and(|d| d.contains(&id))
+    }
+
+    /// One delivery attempt. Returns when to try again, if the message stays queued.
+    pub async fn attempt(&self, id: QueueId) -> Option<SystemTime> {
+        if self.already_delivered(id) {
+            self.remove_delivered(id);
+            return None;
+        }
+        let path = msg_path(&self.paths.queue, id);
+        let msg = match file::read(&path) {
+            Ok(m) => m,
+            // Deleted meanwhile (`relay queue delete`), or already delivered by an earlier attempt.
+            Err(e) if e.is_not_found() => return None,
+            Err(FileError::Unsealed { .. }) => return None,
+            Err(e) => {
+                quarantine(&self.paths, &path, &e.to_string());
+                return None;
+            }
+        };
+        let mut state = read_state(&self.paths.queue, id);
+        if let Some(next) = state.next_attempt
+            && next > SystemTime::now()
+        {
+            // Scheduled twice (a reread of the schedule raced a deferral): keep the later time.
+            return Some(next);
+        }
+        if msg
+            .envelope
+            .received_at
+            .checked_add(self.queue.max_age)
+            .is_some_and(|end| end < SystemTime::now())
+        {
+            let why = format!(
+                "expired after {} in the queue",
+                humantime::format_duration(self.queue.max_age)
+            );
+            let why = match &state.last_error {
+                Some(last) => format!("{why}; last error: {last}"),
+                None => why,
+            };
+            self.dead(id, &mut state, &why, None);
+            return None;
+        }
+        let Some(name) = self.routing.account_for(&msg.envelope) else {
+            return self.defer(
+                id,
+                &mut state,
+                "no account is configured for this message",
+                None,
+            );
+        };
+        let Some(account) = self.accounts.get(name) else {
+            return self.defer(
+                id,
+                &mut state,
+                &format!("account {name} is not configured"),
+                None,
+            );
+        };
+        let _slot = account.slots.acquire().await.ok()?;
+        let units = u32::try_from(msg.size.saturating_mul(2) >> 10)
+            .unwrap_or(u32::MAX)
+            .clamp(1, MEMORY_UNITS);
+        let _memory = self.memory.acquire_many(units).await.ok()?;
+        let read = {
+            let msg = msg.clone();
+            tokio::task::spawn_blocking(move || msg.read_verified()).await
+        };
+        let message = match read {
+            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Ok(None)) => {
+                quarantine(
+                    &self.paths,
+                    &path,
+                    "the message's bytes do not match its seal (damaged on disk)",
+                );
+                return None;
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Ok(Err(e)) => {
+                return self.defer(
+                    id,
+                    &mut state,
+                    &format!("cannot read the queue file: {e}"),
+                    None,
+                );
+            }
+            Err(e) => return self.defer(id, &mut state, &e.to_string(), None),
+        };
+        let outcome = send(account, &msg.envelope, &message).await;
+        drop(message);
+        let state_dir = self.paths.state_dir();
+        match &outcome {
+            Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
+            Outcome::Permanent(r) => account.record(state_dir, "dead", r),
+            Outcome::Transient(r) | Outcome::AuthRejected(r) => {
+                account.record(state_dir, "deferred", r)
+            }
+        }
+        match outcome {
+            Outcome::Delivered(reply) => {
+                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
+                if let Ok(mut d) = self.delivered.lock() {
+                    d.insert(id);
+                }
+                self.remove_delivered(id);
+                None
+            }
+            Outcome::Permanent(reply) => {
+                self.dead(id, &mut state, &reply, Some(&account.name));
+                None
+            }
+            Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
+                self.defer(id, &mut state, &reply, Some(&account.name))
+            }
+        }
+    }
+
+    /// Removes a delivered message. If that fails it stays in [`Self::delivered`], so this run never sends it
+    /// again, and the removal is retried whenever it comes up.
+    fn remove_delivered(&self, id: QueueId) {
+        let path = msg_path(&self.paths.queue, id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(relay_queue_id = %id, path = %path.display(), error = %e, "cannot remove a delivered message; it is not sent again while relay runs, but would be after a restart: fix the queue directory's permissions");
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+        if let Ok(mut d) = self.delivered.lock() {
+            d.remove(&id);
+        }
+    }
+
+    /// After an attempt that ended without an outcome (it panicked): the message stays queued and is retried.
+    pub fn after_failure(&self, id: QueueId, why: &str) -> Option<SystemTime> {
+        if !msg_path(&self.paths.queue, id).exists() || self.already_delivered(id) {
+            return None;
+        }
+        let mut state = read_state(&self.paths.queue, id);
+        self.defer(id, &mut state, why, None)
+    }
+
+    fn defer(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: Option<&str>,
+    ) -> Option<SystemTime> {
+        state.attempts = state.attempts.saturating_add(1);
+        let step = self
+            .queue
+            .retry
+            .get(state.attempts as usize - 1)
+            .or(self.queue.retry.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(300));
+        let now = SystemTime::now();
+        let next = now.checked_add(step).unwrap_or(now);
+        state.next_attempt = Some(next);
+        state.last_error = Some(why.to_string());
+        if let Err(e) = write_state(&self.paths.queue, id, state) {
+            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
+        }
+        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
+        Some(next)
+    }
+
+    fn dead(&self, id: QueueId, state: &mut DeliveryState, why: &str, account: Option<&str>) {
+        state.attempts = state.attempts.saturating_add(1);
+        state.next_attempt = None;
+        state.last_error = Some(why.to_string());
+        let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
+            std::fs::rename(
+                msg_path(&self.paths.queue, id),
+                msg_path(&self.paths.dead, id),
+            )
+        });
+        match moved {
+            Ok(()) => {
+                let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+            }
+            Err(e) => {
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, error = %e, "failed for good, but cannot move the message to dead/; it stays queued");
+            }
+        }
+    }
+}
+
+/// Sends through the account's upstream; a refused token gets one refresh and one retry.
+async fn send(account: &Account, e: &super::Envelope, message: &[u8]) -> Outcome {
+    let token = match account.tokens.access_token().await {
+        Ok(token) => token,
+        Err(err) => return Outcome::Transient(err.to_string()),
+    };
+    let first = account
+        .upstream
+        .send(&token, &e.sender, &e.recipients, message)
+        .await;
+    if !matches!(first, Outcome::AuthRejected(_)) {
+        return first;
+    }
+    // The token may have been revoked or rotated early: one refresh, one retry, then defer.
+    match account.tokens.force_refresh().await {
+        Ok(token) => {
+            account
+                .upstream
+                .send(&token, &e.sender, &e.recipients, message)
+                .await
+        }
+        Err(err) => Outcome::Transient(err.to_string()),
+    }
+}
