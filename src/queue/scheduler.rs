@@ -90,11 +90,12 @@ impl Scheduler {
                     running.insert(handle.id(), id);
                 }
             }
-            if overflow && due.len() < MAX_SCHEDULED / 2 {
-                if let Ok((d, o)) = self.load_schedule(&in_flight) {
-                    (due, overflow) = (d, o);
-                    continue;
-                }
+            if overflow
+                && due.len() < MAX_SCHEDULED / 2
+                && let Ok((d, o)) = self.load_schedule(&in_flight)
+            {
+                (due, overflow) = (d, o);
+                continue;
             }
             let waiting_for_slot = due.peek().is_some_and(|Reverse((at, _))| *at <= now);
             let sleep = match due.peek() {
