@@ -283,7 +283,9 @@ async fn device_code(
             Ok(DevicePoll::Granted(grant)) => return Ok(grant),
             Ok(DevicePoll::Pending) => {}
             // RFC 8628 section 3.5: every slow_down adds 5 seconds to the interval, for good.
-            Ok(DevicePoll::SlowDown) => interval += Duration::from_secs(5),
+            Ok(DevicePoll::SlowDown) => {
+                interval = (interval + Duration::from_secs(5)).min(Duration::from_secs(120))
+            }
             Err(e) => return Err(failed(explain(&e))),
         }
         if Instant::now() >= deadline {

@@ -43,8 +43,50 @@ pub enum DevicePoll {
 #[derive(Deserialize)]
 struct TokenReply {
     access_token: String,
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
     refresh_token: Option<String>,
+}
+
+/// Longest token reply read: real ones are a few KiB; a misbehaving endpoint must not fill memory.
+const MAX_REPLY: usize = 1 << 20;
+
+/// Bounds on durations that come from the network. A token that claims to live longer is still renewed daily;
+/// one that claims to be dead already (0, negative) is used for a minute rather than renewed in a tight loop.
+const TOKEN_LIFETIME: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(86_400));
+const DEVICE_CODE_LIFETIME: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3600));
+const POLL_INTERVAL: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+/// A duration in seconds as providers send it, clamped to `bounds`: a JSON number (integer or not, negative,
+/// or far past any clock) or a string holding one (Azure AD's v1 endpoint sends `"3599"`). Anything else, or
+/// nothing, is `default`.
+fn seconds(
+    v: Option<&serde_json::Value>,
+    default: Duration,
+    bounds: (Duration, Duration),
+) -> Duration {
+    let n = match v {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n.is_nan() => default,
+        // Saturating: f64 comparisons first, so no conversion can overflow.
+        Some(n) if n <= bounds.0.as_secs_f64() => bounds.0,
+        Some(n) if n >= bounds.1.as_secs_f64() => bounds.1,
+        Some(n) => Duration::from_secs_f64(n),
+        None => default,
+    }
+}
+
+/// Parses a token endpoint's success reply. Public for the fuzz target: whatever the bytes, this returns.
+pub fn parse_token_reply(body: &[u8], before: SystemTime) -> Result<Grant, OAuthError> {
+    let t: TokenReply =
+        serde_json::from_slice(body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+    if t.access_token.is_empty() {
+        return Err(OAuthError::Malformed("empty access_token".into()));
+    }
+    Ok(grant(t, before))
 }
 
 #[derive(Deserialize)]
@@ -60,8 +102,8 @@ struct DeviceReply {
     // RFC 8628 says verification_uri; Google says verification_url.
     #[serde(alias = "verification_url")]
     verification_uri: String,
-    expires_in: u64,
-    interval: Option<u64>,
+    expires_in: Option<serde_json::Value>,
+    interval: Option<serde_json::Value>,
     message: Option<String>,
 }
 
@@ -167,8 +209,12 @@ impl TokenClient {
             device_code: SecretString::from(d.device_code),
             user_code: d.user_code,
             verification_uri: d.verification_uri,
-            expires_in: Duration::from_secs(d.expires_in),
-            interval: Duration::from_secs(d.interval.unwrap_or(5)),
+            expires_in: seconds(
+                d.expires_in.as_ref(),
+                Duration::from_secs(900),
+                DEVICE_CODE_LIFETIME,
+            ),
+            interval: seconds(d.interval.as_ref(), Duration::from_secs(5), POLL_INTERVAL),
             message: d.message,
         })
     }
@@ -211,9 +257,17 @@ impl TokenClient {
             let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             request = request.basic_auth(enc(&self.client_id), Some(enc(secret.expose_secret())));
         }
-        let reply = request.send().await?;
+        let mut reply = request.send().await?;
         let status = reply.status();
-        let body = reply.bytes().await?;
+        let mut body = Vec::new();
+        while let Some(chunk) = reply.chunk().await? {
+            if body.len() + chunk.len() > MAX_REPLY {
+                return Err(OAuthError::Malformed(format!(
+                    "reply over {MAX_REPLY} bytes (HTTP {status})"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         if !status.is_success() {
             return Err(endpoint_error(status.as_u16(), &body));
         }
@@ -248,7 +302,12 @@ fn grant(t: TokenReply, before: SystemTime) -> Grant {
     Grant {
         access_token: SecretString::from(t.access_token),
         // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
-        expires_at: before + Duration::from_secs(t.expires_in.unwrap_or(3600)),
+        expires_at: before
+            + seconds(
+                t.expires_in.as_ref(),
+                Duration::from_secs(3600),
+                TOKEN_LIFETIME,
+            ),
         refresh_token: t.refresh_token.map(SecretString::from),
     }
 }
@@ -264,5 +323,44 @@ fn endpoint_error(status: u16, body: &[u8]) -> OAuthError {
             status,
             body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn network_durations_are_clamped() {
+        let d = |v: serde_json::Value| seconds(Some(&v), Duration::from_secs(3600), TOKEN_LIFETIME);
+        assert_eq!(d(json!(3599)), Duration::from_secs(3599));
+        assert_eq!(d(json!("3599")), Duration::from_secs(3599));
+        assert_eq!(
+            d(json!(18446744073709551615u64)),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(d(json!(1e30)), Duration::from_secs(86_400));
+        assert_eq!(d(json!(-5)), Duration::from_secs(60));
+        assert_eq!(d(json!(0)), Duration::from_secs(60));
+        assert_eq!(d(json!(null)), Duration::from_secs(3600));
+        assert_eq!(d(json!("soon")), Duration::from_secs(3600));
+        assert_eq!(
+            seconds(None, Duration::from_secs(3600), TOKEN_LIFETIME),
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn token_reply_with_a_huge_lifetime_gives_a_usable_expiry() {
+        let now = SystemTime::now();
+        let g = parse_token_reply(
+            br#"{"access_token":"a","expires_in":18446744073709551615}"#,
+            now,
+        )
+        .unwrap();
+        assert_eq!(g.expires_at, now + Duration::from_secs(86_400));
+        assert!(parse_token_reply(br#"{"access_token":"","expires_in":1}"#, now).is_err());
+        assert!(parse_token_reply(b"{", now).is_err());
     }
 }

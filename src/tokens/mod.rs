@@ -66,6 +66,8 @@ pub struct AccountTokens {
 struct State {
     tokens: Option<StoredTokens>,
     file_mtime: Option<SystemTime>,
+    /// Hash of the file as last read or written: a refresh never replaces a file that changed meanwhile.
+    file_hash: Option<blake3::Hash>,
 }
 
 impl AccountTokens {
@@ -144,7 +146,7 @@ impl AccountTokens {
     fn reload_if_changed(&self, state: &mut State) -> Result<(), TokenError> {
         let mtime = self.store.mtime(&self.name);
         if mtime != state.file_mtime || state.tokens.is_none() {
-            state.tokens = self.store.load(&self.name)?;
+            (state.tokens, state.file_hash) = self.store.load_hashed(&self.name)?;
             state.file_mtime = mtime;
         }
         Ok(())
@@ -194,7 +196,13 @@ impl AccountTokens {
                     needs_authorization: false,
                     last_error: None,
                 };
-                self.store.save(&self.name, &tokens)?;
+                let Some(hash) =
+                    self.store
+                        .save_if_unchanged(&self.name, &tokens, state.file_hash)?
+                else {
+                    return self.adopt_newer_file(state);
+                };
+                state.file_hash = Some(hash);
                 state.file_mtime = self.store.mtime(&self.name);
                 state.tokens = Some(tokens);
                 tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(g.expires_at), "access token renewed");
@@ -211,7 +219,14 @@ impl AccountTokens {
                 if let Some(mut t) = previous {
                     t.needs_authorization |= revoked;
                     t.last_error = Some(e.explained(&self.client.token_url));
-                    self.store.save(&self.name, &t)?;
+                    let Some(hash) =
+                        self.store
+                            .save_if_unchanged(&self.name, &t, state.file_hash)?
+                    else {
+                        // A new grant arrived while this refresh failed: the failure was the old grant's.
+                        return self.adopt_newer_file(state);
+                    };
+                    state.file_hash = Some(hash);
                     state.file_mtime = self.store.mtime(&self.name);
                     state.tokens = Some(t);
                 }
@@ -221,6 +236,22 @@ impl AccountTokens {
                     source: e,
                 })
             }
+        }
+    }
+}
+
+impl AccountTokens {
+    /// The token file changed while a refresh ran (`relay authorize` stored a new grant): the file wins, and
+    /// its token is used if it is good.
+    fn adopt_newer_file(&self, state: &mut State) -> Result<SecretString, TokenError> {
+        tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
+        state.tokens = None;
+        self.reload_if_changed(state)?;
+        match &state.tokens {
+            Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
+                Ok(t.access_token.clone())
+            }
+            _ => Err(TokenError::NeedsAuthorization(self.name.clone())),
         }
     }
 }

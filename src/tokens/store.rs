@@ -98,17 +98,35 @@ impl TokenStore {
     }
 
     pub fn load(&self, account: &str) -> Result<Option<StoredTokens>, StoreError> {
+        Ok(self.load_hashed(account)?.0)
+    }
+
+    /// The file's bytes (None if there is none). Token files are a few KiB.
+    fn read_bytes(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.path(account);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Io { path, source }),
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    /// The tokens, and a hash of the file they came from: what [`save_if_unchanged`](Self::save_if_unchanged)
+    /// compares with. (Modification times are too coarse: two writes within one clock tick share one.)
+    pub fn load_hashed(
+        &self,
+        account: &str,
+    ) -> Result<(Option<StoredTokens>, Option<blake3::Hash>), StoreError> {
+        let path = self.path(account);
+        let Some(bytes) = self.read_bytes(account)? else {
+            return Ok((None, None));
         };
+        let hash = blake3::hash(&bytes);
         let f: File = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Some(StoredTokens {
+        let tokens = StoredTokens {
             access_token: SecretString::from(f.access_token),
             expires_at: f.expires_at,
             obtained_at: f.obtained_at,
@@ -116,10 +134,74 @@ impl TokenStore {
             last_refresh: f.last_refresh,
             needs_authorization: f.needs_authorization,
             last_error: f.last_error,
-        }))
+        };
+        Ok((Some(tokens), Some(hash)))
+    }
+
+    /// Replaces the account's file, unless it changed since it was read (its hash is no longer `read`): then
+    /// someone else (`relay authorize`) stored a newer grant, and it wins. Returns the new file's hash if it was
+    /// written, None if not. The check and the write hold the account's lock, as [`save`](Self::save) does.
+    pub fn save_if_unchanged(
+        &self,
+        account: &str,
+        t: &StoredTokens,
+        read: Option<blake3::Hash>,
+    ) -> Result<Option<blake3::Hash>, StoreError> {
+        let _lock = self.lock(account)?;
+        if self.read_bytes(account)?.map(|b| blake3::hash(&b)) != read {
+            return Ok(None);
+        }
+        self.write(account, t).map(Some)
     }
 
     pub fn save(&self, account: &str, t: &StoredTokens) -> Result<(), StoreError> {
+        let _lock = self.lock(account)?;
+        self.write(account, t).map(|_| ())
+    }
+
+    /// An exclusive lock on `tokens/.ACCOUNT.lock`, held while a file is compared and replaced: the daemon and
+    /// `relay authorize` are different processes.
+    fn lock(&self, account: &str) -> Result<std::fs::File, StoreError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(format!(".{account}.lock"));
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        self.create_dir().map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: the descriptor is open for the duration of the call. Released when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(file)
+    }
+
+    /// Creates `tokens/` (0750) if needed; when root creates it, it goes to the state dir's owner.
+    fn create_dir(&self) -> std::io::Result<()> {
+        if self.dir.exists() {
+            return Ok(());
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&self.dir)?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir))?;
+            std::os::unix::fs::chown(&self.dir, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, account: &str, t: &StoredTokens) -> Result<blake3::Hash, StoreError> {
         let path = self.path(account);
         let io = |source| StoreError::Io {
             path: path.clone(),
@@ -127,20 +209,9 @@ impl TokenStore {
         };
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let created = !self.dir.exists();
-        if created {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(&self.dir)
-                .map_err(io)?;
-        }
-        let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
         // The daemon's user writes here too (every refresh replaces the file).
-        if created && root {
-            std::os::unix::fs::chown(&self.dir, Some(owner.uid()), Some(owner.gid()))
-                .map_err(io)?;
-        }
+        self.create_dir().map_err(io)?;
+        let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
         let body = serde_json::to_vec_pretty(&File {
             access_token: t.access_token.expose_secret().to_string(),
             expires_at: t.expires_at,
@@ -164,6 +235,49 @@ impl TokenStore {
                 .map_err(io)?;
         }
         file.write_all(&body).map_err(io)?;
-        file.commit().map_err(io)
+        file.commit().map_err(io)?;
+        Ok(blake3::hash(&body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn tokens(access: &str) -> StoredTokens {
+        StoredTokens {
+            access_token: SecretString::from(access.to_string()),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+            obtained_at: SystemTime::now(),
+            refresh_token: Some(SecretString::from("r".to_string())),
+            last_refresh: None,
+            needs_authorization: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_file_changed_since_it_was_read_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        store.save("a", &tokens("old")).unwrap();
+        let (_, read) = store.load_hashed("a").unwrap();
+        // `relay authorize` stores a new grant within the same clock tick.
+        store.save("a", &tokens("authorized")).unwrap();
+        let mut failed = tokens("old");
+        failed.needs_authorization = true;
+        assert_eq!(store.save_if_unchanged("a", &failed, read).unwrap(), None);
+        let kept = store.load("a").unwrap().unwrap();
+        assert_eq!(kept.access_token.expose_secret(), "authorized");
+        assert!(!kept.needs_authorization);
+        let (_, read) = store.load_hashed("a").unwrap();
+        assert!(
+            store
+                .save_if_unchanged("a", &failed, read)
+                .unwrap()
+                .is_some()
+        );
+        assert!(store.load("a").unwrap().unwrap().needs_authorization);
     }
 }
