@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use super::auth::Authenticator;
+use super::auth::{Authenticator, Verdict};
 use super::data::Progress;
 use super::reply::Reply;
 use super::session::{Policy, Session, Step};
@@ -134,14 +134,25 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
                 Step::Authenticate(creds) => {
-                    let step = if ctx.auth.verify(&creds.username, &creds.password).await {
-                        tracing::info!(relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authenticated");
-                        session.auth_succeeded(creds.username)
-                    } else {
-                        tracing::warn!(relay_event = "auth_failed", relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authentication failed");
-                        // Slows password guessing; the client waits, nothing else does.
-                        tokio::time::sleep(ctx.cfg.auth_failure_delay).await;
-                        session.auth_failed()
+                    let client = super::listener::canonical(peer.ip());
+                    let verdict = ctx
+                        .auth
+                        .verify(client, &creds.username, &creds.password)
+                        .await;
+                    let step = match verdict {
+                        Verdict::Accepted => {
+                            tracing::info!(relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authenticated");
+                            session.auth_succeeded(creds.username)
+                        }
+                        Verdict::Refused => {
+                            tracing::warn!(relay_event = "auth_failed", relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authentication failed");
+                            // Slows password guessing; the client waits, nothing else does.
+                            tokio::time::sleep(ctx.cfg.auth_failure_delay).await;
+                            session.auth_failed()
+                        }
+                        Verdict::Busy => session.auth_unavailable(),
+                        // Logged once when the block began, not for every refused attempt.
+                        Verdict::Throttled => session.auth_throttled(),
                     };
                     match step {
                         Step::Close(reply) => {

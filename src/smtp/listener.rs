@@ -116,7 +116,7 @@ impl Listener {
 }
 
 /// IPv4 clients on a dual-stack socket arrive as `::ffff:a.b.c.d`; allow lists are written in IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -570,6 +570,24 @@ impl Session {
         Step::Reply(Reply::new(235, "2.7.0", "Authentication successful"))
     }
 
+    /// The password could not be checked now (the checks are saturated): 454, and the client may try again.
+    pub fn auth_unavailable(&mut self) -> Step {
+        Step::Reply(Reply::new(
+            454,
+            "4.7.0",
+            "Temporary authentication failure, try again later",
+        ))
+    }
+
+    /// The client's address failed to log in too often lately: hang up without checking anything.
+    pub fn auth_throttled(&mut self) -> Step {
+        Step::Close(Reply::new(
+            421,
+            "4.7.0",
+            "Too many failed logins from your address, try again later",
+        ))
+    }
+
     /// A failed check: 535, or hang up after repeated failures.
     pub fn auth_failed(&mut self) -> Step {
         self.auth_failures += 1;
