@@ -142,9 +142,21 @@ async fn listener_connection_cap() {
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections = 1\n",
     )
     .await;
-    let _a = RawClient::ready(relay.addr()).await;
+    // A session in the middle of a message is never evicted: the newcomer is refused.
+    let mut busy = RawClient::in_data(relay.addr()).await;
     let mut c = RawClient::connect(relay.addr()).await;
-    c.expect(421).await;
+    let reply = c.expect(421).await;
+    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
+    assert!(c.closed().await);
+    busy.send(b"Subject: still here\r\n\r\nhi\r\n.\r\n").await;
+    busy.expect(250).await;
+    // Once it waits idle for a command, it makes room for the next client.
+    let mut d = RawClient::connect(relay.addr()).await;
+    d.expect(220).await;
+    let reply = busy.expect(421).await;
+    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
+    assert!(busy.closed().await);
+    d.cmd("EHLO device.lan", 250).await;
 }
 
 #[tokio::test]

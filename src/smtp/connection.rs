@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::auth::{Authenticator, Verdict};
 use super::data::Progress;
+use super::occupancy::{STRESS_TIMEOUT, Seat};
 use super::reply::Reply;
 use super::session::{Policy, Session, Step};
 use crate::config::ListenerConfig;
@@ -42,21 +43,23 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     implicit_tls: bool,
+    seat: &Seat,
 ) {
     let mut session = Session::new(ctx.policy.clone(), peer, false);
     let result = async {
         if implicit_tls {
-            let tls = handshake(&ctx, tcp).await?;
+            let tls = handshake(&ctx, tcp, seat).await?;
             session.tls_started();
             let greeting = session.greeting();
-            drive(&ctx, &mut session, tls, Some(greeting)).await?;
+            drive(&ctx, &mut session, tls, Some(greeting), seat).await?;
             return Ok(());
         }
         let greeting = session.greeting();
-        if let Outcome::StartTls(tcp) = drive(&ctx, &mut session, tcp, Some(greeting)).await? {
-            let tls = handshake(&ctx, tcp).await?;
+        if let Outcome::StartTls(tcp) = drive(&ctx, &mut session, tcp, Some(greeting), seat).await?
+        {
+            let tls = handshake(&ctx, tcp, seat).await?;
             session.tls_started();
-            drive(&ctx, &mut session, tls, None).await?;
+            drive(&ctx, &mut session, tls, None, seat).await?;
         }
         Ok::<(), std::io::Error>(())
     }
@@ -66,18 +69,31 @@ pub(crate) async fn serve(
     }
 }
 
+/// A handshake counts as idle: a client that never finishes one may be evicted, and under pressure it gets the
+/// short timeout.
 async fn handshake(
     ctx: &ListenerCtx,
     tcp: TcpStream,
+    seat: &Seat,
 ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
     let Some(acceptor) = &ctx.tls else {
         return Err(std::io::Error::other(
             "TLS requested on a listener without a certificate",
         ));
     };
-    timeout(ctx.cfg.command_timeout, acceptor.accept(tcp))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    seat.set_idle(true);
+    let limit = if *seat.stress().borrow() {
+        ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
+    } else {
+        ctx.cfg.command_timeout
+    };
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
+    let accepted = tokio::select! {
+        accepted = timeout(limit, acceptor.accept(tcp)) => accepted.map_err(|_| timed_out())?,
+        _ = seat.evicted() => Err(std::io::Error::other("evicted during the TLS handshake: listener full")),
+    };
+    seat.set_idle(false);
+    accepted
 }
 
 /// The message being received, and its id for log lines even once its bytes are dropped.
@@ -91,6 +107,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     mut stream: S,
     greeting: Option<Reply>,
+    seat: &Seat,
 ) -> std::io::Result<Outcome<S>> {
     let peer = session.peer();
     // Read with read_buf into spare capacity: no zeroing of 64 KiB per connection.
@@ -98,8 +115,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pos = 0;
     let mut out: Vec<u8> = greeting.map(|g| g.to_wire()).unwrap_or_default();
     let mut body = Vec::with_capacity(READ_BUF + 2);
-    let mut receiving: Option<Receiving> = None;
+    let mut receiving_msg: Option<Receiving> = None;
     let mut shutdown = ctx.shutdown.clone();
+    let mut stress = seat.stress();
+    // A command must arrive whole within its timeout, however it trickles in: counted from the last reply.
+    let mut waiting_since = std::time::Instant::now();
 
     loop {
         let filled = buf.len();
@@ -109,7 +129,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             let progress = session.feed_data(&mut input, &mut body);
             pos = filled - input.len();
             let refused = session.refusal().is_some();
-            if let Some(r) = receiving.as_mut() {
+            if let Some(r) = receiving_msg.as_mut() {
                 if refused {
                     // Stop storing at once (and remove the partial file), but read on to the final dot.
                     r.incoming = None;
@@ -121,7 +141,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             if progress == Progress::Done {
-                let reply = finish_message(session, receiving.take()).await;
+                let reply = finish_message(session, receiving_msg.take()).await;
                 out.extend_from_slice(&reply.to_wire());
                 continue;
             }
@@ -188,7 +208,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         None => None,
                     };
-                    receiving = Some(Receiving { id, incoming });
+                    receiving_msg = Some(Receiving { id, incoming });
                     continue;
                 }
                 Step::Close(reply) => return close(&mut stream, &mut out, reply, ctx).await,
@@ -197,24 +217,45 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         }
 
         // Every buffered byte is used: send the replies so far (RFC 2920 lets us hold them until now) and read.
+        let replied = !out.is_empty();
         write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
-        let (limit, idle) = if session.is_receiving_data() {
-            (ctx.cfg.data_timeout, false)
+        let receiving = session.is_receiving_data();
+        // A message in the middle of DATA is allowed to finish, and a logged-in device is never evicted; an idle
+        // session is told to come back when relay stops, or leaves when a new client needs its place.
+        let idle = !receiving;
+        seat.set_idle(idle && session.user().is_none());
+        let stressed = *stress.borrow_and_update();
+        if replied || receiving {
+            waiting_since = std::time::Instant::now();
+        }
+        let limit = if receiving {
+            ctx.cfg.data_timeout
         } else {
-            (ctx.cfg.command_timeout, true)
+            ctx.cfg.command_timeout
         };
+        let limit = if stressed {
+            limit.min(STRESS_TIMEOUT)
+        } else {
+            limit
+        };
+        let deadline = tokio::time::Instant::from_std(waiting_since + limit);
         enum Woke {
             Read(std::io::Result<usize>),
             TimedOut,
             Shutdown,
+            Evicted,
+            Stressed,
         }
+        buf.clear();
+        pos = 0;
         let woke = tokio::select! {
-            read = timeout(limit, async {
-                buf.clear();
-                stream.read_buf(&mut buf).await
-            }) => read.map_or(Woke::TimedOut, Woke::Read),
-            // A message in the middle of DATA is allowed to finish; an idle session is told to come back.
+            // read_buf is cancel safe: a read cut short by another branch loses no bytes.
+            read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => {
+                read.map_or(Woke::TimedOut, Woke::Read)
+            }
             _ = shutdown.wait_for(|stop| *stop), if idle => Woke::Shutdown,
+            _ = seat.evicted(), if idle => Woke::Evicted,
+            _ = stress.changed(), if !stressed => Woke::Stressed,
         };
         let n = match woke {
             Woke::Read(r) => r?,
@@ -226,14 +267,24 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
                 return close(&mut stream, &mut out, reply, ctx).await;
             }
+            Woke::Evicted => {
+                tracing::info!(relay_client = %peer, "idle connection closed to make room for a new client");
+                let reply = Reply::new(
+                    421,
+                    "4.7.0",
+                    "Server busy, closing idle connection; try again later",
+                );
+                return close(&mut stream, &mut out, reply, ctx).await;
+            }
+            // The listener came under pressure: wait again, with the shorter timeout.
+            Woke::Stressed => continue,
         };
         if n == 0 {
-            if let Some(r) = receiving {
+            if let Some(r) = receiving_msg {
                 tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded");
             }
             return Ok(Outcome::Closed);
         }
-        pos = 0;
     }
 }
 

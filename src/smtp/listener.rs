@@ -3,14 +3,23 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::connection::{ListenerCtx, serve};
+use super::occupancy::Occupancy;
 use super::reply::Reply;
 use crate::config::TlsMode;
+
+/// How long a new client waits for the place of an evicted idle session.
+const EVICTION_WAIT: Duration = Duration::from_secs(5);
+/// New clients waiting for an evicted session's place at once; beyond this they are refused.
+const MAX_WAITING: usize = 32;
+/// Refusals being written at once.
+const MAX_REFUSING: usize = 256;
 
 /// A bound listener, ready to accept.
 pub struct Listener {
@@ -18,6 +27,9 @@ pub struct Listener {
     ctx: Arc<ListenerCtx>,
     slots: Arc<Semaphore>,
     per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    occupancy: Arc<Occupancy>,
+    waiting: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
 }
 
 impl Listener {
@@ -25,9 +37,12 @@ impl Listener {
         let slots = Arc::new(Semaphore::new(ctx.cfg.max_connections));
         Listener {
             tcp,
+            occupancy: Occupancy::new(ctx.cfg.max_connections),
             ctx: Arc::new(ctx),
             slots,
             per_client: Arc::default(),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
         }
     }
 
@@ -42,18 +57,19 @@ impl Listener {
         sessions: watch::Sender<usize>,
     ) {
         loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = self.tcp.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: log and go on; the listener itself is fine.
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                },
+            let accepted = tokio::select! {
+                accepted = self.tcp.accept() => accepted,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            self.admit(tcp, peer, &sessions);
+            match accepted {
+                Ok((tcp, peer)) => self.admit(tcp, peer, &sessions),
+                Err(e) => {
+                    // EMFILE and friends: log and go on after a pause (the error repeats at once until a
+                    // descriptor is free, and retrying in a tight loop would take a core).
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 
@@ -65,14 +81,6 @@ impl Listener {
             self.refuse(tcp, Reply::new(554, "5.7.1", "Access denied"));
             return;
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
-            self.refuse(
-                tcp,
-                Reply::new(421, "4.7.0", "Too many connections, try again later"),
-            );
-            return;
-        };
         let Some(client_slot) =
             ClientSlot::take(&self.per_client, ip, cfg.max_connections_per_client)
         else {
@@ -87,31 +95,91 @@ impl Listener {
             );
             return;
         };
+        // Every slot taken: an idle, logged-out session (from the address holding the most) makes room.
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        let waiting = match slot {
+            Some(_) => None,
+            None => match self.waiting.clone().try_acquire_owned() {
+                Ok(w) if self.occupancy.evict_one() => Some(w),
+                _ => {
+                    tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
+                    self.refuse(
+                        tcp,
+                        Reply::new(421, "4.7.0", "Too many connections, try again later"),
+                    );
+                    return;
+                }
+            },
+        };
         let _ = tcp.set_nodelay(true);
-        let ctx = self.ctx.clone();
+        let live = LiveSession::new(sessions);
+        let (ctx, slots, occupancy) =
+            (self.ctx.clone(), self.slots.clone(), self.occupancy.clone());
         let implicit = cfg.tls == TlsMode::Implicit;
-        sessions.send_modify(|n| *n += 1);
-        let sessions = sessions.clone();
         tokio::spawn(async move {
-            serve(ctx, tcp, peer, implicit).await;
-            drop((slot, client_slot));
-            sessions.send_modify(|n| *n -= 1);
+            let slot = match slot {
+                Some(s) => s,
+                None => match tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await {
+                    Ok(Ok(s)) => s,
+                    _ => {
+                        tracing::warn!(relay_event = "rejected", relay_client = %peer, "too many connections on this listener");
+                        refuse_now(
+                            tcp,
+                            implicit,
+                            Reply::new(421, "4.7.0", "Too many connections, try again later"),
+                        )
+                        .await;
+                        return;
+                    }
+                },
+            };
+            drop(waiting);
+            let seat = occupancy.seat(ip);
+            serve(ctx, tcp, peer, implicit, &seat).await;
+            // Whatever way the session ended (a panic included), these give back its places on drop.
+            drop((seat, slot, client_slot, live));
         });
     }
 
-    /// Says why and hangs up, without holding up the accept loop. On an implicit-TLS port there is nobody to
-    /// read a plain-text reply, so the connection is just closed.
-    fn refuse(&self, mut tcp: TcpStream, reply: Reply) {
-        if self.ctx.cfg.tls == TlsMode::Implicit {
+    /// Says why and hangs up, without holding up the accept loop. During a flood of refusals, beyond
+    /// [`MAX_REFUSING`] at once the connection is just closed.
+    fn refuse(&self, tcp: TcpStream, reply: Reply) {
+        let implicit = self.ctx.cfg.tls == TlsMode::Implicit;
+        let Ok(permit) = self.refusing.clone().try_acquire_owned() else {
             return;
-        }
+        };
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                let _ = tcp.write_all(&reply.to_wire()).await;
-                let _ = tcp.shutdown().await;
-            })
-            .await;
+            refuse_now(tcp, implicit, reply).await;
+            drop(permit);
         });
+    }
+}
+
+/// On an implicit-TLS port there is nobody to read a plain-text reply, so the connection is just closed.
+async fn refuse_now(mut tcp: TcpStream, implicit_tls: bool, reply: Reply) {
+    if implicit_tls {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tcp.write_all(&reply.to_wire()).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
+/// Counts a live connection for draining; the count goes down when this drops, even in a panicking session.
+struct LiveSession(watch::Sender<usize>);
+
+impl LiveSession {
+    fn new(sessions: &watch::Sender<usize>) -> LiveSession {
+        sessions.send_modify(|n| *n += 1);
+        LiveSession(sessions.clone())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -5,6 +5,7 @@ pub mod auth;
 mod connection;
 pub mod data;
 mod listener;
+mod occupancy;
 pub mod reply;
 pub mod session;
 pub mod tls;

@@ -327,6 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// True once the server has closed the connection (bounded).
     pub async fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
+        // Only an end of stream (or a reset) counts: a timeout means the connection is still open.
         matches!(
             tokio::time::timeout(
                 LIMIT,
@@ -334,7 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
             )
             .await,
             Ok(Ok(0)) | Ok(Err(_))
-        ) || buf.is_empty()
+        )
     }
 }
 

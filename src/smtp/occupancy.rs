@@ -1,0 +1,179 @@
+//! Who holds a listener's connection slots, and shedding under pressure.
+//!
+//! A connection flood (idle connections, or ones that trickle a byte now and then) must not lock devices out
+//! until its connections time out. Two mechanisms, after Postfix's stress mode:
+//! - under pressure (three quarters of the slots taken) a session waiting for a command gets
+//!   [`STRESS_TIMEOUT`] for the whole command instead of the configured `command_timeout`;
+//! - when every slot is taken, a new connection evicts a session that is waiting for a command without having
+//!   logged in, chosen from the client address holding the most connections, longest idle first. Sessions in
+//!   the middle of a message, or logged in, are never evicted.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+/// The whole-command timeout for idle sessions while the listener is under pressure.
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Occupancy {
+    max: usize,
+    sessions: Mutex<HashMap<u64, Arc<Tracked>>>,
+    next_id: AtomicU64,
+    stress: watch::Sender<bool>,
+}
+
+/// One session as the listener sees it.
+pub(crate) struct Tracked {
+    ip: IpAddr,
+    /// Since when the session waits for a command without being logged in; None while it is busy (receiving a
+    /// message, logged in, or working on a command).
+    idle_since: Mutex<Option<Instant>>,
+    kick: Notify,
+}
+
+/// A session's registration; dropping it (however the session ends, panics included) frees its place.
+pub(crate) struct Seat {
+    occupancy: Arc<Occupancy>,
+    id: u64,
+    tracked: Arc<Tracked>,
+}
+
+impl Occupancy {
+    pub fn new(max: usize) -> Arc<Occupancy> {
+        Arc::new(Occupancy {
+            max,
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            stress: watch::channel(false).0,
+        })
+    }
+
+    pub fn seat(self: &Arc<Self>, ip: IpAddr) -> Seat {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tracked = Arc::new(Tracked {
+            ip,
+            idle_since: Mutex::new(None),
+            kick: Notify::new(),
+        });
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(id, tracked.clone());
+            self.update_stress(m.len());
+        }
+        Seat {
+            occupancy: self.clone(),
+            id,
+            tracked,
+        }
+    }
+
+    fn update_stress(&self, live: usize) {
+        let stressed = live * 4 >= self.max * 3;
+        self.stress
+            .send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
+    }
+
+    pub fn stress(&self) -> watch::Receiver<bool> {
+        self.stress.subscribe()
+    }
+
+    /// Asks one idle, logged-out session to leave so that a new client can be served; false if none can.
+    pub fn evict_one(&self) -> bool {
+        let Ok(m) = self.sessions.lock() else {
+            return false;
+        };
+        let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+        for t in m.values() {
+            *per_ip.entry(t.ip).or_default() += 1;
+        }
+        let victim = m
+            .values()
+            .filter_map(|t| {
+                let since = (*t.idle_since.lock().ok()?)?;
+                Some((per_ip.get(&t.ip).copied().unwrap_or(0), Reverse(since), t))
+            })
+            .max_by_key(|(n, since, _)| (*n, *since))
+            .map(|(_, _, t)| t.clone());
+        drop(m);
+        match victim {
+            Some(t) => {
+                // Taken off the idle list at once, so that the next newcomer picks another.
+                if let Ok(mut s) = t.idle_since.lock() {
+                    *s = None;
+                }
+                t.kick.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+use std::cmp::Reverse;
+
+impl Seat {
+    /// Marks the session as waiting for a command (and not logged in): it may be evicted. Busy otherwise.
+    pub fn set_idle(&self, idle: bool) {
+        if let Ok(mut s) = self.tracked.idle_since.lock() {
+            match (idle, s.is_some()) {
+                (true, false) => *s = Some(Instant::now()),
+                (false, true) => *s = None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Completes when the listener wants this session gone.
+    pub async fn evicted(&self) {
+        self.tracked.kick.notified().await
+    }
+
+    pub fn stress(&self) -> watch::Receiver<bool> {
+        self.occupancy.stress()
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.occupancy.sessions.lock() {
+            m.remove(&self.id);
+            self.occupancy.update_stress(m.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_from_the_address_holding_most_and_never_a_busy_session() {
+        let occ = Occupancy::new(5);
+        let flood: IpAddr = "10.0.0.1".parse().unwrap();
+        let device: IpAddr = "10.0.0.2".parse().unwrap();
+        let a = occ.seat(flood);
+        let b = occ.seat(flood);
+        let d = occ.seat(device);
+        assert!(!*occ.stress().borrow());
+        let busy = occ.seat(flood);
+        assert!(*occ.stress().borrow());
+        d.set_idle(true);
+        a.set_idle(true);
+        b.set_idle(true);
+        busy.set_idle(false);
+        assert!(occ.evict_one());
+        assert!(a.tracked.idle_since.lock().unwrap().is_none());
+        assert!(b.tracked.idle_since.lock().unwrap().is_some());
+        assert!(occ.evict_one());
+        // Left: the device (idle, one connection) and the busy flood session.
+        assert!(occ.evict_one());
+        assert!(d.tracked.idle_since.lock().unwrap().is_none());
+        assert!(!occ.evict_one());
+        drop((a, b, d, busy));
+        assert!(occ.sessions.lock().unwrap().is_empty());
+        assert!(!*occ.stress().borrow());
+    }
+}
