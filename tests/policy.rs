@@ -55,18 +55,6 @@ async fn oversized_message_is_refused_with_552_and_nothing_is_kept() {
     assert!(files_in(&relay.state(), "queue").is_empty());
 }
 
-/// The vectors of the 2023 SMTP smuggling research: a fake end of data that some servers honour.
-const VECTORS: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"];
-
-fn smuggling_payload(vector: &[u8]) -> Vec<u8> {
-    let mut data = b"From: a@example.com\r\nSubject: first\r\n\r\nfirst message".to_vec();
-    data.extend_from_slice(vector);
-    data.extend_from_slice(
-        b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n",
-    );
-    data
-}
-
 #[tokio::test]
 async fn smuggling_vectors_are_refused_and_never_end_the_message() {
     let relay = TestRelay::start(SMALL).await;

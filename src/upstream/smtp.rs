@@ -108,24 +108,33 @@ impl SmtpUpstream {
     }
 }
 
+/// The envelope as the client gave it. lettre's own address check is stricter than what relay accepts inbound
+/// (it refuses a local part over 64 octets, which devices do send and providers take), and a message relay has
+/// acknowledged must not die on it; so an address is only checked for what could break the command line.
 fn envelope(sender: &str, recipients: &[String]) -> Result<lettre::address::Envelope, String> {
     let from = if sender.is_empty() {
         None
     } else {
-        Some(
-            sender
-                .parse()
-                .map_err(|e| format!("sender <{sender}> not accepted: {e}"))?,
-        )
+        Some(address(sender).map_err(|e| format!("sender <{sender}> not accepted: {e}"))?)
     };
     let to = recipients
         .iter()
-        .map(|r| {
-            r.parse()
-                .map_err(|e| format!("recipient <{r}> not accepted: {e}"))
-        })
+        .map(|r| address(r).map_err(|e| format!("recipient <{r}> not accepted: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     lettre::address::Envelope::new(from, to).map_err(|e| e.to_string())
+}
+
+fn address(a: &str) -> Result<lettre::Address, &'static str> {
+    if a.bytes()
+        .any(|b| b.is_ascii_control() || b == b'<' || b == b'>')
+    {
+        return Err("control characters or angle brackets");
+    }
+    let (user, domain) = a.rsplit_once('@').ok_or("no @domain")?;
+    if user.is_empty() || domain.is_empty() || domain.contains(' ') {
+        return Err("empty local part or bad domain");
+    }
+    Ok(lettre::Address::new_dangerous(user, domain))
 }
 
 fn classify(e: &lettre::transport::smtp::Error) -> Outcome {

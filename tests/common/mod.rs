@@ -268,6 +268,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         }
     }
 
+    /// The socket itself, for byte-by-byte writes.
+    pub fn stream_mut(&mut self) -> &mut S {
+        self.stream.get_mut()
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         tokio::time::timeout(LIMIT, self.stream.get_mut().write_all(bytes))
             .await
@@ -458,4 +463,35 @@ pub fn write_config(dir: &Path, listener: &str) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The vectors of the 2023 SMTP smuggling research: a fake end of data that some servers honour.
+pub const VECTORS: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"];
+
+/// A first message, a smuggling vector, then a whole second transaction that must never be executed.
+pub fn smuggling_payload(vector: &[u8]) -> Vec<u8> {
+    let mut data = b"From: a@example.com\r\nSubject: first\r\n\r\nfirst message".to_vec();
+    data.extend_from_slice(vector);
+    data.extend_from_slice(
+        b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n",
+    );
+    data
+}
+
+impl RawClient<TcpStream> {
+    /// Connects from a chosen loopback address (all of 127/8 is loopback), to stand for another device.
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> RawClient<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let tcp = tokio::time::timeout(LIMIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        RawClient::new(tcp)
+    }
+}
+
+/// A loopback address standing for device number `n` (127.0.0.n).
+pub fn device_ip(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, n])
 }

@@ -1,0 +1,355 @@
+//! Hostile input over real sockets. Each attack runs while a well-behaved device on another address sends a
+//! message: the attacker gets the right replies, the device is served, and nothing the device sent is lost.
+
+mod common;
+
+use std::future::Future;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::upstream::FakeUpstream;
+use common::*;
+
+const OPEN: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
+/// The well-behaved device's address.
+const DEVICE: u8 = 200;
+
+/// A device on its own address sends one message and gets its 250.
+async fn device_sends(addr: std::net::SocketAddr, subject: &str) {
+    let mut c = RawClient::connect_from(addr, device_ip(DEVICE)).await;
+    c.expect(220).await;
+    c.cmd("EHLO printer.lan", 250).await;
+    c.begin_message().await;
+    c.send(format!("Subject: {subject}\r\n\r\nscan attached\r\n.\r\n").as_bytes())
+        .await;
+    c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+}
+
+/// Starts `attack`, serves the device while it runs, then waits (bounded) for the attack to end.
+async fn while_attacked(relay: &TestRelay, attack: impl Future<Output = ()> + Send + 'static) {
+    let attack = tokio::spawn(attack);
+    device_sends(relay.addr(), "during the attack").await;
+    tokio::time::timeout(LIMIT, attack)
+        .await
+        .expect("the attack ends in time")
+        .expect("the attacking client did not panic");
+}
+
+/// Subjects of the queued messages.
+fn queued_subjects(relay: &TestRelay) -> Vec<String> {
+    relay
+        .queued()
+        .iter()
+        .map(|(_, eml)| {
+            let text = String::from_utf8_lossy(eml);
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn smuggling_vectors_never_end_a_message_while_a_device_is_served() {
+    let relay = TestRelay::start(OPEN).await;
+    let addr = relay.addr();
+    while_attacked(&relay, async move {
+        for vector in VECTORS {
+            let mut c = RawClient::connect_from(addr, device_ip(2)).await;
+            c.expect(220).await;
+            c.cmd("EHLO attacker", 250).await;
+            c.begin_message().await;
+            c.send(&smuggling_payload(vector)).await;
+            let reply = c.expect(550).await;
+            assert!(reply.starts_with("550 5.6.0 "), "{vector:?}: {reply}");
+            c.cmd("NOOP", 250).await;
+        }
+    })
+    .await;
+    assert_eq!(queued_subjects(&relay), ["during the attack"]);
+}
+
+#[tokio::test]
+async fn overlong_lines_nul_bytes_and_broken_base64_get_clear_replies() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"optional\"\nauth_failure_delay = \"10ms\"\n",
+    )
+    .await;
+    let addr = relay.addr();
+    while_attacked(&relay, async move {
+        let mut c = RawClient::connect_from(addr, device_ip(3)).await;
+        c.expect(220).await;
+        c.cmd("EHLO attacker", 250).await;
+        // A command line of 100 KiB: refused once, and its tail is never read as commands.
+        let long = format!("MAIL FROM:<{}@example.com>\r\n", "a".repeat(100 * 1024));
+        c.send(long.as_bytes()).await;
+        let reply = c.expect(500).await;
+        assert!(reply.starts_with("500 5.5.2 "), "{reply}");
+        // NUL bytes in a command.
+        let (code, reply) = c.reply_to("MAIL FROM:<a\0b@example.com>").await;
+        assert!((500..=554).contains(&code), "{reply}");
+        c.cmd("RSET", 250).await;
+        // Broken base64 in AUTH, as an initial response and as a continuation.
+        let (code, reply) = c.reply_to("AUTH PLAIN !!!not-base64***").await;
+        assert_eq!(code, 501, "{reply}");
+        c.cmd("AUTH LOGIN", 334).await;
+        let (code, reply) = c.reply_to("%%%").await;
+        assert_eq!(code, 501, "{reply}");
+        // NUL bytes in a body are stored as sent.
+        c.begin_message().await;
+        c.send(b"Subject: nul\r\n\r\nbinary \0 byte\r\n.\r\n").await;
+        c.expect(250).await;
+        c.cmd("QUIT", 221).await;
+    })
+    .await;
+    let mut subjects = queued_subjects(&relay);
+    subjects.sort();
+    assert_eq!(subjects, ["during the attack", "nul"]);
+}
+
+#[tokio::test]
+async fn a_thousand_pipelined_commands_in_one_burst_get_a_thousand_replies() {
+    let relay = TestRelay::start(OPEN).await;
+    let addr = relay.addr();
+    while_attacked(&relay, async move {
+        let mut c = RawClient::connect_from(addr, device_ip(4)).await;
+        c.expect(220).await;
+        c.send(b"EHLO burst\r\n").await;
+        c.send("NOOP\r\n".repeat(1000).as_bytes()).await;
+        c.expect(250).await;
+        for _ in 0..1000 {
+            c.expect(250).await;
+        }
+        c.cmd("QUIT", 221).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_although_it_keeps_sending() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\ncommand_timeout = \"2s\"\n",
+    )
+    .await;
+    let addr = relay.addr();
+    while_attacked(&relay, async move {
+        let mut c = RawClient::connect_from(addr, device_ip(5)).await;
+        c.expect(220).await;
+        // One byte every 200 ms: the command would take 8 s, and every single read is well inside the timeout.
+        let command = format!("EHLO {}\r\n", "s".repeat(34));
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let mut cut_off = false;
+        for b in command.as_bytes() {
+            tick.tick().await;
+            if tokio::io::AsyncWriteExt::write_all(c.stream_mut(), &[*b])
+                .await
+                .is_err()
+            {
+                cut_off = true;
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(4) {
+                break;
+            }
+        }
+        let (code, reply) = c.reply().await.expect("a reply before the close");
+        assert_eq!(code, 421, "{reply} (cut off while writing: {cut_off})");
+        assert!(reply.starts_with("421 4.4.2 "), "{reply}");
+        assert!(c.closed().await);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flood_from_several_addresses_never_locks_out_a_new_device() {
+    // The default caps: 200 connections per listener, 50 per address.
+    let relay = TestRelay::start(OPEN).await;
+    let addr = relay.addr();
+    let mut flood = Vec::new();
+    for n in 2..=5u8 {
+        for _ in 0..50 {
+            let mut c = RawClient::connect_from(addr, device_ip(n)).await;
+            c.expect(220).await;
+            flood.push(c);
+        }
+    }
+    // Half of them trickle a byte now and then, as slowloris does; the rest sit idle.
+    for c in flood.iter_mut().step_by(2) {
+        c.send(b"E").await;
+    }
+    // The listener is full. A device on a fresh address is greeted at once, and sends.
+    let greeted = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut c = RawClient::connect_from(addr, device_ip(DEVICE)).await;
+        c.expect(220).await;
+        c
+    })
+    .await
+    .expect("a new device is greeted within 15 s while the flood holds every slot");
+    drop(greeted);
+    device_sends(addr, "during the flood").await;
+    assert_eq!(queued_subjects(&relay), ["during the flood"]);
+    drop(flood);
+}
+
+#[tokio::test]
+async fn a_hundred_wrong_password_sessions_do_not_keep_a_device_out() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\nauth_failure_delay = \"100ms\"\n",
+    )
+    .await;
+    let addr = relay.addr();
+    let wrong = B64.encode("\0printer\0guess");
+    let mut attackers = tokio::task::JoinSet::new();
+    for i in 0..100u8 {
+        let wrong = wrong.clone();
+        attackers.spawn(async move {
+            let mut c = RawClient::connect_from(addr, device_ip(10 + i % 4)).await;
+            c.expect(220).await;
+            c.cmd("EHLO guesser", 250).await;
+            let mut codes = Vec::new();
+            for _ in 0..3 {
+                match c.reply_to(&format!("AUTH PLAIN {wrong}")).await {
+                    (code @ (421 | 454 | 535), _) => {
+                        codes.push(code);
+                        if code == 421 {
+                            break;
+                        }
+                    }
+                    (_, text) => panic!("unexpected reply to a wrong password: {text}"),
+                }
+            }
+            codes
+        });
+    }
+    // The device logs in with the right password while the guessing goes on.
+    let mut c = RawClient::connect_from(addr, device_ip(DEVICE)).await;
+    c.expect(220).await;
+    c.cmd("EHLO printer.lan", 250).await;
+    let good = B64.encode(format!("\0printer\0{PASSWORD}"));
+    let (code, text) = c.reply_to(&format!("AUTH PLAIN {good}")).await;
+    assert_eq!(code, 235, "the device logs in during the attack: {text}");
+    c.begin_message().await;
+    c.send(b"Subject: logged in\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    let mut throttled = 0;
+    while let Some(codes) = tokio::time::timeout(LIMIT, attackers.join_next())
+        .await
+        .expect("the guessers finish")
+    {
+        throttled += codes
+            .expect("no panic")
+            .iter()
+            .filter(|&&c| c == 421)
+            .count();
+    }
+    assert!(throttled > 0, "addresses that keep failing are refused");
+    // A blocked address is refused at once, without a password check.
+    let mut again = RawClient::connect_from(addr, device_ip(10)).await;
+    again.expect(220).await;
+    again.cmd("EHLO guesser", 250).await;
+    let reply = again.cmd(&format!("AUTH PLAIN {wrong}"), 421).await;
+    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
+    assert_eq!(queued_subjects(&relay), ["logged in"]);
+}
+
+/// Envelope values that once moved the queue file's seal into client text (runs of 80 or more zeros), and
+/// other odd but valid ones: braces, a 255-character EHLO. (helo, sender, recipient)
+fn hostile() -> Vec<(String, String, String)> {
+    let zeros = |n| "0".repeat(n);
+    let at = |local: String| format!("{local}@example.com");
+    vec![
+        (zeros(80), at("a".into()), at("b".into())),
+        ("device.lan".into(), at(zeros(80)), at("b".into())),
+        ("device.lan".into(), at("a".into()), at(zeros(100))),
+        (
+            "device.lan".into(),
+            at("{scanner}".into()),
+            at("ops+{x}".into()),
+        ),
+        ("h".repeat(255), at("a".repeat(64)), at("b".into())),
+    ]
+}
+
+/// The real binary acknowledges each hostile envelope, is killed with SIGKILL, and after a restart with an
+/// account delivers every one of them, envelope intact. (Multi-threaded: the daemon's log is read with blocking
+/// waits while the fake upstream runs on the test's runtime.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_envelopes_survive_kill_9_and_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    // First run: no account, so the mail waits in the queue.
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let mut daemon = Daemon::spawn(&config);
+    let hostile = hostile();
+    for (i, (helo, from, to)) in hostile.iter().enumerate() {
+        let mut c = RawClient::connect(daemon.addr).await;
+        c.expect(220).await;
+        c.cmd(&format!("EHLO {helo}"), 250).await;
+        c.cmd(&format!("MAIL FROM:<{from}>"), 250).await;
+        c.cmd(&format!("RCPT TO:<{to}>"), 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(format!("Subject: hostile {i}\r\n\r\nbody {i}\r\n.\r\n").as_bytes())
+            .await;
+        c.expect(250).await;
+    }
+    daemon.child.kill().expect("SIGKILL");
+    let _ = daemon.child.wait();
+    drop(daemon);
+
+    // Second run, with an account: every acknowledged message is delivered.
+    let mut upstream = FakeUpstream::start(&["tok-hostile"]).await;
+    write_token(dir.path(), "tok-hostile");
+    let account = format!(
+        "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"relay@example.com\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
+        upstream.addr.port()
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("default_account = \"office\"\n{text}\n{account}"),
+    )
+    .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let mut got = Vec::new();
+    for _ in &hostile {
+        daemon.wait_log("relay_event=\"delivered\"");
+        let m = upstream.next().await;
+        let text = String::from_utf8_lossy(&m.data).into_owned();
+        let subject = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: hostile "))
+            .expect("a hostile message")
+            .to_string();
+        got.push((subject, m.from, m.to));
+    }
+    got.sort();
+    for (i, (_, from, to)) in hostile.iter().enumerate() {
+        assert_eq!(got[i], (i.to_string(), from.clone(), vec![to.clone()]));
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(files_in(&dir.path().join("state"), "queue").is_empty());
+    assert!(files_in(&dir.path().join("state"), "dead").is_empty());
+    assert!(files_in(&dir.path().join("state"), "quarantine").is_empty());
+}
+
+/// A token file as `relay authorize` leaves it, good for an hour.
+fn write_token(dir: &std::path::Path, access: &str) {
+    let now = std::time::SystemTime::now();
+    relay::tokens::TokenStore::new(&dir.join("state"))
+        .save(
+            "office",
+            &relay::tokens::StoredTokens {
+                access_token: access.to_string().into(),
+                expires_at: now + Duration::from_secs(3600),
+                obtained_at: now,
+                refresh_token: Some("refresh".to_string().into()),
+                last_refresh: Some(now),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .expect("token file");
+}
