@@ -1,0 +1,152 @@
+//! A minimal upstream SMTP server for benchmarks: it accepts any XOAUTH2 token and every message, and counts them.
+//!
+//! 220 greeting; EHLO answers `250-sink` / `250-PIPELINING` / `250-8BITMIME` / `250 AUTH XOAUTH2`; AUTH XOAUTH2
+//! (with or without an initial response) gets `235 2.7.0 Accepted`; MAIL and RCPT get 250; DATA gets 354, the body
+//! is read up to the final dot and answered `250 2.0.0 OK`; RSET and NOOP get 250; QUIT gets 221. Replies are
+//! written once the client's pipelined commands have all been read.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct Sink {
+    pub addr: SocketAddr,
+    messages: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl Sink {
+    /// Listens on a free loopback port. With `quickack`, the body of each message is acknowledged at once
+    /// (TCP_QUICKACK) instead of after the kernel's delayed-ACK timer, as a real server would not.
+    pub async fn start(quickack: bool) -> std::io::Result<Sink> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let messages = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (m, c) = (messages.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let _ = session(tcp, &m, quickack).await;
+                });
+            }
+        });
+        Ok(Sink {
+            addr,
+            messages,
+            connections,
+            accept,
+        })
+    }
+
+    /// Messages accepted so far (final dot answered 250).
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn session(tcp: TcpStream, messages: &AtomicU64, quickack: bool) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(64 * 1024, tcp);
+    let mut out = b"220 sink ESMTP\r\n".to_vec();
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        // Pipelined commands are answered together, once nothing more is waiting to be read.
+        if !out.is_empty() && r.buffer().is_empty() {
+            r.get_mut().write_all(&out).await?;
+            out.clear();
+        }
+        line.clear();
+        if r.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let verb = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
+        match verb.as_slice() {
+            b"EHLO" => out.extend_from_slice(
+                b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH XOAUTH2\r\n",
+            ),
+            b"HELO" => out.extend_from_slice(b"250 sink\r\n"),
+            b"AUTH" => {
+                let words = line
+                    .split(|b| b.is_ascii_whitespace())
+                    .filter(|w| !w.is_empty());
+                if words.count() < 3 {
+                    // No initial response: ask for it, then accept whatever comes.
+                    r.get_mut().write_all(&out).await?;
+                    out.clear();
+                    r.get_mut().write_all(b"334 \r\n").await?;
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok(());
+                    }
+                }
+                out.extend_from_slice(b"235 2.7.0 Accepted\r\n");
+            }
+            b"MAIL" => out.extend_from_slice(b"250 2.1.0 OK\r\n"),
+            b"RCPT" => out.extend_from_slice(b"250 2.1.5 OK\r\n"),
+            b"DATA" => {
+                r.get_mut().write_all(&out).await?;
+                out.clear();
+                r.get_mut().write_all(b"354 Go ahead\r\n").await?;
+                loop {
+                    if quickack && r.buffer().is_empty() {
+                        quick_ack(r.get_ref());
+                    }
+                    line.clear();
+                    if r.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                }
+                messages.fetch_add(1, Ordering::Relaxed);
+                out.extend_from_slice(b"250 2.0.0 OK\r\n");
+            }
+            b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
+            b"QUIT" => {
+                out.extend_from_slice(b"221 2.0.0 Bye\r\n");
+                r.get_mut().write_all(&out).await?;
+                return Ok(());
+            }
+            _ => out.extend_from_slice(b"500 5.5.2 Unrecognised command\r\n"),
+        }
+    }
+}
+
+/// Asks the kernel to acknowledge what arrives next at once (the flag does not stick: set it before each read).
+fn quick_ack(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a valid pointer to an int of the stated size.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
