@@ -5,7 +5,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 
 use crate::config::{AccountConfig, Config};
-use crate::oauth::assertion::{ClientCertificate, ServiceAccount};
+use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
 use crate::tokens::{AccountTokens, TokenStore};
@@ -97,16 +97,13 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 }
                 None => None,
             };
-            let mut tokens = AccountTokens::new(a.name.clone(), a.flow, client, store.clone());
-            if a.flow == crate::config::Flow::Password {
-                let (user, pw) = password(a).map_err(err)?;
-                tokens = tokens.with_password(user, pw);
-            }
-            if let Some(path) = &a.service_account_file {
-                let sa = ServiceAccount::load(path).map_err(err)?;
-                tokens = tokens.with_service_account(sa, a.mailbox.clone());
-            }
-            let tokens = Arc::new(tokens);
+            let renewal = crate::oauth::Renewal::for_account(a).map_err(err)?;
+            let tokens = Arc::new(AccountTokens::new(
+                a.name.clone(),
+                renewal,
+                client,
+                store.clone(),
+            ));
             let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca);
             Ok(Arc::new(Account::new(a.name.clone(), tokens, upstream)))
         })

@@ -44,45 +44,19 @@ pub async fn authorize(
             })?;
             device_code(account, &client, &url, out).await?
         }
-        Flow::ClientCredentials => {
-            let _ = writeln!(
-                out,
-                "Account {name} uses client credentials: relay fetches its tokens itself. Checking that it can…"
-            );
-            client
-                .client_credentials()
-                .await
-                .map_err(|e| failed(explain(&e)))?
-        }
         Flow::AuthorizationCode => authorization_code(account, &ep, &client, out).await?,
-        Flow::ServiceAccount => {
-            let _ = writeln!(
-                out,
-                "Account {name} uses a service account: relay signs its own requests. Checking that it can…"
-            );
-            let path = account
-                .service_account_file
-                .as_ref()
-                .ok_or_else(|| failed("service_account_file: required"))?;
-            let key = crate::oauth::assertion::ServiceAccount::load(path).map_err(failed)?;
-            let jwt = key
-                .assertion(&account.mailbox, &ep.scope, &ep.token_url)
-                .map_err(failed)?;
-            client
-                .jwt_bearer(&jwt)
-                .await
-                .map_err(|e| failed(explain(&e)))?
-        }
-        Flow::Password => {
-            let _ = writeln!(
-                out,
-                "Account {name} uses the password flow: relay signs in by itself. Checking that it can…"
-            );
-            let (user, password) = crate::accounts::password(account).map_err(failed)?;
-            client
-                .password(&user, &password)
-                .await
-                .map_err(|e| failed(explain(&e)))?
+        Flow::ClientCredentials | Flow::ServiceAccount | Flow::Password => {
+            let how = match account.flow {
+                Flow::ClientCredentials => "client credentials: relay fetches its tokens itself",
+                Flow::ServiceAccount => "a service account: relay signs its own requests",
+                _ => "the password flow: relay signs in by itself",
+            };
+            let _ = writeln!(out, "Account {name} uses {how}. Checking that it can…");
+            let renewal = crate::oauth::Renewal::for_account(account).map_err(failed)?;
+            renewal.obtain(&client, None).await.map_err(|e| match e {
+                crate::oauth::RenewalError::OAuth(e) => failed(explain(&e)),
+                other => failed(other.to_string()),
+            })?
         }
     };
     let now = SystemTime::now();

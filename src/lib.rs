@@ -7,9 +7,11 @@ pub mod accounts;
 pub mod authorize;
 pub mod config;
 pub mod logging;
+pub mod memory;
 pub mod oauth;
 pub mod queue;
 pub mod smtp;
+pub mod status;
 pub mod tokens;
 pub mod upstream;
 

@@ -143,6 +143,7 @@ fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
 }
 
 fn serve(config: Config) -> Result<ExitCode> {
+    relay::memory::give_back_large_blocks();
     relay::logging::init();
     // Two crypto providers end up compiled in through dependencies; rustls refuses to guess between them.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -241,112 +242,39 @@ fn age(t: SystemTime) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-/// One account's health, as `relay status` shows it.
-#[derive(serde::Serialize)]
-struct AccountStatus {
-    name: String,
-    mailbox: String,
-    /// `ok`, `needs-authorization` or `failing`.
-    state: &'static str,
-    token_valid_until: Option<String>,
-    last_refresh: Option<String>,
-    last_error: Option<String>,
-    last_delivery: Option<relay::queue::delivery::LastDelivery>,
-    /// Credentials expiring within 30 days, or expired.
-    warnings: Vec<String>,
-}
-
-fn account_status(config: &Config, a: &relay::config::AccountConfig) -> AccountStatus {
-    let store = relay::tokens::TokenStore::new(&config.state_dir);
-    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    let (state, tokens, error) = match store.load(&a.name) {
-        Err(e) => ("failing", None, Some(e.to_string())),
-        // Client credentials need no authorize step: the daemon fetches a token when it first needs one.
-        Ok(None) if a.flow == relay::config::Flow::ClientCredentials => ("ok", None, None),
-        Ok(None) => (
-            "needs-authorization",
-            None,
-            Some(format!("no tokens yet: run `relay authorize {}`", a.name)),
-        ),
-        Ok(Some(t)) if t.needs_authorization => {
-            ("needs-authorization", Some(t.clone()), t.last_error.clone())
-        }
-        Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
-        Ok(Some(t)) => ("ok", Some(t), None),
-    };
-    let last_delivery = relay::queue::delivery::read_last_delivery(&config.state_dir, &a.name);
-    // The last delivery did not get through: the account is failing, whatever its token says.
-    let state = match &last_delivery {
-        Some(d) if state == "ok" && d.outcome != "delivered" => "failing",
-        _ => state,
-    };
-    let now = SystemTime::now();
-    let warnings = relay::oauth::expiry::expiries(a)
-        .iter()
-        .filter_map(|e| relay::oauth::expiry::warning(&a.name, e, now))
-        .collect();
-    AccountStatus {
-        name: a.name.clone(),
-        mailbox: a.mailbox.clone(),
-        state,
-        token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
-        last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
-        last_error: error,
-        last_delivery,
-        warnings,
-    }
-}
-
 fn status(config: &Config, json: bool) -> Result<ExitCode> {
-    let store = QueueStore::new(&config.state_dir);
-    let queued = store.list()?;
-    let dead = store.list_dead()?.len();
-    let queue_dir = config.state_dir.join("queue");
-    let deferred = queued
-        .iter()
-        .filter(|m| relay::queue::state::read_state(&queue_dir, m.envelope.id).attempts > 0)
-        .count();
-    let oldest = queued.first().map(|m| m.envelope.received_at);
-    let accounts: Vec<AccountStatus> = config
-        .accounts
-        .iter()
-        .map(|a| account_status(config, a))
-        .collect();
-    let needs_attention = accounts.is_empty()
-        || dead > 0
-        || accounts
-            .iter()
-            .any(|a| a.state != "ok" || !a.warnings.is_empty());
+    let status = relay::status::status(config)?;
     if json {
         let doc = serde_json::json!({
-            "queue": {
-                "queued": queued.len(),
-                "deferred": deferred,
-                "dead": dead,
-                "oldest_age_seconds": oldest.map(|t| SystemTime::now().duration_since(t).unwrap_or_default().as_secs()),
-            },
-            "accounts": accounts,
-            "ok": !needs_attention,
+            "queue": status.queue,
+            "accounts": status.accounts,
+            "ok": status.ok,
         });
         println!("{doc}");
     } else {
+        let q = &status.queue;
         println!("state dir: {}", config.state_dir.display());
         print!(
             "queue: {} queued ({} deferred), {} dead",
-            queued.len(),
-            deferred,
-            dead
+            q.queued, q.deferred, q.dead
         );
-        match oldest {
+        match q.oldest {
             Some(t) => println!(", oldest {}", age(t)),
             None => println!(),
         }
-        if accounts.is_empty() {
+        if q.quarantined > 0 || q.unreadable > 0 {
+            println!(
+                "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
+                q.quarantined + q.unreadable,
+                config.state_dir.join("quarantine").display()
+            );
+        }
+        if status.accounts.is_empty() {
             println!(
                 "accounts: no account is configured; mail is queued but not delivered (add an [[account]])"
             );
         }
-        for a in &accounts {
+        for a in &status.accounts {
             println!("account {} <{}>: {}", a.name, a.mailbox, a.state);
             if let Some(t) = &a.token_valid_until {
                 println!("  token valid until {t}");
@@ -370,10 +298,10 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if needs_attention {
-        ExitCode::from(1)
-    } else {
+    Ok(if status.ok {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }
 
@@ -425,7 +353,7 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
-            print_headers(&msg, &mut out)?;
+            out.write_all(&msg.header_block()?)?;
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Retry { id, all } => {
@@ -462,21 +390,4 @@ fn print_row(m: &QueuedMessage) {
         sender,
         e.recipients.join(",")
     );
-}
-
-/// Prints the header block only: a message may be tens of megabytes.
-fn print_headers(msg: &QueuedMessage, out: &mut impl Write) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = std::fs::File::open(&msg.path)
-        .with_context(|| format!("cannot open {}", msg.path.display()))?;
-    file.seek(SeekFrom::Start(msg.offset))?;
-    for line in std::io::BufReader::new(file).split(b'\n') {
-        let line = line?;
-        if line == b"\r" || line.is_empty() {
-            break;
-        }
-        out.write_all(&line)?;
-        out.write_all(b"\n")?;
-    }
-    Ok(())
 }

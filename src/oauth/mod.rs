@@ -5,9 +5,11 @@ pub mod authcode;
 pub mod client;
 pub mod expiry;
 pub mod provider;
+pub mod renewal;
 
 pub use client::{DeviceAuthorization, DevicePoll, Grant, TokenClient};
 pub use provider::{Endpoints, endpoints};
+pub use renewal::{Renewal, RenewalError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {

@@ -145,6 +145,27 @@ pub fn read(path: &Path) -> Result<QueuedMessage, FileError> {
 }
 
 impl QueuedMessage {
+    /// The message's header block (up to its first empty line), with LF line ends, for people to read; at most
+    /// 1 MiB of it: a message may be tens of megabytes.
+    pub fn header_block(&self) -> io::Result<Vec<u8>> {
+        let mut file = File::open(&self.path)?;
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut out = Vec::new();
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(file.take(MAX_ENVELOPE_LINE));
+        while reader.read_until(b'\n', &mut line)? > 0 {
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text.is_empty() {
+                break;
+            }
+            out.extend_from_slice(text);
+            out.push(b'\n');
+            line.clear();
+        }
+        Ok(out)
+    }
+
     /// The message bytes, checked against the seal: `Ok(None)` when they do not match (damaged on disk).
     pub fn read_verified(&self) -> io::Result<Option<Vec<u8>>> {
         let mut file = File::open(&self.path)?;

@@ -5,9 +5,9 @@
 //! - a successful verification is remembered in memory, keyed by a keyed hash of user and password (the key is
 //!   random per process, so the table says nothing about the passwords even in a core dump): devices that log in
 //!   for every message pay once;
-//! - verifications run on a fixed pool of one thread per core, so no more run at once than there are cores
-//!   (the memory peak is cores x 19 MiB, whatever the number of clients); at most [`MAX_WAITING`] wait, each at
-//!   most [`MAX_WAIT`], and the rest are told to come back (454 4.7.0);
+//! - verifications run on a fixed pool of one thread per core, at most [`MAX_THREADS`], so no more run at once
+//!   than there are cores (the memory peak is 19 MiB per thread, whatever the number of clients); at most
+//!   [`MAX_WAITING`] wait, each at most [`MAX_WAIT`], and the rest are told to come back (454 4.7.0);
 //! - failures are counted per client address across connections ([`FailureLedger`]): an address that keeps
 //!   failing is refused without any argon2 work for a while, and that is logged once per incident.
 
@@ -24,6 +24,9 @@ use crate::config::UserConfig;
 
 /// Remembered logins before the table is cleared; a device fleet is far smaller.
 const CACHE_LIMIT: usize = 10_000;
+/// Password-check threads: one per core, at most this many. Each check holds 19 MiB while it runs, so this caps
+/// what a burst of logins can take, and two manage ~50 first-time logins a second (later ones are cached).
+const MAX_THREADS: usize = 2;
 /// Verifications waiting for a pool thread; more than this are refused at once.
 const MAX_WAITING: usize = 256;
 /// Longest wait for a pool thread before the client is told to try again.
@@ -58,7 +61,9 @@ struct Job {
 
 impl Authenticator {
     pub fn new(users: &[UserConfig]) -> Authenticator {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS);
         Authenticator {
             hashes: users
                 .iter()

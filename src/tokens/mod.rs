@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 use tokio::sync::Mutex;
 
-use crate::config::Flow;
-use crate::oauth::{OAuthError, TokenClient};
+use crate::oauth::{OAuthError, Renewal, RenewalError, TokenClient};
 pub use store::{StoreError, StoredTokens, TokenStore};
 
 /// Renew once the smaller of this and a quarter of the token's lifetime remains.
@@ -52,14 +51,10 @@ impl TokenError {
 
 pub struct AccountTokens {
     pub name: String,
-    flow: Flow,
+    renewal: Renewal,
     client: TokenClient,
     store: TokenStore,
     state: Mutex<State>,
-    /// User name and password, for `flow = "password"`: the daemon signs in again by itself.
-    password: Option<(String, SecretString)>,
-    /// Google service account key and the mailbox it acts as, for `flow = "service_account"`.
-    service_account: Option<(crate::oauth::assertion::ServiceAccount, String)>,
 }
 
 #[derive(Default)]
@@ -71,32 +66,19 @@ struct State {
 }
 
 impl AccountTokens {
-    pub fn new(name: String, flow: Flow, client: TokenClient, store: TokenStore) -> AccountTokens {
+    pub fn new(
+        name: String,
+        renewal: Renewal,
+        client: TokenClient,
+        store: TokenStore,
+    ) -> AccountTokens {
         AccountTokens {
             name,
-            flow,
+            renewal,
             client,
             store,
             state: Mutex::new(State::default()),
-            password: None,
-            service_account: None,
         }
-    }
-
-    /// For `flow = "service_account"`: the key, and the mailbox to act as (domain-wide delegation).
-    pub fn with_service_account(
-        mut self,
-        key: crate::oauth::assertion::ServiceAccount,
-        mailbox: String,
-    ) -> AccountTokens {
-        self.service_account = Some((key, mailbox));
-        self
-    }
-
-    /// For `flow = "password"`: the credentials the daemon signs in with.
-    pub fn with_password(mut self, user: String, password: SecretString) -> AccountTokens {
-        self.password = Some((user, password));
-        self
     }
 
     /// A valid access token, refreshed first if it is close to expiry.
@@ -154,32 +136,17 @@ impl AccountTokens {
 
     async fn refresh_locked(&self, state: &mut State) -> Result<SecretString, TokenError> {
         let previous = state.tokens.clone();
-        let grant = match self.flow {
-            Flow::ClientCredentials => self.client.client_credentials().await,
-            // No refresh token needed: the password grant is repeated (and a refresh token, if the provider
-            // gave one, would only add a second secret to keep).
-            Flow::ServiceAccount => match &self.service_account {
-                Some((key, mailbox)) => {
-                    match key.assertion(mailbox, &self.client.scope, &self.client.token_url) {
-                        Ok(jwt) => self.client.jwt_bearer(&jwt).await,
-                        Err(e) => Err(OAuthError::Signing(e)),
-                    }
-                }
-                None => return Err(TokenError::NeedsAuthorization(self.name.clone())),
-            },
-            Flow::Password => match &self.password {
-                Some((user, password)) => self.client.password(user, password).await,
-                None => return Err(TokenError::NeedsAuthorization(self.name.clone())),
-            },
-            _ => {
-                let Some(refresh) = previous.as_ref().and_then(|t| t.refresh_token.clone()) else {
-                    return Err(TokenError::NeedsAuthorization(self.name.clone()));
-                };
-                if previous.as_ref().is_some_and(|t| t.needs_authorization) {
-                    return Err(TokenError::NeedsAuthorization(self.name.clone()));
-                }
-                self.client.refresh(&refresh).await
+        if self.renewal.is_interactive() && previous.as_ref().is_some_and(|t| t.needs_authorization)
+        {
+            return Err(TokenError::NeedsAuthorization(self.name.clone()));
+        }
+        let refresh = previous.as_ref().and_then(|t| t.refresh_token.as_ref());
+        let grant = match self.renewal.obtain(&self.client, refresh).await {
+            Ok(g) => Ok(g),
+            Err(RenewalError::NoGrant) => {
+                return Err(TokenError::NeedsAuthorization(self.name.clone()));
             }
+            Err(RenewalError::OAuth(e)) => Err(e),
         };
         let now = SystemTime::now();
         match grant {

@@ -1,0 +1,135 @@
+//! What `relay status` reports: the queue's counts and each account's health, read from the state dir (the
+//! daemon need not run). The command line only prints this.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::config::{AccountConfig, Config, Flow};
+use crate::queue::delivery::{LastDelivery, read_last_delivery};
+use crate::queue::state::read_state;
+use crate::queue::{QueueStore, StoreError};
+use crate::tokens::TokenStore;
+
+#[derive(Debug, Serialize)]
+pub struct QueueCounts {
+    pub queued: usize,
+    /// Queued, with at least one failed attempt.
+    pub deferred: usize,
+    pub dead: usize,
+    /// Files moved to `quarantine/` (unreadable, or their seal did not match): never delivered, never removed.
+    pub quarantined: usize,
+    /// Files in `queue/` that cannot be read (the daemon quarantines them when it meets them).
+    pub unreadable: usize,
+    #[serde(skip)]
+    pub oldest: Option<SystemTime>,
+    pub oldest_age_seconds: Option<u64>,
+}
+
+/// One account's health.
+#[derive(Debug, Serialize)]
+pub struct AccountStatus {
+    pub name: String,
+    pub mailbox: String,
+    /// `ok`, `needs-authorization` or `failing`.
+    pub state: &'static str,
+    pub token_valid_until: Option<String>,
+    pub last_refresh: Option<String>,
+    pub last_error: Option<String>,
+    pub last_delivery: Option<LastDelivery>,
+    /// Credentials expiring within 30 days, or expired.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub queue: QueueCounts,
+    pub accounts: Vec<AccountStatus>,
+    pub ok: bool,
+}
+
+pub fn status(config: &Config) -> Result<Status, StoreError> {
+    let store = QueueStore::new(&config.state_dir);
+    let listing = store.scan(&store.paths().queue)?;
+    let dead = store.list_dead()?.len();
+    let quarantined = store.count_quarantined()?;
+    let queue_dir = &store.paths().queue;
+    let deferred = listing
+        .messages
+        .iter()
+        .filter(|m| read_state(queue_dir, m.envelope.id).attempts > 0)
+        .count();
+    let oldest = listing.messages.first().map(|m| m.envelope.received_at);
+    let queue = QueueCounts {
+        queued: listing.messages.len(),
+        deferred,
+        dead,
+        quarantined,
+        unreadable: listing.unreadable,
+        oldest,
+        oldest_age_seconds: oldest.map(|t| {
+            SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs()
+        }),
+    };
+    let accounts: Vec<AccountStatus> = config
+        .accounts
+        .iter()
+        .map(|a| account_status(config, a))
+        .collect();
+    let ok = !(accounts.is_empty()
+        || queue.dead > 0
+        || queue.quarantined > 0
+        || queue.unreadable > 0
+        || accounts
+            .iter()
+            .any(|a| a.state != "ok" || !a.warnings.is_empty()));
+    Ok(Status {
+        queue,
+        accounts,
+        ok,
+    })
+}
+
+pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
+    let store = TokenStore::new(&config.state_dir);
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let (state, tokens, error) = match store.load(&a.name) {
+        Err(e) => ("failing", None, Some(e.to_string())),
+        // Client credentials need no authorize step: the daemon fetches a token when it first needs one.
+        Ok(None) if a.flow == Flow::ClientCredentials => ("ok", None, None),
+        Ok(None) => (
+            "needs-authorization",
+            None,
+            Some(format!("no tokens yet: run `relay authorize {}`", a.name)),
+        ),
+        Ok(Some(t)) if t.needs_authorization => {
+            ("needs-authorization", Some(t.clone()), t.last_error.clone())
+        }
+        Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
+        Ok(Some(t)) => ("ok", Some(t), None),
+    };
+    let last_delivery = read_last_delivery(&config.state_dir, &a.name);
+    // The last delivery did not get through: the account is failing, whatever its token says.
+    let state = match &last_delivery {
+        Some(d) if state == "ok" && d.outcome != "delivered" => "failing",
+        _ => state,
+    };
+    let now = SystemTime::now();
+    let warnings = crate::oauth::expiry::expiries(a)
+        .iter()
+        .filter_map(|e| crate::oauth::expiry::warning(&a.name, e, now))
+        .collect();
+    AccountStatus {
+        name: a.name.clone(),
+        mailbox: a.mailbox.clone(),
+        state,
+        token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
+        last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
+        last_error: error,
+        last_delivery,
+        warnings,
+    }
+}
