@@ -104,7 +104,10 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 client,
                 store.clone(),
             ));
-            let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca);
+            let timeout = a
+                .smtp_timeout
+                .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
+            let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca, timeout);
             Ok(Arc::new(Account::new(a.name.clone(), tokens, upstream)))
         })
         .collect()

@@ -2,67 +2,13 @@
 
 mod common;
 
+use common::idp::{idp_issuing, relay_with_account, relay_with_account_and, token};
 use common::upstream::FakeUpstream;
 use common::*;
 use wiremock::matchers::{body_string_contains, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
-
-fn token(access: &str) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_json(serde_json::json!({
-        "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": access
-    }))
-}
-
-/// A fake identity provider that issues `access` to every token request.
-async fn idp_issuing(access: &str) -> MockServer {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token(access))
-        .mount(&idp)
-        .await;
-    idp
-}
-
-/// A client-credentials account pointed at the fakes.
-async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
-    relay_with_account_and(idp, upstream, "").await
-}
-
-/// As [`relay_with_account`], with more TOML tables (e.g. `[queue]`) after the account.
-async fn relay_with_account_and(
-    idp: &MockServer,
-    upstream: &FakeUpstream,
-    more: &str,
-) -> TestRelay {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let top = format!(
-        r#"default_account = "office"
-[[account]]
-name = "office"
-provider = "generic"
-flow = "client_credentials"
-mailbox = "relay@example.com"
-client_id = "cid-123"
-client_secret_file = "{{dir}}/secret"
-token_url = "{idp}/token"
-scope = "https://outlook.office365.com/.default"
-smtp_host = "127.0.0.1"
-smtp_port = {port}
-smtp_tls = "none"
-{more}
-"#,
-        idp = idp.uri(),
-        port = upstream.addr.port(),
-    );
-    TestRelay::start_with(dir, &top, LISTENER).await
-}
 
 /// The message, and as the client sends it (dot-stuffed, RFC 5321 section 4.5.2).
 const BODY: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n.dot line\r\nend\r\n";

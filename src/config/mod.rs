@@ -213,6 +213,9 @@ pub struct AccountConfig {
     pub smtp_host: Option<String>,
     pub smtp_port: Option<u16>,
     pub smtp_tls: Option<TlsMode>,
+    /// How long the upstream SMTP server may take over any one step before the attempt is deferred (60 s).
+    #[serde(default, with = "humantime_serde")]
+    pub smtp_timeout: Option<Duration>,
     pub ca_file: Option<PathBuf>,
     pub graph_url: Option<String>,
     pub gmail_api_url: Option<String>,

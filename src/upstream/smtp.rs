@@ -18,15 +18,26 @@ pub struct SmtpUpstream {
     mailbox: String,
     endpoints: Endpoints,
     ca: Option<Vec<u8>>,
+    timeout: Duration,
     transport: Mutex<Option<(blake3::Hash, AsyncSmtpTransport<Tokio1Executor>)>>,
 }
 
+/// Default for `smtp_timeout`: per step (connect, each reply), not for the whole message.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl SmtpUpstream {
-    pub fn new(mailbox: String, endpoints: Endpoints, ca: Option<Vec<u8>>) -> SmtpUpstream {
+    pub fn new(
+        mailbox: String,
+        endpoints: Endpoints,
+        ca: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> SmtpUpstream {
         SmtpUpstream {
             mailbox,
             endpoints,
             ca,
+            // A zero timeout would fail every attempt; a huge one would hold a delivery slot for good.
+            timeout: timeout.clamp(Duration::from_secs(1), Duration::from_secs(600)),
             transport: Mutex::new(None),
         }
     }
@@ -72,7 +83,7 @@ impl SmtpUpstream {
                     token.expose_secret().to_string(),
                 ))
                 .authentication(vec![Mechanism::Xoauth2])
-                .timeout(Some(Duration::from_secs(60)))
+                .timeout(Some(self.timeout))
                 .build();
         *slot = Some((key, transport.clone()));
         Ok(transport)
@@ -97,13 +108,30 @@ impl SmtpUpstream {
             Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),
         };
-        match transport.send_raw(&envelope, body).await {
-            Ok(reply) => Outcome::Delivered(format!(
+        // lettre's own timeout covers only the connect: a server that stops answering would hold this delivery
+        // (and its account's connection slot) for good. So the whole attempt has a deadline: a few replies' worth
+        // plus the time to send the body at a slow 32 KiB/s.
+        let deadline = self.timeout * 4 + Duration::from_secs(body.len() as u64 / 32_768);
+        match tokio::time::timeout(deadline, transport.send_raw(&envelope, body)).await {
+            Ok(Ok(reply)) => Outcome::Delivered(format!(
                 "{} {}",
                 reply.code(),
                 reply.message().collect::<Vec<_>>().join(" ")
             )),
-            Err(e) => classify(&e),
+            Ok(Err(e)) => classify(&e),
+            Err(_) => {
+                // The connection was cut off mid-conversation and lettre would put it back in its pool: start a
+                // new pool, so that no later message is sent on a connection in an unknown state.
+                if let Ok(mut slot) = self.transport.lock() {
+                    *slot = None;
+                }
+                Outcome::Transient(format!(
+                    "upstream {}:{} did not answer within {} (smtp_timeout)",
+                    self.endpoints.smtp_host,
+                    self.endpoints.smtp_port,
+                    humantime::format_duration(deadline)
+                ))
+            }
         }
     }
 }

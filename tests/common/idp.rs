@@ -1,6 +1,13 @@
-//! Reading what the fake identity provider (wiremock) received.
+//! The fake identity provider (wiremock): token replies in Microsoft's JSON, a relay with an account pointed
+//! at it and at a fake upstream, and reading what the fake received.
 
-use wiremock::MockServer;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use super::TestRelay;
+use super::upstream::FakeUpstream;
+
+const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 
 /// The form fields of the last request to `/token`.
 pub async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
@@ -23,4 +30,63 @@ pub async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
 /// One form field, if present.
 pub fn form_field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
     form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+pub fn token(access: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(serde_json::json!({
+        "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": access
+    }))
+}
+
+/// A fake identity provider that issues `access` to every token request.
+pub async fn idp_issuing(access: &str) -> MockServer {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token(access))
+        .mount(&idp)
+        .await;
+    idp
+}
+
+/// A client-credentials account pointed at the fakes.
+pub async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
+    relay_with_account_and(idp, upstream, "").await
+}
+
+/// As [`relay_with_account`], with more TOML tables (e.g. `[queue]`) after the account.
+pub async fn relay_with_account_and(
+    idp: &MockServer,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> TestRelay {
+    relay_with_account_at(&idp.uri(), upstream, more).await
+}
+
+/// As [`relay_with_account_and`], with the identity provider at `idp` (which need not be up).
+pub async fn relay_with_account_at(idp: &str, upstream: &FakeUpstream, more: &str) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let top = format!(
+        r#"default_account = "office"
+[[account]]
+name = "office"
+provider = "generic"
+flow = "client_credentials"
+mailbox = "relay@example.com"
+client_id = "cid-123"
+client_secret_file = "{{dir}}/secret"
+token_url = "{idp}/token"
+scope = "https://outlook.office365.com/.default"
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+smtp_tls = "none"
+{more}
+"#,
+        port = upstream.addr.port(),
+    );
+    TestRelay::start_with(dir, &top, LISTENER).await
 }

@@ -148,6 +148,18 @@ impl TestRelay {
             .expect("relay alive");
     }
 
+    /// Waits (bounded) until the queue is empty, checking after each finished delivery attempt.
+    pub async fn drained(&mut self) {
+        let state = self.state();
+        tokio::time::timeout(
+            LIMIT,
+            self.attempts.wait_for(|_| queued_in(&state).is_empty()),
+        )
+        .await
+        .expect("the queue empties in time")
+        .expect("relay alive");
+    }
+
     /// Stops the relay (clean drain) and gives back its directory for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(stop) = self.stop.take() {

@@ -24,7 +24,8 @@ pub struct FakeUpstream {
     pub received: mpsc::UnboundedReceiver<Received>,
     /// Tokens accepted; anything else gets the 334/535 treatment.
     pub tokens: Arc<Mutex<Vec<String>>>,
-    /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no".
+    /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
+    /// right after 354, in the middle of the data) or "STALL" (read the data, then never answer).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -158,6 +159,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             "250 2.1.5 OK".into()
         } else if upper == "DATA" {
             let _ = w(&mut s, "354 Go ahead".into()).await;
+            if *data_reply.lock().unwrap() == "DROP" {
+                return;
+            }
             let mut data = Vec::new();
             loop {
                 let mut byte = [0u8; 1];
@@ -182,6 +186,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             msg.data = unstuffed;
             let reply = data_reply.lock().unwrap().clone();
+            if reply == "STALL" {
+                // Hold the connection, answer nothing, until the client gives up.
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+                return;
+            }
             if reply.starts_with('2') {
                 let _ = tx.send(msg.clone());
             }

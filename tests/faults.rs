@@ -1,0 +1,162 @@
+//! Faults upstream and at the identity provider: clients keep getting 250 meanwhile, the mail waits in the
+//! queue, and every accepted message is delivered once the fault clears.
+
+mod common;
+
+use std::time::Duration;
+
+use common::idp::{idp_issuing, relay_with_account_and, relay_with_account_at, token};
+use common::upstream::FakeUpstream;
+use common::*;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const BODY: &[u8] = b"Subject: fault\r\n\r\nwaiting out the fault\r\n";
+/// Retries come after a second, so that recovery shows within the tests' bounds.
+const FAST_RETRY: &str = "[queue]\nretry = [\"1s\"]\n";
+
+/// A message accepted (250) while the fault lasts; returns its queue id.
+async fn accepted_during_fault(relay: &TestRelay) -> String {
+    send_message(relay.addr(), BODY).await
+}
+
+#[tokio::test]
+async fn upstream_4xx_and_dropped_connections_defer_then_deliver() {
+    for fault in [
+        "421 4.3.2 Service not available, closing transmission channel",
+        "451 4.3.0 Temporary server error. Please try again later",
+        "DROP",
+    ] {
+        let idp = idp_issuing("tok").await;
+        let mut upstream = FakeUpstream::start(&["tok"]).await;
+        *upstream.data_reply.lock().unwrap() = fault.into();
+        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        let id = accepted_during_fault(&relay).await;
+        relay.attempts_done(1).await;
+        assert_eq!(relay.queued().len(), 1, "{fault}: the message waits");
+        let state = relay::queue::state::read_state(&relay.state().join("queue"), {
+            relay::queue::QueueStore::parse_id(&id).unwrap()
+        });
+        assert_eq!(state.attempts, 1, "{fault}");
+        assert!(state.last_error.is_some(), "{fault}");
+        *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+        let got = upstream.next().await;
+        assert_eq!(strip_received(&got.data), BODY, "{fault}");
+        relay.attempts_done(2).await;
+        assert!(relay.queued().is_empty(), "{fault}");
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_times_out_and_the_mail_waits() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "STALL".into();
+    let more = format!("smtp_timeout = \"1s\"\n{FAST_RETRY}");
+    let mut relay = relay_with_account_and(&idp, &upstream, &more).await;
+    accepted_during_fault(&relay).await;
+    relay.attempts_done(1).await;
+    assert_eq!(relay.queued().len(), 1);
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    relay.attempts_done(2).await;
+    assert!(relay.queued().is_empty());
+}
+
+/// The identity provider answers 500, then broken JSON, then slowly, then well: the mail waits through the
+/// failures and goes out with the first good token.
+#[tokio::test]
+async fn identity_provider_errors_and_broken_json_defer_then_deliver() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("<html>oops</html>"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "application/json")
+                .set_body_string("{\"access_token\": \"tok\", \"expires_in\": "),
+        )
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok").set_delay(Duration::from_secs(2)))
+        .with_priority(3)
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    accepted_during_fault(&relay).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    relay.drained().await;
+}
+
+/// The identity provider is down (nothing listens), then comes back on the same address.
+#[tokio::test]
+async fn identity_provider_down_then_back() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account_at(&url, &upstream, FAST_RETRY).await;
+    accepted_during_fault(&relay).await;
+    relay.attempts_done(1).await;
+    assert_eq!(relay.queued().len(), 1);
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let idp = MockServer::builder().listener(listener).start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .mount(&idp)
+        .await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+}
+
+/// `expires_in` as providers get it wrong: missing, 0, negative, past any clock, a float, a string. Each gives a
+/// usable token, and the daemon goes on serving.
+#[tokio::test]
+async fn odd_expires_in_values_never_stop_delivery() {
+    for expires_in in [
+        serde_json::Value::Null,
+        serde_json::json!(0),
+        serde_json::json!(-5),
+        serde_json::json!(18446744073709551615u64),
+        serde_json::json!(1e30),
+        serde_json::json!("3599"),
+    ] {
+        let idp = MockServer::start().await;
+        let mut reply = serde_json::json!({"token_type": "Bearer", "access_token": "tok"});
+        if !expires_in.is_null() {
+            reply["expires_in"] = expires_in.clone();
+        }
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(reply))
+            .mount(&idp)
+            .await;
+        let mut upstream = FakeUpstream::start(&["tok"]).await;
+        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        for _ in 0..2 {
+            accepted_during_fault(&relay).await;
+            let got = upstream.next().await;
+            assert_eq!(strip_received(&got.data), BODY, "expires_in {expires_in}");
+        }
+        relay.attempts_done(2).await;
+        assert!(relay.queued().is_empty(), "expires_in {expires_in}");
+        relay.stop().await;
+    }
+}
