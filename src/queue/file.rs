@@ -107,17 +107,28 @@ pub fn read(path: &Path) -> Result<QueuedMessage, FileError> {
         path: path.to_path_buf(),
         source,
     };
-    let corrupt = |reason: String| FileError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
     let file = File::open(path).map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
     let mut line = Vec::new();
     BufReader::new(file.take(MAX_ENVELOPE_LINE))
         .read_until(b'\n', &mut line)
         .map_err(io_err)?;
-    if is_placeholder(&line) {
+    parse(&line, len, path)
+}
+
+/// Parses the start of a queue file: `head` holds its first bytes up to and including the first newline (or
+/// all of them, if there is none within [`MAX_ENVELOPE_LINE`]); `len` is the file's length. Pure, for the fuzz
+/// target: whatever the bytes, this returns.
+pub fn parse(head: &[u8], len: u64, path: &Path) -> Result<QueuedMessage, FileError> {
+    let corrupt = |reason: String| FileError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let line = match head.iter().position(|&b| b == b'\n') {
+        Some(nl) => &head[..=nl],
+        None => head,
+    };
+    if is_placeholder(line) {
         return Err(FileError::Unsealed {
             path: path.to_path_buf(),
         });
@@ -125,7 +136,7 @@ pub fn read(path: &Path) -> Result<QueuedMessage, FileError> {
     if line.last() != Some(&b'\n') {
         return Err(corrupt("no complete first line".into()));
     }
-    let parsed: LineIn = serde_json::from_slice(&line).map_err(|e| corrupt(e.to_string()))?;
+    let parsed: LineIn = serde_json::from_slice(line).map_err(|e| corrupt(e.to_string()))?;
     let fixed = line
         .get(SEAL_AT..SEAL_AT + SEAL_LEN)
         .is_some_and(|s| line.starts_with(PREFIX) && s == parsed.seal.as_bytes());
