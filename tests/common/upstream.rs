@@ -25,7 +25,8 @@ pub struct FakeUpstream {
     /// Tokens accepted; anything else gets the 334/535 treatment.
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
-    /// right after 354, in the middle of the data) or "STALL" (read the data, then never answer).
+    /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
+    /// (report the message at once, answer a second later).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -186,6 +187,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             msg.data = unstuffed;
             let reply = data_reply.lock().unwrap().clone();
+            if let Some(slow) = reply.strip_prefix("SLOW ") {
+                // Take the message, then answer a second late: a delivery in flight for a while.
+                let _ = tx.send(msg.clone());
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if w(&mut s, slow.to_string()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             if reply == "STALL" {
                 // Hold the connection, answer nothing, until the client gives up.
                 let mut rest = Vec::new();
