@@ -301,7 +301,12 @@ async fn hostile_envelopes_survive_kill_9_and_are_delivered() {
 
     // Second run, with an account: every acknowledged message is delivered.
     let mut upstream = FakeUpstream::start(&["tok-hostile"]).await;
-    write_token(dir.path(), "tok-hostile");
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "office",
+        "tok-hostile",
+        Duration::from_secs(3600),
+    );
     let account = format!(
         "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"relay@example.com\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
         upstream.addr.port()
@@ -333,23 +338,4 @@ async fn hostile_envelopes_survive_kill_9_and_are_delivered() {
     assert!(files_in(&dir.path().join("state"), "queue").is_empty());
     assert!(files_in(&dir.path().join("state"), "dead").is_empty());
     assert!(files_in(&dir.path().join("state"), "quarantine").is_empty());
-}
-
-/// A token file as `relay authorize` leaves it, good for an hour.
-fn write_token(dir: &std::path::Path, access: &str) {
-    let now = std::time::SystemTime::now();
-    relay::tokens::TokenStore::new(&dir.join("state"))
-        .save(
-            "office",
-            &relay::tokens::StoredTokens {
-                access_token: access.to_string().into(),
-                expires_at: now + Duration::from_secs(3600),
-                obtained_at: now,
-                refresh_token: Some("refresh".to_string().into()),
-                last_refresh: Some(now),
-                needs_authorization: false,
-                last_error: None,
-            },
-        )
-        .expect("token file");
 }

@@ -240,6 +240,14 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
             let _ = fs::remove_file(super::layout::state_path(&paths.queue, id));
         }
     }
+    // A move to dead/ cut off while its state file was being written leaves a temporary file there too.
+    if let Ok(entries) = fs::read_dir(&paths.dead) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
     Ok(())
 }
 

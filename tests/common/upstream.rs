@@ -17,6 +17,8 @@ pub struct Received {
     pub from: String,
     pub to: Vec<String>,
     pub data: Vec<u8>,
+    /// When the fake accepted it (just before its reply to the final dot).
+    pub at: std::time::SystemTime,
 }
 
 pub struct FakeUpstream {
@@ -99,6 +101,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         from: String::new(),
         to: Vec::new(),
         data: Vec::new(),
+        at: std::time::SystemTime::UNIX_EPOCH,
     };
     let mut authed = false;
     loop {
@@ -203,6 +206,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
             if reply.starts_with('2') {
+                msg.at = std::time::SystemTime::now();
                 let _ = tx.send(msg.clone());
             }
             reply
