@@ -3,7 +3,9 @@
 //! `cargo bench --bench accept` starts relay in this process and drives it with a minimal SMTP client on
 //! loopback (client and server share the machine's cores, as with smtp-source). It prints the rate and records it
 //! in BENCHMARKS.md between the `accept` markers. Knobs: RELAY_BENCH_SESSIONS (20), RELAY_BENCH_MESSAGES
-//! (20000), RELAY_BENCH_DIR (a fresh directory under /var/tmp, left in place afterwards).
+//! (20000), RELAY_BENCH_DIR (a fresh directory under /var/tmp, left in place afterwards), RELAY_BENCH_AUTH=1
+//! (each connection logs in with AUTH PLAIN after EHLO, as devices do; recorded between the `accept-auth`
+//! markers: the password is checked once with argon2, then from the cache of successful logins).
 
 use std::time::Instant;
 
@@ -29,14 +31,21 @@ async fn expect(r: &mut BufReader<TcpStream>, code: &str) {
     }
 }
 
-/// One message on its own connection, as a device sends it.
-async fn send(addr: std::net::SocketAddr, body: &[u8]) {
+/// `AUTH PLAIN` for user `printer`, password `bench`.
+const AUTH_LINE: &[u8] = b"AUTH PLAIN AHByaW50ZXIAYmVuY2g=\r\n";
+
+/// One message on its own connection, as a device sends it (after logging in, with `auth`).
+async fn send(addr: std::net::SocketAddr, body: &[u8], auth: bool) {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.set_nodelay(true).ok();
     let mut r = BufReader::new(tcp);
     expect(&mut r, "220").await;
     r.get_mut().write_all(b"EHLO bench\r\n").await.unwrap();
     expect(&mut r, "250").await;
+    if auth {
+        r.get_mut().write_all(AUTH_LINE).await.unwrap();
+        expect(&mut r, "235").await;
+    }
     r.get_mut()
         .write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n")
         .await
@@ -56,15 +65,24 @@ fn main() {
     let messages = env("RELAY_BENCH_MESSAGES", 20_000);
     let dir = std::env::var("RELAY_BENCH_DIR")
         .unwrap_or_else(|_| format!("/var/tmp/relay-bench-{}", std::process::id()));
+    let auth = std::env::var_os("RELAY_BENCH_AUTH").is_some();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let rate = runtime.block_on(async {
-        let text = format!(
-            "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
-            format!("{dir}/state")
-        );
+        let text = if auth {
+            let hash = relay::smtp::auth::hash_password("bench").unwrap();
+            format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\nallow = [\"127.0.0.0/8\"]\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
+                format!("{dir}/state")
+            )
+        } else {
+            format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+                format!("{dir}/state")
+            )
+        };
         let config = relay::config::Config::parse(&text, "bench").unwrap();
         let relay = relay::Relay::start(&config).await.unwrap();
         let addr = relay.local_addrs()[0];
@@ -88,7 +106,7 @@ fn main() {
             let count = messages / sessions + usize::from(s < messages % sessions);
             tasks.push(tokio::spawn(async move {
                 for _ in 0..count {
-                    send(addr, &body).await;
+                    send(addr, &body, auth).await;
                 }
             }));
         }
@@ -102,13 +120,23 @@ fn main() {
     });
     // The queue is left in place: deleting 20,000 files would slow the next run's file creation (BENCHMARKS.md).
     eprintln!("queue left in {dir}");
+    let (how, marker) = if auth {
+        (
+            "one connection, EHLO, AUTH PLAIN and message each (`RELAY_BENCH_AUTH=1 cargo bench --bench accept`",
+            "accept-auth",
+        )
+    } else {
+        (
+            "one connection per message (`cargo bench --bench accept`",
+            "accept",
+        )
+    };
     let line = format!(
-        "{rate:.0} messages/s: {messages} messages of 4 KiB from {sessions} concurrent sessions, one connection per message, \
-         in-process client (`cargo bench --bench accept`, {})",
+        "{rate:.0} messages/s: {messages} messages of 4 KiB from {sessions} concurrent sessions, {how}, in-process client, {})",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
     println!("{line}");
-    record("accept", &line);
+    record(marker, &line);
 }
 
 /// Replaces the text between `<!-- NAME -->` and `<!-- /NAME -->` in BENCHMARKS.md.
