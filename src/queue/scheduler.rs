@@ -52,7 +52,9 @@ impl Scheduler {
         mut stop: watch::Receiver<bool>,
     ) {
         if !self.delivery.has_accounts() {
-            // Nothing to deliver through: mail stays queued, untouched, until an account is configured.
+            // Nothing to deliver through: mail stays queued, untouched, until an account is configured. The
+            // announcements of new mail are refused rather than left to pile up unread.
+            drop(committed);
             let _ = stop.wait_for(|s| *s).await;
             return;
         }
