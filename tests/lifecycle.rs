@@ -130,3 +130,31 @@ async fn queue_list_and_status_never_fail_while_mail_arrives_and_leaves() {
     }
     assert!(runs >= 2);
 }
+
+/// A second daemon on the same state dir would take the first one's messages still arriving for leftovers of a
+/// crash: it refuses to start, and says why.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let first = Daemon::spawn(&config);
+    // A message in the middle of DATA on the first daemon, big enough to be on disk already.
+    let mut c = RawClient::in_data(first.addr).await;
+    c.send(format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(200_000)).as_bytes())
+        .await;
+    let second = tokio::process::Command::new(relay_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another relay is already running on this state dir"),
+        "{stderr}"
+    );
+    c.send(b".\r\n").await;
+    c.expect(250).await;
+    assert_eq!(queued_in(&dir.path().join("state")).len(), 1);
+}

@@ -283,7 +283,8 @@ async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
         String::from_utf8_lossy(&out.stderr)
     );
     use std::os::unix::fs::MetadataExt;
-    for path in ["tokens/office.json", "tokens"] {
+    // Everything the daemon's user must later open, the lock file included.
+    for path in ["tokens/office.json", "tokens", "tokens/.office.lock"] {
         let meta = std::fs::metadata(state.join(path)).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{path}");
     }

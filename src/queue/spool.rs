@@ -36,6 +36,12 @@ pub enum SpoolError {
     Io { path: PathBuf, source: io::Error },
     #[error("the spool's committer has stopped")]
     Stopped,
+    #[error("another relay is already running on this state dir ({path} is locked)")]
+    Locked { path: PathBuf },
+    #[error(
+        "{path}: the file was removed while it was being written (is another relay using this state dir?)"
+    )]
+    Unlinked { path: PathBuf },
 }
 
 impl SpoolError {
@@ -56,6 +62,9 @@ pub struct Spool {
 struct Inner {
     paths: SpoolPaths,
     jobs: mpsc::Sender<Job>,
+    /// `STATE_DIR/.lock`, held (flock) while the spool is open: a second daemon on the same state dir would
+    /// take unsealed files of this one's sessions for leftovers and remove them.
+    _lock: File,
 }
 
 struct Job {
@@ -83,6 +92,7 @@ impl Spool {
                 .create(dir)
                 .map_err(|e| SpoolError::io(dir, e))?;
         }
+        let lock = lock_state_dir(state_dir)?;
         recover(&paths)?;
         let (tx, rx) = mpsc::channel();
         let committer_paths = paths.clone();
@@ -91,7 +101,11 @@ impl Spool {
             .spawn(move || committer(committer_paths, rx, committed))
             .map_err(|e| SpoolError::io(&paths.queue, e))?;
         Ok(Spool {
-            inner: Arc::new(Inner { paths, jobs: tx }),
+            inner: Arc::new(Inner {
+                paths,
+                jobs: tx,
+                _lock: lock,
+            }),
         })
     }
 
@@ -198,6 +212,29 @@ impl Drop for Incoming {
             let _ = fs::remove_file(msg_path(&self.spool.paths.queue, self.id));
         }
     }
+}
+
+/// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends).
+fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
+    use std::os::fd::AsRawFd;
+    let path = state_dir.join(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| SpoolError::io(&path, e))?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            SpoolError::Locked { path }
+        } else {
+            SpoolError::io(&path, e)
+        });
+    }
+    Ok(file)
 }
 
 fn create_new(path: &Path) -> io::Result<File> {
@@ -317,8 +354,17 @@ fn commit_batch(paths: &SpoolPaths, dir: &io::Result<File>, batch: Vec<Job>) -> 
         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
     };
     let mut durable = Vec::with_capacity(written.len());
-    for (job, _) in written {
+    for (job, file) in written {
+        // A file unlinked while it was written (by anything else) is not in the queue, whatever was flushed.
+        let linked = file.metadata().map_or(true, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.nlink() > 0
+        });
         match &flushed {
+            Ok(()) if !linked => {
+                let path = msg_path(&paths.queue, job.id);
+                let _ = job.done.send(Err(SpoolError::Unlinked { path }));
+            }
             Ok(()) => {
                 durable.push(job.id);
                 let _ = job.done.send(Ok(()));

@@ -160,8 +160,10 @@ impl TokenStore {
     }
 
     /// An exclusive lock on `tokens/.ACCOUNT.lock`, held while a file is compared and replaced: the daemon and
-    /// `relay authorize` are different processes.
-    fn lock(&self, account: &str) -> Result<std::fs::File, StoreError> {
+    /// `relay authorize` are different processes, and may be different users (root and the daemon's). The lock
+    /// file is opened read-only (flock needs no more) and, created by root, given to the state dir's owner like
+    /// the token file; if it still cannot be opened, the hash comparison alone has to do.
+    fn lock(&self, account: &str) -> Result<Option<std::fs::File>, StoreError> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.dir.join(format!(".{account}.lock"));
@@ -170,18 +172,35 @@ impl TokenStore {
             source,
         };
         self.create_dir().map_err(io)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o640)
-            .open(&path)
-            .map_err(io)?;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o640)
+                    .open(&path)
+                    .map_err(io)?;
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    let owner =
+                        std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
+                    std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))
+                        .map_err(io)?;
+                }
+                f
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the token lock file; going on without it");
+                return Ok(None);
+            }
+        };
         // SAFETY: the descriptor is open for the duration of the call. Released when the file is closed.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
-        Ok(file)
+        Ok(Some(file))
     }
 
     /// Creates `tokens/` (0750) if needed; when root creates it, it goes to the state dir's owner.
