@@ -160,3 +160,54 @@ async fn odd_expires_in_values_never_stop_delivery() {
         relay.stop().await;
     }
 }
+
+/// One account's upstream hangs: its deliveries wait (four at a time), and the rest of its mail waits parked,
+/// not in the scheduler's places, so another account's mail still goes out at once.
+#[tokio::test]
+async fn a_stalled_account_does_not_hold_up_another() {
+    let idp = idp_issuing("tok").await;
+    let stalled = FakeUpstream::start(&["tok"]).await;
+    *stalled.data_reply.lock().unwrap() = "STALL".into();
+    let mut healthy = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let account = |name: &str, port: u16| {
+        format!(
+            "[[account]]\nname = \"{name}\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"{name}@example.com\"\nclient_id = \"cid\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nsmtp_tls = \"none\"\n",
+            idp.uri()
+        )
+    };
+    let top = format!(
+        "default_account = \"healthy\"\n{}{}[[route]]\nsender = \"*@stalled.test\"\naccount = \"stalled\"\n",
+        account("stalled", stalled.addr.port()),
+        account("healthy", healthy.addr.port()),
+    );
+    let relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    // More messages for the stalled account than the scheduler has places (64).
+    let mut c = RawClient::ready(relay.addr()).await;
+    for i in 0..80 {
+        c.cmd("MAIL FROM:<scanner@stalled.test>", 250).await;
+        c.cmd("RCPT TO:<ops@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(format!("Subject: stalled {i}\r\n\r\nx\r\n.\r\n").as_bytes())
+            .await;
+        c.expect(250).await;
+    }
+    c.cmd("MAIL FROM:<printer@lan.test>", 250).await;
+    c.cmd("RCPT TO:<ops@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(BODY).await;
+    c.send(b".\r\n").await;
+    c.expect(250).await;
+    let got = healthy.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    assert_eq!(got.from, "printer@lan.test");
+}

@@ -36,7 +36,7 @@ pub struct Account {
     pub name: String,
     pub tokens: Arc<AccountTokens>,
     pub upstream: SmtpUpstream,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
@@ -64,7 +64,7 @@ impl Account {
             name,
             tokens,
             upstream,
-            slots: Semaphore::new(PER_ACCOUNT),
+            slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             last_written: Mutex::new(None),
         }
     }
@@ -113,6 +113,59 @@ pub struct Delivery {
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
+/// When a message that could not be looked at now (still arriving, or an attempt that failed oddly) comes up
+/// again.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// What the scheduler does with a message after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempted {
+    /// Nothing more: delivered, moved to `dead/` or `quarantine/`, or gone.
+    Done { account: Option<String> },
+    /// Still queued: look again at this time.
+    Later {
+        at: SystemTime,
+        account: Option<String>,
+    },
+    /// Its account's connections are all in use: look again when one of them is free.
+    Busy { account: String },
+}
+
+impl Attempted {
+    fn later(at: SystemTime) -> Attempted {
+        Attempted::Later { at, account: None }
+    }
+
+    /// Notes the account whose connection slot the attempt held (and has now given back).
+    fn with_account(self, name: String) -> Attempted {
+        match self {
+            Attempted::Done { .. } => Attempted::Done {
+                account: Some(name),
+            },
+            Attempted::Later { at, .. } => Attempted::Later {
+                at,
+                account: Some(name),
+            },
+            busy => busy,
+        }
+    }
+
+    /// The account whose connection slot this attempt gave back.
+    pub fn freed(&self) -> Option<&str> {
+        match self {
+            Attempted::Done { account } | Attempted::Later { account, .. } => account.as_deref(),
+            Attempted::Busy { .. } => None,
+        }
+    }
+
+    /// When to look at the message again, if ever (a busy account's message is parked instead).
+    pub fn next(&self) -> Option<SystemTime> {
+        match self {
+            Attempted::Later { at, .. } => Some(*at),
+            _ => None,
+        }
+    }
+}
 
 impl Delivery {
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Delivery {
@@ -139,35 +192,42 @@ impl Delivery {
         self.delivered.lock().is_ok_and(|d| d.contains(&id))
     }
 
-    /// One delivery attempt. Returns when to try again, if the message stays queued.
-    pub async fn attempt(&self, id: QueueId) -> Option<SystemTime> {
+    /// One delivery attempt, and what the scheduler does next with the message.
+    pub async fn attempt(self: Arc<Self>, id: QueueId) -> Attempted {
+        let now = SystemTime::now();
         if self.already_delivered(id) {
-            self.remove_delivered(id);
-            return None;
+            return self.clone().blocking(move |d| d.remove_delivered(id)).await;
         }
         let path = msg_path(&self.paths.queue, id);
         let msg = match file::read(&path) {
             Ok(m) => m,
             // Deleted meanwhile (`relay queue delete`), or already delivered by an earlier attempt.
-            Err(e) if e.is_not_found() => return None,
-            Err(FileError::Unsealed { .. }) => return None,
+            Err(e) if e.is_not_found() => return Attempted::Done { account: None },
+            // Still arriving (listed by a reread of the queue): its commit announces it, or it goes away.
+            Err(FileError::Unsealed { .. }) => return Attempted::later(now + RECHECK),
             Err(e) => {
-                quarantine(&self.paths, &path, &e.to_string());
-                return None;
+                let why = e.to_string();
+                return self
+                    .clone()
+                    .blocking(move |d| {
+                        quarantine(&d.paths, &path, &why);
+                        Attempted::Done { account: None }
+                    })
+                    .await;
             }
         };
         let mut state = read_state(&self.paths.queue, id);
         if let Some(next) = state.next_attempt
-            && next > SystemTime::now()
+            && next > now
         {
             // Scheduled twice (a reread of the schedule raced a deferral): keep the later time.
-            return Some(next);
+            return Attempted::later(next);
         }
         if msg
             .envelope
             .received_at
             .checked_add(self.queue.max_age)
-            .is_some_and(|end| end < SystemTime::now())
+            .is_some_and(|end| end < now)
         {
             let why = format!(
                 "expired after {} in the queue",
@@ -177,30 +237,41 @@ impl Delivery {
                 Some(last) => format!("{why}; last error: {last}"),
                 None => why,
             };
-            self.dead(id, &mut state, &why, None);
-            return None;
+            return self
+                .clone()
+                .blocking(move |d| d.dead(id, &mut state, &why, None))
+                .await;
         }
-        let Some(name) = self.routing.account_for(&msg.envelope) else {
-            return self.defer(
-                id,
-                &mut state,
-                "no account is configured for this message",
-                None,
-            );
+        let account = match self.routing.account_for(&msg.envelope) {
+            None => Err("no account is configured for this message".to_string()),
+            Some(name) => self
+                .accounts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("account {name} is not configured")),
         };
-        let Some(account) = self.accounts.get(name) else {
-            return self.defer(
-                id,
-                &mut state,
-                &format!("account {name} is not configured"),
-                None,
-            );
+        let account = match account {
+            Ok(a) => a,
+            Err(why) => {
+                return self
+                    .clone()
+                    .blocking(move |d| d.defer(id, &mut state, &why, None))
+                    .await;
+            }
         };
-        let _slot = account.slots.acquire().await.ok()?;
+        // A busy account does not hold one of the scheduler's places while it waits: the message is parked
+        // and comes back when one of the account's deliveries ends.
+        let Ok(slot) = account.slots.clone().try_acquire_owned() else {
+            return Attempted::Busy {
+                account: account.name.clone(),
+            };
+        };
         let units = u32::try_from(msg.size.saturating_mul(2) >> 10)
             .unwrap_or(u32::MAX)
             .clamp(1, MEMORY_UNITS);
-        let _memory = self.memory.acquire_many(units).await.ok()?;
+        let Ok(memory) = self.memory.acquire_many(units).await else {
+            return Attempted::later(now + RECHECK).with_account(account.name.clone());
+        };
         let read = {
             let msg = msg.clone();
             tokio::task::spawn_blocking(move || msg.read_verified()).await
@@ -208,26 +279,74 @@ impl Delivery {
         let message = match read {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => {
-                quarantine(
-                    &self.paths,
-                    &path,
-                    "the message's bytes do not match its seal (damaged on disk)",
-                );
-                return None;
+                let freed = account.name.clone();
+                return self
+                    .clone()
+                    .blocking(move |d| {
+                        quarantine(
+                            &d.paths,
+                            &path,
+                            "the message's bytes do not match its seal (damaged on disk)",
+                        );
+                        Attempted::Done { account: None }
+                    })
+                    .await
+                    .with_account(freed);
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Attempted::Done {
+                    account: Some(account.name.clone()),
+                };
+            }
             Ok(Err(e)) => {
-                return self.defer(
-                    id,
-                    &mut state,
-                    &format!("cannot read the queue file: {e}"),
-                    None,
-                );
+                let why = format!("cannot read the queue file: {e}");
+                let freed = account.name.clone();
+                return self
+                    .clone()
+                    .blocking(move |d| d.defer(id, &mut state, &why, None))
+                    .await
+                    .with_account(freed);
             }
-            Err(e) => return self.defer(id, &mut state, &e.to_string(), None),
+            Err(e) => {
+                let why = e.to_string();
+                let freed = account.name.clone();
+                return self
+                    .clone()
+                    .blocking(move |d| d.defer(id, &mut state, &why, None))
+                    .await
+                    .with_account(freed);
+            }
         };
-        let outcome = send(account, &msg.envelope, &message).await;
-        drop(message);
+        let outcome = send(&account, &msg.envelope, &message).await;
+        drop((message, memory, slot));
+        let name = account.name.clone();
+        self.clone()
+            .blocking(move |d| d.settle(id, &account, outcome, &mut state))
+            .await
+            .with_account(name)
+    }
+
+    /// Runs file work (writes with fsyncs, renames) on the blocking pool, so the runtime's threads never wait on
+    /// the disk.
+    async fn blocking(
+        self: Arc<Self>,
+        work: impl FnOnce(&Delivery) -> Attempted + Send + 'static,
+    ) -> Attempted {
+        match tokio::task::spawn_blocking(move || work(&self)).await {
+            Ok(a) => a,
+            // The work panicked: the message stays queued, and is looked at again later.
+            Err(_) => Attempted::later(SystemTime::now() + RECHECK),
+        }
+    }
+
+    /// Acts on an outcome: remove, dead, or defer.
+    fn settle(
+        &self,
+        id: QueueId,
+        account: &Account,
+        outcome: Outcome,
+        state: &mut DeliveryState,
+    ) -> Attempted {
         let state_dir = self.paths.state_dir();
         match &outcome {
             Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
@@ -242,41 +361,38 @@ impl Delivery {
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
                 }
-                self.remove_delivered(id);
-                None
+                self.remove_delivered(id)
             }
-            Outcome::Permanent(reply) => {
-                self.dead(id, &mut state, &reply, Some(&account.name));
-                None
-            }
+            Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
-                self.defer(id, &mut state, &reply, Some(&account.name))
+                self.defer(id, state, &reply, Some(&account.name))
             }
         }
     }
 
     /// Removes a delivered message. If that fails it stays in [`Self::delivered`], so this run never sends it
-    /// again, and the removal is retried whenever it comes up.
-    fn remove_delivered(&self, id: QueueId) {
+    /// again, and the removal is tried again a minute later.
+    fn remove_delivered(&self, id: QueueId) -> Attempted {
         let path = msg_path(&self.paths.queue, id);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::error!(relay_queue_id = %id, path = %path.display(), error = %e, "cannot remove a delivered message; it is not sent again while relay runs, but would be after a restart: fix the queue directory's permissions");
-                return;
+                return Attempted::later(SystemTime::now() + Duration::from_secs(60));
             }
         }
         let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
         if let Ok(mut d) = self.delivered.lock() {
             d.remove(&id);
         }
+        Attempted::Done { account: None }
     }
 
     /// After an attempt that ended without an outcome (it panicked): the message stays queued and is retried.
-    pub fn after_failure(&self, id: QueueId, why: &str) -> Option<SystemTime> {
+    pub fn after_failure(&self, id: QueueId, why: &str) -> Attempted {
         if !msg_path(&self.paths.queue, id).exists() || self.already_delivered(id) {
-            return None;
+            return Attempted::Done { account: None };
         }
         let mut state = read_state(&self.paths.queue, id);
         self.defer(id, &mut state, why, None)
@@ -288,7 +404,7 @@ impl Delivery {
         state: &mut DeliveryState,
         why: &str,
         account: Option<&str>,
-    ) -> Option<SystemTime> {
+    ) -> Attempted {
         state.attempts = state.attempts.saturating_add(1);
         let step = self
             .queue
@@ -305,10 +421,16 @@ impl Delivery {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
-        Some(next)
+        Attempted::later(next)
     }
 
-    fn dead(&self, id: QueueId, state: &mut DeliveryState, why: &str, account: Option<&str>) {
+    fn dead(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: Option<&str>,
+    ) -> Attempted {
         state.attempts = state.attempts.saturating_add(1);
         state.next_attempt = None;
         state.last_error = Some(why.to_string());
@@ -322,9 +444,11 @@ impl Delivery {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+                Attempted::Done { account: None }
             }
             Err(e) => {
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, error = %e, "failed for good, but cannot move the message to dead/; it stays queued");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later");
+                Attempted::later(SystemTime::now() + Duration::from_secs(300))
             }
         }
     }

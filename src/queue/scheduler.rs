@@ -8,7 +8,7 @@
 //! are stopped and their messages stay queued.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::QueueId;
-use super::delivery::{Account, Delivery};
+use super::delivery::{Account, Attempted, Delivery};
 use super::layout::{FileKind, parse_file_name};
 use super::retry::{TRIGGER_CHECK, trigger_mtime};
 use super::state::read_state;
@@ -60,105 +60,106 @@ impl Scheduler {
         }
         let state_dir = self.delivery.paths().state_dir().to_path_buf();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let mut tasks: JoinSet<Option<SystemTime>> = JoinSet::new();
+        let mut tasks: JoinSet<Attempted> = JoinSet::new();
         let mut running: HashMap<tokio::task::Id, QueueId> = HashMap::new();
-        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        let mut s = Schedule::default();
         let mut trigger_seen = trigger_mtime(&state_dir);
-        let mut due = Due::new();
-        // Some when the schedule is incomplete: a reread is needed once it has room.
-        let mut overflow = false;
-        match self.load_schedule(&in_flight) {
-            Ok((d, o)) => (due, overflow) = (d, o),
+        match self.load(&s).await {
+            Ok((d, o)) => (s.due, s.overflow) = (d, o),
             Err(e) => tracing::error!(error = %e, "cannot read the queue; retrying shortly"),
         }
         let mut check = tokio::time::interval(TRIGGER_CHECK);
+        let mut ticked = false;
         loop {
             let now = SystemTime::now();
-            while let Some(Reverse((at, id))) = due.peek().copied() {
+            while let Some(Reverse((at, id))) = s.due.peek().copied() {
                 if at > now {
                     break;
+                }
+                if s.in_flight.contains(&id) {
+                    // Its attempt is running: look again once it ends.
+                    s.due.pop();
+                    s.rerun.insert(id);
+                    continue;
                 }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     break;
                 };
-                due.pop();
-                if in_flight.insert(id) {
-                    let delivery = self.delivery.clone();
-                    let handle = tasks.spawn(async move {
-                        let next = delivery.attempt(id).await;
-                        drop(permit);
-                        next
-                    });
-                    running.insert(handle.id(), id);
-                }
+                s.due.pop();
+                s.unpark(id);
+                s.in_flight.insert(id);
+                let delivery = self.delivery.clone();
+                let handle = tasks.spawn(async move {
+                    let attempted = delivery.attempt(id).await;
+                    drop(permit);
+                    attempted
+                });
+                running.insert(handle.id(), id);
             }
-            if overflow
-                && due.len() < MAX_SCHEDULED / 2
-                && let Ok((d, o)) = self.load_schedule(&in_flight)
+            if s.overflow
+                && s.due.len() < MAX_SCHEDULED / 2
+                && let Ok((d, o)) = self.load(&s).await
             {
-                (due, overflow) = (d, o);
+                (s.due, s.overflow) = (d, o);
                 continue;
             }
-            let waiting_for_slot = due.peek().is_some_and(|Reverse((at, _))| *at <= now);
-            let sleep = match due.peek() {
+            let waiting_for_slot = s.due.peek().is_some_and(|Reverse((at, _))| *at <= now);
+            let sleep = match s.due.peek() {
                 _ if waiting_for_slot => Duration::from_secs(3600),
                 Some(Reverse((at, _))) => at.duration_since(now).unwrap_or_default(),
                 None => Duration::from_secs(3600),
             };
             tokio::select! {
-                Some(id) = committed.recv() => {
-                    if due.len() < MAX_SCHEDULED {
-                        due.push(Reverse((SystemTime::now(), id)));
-                    } else {
-                        overflow = true;
-                    }
-                }
+                Some(id) = committed.recv() => s.push(SystemTime::now(), id),
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                    let (task, next) = match joined {
-                        Ok((task, next)) => (task, next),
+                    let (task, attempted) = match joined {
+                        Ok((task, attempted)) => (task, Some(attempted)),
                         Err(e) => {
                             let task = e.id();
-                            let next = running.get(&task).and_then(|id| {
+                            let attempted = running.get(&task).map(|id| {
                                 tracing::error!(relay_queue_id = %id, error = %e, "delivery attempt failed unexpectedly; the message stays queued");
                                 self.delivery.after_failure(*id, "delivery attempt failed unexpectedly")
                             });
-                            (task, next)
+                            (task, attempted)
                         }
                     };
-                    if let Some(id) = running.remove(&task) {
-                        in_flight.remove(&id);
-                        if let Some(at) = next {
-                            if due.len() < MAX_SCHEDULED {
-                                due.push(Reverse((at, id)));
-                            } else {
-                                overflow = true;
-                            }
-                        }
+                    // A message parked for a busy account was not an attempt.
+                    let parked = matches!(attempted, Some(Attempted::Busy { .. }));
+                    if let (Some(id), Some(attempted)) = (running.remove(&task), attempted) {
+                        s.finished(id, attempted);
                     }
-                    self.attempts.send_modify(|n| *n += 1);
+                    if !parked {
+                        self.attempts.send_modify(|n| *n += 1);
+                    }
                 }
                 _ = tokio::time::sleep(sleep) => {}
-                _ = check.tick() => {
-                    let now_seen = trigger_mtime(&state_dir);
-                    if now_seen != trigger_seen {
-                        // Replaced only once the new schedule is read: a failed read keeps the old one.
-                        match self.load_schedule(&in_flight) {
-                            Ok((d, o)) => {
-                                trigger_seen = now_seen;
-                                (due, overflow) = (d, o);
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot reread the queue; keeping the current schedule"),
+                _ = check.tick() => ticked = true,
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            if std::mem::take(&mut ticked) {
+                // A parked message whose account freed a slot without its attempt saying so (rare, but it must
+                // not strand mail): one per account comes back each tick.
+                s.unpark_one_per_account();
+                let now_seen = trigger_mtime(&state_dir);
+                if now_seen != trigger_seen {
+                    // Replaced only once the new schedule is read: a failed read keeps the old one.
+                    match self.load(&s).await {
+                        Ok((d, o)) => {
+                            trigger_seen = now_seen;
+                            (s.due, s.overflow) = (d, o);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot reread the queue; keeping the current schedule")
                         }
                     }
                 }
-                _ = stop.wait_for(|s| *s) => break,
             }
         }
         self.drain(tasks).await;
     }
 
     /// Lets attempts in flight finish within [`DRAIN`]; stops the rest, whose messages stay queued.
-    async fn drain(&self, mut tasks: JoinSet<Option<SystemTime>>) {
+    async fn drain(&self, mut tasks: JoinSet<Attempted>) {
         if tasks.is_empty() {
             return;
         }
@@ -178,38 +179,124 @@ impl Scheduler {
         }
     }
 
-    /// Every queued message not in flight, due at its recorded next attempt (now, if none): the
-    /// [`MAX_SCHEDULED`] soonest, and whether some were left out. Reads file names and state files only.
-    fn load_schedule(&self, in_flight: &HashSet<QueueId>) -> std::io::Result<(Due, bool)> {
-        let queue = &self.delivery.paths().queue;
-        let mut messages = Vec::new();
-        let mut with_state = HashSet::new();
-        for entry in std::fs::read_dir(queue)? {
-            match parse_file_name(&entry?.path()) {
-                Some((id, FileKind::Message)) if !in_flight.contains(&id) => messages.push(id),
-                Some((id, FileKind::State)) => {
-                    with_state.insert(id);
-                }
-                _ => {}
-            }
-        }
-        // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
-        let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
-        let mut overflow = false;
-        for id in messages {
-            let at = if with_state.contains(&id) {
-                read_state(queue, id)
-                    .next_attempt
-                    .unwrap_or(SystemTime::UNIX_EPOCH)
-            } else {
-                SystemTime::UNIX_EPOCH
-            };
-            kept.push((at, id));
-            if kept.len() > MAX_SCHEDULED {
-                kept.pop();
-                overflow = true;
-            }
-        }
-        Ok((kept.into_iter().map(Reverse).collect(), overflow))
+    /// Reads the schedule from disk on the blocking pool, leaving out what is in flight or parked.
+    async fn load(&self, s: &Schedule) -> std::io::Result<(Due, bool)> {
+        let queue = self.delivery.paths().queue.clone();
+        let skip: HashSet<QueueId> = s
+            .in_flight
+            .iter()
+            .chain(s.parked_ids.iter())
+            .copied()
+            .collect();
+        tokio::task::spawn_blocking(move || load_schedule(&queue, &skip))
+            .await
+            .map_err(std::io::Error::other)?
     }
+}
+
+/// What the scheduler holds in memory.
+#[derive(Default)]
+struct Schedule {
+    due: Due,
+    /// The schedule is incomplete: the queue directory is read again once it has room.
+    overflow: bool,
+    in_flight: HashSet<QueueId>,
+    /// Came due while its attempt was running: looked at again when that attempt ends.
+    rerun: HashSet<QueueId>,
+    /// Waiting for a connection of their account, oldest first.
+    parked: HashMap<String, VecDeque<QueueId>>,
+    parked_ids: HashSet<QueueId>,
+}
+
+impl Schedule {
+    fn push(&mut self, at: SystemTime, id: QueueId) {
+        if self.due.len() + self.parked_ids.len() < MAX_SCHEDULED {
+            self.due.push(Reverse((at, id)));
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    fn finished(&mut self, id: QueueId, attempted: Attempted) {
+        self.in_flight.remove(&id);
+        if let Some(account) = attempted.freed() {
+            let account = account.to_string();
+            self.unpark_one(&account);
+        }
+        let rerun = self.rerun.remove(&id);
+        match attempted {
+            Attempted::Busy { account } => {
+                if self.parked_ids.insert(id) {
+                    self.parked.entry(account).or_default().push_back(id);
+                }
+            }
+            other => match other.next() {
+                Some(at) => self.push(at, id),
+                None if rerun => self.push(SystemTime::now(), id),
+                None => {}
+            },
+        }
+    }
+
+    fn unpark_one(&mut self, account: &str) {
+        let next = self.parked.get_mut(account).and_then(VecDeque::pop_front);
+        if let Some(id) = next {
+            self.parked_ids.remove(&id);
+            self.due.push(Reverse((SystemTime::now(), id)));
+        }
+        if self.parked.get(account).is_some_and(VecDeque::is_empty) {
+            self.parked.remove(account);
+        }
+    }
+
+    fn unpark_one_per_account(&mut self) {
+        let accounts: Vec<String> = self.parked.keys().cloned().collect();
+        for account in accounts {
+            self.unpark_one(&account);
+        }
+    }
+
+    /// A parked message that came due another way (a reread of the queue) is no longer parked.
+    fn unpark(&mut self, id: QueueId) {
+        if self.parked_ids.remove(&id) {
+            for list in self.parked.values_mut() {
+                list.retain(|p| *p != id);
+            }
+            self.parked.retain(|_, list| !list.is_empty());
+        }
+    }
+}
+
+/// Every queued message not in `skip`, due at its recorded next attempt (now, if none): the [`MAX_SCHEDULED`]
+/// soonest, and whether some were left out. Reads file names and state files only.
+fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::Result<(Due, bool)> {
+    let mut messages = Vec::new();
+    let mut with_state = HashSet::new();
+    for entry in std::fs::read_dir(queue)? {
+        match parse_file_name(&entry?.path()) {
+            Some((id, FileKind::Message)) if !skip.contains(&id) => messages.push(id),
+            Some((id, FileKind::State)) => {
+                with_state.insert(id);
+            }
+            _ => {}
+        }
+    }
+    // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
+    let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
+    let mut overflow = false;
+    for id in messages {
+        let at = if with_state.contains(&id) {
+            read_state(queue, id)
+                .next_attempt
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
+        kept.push((at, id));
+        if kept.len() > MAX_SCHEDULED {
+            kept.pop();
+            overflow = true;
+        }
+    }
+    Ok((kept.into_iter().map(Reverse).collect(), overflow))
 }
