@@ -112,9 +112,15 @@ impl Relay {
         shutdown.await;
         tracing::info!("shutting down: no new connections; waiting for messages in flight");
         let _ = self.stop.send(true);
-        while tasks.join_next().await.is_some() {}
+        // Deliveries (up to the scheduler's own 20 s) and sessions in the middle of a message drain at the same
+        // time, within one bound that stays under systemd's TimeoutStopSec.
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         let mut live = self.sessions.subscribe();
-        if tokio::time::timeout(DRAIN_TIMEOUT, live.wait_for(|n| *n == 0))
+        if tokio::time::timeout_at(deadline, live.wait_for(|n| *n == 0))
             .await
             .is_err()
         {

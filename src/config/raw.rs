@@ -274,6 +274,17 @@ impl RawListener {
             Some(n) => Ok(n),
             None => Ok(default),
         };
+        // Timeouts are added to clocks: bounded here, so that no value can overflow one.
+        let timeout = |k: &str, v: Option<Duration>, default: Duration| match v {
+            Some(d) if d.is_zero() => Err(errs.at(key(k), "must be greater than 0")),
+            Some(d) => at_most(
+                d,
+                Duration::from_secs(86_400),
+                &humantime::format_duration(d).to_string(),
+            )
+            .map_err(|r| errs.at(key(k), r)),
+            None => Ok(default),
+        };
         Ok(ListenerConfig {
             address,
             tls,
@@ -288,17 +299,30 @@ impl RawListener {
             max_message_size,
             max_recipients: positive("max_recipients", self.max_recipients, 100)?,
             // RFC 5321 section 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
-            command_timeout: self.command_timeout.unwrap_or(Duration::from_secs(300)),
+            command_timeout: timeout(
+                "command_timeout",
+                self.command_timeout,
+                Duration::from_secs(300),
+            )?,
             // RFC 5321 section 4.5.3.2.6 asks clients for 10 minutes after the final dot; a server waiting 10
             // minutes between data blocks is as patient.
-            data_timeout: self.data_timeout.unwrap_or(Duration::from_secs(600)),
+            data_timeout: timeout("data_timeout", self.data_timeout, Duration::from_secs(600))?,
             max_connections: positive("max_connections", self.max_connections, 200)?,
             max_connections_per_client: positive(
                 "max_connections_per_client",
                 self.max_connections_per_client,
                 50,
             )?,
-            auth_failure_delay: self.auth_failure_delay.unwrap_or(Duration::from_secs(2)),
+            // Zero is allowed: no delay after a failed login (tests, trusted LANs).
+            auth_failure_delay: match self.auth_failure_delay {
+                Some(d) => at_most(
+                    d,
+                    Duration::from_secs(60),
+                    &humantime::format_duration(d).to_string(),
+                )
+                .map_err(|r| errs.at(key("auth_failure_delay"), r))?,
+                None => Duration::from_secs(2),
+            },
         })
     }
 }

@@ -179,6 +179,14 @@ impl QueuedMessage {
 
     /// The message bytes, checked against the seal: `Ok(None)` when they do not match (damaged on disk).
     pub fn read_verified(&self) -> io::Result<Option<Vec<u8>>> {
+        // The seal's length first: a damaged file's size is not trusted for an allocation.
+        let sealed_len = self
+            .seal
+            .get(..16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        if sealed_len != Some(self.size) {
+            return Ok(None);
+        }
         let mut file = File::open(&self.path)?;
         file.seek(SeekFrom::Start(self.offset))?;
         let mut bytes = Vec::with_capacity(usize::try_from(self.size).unwrap_or(0));

@@ -218,6 +218,18 @@ struct Entry {
     last_seen: Instant,
 }
 
+/// An IPv6 client is counted by its /64: one host usually holds a whole /64, and could otherwise change address
+/// for every few guesses.
+fn ledger_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+        v4 => v4,
+    }
+}
+
 /// A block that just began: logged once.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Incident {
@@ -234,6 +246,7 @@ impl FailureLedger {
     }
 
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = ledger_key(ip);
         self.entries.lock().is_ok_and(|m| {
             m.get(&ip)
                 .and_then(|e| e.blocked_until)
@@ -243,6 +256,7 @@ impl FailureLedger {
 
     /// Counts a failure; returns the incident if this one starts a block.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> Option<Incident> {
+        let ip = ledger_key(ip);
         let p = self.policy;
         let mut m = self.entries.lock().ok()?;
         if !m.contains_key(&ip) && m.len() >= p.capacity {

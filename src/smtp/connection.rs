@@ -120,6 +120,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut stress = seat.stress();
     // A command must arrive whole within its timeout, however it trickles in: counted from the last reply.
     let mut waiting_since = std::time::Instant::now();
+    // When the message being received began, and its bytes so far.
+    let mut data_progress: Option<(std::time::Instant, u64)> = None;
 
     loop {
         let filled = buf.len();
@@ -209,6 +211,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         None => None,
                     };
                     receiving_msg = Some(Receiving { id, incoming });
+                    data_progress = Some((std::time::Instant::now(), 0));
                     continue;
                 }
                 Step::Close(reply) => return close(&mut stream, &mut out, reply, ctx).await,
@@ -218,7 +221,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
         // Every buffered byte is used: send the replies so far (RFC 2920 lets us hold them until now) and read.
         let replied = !out.is_empty();
-        write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
+        // A client that does not read its replies holds its place too: under pressure it gets the short timeout.
+        let write_limit = if *stress.borrow() {
+            ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
+        } else {
+            ctx.cfg.command_timeout
+        };
+        write_out(&mut stream, &mut out, write_limit).await?;
         let receiving = session.is_receiving_data();
         // A message in the middle of DATA is allowed to finish, and a logged-in device is never evicted; an idle
         // session is told to come back when relay stops, or leaves when a new client needs its place.
@@ -238,6 +247,17 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             limit
         };
+        // Under pressure a message must also keep coming at a minimum rate: a trickle of a byte every few
+        // seconds would otherwise hold a place for as long as the size limit allows.
+        if receiving
+            && stressed
+            && let Some((started, bytes)) = data_progress
+            && too_slow(started.elapsed(), bytes)
+        {
+            tracing::info!(relay_client = %peer, bytes, "message arriving too slowly while the listener is under pressure; closing");
+            let reply = Reply::new(421, "4.4.2", "Connection too slow, closing connection");
+            return close(&mut stream, &mut out, reply, ctx).await;
+        }
         let deadline = tokio::time::Instant::from_std(waiting_since + limit);
         enum Woke {
             Read(std::io::Result<usize>),
@@ -258,7 +278,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             _ = stress.changed(), if !stressed => Woke::Stressed,
         };
         let n = match woke {
-            Woke::Read(r) => r?,
+            Woke::Read(r) => {
+                // Busy from the first byte of a command until its reply is out: never evicted mid-command (a
+                // login waiting for its password check, a message being committed).
+                seat.set_idle(false);
+                let n = r?;
+                if let Some((_, bytes)) = data_progress.as_mut() {
+                    *bytes += n as u64;
+                }
+                n
+            }
             Woke::TimedOut => {
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
                 return close(&mut stream, &mut out, reply, ctx).await;
@@ -286,6 +315,14 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Outcome::Closed);
         }
     }
+}
+
+/// Under pressure, a message in DATA for over [`SLOW_GRACE`] must average [`MIN_RATE`] bytes a second.
+const SLOW_GRACE: Duration = Duration::from_secs(30);
+const MIN_RATE: u64 = 1024;
+
+fn too_slow(elapsed: Duration, bytes: u64) -> bool {
+    elapsed > SLOW_GRACE && bytes < MIN_RATE.saturating_mul(elapsed.as_secs())
 }
 
 /// The final dot has arrived: store the message, or say why not.

@@ -33,6 +33,9 @@ pub(crate) struct Tracked {
     /// message, logged in, or working on a command).
     idle_since: Mutex<Option<Instant>>,
     kick: Notify,
+    /// Set when the session is chosen for eviction; cleared when it turns busy first, so that a wake-up stored
+    /// in `kick` from then on is ignored.
+    kicked: std::sync::atomic::AtomicBool,
 }
 
 /// A session's registration; dropping it (however the session ends, panics included) frees its place.
@@ -58,6 +61,7 @@ impl Occupancy {
             ip,
             idle_since: Mutex::new(None),
             kick: Notify::new(),
+            kicked: std::sync::atomic::AtomicBool::new(false),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(id, tracked.clone());
@@ -104,6 +108,7 @@ impl Occupancy {
                 if let Ok(mut s) = t.idle_since.lock() {
                     *s = None;
                 }
+                t.kicked.store(true, Ordering::SeqCst);
                 t.kick.notify_one();
                 true
             }
@@ -120,15 +125,24 @@ impl Seat {
         if let Ok(mut s) = self.tracked.idle_since.lock() {
             match (idle, s.is_some()) {
                 (true, false) => *s = Some(Instant::now()),
-                (false, true) => *s = None,
+                (false, _) => {
+                    *s = None;
+                    self.tracked.kicked.store(false, Ordering::SeqCst);
+                }
                 _ => {}
             }
         }
     }
 
-    /// Completes when the listener wants this session gone.
+    /// Completes when the listener wants this session gone. A wake-up left over from a choice the session
+    /// outran (it turned busy first) is passed over.
     pub async fn evicted(&self) {
-        self.tracked.kick.notified().await
+        loop {
+            self.tracked.kick.notified().await;
+            if self.tracked.kicked.swap(false, Ordering::SeqCst) {
+                return;
+            }
+        }
     }
 
     pub fn stress(&self) -> watch::Receiver<bool> {
