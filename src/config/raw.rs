@@ -297,7 +297,11 @@ impl RawListener {
             bare_lf: self.bare_lf.unwrap_or(BareLineEndings::Reject),
             allow,
             max_message_size,
-            max_recipients: positive("max_recipients", self.max_recipients, 100)?,
+            max_recipients: match positive("max_recipients", self.max_recipients, 100)? {
+                // The envelope is one line of the queue file, read whole (`queue/file.rs`).
+                n if n > 1000 => return Err(errs.at(key("max_recipients"), "must be at most 1000")),
+                n => n,
+            },
             // RFC 5321 section 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
             command_timeout: timeout(
                 "command_timeout",

@@ -22,8 +22,9 @@ use super::seal::{SEAL_LEN, UNSEALED, is_sealed, seal};
 const PREFIX: &[u8] = b"{\"seal\":\"";
 /// Where the seal's hex digits start in the file.
 pub const SEAL_AT: usize = PREFIX.len();
-/// Longest envelope line we read: 100 recipients of 256 bytes fit many times over.
-const MAX_ENVELOPE_LINE: u64 = 1 << 20;
+/// Longest envelope line we read: the most recipients a listener may take (`max_recipients`, at most 1,000)
+/// with command lines of the longest length the session accepts (4 KiB) fit.
+const MAX_ENVELOPE_LINE: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {

@@ -153,13 +153,12 @@ fn envelope(sender: &str, recipients: &[String]) -> Result<lettre::address::Enve
 }
 
 fn address(a: &str) -> Result<lettre::Address, &'static str> {
-    if a.bytes()
-        .any(|b| b.is_ascii_control() || b == b'<' || b == b'>')
-    {
-        return Err("control characters or angle brackets");
+    if a.bytes().any(|b| b.is_ascii_control()) {
+        return Err("control characters");
     }
     let (user, domain) = a.rsplit_once('@').ok_or("no @domain")?;
-    if user.is_empty() || domain.is_empty() || domain.contains(' ') {
+    // Anything else in the local part is quoted on the way out; the domain has no quoting.
+    if user.is_empty() || domain.is_empty() || domain.contains([' ', '<', '>', '"']) {
         return Err("empty local part or bad domain");
     }
     Ok(lettre::Address::new_dangerous(local_part(user), domain))
@@ -223,5 +222,10 @@ mod tests {
             "\"a@b\"@example.com"
         );
         assert!(address("a\r\nRCPT TO:<x>@example.com").is_err());
+        assert_eq!(
+            address("a<b>@example.com").unwrap().to_string(),
+            "\"a<b>\"@example.com"
+        );
+        assert!(address("a@exa>mple.com").is_err());
     }
 }
