@@ -405,7 +405,7 @@ impl Delivery {
         why: &str,
         account: Option<&str>,
     ) -> Attempted {
-        state.attempts = state.attempts.saturating_add(1);
+        state.failed(why);
         let step = self
             .queue
             .retry
@@ -416,7 +416,6 @@ impl Delivery {
         let now = SystemTime::now();
         let next = now.checked_add(step).unwrap_or(now);
         state.next_attempt = Some(next);
-        state.last_error = Some(why.to_string());
         if let Err(e) = write_state(&self.paths.queue, id, state) {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
@@ -431,9 +430,8 @@ impl Delivery {
         why: &str,
         account: Option<&str>,
     ) -> Attempted {
-        state.attempts = state.attempts.saturating_add(1);
+        state.failed(why);
         state.next_attempt = None;
-        state.last_error = Some(why.to_string());
         let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
             std::fs::rename(
                 msg_path(&self.paths.queue, id),

@@ -25,6 +25,14 @@ pub struct DeliveryState {
     pub last_error: Option<String>,
 }
 
+impl DeliveryState {
+    /// Counts a failed attempt and keeps its reason.
+    pub fn failed(&mut self, why: &str) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.last_error = Some(why.to_string());
+    }
+}
+
 /// Longest state file read: a few hundred bytes in practice.
 const MAX_STATE: u64 = 64 * 1024;
 
