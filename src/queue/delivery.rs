@@ -444,7 +444,13 @@ impl Delivery {
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
                 Attempted::Done { account: None }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Deleted meanwhile (`relay queue delete`): nothing to keep, not even the state just written.
+                let _ = std::fs::remove_file(state_path(&self.paths.dead, id));
+                Attempted::Done { account: None }
+            }
             Err(e) => {
+                let _ = std::fs::remove_file(state_path(&self.paths.dead, id));
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later");
                 Attempted::later(SystemTime::now() + Duration::from_secs(300))
             }
