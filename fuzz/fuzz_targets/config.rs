@@ -1,10 +1,19 @@
 //! Arbitrary text (lossy UTF-8) through the config parser: it must answer Ok or Err, never panic, and what it
 //! accepts must render for `relay check`. The parser touches the file system only to check secret files it is
 //! named (metadata, then an open of a regular file), and reads the host name and state-dir variables.
+//!
+//! With `RELAY_FUZZ_CLOCK=1` it also checks that every listener timeout of an accepted config can be added to
+//! the clock, as `smtp::connection` does (`Instant + command_timeout`). Off by default while a config such as
+//! `command_timeout = "18446744073709551615s"` is still accepted (it panics every connection's task).
 #![no_main]
+
+use std::sync::LazyLock;
+use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use relay::config::Config;
+
+static CLOCK: LazyLock<bool> = LazyLock::new(|| std::env::var_os("RELAY_FUZZ_CLOCK").is_some());
 
 fuzz_target!(|input: &[u8]| {
     let text = String::from_utf8_lossy(input);
@@ -12,6 +21,14 @@ fuzz_target!(|input: &[u8]| {
         Ok(config) => {
             let _ = config.to_toml();
             let _ = format!("{config:?}");
+            if *CLOCK {
+                let now = Instant::now();
+                for l in &config.listeners {
+                    for d in [l.command_timeout, l.data_timeout, l.auth_failure_delay] {
+                        assert!(now.checked_add(d).is_some(), "{d:?} cannot be added to the clock");
+                    }
+                }
+            }
         }
         Err(e) => {
             assert_eq!(e.file, "fuzz.toml");
