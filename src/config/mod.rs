@@ -392,6 +392,33 @@ mod tests {
     }
 
     #[test]
+    fn timeouts_and_limits_that_could_overflow_a_clock_are_refused() {
+        for (line, key) in [
+            (
+                "command_timeout = \"18446744073709551615s\"",
+                "listener[0].command_timeout",
+            ),
+            (
+                "data_timeout = \"500000000000y\"",
+                "listener[0].data_timeout",
+            ),
+            ("command_timeout = \"0s\"", "listener[0].command_timeout"),
+            (
+                "auth_failure_delay = \"1h\"",
+                "listener[0].auth_failure_delay",
+            ),
+            ("max_recipients = 100000", "listener[0].max_recipients"),
+        ] {
+            let e = Config::parse(
+                &format!("[[listener]]\naddress = \"127.0.0.1:25\"\n{line}\n"),
+                "x.toml",
+            )
+            .unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn check_output_redacts_hashes() {
         let c = Config::parse(
             "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$K1XcYB0T/Vr5xa6Q0rD0bNPqQHxqx2h8CfPqI9z1Ddk\"\n",
