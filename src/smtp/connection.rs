@@ -20,6 +20,8 @@ use crate::queue::{Incoming, QueueId, Spool};
 
 /// Read buffer; also the most body bytes handled per step.
 const READ_BUF: usize = 64 * 1024;
+/// Replies held before they are written out, mid-burst.
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
 
 /// What every connection of one listener shares.
 pub(crate) struct ListenerCtx {
@@ -124,6 +126,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut data_progress: Option<(std::time::Instant, u64)> = None;
 
     loop {
+        // Replies to a long pipelined burst are sent as they pile up, so this buffer stays small (RFC 2920 lets
+        // a server send them at any point).
+        if out.len() >= MAX_PENDING_REPLIES {
+            write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
+        }
         let filled = buf.len();
         let mut input = &buf[pos..];
         if session.is_receiving_data() {
