@@ -1004,42 +1004,17 @@ async fn unusual_local_parts_reach_the_upstream() {
         (r#""a\"b\\c"@example.com"#.into(), "ops@example.com".into()),
         ("a@example.com".into(), r#""john smith"@example.com"#.into()),
     ];
-    let mut problems = Vec::new();
     for (i, (from, to)) in cases.iter().enumerate() {
         let mut c = RawClient::ready(daemon.addr).await;
-        let (mail, _) = c.reply_to(&format!("MAIL FROM:<{from}>")).await;
-        let (rcpt, _) = c.reply_to(&format!("RCPT TO:<{to}>")).await;
-        if mail != 250 || rcpt != 250 {
-            // Refused up front: the client keeps its mail and knows why. Fine.
-            continue;
-        }
+        c.cmd(&format!("MAIL FROM:<{from}>"), 250).await;
+        c.cmd(&format!("RCPT TO:<{to}>"), 250).await;
         c.cmd("DATA", 354).await;
         c.send(&wire(&body_for(i as u64, false))).await;
-        let reply = c.expect(250).await;
-        let queue_id = reply.trim_end().rsplit(' ').next().unwrap().to_string();
-        let dead = state.join(format!("dead/{queue_id}.msg"));
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let got = tokio::time::timeout(LIMIT, async {
-            loop {
-                if let Ok(got) = upstream.received.try_recv() {
-                    break Some(got);
-                }
-                if dead.exists() {
-                    break None;
-                }
-                tick.tick().await;
-            }
-        })
-        .await
-        .expect("delivered or dead in time");
-        if got.is_none() {
-            let why =
-                std::fs::read_to_string(state.join(format!("dead/{queue_id}.state"))).unwrap();
-            problems.push(format!(
-                "<{from}> -> <{to}>: acknowledged, then dead: {why}"
-            ));
-        }
+        c.expect(250).await;
+        // Delivered with the envelope the client gave (a move to dead/ would leave this wait to time out).
+        let got = upstream.next().await;
+        assert_eq!((&got.from, &got.to), (from, &vec![to.clone()]));
     }
     assert_eq!(daemon.sigterm().await.code(), Some(0));
-    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(names_in(&state.join("dead")).is_empty());
 }
