@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::idp::{account_top, idp_issuing};
+use common::upstream::FakeUpstream;
 use common::*;
 
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
@@ -149,7 +151,17 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
         }
     }
     let _guard = Unmount(state.clone());
-    let mut relay = TestRelay::start_in(dir, LISTENER).await;
+    // An account whose upstream refuses for now, so that the mail stays on the full disk.
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1s\"]\n",
+    );
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
     // A small message fits.
     let mut c = RawClient::in_data(relay.addr()).await;
     c.send(b"Subject: fits\r\n\r\nsmall\r\n.\r\n").await;
@@ -169,12 +181,26 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     c.expect(250).await;
     c.cmd("QUIT", 221).await;
     relay.idle().await;
-    assert_eq!(
-        files_in(&relay.state(), "queue").len(),
-        2,
-        "partial file left behind: {:?}",
-        files_in(&relay.state(), "queue")
-    );
-    assert_eq!(relay.queued().len(), 2, "the messages that fit are there");
+    let msgs: Vec<String> = files_in(&relay.state(), "queue")
+        .into_iter()
+        .filter(|f| f.ends_with(".msg"))
+        .collect();
+    assert_eq!(msgs.len(), 2, "partial file left behind: {msgs:?}");
+    // The upstream takes mail again: both acknowledged messages go out.
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let mut subjects = Vec::new();
+    for _ in 0..2 {
+        let got = upstream.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        subjects.push(
+            text.lines()
+                .find(|l| l.starts_with("Subject: "))
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    subjects.sort();
+    assert_eq!(subjects, ["Subject: after", "Subject: fits"]);
+    relay.drained().await;
     relay.stop().await;
 }

@@ -66,11 +66,23 @@ pub async fn relay_with_account_and(
 /// As [`relay_with_account_and`], with the identity provider at `idp` (which need not be up).
 pub async fn relay_with_account_at(idp: &str, upstream: &FakeUpstream, more: &str) -> TestRelay {
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
+    let top = account_top(dir.path(), idp, upstream, more);
+    TestRelay::start_with(dir, &top, LISTENER).await
+}
+
+/// The top of a config with one client-credentials account, `office`, pointed at the fakes (its secret file is
+/// written into `dir`); `more` goes after the account's keys.
+pub fn account_top(
+    dir: &std::path::Path,
+    idp: &str,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> String {
+    let secret = dir.join("secret");
     std::fs::write(&secret, "s3cret-value\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let top = format!(
+    format!(
         r#"default_account = "office"
 [[account]]
 name = "office"
@@ -87,6 +99,5 @@ smtp_tls = "none"
 {more}
 "#,
         port = upstream.addr.port(),
-    );
-    TestRelay::start_with(dir, &top, LISTENER).await
+    )
 }
