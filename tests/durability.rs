@@ -81,6 +81,13 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
         &format!("\"seal\":\"{}", "0".repeat(80)),
     );
     std::fs::write(queue.join("01a20a2d000000000000000000000001.msg"), unsealed).unwrap();
+    // Cut off inside the seal's placeholder: never acknowledged either.
+    std::fs::write(
+        queue.join("01a20a2d000000000000000000000003.msg"),
+        "{\"seal\":\"0000",
+    )
+    .unwrap();
+    // Not what relay writes: it might have been acknowledged, so it is kept aside, never removed.
     std::fs::write(
         queue.join("01a20a2d000000000000000000000002.msg"),
         "{\"id\":",
@@ -92,9 +99,32 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
         2,
         "only the two acknowledged messages stay"
     );
+    assert_eq!(
+        files_in(&relay.state(), "quarantine"),
+        ["01a20a2d000000000000000000000002.msg"]
+    );
     assert_eq!(relay.queued().len(), 2);
     send_one(&relay, "after the crash").await;
     assert_eq!(relay.queued().len(), 3);
+    // `relay status` says so, and that it needs attention.
+    let cli = relay.dir.path().join("cli.toml");
+    std::fs::write(&cli, format!("state_dir = {:?}\n", relay.state())).unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&cli)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["queue"]["quarantined"], 1, "{doc}");
+    assert_eq!(doc["queue"]["queued"], 3, "{doc}");
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--config"])
+        .arg(&cli)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("quarantine: 1 file(s)"), "{text}");
 }
 
 /// The seal in a queue file's envelope line.
