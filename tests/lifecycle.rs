@@ -158,3 +158,30 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     c.expect(250).await;
     assert_eq!(queued_in(&dir.path().join("state")).len(), 1);
 }
+
+/// A queued file whose bytes no longer match its seal (damaged on disk) is never sent: delivery moves it to
+/// `quarantine/`, and says so.
+#[tokio::test]
+async fn a_damaged_message_is_quarantined_not_sent() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let mut relay = relay_with_account_and(&idp, &upstream, "[queue]\nretry = [\"1s\"]\n").await;
+    let id = send_message(relay.addr(), BODY).await;
+    relay.attempts_done(1).await;
+    let path = relay.state().join(format!("queue/{id}.msg"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    relay.attempts_done(2).await;
+    let mut quarantined = files_in(&relay.state(), "quarantine");
+    quarantined.sort();
+    assert_eq!(quarantined, [format!("{id}.msg"), format!("{id}.state")]);
+    assert!(relay.queued().is_empty());
+    assert!(
+        upstream.received.try_recv().is_err(),
+        "a damaged message was sent"
+    );
+}
