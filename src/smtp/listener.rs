@@ -228,3 +228,24 @@ impl Drop for ClientSlot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_session_still_gives_back_its_count() {
+        let (sessions, mut live) = watch::channel(0usize);
+        let guard = LiveSession::new(&sessions);
+        assert_eq!(*live.borrow(), 1);
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a session's bug");
+        });
+        assert!(task.await.is_err());
+        tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0))
+            .await
+            .expect("count back to 0")
+            .expect("sender alive");
+    }
+}
