@@ -206,6 +206,8 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
+        let line = bracket_path(line);
+        let line = line.as_ref();
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
             Err(e) => return self.error(parse_error_reply(e)),
@@ -502,6 +504,9 @@ impl Session {
                 "Encryption required for requested authentication mechanism",
             ));
         }
+        // RFC 4954 section 4: "=" is an empty initial response. Empty credentials mean nothing for PLAIN, and
+        // devices that send it expect to be asked: both are taken as no initial response.
+        let initial = if initial == "=" { "" } else { initial };
         match mechanism {
             AUTH_PLAIN if initial.is_empty() => {
                 self.mode = Mode::AuthPlain;
@@ -604,6 +609,35 @@ impl Session {
             "Authentication credentials invalid",
         ))
     }
+}
+
+/// `MAIL FROM:a@lan.test` as `MAIL FROM:<a@lan.test>` (and the same for RCPT TO): RFC 5321 wants the angle
+/// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
+/// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
+fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
+    let prefix = [&b"MAIL FROM:"[..], b"RCPT TO:"]
+        .into_iter()
+        .find(|p| line.len() >= p.len() && line[..p.len()].eq_ignore_ascii_case(p));
+    let Some(prefix) = prefix else {
+        return Cow::Borrowed(line);
+    };
+    let rest = &line[prefix.len()..];
+    let start = prefix.len() + rest.iter().take_while(|&&b| b == b' ').count();
+    let path_len = line[start..]
+        .iter()
+        .take_while(|&&b| !matches!(b, b' ' | b'\r' | b'\n'))
+        .count();
+    if path_len == 0 || line[start] == b'<' {
+        return Cow::Borrowed(line);
+    }
+    let end = start + path_len;
+    let mut fixed = Vec::with_capacity(line.len() + 2);
+    fixed.extend_from_slice(&line[..start]);
+    fixed.push(b'<');
+    fixed.extend_from_slice(&line[start..end]);
+    fixed.push(b'>');
+    fixed.extend_from_slice(&line[end..]);
+    Cow::Owned(fixed)
 }
 
 /// Decodes one SASL response line; `*` cancels the exchange (RFC 4954 section 4).

@@ -351,3 +351,37 @@ fn huge_declared_size_is_refused() {
     );
     assert_eq!(codes(&out), ["250 -", "552 5.3.4", "552 5.3.4"]);
 }
+
+#[test]
+fn lenient_envelopes_from_devices() {
+    let mut s = session(AuthPolicy::None);
+    let got = steps(
+        &mut s,
+        b"ehlo scanner\r\nMAIL FROM:a@lan.test SIZE=10\r\nrcpt to: b@example.test NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test\r\nRCPT TO:<c@example.test>\r\n",
+    );
+    assert_eq!(
+        codes(&got),
+        ["250 -", "250 2.1.0", "250 2.1.5", "250 2.1.5"]
+    );
+    let env = s
+        .envelope(QueueId::new(), std::time::SystemTime::now())
+        .unwrap();
+    assert_eq!(env.sender, "a@lan.test");
+    assert_eq!(env.recipients, ["b@example.test", "c@example.test"]);
+    assert_eq!(
+        bracket_path(b"MAIL FROM:<>\r\n").as_ref(),
+        b"MAIL FROM:<>\r\n"
+    );
+    assert_eq!(bracket_path(b"MAIL FROM:\r\n").as_ref(), b"MAIL FROM:\r\n");
+    assert_eq!(bracket_path(b"NOOP a@b\r\n").as_ref(), b"NOOP a@b\r\n");
+}
+
+#[test]
+fn auth_plain_with_an_empty_initial_response_is_asked_for_credentials() {
+    let mut s = session(AuthPolicy::Required);
+    steps(&mut s, b"EHLO x\r\n");
+    let got = steps(&mut s, b"AUTH PLAIN =\r\n");
+    assert_eq!(codes(&got), ["334 -"]);
+    let got = steps(&mut s, format!("{}\r\n", b64(b"\0printer\0pw")).as_bytes());
+    assert_eq!(codes(&got), ["auth PLAIN printer"]);
+}
