@@ -1,0 +1,138 @@
+//! Devices written against lenient servers: each quirk over a real socket, with the message queued and then
+//! forwarded upstream in canonical form (CRLF lines, the envelope in angle brackets).
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::idp::{account_top, idp_issuing};
+use common::upstream::FakeUpstream;
+use common::*;
+
+/// A relay whose listener takes logins when offered, delivering to a fake upstream; the fake identity provider
+/// comes back too, as it must live as long as the relay.
+async fn relay(upstream: &FakeUpstream) -> (TestRelay, wiremock::MockServer) {
+    let idp = idp_issuing("tok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), upstream, "");
+    let relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"optional\"\nauth_failure_delay = \"0s\"\n",
+    )
+    .await;
+    (relay, idp)
+}
+
+/// Sends `script` as raw bytes (after the greeting, unless `early`), then reads until the 250 for the message.
+async fn session(relay: &TestRelay, script: &[u8], early: bool) -> Vec<String> {
+    let mut c = RawClient::connect(relay.addr()).await;
+    if !early {
+        c.expect(220).await;
+    }
+    c.send(script).await;
+    let mut replies = Vec::new();
+    loop {
+        let (code, text) = c.reply().await.expect("a reply");
+        replies.push(text.clone());
+        if code == 250 && text.contains("queued") {
+            return replies;
+        }
+        assert!(code < 400, "refused: {text} (after {replies:?})");
+    }
+}
+
+const BODY: &[u8] = b"Subject: quirk\r\n\r\nscan attached\r\n";
+
+async fn forwarded(upstream: &mut FakeUpstream, from: &str, to: &str, body: &[u8]) {
+    let got = upstream.next().await;
+    assert_eq!(got.from, from);
+    assert_eq!(got.to, [to]);
+    assert_eq!(strip_received(&got.data), body);
+}
+
+#[tokio::test]
+async fn envelopes_without_angle_brackets_lower_case_and_spaces() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    for script in [
+        &b"EHLO printer\r\nMAIL FROM:a@lan.test\r\nRCPT TO:b@example.test\r\nDATA\r\n"[..],
+        b"ehlo printer\r\nmail from:<a@lan.test>\r\nrcpt to:<b@example.test>\r\ndata\r\n",
+        b"EHLO printer\r\nMAIL FROM: <a@lan.test>\r\nRCPT TO: <b@example.test>\r\nDATA\r\n",
+        b"EHLO printer\r\nMAIL FROM: a@lan.test\r\nRCPT TO: b@example.test\r\nDATA\r\n",
+    ] {
+        let mut all = script.to_vec();
+        all.extend_from_slice(BODY);
+        all.extend_from_slice(b".\r\n");
+        session(&relay, &all, false).await;
+        forwarded(&mut upstream, "a@lan.test", "b@example.test", BODY).await;
+    }
+}
+
+#[tokio::test]
+async fn commands_ended_by_bare_lf_and_an_early_talker() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    // Commands with LF alone (the body itself in CRLF: bare LF in DATA is a separate policy).
+    let mut script =
+        b"EHLO printer\nMAIL FROM:<a@lan.test>\nRCPT TO:<b@example.test>\nDATA\n".to_vec();
+    script.extend_from_slice(BODY);
+    script.extend_from_slice(b".\r\n");
+    session(&relay, &script, false).await;
+    forwarded(&mut upstream, "a@lan.test", "b@example.test", BODY).await;
+    // Everything sent before the greeting arrives.
+    let mut script =
+        b"EHLO printer\r\nMAIL FROM:<a@lan.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n".to_vec();
+    script.extend_from_slice(BODY);
+    script.extend_from_slice(b".\r\n");
+    let replies = session(&relay, &script, true).await;
+    assert!(replies[0].starts_with("220 "), "{replies:?}");
+    forwarded(&mut upstream, "a@lan.test", "b@example.test", BODY).await;
+}
+
+#[tokio::test]
+async fn auth_login_with_an_initial_response_and_auth_plain_with_an_empty_one() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    let user = B64.encode("printer");
+    let pass = B64.encode(PASSWORD);
+    let plain = B64.encode(format!("\0printer\0{PASSWORD}"));
+    for login in [
+        format!("AUTH LOGIN {user}\r\n{pass}\r\n"),
+        format!("AUTH PLAIN =\r\n{plain}\r\n"),
+    ] {
+        let mut c = RawClient::ready(relay.addr()).await;
+        let mut lines = login.lines();
+        let first = lines.next().unwrap();
+        c.cmd(first, 334).await;
+        c.cmd(lines.next().unwrap(), 235).await;
+        c.begin_message().await;
+        c.send(BODY).await;
+        c.send(b".\r\n").await;
+        c.expect(250).await;
+        forwarded(&mut upstream, "a@example.com", "b@example.com", BODY).await;
+    }
+}
+
+#[tokio::test]
+async fn eight_bit_bodies_dsn_parameters_and_vrfy() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    let mut c = RawClient::ready(relay.addr()).await;
+    let reply = c.cmd("VRFY postmaster", 252).await;
+    assert!(reply.starts_with("252 2.5.0 "), "{reply}");
+    c.cmd("MAIL FROM:<a@lan.test> RET=HDRS ENVID=scan-42", 250)
+        .await;
+    c.cmd(
+        "RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test",
+        250,
+    )
+    .await;
+    c.cmd("DATA", 354).await;
+    // 8-bit text without BODY=8BITMIME, as old devices send it.
+    let body = "Subject: Scan vom Drucker\r\n\r\nGrüße aus dem Büro\r\n".as_bytes();
+    c.send(body).await;
+    c.send(b".\r\n").await;
+    c.expect(250).await;
+    forwarded(&mut upstream, "a@lan.test", "b@example.test", body).await;
+}
