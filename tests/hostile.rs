@@ -54,7 +54,7 @@ fn queued_subjects(relay: &TestRelay) -> Vec<String> {
 
 #[tokio::test]
 async fn smuggling_vectors_never_end_a_message_while_a_device_is_served() {
-    let relay = TestRelay::start(OPEN).await;
+    let relay = TestRelay::start(&format!("{OPEN}bare_lf = \"reject\"\n")).await;
     let addr = relay.addr();
     while_attacked(&relay, async move {
         for vector in VECTORS {

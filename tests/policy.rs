@@ -28,8 +28,7 @@ async fn client_outside_allow_list_gets_554_and_is_closed() {
     assert!(c.closed().await);
 }
 
-const SMALL: &str =
-    "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"4KiB\"\n";
+const SMALL: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"4KiB\"\nbare_lf = \"reject\"\n";
 
 #[tokio::test]
 async fn oversized_message_is_refused_with_552_and_nothing_is_kept() {
@@ -198,4 +197,57 @@ async fn garbage_gets_5xx_never_a_crash() {
     c.send(b"\r\n").await;
     c.expect(500).await;
     c.cmd("NOOP", 250).await;
+}
+
+/// `bare_lf = "lenient"` (the default on a loopback or private allow list): LF alone ends lines and `LF . LF`
+/// ends a message. Whatever a vector does, every message relay acknowledges reaches the upstream in CRLF only,
+/// so the upstream sees each message end exactly where relay did; a bare CR never ends one.
+#[tokio::test]
+async fn lenient_mode_keeps_relay_and_upstream_agreeing_on_every_vector() {
+    use common::idp::{account_top, idp_issuing};
+    use common::upstream::FakeUpstream;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let idp = idp_issuing("tok").await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    for vector in VECTORS {
+        let mut c = RawClient::in_data(relay.addr()).await;
+        c.send(&smuggling_payload(vector)).await;
+        c.send(b"QUIT\r\n").await;
+        let mut acknowledged = 0;
+        while let Some((code, text)) = c.reply().await {
+            assert!(code < 400, "{vector:?}: {text}");
+            if text.contains("queued as") {
+                acknowledged += 1;
+            }
+            if code == 221 {
+                break;
+            }
+        }
+        // A bare CR never ends a message; LF . LF does (then the rest is the client's next transaction).
+        let expected = if vector.starts_with(b"\r.") || vector.ends_with(b".\r") {
+            1
+        } else {
+            2
+        };
+        assert_eq!(acknowledged, expected, "{vector:?}");
+        for _ in 0..acknowledged {
+            let got = upstream.next().await;
+            for (i, &b) in got.data.iter().enumerate() {
+                match b {
+                    b'\n' => {
+                        assert_eq!(got.data.get(i.wrapping_sub(1)), Some(&b'\r'), "{vector:?}")
+                    }
+                    b'\r' => assert_eq!(got.data.get(i + 1), Some(&b'\n'), "{vector:?}"),
+                    _ => {}
+                }
+            }
+        }
+    }
 }

@@ -136,3 +136,55 @@ async fn eight_bit_bodies_dsn_parameters_and_vrfy() {
     c.expect(250).await;
     forwarded(&mut upstream, "a@lan.test", "b@example.test", body).await;
 }
+
+/// A device that ends every line with LF alone, the final `.` included: queued under the default policy of a
+/// listener that admits only loopback and private addresses, and forwarded with CRLF.
+#[tokio::test]
+async fn every_line_with_bare_lf_from_an_allow_listed_private_address() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    let script = b"EHLO printer\nMAIL FROM:<a@lan.test>\nRCPT TO:<b@example.test>\nDATA\nSubject: lf\n\nline one\n..dotted\n.\n";
+    session(&relay, script, false).await;
+    forwarded(
+        &mut upstream,
+        "a@lan.test",
+        "b@example.test",
+        b"Subject: lf\r\n\r\nline one\r\n.dotted\r\n",
+    )
+    .await;
+}
+
+/// The default bare-LF policy follows the allow list: lenient for loopback and private ranges only, reject as
+/// soon as a public range may connect; `relay check` shows the effective policy.
+#[test]
+fn bare_lf_default_follows_the_allow_list() {
+    let dir = tempfile::tempdir().unwrap();
+    for (allow, policy) in [
+        (
+            "[\"127.0.0.0/8\", \"192.168.10.0/24\", \"fd00::/8\"]",
+            "lenient",
+        ),
+        ("[\"192.168.10.0/24\", \"0.0.0.0/0\"]", "reject"),
+    ] {
+        let config = dir.path().join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:2525\"\nauth = \"none\"\nallow = {allow}\n",
+                dir.path().join("state")
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("bare_lf = \"{policy}\"")),
+            "{allow}: {text}"
+        );
+    }
+}

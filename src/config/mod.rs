@@ -80,8 +80,12 @@ pub enum AuthPolicy {
 pub enum BareLineEndings {
     /// Refuse the message (SMTP smuggling defence, RFC 5321 section 2.3.8).
     Reject,
-    /// Turn each bare CR or LF into CRLF; for devices that cannot be fixed.
+    /// Turn each bare CR or LF into CRLF; for devices that cannot be fixed. Only CRLF.CRLF ends a message.
     Normalize,
+    /// For legacy devices that end every line with LF alone: LF ends a line in commands and in DATA, `LF . LF`
+    /// ends the message, and everything is stored and forwarded with CRLF. The default for a listener whose allow
+    /// list holds only loopback and private ranges (as Postfix exempts `$mynetworks`).
+    Lenient,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -294,7 +294,11 @@ impl RawListener {
             // Legacy devices on a LAN often cannot do TLS at all; where the operator chose tls = "none", AUTH
             // has to be offered in the clear or those devices cannot log in.
             plaintext_auth: self.plaintext_auth.unwrap_or(tls == TlsMode::None),
-            bare_lf: self.bare_lf.unwrap_or(BareLineEndings::Reject),
+            bare_lf: self.bare_lf.unwrap_or(if allow.iter().all(is_private) {
+                BareLineEndings::Lenient
+            } else {
+                BareLineEndings::Reject
+            }),
             allow,
             max_message_size,
             max_recipients: match positive("max_recipients", self.max_recipients, 100)? {
@@ -363,6 +367,25 @@ fn at_most(d: Duration, max: Duration, text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// Loopback and private ranges (RFC 1918, RFC 4193, link-local): a listener that admits only these serves its own
+/// LAN, where legacy devices get the lenient defaults.
+fn is_private(net: &ipnet::IpNet) -> bool {
+    const PRIVATE: [&str; 8] = [
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    ];
+    PRIVATE
+        .iter()
+        .filter_map(|p| p.parse::<ipnet::IpNet>().ok())
+        .any(|p| p.contains(net))
 }
 
 fn tls_name(t: TlsMode) -> &'static str {

@@ -5,8 +5,11 @@
 //! endings across chunk boundaries again. One small state machine that sees every line ending once is
 //! simpler to reason about, and that matters here: this is where SMTP smuggling happens.
 //!
-//! The rule that defeats smuggling: only `<CRLF>.<CRLF>` ends the body, where both CRLFs are real. A dot after
-//! a bare LF or a bare CR never ends it, whatever the policy, and is not unstuffed.
+//! The rule that defeats smuggling: under `reject` and `normalize`, only `<CRLF>.<CRLF>` ends the body, where both
+//! CRLFs are real; a dot after a bare LF or a bare CR never ends it and is not unstuffed. Under `lenient` (legacy
+//! LAN devices), LF alone ends a line and `.` alone on such a line ends the body; a bare CR still never does. In
+//! every mode the stored message has CRLF line ends only, so the upstream sees the message end exactly where
+//! relay did.
 
 use memchr::memchr2;
 
@@ -74,6 +77,17 @@ impl DataReceiver {
             }
             match b {
                 b'\r' => self.cr = true,
+                // Lenient: LF alone ends a line like CRLF, and `LF . LF` ends the body. The upstream gets the same
+                // lines in CRLF, so where relay sees the message end is where the upstream sees it end.
+                b'\n' if self.policy == BareLineEndings::Lenient => {
+                    self.saw_bare = true;
+                    if self.dot {
+                        *input = rest;
+                        return Progress::Done;
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    self.line_start = true;
+                }
                 b'\n' => {
                     self.dot = false;
                     self.line_start = false;
@@ -101,7 +115,8 @@ impl DataReceiver {
         self.dot = false;
         self.line_start = false;
         match self.policy {
-            BareLineEndings::Normalize => out.extend_from_slice(b"\r\n"),
+            // A bare CR never ends a line that a '.' could follow, in any mode: `CR . CR LF` is a smuggling vector.
+            BareLineEndings::Normalize | BareLineEndings::Lenient => out.extend_from_slice(b"\r\n"),
             // The message will be refused; keep the byte so that what is measured stays honest.
             BareLineEndings::Reject => out.extend_from_slice(raw),
         }
@@ -206,6 +221,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn lenient_takes_lf_as_a_line_end_and_lf_dot_lf_as_the_end() {
+        let (out, rest, bare) = split_everywhere(
+            BareLineEndings::Lenient,
+            b"Subject: x\n\nline\n..dot\nmixed\r\n.\nQUIT\n",
+        );
+        assert_eq!(out, b"Subject: x\r\n\r\nline\r\n.dot\r\nmixed\r\n");
+        assert_eq!(rest.as_deref(), Some(&b"QUIT\n"[..]));
+        assert!(bare);
+        // A bare CR is normalised but never starts a line a dot could end.
+        let (out, rest, _) = split_everywhere(BareLineEndings::Lenient, b"a\r.\r\nb\r\n.\r\n");
+        assert_eq!(out, b"a\r\n.\r\nb\r\n");
+        assert_eq!(rest.as_deref(), Some(&b""[..]));
     }
 
     #[test]
