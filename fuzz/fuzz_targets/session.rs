@@ -17,7 +17,7 @@ fuzz_target!(|input: &[u8]| {
         auth: [AuthPolicy::None, AuthPolicy::Optional, AuthPolicy::Required][usize::from(knobs % 3)],
         plaintext_auth: knobs & 4 != 0,
         starttls: knobs & 8 != 0,
-        bare_lf: if knobs & 16 != 0 { BareLineEndings::Normalize } else { BareLineEndings::Reject },
+        bare_lf: [BareLineEndings::Reject, BareLineEndings::Normalize, BareLineEndings::Lenient][usize::from(knobs >> 4) % 3],
         max_message_size: 4096,
         max_recipients: 3,
     });
