@@ -205,6 +205,11 @@ impl Delivery {
             Err(e) if e.is_not_found() => return Attempted::Done { account: None },
             // Still arriving (listed by a reread of the queue): its commit announces it, or it goes away.
             Err(FileError::Unsealed { .. }) => return Attempted::later(now + RECHECK),
+            // Not readable just now (out of descriptors, permissions, I/O): it stays, and is looked at again.
+            Err(e @ FileError::Io { .. }) => {
+                tracing::error!(relay_queue_id = %id, error = %e, "cannot read a queued message; trying again later");
+                return Attempted::later(now + RECHECK);
+            }
             Err(e) => {
                 let why = e.to_string();
                 return self

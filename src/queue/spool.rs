@@ -262,7 +262,11 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
                     let _ = fs::remove_file(&path);
                 }
                 Err(e) if e.is_not_found() => {}
-                Err(e) => quarantine(paths, &path, &e.to_string()),
+                Err(e @ FileError::Corrupt { .. }) => quarantine(paths, &path, &e.to_string()),
+                // Could not be opened or read just now (permissions, I/O): left in place, and said.
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read a queued message; it stays in the queue")
+                }
             },
             Some((id, FileKind::State)) => states.push(id),
             // atomic-write-file's temporary files (`.NAME.RANDOM`), left by a crash mid-write.
