@@ -63,6 +63,11 @@ async fn smuggling_vectors_are_refused_and_never_end_the_message() {
         // Exactly one reply for the whole thing: the refusal. A smuggled MAIL would have produced a 250 here.
         let reply = c.expect(550).await;
         assert!(reply.starts_with("550 5.6.0 "), "{vector:?}: {reply}");
+        if lf_only_end(vector) {
+            // An LF-only client's end of data: refused at once, and the rest is never read as commands.
+            assert!(c.closed().await, "{vector:?}: the connection stays open");
+            continue;
+        }
         let noop = c.cmd("NOOP", 250).await;
         assert!(noop.starts_with("250 2.0.0"), "{vector:?}: {noop}");
         c.cmd("QUIT", 221).await;

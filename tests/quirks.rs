@@ -188,3 +188,24 @@ fn bare_lf_default_follows_the_allow_list() {
         );
     }
 }
+
+/// The same LF-only device on a listener open to public addresses (default `reject`): told at once, at its own
+/// end of data, and the connection is closed; nothing is queued.
+#[tokio::test]
+async fn every_line_with_bare_lf_is_refused_at_once_elsewhere() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"optional\"\nallow = [\"0.0.0.0/0\"]\n",
+    )
+    .await;
+    let mut c = RawClient::connect(relay.addr()).await;
+    c.expect(220).await;
+    c.send(b"EHLO printer\nMAIL FROM:<a@lan.test>\nRCPT TO:<b@example.test>\nDATA\nSubject: lf\n\nline one\n.\n")
+        .await;
+    for code in [250, 250, 250, 354] {
+        c.expect(code).await;
+    }
+    let reply = c.expect(550).await;
+    assert!(reply.starts_with("550 5.6.0 "), "{reply}");
+    assert!(c.closed().await);
+    assert!(relay.queued().is_empty());
+}

@@ -150,7 +150,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             if progress == Progress::Done {
+                // An LF-only client's end of data on a `reject` listener: refused, and the connection closed,
+                // because the bytes after it cannot be read as commands safely.
+                let bare_end = session.data_ended_by_bare_lf();
                 let reply = finish_message(session, receiving_msg.take()).await;
+                if bare_end {
+                    return close(&mut stream, &mut out, reply, ctx).await;
+                }
                 out.extend_from_slice(&reply.to_wire());
                 continue;
             }

@@ -33,6 +33,13 @@ pub struct DataReceiver {
     cr: bool,
     /// A bare CR or bare LF passed.
     pub saw_bare: bool,
+    /// `reject` only: the last byte was a bare LF, so a '.' now may be an LF-only client's end of data.
+    after_lf: bool,
+    /// `reject` only: a '.' alone so far on a line begun by a bare LF.
+    lf_dot: bool,
+    /// `reject` only: the body ended the way an LF-only client ends it (`LF . LF`, `LF . CRLF`, `CRLF . LF`).
+    /// The message is refused, and the connection is closed: what follows cannot be read safely either way.
+    pub ended_by_bare_lf: bool,
 }
 
 impl DataReceiver {
@@ -43,7 +50,19 @@ impl DataReceiver {
             dot: false,
             cr: false,
             saw_bare: false,
+            after_lf: false,
+            lf_dot: false,
+            ended_by_bare_lf: false,
         }
+    }
+
+    /// `reject`: a client that ends lines with LF alone gets its answer at its own end of data instead of
+    /// waiting out the timeout for a CRLF.CRLF that never comes (Postfix answers at once, too).
+    fn bare_end<'a>(&mut self, input: &mut &'a [u8], rest: &'a [u8]) -> Progress {
+        self.ended_by_bare_lf = true;
+        self.saw_bare = true;
+        *input = rest;
+        Progress::Done
     }
 
     /// Feeds bytes, appending body bytes to `out`. Advances `input` past what was consumed.
@@ -51,7 +70,7 @@ impl DataReceiver {
         let mut rest = *input;
         while !rest.is_empty() {
             // Fast path: copy a run of ordinary bytes in one go.
-            if !self.cr && !self.dot && !self.line_start {
+            if !self.cr && !self.dot && !self.line_start && !self.after_lf && !self.lf_dot {
                 let run = memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
                 out.extend_from_slice(&rest[..run]);
                 rest = &rest[run..];
@@ -68,6 +87,9 @@ impl DataReceiver {
                         *input = rest;
                         return Progress::Done;
                     }
+                    if std::mem::take(&mut self.lf_dot) {
+                        return self.bare_end(input, rest);
+                    }
                     out.extend_from_slice(b"\r\n");
                     self.line_start = true;
                     continue;
@@ -76,7 +98,10 @@ impl DataReceiver {
                 // `b` is examined below as an ordinary byte.
             }
             match b {
-                b'\r' => self.cr = true,
+                b'\r' => {
+                    self.after_lf = false;
+                    self.cr = true;
+                }
                 // Lenient: LF alone ends a line like CRLF, and `LF . LF` ends the body. The upstream gets the same
                 // lines in CRLF, so where relay sees the message end is where the upstream sees it end.
                 b'\n' if self.policy == BareLineEndings::Lenient => {
@@ -89,9 +114,18 @@ impl DataReceiver {
                     self.line_start = true;
                 }
                 b'\n' => {
+                    if self.policy == BareLineEndings::Reject && (self.dot || self.lf_dot) {
+                        return self.bare_end(input, rest);
+                    }
                     self.dot = false;
                     self.line_start = false;
                     self.bare_line_ending(out, b"\n");
+                    self.after_lf = self.policy == BareLineEndings::Reject;
+                }
+                b'.' if self.after_lf => {
+                    self.after_lf = false;
+                    self.lf_dot = true;
+                    out.push(b);
                 }
                 b'.' if self.line_start => {
                     self.line_start = false;
@@ -101,6 +135,8 @@ impl DataReceiver {
                     // The held dot was a stuffing dot (RFC 5321 section 4.5.2): it is dropped.
                     self.dot = false;
                     self.line_start = false;
+                    self.after_lf = false;
+                    self.lf_dot = false;
                     out.push(b);
                 }
             }
@@ -114,6 +150,8 @@ impl DataReceiver {
         // A bare ending never starts a line where '.' could end the body or be unstuffed.
         self.dot = false;
         self.line_start = false;
+        self.after_lf = false;
+        self.lf_dot = false;
         match self.policy {
             // A bare CR never ends a line that a '.' could follow, in any mode: `CR . CR LF` is a smuggling vector.
             BareLineEndings::Normalize | BareLineEndings::Lenient => out.extend_from_slice(b"\r\n"),
@@ -196,7 +234,21 @@ mod tests {
             data.extend_from_slice(
                 b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nsmuggled\r\n.\r\n",
             );
+            // Under reject, an LF-only client's end of data (a dot line begun or ended by a bare LF) ends the
+            // body there, flagged, so that the message is refused and the connection closed.
+            let lf_end = matches!(vector, b"\n.\n" | b"\n.\r\n" | b"\r\n.\n");
+            let mut r = DataReceiver::new(BareLineEndings::Reject);
+            let (mut input, mut out) = (&data[..], Vec::new());
+            assert_eq!(r.feed(&mut input, &mut out), Progress::Done, "{vector:?}");
+            assert_eq!(r.ended_by_bare_lf, lf_end, "{vector:?}");
+            assert!(r.saw_bare || !lf_end, "{vector:?} not flagged");
+            if lf_end {
+                assert!(input.starts_with(b"MAIL FROM:<evil@x>"), "{vector:?}");
+            }
             for policy in [BareLineEndings::Reject, BareLineEndings::Normalize] {
+                if policy == BareLineEndings::Reject && lf_end {
+                    continue;
+                }
                 let (out, rest, bare) = split_everywhere(policy, &data);
                 assert!(bare, "{vector:?} not flagged");
                 assert_eq!(

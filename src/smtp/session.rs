@@ -370,6 +370,14 @@ impl Session {
         progress
     }
 
+    /// The body ended as an LF-only client ends it, on a `reject` listener: the message is refused and the
+    /// connection must be closed after the reply.
+    pub fn data_ended_by_bare_lf(&self) -> bool {
+        self.data
+            .as_ref()
+            .is_some_and(|d| d.receiver.ended_by_bare_lf)
+    }
+
     /// Why the message being received will be refused, if it will be. The body must still be read to its
     /// end: stopping early would make the rest of it commands.
     pub fn refusal(&self) -> Option<Reply> {

@@ -248,10 +248,21 @@ fn bare_lf_is_refused_by_default() {
         &mut s,
         b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
     );
-    let mut input: &[u8] = b"a\n.\nMAIL FROM:<x@y>\r\n.\r\n";
+    // A bare LF inside a body that ends properly: refused at the real end, and the session goes on.
+    let mut input: &[u8] = b"a\nb\r\n.\r\nNOOP\r\n";
     let mut body = Vec::new();
     assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
-    assert!(input.is_empty());
+    assert_eq!(input, b"NOOP\r\n");
+    assert!(!s.data_ended_by_bare_lf());
+    assert_eq!(codes(&[Step::Reply(s.data_refused())]), ["550 5.6.0"]);
+    // An LF-only client's end of data: refused there, and the connection is to be closed.
+    steps(
+        &mut s,
+        b"NOOP\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+    );
+    let mut input: &[u8] = b"a\n.\nMAIL FROM:<x@y>\r\n";
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert!(s.data_ended_by_bare_lf());
     assert_eq!(codes(&[Step::Reply(s.data_refused())]), ["550 5.6.0"]);
 }
 

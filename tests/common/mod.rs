@@ -480,6 +480,12 @@ pub fn write_config(dir: &Path, listener: &str) -> PathBuf {
 /// The vectors of the 2023 SMTP smuggling research: a fake end of data that some servers honour.
 pub const VECTORS: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"];
 
+/// Whether a vector is how an LF-only client ends its data (a dot line begun or ended by a bare LF): a `reject`
+/// listener refuses the message there and closes the connection.
+pub fn lf_only_end(vector: &[u8]) -> bool {
+    matches!(vector, b"\n.\n" | b"\n.\r\n" | b"\r\n.\n")
+}
+
 /// A first message, a smuggling vector, then a whole second transaction that must never be executed.
 pub fn smuggling_payload(vector: &[u8]) -> Vec<u8> {
     let mut data = b"From: a@example.com\r\nSubject: first\r\n\r\nfirst message".to_vec();
