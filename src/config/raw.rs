@@ -315,7 +315,12 @@ impl RawListener {
             // RFC 5321 section 4.5.3.2.6 asks clients for 10 minutes after the final dot; a server waiting 10
             // minutes between data blocks is as patient.
             data_timeout: timeout("data_timeout", self.data_timeout, Duration::from_secs(600))?,
-            max_connections: positive("max_connections", self.max_connections, 200)?,
+            max_connections: match positive("max_connections", self.max_connections, 200)? {
+                n if n > 100_000 => {
+                    return Err(errs.at(key("max_connections"), "must be at most 100000"));
+                }
+                n => n,
+            },
             max_connections_per_client: positive(
                 "max_connections_per_client",
                 self.max_connections_per_client,

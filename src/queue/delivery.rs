@@ -187,6 +187,13 @@ impl Delivery {
         !self.accounts.is_empty()
     }
 
+    /// Whether the account has a connection slot free now.
+    pub fn has_free_slot(&self, account: &str) -> bool {
+        self.accounts
+            .get(account)
+            .is_some_and(|a| a.slots.available_permits() > 0)
+    }
+
     /// Whether this run already delivered `id` (its file could not be removed).
     pub fn already_delivered(&self, id: QueueId) -> bool {
         self.delivered.lock().is_ok_and(|d| d.contains(&id))
@@ -206,9 +213,14 @@ impl Delivery {
             // Still arriving (listed by a reread of the queue): its commit announces it, or it goes away.
             Err(FileError::Unsealed { .. }) => return Attempted::later(now + RECHECK),
             // Not readable just now (out of descriptors, permissions, I/O): it stays, and is looked at again.
+            // Counted as a failed attempt, so that it follows the retry schedule (and is said in the log each time).
             Err(e @ FileError::Io { .. }) => {
-                tracing::error!(relay_queue_id = %id, error = %e, "cannot read a queued message; trying again later");
-                return Attempted::later(now + RECHECK);
+                let why = format!("cannot read the queue file: {e}");
+                let mut state = read_state(&self.paths.queue, id);
+                return self
+                    .clone()
+                    .blocking(move |d| d.defer(id, &mut state, &why, None))
+                    .await;
             }
             Err(e) => {
                 let why = e.to_string();

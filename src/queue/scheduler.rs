@@ -66,7 +66,11 @@ impl Scheduler {
         let mut trigger_seen = trigger_mtime(&state_dir);
         match self.load(&s).await {
             Ok((d, o)) => (s.due, s.overflow) = (d, o),
-            Err(e) => tracing::error!(error = %e, "cannot read the queue; retrying shortly"),
+            Err(e) => {
+                // Marked incomplete, so that it is read again at the next turn of the loop.
+                s.overflow = true;
+                tracing::error!(error = %e, "cannot read the queue; retrying shortly");
+            }
         }
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         let mut ticked = false;
@@ -139,7 +143,8 @@ impl Scheduler {
             if std::mem::take(&mut ticked) {
                 // A parked message whose account freed a slot without its attempt saying so (rare, but it must
                 // not strand mail): one per account comes back each tick.
-                s.unpark_one_per_account();
+                let delivery = self.delivery.clone();
+                s.unpark_one_per_account(|account| delivery.has_free_slot(account));
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
@@ -210,7 +215,7 @@ struct Schedule {
 
 impl Schedule {
     fn push(&mut self, at: SystemTime, id: QueueId) {
-        if self.due.len() + self.parked_ids.len() < MAX_SCHEDULED {
+        if self.due.len() < MAX_SCHEDULED {
             self.due.push(Reverse((at, id)));
         } else {
             self.overflow = true;
@@ -226,7 +231,10 @@ impl Schedule {
         let rerun = self.rerun.remove(&id);
         match attempted {
             Attempted::Busy { account } => {
-                if self.parked_ids.insert(id) {
+                if self.parked_ids.len() >= MAX_SCHEDULED {
+                    // Left to the next reread of the queue, which skips only what is parked or in flight.
+                    self.overflow = true;
+                } else if self.parked_ids.insert(id) {
                     self.parked.entry(account).or_default().push_back(id);
                 }
             }
@@ -249,8 +257,10 @@ impl Schedule {
         }
     }
 
-    fn unpark_one_per_account(&mut self) {
-        let accounts: Vec<String> = self.parked.keys().cloned().collect();
+    /// One parked message per account that has a connection free comes back (a slot freed without an attempt
+    /// saying so, which is rare); accounts still busy keep their order.
+    fn unpark_one_per_account(&mut self, free: impl Fn(&str) -> bool) {
+        let accounts: Vec<String> = self.parked.keys().filter(|a| free(a)).cloned().collect();
         for account in accounts {
             self.unpark_one(&account);
         }

@@ -218,13 +218,19 @@ impl Drop for Incoming {
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o640)
-        .open(&path)
-        .map_err(|e| SpoolError::io(&path, e))?;
+    // Opened read-only when it exists (flock needs no more), so a lock file root once created does not stop
+    // the service's user.
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(|e| SpoolError::io(&path, e))?,
+        Err(e) => return Err(SpoolError::io(&path, e)),
+    };
     // SAFETY: the descriptor is open for the duration of the call.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();

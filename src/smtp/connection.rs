@@ -129,7 +129,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         // Replies to a long pipelined burst are sent as they pile up, so this buffer stays small (RFC 2920 lets
         // a server send them at any point).
         if out.len() >= MAX_PENDING_REPLIES {
-            write_out(&mut stream, &mut out, ctx.cfg.command_timeout).await?;
+            write_out(&mut stream, &mut out, write_limit(ctx, &stress)).await?;
         }
         let filled = buf.len();
         let mut input = &buf[pos..];
@@ -234,13 +234,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
         // Every buffered byte is used: send the replies so far (RFC 2920 lets us hold them until now) and read.
         let replied = !out.is_empty();
-        // A client that does not read its replies holds its place too: under pressure it gets the short timeout.
-        let write_limit = if *stress.borrow() {
-            ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
-        } else {
-            ctx.cfg.command_timeout
-        };
-        write_out(&mut stream, &mut out, write_limit).await?;
+        write_out(&mut stream, &mut out, write_limit(ctx, &stress)).await?;
         let receiving = session.is_receiving_data();
         // A message in the middle of DATA is allowed to finish, and a logged-in device is never evicted; an idle
         // session is told to come back when relay stops, or leaves when a new client needs its place.
@@ -287,7 +281,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 read.map_or(Woke::TimedOut, Woke::Read)
             }
             _ = shutdown.wait_for(|stop| *stop), if idle => Woke::Shutdown,
-            _ = seat.evicted(), if idle => Woke::Evicted,
+            _ = seat.evicted(), if idle && session.user().is_none() => Woke::Evicted,
             _ = stress.changed(), if !stressed => Woke::Stressed,
         };
         let n = match woke {
@@ -327,6 +321,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
             return Ok(Outcome::Closed);
         }
+    }
+}
+
+/// How long a client may take to read its replies: under pressure a client that does not read holds a place
+/// too, so it gets the short timeout.
+fn write_limit(ctx: &ListenerCtx, stress: &watch::Receiver<bool>) -> Duration {
+    if *stress.borrow() {
+        ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
+    } else {
+        ctx.cfg.command_timeout
     }
 }
 

@@ -86,34 +86,39 @@ impl Occupancy {
 
     /// Asks one idle, logged-out session to leave so that a new client can be served; false if none can.
     pub fn evict_one(&self) -> bool {
-        let Ok(m) = self.sessions.lock() else {
-            return false;
-        };
+        // A chosen session may turn busy before it is marked: then the next candidate is tried.
+        for _ in 0..8 {
+            let Some(victim) = self.choose_victim() else {
+                return false;
+            };
+            let Ok(mut since) = victim.idle_since.lock() else {
+                return false;
+            };
+            // Checked and marked under the session's own lock, which `set_idle` takes too.
+            if since.take().is_some() {
+                victim.kicked.store(true, Ordering::SeqCst);
+                drop(since);
+                victim.kick.notify_one();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The idle, logged-out session from the address holding the most connections, longest idle first.
+    fn choose_victim(&self) -> Option<Arc<Tracked>> {
+        let m = self.sessions.lock().ok()?;
         let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
         for t in m.values() {
             *per_ip.entry(t.ip).or_default() += 1;
         }
-        let victim = m
-            .values()
+        m.values()
             .filter_map(|t| {
                 let since = (*t.idle_since.lock().ok()?)?;
                 Some((per_ip.get(&t.ip).copied().unwrap_or(0), Reverse(since), t))
             })
             .max_by_key(|(n, since, _)| (*n, *since))
-            .map(|(_, _, t)| t.clone());
-        drop(m);
-        match victim {
-            Some(t) => {
-                // Taken off the idle list at once, so that the next newcomer picks another.
-                if let Ok(mut s) = t.idle_since.lock() {
-                    *s = None;
-                }
-                t.kicked.store(true, Ordering::SeqCst);
-                t.kick.notify_one();
-                true
-            }
-            None => false,
-        }
+            .map(|(_, _, t)| t.clone())
     }
 }
 
