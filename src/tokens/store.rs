@@ -175,19 +175,26 @@ impl TokenStore {
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let f = std::fs::OpenOptions::new()
+                let created = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .write(true)
                     .mode(0o640)
-                    .open(&path)
-                    .map_err(io)?;
+                    .open(&path);
+                let f = match created {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot create the token lock file; going on without it");
+                        return Ok(None);
+                    }
+                };
                 // SAFETY: geteuid has no preconditions.
                 if unsafe { libc::geteuid() } == 0 {
-                    let owner =
-                        std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
-                    std::os::unix::fs::fchown(&f, Some(owner.uid()), Some(owner.gid()))
-                        .map_err(io)?;
+                    let given = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir))
+                        .and_then(|o| std::os::unix::fs::fchown(&f, Some(o.uid()), Some(o.gid())));
+                    if let Err(e) = given {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot give the token lock file to the state dir's owner");
+                    }
                 }
                 f
             }
