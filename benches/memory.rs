@@ -592,16 +592,7 @@ impl Bench {
                     .await?;
                 expect(&mut r, 235).await?;
                 let login = sent.elapsed();
-                r.get_mut()
-                    .write_all(
-                        b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n",
-                    )
-                    .await?;
-                expect(&mut r, 250).await?;
-                expect(&mut r, 250).await?;
-                expect(&mut r, 354).await?;
-                r.get_mut().write_all(&body).await?;
-                expect(&mut r, 250).await?;
+                one_message(&mut r, &body).await?;
                 r.get_mut().write_all(b"QUIT\r\n").await?;
                 expect(&mut r, 221).await?;
                 std::io::Result::Ok(login)
@@ -817,6 +808,19 @@ async fn hostile(from: Ipv4Addr, to: SocketAddr, counts: &Counts) -> std::io::Re
     Ok(())
 }
 
+/// One pipelined transaction on an open session: MAIL, RCPT and DATA in one write, then `body` (which ends with
+/// the final dot).
+async fn one_message(r: &mut BufReader<TcpStream>, body: &[u8]) -> std::io::Result<()> {
+    r.get_mut()
+        .write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n")
+        .await?;
+    for code in [250, 250, 354] {
+        expect(r, code).await?;
+    }
+    r.get_mut().write_all(body).await?;
+    expect(r, 250).await
+}
+
 /// One filling session: `n` messages, [`FILL_PER_CONNECTION`] per connection.
 async fn fill(addr: SocketAddr, mut n: usize, body: Arc<Vec<u8>>) -> std::io::Result<()> {
     while n > 0 {
@@ -827,16 +831,7 @@ async fn fill(addr: SocketAddr, mut n: usize, body: Arc<Vec<u8>>) -> std::io::Re
         r.get_mut().write_all(b"EHLO bench\r\n").await?;
         expect(&mut r, 250).await?;
         for _ in 0..n.min(FILL_PER_CONNECTION) {
-            r.get_mut()
-                .write_all(
-                    b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n",
-                )
-                .await?;
-            expect(&mut r, 250).await?;
-            expect(&mut r, 250).await?;
-            expect(&mut r, 354).await?;
-            r.get_mut().write_all(&body).await?;
-            expect(&mut r, 250).await?;
+            one_message(&mut r, &body).await?;
             n -= 1;
         }
         r.get_mut().write_all(b"QUIT\r\n").await?;
