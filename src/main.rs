@@ -95,6 +95,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         a.name
                     );
                 }
+                for (i, l) in c
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.tls_compat == relay::config::TlsCompat::Legacy)
+                {
+                    eprintln!(
+                        "warning: listener[{i}] ({}) has tls_compat = \"legacy\": it also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list",
+                        l.address
+                    );
+                }
                 println!(
                     "# {} is valid; resolved settings follow (secrets redacted)",
                     c.source
@@ -119,7 +130,7 @@ fn check_files(config: Config) -> Result<Config, ConfigError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     for (i, l) in config.listeners.iter().enumerate() {
         if let (Some(cert), Some(key)) = (&l.cert, &l.key)
-            && let Err(e) = relay::smtp::tls::acceptor(cert, key)
+            && let Err(e) = relay::smtp::tls::acceptor(cert, key, l.tls_compat)
         {
             return Err(ConfigError {
                 file: config.source.clone(),

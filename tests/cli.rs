@@ -42,6 +42,27 @@ fn check_prints_resolved_config_with_secrets_redacted() {
 }
 
 #[test]
+fn check_warns_about_a_legacy_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path());
+    let listener = format!(
+        "address = \"127.0.0.1:0\"\ntls = \"auto\"\ntls_compat = \"legacy\"\ncert = {:?}\nkey = {:?}",
+        cert.cert, cert.key
+    );
+    let config = write_config(dir.path(), &listener);
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: listener[0]") && err.contains("weaker"),
+        "{err}"
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("tls_compat = \"legacy\""), "{stdout}");
+    assert!(stdout.contains("tls = \"auto\""), "{stdout}");
+}
+
+#[test]
 fn bad_config_fails_with_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
@@ -65,6 +86,11 @@ fn bad_config_fails_with_file_key_and_reason() {
             "[[listener]]\naddress = \"127.0.0.1:25\"\nmax_message_size = \"35 parsecs\"\n",
             "line 3",
             "unknown unit",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:25\"\ntls_compat = \"legacy\"\n",
+            "listener[0].tls_compat",
+            "needs a TLS listener",
         ),
         (
             "[queue]\nretry = [\"1m\", \"soon\"]\n",

@@ -209,7 +209,7 @@ async fn upstream_over_tls_verified_with_ca_file() {
     let idp = idp_issuing("tok").await;
     let certs = tempfile::tempdir().unwrap();
     let cert = make_cert(certs.path());
-    let acceptor = relay::smtp::tls::acceptor(&cert.cert, &cert.key).unwrap();
+    let acceptor = relay::smtp::tls::rustls_acceptor(&cert.cert, &cert.key).unwrap();
     let mut upstream = FakeUpstream::start_tls(&["tok"], Some(acceptor)).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("secret"), "s").unwrap();

@@ -64,6 +64,40 @@ pub enum TlsMode {
     Implicit,
 }
 
+/// How a listener speaks TLS. Separate from [`TlsMode`] (upstream), which has no `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    None,
+    Starttls,
+    Implicit,
+    /// Implicit TLS when the client's first byte opens a TLS handshake, else plain with STARTTLS: for devices
+    /// that let you type a port but not a mode.
+    Auto,
+}
+
+impl ListenerTls {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerTls::None => "none",
+            ListenerTls::Starttls => "starttls",
+            ListenerTls::Implicit => "implicit",
+            ListenerTls::Auto => "auto",
+        }
+    }
+}
+
+/// Which TLS versions and suites a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsCompat {
+    /// rustls: TLS 1.2 with AEAD suites and TLS 1.3.
+    #[default]
+    Modern,
+    /// OpenSSL, also TLS 1.0/1.1, RSA key exchange and CBC suites: for devices made before about 2016.
+    Legacy,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthPolicy {
@@ -91,7 +125,8 @@ pub enum BareLineEndings {
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
-    pub tls: TlsMode,
+    pub tls: ListenerTls,
+    pub tls_compat: TlsCompat,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub auth: AuthPolicy,

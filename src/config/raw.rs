@@ -30,7 +30,8 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     address: String,
-    tls: Option<TlsMode>,
+    tls: Option<ListenerTls>,
+    tls_compat: Option<TlsCompat>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     auth: Option<AuthPolicy>,
@@ -234,18 +235,33 @@ impl RawListener {
                 format!("`{}` is not IP:PORT (e.g. \"0.0.0.0:587\")", self.address),
             )
         })?;
-        let tls = self.tls.unwrap_or(TlsMode::None);
-        if tls != TlsMode::None {
+        let tls = self.tls.unwrap_or(ListenerTls::None);
+        if tls != ListenerTls::None {
             if self.cert.is_none() {
                 return Err(errs.at(
                     key("cert"),
-                    format!("required when tls = \"{}\"", tls_name(tls)),
+                    format!("required when tls = \"{}\"", tls.name()),
                 ));
             }
             if self.key.is_none() {
                 return Err(errs.at(
                     key("key"),
-                    format!("required when tls = \"{}\"", tls_name(tls)),
+                    format!("required when tls = \"{}\"", tls.name()),
+                ));
+            }
+        }
+        let tls_compat = self.tls_compat.unwrap_or_default();
+        if tls_compat == TlsCompat::Legacy {
+            if tls == ListenerTls::None {
+                return Err(errs.at(
+                    key("tls_compat"),
+                    "\"legacy\" needs a TLS listener (tls = \"starttls\", \"implicit\" or \"auto\")",
+                ));
+            }
+            if !cfg!(feature = "legacy-tls") {
+                return Err(errs.at(
+                    key("tls_compat"),
+                    "this relay was built without the `legacy-tls` feature (OpenSSL); rebuild with it or use \"modern\"",
                 ));
             }
         }
@@ -288,12 +304,13 @@ impl RawListener {
         Ok(ListenerConfig {
             address,
             tls,
+            tls_compat,
             cert: self.cert,
             key: self.key,
             auth,
             // Legacy devices on a LAN often cannot do TLS at all; where the operator chose tls = "none", AUTH
             // has to be offered in the clear or those devices cannot log in.
-            plaintext_auth: self.plaintext_auth.unwrap_or(tls == TlsMode::None),
+            plaintext_auth: self.plaintext_auth.unwrap_or(tls == ListenerTls::None),
             bare_lf: self.bare_lf.unwrap_or(if allow.iter().all(is_private) {
                 BareLineEndings::Lenient
             } else {
@@ -391,14 +408,6 @@ fn is_private(net: &ipnet::IpNet) -> bool {
         .iter()
         .filter_map(|p| p.parse::<ipnet::IpNet>().ok())
         .any(|p| p.contains(net))
-}
-
-fn tls_name(t: TlsMode) -> &'static str {
-    match t {
-        TlsMode::None => "none",
-        TlsMode::Starttls => "starttls",
-        TlsMode::Implicit => "implicit",
-    }
 }
 
 /// Accepts a CIDR or a bare address (a host).

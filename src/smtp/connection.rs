@@ -8,14 +8,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 
 use super::auth::{Authenticator, Verdict};
 use super::data::Progress;
 use super::occupancy::{STRESS_TIMEOUT, Seat};
 use super::reply::Reply;
 use super::session::{Policy, Session, Step};
-use crate::config::ListenerConfig;
+use super::tls::{ServerTls, TlsConn};
+use crate::config::{ListenerConfig, ListenerTls};
 use crate::queue::{Incoming, QueueId, Spool};
 
 /// Read buffer; also the most body bytes handled per step.
@@ -27,7 +27,7 @@ const MAX_PENDING_REPLIES: usize = 16 * 1024;
 pub(crate) struct ListenerCtx {
     pub cfg: ListenerConfig,
     pub policy: Arc<Policy>,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<ServerTls>,
     pub spool: Spool,
     pub auth: Arc<Authenticator>,
     pub shutdown: watch::Receiver<bool>,
@@ -38,17 +38,24 @@ enum Outcome<S> {
     StartTls(S),
 }
 
+/// How long a `tls = "auto"` listener waits for a TLS client's first byte. A TLS client sends its ClientHello
+/// right after the TCP handshake, while a plain SMTP client waits for the greeting; so silence means plain. One
+/// second covers a lost first segment (Linux retransmits after 200 ms to 1 s) and delays a plain greeting by no
+/// more than that.
+const SNIFF_WAIT: Duration = Duration::from_secs(1);
+/// The first byte of every TLS record that opens a handshake (content type 22).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// Serves one accepted connection to its end. Errors are the client's problem (a reset, a timeout) and are
 /// logged at debug level only.
-pub(crate) async fn serve(
-    ctx: Arc<ListenerCtx>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    implicit_tls: bool,
-    seat: &Seat,
-) {
+pub(crate) async fn serve(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, seat: &Seat) {
     let mut session = Session::new(ctx.policy.clone(), peer, false);
     let result = async {
+        let implicit_tls = match ctx.cfg.tls {
+            ListenerTls::Implicit => true,
+            ListenerTls::Auto => opens_with_tls(&tcp).await?,
+            ListenerTls::None | ListenerTls::Starttls => false,
+        };
         if implicit_tls {
             let tls = handshake(&ctx, tcp, seat).await?;
             session.tls_started();
@@ -71,13 +78,24 @@ pub(crate) async fn serve(
     }
 }
 
+/// Whether a client on a `tls = "auto"` listener starts with a TLS handshake. Peeked, so that a plain client's
+/// early bytes stay in the socket for the session to read.
+async fn opens_with_tls(tcp: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    match timeout(SNIFF_WAIT, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before saying anything",
+        )),
+        Ok(Ok(_)) => Ok(first[0] == TLS_HANDSHAKE_RECORD),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(false),
+    }
+}
+
 /// A handshake counts as idle: a client that never finishes one may be evicted, and under pressure it gets the
 /// short timeout.
-async fn handshake(
-    ctx: &ListenerCtx,
-    tcp: TcpStream,
-    seat: &Seat,
-) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+async fn handshake(ctx: &ListenerCtx, tcp: TcpStream, seat: &Seat) -> std::io::Result<TlsConn> {
     let Some(acceptor) = &ctx.tls else {
         return Err(std::io::Error::other(
             "TLS requested on a listener without a certificate",

@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, watch};
 use super::connection::{ListenerCtx, serve};
 use super::occupancy::Occupancy;
 use super::reply::Reply;
-use crate::config::TlsMode;
+use crate::config::ListenerTls;
 
 /// How long a new client waits for the place of an evicted idle session.
 const EVICTION_WAIT: Duration = Duration::from_secs(5);
@@ -115,7 +115,7 @@ impl Listener {
         let live = LiveSession::new(sessions);
         let (ctx, slots, occupancy) =
             (self.ctx.clone(), self.slots.clone(), self.occupancy.clone());
-        let implicit = cfg.tls == TlsMode::Implicit;
+        let implicit = cfg.tls == ListenerTls::Implicit;
         tokio::spawn(async move {
             let slot = match slot {
                 Some(s) => s,
@@ -135,7 +135,7 @@ impl Listener {
             };
             drop(waiting);
             let seat = occupancy.seat(ip);
-            serve(ctx, tcp, peer, implicit, &seat).await;
+            serve(ctx, tcp, peer, &seat).await;
             // Whatever way the session ended (a panic included), these give back its places on drop.
             drop((seat, slot, client_slot, live));
         });
@@ -144,7 +144,7 @@ impl Listener {
     /// Says why and hangs up, without holding up the accept loop. During a flood of refusals, beyond
     /// [`MAX_REFUSING`] at once the connection is just closed.
     fn refuse(&self, tcp: TcpStream, reply: Reply) {
-        let implicit = self.ctx.cfg.tls == TlsMode::Implicit;
+        let implicit = self.ctx.cfg.tls == ListenerTls::Implicit;
         let Ok(permit) = self.refusing.clone().try_acquire_owned() else {
             return;
         };
@@ -155,7 +155,8 @@ impl Listener {
     }
 }
 
-/// On an implicit-TLS port there is nobody to read a plain-text reply, so the connection is just closed.
+/// On an implicit-TLS port there is nobody to read a plain-text reply, so the connection is just closed. On an
+/// `auto` port the client is more likely a plain one (TLS clients there are rarer and fail either way).
 async fn refuse_now(mut tcp: TcpStream, implicit_tls: bool, reply: Reply) {
     if implicit_tls {
         return;

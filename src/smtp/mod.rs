@@ -1,5 +1,6 @@
 //! Inbound SMTP: the session state machine (`session`, `data`, `reply`), password checks (`auth`), and the
-//! I/O around them (`listener` accepts, `connection` drives one client, `tls` loads certificates).
+//! I/O around them (`listener` accepts, `connection` drives one client, `tls` loads certificates; `tls_legacy`
+//! is the OpenSSL acceptor for `tls_compat = "legacy"` listeners).
 
 pub mod auth;
 mod connection;
@@ -9,6 +10,8 @@ mod occupancy;
 pub mod reply;
 pub mod session;
 pub mod tls;
+#[cfg(feature = "legacy-tls")]
+mod tls_legacy;
 
 use std::sync::Arc;
 
@@ -17,7 +20,7 @@ use tokio::sync::watch;
 
 pub use listener::Listener;
 
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, ListenerTls};
 use crate::queue::Spool;
 use connection::ListenerCtx;
 use session::Policy;
@@ -44,9 +47,10 @@ pub async fn bind(
     let mut out = Vec::new();
     for (index, cfg) in config.listeners.iter().enumerate() {
         let tls = match (&cfg.cert, &cfg.key) {
-            (Some(cert), Some(key)) if cfg.tls != TlsMode::None => {
-                Some(tls::acceptor(cert, key).map_err(|source| BindError::Tls { index, source })?)
-            }
+            (Some(cert), Some(key)) if cfg.tls != ListenerTls::None => Some(
+                tls::acceptor(cert, key, cfg.tls_compat)
+                    .map_err(|source| BindError::Tls { index, source })?,
+            ),
             _ => None,
         };
         let tcp = TcpListener::bind(cfg.address)
@@ -62,7 +66,7 @@ pub async fn bind(
             listener: local.to_string(),
             auth: cfg.auth,
             plaintext_auth: cfg.plaintext_auth,
-            starttls: cfg.tls == TlsMode::Starttls,
+            starttls: matches!(cfg.tls, ListenerTls::Starttls | ListenerTls::Auto),
             bare_lf: cfg.bare_lf,
             max_message_size: cfg.max_message_size.0,
             max_recipients: cfg.max_recipients,

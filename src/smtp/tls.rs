@@ -1,12 +1,20 @@
-//! Server TLS from PEM files.
+//! Server TLS from PEM files: rustls for every listener, OpenSSL (`legacy`) only where a listener opts in for
+//! devices that rustls cannot serve. The session above sees one stream type either way.
 
+use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsCompat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -16,10 +24,49 @@ pub enum TlsError {
     Key { path: String, reason: String },
     #[error("certificate and key do not fit together: {0}")]
     Config(#[from] rustls::Error),
+    #[error("legacy TLS (OpenSSL): {0}")]
+    Legacy(String),
 }
 
-/// Loads a certificate chain and its key into an acceptor.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// A listener's TLS acceptor.
+#[derive(Clone)]
+pub enum ServerTls {
+    Modern(TlsAcceptor),
+    #[cfg(feature = "legacy-tls")]
+    Legacy(Arc<openssl::ssl::SslAcceptor>),
+}
+
+/// Loads a certificate chain and its key into an acceptor of the listener's kind.
+pub fn acceptor(cert: &Path, key: &Path, compat: TlsCompat) -> Result<ServerTls, TlsError> {
+    // The rustls load runs for legacy listeners too: it checks the files with the same messages.
+    let modern = rustls_acceptor(cert, key)?;
+    match compat {
+        TlsCompat::Modern => Ok(ServerTls::Modern(modern)),
+        #[cfg(feature = "legacy-tls")]
+        TlsCompat::Legacy => Ok(ServerTls::Legacy(Arc::new(super::tls_legacy::acceptor(
+            cert, key,
+        )?))),
+        #[cfg(not(feature = "legacy-tls"))]
+        TlsCompat::Legacy => Err(TlsError::Legacy(
+            "this relay was built without the `legacy-tls` feature".into(),
+        )),
+    }
+}
+
+impl ServerTls {
+    /// Runs the server side of a handshake.
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsConn> {
+        match self {
+            ServerTls::Modern(a) => Ok(TlsConn::Modern(Box::new(a.accept(tcp).await?))),
+            #[cfg(feature = "legacy-tls")]
+            ServerTls::Legacy(a) => Ok(TlsConn::Legacy(Box::new(
+                super::tls_legacy::accept(a, tcp).await?,
+            ))),
+        }
+    }
+}
+
+pub fn rustls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -40,4 +87,55 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A server-side TLS connection of either kind. Boxed: a TLS stream carries its buffers inline.
+pub enum TlsConn {
+    Modern(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    #[cfg(feature = "legacy-tls")]
+    Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TlsConn::Modern(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            TlsConn::Legacy(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TlsConn::Modern(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            TlsConn::Legacy(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TlsConn::Modern(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(feature = "legacy-tls")]
+            TlsConn::Legacy(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TlsConn::Modern(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(feature = "legacy-tls")]
+            TlsConn::Legacy(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

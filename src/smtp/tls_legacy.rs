@@ -1,0 +1,51 @@
+//! The OpenSSL acceptor behind `tls_compat = "legacy"`: TLS 1.0 and 1.1, RSA key exchange and CBC suites, which
+//! printers and scanners made before about 2016 offer and rustls refuses by design. Opt-in per listener; modern
+//! listeners never touch this code.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+
+use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslOptions, SslVersion};
+use tokio::net::TcpStream;
+use tokio_openssl::SslStream;
+
+use super::tls::TlsError;
+
+/// Modern suites first (the server's order wins), then whatever else OpenSSL has that is not broken outright
+/// (no anonymous, null, export, RC4, MD5 or single-DES suites). OpenSSL 3 refuses TLS 1.0/1.1 and SHA-1
+/// signatures above security level 0, whatever the protocol range says.
+const LEGACY_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ALL:!aNULL:!eNULL:!EXPORT:!RC4:!MD5:!DES:!PSK:!SRP:@SECLEVEL=0";
+
+pub fn acceptor(cert: &Path, key: &Path) -> Result<SslAcceptor, TlsError> {
+    let e =
+        |what: &str, err: openssl::error::ErrorStack| TlsError::Legacy(format!("{what}: {err}"));
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
+        .map_err(|err| e("set-up", err))?;
+    // The intermediate profile (curves, DH parameters, TLS 1.3 suites) with its TLS 1.2 floor taken out.
+    b.clear_options(SslOptions::NO_TLSV1 | SslOptions::NO_TLSV1_1);
+    b.set_min_proto_version(Some(SslVersion::TLS1))
+        .map_err(|err| e("TLS 1.0 minimum", err))?;
+    b.set_cipher_list(LEGACY_CIPHERS)
+        .map_err(|err| e("cipher list", err))?;
+    b.set_certificate_chain_file(cert)
+        .map_err(|err| e(&cert.display().to_string(), err))?;
+    b.set_private_key_file(key, SslFiletype::PEM)
+        .map_err(|err| e(&key.display().to_string(), err))?;
+    b.check_private_key()
+        .map_err(|err| e("certificate and key do not fit together", err))?;
+    Ok(b.build())
+}
+
+pub async fn accept(acceptor: &SslAcceptor, tcp: TcpStream) -> io::Result<SslStream<TcpStream>> {
+    let ssl = Ssl::new(acceptor.context()).map_err(io::Error::other)?;
+    let mut stream = SslStream::new(ssl, tcp).map_err(io::Error::other)?;
+    Pin::new(&mut stream)
+        .accept()
+        .await
+        .map_err(|err| match err.into_io_error() {
+            Ok(io) => io,
+            Err(err) => io::Error::other(err.to_string()),
+        })?;
+    Ok(stream)
+}
