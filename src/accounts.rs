@@ -9,7 +9,11 @@ use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
 use crate::tokens::{AccountTokens, TokenStore};
+use crate::config::Transport;
+use crate::upstream::gmail::GmailUpstream;
+use crate::upstream::graph::GraphUpstream;
 use crate::upstream::smtp::SmtpUpstream;
+use crate::upstream::transports::{Primary, Transports};
 
 #[derive(Debug, thiserror::Error)]
 #[error("account {account}: {reason}")]
@@ -107,8 +111,22 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             let timeout = a
                 .smtp_timeout
                 .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
-            let upstream = SmtpUpstream::new(a.mailbox.clone(), ep, ca, timeout);
-            Ok(Arc::new(Account::new(a.name.clone(), tokens, upstream)))
+            let graph = || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
+            let primary = match a.transport {
+                Transport::Smtp => {
+                    Primary::Smtp(SmtpUpstream::new(a.mailbox.clone(), ep.clone(), ca, timeout))
+                }
+                Transport::Graph => Primary::Graph(graph().map_err(err)?),
+                Transport::GmailApi => {
+                    Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?)
+                }
+            };
+            let fallback = match a.fallback_transport {
+                Some(Transport::Graph) => Some((graph().map_err(err)?, ep.graph_scope.clone())),
+                _ => None,
+            };
+            let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
+            Ok(Arc::new(Account::new(a.name.clone(), tokens, transports)))
         })
         .collect()
 }

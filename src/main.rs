@@ -287,6 +287,14 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         for a in &status.accounts {
             println!("account {} <{}>: {}", a.name, a.mailbox, a.state);
+            match &a.transport_switched {
+                Some(sw) => println!(
+                    "  transport: graph (fallback since {}, SMTP refused: {}; SMTP is tried again daily)",
+                    humantime::format_rfc3339_seconds(sw.since),
+                    sw.reason
+                ),
+                None => println!("  transport: {}", a.transport),
+            }
             if let Some(t) = &a.token_valid_until {
                 println!("  token valid until {t}");
             }

@@ -37,6 +37,10 @@ pub struct AccountStatus {
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
     pub last_delivery: Option<LastDelivery>,
+    /// `smtp`, `graph` or `gmail_api`: the transport in use now.
+    pub transport: &'static str,
+    /// Set while a fallback is in use: since when, and why.
+    pub transport_switched: Option<crate::upstream::transports::Switch>,
     /// Credentials expiring within 30 days, or expired.
     pub warnings: Vec<String>,
 }
@@ -122,10 +126,21 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         .iter()
         .filter_map(|e| crate::oauth::expiry::warning(&a.name, e, now))
         .collect();
+    let transport_switched = a
+        .fallback_transport
+        .and_then(|_| crate::upstream::transports::read_switch(&config.state_dir, &a.name));
+    let transport = match (a.transport, &transport_switched) {
+        (_, Some(_)) => "graph",
+        (crate::config::Transport::Smtp, None) => "smtp",
+        (crate::config::Transport::Graph, None) => "graph",
+        (crate::config::Transport::GmailApi, None) => "gmail_api",
+    };
     AccountStatus {
         name: a.name.clone(),
         mailbox: a.mailbox.clone(),
         state,
+        transport,
+        transport_switched,
         token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,

@@ -258,6 +258,16 @@ pub struct AccountConfig {
     pub ca_file: Option<PathBuf>,
     pub graph_url: Option<String>,
     pub gmail_api_url: Option<String>,
+    /// Where a Microsoft SMTP account goes when the tenant has SMTP AUTH off (535 5.7.139, 550 5.7.30): only
+    /// `graph`.
+    pub fallback_transport: Option<Transport>,
+    /// Graph: keep a copy in the mailbox's Sent Items (Graph's own default).
+    #[serde(default = "yes")]
+    pub save_to_sent_items: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_transport() -> Transport {

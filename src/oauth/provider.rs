@@ -1,6 +1,6 @@
 //! Where each provider's endpoints are, and what an account's overrides make of them.
 
-use crate::config::{AccountConfig, ClientAuth, Flow, Provider, TlsMode};
+use crate::config::{AccountConfig, ClientAuth, Flow, Provider, TlsMode, Transport};
 
 /// An account's resolved endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +12,12 @@ pub struct Endpoints {
     pub smtp_host: String,
     pub smtp_port: u16,
     pub smtp_tls: TlsMode,
+    /// Microsoft Graph's root (`https://graph.microsoft.com`), for `transport = "graph"` and the fallback.
+    pub graph_url: String,
+    /// The scope of a Graph token when Graph is the fallback (the account's `scope` is the main transport's).
+    pub graph_scope: String,
+    /// The Gmail API's root (`https://gmail.googleapis.com`).
+    pub gmail_api_url: String,
 }
 
 /// Microsoft's delegated scope for SMTP AUTH; `offline_access` brings the refresh token.
@@ -19,6 +25,10 @@ pub const MICROSOFT_DELEGATED_SCOPE: &str = "https://outlook.office.com/SMTP.Sen
 /// Microsoft's app-only scope (client credentials, with the SMTP.SendAsApp permission).
 pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
+/// Microsoft Graph, delegated: sending as the signed-in mailbox.
+pub const GRAPH_DELEGATED_SCOPE: &str = "https://graph.microsoft.com/Mail.Send offline_access";
+/// Microsoft Graph, app-only (the Mail.Send application permission).
+pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
 
 /// Resolves an account's endpoints; `Err((key, reason))` names the offending key.
 pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)> {
@@ -42,10 +52,11 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
                     .to_string(),
             ))?;
             let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-            let scope = if a.flow == Flow::ClientCredentials {
-                MICROSOFT_APP_SCOPE
-            } else {
-                MICROSOFT_DELEGATED_SCOPE
+            let scope = match (a.flow == Flow::ClientCredentials, a.transport) {
+                (true, Transport::Graph) => GRAPH_APP_SCOPE,
+                (false, Transport::Graph) => GRAPH_DELEGATED_SCOPE,
+                (true, _) => MICROSOFT_APP_SCOPE,
+                (false, _) => MICROSOFT_DELEGATED_SCOPE,
             };
             (
                 Some(format!("{base}/token")),
@@ -157,6 +168,48 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
             "required: the application (client) id of your app registration".into(),
         ));
     }
+    let graph_url = a
+        .graph_url
+        .clone()
+        .unwrap_or_else(|| "https://graph.microsoft.com".into());
+    check_url("graph_url", &graph_url)?;
+    let gmail_api_url = a
+        .gmail_api_url
+        .clone()
+        .unwrap_or_else(|| "https://gmail.googleapis.com".into());
+    check_url("gmail_api_url", &gmail_api_url)?;
+    match (a.transport, a.provider) {
+        (Transport::Graph, Provider::Google) => {
+            return Err((
+                "transport",
+                "\"graph\" is Microsoft's; a Google account uses \"smtp\" or \"gmail_api\"".into(),
+            ));
+        }
+        (Transport::GmailApi, Provider::Microsoft) => {
+            return Err((
+                "transport",
+                "\"gmail_api\" is Google's; a Microsoft account uses \"smtp\" or \"graph\"".into(),
+            ));
+        }
+        _ => {}
+    }
+    match a.fallback_transport {
+        None => {}
+        Some(Transport::Graph)
+            if a.transport == Transport::Smtp && a.provider != Provider::Google => {}
+        Some(_) => {
+            return Err((
+                "fallback_transport",
+                "only \"graph\", for a Microsoft account whose transport is \"smtp\"".into(),
+            ));
+        }
+    }
+    let graph_scope = if a.flow == Flow::ClientCredentials {
+        GRAPH_APP_SCOPE
+    } else {
+        GRAPH_DELEGATED_SCOPE
+    }
+    .to_string();
     Ok(Endpoints {
         token_url,
         device_authorization_url,
@@ -165,6 +218,9 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
         smtp_host,
         smtp_port,
         smtp_tls,
+        graph_url: graph_url.trim_end_matches('/').to_string(),
+        graph_scope,
+        gmail_api_url: gmail_api_url.trim_end_matches('/').to_string(),
     })
 }
 

@@ -22,8 +22,7 @@ use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
 use crate::config::{Config, QueueConfig};
 use crate::tokens::AccountTokens;
-use crate::upstream::Outcome;
-use crate::upstream::smtp::SmtpUpstream;
+use crate::upstream::{Outcome, Transports};
 
 /// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
@@ -35,7 +34,7 @@ pub const DELIVERY_MEMORY: usize = 32 << 20;
 pub struct Account {
     pub name: String,
     pub tokens: Arc<AccountTokens>,
-    pub upstream: SmtpUpstream,
+    pub transports: Transports,
     slots: Arc<Semaphore>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
@@ -59,11 +58,11 @@ pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDeliver
 }
 
 impl Account {
-    pub fn new(name: String, tokens: Arc<AccountTokens>, upstream: SmtpUpstream) -> Account {
+    pub fn new(name: String, tokens: Arc<AccountTokens>, transports: Transports) -> Account {
         Account {
             name,
             tokens,
-            upstream,
+            transports,
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             last_written: Mutex::new(None),
         }
@@ -368,7 +367,7 @@ impl Delivery {
         match &outcome {
             Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
             Outcome::Permanent(r) => account.record(state_dir, "dead", r),
-            Outcome::Transient(r) | Outcome::AuthRejected(r) => {
+            Outcome::Transient(r) | Outcome::AuthRejected(r) | Outcome::Throttled(r, _) => {
                 account.record(state_dir, "deferred", r)
             }
         }
@@ -383,6 +382,10 @@ impl Delivery {
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
                 self.defer(id, state, &reply, Some(&account.name))
+            }
+            // The provider said how long to wait: at least that, and the retry schedule still counts.
+            Outcome::Throttled(reply, wait) => {
+                self.defer_for(id, state, &reply, Some(&account.name), wait)
             }
         }
     }
@@ -422,6 +425,18 @@ impl Delivery {
         why: &str,
         account: Option<&str>,
     ) -> Attempted {
+        self.defer_for(id, state, why, account, Duration::ZERO)
+    }
+
+    /// Defers for the retry schedule's next step, or `at_least` if that is longer.
+    fn defer_for(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: Option<&str>,
+        at_least: Duration,
+    ) -> Attempted {
         state.failed(why);
         let step = self
             .queue
@@ -429,7 +444,8 @@ impl Delivery {
             .get(state.attempts as usize - 1)
             .or(self.queue.retry.last())
             .copied()
-            .unwrap_or(Duration::from_secs(300));
+            .unwrap_or(Duration::from_secs(300))
+            .max(at_least);
         let now = SystemTime::now();
         let next = now.checked_add(step).unwrap_or(now);
         state.next_attempt = Some(next);
@@ -475,27 +491,10 @@ impl Delivery {
     }
 }
 
-/// Sends through the account's upstream; a refused token gets one refresh and one retry.
+/// Sends through the account's transport (which handles token refresh and fallback).
 async fn send(account: &Account, e: &super::Envelope, message: &[u8]) -> Outcome {
-    let token = match account.tokens.access_token().await {
-        Ok(token) => token,
-        Err(err) => return Outcome::Transient(err.to_string()),
-    };
-    let first = account
-        .upstream
-        .send(&token, &e.sender, &e.recipients, message)
-        .await;
-    if !matches!(first, Outcome::AuthRejected(_)) {
-        return first;
-    }
-    // The token may have been revoked or rotated early: one refresh, one retry, then defer.
-    match account.tokens.force_refresh().await {
-        Ok(token) => {
-            account
-                .upstream
-                .send(&token, &e.sender, &e.recipients, message)
-                .await
-        }
-        Err(err) => Outcome::Transient(err.to_string()),
-    }
+    account
+        .transports
+        .send(&account.tokens, &e.sender, &e.recipients, message)
+        .await
 }

@@ -55,6 +55,9 @@ pub struct AccountTokens {
     client: TokenClient,
     store: TokenStore,
     state: Mutex<State>,
+    /// A token for another resource (Graph, when it is the fallback): in memory only, renewed from the same
+    /// grant when needed.
+    scoped: Mutex<Option<(String, SecretString, SystemTime)>>,
 }
 
 #[derive(Default)]
@@ -78,6 +81,7 @@ impl AccountTokens {
             client,
             store,
             state: Mutex::new(State::default()),
+            scoped: Mutex::new(None),
         }
     }
 
@@ -109,6 +113,42 @@ impl AccountTokens {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
         self.refresh_locked(&mut state).await
+    }
+
+    /// A token for `scope` from the account's grant (the stored refresh token, or the client's credentials),
+    /// kept in memory only. Microsoft lets one refresh token mint tokens for every resource the grant consented
+    /// to, so an SMTP account can also send through Graph without a second `relay authorize`.
+    pub async fn scoped_token(&self, scope: &str, fresh: bool) -> Result<SecretString, TokenError> {
+        let mut cache = self.scoped.lock().await;
+        if !fresh
+            && let Some((s, token, expires)) = &*cache
+            && s == scope
+            && SystemTime::now() + RENEW_AHEAD / 10 < *expires
+        {
+            return Ok(token.clone());
+        }
+        let refresh = {
+            let mut state = self.state.lock().await;
+            self.reload_if_changed(&mut state)?;
+            state.tokens.as_ref().and_then(|t| t.refresh_token.clone())
+        };
+        let mut client = self.client.clone();
+        client.scope = scope.to_string();
+        let grant = match self.renewal.obtain(&client, refresh.as_ref()).await {
+            Ok(g) => g,
+            Err(RenewalError::NoGrant) => {
+                return Err(TokenError::NeedsAuthorization(self.name.clone()));
+            }
+            Err(RenewalError::OAuth(e)) => {
+                return Err(TokenError::OAuth {
+                    account: self.name.clone(),
+                    explained: e.explained(&self.client.token_url),
+                    source: e,
+                });
+            }
+        };
+        *cache = Some((scope.to_string(), grant.access_token.clone(), grant.expires_at));
+        Ok(grant.access_token)
     }
 
     /// When the refresher should next act for this account.

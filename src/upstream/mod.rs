@@ -1,7 +1,18 @@
-//! Upstream transports. One module per transport; each turns a delivery into an [`Outcome`] the queue acts on
+//! Upstream transports. One module per transport (`smtp`, `graph`, `gmail`, with `http` for what the two HTTP
+//! APIs share and `mime` for the little of a message's structure they need); `transports` picks one per account
+//! and handles the fallback from SMTP to Graph. Each turns a delivery into an [`Outcome`] the queue acts on
 //! without looking inside it.
 
+pub mod gmail;
+pub mod graph;
+mod http;
+pub mod mime;
 pub mod smtp;
+pub mod transports;
+
+use std::time::Duration;
+
+pub use transports::Transports;
 
 /// What became of one delivery attempt, and so what the queue does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,10 +21,25 @@ pub enum Outcome {
     Delivered(String),
     /// Try again later (4xx, connection or TLS trouble, no token yet).
     Transient(String),
+    /// The provider asked relay to wait (HTTP 429/503/504 with `Retry-After`): not before this long.
+    Throttled(String, Duration),
     /// Refused for good (5xx): move to `dead/`.
     Permanent(String),
-    /// The upstream refused the token (535): refresh once and retry, then defer.
+    /// The upstream refused the token (535, HTTP 401): refresh once and retry, then defer.
     AuthRejected(String),
+}
+
+impl Outcome {
+    /// The upstream's words, whatever the outcome.
+    pub fn reply(&self) -> &str {
+        match self {
+            Outcome::Delivered(r)
+            | Outcome::Transient(r)
+            | Outcome::Throttled(r, _)
+            | Outcome::Permanent(r)
+            | Outcome::AuthRejected(r) => r,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! Shared test helpers: an in-process relay on port 0, a raw SMTP client, TLS certificates, the real binary.
 #![allow(dead_code)] // each test binary uses a different part of this
 
+pub mod http_api;
 pub mod idp;
 pub mod upstream;
 

@@ -24,7 +24,8 @@ pub struct Received {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub received: mpsc::UnboundedReceiver<Received>,
-    /// Tokens accepted; anything else gets the 334/535 treatment.
+    /// Tokens accepted; anything else gets the 334/535 treatment. An entry "REFUSE <reply>" answers every AUTH
+    /// with that reply (e.g. Microsoft's "535 5.7.139 … SmtpClientAuthentication is disabled for the Tenant").
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
     /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
@@ -124,7 +125,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 .unwrap_or("")
                 .trim_end_matches('\x01')
                 .to_string();
-            if tokens.lock().unwrap().contains(&token) {
+            let refusal = tokens
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|t| t.strip_prefix("REFUSE ").map(str::to_string));
+            if let Some(reply) = refusal {
+                // Microsoft's tenant-wide refusal comes at once, with no 334 challenge.
+                reply
+            } else if tokens.lock().unwrap().contains(&token) {
                 authed = true;
                 "235 2.7.0 Accepted".into()
             } else {

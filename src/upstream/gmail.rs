@@ -1,0 +1,204 @@
+//! Delivery through the Gmail API (`users.messages.send`), the queued bytes as raw RFC 5322: a simple media
+//! upload up to 5 MiB, a resumable upload in chunks above that, up to Gmail's 35 MB. Gmail takes the recipients
+//! from the headers: envelope recipients the headers do not name (Bcc) are added as a `Bcc:` line, which Gmail
+//! removes before delivery.
+
+use std::collections::HashSet;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::Outcome;
+use super::http::{client, failed, refusal, time_for};
+use super::mime;
+
+/// Gmail's largest message.
+pub const MESSAGE_LIMIT: usize = 35 * 1024 * 1024;
+/// Above this, the resumable protocol (Google's advice for uploads over 5 MB).
+pub const SIMPLE_LIMIT: usize = 5 * 1024 * 1024;
+/// Resumable chunks: a multiple of 256 KiB, as the protocol requires.
+pub const CHUNK: usize = 16 * 256 * 1024;
+
+pub struct GmailUpstream {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl GmailUpstream {
+    pub fn new(gmail_api_url: &str) -> Result<Self, String> {
+        Ok(GmailUpstream {
+            http: client().map_err(|e| e.to_string())?,
+            url: format!("{gmail_api_url}/upload/gmail/v1/users/me/messages/send"),
+        })
+    }
+
+    pub async fn send(
+        &self,
+        token: &SecretString,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Outcome {
+        let bcc = hidden_recipients(recipients, message);
+        let total = bcc.len() + message.len();
+        if total > MESSAGE_LIMIT {
+            return Outcome::Permanent(format!(
+                "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
+            ));
+        }
+        let resp = if total <= SIMPLE_LIMIT {
+            self.http
+                .post(format!("{}?uploadType=media", self.url))
+                .bearer_auth(token.expose_secret())
+                .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
+                .timeout(time_for(total))
+                .body(slice_of(&bcc, message, 0..total))
+                .send()
+                .await
+        } else {
+            match self.resumable(token, &bcc, message).await {
+                Ok(r) => r,
+                Err(outcome) => return outcome,
+            }
+        };
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                Outcome::Delivered(format!(
+                    "Gmail API 200 id {}",
+                    v["id"].as_str().unwrap_or("?")
+                ))
+            }
+            Ok(r) => refusal("Gmail API", r, diagnose).await,
+            Err(e) => failed("Gmail API", &e),
+        }
+    }
+
+    /// Starts a resumable upload, then sends the bytes in chunks; returns the reply to the last one.
+    async fn resumable(
+        &self,
+        token: &SecretString,
+        prefix: &[u8],
+        message: &[u8],
+    ) -> Result<Result<reqwest::Response, reqwest::Error>, Outcome> {
+        let total = prefix.len() + message.len();
+        let start = self
+            .http
+            .post(format!("{}?uploadType=resumable", self.url))
+            .bearer_auth(token.expose_secret())
+            .header("X-Upload-Content-Type", "message/rfc822")
+            .header("X-Upload-Content-Length", total)
+            .header(reqwest::header::CONTENT_TYPE, "application/json; charset=UTF-8")
+            .body("{}")
+            .timeout(time_for(0))
+            .send()
+            .await
+            .map_err(|e| failed("Gmail API", &e))?;
+        if !start.status().is_success() {
+            return Err(refusal("Gmail API", start, diagnose).await);
+        }
+        let Some(session) = start
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_string)
+        else {
+            return Err(Outcome::Transient(
+                "Gmail API: the resumable upload has no Location".into(),
+            ));
+        };
+        let mut at = 0usize;
+        loop {
+            let end = (at + CHUNK).min(total);
+            let chunk = slice_of(prefix, message, at..end);
+            let resp = self
+                .http
+                .put(&session)
+                .header(
+                    reqwest::header::CONTENT_RANGE,
+                    format!("bytes {at}-{}/{total}", end - 1),
+                )
+                .timeout(time_for(chunk.len()))
+                .body(chunk)
+                .send()
+                .await;
+            // 308 "Resume Incomplete" asks for the next chunk; anything else ends the upload.
+            match resp {
+                Ok(r) if r.status().as_u16() == 308 && end < total => at = end,
+                other => return Ok(other),
+            }
+        }
+    }
+}
+
+/// Bytes `range` of `prefix` followed by `message`.
+fn slice_of(prefix: &[u8], message: &[u8], range: std::ops::Range<usize>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(range.len());
+    if range.start < prefix.len() {
+        out.extend_from_slice(&prefix[range.start..range.end.min(prefix.len())]);
+    }
+    let (from, to) = (
+        range.start.saturating_sub(prefix.len()),
+        range.end.saturating_sub(prefix.len()),
+    );
+    if to > from {
+        out.extend_from_slice(&message[from..to]);
+    }
+    out
+}
+
+/// A `Bcc:` header line for the envelope recipients the headers do not name, or nothing.
+fn hidden_recipients(recipients: &[String], message: &[u8]) -> Vec<u8> {
+    let named: HashSet<String> = mime::header_recipients(message)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    let hidden: Vec<&str> = recipients
+        .iter()
+        .filter(|r| !named.contains(&r.to_ascii_lowercase()))
+        .map(String::as_str)
+        .collect();
+    if hidden.is_empty() {
+        return Vec::new();
+    }
+    format!("Bcc: {}\r\n", hidden.join(", ")).into_bytes()
+}
+
+fn diagnose(status: u16, code: &str) -> Option<&'static str> {
+    let has = |w: &str| code.split(' ').any(|c| c == w);
+    Some(if has("insufficientPermissions") || has("ACCESS_TOKEN_SCOPE_INSUFFICIENT") {
+        "the token lacks a Gmail scope: authorize the account with https://mail.google.com/ or gmail.send (`relay authorize`)"
+    } else if has("failedPrecondition") || has("FAILED_PRECONDITION") {
+        "Gmail will not send for this account: the Gmail service is off for the user, or the account is suspended"
+    } else if has("invalidArgument") || has("INVALID_ARGUMENT") || status == 400 {
+        "Gmail refused the message as malformed (for example a recipient header it cannot read)"
+    } else if status == 403 {
+        "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it"
+    } else {
+        return None;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_only_recipients_become_bcc() {
+        let msg = b"To: A <a@example.com>\r\n\r\nhi\r\n";
+        assert!(hidden_recipients(&["A@example.com".into()], msg).is_empty());
+        assert_eq!(
+            hidden_recipients(&["a@example.com".into(), "x@example.com".into()], msg),
+            b"Bcc: x@example.com\r\n"
+        );
+    }
+
+    #[test]
+    fn chunks_span_the_prefix_and_the_message() {
+        let (p, m) = (b"Bcc: x\r\n", b"To: a\r\n\r\nhi\r\n");
+        let all: Vec<u8> = [&p[..], &m[..]].concat();
+        for cut in 0..all.len() {
+            let mut joined = slice_of(p, m, 0..cut);
+            joined.extend(slice_of(p, m, cut..all.len()));
+            assert_eq!(joined, all);
+        }
+    }
+}

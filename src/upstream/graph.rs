@@ -1,0 +1,379 @@
+//! Delivery through Microsoft Graph, for tenants that switched SMTP AUTH off. The queued bytes go as MIME
+//! (base64, `Content-Type: text/plain`), unchanged. A message over Graph's 4 MB request limit goes as a draft
+//! made from the message without its largest attachments; those are then uploaded in chunks through upload
+//! sessions, decoded piece by piece from the queued copy, and the draft is sent. Graph takes the recipients from
+//! the headers, so when the envelope says otherwise (Bcc), the draft's recipients are set from the envelope.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+
+use super::Outcome;
+use super::http::{client, failed, refusal, time_for};
+use super::mime::{self, Field, Leaf};
+
+/// Graph refuses a request body over 4 MB.
+pub const REQUEST_LIMIT: usize = 4_000_000;
+/// Graph's largest message with its attachments.
+pub const MESSAGE_LIMIT: u64 = 150 * 1024 * 1024;
+/// Upload chunks: a multiple of 320 KiB as upload sessions want, under 4 MB.
+pub const CHUNK: usize = 12 * 320 * 1024;
+/// MAPI's PR_DELETE_AFTER_SUBMIT: what Graph's own `saveToSentItems: false` sets, which MIME sends cannot pass.
+const DELETE_AFTER_SUBMIT: &str = "Boolean 0x0E01";
+
+pub struct GraphUpstream {
+    http: reqwest::Client,
+    base: String,
+    mailbox: String,
+    save_to_sent_items: bool,
+}
+
+impl GraphUpstream {
+    pub fn new(graph_url: &str, mailbox: String, save_to_sent_items: bool) -> Result<Self, String> {
+        Ok(GraphUpstream {
+            http: client().map_err(|e| e.to_string())?,
+            base: format!("{graph_url}/v1.0/users/{mailbox}"),
+            mailbox,
+            save_to_sent_items,
+        })
+    }
+
+    pub async fn send(
+        &self,
+        token: &SecretString,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Outcome {
+        if message.len() as u64 > MESSAGE_LIMIT {
+            return Outcome::Permanent(format!(
+                "Graph: the message is {} bytes; Graph takes at most 150 MB",
+                message.len()
+            ));
+        }
+        let patch = self.draft_changes(recipients, message);
+        if encoded_len(message.len()) <= REQUEST_LIMIT && patch.is_none() {
+            return self.send_mime(token, message).await;
+        }
+        let cut = largest_first(message);
+        let draft_mime = without(message, &cut);
+        if encoded_len(draft_mime.len()) > REQUEST_LIMIT {
+            return Outcome::Permanent(format!(
+                "Graph: even without its attachments the message is {} bytes, over Graph's 4 MB request limit",
+                draft_mime.len()
+            ));
+        }
+        let id = match self.create_draft(token, &draft_mime).await {
+            Ok(id) => id,
+            Err(outcome) => return outcome,
+        };
+        drop(draft_mime);
+        let sent = async {
+            if let Some(p) = &patch {
+                self.call(token, reqwest::Method::PATCH, &format!("/messages/{id}"), p)
+                    .await?;
+            }
+            for leaf in &cut {
+                self.upload(token, &id, leaf, message).await?;
+            }
+            let url = format!("{}/messages/{id}/send", self.base);
+            let resp = self
+                .http
+                .post(url)
+                .bearer_auth(token.expose_secret())
+                .header(reqwest::header::CONTENT_LENGTH, 0)
+                .timeout(time_for(0))
+                .send()
+                .await
+                .map_err(|e| failed("Graph", &e))?;
+            if resp.status().as_u16() == 202 {
+                Ok(())
+            } else {
+                Err(refusal("Graph", resp, diagnose).await)
+            }
+        }
+        .await;
+        match sent {
+            Ok(()) => Outcome::Delivered(format!(
+                "Graph 202 Accepted (draft with {} uploaded attachment(s))",
+                cut.len()
+            )),
+            Err(outcome) => {
+                // A half-built draft would otherwise stay in the mailbox's Drafts folder at every retry.
+                let _ = self
+                    .http
+                    .delete(format!("{}/messages/{id}", self.base))
+                    .bearer_auth(token.expose_secret())
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                outcome
+            }
+        }
+    }
+
+    async fn send_mime(&self, token: &SecretString, message: &[u8]) -> Outcome {
+        let body = B64.encode(message);
+        let len = body.len();
+        let resp = self
+            .http
+            .post(format!("{}/sendMail", self.base))
+            .bearer_auth(token.expose_secret())
+            .header(reqwest::header::CONTENT_TYPE, "text/plain")
+            .body(body)
+            .timeout(time_for(len))
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().as_u16() == 202 => {
+                Outcome::Delivered("Graph 202 Accepted (sendMail)".into())
+            }
+            Ok(r) => refusal("Graph", r, diagnose).await,
+            Err(e) => failed("Graph", &e),
+        }
+    }
+
+    async fn create_draft(&self, token: &SecretString, mime: &[u8]) -> Result<String, Outcome> {
+        let body = B64.encode(mime);
+        let len = body.len();
+        let resp = self
+            .http
+            .post(format!("{}/messages", self.base))
+            .bearer_auth(token.expose_secret())
+            .header(reqwest::header::CONTENT_TYPE, "text/plain")
+            .body(body)
+            .timeout(time_for(len))
+            .send()
+            .await
+            .map_err(|e| failed("Graph", &e))?;
+        if resp.status().as_u16() != 201 {
+            return Err(refusal("Graph", resp, diagnose).await);
+        }
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| Outcome::Transient(format!("Graph: draft reply: {e}")))?;
+        v["id"]
+            .as_str()
+            .filter(|id| !id.is_empty() && !id.contains(['/', '?', '#']))
+            .map(str::to_string)
+            .ok_or_else(|| Outcome::Transient("Graph: the draft reply has no usable id".into()))
+    }
+
+    /// A JSON call whose reply body is not needed.
+    async fn call(
+        &self,
+        token: &SecretString,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, Outcome> {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token.expose_secret())
+            .json(body)
+            .timeout(time_for(0))
+            .send()
+            .await
+            .map_err(|e| failed("Graph", &e))?;
+        if !resp.status().is_success() {
+            return Err(refusal("Graph", resp, diagnose).await);
+        }
+        Ok(resp.json().await.unwrap_or_default())
+    }
+
+    /// One attachment through an upload session, decoded from the queued copy a chunk at a time.
+    async fn upload(
+        &self,
+        token: &SecretString,
+        id: &str,
+        leaf: &Leaf,
+        message: &[u8],
+    ) -> Result<(), Outcome> {
+        let size = leaf.size(message);
+        let session = self
+            .call(
+                token,
+                reqwest::Method::POST,
+                &format!("/messages/{id}/attachments/createUploadSession"),
+                &json!({"AttachmentItem": {
+                    "attachmentType": "file",
+                    "name": leaf.name,
+                    "size": size,
+                    "contentType": leaf.content_type,
+                }}),
+            )
+            .await?;
+        let Some(url) = session["uploadUrl"].as_str() else {
+            return Err(Outcome::Transient(
+                "Graph: the upload session has no uploadUrl".into(),
+            ));
+        };
+        let mut at = 0u64;
+        for chunk in leaf.chunks(message, CHUNK) {
+            let len = chunk.len() as u64;
+            // The upload URL carries its own authorization; Graph refuses a bearer token on it.
+            let resp = self
+                .http
+                .put(url)
+                .header(
+                    reqwest::header::CONTENT_RANGE,
+                    format!("bytes {at}-{}/{size}", at + len - 1),
+                )
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .timeout(time_for(chunk.len()))
+                .body(chunk)
+                .send()
+                .await
+                .map_err(|e| failed("Graph upload", &e))?;
+            if !resp.status().is_success() {
+                return Err(refusal("Graph upload", resp, diagnose).await);
+            }
+            at += len;
+        }
+        if at != size {
+            return Err(Outcome::Permanent(format!(
+                "Graph: attachment {} decoded to {at} bytes, not the {size} announced (bad base64)",
+                leaf.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// What the draft must say that its MIME does not: the envelope's recipients when they differ from the
+    /// headers', and no copy in Sent Items when the account says so.
+    fn draft_changes(&self, recipients: &[String], message: &[u8]) -> Option<serde_json::Value> {
+        let headers = mime::header_recipients(message);
+        let envelope: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+        let named: HashSet<&String> = headers.iter().map(|(_, a)| a).collect();
+        let same = named.len() == envelope.len() && envelope.iter().all(|r| named.contains(r));
+        let mut patch = serde_json::Map::new();
+        if !same {
+            let field = |r: &str| {
+                headers
+                    .iter()
+                    .find(|(f, a)| a == r && *f != Field::Bcc)
+                    .map_or(Field::Bcc, |(f, _)| *f)
+            };
+            let list = |want: Field| {
+                recipients
+                    .iter()
+                    .filter(|r| field(&r.to_ascii_lowercase()) == want)
+                    .map(|r| json!({"emailAddress": {"address": r}}))
+                    .collect::<Vec<_>>()
+            };
+            patch.insert("toRecipients".into(), list(Field::To).into());
+            patch.insert("ccRecipients".into(), list(Field::Cc).into());
+            patch.insert("bccRecipients".into(), list(Field::Bcc).into());
+        }
+        if !self.save_to_sent_items {
+            patch.insert(
+                "singleValueExtendedProperties".into(),
+                json!([{"id": DELETE_AFTER_SUBMIT, "value": "true"}]),
+            );
+        }
+        (!patch.is_empty()).then_some(serde_json::Value::Object(patch))
+    }
+
+    pub fn mailbox(&self) -> &str {
+        &self.mailbox
+    }
+}
+
+fn encoded_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
+/// The attachments to upload separately: the largest, until what is left fits in one request.
+fn largest_first(message: &[u8]) -> Vec<Leaf> {
+    let mut leaves = mime::leaves(message);
+    leaves.sort_by_key(|l| std::cmp::Reverse(l.cut.len()));
+    let mut left = message.len();
+    let mut cut = Vec::new();
+    for l in leaves {
+        if encoded_len(left) <= REQUEST_LIMIT {
+            break;
+        }
+        left -= l.cut.len();
+        cut.push(l);
+    }
+    cut.sort_by_key(|l| l.cut.start);
+    cut
+}
+
+/// The message without the given parts (in order, not overlapping: leaves never contain each other).
+fn without(message: &[u8], cut: &[Leaf]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() - cut.iter().map(|l| l.cut.len()).sum::<usize>());
+    let mut at = 0;
+    for l in cut {
+        out.extend_from_slice(&message[at..l.cut.start]);
+        at = l.cut.end;
+    }
+    out.extend_from_slice(&message[at..]);
+    out
+}
+
+/// Graph's refusals, in words that name the fix.
+fn diagnose(status: u16, code: &str) -> Option<&'static str> {
+    let has = |w: &str| code.split(' ').any(|c| c.eq_ignore_ascii_case(w));
+    Some(if has("ErrorSendAsDenied") || has("SendAsDenied") {
+        "the mailbox may not send as the message's From: address: set rewrite_from = \"header\" for this account, or grant the mailbox Send As rights for that address"
+    } else if has("ErrorAccessDenied") || (status == 403 && code.is_empty()) {
+        "the app may not send from this mailbox: grant it the Mail.Send permission (application permission for client credentials) and admin consent, and check any application access policy that limits it to some mailboxes"
+    } else if has("MailboxNotEnabledForRESTAPI") || has("MailboxNotFound") || has("ErrorInvalidUser") {
+        "the mailbox is not an Exchange Online mailbox Graph can send from (no licence, on-premises, or a wrong `mailbox`)"
+    } else if has("ErrorMessageSizeExceeded") || status == 413 {
+        "the message is larger than the mailbox's size limit"
+    } else if has("ErrorInvalidRecipients") {
+        "a recipient address is not valid"
+    } else if has("InvalidAuthenticationToken") {
+        "the token was refused: it may be for the wrong resource (Graph needs https://graph.microsoft.com scopes)"
+    } else {
+        return None;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_attachments_go_until_the_rest_fits() {
+        let big = "QUFB".repeat(1_100_000); // 4.4 MB of base64
+        let small = "QkJC".repeat(10);
+        let msg = format!(
+            "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{big}\r\n--b\r\nContent-Type: image/png; name=s.png\r\nContent-Transfer-Encoding: base64\r\n\r\n{small}\r\n--b--\r\n"
+        );
+        let cut = largest_first(msg.as_bytes());
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cut[0].name, "a.pdf");
+        assert_eq!(cut[0].size(msg.as_bytes()), 3_300_000);
+        let rest = String::from_utf8(without(msg.as_bytes(), &cut)).unwrap();
+        assert!(rest.contains("s.png") && !rest.contains("a.pdf"));
+        assert!(rest.ends_with("--b--\r\n"));
+    }
+
+    #[test]
+    fn the_draft_carries_the_envelope_when_the_headers_differ() {
+        let g = GraphUpstream::new("https://graph.test", "box@example.com".into(), true).unwrap();
+        let msg = b"To: a@example.com\r\nCc: C <c@example.com>\r\n\r\nhi\r\n";
+        assert!(
+            g.draft_changes(&["a@example.com".into(), "C@example.com".into()], msg)
+                .is_none()
+        );
+        let p = g
+            .draft_changes(&["a@example.com".into(), "hidden@example.com".into()], msg)
+            .unwrap();
+        assert_eq!(p["toRecipients"][0]["emailAddress"]["address"], "a@example.com");
+        assert_eq!(p["ccRecipients"].as_array().unwrap().len(), 0);
+        assert_eq!(p["bccRecipients"][0]["emailAddress"]["address"], "hidden@example.com");
+        let g = GraphUpstream::new("https://graph.test", "box@example.com".into(), false).unwrap();
+        let p = g.draft_changes(&["a@example.com".into(), "c@example.com".into()], msg).unwrap();
+        assert_eq!(p["singleValueExtendedProperties"][0]["id"], DELETE_AFTER_SUBMIT);
+        assert!(p.get("toRecipients").is_none());
+    }
+}

@@ -1,0 +1,154 @@
+//! What the Graph and Gmail API transports share: the HTTP client, `Retry-After`, and turning a refusal into
+//! an [`Outcome`] with the provider's reason in plain words.
+
+use std::time::{Duration, SystemTime};
+
+use super::Outcome;
+
+/// At most this much of an error reply is read: it is for the log line.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The longest wait a provider's `Retry-After` can impose on one message.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// The HTTP client for upload and send calls: no redirects (they would carry the token elsewhere), rustls, and a
+/// connect timeout; each request gets its own overall timeout.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// Time to send `bytes` at a slow 32 KiB/s, plus a minute for the reply.
+pub fn time_for(bytes: usize) -> Duration {
+    Duration::from_secs(60 + bytes as u64 / 32_768)
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// The error reply's body, bounded.
+pub async fn error_text(mut resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = MAX_ERROR_BODY.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// `{"error": {"code": …, "message": …}}` (Graph), or Google's `{"error": {"code": 403, "status": …,
+/// "message": …, "errors": [{"reason": …}]}}`: the code words and the message.
+pub fn error_code(body: &str) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let e = &v["error"];
+    let code = [
+        &e["code"],
+        &e["status"],
+        &e["errors"][0]["reason"],
+        &e["innerError"]["code"],
+    ]
+    .iter()
+    .filter_map(|c| c.as_str())
+    .collect::<Vec<_>>()
+    .join(" ");
+    let message = e["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| body.chars().take(300).collect());
+    (code, message)
+}
+
+/// A non-success reply as an outcome: 401 is the token's fault; 429, 503 and 504 ask for a wait; other 5xx and
+/// timeouts are passing trouble; any other 4xx is this message's and will not change by retrying.
+pub async fn refusal(
+    service: &str,
+    resp: reqwest::Response,
+    diagnose: fn(u16, &str) -> Option<&'static str>,
+) -> Outcome {
+    let status = resp.status().as_u16();
+    let wait = retry_after(resp.headers());
+    let body = error_text(resp).await;
+    let (code, message) = error_code(&body);
+    let mut text = format!("{service} {status} {code}: {message}");
+    if let Some(why) = diagnose(status, &code) {
+        text = format!("{text} — {why}");
+    }
+    // Google answers some rate limits with 403 and a reason instead of 429.
+    let rate_limited = ["rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded"]
+        .iter()
+        .any(|r| code.split(' ').any(|c| c == *r));
+    match status {
+        401 => Outcome::AuthRejected(text),
+        403 if rate_limited => match wait {
+            Some(w) => Outcome::Throttled(text, w),
+            None => Outcome::Transient(text),
+        },
+        429 | 503 | 504 => match wait {
+            Some(w) => Outcome::Throttled(text, w),
+            None => Outcome::Transient(text),
+        },
+        408 | 500..=599 => Outcome::Transient(text),
+        _ => Outcome::Permanent(text),
+    }
+}
+
+/// A request that never got a reply.
+pub fn failed(service: &str, e: &reqwest::Error) -> Outcome {
+    let mut text = format!("{service}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    Outcome::Transient(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_of_both_providers() {
+        let (code, msg) = error_code(
+            r#"{"error":{"code":"ErrorAccessDenied","message":"Access is denied. Check credentials and try again."}}"#,
+        );
+        assert_eq!(code, "ErrorAccessDenied");
+        assert!(msg.starts_with("Access is denied"));
+        let (code, _) = error_code(
+            r#"{"error":{"code":403,"message":"Request had insufficient authentication scopes.","errors":[{"message":"x","domain":"global","reason":"insufficientPermissions"}],"status":"PERMISSION_DENIED"}}"#,
+        );
+        assert_eq!(code, "PERMISSION_DENIED insufficientPermissions");
+        let (code, msg) = error_code("<html>bad gateway</html>");
+        assert_eq!(code, "");
+        assert_eq!(msg, "<html>bad gateway</html>");
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_and_capped() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after", "99999999".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        h.insert("retry-after", later.parse().unwrap());
+        let w = retry_after(&h).unwrap();
+        assert!(w > Duration::from_secs(100) && w <= Duration::from_secs(120));
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,210 @@
+//! An account's way out: its configured transport, and for a Microsoft SMTP account with
+//! `fallback_transport = "graph"`, the switch to Graph when the tenant has SMTP AUTH off (535 5.7.139) or the
+//! mailbox may not use it (550 5.7.30). The switch is logged once (`transport_switched`), kept in
+//! `STATE_DIR/accounts/NAME.transport.json` for `relay status` and restarts, and SMTP is tried again daily.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use super::Outcome;
+use super::gmail::GmailUpstream;
+use super::graph::GraphUpstream;
+use super::smtp::SmtpUpstream;
+use crate::tokens::{AccountTokens, TokenError};
+
+/// How often a switched account tries SMTP again.
+pub const SMTP_RETRY: Duration = Duration::from_secs(86_400);
+
+pub enum Primary {
+    Smtp(SmtpUpstream),
+    Graph(GraphUpstream),
+    Gmail(GmailUpstream),
+}
+
+/// `STATE_DIR/accounts/NAME.transport.json`: the account delivers through Graph since `since`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Switch {
+    pub transport: String,
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+    /// When SMTP was last tried (and refused).
+    #[serde(with = "humantime_serde")]
+    pub smtp_tried: SystemTime,
+    pub reason: String,
+}
+
+pub fn switch_path(state_dir: &Path, account: &str) -> PathBuf {
+    state_dir
+        .join("accounts")
+        .join(format!("{account}.transport.json"))
+}
+
+pub fn read_switch(state_dir: &Path, account: &str) -> Option<Switch> {
+    serde_json::from_slice(&std::fs::read(switch_path(state_dir, account)).ok()?).ok()
+}
+
+pub struct Transports {
+    account: String,
+    primary: Primary,
+    /// Graph, and the scope of its tokens.
+    fallback: Option<(GraphUpstream, String)>,
+    switch_file: PathBuf,
+    switched: Mutex<Option<Switch>>,
+}
+
+impl Transports {
+    pub fn new(
+        account: &str,
+        state_dir: &Path,
+        primary: Primary,
+        fallback: Option<(GraphUpstream, String)>,
+    ) -> Transports {
+        let switched = fallback
+            .as_ref()
+            .and_then(|_| read_switch(state_dir, account));
+        Transports {
+            account: account.to_string(),
+            primary,
+            fallback,
+            switch_file: switch_path(state_dir, account),
+            switched: Mutex::new(switched),
+        }
+    }
+
+    /// Sends through whichever transport is in use; a refused token gets one refresh and one retry.
+    pub async fn send(
+        &self,
+        tokens: &AccountTokens,
+        sender: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Outcome {
+        let Some((graph, scope)) = &self.fallback else {
+            return self.primary(tokens, sender, recipients, message).await;
+        };
+        let switched = self.switched.lock().ok().and_then(|s| s.clone());
+        if let Some(sw) = &switched
+            && SystemTime::now() < sw.smtp_tried + SMTP_RETRY
+        {
+            return via_graph(graph, tokens, scope, recipients, message).await;
+        }
+        let out = self.primary(tokens, sender, recipients, message).await;
+        if !smtp_auth_off(&out) {
+            if switched.is_some() {
+                tracing::warn!(relay_event = "transport_restored", relay_account = %self.account, "SMTP AUTH works again for this account: back from Graph to SMTP");
+                self.set_switch(None);
+            }
+            return out;
+        }
+        let now = SystemTime::now();
+        let sw = match switched {
+            Some(mut sw) => {
+                sw.smtp_tried = now;
+                sw
+            }
+            None => {
+                tracing::warn!(relay_event = "transport_switched", relay_account = %self.account, relay_upstream_reply = %out.reply(), "SMTP AUTH is refused for this mailbox; delivering through Microsoft Graph from now on (SMTP is tried again daily)");
+                Switch {
+                    transport: "graph".into(),
+                    since: now,
+                    smtp_tried: now,
+                    reason: out.reply().to_string(),
+                }
+            }
+        };
+        self.set_switch(Some(sw));
+        via_graph(graph, tokens, scope, recipients, message).await
+    }
+
+    async fn primary(
+        &self,
+        tokens: &AccountTokens,
+        sender: &str,
+        recipients: &[String],
+        message: &[u8],
+    ) -> Outcome {
+        let attempt = |token: SecretString| async move {
+            match &self.primary {
+                Primary::Smtp(s) => s.send(&token, sender, recipients, message).await,
+                Primary::Graph(g) => g.send(&token, recipients, message).await,
+                Primary::Gmail(g) => g.send(&token, recipients, message).await,
+            }
+        };
+        let first = match tokens.access_token().await {
+            Ok(t) => attempt(t).await,
+            Err(e) => return Outcome::Transient(e.to_string()),
+        };
+        if !matches!(first, Outcome::AuthRejected(_)) {
+            return first;
+        }
+        // The token may have been revoked or rotated early: one refresh, one retry, then defer.
+        match tokens.force_refresh().await {
+            Ok(t) => attempt(t).await,
+            Err(e) => Outcome::Transient(e.to_string()),
+        }
+    }
+
+    fn set_switch(&self, sw: Option<Switch>) {
+        if let Ok(mut s) = self.switched.lock() {
+            s.clone_from(&sw);
+        }
+        // Not fsynced: it is a report and a hint; lost, the next refused SMTP attempt switches again.
+        let written = match &sw {
+            Some(sw) => {
+                let tmp = self.switch_file.with_extension("json.tmp");
+                self.switch_file
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(sw).unwrap_or_default()))
+                    .and_then(|()| std::fs::rename(&tmp, &self.switch_file))
+            }
+            None => match std::fs::remove_file(&self.switch_file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = written {
+            tracing::warn!(relay_account = %self.account, error = %e, "cannot record the transport switch");
+        }
+    }
+}
+
+async fn via_graph(
+    graph: &GraphUpstream,
+    tokens: &AccountTokens,
+    scope: &str,
+    recipients: &[String],
+    message: &[u8],
+) -> Outcome {
+    let token = |fresh| tokens.scoped_token(scope, fresh);
+    let first = match token(false).await {
+        Ok(t) => graph.send(&t, recipients, message).await,
+        Err(e) => return token_trouble(e),
+    };
+    if !matches!(first, Outcome::AuthRejected(_)) {
+        return first;
+    }
+    match token(true).await {
+        Ok(t) => graph.send(&t, recipients, message).await,
+        Err(e) => token_trouble(e),
+    }
+}
+
+fn token_trouble(e: TokenError) -> Outcome {
+    Outcome::Transient(format!("no Graph token: {e}"))
+}
+
+/// 535 5.7.139: SMTP AUTH is disabled for the tenant; 550 5.7.30: basic authentication / SMTP AUTH is not
+/// supported for this mailbox.
+fn smtp_auth_off(out: &Outcome) -> bool {
+    match out {
+        Outcome::AuthRejected(r) | Outcome::Permanent(r) | Outcome::Transient(r) => {
+            r.contains("5.7.139") || (r.contains("550") && r.contains("5.7.30"))
+        }
+        _ => false,
+    }
+}

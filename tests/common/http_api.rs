@@ -1,0 +1,438 @@
+//! Fakes of Microsoft Graph (`sendMail`, drafts, attachment upload sessions, send) and the Gmail API
+//! (`messages.send`, media and resumable uploads) that enforce the real request shapes and size limits: a bearer
+//! token on API calls and none on upload URLs, base64 MIME as `text/plain`, Graph's 4 MB request limit and 150
+//! MB message limit, upload chunks in order with `Content-Range` and at most 4 MiB each (Graph) or in multiples
+//! of 256 KiB (Gmail), Gmail's 35 MB.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+/// A message as the fake got it: the MIME, and for a Graph draft, the attachments uploaded separately.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub mime: Vec<u8>,
+    pub attachments: Vec<(String, String, Vec<u8>)>,
+    /// Graph: the PATCH of the draft (recipients, extended properties), if any.
+    pub patch: Option<serde_json::Value>,
+    /// How it came: "sendMail", "draft", "media", "resumable".
+    pub path: &'static str,
+    pub at: SystemTime,
+}
+
+#[derive(Default)]
+struct Draft {
+    mime: Vec<u8>,
+    patch: Option<serde_json::Value>,
+    attachments: Vec<(String, String, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct Upload {
+    draft: String,
+    name: String,
+    content_type: String,
+    size: usize,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    sent: Vec<Sent>,
+    drafts: HashMap<String, Draft>,
+    uploads: HashMap<String, Upload>,
+    next: usize,
+    /// Canned replies for the next send calls (sendMail, draft send, Gmail send).
+    script: VecDeque<ResponseTemplate>,
+    /// Every request's method and path, in order.
+    log: Vec<(String, String, SystemTime)>,
+    errors: Vec<String>,
+}
+
+pub struct FakeApi {
+    pub server: MockServer,
+    state: Arc<Mutex<State>>,
+}
+
+const GRAPH_REQUEST_LIMIT: usize = 4_000_000;
+const GRAPH_CHUNK_LIMIT: usize = 4 * 1024 * 1024;
+const GMAIL_LIMIT: usize = 35 * 1024 * 1024;
+
+fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .set_body_json(serde_json::json!({"error": {"code": code, "message": message}}))
+}
+
+impl FakeApi {
+    /// Starts a fake accepting bearer `token` for `mailbox`.
+    pub async fn start(token: &str, mailbox: &str) -> FakeApi {
+        let server = MockServer::start().await;
+        let state = Arc::new(Mutex::new(State::default()));
+        let (st, token, mailbox, uri) = (
+            state.clone(),
+            token.to_string(),
+            mailbox.to_string(),
+            server.uri(),
+        );
+        Mock::given(any())
+            .respond_with(move |req: &Request| {
+                let mut s = st.lock().unwrap();
+                s.log.push((
+                    req.method.to_string(),
+                    req.url.path().to_string(),
+                    SystemTime::now(),
+                ));
+                let reply = handle(&mut s, req, &token, &mailbox, &uri);
+                if reply.is_err() {
+                    s.errors.push(format!("{} {}", req.method, req.url));
+                }
+                reply.unwrap_or_else(|r| r)
+            })
+            .mount(&server)
+            .await;
+        FakeApi { server, state }
+    }
+
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// The next send calls get these replies instead (then the fake works normally again).
+    pub fn script(&self, replies: Vec<ResponseTemplate>) {
+        self.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// Waits (bounded) until `n` messages were sent, and returns them.
+    pub async fn sent(&self, n: usize) -> Vec<Sent> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            {
+                let s = self.state.lock().unwrap();
+                if s.sent.len() >= n {
+                    return s.sent.clone();
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let (count, log) = {
+                    let s = self.state.lock().unwrap();
+                    (s.sent.len(), s.log.clone())
+                };
+                panic!("{count} sent, {n} expected; requests: {log:?}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Requests (method, path, when) so far.
+    pub fn log(&self) -> Vec<(String, String, SystemTime)> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    /// Requests the fake refused as malformed.
+    pub fn errors(&self) -> Vec<String> {
+        self.state.lock().unwrap().errors.clone()
+    }
+
+    pub fn drafts_left(&self) -> usize {
+        self.state.lock().unwrap().drafts.len()
+    }
+}
+
+type Reply = Result<ResponseTemplate, ResponseTemplate>;
+
+fn handle(s: &mut State, req: &Request, token: &str, mailbox: &str, uri: &str) -> Reply {
+    let path = req.url.path().to_string();
+    let method = req.method.as_str();
+    // Upload URLs carry their own authorization: Graph refuses a bearer token there, Gmail needs it.
+    if let Some(rest) = path.strip_prefix("/graph-upload/") {
+        if req.headers.contains_key("authorization") {
+            return Err(graph_error(
+                401,
+                "InvalidAuthenticationToken",
+                "upload URLs take no Authorization header",
+            ));
+        }
+        return graph_upload(s, req, rest);
+    }
+    let auth = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth != format!("Bearer {token}") {
+        return Err(graph_error(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token is empty or invalid.",
+        ));
+    }
+    if let Some(rest) = path.strip_prefix(&format!("/v1.0/users/{mailbox}/")) {
+        return graph(s, req, rest, uri);
+    }
+    if path.starts_with("/v1.0/users/") {
+        return Err(graph_error(404, "ErrorInvalidUser", "The requested user is invalid."));
+    }
+    if path == "/upload/gmail/v1/users/me/messages/send" {
+        return gmail_start(s, req, uri);
+    }
+    if let Some(id) = path.strip_prefix("/gmail-session/") {
+        return gmail_chunk(s, req, id);
+    }
+    let _ = method;
+    Err(ResponseTemplate::new(404))
+}
+
+fn content_type(req: &Request) -> String {
+    req.headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A base64 MIME body as Graph wants it.
+fn mime_body(req: &Request) -> Result<Vec<u8>, ResponseTemplate> {
+    if !content_type(req).starts_with("text/plain") {
+        return Err(graph_error(
+            415,
+            "UnsupportedMediaType",
+            "MIME content must be sent as text/plain",
+        ));
+    }
+    if req.body.len() > GRAPH_REQUEST_LIMIT {
+        return Err(graph_error(
+            413,
+            "RequestBodyTooLarge",
+            "The maximum request length supported is 4MB.",
+        ));
+    }
+    B64.decode(&req.body).map_err(|_| {
+        graph_error(
+            400,
+            "ErrorMimeContentInvalidBase64String",
+            "Invalid base64 string for MIME content.",
+        )
+    })
+}
+
+fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
+    let method = req.method.as_str();
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method, parts.as_slice()) {
+        ("POST", ["sendMail"]) => {
+            let mime = mime_body(req)?;
+            if let Some(r) = s.script.pop_front() {
+                return Ok(r);
+            }
+            s.sent.push(Sent {
+                mime,
+                attachments: Vec::new(),
+                patch: None,
+                path: "sendMail",
+                at: SystemTime::now(),
+            });
+            Ok(ResponseTemplate::new(202))
+        }
+        ("POST", ["messages"]) => {
+            let mime = mime_body(req)?;
+            s.next += 1;
+            let id = format!("AAMkAD{}", s.next);
+            s.drafts.insert(
+                id.clone(),
+                Draft {
+                    mime,
+                    ..Draft::default()
+                },
+            );
+            Ok(ResponseTemplate::new(201).set_body_json(serde_json::json!({"id": id})))
+        }
+        ("PATCH", ["messages", id]) => {
+            let body: serde_json::Value = serde_json::from_slice(&req.body)
+                .map_err(|_| graph_error(400, "BadRequest", "not JSON"))?;
+            let d = s
+                .drafts
+                .get_mut(*id)
+                .ok_or_else(|| graph_error(404, "ErrorItemNotFound", "no such draft"))?;
+            d.patch = Some(body.clone());
+            Ok(ResponseTemplate::new(200).set_body_json(body))
+        }
+        ("DELETE", ["messages", id]) => {
+            s.drafts.remove(*id);
+            Ok(ResponseTemplate::new(204))
+        }
+        ("POST", ["messages", id, "attachments", "createUploadSession"]) => {
+            if !s.drafts.contains_key(*id) {
+                return Err(graph_error(404, "ErrorItemNotFound", "no such draft"));
+            }
+            let body: serde_json::Value = serde_json::from_slice(&req.body)
+                .map_err(|_| graph_error(400, "BadRequest", "not JSON"))?;
+            let item = &body["AttachmentItem"];
+            let size = item["size"].as_u64().unwrap_or(0) as usize;
+            if item["attachmentType"] != "file"
+                || item["name"].as_str().is_none_or(str::is_empty)
+                || size == 0
+                || size > 150 * 1024 * 1024
+            {
+                return Err(graph_error(400, "BadRequest", "bad AttachmentItem"));
+            }
+            s.next += 1;
+            let up = format!("up{}", s.next);
+            s.uploads.insert(
+                up.clone(),
+                Upload {
+                    draft: id.to_string(),
+                    name: item["name"].as_str().unwrap_or("").to_string(),
+                    content_type: item["contentType"].as_str().unwrap_or("").to_string(),
+                    size,
+                    bytes: Vec::new(),
+                },
+            );
+            Ok(ResponseTemplate::new(201).set_body_json(serde_json::json!({
+                "uploadUrl": format!("{uri}/graph-upload/{up}"),
+                "expirationDateTime": "2030-01-01T00:00:00Z",
+                "nextExpectedRanges": ["0-"],
+            })))
+        }
+        ("POST", ["messages", id, "send"]) => {
+            if let Some(r) = s.script.pop_front() {
+                return Ok(r);
+            }
+            if s.uploads.values().any(|u| u.draft == *id) {
+                return Err(graph_error(400, "ErrorInvalidRequest", "an upload is unfinished"));
+            }
+            let d = s
+                .drafts
+                .remove(*id)
+                .ok_or_else(|| graph_error(404, "ErrorItemNotFound", "no such draft"))?;
+            s.sent.push(Sent {
+                mime: d.mime,
+                attachments: d.attachments,
+                patch: d.patch,
+                path: "draft",
+                at: SystemTime::now(),
+            });
+            Ok(ResponseTemplate::new(202))
+        }
+        _ => Err(graph_error(400, "BadRequest", "unexpected Graph call")),
+    }
+}
+
+/// `Content-Range: bytes A-B/N`.
+fn content_range(req: &Request) -> Option<(usize, usize, usize)> {
+    let v = req.headers.get("content-range")?.to_str().ok()?;
+    let (range, total) = v.strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?, total.parse().ok()?))
+}
+
+fn graph_upload(s: &mut State, req: &Request, up: &str) -> Reply {
+    let bad = |m: &str| graph_error(400, "InvalidRequest", m);
+    if req.method.as_str() != "PUT" {
+        return Err(bad("uploads are PUT"));
+    }
+    let (a, b, total) = content_range(req).ok_or_else(|| bad("Content-Range missing"))?;
+    let u = s.uploads.get_mut(up).ok_or_else(|| bad("no such upload"))?;
+    if req.body.len() > GRAPH_CHUNK_LIMIT
+        || a != u.bytes.len()
+        || b + 1 - a != req.body.len()
+        || total != u.size
+        || b >= total
+    {
+        return Err(bad("chunk out of order, too large or not as announced"));
+    }
+    u.bytes.extend_from_slice(&req.body);
+    if u.bytes.len() < u.size {
+        return Ok(ResponseTemplate::new(200).set_body_json(
+            serde_json::json!({"nextExpectedRanges": [format!("{}-", u.bytes.len())]}),
+        ));
+    }
+    let u = s.uploads.remove(up).unwrap();
+    if let Some(d) = s.drafts.get_mut(&u.draft) {
+        d.attachments.push((u.name, u.content_type, u.bytes));
+    }
+    Ok(ResponseTemplate::new(201))
+}
+
+fn gmail_start(s: &mut State, req: &Request, uri: &str) -> Reply {
+    let query: HashMap<String, String> = req.url.query_pairs().into_owned().collect();
+    match query.get("uploadType").map(String::as_str) {
+        Some("media") => {
+            if content_type(req) != "message/rfc822" {
+                return Err(graph_error(400, "badContent", "want message/rfc822"));
+            }
+            if req.body.len() > GMAIL_LIMIT {
+                return Err(ResponseTemplate::new(413));
+            }
+            gmail_sent(s, req.body.clone(), "media")
+        }
+        Some("resumable") => {
+            let header = |k: &str| {
+                req.headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let size: usize = header("x-upload-content-length").parse().unwrap_or(0);
+            if header("x-upload-content-type") != "message/rfc822" || size == 0 {
+                return Err(graph_error(400, "badRequest", "resumable start headers"));
+            }
+            if size > GMAIL_LIMIT {
+                return Err(ResponseTemplate::new(413));
+            }
+            s.next += 1;
+            let id = format!("s{}", s.next);
+            s.uploads.insert(
+                id.clone(),
+                Upload {
+                    size,
+                    ..Upload::default()
+                },
+            );
+            Ok(ResponseTemplate::new(200)
+                .insert_header("Location", format!("{uri}/gmail-session/{id}").as_str()))
+        }
+        _ => Err(graph_error(400, "badRequest", "uploadType")),
+    }
+}
+
+fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
+    let bad = |m: &str| graph_error(400, "badRequest", m);
+    let (a, b, total) = content_range(req).ok_or_else(|| bad("Content-Range"))?;
+    let u = s.uploads.get_mut(id).ok_or_else(|| bad("no such session"))?;
+    let last = b + 1 == total;
+    if a != u.bytes.len()
+        || b + 1 - a != req.body.len()
+        || total != u.size
+        || (!last && req.body.len() % (256 * 1024) != 0)
+    {
+        return Err(bad("chunk out of order or not a multiple of 256 KiB"));
+    }
+    u.bytes.extend_from_slice(&req.body);
+    if !last {
+        return Ok(ResponseTemplate::new(308)
+            .insert_header("Range", format!("bytes=0-{b}").as_str()));
+    }
+    let u = s.uploads.remove(id).unwrap();
+    gmail_sent(s, u.bytes, "resumable")
+}
+
+fn gmail_sent(s: &mut State, mime: Vec<u8>, path: &'static str) -> Reply {
+    if let Some(r) = s.script.pop_front() {
+        return Ok(r);
+    }
+    s.sent.push(Sent {
+        mime,
+        attachments: Vec::new(),
+        patch: None,
+        path,
+        at: SystemTime::now(),
+    });
+    Ok(ResponseTemplate::new(200)
+        .set_body_json(serde_json::json!({"id": "18c0ffee", "threadId": "18c0ffee", "labelIds": ["SENT"]})))
+}

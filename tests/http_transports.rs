@@ -1,0 +1,303 @@
+//! Microsoft Graph and the Gmail API as transports, against fakes that enforce the real request shapes and
+//! limits (`tests/common/http_api.rs`): messages of every size arrive intact, large Graph messages through
+//! upload sessions, throttling and refusals are handled as the providers mean them, and an SMTP account whose
+//! tenant switched SMTP AUTH off falls back to Graph.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::http_api::FakeApi;
+use common::idp::idp_issuing;
+use common::upstream::FakeUpstream;
+use common::*;
+use wiremock::ResponseTemplate;
+
+const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"60MiB\"\n";
+const MAILBOX: &str = "relay@example.com";
+
+fn secret(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("secret");
+    std::fs::write(&p, "s3cret\n").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// One client-credentials account, `office`, with `lines` for its transport.
+fn top(dir: &std::path::Path, idp: &str, provider: &str, lines: &str) -> String {
+    secret(dir);
+    format!(
+        "default_account = \"office\"\n[queue]\nretry = [\"1s\"]\n[[account]]\nname = \"office\"\nprovider = \"{provider}\"\ntenant = \"contoso.onmicrosoft.com\"\nflow = \"client_credentials\"\nmailbox = \"{MAILBOX}\"\nclient_id = \"cid\"\nclient_secret_file = \"{dir}/secret\"\ntoken_url = \"{idp}/token\"\n{lines}\n",
+        dir = dir.display()
+    )
+}
+
+/// A scan with a PDF of `size` bytes, base64 in 76-character lines; returns the message and the PDF.
+fn scan(size: usize) -> (Vec<u8>, Vec<u8>) {
+    let pdf: Vec<u8> = (0..size as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: scan\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nscan attached\r\n".to_vec();
+    msg.extend_from_slice(b"--b1\r\nContent-Type: application/pdf; name=\"scan.pdf\"\r\nContent-Disposition: attachment; filename=\"scan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n");
+    let b64 = B64.encode(&pdf);
+    for line in b64.as_bytes().chunks(76) {
+        msg.extend_from_slice(line);
+        msg.extend_from_slice(b"\r\n");
+    }
+    msg.extend_from_slice(b"--b1--\r\n");
+    (msg, pdf)
+}
+
+/// What the draft must be: the message without the PDF's part.
+fn without_pdf(msg: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(msg);
+    let start = text.find("--b1\r\nContent-Type: application/pdf").unwrap();
+    let end = text.rfind("--b1--").unwrap();
+    [&msg[..start], &msg[end..]].concat()
+}
+
+async fn send_to(addr: std::net::SocketAddr, rcpt: &[&str], msg: &[u8]) {
+    let mut c = RawClient::connect(addr).await;
+    c.expect(220).await;
+    c.cmd("EHLO scanner.lan", 250).await;
+    c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+    for r in rcpt {
+        c.cmd(&format!("RCPT TO:<{r}>"), 250).await;
+    }
+    c.cmd("DATA", 354).await;
+    c.send(msg).await;
+    c.send(b".\r\n").await;
+    c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+}
+
+#[tokio::test]
+async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
+    );
+    let relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: 1k\r\n\r\n".to_vec();
+    let small = [small, vec![b'x'; 1000], b"\r\n".to_vec()].concat();
+    send_to(relay.addr(), &["ops@example.test"], &small).await;
+    let sent = api.sent(1).await;
+    assert_eq!(sent[0].path, "sendMail");
+    assert_eq!(strip_received(&sent[0].mime), &small[..]);
+
+    // 3.5 MiB: over the 4 MB request limit once in base64.
+    let (msg, pdf) = scan(2_650_000);
+    assert!(msg.len() > 3_600_000, "{}", msg.len());
+    send_to(relay.addr(), &["ops@example.test"], &msg).await;
+    let sent = api.sent(2).await;
+    assert_eq!(sent[1].path, "draft");
+    assert_eq!(strip_received(&sent[1].mime), &without_pdf(&msg)[..]);
+    assert_eq!(sent[1].attachments.len(), 1);
+    let (name, ctype, bytes) = &sent[1].attachments[0];
+    assert_eq!((name.as_str(), ctype.as_str()), ("scan.pdf", "application/pdf"));
+    assert!(bytes == &pdf, "the attachment arrived changed");
+    assert!(sent[1].patch.is_none(), "{:?}", sent[1].patch);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(api.drafts_left(), 0);
+}
+
+#[tokio::test]
+async fn graph_carries_envelope_only_recipients_and_honours_save_to_sent_items() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &format!(
+            "transport = \"graph\"\ngraph_url = \"{}\"\nsave_to_sent_items = false",
+            api.uri()
+        ),
+    );
+    let relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    send_to(relay.addr(), &["ops@example.test", "audit@example.test"], msg).await;
+    let sent = api.sent(1).await;
+    assert_eq!(sent[0].path, "draft");
+    let patch = sent[0].patch.as_ref().expect("a patch");
+    assert_eq!(patch["toRecipients"][0]["emailAddress"]["address"], "ops@example.test");
+    assert_eq!(patch["bccRecipients"][0]["emailAddress"]["address"], "audit@example.test");
+    assert_eq!(patch["singleValueExtendedProperties"][0]["id"], "Boolean 0x0E01");
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+}
+
+#[tokio::test]
+async fn graph_throttling_waits_for_retry_after_then_delivers() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    api.script(vec![
+        ResponseTemplate::new(429)
+            .insert_header("Retry-After", "3")
+            .set_body_json(serde_json::json!({"error": {"code": "ApplicationThrottled", "message": "Application is over its MailboxConcurrency limit."}})),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
+    );
+    let relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(relay.addr(), &["ops@example.test"], msg).await;
+    let sent = api.sent(1).await;
+    let refused_at = api
+        .log()
+        .iter()
+        .find(|(m, p, _)| m == "POST" && p.ends_with("/sendMail"))
+        .map(|(_, _, at)| *at)
+        .unwrap();
+    let waited = sent[0].at.duration_since(refused_at).unwrap();
+    assert!(waited >= Duration::from_secs(3), "retried after {waited:?}");
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+}
+
+#[tokio::test]
+async fn graph_refusals_go_to_dead_with_the_reason_and_401_refreshes_once() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    api.script(vec![
+        ResponseTemplate::new(403).set_body_json(serde_json::json!({"error": {"code": "ErrorAccessDenied", "message": "Access is denied. Check credentials and try again."}})),
+        ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": {"code": "InvalidAuthenticationToken", "message": "Lifetime validation failed, the token is expired."}})),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
+    );
+    let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(relay.addr(), &["ops@example.test"], msg).await;
+    relay.attempts_done(1).await;
+    let dead = files_in(&relay.state(), "dead");
+    let state = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
+    let state = std::fs::read_to_string(relay.state().join("dead").join(state)).unwrap();
+    assert!(state.contains("ErrorAccessDenied") && state.contains("Mail.Send"), "{state}");
+
+    let tokens_before = idp.received_requests().await.unwrap().len();
+    send_to(relay.addr(), &["ops@example.test"], msg).await;
+    let sent = api.sent(1).await;
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+    let tokens_after = idp.received_requests().await.unwrap().len();
+    assert_eq!(tokens_after, tokens_before + 1, "one refresh after the 401");
+}
+
+#[tokio::test]
+async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "google",
+        &format!("transport = \"gmail_api\"\ngmail_api_url = \"{}\"\nscope = \"https://mail.google.com/\"", api.uri()),
+    );
+    let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: 1k\r\n\r\nhello\r\n";
+    send_to(relay.addr(), &["ops@example.test", "hidden@example.test"], small).await;
+    let sent = api.sent(1).await;
+    assert_eq!(sent[0].path, "media");
+    assert!(sent[0].mime.starts_with(b"Bcc: hidden@example.test\r\nReceived: "));
+    assert_eq!(strip_received(&sent[0].mime[26..]), &small[..]);
+
+    let (big, _) = scan(6_000_000);
+    send_to(relay.addr(), &["ops@example.test"], &big).await;
+    let sent = api.sent(2).await;
+    assert_eq!(sent[1].path, "resumable");
+    assert!(strip_received(&sent[1].mime) == &big[..], "changed on the way");
+
+    let (too_big, _) = scan(27_000_000);
+    send_to(relay.addr(), &["ops@example.test"], &too_big).await;
+    relay.attempts_done(3).await;
+    let dead = files_in(&relay.state(), "dead");
+    let state = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
+    let state = std::fs::read_to_string(relay.state().join("dead").join(state)).unwrap();
+    assert!(state.contains("35 MB"), "{state}");
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+}
+
+/// The real binary: SMTP AUTH refused tenant-wide (535 5.7.139), the message goes through Graph; then a 40 MiB
+/// message goes through the upload path, and the daemon's peak memory stays within 1.5 × its size + 16 MiB.
+#[tokio::test]
+async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_memory() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let upstream = FakeUpstream::start(&["REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &format!(
+            "smtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\nfallback_transport = \"graph\"\ngraph_url = \"{}\"",
+            upstream.addr.port(),
+            api.uri()
+        ),
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n{t}\n{LISTENER}",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(daemon.addr, &["ops@example.test"], msg).await;
+    let line = daemon.wait_log("transport_switched");
+    assert!(line.contains("5.7.139"), "{line}");
+    let sent = api.sent(1).await;
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("transport: graph (fallback since"), "{status}");
+
+    let (big, pdf) = scan(30 * 1024 * 1024);
+    send_to(daemon.addr, &["ops@example.test"], &big).await;
+    let sent = api.sent(2).await;
+    assert_eq!(sent[1].path, "draft");
+    assert!(sent[1].attachments[0].2 == pdf, "the 30 MiB attachment arrived changed");
+    assert_eq!(strip_received(&sent[1].mime), &without_pdf(&big)[..]);
+    let hwm = proc_kib(daemon.pid(), "VmHWM:") * 1024;
+    let limit = big.len() as u64 * 3 / 2 + (16 << 20);
+    assert!(
+        hwm <= limit,
+        "peak RSS {} MiB over {} MiB for a {} MiB message",
+        hwm >> 20,
+        limit >> 20,
+        big.len() >> 20
+    );
+    eprintln!("peak RSS {} MiB for a {} MiB message", hwm >> 20, big.len() >> 20);
+}
+
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
