@@ -1,6 +1,7 @@
 //! Upstream transports. One module per transport; each turns a delivery into an [`Outcome`] the queue acts on
-//! without looking inside it.
+//! without looking inside it. `long_lines` is no transport: it wraps lines over 998 octets for the SMTP one.
 
+pub mod long_lines;
 pub mod smtp;
 
 /// What became of one delivery attempt, and so what the queue does next.
