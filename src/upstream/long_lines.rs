@@ -537,7 +537,10 @@ impl Folder {
     }
 
     fn place(&mut self, out: &mut Vec<u8>) {
-        if self.col > 0 && self.text && self.col + self.word.len() > FOLD_AT {
+        // A run of whitespace as long as a line is folded before too, though it may have nothing after it: left
+        // where it is, the line would stay over the limit.
+        let foldable = self.text || self.word.len() >= MAX_LINE;
+        if self.col > 0 && foldable && self.col + self.word.len() > FOLD_AT {
             out.extend_from_slice(b"\r\n");
             self.over += usize::from(self.col > MAX_LINE);
             self.col = 0;

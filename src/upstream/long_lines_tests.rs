@@ -322,6 +322,10 @@ fn long_header_lines_are_folded_at_whitespace() {
         "unfolds to the original"
     );
     assert!(text.ends_with("\r\nSubject: x\r\n\r\nbody\r\n"));
+    // A run of whitespace longer than a line is folded before, however little follows it.
+    let message = format!("X-Pad: a{}b\r\n\r\nbody\r\n", " ".repeat(1_500));
+    let out = wrapped(message.as_bytes(), 0);
+    assert_eq!(show(&out).replace("\r\n ", " "), message);
 }
 
 #[test]
