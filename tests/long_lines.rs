@@ -2,13 +2,14 @@
 //! upstream wrapped, as a message that decodes to what the device sent.
 
 mod common;
+#[path = "common/mime.rs"]
+mod mime;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::idp::{idp_issuing, relay_with_account};
 use common::upstream::FakeUpstream;
 use common::*;
-use mail_parser::{Message, MessageParser, PartType};
 
 /// 15,000 octets of binary data, and its base64: one line of exactly 20,000 characters.
 fn scan_pdf() -> (Vec<u8>, String) {
@@ -35,10 +36,11 @@ fn report_line(extra: &str) -> String {
     line
 }
 
-/// Sends `message` as a device would (dot-stuffed); the upstream first defers it, so that the queue file can be
-/// read, then takes it after `relay queue retry`. Returns the stored message and the one the upstream got, both
-/// without relay's Received line.
-async fn through_relay(message: &[u8]) -> (Vec<u8>, Vec<u8>) {
+/// Sends `message` as a device would (dot-stuffed). The upstream first defers it, so that the queue file can be
+/// read: it must hold the message as sent, long lines whole. Then, after a retry (what `relay queue retry` asks
+/// for), the upstream takes it: CRLF lines of at most 998 octets, decoding to the same parts as `message`.
+/// Returns what the upstream got (without relay's Received line) and its decoded parts.
+async fn through_relay(message: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
     let idp = idp_issuing("tok").await;
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
@@ -54,30 +56,19 @@ async fn through_relay(message: &[u8]) -> (Vec<u8>, Vec<u8>) {
     relay.attempts_done(1).await;
     let queued = relay.queued();
     assert_eq!(queued.len(), 1, "deferred, so still queued");
-    let stored = strip_received(&queued[0].1).to_vec();
+    assert!(
+        strip_received(&queued[0].1) == message,
+        "stored as sent, the long line whole"
+    );
 
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let cli_config = relay.dir.path().join("cli.toml");
-    std::fs::write(&cli_config, format!("state_dir = {:?}\n", relay.state())).unwrap();
-    let out = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", &id, "--config"])
-        .arg(&cli_config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let id = relay::queue::QueueStore::parse_id(&id).unwrap();
+    relay::queue::retry::request_retry(&relay.state(), Some(&[id])).unwrap();
     let got = upstream.next().await;
     relay.attempts_done(2).await;
     assert!(relay.queued().is_empty(), "delivered");
-    (stored, strip_received(&got.data).to_vec())
-}
 
-/// Checks what the upstream got: CRLF lines of at most 998 octets, and, decoded, the same parts as the message the
-/// device sent. Returns the decoded parts.
-fn assert_valid_and_same(sent: &[u8], got: &[u8]) -> Vec<Vec<u8>> {
+    let got = strip_received(&got.data).to_vec();
     let lines: Vec<&[u8]> = got.split(|&b| b == b'\n').collect();
     for (i, line) in lines.iter().enumerate() {
         let text = line.strip_suffix(b"\r").unwrap_or(line);
@@ -88,31 +79,8 @@ fn assert_valid_and_same(sent: &[u8], got: &[u8]) -> Vec<Vec<u8>> {
             "line {i} ends in LF alone"
         );
     }
-    let (sent, got) = (leaves(sent), leaves(got));
-    assert_eq!(sent.len(), got.len(), "as many parts");
-    for (i, (a, b)) in sent.iter().zip(&got).enumerate() {
-        assert!(a == b, "part {i} decodes to something else");
-    }
-    got
-}
-
-/// Each leaf part's decoded content, as a mail program shows it.
-fn leaves(raw: &[u8]) -> Vec<Vec<u8>> {
-    fn collect(message: &Message<'_>, out: &mut Vec<Vec<u8>>) {
-        for part in &message.parts {
-            match &part.body {
-                PartType::Multipart(_) => {}
-                PartType::Message(m) => collect(m, out),
-                _ => out.push(part.contents().to_vec()),
-            }
-        }
-    }
-    let message = MessageParser::default()
-        .parse(raw)
-        .expect("a message mail-parser reads");
-    let mut out = Vec::new();
-    collect(&message, &mut out);
-    out
+    let parts = mime::assert_same_leaves(message, &got);
+    (got, parts)
 }
 
 fn header_block(message: &[u8]) -> String {
@@ -126,12 +94,7 @@ async fn a_base64_attachment_on_one_line() {
     let message = format!(
         "From: scanner@lan.test\r\nTo: office@example.com\r\nSubject: Scan 0042\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"----=_scan_0042\"\r\n\r\nThis is a multi-part message in MIME format.\r\n------=_scan_0042\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nScanned document attached.\r\n------=_scan_0042\r\nContent-Type: application/pdf; name=\"scan0042.pdf\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"scan0042.pdf\"\r\n\r\n{line}\r\n------=_scan_0042--\r\n"
     );
-    let (stored, got) = through_relay(message.as_bytes()).await;
-    assert!(
-        stored == message.as_bytes(),
-        "stored as sent, the 20,000-octet line whole"
-    );
-    let parts = assert_valid_and_same(message.as_bytes(), &got);
+    let (got, parts) = through_relay(message.as_bytes()).await;
     assert_eq!(parts[0], b"Scanned document attached.");
     assert!(parts[1] == pdf, "the attachment decodes to the same octets");
     // Only the base64 lines changed: re-broken at 76 characters.
@@ -151,12 +114,7 @@ async fn a_plain_text_line_in_a_message_without_mime() {
     let line = report_line("");
     let message =
         format!("From: meter@lan.test\r\nSubject: readings\r\n\r\n{line}\r\n.end of report \r\n");
-    let (stored, got) = through_relay(message.as_bytes()).await;
-    assert!(
-        stored == message.as_bytes(),
-        "stored as sent, the 20,000-octet line whole"
-    );
-    let parts = assert_valid_and_same(message.as_bytes(), &got);
+    let (got, parts) = through_relay(message.as_bytes()).await;
     assert!(parts[0] == format!("{line}\r\n.end of report \r\n").as_bytes());
     // Re-encoded as quoted-printable, which the header now says, and a MIME message.
     assert_eq!(
@@ -185,12 +143,7 @@ async fn an_eight_bit_text_part_in_a_multipart() {
     let message = format!(
         "From: nas@lan.test\r\nSubject: =?utf-8?q?Bericht?=\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed;\r\n\tboundary=\"nas-report\"\r\n\r\n--nas-report\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nReport follows:\r\n{line}\r\n--nas-report\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n{attachment}\r\n--nas-report--\r\n"
     );
-    let (stored, got) = through_relay(message.as_bytes()).await;
-    assert!(
-        stored == message.as_bytes(),
-        "stored as sent, the 20,000-octet line whole"
-    );
-    let parts = assert_valid_and_same(message.as_bytes(), &got);
+    let (got, parts) = through_relay(message.as_bytes()).await;
     assert!(parts[0] == format!("Report follows:\r\n{line}").as_bytes());
     assert!(parts[1] == pdf);
     let text = String::from_utf8_lossy(&got);

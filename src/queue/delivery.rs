@@ -314,8 +314,8 @@ impl Delivery {
                 })
                 .await
             };
-            let (message, wrapped) = match read {
-                Ok(Ok(Some(read))) => read,
+            let read = match read {
+                Ok(Ok(Some(read))) => Ok(read),
                 Ok(Ok(None)) => {
                     let freed = account.name.clone();
                     return self
@@ -336,17 +336,12 @@ impl Delivery {
                         account: Some(account.name.clone()),
                     };
                 }
-                Ok(Err(e)) => {
-                    let why = format!("cannot read the queue file: {e}");
-                    let freed = account.name.clone();
-                    return self
-                        .clone()
-                        .blocking(move |d| d.defer(id, &mut state, &why, None))
-                        .await
-                        .with_account(freed);
-                }
-                Err(e) => {
-                    let why = e.to_string();
+                Ok(Err(e)) => Err(format!("cannot read the queue file: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            let (message, wrapped) = match read {
+                Ok(read) => read,
+                Err(why) => {
                     let freed = account.name.clone();
                     return self
                         .clone()

@@ -298,7 +298,8 @@ impl Rewriter {
                 }
                 Out::Same
             }
-            // Only transport padding follows the delimiter on a line this long: it goes.
+            // On a delimiter line this long, what follows the delimiter is transport padding (RFC 2046 section
+            // 5.1.1), or text after whitespace that parsers which match delimiters by their start skip: it goes.
             Role::Delimiter { len } if long => Out::Delimiter { left: len },
             Role::Body { entity, body } => {
                 let fix = self.fix(entity);

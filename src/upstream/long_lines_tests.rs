@@ -1,6 +1,16 @@
-use mail_parser::{Message, MessageParser, PartType};
-
 use super::*;
+
+// The same decoding as the tests through sockets use: mail-parser, a dev-dependency.
+#[path = "../../tests/common/mime.rs"]
+mod mime;
+
+/// Wraps, and checks that the message decodes to the same parts. Returns the wrapped message, also as text.
+fn wrapped_same(message: &[u8]) -> (Vec<u8>, String) {
+    let out = wrapped(message, 0);
+    mime::assert_same_leaves(message, &out);
+    let text = show(&out);
+    (out, text)
+}
 
 /// Both passes fed in chunks of `scan` and `write` octets.
 fn wrap_in_chunks(message: &[u8], scan: usize, write: usize) -> (Vec<u8>, usize) {
@@ -46,33 +56,6 @@ fn lines(message: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 fn show(message: &[u8]) -> String {
     String::from_utf8_lossy(message).into_owned()
-}
-
-/// What a mail program shows: each leaf part's decoded content, nested messages included.
-fn leaves(raw: &[u8]) -> Vec<Vec<u8>> {
-    fn collect(message: &Message<'_>, out: &mut Vec<Vec<u8>>) {
-        for part in &message.parts {
-            match &part.body {
-                PartType::Multipart(_) => {}
-                PartType::Message(m) => collect(m, out),
-                _ => out.push(part.contents().to_vec()),
-            }
-        }
-    }
-    let message = MessageParser::default()
-        .parse(raw)
-        .expect("mail-parser reads it");
-    let mut out = Vec::new();
-    collect(&message, &mut out);
-    out
-}
-
-fn assert_same_content(original: &[u8], wrapped: &[u8]) {
-    let (a, b) = (leaves(original), leaves(wrapped));
-    assert_eq!(a.len(), b.len(), "parts:\n{}", show(wrapped));
-    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-        assert!(a == b, "part {i} decodes differently:\n{}", show(wrapped));
-    }
 }
 
 /// The header block of the part that contains `marker` in its body.
@@ -139,9 +122,7 @@ fn base64_attachment_is_rebroken_at_76() {
     let message = format!(
         "From: scanner@lan.test\r\nSubject: scan\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nscan attached\r\n--b1\r\nContent-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n--b1--\r\n"
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
-    let text = show(&out);
+    let (_, text) = wrapped_same(message.as_bytes());
     assert!(
         text.starts_with(&message[..message.find(&b64).unwrap()]),
         "headers unchanged"
@@ -164,9 +145,7 @@ fn quoted_printable_escapes_are_never_split() {
         let message = format!(
             "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{line}\r\nend\r\n"
         );
-        let out = wrapped(message.as_bytes(), 0);
-        assert_same_content(message.as_bytes(), &out);
-        let text = show(&out);
+        let (_, text) = wrapped_same(message.as_bytes());
         let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
         for l in body.split("\r\n") {
             assert!(l.len() <= 76, "{l:?}");
@@ -190,9 +169,7 @@ fn soft_breaks_never_start_a_line_with_a_dot_or_a_dash() {
     let message = format!(
         "Content-Type: multipart/mixed; boundary=\"-\"\r\n\r\n---\r\nContent-Transfer-Encoding: Quoted-Printable\r\n\r\n{line}\r\n-----\r\n"
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
-    let text = show(&out);
+    let (_, text) = wrapped_same(message.as_bytes());
     let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
     let made: Vec<&str> = body.split("=\r\n").skip(1).collect();
     assert!(made.len() > 10);
@@ -209,9 +186,7 @@ fn a_non_mime_message_is_reencoded_as_quoted_printable() {
     let message = format!(
         "From: meter@lan.test\r\nSubject: readings\r\n\r\nfirst\r\n{line}\r\n.leading dot\r\ntrailing space \r\ntab\t\r\n\r\nlast\r\n"
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
-    let text = show(&out);
+    let (out, text) = wrapped_same(message.as_bytes());
     assert!(text.starts_with(
         "From: meter@lan.test\r\nSubject: readings\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nfirst\r\n"
     ), "{text}");
@@ -232,9 +207,7 @@ fn an_eight_bit_part_gets_its_encoding_header_replaced_even_when_folded() {
     );
     let tail = " and a bare \r CR\r\n--outer\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: 8bit\r\n\r\nshort part, not re-encoded\r\n--outer--\r\n";
     let message = [head.as_bytes(), b"\x00\x01\x7f\xff", tail.as_bytes()].concat();
-    let out = wrapped(&message, 0);
-    assert_same_content(&message, &out);
-    let text = show(&out);
+    let (out, text) = wrapped_same(&message);
     assert_eq!(
         headers_of(&out, "Meter"),
         "--outer\r\nContent-type: text/plain; charset=utf-8\r\nX-After: kept\r\nContent-Transfer-Encoding: quoted-printable"
@@ -252,8 +225,7 @@ fn nested_multiparts_and_case_and_quoting_in_content_type() {
     let message = format!(
         "MIME-Version: 1.0\r\ncontent-TYPE: Multipart/Mixed;\r\n\tcharset=x; BOUNDARY = \"=_outer; \\\"q\\\" 1\" (comment)\r\n\r\npreamble\r\n--=_outer; \"q\" 1\r\nContent-Type: multipart/alternative; boundary=inner.2\r\n\r\n--inner.2\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{text}\r\n--inner.2\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>{qp}</p>\r\n--inner.2--\r\ninner epilogue\r\n--=_outer; \"q\" 1\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: BASE64\r\n\r\n{b64}\r\n--=_outer; \"q\" 1--\r\nepilogue\r\n"
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
+    let (out, _) = wrapped_same(message.as_bytes());
     assert!(lines(&out).all(|l| l.len() <= 78));
     assert!(headers_of(&out, "Meter").ends_with("Content-Transfer-Encoding: quoted-printable"));
     assert!(headers_of(&out, "<p>").ends_with("Content-Transfer-Encoding: quoted-printable"));
@@ -289,9 +261,7 @@ fn preamble_epilogue_and_delimiter_padding() {
         "Content-Type: multipart/mixed; boundary=b\r\n\r\n{long}\r\n--b{pad}\r\n\r\npart\r\n--b--{pad}\r\n{long}\r\n",
         pad = " ".repeat(1_200)
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
-    let text = show(&out);
+    let (out, text) = wrapped_same(message.as_bytes());
     assert!(
         text.contains("\r\n--b\r\n\r\npart\r\n--b--\r\n"),
         "padding dropped"
@@ -358,8 +328,7 @@ fn a_long_content_type_line_still_gives_the_structure() {
     let message = format!(
         "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=zz; {params}\r\n\r\n--zz\r\n\r\n{line}\r\n--zz--\r\n"
     );
-    let out = wrapped(message.as_bytes(), 0);
-    assert_same_content(message.as_bytes(), &out);
+    let (out, _) = wrapped_same(message.as_bytes());
     assert_eq!(
         headers_of(&out, "Meter"),
         "--zz\r\nContent-Transfer-Encoding: quoted-printable"
@@ -376,8 +345,7 @@ fn an_enclosed_message_is_walked_into() {
         let message = format!(
             "MIME-Version: 1.0\r\nContent-Type: {outer}; boundary=m\r\n\r\n--m\r\n{default}\r\nSubject: forwarded\r\n\r\n{line}\r\n--m--\r\n"
         );
-        let out = wrapped(message.as_bytes(), 0);
-        assert_same_content(message.as_bytes(), &out);
+        let (out, _) = wrapped_same(message.as_bytes());
         assert!(headers_of(&out, "Meter").ends_with(
             "\r\n\r\nSubject: forwarded\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable"
         ));
@@ -416,7 +384,7 @@ fn a_message_that_is_all_body_or_all_line_ends() {
     assert!(show(&out).starts_with(
         "MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nMeter "
     ));
-    assert_same_content(message.as_bytes(), &out);
+    mime::assert_same_leaves(message.as_bytes(), &out);
     // Line ends only, with one long line of nothing: every line stays, and the long one is broken.
     let mut message = b"\r\n\r\n\r\n".to_vec();
     message.extend_from_slice(&[b' '; 1_000]);
@@ -426,7 +394,7 @@ fn a_message_that_is_all_body_or_all_line_ends() {
         b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\r\n\r\n"
     ));
     assert!(out.ends_with(b"=20\r\n\r\n"));
-    assert_same_content(&message, &out);
+    mime::assert_same_leaves(&message, &out);
 }
 
 #[test]
