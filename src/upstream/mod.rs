@@ -1,6 +1,7 @@
 //! Upstream transports. One module per transport; each turns a delivery into an [`Outcome`] the queue acts on
-//! without looking inside it. `long_lines` is no transport: it wraps lines over 998 octets for the SMTP one.
+//! without looking inside it.
 
+// Not a transport: makes lines over 998 octets fit the SMTP one.
 pub mod long_lines;
 pub mod smtp;
 
