@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
+use crate::config::Transport;
 use crate::config::{AccountConfig, Config};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
 use crate::tokens::{AccountTokens, TokenStore};
-use crate::config::Transport;
 use crate::upstream::gmail::GmailUpstream;
 use crate::upstream::graph::GraphUpstream;
 use crate::upstream::smtp::SmtpUpstream;
@@ -111,11 +111,15 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             let timeout = a
                 .smtp_timeout
                 .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
-            let graph = || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
+            let graph =
+                || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
             let primary = match a.transport {
-                Transport::Smtp => {
-                    Primary::Smtp(SmtpUpstream::new(a.mailbox.clone(), ep.clone(), ca, timeout))
-                }
+                Transport::Smtp => Primary::Smtp(SmtpUpstream::new(
+                    a.mailbox.clone(),
+                    ep.clone(),
+                    ca,
+                    timeout,
+                )),
                 Transport::Graph => Primary::Graph(graph().map_err(err)?),
                 Transport::GmailApi => {
                     Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?)

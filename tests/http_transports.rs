@@ -15,7 +15,8 @@ use common::upstream::FakeUpstream;
 use common::*;
 use wiremock::ResponseTemplate;
 
-const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"60MiB\"\n";
+const LISTENER: &str =
+    "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"60MiB\"\n";
 const MAILBOX: &str = "relay@example.com";
 
 fn secret(dir: &std::path::Path) {
@@ -101,7 +102,10 @@ async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads(
     assert_eq!(strip_received(&sent[1].mime), &without_pdf(&msg)[..]);
     assert_eq!(sent[1].attachments.len(), 1);
     let (name, ctype, bytes) = &sent[1].attachments[0];
-    assert_eq!((name.as_str(), ctype.as_str()), ("scan.pdf", "application/pdf"));
+    assert_eq!(
+        (name.as_str(), ctype.as_str()),
+        ("scan.pdf", "application/pdf")
+    );
     assert!(bytes == &pdf, "the attachment arrived changed");
     assert!(sent[1].patch.is_none(), "{:?}", sent[1].patch);
     assert!(api.errors().is_empty(), "{:?}", api.errors());
@@ -124,13 +128,27 @@ async fn graph_carries_envelope_only_recipients_and_honours_save_to_sent_items()
     );
     let relay = TestRelay::start_with(dir, &t, LISTENER).await;
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
-    send_to(relay.addr(), &["ops@example.test", "audit@example.test"], msg).await;
+    send_to(
+        relay.addr(),
+        &["ops@example.test", "audit@example.test"],
+        msg,
+    )
+    .await;
     let sent = api.sent(1).await;
     assert_eq!(sent[0].path, "draft");
     let patch = sent[0].patch.as_ref().expect("a patch");
-    assert_eq!(patch["toRecipients"][0]["emailAddress"]["address"], "ops@example.test");
-    assert_eq!(patch["bccRecipients"][0]["emailAddress"]["address"], "audit@example.test");
-    assert_eq!(patch["singleValueExtendedProperties"][0]["id"], "Boolean 0x0E01");
+    assert_eq!(
+        patch["toRecipients"][0]["emailAddress"]["address"],
+        "ops@example.test"
+    );
+    assert_eq!(
+        patch["bccRecipients"][0]["emailAddress"]["address"],
+        "audit@example.test"
+    );
+    assert_eq!(
+        patch["singleValueExtendedProperties"][0]["id"],
+        "Boolean 0x0E01"
+    );
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);
 }
 
@@ -187,7 +205,10 @@ async fn graph_refusals_go_to_dead_with_the_reason_and_401_refreshes_once() {
     let dead = files_in(&relay.state(), "dead");
     let state = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
     let state = std::fs::read_to_string(relay.state().join("dead").join(state)).unwrap();
-    assert!(state.contains("ErrorAccessDenied") && state.contains("Mail.Send"), "{state}");
+    assert!(
+        state.contains("ErrorAccessDenied") && state.contains("Mail.Send"),
+        "{state}"
+    );
 
     let tokens_before = idp.received_requests().await.unwrap().len();
     send_to(relay.addr(), &["ops@example.test"], msg).await;
@@ -206,21 +227,36 @@ async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
         dir.path(),
         &idp.uri(),
         "google",
-        &format!("transport = \"gmail_api\"\ngmail_api_url = \"{}\"\nscope = \"https://mail.google.com/\"", api.uri()),
+        &format!(
+            "transport = \"gmail_api\"\ngmail_api_url = \"{}\"\nscope = \"https://mail.google.com/\"",
+            api.uri()
+        ),
     );
     let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
     let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: 1k\r\n\r\nhello\r\n";
-    send_to(relay.addr(), &["ops@example.test", "hidden@example.test"], small).await;
+    send_to(
+        relay.addr(),
+        &["ops@example.test", "hidden@example.test"],
+        small,
+    )
+    .await;
     let sent = api.sent(1).await;
     assert_eq!(sent[0].path, "media");
-    assert!(sent[0].mime.starts_with(b"Bcc: hidden@example.test\r\nReceived: "));
+    assert!(
+        sent[0]
+            .mime
+            .starts_with(b"Bcc: hidden@example.test\r\nReceived: ")
+    );
     assert_eq!(strip_received(&sent[0].mime[26..]), &small[..]);
 
     let (big, _) = scan(6_000_000);
     send_to(relay.addr(), &["ops@example.test"], &big).await;
     let sent = api.sent(2).await;
     assert_eq!(sent[1].path, "resumable");
-    assert!(strip_received(&sent[1].mime) == &big[..], "changed on the way");
+    assert!(
+        strip_received(&sent[1].mime) == &big[..],
+        "changed on the way"
+    );
 
     let (too_big, _) = scan(27_000_000);
     send_to(relay.addr(), &["ops@example.test"], &too_big).await;
@@ -234,7 +270,8 @@ async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
 
 /// The real binary: SMTP AUTH refused tenant-wide (535 5.7.139), the message goes through Graph; then a 40 MiB
 /// message goes through the upload path, and the daemon's peak memory stays within 1.5 × its size + 16 MiB.
-#[tokio::test]
+/// Multi-threaded: the fakes must keep answering while the test thread waits for the daemon's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_memory() {
     let idp = idp_issuing("tok").await;
     let api = FakeApi::start("tok", MAILBOX).await;
@@ -272,13 +309,19 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
-    assert!(status.contains("transport: graph (fallback since"), "{status}");
+    assert!(
+        status.contains("transport: graph (fallback since"),
+        "{status}"
+    );
 
     let (big, pdf) = scan(30 * 1024 * 1024);
     send_to(daemon.addr, &["ops@example.test"], &big).await;
     let sent = api.sent(2).await;
     assert_eq!(sent[1].path, "draft");
-    assert!(sent[1].attachments[0].2 == pdf, "the 30 MiB attachment arrived changed");
+    assert!(
+        sent[1].attachments[0].2 == pdf,
+        "the 30 MiB attachment arrived changed"
+    );
     assert_eq!(strip_received(&sent[1].mime), &without_pdf(&big)[..]);
     let hwm = proc_kib(daemon.pid(), "VmHWM:") * 1024;
     let limit = big.len() as u64 * 3 / 2 + (16 << 20);
@@ -289,7 +332,11 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
         limit >> 20,
         big.len() >> 20
     );
-    eprintln!("peak RSS {} MiB for a {} MiB message", hwm >> 20, big.len() >> 20);
+    eprintln!(
+        "peak RSS {} MiB for a {} MiB message",
+        hwm >> 20,
+        big.len() >> 20
+    );
 }
 
 fn proc_kib(pid: u32, field: &str) -> u64 {

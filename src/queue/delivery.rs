@@ -22,12 +22,13 @@ use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
 use crate::config::{Config, QueueConfig};
 use crate::tokens::AccountTokens;
-use crate::upstream::{Outcome, Transports};
+use crate::upstream::{Outcome, Transports, long_lines};
 
 /// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
 /// Message bytes held by all deliveries together. The SMTP client holds a whole message (and may copy it while
-/// dot-stuffing), so each delivery is charged twice its size; a message larger than the budget runs alone.
+/// dot-stuffing), so each delivery is charged twice its size (a message with lines over 998 octets: its size and
+/// twice its wrapped size); a message larger than the budget runs alone.
 pub const DELIVERY_MEMORY: usize = 32 << 20;
 
 /// An upstream account as delivery sees it.
@@ -112,6 +113,14 @@ pub struct Delivery {
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
+
+/// A charge of `bytes` in KiB units; one larger than the whole budget takes all of it, and so runs alone.
+fn memory_units(bytes: u64) -> u32 {
+    u32::try_from(bytes >> 10)
+        .unwrap_or(u32::MAX)
+        .clamp(1, MEMORY_UNITS)
+}
+
 /// When a message that could not be looked at now (still arriving, or an attempt that failed oddly) comes up
 /// again.
 const RECHECK: Duration = Duration::from_secs(30);
@@ -282,56 +291,71 @@ impl Delivery {
                 account: account.name.clone(),
             };
         };
-        let units = u32::try_from(msg.size.saturating_mul(2) >> 10)
-            .unwrap_or(u32::MAX)
-            .clamp(1, MEMORY_UNITS);
-        let Ok(memory) = self.memory.acquire_many(units).await else {
-            return Attempted::later(now + RECHECK).with_account(account.name.clone());
-        };
-        let read = {
-            let msg = msg.clone();
-            tokio::task::spawn_blocking(move || msg.read_verified()).await
-        };
-        let message = match read {
-            Ok(Ok(Some(bytes))) => bytes,
-            Ok(Ok(None)) => {
-                let freed = account.name.clone();
-                return self
-                    .clone()
-                    .blocking(move |d| {
-                        quarantine(
-                            &d.paths,
-                            &path,
-                            "the message's bytes do not match its seal (damaged on disk)",
-                        );
-                        Attempted::Done { account: None }
+        // A message with lines over 998 octets is sent wrapped (upstream::long_lines): the wrapped copy, and
+        // lettre's copy of that, sit beside the original. That is known once the message is read; then the charge
+        // grows to the original plus twice the wrapped size.
+        let mut charge = msg.size.saturating_mul(2);
+        let (message, memory) = loop {
+            let units = memory_units(charge);
+            let Ok(memory) = self.memory.acquire_many(units).await else {
+                return Attempted::later(now + RECHECK).with_account(account.name.clone());
+            };
+            let read = {
+                let msg = msg.clone();
+                // Sizing the wrapped copy walks the whole message: on the blocking pool, like the read.
+                tokio::task::spawn_blocking(move || {
+                    msg.read_verified().map(|read| {
+                        read.map(|bytes| {
+                            let wrapped = long_lines::wrapped_len(&bytes);
+                            (bytes, wrapped)
+                        })
                     })
-                    .await
-                    .with_account(freed);
+                })
+                .await
+            };
+            let read = match read {
+                Ok(Ok(Some(read))) => Ok(read),
+                Ok(Ok(None)) => {
+                    let freed = account.name.clone();
+                    return self
+                        .clone()
+                        .blocking(move |d| {
+                            quarantine(
+                                &d.paths,
+                                &path,
+                                "the message's bytes do not match its seal (damaged on disk)",
+                            );
+                            Attempted::Done { account: None }
+                        })
+                        .await
+                        .with_account(freed);
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Attempted::Done {
+                        account: Some(account.name.clone()),
+                    };
+                }
+                Ok(Err(e)) => Err(format!("cannot read the queue file: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            let (message, wrapped) = match read {
+                Ok(read) => read,
+                Err(why) => {
+                    let freed = account.name.clone();
+                    return self
+                        .clone()
+                        .blocking(move |d| d.defer(id, &mut state, &why, None))
+                        .await
+                        .with_account(freed);
+                }
+            };
+            let needed = wrapped.map_or(0, |w| message.len() as u64 + 2 * w as u64);
+            if needed <= charge {
+                break (message, memory);
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Attempted::Done {
-                    account: Some(account.name.clone()),
-                };
-            }
-            Ok(Err(e)) => {
-                let why = format!("cannot read the queue file: {e}");
-                let freed = account.name.clone();
-                return self
-                    .clone()
-                    .blocking(move |d| d.defer(id, &mut state, &why, None))
-                    .await
-                    .with_account(freed);
-            }
-            Err(e) => {
-                let why = e.to_string();
-                let freed = account.name.clone();
-                return self
-                    .clone()
-                    .blocking(move |d| d.defer(id, &mut state, &why, None))
-                    .await
-                    .with_account(freed);
-            }
+            // Not waited for while holding the message and part of the budget: two deliveries doing that could
+            // wait on each other for good. Both go, the whole charge is waited for, and the message read again.
+            charge = needed;
         };
         let outcome = send(&account, &msg.envelope, &message).await;
         drop((message, memory, slot));

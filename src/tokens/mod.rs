@@ -147,7 +147,11 @@ impl AccountTokens {
                 });
             }
         };
-        *cache = Some((scope.to_string(), grant.access_token.clone(), grant.expires_at));
+        *cache = Some((
+            scope.to_string(),
+            grant.access_token.clone(),
+            grant.expires_at,
+        ));
         Ok(grant.access_token)
     }
 

@@ -86,7 +86,10 @@ impl GmailUpstream {
             .bearer_auth(token.expose_secret())
             .header("X-Upload-Content-Type", "message/rfc822")
             .header("X-Upload-Content-Length", total)
-            .header(reqwest::header::CONTENT_TYPE, "application/json; charset=UTF-8")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/json; charset=UTF-8",
+            )
             .body("{}")
             .timeout(time_for(0))
             .send()
@@ -112,6 +115,7 @@ impl GmailUpstream {
             let resp = self
                 .http
                 .put(&session)
+                .bearer_auth(token.expose_secret())
                 .header(
                     reqwest::header::CONTENT_RANGE,
                     format!("bytes {at}-{}/{total}", end - 1),
@@ -164,17 +168,19 @@ fn hidden_recipients(recipients: &[String], message: &[u8]) -> Vec<u8> {
 
 fn diagnose(status: u16, code: &str) -> Option<&'static str> {
     let has = |w: &str| code.split(' ').any(|c| c == w);
-    Some(if has("insufficientPermissions") || has("ACCESS_TOKEN_SCOPE_INSUFFICIENT") {
-        "the token lacks a Gmail scope: authorize the account with https://mail.google.com/ or gmail.send (`relay authorize`)"
-    } else if has("failedPrecondition") || has("FAILED_PRECONDITION") {
-        "Gmail will not send for this account: the Gmail service is off for the user, or the account is suspended"
-    } else if has("invalidArgument") || has("INVALID_ARGUMENT") || status == 400 {
-        "Gmail refused the message as malformed (for example a recipient header it cannot read)"
-    } else if status == 403 {
-        "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it"
-    } else {
-        return None;
-    })
+    Some(
+        if has("insufficientPermissions") || has("ACCESS_TOKEN_SCOPE_INSUFFICIENT") {
+            "the token lacks a Gmail scope: authorize the account with https://mail.google.com/ or gmail.send (`relay authorize`)"
+        } else if has("failedPrecondition") || has("FAILED_PRECONDITION") {
+            "Gmail will not send for this account: the Gmail service is off for the user, or the account is suspended"
+        } else if has("invalidArgument") || has("INVALID_ARGUMENT") || status == 400 {
+            "Gmail refused the message as malformed (for example a recipient header it cannot read)"
+        } else if status == 403 {
+            "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it"
+        } else {
+            return None;
+        },
+    )
 }
 
 #[cfg(test)]

@@ -307,7 +307,8 @@ fn largest_first(message: &[u8]) -> Vec<Leaf> {
 
 /// The message without the given parts (in order, not overlapping: leaves never contain each other).
 fn without(message: &[u8], cut: &[Leaf]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() - cut.iter().map(|l| l.cut.len()).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(message.len() - cut.iter().map(|l| l.cut.len()).sum::<usize>());
     let mut at = 0;
     for l in cut {
         out.extend_from_slice(&message[at..l.cut.start]);
@@ -324,7 +325,10 @@ fn diagnose(status: u16, code: &str) -> Option<&'static str> {
         "the mailbox may not send as the message's From: address: set rewrite_from = \"header\" for this account, or grant the mailbox Send As rights for that address"
     } else if has("ErrorAccessDenied") || (status == 403 && code.is_empty()) {
         "the app may not send from this mailbox: grant it the Mail.Send permission (application permission for client credentials) and admin consent, and check any application access policy that limits it to some mailboxes"
-    } else if has("MailboxNotEnabledForRESTAPI") || has("MailboxNotFound") || has("ErrorInvalidUser") {
+    } else if has("MailboxNotEnabledForRESTAPI")
+        || has("MailboxNotFound")
+        || has("ErrorInvalidUser")
+    {
         "the mailbox is not an Exchange Online mailbox Graph can send from (no licence, on-premises, or a wrong `mailbox`)"
     } else if has("ErrorMessageSizeExceeded") || status == 413 {
         "the message is larger than the mailbox's size limit"
@@ -368,12 +372,23 @@ mod tests {
         let p = g
             .draft_changes(&["a@example.com".into(), "hidden@example.com".into()], msg)
             .unwrap();
-        assert_eq!(p["toRecipients"][0]["emailAddress"]["address"], "a@example.com");
+        assert_eq!(
+            p["toRecipients"][0]["emailAddress"]["address"],
+            "a@example.com"
+        );
         assert_eq!(p["ccRecipients"].as_array().unwrap().len(), 0);
-        assert_eq!(p["bccRecipients"][0]["emailAddress"]["address"], "hidden@example.com");
+        assert_eq!(
+            p["bccRecipients"][0]["emailAddress"]["address"],
+            "hidden@example.com"
+        );
         let g = GraphUpstream::new("https://graph.test", "box@example.com".into(), false).unwrap();
-        let p = g.draft_changes(&["a@example.com".into(), "c@example.com".into()], msg).unwrap();
-        assert_eq!(p["singleValueExtendedProperties"][0]["id"], DELETE_AFTER_SUBMIT);
+        let p = g
+            .draft_changes(&["a@example.com".into(), "c@example.com".into()], msg)
+            .unwrap();
+        assert_eq!(
+            p["singleValueExtendedProperties"][0]["id"],
+            DELETE_AFTER_SUBMIT
+        );
         assert!(p.get("toRecipients").is_none());
     }
 }

@@ -26,7 +26,11 @@ pub fn time_for(bytes: usize) -> Duration {
 
 /// `Retry-After`: seconds, or an HTTP date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     let wait = match v.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => httpdate::parse_http_date(v)
@@ -88,9 +92,14 @@ pub async fn refusal(
         text = format!("{text} — {why}");
     }
     // Google answers some rate limits with 403 and a reason instead of 429.
-    let rate_limited = ["rateLimitExceeded", "userRateLimitExceeded", "dailyLimitExceeded", "quotaExceeded"]
-        .iter()
-        .any(|r| code.split(' ').any(|c| c == *r));
+    let rate_limited = [
+        "rateLimitExceeded",
+        "userRateLimitExceeded",
+        "dailyLimitExceeded",
+        "quotaExceeded",
+    ]
+    .iter()
+    .any(|r| code.split(' ').any(|c| c == *r));
     match status {
         401 => Outcome::AuthRejected(text),
         403 if rate_limited => match wait {

@@ -198,7 +198,8 @@ fn walk(message: &[u8], body: Range<usize>, boundary: &str, depth: usize, out: &
             .unwrap_or("7bit")
             .to_ascii_lowercase();
         let base64 = encoding == "base64";
-        if (name.is_none() && text) || !(base64 || matches!(encoding.as_str(), "7bit" | "8bit" | "binary"))
+        if (name.is_none() && text)
+            || !(base64 || matches!(encoding.as_str(), "7bit" | "8bit" | "binary"))
         {
             continue;
         }
@@ -301,7 +302,10 @@ mod tests {
         let nested = b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n--a\r\nContent-Type: image/png\r\nContent-Disposition: attachment; filename*=utf-8''sc%C3%A4n.png\r\nContent-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--a--\r\n";
         let l = leaves(nested);
         assert_eq!(l.len(), 1);
-        assert_eq!(l[0].chunks(nested, 30).flatten().collect::<Vec<u8>>(), [0, 1, 2]);
+        assert_eq!(
+            l[0].chunks(nested, 30).flatten().collect::<Vec<u8>>(),
+            [0, 1, 2]
+        );
         for junk in [
             &b""[..],
             b"\r\n",

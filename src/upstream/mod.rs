@@ -6,6 +6,8 @@
 pub mod gmail;
 pub mod graph;
 mod http;
+// Not a transport: makes lines over 998 octets fit the SMTP one.
+pub mod long_lines;
 pub mod mime;
 pub mod smtp;
 pub mod transports;

@@ -8,7 +8,7 @@ use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsPar
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Outcome, UpstreamError};
+use super::{Outcome, UpstreamError, long_lines};
 use crate::config::TlsMode;
 use crate::oauth::Endpoints;
 
@@ -89,7 +89,8 @@ impl SmtpUpstream {
         Ok(transport)
     }
 
-    /// Sends the queued bytes as they are. `message` must use CRLF line endings (the spool guarantees it).
+    /// Sends the queued bytes as they are, but for lines over 998 octets, wrapped so that the message stays the same
+    /// ([`long_lines`]). `message` must use CRLF line endings (the spool guarantees it).
     pub async fn send(
         &self,
         token: &SecretString,
@@ -101,9 +102,15 @@ impl SmtpUpstream {
             Ok(e) => e,
             Err(reply) => return Outcome::Permanent(reply),
         };
+        // SMTP caps a line at 998 octets (RFC 5321 section 4.5.3.1.6), and Microsoft 365 and Gmail refuse longer
+        // ones; devices send base64 without line breaks. Only this transport wraps them: the stored copy keeps
+        // them, and so would a transport that is not SMTP. A message without one is sent from `message` itself;
+        // the copy of one with them is at most about 3.2 times its size (a part re-encoded as quoted-printable,
+        // every octet escaped), usually a few percent more, and delivery charges it (`queue/delivery.rs`).
+        let message = long_lines::wrap(message);
         // lettre always writes CRLF "." CRLF after the body: a body that already ends in CRLF would gain an
         // empty line, so one trailing CRLF goes (DEPENDENCIES.md, trap 1).
-        let body = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let body = message.strip_suffix(b"\r\n").unwrap_or(&message);
         let transport = match self.transport(token) {
             Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),

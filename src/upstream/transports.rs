@@ -19,6 +19,8 @@ use crate::tokens::{AccountTokens, TokenError};
 /// How often a switched account tries SMTP again.
 pub const SMTP_RETRY: Duration = Duration::from_secs(86_400);
 
+// One per account, built once: the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Primary {
     Smtp(SmtpUpstream),
     Graph(GraphUpstream),
@@ -159,7 +161,9 @@ impl Transports {
                 self.switch_file
                     .parent()
                     .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(sw).unwrap_or_default()))
+                    .and_then(|()| {
+                        std::fs::write(&tmp, serde_json::to_vec_pretty(sw).unwrap_or_default())
+                    })
                     .and_then(|()| std::fs::rename(&tmp, &self.switch_file))
             }
             None => match std::fs::remove_file(&self.switch_file) {
