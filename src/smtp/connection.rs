@@ -87,7 +87,8 @@ async fn opens_with_tls(tcp: &TcpStream) -> std::io::Result<bool> {
             std::io::ErrorKind::UnexpectedEof,
             "closed before saying anything",
         )),
-        Ok(Ok(_)) => Ok(first[0] == TLS_HANDSHAKE_RECORD),
+        // A byte with the high bit set opens an SSLv2-format hello (very old clients); no SMTP command does.
+        Ok(Ok(_)) => Ok(first[0] == TLS_HANDSHAKE_RECORD || first[0] >= 0x80),
         Ok(Err(e)) => Err(e),
         Err(_) => Ok(false),
     }

@@ -24,6 +24,9 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<SslAcceptor, TlsError> {
         .map_err(|err| e("set-up", err))?;
     // The intermediate profile (curves, DH parameters, TLS 1.3 suites) with its TLS 1.2 floor taken out.
     b.clear_options(SslOptions::NO_TLSV1 | SslOptions::NO_TLSV1_1);
+    // The profile leaves the choice to the client; here the server's order must win, or a client listing RSA key
+    // exchange first would get it even though it can do ECDHE with GCM.
+    b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE);
     b.set_min_proto_version(Some(SslVersion::TLS1))
         .map_err(|err| e("TLS 1.0 minimum", err))?;
     b.set_cipher_list(LEGACY_CIPHERS)
