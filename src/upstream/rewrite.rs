@@ -110,7 +110,7 @@ impl SenderRewrite {
         }
         match rewrite_header(&self.mailbox, &message) {
             Ok(HeaderChange::Rewritten(new)) => {
-                tracing::debug!(relay_queue_id = %queue_id, from = %new.original, to = %self.mailbox, reply_to_added = new.reply_to_added, "From: rewritten");
+                tracing::debug!(relay_queue_id = %queue_id, from = new.original.as_str(), to = self.mailbox.as_str(), reply_to_added = new.reply_to_added, "From: rewritten");
                 let mut out = Vec::with_capacity(new.head.len() + message.len() - new.rest);
                 out.extend_from_slice(&new.head);
                 out.extend_from_slice(&message[new.rest..]);
