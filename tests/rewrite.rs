@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::http_api::FakeApi;
 use common::idp::{account_top, idp_issuing, relay_with_account_and};
 use common::upstream::{FakeUpstream, Received};
 use common::*;
@@ -23,13 +24,8 @@ fn message(from: &str, extra: &str) -> Vec<u8> {
     format!("{BEFORE}{from}{AFTER}{extra}{BODY}").into_bytes()
 }
 
-/// Sends `message` with MAIL FROM `sender` and returns what the upstream got.
-async fn deliver(
-    relay: &TestRelay,
-    upstream: &mut FakeUpstream,
-    sender: &str,
-    message: &[u8],
-) -> Received {
+/// Sends `message` with MAIL FROM `sender` to ops@example.com, and sees it queued.
+async fn submit(relay: &TestRelay, sender: &str, message: &[u8]) {
     let mut c = RawClient::ready(relay.addr()).await;
     c.cmd(&format!("MAIL FROM:<{sender}>"), 250).await;
     c.cmd("RCPT TO:<ops@example.com>", 250).await;
@@ -38,6 +34,16 @@ async fn deliver(
     c.send(b".\r\n").await;
     c.expect(250).await;
     c.cmd("QUIT", 221).await;
+}
+
+/// Sends `message` with MAIL FROM `sender` and returns what the upstream got.
+async fn deliver(
+    relay: &TestRelay,
+    upstream: &mut FakeUpstream,
+    sender: &str,
+    message: &[u8],
+) -> Received {
+    submit(relay, sender, message).await;
     let got = upstream.next().await;
     assert_eq!(got.to, ["ops@example.com"]);
     got
@@ -162,6 +168,35 @@ async fn header_mode_leaves_alone_what_it_need_not_or_cannot_change() {
             "",
         ),
         "null sender",
+    );
+}
+
+/// Microsoft Graph is given the message as rewritten, as SMTP is.
+#[tokio::test]
+async fn graph_is_given_the_rewritten_message() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let unused_smtp = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let graph = format!(
+        "transport = \"graph\"\ngraph_url = \"{}\"\nrewrite_from = \"header\"",
+        api.uri()
+    );
+    let top = account_top(dir.path(), &idp.uri(), &unused_smtp, &graph);
+    let relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    submit(&relay, DEVICE, &message(NAMED, "")).await;
+    let sent = api.sent(1).await;
+    assert_eq!(
+        String::from_utf8_lossy(strip_received(&sent[0].mime)),
+        String::from_utf8_lossy(&message(
+            "From: \"Scanner 3F\" <relay@example.com>\r\nReply-To: \"Scanner 3F\" <scanner@lan.test>\r\n",
+            "",
+        ))
     );
 }
 
