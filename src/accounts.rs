@@ -12,6 +12,7 @@ use crate::queue::delivery::Account;
 use crate::tokens::{AccountTokens, TokenStore};
 use crate::upstream::gmail::GmailUpstream;
 use crate::upstream::graph::GraphUpstream;
+use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::smtp::SmtpUpstream;
 use crate::upstream::transports::{Primary, Transports};
 
@@ -130,7 +131,13 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 _ => None,
             };
             let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
-            Ok(Arc::new(Account::new(a.name.clone(), tokens, transports)))
+            let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
+            Ok(Arc::new(Account::new(
+                a.name.clone(),
+                tokens,
+                transports,
+                rewrite,
+            )))
         })
         .collect()
 }

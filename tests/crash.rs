@@ -163,15 +163,7 @@ fn body_for(id: u64, big: bool) -> Vec<u8> {
 
 /// The message as a client sends it in DATA: dot-stuffed (RFC 5321 section 4.5.2), then the final dot.
 fn wire(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 64);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
+    let mut out = dot_stuffed(body);
     out.extend_from_slice(b".\r\n");
     out
 }

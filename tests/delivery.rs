@@ -34,7 +34,8 @@ async fn delivers_byte_for_byte_with_xoauth2() {
         got.auth,
         "user=relay@example.com\x01auth=Bearer tok-1\x01\x01"
     );
-    assert_eq!(got.from, "a@example.com");
+    // rewrite_from's default, `envelope`: MAIL FROM is the mailbox, the message is untouched.
+    assert_eq!(got.from, "relay@example.com");
     assert_eq!(got.to, ["b@example.com"]);
     relay.attempts_done(1).await;
     // What arrived upstream is what was queued: relay's Received line, then the client's bytes.

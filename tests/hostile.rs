@@ -312,7 +312,7 @@ async fn hostile_envelopes_survive_kill_9_and_are_delivered() {
         Duration::from_secs(3600),
     );
     let account = format!(
-        "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"relay@example.com\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
+        "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"relay@example.com\"\nclient_id = \"cid\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\nrewrite_from = \"none\"\n",
         upstream.addr.port()
     );
     let text = std::fs::read_to_string(&config).unwrap();

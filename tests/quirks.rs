@@ -5,7 +5,7 @@ mod common;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::idp::{account_top, idp_issuing};
+use common::idp::{AS_SENT, account_top, idp_issuing};
 use common::upstream::FakeUpstream;
 use common::*;
 
@@ -14,7 +14,7 @@ use common::*;
 async fn relay(upstream: &FakeUpstream) -> (TestRelay, wiremock::MockServer) {
     let idp = idp_issuing("tok").await;
     let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), upstream, "");
+    let top = account_top(dir.path(), &idp.uri(), upstream, AS_SENT);
     let relay = TestRelay::start_with(
         dir,
         &top,

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Stdio;
 
-use common::idp::{account_top, idp_issuing};
+use common::idp::{AS_SENT, account_top, idp_issuing};
 use common::upstream::FakeUpstream;
 use common::*;
 use tokio::io::AsyncWriteExt;
@@ -71,7 +71,7 @@ async fn relay(upstream: &FakeUpstream, listeners: &str) -> (TestRelay, wiremock
     let idp = idp_issuing("tok").await;
     let dir = tempfile::tempdir().unwrap();
     rsa_cert(dir.path());
-    let top = account_top(dir.path(), &idp.uri(), upstream, "");
+    let top = account_top(dir.path(), &idp.uri(), upstream, AS_SENT);
     (TestRelay::start_with(dir, &top, listeners).await, idp)
 }
 

@@ -22,6 +22,7 @@ use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
 use crate::config::{Config, QueueConfig};
 use crate::tokens::AccountTokens;
+use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::{Outcome, Transports, long_lines};
 
 /// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
@@ -36,6 +37,8 @@ pub struct Account {
     pub name: String,
     pub tokens: Arc<AccountTokens>,
     pub transports: Transports,
+    /// `rewrite_from`: applied to every attempt, whatever the transport.
+    pub rewrite: SenderRewrite,
     slots: Arc<Semaphore>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
@@ -59,11 +62,17 @@ pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDeliver
 }
 
 impl Account {
-    pub fn new(name: String, tokens: Arc<AccountTokens>, transports: Transports) -> Account {
+    pub fn new(
+        name: String,
+        tokens: Arc<AccountTokens>,
+        transports: Transports,
+        rewrite: SenderRewrite,
+    ) -> Account {
         Account {
             name,
             tokens,
             transports,
+            rewrite,
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             last_written: Mutex::new(None),
         }
@@ -357,7 +366,8 @@ impl Delivery {
             // wait on each other for good. Both go, the whole charge is waited for, and the message read again.
             charge = needed;
         };
-        let outcome = send(&account, &msg.envelope, &message).await;
+        let (sender, message) = account.rewrite.prepare(id, &msg.envelope.sender, message);
+        let outcome = send(&account, &sender, &msg.envelope.recipients, &message).await;
         drop((message, memory, slot));
         let name = account.name.clone();
         self.clone()
@@ -516,9 +526,9 @@ impl Delivery {
 }
 
 /// Sends through the account's transport (which handles token refresh and fallback).
-async fn send(account: &Account, e: &super::Envelope, message: &[u8]) -> Outcome {
+async fn send(account: &Account, sender: &str, recipients: &[String], message: &[u8]) -> Outcome {
     account
         .transports
-        .send(&account.tokens, &e.sender, &e.recipients, message)
+        .send(&account.tokens, sender, recipients, message)
         .await
 }

@@ -9,6 +9,8 @@ mod http;
 // Not a transport: makes lines over 998 octets fit the SMTP one.
 pub mod long_lines;
 pub mod mime;
+// Not a transport: the sender and message every transport is given, per rewrite_from.
+pub mod rewrite;
 pub mod smtp;
 pub mod transports;
 

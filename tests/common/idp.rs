@@ -7,6 +7,10 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use super::TestRelay;
 use super::upstream::FakeUpstream;
 
+/// Account keys for tests about what the client sent: its MAIL FROM goes upstream unchanged (the default,
+/// `envelope`, sends the mailbox instead).
+pub const AS_SENT: &str = "rewrite_from = \"none\"";
+
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 
 /// The form fields of the last request to `/token`.

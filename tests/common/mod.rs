@@ -238,6 +238,20 @@ pub fn strip_received(eml: &[u8]) -> &[u8] {
     &eml[at..]
 }
 
+/// A message as a client sends it in DATA, without the final dot: dot-stuffed (RFC 5321 section 4.5.2).
+pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut at_line_start = true;
+    for &b in message {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
 /// A hand-driven SMTP client for exact bytes and odd inputs.
 pub struct RawClient<S> {
     stream: TokioBufReader<S>,
@@ -468,10 +482,17 @@ impl Drop for Daemon {
 
 /// Writes a config file for the binary: one listener (given as TOML lines) and the `printer` user.
 pub fn write_config(dir: &Path, listener: &str) -> PathBuf {
+    write_config_with(dir, "", listener)
+}
+
+/// As [`write_config`], with top-level TOML (`default_account`, `[[account]]`) before the listener; `{dir}` in it
+/// is replaced by `dir`.
+pub fn write_config_with(dir: &Path, top: &str, listener: &str) -> PathBuf {
     let path = dir.join("relay.toml");
     let text = format!(
-        "state_dir = {state:?}\nhostname = \"relay.test\"\n[[listener]]\n{listener}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
+        "state_dir = {state:?}\nhostname = \"relay.test\"\n{top}\n[[listener]]\n{listener}\n[[user]]\nname = \"printer\"\npassword_hash = {hash:?}\n",
         state = dir.join("state"),
+        top = top.replace("{dir}", &dir.display().to_string()),
         hash = password_hash(),
     );
     std::fs::write(&path, text).unwrap();
