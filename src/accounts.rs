@@ -9,6 +9,7 @@ use crate::config::{AccountConfig, Config};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
+use crate::queue::rate::AccountRate;
 use crate::tokens::{AccountTokens, TokenStore};
 use crate::upstream::gmail::GmailUpstream;
 use crate::upstream::graph::GraphUpstream;
@@ -130,7 +131,10 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 _ => None,
             };
             let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
-            Ok(Arc::new(Account::new(a.name.clone(), tokens, transports)))
+            let rate = AccountRate::load(&config.state_dir, &a.name, a.limits());
+            Ok(Arc::new(
+                Account::new(a.name.clone(), tokens, transports).with_rate(rate),
+            ))
         })
         .collect()
 }
