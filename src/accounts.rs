@@ -9,6 +9,7 @@ use crate::config::{AccountConfig, Config};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
+use crate::queue::rate::AccountRate;
 use crate::tokens::{AccountTokens, TokenStore};
 use crate::upstream::gmail::GmailUpstream;
 use crate::upstream::graph::GraphUpstream;
@@ -132,12 +133,10 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             };
             let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
             let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
-            Ok(Arc::new(Account::new(
-                a.name.clone(),
-                tokens,
-                transports,
-                rewrite,
-            )))
+            let rate = AccountRate::load(&config.state_dir, &a.name, a.limits());
+            Ok(Arc::new(
+                Account::new(a.name.clone(), tokens, transports, rewrite).with_rate(rate),
+            ))
         })
         .collect()
 }

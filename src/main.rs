@@ -29,8 +29,19 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground
     Serve,
-    /// Validate the config and print what it resolves to (secrets redacted)
-    Check,
+    /// Validate the config and print what it resolves to (secrets redacted); with --route, say where a message
+    /// would go instead
+    Check {
+        /// Which account a message from FROM to TO (one or more recipients) would go through, and why
+        #[arg(long, num_args = 2.., value_names = ["FROM", "TO"])]
+        route: Option<Vec<String>>,
+        /// The AUTH user that sends it (with --route)
+        #[arg(long, requires = "route", value_name = "U")]
+        user: Option<String>,
+        /// The address of the listener it arrives on, as the config writes it (with --route)
+        #[arg(long, requires = "route", value_name = "L")]
+        listener: Option<String>,
+    },
     /// Read a password on stdin and print an argon2id hash for a [[user]] entry
     HashPassword,
     /// Obtain an account's OAuth2 grant (device code: prints a URL and a code, then waits) and store its tokens
@@ -83,46 +94,69 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = || load_config(cli.config.as_deref());
     match cli.command {
         Command::Serve => serve(config()?),
-        Command::Check => match load_config(cli.config.as_deref()).and_then(check_files) {
-            Ok(c) => {
-                for a in c
-                    .accounts
-                    .iter()
-                    .filter(|a| a.flow == relay::config::Flow::Password)
-                {
-                    eprintln!(
-                        "warning: account {} uses flow = \"password\": it stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials",
-                        a.name
+        Command::Check {
+            route: Some(route),
+            user,
+            listener,
+        } => check_route(&config()?, &route, user.as_deref(), listener.as_deref()),
+        Command::Check { route: None, .. } => {
+            match load_config(cli.config.as_deref()).and_then(check_files) {
+                Ok(c) => {
+                    for a in c
+                        .accounts
+                        .iter()
+                        .filter(|a| a.flow == relay::config::Flow::Password)
+                    {
+                        eprintln!(
+                            "warning: account {} uses flow = \"password\": it stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials",
+                            a.name
+                        );
+                    }
+                    for (i, l) in c
+                        .listeners
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.tls_compat == relay::config::TlsCompat::Legacy)
+                    {
+                        eprintln!(
+                            "warning: listener[{i}] ({}) has tls_compat = \"legacy\": it also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list",
+                            l.address
+                        );
+                    }
+                    println!(
+                        "# {} is valid; resolved settings follow (secrets redacted)",
+                        c.source
                     );
+                    print!("{}", c.to_toml());
+                    Ok(ExitCode::SUCCESS)
                 }
-                for (i, l) in c
-                    .listeners
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, l)| l.tls_compat == relay::config::TlsCompat::Legacy)
-                {
-                    eprintln!(
-                        "warning: listener[{i}] ({}) has tls_compat = \"legacy\": it also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list",
-                        l.address
-                    );
+                Err(e) => {
+                    eprintln!("relay: invalid config: {e}");
+                    Ok(ExitCode::from(2))
                 }
-                println!(
-                    "# {} is valid; resolved settings follow (secrets redacted)",
-                    c.source
-                );
-                print!("{}", c.to_toml());
-                Ok(ExitCode::SUCCESS)
             }
-            Err(e) => {
-                eprintln!("relay: invalid config: {e}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        }
         Command::HashPassword => hash_password(),
         Command::Authorize { account } => authorize(&config()?, &account),
         Command::Status { json } => status(&config()?, json),
         Command::Queue(q) => queue(&config()?, q),
     }
+}
+
+/// `relay check --route FROM TO…`: the account and the reason; a user or listener the config does not know is an
+/// error.
+fn check_route(
+    config: &Config,
+    route: &[String],
+    user: Option<&str>,
+    listener: Option<&str>,
+) -> Result<ExitCode> {
+    let (from, to) = route
+        .split_first()
+        .context("--route needs the sender and at least one recipient")?;
+    let answer = relay::queue::route::explain(config, from, to, user, listener)?;
+    print!("{answer}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `serve` would read at start besides the config itself: certificates and keys.
@@ -307,6 +341,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             for w in &a.warnings {
                 println!("  warning: {w}");
             }
+            println!("  sending: {}", sending(&a.rate));
             if let Some(d) = &a.last_delivery {
                 println!(
                     "  last delivery {} ({} ago): {}",
@@ -322,6 +357,19 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `12/30 messages this minute, 4310/10000 recipients in the last 24 h`.
+fn sending(u: &relay::queue::rate::Usage) -> String {
+    let of = |n: u64, limit: Option<u32>| match limit {
+        Some(l) => format!("{n}/{l}"),
+        None => format!("{n} (no limit)"),
+    };
+    format!(
+        "{} messages this minute, {} recipients in the last 24 h",
+        of(u.messages_this_minute, u.per_minute),
+        of(u.recipients_last_24h, u.recipients_per_day)
+    )
 }
 
 fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {

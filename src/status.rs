@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::{AccountConfig, Config, Flow};
 use crate::queue::delivery::{LastDelivery, read_last_delivery};
+use crate::queue::rate::{Usage, usage_from_file};
 use crate::queue::state::read_state;
 use crate::queue::{QueueStore, StoreError};
 use crate::tokens::TokenStore;
@@ -41,7 +42,9 @@ pub struct AccountStatus {
     pub transport: &'static str,
     /// Set while a fallback is in use: since when, and why.
     pub transport_switched: Option<crate::upstream::transports::Switch>,
-    /// Credentials expiring within 30 days, or expired.
+    /// How close it is to its sending limits.
+    pub rate: Usage,
+    /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters.
     pub warnings: Vec<String>,
 }
 
@@ -122,7 +125,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         _ => state,
     };
     let now = SystemTime::now();
-    let warnings = crate::oauth::expiry::expiries(a)
+    let mut warnings: Vec<String> = crate::oauth::expiry::expiries(a)
         .iter()
         .filter_map(|e| crate::oauth::expiry::warning(&a.name, e, now))
         .collect();
@@ -135,6 +138,14 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         (crate::config::Transport::Graph, None) => "graph",
         (crate::config::Transport::GmailApi, None) => "gmail_api",
     };
+    let (rate, problem) = usage_from_file(&config.state_dir, &a.name, a.limits(), now);
+    warnings.extend(problem);
+    if rate.day_exhausted() {
+        warnings.push(format!(
+            "{} recipients in the last 24 hours: the account's daily limit is reached, and its mail waits until the window moves on",
+            rate.recipients_last_24h
+        ));
+    }
     AccountStatus {
         name: a.name.clone(),
         mailbox: a.mailbox.clone(),
@@ -145,6 +156,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,
         last_delivery,
+        rate,
         warnings,
     }
 }

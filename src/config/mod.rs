@@ -264,10 +264,70 @@ pub struct AccountConfig {
     /// Graph: keep a copy in the mailbox's Sent Items (Graph's own default).
     #[serde(default = "yes")]
     pub save_to_sent_items: bool,
+    /// Sending limits; each key left out takes the provider's default (see [`RateConfig::provider_default`]).
+    /// After validation this holds the effective limits, so that `relay check` prints them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateConfig>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// An account's sending limits, as the provider counts them; a limit that is absent does not apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Messages in any 60 seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_minute: Option<u32>,
+    /// Recipients in any 24 hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_per_day: Option<u32>,
+}
+
+impl RateConfig {
+    /// What the provider enforces per mailbox. Exchange Online: 30 messages a minute and 10,000 recipients a day.
+    /// Gmail: 500 recipients a day for a consumer mailbox (`@gmail.com`, `@googlemail.com`), 2,000 for Google
+    /// Workspace, and no documented per-minute limit. A generic provider's limits are unknown: none.
+    pub fn provider_default(provider: Provider, mailbox: &str) -> RateConfig {
+        match provider {
+            Provider::Microsoft => RateConfig {
+                per_minute: Some(30),
+                recipients_per_day: Some(10_000),
+            },
+            Provider::Google => {
+                let domain = mailbox
+                    .rsplit('@')
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                let consumer = matches!(domain.as_str(), "gmail.com" | "googlemail.com");
+                RateConfig {
+                    per_minute: None,
+                    recipients_per_day: Some(if consumer { 500 } else { 2_000 }),
+                }
+            }
+            Provider::Generic => RateConfig::default(),
+        }
+    }
+
+    /// Each limit the config sets, else the provider's.
+    pub fn or(self, defaults: RateConfig) -> RateConfig {
+        RateConfig {
+            per_minute: self.per_minute.or(defaults.per_minute),
+            recipients_per_day: self.recipients_per_day.or(defaults.recipients_per_day),
+        }
+    }
+}
+
+impl AccountConfig {
+    /// The limits relay keeps this account under.
+    pub fn limits(&self) -> RateConfig {
+        self.rate
+            .unwrap_or_default()
+            .or(RateConfig::provider_default(self.provider, &self.mailbox))
+    }
 }
 
 fn default_transport() -> Transport {
@@ -285,7 +345,22 @@ pub struct RouteConfig {
     pub recipient: Option<String>,
     pub listener: Option<String>,
     pub user: Option<String>,
-    pub account: String,
+    /// The account this route's mail goes through; or `accounts`, to spread it across several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<Vec<String>>,
+}
+
+impl RouteConfig {
+    /// The accounts this route names (one, or those of `accounts`); validation makes sure there is at least one.
+    pub fn targets(&self) -> Vec<String> {
+        match (&self.account, &self.accounts) {
+            (_, Some(list)) => list.clone(),
+            (Some(one), None) => vec![one.clone()],
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

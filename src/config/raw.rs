@@ -117,6 +117,29 @@ impl RawConfig {
             }
             crate::oauth::endpoints(a)
                 .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason))?;
+            if let Some(rate) = &a.rate {
+                for (key, value) in [
+                    ("per_minute", rate.per_minute),
+                    ("recipients_per_day", rate.recipients_per_day),
+                ] {
+                    match value {
+                        // Zero would hold the account's mail for ever; leaving the key out takes the provider's.
+                        Some(0) => {
+                            return Err(errs.at(
+                                format!("account[{i}].rate.{key}"),
+                                "must be at least 1 (leave it out for the provider's default)",
+                            ));
+                        }
+                        Some(n) if n > MAX_RATE => {
+                            return Err(errs.at(
+                                format!("account[{i}].rate.{key}"),
+                                format!("must be at most {MAX_RATE}"),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+            }
             for (key, file) in [
                 ("client_secret_file", &a.client_secret_file),
                 ("password_file", &a.password_file),
@@ -182,7 +205,40 @@ impl RawConfig {
         }
 
         for (i, r) in self.route.iter().enumerate() {
-            known_account(format!("route[{i}].account"), &Some(r.account.clone()))?;
+            match (&r.account, &r.accounts) {
+                (Some(_), Some(_)) => {
+                    return Err(errs.at(
+                        format!("route[{i}]"),
+                        "give `account` or `accounts`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(errs.at(
+                        format!("route[{i}].account"),
+                        "required (or `accounts = [\"a\", \"b\"]` to spread mail across several)",
+                    ));
+                }
+                (Some(one), None) => {
+                    known_account(format!("route[{i}].account"), &Some(one.clone()))?
+                }
+                (None, Some(list)) => {
+                    if list.is_empty() {
+                        return Err(
+                            errs.at(format!("route[{i}].accounts"), "needs at least one account")
+                        );
+                    }
+                    let mut seen = HashSet::new();
+                    for (j, name) in list.iter().enumerate() {
+                        known_account(format!("route[{i}].accounts[{j}]"), &Some(name.clone()))?;
+                        if !seen.insert(name) {
+                            return Err(errs.at(
+                                format!("route[{i}].accounts[{j}]"),
+                                format!("`{name}` is listed twice"),
+                            ));
+                        }
+                    }
+                }
+            }
         }
 
         let mut queue = QueueConfig::default();
@@ -219,7 +275,15 @@ impl RawConfig {
             default_account: self.default_account,
             listeners,
             users,
-            accounts: self.account,
+            // The effective limits, so that `relay check` shows what applies (nothing when no limit does).
+            accounts: self
+                .account
+                .into_iter()
+                .map(|mut a| {
+                    a.rate = Some(a.limits()).filter(|r| *r != RateConfig::default());
+                    a
+                })
+                .collect(),
             routes: self.route,
             queue,
         })
@@ -377,6 +441,9 @@ fn check_secret_file(path: &std::path::Path, secret: bool) -> Result<(), String>
         .map(drop)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
+
+/// The largest sending limit taken: far above any provider's, and small enough that counts never overflow.
+const MAX_RATE: u32 = 1_000_000;
 
 const YEAR: Duration = Duration::from_secs(365 * 86_400);
 

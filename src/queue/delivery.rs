@@ -5,6 +5,9 @@
 //! Memory is bounded here, not by how much mail waits: a message's bytes are read only once the attempt holds
 //! its account's connection slot and its share of [`DELIVERY_MEMORY`], so a backlog of any size costs the
 //! scheduler a few dozen bytes per message and no more.
+//!
+//! Sending limits are checked here too (`rate.rs`): a message whose accounts have no room is not attempted; it
+//! waits, parked by the scheduler with the rest of its pool's mail, and nothing about it is recorded.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -12,15 +15,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::QueueId;
 use super::file::{self, FileError};
 use super::layout::{SpoolPaths, msg_path, state_path};
-use super::route::Routing;
+use super::rate::{AccountRate, Reservation};
+use super::route::{Addressing, Routing};
 use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
-use crate::config::{Config, QueueConfig};
+use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::{Outcome, Transports, long_lines};
@@ -39,6 +43,8 @@ pub struct Account {
     pub transports: Transports,
     /// `rewrite_from`: applied to every attempt, whatever the transport.
     pub rewrite: SenderRewrite,
+    /// Its sending limits, and what it has sent against them.
+    pub rate: Arc<AccountRate>,
     slots: Arc<Semaphore>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
@@ -69,6 +75,7 @@ impl Account {
         rewrite: SenderRewrite,
     ) -> Account {
         Account {
+            rate: Arc::new(AccountRate::unpersisted(&name, RateConfig::default())),
             name,
             tokens,
             transports,
@@ -76,6 +83,12 @@ impl Account {
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             last_written: Mutex::new(None),
         }
+    }
+
+    /// The account's limits and its counts so far (see [`AccountRate::load`]); without, it has no limits.
+    pub fn with_rate(mut self, rate: AccountRate) -> Account {
+        self.rate = Arc::new(rate);
+        self
     }
 
     /// Records the last result for `relay status`: at once when the kind of outcome changes, else at most once a
@@ -115,6 +128,9 @@ pub struct Delivery {
     queue: QueueConfig,
     routing: Routing,
     accounts: HashMap<String, Arc<Account>>,
+    /// The pools each account belongs to: when one of its deliveries ends, their mail may go.
+    pools_with: HashMap<String, Vec<usize>>,
+    waiting: Arc<Waiting>,
     /// [`DELIVERY_MEMORY`] in KiB.
     memory: Semaphore,
     /// Delivered, but their file could not be removed: never sent again by this run.
@@ -144,8 +160,41 @@ pub enum Attempted {
         at: SystemTime,
         account: Option<String>,
     },
-    /// Its account's connections are all in use: look again when one of them is free.
-    Busy { account: String },
+    /// None of its accounts can take it now: it waits in its pool (see [`Routing`]) and was not an attempt.
+    Waiting { pool: usize, wait: Wait },
+}
+
+/// What a waiting message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Every connection of its accounts is in use: a delivery's end frees one.
+    Connection,
+    /// A sending limit: room comes at this time, or (`None`) when a delivery in flight ends.
+    Limit(Option<SystemTime>),
+    /// Older mail waits for the same accounts, and goes first.
+    Behind,
+}
+
+/// The oldest message parked in each pool, as the scheduler last set it, so that a newer message does not
+/// overtake it. One entry per pool at most.
+#[derive(Debug, Default)]
+pub struct Waiting(Mutex<HashMap<usize, QueueId>>);
+
+impl Waiting {
+    pub fn set(&self, pool: usize, oldest: Option<QueueId>) {
+        if let Ok(mut w) = self.0.lock() {
+            match oldest {
+                Some(id) => w.insert(pool, id),
+                None => w.remove(&pool),
+            };
+        }
+    }
+
+    fn is_behind(&self, pool: usize, id: QueueId) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|w| w.get(&pool).is_some_and(|oldest| *oldest < id))
+    }
 }
 
 impl Attempted {
@@ -163,7 +212,7 @@ impl Attempted {
                 at,
                 account: Some(name),
             },
-            busy => busy,
+            waiting => waiting,
         }
     }
 
@@ -171,11 +220,11 @@ impl Attempted {
     pub fn freed(&self) -> Option<&str> {
         match self {
             Attempted::Done { account } | Attempted::Later { account, .. } => account.as_deref(),
-            Attempted::Busy { .. } => None,
+            Attempted::Waiting { .. } => None,
         }
     }
 
-    /// When to look at the message again, if ever (a busy account's message is parked instead).
+    /// When to look at the message again, if ever (a waiting message is parked instead).
     pub fn next(&self) -> Option<SystemTime> {
         match self {
             Attempted::Later { at, .. } => Some(*at),
@@ -186,10 +235,19 @@ impl Attempted {
 
 impl Delivery {
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Delivery {
+        let routing = Routing::new(config);
+        let mut pools_with: HashMap<String, Vec<usize>> = HashMap::new();
+        for (pool, names) in routing.pools().iter().enumerate() {
+            for name in names {
+                pools_with.entry(name.clone()).or_default().push(pool);
+            }
+        }
         Delivery {
             paths: SpoolPaths::new(&config.state_dir),
             queue: config.queue.clone(),
-            routing: Routing::new(config),
+            routing,
+            pools_with,
+            waiting: Arc::default(),
             accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
             memory: Semaphore::new(MEMORY_UNITS as usize),
             delivered: Mutex::new(HashSet::new()),
@@ -204,11 +262,81 @@ impl Delivery {
         !self.accounts.is_empty()
     }
 
-    /// Whether the account has a connection slot free now.
-    pub fn has_free_slot(&self, account: &str) -> bool {
-        self.accounts
-            .get(account)
-            .is_some_and(|a| a.slots.available_permits() > 0)
+    /// The pools an account belongs to.
+    pub fn pools_with(&self, account: &str) -> &[usize] {
+        self.pools_with.get(account).map_or(&[], Vec::as_slice)
+    }
+
+    /// Where the scheduler tells delivery which message of each pool waits longest.
+    pub fn waiting(&self) -> Arc<Waiting> {
+        self.waiting.clone()
+    }
+
+    /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
+    /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
+    pub fn room(&self, pool: usize) -> usize {
+        let now = SystemTime::now();
+        let Some(names) = self.routing.pools().get(pool) else {
+            return 0;
+        };
+        names
+            .iter()
+            .filter_map(|n| self.accounts.get(n))
+            .map(|a| {
+                let rate = usize::try_from(a.rate.room(now)).unwrap_or(usize::MAX);
+                a.slots.available_permits().min(rate)
+            })
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Writes every account's counters (at shutdown, after the last delivery).
+    pub fn save_counters(&self) {
+        for a in self.accounts.values() {
+            a.rate.save();
+        }
+    }
+
+    /// An account of the pool that can take a message to `recipients` recipients now, with a connection and a
+    /// place under its limits; else what the message waits for. Of several, the one that has used the least of
+    /// its day goes first (then the fewest recipients, then config order), so that mail spreads evenly.
+    fn take_place(
+        &self,
+        names: &[String],
+        recipients: usize,
+        now: SystemTime,
+    ) -> Result<(Arc<Account>, OwnedSemaphorePermit, Reservation), Wait> {
+        let mut accounts: Vec<(u64, u64, usize, &Arc<Account>)> = names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let a = self.accounts.get(n)?;
+                let u = a.rate.usage(now);
+                let share = u.recipients_per_day.map_or(0, |limit| {
+                    u.recipients_last_24h.saturating_mul(1_000_000) / u64::from(limit.max(1))
+                });
+                Some((share, u.recipients_last_24h, i, a))
+            })
+            .collect();
+        if names.len() > 1 {
+            accounts.sort_unstable_by_key(|&(share, used, i, _)| (share, used, i));
+        }
+        let mut limited: Option<Option<SystemTime>> = None;
+        for (.., a) in accounts {
+            let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            match a.rate.reserve(now, recipients) {
+                Ok(r) => return Ok((a.clone(), slot, r)),
+                // The soonest any of them frees.
+                Err(at) => {
+                    limited = Some(match (limited.flatten(), at) {
+                        (Some(x), Some(y)) => Some(x.min(y)),
+                        (x, y) => x.or(y),
+                    })
+                }
+            }
+        }
+        Err(limited.map_or(Wait::Connection, Wait::Limit))
     }
 
     /// Whether this run already delivered `id` (its file could not be removed).
@@ -276,16 +404,18 @@ impl Delivery {
                 .blocking(move |d| d.dead(id, &mut state, &why, None))
                 .await;
         }
-        let account = match self.routing.account_for(&msg.envelope) {
+        let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
             None => Err("no account is configured for this message".to_string()),
-            Some(name) => self
-                .accounts
-                .get(name)
-                .cloned()
-                .ok_or_else(|| format!("account {name} is not configured")),
+            Some(d) if d.accounts.is_empty() => {
+                Err("no account is configured for this message".to_string())
+            }
+            Some(d) => match d.accounts.iter().find(|n| !self.accounts.contains_key(*n)) {
+                Some(name) => Err(format!("account {name} is not configured")),
+                None => Ok(d),
+            },
         };
-        let account = match account {
-            Ok(a) => a,
+        let decision = match decision {
+            Ok(d) => d,
             Err(why) => {
                 return self
                     .clone()
@@ -293,12 +423,31 @@ impl Delivery {
                     .await;
             }
         };
-        // A busy account does not hold one of the scheduler's places while it waits: the message is parked
-        // and comes back when one of the account's deliveries ends.
-        let Ok(slot) = account.slots.clone().try_acquire_owned() else {
-            return Attempted::Busy {
-                account: account.name.clone(),
+        let pool = decision.pool;
+        if self.waiting.is_behind(pool, id) {
+            return Attempted::Waiting {
+                pool,
+                wait: Wait::Behind,
             };
+        }
+        // A message that cannot go now does not hold one of the scheduler's places while it waits: it is parked,
+        // and comes back when a delivery of its accounts ends or a limit's window frees.
+        let (account, slot, mut reservation) = match self.take_place(
+            decision.accounts,
+            msg.envelope.recipients.len(),
+            now,
+        ) {
+            Ok(place) => place,
+            Err(wait) => {
+                if let Wait::Limit(until) = wait {
+                    let until = until.map_or_else(
+                        || "a delivery in flight ends".to_string(),
+                        |t| humantime::format_rfc3339_seconds(t).to_string(),
+                    );
+                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %until, "held by the account's sending limits");
+                }
+                return Attempted::Waiting { pool, wait };
+            }
         };
         // A message with lines over 998 octets is sent wrapped (upstream::long_lines): the wrapped copy, and
         // lettre's copy of that, sit beside the original. That is known once the message is read; then the charge
@@ -311,8 +460,12 @@ impl Delivery {
             };
             let read = {
                 let msg = msg.clone();
-                // Sizing the wrapped copy walks the whole message: on the blocking pool, like the read.
+                let rate = account.rate.clone();
+                // Sizing the wrapped copy walks the whole message: on the blocking pool, like the read. The counts
+                // are written before the message can reach the upstream: a crash during the send must not make the
+                // next start forget it.
                 tokio::task::spawn_blocking(move || {
+                    rate.save();
                     msg.read_verified().map(|read| {
                         read.map(|bytes| {
                             let wrapped = long_lines::wrapped_len(&bytes);
@@ -366,12 +519,18 @@ impl Delivery {
             // wait on each other for good. Both go, the whole charge is waited for, and the message read again.
             charge = needed;
         };
+        reservation.sending();
         let (sender, message) = account.rewrite.prepare(id, &msg.envelope.sender, message);
         let outcome = send(&account, &sender, &msg.envelope.recipients, &message).await;
         drop((message, memory, slot));
         let name = account.name.clone();
         self.clone()
-            .blocking(move |d| d.settle(id, &account, outcome, &mut state))
+            .blocking(move |d| {
+                reservation.finish(matches!(outcome, Outcome::Delivered(_)));
+                let next = d.settle(id, &account, outcome, &mut state);
+                account.rate.save();
+                next
+            })
             .await
             .with_account(name)
     }

@@ -1,12 +1,14 @@
 //! The durable queue. `layout` names the files, `file` is the format of one queued message, `spool` writes
 //! messages in, `store` reads and manages them from outside the daemon, and delivery is `scheduler` (when) plus
-//! `delivery` (one attempt), with `state` (per-message delivery state) and `retry` (the trigger).
+//! `delivery` (one attempt), with `state` (per-message delivery state), `retry` (the trigger), `route` (which
+//! account) and `rate` (the providers' sending limits).
 
 pub mod delivery;
 mod envelope;
 pub mod file;
 mod id;
 pub mod layout;
+pub mod rate;
 pub mod retry;
 pub mod route;
 pub mod scheduler;

@@ -6,9 +6,13 @@
 //! time, 32 bytes each), at most [`MAX_SCHEDULED`] of those wait in memory (beyond that the queue directory is
 //! read again once the schedule has room), and on shutdown attempts in flight get [`DRAIN`] to finish; the rest
 //! are stopped and their messages stay queued.
+//!
+//! A message whose accounts cannot take it now (connections in use, a sending limit reached) is parked with the
+//! rest of its pool's mail, oldest first, and costs no attempt: it comes back when one of those accounts ends a
+//! delivery, or at the moment the limit's window frees room (a timed wake-up per pool, never a polling loop).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::QueueId;
-use super::delivery::{Account, Attempted, Delivery};
+use super::delivery::{Account, Attempted, Delivery, Wait, Waiting};
 use super::layout::{FileKind, parse_file_name};
 use super::retry::{TRIGGER_CHECK, trigger_mtime};
 use super::state::read_state;
@@ -26,6 +30,8 @@ use crate::config::Config;
 const MAX_IN_FLIGHT: usize = 64;
 /// Messages the schedule holds in memory; a larger backlog is read from disk again as the schedule drains.
 const MAX_SCHEDULED: usize = 100_000;
+/// When a message that could not be parked (too many are) is looked at again, if nothing says sooner.
+const PARKED_FULL_RECHECK: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for deliveries in flight.
 pub const DRAIN: Duration = Duration::from_secs(20);
 
@@ -62,7 +68,10 @@ impl Scheduler {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
         let mut running: HashMap<tokio::task::Id, QueueId> = HashMap::new();
-        let mut s = Schedule::default();
+        let mut s = Schedule {
+            waiting: self.delivery.waiting(),
+            ..Schedule::default()
+        };
         let mut trigger_seen = trigger_mtime(&state_dir);
         match self.load(&s).await {
             Ok((d, o)) => (s.due, s.overflow) = (d, o),
@@ -76,6 +85,17 @@ impl Scheduler {
         let mut ticked = false;
         loop {
             let now = SystemTime::now();
+            let woken: Vec<usize> = s
+                .wakes
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(pool, _)| *pool)
+                .collect();
+            for pool in woken {
+                s.wakes.remove(&pool);
+                // As many as can go now; at least one, whose attempt says when to look again.
+                s.unpark(pool, self.delivery.room(pool).max(1), now);
+            }
             while let Some(Reverse((at, id))) = s.due.peek().copied() {
                 if at > now {
                     break;
@@ -90,7 +110,7 @@ impl Scheduler {
                     break;
                 };
                 s.due.pop();
-                s.unpark(id);
+                s.forget_parked(id);
                 s.in_flight.insert(id);
                 let delivery = self.delivery.clone();
                 let handle = tasks.spawn(async move {
@@ -113,6 +133,10 @@ impl Scheduler {
                 Some(Reverse((at, _))) => at.duration_since(now).unwrap_or_default(),
                 None => Duration::from_secs(3600),
             };
+            let sleep = match s.wakes.values().min() {
+                Some(at) => sleep.min(at.duration_since(now).unwrap_or_default()),
+                None => sleep,
+            };
             tokio::select! {
                 Some(id) = committed.recv() => s.push(SystemTime::now(), id),
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
@@ -127,10 +151,10 @@ impl Scheduler {
                             (task, attempted)
                         }
                     };
-                    // A message parked for a busy account was not an attempt.
-                    let parked = matches!(attempted, Some(Attempted::Busy { .. }));
+                    // A message that waits for its accounts was not an attempt.
+                    let parked = matches!(attempted, Some(Attempted::Waiting { .. }));
                     if let (Some(id), Some(attempted)) = (running.remove(&task), attempted) {
-                        s.finished(id, attempted);
+                        s.finished(id, attempted, &self.delivery);
                     }
                     if !parked {
                         self.attempts.send_modify(|n| *n += 1);
@@ -141,10 +165,20 @@ impl Scheduler {
                 _ = stop.wait_for(|s| *s) => break,
             }
             if std::mem::take(&mut ticked) {
-                // A parked message whose account freed a slot without its attempt saying so (rare, but it must
-                // not strand mail): one per account comes back each tick.
-                let delivery = self.delivery.clone();
-                s.unpark_one_per_account(|account| delivery.has_free_slot(account));
+                // A pool whose mail waits for a connection that was freed without its attempt saying so (rare, but
+                // it must not strand mail): one message comes back each tick. Pools waiting for a limit's window
+                // have their own wake-up.
+                let pools: Vec<usize> = s
+                    .parked
+                    .keys()
+                    .filter(|pool| !s.wakes.contains_key(pool))
+                    .copied()
+                    .collect();
+                for pool in pools {
+                    if self.delivery.room(pool) > 0 {
+                        s.unpark(pool, 1, SystemTime::now());
+                    }
+                }
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
@@ -161,6 +195,8 @@ impl Scheduler {
             }
         }
         self.drain(tasks).await;
+        let delivery = self.delivery.clone();
+        let _ = tokio::task::spawn_blocking(move || delivery.save_counters()).await;
     }
 
     /// Lets attempts in flight finish within [`DRAIN`]; stops the rest, whose messages stay queued.
@@ -190,7 +226,7 @@ impl Scheduler {
         let skip: HashSet<QueueId> = s
             .in_flight
             .iter()
-            .chain(s.parked_ids.iter())
+            .chain(s.parked_ids.keys())
             .copied()
             .collect();
         tokio::task::spawn_blocking(move || load_schedule(&queue, &skip))
@@ -208,9 +244,13 @@ struct Schedule {
     in_flight: HashSet<QueueId>,
     /// Came due while its attempt was running: looked at again when that attempt ends.
     rerun: HashSet<QueueId>,
-    /// Waiting for a connection of their account, oldest first.
-    parked: HashMap<String, VecDeque<QueueId>>,
-    parked_ids: HashSet<QueueId>,
+    /// Waiting for their accounts, per pool, oldest (lowest id) first.
+    parked: HashMap<usize, BTreeSet<QueueId>>,
+    parked_ids: HashMap<QueueId, usize>,
+    /// When a pool's limits free room: the earliest, one per pool.
+    wakes: HashMap<usize, SystemTime>,
+    /// Each pool's oldest parked message, for delivery to keep newer mail behind it.
+    waiting: Arc<Waiting>,
 }
 
 impl Schedule {
@@ -222,20 +262,41 @@ impl Schedule {
         }
     }
 
-    fn finished(&mut self, id: QueueId, attempted: Attempted) {
+    fn finished(&mut self, id: QueueId, attempted: Attempted, delivery: &Delivery) {
         self.in_flight.remove(&id);
         if let Some(account) = attempted.freed() {
-            let account = account.to_string();
-            self.unpark_one(&account);
+            for &pool in delivery.pools_with(account) {
+                self.unpark(pool, 1, SystemTime::now());
+            }
         }
         let rerun = self.rerun.remove(&id);
         match attempted {
-            Attempted::Busy { account } => {
+            Attempted::Waiting { pool, wait } => {
                 if self.parked_ids.len() >= MAX_SCHEDULED {
-                    // Left to the next reread of the queue, which skips only what is parked or in flight.
-                    self.overflow = true;
-                } else if self.parked_ids.insert(id) {
-                    self.parked.entry(account).or_default().push_back(id);
+                    // No room to park it: it is looked at again later, like a deferred message.
+                    let at = match wait {
+                        Wait::Limit(Some(at)) => at,
+                        _ => SystemTime::now() + PARKED_FULL_RECHECK,
+                    };
+                    self.push(at, id);
+                    return;
+                }
+                self.park(pool, id);
+                match wait {
+                    Wait::Limit(Some(at)) => {
+                        let wake = self.wakes.entry(pool).or_insert(at);
+                        *wake = (*wake).min(at);
+                    }
+                    Wait::Limit(None) => {}
+                    // What it waited for may have ended before it was parked (older mail gone, a delivery over):
+                    // first in line with room, it goes now. Never loops: with room, an attempt finds a connection.
+                    Wait::Connection | Wait::Behind => {
+                        if self.parked.get(&pool).and_then(BTreeSet::first) == Some(&id)
+                            && delivery.room(pool) > 0
+                        {
+                            self.unpark(pool, 1, SystemTime::now());
+                        }
+                    }
                 }
             }
             other => match other.next() {
@@ -246,34 +307,44 @@ impl Schedule {
         }
     }
 
-    fn unpark_one(&mut self, account: &str) {
-        let next = self.parked.get_mut(account).and_then(VecDeque::pop_front);
-        if let Some(id) = next {
-            self.parked_ids.remove(&id);
-            self.due.push(Reverse((SystemTime::now(), id)));
+    fn park(&mut self, pool: usize, id: QueueId) {
+        if self.parked_ids.insert(id, pool).is_none() {
+            self.parked.entry(pool).or_default().insert(id);
         }
-        if self.parked.get(account).is_some_and(VecDeque::is_empty) {
-            self.parked.remove(account);
-        }
+        self.publish(pool);
     }
 
-    /// One parked message per account that has a connection free comes back (a slot freed without an attempt
-    /// saying so, which is rare); accounts still busy keep their order.
-    fn unpark_one_per_account(&mut self, free: impl Fn(&str) -> bool) {
-        let accounts: Vec<String> = self.parked.keys().filter(|a| free(a)).cloned().collect();
-        for account in accounts {
-            self.unpark_one(&account);
+    /// The `n` oldest of a pool's parked messages are due `now`.
+    fn unpark(&mut self, pool: usize, n: usize, now: SystemTime) {
+        if let Some(list) = self.parked.get_mut(&pool) {
+            for _ in 0..n {
+                let Some(id) = list.pop_first() else { break };
+                self.parked_ids.remove(&id);
+                self.due.push(Reverse((now, id)));
+            }
+            if list.is_empty() {
+                self.parked.remove(&pool);
+            }
         }
+        self.publish(pool);
     }
 
     /// A parked message that came due another way (a reread of the queue) is no longer parked.
-    fn unpark(&mut self, id: QueueId) {
-        if self.parked_ids.remove(&id) {
-            for list in self.parked.values_mut() {
-                list.retain(|p| *p != id);
+    fn forget_parked(&mut self, id: QueueId) {
+        if let Some(pool) = self.parked_ids.remove(&id) {
+            if let Some(list) = self.parked.get_mut(&pool) {
+                list.remove(&id);
+                if list.is_empty() {
+                    self.parked.remove(&pool);
+                }
             }
-            self.parked.retain(|_, list| !list.is_empty());
+            self.publish(pool);
         }
+    }
+
+    fn publish(&self, pool: usize) {
+        let oldest = self.parked.get(&pool).and_then(|l| l.first().copied());
+        self.waiting.set(pool, oldest);
     }
 }
 

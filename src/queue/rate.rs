@@ -1,0 +1,687 @@
+//! Provider sending limits: how many messages an account has sent in the last minute and how many recipients in
+//! the last 24 hours, whether a message may go now, and when one that may not could.
+//!
+//! Counts live in sliding windows of buckets (seconds for the minute, minutes for the day), so their size is fixed
+//! whatever the traffic: at most 61 and 1,441 buckets. A count stays in its window until the bucket after the
+//! window's end, so relay's window always covers the provider's (it is up to one bucket longer, never shorter).
+//!
+//! A message is counted from the moment its attempt takes a place (in flight) until it is done; then it is
+//! counted at the time it finished, when the upstream has seen it. So whatever the upstream's latency, no window
+//! of the provider's holds more than the limit. Every attempt that went to the upstream counts as a message; only
+//! accepted messages count their recipients (an outage must not use up the day). An attempt whose outcome is
+//! unknown (stopped in the middle) counts in full.
+//!
+//! The counts are written to `STATE_DIR/rate/ACCOUNT.json` (atomically, fsynced) before each message goes out
+//! and after it is done, because the provider keeps counting across a restart. A file that cannot be read is
+//! taken as the worst case: every limit reached when it was last written.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RateConfig;
+
+/// The per-minute window: one-second buckets over 60 seconds.
+const MINUTE: (u64, u64) = (1, 60);
+/// The daily window: one-minute buckets over 24 hours.
+const DAY: (u64, u64) = (60, 1440);
+/// Largest counters file read; a full one is about 30 KiB.
+const MAX_FILE: u64 = 256 * 1024;
+const VERSION: u32 = 1;
+
+/// Where an account's counters are kept.
+pub fn rate_path(state_dir: &Path, account: &str) -> PathBuf {
+    state_dir.join("rate").join(format!("{account}.json"))
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Counts in buckets of `width` seconds, kept while they are within `span` buckets of the present.
+#[derive(Debug, Clone)]
+struct Window {
+    width: u64,
+    span: u64,
+    /// Ascending bucket numbers, non-zero counts; at most `span + 1` of them.
+    buckets: VecDeque<(u64, u64)>,
+}
+
+impl Window {
+    fn new((width, span): (u64, u64)) -> Window {
+        Window {
+            width,
+            span,
+            buckets: VecDeque::new(),
+        }
+    }
+
+    fn bucket(&self, t: SystemTime) -> u64 {
+        epoch_secs(t) / self.width
+    }
+
+    /// Drops what has left the window. Buckets ahead of `now` (the clock went back) are moved to `now`, so they
+    /// still count for a whole window, and the window keeps its size.
+    fn prune(&mut self, now: SystemTime) {
+        let current = self.bucket(now);
+        while self
+            .buckets
+            .front()
+            .is_some_and(|&(b, _)| b.saturating_add(self.span) < current)
+        {
+            self.buckets.pop_front();
+        }
+        let mut ahead = 0u64;
+        while let Some(&(b, n)) = self.buckets.back() {
+            if b <= current {
+                break;
+            }
+            ahead = ahead.saturating_add(n);
+            self.buckets.pop_back();
+        }
+        if ahead > 0 {
+            self.put(current, ahead);
+        }
+    }
+
+    fn put(&mut self, bucket: u64, n: u64) {
+        match self.buckets.back_mut() {
+            Some((b, count)) if *b == bucket => *count = count.saturating_add(n),
+            _ => self.buckets.push_back((bucket, n)),
+        }
+    }
+
+    fn add(&mut self, now: SystemTime, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.prune(now);
+        self.put(self.bucket(now), n);
+    }
+
+    fn total(&mut self, now: SystemTime) -> u64 {
+        self.prune(now);
+        self.sum()
+    }
+
+    fn sum(&self) -> u64 {
+        self.buckets.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// When at least `n` of the counts will have left the window; `None` if the window holds fewer.
+    fn frees_at(&self, n: u64) -> Option<SystemTime> {
+        let mut freed = 0u64;
+        for &(b, count) in &self.buckets {
+            freed = freed.saturating_add(count);
+            if freed >= n {
+                let secs = b
+                    .saturating_add(self.span)
+                    .saturating_add(1)
+                    .saturating_mul(self.width);
+                return Some(UNIX_EPOCH + Duration::from_secs(secs));
+            }
+        }
+        None
+    }
+}
+
+/// An account's counts: what its windows hold, and what is in flight now.
+#[derive(Debug, Clone)]
+struct Counts {
+    messages: Window,
+    recipients: Window,
+    flying_messages: u64,
+    flying_recipients: u64,
+    /// Bumped at every change, so that a write can tell whether it is still needed.
+    generation: u64,
+}
+
+impl Counts {
+    fn empty() -> Counts {
+        Counts {
+            messages: Window::new(MINUTE),
+            recipients: Window::new(DAY),
+            flying_messages: 0,
+            flying_recipients: 0,
+            generation: 0,
+        }
+    }
+}
+
+/// The counters file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountsFile {
+    version: u32,
+    /// Seconds since the epoch.
+    written_at: u64,
+    /// Messages and recipients of attempts that had not finished when the file was written.
+    in_flight: (u64, u64),
+    /// `[second, messages]`.
+    messages: Vec<(u64, u64)>,
+    /// `[minute, recipients]` (minutes since the epoch).
+    recipients: Vec<(u64, u64)>,
+}
+
+/// How close an account is to its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Messages in the last minute, those in flight included.
+    pub messages_this_minute: u64,
+    pub per_minute: Option<u32>,
+    /// Recipients in the last 24 hours, those in flight included.
+    pub recipients_last_24h: u64,
+    pub recipients_per_day: Option<u32>,
+}
+
+impl Usage {
+    /// The daily limit is reached: mail waits, possibly for hours.
+    pub fn day_exhausted(&self) -> bool {
+        self.recipients_per_day
+            .is_some_and(|l| self.recipients_last_24h >= u64::from(l))
+    }
+}
+
+/// One account's limits and counts.
+#[derive(Debug)]
+pub struct AccountRate {
+    account: String,
+    limits: RateConfig,
+    /// `None`: counted in memory only (an account built without a state dir).
+    path: Option<PathBuf>,
+    counts: Mutex<Counts>,
+    /// Serialises writes of the file; holds the generation last written.
+    written: Mutex<u64>,
+    /// A write failed last time: said once in the log until one succeeds.
+    failing: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The counts are plain numbers, valid after any panic elsewhere.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AccountRate {
+    /// Counting in memory only, from zero.
+    pub fn unpersisted(account: &str, limits: RateConfig) -> AccountRate {
+        AccountRate {
+            account: account.to_string(),
+            limits,
+            path: None,
+            counts: Mutex::new(Counts::empty()),
+            written: Mutex::new(0),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// The account's counts from the state dir. A file that cannot be read is logged, and taken as the worst
+    /// case (see [`load`]).
+    pub fn load(state_dir: &Path, account: &str, limits: RateConfig) -> AccountRate {
+        let path = rate_path(state_dir, account);
+        let (counts, problem) = load(&path, limits, SystemTime::now());
+        if let Some(problem) = problem {
+            tracing::error!(relay_account = %account, path = %path.display(), "{problem}");
+        }
+        AccountRate {
+            account: account.to_string(),
+            limits,
+            path: Some(path),
+            counts: Mutex::new(counts),
+            written: Mutex::new(0),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn limits(&self) -> RateConfig {
+        self.limits
+    }
+
+    pub fn usage(&self, now: SystemTime) -> Usage {
+        usage(&mut lock(&self.counts), self.limits, now)
+    }
+
+    /// How many more messages could go now, as far as the per-minute limit says (`u64::MAX` without one); zero
+    /// when the day's recipients are used up.
+    pub fn room(&self, now: SystemTime) -> u64 {
+        let u = self.usage(now);
+        if u.day_exhausted() {
+            return 0;
+        }
+        u.per_minute.map_or(u64::MAX, |l| {
+            u64::from(l).saturating_sub(u.messages_this_minute)
+        })
+    }
+
+    /// Takes a place for a message to `recipients` recipients, or says when one could free: `Err(None)` when only
+    /// an attempt in flight can make room (it wakes the waiting mail when it ends).
+    pub fn reserve(
+        self: &Arc<Self>,
+        now: SystemTime,
+        recipients: usize,
+    ) -> Result<Reservation, Option<SystemTime>> {
+        let k = recipients as u64;
+        let mut c = lock(&self.counts);
+        let mut waits: Vec<Option<SystemTime>> = Vec::new();
+        if let Some(limit) = self.limits.per_minute.map(u64::from) {
+            let used = c.messages.total(now) + c.flying_messages;
+            if used + 1 > limit {
+                waits.push(c.messages.frees_at(used + 1 - limit));
+            }
+        }
+        let mut oversized = false;
+        if let Some(limit) = self.limits.recipients_per_day.map(u64::from) {
+            let counted = c.recipients.total(now);
+            let used = counted + c.flying_recipients;
+            if k > limit {
+                // It can never fit in a day's allowance: it goes alone, once the last 24 hours hold nothing, so that
+                // it cannot add to anything else (it must not wait for ever).
+                if used > 0 {
+                    waits.push(if c.flying_recipients > 0 {
+                        None
+                    } else {
+                        c.recipients.frees_at(counted)
+                    });
+                } else {
+                    oversized = true;
+                }
+            } else if used + k > limit {
+                waits.push(c.recipients.frees_at(used + k - limit));
+            }
+        }
+        if !waits.is_empty() {
+            // Every limit must allow it: the latest of the known times, if any is known.
+            return Err(waits.into_iter().flatten().max());
+        }
+        if oversized {
+            tracing::warn!(relay_account = %self.account, recipients, limit = self.limits.recipients_per_day, "a message has more recipients than the account may send to in a day; it goes now that the last 24 hours hold none, and the provider may refuse it or hold the account");
+        }
+        c.flying_messages += 1;
+        c.flying_recipients += k;
+        c.generation += 1;
+        Ok(Reservation {
+            rate: self.clone(),
+            recipients: k,
+            sending: false,
+            done: false,
+        })
+    }
+
+    fn settle(&self, now: SystemTime, recipients: u64, sent: bool, accepted: bool) {
+        let mut c = lock(&self.counts);
+        c.flying_messages = c.flying_messages.saturating_sub(1);
+        c.flying_recipients = c.flying_recipients.saturating_sub(recipients);
+        if sent {
+            c.messages.add(now, 1);
+        }
+        if accepted {
+            c.recipients.add(now, recipients);
+        }
+        c.generation += 1;
+    }
+
+    /// Writes the counts if they changed since the last write. Concurrent callers share writes: one that finds
+    /// its change already written returns at once. A failure is logged (once until a write succeeds); the mail
+    /// still goes, since refusing it would not make the counts any safer.
+    pub fn save(&self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let mut written = lock(&self.written);
+        let (file, generation) = {
+            let mut c = lock(&self.counts);
+            if c.generation <= *written {
+                return;
+            }
+            (to_file(&mut c, SystemTime::now()), c.generation)
+        };
+        match write_file(path, &file) {
+            Ok(()) => {
+                *written = generation;
+                self.failing.store(false, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(relay_account = %self.account, path = %path.display(), error = %e, "cannot save the sending counters; a restart now could forget recent mail and exceed the provider's limits");
+                }
+            }
+        }
+    }
+}
+
+/// A place taken for one message. Dropped without [`finish`](Self::finish), it gives the place back if the
+/// message never went out, and counts it in full if it might have.
+#[derive(Debug)]
+pub struct Reservation {
+    rate: Arc<AccountRate>,
+    recipients: u64,
+    sending: bool,
+    done: bool,
+}
+
+impl Reservation {
+    /// The message is about to be offered to the upstream.
+    pub fn sending(&mut self) {
+        self.sending = true;
+    }
+
+    /// The attempt is over; `accepted` when the upstream took the message.
+    pub fn finish(self, accepted: bool) {
+        self.finish_at(SystemTime::now(), accepted);
+    }
+
+    fn finish_at(mut self, now: SystemTime, accepted: bool) {
+        self.done = true;
+        self.rate
+            .settle(now, self.recipients, self.sending, accepted);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.rate.settle(
+                SystemTime::now(),
+                self.recipients,
+                self.sending,
+                self.sending,
+            );
+        }
+    }
+}
+
+fn usage(c: &mut Counts, limits: RateConfig, now: SystemTime) -> Usage {
+    Usage {
+        messages_this_minute: c.messages.total(now) + c.flying_messages,
+        per_minute: limits.per_minute,
+        recipients_last_24h: c.recipients.total(now) + c.flying_recipients,
+        recipients_per_day: limits.recipients_per_day,
+    }
+}
+
+fn to_file(c: &mut Counts, now: SystemTime) -> CountsFile {
+    c.messages.prune(now);
+    c.recipients.prune(now);
+    CountsFile {
+        version: VERSION,
+        written_at: epoch_secs(now),
+        in_flight: (c.flying_messages, c.flying_recipients),
+        messages: c.messages.buckets.iter().copied().collect(),
+        recipients: c.recipients.buckets.iter().copied().collect(),
+    }
+}
+
+fn write_file(path: &Path, file: &CountsFile) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let bytes = serde_json::to_vec(file).map_err(std::io::Error::other)?;
+    let mut f = atomic_write_file::AtomicWriteFile::open(path)?;
+    f.write_all(&bytes)?;
+    f.commit()
+}
+
+/// Reads a counters file as of `now`, with what went wrong if it could not be read. No file: nothing was sent.
+/// An unreadable one: every limit taken as reached when the file was last written, so that mail waits until the
+/// provider's windows have surely moved past whatever it held.
+fn load(path: &Path, limits: RateConfig, now: SystemTime) -> (Counts, Option<String>) {
+    let bytes = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Counts::empty(), None),
+        Err(e) => Err(e.to_string()),
+        Ok(f) => {
+            let mut bytes = Vec::new();
+            match std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE + 1), &mut bytes)
+            {
+                Ok(_) if bytes.len() as u64 > MAX_FILE => {
+                    Err(format!("larger than {MAX_FILE} bytes"))
+                }
+                Ok(_) => Ok(bytes),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    let parsed = bytes.and_then(|b| {
+        let f: CountsFile = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+        if f.version != VERSION {
+            return Err(format!("version {} is not one this relay reads", f.version));
+        }
+        Ok(f)
+    });
+    match parsed {
+        Ok(f) => (from_file(f, now), None),
+        Err(why) => {
+            let since = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .unwrap_or(now)
+                .min(now);
+            let mut c = Counts::empty();
+            if let Some(l) = limits.per_minute {
+                c.messages.add(since, u64::from(l));
+            }
+            if let Some(l) = limits.recipients_per_day {
+                c.recipients.add(since, u64::from(l));
+            }
+            c.messages.prune(now);
+            c.recipients.prune(now);
+            let until = [&c.messages, &c.recipients]
+                .into_iter()
+                .filter_map(|w| w.frees_at(w.sum()))
+                .max();
+            let consequence = match until {
+                Some(t) => format!(
+                    "its limits are taken as reached when it was last written, so its mail waits until {}",
+                    humantime::format_rfc3339_seconds(t)
+                ),
+                None => "it counted nothing that still matters".to_string(),
+            };
+            (
+                c,
+                Some(format!(
+                    "the sending counters cannot be read ({why}); {consequence}. To start from zero instead, stop relay and remove {}",
+                    path.display()
+                )),
+            )
+        }
+    }
+}
+
+/// The file's counts as of `now`. What was in flight is counted as sent now: it may have reached the upstream
+/// at any moment up to this one.
+fn from_file(f: CountsFile, now: SystemTime) -> Counts {
+    let mut c = Counts::empty();
+    let mut messages = f.messages;
+    messages.sort_unstable();
+    for (b, n) in messages {
+        c.messages.put(b, n);
+    }
+    let mut recipients = f.recipients;
+    recipients.sort_unstable();
+    for (b, n) in recipients {
+        c.recipients.put(b, n);
+    }
+    c.messages.prune(now);
+    c.recipients.prune(now);
+    c.messages.add(now, f.in_flight.0);
+    c.recipients.add(now, f.in_flight.1);
+    c
+}
+
+/// How close an account is to its limits, from its file (for `relay status`, which need not run beside the
+/// daemon), with what went wrong reading it.
+pub fn usage_from_file(
+    state_dir: &Path,
+    account: &str,
+    limits: RateConfig,
+    now: SystemTime,
+) -> (Usage, Option<String>) {
+    let (mut c, problem) = load(&rate_path(state_dir, account), limits, now);
+    (usage(&mut c, limits, now), problem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: f64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_secs_f64(secs)
+    }
+
+    fn rate(per_minute: Option<u32>, per_day: Option<u32>) -> Arc<AccountRate> {
+        Arc::new(AccountRate::unpersisted(
+            "t",
+            RateConfig {
+                per_minute,
+                recipients_per_day: per_day,
+            },
+        ))
+    }
+
+    #[test]
+    fn hundred_messages_at_thirty_a_minute_never_exceed_it_in_any_minute() {
+        let r = rate(Some(30), Some(10_000));
+        // Four connections; each message goes as soon as it may and takes 0 to 3 s upstream. The upstream sees it
+        // somewhere between its start and its end: neither may ever hold 31 in a minute.
+        let (mut now, mut queued, mut i) = (at(0.0), 100, 0u64);
+        let (mut starts, mut ends) = (Vec::new(), Vec::new());
+        let mut flying: Vec<(SystemTime, Reservation)> = Vec::new();
+        loop {
+            flying.sort_by_key(|(end, _)| *end);
+            while flying.first().is_some_and(|(end, _)| *end <= now) {
+                let (end, res) = flying.remove(0);
+                res.finish_at(end, true);
+                ends.push(end);
+            }
+            if ends.len() == 100 {
+                break;
+            }
+            let mut wake = None;
+            while queued > 0 && flying.len() < 4 {
+                match r.reserve(now, 1) {
+                    Ok(mut res) => {
+                        res.sending();
+                        queued -= 1;
+                        starts.push(now);
+                        flying.push((now + Duration::from_millis(i % 4 * 1000), res));
+                        i += 1;
+                    }
+                    Err(t) => {
+                        assert!(t.is_none_or(|t| t > now), "a wake-up in the future");
+                        wake = t;
+                        break;
+                    }
+                }
+            }
+            let next_end = flying.iter().map(|(end, _)| *end).min();
+            now = [next_end, wake]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("something to wait for");
+        }
+        for times in [&mut starts, &mut ends] {
+            times.sort();
+            for w in times.windows(31) {
+                let span = w[30].duration_since(w[0]).unwrap();
+                assert!(span >= Duration::from_secs(60), "31 within {span:?}");
+            }
+        }
+        let span = ends[99].duration_since(ends[0]).unwrap();
+        assert!(
+            span < Duration::from_secs(4 * 62),
+            "no needless waiting: {span:?}"
+        );
+    }
+
+    #[test]
+    fn recipients_per_day_hold_until_the_window_moves() {
+        let r = rate(None, Some(10));
+        let first = r.reserve(at(0.0), 6).unwrap();
+        first.finish_at(at(1.0), true);
+        let until = r.reserve(at(2.0), 5).unwrap_err().expect("a time");
+        assert!(until >= at(86_401.0) && until <= at(86_461.0), "{until:?}");
+        assert!(r.reserve(at(2.0), 4).is_ok(), "what fits still goes");
+    }
+
+    #[test]
+    fn refused_mail_does_not_use_up_the_day_but_in_flight_mail_holds_its_place() {
+        let r = rate(None, Some(10));
+        let a = r.reserve(at(0.0), 8).unwrap();
+        assert_eq!(
+            r.reserve(at(0.0), 5).unwrap_err(),
+            None,
+            "only the flight can free it"
+        );
+        a.finish_at(at(1.0), false);
+        assert!(r.reserve(at(2.0), 10).is_ok());
+    }
+
+    #[test]
+    fn a_message_larger_than_a_day_goes_alone_once_the_day_is_empty() {
+        let r = rate(None, Some(10));
+        let small = r.reserve(at(0.0), 1).unwrap();
+        small.finish_at(at(0.0), true);
+        let until = r.reserve(at(5.0), 50).unwrap_err().expect("a time");
+        let big = r.reserve(until, 50);
+        assert!(big.is_ok(), "it goes when the day is empty");
+        assert!(r.reserve(until, 1).is_err(), "and nothing goes beside it");
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_back_its_place_unless_it_was_sending() {
+        let r = rate(Some(1), Some(5));
+        drop(r.reserve(at(0.0), 5).unwrap());
+        let mut res = r.reserve(at(0.0), 5).unwrap();
+        res.sending();
+        drop(res);
+        let u = r.usage(SystemTime::now());
+        assert_eq!(
+            u.recipients_last_24h, 5,
+            "an unknown outcome counts in full"
+        );
+    }
+
+    #[test]
+    fn the_clock_going_back_keeps_counts_for_a_whole_window() {
+        let mut w = Window::new(MINUTE);
+        w.add(at(100.0), 3);
+        assert_eq!(w.total(at(10.0)), 3);
+        assert_eq!(w.total(at(70.0)), 3);
+        assert_eq!(w.total(at(71.0)), 0);
+        assert!(w.buckets.len() <= 61);
+    }
+
+    #[test]
+    fn counters_survive_a_file_round_trip_and_a_damaged_file_is_the_worst_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = RateConfig {
+            per_minute: Some(30),
+            recipients_per_day: Some(100),
+        };
+        let r = Arc::new(AccountRate::load(dir.path(), "a", limits));
+        let mut res = r.reserve(SystemTime::now(), 7).unwrap();
+        res.sending();
+        r.save();
+        let (u, problem) = usage_from_file(dir.path(), "a", limits, SystemTime::now());
+        assert!(problem.is_none());
+        assert_eq!(
+            (u.messages_this_minute, u.recipients_last_24h),
+            (1, 7),
+            "in flight counts"
+        );
+        res.finish(true);
+        r.save();
+        let (u, _) = usage_from_file(dir.path(), "a", limits, SystemTime::now());
+        assert_eq!((u.messages_this_minute, u.recipients_last_24h), (1, 7));
+
+        std::fs::write(rate_path(dir.path(), "a"), b"{\"version\":1,\"writ").unwrap();
+        let (u, problem) = usage_from_file(dir.path(), "a", limits, SystemTime::now());
+        assert!(problem.unwrap().contains("cannot be read"));
+        assert_eq!((u.messages_this_minute, u.recipients_last_24h), (30, 100));
+        let r = Arc::new(AccountRate::load(dir.path(), "a", limits));
+        assert!(r.reserve(SystemTime::now(), 1).is_err());
+    }
+}

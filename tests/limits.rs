@@ -1,0 +1,215 @@
+//! Provider sending limits through real sockets: mail over a limit waits in the queue and goes when the window
+//! frees, the counts survive a crash, and a route naming two accounts spreads its mail over both.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::idp::{account_top, idp_issuing, relay_with_account_and};
+use common::upstream::{FakeUpstream, Received};
+use common::*;
+
+const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
+
+/// A client-credentials account named `name`, pointed at the fakes (the secret file is `{dir}/secret`, which
+/// [`account_top`] writes).
+fn account(name: &str, idp: &str, upstream: &FakeUpstream, more: &str) -> String {
+    format!(
+        "[[account]]\nname = \"{name}\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"{name}@example.com\"\nclient_id = \"cid-123\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{idp}/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nsmtp_tls = \"none\"\n{more}\n",
+        port = upstream.addr.port()
+    )
+}
+
+/// Sends one message to `recipients` on a fresh connection; returns its queue id.
+async fn send_to(addr: std::net::SocketAddr, recipients: &[&str], subject: &str) -> String {
+    let mut c = RawClient::ready(addr).await;
+    c.cmd("MAIL FROM:<nas@example.com>", 250).await;
+    for r in recipients {
+        c.cmd(&format!("RCPT TO:<{r}>"), 250).await;
+    }
+    c.cmd("DATA", 354).await;
+    c.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes())
+        .await;
+    let reply = c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+/// The next message an upstream accepts, waiting at most `limit`.
+async fn next_within(upstream: &mut FakeUpstream, limit: Duration) -> Received {
+    tokio::time::timeout(limit, upstream.received.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("the fake upstream runs")
+}
+
+fn subject(r: &Received) -> String {
+    let text = String::from_utf8_lossy(&r.data);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The case (100 messages through an account allowed 30 a minute) at a scale CI can wait for: 10 messages
+/// at 5 a minute. None is refused, all arrive, no 60 seconds at the upstream hold more than 5, and the second half
+/// goes as soon as the window allows, about a minute later. (`queue::rate`'s unit tests run 100 at 30 a minute
+/// on a simulated clock.)
+#[tokio::test]
+async fn mail_over_the_per_minute_limit_waits_and_all_of_it_arrives() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account_and(&idp, &upstream, "rate = { per_minute = 5 }").await;
+    for i in 0..10 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        // The first five at once; the rest when the first minute has passed.
+        got.push(next_within(&mut upstream, Duration::from_secs(150)).await);
+    }
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty(), "none refused");
+    let mut subjects: Vec<String> = got.iter().map(subject).collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 10, "each message once: {subjects:?}");
+    let mut at: Vec<SystemTime> = got.iter().map(|r| r.at).collect();
+    at.sort();
+    for w in at.windows(6) {
+        let span = w[5].duration_since(w[0]).unwrap();
+        assert!(
+            span >= Duration::from_secs(60),
+            "6 messages within {span:?}"
+        );
+    }
+    let span = at[9].duration_since(at[0]).unwrap();
+    assert!(
+        span < Duration::from_secs(90),
+        "the held mail went when the window freed, not later: {span:?}"
+    );
+}
+
+/// The daily recipient count survives a crash: after SIGKILL and a restart, mail over the day's limit waits (not
+/// an attempt: no retry state), and `relay status` shows the account at its limit.
+#[tokio::test]
+async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "rate = { recipients_per_day = 3 }",
+    )
+    .replace("{dir}", &dir.path().display().to_string());
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nhostname = \"relay.test\"\n{top}\n{LISTENER}",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+
+    let mut daemon = Daemon::spawn(&config);
+    send_to(
+        daemon.addr,
+        &["a@example.com", "b@example.com", "c@example.com"],
+        "first",
+    )
+    .await;
+    let got = upstream.next().await;
+    assert_eq!(got.to.len(), 3);
+    daemon.wait_log("relay_event=\"delivered\"");
+    drop(daemon); // SIGKILL: no clean shutdown
+
+    let mut daemon = Daemon::spawn(&config);
+    let id = send_to(daemon.addr, &["d@example.com"], "second").await;
+    let held = daemon.wait_log("relay_event=\"held\"");
+    assert!(held.contains(&id), "{held}");
+    let state = dir.path().join("state");
+    assert!(
+        !state.join(format!("queue/{id}.state")).exists(),
+        "waiting is not an attempt"
+    );
+    let status = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "a used-up day needs attention"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let rate = &json["accounts"][0]["rate"];
+    assert_eq!(rate["recipients_last_24h"], 3, "{json}");
+    assert_eq!(rate["recipients_per_day"], 3, "{json}");
+    let text = std::process::Command::new(relay_bin())
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("3/3 recipients in the last 24 h"), "{text}");
+    assert!(
+        upstream.received.try_recv().is_err(),
+        "nothing went over the limit"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_eq!(queued_in(&state).len(), 1, "the held message stays queued");
+}
+
+/// A route naming two accounts spreads its mail over both mailboxes; nothing is lost or sent twice.
+#[tokio::test]
+async fn a_route_naming_two_accounts_splits_the_mail() {
+    let idp = idp_issuing("tok").await;
+    let mut first = FakeUpstream::start(&["tok"]).await;
+    let mut second = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let top = format!(
+        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n",
+        account("a", &idp.uri(), &first, ""),
+        account("b", &idp.uri(), &second, ""),
+    );
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    for i in 0..10 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
+    while to_a.len() + to_b.len() < 10 {
+        tokio::select! {
+            Some(r) = first.received.recv() => to_a.push(r),
+            Some(r) = second.received.recv() => to_b.push(r),
+            _ = tokio::time::sleep(LIMIT) => panic!("only {} of 10 arrived", to_a.len() + to_b.len()),
+        }
+    }
+    relay.drained().await;
+    assert!(
+        to_a.iter()
+            .all(|r| r.auth.starts_with("user=a@example.com\x01"))
+            && to_b
+                .iter()
+                .all(|r| r.auth.starts_with("user=b@example.com\x01")),
+        "each upstream saw its own mailbox"
+    );
+    assert!(
+        to_a.len().abs_diff(to_b.len()) <= 2,
+        "spread evenly: {} and {}",
+        to_a.len(),
+        to_b.len()
+    );
+    let mut subjects: Vec<String> = to_a.iter().chain(&to_b).map(subject).collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 10, "each message once");
+    assert!(files_in(&relay.state(), "dead").is_empty());
+}

@@ -1,0 +1,256 @@
+//! The real binary: `relay check --route FROM TO [--user U] [--listener L]`, and how `relay check` shows and
+//! refuses sending limits and multi-account routes.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn relay(args: &[&str]) -> std::process::Output {
+    Command::new(relay_bin())
+        .args(args)
+        .output()
+        .expect("relay runs")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+fn account(name: &str, provider: &str, mailbox: &str) -> String {
+    let tenant = if provider == "microsoft" {
+        "tenant = \"contoso.onmicrosoft.com\"\n"
+    } else {
+        ""
+    };
+    let flow = if provider == "google" {
+        "authorization_code"
+    } else {
+        "device_code"
+    };
+    format!(
+        "[[account]]\nname = \"{name}\"\nprovider = \"{provider}\"\nflow = \"{flow}\"\n{tenant}client_id = \"c\"\nmailbox = \"{mailbox}\"\n"
+    )
+}
+
+/// Two listeners, three accounts, a user with an account of its own, and routes of each kind.
+fn write_routed_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("relay.toml");
+    let text = format!(
+        r#"state_dir = {state:?}
+default_account = "office"
+
+[[listener]]
+address = "127.0.0.1:2525"
+auth = "none"
+
+[[listener]]
+address = "127.0.0.1:2587"
+auth = "required"
+
+[[user]]
+name = "printer"
+password_hash = {hash:?}
+account = "printer-box"
+
+{office}{printer}{gmail}
+[[route]]
+sender = "*@scanner.lan"
+account = "gmail"
+
+[[route]]
+recipient = "*@contoso.com"
+listener = "127.0.0.1:2587"
+accounts = ["office", "gmail"]
+"#,
+        state = dir.join("state"),
+        hash = password_hash(),
+        office = account("office", "microsoft", "noreply@contoso.com"),
+        printer = account("printer-box", "microsoft", "printer@contoso.com"),
+        gmail = account("gmail", "google", "scanner@gmail.com"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_route_says_which_account_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_routed_config(dir.path());
+    let cfg = config.to_str().unwrap();
+    for (args, expected) in [
+        (
+            vec!["copier@scanner.lan", "ops@example.com"],
+            "account gmail: route[0] matched (sender = \"*@scanner.lan\")\n",
+        ),
+        (
+            vec![
+                "a@example.com",
+                "ops@contoso.com",
+                "--listener",
+                "127.0.0.1:2587",
+            ],
+            "accounts office, gmail: route[1] matched (recipient = \"*@contoso.com\", listener = \"127.0.0.1:2587\"); each message goes through one that has room, the least used first\n",
+        ),
+        (
+            vec!["a@example.com", "b@example.com", "--user", "printer"],
+            "account printer-box: user printer's account\n",
+        ),
+        (
+            vec![
+                "a@example.com",
+                "b@example.com",
+                "--listener",
+                "127.0.0.1:2525",
+            ],
+            "account office: default_account\n",
+        ),
+        (
+            // Every recipient must match a route's `recipient`.
+            vec![
+                "a@example.com",
+                "ops@contoso.com",
+                "ceo@example.com",
+                "--listener",
+                "127.0.0.1:2587",
+            ],
+            "account office: default_account\n",
+        ),
+    ] {
+        let mut all = vec!["check", "--config", cfg, "--route"];
+        all.extend(&args);
+        let out = relay(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), expected, "{args:?}");
+    }
+    // Without --listener (two are configured), a route that tests it cannot be judged, and the answer says so.
+    let out = relay(&[
+        "check",
+        "--config",
+        cfg,
+        "--route",
+        "a@x",
+        "ops@contoso.com",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("account office: default_account\n")
+            && stdout.contains("note: route[1] would match on some listener"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_route_refuses_an_unknown_user_or_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_routed_config(dir.path());
+    let cfg = config.to_str().unwrap();
+    let out = relay(&[
+        "check", "--config", cfg, "--route", "a@x", "b@y", "--user", "ghost",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no [[user]] is named `ghost`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = relay(&[
+        "check",
+        "--config",
+        cfg,
+        "--route",
+        "a@x",
+        "b@y",
+        "--listener",
+        "0.0.0.0:25",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no [[listener]] has the address `0.0.0.0:25`")
+            && err.contains("127.0.0.1:2525, 127.0.0.1:2587"),
+        "{err}"
+    );
+    // --user means nothing without --route.
+    let out = relay(&["check", "--config", cfg, "--user", "printer"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = relay(&["check", "--config", cfg, "--route", "only-a-sender@x"]);
+    assert_eq!(out.status.code(), Some(2), "a recipient is required");
+}
+
+#[test]
+fn check_shows_the_providers_default_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_routed_config(dir.path());
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("per_minute = 30") && stdout.contains("recipients_per_day = 10000"),
+        "Exchange Online's: {stdout}"
+    );
+    assert!(
+        stdout.contains("recipients_per_day = 500"),
+        "a consumer Gmail mailbox's: {stdout}"
+    );
+    assert!(stdout.contains("accounts = ["), "{stdout}");
+}
+
+#[test]
+fn bad_limits_and_routes_fail_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let office = account("office", "microsoft", "noreply@contoso.com");
+    for (body, key, reason) in [
+        (
+            format!("{office}rate = {{ per_minute = 0 }}\n"),
+            "account[0].rate.per_minute",
+            "at least 1",
+        ),
+        (
+            format!("{office}rate = {{ recipients_per_day = 5000000 }}\n"),
+            "account[0].rate.recipients_per_day",
+            "at most 1000000",
+        ),
+        (
+            format!("{office}rate = {{ per_hour = 5 }}\n"),
+            "line",
+            "unknown field `per_hour`",
+        ),
+        (
+            format!("{office}[[route]]\naccounts = [\"office\", \"other\"]\n"),
+            "route[0].accounts[1]",
+            "no [[account]] is named `other`",
+        ),
+        (
+            format!("{office}[[route]]\naccounts = []\n"),
+            "route[0].accounts",
+            "at least one",
+        ),
+        (
+            format!("{office}[[route]]\naccount = \"office\"\naccounts = [\"office\"]\n"),
+            "route[0]",
+            "not both",
+        ),
+        (
+            format!("{office}[[route]]\nsender = \"*\"\n"),
+            "route[0].account",
+            "required",
+        ),
+    ] {
+        std::fs::write(&path, &body).unwrap();
+        let out = relay(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{body}");
+        let err = text(&out.stderr);
+        assert!(err.contains(path.to_str().unwrap()), "file missing: {err}");
+        assert!(err.contains(key), "key {key} missing: {err}");
+        assert!(err.contains(reason), "reason {reason} missing: {err}");
+    }
+}
