@@ -7,15 +7,21 @@ use std::process::Command;
 
 use common::*;
 
-fn relay(args: &[&str]) -> std::process::Output {
-    Command::new(relay_bin())
+/// `relay ARGS…`: its exit code, stdout and stderr.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(relay_bin())
         .args(args)
         .output()
-        .expect("relay runs")
+        .expect("relay runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
+/// `relay check --config CONFIG --route ARGS…`.
+fn check_route(config: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["check", "--config", config, "--route"];
+    all.extend_from_slice(args);
+    run(&all)
 }
 
 fn account(name: &str, provider: &str, mailbox: &str) -> String {
@@ -118,28 +124,13 @@ fn check_route_says_which_account_and_why() {
             "account office: default_account\n",
         ),
     ] {
-        let mut all = vec!["check", "--config", cfg, "--route"];
-        all.extend(&args);
-        let out = relay(&all);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
-        assert_eq!(text(&out.stdout), expected, "{args:?}");
+        let (code, stdout, stderr) = check_route(cfg, &args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert_eq!(stdout, expected, "{args:?}");
     }
     // Without --listener (two are configured), a route that tests it cannot be judged, and the answer says so.
-    let out = relay(&[
-        "check",
-        "--config",
-        cfg,
-        "--route",
-        "a@x",
-        "ops@contoso.com",
-    ]);
-    assert_eq!(out.status.code(), Some(0));
-    let stdout = text(&out.stdout);
+    let (code, stdout, _) = check_route(cfg, &["a@x", "ops@contoso.com"]);
+    assert_eq!(code, Some(0));
     assert!(
         stdout.starts_with("account office: default_account\n")
             && stdout.contains("note: route[1] would match on some listener"),
@@ -152,46 +143,29 @@ fn check_route_refuses_an_unknown_user_or_listener() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_routed_config(dir.path());
     let cfg = config.to_str().unwrap();
-    let out = relay(&[
-        "check", "--config", cfg, "--route", "a@x", "b@y", "--user", "ghost",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("no [[user]] is named `ghost`"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = relay(&[
-        "check",
-        "--config",
-        cfg,
-        "--route",
-        "a@x",
-        "b@y",
-        "--listener",
-        "0.0.0.0:25",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
+    let (code, _, err) = check_route(cfg, &["a@x", "b@y", "--user", "ghost"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no [[user]] is named `ghost`"), "{err}");
+    let (code, _, err) = check_route(cfg, &["a@x", "b@y", "--listener", "0.0.0.0:25"]);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("no [[listener]] has the address `0.0.0.0:25`")
             && err.contains("127.0.0.1:2525, 127.0.0.1:2587"),
         "{err}"
     );
     // --user means nothing without --route.
-    let out = relay(&["check", "--config", cfg, "--user", "printer"]);
-    assert_eq!(out.status.code(), Some(2));
-    let out = relay(&["check", "--config", cfg, "--route", "only-a-sender@x"]);
-    assert_eq!(out.status.code(), Some(2), "a recipient is required");
+    let (code, ..) = run(&["check", "--config", cfg, "--user", "printer"]);
+    assert_eq!(code, Some(2));
+    let (code, ..) = check_route(cfg, &["only-a-sender@x"]);
+    assert_eq!(code, Some(2), "a recipient is required");
 }
 
 #[test]
 fn check_shows_the_providers_default_limits() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_routed_config(dir.path());
-    let out = relay(&["check", "--config", config.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
+    let (code, stdout, stderr) = run(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("per_minute = 30") && stdout.contains("recipients_per_day = 10000"),
         "Exchange Online's: {stdout}"
@@ -246,9 +220,8 @@ fn bad_limits_and_routes_fail_with_file_key_and_reason() {
         ),
     ] {
         std::fs::write(&path, &body).unwrap();
-        let out = relay(&["check", "--config", path.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(2), "{body}");
-        let err = text(&out.stderr);
+        let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{body}");
         assert!(err.contains(path.to_str().unwrap()), "file missing: {err}");
         assert!(err.contains(key), "key {key} missing: {err}");
         assert!(err.contains(reason), "reason {reason} missing: {err}");

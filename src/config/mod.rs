@@ -543,6 +543,47 @@ mod tests {
     }
 
     #[test]
+    fn sending_limits_default_to_the_providers_and_each_key_overrides_its_own() {
+        let limits = |provider: &str, mailbox: &str, rate: &str| {
+            let tenant = if provider == "microsoft" {
+                "tenant = \"t\"\n"
+            } else {
+                ""
+            };
+            let text = format!(
+                "[[account]]\nname = \"a\"\nprovider = \"{provider}\"\nflow = \"device_code\"\n{tenant}client_id = \"c\"\nmailbox = \"{mailbox}\"\ntoken_url = \"https://idp.test/token\"\ndevice_authorization_url = \"https://idp.test/device\"\nsmtp_host = \"smtp.test\"\nscope = \"s\"\n{rate}\n"
+            );
+            let c = Config::parse(&text, "x.toml").unwrap_or_else(|e| panic!("{e}"));
+            (c.accounts[0].limits(), c.accounts[0].rate)
+        };
+        let (ms, _) = limits("microsoft", "a@contoso.com", "");
+        assert_eq!(
+            (ms.per_minute, ms.recipients_per_day),
+            (Some(30), Some(10_000))
+        );
+        let (consumer, _) = limits("google", "scanner@GoogleMail.com", "");
+        assert_eq!(
+            (consumer.per_minute, consumer.recipients_per_day),
+            (None, Some(500))
+        );
+        let (workspace, _) = limits("google", "scanner@example.org", "");
+        assert_eq!(workspace.recipients_per_day, Some(2_000));
+        let (generic, shown) = limits("generic", "r@example.net", "");
+        assert_eq!(generic, RateConfig::default());
+        assert_eq!(shown, None, "no limits: nothing to show");
+        let (partial, shown) = limits("microsoft", "a@contoso.com", "rate = { per_minute = 10 }");
+        assert_eq!(
+            (partial.per_minute, partial.recipients_per_day),
+            (Some(10), Some(10_000))
+        );
+        assert_eq!(
+            shown,
+            Some(partial),
+            "relay check shows the limits that apply"
+        );
+    }
+
+    #[test]
     fn check_output_redacts_hashes() {
         let c = Config::parse(
             "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$K1XcYB0T/Vr5xa6Q0rD0bNPqQHxqx2h8CfPqI9z1Ddk\"\n",
