@@ -208,17 +208,6 @@ async fn serve_queue_commands_status_and_clean_stop() {
     assert_eq!(queued_in(&dir.path().join("state")).len(), 1);
 }
 
-/// Reads a field (in KiB) from /proc/PID/status.
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn fifty_mib_message_streams_to_disk() {
     let dir = tempfile::tempdir().unwrap();

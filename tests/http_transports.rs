@@ -338,13 +338,3 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
         big.len() >> 20
     );
 }
-
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap()
-}

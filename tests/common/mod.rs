@@ -555,3 +555,14 @@ pub fn write_valid_tokens(state: &Path, account: &str, access: &str, valid_for: 
         )
         .expect("token file written");
 }
+
+/// Reads a field (in KiB) from /proc/PID/status.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
