@@ -116,12 +116,16 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             let graph =
                 || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
             let primary = match a.transport {
-                Transport::Smtp => Primary::Smtp(SmtpUpstream::new(
-                    a.mailbox.clone(),
-                    ep.clone(),
-                    ca,
-                    timeout,
-                )),
+                Transport::Smtp => Primary::Smtp(
+                    SmtpUpstream::new(
+                        a.mailbox.clone(),
+                        ep.clone(),
+                        ca,
+                        timeout,
+                        a.max_connections,
+                    )
+                    .map_err(err)?,
+                ),
                 Transport::Graph => Primary::Graph(graph().map_err(err)?),
                 Transport::GmailApi => {
                     Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?)
@@ -135,7 +139,9 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
             let rate = AccountRate::load(&config.state_dir, &a.name, a.limits());
             Ok(Arc::new(
-                Account::new(a.name.clone(), tokens, transports, rewrite).with_rate(rate),
+                Account::new(a.name.clone(), tokens, transports, rewrite)
+                    .with_rate(rate)
+                    .with_connections(a.max_connections),
             ))
         })
         .collect()

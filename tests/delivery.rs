@@ -267,3 +267,64 @@ async fn routes_pick_the_account() {
     );
     relay.attempts_done(2).await;
 }
+
+/// Issue 11: several messages on one upstream connection, each with MAIL, RCPT and DATA in one write (RFC 2920),
+/// and no NOOP before any of them.
+#[tokio::test]
+async fn one_connection_carries_several_messages_pipelined_without_noop() {
+    let idp = idp_issuing("tok-1").await;
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    let mut relay = relay_with_account_and(&idp, &upstream, "max_connections = 1\n").await;
+    for _ in 0..3 {
+        send_message(relay.addr(), WIRE).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(strip_received(&upstream.next().await.data), BODY);
+    }
+    relay.attempts_done(3).await;
+    let log = upstream.commands.lock().unwrap().clone();
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|c| c.starts_with("NOOP")), "{log:?}");
+    let mails: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].starts_with("MAIL FROM:"))
+        .collect();
+    assert_eq!(mails.len(), 3, "{log:?}");
+    for at in mails {
+        assert!(log[at].ends_with(" +"), "MAIL not pipelined: {log:?}");
+        assert!(
+            log[at + 1].starts_with("RCPT TO:") && log[at + 1].ends_with(" +"),
+            "{log:?}"
+        );
+        assert_eq!(log[at + 2], "DATA", "{log:?}");
+    }
+}
+
+/// Issue 11: a pooled connection the server dropped is found dead at the next message, which goes at once on a
+/// fresh connection in the same attempt (a deferral would hold it for the retry schedule's first minute).
+#[tokio::test]
+async fn a_dead_pooled_connection_is_replaced_within_the_attempt() {
+    let idp = idp_issuing("tok-1").await;
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    *upstream.data_reply.lock().unwrap() = "HANGUP 250 2.0.0 OK".into();
+    let mut relay = relay_with_account_and(&idp, &upstream, "max_connections = 1\n").await;
+    send_message(relay.addr(), WIRE).await;
+    upstream.next().await;
+    relay.attempts_done(1).await;
+    send_message(relay.addr(), WIRE).await;
+    assert_eq!(strip_received(&upstream.next().await.data), BODY);
+    relay.attempts_done(2).await;
+    relay.drained().await;
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert!(relay.queued().is_empty());
+}

@@ -256,6 +256,9 @@ pub struct AccountConfig {
     #[serde(default, with = "humantime_serde")]
     pub smtp_timeout: Option<Duration>,
     pub ca_file: Option<PathBuf>,
+    /// Upstream connections (and so deliveries in flight) at once for this account.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     pub graph_url: Option<String>,
     pub gmail_api_url: Option<String>,
     /// Where a Microsoft SMTP account goes when the tenant has SMTP AUTH off (535 5.7.139, 550 5.7.30): only
@@ -272,6 +275,10 @@ pub struct AccountConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_max_connections() -> usize {
+    4
 }
 
 /// An account's sending limits, as the provider counts them; a limit that is absent does not apply.

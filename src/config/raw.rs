@@ -117,6 +117,14 @@ impl RawConfig {
             }
             crate::oauth::endpoints(a)
                 .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason))?;
+            // Providers allow a few concurrent sessions per mailbox (Microsoft: 3 to 10 depending on the
+            // tenant) and refuse the rest; more than 100 would only trade one limit for another.
+            if !(1..=100).contains(&a.max_connections) {
+                return Err(errs.at(
+                    format!("account[{i}].max_connections"),
+                    "must be between 1 and 100",
+                ));
+            }
             if let Some(rate) = &a.rate {
                 for (key, value) in [
                     ("per_minute", rate.per_minute),

@@ -26,14 +26,15 @@ use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
+use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
-use crate::upstream::{Outcome, Transports, long_lines};
+use crate::upstream::{Outcome, Transports};
 
-/// Deliveries in flight per account: Microsoft allows a few concurrent SMTP connections per mailbox.
+/// Deliveries in flight per account unless `max_connections` says otherwise: Microsoft allows a few concurrent
+/// SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
-/// Message bytes held by all deliveries together. The SMTP client holds a whole message (and may copy it while
-/// dot-stuffing), so each delivery is charged twice its size (a message with lines over 998 octets: its size and
-/// twice its wrapped size); a message larger than the budget runs alone.
+/// Message bytes held by all deliveries together, as `Transports::memory_for` charges them (a few chunks for a
+/// streamed SMTP delivery, twice the message for an HTTP one); a charge larger than the budget runs alone.
 pub const DELIVERY_MEMORY: usize = 32 << 20;
 
 /// An upstream account as delivery sees it.
@@ -83,6 +84,12 @@ impl Account {
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             last_written: Mutex::new(None),
         }
+    }
+
+    /// At most `n` deliveries (and so upstream connections) at once.
+    pub fn with_connections(mut self, n: usize) -> Account {
+        self.slots = Arc::new(Semaphore::new(n.max(1)));
+        self
     }
 
     /// The account's limits and its counts so far (see [`AccountRate::load`]); without, it has no limits.
@@ -449,79 +456,72 @@ impl Delivery {
                 return Attempted::Waiting { pool, wait };
             }
         };
-        // A message with lines over 998 octets is sent wrapped (upstream::long_lines): the wrapped copy, and
-        // lettre's copy of that, sit beside the original. That is known once the message is read; then the charge
-        // grows to the original plus twice the wrapped size.
-        let mut charge = msg.size.saturating_mul(2);
-        let (message, memory) = loop {
-            let units = memory_units(charge);
-            let Ok(memory) = self.memory.acquire_many(units).await else {
-                return Attempted::later(now + RECHECK).with_account(account.name.clone());
-            };
-            let read = {
-                let msg = msg.clone();
-                let rate = account.rate.clone();
-                // Sizing the wrapped copy walks the whole message: on the blocking pool, like the read. The counts
-                // are written before the message can reach the upstream: a crash during the send must not make the
-                // next start forget it.
-                tokio::task::spawn_blocking(move || {
-                    rate.save();
-                    msg.read_verified().map(|read| {
-                        read.map(|bytes| {
-                            let wrapped = long_lines::wrapped_len(&bytes);
-                            (bytes, wrapped)
-                        })
-                    })
-                })
-                .await
-            };
-            let read = match read {
-                Ok(Ok(Some(read))) => Ok(read),
-                Ok(Ok(None)) => {
-                    let freed = account.name.clone();
-                    return self
-                        .clone()
-                        .blocking(move |d| {
-                            quarantine(
-                                &d.paths,
-                                &path,
-                                "the message's bytes do not match its seal (damaged on disk)",
-                            );
-                            Attempted::Done { account: None }
-                        })
-                        .await
-                        .with_account(freed);
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Attempted::Done {
-                        account: Some(account.name.clone()),
-                    };
-                }
-                Ok(Err(e)) => Err(format!("cannot read the queue file: {e}")),
-                Err(e) => Err(e.to_string()),
-            };
-            let (message, wrapped) = match read {
-                Ok(read) => read,
-                Err(why) => {
-                    let freed = account.name.clone();
-                    return self
-                        .clone()
-                        .blocking(move |d| d.defer(id, &mut state, &why, None))
-                        .await
-                        .with_account(freed);
-                }
-            };
-            let needed = wrapped.map_or(0, |w| message.len() as u64 + 2 * w as u64);
-            if needed <= charge {
-                break (message, memory);
+        // What the delivery holds of the message: a few chunks for SMTP, which streams it from the file; the whole
+        // message, twice, for an HTTP transport (`Transports::memory_for`).
+        let units = memory_units(account.transports.memory_for(msg.size));
+        let Ok(memory) = self.memory.acquire_many(units).await else {
+            return Attempted::later(now + RECHECK).with_account(account.name.clone());
+        };
+        let opened = {
+            let msg = msg.clone();
+            let rate = account.rate.clone();
+            // The counts are written before the message can reach the upstream: a crash during the send must not
+            // make the next start forget it. The first read checks the seal and looks for long lines; a small
+            // message stays in memory from it.
+            tokio::task::spawn_blocking(move || {
+                rate.save();
+                open_message(&msg)
+            })
+            .await
+        };
+        let opened = match opened {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Attempted::Done {
+                    account: Some(account.name.clone()),
+                };
             }
-            // Not waited for while holding the message and part of the budget: two deliveries doing that could
-            // wait on each other for good. Both go, the whole charge is waited for, and the message read again.
-            charge = needed;
+            Ok(Err(e)) => Err(format!("cannot read the queue file: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        let message = match opened {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                let freed = account.name.clone();
+                return self
+                    .clone()
+                    .blocking(move |d| {
+                        quarantine(
+                            &d.paths,
+                            &path,
+                            "the message's bytes do not match its seal (damaged on disk)",
+                        );
+                        Attempted::Done { account: None }
+                    })
+                    .await
+                    .with_account(freed);
+            }
+            Err(why) => {
+                let freed = account.name.clone();
+                return self
+                    .clone()
+                    .blocking(move |d| d.defer(id, &mut state, &why, None))
+                    .await
+                    .with_account(freed);
+            }
         };
         reservation.sending();
         let (sender, message) = account.rewrite.prepare(id, &msg.envelope.sender, message);
-        let outcome = send(&account, &sender, &msg.envelope.recipients, &message).await;
+        let outcome = account
+            .transports
+            .send(
+                &account.tokens,
+                &sender,
+                &msg.envelope.recipients,
+                &message,
+                msg.envelope.body_8bit,
+            )
+            .await;
         drop((message, memory, slot));
         let name = account.name.clone();
         self.clone()
@@ -684,10 +684,15 @@ impl Delivery {
     }
 }
 
-/// Sends through the account's transport (which handles token refresh and fallback).
-async fn send(account: &Account, sender: &str, recipients: &[String], message: &[u8]) -> Outcome {
-    account
-        .transports
-        .send(&account.tokens, sender, recipients, message)
-        .await
+/// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking.
+fn open_message(msg: &super::QueuedMessage) -> std::io::Result<Option<Outgoing>> {
+    if !msg.size_matches_seal() {
+        return Ok(None);
+    }
+    Outgoing::open(
+        std::fs::File::open(&msg.path)?,
+        msg.offset,
+        msg.size,
+        &msg.seal,
+    )
 }

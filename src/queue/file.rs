@@ -178,14 +178,20 @@ impl QueuedMessage {
         Ok(out)
     }
 
-    /// The message bytes, checked against the seal: `Ok(None)` when they do not match (damaged on disk).
-    pub fn read_verified(&self) -> io::Result<Option<Vec<u8>>> {
-        // The seal's length first: a damaged file's size is not trusted for an allocation.
+    /// Whether the file holds as many bytes as the seal says: checked before anything trusts the file's size
+    /// (for an allocation, or a read of that length).
+    pub fn size_matches_seal(&self) -> bool {
         let sealed_len = self
             .seal
             .get(..16)
             .and_then(|h| u64::from_str_radix(h, 16).ok());
-        if sealed_len != Some(self.size) {
+        sealed_len == Some(self.size)
+    }
+
+    /// The message bytes, checked against the seal: `Ok(None)` when they do not match (damaged on disk).
+    #[cfg(test)]
+    pub fn read_verified(&self) -> io::Result<Option<Vec<u8>>> {
+        if !self.size_matches_seal() {
             return Ok(None);
         }
         let mut file = File::open(&self.path)?;

@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::Outcome;
 use super::http::{client, failed, refusal, time_for};
 use super::mime;
+use super::outgoing::Outgoing;
 
 /// Gmail's largest message.
 pub const MESSAGE_LIMIT: usize = 35 * 1024 * 1024;
@@ -35,22 +36,26 @@ impl GmailUpstream {
         &self,
         token: &SecretString,
         recipients: &[String],
-        message: &[u8],
+        message: &Outgoing,
     ) -> Outcome {
-        let bcc = hidden_recipients(recipients, message);
-        let total = bcc.len() + message.len();
+        let bcc = hidden_recipients(recipients, message.header_block());
+        let total = bcc.len() + message.len() as usize;
         if total > MESSAGE_LIMIT {
             return Outcome::Permanent(format!(
                 "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
             ));
         }
         let resp = if total <= SIMPLE_LIMIT {
+            let body = match read(message, &bcc, 0..total).await {
+                Ok(b) => b,
+                Err(outcome) => return outcome,
+            };
             self.http
                 .post(format!("{}?uploadType=media", self.url))
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
                 .timeout(time_for(total))
-                .body(slice_of(&bcc, message, 0..total))
+                .body(body)
                 .send()
                 .await
         } else {
@@ -77,9 +82,9 @@ impl GmailUpstream {
         &self,
         token: &SecretString,
         prefix: &[u8],
-        message: &[u8],
+        message: &Outgoing,
     ) -> Result<Result<reqwest::Response, reqwest::Error>, Outcome> {
-        let total = prefix.len() + message.len();
+        let total = prefix.len() + message.len() as usize;
         let start = self
             .http
             .post(format!("{}?uploadType=resumable", self.url))
@@ -111,7 +116,8 @@ impl GmailUpstream {
         let mut at = 0usize;
         loop {
             let end = (at + CHUNK).min(total);
-            let chunk = slice_of(prefix, message, at..end);
+            // One chunk at a time from the queue file: a 35 MB message never sits in memory whole.
+            let chunk = read(message, prefix, at..end).await?;
             let resp = self
                 .http
                 .put(&session)
@@ -134,7 +140,11 @@ impl GmailUpstream {
 }
 
 /// Bytes `range` of `prefix` followed by `message`.
-fn slice_of(prefix: &[u8], message: &[u8], range: std::ops::Range<usize>) -> Vec<u8> {
+async fn read(
+    message: &Outgoing,
+    prefix: &[u8],
+    range: std::ops::Range<usize>,
+) -> Result<Vec<u8>, Outcome> {
     let mut out = Vec::with_capacity(range.len());
     if range.start < prefix.len() {
         out.extend_from_slice(&prefix[range.start..range.end.min(prefix.len())]);
@@ -144,9 +154,13 @@ fn slice_of(prefix: &[u8], message: &[u8], range: std::ops::Range<usize>) -> Vec
         range.end.saturating_sub(prefix.len()),
     );
     if to > from {
-        out.extend_from_slice(&message[from..to]);
+        let bytes = message
+            .read_range(from as u64..to as u64)
+            .await
+            .map_err(|e| Outcome::Transient(format!("cannot read the queue file: {e}")))?;
+        out.extend_from_slice(&bytes);
     }
-    out
+    Ok(out)
 }
 
 /// A `Bcc:` header line for the envelope recipients the headers do not name, or nothing.
@@ -197,13 +211,14 @@ mod tests {
         );
     }
 
-    #[test]
-    fn chunks_span_the_prefix_and_the_message() {
+    #[tokio::test]
+    async fn chunks_span_the_prefix_and_the_message() {
         let (p, m) = (b"Bcc: x\r\n", b"To: a\r\n\r\nhi\r\n");
         let all: Vec<u8> = [&p[..], &m[..]].concat();
+        let m = Outgoing::from_bytes(m.to_vec());
         for cut in 0..all.len() {
-            let mut joined = slice_of(p, m, 0..cut);
-            joined.extend(slice_of(p, m, cut..all.len()));
+            let mut joined = read(&m, p, 0..cut).await.unwrap();
+            joined.extend(read(&m, p, cut..all.len()).await.unwrap());
             assert_eq!(joined, all);
         }
     }

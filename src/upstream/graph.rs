@@ -15,6 +15,7 @@ use serde_json::json;
 use super::Outcome;
 use super::http::{client, failed, refusal, time_for};
 use super::mime::{self, Field, Leaf};
+use super::outgoing::Outgoing;
 
 /// Graph refuses a request body over 4 MB.
 pub const REQUEST_LIMIT: usize = 4_000_000;
@@ -42,7 +43,27 @@ impl GraphUpstream {
         })
     }
 
+    /// Graph needs the message whole: as base64 MIME, or to find the attachments it uploads. The delivery that
+    /// calls this is charged for it ([`super::Transports::memory_for`]).
     pub async fn send(
+        &self,
+        token: &SecretString,
+        recipients: &[String],
+        message: &Outgoing,
+    ) -> Outcome {
+        if message.len() > MESSAGE_LIMIT {
+            return Outcome::Permanent(format!(
+                "Graph: the message is {} bytes; Graph takes at most 150 MB",
+                message.len()
+            ));
+        }
+        match message.read_all().await {
+            Ok(bytes) => self.send_bytes(token, recipients, &bytes).await,
+            Err(e) => Outcome::Transient(format!("cannot read the queue file: {e}")),
+        }
+    }
+
+    async fn send_bytes(
         &self,
         token: &SecretString,
         recipients: &[String],

@@ -9,9 +9,13 @@ mod http;
 // Not a transport: makes lines over 998 octets fit the SMTP one.
 pub mod long_lines;
 pub mod mime;
+// Not a transport: the queued message as every transport reads it, in pieces from its file.
+pub mod outgoing;
 // Not a transport: the sender and message every transport is given, per rewrite_from.
 pub mod rewrite;
 pub mod smtp;
+// Not a transport: what `relay test` shows of a conversation.
+pub mod transcript;
 pub mod transports;
 
 use std::time::Duration;

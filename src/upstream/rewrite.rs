@@ -24,6 +24,7 @@ use mail_parser::parsers::MessageStream;
 use mail_parser::{Address, HeaderValue};
 
 use crate::config::RewriteFrom;
+use crate::upstream::outgoing::Outgoing;
 
 /// How far into a message its header section may end. Real header sections are a few KiB; this bounds the work
 /// (and the copy) for a message that has no blank line at all.
@@ -92,14 +93,14 @@ impl SenderRewrite {
     }
 
     /// The envelope sender and the message for one delivery attempt, with a log line for what changed (debug)
-    /// or for a message header mode could not read (warn). Takes the message so that a rewritten one does not
-    /// sit in memory twice while it is sent. The queue file itself is never changed.
+    /// or for a message header mode could not read (warn). Only the header block is looked at and replaced; the
+    /// body is read from the queue file as it was. The queue file itself is never changed.
     pub fn prepare(
         &self,
         queue_id: impl Display,
         sender: &str,
-        message: Vec<u8>,
-    ) -> (String, Vec<u8>) {
+        message: Outgoing,
+    ) -> (String, Outgoing) {
         let upstream_sender = self.envelope_sender(sender);
         if upstream_sender != sender {
             tracing::debug!(relay_queue_id = %queue_id, from = sender, to = upstream_sender, "MAIL FROM rewritten");
@@ -108,13 +109,11 @@ impl SenderRewrite {
         if self.mode != RewriteFrom::Header {
             return (upstream_sender, message);
         }
-        match rewrite_header(&self.mailbox, &message) {
+        match rewrite_header(&self.mailbox, message.header_block()) {
             Ok(HeaderChange::Rewritten(new)) => {
                 tracing::debug!(relay_queue_id = %queue_id, from = new.original.as_str(), to = self.mailbox.as_str(), reply_to_added = new.reply_to_added, "From: rewritten");
-                let mut out = Vec::with_capacity(new.head.len() + message.len() - new.rest);
-                out.extend_from_slice(&new.head);
-                out.extend_from_slice(&message[new.rest..]);
-                (upstream_sender, out)
+                let rewritten = message.with_head(new.head, new.rest);
+                (upstream_sender, rewritten)
             }
             Ok(HeaderChange::Kept(why)) => {
                 tracing::debug!(relay_queue_id = %queue_id, reason = ?why, "From: left as it is");
@@ -692,23 +691,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn prepare_applies_the_mode_and_never_loses_the_message() {
+    #[tokio::test]
+    async fn prepare_applies_the_mode_and_never_loses_the_message() {
+        let out = |m: &Vec<u8>| Outgoing::from_bytes(m.clone());
         let header = SenderRewrite::new(MAILBOX.into(), RewriteFrom::Header);
         let before = message("From: \"Scanner 3F\" <scanner@lan.test>\r\n", "");
-        let (sender, after) = header.prepare("id", "scanner@lan.test", before.clone());
+        let (sender, after) = header.prepare("id", "scanner@lan.test", out(&before));
         assert_eq!(sender, MAILBOX);
-        assert_eq!(after, rewritten(&before));
+        assert_eq!(after.read_all().await.unwrap(), rewritten(&before));
         // A bounce: MAIL FROM stays null, the header is rewritten all the same.
-        let (sender, after) = header.prepare("id", "", before.clone());
+        let (sender, after) = header.prepare("id", "", out(&before));
         assert_eq!(sender, "");
-        assert_eq!(after, rewritten(&before));
+        assert_eq!(after.read_all().await.unwrap(), rewritten(&before));
         // Unreadable: as it was.
         let odd = message("From: Scanner 3F\r\n", "");
-        assert_eq!(header.prepare("id", "a@lan.test", odd.clone()).1, odd);
+        let (_, after) = header.prepare("id", "a@lan.test", out(&odd));
+        assert_eq!(after.read_all().await.unwrap(), odd);
         for mode in [RewriteFrom::None, RewriteFrom::Envelope] {
             let r = SenderRewrite::new(MAILBOX.into(), mode);
-            assert_eq!(r.prepare("id", "a@lan.test", before.clone()).1, before);
+            let (_, after) = r.prepare("id", "a@lan.test", out(&before));
+            assert_eq!(after.read_all().await.unwrap(), before);
         }
     }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::Outcome;
 use super::gmail::GmailUpstream;
 use super::graph::GraphUpstream;
+use super::outgoing::Outgoing;
 use super::smtp::SmtpUpstream;
 use crate::tokens::{AccountTokens, TokenError};
 
@@ -77,16 +78,37 @@ impl Transports {
         }
     }
 
+    /// Message bytes one delivery may hold in memory: the HTTP transports need a message whole (Graph's base64
+    /// MIME), SMTP streams it from the queue file.
+    pub fn memory_for(&self, size: u64) -> u64 {
+        // Two chunks in flight (read and written) and a wrapped one (up to about 3.2 times its source).
+        let streamed =
+            (super::outgoing::CHUNK as u64 * 5).min(size.saturating_mul(2).max(64 << 10));
+        let whole = size.saturating_mul(2);
+        match (&self.primary, &self.fallback) {
+            (_, Some(_)) | (Primary::Graph(_), _) => whole,
+            // The simple upload holds the message, the resumable one a chunk at a time.
+            (Primary::Gmail(_), None) => {
+                whole.min((super::gmail::SIMPLE_LIMIT + super::gmail::CHUNK) as u64 * 2)
+            }
+            (Primary::Smtp(_), None) => streamed,
+        }
+    }
+
     /// Sends through whichever transport is in use; a refused token gets one refresh and one retry.
+    /// `eight_bit`: the body has 8-bit octets (BODY=8BITMIME where the SMTP server offers it).
     pub async fn send(
         &self,
         tokens: &AccountTokens,
         sender: &str,
         recipients: &[String],
-        message: &[u8],
+        message: &Outgoing,
+        eight_bit: bool,
     ) -> Outcome {
         let Some((graph, scope)) = &self.fallback else {
-            return self.primary(tokens, sender, recipients, message).await;
+            return self
+                .primary(tokens, sender, recipients, message, eight_bit)
+                .await;
         };
         let switched = self.switched.lock().ok().and_then(|s| s.clone());
         if let Some(sw) = &switched
@@ -94,7 +116,9 @@ impl Transports {
         {
             return via_graph(graph, tokens, scope, recipients, message).await;
         }
-        let out = self.primary(tokens, sender, recipients, message).await;
+        let out = self
+            .primary(tokens, sender, recipients, message, eight_bit)
+            .await;
         if !smtp_auth_off(&out) {
             if switched.is_some() {
                 tracing::warn!(relay_event = "transport_restored", relay_account = %self.account, "SMTP AUTH works again for this account: back from Graph to SMTP");
@@ -127,11 +151,12 @@ impl Transports {
         tokens: &AccountTokens,
         sender: &str,
         recipients: &[String],
-        message: &[u8],
+        message: &Outgoing,
+        eight_bit: bool,
     ) -> Outcome {
         let attempt = |token: SecretString| async move {
             match &self.primary {
-                Primary::Smtp(s) => s.send(&token, sender, recipients, message).await,
+                Primary::Smtp(s) => s.send(&token, sender, recipients, message, eight_bit).await,
                 Primary::Graph(g) => g.send(&token, recipients, message).await,
                 Primary::Gmail(g) => g.send(&token, recipients, message).await,
             }
@@ -182,7 +207,7 @@ async fn via_graph(
     tokens: &AccountTokens,
     scope: &str,
     recipients: &[String],
-    message: &[u8],
+    message: &Outgoing,
 ) -> Outcome {
     let token = |fresh| tokens.scoped_token(scope, fresh);
     let first = match token(false).await {

@@ -29,10 +29,14 @@ pub struct FakeUpstream {
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
     /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
-    /// (report the message at once, answer a second later).
+    /// (report the message at once, answer a second later) or "HANGUP 250 …" (answer, then close the connection
+    /// without a word, as a server that drops idle sessions does).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Every command line received (AUTH's argument left out), in order; a line that arrived with more
+    /// commands already behind it in the same read (pipelined, RFC 2920) ends in " +".
+    pub commands: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeUpstream {
@@ -53,20 +57,23 @@ impl FakeUpstream {
         ));
         let data_reply = Arc::new(Mutex::new("250 2.0.0 OK queued upstream".to_string()));
         let (t, d) = (tokens.clone(), data_reply.clone());
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let log = commands.clone();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = connections.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
+                let log = log.clone();
                 tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                session(stream, tx, t, d).await;
+                                session(stream, tx, t, d, log).await;
                             }
                         }
-                        None => session(tcp, tx, t, d).await,
+                        None => session(tcp, tx, t, d, log).await,
                     }
                 });
             }
@@ -77,6 +84,7 @@ impl FakeUpstream {
             tokens,
             data_reply,
             connections,
+            commands,
         }
     }
 
@@ -94,6 +102,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     tx: mpsc::UnboundedSender<Received>,
     tokens: Arc<Mutex<Vec<String>>>,
     data_reply: Arc<Mutex<String>>,
+    log: Arc<Mutex<Vec<String>>>,
 ) {
     let mut s = BufReader::new(tcp);
     let _ = w(&mut s, "220 fake.outlook.test ESMTP".into()).await;
@@ -112,6 +121,16 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
+        {
+            let shown = if upper.starts_with("AUTH ") {
+                "AUTH"
+            } else {
+                cmd.as_str()
+            };
+            let more = if s.buffer().is_empty() { "" } else { " +" };
+            let entry = format!("{shown}{more}");
+            log.lock().unwrap().push(entry);
+        }
         let reply = if upper.starts_with("EHLO") {
             "250-fake.outlook.test\r\n250-8BITMIME\r\n250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
                 .to_string()
@@ -207,6 +226,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     return;
                 }
                 continue;
+            }
+            if let Some(last) = reply.strip_prefix("HANGUP ") {
+                msg.at = std::time::SystemTime::now();
+                let _ = tx.send(msg.clone());
+                let _ = w(&mut s, last.to_string()).await;
+                return;
             }
             if reply == "STALL" {
                 // Hold the connection, answer nothing, until the client gives up.

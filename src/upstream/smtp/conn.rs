@@ -1,0 +1,497 @@
+//! One upstream SMTP connection: connect (TCP_NODELAY), TLS, EHLO, AUTH XOAUTH2, then messages with their
+//! commands pipelined and their bodies streamed. Replies are parsed in `reply.rs`, DATA's transparency is
+//! `dot.rs`; this file only moves bytes and says what happened.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rustls_pki_types::ServerName;
+use secrecy::{ExposeSecret, SecretString};
+use smtp_proto::response::parser::ResponseReceiver;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::dot::DotStuffer;
+use super::reply::{Offers, Reply};
+use crate::config::TlsMode;
+use crate::upstream::outgoing::Outgoing;
+use crate::upstream::transcript::Transcript;
+
+/// Body bytes gathered before a write: large writes, few system calls, and TLS records of full size.
+const WRITE: usize = 256 << 10;
+/// A slow but live link: the body's deadline allows this rate.
+const SLOW_RATE: u64 = 32 << 10;
+
+/// How to reach one account's upstream.
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub tls_config: Arc<rustls::ClientConfig>,
+    /// Per step: connecting, each reply.
+    pub timeout: Duration,
+    /// The name relay gives in EHLO.
+    pub helo: String,
+}
+
+/// Why a connection or a message failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Connecting, TLS, a broken or silent connection, or the queue file: nothing is known to have arrived.
+    Connection(String),
+    /// The server refused a command or the message.
+    Refused(Reply),
+    /// The server refused AUTH XOAUTH2.
+    Auth(Reply),
+}
+
+/// A message that did not go, and what that says about the connection.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub failure: Failure,
+    /// The server answered none of this message's commands: on a reused connection, the connection was dead
+    /// before the message began, and a fresh one may try it at once.
+    pub unanswered: bool,
+    /// The connection is in a known state (the transaction was reset) and may carry the next message.
+    pub reusable: bool,
+}
+
+/// A shared transcript, for `relay test`.
+pub type TranscriptHandle = Arc<Mutex<Transcript>>;
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+pub struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+    pos: usize,
+    receiver: ResponseReceiver,
+    offers: Offers,
+    timeout: Duration,
+    transcript: Option<TranscriptHandle>,
+    /// When it last finished a message (or was opened).
+    pub last_used: Instant,
+}
+
+impl Conn {
+    /// Connects, says EHLO (again after STARTTLS) and authenticates as `user` with `token`.
+    pub async fn open(
+        s: &Settings,
+        user: &str,
+        token: &SecretString,
+        transcript: Option<TranscriptHandle>,
+    ) -> Result<Conn, Failure> {
+        let broken = |what: &str, e: &dyn std::fmt::Display| {
+            Failure::Connection(format!("upstream {}:{}: {what}: {e}", s.host, s.port))
+        };
+        if let Some(t) = &transcript
+            && let Ok(mut t) = t.lock()
+        {
+            t.note(&format!(
+                "connecting to {}:{} ({:?})",
+                s.host, s.port, s.tls
+            ));
+        }
+        let tcp =
+            match tokio::time::timeout(s.timeout, TcpStream::connect((s.host.as_str(), s.port)))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => return Err(broken("cannot connect", &e)),
+                Err(_) => return Err(broken("cannot connect", &"timed out (smtp_timeout)")),
+            };
+        // The final dot must not wait for the peer's delayed ACK (Nagle): that cost 40 ms a message.
+        tcp.set_nodelay(true)
+            .map_err(|e| broken("TCP_NODELAY", &e))?;
+        let stream = match s.tls {
+            TlsMode::Implicit => Stream::Tls(Box::new(handshake(s, tcp).await?)),
+            _ => Stream::Plain(tcp),
+        };
+        let mut conn = Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+            pos: 0,
+            receiver: ResponseReceiver::default(),
+            offers: Offers::default(),
+            timeout: s.timeout,
+            transcript,
+            last_used: Instant::now(),
+        };
+        let greeting = conn.reply().await?;
+        if greeting.code != 220 {
+            return Err(Failure::Refused(greeting));
+        }
+        conn.ehlo(&s.helo).await?;
+        if s.tls == TlsMode::Starttls {
+            if !conn.offers.starttls {
+                return Err(broken(
+                    "STARTTLS",
+                    &"not offered; the access token is never sent in the clear",
+                ));
+            }
+            let r = conn.command("STARTTLS").await?;
+            if r.code != 220 {
+                return Err(Failure::Refused(r));
+            }
+            let Stream::Plain(tcp) = conn.stream else {
+                return Err(broken("STARTTLS", &"already in TLS"));
+            };
+            conn.stream = Stream::Tls(Box::new(handshake(s, tcp).await?));
+            conn.buf.clear();
+            conn.pos = 0;
+            conn.note("TLS established");
+            conn.ehlo(&s.helo).await?;
+        }
+        conn.auth(user, token).await?;
+        conn.last_used = Instant::now();
+        Ok(conn)
+    }
+
+    async fn ehlo(&mut self, helo: &str) -> Result<(), Failure> {
+        let r = self.command(&format!("EHLO {helo}")).await?;
+        if r.code != 250 {
+            return Err(Failure::Refused(r));
+        }
+        self.offers = Offers::parse(&r);
+        Ok(())
+    }
+
+    /// AUTH XOAUTH2. Gmail answers a bad token with a 334 challenge (base64 JSON); the client's empty line then
+    /// brings the 535.
+    async fn auth(&mut self, user: &str, token: &SecretString) -> Result<(), Failure> {
+        let initial = B64.encode(format!(
+            "user={user}\x01auth=Bearer {}\x01\x01",
+            token.expose_secret()
+        ));
+        let r = self.command(&format!("AUTH XOAUTH2 {initial}")).await?;
+        match r.code {
+            235 => Ok(()),
+            334 => {
+                let detail = B64
+                    .decode(r.text.trim())
+                    .map(|d| String::from_utf8_lossy(&d).into_owned())
+                    .unwrap_or_default();
+                let mut last = self.command("").await?;
+                if !detail.is_empty() {
+                    last.text = format!("{} ({})", last.text, detail.trim());
+                }
+                Err(Failure::Auth(last))
+            }
+            _ => Err(Failure::Auth(r)),
+        }
+    }
+
+    /// Sends one message: MAIL, RCPT… and DATA in one write when the server offers PIPELINING (RFC 2920), then
+    /// the body in large writes with the terminator in the last one.
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        eight_bit: bool,
+    ) -> Result<Reply, SendFailure> {
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if self.offers.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", message.len()));
+        }
+        if eight_bit && self.offers.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        if utf8 && self.offers.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let mut commands = vec![mail];
+        commands.extend(recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
+        commands.push("DATA".into());
+        let fail = |failure, unanswered, reusable| SendFailure {
+            failure,
+            unanswered,
+            reusable,
+        };
+        let mut replies = Vec::with_capacity(commands.len());
+        if self.offers.pipelining {
+            let mut batch = String::with_capacity(commands.iter().map(|c| c.len() + 2).sum());
+            for c in &commands {
+                self.client_line(c);
+                batch.push_str(c);
+                batch.push_str("\r\n");
+            }
+            if let Err(f) = self.write(batch.as_bytes(), self.timeout).await {
+                return Err(fail(f, true, false));
+            }
+            for _ in &commands {
+                match self.reply().await {
+                    Ok(r) => replies.push(r),
+                    Err(f) => return Err(fail(f, replies.is_empty(), false)),
+                }
+            }
+        } else {
+            for c in &commands {
+                match self.command(c).await {
+                    Ok(r) => {
+                        let stop = !r.is_positive();
+                        replies.push(r);
+                        if stop {
+                            break;
+                        }
+                    }
+                    Err(f) => return Err(fail(f, replies.is_empty(), false)),
+                }
+            }
+        }
+        let data_started =
+            replies.len() == commands.len() && replies[replies.len() - 1].code == 354;
+        let refused = replies
+            .iter()
+            .take(commands.len() - 1)
+            .find(|r| !r.is_positive())
+            .or_else(|| replies.last().filter(|r| r.code != 354))
+            .cloned();
+        if let Some(refused) = refused {
+            // A 421 to the first command of a reused connection: the server was closing it.
+            let unanswered = replies[0].code == 421;
+            if data_started {
+                // DATA was accepted although a recipient was not: ending the data would send the message to the
+                // others alone. Dropping the connection abandons the transaction (RFC 5321 section 4.1.1.4).
+                return Err(fail(Failure::Refused(refused), false, false));
+            }
+            let reusable = refused.code != 421 && self.rset().await;
+            return Err(fail(Failure::Refused(refused), unanswered, reusable));
+        }
+        if let Err(f) = self.body(message).await {
+            return Err(fail(f, false, false));
+        }
+        match self.reply().await {
+            Ok(r) if r.is_positive() => {
+                self.last_used = Instant::now();
+                Ok(r)
+            }
+            Ok(r) => {
+                let reusable = r.code != 421 && self.rset().await;
+                Err(fail(Failure::Refused(r), false, reusable))
+            }
+            Err(f) => Err(fail(f, false, false)),
+        }
+    }
+
+    async fn body(&mut self, message: &Outgoing) -> Result<(), Failure> {
+        let deadline = self.timeout + Duration::from_secs(message.len() / SLOW_RATE);
+        let started = Instant::now();
+        let mut chunks = message.chunks(true);
+        let mut stuffer = DotStuffer::default();
+        let mut out = Vec::with_capacity(WRITE + WRITE / 4);
+        let mut sent = 0u64;
+        loop {
+            let piece = chunks.next().await.map_err(|e| {
+                Failure::Connection(format!("cannot read the queue file while sending: {e}"))
+            })?;
+            let Some(piece) = piece else { break };
+            // Written only once more follows, so that the terminator always goes with the last bytes.
+            if out.len() >= WRITE {
+                let left = deadline.saturating_sub(started.elapsed());
+                self.write(&out, left).await?;
+                sent += out.len() as u64;
+                out.clear();
+            }
+            stuffer.feed(&piece, &mut out);
+        }
+        stuffer.finish(&mut out);
+        sent += out.len() as u64;
+        self.note(&format!(
+            "<message: {sent} bytes, dot-stuffed, then CRLF.CRLF>"
+        ));
+        let left = deadline.saturating_sub(started.elapsed());
+        self.write(&out, left).await
+    }
+
+    /// After a refused transaction: back to a clean state, or `false` when the connection is no good.
+    async fn rset(&mut self) -> bool {
+        matches!(self.command("RSET").await, Ok(r) if r.code == 250)
+    }
+
+    /// Says goodbye; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.command("QUIT")).await;
+    }
+
+    async fn command(&mut self, line: &str) -> Result<Reply, Failure> {
+        self.client_line(line);
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write(&bytes, self.timeout).await?;
+        self.reply().await
+    }
+
+    async fn write(&mut self, bytes: &[u8], within: Duration) -> Result<(), Failure> {
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(within, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::Connection(format!(
+                "upstream connection lost while sending: {e}"
+            ))),
+            Err(_) => Err(Failure::Connection(format!(
+                "upstream took more than {} to take the data (smtp_timeout)",
+                humantime::format_duration(within)
+            ))),
+        }
+    }
+
+    /// The next reply: from what is buffered, else read (each read within the step's timeout).
+    async fn reply(&mut self) -> Result<Reply, Failure> {
+        loop {
+            if self.pos < self.buf.len() {
+                let mut rest = self.buf[self.pos..].iter();
+                let before = rest.len();
+                let parsed = self.receiver.parse(&mut rest);
+                self.pos += before - rest.len();
+                match parsed {
+                    Ok(r) => {
+                        self.receiver.reset();
+                        let r = Reply::from(r);
+                        if let Some(t) = &self.transcript
+                            && let Ok(mut t) = t.lock()
+                        {
+                            t.server(&format_lines(&r));
+                        }
+                        return Ok(r);
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
+                    Err(e) => {
+                        return Err(Failure::Connection(format!(
+                            "upstream sent a malformed reply: {e:?}"
+                        )));
+                    }
+                }
+            }
+            if self.pos >= self.buf.len() {
+                self.buf.clear();
+                self.pos = 0;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) => {
+                    return Err(Failure::Connection("upstream closed the connection".into()));
+                }
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    return Err(Failure::Connection(format!(
+                        "upstream connection lost: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(Failure::Connection(format!(
+                        "upstream did not answer within {} (smtp_timeout)",
+                        humantime::format_duration(self.timeout)
+                    )));
+                }
+            };
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn client_line(&self, line: &str) {
+        if let Some(t) = &self.transcript
+            && let Ok(mut t) = t.lock()
+        {
+            t.client(line);
+        }
+    }
+
+    fn note(&self, line: &str) {
+        if let Some(t) = &self.transcript
+            && let Ok(mut t) = t.lock()
+        {
+            t.note(line);
+        }
+    }
+}
+
+/// A reply's lines as the server wrote them (for the transcript).
+fn format_lines(r: &Reply) -> String {
+    let status = r
+        .status
+        .map(|[a, b, c]| format!("{a}.{b}.{c} "))
+        .unwrap_or_default();
+    let lines: Vec<&str> = r.text.split('\n').collect();
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let sep = if i == last { ' ' } else { '-' };
+            format!("{}{sep}{status}{}", r.code, l.trim_end_matches('\r'))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn handshake(s: &Settings, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Failure> {
+    let name = ServerName::try_from(s.host.clone()).map_err(|e| {
+        Failure::Connection(format!("upstream {}: not a TLS server name: {e}", s.host))
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(s.tls_config.clone());
+    match tokio::time::timeout(s.timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(Failure::Connection(format!(
+            "upstream {}:{}: TLS: {e}",
+            s.host, s.port
+        ))),
+        Err(_) => Err(Failure::Connection(format!(
+            "upstream {}:{}: TLS handshake timed out (smtp_timeout)",
+            s.host, s.port
+        ))),
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Delivery to Microsoft 365 / Gmail over SMTP with AUTH XOAUTH2.
+//!
+//! Our own client rather than lettre's, because delivery speed hangs on what lettre does not do: it sends a
+//! NOOP before every message on a pooled connection, one command per round trip, and the body and the final
+//! dot in two writes on a socket without TCP_NODELAY (so the dot waits for the peer's delayed ACK); and it needs
+//! the whole message in memory. Here (`conn.rs`) MAIL, RCPT… and DATA go in one write when the server offers
+//! PIPELINING, and the body is streamed from the queue file in large writes with the terminator in the last.
+//! Replies are parsed with smtp-proto (`reply.rs`), DATA's transparency is `dot.rs`.
+//!
+//! Connections are pooled per account, at most `max_connections` (the delivery slots of the account bound how
+//! many are in use). An idle connection is reused as it is, with no NOOP first: a NOOP costs a round trip per
+//! message and tells nothing the first command's reply does not. A reused connection found dead before the
+//! server answered anything (closed, reset, 421) is replaced by a fresh one for the same attempt: nothing of
+//! the message was taken, and it is not the message's failure, so it is not counted as one.
+
+mod conn;
+mod dot;
+mod reply;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::Outcome;
+use super::outgoing::Outgoing;
+use crate::oauth::Endpoints;
+pub use conn::TranscriptHandle;
+use conn::{Conn, Failure, SendFailure, Settings};
+pub use reply::Reply;
+
+/// Default for `smtp_timeout`: per step (connect, each reply), not for the whole message.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// An idle connection older than this is closed rather than reused (servers drop idle ones after a minute or
+/// so, Microsoft's after about ten).
+const STALE: Duration = Duration::from_secs(60);
+
+/// One account's SMTP upstream.
+pub struct SmtpUpstream {
+    mailbox: String,
+    settings: Settings,
+    /// Idle connections, the most recently used last, with the hash of the token each authenticated with.
+    idle: Mutex<Vec<(blake3::Hash, Conn)>>,
+    max_idle: usize,
+}
+
+impl SmtpUpstream {
+    /// `ca`: PEM certificates to trust instead of the system's (tests, private upstreams).
+    pub fn new(
+        mailbox: String,
+        endpoints: Endpoints,
+        ca: Option<Vec<u8>>,
+        timeout: Duration,
+        max_connections: usize,
+    ) -> Result<SmtpUpstream, String> {
+        let tls_config = tls_config(ca.as_deref())?;
+        Ok(SmtpUpstream {
+            mailbox,
+            settings: Settings {
+                host: endpoints.smtp_host,
+                port: endpoints.smtp_port,
+                tls: endpoints.smtp_tls,
+                tls_config: Arc::new(tls_config),
+                // A zero timeout would fail every attempt; a huge one would hold a delivery slot for good.
+                timeout: timeout.clamp(Duration::from_secs(1), Duration::from_secs(600)),
+                helo: helo_name(),
+            },
+            idle: Mutex::new(Vec::new()),
+            max_idle: max_connections.max(1),
+        })
+    }
+
+    /// Sends the message (lines over 998 octets wrapped on the way, see `long_lines`) from `sender` to
+    /// `recipients`.
+    pub async fn send(
+        &self,
+        token: &SecretString,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        eight_bit: bool,
+    ) -> Outcome {
+        let (sender, recipients) = match envelope(sender, recipients) {
+            Ok(e) => e,
+            Err(reply) => return Outcome::Permanent(reply),
+        };
+        let key = blake3::hash(token.expose_secret().as_bytes());
+        if let Some(mut conn) = self.reusable(key) {
+            match conn.send(&sender, &recipients, message, eight_bit).await {
+                Ok(reply) => {
+                    self.give_back(key, conn);
+                    return Outcome::Delivered(reply.to_string());
+                }
+                // Dead before it answered anything: the message goes on a fresh connection, in this attempt.
+                Err(f) if f.unanswered => {
+                    tracing::debug!(relay_account_mailbox = %self.mailbox, reason = ?f.failure, "a pooled upstream connection was dead; opening a fresh one");
+                }
+                Err(f) => return self.failed(key, conn, f),
+            }
+        }
+        let mut conn = match Conn::open(&self.settings, &self.mailbox, token, None).await {
+            Ok(c) => c,
+            Err(f) => return outcome(f),
+        };
+        match conn.send(&sender, &recipients, message, eight_bit).await {
+            Ok(reply) => {
+                self.give_back(key, conn);
+                Outcome::Delivered(reply.to_string())
+            }
+            Err(f) => self.failed(key, conn, f),
+        }
+    }
+
+    /// `relay test`: one message on a fresh connection that is not pooled, every line into `transcript`.
+    pub async fn send_traced(
+        &self,
+        token: &SecretString,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        transcript: TranscriptHandle,
+    ) -> Outcome {
+        let (sender, recipients) = match envelope(sender, recipients) {
+            Ok(e) => e,
+            Err(reply) => return Outcome::Permanent(reply),
+        };
+        let mut conn =
+            match Conn::open(&self.settings, &self.mailbox, token, Some(transcript)).await {
+                Ok(c) => c,
+                Err(f) => return outcome(f),
+            };
+        let out = match conn.send(&sender, &recipients, message, true).await {
+            Ok(reply) => Outcome::Delivered(reply.to_string()),
+            Err(f) => outcome(f.failure),
+        };
+        conn.quit().await;
+        out
+    }
+
+    /// The most recently used idle connection for this token; older ones and those of another token are
+    /// closed.
+    fn reusable(&self, key: blake3::Hash) -> Option<Conn> {
+        loop {
+            let (k, conn) = self.idle.lock().ok()?.pop()?;
+            // A new token means the old one is being replaced (refreshed, or refused): its sessions go too.
+            if k == key && conn.last_used.elapsed() <= STALE {
+                return Some(conn);
+            }
+            tokio::spawn(conn.quit());
+        }
+    }
+
+    fn give_back(&self, key: blake3::Hash, conn: Conn) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max_idle
+        {
+            idle.push((key, conn));
+        }
+    }
+
+    fn failed(&self, key: blake3::Hash, conn: Conn, f: SendFailure) -> Outcome {
+        if f.reusable {
+            self.give_back(key, conn);
+        }
+        outcome(f.failure)
+    }
+}
+
+/// What the queue does with a failure.
+fn outcome(f: Failure) -> Outcome {
+    match f {
+        Failure::Connection(why) => Outcome::Transient(why),
+        // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535, Gmail 534
+        // for a token without the mail scope).
+        Failure::Auth(r) if r.code == 535 || r.code == 534 => Outcome::AuthRejected(r.to_string()),
+        Failure::Auth(r) | Failure::Refused(r) if r.is_permanent() => {
+            Outcome::Permanent(r.to_string())
+        }
+        Failure::Auth(r) | Failure::Refused(r) => Outcome::Transient(r.to_string()),
+    }
+}
+
+fn tls_config(ca: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let Some(pem) = ca else {
+        use rustls_platform_verifier::ConfigVerifierExt;
+        return rustls::ClientConfig::with_platform_verifier()
+            .map_err(|e| format!("the system's certificate store: {e}"));
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("ca_file: {e}"))?;
+        roots.add(cert).map_err(|e| format!("ca_file: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("ca_file: no certificate in it".into());
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// This host's name for EHLO, or `localhost` when it is not a plain domain name.
+fn helo_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    let name = std::str::from_utf8(&buf[..end]).unwrap_or("");
+    if rc == 0
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        name.to_string()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// The envelope as it goes on the wire. Addresses are checked only for what could break the command line:
+/// relay has acknowledged the message, and providers take local parts that stricter checks refuse (over 64
+/// octets, say).
+fn envelope(sender: &str, recipients: &[String]) -> Result<(String, Vec<String>), String> {
+    let from = if sender.is_empty() {
+        String::new()
+    } else {
+        address(sender).map_err(|e| format!("sender <{sender}> not accepted: {e}"))?
+    };
+    let to = recipients
+        .iter()
+        .map(|r| address(r).map_err(|e| format!("recipient <{r}> not accepted: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if to.is_empty() {
+        return Err("no recipients".into());
+    }
+    Ok((from, to))
+}
+
+fn address(a: &str) -> Result<String, &'static str> {
+    if a.bytes().any(|b| b.is_ascii_control()) {
+        return Err("control characters");
+    }
+    let (user, domain) = a.rsplit_once('@').ok_or("no @domain")?;
+    // Anything else in the local part is quoted on the way out; the domain has no quoting.
+    if user.is_empty() || domain.is_empty() || domain.contains([' ', '<', '>', '"']) {
+        return Err("empty local part or bad domain");
+    }
+    Ok(format!("{}@{domain}", local_part(user)))
+}
+
+/// The local part as it goes on the wire. The inbound parser keeps a quoted local part unquoted (`"john smith"`
+/// is stored as `john smith`, `"a\"b"` as `a"b`), so one that is not a dot-string is quoted again (RFC 5321
+/// section 4.1.2), or the upstream would read a different address, or none.
+fn local_part(user: &str) -> std::borrow::Cow<'_, str> {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_string = user
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_string {
+        return user.into();
+    }
+    let mut quoted = String::with_capacity(user.len() + 2);
+    quoted.push('"');
+    for c in user.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_parts_are_quoted_only_when_they_must_be() {
+        assert_eq!(local_part("scanner.3f+{x}"), "scanner.3f+{x}");
+        assert_eq!(local_part(&"0".repeat(80)), "0".repeat(80));
+        assert_eq!(local_part("john smith"), "\"john smith\"");
+        assert_eq!(local_part("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(local_part("a@b"), "\"a@b\"");
+        assert_eq!(local_part("a..b"), "\"a..b\"");
+        assert_eq!(address("a@b@example.com").unwrap(), "\"a@b\"@example.com");
+        assert!(address("a\r\nRCPT TO:<x>@example.com").is_err());
+        assert_eq!(address("a<b>@example.com").unwrap(), "\"a<b>\"@example.com");
+        assert!(address("a@exa>mple.com").is_err());
+    }
+}
