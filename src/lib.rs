@@ -9,6 +9,7 @@ pub mod config;
 pub mod logging;
 pub mod memory;
 pub mod oauth;
+pub mod probe;
 pub mod queue;
 pub mod smtp;
 pub mod status;

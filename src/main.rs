@@ -54,6 +54,14 @@ enum Command {
     /// Inspect and act on the queue
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Send a test message through an account now, bypassing the queue; print the upstream transcript (tokens
+    /// redacted) and, on failure, what it means and how to fix it
+    Test {
+        account: String,
+        /// The recipient
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,7 +148,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Authorize { account } => authorize(&config()?, &account),
         Command::Status { json } => status(&config()?, json),
         Command::Queue(q) => queue(&config()?, q),
+        Command::Test { account, to } => test(&config()?, &account, &to),
     }
+}
+
+/// `relay test`: the transcript, the result, and the diagnosis of a failure.
+fn test(config: &Config, account: &str, to: &str) -> Result<ExitCode> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(relay::probe::run(config, account, to))?;
+    for line in report.transcript.lines() {
+        println!("{line}");
+    }
+    if report.transcript.dropped() > 0 {
+        println!("   ({} more lines not shown)", report.transcript.dropped());
+    }
+    if report.delivered() {
+        println!("delivered: {}", report.outcome.reply());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("failed: {}", report.outcome.reply());
+    match &report.diagnosis {
+        Some(d) => println!("diagnosis: {d}"),
+        None => println!(
+            "diagnosis: relay does not know this reply; the upstream's own words are above"
+        ),
+    }
+    Ok(ExitCode::from(1))
 }
 
 /// `relay check --route FROM TO…`: the account and the reason; a user or listener the config does not know is an
@@ -348,6 +385,15 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     d.outcome,
                     age(d.at),
                     d.reply
+                );
+            }
+            if let Some(t) = &a.test {
+                println!(
+                    "  relay test: {} ({} ago, to {}): {}",
+                    t.result,
+                    age(t.at),
+                    t.to,
+                    t.reply
                 );
             }
         }

@@ -44,6 +44,8 @@ pub struct AccountStatus {
     pub transport_switched: Option<crate::upstream::transports::Switch>,
     /// How close it is to its sending limits.
     pub rate: Usage,
+    /// The last `relay test`: verified or failing, and when.
+    pub test: Option<crate::probe::LastTest>,
     /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters.
     pub warnings: Vec<String>,
 }
@@ -157,6 +159,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         last_error: error,
         last_delivery,
         rate,
+        test: crate::probe::read_last_test(&config.state_dir, &a.name),
         warnings,
     }
 }

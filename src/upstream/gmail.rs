@@ -32,6 +32,11 @@ impl GmailUpstream {
         })
     }
 
+    /// Where its requests go (for `relay test`'s transcript).
+    pub fn endpoint(&self) -> &str {
+        &self.url
+    }
+
     pub async fn send(
         &self,
         token: &SecretString,

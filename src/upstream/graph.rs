@@ -300,6 +300,11 @@ impl GraphUpstream {
         (!patch.is_empty()).then_some(serde_json::Value::Object(patch))
     }
 
+    /// Where its requests go (for `relay test`'s transcript).
+    pub fn endpoint(&self) -> &str {
+        &self.base
+    }
+
     pub fn mailbox(&self) -> &str {
         &self.mailbox
     }

@@ -6,6 +6,9 @@ const MAX_LINES: usize = 500;
 /// Longest line kept.
 const MAX_LINE: usize = 2000;
 
+/// A transcript shared with the transport writing it.
+pub type TranscriptHandle = std::sync::Arc<std::sync::Mutex<Transcript>>;
+
 #[derive(Debug, Default, Clone)]
 pub struct Transcript {
     lines: Vec<String>,

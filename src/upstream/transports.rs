@@ -15,6 +15,7 @@ use super::gmail::GmailUpstream;
 use super::graph::GraphUpstream;
 use super::outgoing::Outgoing;
 use super::smtp::SmtpUpstream;
+use super::transcript::TranscriptHandle;
 use crate::tokens::{AccountTokens, TokenError};
 
 /// How often a switched account tries SMTP again.
@@ -172,6 +173,64 @@ impl Transports {
         match tokens.force_refresh().await {
             Ok(t) => attempt(t).await,
             Err(e) => Outcome::Transient(e.to_string()),
+        }
+    }
+
+    /// `relay test`: one message through the transport in use now, every step into `transcript`; no token retry
+    /// and no fallback switch, so that what is shown is what happened.
+    pub async fn probe(
+        &self,
+        tokens: &AccountTokens,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        transcript: TranscriptHandle,
+    ) -> Outcome {
+        let note = |line: &str| {
+            if let Ok(mut t) = transcript.lock() {
+                t.note(line);
+            }
+        };
+        let switched = self.switched.lock().is_ok_and(|s| s.is_some());
+        let graph = self.fallback.as_ref().filter(|_| switched);
+        let token = match graph {
+            Some((_, scope)) => tokens.scoped_token(scope, false).await,
+            None => tokens.access_token().await,
+        };
+        let token = match token {
+            Ok(t) => t,
+            Err(e) => {
+                note(&format!("no access token: {e}"));
+                return Outcome::Transient(e.to_string());
+            }
+        };
+        note("access token ready (not shown)");
+        let http = |method_url: String, out: Outcome| {
+            if let Ok(mut t) = transcript.lock() {
+                t.client(&method_url);
+                t.client("Authorization: Bearer (token)");
+                t.server(out.reply());
+            }
+            out
+        };
+        match (&self.primary, graph) {
+            (_, Some((g, _))) | (Primary::Graph(g), None) => {
+                note("through Microsoft Graph");
+                let out = g.send(&token, recipients, message).await;
+                http(
+                    format!("POST {}/sendMail (or a draft and its send)", g.endpoint()),
+                    out,
+                )
+            }
+            (Primary::Gmail(g), None) => {
+                note("through the Gmail API");
+                let out = g.send(&token, recipients, message).await;
+                http(format!("POST {}", g.endpoint()), out)
+            }
+            (Primary::Smtp(s), None) => {
+                s.send_traced(&token, sender, recipients, message, transcript.clone())
+                    .await
+            }
         }
     }
 

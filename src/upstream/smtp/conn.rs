@@ -3,7 +3,7 @@
 //! `dot.rs`; this file only moves bytes and says what happened.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use super::dot::DotStuffer;
 use super::reply::{Offers, Reply};
 use crate::config::TlsMode;
 use crate::upstream::outgoing::Outgoing;
-use crate::upstream::transcript::Transcript;
+use crate::upstream::transcript::TranscriptHandle;
 
 /// Body bytes gathered before a write: large writes, few system calls, and TLS records of full size.
 const WRITE: usize = 256 << 10;
@@ -60,9 +60,6 @@ pub struct SendFailure {
     /// The connection is in a known state (the transaction was reset) and may carry the next message.
     pub reusable: bool,
 }
-
-/// A shared transcript, for `relay test`.
-pub type TranscriptHandle = Arc<Mutex<Transcript>>;
 
 enum Stream {
     Plain(TcpStream),

@@ -24,8 +24,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::Outcome;
 use super::outgoing::Outgoing;
+use super::transcript::TranscriptHandle;
 use crate::oauth::Endpoints;
-pub use conn::TranscriptHandle;
 use conn::{Conn, Failure, SendFailure, Settings};
 pub use reply::Reply;
 

