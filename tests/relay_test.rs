@@ -35,11 +35,17 @@ async fn a_test_message_shows_the_transcript_and_is_remembered() {
     let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("C: EHLO "), "{out}");
-    assert!(out.contains("C: AUTH XOAUTH2 [credentials redacted]"), "{out}");
+    assert!(
+        out.contains("C: AUTH XOAUTH2 [credentials redacted]"),
+        "{out}"
+    );
     assert!(out.contains("S: 235 2.7.0 Accepted"), "{out}");
     assert!(out.contains("C: RCPT TO:<ops@example.com>"), "{out}");
     assert!(out.contains("delivered: 250"), "{out}");
-    assert!(!out.contains("tok-secret-1"), "a token reached the output: {out}");
+    assert!(
+        !out.contains("tok-secret-1"),
+        "a token reached the output: {out}"
+    );
     let got = upstream.next().await;
     assert_eq!(got.to, ["ops@example.com"]);
     assert!(String::from_utf8_lossy(&got.data).contains("Subject: relay test message from "));

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::Outcome;
 use super::http::{client, failed, refusal, time_for};
-use super::mime::{self, Field, Leaf};
+use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
 
 /// Graph refuses a request body over 4 MB.
@@ -43,44 +43,42 @@ impl GraphUpstream {
         })
     }
 
-    /// Graph needs the message whole: as base64 MIME, or to find the attachments it uploads. The delivery that
-    /// calls this is charged for it ([`super::Transports::memory_for`]).
+    /// A message within Graph's 4 MB request limit goes whole, as base64 MIME. A larger one is taken apart where
+    /// it lies in the queue file: the draft is the message without its largest attachments (at most 4 MB), and
+    /// each of those is decoded and uploaded a chunk at a time. So a delivery holds at most a few megabytes,
+    /// whatever the message's size ([`super::Transports::memory_for`]).
     pub async fn send(
         &self,
         token: &SecretString,
         recipients: &[String],
         message: &Outgoing,
     ) -> Outcome {
-        if message.len() > MESSAGE_LIMIT {
+        let size = message.len();
+        if size > MESSAGE_LIMIT {
             return Outcome::Permanent(format!(
-                "Graph: the message is {} bytes; Graph takes at most 150 MB",
-                message.len()
+                "Graph: the message is {size} bytes; Graph takes at most 150 MB"
             ));
         }
-        match message.read_all().await {
-            Ok(bytes) => self.send_bytes(token, recipients, &bytes).await,
-            Err(e) => Outcome::Transient(format!("cannot read the queue file: {e}")),
+        let patch = self.draft_changes(recipients, message.header_block());
+        if encoded_len(size as usize) <= REQUEST_LIMIT && patch.is_none() {
+            return match message.read_all().await {
+                Ok(bytes) => self.send_mime(token, &bytes).await,
+                Err(e) => unreadable(e),
+            };
         }
-    }
-
-    async fn send_bytes(
-        &self,
-        token: &SecretString,
-        recipients: &[String],
-        message: &[u8],
-    ) -> Outcome {
-        if message.len() as u64 > MESSAGE_LIMIT {
-            return Outcome::Permanent(format!(
-                "Graph: the message is {} bytes; Graph takes at most 150 MB",
-                message.len()
-            ));
-        }
-        let patch = self.draft_changes(recipients, message);
-        if encoded_len(message.len()) <= REQUEST_LIMIT && patch.is_none() {
-            return self.send_mime(token, message).await;
-        }
-        let cut = largest_first(message);
-        let draft_mime = without(message, &cut);
+        let m = message.clone();
+        let taken_apart = tokio::task::spawn_blocking(move || {
+            let cut = largest_first(&m)?;
+            let draft = without(&m, &cut)?;
+            Ok::<_, std::io::Error>((cut, draft))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        let (cut, draft_mime) = match taken_apart {
+            Ok(parts) => parts,
+            Err(e) => return unreadable(e),
+        };
         if encoded_len(draft_mime.len()) > REQUEST_LIMIT {
             return Outcome::Permanent(format!(
                 "Graph: even without its attachments the message is {} bytes, over Graph's 4 MB request limit",
@@ -207,15 +205,22 @@ impl GraphUpstream {
         Ok(resp.json().await.unwrap_or_default())
     }
 
-    /// One attachment through an upload session, decoded from the queued copy a chunk at a time.
+    /// One attachment through an upload session, decoded from the queue file a chunk at a time.
     async fn upload(
         &self,
         token: &SecretString,
         id: &str,
         leaf: &Leaf,
-        message: &[u8],
+        message: &Outgoing,
     ) -> Result<(), Outcome> {
-        let size = leaf.size(message);
+        let size = {
+            let (leaf, m) = (leaf.clone(), message.clone());
+            tokio::task::spawn_blocking(move || leaf.size(&m))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(unreadable)?
+        };
         let session = self
             .call(
                 token,
@@ -235,7 +240,18 @@ impl GraphUpstream {
             ));
         };
         let mut at = 0u64;
-        for chunk in leaf.chunks(message, CHUNK) {
+        let mut chunks = leaf.chunks(message.clone(), CHUNK);
+        loop {
+            // Each chunk is read and decoded on the blocking pool, the iterator handed there and back.
+            let (it, next) = tokio::task::spawn_blocking(move || {
+                let next = chunks.next();
+                (chunks, next)
+            })
+            .await
+            .map_err(|e| unreadable(std::io::Error::other(e)))?;
+            chunks = it;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(unreadable)?;
             let len = chunk.len() as u64;
             // The upload URL carries its own authorization; Graph refuses a bearer token on it.
             let resp = self
@@ -267,8 +283,8 @@ impl GraphUpstream {
 
     /// What the draft must say that its MIME does not: the envelope's recipients when they differ from the
     /// headers', and no copy in Sent Items when the account says so.
-    fn draft_changes(&self, recipients: &[String], message: &[u8]) -> Option<serde_json::Value> {
-        let headers = mime::header_recipients(message);
+    fn draft_changes(&self, recipients: &[String], header: &[u8]) -> Option<serde_json::Value> {
+        let headers = mime::header_recipients(header);
         let envelope: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
         let named: HashSet<&String> = headers.iter().map(|(_, a)| a).collect();
         let same = named.len() == envelope.len() && envelope.iter().all(|r| named.contains(r));
@@ -314,11 +330,15 @@ fn encoded_len(n: usize) -> usize {
     n.div_ceil(3) * 4
 }
 
+fn unreadable(e: std::io::Error) -> Outcome {
+    Outcome::Transient(format!("cannot read the queue file: {e}"))
+}
+
 /// The attachments to upload separately: the largest, until what is left fits in one request.
-fn largest_first(message: &[u8]) -> Vec<Leaf> {
-    let mut leaves = mime::leaves(message);
+fn largest_first<S: Source + ?Sized>(message: &S) -> std::io::Result<Vec<Leaf>> {
+    let mut leaves = mime::leaves(message)?;
     leaves.sort_by_key(|l| std::cmp::Reverse(l.cut.len()));
-    let mut left = message.len();
+    let mut left = message.size();
     let mut cut = Vec::new();
     for l in leaves {
         if encoded_len(left) <= REQUEST_LIMIT {
@@ -328,20 +348,20 @@ fn largest_first(message: &[u8]) -> Vec<Leaf> {
         cut.push(l);
     }
     cut.sort_by_key(|l| l.cut.start);
-    cut
+    Ok(cut)
 }
 
 /// The message without the given parts (in order, not overlapping: leaves never contain each other).
-fn without(message: &[u8], cut: &[Leaf]) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(message.len() - cut.iter().map(|l| l.cut.len()).sum::<usize>());
+fn without<S: Source + ?Sized>(message: &S, cut: &[Leaf]) -> std::io::Result<Vec<u8>> {
+    let kept = message.size() - cut.iter().map(|l| l.cut.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(kept);
     let mut at = 0;
     for l in cut {
-        out.extend_from_slice(&message[at..l.cut.start]);
+        out.extend_from_slice(&message.read(at..l.cut.start)?);
         at = l.cut.end;
     }
-    out.extend_from_slice(&message[at..]);
-    out
+    out.extend_from_slice(&message.read(at..message.size())?);
+    Ok(out)
 }
 
 /// Graph's refusals, in words that name the fix.
@@ -378,11 +398,11 @@ mod tests {
         let msg = format!(
             "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n{big}\r\n--b\r\nContent-Type: image/png; name=s.png\r\nContent-Transfer-Encoding: base64\r\n\r\n{small}\r\n--b--\r\n"
         );
-        let cut = largest_first(msg.as_bytes());
+        let cut = largest_first(&msg.as_bytes()).unwrap();
         assert_eq!(cut.len(), 1);
         assert_eq!(cut[0].name, "a.pdf");
-        assert_eq!(cut[0].size(msg.as_bytes()), 3_300_000);
-        let rest = String::from_utf8(without(msg.as_bytes(), &cut)).unwrap();
+        assert_eq!(cut[0].size(&msg.as_bytes()).unwrap(), 3_300_000);
+        let rest = String::from_utf8(without(&msg.as_bytes(), &cut).unwrap()).unwrap();
         assert!(rest.contains("s.png") && !rest.contains("a.pdf"));
         assert!(rest.ends_with("--b--\r\n"));
     }

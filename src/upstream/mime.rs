@@ -3,6 +3,8 @@
 //! separately (Graph) without decoding the whole message. Header fields are read with mail-parser; the walk over
 //! boundaries is ours, because mail-parser decodes every part into memory and a 40 MiB message would double.
 
+use std::borrow::Cow;
+use std::io;
 use std::ops::Range;
 
 use base64::Engine;
@@ -12,6 +14,30 @@ use mail_parser::{MessageParser, MimeHeaders};
 const MAX_DEPTH: usize = 8;
 /// Parts looked at, at most.
 const MAX_PARTS: usize = 1000;
+/// Lines starting with "--" (boundary candidates) noted, at most: 800 KB of offsets.
+const MAX_DASH_LINES: usize = 100_000;
+/// A part's header block read, at most; a part whose header is longer is left in the message.
+const MAX_PART_HEAD: usize = 64 << 10;
+/// Bytes read at a time when scanning.
+const PIECE: usize = 256 << 10;
+
+/// Where a message's bytes come from, a range at a time: memory, or its queue file (`Outgoing`, with blocking
+/// reads: walk it on the blocking pool). So that a 40 MiB message is walked without being read whole.
+pub trait Source {
+    fn size(&self) -> usize;
+    fn read(&self, range: Range<usize>) -> io::Result<Cow<'_, [u8]>>;
+}
+
+impl Source for &[u8] {
+    fn size(&self) -> usize {
+        self.len()
+    }
+
+    fn read(&self, range: Range<usize>) -> io::Result<Cow<'_, [u8]>> {
+        let end = range.end.min(self.len());
+        Ok(Cow::Borrowed(&self[range.start.min(end)..end]))
+    }
+}
 
 /// Where the header section ends: the offset of the body (after the blank line), or the end of the message.
 pub fn body_start(message: &[u8]) -> usize {
@@ -63,24 +89,36 @@ pub struct Leaf {
     pub base64: bool,
 }
 
+fn is_symbol(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'+' || b == b'/'
+}
+
 impl Leaf {
-    /// The decoded size, without decoding.
-    pub fn size(&self, message: &[u8]) -> u64 {
-        let body = &message[self.body.clone()];
+    /// The decoded size, without decoding (reading the part once, a piece at a time).
+    pub fn size<S: Source + ?Sized>(&self, message: &S) -> io::Result<u64> {
         if !self.base64 {
-            return body.len() as u64;
+            return Ok(self.body.len() as u64);
         }
-        let symbols = body
-            .iter()
-            .filter(|b| b.is_ascii_alphanumeric() || **b == b'+' || **b == b'/')
-            .count() as u64;
-        symbols * 3 / 4
+        let mut symbols = 0u64;
+        let mut at = self.body.start;
+        while at < self.body.end {
+            let end = (at + PIECE).min(self.body.end);
+            let piece = message.read(at..end)?;
+            if piece.is_empty() {
+                break;
+            }
+            symbols += piece.iter().filter(|b| is_symbol(**b)).count() as u64;
+            at += piece.len();
+        }
+        Ok(symbols * 3 / 4)
     }
 
     /// The decoded content in pieces of at most `chunk` bytes (a multiple of 3), without holding more than one.
-    pub fn chunks<'a>(&self, message: &'a [u8], chunk: usize) -> Chunks<'a> {
+    pub fn chunks<S: Source>(&self, message: S, chunk: usize) -> Chunks<S> {
         Chunks {
-            rest: &message[self.body.clone()],
+            message,
+            at: self.body.start,
+            end: self.body.end,
             base64: self.base64,
             chunk: (chunk / 3 * 3).max(3),
         }
@@ -88,48 +126,68 @@ impl Leaf {
 }
 
 /// See [`Leaf::chunks`].
-pub struct Chunks<'a> {
-    rest: &'a [u8],
+pub struct Chunks<S> {
+    message: S,
+    at: usize,
+    end: usize,
     base64: bool,
     chunk: usize,
 }
 
-impl Iterator for Chunks<'_> {
-    type Item = Vec<u8>;
+impl<S: Source> Iterator for Chunks<S> {
+    type Item = io::Result<Vec<u8>>;
 
-    fn next(&mut self) -> Option<Vec<u8>> {
-        if self.rest.is_empty() {
+    fn next(&mut self) -> Option<io::Result<Vec<u8>>> {
+        if self.at >= self.end {
             return None;
         }
         if !self.base64 {
-            let n = self.chunk.min(self.rest.len());
-            let (head, tail) = self.rest.split_at(n);
-            self.rest = tail;
-            return Some(head.to_vec());
+            let end = (self.at + self.chunk).min(self.end);
+            let piece = self.message.read(self.at..end).map(Cow::into_owned);
+            self.at = if matches!(&piece, Ok(p) if !p.is_empty()) {
+                end
+            } else {
+                self.end
+            };
+            return Some(piece);
         }
         // Gather the symbols of one chunk (skipping line breaks and anything else not base64), then decode.
         let want = self.chunk / 3 * 4;
         let mut symbols = Vec::with_capacity(want);
-        let mut used = 0;
-        for &b in self.rest {
-            if symbols.len() == want {
-                break;
+        while symbols.len() < want && self.at < self.end {
+            let end = (self.at + PIECE).min(self.end);
+            let piece = match self.message.read(self.at..end) {
+                Ok(p) if p.is_empty() => {
+                    self.at = self.end;
+                    break;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    self.at = self.end;
+                    return Some(Err(e));
+                }
+            };
+            let mut used = 0;
+            for &b in piece.iter() {
+                if symbols.len() == want {
+                    break;
+                }
+                used += 1;
+                if is_symbol(b) {
+                    symbols.push(b);
+                }
             }
-            used += 1;
-            if b.is_ascii_alphanumeric() || b == b'+' || b == b'/' {
-                symbols.push(b);
-            }
+            self.at += used;
         }
-        self.rest = &self.rest[used..];
         if symbols.is_empty() {
-            self.rest = &[];
+            self.at = self.end;
             return None;
         }
         // A stray last symbol cannot stand for a byte; the lenient engine takes any padding or none.
         if symbols.len() % 4 == 1 {
             symbols.pop();
         }
-        LENIENT.decode(&symbols).ok()
+        LENIENT.decode(&symbols).ok().map(Ok)
     }
 }
 
@@ -141,15 +199,58 @@ const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::
 );
 
 /// The leaf parts of a multipart message that have a name or are not text, and whose encoding can be undone
-/// chunk by chunk (base64, or none). The first text part (the body people read) is never one of them.
-pub fn leaves(message: &[u8]) -> Vec<Leaf> {
+/// chunk by chunk (base64, or none). The first text part (the body people read) is never one of them. The
+/// message is read twice, a piece at a time: once for the lines that start with "--" (where delimiters can be),
+/// then only around those lines and part headers.
+pub fn leaves<S: Source + ?Sized>(message: &S) -> io::Result<Vec<Leaf>> {
     let mut out = Vec::new();
-    let start = body_start(message);
-    let head = &message[..start];
-    if let Some(boundary) = boundary_of(head) {
-        walk(message, start..message.len(), &boundary, 0, &mut out);
+    let window = message.read(0..message.size().min(1 << 20))?;
+    let start = body_start(&window);
+    if start == window.len() && window.len() < message.size() {
+        // A header block over 1 MiB: nothing of it is taken apart.
+        return Ok(out);
     }
-    out
+    if let Some(boundary) = boundary_of(&window[..start]) {
+        let walker = Walker {
+            message,
+            dash_lines: dash_lines(message)?,
+        };
+        walker.walk(start..message.size(), &boundary, 0, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Offsets of the lines that start with "--", in order (at most [`MAX_DASH_LINES`]).
+fn dash_lines<S: Source + ?Sized>(message: &S) -> io::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    let (mut at, size) = (0, message.size());
+    // Whether the byte before the current piece ends a line, and a line start at the last byte seen that is '-'.
+    let (mut line_start, mut pending) = (true, None::<usize>);
+    while at < size && out.len() < MAX_DASH_LINES {
+        let piece = message.read(at..(at + PIECE).min(size))?;
+        if piece.is_empty() {
+            break;
+        }
+        if let Some(p) = pending.take()
+            && piece[0] == b'-'
+        {
+            out.push(p);
+        }
+        let mut check = |i: usize| match (piece.get(i), piece.get(i + 1)) {
+            (Some(b'-'), Some(b'-')) => out.push(at + i),
+            (Some(b'-'), None) => pending = Some(at + i),
+            _ => {}
+        };
+        if line_start {
+            check(0);
+        }
+        for lf in memchr::memchr_iter(b'\n', &piece) {
+            check(lf + 1);
+        }
+        line_start = piece.last() == Some(&b'\n');
+        at += piece.len();
+    }
+    Ok(out)
 }
 
 fn boundary_of(head: &[u8]) -> Option<String> {
@@ -163,56 +264,117 @@ fn boundary_of(head: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
-fn walk(message: &[u8], body: Range<usize>, boundary: &str, depth: usize, out: &mut Vec<Leaf>) {
-    if depth >= MAX_DEPTH || out.len() >= MAX_PARTS {
-        return;
-    }
-    let lines = delimiters(message, body, boundary);
-    for pair in lines.windows(2) {
-        let (open, next) = (&pair[0], &pair[1]);
-        if open.close {
-            break;
+struct Walker<'a, S: ?Sized> {
+    message: &'a S,
+    dash_lines: Vec<usize>,
+}
+
+impl<S: Source + ?Sized> Walker<'_, S> {
+    fn walk(
+        &self,
+        body: Range<usize>,
+        boundary: &str,
+        depth: usize,
+        out: &mut Vec<Leaf>,
+    ) -> io::Result<()> {
+        if depth >= MAX_DEPTH || out.len() >= MAX_PARTS {
+            return Ok(());
         }
-        // The CRLF before the next delimiter belongs to that delimiter (RFC 2046 section 5.1.1).
-        let part = open.after..next.start.saturating_sub(2).max(open.after);
-        let rel = body_start(&message[part.clone()]);
-        let head = &message[part.start..part.start + rel];
-        let content = part.start + rel..part.end;
-        let Some(m) = MessageParser::default().parse_headers(head) else {
-            continue;
-        };
-        let p = m.root_part();
-        let (ctype, subtype) = p.content_type().map_or(("text", "plain"), |ct| {
-            (ct.ctype(), ct.subtype().unwrap_or(""))
-        });
-        if ctype.eq_ignore_ascii_case("multipart") {
-            if let Some(b) = p.content_type().and_then(|ct| ct.attribute("boundary")) {
-                walk(message, content, b, depth + 1, out);
+        let lines = self.delimiters(body, boundary)?;
+        for pair in lines.windows(2) {
+            let (open, next) = (&pair[0], &pair[1]);
+            if open.close {
+                break;
             }
-            continue;
+            // The CRLF before the next delimiter belongs to that delimiter (RFC 2046 section 5.1.1).
+            let part = open.after..next.start.saturating_sub(2).max(open.after);
+            let window = self
+                .message
+                .read(part.start..part.end.min(part.start + MAX_PART_HEAD))?;
+            let rel = body_start(&window);
+            if rel == window.len() && window.len() < part.len() {
+                continue;
+            }
+            let head = &window[..rel];
+            let content = part.start + rel..part.end;
+            let Some(m) = MessageParser::default().parse_headers(head) else {
+                continue;
+            };
+            let p = m.root_part();
+            let (ctype, subtype) = p.content_type().map_or(("text", "plain"), |ct| {
+                (ct.ctype(), ct.subtype().unwrap_or(""))
+            });
+            if ctype.eq_ignore_ascii_case("multipart") {
+                if let Some(b) = p.content_type().and_then(|ct| ct.attribute("boundary")) {
+                    self.walk(content, b, depth + 1, out)?;
+                }
+                continue;
+            }
+            let name = p.attachment_name().map(str::to_string);
+            let text = ctype.eq_ignore_ascii_case("text");
+            let encoding = p
+                .content_transfer_encoding()
+                .unwrap_or("7bit")
+                .to_ascii_lowercase();
+            let base64 = encoding == "base64";
+            if (name.is_none() && text)
+                || !(base64 || matches!(encoding.as_str(), "7bit" | "8bit" | "binary"))
+            {
+                continue;
+            }
+            out.push(Leaf {
+                cut: open.start..next.start,
+                body: content,
+                name: name.unwrap_or_else(|| format!("attachment-{}", out.len() + 1)),
+                content_type: format!("{ctype}/{subtype}"),
+                base64,
+            });
+            if out.len() >= MAX_PARTS {
+                break;
+            }
         }
-        let name = p.attachment_name().map(str::to_string);
-        let text = ctype.eq_ignore_ascii_case("text");
-        let encoding = p
-            .content_transfer_encoding()
-            .unwrap_or("7bit")
-            .to_ascii_lowercase();
-        let base64 = encoding == "base64";
-        if (name.is_none() && text)
-            || !(base64 || matches!(encoding.as_str(), "7bit" | "8bit" | "binary"))
+        Ok(())
+    }
+
+    /// The delimiter lines of `boundary` within `body`, up to and including the closing one.
+    fn delimiters(&self, body: Range<usize>, boundary: &str) -> io::Result<Vec<Delimiter>> {
+        let dashes = format!("--{boundary}");
+        let mut out = Vec::new();
+        let first = self.dash_lines.partition_point(|&at| at < body.start);
+        for &at in self.dash_lines[first..]
+            .iter()
+            .take_while(|&&at| at < body.end)
         {
-            continue;
+            // The line up to where it must end: dashes, "--", transport padding (spaces, tabs), CRLF.
+            let end = (at + dashes.len() + 2 + 64 + 2).min(body.end);
+            let line = self.message.read(at..end)?;
+            let Some(rest) = line.strip_prefix(dashes.as_bytes()) else {
+                continue;
+            };
+            let close = rest.starts_with(b"--");
+            let rest = &rest[if close { 2 } else { 0 }..];
+            let pad = rest
+                .iter()
+                .take_while(|b| **b == b' ' || **b == b'\t')
+                .count();
+            let tail = &rest[pad..];
+            let after = if tail.starts_with(b"\r\n") {
+                end - tail.len() + 2
+            } else if tail.is_empty() && end == body.end {
+                body.end
+            } else {
+                continue; // "--boundary-more": a longer line, not this delimiter
+            };
+            out.push(Delimiter {
+                start: at,
+                after,
+                close,
+            });
+            if close {
+                break;
+            }
         }
-        out.push(Leaf {
-            cut: open.start..next.start,
-            body: content,
-            name: name.unwrap_or_else(|| format!("attachment-{}", out.len() + 1)),
-            content_type: format!("{ctype}/{subtype}"),
-            base64,
-        });
-        if out.len() >= MAX_PARTS {
-            return;
-        }
+        Ok(out)
     }
 }
 
@@ -221,44 +383,6 @@ struct Delimiter {
     start: usize,
     after: usize,
     close: bool,
-}
-
-fn delimiters(message: &[u8], body: Range<usize>, boundary: &str) -> Vec<Delimiter> {
-    let dashes = format!("--{boundary}");
-    let text = &message[body.clone()];
-    let mut out = Vec::new();
-    let mut candidates: Vec<usize> = Vec::new();
-    if text.starts_with(dashes.as_bytes()) {
-        candidates.push(0);
-    }
-    let needle = format!("\r\n{dashes}");
-    candidates.extend(memchr::memmem::find_iter(text, needle.as_bytes()).map(|at| at + 2));
-    for at in candidates {
-        let rest = &text[at + dashes.len()..];
-        let close = rest.starts_with(b"--");
-        // Transport padding (spaces, tabs) may follow the boundary before the line ends.
-        let pad = rest[if close { 2 } else { 0 }..]
-            .iter()
-            .take_while(|b| **b == b' ' || **b == b'\t')
-            .count();
-        let tail = &rest[if close { 2 } else { 0 } + pad..];
-        let after = if tail.starts_with(b"\r\n") {
-            at + dashes.len() + if close { 2 } else { 0 } + pad + 2
-        } else if tail.is_empty() {
-            text.len()
-        } else {
-            continue; // "--boundary-more": a longer line, not this delimiter
-        };
-        out.push(Delimiter {
-            start: body.start + at,
-            after: body.start + after,
-            close,
-        });
-        if close {
-            break;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -282,13 +406,13 @@ mod tests {
 
     #[test]
     fn an_attachment_is_found_cut_and_decoded() {
-        let l = leaves(MSG);
+        let l = leaves(&MSG).unwrap();
         assert_eq!(l.len(), 1, "{l:?}");
         let a = &l[0];
         assert_eq!(a.name, "scan.pdf");
         assert_eq!(a.content_type, "application/pdf");
-        assert_eq!(a.size(MSG), 11);
-        let all: Vec<u8> = a.chunks(MSG, 3).flatten().collect();
+        assert_eq!(a.size(&MSG).unwrap(), 11);
+        let all: Vec<u8> = a.chunks(MSG, 3).flat_map(Result::unwrap).collect();
         assert_eq!(all, b"hello world");
         let mut cut = MSG[..a.cut.start].to_vec();
         cut.extend_from_slice(&MSG[a.cut.end..]);
@@ -300,10 +424,13 @@ mod tests {
     #[test]
     fn nested_parts_and_odd_input_never_panic() {
         let nested = b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n--a\r\nContent-Type: image/png\r\nContent-Disposition: attachment; filename*=utf-8''sc%C3%A4n.png\r\nContent-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--a--\r\n";
-        let l = leaves(nested);
+        let nested = &nested[..];
+        let l = leaves(&nested).unwrap();
         assert_eq!(l.len(), 1);
         assert_eq!(
-            l[0].chunks(nested, 30).flatten().collect::<Vec<u8>>(),
+            l[0].chunks(nested, 30)
+                .flat_map(Result::unwrap)
+                .collect::<Vec<u8>>(),
             [0, 1, 2]
         );
         for junk in [
@@ -314,7 +441,7 @@ mod tests {
             b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a--",
             b"Content-Type: multipart/mixed; boundary=\"\"\r\n\r\n--\r\n",
         ] {
-            let _ = leaves(junk);
+            let _ = leaves(&junk);
             let _ = header_recipients(junk);
         }
     }

@@ -182,37 +182,36 @@ impl Outgoing {
     /// Bytes `range` of the message (before wrapping), read from memory or the file into one buffer (a whole
     /// large message is read straight into the buffer returned, never copied).
     pub async fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        match &self.rest {
+            Rest::Memory(_) => self.read_blocking(range),
+            Rest::File { .. } => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.read_blocking(range))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+        }
+    }
+
+    /// As [`Outgoing::read_range`], blocking: on the blocking pool only.
+    pub fn read_blocking(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
         let end = range.end.min(self.len());
         let start = range.start.min(end);
         let head_len = self.head.len() as u64;
-        let from_head = start.min(head_len) as usize..end.min(head_len) as usize;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        out.extend_from_slice(&self.head[start.min(head_len) as usize..end.min(head_len) as usize]);
         let (from, to) = (start.max(head_len) - head_len, end.saturating_sub(head_len));
-        let total = (end - start) as usize;
-        match &self.rest {
-            Rest::Memory(b) => {
-                let mut out = Vec::with_capacity(total);
-                out.extend_from_slice(&self.head[from_head]);
-                if to > from {
-                    out.extend_from_slice(&b[from as usize..to as usize]);
-                }
-                Ok(out)
-            }
-            Rest::File { file, range } => {
-                let (file, head, at) = (file.clone(), self.head.clone(), range.start + from);
-                tokio::task::spawn_blocking(move || {
-                    let mut out = Vec::with_capacity(total);
-                    out.extend_from_slice(&head[from_head]);
+        if to > from {
+            match &self.rest {
+                Rest::Memory(b) => out.extend_from_slice(&b[from as usize..to as usize]),
+                Rest::File { file, range } => {
                     let filled = out.len();
-                    out.resize(total, 0);
-                    if to > from {
-                        file.read_exact_at(&mut out[filled..], at)?;
-                    }
-                    Ok(out)
-                })
-                .await
-                .map_err(io::Error::other)?
+                    out.resize(filled + (to - from) as usize, 0);
+                    file.read_exact_at(&mut out[filled..], range.start + from)?;
+                }
             }
         }
+        Ok(out)
     }
 
     /// The message in pieces of about [`CHUNK`] bytes; with `wrap`, lines over 998 octets are wrapped on the way
@@ -227,6 +226,18 @@ impl Outgoing {
             },
             done: false,
         }
+    }
+}
+
+/// The HTTP transports walk a large message's MIME structure in place (`mime.rs`).
+impl mime::Source for Outgoing {
+    fn size(&self) -> usize {
+        self.len() as usize
+    }
+
+    fn read(&self, range: Range<usize>) -> io::Result<std::borrow::Cow<'_, [u8]>> {
+        self.read_blocking(range.start as u64..range.end as u64)
+            .map(std::borrow::Cow::Owned)
     }
 }
 

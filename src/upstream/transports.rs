@@ -82,17 +82,22 @@ impl Transports {
     /// Message bytes one delivery may hold in memory: the HTTP transports need a message whole (Graph's base64
     /// MIME), SMTP streams it from the queue file.
     pub fn memory_for(&self, size: u64) -> u64 {
-        // Two chunks in flight (read and written) and a wrapped one (up to about 3.2 times its source).
+        // SMTP: two chunks in flight (read and written) and a wrapped one (up to about 3.2 times its source).
         let streamed =
             (super::outgoing::CHUNK as u64 * 5).min(size.saturating_mul(2).max(64 << 10));
-        let whole = size.saturating_mul(2);
+        // Graph: a message up to its 4 MB request limit whole and base64-encoded; above, a draft of at most
+        // that, then one upload chunk and its base64 symbols at a time.
+        let graph = size
+            .saturating_mul(2)
+            .min(3 * super::graph::REQUEST_LIMIT as u64);
+        // Gmail: the simple upload holds the message, the resumable one a chunk at a time.
+        let gmail = size
+            .saturating_mul(2)
+            .min((super::gmail::SIMPLE_LIMIT + super::gmail::CHUNK) as u64 * 2);
         match (&self.primary, &self.fallback) {
-            (_, Some(_)) | (Primary::Graph(_), _) => whole,
-            // The simple upload holds the message, the resumable one a chunk at a time.
-            (Primary::Gmail(_), None) => {
-                whole.min((super::gmail::SIMPLE_LIMIT + super::gmail::CHUNK) as u64 * 2)
-            }
             (Primary::Smtp(_), None) => streamed,
+            (Primary::Gmail(_), None) => gmail,
+            (Primary::Graph(_), _) | (_, Some(_)) => graph.max(streamed),
         }
     }
 
