@@ -87,7 +87,10 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
         account: "*".into(),
         reason: e.to_string(),
     })?;
-    let store = TokenStore::new(&config.state_dir);
+    let store = TokenStore::for_config(config).map_err(|e| AccountError {
+        account: "*".into(),
+        reason: e.to_string(),
+    })?;
     config
         .accounts
         .iter()
@@ -97,6 +100,13 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
                 reason,
             };
             let (ep, client) = token_client(a, &http).map_err(err)?;
+            // A key that does not open the account's tokens is a setting to fix before relay runs; anything else
+            // about the file is met, and explained, at its first use.
+            match store.check(&a.name) {
+                Err(e) if e.is_key_problem() => return Err(err(e.to_string())),
+                Err(e) => tracing::warn!(relay_account = %a.name, error = %e, "cannot read the token file"),
+                Ok(()) => {}
+            }
             let ca = match &a.ca_file {
                 Some(p) => {
                     Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?)
