@@ -87,8 +87,14 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
         account: "*".into(),
         reason: e.to_string(),
     })?;
+    // The key serves every account's tokens.
     let store = TokenStore::for_config(config).map_err(|e| AccountError {
-        account: "*".into(),
+        account: config
+            .accounts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         reason: e.to_string(),
     })?;
     config

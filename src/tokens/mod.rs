@@ -225,9 +225,9 @@ impl AccountTokens {
                 let revoked = e.needs_authorization();
                 let diagnosis = Diagnosed::of(&e.to_string(), Some(&self.name));
                 if revoked {
-                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e, relay_diagnosis = diagnosis.field(), "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
+                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
                 } else {
-                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e, relay_diagnosis = diagnosis.field(), "token refresh failed{diagnosis}");
+                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "token refresh failed{diagnosis}");
                 }
                 // Recorded in the token file, so that `relay status` can say what is wrong.
                 if let Some(mut t) = previous {

@@ -239,7 +239,7 @@ fn credential() -> Result<(Vec<u8>, String), String> {
         })?;
     if !out.status.success() {
         return Err(format!(
-            "$CREDENTIALS_DIRECTORY is not set (systemd sets it for the relay service), and `systemd-creds decrypt --name={CREDENTIAL_NAME} {CREDENTIAL_FILE} -` failed ({}): {}; run this as root, or {create}",
+            "$CREDENTIALS_DIRECTORY is not set (systemd sets it for the relay service), and `systemd-creds decrypt --name={CREDENTIAL_NAME} {CREDENTIAL_FILE} -` failed ({}): {}. Outside the service, run relay as root; if the credential does not exist yet, {create}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ));
