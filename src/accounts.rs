@@ -87,7 +87,16 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
         account: "*".into(),
         reason: e.to_string(),
     })?;
-    let store = TokenStore::new(&config.state_dir);
+    // The key serves every account's tokens.
+    let store = TokenStore::for_config(config).map_err(|e| AccountError {
+        account: config
+            .accounts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        reason: e.to_string(),
+    })?;
     config
         .accounts
         .iter()
@@ -107,6 +116,15 @@ pub fn build_one(
         reason,
     };
     let (ep, client) = token_client(a, http).map_err(err)?;
+    // A key that does not open the account's tokens is a setting to fix before relay runs; anything else about
+    // the file is met, and explained, at its first use.
+    match store.check(&a.name) {
+        Err(e) if e.is_key_problem() => return Err(err(e.to_string())),
+        Err(e) => {
+            tracing::warn!(relay_account = %a.name, error = %e, "cannot read the token file")
+        }
+        Ok(()) => {}
+    }
     let ca = match &a.ca_file {
         Some(p) => Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?),
         None => None,

@@ -36,7 +36,7 @@ pub async fn authorize(
         .ok_or_else(|| AuthorizeError::NoSuchAccount(name.to_string()))?;
     let http = crate::accounts::http_client().map_err(|e| failed(e.to_string()))?;
     let (ep, client) = crate::accounts::token_client(account, &http).map_err(failed)?;
-    let store = TokenStore::new(&config.state_dir);
+    let store = TokenStore::for_config(config).map_err(|e| failed(e.to_string()))?;
     let grant = match account.flow {
         Flow::DeviceCode => {
             let url = ep.device_authorization_url.clone().ok_or_else(|| {

@@ -75,12 +75,13 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
         account: account.to_string(),
         reason: e.to_string(),
     })?;
-    let built = crate::accounts::build_one(
-        config,
-        a,
-        &http,
-        &crate::tokens::TokenStore::new(&config.state_dir),
-    )?;
+    let store = crate::tokens::TokenStore::for_config(config).map_err(|e| {
+        crate::accounts::AccountError {
+            account: account.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let built = crate::accounts::build_one(config, a, &http, &store)?;
     let transcript = Arc::new(Mutex::new(Transcript::default()));
     let message = Outgoing::from_bytes(test_message(&a.mailbox, to));
     let sender = built.rewrite.envelope_sender(&a.mailbox).to_string();
@@ -96,7 +97,7 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
         .await;
     let diagnosis = match &outcome {
         Outcome::Delivered(_) => None,
-        other => diagnose(other.reply(), account),
+        other => crate::upstream::diagnosis::for_log(other.reply(), Some(account)),
     };
     let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();
     let report = Report {
@@ -107,12 +108,6 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     };
     record(&config.state_dir, &report, to);
     Ok(report)
-}
-
-/// The plain-words diagnosis of an upstream or token-endpoint error, as the journal gives it.
-fn diagnose(text: &str, account: &str) -> Option<String> {
-    let _ = (text, account);
-    None
 }
 
 fn record(state_dir: &Path, report: &Report, to: &str) {

@@ -103,9 +103,9 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 }
 
 pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
-    let store = TokenStore::new(&config.state_dir);
     let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    let (state, tokens, error) = match store.load(&a.name) {
+    let (state, tokens, error) = match TokenStore::for_config(config).and_then(|s| s.load(&a.name))
+    {
         Err(e) => ("failing", None, Some(e.to_string())),
         // Client credentials need no authorize step: the daemon fetches a token when it first needs one.
         Ok(None) if a.flow == Flow::ClientCredentials => ("ok", None, None),

@@ -54,6 +54,44 @@ pub struct Config {
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
     pub queue: QueueConfig,
+    /// `token_encryption`: token files sealed with this key; none, they are plain (mode 0640).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_encryption: Option<TokenEncryption>,
+}
+
+/// Where the key that seals token files comes from (`token_encryption`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEncryption {
+    /// `"systemd-creds"`: the credential `relay-token-key`, which systemd decrypts (with the host's TPM where it
+    /// has one) and hands over in `$CREDENTIALS_DIRECTORY` (`LoadCredentialEncrypted=`).
+    SystemdCreds,
+    /// A file holding the key (32 random bytes, or 64 hex digits), mode 0640 or stricter.
+    KeyFile(PathBuf),
+}
+
+impl TokenEncryption {
+    /// Parses the config value: `"systemd-creds"` or an absolute path.
+    pub fn parse(value: &str) -> Result<TokenEncryption, String> {
+        if value == "systemd-creds" {
+            return Ok(TokenEncryption::SystemdCreds);
+        }
+        let path = PathBuf::from(value);
+        if !path.is_absolute() {
+            return Err(format!(
+                "`{value}` is neither \"systemd-creds\" nor an absolute path to a key file"
+            ));
+        }
+        Ok(TokenEncryption::KeyFile(path))
+    }
+}
+
+impl Serialize for TokenEncryption {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TokenEncryption::SystemdCreds => s.serialize_str("systemd-creds"),
+            TokenEncryption::KeyFile(p) => s.serialize_str(&p.display().to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]

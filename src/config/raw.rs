@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     route: Vec<RouteConfig>,
     queue: Option<RawQueue>,
+    token_encryption: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +277,15 @@ impl RawConfig {
             }
         }
 
+        let token_encryption = match &self.token_encryption {
+            Some(v) => Some(
+                TokenEncryption::parse(v)
+                    .and_then(|e| crate::tokens::seal::check(&e).map(|()| e))
+                    .map_err(|r| errs.at("token_encryption", r))?,
+            ),
+            None => None,
+        };
+
         Ok(Config {
             source: file.to_string(),
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
@@ -294,6 +304,7 @@ impl RawConfig {
                 .collect(),
             routes: self.route,
             queue,
+            token_encryption,
         })
     }
 }

@@ -316,20 +316,36 @@ fn endpoint_error(status: u16, body: &[u8]) -> OAuthError {
     match serde_json::from_slice::<ErrorReply>(body) {
         Ok(e) => OAuthError::Endpoint {
             status,
-            error: e.error,
-            description: e.error_description.unwrap_or_default(),
+            error: one_line(&e.error),
+            description: one_line(&e.error_description.unwrap_or_default()),
         },
         Err(_) => OAuthError::Http {
             status,
-            body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            body: one_line(&String::from_utf8_lossy(&body[..body.len().min(200)])),
         },
     }
+}
+
+/// The endpoint's words on one line: Microsoft ends its description with `\r\nTrace ID: …\r\nCorrelation ID: …`,
+/// which would split a log line (and a `relay status` row) in two.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn endpoint_errors_are_one_line() {
+        let body = json!({"error": "invalid_grant", "error_description": "AADSTS700082: expired.\r\nTrace ID: a\r\nCorrelation ID: b"});
+        let e = endpoint_error(400, body.to_string().as_bytes());
+        assert_eq!(
+            e.to_string(),
+            "token endpoint said invalid_grant (HTTP 400): AADSTS700082: expired. Trace ID: a Correlation ID: b"
+        );
+    }
 
     #[test]
     fn network_durations_are_clamped() {

@@ -36,37 +36,13 @@ impl OAuthError {
         matches!(self, OAuthError::Endpoint { error, .. } if error == "invalid_grant")
     }
 
-    /// What to do about it, where we know: the fixes sysadmins otherwise search the web for.
-    pub fn hint(&self, token_url: &str) -> Option<&'static str> {
-        let OAuthError::Endpoint {
-            error, description, ..
-        } = self
-        else {
-            return None;
-        };
-        if description.contains("AADSTS7000222") {
-            return Some(
-                "the client secret has expired: create a new secret in the app registration (Certificates & secrets), write it to client_secret_file and update client_secret_expires",
-            );
-        }
-        if error == "invalid_client" && description.contains("AADSTS7000215") {
-            return Some(
-                "the client secret is wrong: copy the secret's Value (not its ID) into client_secret_file",
-            );
-        }
-        if error == "invalid_grant" && token_url.contains("googleapis.com") {
-            return Some(
-                "if the app's OAuth consent screen is in \"Testing\" status, Google expires its refresh tokens after 7 days: publish the app (\"In production\") and run relay authorize again",
-            );
-        }
-        None
-    }
-
-    /// The error with its hint, for logs, the token file and `relay status`.
-    pub fn explained(&self, token_url: &str) -> String {
-        match self.hint(token_url) {
-            Some(h) => format!("{self}; fix: {h}"),
-            None => self.to_string(),
+    /// The error with what it means and how to fix it, where the diagnosis table knows (`upstream::diagnosis`):
+    /// for logs, the token file and `relay status`.
+    pub fn explained(&self, account: &str) -> String {
+        let text = self.to_string();
+        match crate::upstream::diagnosis::for_log(&text, Some(account)) {
+            Some(d) => format!("{text}; {d}"),
+            None => text,
         }
     }
 
@@ -100,26 +76,23 @@ mod tests {
     }
 
     #[test]
-    fn hints_name_the_fix() {
+    fn errors_are_explained_with_their_fix() {
         let expired = endpoint(
             "invalid_client",
             "AADSTS7000222: The provided client secret keys are expired.",
         );
-        assert!(
-            expired
-                .explained("https://login.microsoftonline.com/t/oauth2/v2.0/token")
-                .contains("create a new secret")
-        );
+        assert!(expired.explained("office").contains("create a new secret"));
         let google = endpoint("invalid_grant", "Token has been expired or revoked.");
-        assert!(
-            google
-                .explained("https://oauth2.googleapis.com/token")
-                .contains("Testing")
-        );
+        assert!(google.explained("office").contains("Testing"));
         assert!(google.needs_authorization());
+        assert!(
+            endpoint("invalid_grant", "gone")
+                .explained("office")
+                .contains("relay authorize office")
+        );
         assert_eq!(
-            google.hint("https://login.microsoftonline.com/t/oauth2/v2.0/token"),
-            None
+            endpoint("invalid_scope", "x").explained("office"),
+            endpoint("invalid_scope", "x").to_string()
         );
         assert!(!endpoint("invalid_client", "x").is_transient());
         // RFC 6749 section 4.1.2.1: these two say "later", whatever the HTTP status.

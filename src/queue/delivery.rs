@@ -26,6 +26,7 @@ use super::spool::quarantine;
 use super::state::{DeliveryState, read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
+use crate::upstream::diagnosis::Diagnosed;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::{Outcome, Transports};
@@ -645,7 +646,8 @@ impl Delivery {
         if let Err(e) = write_state(&self.paths.queue, id, state) {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
-        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
+        let d = Diagnosed::of(why, account);
+        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
     }
 
@@ -658,6 +660,7 @@ impl Delivery {
     ) -> Attempted {
         state.failed(why);
         state.next_attempt = None;
+        let d = Diagnosed::of(why, account);
         let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
             std::fs::rename(
                 msg_path(&self.paths.queue, id),
@@ -667,7 +670,7 @@ impl Delivery {
         match moved {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), "moved to dead/{d}");
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -677,7 +680,7 @@ impl Delivery {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.dead, id));
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later{d}");
                 Attempted::later(SystemTime::now() + Duration::from_secs(300))
             }
         }

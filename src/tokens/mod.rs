@@ -4,6 +4,7 @@
 //! account whoever asks (the refresher, a delivery, a delivery that just got 535). The token file is reread
 //! when it changes, so a `relay authorize` run while the daemon runs takes effect at once.
 
+pub mod seal;
 pub mod store;
 
 use std::time::{Duration, SystemTime};
@@ -12,6 +13,7 @@ use secrecy::SecretString;
 use tokio::sync::Mutex;
 
 use crate::oauth::{OAuthError, Renewal, RenewalError, TokenClient};
+use crate::upstream::diagnosis::Diagnosed;
 pub use store::{StoreError, StoredTokens, TokenStore};
 
 /// Renew once the smaller of this and a quarter of the token's lifetime remains.
@@ -142,7 +144,7 @@ impl AccountTokens {
             Err(RenewalError::OAuth(e)) => {
                 return Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.client.token_url),
+                    explained: e.explained(&self.name),
                     source: e,
                 });
             }
@@ -221,15 +223,16 @@ impl AccountTokens {
             }
             Err(e) => {
                 let revoked = e.needs_authorization();
+                let diagnosis = Diagnosed::of(&e.to_string(), Some(&self.name));
                 if revoked {
-                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, error = %e.explained(&self.client.token_url), "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run", self.name);
+                    tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
                 } else {
-                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, error = %e.explained(&self.client.token_url), "token refresh failed");
+                    tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "token refresh failed{diagnosis}");
                 }
                 // Recorded in the token file, so that `relay status` can say what is wrong.
                 if let Some(mut t) = previous {
                     t.needs_authorization |= revoked;
-                    t.last_error = Some(e.explained(&self.client.token_url));
+                    t.last_error = Some(e.explained(&self.name));
                     let Some(hash) =
                         self.store
                             .save_if_unchanged(&self.name, &t, state.file_hash)?
@@ -243,7 +246,7 @@ impl AccountTokens {
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.client.token_url),
+                    explained: e.explained(&self.name),
                     source: e,
                 })
             }

@@ -1,14 +1,21 @@
 //! `STATE_DIR/tokens/ACCOUNT.json`: one file per account, mode 0640, replaced atomically (temp file, fsync,
 //! rename, fsync dir). Written by the daemon and by `relay authorize`, which may run as root: the file then
 //! goes to the state dir's owner, so that the daemon's user can still read it.
+//!
+//! With `token_encryption`, the file is sealed (`seal.rs`); a plain file found then is read, and sealed at its next
+//! write (at the latest when the daemon starts).
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use super::seal::{Envelope, OpenError, TokenKey};
+use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +26,35 @@ pub enum StoreError {
     },
     #[error("{path}: not a token file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Key(#[from] super::seal::KeyError),
+    #[error(
+        "{path} is encrypted, but token_encryption is not set: set it to the key the file was written with, or remove the file and run `relay authorize {account}`"
+    )]
+    NoKey { path: PathBuf, account: String },
+    #[error(
+        "{path} cannot be decrypted with the token key from {origin}: it was written with another key (or changed since). Restore that key, or remove the file and run `relay authorize {account}`"
+    )]
+    WrongKey {
+        path: PathBuf,
+        origin: String,
+        account: String,
+    },
+    #[error("{path}: {format}, which this relay does not know: it was written by a newer relay")]
+    UnknownFormat { path: PathBuf, format: String },
+}
+
+impl StoreError {
+    /// The file cannot be opened with the key relay has (or has not): a setting to fix, not a passing failure.
+    pub fn is_key_problem(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Key(_)
+                | StoreError::NoKey { .. }
+                | StoreError::WrongKey { .. }
+                | StoreError::UnknownFormat { .. }
+        )
+    }
 }
 
 /// An account's tokens and what the daemon learnt about them.
@@ -77,13 +113,35 @@ struct File {
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     dir: PathBuf,
+    /// Seals every file written, and opens sealed ones; without, files are plain.
+    key: Option<Arc<TokenKey>>,
 }
 
 impl TokenStore {
+    /// A store of plain files.
     pub fn new(state_dir: &Path) -> TokenStore {
         TokenStore {
             dir: state_dir.join("tokens"),
+            key: None,
         }
+    }
+
+    /// A store that seals its files with `key`.
+    pub fn sealed(state_dir: &Path, key: Arc<TokenKey>) -> TokenStore {
+        TokenStore {
+            key: Some(key),
+            ..TokenStore::new(state_dir)
+        }
+    }
+
+    /// The store the config asks for: sealed with its `token_encryption` key, if it has one.
+    pub fn for_config(config: &Config) -> Result<TokenStore, StoreError> {
+        Ok(match &config.token_encryption {
+            Some(setting) => {
+                TokenStore::sealed(&config.state_dir, Arc::new(TokenKey::load(setting)?))
+            }
+            None => TokenStore::new(&config.state_dir),
+        })
     }
 
     pub fn path(&self, account: &str) -> PathBuf {
@@ -122,7 +180,8 @@ impl TokenStore {
             return Ok((None, None));
         };
         let hash = blake3::hash(&bytes);
-        let f: File = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        let plain = self.unseal(account, &path, &bytes)?;
+        let f: File = serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -136,6 +195,55 @@ impl TokenStore {
             last_error: f.last_error,
         };
         Ok((Some(tokens), Some(hash)))
+    }
+
+    /// The plain token file in `bytes`: opened if sealed, as it is if not.
+    fn unseal<'a>(
+        &self,
+        account: &str,
+        path: &Path,
+        bytes: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, StoreError> {
+        let Some(envelope) = Envelope::parse(bytes) else {
+            return Ok(bytes.into());
+        };
+        let Some(key) = &self.key else {
+            return Err(StoreError::NoKey {
+                path: path.to_path_buf(),
+                account: account.to_string(),
+            });
+        };
+        match key.open(account, &envelope) {
+            Ok(plain) => Ok(plain.into()),
+            Err(OpenError::WrongKey) => Err(StoreError::WrongKey {
+                path: path.to_path_buf(),
+                origin: key.origin.clone(),
+                account: account.to_string(),
+            }),
+            Err(OpenError::Unknown(format)) => Err(StoreError::UnknownFormat {
+                path: path.to_path_buf(),
+                format,
+            }),
+        }
+    }
+
+    /// Checks that the account's file opens with this store's key, and seals it if it is still plain. The daemon
+    /// runs this at start, so that turning encryption on seals every file at once, and a missing or wrong key is
+    /// found before any mail waits on it.
+    pub fn check(&self, account: &str) -> Result<(), StoreError> {
+        let (tokens, read) = self.load_hashed(account)?;
+        let (Some(tokens), Some(_)) = (tokens, &self.key) else {
+            return Ok(());
+        };
+        let _lock = self.lock(account)?;
+        // Only a plain file still as it was read: `relay authorize` may have written a sealed one meanwhile.
+        if let Some(bytes) = self.read_bytes(account)?
+            && Some(blake3::hash(&bytes)) == read
+            && Envelope::parse(&bytes).is_none()
+        {
+            self.write(account, &tokens)?;
+        }
+        Ok(())
     }
 
     /// Replaces the account's file, unless it changed since it was read (its hash is no longer `read`): then
@@ -238,7 +346,7 @@ impl TokenStore {
         // The daemon's user writes here too (every refresh replaces the file).
         self.create_dir().map_err(io)?;
         let owner = std::fs::metadata(self.dir.parent().unwrap_or(&self.dir)).map_err(io)?;
-        let body = serde_json::to_vec_pretty(&File {
+        let plain = serde_json::to_vec_pretty(&File {
             access_token: t.access_token.expose_secret().to_string(),
             expires_at: t.expires_at,
             obtained_at: t.obtained_at,
@@ -251,6 +359,19 @@ impl TokenStore {
             last_error: t.last_error.clone(),
         })
         .map_err(|e| io(e.into()))?;
+        let body = match &self.key {
+            Some(key) => {
+                let sealed = key.seal(account, &plain).map_err(io)?;
+                // Said once per file: the next write finds it sealed.
+                if let Ok(old) = std::fs::read(&path)
+                    && Envelope::parse(&old).is_none()
+                {
+                    tracing::info!(relay_account = %account, path = %path.display(), "the token file was plain; it is encrypted from now on");
+                }
+                sealed
+            }
+            None => plain,
+        };
         let mut file = atomic_write_file::AtomicWriteFile::open(&path).map_err(io)?;
         // Set explicitly: the mode given at creation would be cut by the umask, and this must be exact.
         file.as_file()

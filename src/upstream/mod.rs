@@ -3,6 +3,8 @@
 //! and handles the fallback from SMTP to Graph. Each turns a delivery into an [`Outcome`] the queue acts on
 //! without looking inside it.
 
+// Not a transport: what an upstream's refusal means, and its fix.
+pub mod diagnosis;
 pub mod gmail;
 pub mod graph;
 mod http;

@@ -105,3 +105,15 @@ smtp_tls = "none"
         port = upstream.addr.port(),
     )
 }
+
+/// As [`account_top`], for a device-code account: `relay authorize` starts at `{idp}/devicecode`.
+pub fn device_code_top(
+    dir: &std::path::Path,
+    idp: &str,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> String {
+    let more = format!("device_authorization_url = \"{idp}/devicecode\"\n{more}");
+    account_top(dir, idp, upstream, &more)
+        .replace("flow = \"client_credentials\"", "flow = \"device_code\"")
+}

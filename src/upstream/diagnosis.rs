@@ -1,0 +1,444 @@
+//! What an upstream's refusal means, in plain words, and what fixes it: the answers sysadmins otherwise search
+//! the web for. One table, used by the journal (`relay_diagnosis` on `deferred`, `dead`, `token_refresh_failed`
+//! and `authorization_needed`), by `relay status` (through the token file's last error) and by `relay test`.
+//!
+//! Pure: text in (an SMTP reply, an HTTP API error, a token endpoint's `error` and `error_description`), a
+//! diagnosis out. Codes are matched as whole codes (`5.7.3` is not `5.7.30`), case-insensitively; the first
+//! entry that matches wins, so an entry that needs more words comes before the plain one for the same code.
+
+/// One row of the table.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// The code as people search for it, e.g. `535 5.7.139` or `AADSTS7000222`.
+    pub code: &'static str,
+    /// What it means, in one line.
+    pub cause: &'static str,
+    /// What to do: which admin page, setting or command. `ACCOUNT` stands for the account's name.
+    pub fix: &'static str,
+    /// Any of these matches; each is a list of words that must all be in the text.
+    matches: &'static [&'static [&'static str]],
+}
+
+impl Diagnosis {
+    /// The diagnosis as one line, for the journal and for `relay test`.
+    pub fn text(&self, account: Option<&str>) -> String {
+        let fix = match account {
+            Some(a) => self.fix.replace("ACCOUNT", a),
+            None => self.fix.to_string(),
+        };
+        format!("{} ({}); fix: {fix}", self.cause, self.code)
+    }
+}
+
+/// The diagnosis for an upstream's or a token endpoint's words, if the table knows them.
+pub fn diagnose(text: &str) -> Option<&'static Diagnosis> {
+    let lower = text.to_ascii_lowercase();
+    TABLE.iter().find(|d| {
+        d.matches
+            .iter()
+            .any(|words| words.iter().all(|w| contains_code(&lower, w)))
+    })
+}
+
+/// [`diagnose`], as the text a log line carries (`relay_diagnosis`), for `account`.
+pub fn for_log(text: &str, account: Option<&str>) -> Option<String> {
+    diagnose(text).map(|d| d.text(account.filter(|a| !a.is_empty())))
+}
+
+/// A log line's diagnosis: the `relay_diagnosis` field, and the same text after the message (`Display` gives
+/// `: TEXT`, or nothing when the table has no entry).
+pub struct Diagnosed(Option<String>);
+
+impl Diagnosed {
+    pub fn of(text: &str, account: Option<&str>) -> Diagnosed {
+        Diagnosed(for_log(text, account))
+    }
+
+    /// The field's value: absent from the line when there is no diagnosis.
+    pub fn field(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+impl std::fmt::Display for Diagnosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(d) => write!(f, ": {d}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether `word` (lower case) is in `text` (lower case) as a whole: for a code, not as part of a longer one
+/// (`5.7.3` in `5.7.30`, `AADSTS50076` in `AADSTS500761`). Words that are text match anywhere.
+fn contains_code(text: &str, word: &str) -> bool {
+    let code_like = word.bytes().last().is_some_and(|b| b.is_ascii_digit());
+    if !code_like {
+        return text.contains(word);
+    }
+    let digit_or_dot = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_digit() || *b == b'.');
+    text.match_indices(word).any(|(at, _)| {
+        let bytes = text.as_bytes();
+        let before = at.checked_sub(1).and_then(|i| bytes.get(i));
+        let after = &bytes[at + word.len()..];
+        // A dot after a code only continues it when a digit follows (`5.7.3.` ends a sentence).
+        let continues = after.first().is_some_and(u8::is_ascii_digit)
+            || (after.first() == Some(&b'.') && after.get(1).is_some_and(u8::is_ascii_digit));
+        // A numeric code also must not be the tail of a longer one (`15.7.8`, `2.5.7.8`).
+        let extends = word.as_bytes()[0].is_ascii_digit() && digit_or_dot(before);
+        !extends && !continues
+    })
+}
+
+const RELAY_AUTHORIZE: &str = "run `relay authorize ACCOUNT`";
+
+static TABLE: &[Diagnosis] = &[
+    // --- Microsoft 365 SMTP (smtp.office365.com) ---
+    Diagnosis {
+        code: "535 5.7.139",
+        cause: "SMTP AUTH is turned off for the whole tenant",
+        fix: "in the Exchange admin center, Settings > Mail flow, untick \"Turn off SMTP AUTH protocol for your organization\" (or `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`), or set transport = \"graph\" (or fallback_transport = \"graph\") on the account",
+        matches: &[&[
+            "5.7.139",
+            "smtpclientauthentication is disabled for the tenant",
+        ]],
+    },
+    Diagnosis {
+        code: "535 5.7.139",
+        cause: "Microsoft Entra security defaults or a Conditional Access policy block SMTP AUTH for this mailbox",
+        fix: "turn off security defaults (Entra admin center > Identity > Overview > Properties > Manage security defaults), or exclude the mailbox from the Conditional Access policy that blocks it; or set transport = \"graph\" on the account",
+        matches: &[
+            &["5.7.139", "security defaults"],
+            &["5.7.139", "did not meet the criteria"],
+            &["5.7.139", "organization configuration doesn't allow"],
+        ],
+    },
+    Diagnosis {
+        code: "535 5.7.139",
+        cause: "Microsoft refused the sign-in for SMTP AUTH (SMTP AUTH off for the mailbox or the tenant, or a sign-in policy)",
+        fix: "in the Microsoft 365 admin center, Users > Active users > the mailbox > Mail > Manage email apps, tick \"Authenticated SMTP\" (or `Set-CASMailbox MAILBOX -SmtpClientAuthenticationDisabled $false`); check the tenant's SMTP AUTH setting; or set transport = \"graph\" on the account",
+        matches: &[&["535", "5.7.139"]],
+    },
+    Diagnosis {
+        code: "535 5.7.3",
+        cause: "Exchange Online did not accept the token for this mailbox: SMTP AUTH is off for the mailbox, the token lacks SMTP.Send, or (app-only) the app's service principal has no access to the mailbox",
+        fix: "tick \"Authenticated SMTP\" for the mailbox (Microsoft 365 admin center > Users > Active users > Mail > Manage email apps); delegated flows need the SMTP.Send permission consented; client credentials need `New-ServicePrincipal` and `Add-MailboxPermission -User <service principal> -AccessRights FullAccess` in Exchange Online PowerShell, and the mailbox must be the one the permission names",
+        matches: &[&["535", "5.7.3"]],
+    },
+    Diagnosis {
+        code: "550 5.7.30",
+        cause: "Exchange Online took the login for basic authentication, which it no longer accepts for client submission",
+        fix: "make sure the account uses OAuth (a `flow` and, for delegated flows, `relay authorize ACCOUNT`) and that SMTP AUTH is allowed for the mailbox; or set transport = \"graph\" (or fallback_transport = \"graph\") on the account",
+        matches: &[&["550", "5.7.30"]],
+    },
+    Diagnosis {
+        code: "554 5.2.252 SendAsDenied",
+        cause: "the mailbox may not send as the sender address the device used",
+        fix: "set rewrite_from = \"envelope\" or \"header\" on the account so mail goes as the mailbox, or give the mailbox Send As rights for that address (Exchange admin center > Recipients > Mailboxes > Delegation, or `Add-RecipientPermission`)",
+        matches: &[&["5.2.252"], &["sendasdenied"]],
+    },
+    Diagnosis {
+        code: "550 5.7.60",
+        cause: "the mailbox has no permission to send as this sender",
+        fix: "set rewrite_from = \"envelope\" or \"header\" on the account, or grant the mailbox Send As (`Add-RecipientPermission SENDER -AccessRights SendAs -Trustee MAILBOX`)",
+        matches: &[&["550", "5.7.60"]],
+    },
+    Diagnosis {
+        code: "550 5.7.708",
+        cause: "Microsoft blocks outgoing mail from this tenant (a new or trial tenant without sending reputation, or one flagged for spam)",
+        fix: "check Microsoft Defender > Email & collaboration > Review > Restricted entities for a blocked user; a new tenant needs a verified custom domain and time, or a Microsoft support case to lift the block",
+        matches: &[&["550", "5.7.708"]],
+    },
+    Diagnosis {
+        code: "501 5.5.127",
+        cause: "Exchange Online could not use the XOAUTH2 login data: the user= address or the token in it is not what it expects",
+        fix: "make `mailbox` the exact address of the mailbox the token was issued for (its primary SMTP address), then run `relay authorize ACCOUNT` again",
+        matches: &[&["501", "5.5.127"]],
+    },
+    Diagnosis {
+        code: "501 5.5.124",
+        cause: "Exchange Online refused the XOAUTH2 login data: the user= address is not valid for this token",
+        fix: "make `mailbox` the exact primary SMTP address of the mailbox the token was issued for",
+        matches: &[&["501", "5.5.124"]],
+    },
+    // --- Gmail SMTP (smtp.gmail.com) ---
+    Diagnosis {
+        code: "535 5.7.8",
+        cause: "Gmail did not accept the token for this mailbox (expired, revoked, for another user, or without the https://mail.google.com/ scope)",
+        fix: "check that `mailbox` is the Google account that signed in and that the scope is https://mail.google.com/; then run `relay authorize ACCOUNT` again",
+        matches: &[&["535", "5.7.8"]],
+    },
+    Diagnosis {
+        code: "534 5.7.9",
+        cause: "Gmail wants an app password: it took the login for a password login on an account with 2-Step Verification",
+        fix: "use OAuth for this account (flow = \"authorization_code\" or \"service_account\") rather than a password; then run `relay authorize ACCOUNT`",
+        matches: &[&["534", "5.7.9"]],
+    },
+    // --- Microsoft identity platform (login.microsoftonline.com) ---
+    Diagnosis {
+        code: "AADSTS50076",
+        cause: "the sign-in needs multi-factor authentication, which a password flow cannot do",
+        fix: "use flow = \"device_code\" (then `relay authorize ACCOUNT`) or client credentials, or exclude this account from the MFA Conditional Access policy",
+        matches: &[&["aadsts50076"]],
+    },
+    Diagnosis {
+        code: "AADSTS50079",
+        cause: "the user must enroll in multi-factor authentication, which a password flow cannot do",
+        fix: "use flow = \"device_code\" (then `relay authorize ACCOUNT`) or client credentials, or exclude this account from the MFA registration policy",
+        matches: &[&["aadsts50079"]],
+    },
+    Diagnosis {
+        code: "AADSTS50126",
+        cause: "wrong user name or password",
+        fix: "check `username` and the password in password_file (the user's sign-in name, not an alias)",
+        matches: &[&["aadsts50126"]],
+    },
+    Diagnosis {
+        code: "AADSTS50034",
+        cause: "the user does not exist in this tenant",
+        fix: "check `mailbox` (or `username`) and `tenant`: the user must be a member of the tenant the app is registered in",
+        matches: &[&["aadsts50034"]],
+    },
+    Diagnosis {
+        code: "AADSTS65001",
+        cause: "nobody has consented to the app's permissions",
+        fix: "grant admin consent: Entra admin center > App registrations > the app > API permissions > \"Grant admin consent\"; then run `relay authorize ACCOUNT`",
+        matches: &[&["aadsts65001"]],
+    },
+    Diagnosis {
+        code: "AADSTS700016",
+        cause: "no app with this client_id exists in the tenant",
+        fix: "copy the Application (client) ID from Entra admin center > App registrations into client_id, and check `tenant` (the app must be registered in, or consented to by, that tenant)",
+        matches: &[&["aadsts700016"]],
+    },
+    Diagnosis {
+        code: "AADSTS7000215",
+        cause: "the client secret is wrong",
+        fix: "copy the secret's Value (not its Secret ID) from App registrations > Certificates & secrets into client_secret_file",
+        matches: &[&["aadsts7000215"]],
+    },
+    Diagnosis {
+        code: "AADSTS7000222",
+        cause: "the client secret has expired",
+        fix: "create a new secret in the app registration (Certificates & secrets), write its Value to client_secret_file and update client_secret_expires",
+        matches: &[&["aadsts7000222"]],
+    },
+    Diagnosis {
+        code: "AADSTS700082",
+        cause: "the refresh token expired after 90 days without use",
+        fix: RELAY_AUTHORIZE,
+        matches: &[&["aadsts700082"]],
+    },
+    Diagnosis {
+        code: "AADSTS70043",
+        cause: "a Conditional Access sign-in frequency policy ended the session",
+        fix: "run `relay authorize ACCOUNT`; to stop it recurring, exclude this account from the sign-in frequency policy or use client credentials",
+        matches: &[&["aadsts70043"]],
+    },
+    Diagnosis {
+        code: "AADSTS90002",
+        cause: "the tenant does not exist",
+        fix: "set `tenant` to the directory (tenant) ID or a verified domain of the tenant (Entra admin center > Overview)",
+        matches: &[&["aadsts90002"]],
+    },
+    // --- Google (oauth2.googleapis.com) ---
+    Diagnosis {
+        code: "invalid_grant",
+        cause: "Google expired or revoked the refresh token; an app whose OAuth consent screen is in \"Testing\" gets refresh tokens that last 7 days",
+        fix: "publish the app (Google Cloud console > APIs & Services > OAuth consent screen > \"Publish app\", status \"In production\"), then run `relay authorize ACCOUNT`",
+        matches: &[&["invalid_grant", "token has been expired or revoked"]],
+    },
+    Diagnosis {
+        code: "unauthorized_client",
+        cause: "the service account has no domain-wide delegation for https://mail.google.com/",
+        fix: "in the Google Admin console, Security > Access and data control > API controls > Manage Domain Wide Delegation, add the service account's client ID with the scope https://mail.google.com/ (it can take a while to apply)",
+        matches: &[&[
+            "unauthorized_client",
+            "client is unauthorized to retrieve access tokens",
+        ]],
+    },
+    // Any other provider's dead grant.
+    Diagnosis {
+        code: "invalid_grant",
+        cause: "the grant was revoked or has expired",
+        fix: RELAY_AUTHORIZE,
+        matches: &[&["invalid_grant"]],
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replies as the providers word them (Trace and Correlation IDs shortened), and the code each must get.
+    const CASES: &[(&str, &str, &str)] = &[
+        (
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [AM0PR02CA0013.eurprd02.prod.outlook.com 2024-05-01T10:00:00.000Z 08DC6A]",
+            "535 5.7.139",
+            "Turn off SMTP AUTH protocol",
+        ),
+        (
+            "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy. Contact your administrator. [DB9PR05CA0012.eurprd05.prod.outlook.com]",
+            "535 5.7.139",
+            "security defaults",
+        ),
+        (
+            "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator. [BN9PR03CA0541.namprd03.prod.outlook.com]",
+            "535 5.7.139",
+            "Conditional Access",
+        ),
+        (
+            "permanent error (535): 5.7.139 Authentication unsuccessful, the user credentials were incorrect. [LO4P123CA0042.GBRP123.PROD.OUTLOOK.COM]",
+            "535 5.7.139",
+            "Authenticated SMTP",
+        ),
+        (
+            "535 5.7.3 Authentication unsuccessful [SN4PR0501CA0036.namprd05.prod.outlook.com]",
+            "535 5.7.3",
+            "Add-MailboxPermission",
+        ),
+        (
+            "550 5.7.30 Basic authentication is not supported for Client Submission.",
+            "550 5.7.30",
+            "graph",
+        ),
+        (
+            "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as scanner@lan.test; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Cannot submit message. 0.35250:0A00C0A2, 1.36674:0A000000 [Hostname=AM9PR02MB7028.eurprd02.prod.outlook.com]",
+            "554 5.2.252 SendAsDenied",
+            "rewrite_from",
+        ),
+        (
+            "Graph answered 403 ErrorSendAsDenied: The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account.",
+            "554 5.2.252 SendAsDenied",
+            "rewrite_from",
+        ),
+        (
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender [AM6PR0202MB3381.eurprd02.prod.outlook.com]",
+            "550 5.7.60",
+            "SendAs",
+        ),
+        (
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP. For more information please go to http://go.microsoft.com/fwlink/?LinkId=526653 AS(7208) [DB8EUR05FT012.eop-eur05.prod.protection.outlook.com]",
+            "550 5.7.708",
+            "Restricted entities",
+        ),
+        (
+            "501 5.5.127 Invalid XOAUTH2 auth data [AM0PR10CA0027.EURPRD10.PROD.OUTLOOK.COM]",
+            "501 5.5.127",
+            "mailbox",
+        ),
+        (
+            "501 5.5.124 Invalid XOAUTH2 auth data - User address provided is not valid. Please ensure the auth data has a valid user address",
+            "501 5.5.124",
+            "mailbox",
+        ),
+        (
+            "535-5.7.8 Username and Password not accepted. For more information, go to\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials d2e1a72fcca58-6f4f2c8d1a3sm1234567b3a.12 - gsmtp",
+            "535 5.7.8",
+            "relay authorize office",
+        ),
+        (
+            "534-5.7.9 Application-specific password required. Learn more at\n534 5.7.9  https://support.google.com/mail/?p=InvalidSecondFactor a640c23a62f3a-a6f2c1b5e2esm123456466b.77 - gsmtp",
+            "534 5.7.9",
+            "flow",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'. Trace ID: 0b2f Correlation ID: 7c1e Timestamp: 2024-05-01 10:00:00Z",
+            "AADSTS50076",
+            "device_code",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS50079: Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+            "AADSTS50079",
+            "device_code",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS50126: Error validating credentials due to invalid username or password. Trace ID: 5d1f",
+            "AADSTS50126",
+            "password_file",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS50034: The user account {EUII Hidden} does not exist in the contoso.onmicrosoft.com directory. To sign into this application, the account must be added to the directory.",
+            "AADSTS50034",
+            "tenant",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS65001: The user or administrator has not consented to use the application with ID '3f2a' named 'relay'. Send an interactive authorization request for this user and resource.",
+            "AADSTS65001",
+            "Grant admin consent",
+        ),
+        (
+            "token endpoint said unauthorized_client (HTTP 400): AADSTS700016: Application with identifier '3f2a' was not found in the directory 'Contoso'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant.",
+            "AADSTS700016",
+            "client_id",
+        ),
+        (
+            "token endpoint said invalid_client (HTTP 401): AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '3f2a'.",
+            "AADSTS7000215",
+            "Value",
+        ),
+        (
+            "token endpoint said invalid_client (HTTP 401): AADSTS7000222: The provided client secret keys for app '3f2a' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds.",
+            "AADSTS7000222",
+            "create a new secret",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2024-01-01T10:00:00.0000000Z and was inactive for 90.00:00:00.",
+            "AADSTS700082",
+            "relay authorize office",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): AADSTS70043: The refresh token has expired or is invalid due to sign-in frequency checks by conditional access. The token was issued on 2023-06-02T14:27:05.8405153Z and the maximum allowed lifetime for this request is 86400.",
+            "AADSTS70043",
+            "sign-in frequency",
+        ),
+        (
+            "token endpoint said invalid_request (HTTP 400): AADSTS90002: Tenant 'contoso.onmicrosoft.co' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.",
+            "AADSTS90002",
+            "tenant",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): Token has been expired or revoked.",
+            "invalid_grant",
+            "Testing",
+        ),
+        (
+            "token endpoint said unauthorized_client (HTTP 401): Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
+            "unauthorized_client",
+            "Domain Wide Delegation",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): refresh token revoked",
+            "invalid_grant",
+            "relay authorize office",
+        ),
+    ];
+
+    #[test]
+    fn each_listed_reply_gets_its_diagnosis() {
+        for (reply, code, fix_word) in CASES {
+            let d = diagnose(reply).unwrap_or_else(|| panic!("no diagnosis for {reply:?}"));
+            assert_eq!(d.code, *code, "{reply}");
+            let text = d.text(Some("office"));
+            assert!(text.contains(fix_word), "{reply}: {text}");
+            assert!(!text.contains("ACCOUNT"), "{text}");
+        }
+    }
+
+    #[test]
+    fn codes_match_whole() {
+        for text in [
+            // 5.7.30 is not 5.7.3, and without 550 not the 5.7.30 entry either.
+            "535 5.7.30 something else",
+            "550 5.7.3 not this",
+            "451 4.7.500 Server busy",
+            "AADSTS500761: unknown",
+            "535 15.7.8 no",
+            "cannot reach the token endpoint: connection refused",
+        ] {
+            assert_eq!(diagnose(text).map(|d| d.code), None, "{text}");
+        }
+        assert!(contains_code("535 5.7.3. done", "5.7.3"));
+        assert!(!contains_code("535 5.7.3.1", "5.7.3"));
+    }
+}
