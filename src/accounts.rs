@@ -83,62 +83,75 @@ pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
 }
 
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
-    let http = http_client().map_err(|e| AccountError {
-        account: "*".into(),
-        reason: e.to_string(),
-    })?;
-    let store = TokenStore::new(&config.state_dir);
+    let http = shared_http()?;
     config
         .accounts
         .iter()
-        .map(|a| {
-            let err = |reason: String| AccountError {
-                account: a.name.clone(),
-                reason,
-            };
-            let (ep, client) = token_client(a, &http).map_err(err)?;
-            let ca = match &a.ca_file {
-                Some(p) => {
-                    Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?)
-                }
-                None => None,
-            };
-            let renewal = crate::oauth::Renewal::for_account(a).map_err(err)?;
-            let tokens = Arc::new(AccountTokens::new(
-                a.name.clone(),
-                renewal,
-                client,
-                store.clone(),
-            ));
-            let timeout = a
-                .smtp_timeout
-                .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
-            let graph =
-                || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
-            let primary = match a.transport {
-                Transport::Smtp => Primary::Smtp(SmtpUpstream::new(
-                    a.mailbox.clone(),
-                    ep.clone(),
-                    ca,
-                    timeout,
-                )),
-                Transport::Graph => Primary::Graph(graph().map_err(err)?),
-                Transport::GmailApi => {
-                    Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?)
-                }
-            };
-            let fallback = match a.fallback_transport {
-                Some(Transport::Graph) => Some((graph().map_err(err)?, ep.graph_scope.clone())),
-                _ => None,
-            };
-            let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
-            let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
-            let rate = AccountRate::load(&config.state_dir, &a.name, a.limits());
-            Ok(Arc::new(
-                Account::new(a.name.clone(), tokens, transports, rewrite).with_rate(rate),
-            ))
-        })
+        .map(|a| build_one(config, a, &http, None).map(Arc::new))
         .collect()
+}
+
+/// The HTTP client every account's token endpoint requests go through.
+pub fn shared_http() -> Result<reqwest::Client, AccountError> {
+    http_client().map_err(|e| AccountError {
+        account: "*".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// One account's token manager and upstream. `rate`: the counters it keeps (a reload keeps an account's counts
+/// and gives them its new limits); else they are read from the state dir.
+pub fn build_one(
+    config: &Config,
+    a: &AccountConfig,
+    http: &reqwest::Client,
+    rate: Option<Arc<AccountRate>>,
+) -> Result<Account, AccountError> {
+    let err = |reason: String| AccountError {
+        account: a.name.clone(),
+        reason,
+    };
+    let (ep, client) = token_client(a, http).map_err(err)?;
+    let ca = match &a.ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?),
+        None => None,
+    };
+    let renewal = crate::oauth::Renewal::for_account(a).map_err(err)?;
+    let tokens = Arc::new(AccountTokens::new(
+        a.name.clone(),
+        renewal,
+        client,
+        TokenStore::new(&config.state_dir),
+    ));
+    let timeout = a
+        .smtp_timeout
+        .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
+    let graph = || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
+    let primary = match a.transport {
+        Transport::Smtp => Primary::Smtp(SmtpUpstream::new(
+            a.mailbox.clone(),
+            ep.clone(),
+            ca,
+            timeout,
+        )),
+        Transport::Graph => Primary::Graph(graph().map_err(err)?),
+        Transport::GmailApi => Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?),
+    };
+    let fallback = match a.fallback_transport {
+        Some(Transport::Graph) => Some((graph().map_err(err)?, ep.graph_scope.clone())),
+        _ => None,
+    };
+    let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
+    let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
+    let mut account = Account::new(a.name.clone(), tokens, transports, rewrite);
+    account.rate = match rate {
+        Some(rate) => {
+            rate.set_limits(a.limits());
+            rate
+        }
+        None => Arc::new(AccountRate::load(&config.state_dir, &a.name, a.limits())),
+    };
+    Ok(account)
 }
 
 /// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking
