@@ -280,6 +280,53 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     assert!(daemon.terminate().success());
 }
 
+/// A reload that raises an account's sending limit lets its held mail go at once (not when the old limit's
+/// minute ends); one that points the account at another upstream sends new mail there. The counts carry over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_new_limits_and_account_settings_to_queued_mail() {
+    let (idp, mut upstream, dir, systemd) = fakes().await;
+    let port = free_port();
+    let with = |upstream: &FakeUpstream, rate: &str| {
+        let top = account_top(dir.path(), &idp.uri(), upstream, rate);
+        write_config_with(dir.path(), &top, &listener_on(port))
+    };
+    let config = with(&upstream, "rate = { per_minute = 1 }");
+    let mut daemon = serve(&config, &systemd, &[]);
+    systemd.wait_for("READY=1");
+    send_message(addr(port), BODY).await;
+    upstream.next().await;
+    let held = send_message(addr(port), BODY).await;
+    assert!(daemon.wait_log("relay_event=\"held\"").contains(&held));
+
+    // Only the limit changes: the account is kept, and its held message goes now.
+    with(&upstream, "rate = { per_minute = 5 }");
+    signal(&daemon, libc::SIGHUP);
+    let reloaded = daemon.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: none"), "{reloaded}");
+    upstream.next().await;
+
+    // Its upstream changes: the account is rebuilt, and new mail goes to the new one.
+    let mut moved = FakeUpstream::start(&["tok"]).await;
+    with(&moved, "rate = { per_minute = 5 }");
+    signal(&daemon, libc::SIGHUP);
+    let reloaded = daemon.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: office"), "{reloaded}");
+    send_message(addr(port), BODY).await;
+    moved.next().await;
+    assert!(upstream.received.try_recv().is_err());
+    assert!(daemon.terminate().success());
+    let status = Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        json["accounts"][0]["rate"]["messages_this_minute"], 3,
+        "every message counted across the reloads: {json}"
+    );
+}
+
 /// `LoadCredential=office-secret:…` in the unit, `$CREDENTIALS_DIRECTORY/office-secret` in the config: `relay
 /// check` shows where it points, and the daemon sends the secret it holds to the token endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
