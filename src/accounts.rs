@@ -83,12 +83,26 @@ pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
 }
 
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
-    let http = http_client().map_err(|e| AccountError {
+    let http = shared_http()?;
+    let store = token_store(config)?;
+    config
+        .accounts
+        .iter()
+        .map(|a| build_one(config, a, &http, &store, None).map(Arc::new))
+        .collect()
+}
+
+/// The HTTP client every account's token endpoint requests go through.
+pub fn shared_http() -> Result<reqwest::Client, AccountError> {
+    http_client().map_err(|e| AccountError {
         account: "*".into(),
         reason: e.to_string(),
-    })?;
-    // The key serves every account's tokens.
-    let store = TokenStore::for_config(config).map_err(|e| AccountError {
+    })
+}
+
+/// The token store, with the key that opens every account's tokens (`token_encryption`).
+pub fn token_store(config: &Config) -> Result<TokenStore, AccountError> {
+    TokenStore::for_config(config).map_err(|e| AccountError {
         account: config
             .accounts
             .iter()
@@ -96,21 +110,18 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             .collect::<Vec<_>>()
             .join(", "),
         reason: e.to_string(),
-    })?;
-    config
-        .accounts
-        .iter()
-        .map(|a| build_one(config, a, &http, &store))
-        .collect()
+    })
 }
 
-/// One account's token manager, transports, rewriting and limits.
+/// One account's token manager and upstream. `rate`: the counters it keeps (a reload keeps an account's counts
+/// and gives them its new limits); else they are read from the state dir.
 pub fn build_one(
     config: &Config,
     a: &AccountConfig,
     http: &reqwest::Client,
     store: &TokenStore,
-) -> Result<Arc<Account>, AccountError> {
+    rate: Option<Arc<AccountRate>>,
+) -> Result<Account, AccountError> {
     let err = |reason: String| AccountError {
         account: a.name.clone(),
         reason,
@@ -160,12 +171,16 @@ pub fn build_one(
     };
     let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
-    let rate = AccountRate::load(&config.state_dir, &a.name, a.limits());
-    Ok(Arc::new(
-        Account::new(a.name.clone(), tokens, transports, rewrite)
-            .with_rate(rate)
-            .with_connections(a.max_connections),
-    ))
+    let mut account = Account::new(a.name.clone(), tokens, transports, rewrite)
+        .with_connections(a.max_connections);
+    account.rate = match rate {
+        Some(rate) => {
+            rate.set_limits(a.limits());
+            rate
+        }
+        None => Arc::new(AccountRate::load(&config.state_dir, &a.name, a.limits())),
+    };
+    Ok(account)
 }
 
 /// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking

@@ -6,11 +6,14 @@
 pub mod accounts;
 pub mod authorize;
 pub mod config;
+pub mod health;
 pub mod logging;
 pub mod memory;
 pub mod oauth;
 pub mod probe;
 pub mod queue;
+pub mod reload;
+pub mod service;
 pub mod smtp;
 pub mod status;
 pub mod tokens;
@@ -18,13 +21,16 @@ pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use config::Config;
+use health::Health;
 use queue::{Spool, SpoolError};
-use smtp::{BindError, Listener};
+use reload::{Reloader, Running};
+use smtp::{BindError, Listener, Listeners};
 
 /// How long a shutdown waits for sessions in the middle of a message to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,16 +45,34 @@ pub enum RunError {
     Account(#[from] accounts::AccountError),
 }
 
+impl RunError {
+    /// The config names something relay cannot use (a certificate, a secret, an account's settings): fixing the
+    /// config is the cure, so restarting would not help.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            RunError::Bind(BindError::Tls { .. }) | RunError::Account(_)
+        )
+    }
+}
+
 /// A started relay: listeners bound, spool open. Tests start one on port 0 and ask for its addresses.
 pub struct Relay {
-    listeners: Vec<Listener>,
+    listeners: Listeners,
+    /// Bound, not yet accepting.
+    bound: Vec<Listener>,
     scheduler: queue::scheduler::Scheduler,
     committed: tokio::sync::mpsc::UnboundedReceiver<queue::QueueId>,
-    accounts: Vec<std::sync::Arc<queue::delivery::Account>>,
-    account_configs: Vec<config::AccountConfig>,
+    accounts: Vec<Arc<queue::delivery::Account>>,
+    config: Config,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     sessions: watch::Sender<usize>,
+    health: Arc<Health>,
+    reloads: (
+        mpsc::Sender<reload::Request>,
+        mpsc::Receiver<reload::Request>,
+    ),
 }
 
 impl Relay {
@@ -62,21 +86,31 @@ impl Relay {
             }
         })?;
         let (stop, stop_rx) = watch::channel(false);
-        let listeners = smtp::bind(config, &spool, &stop_rx).await?;
-        let addrs = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
+        let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx).await?;
+        let addrs = listeners.local_addrs();
         Ok(Relay {
             listeners,
+            bound,
             scheduler: queue::scheduler::Scheduler::new(config, accounts.clone()),
             committed,
             accounts,
-            account_configs: config.accounts.clone(),
+            config: config.clone(),
             addrs,
             stop,
             sessions: watch::channel(0).0,
+            health: Health::new(),
+            reloads: mpsc::channel(1),
         })
+    }
+
+    /// The heartbeats of the accept loops and the scheduler, for a watchdog.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Where to send a new config while this relay runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloads.0.clone())
     }
 
     /// The addresses actually bound (port 0 resolved), in config order.
@@ -95,24 +129,47 @@ impl Relay {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets messages in flight finish, and returns.
+    /// A new config sent through [`reloader`](Self::reloader) meanwhile is applied (or refused) in turn.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for l in self.listeners {
-            tasks.spawn(l.run(self.stop.subscribe(), self.sessions.clone()));
-        }
-        tasks.spawn(accounts::watch_expiries(
-            self.account_configs,
+        let mut running = Running::new(
+            self.config,
+            self.accounts,
+            self.listeners,
+            self.scheduler.deliveries(),
             self.stop.subscribe(),
-        ));
-        let tokens = self.accounts.iter().map(|a| a.tokens.clone()).collect();
-        tasks.spawn(tokens::refresher(tokens, self.stop.subscribe()));
-        tasks.spawn(self.scheduler.run(self.committed, self.stop.subscribe()));
+            self.sessions.clone(),
+            self.health.clone(),
+        );
+        running.start(self.bound, &mut tasks);
+        tasks.spawn(
+            self.scheduler
+                .run(self.committed, self.stop.subscribe(), self.health.clone()),
+        );
         for addr in &self.addrs {
             tracing::info!(relay_event = "listening", address = %addr, "listening");
         }
-        shutdown.await;
+        let (_, mut reloads) = self.reloads;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(request) = reloads.recv() => {
+                    let result = running.apply(request.config, &mut tasks).await;
+                    let _ = request.reply.send(result);
+                }
+                // Tasks a reload ended (closed listeners, replaced refreshers) are reaped as they finish.
+                Some(Err(e)) = tasks.join_next() => {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "a relay task panicked");
+                    }
+                }
+            }
+        }
+        drop(reloads);
         tracing::info!("shutting down: no new connections; waiting for messages in flight");
         let _ = self.stop.send(true);
+        running.stop();
         // Deliveries (up to the scheduler's own 20 s) and sessions in the middle of a message drain at the same
         // time, within one bound that stays under systemd's TimeoutStopSec.
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;

@@ -101,7 +101,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = || load_config(cli.config.as_deref());
     match cli.command {
-        Command::Serve => serve(config()?),
+        // The same exit code as `relay check` for a config that cannot work: the unit's
+        // RestartPreventExitStatus=2 stops systemd from restarting relay in a loop on it.
+        Command::Serve => match config() {
+            Ok(c) => serve(c, cli.config),
+            Err(e) => {
+                eprintln!("relay: invalid config: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Command::Check {
             route: Some(route),
             user,
@@ -224,7 +232,7 @@ fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     }
 }
 
-fn serve(config: Config) -> Result<ExitCode> {
+fn serve(config: Config, path: Option<PathBuf>) -> Result<ExitCode> {
     relay::memory::give_back_large_blocks();
     relay::logging::init();
     // Two crypto providers end up compiled in through dependencies; rustls refuses to guess between them.
@@ -233,47 +241,14 @@ fn serve(config: Config) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
-        let relay = relay::Relay::start(&config).await?;
-        if config.accounts.is_empty() {
-            tracing::warn!("no [[account]] is configured: mail is accepted and queued, but not delivered");
+    let reload = move || load_config(path.as_deref());
+    match runtime.block_on(relay::service::serve(config, reload)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is_config() => {
+            eprintln!("relay: invalid config: {e}");
+            Ok(ExitCode::from(2))
         }
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        spawn_watchdog();
-        relay.run(shutdown_signal()).await?;
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        tracing::info!("stopped");
-        Ok(ExitCode::SUCCESS)
-    })
-}
-
-/// Pings systemd's watchdog at half its interval while the runtime is alive.
-fn spawn_watchdog() {
-    if let Some(interval) = sd_notify::watchdog_enabled() {
-        let every = interval / 2;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }
-        });
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the only way out is being killed; serve on.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        Err(e) => Err(e.into()),
     }
 }
 

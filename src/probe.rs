@@ -71,17 +71,9 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     if !to.contains('@') || to.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return Err(ProbeError::BadRecipient(to.to_string()));
     }
-    let http = crate::accounts::http_client().map_err(|e| crate::accounts::AccountError {
-        account: account.to_string(),
-        reason: e.to_string(),
-    })?;
-    let store = crate::tokens::TokenStore::for_config(config).map_err(|e| {
-        crate::accounts::AccountError {
-            account: account.to_string(),
-            reason: e.to_string(),
-        }
-    })?;
-    let built = crate::accounts::build_one(config, a, &http, &store)?;
+    let http = crate::accounts::shared_http()?;
+    let store = crate::accounts::token_store(config)?;
+    let built = crate::accounts::build_one(config, a, &http, &store, None)?;
     let transcript = Arc::new(Mutex::new(Transcript::default()));
     let message = Outgoing::from_bytes(test_message(&a.mailbox, to));
     let sender = built.rewrite.envelope_sender(&a.mailbox).to_string();

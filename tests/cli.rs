@@ -105,9 +105,9 @@ fn bad_config_fails_with_file_key_and_reason() {
         assert!(err.contains(path.to_str().unwrap()), "file missing: {err}");
         assert!(err.contains(key), "key {key} missing: {err}");
         assert!(err.contains(reason), "reason {reason} missing: {err}");
-        // serve refuses the same config at start, with the same words.
+        // serve refuses the same config at start, with the same words and the same exit code.
         let out = relay(&["serve", "--config", path.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains(key));
     }
 }

@@ -502,6 +502,28 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// A path that starts with `$CREDENTIALS_DIRECTORY` (or `${CREDENTIALS_DIRECTORY}`), with the directory where
+/// systemd put the unit's `LoadCredential=` files; any other path as it is.
+pub fn expand_credentials(path: &Path) -> Result<PathBuf, String> {
+    const VAR: &str = "CREDENTIALS_DIRECTORY";
+    let Some(text) = path.to_str() else {
+        return Ok(path.to_path_buf());
+    };
+    let Some(rest) = text
+        .strip_prefix("${CREDENTIALS_DIRECTORY}")
+        .or_else(|| text.strip_prefix("$CREDENTIALS_DIRECTORY"))
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    else {
+        return Ok(path.to_path_buf());
+    };
+    match std::env::var_os(VAR).filter(|d| !d.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir).join(rest.trim_start_matches('/'))),
+        None => Err(format!(
+            "`{text}` names ${VAR}, which is not set: systemd sets it for a unit with LoadCredential=; outside systemd, give the file's own path"
+        )),
+    }
+}
+
 /// The host name for the greeting and `Received:` lines.
 pub fn system_hostname() -> String {
     let mut buf = [0u8; 256];
@@ -626,6 +648,20 @@ mod tests {
             Some(partial),
             "relay check shows the limits that apply"
         );
+    }
+
+    #[test]
+    fn only_a_leading_credentials_directory_is_expanded() {
+        for plain in [
+            "/etc/relay/secrets/office",
+            "$CREDENTIALS_DIRECTORYX/office",
+            "/srv/$CREDENTIALS_DIRECTORY/office",
+        ] {
+            assert_eq!(
+                expand_credentials(Path::new(plain)),
+                Ok(PathBuf::from(plain))
+            );
+        }
     }
 
     #[test]

@@ -85,8 +85,9 @@ impl Errs<'_> {
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 << 20;
 
 impl RawConfig {
-    pub(super) fn validate(self, file: &str) -> Result<Config, ConfigError> {
+    pub(super) fn validate(mut self, file: &str) -> Result<Config, ConfigError> {
         let errs = Errs(file);
+        self.expand_credentials(&errs)?;
 
         let mut accounts = HashSet::new();
         for (i, a) in self.account.iter().enumerate() {
@@ -438,6 +439,37 @@ impl RawListener {
             },
         })
     }
+}
+
+impl RawConfig {
+    /// `$CREDENTIALS_DIRECTORY` at the start of a file key, for secrets handed over by systemd's
+    /// `LoadCredential=`.
+    fn expand_credentials(&mut self, errs: &Errs<'_>) -> Result<(), ConfigError> {
+        for (i, a) in self.account.iter_mut().enumerate() {
+            for (key, file) in [
+                ("client_secret_file", &mut a.client_secret_file),
+                ("password_file", &mut a.password_file),
+                ("private_key_file", &mut a.private_key_file),
+                ("service_account_file", &mut a.service_account_file),
+                ("certificate_file", &mut a.certificate_file),
+                ("ca_file", &mut a.ca_file),
+            ] {
+                expand_in(file, errs, format!("account[{i}].{key}"))?;
+            }
+        }
+        for (i, l) in self.listener.iter_mut().enumerate() {
+            expand_in(&mut l.cert, errs, format!("listener[{i}].cert"))?;
+            expand_in(&mut l.key, errs, format!("listener[{i}].key"))?;
+        }
+        Ok(())
+    }
+}
+
+fn expand_in(file: &mut Option<PathBuf>, errs: &Errs<'_>, key: String) -> Result<(), ConfigError> {
+    if let Some(path) = file {
+        *path = expand_credentials(path).map_err(|reason| errs.at(key, reason))?;
+    }
+    Ok(())
 }
 
 /// A file relay must read at start. Secrets must not be readable by others: the daemon refuses them, because

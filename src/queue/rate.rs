@@ -191,7 +191,8 @@ impl Usage {
 #[derive(Debug)]
 pub struct AccountRate {
     account: String,
-    limits: RateConfig,
+    /// Replaced when a reload (SIGHUP) changes them; the counts stay.
+    limits: Mutex<RateConfig>,
     /// `None`: counted in memory only (an account built without a state dir).
     path: Option<PathBuf>,
     counts: Mutex<Counts>,
@@ -211,7 +212,7 @@ impl AccountRate {
     pub fn unpersisted(account: &str, limits: RateConfig) -> AccountRate {
         AccountRate {
             account: account.to_string(),
-            limits,
+            limits: Mutex::new(limits),
             path: None,
             counts: Mutex::new(Counts::empty()),
             written: Mutex::new(0),
@@ -229,7 +230,7 @@ impl AccountRate {
         }
         AccountRate {
             account: account.to_string(),
-            limits,
+            limits: Mutex::new(limits),
             path: Some(path),
             counts: Mutex::new(counts),
             written: Mutex::new(0),
@@ -238,11 +239,17 @@ impl AccountRate {
     }
 
     pub fn limits(&self) -> RateConfig {
-        self.limits
+        *lock(&self.limits)
+    }
+
+    /// New limits from a reloaded config; what was sent still counts against them.
+    pub fn set_limits(&self, limits: RateConfig) {
+        *lock(&self.limits) = limits;
     }
 
     pub fn usage(&self, now: SystemTime) -> Usage {
-        usage(&mut lock(&self.counts), self.limits, now)
+        let limits = self.limits();
+        usage(&mut lock(&self.counts), limits, now)
     }
 
     /// How many more messages could go now, as far as the per-minute limit says (`u64::MAX` without one); zero
@@ -265,16 +272,17 @@ impl AccountRate {
         recipients: usize,
     ) -> Result<Reservation, Option<SystemTime>> {
         let k = recipients as u64;
+        let limits = self.limits();
         let mut c = lock(&self.counts);
         let mut waits: Vec<Option<SystemTime>> = Vec::new();
-        if let Some(limit) = self.limits.per_minute.map(u64::from) {
+        if let Some(limit) = limits.per_minute.map(u64::from) {
             let used = c.messages.total(now) + c.flying_messages;
             if used + 1 > limit {
                 waits.push(c.messages.frees_at(used + 1 - limit));
             }
         }
         let mut oversized = false;
-        if let Some(limit) = self.limits.recipients_per_day.map(u64::from) {
+        if let Some(limit) = limits.recipients_per_day.map(u64::from) {
             let counted = c.recipients.total(now);
             let used = counted + c.flying_recipients;
             if k > limit {
@@ -298,7 +306,7 @@ impl AccountRate {
             return Err(waits.into_iter().flatten().max());
         }
         if oversized {
-            tracing::warn!(relay_account = %self.account, recipients, limit = self.limits.recipients_per_day, "a message has more recipients than the account may send to in a day; it goes now that the last 24 hours hold none, and the provider may refuse it or hold the account");
+            tracing::warn!(relay_account = %self.account, recipients, limit = limits.recipients_per_day, "a message has more recipients than the account may send to in a day; it goes now that the last 24 hours hold none, and the provider may refuse it or hold the account");
         }
         c.flying_messages += 1;
         c.flying_recipients += k;

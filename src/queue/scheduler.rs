@@ -25,6 +25,7 @@ use super::layout::{FileKind, parse_file_name};
 use super::retry::{TRIGGER_CHECK, trigger_mtime};
 use super::state::read_state;
 use crate::config::Config;
+use crate::health::{Health, test_wedge};
 
 /// Delivery attempts that exist at once, across accounts (each account further limits its own connections).
 const MAX_IN_FLIGHT: usize = 64;
@@ -41,28 +42,50 @@ pub struct Scheduler {
     /// Counts finished delivery attempts, so that tests (and status) can wait for one without polling.
     pub attempts: watch::Sender<u64>,
     delivery: Arc<Delivery>,
+    /// Where a reload (SIGHUP) sends the delivery built from the new config.
+    deliveries: watch::Sender<Arc<Delivery>>,
 }
 
 impl Scheduler {
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Scheduler {
+        let delivery = Arc::new(Delivery::new(config, accounts));
         Scheduler {
             attempts: watch::channel(0).0,
-            delivery: Arc::new(Delivery::new(config, accounts)),
+            deliveries: watch::channel(delivery.clone()).0,
+            delivery,
         }
     }
 
-    /// Runs until `stop`: takes new messages from `committed`, and every queued one when it falls due.
+    /// Takes a new delivery (accounts, routes, retry schedule) for the attempts that start from now on; those in
+    /// flight finish with the one they began with.
+    pub fn deliveries(&self) -> watch::Sender<Arc<Delivery>> {
+        self.deliveries.clone()
+    }
+
+    /// Runs until `stop`: takes new messages from `committed`, and every queued one when it falls due. The loop
+    /// beats a heartbeat in `health` from its own ticker, so that the watchdog sees it turn.
     pub async fn run(
-        self,
+        mut self,
         mut committed: mpsc::UnboundedReceiver<QueueId>,
         mut stop: watch::Receiver<bool>,
+        health: Arc<Health>,
     ) {
-        if !self.delivery.has_accounts() {
-            // Nothing to deliver through: mail stays queued, untouched, until an account is configured. The
-            // announcements of new mail are refused rather than left to pile up unread.
-            drop(committed);
-            let _ = stop.wait_for(|s| *s).await;
-            return;
+        let heartbeat = health.register("delivery scheduler");
+        let mut beat = health.ticker();
+        let mut updates = self.deliveries.subscribe();
+        while !self.delivery.has_accounts() {
+            // Nothing to deliver through: mail stays queued, untouched, until a reload brings an account; then the
+            // queue is read from disk. The announcements of new mail are read and dropped meanwhile.
+            tokio::select! {
+                Some(_) = committed.recv() => {}
+                Ok(()) = updates.changed() => self.delivery = updates.borrow_and_update().clone(),
+                _ = beat.tick() => heartbeat.beat(),
+                _ = stop.wait_for(|s| *s) => {
+                    heartbeat.retire();
+                    return;
+                }
+            }
+            test_wedge("scheduler").await;
         }
         let state_dir = self.delivery.paths().state_dir().to_path_buf();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -162,8 +185,15 @@ impl Scheduler {
                 }
                 _ = tokio::time::sleep(sleep) => {}
                 _ = check.tick() => ticked = true,
+                _ = beat.tick() => heartbeat.beat(),
+                Ok(()) = updates.changed() => {
+                    let delivery = updates.borrow_and_update().clone();
+                    s.replan(delivery.waiting());
+                    self.delivery = delivery;
+                }
                 _ = stop.wait_for(|s| *s) => break,
             }
+            test_wedge("scheduler").await;
             if std::mem::take(&mut ticked) {
                 // A pool whose mail waits for a connection that was freed without its attempt saying so (rare, but
                 // it must not strand mail): one message comes back each tick. Pools waiting for a limit's window
@@ -194,6 +224,7 @@ impl Scheduler {
                 }
             }
         }
+        heartbeat.retire();
         self.drain(tasks).await;
         let delivery = self.delivery.clone();
         let _ = tokio::task::spawn_blocking(move || delivery.save_counters()).await;
@@ -305,6 +336,18 @@ impl Schedule {
                 None => {}
             },
         }
+    }
+
+    /// A new delivery came with a reload: its pools may be numbered differently, so every parked message is due
+    /// now, and waits again in its new pool if it must.
+    fn replan(&mut self, waiting: Arc<Waiting>) {
+        let now = SystemTime::now();
+        let pools: Vec<usize> = self.parked.keys().copied().collect();
+        for pool in pools {
+            self.unpark(pool, usize::MAX, now);
+        }
+        self.wakes.clear();
+        self.waiting = waiting;
     }
 
     fn park(&mut self, pool: usize, id: QueueId) {

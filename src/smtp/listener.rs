@@ -13,6 +13,7 @@ use super::connection::{ListenerCtx, serve};
 use super::occupancy::Occupancy;
 use super::reply::Reply;
 use crate::config::ListenerTls;
+use crate::health::Health;
 
 /// How long a new client waits for the place of an evicted idle session.
 const EVICTION_WAIT: Duration = Duration::from_secs(5);
@@ -24,45 +25,123 @@ const MAX_REFUSING: usize = 256;
 /// A bound listener, ready to accept.
 pub struct Listener {
     tcp: TcpListener,
-    ctx: Arc<ListenerCtx>,
-    slots: Arc<Semaphore>,
+    /// What new connections get; a reload replaces it (see [`ListenerControl`]).
+    admission: watch::Receiver<Arc<Admission>>,
+    /// Turns true (or its sender goes) when a reload removes this listener.
+    close: watch::Receiver<bool>,
     per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    occupancy: Arc<Occupancy>,
     waiting: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
 }
 
-impl Listener {
-    pub(crate) fn new(tcp: TcpListener, ctx: ListenerCtx) -> Listener {
-        let slots = Arc::new(Semaphore::new(ctx.cfg.max_connections));
-        Listener {
-            tcp,
-            occupancy: Occupancy::new(ctx.cfg.max_connections),
+/// A listener's settings and the places its connections take. Replaced whole by a reload, so that a session
+/// keeps what it began with while new clients get the new settings.
+pub(crate) struct Admission {
+    ctx: Arc<ListenerCtx>,
+    slots: Arc<Semaphore>,
+    occupancy: Arc<Occupancy>,
+}
+
+/// Held by whoever runs a listener: what a reload does to it once it accepts.
+pub(crate) struct ListenerControl {
+    /// The bound address (a configured port 0 resolved).
+    pub local: SocketAddr,
+    admission: watch::Sender<Arc<Admission>>,
+    close: watch::Sender<bool>,
+}
+
+impl ListenerControl {
+    /// The listener's settings as given by the config.
+    pub fn cfg(&self) -> crate::config::ListenerConfig {
+        self.admission.borrow().ctx.cfg.clone()
+    }
+
+    /// New settings (TLS certificate, policy, users, limits) for the connections accepted from now on. The
+    /// connection caps carry over unless `max_connections` changed: then the new cap counts from zero, and
+    /// sessions already open finish under the old one.
+    pub fn update(&self, ctx: ListenerCtx) {
+        let current = self.admission.borrow().clone();
+        let (slots, occupancy) = if current.ctx.cfg.max_connections == ctx.cfg.max_connections {
+            (current.slots.clone(), current.occupancy.clone())
+        } else {
+            (
+                Arc::new(Semaphore::new(ctx.cfg.max_connections)),
+                Occupancy::new(ctx.cfg.max_connections),
+            )
+        };
+        self.admission.send_replace(Arc::new(Admission {
             ctx: Arc::new(ctx),
             slots,
+            occupancy,
+        }));
+    }
+
+    /// Stops accepting; sessions already open finish.
+    pub fn close(&self) {
+        self.close.send_replace(true);
+    }
+}
+
+impl Listener {
+    pub(crate) fn new(tcp: TcpListener, ctx: ListenerCtx) -> (Listener, ListenerControl) {
+        let local = tcp.local_addr().unwrap_or(ctx.cfg.address);
+        let admission = Arc::new(Admission {
+            slots: Arc::new(Semaphore::new(ctx.cfg.max_connections)),
+            occupancy: Occupancy::new(ctx.cfg.max_connections),
+            ctx: Arc::new(ctx),
+        });
+        let (admission_tx, admission) = watch::channel(admission);
+        let (close_tx, close) = watch::channel(false);
+        let listener = Listener {
+            tcp,
+            admission,
+            close,
             per_client: Arc::default(),
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
-        }
+        };
+        let control = ListenerControl {
+            local,
+            admission: admission_tx,
+            close: close_tx,
+        };
+        (listener, control)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
 
-    /// Accepts until `shutdown` turns true. `sessions` counts live connections, for draining.
+    /// Accepts until `shutdown` turns true or a reload closes it. `sessions` counts live connections, for
+    /// draining; the loop beats `health` from its own ticker, for the watchdog.
     pub(crate) async fn run(
-        self,
+        mut self,
         mut shutdown: watch::Receiver<bool>,
         sessions: watch::Sender<usize>,
+        health: Arc<Health>,
     ) {
+        let name = match self.tcp.local_addr() {
+            Ok(a) => format!("accept loop {a}"),
+            Err(_) => "accept loop".to_string(),
+        };
+        let heartbeat = health.register(name);
+        let mut tick = health.ticker();
         loop {
             let accepted = tokio::select! {
                 accepted = self.tcp.accept() => accepted,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = tick.tick() => {
+                    heartbeat.beat();
+                    continue;
+                }
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                // A dropped sender (its relay is gone) closes it too.
+                _ = self.close.wait_for(|close| *close) => break,
             };
             match accepted {
-                Ok((tcp, peer)) => self.admit(tcp, peer, &sessions),
+                Ok((tcp, peer)) => {
+                    let admission = self.admission.borrow().clone();
+                    self.admit(&admission, tcp, peer, &sessions);
+                }
                 Err(e) => {
                     // EMFILE and friends: log and go on after a pause (the error repeats at once until a
                     // descriptor is free, and retrying in a tight loop would take a core).
@@ -71,14 +150,22 @@ impl Listener {
                 }
             }
         }
+        heartbeat.retire();
     }
 
-    fn admit(&self, tcp: TcpStream, peer: SocketAddr, sessions: &watch::Sender<usize>) {
-        let cfg = &self.ctx.cfg;
+    fn admit(
+        &self,
+        admission: &Admission,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        sessions: &watch::Sender<usize>,
+    ) {
+        let cfg = &admission.ctx.cfg;
+        let implicit = cfg.tls == ListenerTls::Implicit;
         let ip = canonical(peer.ip());
         if !cfg.allow.iter().any(|net| net.contains(&ip)) {
             tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "client not in the listener's allow list");
-            self.refuse(tcp, Reply::new(554, "5.7.1", "Access denied"));
+            self.refuse(tcp, implicit, Reply::new(554, "5.7.1", "Access denied"));
             return;
         }
         let Some(client_slot) =
@@ -87,6 +174,7 @@ impl Listener {
             tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections from this client");
             self.refuse(
                 tcp,
+                implicit,
                 Reply::new(
                     421,
                     "4.7.0",
@@ -96,15 +184,16 @@ impl Listener {
             return;
         };
         // Every slot taken: an idle, logged-out session (from the address holding the most) makes room.
-        let slot = self.slots.clone().try_acquire_owned().ok();
+        let slot = admission.slots.clone().try_acquire_owned().ok();
         let waiting = match slot {
             Some(_) => None,
             None => match self.waiting.clone().try_acquire_owned() {
-                Ok(w) if self.occupancy.evict_one() => Some(w),
+                Ok(w) if admission.occupancy.evict_one() => Some(w),
                 _ => {
                     tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
                     self.refuse(
                         tcp,
+                        implicit,
                         Reply::new(421, "4.7.0", "Too many connections, try again later"),
                     );
                     return;
@@ -113,9 +202,11 @@ impl Listener {
         };
         let _ = tcp.set_nodelay(true);
         let live = LiveSession::new(sessions);
-        let (ctx, slots, occupancy) =
-            (self.ctx.clone(), self.slots.clone(), self.occupancy.clone());
-        let implicit = cfg.tls == ListenerTls::Implicit;
+        let (ctx, slots, occupancy) = (
+            admission.ctx.clone(),
+            admission.slots.clone(),
+            admission.occupancy.clone(),
+        );
         tokio::spawn(async move {
             let slot = match slot {
                 Some(s) => s,
@@ -143,8 +234,7 @@ impl Listener {
 
     /// Says why and hangs up, without holding up the accept loop. During a flood of refusals, beyond
     /// [`MAX_REFUSING`] at once the connection is just closed.
-    fn refuse(&self, tcp: TcpStream, reply: Reply) {
-        let implicit = self.ctx.cfg.tls == ListenerTls::Implicit;
+    fn refuse(&self, tcp: TcpStream, implicit: bool, reply: Reply) {
         let Ok(permit) = self.refusing.clone().try_acquire_owned() else {
             return;
         };

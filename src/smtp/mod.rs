@@ -20,9 +20,10 @@ use tokio::sync::watch;
 
 pub use listener::Listener;
 
-use crate::config::{Config, ListenerTls};
+use crate::config::{Config, ListenerConfig, ListenerTls};
 use crate::queue::Spool;
 use connection::ListenerCtx;
+use listener::ListenerControl;
 use session::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,22 +38,153 @@ pub enum BindError {
     Tls { index: usize, source: tls::TlsError },
 }
 
-/// Binds every configured listener.
-pub async fn bind(
-    config: &Config,
-    spool: &Spool,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<Vec<Listener>, BindError> {
-    let auth = Arc::new(auth::Authenticator::new(&config.users));
-    let mut out = Vec::new();
-    for (index, cfg) in config.listeners.iter().enumerate() {
-        let tls = match (&cfg.cert, &cfg.key) {
-            (Some(cert), Some(key)) if cfg.tls != ListenerTls::None => Some(
-                tls::acceptor(cert, key, cfg.tls_compat)
-                    .map_err(|source| BindError::Tls { index, source })?,
-            ),
-            _ => None,
+/// The listeners a relay runs, and what a reload (SIGHUP) does to them.
+pub struct Listeners {
+    controls: Vec<ListenerControl>,
+    users: Vec<(String, String, Option<String>)>,
+    auth: Arc<auth::Authenticator>,
+    spool: Spool,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A reload's listeners, bound and loaded but not yet in use: dropping it changes nothing.
+pub struct Prepared {
+    /// Kept listeners (by index into the running ones) and their new settings.
+    updates: Vec<(usize, ListenerCtx)>,
+    opened: Vec<(Listener, ListenerControl)>,
+    closed: Vec<usize>,
+    users: Vec<(String, String, Option<String>)>,
+    auth: Arc<auth::Authenticator>,
+}
+
+/// What a reload did to the listeners.
+#[derive(Debug, Default)]
+pub struct ListenerChanges {
+    pub kept: usize,
+    pub opened: Vec<std::net::SocketAddr>,
+    pub closed: Vec<std::net::SocketAddr>,
+}
+
+fn users_of(config: &Config) -> Vec<(String, String, Option<String>)> {
+    config
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), u.password_hash.clone(), u.account.clone()))
+        .collect()
+}
+
+impl Listeners {
+    /// Binds every configured listener; the returned ones accept once run.
+    pub async fn bind(
+        config: &Config,
+        spool: &Spool,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(Listeners, Vec<Listener>), BindError> {
+        let auth = Arc::new(auth::Authenticator::new(&config.users));
+        let mut set = Listeners {
+            controls: Vec::new(),
+            users: users_of(config),
+            auth,
+            spool: spool.clone(),
+            shutdown: shutdown.clone(),
         };
+        let mut out = Vec::new();
+        for (index, cfg) in config.listeners.iter().enumerate() {
+            let (listener, control) = set.open(config, index, cfg, &set.auth).await?;
+            set.controls.push(control);
+            out.push(listener);
+        }
+        Ok((set, out))
+    }
+
+    /// The bound addresses, in config order (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.controls.iter().map(|c| c.local).collect()
+    }
+
+    /// Makes ready what `config` asks for: a listener whose address is already bound keeps its socket and gets
+    /// new settings (its certificate and key read again); a new address is bound now. Nothing changes for the
+    /// running listeners until [`commit`](Self::commit); an error (a certificate that cannot be read, an address
+    /// that cannot be bound) leaves them as they are.
+    pub async fn prepare(&self, config: &Config) -> Result<Prepared, BindError> {
+        let users = users_of(config);
+        // Unchanged users keep their remembered logins and their blocked addresses.
+        let auth = if users == self.users {
+            self.auth.clone()
+        } else {
+            Arc::new(auth::Authenticator::new(&config.users))
+        };
+        let mut taken = vec![false; self.controls.len()];
+        let mut updates = Vec::new();
+        let mut opened = Vec::new();
+        for (index, cfg) in config.listeners.iter().enumerate() {
+            let running = self
+                .controls
+                .iter()
+                .enumerate()
+                .position(|(i, c)| !taken[i] && c.cfg().address == cfg.address);
+            match running {
+                Some(i) => {
+                    taken[i] = true;
+                    let local = self.controls[i].local;
+                    updates.push((i, self.context(config, index, cfg, local, &auth)?));
+                }
+                None => opened.push(self.open(config, index, cfg, &auth).await?),
+            }
+        }
+        let closed = (0..self.controls.len()).filter(|i| !taken[*i]).collect();
+        Ok(Prepared {
+            updates,
+            opened,
+            closed,
+            users,
+            auth,
+        })
+    }
+
+    /// Puts a prepared reload in place; returns the new listeners, to be run.
+    pub fn commit(&mut self, prepared: Prepared) -> (Vec<Listener>, ListenerChanges) {
+        let mut changes = ListenerChanges {
+            kept: prepared.updates.len(),
+            ..ListenerChanges::default()
+        };
+        for (i, ctx) in prepared.updates {
+            self.controls[i].update(ctx);
+        }
+        let mut closed = prepared.closed;
+        closed.sort_unstable();
+        for i in closed.into_iter().rev() {
+            let control = self.controls.remove(i);
+            control.close();
+            changes.closed.push(control.local);
+        }
+        let mut out = Vec::new();
+        for (listener, control) in prepared.opened {
+            changes.opened.push(control.local);
+            self.controls.push(control);
+            out.push(listener);
+        }
+        self.users = prepared.users;
+        self.auth = prepared.auth;
+        (out, changes)
+    }
+
+    /// Stops every listener from accepting (sessions already open finish).
+    pub fn close_all(&self) {
+        for c in &self.controls {
+            c.close();
+        }
+    }
+
+    async fn open(
+        &self,
+        config: &Config,
+        index: usize,
+        cfg: &ListenerConfig,
+        auth: &Arc<auth::Authenticator>,
+    ) -> Result<(Listener, ListenerControl), BindError> {
+        // The certificate is loaded before binding, so that a bad one leaves nothing bound.
+        let tls = acceptor(index, cfg)?;
         let tcp = TcpListener::bind(cfg.address)
             .await
             .map_err(|source| BindError::Bind {
@@ -61,6 +193,30 @@ pub async fn bind(
                 source,
             })?;
         let local = tcp.local_addr().unwrap_or(cfg.address);
+        let ctx = self.context_with(config, cfg, local, auth, tls);
+        Ok(Listener::new(tcp, ctx))
+    }
+
+    fn context(
+        &self,
+        config: &Config,
+        index: usize,
+        cfg: &ListenerConfig,
+        local: std::net::SocketAddr,
+        auth: &Arc<auth::Authenticator>,
+    ) -> Result<ListenerCtx, BindError> {
+        let tls = acceptor(index, cfg)?;
+        Ok(self.context_with(config, cfg, local, auth, tls))
+    }
+
+    fn context_with(
+        &self,
+        config: &Config,
+        cfg: &ListenerConfig,
+        local: std::net::SocketAddr,
+        auth: &Arc<auth::Authenticator>,
+        tls: Option<tls::ServerTls>,
+    ) -> ListenerCtx {
         let policy = Arc::new(Policy {
             hostname: config.hostname.clone(),
             listener: local.to_string(),
@@ -71,17 +227,25 @@ pub async fn bind(
             max_message_size: cfg.max_message_size.0,
             max_recipients: cfg.max_recipients,
         });
-        out.push(Listener::new(
-            tcp,
-            ListenerCtx {
-                cfg: cfg.clone(),
-                policy,
-                tls,
-                spool: spool.clone(),
-                auth: auth.clone(),
-                shutdown: shutdown.clone(),
-            },
-        ));
+        ListenerCtx {
+            cfg: cfg.clone(),
+            policy,
+            tls,
+            spool: self.spool.clone(),
+            auth: auth.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
-    Ok(out)
+}
+
+/// A listener's TLS acceptor, read from its certificate and key files.
+fn acceptor(index: usize, cfg: &ListenerConfig) -> Result<Option<tls::ServerTls>, BindError> {
+    match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) if cfg.tls != ListenerTls::None => Some(
+            tls::acceptor(cert, key, cfg.tls_compat)
+                .map_err(|source| BindError::Tls { index, source }),
+        )
+        .transpose(),
+        _ => Ok(None),
+    }
 }

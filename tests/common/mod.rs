@@ -402,7 +402,16 @@ impl Daemon {
     }
 
     /// Starts `cmd` (a `relay serve` command line) and waits for it to listen.
-    pub fn start(mut cmd: Command) -> Daemon {
+    pub fn start(cmd: Command) -> Daemon {
+        let mut daemon = Daemon::launch(cmd);
+        let line = daemon.wait_log("relay_event=\"listening\"");
+        let addr = line.rsplit("address=").next().unwrap().trim();
+        daemon.addr = addr.parse().expect("address in the listening line");
+        daemon
+    }
+
+    /// Starts `cmd` without waiting for anything (`addr` stays unset).
+    pub fn launch(mut cmd: Command) -> Daemon {
         let mut child = cmd
             .env_remove("JOURNAL_STREAM")
             .env("RUST_LOG", "info")
@@ -419,16 +428,12 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Daemon {
+        Daemon {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             log: rx,
             seen: Vec::new(),
-        };
-        let line = daemon.wait_log("relay_event=\"listening\"");
-        let addr = line.rsplit("address=").next().unwrap().trim();
-        daemon.addr = addr.parse().expect("address in the listening line");
-        daemon
+        }
     }
 
     /// Waits (bounded) for a log line containing `needle` and returns it. Lines are matched in order, each

@@ -1,0 +1,298 @@
+//! Reloading the config while relay runs (SIGHUP): the parts of a running relay that a new config changes, and
+//! how each changes without dropping mail.
+//!
+//! A reload is all or nothing: the new accounts are built and the new listeners bound and loaded first, and only
+//! when all of that has worked is anything swapped in. Then:
+//! - an account whose settings are unchanged is kept as it is (its connections, tokens and refresher); a changed
+//!   one is rebuilt, keeping its sending counts; the scheduler takes a new delivery (accounts, routes, retry
+//!   schedule) for the attempts that start from then on, while attempts in flight finish on the old one;
+//! - a listener whose address is unchanged keeps its socket and takes the new settings (TLS files read again,
+//!   users, limits) for new connections; a new address is bound; a listener no longer configured stops accepting;
+//!   sessions already open finish as they began;
+//! - the token refresher runs for the new and changed accounts, and stops for the removed ones.
+//!
+//! Queued mail is never touched: it is on disk, and the scheduler keeps its schedule.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::accounts::{self, AccountError};
+use crate::config::{AccountConfig, Config};
+use crate::health::Health;
+use crate::queue::delivery::{Account, Delivery};
+use crate::smtp::{BindError, Listener, ListenerChanges, Listeners};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "{file}: {key}: changing it needs a restart (systemctl restart relay); nothing was changed"
+    )]
+    NeedsRestart { file: String, key: &'static str },
+    #[error("{0}; nothing was changed")]
+    Account(#[from] AccountError),
+    #[error("{0}; nothing was changed")]
+    Bind(#[from] BindError),
+    #[error("relay is stopping")]
+    Stopping,
+}
+
+impl ReloadError {
+    /// Whether the new config itself is at fault (rather than relay stopping).
+    pub fn is_config(&self) -> bool {
+        !matches!(self, ReloadError::Stopping)
+    }
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub accounts_added: Vec<String>,
+    pub accounts_changed: Vec<String>,
+    pub accounts_removed: Vec<String>,
+    pub listeners: ListenerChanges,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let addrs = |v: &[std::net::SocketAddr]| {
+            names(&v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        write!(
+            f,
+            "accounts added: {}; changed: {}; removed: {}; listeners kept: {}, opened: {}, closed: {}",
+            names(&self.accounts_added),
+            names(&self.accounts_changed),
+            names(&self.accounts_removed),
+            self.listeners.kept,
+            addrs(&self.listeners.opened),
+            addrs(&self.listeners.closed),
+        )
+    }
+}
+
+pub(crate) struct Request {
+    pub config: Config,
+    pub reply: oneshot::Sender<Result<Reloaded, ReloadError>>,
+}
+
+/// Asks a running relay to take a new config. Cloned freely; each reload is applied in turn.
+#[derive(Clone)]
+pub struct Reloader(pub(crate) mpsc::Sender<Request>);
+
+impl Reloader {
+    /// Applies `config` to the running relay, or leaves it as it was and says why.
+    pub async fn reload(&self, config: Config) -> Result<Reloaded, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Request { config, reply })
+            .await
+            .map_err(|_| ReloadError::Stopping)?;
+        answer.await.map_err(|_| ReloadError::Stopping)?
+    }
+}
+
+/// An account as it runs: its config, what delivery uses, and the stop of its token refresher.
+struct RunningAccount {
+    config: AccountConfig,
+    account: Arc<Account>,
+    refresher: watch::Sender<bool>,
+}
+
+/// The parts of a running relay that a reload replaces.
+pub(crate) struct Running {
+    config: Config,
+    accounts: Vec<RunningAccount>,
+    listeners: Listeners,
+    deliveries: watch::Sender<Arc<Delivery>>,
+    expiries: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+    sessions: watch::Sender<usize>,
+    health: Arc<Health>,
+}
+
+/// Two account configs that build the same account; the sending limits are left out, since a kept account takes
+/// new ones in place.
+fn same_account(a: &AccountConfig, b: &AccountConfig) -> bool {
+    let without_rate = |a: &AccountConfig| {
+        let mut a = a.clone();
+        a.rate = None;
+        serde_json::to_value(a).ok()
+    };
+    without_rate(a) == without_rate(b)
+}
+
+impl Running {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        accounts: Vec<Arc<Account>>,
+        listeners: Listeners,
+        deliveries: watch::Sender<Arc<Delivery>>,
+        shutdown: watch::Receiver<bool>,
+        sessions: watch::Sender<usize>,
+        health: Arc<Health>,
+    ) -> Running {
+        let accounts = config
+            .accounts
+            .iter()
+            .cloned()
+            .zip(accounts)
+            .map(|(config, account)| RunningAccount {
+                config,
+                account,
+                refresher: watch::channel(false).0,
+            })
+            .collect();
+        Running {
+            config,
+            accounts,
+            listeners,
+            deliveries,
+            expiries: watch::channel(false).0,
+            shutdown,
+            sessions,
+            health,
+        }
+    }
+
+    /// Starts the listeners, each account's token refresher and the expiry watch.
+    pub fn start(&mut self, listeners: Vec<Listener>, tasks: &mut JoinSet<()>) {
+        self.spawn_listeners(listeners, tasks);
+        for a in &self.accounts {
+            spawn_refresher(a, tasks);
+        }
+        self.restart_expiries(tasks);
+    }
+
+    fn spawn_listeners(&self, listeners: Vec<Listener>, tasks: &mut JoinSet<()>) {
+        for l in listeners {
+            tasks.spawn(l.run(
+                self.shutdown.clone(),
+                self.sessions.clone(),
+                self.health.clone(),
+            ));
+        }
+    }
+
+    fn restart_expiries(&mut self, tasks: &mut JoinSet<()>) {
+        self.expiries.send_replace(true);
+        let (stop, stopped) = watch::channel(false);
+        self.expiries = stop;
+        tasks.spawn(accounts::watch_expiries(
+            self.config.accounts.clone(),
+            stopped,
+        ));
+    }
+
+    /// Stops what the relay's own stop does not reach (the per-account refreshers, the expiry watch).
+    pub fn stop(&self) {
+        self.listeners.close_all();
+        for a in &self.accounts {
+            a.refresher.send_replace(true);
+        }
+        self.expiries.send_replace(true);
+    }
+
+    /// Applies a new config, or changes nothing and says why.
+    pub async fn apply(
+        &mut self,
+        config: Config,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<Reloaded, ReloadError> {
+        if config.state_dir != self.config.state_dir {
+            return Err(ReloadError::NeedsRestart {
+                file: config.source.clone(),
+                key: "state_dir",
+            });
+        }
+        let mut done = Reloaded::default();
+        // Everything that can fail comes first.
+        let http = accounts::shared_http()?;
+        let store = accounts::token_store(&config)?;
+        let mut next: Vec<(AccountConfig, Arc<Account>, Option<&RunningAccount>)> = Vec::new();
+        for a in &config.accounts {
+            let old = self.accounts.iter().find(|r| r.config.name == a.name);
+            match old {
+                Some(r) if same_account(&r.config, a) => {
+                    r.account.rate.set_limits(a.limits());
+                    next.push((a.clone(), r.account.clone(), Some(r)));
+                }
+                _ => {
+                    let rate = old.map(|r| r.account.rate.clone());
+                    let account = accounts::build_one(&config, a, &http, &store, rate)?;
+                    match old {
+                        Some(_) => done.accounts_changed.push(a.name.clone()),
+                        None => done.accounts_added.push(a.name.clone()),
+                    }
+                    next.push((a.clone(), Arc::new(account), None));
+                }
+            }
+        }
+        let prepared = self.listeners.prepare(&config).await?;
+
+        // From here on nothing fails.
+        let mut accounts = Vec::new();
+        for (config, account, kept) in next {
+            let refresher = match kept {
+                Some(r) => r.refresher.clone(),
+                None => watch::channel(false).0,
+            };
+            accounts.push(RunningAccount {
+                config,
+                account,
+                refresher,
+            });
+        }
+        for old in &self.accounts {
+            let kept = accounts
+                .iter()
+                .any(|a| Arc::ptr_eq(&a.account, &old.account));
+            if !kept {
+                old.refresher.send_replace(true);
+                if !accounts.iter().any(|a| a.config.name == old.config.name) {
+                    done.accounts_removed.push(old.config.name.clone());
+                }
+            }
+        }
+        for a in &accounts {
+            if !self
+                .accounts
+                .iter()
+                .any(|old| Arc::ptr_eq(&a.account, &old.account))
+            {
+                spawn_refresher(a, tasks);
+            }
+        }
+        let delivery = Delivery::new(
+            &config,
+            accounts.iter().map(|a| a.account.clone()).collect(),
+        );
+        self.deliveries.send_replace(Arc::new(delivery));
+        let (opened, changes) = self.listeners.commit(prepared);
+        self.spawn_listeners(opened, tasks);
+        for addr in &changes.opened {
+            tracing::info!(relay_event = "listening", address = %addr, "listening");
+        }
+        done.listeners = changes;
+        self.accounts = accounts;
+        self.config = config;
+        self.restart_expiries(tasks);
+        Ok(done)
+    }
+}
+
+fn spawn_refresher(a: &RunningAccount, tasks: &mut JoinSet<()>) {
+    tasks.spawn(crate::tokens::refresher(
+        vec![a.account.tokens.clone()],
+        a.refresher.subscribe(),
+    ));
+}

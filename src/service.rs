@@ -1,0 +1,239 @@
+//! `relay serve` as a systemd service (`Type=notify`): readiness, status, the watchdog, reload and stop.
+//!
+//! - `READY=1` is sent once the listeners are bound (the kernel queues connections from then on) and the queue is
+//!   recovered, with a `STATUS=` line of queue counts; `STATUS=` is sent again whenever the counts change.
+//! - `WATCHDOG=1` is sent at half the watchdog interval, but only while the accept loops and the delivery
+//!   scheduler have all beaten their heartbeats within the interval (`health.rs`): a stuck loop stops the pings,
+//!   and systemd restarts relay.
+//! - SIGHUP rereads the config (`RELOADING=1`, then `READY=1` again); a config that fails validation, or that
+//!   names files relay cannot use, is refused and logged, and the running one stays (`reload.rs`).
+//! - SIGTERM and SIGINT send `STOPPING=1`, stop the pings, and drain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ConfigError};
+use crate::health::Health;
+use crate::queue::layout::{FileKind, SpoolPaths, parse_file_name};
+use crate::reload::Reloader;
+use crate::{Relay, RunError};
+
+/// How often the queue counts are read for `STATUS=`.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs relay on `config` until SIGTERM or SIGINT; `load` reads the config again on SIGHUP.
+pub async fn serve<L>(config: Config, load: L) -> Result<(), RunError>
+where
+    L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+{
+    tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
+    // Installed before READY=1: from then on systemd may send SIGHUP, whose default action would end relay.
+    let signals = Signals::install();
+    let relay = Relay::start(&config).await?;
+    if config.accounts.is_empty() {
+        tracing::warn!(
+            "no [[account]] is configured: mail is accepted and queued, but not delivered"
+        );
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let health = relay.health();
+    if let Some(interval) = watchdog {
+        // A healthy loop beats at least four times per interval, so that a late tick is never taken for a hang.
+        health.set_every(interval / 4);
+    }
+    let paths = SpoolPaths::new(&config.state_dir);
+    let _ = sd_notify::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_text(&paths).await),
+    ]);
+    let mut background = JoinSet::new();
+    if let Some(interval) = watchdog {
+        background.spawn(ping_watchdog(health, interval));
+    }
+    background.spawn(report_status(paths.clone()));
+    let until_stopped = signals.until_stopped(relay.reloader(), Arc::new(load), paths, background);
+    relay.run(until_stopped).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The signals relay acts on; `None` where a handler could not be installed.
+struct Signals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+async fn recv(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let install = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot handle {name}");
+                None
+            }
+        };
+        Signals {
+            term: install(SignalKind::terminate(), "SIGTERM"),
+            int: install(SignalKind::interrupt(), "SIGINT"),
+            hup: install(SignalKind::hangup(), "SIGHUP"),
+        }
+    }
+
+    /// Reloads on each SIGHUP; returns at SIGTERM or SIGINT, once systemd knows relay is stopping and the
+    /// background tasks (watchdog pings among them) have stopped.
+    async fn until_stopped<L>(
+        mut self,
+        reloader: Reloader,
+        load: Arc<L>,
+        paths: SpoolPaths,
+        mut background: JoinSet<()>,
+    ) where
+        L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+    {
+        loop {
+            tokio::select! {
+                _ = recv(&mut self.term) => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                _ = recv(&mut self.int) => {
+                    tracing::info!("SIGINT received");
+                    break;
+                }
+                _ = recv(&mut self.hup) => reload(&reloader, &load, &paths).await,
+            }
+        }
+        background.abort_all();
+        let _ = sd_notify::notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping: waiting for messages in flight"),
+        ]);
+    }
+}
+
+/// systemd's reload protocol: `RELOADING=1` (with the time, which newer systemd asks for), the work, then
+/// `READY=1`. A refused config is logged with its file, key and reason.
+async fn reload<L>(reloader: &Reloader, load: &Arc<L>, paths: &SpoolPaths)
+where
+    L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
+{
+    let mut reloading = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        reloading.push(now);
+    }
+    let _ = sd_notify::notify(&reloading);
+    tracing::info!("SIGHUP received: reading the config again");
+    let load = load.clone();
+    match tokio::task::spawn_blocking(move || load()).await {
+        Ok(Ok(config)) => match reloader.reload(config).await {
+            Ok(done) => tracing::info!(relay_event = "reloaded", "config reloaded: {done}"),
+            Err(e) => {
+                tracing::error!(
+                    relay_event = "reload_refused",
+                    "new config refused, the running one stays: {e}"
+                )
+            }
+        },
+        Ok(Err(e)) => tracing::error!(
+            relay_event = "reload_refused",
+            file = %e.file,
+            key = %e.key,
+            reason = %e.reason,
+            "new config refused, the running one stays: {e}"
+        ),
+        Err(e) => {
+            tracing::error!(relay_event = "reload_refused", error = %e, "cannot read the config; the running one stays")
+        }
+    }
+    let _ = sd_notify::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_text(paths).await),
+    ]);
+}
+
+/// Pings at half the interval while every loop is making progress; says once when one stops, and when it moves
+/// again.
+async fn ping_watchdog(health: Arc<Health>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stuck = false;
+    loop {
+        tick.tick().await;
+        let stalled = health.stalled(interval);
+        if stalled.is_empty() {
+            if std::mem::take(&mut stuck) {
+                tracing::warn!("every loop is making progress again; watchdog pings resume");
+            }
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        } else if !stuck {
+            stuck = true;
+            let loops = stalled
+                .iter()
+                .map(|(name, silent)| format!("{name} ({} ms)", silent.as_millis()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::error!(relay_event = "stalled", loops = %loops, "no progress within the watchdog interval; no longer pinging systemd's watchdog, so that systemd restarts relay");
+        }
+    }
+}
+
+/// Sends `STATUS=` when the queue counts change.
+async fn report_status(paths: SpoolPaths) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = String::new();
+    loop {
+        tick.tick().await;
+        let text = status_text(&paths).await;
+        if text != last {
+            let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
+            last = text;
+        }
+    }
+}
+
+/// `queue: 3 queued (1 deferred), 0 dead`, as `relay status` says it; from file names only.
+async fn status_text(paths: &SpoolPaths) -> String {
+    let (queue, dead) = (paths.queue.clone(), paths.dead.clone());
+    let counted = tokio::task::spawn_blocking(move || (count(&queue), count(&dead))).await;
+    match counted {
+        Ok((Ok((queued, deferred)), Ok((dead, _)))) => {
+            format!("queue: {queued} queued ({deferred} deferred), {dead} dead")
+        }
+        Ok((Err(e), _) | (_, Err(e))) => format!("queue: cannot be read: {e}"),
+        Err(e) => format!("queue: cannot be read: {e}"),
+    }
+}
+
+/// Messages in a queue directory, and how many of them have a state file (at least one failed attempt).
+fn count(dir: &Path) -> std::io::Result<(usize, usize)> {
+    let mut messages = std::collections::HashSet::new();
+    let mut states = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path: PathBuf = entry?.path();
+        match parse_file_name(&path) {
+            Some((id, FileKind::Message)) => {
+                messages.insert(id);
+            }
+            Some((id, FileKind::State)) => states.push(id),
+            None => {}
+        }
+    }
+    let deferred = states.iter().filter(|id| messages.contains(id)).count();
+    Ok((messages.len(), deferred))
+}
