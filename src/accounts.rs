@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::config::Transport;
 use crate::config::{AccountConfig, Config};
+use crate::config::{Flow, Transport};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
@@ -88,6 +88,7 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
         reason: e.to_string(),
     })?;
     let store = TokenStore::new(&config.state_dir);
+    warn_unauthorized(config, &store);
     config
         .accounts
         .iter()
@@ -139,6 +140,24 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
             ))
         })
         .collect()
+}
+
+/// One warning per account that waits for `relay authorize` (its flow needs a person to sign in, and it has no
+/// tokens yet), so that the first hint is not a deferred message. Flows that get their own tokens need none.
+fn warn_unauthorized(config: &Config, store: &TokenStore) {
+    for a in &config.accounts {
+        if matches!(a.flow, Flow::DeviceCode | Flow::AuthorizationCode)
+            && store.mtime(&a.name).is_none()
+        {
+            tracing::warn!(
+                relay_event = "authorization_needed",
+                relay_account = %a.name,
+                "account {} has no tokens yet: its mail stays queued until `relay authorize {}` is run",
+                a.name,
+                a.name
+            );
+        }
+    }
 }
 
 /// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking
