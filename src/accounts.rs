@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::config::Transport;
 use crate::config::{AccountConfig, Config};
+use crate::config::{Flow, Transport};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
 use crate::queue::delivery::Account;
@@ -85,6 +85,7 @@ pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
     let http = shared_http()?;
     let store = token_store(config)?;
+    warn_unauthorized(config, &store);
     config
         .accounts
         .iter()
@@ -181,6 +182,24 @@ pub fn build_one(
         None => Arc::new(AccountRate::load(&config.state_dir, &a.name, a.limits())),
     };
     Ok(account)
+}
+
+/// One warning per account that waits for `relay authorize` (its flow needs a person to sign in, and it has no
+/// tokens yet), so that the first hint is not a deferred message. Flows that get their own tokens need none.
+fn warn_unauthorized(config: &Config, store: &TokenStore) {
+    for a in &config.accounts {
+        if matches!(a.flow, Flow::DeviceCode | Flow::AuthorizationCode)
+            && store.mtime(&a.name).is_none()
+        {
+            tracing::warn!(
+                relay_event = "authorization_needed",
+                relay_account = %a.name,
+                "account {} has no tokens yet: its mail stays queued until `relay authorize {}` is run",
+                a.name,
+                a.name
+            );
+        }
+    }
 }
 
 /// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking

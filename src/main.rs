@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use relay::queue::{QueueStore, QueuedMessage};
+use relay::queue::{QueueEntry, QueueStore};
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +42,8 @@ enum Command {
         #[arg(long, requires = "route", value_name = "L")]
         listener: Option<String>,
     },
-    /// Read a password on stdin and print an argon2id hash for a [[user]] entry
+    /// Print an argon2id hash of a password for a [[user]] entry: asks twice on a terminal, else reads a line on
+    /// stdin
     HashPassword,
     /// Obtain an account's OAuth2 grant (device code: prints a URL and a code, then waits) and store its tokens
     Authorize { account: String },
@@ -62,16 +63,21 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         to: String,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Print the relay(8) man page (roff)
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// List queued messages, oldest first
+    /// List queued messages, oldest first, with their attempts, next try and last error
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Show one message's envelope and headers
+    /// Show one message's envelope, delivery state and headers
     Show {
         id: String,
         #[arg(long)]
@@ -92,10 +98,27 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("relay: {e:#}");
+            eprintln!("relay: {}", causes(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and each of its causes, each said once: many errors already carry their cause's words (`cannot
+/// listen: Address already in use`), and printing the cause again after them only adds noise.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -147,12 +170,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprintln!("relay: invalid config: {e}");
+                    for p in e.problems() {
+                        eprintln!("relay: invalid config: {}: {}: {}", p.file, p.key, p.reason);
+                    }
                     Ok(ExitCode::from(2))
                 }
             }
         }
         Command::HashPassword => hash_password(),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            man_page(&mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Authorize { account } => authorize(&config()?, &account),
         Command::Status { json } => status(&config()?, json),
         Command::Queue(q) => queue(&config()?, q),
@@ -188,6 +221,101 @@ fn test(config: &Config, account: &str, to: &str) -> Result<ExitCode> {
     Ok(ExitCode::from(1))
 }
 
+/// relay(8): one page with every command and its options (clap_mangen alone would point at a page per command),
+/// then where relay keeps its files.
+fn man_page(out: &mut impl Write) -> std::io::Result<()> {
+    let cli = Cli::command();
+    let man = clap_mangen::Man::new(cli.clone()).section("8");
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    writeln!(out, ".SH COMMANDS")?;
+    // Depth first, in the order of `relay --help`: `queue list` and the other queue commands after `queue`.
+    let mut stack: Vec<(String, &clap::Command)> = cli
+        .get_subcommands()
+        .map(|c| (c.get_name().to_string(), c))
+        .collect();
+    stack.reverse();
+    while let Some((name, cmd)) = stack.pop() {
+        if cmd.is_hide_set() {
+            continue;
+        }
+        if cmd.has_subcommands() {
+            let mut subs: Vec<_> = cmd
+                .get_subcommands()
+                .map(|c| (format!("{name} {}", c.get_name()), c))
+                .collect();
+            subs.reverse();
+            stack.extend(subs);
+            continue;
+        }
+        let args: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| !a.is_hide_set() && !a.is_global_set() && a.get_id() != "help")
+            .collect();
+        let usage: Vec<String> = args.iter().map(|a| roff(&arg_usage(a))).collect();
+        writeln!(
+            out,
+            ".TP\n\\fBrelay {}\\fR {}",
+            roff(&name),
+            usage.join(" ")
+        )?;
+        writeln!(
+            out,
+            "{}",
+            roff(&cmd.get_about().map(|a| a.to_string()).unwrap_or_default())
+        )?;
+        for a in args.iter().filter(|a| a.get_help().is_some()) {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            writeln!(
+                out,
+                ".RS\n.TP\n{}\n{}\n.RE",
+                roff(&arg_usage(a)),
+                roff(&help)
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        ".SH FILES\n.TP\n/etc/relay/relay.toml\nThe config; \\fBrelay check\\fR validates it.\n.TP\n/var/lib/relay\nThe state dir: queue/, dead/, quarantine/, tokens/.\n.SH SEE ALSO\n\\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), /usr/share/doc/relay/README.md"
+    )
+}
+
+/// `--json`, `[--user U]`, `ID`: how an argument is written.
+fn arg_usage(a: &clap::Arg) -> String {
+    let value = a
+        .get_value_names()
+        .map(|v| {
+            v.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| a.get_id().as_str().to_uppercase());
+    let text = match a.get_long() {
+        Some(long) if a.get_action().takes_values() => format!("--{long} {value}"),
+        Some(long) => format!("--{long}"),
+        None => value,
+    };
+    if a.is_required_set() {
+        text
+    } else {
+        format!("[{text}]")
+    }
+}
+
+/// Text for a roff line: backslashes and dashes escaped, and no line read as a request.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
+}
+
 /// `relay check --route FROM TO…`: the account and the reason; a user or listener the config does not know is an
 /// error.
 fn check_route(
@@ -204,21 +332,25 @@ fn check_route(
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `serve` would read at start besides the config itself: certificates and keys.
+/// What `serve` would read at start besides the config itself: certificates and keys, every listener's.
 fn check_files(config: Config) -> Result<Config, ConfigError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    for (i, l) in config.listeners.iter().enumerate() {
-        if let (Some(cert), Some(key)) = (&l.cert, &l.key)
-            && let Err(e) = relay::smtp::tls::acceptor(cert, key, l.tls_compat)
-        {
-            return Err(ConfigError {
-                file: config.source.clone(),
-                key: format!("listener[{i}].cert"),
-                reason: e.to_string(),
-            });
+    let mut problems = config.listeners.iter().enumerate().filter_map(|(i, l)| {
+        let (cert, key) = (l.cert.as_ref()?, l.key.as_ref()?);
+        let e = relay::smtp::tls::acceptor(cert, key, l.tls_compat).err()?;
+        Some(ConfigError::new(
+            &config.source,
+            format!("listener[{i}].cert"),
+            e.to_string(),
+        ))
+    });
+    match problems.next() {
+        None => Ok(config),
+        Some(mut first) => {
+            first.more = problems.collect();
+            Err(first)
         }
     }
-    Ok(config)
 }
 
 /// `--config`, else the system file if present, else the embedded default.
@@ -262,12 +394,28 @@ fn authorize(config: &Config, account: &str) -> Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("relay authorize {account}: {e}");
+            eprintln!(
+                "relay authorize {account}: config file in use: {} (state dir {})",
+                config.source,
+                config.state_dir.display()
+            );
             Ok(ExitCode::from(1))
         }
     }
 }
 
 fn hash_password() -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        // rpassword talks to /dev/tty with echo off.
+        let first = rpassword::prompt_password("Password: ").context("cannot read the password")?;
+        let again = rpassword::prompt_password("Again: ").context("cannot read the password")?;
+        if first != again {
+            eprintln!("relay: the two passwords differ; nothing was hashed");
+            return Ok(ExitCode::from(1));
+        }
+        return print_hash(&first);
+    }
     let mut line = String::new();
     let stdin = std::io::stdin();
     if stdin
@@ -280,9 +428,12 @@ fn hash_password() -> Result<ExitCode> {
         stdin.lock().read_to_string(&mut line)?;
     }
     let password = line.strip_suffix('\n').unwrap_or(&line);
-    let password = password.strip_suffix('\r').unwrap_or(password);
+    print_hash(password.strip_suffix('\r').unwrap_or(password))
+}
+
+fn print_hash(password: &str) -> Result<ExitCode> {
     if password.is_empty() {
-        eprintln!("relay: no password on stdin");
+        eprintln!("relay: the password is empty");
         return Ok(ExitCode::from(1));
     }
     let hash = relay::smtp::auth::hash_password(password)
@@ -397,15 +548,15 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     let store = QueueStore::new(&config.state_dir);
     match cmd {
         QueueCommand::List { json } => {
-            let list = store.list()?;
+            let list = store.entries()?;
             if json {
                 println!("{}", serde_json::to_string(&list)?);
             } else if list.is_empty() {
                 println!("queue is empty");
             } else {
                 println!(
-                    "{:<32}  {:>10}  {:>9}  {:<30}  recipients",
-                    "id", "age", "size", "sender"
+                    "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  recipients",
+                    "id", "age", "size", "attempts", "next try", "sender"
                 );
                 for m in &list {
                     print_row(m);
@@ -415,11 +566,12 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Show { id, json } => {
-            let msg = store.get(QueueStore::parse_id(&id)?)?;
+            let entry = store.entry(QueueStore::parse_id(&id)?)?;
             if json {
-                println!("{}", serde_json::to_string(&msg)?);
+                println!("{}", serde_json::to_string(&entry)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            let msg = &entry.message;
             let env = &msg.envelope;
             let mut out = std::io::stdout().lock();
             writeln!(out, "id:          {}", env.id)?;
@@ -440,6 +592,21 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "sender:      <{}>", env.sender)?;
             writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
             writeln!(out, "size:        {} bytes", msg.size)?;
+            writeln!(out, "attempts:    {}", entry.attempts)?;
+            match entry.next_attempt {
+                Some(t) => writeln!(
+                    out,
+                    "next try:    {} ({})",
+                    humantime::format_rfc3339_seconds(t),
+                    next_try(entry.next_attempt)
+                )?,
+                None => writeln!(out, "next try:    {}", next_try(None))?,
+            }
+            writeln!(
+                out,
+                "last error:  {}",
+                entry.last_error.as_deref().unwrap_or("-")
+            )?;
             writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
             out.write_all(&msg.header_block()?)?;
             Ok(ExitCode::SUCCESS)
@@ -467,15 +634,33 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     }
 }
 
-fn print_row(m: &QueuedMessage) {
+/// One message per line; its last error, when it has one, on the line below.
+fn print_row(entry: &QueueEntry) {
+    let m = &entry.message;
     let e = &m.envelope;
     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
     println!(
-        "{:<32}  {:>10}  {:>9}  {:<30}  {}",
+        "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  {}",
         e.id,
         age(e.received_at),
         m.size,
+        entry.attempts,
+        next_try(entry.next_attempt),
         sender,
         e.recipients.join(",")
     );
+    if let Some(error) = &entry.last_error {
+        println!("  last error: {error}");
+    }
+}
+
+/// `in 4m 30s`, or `now` for a message that is due (never tried, or its time has come).
+fn next_try(at: Option<SystemTime>) -> String {
+    match at.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+        Some(wait) => format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        ),
+        None => "now".into(),
+    }
 }

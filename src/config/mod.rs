@@ -29,12 +29,40 @@ allow = ["127.0.0.0/8", "::1/128"]
 /// Where the default config file lives when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relay/relay.toml";
 
+/// What is wrong with a config: the first problem, and in `more` every other one validation found, so that one
+/// `relay check` lists them all. (A TOML syntax error or an unknown key stops the reading, so it comes alone.)
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {reason}")]
 pub struct ConfigError {
     pub file: String,
     pub key: String,
     pub reason: String,
+    pub more: Vec<ConfigError>,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.into(),
+            key: key.into(),
+            reason: reason.into(),
+            more: Vec::new(),
+        }
+    }
+
+    /// Every problem (each one's own `file`, `key` and `reason`; `more` is empty but in the first).
+    pub fn problems(&self) -> impl Iterator<Item = &ConfigError> {
+        std::iter::once(self).chain(&self.more)
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.key, self.reason)?;
+        for p in &self.more {
+            write!(f, "\n{p}")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -438,11 +466,8 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            key: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, "(file)", format!("cannot read: {e}")))?;
         Self::parse(&text, &file)
     }
 
@@ -465,11 +490,7 @@ impl Config {
                 }
                 None => "(document)".into(),
             };
-            ConfigError {
-                file: file.into(),
-                key,
-                reason: e.message().trim().to_string(),
-            }
+            ConfigError::new(file, key, e.message().trim())
         })?;
         raw.validate(file)
     }

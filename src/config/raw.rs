@@ -1,5 +1,6 @@
 //! The file's shape as serde sees it, and the checks that turn it into a [`Config`].
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,15 +68,38 @@ struct RawQueue {
     retry: Option<Vec<String>>,
 }
 
-/// Builds errors that all name the same file.
-struct Errs<'a>(&'a str);
+/// Builds errors that all name the same file, and collects them: validation goes on past a mistake, so that one
+/// run reports every one.
+struct Errs<'a> {
+    file: &'a str,
+    found: RefCell<Vec<ConfigError>>,
+}
 
 impl Errs<'_> {
     fn at(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.0.to_string(),
-            key: key.into(),
-            reason: reason.into(),
+        ConfigError::new(self.file, key, reason)
+    }
+
+    /// Notes a problem and goes on.
+    fn add(&self, key: impl Into<String>, reason: impl Into<String>) {
+        let e = self.at(key, reason);
+        self.found.borrow_mut().push(e);
+    }
+
+    /// The value, or `None` with its problem noted.
+    fn ok<T>(&self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.found.borrow_mut().push(e)).ok()
+    }
+
+    /// `value` if no problem was noted, else every problem.
+    fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        let mut found = self.found.into_inner().into_iter();
+        match found.next() {
+            None => Ok(value),
+            Some(mut first) => {
+                first.more = found.collect();
+                Err(first)
+            }
         }
     }
 }
@@ -86,9 +110,14 @@ const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 << 20;
 
 impl RawConfig {
     pub(super) fn validate(mut self, file: &str) -> Result<Config, ConfigError> {
-        let errs = Errs(file);
-        self.expand_credentials(&errs)?;
+        let errs = Errs {
+            file,
+            found: RefCell::default(),
+        };
+        errs.ok(self.expand_credentials(&errs));
 
+        // Every name counts as known, even a badly spelt one, so that its mistake is reported once and not again
+        // at each place that refers to it.
         let mut accounts = HashSet::new();
         for (i, a) in self.account.iter().enumerate() {
             if a.name.is_empty()
@@ -97,35 +126,34 @@ impl RawConfig {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                return Err(errs.at(
+                errs.add(
                     format!("account[{i}].name"),
                     "must be non-empty and use only letters, digits, '-', '_' and '.' (it names a token file)",
-                ));
-            }
-            if a.name.starts_with('.') {
-                return Err(errs.at(format!("account[{i}].name"), "must not start with '.'"));
+                );
+            } else if a.name.starts_with('.') {
+                errs.add(format!("account[{i}].name"), "must not start with '.'");
             }
             if !accounts.insert(a.name.as_str()) {
-                return Err(errs.at(
+                errs.add(
                     format!("account[{i}].name"),
                     format!("duplicate account `{}`", a.name),
-                ));
+                );
             }
             if !a.mailbox.contains('@') {
-                return Err(errs.at(
+                errs.add(
                     format!("account[{i}].mailbox"),
                     "must be an address: the mailbox that sends",
-                ));
+                );
             }
-            crate::oauth::endpoints(a)
-                .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason))?;
+            errs.ok(crate::oauth::endpoints(a)
+                .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason)));
             // Providers allow a few concurrent sessions per mailbox (Microsoft: 3 to 10 depending on the
             // tenant) and refuse the rest; more than 100 would only trade one limit for another.
             if !(1..=100).contains(&a.max_connections) {
-                return Err(errs.at(
+                errs.add(
                     format!("account[{i}].max_connections"),
                     "must be between 1 and 100",
-                ));
+                );
             }
             if let Some(rate) = &a.rate {
                 for (key, value) in [
@@ -134,18 +162,14 @@ impl RawConfig {
                 ] {
                     match value {
                         // Zero would hold the account's mail for ever; leaving the key out takes the provider's.
-                        Some(0) => {
-                            return Err(errs.at(
-                                format!("account[{i}].rate.{key}"),
-                                "must be at least 1 (leave it out for the provider's default)",
-                            ));
-                        }
-                        Some(n) if n > MAX_RATE => {
-                            return Err(errs.at(
-                                format!("account[{i}].rate.{key}"),
-                                format!("must be at most {MAX_RATE}"),
-                            ));
-                        }
+                        Some(0) => errs.add(
+                            format!("account[{i}].rate.{key}"),
+                            "must be at least 1 (leave it out for the provider's default)",
+                        ),
+                        Some(n) if n > MAX_RATE => errs.add(
+                            format!("account[{i}].rate.{key}"),
+                            format!("must be at most {MAX_RATE}"),
+                        ),
                         _ => {}
                     }
                 }
@@ -158,33 +182,36 @@ impl RawConfig {
                 ("certificate_file", &a.certificate_file),
                 ("ca_file", &a.ca_file),
             ] {
-                if let Some(path) = file {
-                    check_secret_file(path, !matches!(key, "ca_file" | "certificate_file"))
-                        .map_err(|reason| errs.at(format!("account[{i}].{key}"), reason))?;
+                if let Some(path) = file
+                    && let Err(reason) =
+                        check_secret_file(path, !matches!(key, "ca_file" | "certificate_file"))
+                {
+                    errs.add(format!("account[{i}].{key}"), reason);
                 }
             }
         }
-        let known_account = |key: String, name: &Option<String>| match name {
-            Some(n) if !accounts.contains(n.as_str()) => {
-                Err(errs.at(key, format!("no [[account]] is named `{n}`")))
+        let known_account = |key: String, name: &Option<String>| {
+            if let Some(n) = name
+                && !accounts.contains(n.as_str())
+            {
+                errs.add(key, format!("no [[account]] is named `{n}`"));
             }
-            _ => Ok(()),
         };
-        known_account("default_account".into(), &self.default_account)?;
+        known_account("default_account".into(), &self.default_account);
 
-        let listeners = self
+        let listeners: Vec<ListenerConfig> = self
             .listener
             .into_iter()
             .enumerate()
-            .map(|(i, l)| l.validate(&errs, i))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|(i, l)| l.validate(&errs, i))
+            .collect();
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
             if l.address.port() != 0 && !addrs.insert(l.address) {
-                return Err(errs.at(
+                errs.add(
                     format!("listener[{i}].address"),
                     format!("{} is listed twice", l.address),
-                ));
+                );
             }
         }
 
@@ -192,21 +219,20 @@ impl RawConfig {
         let mut users = Vec::new();
         for (i, u) in self.user.into_iter().enumerate() {
             if u.name.is_empty() || u.name.contains(['\0', '\r', '\n']) {
-                return Err(errs.at(format!("user[{i}].name"), "must be non-empty and one line"));
-            }
-            if !names.insert(u.name.clone()) {
-                return Err(errs.at(
+                errs.add(format!("user[{i}].name"), "must be non-empty and one line");
+            } else if !names.insert(u.name.clone()) {
+                errs.add(
                     format!("user[{i}].name"),
                     format!("duplicate user `{}`", u.name),
-                ));
+                );
             }
             if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
-                return Err(errs.at(
+                errs.add(
                     format!("user[{i}].password_hash"),
                     format!("not a PHC hash string ({e}); make one with `relay hash-password`"),
-                ));
+                );
             }
-            known_account(format!("user[{i}].account"), &u.account)?;
+            known_account(format!("user[{i}].account"), &u.account);
             users.push(UserConfig {
                 name: u.name,
                 password_hash: u.password_hash,
@@ -216,35 +242,29 @@ impl RawConfig {
 
         for (i, r) in self.route.iter().enumerate() {
             match (&r.account, &r.accounts) {
-                (Some(_), Some(_)) => {
-                    return Err(errs.at(
-                        format!("route[{i}]"),
-                        "give `account` or `accounts`, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(errs.at(
-                        format!("route[{i}].account"),
-                        "required (or `accounts = [\"a\", \"b\"]` to spread mail across several)",
-                    ));
-                }
+                (Some(_), Some(_)) => errs.add(
+                    format!("route[{i}]"),
+                    "give `account` or `accounts`, not both",
+                ),
+                (None, None) => errs.add(
+                    format!("route[{i}].account"),
+                    "required (or `accounts = [\"a\", \"b\"]` to spread mail across several)",
+                ),
                 (Some(one), None) => {
-                    known_account(format!("route[{i}].account"), &Some(one.clone()))?
+                    known_account(format!("route[{i}].account"), &Some(one.clone()))
                 }
                 (None, Some(list)) => {
                     if list.is_empty() {
-                        return Err(
-                            errs.at(format!("route[{i}].accounts"), "needs at least one account")
-                        );
+                        errs.add(format!("route[{i}].accounts"), "needs at least one account");
                     }
                     let mut seen = HashSet::new();
                     for (j, name) in list.iter().enumerate() {
-                        known_account(format!("route[{i}].accounts[{j}]"), &Some(name.clone()))?;
+                        known_account(format!("route[{i}].accounts[{j}]"), &Some(name.clone()));
                         if !seen.insert(name) {
-                            return Err(errs.at(
+                            errs.add(
                                 format!("route[{i}].accounts[{j}]"),
                                 format!("`{name}` is listed twice"),
-                            ));
+                            );
                         }
                     }
                 }
@@ -255,39 +275,39 @@ impl RawConfig {
         if let Some(q) = self.queue {
             if let Some(steps) = q.retry {
                 if steps.is_empty() {
-                    return Err(errs.at("queue.retry", "needs at least one interval"));
+                    errs.add("queue.retry", "needs at least one interval");
                 }
                 queue.retry = steps
                     .iter()
                     .enumerate()
-                    .map(|(j, s)| {
-                        humantime::parse_duration(s)
+                    .filter_map(|(j, s)| {
+                        errs.ok(humantime::parse_duration(s)
                             .map_err(|e| format!("`{s}`: {e}"))
                             .and_then(|d| at_most(d, YEAR, s))
-                            .map_err(|r| errs.at(format!("queue.retry[{j}]"), r))
+                            .map_err(|r| errs.at(format!("queue.retry[{j}]"), r)))
                     })
-                    .collect::<Result<_, _>>()?;
+                    .collect();
             }
-            if let Some(max_age) = q.max_age {
-                queue.max_age = at_most(
+            if let Some(max_age) = q.max_age
+                && let Some(max_age) = errs.ok(at_most(
                     max_age,
                     10 * YEAR,
                     &humantime::format_duration(max_age).to_string(),
                 )
-                .map_err(|r| errs.at("queue.max_age", r))?;
+                .map_err(|r| errs.at("queue.max_age", r)))
+            {
+                queue.max_age = max_age;
             }
         }
 
         let token_encryption = match &self.token_encryption {
-            Some(v) => Some(
-                TokenEncryption::parse(v)
-                    .and_then(|e| crate::tokens::seal::check(&e).map(|()| e))
-                    .map_err(|r| errs.at("token_encryption", r))?,
-            ),
+            Some(v) => errs.ok(TokenEncryption::parse(v)
+                .and_then(|e| crate::tokens::seal::check(&e).map(|()| e))
+                .map_err(|r| errs.at("token_encryption", r))),
             None => None,
         };
 
-        Ok(Config {
+        let config = Config {
             source: file.to_string(),
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
             hostname: self.hostname.unwrap_or_else(system_hostname),
@@ -306,60 +326,65 @@ impl RawConfig {
             routes: self.route,
             queue,
             token_encryption,
-        })
+        };
+        errs.finish(config)
     }
 }
 
 impl RawListener {
-    fn validate(self, errs: &Errs<'_>, i: usize) -> Result<ListenerConfig, ConfigError> {
+    /// The listener, or `None` with each of its problems noted.
+    fn validate(self, errs: &Errs<'_>, i: usize) -> Option<ListenerConfig> {
+        let before = errs.found.borrow().len();
         let key = |k: &str| format!("listener[{i}].{k}");
-        let address: SocketAddr = self.address.parse().map_err(|_| {
-            errs.at(
+        let address: Option<SocketAddr> = self.address.parse().ok();
+        if address.is_none() {
+            errs.add(
                 key("address"),
                 format!("`{}` is not IP:PORT (e.g. \"0.0.0.0:587\")", self.address),
-            )
-        })?;
+            );
+        }
         let tls = self.tls.unwrap_or(ListenerTls::None);
         if tls != ListenerTls::None {
             if self.cert.is_none() {
-                return Err(errs.at(
+                errs.add(
                     key("cert"),
                     format!("required when tls = \"{}\"", tls.name()),
-                ));
+                );
             }
             if self.key.is_none() {
-                return Err(errs.at(
+                errs.add(
                     key("key"),
                     format!("required when tls = \"{}\"", tls.name()),
-                ));
+                );
             }
         }
         let tls_compat = self.tls_compat.unwrap_or_default();
         if tls_compat == TlsCompat::Legacy {
             if tls == ListenerTls::None {
-                return Err(errs.at(
+                errs.add(
                     key("tls_compat"),
                     "\"legacy\" needs a TLS listener (tls = \"starttls\", \"implicit\" or \"auto\")",
-                ));
-            }
-            if !cfg!(feature = "legacy-tls") {
-                return Err(errs.at(
+                );
+            } else if !cfg!(feature = "legacy-tls") {
+                errs.add(
                     key("tls_compat"),
                     "this relay was built without the `legacy-tls` feature (OpenSSL); rebuild with it or use \"modern\"",
-                ));
+                );
             }
         }
         let auth = self.auth.unwrap_or(AuthPolicy::Required);
         // Without an allow list, a listener that lets clients send without logging in serves loopback only:
         // relay must never become an open relay by omission.
         let allow = match self.allow {
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .map(|(j, s)| {
-                    parse_cidr(s).map_err(|r| errs.at(format!("listener[{i}].allow[{j}]"), r))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(list) => {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(j, s)| {
+                        errs.ok(parse_cidr(s)
+                            .map_err(|r| errs.at(format!("listener[{i}].allow[{j}]"), r)))
+                    })
+                    .collect::<Vec<_>>()
+            }
             None if auth == AuthPolicy::Required => vec![any_v4(), any_v6()],
             None => vec![loopback_v4(), loopback_v6()],
         };
@@ -367,26 +392,65 @@ impl RawListener {
             .max_message_size
             .unwrap_or(ByteSize(DEFAULT_MAX_MESSAGE_SIZE));
         if max_message_size.0 == 0 {
-            return Err(errs.at(key("max_message_size"), "must be greater than 0"));
+            errs.add(key("max_message_size"), "must be greater than 0");
         }
-        let positive = |k: &str, v: Option<usize>, default: usize| match v {
-            Some(0) => Err(errs.at(key(k), "must be at least 1")),
-            Some(n) => Ok(n),
-            None => Ok(default),
+        let positive = |k: &str, v: Option<usize>, max: usize| match v {
+            Some(0) => errs.add(key(k), "must be at least 1"),
+            Some(n) if n > max => errs.add(key(k), format!("must be at most {max}")),
+            _ => {}
         };
+        // The envelope is one line of the queue file, read whole (`queue/file.rs`).
+        positive("max_recipients", self.max_recipients, 1000);
+        positive("max_connections", self.max_connections, 100_000);
+        positive(
+            "max_connections_per_client",
+            self.max_connections_per_client,
+            usize::MAX,
+        );
         // Timeouts are added to clocks: bounded here, so that no value can overflow one.
-        let timeout = |k: &str, v: Option<Duration>, default: Duration| match v {
-            Some(d) if d.is_zero() => Err(errs.at(key(k), "must be greater than 0")),
-            Some(d) => at_most(
+        let timeout = |k: &str, v: Option<Duration>, default: Duration, min_ok: bool, max: u64| {
+            let d = v.unwrap_or(default);
+            if d.is_zero() && !min_ok {
+                errs.add(key(k), "must be greater than 0");
+            } else if let Err(r) = at_most(
                 d,
-                Duration::from_secs(86_400),
+                Duration::from_secs(max),
                 &humantime::format_duration(d).to_string(),
-            )
-            .map_err(|r| errs.at(key(k), r)),
-            None => Ok(default),
+            ) {
+                errs.add(key(k), r);
+            }
+            d
         };
-        Ok(ListenerConfig {
-            address,
+        // RFC 5321 section 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
+        let command_timeout = timeout(
+            "command_timeout",
+            self.command_timeout,
+            Duration::from_secs(300),
+            false,
+            86_400,
+        );
+        // RFC 5321 section 4.5.3.2.6 asks clients for 10 minutes after the final dot; a server waiting 10
+        // minutes between data blocks is as patient.
+        let data_timeout = timeout(
+            "data_timeout",
+            self.data_timeout,
+            Duration::from_secs(600),
+            false,
+            86_400,
+        );
+        // Zero is allowed: no delay after a failed login (tests, trusted LANs).
+        let auth_failure_delay = timeout(
+            "auth_failure_delay",
+            self.auth_failure_delay,
+            Duration::from_secs(2),
+            true,
+            60,
+        );
+        if errs.found.borrow().len() > before {
+            return None;
+        }
+        Some(ListenerConfig {
+            address: address?,
             tls,
             tls_compat,
             cert: self.cert,
@@ -402,41 +466,12 @@ impl RawListener {
             }),
             allow,
             max_message_size,
-            max_recipients: match positive("max_recipients", self.max_recipients, 100)? {
-                // The envelope is one line of the queue file, read whole (`queue/file.rs`).
-                n if n > 1000 => return Err(errs.at(key("max_recipients"), "must be at most 1000")),
-                n => n,
-            },
-            // RFC 5321 section 4.5.3.2.7: the server should wait at least 5 minutes for the next command.
-            command_timeout: timeout(
-                "command_timeout",
-                self.command_timeout,
-                Duration::from_secs(300),
-            )?,
-            // RFC 5321 section 4.5.3.2.6 asks clients for 10 minutes after the final dot; a server waiting 10
-            // minutes between data blocks is as patient.
-            data_timeout: timeout("data_timeout", self.data_timeout, Duration::from_secs(600))?,
-            max_connections: match positive("max_connections", self.max_connections, 200)? {
-                n if n > 100_000 => {
-                    return Err(errs.at(key("max_connections"), "must be at most 100000"));
-                }
-                n => n,
-            },
-            max_connections_per_client: positive(
-                "max_connections_per_client",
-                self.max_connections_per_client,
-                50,
-            )?,
-            // Zero is allowed: no delay after a failed login (tests, trusted LANs).
-            auth_failure_delay: match self.auth_failure_delay {
-                Some(d) => at_most(
-                    d,
-                    Duration::from_secs(60),
-                    &humantime::format_duration(d).to_string(),
-                )
-                .map_err(|r| errs.at(key("auth_failure_delay"), r))?,
-                None => Duration::from_secs(2),
-            },
+            max_recipients: self.max_recipients.unwrap_or(100),
+            command_timeout,
+            data_timeout,
+            max_connections: self.max_connections.unwrap_or(200),
+            max_connections_per_client: self.max_connections_per_client.unwrap_or(50),
+            auth_failure_delay,
         })
     }
 }

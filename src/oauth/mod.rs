@@ -22,12 +22,29 @@ pub enum OAuthError {
     },
     #[error("token endpoint answered HTTP {status}: {body}")]
     Http { status: u16, body: String },
-    #[error("cannot reach the token endpoint: {0}")]
+    /// Names the URL that was tried (the device-code endpoint is not the token endpoint) and every cause below
+    /// reqwest's "error sending request": the DNS failure, the refused connection, the certificate.
+    #[error("{}", unreachable(.0))]
     Network(#[from] reqwest::Error),
     #[error("token endpoint reply not understood: {0}")]
     Malformed(String),
     #[error("{0}")]
     Signing(String),
+}
+
+/// `cannot reach URL: client error (Connect): dns error: failed to lookup address information: …`.
+fn unreachable(e: &reqwest::Error) -> String {
+    let url = e.url().map_or("the token endpoint", |u| u.as_str());
+    let mut causes = Vec::new();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        causes.push(c.to_string());
+        cause = c.source();
+    }
+    if causes.is_empty() {
+        causes.push(e.to_string());
+    }
+    format!("cannot reach {url}: {}", causes.join(": "))
 }
 
 impl OAuthError {

@@ -6,10 +6,14 @@
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Serialize;
 
 use super::QueueId;
 use super::file::{self, FileError, QueuedMessage};
 use super::layout::{FileKind, SpoolPaths, msg_path, parse_file_name, state_path};
+use super::state::read_state;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,6 +43,18 @@ pub struct Listing {
     pub unreadable: usize,
 }
 
+/// A queued message with where its delivery stands (from `ID.state`), as `relay queue list` and `show` print it.
+/// Never tried: no attempts, no next try (it is due), no error.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueEntry {
+    #[serde(flatten)]
+    pub message: QueuedMessage,
+    pub attempts: u32,
+    #[serde(with = "humantime_serde::option")]
+    pub next_attempt: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
 /// The queue as seen from the state dir.
 pub struct QueueStore {
     paths: SpoolPaths,
@@ -58,6 +74,30 @@ impl QueueStore {
     /// Every queued message, oldest first. A missing queue directory is an empty queue.
     pub fn list(&self) -> Result<Vec<QueuedMessage>, StoreError> {
         Ok(self.scan(&self.paths.queue)?.messages)
+    }
+
+    /// Every queued message with its delivery state, oldest first.
+    pub fn entries(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .map(|m| self.with_state(m))
+            .collect())
+    }
+
+    /// One queued message with its delivery state.
+    pub fn entry(&self, id: QueueId) -> Result<QueueEntry, StoreError> {
+        Ok(self.with_state(self.get(id)?))
+    }
+
+    fn with_state(&self, message: QueuedMessage) -> QueueEntry {
+        let state = read_state(&self.paths.queue, message.envelope.id);
+        QueueEntry {
+            message,
+            attempts: state.attempts,
+            next_attempt: state.next_attempt,
+            last_error: state.last_error,
+        }
     }
 
     /// Every message in `dead/`, oldest first.

@@ -457,6 +457,12 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Log lines read so far that no [`wait_log`](Self::wait_log) has matched: after [`start`](Self::start), every
+    /// line logged before `listening`.
+    pub fn unmatched(&self) -> &[String] {
+        &self.seen
+    }
+
     /// SIGTERM, then the exit status (bounded).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: kill with a valid pid and signal.
