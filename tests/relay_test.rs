@@ -70,3 +70,209 @@ async fn a_test_message_shows_the_transcript_and_is_remembered() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("no account named `nosuch`"), "{out}");
 }
+
+/// Where a fake upstream gives its refusal.
+enum Refusal {
+    /// Answering AUTH XOAUTH2.
+    Auth(&'static str),
+    /// Answering the end of the data.
+    Data(&'static str),
+    /// The token endpoint's error and description (HTTP status, error, error_description).
+    Token(u16, &'static str, &'static str),
+}
+
+/// Every code issue 10 lists, answered by a fake as Microsoft and Google answer it: `relay test` prints the
+/// matching diagnosis (its code in parentheses) and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listed_failure_gets_its_diagnosis() {
+    use Refusal::*;
+    let cases: &[(Refusal, &str)] = &[
+        (
+            Auth(
+                "535 5.7.3 Authentication unsuccessful [SN4PR0501CA0036.namprd05.prod.outlook.com]",
+            ),
+            "535 5.7.3",
+        ),
+        (
+            Auth(
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR11CA0012.namprd11.prod.outlook.com]",
+            ),
+            "535 5.7.139",
+        ),
+        (
+            Auth("550 5.7.30 Basic authentication is not supported for Client Submission."),
+            "550 5.7.30",
+        ),
+        (
+            Data(
+                "554 5.2.252 SendAsDenied; relay@example.com not allowed to send as scanner@lan.test; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+            ),
+            "554 5.2.252 SendAsDenied",
+        ),
+        (
+            Data(
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender [AM6PR0202MB3381.eurprd02.prod.outlook.com]",
+            ),
+            "550 5.7.60",
+        ),
+        (
+            Data(
+                "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP. AS(7208)",
+            ),
+            "550 5.7.708",
+        ),
+        (
+            Auth("501 5.5.127 Invalid XOAUTH2 auth data [AM0PR10CA0027.EURPRD10.PROD.OUTLOOK.COM]"),
+            "501 5.5.127",
+        ),
+        (
+            Auth(
+                "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials - gsmtp",
+            ),
+            "535 5.7.8",
+        ),
+        (
+            Auth(
+                "534-5.7.9 Application-specific password required. Learn more at\r\n534 5.7.9  https://support.google.com/mail/?p=InvalidSecondFactor - gsmtp",
+            ),
+            "534 5.7.9",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+            ),
+            "AADSTS50076",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS50079: Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+            ),
+            "AADSTS50079",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS50126: Error validating credentials due to invalid username or password.",
+            ),
+            "AADSTS50126",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS50034: The user account {EUII Hidden} does not exist in the contoso.onmicrosoft.com directory.",
+            ),
+            "AADSTS50034",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS65001: The user or administrator has not consented to use the application with ID '3f2a' named 'relay'.",
+            ),
+            "AADSTS65001",
+        ),
+        (
+            Token(
+                400,
+                "unauthorized_client",
+                "AADSTS700016: Application with identifier '3f2a' was not found in the directory 'Contoso'.",
+            ),
+            "AADSTS700016",
+        ),
+        (
+            Token(
+                401,
+                "invalid_client",
+                "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+            ),
+            "AADSTS7000215",
+        ),
+        (
+            Token(
+                401,
+                "invalid_client",
+                "AADSTS7000222: The provided client secret keys for app '3f2a' are expired.",
+            ),
+            "AADSTS7000222",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2024-01-01T10:00:00.0000000Z and was inactive for 90.00:00:00.",
+            ),
+            "AADSTS700082",
+        ),
+        (
+            Token(
+                400,
+                "invalid_grant",
+                "AADSTS70043: The refresh token has expired or is invalid due to sign-in frequency checks by conditional access.",
+            ),
+            "AADSTS70043",
+        ),
+        (
+            Token(
+                400,
+                "invalid_request",
+                "AADSTS90002: Tenant 'contoso.onmicrosoft.co' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.",
+            ),
+            "AADSTS90002",
+        ),
+        (
+            Token(400, "invalid_grant", "Token has been expired or revoked."),
+            "invalid_grant",
+        ),
+        (
+            Token(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
+            ),
+            "unauthorized_client",
+        ),
+    ];
+    for (refusal, code) in cases {
+        let idp = wiremock::MockServer::start().await;
+        let token_reply = match refusal {
+            Token(status, error, description) => wiremock::ResponseTemplate::new(*status)
+                .set_body_json(
+                    serde_json::json!({"error": error, "error_description": description}),
+                ),
+            _ => common::idp::token("tok-1"),
+        };
+        wiremock::Mock::given(wiremock::matchers::path("/token"))
+            .respond_with(token_reply)
+            .mount(&idp)
+            .await;
+        let upstream = FakeUpstream::start(&["tok-1"]).await;
+        match refusal {
+            Auth(reply) => upstream
+                .tokens
+                .lock()
+                .unwrap()
+                .push(format!("REFUSE {reply}")),
+            Data(reply) => *upstream.data_reply.lock().unwrap() = reply.to_string(),
+            Token(..) => {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+        let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+        let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+        assert_eq!(exit, 1, "{code}: {out}");
+        let diagnosis = out
+            .lines()
+            .find(|l| l.starts_with("diagnosis: "))
+            .unwrap_or_else(|| panic!("{code}: no diagnosis line in {out}"));
+        assert!(
+            diagnosis.contains(&format!("({code})")),
+            "{code}: {diagnosis}\n{out}"
+        );
+    }
+}

@@ -11,13 +11,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use rustls_pki_types::ServerName;
 use secrecy::{ExposeSecret, SecretString};
-use smtp_proto::response::parser::ResponseReceiver;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::dot::DotStuffer;
-use super::reply::{Offers, Reply};
+use super::reply::{self, Offers, Reply};
 use crate::config::TlsMode;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::transcript::TranscriptHandle;
@@ -70,7 +69,6 @@ pub struct Conn {
     stream: Stream,
     buf: Vec<u8>,
     pos: usize,
-    receiver: ResponseReceiver,
     offers: Offers,
     timeout: Duration,
     transcript: Option<TranscriptHandle>,
@@ -116,7 +114,6 @@ impl Conn {
             stream,
             buf: Vec::with_capacity(4096),
             pos: 0,
-            receiver: ResponseReceiver::default(),
             offers: Offers::default(),
             timeout: s.timeout,
             transcript,
@@ -349,34 +346,26 @@ impl Conn {
     /// The next reply: from what is buffered, else read (each read within the step's timeout).
     async fn reply(&mut self) -> Result<Reply, Failure> {
         loop {
-            if self.pos < self.buf.len() {
-                let mut rest = self.buf[self.pos..].iter();
-                let before = rest.len();
-                let parsed = self.receiver.parse(&mut rest);
-                self.pos += before - rest.len();
-                match parsed {
-                    Ok(r) => {
-                        self.receiver.reset();
-                        let r = Reply::from(r);
-                        if let Some(t) = &self.transcript
-                            && let Ok(mut t) = t.lock()
-                        {
-                            t.server(&format_lines(&r));
-                        }
-                        return Ok(r);
+            match reply::parse(&self.buf[self.pos..]) {
+                Ok(Some((r, used))) => {
+                    self.pos += used;
+                    if let Some(t) = &self.transcript
+                        && let Ok(mut t) = t.lock()
+                    {
+                        t.server(&format_lines(&r));
                     }
-                    Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
-                    Err(e) => {
-                        return Err(Failure::Connection(format!(
-                            "upstream sent a malformed reply: {e:?}"
-                        )));
-                    }
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failure::Connection(format!(
+                        "upstream sent a malformed reply: {e}"
+                    )));
                 }
             }
-            if self.pos >= self.buf.len() {
-                self.buf.clear();
-                self.pos = 0;
-            }
+            // Whatever was parsed goes; an incomplete reply moves to the front.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
             let mut chunk = [0u8; 4096];
             let n = match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
                 Ok(Ok(0)) => {

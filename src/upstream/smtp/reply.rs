@@ -1,14 +1,97 @@
-//! SMTP replies (parsed by smtp-proto's incremental receiver) and what an EHLO reply offers. Pure.
+//! SMTP replies and what an EHLO reply offers. Pure.
+//!
+//! Our own reply parser, not smtp-proto's: its receiver keeps an enhanced status code's parts in bytes, so
+//! Microsoft's `5.7.708` came out as `5.7.255`, and those codes are what a sysadmin searches for.
 
 use std::fmt;
 
-/// One reply, possibly of several lines (joined with `\n` in `text`).
+/// Longest reply accepted (all its lines): far beyond any real EHLO, and a bound on what a server can make relay
+/// hold.
+pub const MAX_REPLY: usize = 16 << 10;
+
+/// One reply, possibly of several lines (joined with `\n` in `text`, each without its code and status).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
     /// The enhanced status code (RFC 3463), when the server gave one.
-    pub status: Option<[u8; 3]>,
+    pub status: Option<[u16; 3]>,
     pub text: String,
+}
+
+/// Why bytes are not a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("a reply line does not start with a three-digit code: {0:?}")]
+    Malformed(String),
+    #[error("a reply longer than {MAX_REPLY} bytes")]
+    TooLong,
+}
+
+/// The first whole reply at the start of `buf`, and how many bytes it took; `Ok(None)` while it is incomplete.
+pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+    let mut at = 0;
+    let mut lines: Vec<String> = Vec::new();
+    let mut code = None;
+    loop {
+        let Some(lf) = memchr::memchr(b'\n', &buf[at..]) else {
+            return if buf.len() > MAX_REPLY {
+                Err(ReplyError::TooLong)
+            } else {
+                Ok(None)
+            };
+        };
+        let raw = &buf[at..at + lf];
+        at += lf + 1;
+        if at > MAX_REPLY {
+            return Err(ReplyError::TooLong);
+        }
+        let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw));
+        let digits = line
+            .get(..3)
+            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
+        let (Some(digits), sep) = (digits, line.as_bytes().get(3).copied()) else {
+            return Err(ReplyError::Malformed(line.chars().take(80).collect()));
+        };
+        if !matches!(sep, None | Some(b' ') | Some(b'-')) {
+            return Err(ReplyError::Malformed(line.chars().take(80).collect()));
+        }
+        // Checked to be three ASCII digits.
+        let this: u16 = digits.parse().unwrap_or(0);
+        code.get_or_insert(this);
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        if sep != Some(b'-') {
+            break;
+        }
+    }
+    let code = code.unwrap_or(0);
+    let status = lines.first().and_then(|l| enhanced(l));
+    let text = lines
+        .iter()
+        .map(|l| match (status, enhanced(l)) {
+            // Each line repeats the status; it is kept once.
+            (Some(s), Some(t)) if s == t => {
+                l.split_once(' ').map_or("", |(_, rest)| rest).trim_start()
+            }
+            _ => l.as_str(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Some((Reply { code, status, text }, at)))
+}
+
+/// `5.7.139` at the start of a line's text (RFC 3463: class, subject and detail of up to three digits each).
+fn enhanced(text: &str) -> Option<[u16; 3]> {
+    let word = text.split(' ').next()?;
+    let mut parts = word.split('.');
+    let mut out = [0u16; 3];
+    for slot in &mut out {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *slot = p.parse().ok()?;
+    }
+    (parts.next().is_none() && matches!(out[0], 2 | 4 | 5)).then_some(out)
 }
 
 impl Reply {
@@ -18,16 +101,6 @@ impl Reply {
 
     pub fn is_permanent(&self) -> bool {
         self.code >= 500
-    }
-}
-
-impl From<smtp_proto::Response<String>> for Reply {
-    fn from(r: smtp_proto::Response<String>) -> Reply {
-        Reply {
-            code: r.code,
-            status: (r.esc != [0, 0, 0]).then_some(r.esc),
-            text: r.message,
-        }
     }
 }
 
@@ -84,8 +157,9 @@ mod tests {
     use super::*;
 
     fn parse(bytes: &[u8]) -> Reply {
-        let mut r = smtp_proto::response::parser::ResponseReceiver::default();
-        Reply::from(r.parse(&mut bytes.iter()).unwrap())
+        let (r, used) = super::parse(bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        r
     }
 
     #[test]
@@ -99,6 +173,35 @@ mod tests {
         );
         assert_eq!(parse(b"354 go ahead\r\n").to_string(), "354 go ahead");
         assert!(parse(b"451 4.3.0 later\r\n").code == 451);
+        // Details of three digits over 255 (smtp-proto's receiver made this 5.7.255).
+        assert_eq!(
+            parse(b"550 5.7.708 Service unavailable. Access denied\r\n").to_string(),
+            "550 5.7.708 Service unavailable. Access denied"
+        );
+        let gmail = parse(b"535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials - gsmtp\r\n");
+        assert_eq!(gmail.status, Some([5, 7, 8]));
+        assert_eq!(
+            gmail.to_string(),
+            "535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials - gsmtp"
+        );
+    }
+
+    #[test]
+    fn partial_and_hostile_replies() {
+        assert_eq!(super::parse(b"250-first\r\n250 sec").unwrap(), None);
+        assert_eq!(super::parse(b"").unwrap(), None);
+        assert!(super::parse(b"hello\r\n").is_err());
+        assert!(super::parse(b"25\r\n").is_err());
+        assert!(super::parse(b"250x\r\n").is_err());
+        assert_eq!(
+            super::parse(&vec![b'2'; MAX_REPLY + 1]),
+            Err(ReplyError::TooLong)
+        );
+        let many = "250-x\r\n".repeat(MAX_REPLY / 7 + 1);
+        assert_eq!(super::parse(many.as_bytes()), Err(ReplyError::TooLong));
+        let (r, used) = super::parse(b"220 hi\r\n250 next\r\n").unwrap().unwrap();
+        assert_eq!((r.code, used), (220, 8));
+        assert_eq!(parse(b"250\r\n").text, "");
     }
 
     #[test]
