@@ -4,11 +4,17 @@
 //! scheduler hands it to [`upstream`] with a token from [`tokens`] (obtained through [`oauth`]).
 
 pub mod accounts;
+pub mod alerts;
 pub mod authorize;
+pub mod bounce;
 pub mod config;
+pub mod events;
 pub mod logging;
+pub mod mailgen;
 pub mod memory;
+pub mod metrics;
 pub mod oauth;
+pub mod observers;
 pub mod queue;
 pub mod smtp;
 pub mod status;
@@ -36,6 +42,8 @@ pub enum RunError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Account(#[from] accounts::AccountError),
+    #[error(transparent)]
+    Observer(#[from] observers::ObserverError),
 }
 
 /// A started relay: listeners bound, spool open. Tests start one on port 0 and ask for its addresses.
@@ -48,6 +56,7 @@ pub struct Relay {
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     sessions: watch::Sender<usize>,
+    observers: observers::Observers,
 }
 
 impl Relay {
@@ -60,6 +69,7 @@ impl Relay {
                 source,
             }
         })?;
+        let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let listeners = smtp::bind(config, &spool, &stop_rx).await?;
         let addrs = listeners
@@ -75,6 +85,7 @@ impl Relay {
             addrs,
             stop,
             sessions: watch::channel(0).0,
+            observers,
         })
     }
 
@@ -106,6 +117,7 @@ impl Relay {
         let tokens = self.accounts.iter().map(|a| a.tokens.clone()).collect();
         tasks.spawn(tokens::refresher(tokens, self.stop.subscribe()));
         tasks.spawn(self.scheduler.run(self.committed, self.stop.subscribe()));
+        tasks.spawn(self.observers.run(self.stop.subscribe()));
         for addr in &self.addrs {
             tracing::info!(relay_event = "listening", address = %addr, "listening");
         }

@@ -24,6 +24,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     route: Vec<RouteConfig>,
     queue: Option<RawQueue>,
+    #[serde(default)]
+    bounce: super::Bounce,
+    alerts: Option<super::ops::RawAlerts>,
+    metrics: Option<super::ops::RawMetrics>,
 }
 
 #[derive(Deserialize)]
@@ -268,6 +272,14 @@ impl RawConfig {
             }
         }
 
+        let alerts = match self.alerts {
+            Some(a) => Some(a.validate(file, self.account.len())?),
+            None => None,
+        };
+        let metrics = match self.metrics {
+            Some(m) => Some(m.validate(file)?),
+            None => None,
+        };
         Ok(Config {
             source: file.to_string(),
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
@@ -286,6 +298,9 @@ impl RawConfig {
                 .collect(),
             routes: self.route,
             queue,
+            bounce: self.bounce,
+            alerts,
+            metrics,
         })
     }
 }

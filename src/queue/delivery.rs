@@ -567,6 +567,10 @@ impl Delivery {
         match outcome {
             Outcome::Delivered(reply) => {
                 tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
+                crate::events::emit(crate::events::Event::Delivered {
+                    id,
+                    account: &account.name,
+                });
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
                 }
@@ -646,6 +650,7 @@ impl Delivery {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
+        crate::events::emit(crate::events::Event::Deferred { id, account });
         Attempted::later(next)
     }
 
@@ -668,6 +673,7 @@ impl Delivery {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
+                crate::events::emit(crate::events::Event::Dead { id, account, why });
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
