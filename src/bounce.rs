@@ -132,15 +132,34 @@ fn status(why: &str) -> String {
     }
 }
 
-/// `Diagnostic-Code`: an SMTP reply as `smtp;`, anything else (an HTTP API's error, relay's own reason) as
-/// `X-relay;`. Folded to fit a header (RFC 5322 section 2.2.3).
+/// `Diagnostic-Code`: an SMTP reply as `smtp; CODE TEXT`, anything else (an HTTP API's error, relay's own reason)
+/// as `X-relay;`. Folded to fit a header (RFC 5322 section 2.2.3).
 fn diagnostic(why: &str) -> String {
     let why = mailgen::one_line(why, 2000);
-    let smtp = why.len() > 3
-        && why.as_bytes()[..3].iter().all(u8::is_ascii_digit)
-        && matches!(why.as_bytes()[3], b' ' | b'-');
-    let kind = if smtp { "smtp" } else { "X-relay" };
-    fold(&format!("Diagnostic-Code: {kind}; {why}"))
+    let value = match smtp_reply(&why) {
+        Some((code, text)) => format!("smtp; {code} {text}"),
+        None => format!("X-relay; {why}"),
+    };
+    fold(&format!("Diagnostic-Code: {value}"))
+}
+
+/// The SMTP reply in an error text, whatever words the transport put around it (`550 5.1.1 …`, `permanent error
+/// (550): 5.1.1 …`): a 4xx or 5xx code, then an enhanced status code. An HTTP status (`403 ErrorAccessDenied`)
+/// has no enhanced code, and is not taken for one.
+fn smtp_reply(why: &str) -> Option<(&str, &str)> {
+    let bytes = why.as_bytes();
+    (0..bytes.len().saturating_sub(2)).find_map(|i| {
+        let code = why.get(i..i + 3)?;
+        let bounded = (i == 0 || !bytes[i - 1].is_ascii_digit())
+            && bytes.get(i + 3).is_none_or(|b| !b.is_ascii_digit());
+        if !bounded || !matches!(bytes[i], b'4' | b'5') || !code.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let text = why[i + 3..].trim_start_matches([')', ':', ' ', '-']);
+        let enhanced = text.split_whitespace().next()?;
+        (enhanced.starts_with(&code[..1]) && status(enhanced) != "5.0.0").then_some((code, text))
+    })
 }
 
 /// A header field folded at spaces into lines of about 78 characters.
@@ -230,6 +249,27 @@ mod tests {
         );
         assert_eq!(status("Graph said 403 ErrorAccessDenied"), "5.0.0");
         assert_eq!(status("450 4.2.2 mailbox full"), "5.2.2");
+    }
+
+    #[test]
+    fn diagnostic_codes_find_the_smtp_reply() {
+        assert_eq!(
+            diagnostic("permanent error (550): 5.1.1 <x@y>: no such user"),
+            "Diagnostic-Code: smtp; 550 5.1.1 <x@y>: no such user"
+        );
+        assert_eq!(
+            diagnostic("554 5.2.252 SendAsDenied"),
+            "Diagnostic-Code: smtp; 554 5.2.252 SendAsDenied"
+        );
+        assert_eq!(
+            diagnostic("Graph refused it: 403 ErrorAccessDenied"),
+            "Diagnostic-Code: X-relay; Graph refused it: 403 ErrorAccessDenied"
+        );
+        let long = diagnostic(&format!("550 5.7.1 {}", "word ".repeat(100)));
+        assert!(
+            long.split("\r\n").skip(1).all(|l| l.starts_with(' ')),
+            "folded: {long}"
+        );
     }
 
     #[test]

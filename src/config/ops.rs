@@ -179,3 +179,98 @@ pub fn redact_url(url: &str) -> String {
         Err(_) => "[redacted]".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    const ACCOUNT: &str = "[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"device_code\"\nclient_id = \"c\"\ndevice_authorization_url = \"https://idp.test/device\"\nmailbox = \"a@example.com\"\ntoken_url = \"https://idp.test/token\"\nsmtp_host = \"smtp.test\"\nscope = \"s\"\n";
+
+    #[test]
+    fn alerts_and_metrics_take_defaults_and_refuse_what_would_not_work() {
+        let c = Config::parse(
+            &format!("{ACCOUNT}[alerts]\nmail_to = \"ops@example.com\"\nwebhook_url = \"https://hooks.example.com/T0/B1/secret\"\n[metrics]\n"),
+            "x.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = c.alerts.as_ref().unwrap();
+        assert_eq!(
+            (
+                a.queue_age.as_secs(),
+                a.dead_window.as_secs(),
+                a.refresh_failures
+            ),
+            (3600, 3600, 3)
+        );
+        assert_eq!(
+            c.metrics.as_ref().unwrap().address.to_string(),
+            "127.0.0.1:9325"
+        );
+        assert_eq!(c.bounce, super::Bounce::None);
+        let shown = c.to_toml();
+        assert!(
+            shown.contains("https://hooks.example.com/[redacted]"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("secret"),
+            "the webhook's path is not shown: {shown}"
+        );
+
+        for (text, key, reason) in [
+            ("[alerts]\n", "alerts", "mail_to"),
+            (
+                "[alerts]\nmail_to = \"ops@example.com\"\n",
+                "alerts.mail_to",
+                "none is configured",
+            ),
+            (
+                &format!("{ACCOUNT}[alerts]\nmail_to = \"Ops <ops@example.com>\"\n"),
+                "alerts.mail_to",
+                "plain address",
+            ),
+            (
+                "[alerts]\nwebhook_url = \"http://hooks.example.com/x\"\n",
+                "alerts.webhook_url",
+                "loopback",
+            ),
+            (
+                "[alerts]\nwebhook_url = \"ftp://127.0.0.1/x\"\n",
+                "alerts.webhook_url",
+                "not http",
+            ),
+            (
+                "[alerts]\nwebhook_url = \"http://127.0.0.1:9/x\"\nqueue_age = \"0s\"\n",
+                "alerts.queue_age",
+                "at least 1s",
+            ),
+            (
+                "[alerts]\nwebhook_url = \"http://[::1]:9/x\"\nrefresh_failures = 0\n",
+                "alerts.refresh_failures",
+                "1 to 1000",
+            ),
+            (
+                "[metrics]\naddress = \"localhost\"\n",
+                "metrics.address",
+                "IP:PORT",
+            ),
+        ] {
+            let e = Config::parse(text, "x.toml").unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+        for (text, line) in [
+            ("[alerts]\nwebhook = \"x\"\n", "line 2"),
+            ("bounce = \"always\"\n", "line 1"),
+        ] {
+            let e = Config::parse(text, "x.toml").unwrap_err();
+            assert!(e.key.contains(line), "{text}: {e}");
+        }
+        let c = Config::parse(
+            "bounce = \"sender\"\n[alerts]\nwebhook_url = \"http://localhost:8080/x\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.bounce, super::Bounce::Sender);
+    }
+}

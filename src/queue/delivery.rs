@@ -566,11 +566,9 @@ impl Delivery {
         }
         match outcome {
             Outcome::Delivered(reply) => {
+                let name = &account.name;
+                crate::events::emit(crate::events::Event::Delivered { id, account: name });
                 tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
-                crate::events::emit(crate::events::Event::Delivered {
-                    id,
-                    account: &account.name,
-                });
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
                 }
@@ -649,8 +647,8 @@ impl Delivery {
         if let Err(e) = write_state(&self.paths.queue, id, state) {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
-        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
         crate::events::emit(crate::events::Event::Deferred { id, account });
+        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred");
         Attempted::later(next)
     }
 
@@ -672,8 +670,8 @@ impl Delivery {
         match moved {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
                 crate::events::emit(crate::events::Event::Dead { id, account, why });
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, "moved to dead/");
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
