@@ -174,19 +174,28 @@ async fn the_endpoint_shows_queue_depth_deliveries_by_account_token_expiry_and_l
 }
 
 #[test]
-fn a_bad_metrics_address_names_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(
-        dir.path(),
-        "[metrics]\naddress = \"everywhere\"\n",
-        LISTENER,
+fn relay_check_names_a_bad_metrics_address_and_warns_of_one_beyond_loopback() {
+    let check = |address: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let table = format!("[metrics]\naddress = \"{address}\"\n");
+        let config = write_config_with(dir.path(), &table, LISTENER);
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check("everywhere");
+    assert!(!ok && stderr.contains("metrics.address"), "{stderr}");
+    let (ok, stderr) = check("0.0.0.0:9325");
+    assert!(
+        ok && stderr.contains("warning: metrics.address 0.0.0.0:9325 is not loopback"),
+        "{stderr}"
     );
-    let out = std::process::Command::new(relay_bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("metrics.address"), "{stderr}");
+    let (ok, stderr) = check("127.0.0.1:9325");
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
 }
