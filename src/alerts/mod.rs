@@ -84,7 +84,7 @@ impl Alerts {
             .collect()
     }
 
-    /// Saves the open incidents if they changed (not fsynced: at worst a restart announces one again).
+    /// Saves the open incidents if they changed, atomically (a torn file would announce them all again).
     fn save(&self) {
         let open = {
             let mut t = self.tracker();
@@ -146,7 +146,7 @@ pub async fn run(
         match next {
             Next::Notice(n) => {
                 notifier.send(&n, alerts.unhealthy()).await;
-                alerts.save();
+                save(&alerts).await;
             }
             Next::Tick => {
                 let snapshot = reader.snapshot().await;
@@ -158,7 +158,7 @@ pub async fn run(
                     &expiries,
                 );
                 alerts.announce(found);
-                alerts.save();
+                save(&alerts).await;
             }
             Next::Stop => break,
         }
@@ -169,5 +169,11 @@ pub async fn run(
         }
     })
     .await;
-    alerts.save();
+    save(&alerts).await;
+}
+
+/// [`Alerts::save`] on the blocking pool: the runtime's threads never wait on the disk.
+async fn save(alerts: &Arc<Alerts>) {
+    let alerts = alerts.clone();
+    let _ = tokio::task::spawn_blocking(move || alerts.save()).await;
 }
