@@ -4,12 +4,18 @@
 //! scheduler hands it to [`upstream`] with a token from [`tokens`] (obtained through [`oauth`]).
 
 pub mod accounts;
+pub mod alerts;
 pub mod authorize;
+pub mod bounce;
 pub mod config;
+pub mod events;
 pub mod health;
 pub mod logging;
+pub mod mailgen;
 pub mod memory;
+pub mod metrics;
 pub mod oauth;
+pub mod observers;
 pub mod probe;
 pub mod queue;
 pub mod reload;
@@ -43,6 +49,8 @@ pub enum RunError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Account(#[from] accounts::AccountError),
+    #[error(transparent)]
+    Observer(#[from] observers::ObserverError),
 }
 
 impl RunError {
@@ -73,6 +81,7 @@ pub struct Relay {
         mpsc::Sender<reload::Request>,
         mpsc::Receiver<reload::Request>,
     ),
+    observers: observers::Observers,
 }
 
 impl Relay {
@@ -85,6 +94,7 @@ impl Relay {
                 source,
             }
         })?;
+        let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx).await?;
         let addrs = listeners.local_addrs();
@@ -100,6 +110,7 @@ impl Relay {
             sessions: watch::channel(0).0,
             health: Health::new(),
             reloads: mpsc::channel(1),
+            observers,
         })
     }
 
@@ -146,6 +157,8 @@ impl Relay {
             self.scheduler
                 .run(self.committed, self.stop.subscribe(), self.health.clone()),
         );
+        // Metrics and alerts are not rebuilt by a reload: they keep the [alerts] and [metrics] they started with.
+        tasks.spawn(self.observers.run(self.stop.subscribe()));
         for addr in &self.addrs {
             tracing::info!(relay_event = "listening", address = %addr, "listening");
         }

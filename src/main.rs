@@ -162,6 +162,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             l.address
                         );
                     }
+                    if let Some(m) = c.metrics.as_ref().filter(|m| !m.address.ip().is_loopback()) {
+                        eprintln!(
+                            "warning: metrics.address {} is not loopback: whoever reaches it sees account names, queue sizes and token expiry; restrict it with a firewall",
+                            m.address
+                        );
+                    }
                     println!(
                         "# {} is valid; resolved settings follow (secrets redacted)",
                         c.source

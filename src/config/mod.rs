@@ -5,6 +5,7 @@
 //! Every error names the file, the key and the reason, because a sysadmin reads it in `journalctl` without the
 //! source at hand.
 
+mod ops;
 mod raw;
 mod size;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Serialize;
 
+pub use ops::{AlertsConfig, Bounce, MetricsConfig, redact_url};
 pub use size::ByteSize;
 
 /// The embedded default: loopback only, plain, no authentication, no accounts.
@@ -82,6 +84,12 @@ pub struct Config {
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
     pub queue: QueueConfig,
+    /// `bounce = "sender"`: a DSN to the envelope sender when mail goes to `dead/`.
+    pub bounce: Bounce,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<AlertsConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     /// `token_encryption`: token files sealed with this key; none, they are plain (mode 0640).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_encryption: Option<TokenEncryption>,

@@ -26,6 +26,10 @@ pub(super) struct RawConfig {
     route: Vec<RouteConfig>,
     queue: Option<RawQueue>,
     token_encryption: Option<String>,
+    #[serde(default)]
+    bounce: super::Bounce,
+    alerts: Option<super::ops::RawAlerts>,
+    metrics: Option<super::ops::RawMetrics>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +310,14 @@ impl RawConfig {
                 .map_err(|r| errs.at("token_encryption", r))),
             None => None,
         };
+        let alerts = match self.alerts {
+            Some(a) => errs.ok(a.validate(file, self.account.len())),
+            None => None,
+        };
+        let metrics = match self.metrics {
+            Some(m) => errs.ok(m.validate(file)),
+            None => None,
+        };
 
         let config = Config {
             source: file.to_string(),
@@ -326,6 +338,9 @@ impl RawConfig {
             routes: self.route,
             queue,
             token_encryption,
+            bounce: self.bounce,
+            alerts,
+            metrics,
         };
         errs.finish(config)
     }

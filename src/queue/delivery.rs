@@ -567,6 +567,8 @@ impl Delivery {
         }
         match outcome {
             Outcome::Delivered(reply) => {
+                let name = &account.name;
+                crate::events::emit(crate::events::Event::Delivered { id, account: name });
                 tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
@@ -647,6 +649,7 @@ impl Delivery {
             tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
         }
         let d = Diagnosed::of(why, account);
+        crate::events::emit(crate::events::Event::Deferred { id, account });
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
     }
@@ -670,6 +673,7 @@ impl Delivery {
         match moved {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+                crate::events::emit(crate::events::Event::Dead { id, account, why });
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), "moved to dead/{d}");
                 Attempted::Done { account: None }
             }

@@ -19,6 +19,13 @@ impl QueueId {
         }
         uuid::Uuid::try_parse(s).ok().map(QueueId)
     }
+
+    /// When the id was made (when its message began to arrive), to the millisecond: the queue's ages come from
+    /// file names, without opening the files.
+    pub fn created_at(&self) -> std::time::SystemTime {
+        let (secs, nanos) = self.0.get_timestamp().map_or((0, 0), |t| t.to_unix());
+        std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+    }
 }
 
 impl Default for QueueId {
@@ -57,5 +64,15 @@ mod tests {
         assert_eq!(QueueId::parse(&id.to_string()), Some(id));
         assert_eq!(QueueId::parse("../../etc/passwd"), None);
         assert_eq!(QueueId::parse(""), None);
+    }
+
+    #[test]
+    fn knows_when_it_was_made() {
+        let before = std::time::SystemTime::now() - std::time::Duration::from_millis(1);
+        let made = QueueId::new().created_at();
+        assert!(
+            made >= before && made <= std::time::SystemTime::now(),
+            "{made:?}"
+        );
     }
 }

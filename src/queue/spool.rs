@@ -113,6 +113,28 @@ impl Spool {
         &self.inner.paths
     }
 
+    /// Queues a whole message that relay wrote itself (a delivery status notification), without waiting: the
+    /// committer makes it durable with the next batch, and the returned receiver says how that went. For callers
+    /// that must not wait (delivery's blocking work, which may run while the runtime shuts down).
+    pub fn submit(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let mut tail = file::unsealed_line(envelope);
+        tail.extend_from_slice(message);
+        let (done, wait) = oneshot::channel();
+        let job = Job {
+            id: envelope.id,
+            file: None,
+            tail,
+            seal: file::seal_for(message.len() as u64, &blake3::hash(message)),
+            done,
+        };
+        self.inner.jobs.send(job).map_err(|_| SpoolError::Stopped)?;
+        Ok(wait)
+    }
+
     /// Starts a new message: its envelope goes first, the message bytes follow with [`Incoming::write`].
     pub fn begin(&self, envelope: &Envelope) -> Incoming {
         let mut buf = Vec::with_capacity(8192);

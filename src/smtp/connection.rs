@@ -376,8 +376,11 @@ async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> 
         return session.data_stored(Err(()));
     };
     let (size, user) = (incoming.len(), session.user().unwrap_or("").to_string());
+    let committing = std::time::Instant::now();
     match incoming.commit().await {
         Ok(id) => {
+            let latency = committing.elapsed();
+            crate::events::emit(crate::events::Event::Accepted { latency });
             tracing::info!(
                 relay_event = "accepted",
                 relay_queue_id = %id,

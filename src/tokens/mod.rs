@@ -219,15 +219,21 @@ impl AccountTokens {
                 state.file_mtime = self.store.mtime(&self.name);
                 state.tokens = Some(tokens);
                 tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(g.expires_at), "access token renewed");
+                crate::events::emit(crate::events::Event::TokenRefreshed {
+                    account: &self.name,
+                });
                 Ok(g.access_token)
             }
             Err(e) => {
                 let revoked = e.needs_authorization();
                 let diagnosis = Diagnosed::of(&e.to_string(), Some(&self.name));
+                let (account, why) = (self.name.as_str(), &e.to_string());
                 if revoked {
                     tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
+                    crate::events::emit(crate::events::Event::AuthorizationNeeded { account, why });
                 } else {
                     tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "token refresh failed{diagnosis}");
+                    crate::events::emit(crate::events::Event::TokenRefreshFailed { account, why });
                 }
                 // Recorded in the token file, so that `relay status` can say what is wrong.
                 if let Some(mut t) = previous {

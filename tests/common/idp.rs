@@ -117,3 +117,59 @@ pub fn device_code_top(
     account_top(dir, idp, upstream, &more)
         .replace("flow = \"client_credentials\"", "flow = \"device_code\"")
 }
+
+/// An `[[account]]` named `name` (mailbox `NAME@example.com`) of a generic provider with `flow`, pointed at the
+/// fakes; its client secret is `{dir}/secret` (see [`write_secret`]).
+pub fn generic_account(name: &str, idp: &str, upstream: &FakeUpstream, flow: &str) -> String {
+    format!(
+        r#"[[account]]
+name = "{name}"
+provider = "generic"
+flow = "{flow}"
+mailbox = "{name}@example.com"
+client_id = "cid"
+client_secret_file = "{{dir}}/secret"
+token_url = "{idp}/token"
+device_authorization_url = "{idp}/device"
+scope = "smtp"
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+smtp_tls = "none"
+"#,
+        port = upstream.addr.port(),
+    )
+}
+
+/// Writes `dir/secret`, a client secret readable by owner and group only.
+pub fn write_secret(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+}
+
+/// A config in `dir` with client-credentials accounts `(name, upstream)` of one identity provider: the first is the
+/// default and already holds a valid token, `tok`. `top` goes before them (top-level keys), `more` after them
+/// (routes, tables).
+pub fn accounts_config(
+    dir: &std::path::Path,
+    idp: &str,
+    accounts: &[(&str, &FakeUpstream)],
+    top: &str,
+    more: &str,
+) -> std::path::PathBuf {
+    write_secret(dir);
+    let mut text = format!("{top}\ndefault_account = \"{}\"\n", accounts[0].0);
+    for (name, upstream) in accounts {
+        text.push_str(&generic_account(name, idp, upstream, "client_credentials"));
+    }
+    text.push_str(more);
+    let config = super::write_config_with(dir, &text, "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    super::write_valid_tokens(
+        &dir.join("state"),
+        accounts[0].0,
+        "tok",
+        std::time::Duration::from_secs(3600),
+    );
+    config
+}

@@ -1,0 +1,543 @@
+//! Incidents: which conditions are open, and the one notice each opening and each recovery is worth.
+//!
+//! Fed events as they happen ([`Tracker::event`]) and the queue's and credentials' state now and then
+//! ([`Tracker::tick`]); returns the notices to send, and never does I/O itself. An incident is keyed by its kind and
+//! subject (an account, `account/credential`, or `queue`), opens once, counts what happens while it is open,
+//! and closes once:
+//!
+//! | kind | opens | closes |
+//! | --- | --- | --- |
+//! | `authorization_needed` | the provider refused the grant (`invalid_grant`) | a token refreshed, or a delivery through the account |
+//! | `token_refresh_failed` | `refresh_failures` failures in a row | a token refreshed |
+//! | `credential_expiring` | 30, 7, 1 days ahead, expired (each a new notice) | the date is more than 30 days off again |
+//! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried) | `dead_window` without another |
+//! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::oauth::expiry::{Expiry, threshold_reached, warning};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    AuthorizationNeeded,
+    TokenRefreshFailed,
+    CredentialExpiring,
+    Dead,
+    QueueAge,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::AuthorizationNeeded => "authorization_needed",
+            Kind::TokenRefreshFailed => "token_refresh_failed",
+            Kind::CredentialExpiring => "credential_expiring",
+            Kind::Dead => "dead",
+            Kind::QueueAge => "queue_age",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Open,
+    Recovered,
+}
+
+/// An open incident, as kept in `STATE_DIR/alerts.json` so that a restart does not announce it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Incident {
+    pub kind: Kind,
+    pub subject: String,
+    #[serde(with = "humantime_serde")]
+    pub opened: SystemTime,
+    /// The last event that belonged to it.
+    #[serde(with = "humantime_serde")]
+    pub last: SystemTime,
+    /// Events that belonged to it (messages moved to dead/, refresh failures).
+    pub count: u64,
+    /// For `credential_expiring`: the threshold reached (30, 7, 1 days; 0 once expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u64>,
+}
+
+/// One announcement: an incident opened or recovered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notice {
+    #[serde(rename = "event")]
+    pub kind: &'static str,
+    pub account: Option<String>,
+    /// `KIND:SUBJECT`, the same for an incident's opening and its recovery.
+    pub incident: String,
+    pub state: State,
+    pub text: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+    pub count: u64,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_seconds(*t))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub queue_age: Duration,
+    pub refresh_failures: u32,
+    pub dead_window: Duration,
+}
+
+impl From<&crate::config::AlertsConfig> for Limits {
+    fn from(c: &crate::config::AlertsConfig) -> Limits {
+        Limits {
+            queue_age: c.queue_age,
+            refresh_failures: c.refresh_failures,
+            dead_window: c.dead_window,
+        }
+    }
+}
+
+pub struct Tracker {
+    limits: Limits,
+    open: BTreeMap<(Kind, String), Incident>,
+    /// Refresh failures in a row, per account.
+    failures: HashMap<String, u32>,
+    /// Something worth saving changed since [`Tracker::take_changed`].
+    changed: bool,
+}
+
+const QUEUE: &str = "queue";
+
+fn age(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+impl Tracker {
+    pub fn new(limits: Limits, open: Vec<Incident>) -> Tracker {
+        Tracker {
+            limits,
+            open: open
+                .into_iter()
+                .map(|i| ((i.kind, i.subject.clone()), i))
+                .collect(),
+            failures: HashMap::new(),
+            changed: false,
+        }
+    }
+
+    /// The open incidents, for saving.
+    pub fn open(&self) -> Vec<Incident> {
+        self.open.values().cloned().collect()
+    }
+
+    pub fn is_open(&self, kind: Kind, subject: &str) -> bool {
+        self.open.contains_key(&(kind, subject.to_string()))
+    }
+
+    /// Whether anything changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    pub fn event(&mut self, event: &Event<'_>, now: SystemTime) -> Vec<Notice> {
+        let mut out = Vec::new();
+        match *event {
+            Event::AuthorizationNeeded { account, why } => {
+                self.opening(Kind::AuthorizationNeeded, account, now, None, &mut out, || {
+                    format!("account {account} needs authorization: the provider refused its grant ({why}). Its mail waits in the queue. Fix: run `relay authorize {account}`.")
+                });
+            }
+            Event::TokenRefreshFailed { account, why } => {
+                let n = self.failures.entry(account.to_string()).or_default();
+                *n = n.saturating_add(1);
+                let n = *n;
+                if n >= self.limits.refresh_failures {
+                    self.opening(Kind::TokenRefreshFailed, account, now, None, &mut out, || {
+                        format!("account {account}: {n} token refreshes failed in a row; the last said: {why}. Mail goes on while the current access token lasts, then waits in the queue.")
+                    });
+                }
+            }
+            Event::TokenRefreshed { account } => {
+                self.failures.remove(account);
+                self.closing(Kind::TokenRefreshFailed, account, now, &mut out, |i| {
+                    format!(
+                        "account {account}: a token was refreshed again, after {} failure(s).",
+                        i.count
+                    )
+                });
+                self.closing(Kind::AuthorizationNeeded, account, now, &mut out, |_| {
+                    format!("account {account} is authorized again: a token was refreshed, and its mail goes out.")
+                });
+            }
+            Event::Delivered { account, .. } => {
+                self.closing(Kind::AuthorizationNeeded, account, now, &mut out, |_| {
+                    format!("account {account} is authorized again: mail was delivered through it.")
+                });
+            }
+            Event::Dead { id, account, why } => {
+                let subject = account.unwrap_or(QUEUE);
+                let via = account.map_or(String::new(), |a| format!(" (account {a})"));
+                let window = age(self.limits.dead_window);
+                self.opening(Kind::Dead, subject, now, None, &mut out, || {
+                    format!("message {id}{via} was moved to dead/: {why}. Further messages moved to dead/ within {window} of the last one belong to this incident and are counted, not announced one by one. `relay status` shows the count; the files are in STATE_DIR/dead/.")
+                });
+            }
+            Event::Accepted { .. } | Event::Deferred { .. } => {}
+        }
+        out
+    }
+
+    /// Now and then: the oldest queued message's age, and the dated credentials of each account.
+    pub fn tick(
+        &mut self,
+        now: SystemTime,
+        oldest: Option<Duration>,
+        queued: u64,
+        expiries: &[(String, Expiry)],
+    ) -> Vec<Notice> {
+        let mut out = Vec::new();
+        let window = self.limits.dead_window;
+        let quiet: Vec<String> = self
+            .open
+            .values()
+            .filter(|i| i.kind == Kind::Dead)
+            .filter(|i| now.duration_since(i.last).is_ok_and(|d| d >= window))
+            .map(|i| i.subject.clone())
+            .collect();
+        for subject in quiet {
+            let via = if subject == QUEUE {
+                String::new()
+            } else {
+                format!(" through account {subject}")
+            };
+            self.closing(Kind::Dead, &subject, now, &mut out, |i| {
+                format!(
+                    "no message{via} has been moved to dead/ for {}; {} message(s) went there in this incident, from {} to {}.",
+                    age(window),
+                    i.count,
+                    humantime::format_rfc3339_seconds(i.opened),
+                    humantime::format_rfc3339_seconds(i.last)
+                )
+            });
+        }
+        let limit = self.limits.queue_age;
+        match oldest {
+            Some(a) if a > limit => {
+                self.opening(Kind::QueueAge, QUEUE, now, None, &mut out, || {
+                    format!("the oldest queued message has waited {} (more than {}); {queued} message(s) are queued. `relay status` and `relay queue list` say why.", age(a), age(limit))
+                });
+            }
+            _ => {
+                let now_text = match oldest {
+                    Some(a) => format!("the oldest queued message has waited {}", age(a)),
+                    None => "the queue is empty".to_string(),
+                };
+                self.closing(Kind::QueueAge, QUEUE, now, &mut out, |_| {
+                    format!(
+                        "the queue is young again: {now_text} (limit {}).",
+                        age(limit)
+                    )
+                });
+            }
+        }
+        let mut current = Vec::new();
+        for (account, e) in expiries {
+            let subject = format!("{account}/{}", e.what);
+            current.push(subject.clone());
+            match threshold_reached(e, now) {
+                Some(level) => {
+                    let key = (Kind::CredentialExpiring, subject.clone());
+                    if self.open.get(&key).is_some_and(|i| i.level == Some(level)) {
+                        continue;
+                    }
+                    // A nearer threshold is a new notice: the incident opens again at its new level.
+                    self.open.remove(&key);
+                    let text = warning(account, e, now).unwrap_or_default();
+                    self.opening(
+                        Kind::CredentialExpiring,
+                        &subject,
+                        now,
+                        Some(level),
+                        &mut out,
+                        || text,
+                    );
+                }
+                None => {
+                    let date = humantime::format_rfc3339_seconds(e.at).to_string();
+                    self.closing(Kind::CredentialExpiring, &subject, now, &mut out, |_| {
+                        format!(
+                            "account {account}: the {} is now valid until {}.",
+                            e.what,
+                            &date[..10]
+                        )
+                    });
+                }
+            }
+        }
+        // Credentials no longer configured: nothing to announce.
+        let before = self.open.len();
+        self.open.retain(|(kind, subject), _| {
+            *kind != Kind::CredentialExpiring || current.contains(subject)
+        });
+        self.changed |= self.open.len() != before;
+        out
+    }
+
+    fn opening(
+        &mut self,
+        kind: Kind,
+        subject: &str,
+        now: SystemTime,
+        level: Option<u64>,
+        out: &mut Vec<Notice>,
+        text: impl FnOnce() -> String,
+    ) {
+        self.changed = true;
+        if let Some(open) = self.open.get_mut(&(kind, subject.to_string())) {
+            open.count = open.count.saturating_add(1);
+            open.last = now;
+            return;
+        }
+        let incident = Incident {
+            kind,
+            subject: subject.to_string(),
+            opened: now,
+            last: now,
+            count: 1,
+            level,
+        };
+        out.push(notice(&incident, State::Open, text(), now));
+        self.open.insert((kind, subject.to_string()), incident);
+    }
+
+    fn closing(
+        &mut self,
+        kind: Kind,
+        subject: &str,
+        now: SystemTime,
+        out: &mut Vec<Notice>,
+        text: impl FnOnce(&Incident) -> String,
+    ) {
+        if let Some(incident) = self.open.remove(&(kind, subject.to_string())) {
+            self.changed = true;
+            out.push(notice(&incident, State::Recovered, text(&incident), now));
+        }
+    }
+}
+
+fn notice(i: &Incident, state: State, text: String, at: SystemTime) -> Notice {
+    let account = match i.kind {
+        Kind::QueueAge => None,
+        Kind::Dead if i.subject == QUEUE => None,
+        Kind::CredentialExpiring => i.subject.split('/').next().map(str::to_string),
+        _ => Some(i.subject.clone()),
+    };
+    Notice {
+        kind: i.kind.name(),
+        account,
+        incident: format!("{}:{}", i.kind.name(), i.subject),
+        state,
+        text,
+        at,
+        count: i.count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueId;
+
+    fn tracker() -> Tracker {
+        Tracker::new(
+            Limits {
+                queue_age: Duration::from_secs(3600),
+                refresh_failures: 3,
+                dead_window: Duration::from_secs(3600),
+            },
+            Vec::new(),
+        )
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn states(n: &[Notice]) -> Vec<(String, State)> {
+        n.iter().map(|n| (n.incident.clone(), n.state)).collect()
+    }
+
+    #[test]
+    fn a_burst_of_dead_mail_is_one_incident_with_a_count() {
+        let mut t = tracker();
+        let mut notices = Vec::new();
+        for i in 0..5 {
+            let dead = Event::Dead {
+                id: QueueId::new(),
+                account: Some("office"),
+                why: "550 5.1.1 no such user",
+            };
+            notices.extend(t.event(&dead, at(i * 60)));
+        }
+        assert_eq!(states(&notices), [("dead:office".to_string(), State::Open)]);
+        assert!(notices[0].text.contains("550 5.1.1"), "{}", notices[0].text);
+        assert!(
+            t.tick(at(3000), None, 0, &[]).is_empty(),
+            "still inside the window"
+        );
+        let closed = t.tick(at(240 + 3600), None, 0, &[]);
+        assert_eq!(
+            states(&closed),
+            [("dead:office".to_string(), State::Recovered)]
+        );
+        assert_eq!(closed[0].count, 5);
+        assert!(
+            closed[0].text.contains("5 message(s)"),
+            "{}",
+            closed[0].text
+        );
+        // Mail that never reached an account is the queue's incident.
+        let n = t.event(
+            &Event::Dead {
+                id: QueueId::new(),
+                account: None,
+                why: "expired",
+            },
+            at(9000),
+        );
+        assert_eq!(n[0].incident, "dead:queue");
+        assert_eq!(n[0].account, None);
+    }
+
+    #[test]
+    fn refresh_failures_open_after_the_limit_in_a_row_and_close_on_a_refresh() {
+        let mut t = tracker();
+        let fail = Event::TokenRefreshFailed {
+            account: "office",
+            why: "HTTP 500",
+        };
+        assert!(t.event(&fail, at(0)).is_empty());
+        assert!(t.event(&fail, at(1)).is_empty());
+        // A success in between starts the count again.
+        assert!(
+            t.event(&Event::TokenRefreshed { account: "office" }, at(2))
+                .is_empty()
+        );
+        assert!(t.event(&fail, at(3)).is_empty());
+        assert!(t.event(&fail, at(4)).is_empty());
+        let opened = t.event(&fail, at(5));
+        assert_eq!(
+            states(&opened),
+            [("token_refresh_failed:office".to_string(), State::Open)]
+        );
+        assert!(t.event(&fail, at(6)).is_empty(), "one notice per incident");
+        let closed = t.event(&Event::TokenRefreshed { account: "office" }, at(7));
+        assert_eq!(
+            states(&closed),
+            [("token_refresh_failed:office".to_string(), State::Recovered)]
+        );
+        assert_eq!(closed[0].count, 2);
+    }
+
+    #[test]
+    fn authorization_needed_closes_on_a_delivery() {
+        let mut t = tracker();
+        let need = Event::AuthorizationNeeded {
+            account: "office",
+            why: "invalid_grant",
+        };
+        let opened = t.event(&need, at(0));
+        assert!(opened[0].text.contains("relay authorize office"));
+        assert!(t.event(&need, at(60)).is_empty());
+        let delivered = Event::Delivered {
+            id: QueueId::new(),
+            account: "office",
+        };
+        assert_eq!(t.event(&delivered, at(120))[0].state, State::Recovered);
+        assert!(t.event(&delivered, at(180)).is_empty());
+    }
+
+    #[test]
+    fn queue_age_opens_and_recovers_once() {
+        let mut t = tracker();
+        let hour = Duration::from_secs(3600);
+        assert!(t.tick(at(0), Some(hour / 2), 3, &[]).is_empty());
+        let opened = t.tick(at(10), Some(hour * 2), 3, &[]);
+        assert_eq!(
+            states(&opened),
+            [("queue_age:queue".to_string(), State::Open)]
+        );
+        assert!(t.tick(at(20), Some(hour * 3), 3, &[]).is_empty());
+        let closed = t.tick(at(30), None, 0, &[]);
+        assert_eq!(
+            states(&closed),
+            [("queue_age:queue".to_string(), State::Recovered)]
+        );
+        assert!(closed[0].text.contains("empty"));
+    }
+
+    #[test]
+    fn expiry_announces_each_threshold_once_and_a_renewal() {
+        let mut t = tracker();
+        let day = 86_400;
+        let soon = |days: u64| {
+            vec![(
+                "office".to_string(),
+                Expiry {
+                    what: "client secret",
+                    at: at(days * day + 3600),
+                },
+            )]
+        };
+        let e = soon(20);
+        assert_eq!(t.tick(at(0), None, 0, &e).len(), 1);
+        assert!(t.tick(at(60), None, 0, &e).is_empty());
+        // Six days left: the 7-day threshold is a new notice.
+        let n = t.tick(at(14 * day), None, 0, &e);
+        assert_eq!(
+            states(&n),
+            [(
+                "credential_expiring:office/client secret".to_string(),
+                State::Open
+            )]
+        );
+        assert_eq!(n[0].account.as_deref(), Some("office"));
+        // The secret was renewed (a reload with a new date): recovered.
+        let renewed = soon(400);
+        let n = t.tick(at(14 * day + 60), None, 0, &renewed);
+        assert_eq!(n[0].state, State::Recovered);
+        assert!(t.open().is_empty());
+    }
+
+    #[test]
+    fn open_incidents_survive_a_restart() {
+        let mut t = tracker();
+        t.event(
+            &Event::AuthorizationNeeded {
+                account: "a",
+                why: "x",
+            },
+            at(0),
+        );
+        assert!(t.take_changed());
+        let saved = serde_json::to_string(&t.open()).unwrap();
+        let mut again = Tracker::new(t.limits, serde_json::from_str(&saved).unwrap());
+        assert!(
+            again
+                .event(
+                    &Event::AuthorizationNeeded {
+                        account: "a",
+                        why: "x"
+                    },
+                    at(5)
+                )
+                .is_empty()
+        );
+    }
+}

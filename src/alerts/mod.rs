@@ -1,0 +1,179 @@
+//! `[alerts]`: one notice when an incident opens and one when it recovers, by webhook and/or mail.
+//!
+//! Events reach the [`Tracker`] synchronously, under a lock, from [`events`](crate::events): no event is lost and
+//! the counts are exact. The notices it returns go into a bounded channel to the sending task; when that task is
+//! too far behind (a webhook that times out again and again), a notice is dropped and counted
+//! (`relay_alerts_dropped_total`) rather than ever holding up the delivery or token refresh that emitted it.
+//! Open incidents are kept in `STATE_DIR/alerts.json`, so that a restart does not announce them again.
+
+pub mod incidents;
+pub mod notify;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::AlertsConfig;
+use crate::events::{Event, Watcher};
+use crate::metrics::StateReader;
+use crate::oauth::expiry::Expiry;
+pub use incidents::{Incident, Kind, Notice, State, Tracker};
+pub use notify::{MailAccount, Notifier};
+
+/// Notices waiting for the sender; past this they are dropped (and counted).
+const BACKLOG: usize = 64;
+/// How long a stop waits for notices still waiting to be sent.
+const DRAIN: Duration = Duration::from_secs(5);
+
+pub struct Alerts {
+    tracker: Mutex<Tracker>,
+    tx: mpsc::Sender<Notice>,
+    file: PathBuf,
+}
+
+pub fn incidents_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("alerts.json")
+}
+
+impl Alerts {
+    /// The tracker, with the incidents a previous run left open.
+    pub fn new(config: &AlertsConfig, state_dir: &Path) -> (Arc<Alerts>, mpsc::Receiver<Notice>) {
+        let file = incidents_path(state_dir);
+        let open: Vec<Incident> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let alerts = Alerts {
+            tracker: Mutex::new(Tracker::new(config.into(), open)),
+            tx,
+            file,
+        };
+        (Arc::new(alerts), rx)
+    }
+
+    fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn announce(&self, notices: Vec<Notice>) {
+        for n in notices {
+            let state = match n.state {
+                State::Open => "open",
+                State::Recovered => "recovered",
+            };
+            tracing::warn!(relay_event = "alert", incident = %n.incident, state, relay_account = n.account.as_deref().unwrap_or(""), "{}", n.text);
+            if self.tx.try_send(n).is_err() {
+                crate::metrics::global().alerts_dropped.inc();
+                tracing::warn!("alert notice dropped: the alert sender is too far behind");
+            }
+        }
+    }
+
+    /// Accounts that alert mail should not go through: those with an open authorization or refresh incident.
+    fn unhealthy(&self) -> HashSet<String> {
+        self.tracker()
+            .open()
+            .into_iter()
+            .filter(|i| matches!(i.kind, Kind::AuthorizationNeeded | Kind::TokenRefreshFailed))
+            .map(|i| i.subject)
+            .collect()
+    }
+
+    /// Saves the open incidents if they changed, atomically (a torn file would announce them all again).
+    fn save(&self) {
+        let open = {
+            let mut t = self.tracker();
+            if !t.take_changed() {
+                return;
+            }
+            t.open()
+        };
+        let written = atomic_write_file::AtomicWriteFile::open(&self.file).and_then(|mut f| {
+            f.write_all(&serde_json::to_vec_pretty(&open).unwrap_or_default())?;
+            f.commit()
+        });
+        if let Err(e) = written {
+            tracing::warn!(path = %self.file.display(), error = %e, "cannot save the open alert incidents");
+        }
+    }
+}
+
+impl Watcher for Alerts {
+    fn seen(&self, event: &Event<'_>) {
+        if matches!(event, Event::Accepted { .. } | Event::Deferred { .. }) {
+            return;
+        }
+        let notices = self.tracker().event(event, SystemTime::now());
+        self.announce(notices);
+    }
+}
+
+/// How often the queue's age, the credentials' dates and quiet dead-mail incidents are looked at: often enough
+/// for the smaller threshold, at least once a minute, and not more than once a second.
+pub fn tick_every(config: &AlertsConfig) -> Duration {
+    (config.queue_age.min(config.dead_window) / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Sends notices as they come, and looks at the queue and the credentials every `every`, until `stop`.
+pub async fn run(
+    alerts: Arc<Alerts>,
+    mut notices: mpsc::Receiver<Notice>,
+    notifier: Notifier,
+    reader: Arc<StateReader>,
+    expiries: Vec<(String, Expiry)>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    enum Next {
+        Notice(Notice),
+        Tick,
+        Stop,
+    }
+    loop {
+        let next = tokio::select! {
+            Some(n) = notices.recv() => Next::Notice(n),
+            _ = tick.tick() => Next::Tick,
+            _ = stop.wait_for(|s| *s) => Next::Stop,
+        };
+        match next {
+            Next::Notice(n) => {
+                notifier.send(&n, alerts.unhealthy()).await;
+                save(&alerts).await;
+            }
+            Next::Tick => {
+                let snapshot = reader.snapshot().await;
+                let c = &snapshot.census;
+                let found = alerts.tracker().tick(
+                    SystemTime::now(),
+                    c.oldest_age(),
+                    c.queued + c.deferred,
+                    &expiries,
+                );
+                alerts.announce(found);
+                save(&alerts).await;
+            }
+            Next::Stop => break,
+        }
+    }
+    let _ = tokio::time::timeout(DRAIN, async {
+        while let Ok(n) = notices.try_recv() {
+            notifier.send(&n, alerts.unhealthy()).await;
+        }
+    })
+    .await;
+    save(&alerts).await;
+}
+
+/// [`Alerts::save`] on the blocking pool: the runtime's threads never wait on the disk.
+async fn save(alerts: &Arc<Alerts>) {
+    let alerts = alerts.clone();
+    let _ = tokio::task::spawn_blocking(move || alerts.save()).await;
+}

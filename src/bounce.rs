@@ -1,0 +1,311 @@
+//! `bounce = "sender"`: when a message goes to `dead/`, a delivery status notification (RFC 3464) goes to its
+//! envelope sender, queued like any message (durable, retried, routed) with the null sender `<>`.
+//!
+//! Never for a message whose sender is null: that is a bounce already (RFC 5321 section 4.5.5), and a DSN that
+//! itself goes to `dead/` has a null sender, so bounces cannot loop. The DSN is handed to the spool as the
+//! message is moved to `dead/`; only a crash between the two loses it (the message itself stays in `dead/`).
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::events::{Event, Watcher};
+use crate::mailgen;
+use crate::queue::layout::msg_path;
+use crate::queue::{Envelope, QueueId, Spool};
+
+/// The most of the original header section a DSN carries: enough for every header a person looks at, and a
+/// DSN stays small whatever the original was.
+const MAX_HEADERS: usize = 64 * 1024;
+
+pub struct Bouncer {
+    spool: Spool,
+    dead: PathBuf,
+    hostname: String,
+}
+
+impl Bouncer {
+    pub fn new(spool: Spool, hostname: &str) -> Bouncer {
+        Bouncer {
+            dead: spool.paths().dead.clone(),
+            spool,
+            hostname: hostname.to_string(),
+        }
+    }
+
+    fn bounce(&self, id: QueueId, why: &str) {
+        let original = match crate::queue::file::read(&msg_path(&self.dead, id)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the dead message to bounce it");
+                return;
+            }
+        };
+        if original.envelope.sender.is_empty() {
+            return;
+        }
+        let headers = match original.header_block() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the dead message's headers; bouncing without them");
+                Vec::new()
+            }
+        };
+        let now = SystemTime::now();
+        let report = dsn(&self.hostname, &original.envelope, &headers, why, now);
+        let envelope = Envelope {
+            id: QueueId::new(),
+            sender: String::new(),
+            recipients: vec![original.envelope.sender.clone()],
+            client: "local:bounce".into(),
+            helo: None,
+            user: None,
+            listener: String::new(),
+            received_at: now,
+            body_8bit: !report.is_ascii(),
+        };
+        let dsn_id = envelope.id;
+        let to = original.envelope.sender.clone();
+        let queued = self.spool.submit(&envelope, &report);
+        let wait = match queued {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::error!(relay_queue_id = %id, error = %e, "cannot queue the bounce");
+                return;
+            }
+        };
+        // Said once the bounce is durable; the dead message's own handling never waits for it.
+        let shown = to.clone();
+        let logged = async move {
+            match wait.await {
+                Ok(Ok(())) => {
+                    crate::metrics::global().bounces.inc();
+                    tracing::info!(relay_event = "bounce_queued", relay_queue_id = %id, bounce_id = %dsn_id, to = %to, "delivery status notification queued to the sender");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(relay_queue_id = %id, error = %e, "cannot queue the bounce")
+                }
+                Err(_) => {
+                    tracing::error!(relay_queue_id = %id, "cannot queue the bounce: the spool stopped")
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(logged);
+            }
+            Err(_) => {
+                tracing::info!(relay_event = "bounce_queued", relay_queue_id = %id, bounce_id = %dsn_id, to = %shown, "delivery status notification handed to the spool")
+            }
+        }
+    }
+}
+
+impl Watcher for Bouncer {
+    /// `Dead` is emitted from delivery's work on the blocking pool, so reading the message here is in place.
+    fn seen(&self, event: &Event<'_>) {
+        if let Event::Dead { id, why, .. } = *event {
+            self.bounce(id, why);
+        }
+    }
+}
+
+/// The enhanced status code (RFC 3463) for a DSN: the one in the upstream's reply made permanent, 5.4.7 for mail
+/// that expired in the queue, else 5.0.0.
+fn status(why: &str) -> String {
+    if why.starts_with("expired after") {
+        return "5.4.7".into();
+    }
+    let code = why
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|w| w.trim_end_matches('.'))
+        .find(|w| {
+            let parts: Vec<&str> = w.split('.').collect();
+            parts.len() == 3
+                && matches!(parts[0], "2" | "4" | "5")
+                && parts[1..]
+                    .iter()
+                    .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        });
+    match code {
+        Some(c) => format!("5{}", &c[1..]),
+        None => "5.0.0".into(),
+    }
+}
+
+/// `Diagnostic-Code`: an SMTP reply as `smtp; CODE TEXT`, anything else (an HTTP API's error, relay's own reason)
+/// as `X-relay;`. Folded to fit a header (RFC 5322 section 2.2.3).
+fn diagnostic(why: &str) -> String {
+    let why = mailgen::one_line(why, 2000);
+    let value = match smtp_reply(&why) {
+        Some((code, text)) => format!("smtp; {code} {text}"),
+        None => format!("X-relay; {why}"),
+    };
+    fold(&format!("Diagnostic-Code: {value}"))
+}
+
+/// The SMTP reply in an error text, whatever words the transport put around it (`550 5.1.1 …`, `permanent error
+/// (550): 5.1.1 …`): a 4xx or 5xx code, then an enhanced status code. An HTTP status (`403 ErrorAccessDenied`)
+/// has no enhanced code, and is not taken for one.
+fn smtp_reply(why: &str) -> Option<(&str, &str)> {
+    let bytes = why.as_bytes();
+    (0..bytes.len().saturating_sub(2)).find_map(|i| {
+        let code = why.get(i..i + 3)?;
+        let bounded = (i == 0 || !bytes[i - 1].is_ascii_digit())
+            && bytes.get(i + 3).is_none_or(|b| !b.is_ascii_digit());
+        if !bounded || !matches!(bytes[i], b'4' | b'5') || !code.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let text = why[i + 3..].trim_start_matches([')', ':', ' ', '-']);
+        let enhanced = text.split_whitespace().next()?;
+        (enhanced.starts_with(&code[..1]) && status(enhanced) != "5.0.0").then_some((code, text))
+    })
+}
+
+/// A header field folded at spaces into lines of about 78 characters.
+fn fold(field: &str) -> String {
+    mailgen::wrap(field, 76)
+        .trim_end_matches("\r\n")
+        .replace("\r\n", "\r\n ")
+}
+
+/// The DSN for a message that failed for good: the human-readable part, the `message/delivery-status` report
+/// with one block per recipient, and the original header section as `text/rfc822-headers` (RFC 3464, RFC 6522).
+pub fn dsn(host: &str, original: &Envelope, headers: &[u8], why: &str, now: SystemTime) -> Vec<u8> {
+    let host = mailgen::one_line(host, 255);
+    let boundary = format!("=_relay_dsn_{}", uuid::Uuid::now_v7().simple());
+    let status = status(why);
+    let recipients: Vec<String> = original
+        .recipients
+        .iter()
+        .map(|r| mailgen::one_line(r, 512))
+        .collect();
+    let human = mailgen::wrap(
+        &format!(
+            "This is the mail relay at {host}.\n\nYour message could not be delivered to {}. It has been given up on; no further attempts will be made.\n\nThe reason: {}\n\nThe headers of your message are attached.",
+            recipients.join(", "),
+            mailgen::one_line(why, 2000),
+        ),
+        76,
+    );
+    let mut report = format!(
+        "Reporting-MTA: dns; {host}\r\nX-Relay-Queue-ID: {id}\r\nArrival-Date: {arrived}\r\n",
+        id = original.id,
+        arrived = mailgen::date(original.received_at),
+    );
+    for r in &recipients {
+        report.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {status}\r\n{}\r\nLast-Attempt-Date: {}\r\n",
+            diagnostic(why),
+            mailgen::date(now),
+        ));
+    }
+    let mut out = format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{to}>\r\nSubject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\nMessage-ID: {mid}\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n boundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message: a delivery status notification.\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n{human}\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n{report}\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\nContent-Description: Undelivered Message Headers\r\n\r\n",
+        to = mailgen::one_line(&original.sender, 512),
+        date = mailgen::date(now),
+        mid = mailgen::message_id(&host),
+    )
+    .into_bytes();
+    out.extend_from_slice(&crlf_headers(headers));
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// The header section with CRLF line ends, cut at a line end to at most [`MAX_HEADERS`].
+fn crlf_headers(headers: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(headers.len().min(MAX_HEADERS) + 64);
+    for line in headers.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        if out.len() + line.len() + 2 > MAX_HEADERS {
+            break;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(
+            status("550 5.1.1 <x@y>: Recipient address rejected"),
+            "5.1.1"
+        );
+        assert_eq!(
+            status("554 5.2.252 SendAsDenied; a@b not allowed"),
+            "5.2.252"
+        );
+        assert_eq!(
+            status("expired after 5days; last error: 451 4.3.0 later"),
+            "5.4.7"
+        );
+        assert_eq!(status("Graph said 403 ErrorAccessDenied"), "5.0.0");
+        assert_eq!(status("450 4.2.2 mailbox full"), "5.2.2");
+    }
+
+    #[test]
+    fn diagnostic_codes_find_the_smtp_reply() {
+        assert_eq!(
+            diagnostic("permanent error (550): 5.1.1 <x@y>: no such user"),
+            "Diagnostic-Code: smtp; 550 5.1.1 <x@y>: no such user"
+        );
+        assert_eq!(
+            diagnostic("554 5.2.252 SendAsDenied"),
+            "Diagnostic-Code: smtp; 554 5.2.252 SendAsDenied"
+        );
+        assert_eq!(
+            diagnostic("Graph refused it: 403 ErrorAccessDenied"),
+            "Diagnostic-Code: X-relay; Graph refused it: 403 ErrorAccessDenied"
+        );
+        let long = diagnostic(&format!("550 5.7.1 {}", "word ".repeat(100)));
+        assert!(
+            long.split("\r\n").skip(1).all(|l| l.starts_with(' ')),
+            "folded: {long}"
+        );
+    }
+
+    #[test]
+    fn a_dsn_has_the_three_parts() {
+        let env = Envelope {
+            id: QueueId::new(),
+            sender: "scanner@lan.test".into(),
+            recipients: vec!["nobody@example.com".into(), "two@example.com".into()],
+            client: "192.0.2.1:1234".into(),
+            helo: None,
+            user: None,
+            listener: "127.0.0.1:25".into(),
+            received_at: SystemTime::now(),
+            body_8bit: false,
+        };
+        let long = "x ".repeat(300);
+        let why = format!("550 5.1.1 <nobody@example.com>: no such user {long}");
+        let m = dsn(
+            "relay.test",
+            &env,
+            b"Subject: scan\nFrom: scanner@lan.test\n",
+            &why,
+            SystemTime::now(),
+        );
+        let text = String::from_utf8(m).unwrap();
+        assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
+        assert!(text.contains("\r\nTo: <scanner@lan.test>\r\n"));
+        assert!(text.contains("\r\nContent-Type: message/delivery-status\r\n"));
+        assert!(text.contains("\r\nFinal-Recipient: rfc822; nobody@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1"));
+        assert!(text.contains("\r\nFinal-Recipient: rfc822; two@example.com\r\n"));
+        assert!(text.contains("\r\nContent-Type: text/rfc822-headers\r\nContent-Description: Undelivered Message Headers\r\n\r\nSubject: scan\r\nFrom: scanner@lan.test\r\n"));
+        assert!(text.trim_end().ends_with("--"));
+        assert!(
+            text.split("\r\n").all(|l| l.len() <= 998),
+            "every line fits SMTP"
+        );
+        assert!(!text.replace("\r\n", "").contains('\n'), "CRLF only");
+    }
+}

@@ -1,0 +1,73 @@
+//! What happened, for whatever watches besides the log: [`metrics`](crate::metrics) counts every event, alerts
+//! turn some into incidents, and bounces answer mail that went to `dead/`.
+//!
+//! Each place that logs one of these events (delivery, the token refresher, the SMTP session) also calls
+//! [`emit`], one line. The watchers are process-wide rather than handed down: the events come from deep in
+//! delivery and token refresh, and a reload that rebuilds accounts and delivery keeps the same watchers. One relay
+//! per process is what the daemon runs; in-process tests that start several share the metrics, and the last one
+//! started with `[alerts]` or `bounce` receives the events.
+//!
+//! [`emit`] never blocks on I/O: watchers update memory and hand any slow work to their own tasks.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::queue::QueueId;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A message was made durable; `latency` is from the final dot to the moment its 250 could be sent.
+    Accepted {
+        latency: Duration,
+    },
+    Delivered {
+        id: QueueId,
+        account: &'a str,
+    },
+    /// An attempt failed for now; `account` when one was tried.
+    Deferred {
+        id: QueueId,
+        account: Option<&'a str>,
+    },
+    /// The message was moved to `dead/`; `why` is its last error.
+    Dead {
+        id: QueueId,
+        account: Option<&'a str>,
+        why: &'a str,
+    },
+    TokenRefreshed {
+        account: &'a str,
+    },
+    /// A refresh failed and may work later (network, the endpoint's trouble, a wrong secret).
+    TokenRefreshFailed {
+        account: &'a str,
+        why: &'a str,
+    },
+    /// The grant is gone: only `relay authorize` helps.
+    AuthorizationNeeded {
+        account: &'a str,
+        why: &'a str,
+    },
+}
+
+/// Something that acts on events as they happen.
+pub trait Watcher: Send + Sync {
+    /// Called on the emitting thread (a runtime worker or the blocking pool): must not block.
+    fn seen(&self, event: &Event<'_>);
+}
+
+static WATCHERS: RwLock<Vec<Arc<dyn Watcher>>> = RwLock::new(Vec::new());
+
+/// Counts the event, and hands it to the watchers.
+pub fn emit(event: Event<'_>) {
+    crate::metrics::global().record(&event);
+    let watchers = WATCHERS.read().unwrap_or_else(|p| p.into_inner());
+    for w in watchers.iter() {
+        w.seen(&event);
+    }
+}
+
+/// Replaces the watchers (at start, and at a reload).
+pub fn set_watchers(watchers: Vec<Arc<dyn Watcher>>) {
+    *WATCHERS.write().unwrap_or_else(|p| p.into_inner()) = watchers;
+}

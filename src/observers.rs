@@ -1,0 +1,144 @@
+//! What watches the relay from beside the mail path, started with it: the metrics endpoint (`[metrics]`),
+//! alerts (`[alerts]`) and bounces (`bounce = "sender"`). Each is fed by [`events`](crate::events).
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::alerts::{Alerts, MailAccount, Notice, Notifier};
+use crate::config::{Bounce, Config};
+use crate::events::Watcher;
+use crate::metrics::StateReader;
+use crate::oauth::expiry::Expiry;
+use crate::queue::Spool;
+use crate::queue::delivery::Account;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    #[error("metrics address {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("alerts: cannot set up the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+struct AlertTask {
+    alerts: Arc<Alerts>,
+    notices: mpsc::Receiver<Notice>,
+    notifier: Notifier,
+    expiries: Vec<(String, Expiry)>,
+    every: std::time::Duration,
+}
+
+pub struct Observers {
+    reader: Arc<StateReader>,
+    metrics: Option<TcpListener>,
+    alerts: Option<AlertTask>,
+}
+
+impl Observers {
+    /// Binds the metrics address and installs the watchers the config asks for. With none asked for, the
+    /// process's watchers are left as they are (in-process tests run several relays).
+    pub async fn start(
+        config: &Config,
+        spool: &Spool,
+        accounts: &[Arc<Account>],
+    ) -> Result<Observers, ObserverError> {
+        let names: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
+        crate::metrics::global().know_accounts(&names);
+        let reader = Arc::new(StateReader::new(&config.state_dir, names));
+        let metrics = match &config.metrics {
+            Some(m) => Some(crate::metrics::bind(m.address).await.map_err(|source| {
+                ObserverError::Metrics {
+                    address: m.address,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let mut watchers: Vec<Arc<dyn Watcher>> = Vec::new();
+        let http = match &config.alerts {
+            // The same client as the token endpoints: rustls, and no redirects (a redirect would post the notice
+            // somewhere the config does not name).
+            Some(_) => Some(crate::accounts::http_client()?),
+            None => None,
+        };
+        let alerts = config.alerts.as_ref().zip(http).map(|(c, http)| {
+            let (alerts, notices) = Alerts::new(c, &config.state_dir);
+            watchers.push(alerts.clone());
+            let mail_accounts = accounts
+                .iter()
+                .filter_map(|a| {
+                    let cfg = config.accounts.iter().find(|c| c.name == a.name)?;
+                    Some(MailAccount {
+                        account: a.clone(),
+                        mailbox: cfg.mailbox.clone(),
+                    })
+                })
+                .collect();
+            AlertTask {
+                alerts,
+                notices,
+                notifier: Notifier {
+                    http,
+                    webhook_url: c.webhook_url.clone(),
+                    mail_to: c.mail_to.clone(),
+                    hostname: config.hostname.clone(),
+                    accounts: mail_accounts,
+                    state_dir: config.state_dir.clone(),
+                },
+                expiries: config
+                    .accounts
+                    .iter()
+                    .flat_map(|a| {
+                        crate::oauth::expiry::expiries(a)
+                            .into_iter()
+                            .map(|e| (a.name.clone(), e))
+                    })
+                    .collect(),
+                every: crate::alerts::tick_every(c),
+            }
+        });
+        if config.bounce == Bounce::Sender {
+            watchers.push(Arc::new(crate::bounce::Bouncer::new(
+                spool.clone(),
+                &config.hostname,
+            )));
+        }
+        if !watchers.is_empty() {
+            crate::events::set_watchers(watchers);
+        }
+        Ok(Observers {
+            reader,
+            metrics,
+            alerts,
+        })
+    }
+
+    /// Serves metrics and sends alerts until `stop`.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let metrics = async {
+            if let Some(listener) = self.metrics {
+                crate::metrics::serve(listener, self.reader.clone(), stop.clone()).await;
+            }
+        };
+        let alerts = async {
+            if let Some(t) = self.alerts {
+                crate::alerts::run(
+                    t.alerts,
+                    t.notices,
+                    t.notifier,
+                    self.reader.clone(),
+                    t.expiries,
+                    t.every,
+                    stop.clone(),
+                )
+                .await;
+            }
+        };
+        tokio::join!(metrics, alerts);
+    }
+}

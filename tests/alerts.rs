@@ -1,0 +1,420 @@
+//! `[alerts]` and `bounce = "sender"` through the real binary: a fake webhook (wiremock) and a fake mailbox (a
+//! fake upstream) receive one notice when an incident opens and one when it recovers, however many messages or
+//! failures belong to it; a message refused with 550 comes back to its sender as an RFC 3464 report.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::idp::{accounts_config, generic_account, idp_issuing, token, write_secret};
+use common::upstream::FakeUpstream;
+use common::*;
+use mail_parser::MimeHeaders;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const LISTENER: &str = "address = \"127.0.0.1:0\"\nauth = \"none\"";
+const REFUSED: &str = "550 5.1.1 <x@bad.test>: Recipient address rejected: no such user";
+
+async fn webhook() -> MockServer {
+    let hook = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&hook)
+        .await;
+    hook
+}
+
+/// A config with one account, `office` (with `flow`), and `[alerts]` posting to a fake webhook, plus `extra`
+/// keys; and that webhook.
+async fn office_with_alerts(
+    dir: &Path,
+    idp: &MockServer,
+    upstream: &FakeUpstream,
+    flow: &str,
+    extra: &str,
+) -> (std::path::PathBuf, MockServer) {
+    write_secret(dir);
+    let hook = webhook().await;
+    let text = format!(
+        "default_account = \"office\"\n{}[alerts]\nwebhook_url = \"{}/hook\"\n{extra}",
+        generic_account("office", &idp.uri(), upstream, flow),
+        hook.uri()
+    );
+    (write_config_with(dir, &text, LISTENER), hook)
+}
+
+/// The JSON bodies the webhook received, in order.
+async fn notices(hook: &MockServer) -> Vec<serde_json::Value> {
+    hook.received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("a JSON body"))
+        .collect()
+}
+
+/// Sends a message from `from` to `to` and returns its queue id.
+async fn send(addr: std::net::SocketAddr, from: &str, to: &str) -> String {
+    let mut c = RawClient::ready(addr).await;
+    c.cmd(&format!("MAIL FROM:<{from}>"), 250).await;
+    c.cmd(&format!("RCPT TO:<{to}>"), 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(
+        format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: scan 42\r\n\r\nhello\r\n.\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let reply = c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+/// Two accounts: `good` (the default, with a valid token already) and `bad`, whose upstream refuses every
+/// message for good; mail to `*@bad.test` goes through `bad`. `more` adds top-level keys and tables.
+struct TwoAccounts {
+    dir: tempfile::TempDir,
+    good: FakeUpstream,
+    _bad: FakeUpstream,
+    _idp: MockServer,
+    daemon: Daemon,
+}
+
+async fn two_accounts(top: &str, more: &str) -> TwoAccounts {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let good = FakeUpstream::start(&["tok"]).await;
+    let bad = FakeUpstream::start(&["tok"]).await;
+    *bad.data_reply.lock().unwrap() = REFUSED.to_string();
+    let routes = format!("[[route]]\nrecipient = \"*@bad.test\"\naccount = \"bad\"\n{more}\n");
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("good", &good), ("bad", &bad)],
+        top,
+        &routes,
+    );
+    let daemon = Daemon::spawn(&config);
+    TwoAccounts {
+        dir,
+        good,
+        _bad: bad,
+        _idp: idp,
+        daemon,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_messages_moved_to_dead_are_one_incident_by_webhook_and_mail_then_a_recovery() {
+    let hook = webhook().await;
+    let alerts = format!(
+        "[alerts]\nmail_to = \"admin@example.com\"\nwebhook_url = \"{}/hook\"\ndead_window = \"3s\"\n",
+        hook.uri()
+    );
+    let mut t = two_accounts("", &alerts).await;
+    for i in 0..5 {
+        send(t.daemon.addr, "scanner@lan.test", &format!("x{i}@bad.test")).await;
+    }
+    for _ in 0..5 {
+        t.daemon.wait_log("relay_event=\"dead\"");
+    }
+    // Opened once, by both channels; then, after 3 s without another, recovered once.
+    for state in ["open", "recovered"] {
+        let line = t.daemon.wait_log("relay_event=\"alert\"");
+        assert!(line.contains(&format!("state=\"{state}\"")), "{line}");
+        assert!(line.contains("incident=dead:bad"), "{line}");
+        t.daemon
+            .wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+        t.daemon
+            .wait_log("relay_event=\"alert_sent\" channel=\"mail\"");
+    }
+    let got = notices(&hook).await;
+    assert_eq!(
+        got.len(),
+        2,
+        "one notice per state, not per message: {got:#?}"
+    );
+    let (open, recovered) = (&got[0], &got[1]);
+    assert_eq!(open["event"], "dead");
+    assert_eq!(open["account"], "bad");
+    assert_eq!(open["incident"], "dead:bad");
+    assert_eq!(open["state"], "open");
+    assert_eq!(open["host"], "relay.test");
+    assert!(
+        open["text"].as_str().unwrap().contains("5.1.1 <x"),
+        "{open}"
+    );
+    assert!(open["at"].as_str().unwrap().ends_with('Z'), "{open}");
+    assert_eq!(recovered["incident"], "dead:bad");
+    assert_eq!(recovered["state"], "recovered");
+    assert_eq!(
+        recovered["count"], 5,
+        "the recovery counts the messages: {recovered}"
+    );
+
+    // The mail went through the healthy account, from its mailbox, to mail_to: the same two notices.
+    for state in ["OPEN", "RECOVERED"] {
+        let mail = t.good.next().await;
+        assert_eq!(mail.from, "good@example.com");
+        assert_eq!(mail.to, ["admin@example.com"]);
+        let text = String::from_utf8_lossy(&mail.data);
+        assert!(
+            text.contains(&format!(
+                "Subject: [relay relay.test] {state}: dead:bad\r\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("From: relay on relay.test <good@example.com>\r\n"),
+            "{text}"
+        );
+    }
+    assert!(t.good.received.try_recv().is_err(), "no third mail");
+    assert!(
+        t.dir.path().join("state/alerts.json").exists(),
+        "open incidents are kept across restarts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_needed_is_announced_once_and_recovers_when_mail_flows_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant", "error_description": "AADSTS70043: The refresh token has expired"
+        })))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["fresh"]).await;
+    let (config, hook) = office_with_alerts(dir.path(), &idp, &upstream, "device_code", "").await;
+    // An expired access token with a refresh token: the refresher tries it at once, and the grant is refused.
+    let state = dir.path().join("state");
+    let past = SystemTime::now() - Duration::from_secs(7200);
+    relay::tokens::TokenStore::new(&state)
+        .save(
+            "office",
+            &relay::tokens::StoredTokens {
+                access_token: "old".to_string().into(),
+                expires_at: past + Duration::from_secs(3600),
+                obtained_at: past,
+                refresh_token: Some("dead-refresh".to_string().into()),
+                last_refresh: Some(past),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    daemon.wait_log("relay_event=\"authorization_needed\"");
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(line.contains("state=\"open\""), "{line}");
+    // Mail waits meanwhile; its attempts do not announce the incident again.
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    let line = daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    assert!(
+        line.contains("incident=authorization_needed:office"),
+        "{line}"
+    );
+
+    // `relay authorize` stores a new grant; the next message goes, and the incident recovers.
+    write_valid_tokens(&state, "office", "fresh", Duration::from_secs(3600));
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    upstream.next().await;
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(line.contains("state=\"recovered\""), "{line}");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    let got = notices(&hook).await;
+    let states: Vec<_> = got
+        .iter()
+        .map(|n| {
+            (
+                n["incident"].as_str().unwrap(),
+                n["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("authorization_needed:office", "open"),
+            ("authorization_needed:office", "recovered")
+        ]
+    );
+    assert_eq!(got[0]["event"], "authorization_needed");
+    assert!(
+        got[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("relay authorize office"),
+        "the notice names the fix: {}",
+        got[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_refresh_failures_open_one_incident_and_a_refresh_closes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = MockServer::start().await;
+    // Three failures, then tokens again.
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("tok"))
+        .with_priority(2)
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let (config, hook) = office_with_alerts(
+        dir.path(),
+        &idp,
+        &upstream,
+        "client_credentials",
+        "refresh_failures = 3\n",
+    )
+    .await;
+    let mut daemon = Daemon::spawn(&config);
+    // The refresher's first try fails; each message's attempt tries again.
+    for _ in 0..3 {
+        send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    }
+    for _ in 0..3 {
+        daemon.wait_log("relay_event=\"token_refresh_failed\"");
+    }
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(
+        line.contains("incident=token_refresh_failed:office") && line.contains("state=\"open\""),
+        "{line}"
+    );
+    daemon.wait_log("relay_event=\"token_refreshed\"");
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(line.contains("state=\"recovered\""), "{line}");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    let got = notices(&hook).await;
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0]["event"], "token_refresh_failed");
+    assert_eq!(got[1]["state"], "recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let (config, hook) = office_with_alerts(
+        dir.path(),
+        &idp,
+        &upstream,
+        "client_credentials",
+        "queue_age = \"2s\"\n",
+    )
+    .await;
+    let mut daemon = Daemon::spawn(&config);
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(
+        line.contains("incident=queue_age:queue") && line.contains("state=\"open\""),
+        "{line}"
+    );
+    // The upstream takes mail again; a retry empties the queue.
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let retried = std::process::Command::new(relay_bin())
+        .args(["queue", "retry", "--all", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(retried.status.success(), "{retried:?}");
+    upstream.next().await;
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(
+        line.contains("incident=queue_age:queue") && line.contains("state=\"recovered\""),
+        "{line}"
+    );
+    daemon.wait_log("relay_event=\"alert_sent\"");
+    daemon.wait_log("relay_event=\"alert_sent\"");
+    let got = notices(&hook).await;
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0]["event"], "queue_age");
+    assert_eq!(got[0]["account"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_with_550_comes_back_to_its_sender_as_a_delivery_status_notification() {
+    let mut t = two_accounts("bounce = \"sender\"", "").await;
+    // A bounce is never bounced: a message with the null sender goes to dead/ without one.
+    send(t.daemon.addr, "", "null@bad.test").await;
+    t.daemon.wait_log("relay_event=\"dead\"");
+    let id = send(t.daemon.addr, "scanner@lan.test", "x@bad.test").await;
+    t.daemon.wait_log("relay_event=\"dead\"");
+    let line = t.daemon.wait_log("relay_event=\"bounce_queued\"");
+    assert!(line.contains(&id), "{line}");
+
+    // The first (and only) message through the good account is the report, from <> to the original sender.
+    let dsn = t.good.next().await;
+    assert_eq!(dsn.from, "", "a DSN has the null sender");
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let message = mail_parser::MessageParser::default()
+        .parse(&dsn.data)
+        .expect("the DSN parses");
+    let ct = message.content_type().expect("a Content-Type");
+    assert_eq!(ct.ctype(), "multipart");
+    assert_eq!(ct.subtype(), Some("report"));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    let parts: Vec<String> = message
+        .parts
+        .iter()
+        .skip(1)
+        .map(|p| {
+            let ct = p.content_type().expect("each part has a type");
+            format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers"
+        ],
+        "{text}"
+    );
+    for field in [
+        "Reporting-MTA: dns; relay.test\r\n",
+        "Final-Recipient: rfc822; x@bad.test\r\n",
+        "Action: failed\r\n",
+        "Status: 5.1.1\r\n",
+        "Diagnostic-Code: smtp; 550 5.1.1 <x@bad.test>:",
+        "Auto-Submitted: auto-replied\r\n",
+        // The original headers, relay's Received line included.
+        "Subject: scan 42\r\n",
+        "Received: from device.lan",
+    ] {
+        assert!(text.contains(field), "no {field:?} in\n{text}");
+    }
+    assert!(
+        text.contains(&format!("X-Relay-Queue-ID: {id}\r\n")),
+        "{text}"
+    );
+    assert!(t.good.received.try_recv().is_err(), "exactly one report");
+    assert_eq!(
+        files_in(&t.dir.path().join("state"), "dead")
+            .iter()
+            .filter(|f| f.ends_with(".msg"))
+            .count(),
+        2
+    );
+}

@@ -1,0 +1,201 @@
+//! `[metrics]` through the real binary: the endpoint is scraped over a socket and its Prometheus text parsed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::idp::{accounts_config, idp_issuing};
+use common::upstream::FakeUpstream;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LISTENER: &str = "address = \"127.0.0.1:0\"\nauth = \"none\"";
+
+/// One HTTP/1.1 request; returns the status line, the headers and the body.
+async fn get(addr: SocketAddr, request: &str) -> (String, String, String) {
+    let mut tcp = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(LIMIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("the response in time")
+        .unwrap();
+    let raw = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a head and a body");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_string(), body.to_string())
+}
+
+/// Samples of the text format: `name{labels}` (labels as written, sorted by the encoder) → value.
+fn samples(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("a sample line");
+            (series.to_string(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_shows_queue_depth_deliveries_by_account_token_expiry_and_latency_histograms()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let mut good = FakeUpstream::start(&["tok"]).await;
+    let bad = FakeUpstream::start(&["tok"]).await;
+    *bad.data_reply.lock().unwrap() = "550 5.7.1 refused".into();
+    let later = FakeUpstream::start(&["tok"]).await;
+    *later.data_reply.lock().unwrap() = "451 4.3.0 later".into();
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("good", &good), ("bad", &bad), ("later", &later)],
+        "",
+        "[[route]]\nrecipient = \"*@bad.test\"\naccount = \"bad\"\n[[route]]\nrecipient = \"*@later.test\"\naccount = \"later\"\n[metrics]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("relay_event=\"metrics_listening\"");
+    let metrics: SocketAddr = line
+        .rsplit("address=")
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .expect("the metrics address in the log");
+
+    for _ in 0..2 {
+        send_message(daemon.addr, b"Subject: fine\r\n\r\nbody\r\n").await;
+        good.next().await;
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    let mut c = RawClient::ready(daemon.addr).await;
+    for to in ["x@bad.test", "y@later.test"] {
+        c.cmd("MAIL FROM:<a@example.com>", 250).await;
+        c.cmd(&format!("RCPT TO:<{to}>"), 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(b"Subject: no\r\n\r\nbody\r\n.\r\n").await;
+        c.expect(250).await;
+    }
+    daemon.wait_log("relay_event=\"dead\"");
+    daemon.wait_log("relay_event=\"deferred\"");
+
+    let (status, headers, body) = get(
+        metrics,
+        "GET /metrics HTTP/1.1\r\nHost: relay\r\nAccept: */*\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{headers}"
+    );
+    let s = samples(&body);
+    let at = |series: &str| -> f64 {
+        *s.get(series)
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    assert_eq!(at("relay_queue_messages{state=\"queued\"}"), 0.0);
+    assert_eq!(at("relay_queue_messages{state=\"deferred\"}"), 1.0);
+    assert_eq!(at("relay_queue_messages{state=\"dead\"}"), 1.0);
+    assert_eq!(at("relay_queue_messages{state=\"quarantined\"}"), 0.0);
+    assert!(at("relay_queue_oldest_age_seconds") < 60.0);
+    assert_eq!(at("relay_messages_accepted_total"), 4.0);
+    assert_eq!(
+        at("relay_deliveries_total{account=\"good\",result=\"delivered\"}"),
+        2.0
+    );
+    assert_eq!(
+        at("relay_deliveries_total{account=\"bad\",result=\"dead\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("relay_deliveries_total{account=\"later\",result=\"deferred\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("relay_deliveries_total{account=\"good\",result=\"dead\"}"),
+        0.0,
+        "every account's series exists"
+    );
+    let expiry = at("relay_token_expiry_seconds{account=\"good\"}");
+    assert!((3000.0..=3600.0).contains(&expiry), "{expiry}");
+    assert_eq!(
+        at("relay_token_refresh_failures_total{account=\"good\"}"),
+        0.0
+    );
+
+    // Histograms: cumulative buckets up to +Inf, which equals the count.
+    for (name, count) in [
+        ("relay_accept_latency_seconds", 4.0),
+        ("relay_delivery_latency_seconds", 2.0),
+    ] {
+        let mut buckets: Vec<(f64, f64)> = s
+            .iter()
+            .filter_map(|(k, v)| {
+                let le = k
+                    .strip_prefix(&format!("{name}_bucket{{le=\""))?
+                    .strip_suffix("\"}")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                };
+                Some((le, *v))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(buckets.len() > 5, "{name} has buckets:\n{body}");
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{name} is cumulative: {buckets:?}"
+        );
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count), "{name}");
+        assert_eq!(at(&format!("{name}_count")), count);
+        assert!(at(&format!("{name}_sum")) >= 0.0);
+    }
+    assert!(
+        body.contains("# TYPE relay_delivery_latency_seconds histogram"),
+        "{body}"
+    );
+
+    let (status, _, _) = get(metrics, "GET /other HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _, _) = get(
+        metrics,
+        "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+}
+
+#[test]
+fn relay_check_names_a_bad_metrics_address_and_warns_of_one_beyond_loopback() {
+    let check = |address: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let table = format!("[metrics]\naddress = \"{address}\"\n");
+        let config = write_config_with(dir.path(), &table, LISTENER);
+        let out = std::process::Command::new(relay_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check("everywhere");
+    assert!(!ok && stderr.contains("metrics.address"), "{stderr}");
+    let (ok, stderr) = check("0.0.0.0:9325");
+    assert!(
+        ok && stderr.contains("warning: metrics.address 0.0.0.0:9325 is not loopback"),
+        "{stderr}"
+    );
+    let (ok, stderr) = check("127.0.0.1:9325");
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
+}
