@@ -148,9 +148,6 @@ pub fn build_one(
         client,
         store.clone(),
     ));
-    let timeout = a
-        .smtp_timeout
-        .unwrap_or(crate::upstream::smtp::DEFAULT_TIMEOUT);
     let graph = || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
     let primary = match a.transport {
         Transport::Smtp => Primary::Smtp(
@@ -158,7 +155,7 @@ pub fn build_one(
                 a.mailbox.clone(),
                 ep.clone(),
                 ca,
-                timeout,
+                a.smtp_timeout,
                 a.max_connections,
             )
             .map_err(err)?,

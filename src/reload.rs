@@ -272,7 +272,7 @@ impl Running {
                 spawn_refresher(a, tasks);
             }
         }
-        let delivery = Delivery::new(
+        let delivery = self.deliveries.borrow().succeeded_by(
             &config,
             accounts.iter().map(|a| a.account.clone()).collect(),
         );

@@ -227,6 +227,8 @@ async fn sighup_with_a_new_account_delivers_through_it_without_a_restart() {
     upstream.next().await;
     daemon.wait_log("relay_event=\"delivered\"");
     daemon.wait_log("relay_event=\"delivered\"");
+    // The file goes just after the log line: the status the daemon reports says when.
+    systemd.wait_for("STATUS=queue: 0 queued");
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert!(daemon.terminate().success());
 }

@@ -140,9 +140,11 @@ pub struct Delivery {
     pools_with: HashMap<String, Vec<usize>>,
     waiting: Arc<Waiting>,
     /// [`DELIVERY_MEMORY`] in KiB.
-    memory: Semaphore,
+    /// Shared with the `Delivery` a reload replaces this one with, so that old and new together stay within it.
+    memory: Arc<Semaphore>,
     /// Delivered, but their file could not be removed: never sent again by this run.
-    delivered: Mutex<HashSet<QueueId>>,
+    /// Shared across reloads too: a message delivered before a reload is not sent again after it.
+    delivered: Arc<Mutex<HashSet<QueueId>>>,
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
@@ -257,8 +259,18 @@ impl Delivery {
             pools_with,
             waiting: Arc::default(),
             accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
-            memory: Semaphore::new(MEMORY_UNITS as usize),
-            delivered: Mutex::new(HashSet::new()),
+            memory: Arc::new(Semaphore::new(MEMORY_UNITS as usize)),
+            delivered: Arc::default(),
+        }
+    }
+
+    /// The delivery a reload puts in this one's place: the new config's routes and accounts, and this one's
+    /// memory budget and record of delivered messages (deliveries in flight finish on this one meanwhile).
+    pub fn succeeded_by(&self, config: &Config, accounts: Vec<Arc<Account>>) -> Delivery {
+        Delivery {
+            memory: self.memory.clone(),
+            delivered: self.delivered.clone(),
+            ..Delivery::new(config, accounts)
         }
     }
 

@@ -69,22 +69,26 @@ impl GraphUpstream {
         let m = message.clone();
         let taken_apart = tokio::task::spawn_blocking(move || {
             let cut = largest_first(&m)?;
+            // Refused before the draft is built: a large message with nothing to cut out would be read whole.
+            let kept = m.size() - cut.iter().map(|l| l.cut.len()).sum::<usize>();
+            if encoded_len(kept) > REQUEST_LIMIT {
+                return Ok(Err(kept));
+            }
             let draft = without(&m, &cut)?;
-            Ok::<_, std::io::Error>((cut, draft))
+            Ok::<_, std::io::Error>(Ok((cut, draft)))
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
         let (cut, draft_mime) = match taken_apart {
-            Ok(parts) => parts,
+            Ok(Ok(parts)) => parts,
+            Ok(Err(kept)) => {
+                return Outcome::Permanent(format!(
+                    "Graph: even without its attachments the message is {kept} bytes, over Graph's 4 MB request limit"
+                ));
+            }
             Err(e) => return unreadable(e),
         };
-        if encoded_len(draft_mime.len()) > REQUEST_LIMIT {
-            return Outcome::Permanent(format!(
-                "Graph: even without its attachments the message is {} bytes, over Graph's 4 MB request limit",
-                draft_mime.len()
-            ));
-        }
         let id = match self.create_draft(token, &draft_mime).await {
             Ok(id) => id,
             Err(outcome) => return outcome,
@@ -252,6 +256,10 @@ impl GraphUpstream {
             chunks = it;
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(unreadable)?;
+            if chunk.is_empty() {
+                // A stray last symbol decodes to nothing: there is no range to send.
+                continue;
+            }
             let len = chunk.len() as u64;
             // The upload URL carries its own authorization; Graph refuses a bearer token on it.
             let resp = self

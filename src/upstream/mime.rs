@@ -18,6 +18,8 @@ const MAX_PARTS: usize = 1000;
 const MAX_DASH_LINES: usize = 100_000;
 /// A part's header block read, at most; a part whose header is longer is left in the message.
 const MAX_PART_HEAD: usize = 64 << 10;
+/// Transport padding after a boundary that is still taken for it (the line's SMTP limit).
+const MAX_PADDING: usize = 998;
 /// Bytes read at a time when scanning.
 const PIECE: usize = 256 << 10;
 
@@ -187,7 +189,11 @@ impl<S: Source> Iterator for Chunks<S> {
         if symbols.len() % 4 == 1 {
             symbols.pop();
         }
-        LENIENT.decode(&symbols).ok().map(Ok)
+        Some(
+            LENIENT
+                .decode(&symbols)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        )
     }
 }
 
@@ -346,7 +352,7 @@ impl<S: Source + ?Sized> Walker<'_, S> {
             .take_while(|&&at| at < body.end)
         {
             // The line up to where it must end: dashes, "--", transport padding (spaces, tabs), CRLF.
-            let end = (at + dashes.len() + 2 + 64 + 2).min(body.end);
+            let end = (at + dashes.len() + 2 + MAX_PADDING + 2).min(body.end);
             let line = self.message.read(at..end)?;
             let Some(rest) = line.strip_prefix(dashes.as_bytes()) else {
                 continue;

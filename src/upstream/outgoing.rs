@@ -32,6 +32,16 @@ pub struct Outgoing {
     head_end: usize,
     /// From the first pass; `None` when no line is over 998 octets.
     long_lines: Option<Arc<Plan>>,
+    /// For a message read again from its file: the seal, and the hash of the original header block, so that the
+    /// second read is checked too (the file could change between the reads, if something other than relay wrote
+    /// to it).
+    reread: Option<Arc<Reread>>,
+}
+
+struct Reread {
+    head_hash: blake3::Hasher,
+    len: u64,
+    seal: String,
 }
 
 #[derive(Clone)]
@@ -56,6 +66,7 @@ impl Outgoing {
             rest: Rest::Memory(bytes.into()),
             head_end,
             long_lines: (!plan.unchanged()).then(|| Arc::new(plan)),
+            reread: None,
         }
     }
 
@@ -101,11 +112,19 @@ impl Outgoing {
                 head_end: mime::body_start(&kept),
                 rest: Rest::Memory(kept.into()),
                 long_lines,
+                reread: None,
             }));
         }
         // Only the header block is kept; the rest is read again as it is sent.
         let head_end = head_end.unwrap_or(0);
         head.truncate(head_end);
+        let mut head_hash = blake3::Hasher::new();
+        head_hash.update(&head);
+        let reread = Some(Arc::new(Reread {
+            head_hash,
+            len,
+            seal: seal.to_string(),
+        }));
         Ok(Some(Outgoing {
             head: head.into(),
             head_end,
@@ -114,6 +133,7 @@ impl Outgoing {
                 range: offset + head_end as u64..offset + len,
             },
             long_lines,
+            reread,
         }))
     }
 
@@ -154,6 +174,7 @@ impl Outgoing {
                     head: head.into(),
                     rest: Rest::Memory(rest),
                     long_lines: self.long_lines.clone(),
+                    reread: None,
                 };
             }
             other => {
@@ -166,6 +187,7 @@ impl Outgoing {
             head: head.into(),
             rest,
             long_lines: self.long_lines.clone(),
+            reread: self.reread.clone(),
         }
     }
 
@@ -218,6 +240,7 @@ impl Outgoing {
     /// ([`long_lines`]): what an SMTP upstream must get.
     pub fn chunks(&self, wrap: bool) -> Chunks {
         Chunks {
+            check: self.reread.as_ref().map(|r| r.head_hash.clone()),
             message: self.clone(),
             at: 0,
             rewriter: match (&self.long_lines, wrap) {
@@ -251,6 +274,8 @@ fn header_end(bytes: &[u8]) -> Option<usize> {
 
 /// See [`Outgoing::chunks`].
 pub struct Chunks {
+    /// The original bytes read so far, hashed, for a message read again from its file.
+    check: Option<blake3::Hasher>,
     message: Outgoing,
     at: u64,
     rewriter: Option<long_lines::Rewriter>,
@@ -267,6 +292,16 @@ impl Chunks {
             let len = self.message.len();
             if self.at >= len {
                 self.done = true;
+                // Checked before the last piece is handed over: the SMTP client writes the final dot with it, so
+                // a message that changed on disk is abandoned, never delivered as it now reads.
+                if let (Some(hash), Some(r)) = (self.check.take(), &self.message.reread)
+                    && crate::queue::seal::seal(r.len, &hash.finalize()) != r.seal
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the queue file changed while it was sent (its bytes no longer match the seal)",
+                    ));
+                }
                 let mut tail = Vec::new();
                 if let Some(r) = self.rewriter.take() {
                     let unfoldable = r.finish(&mut tail);
@@ -287,6 +322,11 @@ impl Chunks {
                     io::ErrorKind::UnexpectedEof,
                     "the queue file shrank while it was sent",
                 ));
+            }
+            if let Some(hash) = &mut self.check {
+                // Only what comes from the file: the (possibly rewritten) head was hashed as it was at the open.
+                let from_file = (self.message.head.len() as u64).saturating_sub(self.at) as usize;
+                hash.update(&piece[from_file.min(piece.len())..]);
             }
             self.at += piece.len() as u64;
             match &mut self.rewriter {
@@ -348,6 +388,41 @@ mod tests {
             assert_eq!(new.header_block(), b"From: x@y\r\nSubject: s\r\n\r\n");
             assert_eq!(new.read_range(5..20).await.unwrap(), &expected[5..20]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_changed_between_the_reads_is_not_sent_whole() {
+        let mut msg = b"Subject: s\r\n\r\n".to_vec();
+        msg.extend(std::iter::repeat_n(b'x', 3 * CHUNK));
+        msg.extend_from_slice(b"\r\n");
+        let (f, seal) = file_with(&msg);
+        let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+            .unwrap()
+            .unwrap();
+        let o = o.with_head(b"Subject: t\r\n".to_vec(), 12);
+        f.as_file()
+            .write_all_at(b"y", 9 + 2 * CHUNK as u64)
+            .unwrap();
+        let mut c = o.chunks(true);
+        let mut result = Ok(());
+        loop {
+            match c.next().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // Unchanged, the rewritten head does not upset the check.
+        let (f, seal) = file_with(&msg);
+        let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+            .unwrap()
+            .unwrap()
+            .with_head(b"Subject: t\r\n".to_vec(), 12);
+        assert_eq!(collect(&o, false).await.len(), msg.len());
     }
 
     #[tokio::test]

@@ -34,6 +34,8 @@ pub struct Settings {
     pub tls_config: Arc<rustls::ClientConfig>,
     /// Per step: connecting, each reply.
     pub timeout: Duration,
+    /// The wait for the reply to the final dot (see `smtp::FINAL_REPLY`).
+    pub final_reply: Duration,
     /// The name relay gives in EHLO.
     pub helo: String,
 }
@@ -71,6 +73,7 @@ pub struct Conn {
     pos: usize,
     offers: Offers,
     timeout: Duration,
+    final_reply: Duration,
     transcript: Option<TranscriptHandle>,
     /// When it last finished a message (or was opened).
     pub last_used: Instant,
@@ -116,6 +119,7 @@ impl Conn {
             pos: 0,
             offers: Offers::default(),
             timeout: s.timeout,
+            final_reply: s.final_reply,
             transcript,
             last_used: Instant::now(),
         };
@@ -224,6 +228,11 @@ impl Conn {
             }
             for _ in &commands {
                 match self.reply().await {
+                    // The server is closing the connection (a reused one it had timed out): nothing of this
+                    // message was taken, and the rest of the replies will not come.
+                    Ok(r) if replies.is_empty() && r.code == 421 => {
+                        return Err(fail(Failure::Refused(r), true, false));
+                    }
                     Ok(r) => replies.push(r),
                     Err(f) => return Err(fail(f, replies.is_empty(), false)),
                 }
@@ -264,7 +273,7 @@ impl Conn {
         if let Err(f) = self.body(message).await {
             return Err(fail(f, false, false));
         }
-        match self.reply().await {
+        match self.reply_within(self.final_reply).await {
             Ok(r) if r.is_positive() => {
                 self.last_used = Instant::now();
                 Ok(r)
@@ -343,8 +352,21 @@ impl Conn {
         }
     }
 
-    /// The next reply: from what is buffered, else read (each read within the step's timeout).
+    /// Whether nothing the server sent is left unread: only then do the next replies belong to the next
+    /// commands.
+    pub fn is_clean(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    /// The next reply, within the step's timeout.
     async fn reply(&mut self) -> Result<Reply, Failure> {
+        self.reply_within(self.timeout).await
+    }
+
+    /// The next reply: from what is buffered, else read; the whole reply within `limit` (a server trickling a
+    /// byte at a time does not get a new timeout for each).
+    async fn reply_within(&mut self, limit: Duration) -> Result<Reply, Failure> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match reply::parse(&self.buf[self.pos..]) {
                 Ok(Some((r, used))) => {
@@ -367,7 +389,7 @@ impl Conn {
             self.buf.drain(..self.pos);
             self.pos = 0;
             let mut chunk = [0u8; 4096];
-            let n = match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
+            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
                 Ok(Ok(0)) => {
                     return Err(Failure::Connection("upstream closed the connection".into()));
                 }
@@ -380,7 +402,7 @@ impl Conn {
                 Err(_) => {
                     return Err(Failure::Connection(format!(
                         "upstream did not answer within {} (smtp_timeout)",
-                        humantime::format_duration(self.timeout)
+                        humantime::format_duration(limit)
                     )));
                 }
             };

@@ -31,6 +31,10 @@ pub use reply::Reply;
 
 /// Default for `smtp_timeout`: per step (connect, each reply), not for the whole message.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The wait for the reply to the final dot unless `smtp_timeout` is set: RFC 5321 section 4.5.3.2.6 asks for 10
+/// minutes, because a client that gives up while the server is still taking the message (scanning a large one)
+/// sends it again, a duplicate.
+pub const FINAL_REPLY: Duration = Duration::from_secs(600);
 /// An idle connection older than this is closed rather than reused (servers drop idle ones after a minute or
 /// so, Microsoft's after about ten).
 const STALE: Duration = Duration::from_secs(60);
@@ -50,10 +54,13 @@ impl SmtpUpstream {
         mailbox: String,
         endpoints: Endpoints,
         ca: Option<Vec<u8>>,
-        timeout: Duration,
+        smtp_timeout: Option<Duration>,
         max_connections: usize,
     ) -> Result<SmtpUpstream, String> {
         let tls_config = tls_config(ca.as_deref())?;
+        // A zero timeout would fail every attempt; a huge one would hold a delivery slot for good.
+        let clamp = |t: Duration| t.clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let timeout = clamp(smtp_timeout.unwrap_or(DEFAULT_TIMEOUT));
         Ok(SmtpUpstream {
             mailbox,
             settings: Settings {
@@ -61,8 +68,9 @@ impl SmtpUpstream {
                 port: endpoints.smtp_port,
                 tls: endpoints.smtp_tls,
                 tls_config: Arc::new(tls_config),
-                // A zero timeout would fail every attempt; a huge one would hold a delivery slot for good.
-                timeout: timeout.clamp(Duration::from_secs(1), Duration::from_secs(600)),
+                timeout,
+                // An `smtp_timeout` set in the config is what the admin wants for every reply.
+                final_reply: smtp_timeout.map_or(FINAL_REPLY, clamp),
                 helo: helo_name(),
             },
             idle: Mutex::new(Vec::new()),
@@ -151,6 +159,10 @@ impl SmtpUpstream {
     }
 
     fn give_back(&self, key: blake3::Hash, conn: Conn) {
+        // Bytes the server sent beyond its last reply would be read as the answers to the next commands.
+        if !conn.is_clean() {
+            return;
+        }
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < self.max_idle
         {
