@@ -332,14 +332,21 @@ pub struct Snapshot {
 /// Reads the state dir at most once per [`SNAPSHOT_TTL`], whoever asks.
 pub struct StateReader {
     state_dir: PathBuf,
+    /// With the key when token files are sealed.
+    tokens: crate::tokens::TokenStore,
     accounts: Vec<String>,
     last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
 }
 
 impl StateReader {
-    pub fn new(state_dir: &Path, accounts: Vec<String>) -> StateReader {
+    pub fn new(
+        state_dir: &Path,
+        tokens: crate::tokens::TokenStore,
+        accounts: Vec<String>,
+    ) -> StateReader {
         StateReader {
             state_dir: state_dir.to_path_buf(),
+            tokens,
             accounts,
             last: Mutex::new(None),
         }
@@ -366,7 +373,7 @@ impl StateReader {
         {
             return s.clone();
         }
-        let store = crate::tokens::TokenStore::new(&self.state_dir);
+        let store = &self.tokens;
         let tokens = self
             .accounts
             .iter()

@@ -49,7 +49,10 @@ impl Observers {
     ) -> Result<Observers, ObserverError> {
         let names: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
         crate::metrics::global().know_accounts(&names);
-        let reader = Arc::new(StateReader::new(&config.state_dir, names));
+        // A key that cannot be loaded has already stopped the start (accounts::build); plain, then.
+        let tokens = crate::tokens::TokenStore::for_config(config)
+            .unwrap_or_else(|_| crate::tokens::TokenStore::new(&config.state_dir));
+        let reader = Arc::new(StateReader::new(&config.state_dir, tokens.clone(), names));
         let metrics = match &config.metrics {
             Some(m) => Some(crate::metrics::bind(m.address).await.map_err(|source| {
                 ObserverError::Metrics {
@@ -89,6 +92,7 @@ impl Observers {
                     hostname: config.hostname.clone(),
                     accounts: mail_accounts,
                     state_dir: config.state_dir.clone(),
+                    tokens: tokens.clone(),
                 },
                 expiries: config
                     .accounts

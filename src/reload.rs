@@ -214,6 +214,38 @@ impl Running {
                 key: "state_dir",
             });
         }
+        // What the daemon set up once at start: the token key (every account's store, and files sealed with it),
+        // the metrics listener, the alert task and the bounces. A change is refused, not dropped silently.
+        let json = |v: serde_json::Result<serde_json::Value>| v.ok();
+        for (key, was, now) in [
+            (
+                "token_encryption",
+                json(serde_json::to_value(&self.config.token_encryption)),
+                json(serde_json::to_value(&config.token_encryption)),
+            ),
+            (
+                "alerts",
+                json(serde_json::to_value(&self.config.alerts)),
+                json(serde_json::to_value(&config.alerts)),
+            ),
+            (
+                "metrics",
+                json(serde_json::to_value(&self.config.metrics)),
+                json(serde_json::to_value(&config.metrics)),
+            ),
+            (
+                "bounce",
+                json(serde_json::to_value(self.config.bounce)),
+                json(serde_json::to_value(config.bounce)),
+            ),
+        ] {
+            if was != now {
+                return Err(ReloadError::NeedsRestart {
+                    file: config.source.clone(),
+                    key,
+                });
+            }
+        }
         let mut done = Reloaded::default();
         // Everything that can fail comes first.
         let http = accounts::shared_http()?;

@@ -40,7 +40,8 @@ where
             "no [[account]] is configured: mail is accepted and queued, but not delivered"
         );
     }
-    let watchdog = sd_notify::watchdog_enabled();
+    // WATCHDOG_USEC=0 (or garbage that parses to it) means no watchdog, not an interval of nothing.
+    let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
     let health = relay.health();
     if let Some(interval) = watchdog {
         // A healthy loop beats at least four times per interval, so that a late tick is never taken for a hang.

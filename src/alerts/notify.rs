@@ -38,6 +38,8 @@ pub struct Notifier {
     pub hostname: String,
     pub accounts: Vec<MailAccount>,
     pub state_dir: PathBuf,
+    /// With the key when token files are sealed.
+    pub tokens: crate::tokens::TokenStore,
 }
 
 #[derive(Serialize)]
@@ -85,7 +87,8 @@ impl Notifier {
                     return;
                 }
                 Ok(r) => last = format!("HTTP {}", r.status()),
-                Err(e) => last = error_chain(&e),
+                // reqwest names the URL in its errors, and a webhook's path is often its secret.
+                Err(e) => last = error_chain(&e.without_url()),
             }
             tokio::time::sleep(pause).await;
         }
@@ -134,9 +137,9 @@ impl Notifier {
             .map(|m| m.account.name.clone())
             .collect();
         let state_dir = self.state_dir.clone();
+        let store = self.tokens.clone();
         // Small files, but files: read on the blocking pool like everything else that touches the disk.
         let ranks = tokio::task::spawn_blocking(move || {
-            let store = crate::tokens::TokenStore::new(&state_dir);
             let now = SystemTime::now();
             names
                 .iter()

@@ -137,7 +137,8 @@ impl RawMetrics {
 
 /// https anywhere; plain http only to loopback (a local forwarder), as for every other URL relay talks to.
 fn check_url(url: &str) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    // The URL itself is not repeated in the errors: a webhook's path is often its secret.
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     match parsed.scheme() {
         "https" => Ok(()),
         "http" => {
@@ -148,7 +149,8 @@ fn check_url(url: &str) -> Result<(), String> {
                 Ok(())
             } else {
                 Err(format!(
-                    "plain http is allowed only to a loopback host: {url}"
+                    "plain http is allowed only to a loopback host, not {}",
+                    redact_url(url)
                 ))
             }
         }

@@ -96,7 +96,7 @@ impl Scheduler {
             ..Schedule::default()
         };
         let mut trigger_seen = trigger_mtime(&state_dir);
-        match self.load(&s).await {
+        match self.load(&s, &heartbeat, &mut beat).await {
             Ok((d, o)) => (s.due, s.overflow) = (d, o),
             Err(e) => {
                 // Marked incomplete, so that it is read again at the next turn of the loop.
@@ -145,7 +145,7 @@ impl Scheduler {
             }
             if s.overflow
                 && s.due.len() < MAX_SCHEDULED / 2
-                && let Ok((d, o)) = self.load(&s).await
+                && let Ok((d, o)) = self.load(&s, &heartbeat, &mut beat).await
             {
                 (s.due, s.overflow) = (d, o);
                 continue;
@@ -212,7 +212,7 @@ impl Scheduler {
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
-                    match self.load(&s).await {
+                    match self.load(&s, &heartbeat, &mut beat).await {
                         Ok((d, o)) => {
                             trigger_seen = now_seen;
                             (s.due, s.overflow) = (d, o);
@@ -251,8 +251,15 @@ impl Scheduler {
         }
     }
 
-    /// Reads the schedule from disk on the blocking pool, leaving out what is in flight or parked.
-    async fn load(&self, s: &Schedule) -> std::io::Result<(Due, bool)> {
+    /// Reads the schedule from disk on the blocking pool, leaving out what is in flight or parked. The heartbeat
+    /// goes on while it reads: a backlog of a hundred thousand state files on a cold disk can take longer than the
+    /// watchdog interval, and a restart would only read them again (a restart loop that delivers nothing).
+    async fn load(
+        &self,
+        s: &Schedule,
+        heartbeat: &crate::health::Heartbeat,
+        beat: &mut tokio::time::Interval,
+    ) -> std::io::Result<(Due, bool)> {
         let queue = self.delivery.paths().queue.clone();
         let skip: HashSet<QueueId> = s
             .in_flight
@@ -260,9 +267,14 @@ impl Scheduler {
             .chain(s.parked_ids.keys())
             .copied()
             .collect();
-        tokio::task::spawn_blocking(move || load_schedule(&queue, &skip))
-            .await
-            .map_err(std::io::Error::other)?
+        let read = tokio::task::spawn_blocking(move || load_schedule(&queue, &skip));
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                done = &mut read => return done.map_err(std::io::Error::other)?,
+                _ = beat.tick() => heartbeat.beat(),
+            }
+        }
     }
 }
 
