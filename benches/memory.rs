@@ -18,20 +18,23 @@
 //! once, which shows what the kernel's delayed ACK costs the drain); with any set, the table is printed but not
 //! recorded.
 
+#[path = "common/daemon.rs"]
+mod daemon;
 #[path = "common/sink.rs"]
 mod sink;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::process::{Child, Command};
+use daemon::{
+    Daemon, Mem, auth_listener, client_ip, connect_from, count_msgs, expect, fill, free_port,
+    message, one_message, open_listener, plain, relay_binary, reply, sink_account, state_line,
+    temp_dir,
+};
+use tokio::io::AsyncWriteExt;
 
 /// The issue's target for scenarios 2 to 4.
 const TARGET_MIB: f64 = 64.0;
@@ -138,310 +141,6 @@ fn over_target(hwm_kib: u64) -> Option<String> {
     (hwm_kib as f64 / 1024.0 > TARGET_MIB).then(|| format!("**over the {TARGET_MIB} MiB target**"))
 }
 
-/// The release binary: `$RELAY_BIN`, else `$CARGO_TARGET_DIR/release/relay`, else next to this bench's own
-/// directory (`target/release/deps/..`), else `target/release/relay` in the package.
-fn relay_binary() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("RELAY_BIN") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(dir).join("release/relay"));
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(release) = exe.parent().and_then(Path::parent)
-    {
-        candidates.push(release.join("relay"));
-    }
-    candidates.push(PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/release/relay"
-    )));
-    let Some(bin) = candidates.iter().find(|p| p.is_file()) else {
-        eprintln!(
-            "the release binary is missing (looked at {candidates:?}): run `cargo build --release` first \
-             (with the same CARGO_TARGET_DIR), then `cargo bench --bench memory`"
-        );
-        std::process::exit(2);
-    };
-    // A stale binary measures old code: say so.
-    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    let newest = newest_mtime(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")));
-    if let (Some(built), Some(newest)) = (built, newest)
-        && newest > built
-    {
-        eprintln!(
-            "warning: {} is older than the newest file in src/: run `cargo build --release` to measure the current code",
-            bin.display()
-        );
-    }
-    eprintln!("measuring {}", bin.display());
-    bin.clone()
-}
-
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            newest_mtime(&path)
-        } else {
-            entry.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-/// VmHWM, VmRSS and Threads from `/proc/PID/status`.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mem {
-    hwm_kib: u64,
-    rss_kib: u64,
-    threads: u64,
-}
-
-fn mem(pid: u32) -> Mem {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/PID/status of the daemon (is it still running?)");
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Mem {
-        hwm_kib: field("VmHWM:"),
-        rss_kib: field("VmRSS:"),
-        threads: field("Threads:"),
-    }
-}
-
-/// A running `relay serve`, its state dir and its log.
-struct Daemon {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Starts `relay serve --config CONFIG` and waits (bounded) until it greets on `addr`.
-    async fn start(bench: &Bench, dir: &Path, config: &str, addr: SocketAddr) -> Daemon {
-        let path = dir.join("relay.toml");
-        std::fs::write(&path, config).expect("write the bench config");
-        let check = Command::new(&bench.bin)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .await
-            .expect("run `relay check`");
-        assert!(
-            check.status.success(),
-            "`relay check` refused the bench config:\n{config}\n{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let log = dir.join(format!("relay-{}.log", addr.port()));
-        let stderr = std::fs::File::create(&log).expect("create the daemon's log file");
-        let child = Command::new(&bench.bin)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("STATE_DIRECTORY")
-            .envs(bench.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start `relay serve`");
-        let pid = child.id().expect("the daemon's pid");
-        let mut daemon = Daemon {
-            child,
-            pid,
-            addr,
-            log,
-        };
-        daemon.wait_ready().await;
-        daemon
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the daemon") {
-                panic!(
-                    "relay exited while starting ({status}); its log:\n{}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(Ok(true)) =
-                tokio::time::timeout(Duration::from_secs(2), greets(self.addr)).await
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "relay did not greet on {} within 60 s; its log:\n{}",
-                self.addr,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn mem(&self) -> Mem {
-        mem(self.pid)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// SIGTERM, then a bounded wait for the exit (SIGKILL after 90 s). Returns a note when the exit was not clean.
-    async fn stop(mut self) -> Option<String> {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
-        }
-        match tokio::time::timeout(Duration::from_secs(90), self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => None,
-            Ok(Ok(status)) => Some(format!("daemon exit: {status}")),
-            Ok(Err(e)) => Some(format!("daemon wait failed: {e}")),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                Some("daemon did not exit within 90 s of SIGTERM (killed)".into())
-            }
-        }
-    }
-}
-
-/// True when something on `addr` greets with 220 (then it is told QUIT).
-async fn greets(addr: SocketAddr) -> std::io::Result<bool> {
-    let mut r = BufReader::new(TcpStream::connect(addr).await?);
-    let (code, _) = reply(&mut r).await?;
-    let _ = r.get_mut().write_all(b"QUIT\r\n").await;
-    Ok(code == 220)
-}
-
-/// Reads one (possibly multi-line) reply: its code and its last line.
-async fn reply<S: tokio::io::AsyncRead + Unpin>(
-    r: &mut BufReader<S>,
-) -> std::io::Result<(u16, String)> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let code = line
-            .get(..3)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not a reply: {line:?}")))?;
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return Ok((code, line.trim_end().to_string()));
-        }
-    }
-}
-
-async fn expect<S: tokio::io::AsyncRead + Unpin>(
-    r: &mut BufReader<S>,
-    code: u16,
-) -> std::io::Result<()> {
-    let (got, line) = reply(r).await?;
-    if got != code {
-        return Err(std::io::Error::other(format!(
-            "expected {code}, got {line:?}"
-        )));
-    }
-    Ok(())
-}
-
-/// A free loopback port for a daemon's listener (the daemon binds it a moment later).
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    l.local_addr().expect("its address")
-}
-
-/// The `n`th client address: 127.0.0.2, 127.0.0.3, …
-fn client_ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + n)
-}
-
-/// A connection from `from` to `to`.
-async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::new(from.into(), 0))?;
-    let tcp = socket.connect(to).await?;
-    tcp.set_nodelay(true)?;
-    Ok(BufReader::new(tcp))
-}
-
-/// A 4 KiB message, final dot included.
-fn message() -> Vec<u8> {
-    let mut body =
-        b"From: bench@example.com\r\nTo: sink@example.com\r\nSubject: bench\r\n\r\n".to_vec();
-    while body.len() < 4096 - 5 {
-        body.extend_from_slice(
-            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789\r\n",
-        );
-    }
-    body.truncate(4096 - 5);
-    // Never a bare CR or LF at the cut (relay rejects those).
-    while body.last().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-        body.pop();
-    }
-    body.extend_from_slice(b"\r\n.\r\n");
-    body
-}
-
-fn plain(user: &str, password: &str) -> String {
-    format!(
-        "AUTH PLAIN {}\r\n",
-        B64.encode(format!("\0{user}\0{password}"))
-    )
-}
-
-fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("relay-memory-")
-        .tempdir_in("/var/tmp")
-        .expect("a temp dir under /var/tmp")
-}
-
-/// A listener that wants a login from any loopback address, in plain text (tls = "none").
-fn auth_listener(addr: SocketAddr) -> String {
-    format!(
-        "[[listener]]\naddress = \"{addr}\"\ntls = \"none\"\nauth = \"required\"\nallow = [\"127.0.0.0/8\"]\n"
-    )
-}
-
-/// A listener like the embedded default's: no login, loopback only.
-fn open_listener(addr: SocketAddr) -> String {
-    format!("[[listener]]\naddress = \"{addr}\"\nauth = \"none\"\n")
-}
-
-fn state_line(dir: &Path) -> String {
-    format!(
-        "state_dir = {:?}\n",
-        dir.join("state").display().to_string()
-    )
-}
-
-fn count_msgs(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |d| {
-        d.flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".msg"))
-            .count()
-    })
-}
-
 #[derive(Default)]
 struct Counts {
     connections: AtomicU64,
@@ -467,10 +166,10 @@ struct Bench {
 
 impl Bench {
     async fn idle(&self) -> Row {
-        let dir = temp_dir();
+        let dir = temp_dir("relay-memory-");
         let addr = free_port();
         let config = state_line(dir.path()) + &open_listener(addr);
-        let daemon = Daemon::start(self, dir.path(), &config, addr).await;
+        let daemon = Daemon::start(&self.bin, &self.env, dir.path(), &config, addr).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let m = daemon.mem();
         let stop = daemon.stop().await;
@@ -484,13 +183,13 @@ impl Bench {
     }
 
     async fn wrong_passwords(&self) -> Row {
-        let dir = temp_dir();
+        let dir = temp_dir("relay-memory-");
         let addr = free_port();
         let hash = relay::smtp::auth::hash_password("the-right-password").expect("an argon2 hash");
         let config = state_line(dir.path())
             + &auth_listener(addr)
             + &format!("[[user]]\nname = \"printer\"\npassword_hash = \"{hash}\"\n");
-        let daemon = Daemon::start(self, dir.path(), &config, addr).await;
+        let daemon = Daemon::start(&self.bin, &self.env, dir.path(), &config, addr).await;
         let counts = Arc::new(Counts::default());
         let deadline = tokio::time::Instant::now() + HOSTILE_FOR;
         let mut clients = tokio::task::JoinSet::new();
@@ -552,7 +251,7 @@ impl Bench {
     }
 
     async fn first_logins(&self) -> Row {
-        let dir = temp_dir();
+        let dir = temp_dir("relay-memory-");
         let addr = free_port();
         let hashing = Instant::now();
         let users = tokio::task::spawn_blocking(|| {
@@ -573,7 +272,7 @@ impl Bench {
                 "[[user]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"
             ));
         }
-        let daemon = Daemon::start(self, dir.path(), &config, addr).await;
+        let daemon = Daemon::start(&self.bin, &self.env, dir.path(), &config, addr).await;
         let before = daemon.mem();
         let barrier = Arc::new(tokio::sync::Barrier::new(usize::from(LOGINS)));
         let body = Arc::new(message());
@@ -640,29 +339,22 @@ impl Bench {
     /// Fills a queue with `count` messages through a daemon without an account, then drains it through a second
     /// daemon whose account delivers to the sink.
     async fn backlog(&self, count: usize) -> Vec<Row> {
-        let dir = temp_dir();
+        let dir = temp_dir("relay-memory-");
         let queue = dir.path().join("state/queue");
 
         // Fill.
         let addr = free_port();
         let config = state_line(dir.path()) + &open_listener(addr);
-        let daemon = Daemon::start(self, dir.path(), &config, addr).await;
-        let body = Arc::new(message());
+        let daemon = Daemon::start(&self.bin, &self.env, dir.path(), &config, addr).await;
         let started = Instant::now();
-        let mut sessions = tokio::task::JoinSet::new();
-        for s in 0..FILL_SESSIONS {
-            let body = body.clone();
-            let n = count / FILL_SESSIONS + usize::from(s < count % FILL_SESSIONS);
-            sessions.spawn(fill(addr, n, body));
-        }
-        let filled = tokio::time::timeout(Duration::from_secs(1200), async {
-            while let Some(done) = sessions.join_next().await {
-                done.expect("a fill session")
-                    .expect("a fill session's SMTP exchange");
-            }
-        })
+        fill(
+            addr,
+            count,
+            FILL_SESSIONS,
+            FILL_PER_CONNECTION,
+            Duration::from_secs(1200),
+        )
         .await;
-        assert!(filled.is_ok(), "filling the queue took over 20 minutes");
         let fill_time = started.elapsed();
         let fill_mem = daemon.mem();
         let stop = daemon.stop().await;
@@ -689,43 +381,12 @@ impl Bench {
         // Drain.
         let quickack = std::env::var_os("RELAY_BENCH_SINK_QUICKACK").is_some();
         let sink = sink::Sink::start(quickack).await.expect("start the sink");
-        let now = SystemTime::now();
-        relay::tokens::TokenStore::new(&dir.path().join("state"))
-            .save(
-                "bench",
-                &relay::tokens::StoredTokens {
-                    access_token: "tok".to_string().into(),
-                    expires_at: now + Duration::from_secs(86_400),
-                    obtained_at: now,
-                    refresh_token: Some("refresh".to_string().into()),
-                    last_refresh: Some(now),
-                    needs_authorization: false,
-                    last_error: None,
-                },
-            )
-            .expect("write the account's token file");
         let addr = free_port();
         let config = state_line(dir.path())
-            + "default_account = \"bench\"\n"
-            + &open_listener(addr)
-            + &format!(
-                r#"[[account]]
-name = "bench"
-provider = "generic"
-flow = "authorization_code"
-mailbox = "noreply@example.com"
-client_id = "bench"
-token_url = "http://127.0.0.1:9/token"
-authorization_url = "http://127.0.0.1:9/authorize"
-scope = "smtp"
-smtp_host = "127.0.0.1"
-smtp_port = {}
-smtp_tls = "none"
-"#,
-                sink.addr.port()
-            );
+            + &sink_account(dir.path(), sink.addr.port())
+            + &open_listener(addr);
         let started = Instant::now();
-        let daemon = Daemon::start(self, dir.path(), &config, addr).await;
+        let daemon = Daemon::start(&self.bin, &self.env, dir.path(), &config, addr).await;
         let limit = Duration::from_secs(900);
         let mut peak_threads = 0;
         let mut last_scan = Instant::now();
@@ -805,38 +466,6 @@ async fn hostile(from: Ipv4Addr, to: SocketAddr, counts: &Counts) -> std::io::Re
     }
     r.get_mut().write_all(b"QUIT\r\n").await?;
     let _ = reply(&mut r).await;
-    Ok(())
-}
-
-/// One pipelined transaction on an open session: MAIL, RCPT and DATA in one write, then `body` (which ends with
-/// the final dot).
-async fn one_message(r: &mut BufReader<TcpStream>, body: &[u8]) -> std::io::Result<()> {
-    r.get_mut()
-        .write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\nDATA\r\n")
-        .await?;
-    for code in [250, 250, 354] {
-        expect(r, code).await?;
-    }
-    r.get_mut().write_all(body).await?;
-    expect(r, 250).await
-}
-
-/// One filling session: `n` messages, [`FILL_PER_CONNECTION`] per connection.
-async fn fill(addr: SocketAddr, mut n: usize, body: Arc<Vec<u8>>) -> std::io::Result<()> {
-    while n > 0 {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let mut r = BufReader::new(tcp);
-        expect(&mut r, 220).await?;
-        r.get_mut().write_all(b"EHLO bench\r\n").await?;
-        expect(&mut r, 250).await?;
-        for _ in 0..n.min(FILL_PER_CONNECTION) {
-            one_message(&mut r, &body).await?;
-            n -= 1;
-        }
-        r.get_mut().write_all(b"QUIT\r\n").await?;
-        expect(&mut r, 221).await?;
-    }
     Ok(())
 }
 

@@ -4,10 +4,12 @@
 //! (with or without an initial response) gets `235 2.7.0 Accepted`; MAIL and RCPT get 250; DATA gets 354, the body
 //! is read up to the final dot and answered `250 2.0.0 OK`; RSET and NOOP get 250; QUIT gets 221. Replies are
 //! written once the client's pipelined commands have all been read.
+#![allow(dead_code)] // each bench uses a different part of this
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +17,7 @@ use tokio::task::JoinHandle;
 
 pub struct Sink {
     pub addr: SocketAddr,
-    messages: Arc<AtomicU64>,
+    messages: Arc<Counter>,
     connections: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
@@ -26,7 +28,7 @@ impl Sink {
     pub async fn start(quickack: bool) -> std::io::Result<Sink> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let messages = Arc::new(AtomicU64::new(0));
+        let messages = Arc::new(Counter::default());
         let connections = Arc::new(AtomicU64::new(0));
         let (m, c) = (messages.clone(), connections.clone());
         let accept = tokio::spawn(async move {
@@ -48,7 +50,12 @@ impl Sink {
 
     /// Messages accepted so far (final dot answered 250).
     pub fn messages(&self) -> u64 {
-        self.messages.load(Ordering::Relaxed)
+        self.messages.count.load(Ordering::Relaxed)
+    }
+
+    /// When the first and the latest message so far were accepted.
+    pub fn first_and_last(&self) -> Option<(Instant, Instant)> {
+        self.messages.times.lock().ok().and_then(|t| *t)
     }
 
     /// Connections accepted so far.
@@ -63,7 +70,24 @@ impl Drop for Sink {
     }
 }
 
-async fn session(tcp: TcpStream, messages: &AtomicU64, quickack: bool) -> std::io::Result<()> {
+/// Messages accepted, and when the first and the latest were.
+#[derive(Default)]
+struct Counter {
+    count: AtomicU64,
+    times: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl Counter {
+    fn add(&self) {
+        let now = Instant::now();
+        if let Ok(mut t) = self.times.lock() {
+            *t = Some((t.map_or(now, |(first, _)| first), now));
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn session(tcp: TcpStream, messages: &Counter, quickack: bool) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut r = BufReader::with_capacity(64 * 1024, tcp);
     let mut out = b"220 sink ESMTP\r\n".to_vec();
@@ -121,7 +145,7 @@ async fn session(tcp: TcpStream, messages: &AtomicU64, quickack: bool) -> std::i
                         break;
                     }
                 }
-                messages.fetch_add(1, Ordering::Relaxed);
+                messages.add();
                 out.extend_from_slice(b"250 2.0.0 OK\r\n");
             }
             b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
