@@ -347,7 +347,10 @@ impl AccountRate {
             }
             (to_file(&mut c, SystemTime::now()), c.generation)
         };
-        match write_file(path, &file) {
+        // An account without limits has nothing a forgotten count could break: its file is a report for `relay
+        // status`, written without the two fsyncs that would otherwise cap delivery at the disk's flush rate.
+        let durable = *lock(&self.limits) != RateConfig::default();
+        match write_file(path, &file, durable) {
             Ok(()) => {
                 *written = generation;
                 self.failing.store(false, Ordering::Relaxed);
@@ -423,11 +426,17 @@ fn to_file(c: &mut Counts, now: SystemTime) -> CountsFile {
     }
 }
 
-fn write_file(path: &Path, file: &CountsFile) -> std::io::Result<()> {
+/// Replaces the file atomically; with `durable`, fsynced (file and directory) before it returns.
+fn write_file(path: &Path, file: &CountsFile, durable: bool) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec(file).map_err(std::io::Error::other)?;
+    if !durable {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        return std::fs::rename(&tmp, path);
+    }
     let mut f = atomic_write_file::AtomicWriteFile::open(path)?;
     f.write_all(&bytes)?;
     f.commit()
