@@ -48,6 +48,8 @@ pub struct Account {
     /// Its sending limits, and what it has sent against them.
     pub rate: Arc<AccountRate>,
     slots: Arc<Semaphore>,
+    /// How many `slots` holds when none is taken.
+    connections: usize,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
@@ -83,6 +85,7 @@ impl Account {
             transports,
             rewrite,
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
+            connections: PER_ACCOUNT,
             last_written: Mutex::new(None),
         }
     }
@@ -90,6 +93,7 @@ impl Account {
     /// At most `n` deliveries (and so upstream connections) at once.
     pub fn with_connections(mut self, n: usize) -> Account {
         self.slots = Arc::new(Semaphore::new(n.max(1)));
+        self.connections = n.max(1);
         self
     }
 
@@ -276,6 +280,18 @@ impl Delivery {
 
     pub fn paths(&self) -> &SpoolPaths {
         &self.paths
+    }
+
+    /// How many attempts are worth running at once: twice the connections of all accounts (one sending, one
+    /// being read and routed), so that a backlog does not start attempts that only find every connection taken
+    /// and are parked, each having read its queue and state files for nothing.
+    pub fn attempt_budget(&self) -> usize {
+        self.accounts
+            .values()
+            .map(|a| a.connections)
+            .sum::<usize>()
+            .saturating_mul(2)
+            .max(4)
     }
 
     pub fn has_accounts(&self) -> bool {

@@ -129,6 +129,9 @@ impl Scheduler {
                     s.rerun.insert(id);
                     continue;
                 }
+                if s.in_flight.len() >= self.delivery.attempt_budget() {
+                    break;
+                }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     break;
                 };
