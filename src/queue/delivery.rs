@@ -595,13 +595,16 @@ impl Delivery {
         }
         match outcome {
             Outcome::Delivered(reply) => {
-                let name = &account.name;
-                crate::events::emit(crate::events::Event::Delivered { id, account: name });
-                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
                 }
-                self.remove_delivered(id)
+                // Removed first, logged after: once the journal says "delivered", a crash and restart cannot send the
+                // message a second time.
+                let next = self.remove_delivered(id);
+                let name = &account.name;
+                crate::events::emit(crate::events::Event::Delivered { id, account: name });
+                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
+                next
             }
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
