@@ -120,10 +120,18 @@ wait_greeting() {
 # --- the machine, and how busy it is -------------------------------------------------------------------------
 noise_samples=0
 noise_busy=0
+noise_max=0
 noise() {
-  # Compilers and test binaries of other worktrees, sampled between measurements.
+  # Between measurements nothing of ours runs: whatever keeps the CPUs busy for this second belongs to someone
+  # else (another worktree's build or tests).
+  local a b busy
+  a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat)
+  sleep 1
+  b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $5+$6}' /proc/stat)
+  busy=$(echo "$a $b" | awk '{t = ($3 - $1) + ($4 - $2); printf "%d", t ? 100 * ($3 - $1) / t : 0}')
   noise_samples=$((noise_samples + 1))
-  if pgrep -x 'rustc|rust-lld|cc1|ld|cargo' >/dev/null 2>&1; then noise_busy=$((noise_busy + 1)); fi
+  [ "$busy" -le 15 ] || noise_busy=$((noise_busy + 1))
+  [ "$busy" -le "$noise_max" ] || noise_max=$busy
 }
 record "machine_nproc $(nproc)"
 record "machine_cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
@@ -299,7 +307,7 @@ noise
 
 record "machine_load_end $(cut -d' ' -f1-3 /proc/loadavg)"
 record "finished $(date -u +%FT%TZ)"
-record "noise $noise_busy $noise_samples"
+record "noise $noise_busy $noise_samples $noise_max"
 
 # --- the table -------------------------------------------------------------------------------------------------
 python3 - "$results" "${quick:+quick}" <<'PY'
@@ -365,7 +373,7 @@ rows.append((f"forward: drain {fmt(int(one('drain_queued', '0') or 0))} queued m
              f"{series('drain_rate')} msg/s over {one('drain_connections')} upstream connections"
              f" ({one('drain_delivered')} delivered{'; ' + drain_note if drain_note else ''})",
              f"sink's own ceiling: {series('sink_rate')} msg/s (`smtp-source -s 4 -d`)",
-             "—" if dr is None else f"{dr:.2f}× the sink",
+             "—" if dr is None else f"{dr:.2f}× the sink" if dr >= 0.1 else f"{dr:.3f}× the sink",
              "≥ 0.8× the sink" + ("" if dr is None else (" (met)" if dr >= 0.8 else " (**not met**)"))))
 hwm = [int(v) for k in ("hwm_s20_relay", "hwm_s100_relay") for v in vals.get(k, []) if v.isdigit()]
 big = one("big_hwm_kib")
@@ -375,7 +383,7 @@ rows.append(("relay RSS: idle (2 s after start, with an account) / under load (V
              + ("" if one("big_relayed") == "1" else " (the 30 MiB message was not relayed)"),
              "—", "—", "30 MiB: ≤ 61 MiB" + ("" if not big.isdigit() else (" (met)" if big_ok else " (**not met**)"))))
 
-busy, samples = (vals.get("noise", ["0 0"])[-1].split() + ["0", "0"])[:2]
+busy, samples, peak = (vals.get("noise", ["0 0 0"])[-1].split() + ["0", "0", "0"])[:3]
 quiet = busy == "0"
 out = ["| figure | relay | Postfix 3.7 (delivery held) | ratio (medians) | target |",
        "| --- | --- | --- | --- | --- |"]
@@ -385,9 +393,11 @@ out.append(f"Run {one('started')} to {one('finished')} (UTC), commit `{one('comm
            f"Machine: {one('machine_nproc')} CPUs ({one('machine_cpu')}), kernel {one('machine_kernel')}, "
            f"state dirs on {one('machine_fs')}. Load average {one('machine_load_start')} at the start, "
            f"{one('machine_load_end')} at the end. "
-           + ("No compiler or linker of another worktree was seen between measurements."
-              if quiet else f"**Noisy run**: a compiler or linker of another worktree was running at {busy} of {samples} "
-                            "checks between measurements; read the ratios, not the absolute figures."))
+           + (f"Quiet: between measurements (nothing of the benchmark running) the CPUs were at most {peak}% busy "
+              f"({samples} one-second checks)."
+              if quiet else f"**Noisy run**: between measurements, when nothing of the benchmark runs, other programs "
+                            f"kept the CPUs over 15% busy in {busy} of {samples} one-second checks (up to {peak}%); "
+                            "read the ratios of neighbouring rounds rather than the absolute figures."))
 for n in notes:
     out.append("")
     out.append(f"Note: {n}.")
