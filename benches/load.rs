@@ -215,6 +215,7 @@ async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
 
     // Drain it into the sink.
     let before = sink.messages();
+    sink.restart_clock();
     let sink_at_start = sink.connections();
     let addr = free_port();
     let config = state_line(&dir) + &sink_account(&dir, sink.addr.port()) + &open_listener(addr);

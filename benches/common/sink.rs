@@ -58,6 +58,14 @@ impl Sink {
         self.messages.times.lock().ok().and_then(|t| *t)
     }
 
+    /// Forgets when the first and latest message were taken, so that [`Self::first_and_last`] times only what
+    /// comes next (the drain, after the sink's own ceiling was measured on it).
+    pub fn restart_clock(&self) {
+        if let Ok(mut t) = self.messages.times.lock() {
+            *t = None;
+        }
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)

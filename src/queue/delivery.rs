@@ -325,10 +325,11 @@ impl Delivery {
             .fold(0, usize::saturating_add)
     }
 
-    /// Writes every account's counters (at shutdown, after the last delivery).
+    /// Writes every account's counters that changed (every couple of seconds, and at shutdown after the last
+    /// delivery).
     pub fn save_counters(&self) {
         for a in self.accounts.values() {
-            a.rate.save();
+            a.rate.save_report();
         }
     }
 

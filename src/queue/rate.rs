@@ -11,8 +11,9 @@
 //! accepted messages count their recipients (an outage must not use up the day). An attempt whose outcome is
 //! unknown (stopped in the middle) counts in full.
 //!
-//! The counts are written to `STATE_DIR/rate/ACCOUNT.json` (atomically, fsynced) before each message goes out
-//! and after it is done, because the provider keeps counting across a restart. A file that cannot be read is
+//! The counts of an account with limits are written to `STATE_DIR/rate/ACCOUNT.json` (atomically, fsynced)
+//! before each message goes out and after it is done, because the provider keeps counting across a restart. An
+//! account without limits writes the same file every couple of seconds, as a report. A file that cannot be read is
 //! taken as the worst case: every limit reached when it was last written.
 
 use std::collections::VecDeque;
@@ -332,10 +333,30 @@ impl AccountRate {
         c.generation += 1;
     }
 
+    /// Writes the counts before and after each message, where that matters: for an account with limits, whose
+    /// counts must survive a crash (fsynced). An account without limits has nothing a forgotten count could
+    /// break; its file is a report for `relay status`, written by [`Self::save_report`] once every couple of
+    /// seconds: per message, the write and rename (and the old file's freeing) cost more than the delivery.
+    pub fn save(&self) {
+        if self.durable() {
+            self.write(true);
+        }
+    }
+
+    /// Writes the counts if they changed, whether or not the account has limits (the scheduler's periodic write,
+    /// and the last one at shutdown).
+    pub fn save_report(&self) {
+        self.write(self.durable());
+    }
+
+    fn durable(&self) -> bool {
+        *lock(&self.limits) != RateConfig::default()
+    }
+
     /// Writes the counts if they changed since the last write. Concurrent callers share writes: one that finds
     /// its change already written returns at once. A failure is logged (once until a write succeeds); the mail
     /// still goes, since refusing it would not make the counts any safer.
-    pub fn save(&self) {
+    fn write(&self, durable: bool) {
         let Some(path) = &self.path else {
             return;
         };
@@ -347,9 +368,6 @@ impl AccountRate {
             }
             (to_file(&mut c, SystemTime::now()), c.generation)
         };
-        // An account without limits has nothing a forgotten count could break: its file is a report for `relay
-        // status`, written without the two fsyncs that would otherwise cap delivery at the disk's flush rate.
-        let durable = *lock(&self.limits) != RateConfig::default();
         match write_file(path, &file, durable) {
             Ok(()) => {
                 *written = generation;

@@ -198,6 +198,11 @@ impl Scheduler {
             }
             test_wedge("scheduler").await;
             if std::mem::take(&mut ticked) {
+                // The counters of accounts without limits are written here rather than per message.
+                let delivery = self.delivery.clone();
+                drop(tokio::task::spawn_blocking(move || {
+                    delivery.save_counters()
+                }));
                 // A pool whose mail waits for a connection that was freed without its attempt saying so (rare, but
                 // it must not strand mail): one message comes back each tick. Pools waiting for a limit's window
                 // have their own wake-up.

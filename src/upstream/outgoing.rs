@@ -80,7 +80,8 @@ impl Outgoing {
         let mut head_end = None;
         let small = len <= SMALL;
         let mut kept = Vec::with_capacity(if small { len as usize } else { 0 });
-        let mut buf = vec![0; CHUNK];
+        // No larger than the message: a 256 KiB buffer per small message is an mmap and munmap each time.
+        let mut buf = vec![0; usize::try_from(len).unwrap_or(CHUNK).clamp(1, CHUNK)];
         let mut read = 0u64;
         let mut reader = (&mut file).take(len);
         loop {

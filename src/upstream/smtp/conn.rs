@@ -291,7 +291,9 @@ impl Conn {
         let started = Instant::now();
         let mut chunks = message.chunks(true);
         let mut stuffer = DotStuffer::default();
-        let mut out = Vec::with_capacity(WRITE + WRITE / 4);
+        // Sized for the message (plus room for stuffing and the terminator) when it is smaller than a write.
+        let expected = usize::try_from(message.len()).map_or(WRITE, |n| n + n / 32 + 8);
+        let mut out = Vec::with_capacity(expected.min(WRITE + WRITE / 4));
         let mut sent = 0u64;
         loop {
             let piece = chunks.next().await.map_err(|e| {
