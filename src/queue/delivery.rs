@@ -385,10 +385,13 @@ impl Delivery {
     pub async fn attempt(self: Arc<Self>, id: QueueId) -> Attempted {
         let now = SystemTime::now();
         if self.already_delivered(id) {
-            return self.clone().blocking(move |d| d.remove_delivered(id)).await;
+            return self
+                .clone()
+                .blocking(move |d| d.remove_delivered(id, true))
+                .await;
         }
         let path = msg_path(&self.paths.queue, id);
-        let msg = match file::read(&path) {
+        let (msg, opened) = match file::read_open(&path) {
             Ok(m) => m,
             // Deleted meanwhile (`relay queue delete`), or already delivered by an earlier attempt.
             Err(e) if e.is_not_found() => return Attempted::Done { account: None },
@@ -500,7 +503,7 @@ impl Delivery {
             // message stays in memory from it.
             tokio::task::spawn_blocking(move || {
                 rate.save();
-                open_message(&msg)
+                open_message(&msg, opened)
             })
             .await
         };
@@ -601,7 +604,7 @@ impl Delivery {
                 }
                 // Removed first, logged after: once the journal says "delivered", a crash and restart cannot send the
                 // message a second time.
-                let next = self.remove_delivered(id);
+                let next = self.remove_delivered(id, state.attempts > 0);
                 let name = &account.name;
                 crate::events::emit(crate::events::Event::Delivered { id, account: name });
                 tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
@@ -620,7 +623,11 @@ impl Delivery {
 
     /// Removes a delivered message. If that fails it stays in [`Self::delivered`], so this run never sends it
     /// again, and the removal is tried again a minute later.
-    fn remove_delivered(&self, id: QueueId) -> Attempted {
+    ///
+    /// `with_state`: whether it may have a state file (an earlier attempt failed); a first attempt's message has
+    /// none, and the unlink that would find nothing is skipped. (A state file left over all the same, one that
+    /// could not be read, is removed at the next start.)
+    fn remove_delivered(&self, id: QueueId, with_state: bool) -> Attempted {
         let path = msg_path(&self.paths.queue, id);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -630,7 +637,9 @@ impl Delivery {
                 return Attempted::later(SystemTime::now() + Duration::from_secs(60));
             }
         }
-        let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+        if with_state {
+            let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+        }
         if let Ok(mut d) = self.delivered.lock() {
             d.remove(&id);
         }
@@ -724,14 +733,12 @@ impl Delivery {
 }
 
 /// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking.
-fn open_message(msg: &super::QueuedMessage) -> std::io::Result<Option<Outgoing>> {
+fn open_message(
+    msg: &super::QueuedMessage,
+    file: std::fs::File,
+) -> std::io::Result<Option<Outgoing>> {
     if !msg.size_matches_seal() {
         return Ok(None);
     }
-    Outgoing::open(
-        std::fs::File::open(&msg.path)?,
-        msg.offset,
-        msg.size,
-        &msg.seal,
-    )
+    Outgoing::open(file, msg.offset, msg.size, &msg.seal)
 }

@@ -104,17 +104,22 @@ fn is_placeholder(head: &[u8]) -> bool {
 
 /// Reads the envelope line of a queue file. Only a sealed message is returned; see [`FileError`] for the rest.
 pub fn read(path: &Path) -> Result<QueuedMessage, FileError> {
+    read_open(path).map(|(msg, _)| msg)
+}
+
+/// [`read`], keeping the file open for whoever reads the message next (a delivery: one open, not two).
+pub fn read_open(path: &Path) -> Result<(QueuedMessage, File), FileError> {
     let io_err = |source| FileError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io_err)?;
+    let mut file = File::open(path).map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
     let mut line = Vec::new();
-    BufReader::new(file.take(MAX_ENVELOPE_LINE))
+    BufReader::new((&mut file).take(MAX_ENVELOPE_LINE))
         .read_until(b'\n', &mut line)
         .map_err(io_err)?;
-    parse(&line, len, path)
+    Ok((parse(&line, len, path)?, file))
 }
 
 /// Parses the start of a queue file: `head` holds its first bytes up to and including the first newline (or
