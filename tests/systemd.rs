@@ -282,6 +282,52 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     assert!(daemon.terminate().success());
 }
 
+/// What the daemon sets up once at start (the token key, alerts, metrics, bounces) is not changed by a reload:
+/// such a change is refused with the key that needs a restart, not dropped silently, and the running config
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_changes_that_need_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let (idp, mut upstream, dir, systemd) = fakes().await;
+    let port = free_port();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, &listener_on(port));
+    let good = std::fs::read_to_string(&config).unwrap();
+    let key = dir.path().join("token.key");
+    std::fs::write(&key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut daemon = serve(&config, &systemd, &[]);
+    systemd.wait_for("READY=1");
+
+    let changes = [
+        ("token_encryption", format!("token_encryption = {key:?}\n{good}")),
+        ("bounce", format!("bounce = \"sender\"\n{good}")),
+        (
+            "alerts",
+            format!("{good}\n[alerts]\nwebhook_url = \"http://127.0.0.1:9/hook\"\n"),
+        ),
+        (
+            "metrics",
+            format!("{good}\n[metrics]\naddress = \"127.0.0.1:{}\"\n", free_port()),
+        ),
+    ];
+    for (key, text) in changes {
+        std::fs::write(&config, text).unwrap();
+        signal(&daemon, libc::SIGHUP);
+        let refused = daemon.wait_log("relay_event=\"reload_refused\"");
+        assert!(
+            refused.contains(&format!(": {key}: changing it needs a restart")),
+            "{key}: {refused}"
+        );
+    }
+
+    std::fs::write(&config, &good).unwrap();
+    send_message(addr(port), BODY).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    assert!(daemon.terminate().success());
+}
+
 /// A reload that raises an account's sending limit lets its held mail go at once (not when the old limit's
 /// minute ends); one that points the account at another upstream sends new mail there. The counts carry over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
