@@ -292,6 +292,10 @@ impl Running {
                 old.refresher.send_replace(true);
                 if !accounts.iter().any(|a| a.config.name == old.config.name) {
                     done.accounts_removed.push(old.config.name.clone());
+                    // Its counts since the scheduler's last write, kept for `relay status` and for the day it
+                    // comes back.
+                    let rate = old.account.rate.clone();
+                    drop(tokio::task::spawn_blocking(move || rate.save_report()));
                 }
             }
         }

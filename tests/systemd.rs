@@ -300,7 +300,10 @@ async fn sighup_refuses_changes_that_need_a_restart() {
     systemd.wait_for("READY=1");
 
     let changes = [
-        ("token_encryption", format!("token_encryption = {key:?}\n{good}")),
+        (
+            "token_encryption",
+            format!("token_encryption = {key:?}\n{good}"),
+        ),
         ("bounce", format!("bounce = \"sender\"\n{good}")),
         (
             "alerts",
@@ -308,7 +311,10 @@ async fn sighup_refuses_changes_that_need_a_restart() {
         ),
         (
             "metrics",
-            format!("{good}\n[metrics]\naddress = \"127.0.0.1:{}\"\n", free_port()),
+            format!(
+                "{good}\n[metrics]\naddress = \"127.0.0.1:{}\"\n",
+                free_port()
+            ),
         ),
     ];
     for (key, text) in changes {

@@ -602,8 +602,9 @@ impl Delivery {
                 if let Ok(mut d) = self.delivered.lock() {
                     d.insert(id);
                 }
-                // Removed first, logged after: once the journal says "delivered", a crash and restart cannot send the
-                // message a second time.
+                // Removed first, logged after: once the journal says "delivered", a crash of relay cannot bring the
+                // message back to be sent again. (The unlink is not flushed: after a power cut it may come back and
+                // go a second time, a duplicate rather than a loss.)
                 let next = self.remove_delivered(id, state.attempts > 0);
                 let name = &account.name;
                 crate::events::emit(crate::events::Event::Delivered { id, account: name });
@@ -739,6 +740,11 @@ fn open_message(
 ) -> std::io::Result<Option<Outgoing>> {
     if !msg.size_matches_seal() {
         return Ok(None);
+    }
+    // Opened when the envelope was read: a `relay queue delete` since then leaves it readable but unlinked, and
+    // a deleted message is not sent.
+    if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 0 {
+        return Err(std::io::ErrorKind::NotFound.into());
     }
     Outgoing::open(file, msg.offset, msg.size, &msg.seal)
 }

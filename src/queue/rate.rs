@@ -244,6 +244,8 @@ impl AccountRate {
     }
 
     /// New limits from a reloaded config; what was sent still counts against them.
+    /// New limits (a reload). Counts kept so far only as a report are written durably at the next [`Self::save`],
+    /// before the next message goes out.
     pub fn set_limits(&self, limits: RateConfig) {
         *lock(&self.limits) = limits;
     }

@@ -106,6 +106,7 @@ impl Scheduler {
         }
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         let mut ticked = false;
+        let mut saving: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let now = SystemTime::now();
             let woken: Vec<usize> = s
@@ -198,11 +199,14 @@ impl Scheduler {
             }
             test_wedge("scheduler").await;
             if std::mem::take(&mut ticked) {
-                // The counters of accounts without limits are written here rather than per message.
-                let delivery = self.delivery.clone();
-                drop(tokio::task::spawn_blocking(move || {
-                    delivery.save_counters()
-                }));
+                // The counters of accounts without limits are written here rather than per message; one write at a
+                // time, so that a slow disk does not pile them up on the blocking pool.
+                if saving.as_ref().is_none_or(|h| h.is_finished()) {
+                    let delivery = self.delivery.clone();
+                    saving = Some(tokio::task::spawn_blocking(move || {
+                        delivery.save_counters()
+                    }));
+                }
                 // A pool whose mail waits for a connection that was freed without its attempt saying so (rare, but
                 // it must not strand mail): one message comes back each tick. Pools waiting for a limit's window
                 // have their own wake-up.

@@ -292,7 +292,8 @@ impl Conn {
         let mut chunks = message.chunks(true);
         let mut stuffer = DotStuffer::default();
         // Sized for the message (plus room for stuffing and the terminator) when it is smaller than a write.
-        let expected = usize::try_from(message.len()).map_or(WRITE, |n| n + n / 32 + 8);
+        let expected =
+            usize::try_from(message.len()).map_or(WRITE, |n| n.saturating_add(n / 32 + 8));
         let mut out = Vec::with_capacity(expected.min(WRITE + WRITE / 4));
         let mut sent = 0u64;
         loop {
