@@ -16,9 +16,18 @@ async fn daemon(
     upstream: &FakeUpstream,
     top: &str,
 ) -> (tempfile::TempDir, Daemon, wiremock::MockServer) {
+    daemon_with(upstream, top, "").await
+}
+
+/// As [`daemon`], with `more` tables (`[queue]`).
+async fn daemon_with(
+    upstream: &FakeUpstream,
+    top: &str,
+    more: &str,
+) -> (tempfile::TempDir, Daemon, wiremock::MockServer) {
     let dir = tempfile::tempdir().unwrap();
     let idp = idp_issuing("tok").await;
-    let config = accounts_config(dir.path(), &idp.uri(), &[("office", upstream)], top, "");
+    let config = accounts_config(dir.path(), &idp.uri(), &[("office", upstream)], top, more);
     let daemon = Daemon::spawn(&config);
     (dir, daemon, idp)
 }
@@ -168,4 +177,53 @@ async fn every_recipient_refused_goes_to_dead_as_before() {
         "{:?}",
         d.unmatched()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_names_the_recipients_it_was_finished_with_and_bounces_only_the_others()
+{
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .extend(std::iter::repeat_n(
+            (TO[2].to_string(), "451 4.2.1 mailbox busy".to_string()),
+            20,
+        ));
+    let (dir, mut d, _idp) = daemon_with(
+        &upstream,
+        "bounce = \"sender\"",
+        "[queue]\nretry = [\"1s\"]\nmax_age = \"2s\"\n",
+    )
+    .await;
+    let id = send(d.addr, &TO).await;
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[1]]);
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(
+        line.contains(&id) && line.contains("expired after"),
+        "{line}"
+    );
+    assert!(line.contains("a@example.com, b@example.com"), "{line}");
+    let state = std::fs::read_to_string(dir.path().join(format!("state/dead/{id}.state"))).unwrap();
+    assert!(state.contains("\"finished\""), "{state}");
+    // The DSN names the one that never got it.
+    let dsn = upstream.next().await;
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; c@example.com\r\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; a@example.com"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; b@example.com"),
+        "{text}"
+    );
+    d.wait_log("relay_event=\"delivered\"");
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
 }
