@@ -789,7 +789,7 @@ impl Delivery {
                     String::new()
                 } else {
                     format!(
-                        " (finished earlier, not concerned: {})",
+                        " (recipients already delivered to or refused for good, not concerned: {})",
                         state.finished.join(", ")
                     )
                 };

@@ -631,4 +631,81 @@ mod tests {
             }
         }
     }
+
+    /// A server without PIPELINING, one command at a time: a refused RCPT does not end the transaction, and the
+    /// message goes to the others.
+    #[tokio::test]
+    async fn one_at_a_time_a_refused_recipient_does_not_stop_the_others() {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = tokio::io::BufReader::new(tcp);
+            s.get_mut().write_all(b"220 hi\r\n").await.unwrap();
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            let mut in_data = false;
+            while s.read_line(&mut line).await.unwrap() > 0 {
+                let cmd = line.trim_end().to_string();
+                line.clear();
+                if in_data && cmd != "." {
+                    continue;
+                }
+                in_data = cmd == "DATA";
+                let reply: &[u8] = match cmd.as_str() {
+                    c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+                    c if c.starts_with("AUTH") => b"235 ok\r\n",
+                    "RCPT TO:<b@x.test>" => b"550 5.1.1 unknown\r\n",
+                    "DATA" => b"354 go\r\n",
+                    "." => b"250 2.0.0 queued\r\n",
+                    "QUIT" => break,
+                    _ => b"250 ok\r\n",
+                };
+                if !cmd.starts_with("AUTH") && !cmd.starts_with("EHLO") {
+                    seen.push(cmd);
+                }
+                s.get_mut().write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tls_config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let settings = Settings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: TlsMode::None,
+            tls_config: Arc::new(tls_config),
+            timeout: Duration::from_secs(10),
+            final_reply: Duration::from_secs(10),
+            helo: "test".into(),
+        };
+        let token = SecretString::from("t");
+        let mut conn = Conn::open(&settings, "me@x.test", &token, None)
+            .await
+            .unwrap();
+        let to = ["a@x.test", "b@x.test", "c@x.test"].map(String::from);
+        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
+        let sent = conn.send("me@x.test", &to, &message, false).await.unwrap();
+        assert_eq!(sent.reply.code, 250);
+        assert_eq!(sent.refused.len(), 1);
+        assert_eq!((sent.refused[0].0, sent.refused[0].1.code), (1, 550));
+        conn.quit().await;
+        let seen = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen[..5],
+            [
+                "MAIL FROM:<me@x.test>",
+                "RCPT TO:<a@x.test>",
+                "RCPT TO:<b@x.test>",
+                "RCPT TO:<c@x.test>",
+                "DATA"
+            ]
+        );
+    }
 }
