@@ -4,6 +4,10 @@
 //! Never for a message whose sender is null: that is a bounce already (RFC 5321 section 4.5.5), and a DSN that
 //! itself goes to `dead/` has a null sender, so bounces cannot loop. The DSN is handed to the spool as the
 //! message is moved to `dead/`; only a crash between the two loses it (the message itself stays in `dead/`).
+//!
+//! A DSN names only the recipients that did not get the message: those the upstream refused for good while it
+//! took the message for others (bounced then, the message still queued), and, for a dead message, those not
+//! finished with by an earlier partial delivery (its state file says which).
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -20,27 +24,49 @@ const MAX_HEADERS: usize = 64 * 1024;
 pub struct Bouncer {
     spool: Spool,
     dead: PathBuf,
+    queue: PathBuf,
     hostname: String,
+}
+
+/// Which of a message's recipients a DSN is for.
+enum Failed<'a> {
+    /// Moved to `dead/`: all but those an earlier attempt finished with.
+    Dead,
+    /// Refused for good while the others got it (the message is still in `queue/`).
+    Refused(&'a [String]),
 }
 
 impl Bouncer {
     pub fn new(spool: Spool, hostname: &str) -> Bouncer {
         Bouncer {
             dead: spool.paths().dead.clone(),
+            queue: spool.paths().queue.clone(),
             spool,
             hostname: hostname.to_string(),
         }
     }
 
-    fn bounce(&self, id: QueueId, why: &str) {
-        let original = match crate::queue::file::read(&msg_path(&self.dead, id)) {
+    fn bounce(&self, id: QueueId, failed: Failed<'_>, why: &str) {
+        let dir = match failed {
+            Failed::Dead => &self.dead,
+            Failed::Refused(_) => &self.queue,
+        };
+        let mut original = match crate::queue::file::read(&msg_path(dir, id)) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the dead message to bounce it");
+                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message to bounce it");
                 return;
             }
         };
         if original.envelope.sender.is_empty() {
+            return;
+        }
+        original.envelope.recipients = match failed {
+            Failed::Dead => crate::queue::state::read_state(&self.dead, id)
+                .remaining(&original.envelope.recipients),
+            Failed::Refused(recipients) => recipients.to_vec(),
+        };
+        if original.envelope.recipients.is_empty() {
             return;
         }
         let headers = match original.header_block() {
@@ -101,10 +127,18 @@ impl Bouncer {
 }
 
 impl Watcher for Bouncer {
-    /// `Dead` is emitted from delivery's work on the blocking pool, so reading the message here is in place.
+    /// `Dead` and `RecipientsRefused` are emitted from delivery's work on the blocking pool, so reading the
+    /// message here is in place.
     fn seen(&self, event: &Event<'_>) {
-        if let Event::Dead { id, why, .. } = *event {
-            self.bounce(id, why);
+        match *event {
+            Event::Dead { id, why, .. } => self.bounce(id, Failed::Dead, why),
+            Event::RecipientsRefused {
+                id,
+                recipients,
+                why,
+                ..
+            } => self.bounce(id, Failed::Refused(recipients), why),
+            _ => {}
         }
     }
 }

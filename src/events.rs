@@ -35,6 +35,14 @@ pub enum Event<'a> {
         account: Option<&'a str>,
         why: &'a str,
     },
+    /// The upstream took the message for some recipients and refused these for good (the message is still in
+    /// `queue/` when this is emitted); `why` is its reply to them.
+    RecipientsRefused {
+        id: QueueId,
+        account: &'a str,
+        recipients: &'a [String],
+        why: &'a str,
+    },
     TokenRefreshed {
         account: &'a str,
     },

@@ -206,6 +206,8 @@ impl Metrics {
                 .deliveries
                 .with_label_values(&["dead", account.unwrap_or("")])
                 .inc(),
+            // Counted by the message's own outcome (delivered or deferred).
+            Event::RecipientsRefused { .. } => {}
             Event::TokenRefreshed { account } => {
                 self.refreshes.with_label_values(&[account]).inc();
             }

@@ -151,16 +151,7 @@ async fn queue_retry_sends_a_deferred_message_now() {
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
     let cli_config = relay.dir.path().join("cli.toml");
     std::fs::write(&cli_config, format!("state_dir = {:?}\n", relay.state())).unwrap();
-    let out = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", &id, "--config"])
-        .arg(&cli_config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    queue_retry(&cli_config, &id);
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), BODY);
     relay.attempts_done(2).await;

@@ -188,7 +188,7 @@ impl Tracker {
                     format!("message {id}{via} was moved to dead/: {why}. Further messages moved to dead/ within {window} of the last one belong to this incident and are counted, not announced one by one. `relay status` shows the count; the files are in STATE_DIR/dead/.")
                 });
             }
-            Event::Accepted { .. } | Event::Deferred { .. } => {}
+            Event::Accepted { .. } | Event::Deferred { .. } | Event::RecipientsRefused { .. } => {}
         }
         out
     }

@@ -29,7 +29,7 @@ use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
-use crate::upstream::{Outcome, Transports};
+use crate::upstream::{Outcome, Refusal, Transports};
 
 /// Deliveries in flight per account unless `max_connections` says otherwise: Microsoft allows a few concurrent
 /// SMTP connections per mailbox.
@@ -425,6 +425,15 @@ impl Delivery {
             // Scheduled twice (a reread of the schedule raced a deferral): keep the later time.
             return Attempted::later(next);
         }
+        // Only those not finished with in an earlier attempt (accepted, or refused for good).
+        let recipients = state.remaining(&msg.envelope.recipients);
+        if recipients.is_empty() {
+            // The attempt that finished the last of them stopped before the removal (a crash).
+            return self
+                .clone()
+                .blocking(move |d| d.remove_delivered(id, true))
+                .await;
+        }
         if msg
             .envelope
             .received_at
@@ -474,7 +483,7 @@ impl Delivery {
         // and comes back when a delivery of its accounts ends or a limit's window frees.
         let (account, slot, mut reservation) = match self.take_place(
             decision.accounts,
-            msg.envelope.recipients.len(),
+            recipients.len(),
             now,
         ) {
             Ok(place) => place,
@@ -550,7 +559,7 @@ impl Delivery {
             .send(
                 &account.tokens,
                 &sender,
-                &msg.envelope.recipients,
+                &recipients,
                 &message,
                 msg.envelope.body_8bit,
             )
@@ -559,8 +568,9 @@ impl Delivery {
         let name = account.name.clone();
         self.clone()
             .blocking(move |d| {
-                reservation.finish(matches!(outcome, Outcome::Delivered(_)));
-                let next = d.settle(id, &account, outcome, &mut state);
+                let taken = matches!(outcome, Outcome::Delivered(_) | Outcome::Partial { .. });
+                reservation.finish(taken);
+                let next = d.settle(id, &account, outcome, &recipients, &mut state);
                 account.rate.save();
                 next
             })
@@ -581,35 +591,29 @@ impl Delivery {
         }
     }
 
-    /// Acts on an outcome: remove, dead, or defer.
+    /// Acts on an outcome: remove, dead, or defer. `sent_to`: the recipients this attempt was for.
     fn settle(
         &self,
         id: QueueId,
         account: &Account,
         outcome: Outcome,
+        sent_to: &[String],
         state: &mut DeliveryState,
     ) -> Attempted {
         let state_dir = self.paths.state_dir();
         match &outcome {
-            Outcome::Delivered(r) => account.record(state_dir, "delivered", r),
+            Outcome::Delivered(r) | Outcome::Partial { reply: r, .. } => {
+                account.record(state_dir, "delivered", r)
+            }
             Outcome::Permanent(r) => account.record(state_dir, "dead", r),
             Outcome::Transient(r) | Outcome::AuthRejected(r) | Outcome::Throttled(r, _) => {
                 account.record(state_dir, "deferred", r)
             }
         }
         match outcome {
-            Outcome::Delivered(reply) => {
-                if let Ok(mut d) = self.delivered.lock() {
-                    d.insert(id);
-                }
-                // Removed first, logged after: once the journal says "delivered", a crash of relay cannot bring the
-                // message back to be sent again. (The unlink is not flushed: after a power cut it may come back and
-                // go a second time, a duplicate rather than a loss.)
-                let next = self.remove_delivered(id, state.attempts > 0);
-                let name = &account.name;
-                crate::events::emit(crate::events::Event::Delivered { id, account: name });
-                tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
-                next
+            Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.attempts > 0),
+            Outcome::Partial { reply, refused } => {
+                self.partial(id, account, &reply, &refused, sent_to, state)
             }
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
@@ -619,6 +623,71 @@ impl Delivery {
             Outcome::Throttled(reply, wait) => {
                 self.defer_for(id, state, &reply, Some(&account.name), wait)
             }
+        }
+    }
+
+    /// The message reached every recipient it was for (or all that could be reached).
+    fn delivered(
+        &self,
+        id: QueueId,
+        account: &Account,
+        reply: &str,
+        with_state: bool,
+    ) -> Attempted {
+        if let Ok(mut d) = self.delivered.lock() {
+            d.insert(id);
+        }
+        // Removed first, logged after: once the journal says "delivered", a crash of relay cannot bring the
+        // message back to be sent again. (The unlink is not flushed: after a power cut it may come back and go a
+        // second time, a duplicate rather than a loss.)
+        let next = self.remove_delivered(id, with_state);
+        let name = &account.name;
+        crate::events::emit(crate::events::Event::Delivered { id, account: name });
+        tracing::info!(relay_event = "delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, "delivered");
+        next
+    }
+
+    /// The upstream took the message for some recipients and refused the others. Those it took and those it
+    /// refused for good (5xx) are finished; those refused for now (4xx, a 452 "too many recipients" among
+    /// them) wait for the retry schedule's next step. The state is written before anything is logged, as for a
+    /// delivery: a crash before the write sends the message to the same recipients again (at least once), never
+    /// to nobody.
+    fn partial(
+        &self,
+        id: QueueId,
+        account: &Account,
+        reply: &str,
+        refused: &[Refusal],
+        sent_to: &[String],
+        state: &mut DeliveryState,
+    ) -> Attempted {
+        let (failed, later): (Vec<&Refusal>, Vec<&Refusal>) =
+            refused.iter().partition(|r| r.permanent);
+        let waits = |r: &String| later.iter().any(|l| &l.recipient == r);
+        state
+            .finished
+            .extend(sent_to.iter().filter(|r| !waits(r)).cloned());
+        let next = if later.is_empty() {
+            // Recorded before the removal: should it fail or a crash come between, the next attempt finds every
+            // recipient finished and removes the message without sending it again.
+            if let Err(e) = write_state(&self.paths.queue, id, state) {
+                tracing::error!(relay_queue_id = %id, error = %e, "cannot record the recipients delivered to");
+            }
+            None
+        } else {
+            let why = later
+                .iter()
+                .map(|r| format!("<{}>: {}", r.recipient, r.reply))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let why = format!("refused for now for {why} (the others have it)");
+            Some(self.defer(id, state, &why, Some(&account.name)))
+        };
+        // The bounces read the message from the queue: before its removal.
+        refused_for_good(id, &account.name, &failed);
+        match next {
+            Some(next) => next,
+            None => self.delivered(id, account, reply, true),
         }
     }
 
@@ -716,7 +785,16 @@ impl Delivery {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 crate::events::emit(crate::events::Event::Dead { id, account, why });
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), "moved to dead/{d}");
+                // After a partial delivery, the state file in dead/ keeps who had it already.
+                let done = if state.finished.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (recipients already delivered to or refused for good, not concerned: {})",
+                        state.finished.join(", ")
+                    )
+                };
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %state.finished.join(","), "moved to dead/{d}{done}");
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -730,6 +808,26 @@ impl Delivery {
                 Attempted::later(SystemTime::now() + Duration::from_secs(300))
             }
         }
+    }
+}
+
+/// Says which recipients the upstream refused for good, and has them bounced (one DSN per distinct reply).
+fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
+    let mut by_reply: Vec<(&str, Vec<String>)> = Vec::new();
+    for r in failed {
+        tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message goes to the others");
+        match by_reply.iter_mut().find(|(reply, _)| *reply == r.reply) {
+            Some((_, recipients)) => recipients.push(r.recipient.clone()),
+            None => by_reply.push((&r.reply, vec![r.recipient.clone()])),
+        }
+    }
+    for (why, recipients) in &by_reply {
+        crate::events::emit(crate::events::Event::RecipientsRefused {
+            id,
+            account,
+            recipients,
+            why,
+        });
     }
 }
 

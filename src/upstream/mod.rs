@@ -29,6 +29,12 @@ pub use transports::Transports;
 pub enum Outcome {
     /// Accepted upstream: remove from the queue. Carries the upstream reply.
     Delivered(String),
+    /// Accepted for some recipients, refused for the others (SMTP only: the HTTP APIs take all or none).
+    /// `reply` is the upstream's reply to the message; `refused` never holds every recipient.
+    Partial {
+        reply: String,
+        refused: Vec<Refusal>,
+    },
     /// Try again later (4xx, connection or TLS trouble, no token yet).
     Transient(String),
     /// The provider asked relay to wait (HTTP 429/503/504 with `Retry-After`): not before this long.
@@ -44,12 +50,24 @@ impl Outcome {
     pub fn reply(&self) -> &str {
         match self {
             Outcome::Delivered(r)
+            | Outcome::Partial { reply: r, .. }
             | Outcome::Transient(r)
             | Outcome::Throttled(r, _)
             | Outcome::Permanent(r)
             | Outcome::AuthRejected(r) => r,
         }
     }
+}
+
+/// A recipient the upstream refused while it took the message for others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// As in the queued envelope (not as quoted on the wire).
+    pub recipient: String,
+    /// The reply to its RCPT, as logged.
+    pub reply: String,
+    /// 5xx: failed for good; else (4xx) it is tried again.
+    pub permanent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -381,6 +381,20 @@ pub async fn send_message(addr: SocketAddr, body: &[u8]) -> String {
     reply.trim_end().rsplit(' ').next().unwrap().to_string()
 }
 
+/// `relay queue retry ID` with `config`: the message's next attempt now.
+pub fn queue_retry(config: &Path, id: &str) {
+    let out = Command::new(relay_bin())
+        .args(["queue", "retry", id, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The real `relay` binary running `serve`, with its address read from its own log.
 pub struct Daemon {
     pub child: Child,

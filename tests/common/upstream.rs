@@ -37,6 +37,10 @@ pub struct FakeUpstream {
     /// Every command line received (AUTH's argument left out), in order; a line that arrived with more
     /// commands already behind it in the same read (pipelined, RFC 2920) ends in " +".
     pub commands: Arc<Mutex<Vec<String>>>,
+    /// (recipient, reply): the first entry for a recipient answers its next RCPT instead of 250 and is used up,
+    /// e.g. ("x@example.com", "550 5.1.1 user unknown"). A refused recipient does not get the message; DATA with
+    /// none accepted is refused.
+    pub rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl FakeUpstream {
@@ -61,19 +65,21 @@ impl FakeUpstream {
         let log = commands.clone();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = connections.clone();
+        let rcpt_replies = Arc::new(Mutex::new(Vec::new()));
+        let r = rcpt_replies.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
-                let log = log.clone();
+                let (log, r) = (log.clone(), r.clone());
                 tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                session(stream, tx, t, d, log).await;
+                                session(stream, tx, t, d, log, r).await;
                             }
                         }
-                        None => session(tcp, tx, t, d, log).await,
+                        None => session(tcp, tx, t, d, log, r).await,
                     }
                 });
             }
@@ -85,6 +91,7 @@ impl FakeUpstream {
             data_reply,
             connections,
             commands,
+            rcpt_replies,
         }
     }
 
@@ -103,6 +110,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     tokens: Arc<Mutex<Vec<String>>>,
     data_reply: Arc<Mutex<String>>,
     log: Arc<Mutex<Vec<String>>>,
+    rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
 ) {
     let mut s = BufReader::new(tcp);
     let _ = w(&mut s, "220 fake.outlook.test ESMTP".into()).await;
@@ -168,27 +176,22 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if !authed {
                 "530 5.7.0 Authentication Required".into()
             } else {
-                msg.from = cmd[10..]
-                    .trim()
-                    .trim_start_matches('<')
-                    .split('>')
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
+                msg.from = path(&cmd[10..]);
                 msg.to.clear();
                 "250 2.1.0 OK".into()
             }
         } else if upper.starts_with("RCPT TO:") {
-            msg.to.push(
-                cmd[8..]
-                    .trim()
-                    .trim_start_matches('<')
-                    .split('>')
-                    .next()
-                    .unwrap_or("")
-                    .to_string(),
-            );
-            "250 2.1.5 OK".into()
+            let to = path(&cmd[8..]);
+            let mut replies = rcpt_replies.lock().unwrap();
+            match replies.iter().position(|(r, _)| *r == to) {
+                Some(i) => replies.remove(i).1,
+                None => {
+                    msg.to.push(to);
+                    "250 2.1.5 OK".into()
+                }
+            }
+        } else if upper == "DATA" && msg.to.is_empty() {
+            "554 5.5.1 No valid recipients".into()
         } else if upper == "DATA" {
             let _ = w(&mut s, "354 Go ahead".into()).await;
             if *data_reply.lock().unwrap() == "DROP" {
@@ -256,6 +259,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     }
+}
+
+/// The address in `<…>` after MAIL FROM: or RCPT TO:.
+fn path(arg: &str) -> String {
+    let arg = arg.trim().trim_start_matches('<');
+    arg.split('>').next().unwrap_or("").to_string()
 }
 
 async fn w<S: AsyncRead + AsyncWrite + Unpin>(

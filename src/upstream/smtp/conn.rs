@@ -62,6 +62,64 @@ pub struct SendFailure {
     pub reusable: bool,
 }
 
+/// A message the server took, for all its recipients or some.
+#[derive(Debug)]
+pub struct Sent {
+    /// The reply to the final dot.
+    pub reply: Reply,
+    /// The recipients it refused (index in the recipients given), with the reply to each one's RCPT.
+    pub refused: Vec<(usize, Reply)>,
+}
+
+/// What the replies to MAIL, RCPT… and DATA say to do.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// DATA was accepted for at least one recipient: send the body. The others were refused.
+    Data { refused: Vec<(usize, Reply)> },
+    /// No transaction: the message was refused for every recipient, with this reply.
+    Refused(Reply),
+}
+
+/// Decides from the replies to `MAIL`, each `RCPT` and `DATA`, in that order; a list cut short (commands sent
+/// one at a time stop at a refused MAIL, a 421, or no accepted recipient before DATA) is read as far as it goes.
+/// Pure.
+fn judge(replies: &[Reply], recipients: usize) -> Verdict {
+    let Some(mail) = replies.first() else {
+        return Verdict::Refused(Reply {
+            code: 421,
+            status: None,
+            text: "no reply to MAIL".into(),
+        });
+    };
+    if !mail.is_positive() {
+        return Verdict::Refused(mail.clone());
+    }
+    let rcpts = &replies[1..replies.len().min(recipients + 1)];
+    // The server is going away: whatever it accepted, the rest of this transaction will not happen.
+    if let Some(closing) = replies.iter().find(|r| r.code == 421) {
+        return Verdict::Refused(closing.clone());
+    }
+    let refused: Vec<(usize, Reply)> = rcpts
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_positive())
+        .map(|(i, r)| (i, r.clone()))
+        .collect();
+    if refused.len() == rcpts.len() {
+        return Verdict::Refused(
+            refused
+                .into_iter()
+                .next()
+                .map_or_else(|| mail.clone(), |(_, r)| r),
+        );
+    }
+    match replies.get(recipients + 1) {
+        Some(data) if data.code == 354 => Verdict::Data { refused },
+        Some(data) => Verdict::Refused(data.clone()),
+        None => Verdict::Refused(mail.clone()),
+    }
+}
+
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -188,14 +246,15 @@ impl Conn {
     }
 
     /// Sends one message: MAIL, RCPT… and DATA in one write when the server offers PIPELINING (RFC 2920), then
-    /// the body in large writes with the terminator in the last one.
+    /// the body in large writes with the terminator in the last one. The message goes to the recipients the
+    /// server accepted; those it refused come back in [`Sent::refused`] (by their index in `recipients`).
     pub async fn send(
         &mut self,
         sender: &str,
         recipients: &[String],
         message: &Outgoing,
         eight_bit: bool,
-    ) -> Result<Reply, SendFailure> {
+    ) -> Result<Sent, SendFailure> {
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.offers.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
@@ -238,10 +297,16 @@ impl Conn {
                 }
             }
         } else {
-            for c in &commands {
+            // One at a time: a refused MAIL or a 421 ends it; a refused RCPT does not, the others may be taken;
+            // DATA only once one was.
+            for (i, c) in commands.iter().enumerate() {
+                let is_data = i == commands.len() - 1;
+                if is_data && !replies.iter().skip(1).any(Reply::is_positive) {
+                    break;
+                }
                 match self.command(c).await {
                     Ok(r) => {
-                        let stop = !r.is_positive();
+                        let stop = r.code == 421 || (i == 0 && !r.is_positive());
                         replies.push(r);
                         if stop {
                             break;
@@ -251,32 +316,29 @@ impl Conn {
                 }
             }
         }
-        let data_started =
-            replies.len() == commands.len() && replies[replies.len() - 1].code == 354;
-        let refused = replies
-            .iter()
-            .take(commands.len() - 1)
-            .find(|r| !r.is_positive())
-            .or_else(|| replies.last().filter(|r| r.code != 354))
-            .cloned();
-        if let Some(refused) = refused {
-            // A 421 to the first command of a reused connection: the server was closing it.
-            let unanswered = replies[0].code == 421;
-            if data_started {
-                // DATA was accepted although a recipient was not: ending the data would send the message to the
-                // others alone. Dropping the connection abandons the transaction (RFC 5321 section 4.1.1.4).
-                return Err(fail(Failure::Refused(refused), false, false));
+        let refused = match judge(&replies, recipients.len()) {
+            Verdict::Data { refused } => refused,
+            Verdict::Refused(reply) => {
+                // A 421 to the first command of a reused connection: the server was closing it.
+                let unanswered = replies.first().is_some_and(|r| r.code == 421);
+                let data_started =
+                    replies.len() == commands.len() && replies[replies.len() - 1].code == 354;
+                if data_started {
+                    // DATA was accepted although no recipient was: ending the data would make an empty
+                    // transaction. Dropping the connection abandons it (RFC 5321 section 4.1.1.4).
+                    return Err(fail(Failure::Refused(reply), false, false));
+                }
+                let reusable = reply.code != 421 && self.rset().await;
+                return Err(fail(Failure::Refused(reply), unanswered, reusable));
             }
-            let reusable = refused.code != 421 && self.rset().await;
-            return Err(fail(Failure::Refused(refused), unanswered, reusable));
-        }
+        };
         if let Err(f) = self.body(message).await {
             return Err(fail(f, false, false));
         }
         match self.reply_within(self.final_reply).await {
-            Ok(r) if r.is_positive() => {
+            Ok(reply) if reply.is_positive() => {
                 self.last_used = Instant::now();
-                Ok(r)
+                Ok(Sent { reply, refused })
             }
             Ok(r) => {
                 let reusable = r.code != 421 && self.rset().await;
@@ -504,5 +566,147 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(code: u16) -> Reply {
+        Reply {
+            code,
+            status: None,
+            text: format!("reply {code}"),
+        }
+    }
+
+    #[test]
+    fn all_accepted_sends_the_data() {
+        let v = judge(&[r(250), r(250), r(250), r(354)], 2);
+        assert_eq!(v, Verdict::Data { refused: vec![] });
+    }
+
+    #[test]
+    fn some_refused_still_sends_to_the_others() {
+        let v = judge(&[r(250), r(250), r(550), r(451), r(354)], 3);
+        assert_eq!(
+            v,
+            Verdict::Data {
+                refused: vec![(1, r(550)), (2, r(451))]
+            }
+        );
+        // 452 too many recipients: one more refused recipient, no more.
+        let v = judge(&[r(250), r(452), r(250), r(354)], 2);
+        assert_eq!(
+            v,
+            Verdict::Data {
+                refused: vec![(0, r(452))]
+            }
+        );
+    }
+
+    #[test]
+    fn no_transaction_is_a_refusal_with_the_reply_that_ended_it() {
+        // (replies to MAIL, RCPT… and DATA; recipients; the reply the message is refused with)
+        let cases: [(&[u16], usize, u16); 8] = [
+            // None accepted: the first refusal.
+            (&[250, 550, 451, 554], 2, 550),
+            // Cut short (one at a time): no DATA was sent.
+            (&[250, 550, 451], 2, 550),
+            // A server that says 354 all the same: still refused (the caller drops the connection).
+            (&[250, 550, 354], 1, 550),
+            (&[550, 503, 503], 1, 550),
+            // DATA refused although a recipient was accepted.
+            (&[250, 250, 451], 1, 451),
+            // The server is closing: whatever it accepted.
+            (&[250, 250, 421], 2, 421),
+            (&[250, 250, 421, 421], 2, 421),
+            (&[], 1, 421),
+        ];
+        for (codes, n, refused) in cases {
+            let replies: Vec<Reply> = codes.iter().map(|&c| r(c)).collect();
+            match judge(&replies, n) {
+                Verdict::Refused(reply) => assert_eq!(reply.code, refused, "{codes:?}"),
+                v => panic!("{codes:?}: {v:?}"),
+            }
+        }
+    }
+
+    /// A server without PIPELINING, one command at a time: a refused RCPT does not end the transaction, and the
+    /// message goes to the others.
+    #[tokio::test]
+    async fn one_at_a_time_a_refused_recipient_does_not_stop_the_others() {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut s = tokio::io::BufReader::new(tcp);
+            s.get_mut().write_all(b"220 hi\r\n").await.unwrap();
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            let mut in_data = false;
+            while s.read_line(&mut line).await.unwrap() > 0 {
+                let cmd = line.trim_end().to_string();
+                line.clear();
+                if in_data && cmd != "." {
+                    continue;
+                }
+                in_data = cmd == "DATA";
+                let reply: &[u8] = match cmd.as_str() {
+                    c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+                    c if c.starts_with("AUTH") => b"235 ok\r\n",
+                    "RCPT TO:<b@x.test>" => b"550 5.1.1 unknown\r\n",
+                    "DATA" => b"354 go\r\n",
+                    "." => b"250 2.0.0 queued\r\n",
+                    "QUIT" => break,
+                    _ => b"250 ok\r\n",
+                };
+                if !cmd.starts_with("AUTH") && !cmd.starts_with("EHLO") {
+                    seen.push(cmd);
+                }
+                s.get_mut().write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tls_config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let settings = Settings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: TlsMode::None,
+            tls_config: Arc::new(tls_config),
+            timeout: Duration::from_secs(10),
+            final_reply: Duration::from_secs(10),
+            helo: "test".into(),
+        };
+        let token = SecretString::from("t");
+        let mut conn = Conn::open(&settings, "me@x.test", &token, None)
+            .await
+            .unwrap();
+        let to = ["a@x.test", "b@x.test", "c@x.test"].map(String::from);
+        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
+        let sent = conn.send("me@x.test", &to, &message, false).await.unwrap();
+        assert_eq!(sent.reply.code, 250);
+        assert_eq!(sent.refused.len(), 1);
+        assert_eq!((sent.refused[0].0, sent.refused[0].1.code), (1, 550));
+        conn.quit().await;
+        let seen = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen[..5],
+            [
+                "MAIL FROM:<me@x.test>",
+                "RCPT TO:<a@x.test>",
+                "RCPT TO:<b@x.test>",
+                "RCPT TO:<c@x.test>",
+                "DATA"
+            ]
+        );
     }
 }

@@ -22,11 +22,11 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::Outcome;
 use super::outgoing::Outgoing;
 use super::transcript::TranscriptHandle;
+use super::{Outcome, Refusal};
 use crate::oauth::Endpoints;
-use conn::{Conn, Failure, SendFailure, Settings};
+use conn::{Conn, Failure, SendFailure, Sent, Settings};
 pub use reply::Reply;
 
 /// Default for `smtp_timeout`: per step (connect, each reply), not for the whole message.
@@ -88,16 +88,16 @@ impl SmtpUpstream {
         message: &Outgoing,
         eight_bit: bool,
     ) -> Outcome {
-        let (sender, recipients) = match envelope(sender, recipients) {
+        let (sender, wire) = match envelope(sender, recipients) {
             Ok(e) => e,
             Err(reply) => return Outcome::Permanent(reply),
         };
         let key = blake3::hash(token.expose_secret().as_bytes());
         if let Some(mut conn) = self.reusable(key) {
-            match conn.send(&sender, &recipients, message, eight_bit).await {
-                Ok(reply) => {
+            match conn.send(&sender, &wire, message, eight_bit).await {
+                Ok(sent) => {
                     self.give_back(key, conn);
-                    return Outcome::Delivered(reply.to_string());
+                    return delivered(sent, recipients);
                 }
                 // Dead before it answered anything: the message goes on a fresh connection, in this attempt.
                 Err(f) if f.unanswered => {
@@ -110,10 +110,10 @@ impl SmtpUpstream {
             Ok(c) => c,
             Err(f) => return outcome(f),
         };
-        match conn.send(&sender, &recipients, message, eight_bit).await {
-            Ok(reply) => {
+        match conn.send(&sender, &wire, message, eight_bit).await {
+            Ok(sent) => {
                 self.give_back(key, conn);
-                Outcome::Delivered(reply.to_string())
+                delivered(sent, recipients)
             }
             Err(f) => self.failed(key, conn, f),
         }
@@ -128,7 +128,7 @@ impl SmtpUpstream {
         message: &Outgoing,
         transcript: TranscriptHandle,
     ) -> Outcome {
-        let (sender, recipients) = match envelope(sender, recipients) {
+        let (sender, wire) = match envelope(sender, recipients) {
             Ok(e) => e,
             Err(reply) => return Outcome::Permanent(reply),
         };
@@ -137,8 +137,8 @@ impl SmtpUpstream {
                 Ok(c) => c,
                 Err(f) => return outcome(f),
             };
-        let out = match conn.send(&sender, &recipients, message, true).await {
-            Ok(reply) => Outcome::Delivered(reply.to_string()),
+        let out = match conn.send(&sender, &wire, message, true).await {
+            Ok(sent) => delivered(sent, recipients),
             Err(f) => outcome(f.failure),
         };
         conn.quit().await;
@@ -176,6 +176,27 @@ impl SmtpUpstream {
         }
         outcome(f.failure)
     }
+}
+
+/// A message the server took: for every recipient, or for some (`recipients` as the queue gave them, so that
+/// the refused ones are named as in the envelope, not as quoted on the wire).
+fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
+    let reply = sent.reply.to_string();
+    if sent.refused.is_empty() {
+        return Outcome::Delivered(reply);
+    }
+    let refused = sent
+        .refused
+        .into_iter()
+        .filter_map(|(i, r)| {
+            Some(Refusal {
+                recipient: recipients.get(i)?.clone(),
+                permanent: r.is_permanent(),
+                reply: r.to_string(),
+            })
+        })
+        .collect();
+    Outcome::Partial { reply, refused }
 }
 
 /// What the queue does with a failure.

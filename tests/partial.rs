@@ -1,0 +1,215 @@
+//! Partial delivery through the real binary: the upstream refuses some recipients of a message and takes it
+//! for the others. Those it took get it once; those refused for good are bounced (and only they); those refused
+//! for now are tried again, alone.
+
+mod common;
+
+use common::idp::{accounts_config, idp_issuing};
+use common::upstream::{FakeUpstream, Received};
+use common::*;
+
+const TO: [&str; 3] = ["a@example.com", "b@example.com", "c@example.com"];
+const UNKNOWN: &str = "550 5.1.1 <b@example.com>: Recipient address rejected: user unknown";
+
+/// A daemon with one account on `upstream`; `top`: top-level keys (`bounce = "sender"`).
+async fn daemon(
+    upstream: &FakeUpstream,
+    top: &str,
+) -> (tempfile::TempDir, Daemon, wiremock::MockServer) {
+    daemon_with(upstream, top, "").await
+}
+
+/// As [`daemon`], with `more` tables (`[queue]`).
+async fn daemon_with(
+    upstream: &FakeUpstream,
+    top: &str,
+    more: &str,
+) -> (tempfile::TempDir, Daemon, wiremock::MockServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(dir.path(), &idp.uri(), &[("office", upstream)], top, more);
+    let daemon = Daemon::spawn(&config);
+    (dir, daemon, idp)
+}
+
+/// Sends one message from scanner@lan.test to `to`; its queue id.
+async fn send(addr: std::net::SocketAddr, to: &[&str]) -> String {
+    let mut c = RawClient::ready(addr).await;
+    c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+    for r in to {
+        c.cmd(&format!("RCPT TO:<{r}>"), 250).await;
+    }
+    c.cmd("DATA", 354).await;
+    c.send(b"From: <scanner@lan.test>\r\nSubject: scan 42\r\n\r\nhello\r\n.\r\n")
+        .await;
+    let reply = c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+/// Everything the upstream has received by now, without waiting.
+fn drain(upstream: &mut FakeUpstream) -> Vec<Received> {
+    std::iter::from_fn(|| upstream.received.try_recv().ok()).collect()
+}
+
+/// Checks that `dsn` is a report to the sender naming `failed` and no other of [`TO`]; its text.
+fn assert_dsn_for(dsn: &Received, failed: &str) -> String {
+    assert_eq!(dsn.from, "", "a DSN has the null sender");
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    for r in TO {
+        let named = text.contains(&format!("Final-Recipient: rfc822; {r}\r\n"));
+        assert_eq!(named, r == failed, "{r}: {text}");
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[1].into(), UNKNOWN.into()));
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let id = send(d.addr, &TO).await;
+
+    let line = d.wait_log("relay_event=\"recipient_refused\"");
+    assert!(
+        line.contains(&id) && line.contains(TO[1]) && line.contains("5.1.1"),
+        "{line}"
+    );
+    assert!(line.contains("WARN"), "{line}");
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[2]]);
+    assert_eq!(got.from, "office@example.com");
+
+    // The DSN, for the refused recipient alone, to the sender.
+    let line = d.wait_log("relay_event=\"bounce_queued\"");
+    assert!(line.contains(&id), "{line}");
+    let dsn = upstream.next().await;
+    let text = assert_dsn_for(&dsn, TO[1]);
+    assert!(text.contains("Status: 5.1.1\r\n"), "{text}");
+    // The message, then its DSN.
+    let lines = [
+        d.wait_log("relay_event=\"delivered\""),
+        d.wait_log("relay_event=\"delivered\""),
+    ];
+    assert!(lines.iter().any(|l| l.contains(&id)), "{lines:?}");
+
+    let state = dir.path().join("state");
+    assert!(queued_in(&state).is_empty(), "the message left the queue");
+    assert!(files_in(&state, "dead").is_empty(), "nothing in dead/");
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_for_now_is_retried_alone() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[2].into(), "451 4.3.0 mailbox busy, try later".into()));
+    let (dir, mut d, _idp) = daemon(&upstream, "").await;
+    let id = send(d.addr, &TO).await;
+
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[1]]);
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(
+        line.contains(&id) && line.contains(TO[2]) && line.contains("451"),
+        "{line}"
+    );
+    let state_file = dir.path().join(format!("state/queue/{id}.state"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(
+        state["finished"],
+        serde_json::json!([TO[0], TO[1]]),
+        "{state}"
+    );
+    assert_eq!(state["attempts"], 1);
+
+    // The next try is a minute away: now instead.
+    queue_retry(&dir.path().join("relay.toml"), &id);
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[2]], "only the recipient that waited");
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    let state = dir.path().join("state");
+    assert!(queued_in(&state).is_empty());
+    assert!(!state_file.exists(), "the state file goes with the message");
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+    let rcpts: Vec<String> = upstream
+        .commands
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .cloned()
+        .collect();
+    assert_eq!(rcpts.len(), 4, "three, then the one that waited: {rcpts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recipient_refused_goes_to_dead_as_before() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().extend(
+        TO.iter()
+            .map(|r| (r.to_string(), format!("550 5.1.1 <{r}>: user unknown"))),
+    );
+    let (dir, mut d, _idp) = daemon(&upstream, "").await;
+    let id = send(d.addr, &TO).await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id) && line.contains("5.1.1"), "{line}");
+    let state = dir.path().join("state");
+    assert!(state.join(format!("dead/{id}.msg")).exists());
+    assert!(queued_in(&state).is_empty());
+    assert!(drain(&mut upstream).is_empty(), "nobody got it");
+    assert!(
+        !d.unmatched()
+            .iter()
+            .any(|l| l.contains("recipient_refused")),
+        "{:?}",
+        d.unmatched()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_names_the_recipients_it_was_finished_with_and_bounces_only_the_others()
+{
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .extend(std::iter::repeat_n(
+            (TO[2].to_string(), "451 4.2.1 mailbox busy".to_string()),
+            20,
+        ));
+    let (dir, mut d, _idp) = daemon_with(
+        &upstream,
+        "bounce = \"sender\"",
+        "[queue]\nretry = [\"1s\"]\nmax_age = \"2s\"\n",
+    )
+    .await;
+    let id = send(d.addr, &TO).await;
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[1]]);
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(
+        line.contains(&id) && line.contains("expired after"),
+        "{line}"
+    );
+    assert!(line.contains("a@example.com, b@example.com"), "{line}");
+    let state = std::fs::read_to_string(dir.path().join(format!("state/dead/{id}.state"))).unwrap();
+    assert!(state.contains("\"finished\""), "{state}");
+    // The DSN names the one that never got it.
+    let dsn = upstream.next().await;
+    let text = assert_dsn_for(&dsn, TO[2]);
+    assert!(text.contains("Status: 5.4.7\r\n"), "{text}");
+    d.wait_log("relay_event=\"delivered\"");
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+}
