@@ -153,6 +153,35 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
     assert_eq!(rcpts.len(), 4, "three, then the one that waited: {rcpts:?}");
 }
 
+/// An upstream that takes only so many recipients per message (452 4.5.3 for the rest, as Gmail and Microsoft
+/// do): the rest go in a next message at once, not after the retry schedule's wait, and no attempt is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_recipients_go_on_in_a_next_message_at_once() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[2].into(), "452 4.5.3 Too many recipients".into()));
+    // A retry schedule of an hour: only the immediate next message can bring the third recipient in time.
+    let (dir, mut d, _idp) = daemon_with(&upstream, "", "[queue]\nretry = [\"1h\"]\n").await;
+    let id = send(d.addr, &TO).await;
+
+    let first = upstream.next().await;
+    assert_eq!(first.to, [TO[0], TO[1]]);
+    let second = upstream.next().await;
+    assert_eq!(second.to, [TO[2]], "the one left, at once");
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(
+        line.contains("INFO") && line.contains("the 1 left go in a next message now"),
+        "not a failed attempt: {line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recipient_refused_goes_to_dead_as_before() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;

@@ -31,6 +31,9 @@ use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::{Outcome, Refusal, Transports};
 
+/// Recipients named one by one in a log line (or a deferral's reason) before "and N more".
+const SHOWN: usize = 10;
+
 /// Deliveries in flight per account unless `max_connections` says otherwise: Microsoft allows a few concurrent
 /// SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
@@ -429,6 +432,7 @@ impl Delivery {
         let recipients = state.remaining(&msg.envelope.recipients);
         if recipients.is_empty() {
             // The attempt that finished the last of them stopped before the removal (a crash).
+            tracing::info!(relay_event = "delivered", relay_queue_id = %id, "delivered (every recipient was finished with before relay stopped; removed now)");
             return self
                 .clone()
                 .blocking(move |d| d.remove_delivered(id, true))
@@ -667,6 +671,9 @@ impl Delivery {
         state
             .finished
             .extend(sent_to.iter().filter(|r| !waits(r)).cloned());
+        // Said (and bounced) before they are recorded as finished: a crash in between says it twice, never not
+        // at all. The bounces read the message from the queue, so before its removal too.
+        refused_for_good(id, &account.name, &failed);
         let next = if later.is_empty() {
             // Recorded before the removal: should it fail or a crash come between, the next attempt finds every
             // recipient finished and removes the message without sending it again.
@@ -675,16 +682,32 @@ impl Delivery {
             }
             None
         } else {
-            let why = later
+            // A few of them in the log line and the state file; a thousand long replies would not fit.
+            let mut why = later
                 .iter()
+                .take(SHOWN)
                 .map(|r| format!("<{}>: {}", r.recipient, r.reply))
                 .collect::<Vec<_>>()
                 .join("; ");
+            if later.len() > SHOWN {
+                why.push_str(&format!(" and {} more", later.len() - SHOWN));
+            }
             let why = format!("refused for now for {why} (the others have it)");
-            Some(self.defer(id, state, &why, Some(&account.name)))
+            // "Too many recipients" (452, 4.5.3, or 552 as RFC 821 used it) while others were taken: the upstream
+            // takes only so many per message (Gmail about 100, Microsoft 500). The rest go in the next
+            // transaction, now, not after the retry schedule's wait, and that is not a failed attempt. Each such
+            // round finishes at least one recipient, so the rounds end.
+            let too_many = |r: &&Refusal| {
+                r.reply.starts_with("452")
+                    || r.reply.starts_with("552")
+                    || r.reply.contains(" 4.5.3")
+            };
+            if later.iter().all(too_many) && sent_to.len() > refused.len() {
+                Some(self.more_recipients(id, state, &why, &account.name, later.len()))
+            } else {
+                Some(self.defer(id, state, &why, Some(&account.name)))
+            }
         };
-        // The bounces read the message from the queue: before its removal.
-        refused_for_good(id, &account.name, &failed);
         match next {
             Some(next) => next,
             None => self.delivered(id, account, reply, true),
@@ -765,6 +788,28 @@ impl Delivery {
         Attempted::later(next)
     }
 
+    /// The upstream took as many recipients as it takes per message: the others go at once, in the next
+    /// attempt (not counted as a failed one).
+    fn more_recipients(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: &str,
+        left: usize,
+    ) -> Attempted {
+        state.next_attempt = None;
+        if let Err(e) = write_state(&self.paths.queue, id, state) {
+            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the recipients delivered to");
+        }
+        crate::events::emit(crate::events::Event::Deferred {
+            id,
+            account: Some(account),
+        });
+        tracing::info!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account, relay_upstream_reply = %why, "the upstream takes fewer recipients per message; the {left} left go in a next message now");
+        Attempted::later(SystemTime::now())
+    }
+
     fn dead(
         &self,
         id: QueueId,
@@ -786,15 +831,24 @@ impl Delivery {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 crate::events::emit(crate::events::Event::Dead { id, account, why });
                 // After a partial delivery, the state file in dead/ keeps who had it already.
+                let mut finished = state
+                    .finished
+                    .iter()
+                    .take(SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if state.finished.len() > SHOWN {
+                    finished.push_str(&format!(" and {} more", state.finished.len() - SHOWN));
+                }
                 let done = if state.finished.is_empty() {
                     String::new()
                 } else {
                     format!(
-                        " (recipients already delivered to or refused for good, not concerned: {})",
-                        state.finished.join(", ")
+                        " (recipients already delivered to or refused for good, not concerned: {finished}; all of them in the state file in dead/)"
                     )
                 };
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %state.finished.join(","), "moved to dead/{d}{done}");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %finished, "moved to dead/{d}{done}");
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

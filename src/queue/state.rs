@@ -34,7 +34,7 @@ impl DeliveryState {
     /// Counts a failed attempt and keeps its reason.
     pub fn failed(&mut self, why: &str) {
         self.attempts = self.attempts.saturating_add(1);
-        self.last_error = Some(why.to_string());
+        self.last_error = Some(capped(why, MAX_ERROR).to_string());
     }
 
     /// The recipients of `all` not finished with, in their order.
@@ -46,8 +46,25 @@ impl DeliveryState {
     }
 }
 
-/// Longest state file read: a few hundred bytes in practice.
-const MAX_STATE: u64 = 64 * 1024;
+/// Longest state file read: a few hundred bytes in practice; up to a few MiB for a message to a thousand
+/// recipients of which some were finished with (`finished` holds their addresses). A longer file would read as
+/// no state at all (every recipient again), so this is well above what relay writes.
+const MAX_STATE: u64 = 16 << 20;
+
+/// The longest `last_error` kept: upstream replies can be long, and one per refused recipient adds up.
+const MAX_ERROR: usize = 4096;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn capped(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
     let path = state_path(dir, id);
@@ -55,8 +72,18 @@ pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
         return DeliveryState::default();
     };
     let mut bytes = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_STATE), &mut bytes);
-    serde_json::from_slice(&bytes).unwrap_or_default()
+    let read = std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_STATE), &mut bytes);
+    match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(state) => state,
+        Err(e) => {
+            // Read as no state: the message goes to every recipient again (a duplicate for some, never a loss).
+            tracing::error!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state; it is sent as on its first attempt");
+            DeliveryState::default()
+        }
+    }
 }
 
 pub fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Result<()> {
@@ -68,6 +95,23 @@ pub fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thousand long refusals must not make a state file too long to read back (it would read as no state,
+    /// and every recipient would get the message again).
+    #[test]
+    fn a_long_reason_is_cut_and_the_file_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = QueueId::new();
+        let mut state = DeliveryState::default();
+        state.failed(&"é 452 4.5.3 too many recipients; ".repeat(10_000));
+        assert!(state.last_error.as_ref().unwrap().len() <= MAX_ERROR);
+        state.finished = (0..1000)
+            .map(|i| format!("{}{i}@example.com", "x".repeat(200)))
+            .collect();
+        write_state(dir.path(), id, &state).unwrap();
+        let back = read_state(dir.path(), id);
+        assert_eq!((back.attempts, back.finished.len()), (1, 1000));
+    }
 
     #[test]
     fn old_state_files_read_and_finished_recipients_are_skipped() {

@@ -106,10 +106,13 @@ fn judge(replies: &[Reply], recipients: usize) -> Verdict {
         .map(|(i, r)| (i, r.clone()))
         .collect();
     if refused.len() == rcpts.len() {
+        // One reply stands for all: one that asks to try again, if any does, so that a recipient refused only for
+        // now is not bounced with the others.
+        let first_transient = refused.iter().position(|(_, r)| !r.is_permanent());
         return Verdict::Refused(
             refused
                 .into_iter()
-                .next()
+                .nth(first_transient.unwrap_or(0))
                 .map_or_else(|| mail.clone(), |(_, r)| r),
         );
     }
@@ -118,6 +121,12 @@ fn judge(replies: &[Reply], recipients: usize) -> Verdict {
         Some(data) => Verdict::Refused(data.clone()),
         None => Verdict::Refused(mail.clone()),
     }
+}
+
+/// Whether a reply to RCPT refuses that recipient for good. A 552 there is "too many recipients" as RFC 821
+/// used it, to be taken as temporary (RFC 5321 section 4.5.3.1.10).
+pub fn refused_for_good(rcpt: &Reply) -> bool {
+    rcpt.is_permanent() && rcpt.code != 552
 }
 
 enum Stream {
@@ -292,6 +301,11 @@ impl Conn {
                     Ok(r) if replies.is_empty() && r.code == 421 => {
                         return Err(fail(Failure::Refused(r), true, false));
                     }
+                    // Closing in the middle: no more replies will come, and the 421's words say why.
+                    Ok(r) if r.code == 421 => {
+                        replies.push(r);
+                        break;
+                    }
                     Ok(r) => replies.push(r),
                     Err(f) => return Err(fail(f, replies.is_empty(), false)),
                 }
@@ -317,6 +331,18 @@ impl Conn {
             }
         }
         let refused = match judge(&replies, recipients.len()) {
+            // More replies than commands: the server is out of step, and a stray 250 would be read as its answer
+            // to the final dot. Nothing is sent; the connection is dropped.
+            Verdict::Data { .. } if !self.is_clean() => {
+                return Err(fail(
+                    Failure::Connection(
+                        "the upstream sent more replies than commands; the connection was dropped"
+                            .into(),
+                    ),
+                    false,
+                    false,
+                ));
+            }
             Verdict::Data { refused } => refused,
             Verdict::Refused(reply) => {
                 // A 421 to the first command of a reused connection: the server was closing it.
@@ -609,11 +635,13 @@ mod tests {
     #[test]
     fn no_transaction_is_a_refusal_with_the_reply_that_ended_it() {
         // (replies to MAIL, RCPT… and DATA; recipients; the reply the message is refused with)
-        let cases: [(&[u16], usize, u16); 8] = [
-            // None accepted: the first refusal.
-            (&[250, 550, 451, 554], 2, 550),
+        let cases: [(&[u16], usize, u16); 9] = [
+            // None accepted: a refusal for now if there is one (the message waits, nobody is bounced for a
+            // recipient that could still take it), else the first.
+            (&[250, 550, 451, 554], 2, 451),
+            (&[250, 550, 553, 554], 2, 550),
             // Cut short (one at a time): no DATA was sent.
-            (&[250, 550, 451], 2, 550),
+            (&[250, 550, 451], 2, 451),
             // A server that says 354 all the same: still refused (the caller drops the connection).
             (&[250, 550, 354], 1, 550),
             (&[550, 503, 503], 1, 550),
@@ -633,10 +661,12 @@ mod tests {
         }
     }
 
-    /// A server without PIPELINING, one command at a time: a refused RCPT does not end the transaction, and the
-    /// message goes to the others.
-    #[tokio::test]
-    async fn one_at_a_time_a_refused_recipient_does_not_stop_the_others() {
+    /// A scripted upstream on a loopback port: `answer` gives the reply to each command (EHLO and AUTH included;
+    /// the data lines are not shown to it). Returns the port and, once the client quits, the commands seen after
+    /// AUTH.
+    async fn scripted(
+        answer: fn(&str) -> &'static [u8],
+    ) -> (u16, tokio::task::JoinHandle<Vec<String>>) {
         use tokio::io::AsyncBufReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -647,29 +677,29 @@ mod tests {
             let mut seen = Vec::new();
             let mut line = String::new();
             let mut in_data = false;
-            while s.read_line(&mut line).await.unwrap() > 0 {
+            while s.read_line(&mut line).await.unwrap_or(0) > 0 {
                 let cmd = line.trim_end().to_string();
                 line.clear();
                 if in_data && cmd != "." {
                     continue;
                 }
                 in_data = cmd == "DATA";
-                let reply: &[u8] = match cmd.as_str() {
-                    c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
-                    c if c.starts_with("AUTH") => b"235 ok\r\n",
-                    "RCPT TO:<b@x.test>" => b"550 5.1.1 unknown\r\n",
-                    "DATA" => b"354 go\r\n",
-                    "." => b"250 2.0.0 queued\r\n",
-                    "QUIT" => break,
-                    _ => b"250 ok\r\n",
-                };
-                if !cmd.starts_with("AUTH") && !cmd.starts_with("EHLO") {
-                    seen.push(cmd);
+                if cmd == "QUIT" {
+                    break;
                 }
-                s.get_mut().write_all(reply).await.unwrap();
+                if !cmd.starts_with("AUTH") && !cmd.starts_with("EHLO") {
+                    seen.push(cmd.clone());
+                }
+                if s.get_mut().write_all(answer(&cmd)).await.is_err() {
+                    break;
+                }
             }
             seen
         });
+        (port, server)
+    }
+
+    async fn connect(port: u16) -> Conn {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tls_config = rustls::ClientConfig::builder()
             .with_root_certificates(rustls::RootCertStore::empty())
@@ -684,9 +714,32 @@ mod tests {
             helo: "test".into(),
         };
         let token = SecretString::from("t");
-        let mut conn = Conn::open(&settings, "me@x.test", &token, None)
+        Conn::open(&settings, "me@x.test", &token, None)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn seen(server: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> {
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A server without PIPELINING, one command at a time: a refused RCPT does not end the transaction, and the
+    /// message goes to the others.
+    #[tokio::test]
+    async fn one_at_a_time_a_refused_recipient_does_not_stop_the_others() {
+        let (port, server) = scripted(|cmd| match cmd {
+            c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+            c if c.starts_with("AUTH") => b"235 ok\r\n",
+            "RCPT TO:<b@x.test>" => b"550 5.1.1 unknown\r\n",
+            "DATA" => b"354 go\r\n",
+            "." => b"250 2.0.0 queued\r\n",
+            _ => b"250 ok\r\n",
+        })
+        .await;
+        let mut conn = connect(port).await;
         let to = ["a@x.test", "b@x.test", "c@x.test"].map(String::from);
         let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
         let sent = conn.send("me@x.test", &to, &message, false).await.unwrap();
@@ -694,12 +747,8 @@ mod tests {
         assert_eq!(sent.refused.len(), 1);
         assert_eq!((sent.refused[0].0, sent.refused[0].1.code), (1, 550));
         conn.quit().await;
-        let seen = tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .unwrap()
-            .unwrap();
         assert_eq!(
-            seen[..5],
+            seen(server).await[..5],
             [
                 "MAIL FROM:<me@x.test>",
                 "RCPT TO:<a@x.test>",
@@ -708,5 +757,29 @@ mod tests {
                 "DATA"
             ]
         );
+    }
+
+    /// A pipelining server out of step (a reply too many): nothing is sent, since the stray reply would be taken
+    /// for the answer to the final dot, and the connection is not kept.
+    #[tokio::test]
+    async fn a_reply_too_many_drops_the_connection_before_the_body() {
+        let (port, server) = scripted(|cmd| match cmd {
+            c if c.starts_with("EHLO") => b"250-hi\r\n250-PIPELINING\r\n250 AUTH XOAUTH2\r\n",
+            c if c.starts_with("AUTH") => b"235 ok\r\n",
+            "DATA" => b"354 go\r\n250 2.0.0 stray\r\n",
+            "." => b"250 2.0.0 queued\r\n",
+            _ => b"250 ok\r\n",
+        })
+        .await;
+        let mut conn = connect(port).await;
+        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
+        let failed = conn
+            .send("me@x.test", &["a@x.test".to_string()], &message, false)
+            .await
+            .unwrap_err();
+        assert!(!failed.reusable);
+        assert!(matches!(failed.failure, Failure::Connection(_)));
+        drop(conn);
+        assert!(!seen(server).await.iter().any(|c| c == "."), "no body went");
     }
 }

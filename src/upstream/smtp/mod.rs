@@ -191,7 +191,7 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
         .filter_map(|(i, r)| {
             Some(Refusal {
                 recipient: recipients.get(i)?.clone(),
-                permanent: r.is_permanent(),
+                permanent: conn::refused_for_good(&r),
                 reply: r.to_string(),
             })
         })
