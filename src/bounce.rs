@@ -32,8 +32,9 @@ pub struct Bouncer {
 enum Failed<'a> {
     /// Moved to `dead/`: all but those an earlier attempt finished with.
     Dead,
-    /// Refused for good while the others got it (the message is still in `queue/`).
-    Refused(&'a [String]),
+    /// Refused for good while the others got it (the message is still in `queue/`): each recipient with the
+    /// reply to its RCPT.
+    Refused(&'a [(String, String)]),
 }
 
 impl Bouncer {
@@ -51,7 +52,7 @@ impl Bouncer {
             Failed::Dead => &self.dead,
             Failed::Refused(_) => &self.queue,
         };
-        let mut original = match crate::queue::file::read(&msg_path(dir, id)) {
+        let original = match crate::queue::file::read(&msg_path(dir, id)) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message to bounce it");
@@ -61,12 +62,15 @@ impl Bouncer {
         if original.envelope.sender.is_empty() {
             return;
         }
-        original.envelope.recipients = match failed {
+        let failures: Vec<(String, String)> = match failed {
             Failed::Dead => crate::queue::state::read_state(&self.dead, id)
-                .remaining(&original.envelope.recipients),
-            Failed::Refused(recipients) => recipients.to_vec(),
+                .remaining(&original.envelope.recipients)
+                .into_iter()
+                .map(|r| (r, why.to_string()))
+                .collect(),
+            Failed::Refused(refused) => refused.to_vec(),
         };
-        if original.envelope.recipients.is_empty() {
+        if failures.is_empty() {
             return;
         }
         let headers = match original.header_block() {
@@ -77,7 +81,7 @@ impl Bouncer {
             }
         };
         let now = SystemTime::now();
-        let report = dsn(&self.hostname, &original.envelope, &headers, why, now);
+        let report = dsn(&self.hostname, &original.envelope, &failures, &headers, now);
         let envelope = Envelope {
             id: QueueId::new(),
             sender: String::new(),
@@ -132,12 +136,9 @@ impl Watcher for Bouncer {
     fn seen(&self, event: &Event<'_>) {
         match *event {
             Event::Dead { id, why, .. } => self.bounce(id, Failed::Dead, why),
-            Event::RecipientsRefused {
-                id,
-                recipients,
-                why,
-                ..
-            } => self.bounce(id, Failed::Refused(recipients), why),
+            Event::RecipientsRefused { id, refused, .. } => {
+                self.bounce(id, Failed::Refused(refused), "")
+            }
             _ => {}
         }
     }
@@ -205,20 +206,35 @@ fn fold(field: &str) -> String {
 
 /// The DSN for a message that failed for good: the human-readable part, the `message/delivery-status` report
 /// with one block per recipient, and the original header section as `text/rfc822-headers` (RFC 3464, RFC 6522).
-pub fn dsn(host: &str, original: &Envelope, headers: &[u8], why: &str, now: SystemTime) -> Vec<u8> {
+pub fn dsn(
+    host: &str,
+    original: &Envelope,
+    failures: &[(String, String)],
+    headers: &[u8],
+    now: SystemTime,
+) -> Vec<u8> {
     let host = mailgen::one_line(host, 255);
     let boundary = format!("=_relay_dsn_{}", uuid::Uuid::now_v7().simple());
-    let status = status(why);
-    let recipients: Vec<String> = original
-        .recipients
+    let failures: Vec<(String, &str)> = failures
         .iter()
-        .map(|r| mailgen::one_line(r, 512))
+        .map(|(r, why)| (mailgen::one_line(r, 512), why.as_str()))
         .collect();
+    let recipients: Vec<&str> = failures.iter().map(|(r, _)| r.as_str()).collect();
+    // One reason for all (a dead message), or each recipient's own (refused one by one).
+    let reasons = match failures.first() {
+        Some((_, first)) if failures.iter().all(|(_, why)| why == first) => {
+            format!("The reason: {}", mailgen::one_line(first, 2000))
+        }
+        _ => failures
+            .iter()
+            .map(|(r, why)| format!("{r}: {}", mailgen::one_line(why, 2000)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
     let human = mailgen::wrap(
         &format!(
-            "This is the mail relay at {host}.\n\nYour message could not be delivered to {}. It has been given up on; no further attempts will be made.\n\nThe reason: {}\n\nThe headers of your message are attached.",
+            "This is the mail relay at {host}.\n\nYour message could not be delivered to {}. It has been given up on; no further attempts will be made.\n\n{reasons}\n\nThe headers of your message are attached.",
             recipients.join(", "),
-            mailgen::one_line(why, 2000),
         ),
         76,
     );
@@ -227,9 +243,10 @@ pub fn dsn(host: &str, original: &Envelope, headers: &[u8], why: &str, now: Syst
         id = original.id,
         arrived = mailgen::date(original.received_at),
     );
-    for r in &recipients {
+    for (r, why) in &failures {
         report.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {status}\r\n{}\r\nLast-Attempt-Date: {}\r\n",
+            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {}\r\n{}\r\nLast-Attempt-Date: {}\r\n",
+            status(why),
             diagnostic(why),
             mailgen::date(now),
         ));
@@ -321,11 +338,16 @@ mod tests {
         };
         let long = "x ".repeat(300);
         let why = format!("550 5.1.1 <nobody@example.com>: no such user {long}");
+        let failures: Vec<(String, String)> = env
+            .recipients
+            .iter()
+            .map(|r| (r.clone(), why.clone()))
+            .collect();
         let m = dsn(
             "relay.test",
             &env,
+            &failures,
             b"Subject: scan\nFrom: scanner@lan.test\n",
-            &why,
             SystemTime::now(),
         );
         let text = String::from_utf8(m).unwrap();

@@ -40,8 +40,8 @@ pub enum Event<'a> {
     RecipientsRefused {
         id: QueueId,
         account: &'a str,
-        recipients: &'a [String],
-        why: &'a str,
+        /// Each recipient refused for good, with the upstream's reply to its RCPT.
+        refused: &'a [(String, String)],
     },
     TokenRefreshed {
         account: &'a str,

@@ -153,6 +153,45 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
     assert_eq!(rcpts.len(), 4, "three, then the one that waited: {rcpts:?}");
 }
 
+/// Two recipients refused for good with different replies (Microsoft's name the recipient): one DSN for both,
+/// each with its own status and reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_refused_with_different_replies_share_one_dsn() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().extend([
+        (TO[1].to_string(), UNKNOWN.to_string()),
+        (
+            TO[2].to_string(),
+            "550 5.7.1 <c@example.com>: relaying denied".to_string(),
+        ),
+    ]);
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let id = send(d.addr, &TO).await;
+
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0]]);
+    let dsn = upstream.next().await;
+    assert_eq!(dsn.from, "");
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    assert!(
+        text.contains(&format!(
+            "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+            TO[1]
+        )) && text.contains(&format!(
+            "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: 5.7.1\r\n",
+            TO[2]
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("rfc822; {}\r\n", TO[0])), "{text}");
+    let line = d.wait_log("relay_event=\"bounce_queued\"");
+    assert!(line.contains(&id), "{line}");
+    d.wait_log("relay_event=\"delivered\"");
+    d.wait_log("relay_event=\"delivered\"");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert!(drain(&mut upstream).is_empty(), "one DSN, one copy");
+}
+
 /// An upstream that takes only so many recipients per message (452 4.5.3 for the rest, as Gmail and Microsoft
 /// do): the rest go in a next message at once, not after the retry schedule's wait, and no attempt is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

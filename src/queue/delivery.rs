@@ -865,24 +865,25 @@ impl Delivery {
     }
 }
 
-/// Says which recipients the upstream refused for good, and has them bounced (one DSN per distinct reply).
+/// Says which recipients the upstream refused for good, and has them bounced: one DSN for all of them, each
+/// with the reply to its own RCPT (Microsoft's name the recipient, so one DSN per distinct reply would be one per
+/// recipient).
 fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
-    let mut by_reply: Vec<(&str, Vec<String>)> = Vec::new();
     for r in failed {
         tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message goes to the others");
-        match by_reply.iter_mut().find(|(reply, _)| *reply == r.reply) {
-            Some((_, recipients)) => recipients.push(r.recipient.clone()),
-            None => by_reply.push((&r.reply, vec![r.recipient.clone()])),
-        }
     }
-    for (why, recipients) in &by_reply {
-        crate::events::emit(crate::events::Event::RecipientsRefused {
-            id,
-            account,
-            recipients,
-            why,
-        });
+    if failed.is_empty() {
+        return;
     }
+    let refused: Vec<(String, String)> = failed
+        .iter()
+        .map(|r| (r.recipient.clone(), r.reply.clone()))
+        .collect();
+    crate::events::emit(crate::events::Event::RecipientsRefused {
+        id,
+        account,
+        refused: &refused,
+    });
 }
 
 /// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking.
