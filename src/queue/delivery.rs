@@ -152,6 +152,9 @@ pub struct Delivery {
     /// Delivered, but their file could not be removed: never sent again by this run.
     /// Shared across reloads too: a message delivered before a reload is not sent again after it.
     delivered: Arc<Mutex<HashSet<QueueId>>>,
+    /// Recipients finished with whose state file could not be written (a full disk): kept here so that this run
+    /// does not send them the message again. Shared across reloads, like `delivered`.
+    unrecorded: Arc<Mutex<HashMap<QueueId, Vec<String>>>>,
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
@@ -268,6 +271,7 @@ impl Delivery {
             accounts: accounts.into_iter().map(|a| (a.name.clone(), a)).collect(),
             memory: Arc::new(Semaphore::new(MEMORY_UNITS as usize)),
             delivered: Arc::default(),
+            unrecorded: Arc::default(),
         }
     }
 
@@ -277,6 +281,7 @@ impl Delivery {
         Delivery {
             memory: self.memory.clone(),
             delivered: self.delivered.clone(),
+            unrecorded: self.unrecorded.clone(),
             ..Delivery::new(config, accounts)
         }
     }
@@ -422,6 +427,13 @@ impl Delivery {
             }
         };
         let mut state = read_state(&self.paths.queue, id);
+        if let Some(finished) = lock(&self.unrecorded).get(&id) {
+            for r in finished {
+                if !state.finished.contains(r) {
+                    state.finished.push(r.clone());
+                }
+            }
+        }
         if let Some(next) = state.next_attempt
             && next > now
         {
@@ -677,9 +689,7 @@ impl Delivery {
         let next = if later.is_empty() {
             // Recorded before the removal: should it fail or a crash come between, the next attempt finds every
             // recipient finished and removes the message without sending it again.
-            if let Err(e) = write_state(&self.paths.queue, id, state) {
-                tracing::error!(relay_queue_id = %id, error = %e, "cannot record the recipients delivered to");
-            }
+            self.record(id, state, "cannot record the recipients delivered to");
             None
         } else {
             // A few of them in the log line and the state file; a thousand long replies would not fit.
@@ -736,6 +746,7 @@ impl Delivery {
         if let Ok(mut d) = self.delivered.lock() {
             d.remove(&id);
         }
+        lock(&self.unrecorded).remove(&id);
         Attempted::Done { account: None }
     }
 
@@ -779,13 +790,28 @@ impl Delivery {
         let now = SystemTime::now();
         let next = now.checked_add(step).unwrap_or(now);
         state.next_attempt = Some(next);
-        if let Err(e) = write_state(&self.paths.queue, id, state) {
-            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the deferral");
-        }
+        self.record(id, state, "cannot record the deferral");
         let d = Diagnosed::of(why, account);
         crate::events::emit(crate::events::Event::Deferred { id, account });
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
+    }
+
+    /// Writes the message's state. If that fails, the recipients it finished with are kept in memory, so that
+    /// the next attempts of this run skip them all the same (after a restart they would get it again: a
+    /// duplicate, not a loss).
+    fn record(&self, id: QueueId, state: &DeliveryState, what: &str) {
+        match write_state(&self.paths.queue, id, state) {
+            Ok(()) => {
+                lock(&self.unrecorded).remove(&id);
+            }
+            Err(e) => {
+                tracing::error!(relay_queue_id = %id, error = %e, "{what}");
+                if !state.finished.is_empty() {
+                    lock(&self.unrecorded).insert(id, state.finished.clone());
+                }
+            }
+        }
     }
 
     /// The upstream took as many recipients as it takes per message: the others go at once, in the next
@@ -799,9 +825,7 @@ impl Delivery {
         left: usize,
     ) -> Attempted {
         state.next_attempt = None;
-        if let Err(e) = write_state(&self.paths.queue, id, state) {
-            tracing::error!(relay_queue_id = %id, error = %e, "cannot record the recipients delivered to");
-        }
+        self.record(id, state, "cannot record the recipients delivered to");
         crate::events::emit(crate::events::Event::Deferred {
             id,
             account: Some(account),
@@ -829,6 +853,7 @@ impl Delivery {
         match moved {
             Ok(()) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
+                lock(&self.unrecorded).remove(&id);
                 crate::events::emit(crate::events::Event::Dead { id, account, why });
                 // After a partial delivery, the state file in dead/ keeps who had it already.
                 let mut finished = state
@@ -900,4 +925,10 @@ fn open_message(
         return Err(std::io::ErrorKind::NotFound.into());
     }
     Outgoing::open(file, msg.offset, msg.size, &msg.seal)
+}
+
+/// A lock that a panic elsewhere does not make unusable: the maps it guards hold no invariant a panic could
+/// break halfway.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
