@@ -90,7 +90,10 @@ impl Scheduler {
         let state_dir = self.delivery.paths().state_dir().to_path_buf();
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut tasks: JoinSet<Attempted> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, QueueId> = HashMap::new();
+        // Each attempt with the reload generation it started under: a pool number means something only in the
+        // delivery (routes, accounts) the attempt ran on.
+        let mut running: HashMap<tokio::task::Id, (QueueId, u64)> = HashMap::new();
+        let mut generation = 0u64;
         let mut s = Schedule {
             waiting: self.delivery.waiting(),
             ..Schedule::default()
@@ -145,7 +148,7 @@ impl Scheduler {
                     drop(permit);
                     attempted
                 });
-                running.insert(handle.id(), id);
+                running.insert(handle.id(), (id, generation));
             }
             if s.overflow
                 && s.due.len() < MAX_SCHEDULED / 2
@@ -171,7 +174,7 @@ impl Scheduler {
                         Ok((task, attempted)) => (task, Some(attempted)),
                         Err(e) => {
                             let task = e.id();
-                            let attempted = running.get(&task).map(|id| {
+                            let attempted = running.get(&task).map(|(id, _)| {
                                 tracing::error!(relay_queue_id = %id, error = %e, "delivery attempt failed unexpectedly; the message stays queued");
                                 self.delivery.after_failure(*id, "delivery attempt failed unexpectedly")
                             });
@@ -180,8 +183,15 @@ impl Scheduler {
                     };
                     // A message that waits for its accounts was not an attempt.
                     let parked = matches!(attempted, Some(Attempted::Waiting { .. }));
-                    if let (Some(id), Some(attempted)) = (running.remove(&task), attempted) {
-                        s.finished(id, attempted, &self.delivery);
+                    match (running.remove(&task), attempted) {
+                        // Waiting in a pool of the delivery before a reload: due now, to find its pool in this one.
+                        (Some((id, started)), Some(Attempted::Waiting { .. })) if started != generation => {
+                            s.in_flight.remove(&id);
+                            s.rerun.remove(&id);
+                            s.push(SystemTime::now(), id);
+                        }
+                        (Some((id, _)), Some(attempted)) => s.finished(id, attempted, &self.delivery),
+                        _ => {}
                     }
                     if !parked {
                         self.attempts.send_modify(|n| *n += 1);
@@ -194,6 +204,7 @@ impl Scheduler {
                     let delivery = updates.borrow_and_update().clone();
                     s.replan(delivery.waiting());
                     self.delivery = delivery;
+                    generation += 1;
                 }
                 _ = stop.wait_for(|s| *s) => break,
             }
