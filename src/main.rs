@@ -597,6 +597,13 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "listener:    {}", env.listener)?;
             writeln!(out, "sender:      <{}>", env.sender)?;
             writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
+            if !entry.finished.is_empty() {
+                writeln!(
+                    out,
+                    "finished:    {} (delivered to or refused for good; not sent to again)",
+                    entry.finished.join(", ")
+                )?;
+            }
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "attempts:    {}", entry.attempts)?;
             match entry.next_attempt {

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub alerts: IntCounterVec,
     pub alerts_dropped: IntCounter,
     pub bounces: IntCounter,
+    recipients_refused: IntCounterVec,
 }
 
 /// The process's metrics (see [`events`](crate::events) for why they are process-wide).
@@ -179,6 +180,14 @@ impl Metrics {
                     "Delivery status notifications queued to senders (bounce = \"sender\").",
                 ),
             ),
+            recipients_refused: reg(
+                &registry,
+                counters(
+                    "relay_recipients_refused_total",
+                    "Recipients the upstream refused for good while it took the message for the others.",
+                    &["account"],
+                ),
+            ),
             registry,
         }
     }
@@ -206,8 +215,13 @@ impl Metrics {
                 .deliveries
                 .with_label_values(&["dead", account.unwrap_or("")])
                 .inc(),
-            // Counted by the message's own outcome (delivered or deferred).
-            Event::RecipientsRefused { .. } => {}
+            // The message itself is counted by its own outcome (delivered or deferred).
+            Event::RecipientsRefused {
+                account, refused, ..
+            } => self
+                .recipients_refused
+                .with_label_values(&[account])
+                .inc_by(refused.len() as u64),
             Event::TokenRefreshed { account } => {
                 self.refreshes.with_label_values(&[account]).inc();
             }
@@ -227,6 +241,7 @@ impl Metrics {
             }
             self.refreshes.with_label_values(&[a]);
             self.refresh_failures.with_label_values(&[a]);
+            self.recipients_refused.with_label_values(&[a]);
         }
         for channel in ["webhook", "mail"] {
             for result in ["sent", "failed"] {

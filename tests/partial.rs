@@ -131,6 +131,16 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
         "{state}"
     );
     assert_eq!(state["attempts"], 1);
+    let show = std::process::Command::new(relay_bin())
+        .args(["queue", "show", &id, "--config"])
+        .arg(dir.path().join("relay.toml"))
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(
+        show.contains(&format!("finished:    {}, {} (", TO[0], TO[1])),
+        "{show}"
+    );
 
     // The next try is a minute away: now instead.
     queue_retry(&dir.path().join("relay.toml"), &id);

@@ -53,6 +53,10 @@ pub struct QueueEntry {
     #[serde(with = "humantime_serde::option")]
     pub next_attempt: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// Recipients an earlier attempt finished with (the upstream took it for them, or refused them for good):
+    /// the next attempts go to the others only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub finished: Vec<String>,
 }
 
 /// The queue as seen from the state dir.
@@ -97,6 +101,7 @@ impl QueueStore {
             attempts: state.attempts,
             next_attempt: state.next_attempt,
             last_error: state.last_error,
+            finished: state.finished,
         }
     }
 
