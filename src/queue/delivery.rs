@@ -11,11 +11,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::QueueId;
 use super::file::{self, FileError};
@@ -155,6 +156,20 @@ pub struct Delivery {
     /// Recipients finished with whose state file could not be written (a full disk): kept here so that this run
     /// does not send them the message again. Shared across reloads, like `delivered`.
     unrecorded: Arc<Mutex<HashMap<QueueId, Vec<String>>>>,
+    /// Attempts started that have not yet taken (or given up on) a connection, and a wake-up for the scheduler
+    /// when a delivery hands its connection back: with these the scheduler starts no more attempts than there
+    /// are connections free, rather than attempts that read their message only to be parked.
+    seeking: Arc<AtomicUsize>,
+    slot_freed: Arc<Notify>,
+}
+
+/// One attempt counted among those seeking a connection, until it takes one or ends.
+pub struct Seeking(Arc<AtomicUsize>);
+
+impl Drop for Seeking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
@@ -272,6 +287,8 @@ impl Delivery {
             memory: Arc::new(Semaphore::new(MEMORY_UNITS as usize)),
             delivered: Arc::default(),
             unrecorded: Arc::default(),
+            seeking: Arc::default(),
+            slot_freed: Arc::default(),
         }
     }
 
@@ -282,6 +299,7 @@ impl Delivery {
             memory: self.memory.clone(),
             delivered: self.delivered.clone(),
             unrecorded: self.unrecorded.clone(),
+            slot_freed: self.slot_freed.clone(),
             ..Delivery::new(config, accounts)
         }
     }
@@ -300,6 +318,28 @@ impl Delivery {
             .sum::<usize>()
             .saturating_mul(2)
             .max(4)
+    }
+
+    /// Counts an attempt about to start among those seeking a connection (see [`Self::may_start`]).
+    pub fn seeking(&self) -> Seeking {
+        self.seeking.fetch_add(1, Ordering::AcqRel);
+        Seeking(self.seeking.clone())
+    }
+
+    /// Whether another attempt may start: fewer are seeking a connection than there are connections free. A
+    /// relay without accounts has none to wait for.
+    pub fn may_start(&self) -> bool {
+        let free: usize = self
+            .accounts
+            .values()
+            .map(|a| a.slots.available_permits())
+            .sum();
+        self.accounts.is_empty() || self.seeking.load(Ordering::Acquire) < free
+    }
+
+    /// Resolves when a delivery hands back its connection.
+    pub fn slot_freed(&self) -> Arc<Notify> {
+        self.slot_freed.clone()
     }
 
     pub fn has_accounts(&self) -> bool {
@@ -390,7 +430,7 @@ impl Delivery {
     }
 
     /// One delivery attempt, and what the scheduler does next with the message.
-    pub async fn attempt(self: Arc<Self>, id: QueueId) -> Attempted {
+    pub async fn attempt(self: Arc<Self>, id: QueueId, seeking: Seeking) -> Attempted {
         let now = SystemTime::now();
         if self.already_delivered(id) {
             return self
@@ -502,7 +542,10 @@ impl Delivery {
             recipients.len(),
             now,
         ) {
-            Ok(place) => place,
+            Ok(place) => {
+                drop(seeking);
+                place
+            }
             Err(wait) => {
                 if let Wait::Limit(until) = wait {
                     let until = until.map_or_else(
@@ -581,6 +624,7 @@ impl Delivery {
             )
             .await;
         drop((message, memory, slot));
+        self.slot_freed.notify_one();
         let name = account.name.clone();
         self.clone()
             .blocking(move |d| {

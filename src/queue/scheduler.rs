@@ -110,6 +110,8 @@ impl Scheduler {
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         let mut ticked = false;
         let mut saving: Option<tokio::task::JoinHandle<()>> = None;
+        // The same across reloads (`Delivery::succeeded_by` keeps it).
+        let slot_freed = self.delivery.slot_freed();
         loop {
             let now = SystemTime::now();
             let woken: Vec<usize> = s
@@ -133,7 +135,8 @@ impl Scheduler {
                     s.rerun.insert(id);
                     continue;
                 }
-                if s.in_flight.len() >= self.delivery.attempt_budget() {
+                if s.in_flight.len() >= self.delivery.attempt_budget() || !self.delivery.may_start()
+                {
                     break;
                 }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -143,8 +146,9 @@ impl Scheduler {
                 s.forget_parked(id);
                 s.in_flight.insert(id);
                 let delivery = self.delivery.clone();
+                let seeking = delivery.seeking();
                 let handle = tasks.spawn(async move {
-                    let attempted = delivery.attempt(id).await;
+                    let attempted = delivery.attempt(id, seeking).await;
                     drop(permit);
                     attempted
                 });
@@ -198,6 +202,7 @@ impl Scheduler {
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
+                _ = slot_freed.notified() => {}
                 _ = check.tick() => ticked = true,
                 _ = beat.tick() => heartbeat.beat(),
                 Ok(()) = updates.changed() => {
