@@ -299,6 +299,8 @@ impl Delivery {
             memory: self.memory.clone(),
             delivered: self.delivered.clone(),
             unrecorded: self.unrecorded.clone(),
+            // Attempts begun before the reload still seek connections of the accounts it kept.
+            seeking: self.seeking.clone(),
             slot_freed: self.slot_freed.clone(),
             ..Delivery::new(config, accounts)
         }
@@ -326,15 +328,26 @@ impl Delivery {
         Seeking(self.seeking.clone())
     }
 
-    /// Whether another attempt may start: fewer are seeking a connection than there are connections free. A
-    /// relay without accounts has none to wait for.
-    pub fn may_start(&self) -> bool {
+    /// Whether the attempt of `id` may start now: fewer are seeking a connection than there are connections
+    /// free. Only where every message goes to the same accounts (one pool) does that say anything about this
+    /// message; with several pools, one pool's busy connections must not hold back another's mail, and every
+    /// message may start (it is parked if its pool is busy). A message past `max_age` needs no connection (it
+    /// goes to dead/), nor does a relay without accounts.
+    pub fn may_start(&self, id: QueueId, now: SystemTime) -> bool {
+        if self.routing.pools().len() != 1
+            || id
+                .created_at()
+                .checked_add(self.queue.max_age)
+                .is_none_or(|end| end < now)
+        {
+            return true;
+        }
         let free: usize = self
             .accounts
             .values()
             .map(|a| a.slots.available_permits())
             .sum();
-        self.accounts.is_empty() || self.seeking.load(Ordering::Acquire) < free
+        self.seeking.load(Ordering::Acquire) < free
     }
 
     /// Resolves when a delivery hands back its connection.
@@ -544,6 +557,9 @@ impl Delivery {
         ) {
             Ok(place) => {
                 drop(seeking);
+                // Between taking the connection and that drop, the scheduler may have counted this attempt twice
+                // and stopped starting others: have it look again.
+                self.slot_freed.notify_one();
                 place
             }
             Err(wait) => {

@@ -135,7 +135,8 @@ impl Scheduler {
                     s.rerun.insert(id);
                     continue;
                 }
-                if s.in_flight.len() >= self.delivery.attempt_budget() || !self.delivery.may_start()
+                if s.in_flight.len() >= self.delivery.attempt_budget()
+                    || !self.delivery.may_start(id, now)
                 {
                     break;
                 }
