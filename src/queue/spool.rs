@@ -558,20 +558,26 @@ enum LoneFlush {
 
 impl LoneFlush {
     fn for_dir(dir: &Path) -> LoneFlush {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = fs::metadata(dir) else {
-            return LoneFlush::FileAndDir;
-        };
-        let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
-        let Some(table) = fs::read_to_string("/proc/self/mountinfo").ok() else {
-            return LoneFlush::FileAndDir;
-        };
-        match mountinfo_type(&table, &format!("{}:{}", dev.0, dev.1)).as_deref() {
-            Some("xfs") => LoneFlush::FileOnly,
-            Some("ext4") if has_journal(dev) => LoneFlush::FileOnly,
+        match mount_of(dir) {
+            Some((fs, _)) if fs == "xfs" => LoneFlush::FileOnly,
+            Some((fs, dev)) if fs == "ext4" && has_journal(dev) => LoneFlush::FileOnly,
             _ => LoneFlush::FileAndDir,
         }
     }
+}
+
+/// The filesystem type of the mount holding `path` and its device (major, minor), from /proc/self/mountinfo
+/// (matched by device, so symlinks and bind mounts find the right line). `ext2`/`ext3` mounts say so even when
+/// the ext4 driver serves them.
+fn mount_of(path: &Path) -> Option<(String, (u32, u32))> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(path).ok()?.dev();
+    let dev = (libc::major(dev), libc::minor(dev));
+    let table = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    Some((
+        mountinfo_type(&table, &format!("{}:{}", dev.0, dev.1))?,
+        dev,
+    ))
 }
 
 /// Whether the ext4 filesystem on device `(major, minor)` has an internal journal: jbd2 lists it in /proc as
@@ -589,15 +595,6 @@ fn has_journal((major, minor): (u32, u32)) -> bool {
                     .join(format!("{name}-8"))
                     .exists()
         })
-}
-
-#[cfg(test)]
-fn fs_type(path: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = fs::metadata(path).ok()?.dev();
-    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
-    let table = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo_type(&table, &want)
 }
 
 /// The filesystem type of the mount of device `dev` ("MAJOR:MINOR") in a mountinfo table: the third field, and
@@ -657,7 +654,10 @@ mod tests {
 
     #[test]
     fn the_real_mountinfo_names_the_filesystem_of_a_path() {
-        assert_eq!(fs_type(Path::new("/proc")).as_deref(), Some("proc"));
+        assert_eq!(
+            mount_of(Path::new("/proc")).map(|(t, _)| t).as_deref(),
+            Some("proc")
+        );
         // Not a filesystem that is known to keep a new name with the file: the directory is flushed too.
         assert_eq!(
             LoneFlush::for_dir(Path::new("/proc")),
@@ -670,7 +670,7 @@ mod tests {
         // Wherever the tests run: the file alone only on XFS or on an ext4 whose journal jbd2 lists.
         let dir = tempfile::tempdir().unwrap();
         if LoneFlush::for_dir(dir.path()) == LoneFlush::FileOnly {
-            let fs = fs_type(dir.path());
+            let fs = mount_of(dir.path()).map(|(t, _)| t);
             let journals = fs::read_dir("/proc/fs/jbd2").map_or(0, |d| d.count());
             assert!(
                 fs.as_deref() == Some("xfs") || (fs.as_deref() == Some("ext4") && journals > 0),
