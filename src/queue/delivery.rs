@@ -181,6 +181,9 @@ fn memory_units(bytes: u64) -> u32 {
         .clamp(1, MEMORY_UNITS)
 }
 
+/// A message up to this size is read on the runtime's thread (as its envelope is), not on the blocking pool.
+const READ_INLINE: u64 = 64 << 10;
+
 /// When a message that could not be looked at now (still arriving, or an attempt that failed oddly) comes up
 /// again.
 const RECHECK: Duration = Duration::from_secs(30);
@@ -579,12 +582,16 @@ impl Delivery {
         let Ok(memory) = self.memory.acquire_many(units).await else {
             return Attempted::later(now + RECHECK).with_account(account.name.clone());
         };
-        let opened = {
+        // The counts are written before the message can reach the upstream: a crash during the send must not make
+        // the next start forget it (only an account with limits has counts that must survive one). The first read
+        // checks the seal and looks for long lines; a small message stays in memory from it. A small message is
+        // read here, as its envelope was: a few cached pages cost less than the hand-off to the blocking pool.
+        let durable = account.rate.durable();
+        let opened = if !durable && msg.size <= READ_INLINE {
+            Ok(open_message(&msg, opened))
+        } else {
             let msg = msg.clone();
             let rate = account.rate.clone();
-            // The counts are written before the message can reach the upstream: a crash during the send must not
-            // make the next start forget it. The first read checks the seal and looks for long lines; a small
-            // message stays in memory from it.
             tokio::task::spawn_blocking(move || {
                 rate.save();
                 open_message(&msg, opened)

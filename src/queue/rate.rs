@@ -351,7 +351,8 @@ impl AccountRate {
         self.write(self.durable());
     }
 
-    fn durable(&self) -> bool {
+    /// Whether the account has limits, and so counts that must be on disk before a message goes.
+    pub fn durable(&self) -> bool {
         *lock(&self.limits) != RateConfig::default()
     }
 
