@@ -296,6 +296,56 @@ async fn one_connection_carries_several_messages_pipelined_without_noop() {
     }
 }
 
+/// Issue 11: against a server that offers CHUNKING (Microsoft 365 and Gmail do), each message is MAIL, RCPT and
+/// `BDAT n LAST` with the message in one write (RFC 3030): one round trip a message, no 354 to wait for and no
+/// dot-stuffing, and the message arrives byte for byte.
+#[tokio::test]
+async fn with_chunking_each_message_goes_in_one_write_with_bdat() {
+    let idp = idp_issuing("tok-1").await;
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    upstream
+        .chunking
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut relay = relay_with_account_and(&idp, &upstream, "max_connections = 1\n").await;
+    for _ in 0..3 {
+        send_message(relay.addr(), WIRE).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(strip_received(&upstream.next().await.data), BODY);
+    }
+    relay.attempts_done(3).await;
+    relay.drained().await;
+    assert!(relay.queued().is_empty());
+    let log = upstream.commands.lock().unwrap().clone();
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|c| c == "DATA" || c.starts_with("NOOP")),
+        "{log:?}"
+    );
+    let mails: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].starts_with("MAIL FROM:"))
+        .collect();
+    assert_eq!(mails.len(), 3, "{log:?}");
+    for at in mails {
+        assert!(log[at].ends_with(" +"), "MAIL not pipelined: {log:?}");
+        assert!(
+            log[at + 1].starts_with("RCPT TO:") && log[at + 1].ends_with(" +"),
+            "{log:?}"
+        );
+        // The message's bytes follow in the same write.
+        assert!(
+            log[at + 2].starts_with("BDAT ") && log[at + 2].ends_with(" LAST +"),
+            "{log:?}"
+        );
+    }
+}
+
 /// Issue 11: a pooled connection the server dropped is found dead at the next message, which goes at once on a
 /// fresh connection in the same attempt (a deferral would hold it for the retry schedule's first minute).
 #[tokio::test]

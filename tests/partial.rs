@@ -104,6 +104,63 @@ async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message(
     assert!(drain(&mut upstream).is_empty(), "one copy each");
 }
 
+/// The same through BDAT (CHUNKING, RFC 3030): the refused recipient's reply comes back with the others, after
+/// the message was sent; the message goes to the others, and a message to no accepted recipient is refused and
+/// moved to dead/, on a connection that stays in step (the next message goes on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_message() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .chunking
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[1].into(), UNKNOWN.into()));
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"none\"").await;
+    let id = send(d.addr, &TO).await;
+    let line = d.wait_log("relay_event=\"recipient_refused\"");
+    assert!(line.contains(&id) && line.contains(TO[1]), "{line}");
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[2]]);
+    assert!(
+        String::from_utf8_lossy(&got.data).ends_with("\r\n\r\nhello\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&got.data)
+    );
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+
+    // Every recipient refused for good: the transaction is refused as a whole, the message goes to dead/.
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[0].into(), UNKNOWN.into()));
+    let dead = send(d.addr, &TO[..1]).await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&dead) && line.contains("5.1.1"), "{line}");
+    // The connection was still in step: the next message goes on it.
+    let next = send(d.addr, &TO[2..]).await;
+    assert_eq!(upstream.next().await.to, [TO[2]]);
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&next), "{line}");
+    let state = dir.path().join("state");
+    assert!(queued_in(&state).is_empty(), "nothing left queued");
+    assert_eq!(
+        files_in(&state, "dead").len(),
+        2,
+        "the dead message and its state"
+    );
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_now_is_retried_alone() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;

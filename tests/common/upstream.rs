@@ -41,6 +41,9 @@ pub struct FakeUpstream {
     /// e.g. ("x@example.com", "550 5.1.1 user unknown"). A refused recipient does not get the message; DATA with
     /// none accepted is refused.
     pub rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
+    /// Offer CHUNKING (RFC 3030) in EHLO, as Microsoft 365 and Gmail do, and take BDAT. With BDAT, `data_reply`
+    /// answers the LAST chunk; only plain replies (no DROP, STALL, SLOW, HANGUP).
+    pub chunking: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeUpstream {
@@ -67,19 +70,21 @@ impl FakeUpstream {
         let counter = connections.clone();
         let rcpt_replies = Arc::new(Mutex::new(Vec::new()));
         let r = rcpt_replies.clone();
+        let chunking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = chunking.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
-                let (log, r) = (log.clone(), r.clone());
+                let (log, r, c) = (log.clone(), r.clone(), c.clone());
                 tokio::spawn(async move {
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                session(stream, tx, t, d, log, r).await;
+                                session(stream, tx, t, d, log, r, c).await;
                             }
                         }
-                        None => session(tcp, tx, t, d, log, r).await,
+                        None => session(tcp, tx, t, d, log, r, c).await,
                     }
                 });
             }
@@ -92,6 +97,7 @@ impl FakeUpstream {
             connections,
             commands,
             rcpt_replies,
+            chunking,
         }
     }
 
@@ -111,8 +117,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     data_reply: Arc<Mutex<String>>,
     log: Arc<Mutex<Vec<String>>>,
     rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
+    chunking: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut s = BufReader::new(tcp);
+    // BDAT chunks of the message in progress.
+    let mut chunks: Vec<u8> = Vec::new();
     let _ = w(&mut s, "220 fake.outlook.test ESMTP".into()).await;
     let mut msg = Received {
         auth: String::new(),
@@ -140,8 +149,40 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             log.lock().unwrap().push(entry);
         }
         let reply = if upper.starts_with("EHLO") {
-            "250-fake.outlook.test\r\n250-8BITMIME\r\n250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
-                .to_string()
+            let chunking = if chunking.load(std::sync::atomic::Ordering::SeqCst) {
+                "250-CHUNKING\r\n"
+            } else {
+                ""
+            };
+            format!(
+                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
+            )
+        } else if let Some(args) = upper.strip_prefix("BDAT ") {
+            let mut words = args.split_ascii_whitespace();
+            let n: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            let last = words.next() == Some("LAST");
+            let mut chunk = vec![0u8; n];
+            if s.read_exact(&mut chunk).await.is_err() {
+                return;
+            }
+            chunks.extend_from_slice(&chunk);
+            if !last {
+                format!("250 2.0.0 {n} octets received")
+            } else if msg.from.is_empty() && msg.to.is_empty() {
+                chunks.clear();
+                "503 5.5.1 MAIL first".into()
+            } else if msg.to.is_empty() {
+                chunks.clear();
+                "554 5.5.1 No valid recipients".into()
+            } else {
+                msg.data = std::mem::take(&mut chunks);
+                let reply = data_reply.lock().unwrap().clone();
+                if reply.starts_with('2') {
+                    msg.at = std::time::SystemTime::now();
+                    let _ = tx.send(msg.clone());
+                }
+                reply
+            }
         } else if upper.starts_with("AUTH XOAUTH2 ") {
             let decoded = B64.decode(cmd[13..].trim()).unwrap_or_default();
             let decoded = String::from_utf8_lossy(&decoded).into_owned();
@@ -251,6 +292,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = w(&mut s, "221 2.0.0 Bye".into()).await;
             return;
         } else if upper == "RSET" || upper == "NOOP" {
+            chunks.clear();
             "250 2.0.0 OK".into()
         } else {
             "502 5.5.1 Unrecognized command".into()

@@ -126,6 +126,8 @@ pub struct Offers {
     pub xoauth2: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// CHUNKING (RFC 3030): BDAT instead of DATA.
+    pub chunking: bool,
     /// SIZE's limit, 0 when none is given.
     pub size: Option<u64>,
 }
@@ -143,6 +145,7 @@ impl Offers {
                 "STARTTLS" => o.starttls = true,
                 "8BITMIME" => o.eight_bit_mime = true,
                 "SMTPUTF8" => o.smtputf8 = true,
+                "CHUNKING" => o.chunking = true,
                 "SIZE" => o.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "AUTH" => o.xoauth2 |= words.any(|m| m.eq_ignore_ascii_case("XOAUTH2")),
                 _ => {}
