@@ -106,7 +106,7 @@ async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message(
 
 /// The same through BDAT (CHUNKING, RFC 3030): the refused recipient's reply comes back with the others, after
 /// the message was sent; the message goes to the others, and a message to no accepted recipient is refused and
-/// moved to dead/, on a connection that stays in step (the next message goes on it).
+/// moved to dead/ (that connection is closed; the next message goes on a fresh one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_message() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
@@ -141,7 +141,6 @@ async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_mes
     let dead = send(d.addr, &TO[..1]).await;
     let line = d.wait_log("relay_event=\"dead\"");
     assert!(line.contains(&dead) && line.contains("5.1.1"), "{line}");
-    // The connection was still in step: the next message goes on it.
     let next = send(d.addr, &TO[2..]).await;
     assert_eq!(upstream.next().await.to, [TO[2]]);
     let line = d.wait_log("relay_event=\"delivered\"");
@@ -157,7 +156,7 @@ async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_mes
         upstream
             .connections
             .load(std::sync::atomic::Ordering::SeqCst),
-        1
+        2
     );
 }
 

@@ -1,9 +1,10 @@
 //! A minimal upstream SMTP server for benchmarks: it accepts any XOAUTH2 token and every message, and counts them.
 //!
-//! 220 greeting; EHLO answers `250-sink` / `250-PIPELINING` / `250-8BITMIME` / `250 AUTH XOAUTH2`; AUTH XOAUTH2
-//! (with or without an initial response) gets `235 2.7.0 Accepted`; MAIL and RCPT get 250; DATA gets 354, the body
-//! is read up to the final dot and answered `250 2.0.0 OK`; RSET and NOOP get 250; QUIT gets 221. Replies are
-//! written once the client's pipelined commands have all been read.
+//! 220 greeting; EHLO answers `250-sink` / `250-PIPELINING` / `250-8BITMIME` / `250-CHUNKING` / `250 AUTH
+//! XOAUTH2` (Microsoft 365 and Gmail offer CHUNKING too); AUTH XOAUTH2 (with or without an initial response) gets
+//! `235 2.7.0 Accepted`; MAIL and RCPT get 250; DATA gets 354, the body is read up to the final dot and answered
+//! `250 2.0.0 OK`; `BDAT n` has its n octets read and gets 250, the message counted at `BDAT n LAST`; RSET and
+//! NOOP get 250; QUIT gets 221. Replies are written once the client's pipelined commands have all been read.
 #![allow(dead_code)] // each bench uses a different part of this
 
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -116,7 +117,7 @@ async fn session(tcp: TcpStream, messages: &Counter, quickack: bool) -> std::io:
             .unwrap_or_default();
         match verb.as_slice() {
             b"EHLO" => out.extend_from_slice(
-                b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH XOAUTH2\r\n",
+                b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n",
             ),
             b"HELO" => out.extend_from_slice(b"250 sink\r\n"),
             b"AUTH" => {
@@ -155,6 +156,28 @@ async fn session(tcp: TcpStream, messages: &Counter, quickack: bool) -> std::io:
                 }
                 messages.add();
                 out.extend_from_slice(b"250 2.0.0 OK\r\n");
+            }
+            b"BDAT" => {
+                let text = String::from_utf8_lossy(&line);
+                let mut words = text.split_ascii_whitespace().skip(1);
+                let Some(mut left) = words.next().and_then(|n| n.parse::<u64>().ok()) else {
+                    out.extend_from_slice(b"501 5.5.4 Bad BDAT\r\n");
+                    continue;
+                };
+                let last = words.next().is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
+                // Read and dropped a piece at a time, whatever the chunk's size.
+                let mut scratch = [0u8; 16 * 1024];
+                while left > 0 {
+                    let n = left.min(scratch.len() as u64) as usize;
+                    r.read_exact(&mut scratch[..n]).await?;
+                    left -= n as u64;
+                }
+                if last {
+                    messages.add();
+                    out.extend_from_slice(b"250 2.0.0 OK\r\n");
+                } else {
+                    out.extend_from_slice(b"250 2.0.0 chunk received\r\n");
+                }
             }
             b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
             b"QUIT" => {

@@ -137,6 +137,73 @@ pub fn refused_for_good(rcpt: &Reply) -> bool {
     rcpt.is_permanent() && rcpt.code != 552
 }
 
+/// The replies to a BDAT transaction as they come: those to MAIL and each RCPT kept, of those to the chunks only
+/// the first refusal and the last (so a message of many chunks holds a few replies, not one per chunk).
+struct Replies {
+    envelope: Vec<Reply>,
+    commands: usize,
+    /// BDAT commands sent so far.
+    chunks: usize,
+    /// Replies read so far.
+    seen: usize,
+    refused_chunk: Option<Reply>,
+    last: Option<Reply>,
+}
+
+impl Replies {
+    fn new(commands: usize) -> Replies {
+        Replies {
+            envelope: Vec::with_capacity(commands),
+            commands,
+            chunks: 0,
+            seen: 0,
+            refused_chunk: None,
+            last: None,
+        }
+    }
+
+    fn push(&mut self, r: Reply) {
+        self.seen += 1;
+        if self.envelope.len() < self.commands {
+            self.envelope.push(r);
+            return;
+        }
+        if !r.is_positive() && self.refused_chunk.is_none() {
+            self.refused_chunk = Some(r.clone());
+        }
+        self.last = Some(r);
+    }
+
+    fn complete(&self) -> bool {
+        self.seen >= self.commands + self.chunks
+    }
+
+    /// What refuses the message so far: a refused MAIL, a 421, every recipient refused (once all their replies
+    /// are in), or a refused chunk.
+    fn refusal(&self) -> Option<Reply> {
+        let mail_refused = self.envelope.first().filter(|m| !m.is_positive());
+        let closing = self
+            .envelope
+            .iter()
+            .chain(self.refused_chunk.iter())
+            .find(|r| r.code == 421);
+        if let Some(r) = mail_refused.or(closing) {
+            return Some(r.clone());
+        }
+        if self.envelope.len() == self.commands
+            && let Err(r) = judge_envelope(&self.envelope, self.commands - 1)
+        {
+            return Some(r);
+        }
+        self.refused_chunk.clone()
+    }
+}
+
+/// Whether the only reply was a 421 to MAIL: a reused connection the server was closing.
+fn closing_at_once(replies: &Replies) -> bool {
+    replies.seen == 1 && replies.envelope.first().is_some_and(|r| r.code == 421)
+}
+
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
@@ -388,20 +455,22 @@ impl Conn {
     /// CHUNKING (RFC 3030) with PIPELINING: MAIL, RCPT… and the message as `BDAT n LAST` go in one write when the
     /// message fits one, so a message costs one round trip instead of two (no wait for a 354), and no
     /// dot-stuffing. Microsoft 365 and Gmail offer both. A larger message goes as several BDAT chunks of about
-    /// [`WRITE`] bytes, pipelined too; every reply is read at the end (one per command, a few dozen bytes each).
-    /// A server that refuses MAIL or every RCPT still reads the chunks and refuses them (RFC 3030 section 2), so
-    /// the connection stays in step. `commands`: MAIL, then one RCPT per recipient.
+    /// [`WRITE`] bytes; replies that have already arrived are read between chunks, so they never pile up, and a
+    /// refusal stops the upload (RFC 3030 section 4.2: no more chunks after a failed one). A server that refuses
+    /// MAIL or every RCPT still reads the chunks and refuses them (section 2), but the connection is not used
+    /// again after any refusal: one reconnect is cheap, a server out of step is not. `commands`: MAIL, then one
+    /// RCPT per recipient.
     async fn send_chunked(
         &mut self,
         commands: Vec<String>,
         message: &Outgoing,
     ) -> Result<Sent, SendFailure> {
-        let fail = |failure, unanswered, reusable| SendFailure {
+        let fail = |failure, unanswered| SendFailure {
             failure,
             unanswered,
-            reusable,
+            reusable: false,
         };
-        let recipients = commands.len() - 1;
+        let mut replies = Replies::new(commands.len());
         let deadline = self.timeout + Duration::from_secs(message.len() / SLOW_RATE);
         let started = Instant::now();
         let expected =
@@ -414,7 +483,6 @@ impl Conn {
             out.extend_from_slice(b"\r\n");
         }
         let mut chunks = message.chunks(true);
-        let mut bdats = 0usize;
         let mut sent = 0u64;
         loop {
             let piece = chunks.next().await.map_err(|e| {
@@ -422,22 +490,27 @@ impl Conn {
                 fail(
                     Failure::Connection(format!("cannot read the queue file while sending: {e}")),
                     false,
-                    false,
                 )
             })?;
             let Some(piece) = piece else { break };
             // Sent only once more follows, so that the last chunk is the one marked LAST.
             if body.len() >= WRITE {
                 self.chunk(&mut out, &body, false);
+                replies.chunks += 1;
                 let left = deadline.saturating_sub(started.elapsed());
-                // Nothing is answered before the end: the server has taken nothing yet.
-                self.write(&out, left)
-                    .await
-                    .map_err(|f| fail(f, true, false))?;
+                if let Err(f) = self.write(&out, left).await {
+                    return Err(self.after_write_failure(f, replies).await);
+                }
                 sent += body.len() as u64;
-                bdats += 1;
                 out.clear();
                 body.clear();
+                if let Err(f) = self.read_ready(&mut replies) {
+                    return Err(fail(f, false));
+                }
+                if let Some(refusal) = replies.refusal() {
+                    // Refused midway: the rest is not sent, and the transaction is abandoned with the connection.
+                    return Err(fail(Failure::Refused(refusal), false));
+                }
             }
             body.extend_from_slice(&piece);
         }
@@ -446,78 +519,128 @@ impl Conn {
             body.extend_from_slice(b"\r\n");
         }
         self.chunk(&mut out, &body, true);
+        replies.chunks += 1;
         sent += body.len() as u64;
-        bdats += 1;
-        self.note(&format!("<message: {sent} bytes in {bdats} BDAT chunk(s)>"));
+        self.note(&format!(
+            "<message: {sent} bytes in {} BDAT chunk(s)>",
+            replies.chunks
+        ));
         let left = deadline.saturating_sub(started.elapsed());
-        self.write(&out, left)
-            .await
-            .map_err(|f| fail(f, true, false))?;
+        if let Err(f) = self.write(&out, left).await {
+            return Err(self.after_write_failure(f, replies).await);
+        }
         drop((out, body));
 
-        let total = commands.len() + bdats;
-        let mut replies = Vec::with_capacity(total);
-        while replies.len() < total {
-            // The last reply is the one to the whole message: it gets the final reply's wait.
-            let limit = if replies.len() + 1 == total {
-                self.final_reply
-            } else {
-                self.timeout
-            };
-            match self.reply_within(limit).await {
+        // The server may hold every reply until it has dealt with the whole message (RFC 2920 lets it answer
+        // once its input runs dry), so all of them get the final reply's wait, and a wait that runs out is not
+        // "unanswered": the message may have been taken, and is not sent again at once.
+        let until = tokio::time::Instant::now() + self.final_reply;
+        while !replies.complete() {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.reply_within(left).await {
                 // The server is closing the connection (a reused one it had timed out): nothing was taken.
-                Ok(r) if replies.is_empty() && r.code == 421 => {
-                    return Err(fail(Failure::Refused(r), true, false));
+                Ok(r) if replies.seen == 0 && r.code == 421 => {
+                    return Err(fail(Failure::Refused(r), true));
                 }
-                Ok(r) if r.code == 421 => {
+                Ok(r) => {
+                    let closing = r.code == 421;
                     replies.push(r);
-                    break;
+                    if closing {
+                        break;
+                    }
                 }
-                Ok(r) => replies.push(r),
-                Err(f) => return Err(fail(f, replies.is_empty(), false)),
+                Err(f) => {
+                    if let Some(refusal) = replies.refusal() {
+                        return Err(fail(Failure::Refused(refusal), false));
+                    }
+                    let timed_out = tokio::time::Instant::now() >= until;
+                    return Err(fail(f, replies.seen == 0 && !timed_out));
+                }
             }
         }
-        let complete = replies.len() == total;
-        if complete && !self.is_clean() {
-            return Err(fail(
+        let refused = match judge_envelope(&replies.envelope, commands.len() - 1) {
+            Ok(refused) => refused,
+            Err(reply) => return Err(fail(Failure::Refused(reply), false)),
+        };
+        if let Some(refusal) = replies.refusal() {
+            return Err(fail(Failure::Refused(refusal), false));
+        }
+        match replies.last {
+            // Taken. Anything the server sent after it (a 421 as it closes) keeps the connection out of the pool.
+            Some(reply) if replies.complete() => {
+                self.last_used = Instant::now();
+                Ok(Sent { reply, refused })
+            }
+            _ => Err(fail(
                 Failure::Connection(
-                    "the upstream sent more replies than commands; the connection was dropped"
-                        .into(),
+                    "upstream stopped answering in the middle of the message".into(),
                 ),
                 false,
-                false,
-            ));
+            )),
         }
-        let refused = match judge_envelope(&replies, recipients) {
-            Ok(refused) => refused,
-            Err(reply) => {
-                let reusable = complete && reply.code != 421 && self.rset().await;
-                return Err(fail(Failure::Refused(reply), false, reusable));
+    }
+
+    /// A chunk could not be written (the server may have refused the transaction and closed): the replies that
+    /// reached us say why, where there are any, rather than "connection lost".
+    async fn after_write_failure(&mut self, failure: Failure, mut replies: Replies) -> SendFailure {
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while replies.refusal().is_none() && !replies.complete() {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.reply_within(left).await {
+                Ok(r) => replies.push(r),
+                Err(_) => break,
             }
-        };
-        let to_chunks = &replies[(recipients + 1).min(replies.len())..];
-        match to_chunks.iter().find(|r| !r.is_positive()) {
-            Some(r) => {
-                let r = r.clone();
-                let reusable = complete && r.code != 421 && self.rset().await;
-                Err(fail(Failure::Refused(r), false, reusable))
-            }
-            None => match to_chunks.last() {
-                Some(last) if complete => {
-                    self.last_used = Instant::now();
-                    Ok(Sent {
-                        reply: last.clone(),
-                        refused,
-                    })
-                }
-                _ => Err(fail(
-                    Failure::Connection(
-                        "upstream stopped answering in the middle of the message".into(),
-                    ),
-                    false,
-                    false,
-                )),
+        }
+        match replies.refusal() {
+            Some(r) => SendFailure {
+                failure: Failure::Refused(r),
+                unanswered: closing_at_once(&replies),
+                reusable: false,
             },
+            // LAST was not written whole: nothing can have been taken.
+            None => SendFailure {
+                failure,
+                unanswered: replies.seen == 0,
+                reusable: false,
+            },
+        }
+    }
+
+    /// Parses the replies that have already arrived, without waiting (between chunks of a large message).
+    fn read_ready(&mut self, replies: &mut Replies) -> Result<(), Failure> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            loop {
+                match reply::parse(&self.buf[self.pos..]) {
+                    Ok(Some((r, used))) => {
+                        self.pos += used;
+                        replies.push(r);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(Failure::Connection(format!(
+                            "upstream sent a malformed reply: {e}"
+                        )));
+                    }
+                }
+            }
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.stream).poll_read(&mut cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    self.buf.extend_from_slice(read.filled());
+                }
+                // Closed: the next write or read says so.
+                Poll::Ready(Ok(())) | Poll::Pending => return Ok(()),
+                Poll::Ready(Err(e)) => {
+                    return Err(Failure::Connection(format!(
+                        "upstream connection lost: {e}"
+                    )));
+                }
+            }
         }
     }
 
@@ -1013,16 +1136,16 @@ mod tests {
     }
 
     /// Every recipient refused: the server still reads the chunk and refuses it; the RCPT's reply is the
-    /// message's, and the connection, reset, carries the next message.
+    /// message's, and the connection is not used again (one reconnect costs less than a server out of step).
     #[tokio::test]
-    async fn chunking_with_every_recipient_refused_stays_in_step() {
+    async fn chunking_with_every_recipient_refused_says_the_recipients_reply() {
         let (port, server) = scripted(|cmd| match cmd {
             c if c.starts_with("EHLO") => {
                 b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n"
             }
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             "RCPT TO:<gone@x.test>" => b"550 5.1.1 unknown\r\n",
-            c if c.starts_with("BDAT") => b"250 2.0.0 queued\r\n",
+            c if c.starts_with("BDAT") => b"554 5.5.1 no valid recipients\r\n",
             _ => b"250 ok\r\n",
         })
         .await;
@@ -1036,13 +1159,49 @@ mod tests {
             matches!(&failed.failure, Failure::Refused(r) if r.code == 550),
             "{failed:?}"
         );
-        assert!(failed.reusable && !failed.unanswered, "{failed:?}");
-        let sent = conn
-            .send("me@x.test", &["a@x.test".to_string()], &message, false)
+        assert!(!failed.reusable && !failed.unanswered, "{failed:?}");
+        drop(conn);
+        assert!(seen(server).await.iter().any(|c| c == "BDAT 18 LAST"));
+    }
+
+    /// A large message whose MAIL is refused (its SIZE, say): the refusal is what the send says, however far the
+    /// upload got, and the connection is not used again.
+    #[tokio::test]
+    async fn chunking_a_refused_large_message_says_the_refusal() {
+        let (port, server) = scripted(|cmd| match cmd {
+            c if c.starts_with("EHLO") => {
+                b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n"
+            }
+            c if c.starts_with("AUTH") => b"235 ok\r\n",
+            c if c.starts_with("MAIL") => b"552 5.3.4 message too big\r\n",
+            c if c.starts_with("BDAT") => b"503 5.5.1 no transaction\r\n",
+            _ => b"250 ok\r\n",
+        })
+        .await;
+        let mut conn = connect(port).await;
+        let big = vec![b'x'; 4 * WRITE]
+            .chunks(78)
+            .flat_map(|l| l.iter().copied().chain(*b"\r\n"))
+            .collect::<Vec<u8>>();
+        let failed = conn
+            .send(
+                "me@x.test",
+                &["a@x.test".to_string()],
+                &Outgoing::from_bytes(big),
+                false,
+            )
             .await
-            .unwrap();
-        assert_eq!(sent.reply.code, 250);
-        conn.quit().await;
-        assert!(seen(server).await.iter().any(|c| c == "RSET"));
+            .unwrap_err();
+        assert!(
+            matches!(&failed.failure, Failure::Refused(r) if r.code == 552),
+            "{failed:?}"
+        );
+        assert!(!failed.reusable && !failed.unanswered, "{failed:?}");
+        drop(conn);
+        let seen = seen(server).await;
+        assert!(
+            seen.iter().filter(|c| c.ends_with(" LAST")).count() <= 1,
+            "{seen:?}"
+        );
     }
 }
