@@ -529,14 +529,13 @@ fn flush<'a>(
         };
         return match (lone, beside.as_ref()) {
             (LoneFlush::FileOnly, _) => file.sync_data(),
-            (LoneFlush::FileAndDir, Some(b)) => match b.flush(dir.clone(), || file.sync_data()) {
-                Some(r) => r,
-                // Its thread is gone (it cannot be started, or panicked): both flushes here, one after the other.
-                None => {
+            (LoneFlush::FileAndDir, Some(b)) => {
+                let (flushed, alive) = b.flush(dir, || file.sync_data());
+                if !alive {
                     *beside = None;
-                    file.sync_data().and_then(|()| dir.sync_all())
                 }
-            },
+                flushed
+            }
             (LoneFlush::FileAndDir, None) => file.sync_data().and_then(|()| dir.sync_all()),
         };
     }
@@ -578,17 +577,22 @@ impl DirFlusher {
         DirFlusher { requests, results }
     }
 
-    /// Runs `file_flush` here and the directory's flush on the thread, and returns the first error of either;
-    /// `None` if the thread is not there (nothing was flushed by it).
+    /// Runs `file_flush` here and the directory's flush on the thread, and returns the first error of either, and
+    /// whether the thread is still there. Without it, the directory is flushed here, after the file (the file's
+    /// flush runs once only: a second one could report success for a write whose error the first one took).
     fn flush(
         &self,
-        dir: Arc<File>,
+        dir: &Arc<File>,
         file_flush: impl FnOnce() -> io::Result<()>,
-    ) -> Option<io::Result<()>> {
-        self.requests.send(dir).ok()?;
+    ) -> (io::Result<()>, bool) {
+        if self.requests.send(dir.clone()).is_err() {
+            return (file_flush().and_then(|()| dir.sync_all()), false);
+        }
         let file = file_flush();
-        let dir = self.results.recv().ok()?;
-        Some(file.and(dir))
+        match self.results.recv() {
+            Ok(d) => (file.and(d), true),
+            Err(_) => (file.and_then(|()| dir.sync_all()), false),
+        }
     }
 }
 
@@ -667,6 +671,30 @@ fn mountinfo_type(table: &str, dev: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The directory's flush beside the file's: both results count; without its thread, the file is flushed once
+    /// and the directory after it.
+    #[test]
+    fn the_directory_flush_beside_the_file_reports_both_and_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = Arc::new(File::open(dir.path()).unwrap());
+        let beside = DirFlusher::start();
+        assert!(matches!(beside.flush(&handle, || Ok(())), (Ok(()), true)));
+        let (r, alive) = beside.flush(&handle, || Err(io::Error::other("file")));
+        assert_eq!(r.unwrap_err().to_string(), "file");
+        assert!(alive);
+
+        let (requests, gone) = mpsc::sync_channel(1);
+        let (_done, results) = mpsc::sync_channel(1);
+        drop(gone);
+        let orphan = DirFlusher { requests, results };
+        let mut runs = 0;
+        let (r, alive) = orphan.flush(&handle, || {
+            runs += 1;
+            Ok(())
+        });
+        assert!(r.is_ok() && !alive && runs == 1);
+    }
 
     fn envelope() -> Envelope {
         Envelope {

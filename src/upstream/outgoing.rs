@@ -1,6 +1,7 @@
 //! A message on its way upstream, read from its queue file in pieces rather than whole.
 //!
-//! Delivery opens the queued message once on the blocking pool ([`Outgoing::open`]): it checks the bytes against
+//! Delivery opens the queued message once ([`Outgoing::open`]; on the blocking pool, but for a small message whose
+//! pages the envelope's read already brought in): it checks the bytes against
 //! the seal, notes whether a line is over 998 octets (the plan [`long_lines`] needs before it can rewrite), and
 //! keeps the header block, which `rewrite_from = "header"` may replace. A small message is kept in memory from
 //! that pass, so it is read once; a large one is read again from the file, a chunk at a time, as it is sent. So
@@ -71,7 +72,8 @@ impl Outgoing {
     }
 
     /// Opens the message at `offset..offset + len` of `file`, checking it against `seal` as it reads (`Ok(None)`:
-    /// the bytes do not match, the file was damaged on disk). Blocking: call it on the blocking pool.
+    /// the bytes do not match, the file was damaged on disk). Blocking: call it on the blocking pool, unless the
+    /// pages are known to be in memory.
     pub fn open(mut file: File, offset: u64, len: u64, seal: &str) -> io::Result<Option<Outgoing>> {
         file.seek(SeekFrom::Start(offset))?;
         let mut hasher = blake3::Hasher::new();
