@@ -178,6 +178,11 @@ impl Replies {
         self.seen >= self.commands + self.chunks
     }
 
+    /// Whether the only reply was a 421 to MAIL: a reused connection the server was closing.
+    fn closing_at_once(&self) -> bool {
+        self.seen == 1 && self.envelope.first().is_some_and(|r| r.code == 421)
+    }
+
     /// What refuses the message so far: a refused MAIL, a 421, every recipient refused (once all their replies
     /// are in), or a refused chunk.
     fn refusal(&self) -> Option<Reply> {
@@ -197,11 +202,6 @@ impl Replies {
         }
         self.refused_chunk.clone()
     }
-}
-
-/// Whether the only reply was a 421 to MAIL: a reused connection the server was closing.
-fn closing_at_once(replies: &Replies) -> bool {
-    replies.seen == 1 && replies.envelope.first().is_some_and(|r| r.code == 421)
 }
 
 enum Stream {
@@ -594,7 +594,7 @@ impl Conn {
         match replies.refusal() {
             Some(r) => SendFailure {
                 failure: Failure::Refused(r),
-                unanswered: closing_at_once(&replies),
+                unanswered: replies.closing_at_once(),
                 reusable: false,
             },
             // LAST was not written whole: nothing can have been taken.
@@ -606,23 +606,31 @@ impl Conn {
         }
     }
 
+    /// The next whole reply already read, if there is one (into the transcript too).
+    fn buffered_reply(&mut self) -> Result<Option<Reply>, Failure> {
+        match reply::parse(&self.buf[self.pos..]) {
+            Ok(Some((r, used))) => {
+                self.pos += used;
+                if let Some(t) = &self.transcript
+                    && let Ok(mut t) = t.lock()
+                {
+                    t.server(&format_lines(&r));
+                }
+                Ok(Some(r))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(Failure::Connection(format!(
+                "upstream sent a malformed reply: {e}"
+            ))),
+        }
+    }
+
     /// Parses the replies that have already arrived, without waiting (between chunks of a large message).
     fn read_ready(&mut self, replies: &mut Replies) -> Result<(), Failure> {
         let mut chunk = [0u8; 4096];
         loop {
-            loop {
-                match reply::parse(&self.buf[self.pos..]) {
-                    Ok(Some((r, used))) => {
-                        self.pos += used;
-                        replies.push(r);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        return Err(Failure::Connection(format!(
-                            "upstream sent a malformed reply: {e}"
-                        )));
-                    }
-                }
+            while let Some(r) = self.buffered_reply()? {
+                replies.push(r);
             }
             self.buf.drain(..self.pos);
             self.pos = 0;
@@ -743,22 +751,8 @@ impl Conn {
     async fn reply_within(&mut self, limit: Duration) -> Result<Reply, Failure> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            match reply::parse(&self.buf[self.pos..]) {
-                Ok(Some((r, used))) => {
-                    self.pos += used;
-                    if let Some(t) = &self.transcript
-                        && let Ok(mut t) = t.lock()
-                    {
-                        t.server(&format_lines(&r));
-                    }
-                    return Ok(r);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Failure::Connection(format!(
-                        "upstream sent a malformed reply: {e}"
-                    )));
-                }
+            if let Some(r) = self.buffered_reply()? {
+                return Ok(r);
             }
             // Whatever was parsed goes; an incomplete reply moves to the front.
             self.buf.drain(..self.pos);
