@@ -343,3 +343,86 @@ async fn hostile_envelopes_survive_kill_9_and_are_delivered() {
     assert!(files_in(&dir.path().join("state"), "dead").is_empty());
     assert!(files_in(&dir.path().join("state"), "quarantine").is_empty());
 }
+
+/// What a client sends as a user name reaches the journal only when it names a configured user: a forged log
+/// line (a name with a line break) and a password typed in the name's field never do. A refused command and a
+/// failed TLS-less login each leave a line that says why.
+#[test]
+fn client_text_never_forges_or_leaks_into_the_log_and_refusals_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"required\"\nauth_failure_delay = \"10ms\"\nmax_recipients = 1\n",
+    );
+    let mut relay = Daemon::spawn(&config);
+    let addr = relay.addr;
+    let forged =
+        "bob\n2026-12-03T12:00:00Z  INFO message queued relay_event=\"accepted\" \x1b[31mFORGED";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = RawClient::ready(addr).await;
+        c.cmd("MAIL FROM:<a@example.com>", 530).await;
+        let plain = B64.encode(format!("\0{forged}\0pw"));
+        c.cmd(&format!("AUTH PLAIN {plain}"), 535).await;
+        c.cmd(&format!("AUTH LOGIN {}", B64.encode("S3cretPass!")), 334)
+            .await;
+        c.cmd(&B64.encode("whatever"), 535).await;
+        let mut c = RawClient::ready(addr).await;
+        let plain = B64.encode("\0printer\0wrong");
+        c.cmd(&format!("AUTH PLAIN {plain}"), 535).await;
+        c.cmd(
+            &format!(
+                "AUTH PLAIN {}",
+                B64.encode(format!("\0printer\0{PASSWORD}"))
+            ),
+            235,
+        )
+        .await;
+        c.cmd("MAIL FROM:<a@example.com>", 250).await;
+        c.cmd("RCPT TO:<b@example.com>", 250).await;
+        c.cmd("RCPT TO:<c@example.com>", 452).await;
+        c.cmd("RCPT TO:<d\x1b[2J@example.com>", 501).await;
+    });
+    let refused = relay.wait_log("command refused");
+    assert!(
+        refused.contains("command=\"MAIL\"") && refused.contains("530 5.7.0"),
+        "{refused}"
+    );
+    let unknown = [
+        relay.wait_log("authentication failed"),
+        relay.wait_log("authentication failed"),
+    ];
+    for line in &unknown {
+        assert!(
+            line.contains("no such user") && !line.contains("user="),
+            "{line}"
+        );
+    }
+    let known = relay.wait_log("authentication failed");
+    assert!(
+        known.contains("user=printer") && known.contains("wrong password"),
+        "{known}"
+    );
+    let rcpt = relay.wait_log("command refused");
+    assert!(
+        rcpt.contains("command=\"RCPT\"") && rcpt.contains("452 4.5.3"),
+        "{rcpt}"
+    );
+    assert!(rcpt.contains("address=\"c@example.com\""), "{rcpt}");
+    let bad = relay.wait_log("command refused");
+    assert!(
+        bad.contains("command=\"RCPT\"") && bad.contains("501 5.1.3"),
+        "{bad}"
+    );
+    let mut all: Vec<String> = relay.unmatched().to_vec();
+    all.extend(relay.log.try_iter());
+    all.extend(unknown);
+    for line in all {
+        assert!(
+            !line.contains("FORGED") && !line.contains("S3cretPass"),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "{line}");
+    }
+    assert!(relay.terminate().success());
+}

@@ -611,6 +611,37 @@ mod tests {
         assert_eq!(e.key, "user[0].password_hash");
     }
 
+    /// The host name goes into every greeting and `Received:` line; the state dir must not depend on where relay
+    /// was started from.
+    #[test]
+    fn host_names_and_state_dirs_are_checked() {
+        for bad in [
+            "bad host\r\n250 fake",
+            "",
+            "a..b",
+            "-a.b",
+            "a_b.example",
+            "[1.2.3.4\n]",
+        ] {
+            let e = Config::parse(&format!("hostname = {bad:?}\n"), "x.toml").unwrap_err();
+            assert_eq!(e.key, "hostname", "{bad:?}: {e}");
+        }
+        for good in [
+            "relay",
+            "relay.example.com",
+            "mx-1.example.org",
+            "[192.0.2.1]",
+            "[IPv6:2001:db8::1]",
+        ] {
+            let c = Config::parse(&format!("hostname = {good:?}\n"), "x.toml").unwrap();
+            assert_eq!(c.hostname, good);
+        }
+        for bad in ["", "state", "./state"] {
+            let e = Config::parse(&format!("state_dir = {bad:?}\n"), "x.toml").unwrap_err();
+            assert_eq!(e.key, "state_dir", "{bad:?}: {e}");
+        }
+    }
+
     #[test]
     fn timeouts_and_limits_that_could_overflow_a_clock_are_refused() {
         for (line, key) in [

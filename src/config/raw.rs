@@ -304,6 +304,21 @@ impl RawConfig {
             }
         }
 
+        if let Some(dir) = &self.state_dir
+            && !dir.is_absolute()
+        {
+            // A relative path would depend on the directory relay was started from, and `relay status` run from
+            // elsewhere would look at another queue.
+            errs.add(
+                "state_dir",
+                format!("{dir:?} is not an absolute path (for example \"/var/lib/relay\")"),
+            );
+        }
+        if let Some(name) = &self.hostname
+            && let Err(why) = check_hostname(name)
+        {
+            errs.add("hostname", why);
+        }
         let token_encryption = match &self.token_encryption {
             Some(v) => errs.ok(TokenEncryption::parse(v)
                 .and_then(|e| crate::tokens::seal::check(&e).map(|()| e))
@@ -599,4 +614,33 @@ fn loopback_v6() -> IpNet {
         std::net::Ipv6Addr::LOCALHOST,
         128,
     ))
+}
+
+/// The name relay gives in its greeting, its EHLO and its `Received:` lines: a domain name (letters, digits,
+/// hyphens, dots) or an address literal. Anything else would be sent to clients and written into every message as
+/// it is, a line break included.
+fn check_hostname(name: &str) -> Result<(), String> {
+    let literal = name.starts_with('[') && name.ends_with(']') && name.len() > 2;
+    let domain = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    let literal_ok = literal
+        && name[1..name.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":.".contains(&b));
+    if domain || literal_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a host name (letters, digits, hyphens and dots, such as \"relay.example.com\"; or an address literal such as \"[192.0.2.1]\")"
+        ))
+    }
 }

@@ -115,13 +115,7 @@ impl Authenticator {
             _ => return Verdict::Busy,
         };
         if !ok {
-            return match self.failures.failed(client, Instant::now()) {
-                Some(incident) => {
-                    tracing::warn!(relay_event = "auth_failed", relay_client = %client, failures = incident.failures, blocked_for = %humantime::format_duration(incident.blocked_for), "too many failed logins from this address; its logins are refused for a while");
-                    Verdict::Refused
-                }
-                None => Verdict::Refused,
-            };
+            return self.failed(client);
         }
         if let Ok(mut set) = self.verified.lock() {
             if set.len() >= CACHE_LIMIT {
@@ -130,6 +124,29 @@ impl Authenticator {
             set.insert(key);
         }
         Verdict::Accepted
+    }
+}
+
+impl Authenticator {
+    /// Whether `user` is a configured user's name (for log lines: other names are client text).
+    pub fn knows(&self, user: &str) -> bool {
+        self.hashes.contains_key(user)
+    }
+
+    /// A login refused before any password check (a malformed or unsupported request): counted as a failure
+    /// like a wrong password, so it cannot be used to probe faster than guessing.
+    pub fn refuse(&self, client: IpAddr) -> Verdict {
+        if self.failures.is_blocked(client, Instant::now()) {
+            return Verdict::Throttled;
+        }
+        self.failed(client)
+    }
+
+    fn failed(&self, client: IpAddr) -> Verdict {
+        if let Some(incident) = self.failures.failed(client, Instant::now()) {
+            tracing::warn!(relay_event = "auth_failed", relay_client = %client, failures = incident.failures, blocked_for = %humantime::format_duration(incident.blocked_for), "too many failed logins from this address; its logins are refused for a while");
+        }
+        Verdict::Refused
     }
 }
 

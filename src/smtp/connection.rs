@@ -109,12 +109,41 @@ async fn handshake(ctx: &ListenerCtx, tcp: TcpStream, seat: &Seat) -> std::io::R
         ctx.cfg.command_timeout
     };
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
+    let peer = tcp.peer_addr().ok();
     let accepted = tokio::select! {
         accepted = timeout(limit, acceptor.accept(tcp)) => accepted.map_err(|_| timed_out())?,
         _ = seat.evicted() => Err(std::io::Error::other("evicted during the TLS handshake: listener full")),
     };
     seat.set_idle(false);
+    // An old device that cannot agree on a TLS version or cipher fails here, before any SMTP: said at info, so
+    // that "why does my scanner's mail never arrive" has an answer in the journal.
+    if let (Err(e), Some(peer)) = (&accepted, peer) {
+        tracing::info!(relay_client = %peer, error = %e, "TLS handshake failed");
+    }
     accepted
+}
+
+/// Logs a refused MAIL, RCPT or DATA command (a refused message after DATA has its own line, with its queue id):
+/// a device whose mail never arrives shows up in the journal. Addresses are client text, so they are written
+/// escaped (`?`) and cut short.
+fn log_refusal(session: &Session, reply: &Reply) {
+    if reply.is_positive() {
+        return;
+    }
+    let Some((command, address, sender)) = session.last_mail_command() else {
+        return;
+    };
+    let shown = |a: &str| a.chars().take(256).collect::<String>();
+    let text = reply.to_string();
+    tracing::warn!(
+        relay_event = "rejected",
+        relay_client = %session.peer(),
+        command,
+        address = ?shown(address),
+        sender = ?shown(sender.unwrap_or("")),
+        reply = %text.trim_end(),
+        "command refused"
+    );
 }
 
 /// The message being received, and its id for log lines even once its bytes are dropped.
@@ -182,6 +211,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             let step = session.next(&mut input);
             pos = filled - input.len();
+            if let Step::Reply(reply) | Step::Close(reply) = &step {
+                log_refusal(session, reply);
+            }
             match step {
                 Step::Reply(reply) => {
                     out.extend_from_slice(&reply.to_wire());
@@ -189,17 +221,32 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Step::Authenticate(creds) => {
                     let client = super::listener::canonical(peer.ip());
-                    let verdict = ctx
-                        .auth
-                        .verify(client, &creds.username, &creds.password)
-                        .await;
+                    let verdict = match creds.refused {
+                        Some(_) => ctx.auth.refuse(client),
+                        None => {
+                            ctx.auth
+                                .verify(client, &creds.username, &creds.password)
+                                .await
+                        }
+                    };
                     let step = match verdict {
                         Verdict::Accepted => {
                             tracing::info!(relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authenticated");
                             session.auth_succeeded(creds.username)
                         }
+                        // The name a client gives is logged only when it is a configured user's: anything else is
+                        // client text (line breaks and terminal escapes included), and devices sometimes send the
+                        // password in the name's place.
+                        Verdict::Refused if ctx.auth.knows(&creds.username) => {
+                            let why = creds.refused.unwrap_or("wrong password");
+                            tracing::warn!(relay_event = "auth_failed", relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, reason = why, "authentication failed");
+                            // Slows password guessing; the client waits, nothing else does.
+                            tokio::time::sleep(ctx.cfg.auth_failure_delay).await;
+                            session.auth_failed()
+                        }
                         Verdict::Refused => {
-                            tracing::warn!(relay_event = "auth_failed", relay_client = %peer, user = %creds.username, mechanism = creds.mechanism, "authentication failed");
+                            let why = creds.refused.unwrap_or("no such user (the name given is not logged: it may be a password typed in the wrong field)");
+                            tracing::warn!(relay_event = "auth_failed", relay_client = %peer, mechanism = creds.mechanism, reason = why, "authentication failed");
                             // Slows password guessing; the client waits, nothing else does.
                             tokio::time::sleep(ctx.cfg.auth_failure_delay).await;
                             session.auth_failed()

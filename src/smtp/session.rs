@@ -21,6 +21,14 @@ use super::reply::Reply;
 use crate::config::{AuthPolicy, BareLineEndings};
 use crate::queue::{Envelope, QueueId};
 
+/// MAIL, RCPT or DATA at the start of a command line that did not parse, for the refusal's log line.
+fn mail_verb(line: &[u8]) -> Option<&'static str> {
+    let verb = line.get(..4)?;
+    ["MAIL", "RCPT", "DATA"]
+        .into_iter()
+        .find(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
+}
+
 /// Longest command line we accept; RFC 5321 asks for 512, AUTH lines and extensions need more.
 pub const MAX_LINE: usize = 4096;
 /// Unrecognised or malformed commands before we hang up (a client that is not speaking SMTP).
@@ -49,6 +57,9 @@ pub struct Credentials {
     pub mechanism: &'static str,
     pub username: String,
     pub password: SecretString,
+    /// Refused before any password check, and why: the connection code still counts, delays and logs it as a
+    /// failed login, so that such attempts are no faster and no quieter than a wrong password.
+    pub refused: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -99,6 +110,8 @@ pub struct Session {
     errors: u32,
     auth_failures: u32,
     data: Option<DataState>,
+    /// The last MAIL, RCPT or DATA command and its address, for the log line of a refusal.
+    last: Option<(&'static str, String)>,
 }
 
 struct DataState {
@@ -123,6 +136,7 @@ impl Session {
             errors: 0,
             auth_failures: 0,
             data: None,
+            last: None,
         }
     }
 
@@ -138,6 +152,14 @@ impl Session {
         self.user.as_deref()
     }
 
+    /// For the log line of a refused MAIL, RCPT or DATA: the command, the address it named (empty for DATA or
+    /// when it could not be parsed), and the transaction's sender when there is one. `None` after any other
+    /// command.
+    pub fn last_mail_command(&self) -> Option<(&'static str, &str, Option<&str>)> {
+        let (verb, address) = self.last.as_ref()?;
+        Some((verb, address, self.txn.as_ref().map(|t| t.sender.as_str())))
+    }
+
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -151,9 +173,13 @@ impl Session {
         debug_assert!(!self.is_receiving_data(), "body bytes go to feed_data");
         let line = match self.take_line(input) {
             None => return Step::NeedInput,
-            Some(Err(())) => return self.error(Reply::new(500, "5.5.2", "Line too long")),
+            Some(Err(())) => {
+                self.last = None;
+                return self.error(Reply::new(500, "5.5.2", "Line too long"));
+            }
             Some(Ok(line)) => line,
         };
+        self.last = None;
         match std::mem::replace(&mut self.mode, Mode::Command) {
             Mode::Command => self.command(&line),
             Mode::AuthPlain => self.auth_plain_response(&line),
@@ -210,7 +236,16 @@ impl Session {
         let line = line.as_ref();
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
-            Err(e) => return self.error(parse_error_reply(e)),
+            Err(e) => {
+                self.last = mail_verb(line).map(|verb| (verb, String::new()));
+                return self.error(parse_error_reply(e));
+            }
+        };
+        self.last = match &request {
+            Request::Mail { from } => Some(("MAIL", from.address.to_string())),
+            Request::Rcpt { to } => Some(("RCPT", to.address.to_string())),
+            Request::Data => Some(("DATA", String::new())),
+            _ => None,
         };
         match request {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
@@ -328,6 +363,14 @@ impl Session {
         };
         if recipient.is_empty() {
             return self.error(Reply::new(501, "5.1.3", "Empty recipient address"));
+        }
+        // The same address twice gets one copy, as from Postfix; not counted twice against the limits either.
+        if txn
+            .recipients
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(recipient))
+        {
+            return Step::Reply(Reply::new(250, "2.1.5", "Ok"));
         }
         if txn.recipients.len() >= max {
             // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later.
@@ -543,7 +586,14 @@ impl Session {
             return self.error(Reply::new(501, "5.5.2", "Malformed AUTH PLAIN response"));
         };
         if !authzid.is_empty() && authzid != authcid {
-            return self.auth_failed();
+            return Step::Authenticate(Credentials {
+                mechanism: "PLAIN",
+                username: String::from_utf8_lossy(authcid).into_owned(),
+                password: SecretString::from(String::new()),
+                refused: Some(
+                    "it asked to act as another user (an authorization identity), which relay does not allow",
+                ),
+            });
         }
         self.credentials("PLAIN", authcid, password)
     }
@@ -572,8 +622,14 @@ impl Session {
                 mechanism,
                 username: u.to_string(),
                 password: SecretString::from(p.to_string()),
+                refused: None,
             }),
-            _ => self.auth_failed(),
+            _ => Step::Authenticate(Credentials {
+                mechanism,
+                username: String::from_utf8_lossy(username).into_owned(),
+                password: SecretString::from(String::new()),
+                refused: Some("the user name is empty, or it or the password is not UTF-8"),
+            }),
         }
     }
 

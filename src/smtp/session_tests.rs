@@ -199,9 +199,20 @@ fn auth_errors() {
         ["334 -", "501 5.5.2"]
     );
     assert_eq!(codes(&steps(&mut s, b"AUTH CRAM-MD5\r\n")), ["504 5.5.4"]);
-    // Acting for another user is refused like a wrong password.
+    // Acting for another user is refused like a wrong password: the connection code counts, delays and logs it.
     let line = format!("AUTH PLAIN {}\r\n", b64(b"admin\0printer\0pw"));
-    assert_eq!(codes(&steps(&mut s, line.as_bytes())), ["535 5.7.8"]);
+    let out = steps(&mut s, line.as_bytes());
+    assert!(
+        matches!(&out[..], [Step::Authenticate(c)] if c.refused.is_some() && c.username == "printer"),
+        "{out:?}"
+    );
+    assert_eq!(codes(&[s.auth_failed()]), ["535 5.7.8"]);
+    let line = format!("AUTH PLAIN {}\r\n", b64(b"\0\xff\0pw"));
+    let out = steps(&mut s, line.as_bytes());
+    assert!(
+        matches!(&out[..], [Step::Authenticate(c)] if c.refused.is_some()),
+        "{out:?}"
+    );
     assert_eq!(codes(&[s.auth_failed()]), ["535 5.7.8"]);
     assert!(matches!(s.auth_failed(), Step::Close(r) if r.code == 421));
 }
@@ -395,4 +406,39 @@ fn auth_plain_with_an_empty_initial_response_is_asked_for_credentials() {
     assert_eq!(codes(&got), ["334 -"]);
     let got = steps(&mut s, format!("{}\r\n", b64(b"\0printer\0pw")).as_bytes());
     assert_eq!(codes(&got), ["auth PLAIN printer"]);
+}
+
+/// The same recipient twice gets one copy; a refused MAIL, RCPT or DATA is described for its log line, and
+/// nothing else is.
+#[test]
+fn duplicate_recipients_count_once_and_refusals_name_their_command() {
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n");
+    assert_eq!(
+        s.last_mail_command(),
+        Some(("MAIL", "a@example.com", Some("a@example.com")))
+    );
+    let out = steps(
+        &mut s,
+        b"RCPT TO:<b@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<B@Example.com>\r\nRCPT TO:<c@example.com>\r\n",
+    );
+    assert_eq!(codes(&out), ["250 2.1.5"; 4]);
+    let env = s
+        .envelope(QueueId::new(), std::time::SystemTime::now())
+        .unwrap();
+    assert_eq!(env.recipients, ["b@example.com", "c@example.com"]);
+    assert_eq!(codes(&steps(&mut s, b"RCPT TO:<>\r\n")), ["501 5.1.3"]);
+    assert_eq!(
+        s.last_mail_command(),
+        Some(("RCPT", "", Some("a@example.com")))
+    );
+    assert_eq!(
+        codes(&steps(&mut s, b"RCPT TO:garbage garbage\r\n"))[0]
+            .chars()
+            .next(),
+        Some('5')
+    );
+    assert_eq!(s.last_mail_command().map(|c| c.0), Some("RCPT"));
+    steps(&mut s, b"NOOP\r\n");
+    assert_eq!(s.last_mail_command(), None);
 }
