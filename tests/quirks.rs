@@ -134,7 +134,18 @@ async fn eight_bit_bodies_dsn_parameters_and_vrfy() {
     c.send(body).await;
     c.send(b".\r\n").await;
     c.expect(250).await;
-    forwarded(&mut upstream, "a@lan.test", "b@example.test", body).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), body);
+    // The upstream is told what the device did not say: the body is 8-bit (RFC 6152).
+    assert!(got.mail_params.contains("BODY=8BITMIME"), "{got:?}");
+    // A 7-bit body is not declared 8-bit.
+    c.cmd("MAIL FROM:<a@lan.test>", 250).await;
+    c.cmd("RCPT TO:<b@example.test>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: plain\r\n\r\nhello\r\n.\r\n").await;
+    c.expect(250).await;
+    let got = upstream.next().await;
+    assert!(!got.mail_params.contains("BODY="), "{got:?}");
 }
 
 /// A device that ends every line with LF alone, the final `.` included: queued under the default policy of a

@@ -646,7 +646,8 @@ impl Delivery {
                 &sender,
                 &recipients,
                 &message,
-                msg.envelope.body_8bit,
+                // Declared by the client, or seen in the bytes: devices often send 8-bit text undeclared.
+                msg.envelope.body_8bit || message.is_eight_bit(),
             )
             .await;
         drop((message, memory, slot));

@@ -37,6 +37,9 @@ pub struct Outgoing {
     /// second read is checked too (the file could change between the reads, if something other than relay wrote
     /// to it).
     reread: Option<Arc<Reread>>,
+    /// Some octet is over 127: the SMTP upstream is told BODY=8BITMIME (RFC 6152), which old devices often
+    /// leave out.
+    eight_bit: bool,
 }
 
 struct Reread {
@@ -63,6 +66,7 @@ impl Outgoing {
         let plan = scanner.finish();
         let head_end = mime::body_start(&bytes);
         Outgoing {
+            eight_bit: !bytes.is_ascii(),
             head: Arc::from(&[][..]),
             rest: Rest::Memory(bytes.into()),
             head_end,
@@ -85,6 +89,7 @@ impl Outgoing {
         // No larger than the message: a 256 KiB buffer per small message is an mmap and munmap each time.
         let mut buf = vec![0; usize::try_from(len).unwrap_or(CHUNK).clamp(1, CHUNK)];
         let mut read = 0u64;
+        let mut eight_bit = false;
         let mut reader = (&mut file).take(len);
         loop {
             let n = match reader.read(&mut buf) {
@@ -96,6 +101,7 @@ impl Outgoing {
             let chunk = &buf[..n];
             hasher.update(chunk);
             scanner.feed(chunk);
+            eight_bit = eight_bit || !chunk.is_ascii();
             if small {
                 kept.extend_from_slice(chunk);
             } else if head_end.is_none() && head.len() < MAX_HEAD {
@@ -116,6 +122,7 @@ impl Outgoing {
                 rest: Rest::Memory(kept.into()),
                 long_lines,
                 reread: None,
+                eight_bit,
             }));
         }
         // Only the header block is kept; the rest is read again as it is sent.
@@ -137,6 +144,7 @@ impl Outgoing {
             },
             long_lines,
             reread,
+            eight_bit,
         }))
     }
 
@@ -166,6 +174,7 @@ impl Outgoing {
     pub fn with_head(&self, new_head: Vec<u8>, old: usize) -> Outgoing {
         let block = self.header_block();
         let old = old.min(block.len());
+        let eight_bit = self.eight_bit || !new_head.is_ascii();
         let mut head = new_head;
         let rest = match &self.rest {
             Rest::Memory(b) if self.head.is_empty() => {
@@ -178,6 +187,7 @@ impl Outgoing {
                     rest: Rest::Memory(rest),
                     long_lines: self.long_lines.clone(),
                     reread: None,
+                    eight_bit,
                 };
             }
             other => {
@@ -191,7 +201,13 @@ impl Outgoing {
             rest,
             long_lines: self.long_lines.clone(),
             reread: self.reread.clone(),
+            eight_bit,
         }
+    }
+
+    /// Whether some octet is over 127 (the SMTP upstream is told BODY=8BITMIME).
+    pub fn is_eight_bit(&self) -> bool {
+        self.eight_bit
     }
 
     /// Whether some line is over 998 octets (SMTP wraps those).

@@ -17,6 +17,8 @@ pub struct Received {
     pub from: String,
     pub to: Vec<String>,
     pub data: Vec<u8>,
+    /// What followed the sender's `>` on the MAIL FROM line (` SIZE=… BODY=8BITMIME`).
+    pub mail_params: String,
     /// When the fake accepted it (just before its reply to the final dot).
     pub at: std::time::SystemTime,
 }
@@ -128,6 +130,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         from: String::new(),
         to: Vec::new(),
         data: Vec::new(),
+        mail_params: String::new(),
         at: std::time::SystemTime::UNIX_EPOCH,
     };
     let mut authed = false;
@@ -218,6 +221,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 "530 5.7.0 Authentication Required".into()
             } else {
                 msg.from = path(&cmd[10..]);
+                msg.mail_params = cmd[10..]
+                    .split_once('>')
+                    .map_or(String::new(), |(_, p)| p.trim_end().to_string());
                 msg.to.clear();
                 "250 2.1.0 OK".into()
             }
