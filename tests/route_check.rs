@@ -227,3 +227,43 @@ fn bad_limits_and_routes_fail_with_file_key_and_reason() {
         assert!(err.contains(reason), "reason {reason} missing: {err}");
     }
 }
+
+/// A message that no account would take (accounts are configured, but no route, user account or
+/// `default_account` names one for it) is refused at DATA with a temporary code and a log line, rather than
+/// queued to wait out the retry schedule and die; with a `default_account`, the same message is taken.
+#[test]
+fn a_message_no_account_would_take_is_refused_at_data() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (top, refused) in [("", true), ("default_account = \"office\"\n", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let top = format!(
+            "{top}{}",
+            account("office", "microsoft", "noreply@example.com")
+        );
+        let config = write_config_with(
+            dir.path(),
+            &top,
+            "address = \"127.0.0.1:0\"\nauth = \"optional\"\n",
+        );
+        let mut relay = Daemon::spawn(&config);
+        let addr = relay.addr;
+        rt.block_on(async {
+            let mut c = RawClient::ready(addr).await;
+            c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+            c.cmd("RCPT TO:<boss@example.com>", 250).await;
+            if refused {
+                let reply = c.cmd("DATA", 451).await;
+                assert!(reply.starts_with("451 4.3.5 "), "{reply}");
+                // The transaction is over: a new one starts cleanly.
+                c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+            } else {
+                c.cmd("DATA", 354).await;
+            }
+        });
+        if refused {
+            let line = relay.wait_log("message refused at DATA");
+            assert!(line.contains("relay_event=\"rejected\""), "{line}");
+        }
+        assert!(relay.terminate().success());
+    }
+}

@@ -16,6 +16,7 @@ use super::reply::Reply;
 use super::session::{Policy, Session, Step};
 use super::tls::{ServerTls, TlsConn};
 use crate::config::{ListenerConfig, ListenerTls};
+use crate::queue::route::{Addressing, Routing};
 use crate::queue::{Incoming, QueueId, Spool};
 
 /// Read buffer; also the most body bytes handled per step.
@@ -31,6 +32,9 @@ pub(crate) struct ListenerCtx {
     pub spool: Spool,
     pub auth: Arc<Authenticator>,
     pub shutdown: watch::Receiver<bool>,
+    /// Where messages go, to refuse at DATA one that no account would take; `None` when no account is configured
+    /// at all (mail is queued until one is).
+    pub routing: Option<Arc<Routing>>,
 }
 
 enum Outcome<S> {
@@ -272,10 +276,27 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(Outcome::StartTls(stream));
                 }
                 Step::Data(reply) => {
-                    out.extend_from_slice(&reply.to_wire());
                     let id = QueueId::new();
                     let now = SystemTime::now();
-                    let incoming = match session.envelope(id, now) {
+                    let envelope = session.envelope(id, now);
+                    if let (Some(routing), Some(env)) = (&ctx.routing, &envelope)
+                        && routing
+                            .route(Addressing::from(env))
+                            .is_none_or(|d| d.accounts.is_empty())
+                    {
+                        // Queued, it would wait out the retry schedule and end in dead/: the device is told now,
+                        // with a temporary code, so that nothing is lost while the config is fixed.
+                        tracing::warn!(relay_event = "rejected", relay_client = %peer, sender = ?env.sender, user = env.user.as_deref().unwrap_or(""), "message refused at DATA: no route, user account or default_account names an account for it");
+                        let reply = Reply::new(
+                            451,
+                            "4.3.5",
+                            "No account is configured for this message; try again later",
+                        );
+                        out.extend_from_slice(&session.cancel_data(reply).to_wire());
+                        continue;
+                    }
+                    out.extend_from_slice(&reply.to_wire());
+                    let incoming = match envelope {
                         Some(envelope) => {
                             let mut incoming = ctx.spool.begin(&envelope);
                             let header = session.received_header(id, now);

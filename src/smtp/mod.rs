@@ -234,6 +234,8 @@ impl Listeners {
             spool: self.spool.clone(),
             auth: auth.clone(),
             shutdown: self.shutdown.clone(),
+            routing: (!config.accounts.is_empty())
+                .then(|| Arc::new(crate::queue::route::Routing::new(config))),
         }
     }
 }

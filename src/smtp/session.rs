@@ -486,6 +486,13 @@ impl Session {
         }
     }
 
+    /// The connection code refuses the message before its body (after the session said 354 should follow): the
+    /// transaction ends, and `reply` is sent instead of the 354.
+    pub fn cancel_data(&mut self, reply: Reply) -> Reply {
+        self.end_data();
+        reply
+    }
+
     fn end_data(&mut self) {
         self.mode = Mode::Command;
         self.data = None;
