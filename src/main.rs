@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use relay::queue::{QueueEntry, QueueStore};
+use relay::terminal::{printable_lines, printable_str as safe};
 
 #[derive(Parser)]
 #[command(
@@ -505,7 +506,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 println!("  last refresh {t}");
             }
             if let Some(e) = &a.last_error {
-                println!("  last error: {e}");
+                println!("  last error: {}", safe(e));
             }
             for w in &a.warnings {
                 println!("  warning: {w}");
@@ -516,7 +517,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     "  last delivery {} ({} ago): {}",
                     d.outcome,
                     age(d.at),
-                    d.reply
+                    safe(&d.reply)
                 );
             }
             if let Some(t) = &a.test {
@@ -524,8 +525,8 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     "  relay test: {} ({} ago, to {}): {}",
                     t.result,
                     age(t.at),
-                    t.to,
-                    t.reply
+                    safe(&t.to),
+                    safe(&t.reply)
                 );
             }
         }
@@ -587,21 +588,26 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 humantime::format_rfc3339_seconds(env.received_at),
                 age(env.received_at)
             )?;
+            // Everything the client or the upstream wrote is escaped: a header can hold terminal controls.
             writeln!(
                 out,
                 "client:      {} (helo {})",
                 env.client,
-                env.helo.as_deref().unwrap_or("-")
+                safe(env.helo.as_deref().unwrap_or("-"))
             )?;
-            writeln!(out, "user:        {}", env.user.as_deref().unwrap_or("-"))?;
+            writeln!(
+                out,
+                "user:        {}",
+                safe(env.user.as_deref().unwrap_or("-"))
+            )?;
             writeln!(out, "listener:    {}", env.listener)?;
-            writeln!(out, "sender:      <{}>", env.sender)?;
-            writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
+            writeln!(out, "sender:      <{}>", safe(&env.sender))?;
+            writeln!(out, "recipients:  {}", safe(&env.recipients.join(", ")))?;
             if !entry.finished.is_empty() {
                 writeln!(
                     out,
                     "finished:    {} (delivered to or refused for good; not sent to again)",
-                    entry.finished.join(", ")
+                    safe(&entry.finished.join(", "))
                 )?;
             }
             writeln!(out, "size:        {} bytes", msg.size)?;
@@ -618,10 +624,10 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(
                 out,
                 "last error:  {}",
-                entry.last_error.as_deref().unwrap_or("-")
+                safe(entry.last_error.as_deref().unwrap_or("-"))
             )?;
             writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
-            out.write_all(&msg.header_block()?)?;
+            out.write_all(printable_lines(&msg.header_block()?).as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Retry { id, all } => {
@@ -659,11 +665,11 @@ fn print_row(entry: &QueueEntry) {
         m.size,
         entry.attempts,
         next_try(entry.next_attempt),
-        sender,
-        e.recipients.join(",")
+        safe(sender),
+        safe(&e.recipients.join(","))
     );
     if let Some(error) = &entry.last_error {
-        println!("  last error: {error}");
+        println!("  last error: {}", safe(error));
     }
 }
 
