@@ -22,6 +22,7 @@ pub mod reload;
 pub mod service;
 pub mod smtp;
 pub mod status;
+pub mod terminal;
 pub mod tokens;
 pub mod upstream;
 

@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use relay::queue::{QueueEntry, QueueStore};
+use relay::queue::retry::Retry;
+use relay::queue::{Place, QueueEntry, QueueStore};
+use relay::terminal::{printable_lines, printable_str as safe};
 
 #[derive(Parser)]
 #[command(
@@ -72,24 +74,38 @@ enum Command {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// List queued messages, oldest first, with their attempts, next try and last error
+    /// List queued messages, oldest first, with their attempts, next try and last error; then the dead ones
+    /// (failed for good, kept in dead/), marked dead
     List {
+        /// One JSON array; each message's "state" is "queued" or "dead"
         #[arg(long)]
         json: bool,
     },
-    /// Show one message's envelope, delivery state and headers
+    /// Show one message, queued or dead: envelope, delivery state (a dead one's last error) and headers, with
+    /// control characters escaped
     Show {
+        /// A queue id, as `relay queue list` prints it
         id: String,
         #[arg(long)]
         json: bool,
     },
-    /// Delete one message for good
-    Delete { id: String },
-    /// Try a deferred message (or every queued message) now
+    /// Delete one message, queued or dead, for good
+    Delete {
+        /// A queue id, as `relay queue list` prints it
+        id: String,
+    },
+    /// Try a message now: a queued one at once; a dead one is moved back to the queue for a fresh attempt
+    /// (attempts reset, the recipients it already reached kept)
     Retry {
+        /// A queue id, as `relay queue list` prints it
         id: Option<String>,
+        /// Every queued message. Dead ones stay in dead/: they were refused for good, and sending them all again
+        /// mostly brings the same refusals (and a second bounce to each sender); add --dead, or retry them by ID
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// With --all: move every dead message back to the queue too
+        #[arg(long, requires = "all")]
+        dead: bool,
     },
 }
 
@@ -476,6 +492,12 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             Some(t) => println!(", oldest {}", age(t)),
             None => println!(),
         }
+        if q.dead > 0 {
+            println!(
+                "dead: {} message(s) failed for good: `relay queue list` shows them with their last error; `relay queue retry ID` sends one again, `relay queue delete ID` removes it",
+                q.dead
+            );
+        }
         if q.quarantined > 0 || q.unreadable > 0 {
             println!(
                 "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
@@ -505,7 +527,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 println!("  last refresh {t}");
             }
             if let Some(e) = &a.last_error {
-                println!("  last error: {e}");
+                println!("  last error: {}", safe(e));
             }
             for w in &a.warnings {
                 println!("  warning: {w}");
@@ -516,7 +538,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     "  last delivery {} ({} ago): {}",
                     d.outcome,
                     age(d.at),
-                    d.reply
+                    safe(&d.reply)
                 );
             }
             if let Some(t) = &a.test {
@@ -524,8 +546,8 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     "  relay test: {} ({} ago, to {}): {}",
                     t.result,
                     age(t.at),
-                    t.to,
-                    t.reply
+                    safe(&t.to),
+                    safe(&t.reply)
                 );
             }
         }
@@ -552,23 +574,44 @@ fn sending(u: &relay::queue::rate::Usage) -> String {
 
 fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     let store = QueueStore::new(&config.state_dir);
+    // Empty because the state dir is not there: most often the wrong one (another user's default, another config).
+    let note_missing = || {
+        if let Some(dir) = store.missing_state_dir() {
+            eprintln!(
+                "relay: note: the state dir {} does not exist, so nothing was ever queued there (config: {}); is it the one the daemon uses?",
+                dir.display(),
+                config.source
+            );
+        }
+    };
     match cmd {
         QueueCommand::List { json } => {
-            let list = store.entries()?;
+            let queued = store.entries()?;
+            let dead = store.dead_entries()?;
             if json {
-                println!("{}", serde_json::to_string(&list)?);
-            } else if list.is_empty() {
+                let all: Vec<&QueueEntry> = queued.iter().chain(&dead).collect();
+                println!("{}", serde_json::to_string(&all)?);
+            } else if queued.is_empty() && dead.is_empty() {
                 println!("queue is empty");
             } else {
                 println!(
                     "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  recipients",
                     "id", "age", "size", "attempts", "next try", "sender"
                 );
-                for m in &list {
+                for m in queued.iter().chain(&dead) {
                     print_row(m);
                 }
-                println!("{} message(s)", list.len());
+                if dead.is_empty() {
+                    println!("{} message(s)", queued.len());
+                } else {
+                    println!(
+                        "{} message(s) queued, {} dead: failed for good, kept with their last error (`relay queue retry ID` sends one again, `relay queue delete ID` removes it)",
+                        queued.len(),
+                        dead.len()
+                    );
+                }
             }
+            note_missing();
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Show { id, json } => {
@@ -581,67 +624,108 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             let env = &msg.envelope;
             let mut out = std::io::stdout().lock();
             writeln!(out, "id:          {}", env.id)?;
+            match entry.state {
+                Place::Queued => writeln!(out, "state:       queued")?,
+                Place::Dead => writeln!(
+                    out,
+                    "state:       dead (failed for good; `relay queue retry {}` sends it again, `relay queue delete {}` removes it)",
+                    env.id, env.id
+                )?,
+            }
             writeln!(
                 out,
                 "received:    {} ({} ago)",
                 humantime::format_rfc3339_seconds(env.received_at),
                 age(env.received_at)
             )?;
+            if let Some(t) = entry.requeued_at {
+                writeln!(
+                    out,
+                    "requeued:    {} ({} ago, moved back from dead/)",
+                    humantime::format_rfc3339_seconds(t),
+                    age(t)
+                )?;
+            }
+            // Everything the client or the upstream wrote is escaped: a header can hold terminal controls.
             writeln!(
                 out,
                 "client:      {} (helo {})",
                 env.client,
-                env.helo.as_deref().unwrap_or("-")
+                safe(env.helo.as_deref().unwrap_or("-"))
             )?;
-            writeln!(out, "user:        {}", env.user.as_deref().unwrap_or("-"))?;
+            writeln!(
+                out,
+                "user:        {}",
+                safe(env.user.as_deref().unwrap_or("-"))
+            )?;
             writeln!(out, "listener:    {}", env.listener)?;
-            writeln!(out, "sender:      <{}>", env.sender)?;
-            writeln!(out, "recipients:  {}", env.recipients.join(", "))?;
+            writeln!(out, "sender:      <{}>", safe(&env.sender))?;
+            writeln!(out, "recipients:  {}", safe(&env.recipients.join(", ")))?;
             if !entry.finished.is_empty() {
                 writeln!(
                     out,
                     "finished:    {} (delivered to or refused for good; not sent to again)",
-                    entry.finished.join(", ")
+                    safe(&entry.finished.join(", "))
                 )?;
             }
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "attempts:    {}", entry.attempts)?;
-            match entry.next_attempt {
-                Some(t) => writeln!(
+            match (entry.state, entry.next_attempt) {
+                (Place::Dead, _) => writeln!(out, "next try:    none (dead)")?,
+                (Place::Queued, Some(t)) => writeln!(
                     out,
                     "next try:    {} ({})",
                     humantime::format_rfc3339_seconds(t),
-                    next_try(entry.next_attempt)
+                    next_try(Some(t))
                 )?,
-                None => writeln!(out, "next try:    {}", next_try(None))?,
+                (Place::Queued, None) => writeln!(out, "next try:    {}", next_try(None))?,
             }
             writeln!(
                 out,
                 "last error:  {}",
-                entry.last_error.as_deref().unwrap_or("-")
+                safe(entry.last_error.as_deref().unwrap_or("-"))
             )?;
             writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
-            out.write_all(&msg.header_block()?)?;
+            out.write_all(printable_lines(&msg.header_block()?).as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        QueueCommand::Retry { id, all } => {
-            let ids = match (id, all) {
-                (Some(id), false) => {
-                    let id = QueueStore::parse_id(&id)?;
-                    store.get(id)?;
-                    Some(vec![id])
-                }
-                (None, true) => None,
+        QueueCommand::Retry { id, all, dead } => {
+            let what = match (id, all) {
+                (Some(id), false) => Retry::One(QueueStore::parse_id(&id)?),
+                (None, true) => Retry::All { dead },
                 _ => anyhow::bail!("say which message (relay queue retry ID) or --all"),
             };
-            let n = relay::queue::retry::request_retry(&config.state_dir, ids.as_deref())?;
-            println!("{n} message(s) due now; a running relay picks them up within seconds");
+            let done = relay::queue::retry::retry(&config.state_dir, what)?;
+            match what {
+                Retry::One(id) if done.requeued > 0 => println!(
+                    "moved {id} from dead/ back to the queue, due now (attempts reset; the recipients it already reached are kept); a running relay picks it up within seconds"
+                ),
+                _ => println!(
+                    "{} message(s) due now; a running relay picks them up within seconds",
+                    done.due + done.requeued
+                ),
+            }
+            if matches!(what, Retry::All { .. }) && done.requeued > 0 {
+                println!(
+                    "{} of them moved back from dead/ (attempts reset)",
+                    done.requeued
+                );
+            }
+            if done.dead_left > 0 {
+                println!(
+                    "{} dead message(s) left in dead/: `relay queue retry ID` moves one back, `relay queue retry --all --dead` every one",
+                    done.dead_left
+                );
+            }
+            note_missing();
             Ok(ExitCode::SUCCESS)
         }
         QueueCommand::Delete { id } => {
             let id = QueueStore::parse_id(&id)?;
-            store.delete(id)?;
-            println!("deleted {id}");
+            match store.delete(id)? {
+                Place::Queued => println!("deleted {id}"),
+                Place::Dead => println!("deleted {id} (from dead/)"),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -658,12 +742,15 @@ fn print_row(entry: &QueueEntry) {
         age(e.received_at),
         m.size,
         entry.attempts,
-        next_try(entry.next_attempt),
-        sender,
-        e.recipients.join(",")
+        match entry.state {
+            Place::Queued => next_try(entry.next_attempt),
+            Place::Dead => "dead".into(),
+        },
+        safe(sender),
+        safe(&e.recipients.join(","))
     );
     if let Some(error) = &entry.last_error {
-        println!("  last error: {error}");
+        println!("  last error: {}", safe(error));
     }
 }
 

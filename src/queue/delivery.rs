@@ -508,9 +508,8 @@ impl Delivery {
                 .blocking(move |d| d.remove_delivered(id, true))
                 .await;
         }
-        if msg
-            .envelope
-            .received_at
+        if state
+            .age_from(msg.envelope.received_at)
             .checked_add(self.queue.max_age)
             .is_some_and(|end| end < now)
         {
@@ -698,7 +697,7 @@ impl Delivery {
             }
         }
         match outcome {
-            Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.attempts > 0),
+            Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.may_have_file()),
             Outcome::Partial { reply, refused } => {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }

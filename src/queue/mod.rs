@@ -22,4 +22,4 @@ pub use file::{FileError, QueuedMessage};
 pub use id::QueueId;
 pub use layout::SpoolPaths;
 pub use spool::{Incoming, Spool, SpoolError};
-pub use store::{Listing, QueueEntry, QueueStore, StoreError};
+pub use store::{Listing, Place, QueueEntry, QueueStore, StoreError};

@@ -4,39 +4,115 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::layout::SpoolPaths;
+use super::layout::{SpoolPaths, msg_path, state_path};
 use super::state::{read_state, write_state};
-use super::{QueueId, QueueStore};
+use super::{QueueId, QueueStore, StoreError};
 
 pub const RETRY_TRIGGER: &str = ".retry";
 /// How often the daemon looks at the trigger.
 pub const TRIGGER_CHECK: Duration = Duration::from_secs(2);
 
-/// Makes messages due now (`ids`, or every queued message) and tells a running daemon. Returns how many.
-pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Result<usize> {
-    let paths = SpoolPaths::new(state_dir);
-    let all: Vec<QueueId> = match ids {
-        Some(ids) => ids.to_vec(),
-        None => QueueStore::new(state_dir)
-            .list()
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .into_iter()
-            .map(|m| m.envelope.id)
-            .collect(),
-    };
-    for id in &all {
-        let mut state = read_state(&paths.queue, *id);
-        if state.next_attempt.take().is_some() {
-            write_state(&paths.queue, *id, &state)?;
+/// What `relay queue retry` is asked to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// One message: made due now if queued, moved back from `dead/` if dead.
+    One(QueueId),
+    /// Every queued message; with `dead`, every dead message too. Without it dead mail stays where it is: it was
+    /// refused for good (an unknown recipient, a policy), and sending it all again would mostly bring the same
+    /// refusals, and with `bounce = "sender"` a second report to each sender.
+    All { dead: bool },
+}
+
+/// What a retry did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Queued messages made due now.
+    pub due: usize,
+    /// Messages moved back from `dead/` to the queue, due now.
+    pub requeued: usize,
+    /// Dead messages left where they are (`All { dead: false }`).
+    pub dead_left: usize,
+}
+
+/// Makes messages due now, moves dead ones back as asked, and tells a running daemon. A state dir that does not
+/// exist holds nothing to retry (and no daemon uses it): that is not an error, but for one message asked for.
+pub fn retry(state_dir: &Path, what: Retry) -> Result<Retried, StoreError> {
+    let store = QueueStore::new(state_dir);
+    let mut done = Retried::default();
+    match what {
+        Retry::One(id) => {
+            if make_due(store.paths(), id)? {
+                done.due = 1;
+            } else {
+                store.requeue(id)?;
+                done.requeued = 1;
+            }
+        }
+        Retry::All { dead } => {
+            for m in store.list()? {
+                if make_due(store.paths(), m.envelope.id)? {
+                    done.due += 1;
+                }
+            }
+            for m in store.list_dead()? {
+                if !dead {
+                    done.dead_left += 1;
+                    continue;
+                }
+                match store.requeue(m.envelope.id) {
+                    Ok(()) => done.requeued += 1,
+                    // Deleted or moved back by someone else since the listing.
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
-    touch_trigger(state_dir)?;
-    Ok(all.len())
+    if store.missing_state_dir().is_none() {
+        let path = state_dir.join(RETRY_TRIGGER);
+        write_trigger(&path).map_err(|source| StoreError::Io { path, source })?;
+    }
+    Ok(done)
+}
+
+/// Makes a queued message due now: `false` when it is not in `queue/`.
+fn make_due(paths: &SpoolPaths, id: QueueId) -> Result<bool, StoreError> {
+    if !msg_path(&paths.queue, id).exists() {
+        return Ok(false);
+    }
+    let mut state = read_state(&paths.queue, id);
+    if state.next_attempt.take().is_some() {
+        write_state(&paths.queue, id, &state).map_err(|source| StoreError::Io {
+            path: state_path(&paths.queue, id),
+            source,
+        })?;
+    }
+    Ok(true)
+}
+
+/// Makes queued messages due now (`ids`, or every queued message) and tells a running daemon. Returns how many.
+/// Dead messages among `ids` are moved back to the queue; `None` leaves dead mail alone (see [`Retry::All`]).
+pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Result<usize> {
+    let err = |e: StoreError| std::io::Error::other(e.to_string());
+    match ids {
+        None => retry(state_dir, Retry::All { dead: false })
+            .map(|r| r.due)
+            .map_err(err),
+        Some(ids) => ids.iter().try_fold(0, |n, id| {
+            let r = retry(state_dir, Retry::One(*id)).map_err(err)?;
+            Ok(n + r.due + r.requeued)
+        }),
+    }
 }
 
 /// Tells a running daemon to reread the queue's schedule.
 pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
     let path = state_dir.join(RETRY_TRIGGER);
+    write_trigger(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+fn write_trigger(path: &Path) -> std::io::Result<()> {
     std::fs::write(
         path,
         humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::QueueId;
 use super::layout::state_path;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryState {
     pub attempts: u32,
     #[serde(
@@ -28,6 +28,14 @@ pub struct DeliveryState {
     /// attempts go to the others only. (Absent from state files written before partial delivery.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finished: Vec<String>,
+    /// When `relay queue retry` moved the message back from `dead/`: its `max_age` counts from then, or a
+    /// message that died of old age would go straight back to `dead/`.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub requeued_at: Option<SystemTime>,
 }
 
 impl DeliveryState {
@@ -35,6 +43,17 @@ impl DeliveryState {
     pub fn failed(&mut self, why: &str) {
         self.attempts = self.attempts.saturating_add(1);
         self.last_error = Some(capped(why, MAX_ERROR).to_string());
+    }
+
+    /// Whether this state may have come from a file (anything but "never tried"): a message delivered with it
+    /// has a state file to remove, one moved back from `dead/` included (no attempts yet, but a file).
+    pub fn may_have_file(&self) -> bool {
+        *self != DeliveryState::default()
+    }
+
+    /// Where the message's `max_age` counts from: its arrival, or its move back from `dead/` if later.
+    pub fn age_from(&self, received_at: SystemTime) -> SystemTime {
+        self.requeued_at.map_or(received_at, |r| r.max(received_at))
     }
 
     /// The recipients of `all` not finished with, in their order.
@@ -66,24 +85,31 @@ fn capped(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// The message's state, or no state (never tried) when its file is missing or cannot be read; the daemon's way.
 pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
-    let path = state_path(dir, id);
-    let Ok(file) = std::fs::File::open(path) else {
-        return DeliveryState::default();
-    };
-    let mut bytes = Vec::new();
-    let read = std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_STATE), &mut bytes);
-    match read
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-    {
-        Ok(state) => state,
+    match try_read_state(dir, id) {
+        Ok(state) => state.unwrap_or_default(),
         Err(e) => {
             // Read as no state: the message goes to every recipient again (a duplicate for some, never a loss).
             tracing::error!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state; it is sent as on its first attempt");
             DeliveryState::default()
         }
     }
+}
+
+/// The message's state: `Ok(None)` when it has no state file, an error when it has one that cannot be read (for
+/// those who must not take a damaged file for "never tried", such as a move back from `dead/`).
+pub fn try_read_state(dir: &Path, id: QueueId) -> std::io::Result<Option<DeliveryState>> {
+    let file = match std::fs::File::open(state_path(dir, id)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_STATE), &mut bytes)?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 pub fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Result<()> {
@@ -111,6 +137,19 @@ mod tests {
         write_state(dir.path(), id, &state).unwrap();
         let back = read_state(dir.path(), id);
         assert_eq!((back.attempts, back.finished.len()), (1, 1000));
+    }
+
+    #[test]
+    fn max_age_counts_from_a_move_back_from_dead() {
+        let received = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let later = received + std::time::Duration::from_secs(86_400);
+        let mut state = DeliveryState::default();
+        assert_eq!(state.age_from(received), received);
+        state.requeued_at = Some(later);
+        assert_eq!(state.age_from(received), later);
+        // A clock set back when it was moved does not make the message older than it is.
+        state.requeued_at = Some(SystemTime::UNIX_EPOCH);
+        assert_eq!(state.age_from(received), received);
     }
 
     #[test]

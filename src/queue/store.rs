@@ -2,6 +2,9 @@
 //! daemon runs: a message still arriving has no seal yet and is not listed, a file that vanishes between the
 //! listing and the read (delivered, deleted) is simply gone, and nothing here ever fails a whole listing
 //! because of one file.
+//!
+//! Messages in `dead/` are part of what this shows and acts on: a sysadmin lists, shows and deletes them as queued
+//! ones, and `requeue` moves one back into `queue/` for a fresh attempt.
 
 use std::fs::{self, File};
 use std::io;
@@ -13,12 +16,29 @@ use serde::Serialize;
 use super::QueueId;
 use super::file::{self, FileError, QueuedMessage};
 use super::layout::{FileKind, SpoolPaths, msg_path, parse_file_name, state_path};
-use super::state::read_state;
+use super::state::{DeliveryState, read_state, try_read_state, write_state};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("no message {0} in the queue")]
+    #[error("no message {0} in the queue (nor in dead/)")]
     NotFound(String),
+    /// The state dir itself is missing: most often the wrong one (another user's default, another config).
+    #[error(
+        "no message {id}: the state dir {} does not exist (nothing was ever queued there: is it the one the daemon uses? `relay status` names it)",
+        path.display()
+    )]
+    NoStateDir { id: String, path: PathBuf },
+    /// Only a crash or a hand-made copy puts one id in both places; which copy is right is for a person to say.
+    #[error(
+        "message {0} is both in queue/ and in dead/: delete or move one of the two by hand, then try again"
+    )]
+    InBoth(String),
+    /// A dead message whose state file cannot be read is not moved back: the state names the recipients it already
+    /// reached, who would get it again.
+    #[error(
+        "{path}: cannot read the message's delivery state ({source}); moved back as it is, it would go again to the recipients it already reached: fix or remove that file, then retry"
+    )]
+    State { path: PathBuf, source: io::Error },
     #[error("`{0}` is not a queue id (32 hex digits, as `relay queue list` prints them)")]
     BadId(String),
     #[error("{path}: {source}")]
@@ -43,12 +63,22 @@ pub struct Listing {
     pub unreadable: usize,
 }
 
-/// A queued message with where its delivery stands (from `ID.state`), as `relay queue list` and `show` print it.
-/// Never tried: no attempts, no next try (it is due), no error.
+/// Where a message is: waiting in `queue/` (deferred ones included: they have attempts), or failed for good and
+/// kept in `dead/`. JSON `"state": "queued"` or `"dead"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Place {
+    Queued,
+    Dead,
+}
+
+/// A message with where its delivery stands (from `ID.state`), as `relay queue list` and `show` print it.
+/// Never tried: no attempts, no next try (it is due), no error. Dead: its attempts and last error, no next try.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueueEntry {
     #[serde(flatten)]
     pub message: QueuedMessage,
+    pub state: Place,
     pub attempts: u32,
     #[serde(with = "humantime_serde::option")]
     pub next_attempt: Option<SystemTime>,
@@ -57,6 +87,12 @@ pub struct QueueEntry {
     /// the next attempts go to the others only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub finished: Vec<String>,
+    /// When `relay queue retry` last moved it back from `dead/`.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub requeued_at: Option<SystemTime>,
 }
 
 /// The queue as seen from the state dir.
@@ -80,28 +116,76 @@ impl QueueStore {
         Ok(self.scan(&self.paths.queue)?.messages)
     }
 
+    /// The state dir, when it does not exist: every listing is then empty, and saying so tells a wrong state dir
+    /// (another user's default, another config) from an empty queue.
+    pub fn missing_state_dir(&self) -> Option<&Path> {
+        let dir = self.paths.state_dir();
+        (!dir.exists()).then_some(dir)
+    }
+
     /// Every queued message with its delivery state, oldest first.
     pub fn entries(&self) -> Result<Vec<QueueEntry>, StoreError> {
         Ok(self
             .list()?
             .into_iter()
-            .map(|m| self.with_state(m))
+            .map(|m| self.with_state(m, Place::Queued))
             .collect())
     }
 
-    /// One queued message with its delivery state.
-    pub fn entry(&self, id: QueueId) -> Result<QueueEntry, StoreError> {
-        Ok(self.with_state(self.get(id)?))
+    /// Every message in `dead/` with its attempts and last error, oldest first.
+    pub fn dead_entries(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        Ok(self
+            .list_dead()?
+            .into_iter()
+            .map(|m| self.with_state(m, Place::Dead))
+            .collect())
     }
 
-    fn with_state(&self, message: QueuedMessage) -> QueueEntry {
-        let state = read_state(&self.paths.queue, message.envelope.id);
+    /// One message, queued or dead, with its delivery state.
+    pub fn entry(&self, id: QueueId) -> Result<QueueEntry, StoreError> {
+        // queue/ before dead/, the way the daemon moves messages: one moved meanwhile is still found.
+        match self.get(id) {
+            Ok(m) => return Ok(self.with_state(m, Place::Queued)),
+            Err(StoreError::NotFound(_) | StoreError::NoStateDir { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match read_sealed(&msg_path(&self.paths.dead, id))? {
+            Some(m) => Ok(self.with_state(m, Place::Dead)),
+            None => Err(self.not_found(id)),
+        }
+    }
+
+    fn dir(&self, place: Place) -> &Path {
+        match place {
+            Place::Queued => &self.paths.queue,
+            Place::Dead => &self.paths.dead,
+        }
+    }
+
+    fn with_state(&self, message: QueuedMessage, place: Place) -> QueueEntry {
+        let state = read_state(self.dir(place), message.envelope.id);
         QueueEntry {
             message,
+            state: place,
             attempts: state.attempts,
-            next_attempt: state.next_attempt,
+            next_attempt: match place {
+                Place::Queued => state.next_attempt,
+                Place::Dead => None,
+            },
             last_error: state.last_error,
             finished: state.finished,
+            requeued_at: state.requeued_at,
+        }
+    }
+
+    /// Not found: in a state dir that exists, or because it does not.
+    fn not_found(&self, id: QueueId) -> StoreError {
+        match self.missing_state_dir() {
+            Some(dir) => StoreError::NoStateDir {
+                id: id.to_string(),
+                path: dir.to_path_buf(),
+            },
+            None => StoreError::NotFound(id.to_string()),
         }
     }
 
@@ -153,26 +237,297 @@ impl QueueStore {
         QueueId::parse(s).ok_or_else(|| StoreError::BadId(s.to_string()))
     }
 
+    /// A message in `queue/` (not `dead/`).
     pub fn get(&self, id: QueueId) -> Result<QueuedMessage, StoreError> {
-        match file::read(&msg_path(&self.paths.queue, id)) {
-            Err(e) if e.is_not_found() => Err(StoreError::NotFound(id.to_string())),
-            Err(FileError::Unsealed { .. }) => Err(StoreError::NotFound(id.to_string())),
-            other => Ok(other?),
-        }
+        read_sealed(&msg_path(&self.paths.queue, id))?.ok_or_else(|| self.not_found(id))
     }
 
-    /// Removes a message for good, its state file after it (a state file left alone is cleaned up at start).
-    pub fn delete(&self, id: QueueId) -> Result<(), StoreError> {
-        let path = msg_path(&self.paths.queue, id);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound(id.to_string()));
+    /// Removes a message, queued or dead, for good; its state file after it (one left alone in `queue/` is
+    /// cleaned up at start). Says where it was.
+    pub fn delete(&self, id: QueueId) -> Result<Place, StoreError> {
+        // queue/ before dead/, the way the daemon moves messages: one moved meanwhile is still found.
+        for place in [Place::Queued, Place::Dead] {
+            let dir = self.dir(place);
+            let path = msg_path(dir, id);
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                other => other.map_err(io_err(&path))?,
             }
-            other => other.map_err(io_err(&path))?,
+            let _ = fs::remove_file(state_path(dir, id));
+            sync_dir(dir)?;
+            return Ok(place);
         }
-        let _ = fs::remove_file(state_path(&self.paths.queue, id));
-        File::open(&self.paths.queue)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.paths.queue))
+        Err(self.not_found(id))
+    }
+
+    /// Moves a dead message back into `queue/` for a fresh attempt, safe while the daemon runs: its new state
+    /// (no attempts, no error, due now, `max_age` counted from now, and the recipients it already reached kept)
+    /// is written into `queue/` first, then the message is renamed there, then its old state is removed from
+    /// `dead/`. The daemon acts on message files only, so it never sees the message without its state (which
+    /// would send it again to those recipients); a crash before the rename leaves it dead, with a spare state
+    /// file in `queue/` that start-up removes, and one after it a spare state file in `dead/`, which nothing
+    /// reads. The rename never replaces a file: the message is moved or left where it was, never lost. Tell the
+    /// daemon afterwards ([`super::retry::touch_trigger`]).
+    pub fn requeue(&self, id: QueueId) -> Result<(), StoreError> {
+        let dead = msg_path(&self.paths.dead, id);
+        // Only a message relay wrote and sealed goes back.
+        if read_sealed(&dead)?.is_none() {
+            return Err(self.not_found(id));
+        }
+        let queued = msg_path(&self.paths.queue, id);
+        if fs::symlink_metadata(&queued).is_ok() {
+            return Err(StoreError::InBoth(id.to_string()));
+        }
+        let old = try_read_state(&self.paths.dead, id).map_err(|source| StoreError::State {
+            path: state_path(&self.paths.dead, id),
+            source,
+        })?;
+        let state = DeliveryState {
+            finished: old.map(|s| s.finished).unwrap_or_default(),
+            requeued_at: Some(SystemTime::now()),
+            ..DeliveryState::default()
+        };
+        write_state(&self.paths.queue, id, &state)
+            .map_err(io_err(&state_path(&self.paths.queue, id)))?;
+        match rename_new(&dead, &queued) {
+            Ok(()) => {}
+            // Deleted or moved back by someone else meanwhile. The state just written stays: if the message is
+            // in queue/ now, it is its state.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(id)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::InBoth(id.to_string()));
+            }
+            Err(e) => return Err(io_err(&queued)(e)),
+        }
+        sync_dir(&self.paths.queue)?;
+        let _ = fs::remove_file(state_path(&self.paths.dead, id));
+        sync_dir(&self.paths.dead)
+    }
+}
+
+/// The sealed message at `path`, or `None` when there is none (or one still arriving, not yet acknowledged).
+fn read_sealed(path: &Path) -> Result<Option<QueuedMessage>, StoreError> {
+    match file::read(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(FileError::Unsealed { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// `rename` that fails with `AlreadyExists` rather than replace `to` (Linux's `RENAME_NOREPLACE`).
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call, relative to the working directory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A kernel or filesystem without it: checked, then renamed. Only another `relay queue retry` of the same
+        // message could come in between, and it would move the same bytes.
+        Some(libc::ENOSYS | libc::EINVAL) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            fs::rename(from, to)
+        }
+        _ => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Envelope;
+    use crate::queue::retry::{Retried, Retry, retry};
+
+    /// A sealed message in `dir`, as the spool writes it; its id.
+    fn write_message(dir: &Path, recipients: &[&str]) -> QueueId {
+        let envelope = Envelope {
+            id: QueueId::new(),
+            sender: "a@example.com".into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            client: "127.0.0.1:1".into(),
+            helo: Some("device.lan".into()),
+            user: None,
+            listener: "127.0.0.1:25".into(),
+            received_at: SystemTime::now(),
+            body_8bit: false,
+        };
+        let body = b"Subject: x\r\n\r\nhi\r\n";
+        let mut bytes = file::unsealed_line(&envelope);
+        let seal = file::seal_for(body.len() as u64, &blake3::hash(body));
+        bytes[file::SEAL_AT..file::SEAL_AT + seal.len()].copy_from_slice(seal.as_bytes());
+        bytes.extend_from_slice(body);
+        fs::create_dir_all(dir).unwrap();
+        fs::write(msg_path(dir, envelope.id), bytes).unwrap();
+        envelope.id
+    }
+
+    fn store() -> (tempfile::TempDir, QueueStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = QueueStore::new(dir.path());
+        fs::create_dir_all(&store.paths().queue).unwrap();
+        fs::create_dir_all(&store.paths().dead).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_dead_message_goes_back_with_a_fresh_state_that_keeps_its_finished_recipients() {
+        let (_dir, store) = store();
+        let paths = store.paths().clone();
+        let id = write_message(&paths.dead, &["a@x", "b@x"]);
+        let mut dead = DeliveryState {
+            finished: vec!["a@x".into()],
+            ..DeliveryState::default()
+        };
+        dead.failed("554 5.7.1 refused");
+        write_state(&paths.dead, id, &dead).unwrap();
+        let entry = store.entry(id).unwrap();
+        assert_eq!(entry.state, Place::Dead);
+        assert_eq!(entry.last_error.as_deref(), Some("554 5.7.1 refused"));
+
+        store.requeue(id).unwrap();
+        assert!(!msg_path(&paths.dead, id).exists());
+        assert!(!state_path(&paths.dead, id).exists());
+        let state = try_read_state(&paths.queue, id).unwrap().unwrap();
+        assert_eq!((state.attempts, state.next_attempt), (0, None));
+        assert_eq!(state.last_error, None);
+        assert_eq!(state.finished, ["a@x"]);
+        assert!(state.requeued_at.is_some());
+        let entry = store.entry(id).unwrap();
+        assert_eq!(entry.state, Place::Queued);
+        assert_eq!(entry.message.envelope.recipients, ["a@x", "b@x"]);
+        assert!(matches!(store.requeue(id), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_dead_message_is_never_moved_over_a_queued_one_nor_without_its_state() {
+        let (_dir, store) = store();
+        let paths = store.paths().clone();
+        let id = write_message(&paths.dead, &["a@x"]);
+        fs::copy(msg_path(&paths.dead, id), msg_path(&paths.queue, id)).unwrap();
+        assert!(matches!(store.requeue(id), Err(StoreError::InBoth(_))));
+        assert!(msg_path(&paths.dead, id).exists());
+        fs::remove_file(msg_path(&paths.queue, id)).unwrap();
+
+        fs::write(state_path(&paths.dead, id), "{ garbage").unwrap();
+        let e = store.requeue(id).unwrap_err();
+        assert!(matches!(e, StoreError::State { .. }), "{e}");
+        assert!(e.to_string().contains(".state"), "{e}");
+        assert!(msg_path(&paths.dead, id).exists(), "left where it was");
+        assert!(!state_path(&paths.queue, id).exists());
+
+        // Without a state file at all it goes back as never tried.
+        fs::remove_file(state_path(&paths.dead, id)).unwrap();
+        store.requeue(id).unwrap();
+        assert!(msg_path(&paths.queue, id).exists());
+    }
+
+    #[test]
+    fn the_renaming_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, "a").unwrap();
+        fs::write(&b, "b").unwrap();
+        assert_eq!(
+            rename_new(&a, &b).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(fs::read_to_string(&b).unwrap(), "b");
+        fs::remove_file(&b).unwrap();
+        rename_new(&a, &b).unwrap();
+        assert_eq!(fs::read_to_string(&b).unwrap(), "a");
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn delete_finds_a_message_queued_or_dead_and_removes_its_state() {
+        let (_dir, store) = store();
+        let paths = store.paths().clone();
+        let queued = write_message(&paths.queue, &["a@x"]);
+        let dead = write_message(&paths.dead, &["a@x"]);
+        write_state(&paths.dead, dead, &DeliveryState::default()).unwrap();
+        assert_eq!(store.delete(queued).unwrap(), Place::Queued);
+        assert_eq!(store.delete(dead).unwrap(), Place::Dead);
+        assert!(!state_path(&paths.dead, dead).exists());
+        assert!(matches!(store.delete(dead), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.entry(dead), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn retry_all_moves_dead_mail_only_when_asked() {
+        let (dir, store) = store();
+        let paths = store.paths().clone();
+        let queued = write_message(&paths.queue, &["a@x"]);
+        write_state(
+            &paths.queue,
+            queued,
+            &DeliveryState {
+                attempts: 1,
+                next_attempt: Some(SystemTime::now() + std::time::Duration::from_secs(600)),
+                ..DeliveryState::default()
+            },
+        )
+        .unwrap();
+        write_message(&paths.dead, &["a@x"]);
+        let done = retry(dir.path(), Retry::All { dead: false }).unwrap();
+        assert_eq!(
+            done,
+            Retried {
+                due: 1,
+                requeued: 0,
+                dead_left: 1
+            }
+        );
+        assert_eq!(read_state(&paths.queue, queued).next_attempt, None);
+        let done = retry(dir.path(), Retry::All { dead: true }).unwrap();
+        assert_eq!((done.due, done.requeued, done.dead_left), (1, 1, 0));
+        assert_eq!(store.entries().unwrap().len(), 2);
+        assert!(store.dead_entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_missing_state_dir_is_an_empty_queue_and_no_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nowhere");
+        let store = QueueStore::new(&missing);
+        assert_eq!(store.missing_state_dir(), Some(missing.as_path()));
+        assert!(store.entries().unwrap().is_empty());
+        assert!(store.dead_entries().unwrap().is_empty());
+        assert_eq!(
+            retry(&missing, Retry::All { dead: true }).unwrap(),
+            Retried::default()
+        );
+        let id = QueueId::new();
+        for e in [
+            store.entry(id).unwrap_err(),
+            store.delete(id).unwrap_err(),
+            store.requeue(id).unwrap_err(),
+            retry(&missing, Retry::One(id)).unwrap_err(),
+        ] {
+            assert!(matches!(e, StoreError::NoStateDir { .. }), "{e}");
+            assert!(e.to_string().contains("nowhere"), "{e}");
+        }
+        assert!(!missing.exists());
     }
 }

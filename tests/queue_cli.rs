@@ -1,0 +1,328 @@
+//! `relay queue` on dead mail and odd state dirs, through the real binary: a message the upstream refused for
+//! good is listed, shown, moved back to the queue (and delivered by the running daemon, to the recipients it had
+//! not reached yet) or deleted; every subcommand says the same about a state dir that is not there; and what a
+//! client wrote is printed with its terminal controls escaped.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use common::idp::{accounts_config, idp_issuing};
+use common::upstream::FakeUpstream;
+use common::*;
+
+const TO: [&str; 2] = ["a@example.com", "b@example.com"];
+const REFUSED: &str = "554 5.7.1 Message rejected as spam by Content Filtering";
+
+fn relay(config: &Path, args: &[&str]) -> Output {
+    Command::new(relay_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("relay runs")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// `relay ARGS`, which must succeed; its stdout.
+fn ok(config: &Path, args: &[&str]) -> String {
+    let out = relay(config, args);
+    assert!(
+        out.status.success(),
+        "relay {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// A daemon with one account on `upstream`.
+async fn daemon(
+    upstream: &FakeUpstream,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Daemon,
+    wiremock::MockServer,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(dir.path(), &idp.uri(), &[("office", upstream)], "", "");
+    let daemon = Daemon::spawn(&config);
+    (dir, config, daemon, idp)
+}
+
+/// Sends one message from scanner@lan.test to `to`; its queue id.
+async fn send(addr: std::net::SocketAddr, to: &[&str], subject: &[u8]) -> String {
+    let mut c = RawClient::ready(addr).await;
+    c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+    for r in to {
+        c.cmd(&format!("RCPT TO:<{r}>"), 250).await;
+    }
+    c.cmd("DATA", 354).await;
+    let mut data = b"From: <scanner@lan.test>\r\nSubject: ".to_vec();
+    data.extend_from_slice(subject);
+    data.extend_from_slice(b"\r\n\r\nhello\r\n.\r\n");
+    c.send(&data).await;
+    let reply = c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+/// The whole path: delivered to one recipient, refused for good for the other (dead, with the record of the
+/// first), seen by every queue command, moved back, and delivered by the running daemon to the second alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_message_is_listed_shown_and_retried_to_the_recipients_it_had_not_reached() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[1].into(), "451 4.2.1 mailbox busy, try later".into()));
+    let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
+    let id = send(d.addr, &TO, b"scan 42").await;
+    assert_eq!(upstream.next().await.to, [TO[0]]);
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(line.contains(&id), "{line}");
+
+    // The second recipient's attempt, now, is refused for good: the message goes to dead/.
+    *upstream.data_reply.lock().unwrap() = REFUSED.into();
+    ok(&cfg, &["queue", "retry", &id]);
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id), "{line}");
+    let state = dir.path().join("state");
+    assert!(state.join(format!("dead/{id}.msg")).exists());
+
+    let list = ok(&cfg, &["queue", "list"]);
+    assert!(!list.contains("queue is empty"), "{list}");
+    let row = list.lines().find(|l| l.starts_with(&id)).expect(&list);
+    assert!(row.contains(" dead "), "{row}");
+    assert!(list.contains(&format!("  last error: {REFUSED}")), "{list}");
+    assert!(list.contains("0 message(s) queued, 1 dead"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&cfg, &["queue", "list", "--json"])).unwrap();
+    let entries = json.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{json}");
+    assert_eq!(entries[0]["id"], id.as_str());
+    assert_eq!(entries[0]["state"], "dead");
+    assert_eq!(entries[0]["last_error"], REFUSED);
+    assert_eq!(entries[0]["finished"], serde_json::json!([TO[0]]));
+
+    let show = ok(&cfg, &["queue", "show", &id]);
+    assert!(show.contains("state:       dead"), "{show}");
+    assert!(show.contains(&format!("last error:  {REFUSED}")), "{show}");
+    assert!(show.contains(&format!("finished:    {}", TO[0])), "{show}");
+    assert!(show.contains("Subject: scan 42"), "{show}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&cfg, &["queue", "show", &id, "--json"])).unwrap();
+    assert_eq!(json["state"], "dead");
+
+    let out = relay(&cfg, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "dead mail needs attention");
+    let status = text(&out.stdout);
+    assert!(status.contains("1 dead"), "{status}");
+    assert!(status.contains("relay queue retry ID"), "{status}");
+
+    // Fixed upstream; the sysadmin sends it again. The running daemon takes it, for the recipient left alone.
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let out = ok(&cfg, &["queue", "retry", &id]);
+    assert!(
+        out.contains("moved") && out.contains("back to the queue"),
+        "{out}"
+    );
+    assert!(!state.join(format!("dead/{id}.msg")).exists());
+    assert!(!state.join(format!("dead/{id}.state")).exists());
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[1]], "not again to the recipient it reached");
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    // The files go just after that line: once the daemon has stopped, they are gone.
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(files_in(&state, "dead").is_empty());
+    let status = text(&relay(&cfg, &["status"]).stdout);
+    assert!(status.contains("0 queued (0 deferred), 0 dead"), "{status}");
+    assert_eq!(ok(&cfg, &["queue", "list"]).trim(), "queue is empty");
+}
+
+/// `retry --all` leaves dead mail alone unless `--dead` says otherwise; `delete` removes a dead message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_all_leaves_dead_mail_unless_asked_and_delete_removes_it() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = REFUSED.into();
+    let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
+    let first = send(d.addr, &TO[..1], b"one").await;
+    d.wait_log("relay_event=\"dead\"");
+    let second = send(d.addr, &TO[..1], b"two").await;
+    d.wait_log("relay_event=\"dead\"");
+    let state = dir.path().join("state");
+    assert_eq!(
+        files_in(&state, "dead").len(),
+        4,
+        "two messages, two states"
+    );
+
+    let out = ok(&cfg, &["queue", "retry", "--all"]);
+    assert!(out.contains("0 message(s) due now"), "{out}");
+    assert!(out.contains("2 dead message(s) left in dead/"), "{out}");
+    assert_eq!(files_in(&state, "dead").len(), 4);
+
+    let out = ok(&cfg, &["queue", "delete", &first]);
+    assert_eq!(out.trim(), format!("deleted {first} (from dead/)"));
+    assert_eq!(
+        files_in(&state, "dead").len(),
+        2,
+        "the message and its state"
+    );
+    let out = relay(&cfg, &["queue", "show", &first]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no message"), "{out:?}");
+    let out = relay(&cfg, &["queue", "delete", &first]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = relay(&cfg, &["queue", "retry", "--dead"]);
+    assert_eq!(out.status.code(), Some(2), "--dead goes with --all");
+
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let out = ok(&cfg, &["queue", "retry", "--all", "--dead"]);
+    assert!(out.contains("1 message(s) due now"), "{out}");
+    assert!(out.contains("1 of them moved back from dead/"), "{out}");
+    upstream.next().await;
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&second), "{line}");
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(files_in(&state, "dead").is_empty());
+    assert!(files_in(&state, "queue").is_empty());
+}
+
+/// A message that died of old age is given `max_age` again from its move back, not sent straight back to dead/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_expired_is_delivered_after_a_retry() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
+    // Written into dead/ as relay writes it: received six days ago (max_age is five), expired.
+    let state = dir.path().join("state");
+    let body =
+        b"Received: from device.lan\r\n\tby relay.test; x\r\n\tid x\r\nSubject: old\r\n\r\nhi\r\n";
+    let envelope = relay::queue::Envelope {
+        id: relay::queue::QueueId::new(),
+        sender: "scanner@lan.test".into(),
+        recipients: vec![TO[0].into()],
+        client: "192.0.2.7:1234".into(),
+        helo: Some("device.lan".into()),
+        user: None,
+        listener: "127.0.0.1:25".into(),
+        received_at: SystemTime::now() - Duration::from_secs(6 * 86400),
+        body_8bit: false,
+    };
+    let id = envelope.id.to_string();
+    let mut file = relay::queue::file::unsealed_line(&envelope);
+    let seal = relay::queue::file::seal_for(body.len() as u64, &blake3::hash(body));
+    let at = relay::queue::file::SEAL_AT;
+    file[at..at + seal.len()].copy_from_slice(seal.as_bytes());
+    file.extend_from_slice(body);
+    std::fs::write(state.join(format!("dead/{id}.msg")), file).unwrap();
+    std::fs::write(
+        state.join(format!("dead/{id}.state")),
+        r#"{"attempts": 9, "last_error": "expired after 5days in the queue; last error: 451 4.7.0 try later"}"#,
+    )
+    .unwrap();
+    let show = ok(&cfg, &["queue", "show", &id]);
+    assert!(show.contains("state:       dead"), "{show}");
+    assert!(show.contains("attempts:    9"), "{show}");
+
+    ok(&cfg, &["queue", "retry", &id]);
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0]]);
+    assert!(got.data.ends_with(b"Subject: old\r\n\r\nhi\r\n"));
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert!(!line.contains("expired"), "{line}");
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(files_in(&state, "dead").is_empty());
+    assert!(files_in(&state, "queue").is_empty());
+}
+
+/// A state dir that is not there: an empty queue for the commands about the whole queue, "no message" for those
+/// about one, every one naming the directory, and nothing created.
+#[test]
+fn every_queue_command_says_the_same_about_a_missing_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(&cfg, format!("state_dir = {missing:?}\n")).unwrap();
+    let shown = missing.display().to_string();
+
+    for args in [
+        &["queue", "list"][..],
+        &["queue", "retry", "--all"],
+        &["queue", "retry", "--all", "--dead"],
+    ] {
+        let out = relay(&cfg, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&shown) && err.contains("does not exist"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(ok(&cfg, &["queue", "list"]).trim(), "queue is empty");
+    assert!(ok(&cfg, &["queue", "retry", "--all"]).contains("0 message(s) due now"));
+    assert_eq!(ok(&cfg, &["queue", "list", "--json"]).trim(), "[]");
+
+    let id = relay::queue::QueueId::new().to_string();
+    for args in [
+        ["queue", "show", &id],
+        ["queue", "retry", &id],
+        ["queue", "delete", &id],
+    ] {
+        let out = relay(&cfg, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("no message {id}"))
+                && err.contains(&shown)
+                && err.contains("does not exist"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!missing.exists(), "nothing created");
+}
+
+/// Terminal controls in a client's headers are shown as escapes, never sent to the sysadmin's terminal.
+#[tokio::test]
+async fn show_escapes_terminal_controls_in_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let d = Daemon::spawn(&cfg);
+    let id = send(
+        d.addr,
+        &TO[..1],
+        b"\x1b[2J\x1b]0;pwned\x07 \xc2\x9b6n \xe2\x80\xae",
+    )
+    .await;
+    let show = relay(&cfg, &["queue", "show", &id]);
+    assert!(show.status.success(), "{show:?}");
+    let bytes = &show.stdout;
+    for control in [&b"\x1b"[..], b"\x07", b"\xc2\x9b", b"\xe2\x80\xae"] {
+        assert!(
+            !bytes.windows(control.len()).any(|w| w == control),
+            "{control:?} printed as is: {}",
+            text(bytes)
+        );
+    }
+    let shown = text(bytes);
+    assert!(
+        shown.contains("Subject: \\x1b[2J\\x1b]0;pwned\\x07 \\u{9b}6n \\u{202e}\n"),
+        "{shown}"
+    );
+    // JSON escapes them itself.
+    let json: serde_json::Value =
+        serde_json::from_slice(&relay(&cfg, &["queue", "show", &id, "--json"]).stdout).unwrap();
+    assert_eq!(json["state"], "queued");
+    assert_eq!(d.terminate().code(), Some(0));
+}
