@@ -157,32 +157,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check { route: None, .. } => {
             match load_config(cli.config.as_deref()).and_then(check_files) {
                 Ok(c) => {
-                    for a in c
-                        .accounts
-                        .iter()
-                        .filter(|a| a.flow == relay::config::Flow::Password)
-                    {
-                        eprintln!(
-                            "warning: account {} uses flow = \"password\": it stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials",
-                            a.name
-                        );
-                    }
-                    for (i, l) in c
-                        .listeners
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, l)| l.tls_compat == relay::config::TlsCompat::Legacy)
-                    {
-                        eprintln!(
-                            "warning: listener[{i}] ({}) has tls_compat = \"legacy\": it also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list",
-                            l.address
-                        );
-                    }
-                    if let Some(m) = c.metrics.as_ref().filter(|m| !m.address.ip().is_loopback()) {
-                        eprintln!(
-                            "warning: metrics.address {} is not loopback: whoever reaches it sees account names, queue sizes and token expiry; restrict it with a firewall",
-                            m.address
-                        );
+                    for w in c.warnings() {
+                        eprintln!("warning: {}: {}", w.key, w.text);
                     }
                     println!(
                         "# {} is valid; resolved settings follow (secrets redacted)",

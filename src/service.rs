@@ -32,6 +32,14 @@ where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
     tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
+    // The metrics endpoint says its own when it binds (at a reload too).
+    for w in config
+        .warnings()
+        .into_iter()
+        .filter(|w| w.key != "metrics.address")
+    {
+        tracing::warn!(key = %w.key, "{}", w.text);
+    }
     // Installed before READY=1: from then on systemd may send SIGHUP, whose default action would end relay.
     let signals = Signals::install();
     let relay = Relay::start(&config).await?;

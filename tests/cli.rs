@@ -62,6 +62,51 @@ fn check_warns_about_a_legacy_tls_listener() {
     assert!(stdout.contains("tls = \"auto\""), "{stdout}");
 }
 
+/// A listener open to public addresses without a login, and a config without any listener, are valid but
+/// almost never meant: `relay check` says so, and so does the daemon's log at start.
+#[test]
+fn check_and_serve_warn_about_an_open_listener_and_a_config_without_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"optional\"\nallow = [\"0.0.0.0/0\"]",
+    );
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: listener[0]")
+            && err.contains("without a login from public addresses"),
+        "{err}"
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon
+        .unmatched()
+        .iter()
+        .find(|l| l.contains("without a login from public addresses"))
+        .cloned();
+    assert!(
+        line.is_some_and(|l| l.contains("WARN")),
+        "{:?}",
+        daemon.unmatched()
+    );
+    assert!(daemon.terminate().success());
+
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(
+        &empty,
+        format!("state_dir = {:?}\n", dir.path().join("state2")),
+    )
+    .unwrap();
+    let out = relay(&["check", "--config", empty.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("no [[listener]] is configured"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn bad_config_fails_with_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -193,7 +193,7 @@ fn relay_check_names_a_bad_metrics_address_and_warns_of_one_beyond_loopback() {
     assert!(!ok && stderr.contains("metrics.address"), "{stderr}");
     let (ok, stderr) = check("0.0.0.0:9325");
     assert!(
-        ok && stderr.contains("warning: metrics.address 0.0.0.0:9325 is not loopback"),
+        ok && stderr.contains("warning: metrics.address: 0.0.0.0:9325 is not loopback"),
         "{stderr}"
     );
     let (ok, stderr) = check("127.0.0.1:9325");

@@ -8,6 +8,7 @@
 mod ops;
 mod raw;
 mod size;
+mod warnings;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 pub use ops::{AlertsConfig, Bounce, MetricsConfig, redact_url};
 pub use size::ByteSize;
+pub use warnings::Warning;
 
 /// The embedded default: loopback only, plain, no authentication, no accounts.
 pub const EMBEDDED_DEFAULT: &str = r#"

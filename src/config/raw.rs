@@ -576,7 +576,7 @@ fn at_most(d: Duration, max: Duration, text: &str) -> Result<Duration, String> {
 
 /// Loopback and private ranges (RFC 1918, RFC 4193, link-local): a listener that admits only these serves its own
 /// LAN, where legacy devices get the lenient defaults.
-fn is_private(net: &ipnet::IpNet) -> bool {
+pub(super) fn is_private(net: &ipnet::IpNet) -> bool {
     const PRIVATE: [&str; 8] = [
         "127.0.0.0/8",
         "10.0.0.0/8",

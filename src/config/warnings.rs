@@ -1,0 +1,112 @@
+//! What a config may say but a sysadmin probably did not mean: `relay check` prints these, and `relay serve`
+//! logs them at start. None of them stops relay.
+
+use super::{AuthPolicy, Config, Flow, ListenerTls, TlsCompat};
+
+/// One warning: the key it is about, and what to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub key: String,
+    pub text: String,
+}
+
+impl Config {
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut out = Vec::new();
+        let mut warn = |key: String, text: String| out.push(Warning { key, text });
+        if self.listeners.is_empty() {
+            warn(
+                "listener".into(),
+                "no [[listener]] is configured: relay accepts no mail and only delivers what is already queued (an empty config file replaces the embedded default too)".into(),
+            );
+        }
+        for a in self.accounts.iter().filter(|a| a.flow == Flow::Password) {
+            warn(
+                format!("account {}", a.name),
+                "flow = \"password\" stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listener[{i}] ({})", l.address);
+            if l.tls_compat == TlsCompat::Legacy {
+                warn(key.clone(), "tls_compat = \"legacy\" also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list".into());
+            }
+            let public: Vec<String> = l
+                .allow
+                .iter()
+                .filter(|n| !super::raw::is_private(n))
+                .map(ToString::to_string)
+                .collect();
+            if public.is_empty() {
+                continue;
+            }
+            let from = public.join(", ");
+            match l.auth {
+                AuthPolicy::None | AuthPolicy::Optional => warn(
+                    key,
+                    format!(
+                        "takes mail without a login from public addresses ({from}): anyone who reaches this port can send through your accounts; allow only your devices' addresses, or set auth = \"required\""
+                    ),
+                ),
+                AuthPolicy::Required if l.tls == ListenerTls::None && l.plaintext_auth => warn(
+                    key,
+                    format!(
+                        "takes passwords without TLS from public addresses ({from}): they cross the network readable; use tls = \"starttls\" or \"implicit\""
+                    ),
+                ),
+                AuthPolicy::Required => {}
+            }
+        }
+        if let Some(m) = self
+            .metrics
+            .as_ref()
+            .filter(|m| !m.address.ip().is_loopback())
+        {
+            warn(
+                "metrics.address".into(),
+                format!(
+                    "{} is not loopback: whoever reaches it sees account names, queue sizes and token expiry; restrict it with a firewall",
+                    m.address
+                ),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(toml: &str) -> Vec<(String, String)> {
+        Config::parse(toml, "x.toml")
+            .unwrap()
+            .warnings()
+            .into_iter()
+            .map(|w| (w.key, w.text))
+            .collect()
+    }
+
+    #[test]
+    fn open_listeners_and_an_empty_config_are_warned_about() {
+        let w = keys("");
+        assert!(
+            w[0].0 == "listener" && w[0].1.contains("no [[listener]]"),
+            "{w:?}"
+        );
+        let w = keys(
+            "[[listener]]\naddress = \"0.0.0.0:25\"\nauth = \"optional\"\nallow = [\"0.0.0.0/0\"]\n",
+        );
+        assert!(
+            w[0].1
+                .contains("without a login from public addresses (0.0.0.0/0)"),
+            "{w:?}"
+        );
+        let w = keys("[[listener]]\naddress = \"0.0.0.0:587\"\nauth = \"required\"\n");
+        assert!(w[0].1.contains("passwords without TLS"), "{w:?}");
+        let w = keys(
+            "[[listener]]\naddress = \"0.0.0.0:25\"\nauth = \"none\"\nallow = [\"192.168.1.0/24\", \"127.0.0.1\"]\n",
+        );
+        assert!(w.is_empty(), "{w:?}");
+    }
+}
