@@ -21,6 +21,7 @@ pub mod queue;
 pub mod reload;
 pub mod service;
 pub mod smtp;
+pub mod state_files;
 pub mod status;
 pub mod tokens;
 pub mod upstream;

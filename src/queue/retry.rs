@@ -37,9 +37,11 @@ pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Resu
 /// Tells a running daemon to reread the queue's schedule.
 pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
     let path = state_dir.join(RETRY_TRIGGER);
-    std::fs::write(
-        path,
-        humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+    crate::state_files::write(
+        &path,
+        humantime::format_rfc3339_nanos(SystemTime::now())
+            .to_string()
+            .as_bytes(),
     )
 }
 
