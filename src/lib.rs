@@ -95,6 +95,8 @@ impl Relay {
                 source,
             }
         })?;
+        // With the state dir locked (this is the only daemon on it): directories an older relay left open.
+        state_files::tighten(&config.state_dir);
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx).await?;

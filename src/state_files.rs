@@ -32,7 +32,7 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
         .collect();
     for d in missing.into_iter().rev() {
         match DirBuilder::new().mode(DIR_MODE).create(d) {
-            Ok(()) => give_to_parent_owner(d, |uid, gid| std::os::unix::fs::chown(d, uid, gid))?,
+            Ok(()) => give_to_parent_owner(d, |uid, gid| std::os::unix::fs::chown(d, uid, gid)),
             // Made by another process meanwhile (the daemon and a CLI command): as good.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(e) => return Err(e),
@@ -50,7 +50,7 @@ pub fn atomic(path: &Path) -> io::Result<AtomicWriteFile> {
         .set_permissions(Permissions::from_mode(FILE_MODE))?;
     give_to_parent_owner(path, |uid, gid| {
         std::os::unix::fs::fchown(file.as_file(), uid, gid)
-    })?;
+    });
     Ok(file)
 }
 
@@ -80,26 +80,61 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if file.metadata()?.mode() & 0o7777 != FILE_MODE {
         file.set_permissions(Permissions::from_mode(FILE_MODE))?;
     }
-    give_to_parent_owner(path, |uid, gid| std::os::unix::fs::fchown(&file, uid, gid))?;
+    give_to_parent_owner(path, |uid, gid| std::os::unix::fs::fchown(&file, uid, gid));
     file.write_all(bytes)
 }
 
+/// The directories relay makes in the state dir (the spool's, the token store's, the reports' and the sending
+/// counts'), for [`tighten`].
+const SUBDIRS: [&str; 6] = ["queue", "dead", "quarantine", "tokens", "accounts", "rate"];
+
+/// Closes to others, at start, the directories an older relay made under a looser umask (0755, or 0777 under
+/// umask 000): the files it left in them, written before their modes were set, are then out of others' reach
+/// too. Only relay's own directories: the state dir itself is the operator's (systemd's `StateDirectoryMode=`).
+/// Never fails the start; what cannot be changed is logged.
+pub fn tighten(state_dir: &Path) {
+    for name in SUBDIRS {
+        let dir = state_dir.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        // Only the permission bits beyond 0750 go: a setgid bit an operator set (group inheritance) stays.
+        let beyond = mode & 0o777 & !DIR_MODE;
+        if !meta.is_dir() || beyond == 0 {
+            continue;
+        }
+        let tight = mode & !beyond;
+        match std::fs::set_permissions(&dir, Permissions::from_mode(tight)) {
+            Ok(()) => {
+                tracing::info!(path = %dir.display(), "the directory was mode {mode:04o}, more open than 0750; it is {tight:04o} now")
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "the directory is mode {mode:04o}, more open than 0750, and cannot be changed; run `chmod g-w,o-rwx {}`", dir.display())
+            }
+        }
+    }
+}
+
 /// As root, gives `path` (through `chown`) to the owner of its directory; as anyone else, does nothing (files
-/// are theirs already, and chown would fail).
+/// are theirs already, and chown would fail). Best effort: a write never fails over its owner (root squashed on
+/// NFS cannot chown), and the mode already keeps others out.
 fn give_to_parent_owner(
     path: &Path,
     chown: impl FnOnce(Option<u32>, Option<u32>) -> io::Result<()>,
-) -> io::Result<()> {
+) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
+        return;
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let owner = std::fs::metadata(parent)?;
-    chown(Some(owner.uid()), Some(owner.gid()))
+    let given = std::fs::metadata(parent).and_then(|o| chown(Some(o.uid()), Some(o.gid())));
+    if let Err(e) = given {
+        tracing::warn!(path = %path.display(), error = %e, "cannot give the file to its directory's owner; the service's user may not be able to read it");
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +179,31 @@ mod tests {
         write(&report, b"in place").unwrap();
         assert_eq!(mode_of(&report), FILE_MODE);
         assert_eq!(std::fs::read(&report).unwrap(), b"in place");
+    }
+
+    /// Relay's own directories left open by an older relay are closed to others at start; stricter ones, the
+    /// state dir itself and whatever else is in it are left as they are.
+    #[test]
+    fn tighten_closes_relays_directories_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        std::fs::set_permissions(state, Permissions::from_mode(0o755)).unwrap();
+        for (name, mode) in [
+            ("accounts", 0o777),
+            ("rate", 0o755),
+            ("tokens", 0o700),
+            ("dead", 0o2775),
+            ("mine", 0o777),
+        ] {
+            std::fs::create_dir(state.join(name)).unwrap();
+            std::fs::set_permissions(state.join(name), Permissions::from_mode(mode)).unwrap();
+        }
+        tighten(state);
+        assert_eq!(mode_of(&state.join("accounts")), 0o750);
+        assert_eq!(mode_of(&state.join("rate")), 0o750);
+        assert_eq!(mode_of(&state.join("tokens")), 0o700);
+        assert_eq!(mode_of(&state.join("dead")), 0o2750);
+        assert_eq!(mode_of(&state.join("mine")), 0o777);
+        assert_eq!(mode_of(state), 0o755);
     }
 }

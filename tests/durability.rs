@@ -269,7 +269,7 @@ fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
 /// What relay writes under its state dir is for relay and its group only, whatever the umask it runs with: the
 /// daemon and the CLI run with umask 000 write delivery states (queue/ and dead/, with the upstream's last
 /// reply), the account reports, the sending counts, the tokens, the open alerts and the retry trigger, and none
-/// of them, nor any directory, is group-writable or open to others.
+/// of them, nor any directory, is group-writable or open to others; nor are what an older relay left open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_files_are_private_whatever_the_umask() {
     use wiremock::matchers::{method, path};
@@ -304,6 +304,19 @@ async fn state_files_are_private_whatever_the_umask() {
         with_open_umask(cmd).output().unwrap()
     };
 
+    // As an older relay left them under umask 000: open directories, and a report readable and writable by all.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        for sub in ["accounts", "rate"] {
+            std::fs::create_dir_all(state.join(sub)).unwrap();
+            open(&state.join(sub), 0o777);
+        }
+        std::fs::write(state.join("accounts/office.json"), b"{}").unwrap();
+        open(&state.join("accounts/office.json"), 0o666);
+    }
     let mut serve = std::process::Command::new(relay_bin());
     serve.args(["serve", "--config"]).arg(&config);
     let mut daemon = Daemon::start(with_open_umask(serve));
