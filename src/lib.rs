@@ -21,6 +21,7 @@ pub mod queue;
 pub mod reload;
 pub mod service;
 pub mod smtp;
+pub mod state_files;
 pub mod status;
 pub mod terminal;
 pub mod tokens;
@@ -95,6 +96,8 @@ impl Relay {
                 source,
             }
         })?;
+        // With the state dir locked (this is the only daemon on it): directories an older relay left open.
+        state_files::tighten(&config.state_dir);
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx).await?;

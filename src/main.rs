@@ -338,7 +338,7 @@ fn check_files(config: Config) -> Result<Config, ConfigError> {
         let e = relay::smtp::tls::acceptor(cert, key, l.tls_compat).err()?;
         Some(ConfigError::new(
             &config.source,
-            format!("listener[{i}].cert"),
+            format!("listener[{i}].{}", e.config_key()),
             e.to_string(),
         ))
     });

@@ -116,11 +116,9 @@ fn record(state_dir: &Path, report: &Report, to: &str) {
         diagnosis: report.diagnosis.clone(),
     };
     let path = last_test_path(state_dir, &report.account);
-    let tmp = path.with_extension("json.tmp");
     // A report, not mail: not fsynced.
-    let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
-        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default()))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+    let written =
+        crate::state_files::replace(&path, &serde_json::to_vec_pretty(&doc).unwrap_or_default());
     if let Err(e) = written {
         tracing::warn!(relay_account = %report.account, error = %e, "cannot record the test result");
     }

@@ -79,7 +79,7 @@ fn check_and_serve_warn_about_an_open_listener_and_a_config_without_listeners() 
             && err.contains("without a login from public addresses"),
         "{err}"
     );
-    let mut daemon = Daemon::spawn(&config);
+    let daemon = Daemon::spawn(&config);
     let line = daemon
         .unmatched()
         .iter()
@@ -154,6 +154,70 @@ fn bad_config_fails_with_file_key_and_reason() {
         let out = relay(&["serve", "--config", path.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(2));
         assert!(text(&out.stderr).contains(key));
+    }
+}
+
+/// A listener's TLS key is a secret like an account's: `relay check` and `relay serve` refuse one that others can
+/// read, naming the file, the key and the fix; at 0600 it is taken. Through `$CREDENTIALS_DIRECTORY`, where
+/// systemd leaves credentials at 0400 or 0440, it is taken too.
+#[test]
+fn listener_key_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path());
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for tls in ["starttls", "implicit", "auto"] {
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "address = \"127.0.0.1:0\"\ntls = \"{tls}\"\ncert = {:?}\nkey = {:?}",
+                cert.cert, cert.key
+            ),
+        );
+        let cfg = config.to_str().unwrap();
+        for cmd in ["check", "serve"] {
+            let out = relay(&[cmd, "--config", cfg]);
+            assert_eq!(out.status.code(), Some(2), "relay {cmd} ({tls})");
+            let err = text(&out.stderr);
+            assert!(
+                err.contains(&format!("{cfg}: listener[0].key: "))
+                    && err.contains("readable by others (mode 0644)")
+                    && err.contains(&format!("chmod 640 {}", cert.key.display())),
+                "relay {cmd} ({tls}): {err}"
+            );
+            assert!(
+                !err.contains("PRIVATE KEY"),
+                "the key itself is never printed"
+            );
+        }
+    }
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("relay.toml");
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // systemd's credentials: read-only for the service's user (0400), or its group too (0440).
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::copy(&cert.cert, creds.join("relay-cert")).unwrap();
+    std::fs::copy(&cert.key, creds.join("relay-key")).unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\ntls = \"starttls\"\ncert = \"$CREDENTIALS_DIRECTORY/relay-cert\"\nkey = \"$CREDENTIALS_DIRECTORY/relay-key\"",
+    );
+    for mode in [0o400, 0o440] {
+        std::fs::set_permissions(
+            creds.join("relay-key"),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .unwrap();
+        let out = Command::new(relay_bin())
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode:o}: {}", text(&out.stderr));
     }
 }
 

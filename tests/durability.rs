@@ -234,3 +234,135 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     relay.drained().await;
     relay.stop().await;
 }
+
+/// A command line run with umask 000, the most permissive an operator's shell can have.
+fn with_open_umask(mut cmd: std::process::Command) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe, and touches nothing but the child's own mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Every path under `dir`, directories included, with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                todo.push(path.clone());
+            }
+            out.push((path, meta.mode() & 0o7777));
+        }
+    }
+    out
+}
+
+/// What relay writes under its state dir is for relay and its group only, whatever the umask it runs with: the
+/// daemon and the CLI run with umask 000 write delivery states (queue/ and dead/, with the upstream's last
+/// reply), the account reports, the sending counts, the tokens, the open alerts and the retry trigger, and none
+/// of them, nor any directory, is group-writable or open to others; nor are what an older relay left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_files_are_private_whatever_the_umask() {
+    use wiremock::matchers::{method, path};
+    let idp = idp_issuing("tok").await;
+    wiremock::Mock::given(method("POST"))
+        .and(path("/hook"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Sending limits make the counts durable (rate/office.json before each message); alerts keep alerts.json.
+    let top = format!(
+        "{}[alerts]\nwebhook_url = \"{}/hook\"\n",
+        account_top(
+            dir.path(),
+            &idp.uri(),
+            &upstream,
+            "rate = { per_minute = 30, recipients_per_day = 10000 }"
+        ),
+        idp.uri()
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let state = dir.path().join("state");
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(relay_bin());
+        cmd.args(args).arg("--config").arg(&config);
+        with_open_umask(cmd).output().unwrap()
+    };
+
+    // As an older relay left them under umask 000: open directories, and a report readable and writable by all.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let open = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        for sub in ["accounts", "rate"] {
+            std::fs::create_dir_all(state.join(sub)).unwrap();
+            open(&state.join(sub), 0o777);
+        }
+        std::fs::write(state.join("accounts/office.json"), b"{}").unwrap();
+        open(&state.join("accounts/office.json"), 0o666);
+    }
+    let mut serve = std::process::Command::new(relay_bin());
+    serve.args(["serve", "--config"]).arg(&config);
+    let mut daemon = Daemon::start(with_open_umask(serve));
+    // Deferred: queue/ID.state with the 451.
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    // Retried from the CLI (the state rewritten, the trigger touched), then refused for good: dead/ID.state.
+    *upstream.data_reply.lock().unwrap() = "554 5.7.1 refused".into();
+    let out = cli(&["queue", "retry", &first]);
+    assert!(out.status.success(), "{out:?}");
+    daemon.wait_log("relay_event=\"dead\"");
+    // Another deferred one stays in queue/ with its state.
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let second = send_message(daemon.addr, b"Subject: second\r\n\r\nbody\r\n").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    // `relay test` records its result next to the daemon's report.
+    let out = cli(&["test", "office", "--to", "ops@example.com"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(daemon.terminate().success());
+
+    let modes = modes_under(&state);
+    for expected in [
+        format!("queue/{second}.msg"),
+        format!("queue/{second}.state"),
+        format!("dead/{first}.msg"),
+        format!("dead/{first}.state"),
+        "accounts/office.json".into(),
+        "accounts/office.test.json".into(),
+        "rate/office.json".into(),
+        "tokens/office.json".into(),
+        "alerts.json".into(),
+        ".retry".into(),
+    ] {
+        assert!(
+            modes.iter().any(|(p, _)| p == &state.join(&expected)),
+            "{expected} not written: {modes:?}"
+        );
+    }
+    let open: Vec<_> = modes
+        .iter()
+        .filter(|(_, mode)| mode & 0o027 != 0)
+        .map(|(p, mode)| format!("{} {mode:04o}", p.display()))
+        .collect();
+    assert!(
+        open.is_empty(),
+        "open to the group's writes or to others: {open:#?}"
+    );
+}

@@ -274,6 +274,27 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     );
     assert!(!greeted(other), "a refused reload left a port bound");
 
+    // A TLS listener whose key others can read: refused as at start, with the file, the key and the fix.
+    let cert = make_cert(dir.path());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tls_listener = format!(
+        "{}[[listener]]\naddress = \"127.0.0.1:{other}\"\ntls = \"implicit\"\ncert = {:?}\nkey = {:?}\n",
+        listener_on(port),
+        cert.cert,
+        cert.key
+    );
+    write_config_with(dir.path(), &top, &tls_listener);
+    signal(&daemon, libc::SIGHUP);
+    let refused = daemon.wait_log("relay_event=\"reload_refused\"");
+    assert!(
+        refused.contains("listener[1].key")
+            && refused.contains("readable by others")
+            && refused.contains("chmod 640"),
+        "{refused}"
+    );
+    assert!(!greeted(other), "a refused reload left a port bound");
+
     // The running config still accepts and delivers.
     assert!(greeted(port));
     send_message(addr(port), BODY).await;

@@ -93,7 +93,7 @@ impl Alerts {
             }
             t.open()
         };
-        let written = atomic_write_file::AtomicWriteFile::open(&self.file).and_then(|mut f| {
+        let written = crate::state_files::atomic(&self.file).and_then(|mut f| {
             f.write_all(&serde_json::to_vec_pretty(&open).unwrap_or_default())?;
             f.commit()
         });

@@ -712,6 +712,44 @@ mod tests {
         );
     }
 
+    /// A listener's key is a secret like an account's: refused when others can read it, with the fix; a key at
+    /// 0640 or stricter passes, and one that does not exist is left to the TLS load, which names the certificate
+    /// first.
+    #[test]
+    fn a_listener_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let text = |tls: &str, key: &Path| {
+            format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\ntls = \"{tls}\"\ncert = \"/nowhere/cert.pem\"\nkey = {key:?}\n"
+            )
+        };
+        for mode in [0o644, 0o604, 0o647] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            for tls in ["starttls", "implicit", "auto"] {
+                let e = Config::parse(&text(tls, &key), "x.toml").unwrap_err();
+                assert_eq!(e.key, "listener[0].key", "{e}");
+                assert!(
+                    e.reason.contains("readable by others")
+                        && e.reason.contains(&format!("chmod 640 {}", key.display())),
+                    "{e}"
+                );
+            }
+            // A plain listener does not read its key.
+            assert!(Config::parse(&text("none", &key), "x.toml").is_ok());
+        }
+        for mode in [0o640, 0o600, 0o400, 0o440] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                Config::parse(&text("starttls", &key), "x.toml").is_ok(),
+                "{mode:o}"
+            );
+        }
+        assert!(Config::parse(&text("starttls", &dir.path().join("none.pem")), "x.toml").is_ok());
+    }
+
     #[test]
     fn only_a_leading_credentials_directory_is_expanded() {
         for plain in [

@@ -388,6 +388,14 @@ impl RawListener {
                 );
             }
         }
+        // The key is a secret like an account's: refused when others can read it. Only its mode here; a key that
+        // cannot be read at all is reported when the TLS files are loaded (at start, `relay check`, a reload).
+        if tls != ListenerTls::None
+            && let Some(path) = &self.key
+            && let Err(reason) = check_key_mode(path)
+        {
+            errs.add(key("key"), reason);
+        }
         let tls_compat = self.tls_compat.unwrap_or_default();
         if tls_compat == TlsCompat::Legacy {
             if tls == ListenerTls::None {
@@ -540,22 +548,42 @@ fn expand_in(file: &mut Option<PathBuf>, errs: &Errs<'_>, key: String) -> Result
 /// A file relay must read at start. Secrets must not be readable by others: the daemon refuses them, because
 /// a world-readable client secret is a leaked one.
 fn check_secret_file(path: &std::path::Path, secret: bool) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
+    if secret {
+        refuse_readable_by_others(path, &meta)?;
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A listener's private key: refused, like the account secrets, when others can read it. A key that is missing or
+/// cannot be opened passes here: the TLS load reports it, in its own words, after the certificate.
+fn check_key_mode(path: &std::path::Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => refuse_readable_by_others(path, &meta),
+        _ => Ok(()),
+    }
+}
+
+/// The standard for secret files: 0640 or stricter, nothing for others.
+fn refuse_readable_by_others(
+    path: &std::path::Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
-    if secret && mode & 0o007 != 0 {
+    if mode & 0o007 != 0 {
         return Err(format!(
             "{} is readable by others (mode {mode:04o}); run `chmod 640 {}`",
             path.display(),
             path.display()
         ));
     }
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|e| format!("{}: {e}", path.display()))
+    Ok(())
 }
 
 /// The largest sending limit taken: far above any provider's, and small enough that counts never overflow.

@@ -126,12 +126,10 @@ impl Account {
             outcome: outcome.to_string(),
             reply: reply.to_string(),
         };
-        let tmp = path.with_extension("json.tmp");
-        let written = std::fs::create_dir_all(path.parent().unwrap_or(state_dir))
-            .and_then(|()| {
-                std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path));
+        let written = crate::state_files::replace(
+            &path,
+            &serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+        );
         if let Err(e) = written {
             tracing::debug!(error = %e, "cannot record the last delivery");
         }

@@ -449,16 +449,14 @@ fn to_file(c: &mut Counts, now: SystemTime) -> CountsFile {
 
 /// Replaces the file atomically; with `durable`, fsynced (file and directory) before it returns.
 fn write_file(path: &Path, file: &CountsFile, durable: bool) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let bytes = serde_json::to_vec(file).map_err(std::io::Error::other)?;
     if !durable {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, &bytes)?;
-        return std::fs::rename(&tmp, path);
+        return crate::state_files::replace(path, &bytes);
     }
-    let mut f = atomic_write_file::AtomicWriteFile::open(path)?;
+    if let Some(dir) = path.parent() {
+        crate::state_files::create_dir_all(dir)?;
+    }
+    let mut f = crate::state_files::atomic(path)?;
     f.write_all(&bytes)?;
     f.commit()
 }

@@ -113,9 +113,11 @@ pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_trigger(path: &Path) -> std::io::Result<()> {
-    std::fs::write(
+    crate::state_files::write(
         path,
-        humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+        humantime::format_rfc3339_nanos(SystemTime::now())
+            .to_string()
+            .as_bytes(),
     )
 }
 

@@ -113,7 +113,7 @@ pub fn try_read_state(dir: &Path, id: QueueId) -> std::io::Result<Option<Deliver
 }
 
 pub fn write_state(dir: &Path, id: QueueId, state: &DeliveryState) -> std::io::Result<()> {
-    let mut f = atomic_write_file::AtomicWriteFile::open(state_path(dir, id))?;
+    let mut f = crate::state_files::atomic(&state_path(dir, id))?;
     f.write_all(&serde_json::to_vec_pretty(state).unwrap_or_default())?;
     f.commit()
 }

@@ -28,6 +28,16 @@ pub enum TlsError {
     Legacy(String),
 }
 
+impl TlsError {
+    /// The listener's config key the error is about, so that `relay check` names the file that needs fixing.
+    pub fn config_key(&self) -> &'static str {
+        match self {
+            TlsError::Key { .. } => "key",
+            _ => "cert",
+        }
+    }
+}
+
 /// A listener's TLS acceptor.
 #[derive(Clone)]
 pub enum ServerTls {

@@ -245,16 +245,10 @@ impl Transports {
         }
         // Not fsynced: it is a report and a hint; lost, the next refused SMTP attempt switches again.
         let written = match &sw {
-            Some(sw) => {
-                let tmp = self.switch_file.with_extension("json.tmp");
-                self.switch_file
-                    .parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| {
-                        std::fs::write(&tmp, serde_json::to_vec_pretty(sw).unwrap_or_default())
-                    })
-                    .and_then(|()| std::fs::rename(&tmp, &self.switch_file))
-            }
+            Some(sw) => crate::state_files::replace(
+                &self.switch_file,
+                &serde_json::to_vec_pretty(sw).unwrap_or_default(),
+            ),
             None => match std::fs::remove_file(&self.switch_file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),

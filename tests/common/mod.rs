@@ -50,8 +50,21 @@ pub fn make_cert(dir: &Path) -> TestCert {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     std::fs::write(&cert, &pem).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    write_private(&key, ck.signing_key.serialize_pem());
     TestCert { cert, key, pem }
+}
+
+/// Writes a secret (a private key, a client secret) as an operator must: mode 0600 whatever the umask, because
+/// relay refuses secret files that others can read.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) {
+    std::fs::write(path, contents).unwrap();
+    make_private(path);
+}
+
+/// Takes away every permission but the owner's (for a key written by another tool, e.g. `openssl req`).
+pub fn make_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// A relay running in this process.
