@@ -32,7 +32,8 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
         .collect();
     for d in missing.into_iter().rev() {
         match DirBuilder::new().mode(DIR_MODE).create(d) {
-            Ok(()) => give_to_parent_owner(d, |uid, gid| std::os::unix::fs::chown(d, uid, gid)),
+            // lchown: should the new directory be swapped for a symlink meanwhile, only the link changes owner.
+            Ok(()) => give_to_parent_owner(d, |uid, gid| std::os::unix::fs::lchown(d, uid, gid)),
             // Made by another process meanwhile (the daemon and a CLI command): as good.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(e) => return Err(e),
@@ -70,14 +71,26 @@ pub fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Writes `bytes` into `path` in place (created or truncated), at 0640 exactly: for a file whose change, not
 /// its content, is the message (the retry trigger).
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    // Never through a symlink, and never into a file with other names: root runs some commands, and whoever
+    // can write in the state dir (the service's user) must not be able to point this write, its chmod and
+    // its chown at another file (`ln -s /etc/passwd .retry`). Truncated only once that is checked.
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other(format!(
+            "{}: not a plain file of its own (a link?); refusing to write it",
+            path.display()
+        )));
+    }
+    file.set_len(0)?;
     // A file left by an older relay or a crash keeps its mode when opened: set it, where it differs.
-    if file.metadata()?.mode() & 0o7777 != FILE_MODE {
+    if meta.mode() & 0o7777 != FILE_MODE {
         file.set_permissions(Permissions::from_mode(FILE_MODE))?;
     }
     give_to_parent_owner(path, |uid, gid| std::os::unix::fs::fchown(&file, uid, gid));
@@ -143,6 +156,24 @@ mod tests {
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().mode() & 0o7777
+    }
+
+    /// A symlink or a hard link planted where relay writes is refused, and the file it points at is untouched
+    /// (root runs `relay queue retry`; the state dir is writable by the service's user).
+    #[test]
+    fn a_planted_link_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("passwd");
+        std::fs::write(&target, b"root:x:0:0").unwrap();
+        std::fs::set_permissions(&target, Permissions::from_mode(0o644)).unwrap();
+        let sym = dir.path().join(".retry");
+        std::os::unix::fs::symlink(&target, &sym).unwrap();
+        assert!(write(&sym, b"now").is_err());
+        let hard = dir.path().join("report.json.tmp");
+        std::fs::hard_link(&target, &hard).unwrap();
+        assert!(replace(&dir.path().join("report.json"), b"{}").is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"root:x:0:0");
+        assert_eq!(mode_of(&target), 0o644);
     }
 
     /// The modes are exact whatever the file was before: a report an older relay wrote 0666 comes back 0640, and

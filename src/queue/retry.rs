@@ -38,6 +38,20 @@ pub struct Retried {
 /// exist holds nothing to retry (and no daemon uses it): that is not an error, but for one message asked for.
 pub fn retry(state_dir: &Path, what: Retry) -> Result<Retried, StoreError> {
     let store = QueueStore::new(state_dir);
+    let done = act(&store, what);
+    // Whatever failed above, what was already made due or moved back must reach a running daemon, which
+    // rereads the queue only when told (or at its next start).
+    if store.missing_state_dir().is_none() {
+        let path = state_dir.join(RETRY_TRIGGER);
+        let told = write_trigger(&path).map_err(|source| StoreError::Io { path, source });
+        return done.and_then(|d| told.map(|()| d));
+    }
+    done
+}
+
+/// The work of [`retry`]. For every message, one that fails (a message in both `queue/` and `dead/`, a state
+/// file that cannot be read) does not stop the others: the first such error is returned once all were tried.
+fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
     let mut done = Retried::default();
     match what {
         Retry::One(id) => {
@@ -49,9 +63,14 @@ pub fn retry(state_dir: &Path, what: Retry) -> Result<Retried, StoreError> {
             }
         }
         Retry::All { dead } => {
+            let mut first_error = None;
             for m in store.list()? {
-                if make_due(store.paths(), m.envelope.id)? {
-                    done.due += 1;
+                match make_due(store.paths(), m.envelope.id) {
+                    Ok(true) => done.due += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
             for m in store.list_dead()? {
@@ -63,14 +82,15 @@ pub fn retry(state_dir: &Path, what: Retry) -> Result<Retried, StoreError> {
                     Ok(()) => done.requeued += 1,
                     // Deleted or moved back by someone else since the listing.
                     Err(StoreError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
         }
-    }
-    if store.missing_state_dir().is_none() {
-        let path = state_dir.join(RETRY_TRIGGER);
-        write_trigger(&path).map_err(|source| StoreError::Io { path, source })?;
     }
     Ok(done)
 }

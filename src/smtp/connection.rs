@@ -127,16 +127,28 @@ async fn handshake(ctx: &ListenerCtx, tcp: TcpStream, seat: &Seat) -> std::io::R
     accepted
 }
 
+/// Refused commands logged per connection.
+const MAX_REFUSALS_LOGGED: u32 = 10;
+
 /// Logs a refused MAIL, RCPT or DATA command (a refused message after DATA has its own line, with its queue id):
 /// a device whose mail never arrives shows up in the journal. Addresses are client text, so they are written
 /// escaped (`?`) and cut short.
-fn log_refusal(session: &Session, reply: &Reply) {
+fn log_refusal(session: &Session, reply: &Reply, logged: &mut u32) {
     if reply.is_positive() {
         return;
     }
     let Some((command, address, sender)) = session.last_mail_command() else {
         return;
     };
+    // Some refusals (530, 452, 552) do not count towards the session's error limit: a client repeating one
+    // would otherwise fill the journal, whose rate limit would then drop relay's other lines.
+    *logged += 1;
+    if *logged > MAX_REFUSALS_LOGGED {
+        if *logged == MAX_REFUSALS_LOGGED + 1 {
+            tracing::warn!(relay_client = %session.peer(), "more refused commands on this connection; they are not logged");
+        }
+        return;
+    }
     let shown = |a: &str| a.chars().take(256).collect::<String>();
     let text = reply.to_string();
     tracing::warn!(
@@ -170,6 +182,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out: Vec<u8> = greeting.map(|g| g.to_wire()).unwrap_or_default();
     let mut body = Vec::with_capacity(READ_BUF + 2);
     let mut receiving_msg: Option<Receiving> = None;
+    let mut refusals_logged = 0;
     let mut shutdown = ctx.shutdown.clone();
     let mut stress = seat.stress();
     // A command must arrive whole within its timeout, however it trickles in: counted from the last reply.
@@ -216,7 +229,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             let step = session.next(&mut input);
             pos = filled - input.len();
             if let Step::Reply(reply) | Step::Close(reply) = &step {
-                log_refusal(session, reply);
+                log_refusal(session, reply, &mut refusals_logged);
             }
             match step {
                 Step::Reply(reply) => {

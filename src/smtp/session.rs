@@ -13,23 +13,13 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use secrecy::SecretString;
 use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
-    MAIL_SMTPUTF8, Request,
+    AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, Request,
 };
 
 use super::data::{DataReceiver, Progress};
 use super::reply::Reply;
 use crate::config::{AuthPolicy, BareLineEndings};
 use crate::queue::{Envelope, QueueId};
-
-/// RFC 6531 section 3.5: a non-ASCII address needs SMTPUTF8, which relay does not offer.
-fn non_ascii_address() -> Reply {
-    Reply::new(
-        553,
-        "5.6.7",
-        "Non-ASCII addresses are not supported (SMTPUTF8 is not offered)",
-    )
-}
 
 /// MAIL, RCPT or DATA at the start of a command line that did not parse, for the refusal's log line.
 fn mail_verb(line: &[u8]) -> Option<&'static str> {
@@ -362,13 +352,6 @@ impl Session {
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
         }
-        // SMTPUTF8 is not offered (RFC 6531): said now, rather than a bounce once the upstream sees the address.
-        if flags & MAIL_SMTPUTF8 != 0 {
-            return self.error(Reply::new(555, "5.5.4", "SMTPUTF8 is not supported"));
-        }
-        if !sender.is_ascii() {
-            return self.error(non_ascii_address());
-        }
         self.txn = Some(Transaction {
             sender: sender.to_string(),
             recipients: Vec::new(),
@@ -384,9 +367,6 @@ impl Session {
         };
         if recipient.is_empty() {
             return self.error(Reply::new(501, "5.1.3", "Empty recipient address"));
-        }
-        if !recipient.is_ascii() {
-            return self.error(non_ascii_address());
         }
         // The same address twice gets one copy, as from Postfix; not counted twice against the limits either.
         if txn

@@ -443,30 +443,6 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
     assert_eq!(s.last_mail_command(), None);
 }
 
-/// SMTPUTF8 is not offered: asking for it, or a non-ASCII address, gets its RFC 6531 answer at once.
-#[test]
-fn smtputf8_and_non_ascii_addresses_are_refused() {
-    let mut s = session(AuthPolicy::None);
-    let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
-    assert!(!text.contains("SMTPUTF8"), "{text}");
-    assert_eq!(
-        codes(&steps(&mut s, b"MAIL FROM:<a@b.c> SMTPUTF8\r\n")),
-        ["555 5.5.4"]
-    );
-    assert_eq!(
-        codes(&steps(&mut s, "MAIL FROM:<dév@lan.test>\r\n".as_bytes())),
-        ["553 5.6.7"]
-    );
-    assert_eq!(
-        codes(&steps(&mut s, b"MAIL FROM:<a@b.c>\r\n")),
-        ["250 2.1.0"]
-    );
-    assert_eq!(
-        codes(&steps(&mut s, "RCPT TO:<jürgen@example.de>\r\n".as_bytes())),
-        ["553 5.6.7"]
-    );
-}
-
 #[test]
 fn starttls_with_a_parameter_is_a_syntax_error() {
     let mut s = session(AuthPolicy::Required);
