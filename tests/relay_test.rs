@@ -35,6 +35,7 @@ async fn a_test_message_shows_the_transcript_and_is_remembered() {
     let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("C: EHLO "), "{out}");
+    assert!(out.contains("(smtp_tls = none)"), "{out}");
     assert!(
         out.contains("C: AUTH XOAUTH2 [credentials redacted]"),
         "{out}"

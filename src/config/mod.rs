@@ -496,7 +496,10 @@ impl Config {
                     let upto = &text[..span.start.min(text.len())];
                     let line = upto.matches('\n').count() + 1;
                     let col = upto.rsplit('\n').next().map_or(0, str::len) + 1;
-                    format!("line {line}, column {col}")
+                    match key_at(text, span.start) {
+                        Some(key) => format!("{key} (line {line}, column {col})"),
+                        None => format!("line {line}, column {col}"),
+                    }
                 }
                 None => "(document)".into(),
             };
@@ -509,6 +512,40 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// The dotted key (`listener[1].max_recipients`) on the line of byte `offset`, for a parse error that only
+/// knows its place: the tables are followed by their headers (`[[listener]]` counted), the key is what precedes
+/// `=` on that line. `None` where that reading does not hold (a value spread over lines, an inline table).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let upto = text.get(..offset)?;
+    let line_start = upto.rfind('\n').map_or(0, |i| i + 1);
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for line in text.get(..line_start)?.lines() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let n = counts.entry(name.trim()).or_insert(0);
+            table = format!("{}[{n}]", name.trim());
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = name.trim().to_string();
+        }
+    }
+    let (key, _) = text.get(line_start..)?.lines().next()?.split_once('=')?;
+    let key = key.trim();
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"".contains(&b));
+    if !plain {
+        return None;
+    }
+    Some(if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    })
 }
 
 /// Where state lives when the config does not say: systemd's `$STATE_DIRECTORY`, then `/var/lib/relay` for
@@ -593,6 +630,22 @@ mod tests {
         assert_eq!(e.file, "x.toml");
         assert!(e.key.contains("line 3"), "{e}");
         assert!(e.reason.contains("bogus"), "{e}");
+    }
+
+    /// A value of the wrong type is a parse error, which knows only its place: the key is found from it.
+    #[test]
+    fn a_wrong_type_names_its_key() {
+        let e = Config::parse(
+            "hostname = \"relay\"\n[[listener]]\naddress = \"127.0.0.1:25\"\n\n[[listener]]  # second\naddress = \"127.0.0.1:26\"\nmax_recipients = \"ten\"\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.key.starts_with("listener[1].max_recipients (line 7"),
+            "{e}"
+        );
+        let e = Config::parse("[queue]\nmax_age = 5\n", "x.toml").unwrap_err();
+        assert!(e.key.starts_with("queue.max_age (line 2"), "{e}");
     }
 
     #[test]

@@ -235,10 +235,13 @@ impl Conn {
         if let Some(t) = &transcript
             && let Ok(mut t) = t.lock()
         {
-            t.note(&format!(
-                "connecting to {}:{} ({:?})",
-                s.host, s.port, s.tls
-            ));
+            // The words of the config (`smtp_tls = "starttls"`), not Rust's.
+            let tls = match s.tls {
+                crate::config::TlsMode::None => "smtp_tls = none",
+                crate::config::TlsMode::Starttls => "smtp_tls = starttls",
+                crate::config::TlsMode::Implicit => "smtp_tls = implicit",
+            };
+            t.note(&format!("connecting to {}:{} ({tls})", s.host, s.port));
         }
         let tcp =
             match tokio::time::timeout(s.timeout, TcpStream::connect((s.host.as_str(), s.port)))
