@@ -92,6 +92,7 @@ impl Bouncer {
             listener: String::new(),
             received_at: now,
             body_8bit: !report.is_ascii(),
+            smtputf8: false,
         };
         let dsn_id = envelope.id;
         let to = original.envelope.sender.clone();
@@ -335,6 +336,7 @@ mod tests {
             listener: "127.0.0.1:25".into(),
             received_at: SystemTime::now(),
             body_8bit: false,
+            smtputf8: false,
         };
         let long = "x ".repeat(300);
         let why = format!("550 5.1.1 <nobody@example.com>: no such user {long}");

@@ -41,6 +41,29 @@ fn check_prints_resolved_config_with_secrets_redacted() {
     assert!(out.status.success());
 }
 
+/// `relay check` shows where mail to `<postmaster>` goes, and a bad `postmaster` fails with its key.
+#[test]
+fn check_shows_the_postmaster_address_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = "address = \"127.0.0.1:0\"\nauth = \"required\"";
+    let config = write_config_with(dir.path(), "postmaster = \"it@example.com\"", listener);
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("postmaster = \"it@example.com\""),
+        "{}",
+        text(&out.stdout)
+    );
+    let config = write_config_with(dir.path(), "postmaster = \"it @example.com\"", listener);
+    let out = relay(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("relay.toml: postmaster: `it @example.com` is not a plain address"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_warns_about_a_legacy_tls_listener() {
     let dir = tempfile::tempdir().unwrap();

@@ -199,6 +199,35 @@ async fn retry_all_leaves_dead_mail_unless_asked_and_delete_removes_it() {
     assert!(files_in(&state, "queue").is_empty());
 }
 
+/// `relay queue delete` of a message the daemon is sending at that moment refuses, rather than report it deleted
+/// while the upstream takes it; once the delivery has ended, the message is gone by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_refuses_a_message_being_delivered() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
+    let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
+    let id = send(d.addr, &TO[..1], b"in flight").await;
+    // The upstream has the whole message and has not answered yet.
+    upstream.next().await;
+    let out = relay(&cfg, &["queue", "delete", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "message {id} is being delivered right now: not deleted"
+        )),
+        "{stderr}"
+    );
+    upstream.release.notify_one();
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    let out = relay(&cfg, &["queue", "delete", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no message"), "{out:?}");
+    assert_eq!(d.terminate().code(), Some(0));
+    assert!(files_in(&dir.path().join("state"), "queue").is_empty());
+}
+
 /// A message that died of old age is given `max_age` again from its move back, not sent straight back to dead/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_expired_is_delivered_after_a_retry() {
@@ -218,6 +247,7 @@ async fn a_message_that_expired_is_delivered_after_a_retry() {
         listener: "127.0.0.1:25".into(),
         received_at: SystemTime::now() - Duration::from_secs(6 * 86400),
         body_8bit: false,
+        smtputf8: false,
     };
     let id = envelope.id.to_string();
     let mut file = relay::queue::file::unsealed_line(&envelope);

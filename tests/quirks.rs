@@ -220,3 +220,95 @@ async fn every_line_with_bare_lf_is_refused_at_once_elsewhere() {
     assert!(c.closed().await);
     assert!(relay.queued().is_empty());
 }
+
+/// Python's smtplib sends a non-ASCII address only to a server that offers SMTPUTF8 (RFC 6531): relay offers it,
+/// keeps the client's declaration and passes it on. Mail to `<postmaster>` (RFC 5321 section 4.5.1) goes to the
+/// postmaster address, here the default account's own mailbox.
+#[tokio::test]
+async fn utf8_addresses_from_python_smtplib_and_mail_to_postmaster() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let (relay, _idp) = relay(&upstream).await;
+    let script = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+s.ehlo()
+print("offers", s.has_extn("smtputf8"))
+body = "Subject: Grüße\r\n\r\nzoë\r\n".encode()
+s.sendmail("jörg@lan.test", ["zoë@example.test"], body, mail_options=["SMTPUTF8"])
+s.sendmail("scanner@lan.test", ["postmaster"], b"Subject: to the postmaster\r\n\r\nhello\r\n")
+s.quit()
+print("done")
+"#;
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script, &relay.addr().port().to_string()])
+        .output();
+    let out = tokio::time::timeout(LIMIT, out).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("offers True") && stdout.contains("done"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two messages, delivered in either order.
+    let mut got = [upstream.next().await, upstream.next().await];
+    got.sort_by_key(|m| m.from.starts_with("scanner"));
+    let [utf8, postmaster] = got;
+    assert_eq!(utf8.from, "jörg@lan.test");
+    assert_eq!(utf8.to, ["zoë@example.test"]);
+    assert!(utf8.mail_params.contains("SMTPUTF8"), "{utf8:?}");
+    let received = String::from_utf8_lossy(&utf8.data);
+    assert!(received.contains("with UTF8SMTP\r\n"), "{received}");
+    assert_eq!(postmaster.to, ["relay@example.com"]);
+    assert!(
+        !postmaster.mail_params.contains("SMTPUTF8"),
+        "{postmaster:?}"
+    );
+}
+
+/// An upstream without SMTPUTF8 cannot take a non-ASCII address: the message fails for good, in relay's words,
+/// without being sent; and with no postmaster address anywhere, `<postmaster>` is refused saying what to set.
+#[tokio::test]
+async fn utf8_address_to_an_upstream_without_smtputf8_and_no_postmaster() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .smtputf8
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (mut relay, _idp) = relay(&upstream).await;
+    let mut c = RawClient::ready(relay.addr()).await;
+    c.cmd("MAIL FROM:<a@lan.test> SMTPUTF8", 250).await;
+    c.cmd("RCPT TO:<zoë@example.test>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    relay.attempts_done(1).await;
+    let dead = files_in(&relay.state(), "dead");
+    let state = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
+    let text = std::fs::read_to_string(relay.state().join("dead").join(state)).unwrap();
+    assert!(
+        text.contains("5.6.7") && text.contains("SMTPUTF8"),
+        "{text}"
+    );
+    assert!(
+        !upstream
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("MAIL")),
+        "nothing sent"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bare = TestRelay::start_in(
+        dir,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    let mut c = RawClient::ready(bare.addr()).await;
+    c.cmd("MAIL FROM:<a@lan.test>", 250).await;
+    let reply = c.cmd("RCPT TO:<Postmaster>", 550).await;
+    assert!(
+        reply.contains("5.1.1") && reply.contains("postmaster"),
+        "{reply}"
+    );
+}

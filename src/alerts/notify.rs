@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::incidents::{Notice, State};
 use crate::mailgen;
 use crate::queue::delivery::{Account, read_last_delivery};
-use crate::upstream::Outcome;
+use crate::upstream::{MailFlags, Outcome};
 
 /// Tries of a webhook POST, and the pause after each failed one.
 const WEBHOOK_TRIES: [Duration; 3] = [
@@ -109,7 +109,13 @@ impl Notifier {
             let outcome = m
                 .account
                 .transports
-                .send(&m.account.tokens, &m.mailbox, &recipients, &message, true)
+                .send(
+                    &m.account.tokens,
+                    &m.mailbox,
+                    &recipients,
+                    &message,
+                    MailFlags::OWN,
+                )
                 .await;
             match outcome {
                 Outcome::Delivered(_) => {

@@ -77,6 +77,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub hostname: String,
     pub default_account: Option<String>,
+    /// Where mail to `<postmaster>` goes: the `postmaster` key, else `[alerts] mail_to`, else the default
+    /// account's mailbox.
+    pub postmaster: Option<String>,
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     #[serde(rename = "user")]

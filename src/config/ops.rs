@@ -78,14 +78,7 @@ impl RawAlerts {
             ));
         }
         if let Some(to) = &self.mail_to {
-            let plain = to.chars().all(|c| c.is_ascii_graphic()) && !to.contains(['<', '>']);
-            if !plain || to.matches('@').count() != 1 || to.starts_with('@') || to.ends_with('@') {
-                return Err(err(
-                    file,
-                    "alerts.mail_to",
-                    format!("`{to}` is not a plain address like \"admin@example.com\""),
-                ));
-            }
+            super::raw::check_mailbox(to).map_err(|r| err(file, "alerts.mail_to", r))?;
             if accounts == 0 {
                 return Err(err(
                     file,

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     state_dir: Option<PathBuf>,
     hostname: Option<String>,
     default_account: Option<String>,
+    postmaster: Option<String>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -319,6 +320,11 @@ impl RawConfig {
         {
             errs.add("hostname", why);
         }
+        if let Some(address) = &self.postmaster
+            && let Err(why) = check_mailbox(address)
+        {
+            errs.add("postmaster", why);
+        }
         let token_encryption = match &self.token_encryption {
             Some(v) => errs.ok(TokenEncryption::parse(v)
                 .and_then(|e| crate::tokens::seal::check(&e).map(|()| e))
@@ -334,11 +340,21 @@ impl RawConfig {
             None => None,
         };
 
+        // Mail to <postmaster> goes to whoever reads relay's alerts, else to the default account's own mailbox.
+        let postmaster = self
+            .postmaster
+            .or_else(|| alerts.as_ref().and_then(|a| a.mail_to.clone()))
+            .or_else(|| {
+                let default = self.default_account.as_ref()?;
+                let account = self.account.iter().find(|a| &a.name == default)?;
+                Some(account.mailbox.clone())
+            });
         let config = Config {
             source: file.to_string(),
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
             hostname: self.hostname.unwrap_or_else(system_hostname),
             default_account: self.default_account,
+            postmaster,
             listeners,
             users,
             // The effective limits, so that `relay check` shows what applies (nothing when no limit does).
@@ -647,6 +663,17 @@ fn loopback_v6() -> IpNet {
 /// The name relay gives in its greeting, its EHLO and its `Received:` lines: a domain name (letters, digits,
 /// hyphens, dots) or an address literal. Anything else would be sent to clients and written into every message as
 /// it is, a line break included.
+/// An address relay itself sends to: plain, one `@`, no spaces or brackets.
+pub(super) fn check_mailbox(to: &str) -> Result<(), String> {
+    let plain = to.chars().all(|c| c.is_ascii_graphic()) && !to.contains(['<', '>']);
+    if !plain || to.matches('@').count() != 1 || to.starts_with('@') || to.ends_with('@') {
+        return Err(format!(
+            "`{to}` is not a plain address like \"admin@example.com\""
+        ));
+    }
+    Ok(())
+}
+
 fn check_hostname(name: &str) -> Result<(), String> {
     let literal = name.starts_with('[') && name.ends_with(']') && name.len() > 2;
     let domain = !name.is_empty()

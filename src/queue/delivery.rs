@@ -30,7 +30,7 @@ use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
-use crate::upstream::{Outcome, Refusal, Transports};
+use crate::upstream::{MailFlags, Outcome, Refusal, Transports};
 
 /// Recipients named one by one in a log line (or a deferral's reason) before "and N more".
 const SHOWN: usize = 10;
@@ -482,6 +482,21 @@ impl Delivery {
                     .await;
             }
         };
+        // Held until this attempt ends (settled, the file removed if delivered): `relay queue delete` takes the
+        // same lock, so it never reports a message deleted that is being sent, nor removes one under an attempt.
+        match opened.try_lock() {
+            Ok(()) => {}
+            // `relay queue delete` is removing it this instant: gone at the next look, or back if that failed.
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Attempted::later(now + Duration::from_secs(1));
+            }
+            // A filesystem without locks: delivered all the same, as before there was a lock.
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::debug!(relay_queue_id = %id, error = %e, "cannot lock the queue file");
+            }
+        }
+        let opened = Arc::new(opened);
+        let _locked = opened.clone();
         let mut state = read_state(&self.paths.queue, id);
         if let Some(finished) = lock(&self.unrecorded).get(&id) {
             for r in finished {
@@ -643,8 +658,10 @@ impl Delivery {
                 &sender,
                 &recipients,
                 &message,
-                // Declared by the client, or seen in the bytes: devices often send 8-bit text undeclared.
-                msg.envelope.body_8bit || message.is_eight_bit(),
+                MailFlags {
+                    eight_bit: msg.envelope.body_8bit || message.is_eight_bit(),
+                    smtputf8: msg.envelope.smtputf8,
+                },
             )
             .await;
         drop((message, memory, slot));
@@ -983,7 +1000,7 @@ fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
 /// message of at most [`READ_INLINE`] bytes.
 fn open_message(
     msg: &super::QueuedMessage,
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
 ) -> std::io::Result<Option<Outgoing>> {
     if !msg.size_matches_seal() {
         return Ok(None);

@@ -31,4 +31,7 @@ pub struct Envelope {
     /// The client declared BODY=8BITMIME.
     #[serde(default)]
     pub body_8bit: bool,
+    /// The client declared SMTPUTF8 (RFC 6531). Left out of the file when false, as in files written before it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub smtputf8: bool,
 }

@@ -707,6 +707,7 @@ mod tests {
             listener: "127.0.0.1:25".into(),
             received_at: std::time::SystemTime::now(),
             body_8bit: false,
+            smtputf8: false,
         }
     }
 

@@ -33,6 +33,12 @@ pub enum StoreError {
         "message {0} is both in queue/ and in dead/: delete or move one of the two by hand, then try again"
     )]
     InBoth(String),
+    /// A delivery attempt holds the message's lock: deleted now, it would be reported gone while the upstream takes
+    /// it.
+    #[error(
+        "message {0} is being delivered right now: not deleted. If the upstream takes it, it leaves the queue by itself; run the command again in a moment (`relay queue show {0}` says whether it is still there)"
+    )]
+    Busy(String),
     /// A dead message whose state file cannot be read is not moved back: the state names the recipients it already
     /// reached, who would get it again.
     #[error(
@@ -249,6 +255,17 @@ impl QueueStore {
         for place in [Place::Queued, Place::Dead] {
             let dir = self.dir(place);
             let path = msg_path(dir, id);
+            // A delivery attempt locks the file for its whole length (`delivery.rs`); held here until the file is
+            // gone, so that an attempt starting meanwhile finds it locked, then gone.
+            let file = match File::open(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                other => other.map_err(io_err(&path))?,
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(id.to_string())),
+                Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            }
             match fs::remove_file(&path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => other.map_err(io_err(&path))?,
@@ -372,6 +389,7 @@ mod tests {
             listener: "127.0.0.1:25".into(),
             received_at: SystemTime::now(),
             body_8bit: false,
+            smtputf8: false,
         };
         let body = b"Subject: x\r\n\r\nhi\r\n";
         let mut bytes = file::unsealed_line(&envelope);
@@ -472,6 +490,19 @@ mod tests {
         assert!(!state_path(&paths.dead, dead).exists());
         assert!(matches!(store.delete(dead), Err(StoreError::NotFound(_))));
         assert!(matches!(store.entry(dead), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn delete_leaves_a_message_whose_delivery_holds_its_lock() {
+        let (_dir, store) = store();
+        let paths = store.paths().clone();
+        let id = write_message(&paths.queue, &["a@x"]);
+        let attempt = File::open(msg_path(&paths.queue, id)).unwrap();
+        attempt.try_lock().unwrap();
+        assert!(matches!(store.delete(id), Err(StoreError::Busy(_))));
+        assert!(msg_path(&paths.queue, id).exists());
+        drop(attempt);
+        assert_eq!(store.delete(id).unwrap(), Place::Queued);
     }
 
     #[test]

@@ -226,6 +226,7 @@ impl Listeners {
             bare_lf: cfg.bare_lf,
             max_message_size: cfg.max_message_size.0,
             max_recipients: cfg.max_recipients,
+            postmaster: config.postmaster.clone(),
         });
         ListenerCtx {
             cfg: cfg.clone(),

@@ -13,7 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use secrecy::SecretString;
 use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, Request,
+    AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME,
+    MAIL_SMTPUTF8, Request,
 };
 
 use super::data::{DataReceiver, Progress};
@@ -48,6 +49,8 @@ pub struct Policy {
     pub bare_lf: BareLineEndings,
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// Where mail to `<postmaster>` goes (RFC 5321 section 4.5.1); `None`: refused, with the key to set.
+    pub postmaster: Option<String>,
 }
 
 /// Credentials a client presented; the connection code checks them and calls [`Session::auth_succeeded`]
@@ -85,6 +88,7 @@ pub struct Transaction {
     pub sender: String,
     pub recipients: Vec<String>,
     pub body_8bit: bool,
+    pub smtputf8: bool,
 }
 
 #[derive(Debug)]
@@ -251,6 +255,11 @@ impl Session {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
             Request::Helo { host } => self.hello(host.into_owned(), false),
             Request::Mail { from } => self.mail(&from.address, declared_size(line), from.flags),
+            // smtp-proto reads `<postmaster>` as the empty path; only the line tells them apart.
+            Request::Rcpt { to } if to.address.is_empty() && names_postmaster(line) => {
+                self.rcpt_postmaster()
+            }
+            Request::Rcpt { to } if self.is_own_postmaster(&to.address) => self.rcpt_postmaster(),
             Request::Rcpt { to } => self.rcpt(&to.address),
             Request::Data => self.data(),
             Request::Rset => {
@@ -310,6 +319,9 @@ impl Session {
             format!("SIZE {}", self.policy.max_message_size).into(),
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
+            // Non-ASCII addresses and header fields (RFC 6531), passed on as the upstream allows: Microsoft 365
+            // and Gmail offer it. Clients such as Python's smtplib will not send such an address without it.
+            "SMTPUTF8".into(),
         ];
         if self.policy.starttls && !self.tls {
             lines.push("STARTTLS".into());
@@ -356,6 +368,7 @@ impl Session {
             sender: sender.to_string(),
             recipients: Vec::new(),
             body_8bit: flags & MAIL_BODY_8BITMIME != 0,
+            smtputf8: flags & MAIL_SMTPUTF8 != 0,
         });
         Step::Reply(Reply::new(250, "2.1.0", "Ok"))
     }
@@ -382,6 +395,32 @@ impl Session {
         }
         txn.recipients.push(recipient.to_string());
         Step::Reply(Reply::new(250, "2.1.5", "Ok"))
+    }
+
+    /// RFC 5321 section 4.5.1: every server that relays must take mail for `<postmaster>`. relay has no
+    /// mailbox of its own, so the address is the one the config names (see `Config::postmaster`).
+    fn rcpt_postmaster(&mut self) -> Step {
+        let Some(address) = self.policy.postmaster.clone() else {
+            if self.txn.is_none() {
+                return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+            }
+            return Step::Reply(Reply::new(
+                550,
+                "5.1.1",
+                "No postmaster mailbox here: set postmaster (or [alerts] mail_to) in relay's config",
+            ));
+        };
+        self.rcpt(&address)
+    }
+
+    /// `postmaster@` this server's own name, which is where a client sends to reach its administrator. Without
+    /// a postmaster address configured, it is forwarded as any other address, as before there was one.
+    fn is_own_postmaster(&self, address: &str) -> bool {
+        self.policy.postmaster.is_some()
+            && address.rsplit_once('@').is_some_and(|(local, domain)| {
+                local.eq_ignore_ascii_case("postmaster")
+                    && domain.eq_ignore_ascii_case(&self.policy.hostname)
+            })
     }
 
     fn data(&mut self) -> Step {
@@ -492,6 +531,7 @@ impl Session {
             listener: self.policy.listener.clone(),
             received_at,
             body_8bit: txn.body_8bit,
+            smtputf8: txn.smtputf8,
         })
     }
 
@@ -503,6 +543,12 @@ impl Session {
             (true, true, false) => "ESMTPS",
             (true, false, true) => "ESMTPA",
             (true, true, true) => "ESMTPSA",
+        };
+        // RFC 6531 section 3.7.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA.
+        let utf8 = self.txn.as_ref().is_some_and(|t| t.smtputf8);
+        let proto = match proto.strip_prefix("ESMTP") {
+            Some(rest) if utf8 => format!("UTF8SMTP{rest}"),
+            _ => proto.to_string(),
         };
         let helo: String = self
             .helo
@@ -689,6 +735,20 @@ impl Session {
 /// `MAIL FROM:a@lan.test` as `MAIL FROM:<a@lan.test>` (and the same for RCPT TO): RFC 5321 wants the angle
 /// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
 /// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
+/// The path of a `RCPT TO:` line is `<postmaster>`, in any case.
+fn names_postmaster(line: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"RCPT TO:";
+    let Some(rest) = line
+        .get(PREFIX.len()..)
+        .filter(|_| line[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
+    else {
+        return false;
+    };
+    let path = rest.trim_ascii_start();
+    path.get(..12)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"<postmaster>"))
+}
+
 fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
     let prefix = [&b"MAIL FROM:"[..], b"RCPT TO:"]
         .into_iter()

@@ -14,6 +14,7 @@ fn policy(auth: AuthPolicy, plaintext_auth: bool, starttls: bool) -> Arc<Policy>
         bare_lf: BareLineEndings::Reject,
         max_message_size: 1000,
         max_recipients: 2,
+        postmaster: Some("admin@example.com".into()),
     })
 }
 
@@ -78,12 +79,70 @@ fn ehlo_lists_extensions() {
         "SIZE 1000",
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
         "STARTTLS",
         "AUTH PLAIN LOGIN",
     ] {
         assert!(text.contains(ext), "{ext} missing from {text}");
     }
     assert!(text.starts_with("250-relay.test Hello printer\r\n"));
+}
+
+/// RFC 5321 section 4.5.1: `<postmaster>` (no domain, any case) and postmaster at this server's own name are
+/// taken, for the configured address; the null path stays refused as a recipient.
+#[test]
+fn postmaster_is_taken_for_the_configured_address() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<PostMaster>\r\nRCPT TO: <postmaster@RELAY.test> NOTIFY=NEVER\r\nRCPT TO:<>\r\nRCPT TO:<postmaster@elsewhere.test>\r\n",
+    );
+    assert_eq!(
+        codes(&out[1..]),
+        [
+            "250 2.1.0",
+            "250 2.1.5",
+            "250 2.1.5",
+            "501 5.1.3",
+            "250 2.1.5"
+        ]
+    );
+    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(
+        env.recipients,
+        ["admin@example.com", "postmaster@elsewhere.test"]
+    );
+
+    let mut unset = (*policy(AuthPolicy::None, true, false)).clone();
+    unset.postmaster = None;
+    let mut s = Session::new(Arc::new(unset), "192.0.2.7:1".parse().unwrap(), false);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nRCPT TO:<postmaster>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<postmaster@relay.test>\r\n",
+    );
+    assert_eq!(
+        codes(&out[1..]),
+        ["503 5.5.1", "250 2.1.0", "550 5.1.1", "250 2.1.5"]
+    );
+}
+
+/// SMTPUTF8 on MAIL is kept in the envelope and named in the `Received:` line (RFC 6531 section 3.7.3).
+#[test]
+fn smtputf8_is_kept_and_traced() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        "EHLO x\r\nMAIL FROM:<jörg@b> SMTPUTF8\r\nRCPT TO:<zoë@d>\r\nDATA\r\n".as_bytes(),
+    );
+    assert_eq!(codes(&out[1..]), ["250 2.1.0", "250 2.1.5", "354 2.0.0"]);
+    let id = QueueId::new();
+    let env = s.envelope(id, SystemTime::UNIX_EPOCH).unwrap();
+    assert!(env.smtputf8);
+    assert_eq!(env.sender, "jörg@b");
+    assert!(
+        s.received_header(id, SystemTime::UNIX_EPOCH)
+            .contains(" with UTF8SMTP\r\n")
+    );
 }
 
 #[test]

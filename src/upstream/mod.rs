@@ -70,6 +70,26 @@ pub struct Refusal {
     pub permanent: bool,
 }
 
+/// What the SMTP upstream is told about a message beyond its addresses (the HTTP APIs need neither).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailFlags {
+    /// The body has 8-bit octets: `BODY=8BITMIME` where the server offers it. Declared by the client, or seen
+    /// in the bytes: devices often send 8-bit text undeclared.
+    pub eight_bit: bool,
+    /// The client declared `SMTPUTF8` (RFC 6531): passed on where the server offers it. Non-ASCII addresses
+    /// need it whatever the client said.
+    pub smtputf8: bool,
+}
+
+impl MailFlags {
+    /// For relay's own messages (tests, alerts): 8-bit where the server takes it, so that UTF-8 text in them
+    /// needs no encoding.
+    pub const OWN: MailFlags = MailFlags {
+        eight_bit: true,
+        smtputf8: false,
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream set-up: {0}")]

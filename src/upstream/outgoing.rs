@@ -78,8 +78,13 @@ impl Outgoing {
     /// Opens the message at `offset..offset + len` of `file`, checking it against `seal` as it reads (`Ok(None)`:
     /// the bytes do not match, the file was damaged on disk). Blocking: call it on the blocking pool, unless the
     /// pages are known to be in memory.
-    pub fn open(mut file: File, offset: u64, len: u64, seal: &str) -> io::Result<Option<Outgoing>> {
-        file.seek(SeekFrom::Start(offset))?;
+    pub fn open(
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+        seal: &str,
+    ) -> io::Result<Option<Outgoing>> {
+        (&*file).seek(SeekFrom::Start(offset))?;
         let mut hasher = blake3::Hasher::new();
         let mut scanner = long_lines::Scanner::new();
         let mut head = Vec::new();
@@ -90,7 +95,7 @@ impl Outgoing {
         let mut buf = vec![0; usize::try_from(len).unwrap_or(CHUNK).clamp(1, CHUNK)];
         let mut read = 0u64;
         let mut eight_bit = false;
-        let mut reader = (&mut file).take(len);
+        let mut reader = (&*file).take(len);
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -139,7 +144,7 @@ impl Outgoing {
             head: head.into(),
             head_end,
             rest: Rest::File {
-                file: Arc::new(file),
+                file,
                 range: offset + head_end as u64..offset + len,
             },
             long_lines,
@@ -392,7 +397,7 @@ mod tests {
                 msg.extend_from_slice(b"0123456789abcdef0123456789abcdef\r\n");
             }
             let (f, seal) = file_with(&msg);
-            let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+            let o = Outgoing::open(Arc::new(f.reopen().unwrap()), 9, msg.len() as u64, &seal)
                 .unwrap()
                 .unwrap();
             assert_eq!(o.len(), msg.len() as u64);
@@ -415,7 +420,7 @@ mod tests {
         msg.extend(std::iter::repeat_n(b'x', 3 * CHUNK));
         msg.extend_from_slice(b"\r\n");
         let (f, seal) = file_with(&msg);
-        let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+        let o = Outgoing::open(Arc::new(f.reopen().unwrap()), 9, msg.len() as u64, &seal)
             .unwrap()
             .unwrap();
         let o = o.with_head(b"Subject: t\r\n".to_vec(), 12);
@@ -437,7 +442,7 @@ mod tests {
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
         // Unchanged, the rewritten head does not upset the check.
         let (f, seal) = file_with(&msg);
-        let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+        let o = Outgoing::open(Arc::new(f.reopen().unwrap()), 9, msg.len() as u64, &seal)
             .unwrap()
             .unwrap()
             .with_head(b"Subject: t\r\n".to_vec(), 12);
@@ -449,7 +454,7 @@ mod tests {
         let (f, _) = file_with(b"Subject: s\r\n\r\nhi\r\n");
         let other = crate::queue::seal::seal(18, &blake3::hash(b"Subject: t\r\n\r\nhi\r\n"));
         assert!(
-            Outgoing::open(f.reopen().unwrap(), 9, 18, &other)
+            Outgoing::open(Arc::new(f.reopen().unwrap()), 9, 18, &other)
                 .unwrap()
                 .is_none()
         );
@@ -461,7 +466,7 @@ mod tests {
         msg.extend(std::iter::repeat_n(b'x', 5000));
         msg.extend_from_slice(b"\r\n");
         let (f, seal) = file_with(&msg);
-        let o = Outgoing::open(f.reopen().unwrap(), 9, msg.len() as u64, &seal)
+        let o = Outgoing::open(Arc::new(f.reopen().unwrap()), 9, msg.len() as u64, &seal)
             .unwrap()
             .unwrap();
         assert!(o.has_long_lines());

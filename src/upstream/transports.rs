@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::Outcome;
 use super::gmail::GmailUpstream;
 use super::graph::GraphUpstream;
 use super::outgoing::Outgoing;
 use super::smtp::SmtpUpstream;
 use super::transcript::TranscriptHandle;
+use super::{MailFlags, Outcome};
 use crate::tokens::{AccountTokens, TokenError};
 
 /// How often a switched account tries SMTP again.
@@ -102,18 +102,17 @@ impl Transports {
     }
 
     /// Sends through whichever transport is in use; a refused token gets one refresh and one retry.
-    /// `eight_bit`: the body has 8-bit octets (BODY=8BITMIME where the SMTP server offers it).
     pub async fn send(
         &self,
         tokens: &AccountTokens,
         sender: &str,
         recipients: &[String],
         message: &Outgoing,
-        eight_bit: bool,
+        flags: MailFlags,
     ) -> Outcome {
         let Some((graph, scope)) = &self.fallback else {
             return self
-                .primary(tokens, sender, recipients, message, eight_bit)
+                .primary(tokens, sender, recipients, message, flags)
                 .await;
         };
         let switched = self.switched.lock().ok().and_then(|s| s.clone());
@@ -123,7 +122,7 @@ impl Transports {
             return via_graph(graph, tokens, scope, recipients, message).await;
         }
         let out = self
-            .primary(tokens, sender, recipients, message, eight_bit)
+            .primary(tokens, sender, recipients, message, flags)
             .await;
         if !smtp_auth_off(&out) {
             if switched.is_some() {
@@ -158,11 +157,11 @@ impl Transports {
         sender: &str,
         recipients: &[String],
         message: &Outgoing,
-        eight_bit: bool,
+        flags: MailFlags,
     ) -> Outcome {
         let attempt = |token: SecretString| async move {
             match &self.primary {
-                Primary::Smtp(s) => s.send(&token, sender, recipients, message, eight_bit).await,
+                Primary::Smtp(s) => s.send(&token, sender, recipients, message, flags).await,
                 Primary::Graph(g) => g.send(&token, recipients, message).await,
                 Primary::Gmail(g) => g.send(&token, recipients, message).await,
             }

@@ -31,7 +31,8 @@ pub struct FakeUpstream {
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
     /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
-    /// (report the message at once, answer a second later) or "HANGUP 250 …" (answer, then close the connection
+    /// (report the message at once, answer a second later) or "HOLD 250 …" (report the message at once, answer
+    /// when [`release`](Self::release) is notified) or "HANGUP 250 …" (answer, then close the connection
     /// without a word, as a server that drops idle sessions does).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
@@ -46,6 +47,18 @@ pub struct FakeUpstream {
     /// Offer CHUNKING (RFC 3030) in EHLO, as Microsoft 365 and Gmail do, and take BDAT. With BDAT, `data_reply`
     /// answers the LAST chunk; only plain replies (no DROP, STALL, SLOW, HANGUP).
     pub chunking: Arc<std::sync::atomic::AtomicBool>,
+    /// Offer SMTPUTF8 (RFC 6531) in EHLO, as Microsoft 365 and Gmail do; on by default.
+    pub smtputf8: Arc<std::sync::atomic::AtomicBool>,
+    /// Lets a "HOLD …" reply go.
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+/// The switchable EHLO offers, and the HOLD release, as the sessions see them.
+#[derive(Clone)]
+struct Offers {
+    chunking: Arc<std::sync::atomic::AtomicBool>,
+    smtputf8: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl FakeUpstream {
@@ -73,7 +86,13 @@ impl FakeUpstream {
         let rcpt_replies = Arc::new(Mutex::new(Vec::new()));
         let r = rcpt_replies.clone();
         let chunking = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let c = chunking.clone();
+        let smtputf8 = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let c = Offers {
+            chunking: chunking.clone(),
+            smtputf8: smtputf8.clone(),
+            release: release.clone(),
+        };
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -100,6 +119,8 @@ impl FakeUpstream {
             commands,
             rcpt_replies,
             chunking,
+            smtputf8,
+            release,
         }
     }
 
@@ -119,7 +140,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     data_reply: Arc<Mutex<String>>,
     log: Arc<Mutex<Vec<String>>>,
     rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
-    chunking: Arc<std::sync::atomic::AtomicBool>,
+    offers: Offers,
 ) {
     let mut s = BufReader::new(tcp);
     // BDAT chunks of the message in progress.
@@ -152,13 +173,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             log.lock().unwrap().push(entry);
         }
         let reply = if upper.starts_with("EHLO") {
-            let chunking = if chunking.load(std::sync::atomic::Ordering::SeqCst) {
-                "250-CHUNKING\r\n"
-            } else {
-                ""
+            let offered = |on: &std::sync::atomic::AtomicBool, line: &'static str| {
+                if on.load(std::sync::atomic::Ordering::SeqCst) {
+                    line
+                } else {
+                    ""
+                }
             };
+            let chunking = offered(&offers.chunking, "250-CHUNKING\r\n");
+            let smtputf8 = offered(&offers.smtputf8, "250-SMTPUTF8\r\n");
             format!(
-                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
+                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
             )
         } else if let Some(args) = upper.strip_prefix("BDAT ") {
             let mut words = args.split_ascii_whitespace();
@@ -273,6 +298,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = tx.send(msg.clone());
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 if w(&mut s, slow.to_string()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if let Some(held) = reply.strip_prefix("HOLD ") {
+                // Take the message, then answer when the test says: a delivery in flight for as long as needed.
+                let _ = tx.send(msg.clone());
+                offers.release.notified().await;
+                if w(&mut s, held.to_string()).await.is_err() {
                     return;
                 }
                 continue;

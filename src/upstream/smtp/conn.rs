@@ -18,6 +18,7 @@ use tokio_rustls::client::TlsStream;
 use super::dot::DotStuffer;
 use super::reply::{self, Offers, Reply};
 use crate::config::TlsMode;
+use crate::upstream::MailFlags;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::transcript::TranscriptHandle;
 
@@ -49,6 +50,8 @@ pub enum Failure {
     Refused(Reply),
     /// The server refused AUTH XOAUTH2.
     Auth(Reply),
+    /// The message needs an extension the server does not offer; nothing was sent.
+    Unsupported(String),
 }
 
 /// A message that did not go, and what that says about the connection.
@@ -340,17 +343,32 @@ impl Conn {
         sender: &str,
         recipients: &[String],
         message: &Outgoing,
-        eight_bit: bool,
+        flags: MailFlags,
     ) -> Result<Sent, SendFailure> {
+        let utf8_address = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        if utf8_address && !self.offers.smtputf8 {
+            // RFC 6531 section 3.2: a non-ASCII address cannot go to a server without SMTPUTF8. Said in relay's
+            // words rather than left to the server's refusal of an address it cannot read.
+            return Err(SendFailure {
+                failure: Failure::Unsupported(
+                    "5.6.7 a non-ASCII address needs SMTPUTF8, which the upstream server does not offer (RFC 6531)"
+                        .into(),
+                ),
+                unanswered: false,
+                reusable: true,
+            });
+        }
         let mut mail = format!("MAIL FROM:<{sender}>");
         if self.offers.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
-        if eight_bit && self.offers.eight_bit_mime {
+        if flags.eight_bit && self.offers.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
-        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-        if utf8 && self.offers.smtputf8 {
+        // A client's SMTPUTF8 with ASCII addresses (UTF-8 only in the header fields) is dropped where the
+        // server does not offer it, as Postfix does: the server then sees 8-bit header text, which Microsoft's
+        // and Google's take.
+        if (utf8_address || flags.smtputf8) && self.offers.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
         let mut commands = vec![mail];
@@ -1038,7 +1056,10 @@ mod tests {
         let mut conn = connect(port).await;
         let to = ["a@x.test", "b@x.test", "c@x.test"].map(String::from);
         let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
-        let sent = conn.send("me@x.test", &to, &message, false).await.unwrap();
+        let sent = conn
+            .send("me@x.test", &to, &message, MailFlags::default())
+            .await
+            .unwrap();
         assert_eq!(sent.reply.code, 250);
         assert_eq!(sent.refused.len(), 1);
         assert_eq!((sent.refused[0].0, sent.refused[0].1.code), (1, 550));
@@ -1070,7 +1091,12 @@ mod tests {
         let mut conn = connect(port).await;
         let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
         let failed = conn
-            .send("me@x.test", &["a@x.test".to_string()], &message, false)
+            .send(
+                "me@x.test",
+                &["a@x.test".to_string()],
+                &message,
+                MailFlags::default(),
+            )
             .await
             .unwrap_err();
         assert!(!failed.reusable);
@@ -1096,7 +1122,10 @@ mod tests {
         let mut conn = connect(port).await;
         let to = ["a@x.test".to_string()];
         let small = Outgoing::from_bytes(b"Subject: x\r\n\r\n.hi".to_vec());
-        let sent = conn.send("me@x.test", &to, &small, false).await.unwrap();
+        let sent = conn
+            .send("me@x.test", &to, &small, MailFlags::default())
+            .await
+            .unwrap();
         assert_eq!(sent.reply.code, 250);
         let mut big = b"Subject: big\r\n\r\n".to_vec();
         while big.len() < 3 * WRITE {
@@ -1105,7 +1134,12 @@ mod tests {
         }
         let big_len = big.len();
         let sent = conn
-            .send("me@x.test", &to, &Outgoing::from_bytes(big), false)
+            .send(
+                "me@x.test",
+                &to,
+                &Outgoing::from_bytes(big),
+                MailFlags::default(),
+            )
             .await
             .unwrap();
         assert_eq!(sent.reply.code, 250);
@@ -1149,7 +1183,12 @@ mod tests {
         let mut conn = connect(port).await;
         let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
         let failed = conn
-            .send("me@x.test", &["gone@x.test".to_string()], &message, false)
+            .send(
+                "me@x.test",
+                &["gone@x.test".to_string()],
+                &message,
+                MailFlags::default(),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -1185,7 +1224,7 @@ mod tests {
                 "me@x.test",
                 &["a@x.test".to_string()],
                 &Outgoing::from_bytes(big),
-                false,
+                MailFlags::default(),
             )
             .await
             .unwrap_err();

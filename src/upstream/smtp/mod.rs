@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::outgoing::Outgoing;
 use super::transcript::TranscriptHandle;
-use super::{Outcome, Refusal};
+use super::{MailFlags, Outcome, Refusal};
 use crate::oauth::Endpoints;
 use conn::{Conn, Failure, SendFailure, Sent, Settings};
 pub use reply::Reply;
@@ -86,7 +86,7 @@ impl SmtpUpstream {
         sender: &str,
         recipients: &[String],
         message: &Outgoing,
-        eight_bit: bool,
+        flags: MailFlags,
     ) -> Outcome {
         let (sender, wire) = match envelope(sender, recipients) {
             Ok(e) => e,
@@ -94,7 +94,7 @@ impl SmtpUpstream {
         };
         let key = blake3::hash(token.expose_secret().as_bytes());
         if let Some(mut conn) = self.reusable(key) {
-            match conn.send(&sender, &wire, message, eight_bit).await {
+            match conn.send(&sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
                     return delivered(sent, recipients);
@@ -110,7 +110,7 @@ impl SmtpUpstream {
             Ok(c) => c,
             Err(f) => return outcome(f),
         };
-        match conn.send(&sender, &wire, message, eight_bit).await {
+        match conn.send(&sender, &wire, message, flags).await {
             Ok(sent) => {
                 self.give_back(key, conn);
                 delivered(sent, recipients)
@@ -137,7 +137,7 @@ impl SmtpUpstream {
                 Ok(c) => c,
                 Err(f) => return outcome(f),
             };
-        let out = match conn.send(&sender, &wire, message, true).await {
+        let out = match conn.send(&sender, &wire, message, MailFlags::OWN).await {
             Ok(sent) => delivered(sent, recipients),
             Err(f) => outcome(f.failure),
         };
@@ -203,6 +203,7 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 fn outcome(f: Failure) -> Outcome {
     match f {
         Failure::Connection(why) => Outcome::Transient(why),
+        Failure::Unsupported(why) => Outcome::Permanent(why),
         // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535, Gmail 534
         // for a token without the mail scope).
         Failure::Auth(r) if r.code == 535 || r.code == 534 => Outcome::AuthRejected(r.to_string()),
