@@ -214,7 +214,7 @@ async fn delete_refuses_a_message_being_delivered() {
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "message {id} is being delivered right now: not deleted"
+            "message {id} is in a delivery attempt right now: not deleted"
         )),
         "{stderr}"
     );

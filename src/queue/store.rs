@@ -34,11 +34,11 @@ pub enum StoreError {
     )]
     InBoth(String),
     /// A delivery attempt holds the message's lock: deleted now, it would be reported gone while the upstream takes
-    /// it.
+    /// it; moved back from dead/ now, the attempt's move to dead/ could still be finishing.
     #[error(
-        "message {0} is being delivered right now: not deleted. If the upstream takes it, it leaves the queue by itself; run the command again in a moment (`relay queue show {0}` says whether it is still there)"
+        "message {id} is in a delivery attempt right now: not {what}. If the upstream takes it, it leaves the queue by itself; run the command again in a moment (`relay queue show {id}` says where it is then)"
     )]
-    Busy(String),
+    Busy { id: String, what: &'static str },
     /// A dead message whose state file cannot be read is not moved back: the state names the recipients it already
     /// reached, who would get it again.
     #[error(
@@ -261,11 +261,7 @@ impl QueueStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => other.map_err(io_err(&path))?,
             };
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(id.to_string())),
-                Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
-            }
+            lock(&file, &path, id, "deleted")?;
             match fs::remove_file(&path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => other.map_err(io_err(&path))?,
@@ -283,14 +279,21 @@ impl QueueStore {
     /// `dead/`. The daemon acts on message files only, so it never sees the message without its state (which
     /// would send it again to those recipients); a crash before the rename leaves it dead, with a spare state
     /// file in `queue/` that start-up removes, and one after it a spare state file in `dead/`, which nothing
-    /// reads. The rename never replaces a file: the message is moved or left where it was, never lost. Tell the
+    /// reads. The rename never replaces a file: the message is moved or left where it was, never lost. A message
+    /// whose attempt is still finishing its move to `dead/` holds its lock, and is left (`Busy`). Tell the
     /// daemon afterwards ([`super::retry::touch_trigger`]).
     pub fn requeue(&self, id: QueueId) -> Result<(), StoreError> {
         let dead = msg_path(&self.paths.dead, id);
         // Only a message relay wrote and sealed goes back.
-        if read_sealed(&dead)?.is_none() {
-            return Err(self.not_found(id));
-        }
+        let file = match file::read_open(&dead) {
+            Ok((_, file)) => file,
+            Err(e) if e.is_not_found() => return Err(self.not_found(id)),
+            Err(FileError::Unsealed { .. }) => return Err(self.not_found(id)),
+            Err(e) => return Err(e.into()),
+        };
+        // The attempt that moved it to dead/ holds this lock until it has dealt with the state files too: moved
+        // back before then, its state (the recipients already reached) could be removed under it.
+        lock(&file, &dead, id, "moved back")?;
         let queued = msg_path(&self.paths.queue, id);
         if fs::symlink_metadata(&queued).is_ok() {
             return Err(StoreError::InBoth(id.to_string()));
@@ -319,6 +322,18 @@ impl QueueStore {
         sync_dir(&self.paths.queue)?;
         let _ = fs::remove_file(state_path(&self.paths.dead, id));
         sync_dir(&self.paths.dead)
+    }
+}
+
+/// Takes a message file's lock, which a delivery attempt holds for its whole length (`delivery.rs`).
+fn lock(file: &File, path: &Path, id: QueueId, what: &'static str) -> Result<(), StoreError> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Busy {
+            id: id.to_string(),
+            what,
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(path)(e)),
     }
 }
 
@@ -493,16 +508,25 @@ mod tests {
     }
 
     #[test]
-    fn delete_leaves_a_message_whose_delivery_holds_its_lock() {
+    fn delete_and_requeue_leave_a_message_whose_attempt_holds_its_lock() {
         let (_dir, store) = store();
         let paths = store.paths().clone();
         let id = write_message(&paths.queue, &["a@x"]);
         let attempt = File::open(msg_path(&paths.queue, id)).unwrap();
         attempt.try_lock().unwrap();
-        assert!(matches!(store.delete(id), Err(StoreError::Busy(_))));
+        assert!(matches!(store.delete(id), Err(StoreError::Busy { .. })));
         assert!(msg_path(&paths.queue, id).exists());
         drop(attempt);
         assert_eq!(store.delete(id).unwrap(), Place::Queued);
+
+        let dead = write_message(&paths.dead, &["a@x"]);
+        let attempt = File::open(msg_path(&paths.dead, dead)).unwrap();
+        attempt.try_lock().unwrap();
+        assert!(matches!(store.requeue(dead), Err(StoreError::Busy { .. })));
+        assert!(!state_path(&paths.queue, dead).exists(), "nothing written");
+        drop(attempt);
+        store.requeue(dead).unwrap();
+        assert!(msg_path(&paths.queue, dead).exists());
     }
 
     #[test]
