@@ -52,7 +52,7 @@ async fn forwarded(upstream: &mut FakeUpstream, from: &str, to: &str, body: &[u8
 }
 
 #[tokio::test]
-async fn envelopes_without_angle_brackets_lower_case_and_spaces() {
+async fn envelopes_without_angle_brackets_lower_case_spaces_and_address_literals() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     let (relay, _idp) = relay(&upstream).await;
     for script in [
@@ -67,6 +67,14 @@ async fn envelopes_without_angle_brackets_lower_case_and_spaces() {
         session(&relay, &all, false).await;
         forwarded(&mut upstream, "a@lan.test", "b@example.test", BODY).await;
     }
+    // A device without a DNS name of its own gives its address as the sender's domain (RFC 5321 address literal).
+    let mut all =
+        b"EHLO [192.0.2.7]\r\nMAIL FROM:scan@[192.0.2.7]\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+            .to_vec();
+    all.extend_from_slice(BODY);
+    all.extend_from_slice(b".\r\n");
+    session(&relay, &all, false).await;
+    forwarded(&mut upstream, "scan@[192.0.2.7]", "b@example.test", BODY).await;
 }
 
 #[tokio::test]

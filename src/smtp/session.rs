@@ -237,6 +237,10 @@ impl Session {
 
     fn command(&mut self, line: &[u8]) -> Step {
         let line = bracket_path(line);
+        let (line, literal) = match stand_in_literal(&line) {
+            Some((with_stand_in, literal)) => (Cow::Owned(with_stand_in), Some(literal)),
+            None => (line, None),
+        };
         let line = line.as_ref();
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
@@ -244,6 +248,10 @@ impl Session {
                 self.last = mail_verb(line).map(|verb| (verb, String::new()));
                 return self.error(parse_error_reply(e));
             }
+        };
+        let request = match literal {
+            Some(literal) => put_back_literal(request, &literal),
+            None => request,
         };
         self.last = match &request {
             Request::Mail { from } => Some(("MAIL", from.address.to_string())),
@@ -735,6 +743,60 @@ impl Session {
 /// `MAIL FROM:a@lan.test` as `MAIL FROM:<a@lan.test>` (and the same for RCPT TO): RFC 5321 wants the angle
 /// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
 /// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
+/// Stands in for an address literal while smtp-proto parses the line: it has none (`[` ends an address there).
+const LITERAL_STAND_IN: &str = "address-literal.invalid";
+
+/// A `MAIL FROM:` or `RCPT TO:` line whose path ends in an address literal (`scan@[192.0.2.1]`,
+/// `a@[IPv6:2001:db8::1]`; RFC 5321 section 4.1.3), as devices without a DNS name of their own write their
+/// sender: the line with [`LITERAL_STAND_IN`] for the literal, and the literal. `None` for any other line, or a
+/// literal that is not an IPv4 or IPv6 address.
+fn stand_in_literal(line: &[u8]) -> Option<(Vec<u8>, String)> {
+    let verb = line.get(..8)?;
+    if !verb.eq_ignore_ascii_case(b"MAIL FRO") && !verb.eq_ignore_ascii_case(b"RCPT TO:") {
+        return None;
+    }
+    let open = memchr::memmem::find(line, b"@[")? + 1;
+    let close = open + line[open..].iter().position(|&b| b == b']')?;
+    if line.get(close + 1) != Some(&b'>') {
+        return None;
+    }
+    let inside = std::str::from_utf8(&line[open + 1..close]).ok()?;
+    let valid = match inside.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+            inside[5..].parse::<std::net::Ipv6Addr>().is_ok()
+        }
+        _ => inside.parse::<std::net::Ipv4Addr>().is_ok(),
+    };
+    if !valid {
+        return None;
+    }
+    let mut out = Vec::with_capacity(line.len() + LITERAL_STAND_IN.len());
+    out.extend_from_slice(&line[..open]);
+    out.extend_from_slice(LITERAL_STAND_IN.as_bytes());
+    out.extend_from_slice(&line[close + 1..]);
+    Some((out, format!("[{inside}]")))
+}
+
+/// Puts the literal that [`stand_in_literal`] took out back into the parsed address.
+fn put_back_literal<'a>(request: Request<Cow<'a, str>>, literal: &str) -> Request<Cow<'a, str>> {
+    let swap = |address: &mut Cow<'a, str>| {
+        if let Some(local) = address.strip_suffix(LITERAL_STAND_IN) {
+            *address = Cow::Owned(format!("{local}{literal}"));
+        }
+    };
+    match request {
+        Request::Mail { mut from } => {
+            swap(&mut from.address);
+            Request::Mail { from }
+        }
+        Request::Rcpt { mut to } => {
+            swap(&mut to.address);
+            Request::Rcpt { to }
+        }
+        other => other,
+    }
+}
+
 /// The path of a `RCPT TO:` line is `<postmaster>`, in any case.
 fn names_postmaster(line: &[u8]) -> bool {
     const PREFIX: &[u8] = b"RCPT TO:";

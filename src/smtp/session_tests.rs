@@ -126,6 +126,39 @@ fn postmaster_is_taken_for_the_configured_address() {
     );
 }
 
+/// Address literals (RFC 5321 section 4.1.3), as devices without a DNS name of their own write their sender; a
+/// literal that is not an IP address is still a syntax error.
+#[test]
+fn address_literals_are_taken() {
+    let mut s = session(AuthPolicy::None);
+    let out = steps(
+        &mut s,
+        b"EHLO [192.0.2.7]\r\nMAIL FROM:<scan@[192.0.2.7]> SIZE=10\r\nRCPT TO:<ops@[IPv6:2001:db8::1]>\r\nRCPT TO:<x@[not-an-ip]>\r\nRCPT TO:<y@[192.0.2.300]>\r\n",
+    );
+    assert_eq!(
+        codes(&out[1..]),
+        ["250 2.1.0", "250 2.1.5", "501 5.1.3", "501 5.1.3"]
+    );
+    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(env.sender, "scan@[192.0.2.7]");
+    assert_eq!(env.recipients, ["ops@[IPv6:2001:db8::1]"]);
+    for line in [
+        &b"MAIL FROM:<@[1.2.3.4]>\r\n"[..],
+        b"MAIL FROM:<a@[1.2.3.4]\r\n",
+        b"RCPT TO:<a@[\r\n",
+        b"RCPT TO:<a@[]>\r\n",
+        b"RCPT TO:<a@[IPv6:]>\r\n",
+        b"RCPT TO:<\"a@[1.2.3.4]>\"@[1.2.3.4]>\r\n",
+        b"MAIL FR",
+        "RCPT TO:<é@[1.2.3.4]>\r\n".as_bytes(),
+    ] {
+        // Whatever the line, no panic, and a reply.
+        let mut s = session(AuthPolicy::None);
+        steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\n");
+        let _ = steps(&mut s, line);
+    }
+}
+
 /// SMTPUTF8 on MAIL is kept in the envelope and named in the `Received:` line (RFC 6531 section 3.7.3).
 #[test]
 fn smtputf8_is_kept_and_traced() {
