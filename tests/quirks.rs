@@ -273,11 +273,13 @@ print("done")
     );
 }
 
-/// An upstream without SMTPUTF8 cannot take a non-ASCII address: the message fails for good, in relay's words,
-/// without being sent; and with no postmaster address anywhere, `<postmaster>` is refused saying what to set.
+/// An upstream without SMTPUTF8 cannot take a non-ASCII local part: a message only for such recipients fails
+/// for good, in relay's words, without being sent; in a message with others, those are refused and the others get
+/// it, a Unicode domain in its ASCII form. With no postmaster address anywhere, `<postmaster>` is refused saying
+/// what to set.
 #[tokio::test]
 async fn utf8_address_to_an_upstream_without_smtputf8_and_no_postmaster() {
-    let upstream = FakeUpstream::start(&["tok"]).await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
     upstream
         .smtputf8
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -305,6 +307,16 @@ async fn utf8_address_to_an_upstream_without_smtputf8_and_no_postmaster() {
             .any(|c| c.starts_with("MAIL")),
         "nothing sent"
     );
+    c.cmd("MAIL FROM:<a@lan.test> SMTPUTF8", 250).await;
+    for to in ["zoë@example.test", "b@bücher.test", "c@example.test"] {
+        c.cmd(&format!("RCPT TO:<{to}>"), 250).await;
+    }
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    let got = upstream.next().await;
+    assert_eq!(got.to, ["b@xn--bcher-kva.test", "c@example.test"]);
+    assert!(!got.mail_params.contains("SMTPUTF8"), "{got:?}");
 
     let dir = tempfile::tempdir().unwrap();
     let bare = TestRelay::start_in(

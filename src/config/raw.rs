@@ -660,9 +660,6 @@ fn loopback_v6() -> IpNet {
     ))
 }
 
-/// The name relay gives in its greeting, its EHLO and its `Received:` lines: a domain name (letters, digits,
-/// hyphens, dots) or an address literal. Anything else would be sent to clients and written into every message as
-/// it is, a line break included.
 /// An address relay itself sends to: plain, one `@`, no spaces or brackets.
 pub(super) fn check_mailbox(to: &str) -> Result<(), String> {
     let plain = to.chars().all(|c| c.is_ascii_graphic()) && !to.contains(['<', '>']);
@@ -674,6 +671,9 @@ pub(super) fn check_mailbox(to: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The name relay gives in its greeting, its EHLO and its `Received:` lines: a domain name (letters, digits,
+/// hyphens, dots) or an address literal. Anything else would be sent to clients and written into every message as
+/// it is, a line break included.
 fn check_hostname(name: &str) -> Result<(), String> {
     let literal = name.starts_with('[') && name.ends_with(']') && name.len() > 2;
     let domain = !name.is_empty()

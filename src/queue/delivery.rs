@@ -486,14 +486,24 @@ impl Delivery {
         // same lock, so it never reports a message deleted that is being sent, nor removes one under an attempt.
         match opened.try_lock() {
             Ok(()) => {}
-            // `relay queue delete` is removing it this instant: gone at the next look, or back if that failed.
+            // `relay queue delete` is removing it this instant (then it is gone at the next look), or some other
+            // program holds a lock on it.
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Attempted::later(now + Duration::from_secs(1));
+                tracing::info!(relay_queue_id = %id, "the queue file is locked by another program (relay queue delete?); looked at again in 30 s");
+                return Attempted::later(now + RECHECK);
             }
             // A filesystem without locks: delivered all the same, as before there was a lock.
             Err(std::fs::TryLockError::Error(e)) => {
                 tracing::debug!(relay_queue_id = %id, error = %e, "cannot lock the queue file");
             }
+        }
+        // Deleted between the open and the lock: its state file may be gone too, and sent now it would go to
+        // every recipient again.
+        if opened
+            .metadata()
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
+        {
+            return Attempted::Done { account: None };
         }
         let opened = Arc::new(opened);
         let _locked = opened.clone();

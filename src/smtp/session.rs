@@ -267,7 +267,6 @@ impl Session {
             Request::Rcpt { to } if to.address.is_empty() && names_postmaster(line) => {
                 self.rcpt_postmaster()
             }
-            Request::Rcpt { to } if self.is_own_postmaster(&to.address) => self.rcpt_postmaster(),
             Request::Rcpt { to } => self.rcpt(&to.address),
             Request::Data => self.data(),
             Request::Rset => {
@@ -419,16 +418,6 @@ impl Session {
             ));
         };
         self.rcpt(&address)
-    }
-
-    /// `postmaster@` this server's own name, which is where a client sends to reach its administrator. Without
-    /// a postmaster address configured, it is forwarded as any other address, as before there was one.
-    fn is_own_postmaster(&self, address: &str) -> bool {
-        self.policy.postmaster.is_some()
-            && address.rsplit_once('@').is_some_and(|(local, domain)| {
-                local.eq_ignore_ascii_case("postmaster")
-                    && domain.eq_ignore_ascii_case(&self.policy.hostname)
-            })
     }
 
     fn data(&mut self) -> Step {
@@ -740,9 +729,6 @@ impl Session {
     }
 }
 
-/// `MAIL FROM:a@lan.test` as `MAIL FROM:<a@lan.test>` (and the same for RCPT TO): RFC 5321 wants the angle
-/// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
-/// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
 /// Stands in for an address literal while smtp-proto parses the line: it has none (`[` ends an address there).
 const LITERAL_STAND_IN: &str = "address-literal.invalid";
 
@@ -797,20 +783,42 @@ fn put_back_literal<'a>(request: Request<Cow<'a, str>>, literal: &str) -> Reques
     }
 }
 
-/// The path of a `RCPT TO:` line is `<postmaster>`, in any case.
+/// The path of a RCPT line is `<postmaster>` or `<"postmaster">`, in any case and with the spaces smtp-proto
+/// allows (`RCPT  TO : <postmaster>`): the forms it reads as the empty path.
 fn names_postmaster(line: &[u8]) -> bool {
-    const PREFIX: &[u8] = b"RCPT TO:";
     let Some(rest) = line
-        .get(PREFIX.len()..)
-        .filter(|_| line[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
+        .get(4..)
+        .filter(|_| line[..4].eq_ignore_ascii_case(b"RCPT"))
     else {
         return false;
     };
-    let path = rest.trim_ascii_start();
-    path.get(..12)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"<postmaster>"))
+    let rest = rest.trim_ascii_start();
+    let Some(rest) = rest
+        .get(2..)
+        .filter(|_| rest[..2].eq_ignore_ascii_case(b"TO"))
+    else {
+        return false;
+    };
+    let Some(rest) = rest.trim_ascii_start().strip_prefix(b":") else {
+        return false;
+    };
+    let Some(path) = rest.trim_ascii_start().strip_prefix(b"<") else {
+        return false;
+    };
+    let Some(end) = path.iter().position(|&b| b == b'>') else {
+        return false;
+    };
+    let inside = &path[..end];
+    let inside = inside
+        .strip_prefix(b"\"")
+        .and_then(|q| q.strip_suffix(b"\""))
+        .unwrap_or(inside);
+    inside.eq_ignore_ascii_case(b"postmaster")
 }
 
+/// `MAIL FROM:a@lan.test` as `MAIL FROM:<a@lan.test>` (and the same for RCPT TO): RFC 5321 wants the angle
+/// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
+/// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
 fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
     let prefix = [&b"MAIL FROM:"[..], b"RCPT TO:"]
         .into_iter()

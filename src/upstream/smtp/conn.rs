@@ -335,6 +335,11 @@ impl Conn {
         }
     }
 
+    /// Whether the server offered SMTPUTF8 (RFC 6531) in its EHLO reply.
+    pub fn offers_smtputf8(&self) -> bool {
+        self.offers.smtputf8
+    }
+
     /// Sends one message: MAIL, RCPT… and DATA in one write when the server offers PIPELINING (RFC 2920), then
     /// the body in large writes with the terminator in the last one. The message goes to the recipients the
     /// server accepted; those it refused come back in [`Sent::refused`] (by their index in `recipients`).

@@ -94,7 +94,7 @@ impl SmtpUpstream {
         };
         let key = blake3::hash(token.expose_secret().as_bytes());
         if let Some(mut conn) = self.reusable(key) {
-            match conn.send(&sender, &wire, message, flags).await {
+            match send_fitted(&mut conn, &sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
                     return delivered(sent, recipients);
@@ -110,7 +110,7 @@ impl SmtpUpstream {
             Ok(c) => c,
             Err(f) => return outcome(f),
         };
-        match conn.send(&sender, &wire, message, flags).await {
+        match send_fitted(&mut conn, &sender, &wire, message, flags).await {
             Ok(sent) => {
                 self.give_back(key, conn);
                 delivered(sent, recipients)
@@ -176,6 +176,78 @@ impl SmtpUpstream {
         }
         outcome(f.failure)
     }
+}
+
+/// Sends on `conn`, the envelope fitted to a server without SMTPUTF8 where needed (RFC 6531 section 3.2): a
+/// Unicode domain goes in its ASCII form (IDNA), a recipient whose local part is not ASCII is refused for good
+/// (`553 5.6.7`, in relay's words) while the others get the message, and a sender whose local part is not ASCII
+/// fails the whole message, unsent.
+async fn send_fitted(
+    conn: &mut Conn,
+    sender: &str,
+    wire: &[String],
+    message: &Outgoing,
+    flags: MailFlags,
+) -> Result<Sent, SendFailure> {
+    if conn.offers_smtputf8() || (sender.is_ascii() && wire.iter().all(|r| r.is_ascii())) {
+        return conn.send(sender, wire, message, flags).await;
+    }
+    const WHY: &str = "needs SMTPUTF8, which the upstream server does not offer (RFC 6531)";
+    let unsendable = |what: String| SendFailure {
+        failure: Failure::Unsupported(format!("5.6.7 {what} {WHY}")),
+        unanswered: false,
+        reusable: true,
+    };
+    let Some(ascii_sender) = ascii_address(sender) else {
+        return Err(unsendable(format!(
+            "the sender <{sender}> has a non-ASCII local part, which"
+        )));
+    };
+    let mut sendable = Vec::new();
+    let mut index = Vec::new();
+    let mut refused = Vec::new();
+    for (i, r) in wire.iter().enumerate() {
+        match ascii_address(r) {
+            Some(a) => {
+                sendable.push(a);
+                index.push(i);
+            }
+            None => refused.push((
+                i,
+                reply::Reply {
+                    code: 553,
+                    status: Some([5, 6, 7]),
+                    text: format!("a non-ASCII local part {WHY}"),
+                },
+            )),
+        }
+    }
+    if sendable.is_empty() {
+        return Err(unsendable(
+            "every recipient has a non-ASCII local part, which".into(),
+        ));
+    }
+    let mut sent = conn.send(&ascii_sender, &sendable, message, flags).await?;
+    sent.refused = sent
+        .refused
+        .into_iter()
+        .filter_map(|(j, r)| Some((*index.get(j)?, r)))
+        .chain(refused)
+        .collect();
+    Ok(sent)
+}
+
+/// `a` with its domain in ASCII (IDNA); `None` when its local part is not ASCII, which only SMTPUTF8 can carry.
+fn ascii_address(a: &str) -> Option<String> {
+    if a.is_ascii() {
+        return Some(a.to_string());
+    }
+    let (local, domain) = a.rsplit_once('@')?;
+    if !local.is_ascii() {
+        return None;
+    }
+    let domain = idna::domain_to_ascii(domain).ok()?;
+    Some(format!("{local}@{domain}"))
 }
 
 /// A message the server took: for every recipient, or for some (`recipients` as the queue gave them, so that
