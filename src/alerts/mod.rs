@@ -66,7 +66,7 @@ impl Alerts {
                 State::Open => "open",
                 State::Recovered => "recovered",
             };
-            tracing::warn!(relay_event = "alert", incident = %n.incident, state, relay_account = n.account.as_deref().unwrap_or(""), "{}", n.text);
+            tracing::warn!(relay_event = "alert", incident = %n.incident, state, relay_account = %n.account.as_deref().unwrap_or(""), "{}", n.text);
             if self.tx.try_send(n).is_err() {
                 crate::metrics::global().alerts_dropped.inc();
                 tracing::warn!("alert notice dropped: the alert sender is too far behind");

@@ -888,7 +888,7 @@ impl Delivery {
         self.record(id, state, "cannot record the deferral");
         let d = Diagnosed::of(why, account);
         crate::events::emit(crate::events::Event::Deferred { id, account });
-        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
+        tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
     }
 
@@ -968,7 +968,7 @@ impl Delivery {
                         " (recipients already delivered to or refused for good, not concerned: {finished}; all of them in the state file in dead/)"
                     )
                 };
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %finished, "moved to dead/{d}{done}");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %finished, "moved to dead/{d}{done}");
                 Attempted::Done { account: None }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -978,7 +978,7 @@ impl Delivery {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(state_path(&self.paths.dead, id));
-                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later{d}");
+                tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), error = %e, "failed for good, but cannot move the message to dead/; it stays queued and is tried again later{d}");
                 Attempted::later(SystemTime::now() + Duration::from_secs(300))
             }
         }
