@@ -111,6 +111,13 @@ enum QueueCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if prints_only(&cli.command) {
+        // `relay queue list | head -1`: a reader that stops early ends the command quietly, as it does `ls`,
+        // rather than with a panic on the broken pipe (Rust ignores SIGPIPE by default). Only for commands that
+        // talk to no socket, where an ignored SIGPIPE is what keeps a dropped peer from killing the process.
+        // SAFETY: called before any thread is started; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -118,6 +125,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Commands that read files and print, and open no socket.
+fn prints_only(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Check { .. }
+            | Command::Completions { .. }
+            | Command::Man
+            | Command::Status { .. }
+            | Command::Queue(_)
+    )
 }
 
 /// The error and each of its causes, each said once: many errors already carry their cause's words (`cannot

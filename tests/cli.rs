@@ -64,6 +64,36 @@ fn check_shows_the_postmaster_address_and_refuses_a_bad_one() {
     );
 }
 
+/// `relay queue list | head -1`: a reader that goes away ends the command as it ends `ls` (SIGPIPE), without a
+/// panic and its backtrace on stderr.
+#[test]
+fn a_closed_pipe_ends_the_printing_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"");
+    for args in [&["queue", "list"][..], &["status"], &["check"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(relay_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {out:?}"
+        );
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn check_warns_about_a_legacy_tls_listener() {
     let dir = tempfile::tempdir().unwrap();

@@ -236,6 +236,13 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
+        // smtp-proto would read such bytes as U+FFFD, and the mail would go to an address the device never gave.
+        if let Some(verb @ ("MAIL" | "RCPT")) = mail_verb(line)
+            && std::str::from_utf8(line).is_err()
+        {
+            self.last = Some((verb, String::new()));
+            return self.error(bad_address(verb, "not UTF-8"));
+        }
         let line = bracket_path(line);
         let (line, literal) = match stand_in_literal(&line) {
             Some((with_stand_in, literal)) => (Cow::Owned(with_stand_in), Some(literal)),
@@ -268,6 +275,11 @@ impl Session {
                 self.rcpt_postmaster()
             }
             Request::Rcpt { to } => self.rcpt(&to.address),
+            Request::Data if line.trim_ascii_end().len() > "DATA".len() => self.error(Reply::new(
+                501,
+                "5.5.4",
+                "Syntax error (no parameters allowed)",
+            )),
             Request::Data => self.data(),
             Request::Rset => {
                 self.txn = None;
@@ -281,11 +293,17 @@ impl Session {
                 "2.5.0",
                 "Cannot VRFY user, but will accept message",
             )),
-            Request::Help { .. } => Step::Reply(Reply::new(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-            )),
+            Request::Help { .. } => {
+                let mut text =
+                    String::from("Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+                if self.policy.starttls && !self.tls {
+                    text.push_str(" STARTTLS");
+                }
+                if self.auth_offered() {
+                    text.push_str(" AUTH");
+                }
+                Step::Reply(Reply::new(214, "2.0.0", text))
+            }
             // RFC 3207 section 4: STARTTLS takes no parameters.
             Request::StartTls if line.trim_ascii_end().len() > "STARTTLS".len() => self.error(
                 Reply::new(501, "5.5.4", "Syntax error (no parameters allowed)"),
@@ -368,6 +386,9 @@ impl Session {
                 "Message size exceeds fixed maximum message size",
             ));
         }
+        if !sender.is_empty() && !is_plausible_address(sender) {
+            return self.error(bad_address("MAIL", "empty local part or domain"));
+        }
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
         }
@@ -387,6 +408,9 @@ impl Session {
         };
         if recipient.is_empty() {
             return self.error(Reply::new(501, "5.1.3", "Empty recipient address"));
+        }
+        if !is_plausible_address(recipient) {
+            return self.error(bad_address("RCPT", "empty local part or domain"));
         }
         // The same address twice gets one copy, as from Postfix; not counted twice against the limits either.
         if txn
@@ -726,6 +750,30 @@ impl Session {
             "5.7.8",
             "Authentication credentials invalid",
         ))
+    }
+}
+
+/// `local@domain` with neither part empty and no control characters or spaces in the domain: anything less would
+/// be taken now and refused by the upstream later, so the device would never hear of it.
+fn is_plausible_address(address: &str) -> bool {
+    address.rsplit_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && !domain.is_empty()
+            && !address.chars().any(char::is_control)
+            && !domain.contains([' ', '\t'])
+    })
+}
+
+/// 501 for a MAIL or RCPT address, with its enhanced code (RFC 3463: X.1.7 sender, X.1.3 recipient).
+fn bad_address(verb: &str, why: &str) -> Reply {
+    if verb == "MAIL" {
+        Reply::new(501, "5.1.7", format!("Bad sender address syntax ({why})"))
+    } else {
+        Reply::new(
+            501,
+            "5.1.3",
+            format!("Bad recipient address syntax ({why})"),
+        )
     }
 }
 

@@ -161,6 +161,46 @@ fn address_literals_are_taken() {
     }
 }
 
+/// Addresses that would be taken now and refused upstream later are refused at once: bytes that are not UTF-8
+/// (smtp-proto would read them as U+FFFD), an empty domain. DATA with words after it is a syntax error, and HELP
+/// names only what this session offers.
+#[test]
+fn addresses_relay_could_not_deliver_are_refused_at_once() {
+    let mut s = Session::new(
+        policy(AuthPolicy::None, false, false),
+        "192.0.2.7:1".parse().unwrap(),
+        false,
+    );
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<\xff\xfe@b.c>\r\nMAIL FROM:<a@>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<caf\xe9@y.z>\r\nRCPT TO:<b@>\r\nRCPT TO:<b@y.z>\r\nDATA now\r\nHELP\r\n",
+    );
+    assert_eq!(
+        codes(&out[1..]),
+        [
+            "501 5.1.7",
+            "501 5.1.7",
+            "250 2.1.0",
+            "501 5.1.3",
+            "501 5.1.3",
+            "250 2.1.5",
+            "501 5.5.4",
+            "214 2.0.0"
+        ]
+    );
+    assert!(reply_text(&out[1]).contains("not UTF-8"), "{:?}", out[1]);
+    let help = reply_text(&out[8]);
+    assert!(
+        !help.contains("STARTTLS") && !help.contains("AUTH"),
+        "{help}"
+    );
+    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(
+        (env.sender.as_str(), env.recipients.as_slice()),
+        ("a@b", &["b@y.z".to_string()][..])
+    );
+}
+
 /// SMTPUTF8 on MAIL is kept in the envelope and named in the `Received:` line (RFC 6531 section 3.7.3).
 #[test]
 fn smtputf8_is_kept_and_traced() {
