@@ -233,6 +233,42 @@ async fn sighup_with_a_new_account_delivers_through_it_without_a_restart() {
     assert!(daemon.terminate().success());
 }
 
+/// A reload that takes every account away holds new mail untried, as a start without one does; the reload that
+/// brings an account back sends it at once, not at its next retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_accounts_holds_mail_until_one_is_back() {
+    let (idp, mut upstream, dir, systemd) = fakes().await;
+    let port = free_port();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, &listener_on(port));
+    let mut daemon = serve(&config, &systemd, &[]);
+    systemd.wait_for("READY=1");
+    send_message(addr(port), BODY).await;
+    upstream.next().await;
+    daemon.wait_log("relay_event=\"delivered\"");
+
+    write_config(dir.path(), &listener_on(port));
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    let held = send_message(addr(port), BODY).await;
+
+    write_config_with(dir.path(), &top, &listener_on(port));
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    upstream.next().await;
+    let delivered = daemon.wait_log("relay_event=\"delivered\"");
+    assert!(delivered.contains(&held), "{delivered}");
+    assert!(
+        !daemon
+            .unmatched()
+            .iter()
+            .any(|l| l.contains("relay_event=\"deferred\"")),
+        "tried without an account: {:?}",
+        daemon.unmatched()
+    );
+    assert!(daemon.terminate().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_a_broken_config_keeps_the_running_one() {
     let (idp, mut upstream, dir, systemd) = fakes().await;

@@ -126,7 +126,9 @@ impl Scheduler {
                 s.unpark(pool, self.delivery.room(pool).max(1), now);
             }
             while let Some(Reverse((at, id))) = s.due.peek().copied() {
-                if at > now {
+                // A reload left no account: mail waits, untried, as it does when relay starts without one, and
+                // goes as soon as a reload brings one (an attempt now would only count a failure against it).
+                if at > now || !self.delivery.has_accounts() {
                     break;
                 }
                 if s.in_flight.contains(&id) {
