@@ -669,6 +669,28 @@ mod tests {
         assert_eq!(e.key, "user[0].password_hash");
     }
 
+    /// A hash relay could never check a login against is refused with the reason, not found out at the first
+    /// login as a "wrong password".
+    #[test]
+    fn password_hashes_must_be_argon2_with_sane_parameters() {
+        let salt_and_hash = "c2FsdHNhbHQ$K1XcYB0T/Vr5xa6Q0rD0bNPqQHxqx2h8CfPqI9z1Ddk";
+        for (params, why) in [
+            ("$bogus$v=19$m=19456,t=2,p=1$", "`bogus` is not argon2"),
+            ("$argon2id$v=19$m=4,t=2,p=1$", "argon2 parameters"),
+            ("$argon2id$v=19$m=4000000,t=2,p=1$", "more than 1 GiB"),
+        ] {
+            let text =
+                format!("[[user]]\nname = \"p\"\npassword_hash = \"{params}{salt_and_hash}\"\n");
+            let e = Config::parse(&text, "x.toml").unwrap_err();
+            assert_eq!(e.key, "user[0].password_hash", "{params}");
+            assert!(e.reason.contains(why), "{params}: {}", e.reason);
+        }
+        let good = format!(
+            "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1${salt_and_hash}\"\n"
+        );
+        assert!(Config::parse(&good, "x.toml").is_ok());
+    }
+
     /// The host name goes into every greeting and `Received:` line; the state dir must not depend on where relay
     /// was started from.
     #[test]

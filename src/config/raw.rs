@@ -231,10 +231,10 @@ impl RawConfig {
                     format!("duplicate user `{}`", u.name),
                 );
             }
-            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+            if let Err(why) = check_password_hash(&u.password_hash) {
                 errs.add(
                     format!("user[{i}].password_hash"),
-                    format!("not a PHC hash string ({e}); make one with `relay hash-password`"),
+                    format!("{why}; make one with `relay hash-password`"),
                 );
             }
             known_account(format!("user[{i}].account"), &u.account);
@@ -658,6 +658,32 @@ fn loopback_v6() -> IpNet {
         std::net::Ipv6Addr::LOCALHOST,
         128,
     ))
+}
+
+/// Most memory one login's hash may ask for (KiB): argon2's own limit is 4 TiB, and a hash pasted with a huge
+/// `m=` would have every login allocate it.
+const MAX_HASH_MEMORY_KIB: u32 = 1 << 20;
+
+/// A `[[user]]` hash relay can check: an argon2 PHC string with parameters argon2 accepts. Anything else would pass
+/// here and fail every login as a wrong password, which sends the admin after the device.
+fn check_password_hash(hash: &str) -> Result<(), String> {
+    let parsed =
+        argon2::PasswordHash::new(hash).map_err(|e| format!("not a PHC hash string ({e})"))?;
+    let algorithm = parsed.algorithm.as_str();
+    argon2::Algorithm::try_from(algorithm)
+        .map_err(|_| format!("`{algorithm}` is not argon2 (argon2id, argon2i or argon2d)"))?;
+    let params =
+        argon2::Params::try_from(&parsed).map_err(|e| format!("argon2 parameters: {e}"))?;
+    if params.m_cost() > MAX_HASH_MEMORY_KIB {
+        return Err(format!(
+            "m={} asks every login for more than 1 GiB of memory",
+            params.m_cost()
+        ));
+    }
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err("no salt or no hash in it".into());
+    }
+    Ok(())
 }
 
 /// An address relay itself sends to: plain, one `@`, no spaces or brackets.
