@@ -73,7 +73,9 @@ pub fn error_code(body: &str) -> (String, String) {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| body.chars().take(300).collect());
-    (code, message)
+    // Decoded JSON may hold control characters (`\u001b`); they go into log lines and terminals as escapes.
+    let safe = |s: String| crate::terminal::printable_str(&s).into_owned();
+    (safe(code), safe(message))
 }
 
 /// A non-success reply as an outcome: 401 is the token's fault; 429, 503 and 504 ask for a wait; other 5xx and

@@ -45,7 +45,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         if at > MAX_REPLY {
             return Err(ReplyError::TooLong);
         }
-        let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw));
+        // Escaped here, once: a server's words go into log lines, state files and terminals, where an ESC or a
+        // NUL would act or hide the line (journald stores a line with control characters as a blob).
+        let line = crate::terminal::printable(raw.strip_suffix(b"\r").unwrap_or(raw));
         let digits = line
             .get(..3)
             .filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
@@ -205,6 +207,14 @@ mod tests {
         let (r, used) = super::parse(b"220 hi\r\n250 next\r\n").unwrap().unwrap();
         assert_eq!((r.code, used), (220, 8));
         assert_eq!(parse(b"250\r\n").text, "");
+    }
+
+    /// A server's control characters and bytes that are not UTF-8 never reach a log line or a terminal as they are.
+    #[test]
+    fn control_characters_in_a_reply_are_escaped() {
+        let r = parse(b"550 5.7.1 \x1b[31mred\x1b[0m \xff\xfe bad\x00nul\r\n");
+        assert_eq!(r.text, "\\x1b[31mred\\x1b[0m \\xff\\xfe bad\\x00nul");
+        assert_eq!(r.status, Some([5, 7, 1]));
     }
 
     #[test]
