@@ -493,11 +493,18 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 q.dead
             );
         }
-        if q.quarantined > 0 || q.unreadable > 0 {
+        if q.quarantined > 0 {
             println!(
                 "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
-                q.quarantined + q.unreadable,
+                q.quarantined,
                 config.state_dir.join("quarantine").display()
+            );
+        }
+        if q.unreadable > 0 {
+            println!(
+                "unreadable: {} file(s) in {} cannot be read as messages; the daemon moves each to quarantine/ when it meets it",
+                q.unreadable,
+                config.state_dir.join("queue").display()
             );
         }
         if status.accounts.is_empty() {

@@ -125,6 +125,25 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("quarantine: 1 file(s)"), "{text}");
+    assert!(!text.contains("unreadable:"), "{text}");
+    // A file in queue/ that is not a message is named as such, apart from what is in quarantine/.
+    let state = relay.state();
+    let _dir = relay.stop().await;
+    std::fs::write(
+        state.join("queue/01a20a2d0000000000000000000000ff.msg"),
+        "garbage",
+    )
+    .unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--config"])
+        .arg(&cli)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("quarantine: 1 file(s)") && text.contains("unreadable: 1 file(s)"),
+        "{text}"
+    );
 }
 
 /// The seal in a queue file's envelope line.
