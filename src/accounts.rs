@@ -152,6 +152,7 @@ pub fn build_one(
     let primary = match a.transport {
         Transport::Smtp => Primary::Smtp(
             SmtpUpstream::new(
+                &config.hostname,
                 a.mailbox.clone(),
                 ep.clone(),
                 ca,

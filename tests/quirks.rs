@@ -271,6 +271,12 @@ print("done")
         !postmaster.mail_params.contains("SMTPUTF8"),
         "{postmaster:?}"
     );
+    // relay gives the upstream the name it gives its own clients (the config's `hostname`).
+    let commands = upstream.commands.lock().unwrap().clone();
+    assert!(
+        commands.iter().any(|c| c.starts_with("EHLO relay.test")),
+        "{commands:?}"
+    );
 }
 
 /// An upstream without SMTPUTF8 cannot take a non-ASCII local part: a message only for such recipients fails

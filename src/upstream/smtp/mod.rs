@@ -49,8 +49,10 @@ pub struct SmtpUpstream {
 }
 
 impl SmtpUpstream {
-    /// `ca`: PEM certificates to trust instead of the system's (tests, private upstreams).
+    /// `ca`: PEM certificates to trust instead of the system's (tests, private upstreams). `hostname`: relay's
+    /// own name (the config's `hostname`), given in EHLO.
     pub fn new(
+        hostname: &str,
         mailbox: String,
         endpoints: Endpoints,
         ca: Option<Vec<u8>>,
@@ -71,7 +73,7 @@ impl SmtpUpstream {
                 timeout,
                 // An `smtp_timeout` set in the config is what the admin wants for every reply.
                 final_reply: smtp_timeout.map_or(FINAL_REPLY, clamp),
-                helo: helo_name(),
+                helo: helo_name(hostname),
             },
             idle: Mutex::new(Vec::new()),
             max_idle: max_connections.max(1),
@@ -307,20 +309,25 @@ fn tls_config(ca: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
-/// This host's name for EHLO, or `localhost` when it is not a plain domain name.
-fn helo_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
-    let name = std::str::from_utf8(&buf[..end]).unwrap_or("");
-    if rc == 0
-        && !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
-        name.to_string()
+/// relay's name for EHLO, the same as in its own greeting and `Received:` lines; `localhost` when it is neither a
+/// plain domain name nor an address literal (the system's name, when the config gives none, may be anything).
+fn helo_name(hostname: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    let literal = hostname
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|inner| {
+            !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":.".contains(&b))
+        });
+    if plain(hostname) || literal {
+        hostname.to_string()
     } else {
         "localhost".into()
     }
