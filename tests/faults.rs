@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::idp::{idp_issuing, relay_with_account_and, relay_with_account_at, token};
+use common::idp::{account_top, idp_issuing, relay_with_account_and, relay_with_account_at, token};
 use common::upstream::FakeUpstream;
 use common::*;
 use wiremock::matchers::{method, path};
@@ -210,4 +210,32 @@ async fn a_stalled_account_does_not_hold_up_another() {
     let got = healthy.next().await;
     assert_eq!(strip_received(&got.data), BODY);
     assert_eq!(got.from, "healthy@example.com");
+}
+
+/// A damaged token file of an account whose grant needs no person (client credentials) is set aside, kept for a
+/// look, and a new token obtained: the mail goes, instead of waiting until someone replaces the file.
+#[tokio::test]
+async fn a_damaged_token_file_is_set_aside_and_a_new_token_obtained() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("state/tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    write_private(&tokens.join("office.json"), "{ not a token file");
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let mut relay = TestRelay::start_with(dir, &top, common::idp::LISTENER).await;
+    accepted_during_fault(&relay).await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer tok"), "{got:?}");
+    relay.drained().await;
+    let tokens = relay.state().join("tokens");
+    assert_eq!(
+        std::fs::read_to_string(tokens.join("office.json.damaged")).unwrap(),
+        "{ not a token file"
+    );
+    assert!(
+        std::fs::read_to_string(tokens.join("office.json"))
+            .unwrap()
+            .contains("access_token")
+    );
 }

@@ -174,8 +174,22 @@ impl AccountTokens {
     fn reload_if_changed(&self, state: &mut State) -> Result<(), TokenError> {
         let mtime = self.store.mtime(&self.name);
         if mtime != state.file_mtime || state.tokens.is_none() {
-            (state.tokens, state.file_hash) = self.store.load_hashed(&self.name)?;
-            state.file_mtime = mtime;
+            (state.tokens, state.file_hash) = match self.store.load_hashed(&self.name) {
+                Ok(loaded) => {
+                    state.file_mtime = mtime;
+                    loaded
+                }
+                // A grant that needs no person (client credentials, a service account, a password) is obtained
+                // again: a damaged file would otherwise hold the account's mail until someone replaced it. An
+                // interactive grant's refresh token cannot be had again that way; its file stays for a person.
+                Err(StoreError::Corrupt { path, reason }) if !self.renewal.is_interactive() => {
+                    let aside = self.store.set_aside(&self.name)?;
+                    tracing::warn!(relay_account = %self.name, file = %path.display(), %reason, kept_as = %aside.display(), "the token file is damaged; it is set aside and a new token is obtained");
+                    state.file_mtime = None;
+                    (None, None)
+                }
+                Err(e) => return Err(e.into()),
+            };
         }
         Ok(())
     }

@@ -262,6 +262,16 @@ impl TokenStore {
         self.write(account, t).map(Some)
     }
 
+    /// Renames a damaged file to `ACCOUNT.json.damaged` (replacing an older one), to be looked at; the account then
+    /// has no tokens until its next grant is saved.
+    pub fn set_aside(&self, account: &str) -> Result<PathBuf, StoreError> {
+        let _lock = self.lock(account)?;
+        let path = self.path(account);
+        let aside = self.dir.join(format!("{account}.json.damaged"));
+        std::fs::rename(&path, &aside).map_err(|source| StoreError::Io { path, source })?;
+        Ok(aside)
+    }
+
     pub fn save(&self, account: &str, t: &StoredTokens) -> Result<(), StoreError> {
         let _lock = self.lock(account)?;
         self.write(account, t).map(|_| ())

@@ -11,7 +11,7 @@ use super::upstream::FakeUpstream;
 /// `envelope`, sends the mailbox instead).
 pub const AS_SENT: &str = "rewrite_from = \"none\"";
 
-const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
+pub const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 
 /// The form fields of the last request to `/token`.
 pub async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
