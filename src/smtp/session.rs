@@ -30,6 +30,20 @@ fn mail_verb(line: &[u8]) -> Option<&'static str> {
         .find(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
 }
 
+/// What a MAIL or RCPT line that did not parse gave as its address (the first word after the colon, bytes that are
+/// not UTF-8 as U+FFFD), for the refusal's log line, which escapes it: "address=\"\"" says nothing to the admin.
+fn raw_path(line: &[u8]) -> String {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return String::new();
+    };
+    let rest = line[colon + 1..].trim_ascii_start();
+    let end = rest
+        .iter()
+        .position(|b| b.is_ascii_whitespace())
+        .unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end.min(256)]).into_owned()
+}
+
 /// Longest command line we accept; RFC 5321 asks for 512, AUTH lines and extensions need more.
 pub const MAX_LINE: usize = 4096;
 /// Unrecognised or malformed commands before we hang up (a client that is not speaking SMTP).
@@ -240,7 +254,7 @@ impl Session {
         if let Some(verb @ ("MAIL" | "RCPT")) = mail_verb(line)
             && std::str::from_utf8(line).is_err()
         {
-            self.last = Some((verb, String::new()));
+            self.last = Some((verb, raw_path(line)));
             return self.error(bad_address(verb, "not UTF-8"));
         }
         let line = bracket_path(line);
@@ -252,7 +266,7 @@ impl Session {
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
             Err(e) => {
-                self.last = mail_verb(line).map(|verb| (verb, String::new()));
+                self.last = mail_verb(line).map(|verb| (verb, raw_path(line)));
                 return self.error(parse_error_reply(e));
             }
         };

@@ -573,6 +573,9 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
         Some('5')
     );
     assert_eq!(s.last_mail_command().map(|c| c.0), Some("RCPT"));
+    // An address that did not parse is still named, as the client wrote it.
+    steps(&mut s, b"RCPT TO:<x@[not-an-ip]> NOTIFY=NEVER\r\n");
+    assert_eq!(s.last_mail_command().map(|c| c.1), Some("<x@[not-an-ip]>"));
     steps(&mut s, b"NOOP\r\n");
     assert_eq!(s.last_mail_command(), None);
 }
