@@ -478,7 +478,16 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
         println!("{doc}");
     } else {
         let q = &status.queue;
-        println!("state dir: {}", config.state_dir.display());
+        if config.state_dir.exists() {
+            println!("state dir: {}", config.state_dir.display());
+        } else {
+            // Most often the wrong one: another user's default, another config than the daemon's.
+            println!(
+                "state dir: {} (does not exist: nothing was ever queued there; is it the one the daemon uses? config: {})",
+                config.state_dir.display(),
+                config.source
+            );
+        }
         print!(
             "queue: {} queued ({} deferred), {} dead",
             q.queued, q.deferred, q.dead

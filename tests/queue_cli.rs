@@ -320,6 +320,13 @@ fn every_queue_command_says_the_same_about_a_missing_state_dir() {
             "{args:?}: {err}"
         );
     }
+    // `relay status` says it too, in its first line.
+    let out = relay(&cfg, &["status"]);
+    let first = text(&out.stdout).lines().next().unwrap_or("").to_string();
+    assert!(
+        first.contains(&shown) && first.contains("does not exist"),
+        "{first}"
+    );
     assert!(!missing.exists(), "nothing created");
 }
 
