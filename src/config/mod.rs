@@ -678,6 +678,10 @@ mod tests {
             ("$bogus$v=19$m=19456,t=2,p=1$", "`bogus` is not argon2"),
             ("$argon2id$v=19$m=4,t=2,p=1$", "argon2 parameters"),
             ("$argon2id$v=19$m=4000000,t=2,p=1$", "more than 1 GiB"),
+            (
+                "$argon2id$v=19$m=19456,t=4000000,p=1$",
+                "more than 100 passes",
+            ),
         ] {
             let text =
                 format!("[[user]]\nname = \"p\"\npassword_hash = \"{params}{salt_and_hash}\"\n");

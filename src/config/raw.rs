@@ -663,6 +663,8 @@ fn loopback_v6() -> IpNet {
 /// Most memory one login's hash may ask for (KiB): argon2's own limit is 4 TiB, and a hash pasted with a huge
 /// `m=` would have every login allocate it.
 const MAX_HASH_MEMORY_KIB: u32 = 1 << 20;
+/// Most passes one login's hash may ask for: `relay hash-password` uses 2, OWASP's strongest setting 5.
+const MAX_HASH_PASSES: u32 = 100;
 
 /// A `[[user]]` hash relay can check: an argon2 PHC string with parameters argon2 accepts. Anything else would pass
 /// here and fail every login as a wrong password, which sends the admin after the device.
@@ -678,6 +680,12 @@ fn check_password_hash(hash: &str) -> Result<(), String> {
         return Err(format!(
             "m={} asks every login for more than 1 GiB of memory",
             params.m_cost()
+        ));
+    }
+    if params.t_cost() > MAX_HASH_PASSES {
+        return Err(format!(
+            "t={} asks every login for more than {MAX_HASH_PASSES} passes (seconds of CPU each)",
+            params.t_cost()
         ));
     }
     if parsed.salt.is_none() || parsed.hash.is_none() {
@@ -713,10 +721,15 @@ fn check_hostname(name: &str) -> Result<(), String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    let literal_ok = literal
-        && name[1..name.len() - 1]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b":.".contains(&b));
+    // RFC 5321 section 4.1.3: an IPv4 address, or `IPv6:` and an IPv6 address; an upstream refuses any other
+    // literal in EHLO.
+    let literal_ok = literal && {
+        let inner = &name[1..name.len() - 1];
+        match inner.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => inner.parse::<std::net::Ipv4Addr>().is_ok(),
+        }
+    };
     if domain || literal_ok {
         Ok(())
     } else {

@@ -183,10 +183,18 @@ impl AccountTokens {
                 // again: a damaged file would otherwise hold the account's mail until someone replaced it. An
                 // interactive grant's refresh token cannot be had again that way; its file stays for a person.
                 Err(StoreError::Corrupt { path, reason }) if !self.renewal.is_interactive() => {
-                    let aside = self.store.set_aside(&self.name)?;
-                    tracing::warn!(relay_account = %self.name, file = %path.display(), %reason, kept_as = %aside.display(), "the token file is damaged; it is set aside and a new token is obtained");
-                    state.file_mtime = None;
-                    (None, None)
+                    match self.store.set_aside(&self.name)? {
+                        Some(aside) => {
+                            tracing::warn!(relay_account = %self.name, file = %path.display(), %reason, kept_as = %aside.display(), "the token file is damaged; it is set aside and a new token is obtained");
+                            state.file_mtime = None;
+                            (None, None)
+                        }
+                        // Replaced meanwhile: read what is there now.
+                        None => {
+                            state.file_mtime = mtime;
+                            self.store.load_hashed(&self.name)?
+                        }
+                    }
                 }
                 Err(e) => return Err(e.into()),
             };

@@ -52,6 +52,9 @@ pub enum Failure {
     Auth(Reply),
     /// The message needs an extension the server does not offer; nothing was sent.
     Unsupported(String),
+    /// The server refused the session before any message (its greeting, EHLO, STARTTLS): about this host and
+    /// this connection, not about a message, so never a reason to fail one for good.
+    Session(Reply),
 }
 
 /// A message that did not go, and what that says about the connection.
@@ -273,7 +276,7 @@ impl Conn {
         };
         let greeting = conn.reply().await?;
         if greeting.code != 220 {
-            return Err(Failure::Refused(greeting));
+            return Err(Failure::Session(greeting));
         }
         conn.ehlo(&s.helo).await?;
         if s.tls == TlsMode::Starttls {
@@ -285,7 +288,7 @@ impl Conn {
             }
             let r = conn.command("STARTTLS").await?;
             if r.code != 220 {
-                return Err(Failure::Refused(r));
+                return Err(Failure::Session(r));
             }
             let Stream::Plain(tcp) = conn.stream else {
                 return Err(broken("STARTTLS", &"already in TLS"));
@@ -304,7 +307,7 @@ impl Conn {
     async fn ehlo(&mut self, helo: &str) -> Result<(), Failure> {
         let r = self.command(&format!("EHLO {helo}")).await?;
         if r.code != 250 {
-            return Err(Failure::Refused(r));
+            return Err(Failure::Session(r));
         }
         self.offers = Offers::parse(&r);
         Ok(())
@@ -323,7 +326,7 @@ impl Conn {
             334 => {
                 let detail = B64
                     .decode(r.text.trim())
-                    .map(|d| String::from_utf8_lossy(&d).into_owned())
+                    .map(|d| crate::terminal::printable(&d))
                     .unwrap_or_default();
                 let mut last = self.command("").await?;
                 if !detail.is_empty() {

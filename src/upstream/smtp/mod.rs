@@ -278,6 +278,9 @@ fn outcome(f: Failure) -> Outcome {
     match f {
         Failure::Connection(why) => Outcome::Transient(why),
         Failure::Unsupported(why) => Outcome::Permanent(why),
+        // A 554 greeting (this host's address on a block list) or a refused EHLO would otherwise send every queued
+        // message to dead/: they wait, and the log says why, until the cause is fixed or `max_age` runs out.
+        Failure::Session(r) => Outcome::Transient(r.to_string()),
         // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535, Gmail 534
         // for a token without the mail scope).
         Failure::Auth(r) if r.code == 535 || r.code == 534 => Outcome::AuthRejected(r.to_string()),
@@ -320,11 +323,9 @@ fn helo_name(hostname: &str) -> String {
     let literal = hostname
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
-        .is_some_and(|inner| {
-            !inner.is_empty()
-                && inner
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b":.".contains(&b))
+        .is_some_and(|inner| match inner.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => inner.parse::<std::net::Ipv4Addr>().is_ok(),
         });
     if plain(hostname) || literal {
         hostname.to_string()
@@ -404,5 +405,37 @@ mod tests {
         assert!(address("a\r\nRCPT TO:<x>@example.com").is_err());
         assert_eq!(address("a<b>@example.com").unwrap(), "\"a<b>\"@example.com");
         assert!(address("a@exa>mple.com").is_err());
+    }
+
+    /// A refused session (a 554 greeting from a block list, a refused EHLO) defers the mail; a refused message
+    /// fails it for good; an address only SMTPUTF8 could carry fails it, unsent.
+    #[test]
+    fn only_what_is_about_the_message_fails_it_for_good() {
+        let reply = |code, text: &str| Reply {
+            code,
+            status: Some([5, 7, 1]),
+            text: text.into(),
+        };
+        assert!(matches!(
+            outcome(Failure::Session(reply(
+                554,
+                "Service unavailable; Client host blocked"
+            ))),
+            Outcome::Transient(_)
+        ));
+        assert!(matches!(
+            outcome(Failure::Refused(reply(550, "rejected"))),
+            Outcome::Permanent(_)
+        ));
+        assert!(matches!(
+            outcome(Failure::Unsupported("5.6.7 …".into())),
+            Outcome::Permanent(_)
+        ));
+        assert_eq!(helo_name("relay.example.lan"), "relay.example.lan");
+        assert_eq!(helo_name("[192.0.2.1]"), "[192.0.2.1]");
+        assert_eq!(helo_name("[IPv6:2001:db8::1]"), "[IPv6:2001:db8::1]");
+        for odd in ["[foo]", "[1.2.3]", "[IPv6:zz]", "host name", "a\r\nb", ""] {
+            assert_eq!(helo_name(odd), "localhost", "{odd:?}");
+        }
     }
 }
