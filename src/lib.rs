@@ -42,6 +42,8 @@ use smtp::{BindError, Listener, Listeners};
 
 /// How long a shutdown waits for sessions in the middle of a message to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the sessions still open at the drain timeout get to write their 421 (to a client that reads).
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -77,6 +79,8 @@ pub struct Relay {
     config: Config,
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
+    /// Set when the drain's time is up: the sessions still open say 421 and close.
+    abandon: watch::Sender<bool>,
     sessions: watch::Sender<usize>,
     health: Arc<Health>,
     reloads: (
@@ -100,7 +104,8 @@ impl Relay {
         state_files::tighten(&config.state_dir);
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
-        let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx).await?;
+        let (abandon, abandon_rx) = watch::channel(false);
+        let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx, &abandon_rx).await?;
         let addrs = listeners.local_addrs();
         Ok(Relay {
             listeners,
@@ -111,6 +116,7 @@ impl Relay {
             config: config.clone(),
             addrs,
             stop,
+            abandon,
             sessions: watch::channel(0).0,
             health: Health::new(),
             reloads: mpsc::channel(1),
@@ -199,10 +205,14 @@ impl Relay {
             .await
             .is_err()
         {
+            // RFC 5321 section 3.8: a server that must stop says 421 first. Nothing of these sessions was
+            // acknowledged (a message whose final dot arrived is committed before its session looks again).
             tracing::warn!(
                 sessions = *live.borrow(),
-                "sessions still open after the drain timeout"
+                "sessions still open after the drain timeout; each is told 421 and closed"
             );
+            let _ = self.abandon.send(true);
+            let _ = tokio::time::timeout(ABANDON_GRACE, live.wait_for(|n| *n == 0)).await;
         }
         Ok(())
     }

@@ -426,3 +426,68 @@ fn client_text_never_forges_or_leaks_into_the_log_and_refusals_are_logged() {
     }
     assert!(relay.terminate().success());
 }
+
+/// A client that goes away in the middle of a message, with a close or with a reset, leaves a log line that says
+/// so with the message's queue id, and nothing in the queue.
+#[test]
+fn a_client_gone_during_data_is_logged_either_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"\n");
+    let mut relay = Daemon::spawn(&config);
+    let addr = relay.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for reset in [false, true] {
+        rt.block_on(async {
+            let mut c = RawClient::in_data(addr).await;
+            c.send(b"Subject: cut\r\n\r\nhalf a scan").await;
+            let tcp = c.into_inner();
+            if reset {
+                // SO_LINGER 0: the close sends a RST.
+                tcp.set_zero_linger().unwrap();
+            }
+            drop(tcp);
+        });
+        let line = relay.wait_log(if reset {
+            "connection lost during DATA; message discarded"
+        } else {
+            "connection closed during DATA; message discarded"
+        });
+        assert!(line.contains("relay_queue_id="), "{line}");
+    }
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert!(relay.terminate().success());
+}
+
+/// systemd stops relay while a device is in the middle of a message: at the end of the drain (30 s) the session
+/// is told 421 (RFC 5321 section 3.8) instead of being cut, nothing is queued for it, and relay exits cleanly.
+#[test]
+fn a_message_still_arriving_when_the_drain_ends_gets_421() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"\n");
+    let mut relay = Daemon::spawn(&config);
+    let addr = relay.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut tcp = rt.block_on(async {
+        let mut c = RawClient::in_data(addr).await;
+        c.send(b"Subject: slow scan\r\n\r\nthe first pages").await;
+        c.into_inner()
+    });
+    // SAFETY: kill with the daemon's pid and a valid signal.
+    unsafe { libc::kill(relay.pid() as i32, libc::SIGTERM) };
+    relay.wait_log("shutting down: no new connections");
+    let got = rt.block_on(async {
+        let mut buf = vec![0u8; 512];
+        // The drain is 30 s; systemd's stop timeout in the unit is 45 s.
+        let n = tokio::time::timeout(Duration::from_secs(45), tcp.read(&mut buf))
+            .await
+            .expect("a reply before systemd's stop timeout")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert!(got.starts_with("421 4.3.2 "), "{got:?}");
+    let line = relay.wait_log("the message being received is not taken");
+    assert!(line.contains("relay_queue_id="), "{line}");
+    assert!(relay.terminate().success());
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+}

@@ -32,6 +32,9 @@ pub(crate) struct ListenerCtx {
     pub spool: Spool,
     pub auth: Arc<Authenticator>,
     pub shutdown: watch::Receiver<bool>,
+    /// Set when the shutdown's drain time is up: every session still open says 421 and closes, a message in
+    /// the middle of DATA included (it was never acknowledged; its client sends it again).
+    pub abandon: watch::Receiver<bool>,
     /// Where messages go, to refuse at DATA one that no account would take; `None` when no account is configured
     /// at all (mail is queued until one is).
     pub routing: Option<Arc<Routing>>,
@@ -184,6 +187,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut receiving_msg: Option<Receiving> = None;
     let mut refusals_logged = 0;
     let mut shutdown = ctx.shutdown.clone();
+    let mut abandon = ctx.abandon.clone();
     let mut stress = seat.stress();
     // A command must arrive whole within its timeout, however it trickles in: counted from the last reply.
     let mut waiting_since = std::time::Instant::now();
@@ -370,6 +374,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Read(std::io::Result<usize>),
             TimedOut,
             Shutdown,
+            Abandoned,
             Evicted,
             Stressed,
         }
@@ -381,6 +386,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 read.map_or(Woke::TimedOut, Woke::Read)
             }
             _ = shutdown.wait_for(|stop| *stop), if idle => Woke::Shutdown,
+            _ = abandon.wait_for(|gone| *gone) => Woke::Abandoned,
             _ = seat.evicted(), if idle && session.user().is_none() => Woke::Evicted,
             _ = stress.changed(), if !stressed => Woke::Stressed,
         };
@@ -389,7 +395,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // Busy from the first byte of a command until its reply is out: never evicted mid-command (a
                 // login waiting for its password check, a message being committed).
                 seat.set_idle(false);
-                let n = r?;
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // A reset says as much as a close: the message the client was sending is not taken.
+                        if let Some(r) = &receiving_msg {
+                            tracing::info!(relay_queue_id = %r.id, relay_client = %peer, error = %e, "connection lost during DATA; message discarded");
+                        }
+                        return Err(e);
+                    }
+                };
                 if let Some((_, bytes)) = data_progress.as_mut() {
                     *bytes += n as u64;
                 }
@@ -400,6 +415,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return close(&mut stream, &mut out, reply, ctx).await;
             }
             Woke::Shutdown => {
+                let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
+                return close(&mut stream, &mut out, reply, ctx).await;
+            }
+            Woke::Abandoned => {
+                if let Some(r) = &receiving_msg {
+                    tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "shutting down: the message being received is not taken (421; the client sends it again)");
+                }
                 let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
                 return close(&mut stream, &mut out, reply, ctx).await;
             }

@@ -45,6 +45,7 @@ pub struct Listeners {
     auth: Arc<auth::Authenticator>,
     spool: Spool,
     shutdown: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
 }
 
 /// A reload's listeners, bound and loaded but not yet in use: dropping it changes nothing.
@@ -79,6 +80,7 @@ impl Listeners {
         config: &Config,
         spool: &Spool,
         shutdown: &watch::Receiver<bool>,
+        abandon: &watch::Receiver<bool>,
     ) -> Result<(Listeners, Vec<Listener>), BindError> {
         let auth = Arc::new(auth::Authenticator::new(&config.users));
         let mut set = Listeners {
@@ -87,6 +89,7 @@ impl Listeners {
             auth,
             spool: spool.clone(),
             shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
         };
         let mut out = Vec::new();
         for (index, cfg) in config.listeners.iter().enumerate() {
@@ -235,6 +238,7 @@ impl Listeners {
             spool: self.spool.clone(),
             auth: auth.clone(),
             shutdown: self.shutdown.clone(),
+            abandon: self.abandon.clone(),
             routing: (!config.accounts.is_empty())
                 .then(|| Arc::new(crate::queue::route::Routing::new(config))),
         }
