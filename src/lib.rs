@@ -209,7 +209,7 @@ impl Relay {
             // acknowledged (a message whose final dot arrived is committed before its session looks again).
             tracing::warn!(
                 sessions = *live.borrow(),
-                "sessions still open after the drain timeout; each is told 421 and closed"
+                "sessions still open after the drain timeout; those waiting for the client are told 421 and closed"
             );
             let _ = self.abandon.send(true);
             let _ = tokio::time::timeout(ABANDON_GRACE, live.wait_for(|n| *n == 0)).await;

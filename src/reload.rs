@@ -254,7 +254,12 @@ impl Running {
         for a in &config.accounts {
             let old = self.accounts.iter().find(|r| r.config.name == a.name);
             match old {
-                Some(r) if same_account(&r.config, a) => {
+                // The hostname is an SMTP account's EHLO name too: a new one rebuilds those.
+                Some(r)
+                    if same_account(&r.config, a)
+                        && (config.hostname == self.config.hostname
+                            || a.transport != crate::config::Transport::Smtp) =>
+                {
                     r.account.rate.set_limits(a.limits());
                     next.push((a.clone(), r.account.clone(), Some(r)));
                 }
