@@ -92,7 +92,8 @@ impl Bouncer {
             listener: String::new(),
             received_at: now,
             body_8bit: !report.is_ascii(),
-            smtputf8: false,
+            // Its header section names the sender as it is.
+            smtputf8: !original.envelope.sender.is_ascii(),
         };
         let dsn_id = envelope.id;
         let to = original.envelope.sender.clone();
@@ -239,6 +240,24 @@ pub fn dsn(
         ),
         76,
     );
+    // RFC 6533: a report about non-ASCII addresses, or quoting non-ASCII header fields, uses the `global` types,
+    // which carry UTF-8 as it is (`message/delivery-status` and `text/rfc822-headers` are ASCII only).
+    let global = !original.sender.is_ascii()
+        || failures.iter().any(|(r, _)| !r.is_ascii())
+        || !headers.is_ascii();
+    let (report_type, status_type, headers_type) = if global {
+        (
+            "global-delivery-status",
+            "message/global-delivery-status",
+            "message/global-headers",
+        )
+    } else {
+        (
+            "delivery-status",
+            "message/delivery-status",
+            "text/rfc822-headers",
+        )
+    };
     let mut report = format!(
         "Reporting-MTA: dns; {host}\r\nX-Relay-Queue-ID: {id}\r\nArrival-Date: {arrived}\r\n",
         id = original.id,
@@ -246,14 +265,15 @@ pub fn dsn(
     );
     for (r, why) in &failures {
         report.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {}\r\n{}\r\nLast-Attempt-Date: {}\r\n",
+            "\r\nFinal-Recipient: {}\r\nAction: failed\r\nStatus: {}\r\n{}\r\nLast-Attempt-Date: {}\r\n",
+            final_recipient(r),
             status(why),
             diagnostic(why),
             mailgen::date(now),
         ));
     }
     let mut out = format!(
-        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{to}>\r\nSubject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\nMessage-ID: {mid}\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n boundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message: a delivery status notification.\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n{human}\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n{report}\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\nContent-Description: Undelivered Message Headers\r\n\r\n",
+        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{to}>\r\nSubject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\nMessage-ID: {mid}\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={report_type};\r\n boundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message: a delivery status notification.\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n{human}\r\n--{boundary}\r\nContent-Type: {status_type}\r\nContent-Description: Delivery report\r\n\r\n{report}\r\n--{boundary}\r\nContent-Type: {headers_type}\r\nContent-Description: Undelivered Message Headers\r\n\r\n",
         to = mailgen::one_line(&original.sender, 512),
         date = mailgen::date(now),
         mid = mailgen::message_id(&host),
@@ -261,6 +281,26 @@ pub fn dsn(
     .into_bytes();
     out.extend_from_slice(&crlf_headers(headers));
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// A `Final-Recipient` field's value: `rfc822; ADDRESS`, or for a non-ASCII address RFC 6533's `utf-8; ADDRESS`,
+/// where `+`, `=` and `\` (xtext's own characters) are written `\x{HEX}`.
+fn final_recipient(address: &str) -> String {
+    if address.is_ascii() {
+        return format!("rfc822; {address}");
+    }
+    let mut out = String::from("utf-8; ");
+    for c in address.chars() {
+        match c {
+            // xtext's own characters, and what a field value cannot hold as it is.
+            '+' | '=' | '\\' => out.push_str(&format!("\\x{{{:X}}}", u32::from(c))),
+            c if c.is_whitespace() || c.is_control() => {
+                out.push_str(&format!("\\x{{{:X}}}", u32::from(c)))
+            }
+            c => out.push(c),
+        }
+    }
     out
 }
 
@@ -324,12 +364,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_dsn_has_the_three_parts() {
-        let env = Envelope {
+    /// A message from scanner@lan.test to `recipients`, as the DSN's tests bounce it.
+    fn original(recipients: &[&str]) -> Envelope {
+        Envelope {
             id: QueueId::new(),
             sender: "scanner@lan.test".into(),
-            recipients: vec!["nobody@example.com".into(), "two@example.com".into()],
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
             client: "192.0.2.1:1234".into(),
             helo: None,
             user: None,
@@ -337,7 +377,12 @@ mod tests {
             received_at: SystemTime::now(),
             body_8bit: false,
             smtputf8: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_dsn_has_the_three_parts() {
+        let env = original(&["nobody@example.com", "two@example.com"]);
         let long = "x ".repeat(300);
         let why = format!("550 5.1.1 <nobody@example.com>: no such user {long}");
         let failures: Vec<(String, String)> = env
@@ -365,5 +410,24 @@ mod tests {
             "every line fits SMTP"
         );
         assert!(!text.replace("\r\n", "").contains('\n'), "CRLF only");
+    }
+
+    #[test]
+    fn a_dsn_about_utf8_addresses_uses_the_global_types() {
+        let env = original(&["jürgen+x@example.com"]);
+        let failures = vec![(env.recipients[0].clone(), "550 5.1.1 no such user".into())];
+        let m = dsn(
+            "relay.test",
+            &env,
+            &failures,
+            b"Subject: scan\n",
+            SystemTime::now(),
+        );
+        let text = String::from_utf8(m).unwrap();
+        assert!(text.contains("report-type=global-delivery-status;"));
+        assert!(text.contains("\r\nContent-Type: message/global-delivery-status\r\n"));
+        assert!(text.contains("\r\nFinal-Recipient: utf-8; jürgen\\x{2B}x@example.com\r\n"));
+        assert!(text.contains("\r\nContent-Type: message/global-headers\r\n"));
+        assert!(!text.contains("rfc822"));
     }
 }

@@ -3,7 +3,13 @@
 //! Events carry their fields as `relay_event`, `relay_queue_id`, `relay_client`, …; journald upper-cases them,
 //! which gives the `RELAY_EVENT=…` fields that `journalctl -u relay RELAY_EVENT=deferred` filters on.
 
+use std::fmt;
+
+use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -25,6 +31,7 @@ pub fn init() {
         return;
     }
     let fmt = tracing_subscriber::fmt::layer()
+        .fmt_fields(Fields)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(false);
@@ -32,4 +39,135 @@ pub fn init() {
         .with(filter)
         .with(fmt)
         .try_init();
+}
+
+/// The fields of a plain line, `name=value` as tracing-subscriber writes them, except that a value given for
+/// display (`%reply`) is quoted and escaped unless it is one plain word. Those values carry other parties' text
+/// (an upstream's reply, a token endpoint's error): unquoted, `554 x relay_event="delivered"` would read as a
+/// line with a second `relay_event` field to anything that parses the log, and to a person.
+struct Fields;
+
+impl<'w> FormatFields<'w> for Fields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = FieldWriter {
+            writer: &mut writer,
+            result: Ok(()),
+            first: true,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct FieldWriter<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    result: fmt::Result,
+    first: bool,
+}
+
+impl FieldWriter<'_, '_> {
+    fn write(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{sep}{value}")
+        } else {
+            write!(self.writer, "{sep}{}={value}", field.name())
+        };
+    }
+}
+
+/// One word that cannot be mistaken for more than one value: no space, quote, `=` or control character.
+fn plain_word(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=')
+}
+
+/// `"…"` with every quote and backslash inside escaped, and no control character: one value, as Debug quotes a
+/// string.
+fn quoted_value(s: &str) -> bool {
+    let Some(inside) = s.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) else {
+        return false;
+    };
+    let mut chars = inside.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.next().is_none() => return false,
+            '"' => return false,
+            c if c.is_control() => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+impl Visit for FieldWriter<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.write(field, format_args!("{value:?}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            return self.write(field, format_args!("{value:?}"));
+        }
+        let text = format!("{value:?}");
+        // A word, or already one quoted value (a `?string` field, as Debug writes it): as it is.
+        if plain_word(&text) || quoted_value(&text) {
+            self.write(field, format_args!("{text}"));
+        } else {
+            self.write(field, format_args!("{text:?}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_from_elsewhere_stays_one_quoted_value() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(Fields)
+            .with_writer(move || out.clone())
+            .with_target(false)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let reply = "554 5.7.1 no relay_event=\"delivered\"\nrelay_queue_id=01fake";
+            let client: std::net::SocketAddr =
+                "192.0.2.1:25".parse().unwrap_or_else(|_| unreachable!());
+            tracing::info!(relay_event = "dead", relay_client = %client, relay_upstream_reply = %reply, count = 3, empty = %"", address = ?"a@b", forged = %"\"x\" y=\"z\"", "moved to dead/");
+        });
+        let line = String::from_utf8(buffer.0.lock().map(|b| b.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        assert_eq!(
+            line.trim(),
+            r#"INFO moved to dead/ relay_event="dead" relay_client=192.0.2.1:25 relay_upstream_reply="554 5.7.1 no relay_event=\"delivered\"\nrelay_queue_id=01fake" count=3 empty="" address="a@b" forged="\"x\" y=\"z\"""#
+        );
+    }
 }

@@ -597,8 +597,8 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     };
     match cmd {
         QueueCommand::List { json } => {
-            let queued = store.entries()?;
-            let dead = store.dead_entries()?;
+            let (queued, unreadable_queued) = store.entries(Place::Queued)?;
+            let (dead, unreadable_dead) = store.entries(Place::Dead)?;
             if json {
                 let all: Vec<&QueueEntry> = queued.iter().chain(&dead).collect();
                 println!("{}", serde_json::to_string(&all)?);
@@ -619,6 +619,22 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                         "{} message(s) queued, {} dead: failed for good, kept with their last error (`relay queue retry ID` sends one again, `relay queue delete ID` removes it)",
                         queued.len(),
                         dead.len()
+                    );
+                }
+            }
+            // On stderr, so that `--json` stays one document: the list above is not the whole queue.
+            for (place, n, then) in [
+                (
+                    Place::Queued,
+                    unreadable_queued,
+                    "the daemon moves each to quarantine/ when it meets it",
+                ),
+                (Place::Dead, unreadable_dead, "look at them by hand"),
+            ] {
+                if n > 0 {
+                    eprintln!(
+                        "relay: note: {n} file(s) in {} cannot be read as messages and are not listed; {then}",
+                        store.dir(place).display()
                     );
                 }
             }

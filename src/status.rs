@@ -154,7 +154,11 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         state,
         transport,
         transport_switched,
-        token_valid_until: tokens.as_ref().map(|t| rfc(t.expires_at)),
+        // A file that only records why no token could be had yet holds none.
+        token_valid_until: tokens
+            .as_ref()
+            .filter(|t| t.expires_at > SystemTime::UNIX_EPOCH)
+            .map(|t| rfc(t.expires_at)),
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,
         last_delivery,

@@ -109,20 +109,21 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
     // `relay status` says so, and that it needs attention.
     let cli = relay.dir.path().join("cli.toml");
     std::fs::write(&cli, format!("state_dir = {:?}\n", relay.state())).unwrap();
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&cli)
-        .output()
-        .unwrap();
+    let status = |args: &[&str]| {
+        std::process::Command::new(relay_bin())
+            .arg("status")
+            .args(args)
+            .arg("--config")
+            .arg(&cli)
+            .output()
+            .unwrap()
+    };
+    let out = status(&["--json"]);
     assert_eq!(out.status.code(), Some(1));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["queue"]["quarantined"], 1, "{doc}");
     assert_eq!(doc["queue"]["queued"], 3, "{doc}");
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--config"])
-        .arg(&cli)
-        .output()
-        .unwrap();
+    let out = status(&[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("quarantine: 1 file(s)"), "{text}");
     assert!(!text.contains("unreadable:"), "{text}");
@@ -134,11 +135,7 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
         "garbage",
     )
     .unwrap();
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--config"])
-        .arg(&cli)
-        .output()
-        .unwrap();
+    let out = status(&[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("quarantine: 1 file(s)") && text.contains("unreadable: 1 file(s)"),

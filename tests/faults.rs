@@ -243,3 +243,196 @@ async fn a_damaged_token_file_is_set_aside_and_a_new_token_obtained() {
             .contains("access_token")
     );
 }
+
+/// What is no answer to the final dot (through DATA and through BDAT) never counts as "taken": a 3xx, a code
+/// outside SMTP's, a reply whose lines disagree. The message waits, and goes once the upstream answers well.
+#[tokio::test]
+async fn a_final_reply_that_is_no_answer_defers_the_message() {
+    for chunking in [false, true] {
+        for fault in [
+            "354 go on then",
+            "399 weird",
+            "699 what",
+            "250-2.0.0 queued\r\n554 5.7.1 rejected after all",
+        ] {
+            let idp = idp_issuing("tok").await;
+            let mut upstream = FakeUpstream::start(&["tok"]).await;
+            upstream
+                .chunking
+                .store(chunking, std::sync::atomic::Ordering::SeqCst);
+            *upstream.data_reply.lock().unwrap() = fault.into();
+            let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+            accepted_during_fault(&relay).await;
+            relay.attempts_done(1).await;
+            assert_eq!(
+                relay.queued().len(),
+                1,
+                "{fault} (chunking {chunking}): waits"
+            );
+            assert!(
+                files_in(&relay.state(), "dead").is_empty(),
+                "{fault} (chunking {chunking}): not dead"
+            );
+            // What the fake counted as received under the fault is not a delivery.
+            while upstream.received.try_recv().is_ok() {}
+            *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+            let got = upstream.next().await;
+            assert_eq!(strip_received(&got.data), BODY, "{fault}");
+            relay.attempts_done(2).await;
+            assert!(relay.queued().is_empty(), "{fault}");
+            relay.stop().await;
+        }
+    }
+}
+
+/// A reply that arrives while a pooled connection is idle (a server out of step) is never read as the answer
+/// to the next message: the connection is not used again, and the next message's own refusal is what counts.
+#[tokio::test]
+async fn a_late_reply_on_an_idle_connection_is_never_taken_for_the_next_message() {
+    for chunking in [true, false] {
+        let idp = idp_issuing("tok").await;
+        let mut upstream = FakeUpstream::start(&["tok"]).await;
+        upstream
+            .chunking
+            .store(chunking, std::sync::atomic::Ordering::SeqCst);
+        *upstream.data_reply.lock().unwrap() = "STRAY 250 2.0.0 OK".into();
+        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        accepted_during_fault(&relay).await;
+        upstream.next().await;
+        relay.attempts_done(1).await;
+        upstream.release.notify_one();
+        tokio::time::timeout(LIMIT, upstream.strays.notified())
+            .await
+            .expect("the stray reply was sent");
+
+        *upstream.data_reply.lock().unwrap() = "554 5.7.1 REJECTED the second message".into();
+        let second = accepted_during_fault(&relay).await;
+        relay.attempts_done(2).await;
+        let mut dead = files_in(&relay.state(), "dead");
+        dead.sort();
+        assert_eq!(
+            dead,
+            [format!("{second}.msg"), format!("{second}.state")],
+            "chunking {chunking}: refused, not delivered"
+        );
+        assert_eq!(
+            upstream
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "chunking {chunking}: a fresh connection"
+        );
+        relay.stop().await;
+    }
+}
+
+/// An account whose logins keep failing (every AUTH refused, or Microsoft's `530 5.7.57` to MAIL after a 235)
+/// gets one token refresh and one retry; its other messages then wait without logging in again, and none goes
+/// to dead/ (where each would also have been bounced).
+#[tokio::test]
+async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
+    for refusal in [
+        "REFUSE 535 5.7.3 Authentication unsuccessful",
+        "MAILREFUSE 530 5.7.57 Client not authenticated to send mail.",
+    ] {
+        let idp = idp_issuing("tok").await;
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        upstream.tokens.lock().unwrap().push(refusal.into());
+        let more = format!("max_connections = 1\n{FAST_RETRY}");
+        let mut relay = relay_with_account_and(&idp, &upstream, &more).await;
+        for _ in 0..5 {
+            accepted_during_fault(&relay).await;
+        }
+        // Every message tried, and tried again a second later, at least once each.
+        relay.attempts_done(10).await;
+        assert_eq!(relay.queued().len(), 5, "{refusal}: all wait");
+        assert!(files_in(&relay.state(), "dead").is_empty(), "{refusal}");
+        assert_eq!(
+            upstream
+                .connections
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{refusal}: one login, and one with a fresh token"
+        );
+        let fetched = idp.received_requests().await.unwrap_or_default().len();
+        assert!(fetched <= 2, "{refusal}: {fetched} token requests");
+        relay.stop().await;
+    }
+}
+
+/// A relay whose account's upstream offers CHUNKING, answers BDAT with 500 and hangs up.
+async fn offering_chunking_without_bdat() -> (MockServer, FakeUpstream, TestRelay) {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .chunking
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream
+        .tokens
+        .lock()
+        .unwrap()
+        .push("NOBDAT 500 5.5.1 Command unrecognized: BDAT".into());
+    let relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    (idp, upstream, relay)
+}
+
+/// An upstream that offers CHUNKING but does not know BDAT (a middlebox rewriting SMTP) gets the message
+/// through DATA in the same attempt, and every later one through DATA at once; nothing goes to dead/.
+#[tokio::test]
+async fn an_upstream_that_offers_chunking_but_refuses_bdat_gets_data() {
+    let (_idp, mut upstream, mut relay) = offering_chunking_without_bdat().await;
+    for n in 1..=2 {
+        accepted_during_fault(&relay).await;
+        let got = upstream.next().await;
+        assert_eq!(strip_received(&got.data), BODY);
+        relay.attempts_done(n).await;
+    }
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty());
+    let commands = upstream.commands.lock().unwrap().clone();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!((count("BDAT"), count("DATA")), (1, 2), "{commands:?}");
+    relay.stop().await;
+
+    // A message of several chunks: the server refuses the first and hangs up while the next is being written.
+    let (_idp, mut upstream, mut relay) = offering_chunking_without_bdat().await;
+    let mut big = b"Subject: scan\r\n\r\n".to_vec();
+    for i in 0..20_000 {
+        big.extend_from_slice(format!("line {i:06} of a large scanned document\r\n").as_bytes());
+    }
+    send_message(relay.addr(), &big).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), &big[..]);
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty());
+    relay.stop().await;
+}
+
+/// A reply to the final dot too long to keep (a 100 KB line, a thousand continuation lines) is read through to
+/// its last line and counts: the message is delivered once, not deferred and sent again at every retry.
+#[tokio::test]
+async fn a_final_reply_too_long_to_keep_still_counts() {
+    for chunking in [false, true] {
+        let idp = idp_issuing("tok").await;
+        let mut upstream = FakeUpstream::start(&["tok"]).await;
+        upstream
+            .chunking
+            .store(chunking, std::sync::atomic::Ordering::SeqCst);
+        let mut reply = format!("250-2.0.0 queued as {}\r\n", "x".repeat(100_000));
+        reply.push_str(&"250-more\r\n".repeat(1000));
+        reply.push_str("250 2.0.0 OK");
+        *upstream.data_reply.lock().unwrap() = reply;
+        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        accepted_during_fault(&relay).await;
+        upstream.next().await;
+        relay.attempts_done(1).await;
+        assert!(relay.queued().is_empty(), "chunking {chunking}: delivered");
+        // A second message on the same connection: what followed the long reply was read as it should be.
+        accepted_during_fault(&relay).await;
+        upstream.next().await;
+        relay.attempts_done(2).await;
+        assert!(relay.queued().is_empty(), "chunking {chunking}");
+        assert!(upstream.received.try_recv().is_err(), "once each");
+        relay.stop().await;
+    }
+}

@@ -438,3 +438,189 @@ async fn transient_refresh_failure_is_retried() {
     assert_eq!(file["needs_authorization"], false);
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// An identity provider whose error replies quote the request (debug proxies and firewall pages echo it, and
+/// some `error_description`s do) never puts the client secret into the log, the queue's state or `relay status`:
+/// relay cuts out every secret value it sent. Through the real binary, with a client secret in the form and one
+/// sent as HTTP Basic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
+    const SECRET: &str = "S3CRET-client-xyzzy+/=";
+    for basic in [false, true] {
+        let idp = MockServer::start().await;
+        let echo = |req: &wiremock::Request| {
+            let body = String::from_utf8_lossy(&req.body).into_owned();
+            let auth = req
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (body, auth)
+        };
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(move |req: &wiremock::Request| {
+                let (body, auth) = echo(req);
+                ResponseTemplate::new(400)
+                    .set_body_string(format!("Bad request: {body} (Authorization: {auth})"))
+            })
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&idp)
+            .await;
+        // A JSON encoder that escapes `+`, `/` and `=` (as .NET's and Gson's do): the secret comes back whole once
+        // decoded.
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(move |_: &wiremock::Request| {
+                let escaped = SECRET
+                    .replace('+', "\\u002B")
+                    .replace('/', "\\/")
+                    .replace('=', "\\u003d");
+                ResponseTemplate::new(401).set_body_string(format!(
+                    r#"{{"error":"invalid_client","error_description":"the secret {escaped} is wrong"}}"#
+                ))
+            })
+            .up_to_n_times(1)
+            .with_priority(2)
+            .mount(&idp)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(move |req: &wiremock::Request| {
+                let (body, auth) = echo(req);
+                ResponseTemplate::new(401).set_body_json(serde_json::json!({
+                    "error": "invalid_client",
+                    "error_description": format!("bad client in {body} {auth}"),
+                }))
+            })
+            .with_priority(3)
+            .mount(&idp)
+            .await;
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut account =
+            common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
+        if basic {
+            account.push_str("client_auth = \"client_secret_basic\"\n");
+        }
+        let config = write_config_with(
+            dir.path(),
+            &format!("default_account = \"office\"\n{account}"),
+            "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        );
+        let mut d = Daemon::spawn(&config);
+        let mut c = RawClient::ready(d.addr).await;
+        c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
+        c.cmd("RCPT TO:<a@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").await;
+        c.expect(250).await;
+        // One attempt per kind of echo: each ends deferred, and the next is asked for then.
+        let mut deferrals = Vec::new();
+        for round in 0..3 {
+            let deferred = d.wait_log("relay_event=\"deferred\"");
+            assert!(deferred.contains("[redacted]"), "{deferred}");
+            deferrals.push(deferred);
+            if round < 2 {
+                queue_retry(&config, "--all");
+            }
+        }
+
+        let encoded: String = form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
+        let header = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(format!("cid:{encoded}"))
+        };
+        let leaks = |text: &str| {
+            text.contains("S3CRET") || text.contains(&encoded) || text.contains(&header)
+        };
+        let mut seen: Vec<String> = d.unmatched().to_vec();
+        seen.extend(deferrals);
+        let queue = dir.path().join("state/queue");
+        for entry in std::fs::read_dir(&queue).unwrap() {
+            seen.push(std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default());
+        }
+        let status = std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&status.stdout).into_owned());
+        let list = std::process::Command::new(relay_bin())
+            .args(["queue", "list", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&list.stdout).into_owned());
+        for text in &seen {
+            assert!(!leaks(text), "basic {basic}: the secret in {text}");
+        }
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}
+
+/// A client-credentials account whose first token cannot be had (the identity provider answers 500) is shown
+/// as failing by `relay status`, with the reason, from the first failed fetch: before, with no token file yet,
+/// it said "ok". A later good fetch clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_when_the_first_token_cannot_be_had() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("upstream IdP down"))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    common::idp::write_secret(dir.path());
+    let account =
+        common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
+    let config = write_config_with(
+        dir.path(),
+        &format!("default_account = \"office\"\n{account}"),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
+    d.wait_log("relay_event=\"token_refresh_failed\"");
+    // The attempt is over (a retry asked for before its deferral is written would be overwritten by it).
+    d.wait_log("relay_event=\"deferred\"");
+    let status = || {
+        let out = std::process::Command::new(relay_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), doc)
+    };
+    let (code, doc) = status();
+    assert_eq!(code, Some(1), "{doc}");
+    let account = &doc["accounts"][0];
+    assert_eq!(account["state"], "failing", "{doc}");
+    assert!(
+        account["last_error"].as_str().unwrap_or("").contains("500"),
+        "{doc}"
+    );
+    assert!(account["token_valid_until"].is_null(), "{doc}");
+
+    idp.reset().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("tok", "unused"))
+        .mount(&idp)
+        .await;
+    let mut upstream = upstream;
+    queue_retry(&config, "--all");
+    upstream.next().await;
+    d.wait_log("relay_event=\"delivered\"");
+    let (_, doc) = status();
+    assert_eq!(doc["accounts"][0]["state"], "ok", "{doc}");
+    assert!(doc["accounts"][0]["token_valid_until"].is_string(), "{doc}");
+    assert_eq!(d.terminate().code(), Some(0));
+}

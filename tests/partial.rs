@@ -104,6 +104,51 @@ async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message(
     assert!(drain(&mut upstream).is_empty(), "one copy each");
 }
 
+/// A refused non-ASCII recipient (SMTPUTF8, RFC 6531) is reported with RFC 6533's types: `utf-8;` addresses in a
+/// `message/global-delivery-status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_utf8_recipient_is_bounced_with_the_global_report_types() {
+    const JUERGEN: &str = "jürgen@example.com";
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((JUERGEN.into(), "550 5.1.1 user unknown".into()));
+    let (_dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let mut c = RawClient::ready(d.addr).await;
+    c.cmd("MAIL FROM:<scanner@lan.test> SMTPUTF8", 250).await;
+    c.cmd(&format!("RCPT TO:<{JUERGEN}>"), 250).await;
+    c.cmd(&format!("RCPT TO:<{}>", TO[0]), 250).await;
+    c.cmd("DATA", 354).await;
+    c.send("From: <scanner@lan.test>\r\nTo: Jürgen <jürgen@example.com>\r\nSubject: scan\r\n\r\nhello\r\n.\r\n".as_bytes())
+        .await;
+    c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+
+    assert_eq!(upstream.next().await.to, [TO[0]]);
+    d.wait_log("relay_event=\"bounce_queued\"");
+    let dsn = upstream.next().await;
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    assert!(
+        text.contains("report-type=global-delivery-status;"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nContent-Type: message/global-delivery-status\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\r\nFinal-Recipient: utf-8; {JUERGEN}\r\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nContent-Type: message/global-headers\r\n"),
+        "{text}"
+    );
+}
+
 /// The same through BDAT (CHUNKING, RFC 3030): the refused recipient's reply comes back with the others, after
 /// the message was sent; the message goes to the others, and a message to no accepted recipient is refused and
 /// moved to dead/ (that connection is closed; the next message goes on a fresh one).

@@ -202,7 +202,7 @@ async fn retry_all_leaves_dead_mail_unless_asked_and_delete_removes_it() {
 /// `relay queue delete` of a message the daemon is sending at that moment refuses, rather than report it deleted
 /// while the upstream takes it; once the delivery has ended, the message is gone by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_refuses_a_message_being_delivered() {
+async fn delete_and_retry_refuse_a_message_being_delivered() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
     let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
@@ -218,6 +218,14 @@ async fn delete_refuses_a_message_being_delivered() {
         )),
         "{stderr}"
     );
+    // Nor made due: the attempt's own outcome, written at its end, would overwrite that.
+    let out = relay(&cfg, &["queue", "retry", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("in a delivery attempt right now: not made due"),
+        "{out:?}"
+    );
+    assert!(ok(&cfg, &["queue", "retry", "--all"]).contains("1 message(s) due now"));
     upstream.release.notify_one();
     let line = d.wait_log("relay_event=\"delivered\"");
     assert!(line.contains(&id), "{line}");
@@ -362,4 +370,55 @@ async fn show_escapes_terminal_controls_in_headers() {
         serde_json::from_slice(&relay(&cfg, &["queue", "show", &id, "--json"]).stdout).unwrap();
     assert_eq!(json["state"], "queued");
     assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// Files in `queue/` that are not messages relay can read (damaged, or a copy under another id) are not listed
+/// as messages, but the listing says they are there; a retry of one says why it is left, rather than "due now".
+#[tokio::test]
+async fn list_and_retry_tell_about_files_that_are_not_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let d = Daemon::spawn(&cfg);
+    let id = send(d.addr, &TO[..1], b"kept").await;
+    assert_eq!(d.terminate().code(), Some(0));
+
+    let queue = dir.path().join("state/queue");
+    let damaged = relay::queue::QueueId::new().to_string();
+    std::fs::write(queue.join(format!("{damaged}.msg")), b"garbage\n").unwrap();
+    let copy = relay::queue::QueueId::new().to_string();
+    std::fs::copy(
+        queue.join(format!("{id}.msg")),
+        queue.join(format!("{copy}.msg")),
+    )
+    .unwrap();
+
+    let out = relay(&cfg, &["queue", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains(&id) && !listed.contains(&copy) && listed.contains("1 message(s)"),
+        "{listed}"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("2 file(s)") && err.contains(&queue.display().to_string()),
+        "{err}"
+    );
+    // The JSON stays one document; the note goes to stderr there too.
+    let out = relay(&cfg, &["queue", "list", "--json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all.as_array().map(Vec::len), Some(1));
+    assert!(text(&out.stderr).contains("2 file(s)"));
+
+    for bad in [&damaged, &copy] {
+        let out = relay(&cfg, &["queue", "retry", bad]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(bad.as_str()) && err.contains("left as it is"),
+            "{err}"
+        );
+        assert!(!text(&out.stdout).contains("due now"));
+    }
+    assert!(ok(&cfg, &["queue", "retry", &id]).contains("1 message(s) due now"));
 }

@@ -66,7 +66,9 @@ impl Alerts {
                 State::Open => "open",
                 State::Recovered => "recovered",
             };
-            tracing::warn!(relay_event = "alert", incident = %n.incident, state, relay_account = %n.account.as_deref().unwrap_or(""), "{}", n.text);
+            // The notice's text quotes an upstream's reply or an endpoint's error: a field of its own, quoted on a
+            // plain line, never the message, where it could read as more fields.
+            tracing::warn!(relay_event = "alert", incident = %n.incident, state, relay_account = %n.account.as_deref().unwrap_or(""), detail = %n.text, "alert {state}: {}", n.kind);
             if self.tx.try_send(n).is_err() {
                 crate::metrics::global().alerts_dropped.inc();
                 tracing::warn!("alert notice dropped: the alert sender is too far behind");

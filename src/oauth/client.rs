@@ -249,13 +249,30 @@ impl TokenClient {
         form: &[(&str, &str)],
     ) -> Result<T, OAuthError> {
         let mut request = self.http.post(url).form(form);
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        // An endpoint's error may quote the request (debug proxies and firewall pages echo it), and its words go
+        // to the log, the queue's state and `relay status`: every value sent but the few that are not secret is
+        // cut out of them.
+        let mut secrets: Vec<String> = form
+            .iter()
+            .filter(|(k, _)| !PUBLIC_FIELDS.contains(k))
+            .flat_map(|(_, v)| [v.to_string(), enc(v)])
+            .collect();
         if self.basic_auth
             && url == self.token_url
             && let Some(secret) = &self.client_secret
         {
+            secrets.push(secret.expose_secret().to_string());
             // RFC 6749 section 2.3.1: both parts form-urlencoded before the Basic encoding.
-            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            request = request.basic_auth(enc(&self.client_id), Some(enc(secret.expose_secret())));
+            let (id, secret) = (enc(&self.client_id), enc(secret.expose_secret()));
+            {
+                use base64::Engine;
+                let header =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+                secrets.push(header);
+            }
+            secrets.push(secret.clone());
+            request = request.basic_auth(id, Some(secret));
         }
         let mut reply = request.send().await?;
         let status = reply.status();
@@ -269,9 +286,27 @@ impl TokenClient {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            return Err(endpoint_error(status.as_u16(), &body));
+            let body = redact(&String::from_utf8_lossy(&body), &secrets);
+            // Again once decoded: JSON may have escaped a secret's characters (`\u002B`, `\/`) past the first cut.
+            return Err(match endpoint_error(status.as_u16(), body.as_bytes()) {
+                OAuthError::Endpoint {
+                    status,
+                    error,
+                    description,
+                } => OAuthError::Endpoint {
+                    status,
+                    error: redact(&error, &secrets),
+                    description: redact(&description, &secrets),
+                },
+                OAuthError::Http { status, body } => OAuthError::Http {
+                    status,
+                    body: redact(&body, &secrets),
+                },
+                other => other,
+            });
         }
-        serde_json::from_slice(&body).map_err(|e| OAuthError::Malformed(e.to_string()))
+        serde_json::from_slice(&body)
+            .map_err(|e| OAuthError::Malformed(redact(&e.to_string(), &secrets)))
     }
 
     async fn token(&self, params: &[(&str, &str)]) -> Result<Grant, OAuthError> {
@@ -310,6 +345,31 @@ fn grant(t: TokenReply, before: SystemTime) -> Grant {
             ),
         refresh_token: t.refresh_token.map(SecretString::from),
     }
+}
+
+/// Form fields whose values are not secret: the rest (client secret, refresh token, authorization code, PKCE
+/// verifier, device code, password, signed assertion) never appear in what relay says about a reply.
+const PUBLIC_FIELDS: [&str; 6] = [
+    "grant_type",
+    "client_id",
+    "scope",
+    "client_assertion_type",
+    "redirect_uri",
+    "username",
+];
+
+/// `text` with every occurrence of `secrets` (those long enough to be told from ordinary words) replaced.
+fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    // Longest first: one secret inside another must not leave the longer one's other parts behind.
+    let mut secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= 6).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for secret in secrets {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    out
 }
 
 fn endpoint_error(status: u16, body: &[u8]) -> OAuthError {
@@ -378,5 +438,18 @@ mod tests {
         assert_eq!(g.expires_at, now + Duration::from_secs(86_400));
         assert!(parse_token_reply(br#"{"access_token":"","expires_in":1}"#, now).is_err());
         assert!(parse_token_reply(b"{", now).is_err());
+    }
+
+    #[test]
+    fn secrets_are_cut_out_longest_first() {
+        let secrets = vec![
+            "abc123".to_string(),
+            "xxabc123yy".to_string(),
+            "s3".to_string(),
+        ];
+        assert_eq!(
+            redact("a xxabc123yy and abc123 and s3", &secrets),
+            "a [redacted] and [redacted] and s3"
+        );
     }
 }

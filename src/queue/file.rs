@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Envelope;
+use super::layout::parse_file_name;
 use super::seal::{SEAL_LEN, UNSEALED, is_sealed, seal};
 
 /// The line starts `{"seal":"`, then the seal's hex digits.
@@ -151,6 +152,16 @@ pub fn parse(head: &[u8], len: u64, path: &Path) -> Result<QueuedMessage, FileEr
         // told safely, so it is neither delivered nor removed.
         return Err(corrupt("the seal is not where relay writes it".into()));
     }
+    // A copy or a rename of a queue file by hand would otherwise be delivered, settled and listed under an id
+    // that belongs to another file.
+    if let Some((named, _)) = parse_file_name(path)
+        && named != parsed.envelope.id
+    {
+        return Err(corrupt(format!(
+            "the file's name is not its message's id ({}): a copy or a rename made outside relay",
+            parsed.envelope.id
+        )));
+    }
     let offset = line.len() as u64;
     Ok(QueuedMessage {
         envelope: parsed.envelope,
@@ -260,6 +271,20 @@ mod tests {
                 m.read_verified().unwrap().as_deref(),
                 Some(&b"Subject: x\r\n\r\nhi\r\n"[..])
             );
+        }
+    }
+
+    #[test]
+    fn a_file_under_another_id_is_not_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = envelope("a@b", "h");
+        let path = write(dir.path(), &env, b"body\r\n", true);
+        let copy = dir.path().join(format!("{}.msg", QueueId::new()));
+        std::fs::copy(&path, &copy).unwrap();
+        assert!(read(&path).is_ok());
+        match read(&copy) {
+            Err(FileError::Corrupt { reason, .. }) => assert!(reason.contains("name"), "{reason}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use super::file::{self, FileError};
 use super::layout::{SpoolPaths, msg_path, state_path};
 use super::state::{read_state, write_state};
 use super::{QueueId, QueueStore, StoreError};
@@ -66,7 +67,8 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
             let mut first_error = None;
             for m in store.list()? {
                 match make_due(store.paths(), m.envelope.id) {
-                    Ok(true) => done.due += 1,
+                    // In an attempt right now: tried already.
+                    Ok(true) | Err(StoreError::Busy { .. }) => done.due += 1,
                     Ok(false) => {}
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -97,9 +99,19 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
 
 /// Makes a queued message due now: `false` when it is not in `queue/`.
 fn make_due(paths: &SpoolPaths, id: QueueId) -> Result<bool, StoreError> {
-    if !msg_path(&paths.queue, id).exists() {
-        return Ok(false);
-    }
+    // Read, not only looked for: a file that is not a message would be reported "due now", and never go.
+    let path = msg_path(&paths.queue, id);
+    let file = match file::read_open(&path) {
+        Ok((_, file)) => file,
+        Err(e) if e.is_not_found() => return Ok(false),
+        // Still arriving: not in the queue yet.
+        Err(FileError::Unsealed { .. }) => return Ok(false),
+        Err(e @ FileError::Corrupt { .. }) => return Err(StoreError::Unreadable(e)),
+        Err(e) => return Err(e.into()),
+    };
+    // An attempt holds the lock until it has written the outcome: a retry written meanwhile would be overwritten
+    // by its deferral, and the message would wait its next slot after all.
+    super::store::lock(&file, &path, id, "made due")?;
     let mut state = read_state(&paths.queue, id);
     if state.next_attempt.take().is_some() {
         write_state(&paths.queue, id, &state).map_err(|source| StoreError::Io {

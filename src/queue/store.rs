@@ -51,6 +51,11 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     File(#[from] FileError),
+    /// Asked to act on a file that is not a message relay can read.
+    #[error(
+        "{0}; left as it is (the daemon moves such a file to quarantine/ when it meets it: look at it there)"
+    )]
+    Unreadable(FileError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -129,22 +134,16 @@ impl QueueStore {
         (!dir.exists()).then_some(dir)
     }
 
-    /// Every queued message with its delivery state, oldest first.
-    pub fn entries(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        Ok(self
-            .list()?
+    /// Every message of `place` with its delivery state, oldest first, and how many files there could not be
+    /// read (left out of the list, so that the one who reads it must be told).
+    pub fn entries(&self, place: Place) -> Result<(Vec<QueueEntry>, usize), StoreError> {
+        let listing = self.scan(self.dir(place))?;
+        let entries = listing
+            .messages
             .into_iter()
-            .map(|m| self.with_state(m, Place::Queued))
-            .collect())
-    }
-
-    /// Every message in `dead/` with its attempts and last error, oldest first.
-    pub fn dead_entries(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        Ok(self
-            .list_dead()?
-            .into_iter()
-            .map(|m| self.with_state(m, Place::Dead))
-            .collect())
+            .map(|m| self.with_state(m, place))
+            .collect();
+        Ok((entries, listing.unreadable))
     }
 
     /// One message, queued or dead, with its delivery state.
@@ -161,7 +160,7 @@ impl QueueStore {
         }
     }
 
-    fn dir(&self, place: Place) -> &Path {
+    pub fn dir(&self, place: Place) -> &Path {
         match place {
             Place::Queued => &self.paths.queue,
             Place::Dead => &self.paths.dead,
@@ -326,7 +325,12 @@ impl QueueStore {
 }
 
 /// Takes a message file's lock, which a delivery attempt holds for its whole length (`delivery.rs`).
-fn lock(file: &File, path: &Path, id: QueueId, what: &'static str) -> Result<(), StoreError> {
+pub(super) fn lock(
+    file: &File,
+    path: &Path,
+    id: QueueId,
+    what: &'static str,
+) -> Result<(), StoreError> {
     match file.try_lock() {
         Ok(()) => Ok(()),
         Err(fs::TryLockError::WouldBlock) => Err(StoreError::Busy {
@@ -557,8 +561,8 @@ mod tests {
         assert_eq!(read_state(&paths.queue, queued).next_attempt, None);
         let done = retry(dir.path(), Retry::All { dead: true }).unwrap();
         assert_eq!((done.due, done.requeued, done.dead_left), (1, 1, 0));
-        assert_eq!(store.entries().unwrap().len(), 2);
-        assert!(store.dead_entries().unwrap().is_empty());
+        assert_eq!(store.entries(Place::Queued).unwrap().0.len(), 2);
+        assert!(store.entries(Place::Dead).unwrap().0.is_empty());
     }
 
     #[test]
@@ -567,8 +571,8 @@ mod tests {
         let missing = dir.path().join("nowhere");
         let store = QueueStore::new(&missing);
         assert_eq!(store.missing_state_dir(), Some(missing.as_path()));
-        assert!(store.entries().unwrap().is_empty());
-        assert!(store.dead_entries().unwrap().is_empty());
+        assert!(store.entries(Place::Queued).unwrap().0.is_empty());
+        assert!(store.entries(Place::Dead).unwrap().0.is_empty());
         assert_eq!(
             retry(&missing, Retry::All { dead: true }).unwrap(),
             Retried::default()

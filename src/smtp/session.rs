@@ -845,32 +845,51 @@ fn put_back_literal<'a>(request: Request<Cow<'a, str>>, literal: &str) -> Reques
     }
 }
 
-/// The path of a RCPT line is `<postmaster>` or `<"postmaster">`, in any case and with the spaces smtp-proto
-/// allows (`RCPT  TO : <postmaster>`): the forms it reads as the empty path.
+/// Where the path of a MAIL or RCPT line is: the first word after `MAIL FROM:` or `RCPT TO:`, in any case and
+/// with the spaces smtp-proto allows around the keyword and the colon (`RCPT  TO : <a@b>`). `None` for other
+/// lines, and for a line with nothing after the colon.
+fn path_span(line: &[u8]) -> Option<std::ops::Range<usize>> {
+    let keyword: &[u8] = match line.get(..4) {
+        Some(v) if v.eq_ignore_ascii_case(b"MAIL") => b"FROM",
+        Some(v) if v.eq_ignore_ascii_case(b"RCPT") => b"TO",
+        _ => return None,
+    };
+    let spaces = |from: usize| from + line[from..].iter().take_while(|&&b| b == b' ').count();
+    let at = spaces(4);
+    let after = at + keyword.len();
+    if !line.get(at..after)?.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let colon = spaces(after);
+    if line.get(colon) != Some(&b':') {
+        return None;
+    }
+    let start = spaces(colon + 1);
+    let len = line[start..]
+        .iter()
+        .take_while(|&&b| !matches!(b, b' ' | b'\r' | b'\n'))
+        .count();
+    (len > 0).then_some(start..start + len)
+}
+
+/// The path of a RCPT line is `<postmaster>` or `<"postmaster">`, in any case: the forms smtp-proto reads as the
+/// empty path.
 fn names_postmaster(line: &[u8]) -> bool {
-    let Some(rest) = line
-        .get(4..)
-        .filter(|_| line[..4].eq_ignore_ascii_case(b"RCPT"))
+    if !line
+        .get(..4)
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT"))
+    {
+        return false;
+    }
+    let Some(path) = path_span(line).map(|span| &line[span]) else {
+        return false;
+    };
+    let Some(inside) = path
+        .strip_prefix(b"<")
+        .and_then(|p| p.iter().position(|&b| b == b'>').map(|end| &p[..end]))
     else {
         return false;
     };
-    let rest = rest.trim_ascii_start();
-    let Some(rest) = rest
-        .get(2..)
-        .filter(|_| rest[..2].eq_ignore_ascii_case(b"TO"))
-    else {
-        return false;
-    };
-    let Some(rest) = rest.trim_ascii_start().strip_prefix(b":") else {
-        return false;
-    };
-    let Some(path) = rest.trim_ascii_start().strip_prefix(b"<") else {
-        return false;
-    };
-    let Some(end) = path.iter().position(|&b| b == b'>') else {
-        return false;
-    };
-    let inside = &path[..end];
     let inside = inside
         .strip_prefix(b"\"")
         .and_then(|q| q.strip_suffix(b"\""))
@@ -882,28 +901,15 @@ fn names_postmaster(line: &[u8]) -> bool {
 /// brackets, but devices written against lenient servers leave them out, and Postfix takes that by default
 /// (`strict_rfc821_envelopes = no`). The path is the first word after the colon; parameters may follow it.
 fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
-    let prefix = [&b"MAIL FROM:"[..], b"RCPT TO:"]
-        .into_iter()
-        .find(|p| line.len() >= p.len() && line[..p.len()].eq_ignore_ascii_case(p));
-    let Some(prefix) = prefix else {
+    let Some(span) = path_span(line).filter(|span| line[span.start] != b'<') else {
         return Cow::Borrowed(line);
     };
-    let rest = &line[prefix.len()..];
-    let start = prefix.len() + rest.iter().take_while(|&&b| b == b' ').count();
-    let path_len = line[start..]
-        .iter()
-        .take_while(|&&b| !matches!(b, b' ' | b'\r' | b'\n'))
-        .count();
-    if path_len == 0 || line[start] == b'<' {
-        return Cow::Borrowed(line);
-    }
-    let end = start + path_len;
     let mut fixed = Vec::with_capacity(line.len() + 2);
-    fixed.extend_from_slice(&line[..start]);
+    fixed.extend_from_slice(&line[..span.start]);
     fixed.push(b'<');
-    fixed.extend_from_slice(&line[start..end]);
+    fixed.extend_from_slice(&line[span.clone()]);
     fixed.push(b'>');
-    fixed.extend_from_slice(&line[end..]);
+    fixed.extend_from_slice(&line[span.end..]);
     Cow::Owned(fixed)
 }
 

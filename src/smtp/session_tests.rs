@@ -530,6 +530,14 @@ fn lenient_envelopes_from_devices() {
     );
     assert_eq!(bracket_path(b"MAIL FROM:\r\n").as_ref(), b"MAIL FROM:\r\n");
     assert_eq!(bracket_path(b"NOOP a@b\r\n").as_ref(), b"NOOP a@b\r\n");
+    assert_eq!(
+        bracket_path(b"rcpt  to : b@c NOTIFY=NEVER\r\n").as_ref(),
+        b"rcpt  to : <b@c> NOTIFY=NEVER\r\n"
+    );
+    assert_eq!(
+        bracket_path(b"MAIL TO:a@b\r\n").as_ref(),
+        b"MAIL TO:a@b\r\n"
+    );
 }
 
 #[test]

@@ -257,7 +257,20 @@ impl AccountTokens {
                     tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "token refresh failed{diagnosis}");
                     crate::events::emit(crate::events::Event::TokenRefreshFailed { account, why });
                 }
-                // Recorded in the token file, so that `relay status` can say what is wrong.
+                // Recorded in the token file, so that `relay status` can say what is wrong. A flow that needs no
+                // person (client credentials, a service account) has no file before its first token: one with no
+                // usable token and the error is written, or status would say "ok" while no token can be had.
+                let previous = previous.or_else(|| {
+                    (!self.renewal.is_interactive()).then(|| StoredTokens {
+                        access_token: SecretString::from(String::new()),
+                        expires_at: SystemTime::UNIX_EPOCH,
+                        obtained_at: now,
+                        refresh_token: None,
+                        last_refresh: None,
+                        needs_authorization: false,
+                        last_error: None,
+                    })
+                });
                 if let Some(mut t) = previous {
                     t.needs_authorization |= revoked;
                     t.last_error = Some(e.explained(&self.name));

@@ -119,7 +119,18 @@ pub async fn refusal(
 
 /// A request that never got a reply.
 pub fn failed(service: &str, e: &reqwest::Error) -> Outcome {
-    let mut text = format!("{service}: {e}");
+    // The URL without its query: an upload session's URL carries its own credential (Graph's `?authtoken=`,
+    // Gmail's `upload_id`), and this text goes to the log, the queue's state and `relay status`.
+    let shown = match e.url() {
+        Some(url) if url.query().is_some() => {
+            let mut bare = url.clone();
+            bare.set_query(None);
+            e.to_string()
+                .replace(url.as_str(), &format!("{bare}?(query not shown)"))
+        }
+        _ => e.to_string(),
+    };
+    let mut text = format!("{service}: {shown}");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text.push_str(&format!(": {s}"));

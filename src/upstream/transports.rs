@@ -51,6 +51,9 @@ pub fn read_switch(state_dir: &Path, account: &str) -> Option<Switch> {
     serde_json::from_slice(&std::fs::read(switch_path(state_dir, account)).ok()?).ok()
 }
 
+/// How long an account's mail waits, untried, after the upstream refused a token fetched for the retry too.
+const AUTH_HOLD: Duration = Duration::from_secs(60);
+
 pub struct Transports {
     account: String,
     primary: Primary,
@@ -58,6 +61,18 @@ pub struct Transports {
     fallback: Option<(GraphUpstream, String)>,
     switch_file: PathBuf,
     switched: Mutex<Option<Switch>>,
+    auth_hold: Mutex<Option<AuthHold>>,
+}
+
+/// The upstream refused the account's token, and then the fresh one too: until `until`, the account's other
+/// messages are not tried with that token. Each would otherwise fetch a token and log in twice (a queue of 20
+/// made 80 token requests and 160 refused logins in 20 s), and Microsoft and Google lock out or throttle an
+/// account that keeps failing to log in. A different token (a `relay authorize`, a refresh that brings a new
+/// one) is tried at once.
+struct AuthHold {
+    until: std::time::Instant,
+    token: blake3::Hash,
+    reply: String,
 }
 
 impl Transports {
@@ -76,6 +91,7 @@ impl Transports {
             fallback,
             switch_file: switch_path(state_dir, account),
             switched: Mutex::new(switched),
+            auth_hold: Mutex::new(None),
         }
     }
 
@@ -166,17 +182,55 @@ impl Transports {
                 Primary::Gmail(g) => g.send(&token, recipients, message).await,
             }
         };
-        let first = match tokens.access_token().await {
-            Ok(t) => attempt(t).await,
+        let token = match tokens.access_token().await {
+            Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),
         };
+        if let Some(held) = self.held(&token) {
+            return Outcome::AuthRejected(held);
+        }
+        let first = attempt(token).await;
         if !matches!(first, Outcome::AuthRejected(_)) {
+            self.set_hold(None);
             return first;
         }
         // The token may have been revoked or rotated early: one refresh, one retry, then defer.
-        match tokens.force_refresh().await {
-            Ok(t) => attempt(t).await,
-            Err(e) => Outcome::Transient(e.to_string()),
+        let fresh = match tokens.force_refresh().await {
+            Ok(t) => t,
+            Err(e) => return Outcome::Transient(e.to_string()),
+        };
+        let key = token_key(&fresh);
+        let second = attempt(fresh).await;
+        match &second {
+            Outcome::AuthRejected(reply) => {
+                tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize` or a new token)", humantime::format_duration(AUTH_HOLD));
+                self.set_hold(Some(AuthHold {
+                    until: std::time::Instant::now() + AUTH_HOLD,
+                    token: key,
+                    reply: reply.clone(),
+                }));
+            }
+            _ => self.set_hold(None),
+        }
+        second
+    }
+
+    /// Why `token` is not to be tried now, if the upstream refused it moments ago.
+    fn held(&self, token: &SecretString) -> Option<String> {
+        let hold = self.auth_hold.lock().ok()?;
+        let hold = hold.as_ref()?;
+        (hold.token == token_key(token) && std::time::Instant::now() < hold.until).then(|| {
+            format!(
+                "{} (not tried: the upstream refused this account's fresh token less than {} ago)",
+                hold.reply,
+                humantime::format_duration(AUTH_HOLD)
+            )
+        })
+    }
+
+    fn set_hold(&self, hold: Option<AuthHold>) {
+        if let Ok(mut h) = self.auth_hold.lock() {
+            *h = hold;
         }
     }
 
@@ -278,6 +332,12 @@ async fn via_graph(
         Ok(t) => graph.send(&t, recipients, message).await,
         Err(e) => token_trouble(e),
     }
+}
+
+/// A token, for comparing without keeping it.
+fn token_key(token: &SecretString) -> blake3::Hash {
+    use secrecy::ExposeSecret;
+    blake3::hash(token.expose_secret().as_bytes())
 }
 
 fn token_trouble(e: TokenError) -> Outcome {

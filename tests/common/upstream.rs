@@ -27,13 +27,15 @@ pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub received: mpsc::UnboundedReceiver<Received>,
     /// Tokens accepted; anything else gets the 334/535 treatment. An entry "REFUSE <reply>" answers every AUTH
-    /// with that reply (e.g. Microsoft's "535 5.7.139 … SmtpClientAuthentication is disabled for the Tenant").
+    /// with that reply (e.g. Microsoft's "535 5.7.139 … SmtpClientAuthentication is disabled for the Tenant"),
+    /// one "MAILREFUSE <reply>" every MAIL after a successful AUTH, one "NOBDAT <reply>" every BDAT.
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
     /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
     /// (report the message at once, answer a second later) or "HOLD 250 …" (report the message at once, answer
     /// when [`release`](Self::release) is notified) or "HANGUP 250 …" (answer, then close the connection
-    /// without a word, as a server that drops idle sessions does).
+    /// without a word, as a server that drops idle sessions does) or "STRAY 250 …" (answer, then, once
+    /// `release` is notified, send one more reply nobody asked for; [`strays`](Self::strays) says when).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -49,8 +51,10 @@ pub struct FakeUpstream {
     pub chunking: Arc<std::sync::atomic::AtomicBool>,
     /// Offer SMTPUTF8 (RFC 6531) in EHLO, as Microsoft 365 and Gmail do; on by default.
     pub smtputf8: Arc<std::sync::atomic::AtomicBool>,
-    /// Lets a "HOLD …" reply go.
+    /// Lets a "HOLD …" reply go, and a "STRAY …" reply's extra line.
     pub release: Arc<tokio::sync::Notify>,
+    /// Notified once a "STRAY …" reply's extra line was written.
+    pub strays: Arc<tokio::sync::Notify>,
 }
 
 /// The switchable EHLO offers, and the HOLD release, as the sessions see them.
@@ -59,6 +63,7 @@ struct Offers {
     chunking: Arc<std::sync::atomic::AtomicBool>,
     smtputf8: Arc<std::sync::atomic::AtomicBool>,
     release: Arc<tokio::sync::Notify>,
+    strays: Arc<tokio::sync::Notify>,
 }
 
 impl FakeUpstream {
@@ -88,10 +93,12 @@ impl FakeUpstream {
         let chunking = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let smtputf8 = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let release = Arc::new(tokio::sync::Notify::new());
+        let strays = Arc::new(tokio::sync::Notify::new());
         let c = Offers {
             chunking: chunking.clone(),
             smtputf8: smtputf8.clone(),
             release: release.clone(),
+            strays: strays.clone(),
         };
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -121,6 +128,7 @@ impl FakeUpstream {
             chunking,
             smtputf8,
             release,
+            strays,
         }
     }
 
@@ -185,6 +193,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             format!(
                 "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
             )
+        } else if let Some(reply) = upper.strip_prefix("BDAT ").and_then(|_| {
+            tokens
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|t| t.strip_prefix("NOBDAT ").map(str::to_string))
+        }) {
+            // A server (or a middlebox in front of it) that offers CHUNKING but does not know BDAT: the chunk's
+            // lines would come next, read as commands, so it hangs up, as a server does after too many errors.
+            let _ = w(&mut s, reply).await;
+            return;
         } else if let Some(args) = upper.strip_prefix("BDAT ") {
             let mut words = args.split_ascii_whitespace();
             let n: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
@@ -205,7 +224,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             } else {
                 msg.data = std::mem::take(&mut chunks);
                 let reply = data_reply.lock().unwrap().clone();
-                if reply.starts_with('2') {
+                if reply.trim_start_matches("STRAY ").starts_with('2') {
                     msg.at = std::time::SystemTime::now();
                     let _ = tx.send(msg.clone());
                 }
@@ -242,8 +261,16 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 "535 5.7.8 Username and Password not accepted".into()
             }
         } else if upper.starts_with("MAIL FROM:") {
+            let refusal = tokens
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|t| t.strip_prefix("MAILREFUSE ").map(str::to_string));
             if !authed {
                 "530 5.7.0 Authentication Required".into()
+            } else if let Some(reply) = refusal {
+                // Microsoft's "530 5.7.57 Client not authenticated to send mail", after a 235.
+                reply
             } else {
                 msg.from = path(&cmd[10..]);
                 msg.mail_params = cmd[10..]
@@ -323,7 +350,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = s.read_to_end(&mut rest).await;
                 return;
             }
-            if reply.starts_with('2') {
+            if reply.trim_start_matches("STRAY ").starts_with('2') {
                 msg.at = std::time::SystemTime::now();
                 let _ = tx.send(msg.clone());
             }
@@ -337,8 +364,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             "502 5.5.1 Unrecognized command".into()
         };
-        if w(&mut s, reply).await.is_err() {
+        // "STRAY …": the reply, then, when the test says, one more that nothing asked for (a server out of step),
+        // sent while the connection is idle.
+        let stray = reply.strip_prefix("STRAY ").map(str::to_string);
+        if w(&mut s, stray.clone().unwrap_or(reply)).await.is_err() {
             return;
+        }
+        if stray.is_some() {
+            offers.release.notified().await;
+            if w(&mut s, "250 2.0.0 stray".into()).await.is_err() {
+                return;
+            }
+            offers.strays.notify_one();
         }
     }
 }

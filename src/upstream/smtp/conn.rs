@@ -55,6 +55,13 @@ pub enum Failure {
     /// The server refused the session before any message (its greeting, EHLO, STARTTLS): about this host and
     /// this connection, not about a message, so never a reason to fail one for good.
     Session(Reply),
+    /// The server offered CHUNKING, took MAIL and RCPT, and then did not know BDAT (500, 502, 504), or hung up
+    /// during the upload without answering any BDAT (such a server reads the chunk as commands and drops the
+    /// connection after too many errors; the reset can destroy its replies on the way): a server or a middlebox
+    /// that lies in its EHLO. DATA will do.
+    ChunkingRefused(String),
+    /// The server closed or reset the connection (a timeout is a `Connection` failure).
+    Dropped(String),
 }
 
 /// A message that did not go, and what that says about the connection.
@@ -189,6 +196,26 @@ impl Replies {
         self.seen == 1 && self.envelope.first().is_some_and(|r| r.code == 421)
     }
 
+    /// A BDAT the server did not know, after it took MAIL and a recipient (see [`Failure::ChunkingRefused`]).
+    fn chunking_refused(&self) -> Option<String> {
+        let chunk = self.refused_chunk.as_ref()?;
+        let envelope_taken = self.envelope.len() == self.commands
+            && self.envelope.first().is_some_and(Reply::is_positive)
+            && self.envelope.iter().skip(1).any(Reply::is_positive);
+        (envelope_taken && matches!(chunk.code, 500 | 502 | 504)).then(|| chunk.to_string())
+    }
+
+    /// `failure` ended an upload before any BDAT was answered, by a close or a reset, and nothing refused the
+    /// envelope: what a server that does not know BDAT does (see [`Failure::ChunkingRefused`]).
+    fn dropped_unanswered(&self, failure: &Failure) -> Option<String> {
+        let Failure::Dropped(why) = failure else {
+            return None;
+        };
+        (self.seen <= self.commands && self.refusal().is_none()).then(|| {
+            format!("the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why})")
+        })
+    }
+
     /// What refuses the message so far: a refused MAIL, a 421, every recipient refused (once all their replies
     /// are in), or a refused chunk.
     fn refusal(&self) -> Option<Reply> {
@@ -320,7 +347,17 @@ impl Conn {
             "user={user}\x01auth=Bearer {}\x01\x01",
             token.expose_secret()
         ));
-        let r = self.command(&format!("AUTH XOAUTH2 {initial}")).await?;
+        // A server that does not know the command may quote it back ("500 Command unrecognized: AUTH XOAUTH2
+        // dXNl…"), and its reply goes to the log, the queue's state and a bounce: the token is cut out of it.
+        let unquote = |mut r: Reply| {
+            for secret in [initial.as_str(), token.expose_secret()] {
+                if !secret.is_empty() && r.text.contains(secret) {
+                    r.text = r.text.replace(secret, "[redacted]");
+                }
+            }
+            r
+        };
+        let r = unquote(self.command(&format!("AUTH XOAUTH2 {initial}")).await?);
         match r.code {
             235 => Ok(()),
             334 => {
@@ -328,7 +365,7 @@ impl Conn {
                     .decode(r.text.trim())
                     .map(|d| crate::terminal::printable(&d))
                     .unwrap_or_default();
-                let mut last = self.command("").await?;
+                let mut last = unquote(self.command("").await?);
                 if !detail.is_empty() {
                     last.text = format!("{} ({})", last.text, detail.trim());
                 }
@@ -336,6 +373,11 @@ impl Conn {
             }
             _ => Err(Failure::Auth(r)),
         }
+    }
+
+    /// Sends with DATA from now on, whatever the EHLO reply offered.
+    pub fn forget_chunking(&mut self) {
+        self.offers.chunking = false;
     }
 
     /// Whether the server offered SMTPUTF8 (RFC 6531) in its EHLO reply.
@@ -534,7 +576,18 @@ impl Conn {
                 out.clear();
                 body.clear();
                 if let Err(f) = self.read_ready(&mut replies) {
-                    return Err(fail(f, false));
+                    // The replies read before it failed may say that BDAT was not known.
+                    let failure = match replies
+                        .chunking_refused()
+                        .or_else(|| replies.dropped_unanswered(&f))
+                    {
+                        Some(why) => Failure::ChunkingRefused(why),
+                        None => f,
+                    };
+                    return Err(fail(failure, false));
+                }
+                if let Some(r) = replies.chunking_refused() {
+                    return Err(fail(Failure::ChunkingRefused(r), false));
                 }
                 if let Some(refusal) = replies.refusal() {
                     // Refused midway: the rest is not sent, and the transaction is abandoned with the connection.
@@ -579,13 +632,40 @@ impl Conn {
                     }
                 }
                 Err(f) => {
+                    if let Some(why) = replies
+                        .chunking_refused()
+                        .or_else(|| replies.dropped_unanswered(&f))
+                    {
+                        return Err(fail(Failure::ChunkingRefused(why), false));
+                    }
                     if let Some(refusal) = replies.refusal() {
                         return Err(fail(Failure::Refused(refusal), false));
                     }
                     let timed_out = tokio::time::Instant::now() >= until;
-                    return Err(fail(f, replies.seen == 0 && !timed_out));
+                    // Bytes that did not parse were an answer of sorts: the message may have been taken.
+                    let silent = self.buf.len() <= self.pos;
+                    return Err(fail(f, replies.seen == 0 && !timed_out && silent));
                 }
             }
+        }
+        if let Some(r) = replies.chunking_refused() {
+            return Err(fail(Failure::ChunkingRefused(r), false));
+        }
+        // More replies than commands (read between chunks, or already behind the last one, other than the 421 of
+        // a server closing): the server is out of step, and which reply answered the message is not known. Sent
+        // again rather than taken for delivered: a duplicate is better than a loss.
+        let extra_buffered = matches!(
+            reply::parse(&self.buf[self.pos..]),
+            Ok(Some((ref r, _))) if r.code != 421
+        );
+        if replies.seen > replies.commands + replies.chunks || extra_buffered {
+            return Err(fail(
+                Failure::Connection(
+                    "the upstream sent more replies than commands: whether it took the message is not known, so it is sent again (it may arrive twice)"
+                        .into(),
+                ),
+                false,
+            ));
         }
         let refused = match judge_envelope(&replies.envelope, commands.len() - 1) {
             Ok(refused) => refused,
@@ -619,6 +699,17 @@ impl Conn {
                 Ok(r) => replies.push(r),
                 Err(_) => break,
             }
+        }
+        // A server that does not know BDAT reads the chunk as commands and hangs up after too many errors.
+        if let Some(why) = replies
+            .chunking_refused()
+            .or_else(|| replies.dropped_unanswered(&failure))
+        {
+            return SendFailure {
+                failure: Failure::ChunkingRefused(why),
+                unanswered: false,
+                reusable: false,
+            };
         }
         match replies.refusal() {
             Some(r) => SendFailure {
@@ -673,9 +764,7 @@ impl Conn {
                 // Closed: the next write or read says so.
                 Poll::Ready(Ok(())) | Poll::Pending => return Ok(()),
                 Poll::Ready(Err(e)) => {
-                    return Err(Failure::Connection(format!(
-                        "upstream connection lost: {e}"
-                    )));
+                    return Err(Failure::Dropped(format!("upstream connection lost: {e}")));
                 }
             }
         }
@@ -754,7 +843,7 @@ impl Conn {
         };
         match tokio::time::timeout(within, write).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::Connection(format!(
+            Ok(Err(e)) => Err(Failure::Dropped(format!(
                 "upstream connection lost while sending: {e}"
             ))),
             Err(_) => Err(Failure::Connection(format!(
@@ -770,6 +859,22 @@ impl Conn {
         self.pos >= self.buf.len()
     }
 
+    /// Whether a connection back from the pool is as it was left: nothing unread, and nothing arrived since. A late
+    /// reply would be read as the answer to the next command (a message refused with 554 would be taken for
+    /// delivered); a close or a 421 says it is gone. Either way it is not used. Does not wait.
+    pub fn is_quiet(&mut self) -> bool {
+        if !self.is_clean() {
+            return false;
+        }
+        let mut chunk = [0u8; 512];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut read = ReadBuf::new(&mut chunk);
+        matches!(
+            Pin::new(&mut self.stream).poll_read(&mut cx, &mut read),
+            Poll::Pending
+        )
+    }
+
     /// The next reply, within the step's timeout.
     async fn reply(&mut self) -> Result<Reply, Failure> {
         self.reply_within(self.timeout).await
@@ -780,6 +885,14 @@ impl Conn {
     async fn reply_within(&mut self, limit: Duration) -> Result<Reply, Failure> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            if self.buf.len() - self.pos > reply::MAX_REPLY
+                && matches!(
+                    reply::parse(&self.buf[self.pos..]),
+                    Err(reply::ReplyError::TooLong)
+                )
+            {
+                return self.skim(deadline, limit).await;
+            }
             if let Some(r) = self.buffered_reply()? {
                 return Ok(r);
             }
@@ -787,24 +900,64 @@ impl Conn {
             self.buf.drain(..self.pos);
             self.pos = 0;
             let mut chunk = [0u8; 4096];
-            let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Ok(Ok(0)) => {
-                    return Err(Failure::Connection("upstream closed the connection".into()));
-                }
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    return Err(Failure::Connection(format!(
-                        "upstream connection lost: {e}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(Failure::Connection(format!(
-                        "upstream did not answer within {} (smtp_timeout)",
-                        humantime::format_duration(limit)
-                    )));
-                }
+            let Some(n) = self.read_by(&mut chunk, deadline).await? else {
+                return Err(Failure::Connection(format!(
+                    "upstream did not answer within {} (smtp_timeout)",
+                    humantime::format_duration(limit)
+                )));
             };
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A reply too long to keep, read through to its end within the same time limit (see [`reply::Skim`]).
+    async fn skim(
+        &mut self,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<Reply, Failure> {
+        let malformed = |e: reply::ReplyError| {
+            Failure::Connection(format!("upstream sent a malformed reply: {e}"))
+        };
+        let mut skim = reply::Skim::default();
+        let mut pending = std::mem::take(&mut self.buf).split_off(self.pos);
+        self.pos = 0;
+        loop {
+            if let Some((r, used)) = skim.feed(&pending).map_err(malformed)? {
+                // What came after it is the next reply's.
+                self.buf = pending.split_off(used);
+                if let Some(t) = &self.transcript
+                    && let Ok(mut t) = t.lock()
+                {
+                    t.server(&format_lines(&r));
+                }
+                return Ok(r);
+            }
+            pending.clear();
+            pending.resize(4096, 0);
+            let Some(n) = self.read_by(&mut pending, deadline).await? else {
+                return Err(Failure::Connection(format!(
+                    "upstream's reply did not end within {} (smtp_timeout); it was over {} bytes",
+                    humantime::format_duration(limit),
+                    reply::MAX_REPLY
+                )));
+            };
+            pending.truncate(n);
+        }
+    }
+
+    /// One read by `deadline`: how many bytes, or `None` when the time ran out; a close is an error (a reply was
+    /// expected).
+    async fn read_by(
+        &mut self,
+        into: &mut [u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<usize>, Failure> {
+        match tokio::time::timeout_at(deadline, self.stream.read(into)).await {
+            Ok(Ok(0)) => Err(Failure::Dropped("upstream closed the connection".into())),
+            Ok(Ok(n)) => Ok(Some(n)),
+            Ok(Err(e)) => Err(Failure::Dropped(format!("upstream connection lost: {e}"))),
+            Err(_) => Ok(None),
         }
     }
 

@@ -46,6 +46,8 @@ pub struct SmtpUpstream {
     /// Idle connections, the most recently used last, with the hash of the token each authenticated with.
     idle: Mutex<Vec<(blake3::Hash, Conn)>>,
     max_idle: usize,
+    /// The server offered CHUNKING but did not know BDAT: DATA from then on, until a restart or reload.
+    no_chunking: std::sync::atomic::AtomicBool,
 }
 
 impl SmtpUpstream {
@@ -77,6 +79,7 @@ impl SmtpUpstream {
             },
             idle: Mutex::new(Vec::new()),
             max_idle: max_connections.max(1),
+            no_chunking: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -96,6 +99,7 @@ impl SmtpUpstream {
         };
         let key = blake3::hash(token.expose_secret().as_bytes());
         if let Some(mut conn) = self.reusable(key) {
+            self.fit(&mut conn);
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
@@ -105,20 +109,48 @@ impl SmtpUpstream {
                 Err(f) if f.unanswered => {
                     tracing::debug!(relay_account_mailbox = %self.mailbox, reason = ?f.failure, "a pooled upstream connection was dead; opening a fresh one");
                 }
+                Err(f) if self.chunking_refused(&f) => {}
                 Err(f) => return self.failed(key, conn, f),
             }
         }
-        let mut conn = match Conn::open(&self.settings, &self.mailbox, token, None).await {
-            Ok(c) => c,
-            Err(f) => return outcome(f),
-        };
-        match send_fitted(&mut conn, &sender, &wire, message, flags).await {
-            Ok(sent) => {
-                self.give_back(key, conn);
-                delivered(sent, recipients)
+        // Twice at most: a BDAT the server did not know is sent again through DATA, in this attempt.
+        for _ in 0..2 {
+            let mut conn = match Conn::open(&self.settings, &self.mailbox, token, None).await {
+                Ok(c) => c,
+                Err(f) => return outcome(f),
+            };
+            self.fit(&mut conn);
+            match send_fitted(&mut conn, &sender, &wire, message, flags).await {
+                Ok(sent) => {
+                    self.give_back(key, conn);
+                    return delivered(sent, recipients);
+                }
+                Err(f) if self.chunking_refused(&f) => {}
+                Err(f) => return self.failed(key, conn, f),
             }
-            Err(f) => self.failed(key, conn, f),
         }
+        Outcome::Transient("the upstream did not know BDAT, and then failed through DATA".into())
+    }
+
+    /// What this server has shown it cannot do, applied to a connection before a message.
+    fn fit(&self, conn: &mut Conn) {
+        if self.no_chunking.load(std::sync::atomic::Ordering::Relaxed) {
+            conn.forget_chunking();
+        }
+    }
+
+    /// Whether `f` is a BDAT the server did not know, noted (and said once) so that DATA is used from now on.
+    fn chunking_refused(&self, f: &SendFailure) -> bool {
+        let Failure::ChunkingRefused(reply) = &f.failure else {
+            return false;
+        };
+        if !self
+            .no_chunking
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %reply, "the upstream offers CHUNKING but did not know BDAT (a middlebox rewriting SMTP?); sending with DATA from now on");
+        }
+        true
     }
 
     /// `relay test`: one message on a fresh connection that is not pooled, every line into `transcript`.
@@ -151,10 +183,14 @@ impl SmtpUpstream {
     /// closed.
     fn reusable(&self, key: blake3::Hash) -> Option<Conn> {
         loop {
-            let (k, conn) = self.idle.lock().ok()?.pop()?;
+            let (k, mut conn) = self.idle.lock().ok()?.pop()?;
             // A new token means the old one is being replaced (refreshed, or refused): its sessions go too.
             if k == key && conn.last_used.elapsed() <= STALE {
-                return Some(conn);
+                if conn.is_quiet() {
+                    return Some(conn);
+                }
+                tracing::debug!(relay_account_mailbox = %self.mailbox, "a pooled upstream connection was closed or sent something unasked while idle; not used again");
+                continue;
             }
             tokio::spawn(conn.quit());
         }
@@ -276,7 +312,9 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
-        Failure::Connection(why) => Outcome::Transient(why),
+        Failure::Connection(why) | Failure::Dropped(why) | Failure::ChunkingRefused(why) => {
+            Outcome::Transient(why)
+        }
         Failure::Unsupported(why) => Outcome::Permanent(why),
         // A 554 greeting (this host's address on a block list) or a refused EHLO would otherwise send every queued
         // message to dead/: they wait, and the log says why, until the cause is fixed or `max_age` runs out.
@@ -284,10 +322,14 @@ fn outcome(f: Failure) -> Outcome {
         // XOAUTH2 refused: the token may be stale or revoked (Google and Microsoft both answer 535, Gmail 534
         // for a token without the mail scope).
         Failure::Auth(r) if r.code == 535 || r.code == 534 => Outcome::AuthRejected(r.to_string()),
-        Failure::Auth(r) | Failure::Refused(r) if r.is_permanent() => {
-            Outcome::Permanent(r.to_string())
-        }
-        Failure::Auth(r) | Failure::Refused(r) => Outcome::Transient(r.to_string()),
+        // "530 5.7.57 Client not authenticated to send mail" to MAIL after a 235 (Microsoft 365): about the
+        // account's login, never about the message, which would otherwise go to dead/ with every other one.
+        Failure::Refused(r) if r.code == 530 => Outcome::AuthRejected(r.to_string()),
+        // Any other refused login (504 unknown mechanism, 530 STARTTLS first, 550 5.7.30 without a Graph
+        // fallback) is about the account's settings, not a message: the mail waits, the log and status say why.
+        Failure::Auth(r) => Outcome::Transient(r.to_string()),
+        Failure::Refused(r) if r.is_permanent() => Outcome::Permanent(r.to_string()),
+        Failure::Refused(r) => Outcome::Transient(r.to_string()),
     }
 }
 

@@ -25,6 +25,8 @@ pub enum ReplyError {
     Malformed(String),
     #[error("a reply longer than {MAX_REPLY} bytes")]
     TooLong,
+    #[error("the lines of one reply have different codes: {0:?}")]
+    Mixed(String),
 }
 
 /// The first whole reply at the start of `buf`, and how many bytes it took; `Ok(None)` while it is incomplete.
@@ -59,7 +61,16 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         }
         // Checked to be three ASCII digits.
         let this: u16 = digits.parse().unwrap_or(0);
-        code.get_or_insert(this);
+        // RFC 5321 section 4.2: the first digit is 2 to 5 and the second 0 to 5. Anything else is no answer at
+        // all: a `354` or `399` to the final dot must never be read as "taken", nor a `699` as "refused".
+        if !(2..=5).contains(&(this / 100)) || this / 10 % 10 > 5 {
+            return Err(ReplyError::Malformed(line.chars().take(80).collect()));
+        }
+        // Every line of one reply carries the same code (section 4.2.1): `250-queued` then `554 rejected` says
+        // both, and neither can be trusted.
+        if *code.get_or_insert(this) != this {
+            return Err(ReplyError::Mixed(line.chars().take(80).collect()));
+        }
         lines.push(line.get(4..).unwrap_or("").to_string());
         if sep != Some(b'-') {
             break;
@@ -81,6 +92,87 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     Ok(Some((Reply { code, status, text }, at)))
 }
 
+/// Reads through a reply too long to keep ([`MAX_REPLY`]: one endless line, or continuation lines without end)
+/// to its last line, keeping the start of its first line and of its last, so that the reply still counts. To the
+/// final dot that matters: a message the server took, answered with a reply too long to read, would otherwise be
+/// deferred and sent again at every retry. What it reads is bounded by the caller's time limit, not by memory.
+#[derive(Debug, Default)]
+pub struct Skim {
+    code: Option<u16>,
+    /// The first bytes of the line being read (its code and separator), and its text up to [`SKIM_KEEP`].
+    head: Vec<u8>,
+    text: Vec<u8>,
+    first: Option<Vec<u8>>,
+    cut: u64,
+}
+
+/// What a skimmed reply keeps of its first and last lines.
+const SKIM_KEEP: usize = 512;
+
+impl Skim {
+    /// Feeds the next bytes of the reply; once its last line has ended, the reply and how many of `bytes` it
+    /// took (the rest is what the server sent after it).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+        for (i, &b) in bytes.iter().enumerate() {
+            if b != b'\n' {
+                if self.head.len() < 4 {
+                    self.head.push(b);
+                } else if self.text.len() < SKIM_KEEP {
+                    self.text.push(b);
+                } else {
+                    self.cut += 1;
+                }
+                continue;
+            }
+            let head = std::mem::take(&mut self.head);
+            let text = std::mem::take(&mut self.text);
+            let head = head.strip_suffix(b"\r").unwrap_or(&head);
+            let malformed = || ReplyError::Malformed(String::from_utf8_lossy(head).into_owned());
+            let code: u16 = match head.get(..3) {
+                Some(d) if d.iter().all(u8::is_ascii_digit) => std::str::from_utf8(d)
+                    .ok()
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(malformed)?,
+                _ => return Err(malformed()),
+            };
+            if *self.code.get_or_insert(code) != code {
+                return Err(ReplyError::Mixed(
+                    String::from_utf8_lossy(head).into_owned(),
+                ));
+            }
+            let text = text.strip_suffix(b"\r").unwrap_or(&text).to_vec();
+            let last = match head.get(3) {
+                None | Some(b' ') => true,
+                Some(b'-') => false,
+                Some(_) => return Err(malformed()),
+            };
+            if last {
+                // Rebuilt as a reply of one or two short lines (its first, its last), escaped by `parse`.
+                let mut whole = Vec::new();
+                if let Some(first) = self.first.take() {
+                    whole.extend_from_slice(format!("{code}-").as_bytes());
+                    whole.extend_from_slice(&first);
+                    whole.extend_from_slice(b"\r\n");
+                }
+                whole.extend_from_slice(format!("{code} ").as_bytes());
+                whole.extend_from_slice(&text);
+                whole.extend_from_slice(
+                    format!(" ({} bytes of the reply not kept)\r\n", self.cut).as_bytes(),
+                );
+                // A reply of two short lines: parsed as any other.
+                let reply = parse(&whole)?.map(|(r, _)| r).ok_or(ReplyError::TooLong)?;
+                return Ok(Some((reply, i + 1)));
+            }
+            match self.first {
+                None => self.first = Some(text),
+                // Lines in between count only as bytes cut.
+                Some(_) => self.cut += text.len() as u64 + 4,
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// `5.7.139` at the start of a line's text (RFC 3463: class, subject and detail of up to three digits each).
 fn enhanced(text: &str) -> Option<[u16; 3]> {
     let word = text.split(' ').next()?;
@@ -97,8 +189,10 @@ fn enhanced(text: &str) -> Option<[u16; 3]> {
 }
 
 impl Reply {
+    /// A 2xx: the command was done. (MAIL, RCPT, BDAT and the final dot have no intermediate reply; DATA's 354 and
+    /// AUTH's 334 are checked by their code.)
     pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
+        (200..300).contains(&self.code)
     }
 
     pub fn is_permanent(&self) -> bool {
@@ -198,6 +292,37 @@ mod tests {
         assert!(super::parse(b"hello\r\n").is_err());
         assert!(super::parse(b"25\r\n").is_err());
         assert!(super::parse(b"250x\r\n").is_err());
+        // Codes outside SMTP's, and a reply whose lines disagree, are no answer.
+        for bad in [
+            &b"199 wait\r\n"[..],
+            b"699 no\r\n",
+            b"000 zero\r\n",
+            b"260 odd\r\n",
+            b"250-2.0.0 queued\r\n554 5.7.1 rejected after all\r\n",
+            b"554-no\r\n250 yes\r\n",
+        ] {
+            assert!(super::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(!parse(b"354 go on then\r\n").is_positive());
+        // Too long to keep, read through to its last line.
+        let mut skim = Skim::default();
+        let mut long = b"250-2.0.0 queued as ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 100_000));
+        long.extend_from_slice(b"\r\n");
+        for _ in 0..1000 {
+            long.extend_from_slice(b"250-more\r\n");
+        }
+        assert_eq!(skim.feed(&long).unwrap(), None);
+        let (r, used) = skim.feed(b"250 2.0.0 done\r\n221 next").unwrap().unwrap();
+        assert_eq!((r.code, used), (250, 16));
+        assert!(
+            r.text.contains("queued as xxx") && r.text.contains("done"),
+            "{}",
+            r.text
+        );
+        let mut skim = Skim::default();
+        assert!(skim.feed(b"250-ok\r\n554 no\r\n").is_err());
+        assert!(parse(b"250 ok\r\n").is_positive());
         assert_eq!(
             super::parse(&vec![b'2'; MAX_REPLY + 1]),
             Err(ReplyError::TooLong)
