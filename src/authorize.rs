@@ -54,7 +54,14 @@ pub async fn authorize(
             let _ = writeln!(out, "Account {name} uses {how}. Checking that it can…");
             let renewal = crate::oauth::Renewal::for_account(account).map_err(failed)?;
             renewal.obtain(&client, None).await.map_err(|e| match e {
-                crate::oauth::RenewalError::OAuth(e) => failed(explain(&e)),
+                // The table's words where it knows the refusal: they name the setting to fix.
+                crate::oauth::RenewalError::OAuth(e) => {
+                    let text = e.to_string();
+                    match crate::upstream::diagnosis::for_grant(&text, Some(name), false) {
+                        Some(_) => failed(e.explained(name, false)),
+                        None => failed(explain(&e)),
+                    }
+                }
                 other => failed(other.to_string()),
             })?
         }

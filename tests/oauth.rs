@@ -564,15 +564,20 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
     }
 }
 
-/// A client-credentials account whose first token cannot be had (the identity provider answers 500) is shown
-/// as failing by `relay status`, with the reason, from the first failed fetch: before, with no token file yet,
-/// it said "ok". A later good fetch clears it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_tells_when_the_first_token_cannot_be_had() {
+/// A relay config whose default account uses client credentials at a fake identity provider that answers
+/// `token_reply`: (the provider, the account's upstream, the config's directory, the config).
+async fn client_credentials(
+    token_reply: ResponseTemplate,
+) -> (
+    MockServer,
+    FakeUpstream,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let idp = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/token"))
-        .respond_with(ResponseTemplate::new(500).set_body_string("upstream IdP down"))
+        .respond_with(token_reply)
         .mount(&idp)
         .await;
     let upstream = FakeUpstream::start(&["tok"]).await;
@@ -585,6 +590,34 @@ async fn status_tells_when_the_first_token_cannot_be_had() {
         &format!("default_account = \"office\"\n{account}"),
         "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
+    (idp, upstream, dir, config)
+}
+
+/// The identity provider issues tokens again; the waiting mail, retried now, is delivered.
+async fn token_endpoint_recovers(
+    idp: &MockServer,
+    mut upstream: FakeUpstream,
+    config: &std::path::Path,
+    d: &mut Daemon,
+) {
+    idp.reset().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(tokens("tok", "unused"))
+        .mount(idp)
+        .await;
+    queue_retry(config, "--all");
+    upstream.next().await;
+    d.wait_log("relay_event=\"delivered\"");
+}
+
+/// A client-credentials account whose first token cannot be had (the identity provider answers 500) is shown
+/// as failing by `relay status`, with the reason, from the first failed fetch: before, with no token file yet,
+/// it said "ok". A later good fetch clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_when_the_first_token_cannot_be_had() {
+    let (idp, upstream, _dir, config) =
+        client_credentials(ResponseTemplate::new(500).set_body_string("upstream IdP down")).await;
     let mut d = Daemon::spawn(&config);
     send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
     d.wait_log("relay_event=\"token_refresh_failed\"");
@@ -609,18 +642,50 @@ async fn status_tells_when_the_first_token_cannot_be_had() {
     );
     assert!(account["token_valid_until"].is_null(), "{doc}");
 
-    idp.reset().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("tok", "unused"))
-        .mount(&idp)
-        .await;
-    let mut upstream = upstream;
-    queue_retry(&config, "--all");
-    upstream.next().await;
-    d.wait_log("relay_event=\"delivered\"");
+    token_endpoint_recovers(&idp, upstream, &config, &mut d).await;
     let (_, doc) = status();
     assert_eq!(doc["accounts"][0]["state"], "ok", "{doc}");
     assert!(doc["accounts"][0]["token_valid_until"].is_string(), "{doc}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// A client-credentials account refused with invalid_grant is not told to run `relay authorize` for a refresh
+/// token it does not have: the log line and `relay status` blame its credentials (failing, not
+/// needs-authorization), and `relay authorize` names the same fix. Once the credentials are accepted, the
+/// waiting mail goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_grant_without_a_person_blames_the_credentials() {
+    let (idp, upstream, _dir, config) = client_credentials(oauth_error("invalid_grant")).await;
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
+    let line = d.wait_log("relay_event=\"token_refresh_failed\"");
+    assert!(line.contains("credentials"), "{line}");
+    assert!(line.contains("relay reload"), "{line}");
+    d.wait_log("relay_event=\"deferred\"");
+    assert!(
+        !d.unmatched()
+            .iter()
+            .any(|l| l.contains("authorization_needed")),
+        "{:?}",
+        d.unmatched()
+    );
+
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
+    let why = doc["accounts"][0]["last_error"].as_str().unwrap_or("");
+    assert!(why.contains("credentials"), "{doc}");
+
+    let out = run_authorize(&config).await;
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("client_secret_file"), "{said}");
+
+    token_endpoint_recovers(&idp, upstream, &config, &mut d).await;
     assert_eq!(d.terminate().code(), Some(0));
 }

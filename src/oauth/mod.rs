@@ -54,10 +54,11 @@ impl OAuthError {
     }
 
     /// The error with what it means and how to fix it, where the diagnosis table knows (`upstream::diagnosis`):
-    /// for logs, the token file and `relay status`.
-    pub fn explained(&self, account: &str) -> String {
+    /// for logs, the token file and `relay status`. `interactive`: the account's grant is one a person starts
+    /// (`relay authorize`), so a dead grant is its refresh token's, not its credentials'.
+    pub fn explained(&self, account: &str, interactive: bool) -> String {
         let text = self.to_string();
-        match crate::upstream::diagnosis::for_log(&text, Some(account)) {
+        match crate::upstream::diagnosis::for_grant(&text, Some(account), interactive) {
             Some(d) => format!("{text}; {d}"),
             None => text,
         }
@@ -98,17 +99,21 @@ mod tests {
             "invalid_client",
             "AADSTS7000222: The provided client secret keys are expired.",
         );
-        assert!(expired.explained("office").contains("create a new secret"));
+        assert!(
+            expired
+                .explained("office", true)
+                .contains("create a new secret")
+        );
         let google = endpoint("invalid_grant", "Token has been expired or revoked.");
-        assert!(google.explained("office").contains("Testing"));
+        assert!(google.explained("office", true).contains("Testing"));
         assert!(google.needs_authorization());
         assert!(
             endpoint("invalid_grant", "gone")
-                .explained("office")
+                .explained("office", true)
                 .contains("relay authorize office")
         );
         assert_eq!(
-            endpoint("invalid_scope", "x").explained("office"),
+            endpoint("invalid_scope", "x").explained("office", true),
             endpoint("invalid_scope", "x").to_string()
         );
         assert!(!endpoint("invalid_client", "x").is_transient());

@@ -144,7 +144,7 @@ impl AccountTokens {
             Err(RenewalError::OAuth(e)) => {
                 return Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.name),
+                    explained: e.explained(&self.name, self.renewal.is_interactive()),
                     source: e,
                 });
             }
@@ -247,8 +247,11 @@ impl AccountTokens {
                 Ok(g.access_token)
             }
             Err(e) => {
-                let revoked = e.needs_authorization();
-                let diagnosis = Diagnosed::of(&e.to_string(), Some(&self.name));
+                // Only a person's grant waits for `relay authorize`; the others are fetched again on every
+                // attempt, so a fixed credential (and `relay reload`) is enough.
+                let interactive = self.renewal.is_interactive();
+                let revoked = e.needs_authorization() && interactive;
+                let diagnosis = Diagnosed::of_grant(&e.to_string(), Some(&self.name), interactive);
                 let (account, why) = (self.name.as_str(), &e.to_string());
                 if revoked {
                     tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
@@ -273,7 +276,7 @@ impl AccountTokens {
                 });
                 if let Some(mut t) = previous {
                     t.needs_authorization |= revoked;
-                    t.last_error = Some(e.explained(&self.name));
+                    t.last_error = Some(e.explained(&self.name, self.renewal.is_interactive()));
                     let Some(hash) =
                         self.store
                             .save_if_unchanged(&self.name, &t, state.file_hash)?
@@ -287,7 +290,7 @@ impl AccountTokens {
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.name),
+                    explained: e.explained(&self.name, self.renewal.is_interactive()),
                     source: e,
                 })
             }

@@ -45,6 +45,28 @@ pub fn for_log(text: &str, account: Option<&str>) -> Option<String> {
     diagnose(text).map(|d| d.text(account.filter(|a| !a.is_empty())))
 }
 
+/// [`for_log`] for a token endpoint's refusal of an account's grant. A grant that needs no person (client
+/// credentials, a service account, a password) has no refresh token for `relay authorize` to replace: where the
+/// table blames a refresh token, such an account's own credentials are at fault instead.
+pub fn for_grant(text: &str, account: Option<&str>, interactive: bool) -> Option<String> {
+    let d = diagnose(text)?;
+    let blames_refresh_token = d.fix == RELAY_AUTHORIZE || d.cause.contains("refresh token");
+    let d = if blames_refresh_token && !interactive {
+        &CREDENTIALS
+    } else {
+        d
+    };
+    Some(d.text(account.filter(|a| !a.is_empty())))
+}
+
+/// A refused grant of an account that needs no person: see [`for_grant`].
+static CREDENTIALS: Diagnosis = Diagnosis {
+    code: "invalid_grant",
+    cause: "the token endpoint refused the account's own credentials (this flow has no refresh token for `relay authorize` to replace)",
+    fix: "check the account's credentials and the user it acts for (username and password_file, client_secret_file, certificate_file and private_key_file, or service_account_file and mailbox); `relay authorize ACCOUNT` tries them at once; then `relay reload`",
+    matches: &[],
+};
+
 /// A log line's diagnosis: the `relay_diagnosis` field, and the same text after the message (`Display` gives
 /// `: TEXT`, or nothing when the table has no entry).
 pub struct Diagnosed(Option<String>);
@@ -52,6 +74,11 @@ pub struct Diagnosed(Option<String>);
 impl Diagnosed {
     pub fn of(text: &str, account: Option<&str>) -> Diagnosed {
         Diagnosed(for_log(text, account))
+    }
+
+    /// [`for_grant`]'s diagnosis.
+    pub fn of_grant(text: &str, account: Option<&str>, interactive: bool) -> Diagnosed {
+        Diagnosed(for_grant(text, account, interactive))
     }
 
     /// The field's value: absent from the line when there is no diagnosis.
@@ -236,6 +263,18 @@ static TABLE: &[Diagnosis] = &[
         matches: &[&["aadsts70043"]],
     },
     Diagnosis {
+        code: "AADSTS700027",
+        cause: "the app registration does not know the certificate relay signs its client assertion with",
+        fix: "upload certificate_file's certificate (its public part) to the app registration (Entra admin center > App registrations > the app > Certificates & secrets > Certificates), or point certificate_file and private_key_file at one that is uploaded",
+        matches: &[&["aadsts700027"]],
+    },
+    Diagnosis {
+        code: "AADSTS700024",
+        cause: "the client assertion's times are outside what Entra accepts: this machine's clock is off",
+        fix: "set the clock right and keep it so (`timedatectl set-ntp true`, then `timedatectl` shows \"System clock synchronized: yes\")",
+        matches: &[&["aadsts700024"]],
+    },
+    Diagnosis {
         code: "AADSTS90002",
         cause: "the tenant does not exist",
         fix: "set `tenant` to the directory (tenant) ID or a verified domain of the tenant (Entra admin center > Overview)",
@@ -247,6 +286,24 @@ static TABLE: &[Diagnosis] = &[
         cause: "Google expired or revoked the refresh token; an app whose OAuth consent screen is in \"Testing\" gets refresh tokens that last 7 days",
         fix: "publish the app (Google Cloud console > APIs & Services > OAuth consent screen > \"Publish app\", status \"In production\"), then run `relay authorize ACCOUNT`",
         matches: &[&["invalid_grant", "token has been expired or revoked"]],
+    },
+    Diagnosis {
+        code: "invalid_grant",
+        cause: "Google does not accept the service account key's signature: the key was deleted or disabled in the Cloud console, or service_account_file is another account's",
+        fix: "create a key for the service account (Google Cloud console > IAM & Admin > Service Accounts > the account > Keys > Add key > JSON), write it to service_account_file, then `relay reload`",
+        matches: &[&["invalid_grant", "invalid jwt signature"]],
+    },
+    Diagnosis {
+        code: "invalid_grant",
+        cause: "the JWT's times are outside what Google accepts: this machine's clock is off",
+        fix: "set the clock right and keep it so (`timedatectl set-ntp true`, then `timedatectl` shows \"System clock synchronized: yes\")",
+        matches: &[&["invalid_grant", "short-lived token"]],
+    },
+    Diagnosis {
+        code: "invalid_grant",
+        cause: "the service account may not act for this user: `mailbox` is not a user of the Workspace domain (a group, an alias or a consumer Gmail address cannot be impersonated)",
+        fix: "set `mailbox` to the primary address of a Workspace user in the domain that granted the delegation",
+        matches: &[&["invalid_grant", "invalid email or user id"]],
     },
     Diagnosis {
         code: "unauthorized_client",
@@ -408,6 +465,31 @@ mod tests {
             "Domain Wide Delegation",
         ),
         (
+            "token endpoint said invalid_client (HTTP 401): AADSTS700027: Client assertion failed signature validation. Trace ID: 1a2b",
+            "AADSTS700027",
+            "certificate_file",
+        ),
+        (
+            "token endpoint said invalid_client (HTTP 400): AADSTS700024: Client assertion is not within its valid time range. Current time: 2024-05-01T10:00:00Z, assertion valid from 2024-05-01T11:00:00Z",
+            "AADSTS700024",
+            "timedatectl",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): Invalid JWT Signature.",
+            "invalid_grant",
+            "service_account_file",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.",
+            "invalid_grant",
+            "timedatectl",
+        ),
+        (
+            "token endpoint said invalid_grant (HTTP 400): Invalid email or User ID",
+            "invalid_grant",
+            "Workspace user",
+        ),
+        (
             "token endpoint said invalid_grant (HTTP 400): refresh token revoked",
             "invalid_grant",
             "relay authorize office",
@@ -440,5 +522,24 @@ mod tests {
         }
         assert!(contains_code("535 5.7.3. done", "5.7.3"));
         assert!(!contains_code("535 5.7.3.1", "5.7.3"));
+    }
+
+    #[test]
+    fn a_refused_grant_that_needs_no_person_blames_its_credentials() {
+        let dead = "token endpoint said invalid_grant (HTTP 400): refresh token revoked";
+        let expired = "token endpoint said invalid_grant (HTTP 400): AADSTS700082: The refresh token has expired due to inactivity.";
+        for text in [dead, expired] {
+            let person = for_grant(text, Some("office"), true).unwrap();
+            assert!(person.contains("relay authorize office"), "{person}");
+            let own = for_grant(text, Some("office"), false).unwrap();
+            assert!(own.contains("credentials"), "{own}");
+            assert!(own.contains("relay reload"), "{own}");
+        }
+        // What the table says about credentials stays as it is.
+        let secret = "token endpoint said invalid_client (HTTP 401): AADSTS7000215: Invalid client secret provided.";
+        assert_eq!(
+            for_grant(secret, Some("office"), false),
+            for_log(secret, Some("office"))
+        );
     }
 }
