@@ -364,14 +364,7 @@ async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
 async fn offering_chunking_without_bdat() -> (MockServer, FakeUpstream, TestRelay) {
     let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .chunking
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    upstream
-        .tokens
-        .lock()
-        .unwrap()
-        .push("NOBDAT 500 5.5.1 Command unrecognized: BDAT".into());
+    upstream.without_bdat();
     let relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
     (idp, upstream, relay)
 }
@@ -435,4 +428,31 @@ async fn a_final_reply_too_long_to_keep_still_counts() {
         assert!(upstream.received.try_recv().is_err(), "once each");
         relay.stop().await;
     }
+}
+
+/// An upstream that keeps the message and hangs up before answering the final dot: the message is sent again,
+/// since a loss is worse than a duplicate, and its deferral says that it may arrive twice (RFC 1047), so that a
+/// sysadmin asking why a scan came twice finds the reason. (Through BDAT the same hang-up reads as a server that
+/// does not know BDAT, and the message goes again at once with DATA: `an_upstream_that_offers_chunking…`.)
+#[tokio::test]
+async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
+    let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    let id = accepted_during_fault(&relay).await;
+    let first = upstream.next().await;
+    relay.attempts_done(1).await;
+    let state = relay::queue::state::read_state(
+        &relay.state().join("queue"),
+        relay::queue::QueueStore::parse_id(&id).unwrap(),
+    );
+    let why = state.last_error.unwrap_or_default();
+    assert!(why.contains("may arrive twice"), "{why}");
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let again = upstream.next().await;
+    assert_eq!(again.data, first.data);
+    relay.attempts_done(2).await;
+    assert!(relay.queued().is_empty());
+    relay.stop().await;
 }

@@ -35,7 +35,8 @@ pub struct FakeUpstream {
     /// (report the message at once, answer a second later) or "HOLD 250 …" (report the message at once, answer
     /// when [`release`](Self::release) is notified) or "HANGUP 250 …" (answer, then close the connection
     /// without a word, as a server that drops idle sessions does) or "STRAY 250 …" (answer, then, once
-    /// `release` is notified, send one more reply nobody asked for; [`strays`](Self::strays) says when).
+    /// `release` is notified, send one more reply nobody asked for; [`strays`](Self::strays) says when) or
+    /// "TAKEDROP" (keep the message, then close without answering: the lost reply of RFC 1047).
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -47,7 +48,7 @@ pub struct FakeUpstream {
     /// none accepted is refused.
     pub rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
     /// Offer CHUNKING (RFC 3030) in EHLO, as Microsoft 365 and Gmail do, and take BDAT. With BDAT, `data_reply`
-    /// answers the LAST chunk; only plain replies (no DROP, STALL, SLOW, HANGUP).
+    /// answers the LAST chunk; only plain replies (no DROP, STALL, SLOW, HANGUP, TAKEDROP).
     pub chunking: Arc<std::sync::atomic::AtomicBool>,
     /// Offer SMTPUTF8 (RFC 6531) in EHLO, as Microsoft 365 and Gmail do; on by default.
     pub smtputf8: Arc<std::sync::atomic::AtomicBool>,
@@ -69,6 +70,17 @@ struct Offers {
 impl FakeUpstream {
     pub async fn start(tokens: &[&str]) -> FakeUpstream {
         Self::start_tls(tokens, None).await
+    }
+
+    /// A server (or a middlebox in front of it) that offers CHUNKING but does not know BDAT: it answers BDAT
+    /// with 500 and hangs up.
+    pub fn without_bdat(&self) {
+        self.chunking
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.tokens
+            .lock()
+            .unwrap()
+            .push("NOBDAT 500 5.5.1 Command unrecognized: BDAT".into());
     }
 
     /// With `tls`, the fake speaks implicit TLS (port-465 style) with that acceptor.
@@ -337,6 +349,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     return;
                 }
                 continue;
+            }
+            if reply == "TAKEDROP" {
+                msg.at = std::time::SystemTime::now();
+                let _ = tx.send(msg.clone());
+                return;
             }
             if let Some(last) = reply.strip_prefix("HANGUP ") {
                 msg.at = std::time::SystemTime::now();

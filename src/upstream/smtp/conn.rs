@@ -64,6 +64,20 @@ pub enum Failure {
     Dropped(String),
 }
 
+impl Failure {
+    /// The same failure, saying that it came after the whole message was sent: the server may have taken it and
+    /// lost only its answer (RFC 1047), so sent again it may arrive twice. Sysadmins asking why a scan came twice
+    /// find the answer in the deferral's line.
+    fn after_whole_message(self) -> Failure {
+        const MAYBE_TAKEN: &str = "after the whole message was sent: the upstream may have taken it, so it may arrive twice";
+        match self {
+            Failure::Connection(why) => Failure::Connection(format!("{why}, {MAYBE_TAKEN}")),
+            Failure::Dropped(why) => Failure::Dropped(format!("{why}, {MAYBE_TAKEN}")),
+            other => other,
+        }
+    }
+}
+
 /// A message that did not go, and what that says about the connection.
 #[derive(Debug)]
 pub struct SendFailure {
@@ -519,7 +533,7 @@ impl Conn {
                 let reusable = r.code != 421 && self.rset().await;
                 Err(fail(Failure::Refused(r), false, reusable))
             }
-            Err(f) => Err(fail(f, false, false)),
+            Err(f) => Err(fail(f.after_whole_message(), false, false)),
         }
     }
 
@@ -644,7 +658,8 @@ impl Conn {
                     let timed_out = tokio::time::Instant::now() >= until;
                     // Bytes that did not parse were an answer of sorts: the message may have been taken.
                     let silent = self.buf.len() <= self.pos;
-                    return Err(fail(f, replies.seen == 0 && !timed_out && silent));
+                    let unanswered = replies.seen == 0 && !timed_out && silent;
+                    return Err(fail(f.after_whole_message(), unanswered));
                 }
             }
         }
