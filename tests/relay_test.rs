@@ -277,3 +277,22 @@ async fn each_listed_failure_gets_its_diagnosis() {
         );
     }
 }
+
+/// An upstream that offers CHUNKING but does not know BDAT: `relay test` sends again through DATA, as the daemon
+/// does, says so in the transcript, and reports the delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_through_an_upstream_without_bdat_goes_through_data() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.without_bdat();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sending again with DATA"), "{out}");
+    assert!(out.contains("C: DATA"), "{out}");
+    assert!(out.contains("delivered: 250"), "{out}");
+    let got = upstream.next().await;
+    assert_eq!(got.to, ["ops@example.com"]);
+}

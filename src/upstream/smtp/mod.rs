@@ -40,6 +40,9 @@ pub const FINAL_REPLY: Duration = Duration::from_secs(600);
 const STALE: Duration = Duration::from_secs(60);
 
 /// One account's SMTP upstream.
+/// Only reached if DATA, tried after a refused BDAT, is somehow refused as BDAT was.
+const BDAT_THEN_DATA_FAILED: &str = "the upstream did not know BDAT, and then failed through DATA";
+
 pub struct SmtpUpstream {
     mailbox: String,
     settings: Settings,
@@ -129,7 +132,7 @@ impl SmtpUpstream {
                 Err(f) => return self.failed(key, conn, f),
             }
         }
-        Outcome::Transient("the upstream did not know BDAT, and then failed through DATA".into())
+        Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
     }
 
     /// What this server has shown it cannot do, applied to a connection before a message.
@@ -166,17 +169,37 @@ impl SmtpUpstream {
             Ok(e) => e,
             Err(reply) => return Outcome::Permanent(reply),
         };
-        let mut conn =
-            match Conn::open(&self.settings, &self.mailbox, token, Some(transcript)).await {
+        // As a delivery does: a BDAT the server did not know is sent again through DATA, on a fresh connection,
+        // so that the test shows what the daemon would do rather than a failure it would get past.
+        for data_only in [false, true] {
+            let mut conn = match Conn::open(
+                &self.settings,
+                &self.mailbox,
+                token,
+                Some(transcript.clone()),
+            )
+            .await
+            {
                 Ok(c) => c,
                 Err(f) => return outcome(f),
             };
-        let out = match conn.send(&sender, &wire, message, MailFlags::OWN).await {
-            Ok(sent) => delivered(sent, recipients),
-            Err(f) => outcome(f.failure),
-        };
-        conn.quit().await;
-        out
+            if data_only {
+                conn.forget_chunking();
+            }
+            let out = match conn.send(&sender, &wire, message, MailFlags::OWN).await {
+                Ok(sent) => delivered(sent, recipients),
+                Err(f) if !data_only && matches!(f.failure, Failure::ChunkingRefused(_)) => {
+                    if let Ok(mut t) = transcript.lock() {
+                        t.note("the upstream offers CHUNKING but did not know BDAT: sending again with DATA, as relay serve does");
+                    }
+                    continue;
+                }
+                Err(f) => outcome(f.failure),
+            };
+            conn.quit().await;
+            return out;
+        }
+        Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
     }
 
     /// The most recently used idle connection for this token; older ones and those of another token are
