@@ -152,8 +152,15 @@ fn status(why: &str) -> String {
     if why.starts_with("expired after") {
         return "5.4.7".into();
     }
-    let code = why
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+    match enhanced_status(why) {
+        Some(c) => format!("5{}", &c[1..]),
+        None => "5.0.0".into(),
+    }
+}
+
+/// The first enhanced status code (RFC 3463, `5.1.1`) in a reason, if there is one.
+pub fn enhanced_status(why: &str) -> Option<&str> {
+    why.split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map(|w| w.trim_end_matches('.'))
         .find(|w| {
             let parts: Vec<&str> = w.split('.').collect();
@@ -162,11 +169,7 @@ fn status(why: &str) -> String {
                 && parts[1..]
                     .iter()
                     .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-        });
-    match code {
-        Some(c) => format!("5{}", &c[1..]),
-        None => "5.0.0".into(),
-    }
+        })
 }
 
 /// `Diagnostic-Code`: an SMTP reply as `smtp; CODE TEXT`, anything else (an HTTP API's error, relay's own reason)

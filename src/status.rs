@@ -102,6 +102,24 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     })
 }
 
+/// A refusal about the message, not the account, which goes on sending other mail: a recipient that does not
+/// exist, a mailbox disabled or full, a message too large or in a form the upstream cannot take (RFC 3463's
+/// 5.1.x, 5.2.1 to 5.2.3, 5.3.4, 5.6.x). Not 5.7.x, nor Microsoft's 5.2.252 (SendAsDenied): those are about
+/// what the account may do, and every later message meets them too.
+fn refused_for_itself(reply: &str) -> bool {
+    let Some(code) = crate::bounce::enhanced_status(reply) else {
+        return false;
+    };
+    let mut parts = code.split('.').skip(1);
+    matches!(
+        (parts.next(), parts.next()),
+        (Some("1"), _)
+            | (Some("2"), Some("1" | "2" | "3"))
+            | (Some("3"), Some("4"))
+            | (Some("6"), _)
+    )
+}
+
 pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let (state, tokens, error) = match TokenStore::for_config(config).and_then(|s| s.load(&a.name))
@@ -121,8 +139,10 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         Ok(Some(t)) => ("ok", Some(t), None),
     };
     let last_delivery = read_last_delivery(&config.state_dir, &a.name);
-    // The last delivery did not get through: the account is failing, whatever its token says.
+    // The last delivery did not get through: the account is failing, whatever its token says, unless the
+    // upstream refused that one message for itself (its dead/ file and the queue's count say so).
     let state = match &last_delivery {
+        Some(d) if state == "ok" && d.outcome == "dead" && refused_for_itself(&d.reply) => state,
         Some(d) if state == "ok" && d.outcome != "delivered" => "failing",
         _ => state,
     };
@@ -165,5 +185,30 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         rate,
         test: crate::probe::read_last_test(&config.state_dir, &a.name),
         warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_for_itself;
+
+    #[test]
+    fn tells_a_refused_message_from_a_refused_account() {
+        for message in [
+            "550 5.1.1 <a@example.com>: user unknown",
+            "552 5.2.2 mailbox full",
+            "552 5.3.4 message too big",
+            "553 5.6.7 non-ASCII address, and the upstream has no SMTPUTF8",
+        ] {
+            assert!(refused_for_itself(message), "{message}");
+        }
+        for account in [
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+            "554 5.2.252 SendAsDenied; a@b not allowed to send as c@d",
+            "554 5.7.1 Message rejected as spam",
+            "550 no enhanced code",
+        ] {
+            assert!(!refused_for_itself(account), "{account}");
+        }
     }
 }

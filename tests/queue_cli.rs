@@ -422,3 +422,39 @@ async fn list_and_retry_tell_about_files_that_are_not_messages() {
     }
     assert!(ok(&cfg, &["queue", "retry", &id]).contains("1 message(s) due now"));
 }
+
+/// A message refused for itself (a recipient that does not exist) goes to dead/ and makes `relay status` ask for
+/// attention, but leaves its account `ok`: the account goes on sending other mail. A refusal about what the
+/// account may do (Microsoft's SendAsDenied) makes it `failing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_for_itself_leaves_its_account_ok() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().push((
+        TO[0].into(),
+        "550 5.1.1 <a@example.com>: user unknown".into(),
+    ));
+    let (_dir, cfg, mut d, _idp) = daemon(&upstream).await;
+    let id = send(d.addr, &TO[..1], b"to nobody").await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id), "{line}");
+    let status = |cfg: &Path| {
+        let out = relay(cfg, &["status", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), doc)
+    };
+    let (code, doc) = status(&cfg);
+    assert_eq!(code, Some(1), "dead mail needs attention: {doc}");
+    assert_eq!(doc["queue"]["dead"], 1, "{doc}");
+    let account = &doc["accounts"][0];
+    assert_eq!(account["state"], "ok", "{doc}");
+    assert_eq!(account["last_delivery"]["outcome"], "dead", "{doc}");
+
+    *upstream.data_reply.lock().unwrap() =
+        "550 5.7.60 SMTP; Client does not have permissions to send as this sender".into();
+    let id = send(d.addr, &TO[1..], b"as someone else").await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id), "{line}");
+    let (_, doc) = status(&cfg);
+    assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
+    assert_eq!(d.terminate().code(), Some(0));
+}

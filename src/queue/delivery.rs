@@ -108,12 +108,15 @@ impl Account {
     }
 
     /// Records the last result for `relay status`: at once when the kind of outcome changes, else at most once a
-    /// second, so a busy relay does not write a file per message. Not fsynced: it is a report, not mail.
+    /// second, so a busy relay does not write a file per message. Not fsynced: it is a report, not mail. Every
+    /// dead message is recorded: whether the account is failing depends on its reply (`status.rs`), and moving
+    /// a message to dead/ costs more writes than this one anyway.
     fn record(&self, state_dir: &Path, outcome: &'static str, reply: &str) {
         let now = std::time::Instant::now();
         if let Ok(mut last) = self.last_written.lock() {
             if let Some((at, kind)) = *last
                 && kind == outcome
+                && outcome != "dead"
                 && now.duration_since(at) < Duration::from_secs(1)
             {
                 return;
