@@ -878,7 +878,9 @@ impl Conn {
     /// reply would be read as the answer to the next command (a message refused with 554 would be taken for
     /// delivered); a close or a 421 says it is gone. Either way it is not used. Does not wait.
     pub fn is_quiet(&mut self) -> bool {
-        if !self.is_clean() {
+        // A task that has used up its cooperative budget gets Pending from tokio without a look at the socket:
+        // that says nothing, so the connection is not taken for quiet.
+        if !self.is_clean() || !tokio::task::coop::has_budget_remaining() {
             return false;
         }
         let mut chunk = [0u8; 512];
@@ -1207,6 +1209,40 @@ mod tests {
         Conn::open(&settings, "me@x.test", &token, None)
             .await
             .unwrap()
+    }
+
+    /// A reply that arrived while the connection was idle is seen even by a task that has used up its
+    /// cooperative budget (tokio then answers Pending without looking at the socket).
+    #[tokio::test]
+    async fn a_connection_with_something_unread_is_never_quiet() {
+        let (port, _server) = scripted(|cmd| match cmd {
+            c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+            c if c.starts_with("AUTH") => b"235 ok\r\n",
+            _ => b"250 2.0.0 OK\r\n",
+        })
+        .await;
+        let mut conn = connect(port).await;
+        assert!(conn.is_quiet(), "nothing unread");
+        // A command whose reply is not read: bytes wait in the socket, as a late reply would.
+        conn.write(b"RSET\r\n", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let Stream::Plain(tcp) = &conn.stream else {
+            unreachable!("plain TCP")
+        };
+        tokio::time::timeout(Duration::from_secs(10), tcp.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        // Use up the budget: each ready receive takes one unit.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1000 {
+            tx.send(()).unwrap();
+        }
+        while tokio::task::coop::has_budget_remaining() {
+            let _ = rx.recv().await;
+        }
+        assert!(!conn.is_quiet(), "something arrived");
     }
 
     async fn seen(server: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> {
