@@ -338,3 +338,68 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
         big.len() >> 20
     );
 }
+
+/// Below their single-request limits, Graph's `sendMail` (base64 MIME) and the Gmail API's media upload are read
+/// from the queue file while they are sent, as SMTP's are: the daemon's peak memory grows by less than the
+/// message (measured: 1.2 MiB for 2.7 MiB through Graph, 0.6 MiB for 4.8 MiB through Gmail; holding it whole,
+/// and Graph's base64 beside it, had grown 6.7 MiB for the same 2.7 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_request_uploads_are_read_from_the_queue_file_as_they_go() {
+    // (provider, transport lines, PDF size: the message just under the request limit, path at the fake)
+    let cases = [
+        (
+            "microsoft",
+            "transport = \"graph\"\ngraph_url",
+            2_100_000,
+            "sendMail",
+        ),
+        (
+            "google",
+            "scope = \"https://mail.google.com/\"\ntransport = \"gmail_api\"\ngmail_api_url",
+            3_700_000,
+            "media",
+        ),
+    ];
+    for (provider, lines, pdf_size, path) in cases {
+        let idp = idp_issuing("tok").await;
+        let api = FakeApi::start("tok", MAILBOX).await;
+        let dir = tempfile::tempdir().unwrap();
+        let t = top(
+            dir.path(),
+            &idp.uri(),
+            provider,
+            &format!("{lines} = \"{}\"", api.uri()),
+        );
+        let config = dir.path().join("relay.toml");
+        let state = dir.path().join("state");
+        std::fs::write(&config, format!("state_dir = {state:?}\n{t}\n{LISTENER}")).unwrap();
+        let daemon = Daemon::spawn(&config);
+        // The first delivery sets up what every later one shares (the token, the HTTP client's connection).
+        let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+        send_to(daemon.addr, &["ops@example.test"], small).await;
+        api.sent(1).await;
+        let before = proc_kib(daemon.pid(), "VmHWM:") * 1024;
+
+        let (msg, _) = scan(pdf_size);
+        send_to(daemon.addr, &["ops@example.test"], &msg).await;
+        let sent = api.sent(2).await;
+        assert_eq!(sent[1].path, path, "{provider}");
+        assert!(
+            strip_received(&sent[1].mime) == &msg[..],
+            "{provider}: changed on the way"
+        );
+        let grown = (proc_kib(daemon.pid(), "VmHWM:") * 1024).saturating_sub(before);
+        eprintln!(
+            "{provider}: peak RSS grew {} KiB for a {} KiB message",
+            grown >> 10,
+            msg.len() >> 10
+        );
+        assert!(
+            grown < msg.len() as u64 * 3 / 4,
+            "{provider}: peak RSS grew {} KiB for a {} KiB message",
+            grown >> 10,
+            msg.len() >> 10
+        );
+        assert!(api.errors().is_empty(), "{provider}: {:?}", api.errors());
+    }
+}

@@ -39,7 +39,7 @@ const SHOWN: usize = 10;
 /// SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
 /// Message bytes held by all deliveries together, as `Transports::memory_for` charges them (a few chunks for a
-/// streamed SMTP delivery, twice the message for an HTTP one); a charge larger than the budget runs alone.
+/// streamed delivery, up to a few megabytes for Graph's drafts); a charge larger than the budget runs alone.
 pub const DELIVERY_MEMORY: usize = 32 << 20;
 
 /// An upstream account as delivery sees it.
@@ -603,8 +603,8 @@ impl Delivery {
                 return Attempted::Waiting { pool, wait };
             }
         };
-        // What the delivery holds of the message: a few chunks for SMTP, which streams it from the file; the whole
-        // message, twice, for an HTTP transport (`Transports::memory_for`).
+        // What the delivery holds of the message: a few chunks where it streams from the file, more for Graph's
+        // drafts and Gmail's resumable uploads (`Transports::memory_for`).
         let units = memory_units(account.transports.memory_for(msg.size));
         let Ok(memory) = self.memory.acquire_many(units).await else {
             return Attempted::later(now + RECHECK).with_account(account.name.clone());

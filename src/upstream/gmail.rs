@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::Outcome;
-use super::http::{client, failed, refusal, time_for};
+use super::http::{client, failed, refusal, streamed, time_for};
 use super::mime;
 use super::outgoing::Outgoing;
 
@@ -51,16 +51,14 @@ impl GmailUpstream {
             ));
         }
         let resp = if total <= SIMPLE_LIMIT {
-            let body = match read(message, &bcc, 0..total).await {
-                Ok(b) => b,
-                Err(outcome) => return outcome,
-            };
+            // Read from the queue file as it is sent.
             self.http
                 .post(format!("{}?uploadType=media", self.url))
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
+                .header(reqwest::header::CONTENT_LENGTH, total)
                 .timeout(time_for(total))
-                .body(body)
+                .body(streamed(message, bcc, false))
                 .send()
                 .await
         } else {

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use super::Outcome;
-use super::http::{client, failed, refusal, time_for};
+use super::http::{base64_len, client, failed, refusal, streamed, streamed_len, time_for};
 use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
 
@@ -43,7 +43,8 @@ impl GraphUpstream {
         })
     }
 
-    /// A message within Graph's 4 MB request limit goes whole, as base64 MIME. A larger one is taken apart where
+    /// A message within Graph's 4 MB request limit goes whole, as base64 MIME read from the queue file as it is
+    /// sent. A larger one is taken apart where
     /// it lies in the queue file: the draft is the message without its largest attachments (at most 4 MB), and
     /// each of those is decoded and uploaded a chunk at a time. So a delivery holds at most a few megabytes,
     /// whatever the message's size ([`super::Transports::memory_for`]).
@@ -60,18 +61,15 @@ impl GraphUpstream {
             ));
         }
         let patch = self.draft_changes(recipients, message.header_block());
-        if encoded_len(size as usize) <= REQUEST_LIMIT && patch.is_none() {
-            return match message.read_all().await {
-                Ok(bytes) => self.send_mime(token, &bytes).await,
-                Err(e) => unreadable(e),
-            };
+        if base64_len(size as usize) <= REQUEST_LIMIT && patch.is_none() {
+            return self.send_mime(token, message).await;
         }
         let m = message.clone();
         let taken_apart = tokio::task::spawn_blocking(move || {
             let cut = largest_first(&m)?;
             // Refused before the draft is built: a large message with nothing to cut out would be read whole.
             let kept = m.size() - cut.iter().map(|l| l.cut.len()).sum::<usize>();
-            if encoded_len(kept) > REQUEST_LIMIT {
+            if base64_len(kept) > REQUEST_LIMIT {
                 return Ok(Err(kept));
             }
             let draft = without(&m, &cut)?;
@@ -138,15 +136,16 @@ impl GraphUpstream {
         }
     }
 
-    async fn send_mime(&self, token: &SecretString, message: &[u8]) -> Outcome {
-        let body = B64.encode(message);
-        let len = body.len();
+    /// The message as base64 MIME in one `sendMail` request, read from the queue file as it is sent.
+    async fn send_mime(&self, token: &SecretString, message: &Outgoing) -> Outcome {
+        let len = streamed_len(message, 0, true);
         let resp = self
             .http
             .post(format!("{}/sendMail", self.base))
             .bearer_auth(token.expose_secret())
             .header(reqwest::header::CONTENT_TYPE, "text/plain")
-            .body(body)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(streamed(message, Vec::new(), true))
             .timeout(time_for(len))
             .send()
             .await;
@@ -334,10 +333,6 @@ impl GraphUpstream {
     }
 }
 
-fn encoded_len(n: usize) -> usize {
-    n.div_ceil(3) * 4
-}
-
 fn unreadable(e: std::io::Error) -> Outcome {
     Outcome::Transient(format!("cannot read the queue file: {e}"))
 }
@@ -349,7 +344,7 @@ fn largest_first<S: Source + ?Sized>(message: &S) -> std::io::Result<Vec<Leaf>> 
     let mut left = message.size();
     let mut cut = Vec::new();
     for l in leaves {
-        if encoded_len(left) <= REQUEST_LIMIT {
+        if base64_len(left) <= REQUEST_LIMIT {
             break;
         }
         left -= l.cut.len();

@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::Outcome;
+use super::outgoing::Outgoing;
 
 /// At most this much of an error reply is read: it is for the log line.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -22,6 +23,59 @@ pub fn client() -> Result<reqwest::Client, reqwest::Error> {
 /// Time to send `bytes` at a slow 32 KiB/s, plus a minute for the reply.
 pub fn time_for(bytes: usize) -> Duration {
     Duration::from_secs(60 + bytes as u64 / 32_768)
+}
+
+/// A request body read from the queue file while it is sent, a piece at a time ([`Outgoing::chunks`]), so that a
+/// delivery holds a piece, never the whole message: `prefix`, then the message; with `base64`, the standard
+/// base64 of both (Graph's MIME upload), each piece cut at a multiple of 3 bytes so that the pieces' encodings
+/// join into the encoding of the whole. Its length is [`streamed_len`]. A queue file that changed since it was
+/// sealed ends the stream with an error, and the request is abandoned unfinished, as SMTP leaves out the final
+/// dot.
+pub fn streamed(message: &Outgoing, prefix: Vec<u8>, base64: bool) -> reqwest::Body {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let encode = move |bytes: Vec<u8>| {
+        if base64 {
+            B64.encode(bytes).into_bytes()
+        } else {
+            bytes
+        }
+    };
+    // (pieces, bytes not sent yet, whether the last piece went)
+    let start = (message.chunks(false), prefix, false);
+    let pieces =
+        futures_util::stream::try_unfold(start, move |(mut chunks, mut carry, done)| async move {
+            if done {
+                return Ok(None);
+            }
+            while let Some(piece) = chunks.next().await? {
+                carry.extend_from_slice(&piece);
+                let whole = if base64 {
+                    carry.len() / 3 * 3
+                } else {
+                    carry.len()
+                };
+                if whole > 0 {
+                    let rest = carry.split_off(whole);
+                    return Ok(Some((encode(carry), (chunks, rest, false))));
+                }
+            }
+            Ok::<_, std::io::Error>(
+                (!carry.is_empty()).then(|| (encode(carry), (chunks, Vec::new(), true))),
+            )
+        });
+    reqwest::Body::wrap_stream(pieces)
+}
+
+/// The length of [`streamed`]'s body.
+pub fn streamed_len(message: &Outgoing, prefix: usize, base64: bool) -> usize {
+    let raw = prefix + message.len() as usize;
+    if base64 { base64_len(raw) } else { raw }
+}
+
+/// The length of `n` bytes in padded base64.
+pub fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
 }
 
 /// `Retry-After`: seconds, or an HTTP date.

@@ -220,7 +220,8 @@ impl Outgoing {
         self.long_lines.is_some()
     }
 
-    /// The whole message in memory: for the HTTP transports, which need it at once (Graph's base64 MIME).
+    /// The whole message in memory (what the tests compare; deliveries stream it).
+    #[cfg(test)]
     pub async fn read_all(&self) -> io::Result<Vec<u8>> {
         self.read_range(0..self.len()).await
     }

@@ -95,21 +95,25 @@ impl Transports {
         }
     }
 
-    /// Message bytes one delivery may hold in memory: the HTTP transports need a message whole (Graph's base64
-    /// MIME), SMTP streams it from the queue file.
+    /// Message bytes one delivery may hold in memory. SMTP and the single-request HTTP uploads (Graph's
+    /// `sendMail`, Gmail's media upload) stream from the queue file; Graph's drafts hold the message without its
+    /// largest attachments, Gmail's resumable upload a chunk at a time.
     pub fn memory_for(&self, size: u64) -> u64 {
         // SMTP: two chunks in flight (read and written) and a wrapped one (up to about 3.2 times its source).
         let streamed =
             (super::outgoing::CHUNK as u64 * 5).min(size.saturating_mul(2).max(64 << 10));
-        // Graph: a message up to its 4 MB request limit whole and base64-encoded; above, a draft of at most
-        // that, then one upload chunk and its base64 symbols at a time.
+        // Graph: a message up to its 4 MB request limit streams, unless its envelope differs from its headers
+        // (then it goes as a draft); a draft is at most that, whole and base64-encoded, then one upload chunk and
+        // its base64 symbols at a time.
         let graph = size
             .saturating_mul(2)
             .min(3 * super::graph::REQUEST_LIMIT as u64);
-        // Gmail: the simple upload holds the message, the resumable one a chunk at a time.
-        let gmail = size
-            .saturating_mul(2)
-            .min((super::gmail::SIMPLE_LIMIT + super::gmail::CHUNK) as u64 * 2);
+        // Gmail: the simple upload streams, the resumable one holds a chunk at a time.
+        let gmail = if size <= super::gmail::SIMPLE_LIMIT as u64 {
+            streamed
+        } else {
+            super::gmail::CHUNK as u64 * 2
+        };
         match (&self.primary, &self.fallback) {
             (Primary::Smtp(_), None) => streamed,
             (Primary::Gmail(_), None) => gmail,
