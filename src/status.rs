@@ -103,21 +103,23 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 }
 
 /// A refusal about the message, not the account, which goes on sending other mail: a recipient that does not
-/// exist, a mailbox disabled or full, a message too large or in a form the upstream cannot take (RFC 3463's
-/// 5.1.x, 5.2.1 to 5.2.3, 5.3.4, 5.6.x). Not 5.7.x, nor Microsoft's 5.2.252 (SendAsDenied): those are about
-/// what the account may do, and every later message meets them too.
+/// exist or has moved, a mailbox disabled or full, a message too large or in a form the upstream cannot take
+/// (RFC 3463's 5.1.1, 5.1.2, 5.1.3, 5.1.6, Microsoft's 5.1.10, 5.2.1 to 5.2.3, 5.3.4, 5.6.x). Not a bad sender
+/// (5.1.7, 5.1.8: Microsoft's "bad outbound sender" blocks the account), a sending limit (5.1.90, a 5.2.2
+/// `SubmissionQuotaExceeded`), 5.7.x, nor Microsoft's 5.2.252 (SendAsDenied): every later message meets those too.
 fn refused_for_itself(reply: &str) -> bool {
     let Some(code) = crate::bounce::enhanced_status(reply) else {
         return false;
     };
     let mut parts = code.split('.').skip(1);
-    matches!(
+    let about_message = matches!(
         (parts.next(), parts.next()),
-        (Some("1"), _)
+        (Some("1"), Some("1" | "2" | "3" | "6" | "10"))
             | (Some("2"), Some("1" | "2" | "3"))
             | (Some("3"), Some("4"))
             | (Some("6"), _)
-    )
+    );
+    about_message && !reply.to_ascii_lowercase().contains("submissionquota")
 }
 
 pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
@@ -197,12 +199,17 @@ mod tests {
         for message in [
             "550 5.1.1 <a@example.com>: user unknown",
             "552 5.2.2 mailbox full",
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
             "552 5.3.4 message too big",
             "553 5.6.7 non-ASCII address, and the upstream has no SMTPUTF8",
         ] {
             assert!(refused_for_itself(message), "{message}");
         }
         for account in [
+            "550 5.1.8 Access denied, bad outbound sender",
+            "550 5.1.90 Your message can't be sent because you've reached your daily limit for message recipients",
+            "554 5.2.2 mailbox full; STOREDRV.Submission.Exception:SubmissionQuotaExceededException",
+            "550 5.1.7 invalid sender",
             "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
             "554 5.2.252 SendAsDenied; a@b not allowed to send as c@d",
             "554 5.7.1 Message rejected as spam",

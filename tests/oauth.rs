@@ -661,7 +661,8 @@ async fn a_refused_grant_without_a_person_blames_the_credentials() {
     let line = d.wait_log("relay_event=\"token_refresh_failed\"");
     assert!(line.contains("credentials"), "{line}");
     assert!(line.contains("relay reload"), "{line}");
-    d.wait_log("relay_event=\"deferred\"");
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(!line.contains("run `relay authorize"), "{line}");
     assert!(
         !d.unmatched()
             .iter()

@@ -275,7 +275,13 @@ impl AccountTokens {
                     })
                 });
                 if let Some(mut t) = previous {
-                    t.needs_authorization |= revoked;
+                    // A grant without a person never waits for `relay authorize` (an older relay may have
+                    // said it did).
+                    t.needs_authorization = if interactive {
+                        t.needs_authorization || revoked
+                    } else {
+                        false
+                    };
                     t.last_error = Some(e.explained(&self.name, self.renewal.is_interactive()));
                     let Some(hash) =
                         self.store

@@ -26,7 +26,7 @@ impl Diagnosis {
             Some(a) => self.fix.replace("ACCOUNT", a),
             None => self.fix.to_string(),
         };
-        format!("{} ({}); fix: {fix}", self.cause, self.code)
+        format!("{} ({}){DIAGNOSED}{fix}", self.cause, self.code)
     }
 }
 
@@ -40,10 +40,26 @@ pub fn diagnose(text: &str) -> Option<&'static Diagnosis> {
     })
 }
 
-/// [`diagnose`], as the text a log line carries (`relay_diagnosis`), for `account`.
+/// [`diagnose`], as the text a log line carries (`relay_diagnosis`), for `account`. A text that already carries
+/// its diagnosis (a token error explained where the account's flow was known: [`for_grant`]) gets that one
+/// again, not a second one that could contradict it.
 pub fn for_log(text: &str, account: Option<&str>) -> Option<String> {
-    diagnose(text).map(|d| d.text(account.filter(|a| !a.is_empty())))
+    let account = account.filter(|a| !a.is_empty());
+    if text.contains(DIAGNOSED) {
+        let given = TABLE
+            .iter()
+            .chain([&CREDENTIALS])
+            .map(|d| d.text(account))
+            .find(|d| text.contains(d.as_str()));
+        if given.is_some() {
+            return given;
+        }
+    }
+    diagnose(text).map(|d| d.text(account))
 }
+
+/// What [`Diagnosis::text`] puts between the cause and the fix.
+const DIAGNOSED: &str = "; fix: ";
 
 /// [`for_log`] for a token endpoint's refusal of an account's grant. A grant that needs no person (client
 /// credentials, a service account, a password) has no refresh token for `relay authorize` to replace: where the
@@ -535,6 +551,10 @@ mod tests {
             assert!(own.contains("credentials"), "{own}");
             assert!(own.contains("relay reload"), "{own}");
         }
+        // Explained once, the text is not diagnosed again (the generic entry would say `relay authorize`).
+        let own = for_grant(dead, Some("office"), false);
+        let explained = format!("account office: {dead}; {}", own.clone().unwrap());
+        assert_eq!(for_log(&explained, Some("office")), own);
         // What the table says about credentials stays as it is.
         let secret = "token endpoint said invalid_client (HTTP 401): AADSTS7000215: Invalid client secret provided.";
         assert_eq!(

@@ -308,6 +308,19 @@ pub struct Chunks {
 }
 
 impl Chunks {
+    /// Whether the bytes read from the file are still those sealed (once: the hash is used up).
+    fn check_seal(&mut self) -> io::Result<()> {
+        if let (Some(hash), Some(r)) = (self.check.take(), &self.message.reread)
+            && crate::queue::seal::seal(r.len, &hash.finalize()) != r.seal
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the queue file changed while it was sent (its bytes no longer match the seal)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The next piece, or `None` at the end. A wrapped message's pieces may be up to about 3.2 times [`CHUNK`].
     pub async fn next(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
@@ -317,16 +330,8 @@ impl Chunks {
             let len = self.message.len();
             if self.at >= len {
                 self.done = true;
-                // Checked before the last piece is handed over: the SMTP client writes the final dot with it, so
-                // a message that changed on disk is abandoned, never delivered as it now reads.
-                if let (Some(hash), Some(r)) = (self.check.take(), &self.message.reread)
-                    && crate::queue::seal::seal(r.len, &hash.finalize()) != r.seal
-                {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the queue file changed while it was sent (its bytes no longer match the seal)",
-                    ));
-                }
+                // An empty message's only check.
+                self.check_seal()?;
                 let mut tail = Vec::new();
                 if let Some(r) = self.rewriter.take() {
                     let unfoldable = r.finish(&mut tail);
@@ -354,6 +359,12 @@ impl Chunks {
                 hash.update(&piece[from_file.min(piece.len())..]);
             }
             self.at += piece.len() as u64;
+            // Checked before the last piece is handed over, so that no consumer can send the whole message as
+            // it now reads: the SMTP client writes the final dot with that piece, and an HTTP request with a
+            // Content-Length is complete (and taken) once its last byte is out.
+            if self.at >= len {
+                self.check_seal()?;
+            }
             match &mut self.rewriter {
                 None => return Ok(Some(piece)),
                 Some(r) => {
@@ -428,19 +439,31 @@ mod tests {
         f.as_file()
             .write_all_at(b"y", 9 + 2 * CHUNK as u64)
             .unwrap();
-        let mut c = o.chunks(true);
-        let mut result = Ok(());
-        loop {
-            match c.next().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(e);
-                    break;
+        for wrap in [true, false] {
+            let mut c = o.chunks(wrap);
+            let mut handed_over = 0;
+            let result = loop {
+                match c.next().await {
+                    Ok(Some(piece)) => handed_over += piece.len(),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
-            }
+            };
+            assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+            // Never the whole message: its last piece is held back by the check.
+            let (clean, seal) = file_with(&msg);
+            let whole = Outgoing::open(
+                Arc::new(clean.reopen().unwrap()),
+                9,
+                msg.len() as u64,
+                &seal,
+            )
+            .unwrap()
+            .unwrap()
+            .with_head(b"Subject: t\r\n".to_vec(), 12);
+            let whole = collect(&whole, wrap).await.len();
+            assert!(handed_over < whole, "wrap {wrap}: {handed_over} of {whole}");
         }
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
         // Unchanged, the rewritten head does not upset the check.
         let (f, seal) = file_with(&msg);
         let o = Outgoing::open(Arc::new(f.reopen().unwrap()), 9, msg.len() as u64, &seal)

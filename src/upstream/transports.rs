@@ -109,7 +109,8 @@ impl Transports {
             .saturating_mul(2)
             .min(3 * super::graph::REQUEST_LIMIT as u64);
         // Gmail: the simple upload streams, the resumable one holds a chunk at a time.
-        let gmail = if size <= super::gmail::SIMPLE_LIMIT as u64 {
+        // (With room for a Bcc line and a rewritten header, which count toward the simple upload's limit.)
+        let gmail = if size + (1 << 20) <= super::gmail::SIMPLE_LIMIT as u64 {
             streamed
         } else {
             super::gmail::CHUNK as u64 * 2

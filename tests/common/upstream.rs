@@ -36,7 +36,8 @@ pub struct FakeUpstream {
     /// when [`release`](Self::release) is notified) or "HANGUP 250 …" (answer, then close the connection
     /// without a word, as a server that drops idle sessions does) or "STRAY 250 …" (answer, then, once
     /// `release` is notified, send one more reply nobody asked for; [`strays`](Self::strays) says when) or
-    /// "TAKEDROP" (keep the message, then close without answering: the lost reply of RFC 1047).
+    /// "TAKEDROP" (keep the message, then close without answering: the lost reply of RFC 1047; once, then
+    /// "250 2.0.0 OK").
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -351,6 +352,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
             if reply == "TAKEDROP" {
+                // Once: the next message (the same one, sent again) is answered.
+                *data_reply.lock().unwrap() = "250 2.0.0 OK".into();
                 msg.at = std::time::SystemTime::now();
                 let _ = tx.send(msg.clone());
                 return;

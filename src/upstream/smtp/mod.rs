@@ -101,6 +101,11 @@ impl SmtpUpstream {
             Err(reply) => return Outcome::Permanent(reply),
         };
         let key = blake3::hash(token.expose_secret().as_bytes());
+        // With the task's cooperative budget used up, no pooled connection could be seen to be quiet
+        // (`Conn::is_quiet`) and each would be dropped: a yield renews the budget.
+        if !tokio::task::coop::has_budget_remaining() {
+            tokio::task::yield_now().await;
+        }
         if let Some(mut conn) = self.reusable(key) {
             self.fit(&mut conn);
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
@@ -205,6 +210,10 @@ impl SmtpUpstream {
     /// The most recently used idle connection for this token; older ones and those of another token are
     /// closed.
     fn reusable(&self, key: blake3::Hash) -> Option<Conn> {
+        // Still no budget: the pool is left as it is for the next message.
+        if !tokio::task::coop::has_budget_remaining() {
+            return None;
+        }
         loop {
             let (k, mut conn) = self.idle.lock().ok()?.pop()?;
             // A new token means the old one is being replaced (refreshed, or refused): its sessions go too.
