@@ -107,7 +107,21 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 /// (RFC 3463's 5.1.1, 5.1.2, 5.1.3, 5.1.6, Microsoft's 5.1.10, 5.2.1 to 5.2.3, 5.3.4, 5.6.x). Not a bad sender
 /// (5.1.7, 5.1.8: Microsoft's "bad outbound sender" blocks the account), a sending limit (5.1.90, a 5.2.2
 /// `SubmissionQuotaExceeded`), 5.7.x, nor Microsoft's 5.2.252 (SendAsDenied): every later message meets those too.
+/// Through Graph: invalid recipients or a message too large; through the Gmail API: a 400 `invalidArgument` (a
+/// header Gmail cannot read).
 fn refused_for_itself(reply: &str) -> bool {
+    // The HTTP transports' words for the same (`upstream::http::refusal`: "SERVICE STATUS CODE: message").
+    let words = |w: &str| reply.split([' ', ':']).any(|c| c == w);
+    if (reply.starts_with("Graph ")
+        && (words("ErrorInvalidRecipients") || words("ErrorMessageSizeExceeded") || words("413")))
+        || (reply.starts_with("Gmail API 400 ") && words("invalidArgument"))
+        // relay's own refusal of a message over the API's size limit
+        || ["Graph: the message is ", "Graph: even without its attachments", "Gmail API: the message is "]
+            .iter()
+            .any(|p| reply.starts_with(p))
+    {
+        return true;
+    }
     let Some(code) = crate::bounce::enhanced_status(reply) else {
         return false;
     };
@@ -202,6 +216,10 @@ mod tests {
             "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
             "552 5.3.4 message too big",
             "553 5.6.7 non-ASCII address, and the upstream has no SMTPUTF8",
+            "Graph 400 ErrorInvalidRecipients: At least one recipient is not valid — a recipient address is not valid",
+            "Graph 413 : request entity too large",
+            "Gmail API 400 invalidArgument: Invalid To header",
+            "Gmail API: the message is 40000000 bytes; Gmail takes at most 35 MB",
         ] {
             assert!(refused_for_itself(message), "{message}");
         }
@@ -214,6 +232,8 @@ mod tests {
             "554 5.2.252 SendAsDenied; a@b not allowed to send as c@d",
             "554 5.7.1 Message rejected as spam",
             "550 no enhanced code",
+            "Graph 403 ErrorAccessDenied: Access is denied",
+            "Gmail API 400 failedPrecondition: Precondition check failed.",
         ] {
             assert!(!refused_for_itself(account), "{account}");
         }

@@ -690,3 +690,29 @@ async fn a_refused_grant_without_a_person_blames_the_credentials() {
     token_endpoint_recovers(&idp, upstream, &config, &mut d).await;
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A proxy or firewall that answers the token request with a page (HTTP 200, text/html) is named in the log and
+/// in `relay status` by the page's first words, not left as a JSON parser's "expected value at line 1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_in_place_of_the_token_reply_is_quoted() {
+    let page = ResponseTemplate::new(200).set_body_raw(
+        "<html><head><title>Sophos Web Appliance: Access Denied</title></head></html>",
+        "text/html; charset=utf-8",
+    );
+    let (_idp, _upstream, _dir, config) = client_credentials(page).await;
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
+    let line = d.wait_log("relay_event=\"token_refresh_failed\"");
+    assert!(line.contains("not JSON"), "{line}");
+    assert!(line.contains("Sophos Web Appliance"), "{line}");
+    d.wait_log("relay_event=\"deferred\"");
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = doc["accounts"][0]["last_error"].as_str().unwrap_or("");
+    assert!(why.contains("a proxy or a firewall"), "{doc}");
+    assert_eq!(d.terminate().code(), Some(0));
+}

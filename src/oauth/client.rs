@@ -276,6 +276,12 @@ impl TokenClient {
         }
         let mut reply = request.send().await?;
         let status = reply.status();
+        let content_type = reply
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type")
+            .to_string();
         let mut body = Vec::new();
         while let Some(chunk) = reply.chunk().await? {
             if body.len() + chunk.len() > MAX_REPLY {
@@ -305,8 +311,15 @@ impl TokenClient {
                 other => other,
             });
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| OAuthError::Malformed(redact(&e.to_string(), &secrets)))
+        serde_json::from_slice(&body).map_err(|e| {
+            let e = redact(&e.to_string(), &secrets);
+            OAuthError::Malformed(
+                match not_json(status.as_u16(), &content_type, &body, &secrets) {
+                    Some(what) => format!("{what} ({e})"),
+                    None => e,
+                },
+            )
+        })
     }
 
     async fn token(&self, params: &[(&str, &str)]) -> Result<Grant, OAuthError> {
@@ -359,6 +372,27 @@ const PUBLIC_FIELDS: [&str; 6] = [
 ];
 
 /// `text` with every occurrence of `secrets` (those long enough to be told from ordinary words) replaced.
+/// What a success reply that is not JSON at all looks like: a proxy, a firewall or a captive portal answering
+/// in the identity provider's place sends a page, whose first words name it. A reply that starts as JSON is
+/// never quoted: it may hold a token.
+fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim_start();
+    if text.is_empty() || text.starts_with(['{', '[']) {
+        return None;
+    }
+    let start: String = text
+        .chars()
+        .take(120)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let start = start.split_whitespace().collect::<Vec<_>>().join(" ");
+    Some(format!(
+        "HTTP {status} with {content_type}, not JSON: \"{}…\"; a proxy or a firewall may be answering in the identity provider's place",
+        redact(&start, secrets)
+    ))
+}
+
 fn redact(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
     // Longest first: one secret inside another must not leave the longer one's other parts behind.
@@ -438,6 +472,22 @@ mod tests {
         assert_eq!(g.expires_at, now + Duration::from_secs(86_400));
         assert!(parse_token_reply(br#"{"access_token":"","expires_in":1}"#, now).is_err());
         assert!(parse_token_reply(b"{", now).is_err());
+    }
+
+    #[test]
+    fn a_page_in_place_of_json_is_quoted_but_json_never_is() {
+        let page = b"\n<html><head>\n<title>Access Denied</title></head><body>client_secret=s3cret-value</body>";
+        let what = not_json(200, "text/html", page, &["s3cret-value".into()]).unwrap();
+        assert!(
+            what.starts_with(
+                "HTTP 200 with text/html, not JSON: \"<html><head> <title>Access Denied"
+            ),
+            "{what}"
+        );
+        assert!(!what.contains("s3cret"), "{what}");
+        let token = br#"{"access_token":"eyJ0eXAi.secret","expires_in":"soon"}"#;
+        assert_eq!(not_json(200, "application/json", token, &[]), None);
+        assert_eq!(not_json(200, "application/json", b"  ", &[]), None);
     }
 
     #[test]
