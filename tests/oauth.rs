@@ -242,17 +242,12 @@ async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
         state.join(format!("queue/{id}.msg")).exists(),
         "never bounced"
     );
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, status) = status_json(&config);
     assert_eq!(
         status["accounts"][0]["state"], "needs-authorization",
         "{status}"
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(code, Some(1));
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
@@ -593,6 +588,17 @@ async fn client_credentials(
     (idp, upstream, dir, config)
 }
 
+/// `relay status --json`: its exit code and document.
+fn status_json(config: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let out = std::process::Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let doc = serde_json::from_slice(&out.stdout).unwrap();
+    (out.status.code(), doc)
+}
+
 /// The identity provider issues tokens again; the waiting mail, retried now, is delivered.
 async fn token_endpoint_recovers(
     idp: &MockServer,
@@ -623,15 +629,7 @@ async fn status_tells_when_the_first_token_cannot_be_had() {
     d.wait_log("relay_event=\"token_refresh_failed\"");
     // The attempt is over (a retry asked for before its deferral is written would be overwritten by it).
     d.wait_log("relay_event=\"deferred\"");
-    let status = || {
-        let out = std::process::Command::new(relay_bin())
-            .args(["status", "--json", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        (out.status.code(), doc)
-    };
+    let status = || status_json(&config);
     let (code, doc) = status();
     assert_eq!(code, Some(1), "{doc}");
     let account = &doc["accounts"][0];
@@ -671,12 +669,7 @@ async fn a_refused_grant_without_a_person_blames_the_credentials() {
         d.unmatched()
     );
 
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, doc) = status_json(&config);
     assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
     let why = doc["accounts"][0]["last_error"].as_str().unwrap_or("");
     assert!(why.contains("credentials"), "{doc}");
@@ -706,12 +699,7 @@ async fn a_page_in_place_of_the_token_reply_is_quoted() {
     assert!(line.contains("not JSON"), "{line}");
     assert!(line.contains("Sophos Web Appliance"), "{line}");
     d.wait_log("relay_event=\"deferred\"");
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, doc) = status_json(&config);
     let why = doc["accounts"][0]["last_error"].as_str().unwrap_or("");
     assert!(why.contains("a proxy or a firewall"), "{doc}");
     assert_eq!(d.terminate().code(), Some(0));
