@@ -432,8 +432,7 @@ async fn a_final_reply_too_long_to_keep_still_counts() {
 
 /// An upstream that keeps the message and hangs up before answering the final dot: the message is sent again,
 /// since a loss is worse than a duplicate, and its deferral says that it may arrive twice (RFC 1047), so that a
-/// sysadmin asking why a scan came twice finds the reason. (Through BDAT the same hang-up reads as a server that
-/// does not know BDAT, and the message goes again at once with DATA: `an_upstream_that_offers_chunking…`.)
+/// sysadmin asking why a scan came twice finds the reason.
 #[tokio::test]
 async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
     let idp = idp_issuing("tok").await;
@@ -453,5 +452,29 @@ async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
     assert_eq!(again.data, first.data);
     relay.attempts_done(2).await;
     assert!(relay.queued().is_empty());
+    relay.stop().await;
+}
+
+/// Through BDAT the same hang-up reads as a server that does not know BDAT (a middlebox that rewrites SMTP hangs
+/// up so): the message goes again at once with DATA, in the same attempt, and arrives twice; the warning says it
+/// may.
+#[tokio::test]
+async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .chunking
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
+    let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    accepted_during_fault(&relay).await;
+    let first = upstream.next().await;
+    let again = upstream.next().await;
+    assert_eq!(again.data, first.data);
+    relay.attempts_done(1).await;
+    assert!(relay.queued().is_empty(), "delivered in the first attempt");
+    let commands = upstream.commands.lock().unwrap().clone();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!((count("BDAT"), count("DATA")), (1, 1), "{commands:?}");
     relay.stop().await;
 }

@@ -49,7 +49,7 @@ pub struct FakeUpstream {
     /// none accepted is refused.
     pub rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
     /// Offer CHUNKING (RFC 3030) in EHLO, as Microsoft 365 and Gmail do, and take BDAT. With BDAT, `data_reply`
-    /// answers the LAST chunk; only plain replies (no DROP, STALL, SLOW, HANGUP, TAKEDROP).
+    /// answers the LAST chunk; only plain replies and TAKEDROP (no DROP, STALL, SLOW, HANGUP).
     pub chunking: Arc<std::sync::atomic::AtomicBool>,
     /// Offer SMTPUTF8 (RFC 6531) in EHLO, as Microsoft 365 and Gmail do; on by default.
     pub smtputf8: Arc<std::sync::atomic::AtomicBool>,
@@ -237,6 +237,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             } else {
                 msg.data = std::mem::take(&mut chunks);
                 let reply = data_reply.lock().unwrap().clone();
+                if reply == "TAKEDROP" {
+                    *data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+                    msg.at = std::time::SystemTime::now();
+                    let _ = tx.send(msg.clone());
+                    return;
+                }
                 if reply.trim_start_matches("STRAY ").starts_with('2') {
                     msg.at = std::time::SystemTime::now();
                     let _ = tx.send(msg.clone());

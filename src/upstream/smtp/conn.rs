@@ -226,7 +226,9 @@ impl Replies {
             return None;
         };
         (self.seen <= self.commands && self.refusal().is_none()).then(|| {
-            format!("the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why})")
+            format!(
+                "the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why}); sent again with DATA, so if it had in fact taken the message, it may arrive twice"
+            )
         })
     }
 
