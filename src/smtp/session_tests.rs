@@ -161,6 +161,29 @@ fn address_literals_are_taken() {
     }
 }
 
+/// An address over 256 octets (RFC 5321's limit on a path, which smtp-proto enforces) is refused, so that no
+/// envelope grows with what a client makes up: at most `max_recipients` addresses of 256 octets.
+#[test]
+fn addresses_longer_than_a_path_are_refused() {
+    let mut s = Session::new(
+        policy(AuthPolicy::None, false, false),
+        "192.0.2.7:1".parse().unwrap(),
+        false,
+    );
+    let domain = vec!["d".repeat(63); 3].join(".");
+    let at_most = format!("{}@{domain}", "a".repeat(256 - 1 - domain.len()));
+    assert_eq!(at_most.len(), 256);
+    let long = format!("a{at_most}");
+    let script = format!(
+        "EHLO x\r\nMAIL FROM:<{long}>\r\nMAIL FROM:<{at_most}>\r\nRCPT TO:<{long}>\r\nRCPT TO:<{at_most}>\r\n"
+    );
+    let out = steps(&mut s, script.as_bytes());
+    assert_eq!(
+        codes(&out[1..]),
+        ["501 5.1.7", "250 2.1.0", "501 5.1.3", "250 2.1.5"]
+    );
+}
+
 /// Addresses that would be taken now and refused upstream later are refused at once: bytes that are not UTF-8
 /// (smtp-proto would read them as U+FFFD), an empty domain. DATA with words after it is a syntax error, and HELP
 /// names only what this session offers.
