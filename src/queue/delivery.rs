@@ -460,8 +460,12 @@ impl Delivery {
         let path = msg_path(&self.paths.queue, id);
         let (msg, opened) = match file::read_open(&path) {
             Ok(m) => m,
-            // Deleted meanwhile (`relay queue delete`), or already delivered by an earlier attempt.
-            Err(e) if e.is_not_found() => return Attempted::Done { account: None },
+            // Deleted meanwhile (`relay queue delete`), or already delivered by an earlier attempt. What was
+            // kept of it for a state file that could not be written goes with it.
+            Err(e) if e.is_not_found() => {
+                lock(&self.unrecorded).remove(&id);
+                return Attempted::Done { account: None };
+            }
             // Still arriving (listed by a reread of the queue): its commit announces it, or it goes away.
             Err(FileError::Unsealed { .. }) => return Attempted::later(now + RECHECK),
             // Not readable just now (out of descriptors, permissions, I/O): it stays, and is looked at again.
@@ -480,6 +484,7 @@ impl Delivery {
                     .clone()
                     .blocking(move |d| {
                         quarantine(&d.paths, &path, &why);
+                        lock(&d.unrecorded).remove(&id);
                         Attempted::Done { account: None }
                     })
                     .await;

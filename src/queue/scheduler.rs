@@ -402,15 +402,20 @@ impl Schedule {
 
     /// The `n` oldest of a pool's parked messages are due `now`.
     fn unpark(&mut self, pool: usize, n: usize, now: SystemTime) {
+        let mut woken = Vec::new();
         if let Some(list) = self.parked.get_mut(&pool) {
             for _ in 0..n {
                 let Some(id) = list.pop_first() else { break };
-                self.parked_ids.remove(&id);
-                self.due.push(Reverse((now, id)));
+                woken.push(id);
             }
             if list.is_empty() {
                 self.parked.remove(&pool);
             }
+        }
+        // Within the schedule's bound like any other due message (past it, the next reread finds it).
+        for id in woken {
+            self.parked_ids.remove(&id);
+            self.push(now, id);
         }
         self.publish(pool);
     }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::Outcome;
-use super::http::{client, failed, refusal, streamed, time_for};
+use super::http::{MAX_REPLY_BODY, client, failed, json_reply, refusal, streamed, time_for};
 use super::mime;
 use super::outgoing::Outgoing;
 
@@ -69,7 +69,7 @@ impl GmailUpstream {
         };
         match resp {
             Ok(r) if r.status().is_success() => {
-                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                let v: serde_json::Value = json_reply(r, MAX_REPLY_BODY).await.unwrap_or_default();
                 Outcome::Delivered(format!(
                     "Gmail API 200 id {}",
                     v["id"].as_str().unwrap_or("?")

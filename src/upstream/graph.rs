@@ -13,12 +13,18 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 use super::Outcome;
-use super::http::{base64_len, client, failed, refusal, streamed, streamed_len, time_for};
+use super::http::{
+    MAX_REPLY_BODY, base64_len, client, failed, json_reply, refusal, streamed, streamed_len,
+    time_for,
+};
 use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
 
 /// Graph refuses a request body over 4 MB.
 pub const REQUEST_LIMIT: usize = 4_000_000;
+/// The most of a draft's reply read: the message resource with its body as JSON text (at most the draft's 4 MB,
+/// with room for JSON's escapes).
+const DRAFT_REPLY_LIMIT: usize = 4 * REQUEST_LIMIT;
 /// Graph's largest message with its attachments.
 pub const MESSAGE_LIMIT: u64 = 150 * 1024 * 1024;
 /// Upload chunks: a multiple of 320 KiB as upload sessions want, under 4 MB.
@@ -174,14 +180,16 @@ impl GraphUpstream {
         if resp.status().as_u16() != 201 {
             return Err(refusal("Graph", resp, diagnose).await);
         }
-        let v: serde_json::Value = resp
-            .json()
+        // The reply is the whole message resource, its body as text included: read up to a bound, and only its
+        // id kept.
+        #[derive(serde::Deserialize)]
+        struct Draft {
+            id: String,
+        }
+        json_reply::<Draft>(resp, DRAFT_REPLY_LIMIT)
             .await
-            .map_err(|e| Outcome::Transient(format!("Graph: draft reply: {e}")))?;
-        v["id"]
-            .as_str()
+            .map(|d| d.id)
             .filter(|id| !id.is_empty() && !id.contains(['/', '?', '#']))
-            .map(str::to_string)
             .ok_or_else(|| Outcome::Transient("Graph: the draft reply has no usable id".into()))
     }
 
@@ -205,7 +213,8 @@ impl GraphUpstream {
         if !resp.status().is_success() {
             return Err(refusal("Graph", resp, diagnose).await);
         }
-        Ok(resp.json().await.unwrap_or_default())
+        // A PATCH answers with the message resource; only an upload session's reply (its URL) is used.
+        Ok(json_reply(resp, MAX_REPLY_BODY).await.unwrap_or_default())
     }
 
     /// One attachment through an upload session, decoded from the queue file a chunk at a time.

@@ -8,6 +8,9 @@ use super::outgoing::Outgoing;
 
 /// At most this much of an error reply is read: it is for the log line.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// At most this much of a success reply is read where it is a few kilobytes of JSON (Gmail's message id,
+/// Graph's upload session).
+pub const MAX_REPLY_BODY: usize = 1 << 20;
 /// The longest wait a provider's `Retry-After` can impose on one message.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
 
@@ -96,16 +99,36 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// The error reply's body, bounded.
-pub async fn error_text(mut resp: reqwest::Response) -> String {
+pub async fn error_text(resp: reqwest::Response) -> String {
+    String::from_utf8_lossy(&bounded_body(resp, MAX_ERROR_BODY).await.0).into_owned()
+}
+
+/// A success reply's JSON (an id, an upload URL), or `None` when it is not that or is longer than `limit`
+/// bytes: an upstream that keeps sending is not read into memory.
+pub async fn json_reply<T: serde::de::DeserializeOwned>(
+    resp: reqwest::Response,
+    limit: usize,
+) -> Option<T> {
+    let (body, whole) = bounded_body(resp, limit).await;
+    whole.then(|| serde_json::from_slice(&body).ok()).flatten()
+}
+
+/// At most `limit` bytes of a reply's body, and whether that was all of it.
+async fn bounded_body(mut resp: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = MAX_ERROR_BODY.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if room <= chunk.len() {
-            break;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit.saturating_sub(body.len());
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if room < chunk.len() {
+                    return (body, false);
+                }
+            }
+            Ok(None) => return (body, true),
+            Err(_) => return (body, false),
         }
     }
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// `{"error": {"code": …, "message": …}}` (Graph), or Google's `{"error": {"code": 403, "status": …,
@@ -226,5 +249,29 @@ mod tests {
         assert!(w > Duration::from_secs(100) && w <= Duration::from_secs(120));
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);
+    }
+
+    /// A success reply is read up to its bound: a small one is parsed, a longer one is not read on.
+    #[tokio::test]
+    async fn success_replies_are_read_within_a_bound() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        let big = format!("{{\"id\":\"{}\"}}", "x".repeat(MAX_REPLY_BODY));
+        Mock::given(wiremock::matchers::path("/big"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(big))
+            .mount(&server)
+            .await;
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"id":"m1"}"#))
+            .mount(&server)
+            .await;
+        let http = client().unwrap();
+        let get = |p: &str| http.get(format!("{}{p}", server.uri())).send();
+        let small: Option<serde_json::Value> =
+            json_reply(get("/small").await.unwrap(), MAX_REPLY_BODY).await;
+        assert_eq!(small.unwrap()["id"], "m1");
+        let big: Option<serde_json::Value> =
+            json_reply(get("/big").await.unwrap(), MAX_REPLY_BODY).await;
+        assert!(big.is_none());
     }
 }
