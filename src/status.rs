@@ -110,8 +110,10 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 /// Through Graph: invalid recipients or a message too large; through the Gmail API: a 400 `invalidArgument` (a
 /// header Gmail cannot read).
 fn refused_for_itself(reply: &str) -> bool {
-    // The HTTP transports' words for the same (`upstream::http::refusal`: "SERVICE STATUS CODE: message").
-    let words = |w: &str| reply.split([' ', ':']).any(|c| c == w);
+    // The HTTP transports' words for the same (`upstream::http::refusal`: "SERVICE STATUS CODE: message"),
+    // looked for before the message, which is the upstream's own text.
+    let codes = reply.split_once(": ").map_or(reply, |(codes, _)| codes);
+    let words = |w: &str| codes.split(' ').any(|c| c == w);
     if (reply.starts_with("Graph ")
         && (words("ErrorInvalidRecipients") || words("ErrorMessageSizeExceeded") || words("413")))
         || (reply.starts_with("Gmail API 400 ") && words("invalidArgument"))

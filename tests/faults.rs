@@ -472,7 +472,8 @@ async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
     let again = upstream.next().await;
     assert_eq!(again.data, first.data);
     relay.attempts_done(1).await;
-    assert!(relay.queued().is_empty(), "delivered in the first attempt");
+    assert!(relay.queued().is_empty(), "delivered");
+    assert_eq!(*relay.attempts.borrow(), 1, "in the first attempt");
     let commands = upstream.commands.lock().unwrap().clone();
     let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
     assert_eq!((count("BDAT"), count("DATA")), (1, 1), "{commands:?}");

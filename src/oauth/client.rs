@@ -373,23 +373,41 @@ const PUBLIC_FIELDS: [&str; 6] = [
 
 /// `text` with every occurrence of `secrets` (those long enough to be told from ordinary words) replaced.
 /// What a success reply that is not JSON at all looks like: a proxy, a firewall or a captive portal answering
-/// in the identity provider's place sends a page, whose first words name it. A reply that starts as JSON is
-/// never quoted: it may hold a token.
+/// in the identity provider's place sends an HTML page, whose first words name it. Only such a page is quoted
+/// (cut short after the request's secrets are cut out of it): a reply that starts as JSON, a form-encoded one
+/// (`access_token=…`, as some providers answer) or XML may hold a token.
 fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
     let text = text.trim_start();
-    if text.is_empty() || text.starts_with(['{', '[']) {
+    if text.starts_with(['{', '[']) {
         return None;
     }
-    let start: String = text
+    if text.is_empty() {
+        return Some(format!(
+            "HTTP {status} with {content_type} and an empty body"
+        ));
+    }
+    let opening: String = text
+        .chars()
+        .take(16)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let page = content_type.to_ascii_lowercase().starts_with("text/html")
+        || opening.starts_with("<!doctype html")
+        || opening.starts_with("<html");
+    if !page {
+        return Some(format!(
+            "HTTP {status} with {content_type}, not JSON (not shown: it may hold a token)"
+        ));
+    }
+    let start: String = redact(text, secrets)
         .chars()
         .take(120)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     let start = start.split_whitespace().collect::<Vec<_>>().join(" ");
     Some(format!(
-        "HTTP {status} with {content_type}, not JSON: \"{}…\"; a proxy or a firewall may be answering in the identity provider's place",
-        redact(&start, secrets)
+        "HTTP {status} with {content_type}, not JSON: \"{start}…\"; a proxy or a firewall may be answering in the identity provider's place"
     ))
 }
 
@@ -487,7 +505,26 @@ mod tests {
         assert!(!what.contains("s3cret"), "{what}");
         let token = br#"{"access_token":"eyJ0eXAi.secret","expires_in":"soon"}"#;
         assert_eq!(not_json(200, "application/json", token, &[]), None);
-        assert_eq!(not_json(200, "application/json", b"  ", &[]), None);
+        let form = b"access_token=gho_16C7e42F292c6912E7710c838347Ae178B4a&token_type=bearer";
+        let what = not_json(200, "application/x-www-form-urlencoded", form, &[]).unwrap();
+        assert!(!what.contains("gho_"), "{what}");
+        let xml =
+            b"<?xml version=\"1.0\"?><token><access_token>secret-xml-token</access_token></token>";
+        let what = not_json(200, "application/xml", xml, &[]).unwrap();
+        assert!(!what.contains("secret-xml"), "{what}");
+        // Cut short only after the secrets are out: one across the cut leaves nothing behind.
+        let echo = format!(
+            "<html>{}refresh_token=0.AXoAlongsecretvalue</html>",
+            "x".repeat(100)
+        );
+        let what = not_json(
+            200,
+            "text/html",
+            echo.as_bytes(),
+            &["0.AXoAlongsecretvalue".into()],
+        )
+        .unwrap();
+        assert!(!what.contains("0.AXo"), "{what}");
     }
 
     #[test]

@@ -484,7 +484,6 @@ impl Delivery {
                     .clone()
                     .blocking(move |d| {
                         quarantine(&d.paths, &path, &why);
-                        lock(&d.unrecorded).remove(&id);
                         Attempted::Done { account: None }
                     })
                     .await;

@@ -190,7 +190,11 @@ impl GraphUpstream {
             .await
             .map(|d| d.id)
             .filter(|id| !id.is_empty() && !id.contains(['/', '?', '#']))
-            .ok_or_else(|| Outcome::Transient("Graph: the draft reply has no usable id".into()))
+            .ok_or_else(|| {
+                Outcome::Transient(format!(
+                    "Graph: the draft reply has no usable id (or is over {DRAFT_REPLY_LIMIT} bytes); a draft may be left in the mailbox's Drafts folder"
+                ))
+            })
     }
 
     /// A JSON call whose reply body is not needed.
