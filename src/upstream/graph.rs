@@ -22,9 +22,9 @@ use super::outgoing::Outgoing;
 
 /// Graph refuses a request body over 4 MB.
 pub const REQUEST_LIMIT: usize = 4_000_000;
-/// The most of a draft's reply read: the message resource with its body as JSON text (at most the draft's 4 MB,
-/// with room for JSON's escapes).
-const DRAFT_REPLY_LIMIT: usize = 4 * REQUEST_LIMIT;
+/// The most of a draft's reply read: the message resource with its body as JSON text (the draft's 4 MB at most,
+/// with room for JSON's escapes). It is parsed as it arrives, never held.
+const DRAFT_REPLY_LIMIT: u64 = 16 * REQUEST_LIMIT as u64;
 /// Graph's largest message with its attachments.
 pub const MESSAGE_LIMIT: u64 = 150 * 1024 * 1024;
 /// Upload chunks: a multiple of 320 KiB as upload sessions want, under 4 MB.
@@ -180,20 +180,14 @@ impl GraphUpstream {
         if resp.status().as_u16() != 201 {
             return Err(refusal("Graph", resp, diagnose).await);
         }
-        // The reply is the whole message resource, its body as text included: read up to a bound, and only its
-        // id kept.
-        #[derive(serde::Deserialize)]
-        struct Draft {
-            id: String,
-        }
-        json_reply::<Draft>(resp, DRAFT_REPLY_LIMIT)
+        draft_id(resp)
             .await
-            .map(|d| d.id)
             .filter(|id| !id.is_empty() && !id.contains(['/', '?', '#']))
             .ok_or_else(|| {
-                Outcome::Transient(format!(
-                    "Graph: the draft reply has no usable id (or is over {DRAFT_REPLY_LIMIT} bytes); a draft may be left in the mailbox's Drafts folder"
-                ))
+                Outcome::Transient(
+                    "Graph: the draft reply has no usable id; a draft may be left in the mailbox's Drafts folder"
+                        .into(),
+                )
             })
     }
 
@@ -344,6 +338,29 @@ impl GraphUpstream {
     pub fn mailbox(&self) -> &str {
         &self.mailbox
     }
+}
+
+/// The id of the draft Graph created, from its reply: the whole message resource, its body as JSON text
+/// included, parsed as it arrives on the blocking pool, every other field skipped without being kept. So the
+/// reply costs a read buffer, whatever the draft's body.
+async fn draft_id(resp: reqwest::Response) -> Option<String> {
+    use futures_util::TryStreamExt;
+    use std::io::Read;
+    #[derive(serde::Deserialize)]
+    struct Draft {
+        id: String,
+    }
+    let body = resp.bytes_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+    tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::new(reader).take(DRAFT_REPLY_LIMIT);
+        serde_json::from_reader::<_, Draft>(reader)
+            .ok()
+            .map(|d| d.id)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn unreadable(e: std::io::Error) -> Outcome {

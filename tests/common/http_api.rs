@@ -248,6 +248,14 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
             let mime = mime_body(req)?;
             s.next += 1;
             let id = format!("AAMkAD{}", s.next);
+            // As Graph answers: the message resource, its body as text among its fields (here the whole MIME,
+            // and before the id, as a JSON object's keys come in any order).
+            let reply = serde_json::json!({
+                "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users('relay')/messages/$entity",
+                "body": {"contentType": "text", "content": String::from_utf8_lossy(&mime)},
+                "id": id,
+                "isDraft": true,
+            });
             s.drafts.insert(
                 id.clone(),
                 Draft {
@@ -255,7 +263,7 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
                     ..Draft::default()
                 },
             );
-            Ok(ResponseTemplate::new(201).set_body_json(serde_json::json!({"id": id})))
+            Ok(ResponseTemplate::new(201).set_body_json(reply))
         }
         ("PATCH", ["messages", id]) => {
             let body: serde_json::Value = serde_json::from_slice(&req.body)
