@@ -20,6 +20,22 @@ async fn accepted_during_fault(relay: &TestRelay) -> String {
     send_message(relay.addr(), BODY).await
 }
 
+/// A relay whose account's upstream answers the end of each message with `reply` (see `FakeUpstream::data_reply`),
+/// offering CHUNKING or not, retrying after a second.
+async fn upstream_answering(
+    chunking: bool,
+    reply: &str,
+) -> (wiremock::MockServer, FakeUpstream, TestRelay) {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .chunking
+        .store(chunking, std::sync::atomic::Ordering::SeqCst);
+    *upstream.data_reply.lock().unwrap() = reply.into();
+    let relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    (idp, upstream, relay)
+}
+
 #[tokio::test]
 async fn upstream_4xx_and_dropped_connections_defer_then_deliver() {
     for fault in [
@@ -27,10 +43,7 @@ async fn upstream_4xx_and_dropped_connections_defer_then_deliver() {
         "451 4.3.0 Temporary server error. Please try again later",
         "DROP",
     ] {
-        let idp = idp_issuing("tok").await;
-        let mut upstream = FakeUpstream::start(&["tok"]).await;
-        *upstream.data_reply.lock().unwrap() = fault.into();
-        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        let (_idp, mut upstream, mut relay) = upstream_answering(false, fault).await;
         let id = accepted_during_fault(&relay).await;
         relay.attempts_done(1).await;
         assert_eq!(relay.queued().len(), 1, "{fault}: the message waits");
@@ -255,13 +268,7 @@ async fn a_final_reply_that_is_no_answer_defers_the_message() {
             "699 what",
             "250-2.0.0 queued\r\n554 5.7.1 rejected after all",
         ] {
-            let idp = idp_issuing("tok").await;
-            let mut upstream = FakeUpstream::start(&["tok"]).await;
-            upstream
-                .chunking
-                .store(chunking, std::sync::atomic::Ordering::SeqCst);
-            *upstream.data_reply.lock().unwrap() = fault.into();
-            let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+            let (_idp, mut upstream, mut relay) = upstream_answering(chunking, fault).await;
             accepted_during_fault(&relay).await;
             relay.attempts_done(1).await;
             assert_eq!(
@@ -290,13 +297,8 @@ async fn a_final_reply_that_is_no_answer_defers_the_message() {
 #[tokio::test]
 async fn a_late_reply_on_an_idle_connection_is_never_taken_for_the_next_message() {
     for chunking in [true, false] {
-        let idp = idp_issuing("tok").await;
-        let mut upstream = FakeUpstream::start(&["tok"]).await;
-        upstream
-            .chunking
-            .store(chunking, std::sync::atomic::Ordering::SeqCst);
-        *upstream.data_reply.lock().unwrap() = "STRAY 250 2.0.0 OK".into();
-        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        let (_idp, mut upstream, mut relay) =
+            upstream_answering(chunking, "STRAY 250 2.0.0 OK").await;
         accepted_during_fault(&relay).await;
         upstream.next().await;
         relay.attempts_done(1).await;
@@ -406,16 +408,10 @@ async fn an_upstream_that_offers_chunking_but_refuses_bdat_gets_data() {
 #[tokio::test]
 async fn a_final_reply_too_long_to_keep_still_counts() {
     for chunking in [false, true] {
-        let idp = idp_issuing("tok").await;
-        let mut upstream = FakeUpstream::start(&["tok"]).await;
-        upstream
-            .chunking
-            .store(chunking, std::sync::atomic::Ordering::SeqCst);
         let mut reply = format!("250-2.0.0 queued as {}\r\n", "x".repeat(100_000));
         reply.push_str(&"250-more\r\n".repeat(1000));
         reply.push_str("250 2.0.0 OK");
-        *upstream.data_reply.lock().unwrap() = reply;
-        let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+        let (_idp, mut upstream, mut relay) = upstream_answering(chunking, &reply).await;
         accepted_during_fault(&relay).await;
         upstream.next().await;
         relay.attempts_done(1).await;
@@ -435,10 +431,7 @@ async fn a_final_reply_too_long_to_keep_still_counts() {
 /// sysadmin asking why a scan came twice finds the reason.
 #[tokio::test]
 async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
-    let idp = idp_issuing("tok").await;
-    let mut upstream = FakeUpstream::start(&["tok"]).await;
-    *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
-    let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    let (_idp, mut upstream, mut relay) = upstream_answering(false, "TAKEDROP").await;
     let id = accepted_during_fault(&relay).await;
     let first = upstream.next().await;
     relay.attempts_done(1).await;
@@ -460,13 +453,7 @@ async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
 /// may.
 #[tokio::test]
 async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
-    let idp = idp_issuing("tok").await;
-    let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .chunking
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
-    let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
+    let (_idp, mut upstream, mut relay) = upstream_answering(true, "TAKEDROP").await;
     accepted_during_fault(&relay).await;
     let first = upstream.next().await;
     let again = upstream.next().await;
