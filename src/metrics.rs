@@ -7,7 +7,6 @@
 //! frequent scrapes of a large queue cost one directory listing every few seconds at most. Label sets are bounded
 //! by the configured accounts (and the empty account, for attempts that never reached one).
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -23,7 +22,6 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::events::Event;
 use crate::queue::SpoolPaths;
-use crate::queue::layout::{FileKind, parse_file_name};
 
 /// How long a reading of the state dir serves scrapes.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
@@ -300,40 +298,16 @@ impl Census {
             .map(|t| SystemTime::now().duration_since(t).unwrap_or_default())
     }
 
-    /// Lists the queue directories; a missing one is empty.
+    /// Reads the queue directories' names (memory does not grow with them); a missing one is empty.
     pub fn take(paths: &SpoolPaths) -> Census {
-        let names = |dir: &Path| -> Vec<(crate::queue::QueueId, FileKind)> {
-            std::fs::read_dir(dir)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .filter_map(|e| parse_file_name(&e.path()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let count = |dir: &Path| {
-            names(dir)
-                .iter()
-                .filter(|(_, k)| *k == FileKind::Message)
-                .count() as u64
-        };
-        let queue = names(&paths.queue);
-        let messages: HashSet<_> = queue
-            .iter()
-            .filter(|(_, k)| *k == FileKind::Message)
-            .map(|(id, _)| *id)
-            .collect();
-        let deferred = queue
-            .iter()
-            .filter(|(id, k)| *k == FileKind::State && messages.contains(id))
-            .count() as u64;
+        let queue = crate::queue::layout::count_queue(&paths.queue).unwrap_or_default();
+        let count = |dir: &Path| crate::queue::layout::count_messages(dir).unwrap_or(0);
         Census {
-            queued: messages.len() as u64 - deferred,
-            deferred,
+            queued: queue.messages - queue.with_state,
+            deferred: queue.with_state,
             dead: count(&paths.dead),
             quarantined: count(&paths.quarantine),
-            oldest: messages.iter().min().map(|id| id.created_at()),
+            oldest: queue.oldest.map(|id| id.created_at()),
         }
     }
 }

@@ -9,7 +9,6 @@
 //!   names files relay cannot use, is refused and logged, and the running one stays (`reload.rs`).
 //! - SIGTERM and SIGINT send `STOPPING=1`, stop the pings, and drain.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
-use crate::queue::layout::{FileKind, SpoolPaths, parse_file_name};
+use crate::queue::layout::SpoolPaths;
 use crate::reload::Reloader;
 use crate::{Relay, RunError};
 
@@ -219,30 +218,19 @@ async fn report_status(paths: SpoolPaths) {
 /// `queue: 3 queued (1 deferred), 0 dead`, as `relay status` says it; from file names only.
 async fn status_text(paths: &SpoolPaths) -> String {
     let (queue, dead) = (paths.queue.clone(), paths.dead.clone());
-    let counted = tokio::task::spawn_blocking(move || (count(&queue), count(&dead))).await;
+    let counted = tokio::task::spawn_blocking(move || {
+        (
+            crate::queue::layout::count_queue(&queue),
+            crate::queue::layout::count_messages(&dead),
+        )
+    })
+    .await;
     match counted {
-        Ok((Ok((queued, deferred)), Ok((dead, _)))) => {
-            format!("queue: {queued} queued ({deferred} deferred), {dead} dead")
-        }
+        Ok((Ok(queued), Ok(dead))) => format!(
+            "queue: {} queued ({} deferred), {dead} dead",
+            queued.messages, queued.with_state
+        ),
         Ok((Err(e), _) | (_, Err(e))) => format!("queue: cannot be read: {e}"),
         Err(e) => format!("queue: cannot be read: {e}"),
     }
-}
-
-/// Messages in a queue directory, and how many of them have a state file (at least one failed attempt).
-fn count(dir: &Path) -> std::io::Result<(usize, usize)> {
-    let mut messages = std::collections::HashSet::new();
-    let mut states = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path: PathBuf = entry?.path();
-        match parse_file_name(&path) {
-            Some((id, FileKind::Message)) => {
-                messages.insert(id);
-            }
-            Some((id, FileKind::State)) => states.push(id),
-            None => {}
-        }
-    }
-    let deferred = states.iter().filter(|id| messages.contains(id)).count();
-    Ok((messages.len(), deferred))
 }

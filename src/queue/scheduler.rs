@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 
 use super::QueueId;
 use super::delivery::{Account, Attempted, Delivery, Wait, Waiting};
-use super::layout::{FileKind, parse_file_name};
+use super::layout::{self, FileKind};
 use super::retry::{TRIGGER_CHECK, trigger_mtime};
 use super::state::read_state;
 use crate::config::Config;
@@ -442,22 +442,17 @@ impl Schedule {
 /// Every queued message not in `skip`, due at its recorded next attempt (now, if none): the [`MAX_SCHEDULED`]
 /// soonest, and whether some were left out. Reads file names and state files only.
 fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::Result<(Due, bool)> {
-    let mut messages = Vec::new();
-    let mut with_state = HashSet::new();
-    for entry in std::fs::read_dir(queue)? {
-        match parse_file_name(&entry?.path()) {
-            Some((id, FileKind::Message)) if !skip.contains(&id) => messages.push(id),
-            Some((id, FileKind::State)) => {
-                with_state.insert(id);
-            }
-            _ => {}
-        }
-    }
+    // Nothing here grows with the directory: the state files' names are held up to a bound, messages are
+    // looked at as they are listed.
+    let states = layout::States::read(queue)?;
     // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
     let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
     let mut overflow = false;
-    for id in messages {
-        let at = if with_state.contains(&id) {
+    for (id, kind) in layout::files(queue)? {
+        if kind != FileKind::Message || skip.contains(&id) {
+            continue;
+        }
+        let at = if states.may_have(id) {
             read_state(queue, id)
                 .next_attempt
                 .unwrap_or(SystemTime::UNIX_EPOCH)

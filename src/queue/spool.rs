@@ -320,7 +320,7 @@ fn create_new(path: &Path) -> io::Result<File> {
 /// or deletion cut off between its two unlinks.
 fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
     let entries = fs::read_dir(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
-    let mut states = Vec::new();
+    let mut states = false;
     for entry in entries.flatten() {
         let path = entry.path();
         match parse_file_name(&path) {
@@ -337,7 +337,7 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
                     tracing::error!(path = %path.display(), error = %e, "cannot read a queued message; it stays in the queue")
                 }
             },
-            Some((id, FileKind::State)) => states.push(id),
+            Some((_, FileKind::State)) => states = true,
             // atomic-write-file's temporary files (`.NAME.RANDOM`), left by a crash mid-write.
             None if entry.file_name().to_string_lossy().starts_with('.') => {
                 let _ = fs::remove_file(&path);
@@ -345,9 +345,14 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
             None => {}
         }
     }
-    for id in states {
-        if !msg_path(&paths.queue, id).exists() {
-            let _ = fs::remove_file(super::layout::state_path(&paths.queue, id));
+    // A second listing rather than a list of the first's state files: a backlog costs no memory.
+    if states {
+        let files =
+            super::layout::files(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
+        for (id, kind) in files {
+            if kind == FileKind::State && !msg_path(&paths.queue, id).exists() {
+                let _ = fs::remove_file(super::layout::state_path(&paths.queue, id));
+            }
         }
     }
     // A move to dead/ cut off while its state file was being written leaves a temporary file there too.
