@@ -74,7 +74,7 @@ pub struct Relay {
     /// Bound, not yet accepting.
     bound: Vec<Listener>,
     scheduler: queue::scheduler::Scheduler,
-    committed: tokio::sync::mpsc::UnboundedReceiver<queue::QueueId>,
+    committed: queue::announce::Announcements,
     accounts: Vec<Arc<queue::delivery::Account>>,
     config: Config,
     addrs: Vec<SocketAddr>,
@@ -93,7 +93,7 @@ pub struct Relay {
 impl Relay {
     pub async fn start(config: &Config) -> Result<Relay, RunError> {
         let accounts = accounts::build(config)?;
-        let (committed_tx, committed) = tokio::sync::mpsc::unbounded_channel();
+        let (committed_tx, committed) = queue::announce::channel();
         let spool = Spool::open(&config.state_dir, Some(committed_tx)).map_err(|source| {
             RunError::Spool {
                 dir: config.state_dir.display().to_string(),

@@ -3,6 +3,7 @@
 //! `delivery` (one attempt), with `state` (per-message delivery state), `retry` (the trigger), `route` (which
 //! account) and `rate` (the providers' sending limits).
 
+pub mod announce;
 pub mod delivery;
 mod envelope;
 pub mod file;

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::QueueId;
@@ -66,7 +66,7 @@ impl Scheduler {
     /// beats a heartbeat in `health` from its own ticker, so that the watchdog sees it turn.
     pub async fn run(
         mut self,
-        mut committed: mpsc::UnboundedReceiver<QueueId>,
+        mut committed: super::announce::Announcements,
         mut stop: watch::Receiver<bool>,
         health: Arc<Health>,
     ) {
@@ -99,6 +99,8 @@ impl Scheduler {
             ..Schedule::default()
         };
         let mut trigger_seen = trigger_mtime(&state_dir);
+        // What was dropped before this first reading is in it.
+        committed.missed();
         match self.load(&s, &heartbeat, &mut beat).await {
             Ok((d, o)) => (s.due, s.overflow) = (d, o),
             Err(e) => {
@@ -113,6 +115,10 @@ impl Scheduler {
         // The same across reloads (`Delivery::succeeded_by` keeps it).
         let slot_freed = self.delivery.slot_freed();
         loop {
+            if committed.missed() {
+                // New mail found the announcements full: it is on disk, and read from there.
+                s.overflow = true;
+            }
             let now = SystemTime::now();
             let woken: Vec<usize> = s
                 .wakes

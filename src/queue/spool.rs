@@ -88,7 +88,7 @@ impl Spool {
     /// committer. Each message made durable is announced on `committed`, for delivery.
     pub fn open(
         state_dir: &Path,
-        committed: Option<tokio::sync::mpsc::UnboundedSender<QueueId>>,
+        committed: Option<super::announce::Announcer>,
     ) -> Result<Spool, SpoolError> {
         let paths = SpoolPaths::new(state_dir);
         for dir in [state_dir, &paths.queue, &paths.dead, &paths.quarantine] {
@@ -399,7 +399,7 @@ fn committer(
     lone: LoneFlush,
     arriving: Arc<AtomicUsize>,
     jobs: mpsc::Receiver<Job>,
-    committed: Option<tokio::sync::mpsc::UnboundedSender<QueueId>>,
+    committed: Option<super::announce::Announcer>,
 ) {
     // Opened once: every batch flushes through it.
     let open = || File::open(&paths.queue).map(Arc::new);
@@ -413,8 +413,8 @@ fn committer(
             dir = open();
         }
         for id in commit_batch(&paths, &dir, lone, &mut beside, batch) {
-            if let Some(tx) = &committed {
-                let _ = tx.send(id);
+            if let Some(announcer) = &committed {
+                announcer.announce(id);
             }
         }
     }
