@@ -41,7 +41,8 @@ pub fn token_client(
     let ep = endpoints(a).map_err(|(k, r)| format!("{k}: {r}"))?;
     let secret = match &a.client_secret_file {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let text = crate::small_files::read_to_string(p, crate::small_files::SMALL)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
             Some(SecretString::from(text.trim().to_string()))
         }
         None => None,
@@ -74,7 +75,8 @@ pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
         .password_file
         .as_ref()
         .ok_or("password_file: required for flow = \"password\"")?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = crate::small_files::read_to_string(path, crate::small_files::SMALL)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let user = a.username.clone().unwrap_or_else(|| a.mailbox.clone());
     Ok((
         user,
@@ -138,7 +140,10 @@ pub fn build_one(
         Ok(()) => {}
     }
     let ca = match &a.ca_file {
-        Some(p) => Some(std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())))?),
+        Some(p) => Some(
+            crate::small_files::read(p, crate::small_files::SMALL)
+                .map_err(|e| err(format!("{}: {e}", p.display())))?,
+        ),
         None => None,
     };
     let renewal = crate::oauth::Renewal::for_account(a).map_err(err)?;

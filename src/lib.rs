@@ -20,6 +20,7 @@ pub mod probe;
 pub mod queue;
 pub mod reload;
 pub mod service;
+pub mod small_files;
 pub mod smtp;
 pub mod state_files;
 pub mod status;

@@ -58,7 +58,8 @@ pub fn last_test_path(state_dir: &Path, account: &str) -> PathBuf {
 }
 
 pub fn read_last_test(state_dir: &Path, account: &str) -> Option<LastTest> {
-    serde_json::from_slice(&std::fs::read(last_test_path(state_dir, account)).ok()?).ok()
+    let path = last_test_path(state_dir, account);
+    serde_json::from_slice(&crate::small_files::read(&path, crate::small_files::SMALL).ok()?).ok()
 }
 
 /// Sends the test message and records the result.

@@ -453,3 +453,49 @@ fn secret_file_readable_by_others_is_refused_at_start() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!text(&out.stdout).contains("s3cret"));
 }
+
+/// A path that names something far larger than a secret or a config (a log file, a disk image) is refused at
+/// start with the file and the reason, not read into memory. Sparse files: nothing is written to disk.
+#[test]
+fn a_file_far_larger_than_it_should_be_is_refused_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("office.secret");
+    std::fs::File::create(&secret)
+        .unwrap()
+        .set_len(2 * 1024 * 1024)
+        .unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"office\"\nprovider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"contoso.onmicrosoft.com\"\nmailbox = \"noreply@example.com\"\nclient_id = \"c\"\nclient_secret_file = {:?}\n",
+            dir.path().join("state"),
+            secret
+        ),
+    )
+    .unwrap();
+    let out = relay(&["serve", "--config", config.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(secret.to_str().unwrap()) && err.contains("larger than 1 MiB"),
+        "{err}"
+    );
+
+    let huge = dir.path().join("huge.toml");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(17 * 1024 * 1024)
+        .unwrap();
+    for command in ["check", "serve"] {
+        let out = relay(&[command, "--config", huge.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(huge.to_str().unwrap()) && err.contains("larger than 16 MiB"),
+            "{command}: {err}"
+        );
+    }
+}

@@ -479,7 +479,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
+        let text = crate::small_files::read_to_string(path, crate::small_files::CONFIG)
             .map_err(|e| ConfigError::new(&file, "(file)", format!("cannot read: {e}")))?;
         Self::parse(&text, &file)
     }

@@ -53,7 +53,8 @@ impl ClientCertificate {
     ) -> Result<ClientCertificate, String> {
         let der =
             CertificateDer::from_pem_file(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-        let pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let pem = crate::small_files::read(key, crate::small_files::SMALL)
+            .map_err(|e| format!("{}: {e}", key.display()))?;
         let key = EncodingKey::from_rsa_pem(&pem)
             .map_err(|e| format!("{}: not an RSA private key: {e}", key.display()))?;
         Ok(ClientCertificate {
@@ -115,7 +116,8 @@ struct BearerClaims<'a> {
 
 impl ServiceAccount {
     pub fn load(path: &Path) -> Result<ServiceAccount, String> {
-        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::small_files::read(path, crate::small_files::SMALL)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let k: KeyFile = serde_json::from_slice(&text).map_err(|e| {
             format!(
                 "{}: not a Google service account key (JSON): {e}",

@@ -72,7 +72,8 @@ pub fn last_delivery_path(state_dir: &Path, account: &str) -> PathBuf {
 }
 
 pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDelivery> {
-    serde_json::from_slice(&std::fs::read(last_delivery_path(state_dir, account)).ok()?).ok()
+    let path = last_delivery_path(state_dir, account);
+    serde_json::from_slice(&crate::small_files::read(&path, crate::small_files::SMALL).ok()?).ok()
 }
 
 impl Account {

@@ -220,7 +220,7 @@ fn credential() -> Result<(Vec<u8>, String), String> {
     );
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
         let path = PathBuf::from(dir).join(CREDENTIAL_NAME);
-        return match std::fs::read(&path) {
+        return match crate::small_files::read(&path, crate::small_files::SMALL) {
             Ok(b) => Ok((b, path.display().to_string())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
                 "{} does not exist: the unit needs `LoadCredentialEncrypted={CREDENTIAL_NAME}:{CREDENTIAL_FILE}`; {create}",

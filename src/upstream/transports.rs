@@ -48,7 +48,11 @@ pub fn switch_path(state_dir: &Path, account: &str) -> PathBuf {
 }
 
 pub fn read_switch(state_dir: &Path, account: &str) -> Option<Switch> {
-    serde_json::from_slice(&std::fs::read(switch_path(state_dir, account)).ok()?).ok()
+    serde_json::from_slice(
+        &crate::small_files::read(&switch_path(state_dir, account), crate::small_files::SMALL)
+            .ok()?,
+    )
+    .ok()
 }
 
 /// How long an account's mail waits, untried, after the upstream refused a token fetched for the retry too.
