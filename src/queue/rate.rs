@@ -465,20 +465,9 @@ fn write_file(path: &Path, file: &CountsFile, durable: bool) -> std::io::Result<
 /// An unreadable one: every limit taken as reached when the file was last written, so that mail waits until the
 /// provider's windows have surely moved past whatever it held.
 fn load(path: &Path, limits: RateConfig, now: SystemTime) -> (Counts, Option<String>) {
-    let bytes = match std::fs::File::open(path) {
+    let bytes = match crate::small_files::read(path, MAX_FILE) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Counts::empty(), None),
-        Err(e) => Err(e.to_string()),
-        Ok(f) => {
-            let mut bytes = Vec::new();
-            match std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FILE + 1), &mut bytes)
-            {
-                Ok(_) if bytes.len() as u64 > MAX_FILE => {
-                    Err(format!("larger than {MAX_FILE} bytes"))
-                }
-                Ok(_) => Ok(bytes),
-                Err(e) => Err(e.to_string()),
-            }
-        }
+        read => read.map_err(|e| e.to_string()),
     };
     let parsed = bytes.and_then(|b| {
         let f: CountsFile = serde_json::from_slice(&b).map_err(|e| e.to_string())?;

@@ -10,7 +10,6 @@
 //! the service alone. Outside the service (`relay authorize`, `relay status` run from a root shell), relay asks
 //! `systemd-creds decrypt` for the same credential.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -181,10 +180,8 @@ fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN], String> {
             "{shown} has mode {mode:04o}: a token key must be 0640 or stricter (never readable by others); run `chmod 600 {shown}`"
         ));
     }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_KEY_FILE).read_to_end(&mut bytes))
-        .map_err(|e| format!("{shown}: {e}"))?;
+    let bytes =
+        crate::small_files::read(path, MAX_KEY_FILE).map_err(|e| format!("{shown}: {e}"))?;
     parse_key(&bytes).map_err(|r| format!("{shown}: {r}"))
 }
 
