@@ -588,3 +588,72 @@ fn the_unit_is_hardened_to_an_exposure_of_at_most_1_5() {
         "systemd-analyze verify: {complaints:?}"
     );
 }
+
+/// `max_connections` lowered by a reload while more sessions are open than the new value: they finish, and count
+/// against it, so no new client is taken until enough have ended; raised, the new places are there at once.
+/// The open sessions are in the middle of a message, which is never evicted to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd = Systemd::bind(dir.path());
+    let port = free_port();
+    let with = |max: usize| {
+        write_config(
+            dir.path(),
+            &format!("{}max_connections = {max}\n", listener_on(port)),
+        )
+    };
+    let config = with(3);
+    let mut daemon = serve(&config, &systemd, &[]);
+    systemd.wait_for("READY=1");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(RawClient::in_data(addr(port)).await);
+    }
+    with(2);
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    let mut late = RawClient::connect(addr(port)).await;
+    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "3 open, 2 allowed");
+
+    // Two end: one is left, and one newcomer fits (as soon as the ended sessions' places are given back, an
+    // instant after their 221).
+    for mut c in open.drain(..2) {
+        c.send(b"Subject: done\r\n\r\nhi\r\n.\r\n").await;
+        c.expect(250).await;
+        c.cmd("QUIT", 221).await;
+        assert!(c.closed().await);
+    }
+    let mut second = greeted_within_bounded_tries(port).await;
+    second.cmd("EHLO device.lan", 250).await;
+    second.begin_message().await;
+    let mut late = RawClient::connect(addr(port)).await;
+    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "2 open, 2 allowed");
+
+    // Raised to 4: two more at once.
+    with(4);
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        more.push(RawClient::in_data(addr(port)).await);
+    }
+    let mut late = RawClient::connect(addr(port)).await;
+    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "4 open, 4 allowed");
+    // Hung up on mid-message, so that the stop need not wait for them.
+    drop((open, second, more));
+    assert!(daemon.terminate().success());
+}
+
+/// Connects until the greeting is a 220 (each refusal is a 421 and a close), a bounded number of times.
+async fn greeted_within_bounded_tries(port: u16) -> RawClient<tokio::net::TcpStream> {
+    for _ in 0..200 {
+        let mut c = RawClient::connect(addr(port)).await;
+        match c.reply().await {
+            Some((220, _)) => return c,
+            Some((421, _)) | None => tokio::task::yield_now().await,
+            other => panic!("unexpected greeting {other:?}"),
+        }
+    }
+    panic!("no place came free");
+}

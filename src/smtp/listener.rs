@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::connection::{ListenerCtx, serve};
-use super::occupancy::Occupancy;
+use super::occupancy::{Occupancy, Slots};
 use super::reply::Reply;
 use crate::config::ListenerTls;
 use crate::health::Health;
@@ -38,7 +38,7 @@ pub struct Listener {
 /// keeps what it began with while new clients get the new settings.
 pub(crate) struct Admission {
     ctx: Arc<ListenerCtx>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     occupancy: Arc<Occupancy>,
 }
 
@@ -57,22 +57,19 @@ impl ListenerControl {
     }
 
     /// New settings (TLS certificate, policy, users, limits) for the connections accepted from now on. The
-    /// connection caps carry over unless `max_connections` changed: then the new cap counts from zero, and
-    /// sessions already open finish under the old one.
+    /// connection places carry over; a new `max_connections` resizes them, and the sessions already open count
+    /// against it (lowered below them, no new client is taken until enough have ended).
     pub fn update(&self, ctx: ListenerCtx) {
         let current = self.admission.borrow().clone();
-        let (slots, occupancy) = if current.ctx.cfg.max_connections == ctx.cfg.max_connections {
-            (current.slots.clone(), current.occupancy.clone())
-        } else {
-            (
-                Arc::new(Semaphore::new(ctx.cfg.max_connections)),
-                Occupancy::new(ctx.cfg.max_connections),
-            )
-        };
+        let max = ctx.cfg.max_connections;
+        if current.ctx.cfg.max_connections != max {
+            current.slots.resize(max);
+            current.occupancy.resize(max);
+        }
         self.admission.send_replace(Arc::new(Admission {
             ctx: Arc::new(ctx),
-            slots,
-            occupancy,
+            slots: current.slots.clone(),
+            occupancy: current.occupancy.clone(),
         }));
     }
 
@@ -86,7 +83,7 @@ impl Listener {
     pub(crate) fn new(tcp: TcpListener, ctx: ListenerCtx) -> (Listener, ListenerControl) {
         let local = tcp.local_addr().unwrap_or(ctx.cfg.address);
         let admission = Arc::new(Admission {
-            slots: Arc::new(Semaphore::new(ctx.cfg.max_connections)),
+            slots: Slots::new(ctx.cfg.max_connections),
             occupancy: Occupancy::new(ctx.cfg.max_connections),
             ctx: Arc::new(ctx),
         });
@@ -184,7 +181,7 @@ impl Listener {
             return;
         };
         // Every slot taken: an idle, logged-out session (from the address holding the most) makes room.
-        let slot = admission.slots.clone().try_acquire_owned().ok();
+        let slot = admission.slots.try_take();
         let waiting = match slot {
             Some(_) => None,
             None => match self.waiting.clone().try_acquire_owned() {
@@ -210,8 +207,8 @@ impl Listener {
         tokio::spawn(async move {
             let slot = match slot {
                 Some(s) => s,
-                None => match tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await {
-                    Ok(Ok(s)) => s,
+                None => match tokio::time::timeout(EVICTION_WAIT, slots.take()).await {
+                    Ok(Some(s)) => s,
                     _ => {
                         tracing::warn!(relay_event = "rejected", relay_client = %peer, "too many connections on this listener");
                         refuse_now(

@@ -10,17 +10,17 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// The whole-command timeout for idle sessions while the listener is under pressure.
 pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Occupancy {
-    max: usize,
+    max: AtomicUsize,
     sessions: Mutex<HashMap<u64, Arc<Tracked>>>,
     next_id: AtomicU64,
     stress: watch::Sender<bool>,
@@ -48,7 +48,7 @@ pub(crate) struct Seat {
 impl Occupancy {
     pub fn new(max: usize) -> Arc<Occupancy> {
         Arc::new(Occupancy {
-            max,
+            max: AtomicUsize::new(max),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             stress: watch::channel(false).0,
@@ -75,13 +75,21 @@ impl Occupancy {
     }
 
     fn update_stress(&self, live: usize) {
-        let stressed = live * 4 >= self.max * 3;
+        let stressed = live * 4 >= self.max.load(Ordering::Relaxed) * 3;
         self.stress
             .send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
     }
 
     pub fn stress(&self) -> watch::Receiver<bool> {
         self.stress.subscribe()
+    }
+
+    /// A reload changed `max_connections`: pressure is measured against the new size.
+    pub fn resize(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        if let Ok(m) = self.sessions.lock() {
+            self.update_stress(m.len());
+        }
     }
 
     /// Asks one idle, logged-out session to leave so that a new client can be served; false if none can.
@@ -164,6 +172,86 @@ impl Drop for Seat {
     }
 }
 
+/// A listener's connection places (`max_connections`), which a reload may resize while sessions hold places:
+/// the sessions already open count against the new size. Shrunk below what is held, the places still owed are
+/// withdrawn as sessions end, before any new client gets one; grown, what is owed is forgiven first.
+pub(crate) struct Slots {
+    places: Arc<Semaphore>,
+    size: Mutex<usize>,
+    owed: Arc<AtomicUsize>,
+}
+
+/// A session's place; given back (or withdrawn, if the listener shrank) when dropped.
+pub(crate) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    owed: Arc<AtomicUsize>,
+}
+
+impl Slots {
+    pub fn new(size: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            places: Arc::new(Semaphore::new(size)),
+            size: Mutex::new(size),
+            owed: Arc::default(),
+        })
+    }
+
+    /// A free place, now or never.
+    pub fn try_take(&self) -> Option<Slot> {
+        let permit = self.places.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
+    /// The next place given back.
+    pub async fn take(&self) -> Option<Slot> {
+        let permit = self.places.clone().acquire_owned().await.ok()?;
+        Some(self.slot(permit))
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            owed: self.owed.clone(),
+        }
+    }
+
+    pub fn resize(&self, new: usize) {
+        let Ok(mut size) = self.size.lock() else {
+            return;
+        };
+        if new > *size {
+            let more = new - *size;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    Some(n - n.min(more))
+                })
+                .unwrap_or(0);
+            self.places.add_permits(more - owed.min(more));
+        } else {
+            let fewer = *size - new;
+            let withdrawn = self.places.forget_permits(fewer);
+            self.owed.fetch_add(fewer - withdrawn, Ordering::SeqCst);
+        }
+        *size = new;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let repaid = self
+            .owed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if repaid {
+            permit.forget();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +282,35 @@ mod tests {
         drop((a, b, d, busy));
         assert!(occ.sessions.lock().unwrap().is_empty());
         assert!(!*occ.stress().borrow());
+    }
+
+    #[test]
+    fn sessions_open_count_against_a_new_size() {
+        let slots = Slots::new(3);
+        let held: Vec<Slot> = (0..3).map(|_| slots.try_take().unwrap()).collect();
+        slots.resize(2);
+        let mut held = held.into_iter();
+        drop(held.next());
+        assert!(slots.try_take().is_none(), "2 open, 2 allowed");
+        drop(held.next());
+        let again = slots.try_take().expect("1 open, 2 allowed");
+        assert!(slots.try_take().is_none());
+        // Grown while a place is owed: the debt is forgiven first.
+        let third = held.next().unwrap();
+        slots.resize(1);
+        slots.resize(3);
+        assert!(slots.try_take().is_some_and(|s| {
+            drop(s);
+            true
+        }));
+        let fourth = slots.try_take().expect("2 open, 3 allowed");
+        assert!(slots.try_take().is_none());
+        drop((again, third, fourth));
+        let all: Vec<Slot> = (0..3).map(|_| slots.try_take().unwrap()).collect();
+        assert!(
+            slots.try_take().is_none(),
+            "3 in all, whatever happened before"
+        );
+        drop(all);
     }
 }
