@@ -614,7 +614,11 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     signal(&daemon, libc::SIGHUP);
     daemon.wait_log("relay_event=\"reloaded\"");
     let mut late = RawClient::connect(addr(port)).await;
-    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "3 open, 2 allowed");
+    assert_eq!(
+        late.reply().await.map(|r| r.0),
+        Some(421),
+        "3 open, 2 allowed"
+    );
 
     // Two end: one is left, and one newcomer fits (as soon as the ended sessions' places are given back, an
     // instant after their 221).
@@ -628,7 +632,11 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     second.cmd("EHLO device.lan", 250).await;
     second.begin_message().await;
     let mut late = RawClient::connect(addr(port)).await;
-    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "2 open, 2 allowed");
+    assert_eq!(
+        late.reply().await.map(|r| r.0),
+        Some(421),
+        "2 open, 2 allowed"
+    );
 
     // Raised to 4: two more at once.
     with(4);
@@ -639,7 +647,11 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
         more.push(RawClient::in_data(addr(port)).await);
     }
     let mut late = RawClient::connect(addr(port)).await;
-    assert_eq!(late.reply().await.map(|r| r.0), Some(421), "4 open, 4 allowed");
+    assert_eq!(
+        late.reply().await.map(|r| r.0),
+        Some(421),
+        "4 open, 4 allowed"
+    );
     // Hung up on mid-message, so that the stop need not wait for them.
     drop((open, second, more));
     assert!(daemon.terminate().success());

@@ -59,18 +59,26 @@ pub enum FileKind {
     State,
 }
 
-/// The message and state files of a queue directory, by name, as the directory is read: nothing is held.
-pub fn files(dir: &Path) -> std::io::Result<impl Iterator<Item = (QueueId, FileKind)>> {
-    Ok(std::fs::read_dir(dir)?
-        .flatten()
-        .filter_map(|entry| parse_file_name(Path::new(&entry.file_name()))))
+/// The message and state files of a queue directory, by name, as the directory is read: nothing is held. An
+/// error partway through is an item, so that a partial listing is never taken for the whole.
+pub fn files(
+    dir: &Path,
+) -> std::io::Result<impl Iterator<Item = std::io::Result<(QueueId, FileKind)>>> {
+    Ok(std::fs::read_dir(dir)?.filter_map(|entry| match entry {
+        Ok(entry) => parse_file_name(Path::new(&entry.file_name())).map(Ok),
+        Err(e) => Some(Err(e)),
+    }))
 }
 
 /// Messages in a directory: counted as it is read, so that a backlog of any size costs no memory.
 pub fn count_messages(dir: &Path) -> std::io::Result<u64> {
-    Ok(files(dir)?
-        .filter(|(_, kind)| *kind == FileKind::Message)
-        .count() as u64)
+    let mut count = 0;
+    for file in files(dir)? {
+        if file?.1 == FileKind::Message {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// How many state files are held in memory at most while a directory is counted or scheduled (16 bytes each,
@@ -94,7 +102,8 @@ impl States {
             held: std::collections::HashSet::new(),
             beyond: 0,
         };
-        for (id, kind) in files(dir)? {
+        for file in files(dir)? {
+            let (id, kind) = file?;
             if kind == FileKind::State {
                 if states.held.len() < most {
                     states.held.insert(id);
@@ -133,7 +142,8 @@ pub fn count_queue(dir: &Path) -> std::io::Result<QueueCount> {
 fn count_queue_holding(dir: &Path, most: usize) -> std::io::Result<QueueCount> {
     let mut states = States::read_holding(dir, most)?;
     let mut count = QueueCount::default();
-    for (id, kind) in files(dir)? {
+    for file in files(dir)? {
+        let (id, kind) = file?;
         if kind == FileKind::Message {
             count.messages += 1;
             count.oldest = Some(count.oldest.map_or(id, |o| o.min(id)));

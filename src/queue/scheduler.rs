@@ -14,7 +14,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -32,6 +32,8 @@ const MAX_IN_FLIGHT: usize = 64;
 /// Messages the schedule holds in memory; a larger backlog is read from disk again as the schedule drains.
 const MAX_SCHEDULED: usize = 100_000;
 /// When a message that could not be parked (too many are) is looked at again, if nothing says sooner.
+/// The least time between two readings of the queue directory that nothing asked for (see `Scheduler::reread`).
+const REREAD_PAUSE: Duration = Duration::from_secs(1);
 const PARKED_FULL_RECHECK: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for deliveries in flight.
 pub const DRAIN: Duration = Duration::from_secs(20);
@@ -94,15 +96,12 @@ impl Scheduler {
         // delivery (routes, accounts) the attempt ran on.
         let mut running: HashMap<tokio::task::Id, (QueueId, u64)> = HashMap::new();
         let mut generation = 0u64;
-        let mut s = Schedule {
-            waiting: self.delivery.waiting(),
-            ..Schedule::default()
-        };
+        let mut s = Schedule::new(self.delivery.waiting());
         let mut trigger_seen = trigger_mtime(&state_dir);
         // What was dropped before this first reading is in it.
         committed.missed();
-        match self.load(&s, &heartbeat, &mut beat).await {
-            Ok((d, o)) => (s.due, s.overflow) = (d, o),
+        match self.reread(&mut s, &heartbeat, &mut beat).await {
+            Ok(()) => {}
             Err(e) => {
                 // Marked incomplete, so that it is read again at the next turn of the loop.
                 s.overflow = true;
@@ -117,7 +116,7 @@ impl Scheduler {
         loop {
             if committed.missed() {
                 // New mail found the announcements full: it is on disk, and read from there.
-                s.overflow = true;
+                s.missed = true;
             }
             let now = SystemTime::now();
             let woken: Vec<usize> = s
@@ -163,11 +162,10 @@ impl Scheduler {
                 });
                 running.insert(handle.id(), (id, generation));
             }
-            if s.overflow
-                && s.due.len() < MAX_SCHEDULED / 2
-                && let Ok((d, o)) = self.load(&s, &heartbeat, &mut beat).await
+            if s.read_wanted()
+                && Instant::now() >= s.read_after
+                && self.reread(&mut s, &heartbeat, &mut beat).await.is_ok()
             {
-                (s.due, s.overflow) = (d, o);
                 continue;
             }
             let waiting_for_slot = s.due.peek().is_some_and(|Reverse((at, _))| *at <= now);
@@ -179,6 +177,10 @@ impl Scheduler {
             let sleep = match s.wakes.values().min() {
                 Some(at) => sleep.min(at.duration_since(now).unwrap_or_default()),
                 None => sleep,
+            };
+            let sleep = match s.read_wanted() {
+                true => sleep.min(s.read_after.saturating_duration_since(Instant::now())),
+                false => sleep,
             };
             tokio::select! {
                 Some(id) = committed.recv() => s.push(SystemTime::now(), id),
@@ -249,11 +251,8 @@ impl Scheduler {
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
-                    match self.load(&s, &heartbeat, &mut beat).await {
-                        Ok((d, o)) => {
-                            trigger_seen = now_seen;
-                            (s.due, s.overflow) = (d, o);
-                        }
+                    match self.reread(&mut s, &heartbeat, &mut beat).await {
+                        Ok(()) => trigger_seen = now_seen,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot reread the queue; keeping the current schedule")
                         }
@@ -288,6 +287,24 @@ impl Scheduler {
         }
     }
 
+    /// Replaces the schedule with what `queue/` holds, and says when it may be read again unasked: at least a
+    /// second later, and four times as long as this reading took, so that rereading a large queue never takes
+    /// more than a fifth of the scheduler's time (nor starves the attempts it should start). A failed read keeps
+    /// the schedule.
+    async fn reread(
+        &self,
+        s: &mut Schedule,
+        heartbeat: &crate::health::Heartbeat,
+        beat: &mut tokio::time::Interval,
+    ) -> std::io::Result<()> {
+        let started = Instant::now();
+        let read = self.load(s, heartbeat, beat).await;
+        s.read_after = Instant::now() + REREAD_PAUSE.max(started.elapsed() * 4);
+        let (due, overflow) = read?;
+        (s.due, s.overflow, s.missed) = (due, overflow, false);
+        Ok(())
+    }
+
     /// Reads the schedule from disk on the blocking pool, leaving out what is in flight or parked. The heartbeat
     /// goes on while it reads: a backlog of a hundred thousand state files on a cold disk can take longer than the
     /// watchdog interval, and a restart would only read them again (a restart loop that delivers nothing).
@@ -316,11 +333,15 @@ impl Scheduler {
 }
 
 /// What the scheduler holds in memory.
-#[derive(Default)]
 struct Schedule {
     due: Due,
     /// The schedule is incomplete: the queue directory is read again once it has room.
     overflow: bool,
+    /// New mail was announced while the announcements were full: the queue directory is read again (whatever
+    /// the schedule holds, since the new mail may be due before all of it).
+    missed: bool,
+    /// The earliest time the queue directory is read again for `overflow` or `missed`.
+    read_after: Instant,
     in_flight: HashSet<QueueId>,
     /// Came due while its attempt was running: looked at again when that attempt ends.
     rerun: HashSet<QueueId>,
@@ -334,6 +355,26 @@ struct Schedule {
 }
 
 impl Schedule {
+    fn new(waiting: Arc<Waiting>) -> Schedule {
+        Schedule {
+            due: Due::default(),
+            overflow: false,
+            missed: false,
+            read_after: Instant::now(),
+            in_flight: HashSet::new(),
+            rerun: HashSet::new(),
+            parked: HashMap::new(),
+            parked_ids: HashMap::new(),
+            wakes: HashMap::new(),
+            waiting,
+        }
+    }
+
+    /// Whether the queue directory should be read again (once `read_after` has come).
+    fn read_wanted(&self) -> bool {
+        self.missed || (self.overflow && self.due.len() < MAX_SCHEDULED / 2)
+    }
+
     fn push(&mut self, at: SystemTime, id: QueueId) {
         if self.due.len() < MAX_SCHEDULED {
             self.due.push(Reverse((at, id)));
@@ -454,7 +495,8 @@ fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::R
     // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
     let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
     let mut overflow = false;
-    for (id, kind) in layout::files(queue)? {
+    for file in layout::files(queue)? {
+        let (id, kind) = file?;
         if kind != FileKind::Message || skip.contains(&id) {
             continue;
         }

@@ -349,7 +349,7 @@ fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
     if states {
         let files =
             super::layout::files(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
-        for (id, kind) in files {
+        for (id, kind) in files.flatten() {
             if kind == FileKind::State && !msg_path(&paths.queue, id).exists() {
                 let _ = fs::remove_file(super::layout::state_path(&paths.queue, id));
             }

@@ -165,6 +165,11 @@ impl TokenStore {
         match crate::small_files::read(&path, crate::small_files::SMALL) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // Far too large to be tokens: damaged, like a file that does not parse.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(StoreError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
             Err(source) => Err(StoreError::Io { path, source }),
         }
     }
@@ -278,11 +283,14 @@ impl TokenStore {
     pub fn set_aside(&self, account: &str) -> Result<Option<PathBuf>, StoreError> {
         let _lock = self.lock(account)?;
         let path = self.path(account);
-        let Some(bytes) = self.read_bytes(account)? else {
-            return Ok(None);
+        let damaged = match self.read_bytes(account) {
+            Ok(Some(bytes)) => self.decode(account, &path, &bytes),
+            Ok(None) => return Ok(None),
+            Err(e) => Err(e),
         };
-        match self.decode(account, &path, &bytes) {
+        match damaged {
             Err(StoreError::Corrupt { .. }) => {}
+            Err(e @ StoreError::Io { .. }) => return Err(e),
             _ => return Ok(None),
         }
         let secs = SystemTime::now()
@@ -455,6 +463,17 @@ mod tests {
         std::fs::write(store.path("a"), "{ damaged").unwrap();
         let aside = store.set_aside("a").unwrap().expect("set aside");
         assert_eq!(std::fs::read_to_string(aside).unwrap(), "{ damaged");
+        assert!(!store.path("a").exists());
+        // Far larger than tokens can be: damaged too, and set aside without being read whole.
+        std::fs::File::create(store.path("a"))
+            .unwrap()
+            .set_len(2 * crate::small_files::SMALL)
+            .unwrap();
+        let Err(StoreError::Corrupt { reason, .. }) = store.load_hashed("a") else {
+            panic!("read as corrupt");
+        };
+        assert!(reason.contains("larger than 1 MiB"), "{reason}");
+        assert!(store.set_aside("a").unwrap().is_some());
         assert!(!store.path("a").exists());
     }
 
