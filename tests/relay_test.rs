@@ -280,6 +280,31 @@ async fn each_listed_failure_gets_its_diagnosis() {
     }
 }
 
+/// A generic provider's server refusing the login with RFC 4954's code: the diagnosis speaks of the server and
+/// the account's settings, not of Gmail (whose replies carry the same code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_servers_login_refusal_is_not_diagnosed_as_gmails() {
+    let idp = idp_issuing("tok-1").await;
+    let upstream = FakeUpstream::start(&["tok-1"]).await;
+    upstream
+        .tokens
+        .lock()
+        .unwrap()
+        .push("REFUSE 535 5.7.8 Error: authentication failed: authentication failure".into());
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    let diagnosis = out
+        .lines()
+        .find(|l| l.starts_with("diagnosis: "))
+        .unwrap_or_else(|| panic!("no diagnosis line in {out}"));
+    assert!(diagnosis.contains("(535 5.7.8)"), "{diagnosis}");
+    assert!(!diagnosis.contains("Gmail"), "{diagnosis}");
+    assert!(diagnosis.contains("relay authorize office"), "{diagnosis}");
+}
+
 /// An upstream that offers CHUNKING but does not know BDAT: `relay test` sends again through DATA, as the daemon
 /// does, says so in the transcript, and reports the delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,7 +166,11 @@ static TABLE: &[Diagnosis] = &[
         code: "535 5.7.3",
         cause: "Exchange Online did not accept the token for this mailbox: SMTP AUTH is off for the mailbox, the token lacks SMTP.Send, or (app-only) the app's service principal has no access to the mailbox",
         fix: "tick \"Authenticated SMTP\" for the mailbox (Microsoft 365 admin center > Users > Active users > Mail > Manage email apps); delegated flows need the SMTP.Send permission consented; client credentials need `New-ServicePrincipal` and `Add-MailboxPermission -User <service principal> -AccessRights FullAccess` in Exchange Online PowerShell, and the mailbox must be the one the permission names",
-        matches: &[&["535", "5.7.3"]],
+        // Exchange's words or its server names: 5.7.3 is not a code of RFC 4954, other servers use it otherwise.
+        matches: &[
+            &["535", "5.7.3", "authentication unsuccessful"],
+            &["535", "5.7.3", "outlook.com"],
+        ],
     },
     Diagnosis {
         code: "550 5.7.30",
@@ -209,12 +213,26 @@ static TABLE: &[Diagnosis] = &[
         code: "535 5.7.8",
         cause: "Gmail did not accept the token for this mailbox (expired, revoked, for another user, or without the https://mail.google.com/ scope)",
         fix: "check that `mailbox` is the Google account that signed in and that the scope is https://mail.google.com/; then run `relay authorize ACCOUNT` again",
-        matches: &[&["535", "5.7.8"]],
+        // Gmail's replies end with `- gsmtp`; any other server's 535 5.7.8 gets the general row below.
+        matches: &[&["535", "5.7.8", "gsmtp"], &["535", "5.7.8", "google.com"]],
     },
     Diagnosis {
         code: "534 5.7.9",
         cause: "Gmail wants an app password: it took the login for a password login on an account with 2-Step Verification",
         fix: "use OAuth for this account (flow = \"authorization_code\" or \"service_account\") rather than a password; then run `relay authorize ACCOUNT`",
+        matches: &[&["534", "5.7.9", "gsmtp"], &["534", "5.7.9", "google.com"]],
+    },
+    // --- Any SMTP server (RFC 4954's codes), for a generic provider's ---
+    Diagnosis {
+        code: "535 5.7.8",
+        cause: "the upstream did not accept the XOAUTH2 login (authentication credentials invalid): the token is not for this mailbox, has expired or been revoked, or lacks the scope this server wants for SMTP",
+        fix: "check that `mailbox` is the user the token was issued for and that `scope` is the one your provider documents for SMTP; `relay test ACCOUNT` shows the exchange; for a grant a person made, run `relay authorize ACCOUNT` again",
+        matches: &[&["535", "5.7.8"]],
+    },
+    Diagnosis {
+        code: "534 5.7.9",
+        cause: "the upstream finds XOAUTH2 too weak a mechanism for this account (it wants another way to log in)",
+        fix: "relay logs in with XOAUTH2 only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
         matches: &[&["534", "5.7.9"]],
     },
     // --- Microsoft identity platform (login.microsoftonline.com) ---
@@ -521,6 +539,29 @@ mod tests {
             assert!(text.contains(fix_word), "{reply}: {text}");
             assert!(!text.contains("ACCOUNT"), "{text}");
         }
+    }
+
+    /// Another server's RFC 4954 codes get words about the server, not Gmail's (nor Exchange's for 5.7.3).
+    #[test]
+    fn another_servers_login_refusals_are_not_taken_for_gmails() {
+        for (reply, code) in [
+            (
+                "535 5.7.8 Error: authentication failed: authentication failure",
+                "535 5.7.8",
+            ),
+            (
+                "534 5.7.9 Authentication mechanism is too weak",
+                "534 5.7.9",
+            ),
+        ] {
+            let d = diagnose(reply).unwrap_or_else(|| panic!("no diagnosis for {reply:?}"));
+            assert_eq!(d.code, code, "{reply}");
+            assert!(!d.cause.contains("Gmail"), "{reply}: {}", d.cause);
+        }
+        assert_eq!(diagnose("535 5.7.3 no such user here"), None);
+        // Exchange on premises says it without a server name.
+        let exchange = diagnose("535 5.7.3 Authentication unsuccessful").map(|d| d.cause);
+        assert!(exchange.is_some_and(|c| c.contains("Exchange")));
     }
 
     #[test]
