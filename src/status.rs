@@ -58,23 +58,28 @@ pub struct Status {
 }
 
 pub fn status(config: &Config) -> Result<Status, StoreError> {
+    // Each message is looked at and let go: a backlog of any size costs this command no memory.
     let store = QueueStore::new(&config.state_dir);
-    let listing = store.scan(&store.paths().queue)?;
-    let dead = store.list_dead()?.len();
-    let quarantined = store.count_quarantined()?;
     let queue_dir = &store.paths().queue;
-    let deferred = listing
-        .messages
-        .iter()
-        .filter(|m| read_state(queue_dir, m.envelope.id).attempts > 0)
-        .count();
-    let oldest = listing.messages.first().map(|m| m.envelope.received_at);
+    let (mut queued, mut deferred) = (0, 0);
+    let mut oldest: Option<SystemTime> = None;
+    let unreadable = store.each(queue_dir, |m| {
+        queued += 1;
+        if read_state(queue_dir, m.envelope.id).attempts > 0 {
+            deferred += 1;
+        }
+        let at = m.envelope.received_at;
+        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+    })?;
+    let mut dead = 0;
+    store.each(&store.paths().dead, |_| dead += 1)?;
+    let quarantined = store.count_quarantined()?;
     let queue = QueueCounts {
-        queued: listing.messages.len(),
+        queued,
         deferred,
         dead,
         quarantined,
-        unreadable: listing.unreadable,
+        unreadable,
         oldest,
         oldest_age_seconds: oldest.map(|t| {
             SystemTime::now()

@@ -64,8 +64,9 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
             }
         }
         Retry::All { dead } => {
+            // Each message as it is listed, none held: a backlog of any size costs no memory.
             let mut first_error = None;
-            for m in store.list()? {
+            store.each(&store.paths().queue, |m| {
                 match make_due(store.paths(), m.envelope.id) {
                     // In an attempt right now: tried already.
                     Ok(true) | Err(StoreError::Busy { .. }) => done.due += 1,
@@ -74,11 +75,11 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
                         first_error.get_or_insert(e);
                     }
                 }
-            }
-            for m in store.list_dead()? {
+            })?;
+            store.each(&store.paths().dead, |m| {
                 if !dead {
                     done.dead_left += 1;
-                    continue;
+                    return;
                 }
                 match store.requeue(m.envelope.id) {
                     Ok(()) => done.requeued += 1,
@@ -88,7 +89,7 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
                         first_error.get_or_insert(e);
                     }
                 }
-            }
+            })?;
             if let Some(e) = first_error {
                 return Err(e);
             }

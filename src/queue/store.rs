@@ -214,28 +214,42 @@ impl QueueStore {
 
     /// The sealed messages of `dir`, and how many files there could not be read.
     pub fn scan(&self, dir: &Path) -> Result<Listing, StoreError> {
+        let mut messages = Vec::new();
+        let unreadable = self.each(dir, |m| messages.push(m))?;
+        messages.sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
+        Ok(Listing {
+            messages,
+            unreadable,
+        })
+    }
+
+    /// Hands each sealed message of `dir` to `seen` as it is read (nothing is held), and says how many files
+    /// there could not be read.
+    pub fn each(
+        &self,
+        dir: &Path,
+        mut seen: impl FnMut(QueuedMessage),
+    ) -> Result<usize, StoreError> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(io_err(dir)(e)),
         };
-        let mut out = Listing::default();
+        let mut unreadable = 0;
         for entry in entries {
             let path = entry.map_err(io_err(dir))?.path();
             if !parse_file_name(&path).is_some_and(|(_, k)| k == FileKind::Message) {
                 continue;
             }
             match file::read(&path) {
-                Ok(m) => out.messages.push(m),
+                Ok(m) => seen(m),
                 // Still arriving, or gone between the listing and the read.
                 Err(FileError::Unsealed { .. }) => {}
                 Err(e) if e.is_not_found() => {}
-                Err(_) => out.unreadable += 1,
+                Err(_) => unreadable += 1,
             }
         }
-        out.messages
-            .sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
-        Ok(out)
+        Ok(unreadable)
     }
 
     pub fn parse_id(s: &str) -> Result<QueueId, StoreError> {
