@@ -597,31 +597,42 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     };
     match cmd {
         QueueCommand::List { json } => {
-            let (queued, unreadable_queued) = store.entries(Place::Queued)?;
-            let (dead, unreadable_dead) = store.entries(Place::Dead)?;
-            if json {
-                let all: Vec<&QueueEntry> = queued.iter().chain(&dead).collect();
-                println!("{}", serde_json::to_string(&all)?);
-            } else if queued.is_empty() && dead.is_empty() {
-                println!("queue is empty");
-            } else {
-                println!(
-                    "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  recipients",
-                    "id", "age", "size", "attempts", "next try", "sender"
-                );
-                for m in queued.iter().chain(&dead) {
-                    print_row(m);
-                }
-                if dead.is_empty() {
-                    println!("{} message(s)", queued.len());
+            // Printed as read, one message at a time: a backlog of any size is listed in little memory.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut counts = [0usize; 2];
+            let mut print = |i: usize, e: QueueEntry| -> Result<()> {
+                if json {
+                    let sep = if counts == [0, 0] { "[" } else { "," };
+                    write!(out, "{sep}{}", serde_json::to_string(&e)?)?;
                 } else {
-                    println!(
-                        "{} message(s) queued, {} dead: failed for good, kept with their last error (`relay queue retry ID` sends one again, `relay queue delete ID` removes it)",
-                        queued.len(),
-                        dead.len()
-                    );
+                    if counts == [0, 0] {
+                        writeln!(
+                            out,
+                            "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  recipients",
+                            "id", "age", "size", "attempts", "next try", "sender"
+                        )?;
+                    }
+                    print_row(&mut out, &e)?;
                 }
+                counts[i] += 1;
+                Ok(())
+            };
+            let unreadable_queued = store.each_entry(Place::Queued, |e| print(0, e))?;
+            let unreadable_dead = store.each_entry(Place::Dead, |e| print(1, e))?;
+            let [queued, dead] = counts;
+            if json {
+                writeln!(out, "{}", if queued + dead == 0 { "[]" } else { "]" })?;
+            } else if queued + dead == 0 {
+                writeln!(out, "queue is empty")?;
+            } else if dead == 0 {
+                writeln!(out, "{queued} message(s)")?;
+            } else {
+                writeln!(
+                    out,
+                    "{queued} message(s) queued, {dead} dead: failed for good, kept with their last error (`relay queue retry ID` sends one again, `relay queue delete ID` removes it)"
+                )?;
             }
+            out.flush()?;
             // On stderr, so that `--json` stays one document: the list above is not the whole queue.
             for (place, n, then) in [
                 (
@@ -759,11 +770,12 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
 }
 
 /// One message per line; its last error, when it has one, on the line below.
-fn print_row(entry: &QueueEntry) {
+fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
     let m = &entry.message;
     let e = &m.envelope;
     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
-    println!(
+    writeln!(
+        out,
         "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  {}",
         e.id,
         age(e.received_at),
@@ -775,10 +787,11 @@ fn print_row(entry: &QueueEntry) {
         },
         safe(sender),
         safe(&e.recipients.join(","))
-    );
+    )?;
     if let Some(error) = &entry.last_error {
-        println!("  last error: {}", safe(error));
+        writeln!(out, "  last error: {}", safe(error))?;
     }
+    Ok(())
 }
 
 /// `in 4m 30s`, or `now` for a message that is due (never tried, or its time has come).

@@ -23,4 +23,4 @@ pub use file::{FileError, QueuedMessage};
 pub use id::QueueId;
 pub use layout::SpoolPaths;
 pub use spool::{Incoming, Spool, SpoolError};
-pub use store::{Listing, Place, QueueEntry, QueueStore, StoreError};
+pub use store::{Place, QueueEntry, QueueStore, StoreError};

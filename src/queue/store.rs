@@ -65,15 +65,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// A directory's messages: the readable ones, and how many could not be read.
-#[derive(Debug, Default)]
-pub struct Listing {
-    /// Sealed messages, oldest first.
-    pub messages: Vec<QueuedMessage>,
-    /// Files that are not what relay writes (the daemon moves them to `quarantine/`).
-    pub unreadable: usize,
-}
-
 /// Where a message is: waiting in `queue/` (deferred ones included: they have attempts), or failed for good and
 /// kept in `dead/`. JSON `"state": "queued"` or `"dead"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,11 +113,6 @@ impl QueueStore {
         &self.paths
     }
 
-    /// Every queued message, oldest first. A missing queue directory is an empty queue.
-    pub fn list(&self) -> Result<Vec<QueuedMessage>, StoreError> {
-        Ok(self.scan(&self.paths.queue)?.messages)
-    }
-
     /// The state dir, when it does not exist: every listing is then empty, and saying so tells a wrong state dir
     /// (another user's default, another config) from an empty queue.
     pub fn missing_state_dir(&self) -> Option<&Path> {
@@ -137,13 +123,32 @@ impl QueueStore {
     /// Every message of `place` with its delivery state, oldest first, and how many files there could not be
     /// read (left out of the list, so that the one who reads it must be told).
     pub fn entries(&self, place: Place) -> Result<(Vec<QueueEntry>, usize), StoreError> {
-        let listing = self.scan(self.dir(place))?;
-        let entries = listing
-            .messages
-            .into_iter()
-            .map(|m| self.with_state(m, place))
-            .collect();
-        Ok((entries, listing.unreadable))
+        let mut entries = Vec::new();
+        let unreadable = self.each_entry(place, |e| {
+            entries.push(e);
+            Ok::<(), StoreError>(())
+        })?;
+        Ok((entries, unreadable))
+    }
+
+    /// [`entries`](Self::entries), handed to `seen` one at a time: only each message's arrival time and id are
+    /// held (32 bytes, for the order), so that listing a backlog of any size costs little memory. A message gone
+    /// between the two readings of the directory is left out.
+    pub fn each_entry<E: From<StoreError>>(
+        &self,
+        place: Place,
+        mut seen: impl FnMut(QueueEntry) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let dir = self.dir(place);
+        let mut order = Vec::new();
+        let unreadable = self.each(dir, |m| order.push((m.envelope.received_at, m.envelope.id)))?;
+        order.sort_unstable();
+        for (_, id) in order {
+            if let Some(m) = read_sealed(&msg_path(dir, id)).ok().flatten() {
+                seen(self.with_state(m, place))?;
+            }
+        }
+        Ok(unreadable)
     }
 
     /// One message, queued or dead, with its delivery state.
@@ -194,11 +199,6 @@ impl QueueStore {
         }
     }
 
-    /// Every message in `dead/`, oldest first.
-    pub fn list_dead(&self) -> Result<Vec<QueuedMessage>, StoreError> {
-        Ok(self.scan(&self.paths.dead)?.messages)
-    }
-
     /// Message files in `quarantine/`.
     pub fn count_quarantined(&self) -> Result<usize, StoreError> {
         let entries = match fs::read_dir(&self.paths.quarantine) {
@@ -210,17 +210,6 @@ impl QueueStore {
             .flatten()
             .filter(|e| parse_file_name(&e.path()).is_some_and(|(_, k)| k == FileKind::Message))
             .count())
-    }
-
-    /// The sealed messages of `dir`, and how many files there could not be read.
-    pub fn scan(&self, dir: &Path) -> Result<Listing, StoreError> {
-        let mut messages = Vec::new();
-        let unreadable = self.each(dir, |m| messages.push(m))?;
-        messages.sort_by_key(|m| (m.envelope.received_at, m.envelope.id));
-        Ok(Listing {
-            messages,
-            unreadable,
-        })
     }
 
     /// Hands each sealed message of `dir` to `seen` as it is read (nothing is held), and says how many files
