@@ -362,6 +362,49 @@ async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
     }
 }
 
+/// Four messages at once through an account whose upstream refuses every login: the attempts refused together
+/// share one token refresh and one retry with the new token, and then wait (held) instead of each asking the
+/// token endpoint again and logging in once more. The fake identity provider mints a new token per request, as
+/// real ones do, slowly enough that the attempts meet at the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_refused_together_share_one_refresh_and_one_retry() {
+    struct Minting(std::sync::atomic::AtomicUsize);
+    impl wiremock::Respond for Minting {
+        fn respond(&self, _: &wiremock::Request) -> wiremock::ResponseTemplate {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            common::idp::token(&format!("tok-{n}")).set_delay(std::time::Duration::from_millis(300))
+        }
+    }
+    let idp = MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::path("/token"))
+        .respond_with(Minting(Default::default()))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&[]).await;
+    upstream
+        .tokens
+        .lock()
+        .unwrap()
+        .push("REFUSE 535 5.7.3 Authentication unsuccessful".into());
+    let more = "max_connections = 4\n[queue]\nretry = [\"1h\"]\n";
+    let mut relay = relay_with_account_and(&idp, &upstream, more).await;
+    for _ in 0..4 {
+        accepted_during_fault(&relay).await;
+    }
+    relay.attempts_done(4).await;
+    let fetched = idp.received_requests().await.unwrap_or_default().len();
+    assert_eq!(fetched, 2, "the first token and one refresh");
+    let logins = upstream
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=5).contains(&logins),
+        "each message once at most, and one retry: {logins}"
+    );
+    assert_eq!(relay.queued().len(), 4);
+    relay.stop().await;
+}
+
 /// A relay whose account's upstream offers CHUNKING, answers BDAT with 500 and hangs up.
 async fn offering_chunking_without_bdat() -> (MockServer, FakeUpstream, TestRelay) {
     let idp = idp_issuing("tok").await;

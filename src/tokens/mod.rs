@@ -110,10 +110,30 @@ impl AccountTokens {
         }
     }
 
-    /// A new access token now, whatever the old one's expiry: after the upstream refused it (535).
+    /// A new access token now, whatever the old one's expiry.
     pub async fn force_refresh(&self) -> Result<SecretString, TokenError> {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
+        self.refresh_locked(&mut state).await
+    }
+
+    /// A token other than `refused`, which the upstream just refused (535): the one another attempt (or a
+    /// `relay authorize`) got meanwhile, else a new one. The account's attempts refused at once then share one
+    /// refresh instead of each asking the token endpoint again.
+    pub async fn replace_refused(
+        &self,
+        refused: &SecretString,
+    ) -> Result<SecretString, TokenError> {
+        use secrecy::ExposeSecret;
+        let mut state = self.state.lock().await;
+        self.reload_if_changed(&mut state)?;
+        if let Some(t) = &state.tokens
+            && !t.needs_authorization
+            && t.access_token.expose_secret() != refused.expose_secret()
+            && SystemTime::now() < t.expires_at
+        {
+            return Ok(t.access_token.clone());
+        }
         self.refresh_locked(&mut state).await
     }
 

@@ -66,6 +66,9 @@ pub struct Transports {
     switch_file: PathBuf,
     switched: Mutex<Option<Switch>>,
     auth_hold: Mutex<Option<AuthHold>>,
+    /// Held by the attempt that refreshes a refused token and tries it: the account's other attempts refused
+    /// meanwhile wait for its outcome (the hold, or a token that works) instead of each logging in again.
+    retrying: tokio::sync::Mutex<()>,
 }
 
 /// The upstream refused the account's token, and then the fresh one too: until `until`, the account's other
@@ -96,6 +99,7 @@ impl Transports {
             switch_file: switch_path(state_dir, account),
             switched: Mutex::new(switched),
             auth_hold: Mutex::new(None),
+            retrying: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -198,16 +202,26 @@ impl Transports {
         if let Some(held) = self.held(&token) {
             return Outcome::AuthRejected(held);
         }
-        let first = attempt(token).await;
+        let first = attempt(token.clone()).await;
         if !matches!(first, Outcome::AuthRejected(_)) {
             self.set_hold(None);
             return first;
         }
-        // The token may have been revoked or rotated early: one refresh, one retry, then defer.
-        let fresh = match tokens.force_refresh().await {
+        // The token may have been revoked or rotated early: one refresh, one retry, then defer. One attempt of
+        // the account at a time: the others refused meanwhile find its fresh token, and its hold if that failed
+        // too.
+        let _one = self.retrying.lock().await;
+        // Refused with the token another attempt already refreshed to and was refused with again.
+        if let Some(held) = self.held(&token) {
+            return Outcome::AuthRejected(held);
+        }
+        let fresh = match tokens.replace_refused(&token).await {
             Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),
         };
+        if let Some(held) = self.held(&fresh) {
+            return Outcome::AuthRejected(held);
+        }
         let key = token_key(&fresh);
         let second = attempt(fresh).await;
         match &second {
