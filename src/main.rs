@@ -617,8 +617,9 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 counts[i] += 1;
                 Ok(())
             };
-            let unreadable_queued = store.each_entry(Place::Queued, |e| print(0, e))?;
-            let unreadable_dead = store.each_entry(Place::Dead, |e| print(1, e))?;
+            let (queued, dead) = (store.order(Place::Queued)?, store.order(Place::Dead)?);
+            let unreadable_queued = store.each_entry(queued, |e| print(0, e))?;
+            let unreadable_dead = store.each_entry(dead, |e| print(1, e))?;
             let [queued, dead] = counts;
             if json {
                 writeln!(out, "{}", if queued + dead == 0 { "[]" } else { "]" })?;

@@ -337,8 +337,8 @@ struct Schedule {
     due: Due,
     /// The schedule is incomplete: the queue directory is read again once it has room.
     overflow: bool,
-    /// New mail was announced while the announcements were full: the queue directory is read again (whatever
-    /// the schedule holds, since the new mail may be due before all of it).
+    /// New mail was announced while the announcements were full, or came due with the schedule full: the queue
+    /// directory is read again (whatever the schedule holds, since that mail may be due before all of it).
     missed: bool,
     /// The earliest time the queue directory is read again for `overflow` or `missed`.
     read_after: Instant,
@@ -378,6 +378,10 @@ impl Schedule {
     fn push(&mut self, at: SystemTime, id: QueueId) {
         if self.due.len() < MAX_SCHEDULED {
             self.due.push(Reverse((at, id)));
+        } else if at <= SystemTime::now() {
+            // Due now, with no room: a schedule full of later retries (a backlog of one account that keeps
+            // failing) must not keep it waiting until that backlog drains. The reread keeps the soonest.
+            self.missed = true;
         } else {
             self.overflow = true;
         }
@@ -514,4 +518,26 @@ fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::R
         }
     }
     Ok((kept.into_iter().map(Reverse).collect(), overflow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A schedule full of later retries: new mail due now asks for a reread (which keeps the soonest), a later
+    /// retry only marks the schedule incomplete.
+    #[test]
+    fn mail_due_now_with_the_schedule_full_asks_for_a_reread() {
+        let mut s = Schedule::new(Arc::default());
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        for _ in 0..MAX_SCHEDULED {
+            s.push(later, QueueId::new());
+        }
+        assert!(!s.read_wanted());
+        s.push(later, QueueId::new());
+        assert!(s.overflow && !s.missed);
+        assert!(!s.read_wanted(), "the schedule holds the soonest already");
+        s.push(SystemTime::now(), QueueId::new());
+        assert!(s.missed && s.read_wanted());
+    }
 }

@@ -65,6 +65,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// A directory's messages in the order `relay queue list` prints them: see [`QueueStore::order`].
+pub struct Order {
+    place: Place,
+    ids: Vec<(SystemTime, QueueId)>,
+    unreadable: usize,
+}
+
 /// Where a message is: waiting in `queue/` (deferred ones included: they have attempts), or failed for good and
 /// kept in `dead/`. JSON `"state": "queued"` or `"dead"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,30 +129,46 @@ impl QueueStore {
 
     /// Every message of `place` with its delivery state, oldest first, and how many files there could not be
     /// read (left out of the list, so that the one who reads it must be told).
+    #[cfg(test)]
     pub fn entries(&self, place: Place) -> Result<(Vec<QueueEntry>, usize), StoreError> {
         let mut entries = Vec::new();
-        let unreadable = self.each_entry(place, |e| {
+        let unreadable = self.each_entry(self.order(place)?, |e| {
             entries.push(e);
             Ok::<(), StoreError>(())
         })?;
         Ok((entries, unreadable))
     }
 
-    /// [`entries`](Self::entries), handed to `seen` one at a time: only each message's arrival time and id are
-    /// held (32 bytes, for the order), so that listing a backlog of any size costs little memory. A message gone
-    /// between the two readings of the directory is left out.
+    /// The messages of `place`, oldest first, by arrival time and id only (32 bytes each): listing a backlog of
+    /// any size costs little memory. Read before anything is printed, so that a directory that cannot be read
+    /// fails the command before any output.
+    pub fn order(&self, place: Place) -> Result<Order, StoreError> {
+        let mut ids = Vec::new();
+        let unreadable = self.each(self.dir(place), |m| {
+            ids.push((m.envelope.received_at, m.envelope.id))
+        })?;
+        ids.sort_unstable();
+        Ok(Order {
+            place,
+            ids,
+            unreadable,
+        })
+    }
+
+    /// Each message of `order` with its delivery state, read again as it is handed to `seen`; says how many
+    /// files could not be read, then or now. A message gone since (delivered, deleted) is left out.
     pub fn each_entry<E: From<StoreError>>(
         &self,
-        place: Place,
+        order: Order,
         mut seen: impl FnMut(QueueEntry) -> Result<(), E>,
     ) -> Result<usize, E> {
-        let dir = self.dir(place);
-        let mut order = Vec::new();
-        let unreadable = self.each(dir, |m| order.push((m.envelope.received_at, m.envelope.id)))?;
-        order.sort_unstable();
-        for (_, id) in order {
-            if let Some(m) = read_sealed(&msg_path(dir, id)).ok().flatten() {
-                seen(self.with_state(m, place))?;
+        let dir = self.dir(order.place);
+        let mut unreadable = order.unreadable;
+        for (_, id) in order.ids {
+            match read_sealed(&msg_path(dir, id)) {
+                Ok(Some(m)) => seen(self.with_state(m, order.place))?,
+                Ok(None) => {}
+                Err(_) => unreadable += 1,
             }
         }
         Ok(unreadable)
