@@ -264,20 +264,25 @@ async fn each_listed_failure_gets_its_diagnosis() {
             Data(reply) => *upstream.data_reply.lock().unwrap() = reply.to_string(),
             Token(..) => {}
         }
-        let dir = tempfile::tempdir().unwrap();
-        let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-        let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-        let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
-        assert_eq!(exit, 1, "{code}: {out}");
-        let diagnosis = out
-            .lines()
-            .find(|l| l.starts_with("diagnosis: "))
-            .unwrap_or_else(|| panic!("{code}: no diagnosis line in {out}"));
+        let diagnosis = failed_test_diagnosis(&idp, &upstream).await;
         assert!(
             diagnosis.contains(&format!("({code})")),
-            "{code}: {diagnosis}\n{out}"
+            "{code}: {diagnosis}"
         );
     }
+}
+
+/// `relay test office` through an account pointed at the fakes: it fails (exit 1), and its diagnosis line.
+async fn failed_test_diagnosis(idp: &wiremock::MockServer, upstream: &FakeUpstream) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    out.lines()
+        .find(|l| l.starts_with("diagnosis: "))
+        .unwrap_or_else(|| panic!("no diagnosis line in {out}"))
+        .to_string()
 }
 
 /// A generic provider's server refusing the login with RFC 4954's code: the diagnosis speaks of the server and
@@ -291,15 +296,7 @@ async fn another_servers_login_refusal_is_not_diagnosed_as_gmails() {
         .lock()
         .unwrap()
         .push("REFUSE 535 5.7.8 Error: authentication failed: authentication failure".into());
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
-    assert_eq!(exit, 1, "{out}");
-    let diagnosis = out
-        .lines()
-        .find(|l| l.starts_with("diagnosis: "))
-        .unwrap_or_else(|| panic!("no diagnosis line in {out}"));
+    let diagnosis = failed_test_diagnosis(&idp, &upstream).await;
     assert!(diagnosis.contains("(535 5.7.8)"), "{diagnosis}");
     assert!(!diagnosis.contains("Gmail"), "{diagnosis}");
     assert!(diagnosis.contains("relay authorize office"), "{diagnosis}");
