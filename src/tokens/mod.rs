@@ -117,24 +117,28 @@ impl AccountTokens {
         self.refresh_locked(&mut state).await
     }
 
-    /// A token other than `refused`, which the upstream just refused (535): the one another attempt (or a
-    /// `relay authorize`) got meanwhile, else a new one. The account's attempts refused at once then share one
-    /// refresh instead of each asking the token endpoint again.
+    /// A token to try instead of `refused`, which the upstream refused at `refused_at` (535), and whether it was
+    /// fetched for this call: one obtained since the refusal (by another attempt refused at the same time, or a
+    /// `relay authorize`) if there is one, else a new one. The account's attempts refused together then share
+    /// one refresh. A token obtained before the refusal is no replacement, even if it differs: an upstream that
+    /// revokes every token issued before an event (a password change) refuses it too.
     pub async fn replace_refused(
         &self,
         refused: &SecretString,
-    ) -> Result<SecretString, TokenError> {
+        refused_at: SystemTime,
+    ) -> Result<(SecretString, bool), TokenError> {
         use secrecy::ExposeSecret;
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
         if let Some(t) = &state.tokens
             && !t.needs_authorization
             && t.access_token.expose_secret() != refused.expose_secret()
+            && t.obtained_at >= refused_at
             && SystemTime::now() < t.expires_at
         {
-            return Ok(t.access_token.clone());
+            return Ok((t.access_token.clone(), false));
         }
-        self.refresh_locked(&mut state).await
+        self.refresh_locked(&mut state).await.map(|t| (t, true))
     }
 
     /// A token for `scope` from the account's grant (the stored refresh token, or the client's credentials),
@@ -425,6 +429,58 @@ mod tests {
         assert_eq!(
             t.expires_at.duration_since(renew_at(&t)).unwrap(),
             Duration::from_secs(300)
+        );
+    }
+}
+
+#[cfg(test)]
+mod replace_refused_tests {
+    use super::*;
+
+    /// A token obtained before the refusal is no replacement for the refused one, though it differs (the
+    /// upstream may have revoked every token issued before some event): a refresh is asked for (here it fails,
+    /// the token endpoint being closed). One obtained since is taken as it is.
+    #[tokio::test]
+    async fn only_a_token_obtained_since_the_refusal_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            &format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
+                dir.path().join("state")
+            ),
+            "test.toml",
+        )
+        .unwrap();
+        let now = SystemTime::now();
+        let obtained = now - Duration::from_secs(60);
+        crate::tokens::TokenStore::new(&config.state_dir)
+            .save(
+                "a",
+                &StoredTokens {
+                    access_token: SecretString::from("second"),
+                    expires_at: now + Duration::from_secs(3600),
+                    obtained_at: obtained,
+                    refresh_token: Some(SecretString::from("r")),
+                    last_refresh: Some(obtained),
+                    needs_authorization: false,
+                    last_error: None,
+                },
+            )
+            .unwrap();
+        let accounts = crate::accounts::build(&config).unwrap();
+        let tokens = &accounts[0].tokens;
+        let first = SecretString::from("first");
+        let (since, refreshed) = tokens
+            .replace_refused(&first, obtained - Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            (secrecy::ExposeSecret::expose_secret(&since), refreshed),
+            ("second", false)
+        );
+        assert!(
+            tokens.replace_refused(&first, now).await.is_err(),
+            "an older token is not taken: a refresh is tried"
         );
     }
 }

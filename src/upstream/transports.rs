@@ -69,7 +69,14 @@ pub struct Transports {
     /// Held by the attempt that refreshes a refused token and tries it: the account's other attempts refused
     /// meanwhile wait for its outcome (the hold, or a token that works) instead of each logging in again.
     retrying: tokio::sync::Mutex<()>,
+    /// The last refresh of a refused token that failed, and when: the attempts refused before it give up at once
+    /// instead of each asking the token endpoint again.
+    refresh_failed: Mutex<Option<(SystemTime, String)>>,
 }
+
+/// How long an attempt refused with its token waits for another one's refresh and retry (a whole message sent)
+/// before it goes on by itself.
+const RETRY_WAIT: Duration = Duration::from_secs(30);
 
 /// The upstream refused the account's token, and then the fresh one too: until `until`, the account's other
 /// messages are not tried with that token. Each would otherwise fetch a token and log in twice (a queue of 20
@@ -100,6 +107,7 @@ impl Transports {
             switched: Mutex::new(switched),
             auth_hold: Mutex::new(None),
             retrying: tokio::sync::Mutex::new(()),
+            refresh_failed: Mutex::new(None),
         }
     }
 
@@ -207,17 +215,35 @@ impl Transports {
             self.set_hold(None);
             return first;
         }
-        // The token may have been revoked or rotated early: one refresh, one retry, then defer. One attempt of
-        // the account at a time: the others refused meanwhile find its fresh token, and its hold if that failed
-        // too.
-        let _one = self.retrying.lock().await;
+        // The token may have been revoked or rotated early: one refresh, one retry, then defer. One refresh for
+        // the account at a time: the attempts refused meanwhile wait for its retry (bounded), then find its hold,
+        // or its token that works.
+        let refused_at = SystemTime::now();
+        let mut one = tokio::time::timeout(RETRY_WAIT, self.retrying.lock())
+            .await
+            .ok();
         // Refused with the token another attempt already refreshed to and was refused with again.
         if let Some(held) = self.held(&token) {
             return Outcome::AuthRejected(held);
         }
-        let fresh = match tokens.replace_refused(&token).await {
-            Ok(t) => t,
-            Err(e) => return Outcome::Transient(e.to_string()),
+        if let Some(failed) = self.refresh_failed_since(refused_at) {
+            return Outcome::Transient(failed);
+        }
+        let fresh = match tokens.replace_refused(&token, refused_at).await {
+            Ok((t, refreshed)) => {
+                if !refreshed {
+                    // Another attempt's token: tried without holding up the others.
+                    one = None;
+                }
+                t
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if let Ok(mut f) = self.refresh_failed.lock() {
+                    *f = Some((SystemTime::now(), why.clone()));
+                }
+                return Outcome::Transient(why);
+            }
         };
         if let Some(held) = self.held(&fresh) {
             return Outcome::AuthRejected(held);
@@ -235,7 +261,15 @@ impl Transports {
             }
             _ => self.set_hold(None),
         }
+        drop(one);
         second
+    }
+
+    /// Why a refresh of a refused token failed, if one did after `refused_at`.
+    fn refresh_failed_since(&self, refused_at: SystemTime) -> Option<String> {
+        let failed = self.refresh_failed.lock().ok()?;
+        let (at, why) = failed.as_ref()?;
+        (*at >= refused_at).then(|| why.clone())
     }
 
     /// Why `token` is not to be tried now, if the upstream refused it moments ago.
