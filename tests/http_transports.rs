@@ -13,7 +13,7 @@ use common::http_api::FakeApi;
 use common::idp::idp_issuing;
 use common::upstream::FakeUpstream;
 use common::*;
-use wiremock::ResponseTemplate;
+use wiremock::{MockServer, ResponseTemplate};
 
 const LISTENER: &str =
     "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"60MiB\"\n";
@@ -74,18 +74,33 @@ async fn send_to(addr: std::net::SocketAddr, rcpt: &[&str], msg: &[u8]) {
     c.cmd("QUIT", 221).await;
 }
 
-#[tokio::test]
-async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads() {
+/// A relay whose default account sends through the fake API: Graph for "microsoft", the Gmail API for "google";
+/// `more` goes after the account's keys. The identity provider is returned to be kept alive; the API can be
+/// scripted before a message is sent.
+async fn relay_through_api(provider: &str, more: &str) -> (MockServer, FakeApi, TestRelay) {
     let idp = idp_issuing("tok").await;
     let api = FakeApi::start("tok", MAILBOX).await;
+    let transport = match provider {
+        "google" => format!(
+            "transport = \"gmail_api\"\ngmail_api_url = \"{}\"\nscope = \"https://mail.google.com/\"",
+            api.uri()
+        ),
+        _ => format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
+    };
     let dir = tempfile::tempdir().unwrap();
     let t = top(
         dir.path(),
         &idp.uri(),
-        "microsoft",
-        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
+        provider,
+        &format!("{transport}\n{more}"),
     );
     let relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    (idp, api, relay)
+}
+
+#[tokio::test]
+async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads() {
+    let (_idp, api, relay) = relay_through_api("microsoft", "").await;
     let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: 1k\r\n\r\n".to_vec();
     let small = [small, vec![b'x'; 1000], b"\r\n".to_vec()].concat();
     send_to(relay.addr(), &["ops@example.test"], &small).await;
@@ -114,19 +129,7 @@ async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads(
 
 #[tokio::test]
 async fn graph_carries_envelope_only_recipients_and_honours_save_to_sent_items() {
-    let idp = idp_issuing("tok").await;
-    let api = FakeApi::start("tok", MAILBOX).await;
-    let dir = tempfile::tempdir().unwrap();
-    let t = top(
-        dir.path(),
-        &idp.uri(),
-        "microsoft",
-        &format!(
-            "transport = \"graph\"\ngraph_url = \"{}\"\nsave_to_sent_items = false",
-            api.uri()
-        ),
-    );
-    let relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let (_idp, api, relay) = relay_through_api("microsoft", "save_to_sent_items = false").await;
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     send_to(
         relay.addr(),
@@ -154,21 +157,12 @@ async fn graph_carries_envelope_only_recipients_and_honours_save_to_sent_items()
 
 #[tokio::test]
 async fn graph_throttling_waits_for_retry_after_then_delivers() {
-    let idp = idp_issuing("tok").await;
-    let api = FakeApi::start("tok", MAILBOX).await;
+    let (_idp, api, relay) = relay_through_api("microsoft", "").await;
     api.script(vec![
         ResponseTemplate::new(429)
             .insert_header("Retry-After", "3")
             .set_body_json(serde_json::json!({"error": {"code": "ApplicationThrottled", "message": "Application is over its MailboxConcurrency limit."}})),
     ]);
-    let dir = tempfile::tempdir().unwrap();
-    let t = top(
-        dir.path(),
-        &idp.uri(),
-        "microsoft",
-        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
-    );
-    let relay = TestRelay::start_with(dir, &t, LISTENER).await;
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(relay.addr(), &["ops@example.test"], msg).await;
     let sent = api.sent(1).await;
@@ -185,20 +179,11 @@ async fn graph_throttling_waits_for_retry_after_then_delivers() {
 
 #[tokio::test]
 async fn graph_refusals_go_to_dead_with_the_reason_and_401_refreshes_once() {
-    let idp = idp_issuing("tok").await;
-    let api = FakeApi::start("tok", MAILBOX).await;
+    let (idp, api, mut relay) = relay_through_api("microsoft", "").await;
     api.script(vec![
         ResponseTemplate::new(403).set_body_json(serde_json::json!({"error": {"code": "ErrorAccessDenied", "message": "Access is denied. Check credentials and try again."}})),
         ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": {"code": "InvalidAuthenticationToken", "message": "Lifetime validation failed, the token is expired."}})),
     ]);
-    let dir = tempfile::tempdir().unwrap();
-    let t = top(
-        dir.path(),
-        &idp.uri(),
-        "microsoft",
-        &format!("transport = \"graph\"\ngraph_url = \"{}\"", api.uri()),
-    );
-    let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(relay.addr(), &["ops@example.test"], msg).await;
     relay.attempts_done(1).await;
@@ -220,19 +205,7 @@ async fn graph_refusals_go_to_dead_with_the_reason_and_401_refreshes_once() {
 
 #[tokio::test]
 async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
-    let idp = idp_issuing("tok").await;
-    let api = FakeApi::start("tok", MAILBOX).await;
-    let dir = tempfile::tempdir().unwrap();
-    let t = top(
-        dir.path(),
-        &idp.uri(),
-        "google",
-        &format!(
-            "transport = \"gmail_api\"\ngmail_api_url = \"{}\"\nscope = \"https://mail.google.com/\"",
-            api.uri()
-        ),
-    );
-    let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    let (_idp, api, mut relay) = relay_through_api("google", "").await;
     let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: 1k\r\n\r\nhello\r\n";
     send_to(
         relay.addr(),
