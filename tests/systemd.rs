@@ -657,6 +657,45 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     assert!(daemon.terminate().success());
 }
 
+/// Lowered below the sessions open, a listener has no place to give a newcomer even if an idle session left:
+/// the place is withdrawn. So the newcomer is refused at once, and no idle device is hung up on for nothing
+/// (before, each newcomer evicted one and was refused all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_lowering_max_connections_a_newcomer_evicts_no_idle_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd = Systemd::bind(dir.path());
+    let port = free_port();
+    let with = |max: usize| {
+        write_config(
+            dir.path(),
+            &format!("{}max_connections = {max}\n", listener_on(port)),
+        )
+    };
+    let config = with(3);
+    let mut daemon = serve(&config, &systemd, &[]);
+    systemd.wait_for("READY=1");
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(RawClient::ready(addr(port)).await);
+    }
+    with(2);
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    for _ in 0..3 {
+        let mut late = RawClient::connect(addr(port)).await;
+        assert_eq!(
+            late.reply().await.map(|r| r.0),
+            Some(421),
+            "3 open, 2 allowed"
+        );
+    }
+    for c in &mut idle {
+        c.cmd("NOOP", 250).await;
+    }
+    drop(idle);
+    assert!(daemon.terminate().success());
+}
+
 /// Connects until the greeting is a 220 (each refusal is a 421 and a close), a bounded number of times.
 async fn greeted_within_bounded_tries(port: u16) -> RawClient<tokio::net::TcpStream> {
     for _ in 0..200 {

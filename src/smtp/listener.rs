@@ -180,12 +180,13 @@ impl Listener {
             );
             return;
         };
-        // Every slot taken: an idle, logged-out session (from the address holding the most) makes room.
+        // Every slot taken: an idle, logged-out session (from the address holding the most) makes room, unless
+        // a reload lowered `max_connections` below the sessions open: the place it frees is withdrawn.
         let slot = admission.slots.try_take();
         let waiting = match slot {
             Some(_) => None,
             None => match self.waiting.clone().try_acquire_owned() {
-                Ok(w) if admission.occupancy.evict_one() => Some(w),
+                Ok(w) if !admission.slots.owes() && admission.occupancy.evict_one() => Some(w),
                 _ => {
                     tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
                     self.refuse(

@@ -215,6 +215,12 @@ impl Slots {
         }
     }
 
+    /// Places are still owed after a shrink: a place given back now is withdrawn, not passed on, so evicting a
+    /// session would not make room for anyone.
+    pub fn owes(&self) -> bool {
+        self.owed.load(Ordering::SeqCst) > 0
+    }
+
     pub fn resize(&self, new: usize) {
         let Ok(mut size) = self.size.lock() else {
             return;
