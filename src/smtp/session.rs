@@ -286,6 +286,7 @@ impl Session {
             Request::Mail { from } => self.mail(&from.address, declared_size(line), from.flags),
             // smtp-proto reads `<postmaster>` as the empty path; only the line tells them apart.
             Request::Rcpt { to } if to.address.is_empty() && names_postmaster(line) => {
+                self.last = Some(("RCPT", "postmaster".to_string()));
                 self.rcpt_postmaster()
             }
             Request::Rcpt { to } => self.rcpt(&to.address),
@@ -347,7 +348,12 @@ impl Session {
     fn hello(&mut self, host: String, esmtp: bool) -> Step {
         self.txn = None;
         self.esmtp = esmtp;
-        let greeting = format!("{} Hello {}", self.policy.hostname, host);
+        // The name is the client's text: its control characters (a NUL, an ESC) are not sent back raw.
+        let greeting = format!(
+            "{} Hello {}",
+            self.policy.hostname,
+            crate::terminal::printable_str(&host)
+        );
         self.helo = Some(host);
         if !esmtp {
             return Step::Reply(Reply::bare(250, vec![greeting.into()]));

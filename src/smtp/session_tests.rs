@@ -128,6 +128,41 @@ fn postmaster_is_taken_for_the_configured_address() {
     );
 }
 
+/// A refused `<postmaster>` is logged as that, not as the empty path smtp-proto reads it as.
+#[test]
+fn a_refused_postmaster_is_logged_by_name() {
+    let mut unset = (*policy(AuthPolicy::None, true, false)).clone();
+    unset.postmaster = None;
+    let mut s = Session::new(Arc::new(unset), "192.0.2.7:1".parse().unwrap(), false);
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<Postmaster>\r\n",
+    );
+    assert_eq!(codes(&out[2..]), ["550 5.1.1"]);
+    assert_eq!(
+        s.last_mail_command(),
+        Some(("RCPT", "postmaster", Some("a@b")))
+    );
+}
+
+/// The HELO/EHLO name is echoed in the greeting, but a control character in it (a NUL, an ESC) is sent back
+/// escaped, never raw.
+#[test]
+fn the_hello_echo_escapes_control_characters() {
+    for verb in ["EHLO", "HELO"] {
+        let mut s = session(AuthPolicy::None);
+        let out = steps(&mut s, format!("{verb} a\x00b\x1b[2J\r\n").as_bytes());
+        let text = reply_text(&out[0]);
+        let first = text.lines().next().unwrap_or_default();
+        assert!(first.starts_with("250"), "{text:?}");
+        assert!(first.contains("Hello a\\x00b\\x1b[2J"), "{text:?}");
+        assert!(
+            !text.bytes().any(|b| b < 0x20 && b != b'\r' && b != b'\n'),
+            "{text:?}"
+        );
+    }
+}
+
 /// Address literals (RFC 5321 section 4.1.3), as devices without a DNS name of their own write their sender; a
 /// literal that is not an IP address is still a syntax error.
 #[test]
