@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::idp::{idp_issuing, relay_with_account, relay_with_account_and, token};
+use common::idp::{
+    idp_issuing, idp_stale_then_fresh, relay_with_account, relay_with_account_and, token,
+};
 use common::upstream::FakeUpstream;
 use common::*;
 use wiremock::matchers::{body_string_contains, method, path};
@@ -59,20 +61,37 @@ async fn delivers_byte_for_byte_with_xoauth2() {
     );
 }
 
+/// A server that offers OAUTHBEARER (RFC 7628) and not XOAUTH2 gets OAUTHBEARER: the mailbox in the GS2 header,
+/// the host and port relay connected to, the bearer token. A refused token is answered with the single ^A
+/// that RFC 7628 asks for, the token is refreshed, and the message goes.
+#[tokio::test]
+async fn a_server_offering_only_oauthbearer_gets_oauthbearer() {
+    let idp = idp_stale_then_fresh().await;
+    let mut upstream = FakeUpstream::start(&["fresh"]).await;
+    upstream.only_oauthbearer();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    send_message(relay.addr(), WIRE).await;
+    let got = upstream.next().await;
+    assert_eq!(
+        got.auth,
+        format!(
+            "n,a=relay@example.com,\x01host=127.0.0.1\x01port={}\x01auth=Bearer fresh\x01\x01",
+            upstream.addr.port()
+        )
+    );
+    assert_eq!(strip_received(&got.data), BODY);
+    relay.attempts_done(1).await;
+    assert!(relay.queued().is_empty(), "delivered mail leaves the queue");
+    let commands = upstream.commands.lock().unwrap().clone();
+    assert!(
+        commands.iter().any(|c| c == "AQ=="),
+        "the refused token's challenge is answered with ^A: {commands:?}"
+    );
+}
+
 #[tokio::test]
 async fn rejected_token_is_refreshed_once_then_delivered() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("stale"))
-        .up_to_n_times(1)
-        .mount(&idp)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("fresh"))
-        .mount(&idp)
-        .await;
+    let idp = idp_stale_then_fresh().await;
     let mut upstream = FakeUpstream::start(&["fresh"]).await;
     let mut relay = relay_with_account(&idp, &upstream).await;
     send_message(relay.addr(), WIRE).await;

@@ -62,7 +62,12 @@ impl Transcript {
 /// The line with any credential replaced.
 pub fn redact(line: &str) -> String {
     let upper = line.to_ascii_uppercase();
-    for prefix in ["AUTH XOAUTH2 ", "AUTH PLAIN ", "AUTH LOGIN "] {
+    for prefix in [
+        "AUTH XOAUTH2 ",
+        "AUTH OAUTHBEARER ",
+        "AUTH PLAIN ",
+        "AUTH LOGIN ",
+    ] {
         if upper.starts_with(prefix) {
             return format!("{}[credentials redacted]", &line[..prefix.len()]);
         }
@@ -82,6 +87,7 @@ mod tests {
         let mut t = Transcript::default();
         t.client("AUTH XOAUTH2 dXNlcj1hQGIBYXV0aD1CZWFyZXIgc2VjcmV0AQE=");
         t.client("Authorization: Bearer eyJ0eXAiOiJKV1Qi.secret");
+        t.client("auth oauthbearer bixhPWFAYi4sAWF1dGg9QmVhcmVyIHNlY3JldAEB");
         t.server("250-first\n250 second");
         let all: Vec<_> = t.lines().collect();
         assert_eq!(
@@ -89,6 +95,7 @@ mod tests {
             [
                 "C: AUTH XOAUTH2 [credentials redacted]",
                 "C: Authorization: Bearer [token redacted]",
+                "C: auth oauthbearer [credentials redacted]",
                 "S: 250-first",
                 "S: 250 second"
             ]

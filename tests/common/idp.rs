@@ -53,6 +53,23 @@ pub async fn idp_issuing(access: &str) -> MockServer {
     idp
 }
 
+/// A fake identity provider whose first token is `stale` (the upstream refuses it) and every later one `fresh`.
+pub async fn idp_stale_then_fresh() -> MockServer {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("stale"))
+        .up_to_n_times(1)
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(token("fresh"))
+        .mount(&idp)
+        .await;
+    idp
+}
+
 /// A client-credentials account pointed at the fakes.
 pub async fn relay_with_account(idp: &MockServer, upstream: &FakeUpstream) -> TestRelay {
     relay_with_account_and(idp, upstream, "").await

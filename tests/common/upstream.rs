@@ -84,6 +84,13 @@ impl FakeUpstream {
             .push("NOBDAT 500 5.5.1 Command unrecognized: BDAT".into());
     }
 
+    /// A server that offers OAUTHBEARER (RFC 7628) and not XOAUTH2, as some self-hosted servers do: AUTH
+    /// XOAUTH2 gets 504. A refused token gets RFC 7628's 334 challenge, whose only right answer is `AQ==` (a
+    /// single ^A), then 535.
+    pub fn only_oauthbearer(&self) {
+        self.tokens.lock().unwrap().push(ONLY_OAUTHBEARER.into());
+    }
+
     /// With `tls`, the fake speaks implicit TLS (port-465 style) with that acceptor.
     pub async fn start_tls(
         tokens: &[&str],
@@ -154,6 +161,24 @@ impl FakeUpstream {
     }
 }
 
+const ONLY_OAUTHBEARER: &str = "ONLY OAUTHBEARER";
+
+/// The token of an RFC 7628 client response, if it is well formed: `n,a=USER,` (or `n,,`), then `^A`-separated
+/// `key=value` pairs with `auth=Bearer TOKEN` among them, ended by `^A^A`.
+fn oauthbearer_token(response: &str) -> Option<String> {
+    let rest = response.strip_prefix("n,")?;
+    let (_authzid, pairs) = rest.split_once(",\x01")?;
+    let pairs = pairs.strip_suffix("\x01\x01")?;
+    let mut token = None;
+    for pair in pairs.split('\x01') {
+        let (key, value) = pair.split_once('=')?;
+        if key == "auth" {
+            token = Some(value.strip_prefix("Bearer ")?.to_string());
+        }
+    }
+    token
+}
+
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     tcp: S,
     tx: mpsc::UnboundedSender<Received>,
@@ -203,8 +228,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             };
             let chunking = offered(&offers.chunking, "250-CHUNKING\r\n");
             let smtputf8 = offered(&offers.smtputf8, "250-SMTPUTF8\r\n");
+            let mechanisms = if tokens.lock().unwrap().iter().any(|t| t == ONLY_OAUTHBEARER) {
+                "PLAIN OAUTHBEARER"
+            } else {
+                "LOGIN XOAUTH2"
+            };
             format!(
-                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH LOGIN XOAUTH2\r\n250 PIPELINING"
+                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH {mechanisms}\r\n250 PIPELINING"
             )
         } else if let Some(reply) = upper.strip_prefix("BDAT ").and_then(|_| {
             tokens
@@ -249,6 +279,34 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 reply
             }
+        } else if upper.starts_with("AUTH OAUTHBEARER ") {
+            let decoded = B64.decode(cmd[17..].trim()).unwrap_or_default();
+            let decoded = String::from_utf8_lossy(&decoded).into_owned();
+            msg.auth = decoded.clone();
+            match oauthbearer_token(&decoded) {
+                None => "501 5.5.2 Malformed OAUTHBEARER client response".into(),
+                Some(token) if tokens.lock().unwrap().contains(&token) => {
+                    authed = true;
+                    "235 2.7.0 Accepted".into()
+                }
+                Some(_) => {
+                    let err = B64
+                        .encode(r#"{"status":"invalid_token","schemes":"bearer","scope":"mail"}"#);
+                    let _ = w(&mut s, format!("334 {err}")).await;
+                    let mut answer = String::new();
+                    let _ = s.read_line(&mut answer).await;
+                    log.lock().unwrap().push(answer.trim_end().to_string());
+                    if answer.trim_end() == "AQ==" {
+                        "535 5.7.8 Authentication failed".into()
+                    } else {
+                        "501 5.5.2 A failed OAUTHBEARER exchange ends with a single ^A".into()
+                    }
+                }
+            }
+        } else if upper.starts_with("AUTH XOAUTH2 ")
+            && tokens.lock().unwrap().iter().any(|t| t == ONLY_OAUTHBEARER)
+        {
+            "504 5.7.4 Unrecognized authentication type".into()
         } else if upper.starts_with("AUTH XOAUTH2 ") {
             let decoded = B64.decode(cmd[13..].trim()).unwrap_or_default();
             let decoded = String::from_utf8_lossy(&decoded).into_owned();

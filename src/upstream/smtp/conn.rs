@@ -1,4 +1,4 @@
-//! One upstream SMTP connection: connect (TCP_NODELAY), TLS, EHLO, AUTH XOAUTH2, then messages with their
+//! One upstream SMTP connection: connect (TCP_NODELAY), TLS, EHLO, AUTH XOAUTH2 (or OAUTHBEARER), then messages with their
 //! commands pipelined and their bodies streamed. Replies are parsed in `reply.rs`, DATA's transparency is
 //! `dot.rs`; this file only moves bytes and says what happened.
 
@@ -342,7 +342,7 @@ impl Conn {
             conn.note("TLS established");
             conn.ehlo(&s.helo).await?;
         }
-        conn.auth(user, token).await?;
+        conn.auth(s, user, token).await?;
         conn.last_used = Instant::now();
         Ok(conn)
     }
@@ -356,13 +356,34 @@ impl Conn {
         Ok(())
     }
 
-    /// AUTH XOAUTH2. Gmail answers a bad token with a 334 challenge (base64 JSON); the client's empty line then
-    /// brings the 535.
-    async fn auth(&mut self, user: &str, token: &SecretString) -> Result<(), Failure> {
-        let initial = B64.encode(format!(
-            "user={user}\x01auth=Bearer {}\x01\x01",
-            token.expose_secret()
-        ));
+    /// AUTH XOAUTH2, or OAUTHBEARER (RFC 7628) where a server offers only that (Dovecot, Stalwart and others
+    /// offer both; Microsoft 365 and Gmail, XOAUTH2). A server that lists neither still gets XOAUTH2: some
+    /// list their mechanisms only to some clients, and its refusal then says what is wrong. A bad token is
+    /// answered with a 334 challenge (base64 JSON); the client's reply to it (an empty line for XOAUTH2, a
+    /// single ^A for OAUTHBEARER) then brings the 535.
+    async fn auth(
+        &mut self,
+        s: &Settings,
+        user: &str,
+        token: &SecretString,
+    ) -> Result<(), Failure> {
+        let bearer = self.offers.oauthbearer && !self.offers.xoauth2;
+        let (mechanism, initial, after_challenge) = if bearer {
+            let initial = format!(
+                "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
+                sasl_name(user),
+                s.host,
+                s.port,
+                token.expose_secret()
+            );
+            ("OAUTHBEARER", B64.encode(initial), B64.encode("\x01"))
+        } else {
+            let initial = format!(
+                "user={user}\x01auth=Bearer {}\x01\x01",
+                token.expose_secret()
+            );
+            ("XOAUTH2", B64.encode(initial), String::new())
+        };
         // A server that does not know the command may quote it back ("500 Command unrecognized: AUTH XOAUTH2
         // dXNl…"), and its reply goes to the log, the queue's state and a bounce: the token is cut out of it.
         let unquote = |mut r: Reply| {
@@ -373,7 +394,7 @@ impl Conn {
             }
             r
         };
-        let r = unquote(self.command(&format!("AUTH XOAUTH2 {initial}")).await?);
+        let r = unquote(self.command(&format!("AUTH {mechanism} {initial}")).await?);
         match r.code {
             235 => Ok(()),
             334 => {
@@ -381,7 +402,7 @@ impl Conn {
                     .decode(r.text.trim())
                     .map(|d| crate::terminal::printable(&d))
                     .unwrap_or_default();
-                let mut last = unquote(self.command("").await?);
+                let mut last = unquote(self.command(&after_challenge).await?);
                 if !detail.is_empty() {
                     last.text = format!("{} ({})", last.text, detail.trim());
                 }
@@ -1072,6 +1093,11 @@ impl AsyncWrite for Stream {
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// A SASL authorization identity as RFC 5801's gs2-header writes it: `=` and `,` escaped.
+fn sasl_name(user: &str) -> String {
+    user.replace('=', "=3D").replace(',', "=2C")
 }
 
 #[cfg(test)]

@@ -220,6 +220,8 @@ pub struct Offers {
     pub pipelining: bool,
     pub starttls: bool,
     pub xoauth2: bool,
+    /// OAUTHBEARER (RFC 7628): used only where XOAUTH2 is not offered.
+    pub oauthbearer: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     /// CHUNKING (RFC 3030): BDAT instead of DATA.
@@ -236,6 +238,15 @@ impl Offers {
             let Some(keyword) = words.next() else {
                 continue;
             };
+            // Old servers list their mechanisms as `AUTH=LOGIN PLAIN` too (before RFC 2554 was final).
+            if let Some(first) = keyword
+                .get(..5)
+                .filter(|k| k.eq_ignore_ascii_case("AUTH="))
+                .map(|_| &keyword[5..])
+            {
+                o.note_mechanisms(std::iter::once(first).chain(words));
+                continue;
+            }
             match keyword.to_ascii_uppercase().as_str() {
                 "PIPELINING" => o.pipelining = true,
                 "STARTTLS" => o.starttls = true,
@@ -243,11 +254,18 @@ impl Offers {
                 "SMTPUTF8" => o.smtputf8 = true,
                 "CHUNKING" => o.chunking = true,
                 "SIZE" => o.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
-                "AUTH" => o.xoauth2 |= words.any(|m| m.eq_ignore_ascii_case("XOAUTH2")),
+                "AUTH" => o.note_mechanisms(words),
                 _ => {}
             }
         }
         o
+    }
+
+    fn note_mechanisms<'a>(&mut self, mechanisms: impl Iterator<Item = &'a str>) {
+        for m in mechanisms {
+            self.xoauth2 |= m.eq_ignore_ascii_case("XOAUTH2");
+            self.oauthbearer |= m.eq_ignore_ascii_case("OAUTHBEARER");
+        }
     }
 }
 
@@ -352,5 +370,17 @@ mod tests {
         assert_eq!(o.size, Some(157_286_400));
         let plain = parse(b"250-x\r\n250 STARTTLS\r\n");
         assert!(Offers::parse(&plain).starttls && !Offers::parse(&plain).pipelining);
+        // OAUTHBEARER (RFC 7628), in the AUTH line or in the old `AUTH=` one.
+        for ehlo in [
+            &b"250-x\r\n250 AUTH PLAIN oauthbearer\r\n"[..],
+            b"250-x\r\n250-AUTH=OAUTHBEARER\r\n250 PIPELINING\r\n",
+        ] {
+            let o = Offers::parse(&parse(ehlo));
+            assert!(o.oauthbearer && !o.xoauth2, "{o:?}");
+        }
+        let o = Offers::parse(&parse(
+            b"250-x\r\n250-AUTH=LOGIN XOAUTH2\r\n250 AUTH LOGIN\r\n",
+        ));
+        assert!(o.xoauth2 && !o.oauthbearer);
     }
 }
