@@ -657,11 +657,11 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     assert!(daemon.terminate().success());
 }
 
-/// Lowered below the sessions open, a listener has no place to give a newcomer even if an idle session left:
-/// the place is withdrawn. So the newcomer is refused at once, and no idle device is hung up on for nothing
-/// (before, each newcomer evicted one and was refused all the same).
+/// Lowered below the sessions open, a listener owes places: the first ones given back are withdrawn. A newcomer
+/// then gets in by evicting one more idle, logged-out session than are owed (the flood defence, as when every
+/// place is taken); where there are not that many, nobody is hung up on for nothing and the newcomer is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_lowering_max_connections_a_newcomer_evicts_no_idle_session() {
+async fn after_lowering_max_connections_a_newcomer_evicts_what_is_owed_and_one_more() {
     let dir = tempfile::tempdir().unwrap();
     let systemd = Systemd::bind(dir.path());
     let port = free_port();
@@ -678,21 +678,38 @@ async fn after_lowering_max_connections_a_newcomer_evicts_no_idle_session() {
     for _ in 0..3 {
         idle.push(RawClient::ready(addr(port)).await);
     }
+    // 3 idle, 2 allowed: one place owed, so two leave and the newcomer is served.
     with(2);
     signal(&daemon, libc::SIGHUP);
     daemon.wait_log("relay_event=\"reloaded\"");
-    for _ in 0..3 {
-        let mut late = RawClient::connect(addr(port)).await;
-        assert_eq!(
-            late.reply().await.map(|r| r.0),
-            Some(421),
-            "3 open, 2 allowed"
-        );
+    let mut newcomer = RawClient::connect(addr(port)).await;
+    assert_eq!(newcomer.reply().await.map(|r| r.0), Some(220));
+    newcomer.cmd("EHLO device.lan", 250).await;
+    let mut kept = Vec::new();
+    for mut c in idle {
+        c.send(b"NOOP\r\n").await;
+        match c.reply().await {
+            Some((250, _)) => kept.push(c),
+            Some((421, _)) | None => {}
+            other => panic!("unexpected reply {other:?}"),
+        }
     }
-    for c in &mut idle {
-        c.cmd("NOOP", 250).await;
-    }
-    drop(idle);
+    assert_eq!(kept.len(), 1, "one more evicted than was owed");
+
+    // One idle, one in the middle of a message, 1 allowed: one place owed, and only one session could leave,
+    // which would admit nobody. So nobody is evicted.
+    newcomer.begin_message().await;
+    with(1);
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    let mut late = RawClient::connect(addr(port)).await;
+    assert_eq!(
+        late.reply().await.map(|r| r.0),
+        Some(421),
+        "2 open, 1 allowed"
+    );
+    kept[0].cmd("NOOP", 250).await;
+    drop((kept, newcomer));
     assert!(daemon.terminate().success());
 }
 

@@ -113,6 +113,27 @@ impl Occupancy {
         false
     }
 
+    /// Makes room for one newcomer: evicts one idle, logged-out session, or, while a reload's shrink leaves
+    /// `owed` places owed (each place given back is withdrawn until they are paid), one more than that. With
+    /// fewer such sessions than needed none is evicted: hanging up on devices would admit nobody. False then.
+    pub fn make_room(&self, owed: usize) -> bool {
+        let need = owed + 1;
+        if need > 1 && self.evictable() < need {
+            return false;
+        }
+        (0..need).all(|_| self.evict_one())
+    }
+
+    /// How many sessions could be evicted now.
+    fn evictable(&self) -> usize {
+        let Ok(m) = self.sessions.lock() else {
+            return 0;
+        };
+        m.values()
+            .filter(|t| t.idle_since.lock().is_ok_and(|since| since.is_some()))
+            .count()
+    }
+
     /// The idle, logged-out session from the address holding the most connections, longest idle first.
     fn choose_victim(&self) -> Option<Arc<Tracked>> {
         let m = self.sessions.lock().ok()?;
@@ -215,10 +236,9 @@ impl Slots {
         }
     }
 
-    /// Places are still owed after a shrink: a place given back now is withdrawn, not passed on, so evicting a
-    /// session would not make room for anyone.
-    pub fn owes(&self) -> bool {
-        self.owed.load(Ordering::SeqCst) > 0
+    /// Places still owed after a shrink: the first ones given back are withdrawn, not passed on.
+    pub fn owed(&self) -> usize {
+        self.owed.load(Ordering::SeqCst)
     }
 
     pub fn resize(&self, new: usize) {
@@ -288,6 +308,24 @@ mod tests {
         drop((a, b, d, busy));
         assert!(occ.sessions.lock().unwrap().is_empty());
         assert!(!*occ.stress().borrow());
+    }
+
+    /// With places owed after a shrink, room for a newcomer means evicting one more session than are owed; with
+    /// fewer idle sessions than that, none is evicted.
+    #[test]
+    fn making_room_pays_what_is_owed_first() {
+        let occ = Occupancy::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let seats: Vec<Seat> = (0..3).map(|_| occ.seat(ip)).collect();
+        seats[0].set_idle(true);
+        seats[1].set_idle(true);
+        assert!(!occ.make_room(2), "2 idle, 3 needed");
+        assert_eq!(occ.evictable(), 2, "nobody evicted for nothing");
+        assert!(occ.make_room(1));
+        assert_eq!(occ.evictable(), 0);
+        seats[2].set_idle(true);
+        assert!(occ.make_room(0));
+        assert!(!occ.make_room(0));
     }
 
     #[test]
