@@ -302,6 +302,41 @@ async fn another_servers_login_refusal_is_not_diagnosed_as_gmails() {
     assert!(diagnosis.contains("relay authorize office"), "{diagnosis}");
 }
 
+/// A server that quotes the AUTH command back in its refusal: neither the token nor the encoded credentials
+/// reach the transcript, the result or the diagnosis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_quoting_the_credentials_back_shows_neither() {
+    let idp = idp_issuing("tok-quoted-1").await;
+    let upstream = FakeUpstream::start(&["tok-quoted-1"]).await;
+    upstream
+        .tokens
+        .lock()
+        .unwrap()
+        .push("REFUSE 500 5.5.1 Unrecognized command: {COMMAND}".into());
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    assert!(
+        out.contains("S: 500 5.5.1 Unrecognized command: AUTH XOAUTH2 [redacted]"),
+        "{out}"
+    );
+    let encoded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .encode("user=relay@example.com\x01auth=Bearer tok-quoted-1\x01\x01")
+    };
+    assert!(
+        !out.contains("tok-quoted-1"),
+        "the token reached the output: {out}"
+    );
+    assert!(
+        !out.contains(&encoded),
+        "the credentials reached the output: {out}"
+    );
+}
+
 /// An upstream that offers CHUNKING but does not know BDAT: `relay test` sends again through DATA, as the daemon
 /// does, says so in the transcript, and reports the delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,18 @@ pub type TranscriptHandle = std::sync::Arc<std::sync::Mutex<Transcript>>;
 pub struct Transcript {
     lines: Vec<String>,
     dropped: usize,
+    /// Credentials the transport sent, cut out of what the upstream says (a server may quote a command back).
+    hidden: Vec<Hidden>,
+}
+
+/// A credential; its Debug never shows it.
+#[derive(Clone)]
+struct Hidden(String);
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 impl Transcript {
@@ -25,7 +37,20 @@ impl Transcript {
     /// What the upstream answered.
     pub fn server(&mut self, line: &str) {
         for l in line.trim_end().split('\n') {
-            self.push(format!("S: {}", l.trim_end()));
+            let mut l = l.trim_end().to_string();
+            for Hidden(secret) in &self.hidden {
+                if l.contains(secret.as_str()) {
+                    l = l.replace(secret.as_str(), "[redacted]");
+                }
+            }
+            self.push(format!("S: {l}"));
+        }
+    }
+
+    /// A credential about to be sent: from now on it is cut out of the upstream's lines too.
+    pub fn hide(&mut self, secret: &str) {
+        if !secret.is_empty() && !self.hidden.iter().any(|Hidden(s)| s == secret) {
+            self.hidden.push(Hidden(secret.to_string()));
         }
     }
 
@@ -88,6 +113,10 @@ mod tests {
         t.client("AUTH XOAUTH2 dXNlcj1hQGIBYXV0aD1CZWFyZXIgc2VjcmV0AQE=");
         t.client("Authorization: Bearer eyJ0eXAiOiJKV1Qi.secret");
         t.client("auth oauthbearer bixhPWFAYi4sAWF1dGg9QmVhcmVyIHNlY3JldAEB");
+        t.hide("bixhPWFAYi4sAWF1dGg9QmVhcmVyIHNlY3JldAEB");
+        t.hide("secret");
+        t.server("500 unknown: AUTH OAUTHBEARER bixhPWFAYi4sAWF1dGg9QmVhcmVyIHNlY3JldAEB (secret)");
+        assert!(!format!("{t:?}").contains("secret"));
         t.server("250-first\n250 second");
         let all: Vec<_> = t.lines().collect();
         assert_eq!(
@@ -96,6 +125,7 @@ mod tests {
                 "C: AUTH XOAUTH2 [credentials redacted]",
                 "C: Authorization: Bearer [token redacted]",
                 "C: auth oauthbearer [credentials redacted]",
+                "S: 500 unknown: AUTH OAUTHBEARER [redacted] ([redacted])",
                 "S: 250-first",
                 "S: 250 second"
             ]

@@ -323,8 +323,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 .iter()
                 .find_map(|t| t.strip_prefix("REFUSE ").map(str::to_string));
             if let Some(reply) = refusal {
-                // Microsoft's tenant-wide refusal comes at once, with no 334 challenge.
-                reply
+                // Microsoft's tenant-wide refusal comes at once, with no 334 challenge. `{COMMAND}`: a server
+                // that quotes the command back.
+                reply.replace("{COMMAND}", &cmd)
             } else if tokens.lock().unwrap().contains(&token) {
                 authed = true;
                 "235 2.7.0 Accepted".into()

@@ -369,9 +369,13 @@ impl Conn {
     ) -> Result<(), Failure> {
         let bearer = self.offers.oauthbearer && !self.offers.xoauth2;
         let (mechanism, initial, after_challenge) = if bearer {
+            // RFC 5801's gs2-header: `n,a=NAME,`, or `n,,` without an authorization identity.
+            let authzid = match user {
+                "" => String::new(),
+                user => format!("a={}", sasl_name(user)),
+            };
             let initial = format!(
-                "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
-                sasl_name(user),
+                "n,{authzid},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
                 s.host,
                 s.port,
                 token.expose_secret()
@@ -394,6 +398,12 @@ impl Conn {
             }
             r
         };
+        if let Some(t) = &self.transcript
+            && let Ok(mut t) = t.lock()
+        {
+            t.hide(&initial);
+            t.hide(token.expose_secret());
+        }
         let r = unquote(self.command(&format!("AUTH {mechanism} {initial}")).await?);
         match r.code {
             235 => Ok(()),
@@ -402,11 +412,11 @@ impl Conn {
                     .decode(r.text.trim())
                     .map(|d| crate::terminal::printable(&d))
                     .unwrap_or_default();
-                let mut last = unquote(self.command(&after_challenge).await?);
+                let mut last = self.command(&after_challenge).await?;
                 if !detail.is_empty() {
                     last.text = format!("{} ({})", last.text, detail.trim());
                 }
-                Err(Failure::Auth(last))
+                Err(Failure::Auth(unquote(last)))
             }
             _ => Err(Failure::Auth(r)),
         }
@@ -1110,6 +1120,12 @@ mod tests {
             status: None,
             text: format!("reply {code}"),
         }
+    }
+
+    #[test]
+    fn sasl_names_escape_what_the_gs2_header_uses() {
+        assert_eq!(sasl_name("relay@example.com"), "relay@example.com");
+        assert_eq!(sasl_name("a,b=c@d"), "a=2Cb=3Dc@d");
     }
 
     #[test]
