@@ -172,6 +172,7 @@ compatibility_level = 3.6
 queue_directory = $pf/spool
 data_directory = $pf/data
 maillog_file = $pf/maillog
+maillog_file_prefixes = $pf
 myhostname = bench.invalid
 mydestination =
 inet_interfaces = 127.0.0.1
