@@ -509,3 +509,50 @@ async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
     assert_eq!((count("BDAT"), count("DATA")), (1, 1), "{commands:?}");
     relay.stop().await;
 }
+
+/// A hang-up during a BDAT upload may have been a network fault rather than a server that does not know BDAT: the
+/// upstream is on DATA for a while (an hour; a test hook shortens it to nothing here), then gets BDAT again. A
+/// BDAT refused in words (500) keeps it on DATA until a restart. Through the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_comes_back_after_a_hang_up_but_not_after_a_refusal() {
+    for refused_in_words in [false, true] {
+        let mut upstream = FakeUpstream::start(&["tok"]).await;
+        if refused_in_words {
+            upstream.without_bdat();
+        } else {
+            upstream
+                .chunking
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let idp = idp_issuing("tok").await;
+        let config =
+            common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
+        let mut cmd = std::process::Command::new(relay_bin());
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .env("RELAY_TEST_CHUNKING_DOUBT_MS", "0");
+        let mut daemon = Daemon::start(cmd);
+
+        send_message(daemon.addr, BODY).await;
+        // The hang-up's message arrives twice (taken, then sent again through DATA); the refused one once.
+        for _ in 0..if refused_in_words { 1 } else { 2 } {
+            upstream.next().await;
+        }
+        daemon.wait_log("relay_event=\"delivered\"");
+        send_message(daemon.addr, BODY).await;
+        upstream.next().await;
+        daemon.wait_log("relay_event=\"delivered\"");
+
+        let commands = upstream.commands.lock().unwrap().clone();
+        let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+        if refused_in_words {
+            assert_eq!((count("BDAT"), count("DATA")), (1, 2), "{commands:?}");
+        } else {
+            assert_eq!((count("BDAT"), count("DATA")), (2, 1), "{commands:?}");
+            daemon.wait_log("trying CHUNKING (BDAT) again");
+        }
+        assert!(daemon.terminate().success());
+    }
+}

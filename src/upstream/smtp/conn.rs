@@ -58,8 +58,9 @@ pub enum Failure {
     /// The server offered CHUNKING, took MAIL and RCPT, and then did not know BDAT (500, 502, 504), or hung up
     /// during the upload without answering any BDAT (such a server reads the chunk as commands and drops the
     /// connection after too many errors; the reset can destroy its replies on the way): a server or a middlebox
-    /// that lies in its EHLO. DATA will do.
-    ChunkingRefused(String),
+    /// that lies in its EHLO. DATA will do. `definite`: BDAT was refused in words; a hang-up may also have been
+    /// a network fault.
+    ChunkingRefused { why: String, definite: bool },
     /// The server closed or reset the connection (a timeout is a `Connection` failure).
     Dropped(String),
 }
@@ -219,6 +220,19 @@ impl Replies {
         (envelope_taken && matches!(chunk.code, 500 | 502 | 504)).then(|| chunk.to_string())
     }
 
+    /// BDAT refused in words, or else `failure` a hang-up before any BDAT was answered (see
+    /// [`Failure::ChunkingRefused`]).
+    fn chunking_failure(&self, failure: &Failure) -> Option<Failure> {
+        if let Some(r) = self.chunking_refused() {
+            return Some(refused_in_words(r));
+        }
+        self.dropped_unanswered(failure)
+            .map(|why| Failure::ChunkingRefused {
+                why,
+                definite: false,
+            })
+    }
+
     /// `failure` ended an upload before any BDAT was answered, by a close or a reset, and nothing refused the
     /// envelope: what a server that does not know BDAT does (see [`Failure::ChunkingRefused`]).
     fn dropped_unanswered(&self, failure: &Failure) -> Option<String> {
@@ -263,6 +277,8 @@ pub struct Conn {
     buf: Vec<u8>,
     pos: usize,
     offers: Offers,
+    /// Whether the EHLO reply offered CHUNKING (`offers.chunking` is what is used, see [`Conn::allow_chunking`]).
+    ehlo_chunking: bool,
     timeout: Duration,
     final_reply: Duration,
     transcript: Option<TranscriptHandle>,
@@ -312,6 +328,7 @@ impl Conn {
             buf: Vec::with_capacity(4096),
             pos: 0,
             offers: Offers::default(),
+            ehlo_chunking: false,
             timeout: s.timeout,
             final_reply: s.final_reply,
             transcript,
@@ -353,6 +370,7 @@ impl Conn {
             return Err(Failure::Session(r));
         }
         self.offers = Offers::parse(&r);
+        self.ehlo_chunking = self.offers.chunking;
         Ok(())
     }
 
@@ -425,6 +443,12 @@ impl Conn {
     /// Sends with DATA from now on, whatever the EHLO reply offered.
     pub fn forget_chunking(&mut self) {
         self.offers.chunking = false;
+    }
+
+    /// Sends with BDAT where the EHLO reply offered CHUNKING and `allowed`, else with DATA (a pooled connection
+    /// outlives a spell on DATA).
+    pub fn allow_chunking(&mut self, allowed: bool) {
+        self.offers.chunking = self.ehlo_chunking && allowed;
     }
 
     /// Whether the server offered SMTPUTF8 (RFC 6531) in its EHLO reply.
@@ -624,17 +648,11 @@ impl Conn {
                 body.clear();
                 if let Err(f) = self.read_ready(&mut replies) {
                     // The replies read before it failed may say that BDAT was not known.
-                    let failure = match replies
-                        .chunking_refused()
-                        .or_else(|| replies.dropped_unanswered(&f))
-                    {
-                        Some(why) => Failure::ChunkingRefused(why),
-                        None => f,
-                    };
+                    let failure = replies.chunking_failure(&f).unwrap_or(f);
                     return Err(fail(failure, false));
                 }
                 if let Some(r) = replies.chunking_refused() {
-                    return Err(fail(Failure::ChunkingRefused(r), false));
+                    return Err(fail(refused_in_words(r), false));
                 }
                 if let Some(refusal) = replies.refusal() {
                     // Refused midway: the rest is not sent, and the transaction is abandoned with the connection.
@@ -679,11 +697,8 @@ impl Conn {
                     }
                 }
                 Err(f) => {
-                    if let Some(why) = replies
-                        .chunking_refused()
-                        .or_else(|| replies.dropped_unanswered(&f))
-                    {
-                        return Err(fail(Failure::ChunkingRefused(why), false));
+                    if let Some(failure) = replies.chunking_failure(&f) {
+                        return Err(fail(failure, false));
                     }
                     if let Some(refusal) = replies.refusal() {
                         return Err(fail(Failure::Refused(refusal), false));
@@ -697,7 +712,7 @@ impl Conn {
             }
         }
         if let Some(r) = replies.chunking_refused() {
-            return Err(fail(Failure::ChunkingRefused(r), false));
+            return Err(fail(refused_in_words(r), false));
         }
         // More replies than commands (read between chunks, or already behind the last one, other than the 421 of
         // a server closing): the server is out of step, and which reply answered the message is not known. Sent
@@ -749,12 +764,9 @@ impl Conn {
             }
         }
         // A server that does not know BDAT reads the chunk as commands and hangs up after too many errors.
-        if let Some(why) = replies
-            .chunking_refused()
-            .or_else(|| replies.dropped_unanswered(&failure))
-        {
+        if let Some(failure) = replies.chunking_failure(&failure) {
             return SendFailure {
-                failure: Failure::ChunkingRefused(why),
+                failure,
                 unanswered: false,
                 reusable: false,
             };
@@ -1102,6 +1114,14 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// A BDAT the server answered as a command it does not know.
+fn refused_in_words(reply: String) -> Failure {
+    Failure::ChunkingRefused {
+        why: reply,
+        definite: true,
     }
 }
 

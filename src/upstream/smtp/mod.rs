@@ -18,7 +18,7 @@ mod dot;
 mod reply;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -49,8 +49,39 @@ pub struct SmtpUpstream {
     /// Idle connections, the most recently used last, with the hash of the token each authenticated with.
     idle: Mutex<Vec<(blake3::Hash, Conn)>>,
     max_idle: usize,
-    /// The server offered CHUNKING but did not know BDAT: DATA from then on, until a restart or reload.
-    no_chunking: std::sync::atomic::AtomicBool,
+    /// Whether BDAT may be used, after the server offered CHUNKING and then did not take it.
+    chunking: Mutex<Chunking>,
+}
+
+/// What BDAT has shown on this upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunking {
+    /// Used wherever offered.
+    Usable,
+    /// Refused in words (500, 502, 504): DATA until a restart or a reload.
+    Refused,
+    /// A hang-up during a BDAT upload, which may have been a network fault rather than a server that reads the
+    /// chunk as commands: DATA until then, then BDAT again.
+    DoubtfulUntil(Instant),
+}
+
+/// How long a hang-up during a BDAT upload keeps an upstream on DATA: long enough that a server that really does
+/// not know BDAT costs one such hang-up an hour (each a message sent twice through the fallback at most),
+/// short enough that one network fault does not cost the rest of the daemon's life an extra round trip per
+/// message.
+const CHUNKING_DOUBT: Duration = Duration::from_secs(3600);
+
+/// Test hook, compiled into debug builds only: `RELAY_TEST_CHUNKING_DOUBT_MS` replaces [`CHUNKING_DOUBT`], so
+/// that a test through the binary sees BDAT come back. Not part of relay's interface.
+fn chunking_doubt() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("RELAY_TEST_CHUNKING_DOUBT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    CHUNKING_DOUBT
 }
 
 impl SmtpUpstream {
@@ -82,7 +113,7 @@ impl SmtpUpstream {
             },
             idle: Mutex::new(Vec::new()),
             max_idle: max_connections.max(1),
-            no_chunking: std::sync::atomic::AtomicBool::new(false),
+            chunking: Mutex::new(Chunking::Usable),
         })
     }
 
@@ -106,6 +137,9 @@ impl SmtpUpstream {
         if !tokio::task::coop::has_budget_remaining() {
             tokio::task::yield_now().await;
         }
+        // Set once BDAT failed in this attempt: the message goes again through DATA, whatever the upstream's
+        // state says by then.
+        let mut data_only = false;
         if let Some(mut conn) = self.reusable(key) {
             self.fit(&mut conn);
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
@@ -117,7 +151,7 @@ impl SmtpUpstream {
                 Err(f) if f.unanswered => {
                     tracing::debug!(relay_account_mailbox = %self.mailbox, reason = ?f.failure, "a pooled upstream connection was dead; opening a fresh one");
                 }
-                Err(f) if self.chunking_refused(&f) => {}
+                Err(f) if self.chunking_refused(&f) => data_only = true,
                 Err(f) => return self.failed(key, conn, f),
             }
         }
@@ -128,12 +162,15 @@ impl SmtpUpstream {
                 Err(f) => return outcome(f),
             };
             self.fit(&mut conn);
+            if data_only {
+                conn.forget_chunking();
+            }
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
                     return delivered(sent, recipients);
                 }
-                Err(f) if self.chunking_refused(&f) => {}
+                Err(f) if self.chunking_refused(&f) => data_only = true,
                 Err(f) => return self.failed(key, conn, f),
             }
         }
@@ -142,21 +179,43 @@ impl SmtpUpstream {
 
     /// What this server has shown it cannot do, applied to a connection before a message.
     fn fit(&self, conn: &mut Conn) {
-        if self.no_chunking.load(std::sync::atomic::Ordering::Relaxed) {
-            conn.forget_chunking();
-        }
+        let Ok(mut chunking) = self.chunking.lock() else {
+            return;
+        };
+        let allowed = match *chunking {
+            Chunking::Usable => true,
+            Chunking::DoubtfulUntil(until) if Instant::now() >= until => {
+                *chunking = Chunking::Usable;
+                tracing::info!(relay_account_mailbox = %self.mailbox, "trying CHUNKING (BDAT) again after the hang-up during a BDAT upload that put this upstream on DATA");
+                true
+            }
+            Chunking::Refused | Chunking::DoubtfulUntil(_) => false,
+        };
+        conn.allow_chunking(allowed);
     }
 
-    /// Whether `f` is a BDAT the server did not know, noted (and said once) so that DATA is used from now on.
+    /// Whether `f` is a BDAT the server did not know, noted (and said once) so that DATA is used from now on (for
+    /// an hour only after a hang-up, which may have been a network fault).
     fn chunking_refused(&self, f: &SendFailure) -> bool {
-        let Failure::ChunkingRefused(reply) = &f.failure else {
+        let Failure::ChunkingRefused { why, definite } = &f.failure else {
             return false;
         };
-        if !self
-            .no_chunking
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %reply, "the upstream offers CHUNKING but did not know BDAT (a middlebox rewriting SMTP?); sending with DATA from now on");
+        let Ok(mut chunking) = self.chunking.lock() else {
+            return true;
+        };
+        let was = *chunking;
+        match (was, definite) {
+            (Chunking::Refused, _) => {}
+            (_, true) => {
+                *chunking = Chunking::Refused;
+                tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "the upstream offers CHUNKING but did not know BDAT (a middlebox rewriting SMTP?); sending with DATA from now on");
+            }
+            (Chunking::DoubtfulUntil(_), false) => {}
+            (Chunking::Usable, false) => {
+                let doubt = chunking_doubt();
+                *chunking = Chunking::DoubtfulUntil(Instant::now() + doubt);
+                tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "sending with DATA for the next {}", humantime::format_duration(doubt));
+            }
         }
         true
     }
@@ -193,7 +252,7 @@ impl SmtpUpstream {
             }
             let out = match conn.send(&sender, &wire, message, MailFlags::OWN).await {
                 Ok(sent) => delivered(sent, recipients),
-                Err(f) if !data_only && matches!(f.failure, Failure::ChunkingRefused(_)) => {
+                Err(f) if !data_only && matches!(f.failure, Failure::ChunkingRefused { .. }) => {
                     if let Ok(mut t) = transcript.lock() {
                         t.note("the upstream offers CHUNKING but did not know BDAT: sending again with DATA, as relay serve does");
                     }
@@ -344,7 +403,7 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
-        Failure::Connection(why) | Failure::Dropped(why) | Failure::ChunkingRefused(why) => {
+        Failure::Connection(why) | Failure::Dropped(why) | Failure::ChunkingRefused { why, .. } => {
             Outcome::Transient(why)
         }
         Failure::Unsupported(why) => Outcome::Permanent(why),
