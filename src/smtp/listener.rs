@@ -180,13 +180,21 @@ impl Listener {
             );
             return;
         };
-        // Every slot taken: an idle, logged-out session (from the address holding the most) makes room; after a
-        // reload lowered `max_connections` below the sessions open, as many more as places are owed.
+        // Every slot taken: an idle, logged-out session (from the address holding the most) makes room for each
+        // new client waiting, beyond those already leaving; after a reload lowered `max_connections` below the
+        // sessions open, as many more as places are owed.
         let slot = admission.slots.try_take();
         let waiting = match slot {
             Some(_) => None,
             None => match self.waiting.clone().try_acquire_owned() {
-                Ok(w) if admission.occupancy.make_room(admission.slots.owed()) => Some(w),
+                Ok(w)
+                    if admission.occupancy.make_room(
+                        admission.slots.owed(),
+                        MAX_WAITING - self.waiting.available_permits(),
+                    ) =>
+                {
+                    Some(w)
+                }
                 _ => {
                     tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
                     self.refuse(

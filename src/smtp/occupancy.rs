@@ -24,6 +24,8 @@ pub(crate) struct Occupancy {
     sessions: Mutex<HashMap<u64, Arc<Tracked>>>,
     next_id: AtomicU64,
     stress: watch::Sender<bool>,
+    /// Sessions asked to leave that have not yet: their places are on their way back.
+    leaving: AtomicUsize,
 }
 
 /// One session as the listener sees it.
@@ -36,6 +38,8 @@ pub(crate) struct Tracked {
     /// Set when the session is chosen for eviction; cleared when it turns busy first, so that a wake-up stored
     /// in `kick` from then on is ignored.
     kicked: std::sync::atomic::AtomicBool,
+    /// Counted in [`Occupancy::leaving`]; cleared (and the count lowered) once when it leaves or turns busy first.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// A session's registration; dropping it (however the session ends, panics included) frees its place.
@@ -52,6 +56,7 @@ impl Occupancy {
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             stress: watch::channel(false).0,
+            leaving: AtomicUsize::new(0),
         })
     }
 
@@ -62,6 +67,7 @@ impl Occupancy {
             idle_since: Mutex::new(None),
             kick: Notify::new(),
             kicked: std::sync::atomic::AtomicBool::new(false),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         });
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(id, tracked.clone());
@@ -92,39 +98,70 @@ impl Occupancy {
         }
     }
 
-    /// Asks one idle, logged-out session to leave so that a new client can be served; false if none can.
-    pub fn evict_one(&self) -> bool {
-        // A chosen session may turn busy before it is marked: then the next candidate is tried.
-        for _ in 0..8 {
-            let Some(victim) = self.choose_victim() else {
-                return false;
-            };
-            let Ok(mut since) = victim.idle_since.lock() else {
-                return false;
-            };
-            // Checked and marked under the session's own lock, which `set_idle` takes too.
-            if since.take().is_some() {
-                victim.kicked.store(true, Ordering::SeqCst);
-                drop(since);
-                victim.kick.notify_one();
-                return true;
-            }
+    /// Makes room for the new clients waiting for a place (`waiting`, the caller's included). A place given back
+    /// goes first to the `owed` ones a reload's shrink withdraws, then to a waiting client; the sessions already
+    /// asked to leave give theirs. The rest are asked of idle, logged-out sessions, from the address holding the
+    /// most connections, longest idle first; all of them or none: too few, and hanging up on devices would admit
+    /// nobody. False then.
+    pub fn make_room(&self, owed: usize, waiting: usize) -> bool {
+        let need = (owed + waiting).saturating_sub(self.leaving.load(Ordering::SeqCst));
+        if need == 0 {
+            return true;
         }
-        false
-    }
-
-    /// Makes room for one newcomer: evicts one idle, logged-out session, or, while a reload's shrink leaves
-    /// `owed` places owed (each place given back is withdrawn until they are paid), one more than that. With
-    /// fewer such sessions than needed none is evicted: hanging up on devices would admit nobody. False then.
-    pub fn make_room(&self, owed: usize) -> bool {
-        let need = owed + 1;
-        if need > 1 && self.evictable() < need {
+        let Ok(m) = self.sessions.lock() else {
+            return false;
+        };
+        let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+        for t in m.values() {
+            *per_ip.entry(t.ip).or_default() += 1;
+        }
+        let mut idle: Vec<(usize, Instant, &Arc<Tracked>)> = m
+            .values()
+            .filter_map(|t| {
+                let since = (*t.idle_since.lock().ok()?)?;
+                Some((per_ip.get(&t.ip).copied().unwrap_or(0), since, t))
+            })
+            .collect();
+        if idle.len() < need {
             return false;
         }
-        (0..need).all(|_| self.evict_one())
+        idle.sort_by_key(|&(n, since, _)| (Reverse(n), since));
+        // Chosen under each session's own lock, which `set_idle` takes too, all held until the choice is made: one
+        // that turned busy meanwhile is passed over, and with too few left nothing changes. (Only this function
+        // holds more than one of these locks, and only under `sessions`.)
+        let mut chosen = Vec::with_capacity(need);
+        for (_, _, t) in idle {
+            if chosen.len() == need {
+                break;
+            }
+            if let Ok(since) = t.idle_since.lock()
+                && since.is_some()
+            {
+                chosen.push((since, t));
+            }
+        }
+        if chosen.len() < need {
+            return false;
+        }
+        for (mut since, t) in chosen {
+            *since = None;
+            t.kicked.store(true, Ordering::SeqCst);
+            if !t.leaving.swap(true, Ordering::SeqCst) {
+                self.leaving.fetch_add(1, Ordering::SeqCst);
+            }
+            t.kick.notify_one();
+        }
+        true
     }
 
-    /// How many sessions could be evicted now.
+    /// A session asked to leave has left, or turned busy first and stays.
+    fn left(&self, t: &Tracked) {
+        if t.leaving.swap(false, Ordering::SeqCst) {
+            self.leaving.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[cfg(test)]
     fn evictable(&self) -> usize {
         let Ok(m) = self.sessions.lock() else {
             return 0;
@@ -132,22 +169,6 @@ impl Occupancy {
         m.values()
             .filter(|t| t.idle_since.lock().is_ok_and(|since| since.is_some()))
             .count()
-    }
-
-    /// The idle, logged-out session from the address holding the most connections, longest idle first.
-    fn choose_victim(&self) -> Option<Arc<Tracked>> {
-        let m = self.sessions.lock().ok()?;
-        let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
-        for t in m.values() {
-            *per_ip.entry(t.ip).or_default() += 1;
-        }
-        m.values()
-            .filter_map(|t| {
-                let since = (*t.idle_since.lock().ok()?)?;
-                Some((per_ip.get(&t.ip).copied().unwrap_or(0), Reverse(since), t))
-            })
-            .max_by_key(|(n, since, _)| (*n, *since))
-            .map(|(_, _, t)| t.clone())
     }
 }
 
@@ -162,6 +183,7 @@ impl Seat {
                 (false, _) => {
                     *s = None;
                     self.tracked.kicked.store(false, Ordering::SeqCst);
+                    self.occupancy.left(&self.tracked);
                 }
                 _ => {}
             }
@@ -186,6 +208,7 @@ impl Seat {
 
 impl Drop for Seat {
     fn drop(&mut self) {
+        self.occupancy.left(&self.tracked);
         if let Ok(mut m) = self.occupancy.sessions.lock() {
             m.remove(&self.id);
             self.occupancy.update_stress(m.len());
@@ -282,6 +305,10 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
+    fn evicted(seat: &Seat) -> bool {
+        seat.tracked.kicked.load(Ordering::SeqCst)
+    }
+
     #[test]
     fn evicts_from_the_address_holding_most_and_never_a_busy_session() {
         let occ = Occupancy::new(5);
@@ -297,21 +324,28 @@ mod tests {
         a.set_idle(true);
         b.set_idle(true);
         busy.set_idle(false);
-        assert!(occ.evict_one());
-        assert!(a.tracked.idle_since.lock().unwrap().is_none());
-        assert!(b.tracked.idle_since.lock().unwrap().is_some());
-        assert!(occ.evict_one());
+        assert!(occ.make_room(0, 1));
+        assert!(evicted(&a) && !evicted(&b));
+        // Its place is on its way: the next one waiting needs another.
+        assert!(occ.make_room(0, 1), "the one leaving is enough for one");
+        assert!(!evicted(&b));
+        assert!(occ.make_room(0, 2));
+        assert!(evicted(&b));
+        drop((a, b));
         // Left: the device (idle, one connection) and the busy flood session.
-        assert!(occ.evict_one());
-        assert!(d.tracked.idle_since.lock().unwrap().is_none());
-        assert!(!occ.evict_one());
-        drop((a, b, d, busy));
+        assert!(occ.make_room(0, 1));
+        assert!(evicted(&d));
+        drop(d);
+        assert!(!occ.make_room(0, 1));
+        drop(busy);
         assert!(occ.sessions.lock().unwrap().is_empty());
         assert!(!*occ.stress().borrow());
+        assert_eq!(occ.leaving.load(Ordering::SeqCst), 0);
     }
 
     /// With places owed after a shrink, room for a newcomer means evicting one more session than are owed; with
-    /// fewer idle sessions than that, none is evicted.
+    /// fewer idle sessions than that, none is evicted. A session that turns busy before it leaves stays, and
+    /// is no longer counted as leaving.
     #[test]
     fn making_room_pays_what_is_owed_first() {
         let occ = Occupancy::new(2);
@@ -319,13 +353,23 @@ mod tests {
         let seats: Vec<Seat> = (0..3).map(|_| occ.seat(ip)).collect();
         seats[0].set_idle(true);
         seats[1].set_idle(true);
-        assert!(!occ.make_room(2), "2 idle, 3 needed");
+        assert!(!occ.make_room(2, 1), "2 idle, 3 needed");
         assert_eq!(occ.evictable(), 2, "nobody evicted for nothing");
-        assert!(occ.make_room(1));
+        assert!(occ.make_room(1, 1));
         assert_eq!(occ.evictable(), 0);
+        assert_eq!(occ.leaving.load(Ordering::SeqCst), 2);
+        // A second newcomer while they leave: one more is needed, and none is idle.
+        assert!(!occ.make_room(1, 2));
         seats[2].set_idle(true);
-        assert!(occ.make_room(0));
-        assert!(!occ.make_room(0));
+        assert!(occ.make_room(1, 2));
+        seats[0].set_idle(false);
+        assert_eq!(
+            occ.leaving.load(Ordering::SeqCst),
+            2,
+            "one turned busy and stays"
+        );
+        drop(seats);
+        assert_eq!(occ.leaving.load(Ordering::SeqCst), 0);
     }
 
     #[test]
