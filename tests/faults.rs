@@ -510,6 +510,38 @@ async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
     relay.stop().await;
 }
 
+/// A pooled connection that the server drops during a BDAT upload (it closed it while idle) is what it looks like:
+/// the message goes again through BDAT on a fresh connection, in the same attempt, and the upstream keeps BDAT.
+#[tokio::test]
+async fn a_pooled_connection_dropped_during_bdat_keeps_bdat() {
+    let (_idp, mut upstream, mut relay) = upstream_answering(true, "250 2.0.0 OK").await;
+    accepted_during_fault(&relay).await;
+    upstream.next().await;
+    relay.attempts_done(1).await;
+    *upstream.data_reply.lock().unwrap() = "TAKEDROP".into();
+    accepted_during_fault(&relay).await;
+    let first = upstream.next().await;
+    let again = upstream.next().await;
+    assert_eq!(again.data, first.data);
+    relay.attempts_done(2).await;
+    assert!(relay.queued().is_empty(), "delivered");
+    assert_eq!(*relay.attempts.borrow(), 2, "in one attempt each");
+    accepted_during_fault(&relay).await;
+    upstream.next().await;
+    relay.attempts_done(3).await;
+    let commands = upstream.commands.lock().unwrap().clone();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!((count("BDAT"), count("DATA")), (4, 0), "{commands:?}");
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the first connection carried the first two uploads"
+    );
+    relay.stop().await;
+}
+
 /// A hang-up during a BDAT upload may have been a network fault rather than a server that does not know BDAT: the
 /// upstream is on DATA for a while (an hour; a test hook shortens it to nothing here), then gets BDAT again. A
 /// BDAT refused in words (500) keeps it on DATA until a restart. Through the binary.

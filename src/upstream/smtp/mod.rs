@@ -66,9 +66,9 @@ enum Chunking {
 }
 
 /// How long a hang-up during a BDAT upload keeps an upstream on DATA: long enough that a server that really does
-/// not know BDAT costs one such hang-up an hour (each a message sent twice through the fallback at most),
-/// short enough that one network fault does not cost the rest of the daemon's life an extra round trip per
-/// message.
+/// not know BDAT costs a failed upload an hour (one per delivery in flight when the hour ends; such a server read
+/// the chunk as commands, so nothing arrives twice), short enough that one network fault does not cost the rest
+/// of the daemon's life an extra round trip per message.
 const CHUNKING_DOUBT: Duration = Duration::from_secs(3600);
 
 /// Test hook, compiled into debug builds only: `RELAY_TEST_CHUNKING_DOUBT_MS` replaces [`CHUNKING_DOUBT`], so
@@ -147,8 +147,19 @@ impl SmtpUpstream {
                     self.give_back(key, conn);
                     return delivered(sent, recipients);
                 }
-                // Dead before it answered anything: the message goes on a fresh connection, in this attempt.
-                Err(f) if f.unanswered => {
+                // Dead before it answered anything: the message goes on a fresh connection, in this attempt. A
+                // hang-up during a BDAT upload on a pooled connection is first of all that (the server closed an
+                // idle connection meanwhile); a fresh one tells whether BDAT is at fault.
+                Err(f)
+                    if f.unanswered
+                        || matches!(
+                            f.failure,
+                            Failure::ChunkingRefused {
+                                definite: false,
+                                ..
+                            }
+                        ) =>
+                {
                     tracing::debug!(relay_account_mailbox = %self.mailbox, reason = ?f.failure, "a pooled upstream connection was dead; opening a fresh one");
                 }
                 Err(f) if self.chunking_refused(&f) => data_only = true,
@@ -213,7 +224,8 @@ impl SmtpUpstream {
             (Chunking::DoubtfulUntil(_), false) => {}
             (Chunking::Usable, false) => {
                 let doubt = chunking_doubt();
-                *chunking = Chunking::DoubtfulUntil(Instant::now() + doubt);
+                let until = Instant::now().checked_add(doubt);
+                *chunking = until.map_or(Chunking::Refused, Chunking::DoubtfulUntil);
                 tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "sending with DATA for the next {}", humantime::format_duration(doubt));
             }
         }
