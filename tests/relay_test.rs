@@ -337,6 +337,24 @@ async fn a_refusal_quoting_the_credentials_back_shows_neither() {
     );
 }
 
+/// A test message to an internationalized domain through an upstream without SMTPUTF8: the domain goes as IDNA
+/// (A-labels), as the daemon sends it, rather than the test failing where delivery would not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_to_an_idn_domain_goes_as_idna_where_the_upstream_lacks_smtputf8() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .smtputf8
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@bücher.example"]).await;
+    assert_eq!(exit, 0, "{out}");
+    let got = upstream.next().await;
+    assert_eq!(got.to, ["ops@xn--bcher-kva.example"]);
+}
+
 /// An upstream that offers CHUNKING but does not know BDAT: `relay test` sends again through DATA, as the daemon
 /// does, says so in the transcript, and reports the delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,7 +262,7 @@ impl SmtpUpstream {
             if data_only {
                 conn.forget_chunking();
             }
-            let out = match conn.send(&sender, &wire, message, MailFlags::OWN).await {
+            let out = match send_fitted(&mut conn, &sender, &wire, message, MailFlags::OWN).await {
                 Ok(sent) => delivered(sent, recipients),
                 Err(f) if !data_only && matches!(f.failure, Failure::ChunkingRefused { .. }) => {
                     if let Ok(mut t) = transcript.lock() {
