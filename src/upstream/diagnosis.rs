@@ -225,14 +225,14 @@ static TABLE: &[Diagnosis] = &[
     // --- Any SMTP server (RFC 4954's codes), for a generic provider's ---
     Diagnosis {
         code: "535 5.7.8",
-        cause: "the upstream did not accept the XOAUTH2 login (authentication credentials invalid): the token is not for this mailbox, has expired or been revoked, or lacks the scope this server wants for SMTP",
+        cause: "the upstream did not accept the OAuth login (XOAUTH2 or OAUTHBEARER; authentication credentials invalid): the token is not for this mailbox, has expired or been revoked, or lacks the scope this server wants for SMTP",
         fix: "check that `mailbox` is the user the token was issued for and that `scope` is the one your provider documents for SMTP; `relay test ACCOUNT` shows the exchange; for a grant a person made, run `relay authorize ACCOUNT` again",
         matches: &[&["535", "5.7.8"]],
     },
     Diagnosis {
         code: "534 5.7.9",
-        cause: "the upstream finds XOAUTH2 too weak a mechanism for this account (it wants another way to log in)",
-        fix: "relay logs in with XOAUTH2 only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
+        cause: "the upstream finds an OAuth login (XOAUTH2, OAUTHBEARER) too weak a mechanism for this account (it wants another way to log in)",
+        fix: "relay logs in with XOAUTH2 or OAUTHBEARER only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
         matches: &[&["534", "5.7.9"]],
     },
     // --- Microsoft identity platform (login.microsoftonline.com) ---
