@@ -162,7 +162,7 @@ pub fn build_one(
                 ep.clone(),
                 ca,
                 a.smtp_timeout,
-                a.max_connections,
+                a.connections(),
             )
             .map_err(err)?,
         ),
@@ -175,8 +175,8 @@ pub fn build_one(
     };
     let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
-    let mut account = Account::new(a.name.clone(), tokens, transports, rewrite)
-        .with_connections(a.max_connections);
+    let mut account =
+        Account::new(a.name.clone(), tokens, transports, rewrite).with_connections(a.connections());
     account.rate = match rate {
         Some(rate) => {
             rate.set_limits(a.limits());

@@ -127,6 +127,18 @@ async fn each_listed_failure_gets_its_diagnosis() {
             "501 5.5.127",
         ),
         (
+            Data(
+                "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=AM0PR10MB2003.EURPRD10.PROD.OUTLOOK.COM]",
+            ),
+            "432 4.3.2",
+        ),
+        (
+            Auth(
+                "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [Hostname=BY5PR04MB6993.namprd04.prod.outlook.com]",
+            ),
+            "432 4.3.2",
+        ),
+        (
             Auth(
                 "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials - gsmtp",
             ),

@@ -175,6 +175,36 @@ fn check_shows_the_providers_default_limits() {
         "a consumer Gmail mailbox's: {stdout}"
     );
     assert!(stdout.contains("accounts = ["), "{stdout}");
+    // Upstream connections: 3 for Microsoft over SMTP (Exchange Online refuses a fourth per mailbox), else 4.
+    let doc: toml::Table = stdout.parse().expect("relay check prints TOML");
+    let connections = |name: &str| {
+        doc["account"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["name"].as_str() == Some(name)))
+            .and_then(|a| a.get("max_connections"))
+            .and_then(toml::Value::as_integer)
+    };
+    assert_eq!(connections("office"), Some(3), "{stdout}");
+    assert_eq!(connections("gmail"), Some(4), "{stdout}");
+}
+
+/// A `max_connections` the config sets is kept, for Microsoft too.
+#[test]
+fn check_keeps_the_max_connections_the_config_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = {:?}\n{}max_connections = 5\n",
+            dir.path().join("state"),
+            account("office", "microsoft", "noreply@contoso.com")
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("max_connections = 5"), "{stdout}");
 }
 
 #[test]

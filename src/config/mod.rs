@@ -335,9 +335,10 @@ pub struct AccountConfig {
     #[serde(default, with = "humantime_serde")]
     pub smtp_timeout: Option<Duration>,
     pub ca_file: Option<PathBuf>,
-    /// Upstream connections (and so deliveries in flight) at once for this account.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    /// Upstream connections (and so deliveries in flight) at once for this account; see
+    /// [`AccountConfig::connections`]. After validation this holds the effective value, for `relay check`.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     pub graph_url: Option<String>,
     pub gmail_api_url: Option<String>,
     /// Where a Microsoft SMTP account goes when the tenant has SMTP AUTH off (535 5.7.139, 550 5.7.30): only
@@ -354,10 +355,6 @@ pub struct AccountConfig {
 
 fn yes() -> bool {
     true
-}
-
-fn default_max_connections() -> usize {
-    4
 }
 
 /// An account's sending limits, as the provider counts them; a limit that is absent does not apply.
@@ -408,6 +405,17 @@ impl RateConfig {
 }
 
 impl AccountConfig {
+    /// Upstream connections at once: `max_connections`, else 3 for Microsoft over SMTP (Exchange Online takes
+    /// three concurrent SMTP submissions per mailbox and refuses a fourth with `432 4.3.2 … concurrent connection
+    /// limit exceeded`), else 4.
+    pub fn connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or(match (self.provider, self.transport) {
+                (Provider::Microsoft, Transport::Smtp) => 3,
+                _ => 4,
+            })
+    }
+
     /// The limits relay keeps this account under.
     pub fn limits(&self) -> RateConfig {
         self.rate

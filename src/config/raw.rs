@@ -152,9 +152,9 @@ impl RawConfig {
             }
             errs.ok(crate::oauth::endpoints(a)
                 .map_err(|(key, reason)| errs.at(format!("account[{i}].{key}"), reason)));
-            // Providers allow a few concurrent sessions per mailbox (Microsoft: 3 to 10 depending on the
-            // tenant) and refuse the rest; more than 100 would only trade one limit for another.
-            if !(1..=100).contains(&a.max_connections) {
+            // Providers allow a few concurrent sessions per mailbox (Exchange Online: 3 SMTP submissions) and
+            // refuse the rest; more than 100 would only trade one limit for another.
+            if !(1..=100).contains(&a.connections()) {
                 errs.add(
                     format!("account[{i}].max_connections"),
                     "must be between 1 and 100",
@@ -363,6 +363,7 @@ impl RawConfig {
                 .into_iter()
                 .map(|mut a| {
                     a.rate = Some(a.limits()).filter(|r| *r != RateConfig::default());
+                    a.max_connections = Some(a.connections());
                     a
                 })
                 .collect(),

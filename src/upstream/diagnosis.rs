@@ -208,6 +208,15 @@ static TABLE: &[Diagnosis] = &[
         fix: "make `mailbox` the exact primary SMTP address of the mailbox the token was issued for",
         matches: &[&["501", "5.5.124"]],
     },
+    Diagnosis {
+        code: "432 4.3.2",
+        cause: "Exchange Online takes at most 3 SMTP connections at once per mailbox and refused one more: relay's own (`max_connections` over 3) or other devices and programs sending as this mailbox at the same time",
+        fix: "keep `max_connections` at 3 or less for ACCOUNT (the default for Microsoft), and give the other senders of this mailbox their own mailbox or send their mail through relay; the message is tried again meanwhile",
+        matches: &[
+            &["432", "4.3.2", "concurrent connection"],
+            &["432", "4.3.2", "sender thread limit"],
+        ],
+    },
     // --- Gmail SMTP (smtp.gmail.com) ---
     Diagnosis {
         code: "535 5.7.8",
