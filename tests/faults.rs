@@ -510,6 +510,69 @@ async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
     relay.stop().await;
 }
 
+/// A sending quota used up (Gmail's daily limit, Exchange Online's recipient rate limit) is answered with a 5xx,
+/// but it is about the account's last 24 hours, not the message: the message waits (an hour at least), never
+/// goes to dead/, and the account's other mail is held meanwhile instead of being refused the same way. Through
+/// the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail() {
+    for reply in [
+        "550-5.4.5 Daily user sending limit exceeded. For more information on Gmail\r\n550 5.4.5 sending limits go to https://support.google.com/a/answer/166852 - gsmtp",
+        "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Message submission quota exceeded.",
+    ] {
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        *upstream.data_reply.lock().unwrap() = reply.into();
+        let dir = tempfile::tempdir().unwrap();
+        let idp = idp_issuing("tok").await;
+        let config = common::idp::accounts_config(
+            dir.path(),
+            &idp.uri(),
+            &[("office", &upstream)],
+            "",
+            FAST_RETRY,
+        );
+        let mut cmd = std::process::Command::new(relay_bin());
+        cmd.args(["serve", "--config"]).arg(&config);
+        let mut daemon = Daemon::start(cmd);
+
+        let first = send_message(daemon.addr, BODY).await;
+        let deferred = daemon.wait_log("relay_event=\"deferred\"");
+        assert!(deferred.contains(&first), "{deferred}");
+        assert!(deferred.contains("relay_diagnosis="), "{deferred}");
+        let second = send_message(daemon.addr, BODY).await;
+        let held = daemon.wait_log("relay_event=\"held\"");
+        assert!(held.contains(&second), "{held}");
+
+        let state = dir.path().join("state");
+        assert_eq!(files_in(&state, "dead"), Vec::<String>::new(), "{reply}");
+        assert_eq!(
+            files_in(&state, "queue")
+                .iter()
+                .filter(|f| f.ends_with(".msg"))
+                .count(),
+            2
+        );
+        let first_state = relay::queue::state::read_state(
+            &state.join("queue"),
+            relay::queue::QueueStore::parse_id(&first).unwrap(),
+        );
+        let next = first_state.next_attempt.expect("a next attempt");
+        assert!(
+            next > std::time::SystemTime::now() + Duration::from_secs(3000),
+            "an hour's wait, not the 1 s retry: {next:?}"
+        );
+        let mails = upstream
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count();
+        assert_eq!(mails, 1, "the held message was not tried");
+        assert!(daemon.terminate().success());
+    }
+}
+
 /// A pooled connection that the server drops during a BDAT upload (it closed it while idle) is what it looks like:
 /// the message goes again through BDAT on a fresh connection, in the same attempt, and the upstream keeps BDAT.
 #[tokio::test]

@@ -742,8 +742,13 @@ impl Delivery {
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
                 self.defer(id, state, &reply, Some(&account.name))
             }
-            // The provider said how long to wait: at least that, and the retry schedule still counts.
+            // The provider said how long to wait: at least that, and the retry schedule still counts. It is the
+            // account that waits: the account's other mail would only be refused the same way meanwhile.
             Outcome::Throttled(reply, wait) => {
+                let now = SystemTime::now();
+                account
+                    .rate
+                    .pause_until(now.checked_add(wait).unwrap_or(now));
                 self.defer_for(id, state, &reply, Some(&account.name), wait)
             }
         }

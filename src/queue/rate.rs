@@ -201,6 +201,9 @@ pub struct AccountRate {
     written: Mutex<u64>,
     /// A write failed last time: said once in the log until one succeeds.
     failing: AtomicBool,
+    /// The provider asked for a pause (a quota refusal, HTTP 429 with `Retry-After`): no message goes before.
+    /// In memory only: after a restart the first attempt finds out again.
+    paused_until: Mutex<Option<SystemTime>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,6 +221,7 @@ impl AccountRate {
             counts: Mutex::new(Counts::empty()),
             written: Mutex::new(0),
             failing: AtomicBool::new(false),
+            paused_until: Mutex::new(None),
         }
     }
 
@@ -236,6 +240,29 @@ impl AccountRate {
             counts: Mutex::new(counts),
             written: Mutex::new(0),
             failing: AtomicBool::new(false),
+            paused_until: Mutex::new(None),
+        }
+    }
+
+    /// The provider refused a message for the account's sake (its quota used up, or too many requests): no
+    /// message of the account goes before `until` (a later pause already asked for stays).
+    pub fn pause_until(&self, until: SystemTime) {
+        let mut p = lock(&self.paused_until);
+        if p.is_none_or(|at| at < until) {
+            *p = Some(until);
+        }
+    }
+
+    /// Until when the provider asked the account to pause, if that is still ahead.
+    pub fn paused(&self, now: SystemTime) -> Option<SystemTime> {
+        let mut p = lock(&self.paused_until);
+        match *p {
+            Some(until) if until > now => Some(until),
+            Some(_) => {
+                *p = None;
+                None
+            }
+            None => None,
         }
     }
 
@@ -259,7 +286,7 @@ impl AccountRate {
     /// when the day's recipients are used up.
     pub fn room(&self, now: SystemTime) -> u64 {
         let u = self.usage(now);
-        if u.day_exhausted() {
+        if u.day_exhausted() || self.paused(now).is_some() {
             return 0;
         }
         u.per_minute.map_or(u64::MAX, |l| {
@@ -276,8 +303,12 @@ impl AccountRate {
     ) -> Result<Reservation, Option<SystemTime>> {
         let k = recipients as u64;
         let limits = self.limits();
+        let paused = self.paused(now);
         let mut c = lock(&self.counts);
         let mut waits: Vec<Option<SystemTime>> = Vec::new();
+        if paused.is_some() {
+            waits.push(paused);
+        }
         if let Some(limit) = limits.per_minute.map(u64::from) {
             let used = c.messages.total(now) + c.flying_messages;
             if used + 1 > limit {
@@ -550,6 +581,22 @@ pub fn usage_from_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pause the provider asked for holds every message of the account until it ends; a shorter one asked
+    /// meanwhile does not cut it short.
+    #[test]
+    fn a_pause_holds_the_account_until_it_ends() {
+        let rate = Arc::new(AccountRate::unpersisted("a", RateConfig::default()));
+        let now = SystemTime::now();
+        let hour = now + Duration::from_secs(3600);
+        rate.pause_until(hour);
+        rate.pause_until(now + Duration::from_secs(60));
+        assert_eq!(rate.room(now), 0);
+        assert_eq!(rate.reserve(now, 1).err(), Some(Some(hour)));
+        let later = hour + Duration::from_secs(1);
+        assert_eq!(rate.paused(later), None);
+        assert!(rate.reserve(later, 1).is_ok());
+    }
 
     fn at(secs: f64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_secs_f64(secs)

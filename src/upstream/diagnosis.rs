@@ -209,6 +209,12 @@ static TABLE: &[Diagnosis] = &[
         matches: &[&["501", "5.5.124"]],
     },
     Diagnosis {
+        code: "554 5.2.0 SubmissionQuotaExceeded",
+        cause: "the mailbox has sent to as many recipients as Exchange Online allows in 24 hours (its recipient rate limit, 10,000 by default), counting what other devices and people sent as it",
+        fix: "relay holds ACCOUNT's mail and tries again hourly; lower `rate.recipients_per_day` if others send as this mailbox too, or spread the mail over more mailbox accounts (`accounts = [...]` on a route)",
+        matches: &[&["submissionquotaexceeded"]],
+    },
+    Diagnosis {
         code: "432 4.3.2",
         cause: "Exchange Online takes at most 3 SMTP connections at once per mailbox and refused one more: relay's own (`max_connections` over 3) or other devices and programs sending as this mailbox at the same time",
         fix: "keep `max_connections` at 3 or less for ACCOUNT (the default for Microsoft), and give the other senders of this mailbox their own mailbox or send their mail through relay; the message is tried again meanwhile",
@@ -218,6 +224,12 @@ static TABLE: &[Diagnosis] = &[
         ],
     },
     // --- Gmail SMTP (smtp.gmail.com) ---
+    Diagnosis {
+        code: "550 5.4.5",
+        cause: "the Google account has used up its daily sending limit (500 recipients a day for a consumer account, 2,000 for Google Workspace), counting what other devices and people sent as it",
+        fix: "relay holds ACCOUNT's mail and tries again hourly; lower `rate.recipients_per_day` if others send as this mailbox too, or spread the mail over more mailbox accounts (`accounts = [...]` on a route)",
+        matches: &[&["5.4.5", "daily"]],
+    },
     Diagnosis {
         code: "535 5.7.8",
         cause: "Gmail did not accept the token for this mailbox (expired, revoked, for another user, or without the https://mail.google.com/ scope)",
@@ -401,6 +413,16 @@ mod tests {
             "550 5.7.30 Basic authentication is not supported for Client Submission.",
             "550 5.7.30",
             "graph",
+        ),
+        (
+            "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp",
+            "550 5.4.5",
+            "recipients_per_day",
+        ),
+        (
+            "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Message submission quota exceeded.",
+            "554 5.2.0 SubmissionQuotaExceeded",
+            "recipients_per_day",
         ),
         (
             "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as scanner@lan.test; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Cannot submit message. 0.35250:0A00C0A2, 1.36674:0A000000 [Hostname=AM9PR02MB7028.eurprd02.prod.outlook.com]",

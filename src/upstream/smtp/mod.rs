@@ -412,6 +412,19 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
     Outcome::Partial { reply, refused }
 }
 
+/// How long an account pauses after its provider said its sending quota is used up: the quotas count the last 24
+/// hours, so an hour later some of it has usually come back; one message then finds out.
+const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
+
+/// Gmail's `550 5.4.5 Daily user sending limit exceeded` (and its relay and quota variants), Exchange Online's
+/// `554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException`.
+fn quota_used_up(r: &reply::Reply) -> bool {
+    let text = r.text.to_ascii_lowercase();
+    let status = r.status.map(|[a, b, c]| (a, b, c));
+    (status == Some((5, 4, 5)) && text.contains("daily"))
+        || text.contains("submissionquotaexceeded")
+}
+
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
@@ -431,6 +444,9 @@ fn outcome(f: Failure) -> Outcome {
         // Any other refused login (504 unknown mechanism, 530 STARTTLS first, 550 5.7.30 without a Graph
         // fallback) is about the account's settings, not a message: the mail waits, the log and status say why.
         Failure::Auth(r) => Outcome::Transient(r.to_string()),
+        // A sending quota used up (Gmail's daily limit, Exchange Online's recipient rate limit) is answered with a
+        // 5xx, but it is about the account's last 24 hours, not this message: it goes later, not to dead/.
+        Failure::Refused(r) if quota_used_up(&r) => Outcome::Throttled(r.to_string(), QUOTA_PAUSE),
         Failure::Refused(r) if r.is_permanent() => Outcome::Permanent(r.to_string()),
         Failure::Refused(r) => Outcome::Transient(r.to_string()),
     }
