@@ -264,6 +264,32 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
     assert_eq!(rcpts.len(), 4, "three, then the one that waited: {rcpts:?}");
 }
 
+/// A recipient refused because the account's daily quota ran out (Gmail's 550 5.4.5) is refused for now, not
+/// for good, whatever the 5xx says: it waits for another try, and nobody is bounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_for_a_used_up_quota_waits_and_is_not_bounced() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().push((
+        TO[2].into(),
+        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into(),
+    ));
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let id = send(d.addr, &TO).await;
+
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0], TO[1]]);
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(line.contains(&id) && line.contains(TO[2]), "{line}");
+    let state = dir.path().join("state");
+    assert_eq!(
+        queued_in(&state).len(),
+        1,
+        "it waits for the third recipient"
+    );
+    assert!(files_in(&state, "dead").is_empty());
+    assert!(drain(&mut upstream).is_empty(), "no bounce");
+}
+
 /// Two recipients refused for good with different replies (Microsoft's name the recipient): one DSN for both,
 /// each with its own status and reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,8 +426,10 @@ impl Delivery {
             accounts.sort_unstable_by_key(|&(share, used, i, _)| (share, used, i));
         }
         let mut limited: Option<Option<SystemTime>> = None;
+        let mut busy = false;
         for (.., a) in accounts {
             let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+                busy = true;
                 continue;
             };
             match a.rate.reserve(now, recipients) {
@@ -441,7 +443,12 @@ impl Delivery {
                 }
             }
         }
-        Err(limited.map_or(Wait::Connection, Wait::Limit))
+        // An account without a free connection but within its limits takes the message as soon as one of its
+        // deliveries ends, which wakes the pool: that comes before any limit's time.
+        match limited {
+            Some(at) if !busy => Err(Wait::Limit(at)),
+            _ => Err(Wait::Connection),
+        }
     }
 
     /// Whether this run already delivered `id` (its file could not be removed).
@@ -742,14 +749,15 @@ impl Delivery {
             Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
                 self.defer(id, state, &reply, Some(&account.name))
             }
-            // The provider said how long to wait: at least that, and the retry schedule still counts. It is the
-            // account that waits: the account's other mail would only be refused the same way meanwhile.
+            // The provider said how long to wait. It is the account that waits: its other mail would only be
+            // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
+            // retry schedule), while another account of its route may take it sooner.
             Outcome::Throttled(reply, wait) => {
                 let now = SystemTime::now();
                 account
                     .rate
                     .pause_until(now.checked_add(wait).unwrap_or(now));
-                self.defer_for(id, state, &reply, Some(&account.name), wait)
+                self.defer(id, state, &reply, Some(&account.name))
             }
         }
     }

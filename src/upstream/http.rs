@@ -170,21 +170,22 @@ pub async fn refusal(
     if let Some(why) = diagnose(status, &code) {
         text = format!("{text} — {why}");
     }
-    // Google answers some rate limits with 403 and a reason instead of 429.
-    let rate_limited = [
-        "rateLimitExceeded",
-        "userRateLimitExceeded",
-        "dailyLimitExceeded",
-        "quotaExceeded",
-    ]
-    .iter()
-    .any(|r| code.split(' ').any(|c| c == *r));
+    // Google answers some rate limits with 403 and a reason instead of 429: a daily quota, or a rate.
+    let named = |reasons: &[&str]| reasons.iter().any(|r| code.split(' ').any(|c| c == *r));
+    let daily = named(&["dailyLimitExceeded", "quotaExceeded"]);
+    let rate_limited = named(&["rateLimitExceeded", "userRateLimitExceeded"]);
     match status {
         401 => Outcome::AuthRejected(text),
-        403 if rate_limited => match wait {
-            Some(w) => Outcome::Throttled(text, w),
-            None => Outcome::Transient(text),
-        },
+        // Without Retry-After, a used-up day pauses the account as Gmail's SMTP 550 5.4.5 does, a rate for a
+        // minute.
+        403 if daily || rate_limited => {
+            let fallback = if daily {
+                super::QUOTA_PAUSE
+            } else {
+                Duration::from_secs(60)
+            };
+            Outcome::Throttled(text, wait.unwrap_or(fallback))
+        }
         429 | 503 | 504 => match wait {
             Some(w) => Outcome::Throttled(text, w),
             None => Outcome::Transient(text),

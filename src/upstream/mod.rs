@@ -24,6 +24,9 @@ use std::time::Duration;
 
 pub use transports::Transports;
 
+/// How long an account pauses when its provider says a daily sending quota is used up and names no time.
+pub const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
+
 /// What became of one delivery attempt, and so what the queue does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -404,7 +404,8 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
         .filter_map(|(i, r)| {
             Some(Refusal {
                 recipient: recipients.get(i)?.clone(),
-                permanent: conn::refused_for_good(&r),
+                // A quota refusal of some recipients: they wait for the retry schedule, as for a 4xx.
+                permanent: conn::refused_for_good(&r) && !quota_used_up(&r),
                 reply: r.to_string(),
             })
         })
@@ -413,15 +414,16 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 }
 
 /// How long an account pauses after its provider said its sending quota is used up: the quotas count the last 24
-/// hours, so an hour later some of it has usually come back; one message then finds out.
-const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
+/// hours, so an hour later some of it has usually come back; the account's mail then goes again.
+const QUOTA_PAUSE: Duration = crate::upstream::QUOTA_PAUSE;
 
 /// Gmail's `550 5.4.5 Daily user sending limit exceeded` (and its relay and quota variants), Exchange Online's
-/// `554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException`.
+/// `554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException` and `550 5.1.90 … your daily
+/// limit for message recipients`.
 fn quota_used_up(r: &reply::Reply) -> bool {
     let text = r.text.to_ascii_lowercase();
     let status = r.status.map(|[a, b, c]| (a, b, c));
-    (status == Some((5, 4, 5)) && text.contains("daily"))
+    (matches!(status, Some((5, 4, 5) | (5, 1, 90))) && text.contains("daily"))
         || text.contains("submissionquotaexceeded")
 }
 
