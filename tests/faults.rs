@@ -563,6 +563,21 @@ async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail()
             .filter(|c| c.starts_with("MAIL"))
             .count();
         assert_eq!(mails, 1, "the held message was not tried");
+
+        // The quota is back (raised, say): `relay queue retry` lifts the pause, and both go at once.
+        *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+        queue_retry(&config, &first);
+        daemon.wait_log("pause the provider asked for is lifted");
+        let mut delivered = std::collections::HashSet::new();
+        for _ in 0..2 {
+            let line = daemon.wait_log("relay_event=\"delivered\"");
+            delivered.extend(
+                [&first, &second]
+                    .into_iter()
+                    .filter(|id| line.contains(id.as_str())),
+            );
+        }
+        assert_eq!(delivered.len(), 2);
         assert!(daemon.terminate().success());
     }
 }

@@ -393,6 +393,21 @@ impl Delivery {
             .fold(0, usize::saturating_add)
     }
 
+    /// `relay queue retry` (or `relay authorize`) was run: a pause a provider asked for ends now, so that mail
+    /// made due goes at once (a quota raised, a throttle past); if the cause is still there, one refusal says so.
+    /// Whether any was lifted.
+    pub fn lift_pauses(&self) -> bool {
+        let now = SystemTime::now();
+        let mut lifted = false;
+        for a in self.accounts.values() {
+            if a.rate.lift_pause(now) {
+                lifted = true;
+                tracing::info!(relay_account = %a.name, "the pause the provider asked for is lifted (relay queue retry)");
+            }
+        }
+        lifted
+    }
+
     /// Writes every account's counters that changed (every couple of seconds, and at shutdown after the last
     /// delivery).
     pub fn save_counters(&self) {

@@ -253,6 +253,13 @@ impl AccountRate {
         }
     }
 
+    /// Ends a pause early (`relay queue retry`: the sysadmin says the cause is gone); whether there was one.
+    pub fn lift_pause(&self, now: SystemTime) -> bool {
+        let lifted = self.paused(now).is_some();
+        *lock(&self.paused_until) = None;
+        lifted
+    }
+
     /// Until when the provider asked the account to pause, if that is still ahead.
     pub fn paused(&self, now: SystemTime) -> Option<SystemTime> {
         let mut p = lock(&self.paused_until);
@@ -596,6 +603,10 @@ mod tests {
         let later = hour + Duration::from_secs(1);
         assert_eq!(rate.paused(later), None);
         assert!(rate.reserve(later, 1).is_ok());
+        rate.pause_until(hour);
+        assert!(rate.lift_pause(now));
+        assert!(!rate.lift_pause(now));
+        assert_eq!(rate.room(now), u64::MAX);
     }
 
     fn at(secs: f64) -> SystemTime {

@@ -250,6 +250,10 @@ impl Scheduler {
                 }
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
+                    if self.delivery.lift_pauses() {
+                        // The mail held by the pauses waits for their end: it is due now instead.
+                        s.wake_all();
+                    }
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
                     match self.reread(&mut s, &heartbeat, &mut beat).await {
                         Ok(()) => trigger_seen = now_seen,
@@ -435,13 +439,18 @@ impl Schedule {
     /// A new delivery came with a reload: its pools may be numbered differently, so every parked message is due
     /// now, and waits again in its new pool if it must.
     fn replan(&mut self, waiting: Arc<Waiting>) {
+        self.wake_all();
+        self.waiting = waiting;
+    }
+
+    /// Every parked message is due now, and waits again if it must.
+    fn wake_all(&mut self) {
         let now = SystemTime::now();
         let pools: Vec<usize> = self.parked.keys().copied().collect();
         for pool in pools {
             self.unpark(pool, usize::MAX, now);
         }
         self.wakes.clear();
-        self.waiting = waiting;
     }
 
     fn park(&mut self, pool: usize, id: QueueId) {
