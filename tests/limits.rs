@@ -168,6 +168,63 @@ async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
 }
 
 /// A route naming two accounts spreads its mail over both mailboxes; nothing is lost or sent twice.
+/// One account of a route whose provider says its daily quota is used up is paused; the route's other account
+/// takes its mail meanwhile, the refused message included (at its next try), and nothing goes to dead/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
+    let idp = idp_issuing("tok").await;
+    let first = FakeUpstream::start(&["tok"]).await;
+    *first.data_reply.lock().unwrap() =
+        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
+    let mut second = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let top = format!(
+        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n[queue]\nretry = [\"1s\"]\n",
+        account("a", &idp.uri(), &first, ""),
+        account("b", &idp.uri(), &second, ""),
+    );
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    for i in 0..4 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    let mut subjects = std::collections::HashSet::new();
+    while subjects.len() < 4 {
+        let got = second.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        let subject = text
+            .lines()
+            .find(|l| l.starts_with("Subject: "))
+            .map(str::to_string);
+        subjects.extend(subject);
+    }
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty());
+    let tried_on_a = || {
+        first
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count()
+    };
+    let before = tried_on_a();
+    assert!(before >= 1, "the refusal came from a");
+    // Paused: new mail goes to b without a try on a.
+    send_to(relay.addr(), &["ops@example.com"], "m4").await;
+    second.next().await;
+    relay.drained().await;
+    assert_eq!(
+        tried_on_a(),
+        before,
+        "nothing more tried on the paused account"
+    );
+}
+
 #[tokio::test]
 async fn a_route_naming_two_accounts_splits_the_mail() {
     let idp = idp_issuing("tok").await;

@@ -441,10 +441,8 @@ impl Delivery {
             accounts.sort_unstable_by_key(|&(share, used, i, _)| (share, used, i));
         }
         let mut limited: Option<Option<SystemTime>> = None;
-        let mut busy = false;
         for (.., a) in accounts {
             let Ok(slot) = a.slots.clone().try_acquire_owned() else {
-                busy = true;
                 continue;
             };
             match a.rate.reserve(now, recipients) {
@@ -458,12 +456,7 @@ impl Delivery {
                 }
             }
         }
-        // An account without a free connection but within its limits takes the message as soon as one of its
-        // deliveries ends, which wakes the pool: that comes before any limit's time.
-        match limited {
-            Some(at) if !busy => Err(Wait::Limit(at)),
-            _ => Err(Wait::Connection),
-        }
+        Err(limited.map_or(Wait::Connection, Wait::Limit))
     }
 
     /// Whether this run already delivered `id` (its file could not be removed).

@@ -255,9 +255,9 @@ impl AccountRate {
 
     /// Ends a pause early (`relay queue retry`: the sysadmin says the cause is gone); whether there was one.
     pub fn lift_pause(&self, now: SystemTime) -> bool {
-        let lifted = self.paused(now).is_some();
-        *lock(&self.paused_until) = None;
-        lifted
+        lock(&self.paused_until)
+            .take()
+            .is_some_and(|until| until > now)
     }
 
     /// Until when the provider asked the account to pause, if that is still ahead.

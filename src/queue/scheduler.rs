@@ -235,14 +235,12 @@ impl Scheduler {
                     }));
                 }
                 // A pool whose mail waits for a connection that was freed without its attempt saying so (rare, but
-                // it must not strand mail): one message comes back each tick. Pools waiting for a limit's window
-                // have their own wake-up.
-                let pools: Vec<usize> = s
-                    .parked
-                    .keys()
-                    .filter(|pool| !s.wakes.contains_key(pool))
-                    .copied()
-                    .collect();
+                // it must not strand mail): one message comes back each tick. That includes pools waiting for a
+                // limit's window: one account paused for an hour while another's delivery ended just before the
+                // message was parked must not hold it (and the mail behind it) for the hour. (`room` is 0 for an
+                // account that is paused or at its limits; a message whose recipients do not fit the rest of the
+                // day is the one case that comes back each tick to wait again.)
+                let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {
                     if self.delivery.room(pool) > 0 {
                         s.unpark(pool, 1, SystemTime::now());
@@ -250,13 +248,17 @@ impl Scheduler {
                 }
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
-                    if self.delivery.lift_pauses() {
-                        // The mail held by the pauses waits for their end: it is due now instead.
-                        s.wake_all();
-                    }
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
                     match self.reread(&mut s, &heartbeat, &mut beat).await {
-                        Ok(()) => trigger_seen = now_seen,
+                        Ok(()) => {
+                            trigger_seen = now_seen;
+                            if self.delivery.lift_pauses() {
+                                // The mail held by the pauses waits for their end: it is due now instead, and so
+                                // is that of attempts still deciding (a new generation), which saw them.
+                                s.wake_all();
+                                generation += 1;
+                            }
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot reread the queue; keeping the current schedule")
                         }
