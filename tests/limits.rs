@@ -20,6 +20,27 @@ fn account(name: &str, idp: &str, upstream: &FakeUpstream, more: &str) -> String
     )
 }
 
+/// A relay whose route for `*@example.com` names two accounts, `a` on `first` and `b` on `second`; `more`: tables
+/// after it (`[queue]`).
+async fn route_of_two(
+    idp: &wiremock::MockServer,
+    first: &FakeUpstream,
+    second: &FakeUpstream,
+    more: &str,
+) -> TestRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let top = format!(
+        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n{more}",
+        account("a", &idp.uri(), first, ""),
+        account("b", &idp.uri(), second, ""),
+    );
+    TestRelay::start_with(dir, &top, LISTENER).await
+}
+
 /// Sends one message to `recipients` on a fresh connection; returns its queue id.
 async fn send_to(addr: std::net::SocketAddr, recipients: &[&str], subject: &str) -> String {
     let mut c = RawClient::ready(addr).await;
@@ -167,7 +188,6 @@ async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
     assert_eq!(queued_in(&state).len(), 1, "the held message stays queued");
 }
 
-/// A route naming two accounts spreads its mail over both mailboxes; nothing is lost or sent twice.
 /// One account of a route whose provider says its daily quota is used up is paused; the route's other account
 /// takes its mail meanwhile, the refused message included (at its next try), and nothing goes to dead/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,17 +197,7 @@ async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
     *first.data_reply.lock().unwrap() =
         "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
     let mut second = FakeUpstream::start(&["tok"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let top = format!(
-        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n[queue]\nretry = [\"1s\"]\n",
-        account("a", &idp.uri(), &first, ""),
-        account("b", &idp.uri(), &second, ""),
-    );
-    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    let mut relay = route_of_two(&idp, &first, &second, "[queue]\nretry = [\"1s\"]\n").await;
     for i in 0..4 {
         send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
     }
@@ -225,22 +235,13 @@ async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
     );
 }
 
+/// A route naming two accounts spreads its mail over both mailboxes; nothing is lost or sent twice.
 #[tokio::test]
 async fn a_route_naming_two_accounts_splits_the_mail() {
     let idp = idp_issuing("tok").await;
     let mut first = FakeUpstream::start(&["tok"]).await;
     let mut second = FakeUpstream::start(&["tok"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let top = format!(
-        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n",
-        account("a", &idp.uri(), &first, ""),
-        account("b", &idp.uri(), &second, ""),
-    );
-    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    let mut relay = route_of_two(&idp, &first, &second, "").await;
     for i in 0..10 {
         send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
     }
