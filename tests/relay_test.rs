@@ -284,12 +284,21 @@ async fn each_listed_failure_gets_its_diagnosis() {
     }
 }
 
-/// `relay test office` through an account pointed at the fakes: it fails (exit 1), and its diagnosis line.
-async fn failed_test_diagnosis(idp: &wiremock::MockServer, upstream: &FakeUpstream) -> String {
+/// `relay test office --to TO` through an account pointed at the fakes: (exit code, output).
+async fn test_office(
+    idp: &wiremock::MockServer,
+    upstream: &FakeUpstream,
+    to: &str,
+) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let top = account_top(dir.path(), &idp.uri(), upstream, "");
     let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    relay(&config, &["test", "office", "--to", to]).await
+}
+
+/// `relay test office` through an account pointed at the fakes: it fails (exit 1), and its diagnosis line.
+async fn failed_test_diagnosis(idp: &wiremock::MockServer, upstream: &FakeUpstream) -> String {
+    let (exit, out) = test_office(idp, upstream, "ops@example.com").await;
     assert_eq!(exit, 1, "{out}");
     out.lines()
         .find(|l| l.starts_with("diagnosis: "))
@@ -325,10 +334,7 @@ async fn a_refusal_quoting_the_credentials_back_shows_neither() {
         .lock()
         .unwrap()
         .push("REFUSE 500 5.5.1 Unrecognized command: {COMMAND}".into());
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    let (exit, out) = test_office(&idp, &upstream, "ops@example.com").await;
     assert_eq!(exit, 1, "{out}");
     assert!(
         out.contains("S: 500 5.5.1 Unrecognized command: AUTH XOAUTH2 [redacted]"),
@@ -358,10 +364,7 @@ async fn a_test_to_an_idn_domain_goes_as_idna_where_the_upstream_lacks_smtputf8(
     upstream
         .smtputf8
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@bücher.example"]).await;
+    let (exit, out) = test_office(&idp, &upstream, "ops@bücher.example").await;
     assert_eq!(exit, 0, "{out}");
     let got = upstream.next().await;
     assert_eq!(got.to, ["ops@xn--bcher-kva.example"]);
@@ -374,10 +377,7 @@ async fn a_test_through_an_upstream_without_bdat_goes_through_data() {
     let idp = idp_issuing("tok").await;
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     upstream.without_bdat();
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
-    let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    let (code, out) = test_office(&idp, &upstream, "ops@example.com").await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("sending again with DATA"), "{out}");
     assert!(out.contains("C: DATA"), "{out}");

@@ -589,31 +589,61 @@ fn the_unit_is_hardened_to_an_exposure_of_at_most_1_5() {
     );
 }
 
+/// A daemon under the test's "systemd" with one listener whose `max_connections` reloads change.
+struct Resizable {
+    dir: tempfile::TempDir,
+    _systemd: Systemd,
+    port: u16,
+    daemon: Daemon,
+}
+
+impl Resizable {
+    fn start(max: usize) -> Resizable {
+        let dir = tempfile::tempdir().unwrap();
+        let systemd = Systemd::bind(dir.path());
+        let port = free_port();
+        let config = Self::write(dir.path(), port, max);
+        let daemon = serve(&config, &systemd, &[]);
+        systemd.wait_for("READY=1");
+        Resizable {
+            dir,
+            _systemd: systemd,
+            port,
+            daemon,
+        }
+    }
+
+    fn write(dir: &Path, port: u16, max: usize) -> std::path::PathBuf {
+        write_config(
+            dir,
+            &format!("{}max_connections = {max}\n", listener_on(port)),
+        )
+    }
+
+    /// Rewrites the config with `max` and reloads it (SIGHUP), until the daemon says it has.
+    fn resize(&mut self, max: usize) {
+        Self::write(self.dir.path(), self.port, max);
+        signal(&self.daemon, libc::SIGHUP);
+        self.daemon.wait_log("relay_event=\"reloaded\"");
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        addr(self.port)
+    }
+}
+
 /// `max_connections` lowered by a reload while more sessions are open than the new value: they finish, and count
 /// against it, so no new client is taken until enough have ended; raised, the new places are there at once.
 /// The open sessions are in the middle of a message, which is never evicted to make room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let systemd = Systemd::bind(dir.path());
-    let port = free_port();
-    let with = |max: usize| {
-        write_config(
-            dir.path(),
-            &format!("{}max_connections = {max}\n", listener_on(port)),
-        )
-    };
-    let config = with(3);
-    let mut daemon = serve(&config, &systemd, &[]);
-    systemd.wait_for("READY=1");
+    let mut r = Resizable::start(3);
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(RawClient::in_data(addr(port)).await);
+        open.push(RawClient::in_data(r.addr()).await);
     }
-    with(2);
-    signal(&daemon, libc::SIGHUP);
-    daemon.wait_log("relay_event=\"reloaded\"");
-    let mut late = RawClient::connect(addr(port)).await;
+    r.resize(2);
+    let mut late = RawClient::connect(r.addr()).await;
     assert_eq!(
         late.reply().await.map(|r| r.0),
         Some(421),
@@ -628,10 +658,10 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
         c.cmd("QUIT", 221).await;
         assert!(c.closed().await);
     }
-    let mut second = greeted_within_bounded_tries(port).await;
+    let mut second = greeted_within_bounded_tries(r.port).await;
     second.cmd("EHLO device.lan", 250).await;
     second.begin_message().await;
-    let mut late = RawClient::connect(addr(port)).await;
+    let mut late = RawClient::connect(r.addr()).await;
     assert_eq!(
         late.reply().await.map(|r| r.0),
         Some(421),
@@ -639,14 +669,12 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     );
 
     // Raised to 4: two more at once.
-    with(4);
-    signal(&daemon, libc::SIGHUP);
-    daemon.wait_log("relay_event=\"reloaded\"");
+    r.resize(4);
     let mut more = Vec::new();
     for _ in 0..2 {
-        more.push(RawClient::in_data(addr(port)).await);
+        more.push(RawClient::in_data(r.addr()).await);
     }
-    let mut late = RawClient::connect(addr(port)).await;
+    let mut late = RawClient::connect(r.addr()).await;
     assert_eq!(
         late.reply().await.map(|r| r.0),
         Some(421),
@@ -654,7 +682,7 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
     );
     // Hung up on mid-message, so that the stop need not wait for them.
     drop((open, second, more));
-    assert!(daemon.terminate().success());
+    assert!(r.daemon.terminate().success());
 }
 
 /// Lowered below the sessions open, a listener owes places: the first ones given back are withdrawn. A newcomer
@@ -662,27 +690,14 @@ async fn sighup_lowering_max_connections_counts_the_sessions_already_open() {
 /// place is taken); where there are not that many, nobody is hung up on for nothing and the newcomer is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_lowering_max_connections_a_newcomer_evicts_what_is_owed_and_one_more() {
-    let dir = tempfile::tempdir().unwrap();
-    let systemd = Systemd::bind(dir.path());
-    let port = free_port();
-    let with = |max: usize| {
-        write_config(
-            dir.path(),
-            &format!("{}max_connections = {max}\n", listener_on(port)),
-        )
-    };
-    let config = with(3);
-    let mut daemon = serve(&config, &systemd, &[]);
-    systemd.wait_for("READY=1");
+    let mut r = Resizable::start(3);
     let mut idle = Vec::new();
     for _ in 0..3 {
-        idle.push(RawClient::ready(addr(port)).await);
+        idle.push(RawClient::ready(r.addr()).await);
     }
     // 3 idle, 2 allowed: one place owed, so two leave and the newcomer is served.
-    with(2);
-    signal(&daemon, libc::SIGHUP);
-    daemon.wait_log("relay_event=\"reloaded\"");
-    let mut newcomer = RawClient::connect(addr(port)).await;
+    r.resize(2);
+    let mut newcomer = RawClient::connect(r.addr()).await;
     assert_eq!(newcomer.reply().await.map(|r| r.0), Some(220));
     newcomer.cmd("EHLO device.lan", 250).await;
     let mut kept = Vec::new();
@@ -699,10 +714,8 @@ async fn after_lowering_max_connections_a_newcomer_evicts_what_is_owed_and_one_m
     // One idle, one in the middle of a message, 1 allowed: one place owed, and only one session could leave,
     // which would admit nobody. So nobody is evicted.
     newcomer.begin_message().await;
-    with(1);
-    signal(&daemon, libc::SIGHUP);
-    daemon.wait_log("relay_event=\"reloaded\"");
-    let mut late = RawClient::connect(addr(port)).await;
+    r.resize(1);
+    let mut late = RawClient::connect(r.addr()).await;
     assert_eq!(
         late.reply().await.map(|r| r.0),
         Some(421),
@@ -710,7 +723,7 @@ async fn after_lowering_max_connections_a_newcomer_evicts_what_is_owed_and_one_m
     );
     kept[0].cmd("NOOP", 250).await;
     drop((kept, newcomer));
-    assert!(daemon.terminate().success());
+    assert!(r.daemon.terminate().success());
 }
 
 /// Connects until the greeting is a 220 (each refusal is a 421 and a close), a bounded number of times.
