@@ -541,7 +541,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 println!("  last error: {}", safe(e));
             }
             for w in &a.warnings {
-                println!("  warning: {w}");
+                println!("  warning: {}", safe(w));
             }
             println!("  sending: {}", sending(&a.rate));
             if let Some(d) = &a.last_delivery {

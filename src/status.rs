@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::{AccountConfig, Config, Flow};
 use crate::queue::delivery::{LastDelivery, read_last_delivery};
+use crate::queue::pause::{PauseReport, read_pause};
 use crate::queue::rate::{Usage, usage_from_file};
 use crate::queue::state::read_state;
 use crate::queue::{QueueStore, StoreError};
@@ -44,6 +45,8 @@ pub struct AccountStatus {
     pub transport_switched: Option<crate::upstream::transports::Switch>,
     /// How close it is to its sending limits.
     pub rate: Usage,
+    /// A pause the provider asked for (a used-up quota, a `Retry-After`), while it lasts: its mail is held.
+    pub paused: Option<PauseReport>,
     /// The last `relay test`: verified or failing, and when.
     pub test: Option<crate::probe::LastTest>,
     /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters.
@@ -170,6 +173,13 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         _ => state,
     };
     let now = SystemTime::now();
+    let paused = read_pause(&config.state_dir, &a.name, now);
+    // Nothing goes through a paused account, whatever its last delivery was.
+    let state = if paused.is_some() && state == "ok" {
+        "failing"
+    } else {
+        state
+    };
     let mut warnings: Vec<String> = crate::oauth::expiry::expiries(a)
         .iter()
         .filter_map(|e| crate::oauth::expiry::warning(&a.name, e, now))
@@ -191,6 +201,13 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
             rate.recipients_last_24h
         ));
     }
+    if let Some(p) = &paused {
+        warnings.push(format!(
+            "the provider asked the account to pause until {} ({}): its mail is held until then; `relay queue retry --all` ends the pause early",
+            rfc(p.until),
+            p.reply
+        ));
+    }
     AccountStatus {
         name: a.name.clone(),
         mailbox: a.mailbox.clone(),
@@ -206,6 +223,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         last_error: error,
         last_delivery,
         rate,
+        paused,
         test: crate::probe::read_last_test(&config.state_dir, &a.name),
         warnings,
     }

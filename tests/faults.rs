@@ -531,9 +531,7 @@ async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail()
             "",
             FAST_RETRY,
         );
-        let mut cmd = std::process::Command::new(relay_bin());
-        cmd.args(["serve", "--config"]).arg(&config);
-        let mut daemon = Daemon::start(cmd);
+        let mut daemon = Daemon::spawn(&config);
 
         let first = send_message(daemon.addr, BODY).await;
         let deferred = daemon.wait_log("relay_event=\"deferred\"");
@@ -555,14 +553,30 @@ async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail()
                 .count(),
             2
         );
-        let mails = upstream
-            .commands
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.starts_with("MAIL"))
-            .count();
-        assert_eq!(mails, 1, "the held message was not tried");
+        let mails = || {
+            let commands = upstream.commands.lock().unwrap();
+            commands.iter().filter(|c| c.starts_with("MAIL")).count()
+        };
+        assert_eq!(mails(), 1, "the held message was not tried");
+        let (code, json) = status_json(&config);
+        assert_eq!(code, Some(1), "a paused account needs attention");
+        let account = &json["accounts"][0];
+        assert_eq!(account["state"], "failing", "{json}");
+        assert!(account["paused"]["until"].is_string(), "{json}");
+        assert!(
+            account["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("pause")),
+            "{json}"
+        );
+
+        // A restart keeps the pause: the first message, due again, is held, not tried.
+        assert!(daemon.terminate().success());
+        let mut daemon = Daemon::spawn(&config);
+        daemon.wait_log("provider asked for a pause until");
+        let held = daemon.wait_log("relay_event=\"held\"");
+        assert!(held.contains(&first) || held.contains(&second), "{held}");
+        assert_eq!(mails(), 1, "nothing tried after the restart");
 
         // The quota is back (raised, say): `relay queue retry` lifts the pause, and both go at once.
         *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
@@ -578,6 +592,9 @@ async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail()
             );
         }
         assert_eq!(delivered.len(), 2);
+        let (code, json) = status_json(&config);
+        assert!(json["accounts"][0]["paused"].is_null(), "{json}");
+        assert_eq!(code, Some(0), "{json}");
         assert!(daemon.terminate().success());
     }
 }

@@ -159,17 +159,8 @@ async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
         !state.join(format!("queue/{id}.state")).exists(),
         "waiting is not an attempt"
     );
-    let status = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(
-        status.status.code(),
-        Some(1),
-        "a used-up day needs attention"
-    );
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let (code, json) = status_json(&config);
+    assert_eq!(code, Some(1), "a used-up day needs attention");
     let rate = &json["accounts"][0]["rate"];
     assert_eq!(rate["recipients_last_24h"], 3, "{json}");
     assert_eq!(rate["recipients_per_day"], 3, "{json}");

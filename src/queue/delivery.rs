@@ -762,9 +762,16 @@ impl Delivery {
             // retry schedule), while another account of its route may take it sooner.
             Outcome::Throttled(reply, wait) => {
                 let now = SystemTime::now();
-                account
-                    .rate
-                    .pause_until(now.checked_add(wait).unwrap_or(now));
+                let until = now.checked_add(wait).unwrap_or(now);
+                if account.rate.pause_until(until, &reply) {
+                    tracing::warn!(
+                        relay_account = %account.name,
+                        relay_queue_id = %id,
+                        relay_upstream_reply = %reply,
+                        "the provider asked the account to pause: its mail is held until {}; `relay queue retry --all` ends the pause early",
+                        humantime::format_rfc3339_seconds(until)
+                    );
+                }
                 self.defer(id, state, &reply, Some(&account.name))
             }
         }

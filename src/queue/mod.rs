@@ -1,7 +1,7 @@
 //! The durable queue. `layout` names the files, `file` is the format of one queued message, `spool` writes
 //! messages in, `store` reads and manages them from outside the daemon, and delivery is `scheduler` (when) plus
 //! `delivery` (one attempt), with `state` (per-message delivery state), `retry` (the trigger), `route` (which
-//! account) and `rate` (the providers' sending limits).
+//! account), `rate` (the providers' sending limits) and `pause` (a pause a provider asked for).
 
 pub mod announce;
 pub mod delivery;
@@ -9,6 +9,7 @@ mod envelope;
 pub mod file;
 mod id;
 pub mod layout;
+pub mod pause;
 pub mod rate;
 pub mod retry;
 pub mod route;

@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RateConfig;
+use crate::queue::pause::ProviderPause;
 
 /// The per-minute window: one-second buckets over 60 seconds.
 const MINUTE: (u64, u64) = (1, 60);
@@ -202,8 +203,7 @@ pub struct AccountRate {
     /// A write failed last time: said once in the log until one succeeds.
     failing: AtomicBool,
     /// The provider asked for a pause (a quota refusal, HTTP 429 with `Retry-After`): no message goes before.
-    /// In memory only: after a restart the first attempt finds out again.
-    paused_until: Mutex<Option<SystemTime>>,
+    pause: ProviderPause,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -221,7 +221,7 @@ impl AccountRate {
             counts: Mutex::new(Counts::empty()),
             written: Mutex::new(0),
             failing: AtomicBool::new(false),
-            paused_until: Mutex::new(None),
+            pause: ProviderPause::unpersisted(),
         }
     }
 
@@ -240,37 +240,25 @@ impl AccountRate {
             counts: Mutex::new(counts),
             written: Mutex::new(0),
             failing: AtomicBool::new(false),
-            paused_until: Mutex::new(None),
+            pause: ProviderPause::load(state_dir, account, SystemTime::now()),
         }
     }
 
     /// The provider refused a message for the account's sake (its quota used up, or too many requests): no
-    /// message of the account goes before `until` (a later pause already asked for stays).
-    pub fn pause_until(&self, until: SystemTime) {
-        let mut p = lock(&self.paused_until);
-        if p.is_none_or(|at| at < until) {
-            *p = Some(until);
-        }
+    /// message of the account goes before `until` (a later pause already asked for stays). Whether the account
+    /// was not paused before.
+    pub fn pause_until(&self, until: SystemTime, reply: &str) -> bool {
+        self.pause.extend(until, reply)
     }
 
     /// Ends a pause early (`relay queue retry`: the sysadmin says the cause is gone); whether there was one.
     pub fn lift_pause(&self, now: SystemTime) -> bool {
-        lock(&self.paused_until)
-            .take()
-            .is_some_and(|until| until > now)
+        self.pause.lift(now)
     }
 
     /// Until when the provider asked the account to pause, if that is still ahead.
     pub fn paused(&self, now: SystemTime) -> Option<SystemTime> {
-        let mut p = lock(&self.paused_until);
-        match *p {
-            Some(until) if until > now => Some(until),
-            Some(_) => {
-                *p = None;
-                None
-            }
-            None => None,
-        }
+        self.pause.until(now)
     }
 
     pub fn limits(&self) -> RateConfig {
@@ -596,14 +584,14 @@ mod tests {
         let rate = Arc::new(AccountRate::unpersisted("a", RateConfig::default()));
         let now = SystemTime::now();
         let hour = now + Duration::from_secs(3600);
-        rate.pause_until(hour);
-        rate.pause_until(now + Duration::from_secs(60));
+        rate.pause_until(hour, "550 5.4.5");
+        rate.pause_until(now + Duration::from_secs(60), "429");
         assert_eq!(rate.room(now), 0);
         assert_eq!(rate.reserve(now, 1).err(), Some(Some(hour)));
         let later = hour + Duration::from_secs(1);
         assert_eq!(rate.paused(later), None);
         assert!(rate.reserve(later, 1).is_ok());
-        rate.pause_until(hour);
+        rate.pause_until(hour, "550 5.4.5");
         assert!(rate.lift_pause(now));
         assert!(!rate.lift_pause(now));
         assert_eq!(rate.room(now), u64::MAX);

@@ -41,11 +41,14 @@ pub fn retry(state_dir: &Path, what: Retry) -> Result<Retried, StoreError> {
     let store = QueueStore::new(state_dir);
     let done = act(&store, what);
     // Whatever failed above, what was already made due or moved back must reach a running daemon, which
-    // rereads the queue only when told (or at its next start).
+    // rereads the queue only when told (or at its next start). It lifts the pauses providers asked for then;
+    // their files go here too, so that a daemon started later does not hold the mail again.
     if store.missing_state_dir().is_none() {
+        let lifted = super::pause::forget_all(state_dir)
+            .map_err(|(path, source)| StoreError::Io { path, source });
         let path = state_dir.join(RETRY_TRIGGER);
         let told = write_trigger(&path).map_err(|source| StoreError::Io { path, source });
-        return done.and_then(|d| told.map(|()| d));
+        return done.and_then(|d| lifted.and(told).map(|()| d));
     }
     done
 }

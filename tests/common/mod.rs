@@ -409,6 +409,18 @@ pub fn queue_retry(config: &Path, id: &str) {
 }
 
 /// The real `relay` binary running `serve`, with its address read from its own log.
+/// `relay status --json` for `config`: its exit code and its document.
+pub fn status_json(config: &Path) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(relay_bin())
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code(), json)
+}
+
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
