@@ -408,6 +408,17 @@ impl Delivery {
         lifted
     }
 
+    /// The same trigger ends the minute an account's mail waits after its fresh token was refused (a permission
+    /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
+    /// Before the mail made due is read, so that none of it meets the hold.
+    pub fn lift_auth_holds(&self) {
+        for a in self.accounts.values() {
+            if a.transports.lift_hold() {
+                tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry)");
+            }
+        }
+    }
+
     /// Writes every account's counters that changed (every couple of seconds, and at shutdown after the last
     /// delivery).
     pub fn save_counters(&self) {

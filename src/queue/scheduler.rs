@@ -248,6 +248,7 @@ impl Scheduler {
                 }
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
+                    self.delivery.lift_auth_holds();
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
                     match self.reread(&mut s, &heartbeat, &mut beat).await {
                         Ok(()) => {

@@ -285,6 +285,16 @@ impl Transports {
         })
     }
 
+    /// `relay queue retry`: the sysadmin says the cause may be gone (a permission granted, a mailbox enabled), so
+    /// the account's next attempt tries its token instead of answering from the hold. Whether there was one.
+    pub fn lift_hold(&self) -> bool {
+        self.auth_hold
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take())
+            .is_some_and(|h| std::time::Instant::now() < h.until)
+    }
+
     fn set_hold(&self, hold: Option<AuthHold>) {
         if let Ok(mut h) = self.auth_hold.lock() {
             *h = hold;
