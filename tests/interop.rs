@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::sync::{Mutex, PoisonError};
 
-use common::upstream::{ANY_TOKEN, FakeUpstream};
+use common::upstream::{ANY_TOKEN, FakeUpstream, OPEN};
 use common::*;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -27,25 +27,50 @@ const INTROSPECTOR: (&str, &str) = ("cc-post", "post-secret-0123456789");
 /// One install for the tests of this binary, which run at once.
 static INSTALL: Mutex<()> = Mutex::new(());
 
-/// Whether node and oidc-provider are there, installing the package (pinned by `package-lock.json`) if needed.
+/// Written once `npm ci` has finished: an install cut short must not pass for a done one.
+const INSTALLED: &str = "node_modules/.relay-interop-installed";
+
+/// Whether node (18 or later, as oidc-provider 8 needs) and oidc-provider are there, installing the package
+/// (pinned by `package-lock.json`, no install scripts) if needed.
 fn provider_installed() -> bool {
     let _once = INSTALL.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Err(e) = Command::new("node").arg("--version").output() {
-        eprintln!("SKIPPED: node is not installed ({e}); .ci/run installs it");
-        return false;
+    let major = Command::new("node")
+        .args(["-p", "process.versions.node.split('.')[0]"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    match major {
+        None => {
+            eprintln!("SKIPPED: node is not installed; .ci/run installs it");
+            return false;
+        }
+        Some(v) if v < 18 => {
+            eprintln!("SKIPPED: node {v} is too old for oidc-provider 8 (18 or later)");
+            return false;
+        }
+        Some(_) => {}
     }
-    if Path::new(INTEROP)
-        .join("node_modules/oidc-provider")
-        .exists()
-    {
+    let dir = Path::new(INTEROP);
+    if dir.join(INSTALLED).exists() {
         return true;
     }
     let npm = Command::new("timeout")
-        .args(["300", "npm", "ci", "--no-audit", "--no-fund"])
-        .current_dir(INTEROP)
+        .args([
+            "300",
+            "npm",
+            "ci",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+        ])
+        .current_dir(dir)
         .output();
     match npm {
-        Ok(out) if out.status.success() => true,
+        Ok(out) if out.status.success() => {
+            std::fs::write(dir.join(INSTALLED), b"").unwrap();
+            true
+        }
         Ok(out) => {
             eprintln!(
                 "SKIPPED: `npm ci` in tests/interop failed: {}",
@@ -91,32 +116,37 @@ struct Provider {
 }
 
 impl Provider {
-    /// Access tokens live `ttl` seconds; `redirect` is the web client's registered redirect URI.
-    fn start(ttl: u32, redirect: &str) -> Provider {
-        let mut child = Command::new("node")
+    /// Access tokens live `ttl` seconds.
+    fn start(ttl: u32) -> Provider {
+        let child = Command::new("node")
             .arg(Path::new(INTEROP).join("idp.mjs"))
             .env("CERT", format!("{FIXTURES}/rsa-cert.pem"))
             .env("AT_TTL", ttl.to_string())
-            .env("REDIRECT", redirect)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("node starts");
-        let out = lines_of(child.stdout.take().expect("piped"));
+        // Owned before the wait, so that a provider that never says it listens is stopped all the same.
+        let mut provider = Provider {
+            child,
+            url: String::new(),
+        };
+        let out = lines_of(provider.child.stdout.take().expect("piped"));
         let port = line_with(&out, "listening ")
             .rsplit(' ')
             .next()
             .map(str::to_string)
             .unwrap_or_default();
-        Provider {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
+        provider.url = format!("http://127.0.0.1:{port}");
+        provider
     }
 
     /// RFC 7662 introspection of an access token: (active, client_id).
     async fn introspect(&self, token: &str) -> (bool, String) {
-        let reply: serde_json::Value = reqwest::Client::new()
+        let reply: serde_json::Value = reqwest::Client::builder()
+            .timeout(LIMIT)
+            .build()
+            .unwrap()
             .post(format!("{}/token/introspection", self.url))
             .form(&[
                 ("token", token),
@@ -133,6 +163,16 @@ impl Provider {
             reply["active"] == true,
             reply["client_id"].as_str().unwrap_or("").to_string(),
         )
+    }
+}
+
+/// A child process killed when dropped (a failed assertion included).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -165,6 +205,18 @@ fn secret(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// `relay test ACCOUNT`, which must deliver; its transcript.
+fn relay_test(config: &Path, account: &str) -> String {
+    let out = Command::new(relay_bin())
+        .args(["test", account, "--to", "someone@example.com", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let transcript = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{account}: {transcript}");
+    transcript
+}
+
 /// Client credentials three ways: a secret in the form, a secret in HTTP Basic, and a signed assertion
 /// (private_key_jwt, PS256 with x5t#S256, relay's default), each through `relay test` to the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +224,7 @@ async fn client_credentials_by_secret_and_by_assertion() {
     if !provider_installed() {
         return;
     }
-    let idp = Provider::start(3600, "http://127.0.0.1:9/");
+    let idp = Provider::start(3600);
     let mut upstream = FakeUpstream::start(&[ANY_TOKEN]).await;
     let dir = tempfile::tempdir().unwrap();
     let post = secret(dir.path(), "post", "post-secret-0123456789");
@@ -213,13 +265,7 @@ async fn client_credentials_by_secret_and_by_assertion() {
         ("basic", "cc-basic"),
         ("jwt", "cc-jwt"),
     ] {
-        let out = Command::new(relay_bin())
-            .args(["test", account, "--to", "someone@example.com", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{account}: {text}");
+        relay_test(&path, account);
         let got = upstream.next().await;
         assert_eq!(got.from, format!("{account}@example.com"));
         let (active, issued_to) = idp.introspect(bearer(&got.auth)).await;
@@ -232,15 +278,17 @@ async fn client_credentials_by_secret_and_by_assertion() {
 /// authorization URL it prints (the browser then comes back to relay's loopback redirect). Waits for relay to
 /// say the tokens are stored.
 fn authorize(config: &Path, account: &str, idp: &str) {
-    let mut relay = Command::new(relay_bin())
-        .args(["authorize", account, "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = lines_of(relay.stdout.take().expect("piped"));
+    let mut relay = Killed(
+        Command::new(relay_bin())
+            .args(["authorize", account, "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let out = lines_of(relay.0.stdout.take().expect("piped"));
     let mut user = Command::new("python3");
     user.arg(Path::new(INTEROP).join("user.py"));
     let first = line_with(&out, "To let relay send as");
@@ -263,11 +311,12 @@ fn authorize(config: &Path, account: &str, idp: &str) {
         String::from_utf8_lossy(&signed_in.stderr)
     );
     line_with(&out, "Authorized ");
-    assert!(relay.wait().unwrap().success());
+    assert!(relay.0.wait().unwrap().success());
 }
 
-/// The two grants a person makes (device code; authorization code with PKCE), then refreshes whose refresh
-/// tokens the provider rotates each time: an upstream refusing the access token makes relay refresh (and retry
+/// The two grants a person makes (device code; authorization code with PKCE, the browser coming back to relay's
+/// loopback listener on a port of its choosing, RFC 8252), then refreshes whose refresh tokens the provider
+/// rotates each time: an upstream refusing the access token makes relay refresh (and retry
 /// once), twice in a row, so that the second refresh must use the refresh token the first was given in exchange
 /// (the one before it is dead, and sending it again would revoke the grant). Then the mail goes with the last
 /// token, which the provider knows.
@@ -276,12 +325,7 @@ async fn grants_a_person_makes_and_their_rotated_refreshes() {
     if !provider_installed() {
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let redirect = format!("http://127.0.0.1:{port}/");
-    let idp = Provider::start(3600, &redirect);
+    let idp = Provider::start(3600);
     // Refuses every token until the end.
     let mut upstream = FakeUpstream::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -305,7 +349,7 @@ async fn grants_a_person_makes_and_their_rotated_refreshes() {
         &idp.url,
         &upstream,
         &format!(
-            "{person}flow = \"authorization_code\"\nclient_id = \"web\"\nclient_secret_file = {web:?}\nauthorization_url = \"{}/auth\"\nredirect_uri = \"{redirect}\"",
+            "{person}flow = \"authorization_code\"\nclient_id = \"web\"\nclient_secret_file = {web:?}\nauthorization_url = \"{}/auth\"",
             idp.url
         ),
     );
@@ -355,4 +399,159 @@ async fn grants_a_person_makes_and_their_rotated_refreshes() {
         assert_eq!(issued_to, client);
     }
     assert!(daemon.terminate().success());
+}
+
+/// Dovecot's submission server, run in the foreground from `conf`; stopped (with its children) when dropped.
+struct Dovecot(Child);
+
+impl Dovecot {
+    /// Starts it and waits until it says it is up. `None` (SKIPPED said) where Dovecot is not installed, or not
+    /// as root (its master drops privileges to its own users).
+    fn start(conf: &Path) -> Option<Dovecot> {
+        if !Path::new("/usr/sbin/dovecot").exists() || !nix_root() {
+            eprintln!(
+                "SKIPPED: Dovecot's submission server needs the dovecot-core and dovecot-submissiond packages and root (.ci/run installs them)"
+            );
+            return None;
+        }
+        let mut child = Command::new("/usr/sbin/dovecot")
+            .args(["-F", "-c"])
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dovecot starts");
+        let log = lines_of(child.stderr.take().expect("piped"));
+        line_with(&log, "starting up");
+        Some(Dovecot(child))
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its children too.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn nix_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A Dovecot submission config: listening on `port`, checking OAuth logins (`mechanisms`) by introspection at
+/// `idp`, relaying what it takes to `relay_port` (trusted, no AUTH).
+fn dovecot_conf(dir: &Path, port: u16, mechanisms: &str, idp: &str, relay_port: u16) -> PathBuf {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // The submission process runs as `nobody` (the static userdb below) and must reach its home.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (client, secret) = INTROSPECTOR;
+    let host = idp.trim_start_matches("http://");
+    let oauth2 = dir.join("oauth2.conf");
+    std::fs::write(
+        &oauth2,
+        format!(
+            "introspection_mode = post\nintrospection_url = http://{client}:{secret}@{host}/token/introspection\nusername_attribute = sub\nactive_attribute = active\nactive_value = true\nforce_introspection = yes\n"
+        ),
+    )
+    .unwrap();
+    let conf = dir.join("dovecot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "protocols = submission\nlisten = 127.0.0.1\nbase_dir = {base}\nstate_dir = {state}\nlog_path = /dev/stderr\nssl = no\ndisable_plaintext_auth = no\nauth_mechanisms = {mechanisms}\nhostname = dovecot.test\nmail_location = maildir:~/Maildir\npassdb {{\n  driver = oauth2\n  mechanisms = {mechanisms}\n  args = {oauth2}\n}}\nuserdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={home}/%u\n}}\nservice submission-login {{\n  inet_listener submission {{\n    port = {port}\n  }}\n}}\nsubmission_relay_host = 127.0.0.1\nsubmission_relay_port = {relay_port}\nsubmission_relay_trusted = yes\n",
+            base = dir.join("run").display(),
+            state = dir.join("state").display(),
+            oauth2 = oauth2.display(),
+            home = home.display(),
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// A third-party submission server as the upstream: Dovecot, which offers CHUNKING and PIPELINING and checks
+/// each XOAUTH2 (then OAUTHBEARER) login by asking the provider whether the token is active and whose it is.
+/// The daemon sends a backlog through it (pooled connections, BDAT), then `relay test` logs in with OAUTHBEARER
+/// where Dovecot offers nothing else. What Dovecot passes on arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_dovecot_submission_checking_tokens_at_the_provider() {
+    if !provider_installed() {
+        return;
+    }
+    let idp = Provider::start(3600);
+    let mut sink = FakeUpstream::start(&[OPEN]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let submission = free_port();
+    let dovecot_dir = dir.path().join("dovecot");
+    std::fs::create_dir_all(&dovecot_dir).unwrap();
+    let conf = dovecot_conf(
+        &dovecot_dir,
+        submission,
+        "xoauth2 oauthbearer",
+        &idp.url,
+        sink.addr.port(),
+    );
+    let Some(dovecot) = Dovecot::start(&conf) else {
+        return;
+    };
+    let mut config = format!(
+        "state_dir = {:?}\ndefault_account = \"dev\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+        dir.path().join("state")
+    );
+    config += &format!(
+        "[[account]]\nname = \"dev\"\nprovider = \"generic\"\nmailbox = \"dev@example.com\"\ntoken_url = \"{0}/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {submission}\nsmtp_tls = \"none\"\nscope = \"openid offline_access mail\"\nflow = \"device_code\"\nclient_id = \"dev\"\ndevice_authorization_url = \"{0}/device/auth\"\n",
+        idp.url
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    authorize(&path, "dev", &idp.url);
+
+    let daemon = Daemon::spawn(&path);
+    let body = |i: usize| {
+        format!(
+            "Subject: dovecot {i}\r\n\r\n{}",
+            format!("line {i}\r\n").repeat(500)
+        )
+    };
+    for i in 0..20 {
+        let mut device = RawClient::ready(daemon.addr).await;
+        device.begin_message().await;
+        device.cmd(&format!("{}.", body(i)), 250).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let got = sink.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        let i = (0..20)
+            .find(|&i| text.ends_with(&body(i)))
+            .unwrap_or_else(|| panic!("not one of the messages, or not intact: {text:.300}"));
+        assert!(seen.insert(i));
+        assert_eq!(got.from, "dev@example.com");
+    }
+    assert!(daemon.terminate().success());
+    drop(dovecot);
+
+    let conf = dovecot_conf(
+        &dovecot_dir,
+        submission,
+        "oauthbearer",
+        &idp.url,
+        sink.addr.port(),
+    );
+    let _dovecot = Dovecot::start(&conf);
+    let transcript = relay_test(&path, "dev");
+    assert!(transcript.contains("C: AUTH OAUTHBEARER"), "{transcript}");
+    sink.next().await;
 }

@@ -410,11 +410,10 @@ impl Delivery {
 
     /// The same trigger ends the minute an account's mail waits after its fresh token was refused (a permission
     /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
-    /// Before the mail made due is read, so that none of it meets the hold.
     pub fn lift_auth_holds(&self) {
         for a in self.accounts.values() {
             if a.transports.lift_hold() {
-                tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry)");
+                tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
             }
         }
     }
@@ -774,7 +773,8 @@ impl Delivery {
             Outcome::Throttled(reply, wait) => {
                 let now = SystemTime::now();
                 let until = now.checked_add(wait).unwrap_or(now);
-                if account.rate.pause_until(until, &reply) {
+                // `Retry-After: 0` (or a date past) asks for no pause.
+                if !wait.is_zero() && account.rate.pause_until(until, &reply) {
                     tracing::warn!(
                         relay_account = %account.name,
                         relay_queue_id = %id,

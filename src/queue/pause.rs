@@ -83,18 +83,21 @@ impl ProviderPause {
     /// else in this run's log would explain why the account's mail waits).
     pub fn load(state_dir: &Path, account: &str, now: SystemTime) -> ProviderPause {
         let report = read_pause(state_dir, account, now);
-        if let Some(r) = &report {
-            tracing::warn!(
+        let pause = ProviderPause {
+            path: Some(pause_path(state_dir, account)),
+            until: Mutex::new(report.as_ref().map(|r| r.until)),
+        };
+        match &report {
+            Some(r) => tracing::warn!(
                 relay_account = %account,
                 relay_upstream_reply = %r.reply,
-                "the provider asked for a pause until {} (before the restart): the account's mail is held until then; `relay queue retry --all` ends it early",
+                "the provider asked for a pause until {} (on file in rate/): the account's mail is held until then; `relay queue retry --all` ends it early",
                 humantime::format_rfc3339_seconds(r.until)
-            );
+            ),
+            // Over, or not believable: `relay status` must not show it either.
+            None => pause.forget(),
         }
-        ProviderPause {
-            path: Some(pause_path(state_dir, account)),
-            until: Mutex::new(report.map(|r| r.until)),
-        }
+        pause
     }
 
     /// No message of the account goes before `until` (a later pause already asked for stays). Whether the
@@ -115,7 +118,8 @@ impl ProviderPause {
             };
             let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
             if let Err(e) = crate::state_files::replace(path, &bytes) {
-                tracing::debug!(path = %path.display(), error = %e, "cannot record the pause");
+                // The pause holds all the same; only `relay status` and a restart will not know of it.
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the pause");
             }
         }
         was.is_none()
@@ -150,7 +154,7 @@ impl ProviderPause {
             && let Err(e) = std::fs::remove_file(path)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::debug!(path = %path.display(), error = %e, "cannot remove the pause's file");
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the pause's file: `relay status` and a restart will still see the pause");
         }
     }
 }
@@ -214,5 +218,6 @@ mod tests {
         pause.extend(now + Duration::from_secs(3 * 24 * 3600), "x");
         assert!(read_pause(dir.path(), "a", now).is_none());
         assert_eq!(ProviderPause::load(dir.path(), "a", now).until(now), None);
+        assert!(!pause_path(dir.path(), "a").exists(), "removed at load");
     }
 }

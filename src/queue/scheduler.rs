@@ -248,11 +248,13 @@ impl Scheduler {
                 }
                 let now_seen = trigger_mtime(&state_dir);
                 if now_seen != trigger_seen {
-                    self.delivery.lift_auth_holds();
                     // Replaced only once the new schedule is read: a failed read keeps the old one.
                     match self.reread(&mut s, &heartbeat, &mut beat).await {
                         Ok(()) => {
                             trigger_seen = now_seen;
+                            // Attempts start at the next turn of the loop, so none of the mail made due meets
+                            // a hold lifted here.
+                            self.delivery.lift_auth_holds();
                             if self.delivery.lift_pauses() {
                                 // The mail held by the pauses waits for their end: it is due now instead, and so
                                 // is that of attempts still deciding (a new generation), which saw them.

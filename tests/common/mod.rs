@@ -408,7 +408,6 @@ pub fn queue_retry(config: &Path, id: &str) {
     );
 }
 
-/// The real `relay` binary running `serve`, with its address read from its own log.
 /// `relay status --json` for `config`: its exit code and its document.
 pub fn status_json(config: &Path) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(relay_bin())
@@ -421,6 +420,7 @@ pub fn status_json(config: &Path) -> (Option<i32>, serde_json::Value) {
     (out.status.code(), json)
 }
 
+/// The real `relay` binary running `serve`, with its address read from its own log.
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,

@@ -165,6 +165,9 @@ const ONLY_OAUTHBEARER: &str = "ONLY OAUTHBEARER";
 /// A token entry that takes any XOAUTH2 token: for a real token endpoint's tokens, which the test checks itself
 /// afterwards (`Received::auth`).
 pub const ANY_TOKEN: &str = "ANY";
+/// A token entry that takes mail without AUTH: a relay host that trusts its client (Dovecot submission's
+/// `submission_relay_host`).
+pub const OPEN: &str = "OPEN";
 
 /// The token of an RFC 7628 client response, if it is well formed: `n,a=USER,` (or `n,,`), then `^A`-separated
 /// `key=value` pairs with `auth=Bearer TOKEN` among them, ended by `^A^A`.
@@ -288,7 +291,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             msg.auth = decoded.clone();
             match oauthbearer_token(&decoded) {
                 None => "501 5.5.2 Malformed OAUTHBEARER client response".into(),
-                Some(token) if tokens.lock().unwrap().contains(&token) => {
+                Some(token)
+                    if tokens
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|t| *t == token || t == ANY_TOKEN) =>
+                {
                     authed = true;
                     "235 2.7.0 Accepted".into()
                 }
@@ -352,7 +361,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 .unwrap()
                 .iter()
                 .find_map(|t| t.strip_prefix("MAILREFUSE ").map(str::to_string));
-            if !authed {
+            if !authed && !tokens.lock().unwrap().iter().any(|t| t == OPEN) {
                 "530 5.7.0 Authentication Required".into()
             } else if let Some(reply) = refusal {
                 // Microsoft's "530 5.7.57 Client not authenticated to send mail", after a 235.

@@ -36,7 +36,9 @@ const clients = [
     client_secret: 'web-secret-0123456789',
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
-    redirect_uris: [process.env.REDIRECT],
+    // A native app's loopback redirect: any port matches (RFC 8252 section 7.3).
+    application_type: 'native',
+    redirect_uris: ['http://127.0.0.1/'],
     token_endpoint_auth_method: 'client_secret_post',
     scope: 'openid offline_access mail',
   },
@@ -54,9 +56,10 @@ server.listen(0, '127.0.0.1', () => {
       devInteractions: { enabled: true },
       introspection: { enabled: true },
     },
-    // Refresh tokens for both person-made grants; a public client's are rotated at each use, and a rotated
-    // one used again revokes the grant (the provider's reuse detection).
+    // Refresh tokens for both person-made grants, rotated at each use; a rotated one used again revokes the
+    // grant (the provider's reuse detection).
     issueRefreshToken: async () => true,
+    rotateRefreshToken: true,
     ttl: { AccessToken: ttl, ClientCredentials: ttl, DeviceCode: 600, RefreshToken: 86400 },
     cookies: { keys: ['interop-test-only'] },
   });
