@@ -213,35 +213,92 @@ async fn mail_older_than_max_age_goes_to_dead() {
     assert!(state.contains("expired after"), "{state}");
 }
 
-/// Implicit TLS to the upstream, trusting its certificate through `ca_file` only.
-#[tokio::test]
-async fn upstream_over_tls_verified_with_ca_file() {
+/// A self-signed certificate for `name`, valid until `not_after` (a year), marked `CA:TRUE` as `openssl req
+/// -x509` marks the certificates it makes, or an end entity's as rcgen's: (PEM certificate, PEM key).
+fn self_signed(name: &str, ca: bool, not_after: Option<(i32, u8, u8)>) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    // Each its own subject, as separately made certificates have.
+    let serial: u64 = rand::random();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} {serial}"));
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    if let Some((y, m, d)) = not_after {
+        params.not_before = rcgen::date_time_ymd(y - 1, m, d);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// One message through an upstream speaking implicit TLS with `server` (certificate, key), relay trusting only
+/// `ca_file` and connecting to `localhost`: delivered, or the last error its state records.
+async fn over_tls(server: &(String, String), ca_file: &str) -> Result<(), String> {
     install_crypto();
     let idp = idp_issuing("tok").await;
     let certs = tempfile::tempdir().unwrap();
-    let cert = make_cert(certs.path());
-    let acceptor = relay::smtp::tls::rustls_acceptor(&cert.cert, &cert.key).unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, &server.0).unwrap();
+    write_private(&key, &server.1);
+    std::fs::write(certs.path().join("ca.pem"), ca_file).unwrap();
+    let acceptor = relay::smtp::tls::rustls_acceptor(&cert, &key).unwrap();
     let mut upstream = FakeUpstream::start_tls(&["tok"], Some(acceptor)).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), "s").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.path().join("secret"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
+    write_private(&dir.path().join("secret"), "s");
     let top = format!(
         "default_account = \"office\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"relay@example.com\"\nclient_id = \"c\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"s\"\nsmtp_host = \"localhost\"\nsmtp_port = {}\nsmtp_tls = \"implicit\"\nca_file = {:?}\n",
         idp.uri(),
         upstream.addr.port(),
-        cert.cert
+        certs.path().join("ca.pem")
     );
     let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
-    send_message(relay.addr(), WIRE).await;
-    let got = upstream.next().await;
-    assert_eq!(strip_received(&got.data), BODY);
+    let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
-    assert!(relay.queued().is_empty());
+    if relay.queued().is_empty() {
+        let got = upstream.next().await;
+        assert_eq!(strip_received(&got.data), BODY);
+        return Ok(());
+    }
+    let state = std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap();
+    Err(state)
+}
+
+/// Implicit TLS to the upstream, trusting its certificate through `ca_file` only: a CA's, or the server's own
+/// self-signed one, `CA:TRUE` or not (webpki alone refuses a `CA:TRUE` certificate presented by a server, which
+/// is how `openssl req -x509` makes them, and so how most self-hosted servers are set up). The server's own
+/// certificate is still checked for its name and dates; another self-signed certificate is not trusted.
+#[tokio::test]
+async fn upstream_over_tls_verified_with_ca_file() {
+    install_crypto();
+    let certs = tempfile::tempdir().unwrap();
+    let cert = make_cert(certs.path());
+    let key = std::fs::read_to_string(&cert.key).unwrap();
+    assert_eq!(over_tls(&(cert.pem.clone(), key), &cert.pem).await, Ok(()));
+    let openssl_style = self_signed("localhost", true, None);
+    assert_eq!(over_tls(&openssl_style, &openssl_style.0).await, Ok(()));
+
+    let other = self_signed("localhost", true, None);
+    let refused = over_tls(&openssl_style, &other.0).await.unwrap_err();
+    assert!(refused.contains("invalid peer certificate"), "{refused}");
+    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    assert_eq!(said, Some("TLS CaUsedAsEndEntity"), "{refused}");
+    let unknown = over_tls(&self_signed("localhost", false, None), &other.0)
+        .await
+        .unwrap_err();
+    let said = relay::upstream::diagnosis::diagnose(&unknown).map(|d| d.code);
+    assert_eq!(said, Some("TLS UnknownIssuer"), "{unknown}");
+    let elsewhere = self_signed("mail.example.net", true, None);
+    let refused = over_tls(&elsewhere, &elsewhere.0).await.unwrap_err();
+    assert!(refused.contains("not valid for name"), "{refused}");
+    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    assert_eq!(said, Some("TLS NotValidForName"), "{refused}");
+    let expired = self_signed("localhost", true, Some((2021, 1, 1)));
+    let refused = over_tls(&expired, &expired.0).await.unwrap_err();
+    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    assert_eq!(said, Some("TLS Expired"), "{refused}");
 }
 
 /// `[[route]]`: the first match picks the account; other mail goes to `default_account`.

@@ -440,8 +440,9 @@ fn nix_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A Dovecot submission config: listening on `port`, checking OAuth logins (`mechanisms`) by introspection at
-/// `idp`, relaying what it takes to `relay_port` (trusted, no AUTH).
+/// A Dovecot submission config: listening on `port` with STARTTLS (OpenSSL, `dir`'s cert.pem and key.pem),
+/// checking OAuth logins (`mechanisms`) by introspection at `idp`, relaying what it takes to `relay_port`
+/// (trusted, no AUTH).
 fn dovecot_conf(dir: &Path, port: u16, mechanisms: &str, idp: &str, relay_port: u16) -> PathBuf {
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -463,8 +464,10 @@ fn dovecot_conf(dir: &Path, port: u16, mechanisms: &str, idp: &str, relay_port: 
     std::fs::write(
         &conf,
         format!(
-            "protocols = submission\nlisten = 127.0.0.1\nbase_dir = {base}\nstate_dir = {state}\nlog_path = /dev/stderr\nssl = no\ndisable_plaintext_auth = no\nauth_mechanisms = {mechanisms}\nhostname = dovecot.test\nmail_location = maildir:~/Maildir\npassdb {{\n  driver = oauth2\n  mechanisms = {mechanisms}\n  args = {oauth2}\n}}\nuserdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={home}/%u\n}}\nservice submission-login {{\n  inet_listener submission {{\n    port = {port}\n  }}\n}}\nsubmission_relay_host = 127.0.0.1\nsubmission_relay_port = {relay_port}\nsubmission_relay_trusted = yes\n",
+            "protocols = submission\nlisten = 127.0.0.1\nbase_dir = {base}\nstate_dir = {state}\nlog_path = /dev/stderr\nssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\ndisable_plaintext_auth = no\nauth_mechanisms = {mechanisms}\nhostname = dovecot.test\nmail_location = maildir:~/Maildir\npassdb {{\n  driver = oauth2\n  mechanisms = {mechanisms}\n  args = {oauth2}\n}}\nuserdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={home}/%u\n}}\nservice submission-login {{\n  inet_listener submission {{\n    port = {port}\n  }}\n}}\nsubmission_relay_host = 127.0.0.1\nsubmission_relay_port = {relay_port}\nsubmission_relay_trusted = yes\n",
             base = dir.join("run").display(),
+            cert = dir.join("cert.pem").display(),
+            key = dir.join("key.pem").display(),
             state = dir.join("state").display(),
             oauth2 = oauth2.display(),
             home = home.display(),
@@ -481,8 +484,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A third-party submission server as the upstream: Dovecot, which offers CHUNKING and PIPELINING and checks
-/// each XOAUTH2 (then OAUTHBEARER) login by asking the provider whether the token is active and whose it is.
+/// A third-party submission server as the upstream: Dovecot, which offers CHUNKING and PIPELINING, speaks
+/// STARTTLS through OpenSSL with a self-signed certificate, and checks each XOAUTH2 (then OAUTHBEARER) login by
+/// asking the provider whether the token is active and whose it is.
 /// The daemon sends a backlog through it (pooled connections, BDAT), then `relay test` logs in with OAUTHBEARER
 /// where Dovecot offers nothing else. What Dovecot passes on arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,6 +500,13 @@ async fn through_dovecot_submission_checking_tokens_at_the_provider() {
     let submission = free_port();
     let dovecot_dir = dir.path().join("dovecot");
     std::fs::create_dir_all(&dovecot_dir).unwrap();
+    // Self-signed and marked CA:TRUE, as `openssl req -x509` makes them: relay trusts it through `ca_file`.
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dovecot_dir.join("cert.pem"), cert.pem()).unwrap();
+    write_private(&dovecot_dir.join("key.pem"), key.serialize_pem());
     let conf = dovecot_conf(
         &dovecot_dir,
         submission,
@@ -511,8 +522,9 @@ async fn through_dovecot_submission_checking_tokens_at_the_provider() {
         dir.path().join("state")
     );
     config += &format!(
-        "[[account]]\nname = \"dev\"\nprovider = \"generic\"\nmailbox = \"dev@example.com\"\ntoken_url = \"{0}/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {submission}\nsmtp_tls = \"none\"\nscope = \"openid offline_access mail\"\nflow = \"device_code\"\nclient_id = \"dev\"\ndevice_authorization_url = \"{0}/device/auth\"\n",
-        idp.url
+        "[[account]]\nname = \"dev\"\nprovider = \"generic\"\nmailbox = \"dev@example.com\"\ntoken_url = \"{0}/token\"\nsmtp_host = \"localhost\"\nsmtp_port = {submission}\nsmtp_tls = \"starttls\"\nca_file = {1:?}\nscope = \"openid offline_access mail\"\nflow = \"device_code\"\nclient_id = \"dev\"\ndevice_authorization_url = \"{0}/device/auth\"\n",
+        idp.url,
+        dovecot_dir.join("cert.pem")
     );
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, config).unwrap();
@@ -552,6 +564,7 @@ async fn through_dovecot_submission_checking_tokens_at_the_provider() {
     );
     let _dovecot = Dovecot::start(&conf);
     let transcript = relay_test(&path, "dev");
+    assert!(transcript.contains("C: STARTTLS"), "{transcript}");
     assert!(transcript.contains("C: AUTH OAUTHBEARER"), "{transcript}");
     sink.next().await;
 }

@@ -256,6 +256,31 @@ static TABLE: &[Diagnosis] = &[
         fix: "relay logs in with XOAUTH2 or OAUTHBEARER only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
         matches: &[&["534", "5.7.9"]],
     },
+    // --- The upstream's TLS certificate (rustls' words) ---
+    Diagnosis {
+        code: "TLS UnknownIssuer",
+        cause: "the upstream's TLS certificate is signed by no CA relay trusts: a private CA, or a self-signed certificate",
+        fix: "set `ca_file` for ACCOUNT to that CA's certificate, or to the server's own certificate (PEM; `openssl s_client -connect HOST:PORT -starttls smtp -showcerts` prints it)",
+        matches: &[&["invalid peer certificate", "unknownissuer"]],
+    },
+    Diagnosis {
+        code: "TLS NotValidForName",
+        cause: "the upstream's TLS certificate is for another name than the one relay connects to (`smtp_host`)",
+        fix: "set `smtp_host` for ACCOUNT to a name the certificate lists (an IP address only if the certificate lists that address)",
+        matches: &[&["invalid peer certificate", "not valid for name"]],
+    },
+    Diagnosis {
+        code: "TLS Expired",
+        cause: "the upstream's TLS certificate has expired (or the clock of this machine is wrong)",
+        fix: "renew the server's certificate (and `ca_file` for ACCOUNT, where it holds that certificate); check this machine's clock with `timedatectl`",
+        matches: &[&["invalid peer certificate", "expired"]],
+    },
+    Diagnosis {
+        code: "TLS CaUsedAsEndEntity",
+        cause: "the upstream presents a CA certificate as its own (a self-signed certificate made with `openssl req -x509`), and `ca_file` does not hold that very certificate",
+        fix: "put the server's own certificate into `ca_file` for ACCOUNT: relay then trusts it as it is",
+        matches: &[&["invalid peer certificate", "causedasendentity"]],
+    },
     // --- Microsoft identity platform (login.microsoftonline.com) ---
     Diagnosis {
         code: "AADSTS50076",

@@ -5,7 +5,8 @@
 //! dot in two writes on a socket without TCP_NODELAY (so the dot waits for the peer's delayed ACK); and it needs
 //! the whole message in memory. Here (`conn.rs`) MAIL, RCPT… and DATA go in one write when the server offers
 //! PIPELINING, and the body is streamed from the queue file in large writes with the terminator in the last.
-//! Replies are parsed with smtp-proto (`reply.rs`), DATA's transparency is `dot.rs`.
+//! Replies are parsed with smtp-proto (`reply.rs`), DATA's transparency is `dot.rs`, and which certificates are
+//! trusted `trust.rs`.
 //!
 //! Connections are pooled per account, at most `max_connections` (the delivery slots of the account bound how
 //! many are in use). An idle connection is reused as it is, with no NOOP first: a NOOP costs a round trip per
@@ -16,6 +17,7 @@
 mod conn;
 mod dot;
 mod reply;
+mod trust;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,7 +97,7 @@ impl SmtpUpstream {
         smtp_timeout: Option<Duration>,
         max_connections: usize,
     ) -> Result<SmtpUpstream, String> {
-        let tls_config = tls_config(ca.as_deref())?;
+        let tls_config = trust::client_config(ca.as_deref())?;
         // A zero timeout would fail every attempt; a huge one would hold a delivery slot for good.
         let clamp = |t: Duration| t.clamp(Duration::from_secs(1), Duration::from_secs(600));
         let timeout = clamp(smtp_timeout.unwrap_or(DEFAULT_TIMEOUT));
@@ -452,27 +454,6 @@ fn outcome(f: Failure) -> Outcome {
         Failure::Refused(r) if r.is_permanent() => Outcome::Permanent(r.to_string()),
         Failure::Refused(r) => Outcome::Transient(r.to_string()),
     }
-}
-
-fn tls_config(ca: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let Some(pem) = ca else {
-        use rustls_platform_verifier::ConfigVerifierExt;
-        return rustls::ClientConfig::with_platform_verifier()
-            .map_err(|e| format!("the system's certificate store: {e}"));
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| format!("ca_file: {e}"))?;
-        roots.add(cert).map_err(|e| format!("ca_file: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("ca_file: no certificate in it".into());
-    }
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// relay's name for EHLO, the same as in its own greeting and `Received:` lines; `localhost` when it is neither a
