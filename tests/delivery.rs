@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::idp::{
     idp_issuing, idp_stale_then_fresh, relay_with_account, relay_with_account_and, token,
 };
@@ -214,14 +216,21 @@ async fn mail_older_than_max_age_goes_to_dead() {
 }
 
 /// A self-signed certificate for `name`, valid until `not_after` (a year), marked `CA:TRUE` as `openssl req
-/// -x509` marks the certificates it makes, or an end entity's as rcgen's: (PEM certificate, PEM key).
+/// -x509` marks the certificates it makes, or an end entity's as rcgen's: (PEM certificate, PEM key). `name`
+/// is the certificate's only subjectAltName, or with `cn:` before it, its Common Name and no subjectAltName.
 fn self_signed(name: &str, ca: bool, not_after: Option<(i32, u8, u8)>) -> (String, String) {
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     // Each its own subject, as separately made certificates have.
-    let serial: u64 = rand::random();
+    let (alt_names, common_name) = match name.strip_prefix("cn:") {
+        Some(cn) => (vec![], cn.to_string()),
+        None => (
+            vec![name.to_string()],
+            format!("{name} {}", rand::random::<u64>()),
+        ),
+    };
+    let mut params = rcgen::CertificateParams::new(alt_names).unwrap();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} {serial}"));
+        .push(rcgen::DnType::CommonName, common_name);
     if ca {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     }
@@ -237,14 +246,53 @@ fn self_signed(name: &str, ca: bool, not_after: Option<(i32, u8, u8)>) -> (Strin
 /// One message through an upstream speaking implicit TLS with `server` (certificate, key), relay trusting only
 /// `ca_file` and connecting to `localhost`: delivered, or the last error its state records.
 async fn over_tls(server: &(String, String), ca_file: &str) -> Result<(), String> {
-    install_crypto();
-    let idp = idp_issuing("tok").await;
     let certs = tempfile::tempdir().unwrap();
     let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
     std::fs::write(&cert, &server.0).unwrap();
     write_private(&key, &server.1);
+    over_tls_with(
+        relay::smtp::tls::rustls_acceptor(&cert, &key).unwrap(),
+        ca_file,
+    )
+    .await
+}
+
+/// A TLS server that presents `cert` but signs its handshakes with `key`, speaking only `versions`.
+fn acceptor(
+    cert: &str,
+    key: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    #[derive(Debug)]
+    struct Always(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::server::ResolvesServerCert for Always {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .unwrap()
+        .clone();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let signing = provider.key_provider.load_private_key(key).unwrap();
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let config = rustls::ServerConfig::builder_with_protocol_versions(versions)
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Always(Arc::new(rustls::sign::CertifiedKey::new(
+            chain, signing,
+        )))));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn over_tls_with(acceptor: tokio_rustls::TlsAcceptor, ca_file: &str) -> Result<(), String> {
+    install_crypto();
+    let idp = idp_issuing("tok").await;
+    let certs = tempfile::tempdir().unwrap();
     std::fs::write(certs.path().join("ca.pem"), ca_file).unwrap();
-    let acceptor = relay::smtp::tls::rustls_acceptor(&cert, &key).unwrap();
     let mut upstream = FakeUpstream::start_tls(&["tok"], Some(acceptor)).await;
     let dir = tempfile::tempdir().unwrap();
     write_private(&dir.path().join("secret"), "s");
@@ -295,6 +343,23 @@ async fn upstream_over_tls_verified_with_ca_file() {
     assert!(refused.contains("not valid for name"), "{refused}");
     let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
     assert_eq!(said, Some("TLS NotValidForName"), "{refused}");
+    // Dovecot's mkcert.sh makes certificates with a Common Name only: compared whole, as OpenSSL's clients do.
+    let cn_only = self_signed("cn:localhost", true, None);
+    assert_eq!(over_tls(&cn_only, &cn_only.0).await, Ok(()));
+    let cn_elsewhere = self_signed("cn:mail.example.net", true, None);
+    assert!(over_tls(&cn_elsewhere, &cn_elsewhere.0).await.is_err());
+    // TLS 1.2 as well as 1.3; and the listed certificate is no use without its key.
+    let tls12 = acceptor(
+        &openssl_style.0,
+        &openssl_style.1,
+        &[&rustls::version::TLS12],
+    );
+    assert_eq!(over_tls_with(tls12, &openssl_style.0).await, Ok(()));
+    for versions in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let stolen = acceptor(&openssl_style.0, &other.1, &[versions]);
+        let refused = over_tls_with(stolen, &openssl_style.0).await.unwrap_err();
+        assert!(refused.contains("BadSignature"), "{refused}");
+    }
     let expired = self_signed("localhost", true, Some((2021, 1, 1)));
     let refused = over_tls(&expired, &expired.0).await.unwrap_err();
     let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);

@@ -256,30 +256,60 @@ static TABLE: &[Diagnosis] = &[
         fix: "relay logs in with XOAUTH2 or OAUTHBEARER only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
         matches: &[&["534", "5.7.9"]],
     },
-    // --- The upstream's TLS certificate (rustls' words) ---
+    // --- TLS certificates (rustls' words). `tls: ` is the SMTP client's own prefix: `ca_file` is for that
+    // connection only. A message dead of old age quotes its last error after "expired after …", so every row
+    // names the certificate error itself, not a bare word. ---
+    Diagnosis {
+        code: "TLS CaUsedAsEndEntity",
+        cause: "the upstream presents a CA certificate as its own (a self-signed certificate made with `openssl req -x509`), and `ca_file` does not hold that very certificate",
+        fix: "put the server's own certificate into `ca_file` for ACCOUNT: relay then trusts it as it is",
+        matches: &[&["tls: invalid peer certificate", "causedasendentity"]],
+    },
     Diagnosis {
         code: "TLS UnknownIssuer",
         cause: "the upstream's TLS certificate is signed by no CA relay trusts: a private CA, or a self-signed certificate",
         fix: "set `ca_file` for ACCOUNT to that CA's certificate, or to the server's own certificate (PEM; `openssl s_client -connect HOST:PORT -starttls smtp -showcerts` prints it)",
-        matches: &[&["invalid peer certificate", "unknownissuer"]],
+        matches: &[&["tls: invalid peer certificate: unknownissuer"]],
     },
     Diagnosis {
         code: "TLS NotValidForName",
         cause: "the upstream's TLS certificate is for another name than the one relay connects to (`smtp_host`)",
         fix: "set `smtp_host` for ACCOUNT to a name the certificate lists (an IP address only if the certificate lists that address)",
-        matches: &[&["invalid peer certificate", "not valid for name"]],
+        matches: &[
+            &["tls: invalid peer certificate: certificate not valid for name"],
+            &["tls: invalid peer certificate: notvalidforname"],
+            &["tls: invalid peer certificate: certificate is not valid for any names"],
+        ],
     },
     Diagnosis {
         code: "TLS Expired",
-        cause: "the upstream's TLS certificate has expired (or the clock of this machine is wrong)",
+        cause: "the upstream's TLS certificate has expired (or this machine's clock is ahead)",
         fix: "renew the server's certificate (and `ca_file` for ACCOUNT, where it holds that certificate); check this machine's clock with `timedatectl`",
-        matches: &[&["invalid peer certificate", "expired"]],
+        matches: &[
+            &["tls: invalid peer certificate: expired"],
+            &["tls: invalid peer certificate: certificate expired"],
+        ],
     },
     Diagnosis {
-        code: "TLS CaUsedAsEndEntity",
-        cause: "the upstream presents a CA certificate as its own (a self-signed certificate made with `openssl req -x509`), and `ca_file` does not hold that very certificate",
-        fix: "put the server's own certificate into `ca_file` for ACCOUNT: relay then trusts it as it is",
-        matches: &[&["invalid peer certificate", "causedasendentity"]],
+        code: "TLS NotValidYet",
+        cause: "the upstream's TLS certificate is not valid yet: this machine's clock is most likely behind",
+        fix: "check the clock with `timedatectl` (and that NTP is on: `timedatectl set-ntp true`)",
+        matches: &[
+            &["tls: invalid peer certificate: notvalidyet"],
+            &["tls: invalid peer certificate: certificate not valid yet"],
+        ],
+    },
+    Diagnosis {
+        code: "TLS certificate",
+        cause: "the upstream's TLS certificate was refused",
+        fix: "`relay test ACCOUNT` shows the exchange; a private CA or the server's own certificate goes into `ca_file` for ACCOUNT",
+        matches: &[&["tls: invalid peer certificate"]],
+    },
+    Diagnosis {
+        code: "TLS certificate",
+        cause: "the TLS certificate of the token endpoint or the HTTP API is not trusted (a private CA, or a proxy inspecting TLS)",
+        fix: "add that CA to the system's certificate store (`/usr/local/share/ca-certificates/` then `update-ca-certificates`): `ca_file` is for the SMTP upstream only",
+        matches: &[&["invalid peer certificate"]],
     },
     // --- Microsoft identity platform (login.microsoftonline.com) ---
     Diagnosis {
@@ -585,6 +615,44 @@ mod tests {
             "relay authorize office",
         ),
     ];
+
+    /// Each TLS refusal gets its own row; a message dead of old age that quotes one gets that one (not "expired"),
+    /// and the HTTP clients' refusals are not told to set `ca_file`.
+    #[test]
+    fn tls_certificate_refusals() {
+        let smtp = "upstream mail.example.net:587: TLS: invalid peer certificate: ";
+        for (text, code) in [
+            (format!("{smtp}UnknownIssuer"), "TLS UnknownIssuer"),
+            (
+                format!(
+                    "expired after 5days in the queue; last error: {smtp}Other(OtherError(CaUsedAsEndEntity))"
+                ),
+                "TLS CaUsedAsEndEntity",
+            ),
+            (
+                format!("expired after 5days in the queue; last error: {smtp}BadSignature"),
+                "TLS certificate",
+            ),
+            (
+                format!(
+                    "{smtp}certificate not valid for name \"10.0.0.5\"; certificate is only valid for DnsName(\"mail\")"
+                ),
+                "TLS NotValidForName",
+            ),
+            (
+                format!(
+                    "{smtp}certificate expired: verification time 1800000000 (UNIX), but certificate is not valid after 1700000000 (100000000 seconds ago)"
+                ),
+                "TLS Expired",
+            ),
+            (format!("{smtp}NotValidYet"), "TLS NotValidYet"),
+        ] {
+            assert_eq!(diagnose(&text).map(|d| d.code), Some(code), "{text}");
+        }
+        let http = "cannot reach https://idp.example.net/token: client error (Connect): invalid peer certificate: UnknownIssuer";
+        let d = diagnose(http).unwrap();
+        assert!(d.fix.contains("update-ca-certificates"), "{d:?}");
+    }
 
     #[test]
     fn each_listed_reply_gets_its_diagnosis() {

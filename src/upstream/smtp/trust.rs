@@ -4,9 +4,11 @@
 //! servers are set up, and `openssl req -x509`, the usual way to make one, marks it `CA:TRUE`; webpki (rightly,
 //! for a CA) refuses such a certificate when a server presents it as its own (`CaUsedAsEndEntity`), where
 //! OpenSSL-based clients accept it. So a server certificate that webpki refuses but that is, byte for byte, one
-//! of the `ca_file`'s certificates is trusted as that file says, once its name and validity period are checked
-//! here. A certificate that is not in the file gets webpki's answer, unchanged. rustls has no option for this,
-//! hence the verifier.
+//! of the `ca_file`'s certificates (any of them) is trusted as the file says, once its dates and name are checked
+//! here. This trusts nothing new: every certificate in the file is a root already, and whoever holds its key
+//! could sign a certificate webpki accepts. The handshake's signature is still checked against the presented
+//! certificate's key. A certificate that is not in the file gets webpki's answer, unchanged. rustls has no option
+//! for this, hence the verifier.
 
 use std::sync::Arc;
 
@@ -85,9 +87,7 @@ impl ServerCertVerifier for CaFile {
         {
             return Err(refused);
         }
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_name(&parsed, server_name)?;
-        within_validity(end_entity, now)?;
+        as_listed(end_entity, server_name, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -114,11 +114,17 @@ impl ServerCertVerifier for CaFile {
     }
 }
 
-/// The certificate's notBefore..notAfter holds `now`.
-fn within_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), Error> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+/// What is still checked of a certificate trusted because `ca_file` lists it: its dates, then its name. The name
+/// as OpenSSL's clients check it: the subjectAltName's names, or, in a certificate that has no DNS name there
+/// (Dovecot's `mkcert.sh`, `openssl req -x509 -subj /CN=host` without `-addext`), its Common Name, compared whole.
+fn as_listed(
+    cert: &CertificateDer<'_>,
+    server_name: &ServerName<'_>,
+    now: UnixTime,
+) -> Result<(), Error> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    let validity = parsed.validity();
+    let validity = x509.validity();
     let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
     if now < validity.not_before.timestamp() {
         return Err(Error::InvalidCertificate(CertificateError::NotValidYet));
@@ -126,5 +132,27 @@ fn within_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), Error
     if now > validity.not_after.timestamp() {
         return Err(Error::InvalidCertificate(CertificateError::Expired));
     }
-    Ok(())
+    let parsed = rustls::server::ParsedCertificate::try_from(cert)?;
+    let refused = match rustls::client::verify_server_name(&parsed, server_name) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    let dns_alt_names = match x509.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(_)))
+            .count(),
+        _ => 0,
+    };
+    let common_name = match server_name {
+        ServerName::DnsName(name) if dns_alt_names == 0 => x509
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok())
+            .any(|cn| cn.eq_ignore_ascii_case(name.as_ref())),
+        _ => false,
+    };
+    if common_name { Ok(()) } else { Err(refused) }
 }
