@@ -8,6 +8,13 @@ import { createPublicKey } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import Provider from 'oidc-provider';
 
+// The provider's own warnings about its development defaults (in-memory storage, its sample keys and forms)
+// are what this test wants; anything else on stderr is shown in the test's output.
+const warn = console.warn;
+console.warn = (...args) => {
+  if (!String(args[0]).includes('oidc-provider WARNING')) warn(...args);
+};
+
 const pub = createPublicKey(readFileSync(process.env.CERT)).export({ format: 'jwk' });
 const ttl = Number(process.env.AT_TTL || 3600);
 const service = (id, auth, extra) => ({
