@@ -9,6 +9,7 @@
 //! Sending limits are checked here too (`rate.rs`): a message whose accounts have no room is not attempted; it
 //! waits, parked by the scheduler with the rest of its pool's mail, and nothing about it is recorded.
 
+use super::lock;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1072,10 +1073,4 @@ fn open_message(
         return Err(std::io::ErrorKind::NotFound.into());
     }
     Outgoing::open(file, msg.offset, msg.size, &msg.seal)
-}
-
-/// A lock that a panic elsewhere does not make unusable: the maps it guards hold no invariant a panic could
-/// break halfway.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

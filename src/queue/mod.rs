@@ -25,3 +25,9 @@ pub use id::QueueId;
 pub use layout::SpoolPaths;
 pub use spool::{Incoming, Spool, SpoolError};
 pub use store::{Place, QueueEntry, QueueStore, StoreError};
+
+/// A lock that a panic elsewhere does not make unusable: what the queue's mutexes guard (maps of ids, counts, a
+/// time) holds no invariant a panic could break halfway.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

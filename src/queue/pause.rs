@@ -6,8 +6,9 @@
 //! account again at once only to be refused the same way. (`.pause`, not `.json`: account names may hold dots,
 //! and `rate/ACCOUNT.json` is the counters' file, so no account's pause file can be another's counters.)
 
+use super::lock;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -64,11 +65,6 @@ pub struct ProviderPause {
     /// `None`: in memory only (an account built without a state dir).
     path: Option<PathBuf>,
     until: Mutex<Option<SystemTime>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A time or nothing: valid after any panic elsewhere.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ProviderPause {

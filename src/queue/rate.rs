@@ -16,11 +16,12 @@
 //! account without limits writes the same file every couple of seconds, as a report. A file that cannot be read is
 //! taken as the worst case: every limit reached when it was last written.
 
+use super::lock;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -204,11 +205,6 @@ pub struct AccountRate {
     failing: AtomicBool,
     /// The provider asked for a pause (a quota refusal, HTTP 429 with `Retry-After`): no message goes before.
     pause: ProviderPause,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The counts are plain numbers, valid after any panic elsewhere.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl AccountRate {
