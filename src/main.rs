@@ -95,7 +95,8 @@ enum QueueCommand {
         id: String,
     },
     /// Try a message now: a queued one at once; a dead one is moved back to the queue for a fresh attempt
-    /// (attempts reset, the recipients it already reached kept)
+    /// (attempts reset, the recipients it already reached kept). Any retry also ends every pause a provider
+    /// asked for (a used-up quota) and the minute an account waits after a refused fresh token
     Retry {
         /// A queue id, as `relay queue list` prints it
         id: Option<String>,

@@ -49,7 +49,8 @@ pub struct AccountStatus {
     pub paused: Option<PauseReport>,
     /// The last `relay test`: verified or failing, and when.
     pub test: Option<crate::probe::LastTest>,
-    /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters.
+    /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters; a
+    /// pause the provider asked for.
     pub warnings: Vec<String>,
 }
 
@@ -203,7 +204,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     }
     if let Some(p) = &paused {
         warnings.push(format!(
-            "the provider asked the account to pause until {} ({}): its mail is held until then; `relay queue retry --all` ends the pause early",
+            "the provider asked the account to pause until {} ({}): its mail is held until then; `relay queue retry` ends every account's pause early",
             rfc(p.until),
             p.reply
         ));

@@ -215,34 +215,6 @@ async fn mail_older_than_max_age_goes_to_dead() {
     assert!(state.contains("expired after"), "{state}");
 }
 
-/// A self-signed certificate for `name`, valid until `not_after` (a year), marked `CA:TRUE` as `openssl req
-/// -x509` marks the certificates it makes, or an end entity's as rcgen's: (PEM certificate, PEM key). `name`
-/// is the certificate's only subjectAltName, or with `cn:` before it, its Common Name and no subjectAltName.
-fn self_signed(name: &str, ca: bool, not_after: Option<(i32, u8, u8)>) -> (String, String) {
-    // Each its own subject, as separately made certificates have.
-    let (alt_names, common_name) = match name.strip_prefix("cn:") {
-        Some(cn) => (vec![], cn.to_string()),
-        None => (
-            vec![name.to_string()],
-            format!("{name} {}", rand::random::<u64>()),
-        ),
-    };
-    let mut params = rcgen::CertificateParams::new(alt_names).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
-    if ca {
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    }
-    if let Some((y, m, d)) = not_after {
-        params.not_before = rcgen::date_time_ymd(y - 1, m, d);
-        params.not_after = rcgen::date_time_ymd(y, m, d);
-    }
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
 /// One message through an upstream speaking implicit TLS with `server` (certificate, key), relay trusting only
 /// `ca_file` and connecting to `localhost`: delivered, or the last error its state records.
 async fn over_tls(server: &(String, String), ca_file: &str) -> Result<(), String> {

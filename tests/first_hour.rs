@@ -15,27 +15,11 @@ fn text(out: &[u8]) -> String {
 
 /// Runs `relay ARGS` to its end, within [`LIMIT`]: a hung process is killed and fails the test.
 fn relay(args: &[&str]) -> Output {
-    let child = Command::new(relay_bin())
-        .args(args)
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("relay runs");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => out.expect("relay's output"),
-        Err(_) => {
-            // SAFETY: kill with a valid pid and signal.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("relay {args:?} did not finish within {LIMIT:?}");
-        }
-    }
+    run_bounded(
+        Command::new(relay_bin())
+            .args(args)
+            .env_remove("JOURNAL_STREAM"),
+    )
 }
 
 #[test]

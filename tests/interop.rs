@@ -6,17 +6,19 @@
 //! (a rotated one sent again would revoke the grant). A person's sign-in is `tests/interop/user.py` filling the
 //! provider's forms. Tokens reach a fake SMTP upstream that takes any XOAUTH2 token; each is then checked at the
 //! provider's introspection endpoint: active, and issued to the right client.
-//! Without node (or npm and the registry for the first install) the tests say SKIPPED.
+//! Dovecot's submission server stands in for a self-hosted upstream (it needs root, and Debian's dovecot-core
+//! and dovecot-submissiond). Without node (or npm and the registry for the first install), or Dovecot, the tests
+//! say SKIPPED.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::sync::{Mutex, PoisonError};
 
-use common::upstream::{ANY_TOKEN, FakeUpstream, OPEN};
+use common::upstream::{ANY_TOKEN, FakeUpstream, OPEN, xoauth2_token};
 use common::*;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -100,45 +102,46 @@ fn lines_of(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
 /// The next line of `rx` containing `needle`, within the tests' limit.
 fn line_with(rx: &Receiver<String>, needle: &str) -> String {
     let deadline = std::time::Instant::now() + LIMIT;
+    let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no line with {needle:?} ({e}); seen: {seen:#?}"),
         }
     }
 }
 
 struct Provider {
-    child: Child,
+    _node: Stopped,
     url: String,
 }
 
 impl Provider {
     /// Access tokens live `ttl` seconds.
     fn start(ttl: u32) -> Provider {
-        let child = Command::new("node")
-            .arg(Path::new(INTEROP).join("idp.mjs"))
-            .env("CERT", format!("{FIXTURES}/rsa-cert.pem"))
-            .env("AT_TTL", ttl.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("node starts");
         // Owned before the wait, so that a provider that never says it listens is stopped all the same.
-        let mut provider = Provider {
-            child,
-            url: String::new(),
-        };
-        let out = lines_of(provider.child.stdout.take().expect("piped"));
+        let mut node = Stopped(Some(
+            Command::new("node")
+                .arg(Path::new(INTEROP).join("idp.mjs"))
+                .env("CERT", format!("{FIXTURES}/rsa-cert.pem"))
+                .env("AT_TTL", ttl.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("node starts"),
+        ));
+        let out = lines_of(node.child().stdout.take().expect("piped"));
         let port = line_with(&out, "listening ")
             .rsplit(' ')
             .next()
             .map(str::to_string)
             .unwrap_or_default();
-        provider.url = format!("http://127.0.0.1:{port}");
-        provider
+        Provider {
+            _node: node,
+            url: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     /// RFC 7662 introspection of an access token: (active, client_id).
@@ -166,31 +169,6 @@ impl Provider {
     }
 }
 
-/// A child process killed when dropped (a failed assertion included).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The token of an XOAUTH2 initial response as the upstream decoded it.
-fn bearer(auth: &str) -> &str {
-    auth.split("auth=Bearer ")
-        .nth(1)
-        .unwrap_or("")
-        .trim_end_matches('\x01')
-}
-
 /// An `[[account]]` of the generic provider at `idp`, delivering to `upstream`.
 fn account(name: &str, idp: &str, upstream: &FakeUpstream, more: &str) -> String {
     format!(
@@ -207,11 +185,11 @@ fn secret(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// `relay test ACCOUNT`, which must deliver; its transcript.
 fn relay_test(config: &Path, account: &str) -> String {
-    let out = Command::new(relay_bin())
-        .args(["test", account, "--to", "someone@example.com", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        Command::new(relay_bin())
+            .args(["test", account, "--to", "someone@example.com", "--config"])
+            .arg(config),
+    );
     let transcript = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{account}: {transcript}");
     transcript
@@ -227,7 +205,7 @@ async fn client_credentials_by_secret_and_by_assertion() {
     let idp = Provider::start(3600);
     let mut upstream = FakeUpstream::start(&[ANY_TOKEN]).await;
     let dir = tempfile::tempdir().unwrap();
-    let post = secret(dir.path(), "post", "post-secret-0123456789");
+    let post = secret(dir.path(), "post", INTROSPECTOR.1);
     let basic = secret(dir.path(), "basic", "basic-secret-0123456789\n");
     let key = dir.path().join("key.pem");
     write_private(
@@ -268,7 +246,7 @@ async fn client_credentials_by_secret_and_by_assertion() {
         relay_test(&path, account);
         let got = upstream.next().await;
         assert_eq!(got.from, format!("{account}@example.com"));
-        let (active, issued_to) = idp.introspect(bearer(&got.auth)).await;
+        let (active, issued_to) = idp.introspect(xoauth2_token(&got.auth)).await;
         assert!(active, "{account}: the provider's own token");
         assert_eq!(issued_to, client);
     }
@@ -278,7 +256,7 @@ async fn client_credentials_by_secret_and_by_assertion() {
 /// authorization URL it prints (the browser then comes back to relay's loopback redirect). Waits for relay to
 /// say the tokens are stored.
 fn authorize(config: &Path, account: &str, idp: &str) {
-    let mut relay = Killed(
+    let mut relay = Stopped(Some(
         Command::new(relay_bin())
             .args(["authorize", account, "--config"])
             .arg(config)
@@ -287,8 +265,8 @@ fn authorize(config: &Path, account: &str, idp: &str) {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
-    );
-    let out = lines_of(relay.0.stdout.take().expect("piped"));
+    ));
+    let out = lines_of(relay.child().stdout.take().expect("piped"));
     let mut user = Command::new("python3");
     user.arg(Path::new(INTEROP).join("user.py"));
     let first = line_with(&out, "To let relay send as");
@@ -304,14 +282,14 @@ fn authorize(config: &Path, account: &str, idp: &str) {
             &code,
         ]);
     }
-    let signed_in = user.output().unwrap();
+    let signed_in = run_bounded(&mut user);
     assert!(
         signed_in.status.success(),
         "{}",
         String::from_utf8_lossy(&signed_in.stderr)
     );
     line_with(&out, "Authorized ");
-    assert!(relay.0.wait().unwrap().success());
+    assert!(relay.wait().is_some_and(|s| s.success()));
 }
 
 /// The two grants a person makes (device code; authorization code with PKCE, the browser coming back to relay's
@@ -394,50 +372,58 @@ async fn grants_a_person_makes_and_their_rotated_refreshes() {
     for _ in 0..2 {
         let got = upstream.next().await;
         let client = got.from.split('@').next().unwrap_or_default().to_string();
-        let (active, issued_to) = idp.introspect(bearer(&got.auth)).await;
+        let (active, issued_to) = idp.introspect(xoauth2_token(&got.auth)).await;
         assert!(active, "{client}: a token the provider knows");
         assert_eq!(issued_to, client);
     }
     assert!(daemon.terminate().success());
 }
 
-/// Dovecot's submission server, run in the foreground from `conf`; stopped (with its children) when dropped.
-struct Dovecot(Child);
+/// Dovecot's submission server, run in the foreground; stopped (with its children) when dropped.
+struct Dovecot {
+    _master: Stopped,
+    port: u16,
+}
 
 impl Dovecot {
-    /// Starts it and waits until it says it is up. `None` (SKIPPED said) where Dovecot is not installed, or not
-    /// as root (its master drops privileges to its own users).
-    fn start(conf: &Path) -> Option<Dovecot> {
-        if !Path::new("/usr/sbin/dovecot").exists() || !nix_root() {
+    /// Starts it with the config `conf` writes for a port, on a free port (another, where that one was taken
+    /// meanwhile), and waits until it says it is up. `None` (SKIPPED said) where Dovecot's submission server is
+    /// not installed, or not as root (its master drops privileges to its own users).
+    fn start(conf: impl Fn(u16) -> PathBuf) -> Option<Dovecot> {
+        if !Path::new("/usr/sbin/dovecot").exists()
+            || !Path::new("/usr/lib/dovecot/submission").exists()
+            || !is_root()
+        {
             eprintln!(
                 "SKIPPED: Dovecot's submission server needs the dovecot-core and dovecot-submissiond packages and root (.ci/run installs them)"
             );
             return None;
         }
-        let mut child = Command::new("/usr/sbin/dovecot")
-            .args(["-F", "-c"])
-            .arg(conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("dovecot starts");
-        let log = lines_of(child.stderr.take().expect("piped"));
-        line_with(&log, "starting up");
-        Some(Dovecot(child))
+        for _ in 0..5 {
+            let port = free_port();
+            let mut master = Stopped(Some(
+                Command::new("/usr/sbin/dovecot")
+                    .args(["-F", "-c"])
+                    .arg(conf(port))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("dovecot starts"),
+            ));
+            let log = lines_of(master.child().stderr.take().expect("piped"));
+            let mut line = line_with(&log, "");
+            while !line.contains("starting up") && !line.contains("Address already in use") {
+                line = line_with(&log, "");
+            }
+            if line.contains("starting up") {
+                return Some(Dovecot {
+                    _master: master,
+                    port,
+                });
+            }
+        }
+        panic!("Dovecot found no free port in 5 tries");
     }
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        // SIGTERM: the master stops its children too.
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn nix_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A Dovecot submission config: listening on `port` with STARTTLS (OpenSSL, `dir`'s cert.pem and key.pem),
@@ -477,13 +463,6 @@ fn dovecot_conf(dir: &Path, port: u16, mechanisms: &str, idp: &str, relay_port: 
     conf
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
 /// A third-party submission server as the upstream: Dovecot, which offers CHUNKING and PIPELINING, speaks
 /// STARTTLS through OpenSSL with a self-signed certificate, and checks each XOAUTH2 (then OAUTHBEARER) login by
 /// asking the provider whether the token is active and whose it is.
@@ -497,37 +476,30 @@ async fn through_dovecot_submission_checking_tokens_at_the_provider() {
     let idp = Provider::start(3600);
     let mut sink = FakeUpstream::start(&[OPEN]).await;
     let dir = tempfile::tempdir().unwrap();
-    let submission = free_port();
     let dovecot_dir = dir.path().join("dovecot");
     std::fs::create_dir_all(&dovecot_dir).unwrap();
     // Self-signed and marked CA:TRUE, as `openssl req -x509` makes them: relay trusts it through `ca_file`.
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dovecot_dir.join("cert.pem"), cert.pem()).unwrap();
-    write_private(&dovecot_dir.join("key.pem"), key.serialize_pem());
-    let conf = dovecot_conf(
-        &dovecot_dir,
-        submission,
-        "xoauth2 oauthbearer",
-        &idp.url,
-        sink.addr.port(),
-    );
-    let Some(dovecot) = Dovecot::start(&conf) else {
+    let (cert, key) = self_signed("localhost", true, None);
+    std::fs::write(dovecot_dir.join("cert.pem"), cert).unwrap();
+    write_private(&dovecot_dir.join("key.pem"), key);
+    let sink_port = sink.addr.port();
+    let conf = |mechanisms: &'static str| {
+        let (dir, idp) = (dovecot_dir.clone(), idp.url.clone());
+        move |port| dovecot_conf(&dir, port, mechanisms, &idp, sink_port)
+    };
+    let Some(dovecot) = Dovecot::start(conf("xoauth2 oauthbearer")) else {
         return;
     };
-    let mut config = format!(
-        "state_dir = {:?}\ndefault_account = \"dev\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
-        dir.path().join("state")
-    );
-    config += &format!(
-        "[[account]]\nname = \"dev\"\nprovider = \"generic\"\nmailbox = \"dev@example.com\"\ntoken_url = \"{0}/token\"\nsmtp_host = \"localhost\"\nsmtp_port = {submission}\nsmtp_tls = \"starttls\"\nca_file = {1:?}\nscope = \"openid offline_access mail\"\nflow = \"device_code\"\nclient_id = \"dev\"\ndevice_authorization_url = \"{0}/device/auth\"\n",
-        idp.url,
-        dovecot_dir.join("cert.pem")
-    );
+    let config = |port: u16| {
+        format!(
+            "state_dir = {state:?}\ndefault_account = \"dev\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"dev\"\nprovider = \"generic\"\nmailbox = \"dev@example.com\"\ntoken_url = \"{idp}/token\"\nsmtp_host = \"localhost\"\nsmtp_port = {port}\nsmtp_tls = \"starttls\"\nca_file = {ca:?}\nscope = \"openid offline_access mail\"\nflow = \"device_code\"\nclient_id = \"dev\"\ndevice_authorization_url = \"{idp}/device/auth\"\n",
+            state = dir.path().join("state"),
+            idp = idp.url,
+            ca = dovecot_dir.join("cert.pem"),
+        )
+    };
     let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, config(dovecot.port)).unwrap();
     authorize(&path, "dev", &idp.url);
 
     let daemon = Daemon::spawn(&path);
@@ -555,14 +527,11 @@ async fn through_dovecot_submission_checking_tokens_at_the_provider() {
     assert!(daemon.terminate().success());
     drop(dovecot);
 
-    let conf = dovecot_conf(
-        &dovecot_dir,
-        submission,
-        "oauthbearer",
-        &idp.url,
-        sink.addr.port(),
-    );
-    let _dovecot = Dovecot::start(&conf);
+    // A Dovecot that offers OAUTHBEARER only (on a port of its own: the last one's may still be held).
+    let Some(dovecot) = Dovecot::start(conf("oauthbearer")) else {
+        return;
+    };
+    std::fs::write(&path, config(dovecot.port)).unwrap();
     let transcript = relay_test(&path, "dev");
     assert!(transcript.contains("C: STARTTLS"), "{transcript}");
     assert!(transcript.contains("C: AUTH OAUTHBEARER"), "{transcript}");

@@ -255,8 +255,7 @@ async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
 /// user), or the daemon could not read it.
 #[tokio::test]
 async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         eprintln!("SKIPPED: needs root to change file ownership");
         return;
     }
@@ -586,17 +585,6 @@ async fn client_credentials(
         "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
     (idp, upstream, dir, config)
-}
-
-/// `relay status --json`: its exit code and document.
-fn status_json(config: &std::path::Path) -> (Option<i32>, serde_json::Value) {
-    let out = std::process::Command::new(relay_bin())
-        .args(["status", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let doc = serde_json::from_slice(&out.stdout).unwrap();
-    (out.status.code(), doc)
 }
 
 /// The identity provider issues tokens again; the waiting mail, retried now, is delivered.

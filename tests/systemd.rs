@@ -73,15 +73,6 @@ impl Systemd {
     }
 }
 
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn listener_on(port: u16) -> String {
     format!("address = \"127.0.0.1:{port}\"\nauth = \"none\"\n")
 }

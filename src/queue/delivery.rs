@@ -403,7 +403,7 @@ impl Delivery {
         for a in self.accounts.values() {
             if a.rate.lift_pause(now) {
                 lifted = true;
-                tracing::info!(relay_account = %a.name, "the pause the provider asked for is lifted (relay queue retry)");
+                tracing::info!(relay_account = %a.name, "the pause the provider asked for is lifted (relay queue retry or relay authorize)");
             }
         }
         lifted
@@ -780,7 +780,7 @@ impl Delivery {
                         relay_account = %account.name,
                         relay_queue_id = %id,
                         relay_upstream_reply = %reply,
-                        "the provider asked the account to pause: its mail is held until {}; `relay queue retry --all` ends the pause early",
+                        "the provider asked the account to pause: its mail is held until {}; `relay queue retry` ends every account's pause early",
                         humantime::format_rfc3339_seconds(until)
                     );
                 }

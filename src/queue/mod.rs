@@ -1,7 +1,8 @@
 //! The durable queue. `layout` names the files, `file` is the format of one queued message, `spool` writes
 //! messages in, `store` reads and manages them from outside the daemon, and delivery is `scheduler` (when) plus
 //! `delivery` (one attempt), with `state` (per-message delivery state), `retry` (the trigger), `route` (which
-//! account), `rate` (the providers' sending limits) and `pause` (a pause a provider asked for).
+//! account), `rate` (the providers' sending limits) and `pause` (a pause a provider asked for); `announce` tells
+//! the scheduler of new mail, `seal` is a message's length and hash.
 
 pub mod announce;
 pub mod delivery;

@@ -87,7 +87,7 @@ impl ProviderPause {
             Some(r) => tracing::warn!(
                 relay_account = %account,
                 relay_upstream_reply = %r.reply,
-                "the provider asked for a pause until {} (on file in rate/): the account's mail is held until then; `relay queue retry --all` ends it early",
+                "the provider asked for a pause until {} (on file in rate/): the account's mail is held until then; `relay queue retry` ends every account's pause early",
                 humantime::format_rfc3339_seconds(r.until)
             ),
             // Over, or not believable: `relay status` must not show it either.

@@ -252,7 +252,7 @@ impl Transports {
         let second = attempt(fresh).await;
         match &second {
             Outcome::AuthRejected(reply) => {
-                tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize` or a new token)", humantime::format_duration(AUTH_HOLD));
+                tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token)", humantime::format_duration(AUTH_HOLD));
                 self.set_hold(Some(AuthHold {
                     until: std::time::Instant::now() + AUTH_HOLD,
                     token: key,

@@ -408,6 +408,117 @@ pub fn queue_retry(config: &Path, id: &str) {
     );
 }
 
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// Whether the tests run as root (some need it: file ownership, Dovecot).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `cmd` to its end with its output captured, within [`LIMIT`]: a hung process is killed and fails the test.
+pub fn run_bounded(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(out) => out.expect("the command's output"),
+        Err(_) => {
+            // SAFETY: kill with a valid pid and signal.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{cmd:?} did not finish within {LIMIT:?}");
+        }
+    }
+}
+
+/// SIGTERM to `child`, and its exit status within [`LIMIT`]; after that SIGKILL, and `None`.
+pub fn terminate_within(child: Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: kill with a valid pid and signal.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_within(child)
+}
+
+/// `child`'s exit status within [`LIMIT`]; after that SIGKILL, and `None`.
+pub fn wait_within(mut child: Child) -> Option<std::process::ExitStatus> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            // SAFETY: kill with a valid pid and signal.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            None
+        }
+    }
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL after [`LIMIT`]) when dropped, a failed assertion included.
+pub struct Stopped(pub Option<Child>);
+
+impl Stopped {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not stopped yet")
+    }
+
+    /// Its exit status once it ends by itself, within [`LIMIT`].
+    pub fn wait(mut self) -> Option<std::process::ExitStatus> {
+        self.0.take().and_then(wait_within)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            terminate_within(child);
+        }
+    }
+}
+
+/// A self-signed certificate for `name`, valid until `not_after` (else a year), marked `CA:TRUE` as `openssl req
+/// -x509` marks the certificates it makes, or an end entity's: (PEM certificate, PEM key). `name` is the
+/// certificate's only subjectAltName, or with `cn:` before it, its Common Name and no subjectAltName.
+pub fn self_signed(name: &str, ca: bool, not_after: Option<(i32, u8, u8)>) -> (String, String) {
+    // Each its own subject, as separately made certificates have.
+    let (alt_names, common_name) = match name.strip_prefix("cn:") {
+        Some(cn) => (vec![], cn.to_string()),
+        None => (
+            vec![name.to_string()],
+            format!("{name} {}", rand::random::<u64>()),
+        ),
+    };
+    let mut params = rcgen::CertificateParams::new(alt_names).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    if let Some((y, m, d)) = not_after {
+        params.not_before = rcgen::date_time_ymd(y - 1, m, d);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 /// `relay status --json` for `config`: its exit code and its document.
 pub fn status_json(config: &Path) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(relay_bin())
@@ -504,22 +615,8 @@ impl Daemon {
 
     /// SIGTERM, then the exit status (bounded).
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill with a valid pid and signal.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let pid = self.child.id();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(LIMIT) {
-            Ok(status) => status.unwrap(),
-            Err(_) => {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                panic!("relay did not exit after SIGTERM");
-            }
-        }
+        let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        terminate_within(child).expect("relay exits after SIGTERM")
     }
 }
 

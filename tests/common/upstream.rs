@@ -26,7 +26,8 @@ pub struct Received {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub received: mpsc::UnboundedReceiver<Received>,
-    /// Tokens accepted ([`ANY_TOKEN`]: all of them); anything else gets the 334/535 treatment. An entry "REFUSE <reply>" answers every AUTH
+    /// Tokens accepted ([`ANY_TOKEN`]: all of them, XOAUTH2 or OAUTHBEARER; [`OPEN`]: mail without AUTH too);
+    /// anything else gets the 334/535 treatment. An entry "REFUSE <reply>" answers every AUTH
     /// with that reply (e.g. Microsoft's "535 5.7.139 … SmtpClientAuthentication is disabled for the Tenant"),
     /// one "MAILREFUSE <reply>" every MAIL after a successful AUTH, one "NOBDAT <reply>" every BDAT.
     pub tokens: Arc<Mutex<Vec<String>>>,
@@ -162,8 +163,8 @@ impl FakeUpstream {
 }
 
 const ONLY_OAUTHBEARER: &str = "ONLY OAUTHBEARER";
-/// A token entry that takes any XOAUTH2 token: for a real token endpoint's tokens, which the test checks itself
-/// afterwards (`Received::auth`).
+/// A token entry that takes any token (XOAUTH2 or OAUTHBEARER): for a real token endpoint's tokens, which the
+/// test checks itself afterwards (`Received::auth`).
 pub const ANY_TOKEN: &str = "ANY";
 /// A token entry that takes mail without AUTH: a relay host that trusts its client (Dovecot submission's
 /// `submission_relay_host`).
@@ -171,6 +172,24 @@ pub const OPEN: &str = "OPEN";
 
 /// The token of an RFC 7628 client response, if it is well formed: `n,a=USER,` (or `n,,`), then `^A`-separated
 /// `key=value` pairs with `auth=Bearer TOKEN` among them, ended by `^A^A`.
+/// The token of an XOAUTH2 initial response, decoded (`user=…^Aauth=Bearer TOKEN^A^A`).
+pub fn xoauth2_token(decoded: &str) -> &str {
+    decoded
+        .split("auth=Bearer ")
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches('\x01')
+}
+
+/// Whether the fake takes `token`: listed, or any with [`ANY_TOKEN`].
+fn accepts(tokens: &Mutex<Vec<String>>, token: &str) -> bool {
+    tokens
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t == token || t == ANY_TOKEN)
+}
+
 fn oauthbearer_token(response: &str) -> Option<String> {
     let rest = response.strip_prefix("n,")?;
     let (_authzid, pairs) = rest.split_once(",\x01")?;
@@ -291,13 +310,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             msg.auth = decoded.clone();
             match oauthbearer_token(&decoded) {
                 None => "501 5.5.2 Malformed OAUTHBEARER client response".into(),
-                Some(token)
-                    if tokens
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .any(|t| *t == token || t == ANY_TOKEN) =>
-                {
+                Some(token) if accepts(&tokens, &token) => {
                     authed = true;
                     "235 2.7.0 Accepted".into()
                 }
@@ -323,12 +336,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             let decoded = B64.decode(cmd[13..].trim()).unwrap_or_default();
             let decoded = String::from_utf8_lossy(&decoded).into_owned();
             msg.auth = decoded.clone();
-            let token = decoded
-                .split("auth=Bearer ")
-                .nth(1)
-                .unwrap_or("")
-                .trim_end_matches('\x01')
-                .to_string();
+            let token = xoauth2_token(&decoded).to_string();
             let refusal = tokens
                 .lock()
                 .unwrap()
@@ -338,12 +346,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 // Microsoft's tenant-wide refusal comes at once, with no 334 challenge. `{COMMAND}`: a server
                 // that quotes the command back.
                 reply.replace("{COMMAND}", &cmd)
-            } else if tokens
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|t| *t == token || t == ANY_TOKEN)
-            {
+            } else if accepts(&tokens, &token) {
                 authed = true;
                 "235 2.7.0 Accepted".into()
             } else {
