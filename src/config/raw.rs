@@ -195,6 +195,23 @@ impl RawConfig {
                 }
             }
         }
+        // `accounts/NAME.json` holds an account's last delivery, `NAME.test.json` its last `relay test` and
+        // `NAME.transport.json` its transport switch: an account named after another's report would share its file.
+        for (i, a) in self.account.iter().enumerate() {
+            for report in [".test", ".transport"] {
+                if let Some(other) = a.name.strip_suffix(report)
+                    && accounts.contains(other)
+                {
+                    errs.add(
+                        format!("account[{i}].name"),
+                        format!(
+                            "`{}` would share the file accounts/{}.json with account `{other}`'s report; rename one of them",
+                            a.name, a.name
+                        ),
+                    );
+                }
+            }
+        }
         let known_account = |key: String, name: &Option<String>| {
             if let Some(n) = name
                 && !accounts.contains(n.as_str())
