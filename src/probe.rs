@@ -59,7 +59,7 @@ pub fn last_test_path(state_dir: &Path, account: &str) -> PathBuf {
 
 pub fn read_last_test(state_dir: &Path, account: &str) -> Option<LastTest> {
     let path = last_test_path(state_dir, account);
-    serde_json::from_slice(&crate::small_files::read(&path, crate::small_files::SMALL).ok()?).ok()
+    crate::small_files::report(&path)
 }
 
 /// Sends the test message and records the result.

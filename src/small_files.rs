@@ -25,6 +25,12 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// One of relay's own small JSON files (a report, a pause, open incidents), if it is there and reads as `T`: a
+/// missing or damaged report is only a report not shown, never an error.
+pub fn report<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&read(path, SMALL).ok()?).ok()
+}
+
 fn shown(limit: u64) -> String {
     const MIB: u64 = 1024 * 1024;
     if limit >= MIB && limit.is_multiple_of(MIB) {

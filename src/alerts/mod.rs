@@ -43,10 +43,7 @@ impl Alerts {
     /// The tracker, with the incidents a previous run left open.
     pub fn new(config: &AlertsConfig, state_dir: &Path) -> (Arc<Alerts>, mpsc::Receiver<Notice>) {
         let file = incidents_path(state_dir);
-        let open: Vec<Incident> = crate::small_files::read(&file, crate::small_files::SMALL)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let open: Vec<Incident> = crate::small_files::report(&file).unwrap_or_default();
         let (tx, rx) = mpsc::channel(BACKLOG);
         let alerts = Alerts {
             tracker: Mutex::new(Tracker::new(config.into(), open)),

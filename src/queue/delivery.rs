@@ -74,7 +74,7 @@ pub fn last_delivery_path(state_dir: &Path, account: &str) -> PathBuf {
 
 pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDelivery> {
     let path = last_delivery_path(state_dir, account);
-    serde_json::from_slice(&crate::small_files::read(&path, crate::small_files::SMALL).ok()?).ok()
+    crate::small_files::report(&path)
 }
 
 impl Account {

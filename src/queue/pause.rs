@@ -32,10 +32,7 @@ pub fn pause_path(state_dir: &Path, account: &str) -> PathBuf {
 
 /// The account's pause, if one is on file and still ahead of `now` (and believable).
 pub fn read_pause(state_dir: &Path, account: &str, now: SystemTime) -> Option<PauseReport> {
-    let bytes =
-        crate::small_files::read(&pause_path(state_dir, account), crate::small_files::SMALL)
-            .ok()?;
-    let report: PauseReport = serde_json::from_slice(&bytes).ok()?;
+    let report: PauseReport = crate::small_files::report(&pause_path(state_dir, account))?;
     let ahead = report.until.duration_since(now).ok()?;
     (!ahead.is_zero() && ahead <= LONGEST).then_some(report)
 }

@@ -48,11 +48,7 @@ pub fn switch_path(state_dir: &Path, account: &str) -> PathBuf {
 }
 
 pub fn read_switch(state_dir: &Path, account: &str) -> Option<Switch> {
-    serde_json::from_slice(
-        &crate::small_files::read(&switch_path(state_dir, account), crate::small_files::SMALL)
-            .ok()?,
-    )
-    .ok()
+    crate::small_files::report(&switch_path(state_dir, account))
 }
 
 /// How long an account's mail waits, untried, after the upstream refused a token fetched for the retry too.
