@@ -101,14 +101,19 @@ fn lines_of(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
 
 /// The next line of `rx` containing `needle`, within the tests' limit.
 fn line_with(rx: &Receiver<String>, needle: &str) -> String {
+    line_with_any(rx, &[needle])
+}
+
+/// The next line of `rx` containing any of `needles`, within the tests' limit (one deadline for them all).
+fn line_with_any(rx: &Receiver<String>, needles: &[&str]) -> String {
     let deadline = std::time::Instant::now() + LIMIT;
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
+            Ok(line) if needles.iter().any(|n| line.contains(n)) => return line,
             Ok(line) => seen.push(line),
-            Err(e) => panic!("no line with {needle:?} ({e}); seen: {seen:#?}"),
+            Err(e) => panic!("no line with any of {needles:?} ({e}); seen: {seen:#?}"),
         }
     }
 }
@@ -411,10 +416,7 @@ impl Dovecot {
                     .expect("dovecot starts"),
             ));
             let log = lines_of(master.child().stderr.take().expect("piped"));
-            let mut line = line_with(&log, "");
-            while !line.contains("starting up") && !line.contains("Address already in use") {
-                line = line_with(&log, "");
-            }
+            let line = line_with_any(&log, &["starting up", "Address already in use"]);
             if line.contains("starting up") {
                 return Some(Dovecot {
                     _master: master,
