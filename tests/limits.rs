@@ -179,6 +179,69 @@ async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
     assert_eq!(queued_in(&state).len(), 1, "the held message stays queued");
 }
 
+/// A message whose recipients do not fit what is left of the day's allowance waits for the window, once: it is
+/// not taken up again at each turn of the scheduler while the account has room for smaller mail (it was, every
+/// 2 s, with a "held" line each time, all day). Time is told by another account's retries: by its third attempt
+/// (two 3 s waits) the scheduler has turned at least twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_that_does_not_fit_the_day_is_held_once_not_every_tick() {
+    let idp = idp_issuing("tok").await;
+    let mut limited = FakeUpstream::start(&["tok"]).await;
+    let refusing = FakeUpstream::start(&["tok"]).await;
+    *refusing.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    write_private(&secret, "s3cret-value\n");
+    let top = format!(
+        "{}{}[[route]]\nrecipient = \"*@a.example\"\naccounts = [\"a\"]\n[[route]]\nrecipient = \"*@b.example\"\naccounts = [\"b\"]\n[queue]\nretry = [\"3s\"]\n",
+        account(
+            "a",
+            &idp.uri(),
+            &limited,
+            "rate = { recipients_per_day = 3 }"
+        ),
+        account("b", &idp.uri(), &refusing, ""),
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+
+    send_to(daemon.addr, &["one@a.example"], "first").await;
+    next_within(&mut limited, LIMIT).await;
+    daemon.wait_log("relay_event=\"delivered\"");
+    // Two of the day's three left: three recipients do not fit until the first one's 24 hours are over.
+    let big = send_to(
+        daemon.addr,
+        &["x@a.example", "y@a.example", "z@a.example"],
+        "second",
+    )
+    .await;
+    let held = daemon.wait_log("relay_event=\"held\"");
+    assert!(held.contains(&big), "{held}");
+    let clock = send_to(daemon.addr, &["ops@b.example"], "clock").await;
+    for _ in 0..3 {
+        let line = daemon.wait_log("relay_event=\"deferred\"");
+        assert!(line.contains(&clock), "{line}");
+    }
+    let again: Vec<&String> = daemon
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains(&big) && l.contains("relay_event=\"held\""))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "taken up again while it cannot fit: {again:?}"
+    );
+    assert!(
+        limited.received.try_recv().is_err(),
+        "nothing over the limit"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 /// One account of a route whose provider says its daily quota is used up is paused; the route's other account
 /// takes its mail meanwhile, the refused message included (at its next try), and nothing goes to dead/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

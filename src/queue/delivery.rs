@@ -204,7 +204,12 @@ pub enum Attempted {
         account: Option<String>,
     },
     /// None of its accounts can take it now: it waits in its pool (see [`Routing`]) and was not an attempt.
-    Waiting { pool: usize, wait: Wait },
+    /// `recipients`: how many it is still for (what a limit must have room for).
+    Waiting {
+        pool: usize,
+        wait: Wait,
+        recipients: usize,
+    },
 }
 
 /// What a waiting message waits for.
@@ -380,6 +385,16 @@ impl Delivery {
     /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
     /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
     pub fn room(&self, pool: usize) -> usize {
+        self.room_with(pool, |rate, now| rate.room(now))
+    }
+
+    /// [`Self::room`] for a message to `recipients` recipients: an account whose day has room for smaller mail
+    /// only does not count.
+    pub fn room_for(&self, pool: usize, recipients: usize) -> usize {
+        self.room_with(pool, |rate, now| rate.room_for(now, recipients))
+    }
+
+    fn room_with(&self, pool: usize, rate_room: impl Fn(&AccountRate, SystemTime) -> u64) -> usize {
         let now = SystemTime::now();
         let Some(names) = self.routing.pools().get(pool) else {
             return 0;
@@ -388,7 +403,7 @@ impl Delivery {
             .iter()
             .filter_map(|n| self.accounts.get(n))
             .map(|a| {
-                let rate = usize::try_from(a.rate.room(now)).unwrap_or(usize::MAX);
+                let rate = usize::try_from(rate_room(&a.rate, now)).unwrap_or(usize::MAX);
                 a.slots.available_permits().min(rate)
             })
             .fold(0, usize::saturating_add)
@@ -607,6 +622,7 @@ impl Delivery {
             return Attempted::Waiting {
                 pool,
                 wait: Wait::Behind,
+                recipients: recipients.len(),
             };
         }
         // A message that cannot go now does not hold one of the scheduler's places while it waits: it is parked,
@@ -631,7 +647,11 @@ impl Delivery {
                     );
                     tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %until, "held by the account's sending limits");
                 }
-                return Attempted::Waiting { pool, wait };
+                return Attempted::Waiting {
+                    pool,
+                    wait,
+                    recipients: recipients.len(),
+                };
             }
         };
         // What the delivery holds of the message: a few chunks where it streams from the file, more for Graph's

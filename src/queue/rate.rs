@@ -285,6 +285,26 @@ impl AccountRate {
         })
     }
 
+    /// [`Self::room`] for a message to `recipients` recipients: also zero while they do not fit what is left of
+    /// the day's allowance. (One that can never fit goes alone, once the last 24 hours hold none, as
+    /// [`Self::reserve`] sends it.)
+    pub fn room_for(&self, now: SystemTime, recipients: usize) -> u64 {
+        let u = self.usage(now);
+        if let Some(limit) = u.recipients_per_day.map(u64::from) {
+            let k = recipients as u64;
+            let used = u.recipients_last_24h;
+            let fits = if k > limit {
+                used == 0
+            } else {
+                used.saturating_add(k) <= limit
+            };
+            if !fits {
+                return 0;
+            }
+        }
+        self.room(now)
+    }
+
     /// Takes a place for a message to `recipients` recipients, or says when one could free: `Err(None)` when only
     /// an attempt in flight can make room (it wakes the waiting mail when it ends).
     pub fn reserve(
@@ -605,6 +625,25 @@ mod tests {
                 recipients_per_day: per_day,
             },
         ))
+    }
+
+    /// Room for a message is room for its recipients: with 2 of 3 left, one recipient fits and three do not
+    /// (until the window frees); one over the day's allowance fits only a day that holds none.
+    #[test]
+    fn room_for_counts_the_messages_recipients_against_what_is_left_of_the_day() {
+        let r = rate(None, Some(3));
+        let now = at(0.0);
+        assert_eq!(r.room_for(now, 4), u64::MAX, "an empty day takes even this");
+        let mut res = r.reserve(now, 1).expect("room");
+        res.sending();
+        res.finish_at(now, true);
+        assert_eq!(r.room_for(now, 1), u64::MAX);
+        assert_eq!(r.room_for(now, 2), u64::MAX);
+        assert_eq!(r.room_for(now, 3), 0);
+        assert_eq!(r.room_for(now, 4), 0);
+        assert!(r.reserve(now, 3).is_err(), "as reserve says");
+        let tomorrow = now + Duration::from_secs(86_400 + 60);
+        assert_eq!(r.room_for(tomorrow, 3), u64::MAX);
     }
 
     #[test]

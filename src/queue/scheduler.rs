@@ -200,7 +200,9 @@ impl Scheduler {
                     let parked = matches!(attempted, Some(Attempted::Waiting { .. }));
                     match (running.remove(&task), attempted) {
                         // Waiting in a pool of the delivery before a reload: due now, to find its pool in this one.
-                        (Some((id, started)), Some(Attempted::Waiting { .. })) if started != generation => {
+                        (Some((id, started)), Some(Attempted::Waiting { .. }))
+                            if started != generation =>
+                        {
                             s.in_flight.remove(&id);
                             s.rerun.remove(&id);
                             s.push(SystemTime::now(), id);
@@ -242,7 +244,7 @@ impl Scheduler {
                 // day is the one case that comes back each tick to wait again.)
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {
-                    if self.delivery.room(pool) > 0 {
+                    if self.delivery.room_for(pool, s.need(pool)) > 0 {
                         s.unpark(pool, 1, SystemTime::now());
                     }
                 }
@@ -359,6 +361,9 @@ struct Schedule {
     parked_ids: HashMap<QueueId, usize>,
     /// When a pool's limits free room: the earliest, one per pool.
     wakes: HashMap<usize, SystemTime>,
+    /// A pool's first message held by a limit, and how many recipients it needs room for: the tick takes it up
+    /// again only when they fit (while it is still first). One per pool at most.
+    needs: HashMap<usize, (QueueId, usize)>,
     /// Each pool's oldest parked message, for delivery to keep newer mail behind it.
     waiting: Arc<Waiting>,
 }
@@ -375,6 +380,7 @@ impl Schedule {
             parked: HashMap::new(),
             parked_ids: HashMap::new(),
             wakes: HashMap::new(),
+            needs: HashMap::new(),
             waiting,
         }
     }
@@ -405,7 +411,11 @@ impl Schedule {
         }
         let rerun = self.rerun.remove(&id);
         match attempted {
-            Attempted::Waiting { pool, wait } => {
+            Attempted::Waiting {
+                pool,
+                wait,
+                recipients,
+            } => {
                 if self.parked_ids.len() >= MAX_SCHEDULED {
                     // No room to park it: it is looked at again later, like a deferred message.
                     let at = match wait {
@@ -417,11 +427,14 @@ impl Schedule {
                 }
                 self.park(pool, id);
                 match wait {
-                    Wait::Limit(Some(at)) => {
-                        let wake = self.wakes.entry(pool).or_insert(at);
-                        *wake = (*wake).min(at);
+                    Wait::Limit(at) => {
+                        if let Some(at) = at {
+                            let wake = self.wakes.entry(pool).or_insert(at);
+                            *wake = (*wake).min(at);
+                        }
+                        // First in line (older mail would have kept it behind): what the pool's tick asks room for.
+                        self.needs.insert(pool, (id, recipients));
                     }
-                    Wait::Limit(None) => {}
                     // What it waited for may have ended before it was parked (older mail gone, a delivery over):
                     // first in line with room, it goes now. Never loops: with room, an attempt finds a connection.
                     Wait::Connection | Wait::Behind => {
@@ -456,6 +469,7 @@ impl Schedule {
             self.unpark(pool, usize::MAX, now);
         }
         self.wakes.clear();
+        self.needs.clear();
     }
 
     fn park(&mut self, pool: usize, id: QueueId) {
@@ -463,6 +477,18 @@ impl Schedule {
             self.parked.entry(pool).or_default().insert(id);
         }
         self.publish(pool);
+    }
+
+    /// How many recipients the pool's first parked message needs room for: as its limit last said, 1 when it
+    /// was not held by one.
+    fn need(&self, pool: usize) -> usize {
+        match (
+            self.needs.get(&pool),
+            self.parked.get(&pool).and_then(BTreeSet::first),
+        ) {
+            (Some(&(id, n)), Some(first)) if id == *first => n,
+            _ => 1,
+        }
     }
 
     /// The `n` oldest of a pool's parked messages are due `now`.
@@ -475,6 +501,7 @@ impl Schedule {
             }
             if list.is_empty() {
                 self.parked.remove(&pool);
+                self.needs.remove(&pool);
             }
         }
         // Within the schedule's bound like any other due message (past it, the next reread finds it).
