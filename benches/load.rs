@@ -12,7 +12,9 @@
 //!   kept for every message). Then fills a queue with MESSAGES 4 KiB messages through a daemon without an account,
 //!   stops it, and starts one whose default account delivers to the sink (XOAUTH2, no TLS, a valid token in the
 //!   state dir). The drain rate is counted from the sink's first accepted message to its last; the drain is cut
-//!   off after LIMIT_S seconds (then the rate is what arrived until then).
+//!   off after LIMIT_S seconds (then the rate is what arrived until then). With `aiosmtpd` the sink is
+//!   `common/aiosink.py` instead, aiosmtpd in a python3 process: an ordinary third-party server, whose ceiling
+//!   is of the order of the one the issue measured its own local sink at.
 //! - `big MIB`: memory. A daemon with that account, 2 s idle (its VmRSS), then one message of MIB MiB (76-column
 //!   lines) sent to it and relayed to the sink; VmHWM once the sink has it.
 //! - `sink SECONDS`: only the sink, for trying things by hand: prints its address, serves for SECONDS, prints
@@ -21,6 +23,8 @@
 //! Binary: `$RELAY_BIN`, else the release build next to this bench (see `common/daemon.rs`). State dirs go under
 //! `$RELAY_BENCH_DIR` (else /var/tmp) and are left there for the script to remove at the end.
 
+#[path = "common/aiosink.rs"]
+mod aiosink;
 #[path = "common/daemon.rs"]
 mod daemon;
 #[path = "common/sink.rs"]
@@ -39,8 +43,7 @@ use daemon::{
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const USAGE: &str =
-    "usage: load auth SESSIONS MESSAGES | drain MESSAGES SESSIONS LIMIT_S | big MIB | sink SECONDS";
+const USAGE: &str = "usage: load auth SESSIONS MESSAGES | drain MESSAGES SESSIONS LIMIT_S [aiosmtpd] | big MIB | sink SECONDS";
 
 fn main() {
     // `cargo bench` adds `--bench`; the script runs the executable directly.
@@ -60,7 +63,13 @@ fn main() {
         .expect("a tokio runtime");
     match args.first().map(String::as_str) {
         Some("auth") => runtime.block_on(auth(relay_binary(), num(1) as usize, num(2) as usize)),
-        Some("drain") => runtime.block_on(drain(relay_binary(), num(1) as usize, num(2), num(3))),
+        Some("drain") => runtime.block_on(drain(
+            relay_binary(),
+            num(1) as usize,
+            num(2),
+            num(3),
+            args.get(4).map(String::as_str),
+        )),
         Some("big") => runtime.block_on(big(relay_binary(), num(1))),
         Some("sink") => runtime.block_on(serve_sink(num(1))),
         _ => {
@@ -159,8 +168,64 @@ async fn device_message(addr: SocketAddr, login: &str, body: &[u8]) -> std::io::
     expect(&mut r, 221).await
 }
 
-async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
-    let sink = sink::Sink::start(false).await.expect("start the sink");
+/// Where `drain` delivers.
+enum Upstream {
+    /// `common/sink.rs`, in this process: as fast as a server can answer here.
+    InProcess(sink::Sink),
+    /// `common/aiosink.py`: aiosmtpd, an ordinary third-party server, in a python3 process.
+    Aiosmtpd(Box<aiosink::AioSink>),
+}
+
+impl Upstream {
+    async fn start(which: Option<&str>) -> Upstream {
+        match which {
+            None => Upstream::InProcess(sink::Sink::start(false).await.expect("start the sink")),
+            Some("aiosmtpd") => Upstream::Aiosmtpd(Box::new(
+                aiosink::AioSink::start()
+                    .await
+                    .expect("start the aiosmtpd sink"),
+            )),
+            Some(other) => {
+                eprintln!("unknown sink {other:?}\n{USAGE}");
+                std::process::exit(2)
+            }
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Upstream::InProcess(s) => s.addr,
+            Upstream::Aiosmtpd(s) => s.addr,
+        }
+    }
+
+    /// Messages taken, connections accepted, and the seconds from the first message taken since the clock's
+    /// restart to the latest one.
+    async fn counts(&mut self) -> (u64, u64, f64) {
+        match self {
+            Upstream::InProcess(s) => {
+                let span = s.first_and_last().map_or(0.0, |(first, last)| {
+                    last.duration_since(first).as_secs_f64()
+                });
+                (s.messages(), s.connections(), span)
+            }
+            Upstream::Aiosmtpd(s) => {
+                let c = s.counts().await.expect("ask the aiosmtpd sink");
+                (c.messages, c.connections, c.span)
+            }
+        }
+    }
+
+    async fn restart_clock(&mut self) {
+        match self {
+            Upstream::InProcess(s) => s.restart_clock(),
+            Upstream::Aiosmtpd(s) => s.restart_clock().await.expect("restart the sink's clock"),
+        }
+    }
+}
+
+async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64, which: Option<&str>) {
+    let mut sink = Upstream::start(which).await;
 
     // The sink's own ceiling, from smtp-source.
     let started = Instant::now();
@@ -180,12 +245,12 @@ async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
             "-t",
             "sink@example.com",
         ])
-        .arg(sink.addr.to_string())
+        .arg(sink.addr().to_string())
         .kill_on_drop(true)
         .status();
     let status = tokio::time::timeout(Duration::from_secs(limit_s), status).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let reached = sink.messages();
+    let (reached, _, _) = sink.counts().await;
     match status {
         Ok(Ok(s)) if s.success() => {}
         other => out("sink_note", format!("smtp-source: {other:?}")),
@@ -214,17 +279,16 @@ async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
     out("drain_queued", queued);
 
     // Drain it into the sink.
-    let before = sink.messages();
-    sink.restart_clock();
-    let sink_at_start = sink.connections();
+    sink.restart_clock().await;
+    let (before, sink_at_start, _) = sink.counts().await;
     let addr = free_port();
-    let config = state_line(&dir) + &sink_account(&dir, sink.addr.port()) + &open_listener(addr);
+    let config = state_line(&dir) + &sink_account(&dir, sink.addr().port()) + &open_listener(addr);
     let started = Instant::now();
     let daemon = Daemon::start(&bin, &[], &dir, &config, addr).await;
     let limit = Duration::from_secs(limit_s);
     let mut peak = daemon.mem();
     let mut timed_out = false;
-    while sink.messages() - before < queued as u64 {
+    while sink.counts().await.0 - before < queued as u64 {
         if started.elapsed() > limit {
             timed_out = true;
             break;
@@ -237,15 +301,14 @@ async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
     let total_s = started.elapsed().as_secs_f64();
     let hwm = daemon.mem().hwm_kib;
     let stop = daemon.stop().await;
-    let delivered = sink.messages() - before;
+    let (taken, connections, span) = sink.counts().await;
+    let delivered = taken - before;
     // Steady rate: from the first message the sink took from relay to the last (start-up and the queue scan
-    // left out), or to the cut-off.
-    let steady = match sink.first_and_last() {
-        Some((first, last)) if delivered > 1 => {
-            let end = if timed_out { Instant::now() } else { last };
-            (delivered - 1) as f64 / end.duration_since(first).as_secs_f64()
-        }
-        _ => 0.0,
+    // left out; when cut off, to the last one taken before).
+    let steady = if delivered > 1 && span > 0.0 {
+        (delivered - 1) as f64 / span
+    } else {
+        0.0
     };
     eprintln!(
         "drain: {delivered} of {queued} delivered in {total_s:.1} s from daemon start (steady {steady:.0}/s)"
@@ -253,7 +316,7 @@ async fn drain(bin: PathBuf, messages: usize, sessions: u64, limit_s: u64) {
     out("drain_rate", format!("{steady:.0}"));
     out("drain_delivered", delivered);
     out("drain_total_s", format!("{total_s:.1}"));
-    out("drain_connections", sink.connections() - sink_at_start);
+    out("drain_connections", connections - sink_at_start);
     out("drain_hwm_kib", hwm);
     out("drain_threads", peak.threads);
     out("drain_left", count_msgs(&queue));

@@ -11,7 +11,8 @@
 #     alternates (odd rounds relay first, even rounds Postfix first). The same smtp-source runs once against
 #     smtp-sink, which keeps nothing, as the load generator's ceiling on this machine.
 #   - fresh-connection AUTH: `load auth` (benches/load.rs), 20 sessions, ROUNDS rounds.
-#   - forward: `load drain`: the sink's own ceiling, then a drain of 20,000 queued messages into it.
+#   - forward: `load drain`: the sink's own ceiling, then a drain of 20,000 queued messages into it; again with
+#     the state dir on a default ext4 (loop-mounted), and again into aiosmtpd (installed from PyPI if missing).
 #   - memory: VmHWM of relay in the accept rounds; `load big`: idle, and one 30 MiB message relayed.
 #
 # Knobs: ROUNDS (3); RELAY_BENCH_QUICK=1 (a tenth of the messages, one round; prints the table, records nothing);
@@ -60,6 +61,11 @@ fi
 for tool in smtp-source smtp-sink postfix postconf python3 cargo; do
   command -v "$tool" >/dev/null || die "$tool not found"
 done
+# The second drain's sink (benches/common/aiosink.py) is aiosmtpd, from PyPI.
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+  say "installing aiosmtpd (the second drain's sink)"
+  timeout 300 python3 -m pip install -q aiosmtpd >/dev/null || say "cannot install aiosmtpd: its drain row is left out"
+fi
 
 bench=${RELAY_BENCH_DIR:-/var/tmp/relay-side-by-side-$$}
 mkdir -p "$bench"
@@ -318,6 +324,14 @@ else
   say "cannot loop-mount an ext4 image here: the drain on a default ext4 is left out"
 fi
 rm -f "$bench/ext4.img"
+# The same drain into aiosmtpd (a third-party Python server, the kind of local sink the issue measured its
+# ceiling against), its own ceiling measured the same way.
+if python3 -c 'import aiosmtpd' 2>/dev/null; then
+  say "forward drain into the aiosmtpd sink"
+  timeout 900 "$load_bin" drain "$drain_msgs" "$drain_sessions" "$drain_limit" aiosmtpd |
+    sed 's/^/aio_/' >>"$results" || say "load drain into aiosmtpd failed"
+  noise
+fi
 say "one ${big_mib} MiB message"
 timeout 600 "$load_bin" big "$big_mib" >>"$results" || say "load big failed"
 noise
@@ -399,6 +413,15 @@ if ldrain and lsink and lsink[-1]:
                  f"{series('loop_drain_rate')} msg/s ({one('loop_drain_delivered')} delivered)",
                  f"sink's own ceiling: {series('loop_sink_rate')} msg/s",
                  f"{lr:.2f}× the sink", "(for comparison)"))
+adrain, asink = nums("aio_drain_rate"), nums("aio_sink_rate")
+if adrain and asink and asink[-1]:
+    ar = adrain[-1] / asink[-1]
+    anote = one("aio_drain_note", "")
+    rows.append(("forward: the same drain into aiosmtpd (`load drain … aiosmtpd`: a third-party Python server offering XOAUTH2 without PIPELINING or CHUNKING, the kind of sink the issue measured at 1,167–1,344 msg/s)",
+                 f"{series('aio_drain_rate')} msg/s over {one('aio_drain_connections')} upstream connections, DATA"
+                 f" ({one('aio_drain_delivered')} delivered{'; ' + anote if anote else ''})",
+                 f"sink's own ceiling: {series('aio_sink_rate')} msg/s (`smtp-source -s 4 -d`)",
+                 f"{ar:.2f}× the sink", "(for comparison; ≥ 0.8× " + ("met" if ar >= 0.8 else "not met") + " against this sink)"))
 hwm = [int(v) for k in ("hwm_s20_relay", "hwm_s100_relay") for v in vals.get(k, []) if v.isdigit()]
 big = one("big_hwm_kib")
 big_ok = big.isdigit() and int(big) / 1024 <= 61
