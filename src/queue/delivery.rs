@@ -485,6 +485,11 @@ impl Delivery {
         Err(limited.map_or(Wait::Connection, Wait::Limit))
     }
 
+    /// Whether `id`'s queue file is still there (not delivered or deleted meanwhile).
+    pub fn is_queued(&self, id: QueueId) -> bool {
+        msg_path(&self.paths.queue, id).exists()
+    }
+
     /// Whether this run already delivered `id` (its file could not be removed).
     pub fn already_delivered(&self, id: QueueId) -> bool {
         self.delivered.lock().is_ok_and(|d| d.contains(&id))
@@ -639,13 +644,22 @@ impl Delivery {
                 self.slot_freed.notify_one();
                 place
             }
-            Err(wait) => {
+            Err(mut wait) => {
                 if let Wait::Limit(until) = wait {
-                    let until = until.map_or_else(
+                    let shown = until.map_or_else(
                         || "a delivery in flight ends".to_string(),
                         |t| humantime::format_rfc3339_seconds(t).to_string(),
                     );
-                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %until, "held by the account's sending limits");
+                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %shown, "held by the account's sending limits");
+                    // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
+                    // not when the window frees, maybe a day later.
+                    let expires = state
+                        .age_from(msg.envelope.received_at)
+                        .checked_add(self.queue.max_age);
+                    wait = Wait::Limit(match (until, expires) {
+                        (Some(u), Some(e)) => Some(u.min(e)),
+                        (u, e) => u.or(e),
+                    });
                 }
                 return Attempted::Waiting {
                     pool,

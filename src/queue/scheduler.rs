@@ -244,7 +244,16 @@ impl Scheduler {
                 // day is the one case that comes back each tick to wait again.)
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {
-                    if self.delivery.room_for(pool, s.need(pool)) > 0 {
+                    let go = match s.held_first(pool) {
+                        // Held for its recipients: taken up again once they fit, or once it is gone (`relay queue
+                        // delete` says nothing to the daemon), so that the mail behind it does not wait for a
+                        // window it no longer needs.
+                        Some((id, need)) => {
+                            self.delivery.room_for(pool, need) > 0 || !self.delivery.is_queued(id)
+                        }
+                        None => self.delivery.room(pool) > 0,
+                    };
+                    if go {
                         s.unpark(pool, 1, SystemTime::now());
                     }
                 }
@@ -438,6 +447,7 @@ impl Schedule {
                     // What it waited for may have ended before it was parked (older mail gone, a delivery over):
                     // first in line with room, it goes now. Never loops: with room, an attempt finds a connection.
                     Wait::Connection | Wait::Behind => {
+                        self.drop_need(pool, id);
                         if self.parked.get(&pool).and_then(BTreeSet::first) == Some(&id)
                             && delivery.room(pool) > 0
                         {
@@ -479,15 +489,21 @@ impl Schedule {
         self.publish(pool);
     }
 
-    /// How many recipients the pool's first parked message needs room for: as its limit last said, 1 when it
-    /// was not held by one.
-    fn need(&self, pool: usize) -> usize {
+    /// The pool's first parked message, when a limit holds it, and how many recipients it needs room for.
+    fn held_first(&self, pool: usize) -> Option<(QueueId, usize)> {
         match (
             self.needs.get(&pool),
             self.parked.get(&pool).and_then(BTreeSet::first),
         ) {
-            (Some(&(id, n)), Some(first)) if id == *first => n,
-            _ => 1,
+            (Some(&(id, n)), Some(first)) if id == *first => Some((id, n)),
+            _ => None,
+        }
+    }
+
+    /// `id` is no longer held by a limit in `pool` (woken, or parked for another reason).
+    fn drop_need(&mut self, pool: usize, id: QueueId) {
+        if self.needs.get(&pool).is_some_and(|&(held, _)| held == id) {
+            self.needs.remove(&pool);
         }
     }
 
@@ -501,11 +517,11 @@ impl Schedule {
             }
             if list.is_empty() {
                 self.parked.remove(&pool);
-                self.needs.remove(&pool);
             }
         }
         // Within the schedule's bound like any other due message (past it, the next reread finds it).
         for id in woken {
+            self.drop_need(pool, id);
             self.parked_ids.remove(&id);
             self.push(now, id);
         }
@@ -515,6 +531,7 @@ impl Schedule {
     /// A parked message that came due another way (a reread of the queue) is no longer parked.
     fn forget_parked(&mut self, id: QueueId) {
         if let Some(pool) = self.parked_ids.remove(&id) {
+            self.drop_need(pool, id);
             if let Some(list) = self.parked.get_mut(&pool) {
                 list.remove(&id);
                 if list.is_empty() {
