@@ -256,6 +256,12 @@ static TABLE: &[Diagnosis] = &[
         fix: "relay logs in with XOAUTH2 or OAUTHBEARER only: ask the provider whether this mailbox may use OAuth for SMTP; `relay test ACCOUNT` shows the mechanisms the server offers",
         matches: &[&["534", "5.7.9"]],
     },
+    Diagnosis {
+        code: "552 5.3.4",
+        cause: "the message is larger than the upstream takes (Microsoft 365: 35 MB by default; Gmail: 25 MB; counted as sent, where an attachment is a third larger than its file)",
+        fix: "the message is in dead/ and cannot go as it is: ask its sender for a smaller one; set the listener's `max_message_size` at the provider's limit, so that devices are refused at once (552 5.3.4) instead of after relay took their mail",
+        matches: &[&["552", "5.3.4"], &["552", "5.2.3"], &["5.3.4", "size"]],
+    },
     // --- TLS certificates (rustls' words). `tls: ` is the SMTP client's own prefix: `ca_file` is for that
     // connection only. A message dead of old age quotes its last error after "expired after …", so every row
     // names the certificate error itself, not a bare word. ---
@@ -439,6 +445,21 @@ mod tests {
 
     /// Replies as the providers word them (Trace and Correlation IDs shortened), and the code each must get.
     const CASES: &[(&str, &str, &str)] = &[
+        (
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "552 5.3.4",
+            "max_message_size",
+        ),
+        (
+            "552 5.2.3 Your message exceeded Google's message size limits. Please visit https://support.google.com/mail/?p=MaxSizeError to view our size guidelines. d2e1a72fcca58-7a1b2c3d4e5f - gsmtp",
+            "552 5.3.4",
+            "max_message_size",
+        ),
+        (
+            "552 5.3.4 Message size exceeds fixed limit",
+            "552 5.3.4",
+            "max_message_size",
+        ),
         (
             "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [AM0PR02CA0013.eurprd02.prod.outlook.com 2024-05-01T10:00:00.000Z 08DC6A]",
             "535 5.7.139",
