@@ -677,3 +677,79 @@ async fn bdat_comes_back_after_a_hang_up_but_not_after_a_refusal() {
         assert!(daemon.terminate().success());
     }
 }
+
+/// An upstream that takes fewer connections at once than `max_connections` (Postfix's per-client limit; Exchange
+/// Online's few per mailbox, shared with every device sending as it) refuses the extra ones with a 421. The
+/// account goes on with the connections it has: the refused attempts' mail waits for them (not deferred, no
+/// attempt counted), the log says once what happened and what to change, and every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const MESSAGES: usize = 12;
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.max_sessions.store(2, SeqCst);
+    // The first two deliveries keep their connections busy until released, so that relay opens more.
+    *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "max_connections = 3\n[queue]\nretry = [\"1h\"]",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    for i in 0..MESSAGES {
+        send_message(
+            daemon.addr,
+            format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
+        )
+        .await;
+    }
+    let narrowed = daemon.wait_log("the upstream refused one more connection while others");
+    assert!(
+        narrowed.contains("too many connections") && narrowed.contains("no more than 2 "),
+        "{narrowed}"
+    );
+    let mut got = vec![upstream.next().await, upstream.next().await];
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    for _ in 0..2 {
+        upstream.release.notify_one();
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    while got.len() < MESSAGES {
+        got.push(upstream.next().await);
+    }
+    for _ in 2..MESSAGES {
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    let mut subjects: Vec<String> = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.data).into_owned())
+        .filter_map(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        })
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), MESSAGES, "each message once");
+    assert_eq!(
+        upstream.refused_sessions.load(SeqCst),
+        1,
+        "no more than the two it took are tried once it refused one"
+    );
+    let deferred: Vec<&String> = daemon
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("relay_event=\"deferred\""))
+        .collect();
+    assert!(deferred.is_empty(), "{deferred:?}");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

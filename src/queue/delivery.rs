@@ -39,6 +39,9 @@ const SHOWN: usize = 10;
 /// Deliveries in flight per account unless `max_connections` says otherwise: Microsoft allows a few concurrent
 /// SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
+/// How long connections given up after an upstream refused more ([`Account::narrow`]) stay given up: then one
+/// more attempt tells whether the other senders of the mailbox have gone.
+const NARROWED_FOR: Duration = Duration::from_secs(600);
 /// Message bytes held by all deliveries together, as `Transports::memory_for` charges them (a few chunks for a
 /// streamed delivery, up to a few megabytes for Graph's drafts); a charge larger than the budget runs alone.
 pub const DELIVERY_MEMORY: usize = 32 << 20;
@@ -55,6 +58,10 @@ pub struct Account {
     slots: Arc<Semaphore>,
     /// How many `slots` holds when none is taken.
     connections: usize,
+    /// Slots given up because the upstream refused more connections than the account's others ([`Self::narrow`]),
+    /// and since when; and whether that was said at warning level already (once in the daemon's life: the
+    /// sysadmin needs to hear it once, not every ten minutes while another device keeps the mailbox busy).
+    narrowed: Mutex<(Option<(usize, std::time::Instant)>, bool)>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
@@ -92,7 +99,49 @@ impl Account {
             rewrite,
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             connections: PER_ACCOUNT,
+            narrowed: Mutex::new((None, false)),
             last_written: Mutex::new(None),
+        }
+    }
+
+    /// The upstream refused one more connection (`reply`, an [`Outcome::Busy`]). With others of the account
+    /// open (logged in: what the server counts), it takes no more than those: this attempt's slot is given up
+    /// until [`Self::widen`] gives it back, and `None` says the message waits for one of them. With none open
+    /// (every connection refused: the server's limit is taken by others, or it is going away), or this the last
+    /// slot in use, the slot is handed back: the refusal is the message's, a deferral like any 4xx.
+    fn narrow(&self, slot: OwnedSemaphorePermit, reply: &str) -> Option<OwnedSemaphorePermit> {
+        let mut narrowed = lock(&self.narrowed);
+        let given_up = narrowed.0.map_or(0, |(n, _)| n);
+        // Slots in use, this attempt's included.
+        let in_use = self
+            .connections
+            .saturating_sub(given_up)
+            .saturating_sub(self.slots.available_permits());
+        let open = self.transports.open_connections();
+        if in_use <= 1 || open == 0 {
+            return Some(slot);
+        }
+        slot.forget();
+        narrowed.0 = Some((given_up + 1, std::time::Instant::now()));
+        let left = in_use - 1;
+        if narrowed.1 {
+            tracing::info!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, "the upstream refused one more connection: no more than {left} for now");
+        } else {
+            narrowed.1 = true;
+            tracing::warn!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, max_connections = self.connections, "the upstream refused one more connection while others of this account's were open: no more than {left} for the next {}, then more are tried again; its mail waits for them meanwhile (lower `max_connections` if this repeats: other devices or programs sending as this mailbox count too; said once)", humantime::format_duration(NARROWED_FOR));
+        }
+        None
+    }
+
+    /// Gives back the slots [`Self::narrow`] gave up, once they have been given up for [`NARROWED_FOR`].
+    fn widen(&self, now: std::time::Instant) {
+        let mut narrowed = lock(&self.narrowed);
+        if let Some((n, since)) = narrowed.0
+            && now.saturating_duration_since(since) >= NARROWED_FOR
+        {
+            self.slots.add_permits(n);
+            narrowed.0 = None;
+            tracing::info!(relay_account = %self.name, max_connections = self.connections, "trying up to {} upstream connections again", self.connections);
         }
     }
 
@@ -434,6 +483,15 @@ impl Delivery {
         }
     }
 
+    /// Gives back the connections accounts gave up when their upstream refused more, where that was long enough
+    /// ago (the scheduler's tick; the mail waiting for them then finds room).
+    pub fn widen_connections(&self) {
+        let now = std::time::Instant::now();
+        for a in self.accounts.values() {
+            a.widen(now);
+        }
+    }
+
     /// Writes every account's counters that changed (every couple of seconds, and at shutdown after the last
     /// delivery).
     pub fn save_counters(&self) {
@@ -742,6 +800,27 @@ impl Delivery {
                 },
             )
             .await;
+        let slot = match outcome {
+            // The upstream takes no more connections than the account's others: this one is given up for a
+            // while, and the message waits for one of them (not an attempt: nothing of it was offered).
+            Outcome::Busy { ref reply, offered } => match account.narrow(slot, reply) {
+                None => {
+                    drop((message, memory));
+                    if offered {
+                        reservation.finish(false);
+                    } else {
+                        reservation.unsent();
+                    }
+                    return Attempted::Waiting {
+                        pool,
+                        wait: Wait::Connection,
+                        recipients: recipients.len(),
+                    };
+                }
+                Some(slot) => slot,
+            },
+            _ => slot,
+        };
         drop((message, memory, slot));
         self.slot_freed.notify_one();
         let name = account.name.clone();
@@ -789,9 +868,10 @@ impl Delivery {
                 account.record(state_dir, "delivered", r)
             }
             Outcome::Permanent(r) => account.record(state_dir, "dead", r),
-            Outcome::Transient(r) | Outcome::AuthRejected(r) | Outcome::Throttled(r, _) => {
-                account.record(state_dir, "deferred", r)
-            }
+            Outcome::Transient(r)
+            | Outcome::AuthRejected(r)
+            | Outcome::Throttled(r, _)
+            | Outcome::Busy { reply: r, .. } => account.record(state_dir, "deferred", r),
         }
         match outcome {
             Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.may_have_file()),
@@ -799,9 +879,10 @@ impl Delivery {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
-            Outcome::Transient(reply) | Outcome::AuthRejected(reply) => {
-                self.defer(id, state, &reply, Some(&account.name))
-            }
+            // (Busy here: no other connection of the account was open, see `attempt`.)
+            Outcome::Transient(reply)
+            | Outcome::AuthRejected(reply)
+            | Outcome::Busy { reply, .. } => self.defer(id, state, &reply, Some(&account.name)),
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
             // retry schedule), while another account of its route may take it sooner.

@@ -443,6 +443,12 @@ impl Reservation {
         self.sending = true;
     }
 
+    /// Nothing of the message reached the upstream after all (it refused the connection): it counts for no limit.
+    pub fn unsent(mut self) {
+        self.sending = false;
+        self.finish(false);
+    }
+
     /// The attempt is over; `accepted` when the upstream took the message.
     pub fn finish(self, accepted: bool) {
         self.finish_at(SystemTime::now(), accepted);

@@ -242,6 +242,7 @@ impl Scheduler {
                 // message was parked must not hold it (and the mail behind it) for the hour. (`room` is 0 for an
                 // account that is paused or at its limits; a message whose recipients do not fit the rest of the
                 // day is the one case that comes back each tick to wait again.)
+                self.delivery.widen_connections();
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {
                     let go = match s.held_first(pool) {
@@ -445,7 +446,8 @@ impl Schedule {
                         self.needs.insert(pool, (id, recipients));
                     }
                     // What it waited for may have ended before it was parked (older mail gone, a delivery over):
-                    // first in line with room, it goes now. Never loops: with room, an attempt finds a connection.
+                    // first in line with room, it goes now. Never loops: with room, an attempt finds a connection
+                    // (or, refused one by the upstream, gives its slot up: at most `max_connections - 1` times).
                     Wait::Connection | Wait::Behind => {
                         self.drop_need(pool, id);
                         if self.parked.get(&pool).and_then(BTreeSet::first) == Some(&id)

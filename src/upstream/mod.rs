@@ -46,6 +46,12 @@ pub enum Outcome {
     Permanent(String),
     /// The upstream refused the token (535, HTTP 401): refresh once and retry, then defer.
     AuthRejected(String),
+    /// The upstream refused one more connection (a 421 to the session that says so, as servers answer past
+    /// their per-client connection limit; Exchange Online's `432 4.3.2` concurrency limits): about how many
+    /// connections the account has open, not about the message. With others of the account open, the message
+    /// waits for one of them; with none, it is a deferral like any 4xx. `offered`: the message was sent (and
+    /// refused whole), so that it counts toward the per-minute limit as an offered message does.
+    Busy { reply: String, offered: bool },
 }
 
 impl Outcome {
@@ -57,7 +63,8 @@ impl Outcome {
             | Outcome::Transient(r)
             | Outcome::Throttled(r, _)
             | Outcome::Permanent(r)
-            | Outcome::AuthRejected(r) => r,
+            | Outcome::AuthRejected(r)
+            | Outcome::Busy { reply: r, .. } => r,
         }
     }
 }

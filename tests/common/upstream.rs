@@ -42,6 +42,11 @@ pub struct FakeUpstream {
     pub data_reply: Arc<Mutex<String>>,
     /// Connections accepted so far.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// At most this many sessions at once (0: no limit); one more is answered as Postfix answers past
+    /// `smtpd_client_connection_count_limit` (`421 4.7.0 … too many connections from …`) and closed.
+    pub max_sessions: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sessions refused by `max_sessions` so far.
+    pub refused_sessions: Arc<std::sync::atomic::AtomicUsize>,
     /// Every command line received (AUTH's argument left out), in order; a line that arrived with more
     /// commands already behind it in the same read (pipelined, RFC 2920) ends in " +".
     pub commands: Arc<Mutex<Vec<String>>>,
@@ -121,12 +126,36 @@ impl FakeUpstream {
             release: release.clone(),
             strays: strays.clone(),
         };
+        let max_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refused_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (max, refused) = (max_sessions.clone(), refused_sessions.clone());
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            use std::sync::atomic::Ordering::SeqCst;
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                counter.fetch_add(1, SeqCst);
+                let limit = max.load(SeqCst);
+                if limit > 0 && open.load(SeqCst) >= limit {
+                    refused.fetch_add(1, SeqCst);
+                    tokio::spawn(async move {
+                        let _ = tcp
+                            .write_all(b"421 4.7.0 fake.test Error: too many connections from 127.0.0.1\r\n")
+                            .await;
+                    });
+                    continue;
+                }
+                open.fetch_add(1, SeqCst);
                 let (tx, t, d, tls) = (tx.clone(), t.clone(), d.clone(), tls.clone());
-                let (log, r, c) = (log.clone(), r.clone(), c.clone());
+                let (log, r, c, open) = (log.clone(), r.clone(), c.clone(), open.clone());
                 tokio::spawn(async move {
+                    // Counted down however the session ends.
+                    struct Open(Arc<std::sync::atomic::AtomicUsize>);
+                    impl Drop for Open {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    let _open = Open(open);
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
@@ -144,6 +173,8 @@ impl FakeUpstream {
             tokens,
             data_reply,
             connections,
+            max_sessions,
+            refused_sessions,
             commands,
             rcpt_replies,
             chunking,

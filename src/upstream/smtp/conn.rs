@@ -284,9 +284,28 @@ pub struct Conn {
     transcript: Option<TranscriptHandle>,
     /// When it last finished a message (or was opened).
     pub last_used: Instant,
+    /// Counted among its upstream's open connections while it lives ([`Conn::count_in`]).
+    live: Option<Live>,
+}
+
+/// One open connection in its upstream's count, taken off when the connection goes.
+struct Live(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Conn {
+    /// Counts this connection in `open` for as long as it lives.
+    pub fn count_in(&mut self, open: &std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        if self.live.is_none() {
+            open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.live = Some(Live(open.clone()));
+        }
+    }
+
     /// Connects, says EHLO (again after STARTTLS) and authenticates as `user` with `token`.
     pub async fn open(
         s: &Settings,
@@ -333,6 +352,7 @@ impl Conn {
             final_reply: s.final_reply,
             transcript,
             last_used: Instant::now(),
+            live: None,
         };
         let greeting = conn.reply().await?;
         if greeting.code != 220 {

@@ -53,6 +53,8 @@ pub struct SmtpUpstream {
     max_idle: usize,
     /// Whether BDAT may be used, after the server offered CHUNKING and then did not take it.
     chunking: Mutex<Chunking>,
+    /// Connections open now (logged in, in use or idle in the pool): what the server counts against its limits.
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What BDAT has shown on this upstream.
@@ -116,6 +118,7 @@ impl SmtpUpstream {
             idle: Mutex::new(Vec::new()),
             max_idle: max_connections.max(1),
             chunking: Mutex::new(Chunking::Usable),
+            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -174,6 +177,7 @@ impl SmtpUpstream {
                 Ok(c) => c,
                 Err(f) => return outcome(f),
             };
+            conn.count_in(&self.open);
             self.fit(&mut conn);
             if data_only {
                 conn.forget_chunking();
@@ -188,6 +192,11 @@ impl SmtpUpstream {
             }
         }
         Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
+    }
+
+    /// Connections to this upstream open now, in use or idle.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What this server has shown it cannot do, applied to a connection before a message.
@@ -429,6 +438,28 @@ fn quota_used_up(r: &reply::Reply) -> bool {
         || text.contains("submissionquotaexceeded")
 }
 
+/// A 421 to the greeting, EHLO or STARTTLS that says the server takes no more connections from this client:
+/// Postfix's "too many connections from …", Exim's "Too many concurrent SMTP connections", Sendmail's "Too many
+/// open connections", Microsoft's "The maximum number of concurrent server connections has exceeded a limit".
+/// Not any 421 (a server going down for maintenance says 421 too, and then fewer connections would not help).
+fn connection_limit(r: &reply::Reply) -> bool {
+    let text = r.text.to_ascii_lowercase();
+    r.code == 421
+        && text.contains("connection")
+        && ["too many", "concurrent", "limit", "maximum"]
+            .iter()
+            .any(|w| text.contains(w))
+}
+
+/// Exchange Online's limits on a mailbox's sessions at once: `432 4.3.2 STOREDRV.ClientSubmit; sender thread limit
+/// exceeded` and `432 4.3.2 Concurrent connections limit exceeded`.
+fn concurrency_limit(r: &reply::Reply) -> bool {
+    let text = r.text.to_ascii_lowercase();
+    r.code == 432
+        && r.status == Some([4, 3, 2])
+        && (text.contains("concurrent") || text.contains("thread limit"))
+}
+
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
@@ -436,6 +467,11 @@ fn outcome(f: Failure) -> Outcome {
             Outcome::Transient(why)
         }
         Failure::Unsupported(why) => Outcome::Permanent(why),
+        // Past the server's connection limit for this client: nothing of the message was offered.
+        Failure::Session(r) if connection_limit(&r) => Outcome::Busy {
+            reply: r.to_string(),
+            offered: false,
+        },
         // A 554 greeting (this host's address on a block list) or a refused EHLO would otherwise send every queued
         // message to dead/: they wait, and the log says why, until the cause is fixed or `max_age` runs out.
         Failure::Session(r) => Outcome::Transient(r.to_string()),
@@ -451,6 +487,11 @@ fn outcome(f: Failure) -> Outcome {
         // A sending quota used up (Gmail's daily limit, Exchange Online's recipient rate limit) is answered with a
         // 5xx, but it is about the account's last 24 hours, not this message: it goes later, not to dead/.
         Failure::Refused(r) if quota_used_up(&r) => Outcome::Throttled(r.to_string(), QUOTA_PAUSE),
+        // (To the final dot, as Exchange Online answers it: the message was offered, and refused whole.)
+        Failure::Refused(r) if concurrency_limit(&r) => Outcome::Busy {
+            reply: r.to_string(),
+            offered: true,
+        },
         Failure::Refused(r) if r.is_permanent() => Outcome::Permanent(r.to_string()),
         Failure::Refused(r) => Outcome::Transient(r.to_string()),
     }
@@ -536,6 +577,31 @@ fn local_part(user: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's per-client connection limit (a 421 to the session) and Exchange Online's concurrency limits
+    /// (432 4.3.2) are about the account's connections, not the message; other 4xx and session refusals are the
+    /// message's deferral.
+    #[test]
+    fn connection_limits_are_busy_not_the_messages_failure() {
+        let r = |text: &[u8]| reply::parse(text).unwrap().unwrap().0;
+        for busy in [
+            Failure::Session(r(b"421 4.7.0 mx.example Error: too many connections from 192.0.2.1\r\n")),
+            Failure::Refused(r(b"432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=AM0PR02MB1234]\r\n")),
+            Failure::Refused(r(b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n")),
+            Failure::Session(r(b"421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel\r\n")),
+            Failure::Session(r(b"421 mx.example Too many concurrent SMTP connections; please try again later.\r\n")),
+        ] {
+            assert!(matches!(outcome(busy), Outcome::Busy { .. }));
+        }
+        for other in [
+            Failure::Refused(r(b"451 4.3.0 try again later\r\n")),
+            Failure::Refused(r(b"432 4.7.12 A password transition is needed\r\n")),
+            Failure::Session(r(b"554 5.7.1 your address is on a block list\r\n")),
+            Failure::Session(r(b"421 4.3.0 mx.example going down for maintenance\r\n")),
+        ] {
+            assert!(matches!(outcome(other), Outcome::Transient(_)));
+        }
+    }
 
     #[test]
     fn local_parts_are_quoted_only_when_they_must_be() {
