@@ -711,7 +711,8 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
         )
         .await;
     }
-    let narrowed = daemon.wait_log("the upstream refused one more connection while others");
+    let narrowed = daemon
+        .wait_log("the upstream refused one more connection while the account had others open");
     assert!(
         narrowed.contains("too many connections") && narrowed.contains("no more than 2 "),
         "{narrowed}"

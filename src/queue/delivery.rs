@@ -128,7 +128,7 @@ impl Account {
             tracing::info!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, "the upstream refused one more connection: no more than {left} for now");
         } else {
             narrowed.1 = true;
-            tracing::warn!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, max_connections = self.connections, "the upstream refused one more connection while others of this account's were open: no more than {left} for the next {}, then more are tried again; its mail waits for them meanwhile (lower `max_connections` if this repeats: other devices or programs sending as this mailbox count too; said once)", humantime::format_duration(NARROWED_FOR));
+            tracing::warn!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, max_connections = self.connections, "the upstream refused one more connection while the account had others open: no more than {left} for the next {}, then more are tried again; its mail waits for them meanwhile (lower `max_connections` if this repeats: other devices or programs sending as this mailbox count too; said once)", humantime::format_duration(NARROWED_FOR));
         }
         None
     }
