@@ -467,11 +467,14 @@ fn outcome(f: Failure) -> Outcome {
             Outcome::Transient(why)
         }
         Failure::Unsupported(why) => Outcome::Permanent(why),
-        // Past the server's connection limit for this client: nothing of the message was offered.
-        Failure::Session(r) if connection_limit(&r) => Outcome::Busy {
-            reply: r.to_string(),
-            offered: false,
-        },
+        // Past the server's connection limit for this client, said to the session or the login (Exchange Online's
+        // 432 may come at either): nothing of the message was offered.
+        Failure::Session(r) | Failure::Auth(r) if connection_limit(&r) || concurrency_limit(&r) => {
+            Outcome::Busy {
+                reply: r.to_string(),
+                offered: false,
+            }
+        }
         // A 554 greeting (this host's address on a block list) or a refused EHLO would otherwise send every queued
         // message to dead/: they wait, and the log says why, until the cause is fixed or `max_age` runs out.
         Failure::Session(r) => Outcome::Transient(r.to_string()),
@@ -487,7 +490,7 @@ fn outcome(f: Failure) -> Outcome {
         // A sending quota used up (Gmail's daily limit, Exchange Online's recipient rate limit) is answered with a
         // 5xx, but it is about the account's last 24 hours, not this message: it goes later, not to dead/.
         Failure::Refused(r) if quota_used_up(&r) => Outcome::Throttled(r.to_string(), QUOTA_PAUSE),
-        // (To the final dot, as Exchange Online answers it: the message was offered, and refused whole.)
+        // (To MAIL or the final dot, where Exchange Online answers it: counted as offered, refused whole.)
         Failure::Refused(r) if concurrency_limit(&r) => Outcome::Busy {
             reply: r.to_string(),
             offered: true,
@@ -590,6 +593,8 @@ mod tests {
             Failure::Refused(r(b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n")),
             Failure::Session(r(b"421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel\r\n")),
             Failure::Session(r(b"421 mx.example Too many concurrent SMTP connections; please try again later.\r\n")),
+            Failure::Session(r(b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [Hostname=DM4PR18MB4126.namprd18.prod.outlook.com]\r\n")),
+            Failure::Auth(r(b"432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.\r\n")),
         ] {
             assert!(matches!(outcome(busy), Outcome::Busy { .. }));
         }
