@@ -704,12 +704,15 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
         "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
     let mut daemon = Daemon::spawn(&config);
-    for i in 0..MESSAGES {
-        send_message(
-            daemon.addr,
-            format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
-        )
-        .await;
+    let send = |i: usize| format!("Subject: m{i}\r\n\r\nbody\r\n");
+    // Two first, each on a connection of its own that the fake holds in DATA; then the rest, for which relay
+    // opens a third.
+    for i in 0..2 {
+        send_message(daemon.addr, send(i).as_bytes()).await;
+    }
+    let mut got = vec![upstream.next().await, upstream.next().await];
+    for i in 2..MESSAGES {
+        send_message(daemon.addr, send(i).as_bytes()).await;
     }
     let narrowed = daemon
         .wait_log("the upstream refused one more connection while the account had others open");
@@ -717,7 +720,6 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
         narrowed.contains("too many connections") && narrowed.contains("no more than 2 "),
         "{narrowed}"
     );
-    let mut got = vec![upstream.next().await, upstream.next().await];
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
     for _ in 0..2 {
         upstream.release.notify_one();

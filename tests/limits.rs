@@ -288,11 +288,11 @@ async fn mail_that_does_not_fit_the_day_is_held_once_not_every_tick() {
 async fn a_held_message_deleted_frees_the_mail_behind_it() {
     let mut t = DayLimited::start("").await;
     let small = send_to(t.daemon.addr, &["two@a.example"], "small").await;
-    let out = std::process::Command::new(relay_bin())
-        .args(["queue", "delete", &t.big, "--config"])
-        .arg(t.dir.path().join("relay.toml"))
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["queue", "delete", &t.big, "--config"])
+            .arg(t.dir.path().join("relay.toml")),
+    );
     assert!(out.status.success(), "{out:?}");
     let got = next_within(&mut t.limited, LIMIT).await;
     assert_eq!(subject(&got), "small");

@@ -1,4 +1,4 @@
-"""An XOAUTH2 upstream built on aiosmtpd, for `load drain --sink aiosmtpd` (benches/load.rs).
+"""An XOAUTH2 upstream built on aiosmtpd, for `load drain MESSAGES SESSIONS LIMIT_S aiosmtpd` (benches/load.rs).
 
 The in-process sink of `common/sink.rs` is as fast as a server can be here (it answers from memory, in Rust, on
 the same two cores); this one is an ordinary third-party SMTP server, the kind of local sink the issue measured

@@ -39,8 +39,8 @@ const SHOWN: usize = 10;
 /// Deliveries in flight per account unless `max_connections` says otherwise: Microsoft allows a few concurrent
 /// SMTP connections per mailbox.
 const PER_ACCOUNT: usize = 4;
-/// How long connections given up after an upstream refused more ([`Account::narrow`]) stay given up: then one
-/// more attempt tells whether the other senders of the mailbox have gone.
+/// How long connections given up after an upstream refused more ([`Account::narrow`]) stay given up: then they
+/// are all given back, and the next refusal, if the other senders of the mailbox are still there, narrows again.
 const NARROWED_FOR: Duration = Duration::from_secs(600);
 /// Message bytes held by all deliveries together, as `Transports::memory_for` charges them (a few chunks for a
 /// streamed delivery, up to a few megabytes for Graph's drafts); a charge larger than the budget runs alone.
@@ -105,7 +105,8 @@ impl Account {
     }
 
     /// The upstream refused one more connection (`reply`, an [`Outcome::Busy`]). With others of the account
-    /// open (logged in: what the server counts), it takes no more than those: this attempt's slot is given up
+    /// open (connected: what the server counts; the refused one itself, given back to the pool after a 432, among
+    /// them), it takes no more than those: this attempt's slot is given up
     /// until [`Self::widen`] gives it back, and `None` says the message waits for one of them. With none open
     /// (every connection refused: the server's limit is taken by others, or it is going away), or this the last
     /// slot in use, the slot is handed back: the refusal is the message's, a deferral like any 4xx.
@@ -802,7 +803,8 @@ impl Delivery {
             .await;
         let slot = match outcome {
             // The upstream takes no more connections than the account's others: this one is given up for a
-            // while, and the message waits for one of them (not an attempt: nothing of it was offered).
+            // while, and the message waits for one of them (not an attempt; it counts toward the per-minute limit only if
+            // it was offered).
             Outcome::Busy { ref reply, offered } => match account.narrow(slot, reply) {
                 None => {
                     drop((message, memory));

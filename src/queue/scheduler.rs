@@ -240,8 +240,8 @@ impl Scheduler {
                 // it must not strand mail): one message comes back each tick. That includes pools waiting for a
                 // limit's window: one account paused for an hour while another's delivery ended just before the
                 // message was parked must not hold it (and the mail behind it) for the hour. (`room` is 0 for an
-                // account that is paused or at its limits; a message whose recipients do not fit the rest of the
-                // day is the one case that comes back each tick to wait again.)
+                // account that is paused or at its limits; a first message held for its recipients counts room
+                // for all of them, so that it does not come back each tick while they do not fit.)
                 self.delivery.widen_connections();
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {

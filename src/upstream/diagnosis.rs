@@ -217,7 +217,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "432 4.3.2",
         cause: "Exchange Online takes at most 3 SMTP connections at once per mailbox and refused one more: relay's own (`max_connections` over 3) or other devices and programs sending as this mailbox at the same time",
-        fix: "keep `max_connections` at 3 or less for ACCOUNT (the default for Microsoft), and give the other senders of this mailbox their own mailbox or send their mail through relay; meanwhile relay goes on with the connections the server still takes, and the refused message waits for them",
+        fix: "keep `max_connections` at 3 or less for ACCOUNT (the default for Microsoft), and give the other senders of this mailbox their own mailbox or send their mail through relay; while other connections of ACCOUNT are open, relay uses only those for 10 minutes and the refused message waits for them; with none open, as here, the message is tried again on the retry schedule",
         matches: &[
             &["432", "4.3.2", "concurrent connection"],
             &["432", "4.3.2", "sender thread limit"],

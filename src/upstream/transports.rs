@@ -107,9 +107,6 @@ impl Transports {
         }
     }
 
-    /// Message bytes one delivery may hold in memory. SMTP and the single-request HTTP uploads (Graph's
-    /// `sendMail`, Gmail's media upload) stream from the queue file; Graph's drafts hold the message without its
-    /// largest attachments, Gmail's resumable upload a chunk at a time.
     /// Upstream SMTP connections open now (none for the HTTP transports).
     pub fn open_connections(&self) -> usize {
         match &self.primary {
@@ -118,6 +115,9 @@ impl Transports {
         }
     }
 
+    /// Message bytes one delivery may hold in memory. SMTP and the single-request HTTP uploads (Graph's
+    /// `sendMail`, Gmail's media upload) stream from the queue file; Graph's drafts hold the message without its
+    /// largest attachments, Gmail's resumable upload a chunk at a time.
     pub fn memory_for(&self, size: u64) -> u64 {
         // SMTP: two chunks in flight (read and written) and a wrapped one (up to about 3.2 times its source).
         let streamed =

@@ -211,7 +211,12 @@ pub fn queued_in(state: &Path) -> Vec<(serde_json::Value, Vec<u8>)> {
             Some("msg"),
             "stray file {p:?} in queue/"
         );
-        let bytes = std::fs::read(&p).unwrap();
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            // Delivered (and removed) since the directory was listed: a delivery runs while `drained` looks.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{p:?}: {e}"),
+        };
         let nl = bytes
             .iter()
             .position(|&b| b == b'\n')

@@ -299,19 +299,21 @@ impl Drop for Live {
 
 impl Conn {
     /// Counts this connection in `open` for as long as it lives.
-    pub fn count_in(&mut self, open: &std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    fn count_in(&mut self, open: &std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         if self.live.is_none() {
             open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.live = Some(Live(open.clone()));
         }
     }
 
-    /// Connects, says EHLO (again after STARTTLS) and authenticates as `user` with `token`.
+    /// Connects, says EHLO (again after STARTTLS) and authenticates as `user` with `token`. Counted in `open`
+    /// from the moment it is connected (as the server counts it) for as long as it lives.
     pub async fn open(
         s: &Settings,
         user: &str,
         token: &SecretString,
         transcript: Option<TranscriptHandle>,
+        open: Option<&std::sync::Arc<std::sync::atomic::AtomicUsize>>,
     ) -> Result<Conn, Failure> {
         let broken = |what: &str, e: &dyn std::fmt::Display| {
             Failure::Connection(format!("upstream {}:{}: {what}: {e}", s.host, s.port))
@@ -354,6 +356,9 @@ impl Conn {
             last_used: Instant::now(),
             live: None,
         };
+        if let Some(open) = open {
+            conn.count_in(open);
+        }
         let greeting = conn.reply().await?;
         if greeting.code != 220 {
             return Err(Failure::Session(greeting));
@@ -1290,7 +1295,7 @@ mod tests {
             helo: "test".into(),
         };
         let token = SecretString::from("t");
-        Conn::open(&settings, "me@x.test", &token, None)
+        Conn::open(&settings, "me@x.test", &token, None, None)
             .await
             .unwrap()
     }

@@ -53,7 +53,8 @@ pub struct SmtpUpstream {
     max_idle: usize,
     /// Whether BDAT may be used, after the server offered CHUNKING and then did not take it.
     chunking: Mutex<Chunking>,
-    /// Connections open now (logged in, in use or idle in the pool): what the server counts against its limits.
+    /// Connections open now (connected, logging in, in use or idle in the pool): what the server counts against
+    /// its limits.
     open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -173,11 +174,18 @@ impl SmtpUpstream {
         }
         // Twice at most: a BDAT the server did not know is sent again through DATA, in this attempt.
         for _ in 0..2 {
-            let mut conn = match Conn::open(&self.settings, &self.mailbox, token, None).await {
+            let mut conn = match Conn::open(
+                &self.settings,
+                &self.mailbox,
+                token,
+                None,
+                Some(&self.open),
+            )
+            .await
+            {
                 Ok(c) => c,
                 Err(f) => return outcome(f),
             };
-            conn.count_in(&self.open);
             self.fit(&mut conn);
             if data_only {
                 conn.forget_chunking();
@@ -264,6 +272,7 @@ impl SmtpUpstream {
                 &self.mailbox,
                 token,
                 Some(transcript.clone()),
+                None,
             )
             .await
             {
@@ -444,8 +453,10 @@ fn quota_used_up(r: &reply::Reply) -> bool {
 /// Not any 421 (a server going down for maintenance says 421 too, and then fewer connections would not help).
 fn connection_limit(r: &reply::Reply) -> bool {
     let text = r.text.to_ascii_lowercase();
+    // "connections", or "connection" with "limit": Exchange's "421 4.7.0 Too many errors on this connection" is
+    // about this session's errors, not how many there are.
     r.code == 421
-        && text.contains("connection")
+        && (text.contains("connections") || (text.contains("connection") && text.contains("limit")))
         && ["too many", "concurrent", "limit", "maximum"]
             .iter()
             .any(|w| text.contains(w))
@@ -603,6 +614,9 @@ mod tests {
             Failure::Refused(r(b"432 4.7.12 A password transition is needed\r\n")),
             Failure::Session(r(b"554 5.7.1 your address is on a block list\r\n")),
             Failure::Session(r(b"421 4.3.0 mx.example going down for maintenance\r\n")),
+            Failure::Session(r(
+                b"421 4.7.0 Too many errors on this connection, closing transmission channel\r\n",
+            )),
         ] {
             assert!(matches!(outcome(other), Outcome::Transient(_)));
         }
