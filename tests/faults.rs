@@ -756,3 +756,44 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// An upstream that cannot be reached (nothing listens: as a firewall that drops packets, but at once) is not
+/// connected to again for each message: for 30 s after a failed connect, the account's other mail is deferred
+/// with that reason, saying it was not tried. `relay queue retry` ends the wait (the network may be fixed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_not_tried_for_every_message() {
+    let idp = idp_issuing("tok").await;
+    let stand_in = FakeUpstream::start(&["tok"]).await;
+    let closed = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &stand_in, "").replace(
+        &format!("smtp_port = {}", stand_in.addr.port()),
+        &format!("smtp_port = {closed}"),
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let deferral = |d: &mut Daemon, id: &str| {
+        let line = d.wait_log("relay_event=\"deferred\"");
+        assert!(
+            line.contains(id) && line.contains("cannot connect"),
+            "{line}"
+        );
+        line
+    };
+
+    let first = send_message(daemon.addr, BODY).await;
+    let line = deferral(&mut daemon, &first);
+    assert!(!line.contains("not tried"), "{line}");
+    let second = send_message(daemon.addr, BODY).await;
+    let line = deferral(&mut daemon, &second);
+    assert!(line.contains("not tried again"), "{line}");
+    // The sysadmin fixed the network: tried at once, for real.
+    queue_retry(&config, &second);
+    let line = deferral(&mut daemon, &second);
+    assert!(!line.contains("not tried"), "{line}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
