@@ -481,9 +481,6 @@ impl Delivery {
             if a.transports.lift_hold() {
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
             }
-            if a.transports.lift_unreachable() {
-                tracing::info!(relay_account = %a.name, "the upstream that could not be reached is tried again (relay queue retry or relay authorize)");
-            }
         }
     }
 

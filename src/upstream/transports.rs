@@ -107,15 +107,6 @@ impl Transports {
         }
     }
 
-    /// `relay queue retry`: the wait after the SMTP upstream could not be reached ends (the network may be fixed).
-    /// Whether there was one.
-    pub fn lift_unreachable(&self) -> bool {
-        match &self.primary {
-            Primary::Smtp(s) => s.lift_unreachable(),
-            Primary::Graph(_) | Primary::Gmail(_) => false,
-        }
-    }
-
     /// Upstream SMTP connections open now (none for the HTTP transports).
     pub fn open_connections(&self) -> usize {
         match &self.primary {

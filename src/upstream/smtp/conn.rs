@@ -46,9 +46,6 @@ pub struct Settings {
 pub enum Failure {
     /// Connecting, TLS, a broken or silent connection, or the queue file: nothing is known to have arrived.
     Connection(String),
-    /// No TCP connection at all (refused, unreachable, no answer within the timeout, a name that does not
-    /// resolve): the server is not there for anyone, this moment.
-    Unreachable(String),
     /// The server refused a command or the message.
     Refused(Reply),
     /// The server refused AUTH XOAUTH2.
@@ -337,18 +334,8 @@ impl Conn {
                 .await
             {
                 Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    return Err(Failure::Unreachable(format!(
-                        "upstream {}:{}: cannot connect: {e}",
-                        s.host, s.port
-                    )));
-                }
-                Err(_) => {
-                    return Err(Failure::Unreachable(format!(
-                        "upstream {}:{}: cannot connect: timed out (smtp_timeout)",
-                        s.host, s.port
-                    )));
-                }
+                Ok(Err(e)) => return Err(broken("cannot connect", &e)),
+                Err(_) => return Err(broken("cannot connect", &"timed out (smtp_timeout)")),
             };
         // The final dot must not wait for the peer's delayed ACK (Nagle): that cost 40 ms a message.
         tcp.set_nodelay(true)

@@ -56,16 +56,7 @@ pub struct SmtpUpstream {
     /// Connections open now (connected, logging in, in use or idle in the pool): what the server counts against
     /// its limits.
     open: Arc<std::sync::atomic::AtomicUsize>,
-    /// The last time no connection could be made at all, and why: for [`UNREACHABLE_HOLD`] after it, the
-    /// account's other mail is deferred with that reason without connecting.
-    unreachable: Mutex<Option<(Instant, String)>>,
 }
-
-/// How long a failed connect stands for the account's other mail. An upstream that drops packets (a firewall, a
-/// network down) makes each connect wait the whole `smtp_timeout`, holding one of the account's few slots: a
-/// backlog tried message by message would spend its whole retry round waiting. Postfix does the same for a
-/// destination it could not reach ("delivery temporarily suspended").
-const UNREACHABLE_HOLD: Duration = Duration::from_secs(30);
 
 /// What BDAT has shown on this upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +120,6 @@ impl SmtpUpstream {
             max_idle: max_connections.max(1),
             chunking: Mutex::new(Chunking::Usable),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            unreachable: Mutex::new(None),
         })
     }
 
@@ -182,9 +172,6 @@ impl SmtpUpstream {
                 Err(f) => return self.failed(key, conn, f),
             }
         }
-        if let Some(why) = self.still_unreachable() {
-            return Outcome::Transient(why);
-        }
         // Twice at most: a BDAT the server did not know is sent again through DATA, in this attempt.
         for _ in 0..2 {
             let mut conn = match Conn::open(
@@ -196,16 +183,8 @@ impl SmtpUpstream {
             )
             .await
             {
-                Ok(c) => {
-                    self.reached();
-                    c
-                }
-                Err(f) => {
-                    if let Failure::Unreachable(why) = &f {
-                        self.unreached(why);
-                    }
-                    return outcome(f);
-                }
+                Ok(c) => c,
+                Err(f) => return outcome(f),
             };
             self.fit(&mut conn);
             if data_only {
@@ -221,46 +200,6 @@ impl SmtpUpstream {
             }
         }
         Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
-    }
-
-    /// The reason of a failed connect less than [`UNREACHABLE_HOLD`] ago, as this message's deferral.
-    fn still_unreachable(&self) -> Option<String> {
-        let held = self.unreachable.lock().ok()?;
-        let (at, why) = held.as_ref()?;
-        let ago = at.elapsed();
-        (ago < UNREACHABLE_HOLD).then(|| {
-            format!(
-                "{why} ({} s ago; not tried again before {} s have passed)",
-                ago.as_secs(),
-                UNREACHABLE_HOLD.as_secs()
-            )
-        })
-    }
-
-    fn unreached(&self, why: &str) {
-        if let Ok(mut held) = self.unreachable.lock() {
-            if held.is_none() {
-                tracing::info!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "the upstream cannot be reached: the account's mail is deferred without connecting for {} s after each failed connect, until one succeeds", UNREACHABLE_HOLD.as_secs());
-            }
-            *held = Some((Instant::now(), why.to_string()));
-        }
-    }
-
-    fn reached(&self) {
-        if let Ok(mut held) = self.unreachable.lock()
-            && held.take().is_some()
-        {
-            tracing::info!(relay_account_mailbox = %self.mailbox, "the upstream can be reached again");
-        }
-    }
-
-    /// Ends the wait after a failed connect (`relay queue retry`: the network may be fixed). Whether there was one.
-    pub fn lift_unreachable(&self) -> bool {
-        self.unreachable
-            .lock()
-            .ok()
-            .and_then(|mut h| h.take())
-            .is_some()
     }
 
     /// Connections to this upstream open now, in use or idle.
@@ -535,10 +474,9 @@ fn concurrency_limit(r: &reply::Reply) -> bool {
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
-        Failure::Connection(why)
-        | Failure::Unreachable(why)
-        | Failure::Dropped(why)
-        | Failure::ChunkingRefused { why, .. } => Outcome::Transient(why),
+        Failure::Connection(why) | Failure::Dropped(why) | Failure::ChunkingRefused { why, .. } => {
+            Outcome::Transient(why)
+        }
         Failure::Unsupported(why) => Outcome::Permanent(why),
         // Past the server's connection limit for this client, said to the session or the login (Exchange Online's
         // 432 may come at either): nothing of the message was offered.
