@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -32,6 +32,24 @@ fn top(dir: &std::path::Path, idp: &str, provider: &str, lines: &str) -> String 
     format!(
         "default_account = \"office\"\n[queue]\nretry = [\"1s\"]\n[[account]]\nname = \"office\"\nprovider = \"{provider}\"\ntenant = \"contoso.onmicrosoft.com\"\nflow = \"client_credentials\"\nmailbox = \"{MAILBOX}\"\nclient_id = \"cid\"\nclient_secret_file = \"{dir}/secret\"\ntoken_url = \"{idp}/token\"\n{lines}\n",
         dir = dir.display()
+    )
+}
+
+/// [`top`] for a Microsoft account on SMTP at `smtp_port` with Graph (`api`) as its fallback transport.
+fn smtp_falling_back_to_graph(
+    dir: &std::path::Path,
+    idp: &MockServer,
+    smtp_port: u16,
+    api: &FakeApi,
+) -> String {
+    top(
+        dir,
+        &idp.uri(),
+        "microsoft",
+        &format!(
+            "smtp_host = \"127.0.0.1\"\nsmtp_port = {smtp_port}\nsmtp_tls = \"none\"\nfallback_transport = \"graph\"\ngraph_url = \"{}\"",
+            api.uri()
+        ),
     )
 }
 
@@ -250,16 +268,7 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
     let api = FakeApi::start("tok", MAILBOX).await;
     let upstream = FakeUpstream::start(&["REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."]).await;
     let dir = tempfile::tempdir().unwrap();
-    let t = top(
-        dir.path(),
-        &idp.uri(),
-        "microsoft",
-        &format!(
-            "smtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\nfallback_transport = \"graph\"\ngraph_url = \"{}\"",
-            upstream.addr.port(),
-            api.uri()
-        ),
-    );
+    let t = smtp_falling_back_to_graph(dir.path(), &idp, upstream.addr.port(), &api);
     let config = dir.path().join("relay.toml");
     std::fs::write(
         &config,
@@ -375,4 +384,51 @@ async fn single_request_uploads_are_read_from_the_queue_file_as_they_go() {
         );
         assert!(api.errors().is_empty(), "{provider}: {:?}", api.errors());
     }
+}
+
+/// An account on Graph since SMTP AUTH was refused tries SMTP again daily. When that try fails for another reason
+/// (here the SMTP upstream cannot be reached at all), the account stays on Graph and the message goes through it
+/// at once: before, any failure but an AUTH refusal was taken for "SMTP AUTH works again", the account went back
+/// to an SMTP upstream it could not reach, and its mail waited there with Graph working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switched_accounts_daily_smtp_try_that_cannot_connect_stays_on_graph() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = smtp_falling_back_to_graph(dir.path(), &idp, free_port(), &api);
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("accounts")).unwrap();
+    // Switched two days ago, SMTP last tried then: today's try is due with the first message.
+    let then =
+        humantime::format_rfc3339_seconds(SystemTime::now() - Duration::from_secs(2 * 86_400));
+    std::fs::write(
+        state.join("accounts/office.transport.json"),
+        format!(
+            r#"{{"transport":"graph","since":"{then}","smtp_tried":"{then}","reason":"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."}}"#
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, format!("state_dir = {state:?}\n{t}\n{LISTENER}")).unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(daemon.addr, &["ops@example.test"], msg).await;
+    let sent = api.sent(1).await;
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+    daemon.wait_log("relay_event=\"delivered\"");
+    let restored: Vec<&String> = daemon
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("transport_restored") || l.contains("relay_event=\"deferred\""))
+        .collect();
+    assert!(restored.is_empty(), "{restored:?}");
+    let switch = std::fs::read_to_string(state.join("accounts/office.transport.json")).unwrap();
+    let switch: serde_json::Value = serde_json::from_str(&switch).unwrap();
+    assert_eq!(switch["transport"], "graph", "{switch}");
+    assert_ne!(
+        switch["smtp_tried"],
+        then.to_string(),
+        "tried today: {switch}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
 }

@@ -165,11 +165,17 @@ impl Transports {
         let out = self
             .primary(tokens, sender, recipients, message, flags)
             .await;
-        if !smtp_auth_off(&out) {
-            if switched.is_some() {
-                tracing::warn!(relay_event = "transport_restored", relay_account = %self.account, "SMTP AUTH works again for this account: back from Graph to SMTP");
-                self.set_switch(None);
-            }
+        // Back to SMTP only once it took mail: the daily try of a switched account failing for another reason
+        // (the upstream unreachable, a 4xx, a busy mailbox) says nothing about SMTP AUTH; the message goes
+        // through Graph as the others do, and SMTP is tried again the next day. (Switching back on such a
+        // failure left the account's mail on an SMTP upstream it could not reach, with Graph working.)
+        let smtp_took_it = matches!(out, Outcome::Delivered(_) | Outcome::Partial { .. });
+        if switched.is_none() && !smtp_auth_off(&out) {
+            return out;
+        }
+        if switched.is_some() && smtp_took_it {
+            tracing::warn!(relay_event = "transport_restored", relay_account = %self.account, "SMTP AUTH works again for this account: back from Graph to SMTP");
+            self.set_switch(None);
             return out;
         }
         let now = SystemTime::now();
