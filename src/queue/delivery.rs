@@ -58,10 +58,8 @@ pub struct Account {
     slots: Arc<Semaphore>,
     /// How many `slots` holds when none is taken.
     connections: usize,
-    /// Slots given up because the upstream refused more connections than the account's others ([`Self::narrow`]),
-    /// and since when; and whether that was said at warning level already (once in the daemon's life: the
-    /// sysadmin needs to hear it once, not every ten minutes while another device keeps the mailbox busy).
-    narrowed: Mutex<(Option<(usize, std::time::Instant)>, bool)>,
+    /// Slots given up because the upstream refused more connections than the account's others ([`Self::narrow`]).
+    narrowed: Mutex<Narrowed>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
@@ -84,6 +82,16 @@ pub fn read_last_delivery(state_dir: &Path, account: &str) -> Option<LastDeliver
     crate::small_files::report(&path)
 }
 
+/// What [`Account::narrow`] gave up.
+#[derive(Debug, Default)]
+struct Narrowed {
+    /// Slots given up, and when the last was.
+    given_up: Option<(usize, std::time::Instant)>,
+    /// Whether that was said at warning level already: once in the daemon's life, since the sysadmin needs to
+    /// hear it once, not every ten minutes while another device keeps the mailbox busy.
+    warned: bool,
+}
+
 impl Account {
     pub fn new(
         name: String,
@@ -99,7 +107,7 @@ impl Account {
             rewrite,
             slots: Arc::new(Semaphore::new(PER_ACCOUNT)),
             connections: PER_ACCOUNT,
-            narrowed: Mutex::new((None, false)),
+            narrowed: Mutex::new(Narrowed::default()),
             last_written: Mutex::new(None),
         }
     }
@@ -112,7 +120,7 @@ impl Account {
     /// slot in use, the slot is handed back: the refusal is the message's, a deferral like any 4xx.
     fn narrow(&self, slot: OwnedSemaphorePermit, reply: &str) -> Option<OwnedSemaphorePermit> {
         let mut narrowed = lock(&self.narrowed);
-        let given_up = narrowed.0.map_or(0, |(n, _)| n);
+        let given_up = narrowed.given_up.map_or(0, |(n, _)| n);
         // Slots in use, this attempt's included.
         let in_use = self
             .connections
@@ -123,12 +131,12 @@ impl Account {
             return Some(slot);
         }
         slot.forget();
-        narrowed.0 = Some((given_up + 1, std::time::Instant::now()));
+        narrowed.given_up = Some((given_up + 1, std::time::Instant::now()));
         let left = in_use - 1;
-        if narrowed.1 {
+        if narrowed.warned {
             tracing::info!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, "the upstream refused one more connection: no more than {left} for now");
         } else {
-            narrowed.1 = true;
+            narrowed.warned = true;
             tracing::warn!(relay_account = %self.name, relay_upstream_reply = %reply, connections = left, max_connections = self.connections, "the upstream refused one more connection while the account had others open: no more than {left} for the next {}, then more are tried again; its mail waits for them meanwhile (lower `max_connections` if this repeats: other devices or programs sending as this mailbox count too; said once)", humantime::format_duration(NARROWED_FOR));
         }
         None
@@ -137,11 +145,11 @@ impl Account {
     /// Gives back the slots [`Self::narrow`] gave up, once they have been given up for [`NARROWED_FOR`].
     fn widen(&self, now: std::time::Instant) {
         let mut narrowed = lock(&self.narrowed);
-        if let Some((n, since)) = narrowed.0
+        if let Some((n, since)) = narrowed.given_up
             && now.saturating_duration_since(since) >= NARROWED_FOR
         {
             self.slots.add_permits(n);
-            narrowed.0 = None;
+            narrowed.given_up = None;
             tracing::info!(relay_account = %self.name, max_connections = self.connections, "trying up to {} upstream connections again", self.connections);
         }
     }
@@ -435,16 +443,12 @@ impl Delivery {
     /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
     /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
     pub fn room(&self, pool: usize) -> usize {
-        self.room_with(pool, |rate, now| rate.room(now))
+        self.room_for(pool, 1)
     }
 
     /// [`Self::room`] for a message to `recipients` recipients: an account whose day has room for smaller mail
     /// only does not count.
     pub fn room_for(&self, pool: usize, recipients: usize) -> usize {
-        self.room_with(pool, |rate, now| rate.room_for(now, recipients))
-    }
-
-    fn room_with(&self, pool: usize, rate_room: impl Fn(&AccountRate, SystemTime) -> u64) -> usize {
         let now = SystemTime::now();
         let Some(names) = self.routing.pools().get(pool) else {
             return 0;
@@ -453,7 +457,7 @@ impl Delivery {
             .iter()
             .filter_map(|n| self.accounts.get(n))
             .map(|a| {
-                let rate = usize::try_from(rate_room(&a.rate, now)).unwrap_or(usize::MAX);
+                let rate = usize::try_from(a.rate.room_for(now, recipients)).unwrap_or(usize::MAX);
                 a.slots.available_permits().min(rate)
             })
             .fold(0, usize::saturating_add)
@@ -803,8 +807,8 @@ impl Delivery {
             .await;
         let slot = match outcome {
             // The upstream takes no more connections than the account's others: this one is given up for a
-            // while, and the message waits for one of them (not an attempt; it counts toward the per-minute limit only if
-            // it was offered).
+            // while, and the message waits for one of them (not an attempt; it counts toward the per-minute
+            // limit only if it was offered).
             Outcome::Busy { ref reply, offered } => match account.narrow(slot, reply) {
                 None => {
                     drop((message, memory));

@@ -276,13 +276,7 @@ impl AccountRate {
     /// How many more messages could go now, as far as the per-minute limit says (`u64::MAX` without one); zero
     /// when the day's recipients are used up.
     pub fn room(&self, now: SystemTime) -> u64 {
-        let u = self.usage(now);
-        if u.day_exhausted() || self.paused(now).is_some() {
-            return 0;
-        }
-        u.per_minute.map_or(u64::MAX, |l| {
-            u64::from(l).saturating_sub(u.messages_this_minute)
-        })
+        self.room_for(now, 1)
     }
 
     /// [`Self::room`] for a message to `recipients` recipients: also zero while they do not fit what is left of
@@ -290,19 +284,20 @@ impl AccountRate {
     /// [`Self::reserve`] sends it.)
     pub fn room_for(&self, now: SystemTime, recipients: usize) -> u64 {
         let u = self.usage(now);
-        if let Some(limit) = u.recipients_per_day.map(u64::from) {
-            let k = recipients as u64;
-            let used = u.recipients_last_24h;
-            let fits = if k > limit {
+        let fits = u.recipients_per_day.map(u64::from).is_none_or(|limit| {
+            let (k, used) = (recipients as u64, u.recipients_last_24h);
+            if k > limit {
                 used == 0
             } else {
                 used.saturating_add(k) <= limit
-            };
-            if !fits {
-                return 0;
             }
+        });
+        if !fits || self.paused(now).is_some() {
+            return 0;
         }
-        self.room(now)
+        u.per_minute.map_or(u64::MAX, |l| {
+            u64::from(l).saturating_sub(u.messages_this_minute)
+        })
     }
 
     /// Takes a place for a message to `recipients` recipients, or says when one could free: `Err(None)` when only
