@@ -756,3 +756,81 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// An upstream that stops answering (a firewall dropping packets, a link down: connections get nothing back
+/// until `smtp_timeout`): one connection at a time tries it, the account's mail due meanwhile is deferred without
+/// connecting, one warning says so, and everything goes once it answers again. Each message used to make its
+/// own connection and hold one of the account's slots for the whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const MESSAGES: usize = 12;
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.silent.store(true, SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "smtp_timeout = \"1s\"\n[queue]\nretry = [\"1s\"]",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    for i in 0..MESSAGES {
+        send_message(
+            daemon.addr,
+            format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
+        )
+        .await;
+    }
+    let down = daemon.wait_log("the upstream does not answer");
+    assert!(down.contains("did not answer within 1s"), "{down}");
+    // Every message deferred three times over.
+    let deferred: Vec<String> = (0..3 * MESSAGES)
+        .map(|_| daemon.wait_log("relay_event=\"deferred\""))
+        .collect();
+    let tried = upstream.unanswered.load(SeqCst);
+    assert!(
+        tried <= MESSAGES,
+        "{tried} connections for {} deferrals",
+        deferred.len()
+    );
+    assert!(
+        deferred.iter().any(|l| l
+            .contains("not tried: the account's last connection to the upstream got no answer")),
+        "{deferred:?}"
+    );
+    upstream.silent.store(false, SeqCst);
+    daemon.wait_log("the upstream answers again");
+    let mut subjects = Vec::new();
+    while subjects.len() < MESSAGES {
+        let got = upstream.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        subjects.extend(
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string)),
+        );
+    }
+    for _ in 0..MESSAGES {
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), MESSAGES, "each message once");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    let warned_again: Vec<&String> = daemon
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("the upstream does not answer"))
+        .collect();
+    assert!(
+        warned_again.is_empty(),
+        "one warning per outage: {warned_again:?}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -480,10 +480,14 @@ impl Delivery {
 
     /// The same trigger ends the minute an account's mail waits after its fresh token was refused (a permission
     /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
-    pub fn lift_auth_holds(&self) {
+    /// And the hold after an upstream did not answer (a firewall opened meanwhile): it is tried at once.
+    pub fn lift_holds(&self) {
         for a in self.accounts.values() {
             if a.transports.lift_hold() {
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
+            }
+            if a.transports.lift_unreachable() {
+                tracing::info!(relay_account = %a.name, "the account's upstream, which did not answer, is tried again at once (relay queue retry or relay authorize)");
             }
         }
     }

@@ -266,7 +266,7 @@ impl Scheduler {
                             trigger_seen = now_seen;
                             // Attempts start at the next turn of the loop, so none of the mail made due meets
                             // a hold lifted here.
-                            self.delivery.lift_auth_holds();
+                            self.delivery.lift_holds();
                             if self.delivery.lift_pauses() {
                                 // The mail held by the pauses waits for their end: it is due now instead, and so
                                 // is that of attempts still deciding (a new generation), which saw them.

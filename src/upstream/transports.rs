@@ -305,6 +305,15 @@ impl Transports {
             .is_some_and(|h| std::time::Instant::now() < h.until)
     }
 
+    /// `relay queue retry`: an SMTP upstream that did not answer a moment ago is tried again at once (one
+    /// connection at a time until it answers). Whether its mail was being held.
+    pub fn lift_unreachable(&self) -> bool {
+        match &self.primary {
+            Primary::Smtp(s) => s.lift_hold(),
+            Primary::Graph(_) | Primary::Gmail(_) => false,
+        }
+    }
+
     fn set_hold(&self, hold: Option<AuthHold>) {
         if let Ok(mut h) = self.auth_hold.lock() {
             *h = hold;

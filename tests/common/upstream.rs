@@ -47,6 +47,11 @@ pub struct FakeUpstream {
     pub max_sessions: Arc<std::sync::atomic::AtomicUsize>,
     /// Sessions refused by `max_sessions` so far.
     pub refused_sessions: Arc<std::sync::atomic::AtomicUsize>,
+    /// Accept connections and never greet them (an upstream that has stopped answering), holding each until the
+    /// client hangs up; counted in `connections` too.
+    pub silent: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted while `silent`.
+    pub unanswered: Arc<std::sync::atomic::AtomicUsize>,
     /// Every command line received (AUTH's argument left out), in order; a line that arrived with more
     /// commands already behind it in the same read (pipelined, RFC 2920) ends in " +".
     pub commands: Arc<Mutex<Vec<String>>>,
@@ -129,11 +134,22 @@ impl FakeUpstream {
         let max_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let refused_sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (max, refused) = (max_sessions.clone(), refused_sessions.clone());
+        let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let unanswered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (quiet, ignored) = (silent.clone(), unanswered.clone());
         let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             use std::sync::atomic::Ordering::SeqCst;
             while let Ok((mut tcp, _)) = listener.accept().await {
                 counter.fetch_add(1, SeqCst);
+                if quiet.load(SeqCst) {
+                    ignored.fetch_add(1, SeqCst);
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 512];
+                        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                    });
+                    continue;
+                }
                 let limit = max.load(SeqCst);
                 if limit > 0 && open.load(SeqCst) >= limit {
                     refused.fetch_add(1, SeqCst);
@@ -175,6 +191,8 @@ impl FakeUpstream {
             connections,
             max_sessions,
             refused_sessions,
+            silent,
+            unanswered,
             commands,
             rcpt_replies,
             chunking,

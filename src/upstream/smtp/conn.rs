@@ -79,6 +79,23 @@ impl Failure {
     }
 }
 
+/// A fresh connection that failed before its greeting, and whether the server answered at all (see
+/// `reach.rs`: no answer is what makes an upstream down).
+#[derive(Debug)]
+pub struct ConnectFailure {
+    pub failure: Failure,
+    pub answered: bool,
+}
+
+impl ConnectFailure {
+    fn answered(failure: Failure) -> ConnectFailure {
+        ConnectFailure {
+            failure,
+            answered: true,
+        }
+    }
+}
+
 /// A message that did not go, and what that says about the connection.
 #[derive(Debug)]
 pub struct SendFailure {
@@ -315,8 +332,25 @@ impl Conn {
         transcript: Option<TranscriptHandle>,
         open: Option<&std::sync::Arc<std::sync::atomic::AtomicUsize>>,
     ) -> Result<Conn, Failure> {
+        Conn::connect(s, transcript, open)
+            .await
+            .map_err(|f| f.failure)?
+            .login(s, user, token)
+            .await
+    }
+
+    /// Connects (with TLS on an implicit-TLS port) and reads the greeting, which must be a 220.
+    pub async fn connect(
+        s: &Settings,
+        transcript: Option<TranscriptHandle>,
+        open: Option<&std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    ) -> Result<Conn, ConnectFailure> {
         let broken = |what: &str, e: &dyn std::fmt::Display| {
             Failure::Connection(format!("upstream {}:{}: {what}: {e}", s.host, s.port))
+        };
+        let unanswered = |failure| ConnectFailure {
+            failure,
+            answered: false,
         };
         if let Some(t) = &transcript
             && let Ok(mut t) = t.lock()
@@ -334,14 +368,28 @@ impl Conn {
                 .await
             {
                 Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => return Err(broken("cannot connect", &e)),
-                Err(_) => return Err(broken("cannot connect", &"timed out (smtp_timeout)")),
+                Ok(Err(e)) => return Err(unanswered(broken("cannot connect", &e))),
+                Err(_) => {
+                    return Err(unanswered(broken(
+                        "cannot connect",
+                        &"timed out (smtp_timeout)",
+                    )));
+                }
             };
         // The final dot must not wait for the peer's delayed ACK (Nagle): that cost 40 ms a message.
         tcp.set_nodelay(true)
-            .map_err(|e| broken("TCP_NODELAY", &e))?;
+            .map_err(|e| ConnectFailure::answered(broken("TCP_NODELAY", &e)))?;
         let stream = match s.tls {
-            TlsMode::Implicit => Stream::Tls(Box::new(handshake(s, tcp).await?)),
+            // A handshake that timed out got no answer; one that failed did (a certificate, a protocol).
+            TlsMode::Implicit => match handshake(s, tcp).await {
+                Ok(tls) => Stream::Tls(Box::new(tls)),
+                Err((failure, timed_out)) => {
+                    return Err(ConnectFailure {
+                        failure,
+                        answered: !timed_out,
+                    });
+                }
+            },
             _ => Stream::Plain(tcp),
         };
         let mut conn = Conn {
@@ -359,34 +407,56 @@ impl Conn {
         if let Some(open) = open {
             conn.count_in(open);
         }
-        let greeting = conn.reply().await?;
+        let greeting = match conn.reply().await {
+            Ok(r) => r,
+            // Not a byte of a greeting (silent, or hung up at once): no answer; a garbled one is an answer.
+            Err(failure) => {
+                return Err(ConnectFailure {
+                    failure,
+                    answered: !conn.buf.is_empty(),
+                });
+            }
+        };
         if greeting.code != 220 {
-            return Err(Failure::Session(greeting));
+            return Err(ConnectFailure::answered(Failure::Session(greeting)));
         }
-        conn.ehlo(&s.helo).await?;
+        Ok(conn)
+    }
+
+    /// EHLO (again after STARTTLS) and AUTH as `user` with `token`, on a connection just made.
+    pub async fn login(
+        mut self,
+        s: &Settings,
+        user: &str,
+        token: &SecretString,
+    ) -> Result<Conn, Failure> {
+        let broken = |what: &str, e: &dyn std::fmt::Display| {
+            Failure::Connection(format!("upstream {}:{}: {what}: {e}", s.host, s.port))
+        };
+        self.ehlo(&s.helo).await?;
         if s.tls == TlsMode::Starttls {
-            if !conn.offers.starttls {
+            if !self.offers.starttls {
                 return Err(broken(
                     "STARTTLS",
                     &"not offered; the access token is never sent in the clear",
                 ));
             }
-            let r = conn.command("STARTTLS").await?;
+            let r = self.command("STARTTLS").await?;
             if r.code != 220 {
                 return Err(Failure::Session(r));
             }
-            let Stream::Plain(tcp) = conn.stream else {
+            let Stream::Plain(tcp) = self.stream else {
                 return Err(broken("STARTTLS", &"already in TLS"));
             };
-            conn.stream = Stream::Tls(Box::new(handshake(s, tcp).await?));
-            conn.buf.clear();
-            conn.pos = 0;
-            conn.note("TLS established");
-            conn.ehlo(&s.helo).await?;
+            self.stream = Stream::Tls(Box::new(handshake(s, tcp).await.map_err(|(f, _)| f)?));
+            self.buf.clear();
+            self.pos = 0;
+            self.note("TLS established");
+            self.ehlo(&s.helo).await?;
         }
-        conn.auth(s, user, token).await?;
-        conn.last_used = Instant::now();
-        Ok(conn)
+        self.auth(s, user, token).await?;
+        self.last_used = Instant::now();
+        Ok(self)
     }
 
     async fn ehlo(&mut self, helo: &str) -> Result<(), Failure> {
@@ -1084,21 +1154,28 @@ fn format_lines(r: &Reply) -> String {
         .join("\n")
 }
 
-async fn handshake(s: &Settings, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Failure> {
+/// The TLS session, or why not and whether it timed out.
+async fn handshake(s: &Settings, tcp: TcpStream) -> Result<TlsStream<TcpStream>, (Failure, bool)> {
     let name = ServerName::try_from(s.host.clone()).map_err(|e| {
-        Failure::Connection(format!("upstream {}: not a TLS server name: {e}", s.host))
+        (
+            Failure::Connection(format!("upstream {}: not a TLS server name: {e}", s.host)),
+            false,
+        )
     })?;
     let connector = tokio_rustls::TlsConnector::from(s.tls_config.clone());
     match tokio::time::timeout(s.timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(Failure::Connection(format!(
-            "upstream {}:{}: TLS: {e}",
-            s.host, s.port
-        ))),
-        Err(_) => Err(Failure::Connection(format!(
-            "upstream {}:{}: TLS handshake timed out (smtp_timeout)",
-            s.host, s.port
-        ))),
+        Ok(Err(e)) => Err((
+            Failure::Connection(format!("upstream {}:{}: TLS: {e}", s.host, s.port)),
+            false,
+        )),
+        Err(_) => Err((
+            Failure::Connection(format!(
+                "upstream {}:{}: TLS handshake timed out (smtp_timeout)",
+                s.host, s.port
+            )),
+            true,
+        )),
     }
 }
 

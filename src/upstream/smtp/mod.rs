@@ -16,6 +16,7 @@
 
 mod conn;
 mod dot;
+mod reach;
 mod reply;
 mod trust;
 
@@ -29,6 +30,7 @@ use super::transcript::TranscriptHandle;
 use super::{MailFlags, Outcome, Refusal};
 use crate::oauth::Endpoints;
 use conn::{Conn, Failure, SendFailure, Sent, Settings};
+use reach::{Before, CameBack, Reach, Try, WentDown};
 pub use reply::Reply;
 
 /// Default for `smtp_timeout`: per step (connect, each reply), not for the whole message.
@@ -56,6 +58,8 @@ pub struct SmtpUpstream {
     /// Connections open now (connected, logging in, in use or idle in the pool): what the server counts against
     /// its limits.
     open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether it answers connections (`reach.rs`).
+    reach: Reach,
 }
 
 /// What BDAT has shown on this upstream.
@@ -120,6 +124,7 @@ impl SmtpUpstream {
             max_idle: max_connections.max(1),
             chunking: Mutex::new(Chunking::Usable),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            reach: Reach::default(),
         })
     }
 
@@ -174,17 +179,9 @@ impl SmtpUpstream {
         }
         // Twice at most: a BDAT the server did not know is sent again through DATA, in this attempt.
         for _ in 0..2 {
-            let mut conn = match Conn::open(
-                &self.settings,
-                &self.mailbox,
-                token,
-                None,
-                Some(&self.open),
-            )
-            .await
-            {
+            let mut conn = match self.fresh(token).await {
                 Ok(c) => c,
-                Err(f) => return outcome(f),
+                Err(o) => return o,
             };
             self.fit(&mut conn);
             if data_only {
@@ -200,6 +197,59 @@ impl SmtpUpstream {
             }
         }
         Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
+    }
+
+    /// A fresh connection, logged in; not tried while the upstream did not answer a moment ago, and one at a
+    /// time until it answers again (`reach.rs`).
+    async fn fresh(&self, token: &SecretString) -> Result<Conn, Outcome> {
+        let tried = loop {
+            match self.reach.before(Instant::now()) {
+                Before::Connect(t) => break t,
+                Before::Hold(why) => return Err(Outcome::Transient(why)),
+                // Each step of the probe is bounded, and its end is signalled however its attempt ends; the
+                // bound is for a probe that somehow never says so: then this attempt connects by itself.
+                Before::Wait(mut ended) => {
+                    let bound = Reach::wait_bound(self.settings.timeout);
+                    if tokio::time::timeout(bound, ended.changed()).await.is_err() {
+                        break self.reach.unguarded(Instant::now());
+                    }
+                }
+            }
+        };
+        let conn = Conn::connect(&self.settings, None, Some(&self.open)).await;
+        let now = Instant::now();
+        let conn = match conn {
+            Ok(c) => {
+                self.answered(tried, now);
+                c
+            }
+            Err(f) if f.answered => {
+                self.answered(tried, now);
+                return Err(outcome(f.failure));
+            }
+            Err(f) => {
+                let failed = outcome(f.failure);
+                if let Some(WentDown(why)) = tried.unanswered(now, failed.reply()) {
+                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), reason = %why, "the upstream does not answer; until it does, one connection at a time tries it, and the account's mail due meanwhile is deferred without connecting for as long as the last try took");
+                }
+                return Err(failed);
+            }
+        };
+        conn.login(&self.settings, &self.mailbox, token)
+            .await
+            .map_err(outcome)
+    }
+
+    /// `relay queue retry`: the next attempt tries the upstream instead of being deferred by the hold after an
+    /// unanswered connection. Whether there was a hold.
+    pub fn lift_hold(&self) -> bool {
+        self.reach.lift(Instant::now())
+    }
+
+    fn answered(&self, tried: Try<'_>, now: Instant) {
+        if let Some(CameBack(down)) = tried.answered(now) {
+            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream answers again after {} without answering; its mail goes as before", humantime::format_duration(Duration::from_secs(down.as_secs())));
+        }
     }
 
     /// Connections to this upstream open now, in use or idle.
