@@ -834,3 +834,76 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// Mail deferred while the upstream did not answer goes as soon as it answers again, not at its next retry
+/// (an hour away here, hours after a long outage): the first connection answered makes it due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_deferred_while_the_upstream_did_not_answer_goes_when_it_answers_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const MESSAGES: usize = 6;
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.silent.store(true, SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "smtp_timeout = \"1s\"\n[queue]\nretry = [\"1h\"]",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    for i in 0..MESSAGES {
+        send_message(
+            daemon.addr,
+            format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
+        )
+        .await;
+    }
+    for _ in 0..MESSAGES {
+        daemon.wait_log("relay_event=\"deferred\"");
+    }
+    upstream.silent.store(false, SeqCst);
+    // New mail, as devices go on sending: what arrives while the last failed try's hold lasts (a second here) is
+    // deferred too, untried; the first after it finds the upstream answering.
+    let mut sent = MESSAGES;
+    loop {
+        assert!(sent < MESSAGES + 200, "no message got through");
+        let id = send_message(
+            daemon.addr,
+            format!("Subject: m{sent}\r\n\r\nbody\r\n").as_bytes(),
+        )
+        .await;
+        sent += 1;
+        let line = daemon.wait_log_any(&[
+            &format!("relay_event=\"deferred\" relay_queue_id={id}"),
+            &format!("relay_event=\"delivered\" relay_queue_id={id}"),
+        ]);
+        if line.contains("delivered") {
+            break;
+        }
+    }
+    let woken = daemon.wait_log("the mail it deferred while it did not is due now");
+    assert!(woken.contains(&format!("messages={}", sent - 1)), "{woken}");
+    let mut subjects = Vec::new();
+    while subjects.len() < sent {
+        let got = upstream.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        subjects.extend(
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string)),
+        );
+    }
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), sent, "each message once");
+    for _ in 1..sent {
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -222,6 +222,10 @@ pub struct Delivery {
     /// are connections free, rather than attempts that read their message only to be parked.
     seeking: Arc<AtomicUsize>,
     slot_freed: Arc<Notify>,
+    /// Accounts whose upstream answers again after it did not, and since when it did not: the scheduler makes
+    /// the mail they deferred meanwhile due at once ([`Delivery::take_recovered`]). Emptied at every attempt's
+    /// end; one entry per account at most.
+    recovered: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// One attempt counted among those seeking a connection, until it takes one or ends.
@@ -360,6 +364,7 @@ impl Delivery {
             unrecorded: Arc::default(),
             seeking: Arc::default(),
             slot_freed: Arc::default(),
+            recovered: Mutex::default(),
         }
     }
 
@@ -552,6 +557,11 @@ impl Delivery {
         Err(limited.map_or(Wait::Connection, Wait::Limit))
     }
 
+    /// The accounts whose upstream answers again after it did not, each with since when it did not.
+    pub fn take_recovered(&self) -> HashMap<String, std::time::Instant> {
+        std::mem::take(&mut *lock(&self.recovered))
+    }
+
     /// Whether `id`'s queue file is still there (not delivered or deleted meanwhile).
     pub fn is_queued(&self, id: QueueId) -> bool {
         msg_path(&self.paths.queue, id).exists()
@@ -562,8 +572,9 @@ impl Delivery {
         self.delivered.lock().is_ok_and(|d| d.contains(&id))
     }
 
-    /// One delivery attempt, and what the scheduler does next with the message.
-    pub async fn attempt(self: Arc<Self>, id: QueueId, seeking: Seeking) -> Attempted {
+    /// One delivery attempt, and what the scheduler does next with the message. `early`: made due before its
+    /// time on purpose (its account's upstream answers again), so its recorded next attempt does not hold it.
+    pub async fn attempt(self: Arc<Self>, id: QueueId, seeking: Seeking, early: bool) -> Attempted {
         let now = SystemTime::now();
         if self.already_delivered(id) {
             return self
@@ -638,6 +649,7 @@ impl Delivery {
         }
         if let Some(next) = state.next_attempt
             && next > now
+            && !early
         {
             // Scheduled twice (a reread of the schedule raced a deferral): keep the later time.
             return Attempted::later(next);
@@ -831,6 +843,11 @@ impl Delivery {
             },
             _ => slot,
         };
+        if let Some(since) = account.transports.take_came_back() {
+            let mut recovered = lock(&self.recovered);
+            let at = recovered.entry(account.name.clone()).or_insert(since);
+            *at = (*at).min(since);
+        }
         drop((message, memory, slot));
         self.slot_freed.notify_one();
         let name = account.name.clone();

@@ -152,11 +152,13 @@ impl Scheduler {
                 };
                 s.due.pop();
                 s.forget_parked(id);
+                s.deferred.remove(&id);
+                let early = s.early.remove(&id);
                 s.in_flight.insert(id);
                 let delivery = self.delivery.clone();
                 let seeking = delivery.seeking();
                 let handle = tasks.spawn(async move {
-                    let attempted = delivery.attempt(id, seeking).await;
+                    let attempted = delivery.attempt(id, seeking, early).await;
                     drop(permit);
                     attempted
                 });
@@ -209,6 +211,12 @@ impl Scheduler {
                         }
                         (Some((id, _)), Some(attempted)) => s.finished(id, attempted, &self.delivery),
                         _ => {}
+                    }
+                    for (account, since) in self.delivery.take_recovered() {
+                        let woken = s.wake_deferred(&account, since);
+                        if woken > 0 {
+                            tracing::info!(relay_account = %account, messages = woken, "the account's upstream answers again: the mail it deferred while it did not is due now");
+                        }
                     }
                     if !parked {
                         self.attempts.send_modify(|n| *n += 1);
@@ -323,6 +331,9 @@ impl Scheduler {
         s.read_after = Instant::now() + REREAD_PAUSE.max(started.elapsed() * 4);
         let (due, overflow) = read?;
         (s.due, s.overflow, s.missed) = (due, overflow, false);
+        // Read from the disk again: their times are the recorded ones.
+        s.deferred.clear();
+        s.early.clear();
         Ok(())
     }
 
@@ -376,6 +387,11 @@ struct Schedule {
     needs: HashMap<usize, (QueueId, usize)>,
     /// Each pool's oldest parked message, for delivery to keep newer mail behind it.
     waiting: Arc<Waiting>,
+    /// Deferred by this run, in the schedule: by which account, and when (for [`Schedule::wake_deferred`]).
+    /// Within [`MAX_SCHEDULED`], like the schedule.
+    deferred: HashMap<QueueId, (String, Instant)>,
+    /// Made due before their recorded time by [`Schedule::wake_deferred`].
+    early: HashSet<QueueId>,
 }
 
 impl Schedule {
@@ -392,6 +408,8 @@ impl Schedule {
             wakes: HashMap::new(),
             needs: HashMap::new(),
             waiting,
+            deferred: HashMap::new(),
+            early: HashSet::new(),
         }
     }
 
@@ -459,11 +477,50 @@ impl Schedule {
                 }
             }
             other => match other.next() {
-                Some(at) => self.push(at, id),
+                Some(at) => {
+                    if let Some(account) = other.freed()
+                        && self.deferred.len() < MAX_SCHEDULED
+                    {
+                        self.deferred
+                            .insert(id, (account.to_string(), Instant::now()));
+                    }
+                    self.push(at, id)
+                }
                 None if rerun => self.push(SystemTime::now(), id),
                 None => {}
             },
         }
+    }
+
+    /// `account`'s upstream answers again after it did not since `since`: the mail it deferred since then is
+    /// due now, rather than at its next retry (hours away after a long outage). How many.
+    fn wake_deferred(&mut self, account: &str, since: Instant) -> usize {
+        let ids: HashSet<QueueId> = self
+            .deferred
+            .iter()
+            .filter(|(_, (a, at))| a == account && *at >= since)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return 0;
+        }
+        self.deferred.retain(|id, _| !ids.contains(id));
+        let now = SystemTime::now();
+        let mut woken = 0;
+        let due = std::mem::take(&mut self.due);
+        self.due = due
+            .into_iter()
+            .map(|Reverse((at, id))| {
+                if at > now && ids.contains(&id) {
+                    woken += 1;
+                    self.early.insert(id);
+                    Reverse((now, id))
+                } else {
+                    Reverse((at, id))
+                }
+            })
+            .collect();
+        woken
     }
 
     /// A new delivery came with a reload: its pools may be numbered differently, so every parked message is due

@@ -314,6 +314,14 @@ impl Transports {
         }
     }
 
+    /// Since when the SMTP upstream did not answer, if it answers again since this was last asked.
+    pub fn take_came_back(&self) -> Option<std::time::Instant> {
+        match &self.primary {
+            Primary::Smtp(s) => s.take_came_back(),
+            Primary::Graph(_) | Primary::Gmail(_) => None,
+        }
+    }
+
     fn set_hold(&self, hold: Option<AuthHold>) {
         if let Ok(mut h) = self.auth_hold.lock() {
             *h = hold;

@@ -594,16 +594,22 @@ impl Daemon {
     /// Waits (bounded) for a log line containing `needle` and returns it. Lines are matched in order, each
     /// once; lines read while looking for another are kept for later calls.
     pub fn wait_log(&mut self, needle: &str) -> String {
-        if let Some(i) = self.seen.iter().position(|l| l.contains(needle)) {
+        self.wait_log_any(&[needle])
+    }
+
+    /// As [`wait_log`](Self::wait_log), for the first line containing any of `needles`.
+    pub fn wait_log_any(&mut self, needles: &[&str]) -> String {
+        let matches = |l: &str| needles.iter().any(|n| l.contains(n));
+        if let Some(i) = self.seen.iter().position(|l| matches(l)) {
             return self.seen.remove(i);
         }
         let deadline = std::time::Instant::now() + LIMIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if matches(&line) => return line,
                 Ok(line) => self.seen.push(line),
-                Err(e) => panic!("no log line with {needle:?} (seen: {:?}): {e}", self.seen),
+                Err(e) => panic!("no log line with {needles:?} (seen: {:?}): {e}", self.seen),
             }
         }
     }

@@ -60,6 +60,9 @@ pub struct SmtpUpstream {
     open: Arc<std::sync::atomic::AtomicUsize>,
     /// Whether it answers connections (`reach.rs`).
     reach: Reach,
+    /// Set when it answers again after it did not: since when it did not (taken by the delivery, which has the
+    /// mail deferred meanwhile tried at once).
+    came_back: Mutex<Option<Instant>>,
 }
 
 /// What BDAT has shown on this upstream.
@@ -125,6 +128,7 @@ impl SmtpUpstream {
             chunking: Mutex::new(Chunking::Usable),
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             reach: Reach::default(),
+            came_back: Mutex::new(None),
         })
     }
 
@@ -246,8 +250,17 @@ impl SmtpUpstream {
         self.reach.lift(Instant::now())
     }
 
+    /// Since when it did not answer, if it answers again since this was last asked.
+    pub fn take_came_back(&self) -> Option<Instant> {
+        self.came_back.lock().ok()?.take()
+    }
+
     fn answered(&self, tried: Try<'_>, now: Instant) {
         if let Some(CameBack(down)) = tried.answered(now) {
+            if let Ok(mut c) = self.came_back.lock() {
+                let since = now.checked_sub(down).unwrap_or(now);
+                *c = Some(c.map_or(since, |s: Instant| s.min(since)));
+            }
             tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream answers again after {} without answering; its mail goes as before", humantime::format_duration(Duration::from_secs(down.as_secs())));
         }
     }
