@@ -153,7 +153,8 @@ impl Scheduler {
                 s.due.pop();
                 s.forget_parked(id);
                 s.deferred.remove(&id);
-                let early = s.early.remove(&id);
+                // Kept while it waits for its accounts (parked), so that it is not held by its old time then.
+                let early = s.early.contains(&id);
                 s.in_flight.insert(id);
                 let delivery = self.delivery.clone();
                 let seeking = delivery.seeking();
@@ -390,7 +391,8 @@ struct Schedule {
     /// Deferred by this run, in the schedule: by which account, and when (for [`Schedule::wake_deferred`]).
     /// Within [`MAX_SCHEDULED`], like the schedule.
     deferred: HashMap<QueueId, (String, Instant)>,
-    /// Made due before their recorded time by [`Schedule::wake_deferred`].
+    /// Made due before their recorded time by [`Schedule::wake_deferred`], until their attempt is made (parked
+    /// meanwhile, they stay).
     early: HashSet<QueueId>,
 }
 
@@ -432,6 +434,9 @@ impl Schedule {
 
     fn finished(&mut self, id: QueueId, attempted: Attempted, delivery: &Delivery) {
         self.in_flight.remove(&id);
+        if !matches!(attempted, Attempted::Waiting { .. }) {
+            self.early.remove(&id);
+        }
         if let Some(account) = attempted.freed() {
             for &pool in delivery.pools_with(account) {
                 self.unpark(pool, 1, SystemTime::now());
