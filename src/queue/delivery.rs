@@ -31,6 +31,7 @@ use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
+use crate::upstream::smtp::Reachability;
 use crate::upstream::{MailFlags, Outcome, Refusal, Transports};
 
 /// Recipients named one by one in a log line (or a deferral's reason) before "and N more".
@@ -283,6 +284,9 @@ pub enum Wait {
     Limit(Option<SystemTime>),
     /// Older mail waits for the same accounts, and goes first.
     Behind,
+    /// Its accounts' upstream could not be reached a moment ago (`upstream/smtp/reach.rs`): one connection tries
+    /// it again at this time.
+    Upstream(SystemTime),
 }
 
 /// The oldest message parked in each pool, as the scheduler last set it, so that a newer message does not
@@ -455,6 +459,7 @@ impl Delivery {
     /// only does not count.
     pub fn room_for(&self, pool: usize, recipients: usize) -> usize {
         let now = SystemTime::now();
+        let instant = std::time::Instant::now();
         let Some(names) = self.routing.pools().get(pool) else {
             return 0;
         };
@@ -463,7 +468,13 @@ impl Delivery {
             .filter_map(|n| self.accounts.get(n))
             .map(|a| {
                 let rate = usize::try_from(a.rate.room_for(now, recipients)).unwrap_or(usize::MAX);
-                a.slots.available_permits().min(rate)
+                // An upstream that could not be reached: none while held or tried, one (the probe) after.
+                let reach = match a.transports.reachability(instant) {
+                    Reachability::Up => usize::MAX,
+                    Reachability::Probe => 1,
+                    Reachability::Held(_) | Reachability::Probing => 0,
+                };
+                a.slots.available_permits().min(rate).min(reach)
             })
             .fold(0, usize::saturating_add)
     }
@@ -485,16 +496,20 @@ impl Delivery {
 
     /// The same trigger ends the minute an account's mail waits after its fresh token was refused (a permission
     /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
-    /// And the hold after an upstream did not answer (a firewall opened meanwhile): it is tried at once.
-    pub fn lift_holds(&self) {
+    /// And the hold after an upstream could not be reached (a firewall opened meanwhile): it is tried at once.
+    /// Whether such a hold was lifted (the mail waiting for its end is due now).
+    pub fn lift_holds(&self) -> bool {
+        let mut reach = false;
         for a in self.accounts.values() {
             if a.transports.lift_hold() {
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
             }
             if a.transports.lift_unreachable() {
-                tracing::info!(relay_account = %a.name, "the account's upstream, which did not answer, is tried again at once (relay queue retry or relay authorize)");
+                reach = true;
+                tracing::info!(relay_account = %a.name, "the account's upstream, which could not be reached, is tried again at once (relay queue retry or relay authorize)");
             }
         }
+        reach
     }
 
     /// Gives back the connections accounts gave up when their upstream refused more, where that was long enough
@@ -539,7 +554,20 @@ impl Delivery {
             accounts.sort_unstable_by_key(|&(share, used, i, _)| (share, used, i));
         }
         let mut limited: Option<Option<SystemTime>> = None;
+        let mut unreachable: Option<SystemTime> = None;
+        let instant = std::time::Instant::now();
         for (.., a) in accounts {
+            // An upstream that could not be reached a moment ago is not tried again before its hold ends, and then
+            // by one connection at a time; another account of the route may take the message meanwhile.
+            match a.transports.reachability(instant) {
+                Reachability::Held(until) => {
+                    let at = now + until.saturating_duration_since(instant);
+                    unreachable = Some(unreachable.map_or(at, |u| u.min(at)));
+                    continue;
+                }
+                Reachability::Probing => continue,
+                Reachability::Up | Reachability::Probe => {}
+            }
             let Ok(slot) = a.slots.clone().try_acquire_owned() else {
                 continue;
             };
@@ -554,7 +582,13 @@ impl Delivery {
                 }
             }
         }
-        Err(limited.map_or(Wait::Connection, Wait::Limit))
+        Err(match (limited, unreachable) {
+            (Some(Some(l)), Some(u)) => Wait::Limit(Some(l.min(u))),
+            (Some(None), Some(u)) => Wait::Limit(Some(u)),
+            (Some(l), None) => Wait::Limit(l),
+            (None, Some(u)) => Wait::Upstream(u),
+            (None, None) => Wait::Connection,
+        })
     }
 
     /// The accounts whose upstream answers again after it did not, each with since when it did not.
@@ -724,17 +758,21 @@ impl Delivery {
                 place
             }
             Err(mut wait) => {
+                // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
+                // not when the window frees, maybe a day later.
+                let expires = state
+                    .age_from(msg.envelope.received_at)
+                    .checked_add(self.queue.max_age);
+                if let Wait::Upstream(at) = wait {
+                    tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
+                    wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
+                }
                 if let Wait::Limit(until) = wait {
                     let shown = until.map_or_else(
                         || "a delivery in flight ends".to_string(),
                         |t| humantime::format_rfc3339_seconds(t).to_string(),
                     );
                     tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %shown, "held by the account's sending limits");
-                    // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
-                    // not when the window frees, maybe a day later.
-                    let expires = state
-                        .age_from(msg.envelope.received_at)
-                        .checked_add(self.queue.max_age);
                     wait = Wait::Limit(match (until, expires) {
                         (Some(u), Some(e)) => Some(u.min(e)),
                         (u, e) => u.or(e),
@@ -821,6 +859,28 @@ impl Delivery {
                 },
             )
             .await;
+        // Not tried: another attempt found the upstream unreachable between this one taking the account and
+        // connecting. It waits as if the account had not been taken (`take_place`), not an attempt.
+        if let Outcome::Unreachable { until, .. } = &outcome {
+            drop((message, memory, slot));
+            reservation.unsent();
+            self.slot_freed.notify_one();
+            let wait = match until {
+                Some(until) => {
+                    let at = now + until.saturating_duration_since(std::time::Instant::now());
+                    let expires = state
+                        .age_from(msg.envelope.received_at)
+                        .checked_add(self.queue.max_age);
+                    Wait::Upstream(expires.map_or(at, |e| e.min(at)))
+                }
+                None => Wait::Connection,
+            };
+            return Attempted::Waiting {
+                pool,
+                wait,
+                recipients: recipients.len(),
+            };
+        }
         let slot = match outcome {
             // The upstream takes no more connections than the account's others: this one is given up for a
             // while, and the message waits for one of them (not an attempt; it counts toward the per-minute
@@ -898,7 +958,8 @@ impl Delivery {
             Outcome::Transient(r)
             | Outcome::AuthRejected(r)
             | Outcome::Throttled(r, _)
-            | Outcome::Busy { reply: r, .. } => account.record(state_dir, "deferred", r),
+            | Outcome::Busy { reply: r, .. }
+            | Outcome::Unreachable { reply: r, .. } => account.record(state_dir, "deferred", r),
         }
         match outcome {
             Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.may_have_file()),
@@ -906,10 +967,14 @@ impl Delivery {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
-            // (Busy here: no other connection of the account was open, see `attempt`.)
+            // (Busy here: no other connection of the account was open, see `attempt`; Unreachable never comes
+            // here, it waits.)
             Outcome::Transient(reply)
             | Outcome::AuthRejected(reply)
-            | Outcome::Busy { reply, .. } => self.defer(id, state, &reply, Some(&account.name)),
+            | Outcome::Busy { reply, .. }
+            | Outcome::Unreachable { reply, .. } => {
+                self.defer(id, state, &reply, Some(&account.name))
+            }
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
             // retry schedule), while another account of its route may take it sooner.

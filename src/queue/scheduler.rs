@@ -214,9 +214,14 @@ impl Scheduler {
                         _ => {}
                     }
                     for (account, since) in self.delivery.take_recovered() {
+                        // What waited for it, untried, goes now with every connection; what it deferred meanwhile
+                        // too, instead of at its next retry.
+                        for &pool in self.delivery.pools_with(&account) {
+                            s.unpark(pool, self.delivery.room(pool).max(1), SystemTime::now());
+                        }
                         let woken = s.wake_deferred(&account, since);
                         if woken > 0 {
-                            tracing::info!(relay_account = %account, messages = woken, "the account's upstream answers again: the mail it deferred while it did not is due now");
+                            tracing::info!(relay_account = %account, messages = woken, "the account's upstream can be reached again: the mail it deferred meanwhile is due now");
                         }
                     }
                     if !parked {
@@ -275,8 +280,8 @@ impl Scheduler {
                             trigger_seen = now_seen;
                             // Attempts start at the next turn of the loop, so none of the mail made due meets
                             // a hold lifted here.
-                            self.delivery.lift_holds();
-                            if self.delivery.lift_pauses() {
+                            let reach = self.delivery.lift_holds();
+                            if self.delivery.lift_pauses() | reach {
                                 // The mail held by the pauses waits for their end: it is due now instead, and so
                                 // is that of attempts still deciding (a new generation), which saw them.
                                 s.wake_all();
@@ -467,6 +472,12 @@ impl Schedule {
                         }
                         // First in line (older mail would have kept it behind): what the pool's tick asks room for.
                         self.needs.insert(pool, (id, recipients));
+                    }
+                    // Its upstream's hold ends then (`room` counts the one connection that may try it after).
+                    Wait::Upstream(at) => {
+                        self.drop_need(pool, id);
+                        let wake = self.wakes.entry(pool).or_insert(at);
+                        *wake = (*wake).min(at);
                     }
                     // What it waited for may have ended before it was parked (older mail gone, a delivery over):
                     // first in line with room, it goes now. Never loops: with room, an attempt finds a connection

@@ -52,6 +52,13 @@ pub enum Outcome {
     /// waits for one of them; with none, it is a deferral like any 4xx. `offered`: the message was sent (and
     /// refused whole), so that it counts toward the per-minute limit as an offered message does.
     Busy { reply: String, offered: bool },
+    /// Not tried: the upstream could not be reached a moment ago (`smtp/reach.rs`; `reply` says why). Until
+    /// `until` no connection to it is tried; `None`: another connection is trying it now. Not an attempt: the
+    /// message waits for its account, as for a connection.
+    Unreachable {
+        reply: String,
+        until: Option<std::time::Instant>,
+    },
 }
 
 impl Outcome {
@@ -64,7 +71,8 @@ impl Outcome {
             | Outcome::Throttled(r, _)
             | Outcome::Permanent(r)
             | Outcome::AuthRejected(r)
-            | Outcome::Busy { reply: r, .. } => r,
+            | Outcome::Busy { reply: r, .. }
+            | Outcome::Unreachable { reply: r, .. } => r,
         }
     }
 }

@@ -305,13 +305,31 @@ impl Transports {
             .is_some_and(|h| std::time::Instant::now() < h.until)
     }
 
-    /// `relay queue retry`: an SMTP upstream that did not answer a moment ago is tried again at once (one
+    /// `relay queue retry`: an SMTP upstream that could not be reached a moment ago is tried again at once (one
     /// connection at a time until it answers). Whether its mail was being held.
     pub fn lift_unreachable(&self) -> bool {
         match &self.primary {
             Primary::Smtp(s) => s.lift_hold(),
             Primary::Graph(_) | Primary::Gmail(_) => false,
         }
+    }
+
+    /// Whether the account's upstream may be connected to now (an SMTP upstream that did not answer a moment
+    /// ago is held, then tried by one connection at a time; see `smtp/reach.rs`). An account switched to Graph
+    /// whose daily SMTP try is not due goes through Graph, whatever its SMTP upstream does.
+    pub fn reachability(&self, now: std::time::Instant) -> super::smtp::Reachability {
+        let Primary::Smtp(s) = &self.primary else {
+            return super::smtp::Reachability::Up;
+        };
+        let graph_now = self.fallback.is_some()
+            && self.switched.lock().ok().is_some_and(|sw| {
+                sw.as_ref()
+                    .is_some_and(|sw| SystemTime::now() < sw.smtp_tried + SMTP_RETRY)
+            });
+        if graph_now {
+            return super::smtp::Reachability::Up;
+        }
+        s.reachability(now)
     }
 
     /// Since when the SMTP upstream did not answer, if it answers again since this was last asked.

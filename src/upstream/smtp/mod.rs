@@ -30,6 +30,7 @@ use super::transcript::TranscriptHandle;
 use super::{MailFlags, Outcome, Refusal};
 use crate::oauth::Endpoints;
 use conn::{Conn, Failure, SendFailure, Sent, Settings};
+pub use reach::Reachability;
 use reach::{Before, CameBack, Reach, Try, WentDown};
 pub use reply::Reply;
 
@@ -206,18 +207,15 @@ impl SmtpUpstream {
     /// A fresh connection, logged in; not tried while the upstream did not answer a moment ago, and one at a
     /// time until it answers again (`reach.rs`).
     async fn fresh(&self, token: &SecretString) -> Result<Conn, Outcome> {
-        let tried = loop {
-            match self.reach.before(Instant::now()) {
-                Before::Connect(t) => break t,
-                Before::Hold(why) => return Err(Outcome::Transient(why)),
-                // Each step of the probe is bounded, and its end is signalled however its attempt ends; the
-                // bound is for a probe that somehow never says so: then this attempt connects by itself.
-                Before::Wait(mut ended) => {
-                    let bound = Reach::wait_bound(self.settings.timeout);
-                    if tokio::time::timeout(bound, ended.changed()).await.is_err() {
-                        break self.reach.unguarded(Instant::now());
-                    }
-                }
+        // (The delivery asks before it takes the account; this is for attempts that raced another's failure.)
+        let tried = match self.reach.before(Instant::now()) {
+            Before::Connect(t) => t,
+            Before::NotNow(reply, r) => {
+                let until = match r {
+                    Reachability::Held(until) => Some(until),
+                    _ => None,
+                };
+                return Err(Outcome::Unreachable { reply, until });
             }
         };
         let conn = Conn::connect(&self.settings, None, Some(&self.open)).await;
@@ -233,8 +231,10 @@ impl SmtpUpstream {
             }
             Err(f) => {
                 let failed = outcome(f.failure);
-                if let Some(WentDown(why)) = tried.unanswered(now, failed.reply()) {
-                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), reason = %why, "the upstream does not answer; until it does, one connection at a time tries it, and the account's mail due meanwhile is deferred without connecting for as long as the last try took");
+                if let Some(WentDown(why)) =
+                    tried.unanswered(now, self.settings.timeout, failed.reply())
+                {
+                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took");
                 }
                 return Err(failed);
             }
@@ -244,8 +244,13 @@ impl SmtpUpstream {
             .map_err(outcome)
     }
 
-    /// `relay queue retry`: the next attempt tries the upstream instead of being deferred by the hold after an
-    /// unanswered connection. Whether there was a hold.
+    /// Whether a connection may be tried now (`reach.rs`).
+    pub fn reachability(&self, now: Instant) -> Reachability {
+        self.reach.now(now)
+    }
+
+    /// `relay queue retry`: the next attempt tries the upstream instead of waiting for the hold after an
+    /// unanswered connection to end. Whether there was a hold.
     pub fn lift_hold(&self) -> bool {
         self.reach.lift(Instant::now())
     }
@@ -261,7 +266,7 @@ impl SmtpUpstream {
                 let since = now.checked_sub(down).unwrap_or(now);
                 *c = Some(c.map_or(since, |s: Instant| s.min(since)));
             }
-            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream answers again after {} without answering; its mail goes as before", humantime::format_duration(Duration::from_secs(down.as_secs())));
+            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream can be reached again, after {} without; the account's mail goes as before", humantime::format_duration(Duration::from_secs(down.as_secs())));
         }
     }
 

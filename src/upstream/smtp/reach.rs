@@ -1,43 +1,50 @@
-//! Whether an upstream answers connections, and what an attempt does when it did not a moment ago.
+//! Whether an upstream can be reached, and what an attempt does when it could not a moment ago.
 //!
-//! Without this, every message makes its own connection: against an upstream that drops packets (a firewall,
-//! a link down) each one waits the whole `smtp_timeout` holding one of the account's few connection slots, so
+//! Without this, every message made its own connection: against an upstream that drops packets (a firewall,
+//! a link down) each one waited the whole `smtp_timeout` holding one of the account's few connection slots, so
 //! that a backlog of 1,000 on 4 slots spent about four hours per round of retries connecting, and each message
 //! was one more connection to nowhere. Here, once a fresh connection got no answer (the TCP connect failed or
 //! timed out, the TLS handshake or the greeting timed out, the server hung up before greeting), the upstream is
 //! *down* until a connection is answered again:
 //!
-//! - for as long as that failed connection took (its *hold*: the whole timeout for a silent upstream, an
-//!   instant for a refused connect), the account's other messages are not tried: each is deferred with the
-//!   failure's words, as Postfix defers mail to a destination it cannot reach;
-//! - after the hold, one connection at a time tries the upstream (the *probe*); attempts that come meanwhile wait
-//!   for it, and then connect (answered) or are deferred with its failure (not answered).
+//! - for as long as that failed try took, up to the timeout (its *hold*), the account's mail is not tried: it
+//!   waits, parked by the scheduler until the hold ends (not an attempt, no retry step used up, no line per
+//!   message), while another account of its route may take it;
+//! - then one connection at a time tries the upstream (the *probe*, whose message is an attempt like any other);
+//!   the account's other mail waits for its end.
 //!
-//! The hold scales with what the failure cost: a refused connect costs nothing to try again, so it holds
-//! nothing back; a silent upstream is tried once per two timeouts instead of once per message. A connection
-//! started before another was answered and failing after it says nothing about the upstream now, and is not
-//! counted (a stale failure must not bring a hold right after the upstream came back).
+//! The hold scales with what a try costs: a refused connect costs nothing to try again, so it holds nothing back;
+//! a silent upstream is tried about once per two timeouts instead of once per message. A connection started
+//! before another was answered and failing after it says nothing about the upstream now, and is not counted (a
+//! stale failure must not bring a hold right after the upstream came back).
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+/// Where an upstream stands, for the delivery choosing an account and for an attempt about to connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reachability {
+    /// Connect freely.
+    Up,
+    /// Down, and its hold lasts until then: no connection before.
+    Held(Instant),
+    /// Down, and a probe is connecting: no other connection until it ends.
+    Probing,
+    /// Down, the hold over, no probe: the next connection is the probe.
+    Probe,
+}
 
 /// What an attempt does before it opens a fresh connection.
 pub enum Before<'a> {
     /// Connect; say what came of it through the [`Try`].
     Connect(Try<'a>),
-    /// Another connection is trying the upstream: wait for its end, then ask again.
-    Wait(watch::Receiver<u64>),
-    /// Not tried: a connection failed this moment ago. Why, in words for the log.
-    Hold(String),
+    /// Not now (held, or another connection is the probe): why, in words for the log, and until when.
+    NotNow(String, Reachability),
 }
 
 #[derive(Default)]
 pub struct Reach {
     state: Mutex<State>,
-    /// Counts the probes that ended, for those waiting on one.
-    ended: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -50,15 +57,14 @@ struct State {
 }
 
 struct Down {
-    /// The first unanswered connection of this outage.
+    /// When the first unanswered connection of this outage began.
     since: Instant,
-    /// The last one's end, how long it took, and why.
-    failed_at: Instant,
-    took: Duration,
+    /// Until when no connection is tried, and why the last one failed.
+    held_until: Instant,
     why: String,
 }
 
-/// One fresh connection's try; a probe's end lets those waiting on it go on, however the attempt ends.
+/// One fresh connection's try; a probe's end lets the next one go, however its attempt ends.
 pub struct Try<'a> {
     reach: &'a Reach,
     started: Instant,
@@ -77,6 +83,16 @@ impl Reach {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn now(&self, now: Instant) -> Reachability {
+        let s = self.state();
+        match &s.down {
+            None => Reachability::Up,
+            Some(d) if now < d.held_until => Reachability::Held(d.held_until),
+            Some(_) if s.probing => Reachability::Probing,
+            Some(_) => Reachability::Probe,
+        }
+    }
+
     pub fn before(&self, now: Instant) -> Before<'_> {
         let mut s = self.state();
         let Some(down) = &s.down else {
@@ -86,16 +102,11 @@ impl Reach {
                 probe: false,
             });
         };
-        let ago = now.saturating_duration_since(down.failed_at);
-        if ago < down.took {
-            return Before::Hold(format!(
-                "{} (not tried: the account's last connection to the upstream got no answer {} ago)",
-                down.why,
-                humantime::format_duration(round(ago))
-            ));
+        if now < down.held_until {
+            return Before::NotNow(down.why.clone(), Reachability::Held(down.held_until));
         }
         if s.probing {
-            return Before::Wait(self.ended.subscribe());
+            return Before::NotNow(down.why.clone(), Reachability::Probing);
         }
         s.probing = true;
         Before::Connect(Try {
@@ -106,29 +117,15 @@ impl Reach {
     }
 
     /// `relay queue retry`: the sysadmin says the upstream may answer now (a firewall opened), so the next
-    /// attempt tries it (one at a time still) instead of being deferred by the hold. Whether one was held.
+    /// attempt tries it (one at a time still) instead of waiting for the hold's end. Whether one was held.
     pub fn lift(&self, now: Instant) -> bool {
         let mut s = self.state();
         let Some(down) = &mut s.down else {
             return false;
         };
-        let held = now.saturating_duration_since(down.failed_at) < down.took;
-        down.took = Duration::ZERO;
+        let held = now < down.held_until;
+        down.held_until = down.held_until.min(now);
         held
-    }
-
-    /// A connection that does not count as the probe: for an attempt that waited too long for one.
-    pub fn unguarded(&self, now: Instant) -> Try<'_> {
-        Try {
-            reach: self,
-            started: now,
-            probe: false,
-        }
-    }
-
-    /// The moment a wait gives up on a probe that seems never to end (it cannot: each of its steps is bounded).
-    pub fn wait_bound(timeout: Duration) -> Duration {
-        timeout.saturating_mul(3) + Duration::from_secs(1)
     }
 }
 
@@ -142,25 +139,25 @@ impl Try<'_> {
             .map(|d| CameBack(now.saturating_duration_since(d.since)))
     }
 
-    /// No answer: `why`, after connecting from `self.started` until `now`.
-    pub fn unanswered(self, now: Instant, why: &str) -> Option<WentDown> {
+    /// No answer: `why`, after connecting from `self.started` until `now`; a hold as long as that took, up to
+    /// `limit` (the timeout of one step: a try that spent a timeout connecting and another on the greeting holds
+    /// no longer than one).
+    pub fn unanswered(self, now: Instant, limit: Duration, why: &str) -> Option<WentDown> {
         let mut s = self.reach.state();
         if s.answered_at.is_some_and(|a| a > self.started) {
             return None;
         }
-        let took = now.saturating_duration_since(self.started);
+        let held_until = now + now.saturating_duration_since(self.started).min(limit);
         match &mut s.down {
             Some(d) => {
-                d.failed_at = now;
-                d.took = took;
+                d.held_until = d.held_until.max(held_until);
                 d.why = why.to_string();
                 None
             }
             None => {
                 s.down = Some(Down {
-                    since: now,
-                    failed_at: now,
-                    took,
+                    since: self.started,
+                    held_until,
                     why: why.to_string(),
                 });
                 Some(WentDown(why.to_string()))
@@ -173,17 +170,7 @@ impl Drop for Try<'_> {
     fn drop(&mut self) {
         if self.probe {
             self.reach.state().probing = false;
-            self.reach.ended.send_modify(|n| *n = n.wrapping_add(1));
         }
-    }
-}
-
-/// To the second, for the log (above a second) or the millisecond.
-fn round(d: Duration) -> Duration {
-    if d >= Duration::from_secs(1) {
-        Duration::from_secs(d.as_secs())
-    } else {
-        Duration::from_millis(d.as_millis() as u64)
     }
 }
 
@@ -191,11 +178,12 @@ fn round(d: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    const T: Duration = Duration::from_secs(60);
+
     fn connect(b: Before<'_>) -> Try<'_> {
         match b {
             Before::Connect(t) => t,
-            Before::Wait(_) => panic!("waits"),
-            Before::Hold(why) => panic!("held: {why}"),
+            Before::NotNow(why, r) => panic!("not now ({r:?}): {why}"),
         }
     }
 
@@ -205,31 +193,51 @@ mod tests {
         let t0 = Instant::now();
         let a = connect(reach.before(t0));
         let b = connect(reach.before(t0));
-        let failed = t0 + Duration::from_secs(60);
-        assert!(a.unanswered(failed, "cannot connect: timed out").is_some());
+        let failed = t0 + T;
+        assert!(
+            a.unanswered(failed, T, "cannot connect: timed out")
+                .is_some()
+        );
         // A second failure of the same outage is not a new one.
-        assert!(b.unanswered(failed, "cannot connect: timed out").is_none());
+        assert!(
+            b.unanswered(failed, T, "cannot connect: timed out")
+                .is_none()
+        );
+        let held = reach.now(failed + Duration::from_secs(59));
+        assert_eq!(held, Reachability::Held(failed + T));
         match reach.before(failed + Duration::from_secs(59)) {
-            Before::Hold(why) => assert!(
-                why.starts_with("cannot connect: timed out (not tried") && why.contains("59s ago"),
-                "{why}"
-            ),
-            _ => panic!("held"),
+            Before::NotNow(why, r) => {
+                assert_eq!(r, held);
+                assert_eq!(why, "cannot connect: timed out");
+            }
+            Before::Connect(_) => panic!("held"),
         }
         // After the hold: one probe, the others wait for it.
-        let after = failed + Duration::from_secs(60);
+        let after = failed + T;
+        assert_eq!(reach.now(after), Reachability::Probe);
         let probe = connect(reach.before(after));
-        let Before::Wait(mut ended) = reach.before(after) else {
-            panic!("waits for the probe")
-        };
+        assert_eq!(reach.now(after), Reachability::Probing);
+        assert!(matches!(
+            reach.before(after),
+            Before::NotNow(_, Reachability::Probing)
+        ));
         assert!(probe.answered(after + Duration::from_millis(5)).is_some());
-        assert!(ended.has_changed().unwrap());
-        ended.mark_unchanged();
         // Up again: no probe, no wait.
+        assert_eq!(reach.now(after), Reachability::Up);
         let x = connect(reach.before(after));
         let y = connect(reach.before(after));
         assert!(x.answered(after).is_none() && y.answered(after).is_none());
-        assert!(!ended.has_changed().unwrap(), "only probes count");
+    }
+
+    #[test]
+    fn a_hold_is_never_longer_than_one_timeout() {
+        let reach = Reach::default();
+        let t0 = Instant::now();
+        let a = connect(reach.before(t0));
+        // A connect just under the timeout, then a greeting that never came.
+        let failed = t0 + 2 * T;
+        a.unanswered(failed, T, "no greeting");
+        assert_eq!(reach.now(failed), Reachability::Held(failed + T));
     }
 
     #[test]
@@ -237,11 +245,12 @@ mod tests {
         let reach = Reach::default();
         let t0 = Instant::now();
         let a = connect(reach.before(t0));
-        assert!(a.unanswered(t0, "connection refused").is_some());
+        assert!(a.unanswered(t0, T, "connection refused").is_some());
         let probe = connect(reach.before(t0 + Duration::from_millis(1)));
-        assert!(matches!(reach.before(t0), Before::Wait(_)));
+        assert_eq!(reach.now(t0), Reachability::Probing);
         drop(probe);
         // A probe ended without a word (its attempt stopped): the next one may go.
+        assert_eq!(reach.now(t0), Reachability::Probe);
         let _again = connect(reach.before(t0 + Duration::from_millis(1)));
     }
 
@@ -252,11 +261,8 @@ mod tests {
         let old = connect(reach.before(t0));
         let fresh = connect(reach.before(t0 + Duration::from_secs(1)));
         assert!(fresh.answered(t0 + Duration::from_secs(2)).is_none());
-        assert!(
-            old.unanswered(t0 + Duration::from_secs(60), "timed out")
-                .is_none()
-        );
-        let _ = connect(reach.before(t0 + Duration::from_secs(60)));
+        assert!(old.unanswered(t0 + T, T, "timed out").is_none());
+        assert_eq!(reach.now(t0 + T), Reachability::Up);
     }
 
     #[test]
@@ -264,23 +270,23 @@ mod tests {
         let reach = Reach::default();
         let t0 = Instant::now();
         assert!(!reach.lift(t0), "nothing to lift");
-        connect(reach.before(t0)).unanswered(t0 + Duration::from_secs(60), "timed out");
-        let now = t0 + Duration::from_secs(61);
-        assert!(matches!(reach.before(now), Before::Hold(_)));
+        connect(reach.before(t0)).unanswered(t0 + T, T, "timed out");
+        let now = t0 + T + Duration::from_secs(1);
+        assert!(matches!(reach.now(now), Reachability::Held(_)));
         assert!(reach.lift(now));
         let _probe = connect(reach.before(now));
-        assert!(matches!(reach.before(now), Before::Wait(_)));
+        assert_eq!(reach.now(now), Reachability::Probing);
     }
 
     #[test]
     fn coming_back_says_how_long_it_was_down() {
         let reach = Reach::default();
         let t0 = Instant::now();
-        connect(reach.before(t0)).unanswered(t0 + Duration::from_secs(10), "timed out");
+        connect(reach.before(t0)).unanswered(t0 + Duration::from_secs(10), T, "timed out");
         let at = t0 + Duration::from_secs(20);
-        connect(reach.before(at)).unanswered(at + Duration::from_secs(10), "timed out");
+        connect(reach.before(at)).unanswered(at + Duration::from_secs(10), T, "timed out");
         let at = at + Duration::from_secs(25);
         let back = connect(reach.before(at)).answered(at).map(|b| b.0);
-        assert_eq!(back, Some(Duration::from_secs(35)));
+        assert_eq!(back, Some(Duration::from_secs(45)));
     }
 }
