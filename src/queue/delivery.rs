@@ -225,8 +225,8 @@ pub struct Delivery {
     slot_freed: Arc<Notify>,
     /// Accounts whose upstream answers again after it did not, and since when it did not: the scheduler makes
     /// the mail they deferred meanwhile due at once ([`Delivery::take_recovered`]). Emptied at every attempt's
-    /// end; one entry per account at most.
-    recovered: Mutex<HashMap<String, std::time::Instant>>,
+    /// end; one entry per account at most. Shared across reloads: an attempt begun before one reports here.
+    recovered: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 /// One attempt counted among those seeking a connection, until it takes one or ends.
@@ -368,7 +368,7 @@ impl Delivery {
             unrecorded: Arc::default(),
             seeking: Arc::default(),
             slot_freed: Arc::default(),
-            recovered: Mutex::default(),
+            recovered: Arc::default(),
         }
     }
 
@@ -382,6 +382,7 @@ impl Delivery {
             // Attempts begun before the reload still seek connections of the accounts it kept.
             seeking: self.seeking.clone(),
             slot_freed: self.slot_freed.clone(),
+            recovered: self.recovered.clone(),
             ..Delivery::new(config, accounts)
         }
     }
@@ -530,15 +531,20 @@ impl Delivery {
     }
 
     /// An account of the pool that can take a message to `recipients` recipients now, with a connection and a
-    /// place under its limits; else what the message waits for. Of several, the one that has used the least of
-    /// its day goes first (then the fewest recipients, then config order), so that mail spreads evenly.
+    /// place under its limits; else what the message waits for. Of several, those whose upstream answers go first
+    /// (one that could not be reached a moment ago gets mail only when none of them can take it: it has sent the
+    /// least, and would otherwise be picked for every message), then the one that has used the least of its day
+    /// (then the fewest recipients, then config order), so that mail spreads evenly.
     fn take_place(
         &self,
         names: &[String],
         recipients: usize,
         now: SystemTime,
     ) -> Result<(Arc<Account>, OwnedSemaphorePermit, Reservation), Wait> {
-        let mut accounts: Vec<(u64, u64, usize, &Arc<Account>)> = names
+        let instant = std::time::Instant::now();
+        // (Down first or not, share of the day, recipients used, config order) for the order; where it stands.
+        type Candidate<'a> = ((bool, u64, u64, usize), Reachability, &'a Arc<Account>);
+        let mut accounts: Vec<Candidate<'_>> = names
             .iter()
             .enumerate()
             .filter_map(|(i, n)| {
@@ -547,21 +553,22 @@ impl Delivery {
                 let share = u.recipients_per_day.map_or(0, |limit| {
                     u.recipients_last_24h.saturating_mul(1_000_000) / u64::from(limit.max(1))
                 });
-                Some((share, u.recipients_last_24h, i, a))
+                let reach = a.transports.reachability(instant);
+                let down = reach != Reachability::Up;
+                Some(((down, share, u.recipients_last_24h, i), reach, a))
             })
             .collect();
         if names.len() > 1 {
-            accounts.sort_unstable_by_key(|&(share, used, i, _)| (share, used, i));
+            accounts.sort_unstable_by_key(|&(order, ..)| order);
         }
         let mut limited: Option<Option<SystemTime>> = None;
         let mut unreachable: Option<SystemTime> = None;
-        let instant = std::time::Instant::now();
-        for (.., a) in accounts {
+        for (_, reach, a) in accounts {
             // An upstream that could not be reached a moment ago is not tried again before its hold ends, and then
             // by one connection at a time; another account of the route may take the message meanwhile.
-            match a.transports.reachability(instant) {
+            match reach {
                 Reachability::Held(until) => {
-                    let at = now + until.saturating_duration_since(instant);
+                    let at = SystemTime::now() + until.saturating_duration_since(instant);
                     unreachable = Some(unreachable.map_or(at, |u| u.min(at)));
                     continue;
                 }
@@ -582,10 +589,10 @@ impl Delivery {
                 }
             }
         }
+        // A limit says when it frees (and is logged so); an unreachable account of the same route whose hold
+        // ends sooner is seen by the scheduler's tick, which asks `room_for` (it counts that account again then).
         Err(match (limited, unreachable) {
-            (Some(Some(l)), Some(u)) => Wait::Limit(Some(l.min(u))),
-            (Some(None), Some(u)) => Wait::Limit(Some(u)),
-            (Some(l), None) => Wait::Limit(l),
+            (Some(l), _) => Wait::Limit(l),
             (None, Some(u)) => Wait::Upstream(u),
             (None, None) => Wait::Connection,
         })
@@ -867,7 +874,8 @@ impl Delivery {
             self.slot_freed.notify_one();
             let wait = match until {
                 Some(until) => {
-                    let at = now + until.saturating_duration_since(std::time::Instant::now());
+                    let at = SystemTime::now()
+                        + until.saturating_duration_since(std::time::Instant::now());
                     let expires = state
                         .age_from(msg.envelope.received_at)
                         .checked_add(self.queue.max_age);

@@ -337,9 +337,7 @@ impl Scheduler {
         s.read_after = Instant::now() + REREAD_PAUSE.max(started.elapsed() * 4);
         let (due, overflow) = read?;
         (s.due, s.overflow, s.missed) = (due, overflow, false);
-        // Read from the disk again: their times are the recorded ones.
-        s.deferred.clear();
-        s.early.clear();
+        s.after_reread();
         Ok(())
     }
 
@@ -457,7 +455,7 @@ impl Schedule {
                 if self.parked_ids.len() >= MAX_SCHEDULED {
                     // No room to park it: it is looked at again later, like a deferred message.
                     let at = match wait {
-                        Wait::Limit(Some(at)) => at,
+                        Wait::Limit(Some(at)) | Wait::Upstream(at) => at,
                         _ => SystemTime::now() + PARKED_FULL_RECHECK,
                     };
                     self.push(at, id);
@@ -473,11 +471,17 @@ impl Schedule {
                         // First in line (older mail would have kept it behind): what the pool's tick asks room for.
                         self.needs.insert(pool, (id, recipients));
                     }
-                    // Its upstream's hold ends then (`room` counts the one connection that may try it after).
+                    // Its upstream's hold ends then (`room` counts the one connection that may try it after); another
+                    // account of the pool that freed a connection meanwhile takes it now, as below.
                     Wait::Upstream(at) => {
                         self.drop_need(pool, id);
                         let wake = self.wakes.entry(pool).or_insert(at);
                         *wake = (*wake).min(at);
+                        if self.parked.get(&pool).and_then(BTreeSet::first) == Some(&id)
+                            && delivery.room(pool) > 0
+                        {
+                            self.unpark(pool, 1, SystemTime::now());
+                        }
                     }
                     // What it waited for may have ended before it was parked (older mail gone, a delivery over):
                     // first in line with room, it goes now. Never loops: with room, an attempt finds a connection
@@ -506,6 +510,33 @@ impl Schedule {
                 None => {}
             },
         }
+    }
+
+    /// The schedule was read from disk again: mail made due early keeps that (the disk has its old time), and
+    /// what is no longer scheduled, parked or in flight is forgotten.
+    fn after_reread(&mut self) {
+        if self.deferred.is_empty() && self.early.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let due = std::mem::take(&mut self.due);
+        let mut scheduled = HashSet::with_capacity(due.len());
+        self.due = due
+            .into_iter()
+            .map(|Reverse((at, id))| {
+                scheduled.insert(id);
+                if at > now && self.early.contains(&id) {
+                    Reverse((now, id))
+                } else {
+                    Reverse((at, id))
+                }
+            })
+            .collect();
+        self.deferred.retain(|id, _| scheduled.contains(id));
+        let (parked, in_flight) = (&self.parked_ids, &self.in_flight);
+        self.early.retain(|id| {
+            scheduled.contains(id) || parked.contains_key(id) || in_flight.contains(id)
+        });
     }
 
     /// `account`'s upstream answers again after it did not since `since`: the mail it deferred since then is
@@ -672,5 +703,49 @@ mod tests {
         assert!(!s.read_wanted(), "the schedule holds the soonest already");
         s.push(SystemTime::now(), QueueId::new());
         assert!(s.missed && s.read_wanted());
+    }
+
+    fn due_now(s: &Schedule) -> Vec<QueueId> {
+        let now = SystemTime::now();
+        let mut ids: Vec<QueueId> = s
+            .due
+            .iter()
+            .filter(|Reverse((at, _))| *at <= now)
+            .map(|Reverse((_, id))| *id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// An upstream's return makes due the mail its account deferred during the outage (not before it, not another
+    /// account's), and a reread of the queue, which brings back the times recorded on disk, keeps that.
+    #[test]
+    fn mail_made_due_by_an_upstreams_return_stays_due_across_a_reread() {
+        let mut s = Schedule::new(Arc::default());
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let t0 = Instant::now();
+        let since = t0 + Duration::from_secs(1);
+        let (during, before, other) = (QueueId::new(), QueueId::new(), QueueId::new());
+        for id in [during, before, other] {
+            s.push(later, id);
+        }
+        s.deferred
+            .insert(during, ("office".into(), t0 + Duration::from_secs(2)));
+        s.deferred.insert(before, ("office".into(), t0));
+        s.deferred
+            .insert(other, ("gmail".into(), t0 + Duration::from_secs(2)));
+        assert_eq!(s.wake_deferred("office", since), 1);
+        assert_eq!(due_now(&s), vec![during]);
+        s.due = [during, before, other]
+            .into_iter()
+            .map(|id| Reverse((later, id)))
+            .collect();
+        s.after_reread();
+        assert_eq!(due_now(&s), vec![during], "still early after a reread");
+        // Gone from the queue meanwhile (delivered, deleted): forgotten.
+        s.due = [other].into_iter().map(|id| Reverse((later, id))).collect();
+        s.after_reread();
+        assert!(s.early.is_empty());
+        assert_eq!(s.deferred.keys().copied().collect::<Vec<_>>(), vec![other]);
     }
 }

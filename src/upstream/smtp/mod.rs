@@ -266,7 +266,7 @@ impl SmtpUpstream {
                 let since = now.checked_sub(down).unwrap_or(now);
                 *c = Some(c.map_or(since, |s: Instant| s.min(since)));
             }
-            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream can be reached again, after {} without; the account's mail goes as before", humantime::format_duration(Duration::from_secs(down.as_secs())));
+            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream can be reached again (a connection was answered), after {} without", humantime::format_duration(Duration::from_secs(down.as_secs())));
         }
     }
 
