@@ -757,6 +757,51 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A relay whose one account ("office") has an upstream that takes connections and never greets, with
+/// `smtp_timeout` at 1 s and `queue` in its `[queue]` table, and `messages` messages sent to it ("Subject: m0"…).
+struct Silent {
+    _idp: MockServer,
+    upstream: FakeUpstream,
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+}
+
+impl Silent {
+    async fn with(queue: &str, messages: usize) -> Silent {
+        let _idp = idp_issuing("tok").await;
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        upstream
+            .silent
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let top = account_top(
+            dir.path(),
+            &_idp.uri(),
+            &upstream,
+            &format!("smtp_timeout = \"1s\"\n[queue]\n{queue}"),
+        );
+        let config = write_config_with(
+            dir.path(),
+            &top,
+            "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        );
+        let daemon = Daemon::spawn(&config);
+        for i in 0..messages {
+            send_message(
+                daemon.addr,
+                format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
+            )
+            .await;
+        }
+        Silent {
+            _idp,
+            upstream,
+            dir,
+            daemon,
+        }
+    }
+}
+
 /// An upstream that stops answering (a firewall dropping packets, a link down: connections get nothing back
 /// until `smtp_timeout`): one connection at a time tries it, the account's other mail waits untried (no attempt
 /// counted, no deferral), one warning says so, and everything goes once it answers again. Each message used to
@@ -766,29 +811,12 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     use std::sync::atomic::Ordering::SeqCst;
     const MESSAGES: usize = 12;
     const DEFERRALS: usize = 7;
-    let idp = idp_issuing("tok").await;
-    let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.silent.store(true, SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(
-        dir.path(),
-        &idp.uri(),
-        &upstream,
-        "smtp_timeout = \"1s\"\n[queue]\nretry = [\"1s\"]",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
-    let mut daemon = Daemon::spawn(&config);
-    for i in 0..MESSAGES {
-        send_message(
-            daemon.addr,
-            format!("Subject: m{i}\r\n\r\nbody\r\n").as_bytes(),
-        )
-        .await;
-    }
+    let Silent {
+        _idp,
+        mut upstream,
+        dir,
+        mut daemon,
+    } = Silent::with("retry = [\"1s\"]", MESSAGES).await;
     let down = daemon.wait_log("the upstream cannot be reached");
     assert!(down.contains("did not answer within 1s"), "{down}");
     // The first connections (one per slot, before anything was known), then one probe at a time: each deferral
@@ -840,6 +868,37 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
         "one warning per outage: {warned_again:?}"
     );
     assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Mail that waited untried behind an upstream that never answered until it passed `max_age`: its dead-letter
+/// reason says why it was never tried (the upstream, for how long, its last failure), not only that it expired;
+/// mail that was tried says its last error, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_that_expires_untried_behind_a_silent_upstream_says_why() {
+    const MESSAGES: usize = 10;
+    let Silent {
+        _idp,
+        dir,
+        mut daemon,
+        ..
+    } = Silent::with("max_age = \"3s\"\nretry = [\"1s\"]", MESSAGES).await;
+    let (mut untried, mut tried) = (0, 0);
+    for _ in 0..MESSAGES {
+        let dead = daemon.wait_log("relay_event=\"dead\"");
+        assert!(dead.contains("expired after 3s in the queue"), "{dead}");
+        assert!(dead.contains("did not answer within 1s"), "{dead}");
+        if dead.contains("never tried: the upstream of account office has not answered for") {
+            untried += 1;
+        } else {
+            assert!(dead.contains("last error:"), "{dead}");
+            tried += 1;
+        }
+    }
+    assert!(
+        untried >= 1 && tried >= 1,
+        "{untried} untried, {tried} tried"
+    );
+    assert!(queued_in(&dir.path().join("state")).is_empty());
 }
 
 /// Mail deferred while the upstream could not be reached goes as soon as it answers again, not at its next

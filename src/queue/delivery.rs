@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::QueueId;
+use super::envelope::Envelope;
 use super::file::{self, FileError};
 use super::layout::{SpoolPaths, msg_path, state_path};
 use super::rate::{AccountRate, Reservation};
@@ -452,6 +453,21 @@ impl Delivery {
 
     /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
     /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
+    /// Why a message that was never tried may have waited: an account of its route whose upstream does not
+    /// answer (its mail waits untried while one connection at a time tries it), in words for its dead-letter
+    /// reason.
+    fn outage_of(&self, envelope: &Envelope) -> Option<String> {
+        let now = std::time::Instant::now();
+        let decision = self.routing.route(Addressing::from(envelope))?;
+        decision.accounts.iter().find_map(|name| {
+            let (down, why) = self.accounts.get(name)?.transports.outage(now)?;
+            Some(format!(
+                "the upstream of account {name} has not answered for {} ({why})",
+                humantime::format_duration(Duration::from_secs(down.as_secs()))
+            ))
+        })
+    }
+
     pub fn room(&self, pool: usize) -> usize {
         self.room_for(pool, 1)
     }
@@ -716,7 +732,10 @@ impl Delivery {
             );
             let why = match &state.last_error {
                 Some(last) => format!("{why}; last error: {last}"),
-                None => why,
+                None => match self.outage_of(&msg.envelope) {
+                    Some(outage) => format!("{why}; never tried: {outage}"),
+                    None => why,
+                },
             };
             return self
                 .clone()

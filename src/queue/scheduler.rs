@@ -397,6 +397,10 @@ struct Schedule {
     /// Made due before their recorded time by [`Schedule::wake_deferred`], until their attempt is made (parked
     /// meanwhile, they stay).
     early: HashSet<QueueId>,
+    /// Woken from a pool's parked list, their attempt not yet over: one whose attempt ends without taking a
+    /// place of the pool (expired, nothing left to send, gone) hands its turn to the next parked message, which
+    /// would otherwise wait for the pool's next wake (a hold's end, a delivery's end). Within [`MAX_SCHEDULED`].
+    unparked: HashMap<QueueId, usize>,
 }
 
 impl Schedule {
@@ -415,6 +419,7 @@ impl Schedule {
             waiting,
             deferred: HashMap::new(),
             early: HashSet::new(),
+            unparked: HashMap::new(),
         }
     }
 
@@ -437,6 +442,7 @@ impl Schedule {
 
     fn finished(&mut self, id: QueueId, attempted: Attempted, delivery: &Delivery) {
         self.in_flight.remove(&id);
+        self.pass_turn(id, &attempted);
         if !matches!(attempted, Attempted::Waiting { .. }) {
             self.early.remove(&id);
         }
@@ -515,7 +521,7 @@ impl Schedule {
     /// The schedule was read from disk again: mail made due early keeps that (the disk has its old time), and
     /// what is no longer scheduled, parked or in flight is forgotten.
     fn after_reread(&mut self) {
-        if self.deferred.is_empty() && self.early.is_empty() {
+        if self.deferred.is_empty() && self.early.is_empty() && self.unparked.is_empty() {
             return;
         }
         let now = SystemTime::now();
@@ -533,6 +539,9 @@ impl Schedule {
             })
             .collect();
         self.deferred.retain(|id, _| scheduled.contains(id));
+        let in_flight = &self.in_flight;
+        self.unparked
+            .retain(|id, _| scheduled.contains(id) || in_flight.contains(id));
         let (parked, in_flight) = (&self.parked_ids, &self.in_flight);
         self.early.retain(|id| {
             scheduled.contains(id) || parked.contains_key(id) || in_flight.contains(id)
@@ -613,6 +622,17 @@ impl Schedule {
         }
     }
 
+    /// An attempt of `id` ended as `attempted`: if it had been woken from a pool's parked list and took none of
+    /// the pool's places, the next parked message of that pool is due now in its stead.
+    fn pass_turn(&mut self, id: QueueId, attempted: &Attempted) {
+        let Some(pool) = self.unparked.remove(&id) else {
+            return;
+        };
+        if attempted.freed().is_none() && !matches!(attempted, Attempted::Waiting { .. }) {
+            self.unpark(pool, 1, SystemTime::now());
+        }
+    }
+
     /// The `n` oldest of a pool's parked messages are due `now`.
     fn unpark(&mut self, pool: usize, n: usize, now: SystemTime) {
         let mut woken = Vec::new();
@@ -629,6 +649,9 @@ impl Schedule {
         for id in woken {
             self.drop_need(pool, id);
             self.parked_ids.remove(&id);
+            if self.unparked.len() < MAX_SCHEDULED {
+                self.unparked.insert(id, pool);
+            }
             self.push(now, id);
         }
         self.publish(pool);
@@ -747,5 +770,47 @@ mod tests {
         s.after_reread();
         assert!(s.early.is_empty());
         assert_eq!(s.deferred.keys().copied().collect::<Vec<_>>(), vec![other]);
+    }
+
+    /// A message woken from its pool whose attempt took no place (it expired, say) hands its turn to the next
+    /// parked one, which is due at once; one that took a place, or was parked again, does not.
+    #[test]
+    fn a_woken_message_that_took_no_place_hands_its_turn_on() {
+        let mut s = Schedule::new(Arc::default());
+        let mut ids: Vec<QueueId> = (0..4).map(|_| QueueId::new()).collect();
+        ids.sort();
+        for &id in &ids {
+            s.park(0, id);
+        }
+        s.unpark(0, 1, SystemTime::now());
+        assert_eq!(due_now(&s), vec![ids[0]]);
+        s.due.clear();
+        s.pass_turn(ids[0], &Attempted::Done { account: None });
+        assert_eq!(due_now(&s), vec![ids[1]], "expired: the next one's turn");
+        s.due.clear();
+        s.pass_turn(
+            ids[1],
+            &Attempted::Done {
+                account: Some("office".into()),
+            },
+        );
+        assert!(
+            due_now(&s).is_empty(),
+            "delivered: the place it freed wakes the next"
+        );
+        s.unpark(0, 1, SystemTime::now());
+        s.due.clear();
+        s.pass_turn(
+            ids[2],
+            &Attempted::Waiting {
+                pool: 0,
+                wait: Wait::Connection,
+                recipients: 1,
+            },
+        );
+        assert!(due_now(&s).is_empty(), "parked again: no turn to hand on");
+        s.pass_turn(ids[3], &Attempted::Done { account: None });
+        assert!(due_now(&s).is_empty(), "never woken: nothing to hand on");
+        assert!(s.unparked.is_empty());
     }
 }

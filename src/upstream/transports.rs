@@ -332,6 +332,18 @@ impl Transports {
         s.reachability(now)
     }
 
+    /// While the account's mail waits for an SMTP upstream that does not answer (see [`Self::reachability`]):
+    /// for how long so far, and why its last connection failed.
+    pub fn outage(&self, now: std::time::Instant) -> Option<(std::time::Duration, String)> {
+        if self.reachability(now) == super::smtp::Reachability::Up {
+            return None;
+        }
+        match &self.primary {
+            Primary::Smtp(s) => s.outage(now),
+            Primary::Graph(_) | Primary::Gmail(_) => None,
+        }
+    }
+
     /// Since when the SMTP upstream did not answer, if it answers again since this was last asked.
     pub fn take_came_back(&self) -> Option<std::time::Instant> {
         match &self.primary {

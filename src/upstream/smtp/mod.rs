@@ -249,6 +249,11 @@ impl SmtpUpstream {
         self.reach.now(now)
     }
 
+    /// While it does not answer: for how long so far, and why its last connection failed.
+    pub fn outage(&self, now: Instant) -> Option<(std::time::Duration, String)> {
+        self.reach.outage(now)
+    }
+
     /// `relay queue retry`: the next attempt tries the upstream instead of waiting for the hold after an
     /// unanswered connection to end. Whether there was a hold.
     pub fn lift_hold(&self) -> bool {

@@ -116,6 +116,14 @@ impl Reach {
         })
     }
 
+    /// While the upstream is down: for how long so far, and why its last connection failed.
+    pub fn outage(&self, now: Instant) -> Option<(Duration, String)> {
+        let s = self.state();
+        s.down
+            .as_ref()
+            .map(|d| (now.saturating_duration_since(d.since), d.why.clone()))
+    }
+
     /// `relay queue retry`: the sysadmin says the upstream may answer now (a firewall opened), so the next
     /// attempt tries it (one at a time still) instead of waiting for the hold's end. Whether one was held.
     pub fn lift(&self, now: Instant) -> bool {
