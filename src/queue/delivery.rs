@@ -451,23 +451,23 @@ impl Delivery {
         self.waiting.clone()
     }
 
-    /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
-    /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
-    /// Why a message that was never tried may have waited: an account of its route whose upstream does not
-    /// answer (its mail waits untried while one connection at a time tries it), in words for its dead-letter
-    /// reason.
+    /// For the dead-letter reason of a message that was never tried: an account of its route whose upstream is
+    /// not answering now (its mail waits untried while one connection at a time tries it), in words. Said as a
+    /// fact about now, not as the cause: the message may have waited for other reasons before.
     fn outage_of(&self, envelope: &Envelope) -> Option<String> {
         let now = std::time::Instant::now();
         let decision = self.routing.route(Addressing::from(envelope))?;
         decision.accounts.iter().find_map(|name| {
             let (down, why) = self.accounts.get(name)?.transports.outage(now)?;
             Some(format!(
-                "the upstream of account {name} has not answered for {} ({why})",
+                "the upstream of account {name} is not answering (for {}: {why})",
                 humantime::format_duration(Duration::from_secs(down.as_secs()))
             ))
         })
     }
 
+    /// How many of a pool's messages could go now: free connections, within the per-minute limits, of accounts
+    /// whose day is not used up. A guess (a message's recipients may not fit), never used to refuse anything.
     pub fn room(&self, pool: usize) -> usize {
         self.room_for(pool, 1)
     }
@@ -733,7 +733,7 @@ impl Delivery {
             let why = match &state.last_error {
                 Some(last) => format!("{why}; last error: {last}"),
                 None => match self.outage_of(&msg.envelope) {
-                    Some(outage) => format!("{why}; never tried: {outage}"),
+                    Some(outage) => format!("{why}; never tried; {outage}"),
                     None => why,
                 },
             };

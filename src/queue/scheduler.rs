@@ -208,6 +208,7 @@ impl Scheduler {
                         {
                             s.in_flight.remove(&id);
                             s.rerun.remove(&id);
+                            s.unparked.remove(&id);
                             s.push(SystemTime::now(), id);
                         }
                         (Some((id, _)), Some(attempted)) => s.finished(id, attempted, &self.delivery),
@@ -593,6 +594,8 @@ impl Schedule {
         for pool in pools {
             self.unpark(pool, usize::MAX, now);
         }
+        // Nothing is left parked to hand a turn to (and after a reload the pools are numbered anew).
+        self.unparked.clear();
         self.wakes.clear();
         self.needs.clear();
     }
@@ -651,6 +654,8 @@ impl Schedule {
             self.parked_ids.remove(&id);
             if self.unparked.len() < MAX_SCHEDULED {
                 self.unparked.insert(id, pool);
+            } else {
+                tracing::debug!(relay_queue_id = %id, "woken past the bound of those that hand their turn on; the pool's next wake takes the next one");
             }
             self.push(now, id);
         }
