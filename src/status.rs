@@ -47,10 +47,13 @@ pub struct AccountStatus {
     pub rate: Usage,
     /// A pause the provider asked for (a used-up quota, a `Retry-After`), while it lasts: its mail is held.
     pub paused: Option<PauseReport>,
+    /// The SMTP upstream has not answered a connection since then, as the daemon last saw it: its mail waits
+    /// untried while one connection at a time tries it.
+    pub unreachable: Option<crate::upstream::transports::Unreachable>,
     /// The last `relay test`: verified or failing, and when.
     pub test: Option<crate::probe::LastTest>,
     /// Credentials expiring within 30 days, or expired; the day's sending limit reached; unreadable counters; a
-    /// pause the provider asked for.
+    /// pause the provider asked for; an upstream that does not answer.
     pub warnings: Vec<String>,
 }
 
@@ -175,8 +178,10 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     };
     let now = SystemTime::now();
     let paused = read_pause(&config.state_dir, &a.name, now);
-    // Nothing goes through a paused account, whatever its last delivery was.
-    let state = if paused.is_some() && state == "ok" {
+    let unreachable = crate::upstream::transports::read_unreachable(&config.state_dir, &a.name);
+    // Nothing goes through a paused account, nor to an upstream that does not answer, whatever its last delivery
+    // was.
+    let state = if (paused.is_some() || unreachable.is_some()) && state == "ok" {
         "failing"
     } else {
         state
@@ -202,6 +207,14 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
             rate.recipients_last_24h
         ));
     }
+    if let Some(u) = &unreachable {
+        warnings.push(format!(
+            "the upstream {} has not answered a connection since {} ({}): the account's mail waits in the queue, untried, while one connection at a time tries it; `relay queue retry` tries it at once",
+            u.upstream,
+            rfc(u.since),
+            u.reason
+        ));
+    }
     if let Some(p) = &paused {
         warnings.push(format!(
             "the provider asked the account to pause until {} ({}): its mail is held until then; `relay queue retry` ends every account's pause early",
@@ -225,6 +238,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         last_delivery,
         rate,
         paused,
+        unreachable,
         test: crate::probe::read_last_test(&config.state_dir, &a.name),
         warnings,
     }

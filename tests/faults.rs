@@ -763,6 +763,7 @@ struct Silent {
     _idp: MockServer,
     upstream: FakeUpstream,
     dir: tempfile::TempDir,
+    config: std::path::PathBuf,
     daemon: Daemon,
 }
 
@@ -797,6 +798,7 @@ impl Silent {
             _idp,
             upstream,
             dir,
+            config,
             daemon,
         }
     }
@@ -815,6 +817,7 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
         _idp,
         mut upstream,
         dir,
+        config,
         mut daemon,
     } = Silent::with("retry = [\"1s\"]", MESSAGES).await;
     let down = daemon.wait_log("the upstream cannot be reached");
@@ -840,6 +843,32 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
         untried >= 3,
         "most mail waits untried, no attempt counted: {untried} of {MESSAGES} without a state file"
     );
+    // `relay status` says so: the account failing, the upstream, since when and why, and what happens to its mail.
+    let (_, doc) = status_json(&config);
+    let account = &doc["accounts"][0];
+    assert_eq!(doc["ok"], false, "{doc}");
+    assert_eq!(account["state"], "failing", "{doc}");
+    let unreachable = &account["unreachable"];
+    assert_eq!(
+        unreachable["upstream"],
+        format!("127.0.0.1:{}", upstream.addr.port()),
+        "{doc}"
+    );
+    assert!(
+        unreachable["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not answer within 1s")),
+        "{doc}"
+    );
+    assert!(unreachable["since"].is_string(), "{doc}");
+    assert!(
+        account["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().is_some_and(|w| w
+                .contains("has not answered a connection since")
+                && w.contains("untried")))),
+        "{doc}"
+    );
     upstream.silent.store(false, SeqCst);
     daemon.wait_log("the upstream can be reached again");
     let mut subjects = Vec::new();
@@ -858,6 +887,8 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     subjects.dedup();
     assert_eq!(subjects.len(), MESSAGES, "each message once");
     assert!(queued_in(&dir.path().join("state")).is_empty());
+    let (_, doc) = status_json(&config);
+    assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
     let warned_again: Vec<&String> = daemon
         .unmatched()
         .iter()
@@ -868,6 +899,33 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
         "one warning per outage: {warned_again:?}"
     );
     assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// A report that the upstream could not be reached, left by an earlier run (killed during an outage), is gone
+/// once the daemon starts: every upstream counts as reachable until a connection says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unreachable_report_is_removed_at_start() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let report = dir.path().join("state/accounts/office.unreachable.json");
+    std::fs::create_dir_all(report.parent().unwrap()).unwrap();
+    std::fs::write(
+        &report,
+        r#"{"upstream": "127.0.0.1:1", "since": "2026-01-01T00:00:00Z", "reason": "earlier run"}"#,
+    )
+    .unwrap();
+    assert!(!status_json(&config).1["accounts"][0]["unreachable"].is_null());
+    let _daemon = Daemon::spawn(&config);
+    assert!(!report.exists());
+    let (_, doc) = status_json(&config);
+    assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
 }
 
 /// Mail that waited untried behind an upstream that never answered until it passed `max_age`: its dead-letter
@@ -884,6 +942,7 @@ async fn mail_that_expires_untried_behind_a_silent_upstream_says_why() {
         upstream: _upstream,
         dir,
         mut daemon,
+        ..
     } = Silent::with("max_age = \"3s\"\nretry = [\"1s\"]", MESSAGES).await;
     let (mut outages, mut tried) = (Vec::new(), 0);
     for _ in 0..MESSAGES {

@@ -41,14 +41,56 @@ pub struct Switch {
     pub reason: String,
 }
 
-pub fn switch_path(state_dir: &Path, account: &str) -> PathBuf {
+/// `STATE_DIR/accounts/NAME.KIND.json`: a report on the account's upstream, for `relay status`.
+fn report_path(state_dir: &Path, account: &str, kind: &str) -> PathBuf {
     state_dir
         .join("accounts")
-        .join(format!("{account}.transport.json"))
+        .join(format!("{account}.{kind}.json"))
+}
+
+pub fn switch_path(state_dir: &Path, account: &str) -> PathBuf {
+    report_path(state_dir, account, "transport")
 }
 
 pub fn read_switch(state_dir: &Path, account: &str) -> Option<Switch> {
     crate::small_files::report(&switch_path(state_dir, account))
+}
+
+/// `STATE_DIR/accounts/NAME.unreachable.json`: the account's SMTP upstream has not answered a connection since
+/// `since`, as the daemon last saw it (written when it stops answering, removed when it answers again and when
+/// the daemon starts), for `relay status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unreachable {
+    /// `host:port`.
+    pub upstream: String,
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+    /// Why the connection that began the outage got no answer.
+    pub reason: String,
+}
+
+pub fn unreachable_path(state_dir: &Path, account: &str) -> PathBuf {
+    report_path(state_dir, account, "unreachable")
+}
+
+pub fn read_unreachable(state_dir: &Path, account: &str) -> Option<Unreachable> {
+    crate::small_files::report(&unreachable_path(state_dir, account))
+}
+
+/// At the daemon's start every upstream counts as reachable until a connection says otherwise: a report left
+/// by an earlier run is not true any more.
+pub fn forget_unreachable(state_dir: &Path, account: &str) {
+    let path = unreachable_path(state_dir, account);
+    if let Err(e) = remove_report(&path) {
+        tracing::warn!(relay_account = %account, error = %e, path = %path.display(), "cannot remove the report of an earlier run that the upstream could not be reached; relay status may show it until the upstream is tried");
+    }
+}
+
+fn remove_report(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// How long an account's mail waits, untried, after the upstream refused a token fetched for the retry too.
@@ -61,6 +103,10 @@ pub struct Transports {
     fallback: Option<(GraphUpstream, String)>,
     switch_file: PathBuf,
     switched: Mutex<Option<Switch>>,
+    unreachable_file: PathBuf,
+    /// Whether `unreachable_file` says the upstream is down (a file from before a reload counts, so that the
+    /// first attempt through the rebuilt account removes it if the upstream answers).
+    unreachable_recorded: Mutex<bool>,
     auth_hold: Mutex<Option<AuthHold>>,
     /// Held by the attempt that refreshes a refused token and tries it: the account's other attempts refused
     /// meanwhile wait for its outcome (the hold, or a token that works) instead of each logging in again.
@@ -95,7 +141,11 @@ impl Transports {
         let switched = fallback
             .as_ref()
             .and_then(|_| read_switch(state_dir, account));
+        let unreachable_file = unreachable_path(state_dir, account);
+        let unreachable_recorded = Mutex::new(unreachable_file.exists());
         Transports {
+            unreachable_file,
+            unreachable_recorded,
             account: account.to_string(),
             primary,
             fallback,
@@ -144,6 +194,55 @@ impl Transports {
 
     /// Sends through whichever transport is in use; a refused token gets one refresh and one retry.
     pub async fn send(
+        &self,
+        tokens: &AccountTokens,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        flags: MailFlags,
+    ) -> Outcome {
+        let out = self
+            .send_now(tokens, sender, recipients, message, flags)
+            .await;
+        self.record_reach();
+        out
+    }
+
+    /// Keeps [`Unreachable`]'s file in step with the SMTP upstream: written when it stops answering, removed
+    /// when it answers again. A file operation per change, not per attempt.
+    fn record_reach(&self) {
+        let Primary::Smtp(s) = &self.primary else {
+            return;
+        };
+        let outage = s.outage(std::time::Instant::now());
+        let Ok(mut recorded) = self.unreachable_recorded.lock() else {
+            return;
+        };
+        if outage.is_some() == *recorded {
+            return;
+        }
+        *recorded = outage.is_some();
+        // Not fsynced: a report; lost in a crash, the daemon's start would remove it anyway.
+        let written = match outage {
+            Some((down, reason)) => crate::state_files::replace(
+                &self.unreachable_file,
+                &serde_json::to_vec_pretty(&Unreachable {
+                    upstream: s.endpoint(),
+                    since: SystemTime::now()
+                        .checked_sub(down)
+                        .unwrap_or_else(SystemTime::now),
+                    reason,
+                })
+                .unwrap_or_default(),
+            ),
+            None => remove_report(&self.unreachable_file),
+        };
+        if let Err(e) = written {
+            tracing::warn!(relay_account = %self.account, error = %e, "cannot record whether the upstream can be reached (for relay status)");
+        }
+    }
+
+    async fn send_now(
         &self,
         tokens: &AccountTokens,
         sender: &str,
@@ -426,10 +525,7 @@ impl Transports {
                 &self.switch_file,
                 &serde_json::to_vec_pretty(sw).unwrap_or_default(),
             ),
-            None => match std::fs::remove_file(&self.switch_file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
+            None => remove_report(&self.switch_file),
         };
         if let Err(e) = written {
             tracing::warn!(relay_account = %self.account, error = %e, "cannot record the transport switch");

@@ -249,6 +249,11 @@ impl SmtpUpstream {
         self.reach.now(now)
     }
 
+    /// `host:port`, for reports.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.settings.host, self.settings.port)
+    }
+
     /// While it does not answer: for how long so far, and why its last connection failed.
     pub fn outage(&self, now: Instant) -> Option<(std::time::Duration, String)> {
         self.reach.outage(now)
