@@ -88,9 +88,6 @@ pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
     let http = shared_http()?;
     let store = token_store(config)?;
     warn_unauthorized(config, &store);
-    for a in &config.accounts {
-        crate::upstream::transports::forget_unreachable(&config.state_dir, &a.name);
-    }
     config
         .accounts
         .iter()

@@ -101,8 +101,13 @@ impl Relay {
                 source,
             }
         })?;
-        // With the state dir locked (this is the only daemon on it): directories an older relay left open.
+        // With the state dir locked (this is the only daemon on it): directories an older relay left open, and
+        // reports that an upstream could not be reached (every upstream counts as reachable until a connection
+        // says otherwise).
         state_files::tighten(&config.state_dir);
+        for a in &config.accounts {
+            upstream::transports::forget_unreachable(&config.state_dir, &a.name);
+        }
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (abandon, abandon_rx) = watch::channel(false);

@@ -277,11 +277,16 @@ impl Running {
         let prepared = self.listeners.prepare(&config).await?;
 
         // From here on nothing fails.
+        let state_dir = config.state_dir.clone();
         let mut accounts = Vec::new();
         for (config, account, kept) in next {
             let refresher = match kept {
                 Some(r) => r.refresher.clone(),
-                None => watch::channel(false).0,
+                None => {
+                    // Built anew, with an upstream that counts as reachable: an earlier report is not true of it.
+                    crate::upstream::transports::forget_unreachable(&state_dir, &config.name);
+                    watch::channel(false).0
+                }
             };
             accounts.push(RunningAccount {
                 config,

@@ -209,7 +209,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     }
     if let Some(u) = &unreachable {
         warnings.push(format!(
-            "the upstream {} has not answered a connection since {} ({}): the account's mail waits in the queue, untried, while one connection at a time tries it; `relay queue retry` tries it at once",
+            "the upstream {} has not answered a connection since {} ({}), as the daemon last saw it: the account's mail waits in the queue, untried, while one connection at a time tries it; `relay queue retry` tries it at once",
             u.upstream,
             rfc(u.since),
             u.reason

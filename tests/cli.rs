@@ -200,6 +200,11 @@ fn bad_config_fails_with_file_key_and_reason() {
             "account[1].name",
             "would share the file accounts/office.test.json",
         ),
+        (
+            "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n[[account]]\nname = \"office.unreachable\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"b@example.com\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
+            "account[1].name",
+            "would share the file accounts/office.unreachable.json",
+        ),
     ] {
         std::fs::write(&path, body).unwrap();
         let out = relay(&["check", "--config", path.to_str().unwrap()]);

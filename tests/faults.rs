@@ -901,6 +901,40 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A reload that points the account at another upstream (the sysadmin fixing `smtp_host`) drops the report
+/// that the old one could not be reached at once, not at the next message; and the waiting mail goes to the new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_upstream_drops_the_unreachable_report() {
+    let Silent {
+        _idp,
+        upstream: _silent,
+        dir,
+        config,
+        mut daemon,
+    } = Silent::with("retry = [\"1s\"]", 2).await;
+    daemon.wait_log("the upstream cannot be reached");
+    daemon.wait_log("relay_event=\"deferred\"");
+    assert!(!status_json(&config).1["accounts"][0]["unreachable"].is_null());
+
+    let mut answering = FakeUpstream::start(&["tok"]).await;
+    let top = account_top(dir.path(), &_idp.uri(), &answering, "smtp_timeout = \"1s\"");
+    write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    // SAFETY: kill with the pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) }, 0);
+    let reloaded = daemon.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: office;"), "{reloaded}");
+    let (_, doc) = status_json(&config);
+    assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
+    for _ in 0..2 {
+        answering.next().await;
+    }
+}
+
 /// A report that the upstream could not be reached, left by an earlier run (killed during an outage), is gone
 /// once the daemon starts: every upstream counts as reachable until a connection says otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

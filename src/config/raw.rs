@@ -195,10 +195,11 @@ impl RawConfig {
                 }
             }
         }
-        // `accounts/NAME.json` holds an account's last delivery, `NAME.test.json` its last `relay test` and
-        // `NAME.transport.json` its transport switch: an account named after another's report would share its file.
+        // `accounts/NAME.json` holds an account's last delivery, `NAME.test.json` its last `relay test`,
+        // `NAME.transport.json` its transport switch and `NAME.unreachable.json` an upstream that does not answer:
+        // an account named after another's report would share its file.
         for (i, a) in self.account.iter().enumerate() {
-            for report in [".test", ".transport"] {
+            for report in [".test", ".transport", ".unreachable"] {
                 if let Some(other) = a.name.strip_suffix(report)
                     && accounts.contains(other)
                 {

@@ -211,20 +211,19 @@ impl Transports {
     /// Keeps [`Unreachable`]'s file in step with the SMTP upstream: written when it stops answering, removed
     /// when it answers again. A file operation per change, not per attempt.
     fn record_reach(&self) {
-        let Primary::Smtp(s) = &self.primary else {
-            return;
-        };
-        let outage = s.outage(std::time::Instant::now());
+        // Under the lock, so that two attempts ending together write in the order they saw.
         let Ok(mut recorded) = self.unreachable_recorded.lock() else {
             return;
         };
+        // Not down for an account that delivers through Graph meanwhile, nor for one that no longer uses SMTP.
+        let outage = self.outage(std::time::Instant::now());
         if outage.is_some() == *recorded {
             return;
         }
         *recorded = outage.is_some();
         // Not fsynced: a report; lost in a crash, the daemon's start would remove it anyway.
-        let written = match outage {
-            Some((down, reason)) => crate::state_files::replace(
+        let written = match (outage, &self.primary) {
+            (Some((down, reason)), Primary::Smtp(s)) => crate::state_files::replace(
                 &self.unreachable_file,
                 &serde_json::to_vec_pretty(&Unreachable {
                     upstream: s.endpoint(),
@@ -235,7 +234,7 @@ impl Transports {
                 })
                 .unwrap_or_default(),
             ),
-            None => remove_report(&self.unreachable_file),
+            _ => remove_report(&self.unreachable_file),
         };
         if let Err(e) = written {
             tracing::warn!(relay_account = %self.account, error = %e, "cannot record whether the upstream can be reached (for relay status)");
