@@ -760,7 +760,7 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
 /// A relay whose one account ("office") has an upstream that takes connections and never greets, with
 /// `smtp_timeout` at 1 s and `queue` in its `[queue]` table, and `messages` messages sent to it ("Subject: m0"…).
 struct Silent {
-    _idp: MockServer,
+    idp: MockServer,
     upstream: FakeUpstream,
     dir: tempfile::TempDir,
     config: std::path::PathBuf,
@@ -769,7 +769,7 @@ struct Silent {
 
 impl Silent {
     async fn with(queue: &str, messages: usize) -> Silent {
-        let _idp = idp_issuing("tok").await;
+        let idp = idp_issuing("tok").await;
         let upstream = FakeUpstream::start(&["tok"]).await;
         upstream
             .silent
@@ -777,7 +777,7 @@ impl Silent {
         let dir = tempfile::tempdir().unwrap();
         let top = account_top(
             dir.path(),
-            &_idp.uri(),
+            &idp.uri(),
             &upstream,
             &format!("smtp_timeout = \"1s\"\n[queue]\n{queue}"),
         );
@@ -795,7 +795,7 @@ impl Silent {
             .await;
         }
         Silent {
-            _idp,
+            idp,
             upstream,
             dir,
             config,
@@ -814,7 +814,7 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     const MESSAGES: usize = 12;
     const DEFERRALS: usize = 7;
     let Silent {
-        _idp,
+        idp: _idp,
         mut upstream,
         dir,
         config,
@@ -907,7 +907,7 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_the_upstream_drops_the_unreachable_report() {
     let Silent {
-        _idp,
+        idp,
         upstream: _silent,
         dir,
         config,
@@ -918,7 +918,7 @@ async fn a_reload_that_changes_the_upstream_drops_the_unreachable_report() {
     assert!(!status_json(&config).1["accounts"][0]["unreachable"].is_null());
 
     let mut answering = FakeUpstream::start(&["tok"]).await;
-    let top = account_top(dir.path(), &_idp.uri(), &answering, "smtp_timeout = \"1s\"");
+    let top = account_top(dir.path(), &idp.uri(), &answering, "smtp_timeout = \"1s\"");
     write_config_with(
         dir.path(),
         &top,
@@ -972,7 +972,7 @@ async fn a_stale_unreachable_report_is_removed_at_start() {
 async fn mail_that_expires_untried_behind_a_silent_upstream_says_why() {
     const MESSAGES: usize = 10;
     let Silent {
-        _idp,
+        idp: _idp,
         upstream: _upstream,
         dir,
         mut daemon,

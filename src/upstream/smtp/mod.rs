@@ -234,7 +234,7 @@ impl SmtpUpstream {
                 if let Some(WentDown(why)) =
                     tried.unanswered(now, self.settings.timeout, failed.reply())
                 {
-                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took");
+                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took");
                 }
                 return Err(failed);
             }
@@ -276,7 +276,7 @@ impl SmtpUpstream {
                 let since = now.checked_sub(down).unwrap_or(now);
                 *c = Some(c.map_or(since, |s: Instant| s.min(since)));
             }
-            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %format!("{}:{}", self.settings.host, self.settings.port), "the upstream can be reached again (a connection was answered), after {} without", humantime::format_duration(Duration::from_secs(down.as_secs())));
+            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), "the upstream can be reached again (a connection was answered), after {} without", humantime::format_duration(Duration::from_secs(down.as_secs())));
         }
     }
 
