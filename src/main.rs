@@ -651,6 +651,9 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     );
                 }
             }
+            if queued > 0 {
+                note_held_accounts(config);
+            }
             note_missing();
             Ok(ExitCode::SUCCESS)
         }
@@ -772,6 +775,45 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
 }
 
 /// One message per line; its last error, when it has one, on the line below.
+/// "next try: now" is when the daemon may try a message, not a promise that it will: mail for an account that
+/// needs authorizing, is paused, or whose upstream does not answer waits whatever its row says. Named on stderr,
+/// like `relay status` says it, so that `--json` stays one document.
+fn note_held_accounts(config: &Config) {
+    for account in &config.accounts {
+        let s = relay::status::account_status(config, account);
+        if s.state == "ok" {
+            continue;
+        }
+        let since = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let why = if let Some(u) = &s.unreachable {
+            format!(
+                "its upstream {} has not answered since {} ({}), as the daemon last saw it",
+                u.upstream,
+                since(u.since),
+                u.reason
+            )
+        } else if let Some(p) = &s.paused {
+            format!(
+                "the provider asked it to pause until {} ({})",
+                since(p.until),
+                p.reply
+            )
+        } else if let Some(e) = &s.last_error {
+            e.clone()
+        } else if let Some(d) = &s.last_delivery {
+            format!("its last delivery was {}: {}", d.outcome, d.reply)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "relay: note: account {} is {}: {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
+            account.name,
+            s.state,
+            safe(&why)
+        );
+    }
+}
+
 fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
     let m = &entry.message;
     let e = &m.envelope;

@@ -869,6 +869,22 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
                 && w.contains("untried")))),
         "{doc}"
     );
+    // `relay queue list` shows the waiting mail as due ("now"), and names the account that holds it.
+    let list = std::process::Command::new(relay_bin())
+        .args(["queue", "list", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let (rows, notes) = (
+        String::from_utf8_lossy(&list.stdout),
+        String::from_utf8_lossy(&list.stderr),
+    );
+    assert!(rows.contains("message(s)"), "{rows}");
+    assert!(
+        notes.contains("account office is failing: its upstream 127.0.0.1:")
+            && notes.contains("has not answered since"),
+        "{notes}"
+    );
     upstream.silent.store(false, SeqCst);
     daemon.wait_log("the upstream can be reached again");
     let mut subjects = Vec::new();
