@@ -76,6 +76,42 @@ async fn smuggling_vectors_never_end_a_message_while_a_device_is_served() {
     assert_eq!(queued_subjects(&relay), ["during the attack"]);
 }
 
+/// A lenient listener (the default where the allow list is private) ends data at `LF . LF` only for a device
+/// that frames everything with LF: a client whose commands end with CRLF (a LAN application passing on text from
+/// outside) gets one message, with the smuggled commands in its body.
+#[tokio::test]
+async fn a_lenient_listener_never_splits_a_crlf_clients_message() {
+    let relay = TestRelay::start(&format!("{OPEN}bare_lf = \"lenient\"\n")).await;
+    let addr = relay.addr();
+    while_attacked(&relay, async move {
+        for vector in VECTORS {
+            let mut c = RawClient::connect_from(addr, device_ip(2)).await;
+            c.expect(220).await;
+            c.cmd("EHLO webform", 250).await;
+            c.begin_message().await;
+            c.send(&smuggling_payload(vector)).await;
+            c.expect(250).await;
+            c.cmd("NOOP", 250).await;
+        }
+    })
+    .await;
+    let mut subjects = queued_subjects(&relay);
+    subjects.sort();
+    let mut expected = vec!["first"; VECTORS.len()];
+    expected.push("during the attack");
+    expected.sort();
+    assert_eq!(subjects, expected);
+    for (_, eml) in relay.queued() {
+        if eml.windows(8).any(|w| w == b"smuggled") {
+            assert!(
+                eml.windows(29)
+                    .any(|w| w == b"MAIL FROM:<ceo@example.com>\r\n"),
+                "the smuggled commands stay in the first message's body"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn overlong_lines_nul_bytes_and_broken_base64_get_clear_replies() {
     let relay = TestRelay::start(

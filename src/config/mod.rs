@@ -196,7 +196,8 @@ pub enum BareLineEndings {
     /// Turn each bare CR or LF into CRLF; for devices that cannot be fixed. Only CRLF.CRLF ends a message.
     Normalize,
     /// For legacy devices that end every line with LF alone: LF ends a line in commands and in DATA, `LF . LF`
-    /// ends the message, and everything is stored and forwarded with CRLF. The default for a listener whose allow
+    /// ends the message (only for a client that has not ended a command with CRLF: from one that has, it is
+    /// text, as under `Normalize`), and everything is stored and forwarded with CRLF. The default for a listener whose allow
     /// list holds only loopback and private ranges (as Postfix exempts `$mynetworks`).
     Lenient,
 }

@@ -7,7 +7,8 @@
 //!
 //! The rule that defeats smuggling: under `reject` and `normalize`, only `<CRLF>.<CRLF>` ends the body, where both
 //! CRLFs are real; a dot after a bare LF or a bare CR never ends it and is not unstuffed. Under `lenient` (legacy
-//! LAN devices), LF alone ends a line and `.` alone on such a line ends the body; a bare CR still never does. In
+//! LAN devices), LF alone ends a line and `.` alone on such a line ends the body; a bare CR still never does (the
+//! session gives `lenient` only to a client whose commands end with LF alone, `normalize` to the others). In
 //! every mode the stored message has CRLF line ends only, so the upstream sees the message end exactly where
 //! relay did.
 
@@ -117,7 +118,10 @@ impl DataReceiver {
                     if self.policy == BareLineEndings::Reject && (self.dot || self.lf_dot) {
                         return self.bare_end(input, rest);
                     }
-                    self.dot = false;
+                    // A '.' alone on a line that a bare LF ends is text, kept as `LF . CRLF` keeps it.
+                    if std::mem::take(&mut self.dot) {
+                        out.push(b'.');
+                    }
                     self.line_start = false;
                     self.bare_line_ending(out, b"\n");
                     self.after_lf = self.policy == BareLineEndings::Reject;
@@ -296,6 +300,20 @@ mod tests {
         assert_eq!(out, b"a\r\nb\r\nc\r\n");
         assert!(rest.is_some());
         assert!(bare);
+    }
+
+    #[test]
+    fn normalize_keeps_a_dot_line_whichever_of_its_endings_is_bare() {
+        for data in [&b"a\r\n.\nb\r\n.\r\n"[..], b"a\n.\r\nb\r\n.\r\n"] {
+            let (out, rest, _) = split_everywhere(BareLineEndings::Normalize, data);
+            assert_eq!(
+                out,
+                b"a\r\n.\r\nb\r\n",
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+            assert_eq!(rest.as_deref(), Some(&b""[..]));
+        }
     }
 
     #[test]

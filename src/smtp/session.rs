@@ -130,6 +130,9 @@ pub struct Session {
     data: Option<DataState>,
     /// The last MAIL, RCPT or DATA command and its address, for the log line of a refusal.
     last: Option<(&'static str, String)>,
+    /// A command line of this session ended with CRLF: the client frames with CRLF, so under `lenient` an
+    /// `LF . LF` in its body is text (a bare LF in content it passed on), not its end of data.
+    crlf_client: bool,
 }
 
 struct DataState {
@@ -155,6 +158,7 @@ impl Session {
             auth_failures: 0,
             data: None,
             last: None,
+            crlf_client: false,
         }
     }
 
@@ -193,11 +197,24 @@ impl Session {
             None => return Step::NeedInput,
             Some(Err(())) => {
                 self.last = None;
+                // An over-long answer ends an AUTH exchange (RFC 4954 section 4): the client's next line is a
+                // command again, never taken for a credential.
+                if !matches!(
+                    std::mem::replace(&mut self.mode, Mode::Command),
+                    Mode::Command
+                ) {
+                    return self.error(Reply::new(
+                        500,
+                        "5.5.6",
+                        "Authentication exchange line is too long",
+                    ));
+                }
                 return self.error(Reply::new(500, "5.5.2", "Line too long"));
             }
             Some(Ok(line)) => line,
         };
         self.last = None;
+        self.crlf_client |= line.ends_with(b"\r\n");
         match std::mem::replace(&mut self.mode, Mode::Command) {
             Mode::Command => self.command(&line),
             Mode::AuthPlain => self.auth_plain_response(&line),
@@ -270,6 +287,19 @@ impl Session {
                 return self.error(parse_error_reply(e));
             }
         };
+        // The check above reads the verb where it normally is; smtp-proto also takes one after spaces or with a
+        // CR inside it.
+        if std::str::from_utf8(line).is_err() {
+            let verb = match request {
+                Request::Mail { .. } => Some("MAIL"),
+                Request::Rcpt { .. } => Some("RCPT"),
+                _ => None,
+            };
+            if let Some(verb) = verb {
+                self.last = Some((verb, raw_path(line)));
+                return self.error(bad_address(verb, "not UTF-8"));
+            }
+        }
         let request = match literal {
             Some(literal) => put_back_literal(request, &literal),
             None => request,
@@ -464,6 +494,17 @@ impl Session {
         self.rcpt(&address)
     }
 
+    /// `lenient` is for devices that end every line with LF alone, `LF . LF` included. A client whose commands
+    /// end with CRLF does not end its data that way: an `LF . LF` in its body came with the text it passes on
+    /// (a web form, a forwarded report), and taking it for the end would turn one message into two (SMTP
+    /// smuggling). Its bare line endings are normalized instead.
+    fn body_line_endings(&self) -> BareLineEndings {
+        match self.policy.bare_lf {
+            BareLineEndings::Lenient if self.crlf_client => BareLineEndings::Normalize,
+            policy => policy,
+        }
+    }
+
     fn data(&mut self) -> Step {
         match &self.txn {
             None => self.error(Reply::new(503, "5.5.1", "Need MAIL command")),
@@ -473,7 +514,7 @@ impl Session {
             Some(_) => {
                 self.mode = Mode::Data;
                 self.data = Some(DataState {
-                    receiver: DataReceiver::new(self.policy.bare_lf),
+                    receiver: DataReceiver::new(self.body_line_endings()),
                     len: 0,
                     too_big: false,
                 });

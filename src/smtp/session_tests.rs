@@ -653,3 +653,73 @@ fn starttls_with_a_parameter_is_a_syntax_error() {
     assert_eq!(codes(&steps(&mut s, b"STARTTLS extra\r\n")), ["501 5.5.4"]);
     assert_eq!(codes(&steps(&mut s, b"starttls \r\n")), ["220 2.0.0"]);
 }
+
+/// Under `lenient`, `LF . LF` ends the data of a device that frames everything with LF alone; from a client
+/// whose commands end with CRLF it is text it passed on, and must not let what follows through as a second
+/// message (SMTP smuggling).
+#[test]
+fn lenient_ends_data_at_a_bare_lf_dot_only_for_an_lf_only_client() {
+    let lenient = || {
+        let mut p = (*policy(AuthPolicy::None, false, false)).clone();
+        p.bare_lf = BareLineEndings::Lenient;
+        Session::new(Arc::new(p), "192.0.2.7:1".parse().unwrap(), false)
+    };
+    for vector in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n"] {
+        let mut s = lenient();
+        let out = steps(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+        );
+        assert!(matches!(out.last(), Some(Step::Data(_))), "{out:?}");
+        let mut data = b"text".to_vec();
+        data.extend_from_slice(vector);
+        data.extend_from_slice(
+            b"MAIL FROM:<ceo@x>\r\nRCPT TO:<f@y>\r\nDATA\r\nsmuggled\r\n.\r\nQUIT\r\n",
+        );
+        let (mut input, mut body) = (&data[..], Vec::new());
+        assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+        assert_eq!(input, b"QUIT\r\n", "{vector:?} ended the body early");
+        assert!(body.ends_with(b"smuggled\r\n"), "{vector:?}");
+    }
+    let mut s = lenient();
+    let out = steps(&mut s, b"EHLO x\nMAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\n");
+    assert!(matches!(out.last(), Some(Step::Data(_))), "{out:?}");
+    let (mut input, mut body) = (&b"line\n.\nQUIT\n"[..], Vec::new());
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert_eq!((input, &body[..]), (&b"QUIT\n"[..], &b"line\r\n"[..]));
+}
+
+/// smtp-proto reads the verb after spaces, or with a CR inside it: the UTF-8 check does not depend on where it is.
+#[test]
+fn addresses_that_are_not_utf8_are_refused_however_the_verb_is_written() {
+    let mut s = Session::new(
+        policy(AuthPolicy::None, false, false),
+        "192.0.2.7:1".parse().unwrap(),
+        false,
+    );
+    let out = steps(
+        &mut s,
+        b"EHLO x\r\n MAIL FROM:<s\xffender@b.c>\r\nMAIL FROM:<a@b.c>\r\nR\rCPT TO:<r\xfe@b.c>\r\n\rRCPT TO:<z\xff@b.c>\r\n",
+    );
+    assert_eq!(
+        codes(&out[1..]),
+        ["501 5.1.7", "250 2.1.0", "501 5.1.3", "501 5.1.3"]
+    );
+}
+
+/// An over-long answer in an AUTH exchange ends it: the next line is a command, not a password.
+#[test]
+fn an_over_long_auth_answer_ends_the_exchange() {
+    let long = format!("{}\r\n", "A".repeat(MAX_LINE + 10));
+    for start in ["AUTH LOGIN\r\n", "AUTH PLAIN\r\n"] {
+        let mut s = session(AuthPolicy::Required);
+        steps(&mut s, b"EHLO x\r\n");
+        assert_eq!(codes(&steps(&mut s, start.as_bytes())), ["334 -"]);
+        let out = steps(&mut s, format!("{long}NOOP\r\nQUIT\r\n").as_bytes());
+        assert_eq!(
+            codes(&out),
+            ["500 5.5.6", "250 2.0.0", "221 2.0.0"],
+            "{start}"
+        );
+    }
+}
