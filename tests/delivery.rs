@@ -5,7 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use common::idp::{
-    idp_issuing, idp_stale_then_fresh, relay_with_account, relay_with_account_and, token,
+    account_top, idp_issuing, idp_stale_then_fresh, relay_with_account, relay_with_account_and,
+    token,
 };
 use common::upstream::FakeUpstream;
 use common::*;
@@ -137,6 +138,64 @@ async fn upstream_4xx_defers_and_5xx_goes_to_dead() {
     let state = std::fs::read_to_string(relay.state().join(format!("dead/{dead}.state"))).unwrap();
     assert!(state.contains("5.7.60"), "{state}");
     assert_eq!(relay.queued().len(), 1);
+}
+
+/// dead/ removed while the daemon runs (a clean-up script, an admin emptying it by hand): mail that fails for
+/// good still goes there, with its reason, instead of staying queued with nothing said.
+#[tokio::test]
+async fn a_removed_dead_dir_is_made_again_for_mail_that_fails_for_good() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "550 5.7.1 refused".into();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    std::fs::remove_dir_all(relay.state().join("dead")).unwrap();
+    let id = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    assert!(relay.state().join(format!("dead/{id}.msg")).exists());
+    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    assert!(state.contains("5.7.1 refused"), "{state}");
+    assert!(relay.queued().is_empty());
+}
+
+/// Queue files relay did not write that way: an envelope without recipients is quarantined (not removed as
+/// "delivered to every recipient"), and a next attempt in the year 9999 (a clock stepped back, a hand edit) does
+/// not keep a message from being tried.
+#[tokio::test]
+async fn odd_queue_files_are_neither_removed_unsent_nor_stranded() {
+    let relay = TestRelay::start(LISTENER).await;
+    let empty = send_message(relay.addr(), WIRE).await;
+    let later = send_message(relay.addr(), WIRE).await;
+    let dir = relay.stop().await;
+    let queue = dir.path().join("state/queue");
+    let path = queue.join(format!("{empty}.msg"));
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = bytes.iter().position(|&b| b == b'\n').unwrap();
+    let mut envelope: serde_json::Value = serde_json::from_slice(&bytes[..cut]).unwrap();
+    envelope["recipients"] = serde_json::json!([]);
+    let mut edited = serde_json::to_vec(&envelope).unwrap();
+    edited.extend_from_slice(&bytes[cut..]);
+    std::fs::write(&path, edited).unwrap();
+    let mut state = relay::queue::state::DeliveryState::default();
+    state.failed("451 4.3.0 try later");
+    state.next_attempt = Some(humantime::parse_rfc3339("9999-01-01T00:00:00Z").unwrap());
+    relay::queue::state::write_state(
+        &queue,
+        relay::queue::QueueId::parse(&later).unwrap(),
+        &state,
+    )
+    .unwrap();
+
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    upstream.next().await;
+    relay.drained().await;
+    assert_eq!(
+        files_in(&relay.state(), "quarantine"),
+        [format!("{empty}.msg")]
+    );
+    assert!(files_in(&relay.state(), "dead").is_empty());
 }
 
 #[tokio::test]

@@ -704,12 +704,36 @@ impl Delivery {
                 }
             }
         }
+        // A next attempt further ahead than any wait relay sets is not one it set (a clock stepped back after the
+        // deferral, a state file edited by hand): the message is looked at now, so that it is tried or expires.
+        let furthest = self
+            .queue
+            .retry
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or_default()
+            .max(super::scheduler::FURTHEST);
         if let Some(next) = state.next_attempt
             && next > now
             && !early
+            && next
+                .duration_since(now)
+                .is_ok_and(|ahead| ahead <= furthest)
         {
             // Scheduled twice (a reread of the schedule raced a deferral): keep the later time.
             return Attempted::later(next);
+        }
+        // relay never queues a message without a recipient: this file was made or changed by something else, and
+        // "delivered to every recipient" would remove it unsent.
+        if msg.envelope.recipients.is_empty() {
+            return self
+                .clone()
+                .blocking(move |d| {
+                    quarantine(&d.paths, &path, "its envelope has no recipients");
+                    Attempted::Done { account: None }
+                })
+                .await;
         }
         // Only those not finished with in an earlier attempt (accepted, or refused for good).
         let recipients = state.remaining(&msg.envelope.recipients);
@@ -1225,14 +1249,21 @@ impl Delivery {
         state.failed(why);
         state.next_attempt = None;
         let d = Diagnosed::of(why, account);
-        let moved = write_state(&self.paths.dead, id, state).and_then(|()| {
-            std::fs::rename(
-                msg_path(&self.paths.queue, id),
-                msg_path(&self.paths.dead, id),
-            )
-        });
+        let queued = msg_path(&self.paths.queue, id);
+        // dead/ is made at start; one removed since (by hand, by a clean-up script) is made again, or the message
+        // would stay queued with nothing said.
+        let moved = crate::state_files::create_dir_all(&self.paths.dead)
+            .and_then(|()| write_state(&self.paths.dead, id, state))
+            .and_then(|()| std::fs::rename(&queued, msg_path(&self.paths.dead, id)));
         match moved {
             Ok(()) => {
+                // Durable like a retry's move back: on ext4 without a journal an unflushed rename can leave the
+                // file in neither directory after a power cut.
+                for dir in [&self.paths.dead, &self.paths.queue] {
+                    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                        tracing::warn!(relay_queue_id = %id, dir = %dir.display(), error = %e, "cannot flush the move to dead/");
+                    }
+                }
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 lock(&self.unrecorded).remove(&id);
                 crate::events::emit(crate::events::Event::Dead { id, account, why });
@@ -1257,7 +1288,7 @@ impl Delivery {
                 tracing::error!(relay_event = "dead", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), relay_finished_recipients = %finished, "moved to dead/{d}{done}");
                 Attempted::Done { account: None }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !queued.exists() => {
                 // Deleted meanwhile (`relay queue delete`): nothing to keep, not even the state just written.
                 let _ = std::fs::remove_file(state_path(&self.paths.dead, id));
                 Attempted::Done { account: None }

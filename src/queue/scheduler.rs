@@ -682,6 +682,12 @@ impl Schedule {
     }
 }
 
+/// The furthest ahead a recorded next attempt is believed when the queue is read: relay's own waits (a retry
+/// step, a sending limit's window) are shorter, and a time beyond it (a clock stepped back, a state file edited
+/// by hand) would keep a message from ever being tried or expiring, so such a message is due now. The attempt
+/// believes longer configured retry steps up to their length.
+pub(crate) const FURTHEST: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Every queued message not in `skip`, due at its recorded next attempt (now, if none): the [`MAX_SCHEDULED`]
 /// soonest, and whether some were left out. Reads file names and state files only.
 fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::Result<(Due, bool)> {
@@ -691,6 +697,7 @@ fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::R
     // Keep the soonest MAX_SCHEDULED: a max-heap of that size, whose top is the latest kept.
     let mut kept: BinaryHeap<(SystemTime, QueueId)> = BinaryHeap::new();
     let mut overflow = false;
+    let furthest = SystemTime::now() + FURTHEST;
     for file in layout::files(queue)? {
         let (id, kind) = file?;
         if kind != FileKind::Message || skip.contains(&id) {
@@ -703,7 +710,14 @@ fn load_schedule(queue: &std::path::Path, skip: &HashSet<QueueId>) -> std::io::R
         } else {
             SystemTime::UNIX_EPOCH
         };
-        kept.push((at, id));
+        kept.push((
+            if at > furthest {
+                SystemTime::UNIX_EPOCH
+            } else {
+                at
+            },
+            id,
+        ));
         if kept.len() > MAX_SCHEDULED {
             kept.pop();
             overflow = true;

@@ -508,7 +508,11 @@ fn write_job(paths: &SpoolPaths, job: &Job) -> Result<File, SpoolError> {
 }
 
 fn fail(paths: &SpoolPaths, job: Job, error: SpoolError) {
-    let _ = fs::remove_file(msg_path(&paths.queue, job.id));
+    // A name already taken is another message's file (acknowledged, perhaps), never this job's to remove.
+    let taken = matches!(&error, SpoolError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists);
+    if !taken {
+        let _ = fs::remove_file(msg_path(&paths.queue, job.id));
+    }
     let _ = job.done.send(Err(error));
 }
 
