@@ -36,13 +36,13 @@ impl Transcript {
 
     /// What the upstream answered.
     pub fn server(&mut self, line: &str) {
-        for l in line.trim_end().split('\n') {
-            let mut l = l.trim_end().to_string();
-            for Hidden(secret) in &self.hidden {
-                if l.contains(secret.as_str()) {
-                    l = l.replace(secret.as_str(), "[redacted]");
-                }
-            }
+        let secrets: Vec<&str> = self.hidden.iter().map(|Hidden(s)| s.as_str()).collect();
+        let lines: Vec<String> = line
+            .trim_end()
+            .split('\n')
+            .map(|l| cut_quoted(l.trim_end(), &secrets))
+            .collect();
+        for l in lines {
             self.push(format!("S: {l}"));
         }
     }
@@ -103,9 +103,83 @@ pub fn redact(line: &str) -> String {
     line.to_string()
 }
 
+/// The shortest piece of a credential that is cut out of a server's words when quoted on its own: long enough
+/// never to match ordinary words by chance, short enough to catch a quote cut at a line's end or split over the
+/// lines of a reply.
+const QUOTED_PIECE: usize = 16;
+
+/// `text` with every credential in `secrets` cut out, whole or in pieces: a server may quote the AUTH command
+/// back split over several reply lines, or cut where it truncates a line, and each piece of a base64 XOAUTH2
+/// string holds part of the token.
+pub fn cut_quoted(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if out.contains(secret) {
+            out = out.replace(secret, "[redacted]");
+        }
+    }
+    // Runs of the characters base64, base64url and JWTs are made of.
+    let in_run =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '-' | '_' | '.');
+    let mut cut = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(start) = rest.find(in_run) {
+        cut.push_str(&rest[..start]);
+        let run = &rest[start..];
+        let end = run.find(|c: char| !in_run(c)).unwrap_or(run.len());
+        let piece = &run[..end];
+        if piece.len() >= QUOTED_PIECE && secrets.iter().any(|s| s.contains(piece)) {
+            cut.push_str("[redacted]");
+        } else {
+            cut.push_str(piece);
+        }
+        rest = &run[end..];
+    }
+    cut.push_str(rest);
+    cut
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_of_a_quoted_credential_are_cut_too() {
+        let initial = "dXNlcj1yZWxheUBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB0b2tTRUNSRVQBAQ==";
+        let token = "tokSECRET-abc.def_ghi";
+        let secrets = [initial, token];
+        for (quoted, shown) in [
+            (
+                format!("500 unknown AUTH XOAUTH2 {initial}"),
+                "500 unknown AUTH XOAUTH2 [redacted]",
+            ),
+            (
+                format!("5.7.8 {} (cut)", &initial[..40]),
+                "5.7.8 [redacted] (cut)",
+            ),
+            (format!("{}", &initial[30..]), "[redacted]"),
+            (format!("token {token}!"), "token [redacted]!"),
+            // Words of the server's own, however long, stay.
+            (
+                "gsmtp d9443c01a7336-2a0a9a0e1a4sm123456pfb.5".to_string(),
+                "gsmtp d9443c01a7336-2a0a9a0e1a4sm123456pfb.5",
+            ),
+        ] {
+            assert_eq!(cut_quoted(&quoted, &secrets), shown);
+        }
+        let mut t = Transcript::default();
+        t.hide(initial);
+        t.server(&format!(
+            "535-5.7.8 {}\n535 5.7.8 {}",
+            &initial[..30],
+            &initial[30..]
+        ));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines,
+            ["S: 535-5.7.8 [redacted]", "S: 535 5.7.8 [redacted]"]
+        );
+    }
 
     #[test]
     fn credentials_never_reach_the_transcript() {

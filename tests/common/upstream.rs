@@ -394,7 +394,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(reply) = refusal {
                 // Microsoft's tenant-wide refusal comes at once, with no 334 challenge. `{COMMAND}`: a server
                 // that quotes the command back.
-                reply.replace("{COMMAND}", &cmd)
+                // `{HEAD}`, `{TAIL}`: the two halves of the credentials, for a quote split over two lines.
+                let arg = cmd.split_whitespace().nth(2).unwrap_or("");
+                let (head, tail) = arg.split_at(arg.len() / 2);
+                reply
+                    .replace("{COMMAND}", &cmd)
+                    .replace("{HEAD}", head)
+                    .replace("{TAIL}", tail)
             } else if accepts(&tokens, &token) {
                 authed = true;
                 "235 2.7.0 Accepted".into()

@@ -77,6 +77,28 @@ impl Failure {
             other => other,
         }
     }
+
+    /// The same failure with the credentials cut out of its words, whole or in pieces (see
+    /// [`crate::upstream::transcript::cut_quoted`]).
+    fn cut_quoted(self, secrets: &[&str]) -> Failure {
+        let cut = |text: String| crate::upstream::transcript::cut_quoted(&text, secrets);
+        let reply = |mut r: Reply| {
+            r.text = cut(r.text);
+            r
+        };
+        match self {
+            Failure::Connection(why) => Failure::Connection(cut(why)),
+            Failure::Refused(r) => Failure::Refused(reply(r)),
+            Failure::Auth(r) => Failure::Auth(reply(r)),
+            Failure::Unsupported(why) => Failure::Unsupported(cut(why)),
+            Failure::Session(r) => Failure::Session(reply(r)),
+            Failure::ChunkingRefused { why, definite } => Failure::ChunkingRefused {
+                why: cut(why),
+                definite,
+            },
+            Failure::Dropped(why) => Failure::Dropped(cut(why)),
+        }
+    }
 }
 
 /// A fresh connection that failed before its greeting, and whether the server answered at all (see
@@ -502,13 +524,11 @@ impl Conn {
             ("XOAUTH2", B64.encode(initial), String::new())
         };
         // A server that does not know the command may quote it back ("500 Command unrecognized: AUTH XOAUTH2
-        // dXNl…"), and its reply goes to the log, the queue's state and a bounce: the token is cut out of it.
+        // dXNl…"), whole, cut, or over several lines, and its reply goes to the log, the queue's state and a
+        // bounce: the token is cut out of it.
+        let secrets = [initial.as_str(), token.expose_secret()];
         let unquote = |mut r: Reply| {
-            for secret in [initial.as_str(), token.expose_secret()] {
-                if !secret.is_empty() && r.text.contains(secret) {
-                    r.text = r.text.replace(secret, "[redacted]");
-                }
-            }
+            r.text = crate::upstream::transcript::cut_quoted(&r.text, &secrets);
             r
         };
         if let Some(t) = &self.transcript
@@ -517,7 +537,11 @@ impl Conn {
             t.hide(&initial);
             t.hide(token.expose_secret());
         }
-        let r = unquote(self.command(&format!("AUTH {mechanism} {initial}")).await?);
+        let r = unquote(
+            self.command(&format!("AUTH {mechanism} {initial}"))
+                .await
+                .map_err(|f| f.cut_quoted(&secrets))?,
+        );
         match r.code {
             235 => Ok(()),
             334 => {
@@ -525,7 +549,10 @@ impl Conn {
                     .decode(r.text.trim())
                     .map(|d| crate::terminal::printable(&d))
                     .unwrap_or_default();
-                let mut last = self.command(&after_challenge).await?;
+                let mut last = self
+                    .command(&after_challenge)
+                    .await
+                    .map_err(|f| f.cut_quoted(&secrets))?;
                 if !detail.is_empty() {
                     last.text = format!("{} ({})", last.text, detail.trim());
                 }
