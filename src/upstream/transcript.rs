@@ -157,7 +157,7 @@ mod tests {
                 format!("5.7.8 {} (cut)", &initial[..40]),
                 "5.7.8 [redacted] (cut)",
             ),
-            (format!("{}", &initial[30..]), "[redacted]"),
+            (initial[30..].to_string(), "[redacted]"),
             (format!("token {token}!"), "token [redacted]!"),
             // Words of the server's own, however long, stay.
             (
