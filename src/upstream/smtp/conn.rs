@@ -385,19 +385,17 @@ impl Conn {
             };
             t.note(&format!("connecting to {}:{} ({tls})", s.host, s.port));
         }
-        let tcp =
-            match tokio::time::timeout(s.timeout, TcpStream::connect((s.host.as_str(), s.port)))
-                .await
-            {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => return Err(unanswered(broken("cannot connect", &e))),
-                Err(_) => {
-                    return Err(unanswered(broken(
-                        "cannot connect",
-                        &"timed out (smtp_timeout)",
-                    )));
-                }
-            };
+        let tcp = match tokio::time::timeout(s.timeout, super::dial::connect(&s.host, s.port)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unanswered(broken("cannot connect", &e))),
+            Err(_) => {
+                return Err(unanswered(broken(
+                    "cannot connect",
+                    &"timed out (smtp_timeout)",
+                )));
+            }
+        };
         // The final dot must not wait for the peer's delayed ACK (Nagle): that cost 40 ms a message.
         tcp.set_nodelay(true)
             .map_err(|e| ConnectFailure::answered(broken("TCP_NODELAY", &e)))?;

@@ -15,6 +15,7 @@
 //! the message was taken, and it is not the message's failure, so it is not counted as one.
 
 mod conn;
+mod dial;
 mod dot;
 mod reach;
 mod reply;
