@@ -198,6 +198,27 @@ async fn odd_queue_files_are_neither_removed_unsent_nor_stranded() {
     assert!(files_in(&relay.state(), "dead").is_empty());
 }
 
+/// An upstream that refuses a large message while it comes (552, then it hangs up with the rest unread): its
+/// reply is what the message fails with, for good, instead of "connection reset" and the whole message sent
+/// again at every retry until max_age.
+#[tokio::test]
+async fn a_refusal_in_the_middle_of_the_body_is_heard() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() =
+        "MIDWAY 552 5.3.4 Message size exceeds fixed maximum message size".into();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let mut big = b"Subject: scan\r\n\r\n".to_vec();
+    while big.len() < 4 << 20 {
+        big.extend_from_slice(&[b'x'; 76]);
+        big.extend_from_slice(b"\r\n");
+    }
+    let id = send_message(relay.addr(), &big).await;
+    relay.attempts_done(1).await;
+    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    assert!(state.contains("552 5.3.4"), "{state}");
+}
+
 #[tokio::test]
 async fn token_endpoint_failure_defers_and_keeps_the_mail() {
     let idp = MockServer::start().await;

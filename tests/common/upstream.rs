@@ -32,7 +32,8 @@ pub struct FakeUpstream {
     /// one "MAILREFUSE <reply>" every MAIL after a successful AUTH, one "NOBDAT <reply>" every BDAT.
     pub tokens: Arc<Mutex<Vec<String>>>,
     /// Reply to the final dot, e.g. "250 2.0.0 OK", "451 4.3.0 try later", "550 5.7.1 no"; or "DROP" (hang up
-    /// right after 354, in the middle of the data), "STALL" (read the data, then never answer) or "SLOW 250 …"
+    /// right after 354, in the middle of the data), "MIDWAY <reply>" (answer after 64 KiB of the body and hang up
+    /// with the rest unread), "STALL" (read the data, then never answer) or "SLOW 250 …"
     /// (report the message at once, answer a second later) or "HOLD 250 …" (report the message at once, answer
     /// when [`release`](Self::release) is notified) or "HANGUP 250 …" (answer, then close the connection
     /// without a word, as a server that drops idle sessions does) or "STRAY 250 …" (answer, then, once
@@ -447,6 +448,19 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         } else if upper == "DATA" {
             let _ = w(&mut s, "354 Go ahead".into()).await;
             if *data_reply.lock().unwrap() == "DROP" {
+                return;
+            }
+            let midway = data_reply
+                .lock()
+                .unwrap()
+                .strip_prefix("MIDWAY ")
+                .map(str::to_string);
+            if let Some(reply) = midway {
+                // Refuse while the body comes, as Microsoft 365 does past its size limit, and close with the
+                // rest unread (the client's next writes meet a reset).
+                let mut some = vec![0u8; 64 * 1024];
+                let _ = s.read_exact(&mut some).await;
+                let _ = w(&mut s, reply).await;
                 return;
             }
             let mut data = Vec::new();

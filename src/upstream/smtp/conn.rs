@@ -699,6 +699,15 @@ impl Conn {
             }
         };
         if let Err(f) = self.body(message).await {
+            // A server refusing the message while it comes (Microsoft 365's 552 past its size limit) answers and
+            // hangs up before the body is sent whole: its words say why, and whether sending it again can help.
+            // Without them the message went again and again until max_age, "connection reset" each time.
+            if let Failure::Dropped(_) = f
+                && let Ok(r) = self.reply_within(Duration::from_secs(2)).await
+                && !r.is_positive()
+            {
+                return Err(fail(Failure::Refused(r), false, false));
+            }
             return Err(fail(f, false, false));
         }
         match self.reply_within(self.final_reply).await {

@@ -189,10 +189,11 @@ fn enhanced(text: &str) -> Option<[u16; 3]> {
 }
 
 impl Reply {
-    /// A 2xx: the command was done. (MAIL, RCPT, BDAT and the final dot have no intermediate reply; DATA's 354 and
-    /// AUTH's 334 are checked by their code.)
+    /// 250, 251 or 252: the command was done. (MAIL, RCPT, BDAT and the final dot have no intermediate reply;
+    /// DATA's 354 and AUTH's 334 are checked by their code.) Another 2xx is not a transaction's success: a `221
+    /// closing` to the final dot is a server going away, not a message taken.
     pub fn is_positive(&self) -> bool {
-        (200..300).contains(&self.code)
+        (250..=252).contains(&self.code)
     }
 
     pub fn is_permanent(&self) -> bool {
@@ -341,6 +342,7 @@ mod tests {
         let mut skim = Skim::default();
         assert!(skim.feed(b"250-ok\r\n554 no\r\n").is_err());
         assert!(parse(b"250 ok\r\n").is_positive());
+        assert!(!parse(b"221 2.0.0 closing connection\r\n").is_positive());
         assert_eq!(
             super::parse(&vec![b'2'; MAX_REPLY + 1]),
             Err(ReplyError::TooLong)
