@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Secrets};
 use relay::queue::retry::Retry;
 use relay::queue::{Place, QueueEntry, QueueStore};
 use relay::terminal::{printable_lines, printable_str as safe};
@@ -158,7 +158,9 @@ fn causes(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let config = || load_config(cli.config.as_deref());
+    let config = || load_config(cli.config.as_deref(), Secrets::Read);
+    // Commands that never read the secrets: run from a shell, they must not need the unit's LoadCredential=.
+    let inspect = || load_config(cli.config.as_deref(), Secrets::NotRead);
     match cli.command {
         // The same exit code as `relay check` for a config that cannot work: the unit's
         // RestartPreventExitStatus=2 stops systemd from restarting relay in a loop on it.
@@ -173,28 +175,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             route: Some(route),
             user,
             listener,
-        } => check_route(&config()?, &route, user.as_deref(), listener.as_deref()),
-        Command::Check { route: None, .. } => {
-            match load_config(cli.config.as_deref()).and_then(check_files) {
-                Ok(c) => {
-                    for w in c.warnings() {
-                        eprintln!("warning: {}: {}", w.key, w.text);
-                    }
-                    println!(
-                        "# {} is valid; resolved settings follow (secrets redacted)",
-                        c.source
-                    );
-                    print!("{}", c.to_toml());
-                    Ok(ExitCode::SUCCESS)
+        } => check_route(&inspect()?, &route, user.as_deref(), listener.as_deref()),
+        Command::Check { route: None, .. } => match inspect().and_then(check_files) {
+            Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("warning: {}: {}", w.key, w.text);
                 }
-                Err(e) => {
-                    for p in e.problems() {
-                        eprintln!("relay: invalid config: {}: {}: {}", p.file, p.key, p.reason);
-                    }
-                    Ok(ExitCode::from(2))
-                }
+                println!(
+                    "# {} is valid; resolved settings follow (secrets redacted)",
+                    c.source
+                );
+                print!("{}", c.to_toml());
+                Ok(ExitCode::SUCCESS)
             }
-        }
+            Err(e) => {
+                for p in e.problems() {
+                    eprintln!("relay: invalid config: {}: {}: {}", p.file, p.key, p.reason);
+                }
+                Ok(ExitCode::from(2))
+            }
+        },
         Command::HashPassword => hash_password(),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
@@ -205,8 +205,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Authorize { account } => authorize(&config()?, &account),
-        Command::Status { json } => status(&config()?, json),
-        Command::Queue(q) => queue(&config()?, q),
+        Command::Status { json } => status(&inspect()?, json),
+        Command::Queue(q) => queue(&inspect()?, q),
         Command::Test { account, to } => test(&config()?, &account, &to),
     }
 }
@@ -354,6 +354,14 @@ fn check_route(
 fn check_files(config: Config) -> Result<Config, ConfigError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut problems = config.listeners.iter().enumerate().filter_map(|(i, l)| {
+        let at_start = |k: &str| {
+            config
+                .credentials_at_start
+                .contains(&format!("listener[{i}].{k}"))
+        };
+        if at_start("cert") || at_start("key") {
+            return None;
+        }
         let (cert, key) = (l.cert.as_ref()?, l.key.as_ref()?);
         let e = relay::smtp::tls::acceptor(cert, key, l.tls_compat).err()?;
         Some(ConfigError::new(
@@ -372,11 +380,11 @@ fn check_files(config: Config) -> Result<Config, ConfigError> {
 }
 
 /// `--config`, else the system file if present, else the embedded default.
-fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+fn load_config(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigError> {
     match path {
-        Some(p) => Config::load(p),
+        Some(p) => Config::load_for(p, secrets),
         None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            Config::load(Path::new(DEFAULT_CONFIG_PATH))
+            Config::load_for(Path::new(DEFAULT_CONFIG_PATH), secrets)
         }
         None => Ok(Config::embedded_default()),
     }
@@ -391,7 +399,7 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let reload = move || load_config(path.as_deref());
+    let reload = move || load_config(path.as_deref(), Secrets::Read);
     match runtime.block_on(relay::service::serve(config, reload)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is_config() => {

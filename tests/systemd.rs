@@ -473,8 +473,37 @@ async fn secrets_come_from_the_credentials_directory() {
     );
     assert!(!stdout.contains("from-credentials"), "a secret printed");
 
-    // Outside systemd the variable is unset: an error that names the file, the key and the cause.
+    // From a shell the variable is unset. `relay check`, `status` and `queue` never read the secret: they work,
+    // and check says the file is left to the service's start (monitoring runs `relay status` outside the unit).
     let out = check(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stderr.contains("warning: account[0].client_secret_file")
+            && stderr.contains("read when the service starts"),
+        "{stderr}"
+    );
+    for args in [&["status", "--json"][..], &["queue", "list"]] {
+        let out = Command::new(relay_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("invalid config")
+                && matches!(out.status.code(), Some(0 | 1)),
+            "{args:?}: {out:?}"
+        );
+    }
+    // The daemon reads it: without the variable, an error that names the file, the key and the cause, exit 2.
+    let out = Command::new(relay_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(

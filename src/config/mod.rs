@@ -74,6 +74,10 @@ pub struct Config {
     /// Where this config came from: a path, or `<embedded default>`.
     #[serde(skip)]
     pub source: String,
+    /// Keys whose `$CREDENTIALS_DIRECTORY/…` path only the service can resolve, for a command that does not read
+    /// them ([`Secrets::NotRead`]); their files are checked when the service starts.
+    #[serde(skip)]
+    pub credentials_at_start: Vec<String>,
     pub state_dir: PathBuf,
     pub hostname: String,
     pub default_account: Option<String>,
@@ -484,13 +488,28 @@ fn durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Err
     s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
 }
 
+/// Whether the command being run reads the secret files the config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// `relay serve`, `authorize`, `test`: every file must be there, at its resolved path.
+    Read,
+    /// `relay status`, `queue`, `check`: run from a shell, outside the unit whose `LoadCredential=` a
+    /// `$CREDENTIALS_DIRECTORY/…` path names. Such a path is left as it is, and checked when the service starts.
+    NotRead,
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_for(path, Secrets::Read)
+    }
+
+    /// Reads and validates a config file for a command that does or does not read its secrets.
+    pub fn load_for(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = crate::small_files::read_to_string(path, crate::small_files::CONFIG)
             .map_err(|e| ConfigError::new(&file, "(file)", format!("cannot read: {e}")))?;
-        Self::parse(&text, &file)
+        Self::parse_for(&text, &file, secrets)
     }
 
     /// The config relay runs on when no file is given.
@@ -502,6 +521,11 @@ impl Config {
 
     /// Parses config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Self::parse_for(text, file, Secrets::Read)
+    }
+
+    /// As [`parse`](Self::parse), for a command that does or does not read the secrets.
+    pub fn parse_for(text: &str, file: &str, secrets: Secrets) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             let key = match e.span() {
                 Some(span) => {
@@ -517,7 +541,7 @@ impl Config {
             };
             ConfigError::new(file, key, e.message().trim())
         })?;
-        raw.validate(file)
+        raw.validate(file, secrets)
     }
 
     /// The resolved config as TOML, secrets redacted (for `relay check`).

@@ -114,12 +114,13 @@ impl Errs<'_> {
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 35 << 20;
 
 impl RawConfig {
-    pub(super) fn validate(mut self, file: &str) -> Result<Config, ConfigError> {
+    pub(super) fn validate(mut self, file: &str, secrets: Secrets) -> Result<Config, ConfigError> {
         let errs = Errs {
             file,
             found: RefCell::default(),
         };
-        errs.ok(self.expand_credentials(&errs));
+        let mut at_start = Vec::new();
+        errs.ok(self.expand_credentials(&errs, secrets, &mut at_start));
 
         // Every name counts as known, even a badly spelt one, so that its mistake is reported once and not again
         // at each place that refers to it.
@@ -188,6 +189,7 @@ impl RawConfig {
                 ("ca_file", &a.ca_file),
             ] {
                 if let Some(path) = file
+                    && !at_start.contains(&format!("account[{i}].{key}"))
                     && let Err(reason) =
                         check_secret_file(path, !matches!(key, "ca_file" | "certificate_file"))
                 {
@@ -226,7 +228,7 @@ impl RawConfig {
             .listener
             .into_iter()
             .enumerate()
-            .filter_map(|(i, l)| l.validate(&errs, i))
+            .filter_map(|(i, l)| l.validate(&errs, i, &at_start))
             .collect();
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
@@ -369,6 +371,7 @@ impl RawConfig {
             });
         let config = Config {
             source: file.to_string(),
+            credentials_at_start: at_start,
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
             hostname: self.hostname.unwrap_or_else(system_hostname),
             default_account: self.default_account,
@@ -398,7 +401,7 @@ impl RawConfig {
 
 impl RawListener {
     /// The listener, or `None` with each of its problems noted.
-    fn validate(self, errs: &Errs<'_>, i: usize) -> Option<ListenerConfig> {
+    fn validate(self, errs: &Errs<'_>, i: usize, at_start: &[String]) -> Option<ListenerConfig> {
         let before = errs.found.borrow().len();
         let key = |k: &str| format!("listener[{i}].{k}");
         let address: Option<SocketAddr> = self.address.parse().ok();
@@ -427,6 +430,7 @@ impl RawListener {
         // cannot be read at all is reported when the TLS files are loaded (at start, `relay check`, a reload).
         if tls != ListenerTls::None
             && let Some(path) = &self.key
+            && !at_start.contains(&format!("listener[{i}].key"))
             && let Err(reason) = check_key_mode(path)
         {
             errs.add(key("key"), reason);
@@ -551,8 +555,25 @@ impl RawListener {
 
 impl RawConfig {
     /// `$CREDENTIALS_DIRECTORY` at the start of a file key, for secrets handed over by systemd's
-    /// `LoadCredential=`.
-    fn expand_credentials(&mut self, errs: &Errs<'_>) -> Result<(), ConfigError> {
+    /// `LoadCredential=`. For a command that does not read them, one that cannot be resolved here (the variable
+    /// is only set inside the unit) is left as it is and its key added to `at_start`.
+    fn expand_credentials(
+        &mut self,
+        errs: &Errs<'_>,
+        secrets: Secrets,
+        at_start: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let mut expand = |file: &mut Option<PathBuf>, key: String| {
+            let Some(path) = file else {
+                return Ok(());
+            };
+            match (expand_credentials(path), secrets) {
+                (Ok(p), _) => *path = p,
+                (Err(_), Secrets::NotRead) => at_start.push(key),
+                (Err(reason), Secrets::Read) => return Err(errs.at(key, reason)),
+            }
+            Ok(())
+        };
         for (i, a) in self.account.iter_mut().enumerate() {
             for (key, file) in [
                 ("client_secret_file", &mut a.client_secret_file),
@@ -562,22 +583,15 @@ impl RawConfig {
                 ("certificate_file", &mut a.certificate_file),
                 ("ca_file", &mut a.ca_file),
             ] {
-                expand_in(file, errs, format!("account[{i}].{key}"))?;
+                expand(file, format!("account[{i}].{key}"))?;
             }
         }
         for (i, l) in self.listener.iter_mut().enumerate() {
-            expand_in(&mut l.cert, errs, format!("listener[{i}].cert"))?;
-            expand_in(&mut l.key, errs, format!("listener[{i}].key"))?;
+            expand(&mut l.cert, format!("listener[{i}].cert"))?;
+            expand(&mut l.key, format!("listener[{i}].key"))?;
         }
         Ok(())
     }
-}
-
-fn expand_in(file: &mut Option<PathBuf>, errs: &Errs<'_>, key: String) -> Result<(), ConfigError> {
-    if let Some(path) = file {
-        *path = expand_credentials(path).map_err(|reason| errs.at(key, reason))?;
-    }
-    Ok(())
 }
 
 /// A file relay must read at start. Secrets must not be readable by others: the daemon refuses them, because

@@ -14,6 +14,12 @@ impl Config {
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out = Vec::new();
         let mut warn = |key: String, text: String| out.push(Warning { key, text });
+        for key in &self.credentials_at_start {
+            warn(
+                key.clone(),
+                "names $CREDENTIALS_DIRECTORY, which systemd sets only inside the service (LoadCredential=): the file is not checked here, and is read when the service starts".into(),
+            );
+        }
         if self.listeners.is_empty() {
             warn(
                 "listener".into(),
