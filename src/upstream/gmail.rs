@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::Outcome;
-use super::http::{MAX_REPLY_BODY, client, failed, json_reply, refusal, streamed, time_for};
+use super::http::{
+    Fault, MAX_REPLY_BODY, Reply, bounded_body, client, failed, judge, refusal, streamed, time_for,
+};
 use super::mime;
 use super::outgoing::Outgoing;
 
@@ -68,13 +70,7 @@ impl GmailUpstream {
             }
         };
         match resp {
-            Ok(r) if r.status().is_success() => {
-                let v: serde_json::Value = json_reply(r, MAX_REPLY_BODY).await.unwrap_or_default();
-                Outcome::Delivered(format!(
-                    "Gmail API 200 id {}",
-                    v["id"].as_str().unwrap_or("?")
-                ))
-            }
+            Ok(r) if r.status().is_success() => delivered(r).await,
             Ok(r) => refusal("Gmail API", r, diagnose).await,
             Err(e) => failed("Gmail API", &e),
         }
@@ -133,13 +129,74 @@ impl GmailUpstream {
                 .body(chunk)
                 .send()
                 .await;
-            // 308 "Resume Incomplete" asks for the next chunk; anything else ends the upload.
-            match resp {
-                Ok(r) if r.status().as_u16() == 308 && end < total => at = end,
-                other => return Ok(other),
+            let r = match resp {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            match r.status().as_u16() {
+                // "Resume Incomplete": `Range` says how much of the upload the session holds, and the rest goes
+                // next. Google may hold less than was sent, even after the last chunk; then it wants the rest again.
+                // Only a session that holds more than before goes on, so the loop ends.
+                308 => match held(r.headers()) {
+                    Some(held) if held > at && held <= end && held < total => at = held,
+                    held => {
+                        let holds = match held {
+                            Some(h) => format!("the upload session holds {h} of the {total} bytes"),
+                            None => "the upload session's Range cannot be read".into(),
+                        };
+                        return Err(Outcome::Transient(format!(
+                            "Gmail API 308: after bytes {at}-{}, {holds}; the next attempt uploads the message again in a new session",
+                            end - 1
+                        )));
+                    }
+                },
+                // Google's sign to start the upload again from the beginning: the session expired or was lost.
+                404 | 410 => {
+                    return Err(Outcome::Transient(format!(
+                        "Gmail API {}: the resumable upload session is gone (it expires, and Google may drop it); the next attempt starts a new one",
+                        r.status()
+                    )));
+                }
+                _ => return Ok(Ok(r)),
             }
         }
     }
+}
+
+/// A 2xx to the send: delivered if it is Gmail's own answer, the sent message with its id. Anything else (a
+/// proxy's page) does not say the message went.
+async fn delivered(r: reqwest::Response) -> Outcome {
+    let status = r.status().as_u16();
+    let (body, whole) = bounded_body(r, MAX_REPLY_BODY).await;
+    let sent: Option<serde_json::Value> =
+        whole.then(|| serde_json::from_slice(&body).ok()).flatten();
+    match sent.as_ref().and_then(|v| v["id"].as_str()) {
+        Some(id) if !id.is_empty() => Outcome::Delivered(format!(
+            "Gmail API {status} id {}",
+            crate::terminal::printable_str(id)
+        )),
+        _ => {
+            let body = String::from_utf8_lossy(&body);
+            let reply = Reply {
+                service: "Gmail API",
+                status,
+                wait: None,
+                location: None,
+                body: &body,
+            };
+            judge(&reply, diagnose)
+        }
+    }
+}
+
+/// How many bytes a resumable session holds, from a 308's `Range: bytes=0-N`; 0 without the header (Google:
+/// nothing was received).
+fn held(headers: &reqwest::header::HeaderMap) -> Option<usize> {
+    let Some(range) = headers.get(reqwest::header::RANGE) else {
+        return Some(0);
+    };
+    let last = range.to_str().ok()?.trim().strip_prefix("bytes=0-")?;
+    last.parse::<usize>().ok()?.checked_add(1)
 }
 
 /// Bytes `range` of `prefix` followed by `message`.
@@ -183,17 +240,36 @@ fn hidden_recipients(recipients: &[String], message: &[u8]) -> Vec<u8> {
     format!("Bcc: {}\r\n", hidden.join(", ")).into_bytes()
 }
 
-fn diagnose(status: u16, code: &str) -> Option<&'static str> {
+/// The Gmail API's refusals, in words that name the fix, and whose they are. Every 403 but a rate limit (read
+/// before this) is about the account: the API, the scope, the project or the Workspace's policy.
+fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
     let has = |w: &str| code.split(' ').any(|c| c == w);
     Some(
         if has("insufficientPermissions") || has("ACCESS_TOKEN_SCOPE_INSUFFICIENT") {
-            "the token lacks a Gmail scope: authorize the account with https://mail.google.com/ or gmail.send (`relay authorize`)"
+            (
+                "the token lacks a Gmail scope: authorize the account with https://mail.google.com/ or gmail.send (`relay authorize`)",
+                Fault::Account,
+            )
+        } else if has("accessNotConfigured") || has("SERVICE_DISABLED") {
+            (
+                "the Gmail API is not enabled in the Google Cloud project of the account's client_id: enable it (Google Cloud console > APIs & Services > Library > Gmail API), then wait a few minutes",
+                Fault::Account,
+            )
         } else if has("failedPrecondition") || has("FAILED_PRECONDITION") {
-            "Gmail will not send for this account: the Gmail service is off for the user, or the account is suspended"
+            (
+                "Gmail will not send for this account: the Gmail service is off for the user, or the account is suspended",
+                Fault::Account,
+            )
         } else if has("invalidArgument") || has("INVALID_ARGUMENT") || status == 400 {
-            "Gmail refused the message as malformed (for example a recipient header it cannot read)"
+            (
+                "Gmail refused the message as malformed (for example a recipient header it cannot read)",
+                Fault::Message,
+            )
         } else if status == 403 {
-            "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it"
+            (
+                "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it",
+                Fault::Account,
+            )
         } else {
             return None;
         },
@@ -211,6 +287,36 @@ mod tests {
         assert_eq!(
             hidden_recipients(&["a@example.com".into(), "x@example.com".into()], msg),
             b"Bcc: x@example.com\r\n"
+        );
+    }
+
+    #[test]
+    fn a_308_says_how_much_the_session_holds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(held(&h), Some(0));
+        h.insert("range", "bytes=0-262143".parse().unwrap());
+        assert_eq!(held(&h), Some(262_144));
+        h.insert("range", "bytes=5-9".parse().unwrap());
+        assert_eq!(held(&h), None);
+        h.insert("range", "bytes=0-x".parse().unwrap());
+        assert_eq!(held(&h), None);
+    }
+
+    /// The account's settings wait; a message Gmail cannot read is given up.
+    #[test]
+    fn whose_refusal() {
+        let fault = |status, code| diagnose(status, code).map(|(_, f)| f);
+        for (status, code) in [
+            (403, "PERMISSION_DENIED insufficientPermissions"),
+            (403, "PERMISSION_DENIED accessNotConfigured"),
+            (400, "FAILED_PRECONDITION failedPrecondition"),
+            (403, "PERMISSION_DENIED forbidden"),
+        ] {
+            assert_eq!(fault(status, code), Some(Fault::Account), "{status} {code}");
+        }
+        assert_eq!(
+            fault(400, "INVALID_ARGUMENT invalidArgument"),
+            Some(Fault::Message)
         );
     }
 

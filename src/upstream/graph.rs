@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::Outcome;
 use super::http::{
-    MAX_REPLY_BODY, base64_len, client, failed, json_reply, refusal, streamed, streamed_len,
+    Fault, MAX_REPLY_BODY, base64_len, client, failed, json_reply, refusal, streamed, streamed_len,
     time_for,
 };
 use super::mime::{self, Field, Leaf, Source};
@@ -397,24 +397,41 @@ fn without<S: Source + ?Sized>(message: &S, cut: &[Leaf]) -> std::io::Result<Vec
     Ok(out)
 }
 
-/// Graph's refusals, in words that name the fix.
-fn diagnose(status: u16, code: &str) -> Option<&'static str> {
+/// Graph's refusals, in words that name the fix, and whose they are.
+fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
     let has = |w: &str| code.split(' ').any(|c| c.eq_ignore_ascii_case(w));
     Some(if has("ErrorSendAsDenied") || has("SendAsDenied") {
-        "the mailbox may not send as the message's From: address: set rewrite_from = \"header\" for this account, or grant the mailbox Send As rights for that address"
+        // The message's From:, which another device's message may not share: given up, as SMTP's 5.2.252 is.
+        (
+            "the mailbox may not send as the message's From: address: set rewrite_from = \"header\" for this account, or grant the mailbox Send As rights for that address",
+            Fault::Message,
+        )
     } else if has("ErrorAccessDenied") || (status == 403 && code.is_empty()) {
-        "the app may not send from this mailbox: grant it the Mail.Send permission (application permission for client credentials) and admin consent, and check any application access policy that limits it to some mailboxes"
+        (
+            "the app may not send from this mailbox: grant it the Mail.Send permission (application permission for client credentials) and admin consent, and check any application access policy that limits it to some mailboxes",
+            Fault::Account,
+        )
     } else if has("MailboxNotEnabledForRESTAPI")
         || has("MailboxNotFound")
         || has("ErrorInvalidUser")
     {
-        "the mailbox is not an Exchange Online mailbox Graph can send from (no licence, on-premises, or a wrong `mailbox`)"
+        // The user in the request's URL, the sending mailbox: a recipient Graph cannot use is ErrorInvalidRecipients.
+        (
+            "the mailbox is not an Exchange Online mailbox Graph can send from (no licence, on-premises, or a wrong `mailbox`)",
+            Fault::Account,
+        )
     } else if has("ErrorMessageSizeExceeded") || status == 413 {
-        "the message is larger than the mailbox's size limit"
+        (
+            "the message is larger than the mailbox's size limit",
+            Fault::Message,
+        )
     } else if has("ErrorInvalidRecipients") {
-        "a recipient address is not valid"
+        ("a recipient address is not valid", Fault::Message)
     } else if has("InvalidAuthenticationToken") {
-        "the token was refused: it may be for the wrong resource (Graph needs https://graph.microsoft.com scopes)"
+        (
+            "the token was refused: it may be for the wrong resource (Graph needs https://graph.microsoft.com scopes)",
+            Fault::Account,
+        )
     } else {
         return None;
     })
@@ -438,6 +455,27 @@ mod tests {
         let rest = String::from_utf8(without(&msg.as_bytes(), &cut).unwrap()).unwrap();
         assert!(rest.contains("s.png") && !rest.contains("a.pdf"));
         assert!(rest.ends_with("--b--\r\n"));
+    }
+
+    /// The sending mailbox's settings wait; a recipient, the size or the From: address is the message's.
+    #[test]
+    fn whose_refusal() {
+        let fault = |status, code| diagnose(status, code).map(|(_, f)| f);
+        for (status, code) in [
+            (403, "ErrorAccessDenied"),
+            (403, ""),
+            (404, "MailboxNotEnabledForRESTAPI"),
+            (404, "ErrorInvalidUser"),
+        ] {
+            assert_eq!(fault(status, code), Some(Fault::Account), "{status} {code}");
+        }
+        for (status, code) in [
+            (400, "ErrorInvalidRecipients"),
+            (413, ""),
+            (403, "ErrorSendAsDenied"),
+        ] {
+            assert_eq!(fault(status, code), Some(Fault::Message), "{status} {code}");
+        }
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub async fn json_reply<T: serde::de::DeserializeOwned>(
 }
 
 /// At most `limit` bytes of a reply's body, and whether that was all of it.
-async fn bounded_body(mut resp: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
+pub async fn bounded_body(mut resp: reqwest::Response, limit: usize) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
     loop {
         match resp.chunk().await {
@@ -155,25 +155,83 @@ pub fn error_code(body: &str) -> (String, String) {
     (safe(code), safe(message))
 }
 
-/// A non-success reply as an outcome: 401 is the token's fault; 429, 503 and 504 ask for a wait; other 5xx and
-/// timeouts are passing trouble; any other 4xx is this message's and will not change by retrying.
-pub async fn refusal(
-    service: &str,
-    resp: reqwest::Response,
-    diagnose: fn(u16, &str) -> Option<&'static str>,
-) -> Outcome {
+/// Whose a provider's refusal is, as its transport's table ([`Diagnose`]) reads the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The account's or its mailbox's settings (a permission, an API switched off, a mailbox Graph cannot
+    /// send from): every message of the account is refused the same way until an admin fixes it, so the message
+    /// waits, as the SMTP upstream's session-level refusals do, instead of being bounced with all the others.
+    Account,
+    /// This message's (a recipient, its size, its From:): sending it again will not change the answer.
+    Message,
+}
+
+/// A transport's reading of a refusal (status, code words): what it means in words that name the fix, and whose
+/// it is.
+pub type Diagnose = fn(u16, &str) -> Option<(&'static str, Fault)>;
+
+/// A reply that is not the one the request wanted, as [`judge`] reads it.
+pub struct Reply<'a> {
+    pub service: &'a str,
+    pub status: u16,
+    /// `Retry-After`.
+    pub wait: Option<Duration>,
+    /// A redirect's target, as [`shown_url`] shows it.
+    pub location: Option<String>,
+    /// The body (bounded).
+    pub body: &'a str,
+}
+
+/// A reply that is not the one the request wanted, read and turned into an outcome by [`judge`].
+pub async fn refusal(service: &str, resp: reqwest::Response, diagnose: Diagnose) -> Outcome {
     let status = resp.status().as_u16();
     let wait = retry_after(resp.headers());
+    let location = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .map(shown_url);
     let body = error_text(resp).await;
-    let (code, message) = error_code(&body);
+    let reply = Reply {
+        service,
+        status,
+        wait,
+        location,
+        body: &body,
+    };
+    judge(&reply, diagnose)
+}
+
+/// What a reply that is not the wanted one means for the message. A message is given up (and bounced) only on
+/// a refusal that is about it: a 4xx the provider gives for the request it was sent, unless the provider's code
+/// says the account is at fault. 401 is the token's; 429, 503 and 504 ask for a wait; other 5xx and 408 are
+/// passing trouble. Anything else says nothing about the message (an interim 1xx, a success reply that is not
+/// the provider's, a redirect, a proxy's 407, a status HTTP does not define, which load balancers invent), and
+/// the message waits: a captive portal or a login page in the way must not bounce the queue.
+pub fn judge(reply: &Reply, diagnose: Diagnose) -> Outcome {
+    let Reply {
+        service, status, ..
+    } = *reply;
+    let (code, message) = error_code(reply.body);
     let mut text = format!("{service} {status} {code}: {message}");
-    if let Some(why) = diagnose(status, &code) {
+    let diagnosis = diagnose(status, &code);
+    if let Some((why, _)) = diagnosis {
         text = format!("{text} — {why}");
     }
+    let for_account = diagnosis.is_some_and(|(_, fault)| fault == Fault::Account);
     // Google answers some rate limits with 403 and a reason instead of 429: a daily quota, or a rate.
     let named = |reasons: &[&str]| reasons.iter().any(|r| code.split(' ').any(|c| c == *r));
     let daily = named(&["dailyLimitExceeded", "quotaExceeded"]);
     let rate_limited = named(&["rateLimitExceeded", "userRateLimitExceeded"]);
+    let not_about_message = |what: String| {
+        Outcome::Transient(format!(
+            "{text} — {what}: not an answer about the message, which is tried again"
+        ))
+    };
+    let defined = reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .is_some();
     match status {
         401 => Outcome::AuthRejected(text),
         // Without Retry-After, a used-up day pauses the account as Gmail's SMTP 550 5.4.5 does, a rate for a
@@ -184,14 +242,42 @@ pub async fn refusal(
             } else {
                 Duration::from_secs(60)
             };
-            Outcome::Throttled(text, wait.unwrap_or(fallback))
+            Outcome::Throttled(text, reply.wait.unwrap_or(fallback))
         }
-        429 | 503 | 504 => match wait {
+        429 | 503 | 504 => match reply.wait {
             Some(w) => Outcome::Throttled(text, w),
             None => Outcome::Transient(text),
         },
         408 | 500..=599 => Outcome::Transient(text),
-        _ => Outcome::Permanent(text),
+        _ if for_account => Outcome::Transient(format!(
+            "{text} (the account's, not the message's: its mail waits until this is fixed, up to max_age)"
+        )),
+        100..=199 => not_about_message("an interim reply where a final one was due".into()),
+        // What a proxy or captive portal in front of the API answers with its own page. A provider that had
+        // taken the message would have said so its own way, so it goes again: at worst twice, never lost.
+        200..=299 => Outcome::Transient(format!(
+            "{text} — a success reply that is not {service}'s own for this request (a proxy or captive portal \
+             answering for it?): the message may or may not have gone, and is tried again"
+        )),
+        // The client follows no redirects (they would carry the token elsewhere); the APIs do not redirect.
+        300..=399 => not_about_message(match &reply.location {
+            Some(to) => format!("a redirect to {to} (a proxy or login page in the way?)"),
+            None => "a redirect (a proxy or login page in the way?)".into(),
+        }),
+        407 => not_about_message("a proxy in the way wants credentials".into()),
+        // A connection reused for another host: the next attempt connects afresh.
+        421 => not_about_message("the request reached a server that is not the API's".into()),
+        400..=499 if defined => Outcome::Permanent(text),
+        _ => not_about_message("a status HTTP does not define (a load balancer's own?)".into()),
+    }
+}
+
+/// A URL for a log line: without its query, which may carry a credential (an upload session's, a login page's).
+pub fn shown_url(url: &str) -> String {
+    let url = crate::terminal::printable_str(url);
+    match url.split_once('?') {
+        Some((bare, _)) => format!("{bare}?(query not shown)"),
+        None => url.into_owned(),
     }
 }
 
@@ -235,6 +321,90 @@ mod tests {
         let (code, msg) = error_code("<html>bad gateway</html>");
         assert_eq!(code, "");
         assert_eq!(msg, "<html>bad gateway</html>");
+    }
+
+    /// A table as the transports' are: a code for the account, one for the message.
+    fn table(_: u16, code: &str) -> Option<(&'static str, Fault)> {
+        match code {
+            "ErrorAccessDenied" => Some(("grant Mail.Send", Fault::Account)),
+            "ErrorInvalidRecipients" => Some(("a recipient is not valid", Fault::Message)),
+            _ => None,
+        }
+    }
+
+    fn judged(status: u16, body: &str, location: Option<&str>) -> Outcome {
+        let reply = Reply {
+            service: "Graph",
+            status,
+            wait: None,
+            location: location.map(shown_url),
+            body,
+        };
+        judge(&reply, table)
+    }
+
+    fn graph_error(code: &str) -> String {
+        format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#)
+    }
+
+    #[test]
+    fn only_a_refusal_about_the_message_gives_it_up() {
+        for (status, body) in [
+            (400, graph_error("ErrorInvalidRecipients")),
+            (413, String::new()),
+            (422, graph_error("Other")),
+            // A 4xx HTTP defines, with no code the table knows, stays the provider's refusal of the request.
+            (404, graph_error("ResourceNotFound")),
+        ] {
+            let out = judged(status, &body, None);
+            assert!(matches!(out, Outcome::Permanent(_)), "{status}: {out:?}");
+        }
+        let account = judged(403, &graph_error("ErrorAccessDenied"), None);
+        match &account {
+            Outcome::Transient(why) => {
+                assert!(
+                    why.starts_with("Graph 403 ErrorAccessDenied: m — grant Mail.Send"),
+                    "{why}"
+                );
+                assert!(why.contains("the account's, not the message's"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(judged(401, "", None), Outcome::AuthRejected(_)));
+        assert!(matches!(judged(500, "", None), Outcome::Transient(_)));
+        assert!(matches!(judged(408, "", None), Outcome::Transient(_)));
+    }
+
+    #[test]
+    fn a_status_that_says_nothing_about_the_message_defers_it() {
+        let page = "<html><body>Sign in to the guest network</body></html>";
+        for status in [
+            100, 101, 103, 200, 201, 204, 299, 300, 302, 307, 407, 421, 460, 499, 600, 999,
+        ] {
+            let out = judged(status, page, None);
+            let Outcome::Transient(why) = &out else {
+                panic!("{status}: {out:?}");
+            };
+            assert!(
+                why.starts_with(&format!("Graph {status} : <html>")),
+                "{why}"
+            );
+            assert!(why.contains("tried again"), "{why}");
+        }
+        let Outcome::Transient(why) = judged(200, page, None) else {
+            panic!()
+        };
+        assert!(why.contains("may or may not have gone"), "{why}");
+        let Outcome::Transient(why) =
+            judged(302, "", Some("https://portal.example/login?session=s3cret"))
+        else {
+            panic!()
+        };
+        assert!(
+            why.contains("redirect to https://portal.example/login?(query not shown)"),
+            "{why}"
+        );
+        assert!(!why.contains("s3cret"), "{why}");
     }
 
     #[test]

@@ -51,9 +51,24 @@ struct State {
     next: usize,
     /// Canned replies for the next send calls (sendMail, draft send, Gmail send).
     script: VecDeque<ResponseTemplate>,
+    /// What becomes of the next Gmail resumable chunks.
+    chunks: VecDeque<Chunk>,
     /// Every request's method and path, in order.
     log: Vec<(String, String, SystemTime)>,
     errors: Vec<String>,
+}
+
+/// What the fake does with a Gmail resumable chunk, as Google does when it wants an upload resumed or started
+/// again.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunk {
+    /// Taken whole: 308 with `Range` for all so far, or the send's reply after the last chunk.
+    Taken,
+    /// The session is gone (Google's 404 or 410 for an expired one): this status, and the session forgotten.
+    Gone(u16),
+    /// Only the chunk's first `n` bytes kept: 308 with `Range` for what the session holds (none: no `Range`),
+    /// whether or not it was the last chunk.
+    Keeps(usize),
 }
 
 pub struct FakeApi {
@@ -107,6 +122,11 @@ impl FakeApi {
     /// The next send calls get these replies instead (then the fake works normally again).
     pub fn script(&self, replies: Vec<ResponseTemplate>) {
         self.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// The next Gmail resumable chunks, in order, meet these (then chunks are taken whole again).
+    pub fn script_chunks(&self, chunks: Vec<Chunk>) {
+        self.state.lock().unwrap().chunks.extend(chunks);
     }
 
     /// Waits (bounded) until `n` messages were sent, and returns them.
@@ -422,6 +442,7 @@ fn gmail_start(s: &mut State, req: &Request, uri: &str) -> Reply {
 fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
     let bad = |m: &str| graph_error(400, "badRequest", m);
     let (a, b, total) = content_range(req).ok_or_else(|| bad("Content-Range"))?;
+    let fate = s.chunks.pop_front().unwrap_or(Chunk::Taken);
     let u = s
         .uploads
         .get_mut(id)
@@ -434,11 +455,21 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
     {
         return Err(bad("chunk out of order or not a multiple of 256 KiB"));
     }
-    u.bytes.extend_from_slice(&req.body);
-    if !last {
-        return Ok(
-            ResponseTemplate::new(308).insert_header("Range", format!("bytes=0-{b}").as_str())
-        );
+    let kept = match fate {
+        Chunk::Gone(status) => {
+            s.uploads.remove(id);
+            return Ok(ResponseTemplate::new(status));
+        }
+        Chunk::Keeps(n) => n.min(req.body.len()),
+        Chunk::Taken => req.body.len(),
+    };
+    u.bytes.extend_from_slice(&req.body[..kept]);
+    if u.bytes.len() < u.size {
+        let resume = ResponseTemplate::new(308);
+        return Ok(match u.bytes.len() {
+            0 => resume,
+            n => resume.insert_header("Range", format!("bytes=0-{}", n - 1).as_str()),
+        });
     }
     let u = s.uploads.remove(id).unwrap();
     gmail_sent(s, u.bytes, "resumable")
