@@ -132,6 +132,12 @@ pub fn tighten(state_dir: &Path) {
 /// As root, gives `path` (through `chown`) to the owner of its directory; as anyone else, does nothing (files
 /// are theirs already, and chown would fail). Best effort: a write never fails over its owner (root squashed on
 /// NFS cannot chown), and the mode already keeps others out.
+/// When root made `file` (at `path`), gives it to the owner of the directory it is in: the daemon's user must
+/// be able to open what `sudo relay …` left in its state dir.
+pub fn give_file_to_parent_owner(path: &Path, file: &std::fs::File) {
+    give_to_parent_owner(path, |uid, gid| std::os::unix::fs::fchown(file, uid, gid));
+}
+
 fn give_to_parent_owner(
     path: &Path,
     chown: impl FnOnce(Option<u32>, Option<u32>) -> io::Result<()>,

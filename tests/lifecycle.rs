@@ -185,3 +185,51 @@ async fn a_damaged_message_is_quarantined_not_sent() {
         "a damaged message was sent"
     );
 }
+
+/// `sudo relay serve` on the service's state dir (owned by its user): what root makes there (the lock, the
+/// queue's directories, the messages, a spilled large one too) goes to the state dir's owner, so that the
+/// service starts and reads its mail afterwards. Needs root; elsewhere there is nothing to give away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_root_writes_in_the_state_dir_goes_to_its_owner() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: nothing to give away, not tested");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let daemon = Daemon::spawn(&config);
+    send_message(daemon.addr, b"Subject: small\r\n\r\nbody\r\n").await;
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 200 << 10 {
+        big.extend_from_slice(&[b'y'; 76]);
+        big.extend_from_slice(b"\r\n");
+    }
+    send_message(daemon.addr, &big).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let mut paths = vec![
+        state.join(".lock"),
+        state.join("queue"),
+        state.join("dead"),
+        state.join("quarantine"),
+    ];
+    paths.extend(
+        std::fs::read_dir(state.join("queue"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    assert_eq!(paths.len(), 6, "{paths:?}");
+    for p in paths {
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().uid(),
+            NOBODY,
+            "{}",
+            p.display()
+        );
+    }
+}

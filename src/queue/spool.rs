@@ -65,6 +65,7 @@ pub struct Spool {
 
 struct Inner {
     paths: SpoolPaths,
+    owner: Owner,
     jobs: mpsc::Sender<Job>,
     /// Messages between DATA and their commit, for the committer's wait ([`LINGER`]).
     arriving: Arc<AtomicUsize>,
@@ -91,12 +92,10 @@ impl Spool {
         committed: Option<super::announce::Announcer>,
     ) -> Result<Spool, SpoolError> {
         let paths = SpoolPaths::new(state_dir);
+        // Made by root (`sudo relay serve`), they go to the state dir's owner, so that the service's user can
+        // still use them afterwards.
         for dir in [state_dir, &paths.queue, &paths.dead, &paths.quarantine] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)
-                .map_err(|e| SpoolError::io(dir, e))?;
+            crate::state_files::create_dir_all(dir).map_err(|e| SpoolError::io(dir, e))?;
         }
         // The directories' own entries, made durable once: a message flushed into a `queue/` that the first start
         // just created must not vanish with its directory at a power cut. (The state dir's parent may not be
@@ -107,6 +106,7 @@ impl Spool {
             }
         }
         let lock = lock_state_dir(state_dir)?;
+        let owner = owner_for_root(&paths.queue);
         recover(&paths)?;
         let (tx, rx) = mpsc::channel();
         let committer_paths = paths.clone();
@@ -116,11 +116,21 @@ impl Spool {
         tracing::debug!(queue = %paths.queue.display(), ?lone, "how a lone message is flushed");
         std::thread::Builder::new()
             .name("relay-commit".into())
-            .spawn(move || committer(committer_paths, lone, committer_arriving, rx, committed))
+            .spawn(move || {
+                committer(
+                    committer_paths,
+                    owner,
+                    lone,
+                    committer_arriving,
+                    rx,
+                    committed,
+                )
+            })
             .map_err(|e| SpoolError::io(&paths.queue, e))?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 paths,
+                owner,
                 jobs: tx,
                 arriving,
                 _lock: lock,
@@ -209,12 +219,15 @@ impl Incoming {
     /// Moves the buffer to the file on the blocking pool, so the runtime's threads never wait on disk.
     async fn spill(&mut self) -> Result<(), SpoolError> {
         let path = msg_path(&self.spool.paths.queue, self.id);
+        let owner = self.spool.owner;
         let mut file = self.file.take();
         let buf = std::mem::take(&mut self.buf);
         let (file, mut buf, result) = tokio::task::spawn_blocking(move || {
             let result = (|| {
                 if file.is_none() {
-                    file = Some(create_new(&path)?);
+                    let made = create_new(&path)?;
+                    give(owner, &made)?;
+                    file = Some(made);
                 }
                 match file.as_mut() {
                     Some(f) => f.write_all(&buf),
@@ -281,17 +294,21 @@ impl Drop for Arriving {
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");
-    // Opened read-only when it exists (flock needs no more), so a lock file root once created does not stop
-    // the service's user.
+    // Opened read-only when it exists (flock needs no more); one root creates is given to the state dir's
+    // owner, so that it does not stop the service's user.
     let file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o640)
-            .open(&path)
-            .map_err(|e| SpoolError::io(&path, e))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o640)
+                .open(&path)
+                .map_err(|e| SpoolError::io(&path, e))?;
+            crate::state_files::give_file_to_parent_owner(&path, &file);
+            file
+        }
         Err(e) => return Err(SpoolError::io(&path, e)),
     };
     // SAFETY: the descriptor is open for the duration of the call.
@@ -304,6 +321,27 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
         });
     }
     Ok(file)
+}
+
+/// Whom the queue's files are given to when root writes them (`sudo relay serve` on the service's state dir):
+/// `queue/`'s owner, where that is not root. `None`: they stay the writer's.
+type Owner = Option<(u32, u32)>;
+
+fn owner_for_root(queue: &Path) -> Owner {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let meta = fs::metadata(queue).ok()?;
+    (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
+}
+
+fn give(owner: Owner, file: &File) -> io::Result<()> {
+    match owner {
+        Some((uid, gid)) => std::os::unix::fs::fchown(file, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
 }
 
 fn create_new(path: &Path) -> io::Result<File> {
@@ -396,6 +434,7 @@ pub(crate) fn quarantine(paths: &SpoolPaths, path: &Path, why: &str) {
 /// The committer thread: one batch at a time, as many messages per batch as are waiting.
 fn committer(
     paths: SpoolPaths,
+    owner: Owner,
     lone: LoneFlush,
     arriving: Arc<AtomicUsize>,
     jobs: mpsc::Receiver<Job>,
@@ -412,7 +451,7 @@ fn committer(
         if dir.is_err() {
             dir = open();
         }
-        for id in commit_batch(&paths, &dir, lone, &mut beside, batch) {
+        for id in commit_batch(&paths, owner, &dir, lone, &mut beside, batch) {
             if let Some(announcer) = &committed {
                 announcer.announce(id);
             }
@@ -448,6 +487,7 @@ fn linger(jobs: &mpsc::Receiver<Job>, arriving: &AtomicUsize, batch: &mut Vec<Jo
 /// Returns the ids made durable.
 fn commit_batch(
     paths: &SpoolPaths,
+    owner: Owner,
     dir: &io::Result<Arc<File>>,
     lone: LoneFlush,
     beside: &mut Option<DirFlusher>,
@@ -455,7 +495,7 @@ fn commit_batch(
 ) -> Vec<QueueId> {
     let mut written = Vec::with_capacity(batch.len());
     for job in batch {
-        match write_job(paths, &job) {
+        match write_job(paths, owner, &job) {
             Ok(file) => written.push((job, file)),
             Err(e) => fail(paths, job, e),
         }
@@ -493,13 +533,14 @@ fn commit_batch(
 }
 
 /// Writes a job's remaining bytes, then its seal; returns its file, still to be flushed.
-fn write_job(paths: &SpoolPaths, job: &Job) -> Result<File, SpoolError> {
+fn write_job(paths: &SpoolPaths, owner: Owner, job: &Job) -> Result<File, SpoolError> {
     let path = msg_path(&paths.queue, job.id);
     let io = |e| SpoolError::io(&path, e);
     let mut file = match &job.file {
         Some(f) => f.try_clone().map_err(io)?,
         None => create_new(&path).map_err(io)?,
     };
+    give(owner, &file).map_err(io)?;
     file.write_all(&job.tail).map_err(io)?;
     // Last: a file with a seal is a whole file, even if relay is killed between these writes.
     file.write_all_at(job.seal.as_bytes(), SEAL_AT as u64)
