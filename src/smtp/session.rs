@@ -48,6 +48,9 @@ fn raw_path(line: &[u8]) -> String {
 pub const MAX_LINE: usize = 4096;
 /// Unrecognised or malformed commands before we hang up (a client that is not speaking SMTP).
 const MAX_ERRORS: u32 = 10;
+/// NOOP, RSET, VRFY and HELP a client may send between two messages (Postfix's `smtpd_junk_command_limit`);
+/// past it each counts as an error, so that a client cannot hold a connection forever without sending mail.
+const MAX_JUNK: u32 = 100;
 /// Failed AUTH attempts before we hang up; each one is also delayed by the connection code.
 const MAX_AUTH_FAILURES: u32 = 3;
 
@@ -133,6 +136,8 @@ pub struct Session {
     /// A command line of this session ended with CRLF: the client frames with CRLF, so under `lenient` an
     /// `LF . LF` in its body is text (a bare LF in content it passed on), not its end of data.
     crlf_client: bool,
+    /// Junk commands since the last message (see [`MAX_JUNK`]).
+    junk: u32,
 }
 
 struct DataState {
@@ -159,6 +164,7 @@ impl Session {
             data: None,
             last: None,
             crlf_client: false,
+            junk: 0,
         }
     }
 
@@ -328,12 +334,12 @@ impl Session {
             Request::Data => self.data(),
             Request::Rset => {
                 self.txn = None;
-                Step::Reply(Reply::new(250, "2.0.0", "Ok"))
+                self.junk(Reply::new(250, "2.0.0", "Ok"))
             }
-            Request::Noop { .. } => Step::Reply(Reply::new(250, "2.0.0", "Ok")),
+            Request::Noop { .. } => self.junk(Reply::new(250, "2.0.0", "Ok")),
             Request::Quit => Step::Close(Reply::new(221, "2.0.0", "Bye")),
             // RFC 5321 section 3.5.3: 252 when we will take mail for the address but cannot verify it.
-            Request::Vrfy { .. } => Step::Reply(Reply::new(
+            Request::Vrfy { .. } => self.junk(Reply::new(
                 252,
                 "2.5.0",
                 "Cannot VRFY user, but will accept message",
@@ -347,7 +353,7 @@ impl Session {
                 if self.auth_offered() {
                     text.push_str(" AUTH");
                 }
-                Step::Reply(Reply::new(214, "2.0.0", text))
+                self.junk(Reply::new(214, "2.0.0", text))
             }
             // RFC 3207 section 4: STARTTLS takes no parameters.
             Request::StartTls if line.trim_ascii_end().len() > "STARTTLS".len() => self.error(
@@ -373,6 +379,15 @@ impl Session {
                 self.error(Reply::new(502, "5.5.1", "Command not implemented"))
             }
         }
+    }
+
+    /// A command that moves no mail: answered, and past [`MAX_JUNK`] since the last message counted as an error.
+    fn junk(&mut self, reply: Reply) -> Step {
+        self.junk += 1;
+        if self.junk > MAX_JUNK {
+            return self.error(reply);
+        }
+        Step::Reply(reply)
     }
 
     fn hello(&mut self, host: String, esmtp: bool) -> Step {
@@ -581,7 +596,10 @@ impl Session {
     pub fn data_stored(&mut self, result: Result<QueueId, ()>) -> Reply {
         self.end_data();
         match result {
-            Ok(id) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Ok(id) => {
+                self.junk = 0;
+                Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+            }
             // RFC 3463: 4.3.1 "mail system full"; the client keeps the message and tries again.
             Err(()) => Reply::new(452, "4.3.1", "Insufficient system storage, try again later"),
         }

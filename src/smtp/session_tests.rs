@@ -723,3 +723,31 @@ fn an_over_long_auth_answer_ends_the_exchange() {
         );
     }
 }
+
+/// A client that sends only NOOP (or RSET, VRFY, HELP) is cut off after Postfix's junk command limit and ten
+/// more; one that sends mail between them is not.
+#[test]
+fn junk_commands_without_mail_end_the_session() {
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\n");
+    let out = steps(&mut s, "NOOP\r\n".repeat(200).as_bytes());
+    assert_eq!(
+        out.len(),
+        MAX_JUNK as usize + MAX_ERRORS as usize,
+        "{out:?}"
+    );
+    assert!(matches!(out.last(), Some(Step::Close(r)) if r.code == 421));
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\n");
+    for _ in 0..3 {
+        let out = steps(&mut s, "RSET\r\n".repeat(MAX_JUNK as usize).as_bytes());
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, Step::Reply(r) if r.code == 250))
+        );
+        steps(&mut s, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        let (mut input, mut body) = (&b"x\r\n.\r\n"[..], Vec::new());
+        assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+        assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
+    }
+}
