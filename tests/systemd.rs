@@ -429,6 +429,45 @@ async fn sighup_applies_new_limits_and_account_settings_to_queued_mail() {
     );
 }
 
+/// A large queue is checked before the listeners open; systemd is asked for more time as it goes (and told how
+/// far it is), so that a big backlog after a reboot does not outlast the start timeout and get relay killed and
+/// started again for ever.
+#[test]
+fn a_long_queue_check_at_start_asks_systemd_for_more_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd = Systemd::bind(dir.path());
+    let port = free_port();
+    let config = write_config(dir.path(), &listener_on(port));
+    let queue = dir.path().join("state/queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    // What a crash leaves of messages still arriving (never acknowledged): each is looked at, then removed.
+    for n in 0..2500u32 {
+        std::fs::write(
+            queue.join(format!("01a20a2d0000000000000000{n:08x}.msg")),
+            "{\"seal\":\"0000",
+        )
+        .unwrap();
+    }
+    let mut daemon = serve(&config, &systemd, &[]);
+    let mut extended = Vec::new();
+    loop {
+        let n = systemd.next_within(LIMIT).expect("a notification");
+        if n.contains("READY=1") {
+            break;
+        }
+        assert!(n.contains("EXTEND_TIMEOUT_USEC="), "{n:?}");
+        extended.push(n);
+    }
+    assert_eq!(extended.len(), 2, "{extended:?}");
+    assert!(
+        extended[1].contains("STATUS=checking the queue before accepting mail: 2000 files so far"),
+        "{extended:?}"
+    );
+    assert!(greeted(port));
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+}
+
 /// `LoadCredential=office-secret:…` in the unit, `$CREDENTIALS_DIRECTORY/office-secret` in the config: `relay
 /// check` shows where it points, and the daemon sends the secret it holds to the token endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

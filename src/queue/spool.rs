@@ -86,10 +86,12 @@ struct Job {
 
 impl Spool {
     /// Creates the queue directories if needed, removes what an interrupted run left unsealed, and starts the
-    /// committer. Each message made durable is announced on `committed`, for delivery.
+    /// committer. Each message made durable is announced on `committed`, for delivery. `progress` is told how
+    /// many files have been looked at, every [`PROGRESS_EVERY`], while the queue is checked.
     pub fn open(
         state_dir: &Path,
         committed: Option<super::announce::Announcer>,
+        progress: &mut dyn FnMut(u64),
     ) -> Result<Spool, SpoolError> {
         let paths = SpoolPaths::new(state_dir);
         // Made by root (`sudo relay serve`), they go to the state dir's owner, so that the service's user can
@@ -107,7 +109,7 @@ impl Spool {
         }
         let lock = lock_state_dir(state_dir)?;
         let owner = owner_for_root(&paths.queue);
-        recover(&paths)?;
+        recover(&paths, progress)?;
         let (tx, rx) = mpsc::channel();
         let committer_paths = paths.clone();
         let arriving = Arc::new(AtomicUsize::new(0));
@@ -352,14 +354,22 @@ fn create_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// How often the start-up check reports its progress: about every 0.1 s on a cold cache (≈ 90 µs a file).
+pub const PROGRESS_EVERY: u64 = 1000;
+
 /// Start-up clean-up. A file whose seal slot holds the placeholder was still arriving when relay stopped and
 /// was never acknowledged: removed. A file relay cannot read goes to `quarantine/` with a log line: it might
 /// have been acknowledged, so it is never removed. A state file without its message is a leftover of a delivery
 /// or deletion cut off between its two unlinks.
-fn recover(paths: &SpoolPaths) -> Result<(), SpoolError> {
+fn recover(paths: &SpoolPaths, progress: &mut dyn FnMut(u64)) -> Result<(), SpoolError> {
     let entries = fs::read_dir(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?;
     let mut states = false;
+    let mut seen = 0u64;
     for entry in entries.flatten() {
+        seen += 1;
+        if seen.is_multiple_of(PROGRESS_EVERY) {
+            progress(seen);
+        }
         let path = entry.path();
         match parse_file_name(&path) {
             Some((_, FileKind::Message)) => match file::read(&path) {
@@ -765,7 +775,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_stops_counting_as_arriving_when_committed_or_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), None).unwrap();
+        let spool = Spool::open(dir.path(), None, &mut |_| {}).unwrap();
         let arriving = || spool.inner.arriving.load(Ordering::Acquire);
         let mut kept = spool.begin(&envelope());
         let dropped = spool.begin(&envelope());
