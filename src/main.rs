@@ -648,7 +648,7 @@ fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 (
                     Place::Queued,
                     unreadable_queued,
-                    "the daemon moves each to quarantine/ when it meets it",
+                    "the daemon moves to quarantine/ those that are not messages, and tries again those it cannot open until max_age",
                 ),
                 (Place::Dead, unreadable_dead, "look at them by hand"),
             ] {

@@ -219,6 +219,32 @@ async fn a_refusal_in_the_middle_of_the_body_is_heard() {
     assert!(state.contains("552 5.3.4"), "{state}");
 }
 
+/// A queue file that can never be read (here a directory by a message's name) expires like any message, into
+/// dead/ with the reason, instead of being deferred for ever.
+#[tokio::test]
+async fn a_queue_file_that_cannot_be_read_expires() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // An id from long ago (not a time-ordered one: its time reads as 1970).
+    let name = "01a20a2d000000000000000000000009.msg";
+    std::fs::create_dir_all(dir.path().join("state/queue").join(name)).unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    relay.attempts_done(1).await;
+    assert!(relay.state().join("dead").join(name).exists());
+    let state = std::fs::read_to_string(
+        relay
+            .state()
+            .join("dead/01a20a2d000000000000000000000009.state"),
+    )
+    .unwrap();
+    assert!(
+        state.contains("expired after") && state.contains("cannot read the queue file"),
+        "{state}"
+    );
+}
+
 #[tokio::test]
 async fn token_endpoint_failure_defers_and_keeps_the_mail() {
     let idp = MockServer::start().await;

@@ -655,6 +655,22 @@ impl Delivery {
             Err(e @ FileError::Io { .. }) => {
                 let why = format!("cannot read the queue file: {e}");
                 let mut state = read_state(&self.paths.queue, id);
+                // Never readable (a directory by that name, a file root made unreadable to relay's user): it
+                // expires like any other message, into dead/ with the reason, instead of being tried for ever.
+                if id
+                    .created_at()
+                    .checked_add(self.queue.max_age)
+                    .is_some_and(|end| end < now)
+                {
+                    let why = format!(
+                        "expired after {} in the queue; {why}",
+                        humantime::format_duration(self.queue.max_age)
+                    );
+                    return self
+                        .clone()
+                        .blocking(move |d| d.dead(id, &mut state, &why, None))
+                        .await;
+                }
                 return self
                     .clone()
                     .blocking(move |d| d.defer(id, &mut state, &why, None))
