@@ -61,6 +61,29 @@ async fn session_cut_off_mid_data_leaves_nothing() {
     );
 }
 
+/// A message file renamed with its id in upper case (by hand, a copy from elsewhere) would be neither delivered
+/// nor listed: at start it goes to quarantine/, where a person looks.
+#[tokio::test]
+async fn a_message_file_named_otherwise_is_kept_aside_at_start() {
+    let relay = TestRelay::start(LISTENER).await;
+    send_one(&relay, "one").await;
+    let dir = relay.stop().await;
+    let queue = dir.path().join("state/queue");
+    let name = std::fs::read_dir(&queue)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    let upper = name.replace(".msg", "").to_ascii_uppercase() + ".msg";
+    std::fs::copy(queue.join(&name), queue.join(&upper)).unwrap();
+    let relay = TestRelay::start_in(dir, LISTENER).await;
+    assert_eq!(files_in(&relay.state(), "quarantine"), [upper]);
+    assert_eq!(files_in(&relay.state(), "queue"), [name]);
+}
+
 #[tokio::test]
 async fn leftovers_of_a_crash_are_cleared_at_start() {
     // Two messages queued, then a stop; then what a crash in the middle of a third leaves: its file with the

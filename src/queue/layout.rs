@@ -49,8 +49,11 @@ pub fn parse_file_name(path: &Path) -> Option<(QueueId, FileKind)> {
         "state" => FileKind::State,
         _ => return None,
     };
-    let id = QueueId::parse(path.file_stem()?.to_str()?)?;
-    Some((id, kind))
+    let stem = path.file_stem()?.to_str()?;
+    let id = QueueId::parse(stem)?;
+    // Only the name relay gives (lower case): another spelling of an id is a file relay would never find again
+    // by its id, so it is not taken for that message.
+    (id.to_string() == stem).then_some((id, kind))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -390,6 +390,21 @@ fn recover(paths: &SpoolPaths, progress: &mut dyn FnMut(u64)) -> Result<(), Spoo
             None if entry.file_name().to_string_lossy().starts_with('.') => {
                 let _ = fs::remove_file(&path);
             }
+            // An id spelt otherwise than relay names its files (renamed by hand, copied from elsewhere): never
+            // delivered nor listed as it is, so kept aside where a person looks.
+            None if path.extension().is_some_and(|e| e == "msg")
+                && path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(QueueId::parse)
+                    .is_some() =>
+            {
+                quarantine(
+                    paths,
+                    &path,
+                    "not named as relay names its files (an id in lower case)",
+                );
+            }
             None => {}
         }
     }
