@@ -251,3 +251,24 @@ async fn lenient_mode_keeps_relay_and_upstream_agreeing_on_every_vector() {
         }
     }
 }
+
+/// A device whose commands end with CRLF but which ends its data with `LF . LF` (a lenient listener takes that
+/// as text from such a client): it waits out `data_timeout`, and the log line says why its message went nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crlf_client_ending_data_with_lf_dot_lf_is_told_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\nbare_lf = \"lenient\"\ndata_timeout = \"1s\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let mut c = RawClient::in_data(daemon.addr).await;
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\n").await;
+    c.expect(421).await;
+    let line = daemon.wait_log("no end of data within data_timeout");
+    assert!(
+        line.contains("only CRLF . CRLF ends the data of a client whose commands end with CRLF"),
+        "{line}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -228,7 +228,7 @@ impl Incoming {
             let result = (|| {
                 if file.is_none() {
                     let made = create_new(&path)?;
-                    give(owner, &made)?;
+                    give(owner, &made);
                     file = Some(made);
                 }
                 match file.as_mut() {
@@ -339,10 +339,16 @@ fn owner_for_root(queue: &Path) -> Owner {
     (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
 }
 
-fn give(owner: Owner, file: &File) -> io::Result<()> {
-    match owner {
-        Some((uid, gid)) => std::os::unix::fs::fchown(file, Some(uid), Some(gid)),
-        None => Ok(()),
+/// Best effort, like the state files' (`state_files.rs`): a root without CAP_CHOWN, or an owner its user
+/// namespace does not map, must not stop mail from being taken. Said once.
+fn give(owner: Owner, file: &File) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if let Some((uid, gid)) = owner
+        && let Err(e) = std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+    {
+        SAID.call_once(|| {
+            tracing::warn!(uid, error = %e, "cannot give queue files to the state dir's owner; the service's user may not be able to read what this run takes");
+        });
     }
 }
 
@@ -565,7 +571,7 @@ fn write_job(paths: &SpoolPaths, owner: Owner, job: &Job) -> Result<File, SpoolE
         Some(f) => f.try_clone().map_err(io)?,
         None => create_new(&path).map_err(io)?,
     };
-    give(owner, &file).map_err(io)?;
+    give(owner, &file);
     file.write_all(&job.tail).map_err(io)?;
     // Last: a file with a seal is a whole file, even if relay is killed between these writes.
     file.write_all_at(job.seal.as_bytes(), SEAL_AT as u64)

@@ -411,6 +411,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 n
             }
             Woke::TimedOut => {
+                if let Some(r) = &receiving_msg {
+                    // A device ending its data with `LF . LF` while its commands end with CRLF waits here: under
+                    // lenient that is text, never its end (SMTP smuggling); its log line says so.
+                    let hint = if session.data_saw_bare() {
+                        "; the body had lines ended by a bare LF or CR: only CRLF . CRLF ends the data of a client whose commands end with CRLF"
+                    } else {
+                        ""
+                    };
+                    tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
+                }
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
                 return close(&mut stream, &mut out, reply, ctx).await;
             }

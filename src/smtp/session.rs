@@ -555,6 +555,11 @@ impl Session {
 
     /// The body ended as an LF-only client ends it, on a `reject` listener: the message is refused and the
     /// connection must be closed after the reply.
+    /// The body being received has had a bare CR or LF so far.
+    pub fn data_saw_bare(&self) -> bool {
+        self.data.as_ref().is_some_and(|d| d.receiver.saw_bare)
+    }
+
     pub fn data_ended_by_bare_lf(&self) -> bool {
         self.data
             .as_ref()

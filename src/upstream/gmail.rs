@@ -175,6 +175,11 @@ async fn delivered(r: reqwest::Response) -> Outcome {
             "Gmail API {status} id {}",
             crate::terminal::printable_str(id)
         )),
+        // The answer was cut off (a reset, the request's time up) after a 2xx from Gmail began: sent again it
+        // would arrive twice; only a whole answer that is not Gmail's says nothing about the message.
+        _ if !whole => Outcome::Delivered(format!(
+            "Gmail API {status} (its answer was cut off; taken as sent)"
+        )),
         _ => {
             let body = String::from_utf8_lossy(&body);
             let reply = Reply {

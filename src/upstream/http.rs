@@ -267,6 +267,10 @@ pub fn judge(reply: &Reply, diagnose: Diagnose) -> Outcome {
         407 => not_about_message("a proxy in the way wants credentials".into()),
         // A connection reused for another host: the next attempt connects afresh.
         421 => not_about_message("the request reached a server that is not the API's".into()),
+        // What relay asked for is not there (a wrong `graph_url` or `gmail_api_url`, a proxy's page, an upload
+        // session or a draft of relay's own that is gone): about the request, never the message's content. A
+        // recipient or mailbox that does not exist has a code of its own above.
+        404 | 405 | 410 => not_about_message("what relay asked for is not at that address".into()),
         400..=499 if defined => Outcome::Permanent(text),
         _ => not_about_message("a status HTTP does not define (a load balancer's own?)".into()),
     }
@@ -354,7 +358,7 @@ mod tests {
             (413, String::new()),
             (422, graph_error("Other")),
             // A 4xx HTTP defines, with no code the table knows, stays the provider's refusal of the request.
-            (404, graph_error("ResourceNotFound")),
+            (409, graph_error("Conflict")),
         ] {
             let out = judged(status, &body, None);
             assert!(matches!(out, Outcome::Permanent(_)), "{status}: {out:?}");
@@ -379,7 +383,8 @@ mod tests {
     fn a_status_that_says_nothing_about_the_message_defers_it() {
         let page = "<html><body>Sign in to the guest network</body></html>";
         for status in [
-            100, 101, 103, 200, 201, 204, 299, 300, 302, 307, 407, 421, 460, 499, 600, 999,
+            100, 101, 103, 200, 201, 204, 299, 300, 302, 307, 404, 405, 407, 410, 421, 460, 499,
+            600, 999,
         ] {
             let out = judged(status, page, None);
             let Outcome::Transient(why) = &out else {

@@ -128,7 +128,10 @@ pub fn cut_quoted(text: &str, secrets: &[&str]) -> String {
         let run = &rest[start..];
         let end = run.find(|c: char| !in_run(c)).unwrap_or(run.len());
         let piece = &run[..end];
-        if piece.len() >= QUOTED_PIECE && secrets.iter().any(|s| s.contains(piece)) {
+        // A quote cut with `...` (or next to a `-` or `_` of the server's) makes one run of the credential's
+        // characters and others': each part counts on its own.
+        let quoted = |p: &str| p.len() >= QUOTED_PIECE && secrets.iter().any(|s| s.contains(p));
+        if quoted(piece) || piece.split(['.', '-', '_']).any(quoted) {
             cut.push_str("[redacted]");
         } else {
             cut.push_str(piece);
@@ -159,6 +162,10 @@ mod tests {
             ),
             (initial[30..].to_string(), "[redacted]"),
             (format!("token {token}!"), "token [redacted]!"),
+            (
+                format!("AUTH XOAUTH2 {}...", &initial[..50]),
+                "AUTH XOAUTH2 [redacted]",
+            ),
             // Words of the server's own, however long, stay.
             (
                 "gsmtp d9443c01a7336-2a0a9a0e1a4sm123456pfb.5".to_string(),
