@@ -692,3 +692,86 @@ async fn a_page_in_place_of_the_token_reply_is_quoted() {
     assert!(why.contains("a proxy or a firewall"), "{doc}");
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A gateway in front of the token endpoint (PHP, .NET) that answers with the request echoed as JSON, escaped as
+/// its encoder likes (`\/` for `/`, `\u002B` for `+`), never gets the client secret into what relay says: not
+/// `relay authorize`'s output, the log, the token file, `relay status` or the alert webhook. The reply is still
+/// quoted, with the secret cut out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_echoing_the_secret_escaped_in_json_never_gets_it_quoted() {
+    const SECRET: &str = "Ab+cd/ef=gh~12:34";
+    for reply in [
+        r#"{"request":{"client_secret":"Ab+cd\/ef=gh~12:34"}}"#,
+        r#"{"request":{"client_secret":"Ab\u002Bcd\/ef=gh~12:34"}}"#,
+    ] {
+        let idp = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(ResponseTemplate::new(403).set_body_raw(reply, "application/json"))
+            .mount(&idp)
+            .await;
+        let hook = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/hook"))
+            .respond_with(ResponseTemplate::new(204))
+            .mount(&hook)
+            .await;
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let account =
+            common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
+        let config = write_config_with(
+            dir.path(),
+            &format!(
+                "default_account = \"office\"\n{account}[alerts]\nwebhook_url = \"{}/hook\"\nrefresh_failures = 1\n",
+                hook.uri()
+            ),
+            "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        );
+        let mut seen = Vec::new();
+
+        let out = run_authorize(&config).await;
+        assert_eq!(out.status.code(), Some(1), "{reply}");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("403"), "{said}");
+        seen.push(said);
+
+        let mut d = Daemon::spawn(&config);
+        send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
+        let failed = d.wait_log("relay_event=\"token_refresh_failed\"");
+        assert!(
+            failed.contains("403") && failed.contains("[redacted]"),
+            "the reply is quoted, cut: {failed}"
+        );
+        seen.push(failed);
+        seen.push(d.wait_log("relay_event=\"deferred\""));
+        seen.push(d.wait_log("relay_event=\"alert_sent\" channel=\"webhook\""));
+        let state = dir.path().join("state");
+        seen.push(std::fs::read_to_string(state.join("tokens/office.json")).unwrap());
+        let (_, status) = status_json(&config);
+        assert_eq!(status["accounts"][0]["state"], "failing", "{status}");
+        seen.push(status.to_string());
+        let status = run_bounded(
+            std::process::Command::new(relay_bin())
+                .args(["status", "--config"])
+                .arg(&config),
+        );
+        seen.push(String::from_utf8_lossy(&status.stdout).into_owned());
+        for request in hook.received_requests().await.unwrap() {
+            seen.push(String::from_utf8_lossy(&request.body).into_owned());
+        }
+        seen.extend(d.unmatched().iter().cloned());
+        seen.extend(d.log.try_iter());
+        assert_eq!(d.terminate().code(), Some(0));
+
+        // The secret's tail as JSON has it (escaped or not) and as a form has it.
+        let leaks = |text: &str| text.contains("gh~12") || text.contains("gh%7E12");
+        for text in &seen {
+            assert!(!leaks(text), "{reply}: the secret in {text}");
+        }
+    }
+}

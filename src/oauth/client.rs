@@ -292,8 +292,8 @@ impl TokenClient {
             body.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            let body = redact(&String::from_utf8_lossy(&body), &secrets);
-            // Again once decoded: JSON may have escaped a secret's characters (`\u002B`, `\/`) past the first cut.
+            let body = quotable(&String::from_utf8_lossy(&body), &secrets);
+            // Again for each part quoted: a description may itself hold escaped text.
             return Err(match endpoint_error(status.as_u16(), body.as_bytes()) {
                 OAuthError::Endpoint {
                     status,
@@ -301,18 +301,18 @@ impl TokenClient {
                     description,
                 } => OAuthError::Endpoint {
                     status,
-                    error: redact(&error, &secrets),
-                    description: redact(&description, &secrets),
+                    error: quotable(&error, &secrets),
+                    description: quotable(&description, &secrets),
                 },
                 OAuthError::Http { status, body } => OAuthError::Http {
                     status,
-                    body: redact(&body, &secrets),
+                    body: quotable(&body, &secrets),
                 },
                 other => other,
             });
         }
         serde_json::from_slice(&body).map_err(|e| {
-            let e = redact(&e.to_string(), &secrets);
+            let e = quotable(&e.to_string(), &secrets);
             OAuthError::Malformed(
                 match not_json(status.as_u16(), &content_type, &body, &secrets) {
                     Some(what) => format!("{what} ({e})"),
@@ -371,14 +371,13 @@ const PUBLIC_FIELDS: [&str; 6] = [
     "username",
 ];
 
-/// `text` with every occurrence of `secrets` (those long enough to be told from ordinary words) replaced.
 /// What a success reply that is not JSON at all looks like: a proxy, a firewall or a captive portal answering
 /// in the identity provider's place sends an HTML page, whose first words name it. Only such a page is quoted
 /// (cut short after the request's secrets are cut out of it): a reply that starts as JSON, a form-encoded one
 /// (`access_token=…`, as some providers answer) or XML may hold a token.
 fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
-    let text = text.trim_start();
+    let text = trim_json_start(&text);
     if text.starts_with(['{', '[']) {
         return None;
     }
@@ -400,7 +399,7 @@ fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) ->
             "HTTP {status} with {content_type}, not JSON (not shown: it may hold a token)"
         ));
     }
-    let start: String = redact(text, secrets)
+    let start: String = quotable(text, secrets)
         .chars()
         .take(120)
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -411,10 +410,219 @@ fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) ->
     ))
 }
 
+/// Leading whitespace and a byte order mark, which some Windows gateways put before their JSON.
+fn trim_json_start(text: &str) -> &str {
+    text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}')
+}
+
+/// What relay may say of a reply (or part of one) to a request that carried `secrets`: the text with each
+/// secret cut out, whatever encoding the endpoint chose. A gateway that echoes the request may escape a secret's
+/// characters (`\/`, `\u002B` in JSON from PHP and .NET, `%2b`, `&#43;`), so the literal cut is not enough:
+/// - a JSON reply is rebuilt from its decoded strings (keys too), each with the secrets cut out, so that what
+///   is left of it is still readable;
+/// - whatever still holds a secret once decoded (JSON escapes, percent escapes, HTML entities, nested) is not
+///   quoted at all.
+fn quotable(text: &str, secrets: &[String]) -> String {
+    let mut out = redact(text, secrets);
+    if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(trim_json_start(text)) {
+        redact_json(&mut value, secrets);
+        if let Ok(rebuilt) = serde_json::to_string(&value) {
+            // Again on the whole: a secret could span two strings.
+            out = redact(&rebuilt, secrets);
+        }
+    }
+    if holds_encoded_secret(&out, secrets) {
+        return WITHHELD.to_string();
+    }
+    out
+}
+
+/// In place of a reply that quotes a secret relay sent in a form it cannot cut out.
+const WITHHELD: &str = "[not shown: it quotes, encoded, a secret relay sent]";
+
+fn redact_json(value: &mut serde_json::Value, secrets: &[String]) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => *s = redact(s, secrets),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_json(v, secrets)),
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (key, mut v) in entries {
+                redact_json(&mut v, secrets);
+                map.insert(redact(&key, secrets), v);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// Whether `text`, decoded by JSON's, HTML's and URLs' escapes in turn (up to three layers deep: a JSON string
+/// holding a form body holding…), holds a secret.
+fn holds_encoded_secret(text: &str, secrets: &[String]) -> bool {
+    let secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET).collect();
+    let found = |t: &str| secrets.iter().any(|s| t.contains(s.as_str()));
+    if found(text) {
+        return true;
+    }
+    let mut view = text.to_string();
+    for _ in 0..3 {
+        let before = view.clone();
+        for decode in [json_unescape, html_unescape, percent_decode] {
+            view = decode(&view);
+            if found(&view) {
+                return true;
+            }
+        }
+        if view == before {
+            break;
+        }
+    }
+    false
+}
+
+/// JSON's backslash escapes decoded wherever they appear (in a reply that is not JSON as a whole, too: a page
+/// quoting a JSON request). Anything that is not a valid escape stays as it is.
+fn json_unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        let simple = match tail.chars().next() {
+            Some('"') => Some('"'),
+            Some('\\') => Some('\\'),
+            Some('/') => Some('/'),
+            Some('b') => Some('\u{8}'),
+            Some('f') => Some('\u{c}'),
+            Some('n') => Some('\n'),
+            Some('r') => Some('\r'),
+            Some('t') => Some('\t'),
+            _ => None,
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            rest = &tail[1..];
+            continue;
+        }
+        let hex4 = |s: &str| {
+            s.get(..4)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+        };
+        match tail
+            .strip_prefix('u')
+            .and_then(|u| hex4(u).map(|c| (c, &u[4..])))
+        {
+            // A surrogate pair: `\uD83D\uDE00`.
+            Some((high @ 0xD800..=0xDBFF, after)) => {
+                match after
+                    .strip_prefix("\\u")
+                    .and_then(|u| hex4(u).map(|c| (c, &u[4..])))
+                {
+                    Some((low @ 0xDC00..=0xDFFF, after)) => {
+                        let c = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                        out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                        rest = after;
+                    }
+                    _ => {
+                        out.push('\u{fffd}');
+                        rest = after;
+                    }
+                }
+            }
+            Some((c, after)) => {
+                out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                rest = after;
+            }
+            None => {
+                out.push('\\');
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// HTML's character references (`&#43;`, `&#x2b;`, and the named ones an HTML escaper writes).
+fn html_unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        // The longest reference looked for is `&#x10FFFF;`: no need to look further for its end.
+        let end = tail.bytes().take(10).position(|b| b == b';');
+        let reference = end.and_then(|end| {
+            let name = &tail[..end];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "sol" => Some('/'),
+                "plus" => Some('+'),
+                "equals" => Some('='),
+                "colon" => Some(':'),
+                "tilde" => Some('~'),
+                _ => {
+                    let number = name.strip_prefix('#')?;
+                    let n = match number.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => number.parse().ok()?,
+                    };
+                    char::from_u32(n)
+                }
+            }?;
+            Some((c, &tail[end + 1..]))
+        });
+        match reference {
+            Some((c, after)) => {
+                out.push(c);
+                rest = after;
+            }
+            None => {
+                out.push('&');
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// URLs' percent escapes, in either case (`%2B`, `%2b`); `+` stays `+`: the form-encoded secret, with its `+`
+/// for a space, is cut out literally.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|&b| (b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                // Two hex digits: below 256.
+                out.push((high << 4 | low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Secrets shorter than this are not cut out: they could not be told from ordinary words.
+const MIN_SECRET: usize = 6;
+
+/// `text` with every occurrence of `secrets` (those long enough to be told from ordinary words) replaced.
 fn redact(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
     // Longest first: one secret inside another must not leave the longer one's other parts behind.
-    let mut secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= 6).collect();
+    let mut secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET).collect();
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     for secret in secrets {
         if out.contains(secret.as_str()) {
@@ -525,6 +733,69 @@ mod tests {
         )
         .unwrap();
         assert!(!what.contains("0.AXo"), "{what}");
+    }
+
+    /// A gateway that echoes the request as JSON escapes a secret's characters as its encoder likes (PHP: `\/`;
+    /// .NET: `\u002B`): the secret is cut out of the decoded strings, and the rest stays readable.
+    #[test]
+    fn a_secret_escaped_in_json_is_cut_out() {
+        const SECRET: &str = "Ab+cd/ef=gh~12:34";
+        let secrets = vec![
+            SECRET.to_string(),
+            form_urlencoded::byte_serialize(SECRET.as_bytes()).collect(),
+        ];
+        for body in [
+            r#"{"request":{"client_secret":"Ab+cd\/ef=gh~12:34"}}"#,
+            r#"{"request":{"client_secret":"Ab\u002Bcd\/ef\u003Dgh\u007E12\u003A34"}}"#,
+            r#"{"request":["x", {"Ab\u002bcd\/ef=gh~12:34": "key"}]}"#,
+            "\u{feff} {\"client_secret\":\"Ab\\u002Bcd/ef=gh~12:34\"}",
+        ] {
+            let quoted = quotable(body, &secrets);
+            assert!(!quoted.contains("gh~12"), "{body}: {quoted}");
+            assert!(quoted.contains("[redacted]"), "{body}: {quoted}");
+            assert!(
+                quoted.contains("request") || quoted.contains("client_secret"),
+                "{quoted}"
+            );
+        }
+        // An OAuth error: its description is cut once decoded, and it stays an OAuth error.
+        let body = r#"{"error":"invalid_client","error_description":"secret Ab\u002Bcd\/ef=gh~12:34 is wrong"}"#;
+        let e = endpoint_error(401, quotable(body, &secrets).as_bytes());
+        assert_eq!(
+            e.to_string(),
+            "token endpoint said invalid_client (HTTP 401): secret [redacted] is wrong"
+        );
+    }
+
+    /// Where the reply is not JSON as a whole (a page quoting the JSON, truncated JSON), or the secret is encoded
+    /// otherwise (lower-case percent escapes, HTML references, a JSON string holding a form), nothing is quoted.
+    #[test]
+    fn a_secret_encoded_anywhere_else_withholds_the_reply() {
+        const SECRET: &str = "Ab+cd/ef=gh~12:34";
+        let secrets = vec![SECRET.to_string()];
+        for body in [
+            r#"<pre>{"client_secret":"Ab+cd\/ef=gh~12:34"}</pre>"#,
+            r#"{"client_secret":"Ab\u002Bcd\/ef=gh~12:34", "cut short"#,
+            "client_secret=Ab%2bcd%2fef%3dgh%7e12%3a34",
+            "<p>Ab&#43;cd&#x2F;ef&equals;gh~12:34</p>",
+            r#"{"body":"client_secret=Ab%2Bcd%2Fef%3Dgh%7E12%3A34"}"#,
+            r#"{"echo":"{\"client_secret\":\"Ab\\u002Bcd\\/ef=gh~12:34\"}"}"#,
+        ] {
+            assert_eq!(quotable(body, &secrets), WITHHELD, "{body}");
+        }
+        // Without a secret in it, a reply that is not JSON is quoted as it came, escapes and all.
+        let page = r#"<p>a \/ b &amp; c %2F d \u002B</p>"#;
+        assert_eq!(quotable(page, &secrets), page);
+    }
+
+    #[test]
+    fn decoders_leave_what_is_not_an_escape() {
+        assert_eq!(
+            json_unescape(r"a\/b\u002Bc\ud83d\ude00\q\u12"),
+            "a/b+c😀\\q\\u12"
+        );
+        assert_eq!(html_unescape("&#43;&#x2b;&amp;&nope;&"), "++&&nope;&");
+        assert_eq!(percent_decode("%2b%2F%zz%"), "+/%zz%");
     }
 
     #[test]
