@@ -283,6 +283,9 @@ impl Running {
             let refresher = match kept {
                 Some(r) => r.refresher.clone(),
                 None => {
+                    if let Some(old) = self.accounts.iter().find(|r| r.config.name == config.name) {
+                        account.tokens.copy_unsaved_from(&old.account.tokens).await;
+                    }
                     // Built anew, with an upstream that counts as reachable: an earlier report is not true of it.
                     crate::upstream::transports::forget_unreachable(&state_dir, &config.name);
                     watch::channel(false).0

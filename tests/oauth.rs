@@ -775,3 +775,141 @@ async fn a_gateway_echoing_the_secret_escaped_in_json_never_gets_it_quoted() {
         }
     }
 }
+
+/// A directory the daemon cannot write in, as on a full or read-only disk, until [`undo`](Self::undo) or drop:
+/// `chattr +i` as root (modes do not stop root), mode 0555 otherwise.
+struct Unwritable(std::path::PathBuf);
+
+impl Unwritable {
+    /// None where neither works here (a file system without the immutable flag, no chattr): checked by trying.
+    fn new(dir: &std::path::Path) -> Option<Unwritable> {
+        if is_root() {
+            let out = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(dir)
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                return None;
+            }
+        } else {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).ok()?;
+        }
+        let d = Unwritable(dir.to_path_buf());
+        std::fs::write(dir.join("probe"), "x").is_err().then_some(d)
+    }
+
+    fn undo(&self) {
+        if is_root() {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.0)
+                .output();
+        } else {
+            let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o750));
+        }
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
+/// A refresh whose tokens cannot be saved (the tokens directory cannot be written) is not thrown away: its
+/// access token is used, its rotated refresh token is kept for the next refresh (this provider honours each
+/// refresh token once, so the one in the file is dead), an error line names the file, and the tokens are saved
+/// once the directory can be written again, without waiting for the next refresh. A reload that rebuilds the
+/// account meanwhile keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
+    let idp = MockServer::start().await;
+    for (used, access, rotated) in [
+        ("refresh-1", "access-2", "refresh-2"),
+        ("refresh-2", "access-3", "refresh-3"),
+        ("refresh-3", "access-4", "refresh-4"),
+    ] {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(body_string_contains(format!("refresh_token={used}")))
+            .respond_with(tokens(access, rotated))
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&idp)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(oauth_error("invalid_grant"))
+        .with_priority(2)
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-2"]).await;
+    // Each session ends after its message, so that the next message logs in again, with the token of the moment.
+    *upstream.data_reply.lock().unwrap() = "HANGUP 250 2.0.0 OK".into();
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let state = dir.path().join("state");
+    expired_tokens(&state, "refresh-1");
+    let Some(unwritable) = Unwritable::new(&state.join("tokens")) else {
+        eprintln!("SKIPPED: cannot make a directory unwritable here (chattr +i)");
+        return;
+    };
+    let mut d = Daemon::spawn(&config);
+    // The refresher renews the expired token at once.
+    let line = d.wait_log("the token file cannot be written");
+    assert!(
+        line.contains("relay_event=\"token_refresh_failed\"")
+            && line.contains("tokens/office.json")
+            && line.contains("access token was renewed"),
+        "{line}"
+    );
+    send_message(d.addr, b"Subject: one\r\n\r\nbody\r\n").await;
+    assert!(upstream.next().await.auth.contains("Bearer access-2"));
+    d.wait_log("relay_event=\"delivered\"");
+    assert_eq!(token_file(&state)["refresh_token"], "refresh-1");
+
+    // The upstream wants a newer token: the refresh uses the rotated refresh token, which only memory holds.
+    *upstream.tokens.lock().unwrap() = vec!["access-3".into()];
+    send_message(d.addr, b"Subject: two\r\n\r\nbody\r\n").await;
+    assert!(upstream.next().await.auth.contains("Bearer access-3"));
+    d.wait_log("relay_event=\"delivered\"");
+
+    // A reload that rebuilds the account (a setting changed) keeps the unsaved grant.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("max_connections = 2\n");
+    std::fs::write(&config, text).unwrap();
+    // SAFETY: kill with the daemon's pid and a valid signal.
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
+    let reloaded = d.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: office"), "{reloaded}");
+    *upstream.tokens.lock().unwrap() = vec!["access-4".into()];
+    send_message(d.addr, b"Subject: three\r\n\r\nbody\r\n").await;
+    assert!(upstream.next().await.auth.contains("Bearer access-4"));
+    d.wait_log("relay_event=\"delivered\"");
+
+    unwritable.undo();
+    d.wait_log("the renewed tokens are saved now");
+    let file = token_file(&state);
+    assert_eq!(file["access_token"], "access-4");
+    assert_eq!(file["refresh_token"], "refresh-4");
+    assert!(file["last_error"].is_null(), "{file}");
+    let mut seen = d.unmatched().to_vec();
+    seen.extend(d.log.try_iter());
+    assert_eq!(d.terminate().code(), Some(0));
+    for line in &seen {
+        assert!(
+            ![
+                "access-2",
+                "access-3",
+                "access-4",
+                "refresh-2",
+                "refresh-3",
+                "refresh-4"
+            ]
+            .iter()
+            .any(|t| line.contains(t)),
+            "a token logged: {line}"
+        );
+    }
+}

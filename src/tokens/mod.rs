@@ -68,6 +68,9 @@ struct State {
     file_mtime: Option<SystemTime>,
     /// Hash of the file as last read or written: a refresh never replaces a file that changed meanwhile.
     file_hash: Option<blake3::Hash>,
+    /// `tokens` are newer than the file, which could not be written: a provider that rotates refresh tokens may
+    /// already have invalidated the one in the file, so these are kept (and used) until they can be saved.
+    unsaved: bool,
 }
 
 impl AccountTokens {
@@ -197,6 +200,12 @@ impl AccountTokens {
 
     fn reload_if_changed(&self, state: &mut State) -> Result<(), TokenError> {
         let mtime = self.store.mtime(&self.name);
+        if state.unsaved {
+            if mtime != state.file_mtime {
+                self.reload_over_unsaved(state, mtime);
+            }
+            return Ok(());
+        }
         if mtime != state.file_mtime || state.tokens.is_none() {
             (state.tokens, state.file_hash) = match self.store.load_hashed(&self.name) {
                 Ok(loaded) => {
@@ -224,6 +233,103 @@ impl AccountTokens {
             };
         }
         Ok(())
+    }
+
+    /// The file changed while memory holds tokens it could not be written with. Only a grant stored since
+    /// (`relay authorize`) replaces them: a file that is gone, damaged or unreadable does not, and one that is gone
+    /// is written anew at the next save.
+    fn reload_over_unsaved(&self, state: &mut State, mtime: Option<SystemTime>) {
+        match self.store.load_hashed(&self.name) {
+            Ok((Some(tokens), hash)) if hash != state.file_hash => {
+                tracing::info!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was replaced; its grant is used instead of the unsaved one");
+                state.tokens = Some(tokens);
+                state.file_hash = hash;
+                state.file_mtime = mtime;
+                state.unsaved = false;
+            }
+            Ok((Some(_), _)) => state.file_mtime = mtime,
+            Ok((None, _)) => {
+                state.file_hash = None;
+                state.file_mtime = mtime;
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Takes on the tokens that `old` (this account before a reload rebuilt it) could not save, so that the
+    /// rebuilt account does not go back to the file's older grant. `old` keeps them too, for the attempts that
+    /// still run on it.
+    pub async fn copy_unsaved_from(&self, old: &AccountTokens) {
+        let from = old.state.lock().await;
+        if !from.unsaved {
+            return;
+        }
+        let mut to = self.state.lock().await;
+        to.tokens = from.tokens.clone();
+        to.file_mtime = from.file_mtime;
+        to.file_hash = from.file_hash;
+        to.unsaved = true;
+    }
+
+    /// Whether the account holds tokens that could not be saved yet.
+    pub async fn has_unsaved(&self) -> bool {
+        self.state.lock().await.unsaved
+    }
+
+    /// Tries again to save tokens that could not be saved when they were obtained. Returns whether some are still
+    /// unsaved.
+    pub async fn save_unsaved(&self) -> bool {
+        let mut state = self.state.lock().await;
+        self.reload_if_changed(&mut state).ok();
+        if !state.unsaved {
+            return false;
+        }
+        let Some(tokens) = state.tokens.clone() else {
+            state.unsaved = false;
+            return false;
+        };
+        match self
+            .store
+            .save_if_unchanged(&self.name, &tokens, state.file_hash)
+        {
+            Ok(Some(hash)) => {
+                self.saved(&mut state, tokens, hash);
+                tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, file = %self.store.path(&self.name).display(), "the renewed tokens are saved now");
+                crate::events::emit(crate::events::Event::TokenRefreshed {
+                    account: &self.name,
+                });
+                false
+            }
+            Ok(None) => {
+                tracing::warn!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file changed and cannot be read as tokens; it is left as it is, and the renewed tokens stay in memory only");
+                true
+            }
+            Err(e) => {
+                self.unsaved_after_refresh(&e);
+                true
+            }
+        }
+    }
+
+    /// Records a successful write of `tokens`, whose file now hashes to `hash`.
+    fn saved(&self, state: &mut State, tokens: StoredTokens, hash: blake3::Hash) {
+        state.file_hash = Some(hash);
+        state.file_mtime = self.store.mtime(&self.name);
+        state.tokens = Some(tokens);
+        state.unsaved = false;
+    }
+
+    /// Says that a renewed grant is in memory only: an error line, and a `token_refresh_failed` for the alerts,
+    /// because a restart now loses the grant (a provider that rotates refresh tokens strictly has already
+    /// invalidated the one in the file), and `relay status`, which reads that file, cannot know.
+    fn unsaved_after_refresh(&self, e: &StoreError) {
+        let path = self.store.path(&self.name);
+        tracing::error!(relay_event = "token_refresh_failed", relay_account = %self.name, file = %path.display(), error = %e, "the access token was renewed, but the token file cannot be written: the new tokens are used from memory and saved as soon as it can be (tried again at every refresh and in between); until then a restart loses them, and with a provider that rotates refresh tokens, the grant");
+        let why = format!("the renewed tokens cannot be saved ({e}); they are used from memory");
+        crate::events::emit(crate::events::Event::TokenRefreshFailed {
+            account: &self.name,
+            why: &why,
+        });
     }
 
     async fn refresh_locked(&self, state: &mut State) -> Result<SecretString, TokenError> {
@@ -255,19 +361,26 @@ impl AccountTokens {
                     needs_authorization: false,
                     last_error: None,
                 };
-                let Some(hash) =
-                    self.store
-                        .save_if_unchanged(&self.name, &tokens, state.file_hash)?
-                else {
-                    return self.adopt_newer_file(state);
-                };
-                state.file_hash = Some(hash);
-                state.file_mtime = self.store.mtime(&self.name);
-                state.tokens = Some(tokens);
-                tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(g.expires_at), "access token renewed");
-                crate::events::emit(crate::events::Event::TokenRefreshed {
-                    account: &self.name,
-                });
+                match self
+                    .store
+                    .save_if_unchanged(&self.name, &tokens, state.file_hash)
+                {
+                    Ok(Some(hash)) => {
+                        self.saved(state, tokens, hash);
+                        tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(g.expires_at), "access token renewed");
+                        crate::events::emit(crate::events::Event::TokenRefreshed {
+                            account: &self.name,
+                        });
+                    }
+                    Ok(None) => return self.adopt_newer_file(state),
+                    // The new grant is all the account has (its refresh token may have been rotated): used,
+                    // and kept for the next refresh, though it cannot be saved now.
+                    Err(e) => {
+                        state.tokens = Some(tokens);
+                        state.unsaved = true;
+                        self.unsaved_after_refresh(&e);
+                    }
+                }
                 Ok(g.access_token)
             }
             Err(e) => {
@@ -307,16 +420,20 @@ impl AccountTokens {
                         false
                     };
                     t.last_error = Some(e.explained(&self.name, self.renewal.is_interactive()));
-                    let Some(hash) =
-                        self.store
-                            .save_if_unchanged(&self.name, &t, state.file_hash)?
-                    else {
+                    match self
+                        .store
+                        .save_if_unchanged(&self.name, &t, state.file_hash)
+                    {
+                        Ok(Some(hash)) => self.saved(state, t, hash),
                         // A new grant arrived while this refresh failed: the failure was the old grant's.
-                        return self.adopt_newer_file(state);
-                    };
-                    state.file_hash = Some(hash);
-                    state.file_mtime = self.store.mtime(&self.name);
-                    state.tokens = Some(t);
+                        Ok(None) => return self.adopt_newer_file(state),
+                        // The refresh's own failure is what the caller needs to hear. The failure is kept in
+                        // memory; a renewed grant that was not saved yet stays unsaved, and is saved later.
+                        Err(store) => {
+                            tracing::error!(relay_account = %self.name, file = %self.store.path(&self.name).display(), error = %store, "the token file cannot be written: the refresh's failure is not recorded in it, and `relay status` cannot show it");
+                            state.tokens = Some(t);
+                        }
+                    }
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
@@ -362,19 +479,33 @@ pub async fn refresher(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    for account in accounts {
+    for account in accounts.iter().cloned() {
         let mut stop = stop.clone();
         tasks.spawn(async move {
             let mut backoff = FIRST_BACKOFF;
+            // Tokens a refresh could not save are saved again soon, not only at the next refresh (up to an hour
+            // away): the admin who fixes the file's directory should not have to wait, nor risk a restart.
+            let mut save_backoff = FIRST_BACKOFF;
             loop {
                 let due = account
                     .next_due()
                     .await
                     .unwrap_or_else(|_| SystemTime::now() + backoff);
                 let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
+                let unsaved = account.has_unsaved().await;
+                if !unsaved {
+                    save_backoff = FIRST_BACKOFF;
+                }
+                let save_only = tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = tokio::time::sleep(save_backoff), if unsaved => true,
                     _ = stop.wait_for(|s| *s) => return,
+                };
+                if save_only {
+                    if account.save_unsaved().await {
+                        save_backoff = (save_backoff * 2).min(Duration::from_secs(600));
+                    }
+                    continue;
                 }
                 match account.force_refresh().await {
                     Ok(_) => backoff = FIRST_BACKOFF,
@@ -386,7 +517,12 @@ pub async fn refresher(
                             _ = stop.wait_for(|s| *s) => return,
                         }
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        // A refresh's own failure is logged where it happens; the token file that cannot be
+                        // read is not.
+                        if let TokenError::Store(e) = &e {
+                            tracing::warn!(relay_account = %account.name, error = %e, "the token file cannot be read; the refresh is tried again in {}", humantime::format_duration(backoff));
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = stop.wait_for(|s| *s) => return,
@@ -399,6 +535,13 @@ pub async fn refresher(
     }
     let _ = stop.wait_for(|s| *s).await;
     tasks.shutdown().await;
+    // A last chance before the tokens in memory are gone (relay stops, or a reload removed the account; one that
+    // a reload rebuilt has its unsaved tokens copied to the new one).
+    for account in &accounts {
+        if account.save_unsaved().await {
+            tracing::error!(relay_account = %account.name, file = %account.store.path(&account.name).display(), "the account's renewed tokens are still unsaved as its token refresher stops: if its provider rotates refresh tokens, the grant in the file may no longer work; make the file writable, and run `relay authorize {}` if the account then needs authorization", account.name);
+        }
+    }
 }
 
 #[cfg(test)]
