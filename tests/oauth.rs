@@ -913,3 +913,40 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
         );
     }
 }
+
+/// A refresh in the renewal window that fails for a reason other than a dead grant (here a proxy's HTML page
+/// with HTTP 400, which is neither an OAuth error nor a passing one) leaves the still-valid access token in use:
+/// the message goes with it, and the failure is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(400).set_body_raw(
+            "<html><head><title>400 Bad Request</title></head><body>proxy</body></html>",
+            "text/html",
+        ))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["current"]).await;
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let state = dir.path().join("state");
+    // Five minutes left of an hour: inside the renewal window (the last ten minutes).
+    save_tokens(
+        &state,
+        &stored(
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+            Duration::from_secs(3300),
+        ),
+    );
+    let mut d = Daemon::spawn(&config);
+    let id = send_message(d.addr, b"Subject: still valid\r\n\r\nbody\r\n").await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer current"), "{}", got.auth);
+    let delivered = d.wait_log("relay_event=\"delivered\"");
+    assert!(delivered.contains(&id), "{delivered}");
+    let failed = d.wait_log("relay_event=\"token_refresh_failed\"");
+    assert!(failed.contains("HTTP 400"), "{failed}");
+    assert_eq!(d.terminate().code(), Some(0));
+}

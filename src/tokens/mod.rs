@@ -102,8 +102,10 @@ impl AccountTokens {
         }
         match self.refresh_locked(&mut state).await {
             // The renewal window opens well before expiry: while the old token is still good, a failed renewal
-            // (the token endpoint down) need not hold up mail.
-            Err(e) if e.is_transient() => match &state.tokens {
+            // need not hold up mail, whatever the failure (the endpoint down, a proxy's page, a reply not
+            // understood, a refused client secret: the token already issued stays valid till it expires). Only
+            // a dead grant stops it: `invalid_grant` for a person's grant, which `refresh_locked` has marked.
+            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => match &state.tokens {
                 Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
                     Ok(t.access_token.clone())
                 }
