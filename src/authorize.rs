@@ -258,22 +258,51 @@ async fn device_code(
     let _ = out.flush();
     let deadline = Instant::now() + device.expires_in;
     let mut interval = device.interval;
-    loop {
-        tokio::time::sleep(interval).await;
-        match client.device_poll(&device).await {
+    // The wait before the next poll: the interval, or longer while the endpoint fails.
+    let mut wait = interval;
+    let last_failure = loop {
+        tokio::time::sleep(wait).await;
+        let failure = match client.device_poll(&device).await {
             Ok(DevicePoll::Granted(grant)) => return Ok(grant),
-            Ok(DevicePoll::Pending) => {}
+            Ok(DevicePoll::Pending) => None,
             // RFC 8628 section 3.5: every slow_down adds 5 seconds to the interval, for good.
             Ok(DevicePoll::SlowDown) => {
-                interval = (interval + Duration::from_secs(5)).min(Duration::from_secs(120))
+                interval = (interval + Duration::from_secs(5)).min(MAX_POLL_WAIT);
+                None
+            }
+            // RFC 8628 section 3.5: a poll that times out (and, alike, a refused connection, a 5xx, a 429) is
+            // asked again, less often, until the code expires: the sign-in in progress is the user's, and the
+            // endpoint's trouble may pass before they finish it.
+            Err(e) if e.is_transient() => {
+                wait = (wait * 2).min(MAX_POLL_WAIT);
+                let _ = writeln!(
+                    out,
+                    "The provider did not answer the poll ({e}); asking again in {}…",
+                    humantime::format_duration(wait)
+                );
+                let _ = out.flush();
+                Some(e)
             }
             Err(e) => return Err(failed(explain(&e))),
+        };
+        if failure.is_none() {
+            wait = interval;
         }
         if Instant::now() >= deadline {
-            return Err(failed(expired(account)));
+            break failure;
         }
-    }
+    };
+    Err(failed(match last_failure {
+        Some(e) => format!(
+            "the code expired while the provider did not answer ({e}). Run `relay authorize {}` again once it does.",
+            account.name
+        ),
+        None => expired(account),
+    }))
 }
+
+/// The longest wait between two polls: past it, a user who has finished signing in waits too long for relay.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(120);
 
 fn expired(account: &AccountConfig) -> String {
     format!(

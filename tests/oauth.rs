@@ -950,3 +950,76 @@ async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
     assert!(failed.contains("HTTP 400"), "{failed}");
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A device-code poll that the token endpoint fails (503) does not end the sign-in in progress (RFC 8628
+/// section 3.5): relay says so, waits longer, and polls again until the user has approved.
+#[tokio::test]
+async fn device_code_polling_outlives_a_failed_poll() {
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 900).await;
+    for (priority, reply) in [
+        (
+            1,
+            ResponseTemplate::new(503).set_body_string("Service Unavailable"),
+        ),
+        (2, oauth_error("authorization_pending")),
+    ] {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(reply)
+            .up_to_n_times(1)
+            .with_priority(priority)
+            .mount(&idp)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .and(body_string_contains("device_code=DEVICE-CODE-1"))
+        .respond_with(tokens("access-1", "refresh-1"))
+        .with_priority(3)
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let out = run_authorize(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("did not answer the poll") && stdout.contains("503"),
+        "{stdout}"
+    );
+    let polls = idp
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/token")
+        .count();
+    assert_eq!(polls, 3, "503, pending, granted");
+    let stored = token_file(&dir.path().join("state"));
+    assert_eq!(stored["refresh_token"], "refresh-1");
+}
+
+/// A code that runs out while the token endpoint keeps failing ends with that failure, not with "pending".
+#[tokio::test]
+async fn device_code_that_runs_out_while_polls_fail_says_why() {
+    let idp = MockServer::start().await;
+    mount_device_start(&idp, 0).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
+        .mount(&idp)
+        .await;
+    let (_dir, config) = device_config(&idp, 9);
+    let out = run_authorize(&config).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the code expired while the provider did not answer")
+            && stderr.contains("502"),
+        "{stderr}"
+    );
+}
