@@ -129,6 +129,8 @@ pub fn build_one(
         account: a.name.clone(),
         reason,
     };
+    // Before they are read: a file that changes meanwhile is then seen as changed at the next reload.
+    let files = files_hash(a);
     let (ep, client) = token_client(a, http).map_err(err)?;
     // A key that does not open the account's tokens is a setting to fix before relay runs; anything else about
     // the file is met, and explained, at its first use.
@@ -177,6 +179,7 @@ pub fn build_one(
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
     let mut account =
         Account::new(a.name.clone(), tokens, transports, rewrite).with_connections(a.connections());
+    account.files = files;
     account.rate = match rate {
         Some(rate) => {
             rate.set_limits(a.limits());
@@ -185,6 +188,34 @@ pub fn build_one(
         None => Arc::new(AccountRate::load(&config.state_dir, &a.name, a.limits())),
     };
     Ok(account)
+}
+
+/// What the account's files hold now (client secret, password, certificate and private key, service-account key,
+/// CA), as one hash: a reload rebuilds an account whose files changed though its config did not, so that a secret
+/// rotated in place is taken up by `systemctl reload relay`. A file that cannot be read counts by its error.
+pub fn files_hash(a: &AccountConfig) -> blake3::Hash {
+    use std::os::unix::ffi::OsStrExt;
+    let mut hash = blake3::Hasher::new();
+    let mut field = |bytes: &[u8]| {
+        hash.update(&(bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    };
+    let files = [
+        &a.client_secret_file,
+        &a.certificate_file,
+        &a.private_key_file,
+        &a.service_account_file,
+        &a.password_file,
+        &a.ca_file,
+    ];
+    for path in files.into_iter().flatten() {
+        field(path.as_os_str().as_bytes());
+        match crate::small_files::read(path, crate::small_files::SMALL) {
+            Ok(contents) => field(&contents),
+            Err(e) => field(format!("unreadable: {:?}", e.kind()).as_bytes()),
+        }
+    }
+    hash.finalize()
 }
 
 /// One warning per account that waits for `relay authorize` (its flow needs a person to sign in, and it has no

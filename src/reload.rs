@@ -3,9 +3,10 @@
 //!
 //! A reload is all or nothing: the new accounts are built and the new listeners bound and loaded first, and only
 //! when all of that has worked is anything swapped in. Then:
-//! - an account whose settings are unchanged is kept as it is (its connections, tokens and refresher); a changed
-//!   one is rebuilt, keeping its sending counts; the scheduler takes a new delivery (accounts, routes, retry
-//!   schedule) for the attempts that start from then on, while attempts in flight finish on the old one;
+//! - an account whose settings and files (secret, key, certificate) are unchanged is kept as it is (its
+//!   connections, tokens and refresher); a changed one is rebuilt, keeping its sending counts (and tokens it
+//!   could not save); the scheduler takes a new delivery (accounts, routes, retry schedule) for the attempts
+//!   that start from then on, while attempts in flight finish on the old one;
 //! - a listener whose address is unchanged keeps its socket and takes the new settings (TLS files read again,
 //!   users, limits) for new connections; a new address is bound; a listener no longer configured stops accepting;
 //!   sessions already open finish as they began;
@@ -254,11 +255,13 @@ impl Running {
         for a in &config.accounts {
             let old = self.accounts.iter().find(|r| r.config.name == a.name);
             match old {
-                // The hostname is an SMTP account's EHLO name too: a new one rebuilds those.
+                // The hostname is an SMTP account's EHLO name too: a new one rebuilds those. So does a file that
+                // changed (a secret rotated in place): the account holds what it read when it was built.
                 Some(r)
                     if same_account(&r.config, a)
                         && (config.hostname == self.config.hostname
-                            || a.transport != crate::config::Transport::Smtp) =>
+                            || a.transport != crate::config::Transport::Smtp)
+                        && accounts::files_hash(a) == r.account.files =>
                 {
                     r.account.rate.set_limits(a.limits());
                     next.push((a.clone(), r.account.clone(), Some(r)));

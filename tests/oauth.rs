@@ -646,7 +646,7 @@ async fn a_refused_grant_without_a_person_blames_the_credentials() {
     send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
     let line = d.wait_log("relay_event=\"token_refresh_failed\"");
     assert!(line.contains("credentials"), "{line}");
-    assert!(line.contains("relay reload"), "{line}");
+    assert!(line.contains("systemctl reload relay"), "{line}");
     let line = d.wait_log("relay_event=\"deferred\"");
     assert!(!line.contains("run `relay authorize"), "{line}");
     assert!(
@@ -1022,4 +1022,53 @@ async fn device_code_that_runs_out_while_polls_fail_says_why() {
             && stderr.contains("502"),
         "{stderr}"
     );
+}
+
+/// A client secret rotated in place (the file rewritten, the config unchanged) is taken up by a reload
+/// (`systemctl reload relay`, SIGHUP): the account is rebuilt, and its next token request sends the new secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_up_a_secret_rotated_in_place() {
+    let idp = MockServer::start().await;
+    for (secret, access) in [("s3cret-value", "tok-1"), ("n3w-secret-value", "tok-2")] {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(body_string_contains(format!("client_secret={secret}")))
+            .respond_with(tokens(access, "unused"))
+            .mount(&idp)
+            .await;
+    }
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = common::idp::account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: one\r\n\r\nbody\r\n").await;
+    assert!(upstream.next().await.auth.contains("Bearer tok-1"));
+    d.wait_log("relay_event=\"delivered\"");
+
+    std::fs::write(dir.path().join("secret"), "n3w-secret-value\n").unwrap();
+    // SAFETY: kill with the daemon's pid and a valid signal.
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
+    let reloaded = d.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: office"), "{reloaded}");
+    // The old secret's token is refused now: the account asks for a new one, with the new secret.
+    *upstream.tokens.lock().unwrap() = vec!["tok-2".into()];
+    send_message(d.addr, b"Subject: two\r\n\r\nbody\r\n").await;
+    assert!(upstream.next().await.auth.contains("Bearer tok-2"));
+    d.wait_log("relay_event=\"delivered\"");
+    let form = common::idp::last_token_form(&idp).await;
+    assert_eq!(
+        common::idp::form_field(&form, "client_secret"),
+        Some("n3w-secret-value")
+    );
+
+    // A reload with nothing changed keeps the account as it is.
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
+    let reloaded = d.wait_log("relay_event=\"reloaded\"");
+    assert!(reloaded.contains("changed: none"), "{reloaded}");
+    assert_eq!(d.terminate().code(), Some(0));
 }

@@ -71,10 +71,10 @@ pub fn warning(account: &str, e: &Expiry, now: SystemTime) -> Option<String> {
     let date = &date[..10];
     let fix = match e.what {
         "client secret" => {
-            "create a new secret in the app registration, write it to client_secret_file and update client_secret_expires"
+            "create a new secret in the app registration, write it to client_secret_file and update client_secret_expires, then `systemctl reload relay`"
         }
         _ => {
-            "upload a new certificate to the app registration and point certificate_file and private_key_file at it"
+            "upload a new certificate to the app registration and point certificate_file and private_key_file at it, then `systemctl reload relay`"
         }
     };
     match days_left(e, now) {

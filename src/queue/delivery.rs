@@ -57,6 +57,8 @@ pub struct Account {
     pub rewrite: SenderRewrite,
     /// Its sending limits, and what it has sent against them.
     pub rate: Arc<AccountRate>,
+    /// What its files (secret, key, certificate…) held when it was built ([`crate::accounts::files_hash`]).
+    pub files: blake3::Hash,
     slots: Arc<Semaphore>,
     /// How many `slots` holds when none is taken.
     connections: usize,
@@ -103,6 +105,7 @@ impl Account {
     ) -> Account {
         Account {
             rate: Arc::new(AccountRate::unpersisted(&name, RateConfig::default())),
+            files: blake3::Hash::from_bytes([0; 32]),
             name,
             tokens,
             transports,

@@ -387,7 +387,7 @@ impl AccountTokens {
             }
             Err(e) => {
                 // Only a person's grant waits for `relay authorize`; the others are fetched again on every
-                // attempt, so a fixed credential (and `relay reload`) is enough.
+                // attempt, so a fixed credential (and `systemctl reload relay`, for a file) is enough.
                 let interactive = self.renewal.is_interactive();
                 let revoked = e.needs_authorization() && interactive;
                 let diagnosis = Diagnosed::of_grant(&e.to_string(), Some(&self.name), interactive);

@@ -79,7 +79,7 @@ pub fn for_grant(text: &str, account: Option<&str>, interactive: bool) -> Option
 static CREDENTIALS: Diagnosis = Diagnosis {
     code: "invalid_grant",
     cause: "the token endpoint refused the account's own credentials (this flow has no refresh token for `relay authorize` to replace)",
-    fix: "check the account's credentials and the user it acts for (username and password_file, client_secret_file, certificate_file and private_key_file, or service_account_file and mailbox); `relay authorize ACCOUNT` tries them at once; then `relay reload`",
+    fix: "check the account's credentials and the user it acts for (username and password_file, client_secret_file, certificate_file and private_key_file, or service_account_file and mailbox); `relay authorize ACCOUNT` tries them at once; then `systemctl reload relay` (SIGHUP) makes the daemon read them",
     matches: &[],
 };
 
@@ -333,7 +333,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "AADSTS50126",
         cause: "wrong user name or password",
-        fix: "check `username` and the password in password_file (the user's sign-in name, not an alias)",
+        fix: "check `username` and the password in password_file (the user's sign-in name, not an alias), then `systemctl reload relay`",
         matches: &[&["aadsts50126"]],
     },
     Diagnosis {
@@ -357,13 +357,13 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "AADSTS7000215",
         cause: "the client secret is wrong",
-        fix: "copy the secret's Value (not its Secret ID) from App registrations > Certificates & secrets into client_secret_file",
+        fix: "copy the secret's Value (not its Secret ID) from App registrations > Certificates & secrets into client_secret_file, then `systemctl reload relay`",
         matches: &[&["aadsts7000215"]],
     },
     Diagnosis {
         code: "AADSTS7000222",
         cause: "the client secret has expired",
-        fix: "create a new secret in the app registration (Certificates & secrets), write its Value to client_secret_file and update client_secret_expires",
+        fix: "create a new secret in the app registration (Certificates & secrets), write its Value to client_secret_file and update client_secret_expires, then `systemctl reload relay`",
         matches: &[&["aadsts7000222"]],
     },
     Diagnosis {
@@ -381,7 +381,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "AADSTS700027",
         cause: "the app registration does not know the certificate relay signs its client assertion with",
-        fix: "upload certificate_file's certificate (its public part) to the app registration (Entra admin center > App registrations > the app > Certificates & secrets > Certificates), or point certificate_file and private_key_file at one that is uploaded",
+        fix: "upload certificate_file's certificate (its public part) to the app registration (Entra admin center > App registrations > the app > Certificates & secrets > Certificates), or point certificate_file and private_key_file at one that is uploaded, then `systemctl reload relay`",
         matches: &[&["aadsts700027"]],
     },
     Diagnosis {
@@ -406,7 +406,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "invalid_grant",
         cause: "Google does not accept the service account key's signature: the key was deleted or disabled in the Cloud console, or service_account_file is another account's",
-        fix: "create a key for the service account (Google Cloud console > IAM & Admin > Service Accounts > the account > Keys > Add key > JSON), write it to service_account_file, then `relay reload`",
+        fix: "create a key for the service account (Google Cloud console > IAM & Admin > Service Accounts > the account > Keys > Add key > JSON), write it to service_account_file, then `systemctl reload relay` (SIGHUP)",
         matches: &[&["invalid_grant", "invalid jwt signature"]],
     },
     Diagnosis {
@@ -735,7 +735,7 @@ mod tests {
             assert!(person.contains("relay authorize office"), "{person}");
             let own = for_grant(text, Some("office"), false).unwrap();
             assert!(own.contains("credentials"), "{own}");
-            assert!(own.contains("relay reload"), "{own}");
+            assert!(own.contains("systemctl reload relay"), "{own}");
         }
         // Explained once, the text is not diagnosed again (the generic entry would say `relay authorize`).
         let own = for_grant(dead, Some("office"), false);
