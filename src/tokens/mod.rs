@@ -242,6 +242,16 @@ impl AccountTokens {
     /// is written anew at the next save.
     fn reload_over_unsaved(&self, state: &mut State, mtime: Option<SystemTime>) {
         match self.store.load_hashed(&self.name) {
+            // A failure record written meanwhile (`relay test` renewing with the file's older grant, which a
+            // provider rotating strictly refuses) holds nothing live: the unsaved grant stays, and is saved over it.
+            Ok((Some(tokens), hash))
+                if hash != state.file_hash
+                    && (tokens.needs_authorization || tokens.last_error.is_some()) =>
+            {
+                tracing::warn!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was rewritten with a failed renewal; the newer grant in memory, not yet saved, is kept and will be saved over it");
+                state.file_hash = hash;
+                state.file_mtime = mtime;
+            }
             Ok((Some(tokens), hash)) if hash != state.file_hash => {
                 tracing::info!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was replaced; its grant is used instead of the unsaved one");
                 state.tokens = Some(tokens);
