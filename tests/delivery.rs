@@ -264,6 +264,43 @@ async fn token_endpoint_failure_defers_and_keeps_the_mail() {
     assert_eq!(relay.queued().len(), 1);
 }
 
+/// A token endpoint that fails is not asked again by every delivery attempt: ten messages cost the endpoint one
+/// request from the deliveries (and the refresher's own), not one each. An endpoint that hangs made each message
+/// wait its timeout in turn, and with the password flow each request is a failed sign-in a lockout policy counts.
+#[tokio::test]
+async fn a_failed_renewal_is_not_asked_again_for_every_message() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("down for maintenance"))
+        .mount(&idp)
+        .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(send_message(relay.addr(), WIRE).await);
+    }
+    relay.attempts_done(10).await;
+    let asked = idp.received_requests().await.unwrap().len();
+    assert!(asked <= 3, "{asked} token requests for 10 messages");
+    assert_eq!(relay.queued().len(), 10, "all of it waits");
+    let reasons: Vec<String> = ids
+        .iter()
+        .map(|id| std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap())
+        .collect();
+    assert!(
+        reasons.iter().all(|r| r.contains("503")),
+        "each says why: {reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("renewal failed moments ago")),
+        "{reasons:?}"
+    );
+}
+
 #[tokio::test]
 async fn queue_retry_sends_a_deferred_message_now() {
     let idp = idp_issuing("tok").await;

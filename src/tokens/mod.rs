@@ -36,6 +36,9 @@ pub enum TokenError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The last renewal failed moments ago, with these words: not asked again for every message.
+    #[error("{0} (renewal failed moments ago; asked again within 30 s, not for every message)")]
+    RecentlyFailed(String),
 }
 
 impl TokenError {
@@ -46,7 +49,7 @@ impl TokenError {
             TokenError::OAuth { source, .. } => {
                 source.is_transient() || source.needs_authorization()
             }
-            TokenError::Store(_) => true,
+            TokenError::Store(_) | TokenError::RecentlyFailed(_) => true,
         }
     }
 }
@@ -71,7 +74,15 @@ struct State {
     /// `tokens` are newer than the file, which could not be written: a provider that rotates refresh tokens may
     /// already have invalidated the one in the file, so these are kept (and used) until they can be saved.
     unsaved: bool,
+    /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]).
+    failed: Option<(std::time::Instant, String)>,
 }
+
+/// After a failed renewal, how long deliveries take its answer instead of asking the endpoint again. Each
+/// attempt used to ask: an endpoint that hangs made every message wait its timeout (30 s) in turn, behind the
+/// account's lock, and with `flow = "password"` each ask is a failed sign-in that an ADFS lockout policy counts.
+/// The refresher keeps trying on its own schedule; `relay authorize` writes a file that is taken at once.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
 
 impl AccountTokens {
     pub fn new(
@@ -100,7 +111,24 @@ impl AccountTokens {
         {
             return Ok(t.access_token.clone());
         }
-        match self.refresh_locked(&mut state).await {
+        if let Some((at, why)) = &state.failed
+            && at.elapsed() < RENEW_RETRY
+        {
+            return match &state.tokens {
+                Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
+                    Ok(t.access_token.clone())
+                }
+                _ => Err(TokenError::RecentlyFailed(why.clone())),
+            };
+        }
+        let renewed = self.refresh_locked(&mut state).await;
+        state.failed = match &renewed {
+            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
+                Some((std::time::Instant::now(), e.to_string()))
+            }
+            _ => None,
+        };
+        match renewed {
             // The renewal window opens well before expiry: while the old token is still good, a failed renewal
             // need not hold up mail, whatever the failure (the endpoint down, a proxy's page, a reply not
             // understood, a refused client secret: the token already issued stays valid till it expires). Only
@@ -393,6 +421,7 @@ impl AccountTokens {
                         self.unsaved_after_refresh(&e);
                     }
                 }
+                state.failed = None;
                 Ok(g.access_token)
             }
             Err(e) => {
