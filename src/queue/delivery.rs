@@ -524,6 +524,9 @@ impl Delivery {
             if a.transports.lift_hold() {
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
             }
+            if a.tokens.forget_failed_renewal() {
+                tracing::info!(relay_account = %a.name, "the account's failed token renewal is tried again at once (relay queue retry or relay authorize)");
+            }
             if a.transports.lift_unreachable() {
                 reach = true;
                 tracing::info!(relay_account = %a.name, "the account's upstream, which could not be reached, is tried again at once (relay queue retry or relay authorize)");

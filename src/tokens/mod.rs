@@ -63,6 +63,9 @@ pub struct AccountTokens {
     /// A token for another resource (Graph, when it is the fallback): in memory only, renewed from the same
     /// grant when needed.
     scoped: Mutex<Option<(String, SecretString, SystemTime)>>,
+    /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]). Apart from
+    /// `state`, so that `relay queue retry` can end the wait without waiting for a renewal in flight.
+    failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 #[derive(Default)]
@@ -74,8 +77,6 @@ struct State {
     /// `tokens` are newer than the file, which could not be written: a provider that rotates refresh tokens may
     /// already have invalidated the one in the file, so these are kept (and used) until they can be saved.
     unsaved: bool,
-    /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]).
-    failed: Option<(std::time::Instant, String)>,
 }
 
 /// After a failed renewal, how long deliveries take its answer instead of asking the endpoint again. Each
@@ -98,6 +99,7 @@ impl AccountTokens {
             store,
             state: Mutex::new(State::default()),
             scoped: Mutex::new(None),
+            failed: std::sync::Mutex::new(None),
         }
     }
 
@@ -111,18 +113,21 @@ impl AccountTokens {
         {
             return Ok(t.access_token.clone());
         }
-        if let Some((at, why)) = &state.failed
-            && at.elapsed() < RENEW_RETRY
-        {
+        let recent = self
+            .failed_lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < RENEW_RETRY)
+            .map(|(_, why)| why.clone());
+        if let Some(why) = recent {
             return match &state.tokens {
                 Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
                     Ok(t.access_token.clone())
                 }
-                _ => Err(TokenError::RecentlyFailed(why.clone())),
+                _ => Err(TokenError::RecentlyFailed(why)),
             };
         }
         let renewed = self.refresh_locked(&mut state).await;
-        state.failed = match &renewed {
+        *self.failed_lock() = match &renewed {
             Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
                 Some((std::time::Instant::now(), e.to_string()))
             }
@@ -141,6 +146,20 @@ impl AccountTokens {
             },
             other => other,
         }
+    }
+
+    fn failed_lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, String)>> {
+        self.failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `relay queue retry` (or `relay authorize`): the sysadmin says the cause may be gone, so the next delivery
+    /// asks the token endpoint again at once. Whether a failed renewal was being answered from.
+    pub fn forget_failed_renewal(&self) -> bool {
+        self.failed_lock()
+            .take()
+            .is_some_and(|(at, _)| at.elapsed() < RENEW_RETRY)
     }
 
     /// A new access token now, whatever the old one's expiry.
@@ -421,7 +440,7 @@ impl AccountTokens {
                         self.unsaved_after_refresh(&e);
                     }
                 }
-                state.failed = None;
+                *self.failed_lock() = None;
                 Ok(g.access_token)
             }
             Err(e) => {
