@@ -120,13 +120,7 @@ async fn device_code_polls_slows_down_and_stores_tokens() {
         stdout.contains("https://microsoft.com/devicelogin") && stdout.contains("ABCD-EFGH"),
         "{stdout}"
     );
-    let polls = idp
-        .received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.url.path() == "/token")
-        .count();
+    let polls = token_requests(&idp).await;
     assert_eq!(polls, 4, "pending, pending, slow_down, granted");
     let file = dir.path().join("state/tokens/office.json");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
@@ -991,13 +985,7 @@ async fn device_code_polling_outlives_a_failed_poll() {
         stdout.contains("did not answer the poll") && stdout.contains("503"),
         "{stdout}"
     );
-    let polls = idp
-        .received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.url.path() == "/token")
-        .count();
+    let polls = token_requests(&idp).await;
     assert_eq!(polls, 3, "503, pending, granted");
     let stored = token_file(&dir.path().join("state"));
     assert_eq!(stored["refresh_token"], "refresh-1");
@@ -1071,4 +1059,14 @@ async fn a_reload_takes_up_a_secret_rotated_in_place() {
     let reloaded = d.wait_log("relay_event=\"reloaded\"");
     assert!(reloaded.contains("changed: none"), "{reloaded}");
     assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// Requests the fake identity provider got at its token endpoint.
+async fn token_requests(idp: &MockServer) -> usize {
+    idp.received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/token")
+        .count()
 }

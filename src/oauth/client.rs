@@ -595,24 +595,9 @@ fn html_unescape(text: &str) -> String {
 /// URLs' percent escapes, in either case (`%2B`, `%2b`); `+` stays `+`: the form-encoded secret, with its `+`
 /// for a space, is cut out literally.
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |at: usize| bytes.get(at).and_then(|&b| (b as char).to_digit(16));
-        match (bytes[i], hex(i + 1), hex(i + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                // Two hex digits: below 256.
-                out.push((high << 4 | low) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Secrets shorter than this are not cut out: they could not be told from ordinary words.
