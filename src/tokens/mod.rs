@@ -1,8 +1,9 @@
 //! An account's tokens in the daemon: fresh when asked for, renewed ahead of expiry, kept alive when idle.
 //!
 //! One [`AccountTokens`] per account. Its lock is held across a refresh, so there is one refresh in flight per
-//! account whoever asks (the refresher, a delivery, a delivery that just got 535). The token file is reread
-//! when it changes, so a `relay authorize` run while the daemon runs takes effect at once.
+//! account whoever asks (the refresher, a delivery, a delivery that just got 535); a lock file in `tokens/` does
+//! the same between processes (`relay test` while the daemon runs). The token file is reread when it changes, so
+//! a `relay authorize` run while the daemon runs takes effect at once.
 
 pub mod seal;
 pub mod store;
@@ -84,6 +85,9 @@ struct State {
 /// account's lock, and with `flow = "password"` each ask is a failed sign-in that an ADFS lockout policy counts.
 /// The refresher keeps trying on its own schedule; `relay authorize` writes a file that is taken at once.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// How long a renewal waits for another process's renewal of the same grant: longer than that one's token
+/// request may take (30 s), with room for its save.
+const RENEWAL_WAIT: Duration = Duration::from_secs(60);
 
 impl AccountTokens {
     pub fn new(
@@ -392,6 +396,23 @@ impl AccountTokens {
     }
 
     async fn refresh_locked(&self, state: &mut State) -> Result<SecretString, TokenError> {
+        let asked = SystemTime::now();
+        // Held until the new grant is saved: another process renewing the same grant meanwhile (`relay test`
+        // while the daemon runs, or a second daemon on this state dir) would present a refresh token that the
+        // first renewal has just rotated away, and a provider that revokes a grant on refresh-token reuse would
+        // kill it.
+        let _renewing = self.renewal_lock().await;
+        if self.reread_after_wait(state)
+            && let Some(t) = &state.tokens
+            && !t.needs_authorization
+            && t.last_error.is_none()
+            && t.obtained_at >= asked
+            && SystemTime::now() < t.expires_at
+        {
+            tracing::info!(relay_account = %self.name, "another relay process renewed the token meanwhile; using its token");
+            *self.failed_lock() = None;
+            return Ok(t.access_token.clone());
+        }
         let previous = state.tokens.clone();
         if self.renewal.is_interactive() && previous.as_ref().is_some_and(|t| t.needs_authorization)
         {
@@ -506,6 +527,55 @@ impl AccountTokens {
 }
 
 impl AccountTokens {
+    /// The account's renewal lock (see `refresh_locked`), waited for without holding a thread. Bounded: a
+    /// process that holds it longer than [`RENEWAL_WAIT`] (stopped, or hung) is not waited for any more, and
+    /// this renewal goes on without it, as it would without a lock file.
+    async fn renewal_lock(&self) -> Option<std::fs::File> {
+        let file = self.store.renewal_lock_file(&self.name)?;
+        let started = tokio::time::Instant::now();
+        let mut said = false;
+        loop {
+            match store::try_flock(&file) {
+                Ok(true) => return Some(file),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(relay_account = %self.name, error = %e, "cannot lock the token renewal lock file; renewing without it");
+                    return None;
+                }
+            }
+            if started.elapsed() >= RENEWAL_WAIT {
+                tracing::warn!(relay_account = %self.name, "another process has been renewing this account's token for {}; renewing without waiting for it any longer", humantime::format_duration(RENEWAL_WAIT));
+                return None;
+            }
+            if !said {
+                tracing::info!(relay_account = %self.name, "another relay process is renewing this account's token; waiting for it");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Under the renewal lock: takes the file as another process left it (a grant it renewed while this one
+    /// waited, with the refresh token that is now the live one). Whether the file had changed.
+    fn reread_after_wait(&self, state: &mut State) -> bool {
+        let mtime = self.store.mtime(&self.name);
+        let before = state.file_hash;
+        if state.unsaved {
+            self.reload_over_unsaved(state, mtime);
+            return !state.unsaved;
+        }
+        match self.store.load_hashed(&self.name) {
+            Ok((Some(tokens), hash)) if hash != state.file_hash => {
+                state.tokens = Some(tokens);
+                state.file_hash = hash;
+                state.file_mtime = mtime;
+            }
+            // Gone, damaged or unreadable: left to the save, which compares the file again.
+            _ => {}
+        }
+        state.file_hash != before
+    }
+
     /// The token file changed while a refresh ran (`relay authorize` stored a new grant): the file wins, and
     /// its token is used if it is good.
     fn adopt_newer_file(&self, state: &mut State) -> Result<SecretString, TokenError> {

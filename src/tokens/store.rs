@@ -308,20 +308,43 @@ impl TokenStore {
     }
 
     /// An exclusive lock on `tokens/.ACCOUNT.lock`, held while a file is compared and replaced: the daemon and
-    /// `relay authorize` are different processes, and may be different users (root and the daemon's). The lock
-    /// file is opened read-only (flock needs no more) and, created by root, given to the state dir's owner like
-    /// the token file; if it still cannot be opened, the hash comparison alone has to do.
+    /// `relay authorize` are different processes, and may be different users (root and the daemon's). If the
+    /// lock file cannot be opened, the hash comparison alone has to do.
     fn lock(&self, account: &str) -> Result<Option<std::fs::File>, StoreError> {
-        use std::os::fd::AsRawFd;
+        let Some(file) = self.lock_file(&format!(".{account}.lock"))? else {
+            return Ok(None);
+        };
+        match flock(&file, true) {
+            Ok(_) => Ok(Some(file)),
+            Err(source) => Err(StoreError::Io {
+                path: self.dir.join(format!(".{account}.lock")),
+                source,
+            }),
+        }
+    }
+
+    /// `tokens/.ACCOUNT.renew`, to be locked across a whole renewal, the token request and the save (see
+    /// [`try_flock`]). Apart from the save's lock, which the renewal takes inside it. None if it cannot be
+    /// opened (said in the log): the renewal then goes on without it, as before there was one.
+    pub fn renewal_lock_file(&self, account: &str) -> Option<std::fs::File> {
+        self.lock_file(&format!(".{account}.renew"))
+            .unwrap_or_else(|e| {
+                tracing::warn!(relay_account = %account, error = %e, "cannot make the token directory for the renewal lock; renewing without it");
+                None
+            })
+    }
+
+    /// Opens (or creates) a lock file in `tokens/`. It is opened read-only (flock needs no more) and, created by
+    /// root, given to the state dir's owner like the token file.
+    fn lock_file(&self, name: &str) -> Result<Option<std::fs::File>, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join(format!(".{account}.lock"));
-        let io = |source| StoreError::Io {
+        let path = self.dir.join(name);
+        self.create_dir().map_err(|source| StoreError::Io {
             path: path.clone(),
             source,
-        };
-        self.create_dir().map_err(io)?;
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
+        })?;
+        match std::fs::File::open(&path) {
+            Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let created = std::fs::OpenOptions::new()
                     .create(true)
@@ -344,18 +367,13 @@ impl TokenStore {
                         tracing::warn!(path = %path.display(), error = %e, "cannot give the token lock file to the state dir's owner");
                     }
                 }
-                f
+                Ok(Some(f))
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot open the token lock file; going on without it");
-                return Ok(None);
+                Ok(None)
             }
-        };
-        // SAFETY: the descriptor is open for the duration of the call. Released when the file is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io(std::io::Error::last_os_error()));
         }
-        Ok(Some(file))
     }
 
     /// Creates `tokens/` (0750) if needed; when root creates it, it goes to the state dir's owner.
@@ -425,6 +443,31 @@ impl TokenStore {
         file.commit().map_err(io)?;
         Ok(blake3::hash(&body))
     }
+}
+
+/// An exclusive flock on `file`, released when it is closed. `wait`: block until it is free; else Ok(false) at
+/// once if another open file holds it.
+fn flock(file: &std::fs::File, wait: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        e => Err(e),
+    }
+}
+
+/// Takes the renewal lock if it is free: Ok(false) if another process (or another open of it) holds it. Never
+/// blocks, so that an async task can wait for it without holding a thread.
+pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
+    flock(file, false)
 }
 
 #[cfg(test)]
