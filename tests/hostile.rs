@@ -158,12 +158,27 @@ async fn a_thousand_pipelined_commands_in_one_burst_get_a_thousand_replies() {
         let mut c = RawClient::connect_from(addr, device_ip(4)).await;
         c.expect(220).await;
         c.send(b"EHLO burst\r\n").await;
-        c.send("HELO burst\r\n".repeat(1000).as_bytes()).await;
+        // Commands that are neither errors nor junk: a sender, eight recipients, and RSET, a hundred times.
+        let round: String = std::iter::once("MAIL FROM:<a@b.example>\r\n".to_string())
+            .chain((0..8).map(|i| format!("RCPT TO:<r{i}@d.example>\r\n")))
+            .chain(std::iter::once("RSET\r\n".to_string()))
+            .collect();
+        c.send(round.repeat(100).as_bytes()).await;
         c.expect(250).await;
         for _ in 0..1000 {
             c.expect(250).await;
         }
         c.cmd("QUIT", 221).await;
+        // A greeting sent again and again is junk too (each one ends any transaction, so it moves no mail).
+        let mut c = RawClient::connect_from(addr, device_ip(4)).await;
+        c.expect(220).await;
+        c.send("HELO burst\r\n".repeat(1000).as_bytes()).await;
+        for _ in 0..110 {
+            c.expect(250).await;
+        }
+        c.expect(421).await;
+        assert!(c.closed().await);
+
         // NOOPs (or RSET, VRFY, HELP) without mail: answered up to Postfix's junk command limit (100), then
         // counted as errors, and the connection ends after ten of them, as after ten unknown commands.
         let mut c = RawClient::connect_from(addr, device_ip(4)).await;
@@ -176,6 +191,35 @@ async fn a_thousand_pipelined_commands_in_one_burst_get_a_thousand_replies() {
         assert!(c.closed().await);
     })
     .await;
+}
+
+/// On a listener that needs a login, a client that asks for ever without logging in (MAIL refused with 530, AUTH
+/// begun and cancelled) makes errors: after ten the connection ends, as after ten unknown commands.
+#[tokio::test]
+async fn asking_for_ever_without_logging_in_ends_the_connection() {
+    let relay =
+        TestRelay::start("[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"required\"\n").await;
+    let mut c = RawClient::connect(relay.addr()).await;
+    c.expect(220).await;
+    c.cmd("EHLO loop", 250).await;
+    c.send("MAIL FROM:<a@b.example>\r\n".repeat(100).as_bytes())
+        .await;
+    for _ in 0..9 {
+        c.expect(530).await;
+    }
+    c.expect(421).await;
+    assert!(c.closed().await);
+    let mut c = RawClient::connect(relay.addr()).await;
+    c.expect(220).await;
+    c.cmd("EHLO loop", 250).await;
+    c.send("AUTH LOGIN\r\n*\r\n".repeat(100).as_bytes()).await;
+    for _ in 0..9 {
+        c.expect(334).await;
+        c.expect(501).await;
+    }
+    c.expect(334).await;
+    c.expect(421).await;
+    assert!(c.closed().await);
 }
 
 #[tokio::test]

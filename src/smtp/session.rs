@@ -53,6 +53,9 @@ const MAX_ERRORS: u32 = 10;
 const MAX_JUNK: u32 = 100;
 /// Failed AUTH attempts before we hang up; each one is also delayed by the connection code.
 const MAX_AUTH_FAILURES: u32 = 3;
+/// Recipients past `max_recipients` answered 452 before each further one counts as an error (Postfix's
+/// `smtpd_recipient_overshoot_limit`).
+const RECIPIENT_OVERSHOOT: u32 = 1000;
 
 /// What a listener allows; shared by all its sessions.
 #[derive(Debug, Clone)]
@@ -138,6 +141,8 @@ pub struct Session {
     crlf_client: bool,
     /// Junk commands since the last message (see [`MAX_JUNK`]).
     junk: u32,
+    /// Recipients refused as too many in this transaction (see [`RECIPIENT_OVERSHOOT`]).
+    overshoot: u32,
 }
 
 struct DataState {
@@ -165,6 +170,7 @@ impl Session {
             last: None,
             crlf_client: false,
             junk: 0,
+            overshoot: 0,
         }
     }
 
@@ -391,6 +397,8 @@ impl Session {
     }
 
     fn hello(&mut self, host: String, esmtp: bool) -> Step {
+        // A second greeting (after STARTTLS, RFC 3207, or to reset) is normal; one after another moves no mail.
+        let again = self.helo.is_some();
         self.txn = None;
         self.esmtp = esmtp;
         // The name is the client's text: its control characters (a NUL, an ESC) are not sent back raw.
@@ -401,7 +409,7 @@ impl Session {
         );
         self.helo = Some(host);
         if !esmtp {
-            return Step::Reply(Reply::bare(250, vec![greeting.into()]));
+            return self.greeted(again, Reply::bare(250, vec![greeting.into()]));
         }
         let mut lines: Vec<Cow<'static, str>> = vec![
             greeting.into(),
@@ -422,7 +430,15 @@ impl Session {
             lines.push("AUTH=PLAIN LOGIN".into());
         }
         lines.push("HELP".into());
-        Step::Reply(Reply::bare(250, lines))
+        self.greeted(again, Reply::bare(250, lines))
+    }
+
+    fn greeted(&mut self, again: bool, reply: Reply) -> Step {
+        if again {
+            self.junk(reply)
+        } else {
+            Step::Reply(reply)
+        }
     }
 
     fn auth_offered(&self) -> bool {
@@ -442,10 +458,11 @@ impl Session {
             } else {
                 "Authentication required; issue STARTTLS first"
             };
-            return Step::Reply(Reply::new(530, "5.7.0", text));
+            // An error as in Postfix: a client that never logs in cannot hold its connection by asking for ever.
+            return self.error(Reply::new(530, "5.7.0", text));
         }
         if size > self.policy.max_message_size {
-            return Step::Reply(Reply::new(
+            return self.error(Reply::new(
                 552,
                 "5.3.4",
                 "Message size exceeds fixed maximum message size",
@@ -457,6 +474,7 @@ impl Session {
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
         }
+        self.overshoot = 0;
         self.txn = Some(Transaction {
             sender: sender.to_string(),
             recipients: Vec::new(),
@@ -483,11 +501,17 @@ impl Session {
             .iter()
             .any(|r| r.eq_ignore_ascii_case(recipient))
         {
-            return Step::Reply(Reply::new(250, "2.1.5", "Ok"));
+            return self.junk(Reply::new(250, "2.1.5", "Ok"));
         }
         if txn.recipients.len() >= max {
-            // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later.
-            return Step::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+            // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later. A
+            // client may send all it has first: only past Postfix's overshoot limit is each one an error.
+            self.overshoot += 1;
+            let reply = Reply::new(452, "4.5.3", "Too many recipients");
+            if self.overshoot > RECIPIENT_OVERSHOOT {
+                return self.error(reply);
+            }
+            return Step::Reply(reply);
         }
         txn.recipients.push(recipient.to_string());
         Step::Reply(Reply::new(250, "2.1.5", "Ok"))
@@ -500,7 +524,7 @@ impl Session {
             if self.txn.is_none() {
                 return self.error(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
             }
-            return Step::Reply(Reply::new(
+            return self.error(Reply::new(
                 550,
                 "5.1.1",
                 "No postmaster mailbox here: set postmaster (or [alerts] mail_to) in relay's config",
@@ -738,7 +762,7 @@ impl Session {
     fn auth_plain_response(&mut self, line: &[u8]) -> Step {
         let decoded = match decode_response(line) {
             Ok(d) => d,
-            Err(step) => return step,
+            Err(reply) => return self.error(reply),
         };
         // RFC 4616: [authzid] NUL authcid NUL passwd. Acting as another user is not supported.
         let mut parts = decoded.split(|&b| b == 0);
@@ -767,14 +791,15 @@ impl Session {
                 self.mode = Mode::AuthLoginPassword { username };
                 Step::Reply(Reply::bare(334, vec!["UGFzc3dvcmQ6".into()]))
             }
-            Err(step) => step,
+            // Counted, like Postfix's "AUTH aborted": a client cancelling AUTH for ever holds a connection.
+            Err(reply) => self.error(reply),
         }
     }
 
     fn auth_login_password(&mut self, username: String, line: &[u8]) -> Step {
         match decode_response(line) {
             Ok(password) => self.credentials("LOGIN", username.as_bytes(), &password),
-            Err(step) => step,
+            Err(reply) => self.error(reply),
         }
     }
 
@@ -984,23 +1009,19 @@ fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
 }
 
 /// Decodes one SASL response line; `*` cancels the exchange (RFC 4954 section 4).
-fn decode_response(line: &[u8]) -> Result<Vec<u8>, Step> {
+fn decode_response(line: &[u8]) -> Result<Vec<u8>, Reply> {
     let text = line.strip_suffix(b"\n").unwrap_or(line);
     let text = text.strip_suffix(b"\r").unwrap_or(text);
     let text = trim_ascii(text);
     if text == b"*" {
-        return Err(Step::Reply(Reply::new(
-            501,
-            "5.0.0",
-            "Authentication cancelled",
-        )));
+        return Err(Reply::new(501, "5.0.0", "Authentication cancelled"));
     }
     if text == b"=" {
         return Ok(Vec::new());
     }
     BASE64
         .decode(text)
-        .map_err(|_| Step::Reply(Reply::new(501, "5.5.2", "Invalid base64 in AUTH response")))
+        .map_err(|_| Reply::new(501, "5.5.2", "Invalid base64 in AUTH response"))
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {

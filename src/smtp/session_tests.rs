@@ -751,3 +751,114 @@ fn junk_commands_without_mail_end_the_session() {
         assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
     }
 }
+
+/// Every way of asking without sending mail ends the session in the end: a MAIL refused for want of a login,
+/// an AUTH cancelled, a greeting repeated, a recipient given again, recipients far past the limit.
+#[test]
+fn no_loop_of_refused_or_idle_commands_holds_a_connection() {
+    let closes_after = |auth: AuthPolicy, start: &[u8], each: &[u8], limit: usize| {
+        let mut s = session(auth);
+        steps(&mut s, start);
+        let mut input = Vec::new();
+        for _ in 0..limit + 50 {
+            input.extend_from_slice(each);
+        }
+        let out = steps(&mut s, &input);
+        assert!(
+            matches!(out.last(), Some(Step::Close(r)) if r.code == 421),
+            "{:?}: {:?}",
+            String::from_utf8_lossy(each),
+            codes(&out[out.len().saturating_sub(3)..])
+        );
+        out.len()
+    };
+    let errors = MAX_ERRORS as usize;
+    let junk = MAX_JUNK as usize;
+    assert_eq!(
+        closes_after(
+            AuthPolicy::Required,
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@b>\r\n",
+            errors
+        ),
+        errors
+    );
+    assert_eq!(
+        closes_after(
+            AuthPolicy::Required,
+            b"EHLO x\r\n",
+            b"AUTH PLAIN\r\n*\r\n",
+            errors
+        ),
+        2 * errors
+    );
+    assert_eq!(
+        closes_after(
+            AuthPolicy::Required,
+            b"EHLO x\r\n",
+            b"AUTH LOGIN\r\n*\r\n",
+            errors
+        ),
+        2 * errors
+    );
+    assert_eq!(
+        closes_after(
+            AuthPolicy::None,
+            b"EHLO x\r\n",
+            b"EHLO x\r\n",
+            junk + errors
+        ),
+        junk + errors
+    );
+    assert_eq!(
+        closes_after(
+            AuthPolicy::None,
+            b"HELO x\r\n",
+            b"HELO x\r\n",
+            junk + errors
+        ),
+        junk + errors
+    );
+    assert_eq!(
+        closes_after(
+            AuthPolicy::None,
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n",
+            b"RCPT TO:<c@d>\r\n",
+            junk + errors
+        ),
+        junk + errors
+    );
+    // max_recipients is 2 here.
+    let overshoot = RECIPIENT_OVERSHOOT as usize;
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\n");
+    let many: String = (0..2 + overshoot + errors)
+        .map(|i| format!("RCPT TO:<r{i}@d>\r\n"))
+        .collect();
+    let out = steps(&mut s, many.as_bytes());
+    assert_eq!(out.len(), 2 + overshoot + errors);
+    assert!(matches!(out.last(), Some(Step::Close(r)) if r.code == 421));
+}
+
+/// A client that sends more recipients than the limit (and the rest later, RFC 5321 section 4.5.3.1.10), message
+/// after message, is never cut off.
+#[test]
+fn ordinary_clients_are_not_cut_off() {
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\n");
+    for _ in 0..MAX_ERRORS + 5 {
+        let many: String = (0..40).map(|i| format!("RCPT TO:<r{i}@d>\r\n")).collect();
+        let out = steps(
+            &mut s,
+            format!("MAIL FROM:<a@b>\r\n{many}DATA\r\n").as_bytes(),
+        );
+        assert!(
+            matches!(out.last(), Some(Step::Data(r)) if r.code == 354),
+            "{:?}",
+            codes(&out)
+        );
+        let (mut input, mut body) = (&b"x\r\n.\r\n"[..], Vec::new());
+        assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+        assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
+    }
+}
