@@ -100,6 +100,12 @@ async fn normalize_accepts_one_message_with_crlf_only() {
             body.ends_with(b"smuggled\r\n"),
             "the smuggled part stays inside the first message"
         );
+        // The fake end's dot is the client's text: kept, on a line of its own (sent on dot-stuffed).
+        assert!(
+            body.windows(5).any(|w| w == b"\r\n.\r\n"),
+            "the dot line was dropped: {:?}",
+            String::from_utf8_lossy(body)
+        );
         for (i, &b) in body.iter().enumerate() {
             if b == b'\n' {
                 assert_eq!(body[i - 1], b'\r', "bare LF stored");

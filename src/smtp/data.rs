@@ -95,6 +95,10 @@ impl DataReceiver {
                     self.line_start = true;
                     continue;
                 }
+                // A '.' alone on a line that a bare CR ends is text, as with a bare LF.
+                if std::mem::take(&mut self.dot) {
+                    out.push(b'.');
+                }
                 self.bare_line_ending(out, b"\r");
                 // `b` is examined below as an ordinary byte.
             }
@@ -304,7 +308,11 @@ mod tests {
 
     #[test]
     fn normalize_keeps_a_dot_line_whichever_of_its_endings_is_bare() {
-        for data in [&b"a\r\n.\nb\r\n.\r\n"[..], b"a\n.\r\nb\r\n.\r\n"] {
+        for data in [
+            &b"a\r\n.\nb\r\n.\r\n"[..],
+            b"a\n.\r\nb\r\n.\r\n",
+            b"a\r\n.\rb\r\n.\r\n",
+        ] {
             let (out, rest, _) = split_everywhere(BareLineEndings::Normalize, data);
             assert_eq!(
                 out,
