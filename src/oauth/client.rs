@@ -457,10 +457,20 @@ fn redact_json(value: &mut serde_json::Value, secrets: &[String]) {
 }
 
 /// Whether `text`, decoded by JSON's, HTML's and URLs' escapes in turn (up to three layers deep: a JSON string
-/// holding a form body holding…), holds a secret.
+/// holding a form body holding…), or any base64 in it decoded, holds a secret.
 fn holds_encoded_secret(text: &str, secrets: &[String]) -> bool {
     let secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET).collect();
-    let found = |t: &str| secrets.iter().any(|s| t.contains(s.as_str()));
+    holds_secret_within(text, &secrets, 2)
+}
+
+fn holds_secret_within(text: &str, secrets: &[&String], base64_layers: u8) -> bool {
+    let found = |t: &str| {
+        secrets.iter().any(|s| t.contains(s.as_str()))
+            || (base64_layers > 0
+                && base64_decodings(t)
+                    .iter()
+                    .any(|d| holds_secret_within(d, secrets, base64_layers - 1)))
+    };
     if found(text) {
         return true;
     }
@@ -478,6 +488,49 @@ fn holds_encoded_secret(text: &str, secrets: &[String]) -> bool {
         }
     }
     false
+}
+
+/// Base64 anywhere in `text`, decoded: a gateway may echo the request body base64-encoded (AWS API Gateway's
+/// `isBase64Encoded`), in either alphabet, padded or not, wrapped over lines. Each run of the alphabet (spaces
+/// and line breaks inside it skipped) is decoded from each of its first four characters: words joined onto the
+/// front of the encoded part would otherwise shift it out of step.
+fn base64_decodings(text: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const ENGINE: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+            .with_decode_allow_trailing_bits(true),
+    );
+    // The shortest secret looked for (MIN_SECRET bytes) takes 8 characters.
+    const SHORTEST: usize = 8;
+    let mut decoded = Vec::new();
+    let mut run = String::new();
+    let mut flush = |run: &mut String| {
+        if run.len() >= SHORTEST {
+            for offset in 0..4 {
+                let part = &run[offset..];
+                // A length of 4n + 1 is never whole base64: the last character is dropped.
+                let part = &part[..part.len() - usize::from(part.len() % 4 == 1)];
+                if let Ok(bytes) = ENGINE.decode(part) {
+                    decoded.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '+' | '/' => run.push(c),
+            '-' => run.push('+'),
+            '_' => run.push('/'),
+            ' ' | '\t' | '\r' | '\n' => {}
+            _ => flush(&mut run),
+        }
+    }
+    flush(&mut run);
+    decoded
 }
 
 /// JSON's backslash escapes decoded wherever they appear (in a reply that is not JSON as a whole, too: a page
@@ -767,6 +820,30 @@ mod tests {
             r#"{"echo":"{\"client_secret\":\"Ab\\u002Bcd\\/ef=gh~12:34\"}"}"#,
         ] {
             assert_eq!(quotable(body, &secrets), WITHHELD, "{body}");
+        }
+        // Base64 of the request, as a gateway echoes a body it holds as binary: either alphabet, padded or
+        // not, wrapped over lines, after any text, holding the form-encoded secret.
+        use base64::Engine;
+        let form =
+            "grant_type=refresh_token&client_id=cid&client_secret=Ab%2Bcd%2Fef%3Dgh%7E12%3A34";
+        let standard = base64::engine::general_purpose::STANDARD.encode(form);
+        let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("x{form}"));
+        let wrapped = standard
+            .as_bytes()
+            .chunks(76)
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        for body in [
+            format!(r#"{{"isBase64Encoded":true,"body":"{standard}"}}"#),
+            format!("request body was {url_safe} (rejected)"),
+            format!("<pre>\r\n{wrapped}\r\n</pre>"),
+            format!(
+                r#"{{"echo":"{}"}}"#,
+                base64::engine::general_purpose::STANDARD.encode(&standard)
+            ),
+        ] {
+            assert_eq!(quotable(&body, &secrets), WITHHELD, "{body}");
         }
         // Without a secret in it, a reply that is not JSON is quoted as it came, escapes and all.
         let page = r#"<p>a \/ b &amp; c %2F d \u002B</p>"#;
