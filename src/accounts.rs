@@ -33,20 +33,54 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
+/// A problem with one of an account's settings: its key (`private_key_file`) and why.
+pub type SettingProblem = (&'static str, String);
+
 /// An account's endpoints and a client for its token endpoint, with its secret read from its file.
 pub fn token_client(
     a: &AccountConfig,
     http: &reqwest::Client,
 ) -> Result<(Endpoints, TokenClient), String> {
-    let ep = endpoints(a).map_err(|(k, r)| format!("{k}: {r}"))?;
-    let secret = match &a.client_secret_file {
-        Some(p) => {
-            let text = crate::small_files::read_to_string(p, crate::small_files::SMALL)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-            Some(SecretString::from(text.trim().to_string()))
-        }
-        None => None,
+    let shown = |(k, r): SettingProblem| format!("{k}: {r}");
+    let ep = endpoints(a).map_err(shown)?;
+    let secret = client_secret(a).map_err(shown)?;
+    let certificate = client_certificate(a).map_err(shown)?;
+    let client = client_for(a, http, &ep, secret, certificate);
+    Ok((ep, client))
+}
+
+/// `client_secret_file`, read.
+fn client_secret(a: &AccountConfig) -> Result<Option<SecretString>, SettingProblem> {
+    let Some(p) = &a.client_secret_file else {
+        return Ok(None);
     };
+    let text = crate::small_files::read_to_string(p, crate::small_files::SMALL)
+        .map_err(|e| ("client_secret_file", format!("{}: {e}", p.display())))?;
+    Ok(Some(SecretString::from(text.trim().to_string())))
+}
+
+/// `certificate_file` and `private_key_file`, loaded, where the account signs client assertions with them.
+fn client_certificate(a: &AccountConfig) -> Result<Option<Arc<ClientCertificate>>, SettingProblem> {
+    let use_certificate = a
+        .client_auth
+        .is_none_or(|c| c == crate::config::ClientAuth::PrivateKeyJwt);
+    let (Some(cert), Some(key), true) = (&a.certificate_file, &a.private_key_file, use_certificate)
+    else {
+        return Ok(None);
+    };
+    let alg = a
+        .assertion_algorithm
+        .unwrap_or(crate::config::AssertionAlgorithm::PS256);
+    Ok(Some(Arc::new(ClientCertificate::load(cert, key, alg)?)))
+}
+
+fn client_for(
+    a: &AccountConfig,
+    http: &reqwest::Client,
+    ep: &Endpoints,
+    secret: Option<SecretString>,
+    certificate: Option<Arc<ClientCertificate>>,
+) -> TokenClient {
     let mut client = TokenClient::new(
         http.clone(),
         ep.token_url.clone(),
@@ -55,33 +89,139 @@ pub fn token_client(
         ep.scope.clone(),
     );
     client.basic_auth = a.client_auth == Some(crate::config::ClientAuth::ClientSecretBasic);
-    let use_certificate = a
-        .client_auth
-        .is_none_or(|c| c == crate::config::ClientAuth::PrivateKeyJwt);
-    if let (Some(cert), Some(key), true) =
-        (&a.certificate_file, &a.private_key_file, use_certificate)
-    {
-        let alg = a
-            .assertion_algorithm
-            .unwrap_or(crate::config::AssertionAlgorithm::PS256);
-        client.certificate = Some(Arc::new(ClientCertificate::load(cert, key, alg)?));
-    }
-    Ok((ep, client))
+    client.certificate = certificate;
+    client
 }
 
 /// The user name and password of a `flow = "password"` account.
-pub fn password(a: &AccountConfig) -> Result<(String, SecretString), String> {
-    let path = a
-        .password_file
-        .as_ref()
-        .ok_or("password_file: required for flow = \"password\"")?;
+pub fn password(a: &AccountConfig) -> Result<(String, SecretString), SettingProblem> {
+    let path = a.password_file.as_ref().ok_or((
+        "password_file",
+        "required for flow = \"password\"".to_string(),
+    ))?;
     let text = crate::small_files::read_to_string(path, crate::small_files::SMALL)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| ("password_file", format!("{}: {e}", path.display())))?;
     let user = a.username.clone().unwrap_or_else(|| a.mailbox.clone());
     Ok((
         user,
         SecretString::from(text.trim_end_matches(['\r', '\n']).to_string()),
     ))
+}
+
+/// What an account is made of, read from its files and checked: its token client, how it renews, its upstreams.
+/// Everything about an account that `relay serve` refuses to start on is found here, for the daemon (at start,
+/// at a reload) and for `relay check` alike.
+pub struct Parts {
+    pub client: TokenClient,
+    pub renewal: crate::oauth::Renewal,
+    pub primary: Primary,
+    /// Graph, when it is the fallback transport, and the scope of its tokens.
+    pub fallback: Option<(GraphUpstream, String)>,
+}
+
+/// Builds an account's [`Parts`]; reads no state. Each file is read whatever became of the others, so that one
+/// run names every problem, each with its key.
+pub fn parts(
+    config: &Config,
+    a: &AccountConfig,
+    http: &reqwest::Client,
+) -> Result<Parts, Vec<SettingProblem>> {
+    fn ok<T>(problems: &mut Vec<SettingProblem>, r: Result<T, SettingProblem>) -> Option<T> {
+        r.map_err(|p| problems.push(p)).ok()
+    }
+    let mut problems = Vec::new();
+    let ep = ok(&mut problems, endpoints(a));
+    let secret = ok(&mut problems, client_secret(a));
+    let certificate = ok(&mut problems, client_certificate(a));
+    let ca = ok(&mut problems, ca_file(a));
+    let renewal = ok(&mut problems, crate::oauth::Renewal::for_account(a));
+    let upstreams = match (&ep, ca) {
+        (Some(ep), Some(ca)) => ok(&mut problems, upstreams(config, a, ep, ca)),
+        _ => None,
+    };
+    let (Some(ep), Some(secret), Some(certificate), Some(renewal), Some((primary, fallback))) =
+        (ep, secret, certificate, renewal, upstreams)
+    else {
+        return Err(problems);
+    };
+    Ok(Parts {
+        client: client_for(a, http, &ep, secret, certificate),
+        renewal,
+        primary,
+        fallback,
+    })
+}
+
+/// The account's transport, and Graph where it is the fallback (with the scope of its tokens).
+type Upstreams = (Primary, Option<(GraphUpstream, String)>);
+
+fn upstreams(
+    config: &Config,
+    a: &AccountConfig,
+    ep: &Endpoints,
+    ca: Option<Vec<u8>>,
+) -> Result<Upstreams, SettingProblem> {
+    let graph = || {
+        GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items)
+            .map_err(|r| ("transport", r))
+    };
+    let primary = match a.transport {
+        Transport::Smtp => Primary::Smtp(
+            SmtpUpstream::new(
+                &config.hostname,
+                a.mailbox.clone(),
+                ep.clone(),
+                ca,
+                a.smtp_timeout,
+                a.connections(),
+            )
+            // Only the trust store can fail here: ca_file's certificates, or the system's without one.
+            .map_err(|r| {
+                let r = r.strip_prefix("ca_file: ").unwrap_or(&r);
+                let r = match &a.ca_file {
+                    Some(p) => format!("{}: {r}", p.display()),
+                    None => r.to_string(),
+                };
+                ("ca_file", r)
+            })?,
+        ),
+        Transport::Graph => Primary::Graph(graph()?),
+        Transport::GmailApi => {
+            Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(|r| ("transport", r))?)
+        }
+    };
+    let fallback = match a.fallback_transport {
+        Some(Transport::Graph) => Some((graph()?, ep.graph_scope.clone())),
+        _ => None,
+    };
+    Ok((primary, fallback))
+}
+
+/// `ca_file`'s bytes.
+fn ca_file(a: &AccountConfig) -> Result<Option<Vec<u8>>, SettingProblem> {
+    let Some(p) = &a.ca_file else {
+        return Ok(None);
+    };
+    crate::small_files::read(p, crate::small_files::SMALL)
+        .map(Some)
+        .map_err(|e| ("ca_file", format!("{}: {e}", p.display())))
+}
+
+/// Whether the account's token file opens with the store's key (`check`: the store's own check, or a read that
+/// changes nothing). A key that does not open it is a setting to fix before relay runs; anything else about the
+/// file is met, and explained, at its first use.
+pub fn tokens_open(
+    account: &str,
+    check: Result<(), crate::tokens::StoreError>,
+) -> Result<(), String> {
+    match check {
+        Err(e) if e.is_key_problem() => Err(e.to_string()),
+        Err(e) => {
+            tracing::warn!(relay_account = %account, error = %e, "cannot read the token file");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
@@ -131,50 +271,25 @@ pub fn build_one(
     };
     // Before they are read: a file that changes meanwhile is then seen as changed at the next reload.
     let files = files_hash(a);
-    let (ep, client) = token_client(a, http).map_err(err)?;
-    // A key that does not open the account's tokens is a setting to fix before relay runs; anything else about
-    // the file is met, and explained, at its first use.
-    match store.check(&a.name) {
-        Err(e) if e.is_key_problem() => return Err(err(e.to_string())),
-        Err(e) => {
-            tracing::warn!(relay_account = %a.name, error = %e, "cannot read the token file")
-        }
-        Ok(()) => {}
-    }
-    let ca = match &a.ca_file {
-        Some(p) => Some(
-            crate::small_files::read(p, crate::small_files::SMALL)
-                .map_err(|e| err(format!("{}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
-    let renewal = crate::oauth::Renewal::for_account(a).map_err(err)?;
+    let Parts {
+        client,
+        renewal,
+        primary,
+        fallback,
+    } = parts(config, a, http).map_err(|problems| {
+        err(problems
+            .into_iter()
+            .map(|(k, r)| format!("{k}: {r}"))
+            .collect::<Vec<_>>()
+            .join("; "))
+    })?;
+    tokens_open(&a.name, store.check(&a.name)).map_err(err)?;
     let tokens = Arc::new(AccountTokens::new(
         a.name.clone(),
         renewal,
         client,
         store.clone(),
     ));
-    let graph = || GraphUpstream::new(&ep.graph_url, a.mailbox.clone(), a.save_to_sent_items);
-    let primary = match a.transport {
-        Transport::Smtp => Primary::Smtp(
-            SmtpUpstream::new(
-                &config.hostname,
-                a.mailbox.clone(),
-                ep.clone(),
-                ca,
-                a.smtp_timeout,
-                a.connections(),
-            )
-            .map_err(err)?,
-        ),
-        Transport::Graph => Primary::Graph(graph().map_err(err)?),
-        Transport::GmailApi => Primary::Gmail(GmailUpstream::new(&ep.gmail_api_url).map_err(err)?),
-    };
-    let fallback = match a.fallback_transport {
-        Some(Transport::Graph) => Some((graph().map_err(err)?, ep.graph_scope.clone())),
-        _ => None,
-    };
     let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
     let mut account =

@@ -52,7 +52,8 @@ pub async fn authorize(
                 _ => "the password flow: relay signs in by itself",
             };
             let _ = writeln!(out, "Account {name} uses {how}. Checking that it can…");
-            let renewal = crate::oauth::Renewal::for_account(account).map_err(failed)?;
+            let renewal = crate::oauth::Renewal::for_account(account)
+                .map_err(|(k, r)| failed(format!("{k}: {r}")))?;
             renewal.obtain(&client, None).await.map_err(|e| match e {
                 // The table's words where it knows the refusal: they name the setting to fix.
                 crate::oauth::RenewalError::OAuth(e) => {

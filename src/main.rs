@@ -176,7 +176,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             user,
             listener,
         } => check_route(&inspect()?, &route, user.as_deref(), listener.as_deref()),
-        Command::Check { route: None, .. } => match inspect().and_then(check_files) {
+        Command::Check { route: None, .. } => match inspect().and_then(relay::check::check) {
             Ok(c) => {
                 for w in c.warnings() {
                     eprintln!("warning: {}: {}", w.key, w.text);
@@ -348,35 +348,6 @@ fn check_route(
     let answer = relay::queue::route::explain(config, from, to, user, listener)?;
     print!("{answer}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// What `serve` would read at start besides the config itself: certificates and keys, every listener's.
-fn check_files(config: Config) -> Result<Config, ConfigError> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut problems = config.listeners.iter().enumerate().filter_map(|(i, l)| {
-        let at_start = |k: &str| {
-            config
-                .credentials_at_start
-                .contains(&format!("listener[{i}].{k}"))
-        };
-        if at_start("cert") || at_start("key") {
-            return None;
-        }
-        let (cert, key) = (l.cert.as_ref()?, l.key.as_ref()?);
-        let e = relay::smtp::tls::acceptor(cert, key, l.tls_compat).err()?;
-        Some(ConfigError::new(
-            &config.source,
-            format!("listener[{i}].{}", e.config_key()),
-            e.to_string(),
-        ))
-    });
-    match problems.next() {
-        None => Ok(config),
-        Some(mut first) => {
-            first.more = problems.collect();
-            Err(first)
-        }
-    }
 }
 
 /// `--config`, else the system file if present, else the embedded default.

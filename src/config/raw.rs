@@ -590,6 +590,13 @@ impl RawConfig {
             expand(&mut l.cert, format!("listener[{i}].cert"))?;
             expand(&mut l.key, format!("listener[{i}].key"))?;
         }
+        // The systemd credential reaches the service alone, in the same directory (LoadCredentialEncrypted=).
+        if secrets == Secrets::NotRead
+            && self.token_encryption.as_deref() == Some("systemd-creds")
+            && std::env::var_os("CREDENTIALS_DIRECTORY").is_none_or(|d| d.is_empty())
+        {
+            at_start.push("token_encryption".into());
+        }
         Ok(())
     }
 }

@@ -15,10 +15,12 @@ impl Config {
         let mut out = Vec::new();
         let mut warn = |key: String, text: String| out.push(Warning { key, text });
         for key in &self.credentials_at_start {
-            warn(
-                key.clone(),
-                "names $CREDENTIALS_DIRECTORY, which systemd sets only inside the service (LoadCredential=): the file is not checked here, and is read when the service starts".into(),
-            );
+            let text = if key == "token_encryption" {
+                "\"systemd-creds\": the key reaches only the service, through $CREDENTIALS_DIRECTORY (LoadCredentialEncrypted=): it is not checked here, nor are the token files it opens; the service reads them when it starts"
+            } else {
+                "names $CREDENTIALS_DIRECTORY, which systemd sets only inside the service (LoadCredential=): the file is not checked here, and is read when the service starts"
+            };
+            warn(key.clone(), text.into());
         }
         if self.listeners.is_empty() {
             warn(

@@ -50,13 +50,17 @@ impl ClientCertificate {
         cert: &Path,
         key: &Path,
         algorithm: AssertionAlgorithm,
-    ) -> Result<ClientCertificate, String> {
-        let der =
-            CertificateDer::from_pem_file(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    ) -> Result<ClientCertificate, (&'static str, String)> {
+        let der = CertificateDer::from_pem_file(cert)
+            .map_err(|e| ("certificate_file", format!("{}: {e}", cert.display())))?;
         let pem = crate::small_files::read(key, crate::small_files::SMALL)
-            .map_err(|e| format!("{}: {e}", key.display()))?;
-        let key = EncodingKey::from_rsa_pem(&pem)
-            .map_err(|e| format!("{}: not an RSA private key: {e}", key.display()))?;
+            .map_err(|e| ("private_key_file", format!("{}: {e}", key.display())))?;
+        let key = EncodingKey::from_rsa_pem(&pem).map_err(|e| {
+            (
+                "private_key_file",
+                format!("{}: not an RSA private key: {e}", key.display()),
+            )
+        })?;
         Ok(ClientCertificate {
             key,
             x5t: B64URL.encode(sha1::Sha1::digest(der.as_ref())),

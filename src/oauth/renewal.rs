@@ -48,17 +48,19 @@ pub enum RenewalError {
 
 impl Renewal {
     /// Reads whatever the account's flow needs (key file, password file) once, at start.
-    pub fn for_account(a: &AccountConfig) -> Result<Renewal, String> {
+    /// A problem names its key (`service_account_file`) and says why.
+    pub fn for_account(a: &AccountConfig) -> Result<Renewal, (&'static str, String)> {
         Ok(match a.flow {
             Flow::DeviceCode | Flow::AuthorizationCode => Renewal::RefreshToken,
             Flow::ClientCredentials => Renewal::ClientCredentials,
             Flow::ServiceAccount => {
+                let key = "service_account_file";
                 let path = a
                     .service_account_file
                     .as_ref()
-                    .ok_or("service_account_file: required for flow = \"service_account\"")?;
+                    .ok_or((key, "required for flow = \"service_account\"".to_string()))?;
                 Renewal::ServiceAccount {
-                    key: ServiceAccount::load(path)?,
+                    key: ServiceAccount::load(path).map_err(|r| (key, r))?,
                     mailbox: a.mailbox.clone(),
                 }
             }

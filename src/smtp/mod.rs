@@ -245,8 +245,9 @@ impl Listeners {
     }
 }
 
-/// A listener's TLS acceptor, read from its certificate and key files.
-fn acceptor(index: usize, cfg: &ListenerConfig) -> Result<Option<tls::ServerTls>, BindError> {
+/// A listener's TLS acceptor, read from its certificate and key files (at start, at a reload, and by
+/// `relay check`).
+pub fn acceptor(index: usize, cfg: &ListenerConfig) -> Result<Option<tls::ServerTls>, BindError> {
     match (&cfg.cert, &cfg.key) {
         (Some(cert), Some(key)) if cfg.tls != ListenerTls::None => Some(
             tls::acceptor(cert, key, cfg.tls_compat)

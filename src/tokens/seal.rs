@@ -35,6 +35,13 @@ const MAX_KEY_FILE: u64 = 4096;
 #[error("token_encryption: {0}")]
 pub struct KeyError(String);
 
+impl KeyError {
+    /// What is wrong, without the key's name (for an error that names it apart).
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The key that seals token files. Its bytes never leave this type; `Debug` shows where it came from only.
 pub struct TokenKey {
     key: LessSafeKey,
