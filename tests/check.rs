@@ -1,0 +1,270 @@
+//! `relay check` against `relay serve`, through the real binary: whatever keeps the daemon from starting (an
+//! account's key, certificate or service-account file that is missing, readable by others or not what it should
+//! be; a token file its key does not open), check finds first, with the file, the key and the reason, and exits 2
+//! as serve does. Secrets that only the unit supplies are skipped with a warning.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn relay(args: &[&str], config: &Path) -> Output {
+    Command::new(relay_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        // As from a root shell: the variable only the unit sets is not there.
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("relay runs")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// A client-credentials account signing its assertions with `key` and the fixture certificate; `more` is added
+/// to the account.
+fn certificate_account(name: &str, key: &str, more: &str) -> String {
+    format!(
+        "[[account]]\nname = \"{name}\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"noreply@example.com\"\nclient_id = \"app\"\ncertificate_file = \"{FIXTURES}/rsa-cert.pem\"\nprivate_key_file = {key:?}\ntoken_url = \"http://127.0.0.1:9/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n{more}"
+    )
+}
+
+/// A copy of the fixture RSA key at 0600.
+fn good_key(dir: &Path) -> PathBuf {
+    let to = dir.join("app-key.pem");
+    write_private(
+        &to,
+        std::fs::read(format!("{FIXTURES}/rsa-key.pem")).unwrap(),
+    );
+    to
+}
+
+fn config(dir: &Path, accounts: &str) -> PathBuf {
+    write_config_with(dir, accounts, "address = \"127.0.0.1:0\"\nauth = \"none\"")
+}
+
+/// `relay check` and `relay serve` both refuse `config` with exit 2; check names the file, the key and the
+/// reason, serve the key and the reason. Returns check's stderr.
+fn both_refuse(config: &Path, key: &str, reason: &str) -> String {
+    let cfg = config.to_str().unwrap();
+    let check = relay(&["check"], config);
+    let err = text(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "relay check: {err}");
+    assert!(
+        err.contains(&format!("relay: invalid config: {cfg}: {key}: ")) && err.contains(reason),
+        "relay check: want {key}: {reason}: {err}"
+    );
+    let serve = relay(&["serve"], config);
+    let serve_err = text(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(2), "relay serve: {serve_err}");
+    let leaf = key.rsplit('.').next().unwrap();
+    assert!(
+        serve_err.contains(leaf) && serve_err.contains(reason),
+        "relay serve: want {leaf} and {reason}: {serve_err}"
+    );
+    err
+}
+
+#[test]
+fn a_good_certificate_account_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = good_key(dir.path());
+    let config = config(
+        dir.path(),
+        &certificate_account("app", key.to_str().unwrap(), ""),
+    );
+    let out = relay(&["check"], &config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("PRIVATE KEY"),
+        "the key is never printed"
+    );
+}
+
+#[test]
+fn a_missing_private_key_is_refused_with_its_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("gone.pem");
+    let config = config(
+        dir.path(),
+        &certificate_account("app", missing.to_str().unwrap(), ""),
+    );
+    both_refuse(
+        &config,
+        "account[0].private_key_file",
+        &format!("{}: No such file", missing.display()),
+    );
+}
+
+#[test]
+fn a_private_key_readable_by_others_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = good_key(dir.path());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = config(
+        dir.path(),
+        &certificate_account("app", key.to_str().unwrap(), ""),
+    );
+    let err = both_refuse(
+        &config,
+        "account[0].private_key_file",
+        "readable by others (mode 0644)",
+    );
+    assert!(
+        err.contains(&format!("chmod 640 {}", key.display())),
+        "{err}"
+    );
+}
+
+/// Garbage, and a real key of the wrong kind (rcgen's ECDSA: client assertions are signed with RSA): serve
+/// cannot sign with either, and check says so before it is asked to.
+#[test]
+fn a_private_key_that_is_not_an_rsa_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("app-key.pem");
+    let ecdsa = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    for contents in ["not a key at all\n", ecdsa.as_str()] {
+        write_private(&key, contents);
+        let config = config(
+            dir.path(),
+            &certificate_account("app", key.to_str().unwrap(), ""),
+        );
+        let err = both_refuse(
+            &config,
+            "account[0].private_key_file",
+            &format!("{}: not an RSA private key", key.display()),
+        );
+        assert!(!err.contains("BEGIN"), "the key is never printed: {err}");
+    }
+}
+
+/// Every problem at once, across accounts and within one: a sysadmin fixes them all in one round.
+#[test]
+fn every_unusable_file_is_named_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("bad-key.pem");
+    write_private(&key, "garbage\n");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "no certificate here\n").unwrap();
+    let service = dir.path().join("service.json");
+    write_private(&service, "{\"type\": \"service_account\"}\n");
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let other_key = good_key(dir.path());
+    let accounts = format!(
+        "{}{}[[account]]\nname = \"gmail\"\nprovider = \"google\"\nflow = \"service_account\"\nmailbox = \"scanner@example.org\"\nservice_account_file = {service:?}\n",
+        certificate_account("app", key.to_str().unwrap(), &format!("ca_file = {ca:?}\n")),
+        certificate_account("other", other_key.to_str().unwrap(), "")
+            .replace(&format!("{FIXTURES}/rsa-cert.pem"), cert.to_str().unwrap()),
+    );
+    let config = config(dir.path(), &accounts);
+    let out = relay(&["check"], &config);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let cfg = config.display();
+    for (key, reason) in [
+        ("account[0].private_key_file", "not an RSA private key"),
+        ("account[0].ca_file", "no certificate in it"),
+        ("account[1].certificate_file", &cert.display().to_string()),
+        (
+            "account[2].service_account_file",
+            "not a Google service account key",
+        ),
+    ] {
+        assert!(
+            err.contains(&format!("{cfg}: {key}: ")) && err.contains(reason),
+            "want {key}: {reason}: {err}"
+        );
+    }
+    assert_eq!(err.lines().count(), 4, "one line each: {err}");
+}
+
+/// A token file the key cannot open stops the daemon at start (here: sealed, and no `token_encryption`); check
+/// finds it, and leaves the file as it is.
+#[test]
+fn a_token_file_the_key_does_not_open_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = good_key(dir.path());
+    let config = config(
+        dir.path(),
+        &certificate_account("app", key.to_str().unwrap(), ""),
+    );
+    let tokens = dir.path().join("state/tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let sealed =
+        "{\"v\":1,\"alg\":\"AES-256-GCM\",\"nonce\":\"AAAAAAAAAAAAAAAA\",\"ct\":\"AAAA\"}\n";
+    let file = tokens.join("app.json");
+    std::fs::write(&file, sealed).unwrap();
+    both_refuse(
+        &config,
+        "token_encryption",
+        &format!(
+            "{} is encrypted, but token_encryption is not set",
+            file.display()
+        ),
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), sealed);
+}
+
+/// A key the unit hands over with LoadCredential= is not there for a shell: check warns and passes. Inside the
+/// unit (`$CREDENTIALS_DIRECTORY` set) the same key is read, and refused if it is no key.
+#[test]
+fn a_key_from_the_credentials_directory_is_checked_only_where_it_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &certificate_account("app", "$CREDENTIALS_DIRECTORY/app-key", ""),
+    );
+    let out = relay(&["check"], &config);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: account[0].private_key_file: names $CREDENTIALS_DIRECTORY"),
+        "{err}"
+    );
+
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    write_private(&creds.join("app-key"), "garbage\n");
+    let out = Command::new(relay_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("account[0].private_key_file: ") && err.contains("not an RSA private key"),
+        "{err}"
+    );
+}
+
+/// `token_encryption = "systemd-creds"`: systemd decrypts the key into the unit's `$CREDENTIALS_DIRECTORY`
+/// alone; from a shell, check says it is not checked and passes.
+#[test]
+fn the_systemd_credential_is_left_to_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = good_key(dir.path());
+    let config = config(
+        dir.path(),
+        &format!(
+            "token_encryption = \"systemd-creds\"\n{}",
+            certificate_account("app", key.to_str().unwrap(), "")
+        ),
+    );
+    let out = relay(&["check"], &config);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: token_encryption: \"systemd-creds\"") && err.contains("not checked"),
+        "{err}"
+    );
+}
