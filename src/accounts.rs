@@ -284,12 +284,10 @@ pub fn build_one(
             .join("; "))
     })?;
     tokens_open(&a.name, store.check(&a.name)).map_err(err)?;
-    let tokens = Arc::new(AccountTokens::new(
-        a.name.clone(),
-        renewal,
-        client,
-        store.clone(),
-    ));
+    let tokens = Arc::new(
+        AccountTokens::new(a.name.clone(), renewal, client, store.clone())
+            .with_rotation(crate::config::Rotation::of(a)),
+    );
     let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
     let mut account =

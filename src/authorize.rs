@@ -59,7 +59,9 @@ pub async fn authorize(
                 crate::oauth::RenewalError::OAuth(e) => {
                     let text = e.to_string();
                     match crate::upstream::diagnosis::for_grant(&text, Some(name), false) {
-                        Some(_) => failed(e.explained(name, false)),
+                        Some(_) => {
+                            failed(e.explained(name, false, &crate::config::Rotation::of(account)))
+                        }
                         None => failed(explain(&e)),
                     }
                 }

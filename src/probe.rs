@@ -90,7 +90,8 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
         .await;
     let diagnosis = match &outcome {
         Outcome::Delivered(_) => None,
-        other => crate::upstream::diagnosis::for_log(other.reply(), Some(account)),
+        other => crate::upstream::diagnosis::for_log(other.reply(), Some(account))
+            .map(|d| crate::config::Rotation::of(a).advise(&d)),
     };
     let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();
     let report = Report {

@@ -492,6 +492,7 @@ mod tests {
                 Expiry {
                     what: "client secret",
                     at: at(days * day + 3600),
+                    rotation: Default::default(),
                 },
             )]
         };

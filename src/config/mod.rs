@@ -7,6 +7,7 @@
 
 mod ops;
 mod raw;
+pub mod rotation;
 mod size;
 mod warnings;
 
@@ -18,6 +19,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 pub use ops::{AlertsConfig, Bounce, MetricsConfig, redact_url};
+pub use rotation::Rotation;
 pub use size::ByteSize;
 pub use warnings::Warning;
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::config::AccountConfig;
+use crate::config::{AccountConfig, Rotation};
 
 /// Days ahead at which a warning is raised.
 pub const THRESHOLDS: [u64; 3] = [30, 7, 1];
@@ -14,6 +14,8 @@ pub struct Expiry {
     /// "client secret" or "certificate".
     pub what: &'static str,
     pub at: SystemTime,
+    /// How the account's rewritten files reach the daemon, for the fix.
+    pub rotation: Rotation,
 }
 
 /// Parses `client_secret_expires` ("YYYY-MM-DD", midnight UTC).
@@ -45,6 +47,7 @@ pub fn expiries(a: &AccountConfig) -> Vec<Expiry> {
         out.push(Expiry {
             what: "client secret",
             at,
+            rotation: Rotation::of(a),
         });
     }
     if let Some(at) = a
@@ -55,6 +58,7 @@ pub fn expiries(a: &AccountConfig) -> Vec<Expiry> {
         out.push(Expiry {
             what: "certificate",
             at,
+            rotation: Rotation::of(a),
         });
     }
     out
@@ -69,14 +73,14 @@ pub fn days_left(e: &Expiry, now: SystemTime) -> Option<u64> {
 pub fn warning(account: &str, e: &Expiry, now: SystemTime) -> Option<String> {
     let date = humantime::format_rfc3339_seconds(e.at).to_string();
     let date = &date[..10];
-    let fix = match e.what {
+    let fix = e.rotation.advise(match e.what {
         "client secret" => {
             "create a new secret in the app registration, write it to client_secret_file and update client_secret_expires, then `systemctl reload relay`"
         }
         _ => {
             "upload a new certificate to the app registration and point certificate_file and private_key_file at it, then `systemctl reload relay`"
         }
-    };
+    });
     match days_left(e, now) {
         None => Some(format!(
             "account {account}: the {} expired on {date}: {fix}",
@@ -108,6 +112,7 @@ mod tests {
         let e = |d: &str| Expiry {
             what: "client secret",
             at: parse_date(d).unwrap(),
+            rotation: Rotation::default(),
         };
         assert_eq!(warning("a", &e("2027-06-01"), now), None);
         assert!(

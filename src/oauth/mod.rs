@@ -55,11 +55,17 @@ impl OAuthError {
 
     /// The error with what it means and how to fix it, where the diagnosis table knows (`upstream::diagnosis`):
     /// for logs, the token file and `relay status`. `interactive`: the account's grant is one a person starts
-    /// (`relay authorize`), so a dead grant is its refresh token's, not its credentials'.
-    pub fn explained(&self, account: &str, interactive: bool) -> String {
+    /// (`relay authorize`), so a dead grant is its refresh token's, not its credentials'. `rotation`: how the
+    /// account's rewritten files reach the daemon, for the fix.
+    pub fn explained(
+        &self,
+        account: &str,
+        interactive: bool,
+        rotation: &crate::config::Rotation,
+    ) -> String {
         let text = self.to_string();
         match crate::upstream::diagnosis::for_grant(&text, Some(account), interactive) {
-            Some(d) => format!("{text}; {d}"),
+            Some(d) => format!("{text}; {}", rotation.advise(&d)),
             None => text,
         }
     }
@@ -101,19 +107,23 @@ mod tests {
         );
         assert!(
             expired
-                .explained("office", true)
+                .explained("office", true, &Default::default())
                 .contains("create a new secret")
         );
         let google = endpoint("invalid_grant", "Token has been expired or revoked.");
-        assert!(google.explained("office", true).contains("Testing"));
+        assert!(
+            google
+                .explained("office", true, &Default::default())
+                .contains("Testing")
+        );
         assert!(google.needs_authorization());
         assert!(
             endpoint("invalid_grant", "gone")
-                .explained("office", true)
+                .explained("office", true, &Default::default())
                 .contains("relay authorize office")
         );
         assert_eq!(
-            endpoint("invalid_scope", "x").explained("office", true),
+            endpoint("invalid_scope", "x").explained("office", true, &Default::default()),
             endpoint("invalid_scope", "x").to_string()
         );
         assert!(!endpoint("invalid_client", "x").is_transient());

@@ -1186,6 +1186,15 @@ impl Delivery {
         self.defer(id, &mut state, why, None)
     }
 
+    /// The diagnosis of `why`, fitted to the account's files.
+    fn diagnosed(&self, why: &str, account: Option<&str>) -> Diagnosed {
+        let d = Diagnosed::of(why, account);
+        match account.and_then(|name| self.accounts.get(name)) {
+            Some(a) => d.advised(a.tokens.rotation()),
+            None => d,
+        }
+    }
+
     fn defer(
         &self,
         id: QueueId,
@@ -1218,7 +1227,7 @@ impl Delivery {
         let next = now.checked_add(step).unwrap_or(now);
         state.next_attempt = Some(next);
         self.record(id, state, "cannot record the deferral");
-        let d = Diagnosed::of(why, account);
+        let d = self.diagnosed(why, account);
         crate::events::emit(crate::events::Event::Deferred { id, account });
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
@@ -1270,7 +1279,7 @@ impl Delivery {
     ) -> Attempted {
         state.failed(why);
         state.next_attempt = None;
-        let d = Diagnosed::of(why, account);
+        let d = self.diagnosed(why, account);
         let queued = msg_path(&self.paths.queue, id);
         // dead/ is made at start; one removed since (by hand, by a clean-up script) is made again, or the message
         // would stay queued with nothing said.

@@ -67,6 +67,8 @@ pub struct AccountTokens {
     /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]). Apart from
     /// `state`, so that `relay queue retry` can end the wait without waiting for a renewal in flight.
     failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// How its rewritten files reach the daemon, for the fix advice on a refused grant.
+    rotation: crate::config::Rotation,
 }
 
 #[derive(Default)]
@@ -104,7 +106,18 @@ impl AccountTokens {
             state: Mutex::new(State::default()),
             scoped: Mutex::new(None),
             failed: std::sync::Mutex::new(None),
+            rotation: crate::config::Rotation::default(),
         }
+    }
+
+    /// Whose files are as `rotation` says (see [`crate::config::rotation`]).
+    pub fn with_rotation(mut self, rotation: crate::config::Rotation) -> AccountTokens {
+        self.rotation = rotation;
+        self
+    }
+
+    pub fn rotation(&self) -> &crate::config::Rotation {
+        &self.rotation
     }
 
     /// A valid access token, refreshed first if it is close to expiry.
@@ -224,7 +237,11 @@ impl AccountTokens {
             Err(RenewalError::OAuth(e)) => {
                 return Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.name, self.renewal.is_interactive()),
+                    explained: e.explained(
+                        &self.name,
+                        self.renewal.is_interactive(),
+                        &self.rotation,
+                    ),
                     source: e,
                 });
             }
@@ -469,7 +486,8 @@ impl AccountTokens {
                 // attempt, so a fixed credential (and `systemctl reload relay`, for a file) is enough.
                 let interactive = self.renewal.is_interactive();
                 let revoked = e.needs_authorization() && interactive;
-                let diagnosis = Diagnosed::of_grant(&e.to_string(), Some(&self.name), interactive);
+                let diagnosis = Diagnosed::of_grant(&e.to_string(), Some(&self.name), interactive)
+                    .advised(&self.rotation);
                 let (account, why) = (self.name.as_str(), &e.to_string());
                 if revoked {
                     tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
@@ -500,7 +518,11 @@ impl AccountTokens {
                     } else {
                         false
                     };
-                    t.last_error = Some(e.explained(&self.name, self.renewal.is_interactive()));
+                    t.last_error = Some(e.explained(
+                        &self.name,
+                        self.renewal.is_interactive(),
+                        &self.rotation,
+                    ));
                     match self
                         .store
                         .save_if_unchanged(&self.name, &t, state.file_hash)
@@ -518,7 +540,11 @@ impl AccountTokens {
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(&self.name, self.renewal.is_interactive()),
+                    explained: e.explained(
+                        &self.name,
+                        self.renewal.is_interactive(),
+                        &self.rotation,
+                    ),
                     source: e,
                 })
             }

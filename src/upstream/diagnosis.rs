@@ -50,7 +50,10 @@ pub fn for_log(text: &str, account: Option<&str>) -> Option<String> {
             .iter()
             .chain([&CREDENTIALS])
             .map(|d| d.text(account))
-            .find(|d| text.contains(d.as_str()));
+            // As given, or as fitted to an account's LoadCredential= copies (see `Diagnosed::advised`).
+            .find(|d| {
+                text.contains(d.as_str()) || text.contains(&crate::config::rotation::restarting(d))
+            });
         if given.is_some() {
             return given;
         }
@@ -95,6 +98,12 @@ impl Diagnosed {
     /// [`for_grant`]'s diagnosis.
     pub fn of_grant(text: &str, account: Option<&str>, interactive: bool) -> Diagnosed {
         Diagnosed(for_grant(text, account, interactive))
+    }
+
+    /// The diagnosis as it applies to an account whose files are as `rotation` says (a restart, not a reload, to
+    /// take up a rewritten `LoadCredential=` copy).
+    pub fn advised(self, rotation: &crate::config::Rotation) -> Diagnosed {
+        Diagnosed(self.0.map(|d| rotation.advise(&d)))
     }
 
     /// The field's value: absent from the line when there is no diagnosis.
@@ -746,6 +755,36 @@ mod tests {
         assert_eq!(
             for_grant(secret, Some("office"), false),
             for_log(secret, Some("office"))
+        );
+    }
+
+    /// A refused grant explained for an account whose secret is a LoadCredential= copy says to restart, and a
+    /// deferral that carries that text is recognised as explained: its diagnosis is the same one, fitted the same
+    /// way, not the table's other words for the code.
+    #[test]
+    fn the_advice_for_a_credential_copy_is_a_restart_and_is_recognised_again() {
+        let dead = "token endpoint said invalid_grant (HTTP 400): refresh token revoked";
+        let text = "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\nclient_secret_file = \"$CREDENTIALS_DIRECTORY/office\"\ntoken_url = \"https://idp.test/token\"\nsmtp_host = \"smtp.test\"\nscope = \"s\"\n";
+        let config =
+            crate::config::Config::parse_for(text, "x.toml", crate::config::Secrets::NotRead)
+                .unwrap_or_else(|e| panic!("{e}"));
+        let rotation = crate::config::Rotation::of(&config.accounts[0]);
+        let own = Diagnosed::of_grant(dead, Some("office"), false).advised(&rotation);
+        let own = own.field().unwrap().to_string();
+        assert!(own.contains("systemctl restart relay"), "{own}");
+        assert!(!own.contains("systemctl reload relay"), "{own}");
+        let deferred = format!("cannot get a token: account office: {dead}; {own}");
+        let again = Diagnosed::of(&deferred, Some("office")).advised(&rotation);
+        assert_eq!(again.field(), Some(own.as_str()));
+        // Another account's plain file: the same words, a reload.
+        let plain = Diagnosed::of(&deferred, Some("office")).advised(&Default::default());
+        assert!(
+            plain
+                .field()
+                .unwrap()
+                .contains("then `systemctl reload relay` (SIGHUP)"),
+            "{:?}",
+            plain.field()
         );
     }
 }
