@@ -178,13 +178,14 @@ impl Relay {
             self.stop.subscribe(),
             self.sessions.clone(),
             self.health.clone(),
+            self.observers.following(),
         );
         running.start(self.bound, &mut tasks);
         tasks.spawn(
             self.scheduler
                 .run(self.committed, self.stop.subscribe(), self.health.clone()),
         );
-        // Metrics and alerts are not rebuilt by a reload: they keep the [alerts] and [metrics] they started with.
+        // Metrics and alerts are not restarted by a reload: `running` tells them the new accounts.
         tasks.spawn(self.observers.run(self.stop.subscribe()));
         for addr in &self.addrs {
             tracing::info!(relay_event = "listening", address = %addr, "listening");

@@ -5,11 +5,15 @@
 //! state dir: the queue from file names alone (ids are time-ordered, so the oldest id gives the oldest age; no
 //! file is opened), the tokens from their small files, and the result is kept for [`SNAPSHOT_TTL`] so that
 //! frequent scrapes of a large queue cost one directory listing every few seconds at most. Label sets are bounded
-//! by the configured accounts (and the empty account, for attempts that never reached one).
+//! by the configured accounts (and the empty account, for attempts that never reached one): a reload adds the new
+//! accounts' series and removes those of the accounts it removed, and an event that names an account no longer
+//! configured (an attempt that began before the reload) is not counted per account, so that it cannot bring a
+//! removed account's series back.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{
@@ -54,6 +58,8 @@ pub struct Metrics {
     pub alerts_dropped: IntCounter,
     pub bounces: IntCounter,
     recipients_refused: IntCounterVec,
+    /// The accounts whose series exist ([`Metrics::know_accounts`], [`Metrics::forget_accounts`]).
+    accounts: RwLock<HashSet<String>>,
 }
 
 /// The process's metrics (see [`events`](crate::events) for why they are process-wide).
@@ -186,11 +192,36 @@ impl Metrics {
                     &["account"],
                 ),
             ),
+            accounts: RwLock::new(HashSet::new()),
             registry,
         }
     }
 
+    fn knows(&self, account: &str) -> bool {
+        self.accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(account)
+    }
+
     pub fn record(&self, event: &Event<'_>) {
+        // Not counted per account: an account no longer configured, whose series a reload removed.
+        let gone = |account: Option<&str>| account.is_some_and(|a| !self.knows(a));
+        let account = match *event {
+            Event::Accepted { .. } => None,
+            Event::Delivered { account, .. }
+            | Event::RecipientsRefused { account, .. }
+            | Event::TokenRefreshed { account }
+            | Event::TokenRefreshFailed { account, .. }
+            | Event::AuthorizationNeeded { account, .. } => Some(account),
+            Event::Deferred { account, .. } | Event::Dead { account, .. } => account,
+        };
+        if gone(account) {
+            if let Event::Delivered { id, .. } = *event {
+                self.observe_delivery(id);
+            }
+            return;
+        }
         match *event {
             Event::Accepted { latency } => {
                 self.accepted.inc();
@@ -200,10 +231,7 @@ impl Metrics {
                 self.deliveries
                     .with_label_values(&["delivered", account])
                     .inc();
-                let waited = SystemTime::now()
-                    .duration_since(id.created_at())
-                    .unwrap_or_default();
-                self.delivery_latency.observe(waited.as_secs_f64());
+                self.observe_delivery(id);
             }
             Event::Deferred { account, .. } => self
                 .deliveries
@@ -230,10 +258,19 @@ impl Metrics {
         }
     }
 
+    fn observe_delivery(&self, id: crate::queue::QueueId) {
+        let waited = SystemTime::now()
+            .duration_since(id.created_at())
+            .unwrap_or_default();
+        self.delivery_latency.observe(waited.as_secs_f64());
+    }
+
     /// Makes every series of the configured accounts exist from the start, at zero: a rate over a series that
-    /// appears only with its first failure misses that failure.
+    /// appears only with its first failure misses that failure. At a reload, the accounts it added.
     pub fn know_accounts(&self, accounts: &[String]) {
+        let mut known = self.accounts.write().unwrap_or_else(|p| p.into_inner());
         for a in accounts {
+            known.insert(a.clone());
             for result in ["delivered", "deferred", "dead"] {
                 self.deliveries.with_label_values(&[result, a]);
             }
@@ -245,6 +282,21 @@ impl Metrics {
             for result in ["sent", "failed"] {
                 self.alerts.with_label_values(&[channel, result]);
             }
+        }
+    }
+
+    /// Removes the series of accounts a reload removed: a scrape no longer shows them, and memory holds only the
+    /// configured accounts' series however many reloads come and go.
+    pub fn forget_accounts(&self, accounts: &[String]) {
+        let mut known = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+        for a in accounts {
+            known.remove(a);
+            for result in ["delivered", "deferred", "dead"] {
+                let _ = self.deliveries.remove_label_values(&[result, a]);
+            }
+            let _ = self.refreshes.remove_label_values(&[a]);
+            let _ = self.refresh_failures.remove_label_values(&[a]);
+            let _ = self.recipients_refused.remove_label_values(&[a]);
         }
     }
 
@@ -325,7 +377,8 @@ pub struct StateReader {
     state_dir: PathBuf,
     /// With the key when token files are sealed.
     tokens: crate::tokens::TokenStore,
-    accounts: Vec<String>,
+    /// The configured accounts, replaced at a reload. Locked after `last`, never before.
+    accounts: Mutex<Vec<String>>,
     last: Mutex<Option<(Instant, Arc<Snapshot>)>>,
 }
 
@@ -338,9 +391,17 @@ impl StateReader {
         StateReader {
             state_dir: state_dir.to_path_buf(),
             tokens,
-            accounts,
+            accounts: Mutex::new(accounts),
             last: Mutex::new(None),
         }
+    }
+
+    /// Reads the tokens of `accounts` from now on (a reload); the next scrape reads the disk again, so that it
+    /// shows the new accounts and not the removed ones.
+    pub fn follow(&self, accounts: Vec<String>) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        *self.accounts.lock().unwrap_or_else(|p| p.into_inner()) = accounts;
+        *last = None;
     }
 
     /// The latest snapshot; reads the disk (on the blocking pool) when the last one is too old.
@@ -365,8 +426,12 @@ impl StateReader {
             return s.clone();
         }
         let store = &self.tokens;
-        let tokens = self
+        let accounts = self
             .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let tokens = accounts
             .iter()
             .filter_map(|a| {
                 let t = store.load(a).ok().flatten()?;
@@ -564,6 +629,76 @@ mod tests {
         );
         assert!(
             text.contains("relay_token_expiry_seconds{account=\"office\"} 9"),
+            "{text}"
+        );
+    }
+
+    /// The accounts named by any per-account series, in a rendering.
+    fn accounts_shown(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split("account=\"").nth(1)?.split('"').next())
+            .filter(|a| a.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_removed_account_loses_its_series_and_late_events_do_not_bring_them_back() {
+        let m = global();
+        let (kept, gone) = ("follow-kept".to_string(), "follow-gone".to_string());
+        m.know_accounts(&[kept.clone(), gone.clone()]);
+        m.record(&Event::Delivered {
+            id: crate::queue::QueueId::new(),
+            account: &gone,
+        });
+        let empty = Snapshot {
+            census: Census::default(),
+            tokens: Vec::new(),
+        };
+        let text = m.render(&empty);
+        assert!(
+            text.contains("relay_deliveries_total{account=\"follow-gone\",result=\"delivered\"} 1"),
+            "{text}"
+        );
+        m.forget_accounts(std::slice::from_ref(&gone));
+        // An attempt that began before the reload ends after it.
+        m.record(&Event::Delivered {
+            id: crate::queue::QueueId::new(),
+            account: &gone,
+        });
+        m.record(&Event::TokenRefreshFailed {
+            account: &gone,
+            why: "late",
+        });
+        let text = m.render(&empty);
+        assert_eq!(
+            accounts_shown(&text, "follow-"),
+            [kept].into_iter().collect(),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reloads_that_come_and_go_leave_only_the_configured_accounts_series() {
+        let m = global();
+        let mut last = String::new();
+        for i in 0..200 {
+            let name = format!("churn-{i}");
+            m.know_accounts(std::slice::from_ref(&name));
+            m.record(&Event::TokenRefreshed { account: &name });
+            if !last.is_empty() {
+                m.forget_accounts(&[last]);
+            }
+            last = name;
+        }
+        let text = m.render(&Snapshot {
+            census: Census::default(),
+            tokens: Vec::new(),
+        });
+        assert_eq!(
+            accounts_shown(&text, "churn-"),
+            [last].into_iter().collect(),
             "{text}"
         );
     }

@@ -1,16 +1,18 @@
 //! What watches the relay from beside the mail path, started with it: the metrics endpoint (`[metrics]`),
 //! alerts (`[alerts]`) and bounces (`bounce = "sender"`). Each is fed by [`events`](crate::events).
+//!
+//! A reload hands them the new accounts through [`Following`]: the metrics' per-account series and token reading,
+//! and the alerts' accounts, credentials and settings, follow the running config without a task restarted.
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::alerts::{Alerts, MailAccount, Notice, Notifier};
-use crate::config::{Bounce, Config};
+use crate::alerts::{Alerts, MailAccount, Notice, Notifier, Setup};
+use crate::config::{AlertsConfig, Bounce, Config};
 use crate::events::Watcher;
 use crate::metrics::StateReader;
-use crate::oauth::expiry::Expiry;
 use crate::queue::Spool;
 use crate::queue::delivery::Account;
 
@@ -29,8 +31,67 @@ struct AlertTask {
     alerts: Arc<Alerts>,
     notices: mpsc::Receiver<Notice>,
     notifier: Notifier,
-    expiries: Vec<(String, Expiry)>,
-    every: std::time::Duration,
+}
+
+/// What a reload tells the observers: the accounts (and `[alerts]` settings) to follow from now on.
+#[derive(Clone)]
+pub struct Following {
+    reader: Arc<StateReader>,
+    alerts: Option<Arc<Alerts>>,
+}
+
+impl Following {
+    /// Follows `config` and its built `accounts` (in config order) from now on; `removed`: the accounts it no
+    /// longer has. Called before the new accounts' refreshers start, so that their first events are counted.
+    pub async fn follow(&self, config: &Config, accounts: &[Arc<Account>], removed: &[String]) {
+        let names = account_names(config);
+        let metrics = crate::metrics::global();
+        metrics.forget_accounts(removed);
+        metrics.know_accounts(&names);
+        self.reader.follow(names);
+        if let (Some(alerts), Some(c)) = (&self.alerts, &config.alerts) {
+            // A certificate's date is read from its file: on the blocking pool.
+            let (config, accounts) = (config.clone(), accounts.to_vec());
+            let c = c.clone();
+            let setup =
+                tokio::task::spawn_blocking(move || alert_setup(&config, &c, &accounts)).await;
+            match setup {
+                Ok(setup) => alerts.follow(setup).await,
+                Err(e) => tracing::error!(error = %e, "alerts cannot follow the reloaded accounts"),
+            }
+        }
+    }
+}
+
+fn account_names(config: &Config) -> Vec<String> {
+    config.accounts.iter().map(|a| a.name.clone()).collect()
+}
+
+/// What alerts take from `config`: its `[alerts]` (`c`), its hostname, and its accounts, built (`accounts`).
+fn alert_setup(config: &Config, c: &AlertsConfig, accounts: &[Arc<Account>]) -> Setup {
+    Setup {
+        config: c.clone(),
+        hostname: config.hostname.clone(),
+        accounts: accounts
+            .iter()
+            .filter_map(|a| {
+                let cfg = config.accounts.iter().find(|c| c.name == a.name)?;
+                Some(MailAccount {
+                    account: a.clone(),
+                    mailbox: cfg.mailbox.clone(),
+                })
+            })
+            .collect(),
+        expiries: config
+            .accounts
+            .iter()
+            .flat_map(|a| {
+                crate::oauth::expiry::expiries(a)
+                    .into_iter()
+                    .map(|e| (a.name.clone(), e))
+            })
+            .collect(),
+    }
 }
 
 pub struct Observers {
@@ -47,7 +108,7 @@ impl Observers {
         spool: &Spool,
         accounts: &[Arc<Account>],
     ) -> Result<Observers, ObserverError> {
-        let names: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
+        let names = account_names(config);
         crate::metrics::global().know_accounts(&names);
         // A key that cannot be loaded has already stopped the start (accounts::build); plain, then.
         let tokens = crate::tokens::TokenStore::for_config(config)
@@ -70,40 +131,17 @@ impl Observers {
             None => None,
         };
         let alerts = config.alerts.as_ref().zip(http).map(|(c, http)| {
-            let (alerts, notices) = Alerts::new(c, &config.state_dir);
+            let (alerts, notices) =
+                Alerts::new(alert_setup(config, c, accounts), &config.state_dir);
             watchers.push(alerts.clone());
-            let mail_accounts = accounts
-                .iter()
-                .filter_map(|a| {
-                    let cfg = config.accounts.iter().find(|c| c.name == a.name)?;
-                    Some(MailAccount {
-                        account: a.clone(),
-                        mailbox: cfg.mailbox.clone(),
-                    })
-                })
-                .collect();
             AlertTask {
                 alerts,
                 notices,
                 notifier: Notifier {
                     http,
-                    webhook_url: c.webhook_url.clone(),
-                    mail_to: c.mail_to.clone(),
-                    hostname: config.hostname.clone(),
-                    accounts: mail_accounts,
                     state_dir: config.state_dir.clone(),
                     tokens: tokens.clone(),
                 },
-                expiries: config
-                    .accounts
-                    .iter()
-                    .flat_map(|a| {
-                        crate::oauth::expiry::expiries(a)
-                            .into_iter()
-                            .map(|e| (a.name.clone(), e))
-                    })
-                    .collect(),
-                every: crate::alerts::tick_every(c),
             }
         });
         if config.bounce == Bounce::Sender {
@@ -122,6 +160,14 @@ impl Observers {
         })
     }
 
+    /// Where a reload tells these observers about the new accounts.
+    pub fn following(&self) -> Following {
+        Following {
+            reader: self.reader.clone(),
+            alerts: self.alerts.as_ref().map(|t| t.alerts.clone()),
+        }
+    }
+
     /// Serves metrics and sends alerts until `stop`.
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let metrics = async {
@@ -136,8 +182,6 @@ impl Observers {
                     t.notices,
                     t.notifier,
                     self.reader.clone(),
-                    t.expiries,
-                    t.every,
                     stop.clone(),
                 )
                 .await;

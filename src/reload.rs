@@ -10,7 +10,10 @@
 //! - a listener whose address is unchanged keeps its socket and takes the new settings (TLS files read again,
 //!   users, limits) for new connections; a new address is bound; a listener no longer configured stops accepting;
 //!   sessions already open finish as they began;
-//! - the token refresher runs for the new and changed accounts, and stops for the removed ones.
+//! - the token refresher runs for the new and changed accounts, and stops for the removed ones;
+//! - metrics and alerts follow the new accounts (their series, token expiry, credential dates, the accounts alert
+//!   mail goes through) and forget the removed ones; changed `[alerts]` settings take effect. Adding or removing
+//!   `[alerts]` or `[metrics]` as a whole, or moving the metrics address, needs a restart.
 //!
 //! Queued mail is never touched: it is on disk, and the scheduler keeps its schedule.
 
@@ -22,6 +25,7 @@ use tokio::task::JoinSet;
 use crate::accounts::{self, AccountError};
 use crate::config::{AccountConfig, Config};
 use crate::health::Health;
+use crate::observers::Following;
 use crate::queue::delivery::{Account, Delivery};
 use crate::smtp::{BindError, Listener, ListenerChanges, Listeners};
 
@@ -118,6 +122,7 @@ pub(crate) struct Running {
     shutdown: watch::Receiver<bool>,
     sessions: watch::Sender<usize>,
     health: Arc<Health>,
+    following: Following,
 }
 
 /// Two account configs that build the same account; the sending limits are left out, since a kept account takes
@@ -141,6 +146,7 @@ impl Running {
         shutdown: watch::Receiver<bool>,
         sessions: watch::Sender<usize>,
         health: Arc<Health>,
+        following: Following,
     ) -> Running {
         let accounts = config
             .accounts
@@ -162,6 +168,7 @@ impl Running {
             shutdown,
             sessions,
             health,
+            following,
         }
     }
 
@@ -216,7 +223,8 @@ impl Running {
             });
         }
         // What the daemon set up once at start: the token key (every account's store, and files sealed with it),
-        // the metrics listener, the alert task and the bounces. A change is refused, not dropped silently.
+        // the metrics listener, the alert task (whose settings follow a reload; whether there is one does not)
+        // and the bounces. A change is refused, not dropped silently.
         let json = |v: serde_json::Result<serde_json::Value>| v.ok();
         for (key, was, now) in [
             (
@@ -226,8 +234,8 @@ impl Running {
             ),
             (
                 "alerts",
-                json(serde_json::to_value(&self.config.alerts)),
-                json(serde_json::to_value(&config.alerts)),
+                Some(serde_json::Value::Bool(self.config.alerts.is_some())),
+                Some(serde_json::Value::Bool(config.alerts.is_some())),
             ),
             (
                 "metrics",
@@ -315,6 +323,10 @@ impl Running {
                 }
             }
         }
+        let built: Vec<Arc<Account>> = accounts.iter().map(|a| a.account.clone()).collect();
+        self.following
+            .follow(&config, &built, &done.accounts_removed)
+            .await;
         for a in &accounts {
             if !self
                 .accounts
@@ -324,10 +336,7 @@ impl Running {
                 spawn_refresher(a, tasks);
             }
         }
-        let delivery = self.deliveries.borrow().succeeded_by(
-            &config,
-            accounts.iter().map(|a| a.account.clone()).collect(),
-        );
+        let delivery = self.deliveries.borrow().succeeded_by(&config, built);
         self.deliveries.send_replace(Arc::new(delivery));
         let (opened, changes) = self.listeners.commit(prepared);
         self.spawn_listeners(opened, tasks);

@@ -13,7 +13,7 @@
 //! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried) | `dead_window` without another |
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,9 @@ pub struct Tracker {
     open: BTreeMap<(Kind, String), Incident>,
     /// Refresh failures in a row, per account.
     failures: HashMap<String, u32>,
+    /// The configured accounts, once [`Tracker::follow`] has said which: the token and delivery events of any
+    /// other (an attempt or refresh begun before a reload removed its account) open and close nothing.
+    accounts: Option<HashSet<String>>,
     /// Something worth saving changed since [`Tracker::take_changed`].
     changed: bool,
 }
@@ -127,8 +130,39 @@ impl Tracker {
                 .map(|i| ((i.kind, i.subject.clone()), i))
                 .collect(),
             failures: HashMap::new(),
+            accounts: None,
             changed: false,
         }
+    }
+
+    /// New `[alerts]` thresholds (a reload): they apply to what happens from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Follows the configured accounts and their dated credentials (at start, and at each reload): incidents and
+    /// failure counts of accounts and credentials no longer configured are dropped without a notice (nothing
+    /// about them can recover any more), and their events are ignored from now on. What was left about removed
+    /// accounts is bounded by the accounts configured now, however many reloads come and go.
+    pub fn follow(&mut self, accounts: HashSet<String>, expiries: &[(String, Expiry)]) {
+        let credentials: HashSet<String> = expiries
+            .iter()
+            .map(|(account, e)| format!("{account}/{}", e.what))
+            .collect();
+        let before = self.open.len();
+        self.open.retain(|(kind, subject), _| match kind {
+            Kind::AuthorizationNeeded | Kind::TokenRefreshFailed => accounts.contains(subject),
+            Kind::CredentialExpiring => credentials.contains(subject),
+            // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
+            Kind::Dead | Kind::QueueAge => true,
+        });
+        self.changed |= self.open.len() != before;
+        self.failures.retain(|a, _| accounts.contains(a));
+        self.accounts = Some(accounts);
+    }
+
+    fn follows(&self, account: &str) -> bool {
+        self.accounts.as_ref().is_none_or(|a| a.contains(account))
     }
 
     /// The open incidents, for saving.
@@ -147,6 +181,16 @@ impl Tracker {
 
     pub fn event(&mut self, event: &Event<'_>, now: SystemTime) -> Vec<Notice> {
         let mut out = Vec::new();
+        let account = match *event {
+            Event::AuthorizationNeeded { account, .. }
+            | Event::TokenRefreshFailed { account, .. }
+            | Event::TokenRefreshed { account }
+            | Event::Delivered { account, .. } => Some(account),
+            _ => None,
+        };
+        if account.is_some_and(|a| !self.follows(a)) {
+            return out;
+        }
         match *event {
             Event::AuthorizationNeeded { account, why } => {
                 self.opening(Kind::AuthorizationNeeded, account, now, None, &mut out, || {
@@ -514,6 +558,57 @@ mod tests {
         let n = t.tick(at(14 * day + 60), None, 0, &renewed);
         assert_eq!(n[0].state, State::Recovered);
         assert!(t.open().is_empty());
+    }
+
+    #[test]
+    fn accounts_a_reload_removes_lose_their_incidents_silently_and_their_late_events_open_none() {
+        let mut t = tracker();
+        let expiring = |account: &str| {
+            (
+                account.to_string(),
+                Expiry {
+                    what: "client secret",
+                    at: at(86_400 * 5),
+                },
+            )
+        };
+        let both = [expiring("office"), expiring("old")];
+        t.follow(["office", "old"].map(String::from).into(), &both);
+        let need = |account| Event::AuthorizationNeeded {
+            account,
+            why: "invalid_grant",
+        };
+        let fail = |account| Event::TokenRefreshFailed {
+            account,
+            why: "HTTP 500",
+        };
+        assert_eq!(t.event(&need("old"), at(0)).len(), 1);
+        assert!(t.event(&fail("office"), at(0)).is_empty());
+        assert_eq!(t.tick(at(1), None, 0, &both).len(), 2);
+        assert_eq!(t.open().len(), 3);
+        t.take_changed();
+
+        // `old` is removed: its incidents go without a notice, and are saved so.
+        let one = [expiring("office")];
+        t.follow(["office"].map(String::from).into(), &one);
+        assert!(t.take_changed());
+        let open: Vec<String> = t.open().iter().map(|i| i.subject.clone()).collect();
+        assert_eq!(open, ["office/client secret"]);
+        assert!(t.tick(at(2), None, 0, &one).is_empty());
+        // A refresh of `old` that began before the reload fails after it: nothing opens.
+        assert!(t.event(&need("old"), at(3)).is_empty());
+        for _ in 0..5 {
+            assert!(t.event(&fail("old"), at(3)).is_empty());
+        }
+        assert!(!t.failures.contains_key("old"));
+        assert_eq!(t.open().len(), 1);
+        // The refresh failures counted for `office` before the reload still count.
+        assert!(t.event(&fail("office"), at(4)).is_empty());
+        assert_eq!(t.event(&fail("office"), at(5)).len(), 1);
+
+        // A new account is followed as the others are.
+        t.follow(["office", "new"].map(String::from).into(), &one);
+        assert_eq!(t.event(&need("new"), at(6)).len(), 1);
     }
 
     #[test]

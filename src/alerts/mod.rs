@@ -5,6 +5,11 @@
 //! too far behind (a webhook that times out again and again), a notice is dropped and counted
 //! (`relay_alerts_dropped_total`) rather than ever holding up the delivery or token refresh that emitted it.
 //! Open incidents are kept in `STATE_DIR/alerts.json`, so that a restart does not announce them again.
+//!
+//! What alerts take from the config (the `[alerts]` settings, the host's name, the accounts alert mail may go
+//! through and their dated credentials) is a [`Setup`] that a reload replaces whole ([`Alerts::follow`]): the
+//! sending task reads the current one for each notice and each look, so that no task is restarted and nothing of
+//! an old config is kept.
 
 pub mod incidents;
 pub mod notify;
@@ -33,6 +38,27 @@ pub struct Alerts {
     tracker: Mutex<Tracker>,
     tx: mpsc::Sender<Notice>,
     file: PathBuf,
+    setup: watch::Sender<Arc<Setup>>,
+}
+
+/// What alerts follow from the running config; replaced whole at a reload.
+pub struct Setup {
+    pub config: AlertsConfig,
+    /// Named in every notice (the webhook's `host`, the mail's subject).
+    pub hostname: String,
+    /// Every configured account, in config order: alert mail may go through any healthy one.
+    pub accounts: Vec<MailAccount>,
+    /// The configured accounts' dated credentials (client secrets, certificates).
+    pub expiries: Vec<(String, Expiry)>,
+}
+
+impl Setup {
+    fn account_names(&self) -> HashSet<String> {
+        self.accounts
+            .iter()
+            .map(|m| m.account.name.clone())
+            .collect()
+    }
 }
 
 pub fn incidents_path(state_dir: &Path) -> PathBuf {
@@ -40,17 +66,38 @@ pub fn incidents_path(state_dir: &Path) -> PathBuf {
 }
 
 impl Alerts {
-    /// The tracker, with the incidents a previous run left open.
-    pub fn new(config: &AlertsConfig, state_dir: &Path) -> (Arc<Alerts>, mpsc::Receiver<Notice>) {
+    /// The tracker, with the incidents a previous run left open (but none about an account or credential no
+    /// longer configured).
+    pub fn new(setup: Setup, state_dir: &Path) -> (Arc<Alerts>, mpsc::Receiver<Notice>) {
         let file = incidents_path(state_dir);
         let open: Vec<Incident> = crate::small_files::report(&file).unwrap_or_default();
+        let mut tracker = Tracker::new((&setup.config).into(), open);
+        tracker.follow(setup.account_names(), &setup.expiries);
         let (tx, rx) = mpsc::channel(BACKLOG);
         let alerts = Alerts {
-            tracker: Mutex::new(Tracker::new(config.into(), open)),
+            tracker: Mutex::new(tracker),
             tx,
             file,
+            setup: watch::channel(Arc::new(setup)).0,
         };
         (Arc::new(alerts), rx)
+    }
+
+    /// Takes a reloaded config's setup: from now on, the new accounts' events and credentials are watched, the
+    /// removed ones' incidents are dropped (and saved so, before this returns), and notices go out with the new
+    /// settings. The sending task looks at the credentials at once.
+    pub async fn follow(self: &Arc<Self>, setup: Setup) {
+        {
+            let mut t = self.tracker();
+            t.set_limits((&setup.config).into());
+            t.follow(setup.account_names(), &setup.expiries);
+        }
+        self.setup.send_replace(Arc::new(setup));
+        save(self).await;
+    }
+
+    fn current(&self) -> Arc<Setup> {
+        self.setup.borrow().clone()
     }
 
     fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
@@ -119,42 +166,56 @@ pub fn tick_every(config: &AlertsConfig) -> Duration {
         .clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Sends notices as they come, and looks at the queue and the credentials every `every`, until `stop`.
+/// A tick every `every`, the first at once.
+fn ticks(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Sends notices as they come, and looks at the queue and the credentials now and then ([`tick_every`]), until
+/// `stop`. A new [`Setup`] (a reload) is looked at at once.
 pub async fn run(
     alerts: Arc<Alerts>,
     mut notices: mpsc::Receiver<Notice>,
     notifier: Notifier,
     reader: Arc<StateReader>,
-    expiries: Vec<(String, Expiry)>,
-    every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut setups = alerts.setup.subscribe();
+    let mut tick = ticks(tick_every(&setups.borrow_and_update().config));
     enum Next {
         Notice(Notice),
         Tick,
+        Setup,
         Stop,
     }
     loop {
         let next = tokio::select! {
             Some(n) = notices.recv() => Next::Notice(n),
             _ = tick.tick() => Next::Tick,
+            Ok(()) = setups.changed() => Next::Setup,
             _ = stop.wait_for(|s| *s) => Next::Stop,
         };
         match next {
             Next::Notice(n) => {
-                notifier.send(&n, alerts.unhealthy()).await;
+                notifier
+                    .send(&n, &alerts.current(), alerts.unhealthy())
+                    .await;
                 save(&alerts).await;
+            }
+            Next::Setup => {
+                tick = ticks(tick_every(&setups.borrow_and_update().config));
             }
             Next::Tick => {
                 let snapshot = reader.snapshot().await;
                 let c = &snapshot.census;
+                let setup = alerts.current();
                 let found = alerts.tracker().tick(
                     SystemTime::now(),
                     c.oldest_age(),
                     c.queued + c.deferred,
-                    &expiries,
+                    &setup.expiries,
                 );
                 alerts.announce(found);
                 save(&alerts).await;
@@ -164,7 +225,9 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(DRAIN, async {
         while let Ok(n) = notices.try_recv() {
-            notifier.send(&n, alerts.unhealthy()).await;
+            notifier
+                .send(&n, &alerts.current(), alerts.unhealthy())
+                .await;
         }
     })
     .await;

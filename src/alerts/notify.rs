@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use super::Setup;
 use super::incidents::{Notice, State};
 use crate::mailgen;
 use crate::queue::delivery::{Account, read_last_delivery};
@@ -31,12 +32,9 @@ pub struct MailAccount {
     pub mailbox: String,
 }
 
+/// What sends notices; where to and through which accounts is the current [`Setup`]'s.
 pub struct Notifier {
     pub http: reqwest::Client,
-    pub webhook_url: Option<String>,
-    pub mail_to: Option<String>,
-    pub hostname: String,
-    pub accounts: Vec<MailAccount>,
     pub state_dir: PathBuf,
     /// With the key when token files are sealed.
     pub tokens: crate::tokens::TokenStore,
@@ -50,27 +48,24 @@ struct Payload<'a> {
 }
 
 impl Notifier {
-    /// Sends `notice` to every configured channel. `avoid`: accounts not to send mail through.
-    pub async fn send(&self, notice: &Notice, avoid: HashSet<String>) {
+    /// Sends `notice` to every channel `setup` configures. `avoid`: accounts not to send mail through.
+    pub async fn send(&self, notice: &Notice, setup: &Setup, avoid: HashSet<String>) {
         let webhook = async {
-            if let Some(url) = &self.webhook_url {
-                self.post(url, notice).await;
+            if let Some(url) = &setup.config.webhook_url {
+                self.post(url, &setup.hostname, notice).await;
             }
         };
         let mail = async {
-            if let Some(to) = &self.mail_to {
-                self.mail(to, notice, avoid).await;
+            if let Some(to) = &setup.config.mail_to {
+                self.mail(to, setup, notice, avoid).await;
             }
         };
         tokio::join!(webhook, mail);
     }
 
-    async fn post(&self, url: &str, notice: &Notice) {
+    async fn post(&self, url: &str, host: &str, notice: &Notice) {
         let shown = crate::config::redact_url(url);
-        let payload = Payload {
-            notice,
-            host: &self.hostname,
-        };
+        let payload = Payload { notice, host };
         let mut last = String::new();
         for pause in WEBHOOK_TRIES {
             let sent = self
@@ -96,13 +91,13 @@ impl Notifier {
         tracing::warn!(relay_event = "alert_failed", channel = "webhook", incident = %notice.incident, url = %shown, error = %last, "cannot send the alert to the webhook");
     }
 
-    async fn mail(&self, to: &str, notice: &Notice, avoid: HashSet<String>) {
+    async fn mail(&self, to: &str, setup: &Setup, notice: &Notice, avoid: HashSet<String>) {
         let mut errors = Vec::new();
-        for m in self.healthy(avoid).await {
+        for m in self.healthy(&setup.accounts, avoid).await {
             let message = crate::upstream::outgoing::Outgoing::from_bytes(alert_message(
                 &m.mailbox,
                 to,
-                &self.hostname,
+                &setup.hostname,
                 notice,
             ));
             let recipients = [to.to_string()];
@@ -136,12 +131,12 @@ impl Notifier {
     }
 
     /// Accounts to try, best first: last delivery got through, then a valid token.
-    async fn healthy(&self, avoid: HashSet<String>) -> Vec<&MailAccount> {
-        let names: Vec<String> = self
-            .accounts
-            .iter()
-            .map(|m| m.account.name.clone())
-            .collect();
+    async fn healthy<'a>(
+        &self,
+        accounts: &'a [MailAccount],
+        avoid: HashSet<String>,
+    ) -> Vec<&'a MailAccount> {
+        let names: Vec<String> = accounts.iter().map(|m| m.account.name.clone()).collect();
         let state_dir = self.state_dir.clone();
         let store = self.tokens.clone();
         // Small files, but files: read on the blocking pool like everything else that touches the disk.
@@ -175,7 +170,10 @@ impl Notifier {
             .filter_map(|(i, r)| r.map(|r| (r, i)))
             .collect();
         ranked.sort();
-        ranked.iter().map(|(_, i)| &self.accounts[*i]).collect()
+        ranked
+            .iter()
+            .filter_map(|(_, i)| accounts.get(*i))
+            .collect()
     }
 }
 
