@@ -8,6 +8,12 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::idp::{accounts_config, generic_account, idp_issuing, token, write_secret};
+
+fn date_in(days: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(days * 86_400))
+        .to_string()[..10]
+        .to_string()
+}
 use common::upstream::FakeUpstream;
 use common::*;
 use mail_parser::MimeHeaders;
@@ -417,4 +423,96 @@ async fn a_message_refused_with_550_comes_back_to_its_sender_as_a_delivery_statu
             .count(),
         2
     );
+}
+
+/// A sysadmin adds an account whose client secret expires in five days and reloads: it is alerted on at once, like
+/// the accounts relay started with. The reload that removes it drops its incident without a notice (nothing about
+/// it can recover any more), and the new `[alerts]` settings (another webhook) take effect for the account that
+/// reload adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_removed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let (_, hook) = office_with_alerts(dir.path(), &idp, &upstream, "client_credentials", "").await;
+    let config = dir.path().join("relay.toml");
+    let mut daemon = Daemon::spawn(&config);
+    let expiring = |name: &str| {
+        format!(
+            "{}client_secret_expires = \"{}\"\n",
+            generic_account(name, &idp.uri(), &upstream, "client_credentials"),
+            date_in(5)
+        )
+    };
+    let rewrite = |accounts: &str, hook: &MockServer| {
+        let text = format!(
+            "default_account = \"office\"\n{}{accounts}[alerts]\nwebhook_url = \"{}/hook\"\n",
+            generic_account("office", &idp.uri(), &upstream, "client_credentials"),
+            hook.uri()
+        );
+        write_config_with(dir.path(), &text, LISTENER);
+    };
+
+    rewrite(&expiring("second"), &hook);
+    let reloaded = daemon.reload();
+    assert!(reloaded.contains("accounts added: second"), "{reloaded}");
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(
+        line.contains("incident=\"credential_expiring:second/client secret\"")
+            && line.contains("state=\"open\""),
+        "{line}"
+    );
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    let got = notices(&hook).await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        got[0]["incident"],
+        "credential_expiring:second/client secret"
+    );
+    assert_eq!(got[0]["account"], "second");
+    let incidents = dir.path().join("state/alerts.json");
+    assert!(
+        std::fs::read_to_string(&incidents)
+            .unwrap()
+            .contains("second/client secret")
+    );
+
+    // `second` goes, `third` comes, and the alerts go to another webhook.
+    let other = webhook().await;
+    rewrite(&expiring("third"), &other);
+    let reloaded = daemon.reload();
+    assert!(
+        reloaded.contains("added: third") && reloaded.contains("removed: second"),
+        "{reloaded}"
+    );
+    // Forgotten before the reload is done, and saved so: a restart would not bring it back.
+    let open = std::fs::read_to_string(&incidents).unwrap();
+    assert!(!open.contains("second"), "{open}");
+    let line = daemon.wait_log("relay_event=\"alert\"");
+    assert!(
+        line.contains("incident=\"credential_expiring:third/client secret\"")
+            && line.contains("state=\"open\""),
+        "{line}"
+    );
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    let got = notices(&other).await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        got[0]["incident"],
+        "credential_expiring:third/client secret"
+    );
+    assert_eq!(
+        notices(&hook).await.len(),
+        1,
+        "the old webhook heard nothing more, not even a recovery of the removed account"
+    );
+    assert!(
+        !daemon
+            .unmatched()
+            .iter()
+            .any(|l| l.contains("relay_event=\"alert\"")),
+        "no other alert: {:?}",
+        daemon.unmatched()
+    );
+    assert!(daemon.terminate().success());
 }

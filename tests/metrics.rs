@@ -2,10 +2,11 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 
-use common::idp::{accounts_config, idp_issuing};
+use common::idp::{accounts_config, generic_account, idp_issuing};
 use common::upstream::FakeUpstream;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +40,153 @@ fn samples(body: &str) -> HashMap<String, f64> {
             (series.to_string(), value.parse().expect("a number"))
         })
         .collect()
+}
+
+/// The metrics address a daemon logged.
+fn metrics_address(daemon: &mut Daemon) -> SocketAddr {
+    let line = daemon.wait_log("relay_event=\"metrics_listening\"");
+    line.rsplit("address=")
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .expect("the metrics address in the log")
+}
+
+async fn scrape(metrics: SocketAddr) -> String {
+    let (status, _, body) = get(metrics, "GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    body
+}
+
+/// Every account some series names.
+fn accounts_shown(body: &str) -> BTreeSet<String> {
+    samples(body)
+        .keys()
+        .filter_map(|k| k.split("account=\"").nth(1)?.split('"').next())
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Rewrites the config with `accounts` (client credentials, the first the default), mail to `*@NAME.test` routed
+/// to account NAME, and `[metrics]` on the port it was bound to at start.
+fn rewrite(dir: &Path, idp: &str, accounts: &[(&str, &FakeUpstream)]) {
+    let mut text = format!("default_account = \"{}\"\n", accounts[0].0);
+    for (name, upstream) in accounts {
+        text.push_str(&generic_account(name, idp, upstream, "client_credentials"));
+    }
+    for (name, _) in accounts {
+        text.push_str(&format!(
+            "[[route]]\nrecipient = \"*@{name}.test\"\naccount = \"{name}\"\n"
+        ));
+    }
+    text.push_str("[metrics]\naddress = \"127.0.0.1:0\"\n");
+    write_config_with(dir, &text, LISTENER);
+}
+
+/// A sysadmin adds an account and reloads: it is shown like the others, at once; one the reload removes is no
+/// longer shown at all. Reloads that come and go leave only the configured accounts' series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_shows_the_added_accounts_series_and_drops_the_removed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let office = FakeUpstream::start(&["tok"]).await;
+    let mut second = FakeUpstream::start(&["tok"]).await;
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &office)],
+        "",
+        "[metrics]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let metrics = metrics_address(&mut daemon);
+    let body = scrape(metrics).await;
+    assert_eq!(
+        accounts_shown(&body),
+        BTreeSet::from(["office".to_string()])
+    );
+
+    // `relay authorize second` has stored its tokens; the config names it; reload.
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "second",
+        "tok",
+        std::time::Duration::from_secs(1800),
+    );
+    rewrite(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &office), ("second", &second)],
+    );
+    let reloaded = daemon.reload();
+    assert!(reloaded.contains("accounts added: second"), "{reloaded}");
+    let body = scrape(metrics).await;
+    let s = samples(&body);
+    let at = |series: &str| -> f64 {
+        *s.get(series)
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    let expiry = at("relay_token_expiry_seconds{account=\"second\"}");
+    assert!((1700.0..=1800.0).contains(&expiry), "{expiry}");
+    assert_eq!(
+        at("relay_deliveries_total{account=\"second\",result=\"delivered\"}"),
+        0.0,
+        "the new account's series exist from the reload"
+    );
+    assert_eq!(
+        at("relay_token_refresh_failures_total{account=\"second\"}"),
+        0.0
+    );
+    assert!(s.contains_key("relay_token_expiry_seconds{account=\"office\"}"));
+
+    // Its deliveries are counted.
+    let mut c = RawClient::ready(daemon.addr).await;
+    c.cmd("MAIL FROM:<a@example.com>", 250).await;
+    c.cmd("RCPT TO:<x@second.test>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: via second\r\n\r\nbody\r\n.\r\n").await;
+    c.expect(250).await;
+    second.next().await;
+    let delivered = daemon.wait_log("relay_event=\"delivered\"");
+    assert!(delivered.contains("second"), "{delivered}");
+    let body = scrape(metrics).await;
+    assert_eq!(
+        samples(&body)["relay_deliveries_total{account=\"second\",result=\"delivered\"}"],
+        1.0,
+        "{body}"
+    );
+
+    // `office` is removed: none of its series is left, its token expiry included.
+    rewrite(dir.path(), &idp.uri(), &[("second", &second)]);
+    let reloaded = daemon.reload();
+    assert!(reloaded.contains("removed: office"), "{reloaded}");
+    let body = scrape(metrics).await;
+    assert_eq!(
+        accounts_shown(&body),
+        BTreeSet::from(["second".to_string()]),
+        "{body}"
+    );
+
+    // Accounts that come and go, one reload each: only the configured ones are shown in the end.
+    for i in 0..10 {
+        let name = format!("extra{i}");
+        rewrite(
+            dir.path(),
+            &idp.uri(),
+            &[("second", &second), (&name, &office)],
+        );
+        let reloaded = daemon.reload();
+        assert!(reloaded.contains(&format!("added: {name}")), "{reloaded}");
+    }
+    let body = scrape(metrics).await;
+    assert_eq!(
+        accounts_shown(&body),
+        BTreeSet::from(["second".to_string(), "extra9".to_string()]),
+        "{body}"
+    );
+    assert!(daemon.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

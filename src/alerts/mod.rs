@@ -88,11 +88,13 @@ impl Alerts {
     /// settings. The sending task looks at the credentials at once.
     pub async fn follow(self: &Arc<Self>, setup: Setup) {
         {
+            // Swapped under the tracker's lock, which a look at the credentials holds too: no look can take the
+            // old credentials to a tracker that has already forgotten them (and open their incidents again).
             let mut t = self.tracker();
             t.set_limits((&setup.config).into());
             t.follow(setup.account_names(), &setup.expiries);
+            self.setup.send_replace(Arc::new(setup));
         }
-        self.setup.send_replace(Arc::new(setup));
         save(self).await;
     }
 
@@ -210,13 +212,16 @@ pub async fn run(
             Next::Tick => {
                 let snapshot = reader.snapshot().await;
                 let c = &snapshot.census;
-                let setup = alerts.current();
-                let found = alerts.tracker().tick(
-                    SystemTime::now(),
-                    c.oldest_age(),
-                    c.queued + c.deferred,
-                    &setup.expiries,
-                );
+                let found = {
+                    let mut t = alerts.tracker();
+                    let setup = alerts.current();
+                    t.tick(
+                        SystemTime::now(),
+                        c.oldest_age(),
+                        c.queued + c.deferred,
+                        &setup.expiries,
+                    )
+                };
                 alerts.announce(found);
                 save(&alerts).await;
             }

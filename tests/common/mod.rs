@@ -618,6 +618,17 @@ impl Daemon {
         self.child.id()
     }
 
+    /// `systemctl reload relay`: SIGHUP, then (bounded) the log line saying the new config was applied, which
+    /// is returned. Panics with the reason when relay refuses it.
+    pub fn reload(&mut self) -> String {
+        // SAFETY: kill with the pid of our own child and a valid signal.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) }, 0);
+        let line =
+            self.wait_log_any(&["relay_event=\"reloaded\"", "relay_event=\"reload_refused\""]);
+        assert!(line.contains("relay_event=\"reloaded\""), "{line}");
+        line
+    }
+
     /// Log lines read so far that no [`wait_log`](Self::wait_log) has matched: after [`start`](Self::start), every
     /// line logged before `listening`.
     pub fn unmatched(&self) -> &[String] {
