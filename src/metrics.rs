@@ -645,7 +645,8 @@ mod tests {
 
     #[test]
     fn a_removed_account_loses_its_series_and_late_events_do_not_bring_them_back() {
-        let m = global();
+        // Its own metrics: a render of the process's, beside another test's, would reset its token gauge.
+        let m = Metrics::new();
         let (kept, gone) = ("follow-kept".to_string(), "follow-gone".to_string());
         m.know_accounts(&[kept.clone(), gone.clone()]);
         m.record(&Event::Delivered {
@@ -681,7 +682,7 @@ mod tests {
 
     #[test]
     fn reloads_that_come_and_go_leave_only_the_configured_accounts_series() {
-        let m = global();
+        let m = Metrics::new();
         let mut last = String::new();
         for i in 0..200 {
             let name = format!("churn-{i}");
