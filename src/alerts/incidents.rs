@@ -569,6 +569,7 @@ mod tests {
                 Expiry {
                     what: "client secret",
                     at: at(86_400 * 5),
+                    rotation: Default::default(),
                 },
             )
         };
