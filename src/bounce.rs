@@ -25,7 +25,8 @@ pub struct Bouncer {
     spool: Spool,
     dead: PathBuf,
     queue: PathBuf,
-    hostname: String,
+    /// The config's hostname (the DSN's Reporting-MTA and sender): a reload may change it.
+    hostname: std::sync::Mutex<String>,
 }
 
 /// Which of a message's recipients a DSN is for.
@@ -43,8 +44,19 @@ impl Bouncer {
             dead: spool.paths().dead.clone(),
             queue: spool.paths().queue.clone(),
             spool,
-            hostname: hostname.to_string(),
+            hostname: std::sync::Mutex::new(hostname.to_string()),
         }
+    }
+
+    /// The hostname after a reload.
+    pub fn follow_hostname(&self, hostname: &str) {
+        *self.hostname() = hostname.to_string();
+    }
+
+    fn hostname(&self) -> std::sync::MutexGuard<'_, String> {
+        self.hostname
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn bounce(&self, id: QueueId, failed: Failed<'_>, why: &str) {
@@ -81,7 +93,8 @@ impl Bouncer {
             }
         };
         let now = SystemTime::now();
-        let report = dsn(&self.hostname, &original.envelope, &failures, &headers, now);
+        let hostname = self.hostname().clone();
+        let report = dsn(&hostname, &original.envelope, &failures, &headers, now);
         let envelope = Envelope {
             id: QueueId::new(),
             sender: String::new(),

@@ -2,7 +2,8 @@
 //! alerts (`[alerts]`) and bounces (`bounce = "sender"`). Each is fed by [`events`](crate::events).
 //!
 //! A reload hands them the new accounts through [`Following`]: the metrics' per-account series and token reading,
-//! and the alerts' accounts, credentials and settings, follow the running config without a task restarted.
+//! the alerts' accounts, credentials and settings, and the bounces' hostname follow the running config without a
+//! task restarted.
 
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ struct AlertTask {
 pub struct Following {
     reader: Arc<StateReader>,
     alerts: Option<Arc<Alerts>>,
+    bouncer: Option<Arc<crate::bounce::Bouncer>>,
 }
 
 impl Following {
@@ -45,6 +47,9 @@ impl Following {
     /// longer has. Called before the new accounts' refreshers start, so that their first events are counted.
     pub async fn follow(&self, config: &Config, accounts: &[Arc<Account>], removed: &[String]) {
         let names = account_names(config);
+        if let Some(bouncer) = &self.bouncer {
+            bouncer.follow_hostname(&config.hostname);
+        }
         let metrics = crate::metrics::global();
         metrics.forget_accounts(removed);
         metrics.know_accounts(&names);
@@ -98,6 +103,7 @@ pub struct Observers {
     reader: Arc<StateReader>,
     metrics: Option<TcpListener>,
     alerts: Option<AlertTask>,
+    bouncer: Option<Arc<crate::bounce::Bouncer>>,
 }
 
 impl Observers {
@@ -144,11 +150,10 @@ impl Observers {
                 },
             }
         });
-        if config.bounce == Bounce::Sender {
-            watchers.push(Arc::new(crate::bounce::Bouncer::new(
-                spool.clone(),
-                &config.hostname,
-            )));
+        let bouncer = (config.bounce == Bounce::Sender)
+            .then(|| Arc::new(crate::bounce::Bouncer::new(spool.clone(), &config.hostname)));
+        if let Some(b) = &bouncer {
+            watchers.push(b.clone());
         }
         if !watchers.is_empty() {
             crate::events::set_watchers(watchers);
@@ -157,6 +162,7 @@ impl Observers {
             reader,
             metrics,
             alerts,
+            bouncer,
         })
     }
 
@@ -165,6 +171,7 @@ impl Observers {
         Following {
             reader: self.reader.clone(),
             alerts: self.alerts.as_ref().map(|t| t.alerts.clone()),
+            bouncer: self.bouncer.clone(),
         }
     }
 

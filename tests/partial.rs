@@ -418,3 +418,46 @@ async fn an_expired_message_names_the_recipients_it_was_finished_with_and_bounce
     d.wait_log("relay_event=\"delivered\"");
     assert!(drain(&mut upstream).is_empty(), "one copy each");
 }
+
+/// The DSN names the relay by the config's hostname, the one in force when it is made: a reload that changes it
+/// changes the next DSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_after_a_reload_names_the_new_hostname() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    for _ in 0..2 {
+        upstream
+            .rcpt_replies
+            .lock()
+            .unwrap()
+            .push((TO[1].into(), UNKNOWN.into()));
+    }
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let mut reports = Vec::new();
+    for round in 0..2 {
+        if round == 1 {
+            let config = dir.path().join("relay.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            let changed = text.replace(
+                "hostname = \"relay.test\"",
+                "hostname = \"mail.example.net\"",
+            );
+            assert_ne!(text, changed);
+            std::fs::write(&config, changed).unwrap();
+            d.reload();
+        }
+        send(d.addr, &TO[..2]).await;
+        assert_eq!(upstream.next().await.to, [TO[0]]);
+        d.wait_log("relay_event=\"bounce_queued\"");
+        reports.push(assert_dsn_for(&upstream.next().await, TO[1]));
+    }
+    assert!(
+        reports[0].contains("Reporting-MTA: dns; relay.test\r\n"),
+        "{}",
+        reports[0]
+    );
+    assert!(
+        reports[1].contains("Reporting-MTA: dns; mail.example.net\r\n"),
+        "{}",
+        reports[1]
+    );
+}
