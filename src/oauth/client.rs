@@ -457,20 +457,12 @@ fn redact_json(value: &mut serde_json::Value, secrets: &[String]) {
 }
 
 /// Whether `text`, decoded by JSON's, HTML's and URLs' escapes in turn (up to three layers deep: a JSON string
-/// holding a form body holding…), or any base64 in it decoded, holds a secret.
+/// holding a form body holding…), holds a secret, as it is or base64-encoded.
 fn holds_encoded_secret(text: &str, secrets: &[String]) -> bool {
     let secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET).collect();
-    holds_secret_within(text, &secrets, 2)
-}
-
-fn holds_secret_within(text: &str, secrets: &[&String], base64_layers: u8) -> bool {
-    let found = |t: &str| {
-        secrets.iter().any(|s| t.contains(s.as_str()))
-            || (base64_layers > 0
-                && base64_decodings(t)
-                    .iter()
-                    .any(|d| holds_secret_within(d, secrets, base64_layers - 1)))
-    };
+    let cores: Vec<String> = secrets.iter().flat_map(|s| base64_cores(s)).collect();
+    let found =
+        |t: &str| secrets.iter().any(|s| t.contains(s.as_str())) || holds_base64_core(t, &cores);
     if found(text) {
         return true;
     }
@@ -478,9 +470,12 @@ fn holds_secret_within(text: &str, secrets: &[&String], base64_layers: u8) -> bo
     for _ in 0..3 {
         let before = view.clone();
         for decode in [json_unescape, html_unescape, percent_decode] {
-            view = decode(&view);
-            if found(&view) {
-                return true;
+            let next = decode(&view);
+            if next != view {
+                if found(&next) {
+                    return true;
+                }
+                view = next;
             }
         }
         if view == before {
@@ -490,47 +485,39 @@ fn holds_secret_within(text: &str, secrets: &[&String], base64_layers: u8) -> bo
     false
 }
 
-/// Base64 anywhere in `text`, decoded: a gateway may echo the request body base64-encoded (AWS API Gateway's
-/// `isBase64Encoded`), in either alphabet, padded or not, wrapped over lines. Each run of the alphabet (spaces
-/// and line breaks inside it skipped) is decoded from each of its first four characters: words joined onto the
-/// front of the encoded part would otherwise shift it out of step.
-fn base64_decodings(text: &str) -> Vec<String> {
+/// What base64 text holding `secret` must contain, for each of the three offsets the secret can have in it (a
+/// gateway may echo the request body base64-encoded: AWS API Gateway's `isBase64Encoded`). The characters that
+/// also carry bits of the bytes around the secret differ from one encoding to the next; those between are fixed.
+/// Encoding the secret keeps the check linear in the reply; decoding every run of the reply's base64 alphabet
+/// from every offset, and each result again, did not.
+fn base64_cores(secret: &str) -> Vec<String> {
     use base64::Engine;
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    const ENGINE: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new()
-            .with_decode_padding_mode(DecodePaddingMode::RequireNone)
-            .with_decode_allow_trailing_bits(true),
-    );
-    // The shortest secret looked for (MIN_SECRET bytes) takes 8 characters.
-    const SHORTEST: usize = 8;
-    let mut decoded = Vec::new();
-    let mut run = String::new();
-    let mut flush = |run: &mut String| {
-        if run.len() >= SHORTEST {
-            for offset in 0..4 {
-                let part = &run[offset..];
-                // A length of 4n + 1 is never whole base64: the last character is dropped.
-                let part = &part[..part.len() - usize::from(part.len() % 4 == 1)];
-                if let Ok(bytes) = ENGINE.decode(part) {
-                    decoded.push(String::from_utf8_lossy(&bytes).into_owned());
-                }
-            }
-        }
-        run.clear();
-    };
-    for c in text.chars() {
-        match c {
-            'A'..='Z' | 'a'..='z' | '0'..='9' | '+' | '/' => run.push(c),
-            '-' => run.push('+'),
-            '_' => run.push('/'),
-            ' ' | '\t' | '\r' | '\n' => {}
-            _ => flush(&mut run),
-        }
-    }
-    flush(&mut run);
-    decoded
+    (0..3)
+        .filter_map(|offset| {
+            let mut bytes = vec![0u8; offset];
+            bytes.extend_from_slice(secret.as_bytes());
+            let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&bytes);
+            // From the first character with no bit of the prefix to the last with every bit from the secret.
+            let first = (8 * offset).div_ceil(6);
+            let last = 8 * bytes.len() / 6;
+            encoded.get(first..last).map(str::to_string)
+        })
+        .collect()
+}
+
+/// Whether `text` holds one of `cores` (see [`base64_cores`]) as base64 text, in either alphabet, wrapped over
+/// lines or not.
+fn holds_base64_core(text: &str, cores: &[String]) -> bool {
+    let squeezed: String = text
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '\t' | '\r' | '\n'))
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    cores.iter().any(|core| squeezed.contains(core.as_str()))
 }
 
 /// JSON's backslash escapes decoded wherever they appear (in a reply that is not JSON as a whole, too: a page
@@ -822,11 +809,13 @@ mod tests {
             assert_eq!(quotable(body, &secrets), WITHHELD, "{body}");
         }
         // Base64 of the request, as a gateway echoes a body it holds as binary: either alphabet, padded or
-        // not, wrapped over lines, after any text, holding the form-encoded secret.
+        // not, wrapped over lines, after any text, holding the secret form-encoded (as relay sent it), at each
+        // of the three offsets.
         use base64::Engine;
-        let form =
-            "grant_type=refresh_token&client_id=cid&client_secret=Ab%2Bcd%2Fef%3Dgh%7E12%3A34";
-        let standard = base64::engine::general_purpose::STANDARD.encode(form);
+        let encoded: String = form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
+        let secrets = vec![SECRET.to_string(), encoded.clone()];
+        let form = format!("grant_type=refresh_token&client_id=cid&client_secret={encoded}");
+        let standard = base64::engine::general_purpose::STANDARD.encode(&form);
         let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("x{form}"));
         let wrapped = standard
             .as_bytes()
@@ -834,20 +823,34 @@ mod tests {
             .map(|l| String::from_utf8_lossy(l).into_owned())
             .collect::<Vec<_>>()
             .join("\r\n");
+        let shifted =
+            |pad: &str| base64::engine::general_purpose::STANDARD.encode(format!("{pad}{form}"));
         for body in [
             format!(r#"{{"isBase64Encoded":true,"body":"{standard}"}}"#),
+            shifted("a"),
+            shifted("ab"),
             format!("request body was {url_safe} (rejected)"),
             format!("<pre>\r\n{wrapped}\r\n</pre>"),
-            format!(
-                r#"{{"echo":"{}"}}"#,
-                base64::engine::general_purpose::STANDARD.encode(&standard)
-            ),
         ] {
             assert_eq!(quotable(&body, &secrets), WITHHELD, "{body}");
         }
         // Without a secret in it, a reply that is not JSON is quoted as it came, escapes and all.
         let page = r#"<p>a \/ b &amp; c %2F d \u002B</p>"#;
         assert_eq!(quotable(page, &secrets), page);
+    }
+
+    /// A block page with an inline image (a megabyte of base64) and escapes nested in it is looked through once
+    /// per decoded view: the check stays linear in the reply (decoding each base64 run and each result again
+    /// took seconds of a worker thread).
+    #[test]
+    fn a_large_base64_page_is_looked_through_once() {
+        use base64::Engine;
+        let image = base64::engine::general_purpose::STANDARD.encode(vec![0x89u8; 700 * 1024]);
+        let page = format!(
+            "<html><img src=\"data:image/png;base64,{image}\">%2525252F &amp;amp; \\u0026</html>"
+        );
+        let secrets = vec!["Ab+cd/ef=gh~12:34".to_string()];
+        assert_eq!(quotable(&page, &secrets).len(), page.len());
     }
 
     #[test]
