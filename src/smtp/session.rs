@@ -53,9 +53,10 @@ const MAX_ERRORS: u32 = 10;
 const MAX_JUNK: u32 = 100;
 /// Failed AUTH attempts before we hang up; each one is also delayed by the connection code.
 const MAX_AUTH_FAILURES: u32 = 3;
-/// Recipients past `max_recipients` answered 452 before each further one counts as an error (Postfix's
-/// `smtpd_recipient_overshoot_limit`).
-const RECIPIENT_OVERSHOOT: u32 = 1000;
+/// Recipients given again or past `max_recipients` (answered 452) in one transaction before each further one
+/// counts as an error, so that a RCPT loop ends too. Far above Postfix's `smtpd_recipient_overshoot_limit` (1000,
+/// with 20 errors after it): a long list sent in one go (the union of overlapping lists) must never be cut off.
+const RECIPIENT_SURPLUS: u32 = 10_000;
 
 /// What a listener allows; shared by all its sessions.
 #[derive(Debug, Clone)]
@@ -141,8 +142,8 @@ pub struct Session {
     crlf_client: bool,
     /// Junk commands since the last message (see [`MAX_JUNK`]).
     junk: u32,
-    /// Recipients refused as too many in this transaction (see [`RECIPIENT_OVERSHOOT`]).
-    overshoot: u32,
+    /// Recipients given again or refused as too many in this transaction (see [`RECIPIENT_SURPLUS`]).
+    surplus: u32,
 }
 
 struct DataState {
@@ -170,7 +171,7 @@ impl Session {
             last: None,
             crlf_client: false,
             junk: 0,
-            overshoot: 0,
+            surplus: 0,
         }
     }
 
@@ -387,6 +388,16 @@ impl Session {
         }
     }
 
+    /// A recipient that adds none to the message: answered, and past [`RECIPIENT_SURPLUS`] in the transaction
+    /// counted as an error.
+    fn surplus(&mut self, reply: Reply) -> Step {
+        self.surplus += 1;
+        if self.surplus > RECIPIENT_SURPLUS {
+            return self.error(reply);
+        }
+        Step::Reply(reply)
+    }
+
     /// A command that moves no mail: answered, and past [`MAX_JUNK`] since the last message counted as an error.
     fn junk(&mut self, reply: Reply) -> Step {
         self.junk += 1;
@@ -474,7 +485,7 @@ impl Session {
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
         }
-        self.overshoot = 0;
+        self.surplus = 0;
         self.txn = Some(Transaction {
             sender: sender.to_string(),
             recipients: Vec::new(),
@@ -501,17 +512,11 @@ impl Session {
             .iter()
             .any(|r| r.eq_ignore_ascii_case(recipient))
         {
-            return self.junk(Reply::new(250, "2.1.5", "Ok"));
+            return self.surplus(Reply::new(250, "2.1.5", "Ok"));
         }
         if txn.recipients.len() >= max {
-            // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later. A
-            // client may send all it has first: only past Postfix's overshoot limit is each one an error.
-            self.overshoot += 1;
-            let reply = Reply::new(452, "4.5.3", "Too many recipients");
-            if self.overshoot > RECIPIENT_OVERSHOOT {
-                return self.error(reply);
-            }
-            return Step::Reply(reply);
+            // RFC 5321 section 4.5.3.1.10: 452 for too many recipients, so the client sends the rest later.
+            return self.surplus(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         txn.recipients.push(recipient.to_string());
         Step::Reply(Reply::new(250, "2.1.5", "Ok"))
@@ -626,7 +631,10 @@ impl Session {
         self.end_data();
         match result {
             Ok(id) => {
+                // Postfix's error limit is on errors "without delivering mail": a pooled connection that sends
+                // message after message is not cut off by one error in each.
                 self.junk = 0;
+                self.errors = 0;
                 Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
             }
             // RFC 3463: 4.3.1 "mail system full"; the client keeps the message and tries again.
