@@ -508,9 +508,10 @@ async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
     let mut upstream = FakeUpstream::start(&["A1"]).await;
     let dir = tempfile::tempdir().unwrap();
     let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");
+    let metrics = free_port();
     let config = write_config_with(
         dir.path(),
-        &top,
+        &format!("{top}\n[metrics]\naddress = \"127.0.0.1:{metrics}\"\n"),
         "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
     );
     // An hour-long token with five minutes left: inside the renewal window, so both processes renew at once.
@@ -573,6 +574,26 @@ async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
             .refresh_token
             .map(|r| secrecy::ExposeSecret::expose_secret(&r).to_string()),
         Some("R2".to_string())
+    );
+    // Counted as the account's renewal (an open refresh-failure alert closes on it too).
+    let scraped = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", metrics))
+            .await
+            .unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(LIMIT, conn.read_to_string(&mut text))
+            .await
+            .expect("metrics in time")
+            .unwrap();
+        text
+    };
+    assert!(
+        scraped.contains("relay_token_refreshes_total{account=\"office\"} 1\n"),
+        "{scraped}"
     );
     // The daemon delivers with the token `relay test` obtained.
     send_message(daemon.addr, b"Subject: after\r\n\r\nbody\r\n").await;

@@ -8,6 +8,7 @@
 pub mod seal;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
@@ -338,13 +339,32 @@ impl AccountTokens {
 
     /// Takes on the tokens that `old` (this account before a reload rebuilt it) could not save, so that the
     /// rebuilt account does not go back to the file's older grant. `old` keeps them too, for the attempts that
-    /// still run on it.
-    pub async fn copy_unsaved_from(&self, old: &AccountTokens) {
-        let from = old.state.lock().await;
+    /// still run on it. A renewal in flight on `old` may hold it for up to a minute and a half (its wait for
+    /// another process's renewal, then its own request): the reload, which runs on the daemon's main loop, does not
+    /// wait for it; the copy is made when the renewal ends, unless this account has moved on by then.
+    pub async fn copy_unsaved_from(self: &Arc<Self>, old: &Arc<AccountTokens>) {
+        const PATIENCE: Duration = Duration::from_millis(200);
+        match tokio::time::timeout(PATIENCE, old.state.lock()).await {
+            Ok(from) => self.take_unsaved(&from).await,
+            Err(_) => {
+                let (to, old) = (self.clone(), old.clone());
+                tokio::spawn(async move {
+                    let from = old.state.lock().await;
+                    to.take_unsaved(&from).await;
+                });
+            }
+        }
+    }
+
+    async fn take_unsaved(&self, from: &State) {
         if !from.unsaved {
             return;
         }
         let mut to = self.state.lock().await;
+        // Moved on: it read another file, or renewed (and saved) on its own.
+        if to.tokens.is_some() && (to.unsaved || to.file_hash != from.file_hash) {
+            return;
+        }
         to.tokens = from.tokens.clone();
         to.file_mtime = from.file_mtime;
         to.file_hash = from.file_hash;
@@ -426,7 +446,11 @@ impl AccountTokens {
             && t.obtained_at >= asked
             && SystemTime::now() < t.expires_at
         {
-            tracing::info!(relay_account = %self.name, "another relay process renewed the token meanwhile; using its token");
+            tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, "another relay process renewed the token meanwhile; using its token");
+            // A renewal all the same: the alerts' open refresh failure closes, the metrics count it.
+            crate::events::emit(crate::events::Event::TokenRefreshed {
+                account: &self.name,
+            });
             *self.failed_lock() = None;
             return Ok(t.access_token.clone());
         }
