@@ -1097,3 +1097,61 @@ async fn token_requests(idp: &MockServer) -> usize {
         .filter(|r| r.url.path() == "/token")
         .count()
 }
+
+/// relay stopping (`systemctl stop`, a restart after an upgrade) while it renews an account's grant lets the
+/// renewal finish and saves it: aborted between the provider's answer and the save, a rotated refresh token is
+/// lost, and with a provider that rotates strictly, the grant with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
+    let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
+    let upstream = FakeUpstream::start(&["A1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    );
+    // Five minutes left of an hour-long token: the refresher renews it at start.
+    let now = SystemTime::now();
+    let store = relay::tokens::TokenStore::new(&dir.path().join("state"));
+    store
+        .save(
+            "office",
+            &relay::tokens::StoredTokens {
+                access_token: "A0".to_string().into(),
+                expires_at: now + Duration::from_secs(300),
+                obtained_at: now - Duration::from_secs(3300),
+                refresh_token: Some("R1".to_string().into()),
+                last_refresh: Some(now - Duration::from_secs(3300)),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    assert_eq!(endpoint.next_ask().await, "R1");
+    // SAFETY: kill with the pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
+    let daemon = tokio::task::spawn_blocking(move || {
+        daemon.wait_log("waiting for a token renewal under way to finish");
+        daemon
+    })
+    .await
+    .unwrap();
+    endpoint.release.take().unwrap().send(()).unwrap();
+    let status = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let saved = store.load("office").unwrap().unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(saved.access_token.expose_secret(), "A1");
+    assert_eq!(
+        saved
+            .refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_string()),
+        Some("R2".to_string())
+    );
+}

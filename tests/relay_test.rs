@@ -401,110 +401,13 @@ async fn a_test_through_an_upstream_without_bdat_goes_through_data() {
     assert_eq!(got.to, ["ops@example.com"]);
 }
 
-/// A token endpoint that rotates refresh tokens strictly, as Okta, Auth0 and Keycloak can be set to: each
-/// refresh token is good once, and one presented again is refused with `invalid_grant` (a provider with reuse
-/// detection then revokes the whole grant). The first request is held until the test releases it. Each request's
-/// refresh token is sent on `asked`.
-struct RotatingEndpoint {
-    url: String,
-    asked: tokio::sync::mpsc::UnboundedReceiver<String>,
-    release: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl RotatingEndpoint {
-    async fn start(first_refresh: &str) -> RotatingEndpoint {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (asked_tx, asked) = tokio::sync::mpsc::unbounded_channel();
-        let (release, held) = tokio::sync::oneshot::channel::<()>();
-        let live = std::sync::Arc::new(std::sync::Mutex::new((first_refresh.to_string(), 0u32)));
-        tokio::spawn(async move {
-            let mut held = Some(held);
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then as much body as Content-Length says.
-                let body = loop {
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        break None;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&request).into_owned();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse::<usize>().ok())?
-                            })
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + length {
-                            break Some(text[end + 4..end + 4 + length].to_string());
-                        }
-                    }
-                };
-                let Some(body) = body else { continue };
-                let presented = form_urlencoded::parse(body.as_bytes())
-                    .find(|(k, _)| k == "refresh_token")
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default();
-                asked_tx.send(presented.clone()).ok();
-                if let Some(held) = held.take() {
-                    let _ = tokio::time::timeout(LIMIT, held).await;
-                }
-                let (status, json) = {
-                    let mut live = live.lock().unwrap();
-                    if presented == live.0 {
-                        live.1 += 1;
-                        live.0 = format!("R{}", live.1 + 1);
-                        (
-                            "200 OK",
-                            format!(
-                                r#"{{"token_type":"Bearer","scope":"smtp","expires_in":3600,"access_token":"A{}","refresh_token":"{}"}}"#,
-                                live.1, live.0
-                            ),
-                        )
-                    } else {
-                        (
-                            "400 Bad Request",
-                            r#"{"error":"invalid_grant","error_description":"The refresh token has already been used."}"#
-                                .to_string(),
-                        )
-                    }
-                };
-                let reply = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-                    json.len()
-                );
-                conn.write_all(reply.as_bytes()).await.ok();
-                conn.shutdown().await.ok();
-            }
-        });
-        RotatingEndpoint {
-            url,
-            asked,
-            release: Some(release),
-        }
-    }
-
-    async fn next_ask(&mut self) -> String {
-        tokio::time::timeout(LIMIT, self.asked.recv())
-            .await
-            .expect("a token request in time")
-            .expect("the endpoint runs")
-    }
-}
-
 /// `relay test` renewing an account's grant while the daemon wants to renew it too: one renewal, not two. Two
 /// renewals of one grant at once present the same refresh token twice; a provider that rotates strictly takes
 /// the first and refuses the second (and may revoke the grant). The daemon waits for `relay test`'s renewal and
 /// takes the token it saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
-    let mut endpoint = RotatingEndpoint::start("R1").await;
+    let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
     let mut upstream = FakeUpstream::start(&["A1"]).await;
     let dir = tempfile::tempdir().unwrap();
     let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");

@@ -91,6 +91,9 @@ const RENEW_RETRY: Duration = Duration::from_secs(30);
 /// How long a renewal waits for another process's renewal of the same grant: longer than that one's token
 /// request may take (30 s), with room for its save.
 const RENEWAL_WAIT: Duration = Duration::from_secs(60);
+/// How long a stopping refresher lets a renewal under way finish: within the daemon's drain (30 s), which
+/// aborts what is left.
+const RENEWAL_FINISH: Duration = Duration::from_secs(25);
 
 impl AccountTokens {
     pub fn new(
@@ -659,14 +662,20 @@ pub async fn refresher(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let renewing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for account in accounts.iter().cloned() {
         let mut stop = stop.clone();
+        let renewing = renewing.clone();
         tasks.spawn(async move {
             let mut backoff = FIRST_BACKOFF;
             // Tokens a refresh could not save are saved again soon, not only at the next refresh (up to an hour
             // away): the admin who fixes the file's directory should not have to wait, nor risk a restart.
             let mut save_backoff = FIRST_BACKOFF;
             loop {
+                // Stopping: no new renewal begins (one that was under way has just ended).
+                if *stop.borrow() {
+                    return;
+                }
                 let due = account
                     .next_due()
                     .await
@@ -687,7 +696,10 @@ pub async fn refresher(
                     }
                     continue;
                 }
-                match account.force_refresh().await {
+                renewing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let renewed = account.force_refresh().await;
+                renewing.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                match renewed {
                     Ok(_) => backoff = FIRST_BACKOFF,
                     Err(TokenError::NeedsAuthorization(_)) => {
                         // Wait for `relay authorize`: next_due rereads the file.
@@ -714,7 +726,22 @@ pub async fn refresher(
         });
     }
     let _ = stop.wait_for(|s| *s).await;
-    tasks.shutdown().await;
+    if renewing.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        tracing::info!(
+            "waiting for a token renewal under way to finish before the refresher stops"
+        );
+    }
+    // A renewal under way is let finish (each task stops at its next wait): aborted between the provider's
+    // answer and the save, a rotated refresh token would be lost, and with a provider that rotates strictly, the
+    // grant with it. Bounded, for a shutdown that systemd times.
+    let finished = tokio::time::timeout(RENEWAL_FINISH, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!("a token renewal still under way is abandoned as relay stops");
+        tasks.shutdown().await;
+    }
     // A last chance before the tokens in memory are gone (relay stops, or a reload removed the account; one that
     // a reload rebuilt has its unsaved tokens copied to the new one).
     for account in &accounts {
