@@ -507,6 +507,47 @@ async fn gmail_resumable_upload_starts_again_when_google_says_so() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// A server error to a resumable chunk (Google's front end failing after its back end took the bytes): relay
+/// asks the session what it holds and goes on from there, in the same attempt. After the last chunk the session
+/// says the message was sent: it is delivered once, not uploaded again in a new session (which sent it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gmail_resumable_upload_resumes_after_a_server_error_and_never_sends_twice() {
+    let (_idp, api, mut d, dir) = daemon_through_api("google").await;
+    let (msg, _) = scan(4_500_000);
+    for (n, chunks) in [
+        vec![Chunk::TakenButFails(503)],
+        vec![Chunk::Taken, Chunk::TakenButFails(500)],
+        vec![Chunk::Keeps(1000), Chunk::TakenButFails(502), Chunk::Taken],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        api.script_chunks(chunks.clone());
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        let delivered = d.wait_log("relay_event=\"delivered\"");
+        assert!(
+            delivered.contains("Gmail API 200 id"),
+            "{chunks:?}: {delivered}"
+        );
+        let sent = api.sent(n + 1).await;
+        assert_eq!(sent.len(), n + 1, "{chunks:?}: sent twice");
+        assert!(
+            strip_received(&sent[n].mime) == &msg[..],
+            "changed on the way"
+        );
+    }
+    let deferred: Vec<&String> = d
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("relay_event=\"deferred\""))
+        .collect();
+    assert!(deferred.is_empty(), "{deferred:?}");
+    let sent = api.sent(3).await;
+    none_dead_nor_bounced(&d, dir.path(), &sent);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 #[tokio::test]
 async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
     let (_idp, api, mut relay) = relay_through_api("google", "").await;

@@ -1,7 +1,8 @@
 //! Delivery through the Gmail API (`users.messages.send`), the queued bytes as raw RFC 5322: a simple media
 //! upload up to 5 MiB, a resumable upload in chunks above that, up to Gmail's 35 MB. Gmail takes the recipients
 //! from the headers: envelope recipients the headers do not name (Bcc) are added as a `Bcc:` line, which Gmail
-//! removes before delivery.
+//! removes before delivery. A resumable chunk that fails (a server error, no answer) is followed by a status query,
+//! as Google advises: the upload goes on where the session says, and one the session holds whole was sent.
 
 use std::collections::HashSet;
 
@@ -113,6 +114,7 @@ impl GmailUpstream {
             ));
         };
         let mut at = 0usize;
+        let mut recoveries = 0;
         loop {
             let end = (at + CHUNK).min(total);
             // One chunk at a time from the queue file: a 35 MB message never sits in memory whole.
@@ -129,9 +131,23 @@ impl GmailUpstream {
                 .body(chunk)
                 .send()
                 .await;
+            // A chunk without an answer, or with a server error: Google's advice is to ask the session what it
+            // holds and go on from there. After the last chunk, it may hold the whole message, sent: uploading
+            // it again in a new session would send it twice.
+            let mut resumed = false;
             let r = match resp {
-                Ok(r) => r,
-                Err(e) => return Ok(Err(e)),
+                Ok(r) if !is_server_error(r.status().as_u16()) => r,
+                failed => {
+                    resumed = true;
+                    if recoveries == MAX_RECOVERIES {
+                        return Ok(failed);
+                    }
+                    recoveries += 1;
+                    match self.status(token, &session, total).await {
+                        Some(r) => r,
+                        None => return Ok(failed),
+                    }
+                }
             };
             match r.status().as_u16() {
                 // "Resume Incomplete": `Range` says how much of the upload the session holds, and the rest goes
@@ -139,6 +155,8 @@ impl GmailUpstream {
                 // Only a session that holds more than before goes on, so the loop ends.
                 308 => match held(r.headers()) {
                     Some(held) if held > at && held <= end && held < total => at = held,
+                    // After a failed chunk: wherever the session says (bounded by MAX_RECOVERIES).
+                    Some(held) if resumed && held < total => at = held,
                     held => {
                         let holds = match held {
                             Some(h) => format!("the upload session holds {h} of the {total} bytes"),
@@ -160,6 +178,49 @@ impl GmailUpstream {
                 _ => return Ok(Ok(r)),
             }
         }
+    }
+}
+
+/// Status queries after failed chunks in one upload: each may find a little more held, and the upload must end.
+const MAX_RECOVERIES: u32 = 5;
+/// Waits before each status query after a failed chunk.
+const STATUS_WAITS: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(5),
+];
+
+fn is_server_error(status: u16) -> bool {
+    matches!(status, 500 | 502 | 503 | 504)
+}
+
+impl GmailUpstream {
+    /// Asks an upload session what it holds (`Content-Range: bytes */TOTAL`, no body): a 308 with what it holds,
+    /// the send's answer if the upload was complete, 404/410 if the session is gone. None if it does not answer
+    /// with one of those after a few tries.
+    async fn status(
+        &self,
+        token: &SecretString,
+        session: &str,
+        total: usize,
+    ) -> Option<reqwest::Response> {
+        for wait in STATUS_WAITS {
+            tokio::time::sleep(wait).await;
+            let asked = self
+                .http
+                .put(session)
+                .bearer_auth(token.expose_secret())
+                .header(reqwest::header::CONTENT_RANGE, format!("bytes */{total}"))
+                .header(reqwest::header::CONTENT_LENGTH, 0)
+                .timeout(time_for(0))
+                .send()
+                .await;
+            match asked {
+                Ok(r) if !is_server_error(r.status().as_u16()) => return Some(r),
+                _ => {}
+            }
+        }
+        None
     }
 }
 

@@ -55,6 +55,8 @@ struct State {
     chunks: VecDeque<Chunk>,
     /// Every request's method and path, in order.
     log: Vec<(String, String, SystemTime)>,
+    /// Resumable sessions whose upload is complete: a status query is answered with the send's reply.
+    completed: std::collections::HashSet<String>,
     errors: Vec<String>,
 }
 
@@ -69,6 +71,9 @@ pub enum Chunk {
     /// Only the chunk's first `n` bytes kept: 308 with `Range` for what the session holds (none: no `Range`),
     /// whether or not it was the last chunk.
     Keeps(usize),
+    /// Taken whole (after the last chunk: the message sent), but answered with this server error, as when
+    /// Google's front end fails after its back end took the bytes. A status query then says what happened.
+    TakenButFails(u16),
 }
 
 pub struct FakeApi {
@@ -441,6 +446,31 @@ fn gmail_start(s: &mut State, req: &Request, uri: &str) -> Reply {
 
 fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
     let bad = |m: &str| graph_error(400, "badRequest", m);
+    // A status query (`Content-Range: bytes */TOTAL`, no body): what the session holds, or the send's answer.
+    let range = req
+        .headers
+        .get("content-range")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if range.starts_with("bytes */") {
+        if !req.body.is_empty() {
+            return Err(bad("a status query has no body"));
+        }
+        if s.completed.contains(id) {
+            return Ok(ResponseTemplate::new(200).set_body_json(
+                serde_json::json!({"id": "18c0ffee", "threadId": "18c0ffee", "labelIds": ["SENT"]}),
+            ));
+        }
+        let u = s
+            .uploads
+            .get(id)
+            .ok_or_else(|| ResponseTemplate::new(404))?;
+        let resume = ResponseTemplate::new(308);
+        return Ok(match u.bytes.len() {
+            0 => resume,
+            n => resume.insert_header("Range", format!("bytes=0-{}", n - 1).as_str()),
+        });
+    }
     let (a, b, total) = content_range(req).ok_or_else(|| bad("Content-Range"))?;
     let fate = s.chunks.pop_front().unwrap_or(Chunk::Taken);
     let u = s
@@ -461,9 +491,17 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
             return Ok(ResponseTemplate::new(status));
         }
         Chunk::Keeps(n) => n.min(req.body.len()),
-        Chunk::Taken => req.body.len(),
+        Chunk::Taken | Chunk::TakenButFails(_) => req.body.len(),
     };
     u.bytes.extend_from_slice(&req.body[..kept]);
+    if let Chunk::TakenButFails(status) = fate {
+        if u.bytes.len() == u.size {
+            let u = s.uploads.remove(id).unwrap();
+            s.completed.insert(id.to_string());
+            gmail_sent(s, u.bytes, "resumable")?;
+        }
+        return Ok(ResponseTemplate::new(status));
+    }
     if u.bytes.len() < u.size {
         let resume = ResponseTemplate::new(308);
         return Ok(match u.bytes.len() {
@@ -472,6 +510,7 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
         });
     }
     let u = s.uploads.remove(id).unwrap();
+    s.completed.insert(id.to_string());
     gmail_sent(s, u.bytes, "resumable")
 }
 
