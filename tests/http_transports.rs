@@ -148,6 +148,16 @@ fn deferred_saying(d: &mut Daemon, words: &[&str]) -> String {
     line
 }
 
+/// No deferral among the log lines read so far.
+fn none_deferred(d: &Daemon) {
+    let deferred: Vec<&String> = d
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("relay_event=\"deferred\""))
+        .collect();
+    assert!(deferred.is_empty(), "{deferred:?}");
+}
+
 /// Nothing went to dead/ and nobody was bounced: `sent` (all the fake got) are the messages, no report among them.
 fn none_dead_nor_bounced(d: &Daemon, dir: &std::path::Path, sent: &[common::http_api::Sent]) {
     let dead = files_in(&dir.join("state"), "dead");
@@ -496,12 +506,7 @@ async fn gmail_resumable_upload_starts_again_when_google_says_so() {
         "changed on the way"
     );
     d.wait_log("relay_event=\"delivered\"");
-    let deferred: Vec<&String> = d
-        .unmatched()
-        .iter()
-        .filter(|l| l.contains("relay_event=\"deferred\""))
-        .collect();
-    assert!(deferred.is_empty(), "{deferred:?}");
+    none_deferred(&d);
     none_dead_nor_bounced(&d, dir.path(), &sent);
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));
@@ -536,12 +541,7 @@ async fn gmail_resumable_upload_resumes_after_a_server_error_and_never_sends_twi
             "changed on the way"
         );
     }
-    let deferred: Vec<&String> = d
-        .unmatched()
-        .iter()
-        .filter(|l| l.contains("relay_event=\"deferred\""))
-        .collect();
-    assert!(deferred.is_empty(), "{deferred:?}");
+    none_deferred(&d);
     let sent = api.sent(3).await;
     none_dead_nor_bounced(&d, dir.path(), &sent);
     assert!(api.errors().is_empty(), "{:?}", api.errors());
