@@ -197,16 +197,11 @@ impl Metrics {
         }
     }
 
-    fn knows(&self, account: &str) -> bool {
-        self.accounts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(account)
-    }
-
     pub fn record(&self, event: &Event<'_>) {
-        // Not counted per account: an account no longer configured, whose series a reload removed.
-        let gone = |account: Option<&str>| account.is_some_and(|a| !self.knows(a));
+        // Not counted per account: an account no longer configured, whose series a reload removed. Held until the
+        // count is made: a reload removing the account in between would bring its series back.
+        let known = self.accounts.read().unwrap_or_else(|p| p.into_inner());
+        let gone = |account: Option<&str>| account.is_some_and(|a| !known.contains(a));
         let account = match *event {
             Event::Accepted { .. } => None,
             Event::Delivered { account, .. }
