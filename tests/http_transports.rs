@@ -523,10 +523,15 @@ async fn gmail_resumable_upload_resumes_after_a_server_error_and_never_sends_twi
         vec![Chunk::TakenButFails(503)],
         vec![Chunk::Taken, Chunk::TakenButFails(500)],
         vec![Chunk::Keeps(1000), Chunk::TakenButFails(502), Chunk::Taken],
+        // The first status query refused (a proxy's 400): not the message's refusal; the next one answers.
+        vec![Chunk::TakenButFails(503)],
     ]
     .into_iter()
     .enumerate()
     {
+        if n == 3 {
+            api.script_status_replies(vec![400]);
+        }
         api.script_chunks(chunks.clone());
         send_to(d.addr, &["ops@example.test"], &msg).await;
         let delivered = d.wait_log("relay_event=\"delivered\"");
@@ -542,7 +547,7 @@ async fn gmail_resumable_upload_resumes_after_a_server_error_and_never_sends_twi
         );
     }
     none_deferred(&d);
-    let sent = api.sent(3).await;
+    let sent = api.sent(4).await;
     none_dead_nor_bounced(&d, dir.path(), &sent);
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));

@@ -458,7 +458,7 @@ async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
     assert!(printed.contains("delivered: 250"), "{printed}");
     upstream.next().await;
     let daemon = tokio::task::spawn_blocking(move || {
-        daemon.wait_log("another relay process renewed the token meanwhile; using its token");
+        daemon.wait_log("the token was renewed meanwhile, by another relay process");
         daemon
     })
     .await

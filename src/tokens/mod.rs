@@ -38,6 +38,10 @@ pub enum TokenError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// relay is stopping (or a reload replaced the account): no renewal begins that could be cut off before its
+    /// answer is saved.
+    #[error("account {0}: relay is stopping; the token is renewed after it starts again")]
+    Stopping(String),
     /// The last renewal failed moments ago, with these words: not asked again for every message.
     #[error("{0} (renewal failed moments ago; asked again within 30 s, not for every message)")]
     RecentlyFailed(String),
@@ -51,7 +55,7 @@ impl TokenError {
             TokenError::OAuth { source, .. } => {
                 source.is_transient() || source.needs_authorization()
             }
-            TokenError::Store(_) | TokenError::RecentlyFailed(_) => true,
+            TokenError::Store(_) | TokenError::RecentlyFailed(_) | TokenError::Stopping(_) => true,
         }
     }
 }
@@ -61,7 +65,8 @@ pub struct AccountTokens {
     renewal: Renewal,
     client: TokenClient,
     store: TokenStore,
-    state: Mutex<State>,
+    /// In an Arc so that a reload's copy of an unsaved grant can hold it from a task (see `copy_unsaved_from`).
+    state: Arc<Mutex<State>>,
     /// A token for another resource (Graph, when it is the fallback): in memory only, renewed from the same
     /// grant when needed.
     scoped: Mutex<Option<(String, SecretString, SystemTime)>>,
@@ -70,6 +75,8 @@ pub struct AccountTokens {
     failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// How its rewritten files reach the daemon, for the fix advice on a refused grant.
     rotation: crate::config::Rotation,
+    /// Set when the account's refresher stops (relay stops, or a reload replaced the account).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -91,9 +98,9 @@ const RENEW_RETRY: Duration = Duration::from_secs(30);
 /// How long a renewal waits for another process's renewal of the same grant: longer than that one's token
 /// request may take (30 s), with room for its save.
 const RENEWAL_WAIT: Duration = Duration::from_secs(60);
-/// How long a stopping refresher lets a renewal under way finish: within the daemon's drain (30 s), which
-/// aborts what is left.
-const RENEWAL_FINISH: Duration = Duration::from_secs(25);
+/// How long a stopping refresher lets a renewal under way finish: a token request's timeout (30 s), within the
+/// daemon's drain (30 s), which aborts what is left.
+const RENEWAL_FINISH: Duration = Duration::from_secs(30);
 
 impl AccountTokens {
     pub fn new(
@@ -107,10 +114,11 @@ impl AccountTokens {
             renewal,
             client,
             store,
-            state: Mutex::new(State::default()),
+            state: Arc::new(Mutex::new(State::default())),
             scoped: Mutex::new(None),
             failed: std::sync::Mutex::new(None),
             rotation: crate::config::Rotation::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -342,36 +350,24 @@ impl AccountTokens {
 
     /// Takes on the tokens that `old` (this account before a reload rebuilt it) could not save, so that the
     /// rebuilt account does not go back to the file's older grant. `old` keeps them too, for the attempts that
-    /// still run on it. A renewal in flight on `old` may hold it for up to a minute and a half (its wait for
-    /// another process's renewal, then its own request): the reload, which runs on the daemon's main loop, does not
-    /// wait for it; the copy is made when the renewal ends, unless this account has moved on by then.
-    pub async fn copy_unsaved_from(self: &Arc<Self>, old: &Arc<AccountTokens>) {
+    /// still run on it. Called before the rebuilt account is used: its state is taken first, so that nothing on it
+    /// (its refresher, a delivery) renews before the copy. A renewal in flight on `old` may hold it for up to a
+    /// minute and a half (its wait for another process's renewal, then its own request): the reload, which runs
+    /// on the daemon's main loop, does not wait for that; a task makes the copy when the renewal ends, and the
+    /// rebuilt account waits for it.
+    pub async fn copy_unsaved_from(&self, old: &Arc<AccountTokens>) {
         const PATIENCE: Duration = Duration::from_millis(200);
+        let mut to = self.state.clone().lock_owned().await;
         match tokio::time::timeout(PATIENCE, old.state.lock()).await {
-            Ok(from) => self.take_unsaved(&from).await,
+            Ok(from) => take_unsaved(&mut to, &from),
             Err(_) => {
-                let (to, old) = (self.clone(), old.clone());
+                let old = old.clone();
                 tokio::spawn(async move {
                     let from = old.state.lock().await;
-                    to.take_unsaved(&from).await;
+                    take_unsaved(&mut to, &from);
                 });
             }
         }
-    }
-
-    async fn take_unsaved(&self, from: &State) {
-        if !from.unsaved {
-            return;
-        }
-        let mut to = self.state.lock().await;
-        // Moved on: it read another file, or renewed (and saved) on its own.
-        if to.tokens.is_some() && (to.unsaved || to.file_hash != from.file_hash) {
-            return;
-        }
-        to.tokens = from.tokens.clone();
-        to.file_mtime = from.file_mtime;
-        to.file_hash = from.file_hash;
-        to.unsaved = true;
     }
 
     /// Whether the account holds tokens that could not be saved yet.
@@ -449,13 +445,18 @@ impl AccountTokens {
             && t.obtained_at >= asked
             && SystemTime::now() < t.expires_at
         {
-            tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, "another relay process renewed the token meanwhile; using its token");
+            tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, "the token was renewed meanwhile, by another relay process (or by this one before a reload); using it");
             // A renewal all the same: the alerts' open refresh failure closes, the metrics count it.
             crate::events::emit(crate::events::Event::TokenRefreshed {
                 account: &self.name,
             });
             *self.failed_lock() = None;
             return Ok(t.access_token.clone());
+        }
+        // Stop came while this renewal waited (for the lock, or another's renewal): a request begun now could be
+        // cut off by the stop's bound after the provider rotated the grant, before its answer is saved.
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TokenError::Stopping(self.name.clone()));
         }
         let previous = state.tokens.clone();
         if self.renewal.is_interactive() && previous.as_ref().is_some_and(|t| t.needs_authorization)
@@ -644,6 +645,18 @@ impl AccountTokens {
     }
 }
 
+/// The unsaved grant of `from` (the account before a reload) into `to` (the rebuilt one), unless `to` has moved on:
+/// it read another file, or renewed (and saved) on its own.
+fn take_unsaved(to: &mut State, from: &State) {
+    if !from.unsaved || (to.tokens.is_some() && (to.unsaved || to.file_hash != from.file_hash)) {
+        return;
+    }
+    to.tokens = from.tokens.clone();
+    to.file_mtime = from.file_mtime;
+    to.file_hash = from.file_hash;
+    to.unsaved = true;
+}
+
 /// When a token should be renewed: once min(10 minutes, a quarter of its lifetime) remains.
 fn renew_at(t: &StoredTokens) -> SystemTime {
     let lifetime = t
@@ -726,6 +739,11 @@ pub async fn refresher(
         });
     }
     let _ = stop.wait_for(|s| *s).await;
+    for account in &accounts {
+        account
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if renewing.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         tracing::info!(
             "waiting for a token renewal under way to finish before the refresher stops"

@@ -115,7 +115,16 @@ impl GmailUpstream {
         };
         let mut at = 0usize;
         let mut recoveries = 0;
+        // Each chunk twice (a session may keep part of one), and the chunks a recovery sends again: a server
+        // whose Range creeps forward a byte at a time must not hold the attempt for millions of requests.
+        let mut chunks_left = 2 * total.div_ceil(CHUNK) + 2 * MAX_RECOVERIES as usize;
         loop {
+            if chunks_left == 0 {
+                return Err(Outcome::Transient(format!(
+                    "Gmail API: the upload session took {at} of the {total} bytes after as many chunks as the message has, twice; the next attempt uploads it again in a new session"
+                )));
+            }
+            chunks_left -= 1;
             let end = (at + CHUNK).min(total);
             // One chunk at a time from the queue file: a 35 MB message never sits in memory whole.
             let chunk = read(message, prefix, at..end).await?;
@@ -183,12 +192,14 @@ impl GmailUpstream {
 
 /// Status queries after failed chunks in one upload: each may find a little more held, and the upload must end.
 const MAX_RECOVERIES: u32 = 5;
-/// Waits before each status query after a failed chunk.
+/// Waits before each status query after a failed chunk, and each query's time: short, since a stop that cuts the
+/// queries off leaves a message the session may hold whole to be uploaded again (the scheduler's drain is 20 s).
 const STATUS_WAITS: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(1),
     std::time::Duration::from_secs(2),
-    std::time::Duration::from_secs(5),
 ];
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn is_server_error(status: u16) -> bool {
     matches!(status, 500 | 502 | 503 | 504)
@@ -212,11 +223,16 @@ impl GmailUpstream {
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::CONTENT_RANGE, format!("bytes */{total}"))
                 .header(reqwest::header::CONTENT_LENGTH, 0)
-                .timeout(time_for(0))
+                .timeout(STATUS_TIMEOUT)
                 .send()
                 .await;
             match asked {
-                Ok(r) if !is_server_error(r.status().as_u16()) => return Some(r),
+                // What the protocol answers a status query with. Anything else (a proxy's 400, a 401 for a token
+                // that expired during a long upload) says nothing of the message: the chunk's own failure stands,
+                // and the message waits; it must not be judged a refusal of the message.
+                Ok(r) if matches!(r.status().as_u16(), 200..=299 | 308 | 404 | 410) => {
+                    return Some(r);
+                }
                 _ => {}
             }
         }

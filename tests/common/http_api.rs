@@ -53,6 +53,8 @@ struct State {
     script: VecDeque<ResponseTemplate>,
     /// What becomes of the next Gmail resumable chunks.
     chunks: VecDeque<Chunk>,
+    /// Statuses for the next Gmail status queries, answered instead of what the session holds.
+    status_replies: VecDeque<u16>,
     /// Every request's method and path, in order.
     log: Vec<(String, String, SystemTime)>,
     /// Resumable sessions whose upload is complete: a status query is answered with the send's reply.
@@ -132,6 +134,11 @@ impl FakeApi {
     /// The next Gmail resumable chunks, in order, meet these (then chunks are taken whole again).
     pub fn script_chunks(&self, chunks: Vec<Chunk>) {
         self.state.lock().unwrap().chunks.extend(chunks);
+    }
+
+    /// The next Gmail status queries are answered with these statuses (a proxy's 400, a 401).
+    pub fn script_status_replies(&self, statuses: Vec<u16>) {
+        self.state.lock().unwrap().status_replies.extend(statuses);
     }
 
     /// Waits (bounded) until `n` messages were sent, and returns them.
@@ -455,6 +462,9 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
     if range.starts_with("bytes */") {
         if !req.body.is_empty() {
             return Err(bad("a status query has no body"));
+        }
+        if let Some(status) = s.status_replies.pop_front() {
+            return Ok(graph_error(status, "badRequest", "scripted status reply"));
         }
         if s.completed.contains(id) {
             return Ok(ResponseTemplate::new(200).set_body_json(
