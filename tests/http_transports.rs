@@ -294,6 +294,11 @@ async fn graph_account_refusals_wait_message_refusals_go_to_dead_and_401_refresh
             "ErrorInvalidUser",
             "The requested user 'relay@example.com' is invalid.",
         ),
+        graph_error(
+            403,
+            "ErrorMessageSubmissionBlocked",
+            "Cannot send mail. The sender is restricted from sending.",
+        ),
     ]);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test"], msg).await;
@@ -313,6 +318,14 @@ async fn graph_account_refusals_wait_message_refusals_go_to_dead_and_401_refresh
     deferred_saying(
         &mut d,
         &["Graph 404 ErrorInvalidUser", "wrong `mailbox`", account],
+    );
+    deferred_saying(
+        &mut d,
+        &[
+            "Graph 403 ErrorMessageSubmissionBlocked",
+            "Restricted entities",
+            account,
+        ],
     );
     let sent = api.sent(1).await;
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);

@@ -411,6 +411,18 @@ fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
             "the app may not send from this mailbox: grant it the Mail.Send permission (application permission for client credentials) and admin consent, and check any application access policy that limits it to some mailboxes",
             Fault::Account,
         )
+    } else if has("ErrorMessageSubmissionBlocked") {
+        // Exchange Online's restriction of a mailbox that sent spam (SMTP's 5.1.8): every message of the
+        // account would be refused, none is at fault.
+        (
+            "the mailbox is blocked from sending (Microsoft restricts a mailbox that sent what it took for spam): an admin releases it in the Microsoft Defender portal, Restricted entities; mail waits until then",
+            Fault::Account,
+        )
+    } else if has("ErrorSubmissionQuotaExceeded") {
+        (
+            "the mailbox's sending limit is used up (Exchange Online: recipients per day); mail waits and goes when the limit frees, or lower this account's rate",
+            Fault::Account,
+        )
     } else if has("MailboxNotEnabledForRESTAPI")
         || has("MailboxNotFound")
         || has("ErrorInvalidUser")
@@ -466,6 +478,9 @@ mod tests {
             (403, ""),
             (404, "MailboxNotEnabledForRESTAPI"),
             (404, "ErrorInvalidUser"),
+            (403, "ErrorMessageSubmissionBlocked"),
+            (400, "ErrorMessageSubmissionBlocked"),
+            (429, "ErrorSubmissionQuotaExceeded"),
         ] {
             assert_eq!(fault(status, code), Some(Fault::Account), "{status} {code}");
         }
