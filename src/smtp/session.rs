@@ -144,6 +144,9 @@ pub struct Session {
     junk: u32,
     /// Recipients given again or refused as too many in this transaction (see [`RECIPIENT_SURPLUS`]).
     surplus: u32,
+    /// The transaction's recipients in lower case, to find one given again in constant time: the list may be as
+    /// long as `max_recipients` allows, and a client may send RCPT after RCPT.
+    given: std::collections::HashSet<String>,
 }
 
 struct DataState {
@@ -172,6 +175,7 @@ impl Session {
             crlf_client: false,
             junk: 0,
             surplus: 0,
+            given: std::collections::HashSet::new(),
         }
     }
 
@@ -486,6 +490,7 @@ impl Session {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
         }
         self.surplus = 0;
+        self.given.clear();
         self.txn = Some(Transaction {
             sender: sender.to_string(),
             recipients: Vec::new(),
@@ -507,11 +512,8 @@ impl Session {
             return self.error(bad_address("RCPT", "empty local part or domain"));
         }
         // The same address twice gets one copy, as from Postfix; not counted twice against the limits either.
-        if txn
-            .recipients
-            .iter()
-            .any(|r| r.eq_ignore_ascii_case(recipient))
-        {
+        let folded = recipient.to_ascii_lowercase();
+        if self.given.contains(&folded) {
             return self.surplus(Reply::new(250, "2.1.5", "Ok"));
         }
         if txn.recipients.len() >= max {
@@ -519,6 +521,7 @@ impl Session {
             return self.surplus(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         txn.recipients.push(recipient.to_string());
+        self.given.insert(folded);
         Step::Reply(Reply::new(250, "2.1.5", "Ok"))
     }
 
