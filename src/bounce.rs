@@ -59,7 +59,8 @@ impl Bouncer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn bounce(&self, id: QueueId, failed: Failed<'_>, why: &str) {
+    /// `account`: the one the failed message went through, which carries the report too (see `Envelope::via`).
+    fn bounce(&self, id: QueueId, failed: Failed<'_>, why: &str, account: Option<&str>) {
         let dir = match failed {
             Failed::Dead => &self.dead,
             Failed::Refused(_) => &self.queue,
@@ -107,6 +108,7 @@ impl Bouncer {
             body_8bit: !report.is_ascii(),
             // Its header section names the sender as it is.
             smtputf8: !original.envelope.sender.is_ascii(),
+            via: account.map(str::to_string),
         };
         let dsn_id = envelope.id;
         let to = original.envelope.sender.clone();
@@ -150,10 +152,14 @@ impl Watcher for Bouncer {
     /// message here is in place.
     fn seen(&self, event: &Event<'_>) {
         match *event {
-            Event::Dead { id, why, .. } => self.bounce(id, Failed::Dead, why),
-            Event::RecipientsRefused { id, refused, .. } => {
-                self.bounce(id, Failed::Refused(refused), "")
-            }
+            Event::Dead {
+                id, why, account, ..
+            } => self.bounce(id, Failed::Dead, why, account),
+            Event::RecipientsRefused {
+                id,
+                refused,
+                account,
+            } => self.bounce(id, Failed::Refused(refused), "", Some(account)),
             _ => {}
         }
     }
@@ -393,6 +399,7 @@ mod tests {
             received_at: SystemTime::now(),
             body_8bit: false,
             smtputf8: false,
+            via: None,
         }
     }
 

@@ -461,3 +461,49 @@ async fn a_bounce_after_a_reload_names_the_new_hostname() {
         reports[1]
     );
 }
+
+/// The DSN goes through the account its failed message went through, whatever the routes say: its own envelope
+/// (the null sender, to the device) matches no route that sent the message (`sender = "*@lan.test"`), and with no
+/// `default_account` it would wait for an account until max_age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_goes_through_the_account_of_its_message_where_only_a_sender_route_names_it() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .rcpt_replies
+        .lock()
+        .unwrap()
+        .push((TO[1].into(), UNKNOWN.into()));
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    common::idp::write_secret(dir.path());
+    let top = format!(
+        "bounce = \"sender\"\n{}[[route]]\nsender = \"*@lan.test\"\naccount = \"office\"\n",
+        common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials")
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "office",
+        "tok",
+        std::time::Duration::from_secs(3600),
+    );
+    let mut d = Daemon::spawn(&config);
+    send(d.addr, &TO[..2]).await;
+    assert_eq!(upstream.next().await.to, [TO[0]]);
+    d.wait_log("relay_event=\"bounce_queued\"");
+    let dsn = upstream.next().await;
+    assert_dsn_for(&dsn, TO[1]);
+    let delivered = [
+        d.wait_log("relay_event=\"delivered\""),
+        d.wait_log("relay_event=\"delivered\""),
+    ];
+    assert!(
+        delivered.iter().all(|l| l.contains("relay_account=office")),
+        "{delivered:?}"
+    );
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+}

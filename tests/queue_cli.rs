@@ -256,6 +256,7 @@ async fn a_message_that_expired_is_delivered_after_a_retry() {
         received_at: SystemTime::now() - Duration::from_secs(6 * 86400),
         body_8bit: false,
         smtputf8: false,
+        via: None,
     };
     let id = envelope.id.to_string();
     let mut file = relay::queue::file::unsealed_line(&envelope);

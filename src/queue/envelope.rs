@@ -34,4 +34,9 @@ pub struct Envelope {
     /// The client declared SMTPUTF8 (RFC 6531). Left out of the file when false, as in files written before it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smtputf8: bool,
+    /// A delivery status notification's: the account the failed message went through, which carries the report
+    /// too. The report's own envelope (the null sender, to the device) would match none of the routes that sent
+    /// the message (`sender = "*@scanner.lan"`), and another account may not send for that mailbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }

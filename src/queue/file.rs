@@ -238,6 +238,7 @@ mod tests {
             received_at: std::time::SystemTime::now(),
             body_8bit: false,
             smtputf8: false,
+            via: None,
         }
     }
 

@@ -19,6 +19,8 @@ pub struct Addressing<'a> {
     /// route testing the listener does not match.
     pub listener: Option<&'a str>,
     pub user: Option<&'a str>,
+    /// The account a report must go through (`Envelope::via`), when it is still configured.
+    pub via: Option<&'a str>,
 }
 
 impl<'a> From<&'a Envelope> for Addressing<'a> {
@@ -28,6 +30,7 @@ impl<'a> From<&'a Envelope> for Addressing<'a> {
             recipients: &e.recipients,
             listener: Some(&e.listener),
             user: e.user.as_deref(),
+            via: e.via.as_deref(),
         }
     }
 }
@@ -41,6 +44,8 @@ pub enum Reason {
     User(String),
     /// Neither: `default_account`.
     Default,
+    /// A delivery status notification, through the account its failed message went through.
+    Report,
 }
 
 /// Where a message goes.
@@ -53,6 +58,8 @@ pub struct Decision<'a> {
 }
 
 pub struct Routing {
+    /// The configured accounts, by name: pool i is account i.
+    accounts: HashMap<String, usize>,
     routes: Vec<(RouteConfig, usize, Reason)>,
     users: HashMap<String, (usize, Reason)>,
     default: Option<(usize, Reason)>,
@@ -104,6 +111,12 @@ impl Routing {
             .clone()
             .map(|a| (pool_of(vec![a]), Reason::Default));
         Routing {
+            accounts: config
+                .accounts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (a.name.clone(), i))
+                .collect(),
             routes,
             users,
             default,
@@ -113,6 +126,14 @@ impl Routing {
 
     /// Where a message goes, or `None` when nothing names an account for it.
     pub fn route(&self, m: Addressing<'_>) -> Option<Decision<'_>> {
+        const REPORT: &Reason = &Reason::Report;
+        if let Some(&pool) = m.via.and_then(|v| self.accounts.get(v)) {
+            return Some(Decision {
+                pool,
+                accounts: self.pools.get(pool).map_or(&[], Vec::as_slice),
+                reason: REPORT,
+            });
+        }
         let (pool, reason) = match self.routes.iter().find(|(r, ..)| matches(r, m)) {
             Some((_, pool, reason)) => (*pool, reason),
             None => {
@@ -261,6 +282,7 @@ pub fn explain(
         recipients,
         listener: listener.as_deref(),
         user,
+        via: None,
     };
     let decision = routing.route(m);
     // Routes after the one that matched did not matter; those before it that test the listener might have.
@@ -292,6 +314,7 @@ pub fn explain(
         Reason::Route(i) => format!("route[{i}] matched ({})", routing.conditions(*i)),
         Reason::User(u) => format!("user {u}'s account"),
         Reason::Default => "default_account".to_string(),
+        Reason::Report => "the account its failed message went through".to_string(),
     };
     Ok(Explanation {
         accounts: d.accounts.to_vec(),
@@ -387,6 +410,7 @@ mod tests {
                 recipients: &to,
                 listener: None,
                 user: None,
+                via: None,
             })
             .map(|d| d.pool)
         };

@@ -435,6 +435,7 @@ mod tests {
             received_at: SystemTime::now(),
             body_8bit: false,
             smtputf8: false,
+            via: None,
         };
         let body = b"Subject: x\r\n\r\nhi\r\n";
         let mut bytes = file::unsealed_line(&envelope);

@@ -672,6 +672,7 @@ impl Session {
             received_at,
             body_8bit: txn.body_8bit,
             smtputf8: txn.smtputf8,
+            via: None,
         })
     }
 
