@@ -262,11 +262,22 @@ pub fn dsn(
         ),
         76,
     );
-    // RFC 6533: a report about non-ASCII addresses, or quoting non-ASCII header fields, uses the `global` types,
-    // which carry UTF-8 as it is (`message/delivery-status` and `text/rfc822-headers` are ASCII only).
+    // RFC 6533: a report about non-ASCII addresses, quoting non-ASCII header fields, or giving a reason in words
+    // that are not ASCII (a localised upstream's `Empfänger unbekannt`), uses the `global` types, which carry UTF-8
+    // as it is (`message/delivery-status` and `text/rfc822-headers` are ASCII only).
     let global = !original.sender.is_ascii()
-        || failures.iter().any(|(r, _)| !r.is_ascii())
+        || failures
+            .iter()
+            .any(|(r, why)| !r.is_ascii() || !why.is_ascii())
         || !headers.is_ascii();
+    // Each part says it is 8-bit where it is (RFC 2045: no Content-Transfer-Encoding means 7bit).
+    let encoding = |text: &[u8]| {
+        if text.is_ascii() {
+            ""
+        } else {
+            "Content-Transfer-Encoding: 8bit\r\n"
+        }
+    };
     let (report_type, status_type, headers_type) = if global {
         (
             "global-delivery-status",
@@ -295,10 +306,13 @@ pub fn dsn(
         ));
     }
     let mut out = format!(
-        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{to}>\r\nSubject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\nMessage-ID: {mid}\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={report_type};\r\n boundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message: a delivery status notification.\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Description: Notification\r\n\r\n{human}\r\n--{boundary}\r\nContent-Type: {status_type}\r\nContent-Description: Delivery report\r\n\r\n{report}\r\n--{boundary}\r\nContent-Type: {headers_type}\r\nContent-Description: Undelivered Message Headers\r\n\r\n",
+        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{to}>\r\nSubject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\nMessage-ID: {mid}\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={report_type};\r\n boundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message: a delivery status notification.\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n{human_encoding}Content-Description: Notification\r\n\r\n{human}\r\n--{boundary}\r\nContent-Type: {status_type}\r\n{report_encoding}Content-Description: Delivery report\r\n\r\n{report}\r\n--{boundary}\r\nContent-Type: {headers_type}\r\n{headers_encoding}Content-Description: Undelivered Message Headers\r\n\r\n",
         to = mailgen::one_line(&original.sender, 512),
         date = mailgen::date(now),
         mid = mailgen::message_id(&host),
+        human_encoding = encoding(human.as_bytes()),
+        report_encoding = encoding(report.as_bytes()),
+        headers_encoding = encoding(headers),
     )
     .into_bytes();
     out.extend_from_slice(&crlf_headers(headers));
@@ -433,6 +447,37 @@ mod tests {
             "every line fits SMTP"
         );
         assert!(!text.replace("\r\n", "").contains('\n'), "CRLF only");
+        assert!(!text.contains("Content-Transfer-Encoding"), "all 7-bit");
+    }
+
+    /// A localised upstream's reason (UTF-8 words) makes the report a global one, each 8-bit part marked so.
+    #[test]
+    fn a_dsn_with_a_reason_in_other_words_than_ascii_is_marked_8bit() {
+        let env = original(&["nobody@example.com"]);
+        let failures = vec![(
+            env.recipients[0].clone(),
+            "550 5.1.1 Empfänger unbekannt".into(),
+        )];
+        let m = dsn(
+            "relay.test",
+            &env,
+            &failures,
+            b"Subject: scan\n",
+            SystemTime::now(),
+        );
+        let text = String::from_utf8(m).unwrap();
+        assert!(
+            text.contains("report-type=global-delivery-status;"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "\r\nContent-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n"
+        ));
+        assert!(text.contains(
+            "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        ));
+        // The quoted headers are ASCII: 7-bit, as they are.
+        assert!(text.contains("\r\nContent-Type: message/global-headers\r\nContent-Description:"));
     }
 
     #[test]
