@@ -691,14 +691,21 @@ impl Session {
             Some(rest) if utf8 => format!("UTF8SMTP{rest}"),
             _ => proto.to_string(),
         };
+        // Only what a domain or an address literal is made of: a `(` would open a comment that swallows the
+        // date, a `;` would end the field's tokens early (RFC 5322 section 3.6.7).
         let helo: String = self
             .helo
             .as_deref()
-            .unwrap_or("unknown")
+            .unwrap_or_default()
             .chars()
-            .filter(|c| c.is_ascii_graphic())
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '[' | ']' | ':'))
             .take(255)
             .collect();
+        let helo = if helo.is_empty() {
+            "unknown".to_string()
+        } else {
+            helo
+        };
         let date = httpdate::fmt_http_date(date).replace(" GMT", " +0000");
         format!(
             "Received: from {helo} ([{ip}])\r\n\tby {host} (relay) with {proto}\r\n\tid {id}; {date}\r\n",

@@ -358,6 +358,26 @@ fn auth_plain_then_pipelined_transaction() {
     assert_eq!(codes(&steps(&mut s, input)), ["221 2.0.0"]);
 }
 
+/// A greeting with a comment's or a field's punctuation in it cannot change the trace line's structure: only what
+/// a domain or an address literal is made of is written.
+#[test]
+fn the_trace_line_takes_only_a_name_from_the_greeting() {
+    for (hello, shown) in [
+        ("EHLO x(\r\n", "x"),
+        ("EHLO a;b\"c\\d\r\n", "abcd"),
+        ("EHLO [IPv6:2001:db8::1]\r\n", "[IPv6:2001:db8::1]"),
+        ("EHLO ()\r\n", "unknown"),
+    ] {
+        let mut s = session(AuthPolicy::None);
+        steps(&mut s, hello.as_bytes());
+        let header = s.received_header(QueueId::new(), SystemTime::UNIX_EPOCH);
+        assert!(
+            header.starts_with(&format!("Received: from {shown} ([192.0.2.7])\r\n")),
+            "{hello:?}: {header}"
+        );
+    }
+}
+
 #[test]
 fn auth_login_dialogue() {
     let mut s = session(AuthPolicy::Required);
