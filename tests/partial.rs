@@ -462,8 +462,8 @@ async fn a_bounce_after_a_reload_names_the_new_hostname() {
     );
 }
 
-/// The DSN goes through the account its failed message went through, whatever the routes say: its own envelope
-/// (the null sender, to the device) matches no route that sent the message (`sender = "*@lan.test"`), and with no
+/// A DSN that nothing routes goes through the account its failed message went through: its own envelope (the null
+/// sender, to the device) matches no route that sent the message (`sender = "*@lan.test"`), and with no
 /// `default_account` it would wait for an account until max_age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounce_goes_through_the_account_of_its_message_where_only_a_sender_route_names_it() {

@@ -35,8 +35,9 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smtputf8: bool,
     /// A delivery status notification's: the account the failed message went through, which carries the report
-    /// too. The report's own envelope (the null sender, to the device) would match none of the routes that sent
-    /// the message (`sender = "*@scanner.lan"`), and another account may not send for that mailbox.
+    /// when nothing else routes it. The report's own envelope (the null sender, to the device) matches none of the
+    /// routes that sent the message (`sender = "*@scanner.lan"`), and without `default_account` it would wait for
+    /// an account until max_age.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
 }

@@ -127,22 +127,17 @@ impl Routing {
     /// Where a message goes, or `None` when nothing names an account for it.
     pub fn route(&self, m: Addressing<'_>) -> Option<Decision<'_>> {
         const REPORT: &Reason = &Reason::Report;
-        if let Some(&pool) = m.via.and_then(|v| self.accounts.get(v)) {
-            return Some(Decision {
-                pool,
-                accounts: self.pools.get(pool).map_or(&[], Vec::as_slice),
-                reason: REPORT,
-            });
-        }
         let (pool, reason) = match self.routes.iter().find(|(r, ..)| matches(r, m)) {
             Some((_, pool, reason)) => (*pool, reason),
-            None => {
-                let (pool, reason) = m
-                    .user
-                    .and_then(|u| self.users.get(u))
-                    .or(self.default.as_ref())?;
-                (*pool, reason)
-            }
+            None => match m
+                .user
+                .and_then(|u| self.users.get(u))
+                .or(self.default.as_ref())
+            {
+                Some((pool, reason)) => (*pool, reason),
+                // A report nothing else routes goes through its failed message's account.
+                None => (*m.via.and_then(|v| self.accounts.get(v))?, REPORT),
+            },
         };
         Some(Decision {
             pool,
