@@ -340,7 +340,10 @@ fn final_recipient(address: &str) -> String {
     out
 }
 
-/// The header section with CRLF line ends, cut at a line end to at most [`MAX_HEADERS`].
+/// The header section with CRLF line ends, cut at a line end to at most [`MAX_HEADERS`], and at the first line
+/// that is neither a header field nor its continuation: a message without the empty line between header and
+/// body would otherwise have its text quoted back to whatever address its sender gave (on a listener without
+/// logins, anyone's).
 fn crlf_headers(headers: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(headers.len().min(MAX_HEADERS) + 64);
     for line in headers.split(|&b| b == b'\n') {
@@ -348,7 +351,7 @@ fn crlf_headers(headers: &[u8]) -> Vec<u8> {
         if line.is_empty() {
             continue;
         }
-        if out.len() + line.len() + 2 > MAX_HEADERS {
+        if !is_header_line(line, out.is_empty()) || out.len() + line.len() + 2 > MAX_HEADERS {
             break;
         }
         out.extend_from_slice(line);
@@ -357,9 +360,38 @@ fn crlf_headers(headers: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A header field's first line (RFC 5322 section 2.2: printable ASCII but the colon, then a colon), or, after one,
+/// a continuation (beginning with a space or a tab).
+fn is_header_line(line: &[u8], first: bool) -> bool {
+    if !first && matches!(line.first(), Some(b' ' | b'\t')) {
+        return true;
+    }
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only header fields are quoted: text after a missing separator stops the quote.
+    #[test]
+    fn only_header_fields_are_quoted_back() {
+        let quoted = crlf_headers(
+            b"Subject: scan\r\n folded\r\nFrom: a@b\r\nBuy cheap watches at example.com\r\nX-Not: quoted\r\n",
+        );
+        assert_eq!(quoted, b"Subject: scan\r\n folded\r\nFrom: a@b\r\n");
+        assert_eq!(
+            crlf_headers(b" leading continuation\r\nSubject: x\r\n"),
+            b""
+        );
+        assert_eq!(
+            crlf_headers(b"Subject: x\nTo: y\n"),
+            b"Subject: x\r\nTo: y\r\n"
+        );
+    }
 
     #[test]
     fn status_codes() {

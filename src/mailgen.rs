@@ -3,9 +3,11 @@
 
 use std::time::SystemTime;
 
-/// `Tue, 15 Nov 1994 08:12:31 +0000` (RFC 5322 section 3.3), always in UTC.
+/// `Tue, 15 Nov 1994 08:12:31 +0000` (RFC 5322 section 3.3), always in UTC. A time outside 1970 to 9999 (a clock
+/// set wrong, an edited queue file's arrival) is written as the nearest of those: httpdate panics on it.
 pub fn date(t: SystemTime) -> String {
-    let http = httpdate::fmt_http_date(t);
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    let http = httpdate::fmt_http_date(t.clamp(SystemTime::UNIX_EPOCH, last));
     // HTTP dates are the same fixed form with "GMT", which RFC 5322 keeps only as an obsolete zone.
     match http.strip_suffix(" GMT") {
         Some(rest) => format!("{rest} +0000"),
@@ -74,6 +76,18 @@ pub fn one_line(value: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_outside_what_a_date_field_holds_are_clamped() {
+        assert_eq!(
+            date(SystemTime::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 +0000"
+        );
+        let before = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(86_400);
+        assert_eq!(date(before), "Thu, 01 Jan 1970 00:00:00 +0000");
+        let after = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(300_000_000_000);
+        assert_eq!(date(after), "Fri, 31 Dec 9999 23:59:59 +0000");
+    }
 
     #[test]
     fn dates_are_rfc5322() {

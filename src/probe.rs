@@ -142,7 +142,7 @@ fn test_message(from: &str, to: &str) -> Vec<u8> {
          \r\n\
          This message was sent by `relay test` on {host} to check that the account's\r\n\
          upstream accepts mail. No reply is needed.\r\n",
-        date = httpdate::fmt_http_date(now).replace("GMT", "+0000"),
+        date = crate::mailgen::date(now),
     )
     .into_bytes()
 }

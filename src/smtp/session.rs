@@ -706,7 +706,7 @@ impl Session {
         } else {
             helo
         };
-        let date = httpdate::fmt_http_date(date).replace(" GMT", " +0000");
+        let date = crate::mailgen::date(date);
         format!(
             "Received: from {helo} ([{ip}])\r\n\tby {host} (relay) with {proto}\r\n\tid {id}; {date}\r\n",
             ip = self.peer.ip(),
