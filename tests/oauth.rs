@@ -1113,22 +1113,8 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
         "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
     );
     // Five minutes left of an hour-long token: the refresher renews it at start.
-    let now = SystemTime::now();
+    common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
     let store = relay::tokens::TokenStore::new(&dir.path().join("state"));
-    store
-        .save(
-            "office",
-            &relay::tokens::StoredTokens {
-                access_token: "A0".to_string().into(),
-                expires_at: now + Duration::from_secs(300),
-                obtained_at: now - Duration::from_secs(3300),
-                refresh_token: Some("R1".to_string().into()),
-                last_refresh: Some(now - Duration::from_secs(3300)),
-                needs_authorization: false,
-                last_error: None,
-            },
-        )
-        .unwrap();
     let mut daemon = Daemon::spawn(&config);
     assert_eq!(endpoint.next_ask().await, "R1");
     // SAFETY: kill with the pid of our own child and a valid signal.

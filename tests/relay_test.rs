@@ -417,22 +417,8 @@ async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
         &format!("{top}\n[metrics]\naddress = \"127.0.0.1:{metrics}\"\n"),
         "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
     );
-    // An hour-long token with five minutes left: inside the renewal window, so both processes renew at once.
-    let now = std::time::SystemTime::now();
-    relay::tokens::TokenStore::new(&dir.path().join("state"))
-        .save(
-            "office",
-            &relay::tokens::StoredTokens {
-                access_token: "A0".to_string().into(),
-                expires_at: now + std::time::Duration::from_secs(300),
-                obtained_at: now - std::time::Duration::from_secs(3300),
-                refresh_token: Some("R1".to_string().into()),
-                last_refresh: Some(now - std::time::Duration::from_secs(3300)),
-                needs_authorization: false,
-                last_error: None,
-            },
-        )
-        .unwrap();
+    // Inside the renewal window: both processes renew at once.
+    common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
 
     // `relay test` renews first; its request is held at the endpoint.
     let mut test = std::process::Command::new(relay_bin());

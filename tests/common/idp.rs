@@ -287,3 +287,24 @@ impl RotatingEndpoint {
             .expect("the endpoint runs")
     }
 }
+
+/// Writes `STATE/tokens/ACCOUNT.json` with an hour-long access token `A0` that has five minutes left (inside the
+/// renewal window: the refresher renews it at start) and the refresh token `refresh`.
+pub fn write_tokens_due(state: &std::path::Path, account: &str, refresh: &str) {
+    let now = std::time::SystemTime::now();
+    let minutes = |m: u64| std::time::Duration::from_secs(60 * m);
+    relay::tokens::TokenStore::new(state)
+        .save(
+            account,
+            &relay::tokens::StoredTokens {
+                access_token: "A0".to_string().into(),
+                expires_at: now + minutes(5),
+                obtained_at: now - minutes(55),
+                refresh_token: Some(refresh.to_string().into()),
+                last_refresh: Some(now - minutes(55)),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .expect("token file written");
+}
