@@ -257,6 +257,65 @@ async fn a_damaged_token_file_is_set_aside_and_a_new_token_obtained() {
     );
 }
 
+/// A person's grant (device code) whose token file stops being readable while relay holds the grant: the mail
+/// goes on with the grant in memory. A damaged file is set aside and the grant written back (a restart finds it);
+/// one that cannot be read is left alone, and a grant `relay authorize` stores later is taken. No token request.
+#[tokio::test]
+async fn an_unreadable_token_file_does_not_stop_a_grant_held_in_memory() {
+    let idp = MockServer::start().await;
+    let mut upstream = FakeUpstream::start(&["tok", "tok2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = common::idp::device_code_top(dir.path(), &idp.uri(), &upstream, "");
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "office",
+        "tok",
+        Duration::from_secs(3600),
+    );
+    let mut relay = TestRelay::start_with(dir, &top, common::idp::LISTENER).await;
+    let file = relay.state().join("tokens/office.json");
+    accepted_during_fault(&relay).await;
+    assert!(upstream.next().await.auth.contains("Bearer tok"));
+
+    write_private(&file, "{ not a token file");
+    accepted_during_fault(&relay).await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer tok"), "{got:?}");
+    relay.drained().await;
+    let aside = files_in(&relay.state(), "tokens")
+        .into_iter()
+        .find(|f| f.starts_with("office.json.damaged-"))
+        .expect("the damaged file kept");
+    let tokens = relay::tokens::TokenStore::new(&relay.state());
+    assert_eq!(
+        std::fs::read_to_string(relay.state().join("tokens").join(aside)).unwrap(),
+        "{ not a token file"
+    );
+    let back = tokens
+        .load("office")
+        .unwrap()
+        .expect("the grant written back");
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        back.refresh_token.unwrap().expose_secret(),
+        "refresh-unused"
+    );
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    accepted_during_fault(&relay).await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer tok"), "{got:?}");
+
+    std::fs::remove_dir(&file).unwrap();
+    write_valid_tokens(&relay.state(), "office", "tok2", Duration::from_secs(3600));
+    accepted_during_fault(&relay).await;
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer tok2"), "{got:?}");
+    assert!(idp.received_requests().await.unwrap().is_empty());
+    relay.stop().await;
+}
+
 /// What is no answer to the final dot (through DATA and through BDAT) never counts as "taken": a 3xx, a code
 /// outside SMTP's, a reply whose lines disagree. The message waits, and goes once the upstream answers well.
 #[tokio::test]

@@ -1141,3 +1141,57 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
         Some("R2".to_string())
     );
 }
+
+/// The token file turns into something that is not tokens (a bad edit, a disk error) while relay renews the grant:
+/// the renewed grant, whose rotated refresh token is the only live one, is not dropped for it. The damaged file is
+/// set aside and the renewed grant saved in its place (it was lost, and with a provider rotating strictly, the grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant() {
+    let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
+    let upstream = FakeUpstream::start(&["A1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    );
+    common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
+    let state = dir.path().join("state");
+    let store = relay::tokens::TokenStore::new(&state);
+    let mut daemon = Daemon::spawn(&config);
+    assert_eq!(endpoint.next_ask().await, "R1");
+    write_private(&state.join("tokens/office.json"), "{ damaged");
+    endpoint.release.take().unwrap().send(()).unwrap();
+    let daemon = tokio::task::spawn_blocking(move || {
+        daemon.wait_log("the token file is damaged; it is set aside");
+        daemon
+    })
+    .await
+    .unwrap();
+    let saved = store
+        .load("office")
+        .unwrap()
+        .expect("the renewed grant saved");
+    use secrecy::ExposeSecret;
+    assert_eq!(saved.access_token.expose_secret(), "A1");
+    assert_eq!(
+        saved
+            .refresh_token
+            .as_ref()
+            .map(|r| r.expose_secret().to_string()),
+        Some("R2".to_string())
+    );
+    let aside = files_in(&state, "tokens")
+        .into_iter()
+        .find(|f| f.starts_with("office.json.damaged-"))
+        .expect("the damaged file kept");
+    assert_eq!(
+        std::fs::read_to_string(state.join("tokens").join(aside)).unwrap(),
+        "{ damaged"
+    );
+    let status = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

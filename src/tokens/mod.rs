@@ -88,6 +88,8 @@ struct State {
     /// `tokens` are newer than the file, which could not be written: a provider that rotates refresh tokens may
     /// already have invalidated the one in the file, so these are kept (and used) until they can be saved.
     unsaved: bool,
+    /// The file could not be read, and that was said: once per spell, not at every delivery.
+    unreadable_said: bool,
 }
 
 /// After a failed renewal, how long deliveries take its answer instead of asking the endpoint again. Each
@@ -292,6 +294,7 @@ impl AccountTokens {
             (state.tokens, state.file_hash) = match self.store.load_hashed(&self.name) {
                 Ok(loaded) => {
                     state.file_mtime = mtime;
+                    state.unreadable_said = false;
                     loaded
                 }
                 // A grant that needs no person (client credentials, a service account, a password) is obtained
@@ -311,8 +314,58 @@ impl AccountTokens {
                         }
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return self.keep_over_unreadable(state, e),
             };
+        }
+        Ok(())
+    }
+
+    /// The token file changed and cannot be read (a permission or owner changed, a bad edit, a disk error, a
+    /// file written with another token key) while memory holds the grant: the grant is kept and used. Its token is
+    /// still good and its refresh token the live one; failing instead would hold the account's mail until someone
+    /// mended a file whose grant relay already has. (A file that is gone is different: removing it is how a grant is
+    /// taken away, and it is honoured.) A damaged file, whose bytes cannot be tokens, is set aside for a look and
+    /// the grant written back, so that a restart finds it; one that cannot be read is left to the person who
+    /// changed it, and read again at each use.
+    fn keep_over_unreadable(&self, state: &mut State, e: StoreError) -> Result<(), TokenError> {
+        if state.tokens.as_ref().is_none_or(|t| t.needs_authorization) {
+            return Err(e.into());
+        }
+        let path = self.store.path(&self.name);
+        if let StoreError::Corrupt { reason, .. } = &e {
+            match self.store.set_aside(&self.name) {
+                Ok(Some(aside)) => {
+                    state.file_hash = None;
+                    state.file_mtime = None;
+                    state.unreadable_said = false;
+                    let saved = match state.tokens.clone() {
+                        Some(tokens) => self
+                            .store
+                            .save_if_unchanged(&self.name, &tokens, None)
+                            .map(|h| h.map(|h| (tokens, h))),
+                        None => Ok(None),
+                    };
+                    tracing::warn!(relay_account = %self.name, file = %path.display(), %reason, kept_as = %aside.display(), "the token file is damaged; it is set aside and the grant relay holds in memory is written back");
+                    match saved {
+                        Ok(Some((tokens, hash))) => self.saved(state, tokens, hash),
+                        // Another process wrote a grant meanwhile: read at the next use.
+                        Ok(None) => {}
+                        Err(e) => {
+                            state.unsaved = true;
+                            self.unsaved_after_refresh(&e);
+                        }
+                    }
+                    return Ok(());
+                }
+                // Replaced meanwhile: read at the next use.
+                Ok(None) => return Ok(()),
+                // Cannot be renamed (a read-only directory): kept in memory all the same, as below.
+                Err(_) => {}
+            }
+        }
+        if !state.unreadable_said {
+            tracing::warn!(relay_account = %self.name, file = %path.display(), error = %e, "the token file cannot be read; the grant relay holds in memory is used until it can be, or until `relay authorize` stores a new one");
+            state.unreadable_said = true;
         }
         Ok(())
     }
@@ -497,7 +550,7 @@ impl AccountTokens {
                             account: &self.name,
                         });
                     }
-                    Ok(None) => return self.adopt_newer_file(state),
+                    Ok(None) => return self.adopt_newer_file(state, tokens, true),
                     // The new grant is all the account has (its refresh token may have been rotated): used,
                     // and kept for the next refresh, though it cannot be saved now.
                     Err(e) => {
@@ -557,7 +610,7 @@ impl AccountTokens {
                     {
                         Ok(Some(hash)) => self.saved(state, t, hash),
                         // A new grant arrived while this refresh failed: the failure was the old grant's.
-                        Ok(None) => return self.adopt_newer_file(state),
+                        Ok(None) => return self.adopt_newer_file(state, t, false),
                         // The refresh's own failure is what the caller needs to hear. The failure is kept in
                         // memory; a renewed grant that was not saved yet stays unsaved, and is saved later.
                         Err(store) => {
@@ -631,11 +684,36 @@ impl AccountTokens {
     }
 
     /// The token file changed while a refresh ran (`relay authorize` stored a new grant): the file wins, and
-    /// its token is used if it is good.
-    fn adopt_newer_file(&self, state: &mut State) -> Result<SecretString, TokenError> {
-        tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
-        state.tokens = None;
-        self.reload_if_changed(state)?;
+    /// its token is used if it is good. A file that changed into one that cannot be read holds no grant to prefer:
+    /// `held` (the renewed grant, or the old one with its failure) is kept, as [`Self::keep_over_unreadable`] says;
+    /// a renewed one is unsaved until it can be written, since its refresh token may be the only live one.
+    fn adopt_newer_file(
+        &self,
+        state: &mut State,
+        held: StoredTokens,
+        renewed: bool,
+    ) -> Result<SecretString, TokenError> {
+        let mtime = self.store.mtime(&self.name);
+        match self.store.load_hashed(&self.name) {
+            Ok((tokens, hash)) => {
+                tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
+                state.tokens = tokens;
+                state.file_hash = hash;
+                state.file_mtime = mtime;
+                state.unsaved = false;
+                state.unreadable_said = false;
+            }
+            Err(e) => {
+                state.tokens = Some(held);
+                if renewed {
+                    state.unsaved = true;
+                    if !matches!(e, StoreError::Corrupt { .. }) {
+                        self.unsaved_after_refresh(&e);
+                    }
+                }
+                self.keep_over_unreadable(state, e)?;
+            }
+        }
         match &state.tokens {
             Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
                 Ok(t.access_token.clone())
