@@ -31,8 +31,9 @@ pub struct Bouncer {
 
 /// Which of a message's recipients a DSN is for.
 enum Failed<'a> {
-    /// Moved to `dead/`: all but those an earlier attempt finished with.
-    Dead,
+    /// Moved to `dead/`: all but those an earlier attempt finished with; those named here with their own
+    /// refusal, the others with the reason the message died of.
+    Dead(&'a [(String, String)]),
     /// Refused for good while the others got it (the message is still in `queue/`): each recipient with the
     /// reply to its RCPT.
     Refused(&'a [(String, String)]),
@@ -62,7 +63,7 @@ impl Bouncer {
     /// `account`: the one the failed message went through, which carries the report too (see `Envelope::via`).
     fn bounce(&self, id: QueueId, failed: Failed<'_>, why: &str, account: Option<&str>) {
         let dir = match failed {
-            Failed::Dead => &self.dead,
+            Failed::Dead(_) => &self.dead,
             Failed::Refused(_) => &self.queue,
         };
         let original = match crate::queue::file::read(&msg_path(dir, id)) {
@@ -76,11 +77,20 @@ impl Bouncer {
             return;
         }
         let failures: Vec<(String, String)> = match failed {
-            Failed::Dead => crate::queue::state::read_state(&self.dead, id)
-                .remaining(&original.envelope.recipients)
-                .into_iter()
-                .map(|r| (r, why.to_string()))
-                .collect(),
+            Failed::Dead(refused) => {
+                let own: std::collections::HashMap<&str, &str> = refused
+                    .iter()
+                    .map(|(to, reply)| (to.as_str(), reply.as_str()))
+                    .collect();
+                crate::queue::state::read_state(&self.dead, id)
+                    .remaining(&original.envelope.recipients)
+                    .into_iter()
+                    .map(|r| {
+                        let why = own.get(r.as_str()).copied().unwrap_or(why).to_string();
+                        (r, why)
+                    })
+                    .collect()
+            }
             Failed::Refused(refused) => refused.to_vec(),
         };
         if failures.is_empty() {
@@ -153,8 +163,11 @@ impl Watcher for Bouncer {
     fn seen(&self, event: &Event<'_>) {
         match *event {
             Event::Dead {
-                id, why, account, ..
-            } => self.bounce(id, Failed::Dead, why, account),
+                id,
+                why,
+                account,
+                refused,
+            } => self.bounce(id, Failed::Dead(refused), why, account),
             Event::RecipientsRefused {
                 id,
                 refused,

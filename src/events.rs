@@ -34,6 +34,8 @@ pub enum Event<'a> {
         id: QueueId,
         account: Option<&'a str>,
         why: &'a str,
+        /// Recipients refused for good, each in its own words, by the last attempt (empty: `why` is for all).
+        refused: &'a [(String, String)],
     },
     /// The upstream took the message for some recipients and refused these for good (the message is still in
     /// `queue/` when this is emitted); `why` is its reply to them.

@@ -507,3 +507,84 @@ async fn a_bounce_goes_through_the_account_of_its_message_where_only_a_sender_ro
     );
     assert!(queued_in(&dir.path().join("state")).is_empty());
 }
+
+/// Every recipient refused, one for good and one for now: the one refused for good is bounced at once, with its
+/// own words, and only the other waits (all of them waited on the 4xx, the unknown address retried for days).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recipient_refused_bounces_those_refused_for_good_and_the_others_wait() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().extend([
+        (TO[1].into(), UNKNOWN.into()),
+        (
+            TO[0].into(),
+            "451 4.2.0 mailbox busy, try again later".into(),
+        ),
+    ]);
+    let (dir, mut d, _idp) = daemon_with(
+        &upstream,
+        "bounce = \"sender\"",
+        "[queue]\nretry = [\"1s\"]\n",
+    )
+    .await;
+    let id = send(d.addr, &TO[..2]).await;
+
+    let line = d.wait_log("relay_event=\"recipient_refused\"");
+    assert!(line.contains(&id) && line.contains(TO[1]), "{line}");
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(
+        line.contains(&id) && line.contains(TO[0]) && line.contains("4.2.0"),
+        "{line}"
+    );
+    // The DSN comes first, for the unknown address alone; then the message, to the other, on its retry.
+    let dsn = upstream.next().await;
+    let text = assert_dsn_for(&dsn, TO[1]);
+    assert!(text.contains("Status: 5.1.1\r\n"), "{text}");
+    let got = upstream.next().await;
+    assert_eq!(got.to, [TO[0]]);
+    d.wait_log("relay_event=\"delivered\"");
+    d.wait_log("relay_event=\"delivered\"");
+    let state = dir.path().join("state");
+    assert!(queued_in(&state).is_empty(), "the message left the queue");
+    assert!(files_in(&state, "dead").is_empty(), "nothing in dead/");
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+}
+
+/// Every recipient refused for good, each for its own reason: the message goes to dead/, and the DSN gives each
+/// recipient its own reply (it gave the first one's to all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_recipient_refused_for_good_is_bounced_each_with_its_own_reply() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.rcpt_replies.lock().unwrap().extend([
+        (
+            TO[0].into(),
+            "550 5.7.1 delivery not authorized, message refused".into(),
+        ),
+        (TO[1].into(), UNKNOWN.into()),
+    ]);
+    let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
+    let id = send(d.addr, &TO[..2]).await;
+
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id), "{line}");
+    let dsn = upstream.next().await;
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    let block = |to: &str| {
+        let at = text
+            .find(&format!("Final-Recipient: rfc822; {to}\r\n"))
+            .unwrap_or_else(|| panic!("{to} named: {text}"));
+        text[at..].split("\r\n\r\n").next().unwrap().to_string()
+    };
+    assert!(block(TO[0]).contains("Status: 5.7.1\r\n"), "{text}");
+    assert!(block(TO[1]).contains("Status: 5.1.1\r\n"), "{text}");
+    let state = dir.path().join("state");
+    assert_eq!(
+        files_in(&state, "dead").len(),
+        2,
+        "the message and its state"
+    );
+    assert!(
+        queued_in(&state).iter().all(|(e, _)| e["sender"] == ""),
+        "only the DSN was queued"
+    );
+}

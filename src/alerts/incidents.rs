@@ -224,7 +224,9 @@ impl Tracker {
                     format!("account {account} is authorized again: mail was delivered through it.")
                 });
             }
-            Event::Dead { id, account, why } => {
+            Event::Dead {
+                id, account, why, ..
+            } => {
                 let subject = account.unwrap_or(QUEUE);
                 let via = account.map_or(String::new(), |a| format!(" (account {a})"));
                 let window = age(self.limits.dead_window);
@@ -426,6 +428,7 @@ mod tests {
                 id: QueueId::new(),
                 account: Some("office"),
                 why: "550 5.1.1 no such user",
+                refused: &[],
             };
             notices.extend(t.event(&dead, at(i * 60)));
         }
@@ -452,6 +455,7 @@ mod tests {
                 id: QueueId::new(),
                 account: None,
                 why: "expired",
+                refused: &[],
             },
             at(9000),
         );

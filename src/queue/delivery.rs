@@ -674,7 +674,7 @@ impl Delivery {
                     );
                     return self
                         .clone()
-                        .blocking(move |d| d.dead(id, &mut state, &why, None))
+                        .blocking(move |d| d.dead(id, &mut state, &why, None, &[]))
                         .await;
                 }
                 return self
@@ -785,7 +785,7 @@ impl Delivery {
             };
             return self
                 .clone()
-                .blocking(move |d| d.dead(id, &mut state, &why, None))
+                .blocking(move |d| d.dead(id, &mut state, &why, None, &[]))
                 .await;
         }
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
@@ -1028,7 +1028,11 @@ impl Delivery {
                 account.record(state_dir, "delivered", r)
             }
             Outcome::Permanent(r) => account.record(state_dir, "dead", r),
-            Outcome::Transient(r)
+            Outcome::Refused { reply: r, refused } if refused.iter().all(|r| r.permanent) => {
+                account.record(state_dir, "dead", r)
+            }
+            Outcome::Refused { reply: r, .. }
+            | Outcome::Transient(r)
             | Outcome::AuthRejected(r)
             | Outcome::Throttled(r, _)
             | Outcome::Busy { reply: r, .. }
@@ -1039,7 +1043,19 @@ impl Delivery {
             Outcome::Partial { reply, refused } => {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }
-            Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name)),
+            Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name), &[]),
+            // Refused for good for each, in different words: dead, and each named with its own in the bounce.
+            Outcome::Refused { reply, refused } if refused.iter().all(|r| r.permanent) => {
+                let each: Vec<(String, String)> = refused
+                    .into_iter()
+                    .map(|r| (r.recipient, r.reply))
+                    .collect();
+                self.dead(id, state, &reply, Some(&account.name), &each)
+            }
+            // Some for good, some for now: as after a partial delivery, without one taken.
+            Outcome::Refused { reply, refused } => {
+                self.partial(id, account, &reply, &refused, sent_to, state)
+            }
             // (Busy here: no other connection of the account was open, see `attempt`; Unreachable never comes
             // here, it waits.)
             Outcome::Transient(reply)
@@ -1129,7 +1145,12 @@ impl Delivery {
             if later.len() > SHOWN {
                 why.push_str(&format!(" and {} more", later.len() - SHOWN));
             }
-            let why = format!("refused for now for {why} (the others have it)");
+            let others = if sent_to.len() > refused.len() {
+                "the others have it"
+            } else {
+                "the others were refused for good"
+            };
+            let why = format!("refused for now for {why} ({others})");
             // "Too many recipients" (452, 4.5.3, or 552 as RFC 821 used it) while others were taken: the upstream
             // takes only so many per message (Gmail about 100, Microsoft 500). The rest go in the next
             // transaction, now, not after the retry schedule's wait, and that is not a failed attempt. Each such
@@ -1276,6 +1297,7 @@ impl Delivery {
         state: &mut DeliveryState,
         why: &str,
         account: Option<&str>,
+        refused: &[(String, String)],
     ) -> Attempted {
         state.failed(why);
         state.next_attempt = None;
@@ -1297,7 +1319,12 @@ impl Delivery {
                 }
                 let _ = std::fs::remove_file(state_path(&self.paths.queue, id));
                 lock(&self.unrecorded).remove(&id);
-                crate::events::emit(crate::events::Event::Dead { id, account, why });
+                crate::events::emit(crate::events::Event::Dead {
+                    id,
+                    account,
+                    why,
+                    refused,
+                });
                 // After a partial delivery, the state file in dead/ keeps who had it already.
                 let mut finished = state
                     .finished

@@ -38,6 +38,13 @@ pub enum Outcome {
         reply: String,
         refused: Vec<Refusal>,
     },
+    /// Taken for none of its recipients, each refused with its own reply, not all alike: some for good and some
+    /// for now, or for good for different reasons (SMTP only). Those refused for good are bounced, the others
+    /// wait. `reply` stands for them all where one is needed (a refusal for now, if there is one).
+    Refused {
+        reply: String,
+        refused: Vec<Refusal>,
+    },
     /// Try again later (4xx, connection or TLS trouble, no token yet).
     Transient(String),
     /// The provider asked relay to wait (HTTP 429/503/504 with `Retry-After`): not before this long.
@@ -67,6 +74,7 @@ impl Outcome {
         match self {
             Outcome::Delivered(r)
             | Outcome::Partial { reply: r, .. }
+            | Outcome::Refused { reply: r, .. }
             | Outcome::Transient(r)
             | Outcome::Throttled(r, _)
             | Outcome::Permanent(r)

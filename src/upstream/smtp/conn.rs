@@ -48,6 +48,13 @@ pub enum Failure {
     Connection(String),
     /// The server refused a command or the message.
     Refused(Reply),
+    /// The server took MAIL and refused every recipient, not all alike (some for good and some for now, or for
+    /// different reasons): each recipient (its index in those given) with the reply to its RCPT. `standing` is the
+    /// one reply that stands for them all where one is needed (as [`Failure::Refused`] would carry it).
+    EachRefused {
+        standing: Reply,
+        each: Vec<(usize, Reply)>,
+    },
     /// The server refused AUTH XOAUTH2.
     Auth(Reply),
     /// The message needs an extension the server does not offer; nothing was sent.
@@ -89,6 +96,10 @@ impl Failure {
         match self {
             Failure::Connection(why) => Failure::Connection(cut(why)),
             Failure::Refused(r) => Failure::Refused(reply(r)),
+            Failure::EachRefused { standing, each } => Failure::EachRefused {
+                standing: reply(standing),
+                each: each.into_iter().map(|(i, r)| (i, reply(r))).collect(),
+            },
             Failure::Auth(r) => Failure::Auth(reply(r)),
             Failure::Unsupported(why) => Failure::Unsupported(cut(why)),
             Failure::Session(r) => Failure::Session(reply(r)),
@@ -198,6 +209,26 @@ fn judge_envelope(replies: &[Reply], recipients: usize) -> Result<Vec<(usize, Re
     Ok(refused)
 }
 
+/// The failure for a transaction refused whole with `standing`: when MAIL was taken and every one of the
+/// `recipients` refused, not all with the same reply, each recipient's own refusal, so that those refused for good
+/// are bounced with their own words and those refused for now wait; else `standing` alone. Pure.
+fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failure {
+    let taken = replies.first().is_some_and(Reply::is_positive);
+    match replies.get(1..=recipients) {
+        Some(rcpts)
+            if taken
+                && rcpts.iter().all(|r| !r.is_positive() && r.code != 421)
+                && rcpts.iter().any(|r| *r != rcpts[0]) =>
+        {
+            Failure::EachRefused {
+                standing,
+                each: rcpts.iter().cloned().enumerate().collect(),
+            }
+        }
+        _ => Failure::Refused(standing),
+    }
+}
+
 /// Whether a reply to RCPT refuses that recipient for good. A 552 there is "too many recipients" as RFC 821
 /// used it, to be taken as temporary (RFC 5321 section 4.5.3.1.10).
 pub fn refused_for_good(rcpt: &Reply) -> bool {
@@ -283,6 +314,11 @@ impl Replies {
                 "the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why}); sent again with DATA, so if it had in fact taken the message, it may arrive twice"
             )
         })
+    }
+
+    /// The failure for `refusal` (see [`refused_whole`]).
+    fn refused(&self, refusal: Reply) -> Failure {
+        refused_whole(&self.envelope, self.commands - 1, refusal)
     }
 
     /// What refuses the message so far: a refused MAIL, a 421, every recipient refused (once all their replies
@@ -692,10 +728,18 @@ impl Conn {
                 if data_started {
                     // DATA was accepted although no recipient was: ending the data would make an empty
                     // transaction. Dropping the connection abandons it (RFC 5321 section 4.1.1.4).
-                    return Err(fail(Failure::Refused(reply), false, false));
+                    return Err(fail(
+                        refused_whole(&replies, recipients.len(), reply),
+                        false,
+                        false,
+                    ));
                 }
                 let reusable = reply.code != 421 && self.rset().await;
-                return Err(fail(Failure::Refused(reply), unanswered, reusable));
+                return Err(fail(
+                    refused_whole(&replies, recipients.len(), reply),
+                    unanswered,
+                    reusable,
+                ));
             }
         };
         if let Err(f) = self.body(message).await {
@@ -785,7 +829,7 @@ impl Conn {
                 }
                 if let Some(refusal) = replies.refusal() {
                     // Refused midway: the rest is not sent, and the transaction is abandoned with the connection.
-                    return Err(fail(Failure::Refused(refusal), false));
+                    return Err(fail(replies.refused(refusal), false));
                 }
             }
             body.extend_from_slice(&piece);
@@ -830,7 +874,7 @@ impl Conn {
                         return Err(fail(failure, false));
                     }
                     if let Some(refusal) = replies.refusal() {
-                        return Err(fail(Failure::Refused(refusal), false));
+                        return Err(fail(replies.refused(refusal), false));
                     }
                     let timed_out = tokio::time::Instant::now() >= until;
                     // Bytes that did not parse were an answer of sorts: the message may have been taken.
@@ -861,10 +905,10 @@ impl Conn {
         }
         let refused = match judge_envelope(&replies.envelope, commands.len() - 1) {
             Ok(refused) => refused,
-            Err(reply) => return Err(fail(Failure::Refused(reply), false)),
+            Err(reply) => return Err(fail(replies.refused(reply), false)),
         };
         if let Some(refusal) = replies.refusal() {
-            return Err(fail(Failure::Refused(refusal), false));
+            return Err(fail(replies.refused(refusal), false));
         }
         match replies.last {
             // Taken. Anything the server sent after it (a 421 as it closes) keeps the connection out of the pool.
@@ -902,7 +946,7 @@ impl Conn {
         }
         match replies.refusal() {
             Some(r) => SendFailure {
-                failure: Failure::Refused(r),
+                failure: replies.refused(r),
                 unanswered: replies.closing_at_once(),
                 reusable: false,
             },
@@ -1282,6 +1326,33 @@ mod tests {
     fn sasl_names_escape_what_the_gs2_header_uses() {
         assert_eq!(sasl_name("relay@example.com"), "relay@example.com");
         assert_eq!(sasl_name("a,b=c@d"), "a=2Cb=3Dc@d");
+    }
+
+    #[test]
+    fn every_recipient_refused_unlike_is_refused_each() {
+        let each = |replies: &[Reply], n| match refused_whole(replies, n, r(1)) {
+            Failure::EachRefused { standing, each } => {
+                assert_eq!(standing, r(1));
+                Some(each)
+            }
+            Failure::Refused(standing) => {
+                assert_eq!(standing, r(1));
+                None
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            each(&[r(250), r(550), r(451), r(554)], 2),
+            Some(vec![(0, r(550)), (1, r(451))])
+        );
+        // Alike, or one recipient: one reply stands for all, as before.
+        assert_eq!(each(&[r(250), r(550), r(550), r(554)], 2), None);
+        assert_eq!(each(&[r(250), r(550), r(354)], 1), None);
+        // Not every recipient refused, MAIL refused, a 421, replies cut short: not this.
+        assert_eq!(each(&[r(250), r(550), r(250), r(354)], 2), None);
+        assert_eq!(each(&[r(550), r(550), r(451)], 2), None);
+        assert_eq!(each(&[r(250), r(550), r(421)], 2), None);
+        assert_eq!(each(&[r(250), r(550)], 2), None);
     }
 
     #[test]

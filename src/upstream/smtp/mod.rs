@@ -180,7 +180,7 @@ impl SmtpUpstream {
                     tracing::debug!(relay_account_mailbox = %self.mailbox, reason = ?f.failure, "a pooled upstream connection was dead; opening a fresh one");
                 }
                 Err(f) if self.chunking_refused(&f) => data_only = true,
-                Err(f) => return self.failed(key, conn, f),
+                Err(f) => return self.failed(key, conn, f, recipients),
             }
         }
         // Twice at most: a BDAT the server did not know is sent again through DATA, in this attempt.
@@ -199,7 +199,7 @@ impl SmtpUpstream {
                     return delivered(sent, recipients);
                 }
                 Err(f) if self.chunking_refused(&f) => data_only = true,
-                Err(f) => return self.failed(key, conn, f),
+                Err(f) => return self.failed(key, conn, f, recipients),
             }
         }
         Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
@@ -410,11 +410,21 @@ impl SmtpUpstream {
         }
     }
 
-    fn failed(&self, key: blake3::Hash, conn: Conn, f: SendFailure) -> Outcome {
+    /// `recipients`: as the queue gave them, for a refusal of each ([`each_refused`]).
+    fn failed(
+        &self,
+        key: blake3::Hash,
+        conn: Conn,
+        f: SendFailure,
+        recipients: &[String],
+    ) -> Outcome {
         if f.reusable {
             self.give_back(key, conn);
         }
-        outcome(f.failure)
+        match f.failure {
+            Failure::EachRefused { standing, each } => each_refused(standing, each, recipients),
+            other => outcome(other),
+        }
     }
 }
 
@@ -467,14 +477,31 @@ async fn send_fitted(
             "every recipient has a non-ASCII local part, which".into(),
         ));
     }
-    let mut sent = conn.send(&ascii_sender, &sendable, message, flags).await?;
-    sent.refused = sent
-        .refused
-        .into_iter()
-        .filter_map(|(j, r)| Some((*index.get(j)?, r)))
-        .chain(refused)
-        .collect();
-    Ok(sent)
+    let renumbered = |each: Vec<(usize, reply::Reply)>, refused| {
+        each.into_iter()
+            .filter_map(|(j, r)| Some((*index.get(j)?, r)))
+            .chain(refused)
+            .collect()
+    };
+    match conn.send(&ascii_sender, &sendable, message, flags).await {
+        Ok(mut sent) => {
+            sent.refused = renumbered(sent.refused, refused);
+            Ok(sent)
+        }
+        Err(SendFailure {
+            failure: Failure::EachRefused { standing, each },
+            unanswered,
+            reusable,
+        }) => Err(SendFailure {
+            failure: Failure::EachRefused {
+                standing,
+                each: renumbered(each, refused),
+            },
+            unanswered,
+            reusable,
+        }),
+        Err(f) => Err(f),
+    }
 }
 
 /// `a` with its domain in ASCII (IDNA); `None` when its local part is not ASCII, which only SMTPUTF8 can carry.
@@ -510,6 +537,35 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
         })
         .collect();
     Outcome::Partial { reply, refused }
+}
+
+/// Every recipient refused, not all alike: each with its own refusal, so that those refused for good are bounced
+/// now and the others wait, rather than all waiting (for days, until `max_age`) on one 4xx. A refusal about the
+/// account rather than the recipient (a login, a quota, a concurrency limit) is the whole message's, as before.
+fn each_refused(
+    standing: reply::Reply,
+    each: Vec<(usize, reply::Reply)>,
+    recipients: &[String],
+) -> Outcome {
+    let about_the_account =
+        |r: &reply::Reply| r.code == 530 || quota_used_up(r) || concurrency_limit(r);
+    if each.len() != recipients.len() || each.iter().any(|(_, r)| about_the_account(r)) {
+        return outcome(Failure::Refused(standing));
+    }
+    let refused = each
+        .into_iter()
+        .filter_map(|(i, r)| {
+            Some(Refusal {
+                recipient: recipients.get(i)?.clone(),
+                permanent: conn::refused_for_good(&r),
+                reply: r.to_string(),
+            })
+        })
+        .collect();
+    Outcome::Refused {
+        reply: standing.to_string(),
+        refused,
+    }
 }
 
 /// How long an account pauses after its provider said its sending quota is used up: the quotas count the last 24
@@ -587,6 +643,7 @@ fn outcome(f: Failure) -> Outcome {
         },
         Failure::Refused(r) if r.is_permanent() => Outcome::Permanent(r.to_string()),
         Failure::Refused(r) => Outcome::Transient(r.to_string()),
+        Failure::EachRefused { standing, .. } => outcome(Failure::Refused(standing)),
     }
 }
 
