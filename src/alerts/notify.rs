@@ -110,6 +110,8 @@ impl Notifier {
                     &recipients,
                     &message,
                     MailFlags::OWN,
+                    // An alert is small and not queued: nothing to resume.
+                    None,
                 )
                 .await;
             match outcome {

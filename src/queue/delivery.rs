@@ -12,7 +12,7 @@
 use super::lock;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,10 +26,11 @@ use super::layout::{SpoolPaths, msg_path, state_path};
 use super::rate::{AccountRate, Reservation};
 use super::route::{Addressing, Routing};
 use super::spool::quarantine;
-use super::state::{DeliveryState, read_state, write_state};
+use super::state::{DeliveryState, KeptUpload, read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
+use crate::upstream::gmail::{ResumePoint, UploadSession};
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::smtp::Reachability;
@@ -556,16 +557,24 @@ impl Delivery {
     /// place under its limits; else what the message waits for. Of several, those whose upstream answers go first
     /// (one that could not be reached a moment ago gets mail only when none of them can take it: it has sent the
     /// least, and would otherwise be picked for every message), then the one that has used the least of its day
-    /// (then the fewest recipients, then config order), so that mail spreads evenly.
+    /// (then the fewest recipients, then config order), so that mail spreads evenly. Before those, `kept`: the
+    /// account whose upload session an earlier attempt kept (it may hold the message whole: another account
+    /// would send it again).
     fn take_place(
         &self,
         names: &[String],
         recipients: usize,
         now: SystemTime,
+        kept: Option<&str>,
     ) -> Result<(Arc<Account>, OwnedSemaphorePermit, Reservation), Wait> {
         let instant = std::time::Instant::now();
-        // (Down first or not, share of the day, recipients used, config order) for the order; where it stands.
-        type Candidate<'a> = ((bool, u64, u64, usize), Reachability, &'a Arc<Account>);
+        // (Down, not the kept session's, share of the day, recipients used, config order) for the order; where
+        // it stands.
+        type Candidate<'a> = (
+            (bool, bool, u64, u64, usize),
+            Reachability,
+            &'a Arc<Account>,
+        );
         let mut accounts: Vec<Candidate<'_>> = names
             .iter()
             .enumerate()
@@ -577,7 +586,8 @@ impl Delivery {
                 });
                 let reach = a.transports.reachability(instant);
                 let down = reach != Reachability::Up;
-                Some(((down, share, u.recipients_last_24h, i), reach, a))
+                let other = kept != Some(n.as_str());
+                Some(((down, other, share, u.recipients_last_24h, i), reach, a))
             })
             .collect();
         if names.len() > 1 {
@@ -821,6 +831,7 @@ impl Delivery {
             decision.accounts,
             recipients.len(),
             now,
+            state.upload.as_ref().map(|u| u.account.as_str()),
         ) {
             Ok(place) => {
                 drop(seeking);
@@ -918,6 +929,15 @@ impl Delivery {
         };
         reservation.sending();
         let (sender, message) = account.rewrite.prepare(id, &msg.envelope.sender, message);
+        // The state goes with the attempt while it sends, so that a Gmail upload session can be kept in it.
+        let kept = Arc::new(StateResume {
+            dir: self.paths.queue.clone(),
+            id,
+            account: account.name.clone(),
+            state: Mutex::new(std::mem::take(&mut state)),
+            written: AtomicBool::new(false),
+        });
+        let resume: Arc<dyn ResumePoint> = kept.clone();
         let outcome = account
             .transports
             .send(
@@ -929,8 +949,11 @@ impl Delivery {
                     eight_bit: msg.envelope.body_8bit || message.is_eight_bit(),
                     smtputf8: msg.envelope.smtputf8,
                 },
+                Some(&resume),
             )
             .await;
+        state = std::mem::take(&mut *lock(&kept.state));
+        let written = kept.written.load(Ordering::Acquire);
         // Not tried: another attempt found the upstream unreachable between this one taking the account and
         // connecting. It waits as if the account had not been taken (`take_place`), not an attempt.
         if let Outcome::Unreachable { until, .. } = &outcome {
@@ -988,7 +1011,7 @@ impl Delivery {
             .blocking(move |d| {
                 let taken = matches!(outcome, Outcome::Delivered(_) | Outcome::Partial { .. });
                 reservation.finish(taken);
-                let next = d.settle(id, &account, outcome, &recipients, &mut state);
+                let next = d.settle(id, &account, outcome, &recipients, &mut state, written);
                 // The lock goes once the file is settled. Closed here, on the blocking pool: the last close of
                 // a delivered file, unlinked by `settle`, is when the kernel frees it (truncate, free blocks, the
                 // discard), which on the runtime's thread cut the drain by a third.
@@ -1013,7 +1036,8 @@ impl Delivery {
         }
     }
 
-    /// Acts on an outcome: remove, dead, or defer. `sent_to`: the recipients this attempt was for.
+    /// Acts on an outcome: remove, dead, or defer. `sent_to`: the recipients this attempt was for; `written`:
+    /// the attempt wrote the state file (it kept an upload session).
     fn settle(
         &self,
         id: QueueId,
@@ -1021,6 +1045,7 @@ impl Delivery {
         outcome: Outcome,
         sent_to: &[String],
         state: &mut DeliveryState,
+        written: bool,
     ) -> Attempted {
         let state_dir = self.paths.state_dir();
         match &outcome {
@@ -1039,7 +1064,9 @@ impl Delivery {
             | Outcome::Unreachable { reply: r, .. } => account.record(state_dir, "deferred", r),
         }
         match outcome {
-            Outcome::Delivered(reply) => self.delivered(id, account, &reply, state.may_have_file()),
+            Outcome::Delivered(reply) => {
+                self.delivered(id, account, &reply, written || state.may_have_file())
+            }
             Outcome::Partial { reply, refused } => {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }
@@ -1301,6 +1328,8 @@ impl Delivery {
     ) -> Attempted {
         state.failed(why);
         state.next_attempt = None;
+        // Refused for good: an upload session is of no more use, and its URL (a credential) is not kept in dead/.
+        state.upload = None;
         let d = self.diagnosed(why, account);
         let queued = msg_path(&self.paths.queue, id);
         // dead/ is made at start; one removed since (by hand, by a clean-up script) is made again, or the message
@@ -1360,6 +1389,49 @@ impl Delivery {
     }
 }
 
+/// A message's Gmail upload session, kept in its delivery state for the account its attempt goes through: the
+/// attempt's state is here while it sends, and written whole when a session is kept or forgotten. The attempt
+/// holds the queue file's lock meanwhile, so nothing else writes the state (`relay queue retry` takes the lock).
+struct StateResume {
+    dir: PathBuf,
+    id: QueueId,
+    account: String,
+    state: Mutex<DeliveryState>,
+    /// The state file was written (one a first attempt may now have).
+    written: AtomicBool,
+}
+
+impl ResumePoint for StateResume {
+    fn load(&self) -> Option<UploadSession> {
+        let state = lock(&self.state);
+        let kept = state
+            .upload
+            .as_ref()
+            .filter(|u| u.account == self.account)?;
+        Some(UploadSession {
+            url: kept.url.clone(),
+            total: kept.total,
+        })
+    }
+
+    fn save(&self, session: Option<UploadSession>) -> std::io::Result<()> {
+        let mut state = lock(&self.state);
+        let upload = session.map(|s| KeptUpload {
+            account: self.account.clone(),
+            url: s.url,
+            total: s.total,
+        });
+        if state.upload == upload {
+            return Ok(());
+        }
+        state.upload = upload;
+        // Atomic and flushed (`state_files::atomic`): the session must be on disk before the first chunk goes.
+        let written = write_state(&self.dir, self.id, &state);
+        self.written.store(true, Ordering::Release);
+        written
+    }
+}
+
 /// Says which recipients the upstream refused for good, and has them bounced: one DSN for all of them, each
 /// with the reply to its own RCPT (Microsoft's name the recipient, so one DSN per distinct reply would be one per
 /// recipient).
@@ -1396,4 +1468,56 @@ fn open_message(
         return Err(std::io::ErrorKind::NotFound.into());
     }
     Outgoing::open(file, msg.offset, msg.size, &msg.seal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(dir: &Path, id: QueueId, account: &str, state: DeliveryState) -> StateResume {
+        StateResume {
+            dir: dir.to_path_buf(),
+            id,
+            account: account.into(),
+            state: Mutex::new(state),
+            written: AtomicBool::new(false),
+        }
+    }
+
+    /// A session is kept on disk with the rest of the state, for its account only, and forgotten on disk too.
+    #[test]
+    fn an_upload_session_is_kept_in_the_state_for_its_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = QueueId::new();
+        let state = DeliveryState {
+            attempts: 2,
+            last_error: Some("Gmail API: timed out".into()),
+            ..DeliveryState::default()
+        };
+        let gmail = kept(dir.path(), id, "gmail", state);
+        assert_eq!(gmail.load(), None);
+        let session = UploadSession {
+            url: "https://upload.example/s?upload_id=X".into(),
+            total: 6_000_000,
+        };
+        gmail.save(Some(session.clone())).unwrap();
+        assert!(gmail.written.load(Ordering::Acquire));
+        let on_disk = read_state(dir.path(), id);
+        assert_eq!(on_disk.attempts, 2);
+        assert_eq!(
+            on_disk
+                .upload
+                .as_ref()
+                .map(|u| (u.account.as_str(), u.total)),
+            Some(("gmail", 6_000_000))
+        );
+        // The next attempt through the same account finds it; through another (the route changed), not.
+        assert_eq!(
+            kept(dir.path(), id, "gmail", on_disk.clone()).load(),
+            Some(session)
+        );
+        assert_eq!(kept(dir.path(), id, "other", on_disk).load(), None);
+        gmail.save(None).unwrap();
+        assert_eq!(read_state(dir.path(), id).upload, None);
+    }
 }

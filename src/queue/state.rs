@@ -1,7 +1,8 @@
 //! `ID.state`: a queued message's delivery state (attempts, next try, last error, the recipients already done
-//! with), beside its `ID.msg`.
+//! with, a Gmail upload session begun), beside its `ID.msg`.
 //!
-//! Written atomically after each failed or partial attempt; the message file itself is never rewritten. A missing or
+//! Written atomically after each failed or partial attempt, and when a Gmail upload session begins; the message
+//! file itself is never rewritten. A missing or
 //! unreadable state file means "never tried", so the worst a damaged one can do is an early retry.
 
 use std::io::Write;
@@ -36,6 +37,31 @@ pub struct DeliveryState {
         skip_serializing_if = "Option::is_none"
     )]
     pub requeued_at: Option<SystemTime>,
+    /// The Gmail resumable upload an attempt began: the next attempt through the same account asks it first, since
+    /// it may hold the whole message, sent. (Absent from state files written before sessions were kept.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<KeptUpload>,
+}
+
+/// A Gmail upload session kept between attempts. Its URL is a credential: the file is 0640 like every state
+/// file, and the URL is never logged (nor shown by `Debug`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptUpload {
+    /// The account it was begun through: another one's attempt (the route changed) begins its own.
+    pub account: String,
+    pub url: String,
+    /// The bytes it was begun for.
+    pub total: u64,
+}
+
+impl std::fmt::Debug for KeptUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptUpload")
+            .field("account", &self.account)
+            .field("url", &"(not shown)")
+            .field("total", &self.total)
+            .finish()
+    }
 }
 
 impl DeliveryState {
@@ -150,6 +176,37 @@ mod tests {
         // A clock set back when it was moved does not make the message older than it is.
         state.requeued_at = Some(SystemTime::UNIX_EPOCH);
         assert_eq!(state.age_from(received), received);
+    }
+
+    /// State files from before upload sessions were kept read as having none; one that has one keeps it, at
+    /// 0640, and its URL is not in the state's `Debug`.
+    #[test]
+    fn upload_sessions_are_kept_and_old_files_read_without() {
+        use std::os::unix::fs::PermissionsExt;
+        let old: DeliveryState = serde_json::from_str(
+            r#"{"attempts": 1, "next_attempt": "2030-01-01T00:00:00Z", "last_error": "Gmail API: timed out", "finished": ["a@x"]}"#,
+        )
+        .unwrap();
+        assert_eq!((old.attempts, old.upload.as_ref()), (1, None));
+        assert!(!serde_json::to_string(&old).unwrap().contains("upload"));
+        let dir = tempfile::tempdir().unwrap();
+        let id = QueueId::new();
+        let state = DeliveryState {
+            upload: Some(KeptUpload {
+                account: "gmail".into(),
+                url: "https://www.googleapis.com/upload/gmail/v1/users/me/messages/send?uploadType=resumable&upload_id=SECRET".into(),
+                total: 6_000_000,
+            }),
+            ..old
+        };
+        write_state(dir.path(), id, &state).unwrap();
+        assert_eq!(read_state(dir.path(), id), state);
+        let mode = std::fs::metadata(state_path(dir.path(), id))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, crate::state_files::FILE_MODE);
+        assert!(!format!("{state:?}").contains("SECRET"));
     }
 
     #[test]

@@ -3,8 +3,14 @@
 //! from the headers: envelope recipients the headers do not name (Bcc) are added as a `Bcc:` line, which Gmail
 //! removes before delivery. A resumable chunk that fails (a server error, no answer) is followed by a status query,
 //! as Google advises: the upload goes on where the session says, and one the session holds whole was sent.
+//!
+//! The session outlives the attempt: it is kept with the message's delivery state ([`ResumePoint`]) before the
+//! first chunk goes, so that an attempt cut short (a stop, a crash, a chunk with no answer) leaves the next one
+//! to ask the same session first. Uploaded again in a new session, a message the old one held whole would be
+//! sent twice.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -21,6 +27,33 @@ pub const MESSAGE_LIMIT: usize = 35 * 1024 * 1024;
 pub const SIMPLE_LIMIT: usize = 5 * 1024 * 1024;
 /// Resumable chunks: a multiple of 256 KiB, as the protocol requires.
 pub const CHUNK: usize = 16 * 256 * 1024;
+
+/// A resumable upload's session, as kept between attempts. Its URL is a credential (Google's `upload_id` lets
+/// whoever holds it upload into the session): it is never logged nor put in a reply.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UploadSession {
+    pub url: String,
+    /// The bytes the upload was begun for (the `Bcc:` line and the message): another count is another upload.
+    pub total: u64,
+}
+
+impl std::fmt::Debug for UploadSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadSession")
+            .field("url", &"(not shown)")
+            .field("total", &self.total)
+            .finish()
+    }
+}
+
+/// Where a message's upload session is kept between attempts: the queue implements it over the message's delivery
+/// state, for the account the attempt goes through, so that the transport knows nothing of the queue's files.
+pub trait ResumePoint: Send + Sync {
+    /// The session an earlier attempt of this message through this account began, if one is kept.
+    fn load(&self) -> Option<UploadSession>;
+    /// Keeps `session` in place of any other (`None`: none), on disk before it returns.
+    fn save(&self, session: Option<UploadSession>) -> std::io::Result<()>;
+}
 
 pub struct GmailUpstream {
     http: reqwest::Client,
@@ -40,11 +73,13 @@ impl GmailUpstream {
         &self.url
     }
 
+    /// `resume`: where the upload session of a large message is kept between attempts (none for `relay test`).
     pub async fn send(
         &self,
         token: &SecretString,
         recipients: &[String],
         message: &Outgoing,
+        resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         let bcc = hidden_recipients(recipients, message.header_block());
         let total = bcc.len() + message.len() as usize;
@@ -53,9 +88,10 @@ impl GmailUpstream {
                 "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
             ));
         }
-        let resp = if total <= SIMPLE_LIMIT {
+        let (resp, note) = if total <= SIMPLE_LIMIT {
             // Read from the queue file as it is sent.
-            self.http
+            let resp = self
+                .http
                 .post(format!("{}?uploadType=media", self.url))
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
@@ -63,34 +99,202 @@ impl GmailUpstream {
                 .timeout(time_for(total))
                 .body(streamed(message, bcc, false))
                 .send()
-                .await
+                .await;
+            (resp, None)
         } else {
-            match self.resumable(token, &bcc, message).await {
+            let upload = Upload {
+                gmail: self,
+                token,
+                store: resume,
+                total,
+            };
+            match upload.resumable(&bcc, message).await {
                 Ok(r) => r,
                 Err(outcome) => return outcome,
             }
         };
-        match resp {
+        let out = match resp {
             Ok(r) if r.status().is_success() => delivered(r).await,
             Ok(r) => refusal("Gmail API", r, diagnose).await,
             Err(e) => failed("Gmail API", &e),
+        };
+        match (out, note) {
+            (Outcome::Delivered(reply), Some(note)) => {
+                Outcome::Delivered(format!("{reply}; {note}"))
+            }
+            (out, _) => out,
+        }
+    }
+}
+
+/// One resumable upload of one message.
+struct Upload<'a> {
+    gmail: &'a GmailUpstream,
+    token: &'a SecretString,
+    store: Option<&'a Arc<dyn ResumePoint>>,
+    total: usize,
+}
+
+/// What a resumable upload came to: the answer to its last request, and for the log, how an earlier attempt's
+/// session counted in it.
+type Uploaded = (Result<reqwest::Response, reqwest::Error>, Option<String>);
+
+impl Upload<'_> {
+    /// The session an earlier attempt kept, if it is one for this upload and still open: where to go on in it, or
+    /// the outcome if it holds the whole message. `None`: a new session.
+    async fn earlier(&self) -> Result<Option<(String, usize)>, Outcome> {
+        let Some(kept) = self.store.and_then(|s| s.load()) else {
+            return Ok(None);
+        };
+        // The bytes are the same ones (the `Bcc:` line and the queue file, made again the same way), or the count
+        // says it is another upload: the message's route or its recipients changed.
+        if kept.total != self.total as u64 {
+            return Ok(None);
+        }
+        let Some(r) = self.gmail.status(self.token, &kept.url, self.total).await else {
+            // No answer: a new session is begun, and replaces this one only once Google gave it (the attempt
+            // may fail before, with Google out of reach, and the next one asks this session again).
+            return Ok(None);
+        };
+        match r.status().as_u16() {
+            // It holds the whole message: sent, by the attempt that began it. Not uploaded again.
+            200..=299 => Err(match delivered(r).await {
+                Outcome::Delivered(reply) => Outcome::Delivered(format!(
+                    "{reply}; sent by the upload session of an earlier attempt (its answer was not heard before relay stopped or the attempt ended): not uploaded again"
+                )),
+                other => other,
+            }),
+            308 => Ok(match held(r.headers()) {
+                Some(held) if held < self.total => Some((kept.url, held)),
+                _ => None,
+            }),
+            // Gone (404, 410: expired or dropped by Google): a new session.
+            _ => Ok(None),
         }
     }
 
-    /// Starts a resumable upload, then sends the bytes in chunks; returns the reply to the last one.
-    async fn resumable(
-        &self,
-        token: &SecretString,
-        prefix: &[u8],
-        message: &Outgoing,
-    ) -> Result<Result<reqwest::Response, reqwest::Error>, Outcome> {
-        let total = prefix.len() + message.len() as usize;
+    /// Keeps the session for the next attempt (`None`: forgets it). Failing that, the upload goes on as before
+    /// sessions were kept: cut short, the next attempt would begin a new one.
+    async fn keep(&self, session: Option<&str>) {
+        let Some(store) = self.store else {
+            return;
+        };
+        let store = store.clone();
+        let session = session.map(|url| UploadSession {
+            url: url.to_string(),
+            total: self.total as u64,
+        });
+        let saved = tokio::task::spawn_blocking(move || store.save(session)).await;
+        let failed = match saved {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %failed, "cannot keep the Gmail upload session with the message's delivery state; should this attempt be cut short, the next one uploads the message again in a new session");
+    }
+
+    /// Goes on with an earlier attempt's session, or starts a new one, then sends the bytes in chunks; returns
+    /// the reply to the last one.
+    async fn resumable(&self, prefix: &[u8], message: &Outgoing) -> Result<Uploaded, Outcome> {
+        let (total, token) = (self.total, self.token);
+        let (session, mut at, note) = match self.earlier().await? {
+            Some((session, at)) => {
+                let note = format!(
+                    "resumed the upload session of an earlier attempt at byte {at} of {total}"
+                );
+                (session, at, Some(note))
+            }
+            None => (self.begin().await?, 0, None),
+        };
+        let mut recoveries = 0;
+        // Each chunk twice (a session may keep part of one), and the chunks a recovery sends again: a server
+        // whose Range creeps forward a byte at a time must not hold the attempt for millions of requests.
+        let mut chunks_left = 2 * total.div_ceil(CHUNK) + 2 * MAX_RECOVERIES as usize;
+        loop {
+            if chunks_left == 0 {
+                self.keep(None).await;
+                return Err(Outcome::Transient(format!(
+                    "Gmail API: the upload session took {at} of the {total} bytes after as many chunks as the message has, twice; the next attempt uploads it again in a new session"
+                )));
+            }
+            chunks_left -= 1;
+            let end = (at + CHUNK).min(total);
+            // One chunk at a time from the queue file: a 35 MB message never sits in memory whole.
+            let chunk = read(message, prefix, at..end).await?;
+            let resp = self
+                .gmail
+                .http
+                .put(&session)
+                .bearer_auth(token.expose_secret())
+                .header(
+                    reqwest::header::CONTENT_RANGE,
+                    format!("bytes {at}-{}/{total}", end - 1),
+                )
+                .timeout(time_for(chunk.len()))
+                .body(chunk)
+                .send()
+                .await;
+            // A chunk without an answer, or with a server error: Google's advice is to ask the session what it
+            // holds and go on from there. After the last chunk, it may hold the whole message, sent: uploading
+            // it again in a new session would send it twice.
+            let mut resumed = false;
+            let r = match resp {
+                Ok(r) if !is_server_error(r.status().as_u16()) => r,
+                failed => {
+                    resumed = true;
+                    if recoveries == MAX_RECOVERIES {
+                        return Ok((failed, note));
+                    }
+                    recoveries += 1;
+                    match self.gmail.status(token, &session, total).await {
+                        Some(r) => r,
+                        None => return Ok((failed, note)),
+                    }
+                }
+            };
+            match r.status().as_u16() {
+                // "Resume Incomplete": `Range` says how much of the upload the session holds, and the rest goes
+                // next. Google may hold less than was sent, even after the last chunk; then it wants the rest again.
+                // Only a session that holds more than before goes on, so the loop ends.
+                308 => match held(r.headers()) {
+                    Some(held) if held > at && held <= end && held < total => at = held,
+                    // After a failed chunk: wherever the session says (bounded by MAX_RECOVERIES).
+                    Some(held) if resumed && held < total => at = held,
+                    held => {
+                        let holds = match held {
+                            Some(h) => format!("the upload session holds {h} of the {total} bytes"),
+                            None => "the upload session's Range cannot be read".into(),
+                        };
+                        // The session says it does not hold the message: given up, it sent nothing.
+                        self.keep(None).await;
+                        return Err(Outcome::Transient(format!(
+                            "Gmail API 308: after bytes {at}-{}, {holds}; the next attempt uploads the message again in a new session",
+                            end - 1
+                        )));
+                    }
+                },
+                // Google's sign to start the upload again from the beginning: the session expired or was lost.
+                404 | 410 => {
+                    self.keep(None).await;
+                    return Err(Outcome::Transient(format!(
+                        "Gmail API {}: the resumable upload session is gone (it expires, and Google may drop it); the next attempt starts a new one",
+                        r.status()
+                    )));
+                }
+                _ => return Ok((Ok(r), note)),
+            }
+        }
+    }
+
+    /// Starts a new upload session, kept for the next attempts before a byte of the message goes; its URL.
+    async fn begin(&self) -> Result<String, Outcome> {
         let start = self
+            .gmail
             .http
-            .post(format!("{}?uploadType=resumable", self.url))
-            .bearer_auth(token.expose_secret())
+            .post(format!("{}?uploadType=resumable", self.gmail.url))
+            .bearer_auth(self.token.expose_secret())
             .header("X-Upload-Content-Type", "message/rfc822")
-            .header("X-Upload-Content-Length", total)
+            .header("X-Upload-Content-Length", self.total)
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/json; charset=UTF-8",
@@ -113,87 +317,15 @@ impl GmailUpstream {
                 "Gmail API: the resumable upload has no Location".into(),
             ));
         };
-        let mut at = 0usize;
-        let mut recoveries = 0;
-        // Each chunk twice (a session may keep part of one), and the chunks a recovery sends again: a server
-        // whose Range creeps forward a byte at a time must not hold the attempt for millions of requests.
-        let mut chunks_left = 2 * total.div_ceil(CHUNK) + 2 * MAX_RECOVERIES as usize;
-        loop {
-            if chunks_left == 0 {
-                return Err(Outcome::Transient(format!(
-                    "Gmail API: the upload session took {at} of the {total} bytes after as many chunks as the message has, twice; the next attempt uploads it again in a new session"
-                )));
-            }
-            chunks_left -= 1;
-            let end = (at + CHUNK).min(total);
-            // One chunk at a time from the queue file: a 35 MB message never sits in memory whole.
-            let chunk = read(message, prefix, at..end).await?;
-            let resp = self
-                .http
-                .put(&session)
-                .bearer_auth(token.expose_secret())
-                .header(
-                    reqwest::header::CONTENT_RANGE,
-                    format!("bytes {at}-{}/{total}", end - 1),
-                )
-                .timeout(time_for(chunk.len()))
-                .body(chunk)
-                .send()
-                .await;
-            // A chunk without an answer, or with a server error: Google's advice is to ask the session what it
-            // holds and go on from there. After the last chunk, it may hold the whole message, sent: uploading
-            // it again in a new session would send it twice.
-            let mut resumed = false;
-            let r = match resp {
-                Ok(r) if !is_server_error(r.status().as_u16()) => r,
-                failed => {
-                    resumed = true;
-                    if recoveries == MAX_RECOVERIES {
-                        return Ok(failed);
-                    }
-                    recoveries += 1;
-                    match self.status(token, &session, total).await {
-                        Some(r) => r,
-                        None => return Ok(failed),
-                    }
-                }
-            };
-            match r.status().as_u16() {
-                // "Resume Incomplete": `Range` says how much of the upload the session holds, and the rest goes
-                // next. Google may hold less than was sent, even after the last chunk; then it wants the rest again.
-                // Only a session that holds more than before goes on, so the loop ends.
-                308 => match held(r.headers()) {
-                    Some(held) if held > at && held <= end && held < total => at = held,
-                    // After a failed chunk: wherever the session says (bounded by MAX_RECOVERIES).
-                    Some(held) if resumed && held < total => at = held,
-                    held => {
-                        let holds = match held {
-                            Some(h) => format!("the upload session holds {h} of the {total} bytes"),
-                            None => "the upload session's Range cannot be read".into(),
-                        };
-                        return Err(Outcome::Transient(format!(
-                            "Gmail API 308: after bytes {at}-{}, {holds}; the next attempt uploads the message again in a new session",
-                            end - 1
-                        )));
-                    }
-                },
-                // Google's sign to start the upload again from the beginning: the session expired or was lost.
-                404 | 410 => {
-                    return Err(Outcome::Transient(format!(
-                        "Gmail API {}: the resumable upload session is gone (it expires, and Google may drop it); the next attempt starts a new one",
-                        r.status()
-                    )));
-                }
-                _ => return Ok(Ok(r)),
-            }
-        }
+        self.keep(Some(&session)).await;
+        Ok(session)
     }
 }
 
 /// Status queries after failed chunks in one upload: each may find a little more held, and the upload must end.
 const MAX_RECOVERIES: u32 = 5;
-/// Waits before each status query after a failed chunk, and each query's time: short, since a stop that cuts the
-/// queries off leaves a message the session may hold whole to be uploaded again (the scheduler's drain is 20 s).
+/// Waits before each status query, and each query's time: short, since a stop's drain is 20 s (cut off, the
+/// queries are the next attempt's first, with the session kept in the message's state).
 const STATUS_WAITS: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(500),
     std::time::Duration::from_secs(1),
@@ -400,6 +532,84 @@ mod tests {
             fault(400, "INVALID_ARGUMENT invalidArgument"),
             Some(Fault::Message)
         );
+    }
+
+    /// A kept session in memory, as the queue keeps one in the message's state.
+    #[derive(Default)]
+    struct Kept(std::sync::Mutex<Option<UploadSession>>);
+
+    impl ResumePoint for Kept {
+        fn load(&self) -> Option<UploadSession> {
+            self.0.lock().unwrap().clone()
+        }
+        fn save(&self, session: Option<UploadSession>) -> std::io::Result<()> {
+            *self.0.lock().unwrap() = session;
+            Ok(())
+        }
+    }
+
+    /// A session kept for other bytes (the message's recipients or route changed since) is not asked nor used:
+    /// a new one is begun and kept in its place before its first chunk.
+    #[tokio::test]
+    async fn a_session_kept_for_other_bytes_is_not_used() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+        let server = MockServer::start().await;
+        let new = format!("{}/session/new?upload_id=NEW", server.uri());
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).insert_header("Location", new.as_str()))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(path("/session/old"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"id":"old"}"#))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let kept: Arc<Kept> = Arc::default();
+        let store: Arc<dyn ResumePoint> = kept.clone();
+        let seen = kept.clone();
+        Mock::given(path("/session/new"))
+            .respond_with(move |r: &Request| {
+                // Kept before its first chunk came.
+                assert!(seen.load().is_some_and(|s| s.url.ends_with("NEW")));
+                let range = r.headers["content-range"].to_str().unwrap().to_string();
+                let (span, total) = range.trim_start_matches("bytes ").split_once('/').unwrap();
+                let last: u64 = span.split_once('-').unwrap().1.parse().unwrap();
+                if last + 1 == total.parse::<u64>().unwrap() {
+                    ResponseTemplate::new(200).set_body_string(r#"{"id":"new"}"#)
+                } else {
+                    ResponseTemplate::new(308)
+                        .insert_header("Range", format!("bytes=0-{last}").as_str())
+                }
+            })
+            .mount(&server)
+            .await;
+        let message = Outgoing::from_bytes(
+            [
+                &b"To: a@example.com\r\n\r\n"[..],
+                &vec![b'x'; SIMPLE_LIMIT + 10],
+            ]
+            .concat(),
+        );
+        let total = message.len();
+        store
+            .save(Some(UploadSession {
+                url: format!("{}/session/old?upload_id=OLD", server.uri()),
+                total: total + 1,
+            }))
+            .unwrap();
+        let gmail = GmailUpstream::new(&server.uri()).unwrap();
+        let out = gmail
+            .send(
+                &SecretString::from("tok"),
+                &["a@example.com".into()],
+                &message,
+                Some(&store),
+            )
+            .await;
+        assert_eq!(out, Outcome::Delivered("Gmail API 200 id new".into()));
+        assert_eq!(kept.load(), Some(UploadSession { url: new, total }));
     }
 
     #[tokio::test]

@@ -4,13 +4,13 @@
 //! `STATE_DIR/accounts/NAME.transport.json` for `relay status` and restarts, and SMTP is tried again daily.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::gmail::GmailUpstream;
+use super::gmail::{GmailUpstream, ResumePoint};
 use super::graph::GraphUpstream;
 use super::outgoing::Outgoing;
 use super::smtp::SmtpUpstream;
@@ -192,7 +192,8 @@ impl Transports {
         }
     }
 
-    /// Sends through whichever transport is in use; a refused token gets one refresh and one retry.
+    /// Sends through whichever transport is in use; a refused token gets one refresh and one retry. `resume`:
+    /// where a Gmail upload session is kept between the message's attempts through this account.
     pub async fn send(
         &self,
         tokens: &AccountTokens,
@@ -200,9 +201,10 @@ impl Transports {
         recipients: &[String],
         message: &Outgoing,
         flags: MailFlags,
+        resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         let out = self
-            .send_now(tokens, sender, recipients, message, flags)
+            .send_now(tokens, sender, recipients, message, flags, resume)
             .await;
         self.record_reach();
         out
@@ -248,10 +250,11 @@ impl Transports {
         recipients: &[String],
         message: &Outgoing,
         flags: MailFlags,
+        resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         let Some((graph, scope)) = &self.fallback else {
             return self
-                .primary(tokens, sender, recipients, message, flags)
+                .primary(tokens, sender, recipients, message, flags, resume)
                 .await;
         };
         let switched = self.switched.lock().ok().and_then(|s| s.clone());
@@ -261,7 +264,7 @@ impl Transports {
             return via_graph(graph, tokens, scope, recipients, message).await;
         }
         let out = self
-            .primary(tokens, sender, recipients, message, flags)
+            .primary(tokens, sender, recipients, message, flags, resume)
             .await;
         // Back to SMTP only once it took mail: the daily try of a switched account failing for another reason
         // (the upstream unreachable, a 4xx, a busy mailbox) says nothing about SMTP AUTH; the message goes
@@ -303,12 +306,13 @@ impl Transports {
         recipients: &[String],
         message: &Outgoing,
         flags: MailFlags,
+        resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         let attempt = |token: SecretString| async move {
             match &self.primary {
                 Primary::Smtp(s) => s.send(&token, sender, recipients, message, flags).await,
                 Primary::Graph(g) => g.send(&token, recipients, message).await,
-                Primary::Gmail(g) => g.send(&token, recipients, message).await,
+                Primary::Gmail(g) => g.send(&token, recipients, message, resume).await,
             }
         };
         let token = match tokens.access_token().await {
@@ -504,7 +508,8 @@ impl Transports {
             }
             (Primary::Gmail(g), None) => {
                 note("through the Gmail API");
-                let out = g.send(&token, recipients, message).await;
+                // Nothing kept: a test message is sent once, not queued.
+                let out = g.send(&token, recipients, message, None).await;
                 http(format!("POST {}", g.endpoint()), out)
             }
             (Primary::Smtp(s), None) => {
