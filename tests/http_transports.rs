@@ -777,3 +777,143 @@ async fn a_switched_accounts_daily_smtp_try_that_cannot_connect_stays_on_graph()
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// SIGTERM, and the exit status within `bound` (the drain of a delivery whose answer never comes is 20 s).
+fn stop_within(mut d: Daemon, bound: Duration) -> std::process::ExitStatus {
+    // SAFETY: kill with the pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay still running {bound:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn resumable_starts(api: &FakeApi) -> usize {
+    api.log()
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p.ends_with("/messages/send"))
+        .count()
+}
+
+fn is_chunk(method: &str, path: &str) -> bool {
+    method == "PUT" && path.starts_with("/gmail-session/")
+}
+
+/// The session URL (Google's carries its `upload_id`, a credential) is in no log line.
+fn session_not_logged(lines: &[&String]) {
+    for l in lines {
+        assert!(!l.contains("SECRET-"), "the session URL was logged: {l}");
+    }
+}
+
+/// A Gmail resumable upload whose last chunk's answer never comes (Google took the message, sent it, and the
+/// answer is lost), and relay is stopped meanwhile (SIGTERM: the drain's 20 s run out). The session was kept with
+/// the message's state before its first chunk (0640, never logged): the restarted relay asks that session first,
+/// hears the message was sent, and removes it. One upload session, one message: before, the next attempt began
+/// a new session and Gmail sent the message twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gmail_upload_cut_short_by_a_stop_is_asked_again_and_sent_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_idp, api, d, dir) = daemon_through_api("google").await;
+    let state = dir.path().join("state");
+    let (msg, _) = scan(4_500_000);
+    api.script_chunks(vec![Chunk::Taken, Chunk::TakenButHeld]);
+    send_to(d.addr, &["ops@example.test"], &msg).await;
+    // The fake has the whole message (sent); relay waits for its answer.
+    api.sent(1).await;
+    let kept = files_in(&state, "queue")
+        .into_iter()
+        .find(|f| f.ends_with(".state"))
+        .expect("a state file with the session");
+    let kept = state.join("queue").join(kept);
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert!(text.contains("upload_id=SECRET-"), "{text}");
+    let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+    let before: Vec<String> = d.unmatched().to_vec();
+    let status = stop_within(d, Duration::from_secs(60));
+    assert!(status.code().is_some(), "{status:?}");
+
+    let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("Gmail API 200 id 18c0ffee"), "{line}");
+    assert!(
+        line.contains("upload session of an earlier attempt"),
+        "{line}"
+    );
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1, "sent twice");
+    assert!(
+        strip_received(&sent[0].mime) == &msg[..],
+        "changed on the way"
+    );
+    assert_eq!(resumable_starts(&api), 1, "a second upload session");
+    assert!(
+        files_in(&state, "queue").is_empty(),
+        "{:?}",
+        files_in(&state, "queue")
+    );
+    session_not_logged(
+        &before
+            .iter()
+            .chain(d.unmatched())
+            .chain([&line])
+            .collect::<Vec<_>>(),
+    );
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// relay killed (a crash) while a resumable upload's last chunk is unanswered and not taken: the restarted relay
+/// asks the kept session, which holds the first chunk, and sends only the rest in the same session. And when
+/// Google has dropped the session meanwhile (404), a new upload begins, and the message is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gmail_upload_cut_short_by_a_crash_resumes_its_session_or_begins_anew_if_gone() {
+    let (msg, _) = scan(4_500_000);
+    for gone in [false, true] {
+        let (_idp, api, d, dir) = daemon_through_api("google").await;
+        api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        // Both chunks came; the second's answer is held.
+        api.requests(2, is_chunk).await;
+        drop(d); // SIGKILL
+        if gone {
+            api.drop_gmail_sessions();
+        }
+        let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
+        let line = d.wait_log("relay_event=\"delivered\"");
+        let sent = api.sent(1).await;
+        assert_eq!(sent.len(), 1, "gone {gone}: sent twice");
+        assert!(
+            strip_received(&sent[0].mime) == &msg[..],
+            "gone {gone}: changed on the way"
+        );
+        if gone {
+            assert!(!line.contains("earlier attempt"), "{line}");
+            assert_eq!(resumable_starts(&api), 2);
+            // The first run's two chunks, the status query (404), the new session's two chunks.
+            let chunks = api.log().iter().filter(|(m, p, _)| is_chunk(m, p)).count();
+            assert_eq!(chunks, 5, "{:?}", api.log());
+        } else {
+            assert!(
+                line.contains("resumed the upload session of an earlier attempt at byte 4194304"),
+                "{line}"
+            );
+            assert_eq!(resumable_starts(&api), 1, "a second upload session");
+            // A status query, then the last chunk only.
+            let chunks = api.log().iter().filter(|(m, p, _)| is_chunk(m, p)).count();
+            assert_eq!(chunks, 4, "{:?}", api.log());
+        }
+        none_deferred(&d);
+        session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
+        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}

@@ -76,7 +76,15 @@ pub enum Chunk {
     /// Taken whole (after the last chunk: the message sent), but answered with this server error, as when
     /// Google's front end fails after its back end took the bytes. A status query then says what happened.
     TakenButFails(u16),
+    /// Taken whole (after the last chunk: the message sent), but its answer is held for [`HELD`]: relay stops
+    /// or is killed before it hears it.
+    TakenButHeld,
+    /// Not kept, and its answer held for [`HELD`]: the session holds what it held before.
+    Held,
 }
+
+/// How long a held answer takes: longer than any test runs.
+pub const HELD: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub struct FakeApi {
     pub server: MockServer,
@@ -113,7 +121,16 @@ impl FakeApi {
                 ));
                 let reply = handle(&mut s, req, &token, &mailbox, &uri);
                 if reply.is_err() {
-                    s.errors.push(format!("{} {}", req.method, req.url));
+                    let range = req
+                        .headers
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok());
+                    s.errors.push(format!(
+                        "{} {} {range:?} ({} bytes)",
+                        req.method,
+                        req.url,
+                        req.body.len()
+                    ));
                 }
                 reply.unwrap_or_else(|r| r)
             })
@@ -170,6 +187,29 @@ impl FakeApi {
     /// Requests the fake refused as malformed.
     pub fn errors(&self) -> Vec<String> {
         self.state.lock().unwrap().errors.clone()
+    }
+
+    /// Waits (bounded) until `n` requests whose method and path satisfy `pred` came.
+    pub async fn requests(&self, n: usize, pred: impl Fn(&str, &str) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let log = self.log();
+            if log.iter().filter(|(m, p, _)| pred(m, p)).count() >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} such requests; requests: {log:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Google drops every Gmail upload session (as when they expire): status queries to them get 404.
+    pub fn drop_gmail_sessions(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.uploads.retain(|id, _| !id.starts_with('s'));
+        s.completed.clear();
     }
 
     pub fn drafts_left(&self) -> usize {
@@ -444,8 +484,11 @@ fn gmail_start(s: &mut State, req: &Request, uri: &str) -> Reply {
                     ..Upload::default()
                 },
             );
-            Ok(ResponseTemplate::new(200)
-                .insert_header("Location", format!("{uri}/gmail-session/{id}").as_str()))
+            // Google's session URL carries its own credential in the query: relay must never log it.
+            Ok(ResponseTemplate::new(200).insert_header(
+                "Location",
+                format!("{uri}/gmail-session/{id}?upload_id=SECRET-{id}").as_str(),
+            ))
         }
         _ => Err(graph_error(400, "badRequest", "uploadType")),
     }
@@ -471,10 +514,10 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
                 serde_json::json!({"id": "18c0ffee", "threadId": "18c0ffee", "labelIds": ["SENT"]}),
             ));
         }
-        let u = s
-            .uploads
-            .get(id)
-            .ok_or_else(|| ResponseTemplate::new(404))?;
+        // Gone (expired, dropped): Google's answer, not a malformed request.
+        let Some(u) = s.uploads.get(id) else {
+            return Ok(ResponseTemplate::new(404));
+        };
         let resume = ResponseTemplate::new(308);
         return Ok(match u.bytes.len() {
             0 => resume,
@@ -501,16 +544,22 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
             return Ok(ResponseTemplate::new(status));
         }
         Chunk::Keeps(n) => n.min(req.body.len()),
-        Chunk::Taken | Chunk::TakenButFails(_) => req.body.len(),
+        Chunk::Held => 0,
+        Chunk::Taken | Chunk::TakenButFails(_) | Chunk::TakenButHeld => req.body.len(),
     };
     u.bytes.extend_from_slice(&req.body[..kept]);
-    if let Chunk::TakenButFails(status) = fate {
+    let failed = match fate {
+        Chunk::TakenButFails(status) => Some(ResponseTemplate::new(status)),
+        Chunk::TakenButHeld | Chunk::Held => Some(ResponseTemplate::new(503).set_delay(HELD)),
+        _ => None,
+    };
+    if let Some(reply) = failed {
         if u.bytes.len() == u.size {
             let u = s.uploads.remove(id).unwrap();
             s.completed.insert(id.to_string());
             gmail_sent(s, u.bytes, "resumable")?;
         }
-        return Ok(ResponseTemplate::new(status));
+        return Ok(reply);
     }
     if u.bytes.len() < u.size {
         let resume = ResponseTemplate::new(308);
