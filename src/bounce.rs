@@ -34,8 +34,8 @@ enum Failed<'a> {
     /// Moved to `dead/`: all but those an earlier attempt finished with; those named here with their own
     /// refusal, the others with the reason the message died of.
     Dead(&'a [(String, String)]),
-    /// Refused for good while the others got it (the message is still in `queue/`): each recipient with the
-    /// reply to its RCPT.
+    /// Refused for good while the others got it or wait (the message is still in `queue/`): each recipient with
+    /// the reply to its RCPT.
     Refused(&'a [(String, String)]),
 }
 

@@ -37,8 +37,8 @@ pub enum Event<'a> {
         /// Recipients refused for good, each in its own words, by the last attempt (empty: `why` is for all).
         refused: &'a [(String, String)],
     },
-    /// The upstream took the message for some recipients and refused these for good (the message is still in
-    /// `queue/` when this is emitted); `why` is its reply to them.
+    /// The upstream refused these recipients for good while it took the message for others, or while others wait
+    /// (the message is still in `queue/` when this is emitted).
     RecipientsRefused {
         id: QueueId,
         account: &'a str,

@@ -1142,11 +1142,12 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
     );
 }
 
-/// The token file turns into something that is not tokens (a bad edit, a disk error) while relay renews the grant:
-/// the renewed grant, whose rotated refresh token is the only live one, is not dropped for it. The damaged file is
-/// set aside and the renewed grant saved in its place (it was lost, and with a provider rotating strictly, the grant).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant() {
+/// While relay renews a grant (the token endpoint holds its answer), `meanwhile` changes the token file; the
+/// daemon is let go on once its log says `then`. The state dir and the daemon, for a look at the file.
+async fn renewal_while_the_file_changes(
+    meanwhile: impl FnOnce(&std::path::Path),
+    then: &'static str,
+) -> (tempfile::TempDir, Daemon) {
     let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
     let upstream = FakeUpstream::start(&["A1"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1157,24 +1158,28 @@ async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant()
         "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
     );
     common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
-    let state = dir.path().join("state");
-    let store = relay::tokens::TokenStore::new(&state);
     let mut daemon = Daemon::spawn(&config);
     assert_eq!(endpoint.next_ask().await, "R1");
-    write_private(&state.join("tokens/office.json"), "{ damaged");
+    meanwhile(&dir.path().join("state"));
     endpoint.release.take().unwrap().send(()).unwrap();
     let daemon = tokio::task::spawn_blocking(move || {
-        daemon.wait_log("the token file is damaged; it is set aside");
+        daemon.wait_log(then);
         daemon
     })
     .await
     .unwrap();
-    let saved = store
+    (dir, daemon)
+}
+
+/// Asserts that the renewed grant (`A1`, rotated refresh token `R2`) is the one in the token file, and stops.
+async fn renewed_grant_saved(state: &std::path::Path, daemon: Daemon) {
+    use secrecy::ExposeSecret;
+    let saved = relay::tokens::TokenStore::new(state)
         .load("office")
         .unwrap()
         .expect("the renewed grant saved");
-    use secrecy::ExposeSecret;
     assert_eq!(saved.access_token.expose_secret(), "A1");
+    assert!(!saved.needs_authorization && saved.last_error.is_none());
     assert_eq!(
         saved
             .refresh_token
@@ -1182,6 +1187,23 @@ async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant()
             .map(|r| r.expose_secret().to_string()),
         Some("R2".to_string())
     );
+    let status = tokio::task::spawn_blocking(move || daemon.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// The token file turns into something that is not tokens (a bad edit, a disk error) while relay renews the grant:
+/// the renewed grant, whose rotated refresh token is the only live one, is not dropped for it. The damaged file is
+/// set aside and the renewed grant saved in its place (it was lost, and with a provider rotating strictly, the grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant() {
+    let (dir, daemon) = renewal_while_the_file_changes(
+        |state| write_private(&state.join("tokens/office.json"), "{ damaged"),
+        "the token file is damaged; it is set aside",
+    )
+    .await;
+    let state = dir.path().join("state");
     let aside = files_in(&state, "tokens")
         .into_iter()
         .find(|f| f.starts_with("office.json.damaged-"))
@@ -1190,8 +1212,25 @@ async fn a_token_file_damaged_during_a_renewal_does_not_lose_the_renewed_grant()
         std::fs::read_to_string(state.join("tokens").join(aside)).unwrap(),
         "{ damaged"
     );
-    let status = tokio::task::spawn_blocking(move || daemon.terminate())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    renewed_grant_saved(&state, daemon).await;
+}
+
+/// Another process's failed renewal (`relay test` presenting the older refresh token, which a provider rotating
+/// strictly refuses) is written to the token file while relay's own renewal runs: the renewed grant is saved over
+/// that failure record, not dropped for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_record_written_during_a_renewal_does_not_replace_the_renewed_grant() {
+    let (dir, daemon) = renewal_while_the_file_changes(
+        |state| {
+            let store = relay::tokens::TokenStore::new(state);
+            let mut failed = store.load("office").unwrap().unwrap();
+            failed.needs_authorization = true;
+            failed.last_error =
+                Some("invalid_grant: the refresh token has already been used".into());
+            store.save("office", &failed).unwrap();
+        },
+        "the token file was rewritten with a failed renewal during this one",
+    )
+    .await;
+    renewed_grant_saved(&dir.path().join("state"), daemon).await;
 }

@@ -565,7 +565,10 @@ async fn every_recipient_refused_for_good_is_bounced_each_with_its_own_reply() {
     let id = send(d.addr, &TO[..2]).await;
 
     let line = d.wait_log("relay_event=\"dead\"");
-    assert!(line.contains(&id), "{line}");
+    assert!(
+        line.contains(&id) && line.contains("5.7.1") && line.contains("5.1.1"),
+        "{line}"
+    );
     let dsn = upstream.next().await;
     assert_eq!(dsn.to, ["scanner@lan.test"]);
     let text = String::from_utf8_lossy(&dsn.data).into_owned();

@@ -1071,13 +1071,27 @@ impl Delivery {
                 self.partial(id, account, &reply, &refused, sent_to, state)
             }
             Outcome::Permanent(reply) => self.dead(id, state, &reply, Some(&account.name), &[]),
-            // Refused for good for each, in different words: dead, and each named with its own in the bounce.
+            // Refused for good for each: dead, and the bounce gives each recipient its own reply. Where they differ
+            // in more than words, the log line and the state name a few of them with theirs.
             Outcome::Refused { reply, refused } if refused.iter().all(|r| r.permanent) => {
+                let code = |r: &Refusal| {
+                    let status = crate::bounce::enhanced_status(&r.reply).unwrap_or("");
+                    (
+                        r.reply.get(..3).unwrap_or("").to_string(),
+                        status.to_string(),
+                    )
+                };
+                let alike = refused.iter().all(|r| code(r) == code(&refused[0]));
+                let why = if alike {
+                    reply
+                } else {
+                    format!("refused for good for every recipient: {}", shown(&refused))
+                };
                 let each: Vec<(String, String)> = refused
                     .into_iter()
                     .map(|r| (r.recipient, r.reply))
                     .collect();
-                self.dead(id, state, &reply, Some(&account.name), &each)
+                self.dead(id, state, &why, Some(&account.name), &each)
             }
             // Some for good, some for now: as after a partial delivery, without one taken.
             Outcome::Refused { reply, refused } => {
@@ -1162,16 +1176,7 @@ impl Delivery {
             self.record(id, state, "cannot record the recipients delivered to");
             None
         } else {
-            // A few of them in the log line and the state file; a thousand long replies would not fit.
-            let mut why = later
-                .iter()
-                .take(SHOWN)
-                .map(|r| format!("<{}>: {}", r.recipient, r.reply))
-                .collect::<Vec<_>>()
-                .join("; ");
-            if later.len() > SHOWN {
-                why.push_str(&format!(" and {} more", later.len() - SHOWN));
-            }
+            let why = shown(later.iter().copied());
             let others = if sent_to.len() > refused.len() {
                 "the others have it"
             } else {
@@ -1437,7 +1442,7 @@ impl ResumePoint for StateResume {
 /// recipient).
 fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
     for r in failed {
-        tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message goes to the others");
+        tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message goes on for the others");
     }
     if failed.is_empty() {
         return;
@@ -1451,6 +1456,23 @@ fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
         account,
         refused: &refused,
     });
+}
+
+/// Refused recipients with their replies, a few of them: for a log line and the state file, where a thousand long
+/// replies would not fit.
+fn shown<'a>(refused: impl IntoIterator<Item = &'a Refusal>) -> String {
+    let mut refused = refused.into_iter();
+    let mut why = refused
+        .by_ref()
+        .take(SHOWN)
+        .map(|r| format!("<{}>: {}", r.recipient, r.reply))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let more = refused.count();
+    if more > 0 {
+        why.push_str(&format!(" and {more} more"));
+    }
+    why
 }
 
 /// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking: on the blocking pool, but for a

@@ -695,8 +695,36 @@ impl AccountTokens {
     ) -> Result<SecretString, TokenError> {
         let mtime = self.store.mtime(&self.name);
         match self.store.load_hashed(&self.name) {
+            // A failure record written meanwhile (another process renewing with the older grant, which a provider
+            // rotating strictly refuses) holds nothing live: the renewed grant is saved over it, as
+            // `reload_over_unsaved` does.
+            Ok((Some(tokens), hash))
+                if renewed && (tokens.needs_authorization || tokens.last_error.is_some()) =>
+            {
+                state.file_hash = hash;
+                state.file_mtime = mtime;
+                let saved = self.store.save_if_unchanged(&self.name, &held, hash);
+                tracing::warn!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was rewritten with a failed renewal during this one; the renewed grant is saved over it");
+                match saved {
+                    Ok(Some(hash)) => self.saved(state, held, hash),
+                    // Changed once more: read at the next use, over the unsaved grant.
+                    Ok(None) => {
+                        state.tokens = Some(held);
+                        state.unsaved = true;
+                    }
+                    Err(e) => {
+                        state.tokens = Some(held);
+                        state.unsaved = true;
+                        self.unsaved_after_refresh(&e);
+                    }
+                }
+            }
             Ok((tokens, hash)) => {
-                tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
+                if tokens.is_some() {
+                    tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
+                } else {
+                    tracing::warn!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was removed during a refresh: the grant is taken away");
+                }
                 state.tokens = tokens;
                 state.file_hash = hash;
                 state.file_mtime = mtime;
@@ -705,13 +733,25 @@ impl AccountTokens {
             }
             Err(e) => {
                 state.tokens = Some(held);
-                if renewed {
-                    state.unsaved = true;
-                    if !matches!(e, StoreError::Corrupt { .. }) {
-                        self.unsaved_after_refresh(&e);
-                    }
+                state.unsaved |= renewed;
+                let damaged = match &e {
+                    StoreError::Corrupt { path, reason } => Some(StoreError::Corrupt {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    }),
+                    _ => None,
+                };
+                if renewed && damaged.is_none() {
+                    self.unsaved_after_refresh(&e);
                 }
                 self.keep_over_unreadable(state, e)?;
+                // A damaged file that could not be set aside and written over: the renewed grant is in memory only.
+                if let Some(damaged) = damaged
+                    && renewed
+                    && state.unsaved
+                {
+                    self.unsaved_after_refresh(&damaged);
+                }
             }
         }
         match &state.tokens {

@@ -38,9 +38,9 @@ pub enum Outcome {
         reply: String,
         refused: Vec<Refusal>,
     },
-    /// Taken for none of its recipients, each refused with its own reply, not all alike: some for good and some
-    /// for now, or for good for different reasons (SMTP only). Those refused for good are bounced, the others
-    /// wait. `reply` stands for them all where one is needed (a refusal for now, if there is one).
+    /// Taken for none of its recipients, each refused with its own reply, at least one for good (SMTP only). Those
+    /// refused for good are bounced, the others wait; all refused for good, the message is dead. `reply` stands
+    /// for them all where one is needed (a refusal for now, if there is one).
     Refused {
         reply: String,
         refused: Vec<Refusal>,

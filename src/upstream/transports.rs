@@ -270,7 +270,11 @@ impl Transports {
         // (the upstream unreachable, a 4xx, a busy mailbox) says nothing about SMTP AUTH; the message goes
         // through Graph as the others do, and SMTP is tried again the next day. (Switching back on such a
         // failure left the account's mail on an SMTP upstream it could not reach, with Graph working.)
-        let smtp_took_it = matches!(out, Outcome::Delivered(_) | Outcome::Partial { .. });
+        // (Every recipient refused after MAIL was taken shows the login works as well: those refusals stand.)
+        let smtp_took_it = matches!(
+            out,
+            Outcome::Delivered(_) | Outcome::Partial { .. } | Outcome::Refused { .. }
+        );
         if switched.is_none() && !smtp_auth_off(&out) {
             return out;
         }

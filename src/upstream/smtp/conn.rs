@@ -48,9 +48,9 @@ pub enum Failure {
     Connection(String),
     /// The server refused a command or the message.
     Refused(Reply),
-    /// The server took MAIL and refused every recipient, not all alike (some for good and some for now, or for
-    /// different reasons): each recipient (its index in those given) with the reply to its RCPT. `standing` is the
-    /// one reply that stands for them all where one is needed (as [`Failure::Refused`] would carry it).
+    /// The server took MAIL and refused every recipient: each recipient (its index in those given) with the reply
+    /// to its RCPT, so that each can have its own outcome. `standing` is the one reply that stands for them all
+    /// where one is needed (as [`Failure::Refused`] would carry it).
     EachRefused {
         standing: Reply,
         each: Vec<(usize, Reply)>,
@@ -210,15 +210,15 @@ fn judge_envelope(replies: &[Reply], recipients: usize) -> Result<Vec<(usize, Re
 }
 
 /// The failure for a transaction refused whole with `standing`: when MAIL was taken and every one of the
-/// `recipients` refused, not all with the same reply, each recipient's own refusal, so that those refused for good
-/// are bounced with their own words and those refused for now wait; else `standing` alone. Pure.
+/// `recipients` refused, each recipient's own refusal (the caller decides whether they differ enough to matter);
+/// else `standing` alone. Pure.
 fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failure {
     let taken = replies.first().is_some_and(Reply::is_positive);
     match replies.get(1..=recipients) {
         Some(rcpts)
             if taken
-                && rcpts.iter().all(|r| !r.is_positive() && r.code != 421)
-                && rcpts.iter().any(|r| *r != rcpts[0]) =>
+                && recipients > 0
+                && rcpts.iter().all(|r| !r.is_positive() && r.code != 421) =>
         {
             Failure::EachRefused {
                 standing,
@@ -1329,7 +1329,7 @@ mod tests {
     }
 
     #[test]
-    fn every_recipient_refused_unlike_is_refused_each() {
+    fn every_recipient_refused_is_refused_each() {
         let each = |replies: &[Reply], n| match refused_whole(replies, n, r(1)) {
             Failure::EachRefused { standing, each } => {
                 assert_eq!(standing, r(1));
@@ -1345,9 +1345,11 @@ mod tests {
             each(&[r(250), r(550), r(451), r(554)], 2),
             Some(vec![(0, r(550)), (1, r(451))])
         );
-        // Alike, or one recipient: one reply stands for all, as before.
-        assert_eq!(each(&[r(250), r(550), r(550), r(554)], 2), None);
-        assert_eq!(each(&[r(250), r(550), r(354)], 1), None);
+        assert_eq!(
+            each(&[r(250), r(550), r(550), r(554)], 2),
+            Some(vec![(0, r(550)), (1, r(550))])
+        );
+        assert_eq!(each(&[r(250), r(550), r(354)], 1), Some(vec![(0, r(550))]));
         // Not every recipient refused, MAIL refused, a 421, replies cut short: not this.
         assert_eq!(each(&[r(250), r(550), r(250), r(354)], 2), None);
         assert_eq!(each(&[r(550), r(550), r(451)], 2), None);
@@ -1675,7 +1677,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&failed.failure, Failure::Refused(r) if r.code == 550),
+            matches!(&failed.failure, Failure::EachRefused { standing, each } if standing.code == 550 && each.len() == 1),
             "{failed:?}"
         );
         assert!(!failed.reusable && !failed.unanswered, "{failed:?}");

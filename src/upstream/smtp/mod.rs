@@ -539,9 +539,11 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
     Outcome::Partial { reply, refused }
 }
 
-/// Every recipient refused, not all alike: each with its own refusal, so that those refused for good are bounced
-/// now and the others wait, rather than all waiting (for days, until `max_age`) on one 4xx. A refusal about the
-/// account rather than the recipient (a login, a quota, a concurrency limit) is the whole message's, as before.
+/// Every recipient refused. Where any is refused for good, each gets its own outcome: those refused for good are
+/// bounced now, each with its own reply, and the others wait (they all waited, for days until `max_age`, on one
+/// 4xx). Otherwise one reply decides for the whole message, as it always did: all refused for now (deferred), or a
+/// refusal about the account rather than a recipient (a login, a quota, a concurrency limit), which is then the
+/// one that decides.
 fn each_refused(
     standing: reply::Reply,
     each: Vec<(usize, reply::Reply)>,
@@ -549,7 +551,10 @@ fn each_refused(
 ) -> Outcome {
     let about_the_account =
         |r: &reply::Reply| r.code == 530 || quota_used_up(r) || concurrency_limit(r);
-    if each.len() != recipients.len() || each.iter().any(|(_, r)| about_the_account(r)) {
+    if let Some((_, r)) = each.iter().find(|(_, r)| about_the_account(r)) {
+        return outcome(Failure::Refused(r.clone()));
+    }
+    if each.len() != recipients.len() || !each.iter().any(|(_, r)| conn::refused_for_good(r)) {
         return outcome(Failure::Refused(standing));
     }
     let refused = each
@@ -774,6 +779,45 @@ mod tests {
 
     /// A refused session (a 554 greeting from a block list, a refused EHLO) defers the mail; a refused message
     /// fails it for good; an address only SMTPUTF8 could carry fails it, unsent.
+    #[test]
+    fn every_recipient_refused_is_decided_per_recipient_only_where_it_matters() {
+        let r = |text: &str| {
+            reply::parse(format!("{text}\r\n").as_bytes())
+                .unwrap()
+                .unwrap()
+                .0
+        };
+        let to = ["a@x".to_string(), "b@x".to_string()];
+        let decide = |a: &str, b: &str| each_refused(r(b), vec![(0, r(a)), (1, r(b))], &to);
+        let unknown = "550 5.1.1 user unknown";
+        match decide(unknown, "451 4.2.0 busy") {
+            Outcome::Refused { refused, .. } => {
+                assert_eq!(
+                    refused.iter().map(|r| r.permanent).collect::<Vec<_>>(),
+                    [true, false]
+                );
+                assert_eq!(refused[0].recipient, "a@x");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(unknown, "550 5.7.1 not authorized"),
+            Outcome::Refused { .. }
+        ));
+        assert!(matches!(decide(unknown, unknown), Outcome::Refused { .. }));
+        // One reply decides for all: all for now, or about the account (whichever recipient it came to).
+        assert!(matches!(
+            decide("450 4.2.0 later", "451 4.3.0 later"),
+            Outcome::Transient(_)
+        ));
+        let quota = "550 5.4.5 Daily user sending limit exceeded";
+        assert!(matches!(decide(quota, unknown), Outcome::Throttled(..)));
+        assert!(matches!(
+            decide(unknown, "530 5.7.57 Client not authenticated"),
+            Outcome::AuthRejected(_)
+        ));
+    }
+
     #[test]
     fn only_what_is_about_the_message_fails_it_for_good() {
         let reply = |code, text: &str| Reply {
