@@ -26,6 +26,30 @@ fn session(auth: AuthPolicy) -> Session {
     )
 }
 
+/// A session on `policy`, from the same client address as [`session`].
+fn session_on(policy: Arc<Policy>) -> Session {
+    Session::new(policy, "192.0.2.7:1".parse().unwrap(), false)
+}
+
+/// A listener that offers neither AUTH nor STARTTLS.
+fn plain_session() -> Session {
+    session_on(policy(AuthPolicy::None, false, false))
+}
+
+/// A listener with no `postmaster` address configured.
+fn session_without_postmaster() -> Session {
+    let mut unset = (*policy(AuthPolicy::None, true, false)).clone();
+    unset.postmaster = None;
+    session_on(Arc::new(unset))
+}
+
+/// A session past its `EHLO x`, whose reply is dropped.
+fn greeted(auth: AuthPolicy) -> Session {
+    let mut s = session(auth);
+    steps(&mut s, b"EHLO x\r\n");
+    s
+}
+
 /// Feeds `input` and collects every step until the session wants more input.
 fn steps(s: &mut Session, input: &[u8]) -> Vec<Step> {
     let mut input = input;
@@ -69,6 +93,23 @@ fn b64(s: &[u8]) -> String {
     BASE64.encode(s)
 }
 
+/// The reply codes to `input`, as [`codes`] writes them.
+fn replies(s: &mut Session, input: &[u8]) -> Vec<String> {
+    codes(&steps(s, input))
+}
+
+/// The envelope of the transaction so far, which must have a sender and a recipient.
+fn envelope(s: &Session) -> Envelope {
+    s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap()
+}
+
+/// Ends an open DATA with a one-line body and stores it, as the connection does.
+fn store_a_one_line_message(s: &mut Session) {
+    let (mut input, mut body) = (&b"x\r\n.\r\n"[..], Vec::new());
+    assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
+    assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
+}
+
 #[test]
 fn ehlo_lists_extensions() {
     let mut s = session(AuthPolicy::Required);
@@ -94,12 +135,11 @@ fn ehlo_lists_extensions() {
 #[test]
 fn postmaster_is_taken_for_the_configured_address() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<PostMaster>\r\nRCPT  TO : <\"postmaster\"> NOTIFY=NEVER\r\nrcpt to:<POSTMASTER>\r\nRCPT TO:<>\r\nRCPT TO:<postmaster@relay.test>\r\n",
-    );
     assert_eq!(
-        codes(&out[1..]),
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<PostMaster>\r\nRCPT  TO : <\"postmaster\"> NOTIFY=NEVER\r\nrcpt to:<POSTMASTER>\r\nRCPT TO:<>\r\nRCPT TO:<postmaster@relay.test>\r\n"
+        )[1..],
         [
             "250 2.1.0",
             "250 2.1.5",
@@ -109,21 +149,18 @@ fn postmaster_is_taken_for_the_configured_address() {
             "250 2.1.5"
         ]
     );
-    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    let env = envelope(&s);
     assert_eq!(
         env.recipients,
         ["admin@example.com", "postmaster@relay.test"]
     );
 
-    let mut unset = (*policy(AuthPolicy::None, true, false)).clone();
-    unset.postmaster = None;
-    let mut s = Session::new(Arc::new(unset), "192.0.2.7:1".parse().unwrap(), false);
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\nRCPT TO:<postmaster>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<postmaster@relay.test>\r\n",
-    );
+    let mut s = session_without_postmaster();
     assert_eq!(
-        codes(&out[1..]),
+        replies(
+            &mut s,
+            b"EHLO x\r\nRCPT TO:<postmaster>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<postmaster@relay.test>\r\n"
+        )[1..],
         ["503 5.5.1", "250 2.1.0", "550 5.1.1", "250 2.1.5"]
     );
 }
@@ -131,14 +168,14 @@ fn postmaster_is_taken_for_the_configured_address() {
 /// A refused `<postmaster>` is logged as that, not as the empty path smtp-proto reads it as.
 #[test]
 fn a_refused_postmaster_is_logged_by_name() {
-    let mut unset = (*policy(AuthPolicy::None, true, false)).clone();
-    unset.postmaster = None;
-    let mut s = Session::new(Arc::new(unset), "192.0.2.7:1".parse().unwrap(), false);
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<Postmaster>\r\n",
+    let mut s = session_without_postmaster();
+    assert_eq!(
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<Postmaster>\r\n"
+        )[2..],
+        ["550 5.1.1"]
     );
-    assert_eq!(codes(&out[2..]), ["550 5.1.1"]);
     assert_eq!(
         s.last_mail_command(),
         Some(("RCPT", "postmaster", Some("a@b")))
@@ -168,15 +205,14 @@ fn the_hello_echo_escapes_control_characters() {
 #[test]
 fn address_literals_are_taken() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(
-        &mut s,
-        b"EHLO [192.0.2.7]\r\nMAIL FROM:<scan@[192.0.2.7]> SIZE=10\r\nRCPT TO:<ops@[IPv6:2001:db8::1]>\r\nRCPT TO:<x@[not-an-ip]>\r\nRCPT TO:<y@[192.0.2.300]>\r\n",
-    );
     assert_eq!(
-        codes(&out[1..]),
+        replies(
+            &mut s,
+            b"EHLO [192.0.2.7]\r\nMAIL FROM:<scan@[192.0.2.7]> SIZE=10\r\nRCPT TO:<ops@[IPv6:2001:db8::1]>\r\nRCPT TO:<x@[not-an-ip]>\r\nRCPT TO:<y@[192.0.2.300]>\r\n"
+        )[1..],
         ["250 2.1.0", "250 2.1.5", "501 5.1.3", "501 5.1.3"]
     );
-    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    let env = envelope(&s);
     assert_eq!(env.sender, "scan@[192.0.2.7]");
     assert_eq!(env.recipients, ["ops@[IPv6:2001:db8::1]"]);
     for line in [
@@ -200,11 +236,7 @@ fn address_literals_are_taken() {
 /// envelope grows with what a client makes up: at most `max_recipients` addresses of 256 octets.
 #[test]
 fn addresses_longer_than_a_path_are_refused() {
-    let mut s = Session::new(
-        policy(AuthPolicy::None, false, false),
-        "192.0.2.7:1".parse().unwrap(),
-        false,
-    );
+    let mut s = plain_session();
     let domain = vec!["d".repeat(63); 3].join(".");
     let at_most = format!("{}@{domain}", "a".repeat(256 - 1 - domain.len()));
     assert_eq!(at_most.len(), 256);
@@ -212,9 +244,8 @@ fn addresses_longer_than_a_path_are_refused() {
     let script = format!(
         "EHLO x\r\nMAIL FROM:<{long}>\r\nMAIL FROM:<{at_most}>\r\nRCPT TO:<{long}>\r\nRCPT TO:<{at_most}>\r\n"
     );
-    let out = steps(&mut s, script.as_bytes());
     assert_eq!(
-        codes(&out[1..]),
+        replies(&mut s, script.as_bytes())[1..],
         ["501 5.1.7", "250 2.1.0", "501 5.1.3", "250 2.1.5"]
     );
 }
@@ -224,11 +255,7 @@ fn addresses_longer_than_a_path_are_refused() {
 /// names only what this session offers.
 #[test]
 fn addresses_relay_could_not_deliver_are_refused_at_once() {
-    let mut s = Session::new(
-        policy(AuthPolicy::None, false, false),
-        "192.0.2.7:1".parse().unwrap(),
-        false,
-    );
+    let mut s = plain_session();
     let out = steps(
         &mut s,
         b"EHLO x\r\nMAIL FROM:<\xff\xfe@b.c>\r\nMAIL FROM:<a@>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<caf\xe9@y.z>\r\nRCPT TO:<b@>\r\nRCPT TO:<b@y.z>\r\nDATA now\r\nHELP\r\n",
@@ -252,7 +279,7 @@ fn addresses_relay_could_not_deliver_are_refused_at_once() {
         !help.contains("STARTTLS") && !help.contains("AUTH"),
         "{help}"
     );
-    let env = s.envelope(QueueId::new(), SystemTime::UNIX_EPOCH).unwrap();
+    let env = envelope(&s);
     assert_eq!(
         (env.sender.as_str(), env.recipients.as_slice()),
         ("a@b", &["b@y.z".to_string()][..])
@@ -263,11 +290,13 @@ fn addresses_relay_could_not_deliver_are_refused_at_once() {
 #[test]
 fn smtputf8_is_kept_and_traced() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(
-        &mut s,
-        "EHLO x\r\nMAIL FROM:<jörg@b> SMTPUTF8\r\nRCPT TO:<zoë@d>\r\nDATA\r\n".as_bytes(),
+    assert_eq!(
+        replies(
+            &mut s,
+            "EHLO x\r\nMAIL FROM:<jörg@b> SMTPUTF8\r\nRCPT TO:<zoë@d>\r\nDATA\r\n".as_bytes()
+        )[1..],
+        ["250 2.1.0", "250 2.1.5", "354 2.0.0"]
     );
-    assert_eq!(codes(&out[1..]), ["250 2.1.0", "250 2.1.5", "354 2.0.0"]);
     let id = QueueId::new();
     let env = s.envelope(id, SystemTime::UNIX_EPOCH).unwrap();
     assert!(env.smtputf8);
@@ -280,18 +309,11 @@ fn smtputf8_is_kept_and_traced() {
 
 #[test]
 fn auth_is_hidden_without_tls_unless_plaintext_auth() {
-    let mut s = Session::new(
-        policy(AuthPolicy::Required, false, true),
-        "192.0.2.7:1".parse().unwrap(),
-        false,
-    );
+    let mut s = session_on(policy(AuthPolicy::Required, false, true));
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
     assert!(!text.contains("AUTH"));
-    assert_eq!(
-        codes(&steps(&mut s, b"AUTH PLAIN AGEAYg==\r\n")),
-        ["538 5.7.11"]
-    );
-    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["530 5.7.0"]);
+    assert_eq!(replies(&mut s, b"AUTH PLAIN AGEAYg==\r\n"), ["538 5.7.11"]);
+    assert_eq!(replies(&mut s, b"MAIL FROM:<a@b>\r\n"), ["530 5.7.0"]);
     s.tls_started();
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
     assert!(text.contains("AUTH PLAIN LOGIN") && !text.contains("STARTTLS"));
@@ -300,17 +322,16 @@ fn auth_is_hidden_without_tls_unless_plaintext_auth() {
 #[test]
 fn mail_needs_helo_and_auth_when_required() {
     let mut s = session(AuthPolicy::Required);
-    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["503 5.5.1"]);
+    assert_eq!(replies(&mut s, b"MAIL FROM:<a@b>\r\n"), ["503 5.5.1"]);
     assert_eq!(
-        codes(&steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\n")),
+        replies(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\n"),
         ["250 -", "530 5.7.0"]
     );
 }
 
 #[test]
 fn auth_plain_then_pipelined_transaction() {
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::Required);
     let line = format!("AUTH PLAIN {}\r\n", b64(b"\0printer\0pw"));
     let out = steps(&mut s, line.as_bytes());
     let Some(Step::Authenticate(c)) = out.first() else {
@@ -323,9 +344,11 @@ fn auth_plain_then_pipelined_transaction() {
         "password must not show in Debug"
     );
     assert_eq!(codes(&[s.auth_succeeded("printer".into())]), ["235 2.7.0"]);
-    let out = steps(&mut s, b"MAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n");
     assert_eq!(
-        codes(&out),
+        replies(
+            &mut s,
+            b"MAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n"
+        ),
         [
             "250 2.1.0",
             "250 2.1.5",
@@ -355,7 +378,7 @@ fn auth_plain_then_pipelined_transaction() {
         reply.to_string(),
         format!("250 2.0.0 Ok: queued as {id}\r\n")
     );
-    assert_eq!(codes(&steps(&mut s, input)), ["221 2.0.0"]);
+    assert_eq!(replies(&mut s, input), ["221 2.0.0"]);
 }
 
 /// A greeting with a comment's or a field's punctuation in it cannot change the trace line's structure: only what
@@ -380,17 +403,17 @@ fn the_trace_line_takes_only_a_name_from_the_greeting() {
 
 #[test]
 fn auth_login_dialogue() {
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::Required);
     let out = steps(&mut s, b"AUTH LOGIN\r\n");
     assert_eq!(reply_text(&out[0]), "334 VXNlcm5hbWU6\r\n");
     let out = steps(&mut s, format!("{}\r\n", b64(b"scanner")).as_bytes());
     assert_eq!(reply_text(&out[0]), "334 UGFzc3dvcmQ6\r\n");
-    let out = steps(&mut s, format!("{}\r\n", b64(b"secret")).as_bytes());
-    assert_eq!(codes(&out), ["auth LOGIN scanner"]);
+    assert_eq!(
+        replies(&mut s, format!("{}\r\n", b64(b"secret")).as_bytes()),
+        ["auth LOGIN scanner"]
+    );
     // Initial response carries the user name.
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::Required);
     let out = steps(
         &mut s,
         format!("AUTH LOGIN {}\r\n", b64(b"scanner")).as_bytes(),
@@ -400,17 +423,16 @@ fn auth_login_dialogue() {
 
 #[test]
 fn auth_errors() {
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::Required);
     assert_eq!(
-        codes(&steps(&mut s, b"AUTH LOGIN\r\n*\r\n")),
+        replies(&mut s, b"AUTH LOGIN\r\n*\r\n"),
         ["334 -", "501 5.0.0"]
     );
     assert_eq!(
-        codes(&steps(&mut s, b"AUTH PLAIN\r\n!!!\r\n")),
+        replies(&mut s, b"AUTH PLAIN\r\n!!!\r\n"),
         ["334 -", "501 5.5.2"]
     );
-    assert_eq!(codes(&steps(&mut s, b"AUTH CRAM-MD5\r\n")), ["504 5.5.4"]);
+    assert_eq!(replies(&mut s, b"AUTH CRAM-MD5\r\n"), ["504 5.5.4"]);
     // Acting for another user is refused like a wrong password: the connection code counts, delays and logs it.
     let line = format!("AUTH PLAIN {}\r\n", b64(b"admin\0printer\0pw"));
     let out = steps(&mut s, line.as_bytes());
@@ -434,22 +456,18 @@ fn auth_none_listener_does_not_offer_auth() {
     let mut s = session(AuthPolicy::None);
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
     assert!(!text.contains("AUTH"));
-    assert_eq!(
-        codes(&steps(&mut s, b"AUTH PLAIN AGEAYg==\r\n")),
-        ["502 5.5.1"]
-    );
-    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<>\r\n")), ["250 2.1.0"]);
+    assert_eq!(replies(&mut s, b"AUTH PLAIN AGEAYg==\r\n"), ["502 5.5.1"]);
+    assert_eq!(replies(&mut s, b"MAIL FROM:<>\r\n"), ["250 2.1.0"]);
 }
 
 #[test]
 fn size_limits() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\nMAIL FROM:<a@b> SIZE=1001\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
-    );
     assert_eq!(
-        codes(&out),
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b> SIZE=1001\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
+        ),
         ["250 -", "552 5.3.4", "250 2.1.0", "250 2.1.5", "354 2.0.0"]
     );
     let big = vec![b'x'; 1200];
@@ -461,7 +479,7 @@ fn size_limits() {
     assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
     assert_eq!(codes(&[Step::Reply(s.data_refused())]), ["552 5.3.4"]);
     // The transaction is over: a new one starts cleanly.
-    assert_eq!(codes(&steps(&mut s, b"RCPT TO:<c@d>\r\n")), ["503 5.5.1"]);
+    assert_eq!(replies(&mut s, b"RCPT TO:<c@d>\r\n"), ["503 5.5.1"]);
 }
 
 #[test]
@@ -492,9 +510,11 @@ fn bare_lf_is_refused_by_default() {
 #[test]
 fn sequence_errors() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(&mut s, b"EHLO x\r\nRCPT TO:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nRSET\r\nNOOP\r\nVRFY root\r\nHELP\r\nEXPN x\r\n");
     assert_eq!(
-        codes(&out),
+        replies(
+            &mut s,
+            b"EHLO x\r\nRCPT TO:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nMAIL FROM:<a@b>\r\nRSET\r\nNOOP\r\nVRFY root\r\nHELP\r\nEXPN x\r\n"
+        ),
         [
             "250 -",
             "503 5.5.1",
@@ -550,12 +570,14 @@ fn long_lines_are_refused_and_the_rest_ignored() {
 #[test]
 fn starttls_resets_the_session() {
     let mut s = session(AuthPolicy::Optional);
-    let out = steps(&mut s, b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<evil@x>\r\n");
-    assert_eq!(codes(&out), ["250 -", "220 2.0.0"]);
-    s.tls_started();
-    assert_eq!(codes(&steps(&mut s, b"MAIL FROM:<a@b>\r\n")), ["503 5.5.1"]);
     assert_eq!(
-        codes(&steps(&mut s, b"EHLO x\r\nSTARTTLS\r\n")),
+        replies(&mut s, b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<evil@x>\r\n"),
+        ["250 -", "220 2.0.0"]
+    );
+    s.tls_started();
+    assert_eq!(replies(&mut s, b"MAIL FROM:<a@b>\r\n"), ["503 5.5.1"]);
+    assert_eq!(
+        replies(&mut s, b"EHLO x\r\nSTARTTLS\r\n"),
         ["250 -", "503 5.5.1"]
     );
 }
@@ -579,11 +601,13 @@ fn quit_closes() {
 #[test]
 fn huge_declared_size_is_refused() {
     let mut s = session(AuthPolicy::None);
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\nMAIL FROM:<a@b> SIZE=99999999999999999999999\r\nMAIL FROM:<a@b> size=1001\r\n",
+    assert_eq!(
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b> SIZE=99999999999999999999999\r\nMAIL FROM:<a@b> size=1001\r\n"
+        ),
+        ["250 -", "552 5.3.4", "552 5.3.4"]
     );
-    assert_eq!(codes(&out), ["250 -", "552 5.3.4", "552 5.3.4"]);
 }
 
 #[test]
@@ -597,9 +621,7 @@ fn lenient_envelopes_from_devices() {
         codes(&got),
         ["250 -", "250 2.1.0", "250 2.1.5", "250 2.1.5"]
     );
-    let env = s
-        .envelope(QueueId::new(), std::time::SystemTime::now())
-        .unwrap();
+    let env = envelope(&s);
     assert_eq!(env.sender, "a@lan.test");
     assert_eq!(env.recipients, ["b@example.test", "c@example.test"]);
     assert_eq!(
@@ -620,12 +642,12 @@ fn lenient_envelopes_from_devices() {
 
 #[test]
 fn auth_plain_with_an_empty_initial_response_is_asked_for_credentials() {
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
-    let got = steps(&mut s, b"AUTH PLAIN =\r\n");
-    assert_eq!(codes(&got), ["334 -"]);
-    let got = steps(&mut s, format!("{}\r\n", b64(b"\0printer\0pw")).as_bytes());
-    assert_eq!(codes(&got), ["auth PLAIN printer"]);
+    let mut s = greeted(AuthPolicy::Required);
+    assert_eq!(replies(&mut s, b"AUTH PLAIN =\r\n"), ["334 -"]);
+    assert_eq!(
+        replies(&mut s, format!("{}\r\n", b64(b"\0printer\0pw")).as_bytes()),
+        ["auth PLAIN printer"]
+    );
 }
 
 /// The same recipient twice gets one copy; a refused MAIL, RCPT or DATA is described for its log line, and
@@ -638,22 +660,22 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
         s.last_mail_command(),
         Some(("MAIL", "a@example.com", Some("a@example.com")))
     );
-    let out = steps(
-        &mut s,
-        b"RCPT TO:<b@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<B@Example.com>\r\nRCPT TO:<c@example.com>\r\n",
+    assert_eq!(
+        replies(
+            &mut s,
+            b"RCPT TO:<b@example.com>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<B@Example.com>\r\nRCPT TO:<c@example.com>\r\n"
+        ),
+        ["250 2.1.5"; 4]
     );
-    assert_eq!(codes(&out), ["250 2.1.5"; 4]);
-    let env = s
-        .envelope(QueueId::new(), std::time::SystemTime::now())
-        .unwrap();
+    let env = envelope(&s);
     assert_eq!(env.recipients, ["b@example.com", "c@example.com"]);
-    assert_eq!(codes(&steps(&mut s, b"RCPT TO:<>\r\n")), ["501 5.1.3"]);
+    assert_eq!(replies(&mut s, b"RCPT TO:<>\r\n"), ["501 5.1.3"]);
     assert_eq!(
         s.last_mail_command(),
         Some(("RCPT", "", Some("a@example.com")))
     );
     assert_eq!(
-        codes(&steps(&mut s, b"RCPT TO:garbage garbage\r\n"))[0]
+        replies(&mut s, b"RCPT TO:garbage garbage\r\n")[0]
             .chars()
             .next(),
         Some('5')
@@ -668,10 +690,9 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
 
 #[test]
 fn starttls_with_a_parameter_is_a_syntax_error() {
-    let mut s = session(AuthPolicy::Required);
-    steps(&mut s, b"EHLO x\r\n");
-    assert_eq!(codes(&steps(&mut s, b"STARTTLS extra\r\n")), ["501 5.5.4"]);
-    assert_eq!(codes(&steps(&mut s, b"starttls \r\n")), ["220 2.0.0"]);
+    let mut s = greeted(AuthPolicy::Required);
+    assert_eq!(replies(&mut s, b"STARTTLS extra\r\n"), ["501 5.5.4"]);
+    assert_eq!(replies(&mut s, b"starttls \r\n"), ["220 2.0.0"]);
 }
 
 /// Under `lenient`, `LF . LF` ends the data of a device that frames everything with LF alone; from a client
@@ -682,7 +703,7 @@ fn lenient_ends_data_at_a_bare_lf_dot_only_for_an_lf_only_client() {
     let lenient = || {
         let mut p = (*policy(AuthPolicy::None, false, false)).clone();
         p.bare_lf = BareLineEndings::Lenient;
-        Session::new(Arc::new(p), "192.0.2.7:1".parse().unwrap(), false)
+        session_on(Arc::new(p))
     };
     for vector in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n"] {
         let mut s = lenient();
@@ -712,17 +733,12 @@ fn lenient_ends_data_at_a_bare_lf_dot_only_for_an_lf_only_client() {
 /// smtp-proto reads the verb after spaces, or with a CR inside it: the UTF-8 check does not depend on where it is.
 #[test]
 fn addresses_that_are_not_utf8_are_refused_however_the_verb_is_written() {
-    let mut s = Session::new(
-        policy(AuthPolicy::None, false, false),
-        "192.0.2.7:1".parse().unwrap(),
-        false,
-    );
-    let out = steps(
-        &mut s,
-        b"EHLO x\r\n MAIL FROM:<s\xffender@b.c>\r\nMAIL FROM:<a@b.c>\r\nR\rCPT TO:<r\xfe@b.c>\r\n\rRCPT TO:<z\xff@b.c>\r\n",
-    );
+    let mut s = plain_session();
     assert_eq!(
-        codes(&out[1..]),
+        replies(
+            &mut s,
+            b"EHLO x\r\n MAIL FROM:<s\xffender@b.c>\r\nMAIL FROM:<a@b.c>\r\nR\rCPT TO:<r\xfe@b.c>\r\n\rRCPT TO:<z\xff@b.c>\r\n"
+        )[1..],
         ["501 5.1.7", "250 2.1.0", "501 5.1.3", "501 5.1.3"]
     );
 }
@@ -732,12 +748,10 @@ fn addresses_that_are_not_utf8_are_refused_however_the_verb_is_written() {
 fn an_over_long_auth_answer_ends_the_exchange() {
     let long = format!("{}\r\n", "A".repeat(MAX_LINE + 10));
     for start in ["AUTH LOGIN\r\n", "AUTH PLAIN\r\n"] {
-        let mut s = session(AuthPolicy::Required);
-        steps(&mut s, b"EHLO x\r\n");
-        assert_eq!(codes(&steps(&mut s, start.as_bytes())), ["334 -"]);
-        let out = steps(&mut s, format!("{long}NOOP\r\nQUIT\r\n").as_bytes());
+        let mut s = greeted(AuthPolicy::Required);
+        assert_eq!(replies(&mut s, start.as_bytes()), ["334 -"]);
         assert_eq!(
-            codes(&out),
+            replies(&mut s, format!("{long}NOOP\r\nQUIT\r\n").as_bytes()),
             ["500 5.5.6", "250 2.0.0", "221 2.0.0"],
             "{start}"
         );
@@ -748,8 +762,7 @@ fn an_over_long_auth_answer_ends_the_exchange() {
 /// more; one that sends mail between them is not.
 #[test]
 fn junk_commands_without_mail_end_the_session() {
-    let mut s = session(AuthPolicy::None);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::None);
     let out = steps(&mut s, "NOOP\r\n".repeat(200).as_bytes());
     assert_eq!(
         out.len(),
@@ -757,8 +770,7 @@ fn junk_commands_without_mail_end_the_session() {
         "{out:?}"
     );
     assert!(matches!(out.last(), Some(Step::Close(r)) if r.code == 421));
-    let mut s = session(AuthPolicy::None);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::None);
     for _ in 0..3 {
         let out = steps(&mut s, "RSET\r\n".repeat(MAX_JUNK as usize).as_bytes());
         assert!(
@@ -766,9 +778,7 @@ fn junk_commands_without_mail_end_the_session() {
                 .all(|o| matches!(o, Step::Reply(r) if r.code == 250))
         );
         steps(&mut s, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
-        let (mut input, mut body) = (&b"x\r\n.\r\n"[..], Vec::new());
-        assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
-        assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
+        store_a_one_line_message(&mut s);
     }
 }
 
@@ -864,13 +874,9 @@ fn no_loop_of_refused_or_idle_commands_holds_a_connection() {
 /// them twice (overlapping lists), and one error with each message, message after message, is never cut off.
 #[test]
 fn ordinary_clients_are_not_cut_off() {
-    let mut s = session(AuthPolicy::None);
-    steps(&mut s, b"EHLO x\r\n");
+    let mut s = greeted(AuthPolicy::None);
     for _ in 0..MAX_ERRORS + 5 {
-        assert_eq!(
-            codes(&steps(&mut s, b"RCPT TO:<early@d>\r\n")),
-            ["503 5.5.1"]
-        );
+        assert_eq!(replies(&mut s, b"RCPT TO:<early@d>\r\n"), ["503 5.5.1"]);
         let many: String = (0..400)
             .map(|i| format!("RCPT TO:<r{}@d>\r\n", i % 150))
             .collect();
@@ -883,8 +889,6 @@ fn ordinary_clients_are_not_cut_off() {
             "{:?}",
             codes(&out)
         );
-        let (mut input, mut body) = (&b"x\r\n.\r\n"[..], Vec::new());
-        assert_eq!(s.feed_data(&mut input, &mut body), Progress::Done);
-        assert_eq!(s.data_stored(Ok(QueueId::new())).code, 250);
+        store_a_one_line_message(&mut s);
     }
 }
