@@ -6,6 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
+use common::idp::{answer_token_requests, token_request, token_requests_made};
 use common::upstream::FakeUpstream;
 use common::*;
 use wiremock::matchers::{body_string_contains, method, path};
@@ -27,15 +28,8 @@ fn tokens(access: &str, refresh: &str) -> ResponseTemplate {
 /// A config with one device-code account pointed at the fakes; returns (dir, config path).
 fn device_config(idp: &MockServer, smtp_port: u16) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"state_dir = "{state}"
-default_account = "office"
-[[listener]]
-address = "127.0.0.1:0"
-auth = "none"
+    let account = format!(
+        r#"default_account = "office"
 [[account]]
 name = "office"
 provider = "generic"
@@ -49,15 +43,29 @@ smtp_host = "127.0.0.1"
 smtp_port = {smtp_port}
 smtp_tls = "none"
 "#,
-            state = dir.path().join("state").display(),
-            idp = idp.uri(),
-        ),
-    )
-    .unwrap();
+        idp = idp.uri(),
+    );
+    let path = write_config_with(
+        dir.path(),
+        &account,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
     (dir, path)
 }
 
-async fn mount_device_start(idp: &MockServer, expires_in: u64) {
+/// A poll for the code [`device_code_idp`] hands out.
+fn device_code_poll() -> wiremock::MockBuilder {
+    token_request()
+        .and(body_string_contains(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code",
+        ))
+        .and(body_string_contains("device_code=DEVICE-CODE-1"))
+}
+
+/// An identity provider that starts a device-code sign-in whose code lasts `expires_in` seconds; its token
+/// endpoint is the test's to answer.
+async fn device_code_idp(expires_in: u64) -> MockServer {
+    let idp = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/devicecode"))
         .and(body_string_contains("client_id=cid-dev"))
@@ -67,8 +75,33 @@ async fn mount_device_start(idp: &MockServer, expires_in: u64) {
             "expires_in": expires_in, "interval": 0,
             "message": "To sign in, use a web browser to open the page https://microsoft.com/devicelogin"
         })))
-        .mount(idp)
+        .mount(&idp)
         .await;
+    idp
+}
+
+/// `relay authorize office`, which must succeed: what it printed.
+async fn authorize_succeeds(config: &std::path::Path) -> String {
+    let out = run_authorize(config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `relay authorize office`, which must fail with exit code 1: what it said on stderr.
+async fn authorize_fails(config: &std::path::Path) -> String {
+    let out = run_authorize(config).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 async fn run_authorize(config: &std::path::Path) -> std::process::Output {
@@ -84,48 +117,36 @@ async fn run_authorize(config: &std::path::Path) -> std::process::Output {
 
 #[tokio::test]
 async fn device_code_polls_slows_down_and_stores_tokens() {
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 900).await;
-    let poll = || {
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .and(body_string_contains(
-                "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code",
-            ))
-            .and(body_string_contains("device_code=DEVICE-CODE-1"))
-    };
-    poll()
+    let idp = device_code_idp(900).await;
+    device_code_poll()
         .respond_with(oauth_error("authorization_pending"))
         .up_to_n_times(2)
         .mount(&idp)
         .await;
-    poll()
+    device_code_poll()
         .respond_with(oauth_error("slow_down"))
         .up_to_n_times(1)
         .mount(&idp)
         .await;
-    poll()
+    device_code_poll()
         .respond_with(tokens("access-1", "refresh-1"))
         .mount(&idp)
         .await;
     let (dir, config) = device_config(&idp, 9);
-    let out = run_authorize(&config).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = authorize_succeeds(&config).await;
     assert!(
         stdout.contains("https://microsoft.com/devicelogin") && stdout.contains("ABCD-EFGH"),
         "{stdout}"
     );
-    let polls = token_requests(&idp).await;
-    assert_eq!(polls, 4, "pending, pending, slow_down, granted");
+    assert_eq!(
+        token_requests_made(&idp).await,
+        4,
+        "pending, pending, slow_down, granted"
+    );
     let file = dir.path().join("state/tokens/office.json");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
-    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let stored = token_file(&dir.path().join("state"));
     assert_eq!(stored["refresh_token"], "refresh-1");
     assert_eq!(stored["access_token"], "access-1");
     assert!(
@@ -137,17 +158,10 @@ async fn device_code_polls_slows_down_and_stores_tokens() {
 #[tokio::test]
 async fn device_code_failures_are_explained() {
     for (error, words) in [("expired_token", "expired"), ("access_denied", "declined")] {
-        let idp = MockServer::start().await;
-        mount_device_start(&idp, 900).await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .respond_with(oauth_error(error))
-            .mount(&idp)
-            .await;
+        let idp = device_code_idp(900).await;
+        answer_token_requests(&idp, oauth_error(error)).await;
         let (dir, config) = device_config(&idp, 9);
-        let out = run_authorize(&config).await;
-        assert_eq!(out.status.code(), Some(1), "{error}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = authorize_fails(&config).await;
         assert!(
             stderr.contains(words) && stderr.contains(error),
             "{error}: {stderr}"
@@ -158,17 +172,10 @@ async fn device_code_failures_are_explained() {
 
 #[tokio::test]
 async fn device_code_that_stays_pending_runs_out() {
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 0).await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(oauth_error("authorization_pending"))
-        .mount(&idp)
-        .await;
+    let idp = device_code_idp(0).await;
+    answer_token_requests(&idp, oauth_error("authorization_pending")).await;
     let (_dir, config) = device_config(&idp, 9);
-    let out = run_authorize(&config).await;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = authorize_fails(&config).await;
     assert!(
         stderr.contains("expired before the sign-in was finished"),
         "{stderr}"
@@ -198,15 +205,13 @@ fn expired_tokens(state: &std::path::Path, refresh: &str) {
 #[tokio::test]
 async fn refresh_rotates_and_delivers_then_invalid_grant_needs_authorization() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .and(body_string_contains("grant_type=refresh_token"))
         .and(body_string_contains("refresh_token=refresh-1"))
         .respond_with(tokens("access-2", "refresh-2"))
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .and(body_string_contains("refresh_token=refresh-2"))
         .respond_with(oauth_error("invalid_grant"))
         .mount(&idp)
@@ -253,23 +258,13 @@ async fn token_file_written_by_root_belongs_to_the_state_dir_owner() {
         eprintln!("SKIPPED: needs root to change file ownership");
         return;
     }
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 900).await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("a", "r"))
-        .mount(&idp)
-        .await;
+    let idp = device_code_idp(900).await;
+    answer_token_requests(&idp, tokens("a", "r")).await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
-    let out = run_authorize(&config).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    authorize_succeeds(&config).await;
     use std::os::unix::fs::MetadataExt;
     // Everything the daemon's user must later open, the lock file included.
     for path in ["tokens/office.json", "tokens", "tokens/.office.lock"] {
@@ -316,8 +311,7 @@ fn stored(
 #[tokio::test]
 async fn idle_refresh_token_is_kept_alive() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .and(body_string_contains("refresh_token=refresh-1"))
         .respond_with(tokens("access-2", "refresh-2"))
         .expect(1)
@@ -337,11 +331,7 @@ async fn idle_refresh_token_is_kept_alive() {
 #[tokio::test]
 async fn access_token_is_renewed_ahead_of_expiry() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("access-2", "refresh-2"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, tokens("access-2", "refresh-2")).await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
     // An 8-second token: renewal is due when a quarter of its life (2 s) remains, 6 s from now; the margin
@@ -369,11 +359,8 @@ async fn access_token_is_renewed_ahead_of_expiry() {
 /// go at once, without a restart.
 #[tokio::test]
 async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 900).await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("device_code=DEVICE-CODE-1"))
+    let idp = device_code_idp(900).await;
+    device_code_poll()
         .respond_with(tokens("access-1", "refresh-1"))
         .mount(&idp)
         .await;
@@ -386,12 +373,7 @@ async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
         line.contains(&id) && line.contains("relay authorize office"),
         "{line}"
     );
-    let out = run_authorize(&config).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    authorize_succeeds(&config).await;
     let got = upstream.next().await;
     assert!(got.auth.contains("Bearer access-1"));
     assert!(String::from_utf8_lossy(&got.data).contains("Subject: waiting"));
@@ -403,17 +385,12 @@ async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
 #[tokio::test]
 async fn transient_refresh_failure_is_retried() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(ResponseTemplate::new(503).set_body_string("Service Unavailable"))
         .up_to_n_times(1)
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("access-2", "refresh-2"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, tokens("access-2", "refresh-2")).await;
     let (dir, config) = device_config(&idp, 9);
     let state = dir.path().join("state");
     save_tokens(&state, &idle_since(Duration::from_secs(86_400 + 60)));
@@ -446,8 +423,7 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
                 .to_string();
             (body, auth)
         };
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .respond_with(move |req: &wiremock::Request| {
                 let (body, auth) = echo(req);
                 ResponseTemplate::new(400)
@@ -459,8 +435,7 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
             .await;
         // A JSON encoder that escapes `+`, `/` and `=` (as .NET's and Gson's do): the secret comes back whole once
         // decoded.
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .respond_with(move |_: &wiremock::Request| {
                 let escaped = SECRET
                     .replace('+', "\\u002B")
@@ -475,8 +450,7 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
             .mount(&idp)
             .await;
         // A gateway that keeps the body as binary and echoes it base64-encoded (AWS API Gateway).
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .respond_with(move |req: &wiremock::Request| {
                 use base64::Engine;
                 let body = base64::engine::general_purpose::STANDARD.encode(&req.body);
@@ -490,8 +464,7 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
             .with_priority(3)
             .mount(&idp)
             .await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .respond_with(move |req: &wiremock::Request| {
                 let (body, auth) = echo(req);
                 ResponseTemplate::new(401).set_body_json(serde_json::json!({
@@ -504,19 +477,13 @@ async fn an_endpoint_that_echoes_the_request_never_gets_the_secret_logged() {
             .await;
         let upstream = FakeUpstream::start(&["tok"]).await;
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let mut account =
-            common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
-        if basic {
-            account.push_str("client_auth = \"client_secret_basic\"\n");
-        }
-        let config = write_config_with(
-            dir.path(),
-            &format!("default_account = \"office\"\n{account}"),
-            "address = \"127.0.0.1:0\"\nauth = \"none\"",
-        );
+        common::idp::write_secret_value(dir.path(), SECRET);
+        let client_auth = if basic {
+            "client_auth = \"client_secret_basic\"\n"
+        } else {
+            ""
+        };
+        let config = common::idp::office_config(dir.path(), &idp.uri(), &upstream, client_auth);
         let mut d = Daemon::spawn(&config);
         let mut c = RawClient::ready(d.addr).await;
         c.cmd("MAIL FROM:<scanner@lan.test>", 250).await;
@@ -590,21 +557,11 @@ async fn client_credentials(
     std::path::PathBuf,
 ) {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token_reply)
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, token_reply).await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
     common::idp::write_secret(dir.path());
-    let account =
-        common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
-    let config = write_config_with(
-        dir.path(),
-        &format!("default_account = \"office\"\n{account}"),
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
+    let config = common::idp::office_config(dir.path(), &idp.uri(), &upstream, "");
     (idp, upstream, dir, config)
 }
 
@@ -616,11 +573,7 @@ async fn token_endpoint_recovers(
     d: &mut Daemon,
 ) {
     idp.reset().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("tok", "unused"))
-        .mount(idp)
-        .await;
+    answer_token_requests(idp, tokens("tok", "unused")).await;
     queue_retry(config, "--all");
     upstream.next().await;
     d.wait_log("relay_event=\"delivered\"");
@@ -726,11 +679,11 @@ async fn a_gateway_echoing_the_secret_escaped_in_json_never_gets_it_quoted() {
         r#"{"request":{"client_secret":"Ab\u002Bcd\/ef=gh~12:34"}}"#,
     ] {
         let idp = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .respond_with(ResponseTemplate::new(403).set_body_raw(reply, "application/json"))
-            .mount(&idp)
-            .await;
+        answer_token_requests(
+            &idp,
+            ResponseTemplate::new(403).set_body_raw(reply, "application/json"),
+        )
+        .await;
         let hook = MockServer::start().await;
         Mock::given(method("POST"))
             .and(path("/hook"))
@@ -739,19 +692,12 @@ async fn a_gateway_echoing_the_secret_escaped_in_json_never_gets_it_quoted() {
             .await;
         let upstream = FakeUpstream::start(&["tok"]).await;
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let account =
-            common::idp::generic_account("office", &idp.uri(), &upstream, "client_credentials");
-        let config = write_config_with(
-            dir.path(),
-            &format!(
-                "default_account = \"office\"\n{account}[alerts]\nwebhook_url = \"{}/hook\"\nrefresh_failures = 1\n",
-                hook.uri()
-            ),
-            "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        common::idp::write_secret_value(dir.path(), SECRET);
+        let alerts = format!(
+            "[alerts]\nwebhook_url = \"{}/hook\"\nrefresh_failures = 1\n",
+            hook.uri()
         );
+        let config = common::idp::office_config(dir.path(), &idp.uri(), &upstream, &alerts);
         let mut seen = Vec::new();
 
         let out = run_authorize(&config).await;
@@ -851,8 +797,7 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
         ("refresh-2", "access-3", "refresh-3"),
         ("refresh-3", "access-4", "refresh-4"),
     ] {
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .and(body_string_contains(format!("refresh_token={used}")))
             .respond_with(tokens(access, rotated))
             .up_to_n_times(1)
@@ -860,8 +805,7 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
             .mount(&idp)
             .await;
     }
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(oauth_error("invalid_grant"))
         .with_priority(2)
         .mount(&idp)
@@ -897,9 +841,13 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
     d.wait_log("relay_event=\"delivered\"");
 
     // A reload that rebuilds the account (a setting changed) keeps the unsaved grant.
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("max_connections = 2\n");
-    std::fs::write(&config, text).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let changed = text.replace(
+        "smtp_tls = \"none\"\n",
+        "smtp_tls = \"none\"\nmax_connections = 2\n",
+    );
+    assert_ne!(changed, text, "the account's keys are in the config");
+    std::fs::write(&config, changed).unwrap();
     // SAFETY: kill with the daemon's pid and a valid signal.
     assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
     let reloaded = d.wait_log("relay_event=\"reloaded\"");
@@ -941,14 +889,14 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(400).set_body_raw(
+    answer_token_requests(
+        &idp,
+        ResponseTemplate::new(400).set_body_raw(
             "<html><head><title>400 Bad Request</title></head><body>proxy</body></html>",
             "text/html",
-        ))
-        .mount(&idp)
-        .await;
+        ),
+    )
+    .await;
     let mut upstream = FakeUpstream::start(&["current"]).await;
     let (dir, config) = device_config(&idp, upstream.addr.port());
     let state = dir.path().join("state");
@@ -976,8 +924,7 @@ async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
 /// section 3.5): relay says so, waits longer, and polls again until the user has approved.
 #[tokio::test]
 async fn device_code_polling_outlives_a_failed_poll() {
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 900).await;
+    let idp = device_code_idp(900).await;
     for (priority, reply) in [
         (
             1,
@@ -985,35 +932,25 @@ async fn device_code_polling_outlives_a_failed_poll() {
         ),
         (2, oauth_error("authorization_pending")),
     ] {
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .respond_with(reply)
             .up_to_n_times(1)
             .with_priority(priority)
             .mount(&idp)
             .await;
     }
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .and(body_string_contains("device_code=DEVICE-CODE-1"))
+    device_code_poll()
         .respond_with(tokens("access-1", "refresh-1"))
         .with_priority(3)
         .mount(&idp)
         .await;
     let (dir, config) = device_config(&idp, 9);
-    let out = run_authorize(&config).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = authorize_succeeds(&config).await;
     assert!(
         stdout.contains("did not answer the poll") && stdout.contains("503"),
         "{stdout}"
     );
-    let polls = token_requests(&idp).await;
-    assert_eq!(polls, 3, "503, pending, granted");
+    assert_eq!(token_requests_made(&idp).await, 3, "503, pending, granted");
     let stored = token_file(&dir.path().join("state"));
     assert_eq!(stored["refresh_token"], "refresh-1");
 }
@@ -1021,17 +958,14 @@ async fn device_code_polling_outlives_a_failed_poll() {
 /// A code that runs out while the token endpoint keeps failing ends with that failure, not with "pending".
 #[tokio::test]
 async fn device_code_that_runs_out_while_polls_fail_says_why() {
-    let idp = MockServer::start().await;
-    mount_device_start(&idp, 0).await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(502).set_body_string("Bad Gateway"))
-        .mount(&idp)
-        .await;
+    let idp = device_code_idp(0).await;
+    answer_token_requests(
+        &idp,
+        ResponseTemplate::new(502).set_body_string("Bad Gateway"),
+    )
+    .await;
     let (_dir, config) = device_config(&idp, 9);
-    let out = run_authorize(&config).await;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = authorize_fails(&config).await;
     assert!(
         stderr.contains("the code expired while the provider did not answer")
             && stderr.contains("502"),
@@ -1045,8 +979,7 @@ async fn device_code_that_runs_out_while_polls_fail_says_why() {
 async fn a_reload_takes_up_a_secret_rotated_in_place() {
     let idp = MockServer::start().await;
     for (secret, access) in [("s3cret-value", "tok-1"), ("n3w-secret-value", "tok-2")] {
-        Mock::given(method("POST"))
-            .and(path("/token"))
+        token_request()
             .and(body_string_contains(format!("client_secret={secret}")))
             .respond_with(tokens(access, "unused"))
             .mount(&idp)
@@ -1086,16 +1019,6 @@ async fn a_reload_takes_up_a_secret_rotated_in_place() {
     let reloaded = d.wait_log("relay_event=\"reloaded\"");
     assert!(reloaded.contains("changed: none"), "{reloaded}");
     assert_eq!(d.terminate().code(), Some(0));
-}
-
-/// Requests the fake identity provider got at its token endpoint.
-async fn token_requests(idp: &MockServer) -> usize {
-    idp.received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|r| r.url.path() == "/token")
-        .count()
 }
 
 /// relay stopping (`systemctl stop`, a restart after an upgrade) while it renews an account's grant lets the

@@ -31,6 +31,16 @@ pub async fn last_token_form(idp: &MockServer) -> Vec<(String, String)> {
     .collect()
 }
 
+/// How many requests the fake identity provider got at its token endpoint.
+pub async fn token_requests_made(idp: &MockServer) -> usize {
+    idp.received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.url.path() == "/token")
+        .count()
+}
+
 /// One form field, if present.
 pub fn form_field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
     form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
@@ -42,31 +52,32 @@ pub fn token(access: &str) -> ResponseTemplate {
     }))
 }
 
+/// The requests to the token endpoint, `/token`, to be narrowed (`.and(...)`) and answered.
+pub fn token_request() -> wiremock::MockBuilder {
+    Mock::given(method("POST")).and(path("/token"))
+}
+
+/// Answers every token request at `idp` with `reply`.
+pub async fn answer_token_requests(idp: &MockServer, reply: ResponseTemplate) {
+    token_request().respond_with(reply).mount(idp).await;
+}
+
 /// A fake identity provider that issues `access` to every token request.
 pub async fn idp_issuing(access: &str) -> MockServer {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token(access))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, token(access)).await;
     idp
 }
 
 /// A fake identity provider whose first token is `stale` (the upstream refuses it) and every later one `fresh`.
 pub async fn idp_stale_then_fresh() -> MockServer {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(token("stale"))
         .up_to_n_times(1)
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("fresh"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, token("fresh")).await;
     idp
 }
 
@@ -99,10 +110,7 @@ pub fn account_top(
     upstream: &FakeUpstream,
     more: &str,
 ) -> String {
-    let secret = dir.join("secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    write_secret_value(dir, "s3cret-value");
     format!(
         r#"default_account = "office"
 [[account]]
@@ -159,10 +167,32 @@ smtp_tls = "none"
 
 /// Writes `dir/secret`, a client secret readable by owner and group only.
 pub fn write_secret(dir: &std::path::Path) {
+    write_secret_value(dir, "s3cret");
+}
+
+/// As [`write_secret`], with the secret `value`.
+pub fn write_secret_value(dir: &std::path::Path, value: &str) {
     use std::os::unix::fs::PermissionsExt;
     let secret = dir.join("secret");
-    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::write(&secret, format!("{value}\n")).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+}
+
+/// A config in `dir` whose default account, `office`, is a [`generic_account`] with client credentials at `idp`;
+/// `more` goes after the account's keys (more keys of the account, or tables). The secret is the caller's to
+/// write ([`write_secret`]).
+pub fn office_config(
+    dir: &std::path::Path,
+    idp: &str,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> std::path::PathBuf {
+    let account = generic_account("office", idp, upstream, "client_credentials");
+    super::write_config_with(
+        dir,
+        &format!("default_account = \"office\"\n{account}{more}"),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    )
 }
 
 /// A config in `dir` with client-credentials accounts `(name, upstream)` of one identity provider: the first is the
