@@ -7,13 +7,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
-use common::idp::{form_field, last_token_form};
+use common::idp::{answer_token_requests, form_field, last_token_form, token_request};
 use common::upstream::FakeUpstream;
 use common::*;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wiremock::matchers::{body_string_contains, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::matchers::body_string_contains;
+use wiremock::{MockServer, ResponseTemplate};
 
 fn config(
     idp: &MockServer,
@@ -22,15 +22,8 @@ fn config(
     smtp_port: u16,
 ) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"state_dir = "{state}"
-default_account = "gmail"
-[[listener]]
-address = "127.0.0.1:0"
-auth = "none"
+    let account = format!(
+        r#"default_account = "gmail"
 [[account]]
 name = "gmail"
 provider = "generic"
@@ -45,11 +38,13 @@ smtp_port = {smtp_port}
 smtp_tls = "none"
 {extra}
 "#,
-            state = dir.path().join("state").display(),
-            idp = idp.uri(),
-        ),
-    )
-    .unwrap();
+        idp = idp.uri(),
+    );
+    let path = write_config_with(
+        dir.path(),
+        &account,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
     (dir, path)
 }
 
@@ -117,6 +112,16 @@ fn field<'a>(form: &'a [(String, String)], key: &str) -> &'a str {
     form_field(form, key).unwrap_or("")
 }
 
+/// `relay authorize`, which must succeed once the browser or the user has done their part.
+async fn authorized(child: Child) {
+    let out = wait(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn wait(child: Child) -> std::process::Output {
     tokio::time::timeout(
         LIMIT,
@@ -134,15 +139,10 @@ fn tokens(access: &str, refresh: &str) -> ResponseTemplate {
     }))
 }
 
-/// The form fields of the last request to the token endpoint.
 #[tokio::test]
 async fn loopback_redirect_with_pkce_then_delivery() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("access-ac", "refresh-ac"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, tokens("access-ac", "refresh-ac")).await;
     let mut upstream = FakeUpstream::start(&["access-ac"]).await;
     let (dir, config) = config(&idp, "authorization_code", "", upstream.addr.port());
     let (child, url) = start_authorize(&config);
@@ -166,12 +166,7 @@ async fn loopback_redirect_with_pkce_then_delivery() {
         page.starts_with("HTTP/1.1 200") && page.contains("You can close this tab"),
         "{page}"
     );
-    let out = wait(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    authorized(child).await;
 
     let form = last_token_form(&idp).await;
     assert_eq!(field(&form, "grant_type"), "authorization_code");
@@ -200,16 +195,10 @@ async fn loopback_redirect_with_pkce_then_delivery() {
 #[tokio::test]
 async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(tokens("access-p", "refresh-p"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, tokens("access-p", "refresh-p")).await;
     // A confidential client: its secret goes with the code exchange.
     let secret = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret.path(), "web-secret\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(secret.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(secret.path(), "web-secret\n");
     let extra = format!("client_secret_file = {:?}", secret.path());
     let (dir, config) = config(&idp, "authorization_code", &extra, 9);
 
@@ -226,12 +215,7 @@ async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
         .unwrap()
         .write_all(pasted.as_bytes())
         .unwrap();
-    let out = wait(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    authorized(child).await;
     let form = last_token_form(&idp).await;
     assert_eq!(field(&form, "code"), "pasted-code");
     assert_eq!(field(&form, "client_secret"), "web-secret");
@@ -264,8 +248,7 @@ async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
 #[tokio::test]
 async fn password_flow_signs_in_by_itself() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .and(body_string_contains("grant_type=password"))
         .and(body_string_contains("username=scanner%40example.org"))
         .and(body_string_contains("password=p%40ss+word"))
@@ -274,9 +257,7 @@ async fn password_flow_signs_in_by_itself() {
         .await;
     let mut upstream = FakeUpstream::start(&["access-pw"]).await;
     let pw = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(pw.path(), "p@ss word\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(pw.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(pw.path(), "p@ss word\n");
     let extra = format!("password_file = {:?}", pw.path());
     let (_dir, config) = config(&idp, "password", &extra, upstream.addr.port());
     let out = Command::new(relay_bin())
