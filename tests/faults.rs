@@ -5,11 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::idp::{account_top, idp_issuing, relay_with_account_and, relay_with_account_at, token};
+use common::idp::{
+    account_config, account_top, answer_token_requests, generic_account_at, idp_issuing,
+    relay_with_account_and, relay_with_account_at, token, token_request, write_secret,
+};
 use common::upstream::FakeUpstream;
 use common::*;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 const BODY: &[u8] = b"Subject: fault\r\n\r\nwaiting out the fault\r\n";
 /// Retries come after a second, so that recovery shows within the tests' bounds.
@@ -18,6 +20,43 @@ const FAST_RETRY: &str = "[queue]\nretry = [\"1s\"]\n";
 /// A message accepted (250) while the fault lasts; returns its queue id.
 async fn accepted_during_fault(relay: &TestRelay) -> String {
     send_message(relay.addr(), BODY).await
+}
+
+/// The upstream answers well again: the message that waited is delivered at its retry (the second attempt), and
+/// nothing is left in the queue.
+async fn fault_clears(upstream: &mut FakeUpstream, mut relay: TestRelay, fault: &str) {
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY, "{fault}");
+    relay.attempts_done(2).await;
+    assert!(relay.queued().is_empty(), "{fault}");
+    relay.stop().await;
+}
+
+/// How many BDAT and DATA commands the upstream got, in all.
+#[track_caller]
+fn assert_bdat_and_data(upstream: &FakeUpstream, bdat: usize, data: usize) {
+    let commands = upstream.commands.lock().unwrap().clone();
+    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
+    assert_eq!((count("BDAT"), count("DATA")), (bdat, data), "{commands:?}");
+}
+
+/// The subject of a message as the upstream got it.
+fn subject(data: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(data)
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+}
+
+/// Receives messages at `upstream` until `at_least` subjects are in, and returns the distinct ones.
+async fn distinct_subjects(upstream: &mut FakeUpstream, at_least: usize) -> Vec<String> {
+    let mut subjects = Vec::new();
+    while subjects.len() < at_least {
+        subjects.extend(subject(&upstream.next().await.data));
+    }
+    subjects.sort();
+    subjects.dedup();
+    subjects
 }
 
 /// A relay whose account's upstream answers the end of each message with `reply` (see `FakeUpstream::data_reply`),
@@ -52,12 +91,7 @@ async fn upstream_4xx_and_dropped_connections_defer_then_deliver() {
         });
         assert_eq!(state.attempts, 1, "{fault}");
         assert!(state.last_error.is_some(), "{fault}");
-        *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-        let got = upstream.next().await;
-        assert_eq!(strip_received(&got.data), BODY, "{fault}");
-        relay.attempts_done(2).await;
-        assert!(relay.queued().is_empty(), "{fault}");
-        relay.stop().await;
+        fault_clears(&mut upstream, relay, fault).await;
     }
 }
 
@@ -71,11 +105,7 @@ async fn a_stalled_upstream_times_out_and_the_mail_waits() {
     accepted_during_fault(&relay).await;
     relay.attempts_done(1).await;
     assert_eq!(relay.queued().len(), 1);
-    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let got = upstream.next().await;
-    assert_eq!(strip_received(&got.data), BODY);
-    relay.attempts_done(2).await;
-    assert!(relay.queued().is_empty());
+    fault_clears(&mut upstream, relay, "STALL").await;
 }
 
 /// The identity provider answers 500, then broken JSON, then slowly, then well: the mail waits through the
@@ -83,15 +113,13 @@ async fn a_stalled_upstream_times_out_and_the_mail_waits() {
 #[tokio::test]
 async fn identity_provider_errors_and_broken_json_defer_then_deliver() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(ResponseTemplate::new(500).set_body_string("<html>oops</html>"))
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(
             ResponseTemplate::new(200)
                 .insert_header("content-type", "application/json")
@@ -101,8 +129,7 @@ async fn identity_provider_errors_and_broken_json_defer_then_deliver() {
         .with_priority(2)
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(token("tok").set_delay(Duration::from_secs(2)))
         .with_priority(3)
         .mount(&idp)
@@ -130,11 +157,7 @@ async fn identity_provider_down_then_back() {
     assert_eq!(relay.queued().len(), 1);
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let idp = MockServer::builder().listener(listener).start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token("tok"))
-        .mount(&idp)
-        .await;
+    answer_token_requests(&idp, token("tok")).await;
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), BODY);
 }
@@ -156,11 +179,7 @@ async fn odd_expires_in_values_never_stop_delivery() {
         if !expires_in.is_null() {
             reply["expires_in"] = expires_in.clone();
         }
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(reply))
-            .mount(&idp)
-            .await;
+        answer_token_requests(&idp, ResponseTemplate::new(200).set_body_json(reply)).await;
         let mut upstream = FakeUpstream::start(&["tok"]).await;
         let mut relay = relay_with_account_and(&idp, &upstream, FAST_RETRY).await;
         for _ in 0..2 {
@@ -183,16 +202,9 @@ async fn a_stalled_account_does_not_hold_up_another() {
     *stalled.data_reply.lock().unwrap() = "STALL".into();
     let mut healthy = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let account = |name: &str, port: u16| {
-        format!(
-            "[[account]]\nname = \"{name}\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"{name}@example.com\"\nclient_id = \"cid\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nsmtp_tls = \"none\"\n",
-            idp.uri()
-        )
-    };
+    write_secret(dir.path());
+    let account =
+        |name: &str, port: u16| generic_account_at(name, &idp.uri(), port, "client_credentials");
     let top = format!(
         "default_account = \"healthy\"\n{}{}[[route]]\nsender = \"*@stalled.test\"\naccount = \"stalled\"\n",
         account("stalled", stalled.addr.port()),
@@ -341,12 +353,7 @@ async fn a_final_reply_that_is_no_answer_defers_the_message() {
             );
             // What the fake counted as received under the fault is not a delivery.
             while upstream.received.try_recv().is_ok() {}
-            *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-            let got = upstream.next().await;
-            assert_eq!(strip_received(&got.data), BODY, "{fault}");
-            relay.attempts_done(2).await;
-            assert!(relay.queued().is_empty(), "{fault}");
-            relay.stop().await;
+            fault_clears(&mut upstream, relay, fault).await;
         }
     }
 }
@@ -486,9 +493,7 @@ async fn an_upstream_that_offers_chunking_but_refuses_bdat_gets_data() {
     }
     relay.drained().await;
     assert!(files_in(&relay.state(), "dead").is_empty());
-    let commands = upstream.commands.lock().unwrap().clone();
-    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
-    assert_eq!((count("BDAT"), count("DATA")), (1, 2), "{commands:?}");
+    assert_bdat_and_data(&upstream, 1, 2);
     relay.stop().await;
 
     // A message of several chunks: the server refuses the first and hangs up while the next is being written.
@@ -563,9 +568,7 @@ async fn a_lost_reply_to_bdat_sends_again_with_data_at_once() {
     relay.attempts_done(1).await;
     assert!(relay.queued().is_empty(), "delivered");
     assert_eq!(*relay.attempts.borrow(), 1, "in the first attempt");
-    let commands = upstream.commands.lock().unwrap().clone();
-    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
-    assert_eq!((count("BDAT"), count("DATA")), (1, 1), "{commands:?}");
+    assert_bdat_and_data(&upstream, 1, 1);
     relay.stop().await;
 }
 
@@ -677,9 +680,7 @@ async fn a_pooled_connection_dropped_during_bdat_keeps_bdat() {
     accepted_during_fault(&relay).await;
     upstream.next().await;
     relay.attempts_done(3).await;
-    let commands = upstream.commands.lock().unwrap().clone();
-    let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
-    assert_eq!((count("BDAT"), count("DATA")), (4, 0), "{commands:?}");
+    assert_bdat_and_data(&upstream, 4, 0);
     assert_eq!(
         upstream
             .connections
@@ -725,12 +726,10 @@ async fn bdat_comes_back_after_a_hang_up_but_not_after_a_refusal() {
         upstream.next().await;
         daemon.wait_log("relay_event=\"delivered\"");
 
-        let commands = upstream.commands.lock().unwrap().clone();
-        let count = |verb: &str| commands.iter().filter(|c| c.starts_with(verb)).count();
         if refused_in_words {
-            assert_eq!((count("BDAT"), count("DATA")), (1, 2), "{commands:?}");
+            assert_bdat_and_data(&upstream, 1, 2);
         } else {
-            assert_eq!((count("BDAT"), count("DATA")), (2, 1), "{commands:?}");
+            assert_bdat_and_data(&upstream, 2, 1);
             daemon.wait_log("trying CHUNKING (BDAT) again");
         }
         assert!(daemon.terminate().success());
@@ -751,16 +750,11 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
     // The first two deliveries keep their connections busy until released, so that relay opens more.
     *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
     let dir = tempfile::tempdir().unwrap();
-    let top = account_top(
+    let config = account_config(
         dir.path(),
         &idp.uri(),
         &upstream,
         "max_connections = 3\n[queue]\nretry = [\"1h\"]",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
     let mut daemon = Daemon::spawn(&config);
     let send = |i: usize| format!("Subject: m{i}\r\n\r\nbody\r\n");
@@ -790,14 +784,7 @@ async fn an_upstream_taking_fewer_connections_gets_the_mail_through_those() {
     for _ in 2..MESSAGES {
         daemon.wait_log("relay_event=\"delivered\"");
     }
-    let mut subjects: Vec<String> = got
-        .iter()
-        .map(|r| String::from_utf8_lossy(&r.data).into_owned())
-        .filter_map(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
-        })
-        .collect();
+    let mut subjects: Vec<String> = got.iter().filter_map(|r| subject(&r.data)).collect();
     subjects.sort();
     subjects.dedup();
     assert_eq!(subjects.len(), MESSAGES, "each message once");
@@ -834,16 +821,11 @@ impl Silent {
             .silent
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let dir = tempfile::tempdir().unwrap();
-        let top = account_top(
+        let config = account_config(
             dir.path(),
             &idp.uri(),
             &upstream,
             &format!("smtp_timeout = \"1s\"\n[queue]\n{queue}"),
-        );
-        let config = write_config_with(
-            dir.path(),
-            &top,
-            "address = \"127.0.0.1:0\"\nauth = \"none\"",
         );
         let daemon = Daemon::spawn(&config);
         for i in 0..messages {
@@ -946,20 +928,10 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     );
     upstream.silent.store(false, SeqCst);
     daemon.wait_log("the upstream can be reached again");
-    let mut subjects = Vec::new();
-    while subjects.len() < MESSAGES {
-        let got = upstream.next().await;
-        let text = String::from_utf8_lossy(&got.data).into_owned();
-        subjects.extend(
-            text.lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string)),
-        );
-    }
+    let subjects = distinct_subjects(&mut upstream, MESSAGES).await;
     for _ in 0..MESSAGES {
         daemon.wait_log("relay_event=\"delivered\"");
     }
-    subjects.sort();
-    subjects.dedup();
     assert_eq!(subjects.len(), MESSAGES, "each message once");
     assert!(queued_in(&dir.path().join("state")).is_empty());
     let (_, doc) = status_json(&config);
@@ -993,12 +965,7 @@ async fn a_reload_that_changes_the_upstream_drops_the_unreachable_report() {
     assert!(!status_json(&config).1["accounts"][0]["unreachable"].is_null());
 
     let mut answering = FakeUpstream::start(&["tok"]).await;
-    let top = account_top(dir.path(), &idp.uri(), &answering, "smtp_timeout = \"1s\"");
-    write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
+    account_config(dir.path(), &idp.uri(), &answering, "smtp_timeout = \"1s\"");
     // SAFETY: kill with the pid of our own child and a valid signal.
     assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) }, 0);
     let reloaded = daemon.wait_log("relay_event=\"reloaded\"");
@@ -1017,12 +984,7 @@ async fn a_stale_unreachable_report_is_removed_at_start() {
     let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
+    let config = account_config(dir.path(), &idp.uri(), &upstream, "");
     let report = dir.path().join("state/accounts/office.unreachable.json");
     std::fs::create_dir_all(report.parent().unwrap()).unwrap();
     std::fs::write(
@@ -1095,16 +1057,11 @@ async fn mail_deferred_while_the_upstream_did_not_answer_goes_when_it_answers_ag
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     upstream.silent.store(true, SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let top = account_top(
+    let config = account_config(
         dir.path(),
         &idp.uri(),
         &upstream,
         "smtp_timeout = \"1s\"\n[queue]\nretry = [\"1h\"]",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
     let mut daemon = Daemon::spawn(&config);
     for i in 0..MESSAGES {
@@ -1125,17 +1082,7 @@ async fn mail_deferred_while_the_upstream_did_not_answer_goes_when_it_answers_ag
     daemon.wait_log(&format!("relay_event=\"delivered\" relay_queue_id={id}"));
     let woken = daemon.wait_log("the mail it deferred meanwhile is due now");
     assert!(woken.contains(&format!("messages={MESSAGES}")), "{woken}");
-    let mut subjects = Vec::new();
-    while subjects.len() <= MESSAGES {
-        let got = upstream.next().await;
-        let text = String::from_utf8_lossy(&got.data).into_owned();
-        subjects.extend(
-            text.lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string)),
-        );
-    }
-    subjects.sort();
-    subjects.dedup();
+    let subjects = distinct_subjects(&mut upstream, MESSAGES + 1).await;
     assert_eq!(subjects.len(), MESSAGES + 1, "each message once");
     for _ in 0..MESSAGES {
         daemon.wait_log("relay_event=\"delivered\"");
@@ -1169,18 +1116,9 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     };
     let mut healthy = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("secret"), "s3cret-value\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.path().join("secret"),
-        std::fs::Permissions::from_mode(0o640),
-    )
-    .unwrap();
+    write_secret(dir.path());
     let account = |name: &str, port: u16| {
-        format!(
-            "[[account]]\nname = \"{name}\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"{name}@example.com\"\nclient_id = \"cid\"\nclient_secret_file = \"{{dir}}/secret\"\ntoken_url = \"{}/token\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nsmtp_tls = \"none\"\nsmtp_timeout = \"5s\"\n",
-            idp.uri()
-        )
+        generic_account_at(name, &idp.uri(), port, "client_credentials") + "smtp_timeout = \"5s\"\n"
     };
     // The unreachable one first: with nothing sent yet by either, config order picks it.
     let top = format!(
@@ -1208,11 +1146,7 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     while subjects.len() < MESSAGES {
         let got = healthy.next().await;
         assert_eq!(got.from, "healthy@example.com");
-        let text = String::from_utf8_lossy(&got.data).into_owned();
-        subjects.extend(
-            text.lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string)),
-        );
+        subjects.extend(subject(&got.data));
     }
     for _ in 0..MESSAGES {
         daemon.wait_log("relay_event=\"delivered\"");

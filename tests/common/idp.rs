@@ -131,6 +131,17 @@ smtp_tls = "none"
     )
 }
 
+/// A config in `dir` with [`account_top`]'s account and a listener without AUTH.
+pub fn account_config(
+    dir: &std::path::Path,
+    idp: &str,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> std::path::PathBuf {
+    let top = account_top(dir, idp, upstream, more);
+    super::write_config_with(dir, &top, "address = \"127.0.0.1:0\"\nauth = \"none\"")
+}
+
 /// As [`account_top`], for a device-code account: `relay authorize` starts at `{idp}/devicecode`.
 pub fn device_code_top(
     dir: &std::path::Path,
@@ -146,6 +157,11 @@ pub fn device_code_top(
 /// An `[[account]]` named `name` (mailbox `NAME@example.com`) of a generic provider with `flow`, pointed at the
 /// fakes; its client secret is `{dir}/secret` (see [`write_secret`]).
 pub fn generic_account(name: &str, idp: &str, upstream: &FakeUpstream, flow: &str) -> String {
+    generic_account_at(name, idp, upstream.addr.port(), flow)
+}
+
+/// As [`generic_account`], with its upstream at `127.0.0.1:{port}` (which need not be up).
+pub fn generic_account_at(name: &str, idp: &str, port: u16, flow: &str) -> String {
     format!(
         r#"[[account]]
 name = "{name}"
@@ -161,7 +177,6 @@ smtp_host = "127.0.0.1"
 smtp_port = {port}
 smtp_tls = "none"
 "#,
-        port = upstream.addr.port(),
     )
 }
 
