@@ -1464,6 +1464,31 @@ mod tests {
         (port, server)
     }
 
+    /// EHLO replies: a server that offers no more than XOAUTH2, one with PIPELINING, one with CHUNKING too.
+    const ONE_AT_A_TIME: &[u8] = b"250-hi\r\n250 AUTH XOAUTH2\r\n";
+    const PIPELINING: &[u8] = b"250-hi\r\n250-PIPELINING\r\n250 AUTH XOAUTH2\r\n";
+    const CHUNKING: &[u8] = b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n";
+
+    /// A connection, logged in, to a [`scripted`] server; and the commands the server saw.
+    async fn connected(
+        answer: fn(&str) -> &'static [u8],
+    ) -> (Conn, tokio::task::JoinHandle<Vec<String>>) {
+        let (port, server) = scripted(answer).await;
+        (connect(port).await, server)
+    }
+
+    /// `message` from me@x.test to `to`, with no MAIL parameters.
+    async fn send(conn: &mut Conn, to: &[&str], message: Vec<u8>) -> Result<Sent, SendFailure> {
+        let to: Vec<String> = to.iter().map(|t| t.to_string()).collect();
+        conn.send(
+            "me@x.test",
+            &to,
+            &Outgoing::from_bytes(message),
+            MailFlags::default(),
+        )
+        .await
+    }
+
     async fn connect(port: u16) -> Conn {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tls_config = rustls::ClientConfig::builder()
@@ -1488,13 +1513,12 @@ mod tests {
     /// cooperative budget (tokio then answers Pending without looking at the socket).
     #[tokio::test]
     async fn a_connection_with_something_unread_is_never_quiet() {
-        let (port, _server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+        let (mut conn, _server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => ONE_AT_A_TIME,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             _ => b"250 2.0.0 OK\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
         assert!(conn.is_quiet(), "nothing unread");
         // A command whose reply is not read: bytes wait in the socket, as a late reply would.
         conn.write(b"RSET\r\n", Duration::from_secs(10))
@@ -1529,8 +1553,8 @@ mod tests {
     /// message goes to the others.
     #[tokio::test]
     async fn one_at_a_time_a_refused_recipient_does_not_stop_the_others() {
-        let (port, server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => b"250-hi\r\n250 AUTH XOAUTH2\r\n",
+        let (mut conn, server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => ONE_AT_A_TIME,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             "RCPT TO:<b@x.test>" => b"550 5.1.1 unknown\r\n",
             "DATA" => b"354 go\r\n",
@@ -1538,11 +1562,8 @@ mod tests {
             _ => b"250 ok\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
-        let to = ["a@x.test", "b@x.test", "c@x.test"].map(String::from);
-        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
-        let sent = conn
-            .send("me@x.test", &to, &message, MailFlags::default())
+        let to = ["a@x.test", "b@x.test", "c@x.test"];
+        let sent = send(&mut conn, &to, b"Subject: x\r\n\r\nhi\r\n".to_vec())
             .await
             .unwrap();
         assert_eq!(sent.reply.code, 250);
@@ -1565,25 +1586,21 @@ mod tests {
     /// for the answer to the final dot, and the connection is not kept.
     #[tokio::test]
     async fn a_reply_too_many_drops_the_connection_before_the_body() {
-        let (port, server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => b"250-hi\r\n250-PIPELINING\r\n250 AUTH XOAUTH2\r\n",
+        let (mut conn, server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => PIPELINING,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             "DATA" => b"354 go\r\n250 2.0.0 stray\r\n",
             "." => b"250 2.0.0 queued\r\n",
             _ => b"250 ok\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
-        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
-        let failed = conn
-            .send(
-                "me@x.test",
-                &["a@x.test".to_string()],
-                &message,
-                MailFlags::default(),
-            )
-            .await
-            .unwrap_err();
+        let failed = send(
+            &mut conn,
+            &["a@x.test"],
+            b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        )
+        .await
+        .unwrap_err();
         assert!(!failed.reusable);
         assert!(matches!(failed.failure, Failure::Connection(_)));
         drop(conn);
@@ -1595,20 +1612,14 @@ mod tests {
     /// marked LAST; and the connection carries the next message.
     #[tokio::test]
     async fn chunking_sends_the_message_as_it_is_in_bdat_chunks() {
-        let (port, server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => {
-                b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n"
-            }
+        let (mut conn, server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => CHUNKING,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             c if c.starts_with("BDAT") && c.ends_with("LAST") => b"250 2.0.0 queued\r\n",
             _ => b"250 ok\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
-        let to = ["a@x.test".to_string()];
-        let small = Outgoing::from_bytes(b"Subject: x\r\n\r\n.hi".to_vec());
-        let sent = conn
-            .send("me@x.test", &to, &small, MailFlags::default())
+        let sent = send(&mut conn, &["a@x.test"], b"Subject: x\r\n\r\n.hi".to_vec())
             .await
             .unwrap();
         assert_eq!(sent.reply.code, 250);
@@ -1618,15 +1629,7 @@ mod tests {
             big.extend_from_slice(b"\r\n");
         }
         let big_len = big.len();
-        let sent = conn
-            .send(
-                "me@x.test",
-                &to,
-                &Outgoing::from_bytes(big),
-                MailFlags::default(),
-            )
-            .await
-            .unwrap();
+        let sent = send(&mut conn, &["a@x.test"], big).await.unwrap();
         assert_eq!(sent.reply.code, 250);
         conn.quit().await;
         let seen = seen(server).await;
@@ -1655,27 +1658,21 @@ mod tests {
     /// message's, and the connection is not used again (one reconnect costs less than a server out of step).
     #[tokio::test]
     async fn chunking_with_every_recipient_refused_says_the_recipients_reply() {
-        let (port, server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => {
-                b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n"
-            }
+        let (mut conn, server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => CHUNKING,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             "RCPT TO:<gone@x.test>" => b"550 5.1.1 unknown\r\n",
             c if c.starts_with("BDAT") => b"554 5.5.1 no valid recipients\r\n",
             _ => b"250 ok\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
-        let message = Outgoing::from_bytes(b"Subject: x\r\n\r\nhi\r\n".to_vec());
-        let failed = conn
-            .send(
-                "me@x.test",
-                &["gone@x.test".to_string()],
-                &message,
-                MailFlags::default(),
-            )
-            .await
-            .unwrap_err();
+        let failed = send(
+            &mut conn,
+            &["gone@x.test"],
+            b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(&failed.failure, Failure::EachRefused { standing, each } if standing.code == 550 && each.len() == 1),
             "{failed:?}"
@@ -1689,30 +1686,19 @@ mod tests {
     /// upload got, and the connection is not used again.
     #[tokio::test]
     async fn chunking_a_refused_large_message_says_the_refusal() {
-        let (port, server) = scripted(|cmd| match cmd {
-            c if c.starts_with("EHLO") => {
-                b"250-hi\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 AUTH XOAUTH2\r\n"
-            }
+        let (mut conn, server) = connected(|cmd| match cmd {
+            c if c.starts_with("EHLO") => CHUNKING,
             c if c.starts_with("AUTH") => b"235 ok\r\n",
             c if c.starts_with("MAIL") => b"552 5.3.4 message too big\r\n",
             c if c.starts_with("BDAT") => b"503 5.5.1 no transaction\r\n",
             _ => b"250 ok\r\n",
         })
         .await;
-        let mut conn = connect(port).await;
         let big = vec![b'x'; 4 * WRITE]
             .chunks(78)
             .flat_map(|l| l.iter().copied().chain(*b"\r\n"))
             .collect::<Vec<u8>>();
-        let failed = conn
-            .send(
-                "me@x.test",
-                &["a@x.test".to_string()],
-                &Outgoing::from_bytes(big),
-                MailFlags::default(),
-            )
-            .await
-            .unwrap_err();
+        let failed = send(&mut conn, &["a@x.test"], big).await.unwrap_err();
         assert!(
             matches!(&failed.failure, Failure::Refused(r) if r.code == 552),
             "{failed:?}"
