@@ -4,18 +4,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use common::idp::{form_field, last_token_form};
+use common::idp::{form_field, idp_answering, last_token_form};
 use common::upstream::FakeUpstream;
 use common::*;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rustls_pki_types::pem::PemObject;
 use sha2::Digest;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{MockServer, ResponseTemplate};
 
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -24,12 +21,25 @@ fn token() -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token": "jwt-token", "expires_in": 3599, "token_type": "Bearer"}))
 }
 
+/// An identity provider that issues `jwt-token`, an upstream that takes it, and a directory for the config.
+async fn fakes() -> (MockServer, FakeUpstream, tempfile::TempDir) {
+    (
+        idp_answering(token()).await,
+        FakeUpstream::start(&["jwt-token"]).await,
+        tempfile::tempdir().unwrap(),
+    )
+}
+
 /// Copies a fixture into `dir` with mode 0600 (relay refuses private keys readable by others).
 fn private_copy(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     let to = dir.join(name);
-    std::fs::copy(format!("{FIXTURES}/{name}"), &to).unwrap();
-    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&to, std::fs::read(format!("{FIXTURES}/{name}")).unwrap());
     to
+}
+
+/// How long a signed assertion is valid for, in seconds.
+fn lifetime(claims: &serde_json::Value) -> u64 {
+    claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap()
 }
 
 fn public_key() -> DecodingKey {
@@ -52,14 +62,7 @@ async fn deliver_with(top: String, dir: tempfile::TempDir, upstream: &mut FakeUp
 }
 
 async fn certificate_flow(alg: &str) -> (jsonwebtoken::Header, serde_json::Value, MockServer) {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token())
-        .mount(&idp)
-        .await;
-    let mut upstream = FakeUpstream::start(&["jwt-token"]).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, mut upstream, dir) = fakes().await;
     let key = private_copy(dir.path(), "rsa-key.pem");
     let top = format!(
         "default_account = \"app\"\n[[account]]\nname = \"app\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"noreply@example.com\"\nclient_id = \"app-client-id\"\ncertificate_file = \"{FIXTURES}/rsa-cert.pem\"\nprivate_key_file = {key:?}\n{alg}token_url = \"{}/token\"\nscope = \"https://outlook.office365.com/.default\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
@@ -99,7 +102,7 @@ async fn certificate_flow(alg: &str) -> (jsonwebtoken::Header, serde_json::Value
 fn check_claims(claims: &serde_json::Value) {
     assert_eq!(claims["sub"], "app-client-id");
     assert!(!claims["jti"].as_str().unwrap_or("").is_empty(), "a jti");
-    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    let lifetime = lifetime(claims);
     assert!(lifetime <= 600, "short-lived assertion: {lifetime} s");
 }
 
@@ -128,14 +131,7 @@ async fn client_credentials_with_a_certificate_rs256_on_request() {
 
 #[tokio::test]
 async fn google_service_account_jwt_bearer() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token())
-        .mount(&idp)
-        .await;
-    let mut upstream = FakeUpstream::start(&["jwt-token"]).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, mut upstream, dir) = fakes().await;
     let keyfile = dir.path().join("sa.json");
     let key = serde_json::json!({
         "type": "service_account", "project_id": "relay-test", "private_key_id": "kid-123",
@@ -143,8 +139,7 @@ async fn google_service_account_jwt_bearer() {
         "client_email": "relay@relay-test.iam.gserviceaccount.com", "client_id": "1234567890",
         "token_uri": "https://oauth2.googleapis.com/token"
     });
-    std::fs::write(&keyfile, serde_json::to_vec(&key).unwrap()).unwrap();
-    std::fs::set_permissions(&keyfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&keyfile, serde_json::to_vec(&key).unwrap());
     let top = format!(
         "default_account = \"ws\"\n[[account]]\nname = \"ws\"\nprovider = \"google\"\nflow = \"service_account\"\nmailbox = \"scanner@example.org\"\nservice_account_file = {keyfile:?}\ntoken_url = \"{}/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
         idp.uri(),
@@ -172,24 +167,15 @@ async fn google_service_account_jwt_bearer() {
         .claims;
     assert_eq!(claims["sub"], "scanner@example.org");
     assert_eq!(claims["scope"], "https://mail.google.com/");
-    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
-    assert!(lifetime <= 3600);
+    assert!(lifetime(&claims) <= 3600);
 }
 
 /// A generic provider that wants the secret in an HTTP Basic header (client_secret_basic).
 #[tokio::test]
 async fn generic_provider_with_client_secret_basic() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(token())
-        .mount(&idp)
-        .await;
-    let mut upstream = FakeUpstream::start(&["jwt-token"]).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, mut upstream, dir) = fakes().await;
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cr:t/+\n").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write_private(&secret, "s3cr:t/+\n");
     let top = format!(
         "default_account = \"gen\"\n[[account]]\nname = \"gen\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nclient_auth = \"client_secret_basic\"\nmailbox = \"noreply@example.com\"\nclient_id = \"my client\"\nclient_secret_file = {secret:?}\ntoken_url = \"{}/token\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_tls = \"none\"\n",
         idp.uri(),

@@ -62,11 +62,16 @@ pub async fn answer_token_requests(idp: &MockServer, reply: ResponseTemplate) {
     token_request().respond_with(reply).mount(idp).await;
 }
 
+/// A fake identity provider that answers every token request with `reply`.
+pub async fn idp_answering(reply: ResponseTemplate) -> MockServer {
+    let idp = MockServer::start().await;
+    answer_token_requests(&idp, reply).await;
+    idp
+}
+
 /// A fake identity provider that issues `access` to every token request.
 pub async fn idp_issuing(access: &str) -> MockServer {
-    let idp = MockServer::start().await;
-    answer_token_requests(&idp, token(access)).await;
-    idp
+    idp_answering(token(access)).await
 }
 
 /// A fake identity provider whose first token is `stale` (the upstream refuses it) and every later one `fresh`.
