@@ -5,13 +5,13 @@ mod common;
 use std::sync::Arc;
 
 use common::idp::{
-    account_top, idp_issuing, idp_stale_then_fresh, relay_with_account, relay_with_account_and,
-    token,
+    account_top, idp_answering, idp_issuing, idp_stale_then_fresh, relay_with_account,
+    relay_with_account_and, token, token_request,
 };
 use common::upstream::FakeUpstream;
 use common::*;
-use wiremock::matchers::{body_string_contains, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::matchers::body_string_contains;
+use wiremock::{MockServer, ResponseTemplate};
 
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
 
@@ -19,11 +19,15 @@ const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"
 const BODY: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n.dot line\r\nend\r\n";
 const WIRE: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n..dot line\r\nend\r\n";
 
+/// The state file of message `id` in `dir` (queue or dead).
+fn state_file(relay: &TestRelay, dir: &str, id: &str) -> String {
+    std::fs::read_to_string(relay.state().join(format!("{dir}/{id}.state"))).unwrap()
+}
+
 #[tokio::test]
 async fn delivers_byte_for_byte_with_xoauth2() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .and(body_string_contains("grant_type=client_credentials"))
         .and(body_string_contains("client_secret=s3cret-value"))
         .and(body_string_contains("client_id=cid-123"))
@@ -152,7 +156,7 @@ async fn a_removed_dead_dir_is_made_again_for_mail_that_fails_for_good() {
     let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
     assert!(relay.state().join(format!("dead/{id}.msg")).exists());
-    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    let state = state_file(&relay, "dead", &id);
     assert!(state.contains("5.7.1 refused"), "{state}");
     assert!(relay.queued().is_empty());
 }
@@ -215,7 +219,7 @@ async fn a_refusal_in_the_middle_of_the_body_is_heard() {
     }
     let id = send_message(relay.addr(), &big).await;
     relay.attempts_done(1).await;
-    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    let state = state_file(&relay, "dead", &id);
     assert!(state.contains("552 5.3.4"), "{state}");
 }
 
@@ -247,19 +251,14 @@ async fn a_queue_file_that_cannot_be_read_expires() {
 
 #[tokio::test]
 async fn token_endpoint_failure_defers_and_keeps_the_mail() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+    let idp = idp_answering(ResponseTemplate::new(400).set_body_json(serde_json::json!({
             "error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."
-        })))
-        .mount(&idp)
-        .await;
+        }))).await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let mut relay = relay_with_account(&idp, &upstream).await;
     let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
-    let state = std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap();
+    let state = state_file(&relay, "queue", &id);
     assert!(state.contains("invalid_client"), "{state}");
     assert_eq!(relay.queued().len(), 1);
 }
@@ -269,12 +268,8 @@ async fn token_endpoint_failure_defers_and_keeps_the_mail() {
 /// wait its timeout in turn, and with the password flow each request is a failed sign-in a lockout policy counts.
 #[tokio::test]
 async fn a_failed_renewal_is_not_asked_again_for_every_message() {
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(503).set_body_string("down for maintenance"))
-        .mount(&idp)
-        .await;
+    let idp =
+        idp_answering(ResponseTemplate::new(503).set_body_string("down for maintenance")).await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let mut relay = relay_with_account(&idp, &upstream).await;
     let mut ids = Vec::new();
@@ -287,7 +282,7 @@ async fn a_failed_renewal_is_not_asked_again_for_every_message() {
     assert_eq!(relay.queued().len(), 10, "all of it waits");
     let reasons: Vec<String> = ids
         .iter()
-        .map(|id| std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap())
+        .map(|id| state_file(&relay, "queue", id))
         .collect();
     assert!(
         reasons.iter().all(|r| r.contains("503")),
@@ -325,8 +320,7 @@ async fn queue_retry_sends_a_deferred_message_now() {
 #[tokio::test]
 async fn concurrent_deliveries_share_one_token_request() {
     let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(token("tok"))
         .expect(1)
         .mount(&idp)
@@ -354,7 +348,7 @@ async fn mail_older_than_max_age_goes_to_dead() {
     let mut relay = relay_with_account_and(&idp, &upstream, "[queue]\nmax_age = \"0s\"").await;
     let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
-    let state = std::fs::read_to_string(relay.state().join(format!("dead/{id}.state"))).unwrap();
+    let state = state_file(&relay, "dead", &id);
     assert!(state.contains("expired after"), "{state}");
 }
 
@@ -425,7 +419,7 @@ async fn over_tls_with(acceptor: tokio_rustls::TlsAcceptor, ca_file: &str) -> Re
         assert_eq!(strip_received(&got.data), BODY);
         return Ok(());
     }
-    let state = std::fs::read_to_string(relay.state().join(format!("queue/{id}.state"))).unwrap();
+    let state = state_file(&relay, "queue", &id);
     Err(state)
 }
 
@@ -515,53 +509,14 @@ async fn routes_pick_the_account() {
     relay.attempts_done(2).await;
 }
 
-/// Issue 11: several messages on one upstream connection, each with MAIL, RCPT and DATA in one write (RFC 2920),
-/// and no NOOP before any of them.
-#[tokio::test]
-async fn one_connection_carries_several_messages_pipelined_without_noop() {
-    let idp = idp_issuing("tok-1").await;
-    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
-    let mut relay = relay_with_account_and(&idp, &upstream, "max_connections = 1\n").await;
-    for _ in 0..3 {
-        send_message(relay.addr(), WIRE).await;
-    }
-    for _ in 0..3 {
-        assert_eq!(strip_received(&upstream.next().await.data), BODY);
-    }
-    relay.attempts_done(3).await;
-    let log = upstream.commands.lock().unwrap().clone();
-    assert_eq!(
-        upstream
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "{log:?}"
-    );
-    assert!(!log.iter().any(|c| c.starts_with("NOOP")), "{log:?}");
-    let mails: Vec<usize> = (0..log.len())
-        .filter(|&i| log[i].starts_with("MAIL FROM:"))
-        .collect();
-    assert_eq!(mails.len(), 3, "{log:?}");
-    for at in mails {
-        assert!(log[at].ends_with(" +"), "MAIL not pipelined: {log:?}");
-        assert!(
-            log[at + 1].starts_with("RCPT TO:") && log[at + 1].ends_with(" +"),
-            "{log:?}"
-        );
-        assert_eq!(log[at + 2], "DATA", "{log:?}");
-    }
-}
-
-/// Issue 11: against a server that offers CHUNKING (Microsoft 365 and Gmail do), each message is MAIL, RCPT and
-/// `BDAT n LAST` with the message in one write (RFC 3030): one round trip a message, no 354 to wait for and no
-/// dot-stuffing, and the message arrives byte for byte.
-#[tokio::test]
-async fn with_chunking_each_message_goes_in_one_write_with_bdat() {
+/// Three messages through an account held to one upstream connection (offering CHUNKING or not): each arrives
+/// as it was sent, on that one connection, and the queue is left empty. Returns the upstream's commands.
+async fn three_messages_on_one_connection(chunking: bool) -> Vec<String> {
     let idp = idp_issuing("tok-1").await;
     let mut upstream = FakeUpstream::start(&["tok-1"]).await;
     upstream
         .chunking
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+        .store(chunking, std::sync::atomic::Ordering::SeqCst);
     let mut relay = relay_with_account_and(&idp, &upstream, "max_connections = 1\n").await;
     for _ in 0..3 {
         send_message(relay.addr(), WIRE).await;
@@ -580,20 +535,48 @@ async fn with_chunking_each_message_goes_in_one_write_with_bdat() {
         1,
         "{log:?}"
     );
-    assert!(
-        !log.iter().any(|c| c == "DATA" || c.starts_with("NOOP")),
-        "{log:?}"
-    );
+    log
+}
+
+/// Where each of the three transactions in `log` starts (its MAIL), once each MAIL and RCPT is seen to have had
+/// the next command behind it in the same write (the fake upstream marks those " +").
+fn pipelined_transactions(log: &[String]) -> Vec<usize> {
     let mails: Vec<usize> = (0..log.len())
         .filter(|&i| log[i].starts_with("MAIL FROM:"))
         .collect();
     assert_eq!(mails.len(), 3, "{log:?}");
-    for at in mails {
+    for &at in &mails {
         assert!(log[at].ends_with(" +"), "MAIL not pipelined: {log:?}");
         assert!(
             log[at + 1].starts_with("RCPT TO:") && log[at + 1].ends_with(" +"),
             "{log:?}"
         );
+    }
+    mails
+}
+
+/// Issue 11: several messages on one upstream connection, each with MAIL, RCPT and DATA in one write (RFC 2920),
+/// and no NOOP before any of them.
+#[tokio::test]
+async fn one_connection_carries_several_messages_pipelined_without_noop() {
+    let log = three_messages_on_one_connection(false).await;
+    assert!(!log.iter().any(|c| c.starts_with("NOOP")), "{log:?}");
+    for at in pipelined_transactions(&log) {
+        assert_eq!(log[at + 2], "DATA", "{log:?}");
+    }
+}
+
+/// Issue 11: against a server that offers CHUNKING (Microsoft 365 and Gmail do), each message is MAIL, RCPT and
+/// `BDAT n LAST` with the message in one write (RFC 3030): one round trip a message, no 354 to wait for and no
+/// dot-stuffing, and the message arrives byte for byte.
+#[tokio::test]
+async fn with_chunking_each_message_goes_in_one_write_with_bdat() {
+    let log = three_messages_on_one_connection(true).await;
+    assert!(
+        !log.iter().any(|c| c == "DATA" || c.starts_with("NOOP")),
+        "{log:?}"
+    );
+    for at in pipelined_transactions(&log) {
         // The message's bytes follow in the same write.
         assert!(
             log[at + 2].starts_with("BDAT ") && log[at + 2].ends_with(" LAST +"),
