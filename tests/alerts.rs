@@ -7,31 +7,23 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::idp::{accounts_config, generic_account, idp_issuing, token, write_secret};
+use common::idp::{
+    accounts_config, generic_account, idp_answering, idp_issuing, token, token_request,
+    write_secret,
+};
+use common::upstream::FakeUpstream;
+use common::*;
+use mail_parser::MimeHeaders;
+use wiremock::{MockServer, ResponseTemplate};
 
 fn date_in(days: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(days * 86_400))
         .to_string()[..10]
         .to_string()
 }
-use common::upstream::FakeUpstream;
-use common::*;
-use mail_parser::MimeHeaders;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const LISTENER: &str = "address = \"127.0.0.1:0\"\nauth = \"none\"";
 const REFUSED: &str = "550 5.1.1 <x@bad.test>: Recipient address rejected: no such user";
-
-async fn webhook() -> MockServer {
-    let hook = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/hook"))
-        .respond_with(ResponseTemplate::new(204))
-        .mount(&hook)
-        .await;
-    hook
-}
 
 /// A config with one account, `office` (with `flow`), and `[alerts]` posting to a fake webhook, plus `extra`
 /// keys; and that webhook.
@@ -43,7 +35,7 @@ async fn office_with_alerts(
     extra: &str,
 ) -> (std::path::PathBuf, MockServer) {
     write_secret(dir);
-    let hook = webhook().await;
+    let hook = fake_webhook().await;
     let text = format!(
         "default_account = \"office\"\n{}[alerts]\nwebhook_url = \"{}/hook\"\n{extra}",
         generic_account("office", &idp.uri(), upstream, flow),
@@ -114,7 +106,7 @@ async fn two_accounts(top: &str, more: &str) -> TwoAccounts {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_messages_moved_to_dead_are_one_incident_by_webhook_and_mail_then_a_recovery() {
-    let hook = webhook().await;
+    let hook = fake_webhook().await;
     let alerts = format!(
         "[alerts]\nmail_to = \"admin@example.com\"\nwebhook_url = \"{}/hook\"\ndead_window = \"3s\"\n",
         hook.uri()
@@ -187,14 +179,10 @@ async fn five_messages_moved_to_dead_are_one_incident_by_webhook_and_mail_then_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_needed_is_announced_once_and_recovers_when_mail_flows_again() {
     let dir = tempfile::tempdir().unwrap();
-    let idp = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
-            "error": "invalid_grant", "error_description": "AADSTS70043: The refresh token has expired"
-        })))
-        .mount(&idp)
-        .await;
+    let idp = idp_answering(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+        "error": "invalid_grant", "error_description": "AADSTS70043: The refresh token has expired"
+    })))
+    .await;
     let mut upstream = FakeUpstream::start(&["fresh"]).await;
     let (config, hook) = office_with_alerts(dir.path(), &idp, &upstream, "device_code", "").await;
     // An expired access token with a refresh token: the refresher tries it at once, and the grant is refused.
@@ -267,15 +255,13 @@ async fn repeated_refresh_failures_open_one_incident_and_a_refresh_closes_it() {
     let dir = tempfile::tempdir().unwrap();
     let idp = MockServer::start().await;
     // Three failures, then tokens again.
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(3)
         .with_priority(1)
         .mount(&idp)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
+    token_request()
         .respond_with(token("tok"))
         .with_priority(2)
         .mount(&idp)
@@ -478,7 +464,7 @@ async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_remov
     );
 
     // `second` goes, `third` comes, and the alerts go to another webhook.
-    let other = webhook().await;
+    let other = fake_webhook().await;
     rewrite(&expiring("third"), &other);
     let reloaded = daemon.reload();
     assert!(

@@ -684,12 +684,7 @@ async fn a_gateway_echoing_the_secret_escaped_in_json_never_gets_it_quoted() {
             ResponseTemplate::new(403).set_body_raw(reply, "application/json"),
         )
         .await;
-        let hook = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/hook"))
-            .respond_with(ResponseTemplate::new(204))
-            .mount(&hook)
-            .await;
+        let hook = fake_webhook().await;
         let upstream = FakeUpstream::start(&["tok"]).await;
         let dir = tempfile::tempdir().unwrap();
         common::idp::write_secret_value(dir.path(), SECRET);

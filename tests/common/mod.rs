@@ -668,6 +668,17 @@ pub fn write_config_with(dir: &Path, top: &str, listener: &str) -> PathBuf {
     path
 }
 
+/// A fake alert webhook: it takes every POST to `/hook` with 204 and keeps it (`received_requests`).
+pub async fn fake_webhook() -> wiremock::MockServer {
+    let hook = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/hook"))
+        .respond_with(wiremock::ResponseTemplate::new(204))
+        .mount(&hook)
+        .await;
+    hook
+}
+
 /// The vectors of the 2023 SMTP smuggling research: a fake end of data that some servers honour.
 pub const VECTORS: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"];
 
