@@ -67,11 +67,7 @@ fn assert_dsn_for(dsn: &Received, failed: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[1].into(), UNKNOWN.into()));
+    upstream.answer_rcpt(TO[1], UNKNOWN);
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let id = send(d.addr, &TO).await;
 
@@ -110,11 +106,7 @@ async fn a_recipient_refused_for_good_is_bounced_and_the_others_get_the_message(
 async fn a_refused_utf8_recipient_is_bounced_with_the_global_report_types() {
     const JUERGEN: &str = "jürgen@example.com";
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((JUERGEN.into(), "550 5.1.1 user unknown".into()));
+    upstream.answer_rcpt(JUERGEN, "550 5.1.1 user unknown");
     let (_dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let mut c = RawClient::ready(d.addr).await;
     c.cmd("MAIL FROM:<scanner@lan.test> SMTPUTF8", 250).await;
@@ -158,11 +150,7 @@ async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_mes
     upstream
         .chunking
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[1].into(), UNKNOWN.into()));
+    upstream.answer_rcpt(TO[1], UNKNOWN);
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"none\"").await;
     let id = send(d.addr, &TO).await;
     let line = d.wait_log("relay_event=\"recipient_refused\"");
@@ -178,11 +166,7 @@ async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_mes
     assert!(line.contains(&id), "{line}");
 
     // Every recipient refused for good: the transaction is refused as a whole, the message goes to dead/.
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[0].into(), UNKNOWN.into()));
+    upstream.answer_rcpt(TO[0], UNKNOWN);
     let dead = send(d.addr, &TO[..1]).await;
     let line = d.wait_log("relay_event=\"dead\"");
     assert!(line.contains(&dead) && line.contains("5.1.1"), "{line}");
@@ -208,11 +192,7 @@ async fn with_chunking_a_refused_recipient_is_bounced_and_the_others_get_the_mes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_now_is_retried_alone() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[2].into(), "451 4.3.0 mailbox busy, try later".into()));
+    upstream.answer_rcpt(TO[2], "451 4.3.0 mailbox busy, try later");
     let (dir, mut d, _idp) = daemon(&upstream, "").await;
     let id = send(d.addr, &TO).await;
 
@@ -269,10 +249,10 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_refused_for_a_used_up_quota_waits_and_is_not_bounced() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().push((
-        TO[2].into(),
-        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into(),
-    ));
+    upstream.answer_rcpt(
+        TO[2],
+        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp",
+    );
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let id = send(d.addr, &TO).await;
 
@@ -295,13 +275,8 @@ async fn a_recipient_refused_for_a_used_up_quota_waits_and_is_not_bounced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipients_refused_with_different_replies_share_one_dsn() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().extend([
-        (TO[1].to_string(), UNKNOWN.to_string()),
-        (
-            TO[2].to_string(),
-            "550 5.7.1 <c@example.com>: relaying denied".to_string(),
-        ),
-    ]);
+    upstream.answer_rcpt(TO[1], UNKNOWN);
+    upstream.answer_rcpt(TO[2], "550 5.7.1 <c@example.com>: relaying denied");
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let id = send(d.addr, &TO).await;
 
@@ -334,11 +309,7 @@ async fn recipients_refused_with_different_replies_share_one_dsn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_recipients_go_on_in_a_next_message_at_once() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[2].into(), "452 4.5.3 Too many recipients".into()));
+    upstream.answer_rcpt(TO[2], "452 4.5.3 Too many recipients");
     // A retry schedule of an hour: only the immediate next message can bring the third recipient in time.
     let (dir, mut d, _idp) = daemon_with(&upstream, "", "[queue]\nretry = [\"1h\"]\n").await;
     let id = send(d.addr, &TO).await;
@@ -361,10 +332,9 @@ async fn too_many_recipients_go_on_in_a_next_message_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recipient_refused_goes_to_dead_as_before() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().extend(
-        TO.iter()
-            .map(|r| (r.to_string(), format!("550 5.1.1 <{r}>: user unknown"))),
-    );
+    for r in TO {
+        upstream.answer_rcpt(r, &format!("550 5.1.1 <{r}>: user unknown"));
+    }
     let (dir, mut d, _idp) = daemon(&upstream, "").await;
     let id = send(d.addr, &TO).await;
     let line = d.wait_log("relay_event=\"dead\"");
@@ -386,14 +356,9 @@ async fn every_recipient_refused_goes_to_dead_as_before() {
 async fn an_expired_message_names_the_recipients_it_was_finished_with_and_bounces_only_the_others()
 {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .extend(std::iter::repeat_n(
-            (TO[2].to_string(), "451 4.2.1 mailbox busy".to_string()),
-            20,
-        ));
+    for _ in 0..20 {
+        upstream.answer_rcpt(TO[2], "451 4.2.1 mailbox busy");
+    }
     let (dir, mut d, _idp) = daemon_with(
         &upstream,
         "bounce = \"sender\"",
@@ -425,11 +390,7 @@ async fn an_expired_message_names_the_recipients_it_was_finished_with_and_bounce
 async fn a_bounce_after_a_reload_names_the_new_hostname() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     for _ in 0..2 {
-        upstream
-            .rcpt_replies
-            .lock()
-            .unwrap()
-            .push((TO[1].into(), UNKNOWN.into()));
+        upstream.answer_rcpt(TO[1], UNKNOWN);
     }
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let mut reports = Vec::new();
@@ -468,11 +429,7 @@ async fn a_bounce_after_a_reload_names_the_new_hostname() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounce_goes_through_the_account_of_its_message_where_only_a_sender_route_names_it() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[1].into(), UNKNOWN.into()));
+    upstream.answer_rcpt(TO[1], UNKNOWN);
     let dir = tempfile::tempdir().unwrap();
     let idp = idp_issuing("tok").await;
     common::idp::write_secret(dir.path());

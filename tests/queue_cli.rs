@@ -79,11 +79,7 @@ async fn send(addr: std::net::SocketAddr, to: &[&str], subject: &[u8]) -> String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_message_is_listed_shown_and_retried_to_the_recipients_it_had_not_reached() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream
-        .rcpt_replies
-        .lock()
-        .unwrap()
-        .push((TO[1].into(), "451 4.2.1 mailbox busy, try later".into()));
+    upstream.answer_rcpt(TO[1], "451 4.2.1 mailbox busy, try later");
     let (dir, cfg, mut d, _idp) = daemon(&upstream).await;
     let id = send(d.addr, &TO, b"scan 42").await;
     assert_eq!(upstream.next().await.to, [TO[0]]);
@@ -430,10 +426,7 @@ async fn list_and_retry_tell_about_files_that_are_not_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_refused_for_itself_leaves_its_account_ok() {
     let upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().push((
-        TO[0].into(),
-        "550 5.1.1 <a@example.com>: user unknown".into(),
-    ));
+    upstream.answer_rcpt(TO[0], "550 5.1.1 <a@example.com>: user unknown");
     let (_dir, cfg, mut d, _idp) = daemon(&upstream).await;
     let id = send(d.addr, &TO[..1], b"to nobody").await;
     let line = d.wait_log("relay_event=\"dead\"");

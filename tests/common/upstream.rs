@@ -85,6 +85,14 @@ impl FakeUpstream {
         Self::start_tls(tokens, None).await
     }
 
+    /// The next RCPT for `recipient` is answered with `reply` (see [`rcpt_replies`](Self::rcpt_replies)).
+    pub fn answer_rcpt(&self, recipient: &str, reply: &str) {
+        self.rcpt_replies
+            .lock()
+            .unwrap()
+            .push((recipient.into(), reply.into()));
+    }
+
     /// A server (or a middlebox in front of it) that offers CHUNKING but does not know BDAT: it answers BDAT
     /// with 500 and hangs up.
     pub fn without_bdat(&self) {
