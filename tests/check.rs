@@ -50,6 +50,11 @@ fn config(dir: &Path, accounts: &str) -> PathBuf {
     write_config_with(dir, accounts, "address = \"127.0.0.1:0\"\nauth = \"none\"")
 }
 
+/// A config with one [`certificate_account`], `app`, whose key is `key`.
+fn app_config(dir: &Path, key: &str) -> PathBuf {
+    config(dir, &certificate_account("app", key, ""))
+}
+
 /// `relay check` and `relay serve` both refuse `config` with exit 2; check names the file, the key and the
 /// reason, serve the key and the reason. Returns check's stderr.
 fn both_refuse(config: &Path, key: &str, reason: &str) -> String {
@@ -76,10 +81,7 @@ fn both_refuse(config: &Path, key: &str, reason: &str) -> String {
 fn a_good_certificate_account_passes() {
     let dir = tempfile::tempdir().unwrap();
     let key = good_key(dir.path());
-    let config = config(
-        dir.path(),
-        &certificate_account("app", key.to_str().unwrap(), ""),
-    );
+    let config = app_config(dir.path(), key.to_str().unwrap());
     let out = relay(&["check"], &config);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -92,10 +94,7 @@ fn a_good_certificate_account_passes() {
 fn a_missing_private_key_is_refused_with_its_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("gone.pem");
-    let config = config(
-        dir.path(),
-        &certificate_account("app", missing.to_str().unwrap(), ""),
-    );
+    let config = app_config(dir.path(), missing.to_str().unwrap());
     both_refuse(
         &config,
         "account[0].private_key_file",
@@ -108,10 +107,7 @@ fn a_private_key_readable_by_others_is_refused_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let key = good_key(dir.path());
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let config = config(
-        dir.path(),
-        &certificate_account("app", key.to_str().unwrap(), ""),
-    );
+    let config = app_config(dir.path(), key.to_str().unwrap());
     let err = both_refuse(
         &config,
         "account[0].private_key_file",
@@ -132,10 +128,7 @@ fn a_private_key_that_is_not_an_rsa_key_is_refused() {
     let ecdsa = rcgen::KeyPair::generate().unwrap().serialize_pem();
     for contents in ["not a key at all\n", ecdsa.as_str()] {
         write_private(&key, contents);
-        let config = config(
-            dir.path(),
-            &certificate_account("app", key.to_str().unwrap(), ""),
-        );
+        let config = app_config(dir.path(), key.to_str().unwrap());
         let err = both_refuse(
             &config,
             "account[0].private_key_file",
@@ -192,10 +185,7 @@ fn every_unusable_file_is_named_in_one_run() {
 fn a_token_file_the_key_does_not_open_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let key = good_key(dir.path());
-    let config = config(
-        dir.path(),
-        &certificate_account("app", key.to_str().unwrap(), ""),
-    );
+    let config = app_config(dir.path(), key.to_str().unwrap());
     let tokens = dir.path().join("state/tokens");
     std::fs::create_dir_all(&tokens).unwrap();
     let sealed =
@@ -218,10 +208,7 @@ fn a_token_file_the_key_does_not_open_is_refused_and_left_alone() {
 #[test]
 fn a_key_from_the_credentials_directory_is_checked_only_where_it_exists() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        dir.path(),
-        &certificate_account("app", "$CREDENTIALS_DIRECTORY/app-key", ""),
-    );
+    let config = app_config(dir.path(), "$CREDENTIALS_DIRECTORY/app-key");
     let out = relay(&["check"], &config);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -233,12 +220,7 @@ fn a_key_from_the_credentials_directory_is_checked_only_where_it_exists() {
     let creds = dir.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     write_private(&creds.join("app-key"), "garbage\n");
-    let out = Command::new(relay_bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", &creds)
-        .output()
-        .unwrap();
+    let out = check_with_credentials(&config, &creds);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

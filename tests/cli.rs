@@ -274,12 +274,7 @@ fn listener_key_readable_by_others_is_refused() {
             std::fs::Permissions::from_mode(mode),
         )
         .unwrap();
-        let out = Command::new(relay_bin())
-            .args(["check", "--config"])
-            .arg(&config)
-            .env("CREDENTIALS_DIRECTORY", &creds)
-            .output()
-            .unwrap();
+        let out = check_with_credentials(&config, &creds);
         assert!(out.status.success(), "{mode:o}: {}", text(&out.stderr));
     }
 }

@@ -668,6 +668,16 @@ pub fn write_config_with(dir: &Path, top: &str, listener: &str) -> PathBuf {
     path
 }
 
+/// `relay check` run as inside the unit, with systemd's credentials in `creds` (`$CREDENTIALS_DIRECTORY`).
+pub fn check_with_credentials(config: &Path, creds: &Path) -> std::process::Output {
+    Command::new(relay_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .env("CREDENTIALS_DIRECTORY", creds)
+        .output()
+        .unwrap()
+}
+
 /// A fake alert webhook: it takes every POST to `/hook` with 204 and keeps it (`received_requests`).
 pub async fn fake_webhook() -> wiremock::MockServer {
     let hook = wiremock::MockServer::start().await;
