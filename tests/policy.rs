@@ -126,9 +126,7 @@ async fn per_client_connection_cap() {
     let mut a = RawClient::ready(relay.addr()).await;
     let mut b = RawClient::ready(relay.addr()).await;
     let mut c = RawClient::connect(relay.addr()).await;
-    let reply = c.expect(421).await;
-    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
-    assert!(c.closed().await);
+    c.expect_421_and_close("4.7.0").await;
     a.cmd("QUIT", 221).await;
     assert!(a.closed().await);
     b.cmd("NOOP", 250).await;
@@ -143,17 +141,13 @@ async fn listener_connection_cap() {
     // A session in the middle of a message is never evicted: the newcomer is refused.
     let mut busy = RawClient::in_data(relay.addr()).await;
     let mut c = RawClient::connect(relay.addr()).await;
-    let reply = c.expect(421).await;
-    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
-    assert!(c.closed().await);
+    c.expect_421_and_close("4.7.0").await;
     busy.send(b"Subject: still here\r\n\r\nhi\r\n.\r\n").await;
     busy.expect(250).await;
     // Once it waits idle for a command, it makes room for the next client.
     let mut d = RawClient::connect(relay.addr()).await;
     d.expect(220).await;
-    let reply = busy.expect(421).await;
-    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
-    assert!(busy.closed().await);
+    busy.expect_421_and_close("4.7.0").await;
     d.cmd("EHLO device.lan", 250).await;
 }
 
@@ -166,9 +160,7 @@ async fn idle_client_is_timed_out_with_421() {
     let mut c = RawClient::connect(relay.addr()).await;
     c.expect(220).await;
     // No command at all: the server gives up on us.
-    let reply = c.expect(421).await;
-    assert!(reply.starts_with("421 4.4.2 "), "{reply}");
-    assert!(c.closed().await);
+    c.expect_421_and_close("4.4.2").await;
 }
 
 #[tokio::test]

@@ -374,6 +374,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         self.reply().await.expect("a reply, not a close")
     }
 
+    /// Expects a 421 with the enhanced `status` (e.g. "4.7.0"), and the connection closed after it.
+    pub async fn expect_421_and_close(&mut self, status: &str) {
+        let reply = self.expect(421).await;
+        assert!(reply.starts_with(&format!("421 {status} ")), "{reply}");
+        assert!(self.closed().await, "still open after {reply:?}");
+    }
+
     /// True once the server has closed the connection (bounded).
     pub async fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
