@@ -5,7 +5,7 @@
 mod common;
 
 use common::http_api::FakeApi;
-use common::idp::{account_top, idp_issuing, relay_with_account_and};
+use common::idp::{LISTENER, account_config, account_top, idp_issuing, relay_with_account_and};
 use common::upstream::{FakeUpstream, Received};
 use common::*;
 
@@ -183,12 +183,7 @@ async fn graph_is_given_the_rewritten_message() {
         api.uri()
     );
     let top = account_top(dir.path(), &idp.uri(), &unused_smtp, &graph);
-    let relay = TestRelay::start_with(
-        dir,
-        &top,
-        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    )
-    .await;
+    let relay = TestRelay::start_with(dir, &top, LISTENER).await;
     submit(&relay, DEVICE, &message(NAMED, "")).await;
     let sent = api.sent(1).await;
     assert_eq!(
@@ -207,16 +202,11 @@ async fn the_daemon_logs_a_from_it_cannot_rewrite_and_delivers_the_message() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     let idp = idp_issuing("tok").await;
     let dir = tempfile::tempdir().unwrap();
-    let top = account_top(
+    let config = account_config(
         dir.path(),
         &idp.uri(),
         &upstream,
         "rewrite_from = \"header\"",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
     );
     let mut daemon = Daemon::spawn(&config);
 
