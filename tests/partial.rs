@@ -470,13 +470,8 @@ async fn a_bounce_goes_through_the_account_of_its_message_where_only_a_sender_ro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recipient_refused_bounces_those_refused_for_good_and_the_others_wait() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().extend([
-        (TO[1].into(), UNKNOWN.into()),
-        (
-            TO[0].into(),
-            "451 4.2.0 mailbox busy, try again later".into(),
-        ),
-    ]);
+    upstream.answer_rcpt(TO[1], UNKNOWN);
+    upstream.answer_rcpt(TO[0], "451 4.2.0 mailbox busy, try again later");
     let (dir, mut d, _idp) = daemon_with(
         &upstream,
         "bounce = \"sender\"",
@@ -511,13 +506,8 @@ async fn every_recipient_refused_bounces_those_refused_for_good_and_the_others_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recipient_refused_for_good_is_bounced_each_with_its_own_reply() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    upstream.rcpt_replies.lock().unwrap().extend([
-        (
-            TO[0].into(),
-            "550 5.7.1 delivery not authorized, message refused".into(),
-        ),
-        (TO[1].into(), UNKNOWN.into()),
-    ]);
+    upstream.answer_rcpt(TO[0], "550 5.7.1 delivery not authorized, message refused");
+    upstream.answer_rcpt(TO[1], UNKNOWN);
     let (dir, mut d, _idp) = daemon(&upstream, "bounce = \"sender\"").await;
     let id = send(d.addr, &TO[..2]).await;
 
