@@ -982,12 +982,7 @@ async fn a_reload_takes_up_a_secret_rotated_in_place() {
     }
     let mut upstream = FakeUpstream::start(&["tok-1"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let top = common::idp::account_top(dir.path(), &idp.uri(), &upstream, "");
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
+    let config = common::idp::account_config(dir.path(), &idp.uri(), &upstream, "");
     let mut d = Daemon::spawn(&config);
     send_message(d.addr, b"Subject: one\r\n\r\nbody\r\n").await;
     assert!(upstream.next().await.auth.contains("Bearer tok-1"));
@@ -1024,12 +1019,7 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
     let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
     let upstream = FakeUpstream::start(&["A1"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    );
+    let config = common::idp::device_code_config(dir.path(), &endpoint.url, &upstream, "");
     // Five minutes left of an hour-long token: the refresher renews it at start.
     common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
     let store = relay::tokens::TokenStore::new(&dir.path().join("state"));
@@ -1069,12 +1059,7 @@ async fn renewal_while_the_file_changes(
     let mut endpoint = common::idp::RotatingEndpoint::start("R1").await;
     let upstream = FakeUpstream::start(&["A1"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let top = common::idp::device_code_top(dir.path(), &endpoint.url, &upstream, "");
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    );
+    let config = common::idp::device_code_config(dir.path(), &endpoint.url, &upstream, "");
     common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
     let mut daemon = Daemon::spawn(&config);
     assert_eq!(endpoint.next_ask().await, "R1");

@@ -159,6 +159,17 @@ pub fn device_code_top(
         .replace("flow = \"client_credentials\"", "flow = \"device_code\"")
 }
 
+/// A config in `dir` with [`device_code_top`]'s account and a listener without AUTH.
+pub fn device_code_config(
+    dir: &std::path::Path,
+    idp: &str,
+    upstream: &FakeUpstream,
+    more: &str,
+) -> std::path::PathBuf {
+    let top = device_code_top(dir, idp, upstream, more);
+    super::write_config_with(dir, &top, "address = \"127.0.0.1:0\"\nauth = \"none\"")
+}
+
 /// An `[[account]]` named `name` (mailbox `NAME@example.com`) of a generic provider with `flow`, pointed at the
 /// fakes; its client secret is `{dir}/secret` (see [`write_secret`]).
 pub fn generic_account(name: &str, idp: &str, upstream: &FakeUpstream, flow: &str) -> String {
