@@ -1022,7 +1022,7 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
     let config = common::idp::device_code_config(dir.path(), &endpoint.url, &upstream, "");
     // Five minutes left of an hour-long token: the refresher renews it at start.
     common::idp::write_tokens_due(&dir.path().join("state"), "office", "R1");
-    let store = relay::tokens::TokenStore::new(&dir.path().join("state"));
+    let state = dir.path().join("state");
     let mut daemon = Daemon::spawn(&config);
     assert_eq!(endpoint.next_ask().await, "R1");
     // SAFETY: kill with the pid of our own child and a valid signal.
@@ -1038,16 +1038,7 @@ async fn a_renewal_under_way_is_finished_and_saved_when_relay_stops() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
-    let saved = store.load("office").unwrap().unwrap();
-    use secrecy::ExposeSecret;
-    assert_eq!(saved.access_token.expose_secret(), "A1");
-    assert_eq!(
-        saved
-            .refresh_token
-            .as_ref()
-            .map(|r| r.expose_secret().to_string()),
-        Some("R2".to_string())
-    );
+    assert_renewed_grant_in(&state);
 }
 
 /// While relay renews a grant (the token endpoint holds its answer), `meanwhile` changes the token file; the
@@ -1074,8 +1065,8 @@ async fn renewal_while_the_file_changes(
     (dir, daemon)
 }
 
-/// Asserts that the renewed grant (`A1`, rotated refresh token `R2`) is the one in the token file, and stops.
-async fn renewed_grant_saved(state: &std::path::Path, daemon: Daemon) {
+/// Asserts that the token file holds the renewed grant (`A1`, rotated refresh token `R2`) of a `RotatingEndpoint`.
+fn assert_renewed_grant_in(state: &std::path::Path) {
     use secrecy::ExposeSecret;
     let saved = relay::tokens::TokenStore::new(state)
         .load("office")
@@ -1090,6 +1081,11 @@ async fn renewed_grant_saved(state: &std::path::Path, daemon: Daemon) {
             .map(|r| r.expose_secret().to_string()),
         Some("R2".to_string())
     );
+}
+
+/// As [`assert_renewed_grant_in`], then stops the daemon.
+async fn renewed_grant_saved(state: &std::path::Path, daemon: Daemon) {
+    assert_renewed_grant_in(state);
     let status = tokio::task::spawn_blocking(move || daemon.terminate())
         .await
         .unwrap();
