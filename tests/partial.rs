@@ -538,3 +538,39 @@ async fn every_recipient_refused_for_good_is_bounced_each_with_its_own_reply() {
         "only the DSN was queued"
     );
 }
+
+/// To an upstream without SMTPUTF8, a non-ASCII address is refused for good in relay's own words: with the one
+/// other recipient refused for now, it is bounced at once and only the other waits (it waited with the other, on
+/// the upstream's 4xx, whose refusal alone decided for the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_ascii_address_is_bounced_at_once_though_the_others_are_refused_for_now() {
+    const ZOE: &str = "zoë@example.com";
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .smtputf8
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    upstream.answer_rcpt(TO[0], "451 4.2.0 mailbox busy, try again later");
+    let (_dir, mut d, _idp) = daemon_with(
+        &upstream,
+        "bounce = \"sender\"",
+        "[queue]\nretry = [\"1s\"]\n",
+    )
+    .await;
+    let mut c = RawClient::ready(d.addr).await;
+    c.cmd("MAIL FROM:<scanner@lan.test> SMTPUTF8", 250).await;
+    c.cmd(&format!("RCPT TO:<{ZOE}>"), 250).await;
+    c.cmd(&format!("RCPT TO:<{}>", TO[0]), 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"From: <scanner@lan.test>\r\nSubject: scan\r\n\r\nhello\r\n.\r\n")
+        .await;
+    c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+
+    let line = d.wait_log("relay_event=\"recipient_refused\"");
+    assert!(line.contains("5.6.7"), "{line}");
+    let dsn = upstream.next().await;
+    assert_eq!(dsn.to, ["scanner@lan.test"], "the bounce comes first");
+    assert!(String::from_utf8_lossy(&dsn.data).contains("5.6.7"));
+    assert_eq!(upstream.next().await.to, [TO[0]]);
+    assert!(drain(&mut upstream).is_empty(), "one copy each");
+}
