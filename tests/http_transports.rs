@@ -124,10 +124,23 @@ async fn relay_through_api(provider: &str, more: &str) -> (MockServer, FakeApi, 
 /// would be bounced to its sender through the same API, and the fake would get the report. Returns the identity
 /// provider, the API, the daemon and its directory, each to be kept alive.
 async fn daemon_through_api(provider: &str) -> (MockServer, FakeApi, Daemon, tempfile::TempDir) {
+    daemon_through_api_with(provider, "").await
+}
+
+/// [`daemon_through_api`] with `more` after the account's keys.
+async fn daemon_through_api_with(
+    provider: &str,
+    more: &str,
+) -> (MockServer, FakeApi, Daemon, tempfile::TempDir) {
     let idp = idp_issuing("tok").await;
     let api = FakeApi::start("tok", MAILBOX).await;
     let dir = tempfile::tempdir().unwrap();
-    let t = top(dir.path(), &idp.uri(), provider, &through(provider, &api));
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        provider,
+        &format!("{}\n{more}", through(provider, &api)),
+    );
     let config = dir.path().join("relay.toml");
     let state = dir.path().join("state");
     std::fs::write(
@@ -916,4 +929,201 @@ async fn a_gmail_upload_cut_short_by_a_crash_resumes_its_session_or_begins_anew_
         assert!(api.errors().is_empty(), "{:?}", api.errors());
         assert_eq!(d.terminate().code(), Some(0));
     }
+}
+
+/// The message's `ID.state` in the queue (one message queued), read.
+fn kept_state(state: &std::path::Path) -> (std::path::PathBuf, serde_json::Value) {
+    let name = files_in(state, "queue")
+        .into_iter()
+        .find(|f| f.ends_with(".state"))
+        .expect("a state file with the session");
+    let path = state.join("queue").join(name);
+    let json = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    (path, json)
+}
+
+fn status_queries(api: &FakeApi) -> usize {
+    // The fake logs method and path only: a status query is a chunk request the fake answered as one, counted
+    // by the caller from the totals it expects.
+    api.log().iter().filter(|(m, p, _)| is_chunk(m, p)).count()
+}
+
+/// relay killed while Google had the whole message (sent) but its answer was not heard; after the restart, the
+/// kept session answers its status queries with server errors only: the attempt is deferred with the session
+/// kept (no new upload, which would send the message twice), and the next attempt asks again and hears it was
+/// sent. And a kept session whose answer is a 2xx too long to be Gmail's (a proxy's page; the session holds
+/// only the first chunk) is no answer either: not taken as sent (the message would be lost), asked again, and
+/// resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_gmail_session_without_a_clear_answer_is_asked_again_not_uploaded_anew() {
+    let (msg, _) = scan(4_500_000);
+    for sent_already in [true, false] {
+        let (_idp, api, d, dir) = daemon_through_api("google").await;
+        let held = if sent_already {
+            Chunk::TakenButHeld
+        } else {
+            Chunk::Held
+        };
+        api.script_chunks(vec![Chunk::Taken, held]);
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        api.requests(2, is_chunk).await;
+        drop(d); // SIGKILL
+        if sent_already {
+            api.script_status_replies(vec![503, 500, 503]);
+        } else {
+            api.script_status_answers(vec![
+                ResponseTemplate::new(200).set_body_bytes(vec![b' '; 2 << 20]),
+            ]);
+        }
+        let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
+        let why = deferred_saying(
+            &mut d,
+            &["gave no clear answer", "asked again at the next attempt"]
+                [usize::from(!sent_already)..],
+        );
+        if !sent_already {
+            assert!(why.contains("cut off or too long"), "{why}");
+        }
+        // Still kept, for the next attempt.
+        let (_, state) = kept_state(&dir.path().join("state"));
+        assert!(
+            state["upload"]["url"]
+                .as_str()
+                .is_some_and(|u| u.contains("upload_id=SECRET-s")),
+            "{state}"
+        );
+        let line = d.wait_log("relay_event=\"delivered\"");
+        let sent = api.sent(1).await;
+        assert_eq!(sent.len(), 1, "sent_already {sent_already}: sent twice");
+        assert!(
+            strip_received(&sent[0].mime) == &msg[..],
+            "changed on the way"
+        );
+        assert_eq!(resumable_starts(&api), 1, "a second upload session");
+        if sent_already {
+            assert!(
+                line.contains("sent by the upload session of an earlier attempt"),
+                "{line}"
+            );
+            // Two chunks, three status queries unanswered, one answered.
+            assert_eq!(status_queries(&api), 6, "{:?}", api.log());
+        } else {
+            assert!(
+                line.contains("resumed the upload session of an earlier attempt at byte 4194304"),
+                "{line}"
+            );
+            // Two chunks, the status query with the long 2xx, the one with the 308, the last chunk.
+            assert_eq!(status_queries(&api), 5, "{:?}", api.log());
+        }
+        assert!(files_in(&dir.path().join("state"), "queue").is_empty());
+        session_not_logged(
+            &d.unmatched()
+                .iter()
+                .chain([&line, &why])
+                .collect::<Vec<_>>(),
+        );
+        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}
+
+/// A kept session's URL edited in `ID.state` to another host would get the account's bearer token with its
+/// status query: it is not asked (a warning that shows no URL), and the message is uploaded anew. A session
+/// begun over a week ago is past Google's lifetime: not asked either, uploaded anew. Sent once each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_gmail_session_on_another_host_or_past_a_week_is_not_asked() {
+    let (msg, _) = scan(4_500_000);
+    let elsewhere = MockServer::start().await;
+    for edit in ["host", "age"] {
+        let (_idp, api, d, dir) = daemon_through_api("google").await;
+        api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        api.requests(2, is_chunk).await;
+        drop(d); // SIGKILL
+        let (path, mut state) = kept_state(&dir.path().join("state"));
+        let upload = &mut state["upload"];
+        assert!(upload["begun_at"].is_string(), "{upload}");
+        assert!(upload["fingerprint"].is_string(), "{upload}");
+        if edit == "host" {
+            let url = upload["url"]
+                .as_str()
+                .unwrap()
+                .replace(&api.uri(), &elsewhere.uri());
+            upload["url"] = url.into();
+        } else {
+            let week_ago = SystemTime::now() - Duration::from_secs(7 * 86_400 + 60);
+            upload["begun_at"] = humantime::format_rfc3339(week_ago).to_string().into();
+        }
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
+        let line = d.wait_log("relay_event=\"delivered\"");
+        assert!(!line.contains("earlier attempt"), "{edit}: {line}");
+        let sent = api.sent(1).await;
+        assert_eq!(sent.len(), 1, "{edit}: sent twice");
+        assert!(
+            strip_received(&sent[0].mime) == &msg[..],
+            "changed on the way"
+        );
+        assert_eq!(resumable_starts(&api), 2, "{edit}");
+        // The first run's two chunks and the new session's two: the kept session was not asked.
+        assert_eq!(status_queries(&api), 4, "{edit}: {:?}", api.log());
+        let asked_elsewhere = elsewhere.received_requests().await.unwrap_or_default();
+        assert!(
+            asked_elsewhere.is_empty(),
+            "{edit}: the token went to another host"
+        );
+        let warned: Vec<&String> = d
+            .unmatched()
+            .iter()
+            .filter(|l| l.contains("not on the scheme, host and port of gmail_api_url"))
+            .collect();
+        assert_eq!(
+            warned.len(),
+            usize::from(edit == "host"),
+            "{edit}: {warned:?}"
+        );
+        for l in d.unmatched().iter().chain([&line]) {
+            assert!(
+                !l.contains(&elsewhere.uri()),
+                "{edit}: the URL was logged: {l}"
+            );
+        }
+        session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
+        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}
+
+/// The bytes of a resumable upload change while their length stays (a reload gives the account another mailbox
+/// of the same length, and `rewrite_from = "header"` puts it in From:): the kept session, which holds the old
+/// bytes' first chunk, is asked (it could have sent them) but not resumed, or the message would be the old
+/// header spliced onto the rest. A new upload sends the new bytes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed() {
+    let (msg, _) = scan(4_500_000);
+    let (_idp, api, d, dir) = daemon_through_api_with("google", "rewrite_from = \"header\"").await;
+    api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
+    send_to(d.addr, &["ops@example.test"], &msg).await;
+    api.requests(2, is_chunk).await;
+    drop(d); // SIGKILL
+    let config = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let other = MAILBOX.replace(".com", ".org");
+    assert_eq!(other.len(), MAILBOX.len());
+    std::fs::write(&config, text.replace(MAILBOX, &other)).unwrap();
+    let mut d = Daemon::spawn(&config);
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(!line.contains("earlier attempt"), "{line}");
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1, "sent twice");
+    let sent = String::from_utf8_lossy(&sent[0].mime);
+    assert!(sent.contains(&other), "{}", &sent[..600]);
+    assert!(!sent.contains(MAILBOX), "spliced: {}", &sent[..600]);
+    assert!(sent.ends_with("--b1--\r\n"));
+    assert_eq!(resumable_starts(&api), 2);
+    // Two chunks, the status query, the new session's two.
+    assert_eq!(status_queries(&api), 5, "{:?}", api.log());
+    none_deferred(&d);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
 }

@@ -1416,6 +1416,8 @@ impl ResumePoint for StateResume {
         Some(UploadSession {
             url: kept.url.clone(),
             total: kept.total,
+            fingerprint: kept.fingerprint.clone(),
+            begun_at: kept.begun_at,
         })
     }
 
@@ -1425,6 +1427,8 @@ impl ResumePoint for StateResume {
             account: self.account.clone(),
             url: s.url,
             total: s.total,
+            fingerprint: s.fingerprint,
+            begun_at: s.begun_at,
         });
         if state.upload == upload {
             return Ok(());
@@ -1521,6 +1525,8 @@ mod tests {
         let session = UploadSession {
             url: "https://upload.example/s?upload_id=X".into(),
             total: 6_000_000,
+            fingerprint: Some("f".into()),
+            begun_at: Some(SystemTime::now()),
         };
         gmail.save(Some(session.clone())).unwrap();
         assert!(gmail.written.load(Ordering::Acquire));

@@ -52,6 +52,18 @@ pub struct KeptUpload {
     pub url: String,
     /// The bytes it was begun for.
     pub total: u64,
+    /// A hash of what of those bytes can change between attempts (`upstream::gmail::fingerprint`). Absent from
+    /// files written before: such a session is asked, never resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// When it was begun: Google keeps a session a week, and one older is not asked. Absent from files written
+    /// before: taken as young (the message's `max_age` bounds it).
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub begun_at: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for KeptUpload {
@@ -60,6 +72,8 @@ impl std::fmt::Debug for KeptUpload {
             .field("account", &self.account)
             .field("url", &"(not shown)")
             .field("total", &self.total)
+            .field("fingerprint", &self.fingerprint)
+            .field("begun_at", &self.begun_at)
             .finish()
     }
 }
@@ -196,6 +210,8 @@ mod tests {
                 account: "gmail".into(),
                 url: "https://www.googleapis.com/upload/gmail/v1/users/me/messages/send?uploadType=resumable&upload_id=SECRET".into(),
                 total: 6_000_000,
+                fingerprint: Some("ab".repeat(32)),
+                begun_at: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000)),
             }),
             ..old
         };

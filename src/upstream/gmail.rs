@@ -7,10 +7,13 @@
 //! The session outlives the attempt: it is kept with the message's delivery state ([`ResumePoint`]) before the
 //! first chunk goes, so that an attempt cut short (a stop, a crash, a chunk with no answer) leaves the next one
 //! to ask the same session first. Uploaded again in a new session, a message the old one held whole would be
-//! sent twice.
+//! sent twice: so only a session that says it is gone or incomplete lets a new upload begin, and one that gives
+//! no clear answer is kept and asked again by the next attempt (within Google's week).
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -35,6 +38,28 @@ pub struct UploadSession {
     pub url: String,
     /// The bytes the upload was begun for (the `Bcc:` line and the message): another count is another upload.
     pub total: u64,
+    /// [`fingerprint`] of the bytes it was begun for; `None` for a session kept before fingerprints (then it is
+    /// taken as another upload's: asked, never resumed).
+    pub fingerprint: Option<String>,
+    /// When it was begun; `None` for a session kept before this was (taken as young: asked, and `max_age`
+    /// bounds it).
+    pub begun_at: Option<SystemTime>,
+}
+
+/// How long Google keeps a resumable upload session: a week. An older one is gone (or, asked, would be someone
+/// else's answer to fear): the message is uploaded anew.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What of an upload can differ between attempts of one queued message while its length stays the same: the
+/// `Bcc:` line (the recipients not finished with) and the header block as rewritten (`rewrite_from` and the
+/// account's mailbox, which a reload may change). The body is the sealed queue file's, the same every time.
+pub fn fingerprint(prefix: &[u8], header_block: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    // The prefix's length first, so that a byte moved between the two parts is another fingerprint.
+    h.update(&(prefix.len() as u64).to_le_bytes());
+    h.update(prefix);
+    h.update(header_block);
+    h.finalize().to_hex().to_string()
 }
 
 impl std::fmt::Debug for UploadSession {
@@ -42,6 +67,8 @@ impl std::fmt::Debug for UploadSession {
         f.debug_struct("UploadSession")
             .field("url", &"(not shown)")
             .field("total", &self.total)
+            .field("fingerprint", &self.fingerprint)
+            .field("begun_at", &self.begun_at)
             .finish()
     }
 }
@@ -58,14 +85,27 @@ pub trait ResumePoint: Send + Sync {
 pub struct GmailUpstream {
     http: reqwest::Client,
     url: String,
+    /// `url` parsed, for the origin a kept session's URL must share.
+    endpoint: Option<reqwest::Url>,
 }
 
 impl GmailUpstream {
     pub fn new(gmail_api_url: &str) -> Result<Self, String> {
+        let url = format!("{gmail_api_url}/upload/gmail/v1/users/me/messages/send");
         Ok(GmailUpstream {
             http: client().map_err(|e| e.to_string())?,
-            url: format!("{gmail_api_url}/upload/gmail/v1/users/me/messages/send"),
+            endpoint: reqwest::Url::parse(&url).ok(),
+            url,
         })
+    }
+
+    /// Whether `session` is on the Gmail endpoint's scheme, host and port: the account's bearer token goes with
+    /// every request to it, and a URL read back from a state file could have been pointed anywhere.
+    fn is_own(&self, session: &str) -> bool {
+        let Some(endpoint) = &self.endpoint else {
+            return false;
+        };
+        reqwest::Url::parse(session).is_ok_and(|u| u.origin() == endpoint.origin())
     }
 
     /// Where its requests go (for `relay test`'s transcript).
@@ -88,7 +128,7 @@ impl GmailUpstream {
                 "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
             ));
         }
-        let (resp, note) = if total <= SIMPLE_LIMIT {
+        if total <= SIMPLE_LIMIT {
             // Read from the queue file as it is sent.
             let resp = self
                 .http
@@ -100,30 +140,28 @@ impl GmailUpstream {
                 .body(streamed(message, bcc, false))
                 .send()
                 .await;
-            (resp, None)
-        } else {
-            let upload = Upload {
-                gmail: self,
-                token,
-                store: resume,
-                total,
-            };
-            match upload.resumable(&bcc, message).await {
-                Ok(r) => r,
-                Err(outcome) => return outcome,
-            }
-        };
-        let out = match resp {
-            Ok(r) if r.status().is_success() => delivered(r).await,
-            Ok(r) => refusal("Gmail API", r, diagnose).await,
-            Err(e) => failed("Gmail API", &e),
-        };
-        match (out, note) {
-            (Outcome::Delivered(reply), Some(note)) => {
-                Outcome::Delivered(format!("{reply}; {note}"))
-            }
-            (out, _) => out,
+            // No session to ask again: a 2xx cut off is taken as sent.
+            return answer(resp, true).await;
         }
+        let upload = Upload {
+            gmail: self,
+            token,
+            store: resume,
+            total,
+            fingerprint: fingerprint(&bcc, message.header_block()),
+            on_disk: AtomicBool::new(false),
+        };
+        upload.run(&bcc, message).await
+    }
+}
+
+/// The outcome of a reply to the send (or to a status query that stands for it). `cut_off_is_sent`: a 2xx whose
+/// body cannot be read whole counts as sent (see [`delivered`]).
+async fn answer(resp: Result<reqwest::Response, reqwest::Error>, cut_off_is_sent: bool) -> Outcome {
+    match resp {
+        Ok(r) if r.status().is_success() => delivered(r, cut_off_is_sent).await,
+        Ok(r) => refusal("Gmail API", r, diagnose).await,
+        Err(e) => failed("Gmail API", &e),
     }
 }
 
@@ -133,39 +171,90 @@ struct Upload<'a> {
     token: &'a SecretString,
     store: Option<&'a Arc<dyn ResumePoint>>,
     total: usize,
+    /// [`fingerprint`] of these bytes.
+    fingerprint: String,
+    /// The session in use is kept on disk with the message: a question to it left without a clear answer can
+    /// be asked again by the next attempt, instead of guessed.
+    on_disk: AtomicBool,
 }
 
-/// What a resumable upload came to: the answer to its last request, and for the log, how an earlier attempt's
-/// session counted in it.
-type Uploaded = (Result<reqwest::Response, reqwest::Error>, Option<String>);
+/// What a resumable upload came to: the answer to its last request, for the log how an earlier attempt's
+/// session counted in it, and whether that answer came from a status query (not the chunk's own reply).
+type Uploaded = (
+    Result<reqwest::Response, reqwest::Error>,
+    Option<String>,
+    bool,
+);
 
 impl Upload<'_> {
-    /// The session an earlier attempt kept, if it is one for this upload and still open: where to go on in it, or
-    /// the outcome if it holds the whole message. `None`: a new session.
+    /// The whole upload: its outcome, with how an earlier attempt's session counted in it.
+    async fn run(&self, prefix: &[u8], message: &Outgoing) -> Outcome {
+        let (resp, note, asked) = match self.resumable(prefix, message).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
+        };
+        // A status query's 2xx cut off can be asked again while the session is kept; guessed otherwise.
+        let cut_off_is_sent = !(asked && self.on_disk.load(Ordering::Acquire));
+        match (answer(resp, cut_off_is_sent).await, note) {
+            (Outcome::Delivered(reply), Some(note)) => {
+                Outcome::Delivered(format!("{reply}; {note}"))
+            }
+            (out, _) => out,
+        }
+    }
+
+    /// The session an earlier attempt kept: where to go on in it if it is one for these bytes and still open,
+    /// or the outcome if it holds a whole message (sent), or if it gives no clear answer (kept, and asked again
+    /// by the next attempt). `None`: a new session.
+    ///
+    /// Only a session that says it is gone (404, 410) or incomplete (308) lets a new upload begin: one that
+    /// completed sent the message, and uploaded again in a new session it would be sent twice. Past Google's
+    /// week a session is gone whatever it would say.
     async fn earlier(&self) -> Result<Option<(String, usize)>, Outcome> {
         let Some(kept) = self.store.and_then(|s| s.load()) else {
             return Ok(None);
         };
-        // The bytes are the same ones (the `Bcc:` line and the queue file, made again the same way), or the count
-        // says it is another upload: the message's route or its recipients changed.
-        if kept.total != self.total as u64 {
+        if !self.gmail.is_own(&kept.url) {
+            // The URL is not shown: whatever it is, it is not to be spread further.
+            tracing::warn!(
+                "the Gmail upload session kept in the message's delivery state is not on the scheme, host and port of gmail_api_url (the state file was edited?); it is not asked, since the account's token would go with the question, and the message is uploaded anew"
+            );
             return Ok(None);
         }
-        let Some(r) = self.gmail.status(self.token, &kept.url, self.total).await else {
-            // No answer: a new session is begun, and replaces this one only once Google gave it (the attempt
-            // may fail before, with Google out of reach, and the next one asks this session again).
+        if kept.begun_at.is_some_and(|at| {
+            SystemTime::now()
+                .duration_since(at)
+                .is_ok_and(|age| age > SESSION_LIFETIME)
+        }) {
             return Ok(None);
+        }
+        // The same bytes (the `Bcc:` line and the queue file, made again the same way), or another upload: the
+        // message's recipients, its route or the account's rewriting changed. Another upload's session is asked
+        // all the same (it may have sent the message), but never resumed: its bytes and these would be spliced.
+        let same = kept.total == self.total as u64
+            && kept.fingerprint.as_deref() == Some(self.fingerprint.as_str());
+        let r = match self.gmail.status(self.token, &kept.url, kept.total).await {
+            Ok(r) => r,
+            // The token's: refreshed, and the whole attempt (this question first) made again.
+            Err(Outcome::AuthRejected(why)) => return Err(Outcome::AuthRejected(why)),
+            Err(no_answer) => {
+                return Err(Outcome::Transient(format!(
+                    "{}; the upload session of an earlier attempt gave no clear answer to what it holds (it may hold the message, sent): it is kept and asked again at the next attempt, not uploaded anew",
+                    no_answer.reply()
+                )));
+            }
         };
+        self.on_disk.store(true, Ordering::Release);
         match r.status().as_u16() {
-            // It holds the whole message: sent, by the attempt that began it. Not uploaded again.
-            200..=299 => Err(match delivered(r).await {
+            // It holds a whole message: sent, by the attempt that began it. Not uploaded again.
+            200..=299 => Err(match delivered(r, false).await {
                 Outcome::Delivered(reply) => Outcome::Delivered(format!(
                     "{reply}; sent by the upload session of an earlier attempt (its answer was not heard before relay stopped or the attempt ended): not uploaded again"
                 )),
                 other => other,
             }),
             308 => Ok(match held(r.headers()) {
-                Some(held) if held < self.total => Some((kept.url, held)),
+                Some(held) if same && held < self.total => Some((kept.url, held)),
                 _ => None,
             }),
             // Gone (404, 410: expired or dropped by Google): a new session.
@@ -180,11 +269,16 @@ impl Upload<'_> {
             return;
         };
         let store = store.clone();
+        let keeps = session.is_some();
         let session = session.map(|url| UploadSession {
             url: url.to_string(),
             total: self.total as u64,
+            fingerprint: Some(self.fingerprint.clone()),
+            begun_at: Some(SystemTime::now()),
         });
         let saved = tokio::task::spawn_blocking(move || store.save(session)).await;
+        self.on_disk
+            .store(keeps && matches!(saved, Ok(Ok(()))), Ordering::Release);
         let failed = match saved {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
@@ -243,12 +337,13 @@ impl Upload<'_> {
                 failed => {
                     resumed = true;
                     if recoveries == MAX_RECOVERIES {
-                        return Ok((failed, note));
+                        return Ok((failed, note, false));
                     }
                     recoveries += 1;
-                    match self.gmail.status(token, &session, total).await {
-                        Some(r) => r,
-                        None => return Ok((failed, note)),
+                    match self.gmail.status(token, &session, total as u64).await {
+                        Ok(r) => r,
+                        // The chunk's failure stands; the session stays kept for the next attempt to ask.
+                        Err(_) => return Ok((failed, note, false)),
                     }
                 }
             };
@@ -281,7 +376,7 @@ impl Upload<'_> {
                         r.status()
                     )));
                 }
-                _ => return Ok((Ok(r), note)),
+                _ => return Ok((Ok(r), note, resumed)),
             }
         }
     }
@@ -326,12 +421,12 @@ impl Upload<'_> {
 const MAX_RECOVERIES: u32 = 5;
 /// Waits before each status query, and each query's time: short, since a stop's drain is 20 s (cut off, the
 /// queries are the next attempt's first, with the session kept in the message's state).
-const STATUS_WAITS: [std::time::Duration; 3] = [
-    std::time::Duration::from_millis(500),
-    std::time::Duration::from_secs(1),
-    std::time::Duration::from_secs(2),
+const STATUS_WAITS: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
 ];
-const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn is_server_error(status: u16) -> bool {
     matches!(status, 500 | 502 | 503 | 504)
@@ -339,14 +434,16 @@ fn is_server_error(status: u16) -> bool {
 
 impl GmailUpstream {
     /// Asks an upload session what it holds (`Content-Range: bytes */TOTAL`, no body): a 308 with what it holds,
-    /// the send's answer if the upload was complete, 404/410 if the session is gone. None if it does not answer
-    /// with one of those after a few tries.
+    /// the send's answer if the upload was complete, 404/410 if the session is gone. Anything else after a few
+    /// tries is no answer, as what it says (the token's 401 at once: [`Outcome::AuthRejected`]; else
+    /// [`Outcome::Transient`]).
     async fn status(
         &self,
         token: &SecretString,
         session: &str,
-        total: usize,
-    ) -> Option<reqwest::Response> {
+        total: u64,
+    ) -> Result<reqwest::Response, Outcome> {
+        let mut last = Outcome::Transient("Gmail API: the upload session was not asked".into());
         for wait in STATUS_WAITS {
             tokio::time::sleep(wait).await;
             let asked = self
@@ -358,23 +455,41 @@ impl GmailUpstream {
                 .timeout(STATUS_TIMEOUT)
                 .send()
                 .await;
-            match asked {
-                // What the protocol answers a status query with. Anything else (a proxy's 400, a 401 for a token
-                // that expired during a long upload) says nothing of the message: the chunk's own failure stands,
-                // and the message waits; it must not be judged a refusal of the message.
+            last = match asked {
+                // What the protocol answers a status query with.
                 Ok(r) if matches!(r.status().as_u16(), 200..=299 | 308 | 404 | 410) => {
-                    return Some(r);
+                    return Ok(r);
                 }
-                _ => {}
-            }
+                // A token that expired during a long upload: refreshed by the caller, not asked again with it.
+                Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                    return Err(Outcome::AuthRejected(
+                        refusal("Gmail API", r, diagnose).await.reply().to_string(),
+                    ));
+                }
+                // Anything else (a proxy's 400, a 5xx, a 429) says nothing of the message: it must not be judged
+                // a refusal of it, nor taken for a session that is gone.
+                Ok(r) => Outcome::Transient(format!(
+                    "Gmail API {}: not an answer to a status query",
+                    r.status()
+                )),
+                Err(e) => failed("Gmail API", &e),
+            };
         }
-        None
+        Err(last)
     }
 }
 
 /// A 2xx to the send: delivered if it is Gmail's own answer, the sent message with its id. Anything else (a
 /// proxy's page) does not say the message went.
-async fn delivered(r: reqwest::Response) -> Outcome {
+///
+/// A 2xx whose body cannot be read whole (cut off, timed out, over the reply cap): Gmail answers 2xx to an upload
+/// only once it sent the message, so one cut off after Gmail's status line is, in all likelihood, sent. Where
+/// nothing can be asked again (`cut_off_is_sent`: a simple upload, a session not kept), it is taken as sent,
+/// since sent again it would arrive twice. But a status query to a session kept with the message can be asked
+/// again, and Google answers it the same for the session's week: there it is no answer, and the next attempt
+/// asks. Guessing would buy nothing there, and a body over the cap (Gmail's is a hundred bytes) is rather a
+/// proxy's page than Gmail's: taken as sent, the message would be lost.
+async fn delivered(r: reqwest::Response, cut_off_is_sent: bool) -> Outcome {
     let status = r.status().as_u16();
     let (body, whole) = bounded_body(r, MAX_REPLY_BODY).await;
     let sent: Option<serde_json::Value> =
@@ -384,10 +499,11 @@ async fn delivered(r: reqwest::Response) -> Outcome {
             "Gmail API {status} id {}",
             crate::terminal::printable_str(id)
         )),
-        // The answer was cut off (a reset, the request's time up) after a 2xx from Gmail began: sent again it
-        // would arrive twice; only a whole answer that is not Gmail's says nothing about the message.
-        _ if !whole => Outcome::Delivered(format!(
+        _ if !whole && cut_off_is_sent => Outcome::Delivered(format!(
             "Gmail API {status} (its answer was cut off; taken as sent)"
+        )),
+        _ if !whole => Outcome::Transient(format!(
+            "Gmail API {status}: the upload session's answer was cut off or too long to be Gmail's; the session is kept and asked again at the next attempt"
         )),
         _ => {
             let body = String::from_utf8_lossy(&body);
@@ -548,43 +664,8 @@ mod tests {
         }
     }
 
-    /// A session kept for other bytes (the message's recipients or route changed since) is not asked nor used:
-    /// a new one is begun and kept in its place before its first chunk.
-    #[tokio::test]
-    async fn a_session_kept_for_other_bytes_is_not_used() {
-        use wiremock::matchers::{method, path};
-        use wiremock::{Mock, MockServer, Request, ResponseTemplate};
-        let server = MockServer::start().await;
-        let new = format!("{}/session/new?upload_id=NEW", server.uri());
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200).insert_header("Location", new.as_str()))
-            .expect(1)
-            .mount(&server)
-            .await;
-        Mock::given(path("/session/old"))
-            .respond_with(ResponseTemplate::new(200).set_body_string(r#"{"id":"old"}"#))
-            .expect(0)
-            .mount(&server)
-            .await;
-        let kept: Arc<Kept> = Arc::default();
-        let store: Arc<dyn ResumePoint> = kept.clone();
-        let seen = kept.clone();
-        Mock::given(path("/session/new"))
-            .respond_with(move |r: &Request| {
-                // Kept before its first chunk came.
-                assert!(seen.load().is_some_and(|s| s.url.ends_with("NEW")));
-                let range = r.headers["content-range"].to_str().unwrap().to_string();
-                let (span, total) = range.trim_start_matches("bytes ").split_once('/').unwrap();
-                let last: u64 = span.split_once('-').unwrap().1.parse().unwrap();
-                if last + 1 == total.parse::<u64>().unwrap() {
-                    ResponseTemplate::new(200).set_body_string(r#"{"id":"new"}"#)
-                } else {
-                    ResponseTemplate::new(308)
-                        .insert_header("Range", format!("bytes=0-{last}").as_str())
-                }
-            })
-            .mount(&server)
-            .await;
+    /// A large message to one recipient its header names (no `Bcc:` line), and its fingerprint.
+    fn large() -> (Outgoing, String) {
         let message = Outgoing::from_bytes(
             [
                 &b"To: a@example.com\r\n\r\n"[..],
@@ -592,24 +673,239 @@ mod tests {
             ]
             .concat(),
         );
-        let total = message.len();
-        store
-            .save(Some(UploadSession {
-                url: format!("{}/session/old?upload_id=OLD", server.uri()),
-                total: total + 1,
-            }))
-            .unwrap();
+        let print = fingerprint(b"", message.header_block());
+        (message, print)
+    }
+
+    /// A Gmail API whose new sessions take every chunk, and an earlier attempt's session at `/session/old` that
+    /// answers `old`. Sends [`large`] with `kept` kept; the outcome, what is kept after, how many sessions were
+    /// begun, and the requests the old session got.
+    async fn send_with_kept(
+        kept: UploadSession,
+        old: wiremock::ResponseTemplate,
+    ) -> (Outcome, Option<UploadSession>, usize, Vec<String>) {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+        let server = MockServer::start().await;
+        let new = format!("{}/session/new?upload_id=NEW", server.uri());
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).insert_header("Location", new.as_str()))
+            .mount(&server)
+            .await;
+        // A chunk taken whole: 308 for what is held so far, or the sent message `id` after the last.
+        fn chunk(r: &Request, id: &str) -> ResponseTemplate {
+            let range = r.headers["content-range"].to_str().unwrap().to_string();
+            let (span, total) = range.trim_start_matches("bytes ").split_once('/').unwrap();
+            let last: u64 = span.split_once('-').unwrap().1.parse().unwrap();
+            if last + 1 == total.parse::<u64>().unwrap() {
+                ResponseTemplate::new(200).set_body_string(format!(r#"{{"id":"{id}"}}"#))
+            } else {
+                ResponseTemplate::new(308)
+                    .insert_header("Range", format!("bytes=0-{last}").as_str())
+            }
+        }
+        Mock::given(path("/session/old"))
+            .respond_with(move |r: &Request| {
+                let range = r.headers["content-range"].to_str().unwrap();
+                if range.starts_with("bytes */") {
+                    old.clone()
+                } else {
+                    chunk(r, "resumed")
+                }
+            })
+            .mount(&server)
+            .await;
+        let store: Arc<Kept> = Arc::default();
+        let seen = store.clone();
+        Mock::given(path("/session/new"))
+            .respond_with(move |r: &Request| {
+                // Kept before its first chunk came.
+                assert!(seen.load().is_some_and(|s| s.url.ends_with("NEW")));
+                chunk(r, "new")
+            })
+            .mount(&server)
+            .await;
+        let kept = UploadSession {
+            url: kept.url.replace("HOST", &server.uri()),
+            ..kept
+        };
+        store.save(Some(kept)).unwrap();
+        let resume: Arc<dyn ResumePoint> = store.clone();
         let gmail = GmailUpstream::new(&server.uri()).unwrap();
+        let (message, _) = large();
         let out = gmail
             .send(
                 &SecretString::from("tok"),
                 &["a@example.com".into()],
                 &message,
-                Some(&store),
+                Some(&resume),
             )
             .await;
+        let requests = server.received_requests().await.unwrap_or_default();
+        let begun = requests
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .count();
+        let asked = requests
+            .iter()
+            .filter(|r| r.url.path() == "/session/old")
+            .map(|r| {
+                r.headers
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        (out, store.load(), begun, asked)
+    }
+
+    fn old_session(total: u64, print: Option<String>, age: Duration) -> UploadSession {
+        UploadSession {
+            url: "HOST/session/old?upload_id=OLD".into(),
+            total,
+            fingerprint: print,
+            begun_at: Some(SystemTime::now() - age),
+        }
+    }
+
+    fn holds(n: u64) -> wiremock::ResponseTemplate {
+        wiremock::ResponseTemplate::new(308)
+            .insert_header("Range", format!("bytes=0-{}", n - 1).as_str())
+    }
+
+    /// A session kept for other bytes (the message's recipients, its route, or the account's `rewrite_from` or
+    /// mailbox changed since, even to bytes of the same length) is asked, since it may have sent the message, but
+    /// never resumed: a new session is begun (kept in its place before its first chunk). Resumed, the other
+    /// bytes' first part and these bytes' rest would have been spliced into one message.
+    #[tokio::test]
+    async fn a_session_kept_for_other_bytes_is_asked_but_never_resumed() {
+        let (message, print) = large();
+        let total = message.len();
+        let day = Duration::from_secs(86_400);
+        for kept in [
+            old_session(total + 1, Some(print.clone()), day),
+            old_session(total, Some("another header block".into()), day),
+            // Kept before fingerprints: what it was begun for is not known.
+            old_session(total, None, day),
+        ] {
+            let what = format!("{kept:?}");
+            let (out, after, begun, asked) = send_with_kept(kept.clone(), holds(262_144)).await;
+            assert_eq!(
+                out,
+                Outcome::Delivered("Gmail API 200 id new".into()),
+                "{what}"
+            );
+            assert_eq!(begun, 1, "{what}");
+            assert_eq!(asked, [format!("bytes */{}", kept.total)], "{what}");
+            let after = after.unwrap();
+            assert!(after.url.ends_with("upload_id=NEW"), "{what}");
+            assert_eq!(after.total, total);
+            assert_eq!(after.fingerprint.as_deref(), Some(print.as_str()));
+            assert!(after.begun_at.is_some());
+        }
+        // The same bytes: resumed where the session says.
+        let (out, _, begun, asked) =
+            send_with_kept(old_session(total, Some(print.clone()), day), holds(262_144)).await;
+        assert_eq!(
+            out,
+            Outcome::Delivered(format!(
+                "Gmail API 200 id resumed; resumed the upload session of an earlier attempt at byte 262144 of {total}"
+            ))
+        );
+        assert_eq!(begun, 0);
+        assert_eq!(asked.len(), 1 + (total as usize - 262_144).div_ceil(CHUNK));
+        // Other bytes, but the session says it sent a message: that one went, and nothing is uploaded.
+        let (out, _, begun, _) = send_with_kept(
+            old_session(total, Some("another header block".into()), day),
+            wiremock::ResponseTemplate::new(200).set_body_string(r#"{"id":"old"}"#),
+        )
+        .await;
+        assert!(
+            matches!(&out, Outcome::Delivered(r) if r.starts_with("Gmail API 200 id old; sent by the upload session of an earlier attempt")),
+            "{out:?}"
+        );
+        assert_eq!(begun, 0);
+    }
+
+    /// A session begun over a week ago is past Google's lifetime: not asked, and the message is uploaded anew.
+    #[tokio::test]
+    async fn a_session_older_than_a_week_is_not_asked() {
+        let (message, print) = large();
+        let kept = old_session(
+            message.len(),
+            Some(print),
+            SESSION_LIFETIME + Duration::from_secs(60),
+        );
+        let (out, after, begun, asked) = send_with_kept(
+            kept,
+            wiremock::ResponseTemplate::new(200).set_body_string(r#"{"id":"old"}"#),
+        )
+        .await;
         assert_eq!(out, Outcome::Delivered("Gmail API 200 id new".into()));
-        assert_eq!(kept.load(), Some(UploadSession { url: new, total }));
+        assert_eq!((begun, asked.len()), (1, 0));
+        assert!(after.unwrap().url.ends_with("NEW"));
+    }
+
+    /// A kept session that does not say it is gone or incomplete (a server error, a rate limit, a proxy's
+    /// refusal, a 2xx whose body is over the cap) may hold the message, sent: the attempt ends for now, nothing
+    /// is uploaded, and the session stays kept for the next attempt to ask. The token's 401 goes to the refresh.
+    #[tokio::test]
+    async fn a_kept_session_without_a_clear_answer_is_kept_and_nothing_uploaded() {
+        use wiremock::ResponseTemplate;
+        let (message, print) = large();
+        let kept = old_session(message.len(), Some(print), Duration::from_secs(60));
+        for (old, tries) in [
+            (ResponseTemplate::new(500), 3),
+            (ResponseTemplate::new(503), 3),
+            (ResponseTemplate::new(429), 3),
+            (ResponseTemplate::new(403), 3),
+            (ResponseTemplate::new(400), 3),
+            (
+                ResponseTemplate::new(200).set_body_bytes(vec![b' '; MAX_REPLY_BODY + 1]),
+                1,
+            ),
+            (ResponseTemplate::new(401), 1),
+        ] {
+            let what = format!("{old:?}");
+            let (out, after, begun, asked) = send_with_kept(kept.clone(), old).await;
+            match out {
+                Outcome::AuthRejected(_) => assert!(what.contains("401"), "{what}"),
+                Outcome::Transient(why) => {
+                    assert!(why.contains("asked again at the next attempt"), "{why}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+            assert_eq!(begun, 0, "{what}");
+            assert_eq!(asked.len(), tries, "{what}");
+            assert_eq!(
+                after.as_ref(),
+                Some(&UploadSession {
+                    url: after.as_ref().unwrap().url.clone(),
+                    ..kept.clone()
+                })
+            );
+            assert!(after.unwrap().url.ends_with("OLD"));
+        }
+    }
+
+    /// Only a URL on the scheme, host and port of `gmail_api_url` gets the token.
+    #[test]
+    fn a_kept_url_must_be_on_the_gmail_endpoint() {
+        let g = GmailUpstream::new("https://gmail.googleapis.com").unwrap();
+        assert!(g.is_own("https://gmail.googleapis.com/upload/gmail/v1/users/me/messages/send?uploadType=resumable&upload_id=X"));
+        assert!(g.is_own("https://gmail.googleapis.com:443/x"));
+        for other in [
+            "http://gmail.googleapis.com/x",
+            "https://gmail.googleapis.com:8443/x",
+            "https://gmail.googleapis.com.evil.example/x",
+            "https://evil.example/gmail.googleapis.com",
+            "https://user@evil.example/x",
+            "/relative",
+            "",
+        ] {
+            assert!(!g.is_own(other), "{other}");
+        }
     }
 
     #[tokio::test]

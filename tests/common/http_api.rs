@@ -53,8 +53,8 @@ struct State {
     script: VecDeque<ResponseTemplate>,
     /// What becomes of the next Gmail resumable chunks.
     chunks: VecDeque<Chunk>,
-    /// Statuses for the next Gmail status queries, answered instead of what the session holds.
-    status_replies: VecDeque<u16>,
+    /// Replies to the next Gmail status queries, instead of what the session holds.
+    status_replies: VecDeque<ResponseTemplate>,
     /// Every request's method and path, in order.
     log: Vec<(String, String, SystemTime)>,
     /// Resumable sessions whose upload is complete: a status query is answered with the send's reply.
@@ -155,7 +155,17 @@ impl FakeApi {
 
     /// The next Gmail status queries are answered with these statuses (a proxy's 400, a 401).
     pub fn script_status_replies(&self, statuses: Vec<u16>) {
-        self.state.lock().unwrap().status_replies.extend(statuses);
+        self.script_status_answers(
+            statuses
+                .into_iter()
+                .map(|status| graph_error(status, "badRequest", "scripted status reply"))
+                .collect(),
+        );
+    }
+
+    /// The next Gmail status queries get these replies (a 2xx whose body is not Gmail's, say).
+    pub fn script_status_answers(&self, replies: Vec<ResponseTemplate>) {
+        self.state.lock().unwrap().status_replies.extend(replies);
     }
 
     /// Waits (bounded) until `n` messages were sent, and returns them.
@@ -506,8 +516,8 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
         if !req.body.is_empty() {
             return Err(bad("a status query has no body"));
         }
-        if let Some(status) = s.status_replies.pop_front() {
-            return Ok(graph_error(status, "badRequest", "scripted status reply"));
+        if let Some(reply) = s.status_replies.pop_front() {
+            return Ok(reply);
         }
         if s.completed.contains(id) {
             return Ok(ResponseTemplate::new(200).set_body_json(
