@@ -1127,3 +1127,64 @@ async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed(
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A route of two Gmail accounts, `g1` (3 recipients a day) and `g2`: a message whose resumable upload through
+/// `g1` was sent by Google but whose answer relay never heard (killed) finds `g1` at its limit after the restart
+/// (the first attempt's two recipients were counted before the upload). It waits for `g1`, which holds its
+/// session, rather than go through `g2`, which would upload it again: sent twice. Other mail of the route still
+/// goes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waits_for_the_account_that_holds_its_gmail_session() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    secret(dir.path());
+    let account = |name: &str, more: &str| {
+        format!(
+            "[[account]]\nname = \"{name}\"\nprovider = \"google\"\nflow = \"client_credentials\"\nmailbox = \"{MAILBOX}\"\nclient_id = \"cid\"\nclient_secret_file = \"{}/secret\"\ntoken_url = \"{}/token\"\n{}\n{more}\n",
+            dir.path().display(),
+            idp.uri(),
+            through("google", &api)
+        )
+    };
+    let config = dir.path().join("relay.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[queue]\nretry = [\"1s\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"g1\", \"g2\"]\n{LISTENER}",
+            account("g1", "rate = { recipients_per_day = 3 }"),
+            account("g2", ""),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::spawn(&config);
+    let (msg, _) = scan(4_500_000);
+    api.script_chunks(vec![Chunk::Taken, Chunk::TakenButHeld]);
+    send_to(d.addr, &["ops@example.test", "two@example.test"], &msg).await;
+    api.sent(1).await;
+    let (_, kept) = kept_state(&state);
+    assert_eq!(kept["upload"]["account"], "g1", "{kept}");
+    drop(d); // SIGKILL
+
+    let mut d = Daemon::spawn(&config);
+    let line = d.wait_log("waiting for the account that holds the message's Gmail upload session");
+    assert!(line.contains("relay_account=g1"), "{line}");
+    assert!(line.contains("sending limits"), "{line}");
+    assert_eq!(resumable_starts(&api), 1, "a second upload session");
+    // The route's other mail goes meanwhile.
+    let small =
+        b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: small\r\n\r\nhello\r\n";
+    send_to(d.addr, &["ops@example.test"], small).await;
+    d.wait_log("relay_event=\"delivered\"");
+    let sent = api.sent(2).await;
+    assert_eq!(sent.len(), 2, "the large message was sent again");
+    assert_eq!(strip_received(&sent[1].mime), &small[..]);
+    assert_eq!(sent[1].path, "media");
+    // Still queued, its session kept, for g1.
+    let (_, kept) = kept_state(&state);
+    assert_eq!(kept["upload"]["account"], "g1", "{kept}");
+    session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
+}
