@@ -825,23 +825,10 @@ impl Delivery {
                 recipients: recipients.len(),
             };
         }
-        // The account whose Gmail upload session an earlier attempt kept, if the route still names it: only it
-        // may send the message for a while (`pinned_until`). The session may hold the message whole, sent, and
-        // only that account asks it; another would upload the message again. A sort order is not enough: the
-        // other accounts take the message whenever that one has no free connection or is at its limit.
-        let pinned = state
-            .upload
-            .as_ref()
-            .filter(|u| decision.accounts.contains(&u.account))
-            .and_then(|u| pinned_until(u.begun_at, now).map(|until| (u.account.clone(), until)));
-        let names = match &pinned {
-            Some((name, _)) => std::slice::from_ref(name),
-            None => decision.accounts,
-        };
         // A message that cannot go now does not hold one of the scheduler's places while it waits: it is parked,
         // and comes back when a delivery of its accounts ends or a limit's window frees.
         let (account, slot, mut reservation) = match self.take_place(
-            names,
+            decision.accounts,
             recipients.len(),
             now,
             state.upload.as_ref().map(|u| u.account.as_str()),
@@ -859,33 +846,6 @@ impl Delivery {
                 let expires = state
                     .age_from(msg.envelope.received_at)
                     .checked_add(self.queue.max_age);
-                // Waiting for the one account of its kept session: not parked in the pool, where it would hold
-                // up the pool's newer mail (they queue behind its oldest) and be woken by every connection the
-                // other accounts free. Looked at again when that account's wait should end, not an attempt.
-                if let Some((name, until)) = &pinned {
-                    let at = match wait {
-                        Wait::Limit(Some(at)) | Wait::Upstream(at) => at,
-                        Wait::Connection | Wait::Limit(None) | Wait::Behind => now + PINNED_RECHECK,
-                    };
-                    // At least once a minute: a reload that takes the account off the route, or ends its
-                    // limit, is seen without waiting out the day.
-                    let at = expires
-                        .map_or(at, |e| e.min(at))
-                        .min(*until)
-                        .min(now + PINNED_LOOK);
-                    let why = match wait {
-                        Wait::Limit(_) => "is at its sending limits",
-                        Wait::Upstream(_) => "could not be reached a moment ago",
-                        _ => "has no free connection",
-                    };
-                    let shown = humantime::format_rfc3339_seconds(at);
-                    if matches!(wait, Wait::Limit(_)) {
-                        tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %name, until = %shown, "waiting for the account that holds the message's Gmail upload session (it may have sent the message; another account would send it again), which {why}");
-                    } else {
-                        tracing::debug!(relay_queue_id = %id, relay_account = %name, until = %shown, "waiting for the account that holds the message's Gmail upload session, which {why}");
-                    }
-                    return Attempted::later(at);
-                }
                 if let Wait::Upstream(at) = wait {
                     tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
@@ -1434,26 +1394,6 @@ impl Delivery {
     }
 }
 
-/// How long a message whose Gmail upload session an earlier attempt kept waits for that session's account
-/// rather than go through another of its route: a day from the session's start. Long enough for any of the
-/// account's limits to free (the longest window is a day) and for passing trouble to pass; short of Google's
-/// week, so that an account that cannot send at all (it needs `relay authorize`, its mailbox is gone) holds the
-/// message a day, not until `max_age`. Another account then sends it again if the session had sent it.
-const PINNED_FOR: Duration = Duration::from_secs(24 * 3600);
-/// How soon a message waiting for its session's account looks again when that account has no free connection.
-const PINNED_RECHECK: Duration = Duration::from_secs(5);
-/// The longest a message waiting for its session's account goes without a look.
-const PINNED_LOOK: Duration = Duration::from_secs(60);
-
-/// Until when a message whose Gmail upload session was begun at `begun_at` waits for that session's account
-/// (`None`: no more). A session kept before its start was recorded (state files of the first version) pins
-/// nothing, since nothing would end the wait but `max_age`: its account only goes first. One dated ahead of the
-/// clock, as begun now.
-fn pinned_until(begun_at: Option<SystemTime>, now: SystemTime) -> Option<SystemTime> {
-    let until = begun_at?.min(now).checked_add(PINNED_FOR)?;
-    (until > now).then_some(until)
-}
-
 /// A message's Gmail upload session, kept in its delivery state for the account its attempt goes through: the
 /// attempt's state is here while it sends, and written whole when a session is kept or forgotten. The attempt
 /// holds the queue file's lock meanwhile, so nothing else writes the state (`relay queue retry` takes the lock).
@@ -1568,25 +1508,6 @@ mod tests {
             state: Mutex::new(state),
             written: AtomicBool::new(false),
         }
-    }
-
-    /// A message waits for its kept session's account a day from the session's start, then goes anywhere.
-    #[test]
-    fn a_kept_session_pins_its_account_for_a_day() {
-        let now = SystemTime::now();
-        let hour = Duration::from_secs(3600);
-        assert_eq!(
-            pinned_until(Some(now - hour), now),
-            Some(now - hour + PINNED_FOR)
-        );
-        assert_eq!(pinned_until(Some(now - PINNED_FOR - hour), now), None);
-        // Kept before its start was recorded: no end to a wait, so none.
-        assert_eq!(pinned_until(None, now), None);
-        // Dated ahead (a clock stepped back): not held longer than a day from now.
-        assert_eq!(
-            pinned_until(Some(now + 10 * PINNED_FOR), now),
-            Some(now + PINNED_FOR)
-        );
     }
 
     /// A session is kept on disk with the rest of the state, for its account only, and forgotten on disk too.
