@@ -6,10 +6,42 @@
 //! Files that only the service can read are skipped: a `$CREDENTIALS_DIRECTORY/…` path outside the unit, and
 //! `token_encryption = "systemd-creds"` there too. [`Config::credentials_at_start`] names them, and
 //! [`Config::warnings`] says so for each.
+//!
+//! A listener's address taken by another program (on Debian, exim4 or Postfix on port 25) also keeps serve from
+//! starting, but it is about the machine, not the config, and a running relay holds its own addresses: so it is a
+//! warning ([`busy_addresses`]), looked for only while no relay runs on the config's state dir.
 
 use crate::config::{Config, ConfigError};
 use crate::smtp::BindError;
 use crate::tokens::{StoreError, TokenStore};
+
+/// The listeners' addresses that another program holds now, as warnings: `relay serve` would fail to listen on
+/// them. Each is bound for a moment and let go; nothing is looked at while a relay runs on the state dir (its own
+/// listeners hold their addresses), and an address only root may bind is left to the unit, whose
+/// `AmbientCapabilities=CAP_NET_BIND_SERVICE` lets the service's user bind it.
+pub fn busy_addresses(config: &Config) -> Vec<crate::config::Warning> {
+    if crate::queue::relay_runs_on(&config.state_dir) {
+        return Vec::new();
+    }
+    let mut warnings = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let why = match std::net::TcpListener::bind(l.address) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => format!(
+                "{} is in use by another program, so `relay serve` cannot listen on it: `ss -ltnp 'sport = :{}'` names it (on Debian often exim4 or Postfix); stop it, or choose another address",
+                l.address,
+                l.address.port()
+            ),
+            Err(e) => format!("{}: `relay serve` cannot listen on it: {e}", l.address),
+        };
+        warnings.push(crate::config::Warning {
+            key: format!("listener[{i}].address"),
+            text: why,
+        });
+    }
+    warnings
+}
 
 /// The config, if serve would start on it; else every problem found, each with its file, key and reason.
 pub fn check(config: Config) -> Result<Config, ConfigError> {

@@ -178,7 +178,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => check_route(&inspect()?, &route, user.as_deref(), listener.as_deref()),
         Command::Check { route: None, .. } => match inspect().and_then(relay::check::check) {
             Ok(c) => {
-                for w in c.warnings() {
+                for w in c
+                    .warnings()
+                    .into_iter()
+                    .chain(relay::check::busy_addresses(&c))
+                {
                     eprintln!("warning: {}: {}", w.key, w.text);
                 }
                 println!(

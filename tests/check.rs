@@ -250,3 +250,44 @@ fn the_systemd_credential_is_left_to_the_service() {
         "{err}"
     );
 }
+
+/// A listener's address that another program holds (exim4 on port 25) is a warning from `relay check`, which the
+/// daemon would fail on; a running relay's own addresses are not (its state dir's lock says it runs).
+#[test]
+fn an_address_another_program_holds_is_a_warning_but_not_a_running_relays_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!("address = \"127.0.0.1:{port}\"\nauth = \"none\""),
+    );
+    let out = relay(&["check"], &config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("in use"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let other = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = relay(&["check"], &config);
+    assert!(out.status.success(), "a warning, not an invalid config");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("warning: listener[0].address: ")
+            && stderr.contains(&format!("127.0.0.1:{port} is in use by another program")),
+        "{stderr}"
+    );
+    drop(other);
+
+    let daemon = Daemon::spawn(&config);
+    let out = relay(&["check"], &config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("in use"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(daemon.terminate().success());
+}

@@ -293,6 +293,19 @@ impl Drop for Arriving {
 }
 
 /// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends).
+/// Whether a relay (`serve`) holds the state dir now, as far as can be told without writing: its lock is taken.
+/// A lock file that cannot be opened (another user's) may be held: `true`.
+pub fn relay_runs_on(state_dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = match File::open(state_dir.join(".lock")) {
+        Ok(f) => f,
+        Err(e) => return e.kind() != io::ErrorKind::NotFound,
+    };
+    // Shared and let go at once (the file closes): a serve starting in that moment finds it busy and says so.
+    // SAFETY: the descriptor is open for the duration of the call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}
+
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");

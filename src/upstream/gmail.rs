@@ -99,13 +99,21 @@ impl GmailUpstream {
         })
     }
 
-    /// Whether `session` is on the Gmail endpoint's scheme, host and port: the account's bearer token goes with
-    /// every request to it, and a URL read back from a state file could have been pointed anywhere.
+    /// Whether `session` is on the Gmail endpoint's scheme, host and port, or, for Google's own endpoint, on
+    /// another of Google's API hosts over HTTPS (a session may be given on `www.googleapis.com`): the account's
+    /// bearer token goes with every request to it, and a URL read back from a state file could have been pointed
+    /// anywhere.
     fn is_own(&self, session: &str) -> bool {
         let Some(endpoint) = &self.endpoint else {
             return false;
         };
-        reqwest::Url::parse(session).is_ok_and(|u| u.origin() == endpoint.origin())
+        let google = |u: &reqwest::Url| {
+            u.scheme() == "https"
+                && u.port().is_none()
+                && u.host_str().is_some_and(|h| h.ends_with(".googleapis.com"))
+        };
+        reqwest::Url::parse(session)
+            .is_ok_and(|u| u.origin() == endpoint.origin() || (google(&u) && google(endpoint)))
     }
 
     /// Where its requests go (for `relay test`'s transcript).
@@ -128,7 +136,10 @@ impl GmailUpstream {
                 "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
             ));
         }
-        if total <= SIMPLE_LIMIT {
+        // A message an earlier attempt began in a session (its `Bcc:` line or rewriting may have shrunk it since)
+        // goes the resumable way, which asks that session first.
+        let kept = resume.is_some_and(|r| r.load().is_some());
+        if total <= SIMPLE_LIMIT && !kept {
             // Read from the queue file as it is sent.
             let resp = self
                 .http
@@ -253,12 +264,19 @@ impl Upload<'_> {
                 )),
                 other => other,
             }),
-            308 => Ok(match held(r.headers()) {
-                Some(held) if same && held < self.total => Some((kept.url, held)),
-                _ => None,
-            }),
-            // Gone (404, 410: expired or dropped by Google): a new session.
-            _ => Ok(None),
+            308 => match held(r.headers()) {
+                Some(held) if same && held < self.total => Ok(Some((kept.url, held))),
+                _ => {
+                    self.keep(None).await;
+                    Ok(None)
+                }
+            },
+            // Gone (404, 410: expired or dropped by Google): forgotten (not asked again should the new session
+            // fail to begin), and a new session.
+            _ => {
+                self.keep(None).await;
+                Ok(None)
+            }
         }
     }
 
@@ -684,6 +702,15 @@ mod tests {
         kept: UploadSession,
         old: wiremock::ResponseTemplate,
     ) -> (Outcome, Option<UploadSession>, usize, Vec<String>) {
+        send_kept(large().0, kept, old).await
+    }
+
+    /// As [`send_with_kept`], for `message`.
+    async fn send_kept(
+        message: Outgoing,
+        kept: UploadSession,
+        old: wiremock::ResponseTemplate,
+    ) -> (Outcome, Option<UploadSession>, usize, Vec<String>) {
         use wiremock::matchers::{method, path};
         use wiremock::{Mock, MockServer, Request, ResponseTemplate};
         let server = MockServer::start().await;
@@ -732,7 +759,6 @@ mod tests {
         store.save(Some(kept)).unwrap();
         let resume: Arc<dyn ResumePoint> = store.clone();
         let gmail = GmailUpstream::new(&server.uri()).unwrap();
-        let (message, _) = large();
         let out = gmail
             .send(
                 &SecretString::from("tok"),
@@ -828,6 +854,26 @@ mod tests {
         assert_eq!(begun, 0);
     }
 
+    /// A message that an earlier attempt began in a session, and that is now small enough for a simple upload (its
+    /// `Bcc:` line or rewriting shrank it), asks that session first: it may have sent it.
+    #[tokio::test]
+    async fn a_message_grown_small_asks_its_kept_session_first() {
+        let small = Outgoing::from_bytes(b"To: a@example.com\r\nSubject: x\r\n\r\nhi\r\n".to_vec());
+        let kept = old_session(SIMPLE_LIMIT as u64 + 10, None, Duration::from_secs(60));
+        let (out, _, begun, asked) = send_kept(
+            small,
+            kept,
+            wiremock::ResponseTemplate::new(200).set_body_string(r#"{"id":"old"}"#),
+        )
+        .await;
+        assert!(
+            matches!(&out, Outcome::Delivered(r) if r.contains("sent by the upload session of an earlier attempt")),
+            "{out:?}"
+        );
+        assert_eq!(begun, 0, "nothing uploaded");
+        assert_eq!(asked.len(), 1);
+    }
+
     /// A session begun over a week ago is past Google's lifetime: not asked, and the message is uploaded anew.
     #[tokio::test]
     async fn a_session_older_than_a_week_is_not_asked() {
@@ -895,6 +941,13 @@ mod tests {
         let g = GmailUpstream::new("https://gmail.googleapis.com").unwrap();
         assert!(g.is_own("https://gmail.googleapis.com/upload/gmail/v1/users/me/messages/send?uploadType=resumable&upload_id=X"));
         assert!(g.is_own("https://gmail.googleapis.com:443/x"));
+        // Google may give the session on another of its API hosts.
+        assert!(g.is_own(
+            "https://www.googleapis.com/upload/gmail/v1/users/me/messages/send?upload_id=X"
+        ));
+        let fake = GmailUpstream::new("http://127.0.0.1:9").unwrap();
+        assert!(fake.is_own("http://127.0.0.1:9/x"));
+        assert!(!fake.is_own("https://www.googleapis.com/x"));
         for other in [
             "http://gmail.googleapis.com/x",
             "https://gmail.googleapis.com:8443/x",
