@@ -251,6 +251,16 @@ fn the_systemd_credential_is_left_to_the_service() {
     );
 }
 
+/// `relay check` on `config` passes without a word about an address in use.
+fn no_address_warning(config: &Path) {
+    let out = relay(&["check"], config);
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
 /// A listener's address that another program holds (exim4 on port 25) is a warning from `relay check`, which the
 /// daemon would fail on; a running relay's own addresses are not (its state dir's lock says it runs).
 #[test]
@@ -262,13 +272,7 @@ fn an_address_another_program_holds_is_a_warning_but_not_a_running_relays_own() 
         "",
         &format!("address = \"127.0.0.1:{port}\"\nauth = \"none\""),
     );
-    let out = relay(&["check"], &config);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        !text(&out.stderr).contains("in use"),
-        "{}",
-        text(&out.stderr)
-    );
+    no_address_warning(&config);
 
     let other = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let out = relay(&["check"], &config);
@@ -282,12 +286,6 @@ fn an_address_another_program_holds_is_a_warning_but_not_a_running_relays_own() 
     drop(other);
 
     let daemon = Daemon::spawn(&config);
-    let out = relay(&["check"], &config);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        !text(&out.stderr).contains("in use"),
-        "{}",
-        text(&out.stderr)
-    );
+    no_address_warning(&config);
     assert!(daemon.terminate().success());
 }
