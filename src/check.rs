@@ -1,7 +1,7 @@
 //! `relay check`: everything in a config that would keep `relay serve` from starting, found by the construction
 //! that serve itself runs (listener certificates, each account's credentials and upstreams, the token key and the
-//! token files it must open), without binding a port or writing anything. A sysadmin runs it before `systemctl
-//! reload relay`: it must say what the daemon would say.
+//! token files it must open), without writing anything. A sysadmin runs it before `systemctl reload relay`: it must
+//! say what the daemon would say.
 //!
 //! Files that only the service can read are skipped: a `$CREDENTIALS_DIRECTORY/…` path outside the unit, and
 //! `token_encryption = "systemd-creds"` there too. [`Config::credentials_at_start`] names them, and
