@@ -215,6 +215,22 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
             u.reason
         ));
     }
+    if let Some(u) = TokenStore::new(&config.state_dir).unsaved(&a.name) {
+        warnings.push(if crate::queue::relay_runs_on(&config.state_dir) {
+            format!(
+                "the daemon renewed the grant at {} but cannot write the token file ({}): the grant is held in memory only, and a restart loses it (with a provider that rotates refresh tokens, for good); fix the tokens directory, and relay saves it within minutes",
+                rfc(u.since),
+                u.why
+            )
+        } else {
+            format!(
+                "relay stopped while it held a renewed grant it could not write to the token file ({}, since {}): the file's grant may have been replaced at the provider; if mail does not go, run `relay authorize {}`",
+                u.why,
+                rfc(u.since),
+                a.name
+            )
+        });
+    }
     if let Some(p) = &paused {
         warnings.push(format!(
             "the provider asked the account to pause until {} ({}): its mail is held until then; `relay queue retry` ends every account's pause early",

@@ -828,6 +828,16 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
     assert!(upstream.next().await.auth.contains("Bearer access-2"));
     d.wait_log("relay_event=\"delivered\"");
     assert_eq!(token_file(&state)["refresh_token"], "refresh-1");
+    // `relay status`, which reads the file, says that the grant is in memory only.
+    let warned = |status: &serde_json::Value| {
+        status["accounts"][0]["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("held in memory only"))
+    };
+    let (_, status) = status_json(&config);
+    assert!(warned(&status) && status["ok"] == false, "{status}");
 
     // The upstream wants a newer token: the refresh uses the rotated refresh token, which only memory holds.
     *upstream.tokens.lock().unwrap() = vec!["access-3".into()];
@@ -854,6 +864,7 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
 
     unwritable.undo();
     d.wait_log("the renewed tokens are saved now");
+    assert!(!warned(&status_json(&config).1));
     let file = token_file(&state);
     assert_eq!(file["access_token"], "access-4");
     assert_eq!(file["refresh_token"], "refresh-4");

@@ -473,11 +473,16 @@ impl AccountTokens {
 
     /// Says that a renewed grant is in memory only: an error line, and a `token_refresh_failed` for the alerts,
     /// because a restart now loses the grant (a provider that rotates refresh tokens strictly has already
-    /// invalidated the one in the file), and `relay status`, which reads that file, cannot know.
+    /// invalidated the one in the file); and, for a grant with a refresh token, a mark that `relay status`, which
+    /// reads files, shows until the grant is written.
     fn unsaved_after_refresh(&self, e: &StoreError) {
         let path = self.store.path(&self.name);
         tracing::error!(relay_event = "token_refresh_failed", relay_account = %self.name, file = %path.display(), error = %e, "the access token was renewed, but the token file cannot be written: the new tokens are used from memory and saved as soon as it can be (tried again at every refresh and in between); until then a restart loses them, and with a provider that rotates refresh tokens, the grant");
         let why = format!("the renewed tokens cannot be saved ({e}); they are used from memory");
+        // A refresh token is what a restart would lose; a grant without a person is obtained again.
+        if self.renewal.is_interactive() {
+            self.store.mark_unsaved(&self.name, &e.to_string());
+        }
         crate::events::emit(crate::events::Event::TokenRefreshFailed {
             account: &self.name,
             why: &why,

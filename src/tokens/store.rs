@@ -110,6 +110,14 @@ struct File {
     last_error: Option<String>,
 }
 
+/// A renewed grant the daemon holds in memory only (see [`TokenStore::mark_unsaved`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Unsaved {
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+    pub why: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     dir: PathBuf,
@@ -146,6 +154,47 @@ impl TokenStore {
 
     pub fn path(&self, account: &str) -> PathBuf {
         self.dir.join(format!("{account}.json"))
+    }
+
+    /// `STATE_DIR/accounts/ACCOUNT.unsaved`: the daemon holds a renewed grant that it could not write to the token
+    /// file, since when and why. For `relay status`, which reads files; beside the accounts' other reports, since
+    /// the tokens directory is usually what cannot be written.
+    fn unsaved_path(&self, account: &str) -> PathBuf {
+        let state_dir = self.dir.parent().unwrap_or(&self.dir);
+        state_dir
+            .join("accounts")
+            .join(format!("{account}.unsaved"))
+    }
+
+    /// Says (once, keeping the first time) that the account's renewed grant is in memory only.
+    pub fn mark_unsaved(&self, account: &str, why: &str) {
+        let path = self.unsaved_path(account);
+        if path.exists() {
+            return;
+        }
+        let doc = Unsaved {
+            since: SystemTime::now(),
+            why: why.to_string(),
+        };
+        let written = path
+            .parent()
+            .map_or(Ok(()), crate::state_files::create_dir_all)
+            .and_then(|()| {
+                crate::state_files::replace(&path, &serde_json::to_vec(&doc).unwrap_or_default())
+            });
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot record the unsaved grant for relay status");
+        }
+    }
+
+    /// The grant is in the file again.
+    pub fn clear_unsaved(&self, account: &str) {
+        let _ = std::fs::remove_file(self.unsaved_path(account));
+    }
+
+    /// Whether the daemon said its renewed grant is in memory only (see [`Self::mark_unsaved`]).
+    pub fn unsaved(&self, account: &str) -> Option<Unsaved> {
+        crate::small_files::report(&self.unsaved_path(account))
     }
 
     /// The modification time of the account's file, to notice a new grant from `relay authorize`.
@@ -441,6 +490,8 @@ impl TokenStore {
         }
         file.write_all(&body).map_err(io)?;
         file.commit().map_err(io)?;
+        // The daemon's grant is saved, or `relay authorize` stored a new one: nothing is in memory only.
+        self.clear_unsaved(account);
         Ok(blake3::hash(&body))
     }
 }
