@@ -20,16 +20,18 @@ use crate::tokens::{StoreError, TokenStore};
 /// listeners hold their addresses), and an address only root may bind is left to the unit, whose
 /// `AmbientCapabilities=CAP_NET_BIND_SERVICE` lets the service's user bind it.
 pub fn busy_addresses(config: &Config) -> Vec<crate::config::Warning> {
-    if crate::queue::relay_runs_on(&config.state_dir) {
-        return Vec::new();
-    }
+    crate::queue::while_no_relay_runs(&config.state_dir, || look_for_busy(config))
+        .unwrap_or_default()
+}
+
+fn look_for_busy(config: &Config) -> Vec<crate::config::Warning> {
     let mut warnings = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let why = match std::net::TcpListener::bind(l.address) {
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => continue,
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => format!(
-                "{} is in use by another program, so `relay serve` cannot listen on it: `ss -ltnp 'sport = :{}'` names it (on Debian often exim4 or Postfix); stop it, or choose another address",
+                "{} is in use by another program (or a relay on another state dir), so `relay serve` cannot listen on it: `ss -ltnp 'sport = :{}'` names it (on Debian often exim4 or Postfix); stop it, or choose another address",
                 l.address,
                 l.address.port()
             ),

@@ -116,8 +116,10 @@ impl Relay {
         // reports that an upstream could not be reached (every upstream counts as reachable until a connection
         // says otherwise).
         state_files::tighten(&config.state_dir);
+        let token_files = tokens::TokenStore::new(&config.state_dir);
         for a in &config.accounts {
             upstream::transports::forget_unreachable(&config.state_dir, &a.name);
+            token_files.unsaved_lost(&a.name);
         }
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);

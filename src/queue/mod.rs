@@ -24,7 +24,7 @@ pub use envelope::Envelope;
 pub use file::{FileError, QueuedMessage};
 pub use id::QueueId;
 pub use layout::SpoolPaths;
-pub use spool::{Incoming, Spool, SpoolError, relay_runs_on};
+pub use spool::{Incoming, Spool, SpoolError, relay_runs_on, while_no_relay_runs};
 pub use store::{Place, QueueEntry, QueueStore, StoreError};
 
 /// A lock that a panic elsewhere does not make unusable: what the queue's mutexes guard (maps of ids, counts, a

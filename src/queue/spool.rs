@@ -292,20 +292,33 @@ impl Drop for Arriving {
     }
 }
 
-/// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends).
 /// Whether a relay (`serve`) holds the state dir now, as far as can be told without writing: its lock is taken.
 /// A lock file that cannot be opened (another user's) may be held: `true`.
 pub fn relay_runs_on(state_dir: &Path) -> bool {
+    while_no_relay_runs(state_dir, || ()).is_none()
+}
+
+/// Runs `f` while holding the state dir's lock shared, if no relay holds it: a serve starting meanwhile waits for
+/// it (see [`lock_state_dir`]) instead of meeting what `f` does (`relay check` binding the listeners' addresses
+/// for a moment). `None`: a relay runs (or may: a lock file that cannot be opened).
+pub fn while_no_relay_runs<T>(state_dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
     use std::os::fd::AsRawFd;
     let file = match File::open(state_dir.join(".lock")) {
         Ok(f) => f,
-        Err(e) => return e.kind() != io::ErrorKind::NotFound,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(f()),
+        Err(_) => return None,
     };
-    // Shared and let go at once (the file closes): a serve starting in that moment finds it busy and says so.
     // SAFETY: the descriptor is open for the duration of the call.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return None;
+    }
+    let done = f();
+    drop(file);
+    Some(done)
 }
 
+/// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by
+/// another command (`relay status`, `relay check` looking whether a relay runs), it is tried again for a while.
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");
@@ -326,16 +339,23 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
         }
         Err(e) => return Err(SpoolError::io(&path, e)),
     };
-    // SAFETY: the descriptor is open for the duration of the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // Another serve holds it for good; a command's shared look lasts milliseconds.
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    loop {
+        // SAFETY: the descriptor is open for the duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
         let e = io::Error::last_os_error();
-        return Err(if e.kind() == io::ErrorKind::WouldBlock {
-            SpoolError::Locked { path }
-        } else {
-            SpoolError::io(&path, e)
-        });
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(SpoolError::io(&path, e));
+        }
+        if started.elapsed() >= PATIENCE {
+            return Err(SpoolError::Locked { path });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(file)
 }
 
 /// Whom the queue's files are given to when root writes them (`sudo relay serve` on the service's state dir):

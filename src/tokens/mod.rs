@@ -387,6 +387,7 @@ impl AccountTokens {
             }
             Ok((Some(tokens), hash)) if hash != state.file_hash => {
                 tracing::info!(relay_account = %self.name, file = %self.store.path(&self.name).display(), "the token file was replaced; its grant is used instead of the unsaved one");
+                self.store.clear_unsaved(&self.name);
                 state.tokens = Some(tokens);
                 state.file_hash = hash;
                 state.file_mtime = mtime;
@@ -725,6 +726,9 @@ impl AccountTokens {
                 }
             }
             Ok((tokens, hash)) => {
+                if state.unsaved {
+                    self.store.clear_unsaved(&self.name);
+                }
                 if tokens.is_some() {
                     tracing::info!(relay_account = %self.name, "the token file changed during a refresh; using the newer grant");
                 } else {

@@ -116,6 +116,9 @@ pub struct Unsaved {
     #[serde(with = "humantime_serde")]
     pub since: SystemTime,
     pub why: String,
+    /// The daemon that held it has stopped (see [`TokenStore::unsaved_lost`]).
+    #[serde(default)]
+    pub lost: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -168,22 +171,37 @@ impl TokenStore {
 
     /// Says (once, keeping the first time) that the account's renewed grant is in memory only.
     pub fn mark_unsaved(&self, account: &str, why: &str) {
-        let path = self.unsaved_path(account);
-        if path.exists() {
+        if self.unsaved(account).is_some_and(|u| !u.lost) {
             return;
         }
-        let doc = Unsaved {
-            since: SystemTime::now(),
-            why: why.to_string(),
-        };
+        self.write_unsaved(
+            account,
+            &Unsaved {
+                since: SystemTime::now(),
+                why: why.to_string(),
+                lost: false,
+            },
+        );
+    }
+
+    /// At the daemon's start: a grant an earlier run held in memory only went with it.
+    pub fn unsaved_lost(&self, account: &str) {
+        if let Some(mut u) = self.unsaved(account).filter(|u| !u.lost) {
+            u.lost = true;
+            self.write_unsaved(account, &u);
+        }
+    }
+
+    fn write_unsaved(&self, account: &str, doc: &Unsaved) {
+        let path = self.unsaved_path(account);
         let written = path
             .parent()
             .map_or(Ok(()), crate::state_files::create_dir_all)
             .and_then(|()| {
-                crate::state_files::replace(&path, &serde_json::to_vec(&doc).unwrap_or_default())
+                crate::state_files::replace(&path, &serde_json::to_vec(doc).unwrap_or_default())
             });
         if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot record the unsaved grant for relay status");
+            tracing::warn!(relay_account = %account, path = %path.display(), error = %e, "cannot record for relay status that the account's renewed grant is in memory only");
         }
     }
 
@@ -569,6 +587,27 @@ mod tests {
         assert!(reason.contains("larger than 1 MiB"), "{reason}");
         assert!(store.set_aside("a").unwrap().is_some());
         assert!(!store.path("a").exists());
+    }
+
+    #[test]
+    fn an_unsaved_mark_lasts_until_a_write_and_says_when_its_daemon_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path());
+        assert!(store.unsaved("a").is_none());
+        store.mark_unsaved("a", "read-only");
+        let first = store.unsaved("a").unwrap();
+        assert!(!first.lost && first.why == "read-only");
+        // Marked again by the same daemon: the first time stays.
+        store.mark_unsaved("a", "again");
+        assert_eq!(store.unsaved("a").unwrap().why, "read-only");
+        // A new daemon starts: the grant went with the old one; a new mark of its own replaces that.
+        store.unsaved_lost("a");
+        assert!(store.unsaved("a").unwrap().lost);
+        store.mark_unsaved("a", "still read-only");
+        let second = store.unsaved("a").unwrap();
+        assert!(!second.lost && second.why == "still read-only");
+        store.save("a", &tokens("x")).unwrap();
+        assert!(store.unsaved("a").is_none(), "a write clears it");
     }
 
     #[test]

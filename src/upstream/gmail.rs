@@ -100,17 +100,21 @@ impl GmailUpstream {
     }
 
     /// Whether `session` is on the Gmail endpoint's scheme, host and port, or, for Google's own endpoint, on
-    /// another of Google's API hosts over HTTPS (a session may be given on `www.googleapis.com`): the account's
+    /// the other of Google's API hosts over HTTPS (a session may be given on `www.googleapis.com`): the account's
     /// bearer token goes with every request to it, and a URL read back from a state file could have been pointed
     /// anywhere.
     fn is_own(&self, session: &str) -> bool {
         let Some(endpoint) = &self.endpoint else {
             return false;
         };
+        // Named, not any `*.googleapis.com`: some of those are names users choose (Cloud Storage buckets).
         let google = |u: &reqwest::Url| {
             u.scheme() == "https"
                 && u.port().is_none()
-                && u.host_str().is_some_and(|h| h.ends_with(".googleapis.com"))
+                && matches!(
+                    u.host_str(),
+                    Some("gmail.googleapis.com" | "www.googleapis.com")
+                )
         };
         reqwest::Url::parse(session)
             .is_ok_and(|u| u.origin() == endpoint.origin() || (google(&u) && google(endpoint)))
@@ -948,6 +952,7 @@ mod tests {
         let fake = GmailUpstream::new("http://127.0.0.1:9").unwrap();
         assert!(fake.is_own("http://127.0.0.1:9/x"));
         assert!(!fake.is_own("https://www.googleapis.com/x"));
+        assert!(!g.is_own("https://bucket.storage.googleapis.com/x"));
         for other in [
             "http://gmail.googleapis.com/x",
             "https://gmail.googleapis.com:8443/x",
