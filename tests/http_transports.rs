@@ -1127,3 +1127,81 @@ async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed(
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A message whose Gmail upload was cut short (relay killed before the last chunk's answer) and which is past
+/// `max_age` when relay starts again: its kept session is asked before it is bounced. The session that holds the
+/// whole message sent it: delivered, nobody told it failed. One that holds only its first chunk did not: bounced
+/// as expired, and not a byte more uploaded. One that gives no clear answer: deferred with the session kept (not
+/// bounced for mail that may have gone), and asked again at the next retry step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
+    let (msg, _) = scan(4_500_000);
+    for case in ["sent", "part", "unclear"] {
+        let (_idp, api, d, dir) = daemon_through_api("google").await;
+        let last = if case == "part" {
+            Chunk::Held
+        } else {
+            Chunk::TakenButHeld
+        };
+        api.script_chunks(vec![Chunk::Taken, last]);
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        api.requests(2, is_chunk).await;
+        drop(d); // SIGKILL
+        let config = dir.path().join("relay.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        let queue = "[queue]\nretry = [\"1s\"]\n";
+        assert!(text.contains(queue));
+        text = text.replace(queue, &format!("{queue}max_age = \"0s\"\n"));
+        std::fs::write(&config, text).unwrap();
+        if case == "unclear" {
+            api.script_status_replies(vec![503, 500, 503]);
+        }
+        let mut d = Daemon::spawn(&config);
+        let state = dir.path().join("state");
+        match case {
+            "sent" => {
+                let line = d.wait_log("relay_event=\"delivered\"");
+                assert!(
+                    line.contains("sent by the upload session of an earlier attempt"),
+                    "{line}"
+                );
+                let sent = api.sent(1).await;
+                none_dead_nor_bounced(&d, dir.path(), &sent);
+                // The two chunks and one status query.
+                assert_eq!(status_queries(&api), 3, "{:?}", api.log());
+            }
+            "part" => {
+                let line = d.wait_log("relay_event=\"dead\"");
+                assert!(line.contains("expired after 0s"), "{line}");
+                assert!(line.contains("did not send it"), "{line}");
+                // Its sender is told (the bounce itself expires at once with `max_age = 0s`: not sent here).
+                d.wait_log("bounce_queued");
+                // The two chunks and one status query (308, the first chunk held): nothing more uploaded.
+                assert_eq!(status_queries(&api), 3, "{:?}", api.log());
+                let dead = files_in(&state, "dead");
+                let kept = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
+                let kept = std::fs::read_to_string(state.join("dead").join(kept)).unwrap();
+                assert!(!kept.contains("upload_id="), "{kept}");
+            }
+            _ => {
+                let why = deferred_saying(&mut d, &["gave no clear answer", "past max_age"]);
+                let (_, kept) = kept_state(&state);
+                assert!(kept["upload"]["url"].is_string(), "{kept}");
+                assert!(files_in(&state, "dead").is_empty());
+                // Asked again at the next step: now it answers, and the message was sent.
+                let line = d.wait_log("relay_event=\"delivered\"");
+                assert!(
+                    line.contains("sent by the upload session of an earlier attempt"),
+                    "{line}"
+                );
+                let sent = api.sent(1).await;
+                none_dead_nor_bounced(&d, dir.path(), &sent);
+                session_not_logged(&[&why]);
+            }
+        }
+        assert_eq!(resumable_starts(&api), 1, "{case}: {:?}", api.log());
+        session_not_logged(&d.unmatched().iter().collect::<Vec<_>>());
+        assert!(api.errors().is_empty(), "{case}: {:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0), "{case}");
+    }
+}

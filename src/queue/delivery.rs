@@ -678,14 +678,7 @@ impl Delivery {
                     .checked_add(self.queue.max_age)
                     .is_some_and(|end| end < now)
                 {
-                    let why = format!(
-                        "expired after {} in the queue; {why}",
-                        humantime::format_duration(self.queue.max_age)
-                    );
-                    return self
-                        .clone()
-                        .blocking(move |d| d.dead(id, &mut state, &why, None, &[]))
-                        .await;
+                    return self.clone().expire(id, state, why).await;
                 }
                 return self
                     .clone()
@@ -777,11 +770,23 @@ impl Delivery {
                 .blocking(move |d| d.remove_delivered(id, true))
                 .await;
         }
-        if state
+        let expired = state
             .age_from(msg.envelope.received_at)
             .checked_add(self.queue.max_age)
-            .is_some_and(|end| end < now)
-        {
+            .is_some_and(|end| end < now);
+        // Past max_age with a Gmail upload session an earlier attempt kept (its answer was not heard: a stop, a
+        // crash, a session that said nothing clear): the session may have sent the message, and a bounce would
+        // tell its sender it failed. It is asked first, through the account that holds it, and nothing more is
+        // uploaded; it is bounced once the session says it does not hold the message whole. A session that gives
+        // no clear answer is asked again at the retry steps, until Google's week for it ends.
+        let asks = expired
+            && state.upload.as_ref().is_some_and(|u| {
+                u.begun_at.is_some_and(|at| {
+                    now.duration_since(at)
+                        .is_ok_and(|age| age < crate::upstream::gmail::SESSION_LIFETIME)
+                })
+            });
+        if expired && !asks {
             let why = format!(
                 "expired after {} in the queue",
                 humantime::format_duration(self.queue.max_age)
@@ -810,6 +815,13 @@ impl Delivery {
         };
         let decision = match decision {
             Ok(d) => d,
+            // Expired, its session cannot be asked: as below, when the account holding it no longer takes it.
+            Err(why) if asks => {
+                let why = format!(
+                    "{why}: the Gmail upload session an earlier attempt kept for it was not asked, and may have sent it"
+                );
+                return self.clone().expire(id, state, why).await;
+            }
             Err(why) => {
                 return self
                     .clone()
@@ -818,6 +830,30 @@ impl Delivery {
             }
         };
         let pool = decision.pool;
+        // An expired message whose kept session is asked goes through the account holding it, or nowhere.
+        let holder = state
+            .upload
+            .as_ref()
+            .map(|u| u.account.clone())
+            .filter(|_| asks);
+        let names = match &holder {
+            Some(h)
+                if decision.accounts.contains(h)
+                    && self
+                        .accounts
+                        .get(h)
+                        .is_some_and(|a| a.transports.asks_upload_sessions()) =>
+            {
+                std::slice::from_ref(h)
+            }
+            Some(h) => {
+                let why = format!(
+                    "the Gmail upload session account {h} kept for it was not asked (the account no longer sends this message through the Gmail API): it may have sent the message"
+                );
+                return self.clone().expire(id, state, why).await;
+            }
+            None => decision.accounts,
+        };
         if self.waiting.is_behind(pool, id) {
             return Attempted::Waiting {
                 pool,
@@ -828,7 +864,7 @@ impl Delivery {
         // A message that cannot go now does not hold one of the scheduler's places while it waits: it is parked,
         // and comes back when a delivery of its accounts ends or a limit's window frees.
         let (account, slot, mut reservation) = match self.take_place(
-            decision.accounts,
+            names,
             recipients.len(),
             now,
             state.upload.as_ref().map(|u| u.account.as_str()),
@@ -842,10 +878,12 @@ impl Delivery {
             }
             Err(mut wait) => {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
-                // not when the window frees, maybe a day later.
+                // not when the window frees, maybe a day later. (Expired already and asking its session: it
+                // waits as any other, or it would be taken up again at once, and again.)
                 let expires = state
                     .age_from(msg.envelope.received_at)
-                    .checked_add(self.queue.max_age);
+                    .checked_add(self.queue.max_age)
+                    .filter(|_| !asks);
                 if let Wait::Upstream(at) = wait {
                     tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
@@ -936,6 +974,7 @@ impl Delivery {
             account: account.name.clone(),
             state: Mutex::new(std::mem::take(&mut state)),
             written: AtomicBool::new(false),
+            expired: asks,
         });
         let resume: Arc<dyn ResumePoint> = kept.clone();
         let outcome = account
@@ -966,7 +1005,8 @@ impl Delivery {
                         + until.saturating_duration_since(std::time::Instant::now());
                     let expires = state
                         .age_from(msg.envelope.received_at)
-                        .checked_add(self.queue.max_age);
+                        .checked_add(self.queue.max_age)
+                        .filter(|_| !asks);
                     Wait::Upstream(expires.map_or(at, |e| e.min(at)))
                 }
                 None => Wait::Connection,
@@ -1011,7 +1051,20 @@ impl Delivery {
             .blocking(move |d| {
                 let taken = matches!(outcome, Outcome::Delivered(_) | Outcome::Partial { .. });
                 reservation.finish(taken);
-                let next = d.settle(id, &account, outcome, &recipients, &mut state, written);
+                let next = match outcome {
+                    // Asked past max_age, and the session did not send it (forgotten): bounced as expired.
+                    Outcome::Transient(reply) if asks && state.upload.is_none() => {
+                        let why = d.expired(&format!("last error: {reply}"));
+                        d.dead(id, &mut state, &why, None, &[])
+                    }
+                    Outcome::Transient(reply) if asks => {
+                        let why = format!(
+                            "{reply}; past max_age: bounced once the session says it does not hold the message whole, or when Google's week for it ends"
+                        );
+                        d.settle(id, &account, Outcome::Transient(why), &recipients, &mut state, written)
+                    }
+                    outcome => d.settle(id, &account, outcome, &recipients, &mut state, written),
+                };
                 // The lock goes once the file is settled. Closed here, on the blocking pool: the last close of
                 // a delivered file, unlinked by `settle`, is when the kernel frees it (truncate, free blocks, the
                 // discard), which on the runtime's thread cut the drain by a third.
@@ -1021,6 +1074,25 @@ impl Delivery {
             })
             .await
             .with_account(name)
+    }
+
+    /// Why a message past `max_age` goes to dead/, `then` after the age.
+    fn expired(&self, then: &str) -> String {
+        format!(
+            "expired after {} in the queue; {then}",
+            humantime::format_duration(self.queue.max_age)
+        )
+    }
+
+    /// Moves a message past `max_age` to dead/ (and has it bounced), `then` saying why after its age.
+    async fn expire(
+        self: Arc<Self>,
+        id: QueueId,
+        mut state: DeliveryState,
+        then: String,
+    ) -> Attempted {
+        self.blocking(move |d| d.dead(id, &mut state, &d.expired(&then), None, &[]))
+            .await
     }
 
     /// Runs file work (writes with fsyncs, renames, unlinks) on the blocking pool, so the runtime's threads do not
@@ -1404,6 +1476,8 @@ struct StateResume {
     state: Mutex<DeliveryState>,
     /// The state file was written (one a first attempt may now have).
     written: AtomicBool,
+    /// The message is past max_age (see [`ResumePoint::expired`]).
+    expired: bool,
 }
 
 impl ResumePoint for StateResume {
@@ -1438,6 +1512,10 @@ impl ResumePoint for StateResume {
         let written = write_state(&self.dir, self.id, &state);
         self.written.store(true, Ordering::Release);
         written
+    }
+
+    fn expired(&self) -> bool {
+        self.expired
     }
 }
 
@@ -1507,6 +1585,7 @@ mod tests {
             account: account.into(),
             state: Mutex::new(state),
             written: AtomicBool::new(false),
+            expired: false,
         }
     }
 

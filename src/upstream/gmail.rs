@@ -80,6 +80,11 @@ pub trait ResumePoint: Send + Sync {
     fn load(&self) -> Option<UploadSession>;
     /// Keeps `session` in place of any other (`None`: none), on disk before it returns.
     fn save(&self, session: Option<UploadSession>) -> std::io::Result<()>;
+    /// The message is past the queue's `max_age`: the kept session is asked whether it sent the message (a bounce
+    /// would tell its sender it failed), and nothing more of it is uploaded.
+    fn expired(&self) -> bool {
+        false
+    }
 }
 
 pub struct GmailUpstream {
@@ -143,6 +148,9 @@ impl GmailUpstream {
         // A message an earlier attempt began in a session (its `Bcc:` line or rewriting may have shrunk it since)
         // goes the resumable way, which asks that session first.
         let kept = resume.is_some_and(|r| r.load().is_some());
+        if resume.is_some_and(|r| r.expired()) && !kept {
+            return Outcome::Transient(EXPIRED_UNSENT.into());
+        }
         if total <= SIMPLE_LIMIT && !kept {
             // Read from the queue file as it is sent.
             let resp = self
@@ -313,7 +321,13 @@ impl Upload<'_> {
     /// the reply to the last one.
     async fn resumable(&self, prefix: &[u8], message: &Outgoing) -> Result<Uploaded, Outcome> {
         let (total, token) = (self.total, self.token);
-        let (session, mut at, note) = match self.earlier().await? {
+        let earlier = self.earlier().await?;
+        if self.store.is_some_and(|s| s.expired()) {
+            // Not sent by it: what it holds goes no further, and the queue bounces the message.
+            self.keep(None).await;
+            return Err(Outcome::Transient(EXPIRED_UNSENT.into()));
+        }
+        let (session, mut at, note) = match earlier {
             Some((session, at)) => {
                 let note = format!(
                     "resumed the upload session of an earlier attempt at byte {at} of {total}"
@@ -438,6 +452,10 @@ impl Upload<'_> {
         Ok(session)
     }
 }
+
+/// Why an expired message whose kept session did not send it was not uploaded (the queue's dead line and bounce
+/// follow it).
+pub const EXPIRED_UNSENT: &str = "Gmail API: the upload session of an earlier attempt does not hold the whole message (incomplete, gone, or not to be asked), so it did not send it; past max_age, nothing more is uploaded";
 
 /// Status queries after failed chunks in one upload: each may find a little more held, and the upload must end.
 const MAX_RECOVERIES: u32 = 5;

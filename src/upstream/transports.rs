@@ -157,6 +157,12 @@ impl Transports {
         }
     }
 
+    /// Whether a Gmail upload session an earlier attempt kept can be asked through this account (it sends through
+    /// the Gmail API, with nothing to fall back to that would send the message instead).
+    pub fn asks_upload_sessions(&self) -> bool {
+        matches!((&self.primary, &self.fallback), (Primary::Gmail(_), None))
+    }
+
     /// Upstream SMTP connections open now (none for the HTTP transports).
     pub fn open_connections(&self) -> usize {
         match &self.primary {
