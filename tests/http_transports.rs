@@ -1132,11 +1132,12 @@ async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed(
 /// `max_age` when relay starts again: its kept session is asked before it is bounced. The session that holds the
 /// whole message sent it: delivered, nobody told it failed. One that holds only its first chunk did not: bounced
 /// as expired, and not a byte more uploaded. One that gives no clear answer: deferred with the session kept (not
-/// bounced for mail that may have gone), and asked again at the next retry step.
+/// bounced for mail that may have gone), and asked again at the next retry step. And when the account that kept
+/// the session is gone from the config, nobody can ask it: bounced at once, saying the session may have sent it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
     let (msg, _) = scan(4_500_000);
-    for case in ["sent", "part", "unclear"] {
+    for case in ["sent", "part", "unclear", "renamed"] {
         let (_idp, api, d, dir) = daemon_through_api("google").await;
         let last = if case == "part" {
             Chunk::Held
@@ -1152,6 +1153,9 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
         let queue = "[queue]\nretry = [\"1s\"]\n";
         assert!(text.contains(queue));
         text = text.replace(queue, &format!("{queue}max_age = \"0s\"\n"));
+        if case == "renamed" {
+            text = text.replace("\"office\"", "\"office2\"");
+        }
         std::fs::write(&config, text).unwrap();
         if case == "unclear" {
             api.script_status_replies(vec![503, 500, 503]);
@@ -1182,6 +1186,15 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
                 let kept = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
                 let kept = std::fs::read_to_string(state.join("dead").join(kept)).unwrap();
                 assert!(!kept.contains("upload_id="), "{kept}");
+            }
+            "renamed" => {
+                let line = d.wait_log("relay_event=\"dead\"");
+                assert!(line.contains("expired after 0s"), "{line}");
+                assert!(line.contains("account office kept"), "{line}");
+                assert!(line.contains("may have sent"), "{line}");
+                d.wait_log("bounce_queued");
+                // Nothing asked, nothing uploaded: the first run's two chunks only.
+                assert_eq!(status_queries(&api), 2, "{:?}", api.log());
             }
             _ => {
                 let why = deferred_saying(&mut d, &["gave no clear answer", "past max_age"]);

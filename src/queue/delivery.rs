@@ -876,6 +876,13 @@ impl Delivery {
                 self.slot_freed.notify_one();
                 place
             }
+            // Held for the one account of its pool that can ask its session: parked, it would be woken whenever
+            // another account of the pool has room (the scheduler's rule is that room means a place), and at
+            // once again, and it would keep the pool's newer mail behind it. Looked at again in a while instead.
+            Err(_) if names.len() < decision.accounts.len() => {
+                tracing::debug!(relay_queue_id = %id, relay_account = %names.join(","), "expired, waiting for the account that holds its Gmail upload session");
+                return Attempted::later(now + RECHECK);
+            }
             Err(mut wait) => {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
                 // not when the window frees, maybe a day later. (Expired already and asking its session: it
