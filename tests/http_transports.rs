@@ -1137,7 +1137,7 @@ async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
     let (msg, _) = scan(4_500_000);
-    for case in ["sent", "part", "unclear", "renamed"] {
+    for case in ["sent", "part", "unclear", "renamed", "host"] {
         let (_idp, api, d, dir) = daemon_through_api("google").await;
         let last = if case == "part" {
             Chunk::Held
@@ -1152,13 +1152,23 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
         let mut text = std::fs::read_to_string(&config).unwrap();
         let queue = "[queue]\nretry = [\"1s\"]\n";
         assert!(text.contains(queue));
-        text = text.replace(queue, &format!("{queue}max_age = \"0s\"\n"));
+        // (3 s: time for the test to read the state file the deferral kept before the next attempt.)
+        text = text.replace(queue, "[queue]\nretry = [\"3s\"]\nmax_age = \"0s\"\n");
         if case == "renamed" {
             text = text.replace("\"office\"", "\"office2\"");
         }
         std::fs::write(&config, text).unwrap();
         if case == "unclear" {
             api.script_status_replies(vec![503, 500, 503]);
+        }
+        if case == "host" {
+            let (path, mut kept) = kept_state(&dir.path().join("state"));
+            let url = kept["upload"]["url"]
+                .as_str()
+                .unwrap()
+                .replace(&api.uri(), "http://127.0.0.1:9");
+            kept["upload"]["url"] = url.into();
+            std::fs::write(&path, serde_json::to_vec(&kept).unwrap()).unwrap();
         }
         let mut d = Daemon::spawn(&config);
         let state = dir.path().join("state");
@@ -1182,10 +1192,23 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
                 d.wait_log("bounce_queued");
                 // The two chunks and one status query (308, the first chunk held): nothing more uploaded.
                 assert_eq!(status_queries(&api), 3, "{:?}", api.log());
+                // The message's and the bounce's (expired too): no session URL kept in dead/.
                 let dead = files_in(&state, "dead");
-                let kept = dead.iter().find(|f| f.ends_with(".state")).expect("dead");
-                let kept = std::fs::read_to_string(state.join("dead").join(kept)).unwrap();
-                assert!(!kept.contains("upload_id="), "{kept}");
+                let states: Vec<_> = dead.iter().filter(|f| f.ends_with(".state")).collect();
+                assert!(!states.is_empty(), "{dead:?}");
+                for f in states {
+                    let kept = std::fs::read_to_string(state.join("dead").join(f)).unwrap();
+                    assert!(!kept.contains("upload_id="), "{kept}");
+                }
+            }
+            "host" => {
+                let line = d.wait_log("relay_event=\"dead\"");
+                assert!(line.contains("expired after 0s"), "{line}");
+                assert!(line.contains("could not be asked"), "{line}");
+                assert!(line.contains("may have sent"), "{line}");
+                assert!(!line.contains("127.0.0.1:9"), "{line}");
+                d.wait_log("bounce_queued");
+                assert_eq!(status_queries(&api), 2, "{:?}", api.log());
             }
             "renamed" => {
                 let line = d.wait_log("relay_event=\"dead\"");

@@ -781,9 +781,14 @@ impl Delivery {
         // no clear answer is asked again at the retry steps, until Google's week for it ends.
         let asks = expired
             && state.upload.as_ref().is_some_and(|u| {
+                // Begun "later" than now (the clock stepped back): young, as the transport takes it, for up to
+                // a week more than its time says.
                 u.begun_at.is_some_and(|at| {
-                    now.duration_since(at)
-                        .is_ok_and(|age| age < crate::upstream::gmail::SESSION_LIFETIME)
+                    let lifetime = crate::upstream::gmail::SESSION_LIFETIME;
+                    match now.duration_since(at) {
+                        Ok(age) => age < lifetime,
+                        Err(ahead) => ahead.duration() < lifetime,
+                    }
                 })
             });
         if expired && !asks {
@@ -879,9 +884,13 @@ impl Delivery {
             // Held for the one account of its pool that can ask its session: parked, it would be woken whenever
             // another account of the pool has room (the scheduler's rule is that room means a place), and at
             // once again, and it would keep the pool's newer mail behind it. Looked at again in a while instead.
-            Err(_) if names.len() < decision.accounts.len() => {
+            Err(wait) if names.len() < decision.accounts.len() => {
                 tracing::debug!(relay_queue_id = %id, relay_account = %names.join(","), "expired, waiting for the account that holds its Gmail upload session");
-                return Attempted::later(now + RECHECK);
+                let at = match wait {
+                    Wait::Limit(Some(at)) | Wait::Upstream(at) => at.max(now + RECHECK),
+                    _ => now + RECHECK,
+                };
+                return Attempted::later(at);
             }
             Err(mut wait) => {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),

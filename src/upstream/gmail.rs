@@ -244,11 +244,7 @@ impl Upload<'_> {
             );
             return Ok(None);
         }
-        if kept.begun_at.is_some_and(|at| {
-            SystemTime::now()
-                .duration_since(at)
-                .is_ok_and(|age| age > SESSION_LIFETIME)
-        }) {
+        if !self.askable(&kept) {
             return Ok(None);
         }
         // The same bytes (the `Bcc:` line and the queue file, made again the same way), or another upload: the
@@ -292,6 +288,17 @@ impl Upload<'_> {
         }
     }
 
+    /// Whether `kept` may be asked what it holds: on the Gmail endpoint (the account's token goes with the
+    /// question) and within Google's week.
+    fn askable(&self, kept: &UploadSession) -> bool {
+        self.gmail.is_own(&kept.url)
+            && !kept.begun_at.is_some_and(|at| {
+                SystemTime::now()
+                    .duration_since(at)
+                    .is_ok_and(|age| age > SESSION_LIFETIME)
+            })
+    }
+
     /// Keeps the session for the next attempt (`None`: forgets it). Failing that, the upload goes on as before
     /// sessions were kept: cut short, the next attempt would begin a new one.
     async fn keep(&self, session: Option<&str>) {
@@ -321,11 +328,21 @@ impl Upload<'_> {
     /// the reply to the last one.
     async fn resumable(&self, prefix: &[u8], message: &Outgoing) -> Result<Uploaded, Outcome> {
         let (total, token) = (self.total, self.token);
+        let askable = self
+            .store
+            .and_then(|s| s.load())
+            .is_some_and(|kept| self.askable(&kept));
         let earlier = self.earlier().await?;
         if self.store.is_some_and(|s| s.expired()) {
-            // Not sent by it: what it holds goes no further, and the queue bounces the message.
+            // Not sent by it, or not to be asked: what it holds goes no further, and the queue bounces the
+            // message, saying which.
             self.keep(None).await;
-            return Err(Outcome::Transient(EXPIRED_UNSENT.into()));
+            let why = if askable {
+                EXPIRED_UNSENT
+            } else {
+                EXPIRED_NOT_ASKED
+            };
+            return Err(Outcome::Transient(why.into()));
         }
         let (session, mut at, note) = match earlier {
             Some((session, at)) => {
@@ -456,6 +473,9 @@ impl Upload<'_> {
 /// Why an expired message whose kept session did not send it was not uploaded (the queue's dead line and bounce
 /// follow it).
 pub const EXPIRED_UNSENT: &str = "Gmail API: the upload session of an earlier attempt does not hold the whole message (incomplete, gone, or not to be asked), so it did not send it; past max_age, nothing more is uploaded";
+
+/// Why an expired message whose kept session could not be asked was not uploaded.
+pub const EXPIRED_NOT_ASKED: &str = "Gmail API: the upload session of an earlier attempt could not be asked (not on gmail_api_url's scheme, host and port, or past Google's week): it may have sent the message; past max_age, nothing more is uploaded";
 
 /// Status queries after failed chunks in one upload: each may find a little more held, and the upload must end.
 const MAX_RECOVERIES: u32 = 5;
