@@ -808,6 +808,29 @@ fn stop_within(mut d: Daemon, bound: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Sends `msg` to the daemon, whose Gmail account uploads it in two chunks, the first taken and the last's
+/// answer held (`last`: [`Chunk::Held`] or [`Chunk::TakenButHeld`]), and kills the daemon (SIGKILL) once both
+/// chunks came: the session is kept in the message's state, its last answer unheard.
+async fn killed_mid_upload(d: Daemon, api: &FakeApi, msg: &[u8], last: Chunk) {
+    api.script_chunks(vec![Chunk::Taken, last]);
+    send_to(d.addr, &["ops@example.test"], msg).await;
+    api.requests(2, is_chunk).await;
+    drop(d);
+}
+
+/// Waits for the message's delivery and checks that the API got it once, unchanged; its delivered line. `case`
+/// names the case in the assertions' messages.
+async fn delivered_once(d: &mut Daemon, api: &FakeApi, msg: &[u8], case: &str) -> String {
+    let line = d.wait_log("relay_event=\"delivered\"");
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1, "{case}: sent twice");
+    assert!(
+        strip_received(&sent[0].mime) == msg,
+        "{case}: changed on the way"
+    );
+    line
+}
+
 fn resumable_starts(api: &FakeApi) -> usize {
     api.log()
         .iter()
@@ -892,22 +915,12 @@ async fn a_gmail_upload_cut_short_by_a_crash_resumes_its_session_or_begins_anew_
     let (msg, _) = scan(4_500_000);
     for gone in [false, true] {
         let (_idp, api, d, dir) = daemon_through_api("google").await;
-        api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
-        send_to(d.addr, &["ops@example.test"], &msg).await;
-        // Both chunks came; the second's answer is held.
-        api.requests(2, is_chunk).await;
-        drop(d); // SIGKILL
+        killed_mid_upload(d, &api, &msg, Chunk::Held).await;
         if gone {
             api.drop_gmail_sessions();
         }
         let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
-        let line = d.wait_log("relay_event=\"delivered\"");
-        let sent = api.sent(1).await;
-        assert_eq!(sent.len(), 1, "gone {gone}: sent twice");
-        assert!(
-            strip_received(&sent[0].mime) == &msg[..],
-            "gone {gone}: changed on the way"
-        );
+        let line = delivered_once(&mut d, &api, &msg, &format!("gone {gone}")).await;
         if gone {
             assert!(!line.contains("earlier attempt"), "{line}");
             assert_eq!(resumable_starts(&api), 2);
@@ -964,10 +977,7 @@ async fn a_kept_gmail_session_without_a_clear_answer_is_asked_again_not_uploaded
         } else {
             Chunk::Held
         };
-        api.script_chunks(vec![Chunk::Taken, held]);
-        send_to(d.addr, &["ops@example.test"], &msg).await;
-        api.requests(2, is_chunk).await;
-        drop(d); // SIGKILL
+        killed_mid_upload(d, &api, &msg, held).await;
         if sent_already {
             api.script_status_replies(vec![503, 500, 503]);
         } else {
@@ -992,13 +1002,8 @@ async fn a_kept_gmail_session_without_a_clear_answer_is_asked_again_not_uploaded
                 .is_some_and(|u| u.contains("upload_id=SECRET-s")),
             "{state}"
         );
-        let line = d.wait_log("relay_event=\"delivered\"");
-        let sent = api.sent(1).await;
-        assert_eq!(sent.len(), 1, "sent_already {sent_already}: sent twice");
-        assert!(
-            strip_received(&sent[0].mime) == &msg[..],
-            "changed on the way"
-        );
+        let line =
+            delivered_once(&mut d, &api, &msg, &format!("sent_already {sent_already}")).await;
         assert_eq!(resumable_starts(&api), 1, "a second upload session");
         if sent_already {
             assert!(
@@ -1036,10 +1041,7 @@ async fn a_kept_gmail_session_on_another_host_or_past_a_week_is_not_asked() {
     let elsewhere = MockServer::start().await;
     for edit in ["host", "age"] {
         let (_idp, api, d, dir) = daemon_through_api("google").await;
-        api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
-        send_to(d.addr, &["ops@example.test"], &msg).await;
-        api.requests(2, is_chunk).await;
-        drop(d); // SIGKILL
+        killed_mid_upload(d, &api, &msg, Chunk::Held).await;
         let (path, mut state) = kept_state(&dir.path().join("state"));
         let upload = &mut state["upload"];
         assert!(upload["begun_at"].is_string(), "{upload}");
@@ -1102,10 +1104,7 @@ async fn a_kept_gmail_session_on_another_host_or_past_a_week_is_not_asked() {
 async fn a_kept_gmail_session_for_other_bytes_of_the_same_length_is_not_resumed() {
     let (msg, _) = scan(4_500_000);
     let (_idp, api, d, dir) = daemon_through_api_with("google", "rewrite_from = \"header\"").await;
-    api.script_chunks(vec![Chunk::Taken, Chunk::Held]);
-    send_to(d.addr, &["ops@example.test"], &msg).await;
-    api.requests(2, is_chunk).await;
-    drop(d); // SIGKILL
+    killed_mid_upload(d, &api, &msg, Chunk::Held).await;
     let config = dir.path().join("relay.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     let other = MAILBOX.replace(".com", ".org");
@@ -1144,10 +1143,7 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
         } else {
             Chunk::TakenButHeld
         };
-        api.script_chunks(vec![Chunk::Taken, last]);
-        send_to(d.addr, &["ops@example.test"], &msg).await;
-        api.requests(2, is_chunk).await;
-        drop(d); // SIGKILL
+        killed_mid_upload(d, &api, &msg, last).await;
         let config = dir.path().join("relay.toml");
         let mut text = std::fs::read_to_string(&config).unwrap();
         let queue = "[queue]\nretry = [\"1s\"]\n";
@@ -1239,5 +1235,78 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
         session_not_logged(&d.unmatched().iter().collect::<Vec<_>>());
         assert!(api.errors().is_empty(), "{case}: {:?}", api.errors());
         assert_eq!(d.terminate().code(), Some(0), "{case}");
+    }
+}
+
+/// A route of two Gmail API accounts. A message's upload through the first was cut short (relay killed before
+/// the last chunk's answer); after the restart the first account is paused (the provider asked it to wait, on
+/// file in `rate/office.pause`), so the second one takes the message. The first account's kept session is asked
+/// first, with its token: when it holds the whole message (sent), the message is delivered and not uploaded again
+/// (before, the second account uploaded it anew: sent twice); when it holds only the first chunk, the second
+/// account uploads it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() {
+    let (msg, _) = scan(4_500_000);
+    for sent_already in [true, false] {
+        let idp = idp_issuing("tok").await;
+        let api = FakeApi::start("tok", MAILBOX).await;
+        let dir = tempfile::tempdir().unwrap();
+        let t = top(dir.path(), &idp.uri(), "google", &through("google", &api));
+        let first = &t[t.find("[[account]]").unwrap()..];
+        let second = first.replace("name = \"office\"", "name = \"office2\"");
+        assert_ne!(first, second);
+        let config = dir.path().join("relay.toml");
+        let state = dir.path().join("state");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\n{t}\n{second}\n[[route]]\nsender = \"*\"\naccounts = [\"office\", \"office2\"]\n{LISTENER}"
+            ),
+        )
+        .unwrap();
+        let d = Daemon::spawn(&config);
+        let last = if sent_already {
+            Chunk::TakenButHeld
+        } else {
+            Chunk::Held
+        };
+        killed_mid_upload(d, &api, &msg, last).await;
+        let (_, kept) = kept_state(&state);
+        assert_eq!(kept["upload"]["account"], "office", "{kept}");
+        std::fs::create_dir_all(state.join("rate")).unwrap();
+        let until = SystemTime::now() + Duration::from_secs(3600);
+        std::fs::write(
+            state.join("rate/office.pause"),
+            serde_json::json!({
+                "until": humantime::format_rfc3339(until).to_string(),
+                "reply": "Gmail API 429 rateLimitExceeded",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut d = Daemon::spawn(&config);
+        let line =
+            delivered_once(&mut d, &api, &msg, &format!("sent_already {sent_already}")).await;
+        if sent_already {
+            assert!(
+                line.contains("sent by the upload session of an earlier attempt"),
+                "{line}"
+            );
+            assert!(line.contains("relay_account=office "), "{line}");
+            assert_eq!(resumable_starts(&api), 1, "{:?}", api.log());
+            // Two chunks, one status query.
+            assert_eq!(status_queries(&api), 3, "{:?}", api.log());
+        } else {
+            assert!(line.contains("relay_account=office2 "), "{line}");
+            assert!(!line.contains("earlier attempt"), "{line}");
+            assert_eq!(resumable_starts(&api), 2, "{:?}", api.log());
+            // Two chunks, the status query (308: the first chunk), the new session's two.
+            assert_eq!(status_queries(&api), 5, "{:?}", api.log());
+        }
+        none_deferred(&d);
+        assert!(files_in(&state, "queue").is_empty());
+        session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
+        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0));
     }
 }

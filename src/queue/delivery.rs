@@ -779,18 +779,7 @@ impl Delivery {
         // tell its sender it failed. It is asked first, through the account that holds it, and nothing more is
         // uploaded; it is bounced once the session says it does not hold the message whole. A session that gives
         // no clear answer is asked again at the retry steps, until Google's week for it ends.
-        let asks = expired
-            && state.upload.as_ref().is_some_and(|u| {
-                // Begun "later" than now (the clock stepped back): young, as the transport takes it, for up to
-                // a week more than its time says.
-                u.begun_at.is_some_and(|at| {
-                    let lifetime = crate::upstream::gmail::SESSION_LIFETIME;
-                    match now.duration_since(at) {
-                        Ok(age) => age < lifetime,
-                        Err(ahead) => ahead.duration() < lifetime,
-                    }
-                })
-            });
+        let asks = expired && state.upload.as_ref().is_some_and(|u| u.is_young(now));
         if expired && !asks {
             let why = format!(
                 "expired after {} in the queue",
@@ -983,32 +972,51 @@ impl Delivery {
         };
         reservation.sending();
         let (sender, message) = account.rewrite.prepare(id, &msg.envelope.sender, message);
-        // The state goes with the attempt while it sends, so that a Gmail upload session can be kept in it.
-        let kept = Arc::new(StateResume {
-            dir: self.paths.queue.clone(),
-            id,
-            account: account.name.clone(),
-            state: Mutex::new(std::mem::take(&mut state)),
-            written: AtomicBool::new(false),
-            expired: asks,
-        });
-        let resume: Arc<dyn ResumePoint> = kept.clone();
-        let outcome = account
-            .transports
-            .send(
-                &account.tokens,
-                &sender,
-                &recipients,
+        let flags = MailFlags {
+            eight_bit: msg.envelope.body_8bit || message.is_eight_bit(),
+            smtputf8: msg.envelope.smtputf8,
+        };
+        let mut asked_written = false;
+        let asked = self
+            .ask_holder(
+                id,
+                &account,
+                (&msg.envelope.sender, &recipients),
                 &message,
-                MailFlags {
-                    eight_bit: msg.envelope.body_8bit || message.is_eight_bit(),
-                    smtputf8: msg.envelope.smtputf8,
-                },
-                Some(&resume),
+                flags,
+                &mut state,
+                &mut asked_written,
             )
             .await;
-        state = std::mem::take(&mut *lock(&kept.state));
-        let written = kept.written.load(Ordering::Acquire);
+        if let Some((holder, outcome)) = asked {
+            // The session's answer stands for the attempt; this account sent nothing.
+            drop((message, memory, slot));
+            reservation.unsent();
+            self.slot_freed.notify_one();
+            let name = account.name.clone();
+            return self
+                .clone()
+                .blocking(move |d| {
+                    let next =
+                        d.settle(id, &holder, outcome, &recipients, &mut state, asked_written);
+                    drop(locked);
+                    next
+                })
+                .await
+                .with_account(name);
+        }
+        let (outcome, written) = self
+            .send_keeping(
+                id,
+                &account,
+                (&sender, &recipients),
+                &message,
+                flags,
+                &mut state,
+                asks,
+            )
+            .await;
+        let written = written || asked_written;
         // Not tried: another attempt found the upstream unreachable between this one taking the account and
         // connecting. It waits as if the account had not been taken (`take_place`), not an attempt.
         if let Outcome::Unreachable { until, .. } = &outcome {
@@ -1090,6 +1098,92 @@ impl Delivery {
             })
             .await
             .with_account(name)
+    }
+
+    /// A Gmail upload session another account kept for this message (the route's other account had room first,
+    /// the one holding it had none, or the route changed): it may have sent the message, which uploaded anew
+    /// through `chosen` would then go twice. So it is asked first, with its own account's token (a status query,
+    /// which takes none of that account's connections or limits). `None`: nothing to ask, or the session says it
+    /// does not hold the message whole (forgotten): `chosen` sends it. Else the holding account and what the
+    /// session's answer makes of the attempt: delivered, or deferred with the session kept (no clear answer).
+    #[allow(clippy::too_many_arguments)]
+    async fn ask_holder(
+        &self,
+        id: QueueId,
+        chosen: &Account,
+        (envelope_sender, recipients): (&str, &[String]),
+        message: &Outgoing,
+        flags: MailFlags,
+        state: &mut DeliveryState,
+        written: &mut bool,
+    ) -> Option<(Arc<Account>, Outcome)> {
+        let kept = state.upload.as_ref()?;
+        if kept.account == chosen.name || !kept.is_young(SystemTime::now()) {
+            return None;
+        }
+        let holder = self
+            .accounts
+            .get(&kept.account)
+            .filter(|h| h.transports.asks_upload_sessions())?
+            .clone();
+        // Only the question goes, with what the holding account would have sent (its rewriting).
+        let (sender, prepared) = holder.rewrite.prepare(id, envelope_sender, message.clone());
+        let outcome;
+        (outcome, *written) = self
+            .send_keeping(
+                id,
+                &holder,
+                (&sender, recipients),
+                &prepared,
+                flags,
+                state,
+                true,
+            )
+            .await;
+        match outcome {
+            Outcome::Transient(_) if state.upload.is_none() => {
+                tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
+                None
+            }
+            outcome => Some((holder, outcome)),
+        }
+    }
+
+    /// Sends through `account` with the message's state at hand, so that a Gmail upload session can be kept in
+    /// it (`ask_only`: see [`ResumePoint::ask_only`]). The outcome, and whether the state file was written.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_keeping(
+        &self,
+        id: QueueId,
+        account: &Account,
+        (sender, recipients): (&str, &[String]),
+        message: &Outgoing,
+        flags: MailFlags,
+        state: &mut DeliveryState,
+        ask_only: bool,
+    ) -> (Outcome, bool) {
+        let kept = Arc::new(StateResume {
+            dir: self.paths.queue.clone(),
+            id,
+            account: account.name.clone(),
+            state: Mutex::new(std::mem::take(state)),
+            written: AtomicBool::new(false),
+            ask_only,
+        });
+        let resume: Arc<dyn ResumePoint> = kept.clone();
+        let outcome = account
+            .transports
+            .send(
+                &account.tokens,
+                sender,
+                recipients,
+                message,
+                flags,
+                Some(&resume),
+            )
+            .await;
+        *state = std::mem::take(&mut *lock(&kept.state));
+        (outcome, kept.written.load(Ordering::Acquire))
     }
 
     /// Why a message past `max_age` goes to dead/, `then` after the age.
@@ -1492,8 +1586,8 @@ struct StateResume {
     state: Mutex<DeliveryState>,
     /// The state file was written (one a first attempt may now have).
     written: AtomicBool,
-    /// The message is past max_age (see [`ResumePoint::expired`]).
-    expired: bool,
+    /// See [`ResumePoint::ask_only`].
+    ask_only: bool,
 }
 
 impl ResumePoint for StateResume {
@@ -1530,8 +1624,8 @@ impl ResumePoint for StateResume {
         written
     }
 
-    fn expired(&self) -> bool {
-        self.expired
+    fn ask_only(&self) -> bool {
+        self.ask_only
     }
 }
 
@@ -1601,7 +1695,7 @@ mod tests {
             account: account.into(),
             state: Mutex::new(state),
             written: AtomicBool::new(false),
-            expired: false,
+            ask_only: false,
         }
     }
 

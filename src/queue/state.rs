@@ -57,13 +57,28 @@ pub struct KeptUpload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// When it was begun: Google keeps a session a week, and one older is not asked. Absent from files written
-    /// before: taken as young (the message's `max_age` bounds it).
+    /// before: asked by its own account's attempts (the message's `max_age` bounds it), not past `max_age` nor
+    /// for another account (see [`KeptUpload::is_young`]).
     #[serde(
         default,
         with = "humantime_serde::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub begun_at: Option<SystemTime>,
+}
+
+impl KeptUpload {
+    /// Whether Google still keeps it at `now`: begun within the week. Begun "later" than now (the clock stepped
+    /// back) counts as young, as the transport takes it, for up to a week more than its time says; not known, as
+    /// not young (nothing bounds how long it would be waited for).
+    pub fn is_young(&self, now: SystemTime) -> bool {
+        let lifetime = crate::upstream::gmail::SESSION_LIFETIME;
+        self.begun_at
+            .is_some_and(|at| match now.duration_since(at) {
+                Ok(age) => age < lifetime,
+                Err(ahead) => ahead.duration() < lifetime,
+            })
+    }
 }
 
 impl std::fmt::Debug for KeptUpload {

@@ -80,9 +80,10 @@ pub trait ResumePoint: Send + Sync {
     fn load(&self) -> Option<UploadSession>;
     /// Keeps `session` in place of any other (`None`: none), on disk before it returns.
     fn save(&self, session: Option<UploadSession>) -> std::io::Result<()>;
-    /// The message is past the queue's `max_age`: the kept session is asked whether it sent the message (a bounce
-    /// would tell its sender it failed), and nothing more of it is uploaded.
-    fn expired(&self) -> bool {
+    /// The kept session is only asked whether it sent the message, and nothing of it is uploaded: the message
+    /// is past the queue's `max_age` (a bounce would tell its sender it failed), or another account is to send it
+    /// (uploaded anew, it would go twice if the session had sent it).
+    fn ask_only(&self) -> bool {
         false
     }
 }
@@ -148,7 +149,7 @@ impl GmailUpstream {
         // A message an earlier attempt began in a session (its `Bcc:` line or rewriting may have shrunk it since)
         // goes the resumable way, which asks that session first.
         let kept = resume.is_some_and(|r| r.load().is_some());
-        if resume.is_some_and(|r| r.expired()) && !kept {
+        if resume.is_some_and(|r| r.ask_only()) && !kept {
             return Outcome::Transient(EXPIRED_UNSENT.into());
         }
         if total <= SIMPLE_LIMIT && !kept {
@@ -333,7 +334,7 @@ impl Upload<'_> {
             .and_then(|s| s.load())
             .is_some_and(|kept| self.askable(&kept));
         let earlier = self.earlier().await?;
-        if self.store.is_some_and(|s| s.expired()) {
+        if self.store.is_some_and(|s| s.ask_only()) {
             // Not sent by it, or not to be asked: what it holds goes no further, and the queue bounces the
             // message, saying which.
             self.keep(None).await;
