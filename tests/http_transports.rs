@@ -1243,11 +1243,13 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
 /// file in `rate/office.pause`), so the second one takes the message. The first account's kept session is asked
 /// first, with its token: when it holds the whole message (sent), the message is delivered and not uploaded again
 /// (before, the second account uploaded it anew: sent twice); when it holds only the first chunk, the second
-/// account uploads it, once.
+/// account uploads it, once; when it gives no clear answer, the message is deferred with the session kept, and
+/// the next attempt asks again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() {
     let (msg, _) = scan(4_500_000);
-    for sent_already in [true, false] {
+    for case in ["sent", "part", "unclear"] {
+        let sent_already = case != "part";
         let idp = idp_issuing("tok").await;
         let api = FakeApi::start("tok", MAILBOX).await;
         let dir = tempfile::tempdir().unwrap();
@@ -1284,9 +1286,23 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
             .to_string(),
         )
         .unwrap();
+        if case == "unclear" {
+            api.script_status_replies(vec![503, 500, 503]);
+        }
         let mut d = Daemon::spawn(&config);
-        let line =
-            delivered_once(&mut d, &api, &msg, &format!("sent_already {sent_already}")).await;
+        // The second account took the message (the first is paused), and asks the first's session.
+        let asking = d.wait_log("asking the Gmail upload session another account kept");
+        assert!(
+            asking.contains("relay_account=office2 ") && asking.contains("kept_by=office"),
+            "{asking}"
+        );
+        if case == "unclear" {
+            // No clear answer: deferred for the session's account, not uploaded anew; asked again next time.
+            let why = deferred_saying(&mut d, &["gave no clear answer"]);
+            assert!(why.contains("relay_account=office "), "{why}");
+            session_not_logged(&[&why]);
+        }
+        let line = delivered_once(&mut d, &api, &msg, case).await;
         if sent_already {
             assert!(
                 line.contains("sent by the upload session of an earlier attempt"),
@@ -1294,8 +1310,9 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
             );
             assert!(line.contains("relay_account=office "), "{line}");
             assert_eq!(resumable_starts(&api), 1, "{:?}", api.log());
-            // Two chunks, one status query.
-            assert_eq!(status_queries(&api), 3, "{:?}", api.log());
+            // Two chunks, one status query answered (after three unanswered, "unclear").
+            let asked = if case == "unclear" { 6 } else { 3 };
+            assert_eq!(status_queries(&api), asked, "{:?}", api.log());
         } else {
             assert!(line.contains("relay_account=office2 "), "{line}");
             assert!(!line.contains("earlier attempt"), "{line}");
@@ -1303,7 +1320,9 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
             // Two chunks, the status query (308: the first chunk), the new session's two.
             assert_eq!(status_queries(&api), 5, "{:?}", api.log());
         }
-        none_deferred(&d);
+        if case != "unclear" {
+            none_deferred(&d);
+        }
         assert!(files_in(&state, "queue").is_empty());
         session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
         assert!(api.errors().is_empty(), "{:?}", api.errors());

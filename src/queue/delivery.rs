@@ -875,8 +875,15 @@ impl Delivery {
             // once again, and it would keep the pool's newer mail behind it. Looked at again in a while instead.
             Err(wait) if names.len() < decision.accounts.len() => {
                 tracing::debug!(relay_queue_id = %id, relay_account = %names.join(","), "expired, waiting for the account that holds its Gmail upload session");
+                // (Not past the session's week, when it is bounced without being asked.)
+                let week_end = state.upload.as_ref().and_then(|u| {
+                    u.begun_at?
+                        .checked_add(crate::upstream::gmail::SESSION_LIFETIME)
+                });
                 let at = match wait {
-                    Wait::Limit(Some(at)) | Wait::Upstream(at) => at.max(now + RECHECK),
+                    Wait::Limit(Some(at)) | Wait::Upstream(at) => {
+                        week_end.map_or(at, |end| at.min(end)).max(now + RECHECK)
+                    }
                     _ => now + RECHECK,
                 };
                 return Attempted::later(at);
@@ -981,7 +988,7 @@ impl Delivery {
             .ask_holder(
                 id,
                 &account,
-                (&msg.envelope.sender, &recipients),
+                (&sender, &recipients),
                 &message,
                 flags,
                 &mut state,
@@ -1000,6 +1007,7 @@ impl Delivery {
                     let next =
                         d.settle(id, &holder, outcome, &recipients, &mut state, asked_written);
                     drop(locked);
+                    holder.rate.save();
                     next
                 })
                 .await
@@ -1111,30 +1119,37 @@ impl Delivery {
         &self,
         id: QueueId,
         chosen: &Account,
-        (envelope_sender, recipients): (&str, &[String]),
+        (sender, recipients): (&str, &[String]),
         message: &Outgoing,
         flags: MailFlags,
         state: &mut DeliveryState,
         written: &mut bool,
     ) -> Option<(Arc<Account>, Outcome)> {
         let kept = state.upload.as_ref()?;
-        if kept.account == chosen.name || !kept.is_young(SystemTime::now()) {
+        if kept.account == chosen.name {
             return None;
         }
-        let holder = self
+        // A session kept before its time was (no `begun_at`) is asked too: the message's max_age bounds it.
+        let young = kept.begun_at.is_none() || kept.is_young(SystemTime::now());
+        let Some(holder) = self
             .accounts
             .get(&kept.account)
-            .filter(|h| h.transports.asks_upload_sessions())?
-            .clone();
-        // Only the question goes, with what the holding account would have sent (its rewriting).
-        let (sender, prepared) = holder.rewrite.prepare(id, envelope_sender, message.clone());
+            .filter(|h| young && h.transports.asks_upload_sessions())
+            .cloned()
+        else {
+            tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %kept.account, "the Gmail upload session another account kept for this message cannot be asked (that account no longer sends through the Gmail API, or the session is past Google's week): this account uploads the message anew; should that session have completed unheard, it goes twice");
+            return None;
+        };
+        tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "asking the Gmail upload session another account kept for this message whether it sent it, before this account sends it");
+        // Only the question goes (with the session's own byte count: these bytes are not sent), with the holding
+        // account's token.
         let outcome;
         (outcome, *written) = self
             .send_keeping(
                 id,
                 &holder,
-                (&sender, recipients),
-                &prepared,
+                (sender, recipients),
+                message,
                 flags,
                 state,
                 true,
@@ -1144,6 +1159,11 @@ impl Delivery {
             Outcome::Transient(_) if state.upload.is_none() => {
                 tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
                 None
+            }
+            // Sent by that account: its daily count gets the recipients an unclear answer left out.
+            outcome @ Outcome::Delivered(_) => {
+                holder.rate.accepted_later(recipients.len());
+                Some((holder, outcome))
             }
             outcome => Some((holder, outcome)),
         }

@@ -359,6 +359,14 @@ impl AccountRate {
         })
     }
 
+    /// A message an earlier attempt offered, without hearing it was taken, turned out to have been taken: its
+    /// recipients count now (safer late than never; the message itself was counted when it went).
+    pub fn accepted_later(&self, recipients: usize) {
+        let mut c = lock(&self.counts);
+        c.recipients.add(SystemTime::now(), recipients as u64);
+        c.generation += 1;
+    }
+
     fn settle(&self, now: SystemTime, recipients: u64, sent: bool, accepted: bool) {
         let mut c = lock(&self.counts);
         c.flying_messages = c.flying_messages.saturating_sub(1);

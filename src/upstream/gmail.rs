@@ -141,7 +141,9 @@ impl GmailUpstream {
     ) -> Outcome {
         let bcc = hidden_recipients(recipients, message.header_block());
         let total = bcc.len() + message.len() as usize;
-        if total > MESSAGE_LIMIT {
+        let ask_only = resume.is_some_and(|r| r.ask_only());
+        // (Asked only, the session's own count matters, not these bytes'.)
+        if total > MESSAGE_LIMIT && !ask_only {
             return Outcome::Permanent(format!(
                 "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
             ));
@@ -149,7 +151,7 @@ impl GmailUpstream {
         // A message an earlier attempt began in a session (its `Bcc:` line or rewriting may have shrunk it since)
         // goes the resumable way, which asks that session first.
         let kept = resume.is_some_and(|r| r.load().is_some());
-        if resume.is_some_and(|r| r.ask_only()) && !kept {
+        if ask_only && !kept {
             return Outcome::Transient(EXPIRED_UNSENT.into());
         }
         if total <= SIMPLE_LIMIT && !kept {
