@@ -216,7 +216,8 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         ));
     }
     if let Some(u) = TokenStore::new(&config.state_dir).unsaved(&a.name) {
-        warnings.push(if !u.lost && crate::queue::relay_runs_on(&config.state_dir) {
+        // (A mark `relay test` left is lost once it has exited, whether or not the daemon runs.)
+        warnings.push(if u.may_be_held() && crate::queue::relay_runs_on(&config.state_dir) {
             format!(
                 "the daemon renewed the grant at {} but cannot write the token file ({}): the grant is held in memory only, and a restart loses it (with a provider that rotates refresh tokens, for good); fix the tokens directory, and relay saves it within minutes",
                 rfc(u.since),

@@ -889,6 +889,55 @@ async fn a_refresh_that_cannot_be_saved_is_used_and_saved_later() {
     }
 }
 
+/// `relay test` renews a grant it cannot save (the tokens directory cannot be written) while the daemon runs
+/// with its own, saved grant: the mark `relay test` leaves names its process, so once it has exited `relay
+/// status` says that grant went with it, not that the daemon holds a grant in memory only (before, status told
+/// the sysadmin to fix the directory so that the daemon would save a grant it never had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_relay_test_could_not_save_is_not_said_held_by_the_daemon() {
+    let idp = MockServer::start().await;
+    answer_token_requests(&idp, tokens("access-2", "refresh-2")).await;
+    let upstream = FakeUpstream::start(&["access-2"]).await;
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let state = dir.path().join("state");
+    relay::tokens::TokenStore::new(&state)
+        .save(
+            "office",
+            &stored(
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+                Duration::from_secs(60),
+            ),
+        )
+        .unwrap();
+    let d = Daemon::spawn(&config);
+    // The file now holds an expired grant, which the daemon (its own valid for an hour) does not look at.
+    expired_tokens(&state, "refresh-1");
+    let Some(_unwritable) = Unwritable::new(&state.join("tokens")) else {
+        eprintln!("SKIPPED: cannot make a directory unwritable here (chattr +i)");
+        return;
+    };
+    let out = std::process::Command::new(relay_bin())
+        .args(["test", "office", "--to", "ops@example.com", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        token_requests_made(&idp).await,
+        1,
+        "relay test renewed the grant: {said}"
+    );
+    let mark = std::fs::read_to_string(state.join("accounts/office.unsaved")).unwrap();
+    assert!(mark.contains("\"pid\""), "{mark}");
+    let (_, status) = status_json(&config);
+    let warnings = status["accounts"][0]["warnings"].to_string();
+    assert!(!warnings.contains("held in memory only"), "{status}");
+    assert!(warnings.contains("relay authorize office"), "{status}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// A refresh in the renewal window that fails for a reason other than a dead grant (here a proxy's HTML page
 /// with HTTP 400, which is neither an OAuth error nor a passing one) leaves the still-valid access token in use:
 /// the message goes with it, and the failure is logged.

@@ -119,6 +119,26 @@ pub struct Unsaved {
     /// The daemon that held it has stopped (see [`TokenStore::unsaved_lost`]).
     #[serde(default)]
     pub lost: bool,
+    /// The process that holds it: the daemon, or `relay test`, whose grant goes when it exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl Unsaved {
+    /// Whether the grant may still be held: not said lost, and its process (if known) still running.
+    pub fn may_be_held(&self) -> bool {
+        !self.lost && self.pid.is_none_or(process_runs)
+    }
+}
+
+/// Whether a process `pid` runs (one of another user's counts).
+fn process_runs(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists and may be signalled.
+    let signalled = unsafe { libc::kill(pid, 0) } == 0;
+    signalled || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +191,7 @@ impl TokenStore {
 
     /// Says (once, keeping the first time) that the account's renewed grant is in memory only.
     pub fn mark_unsaved(&self, account: &str, why: &str) {
-        if self.unsaved(account).is_some_and(|u| !u.lost) {
+        if self.unsaved(account).is_some_and(|u| u.may_be_held()) {
             return;
         }
         self.write_unsaved(
@@ -180,6 +200,7 @@ impl TokenStore {
                 since: SystemTime::now(),
                 why: why.to_string(),
                 lost: false,
+                pid: Some(std::process::id()),
             },
         );
     }
