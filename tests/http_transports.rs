@@ -1248,8 +1248,9 @@ async fn an_expired_message_asks_its_kept_gmail_session_before_it_is_bounced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() {
     let (msg, _) = scan(4_500_000);
-    for case in ["sent", "part", "unclear"] {
-        let sent_already = case != "part";
+    let refusing = idp_issuing("not-the-api-token").await;
+    for case in ["sent", "part", "unclear", "refused"] {
+        let sent_already = !matches!(case, "part" | "refused");
         let idp = idp_issuing("tok").await;
         let api = FakeApi::start("tok", MAILBOX).await;
         let dir = tempfile::tempdir().unwrap();
@@ -1289,6 +1290,19 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
         if case == "unclear" {
             api.script_status_replies(vec![503, 500, 503]);
         }
+        if case == "refused" {
+            // The first account's grant now yields tokens the API refuses (a revoked consent, say).
+            let text = std::fs::read_to_string(&config).unwrap();
+            let url = format!("token_url = \"{}/token\"", idp.uri());
+            let changed = text.replacen(
+                &url,
+                &format!("token_url = \"{}/token\"", refusing.uri()),
+                1,
+            );
+            assert_ne!(changed, text);
+            std::fs::write(&config, changed).unwrap();
+            std::fs::remove_file(state.join("tokens/office.json")).unwrap();
+        }
         let mut d = Daemon::spawn(&config);
         // The second account took the message (the first is paused), and asks the first's session.
         let asking = d.wait_log("asking the Gmail upload session another account kept");
@@ -1301,6 +1315,11 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
             let why = deferred_saying(&mut d, &["gave no clear answer"]);
             assert!(why.contains("relay_account=office "), "{why}");
             session_not_logged(&[&why]);
+        }
+        if case == "refused" {
+            // Nobody can ask the session: the second account uploads the message anew, and says it may go twice.
+            let warned = d.wait_log("that account's token is refused");
+            assert!(warned.contains("goes twice"), "{warned}");
         }
         let line = delivered_once(&mut d, &api, &msg, case).await;
         if sent_already {
@@ -1317,15 +1336,19 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
             assert!(line.contains("relay_account=office2 "), "{line}");
             assert!(!line.contains("earlier attempt"), "{line}");
             assert_eq!(resumable_starts(&api), 2, "{:?}", api.log());
-            // Two chunks, the status query (308: the first chunk), the new session's two.
-            assert_eq!(status_queries(&api), 5, "{:?}", api.log());
+            if case == "part" {
+                // Two chunks, the status query (308: the first chunk), the new session's two.
+                assert_eq!(status_queries(&api), 5, "{:?}", api.log());
+            }
         }
         if case != "unclear" {
             none_deferred(&d);
         }
         assert!(files_in(&state, "queue").is_empty());
         session_not_logged(&d.unmatched().iter().chain([&line]).collect::<Vec<_>>());
-        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        if case != "refused" {
+            assert!(api.errors().is_empty(), "{:?}", api.errors());
+        }
         assert_eq!(d.terminate().code(), Some(0));
     }
 }

@@ -830,24 +830,33 @@ impl Delivery {
             .as_ref()
             .map(|u| u.account.clone())
             .filter(|_| asks);
+        // (Its route may no longer name that account: still configured, it is the one that can ask.)
         let names = match &holder {
             Some(h)
-                if decision.accounts.contains(h)
-                    && self
-                        .accounts
-                        .get(h)
-                        .is_some_and(|a| a.transports.asks_upload_sessions()) =>
+                if self
+                    .accounts
+                    .get(h)
+                    .is_some_and(|a| a.transports.asks_upload_sessions()) =>
             {
                 std::slice::from_ref(h)
             }
             Some(h) => {
                 let why = format!(
-                    "the Gmail upload session account {h} kept for it was not asked (the account no longer sends this message through the Gmail API): it may have sent the message"
+                    "the Gmail upload session account {h} kept for it was not asked (that account is no longer configured, or no longer sends through the Gmail API): it may have sent the message"
                 );
                 return self.clone().expire(id, state, why).await;
             }
             None => decision.accounts,
         };
+        // Expired and asking: not past the session's week, when it is bounced without being asked.
+        let session_end = state
+            .upload
+            .as_ref()
+            .and_then(|u| {
+                u.begun_at?
+                    .checked_add(crate::upstream::gmail::SESSION_LIFETIME)
+            })
+            .filter(|_| asks);
         if self.waiting.is_behind(pool, id) {
             return Attempted::Waiting {
                 pool,
@@ -870,19 +879,14 @@ impl Delivery {
                 self.slot_freed.notify_one();
                 place
             }
-            // Held for the one account of its pool that can ask its session: parked, it would be woken whenever
-            // another account of the pool has room (the scheduler's rule is that room means a place), and at
+            // Held for the one account that can ask its session (of its pool or no longer): parked, it would be
+            // woken whenever another account of the pool has room (the scheduler's rule is that room means a place), and at
             // once again, and it would keep the pool's newer mail behind it. Looked at again in a while instead.
-            Err(wait) if names.len() < decision.accounts.len() => {
+            Err(wait) if names != decision.accounts => {
                 tracing::debug!(relay_queue_id = %id, relay_account = %names.join(","), "expired, waiting for the account that holds its Gmail upload session");
-                // (Not past the session's week, when it is bounced without being asked.)
-                let week_end = state.upload.as_ref().and_then(|u| {
-                    u.begun_at?
-                        .checked_add(crate::upstream::gmail::SESSION_LIFETIME)
-                });
                 let at = match wait {
                     Wait::Limit(Some(at)) | Wait::Upstream(at) => {
-                        week_end.map_or(at, |end| at.min(end)).max(now + RECHECK)
+                        session_end.map_or(at, |end| at.min(end)).max(now + RECHECK)
                     }
                     _ => now + RECHECK,
                 };
@@ -890,12 +894,13 @@ impl Delivery {
             }
             Err(mut wait) => {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
-                // not when the window frees, maybe a day later. (Expired already and asking its session: it
-                // waits as any other, or it would be taken up again at once, and again.)
+                // not when the window frees, maybe a day later. (Expired already and asking its session: until
+                // the session's week ends, or it would be taken up again at once, and again.)
                 let expires = state
                     .age_from(msg.envelope.received_at)
                     .checked_add(self.queue.max_age)
-                    .filter(|_| !asks);
+                    .filter(|_| !asks)
+                    .or(session_end);
                 if let Wait::Upstream(at) = wait {
                     tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
@@ -1038,7 +1043,8 @@ impl Delivery {
                     let expires = state
                         .age_from(msg.envelope.received_at)
                         .checked_add(self.queue.max_age)
-                        .filter(|_| !asks);
+                        .filter(|_| !asks)
+                        .or(session_end);
                     Wait::Upstream(expires.map_or(at, |e| e.min(at)))
                 }
                 None => Wait::Connection,
@@ -1082,7 +1088,12 @@ impl Delivery {
         self.clone()
             .blocking(move |d| {
                 let taken = matches!(outcome, Outcome::Delivered(_) | Outcome::Partial { .. });
-                reservation.finish(taken);
+                // Past max_age only the session was asked: the account sent nothing unless it says so.
+                if asks && !taken {
+                    reservation.unsent();
+                } else {
+                    reservation.finish(taken);
+                }
                 let next = match outcome {
                     // Asked past max_age, and the session did not send it (forgotten): bounced as expired.
                     Outcome::Transient(reply) if asks && state.upload.is_none() => {
@@ -1127,6 +1138,10 @@ impl Delivery {
     ) -> Option<(Arc<Account>, Outcome)> {
         let kept = state.upload.as_ref()?;
         if kept.account == chosen.name {
+            // Its own attempt asks it, unless the account no longer sends through the Gmail API.
+            if !chosen.transports.asks_upload_sessions() {
+                tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, "this account kept a Gmail upload session for this message but no longer sends through the Gmail API, so the session cannot be asked: the message is sent again; should that session have completed unheard, it goes twice");
+            }
             return None;
         }
         // A session kept before its time was (no `begun_at`) is asked too: the message's max_age bounds it.
@@ -1158,6 +1173,14 @@ impl Delivery {
         match outcome {
             Outcome::Transient(_) if state.upload.is_none() => {
                 tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
+                None
+            }
+            // The holding account's token is refused even fresh (a revoked grant, a mailbox Gmail no longer
+            // serves): nobody can ask the session now, and the message is not held back for that account's
+            // repair while this one works. (A token that cannot be renewed, or a session that gives no clear
+            // answer, defers it: Google's week bounds that.)
+            Outcome::AuthRejected(reply) => {
+                tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, relay_upstream_reply = %reply, "the Gmail upload session another account kept for this message cannot be asked: that account's token is refused; this account uploads the message anew; should that session have completed unheard, it goes twice");
                 None
             }
             // Sent by that account: its daily count gets the recipients an unclear answer left out.

@@ -57,8 +57,8 @@ pub struct KeptUpload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// When it was begun: Google keeps a session a week, and one older is not asked. Absent from files written
-    /// before: asked by its own account's attempts (the message's `max_age` bounds it), not past `max_age` nor
-    /// for another account (see [`KeptUpload::is_young`]).
+    /// before: asked until the message's `max_age` (then bounced unasked: nothing would bound the wait; see
+    /// [`KeptUpload::is_young`]).
     #[serde(
         default,
         with = "humantime_serde::option",

@@ -131,9 +131,12 @@ impl Unsaved {
     }
 }
 
-/// Whether a process `pid` runs (one of another user's counts).
+/// Whether a process `pid` runs (one of another user's counts). A pid the system gave to a new process since
+/// reads as running: the mark then stays "held" until the next write of the token file, as it did before marks
+/// named their process.
 fn process_runs(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
+    // 0 (an edited or damaged mark) would ask about our own process group.
+    let Some(pid) = i32::try_from(pid).ok().filter(|p| *p > 0) else {
         return false;
     };
     // SAFETY: signal 0 sends nothing; it only checks that the process exists and may be signalled.

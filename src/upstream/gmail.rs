@@ -475,7 +475,7 @@ impl Upload<'_> {
 
 /// Why an expired message whose kept session did not send it was not uploaded (the queue's dead line and bounce
 /// follow it).
-pub const EXPIRED_UNSENT: &str = "Gmail API: the upload session of an earlier attempt does not hold the whole message (incomplete, gone, or not to be asked), so it did not send it; past max_age, nothing more is uploaded";
+pub const EXPIRED_UNSENT: &str = "Gmail API: the upload session of an earlier attempt does not hold the whole message (incomplete or gone), so it did not send it; past max_age, nothing more is uploaded";
 
 /// Why an expired message whose kept session could not be asked was not uploaded.
 pub const EXPIRED_NOT_ASKED: &str = "Gmail API: the upload session of an earlier attempt could not be asked (not on gmail_api_url's scheme, host and port, or past Google's week): it may have sent the message; past max_age, nothing more is uploaded";
