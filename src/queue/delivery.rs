@@ -880,8 +880,9 @@ impl Delivery {
                 place
             }
             // Held for the one account that can ask its session (of its pool or no longer): parked, it would be
-            // woken whenever another account of the pool has room (the scheduler's rule is that room means a place), and at
-            // once again, and it would keep the pool's newer mail behind it. Looked at again in a while instead.
+            // woken whenever another account of the pool has room (the scheduler's rule is that room means a
+            // place), at once and again, and it would keep the pool's newer mail behind it. Looked at again in a
+            // while instead.
             Err(wait) if names != decision.accounts => {
                 tracing::debug!(relay_queue_id = %id, relay_account = %names.join(","), "expired, waiting for the account that holds its Gmail upload session");
                 let at = match wait {
