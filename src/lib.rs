@@ -20,6 +20,7 @@ pub mod observers;
 pub mod probe;
 pub mod queue;
 pub mod reload;
+pub mod runtime;
 pub mod service;
 pub mod small_files;
 pub mod smtp;

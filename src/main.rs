@@ -370,10 +370,7 @@ fn serve(config: Config, path: Option<PathBuf>) -> Result<ExitCode> {
     relay::logging::init();
     // Two crypto providers end up compiled in through dependencies; rustls refuses to guess between them.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = relay::runtime::for_daemon().context("cannot start the async runtime")?;
     let reload = move || load_config(path.as_deref(), Secrets::Read);
     match runtime.block_on(relay::service::serve(config, reload)) {
         Ok(()) => Ok(ExitCode::SUCCESS),

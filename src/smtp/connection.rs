@@ -179,6 +179,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     seat: &Seat,
 ) -> std::io::Result<Outcome<S>> {
     let peer = session.peer();
+    let tls = session.is_tls();
     // Read with read_buf into spare capacity: no zeroing of 64 KiB per connection.
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut pos = 0;
@@ -224,7 +225,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 let bare_end = session.data_ended_by_bare_lf();
                 let reply = finish_message(session, receiving_msg.take()).await;
                 if bare_end {
-                    return close(&mut stream, &mut out, reply, ctx).await;
+                    return close(&mut stream, &mut out, reply, ctx, tls).await;
                 }
                 out.extend_from_slice(&reply.to_wire());
                 continue;
@@ -278,7 +279,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     };
                     match step {
                         Step::Close(reply) => {
-                            return close(&mut stream, &mut out, reply, ctx).await;
+                            return close(&mut stream, &mut out, reply, ctx, tls).await;
                         }
                         Step::Reply(reply) => out.extend_from_slice(&reply.to_wire()),
                         _ => {}
@@ -331,7 +332,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     data_progress = Some((std::time::Instant::now(), 0));
                     continue;
                 }
-                Step::Close(reply) => return close(&mut stream, &mut out, reply, ctx).await,
+                Step::Close(reply) => return close(&mut stream, &mut out, reply, ctx, tls).await,
                 Step::NeedInput => {}
             }
         }
@@ -367,7 +368,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         {
             tracing::info!(relay_client = %peer, bytes, "message arriving too slowly while the listener is under pressure; closing");
             let reply = Reply::new(421, "4.4.2", "Connection too slow, closing connection");
-            return close(&mut stream, &mut out, reply, ctx).await;
+            return close(&mut stream, &mut out, reply, ctx, tls).await;
         }
         let deadline = tokio::time::Instant::from_std(waiting_since + limit);
         enum Woke {
@@ -422,18 +423,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
                 }
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
-                return close(&mut stream, &mut out, reply, ctx).await;
+                return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             Woke::Shutdown => {
                 let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
-                return close(&mut stream, &mut out, reply, ctx).await;
+                return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             Woke::Abandoned => {
                 if let Some(r) = &receiving_msg {
                     tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "shutting down: the message being received is not taken (421; the client sends it again)");
                 }
                 let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
-                return close(&mut stream, &mut out, reply, ctx).await;
+                return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             Woke::Evicted => {
                 tracing::info!(relay_client = %peer, "idle connection closed to make room for a new client");
@@ -442,7 +443,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     "4.7.0",
                     "Server busy, closing idle connection; try again later",
                 );
-                return close(&mut stream, &mut out, reply, ctx).await;
+                return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             // The listener came under pressure: wait again, with the shorter timeout.
             Woke::Stressed => continue,
@@ -529,14 +530,20 @@ async fn write_out<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Sends the last reply. TLS is closed with its close_notify; a plain connection is left to its close, which
+/// sends the FIN as a `shutdown` would (a system call less per connection: most devices send one message per
+/// connection). Unread input makes that close a reset either way.
 async fn close<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
     reply: Reply,
     ctx: &ListenerCtx,
+    tls: bool,
 ) -> std::io::Result<Outcome<S>> {
     out.extend_from_slice(&reply.to_wire());
     write_out(stream, out, ctx.cfg.command_timeout).await?;
-    let _ = stream.shutdown().await;
+    if tls {
+        let _ = stream.shutdown().await;
+    }
     Ok(Outcome::Closed)
 }

@@ -724,6 +724,10 @@ impl Session {
         Step::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// TLS is up: RFC 3207 section 4.2 says to forget everything learnt before it.
     pub fn tls_started(&mut self) {
         self.tls = true;

@@ -1,0 +1,47 @@
+//! The daemon's async runtime: how many worker threads it gets.
+//!
+//! The queue's committer is a thread of its own that writes and flushes every accepted message (`queue/spool.rs`),
+//! and on loopback or the LAN the kernel's share of each message (the replies' sends, file creation, writeback)
+//! is as large as relay's. So the runtime gets one worker fewer than there are cores, leaving one for the
+//! committer and the kernel, instead of tokio's one per core. Measured on the 2-core development VM (one worker
+//! against two, alternating rounds; BENCHMARKS.md): accepting at 1 session +11%, at 20 sessions +5% with 7–10%
+//! less CPU per message; a backlog's drain into a local sink about 6% slower (delivery to Microsoft or Google waits
+//! on their round trips, not on relay's CPU). `TOKIO_WORKER_THREADS` in the environment still decides, for a
+//! sysadmin who measures otherwise.
+
+/// Builds the runtime `relay serve` runs on.
+pub fn for_daemon() -> std::io::Result<tokio::runtime::Runtime> {
+    // Read here rather than left to tokio, which panics on a value it cannot parse.
+    let set = std::env::var_os("TOKIO_WORKER_THREADS");
+    let workers = match set
+        .as_ref()
+        .map(|v| v.to_str().and_then(|v| v.trim().parse().ok()))
+    {
+        Some(Some(n)) if n > 0 => n,
+        Some(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "TOKIO_WORKER_THREADS in the environment is not a number of threads (1 or more)",
+            ));
+        }
+        None => workers(std::thread::available_parallelism().map_or(1, usize::from)),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
+
+fn workers(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_core_is_left_to_the_committer_and_the_kernel() {
+        assert_eq!(super::workers(1), 1);
+        assert_eq!(super::workers(2), 1);
+        assert_eq!(super::workers(8), 7);
+    }
+}
