@@ -989,17 +989,16 @@ impl Delivery {
             eight_bit: msg.envelope.body_8bit || message.is_eight_bit(),
             smtputf8: msg.envelope.smtputf8,
         };
+        let sending = Sending {
+            id,
+            sender: &sender,
+            recipients: &recipients,
+            message: &message,
+            flags,
+        };
         let mut asked_written = false;
         let asked = self
-            .ask_holder(
-                id,
-                &account,
-                (&sender, &recipients),
-                &message,
-                flags,
-                &mut state,
-                &mut asked_written,
-            )
+            .ask_holder(&account, &sending, &mut state, &mut asked_written)
             .await;
         if let Some((holder, outcome)) = asked {
             // The session's answer stands for the attempt; this account sent nothing.
@@ -1020,15 +1019,7 @@ impl Delivery {
                 .with_account(name);
         }
         let (outcome, written) = self
-            .send_keeping(
-                id,
-                &account,
-                (&sender, &recipients),
-                &message,
-                flags,
-                &mut state,
-                asks,
-            )
+            .send_keeping(&account, &sending, &mut state, asks)
             .await;
         let written = written || asked_written;
         // Not tried: another attempt found the upstream unreachable between this one taking the account and
@@ -1126,17 +1117,14 @@ impl Delivery {
     /// which takes none of that account's connections or limits). `None`: nothing to ask, or the session says it
     /// does not hold the message whole (forgotten): `chosen` sends it. Else the holding account and what the
     /// session's answer makes of the attempt: delivered, or deferred with the session kept (no clear answer).
-    #[allow(clippy::too_many_arguments)]
     async fn ask_holder(
         &self,
-        id: QueueId,
         chosen: &Account,
-        (sender, recipients): (&str, &[String]),
-        message: &Outgoing,
-        flags: MailFlags,
+        sending: &Sending<'_>,
         state: &mut DeliveryState,
         written: &mut bool,
     ) -> Option<(Arc<Account>, Outcome)> {
+        let id = sending.id;
         let kept = state.upload.as_ref()?;
         if kept.account == chosen.name {
             // Its own attempt asks it, unless the account no longer sends through the Gmail API.
@@ -1160,17 +1148,7 @@ impl Delivery {
         // Only the question goes (with the session's own byte count: these bytes are not sent), with the holding
         // account's token.
         let outcome;
-        (outcome, *written) = self
-            .send_keeping(
-                id,
-                &holder,
-                (sender, recipients),
-                message,
-                flags,
-                state,
-                true,
-            )
-            .await;
+        (outcome, *written) = self.send_keeping(&holder, sending, state, true).await;
         match outcome {
             Outcome::Transient(_) if state.upload.is_none() => {
                 tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
@@ -1186,7 +1164,7 @@ impl Delivery {
             }
             // Sent by that account: its daily count gets the recipients an unclear answer left out.
             outcome @ Outcome::Delivered(_) => {
-                holder.rate.accepted_later(recipients.len());
+                holder.rate.accepted_later(sending.recipients.len());
                 Some((holder, outcome))
             }
             outcome => Some((holder, outcome)),
@@ -1195,20 +1173,16 @@ impl Delivery {
 
     /// Sends through `account` with the message's state at hand, so that a Gmail upload session can be kept in
     /// it (`ask_only`: see [`ResumePoint::ask_only`]). The outcome, and whether the state file was written.
-    #[allow(clippy::too_many_arguments)]
     async fn send_keeping(
         &self,
-        id: QueueId,
         account: &Account,
-        (sender, recipients): (&str, &[String]),
-        message: &Outgoing,
-        flags: MailFlags,
+        sending: &Sending<'_>,
         state: &mut DeliveryState,
         ask_only: bool,
     ) -> (Outcome, bool) {
         let kept = Arc::new(StateResume {
             dir: self.paths.queue.clone(),
-            id,
+            id: sending.id,
             account: account.name.clone(),
             state: Mutex::new(std::mem::take(state)),
             written: AtomicBool::new(false),
@@ -1219,10 +1193,10 @@ impl Delivery {
             .transports
             .send(
                 &account.tokens,
-                sender,
-                recipients,
-                message,
-                flags,
+                sending.sender,
+                sending.recipients,
+                sending.message,
+                sending.flags,
                 Some(&resume),
             )
             .await;
@@ -1618,6 +1592,15 @@ impl Delivery {
             }
         }
     }
+}
+
+/// One attempt's message as it goes upstream, through whichever account sends it or asks its kept session.
+struct Sending<'a> {
+    id: QueueId,
+    sender: &'a str,
+    recipients: &'a [String],
+    message: &'a Outgoing,
+    flags: MailFlags,
 }
 
 /// A message's Gmail upload session, kept in its delivery state for the account its attempt goes through: the
