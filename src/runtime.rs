@@ -9,6 +9,10 @@
 //! on their round trips, not on relay's CPU). `TOKIO_WORKER_THREADS` in the environment still decides, for a
 //! sysadmin who measures otherwise.
 
+/// More would only fail later, less clearly: tokio aborts on the allocation or cannot spawn the threads
+/// (systemd's `TasksMax`).
+const MAX_WORKERS: usize = 256;
+
 /// Builds the runtime `relay serve` runs on.
 pub fn for_daemon() -> std::io::Result<tokio::runtime::Runtime> {
     // Read here rather than left to tokio, which panics on a value it cannot parse.
@@ -17,11 +21,13 @@ pub fn for_daemon() -> std::io::Result<tokio::runtime::Runtime> {
         .as_ref()
         .map(|v| v.to_str().and_then(|v| v.trim().parse().ok()))
     {
-        Some(Some(n)) if n > 0 => n,
+        Some(Some(n)) if (1..=MAX_WORKERS).contains(&n) => n,
         Some(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "TOKIO_WORKER_THREADS in the environment is not a number of threads (1 or more)",
+                format!(
+                    "TOKIO_WORKER_THREADS in the environment is not a number of threads from 1 to {MAX_WORKERS}"
+                ),
             ));
         }
         None => workers(std::thread::available_parallelism().map_or(1, usize::from)),

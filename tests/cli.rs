@@ -220,6 +220,40 @@ fn bad_config_fails_with_file_key_and_reason() {
     }
 }
 
+/// `TOKIO_WORKER_THREADS` (the runtime's worker count, one fewer than the cores by default) is read by relay: a
+/// value it cannot use stops `relay serve` with a sentence, before anything is bound, not with tokio's panic or
+/// an abort.
+#[test]
+fn serve_refuses_a_worker_count_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    for bad in ["0", "many", "257", "99999999999999999999"] {
+        let out = Command::new(relay_bin())
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .expect("relay runs");
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(
+                "TOKIO_WORKER_THREADS in the environment is not a number of threads from 1 to 256"
+            ),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{bad}: {err}");
+    }
+}
+
 /// A listener's TLS key is a secret like an account's: `relay check` and `relay serve` refuse one that others can
 /// read, naming the file, the key and the fix; at 0600 it is taken. Through `$CREDENTIALS_DIRECTORY`, where
 /// systemd leaves credentials at 0400 or 0440, it is taken too.

@@ -543,7 +543,12 @@ async fn close<S: AsyncWrite + Unpin>(
     out.extend_from_slice(&reply.to_wire());
     write_out(stream, out, ctx.cfg.command_timeout).await?;
     if tls {
-        let _ = stream.shutdown().await;
+        // A client that stopped reading must not hold its place (or a stop's drain) with the close_notify.
+        let _ = timeout(
+            ctx.cfg.command_timeout.min(STRESS_TIMEOUT),
+            stream.shutdown(),
+        )
+        .await;
     }
     Ok(Outcome::Closed)
 }
