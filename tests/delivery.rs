@@ -218,8 +218,6 @@ async fn a_refusal_in_the_middle_of_the_body_is_heard() {
         big.extend_from_slice(b"\r\n");
     }
     let id = send_message(relay.addr(), &big).await;
-    // Until it has left the queue: the first reading of the queue may have found the file while it arrived
-    // (unsealed), and that look, put off for 30 s, counts as an attempt too.
     relay.drained().await;
     let state = state_file(&relay, "dead", &id);
     assert!(state.contains("552 5.3.4"), "{state}");
@@ -310,13 +308,73 @@ async fn queue_retry_sends_a_deferred_message_now() {
     assert_eq!(relay.queued().len(), 1);
     // The next try is a minute away; the sysadmin wants it now.
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    retry_delivers_the_deferred(&mut relay, &mut upstream, &id).await;
+    assert!(relay.queued().is_empty());
+}
+
+/// `relay queue retry ID` for a message deferred once: it goes now, its second attempt.
+async fn retry_delivers_the_deferred(relay: &mut TestRelay, upstream: &mut FakeUpstream, id: &str) {
     let cli_config = relay.dir.path().join("cli.toml");
     std::fs::write(&cli_config, format!("state_dir = {:?}\n", relay.state())).unwrap();
-    queue_retry(&cli_config, &id);
+    queue_retry(&cli_config, id);
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), BODY);
     relay.attempts_done(2).await;
-    assert!(relay.queued().is_empty());
+}
+
+/// A reading of the queue that lists a message still arriving (a large one, whose bytes go to its file as they
+/// come, unsealed until its final dot) looks at it and leaves it to its commit: that look is no delivery
+/// attempt, and the message is delivered once, as soon as it is committed. (Before, the look counted as an
+/// attempt and put the message off for 30 s, until its commit's announcement brought it back.)
+#[tokio::test]
+async fn a_message_still_arriving_when_the_queue_is_read_is_not_an_attempt() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    let deferred = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(1).await;
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+
+    // The second message's first 256 KiB, without its final dot: its file is in queue/, unsealed.
+    let mut arriving = RawClient::in_data(relay.addr()).await;
+    let mut big = b"Subject: scan\r\n\r\n".to_vec();
+    while big.len() < 256 << 10 {
+        big.extend_from_slice(&[b'x'; 76]);
+        big.extend_from_slice(b"\r\n");
+    }
+    arriving.send(&big).await;
+    let queue_files = || {
+        files_in(&relay.state(), "queue")
+            .iter()
+            .filter(|f| f.ends_with(".msg"))
+            .count()
+    };
+    tokio::time::timeout(LIMIT, async {
+        while queue_files() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the arriving message's file appears");
+
+    // `relay queue retry` has the queue read again: the deferred message goes, and the arriving one is looked at.
+    retry_delivers_the_deferred(&mut relay, &mut upstream, &deferred).await;
+
+    arriving.send(b".\r\n").await;
+    arriving.expect(250).await;
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), &big[..]);
+    relay.drained().await;
+    assert_eq!(
+        *relay.attempts.borrow(),
+        3,
+        "the deferral, the retry and the one delivery of the arriving message"
+    );
+    assert!(
+        upstream.received.try_recv().is_err(),
+        "the arriving message went once"
+    );
 }
 
 #[tokio::test]

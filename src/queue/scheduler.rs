@@ -199,8 +199,11 @@ impl Scheduler {
                             (task, attempted)
                         }
                     };
-                    // A message that waits for its accounts was not an attempt.
-                    let parked = matches!(attempted, Some(Attempted::Waiting { .. }));
+                    // A message that waits for its accounts, or that is still arriving, was not an attempt.
+                    let parked = matches!(
+                        attempted,
+                        Some(Attempted::Waiting { .. } | Attempted::Arriving)
+                    );
                     match (running.remove(&task), attempted) {
                         // Waiting in a pool of the delivery before a reload: due now, to find its pool in this one.
                         (Some((id, started)), Some(Attempted::Waiting { .. }))
