@@ -324,8 +324,7 @@ async fn retry_delivers_the_deferred(relay: &mut TestRelay, upstream: &mut FakeU
 
 /// A reading of the queue that lists a message still arriving (a large one, whose bytes go to its file as they
 /// come, unsealed until its final dot) looks at it and leaves it to its commit: that look is no delivery
-/// attempt, and the message is delivered once, as soon as it is committed. (Before, the look counted as an
-/// attempt and put the message off for 30 s, until its commit's announcement brought it back.)
+/// attempt (it counted as one before), and the message is delivered once, as soon as it is committed.
 #[tokio::test]
 async fn a_message_still_arriving_when_the_queue_is_read_is_not_an_attempt() {
     let idp = idp_issuing("tok").await;

@@ -257,8 +257,8 @@ fn memory_units(bytes: u64) -> u32 {
 /// the read waits for no disk in practice. Larger ones, which would, go to the blocking pool.
 const READ_INLINE: u64 = 16 << 10;
 
-/// When a message that could not be looked at now (an attempt that failed oddly, a wait with no end of its own)
-/// comes up again.
+/// When a message that could not be looked at now (still arriving, an attempt that failed oddly, a wait with no
+/// end of its own) comes up again.
 const RECHECK: Duration = Duration::from_secs(30);
 
 /// What the scheduler does with a message after an attempt.
@@ -271,10 +271,10 @@ pub enum Attempted {
         at: SystemTime,
         account: Option<String>,
     },
-    /// Still arriving (a reread of the queue listed the file of a message being received): not an attempt, and
-    /// forgotten until its commit announces it (or a reread finds it again; a leftover its client never heard
-    /// 250 for is removed at start).
-    Arriving,
+    /// Still arriving (a reread of the queue listed the file of a message being received): not an attempt. Its
+    /// commit announces it; it is looked at again at `at` all the same, since a reread made meanwhile (which
+    /// leaves out what is in flight) can drop that announcement from the schedule.
+    Arriving { at: SystemTime },
     /// None of its accounts can take it now: it waits in its pool (see [`Routing`]) and was not an attempt.
     /// `recipients`: how many it is still for (what a limit must have room for).
     Waiting {
@@ -343,14 +343,14 @@ impl Attempted {
     pub fn freed(&self) -> Option<&str> {
         match self {
             Attempted::Done { account } | Attempted::Later { account, .. } => account.as_deref(),
-            Attempted::Arriving | Attempted::Waiting { .. } => None,
+            Attempted::Arriving { .. } | Attempted::Waiting { .. } => None,
         }
     }
 
     /// When to look at the message again, if ever (a waiting message is parked instead).
     pub fn next(&self) -> Option<SystemTime> {
         match self {
-            Attempted::Later { at, .. } => Some(*at),
+            Attempted::Later { at, .. } | Attempted::Arriving { at } => Some(*at),
             _ => None,
         }
     }
@@ -669,7 +669,9 @@ impl Delivery {
                 return Attempted::Done { account: None };
             }
             // Still arriving (listed by a reread of the queue): its commit announces it, or it goes away.
-            Err(FileError::Unsealed { .. }) => return Attempted::Arriving,
+            Err(FileError::Unsealed { .. }) => {
+                return Attempted::Arriving { at: now + RECHECK };
+            }
             // Not readable just now (out of descriptors, permissions, I/O): it stays, and is looked at again.
             // Counted as a failed attempt, so that it follows the retry schedule (and is said in the log each time).
             Err(e @ FileError::Io { .. }) => {

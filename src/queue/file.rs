@@ -115,11 +115,14 @@ pub fn read_open(path: &Path) -> Result<(QueuedMessage, File), FileError> {
         source,
     };
     let mut file = File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
     let mut line = Vec::new();
     BufReader::new((&mut file).take(MAX_ENVELOPE_LINE))
         .read_until(b'\n', &mut line)
         .map_err(io_err)?;
+    // The length after the seal: the committer writes a message's last bytes before its seal, so a seal seen
+    // here means they are all in. Taken before, a file sealed in between had a length short of its seal's, and
+    // an acknowledged message was quarantined as damaged.
+    let len = file.metadata().map_err(io_err)?.len();
     Ok((parse(&line, len, path)?, file))
 }
 

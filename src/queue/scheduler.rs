@@ -202,7 +202,7 @@ impl Scheduler {
                     // A message that waits for its accounts, or that is still arriving, was not an attempt.
                     let parked = matches!(
                         attempted,
-                        Some(Attempted::Waiting { .. } | Attempted::Arriving)
+                        Some(Attempted::Waiting { .. } | Attempted::Arriving { .. })
                     );
                     match (running.remove(&task), attempted) {
                         // Waiting in a pool of the delivery before a reload: due now, to find its pool in this one.
