@@ -38,20 +38,39 @@ async fn oversized_message_is_refused_with_552_and_nothing_is_kept() {
     let reply = c.cmd("MAIL FROM:<a@example.com> SIZE=5000", 552).await;
     assert!(reply.starts_with("552 5.3.4 "), "{reply}");
     // Undeclared: refused at the final dot, after the whole body was read.
-    c.begin_message().await;
-    let line = format!("{}\r\n", "x".repeat(998));
-    for _ in 0..200 {
-        c.send(line.as_bytes()).await;
-    }
-    c.send(b".\r\n").await;
-    let reply = c.expect(552).await;
-    assert!(reply.starts_with("552 5.3.4 "), "{reply}");
+    too_big(&mut c, 200).await;
     // The session goes on.
     c.cmd("NOOP", 250).await;
     c.cmd("QUIT", 221).await;
     relay.idle().await;
     assert!(relay.queued().is_empty());
     assert!(files_in(&relay.state(), "queue").is_empty());
+}
+
+/// A message refused for its size after it had begun to go to disk (past the 64 KiB kept in memory): its partial
+/// file is gone before the 552 is sent (its removal runs on the blocking pool, and the reply waits for it).
+#[tokio::test]
+async fn a_refused_message_that_reached_the_disk_is_gone_before_its_552() {
+    let relay = TestRelay::start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"200KiB\"\n",
+    )
+    .await;
+    let mut c = RawClient::ready(relay.addr()).await;
+    too_big(&mut c, 400).await;
+    assert!(files_in(&relay.state(), "queue").is_empty());
+    c.cmd("QUIT", 221).await;
+}
+
+/// A message of `lines` lines of 1,000 bytes, undeclared: refused at its final dot for its size.
+async fn too_big(c: &mut RawClient<tokio::net::TcpStream>, lines: usize) {
+    c.begin_message().await;
+    let line = format!("{}\r\n", "x".repeat(998));
+    for _ in 0..lines {
+        c.send(line.as_bytes()).await;
+    }
+    c.send(b".\r\n").await;
+    let reply = c.expect(552).await;
+    assert!(reply.starts_with("552 5.3.4 "), "{reply}");
 }
 
 #[tokio::test]

@@ -246,6 +246,25 @@ impl Incoming {
         result
     }
 
+    /// Gives the message up (refused while it arrives): its partial file, if it spilled to one, is removed on the
+    /// blocking pool. Freeing a large file's blocks (and sending their discards) takes milliseconds, and the
+    /// runtime may have one worker for every session (`runtime.rs`); a client can send 35 MiB to be refused
+    /// again and again. Returns once the file is gone, so that the refusal is answered after it.
+    pub async fn discard(mut self) {
+        // No longer arriving: the committer's linger must not wait for it.
+        self.arriving = None;
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        let path = msg_path(&self.spool.paths.queue, self.id);
+        // Not run only when the runtime stops first: the file, still unsealed, goes at the next start.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(file);
+            let _ = fs::remove_file(path);
+        })
+        .await;
+    }
+
     /// Makes the message durable in `queue/`. Returns once it is on disk, or with the reason it is not.
     pub async fn commit(mut self) -> Result<QueueId, SpoolError> {
         let seal = file::seal_for(self.len, &self.hash.finalize());
@@ -270,7 +289,8 @@ impl Incoming {
 impl Drop for Incoming {
     fn drop(&mut self) {
         if self.file.take().is_some() {
-            // A single unlink: cheap enough to do inline, and it must not be forgotten.
+            // A connection that ended in the middle of a message: removed here, since it must not be forgotten
+            // (a refused message goes through `discard`, off the runtime's thread).
             let _ = fs::remove_file(msg_path(&self.spool.paths.queue, self.id));
         }
     }

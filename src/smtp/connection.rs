@@ -211,12 +211,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(r) = receiving_msg.as_mut() {
                 if refused {
                     // Stop storing at once (and remove the partial file), but read on to the final dot.
-                    r.incoming = None;
+                    if let Some(incoming) = r.incoming.take() {
+                        incoming.discard().await;
+                    }
                 } else if let Some(incoming) = r.incoming.as_mut()
                     && let Err(e) = incoming.write(&body).await
                 {
                     tracing::error!(relay_event = "rejected", relay_queue_id = %r.id, relay_client = %peer, error = %e, "cannot spool message");
-                    r.incoming = None;
+                    if let Some(incoming) = r.incoming.take() {
+                        incoming.discard().await;
+                    }
                 }
             }
             if progress == Progress::Done {
@@ -368,6 +372,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         {
             tracing::info!(relay_client = %peer, bytes, "message arriving too slowly while the listener is under pressure; closing");
             let reply = Reply::new(421, "4.4.2", "Connection too slow, closing connection");
+            give_up(receiving_msg.take()).await;
             return close(&mut stream, &mut out, reply, ctx, tls).await;
         }
         let deadline = tokio::time::Instant::from_std(waiting_since + limit);
@@ -423,6 +428,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
                 }
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
+                give_up(receiving_msg.take()).await;
                 return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             Woke::Shutdown => {
@@ -433,6 +439,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(r) = &receiving_msg {
                     tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "shutting down: the message being received is not taken (421; the client sends it again)");
                 }
+                give_up(receiving_msg.take()).await;
                 let reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
                 return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
@@ -475,6 +482,14 @@ fn too_slow(elapsed: Duration, bytes: u64) -> bool {
     elapsed > SLOW_GRACE && bytes < MIN_RATE.saturating_mul(elapsed.as_secs())
 }
 
+/// A message given up before its final dot (the connection is closed with a 421): its partial file is removed
+/// before the reply, off the runtime's thread.
+async fn give_up(receiving: Option<Receiving>) {
+    if let Some(incoming) = receiving.and_then(|r| r.incoming) {
+        incoming.discard().await;
+    }
+}
+
 /// The final dot has arrived: store the message, or say why not.
 async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> Reply {
     let peer = session.peer();
@@ -483,6 +498,9 @@ async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> 
     };
     if let Some(refusal) = session.refusal() {
         tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
+        if let Some(incoming) = incoming {
+            incoming.discard().await;
+        }
         return session.data_refused();
     }
     let Some(incoming) = incoming else {
