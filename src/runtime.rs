@@ -4,9 +4,9 @@
 //! and on loopback or the LAN the kernel's share of each message (the replies' sends, file creation, writeback)
 //! is as large as relay's. So the runtime gets one worker fewer than there are cores, leaving one for the
 //! committer and the kernel, instead of tokio's one per core. Measured on the 2-core development VM (one worker
-//! against two, alternating rounds; BENCHMARKS.md): accepting at 1 session +11%, at 20 sessions +5% with 7–10%
-//! less CPU per message; a backlog's drain into a local sink about 6% slower (delivery to Microsoft or Google waits
-//! on their round trips, not on relay's CPU). `TOKIO_WORKER_THREADS` in the environment still decides, for a
+//! against two, alternating rounds; BENCHMARKS.md): accepting at 1 session +11–17%, at 20 sessions +5–12% with
+//! 7–20% less CPU per message; a backlog's drain into a local sink about 6% slower in one set (delivery to
+//! Microsoft or Google waits on their round trips, not on relay's CPU). `TOKIO_WORKER_THREADS` in the environment still decides, for a
 //! sysadmin who measures otherwise.
 
 /// More would only fail later, less clearly: tokio aborts on the allocation or cannot spawn the threads

@@ -506,6 +506,9 @@ impl Schedule {
                     }
                 }
             }
+            // Found still arriving, and announced committed while it was being looked at: due now, not at its
+            // recheck.
+            Attempted::Arriving { .. } if rerun => self.push(SystemTime::now(), id),
             other => match other.next() {
                 Some(at) => {
                     if let Some(account) = other.freed()
@@ -760,6 +763,22 @@ mod tests {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// A message found still arriving is looked at again at its recheck, or at once if its commit was announced
+    /// while it was being looked at.
+    #[test]
+    fn a_message_announced_while_it_was_found_arriving_is_due_now() {
+        let delivery = Delivery::new(&crate::config::Config::embedded_default(), Vec::new());
+        let mut s = Schedule::new(Arc::default());
+        let (announced, arriving) = (QueueId::new(), QueueId::new());
+        s.in_flight.extend([announced, arriving]);
+        s.rerun.insert(announced);
+        let at = SystemTime::now() + Duration::from_secs(30);
+        s.finished(announced, Attempted::Arriving { at }, &delivery);
+        s.finished(arriving, Attempted::Arriving { at }, &delivery);
+        assert_eq!(due_now(&s), vec![announced]);
+        assert_eq!(s.due.len(), 2, "the other at its recheck");
     }
 
     /// An upstream's return makes due the mail its account deferred during the outage (not before it, not another
