@@ -776,10 +776,10 @@ impl Delivery {
                 .blocking(move |d| d.remove_delivered(id, true))
                 .await;
         }
-        let expired = state
+        let max_age_ends = state
             .age_from(msg.envelope.received_at)
-            .checked_add(self.queue.max_age)
-            .is_some_and(|end| end < now);
+            .checked_add(self.queue.max_age);
+        let expired = max_age_ends.is_some_and(|end| end < now);
         // Past max_age with a Gmail upload session an earlier attempt kept (its answer was not heard: a stop, a
         // crash, a session that said nothing clear): the session may have sent the message, and a bounce would
         // tell its sender it failed. It is asked first, through the account that holds it, and nothing more is
@@ -863,6 +863,8 @@ impl Delivery {
                     .checked_add(crate::upstream::gmail::SESSION_LIFETIME)
             })
             .filter(|_| asks);
+        // When a wait for the upstream or a limit must end at the latest: at max_age, or at the session's week.
+        let expires = max_age_ends.filter(|_| !asks).or(session_end);
         if self.waiting.is_behind(pool, id) {
             return Attempted::Waiting {
                 pool,
@@ -903,11 +905,6 @@ impl Delivery {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
                 // not when the window frees, maybe a day later. (Expired already and asking its session: until
                 // the session's week ends, or it would be taken up again at once, and again.)
-                let expires = state
-                    .age_from(msg.envelope.received_at)
-                    .checked_add(self.queue.max_age)
-                    .filter(|_| !asks)
-                    .or(session_end);
                 if let Wait::Upstream(at) = wait {
                     tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
@@ -1038,11 +1035,6 @@ impl Delivery {
                 Some(until) => {
                     let at = SystemTime::now()
                         + until.saturating_duration_since(std::time::Instant::now());
-                    let expires = state
-                        .age_from(msg.envelope.received_at)
-                        .checked_add(self.queue.max_age)
-                        .filter(|_| !asks)
-                        .or(session_end);
                     Wait::Upstream(expires.map_or(at, |e| e.min(at)))
                 }
                 None => Wait::Connection,
