@@ -2,13 +2,15 @@
 //! messages in, `store` reads and manages them from outside the daemon, and delivery is `scheduler` (when) plus
 //! `delivery` (one attempt), with `state` (per-message delivery state), `retry` (the trigger), `route` (which
 //! account), `rate` (the providers' sending limits) and `pause` (a pause a provider asked for); `announce` tells
-//! the scheduler of new mail, `seal` is a message's length and hash.
+//! the scheduler of new mail, `seal` is a message's length and hash, `lane` runs the file work that ends each
+//! attempt.
 
 pub mod announce;
 pub mod delivery;
 mod envelope;
 pub mod file;
 mod id;
+mod lane;
 pub mod layout;
 pub mod pause;
 pub mod rate;
