@@ -976,9 +976,14 @@ impl Delivery {
             Ok(Some(m)) => m,
             Ok(None) => {
                 let freed = account.name.clone();
+                let seen = msg.seal.clone();
                 return self
                     .clone()
                     .blocking(move |d| {
+                        if resealed(&path, &seen) {
+                            tracing::info!(relay_queue_id = %id, "the queue file's seal was being written when it was read; looked at again now");
+                            return Attempted::later(SystemTime::now());
+                        }
                         quarantine(
                             &d.paths,
                             &path,
@@ -1707,6 +1712,14 @@ fn shown<'a>(refused: impl IntoIterator<Item = &'a Refusal>) -> String {
 
 /// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking: on the blocking pool, but for a
 /// message of at most [`READ_INLINE`] bytes.
+/// Whether the file's seal now differs from `seen`, the one read before its bytes failed to match: the read
+/// caught the committer's last step, the seal's 80-byte write, half done (a message listed by a reread of the
+/// queue while it was being committed), and the message is whole. A seal read the same twice is the file's own,
+/// and a mismatch then is damage.
+fn resealed(path: &Path, seen: &str) -> bool {
+    file::read(path).is_ok_and(|now| now.seal != seen)
+}
+
 fn open_message(
     msg: &super::QueuedMessage,
     file: Arc<std::fs::File>,
@@ -1725,6 +1738,36 @@ fn open_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seal_read_half_written_is_told_from_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = QueueId::new();
+        let path = msg_path(dir.path(), id);
+        let envelope = Envelope {
+            id,
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.com".into()],
+            client: "127.0.0.1:1".into(),
+            helo: None,
+            user: None,
+            listener: "127.0.0.1:25".into(),
+            received_at: SystemTime::now(),
+            body_8bit: false,
+            smtputf8: false,
+            via: None,
+        };
+        let message = b"Subject: x\r\n\r\nbody\r\n";
+        let seal = file::seal_for(message.len() as u64, &blake3::hash(message));
+        let mut bytes = file::unsealed_line(&envelope);
+        bytes[file::SEAL_AT..file::SEAL_AT + seal.len()].copy_from_slice(seal.as_bytes());
+        bytes.extend_from_slice(message);
+        std::fs::write(&path, &bytes).expect("write");
+        // What a reader saw while the seal's write was half done: its first half, then the placeholder's zeros.
+        let torn = format!("{}{}", &seal[..40], "0".repeat(40));
+        assert!(resealed(&path, &torn));
+        assert!(!resealed(&path, &seal));
+    }
 
     fn kept(dir: &Path, id: QueueId, account: &str, state: DeliveryState) -> StateResume {
         StateResume {
