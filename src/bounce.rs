@@ -448,17 +448,8 @@ mod tests {
     /// A message from scanner@lan.test to `recipients`, as the DSN's tests bounce it.
     fn original(recipients: &[&str]) -> Envelope {
         Envelope {
-            id: QueueId::new(),
-            sender: "scanner@lan.test".into(),
-            recipients: recipients.iter().map(|r| r.to_string()).collect(),
             client: "192.0.2.1:1234".into(),
-            helo: None,
-            user: None,
-            listener: "127.0.0.1:25".into(),
-            received_at: SystemTime::now(),
-            body_8bit: false,
-            smtputf8: false,
-            via: None,
+            ..Envelope::example("scanner@lan.test", recipients)
         }
     }
 

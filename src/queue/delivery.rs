@@ -1742,21 +1742,8 @@ mod tests {
     #[test]
     fn a_seal_read_half_written_is_told_from_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let id = QueueId::new();
-        let path = msg_path(dir.path(), id);
-        let envelope = Envelope {
-            id,
-            sender: "a@example.com".into(),
-            recipients: vec!["b@example.com".into()],
-            client: "127.0.0.1:1".into(),
-            helo: None,
-            user: None,
-            listener: "127.0.0.1:25".into(),
-            received_at: SystemTime::now(),
-            body_8bit: false,
-            smtputf8: false,
-            via: None,
-        };
+        let envelope = Envelope::example("a@example.com", &["b@example.com"]);
+        let path = msg_path(dir.path(), envelope.id);
         let message = b"Subject: x\r\n\r\nbody\r\n";
         let seal = file::seal_for(message.len() as u64, &blake3::hash(message));
         let mut bytes = file::unsealed_line(&envelope);

@@ -41,3 +41,23 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
 }
+
+#[cfg(test)]
+impl Envelope {
+    /// A message from `sender` to `recipients`, received now from a LAN device: what unit tests queue.
+    pub(crate) fn example(sender: &str, recipients: &[&str]) -> Envelope {
+        Envelope {
+            id: QueueId::new(),
+            sender: sender.into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            client: "127.0.0.1:1".into(),
+            helo: None,
+            user: None,
+            listener: "127.0.0.1:25".into(),
+            received_at: SystemTime::now(),
+            body_8bit: false,
+            smtputf8: false,
+            via: None,
+        }
+    }
+}

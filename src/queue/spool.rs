@@ -831,19 +831,7 @@ mod tests {
     }
 
     fn envelope() -> Envelope {
-        Envelope {
-            id: QueueId::new(),
-            sender: "a@example.com".into(),
-            recipients: vec!["b@example.com".into()],
-            client: "127.0.0.1:1".into(),
-            helo: None,
-            user: None,
-            listener: "127.0.0.1:25".into(),
-            received_at: std::time::SystemTime::now(),
-            body_8bit: false,
-            smtputf8: false,
-            via: None,
-        }
+        Envelope::example("a@example.com", &["b@example.com"])
     }
 
     /// A count left behind would make every later batch wait its full LINGER.

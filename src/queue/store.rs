@@ -425,17 +425,8 @@ mod tests {
     /// A sealed message in `dir`, as the spool writes it; its id.
     fn write_message(dir: &Path, recipients: &[&str]) -> QueueId {
         let envelope = Envelope {
-            id: QueueId::new(),
-            sender: "a@example.com".into(),
-            recipients: recipients.iter().map(|r| r.to_string()).collect(),
-            client: "127.0.0.1:1".into(),
             helo: Some("device.lan".into()),
-            user: None,
-            listener: "127.0.0.1:25".into(),
-            received_at: SystemTime::now(),
-            body_8bit: false,
-            smtputf8: false,
-            via: None,
+            ..Envelope::example("a@example.com", recipients)
         };
         let body = b"Subject: x\r\n\r\nhi\r\n";
         let mut bytes = file::unsealed_line(&envelope);
