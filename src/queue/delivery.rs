@@ -980,9 +980,19 @@ impl Delivery {
                 return self
                     .clone()
                     .blocking(move |d| {
-                        if resealed(&path, &seen) {
-                            tracing::info!(relay_queue_id = %id, "the queue file's seal was being written when it was read; looked at again now");
-                            return Attempted::later(SystemTime::now());
+                        match reread_seal(&path, &seen) {
+                            Reread::Same => {}
+                            Reread::Gone => return Attempted::Done { account: None },
+                            // Not at once: a file rewritten again and again by something else would be looked at
+                            // in a loop.
+                            Reread::Changed => {
+                                tracing::info!(relay_queue_id = %id, "the queue file's seal changed since it was read (read while it was being written?); looked at again in a second");
+                                return Attempted::later(SystemTime::now() + Duration::from_secs(1));
+                            }
+                            Reread::Unreadable(why) => {
+                                tracing::warn!(relay_queue_id = %id, error = %why, "the queue file's bytes did not match its seal and it cannot be read again now; looked at again in 30 s");
+                                return Attempted::later(SystemTime::now() + RECHECK);
+                            }
                         }
                         quarantine(
                             &d.paths,
@@ -1710,16 +1720,34 @@ fn shown<'a>(refused: impl IntoIterator<Item = &'a Refusal>) -> String {
     why
 }
 
-/// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking: on the blocking pool, but for a
-/// message of at most [`READ_INLINE`] bytes.
-/// Whether the file's seal now differs from `seen`, the one read before its bytes failed to match: the read
-/// caught the committer's last step, the seal's 80-byte write, half done (a message listed by a reread of the
-/// queue while it was being committed), and the message is whole. A seal read the same twice is the file's own,
-/// and a mismatch then is damage.
-fn resealed(path: &Path, seen: &str) -> bool {
-    file::read(path).is_ok_and(|now| now.seal != seen)
+/// What a second read of a queue file's seal says, after its bytes failed to match `seen`, the seal read first.
+#[derive(Debug, PartialEq, Eq)]
+enum Reread {
+    /// The same seal: the file's own, and the mismatch is damage.
+    Same,
+    /// Another seal: the first read caught the committer's last step, the seal's 80-byte write, half done (a
+    /// message listed by a reread of the queue while it was being committed). The next attempt checks the bytes
+    /// against the seal again.
+    Changed,
+    /// Gone (delivered or deleted meanwhile): nothing to quarantine.
+    Gone,
+    /// Not readable now (out of descriptors, a disk error): no proof of damage, so not quarantined for it.
+    Unreadable(String),
 }
 
+fn reread_seal(path: &Path, seen: &str) -> Reread {
+    match file::read(path) {
+        Ok(now) if now.seal == seen => Reread::Same,
+        Ok(_) => Reread::Changed,
+        Err(e) if e.is_not_found() => Reread::Gone,
+        // Sealed a moment ago, so a file unsealed or unparsable now was replaced by someone: what it holds now is
+        // judged by the next look, like any other file.
+        Err(e) => Reread::Unreadable(e.to_string()),
+    }
+}
+
+/// The queued message, checked against its seal (`Ok(None)`: damaged). Blocking: on the blocking pool, but for a
+/// message of at most [`READ_INLINE`] bytes.
 fn open_message(
     msg: &super::QueuedMessage,
     file: Arc<std::fs::File>,
@@ -1740,7 +1768,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_seal_read_half_written_is_told_from_damage() {
+    fn a_seal_read_again_tells_a_half_written_one_from_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let envelope = Envelope::example("a@example.com", &["b@example.com"]);
         let path = msg_path(dir.path(), envelope.id);
@@ -1752,8 +1780,13 @@ mod tests {
         std::fs::write(&path, &bytes).expect("write");
         // What a reader saw while the seal's write was half done: its first half, then the placeholder's zeros.
         let torn = format!("{}{}", &seal[..40], "0".repeat(40));
-        assert!(resealed(&path, &torn));
-        assert!(!resealed(&path, &seal));
+        assert_eq!(reread_seal(&path, &torn), Reread::Changed);
+        assert_eq!(reread_seal(&path, &seal), Reread::Same);
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(reread_seal(&path, &seal), Reread::Gone);
+        // Cannot be read (here a directory by that name): no proof of damage either way.
+        std::fs::create_dir(&path).expect("mkdir");
+        assert!(matches!(reread_seal(&path, &seal), Reread::Unreadable(_)));
     }
 
     fn kept(dir: &Path, id: QueueId, account: &str, state: DeliveryState) -> StateResume {

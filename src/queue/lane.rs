@@ -4,9 +4,11 @@
 //! Handed to `spawn_blocking` one by one, every such job woke an idle thread of tokio's pool: a futex wake from the
 //! runtime's thread, which the woken thread then often preempted. In a drain of a backlog that was about a seventh
 //! of the runtime thread's time. Here a job joins a queue, and a runner (a task on the blocking pool) takes jobs
-//! until the queue is empty; a new runner starts only when a job would otherwise wait, up to `max`, so that a
-//! backlog of jobs costs no wake-ups beyond the runners' own. More than one, because on a filesystem mounted with `discard` each unlink waits for its
-//! discard (100–300 µs on the development machine), and jobs wait for no other job.
+//! until the queue is empty; a new runner starts only while fewer than `max` run, so that a backlog of jobs
+//! costs no wake-ups beyond the runners' own. More than one, because on a filesystem mounted with `discard` each
+//! unlink waits for its discard (100–300 µs on the development machine): one runner would put every unlink after
+//! the one before. The price of a cap: jobs stuck on a filesystem that hangs hold up every attempt's end, where
+//! one `spawn_blocking` each held up only their own (the queue's commits would hang on it as well).
 //!
 //! tokio's own cap (`max_blocking_threads`) would do the same for every blocking call of the daemon, the spills of
 //! incoming mail among them, which must not wait behind delivery's unlinks: so the lane is its own.
@@ -54,8 +56,9 @@ impl Lane {
         let start = {
             let mut queue = lock(&self.queue);
             queue.jobs.push_back(job);
-            // Every runner is busy with a job it took, so this one waits: another runner starts if the cap allows
-            // (a job never waits behind a slow one while a runner could take it).
+            // Another runner starts whenever the cap allows, so that a job never waits behind a slow one while a
+            // runner could take it. (A runner between two jobs may take this one; the runner started for it then
+            // finds the queue empty: one wake-up, and only when the queue drains.)
             let start = queue.runners < self.max;
             if start {
                 queue.runners += 1;
