@@ -122,6 +122,13 @@ impl Relay {
             upstream::transports::forget_unreachable(&config.state_dir, &a.name);
             token_files.unsaved_lost(&a.name);
         }
+        // Each grant is read before relay says it listens: what it holds from then on is the file as it was at
+        // the start, not as it is whenever the refresher first looks (a file rewritten meanwhile, by `relay
+        // authorize` or `relay test`, is then noticed as a change). A file that cannot be read is the refresher's
+        // to report.
+        for a in &accounts {
+            let _ = a.tokens.next_due().await;
+        }
         let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (abandon, abandon_rx) = watch::channel(false);

@@ -911,8 +911,18 @@ async fn a_grant_relay_test_could_not_save_is_not_said_held_by_the_daemon() {
         )
         .unwrap();
     let d = Daemon::spawn(&config);
-    // The file now holds an expired grant, which the daemon (its own valid for an hour) does not look at.
+    // The file now holds an expired grant, which the daemon (its own valid for an hour) does not look at: it
+    // notices a rewritten file by its mtime, which is put back, or its refresher, when it next woke (at any time
+    // on a loaded machine), would renew the grant itself.
+    let file = state.join("tokens/office.json");
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
     expired_tokens(&state, "refresh-1");
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let Some(_unwritable) = Unwritable::new(&state.join("tokens")) else {
         eprintln!("SKIPPED: cannot make a directory unwritable here (chattr +i)");
         return;
