@@ -122,14 +122,16 @@ impl Relay {
             upstream::transports::forget_unreachable(&config.state_dir, &a.name);
             token_files.unsaved_lost(&a.name);
         }
-        // Each grant is read before relay says it listens: what it holds from then on is the file as it was at
-        // the start, not as it is whenever the refresher first looks (a file rewritten meanwhile, by `relay
-        // authorize` or `relay test`, is then noticed as a change). A file that cannot be read is the refresher's
-        // to report.
+        let observers = observers::Observers::start(config, &spool, &accounts).await?;
+        // Each grant is read before relay says it listens, not whenever its refresher first runs: from
+        // `listening` on, the daemon holds the file as it was at the start, so what it does after does not hang on
+        // the scheduling of a task (a test that rewrites the file after `listening` relies on it). It changes
+        // little otherwise: a file rewritten later is read at the refresher's next look either way; one that
+        // becomes unreadable now finds a grant to keep. After the observers, so that an alert it raised would
+        // reach them. A file that cannot be read is the refresher's to report.
         for a in &accounts {
             let _ = a.tokens.next_due().await;
         }
-        let observers = observers::Observers::start(config, &spool, &accounts).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (abandon, abandon_rx) = watch::channel(false);
         let (listeners, bound) = Listeners::bind(config, &spool, &stop_rx, &abandon_rx).await?;

@@ -294,6 +294,8 @@ impl Running {
             let refresher = match kept {
                 Some(r) => r.refresher.clone(),
                 None => {
+                    // Not read ahead as at start (`Relay::start`): a grant read here would stop `take_unsaved`
+                    // from copying an unsaved one over a file rewritten with a failure.
                     if let Some(old) = self.accounts.iter().find(|r| r.config.name == config.name) {
                         account.tokens.copy_unsaved_from(&old.account.tokens).await;
                     }

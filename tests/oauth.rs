@@ -911,18 +911,23 @@ async fn a_grant_relay_test_could_not_save_is_not_said_held_by_the_daemon() {
         )
         .unwrap();
     let d = Daemon::spawn(&config);
-    // The file now holds an expired grant, which the daemon (its own valid for an hour) does not look at: it
-    // notices a rewritten file by its mtime, which is put back, or its refresher, when it next woke (at any time
-    // on a loaded machine), would renew the grant itself.
+    // The file now holds an expired grant, which the daemon (its own valid for an hour) does not look at. The
+    // daemon notices a rewritten file by its mtime alone (`reload_if_changed`), so the new file gets the old
+    // one's mtime before it is renamed into place, in one step: otherwise the refresher, whenever it next woke (at
+    // any time on a loaded machine), would renew the grant itself and leave `relay test` nothing to renew. If that
+    // check ever looks at more than the mtime, this setup must change with it.
     let file = state.join("tokens/office.json");
     let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-    expired_tokens(&state, "refresh-1");
+    let staging = dir.path().join("staging");
+    expired_tokens(&staging, "refresh-1");
+    let staged = staging.join("tokens/office.json");
     std::fs::File::options()
         .write(true)
-        .open(&file)
+        .open(&staged)
         .unwrap()
         .set_modified(mtime)
         .unwrap();
+    std::fs::rename(&staged, &file).unwrap();
     let Some(_unwritable) = Unwritable::new(&state.join("tokens")) else {
         eprintln!("SKIPPED: cannot make a directory unwritable here (chattr +i)");
         return;
