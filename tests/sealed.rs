@@ -58,6 +58,16 @@ async fn relay(args: &[&str], config: &Path, env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
+/// A device-code account whose tokens are sealed with `DIR/token.key`.
+fn sealed_config(dir: &Path, idp: &MockServer, upstream: &FakeUpstream) -> PathBuf {
+    let key = key_file(dir, "token.key", "5a", 0o600);
+    let top = format!(
+        "token_encryption = {key:?}\n{}",
+        device_code_top(dir, &idp.uri(), upstream, "")
+    );
+    write_config_with(dir, &top, LISTENER)
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -137,12 +147,7 @@ async fn sealed_tokens_are_authorized_refreshed_and_used_and_need_their_key() {
     // seal the rotated one.
     let mut upstream = FakeUpstream::start(&["access-2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "token.key", "5a", 0o600);
-    let top = format!(
-        "token_encryption = {key:?}\n{}",
-        device_code_top(dir.path(), &idp.uri(), &upstream, "")
-    );
-    let config = write_config_with(dir.path(), &top, LISTENER);
+    let config = sealed_config(dir.path(), &idp, &upstream);
     let state = dir.path().join("state");
 
     let out = relay(&["authorize", "office"], &config, &[]).await;
@@ -321,4 +326,31 @@ async fn the_systemd_credential_seals_plain_tokens_at_start() {
         err.contains("LoadCredentialEncrypted=relay-token-key:/etc/relay/token-key.cred"),
         "{err}"
     );
+}
+
+/// A daemon stopped while it held a renewed grant it could not write; the sysadmin then sets `token_encryption`.
+/// The next start seals the plain file (its own, older grant), and `relay status` still says that the renewed
+/// grant went with the stopped daemon: sealing the file used to clear that word before the start could give it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealing_at_start_keeps_the_word_that_an_unsaved_grant_was_lost() {
+    let idp = identity_provider().await;
+    let upstream = FakeUpstream::start(&["access-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = sealed_config(dir.path(), &idp, &upstream);
+    let plain = variant(&config, "plain.toml", "");
+    let state = dir.path().join("state");
+    let out = relay(&["authorize", "office"], &plain, &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    relay::tokens::TokenStore::new(&state).mark_unsaved("office", "read-only file system");
+
+    let daemon = Daemon::spawn(&config);
+    assert_sealed(&config, &state, &["access-1", "refresh-1"]);
+    let s = status(&config, &[]).await;
+    let warnings = s["accounts"][0]["warnings"].to_string();
+    assert!(
+        warnings.contains("relay stopped while it held a renewed grant")
+            && warnings.contains("read-only file system"),
+        "{s}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
 }

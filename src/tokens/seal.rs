@@ -109,6 +109,12 @@ impl TokenKey {
         }
     }
 
+    /// A key of `byte` repeated, for other modules' tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(byte: u8) -> TokenKey {
+        TokenKey::new(&[byte; KEY_LEN], "test".into())
+    }
+
     fn new(key: &[u8; KEY_LEN], origin: String) -> TokenKey {
         // The length is AES-256's, so this cannot fail.
         let unbound = UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte AES-256 key");
@@ -256,7 +262,7 @@ mod tests {
     use super::*;
 
     fn key(byte: u8) -> TokenKey {
-        TokenKey::new(&[byte; KEY_LEN], "test".into())
+        TokenKey::for_tests(byte)
     }
 
     #[test]

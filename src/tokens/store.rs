@@ -347,7 +347,9 @@ impl TokenStore {
             && Some(blake3::hash(&bytes)) == read
             && Envelope::parse(&bytes).is_none()
         {
-            self.write(account, &tokens)?;
+            // The file's own grant, sealed as it is: not a grant held in memory, so a mark that one is unsaved (a
+            // running daemon's, at a reload, or a stopped one's, which the start then says is lost) stays.
+            self.write_file(account, &tokens)?;
         }
         Ok(())
     }
@@ -485,6 +487,13 @@ impl TokenStore {
     }
 
     fn write(&self, account: &str, t: &StoredTokens) -> Result<blake3::Hash, StoreError> {
+        let hash = self.write_file(account, t)?;
+        // The daemon's grant is saved, or `relay authorize` stored a new one: nothing is in memory only.
+        self.clear_unsaved(account);
+        Ok(hash)
+    }
+
+    fn write_file(&self, account: &str, t: &StoredTokens) -> Result<blake3::Hash, StoreError> {
         let path = self.path(account);
         let io = |source| StoreError::Io {
             path: path.clone(),
@@ -532,8 +541,6 @@ impl TokenStore {
         }
         file.write_all(&body).map_err(io)?;
         file.commit().map_err(io)?;
-        // The daemon's grant is saved, or `relay authorize` stored a new one: nothing is in memory only.
-        self.clear_unsaved(account);
         Ok(blake3::hash(&body))
     }
 }
@@ -632,6 +639,23 @@ mod tests {
         assert!(!second.lost && second.why == "still read-only");
         store.save("a", &tokens("x")).unwrap();
         assert!(store.unsaved("a").is_none(), "a write clears it");
+    }
+
+    /// Sealing a plain file at start (`token_encryption` newly set) rewrites the file's own grant: a mark saying
+    /// that a stopped daemon held a newer one unsaved must survive it, for the start to say it was lost.
+    #[test]
+    fn sealing_a_plain_file_keeps_an_unsaved_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = TokenStore::new(dir.path());
+        plain.save("a", &tokens("old")).unwrap();
+        plain.mark_unsaved("a", "read-only");
+        let sealed = TokenStore::sealed(dir.path(), Arc::new(TokenKey::for_tests(7)));
+        sealed.check("a").unwrap();
+        let bytes = std::fs::read(sealed.path("a")).unwrap();
+        assert!(Envelope::parse(&bytes).is_some(), "sealed");
+        assert!(plain.unsaved("a").is_some(), "the mark stays");
+        plain.unsaved_lost("a");
+        assert!(plain.unsaved("a").unwrap().lost);
     }
 
     #[test]
