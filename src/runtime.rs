@@ -38,6 +38,20 @@ pub fn for_daemon() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Runs `f`, which may wait on the disk (an fsync, a rename) or on another process (a lock `relay authorize`
+/// holds), without holding up the daemon: its runtime has a single worker on two cores, and every SMTP session
+/// would wait with it. For rare, short work inside an async function that cannot simply be moved to
+/// `spawn_blocking` (a token save holds the account's async lock around it). Where there is no multi-threaded
+/// runtime (the CLI's current-thread one, a plain thread, the blocking pool) `f` just runs.
+pub fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn workers(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
@@ -353,6 +354,65 @@ async fn access_token_is_renewed_ahead_of_expiry() {
     );
     assert_eq!(file["access_token"], "access-2");
     assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Saving a renewed grant can wait: on the disk (its flushes, on a busy disk) or on `relay authorize`, which holds
+/// the account's lock while it writes. The daemon's runtime has a single worker on a 2-core machine; if the save
+/// waited on it, every SMTP session would wait too. Here the test holds the lock, so the save waits for as long
+/// as the test likes, while a client sends a message. The daemon runs with one worker, as on such a machine.
+#[tokio::test]
+async fn a_token_save_waiting_for_its_lock_does_not_hold_up_mail() {
+    let idp = MockServer::start().await;
+    answer_token_requests(&idp, tokens("access-2", "refresh-2")).await;
+    let (dir, config) = device_config(&idp, 9);
+    let state = dir.path().join("state");
+    expired_tokens(&state, "refresh-1");
+    let lock = std::fs::File::open(state.join("tokens/.office.lock")).unwrap();
+    // SAFETY: flock on a file descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", "1");
+    let mut d = Daemon::start(cmd);
+    // The refresher renews the expired grant at once, and its save waits for the lock.
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while !waits_in_flock(d.pid()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no thread of relay waits for the token lock"
+        );
+        tick.tick().await;
+    }
+    let id = tokio::time::timeout(
+        LIMIT,
+        send_message(d.addr, b"Subject: meanwhile\r\n\r\nbody\r\n"),
+    )
+    .await
+    .expect("a message is accepted while a token save waits");
+    assert!(
+        files_in(&state, "queue").iter().any(|f| f.starts_with(&id)),
+        "{id} queued"
+    );
+    assert!(waits_in_flock(d.pid()), "the save still waits");
+    assert_eq!(token_file(&state)["refresh_token"], "refresh-1");
+
+    drop(lock);
+    d.wait_log("relay_event=\"token_refreshed\"");
+    assert_eq!(token_file(&state)["refresh_token"], "refresh-2");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// Whether a thread of process `pid` is in flock(2) (the first field of its `/proc` syscall file).
+fn waits_in_flock(pid: u32) -> bool {
+    let flock = libc::SYS_flock.to_string();
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("syscall"))
+                .is_ok_and(|s| s.split(' ').next() == Some(flock.as_str()))
+        })
+    })
 }
 
 /// Mail for an account that is not yet authorized waits; `relay authorize`, run while the daemon runs, lets it

@@ -222,7 +222,8 @@ impl TokenStore {
             .parent()
             .map_or(Ok(()), crate::state_files::create_dir_all)
             .and_then(|()| {
-                crate::state_files::replace(&path, &serde_json::to_vec(doc).unwrap_or_default())
+                let doc = serde_json::to_vec(doc).unwrap_or_default();
+                crate::runtime::off_worker(|| crate::state_files::replace(&path, &doc))
             });
         if let Err(e) = written {
             tracing::warn!(relay_account = %account, path = %path.display(), error = %e, "cannot record for relay status that the account's renewed grant is in memory only");
@@ -407,7 +408,7 @@ impl TokenStore {
         let Some(file) = self.lock_file(&format!(".{account}.lock"))? else {
             return Ok(None);
         };
-        match flock(&file, true) {
+        match crate::runtime::off_worker(|| flock(&file, true)) {
             Ok(_) => Ok(Some(file)),
             Err(source) => Err(StoreError::Io {
                 path: self.dir.join(format!(".{account}.lock")),
@@ -530,19 +531,29 @@ impl TokenStore {
             }
             None => plain,
         };
-        let mut file = atomic_write_file::AtomicWriteFile::open(&path).map_err(io)?;
-        // Set explicitly: the mode given at creation would be cut by the umask, and this must be exact.
-        file.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o640))
-            .map_err(io)?;
-        if root {
-            std::os::unix::fs::fchown(file.as_file(), Some(owner.uid()), Some(owner.gid()))
-                .map_err(io)?;
-        }
-        file.write_all(&body).map_err(io)?;
-        file.commit().map_err(io)?;
+        // The write and its flushes wait on the disk, a busy one for long.
+        let owner = root.then_some(&owner);
+        crate::runtime::off_worker(|| write_atomically(&path, &body, owner)).map_err(io)?;
         Ok(blake3::hash(&body))
     }
+}
+
+/// Writes `body` as the token file at `path`, 0640 and given to `owner` (when root writes it), atomically and
+/// flushed.
+fn write_atomically(
+    path: &Path,
+    body: &[u8],
+    owner: Option<&std::fs::Metadata>,
+) -> std::io::Result<()> {
+    let mut file = atomic_write_file::AtomicWriteFile::open(path)?;
+    // Set explicitly: the mode given at creation would be cut by the umask, and this must be exact.
+    file.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(file.as_file(), Some(owner.uid()), Some(owner.gid()))?;
+    }
+    file.write_all(body)?;
+    file.commit()
 }
 
 /// An exclusive flock on `file`, released when it is closed. `wait`: block until it is free; else Ok(false) at
