@@ -454,6 +454,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
         let doc = serde_json::json!({
             "queue": status.queue,
             "accounts": status.accounts,
+            "running": status.running,
             "ok": status.ok,
         });
         println!("{doc}");
@@ -467,6 +468,14 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 "state dir: {} (does not exist: nothing was ever queued there; is it the one the daemon uses? config: {})",
                 config.state_dir.display(),
                 config.source
+            );
+        }
+        if status.running {
+            println!("daemon: running");
+        } else {
+            println!(
+                "daemon: not running (no `relay serve` holds {}): nothing is accepted or delivered until it starts (`systemctl start relay`; `journalctl -u relay` says why it stopped)",
+                config.state_dir.join(".lock").display()
             );
         }
         print!(

@@ -61,6 +61,9 @@ pub struct AccountStatus {
 pub struct Status {
     pub queue: QueueCounts,
     pub accounts: Vec<AccountStatus>,
+    /// A relay (`serve`) holds the state dir: without one, nothing is accepted or delivered, whatever the files
+    /// say.
+    pub running: bool,
     pub ok: bool,
 }
 
@@ -100,7 +103,9 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .iter()
         .map(|a| account_status(config, a))
         .collect();
-    let ok = !(accounts.is_empty()
+    let running = crate::queue::relay_runs_on(&config.state_dir);
+    let ok = !(!running
+        || accounts.is_empty()
         || queue.dead > 0
         || queue.quarantined > 0
         || queue.unreadable > 0
@@ -110,6 +115,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     Ok(Status {
         queue,
         accounts,
+        running,
         ok,
     })
 }

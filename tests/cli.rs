@@ -389,10 +389,25 @@ async fn serve_queue_commands_status_and_clean_stop() {
     let out = relay(&["status", "--json", "--config", &cfg]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["queue"]["queued"], 1);
+    assert_eq!(json["running"], true, "{json}");
+    assert!(status.contains("daemon: running"), "{status}");
 
     let status = daemon.terminate();
     assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
     assert_eq!(queued_in(&dir.path().join("state")).len(), 1);
+
+    // Stopped: status says so first, and it needs attention whatever else is true (mail waits for nothing).
+    let out = relay(&["status", "--config", &cfg]);
+    let status = text(&out.stdout);
+    assert!(
+        status.contains("daemon: not running") && status.contains("1 queued"),
+        "{status}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = relay(&["status", "--json", "--config", &cfg]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["running"], false, "{json}");
+    assert_eq!(json["ok"], false, "{json}");
 }
 
 #[tokio::test]
