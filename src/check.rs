@@ -57,6 +57,14 @@ pub fn check(config: Config) -> Result<Config, ConfigError> {
                 problems.push(ConfigError::new(&config.source, key, reason));
             }
         };
+        // Whoever runs this may not be the service's user, so only what is wrong for anyone: a file where the
+        // directory should be.
+        if config.state_dir.exists() && !config.state_dir.is_dir() {
+            problem(
+                "state_dir".into(),
+                format!("{} is not a directory", config.state_dir.display()),
+            );
+        }
         for (i, l) in config.listeners.iter().enumerate() {
             // A certificate that only the service can read leaves its key unusable here, and the other way round.
             if at_start(&format!("listener[{i}].cert")) || at_start(&format!("listener[{i}].key")) {

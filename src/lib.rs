@@ -95,7 +95,6 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(config: &Config) -> Result<Relay, RunError> {
-        let accounts = accounts::build(config)?;
         let (committed_tx, committed) = queue::announce::channel();
         // Every message file is looked at before the listeners open: a backlog of a million, after a reboot (a
         // cold cache, ≈ 90 µs a file), takes longer than systemd's start timeout (90 s), which would kill relay
@@ -113,6 +112,10 @@ impl Relay {
                 source,
             },
         )?;
+        // After the spool, which takes the state dir's lock: building reads (sending counters, pauses) and may write
+        // (sealing a plain token file) under the state dir, which is only this daemon's to do; and a state dir that
+        // cannot be used is then said as that, not as counters that cannot be read.
+        let accounts = accounts::build(config)?;
         // With the state dir locked (this is the only daemon on it): directories an older relay left open, and
         // reports that an upstream could not be reached (every upstream counts as reachable until a connection
         // says otherwise).

@@ -164,12 +164,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         // The same exit code as `relay check` for a config that cannot work: the unit's
         // RestartPreventExitStatus=2 stops systemd from restarting relay in a loop on it.
-        Command::Serve => match config() {
+        // What `relay check` finds, said as it says it (file, key, reason, every problem), before anything starts.
+        Command::Serve => match config().and_then(relay::check::check) {
             Ok(c) => serve(c, cli.config),
-            Err(e) => {
-                eprintln!("relay: invalid config: {e}");
-                Ok(ExitCode::from(2))
-            }
+            Err(e) => Ok(invalid(&e)),
         },
         Command::Check {
             route: Some(route),
@@ -192,12 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", c.to_toml());
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => {
-                for p in e.problems() {
-                    eprintln!("relay: invalid config: {}: {}: {}", p.file, p.key, p.reason);
-                }
-                Ok(ExitCode::from(2))
-            }
+            Err(e) => Ok(invalid(&e)),
         },
         Command::HashPassword => hash_password(),
         Command::Completions { shell } => {
@@ -363,6 +356,15 @@ fn load_config(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigEr
         }
         None => Ok(Config::embedded_default()),
     }
+}
+
+/// Says every problem of a config that cannot work, one line each; exit 2, which the unit's
+/// RestartPreventExitStatus=2 takes as "do not restart".
+fn invalid(e: &relay::config::ConfigError) -> ExitCode {
+    for p in e.problems() {
+        eprintln!("relay: invalid config: {}: {}: {}", p.file, p.key, p.reason);
+    }
+    ExitCode::from(2)
 }
 
 fn serve(config: Config, path: Option<PathBuf>) -> Result<ExitCode> {

@@ -608,6 +608,11 @@ fn check_secret_file(path: &std::path::Path, secret: bool) -> Result<(), String>
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
+    // Nothing these keys name can be empty (a secret, a password, a key, a certificate): an empty file is one
+    // not yet filled in, or truncated; sent as it is, it would fail at the provider in other words.
+    if meta.len() == 0 {
+        return Err(format!("{} is empty", path.display()));
+    }
     if secret {
         refuse_readable_by_others(path, &meta)?;
     }
@@ -632,14 +637,20 @@ fn refuse_readable_by_others(
 ) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "{} is readable by others (mode {mode:04o}); run `chmod 640 {}`",
-            path.display(),
-            path.display()
-        ));
+    if mode & 0o007 == 0 {
+        return Ok(());
     }
-    Ok(())
+    let what = if mode & 0o004 != 0 {
+        "readable by others"
+    } else {
+        // 0602, 0601: others cannot read it, but may replace or run it, which a secret must not allow either.
+        "open to others"
+    };
+    Err(format!(
+        "{} is {what} (mode {mode:04o}); run `chmod 640 {}`",
+        path.display(),
+        path.display()
+    ))
 }
 
 /// The largest sending limit taken: far above any provider's, and small enough that counts never overflow.
