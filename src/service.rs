@@ -54,17 +54,17 @@ where
         // A healthy loop beats at least four times per interval, so that a late tick is never taken for a hang.
         health.set_every(interval / 4);
     }
-    let paths = SpoolPaths::new(&config.state_dir);
+    let status = StatusLine::new(SpoolPaths::new(&config.state_dir));
     let _ = sd_notify::notify(&[
         NotifyState::Ready,
-        NotifyState::Status(&status_text(&paths).await),
+        NotifyState::Status(&status.text().await),
     ]);
     let mut background = JoinSet::new();
     if let Some(interval) = watchdog {
         background.spawn(ping_watchdog(health, interval));
     }
-    background.spawn(report_status(paths.clone()));
-    let until_stopped = signals.until_stopped(relay.reloader(), Arc::new(load), paths, background);
+    background.spawn(report_status(status.clone()));
+    let until_stopped = signals.until_stopped(relay.reloader(), Arc::new(load), status, background);
     relay.run(until_stopped).await?;
     tracing::info!("stopped");
     Ok(())
@@ -108,7 +108,7 @@ impl Signals {
         mut self,
         reloader: Reloader,
         load: Arc<L>,
-        paths: SpoolPaths,
+        status: StatusLine,
         mut background: JoinSet<()>,
     ) where
         L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
@@ -123,7 +123,7 @@ impl Signals {
                     tracing::info!("SIGINT received");
                     break;
                 }
-                _ = recv(&mut self.hup) => reload(&reloader, &load, &paths).await,
+                _ = recv(&mut self.hup) => reload(&reloader, &load, &status).await,
             }
         }
         background.abort_all();
@@ -135,8 +135,9 @@ impl Signals {
 }
 
 /// systemd's reload protocol: `RELOADING=1` (with the time, which newer systemd asks for), the work, then
-/// `READY=1`. A refused config is logged with its file, key and reason.
-async fn reload<L>(reloader: &Reloader, load: &Arc<L>, paths: &SpoolPaths)
+/// `READY=1`. A refused config is logged with its file, key and reason, and `STATUS=` says so until a reload
+/// succeeds.
+async fn reload<L>(reloader: &Reloader, load: &Arc<L>, status: &StatusLine)
 where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
@@ -147,30 +148,46 @@ where
     let _ = sd_notify::notify(&reloading);
     tracing::info!("SIGHUP received: reading the config again");
     let load = load.clone();
-    match tokio::task::spawn_blocking(move || load()).await {
+    let refused = match tokio::task::spawn_blocking(move || load()).await {
         Ok(Ok(config)) => match reloader.reload(config).await {
-            Ok(done) => tracing::info!(relay_event = "reloaded", "config reloaded: {done}"),
+            Ok(done) => {
+                tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
+                None
+            }
             Err(e) => {
                 tracing::error!(
                     relay_event = "reload_refused",
                     "new config refused, the running one stays: {e}"
-                )
+                );
+                Some(e.to_string())
             }
         },
-        Ok(Err(e)) => tracing::error!(
-            relay_event = "reload_refused",
-            file = %e.file,
-            key = %e.key,
-            reason = %e.reason,
-            "new config refused, the running one stays: {e}"
-        ),
-        Err(e) => {
-            tracing::error!(relay_event = "reload_refused", error = %e, "cannot read the config; the running one stays")
+        Ok(Err(e)) => {
+            // One line, every problem in it (a journal entry per line would split one refusal into several).
+            let all = e
+                .problems()
+                .map(|p| format!("{}: {}: {}", p.file, p.key, p.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::error!(
+                relay_event = "reload_refused",
+                file = %e.file,
+                key = %e.key,
+                reason = %e.reason,
+                problems = e.problems().count(),
+                "new config refused, the running one stays: {all}"
+            );
+            Some(all)
         }
-    }
+        Err(e) => {
+            tracing::error!(relay_event = "reload_refused", error = %e, "cannot read the config; the running one stays");
+            Some(format!("cannot read the config: {e}"))
+        }
+    };
+    status.set_refused(refused);
     let _ = sd_notify::notify(&[
         NotifyState::Ready,
-        NotifyState::Status(&status_text(paths).await),
+        NotifyState::Status(&status.text().await),
     ]);
 }
 
@@ -201,16 +218,49 @@ async fn ping_watchdog(health: Arc<Health>, interval: Duration) {
 }
 
 /// Sends `STATUS=` when the queue counts change.
-async fn report_status(paths: SpoolPaths) {
+async fn report_status(status: StatusLine) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = String::new();
     loop {
         tick.tick().await;
-        let text = status_text(&paths).await;
+        let text = status.text().await;
         if text != last {
             let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
             last = text;
+        }
+    }
+}
+
+/// What `STATUS=` says (`systemctl status relay` shows it): the queue counts, and a refused reload until one
+/// succeeds, since a sysadmin who reloaded looks there first.
+#[derive(Clone)]
+struct StatusLine {
+    paths: SpoolPaths,
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl StatusLine {
+    fn new(paths: SpoolPaths) -> StatusLine {
+        StatusLine {
+            paths,
+            refused: Arc::default(),
+        }
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        if let Ok(mut r) = self.refused.lock() {
+            *r = why;
+        }
+    }
+
+    async fn text(&self) -> String {
+        let queue = status_text(&self.paths).await;
+        match self.refused.lock().ok().and_then(|r| r.clone()) {
+            Some(why) => {
+                format!("{queue}; the last reload was refused, the running config stays: {why}")
+            }
+            None => queue,
         }
     }
 }

@@ -272,15 +272,31 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     send_message(addr(port), BODY).await;
     upstream.next().await;
 
-    // A config that fails validation: refused, with its file, key and reason in the log.
-    std::fs::write(&config, format!("{good}\n[queue]\nretry = [\"soon\"]\n")).unwrap();
+    // A config that fails validation twice: refused, with its file, keys and reasons in one log line, and in
+    // the STATUS= that `systemctl status` shows.
+    std::fs::write(
+        &config,
+        format!(
+            "{good}\n[queue]\nretry = [\"soon\"]\n[[user]]\nname = \"bad\"\npassword_hash = \"plain\"\n"
+        ),
+    )
+    .unwrap();
     signal(&daemon, libc::SIGHUP);
     systemd.wait_for("RELOADING=1");
-    systemd.wait_for("READY=1");
+    let ready = systemd.wait_for("READY=1");
     let refused = daemon.wait_log("relay_event=\"reload_refused\"");
     assert!(
-        refused.contains(&config.display().to_string()) && refused.contains("queue.retry"),
+        refused.contains(&config.display().to_string())
+            && refused.contains("queue.retry")
+            && refused.contains("password_hash")
+            && refused.contains("problems=2"),
         "{refused}"
+    );
+    assert!(
+        ready.contains("STATUS=queue:")
+            && ready.contains("the last reload was refused")
+            && ready.contains("queue.retry"),
+        "{ready:?}"
     );
 
     // A valid config that names a certificate relay cannot read, and a listener on a new port: refused as a
@@ -327,6 +343,14 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     send_message(addr(port), BODY).await;
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), BODY);
+
+    // A reload that succeeds clears the word from STATUS=.
+    std::fs::write(&config, &good).unwrap();
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reloaded\"");
+    // The refused reloads' own READY=1 come first (not waited for above); each wait is bounded, so a word that
+    // stays fails here.
+    while systemd.wait_for("READY=1").contains("refused") {}
     assert!(daemon.terminate().success());
 }
 
