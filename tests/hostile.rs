@@ -316,7 +316,7 @@ async fn a_hundred_wrong_password_sessions_do_not_keep_a_device_out() {
                     (_, text) => panic!("unexpected reply to a wrong password: {text}"),
                 }
             }
-            codes
+            (i % 4, codes)
         });
     }
     // The device logs in with the right password while the guessing goes on.
@@ -330,17 +330,22 @@ async fn a_hundred_wrong_password_sessions_do_not_keep_a_device_out() {
     c.send(b"Subject: logged in\r\n\r\nhi\r\n.\r\n").await;
     c.expect(250).await;
     let mut throttled = 0;
-    while let Some(codes) = tokio::time::timeout(LIMIT, attackers.join_next())
+    let mut guessed = [0; 4];
+    while let Some(done) = tokio::time::timeout(LIMIT, attackers.join_next())
         .await
         .expect("the guessers finish")
     {
-        throttled += codes
-            .expect("no panic")
-            .iter()
-            .filter(|&&c| c == 421)
-            .count();
+        let (from, codes) = done.expect("no panic");
+        throttled += codes.iter().filter(|&&c| c == 421).count();
+        guessed[usize::from(from)] += codes.iter().filter(|&&c| c == 535).count();
     }
     assert!(throttled > 0, "addresses that keep failing are refused");
+    // 25 sessions at once from each address: together they get no more password checks than one session would
+    // before the block (8 failures), not one each.
+    assert!(
+        guessed.iter().all(|&n| n <= 8),
+        "wrong passwords checked per address: {guessed:?}"
+    );
     // A blocked address is refused at once, without a password check.
     let mut again = RawClient::connect_from(addr, device_ip(10)).await;
     again.expect(220).await;

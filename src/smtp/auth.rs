@@ -100,6 +100,16 @@ impl Authenticator {
             Some(h) => (h.clone(), true),
             None => (dummy_hash().to_string(), false),
         };
+        match self.failures.start_check(client, now) {
+            Start::Go => {}
+            Start::Blocked => return Verdict::Throttled,
+            Start::Crowded => return Verdict::Busy,
+        }
+        // Given back however this ends, the client gone mid-check included.
+        let _checking = Checking {
+            ledger: &self.failures,
+            ip: client,
+        };
         let (done, result) = oneshot::channel();
         let job = Job {
             password: password.clone(),
@@ -195,6 +205,18 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
+/// A password check under way, from [`FailureLedger::start_check`] until dropped.
+struct Checking<'a> {
+    ledger: &'a FailureLedger,
+    ip: IpAddr,
+}
+
+impl Drop for Checking<'_> {
+    fn drop(&mut self) {
+        self.ledger.end_check(self.ip);
+    }
+}
+
 /// When an address is refused for failing: `failures` within `window` block it for `block`, doubling for each
 /// incident in a row up to `max_block`.
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +255,18 @@ struct Entry {
     /// Incidents in a row, for the doubling block.
     incidents: u32,
     last_seen: Instant,
+    /// Password checks under way: each may yet be a failure.
+    checking: u32,
+}
+
+/// Whether a password check from an address may start (see [`FailureLedger::start_check`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Start {
+    Go,
+    /// Refused for failing too often.
+    Blocked,
+    /// As many checks are under way as failures are left before a block: the client tries again in a moment.
+    Crowded,
 }
 
 /// An IPv6 client is counted by its /64: one host usually holds a whole /64, and could otherwise change address
@@ -271,39 +305,43 @@ impl FailureLedger {
         })
     }
 
+    /// Takes a place for one password check from `ip`, to be given back with [`end_check`](Self::end_check).
+    /// Checks run in parallel and a failure counts only once its check ends, so the checks under way count as
+    /// failures to come: otherwise many connections at once could each guess before the first failure counted.
+    /// A fleet behind one address logging in at once (first logins; later ones are remembered) is told to try
+    /// again in a moment, not blocked.
+    pub fn start_check(&self, ip: IpAddr, now: Instant) -> Start {
+        let ip = ledger_key(ip);
+        let p = self.policy;
+        let Ok(mut m) = self.entries.lock() else {
+            return Start::Go;
+        };
+        let e = entry(&mut m, ip, now, &p);
+        if e.blocked_until.is_some_and(|t| now < t) {
+            return Start::Blocked;
+        }
+        if e.failures + e.checking >= p.failures {
+            return Start::Crowded;
+        }
+        e.checking += 1;
+        Start::Go
+    }
+
+    /// A check taken with [`start_check`](Self::start_check) ended (its failure, if it failed, counted first).
+    pub fn end_check(&self, ip: IpAddr) {
+        if let Ok(mut m) = self.entries.lock()
+            && let Some(e) = m.get_mut(&ledger_key(ip))
+        {
+            e.checking = e.checking.saturating_sub(1);
+        }
+    }
+
     /// Counts a failure; returns the incident if this one starts a block.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> Option<Incident> {
         let ip = ledger_key(ip);
         let p = self.policy;
         let mut m = self.entries.lock().ok()?;
-        if !m.contains_key(&ip) && m.len() >= p.capacity {
-            // Forget the entries seen longest ago, unblocked ones first.
-            let stale = m
-                .iter()
-                .min_by_key(|(_, e)| (e.blocked_until.is_some_and(|t| now < t), e.last_seen))
-                .map(|(ip, _)| *ip);
-            if let Some(stale) = stale {
-                m.remove(&stale);
-            }
-        }
-        let e = m.entry(ip).or_insert(Entry {
-            window_start: now,
-            failures: 0,
-            blocked_until: None,
-            incidents: 0,
-            last_seen: now,
-        });
-        e.last_seen = now;
-        if now.duration_since(e.window_start) > p.window {
-            // A quiet spell after the last block ends the run of incidents.
-            if e.blocked_until
-                .is_none_or(|t| now.duration_since(t) > p.max_block)
-            {
-                e.incidents = 0;
-            }
-            e.window_start = now;
-            e.failures = 0;
-        }
+        let e = entry(&mut m, ip, now, &p);
         e.failures += 1;
         if e.failures < p.failures {
             return None;
@@ -323,9 +361,72 @@ impl FailureLedger {
     }
 }
 
+/// The address's entry, made if it has none (forgetting the stalest when the table is full), its window of
+/// failures started anew if it has passed.
+fn entry<'m>(
+    m: &'m mut HashMap<IpAddr, Entry>,
+    ip: IpAddr,
+    now: Instant,
+    p: &FailurePolicy,
+) -> &'m mut Entry {
+    if !m.contains_key(&ip) && m.len() >= p.capacity {
+        // Forget the entries seen longest ago, unblocked ones first.
+        let stale = m
+            .iter()
+            .min_by_key(|(_, e)| (e.blocked_until.is_some_and(|t| now < t), e.last_seen))
+            .map(|(ip, _)| *ip);
+        if let Some(stale) = stale {
+            m.remove(&stale);
+        }
+    }
+    let e = m.entry(ip).or_insert(Entry {
+        window_start: now,
+        failures: 0,
+        blocked_until: None,
+        incidents: 0,
+        last_seen: now,
+        checking: 0,
+    });
+    e.last_seen = now;
+    if now.duration_since(e.window_start) > p.window {
+        // A quiet spell after the last block ends the run of incidents.
+        if e.blocked_until
+            .is_none_or(|t| now.duration_since(t) > p.max_block)
+        {
+            e.incidents = 0;
+        }
+        e.window_start = now;
+        e.failures = 0;
+    }
+    e
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_under_way_count_as_failures_to_come() {
+        let ledger = FailureLedger::new(FailurePolicy {
+            failures: 3,
+            ..FailurePolicy::default()
+        });
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(ledger.failed(ip, t0), None);
+        assert_eq!(ledger.start_check(ip, t0), Start::Go);
+        assert_eq!(ledger.start_check(ip, t0), Start::Go);
+        // One failure and two checks under way: a third check could make a fourth guess.
+        assert_eq!(ledger.start_check(ip, t0), Start::Crowded);
+        ledger.end_check(ip);
+        assert_eq!(ledger.start_check(ip, t0), Start::Go);
+        // Both fail: the block begins, and no check starts.
+        assert_eq!(ledger.failed(ip, t0), None);
+        ledger.end_check(ip);
+        assert!(ledger.failed(ip, t0).is_some());
+        ledger.end_check(ip);
+        assert_eq!(ledger.start_check(ip, t0), Start::Blocked);
+    }
 
     #[tokio::test]
     async fn verifies_and_remembers() {
