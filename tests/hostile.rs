@@ -586,3 +586,62 @@ fn a_message_still_arriving_when_the_drain_ends_gets_421() {
     assert!(relay.terminate().success());
     assert!(queued_in(&dir.path().join("state")).is_empty());
 }
+
+/// A client that sends refused message after refused message on one connection (a bare CR in each, all in one
+/// write) is cut off as one sending bad commands is: ten refusals, then 421. The journal gets a bounded number of
+/// lines for it, and the messages never reach the queue.
+#[tokio::test]
+async fn refused_message_after_refused_message_ends_the_session_and_its_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // (A loopback listener takes bare CRs and normalizes them by default.)
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\nbare_lf = \"reject\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let mut c = RawClient::connect(daemon.addr).await;
+    c.expect(220).await;
+    c.cmd("EHLO smuggler", 250).await;
+    let one = "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nSubject: x\r\n\r\na\rb\r\n.\r\n";
+    c.send(one.repeat(30).as_bytes()).await;
+    let mut refused = 0;
+    loop {
+        match c.reply().await {
+            Some((250 | 354, _)) => {}
+            Some((550, text)) => {
+                assert!(text.starts_with("550 5.6.0 "), "{text}");
+                refused += 1;
+            }
+            Some((421, text)) => {
+                assert!(text.starts_with("421 4.7.0 "), "{text}");
+                break;
+            }
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 10);
+    assert!(c.closed().await, "the session ends after its 421");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    for _ in 0..10 {
+        daemon.wait_log("message refused");
+    }
+    // Every line the daemon writes, to its last: no more refusals among them.
+    // SAFETY: kill with the pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
+    let mut rest = daemon.unmatched().to_vec();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while let Ok(line) = daemon
+        .log
+        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        rest.push(line);
+    }
+    assert!(
+        rest.last().is_some_and(|l| l.contains("stopped")),
+        "the daemon's last line: {rest:#?}"
+    );
+    assert!(
+        !rest.iter().any(|l| l.contains("message refused")),
+        "{rest:#?}"
+    );
+}

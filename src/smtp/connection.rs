@@ -143,13 +143,7 @@ fn log_refusal(session: &Session, reply: &Reply, logged: &mut u32) {
     let Some((command, address, sender)) = session.last_mail_command() else {
         return;
     };
-    // Some refusals (530, 452, 552) do not count towards the session's error limit: a client repeating one
-    // would otherwise fill the journal, whose rate limit would then drop relay's other lines.
-    *logged += 1;
-    if *logged > MAX_REFUSALS_LOGGED {
-        if *logged == MAX_REFUSALS_LOGGED + 1 {
-            tracing::warn!(relay_client = %session.peer(), "more refused commands on this connection; they are not logged");
-        }
+    if !may_log_refusal(session.peer(), logged) {
         return;
     }
     let shown = |a: &str| a.chars().take(256).collect::<String>();
@@ -163,6 +157,17 @@ fn log_refusal(session: &Session, reply: &Reply, logged: &mut u32) {
         reply = %text.trim_end(),
         "command refused"
     );
+}
+
+/// Whether one more refusal on this connection is logged. Some refusals (530, 452, 552) do not count towards
+/// the session's error limit, and a refused message counts only until the limit closes the session: a client
+/// repeating one would otherwise fill the journal, whose rate limit would then drop relay's other lines.
+fn may_log_refusal(peer: std::net::SocketAddr, logged: &mut u32) -> bool {
+    *logged += 1;
+    if *logged == MAX_REFUSALS_LOGGED + 1 {
+        tracing::warn!(relay_client = %peer, "more refusals on this connection; they are not logged");
+    }
+    *logged <= MAX_REFUSALS_LOGGED
 }
 
 /// The message being received, and its id for log lines even once its bytes are dropped.
@@ -227,11 +232,17 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // An LF-only client's end of data on a `reject` listener: refused, and the connection closed,
                 // because the bytes after it cannot be read as commands safely.
                 let bare_end = session.data_ended_by_bare_lf();
-                let reply = finish_message(session, receiving_msg.take()).await;
+                let reply =
+                    finish_message(session, receiving_msg.take(), &mut refusals_logged).await;
                 if bare_end {
                     return close(&mut stream, &mut out, reply, ctx, tls).await;
                 }
                 out.extend_from_slice(&reply.to_wire());
+                // A client sending refused message after refused message is cut off as one sending bad
+                // commands is: after its refusal, the session ends.
+                if let Some(bye) = session.too_many_errors() {
+                    return close(&mut stream, &mut out, bye, ctx, tls).await;
+                }
                 continue;
             }
         } else {
@@ -491,13 +502,19 @@ async fn give_up(receiving: Option<Receiving>) {
 }
 
 /// The final dot has arrived: store the message, or say why not.
-async fn finish_message(session: &mut Session, receiving: Option<Receiving>) -> Reply {
+async fn finish_message(
+    session: &mut Session,
+    receiving: Option<Receiving>,
+    logged: &mut u32,
+) -> Reply {
     let peer = session.peer();
     let Some(Receiving { id, incoming }) = receiving else {
         return session.data_stored(Err(()));
     };
     if let Some(refusal) = session.refusal() {
-        tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
+        if may_log_refusal(peer, logged) {
+            tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
+        }
         if let Some(incoming) = incoming {
             incoming.discard().await;
         }

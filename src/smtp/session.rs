@@ -273,14 +273,10 @@ impl Session {
 
     fn error(&mut self, reply: Reply) -> Step {
         self.errors += 1;
-        if self.errors >= MAX_ERRORS {
-            return Step::Close(Reply::new(
-                421,
-                "4.7.0",
-                "Too many errors, closing connection",
-            ));
+        match self.too_many_errors() {
+            Some(bye) => Step::Close(bye),
+            None => Step::Reply(reply),
         }
-        Step::Reply(reply)
     }
 
     fn command(&mut self, line: &[u8]) -> Step {
@@ -620,13 +616,22 @@ impl Session {
         None
     }
 
-    /// The final dot was seen and the message refused: the transaction ends.
+    /// The final dot was seen and the message refused: the transaction ends, and the refusal counts as an
+    /// error (see [`too_many_errors`](Self::too_many_errors)).
     pub fn data_refused(&mut self) -> Reply {
         let reply = self
             .refusal()
             .unwrap_or_else(|| Reply::new(554, "5.0.0", "Message refused"));
         self.end_data();
+        self.errors += 1;
         reply
+    }
+
+    /// The 421 that ends a session whose errors reached the limit, if they did: asked after a refused message,
+    /// whose own refusal goes first.
+    pub fn too_many_errors(&self) -> Option<Reply> {
+        (self.errors >= MAX_ERRORS)
+            .then(|| Reply::new(421, "4.7.0", "Too many errors, closing connection"))
     }
 
     /// The final dot was seen and the connection code stored the message (or failed to).
