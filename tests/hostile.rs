@@ -626,16 +626,7 @@ async fn refused_message_after_refused_message_ends_the_session_and_its_log_line
         daemon.wait_log("message refused");
     }
     // Every line the daemon writes, to its last: no more refusals among them.
-    // SAFETY: kill with the pid of our own child and a valid signal.
-    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
-    let mut rest = daemon.unmatched().to_vec();
-    let deadline = std::time::Instant::now() + LIMIT;
-    while let Ok(line) = daemon
-        .log
-        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        rest.push(line);
-    }
+    let rest = daemon.terminate_with_log();
     assert!(
         rest.last().is_some_and(|l| l.contains("stopped")),
         "the daemon's last line: {rest:#?}"
@@ -644,4 +635,32 @@ async fn refused_message_after_refused_message_ends_the_session_and_its_log_line
         !rest.iter().any(|l| l.contains("message refused")),
         "{rest:#?}"
     );
+}
+
+/// A scan from outside the allow list: every connection gets its 554, the journal ten lines and a word that more
+/// are counted, not a line each.
+#[tokio::test]
+async fn connections_refused_by_the_allow_list_do_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\nallow = [\"127.0.0.2/32\"]",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    for _ in 0..50 {
+        let mut c = RawClient::connect_from(daemon.addr, device_ip(9)).await;
+        let reply = c.expect(554).await;
+        assert!(reply.starts_with("554 5.7.1 "), "{reply}");
+    }
+    daemon.wait_log("more connections are being refused");
+    let all = daemon.terminate_with_log();
+    assert!(
+        all.last().is_some_and(|l| l.contains("stopped")),
+        "{all:#?}"
+    );
+    let refused = all
+        .iter()
+        .filter(|l| l.contains("not in the listener's allow list"))
+        .count();
+    assert_eq!(refused, 10, "{all:#?}");
 }

@@ -21,6 +21,8 @@ const EVICTION_WAIT: Duration = Duration::from_secs(5);
 const MAX_WAITING: usize = 32;
 /// Refusals being written at once.
 const MAX_REFUSING: usize = 256;
+/// Refused connections a listener logs one by one per minute; beyond, they are counted and said in one line.
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 10;
 
 /// A bound listener, ready to accept.
 pub struct Listener {
@@ -32,6 +34,7 @@ pub struct Listener {
     per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     waiting: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    refusals_logged: Mutex<LogBudget>,
 }
 
 /// A listener's settings and the places its connections take. Replaced whole by a reload, so that a session
@@ -96,6 +99,7 @@ impl Listener {
             per_client: Arc::default(),
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            refusals_logged: Mutex::new(LogBudget::new(std::time::Instant::now())),
         };
         let control = ListenerControl {
             local,
@@ -150,6 +154,14 @@ impl Listener {
         heartbeat.retire();
     }
 
+    /// Whether a refused connection gets its own log line: a scan of the port, or a flood past the caps, would
+    /// otherwise write one per connection, and journald's rate limit would then drop relay's other lines.
+    fn may_log_refusal(&self, listener: SocketAddr) -> bool {
+        self.refusals_logged
+            .lock()
+            .map_or(true, |mut b| b.take(std::time::Instant::now(), listener))
+    }
+
     fn admit(
         &self,
         admission: &Admission,
@@ -161,14 +173,18 @@ impl Listener {
         let implicit = cfg.tls == ListenerTls::Implicit;
         let ip = canonical(peer.ip());
         if !cfg.allow.iter().any(|net| net.contains(&ip)) {
-            tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "client not in the listener's allow list");
+            if self.may_log_refusal(cfg.address) {
+                tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "client not in the listener's allow list");
+            }
             self.refuse(tcp, implicit, Reply::new(554, "5.7.1", "Access denied"));
             return;
         }
         let Some(client_slot) =
             ClientSlot::take(&self.per_client, ip, cfg.max_connections_per_client)
         else {
-            tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections from this client");
+            if self.may_log_refusal(cfg.address) {
+                tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections from this client");
+            }
             self.refuse(
                 tcp,
                 implicit,
@@ -196,7 +212,9 @@ impl Listener {
                     Some(w)
                 }
                 _ => {
-                    tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
+                    if self.may_log_refusal(cfg.address) {
+                        tracing::warn!(relay_event = "rejected", relay_client = %peer, listener = %cfg.address, "too many connections on this listener");
+                    }
                     self.refuse(
                         tcp,
                         implicit,
@@ -344,5 +362,59 @@ mod tests {
             .await
             .expect("count back to 0")
             .expect("sender alive");
+    }
+}
+
+/// Log lines a listener has left for refused connections this minute.
+struct LogBudget {
+    minute_start: std::time::Instant,
+    logged: u32,
+    /// Refusals this minute beyond those logged.
+    unlogged: u64,
+}
+
+impl LogBudget {
+    fn new(now: std::time::Instant) -> LogBudget {
+        LogBudget {
+            minute_start: now,
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    /// Whether one more refusal is logged; once a minute has passed, says how many were not in the last one.
+    fn take(&mut self, now: std::time::Instant, listener: SocketAddr) -> bool {
+        if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
+            if self.unlogged > 0 {
+                tracing::warn!(relay_event = "rejected", listener = %listener, refused = self.unlogged, "connections refused beyond those logged, in the minute before this line");
+            }
+            *self = LogBudget::new(now);
+        }
+        if self.logged < REFUSALS_LOGGED_PER_MINUTE {
+            self.logged += 1;
+            return true;
+        }
+        if self.unlogged == 0 {
+            tracing::warn!(listener = %listener, "more connections are being refused; for the rest of the minute they are counted, not logged one by one");
+        }
+        self.unlogged += 1;
+        false
+    }
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::*;
+
+    #[test]
+    fn ten_refusals_a_minute_are_logged_and_the_rest_counted() {
+        let t0 = std::time::Instant::now();
+        let listener: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        let mut b = LogBudget::new(t0);
+        let logged = (0..50).filter(|_| b.take(t0, listener)).count();
+        assert_eq!((logged, b.unlogged), (10, 40));
+        // A new minute: counted anew.
+        assert!(b.take(t0 + Duration::from_secs(61), listener));
+        assert_eq!(b.unlogged, 0);
     }
 }

@@ -642,6 +642,23 @@ impl Daemon {
         &self.seen
     }
 
+    /// SIGTERM, then every line not yet matched, to the daemon's last (bounded): for asserting what it did not
+    /// log. The last line is `stopped` if it stopped cleanly.
+    pub fn terminate_with_log(mut self) -> Vec<String> {
+        // SAFETY: kill with the pid of our own child and a valid signal.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) }, 0);
+        let mut all = std::mem::take(&mut self.seen);
+        let deadline = std::time::Instant::now() + LIMIT;
+        // Ends when the daemon's stderr closes (it exited), or at the deadline.
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            all.push(line);
+        }
+        all
+    }
+
     /// SIGTERM, then the exit status (bounded).
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
