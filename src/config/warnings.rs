@@ -39,6 +39,21 @@ impl Config {
             if l.tls_compat == TlsCompat::Legacy {
                 warn(key.clone(), "tls_compat = \"legacy\" also accepts TLS 1.0/1.1, RSA key exchange and CBC suites, which are weaker; keep it on a port that only the old devices use, with an allow list".into());
             }
+            if l.auth == AuthPolicy::Required && l.tls == ListenerTls::None && !l.plaintext_auth {
+                warn(
+                    key.clone(),
+                    "auth = \"required\" without TLS and with plaintext_auth = false: no client can log in, so this listener takes no mail; set plaintext_auth = true (a trusted LAN) or tls = \"starttls\"".into(),
+                );
+            } else if l.auth == AuthPolicy::Required && self.users.is_empty() {
+                warn(
+                    key.clone(),
+                    "auth = \"required\" but no [[user]] is configured: no client can log in, so this listener takes no mail; add a [[user]] (`relay hash-password`), or set auth = \"none\" with an allow list of your devices".into(),
+                );
+            }
+            // Bound to loopback, it hears no one else, whatever its allow list says.
+            if l.address.ip().is_loopback() {
+                continue;
+            }
             let public: Vec<String> = l
                 .allow
                 .iter()
@@ -111,10 +126,35 @@ mod tests {
             "{w:?}"
         );
         let w = keys("[[listener]]\naddress = \"0.0.0.0:587\"\nauth = \"required\"\n");
-        assert!(w[0].1.contains("passwords without TLS"), "{w:?}");
+        assert!(
+            w.iter().any(|w| w.1.contains("passwords without TLS")),
+            "{w:?}"
+        );
         let w = keys(
             "[[listener]]\naddress = \"0.0.0.0:25\"\nauth = \"none\"\nallow = [\"192.168.1.0/24\", \"127.0.0.1\"]\n",
         );
         assert!(w.is_empty(), "{w:?}");
+        // Bound to loopback: no one public can reach it, whatever the allow list says.
+        let w = keys(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\nallow = [\"0.0.0.0/0\"]\n",
+        );
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_listener_no_client_can_log_in_to_is_warned_about() {
+        const USER: &str = "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNoZmFrZWg\"\n";
+        let listener = "[[listener]]\naddress = \"127.0.0.1:2525\"\nauth = \"required\"\n";
+        let w = keys(listener);
+        assert!(
+            w.len() == 1 && w[0].1.contains("no [[user]] is configured"),
+            "{w:?}"
+        );
+        assert!(keys(&format!("{listener}{USER}")).is_empty());
+        let w = keys(&format!("{listener}plaintext_auth = false\n{USER}"));
+        assert!(
+            w.len() == 1 && w[0].1.contains("no client can log in"),
+            "{w:?}"
+        );
     }
 }

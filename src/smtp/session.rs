@@ -466,8 +466,11 @@ impl Session {
         if self.policy.auth == AuthPolicy::Required && self.user.is_none() {
             let text = if self.auth_offered() {
                 "Authentication required"
-            } else {
+            } else if self.policy.starttls && !self.tls {
                 "Authentication required; issue STARTTLS first"
+            } else {
+                // tls = "none" with plaintext_auth = false: `relay check` warns of it.
+                "Authentication required, and this listener offers no way to log in"
             };
             // An error as in Postfix: a client that never logs in cannot hold its connection by asking for ever.
             return self.error(Reply::new(530, "5.7.0", text));
