@@ -402,3 +402,38 @@ async fn a_route_naming_two_accounts_splits_the_mail() {
     assert_eq!(subjects.len(), 10, "each message once");
     assert!(files_in(&relay.state(), "dead").is_empty());
 }
+
+/// Attempts that never reached the upstream (nothing listens on its port, so no connection) use none of the
+/// account's per-minute limit: the provider saw nothing. Before, each counted, and mail waited for a window that
+/// failed connections had filled once the upstream came back.
+#[tokio::test]
+async fn attempts_that_could_not_connect_use_none_of_the_limit() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = free_port();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "rate = { per_minute = 2 }",
+    )
+    .replace(
+        &format!("smtp_port = {}", upstream.addr.port()),
+        &format!("smtp_port = {closed}"),
+    );
+    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    for i in 0..3 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    relay.attempts_done(1).await;
+    let limits = relay::config::RateConfig {
+        per_minute: Some(2),
+        recipients_per_day: None,
+    };
+    let (usage, problem) =
+        relay::queue::rate::usage_from_file(&relay.state(), "office", limits, SystemTime::now());
+    assert_eq!(problem, None);
+    assert_eq!(usage.messages_this_minute, 0, "{usage:?}");
+    assert_eq!(relay.queued().len(), 3);
+}

@@ -112,6 +112,8 @@ impl Notifier {
                     MailFlags::OWN,
                     // An alert is small and not queued: nothing to resume.
                     None,
+                    // Nor counted against the account's sending limits.
+                    &std::sync::atomic::AtomicBool::new(false),
                 )
                 .await;
             match outcome {

@@ -1048,7 +1048,7 @@ impl Delivery {
                 .await
                 .with_account(name);
         }
-        let (outcome, written) = self
+        let (outcome, written, went_out) = self
             .send_keeping(&account, &sending, &mut state, asks)
             .await;
         let written = written || asked_written;
@@ -1105,8 +1105,9 @@ impl Delivery {
         self.clone()
             .blocking(move |d| {
                 let taken = matches!(outcome, Outcome::Delivered(_) | Outcome::Partial { .. });
-                // Past max_age only the session was asked: the account sent nothing unless it says so.
-                if asks && !taken {
+                // Nothing went out (no token, no connection or login), or past max_age only the session was asked:
+                // the account sent nothing unless it says so.
+                if !went_out || (asks && !taken) {
                     reservation.unsent();
                 } else {
                     reservation.finish(taken);
@@ -1173,7 +1174,7 @@ impl Delivery {
         // Only the question goes (with the session's own byte count: these bytes are not sent), with the holding
         // account's token.
         let outcome;
-        (outcome, *written) = self.send_keeping(&holder, sending, state, true).await;
+        (outcome, *written, _) = self.send_keeping(&holder, sending, state, true).await;
         match outcome {
             Outcome::Transient(_) if state.upload.is_none() => {
                 tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
@@ -1197,14 +1198,15 @@ impl Delivery {
     }
 
     /// Sends through `account` with the message's state at hand, so that a Gmail upload session can be kept in
-    /// it (`ask_only`: see [`ResumePoint::ask_only`]). The outcome, and whether the state file was written.
+    /// it (`ask_only`: see [`ResumePoint::ask_only`]). The outcome, whether the state file was written, and whether
+    /// any of the message may have reached the upstream (else it counts for no sending limit).
     async fn send_keeping(
         &self,
         account: &Account,
         sending: &Sending<'_>,
         state: &mut DeliveryState,
         ask_only: bool,
-    ) -> (Outcome, bool) {
+    ) -> (Outcome, bool, bool) {
         let kept = Arc::new(StateResume {
             dir: self.paths.queue.clone(),
             id: sending.id,
@@ -1214,6 +1216,7 @@ impl Delivery {
             ask_only,
         });
         let resume: Arc<dyn ResumePoint> = kept.clone();
+        let went_out = AtomicBool::new(false);
         let outcome = account
             .transports
             .send(
@@ -1223,10 +1226,15 @@ impl Delivery {
                 sending.message,
                 sending.flags,
                 Some(&resume),
+                &went_out,
             )
             .await;
         *state = std::mem::take(&mut *lock(&kept.state));
-        (outcome, kept.written.load(Ordering::Acquire))
+        (
+            outcome,
+            kept.written.load(Ordering::Acquire),
+            went_out.load(Ordering::Relaxed),
+        )
     }
 
     /// Why a message past `max_age` goes to dead/, `then` after the age.

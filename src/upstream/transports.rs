@@ -4,6 +4,7 @@
 //! `STATE_DIR/accounts/NAME.transport.json` for `relay status` and restarts, and SMTP is tried again daily.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -199,7 +200,11 @@ impl Transports {
     }
 
     /// Sends through whichever transport is in use; a refused token gets one refresh and one retry. `resume`:
-    /// where a Gmail upload session is kept between the message's attempts through this account.
+    /// where a Gmail upload session is kept between the message's attempts through this account. `offered` is
+    /// set once any of the message may have reached the upstream (for the sending limits); left unset, nothing
+    /// did: there was no token, or no connection or login to the SMTP upstream.
+    // The message's parts as the transports take them, and the attempt's two links back to the queue.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         tokens: &AccountTokens,
@@ -208,9 +213,10 @@ impl Transports {
         message: &Outgoing,
         flags: MailFlags,
         resume: Option<&Arc<dyn ResumePoint>>,
+        offered: &AtomicBool,
     ) -> Outcome {
         let out = self
-            .send_now(tokens, sender, recipients, message, flags, resume)
+            .send_now(tokens, sender, recipients, message, flags, resume, offered)
             .await;
         self.record_reach();
         out
@@ -249,6 +255,7 @@ impl Transports {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn send_now(
         &self,
         tokens: &AccountTokens,
@@ -257,20 +264,21 @@ impl Transports {
         message: &Outgoing,
         flags: MailFlags,
         resume: Option<&Arc<dyn ResumePoint>>,
+        offered: &AtomicBool,
     ) -> Outcome {
         let Some((graph, scope)) = &self.fallback else {
             return self
-                .primary(tokens, sender, recipients, message, flags, resume)
+                .primary(tokens, sender, recipients, message, flags, resume, offered)
                 .await;
         };
         let switched = self.switched.lock().ok().and_then(|s| s.clone());
         if let Some(sw) = &switched
             && SystemTime::now() < sw.smtp_tried + SMTP_RETRY
         {
-            return via_graph(graph, tokens, scope, recipients, message).await;
+            return via_graph(graph, tokens, scope, recipients, message, offered).await;
         }
         let out = self
-            .primary(tokens, sender, recipients, message, flags, resume)
+            .primary(tokens, sender, recipients, message, flags, resume, offered)
             .await;
         // Back to SMTP only once it took mail: the daily try of a switched account failing for another reason
         // (the upstream unreachable, a 4xx, a busy mailbox) says nothing about SMTP AUTH; the message goes
@@ -306,9 +314,10 @@ impl Transports {
             }
         };
         self.set_switch(Some(sw));
-        via_graph(graph, tokens, scope, recipients, message).await
+        via_graph(graph, tokens, scope, recipients, message, offered).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn primary(
         &self,
         tokens: &AccountTokens,
@@ -317,12 +326,23 @@ impl Transports {
         message: &Outgoing,
         flags: MailFlags,
         resume: Option<&Arc<dyn ResumePoint>>,
+        offered: &AtomicBool,
     ) -> Outcome {
         let attempt = |token: SecretString| async move {
             match &self.primary {
-                Primary::Smtp(s) => s.send(&token, sender, recipients, message, flags).await,
-                Primary::Graph(g) => g.send(&token, recipients, message).await,
-                Primary::Gmail(g) => g.send(&token, recipients, message, resume).await,
+                Primary::Smtp(s) => {
+                    s.send(&token, sender, recipients, message, flags, offered)
+                        .await
+                }
+                // An HTTP request carries the message from its first byte.
+                Primary::Graph(g) => {
+                    offered.store(true, Ordering::Relaxed);
+                    g.send(&token, recipients, message).await
+                }
+                Primary::Gmail(g) => {
+                    offered.store(true, Ordering::Relaxed);
+                    g.send(&token, recipients, message, resume).await
+                }
             }
         };
         let token = match tokens.access_token().await {
@@ -553,17 +573,22 @@ async fn via_graph(
     scope: &str,
     recipients: &[String],
     message: &Outgoing,
+    offered: &AtomicBool,
 ) -> Outcome {
     let token = |fresh| tokens.scoped_token(scope, fresh);
+    let send = |t: SecretString| async move {
+        offered.store(true, Ordering::Relaxed);
+        graph.send(&t, recipients, message).await
+    };
     let first = match token(false).await {
-        Ok(t) => graph.send(&t, recipients, message).await,
+        Ok(t) => send(t).await,
         Err(e) => return token_trouble(e),
     };
     if !matches!(first, Outcome::AuthRejected(_)) {
         return first;
     }
     match token(true).await {
-        Ok(t) => graph.send(&t, recipients, message).await,
+        Ok(t) => send(t).await,
         Err(e) => token_trouble(e),
     }
 }

@@ -135,7 +135,8 @@ impl SmtpUpstream {
     }
 
     /// Sends the message (lines over 998 octets wrapped on the way, see `long_lines`) from `sender` to
-    /// `recipients`.
+    /// `recipients`. `offered` is set once MAIL goes out on a connection; a failure to connect or log in leaves it
+    /// as it was (nothing was offered, for the sending limits).
     pub async fn send(
         &self,
         token: &SecretString,
@@ -143,7 +144,9 @@ impl SmtpUpstream {
         recipients: &[String],
         message: &Outgoing,
         flags: MailFlags,
+        offered: &std::sync::atomic::AtomicBool,
     ) -> Outcome {
+        let offering = || offered.store(true, std::sync::atomic::Ordering::Relaxed);
         let (sender, wire) = match envelope(sender, recipients) {
             Ok(e) => e,
             Err(reply) => return Outcome::Permanent(reply),
@@ -159,6 +162,7 @@ impl SmtpUpstream {
         let mut data_only = false;
         if let Some(mut conn) = self.reusable(key) {
             self.fit(&mut conn);
+            offering();
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
@@ -193,6 +197,7 @@ impl SmtpUpstream {
             if data_only {
                 conn.forget_chunking();
             }
+            offering();
             match send_fitted(&mut conn, &sender, &wire, message, flags).await {
                 Ok(sent) => {
                     self.give_back(key, conn);
