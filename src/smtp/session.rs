@@ -296,8 +296,25 @@ impl Session {
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
             Err(e) => {
-                self.last = mail_verb(line).map(|verb| (verb, raw_path(line)));
-                return self.error(parse_error_reply(e));
+                let verb = mail_verb(line);
+                self.last = verb.map(|verb| (verb, raw_path(line)));
+                let too_long = matches!(e, ParseError::ResponseTooLong);
+                let reply = match (parse_error_reply(e), verb) {
+                    // MAIL or RCPT without its colon: the command is known, its parameter is not right.
+                    (r, Some(verb @ ("MAIL" | "RCPT"))) if r.code == 500 && !too_long => {
+                        Reply::new(
+                            501,
+                            "5.5.4",
+                            if verb == "MAIL" {
+                                "Syntax: MAIL FROM:<address>"
+                            } else {
+                                "Syntax: RCPT TO:<address>"
+                            },
+                        )
+                    }
+                    (r, _) => r,
+                };
+                return self.error(reply);
             }
         };
         // The check above reads the verb where it normally is; smtp-proto also takes one after spaces or with a
@@ -339,6 +356,11 @@ impl Session {
                 "Syntax error (no parameters allowed)",
             )),
             Request::Data => self.data(),
+            Request::Rset if line.trim_ascii_end().len() > "RSET".len() => self.error(Reply::new(
+                501,
+                "5.5.4",
+                "Syntax error (no parameters allowed)",
+            )),
             Request::Rset => {
                 self.txn = None;
                 self.junk(Reply::new(250, "2.0.0", "Ok"))
@@ -367,6 +389,20 @@ impl Session {
                 Reply::new(501, "5.5.4", "Syntax error (no parameters allowed)"),
             ),
             Request::StartTls => self.starttls(),
+            // RFC 4954: a mechanism and at most an initial response; more is not a command to guess at.
+            Request::Auth { .. }
+                if line
+                    .split(u8::is_ascii_whitespace)
+                    .filter(|w| !w.is_empty())
+                    .count()
+                    > 3 =>
+            {
+                self.error(Reply::new(
+                    501,
+                    "5.5.4",
+                    "Syntax: AUTH mechanism [initial-response]",
+                ))
+            }
             Request::Auth {
                 mechanism,
                 initial_response,

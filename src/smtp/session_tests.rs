@@ -688,6 +688,27 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
     assert_eq!(s.last_mail_command(), None);
 }
 
+/// RFC 5321's grammar: RSET takes no parameters, MAIL and RCPT need their colon (a parameter error, not an unknown
+/// command), and AUTH takes a mechanism and at most an initial response (RFC 4954).
+#[test]
+fn parameters_out_of_the_grammar_are_syntax_errors() {
+    let mut s = greeted(AuthPolicy::None);
+    assert_eq!(replies(&mut s, b"RSET now\r\n"), ["501 5.5.4"]);
+    assert_eq!(replies(&mut s, b"RSET\r\n"), ["250 2.0.0"]);
+    assert_eq!(replies(&mut s, b"MAIL FROM <a@b.c>\r\n"), ["501 5.5.4"]);
+    assert_eq!(replies(&mut s, b"MAIL FROM:<a@b.c>\r\n"), ["250 2.1.0"]);
+    assert_eq!(replies(&mut s, b"RCPT TO x@y.z\r\n"), ["501 5.5.4"]);
+    let mut s = greeted(AuthPolicy::Required);
+    assert_eq!(
+        replies(&mut s, b"AUTH PLAIN AHByaW50ZXIAc2VjcmV0 extra\r\n"),
+        ["501 5.5.4"]
+    );
+    assert_eq!(
+        replies(&mut s, b"AUTH PLAIN AHByaW50ZXIAc2VjcmV0\r\n"),
+        ["auth PLAIN printer"]
+    );
+}
+
 #[test]
 fn starttls_with_a_parameter_is_a_syntax_error() {
     let mut s = greeted(AuthPolicy::Required);
