@@ -230,7 +230,7 @@ fn test(config: &Config, account: &str, to: &str) -> Result<ExitCode> {
     match &report.diagnosis {
         Some(d) => println!("diagnosis: {d}"),
         None => println!(
-            "diagnosis: relay does not know this reply; the upstream's own words are above"
+            "diagnosis: relay has no advice for this failure; the transcript above shows where it happened"
         ),
     }
     Ok(ExitCode::from(1))

@@ -306,6 +306,31 @@ async fn failed_test_diagnosis(idp: &wiremock::MockServer, upstream: &FakeUpstre
         .to_string()
 }
 
+/// An upstream port where nothing listens: the test says so, with what to check, not that relay does not know
+/// the upstream's words (there were none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_the_connection_is_diagnosed() {
+    let idp = idp_issuing("tok-1").await;
+    let upstream = FakeUpstream::start(&["tok-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = free_port();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "").replace(
+        &format!("smtp_port = {}", upstream.addr.port()),
+        &format!("smtp_port = {closed}"),
+    );
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    let diagnosis = out
+        .lines()
+        .find(|l| l.starts_with("diagnosis: "))
+        .unwrap_or_else(|| panic!("no diagnosis line in {out}"));
+    assert!(
+        diagnosis.contains("(connection refused)") && diagnosis.contains("smtp_port"),
+        "{diagnosis}"
+    );
+}
+
 /// A generic provider's server refusing the login with RFC 4954's code: the diagnosis speaks of the server and
 /// the account's settings, not of Gmail (whose replies carry the same code).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -446,6 +446,29 @@ static TABLE: &[Diagnosis] = &[
         fix: RELAY_AUTHORIZE,
         matches: &[&["invalid_grant"]],
     },
+    // --- No answer from the SMTP upstream at all (`smtp/conn.rs`: "upstream HOST:PORT: cannot connect: …") ---
+    Diagnosis {
+        code: "connection refused",
+        cause: "nothing accepts connections at the upstream's address and port, or a firewall rejects them",
+        fix: "check the account's smtp_host and smtp_port (Microsoft 365: smtp.office365.com, 587; Gmail: smtp.gmail.com, 587); `nc -vz HOST PORT` from this machine says whether anything answers",
+        matches: &[&["cannot connect", "connection refused"]],
+    },
+    Diagnosis {
+        code: "connection timed out",
+        cause: "the upstream did not answer the connection: a firewall or the network provider drops outgoing SMTP (port 587, or 25), or the host is down",
+        fix: "allow outgoing TCP to the account's smtp_host and smtp_port in the firewall; `nc -vz HOST PORT` from this machine says whether it answers; where the network blocks SMTP, set transport = \"graph\" (Microsoft) or \"gmail_api\" (Google), which use HTTPS",
+        matches: &[&["cannot connect", "timed out"]],
+    },
+    Diagnosis {
+        code: "name not resolved",
+        cause: "the upstream's host name does not resolve on this machine",
+        fix: "check the account's smtp_host for a typo, and this machine's DNS (`getent hosts HOST`)",
+        matches: &[
+            &["cannot connect", "failed to lookup address"],
+            &["cannot connect", "name or service not known"],
+            &["cannot connect", "the name has no address"],
+        ],
+    },
 ];
 
 #[cfg(test)]
@@ -648,6 +671,27 @@ mod tests {
 
     /// Each TLS refusal gets its own row; a message dead of old age that quotes one gets that one (not "expired"),
     /// and the HTTP clients' refusals are not told to set `ca_file`.
+    /// The SMTP client's own words when no connection is made (`smtp/conn.rs`), and the table's advice.
+    #[test]
+    fn an_upstream_that_does_not_answer_is_explained() {
+        for (text, code) in [
+            (
+                "upstream 127.0.0.1:2704: cannot connect: Connection refused (os error 111)",
+                "connection refused",
+            ),
+            (
+                "upstream smtp.office365.com:587: cannot connect: timed out (smtp_timeout)",
+                "connection timed out",
+            ),
+            (
+                "upstream smtp.offce365.com:587: cannot connect: failed to lookup address information: Name or service not known",
+                "name not resolved",
+            ),
+        ] {
+            assert_eq!(diagnose(text).map(|d| d.code), Some(code), "{text}");
+        }
+    }
+
     #[test]
     fn tls_certificate_refusals() {
         let smtp = "upstream mail.example.net:587: TLS: invalid peer certificate: ";
