@@ -169,11 +169,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(c) => serve(c, cli.config),
             Err(e) => Ok(invalid(&e)),
         },
+        // An invalid config is said, and exits, as `relay check` says it.
         Command::Check {
             route: Some(route),
             user,
             listener,
-        } => check_route(&inspect()?, &route, user.as_deref(), listener.as_deref()),
+        } => match inspect() {
+            Ok(c) => check_route(&c, &route, user.as_deref(), listener.as_deref()),
+            Err(e) => Ok(invalid(&e)),
+        },
         Command::Check { route: None, .. } => match inspect().and_then(relay::check::check) {
             Ok(c) => {
                 for w in c

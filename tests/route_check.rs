@@ -158,6 +158,12 @@ fn check_route_refuses_an_unknown_user_or_listener() {
     assert_eq!(code, Some(2));
     let (code, ..) = check_route(cfg, &["only-a-sender@x"]);
     assert_eq!(code, Some(2), "a recipient is required");
+    // An invalid config: exit 2 and relay check's words, as without --route.
+    std::fs::write(dir.path().join("bad.toml"), "unknown_key = 1\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    let (code, _, err) = check_route(bad.to_str().unwrap(), &["a@x", "b@y"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.starts_with("relay: invalid config: "), "{err}");
 }
 
 #[test]
