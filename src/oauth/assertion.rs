@@ -38,6 +38,20 @@ struct AssertionClaims<'a> {
     exp: u64,
 }
 
+/// Why a PEM did not give an RSA key, in words (jsonwebtoken's are its enum's: `InvalidKeyFormat`,
+/// `InvalidCharacter(45)`).
+fn key_problem(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidKeyFormat => {
+            "no PEM block holding an RSA private key, PKCS#1 or PKCS#8 (an EC key, a certificate, a key with a passphrase?)".into()
+        }
+        ErrorKind::Base64(_) => "its PEM block's base64 is damaged (cut or edited?)".into(),
+        ErrorKind::InvalidRsaKey(why) => format!("the RSA key is not valid ({why})"),
+        _ => e.to_string(),
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -58,7 +72,11 @@ impl ClientCertificate {
         let key = EncodingKey::from_rsa_pem(&pem).map_err(|e| {
             (
                 "private_key_file",
-                format!("{}: not an RSA private key: {e}", key.display()),
+                format!(
+                    "{}: not an RSA private key: {}",
+                    key.display(),
+                    key_problem(&e)
+                ),
             )
         })?;
         Ok(ClientCertificate {
@@ -128,8 +146,13 @@ impl ServiceAccount {
                 path.display()
             )
         })?;
-        let key = EncodingKey::from_rsa_pem(k.private_key.as_bytes())
-            .map_err(|e| format!("{}: private_key: {e}", path.display()))?;
+        let key = EncodingKey::from_rsa_pem(k.private_key.as_bytes()).map_err(|e| {
+            format!(
+                "{}: private_key is not an RSA private key: {}",
+                path.display(),
+                key_problem(&e)
+            )
+        })?;
         Ok(ServiceAccount {
             client_email: k.client_email,
             key_id: k.private_key_id,
