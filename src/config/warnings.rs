@@ -50,6 +50,33 @@ impl Config {
                     "auth = \"required\" but no [[user]] is configured: no client can log in, so this listener takes no mail; add a [[user]] (`relay hash-password`), or set auth = \"none\" with an allow list of your devices".into(),
                 );
             }
+            if l.allow.is_empty() {
+                warn(
+                    key.clone(),
+                    "allow = [] admits no client: every connection is refused; list your devices' addresses (or remove `allow` for the default)".into(),
+                );
+            }
+            // RFC 5321 section 4.5.3.2.7 asks for 5 minutes; a device that pauses (a scanner between pages, a
+            // PBX rendering a voicemail) is cut off by much less.
+            for (name, t) in [
+                ("command_timeout", l.command_timeout),
+                ("data_timeout", l.data_timeout),
+            ] {
+                if t < std::time::Duration::from_secs(30) {
+                    warn(
+                        format!("{key}.{name}"),
+                        format!(
+                            "{} is short: RFC 5321 asks a server to wait minutes, and slow devices pause that long mid-message; the default is {}",
+                            humantime::format_duration(t),
+                            if name == "command_timeout" {
+                                "5m"
+                            } else {
+                                "10m"
+                            }
+                        ),
+                    );
+                }
+            }
             // Bound to loopback, it hears no one else, whatever its allow list says.
             if l.address.ip().is_loopback() {
                 continue;
@@ -139,6 +166,21 @@ mod tests {
             "[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\nallow = [\"0.0.0.0/0\"]\n",
         );
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_listener_that_admits_no_one_or_waits_too_little_is_warned_about() {
+        let w = keys("[[listener]]\naddress = \"127.0.0.1:2525\"\nauth = \"none\"\nallow = []\n");
+        assert!(w.len() == 1 && w[0].1.contains("admits no client"), "{w:?}");
+        let w = keys(
+            "[[listener]]\naddress = \"127.0.0.1:2525\"\nauth = \"none\"\ncommand_timeout = \"1s\"\n",
+        );
+        assert!(
+            w.len() == 1
+                && w[0].0.ends_with(".command_timeout")
+                && w[0].1.starts_with("1s is short"),
+            "{w:?}"
+        );
     }
 
     #[test]
