@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use crate::config::{Config, ConfigError};
 use crate::health::Health;
 use crate::queue::layout::SpoolPaths;
-use crate::reload::Reloader;
+use crate::reload::{ReloadError, Reloader};
 use crate::{Relay, RunError};
 
 /// How often the queue counts are read for `STATUS=`.
@@ -149,19 +149,28 @@ where
     tracing::info!("SIGHUP received: reading the config again");
     let load = load.clone();
     let refused = match tokio::task::spawn_blocking(move || load()).await {
-        Ok(Ok(config)) => match reloader.reload(config).await {
-            Ok(done) => {
-                tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
-                None
+        Ok(Ok(config)) => {
+            let file = config.source.clone();
+            match reloader.reload(config).await {
+                Ok(done) => {
+                    tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
+                    None
+                }
+                Err(e) => {
+                    // An account's or a listener's problem, said with the file it is in, as at start.
+                    let why = match e {
+                        ReloadError::NeedsRestart { .. } => e.to_string(),
+                        _ => format!("{file}: {e}"),
+                    };
+                    tracing::error!(
+                        relay_event = "reload_refused",
+                        file = %file,
+                        "new config refused, the running one stays: {why}"
+                    );
+                    Some(why)
+                }
             }
-            Err(e) => {
-                tracing::error!(
-                    relay_event = "reload_refused",
-                    "new config refused, the running one stays: {e}"
-                );
-                Some(e.to_string())
-            }
-        },
+        }
         Ok(Err(e)) => {
             // One line, every problem in it (a journal entry per line would split one refusal into several).
             let all = e
@@ -184,7 +193,7 @@ where
             Some(format!("cannot read the config: {e}"))
         }
     };
-    status.set_refused(refused);
+    status.set_refused(refused.map(|why| short_status(&why)));
     let _ = sd_notify::notify(&[
         NotifyState::Ready,
         NotifyState::Status(&status.text().await),
@@ -230,6 +239,21 @@ async fn report_status(status: StatusLine) {
             last = text;
         }
     }
+}
+
+/// A refusal as `STATUS=` can carry it: systemd ignores a notification of 4096 bytes or more, READY=1 in it
+/// included, which would leave the unit reloading. The journal line has it whole.
+fn short_status(why: &str) -> String {
+    const MAX: usize = 512;
+    let one_line = why.replace(['\n', '\r'], " ");
+    if one_line.len() <= MAX {
+        return one_line;
+    }
+    let mut end = MAX;
+    while !one_line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (the rest: journalctl -u relay)", &one_line[..end])
 }
 
 /// What `STATUS=` says (`systemctl status relay` shows it): the queue counts, and a refused reload until one
@@ -282,5 +306,17 @@ async fn status_text(paths: &SpoolPaths) -> String {
         ),
         Ok((Err(e), _) | (_, Err(e))) => format!("queue: cannot be read: {e}"),
         Err(e) => format!("queue: cannot be read: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_long_refusal_is_cut_for_status() {
+        let long = "x: y: z\n".repeat(1000);
+        let short = super::short_status(&long);
+        assert!(short.len() < 600 && !short.contains('\n'), "{short}");
+        assert!(short.ends_with("(the rest: journalctl -u relay)"));
+        assert_eq!(super::short_status("a: b: c"), "a: b: c");
     }
 }

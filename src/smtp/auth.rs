@@ -370,10 +370,17 @@ fn entry<'m>(
     p: &FailurePolicy,
 ) -> &'m mut Entry {
     if !m.contains_key(&ip) && m.len() >= p.capacity {
-        // Forget the entries seen longest ago, unblocked ones first.
+        // Forget the entries seen longest ago, unblocked ones first, and those with checks under way last (their
+        // ends would lower a new entry's count).
         let stale = m
             .iter()
-            .min_by_key(|(_, e)| (e.blocked_until.is_some_and(|t| now < t), e.last_seen))
+            .min_by_key(|(_, e)| {
+                (
+                    e.blocked_until.is_some_and(|t| now < t),
+                    e.checking > 0,
+                    e.last_seen,
+                )
+            })
             .map(|(ip, _)| *ip);
         if let Some(stale) = stale {
             m.remove(&stale);

@@ -368,6 +368,8 @@ mod tests {
 /// Log lines a listener has left for refused connections this minute.
 struct LogBudget {
     minute_start: std::time::Instant,
+    /// The same moment, as the log line says it.
+    since: std::time::SystemTime,
     logged: u32,
     /// Refusals this minute beyond those logged.
     unlogged: u64,
@@ -377,6 +379,7 @@ impl LogBudget {
     fn new(now: std::time::Instant) -> LogBudget {
         LogBudget {
             minute_start: now,
+            since: std::time::SystemTime::now(),
             logged: 0,
             unlogged: 0,
         }
@@ -386,7 +389,8 @@ impl LogBudget {
     fn take(&mut self, now: std::time::Instant, listener: SocketAddr) -> bool {
         if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
             if self.unlogged > 0 {
-                tracing::warn!(relay_event = "rejected", listener = %listener, refused = self.unlogged, "connections refused beyond those logged, in the minute before this line");
+                // Said with the next refusal: a scan that stopped leaves its count to the next one.
+                tracing::warn!(relay_event = "rejected", listener = %listener, refused = self.unlogged, since = %humantime::format_rfc3339_seconds(self.since), "connections refused and not logged one by one, in the minute from `since`");
             }
             *self = LogBudget::new(now);
         }

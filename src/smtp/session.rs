@@ -894,8 +894,10 @@ impl Session {
     }
 
     /// The password could not be checked now (the checks are saturated): 454, and the client may try again.
+    /// Counted as an error: a client asking again and again (an address whose checks are crowded) is cut off as
+    /// any client repeating a refused command is.
     pub fn auth_unavailable(&mut self) -> Step {
-        Step::Reply(Reply::new(
+        self.error(Reply::new(
             454,
             "4.7.0",
             "Temporary authentication failure, try again later",
