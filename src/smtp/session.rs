@@ -287,7 +287,10 @@ impl Session {
             self.last = Some((verb, raw_path(line)));
             return self.error(bad_address(verb, "not UTF-8"));
         }
-        let line = bracket_path(line);
+        let line = match one_space_after_hello(line) {
+            Some(fixed) => Cow::Owned(fixed),
+            None => bracket_path(line),
+        };
         let (line, literal) = match stand_in_literal(&line) {
             Some((with_stand_in, literal)) => (Cow::Owned(with_stand_in), Some(literal)),
             None => (line, None),
@@ -1075,6 +1078,28 @@ fn bracket_path(line: &[u8]) -> Cow<'_, [u8]> {
     fixed.push(b'>');
     fixed.extend_from_slice(&line[span.end..]);
     Cow::Owned(fixed)
+}
+
+/// `HELO  name` (two spaces, or a tab and a space) as `HELO name`: smtp-proto refuses it, and a device that
+/// sends it would never get its mail through; Postfix takes it.
+fn one_space_after_hello(line: &[u8]) -> Option<Vec<u8>> {
+    let verb = line.get(..4)?;
+    if !(verb.eq_ignore_ascii_case(b"HELO") || verb.eq_ignore_ascii_case(b"EHLO")) {
+        return None;
+    }
+    let rest = &line[4..];
+    let blanks = rest
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    if blanks < 2 {
+        return None;
+    }
+    let mut fixed = Vec::with_capacity(line.len());
+    fixed.extend_from_slice(verb);
+    fixed.push(b' ');
+    fixed.extend_from_slice(&rest[blanks..]);
+    Some(fixed)
 }
 
 /// Decodes one SASL response line; `*` cancels the exchange (RFC 4954 section 4).

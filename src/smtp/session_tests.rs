@@ -709,6 +709,16 @@ fn parameters_out_of_the_grammar_are_syntax_errors() {
     );
 }
 
+/// Two blanks after HELO or EHLO, as some devices send: taken as one. A HELO without a name is still refused.
+#[test]
+fn a_hello_with_two_blanks_is_taken() {
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(replies(&mut s, b"HELO  printer.lan\r\n")[0], "250 -");
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(replies(&mut s, b"EHLO \t printer.lan\r\n")[0], "250 -");
+    assert_eq!(replies(&mut s, b"HELO  \r\n"), ["501 5.5.4"]);
+}
+
 #[test]
 fn starttls_with_a_parameter_is_a_syntax_error() {
     let mut s = greeted(AuthPolicy::Required);
