@@ -1092,9 +1092,9 @@ async fn mail_deferred_while_the_upstream_did_not_answer_goes_when_it_answers_ag
 }
 
 /// A route with two accounts, one of whose upstreams cannot be reached (silent, or refusing connections): the
-/// other takes the mail; none of it is deferred through the unreachable one. A refused connect holds nothing back,
-/// so without the order (an account whose upstream answers first) the unreachable one, having sent the least,
-/// would be picked for every message.
+/// other takes the mail; none of it is deferred through the unreachable one. A refused connect holds only a few
+/// seconds, so without the order (an account whose upstream answers first) the unreachable one, having sent the
+/// least, would be picked again as soon as its hold ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_account_of_the_route_takes_the_mail_of_one_that_cannot_be_reached() {
     for refusing in [false, true] {

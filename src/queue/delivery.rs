@@ -1421,11 +1421,7 @@ impl Delivery {
             // takes only so many per message (Gmail about 100, Microsoft 500). The rest go in the next
             // transaction, now, not after the retry schedule's wait, and that is not a failed attempt. Each such
             // round finishes at least one recipient, so the rounds end.
-            let too_many = |r: &&Refusal| {
-                r.reply.starts_with("452")
-                    || r.reply.starts_with("552")
-                    || r.reply.contains(" 4.5.3")
-            };
+            let too_many = |r: &&Refusal| too_many_recipients(&r.reply);
             if later.iter().all(too_many) && sent_to.len() > refused.len() {
                 Some(self.more_recipients(id, state, &why, &account.name, later.len()))
             } else {
@@ -1728,6 +1724,26 @@ fn shown<'a>(refused: impl IntoIterator<Item = &'a Refusal>) -> String {
     why
 }
 
+/// A refusal of a recipient that says the message has too many: `X.5.3` (RFC 3463), or without an enhanced code
+/// a 452 or a 552 (as RFC 821 used it). A 452 or 552 whose enhanced code says something else (`4.2.2`, `5.2.2`:
+/// a mailbox full) is about that recipient, not the count.
+fn too_many_recipients(reply: &str) -> bool {
+    let mut words = reply.split_ascii_whitespace();
+    let code = words.next().unwrap_or("");
+    let enhanced = words.next().filter(|w| {
+        let parts: Vec<&str> = w.split('.').collect();
+        parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    });
+    match enhanced {
+        Some(e) => e.ends_with(".5.3"),
+        None => code == "452" || code == "552",
+    }
+}
+
 /// What a second read of a queue file's seal says, after its bytes failed to match `seen`, the seal read first.
 #[derive(Debug, PartialEq, Eq)]
 enum Reread {
@@ -1774,6 +1790,26 @@ fn open_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_many_recipients_is_told_from_a_full_mailbox() {
+        for reply in [
+            "452 4.5.3 Too many recipients",
+            "452 Too many recipients",
+            "552 Too many recipients",
+            "550 5.5.3 Too many recipients",
+        ] {
+            assert!(too_many_recipients(reply), "{reply}");
+        }
+        for reply in [
+            "452 4.2.2 Mailbox full",
+            "552 5.2.2 Mailbox over quota",
+            "450 4.2.1 Mailbox busy",
+            "550 5.1.1 No such user",
+        ] {
+            assert!(!too_many_recipients(reply), "{reply}");
+        }
+    }
 
     #[test]
     fn a_seal_read_again_tells_a_half_written_one_from_damage() {

@@ -13,13 +13,18 @@
 //! - then one connection at a time tries the upstream (the *probe*, whose message is an attempt like any other);
 //!   the account's other mail waits for its end.
 //!
-//! The hold scales with what a try costs: a refused connect costs nothing to try again, so it holds nothing back;
-//! a silent upstream is tried about once per two timeouts instead of once per message. A connection started
+//! The hold scales with what a try costs, from [`MIN_HOLD`]: a silent upstream is tried about once per two
+//! timeouts instead of once per message. A refused connect costs nothing to try again, but each try is a message's
+//! attempt and a `deferred` line: without the floor, a backlog against a closed port was tried and logged one
+//! message after another, a hundred lines a second. A connection started
 //! before another was answered and failing after it says nothing about the upstream now, and is not counted (a
 //! stale failure must not bring a hold right after the upstream came back).
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// The shortest hold after a connection got no answer (unless the timeout is shorter).
+const MIN_HOLD: Duration = Duration::from_secs(5);
 
 /// Where an upstream stands, for the delivery choosing an account and for an attempt about to connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +160,8 @@ impl Try<'_> {
         if s.answered_at.is_some_and(|a| a > self.started) {
             return None;
         }
-        let held_until = now + now.saturating_duration_since(self.started).min(limit);
+        let took = now.saturating_duration_since(self.started);
+        let held_until = now + took.max(MIN_HOLD).min(limit);
         match &mut s.down {
             Some(d) => {
                 d.held_until = d.held_until.max(held_until);
@@ -249,17 +255,24 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_connect_holds_nothing_back_but_still_goes_one_at_a_time() {
+    fn a_refused_connect_holds_for_a_few_seconds_then_goes_one_at_a_time() {
         let reach = Reach::default();
         let t0 = Instant::now();
         let a = connect(reach.before(t0));
         assert!(a.unanswered(t0, T, "connection refused").is_some());
-        let probe = connect(reach.before(t0 + Duration::from_millis(1)));
-        assert_eq!(reach.now(t0), Reachability::Probing);
+        assert_eq!(reach.now(t0), Reachability::Held(t0 + MIN_HOLD));
+        let after = t0 + MIN_HOLD;
+        let probe = connect(reach.before(after));
+        assert_eq!(reach.now(after), Reachability::Probing);
         drop(probe);
         // A probe ended without a word (its attempt stopped): the next one may go.
-        assert_eq!(reach.now(t0), Reachability::Probe);
-        let _again = connect(reach.before(t0 + Duration::from_millis(1)));
+        assert_eq!(reach.now(after), Reachability::Probe);
+        let _again = connect(reach.before(after));
+        // A timeout shorter than the floor bounds it.
+        let short = Reach::default();
+        let b = connect(short.before(t0));
+        b.unanswered(t0, Duration::from_secs(1), "connection refused");
+        assert_eq!(short.now(t0), Reachability::Held(t0 + Duration::from_secs(1)));
     }
 
     #[test]
