@@ -169,6 +169,7 @@ fn upstreams(
         Transport::Smtp => Primary::Smtp(
             SmtpUpstream::new(
                 &config.hostname,
+                &a.name,
                 a.mailbox.clone(),
                 ep.clone(),
                 ca,

@@ -1133,7 +1133,12 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     );
     let mut daemon = Daemon::spawn(&config);
     let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;
-    daemon.wait_log("the upstream cannot be reached");
+    let down = daemon.wait_log("the upstream cannot be reached");
+    assert!(
+        down.contains("relay_event=\"upstream_unreachable\"")
+            && down.contains("relay_account=unreachable"),
+        "{down}"
+    );
     daemon.wait_log(&format!("relay_event=\"deferred\" relay_queue_id={first}"));
     for i in 0..MESSAGES {
         send_message(

@@ -50,6 +50,8 @@ const STALE: Duration = Duration::from_secs(60);
 const BDAT_THEN_DATA_FAILED: &str = "the upstream did not know BDAT, and then failed through DATA";
 
 pub struct SmtpUpstream {
+    /// The account's name, for the journal's `RELAY_ACCOUNT`.
+    account: String,
     mailbox: String,
     settings: Settings,
     /// Idle connections, the most recently used last, with the hash of the token each authenticated with.
@@ -103,6 +105,7 @@ impl SmtpUpstream {
     /// own name (the config's `hostname`), given in EHLO.
     pub fn new(
         hostname: &str,
+        account: &str,
         mailbox: String,
         endpoints: Endpoints,
         ca: Option<Vec<u8>>,
@@ -114,6 +117,7 @@ impl SmtpUpstream {
         let clamp = |t: Duration| t.clamp(Duration::from_secs(1), Duration::from_secs(600));
         let timeout = clamp(smtp_timeout.unwrap_or(DEFAULT_TIMEOUT));
         Ok(SmtpUpstream {
+            account: account.to_string(),
             mailbox,
             settings: Settings {
                 host: endpoints.smtp_host,
@@ -240,7 +244,7 @@ impl SmtpUpstream {
                 if let Some(WentDown(why)) =
                     tried.unanswered(now, self.settings.timeout, failed.reply())
                 {
-                    tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took");
+                    tracing::warn!(relay_event = "upstream_unreachable", relay_account = %self.account, relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took");
                 }
                 return Err(failed);
             }
@@ -282,7 +286,7 @@ impl SmtpUpstream {
                 let since = now.checked_sub(down).unwrap_or(now);
                 *c = Some(c.map_or(since, |s: Instant| s.min(since)));
             }
-            tracing::warn!(relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), "the upstream can be reached again (a connection was answered), after {} without", humantime::format_duration(Duration::from_secs(down.as_secs())));
+            tracing::warn!(relay_event = "upstream_reachable", relay_account = %self.account, relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), "the upstream can be reached again (a connection was answered), after {} without", humantime::format_duration(Duration::from_secs(down.as_secs())));
         }
     }
 
