@@ -11,10 +11,19 @@ pub use client::{DeviceAuthorization, DevicePoll, Grant, TokenClient};
 pub use provider::{Endpoints, endpoints};
 pub use renewal::{Renewal, RenewalError};
 
+/// `: description`, or nothing when the endpoint gave none (`server_error` with an empty description).
+fn described(description: &str) -> String {
+    if description.is_empty() {
+        String::new()
+    } else {
+        format!(": {description}")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {
     /// The endpoint answered with an OAuth error (RFC 6749 section 5.2).
-    #[error("token endpoint said {error} (HTTP {status}): {description}")]
+    #[error("token endpoint said {error} (HTTP {status}){}", described(.description))]
     Endpoint {
         status: u16,
         error: String,
@@ -97,6 +106,18 @@ mod tests {
             error: error.into(),
             description: description.into(),
         }
+    }
+
+    #[test]
+    fn an_error_without_a_description_has_no_empty_tail() {
+        assert_eq!(
+            endpoint("server_error", "").to_string(),
+            "token endpoint said server_error (HTTP 400)"
+        );
+        assert_eq!(
+            endpoint("invalid_grant", "AADSTS70000").to_string(),
+            "token endpoint said invalid_grant (HTTP 400): AADSTS70000"
+        );
     }
 
     #[test]

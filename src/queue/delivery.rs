@@ -1691,7 +1691,7 @@ impl ResumePoint for StateResume {
 /// recipient).
 fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
     for r in failed {
-        tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message goes on for the others");
+        tracing::warn!(relay_event = "recipient_refused", relay_queue_id = %id, relay_account = %account, relay_recipient = %r.recipient, relay_upstream_reply = %r.reply, "refused for good for this recipient; the message's other recipients are not affected by it");
     }
     if failed.is_empty() {
         return;
