@@ -196,7 +196,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "550 5.7.60",
         cause: "the mailbox has no permission to send as this sender",
-        fix: "set rewrite_from = \"envelope\" or \"header\" on the account, or grant the mailbox Send As (`Add-RecipientPermission SENDER -AccessRights SendAs -Trustee MAILBOX`)",
+        fix: "set rewrite_from = \"header\" on the account (the default, \"envelope\", changes only MAIL FROM, and Exchange Online also checks the From: header; \"header\" rewrites both and keeps the device's address in Reply-To), or grant the mailbox Send As (`Add-RecipientPermission SENDER -AccessRights SendAs -Trustee MAILBOX`)",
         matches: &[&["550", "5.7.60"]],
     },
     Diagnosis {
