@@ -329,6 +329,26 @@ async fn too_many_recipients_go_on_in_a_next_message_at_once() {
     );
 }
 
+/// A full mailbox (452 4.2.2) among the recipients the upstream would not take in this message (452 4.5.3):
+/// the rest still go in a next message at once, the full one asked again in it; a full mailbox alone waits for
+/// the retry schedule, as any refusal for now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_among_too_many_recipients_does_not_hold_the_rest() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.answer_rcpt(TO[1], "452 4.2.2 Mailbox full");
+    upstream.answer_rcpt(TO[2], "452 4.5.3 Too many recipients");
+    let (dir, mut d, _idp) = daemon_with(&upstream, "", "[queue]\nretry = [\"1h\"]\n").await;
+    let id = send(d.addr, &TO).await;
+
+    let first = upstream.next().await;
+    assert_eq!(first.to, [TO[0]]);
+    let second = upstream.next().await;
+    assert_eq!(second.to, [TO[1], TO[2]], "the two left, at once");
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recipient_refused_goes_to_dead_as_before() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;

@@ -1417,12 +1417,13 @@ impl Delivery {
                 "the others were refused for good"
             };
             let why = format!("refused for now for {why} ({others})");
-            // "Too many recipients" (452, 4.5.3, or 552 as RFC 821 used it) while others were taken: the upstream
-            // takes only so many per message (Gmail about 100, Microsoft 500). The rest go in the next
-            // transaction, now, not after the retry schedule's wait, and that is not a failed attempt. Each such
-            // round finishes at least one recipient, so the rounds end.
+            // "Too many recipients" ([`too_many_recipients`]) while others were taken: the upstream takes only so
+            // many per message (Gmail about 100, Microsoft 500). The rest go in the next transaction, now, not after
+            // the retry schedule's wait, and that is not a failed attempt; so does a recipient refused for now for
+            // another reason among them (a full mailbox), which that transaction asks again. Each such round
+            // finishes at least one recipient, so the rounds end.
             let too_many = |r: &&Refusal| too_many_recipients(&r.reply);
-            if later.iter().all(too_many) && sent_to.len() > refused.len() {
+            if later.iter().any(too_many) && sent_to.len() > refused.len() {
                 Some(self.more_recipients(id, state, &why, &account.name, later.len()))
             } else {
                 Some(self.defer(id, state, &why, Some(&account.name)))
@@ -1797,7 +1798,6 @@ mod tests {
             "452 4.5.3 Too many recipients",
             "452 Too many recipients",
             "552 Too many recipients",
-            "550 5.5.3 Too many recipients",
         ] {
             assert!(too_many_recipients(reply), "{reply}");
         }

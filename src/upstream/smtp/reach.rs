@@ -16,7 +16,9 @@
 //! The hold scales with what a try costs, from [`MIN_HOLD`]: a silent upstream is tried about once per two
 //! timeouts instead of once per message. A refused connect costs nothing to try again, but each try is a message's
 //! attempt and a `deferred` line: without the floor, a backlog against a closed port was tried and logged one
-//! message after another, a hundred lines a second. A connection started
+//! message after another, a hundred lines a second. The floor is short because some failures are not an outage
+//! (a server that caps connections with a reset before its greeting, no descriptor free here): for those, the
+//! account's mail stops and goes again every couple of seconds. A connection started
 //! before another was answered and failing after it says nothing about the upstream now, and is not counted (a
 //! stale failure must not bring a hold right after the upstream came back).
 
@@ -24,7 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The shortest hold after a connection got no answer (unless the timeout is shorter).
-const MIN_HOLD: Duration = Duration::from_secs(5);
+const MIN_HOLD: Duration = Duration::from_secs(2);
 
 /// Where an upstream stands, for the delivery choosing an account and for an attempt about to connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
