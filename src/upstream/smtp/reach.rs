@@ -274,7 +274,10 @@ mod tests {
         let short = Reach::default();
         let b = connect(short.before(t0));
         b.unanswered(t0, Duration::from_secs(1), "connection refused");
-        assert_eq!(short.now(t0), Reachability::Held(t0 + Duration::from_secs(1)));
+        assert_eq!(
+            short.now(t0),
+            Reachability::Held(t0 + Duration::from_secs(1))
+        );
     }
 
     #[test]
