@@ -154,27 +154,61 @@ async fn authorization_code(
     }
     let _ = out.flush();
 
-    let code = wait_for_redirect(listener, &state).await?;
-    client
+    let (code, browser) = wait_for_redirect(listener, &state).await?;
+    let grant = client
         .exchange_code(&code, &redirect_uri, &pkce.verifier)
         .await
-        .map_err(|e| failed(explain(&e)))
+        .map_err(|e| failed(explain(&e)));
+    // The browser's page says what became of the sign-in only now: before the exchange, "authorized" could be
+    // followed by a failure that only the terminal showed.
+    if let Some(tcp) = browser {
+        answer_browser(tcp, grant.as_ref().map(drop).map_err(ToString::to_string)).await;
+    }
+    grant
 }
 
-/// The redirect target: from the loopback listener, or pasted on stdin, whichever comes first.
+/// Answers the browser's redirect: the done page, or why relay was not authorized.
+async fn answer_browser(mut tcp: tokio::net::TcpStream, result: Result<(), String>) {
+    use tokio::io::AsyncWriteExt;
+    let (status, page) = match result {
+        Ok(()) => ("200 OK", DONE_PAGE.to_string()),
+        Err(e) => (
+            "400 Bad Request",
+            format!(
+                "<!doctype html><meta charset=utf-8><title>relay</title><h1>relay was not authorized</h1><p>{}</p>",
+                html_escape(&e)
+            ),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+        page.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// The redirect target: from the loopback listener, or pasted on stdin, whichever comes first. The code, and the
+/// browser's connection if it came that way, to be answered once the code is exchanged.
 async fn wait_for_redirect(
     listener: Option<tokio::net::TcpListener>,
     state: &str,
-) -> Result<String, AuthorizeError> {
+) -> Result<(String, Option<tokio::net::TcpStream>), AuthorizeError> {
     use crate::oauth::authcode::{Redirect, parse_redirect};
     // The code, or why there is none; checked here so that the browser page can say which.
     let check = |target: &str| -> Result<String, AuthorizeError> {
+        const NOT_THIS_ONE: &str = "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request); run relay authorize again";
         match parse_redirect(target).map_err(failed)? {
             Redirect::Code { code, state: got } if got == state => Ok(code),
-            Redirect::Code { .. } => Err(failed(
-                "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request); run relay authorize again",
-            )),
-            Redirect::Error { error, description } => Err(failed(explain(&OAuthError::Endpoint {
+            Redirect::Code { .. } => Err(failed(NOT_THIS_ONE)),
+            // A refusal is this sign-in's only with its state: anything that can reach the loopback port could
+            // otherwise end it.
+            Redirect::Error { state: got, .. } if got.as_deref() != Some(state) => {
+                Err(failed(NOT_THIS_ONE))
+            }
+            Redirect::Error {
+                error, description, ..
+            } => Err(failed(explain(&OAuthError::Endpoint {
                 status: 400,
                 error,
                 description,
@@ -208,21 +242,16 @@ async fn wait_for_redirect(
                     let _ = tcp.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
                     continue;
                 }
-                let result = check(&target);
-                let (status, page) = match &result {
-                    Ok(_) => ("200 OK", DONE_PAGE.to_string()),
-                    Err(e) => ("400 Bad Request", format!("<!doctype html><meta charset=utf-8><title>relay</title><h1>relay was not authorized</h1><p>{}</p>", html_escape(&e.to_string()))),
+                return match check(&target) {
+                    Ok(code) => Ok((code, Some(tcp))),
+                    Err(e) => {
+                        answer_browser(tcp, Err(e.to_string())).await;
+                        Err(e)
+                    }
                 };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-                    page.len()
-                );
-                let _ = tcp.write_all(response.as_bytes()).await;
-                let _ = tcp.shutdown().await;
-                return result;
             }
             line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(l)) if !l.trim().is_empty() => return check(&l),
+                Ok(Some(l)) if !l.trim().is_empty() => return check(&l).map(|code| (code, None)),
                 Ok(Some(_)) => {}
                 _ => {
                     stdin_open = false;

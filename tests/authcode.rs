@@ -192,6 +192,45 @@ async fn loopback_redirect_with_pkce_then_delivery() {
     drop(dir);
 }
 
+/// The browser's page says what became of the sign-in once relay knows: a code the token endpoint then refuses
+/// is "not authorized" there too, not "authorized" with the failure on the terminal only. And a refusal redirect
+/// that is not this sign-in's (no state, or another) cannot end it as the user's refusal.
+#[tokio::test]
+async fn the_browser_is_told_the_outcome_and_a_refusal_needs_the_state() {
+    let idp = MockServer::start().await;
+    token_request()
+        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant", "error_description": "AADSTS70000: the code was already used"
+        })))
+        .mount(&idp)
+        .await;
+    let (_dir, config) = config(&idp, "authorization_code", "", 9);
+    let (child, url) = start_authorize(&config);
+    let page = browser_get(
+        &param(&url, "redirect_uri"),
+        &format!("code=the-code&state={}", param(&url, "state")),
+    )
+    .await;
+    assert!(
+        page.starts_with("HTTP/1.1 400") && page.contains("relay was not authorized"),
+        "{page}"
+    );
+    let out = wait(child).await;
+    assert_eq!(out.status.code(), Some(1));
+
+    let (child, url) = start_authorize(&config);
+    let page = browser_get(
+        &param(&url, "redirect_uri"),
+        "error=access_denied&error_description=forged",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 400"), "{page}");
+    let out = wait(child).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("state does not match"), "{err}");
+}
+
 #[tokio::test]
 async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
     let idp = MockServer::start().await;

@@ -77,10 +77,12 @@ pub enum Redirect {
         code: String,
         state: String,
     },
-    /// The provider said no (`error=access_denied` and the like).
+    /// The provider said no (`error=access_denied` and the like), with the sign-in's `state` as RFC 6749 section
+    /// 4.1.2.1 asks (None if it sent none).
     Error {
         error: String,
         description: String,
+        state: Option<String>,
     },
 }
 
@@ -104,6 +106,7 @@ pub fn parse_redirect(input: &str) -> Result<Redirect, String> {
         return Ok(Redirect::Error {
             error,
             description: get("error_description").unwrap_or_default(),
+            state: get("state"),
         });
     }
     match (get("code"), get("state")) {

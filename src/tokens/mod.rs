@@ -275,11 +275,21 @@ impl AccountTokens {
         Ok(match &state.tokens {
             None => SystemTime::now(),
             Some(t) if t.needs_authorization => SystemTime::now() + Duration::from_secs(60),
-            Some(t) => {
-                let keep_alive = t.last_refresh.unwrap_or(t.obtained_at) + KEEP_ALIVE;
-                renew_at(t).min(keep_alive)
-            }
+            Some(t) => due_at(t),
         })
+    }
+
+    /// Whether a renewal is still due now: after the refresher's sleep, a grant stored meanwhile (`relay authorize`)
+    /// has its own time, and is not renewed at the old one's. A grant that needs a person, or none, is as before.
+    pub async fn still_due(&self) -> bool {
+        let mut state = self.state.lock().await;
+        if self.reload_if_changed(&mut state).is_err() {
+            return true;
+        }
+        match &state.tokens {
+            Some(t) if !t.needs_authorization => due_at(t) <= SystemTime::now(),
+            _ => true,
+        }
     }
 
     fn reload_if_changed(&self, state: &mut State) -> Result<(), TokenError> {
@@ -784,6 +794,12 @@ fn take_unsaved(to: &mut State, from: &State) {
     to.unsaved = true;
 }
 
+/// When a grant is renewed: ahead of its token's expiry ([`renew_at`]), or to keep its refresh token alive.
+fn due_at(t: &StoredTokens) -> SystemTime {
+    let keep_alive = t.last_refresh.unwrap_or(t.obtained_at) + KEEP_ALIVE;
+    renew_at(t).min(keep_alive)
+}
+
 /// When a token should be renewed: once min(10 minutes, a quarter of its lifetime) remains.
 fn renew_at(t: &StoredTokens) -> SystemTime {
     let lifetime = t
@@ -834,6 +850,9 @@ pub async fn refresher(
                     if account.save_unsaved().await {
                         save_backoff = (save_backoff * 2).min(Duration::from_secs(600));
                     }
+                    continue;
+                }
+                if !account.still_due().await {
                     continue;
                 }
                 renewing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -977,5 +996,55 @@ mod replace_refused_tests {
             tokens.replace_refused(&first, now).await.is_err(),
             "an older token is not taken: a refresh is tried"
         );
+    }
+
+    /// The refresher wakes at the due time it read before its sleep: a grant `relay authorize` stored meanwhile
+    /// is not renewed then.
+    #[tokio::test]
+    async fn a_grant_stored_during_the_wait_is_not_due_at_the_old_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            &format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
+                dir.path().join("state")
+            ),
+            "test.toml",
+        )
+        .unwrap();
+        let store = crate::tokens::TokenStore::new(&config.state_dir);
+        let now = SystemTime::now();
+        let grant = |obtained: SystemTime, expires: SystemTime| StoredTokens {
+            access_token: SecretString::from("t"),
+            expires_at: expires,
+            obtained_at: obtained,
+            refresh_token: Some(SecretString::from("r")),
+            last_refresh: Some(obtained),
+            needs_authorization: false,
+            last_error: None,
+        };
+        // An hour's token with a minute left: due.
+        store
+            .save(
+                "a",
+                &grant(
+                    now - Duration::from_secs(3540),
+                    now + Duration::from_secs(60),
+                ),
+            )
+            .unwrap();
+        let accounts = crate::accounts::build(&config).unwrap();
+        let tokens = &accounts[0].tokens;
+        assert!(tokens.still_due().await);
+        store
+            .save("a", &grant(now, now + Duration::from_secs(3600)))
+            .unwrap();
+        // A distinct mtime whatever the clock's granularity: that is how the account sees a new file.
+        std::fs::File::options()
+            .write(true)
+            .open(store.path("a"))
+            .unwrap()
+            .set_modified(now + Duration::from_secs(10))
+            .unwrap();
+        assert!(!tokens.still_due().await);
     }
 }
