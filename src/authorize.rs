@@ -270,10 +270,15 @@ async fn device_code(
     url: &str,
     out: &mut (impl Write + Send),
 ) -> Result<crate::oauth::Grant, AuthorizeError> {
-    let device = client
-        .device_start(url)
-        .await
-        .map_err(|e| failed(explain(&e)))?;
+    // OAuthError's words name the token endpoint, where most requests go; this one went to the device
+    // authorization endpoint, and the sysadmin must look at that setting.
+    let device = client.device_start(url).await.map_err(|e| {
+        failed(explain(&e).replacen(
+            "token endpoint",
+            "device authorization endpoint (device_authorization_url)",
+            1,
+        ))
+    })?;
     let _ = writeln!(
         out,
         "To let relay send as {} (account {}):",

@@ -171,6 +171,26 @@ async fn device_code_failures_are_explained() {
     }
 }
 
+/// A device authorization endpoint that answers with something other than OAuth (a wrong URL's 404) is named as
+/// that endpoint's setting, not as the token endpoint.
+#[tokio::test]
+async fn a_failed_device_authorization_names_its_endpoint() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/devicecode"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("no such page"))
+        .mount(&idp)
+        .await;
+    let (_dir, config) = device_config(&idp, 9);
+    let stderr = authorize_fails(&config).await;
+    assert!(
+        stderr.contains("device authorization endpoint (device_authorization_url)")
+            && stderr.contains("404")
+            && !stderr.contains("token endpoint"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn device_code_that_stays_pending_runs_out() {
     let idp = device_code_idp(0).await;
