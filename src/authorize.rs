@@ -37,6 +37,8 @@ pub async fn authorize(
     let http = crate::accounts::http_client().map_err(|e| failed(e.to_string()))?;
     let (ep, client) = crate::accounts::token_client(account, &http).map_err(failed)?;
     let store = TokenStore::for_config(config).map_err(|e| failed(e.to_string()))?;
+    // The browser of an authorization-code sign-in, waiting on the loopback redirect for the outcome.
+    let mut browser = None;
     let grant = match account.flow {
         Flow::DeviceCode => {
             let url = ep.device_authorization_url.clone().ok_or_else(|| {
@@ -44,7 +46,11 @@ pub async fn authorize(
             })?;
             device_code(account, &client, &url, out).await?
         }
-        Flow::AuthorizationCode => authorization_code(account, &ep, &client, out).await?,
+        Flow::AuthorizationCode => {
+            let (grant, tcp) = authorization_code(account, &ep, &client, out).await?;
+            browser = tcp;
+            grant
+        }
         Flow::ClientCredentials | Flow::ServiceAccount | Flow::Password => {
             let how = match account.flow {
                 Flow::ClientCredentials => "client credentials: relay fetches its tokens itself",
@@ -79,9 +85,12 @@ pub async fn authorize(
         needs_authorization: false,
         last_error: None,
     };
-    store
-        .save(name, &tokens)
-        .map_err(|e| failed(e.to_string()))?;
+    let saved = store.save(name, &tokens).map_err(|e| failed(e.to_string()));
+    // The browser is told only now, once the tokens are stored or could not be.
+    if let Some(tcp) = browser {
+        answer_browser(tcp, saved.as_ref().map_err(ToString::to_string).copied()).await;
+    }
+    saved?;
     // Mail deferred while the account waited for this is due now.
     let _ = crate::queue::retry::request_retry(&config.state_dir, None);
     let _ = writeln!(
@@ -107,7 +116,7 @@ async fn authorization_code(
     ep: &crate::oauth::Endpoints,
     client: &TokenClient,
     out: &mut (impl Write + Send),
-) -> Result<crate::oauth::Grant, AuthorizeError> {
+) -> Result<(crate::oauth::Grant, Option<tokio::net::TcpStream>), AuthorizeError> {
     use crate::oauth::authcode::{Pkce, authorization_url, new_state};
     let configured = account
         .redirect_uri
@@ -155,16 +164,21 @@ async fn authorization_code(
     let _ = out.flush();
 
     let (code, browser) = wait_for_redirect(listener, &state).await?;
-    let grant = client
+    // The browser's page says what became of the sign-in only once it is known (the exchange here, the save by
+    // the caller): "authorized" first could be followed by a failure that only the terminal showed.
+    match client
         .exchange_code(&code, &redirect_uri, &pkce.verifier)
         .await
-        .map_err(|e| failed(explain(&e)));
-    // The browser's page says what became of the sign-in only now: before the exchange, "authorized" could be
-    // followed by a failure that only the terminal showed.
-    if let Some(tcp) = browser {
-        answer_browser(tcp, grant.as_ref().map(drop).map_err(ToString::to_string)).await;
+    {
+        Ok(grant) => Ok((grant, browser)),
+        Err(e) => {
+            let e = failed(explain(&e));
+            if let Some(tcp) = browser {
+                answer_browser(tcp, Err(e.to_string())).await;
+            }
+            Err(e)
+        }
     }
-    grant
 }
 
 /// Answers the browser's redirect: the done page, or why relay was not authorized.
@@ -195,17 +209,19 @@ async fn wait_for_redirect(
     state: &str,
 ) -> Result<(String, Option<tokio::net::TcpStream>), AuthorizeError> {
     use crate::oauth::authcode::{Redirect, parse_redirect};
-    // The code, or why there is none; checked here so that the browser page can say which.
-    let check = |target: &str| -> Result<String, AuthorizeError> {
-        const NOT_THIS_ONE: &str = "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request); run relay authorize again";
+    // The code, or why there is none. `Ok(None)`: not this sign-in's redirect (another state, none on a
+    // refusal through the loopback port, which anything on this machine can reach): answered, and waited past.
+    // Pasted by the user, a refusal without a state is taken: only they could have typed it.
+    const NOT_THIS_ONE: &str = "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request)";
+    let check = |target: &str, pasted: bool| -> Result<Option<String>, AuthorizeError> {
         match parse_redirect(target).map_err(failed)? {
-            Redirect::Code { code, state: got } if got == state => Ok(code),
-            Redirect::Code { .. } => Err(failed(NOT_THIS_ONE)),
-            // A refusal is this sign-in's only with its state: anything that can reach the loopback port could
-            // otherwise end it.
-            Redirect::Error { state: got, .. } if got.as_deref() != Some(state) => {
-                Err(failed(NOT_THIS_ONE))
+            Redirect::Code { code, state: got } if got == state => Ok(Some(code)),
+            Redirect::Error { state: got, .. }
+                if got.as_deref().is_some_and(|g| g != state) || (got.is_none() && !pasted) =>
+            {
+                Ok(None)
             }
+            Redirect::Code { .. } => Ok(None),
             Redirect::Error {
                 error, description, ..
             } => Err(failed(explain(&OAuthError::Endpoint {
@@ -242,16 +258,25 @@ async fn wait_for_redirect(
                     let _ = tcp.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
                     continue;
                 }
-                return match check(&target) {
-                    Ok(code) => Ok((code, Some(tcp))),
+                match check(&target, false) {
+                    Ok(Some(code)) => return Ok((code, Some(tcp))),
+                    Ok(None) => {
+                        answer_browser(tcp, Err(format!("{NOT_THIS_ONE}; the sign-in in progress goes on"))).await;
+                        continue;
+                    }
                     Err(e) => {
                         answer_browser(tcp, Err(e.to_string())).await;
-                        Err(e)
+                        return Err(e);
                     }
-                };
+                }
             }
             line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(l)) if !l.trim().is_empty() => return check(&l).map(|code| (code, None)),
+                Ok(Some(l)) if !l.trim().is_empty() => {
+                    return match check(&l, true)? {
+                        Some(code) => Ok((code, None)),
+                        None => Err(failed(format!("{NOT_THIS_ONE}; run relay authorize again"))),
+                    };
+                }
                 Ok(Some(_)) => {}
                 _ => {
                     stdin_open = false;
@@ -273,11 +298,12 @@ async fn device_code(
     // OAuthError's words name the token endpoint, where most requests go; this one went to the device
     // authorization endpoint, and the sysadmin must look at that setting.
     let device = client.device_start(url).await.map_err(|e| {
-        failed(explain(&e).replacen(
-            "token endpoint",
-            "device authorization endpoint (device_authorization_url)",
-            1,
-        ))
+        let text = explain(&e);
+        // Only OAuthError's own prefix: a provider's description quoted further on stays as it was.
+        failed(match text.strip_prefix("token endpoint") {
+            Some(rest) => format!("device authorization endpoint (device_authorization_url){rest}"),
+            None => text,
+        })
     })?;
     let _ = writeln!(
         out,

@@ -218,17 +218,31 @@ async fn the_browser_is_told_the_outcome_and_a_refusal_needs_the_state() {
     let out = wait(child).await;
     assert_eq!(out.status.code(), Some(1));
 
+    // A refusal without the state is not this sign-in's: answered, and the sign-in goes on; the user's own
+    // refusal, with the state, ends it with the provider's words.
     let (child, url) = start_authorize(&config);
+    let redirect = param(&url, "redirect_uri");
+    let page = browser_get(&redirect, "error=access_denied&error_description=forged").await;
+    assert!(
+        page.starts_with("HTTP/1.1 400") && page.contains("goes on"),
+        "{page}"
+    );
     let page = browser_get(
-        &param(&url, "redirect_uri"),
-        "error=access_denied&error_description=forged",
+        &redirect,
+        &format!(
+            "error=access_denied&error_description=the+user+declined&state={}",
+            param(&url, "state")
+        ),
     )
     .await;
     assert!(page.starts_with("HTTP/1.1 400"), "{page}");
     let out = wait(child).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("state does not match"), "{err}");
+    assert!(
+        err.contains("access_denied") && !err.contains("state does not match"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -264,14 +278,30 @@ async fn pasted_redirect_url_works_and_wrong_state_is_refused() {
     );
     assert!(dir.path().join("state/tokens/gmail.json").exists());
 
-    // A redirect whose state is not this sign-in's is refused, in the browser and on the command line.
+    // A redirect whose state is not this sign-in's is refused in the browser, and the sign-in goes on: the real
+    // redirect after it is taken. Pasted, a wrong state ends the run with the reason.
     let (child, url) = start_authorize(&config);
+    let redirect = param(&url, "redirect_uri");
+    let page = browser_get(&redirect, "code=forged&state=not-the-state").await;
+    assert!(
+        page.starts_with("HTTP/1.1 400") && page.contains("goes on"),
+        "{page}"
+    );
     let page = browser_get(
-        &param(&url, "redirect_uri"),
-        "code=forged&state=not-the-state",
+        &redirect,
+        &format!("code=real-code&state={}", param(&url, "state")),
     )
     .await;
-    assert!(page.starts_with("HTTP/1.1 400"), "{page}");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    authorized(child).await;
+    assert_eq!(field(&last_token_form(&idp).await, "code"), "real-code");
+    let (mut child, url) = start_authorize(&config);
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(format!("{}?code=x&state=wrong\n", param(&url, "redirect_uri")).as_bytes())
+        .unwrap();
     let out = wait(child).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("state does not match"));
