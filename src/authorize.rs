@@ -323,6 +323,8 @@ async fn device_code(
     let mut interval = device.interval;
     // The wait before the next poll: the interval, or longer while the endpoint fails.
     let mut wait = interval;
+    // A line now and then while nothing happens, so that a sysadmin sees it still waits, and for how long.
+    let mut said_at = Instant::now();
     let last_failure = loop {
         tokio::time::sleep(wait).await;
         let failure = match client.device_poll(&device).await {
@@ -331,6 +333,11 @@ async fn device_code(
             // RFC 8628 section 3.5: every slow_down adds 5 seconds to the interval, for good.
             Ok(DevicePoll::SlowDown) => {
                 interval = (interval + Duration::from_secs(5)).min(MAX_POLL_WAIT);
+                let _ = writeln!(
+                    out,
+                    "The provider asked to be polled less often: every {} from now on.",
+                    humantime::format_duration(interval)
+                );
                 None
             }
             // RFC 8628 section 3.5: a poll that times out (and, alike, a refused connection, a 5xx, a 429) is
@@ -340,7 +347,7 @@ async fn device_code(
                 wait = (wait * 2).min(MAX_POLL_WAIT);
                 let _ = writeln!(
                     out,
-                    "The provider did not answer the poll ({e}); asking again in {}…",
+                    "The poll failed ({e}); asking again in {}…",
                     humantime::format_duration(wait)
                 );
                 let _ = out.flush();
@@ -350,6 +357,18 @@ async fn device_code(
         };
         if failure.is_none() {
             wait = interval;
+            if said_at.elapsed() >= Duration::from_secs(60) && Instant::now() < deadline {
+                let left = Duration::from_secs(
+                    deadline.saturating_duration_since(Instant::now()).as_secs(),
+                );
+                let _ = writeln!(
+                    out,
+                    "Still waiting for the sign-in ({} left)…",
+                    humantime::format_duration(left)
+                );
+                let _ = out.flush();
+                said_at = Instant::now();
+            }
         }
         if Instant::now() >= deadline {
             break failure;

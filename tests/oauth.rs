@@ -144,6 +144,7 @@ async fn device_code_polls_slows_down_and_stores_tokens() {
         4,
         "pending, pending, slow_down, granted"
     );
+    assert!(stdout.contains("asked to be polled less often"), "{stdout}");
     let file = dir.path().join("state/tokens/office.json");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
@@ -753,6 +754,25 @@ async fn a_page_in_place_of_the_token_reply_is_quoted() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// The same with an error status, as a gateway answers when the identity provider is down (502): the page is
+/// said to be one, not taken for the provider's words.
+#[tokio::test]
+async fn a_gateway_error_page_is_said_to_be_a_page() {
+    let page = ResponseTemplate::new(502).set_body_raw(
+        "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+        "text/html",
+    );
+    let (_idp, _upstream, _dir, config) = client_credentials(page).await;
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: x\r\n\r\nhi\r\n").await;
+    let line = d.wait_log("relay_event=\"token_refresh_failed\"");
+    assert!(
+        line.contains("HTTP 502") && line.contains("a proxy or a firewall"),
+        "{line}"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// A gateway in front of the token endpoint (PHP, .NET) that answers with the request echoed as JSON, escaped as
 /// its encoder likes (`\/` for `/`, `\u002B` for `+`), never gets the client secret into what relay says: not
 /// `relay authorize`'s output, the log, the token file, `relay status` or the alert webhook. The reply is still
@@ -1103,7 +1123,7 @@ async fn device_code_polling_outlives_a_failed_poll() {
     let (dir, config) = device_config(&idp, 9);
     let stdout = authorize_succeeds(&config).await;
     assert!(
-        stdout.contains("did not answer the poll") && stdout.contains("503"),
+        stdout.contains("The poll failed") && stdout.contains("503"),
         "{stdout}"
     );
     assert_eq!(token_requests_made(&idp).await, 3, "503, pending, granted");

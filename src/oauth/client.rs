@@ -304,6 +304,16 @@ impl TokenClient {
                     error: quotable(&error, &secrets),
                     description: quotable(&description, &secrets),
                 },
+                // A page in place of an OAuth error, whatever its status: a gateway's 502 as much as a portal's 200.
+                OAuthError::Http { status, body } if html_page(&content_type, &body) => {
+                    OAuthError::Http {
+                        status,
+                        body: format!(
+                            "{} (a page, not the identity provider's JSON: a proxy or a firewall may be answering in its place)",
+                            quotable(&body, &secrets)
+                        ),
+                    }
+                }
                 OAuthError::Http { status, body } => OAuthError::Http {
                     status,
                     body: quotable(&body, &secrets),
@@ -386,15 +396,7 @@ fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) ->
             "HTTP {status} with {content_type} and an empty body"
         ));
     }
-    let opening: String = text
-        .chars()
-        .take(16)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let page = content_type.to_ascii_lowercase().starts_with("text/html")
-        || opening.starts_with("<!doctype html")
-        || opening.starts_with("<html");
-    if !page {
+    if !html_page(content_type, text) {
         return Some(format!(
             "HTTP {status} with {content_type}, not JSON (not shown: it may hold a token)"
         ));
@@ -408,6 +410,18 @@ fn not_json(status: u16, content_type: &str, body: &[u8], secrets: &[String]) ->
     Some(format!(
         "HTTP {status} with {content_type}, not JSON: \"{start}…\"; a proxy or a firewall may be answering in the identity provider's place"
     ))
+}
+
+/// Whether a reply is an HTML page (by its content type, or by its first words).
+fn html_page(content_type: &str, text: &str) -> bool {
+    let opening: String = trim_json_start(text)
+        .chars()
+        .take(16)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    content_type.to_ascii_lowercase().starts_with("text/html")
+        || opening.starts_with("<!doctype html")
+        || opening.starts_with("<html")
 }
 
 /// Leading whitespace and a byte order mark, which some Windows gateways put before their JSON.
@@ -690,6 +704,13 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_gateway_page_with_an_error_status_is_recognised() {
+        assert!(html_page("text/html; charset=utf-8", "anything"));
+        assert!(html_page("no content type", "  <!DOCTYPE html><title>502"));
+        assert!(!html_page("application/json", "{\"error\":\"x\"}"));
+    }
 
     #[test]
     fn endpoint_errors_are_one_line() {
