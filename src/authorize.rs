@@ -245,10 +245,13 @@ async fn wait_for_redirect(
             Some((mut tcp, _)) = accept => {
                 let mut buf = vec![0u8; 8192];
                 let mut len = 0;
+                // Bounded: a connection that sends nothing would otherwise hold the only listener, now that a
+                // request that is not the redirect no longer ends the wait.
+                let head_by = tokio::time::Instant::now() + Duration::from_secs(10);
                 while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => len += n,
+                    match tokio::time::timeout_at(head_by, tcp.read(&mut buf[len..])).await {
+                        Ok(Ok(0) | Err(_)) | Err(_) => break,
+                        Ok(Ok(n)) => len += n,
                     }
                 }
                 let head = String::from_utf8_lossy(&buf[..len]);

@@ -1731,15 +1731,8 @@ fn shown<'a>(refused: impl IntoIterator<Item = &'a Refusal>) -> String {
 fn too_many_recipients(reply: &str) -> bool {
     let mut words = reply.split_ascii_whitespace();
     let code = words.next().unwrap_or("");
-    let enhanced = words.next().filter(|w| {
-        let parts: Vec<&str> = w.split('.').collect();
-        parts.len() == 3
-            && matches!(parts[0], "2" | "4" | "5")
-            && parts[1..]
-                .iter()
-                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-    });
-    match enhanced {
+    // Only where relay writes it (`code a.b.c text`): a code quoted in the text is not the reply's.
+    match words.next().and_then(crate::bounce::enhanced_status) {
         Some(e) => e.ends_with(".5.3"),
         None => code == "452" || code == "552",
     }

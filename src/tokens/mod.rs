@@ -951,20 +951,25 @@ mod tests {
 mod replace_refused_tests {
     use super::*;
 
+    /// A config with one authorization-code account, `a`, whose endpoints are closed.
+    fn one_account(dir: &std::path::Path) -> crate::config::Config {
+        crate::config::Config::parse(
+            &format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
+                dir.join("state")
+            ),
+            "test.toml",
+        )
+        .unwrap()
+    }
+
     /// A token obtained before the refusal is no replacement for the refused one, though it differs (the
     /// upstream may have revoked every token issued before some event): a refresh is asked for (here it fails,
     /// the token endpoint being closed). One obtained since is taken as it is.
     #[tokio::test]
     async fn only_a_token_obtained_since_the_refusal_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::parse(
-            &format!(
-                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
-                dir.path().join("state")
-            ),
-            "test.toml",
-        )
-        .unwrap();
+        let config = one_account(dir.path());
         let now = SystemTime::now();
         let obtained = now - Duration::from_secs(60);
         crate::tokens::TokenStore::new(&config.state_dir)
@@ -1003,14 +1008,7 @@ mod replace_refused_tests {
     #[tokio::test]
     async fn a_grant_stored_during_the_wait_is_not_due_at_the_old_time() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::parse(
-            &format!(
-                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"a\"\nprovider = \"generic\"\nflow = \"authorization_code\"\nmailbox = \"a@example.com\"\nclient_id = \"c\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauthorization_url = \"http://127.0.0.1:9/authorize\"\nscope = \"smtp\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
-                dir.path().join("state")
-            ),
-            "test.toml",
-        )
-        .unwrap();
+        let config = one_account(dir.path());
         let store = crate::tokens::TokenStore::new(&config.state_dir);
         let now = SystemTime::now();
         let grant = |obtained: SystemTime, expires: SystemTime| StoredTokens {
