@@ -652,7 +652,7 @@ async fn connections_refused_by_the_allow_list_do_not_flood_the_log() {
         let reply = c.expect(554).await;
         assert!(reply.starts_with("554 5.7.1 "), "{reply}");
     }
-    daemon.wait_log("more connections are being refused");
+    daemon.wait_log("more connections refused");
     let all = daemon.terminate_with_log();
     assert!(
         all.last().is_some_and(|l| l.contains("stopped")),
@@ -663,4 +663,97 @@ async fn connections_refused_by_the_allow_list_do_not_flood_the_log() {
         .filter(|l| l.contains("not in the listener's allow list"))
         .count();
     assert_eq!(refused, 10, "{all:#?}");
+}
+
+/// A listener with implicit TLS (the test's own certificate), open to everyone.
+fn implicit_tls_config(dir: &std::path::Path, more: &str) -> std::path::PathBuf {
+    let cert = make_cert(dir);
+    write_config(
+        dir,
+        &format!(
+            "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"implicit\"\ncert = {:?}\nkey = {:?}\n{more}",
+            cert.cert, cert.key
+        ),
+    )
+}
+
+/// The first bytes of a ClientHello, whose record header promises more: the server waits for the rest.
+const HALF_A_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
+
+/// Port scanners and stuck devices on an implicit-TLS port: a handshake that never finishes does not hold up a
+/// stop (there is no session to say 421 in; before, it held the daemon for the whole drain time), a client that
+/// connects and hangs up (a health check) is not logged, and plain SMTP sent to the port gets ten log lines a
+/// minute that say what is wrong, then a count.
+#[tokio::test]
+async fn half_finished_tls_handshakes_neither_hold_up_a_stop_nor_flood_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = implicit_tls_config(dir.path(), "");
+    let mut daemon = Daemon::spawn(&config);
+    let mut stuck = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    stuck.write_all(HALF_A_HELLO).await.unwrap();
+    for _ in 0..5 {
+        drop(tokio::net::TcpStream::connect(daemon.addr).await.unwrap());
+    }
+    for _ in 0..30 {
+        let mut plain = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+        plain.write_all(b"EHLO plain.lan\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        // The server answers with a TLS alert, or nothing, and closes.
+        let _ = tokio::time::timeout(LIMIT, plain.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+    }
+    daemon.wait_log("more TLS handshakes failed");
+    let all = daemon.terminate_with_log();
+    assert!(
+        all.last().is_some_and(|l| l.contains("stopped")),
+        "{all:#?}"
+    );
+    assert!(
+        !all.iter().any(|l| l.contains("still open after the drain")),
+        "{all:#?}"
+    );
+    let failed: Vec<&String> = all
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    assert_eq!(failed.len(), 10, "{all:#?}");
+    assert!(
+        failed.iter().all(|l| l.contains("is not TLS")),
+        "{failed:#?}"
+    );
+    assert!(!all.iter().any(|l| l.contains("hung up")), "{all:#?}");
+    let mut end = [0u8; 1];
+    let read = tokio::time::timeout(LIMIT, stuck.read(&mut end)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the stuck handshake is closed: {read:?}"
+    );
+}
+
+/// A handshake that began before the listener came under pressure gets the short timeout too (before, it kept
+/// its full `command_timeout`, five minutes, while sessions that had finished theirs were closed after 10 s).
+#[tokio::test]
+async fn a_handshake_begun_before_the_pressure_gets_the_short_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = implicit_tls_config(dir.path(), "max_connections = 4\n");
+    let daemon = Daemon::spawn(&config);
+    let mut first = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    first.write_all(HALF_A_HELLO).await.unwrap();
+    // Three more: four of four places taken is pressure.
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+        c.write_all(HALF_A_HELLO).await.unwrap();
+        others.push(c);
+    }
+    let mut end = [0u8; 1];
+    let read = tokio::time::timeout(LIMIT, first.read(&mut end)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the first handshake is closed within {LIMIT:?}: {read:?}"
+    );
+    drop(others);
 }

@@ -1,7 +1,7 @@
 //! One client connection: moves bytes between the socket, the [`Session`] state machine and the spool.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -11,6 +11,7 @@ use tokio::time::timeout;
 
 use super::auth::{Authenticator, Verdict};
 use super::data::Progress;
+use super::log_budget::LogBudget;
 use super::occupancy::{STRESS_TIMEOUT, Seat};
 use super::reply::Reply;
 use super::session::{Policy, Session, Step};
@@ -55,7 +56,13 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Serves one accepted connection to its end. Errors are the client's problem (a reset, a timeout) and are
 /// logged at debug level only.
-pub(crate) async fn serve(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, seat: &Seat) {
+pub(crate) async fn serve(
+    ctx: Arc<ListenerCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    seat: &Seat,
+    handshakes_logged: &Mutex<LogBudget>,
+) {
     let mut session = Session::new(ctx.policy.clone(), peer, false);
     let result = async {
         let implicit_tls = match ctx.cfg.tls {
@@ -64,7 +71,7 @@ pub(crate) async fn serve(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAdd
             ListenerTls::None | ListenerTls::Starttls => false,
         };
         if implicit_tls {
-            let tls = handshake(&ctx, tcp, seat).await?;
+            let tls = handshake(&ctx, tcp, seat, handshakes_logged).await?;
             session.tls_started();
             let greeting = session.greeting();
             drive(&ctx, &mut session, tls, Some(greeting), seat).await?;
@@ -73,7 +80,7 @@ pub(crate) async fn serve(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAdd
         let greeting = session.greeting();
         if let Outcome::StartTls(tcp) = drive(&ctx, &mut session, tcp, Some(greeting), seat).await?
         {
-            let tls = handshake(&ctx, tcp, seat).await?;
+            let tls = handshake(&ctx, tcp, seat, handshakes_logged).await?;
             session.tls_started();
             drive(&ctx, &mut session, tls, None, seat).await?;
         }
@@ -101,31 +108,66 @@ async fn opens_with_tls(tcp: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-/// A handshake counts as idle: a client that never finishes one may be evicted, and under pressure it gets the
-/// short timeout.
-async fn handshake(ctx: &ListenerCtx, tcp: TcpStream, seat: &Seat) -> std::io::Result<TlsConn> {
+/// A handshake counts as idle: a client that never finishes one may be evicted, under pressure it gets the short
+/// timeout (also when the pressure begins during the handshake), and a shutdown drops it at once (there is no
+/// session yet to say 421 in, and a port scanner's half-open handshake must not hold up a restart).
+async fn handshake(
+    ctx: &ListenerCtx,
+    tcp: TcpStream,
+    seat: &Seat,
+    logged: &Mutex<LogBudget>,
+) -> std::io::Result<TlsConn> {
     let Some(acceptor) = &ctx.tls else {
         return Err(std::io::Error::other(
             "TLS requested on a listener without a certificate",
         ));
     };
     seat.set_idle(true);
-    let limit = if *seat.stress().borrow() {
-        ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
-    } else {
-        ctx.cfg.command_timeout
-    };
-    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
+    let started = tokio::time::Instant::now();
     let peer = tcp.peer_addr().ok();
-    let accepted = tokio::select! {
-        accepted = timeout(limit, acceptor.accept(tcp)) => accepted.map_err(|_| timed_out())?,
-        _ = seat.evicted() => Err(std::io::Error::other("evicted during the TLS handshake: listener full")),
+    let mut stress = seat.stress();
+    let mut shutdown = ctx.shutdown.clone();
+    let accept = acceptor.accept(tcp);
+    tokio::pin!(accept);
+    let accepted = loop {
+        let stressed = *stress.borrow_and_update();
+        let limit = if stressed {
+            ctx.cfg.command_timeout.min(STRESS_TIMEOUT)
+        } else {
+            ctx.cfg.command_timeout
+        };
+        tokio::select! {
+            accepted = tokio::time::timeout_at(started + limit, &mut accept) => {
+                break accepted.unwrap_or_else(|_| Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client did not finish the TLS handshake within {}", humantime::format_duration(limit)),
+                )));
+            }
+            _ = seat.evicted() => break Err(std::io::Error::other("evicted during the TLS handshake: listener full")),
+            Ok(_) = shutdown.wait_for(|stop| *stop) => break Err(std::io::Error::other("shutting down during the TLS handshake")),
+            // The listener came under pressure: the shorter limit, counted from the start.
+            Ok(()) = stress.changed(), if !stressed => continue,
+        }
     };
     seat.set_idle(false);
     // An old device that cannot agree on a TLS version or cipher fails here, before any SMTP: said at info, so
-    // that "why does my scanner's mail never arrive" has an answer in the journal.
+    // that "why does my scanner's mail never arrive" has an answer in the journal, within the listener's budget
+    // (a scan of an implicit-TLS port fails a handshake per connection). A client that hangs up (a health
+    // check's connect and close) is not news.
     if let (Err(e), Some(peer)) = (&accepted, peer) {
-        tracing::info!(relay_client = %peer, error = %e, "TLS handshake failed");
+        match super::tls::handshake_failure(e, ctx.cfg.tls_compat) {
+            Some(reason) => {
+                let log = logged.lock().map_or(true, |mut b| {
+                    b.take(std::time::Instant::now(), ctx.cfg.address)
+                });
+                if log {
+                    tracing::info!(relay_event = "tls_failed", relay_client = %peer, error = %reason, "TLS handshake failed");
+                }
+            }
+            None => {
+                tracing::debug!(relay_client = %peer, error = %e, "client hung up during the TLS handshake")
+            }
+        }
     }
     accepted
 }

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::connection::{ListenerCtx, serve};
+use super::log_budget::{Counted, LogBudget};
 use super::occupancy::{Occupancy, Slots};
 use super::reply::Reply;
 use crate::config::ListenerTls;
@@ -21,8 +22,6 @@ const EVICTION_WAIT: Duration = Duration::from_secs(5);
 const MAX_WAITING: usize = 32;
 /// Refusals being written at once.
 const MAX_REFUSING: usize = 256;
-/// Refused connections a listener logs one by one per minute; beyond, they are counted and said in one line.
-const REFUSALS_LOGGED_PER_MINUTE: u32 = 10;
 
 /// A bound listener, ready to accept.
 pub struct Listener {
@@ -35,6 +34,8 @@ pub struct Listener {
     waiting: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
     refusals_logged: Mutex<LogBudget>,
+    /// Failed TLS handshakes are logged by their sessions, within this budget.
+    handshakes_logged: Arc<Mutex<LogBudget>>,
 }
 
 /// A listener's settings and the places its connections take. Replaced whole by a reload, so that a session
@@ -99,7 +100,14 @@ impl Listener {
             per_client: Arc::default(),
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
-            refusals_logged: Mutex::new(LogBudget::new(std::time::Instant::now())),
+            refusals_logged: Mutex::new(LogBudget::new(
+                Counted::RefusedConnections,
+                std::time::Instant::now(),
+            )),
+            handshakes_logged: Arc::new(Mutex::new(LogBudget::new(
+                Counted::FailedHandshakes,
+                std::time::Instant::now(),
+            ))),
         };
         let control = ListenerControl {
             local,
@@ -226,10 +234,11 @@ impl Listener {
         };
         let _ = tcp.set_nodelay(true);
         let live = LiveSession::new(sessions);
-        let (ctx, slots, occupancy) = (
+        let (ctx, slots, occupancy, handshakes_logged) = (
             admission.ctx.clone(),
             admission.slots.clone(),
             admission.occupancy.clone(),
+            self.handshakes_logged.clone(),
         );
         tokio::spawn(async move {
             let slot = match slot {
@@ -250,7 +259,7 @@ impl Listener {
             };
             drop(waiting);
             let seat = occupancy.seat(ip);
-            serve(ctx, tcp, peer, &seat).await;
+            serve(ctx, tcp, peer, &seat, &handshakes_logged).await;
             // Whatever way the session ended (a panic included), these give back its places on drop.
             drop((seat, slot, client_slot, live));
         });
@@ -362,63 +371,5 @@ mod tests {
             .await
             .expect("count back to 0")
             .expect("sender alive");
-    }
-}
-
-/// Log lines a listener has left for refused connections this minute.
-struct LogBudget {
-    minute_start: std::time::Instant,
-    /// The same moment, as the log line says it.
-    since: std::time::SystemTime,
-    logged: u32,
-    /// Refusals this minute beyond those logged.
-    unlogged: u64,
-}
-
-impl LogBudget {
-    fn new(now: std::time::Instant) -> LogBudget {
-        LogBudget {
-            minute_start: now,
-            since: std::time::SystemTime::now(),
-            logged: 0,
-            unlogged: 0,
-        }
-    }
-
-    /// Whether one more refusal is logged; once a minute has passed, says how many were not in the last one.
-    fn take(&mut self, now: std::time::Instant, listener: SocketAddr) -> bool {
-        if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
-            if self.unlogged > 0 {
-                // Said with the next refusal: a scan that stopped leaves its count to the next one.
-                tracing::warn!(relay_event = "rejected", listener = %listener, refused = self.unlogged, since = %humantime::format_rfc3339_seconds(self.since), "connections refused and not logged one by one, in the minute from `since`");
-            }
-            *self = LogBudget::new(now);
-        }
-        if self.logged < REFUSALS_LOGGED_PER_MINUTE {
-            self.logged += 1;
-            return true;
-        }
-        if self.unlogged == 0 {
-            tracing::warn!(listener = %listener, "more connections are being refused; for the rest of the minute they are counted, not logged one by one");
-        }
-        self.unlogged += 1;
-        false
-    }
-}
-
-#[cfg(test)]
-mod log_budget_tests {
-    use super::*;
-
-    #[test]
-    fn ten_refusals_a_minute_are_logged_and_the_rest_counted() {
-        let t0 = std::time::Instant::now();
-        let listener: SocketAddr = "127.0.0.1:25".parse().unwrap();
-        let mut b = LogBudget::new(t0);
-        let logged = (0..50).filter(|_| b.take(t0, listener)).count();
-        assert_eq!((logged, b.unlogged), (10, 40));
-        // A new minute: counted anew.
-        assert!(b.take(t0 + Duration::from_secs(61), listener));
-        assert_eq!(b.unlogged, 0);
     }
 }

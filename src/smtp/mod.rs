@@ -6,6 +6,7 @@ pub mod auth;
 mod connection;
 pub mod data;
 mod listener;
+mod log_budget;
 mod occupancy;
 pub mod reply;
 pub mod session;

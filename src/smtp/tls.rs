@@ -76,6 +76,42 @@ impl ServerTls {
     }
 }
 
+/// What a failed handshake is logged as: the error with what a sysadmin can do about it, or `None` for a client
+/// that just hung up (a health check's connect and close, a client giving up).
+pub fn handshake_failure(e: &io::Error, compat: TlsCompat) -> Option<String> {
+    use rustls::{AlertDescription, Error};
+    if matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    ) {
+        return None;
+    }
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return Some(e.to_string());
+    };
+    let hint = match tls {
+        // TLS 1.0/1.1 clients fail for want of an extension TLS 1.2 made mandatory; others for want of a cipher
+        // or key exchange in common. Both are old devices, which the OpenSSL listener serves.
+        Error::PeerIncompatible(_) if compat == TlsCompat::Modern => {
+            "the client's TLS is older than this listener takes (TLS 1.2 and 1.3, modern ciphers); for old devices set tls_compat = \"legacy\" on this listener"
+        }
+        Error::InvalidMessage(_) => {
+            "what the client sent is not TLS: a plain SMTP client on a port with tls = \"implicit\" needs a listener with tls = \"starttls\" or \"auto\""
+        }
+        Error::AlertReceived(
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateExpired
+            | AlertDescription::UnsupportedCertificate,
+        ) => {
+            "the client does not accept this listener's certificate (its issuer, its name or its dates): give the device the CA, or a certificate it trusts"
+        }
+        _ => return Some(tls.to_string()),
+    };
+    Some(format!("{tls}: {hint}"))
+}
+
 pub fn rustls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
@@ -147,5 +183,37 @@ impl AsyncWrite for TlsConn {
             #[cfg(feature = "legacy-tls")]
             TlsConn::Legacy(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wrapped(e: rustls::Error) -> io::Error {
+        // As tokio-rustls hands a failed handshake over.
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_failed_handshake_says_what_to_do() {
+        let old = wrapped(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::SignatureAlgorithmsExtensionRequired,
+        ));
+        let said = handshake_failure(&old, TlsCompat::Modern).unwrap();
+        assert!(said.contains("tls_compat = \"legacy\""), "{said}");
+        // A legacy listener already is what the hint would suggest.
+        let said = handshake_failure(&old, TlsCompat::Legacy).unwrap();
+        assert!(!said.contains("tls_compat"), "{said}");
+        let untrusted = wrapped(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA,
+        ));
+        let said = handshake_failure(&untrusted, TlsCompat::Modern).unwrap();
+        assert!(
+            said.contains("does not accept this listener's certificate"),
+            "{said}"
+        );
+        let gone = io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(handshake_failure(&gone, TlsCompat::Modern), None);
     }
 }
