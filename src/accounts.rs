@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::config::{AccountConfig, Config};
+use crate::config::{AccountConfig, Config, ListenerConfig, ListenerTls};
 use crate::config::{Flow, Transport};
 use crate::oauth::assertion::ClientCertificate;
 use crate::oauth::{Endpoints, TokenClient, endpoints};
@@ -351,13 +351,16 @@ fn warn_unauthorized(config: &Config, store: &TokenStore) {
 }
 
 /// Logs `credential_expiring` once per credential at each of 30, 7 and 1 days ahead (and once expired), checking
-/// hourly, so that `journalctl -u relay RELAY_EVENT=credential_expiring` shows it coming.
+/// hourly, so that `journalctl -u relay RELAY_EVENT=credential_expiring` shows it coming. The listeners'
+/// certificates too (with `LISTENER=`): a device that checks the certificate stops sending the day it expires.
 pub async fn watch_expiries(
     accounts: Vec<AccountConfig>,
+    listeners: Vec<ListenerConfig>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use crate::oauth::expiry::{expiries, threshold_reached, warning};
+    use crate::oauth::expiry::{THRESHOLDS, expiries, threshold_reached, warning};
     let mut logged = std::collections::HashSet::new();
+    let mut certs_logged = std::collections::HashSet::new();
     loop {
         let now = std::time::SystemTime::now();
         for a in &accounts {
@@ -368,6 +371,28 @@ pub async fn watch_expiries(
                 {
                     tracing::warn!(relay_event = "credential_expiring", relay_account = %a.name, "{w}");
                 }
+            }
+        }
+        for l in listeners.iter().filter(|l| l.tls != ListenerTls::None) {
+            let Some(cert) = &l.cert else { continue };
+            let Ok(v) = crate::certs::validity(cert) else {
+                continue;
+            };
+            let reached = match v.not_after.duration_since(now) {
+                // Not valid yet: said once, as a threshold of its own.
+                Ok(_) if now < v.not_before => Some(u64::MAX),
+                Err(_) => Some(0),
+                Ok(left) => THRESHOLDS
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|t| left.as_secs() / 86_400 < *t),
+            };
+            if let Some(t) = reached
+                && certs_logged.insert((cert.clone(), v.not_after, t))
+                && let Some(w) = crate::config::listener_cert_warning(cert, now)
+            {
+                tracing::warn!(relay_event = "credential_expiring", listener = %l.address, "{w}");
             }
         }
         tokio::select! {

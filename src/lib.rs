@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod alerts;
 pub mod authorize;
 pub mod bounce;
+pub mod certs;
 pub mod check;
 pub mod config;
 pub mod events;

@@ -197,6 +197,7 @@ impl Running {
         self.expiries = stop;
         tasks.spawn(accounts::watch_expiries(
             self.config.accounts.clone(),
+            self.config.listeners.clone(),
             stopped,
         ));
     }

@@ -31,14 +31,7 @@ where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
     tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
-    // The metrics endpoint says its own when it binds (at a reload too).
-    for w in config
-        .warnings()
-        .into_iter()
-        .filter(|w| w.key != "metrics.address")
-    {
-        tracing::warn!(key = %w.key, "{}", w.text);
-    }
+    log_warnings(config.warnings());
     // Installed before READY=1: from then on systemd may send SIGHUP, whose default action would end relay.
     let signals = Signals::install();
     let relay = Relay::start(&config).await?;
@@ -134,6 +127,18 @@ impl Signals {
     }
 }
 
+/// What the config may say but a sysadmin probably did not mean, at start and after each reload. The metrics
+/// endpoint says its own when it binds, and the expiry watch a listener certificate's dates (`.cert`), with
+/// `relay_event = credential_expiring`.
+fn log_warnings(warnings: Vec<crate::config::Warning>) {
+    for w in warnings
+        .into_iter()
+        .filter(|w| w.key != "metrics.address" && !w.key.ends_with(".cert"))
+    {
+        tracing::warn!(key = %w.key, "{}", w.text);
+    }
+}
+
 /// systemd's reload protocol: `RELOADING=1` (with the time, which newer systemd asks for), the work, then
 /// `READY=1`. A refused config is logged with its file, key and reason, and `STATUS=` says so until a reload
 /// succeeds.
@@ -148,12 +153,21 @@ where
     let _ = sd_notify::notify(&reloading);
     tracing::info!("SIGHUP received: reading the config again");
     let load = load.clone();
-    let refused = match tokio::task::spawn_blocking(move || load()).await {
-        Ok(Ok(config)) => {
+    // The warnings read files (a listener's certificate dates): off the runtime's threads, with the load.
+    let loaded = tokio::task::spawn_blocking(move || {
+        load().map(|config| {
+            let warnings = config.warnings();
+            (config, warnings)
+        })
+    });
+    let refused = match loaded.await {
+        Ok(Ok((config, warnings))) => {
             let file = config.source.clone();
             match reloader.reload(config).await {
                 Ok(done) => {
                     tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
+                    // As at start: a renewed certificate that is already expired, a listener no one can use.
+                    log_warnings(warnings);
                     None
                 }
                 Err(e) => {

@@ -328,3 +328,85 @@ fn an_address_another_program_holds_is_a_warning_but_not_a_running_relays_own() 
     no_address_warning(&config);
     assert!(daemon.terminate().success());
 }
+
+/// A self-signed certificate for `localhost` valid between the two dates, and its key (0600), in `dir`.
+fn dated_cert(
+    dir: &Path,
+    name: &str,
+    from: (i32, u8, u8),
+    to: (i32, u8, u8),
+) -> (PathBuf, PathBuf) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    write_private(&key_path, key.serialize_pem());
+    (cert_path, key_path)
+}
+
+/// A listener certificate that clients checking it refuse (expired, not yet valid) is said by `relay check`, by
+/// the daemon at start and after a reload that brings one (`credential_expiring` with the listener); before, it
+/// was served without a word. A certificate set on a listener without `tls` is said to be unused.
+#[test]
+fn a_listener_certificate_out_of_its_dates_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, old_key) = dated_cert(dir.path(), "old", (2020, 1, 1), (2021, 1, 1));
+    let listener = |tls: &str, cert: &Path, key: &Path| {
+        format!("address = \"127.0.0.1:0\"\nauth = \"none\"\n{tls}cert = {cert:?}\nkey = {key:?}")
+    };
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &listener("tls = \"starttls\"\n", &old, &old_key),
+    );
+    let out = relay(&["check"], &config);
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "a warning, not an invalid config: {stderr}"
+    );
+    assert!(
+        stderr.contains("warning: listener[0] (127.0.0.1:0).cert: the certificate in ")
+            && stderr.contains("expired on 2021-01-01"),
+        "{stderr}"
+    );
+
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("relay_event=\"credential_expiring\"");
+    assert!(
+        line.contains("expired on 2021-01-01") && line.contains("listener=127.0.0.1:0"),
+        "{line}"
+    );
+    // Renewed, but dated from the future (a clock or a CA's mistake): said after the reload.
+    let (future, future_key) = dated_cert(dir.path(), "future", (2040, 1, 1), (2041, 1, 1));
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&old.display().to_string(), &future.display().to_string())
+            .replace(
+                &old_key.display().to_string(),
+                &future_key.display().to_string(),
+            ),
+    )
+    .unwrap();
+    daemon.reload();
+    let line = daemon.wait_log("relay_event=\"credential_expiring\"");
+    assert!(line.contains("is not valid until 2040-01-01"), "{line}");
+    assert!(daemon.terminate().success());
+
+    let unused = write_config_with(dir.path(), "", &listener("", &future, &future_key));
+    let stderr = text(&relay(&["check"], &unused).stderr);
+    assert!(
+        stderr.contains(
+            "warning: listener[0] (127.0.0.1:0).tls: cert and key are set but tls is not"
+        ),
+        "{stderr}"
+    );
+}

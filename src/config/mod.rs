@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use ops::{AlertsConfig, Bounce, MetricsConfig, redact_url};
 pub use rotation::Rotation;
 pub use size::ByteSize;
-pub use warnings::Warning;
+pub use warnings::{Warning, listener_cert_warning};
 
 /// The embedded default: loopback only, plain, no authentication, no accounts.
 pub const EMBEDDED_DEFAULT: &str = r#"

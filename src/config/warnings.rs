@@ -56,6 +56,18 @@ impl Config {
                     "allow = [] admits no client: every connection is refused; list your devices' addresses (or remove `allow` for the default)".into(),
                 );
             }
+            match (&l.cert, l.tls) {
+                (Some(_), ListenerTls::None) => warn(
+                    format!("{key}.tls"),
+                    "cert and key are set but tls is not, so they are not used and this listener offers no TLS (tls defaults to \"none\"); set tls = \"starttls\", \"implicit\" or \"auto\"".into(),
+                ),
+                (Some(cert), _) => {
+                    if let Some(text) = listener_cert_warning(cert, std::time::SystemTime::now()) {
+                        warn(format!("{key}.cert"), text);
+                    }
+                }
+                (None, _) => {}
+            }
             // RFC 5321 section 4.5.3.2.7 asks for 5 minutes; a device that pauses (a scanner between pages, a
             // PBX rendering a voicemail) is cut off by much less.
             for (name, t) in [
@@ -124,6 +136,39 @@ impl Config {
     }
 }
 
+/// Days ahead at which a listener's certificate is warned about.
+pub const CERT_WARN_DAYS: u64 = 30;
+
+/// A listener's certificate that clients checking it refuse (expired, not yet valid) or soon will. Read at each
+/// `relay check`, start and reload; the daemon also looks hourly (`accounts::watch_expiries`).
+pub fn listener_cert_warning(cert: &std::path::Path, now: std::time::SystemTime) -> Option<String> {
+    use crate::certs::day;
+    // A certificate that cannot be read is refused at load, in the TLS load's words.
+    let v = crate::certs::validity(cert).ok()?;
+    let fix = "renew it, then `systemctl reload relay`";
+    if now < v.not_before {
+        return Some(format!(
+            "the certificate in {} is not valid until {}: clients that check it refuse it until then",
+            cert.display(),
+            day(v.not_before)
+        ));
+    }
+    match v.not_after.duration_since(now) {
+        Err(_) => Some(format!(
+            "the certificate in {} expired on {}: clients that check it refuse to send; {fix}",
+            cert.display(),
+            day(v.not_after)
+        )),
+        Ok(left) if left.as_secs() / 86_400 < CERT_WARN_DAYS => Some(format!(
+            "the certificate in {} expires in {} day(s), on {}: {fix}",
+            cert.display(),
+            left.as_secs() / 86_400,
+            day(v.not_after)
+        )),
+        Ok(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +211,25 @@ mod tests {
             "[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\nallow = [\"0.0.0.0/0\"]\n",
         );
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_listener_certificate_is_warned_about_in_its_last_thirty_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2027, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2027, 6, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let path = dir.path().join("cert.pem");
+        std::fs::write(&path, params.self_signed(&key).unwrap().pem()).unwrap();
+        let at = |d: &str| crate::oauth::expiry::parse_date(d).unwrap();
+        assert_eq!(listener_cert_warning(&path, at("2027-05-01")), None);
+        let w = listener_cert_warning(&path, at("2027-05-25")).unwrap();
+        assert!(w.contains("expires in 7 day(s), on 2027-06-01"), "{w}");
+        let w = listener_cert_warning(&path, at("2027-06-02")).unwrap();
+        assert!(w.contains("expired on 2027-06-01"), "{w}");
+        let w = listener_cert_warning(&path, at("2026-12-01")).unwrap();
+        assert!(w.contains("not valid until 2027-01-01"), "{w}");
     }
 
     #[test]

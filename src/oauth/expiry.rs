@@ -2,7 +2,7 @@
 //! client certificate (its notAfter). Warned about 30, 7 and 1 days ahead, in the log and in `relay status`.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::config::{AccountConfig, Rotation};
 
@@ -26,14 +26,7 @@ pub fn parse_date(s: &str) -> Result<SystemTime, String> {
 
 /// A PEM certificate's notAfter.
 pub fn certificate_not_after(path: &Path) -> Result<SystemTime, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let der =
-        CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| format!("{}: not an X.509 certificate: {e}", path.display()))?;
-    let secs = cert.validity().not_after.timestamp();
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+    crate::certs::validity(path).map(|v| v.not_after)
 }
 
 /// An account's dated credentials.
@@ -105,6 +98,7 @@ pub fn threshold_reached(e: &Expiry, now: SystemTime) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn warnings_at_thresholds() {

@@ -1,0 +1,34 @@
+//! The dates of a PEM certificate (its first, the one a chain is for): an account's client certificate and a
+//! listener's server certificate are both warned about before they expire.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// When a certificate becomes and stops being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// The first certificate's dates in a PEM file.
+pub fn validity(path: &Path) -> Result<Validity, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der =
+        CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("{}: not an X.509 certificate: {e}", path.display()))?;
+    let at =
+        |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok(Validity {
+        not_before: at(cert.validity().not_before.timestamp()),
+        not_after: at(cert.validity().not_after.timestamp()),
+    })
+}
+
+/// "2027-05-01", as the warnings say dates.
+pub fn day(t: SystemTime) -> String {
+    let full = humantime::format_rfc3339_seconds(t).to_string();
+    full.get(..10).unwrap_or(&full).to_string()
+}
