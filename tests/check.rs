@@ -410,3 +410,30 @@ fn a_listener_certificate_out_of_its_dates_is_warned_about() {
         "{stderr}"
     );
 }
+
+/// A listener's key that is not its certificate's (a renewal that replaced one file of the two, a chain with the
+/// CA first) is refused naming both files and what order the chain needs; before, "keys may not be consistent:
+/// KeyMismatch", naming neither.
+#[test]
+fn a_listener_key_that_is_not_its_certificates_names_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = dated_cert(dir.path(), "new", (2020, 1, 1), (2099, 1, 1));
+    let (_, old_key) = dated_cert(dir.path(), "old", (2020, 1, 1), (2099, 1, 1));
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!(
+            "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"starttls\"\ncert = {cert:?}\nkey = {old_key:?}"
+        ),
+    );
+    let err = both_refuse(
+        &config,
+        "listener[0].cert",
+        &format!(
+            "the key in {} is not the key of the first certificate in {}",
+            old_key.display(),
+            cert.display()
+        ),
+    );
+    assert!(err.contains("its chain after it"), "{err}");
+}

@@ -803,6 +803,15 @@ impl Session {
                 "AUTH not allowed during a mail transaction",
             ));
         }
+        if !self.auth_offered() && !self.policy.starttls {
+            // No TLS on this listener, and no login without it (`relay check` warns of such a listener): asking
+            // for encryption would send the client looking for a STARTTLS that is not there.
+            return self.error(Reply::new(
+                503,
+                "5.5.1",
+                "AUTH not available: this listener offers no TLS and takes no password without it",
+            ));
+        }
         if !self.auth_offered() {
             // RFC 4954 section 6.
             return Step::Reply(Reply::new(

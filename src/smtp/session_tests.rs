@@ -317,6 +317,10 @@ fn auth_is_hidden_without_tls_unless_plaintext_auth() {
     s.tls_started();
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
     assert!(text.contains("AUTH PLAIN LOGIN") && !text.contains("STARTTLS"));
+    // A listener without TLS that takes no password in the clear: no encryption to ask for.
+    let mut s = session_on(policy(AuthPolicy::Required, false, false));
+    steps(&mut s, b"EHLO x\r\n");
+    assert_eq!(replies(&mut s, b"AUTH PLAIN AGEAYg==\r\n"), ["503 5.5.1"]);
 }
 
 #[test]

@@ -22,7 +22,11 @@ pub enum TlsError {
     Cert { path: String, reason: String },
     #[error("{path}: cannot read a private key: {reason}")]
     Key { path: String, reason: String },
-    #[error("certificate and key do not fit together: {0}")]
+    #[error(
+        "the key in {key} is not the key of the first certificate in {cert}: the server's own certificate must come first, its chain after it"
+    )]
+    Mismatch { cert: String, key: String },
+    #[error("certificate and key cannot be used: {0}")]
     Config(#[from] rustls::Error),
     #[error("legacy TLS (OpenSSL): {0}")]
     Legacy(String),
@@ -113,26 +117,84 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat) -> Option<String> {
 }
 
 pub fn rustls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let cert_error = |reason: String| TlsError::Cert {
+        path: cert.display().to_string(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.display().to_string(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.display().to_string(),
-            reason: "no CERTIFICATE block found".into(),
-        });
+        .map_err(|e| cert_error(pem_words(&e)))?;
+    let Some(first) = certs.first() else {
+        return Err(cert_error("no CERTIFICATE block found".into()));
+    };
+    // What rustls would refuse in its own terms ("UnsupportedCertVersion", "failed to parse private key"),
+    // said here in a sysadmin's.
+    if let Some(reason) = unservable(first) {
+        return Err(cert_error(reason));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+    let key_error = |reason: String| TlsError::Key {
         path: key.display().to_string(),
-        reason: e.to_string(),
+        reason,
+    };
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        let encrypted = std::fs::read(key).is_ok_and(|text| {
+            memchr::memmem::find(&text, b"ENCRYPTED").is_some()
+        });
+        if encrypted {
+            key_error(format!(
+                "the key is protected by a passphrase, which relay cannot ask for: write it out unprotected (0600), e.g. `openssl pkey -in {0} -out {0}.plain`",
+                key.display()
+            ))
+        } else {
+            key_error(pem_words(&e))
+        }
     })?;
     let config = ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, private)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
+            },
+            other => TlsError::Config(other),
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Why a server certificate that parses cannot be served, if it cannot: not X.509 version 3 (what `openssl x509
+/// -req` makes without extensions), or an RSA key too short for the crypto library.
+fn unservable(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let version = parsed.version().0 + 1;
+    if version != 3 {
+        return Some(format!(
+            "the certificate is X.509 version {version}; TLS needs version 3 (`openssl req -x509` makes one, and `openssl x509 -req` does with `-copy_extensions copy` or `-extfile`)"
+        ));
+    }
+    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.public_key().parsed() {
+        let bits = rsa.key_size();
+        if bits > 0 && bits < 2048 {
+            return Some(format!(
+                "the certificate's RSA key has {bits} bits; at least 2048 are needed"
+            ));
+        }
+    }
+    None
+}
+
+/// A PEM file's problem in words (the library's own names a missing END line by its bytes).
+fn pem_words(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { .. } => {
+            "a PEM block has no END line: the file looks cut short".into()
+        }
+        Error::IllegalSectionStart { .. } => "a PEM block's BEGIN line is malformed".into(),
+        Error::Base64Decode(_) => "a PEM block is not valid base64: the file is damaged".into(),
+        Error::NoItemsFound => "no PEM block of the expected kind found".into(),
+        other => other.to_string(),
+    }
 }
 
 /// A server-side TLS connection of either kind. Boxed: a TLS stream carries its buffers inline.
@@ -193,6 +255,95 @@ mod tests {
     fn wrapped(e: rustls::Error) -> io::Error {
         // As tokio-rustls hands a failed handshake over.
         io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    /// Loads `cert` and `key` (PEM text) from files, as a listener would; the error's words.
+    fn load_error(cert: &[u8], key: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        match rustls_acceptor(&c, &k) {
+            Ok(_) => "loaded".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn certificate_files_that_cannot_be_served_are_said_in_words() {
+        let made = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (cert, key) = made("localhost");
+        assert_eq!(load_error(cert.as_bytes(), key.as_bytes()), "loaded");
+        // Another certificate first (a chain in the wrong order), or another key: both files are named.
+        let (other, other_key) = made("ca");
+        let said = load_error(format!("{other}{cert}").as_bytes(), key.as_bytes());
+        assert!(
+            said.contains("is not the key of the first certificate in")
+                && said.contains("key.pem")
+                && said.contains("cert.pem")
+                && said.contains("must come first"),
+            "{said}"
+        );
+        let said = load_error(cert.as_bytes(), other_key.as_bytes());
+        assert!(
+            said.contains("is not the key of the first certificate"),
+            "{said}"
+        );
+        // Cut short.
+        let said = load_error(&cert.as_bytes()[..cert.len() / 2], key.as_bytes());
+        assert!(said.contains("has no END line"), "{said}");
+    }
+
+    /// What OpenSSL's command line makes and rustls refuses in its own terms: a version 1 certificate, a 1024-bit
+    /// RSA key, a key under a passphrase.
+    #[cfg(feature = "legacy-tls")]
+    #[test]
+    fn what_openssl_makes_and_rustls_refuses_is_said_in_words() {
+        use openssl::{asn1::Asn1Time, hash::MessageDigest, pkey::PKey, rsa::Rsa, x509};
+        let x509 = |bits: u32, version: i32| {
+            let key = PKey::from_rsa(Rsa::generate(bits).unwrap()).unwrap();
+            let mut name = x509::X509NameBuilder::new().unwrap();
+            name.append_entry_by_text("CN", "localhost").unwrap();
+            let name = name.build();
+            let mut b = x509::X509Builder::new().unwrap();
+            b.set_version(version).unwrap();
+            b.set_subject_name(&name).unwrap();
+            b.set_issuer_name(&name).unwrap();
+            b.set_pubkey(&key).unwrap();
+            b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+                .unwrap();
+            b.set_not_after(&Asn1Time::days_from_now(30).unwrap())
+                .unwrap();
+            b.sign(&key, MessageDigest::sha256()).unwrap();
+            (b.build().to_pem().unwrap(), key)
+        };
+        let (v1, key) = x509(2048, 0);
+        let plain = key.private_key_to_pem_pkcs8().unwrap();
+        let said = load_error(&v1, &plain);
+        assert!(
+            said.contains("X.509 version 1; TLS needs version 3"),
+            "{said}"
+        );
+        let (short, short_key) = x509(1024, 2);
+        let said = load_error(&short, &short_key.private_key_to_pem_pkcs8().unwrap());
+        assert!(said.contains("RSA key has 1024 bits"), "{said}");
+        let (v3, key) = x509(2048, 2);
+        let locked = key
+            .private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_256_cbc(), b"secret")
+            .unwrap();
+        let said = load_error(&v3, &locked);
+        assert!(said.contains("protected by a passphrase"), "{said}");
+        assert_eq!(
+            load_error(&v3, &key.private_key_to_pem_pkcs8().unwrap()),
+            "loaded"
+        );
     }
 
     #[test]
