@@ -189,6 +189,73 @@ fn none_dead_nor_bounced(d: &Daemon, dir: &std::path::Path, sent: &[common::http
     }
 }
 
+/// Six 1 MB PDFs (over the 4 MB request limit together, each under Graph's 2 MiB upload-session minimum) and a
+/// 3.5 MB image shown in the HTML body (`cid:`): each small one goes in one request, the image through an upload
+/// session, still inline with its Content-ID. Before, every cut-out attachment went through an upload session,
+/// and Graph's 400 ErrorAttachmentSizeShouldNotBeLessThanMinimumSize put the message in dead/.
+#[tokio::test]
+async fn graph_attaches_small_files_in_one_request_and_keeps_inline_images_inline() {
+    let (_idp, api, relay) = relay_through_api("microsoft", "").await;
+    let part = |i: u64, size: usize| -> Vec<u8> {
+        (0..size as u64)
+            .map(|n| (n.wrapping_mul(2_654_435_761 + i) >> 13) as u8)
+            .collect()
+    };
+    let b64 = |bytes: &[u8]| -> Vec<u8> {
+        let text = B64.encode(bytes);
+        text.as_bytes()
+            .chunks(76)
+            .flat_map(|l| [l, b"\r\n"].concat())
+            .collect()
+    };
+    let image = part(99, 3_500_000);
+    let mut msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: pages\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: multipart/related; boundary=\"r\"\r\n\r\n--r\r\nContent-Type: text/html\r\n\r\n<img src=\"cid:logo@scanner\">\r\n--r\r\nContent-Type: image/png\r\nContent-ID: <logo@scanner>\r\nContent-Transfer-Encoding: base64\r\n\r\n".to_vec();
+    msg.extend_from_slice(&b64(&image));
+    msg.extend_from_slice(b"--r--\r\n");
+    let pdfs: Vec<Vec<u8>> = (0..6).map(|i| part(i, 1_000_000)).collect();
+    for (i, pdf) in pdfs.iter().enumerate() {
+        msg.extend_from_slice(format!("--m\r\nContent-Type: application/pdf; name=\"p{i}.pdf\"\r\nContent-Disposition: attachment; filename=\"p{i}.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n").as_bytes());
+        msg.extend_from_slice(&b64(pdf));
+    }
+    msg.extend_from_slice(b"--m--\r\n");
+    send_to(relay.addr(), &["ops@example.test"], &msg).await;
+    let sent = api.sent(1).await;
+    assert_eq!(sent[0].path, "draft");
+    let logo = sent[0]
+        .attachments
+        .iter()
+        .find(|a| a.content_type == "image/png")
+        .expect("the image was attached");
+    assert!(logo.bytes == image, "the image arrived changed");
+    assert_eq!(
+        (logo.how, logo.inline, logo.content_id.as_deref()),
+        ("upload", true, Some("logo@scanner"))
+    );
+    let posted: Vec<_> = sent[0]
+        .attachments
+        .iter()
+        .filter(|a| a.how == "post")
+        .collect();
+    assert!(!posted.is_empty(), "{:?}", sent[0].attachments.len());
+    for a in &posted {
+        let i: usize = a.name[1..2].parse().unwrap();
+        assert!(
+            a.bytes == pdfs[i] && !a.inline,
+            "{} arrived changed",
+            a.name
+        );
+    }
+    // What was not cut out is in the draft's MIME, whole.
+    let draft = String::from_utf8_lossy(&sent[0].mime);
+    for i in 0..6 {
+        let named = format!("name=\"p{i}.pdf\"");
+        assert!(
+            draft.contains(&named) != posted.iter().any(|a| a.name == format!("p{i}.pdf")),
+            "p{i}.pdf is either in the draft or attached"
+        );
+    }
+}
+
 #[tokio::test]
 async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads() {
     let (_idp, api, relay) = relay_through_api("microsoft", "").await;
@@ -207,12 +274,13 @@ async fn graph_sends_small_messages_whole_and_large_ones_as_drafts_with_uploads(
     assert_eq!(sent[1].path, "draft");
     assert_eq!(strip_received(&sent[1].mime), &without_pdf(&msg)[..]);
     assert_eq!(sent[1].attachments.len(), 1);
-    let (name, ctype, bytes) = &sent[1].attachments[0];
+    let a = &sent[1].attachments[0];
     assert_eq!(
-        (name.as_str(), ctype.as_str()),
-        ("scan.pdf", "application/pdf")
+        (a.name.as_str(), a.content_type.as_str(), a.how),
+        ("scan.pdf", "application/pdf", "post"),
+        "under 3 MB: one request (Graph refuses an upload session for it)"
     );
-    assert!(bytes == &pdf, "the attachment arrived changed");
+    assert!(a.bytes == pdf, "the attachment arrived changed");
     assert!(sent[1].patch.is_none(), "{:?}", sent[1].patch);
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(api.drafts_left(), 0);
@@ -659,7 +727,7 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
     let sent = api.sent(2).await;
     assert_eq!(sent[1].path, "draft");
     assert!(
-        sent[1].attachments[0].2 == pdf,
+        sent[1].attachments[0].bytes == pdf && sent[1].attachments[0].how == "upload",
         "the 30 MiB attachment arrived changed"
     );
     assert_eq!(strip_received(&sent[1].mime), &without_pdf(&big)[..]);

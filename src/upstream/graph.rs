@@ -1,7 +1,8 @@
 //! Delivery through Microsoft Graph, for tenants that switched SMTP AUTH off. The queued bytes go as MIME
 //! (base64, `Content-Type: text/plain`), unchanged. A message over Graph's 4 MB request limit goes as a draft
-//! made from the message without its largest attachments; those are then uploaded in chunks through upload
-//! sessions, decoded piece by piece from the queued copy, and the draft is sent. Graph takes the recipients from
+//! made from the message without its largest attachments; those are then added to it, decoded from the queued
+//! copy (under 3 MB in one request each, larger ones in chunks through upload sessions, as Graph requires), and
+//! the draft is sent. Graph takes the recipients from
 //! the headers, so when the envelope says otherwise (Bcc), the draft's recipients are set from the envelope.
 
 use std::collections::HashSet;
@@ -29,6 +30,9 @@ const DRAFT_REPLY_LIMIT: u64 = 16 * REQUEST_LIMIT as u64;
 pub const MESSAGE_LIMIT: u64 = 150 * 1024 * 1024;
 /// Upload chunks: a multiple of 320 KiB as upload sessions want, under 4 MB.
 pub const CHUNK: usize = 12 * 320 * 1024;
+/// Attachments under this size go in one request, larger ones through an upload session: Graph's documented
+/// split ("under 3 MB"); it refuses an upload session under 2 MiB and a single request over about 3.1 MB.
+pub const SMALL_ATTACHMENT: u64 = 3_000_000;
 /// MAPI's PR_DELETE_AFTER_SUBMIT: what Graph's own `saveToSentItems: false` sets, which MIME sends cannot pass.
 const DELETE_AFTER_SUBMIT: &str = "Boolean 0x0E01";
 
@@ -104,7 +108,7 @@ impl GraphUpstream {
                     .await?;
             }
             for leaf in &cut {
-                self.upload(token, &id, leaf, message).await?;
+                self.attach(token, &id, leaf, message).await?;
             }
             let url = format!("{}/messages/{id}/send", self.base);
             let resp = self
@@ -199,12 +203,16 @@ impl GraphUpstream {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, Outcome> {
+        // Sized for its timeout: a small attachment's JSON is megabytes.
+        let body =
+            serde_json::to_vec(body).map_err(|e| Outcome::Transient(format!("Graph: {e}")))?;
         let resp = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(token.expose_secret())
-            .json(body)
-            .timeout(time_for(0))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(time_for(body.len()))
+            .body(body)
             .send()
             .await
             .map_err(|e| failed("Graph", &e))?;
@@ -215,33 +223,85 @@ impl GraphUpstream {
         Ok(json_reply(resp, MAX_REPLY_BODY).await.unwrap_or_default())
     }
 
-    /// One attachment through an upload session, decoded from the queue file a chunk at a time.
-    async fn upload(
+    /// One attachment cut out of the draft: under [`SMALL_ATTACHMENT`] in one request (Graph refuses an upload
+    /// session for it, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize"), else through an upload session.
+    async fn attach(
         &self,
         token: &SecretString,
         id: &str,
         leaf: &Leaf,
         message: &Outgoing,
     ) -> Result<(), Outcome> {
-        let size = {
-            let (leaf, m) = (leaf.clone(), message.clone());
-            tokio::task::spawn_blocking(move || leaf.size(&m))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r)
-                .map_err(unreadable)?
-        };
+        let size = read_leaf(leaf, message, |leaf, m| leaf.size(&m)).await?;
+        if size < SMALL_ATTACHMENT {
+            self.post_attachment(token, id, leaf, message).await
+        } else {
+            self.upload(token, id, leaf, size, message).await
+        }
+    }
+
+    /// A small attachment as a fileAttachment resource, its content base64 in the JSON: held whole (a few MB at
+    /// most, as the draft itself is).
+    async fn post_attachment(
+        &self,
+        token: &SecretString,
+        id: &str,
+        leaf: &Leaf,
+        message: &Outgoing,
+    ) -> Result<(), Outcome> {
+        let content = read_leaf(leaf, message, |leaf, m| {
+            let mut all = Vec::new();
+            for chunk in leaf.chunks(m, CHUNK) {
+                all.extend_from_slice(&chunk?);
+            }
+            Ok(B64.encode(all))
+        })
+        .await?;
+        let mut attachment = json!({
+            "@odata.type": "#microsoft.graph.fileAttachment",
+            "name": leaf.name,
+            "contentType": leaf.content_type,
+            "isInline": leaf.inline,
+            "contentBytes": content,
+        });
+        if let Some(cid) = &leaf.content_id {
+            attachment["contentId"] = cid.as_str().into();
+        }
+        self.call(
+            token,
+            reqwest::Method::POST,
+            &format!("/messages/{id}/attachments"),
+            &attachment,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// One attachment through an upload session, decoded from the queue file a chunk at a time.
+    async fn upload(
+        &self,
+        token: &SecretString,
+        id: &str,
+        leaf: &Leaf,
+        size: u64,
+        message: &Outgoing,
+    ) -> Result<(), Outcome> {
+        let mut item = json!({
+            "attachmentType": "file",
+            "name": leaf.name,
+            "size": size,
+            "contentType": leaf.content_type,
+            "isInline": leaf.inline,
+        });
+        if let Some(cid) = &leaf.content_id {
+            item["contentId"] = cid.as_str().into();
+        }
         let session = self
             .call(
                 token,
                 reqwest::Method::POST,
                 &format!("/messages/{id}/attachments/createUploadSession"),
-                &json!({"AttachmentItem": {
-                    "attachmentType": "file",
-                    "name": leaf.name,
-                    "size": size,
-                    "contentType": leaf.content_type,
-                }}),
+                &json!({ "AttachmentItem": item }),
             )
             .await?;
         let Some(url) = session["uploadUrl"].as_str() else {
@@ -361,6 +421,20 @@ async fn draft_id(resp: reqwest::Response) -> Option<String> {
     .await
     .ok()
     .flatten()
+}
+
+/// `read` on an attachment of the queue file, on the blocking pool.
+async fn read_leaf<T: Send + 'static>(
+    leaf: &Leaf,
+    message: &Outgoing,
+    read: impl FnOnce(Leaf, Outgoing) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Outcome> {
+    let (leaf, m) = (leaf.clone(), message.clone());
+    tokio::task::spawn_blocking(move || read(leaf, m))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(unreadable)
 }
 
 fn unreadable(e: std::io::Error) -> Outcome {

@@ -89,6 +89,11 @@ pub struct Leaf {
     pub content_type: String,
     /// base64 (else the bytes are the content: 7bit, 8bit, binary).
     pub base64: bool,
+    /// Its Content-ID, without the angle brackets: what a `cid:` reference in the HTML names.
+    pub content_id: Option<String>,
+    /// Shown in the body rather than as an attachment: `Content-Disposition: inline`, or none with a Content-ID
+    /// (an image of a multipart/related HTML body).
+    pub inline: bool,
 }
 
 fn is_symbol(b: u8) -> bool {
@@ -328,12 +333,27 @@ impl<S: Source + ?Sized> Walker<'_, S> {
             {
                 continue;
             }
+            let content_id = p
+                .content_id()
+                .map(|id| {
+                    id.trim()
+                        .trim_start_matches('<')
+                        .trim_end_matches('>')
+                        .to_string()
+                })
+                .filter(|id| !id.is_empty());
+            let inline = match p.content_disposition() {
+                Some(d) => d.ctype().eq_ignore_ascii_case("inline"),
+                None => content_id.is_some(),
+            };
             out.push(Leaf {
                 cut: open.start..next.start,
                 body: content,
                 name: name.unwrap_or_else(|| format!("attachment-{}", out.len() + 1)),
                 content_type: format!("{ctype}/{subtype}"),
                 base64,
+                content_id,
+                inline,
             });
             if out.len() >= MAX_PARTS {
                 break;

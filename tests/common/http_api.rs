@@ -15,11 +15,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
-/// A message as the fake got it: the MIME, and for a Graph draft, the attachments uploaded separately.
+/// A message as the fake got it: the MIME, and for a Graph draft, the attachments added separately.
 #[derive(Debug, Clone)]
 pub struct Sent {
     pub mime: Vec<u8>,
-    pub attachments: Vec<(String, String, Vec<u8>)>,
+    pub attachments: Vec<Attached>,
     /// Graph: the PATCH of the draft (recipients, extended properties), if any.
     pub patch: Option<serde_json::Value>,
     /// How it came: "sendMail", "draft", "media", "resumable".
@@ -27,11 +27,23 @@ pub struct Sent {
     pub at: SystemTime,
 }
 
+/// An attachment added to a Graph draft.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub name: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+    pub inline: bool,
+    pub content_id: Option<String>,
+    /// "post" (one request, contentBytes) or "upload" (an upload session).
+    pub how: &'static str,
+}
+
 #[derive(Default)]
 struct Draft {
     mime: Vec<u8>,
     patch: Option<serde_json::Value>,
-    attachments: Vec<(String, String, Vec<u8>)>,
+    attachments: Vec<Attached>,
 }
 
 #[derive(Default)]
@@ -41,6 +53,9 @@ struct Upload {
     content_type: String,
     size: usize,
     bytes: Vec<u8>,
+    /// Graph: the AttachmentItem's isInline and contentId.
+    inline: bool,
+    content_id: Option<String>,
 }
 
 #[derive(Default)]
@@ -93,6 +108,10 @@ pub struct FakeApi {
 
 const GRAPH_REQUEST_LIMIT: usize = 4_000_000;
 const GRAPH_CHUNK_LIMIT: usize = 4 * 1024 * 1024;
+/// Graph's attachment limits as measured (microsoftgraph/msgraph-sdk-java#52): an upload session refuses less
+/// than 2 MiB, a single POST more than 3,145,611 bytes.
+const GRAPH_UPLOAD_MIN: usize = 2 * 1024 * 1024;
+const GRAPH_POST_MAX: usize = 3_145_611;
 const GMAIL_LIMIT: usize = 35 * 1024 * 1024;
 
 fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
@@ -376,22 +395,63 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
             {
                 return Err(graph_error(400, "BadRequest", "bad AttachmentItem"));
             }
+            if size < GRAPH_UPLOAD_MIN {
+                return Err(graph_error(
+                    400,
+                    "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                    "Attachment size must be greater than the minimum size.",
+                ));
+            }
             s.next += 1;
             let up = format!("up{}", s.next);
-            s.uploads.insert(
-                up.clone(),
+            s.uploads.insert(up.clone(), {
+                let a = attached(item, Vec::new(), "upload");
                 Upload {
                     draft: id.to_string(),
-                    name: item["name"].as_str().unwrap_or("").to_string(),
-                    content_type: item["contentType"].as_str().unwrap_or("").to_string(),
+                    name: a.name,
+                    content_type: a.content_type,
                     size,
                     bytes: Vec::new(),
-                },
-            );
+                    inline: a.inline,
+                    content_id: a.content_id,
+                }
+            });
             Ok(ResponseTemplate::new(201).set_body_json(serde_json::json!({
                 "uploadUrl": format!("{uri}/graph-upload/{up}"),
                 "expirationDateTime": "2030-01-01T00:00:00Z",
                 "nextExpectedRanges": ["0-"],
+            })))
+        }
+        ("POST", ["messages", id, "attachments"]) => {
+            let body: serde_json::Value = serde_json::from_slice(&req.body)
+                .map_err(|_| graph_error(400, "BadRequest", "not JSON"))?;
+            let bytes = body["contentBytes"]
+                .as_str()
+                .and_then(|b| B64.decode(b).ok())
+                .ok_or_else(|| graph_error(400, "BadRequest", "contentBytes is not base64"))?;
+            if body["@odata.type"] != "#microsoft.graph.fileAttachment"
+                || body["name"].as_str().is_none_or(str::is_empty)
+            {
+                return Err(graph_error(400, "BadRequest", "bad fileAttachment"));
+            }
+            if bytes.len() > GRAPH_POST_MAX {
+                return Err(graph_error(
+                    413,
+                    "ErrorRequestEntityTooLarge",
+                    "Request Entity Too Large",
+                ));
+            }
+            let d = s
+                .drafts
+                .get_mut(*id)
+                .ok_or_else(|| graph_error(404, "ErrorItemNotFound", "no such draft"))?;
+            let size = bytes.len();
+            d.attachments.push(attached(&body, bytes, "post"));
+            Ok(ResponseTemplate::new(201).set_body_json(serde_json::json!({
+                "@odata.type": "#microsoft.graph.fileAttachment",
+                "id": "AAMkADatt",
+                "name": body["name"],
+                "size": size,
             })))
         }
         ("POST", ["messages", id, "send"]) => {
@@ -419,6 +479,18 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
             Ok(ResponseTemplate::new(202))
         }
         _ => Err(graph_error(400, "BadRequest", "unexpected Graph call")),
+    }
+}
+
+/// An attachment resource's fields (an AttachmentItem or a fileAttachment: the same names).
+fn attached(item: &serde_json::Value, bytes: Vec<u8>, how: &'static str) -> Attached {
+    Attached {
+        name: item["name"].as_str().unwrap_or("").to_string(),
+        content_type: item["contentType"].as_str().unwrap_or("").to_string(),
+        bytes,
+        inline: item["isInline"].as_bool().unwrap_or(false),
+        content_id: item["contentId"].as_str().map(str::to_string),
+        how,
     }
 }
 
@@ -453,7 +525,14 @@ fn graph_upload(s: &mut State, req: &Request, up: &str) -> Reply {
     }
     let u = s.uploads.remove(up).unwrap();
     if let Some(d) = s.drafts.get_mut(&u.draft) {
-        d.attachments.push((u.name, u.content_type, u.bytes));
+        d.attachments.push(Attached {
+            name: u.name,
+            content_type: u.content_type,
+            bytes: u.bytes,
+            inline: u.inline,
+            content_id: u.content_id,
+            how: "upload",
+        });
     }
     Ok(ResponseTemplate::new(201))
 }
