@@ -314,6 +314,40 @@ async fn graph_carries_envelope_only_recipients_and_honours_save_to_sent_items()
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);
 }
 
+/// Google's usual 429 has no Retry-After: the account pauses (a minute), as for a 403 rate limit, instead of each
+/// message trying again on its own schedule while the API says too many. `relay queue retry` ends the pause, and
+/// the message goes. The log says what the quota refusal means.
+#[tokio::test]
+async fn a_gmail_429_without_retry_after_pauses_the_account() {
+    let (_idp, api, mut d, dir) = daemon_through_api("google").await;
+    api.script(vec![google_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "rateLimitExceeded",
+        "User-rate limit exceeded",
+    )]);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test"], msg).await;
+    let line = d.wait_log("the provider asked the account to pause");
+    assert!(line.contains("Gmail API 429"), "{line}");
+    assert!(line.contains("fewer requests a minute"), "{line}");
+    let pause = dir.path().join("state/rate/office.pause");
+    assert!(pause.exists(), "the pause is on file");
+    let config = dir.path().join("relay.toml");
+    let out = std::process::Command::new(relay_bin())
+        .args(["queue", "retry", "--all", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = api.sent(1).await;
+    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+}
+
 #[tokio::test]
 async fn graph_throttling_waits_for_retry_after_then_delivers() {
     let (_idp, api, relay) = relay_through_api("microsoft", "").await;

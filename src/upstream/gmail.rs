@@ -658,6 +658,16 @@ fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
                 "Gmail refused the message as malformed (for example a recipient header it cannot read)",
                 Fault::Message,
             )
+        } else if has("dailyLimitExceeded") || has("quotaExceeded") {
+            (
+                "the account used up its daily Gmail sending quota (about 2,000 recipients a day for Workspace, 500 for an @gmail.com mailbox): mail waits and goes again after the pause",
+                Fault::Account,
+            )
+        } else if has("rateLimitExceeded") || has("userRateLimitExceeded") {
+            (
+                "Gmail asks for fewer requests a minute: mail waits and goes again after the pause; set the account's rate = { per_minute = … } if it recurs",
+                Fault::Account,
+            )
         } else if status == 403 {
             (
                 "the Gmail API refused: check that it is enabled in the Google Cloud project and that the mailbox may use it",

@@ -244,7 +244,11 @@ pub fn judge(reply: &Reply, diagnose: Diagnose) -> Outcome {
             };
             Outcome::Throttled(text, reply.wait.unwrap_or(fallback))
         }
-        429 | 503 | 504 => match reply.wait {
+        // Too many requests is about the account whatever the header says: without Retry-After (Google's
+        // usual 429) the account pauses a minute, as for a 403 rate limit, rather than each message trying again
+        // on its own.
+        429 => Outcome::Throttled(text, reply.wait.unwrap_or(Duration::from_secs(60))),
+        503 | 504 => match reply.wait {
             Some(w) => Outcome::Throttled(text, w),
             None => Outcome::Transient(text),
         },
@@ -349,6 +353,15 @@ mod tests {
 
     fn graph_error(code: &str) -> String {
         format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#)
+    }
+
+    #[test]
+    fn too_many_requests_pauses_the_account_with_or_without_retry_after() {
+        assert_eq!(
+            judged(429, "", None),
+            Outcome::Throttled("Graph 429 : ".into(), Duration::from_secs(60))
+        );
+        assert!(matches!(judged(503, "", None), Outcome::Transient(_)));
     }
 
     #[test]
