@@ -1295,7 +1295,8 @@ impl Delivery {
             | Outcome::AuthRejected(r)
             | Outcome::Throttled(r, _)
             | Outcome::Busy { reply: r, .. }
-            | Outcome::Unreachable { reply: r, .. } => account.record(state_dir, "deferred", r),
+            | Outcome::Unreachable { reply: r, .. }
+            | Outcome::Held { reply: r, .. } => account.record(state_dir, "deferred", r),
         }
         match outcome {
             Outcome::Delivered(reply) => {
@@ -1338,6 +1339,9 @@ impl Delivery {
             | Outcome::Busy { reply, .. }
             | Outcome::Unreachable { reply, .. } => {
                 self.defer(id, state, &reply, Some(&account.name))
+            }
+            Outcome::Held { reply, until } => {
+                self.held_back(id, state, &reply, &account.name, until)
             }
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
@@ -1515,6 +1519,25 @@ impl Delivery {
         crate::events::emit(crate::events::Event::Deferred { id, account });
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
+    }
+
+    /// Not tried: the account's fresh token was refused moments ago ([`Outcome::Held`]). The message waits for
+    /// the hold's end without a step of its retry schedule: the mail of an account missing a permission would
+    /// otherwise climb to the schedule's longest steps while it waits, and go hours after the fix. No line of its
+    /// own (the hold was logged when it began), but for debugging.
+    fn held_back(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: &str,
+        until: SystemTime,
+    ) -> Attempted {
+        state.waits(why);
+        state.next_attempt = Some(until);
+        self.record(id, state, "cannot record the wait");
+        tracing::debug!(relay_queue_id = %id, relay_account = %account, until = %humantime::format_rfc3339_seconds(until), "held: the account's token was refused moments ago");
+        Attempted::later(until)
     }
 
     /// Writes the message's state. If that fails, the recipients it finished with are kept in memory, so that

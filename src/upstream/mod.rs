@@ -66,6 +66,13 @@ pub enum Outcome {
         reply: String,
         until: Option<std::time::Instant>,
     },
+    /// Not tried: the upstream refused the account's freshly fetched token a moment ago (an app without the
+    /// permission, a disabled mailbox), and the hold on it lasts until `until`. Not an attempt either: the
+    /// message waits for the hold's end without using a step of its retry schedule.
+    Held {
+        reply: String,
+        until: std::time::SystemTime,
+    },
 }
 
 impl Outcome {
@@ -80,7 +87,8 @@ impl Outcome {
             | Outcome::Permanent(r)
             | Outcome::AuthRejected(r)
             | Outcome::Busy { reply: r, .. }
-            | Outcome::Unreachable { reply: r, .. } => r,
+            | Outcome::Unreachable { reply: r, .. }
+            | Outcome::Held { reply: r, .. } => r,
         }
     }
 }

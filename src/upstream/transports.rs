@@ -349,8 +349,8 @@ impl Transports {
             Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),
         };
-        if let Some(held) = self.held(&token) {
-            return Outcome::AuthRejected(held);
+        if let Some((reply, until)) = self.held_until(&token) {
+            return Outcome::Held { reply, until };
         }
         let first = attempt(token.clone()).await;
         if !matches!(first, Outcome::AuthRejected(_)) {
@@ -416,14 +416,21 @@ impl Transports {
 
     /// Why `token` is not to be tried now, if the upstream refused it moments ago.
     fn held(&self, token: &SecretString) -> Option<String> {
+        self.held_until(token).map(|(why, _)| why)
+    }
+
+    /// [`Self::held`], with when the hold ends.
+    fn held_until(&self, token: &SecretString) -> Option<(String, SystemTime)> {
         let hold = self.auth_hold.lock().ok()?;
         let hold = hold.as_ref()?;
-        (hold.token == token_key(token) && std::time::Instant::now() < hold.until).then(|| {
-            format!(
+        let now = std::time::Instant::now();
+        (hold.token == token_key(token) && now < hold.until).then(|| {
+            let why = format!(
                 "{} (not tried: the upstream refused this account's fresh token less than {} ago)",
                 hold.reply,
                 humantime::format_duration(AUTH_HOLD)
-            )
+            );
+            (why, SystemTime::now() + (hold.until - now))
         })
     }
 
