@@ -413,8 +413,8 @@ async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
         for _ in 0..5 {
             accepted_during_fault(&relay).await;
         }
-        // Every message taken up once: one refused, the others held.
-        relay.attempts_done(5).await;
+        // The first message is refused (with a fresh token too); the others then wait untried for the hold's end.
+        relay.attempts_done(1).await;
         assert_eq!(relay.queued().len(), 5, "{refusal}: all wait");
         let states: Vec<serde_json::Value> = files_in(&relay.state(), "queue")
             .iter()
@@ -431,15 +431,6 @@ async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
         assert_eq!(
             attempts, 1,
             "{refusal}: only the refused message counts a try: {states:?}"
-        );
-        assert!(
-            states
-                .iter()
-                .filter(|s| s["attempts"].as_u64().unwrap_or(0) == 0)
-                .all(|s| s["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("not tried"))),
-            "{refusal}: {states:?}"
         );
         assert!(files_in(&relay.state(), "dead").is_empty(), "{refusal}");
         assert_eq!(

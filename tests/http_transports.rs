@@ -333,6 +333,9 @@ async fn a_gmail_429_without_retry_after_pauses_the_account() {
     assert!(line.contains("fewer requests a minute"), "{line}");
     let pause = dir.path().join("state/rate/office.pause");
     assert!(pause.exists(), "the pause is on file");
+    // The account's next message waits, and its line says why (not "sending limits").
+    send_to(d.addr, &["ops@example.test"], msg).await;
+    d.wait_log("held: the provider asked the account to pause");
     let config = dir.path().join("relay.toml");
     let out = std::process::Command::new(relay_bin())
         .args(["queue", "retry", "--all", "--config"])
@@ -344,8 +347,8 @@ async fn a_gmail_429_without_retry_after_pauses_the_account() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sent = api.sent(1).await;
-    assert_eq!(strip_received(&sent[0].mime), &msg[..]);
+    let sent = api.sent(2).await;
+    assert!(sent.iter().all(|s| strip_received(&s.mime) == &msg[..]));
 }
 
 #[tokio::test]

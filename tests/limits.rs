@@ -363,6 +363,42 @@ async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
     );
 }
 
+/// One account of a route whose upstream refuses its token even fresh (an app without the permission) is held;
+/// the route's other account takes the mail meanwhile, the refused message included, instead of each message
+/// waiting out the hold on the first (and, before, using a step of its retry schedule at each try there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_whose_token_is_refused_leaves_its_routes_mail_to_the_other() {
+    let idp = idp_issuing("tok").await;
+    let first = FakeUpstream::start(&["tok"]).await;
+    first
+        .tokens
+        .lock()
+        .unwrap()
+        .push("REFUSE 535 5.7.3 Authentication unsuccessful".into());
+    let mut second = FakeUpstream::start(&["tok"]).await;
+    let mut relay = route_of_two(&idp, &first, &second, "[queue]\nretry = [\"1s\"]\n").await;
+    for i in 0..4 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    let mut subjects = std::collections::HashSet::new();
+    while subjects.len() < 4 {
+        let got = second.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        subjects.extend(
+            text.lines()
+                .find(|l| l.starts_with("Subject: "))
+                .map(str::to_string),
+        );
+    }
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty());
+    let logins = first.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        logins <= 5,
+        "a login and one with a fresh token per attempt that took a at once, then none: {logins}"
+    );
+}
+
 /// A route naming two accounts spreads its mail over both mailboxes; nothing is lost or sent twice.
 #[tokio::test]
 async fn a_route_naming_two_accounts_splits_the_mail() {

@@ -506,7 +506,7 @@ impl Delivery {
             .map(|a| {
                 let rate = usize::try_from(a.rate.room_for(now, recipients)).unwrap_or(usize::MAX);
                 // An upstream that could not be reached: none while held or tried, one (the probe) after.
-                let reach = match a.transports.reachability(instant) {
+                let reach = match a.transports.ready(instant) {
                     Reachability::Up => usize::MAX,
                     Reachability::Probe => 1,
                     Reachability::Held(_) | Reachability::Probing => 0,
@@ -539,6 +539,7 @@ impl Delivery {
         let mut reach = false;
         for a in self.accounts.values() {
             if a.transports.lift_hold() {
+                reach = true;
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");
             }
             if a.tokens.forget_failed_renewal() {
@@ -600,7 +601,7 @@ impl Delivery {
                 let share = u.recipients_per_day.map_or(0, |limit| {
                     u.recipients_last_24h.saturating_mul(1_000_000) / u64::from(limit.max(1))
                 });
-                let reach = a.transports.reachability(instant);
+                let reach = a.transports.ready(instant);
                 let down = reach != Reachability::Up;
                 let other = kept != Some(n.as_str());
                 Some(((down, other, share, u.recipients_last_24h, i), reach, a))
@@ -926,7 +927,18 @@ impl Delivery {
                         || "a delivery in flight ends".to_string(),
                         |t| humantime::format_rfc3339_seconds(t).to_string(),
                     );
-                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %shown, "held by the account's sending limits");
+                    // A pause the provider asked for (a 429, a used-up day) holds the same way as a limit.
+                    let paused = decision.accounts.iter().any(|name| {
+                        self.accounts
+                            .get(name)
+                            .is_some_and(|a| a.rate.paused(now).is_some())
+                    });
+                    let why = if paused {
+                        "held: the provider asked the account to pause"
+                    } else {
+                        "held by the account's sending limits"
+                    };
+                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %shown, "{why}");
                     wait = Wait::Limit(match (until, expires) {
                         (Some(u), Some(e)) => Some(u.min(e)),
                         (u, e) => u.or(e),
@@ -1184,7 +1196,7 @@ impl Delivery {
             // serves): nobody can ask the session now, and the message is not held back for that account's
             // repair while this one works. (A token that cannot be renewed, or a session that gives no clear
             // answer, defers it: Google's week bounds that.)
-            Outcome::AuthRejected(reply) => {
+            Outcome::AuthRejected(reply) | Outcome::Held { reply, .. } => {
                 tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, relay_upstream_reply = %reply, "the Gmail upload session another account kept for this message cannot be asked: that account's token is refused; this account uploads the message anew; should that session have completed unheard, it goes twice");
                 None
             }
@@ -1340,9 +1352,7 @@ impl Delivery {
             | Outcome::Unreachable { reply, .. } => {
                 self.defer(id, state, &reply, Some(&account.name))
             }
-            Outcome::Held { reply, until } => {
-                self.held_back(id, state, &reply, &account.name, until)
-            }
+            Outcome::Held { reply, .. } => self.held_back(id, &reply, &account.name),
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
             // retry schedule), while another account of its route may take it sooner.
@@ -1521,23 +1531,15 @@ impl Delivery {
         Attempted::later(next)
     }
 
-    /// Not tried: the account's fresh token was refused moments ago ([`Outcome::Held`]). The message waits for
-    /// the hold's end without a step of its retry schedule: the mail of an account missing a permission would
-    /// otherwise climb to the schedule's longest steps while it waits, and go hours after the fix. No line of its
-    /// own (the hold was logged when it began), but for debugging.
-    fn held_back(
-        &self,
-        id: QueueId,
-        state: &mut DeliveryState,
-        why: &str,
-        account: &str,
-        until: SystemTime,
-    ) -> Attempted {
-        state.waits(why);
-        state.next_attempt = Some(until);
-        self.record(id, state, "cannot record the wait");
-        tracing::debug!(relay_queue_id = %id, relay_account = %account, until = %humantime::format_rfc3339_seconds(until), "held: the account's token was refused moments ago");
-        Attempted::later(until)
+    /// Not tried: the account's fresh token was refused moments ago ([`Outcome::Held`]), after this attempt had
+    /// taken the account (the hold is seen before that, by [`Transports::ready`], and the message then waits
+    /// untried for the hold's end, or goes through another account of its route). It is taken up again in a
+    /// moment, to find that: no step of its retry schedule, nothing written, no line but for debugging (the hold
+    /// was logged when it began).
+    fn held_back(&self, id: QueueId, why: &str, account: &str) -> Attempted {
+        tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not tried: the account's token was refused moments ago");
+        let now = SystemTime::now();
+        Attempted::later(now.checked_add(Duration::from_secs(1)).unwrap_or(now))
     }
 
     /// Writes the message's state. If that fails, the recipients it finished with are kept in memory, so that

@@ -143,8 +143,15 @@ async fn handshake(
                     format!("the client did not finish the TLS handshake within {}", humantime::format_duration(limit)),
                 )));
             }
-            _ = seat.evicted() => break Err(std::io::Error::other("evicted during the TLS handshake: listener full")),
-            Ok(_) = shutdown.wait_for(|stop| *stop) => break Err(std::io::Error::other("shutting down during the TLS handshake")),
+            // Ended by relay, not by the client: nothing to log.
+            _ = seat.evicted() => {
+                seat.set_idle(false);
+                return Err(std::io::Error::other("evicted during the TLS handshake: listener full"));
+            }
+            Ok(_) = shutdown.wait_for(|stop| *stop) => {
+                seat.set_idle(false);
+                return Err(std::io::Error::other("shutting down during the TLS handshake"));
+            }
             // The listener came under pressure: the shorter limit, counted from the start.
             Ok(()) = stress.changed(), if !stressed => continue,
         }
@@ -231,7 +238,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut pos = 0;
     let mut out: Vec<u8> = greeting.map(|g| g.to_wire()).unwrap_or_default();
-    let mut body = Vec::with_capacity(READ_BUF + 2);
+    // Taken at the first message's data, not before: an idle or command-only session (a flood of them included)
+    // holds the read buffer alone.
+    let mut body = Vec::new();
     let mut receiving_msg: Option<Receiving> = None;
     let mut refusals_logged = 0;
     let mut shutdown = ctx.shutdown.clone();
@@ -252,6 +261,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         let mut input = &buf[pos..];
         if session.is_receiving_data() {
             body.clear();
+            body.reserve(READ_BUF + 2);
             let progress = session.feed_data(&mut input, &mut body);
             pos = filled - input.len();
             let refused = session.refusal().is_some();

@@ -166,8 +166,10 @@ pub fn rustls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError>
 /// -req` makes without extensions), or an RSA key too short for the crypto library.
 fn unservable(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let version = parsed.version().0 + 1;
-    if version != 3 {
+    // Version 3 is encoded as 2; any other value (up to u32::MAX in a crafted file) is said as encoded plus one.
+    let encoded = parsed.version().0;
+    if encoded != 2 {
+        let version = u64::from(encoded) + 1;
         return Some(format!(
             "the certificate is X.509 version {version}; TLS needs version 3 (`openssl req -x509` makes one, and `openssl x509 -req` does with `-copy_extensions copy` or `-extfile`)"
         ));

@@ -247,7 +247,14 @@ pub fn judge(reply: &Reply, diagnose: Diagnose) -> Outcome {
         // Too many requests is about the account whatever the header says: without Retry-After (Google's
         // usual 429) the account pauses a minute, as for a 403 rate limit, rather than each message trying again
         // on its own.
-        429 => Outcome::Throttled(text, reply.wait.unwrap_or(Duration::from_secs(60))),
+        429 => {
+            let fallback = if daily {
+                super::QUOTA_PAUSE
+            } else {
+                Duration::from_secs(60)
+            };
+            Outcome::Throttled(text, reply.wait.unwrap_or(fallback))
+        }
         503 | 504 => match reply.wait {
             Some(w) => Outcome::Throttled(text, w),
             None => Outcome::Transient(text),

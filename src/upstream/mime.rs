@@ -91,8 +91,8 @@ pub struct Leaf {
     pub base64: bool,
     /// Its Content-ID, without the angle brackets: what a `cid:` reference in the HTML names.
     pub content_id: Option<String>,
-    /// Shown in the body rather than as an attachment: `Content-Disposition: inline`, or none with a Content-ID
-    /// (an image of a multipart/related HTML body).
+    /// Shown in the body rather than as an attachment: it has a Content-ID (an image a `cid:` of the HTML body
+    /// names), and no `Content-Disposition: attachment`.
     pub inline: bool,
 }
 
@@ -342,10 +342,11 @@ impl<S: Source + ?Sized> Walker<'_, S> {
                         .to_string()
                 })
                 .filter(|id| !id.is_empty());
-            let inline = match p.content_disposition() {
-                Some(d) => d.ctype().eq_ignore_ascii_case("inline"),
-                None => content_id.is_some(),
-            };
+            // Inline only where the body can refer to it: an inline part without a Content-ID (how scanners and
+            // Apple Mail mark attachments) would be hidden by Outlook, which lists no inline part nothing shows.
+            let inline = content_id.is_some()
+                && p.content_disposition()
+                    .is_none_or(|d| d.ctype().eq_ignore_ascii_case("inline"));
             out.push(Leaf {
                 cut: open.start..next.start,
                 body: content,
@@ -428,6 +429,27 @@ mod tests {
                 (Field::Cc, "d@example.test".into()),
             ]
         );
+    }
+
+    #[test]
+    fn only_a_part_the_body_can_name_is_inline() {
+        let part = |headers: &str| {
+            let msg = format!(
+                "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: image/png\r\n{headers}Content-Transfer-Encoding: base64\r\n\r\naGk=\r\n--b--\r\n"
+            );
+            let l = leaves(&msg.as_bytes()).unwrap();
+            (l[0].inline, l[0].content_id.clone())
+        };
+        assert_eq!(
+            part("Content-ID: <logo@x>\r\n"),
+            (true, Some("logo@x".into()))
+        );
+        // Apple Mail and scanners mark attachments inline without a Content-ID: Outlook would hide them.
+        assert_eq!(
+            part("Content-Disposition: inline; filename=\"p.png\"\r\n"),
+            (false, None)
+        );
+        assert!(!part("Content-ID: <logo@x>\r\nContent-Disposition: attachment\r\n").0);
     }
 
     #[test]

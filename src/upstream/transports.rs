@@ -460,15 +460,39 @@ impl Transports {
         let Primary::Smtp(s) = &self.primary else {
             return super::smtp::Reachability::Up;
         };
-        let graph_now = self.fallback.is_some()
-            && self.switched.lock().ok().is_some_and(|sw| {
-                sw.as_ref()
-                    .is_some_and(|sw| SystemTime::now() < sw.smtp_tried + SMTP_RETRY)
-            });
-        if graph_now {
+        if self.graph_now() {
             return super::smtp::Reachability::Up;
         }
         s.reachability(now)
+    }
+
+    /// Whether the account's mail goes through Graph now (switched, its daily SMTP try not due).
+    fn graph_now(&self) -> bool {
+        self.fallback.is_some()
+            && self.switched.lock().ok().is_some_and(|sw| {
+                sw.as_ref()
+                    .is_some_and(|sw| SystemTime::now() < sw.smtp_tried + SMTP_RETRY)
+            })
+    }
+
+    /// Whether the account's mail may go now: [`Self::reachability`], and no hold after its fresh token was
+    /// refused. Held, the account is as if down: its mail waits untried (no attempt, no state written), or goes
+    /// through another account of its route.
+    pub fn ready(&self, now: std::time::Instant) -> super::smtp::Reachability {
+        // The hold is on the primary transport's token; mail going through Graph instead does not meet it.
+        if self.graph_now() {
+            return super::smtp::Reachability::Up;
+        }
+        let held = self
+            .auth_hold
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().map(|h| h.until))
+            .filter(|until| now < *until);
+        match held {
+            Some(until) => super::smtp::Reachability::Held(until),
+            None => self.reachability(now),
+        }
     }
 
     /// While the account's mail waits for an SMTP upstream that does not answer (see [`Self::reachability`]):
@@ -614,7 +638,10 @@ fn token_trouble(e: TokenError) -> Outcome {
 /// supported for this mailbox.
 fn smtp_auth_off(out: &Outcome) -> bool {
     match out {
-        Outcome::AuthRejected(r) | Outcome::Permanent(r) | Outcome::Transient(r) => {
+        Outcome::AuthRejected(r)
+        | Outcome::Permanent(r)
+        | Outcome::Transient(r)
+        | Outcome::Held { reply: r, .. } => {
             r.contains("5.7.139") || (r.contains("550") && r.contains("5.7.30"))
         }
         _ => false,
