@@ -316,6 +316,23 @@ async fn a_held_message_expires_on_time() {
     t.end();
 }
 
+/// Sends four messages (m0 to m3) and waits until `upstream` got all four.
+async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
+    for i in 0..4 {
+        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
+    }
+    let mut subjects = std::collections::HashSet::new();
+    while subjects.len() < 4 {
+        let got = upstream.next().await;
+        let text = String::from_utf8_lossy(&got.data).into_owned();
+        subjects.extend(
+            text.lines()
+                .find(|l| l.starts_with("Subject: "))
+                .map(str::to_string),
+        );
+    }
+}
+
 /// One account of a route whose provider says its daily quota is used up is paused; the route's other account
 /// takes its mail meanwhile, the refused message included (at its next try), and nothing goes to dead/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,19 +343,7 @@ async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
         "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
     let mut second = FakeUpstream::start(&["tok"]).await;
     let mut relay = route_of_two(&idp, &first, &second, "[queue]\nretry = [\"1s\"]\n").await;
-    for i in 0..4 {
-        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
-    }
-    let mut subjects = std::collections::HashSet::new();
-    while subjects.len() < 4 {
-        let got = second.next().await;
-        let text = String::from_utf8_lossy(&got.data).into_owned();
-        let subject = text
-            .lines()
-            .find(|l| l.starts_with("Subject: "))
-            .map(str::to_string);
-        subjects.extend(subject);
-    }
+    four_sent_all_through(&relay, &mut second).await;
     relay.drained().await;
     assert!(files_in(&relay.state(), "dead").is_empty());
     let tried_on_a = || {
@@ -377,19 +382,7 @@ async fn an_account_whose_token_is_refused_leaves_its_routes_mail_to_the_other()
         .push("REFUSE 535 5.7.3 Authentication unsuccessful".into());
     let mut second = FakeUpstream::start(&["tok"]).await;
     let mut relay = route_of_two(&idp, &first, &second, "[queue]\nretry = [\"1s\"]\n").await;
-    for i in 0..4 {
-        send_to(relay.addr(), &["ops@example.com"], &format!("m{i}")).await;
-    }
-    let mut subjects = std::collections::HashSet::new();
-    while subjects.len() < 4 {
-        let got = second.next().await;
-        let text = String::from_utf8_lossy(&got.data).into_owned();
-        subjects.extend(
-            text.lines()
-                .find(|l| l.starts_with("Subject: "))
-                .map(str::to_string),
-        );
-    }
+    four_sent_all_through(&relay, &mut second).await;
     relay.drained().await;
     assert!(files_in(&relay.state(), "dead").is_empty());
     let logins = first.connections.load(std::sync::atomic::Ordering::SeqCst);
