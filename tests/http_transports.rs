@@ -684,6 +684,42 @@ async fn gmail_resumable_upload_resumes_after_a_server_error_and_never_sends_twi
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// Gmail sends to every address of the headers: one the envelope does not name (a device sending one
+/// transaction per recipient with a shared To:, or mail for that recipient routed through another account) is
+/// taken out of To: and Cc: (Bcc: goes; the envelope's hidden ones come back in relay's own `Bcc:` line), display
+/// names kept. Before, the message went to all of them: each recipient got a copy per transaction.
+#[tokio::test]
+async fn gmail_api_sends_to_the_envelope_not_to_every_header_address() {
+    let (_idp, api, relay) = relay_through_api("google", "").await;
+    let msg = b"From: scanner@lan.test\r\nTo: Only One <only@example.test>, notme@example.test\r\nCc: \"Doe, Jane\" <jane@example.test>,\r\n other@example.test\r\nBcc: secret@example.test\r\nSubject: shared\r\n\r\nhello\r\n";
+    send_to(
+        relay.addr(),
+        &[
+            "only@example.test",
+            "jane@example.test",
+            "hidden@example.test",
+        ],
+        msg,
+    )
+    .await;
+    let sent = api.sent(1).await;
+    let text = String::from_utf8_lossy(&sent[0].mime).into_owned();
+    let head = &text[..text.find("\r\n\r\n").unwrap()];
+    assert!(head.starts_with("Bcc: hidden@example.test\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nTo: Only One <only@example.test>\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\nCc: \"Doe, Jane\" <jane@example.test>\r\n"),
+        "{head}"
+    );
+    for gone in ["notme@", "other@", "secret@"] {
+        assert!(!head.contains(gone), "{gone} still named: {head}");
+    }
+    assert!(text.ends_with("Subject: shared\r\n\r\nhello\r\n"), "{text}");
+}
+
 #[tokio::test]
 async fn gmail_api_media_and_resumable_uploads_and_its_size_limit() {
     let (_idp, api, mut relay) = relay_through_api("google", "").await;

@@ -1,7 +1,9 @@
 //! Delivery through the Gmail API (`users.messages.send`), the queued bytes as raw RFC 5322: a simple media
 //! upload up to 5 MiB, a resumable upload in chunks above that, up to Gmail's 35 MB. Gmail takes the recipients
 //! from the headers: envelope recipients the headers do not name (Bcc) are added as a `Bcc:` line, which Gmail
-//! removes before delivery. A resumable chunk that fails (a server error, no answer) is followed by a status query,
+//! removes before delivery, and header addresses the envelope does not name (mail for them routed through another
+//! account, or already delivered) are taken out of To: and Cc: (as Graph's draft recipients are set from the
+//! envelope). A resumable chunk that fails (a server error, no answer) is followed by a status query,
 //! as Google advises: the upload goes on where the session says, and one the session holds whole was sent.
 //!
 //! The session outlives the attempt: it is kept with the message's delivery state ([`ResumePoint`]) before the
@@ -139,6 +141,11 @@ impl GmailUpstream {
         message: &Outgoing,
         resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
+        // Gmail sends to every address of To:, Cc: and Bcc:, whatever the envelope says.
+        let keep: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+        let narrowed = super::rewrite::narrow_recipients(message.header_block(), &keep)
+            .map(|(head, old)| message.with_head(head, old));
+        let message = narrowed.as_ref().unwrap_or(message);
         let bcc = hidden_recipients(recipients, message.header_block());
         let total = bcc.len() + message.len() as usize;
         let ask_only = resume.is_some_and(|r| r.ask_only());

@@ -183,6 +183,88 @@ pub fn rewrite_header(mailbox: &str, message: &[u8]) -> Result<HeaderChange, Hea
     }))
 }
 
+/// The header block's To:, Cc: and Bcc: fields narrowed to the addresses in `keep` (lowercase), for an upstream
+/// that takes a message's recipients from its headers (the Gmail API): a header address the envelope does not
+/// name (its recipient's mail routed through another account, or already delivered) must not be sent to. To: and
+/// Cc: keep their display names (groups are flattened) and go when nothing is left of them; Bcc: goes (the
+/// transport names what the headers do not in a `Bcc:` line of its own). `None` when every header address is
+/// kept, or the header section cannot be read. Otherwise the new start of the message, and how many bytes of it
+/// that replaces.
+pub fn narrow_recipients(
+    message: &[u8],
+    keep: &std::collections::HashSet<String>,
+) -> Option<(Vec<u8>, usize)> {
+    let fields = header_fields(message).ok()?;
+    let listed = |f: &Field| {
+        [b"to".as_slice(), b"cc", b"bcc"]
+            .iter()
+            .any(|n| f.is(message, n))
+    };
+    let addresses = |f: &Field| -> Vec<(Option<String>, String)> {
+        let mut text = b"To:".to_vec();
+        text.extend_from_slice(&message[f.colon + 1..f.end]);
+        text.extend_from_slice(b"\r\n\r\n");
+        let Some(parsed) = mail_parser::MessageParser::default().parse_headers(&text) else {
+            return Vec::new();
+        };
+        parsed
+            .to()
+            .into_iter()
+            .flat_map(|a| a.iter())
+            .filter_map(|a| {
+                let address = a.address()?.to_string();
+                Some((a.name().map(str::to_string), address))
+            })
+            .collect()
+    };
+    let outside = fields
+        .iter()
+        .filter(|f| listed(f))
+        .flat_map(&addresses)
+        .any(|(_, a)| !keep.contains(&a.to_ascii_lowercase()));
+    if !outside {
+        return None;
+    }
+    let end = fields.last()?.end;
+    let mut head = Vec::with_capacity(end);
+    let mut at = 0;
+    for f in &fields {
+        head.extend_from_slice(&message[at..f.start]);
+        at = f.end;
+        if !listed(f) {
+            head.extend_from_slice(&message[f.start..f.end]);
+            continue;
+        }
+        if f.is(message, b"bcc") {
+            continue;
+        }
+        let kept: Vec<Vec<u8>> = addresses(f)
+            .into_iter()
+            .filter(|(_, a)| keep.contains(&a.to_ascii_lowercase()))
+            .map(|(name, a)| match name.filter(|n| !n.trim().is_empty()) {
+                Some(n) => [
+                    display_name(&n),
+                    b" <".to_vec(),
+                    a.into_bytes(),
+                    b">".to_vec(),
+                ]
+                .concat(),
+                None => a.into_bytes(),
+            })
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
+        head.extend_from_slice(&message[f.start..=f.colon]);
+        head.push(b' ');
+        // One address a line: a long list stays under the line limit.
+        head.extend_from_slice(&kept.join(&b",\r\n "[..]));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(&message[at..end]);
+    Some((head, end))
+}
+
 /// One header field: `message[start..end]`, its line ends included; the name ends before `colon`.
 #[derive(Debug)]
 struct Field {
@@ -438,6 +520,28 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&after),
             String::from_utf8_lossy(&message(to, others)),
+        );
+    }
+
+    #[test]
+    fn header_recipients_are_narrowed_to_the_envelope() {
+        let keep = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        let msg = b"Received: x\r\nTo: A <a@x>, b@x\r\nCC: team: c@x, =?UTF-8?B?w6k=?= <d@x>;\r\nBcc: e@x\r\nSubject: s\r\n\r\nbody\r\n";
+        assert_eq!(
+            narrow_recipients(msg, &keep(&["a@x", "b@x", "c@x", "d@x", "e@x"])),
+            None
+        );
+        let (head, old) = narrow_recipients(msg, &keep(&["a@x", "d@x"])).unwrap();
+        assert_eq!(&msg[old..], b"\r\nbody\r\n");
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "Received: x\r\nTo: A <a@x>\r\nCC: =?UTF-8?B?w6k=?= <d@x>\r\nSubject: s\r\n"
+        );
+        // Nothing of To: left: the field goes.
+        let (head, _) = narrow_recipients(msg, &keep(&["c@x"])).unwrap();
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "Received: x\r\nCC: c@x\r\nSubject: s\r\n"
         );
     }
 
