@@ -351,6 +351,53 @@ async fn a_gmail_429_without_retry_after_pauses_the_account() {
     assert!(sent.iter().all(|s| strip_received(&s.mime) == &msg[..]));
 }
 
+/// `relay test` through Graph meets a token the API refuses (revoked, rotated early) as deliveries do: one renewal,
+/// one more try (before, it failed, and `relay status` said "relay test: failing" while mail flowed). A refusal
+/// whose words carry the transport's advice shows it as the diagnosis, not "relay has no advice".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_test_renews_a_refused_token_and_shows_the_transports_advice() {
+    let idp = common::idp::idp_stale_then_fresh().await;
+    let api = FakeApi::start("fresh", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &through("microsoft", &api),
+    );
+    let config = write_config_with(dir.path(), &t, "address = \"127.0.0.1:0\"\n");
+    let run = || {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            run_bounded(
+                std::process::Command::new(relay_bin())
+                    .args(["test", "office", "--to", "ops@example.test", "--config"])
+                    .arg(&config),
+            )
+        })
+    };
+    let out = run().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("renewing it once and trying again"), "{text}");
+    assert!(text.contains("delivered: Graph 202"), "{text}");
+
+    api.script(vec![graph_error(
+        403,
+        "ErrorAccessDenied",
+        "Access is denied. Check credentials and try again.",
+    )]);
+    let out = run().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "diagnosis: the app may not send from this mailbox: grant it the Mail.Send permission"
+        ),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn graph_throttling_waits_for_retry_after_then_delivers() {
     let (_idp, api, relay) = relay_through_api("microsoft", "").await;

@@ -550,6 +550,48 @@ impl Transports {
             }
         };
         note("access token ready (not shown)");
+        let out = self
+            .probe_once(graph, &token, sender, recipients, message, &transcript)
+            .await;
+        if !matches!(out, Outcome::AuthRejected(_)) {
+            return out;
+        }
+        // As the daemon does: a token revoked or rotated early gets one renewal and one more try.
+        note("the upstream refused the token: renewing it once and trying again");
+        let fresh = match graph {
+            Some((_, scope)) => tokens.scoped_token(scope, true).await,
+            None => tokens
+                .replace_refused(&token, SystemTime::now())
+                .await
+                .map(|(t, _)| t),
+        };
+        match fresh {
+            Ok(t) => {
+                self.probe_once(graph, &t, sender, recipients, message, &transcript)
+                    .await
+            }
+            Err(e) => {
+                note(&format!("no fresh access token: {e}"));
+                out
+            }
+        }
+    }
+
+    /// One try of [`Self::probe`] with `token`, through Graph when `graph` is given (a switched account).
+    async fn probe_once(
+        &self,
+        graph: Option<&(GraphUpstream, String)>,
+        token: &SecretString,
+        sender: &str,
+        recipients: &[String],
+        message: &Outgoing,
+        transcript: &TranscriptHandle,
+    ) -> Outcome {
+        let note = |line: &str| {
+            if let Ok(mut t) = transcript.lock() {
+                t.note(line);
+            }
+        };
         let http = |method_url: String, out: Outcome| {
             if let Ok(mut t) = transcript.lock() {
                 t.client(&method_url);
@@ -561,7 +603,7 @@ impl Transports {
         match (&self.primary, graph) {
             (_, Some((g, _))) | (Primary::Graph(g), None) => {
                 note("through Microsoft Graph");
-                let out = g.send(&token, recipients, message).await;
+                let out = g.send(token, recipients, message).await;
                 http(
                     format!("POST {}/sendMail (or a draft and its send)", g.endpoint()),
                     out,
@@ -570,11 +612,11 @@ impl Transports {
             (Primary::Gmail(g), None) => {
                 note("through the Gmail API");
                 // Nothing kept: a test message is sent once, not queued.
-                let out = g.send(&token, recipients, message, None).await;
+                let out = g.send(token, recipients, message, None).await;
                 http(format!("POST {}", g.endpoint()), out)
             }
             (Primary::Smtp(s), None) => {
-                s.send_traced(&token, sender, recipients, message, transcript.clone())
+                s.send_traced(token, sender, recipients, message, transcript.clone())
                     .await
             }
         }
