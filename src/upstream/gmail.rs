@@ -21,7 +21,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::Outcome;
 use super::http::{
-    Fault, MAX_REPLY_BODY, Reply, bounded_body, client, failed, judge, refusal, streamed, time_for,
+    Fault, MAX_REPLY_BODY, Reply, bounded_body, client, failed, failed_send, judge, refusal,
+    streamed, time_for,
 };
 use super::mime;
 use super::outgoing::Outgoing;
@@ -174,7 +175,10 @@ impl GmailUpstream {
                 .send()
                 .await;
             // No session to ask again: a 2xx cut off is taken as sent.
-            return answer(resp, true).await;
+            return match resp {
+                Err(e) => failed_send("Gmail API", &e),
+                ok => answer(ok, true).await,
+            };
         }
         let upload = Upload {
             gmail: self,

@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::Outcome;
 use super::http::{
-    Fault, MAX_REPLY_BODY, base64_len, client, failed, json_reply, refusal, streamed, streamed_len,
-    time_for,
+    Fault, MAX_REPLY_BODY, base64_len, client, failed, failed_send, json_reply, refusal, streamed,
+    streamed_len, time_for,
 };
 use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
@@ -119,7 +119,7 @@ impl GraphUpstream {
                 .timeout(time_for(0))
                 .send()
                 .await
-                .map_err(|e| failed("Graph", &e))?;
+                .map_err(|e| failed_send("Graph", &e))?;
             if resp.status().as_u16() == 202 {
                 Ok(())
             } else {
@@ -164,7 +164,7 @@ impl GraphUpstream {
                 Outcome::Delivered("Graph 202 Accepted (sendMail)".into())
             }
             Ok(r) => refusal("Graph", r, diagnose).await,
-            Err(e) => failed("Graph", &e),
+            Err(e) => failed_send("Graph", &e),
         }
     }
 

@@ -318,9 +318,55 @@ pub fn failed(service: &str, e: &reqwest::Error) -> Outcome {
     Outcome::Transient(text)
 }
 
+/// [`failed`], for the request that sends the message: a request that got no reply in time may have been taken,
+/// and is said so (it goes again, and may arrive twice, as after an SMTP final dot left unanswered).
+pub fn failed_send(service: &str, e: &reqwest::Error) -> Outcome {
+    match failed(service, e) {
+        Outcome::Transient(text) if e.is_timeout() => Outcome::Transient(format!(
+            "{text} (no reply in time: {service} may have taken the message, which is tried again and may then arrive twice)"
+        )),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A send with no reply in time says the message may have gone; a refused connection does not.
+    #[tokio::test]
+    async fn a_send_without_a_reply_in_time_may_have_gone() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let (_conn, _) = silent.accept().await.unwrap();
+            // Holds the connection open, answering nothing, until the test ends.
+            std::future::pending::<()>().await;
+        });
+        let e = reqwest::Client::new()
+            .post(format!("http://{addr}/sendMail"))
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await
+            .unwrap_err();
+        let Outcome::Transient(text) = failed_send("Graph", &e) else {
+            panic!("not transient");
+        };
+        assert!(text.contains("may have taken the message"), "{text}");
+        held.abort();
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let e = reqwest::Client::new()
+            .post(format!("http://{gone}/sendMail"))
+            .send()
+            .await
+            .unwrap_err();
+        let Outcome::Transient(text) = failed_send("Graph", &e) else {
+            panic!("not transient");
+        };
+        assert!(!text.contains("may have taken"), "{text}");
+    }
 
     #[test]
     fn error_codes_of_both_providers() {
