@@ -398,6 +398,51 @@ async fn relay_test_renews_a_refused_token_and_shows_the_transports_advice() {
     );
 }
 
+/// Mail deferred while the API was in trouble (503s without Retry-After) goes as soon as a delivery goes through
+/// again, as after an SMTP upstream that could not be reached, not at its retry schedule's next step (an hour
+/// here; hours after a long outage).
+#[tokio::test]
+async fn mail_deferred_during_an_api_outage_goes_when_the_api_takes_mail_again() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &through("microsoft", &api),
+    )
+    .replace("retry = [\"1s\"]", "retry = [\"1h\"]");
+    let mut relay = TestRelay::start_with(dir, &t, LISTENER).await;
+    api.script(vec![
+        graph_error(503, "ServiceUnavailable", "Service Unavailable"),
+        graph_error(503, "ServiceUnavailable", "Service Unavailable"),
+    ]);
+    let msg = |n: usize| {
+        format!("From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: m{n}\r\n\r\nhi\r\n")
+            .into_bytes()
+    };
+    for n in 0..2 {
+        send_to(relay.addr(), &["ops@example.test"], &msg(n)).await;
+        relay.attempts_done(n as u64 + 1).await;
+    }
+    // The API is back: the next message goes, and the two deferred for an hour follow at once.
+    send_to(relay.addr(), &["ops@example.test"], &msg(2)).await;
+    let sent = api.sent(3).await;
+    let mut subjects: Vec<String> = sent
+        .iter()
+        .map(|s| {
+            let text = String::from_utf8_lossy(&s.mime).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("Subject: "))
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Subject: m0", "Subject: m1", "Subject: m2"]);
+}
+
 #[tokio::test]
 async fn graph_throttling_waits_for_retry_after_then_delivers() {
     let (_idp, api, relay) = relay_through_api("microsoft", "").await;

@@ -115,6 +115,10 @@ pub struct Transports {
     /// The last refresh of a refused token that failed, and when: the attempts refused before it give up at once
     /// instead of each asking the token endpoint again.
     refresh_failed: Mutex<Option<(SystemTime, String)>>,
+    /// An HTTP API's trouble (no answer, a 5xx, a proxy in the way): since when, and how many attempts met it.
+    api_trouble: Mutex<Option<(std::time::Instant, u32)>>,
+    /// Since when the API was in trouble, once a delivery went through after it (for the scheduler).
+    api_came_back: Mutex<Option<std::time::Instant>>,
 }
 
 /// How long an attempt refused with its token waits for another one's refresh and retry (a whole message sent)
@@ -155,6 +159,8 @@ impl Transports {
             auth_hold: Mutex::new(None),
             retrying: tokio::sync::Mutex::new(()),
             refresh_failed: Mutex::new(None),
+            api_trouble: Mutex::new(None),
+            api_came_back: Mutex::new(None),
         }
     }
 
@@ -219,7 +225,38 @@ impl Transports {
             .send_now(tokens, sender, recipients, message, flags, resume, offered)
             .await;
         self.record_reach();
+        if !matches!(self.primary, Primary::Smtp(_)) {
+            self.note_api(&out, offered.load(Ordering::Relaxed));
+        }
         out
+    }
+
+    /// Follows an HTTP API's trouble, as `smtp/reach.rs` follows an SMTP upstream that does not answer: the first
+    /// delivery after attempts that met it (two or more: one message failing alone, a message the API cannot
+    /// take, is not the API's trouble) says the API is back, and the mail it deferred meanwhile goes at once
+    /// instead of at its retry schedule's next step, hours later after a long outage.
+    fn note_api(&self, out: &Outcome, offered: bool) {
+        let Ok(mut trouble) = self.api_trouble.lock() else {
+            return;
+        };
+        match out {
+            // (Not offered: there was no token; the API was not asked.)
+            Outcome::Transient(_) if offered => {
+                let now = std::time::Instant::now();
+                let (since, n) = trouble.unwrap_or((now, 0));
+                *trouble = Some((since, n.saturating_add(1)));
+            }
+            Outcome::Delivered(_) => {
+                if let Some((since, n)) = trouble.take()
+                    && n >= 2
+                    && let Ok(mut back) = self.api_came_back.lock()
+                {
+                    tracing::info!(relay_account = %self.account, attempts = n, "the account's API takes mail again");
+                    *back = Some(back.map_or(since, |b| b.min(since)));
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Keeps [`Unreachable`]'s file in step with the SMTP upstream: written when it stops answering, removed
@@ -511,7 +548,9 @@ impl Transports {
     pub fn take_came_back(&self) -> Option<std::time::Instant> {
         match &self.primary {
             Primary::Smtp(s) => s.take_came_back(),
-            Primary::Graph(_) | Primary::Gmail(_) => None,
+            Primary::Graph(_) | Primary::Gmail(_) => {
+                self.api_came_back.lock().ok().and_then(|mut b| b.take())
+            }
         }
     }
 
