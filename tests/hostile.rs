@@ -757,3 +757,35 @@ async fn a_handshake_begun_before_the_pressure_gets_the_short_timeout() {
     );
     drop(others);
 }
+
+/// The same on a `tls_compat = "legacy"` (OpenSSL) port: a client that connects and hangs up (a health check) is
+/// not logged as a failed handshake (OpenSSL says an end of file its own way), plain SMTP sent to it is.
+#[tokio::test]
+async fn a_legacy_port_does_not_log_hang_ups_as_failed_handshakes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = implicit_tls_config(dir.path(), "tls_compat = \"legacy\"\n");
+    let mut daemon = Daemon::spawn(&config);
+    for _ in 0..5 {
+        drop(tokio::net::TcpStream::connect(daemon.addr).await.unwrap());
+    }
+    let mut half = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    half.write_all(HALF_A_HELLO).await.unwrap();
+    drop(half);
+    let mut plain = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    plain.write_all(b"EHLO plain.lan\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, plain.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    daemon.wait_log("TLS handshake failed");
+    let all = daemon.terminate_with_log();
+    let failed = all
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .count();
+    assert_eq!(
+        failed, 0,
+        "only the plain client's line, already matched: {all:#?}"
+    );
+}

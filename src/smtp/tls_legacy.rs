@@ -43,12 +43,37 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<SslAcceptor, TlsError> {
 pub async fn accept(acceptor: &SslAcceptor, tcp: TcpStream) -> io::Result<SslStream<TcpStream>> {
     let ssl = Ssl::new(acceptor.context()).map_err(io::Error::other)?;
     let mut stream = SslStream::new(ssl, tcp).map_err(io::Error::other)?;
-    Pin::new(&mut stream)
-        .accept()
-        .await
-        .map_err(|err| match err.into_io_error() {
+    Pin::new(&mut stream).accept().await.map_err(|err| {
+        // A client that hangs up before or during its hello (a health check's connect and close) is an end of
+        // file, as rustls reports it, so that it is not logged as a failed handshake.
+        if hung_up(&err) {
+            return io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during the TLS handshake",
+            );
+        }
+        match err.into_io_error() {
             Ok(io) => io,
             Err(err) => io::Error::other(err.to_string()),
-        })?;
+        }
+    })?;
     Ok(stream)
+}
+
+/// OpenSSL's ways of saying the peer closed mid-handshake: a syscall error without an errno (1.1), or
+/// `SSL_R_UNEXPECTED_EOF_WHILE_READING` (3.0).
+fn hung_up(err: &openssl::ssl::Error) -> bool {
+    const UNEXPECTED_EOF_WHILE_READING: std::ffi::c_int = 294;
+    let syscall_eof = err.code() == openssl::ssl::ErrorCode::SYSCALL
+        && err.io_error().is_none()
+        && err
+            .ssl_error()
+            .is_none_or(|stack| stack.errors().is_empty());
+    let eof_reason = err.ssl_error().is_some_and(|stack| {
+        stack
+            .errors()
+            .iter()
+            .any(|e| e.reason_code() == UNEXPECTED_EOF_WHILE_READING)
+    });
+    syscall_eof || eof_reason
 }
