@@ -96,7 +96,7 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
             .or_else(|| {
                 other
                     .reply()
-                    .split_once(" — ")
+                    .rsplit_once(" — ")
                     .map(|(_, why)| why.to_string())
             }),
     };

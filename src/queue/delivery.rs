@@ -1106,6 +1106,7 @@ impl Delivery {
             },
             _ => slot,
         };
+        account.transports.note_attempt(&outcome, went_out, early);
         if let Some(since) = account.transports.take_came_back() {
             let mut recovered = lock(&self.recovered);
             let at = recovered.entry(account.name.clone()).or_insert(since);

@@ -322,9 +322,12 @@ pub fn failed(service: &str, e: &reqwest::Error) -> Outcome {
 /// and is said so (it goes again, and may arrive twice, as after an SMTP final dot left unanswered).
 pub fn failed_send(service: &str, e: &reqwest::Error) -> Outcome {
     match failed(service, e) {
-        Outcome::Transient(text) if e.is_timeout() => Outcome::Transient(format!(
-            "{text} (no reply in time: {service} may have taken the message, which is tried again and may then arrive twice)"
-        )),
+        // (A connect that timed out sent nothing.)
+        Outcome::Transient(text) if e.is_timeout() && !e.is_connect() => {
+            Outcome::Transient(format!(
+                "{text} (no reply in time: {service} may have taken the message, which is tried again and may then arrive twice)"
+            ))
+        }
         other => other,
     }
 }

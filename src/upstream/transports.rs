@@ -225,23 +225,24 @@ impl Transports {
             .send_now(tokens, sender, recipients, message, flags, resume, offered)
             .await;
         self.record_reach();
-        if !matches!(self.primary, Primary::Smtp(_)) {
-            self.note_api(&out, offered.load(Ordering::Relaxed));
-        }
         out
     }
 
     /// Follows an HTTP API's trouble, as `smtp/reach.rs` follows an SMTP upstream that does not answer: the first
-    /// delivery after attempts that met it (two or more: one message failing alone, a message the API cannot
-    /// take, is not the API's trouble) says the API is back, and the mail it deferred meanwhile goes at once
-    /// instead of at its retry schedule's next step, hours later after a long outage.
-    fn note_api(&self, out: &Outcome, offered: bool) {
+    /// delivery after two or more attempts met it, with nothing delivered between, says the API is back, and the
+    /// mail it deferred meanwhile goes at once instead of at its retry schedule's next step (hours later after a
+    /// long outage). An attempt made early that way does not count towards a trouble: messages the API refuses on
+    /// their own (a 500 for what it cannot take) are woken once, not at every delivery. `offered`: the API was
+    /// asked (no token is not its trouble). Called by delivery with each attempt's outcome.
+    pub fn note_attempt(&self, out: &Outcome, offered: bool, early: bool) {
+        if matches!(self.primary, Primary::Smtp(_)) && !self.graph_now() {
+            return;
+        }
         let Ok(mut trouble) = self.api_trouble.lock() else {
             return;
         };
         match out {
-            // (Not offered: there was no token; the API was not asked.)
-            Outcome::Transient(_) if offered => {
+            Outcome::Transient(_) if offered && !early => {
                 let now = std::time::Instant::now();
                 let (since, n) = trouble.unwrap_or((now, 0));
                 *trouble = Some((since, n.saturating_add(1)));
@@ -546,11 +547,14 @@ impl Transports {
 
     /// Since when the SMTP upstream did not answer, if it answers again since this was last asked.
     pub fn take_came_back(&self) -> Option<std::time::Instant> {
+        // (An SMTP account switched to Graph follows Graph's trouble too.)
+        let api = self.api_came_back.lock().ok().and_then(|mut b| b.take());
         match &self.primary {
-            Primary::Smtp(s) => s.take_came_back(),
-            Primary::Graph(_) | Primary::Gmail(_) => {
-                self.api_came_back.lock().ok().and_then(|mut b| b.take())
-            }
+            Primary::Smtp(s) => match (s.take_came_back(), api) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            Primary::Graph(_) | Primary::Gmail(_) => api,
         }
     }
 
@@ -726,5 +730,39 @@ fn smtp_auth_off(out: &Outcome) -> bool {
             r.contains("5.7.139") || (r.contains("550") && r.contains("5.7.30"))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_api_outage_ends_with_a_delivery_and_lone_refusals_are_woken_once() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let graph = GraphUpstream::new("http://127.0.0.1:9", "m@example.com".into(), true).unwrap();
+        let t = Transports::new("office", dir.path(), Primary::Graph(graph), None);
+        let failed = Outcome::Transient("Graph 503 ServiceUnavailable: down".into());
+        let ok = Outcome::Delivered("Graph 202 Accepted".into());
+        // One failure, then a delivery: one message the API would not take, not an outage.
+        t.note_attempt(&failed, true, false);
+        t.note_attempt(&ok, true, false);
+        assert_eq!(t.take_came_back(), None);
+        // Two, then a delivery: the API is back.
+        t.note_attempt(&failed, true, false);
+        t.note_attempt(&failed, true, false);
+        t.note_attempt(&ok, true, false);
+        assert!(t.take_came_back().is_some());
+        // The messages woken that way fail again: not a new outage to wake them for at the next delivery.
+        t.note_attempt(&failed, true, true);
+        t.note_attempt(&failed, true, true);
+        t.note_attempt(&ok, true, false);
+        assert_eq!(t.take_came_back(), None);
+        // Nothing asked (no token): not the API's trouble.
+        t.note_attempt(&failed, false, false);
+        t.note_attempt(&failed, false, false);
+        t.note_attempt(&ok, true, false);
+        assert_eq!(t.take_came_back(), None);
     }
 }
