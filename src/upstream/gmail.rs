@@ -143,7 +143,7 @@ impl GmailUpstream {
         resume: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         // Gmail sends to every address of To:, Cc: and Bcc:, whatever the envelope says.
-        let keep: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+        let keep: HashSet<String> = recipients.iter().map(|r| mime::address_key(r)).collect();
         let narrowed = super::rewrite::narrow_recipients(message.header_block(), &keep)
             .map(|(head, old)| message.with_head(head, old));
         let message = narrowed.as_ref().unwrap_or(message);
@@ -631,11 +631,11 @@ async fn read(
 fn hidden_recipients(recipients: &[String], message: &[u8]) -> Vec<u8> {
     let named: HashSet<String> = mime::header_recipients(message)
         .into_iter()
-        .map(|(_, a)| a)
+        .map(|(_, a)| mime::address_key(&a))
         .collect();
     let hidden: Vec<&str> = recipients
         .iter()
-        .filter(|r| !named.contains(&r.to_ascii_lowercase()))
+        .filter(|r| !named.contains(&mime::address_key(r)))
         .map(String::as_str)
         .collect();
     if hidden.is_empty() {

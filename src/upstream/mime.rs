@@ -78,6 +78,19 @@ pub fn header_recipients(message: &[u8]) -> Vec<(Field, String)> {
     out
 }
 
+/// An address as compared across the envelope and the headers: lowercase, its domain in ASCII (a header's
+/// `user@bücher.de` is the envelope's `user@xn--bcher-kva.de`).
+pub fn address_key(address: &str) -> String {
+    let lower = address.to_lowercase();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) if !domain.is_ascii() => match idna::domain_to_ascii(domain) {
+            Ok(ascii) => format!("{local}@{ascii}"),
+            Err(_) => lower,
+        },
+        _ => lower,
+    }
+}
+
 /// A leaf part that could go as a separate upload: its bytes, and what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {

@@ -183,7 +183,8 @@ pub fn rewrite_header(mailbox: &str, message: &[u8]) -> Result<HeaderChange, Hea
     }))
 }
 
-/// The header block's To:, Cc: and Bcc: fields narrowed to the addresses in `keep` (lowercase), for an upstream
+/// The header block's To:, Cc: and Bcc: fields narrowed to the addresses in `keep` (as
+/// [`address_key`](super::mime::address_key) gives them), for an upstream
 /// that takes a message's recipients from its headers (the Gmail API): a header address the envelope does not
 /// name (its recipient's mail routed through another account, or already delivered) must not be sent to. To: and
 /// Cc: keep their display names (groups are flattened) and go when nothing is left of them; Bcc: goes (the
@@ -221,7 +222,7 @@ pub fn narrow_recipients(
         .iter()
         .filter(|f| listed(f))
         .flat_map(&addresses)
-        .any(|(_, a)| !keep.contains(&a.to_ascii_lowercase()));
+        .any(|(_, a)| !keep.contains(&super::mime::address_key(&a)));
     if !outside {
         return None;
     }
@@ -238,9 +239,15 @@ pub fn narrow_recipients(
         if f.is(message, b"bcc") {
             continue;
         }
-        let kept: Vec<Vec<u8>> = addresses(f)
+        let all = addresses(f);
+        if all.is_empty() {
+            // Nothing in it reads as an address (a bare group name, text): kept as it is.
+            head.extend_from_slice(&message[f.start..f.end]);
+            continue;
+        }
+        let kept: Vec<Vec<u8>> = all
             .into_iter()
-            .filter(|(_, a)| keep.contains(&a.to_ascii_lowercase()))
+            .filter(|(_, a)| keep.contains(&super::mime::address_key(a)))
             .map(|(name, a)| match name.filter(|n| !n.trim().is_empty()) {
                 Some(n) => [
                     display_name(&n),
@@ -542,6 +549,14 @@ mod tests {
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "Received: x\r\nCC: c@x\r\nSubject: s\r\n"
+        );
+        // A Unicode domain in the header is the envelope's ASCII one; a field with no address stays.
+        let idn =
+            "To: u@b\u{fc}cher.de, v@x\r\nCc: undisclosed-recipients:;\r\n\r\nbody\r\n".as_bytes();
+        let (head, _) = narrow_recipients(idn, &keep(&["u@xn--bcher-kva.de"])).unwrap();
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "To: u@b\u{fc}cher.de\r\nCc: undisclosed-recipients:;\r\n"
         );
     }
 
