@@ -396,9 +396,10 @@ async fn a_late_reply_on_an_idle_connection_is_never_taken_for_the_next_message(
 
 /// An account whose logins keep failing (every AUTH refused, or Microsoft's `530 5.7.57` to MAIL after a 235)
 /// gets one token refresh and one retry; its other messages then wait without logging in again, and none goes
-/// to dead/ (where each would also have been bounced). Their wait is not an attempt: only the message that was
-/// refused uses a step of its retry schedule (before, each held message used one at each of its tries, so that
-/// after hours of a missing permission the mail waited hours more once it was granted).
+/// to dead/ (where each would also have been bounced). Their wait is not an attempt, and neither is the refusal
+/// itself (the account's, not the message's): no message uses a step of its retry schedule (before, each held
+/// message used one at each of its tries, so that after hours of a missing permission the mail waited hours more
+/// once it was granted).
 #[tokio::test]
 async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
     for refusal in [
@@ -429,8 +430,8 @@ async fn refused_logins_hold_the_accounts_mail_instead_of_hammering() {
             .map(|s| s["attempts"].as_u64().unwrap_or(0))
             .sum();
         assert_eq!(
-            attempts, 1,
-            "{refusal}: only the refused message counts a try: {states:?}"
+            attempts, 0,
+            "{refusal}: a refusal of the account's fresh token is the account's, and uses no message's retry step: {states:?}"
         );
         assert!(files_in(&relay.state(), "dead").is_empty(), "{refusal}");
         assert_eq!(
@@ -614,9 +615,10 @@ async fn a_used_up_sending_quota_holds_the_account_instead_of_failing_its_mail()
         let mut daemon = Daemon::spawn(&config);
 
         let first = send_message(daemon.addr, BODY).await;
-        let deferred = daemon.wait_log("relay_event=\"deferred\"");
-        assert!(deferred.contains(&first), "{deferred}");
-        assert!(deferred.contains("relay_diagnosis="), "{deferred}");
+        // The account's pause, not the message's failure: no retry step is used, and the line says why.
+        let paused = daemon.wait_log("the provider asked the account to pause");
+        assert!(paused.contains(&first), "{paused}");
+        assert!(paused.contains("relay_diagnosis="), "{paused}");
         let second = send_message(daemon.addr, BODY).await;
         let held = daemon.wait_log("relay_event=\"held\"");
         assert!(held.contains(&second), "{held}");

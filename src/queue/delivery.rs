@@ -1362,15 +1362,26 @@ impl Delivery {
                 let until = now.checked_add(wait).unwrap_or(now);
                 // `Retry-After: 0` (or a date past) asks for no pause.
                 if !wait.is_zero() && account.rate.pause_until(until, &reply) {
+                    let d = self.diagnosed(&reply, Some(&account.name));
                     tracing::warn!(
                         relay_account = %account.name,
                         relay_queue_id = %id,
                         relay_upstream_reply = %reply,
-                        "the provider asked the account to pause: its mail is held until {}; `relay queue retry` ends every account's pause early",
+                        relay_diagnosis = d.field(),
+                        "the provider asked the account to pause: its mail is held until {}; `relay queue retry` ends every account's pause early{d}",
                         humantime::format_rfc3339_seconds(until)
                     );
                 }
-                self.defer(id, state, &reply, Some(&account.name))
+                if wait.is_zero() {
+                    return self.defer(id, state, &reply, Some(&account.name));
+                }
+                // Its last error says why it waits (`relay queue show`), without counting an attempt.
+                state.waits(&reply);
+                self.record(id, state, "cannot record why the message waits");
+                // The account's throttle, not the message's fault: no step of its retry schedule (it would
+                // otherwise wait that step after the pause ends, or hours after a long one); it waits with the
+                // account's other mail, or goes through another account of its route.
+                self.held_back(id, &reply, &account.name)
             }
         }
     }
@@ -1532,11 +1543,11 @@ impl Delivery {
         Attempted::later(next)
     }
 
-    /// Not tried: the account's fresh token was refused moments ago ([`Outcome::Held`]), after this attempt had
-    /// taken the account (the hold is seen before that, by [`Transports::ready`], and the message then waits
-    /// untried for the hold's end, or goes through another account of its route). It is taken up again in a
-    /// moment, to find that: no step of its retry schedule, nothing written, no line but for debugging (the hold
-    /// was logged when it began).
+    /// Refused for the account's sake, not the message's: its fresh token was refused ([`Outcome::Held`]; the hold
+    /// is seen before an attempt takes the account, by [`Transports::ready`]), or the provider asked the account
+    /// to pause. The message is taken up again in a moment, to wait with the account's other mail for the hold's
+    /// or the pause's end, or to go through another account of its route: no step of its retry schedule, nothing
+    /// written, no line but for debugging (the hold or the pause was logged when it began).
     fn held_back(&self, id: QueueId, why: &str, account: &str) -> Attempted {
         tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not tried: the account's token was refused moments ago");
         let now = SystemTime::now();

@@ -100,6 +100,11 @@ impl DeliveryState {
         self.last_error = Some(capped(why, MAX_ERROR).to_string());
     }
 
+    /// Keeps why the message waits, without counting an attempt (the account was refused, not the message).
+    pub fn waits(&mut self, why: &str) {
+        self.last_error = Some(capped(why, MAX_ERROR).to_string());
+    }
+
     /// Whether this state may have come from a file (anything but "never tried"): a message delivered with it
     /// has a state file to remove, one moved back from `dead/` included (no attempts yet, but a file).
     pub fn may_have_file(&self) -> bool {

@@ -129,7 +129,7 @@ impl GraphUpstream {
         .await;
         match sent {
             Ok(()) => Outcome::Delivered(format!(
-                "Graph 202 Accepted (draft with {} uploaded attachment(s))",
+                "Graph 202 Accepted (draft with {} attachment(s) added separately)",
                 cut.len()
             )),
             Err(outcome) => {

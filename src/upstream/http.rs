@@ -318,14 +318,15 @@ pub fn failed(service: &str, e: &reqwest::Error) -> Outcome {
     Outcome::Transient(text)
 }
 
-/// [`failed`], for the request that sends the message: a request that got no reply in time may have been taken,
-/// and is said so (it goes again, and may arrive twice, as after an SMTP final dot left unanswered).
+/// [`failed`], for the request that sends the message: a request that got no reply (in time, or before its
+/// connection closed) may have been taken, and is said so (it goes again, and may arrive twice, as after an SMTP
+/// final dot left unanswered).
 pub fn failed_send(service: &str, e: &reqwest::Error) -> Outcome {
     match failed(service, e) {
-        // (A connect that timed out sent nothing.)
-        Outcome::Transient(text) if e.is_timeout() && !e.is_connect() => {
+        // (A connect that failed or timed out sent nothing.)
+        Outcome::Transient(text) if !e.is_connect() && !e.is_builder() => {
             Outcome::Transient(format!(
-                "{text} (no reply in time: {service} may have taken the message, which is tried again and may then arrive twice)"
+                "{text} (no reply: {service} may have taken the message, which is tried again and may then arrive twice)"
             ))
         }
         other => other,
@@ -357,6 +358,27 @@ mod tests {
         };
         assert!(text.contains("may have taken the message"), "{text}");
         held.abort();
+        // Read, then closed without a reply: the same.
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closing.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut conn, _) = closing.accept().await.unwrap();
+            let mut got = vec![0u8; 4096];
+            let _ = conn.read(&mut got).await;
+        });
+        let e = reqwest::Client::new()
+            .post(format!("http://{addr}/sendMail"))
+            .body("x")
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap_err();
+        let Outcome::Transient(text) = failed_send("Graph", &e) else {
+            panic!("not transient");
+        };
+        assert!(text.contains("may have taken the message"), "{text}");
+        reader.abort();
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone = closed.local_addr().unwrap();
         drop(closed);

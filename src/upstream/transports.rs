@@ -402,9 +402,11 @@ impl Transports {
         let mut one = tokio::time::timeout(RETRY_WAIT, self.retrying.lock())
             .await
             .ok();
-        // Refused with the token another attempt already refreshed to and was refused with again.
-        if let Some(held) = self.held(&token) {
-            return Outcome::AuthRejected(held);
+        // Refused with the token another attempt already refreshed to and was refused with again. Here and below,
+        // a refusal met under the hold is the account's, not the message's: the message is held (no step of its
+        // retry schedule), and goes through another account of its route if it has one.
+        if let Some((reply, until)) = self.held_until(&token) {
+            return Outcome::Held { reply, until };
         }
         if let Some(failed) = self.refresh_failed_since(refused_at) {
             return Outcome::Transient(failed);
@@ -425,24 +427,40 @@ impl Transports {
                 return Outcome::Transient(why);
             }
         };
-        if let Some(held) = self.held(&fresh) {
-            return Outcome::AuthRejected(held);
+        if let Some((reply, until)) = self.held_until(&fresh) {
+            return Outcome::Held { reply, until };
         }
         let key = token_key(&fresh);
         let second = attempt(fresh).await;
-        match &second {
-            Outcome::AuthRejected(reply) => {
-                tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token)", humantime::format_duration(AUTH_HOLD));
-                self.set_hold(Some(AuthHold {
-                    until: std::time::Instant::now() + AUTH_HOLD,
+        let Outcome::AuthRejected(reply) = second else {
+            self.set_hold(None);
+            return second;
+        };
+        let until = std::time::Instant::now() + AUTH_HOLD;
+        // Two attempts that refreshed together are refused together: the hold is said once.
+        let new = self
+            .auth_hold
+            .lock()
+            .map(|mut h| {
+                let again = h
+                    .as_ref()
+                    .is_some_and(|h| h.token == key && std::time::Instant::now() < h.until);
+                *h = Some(AuthHold {
+                    until,
                     token: key,
                     reply: reply.clone(),
-                }));
-            }
-            _ => self.set_hold(None),
+                });
+                !again
+            })
+            .unwrap_or(true);
+        if new {
+            tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token)", humantime::format_duration(AUTH_HOLD));
         }
         drop(one);
-        second
+        Outcome::Held {
+            reply,
+            until: SystemTime::now() + AUTH_HOLD,
+        }
     }
 
     /// Why a refresh of a refused token failed, if one did after `refused_at`.
@@ -452,12 +470,7 @@ impl Transports {
         (*at >= refused_at).then(|| why.clone())
     }
 
-    /// Why `token` is not to be tried now, if the upstream refused it moments ago.
-    fn held(&self, token: &SecretString) -> Option<String> {
-        self.held_until(token).map(|(why, _)| why)
-    }
-
-    /// [`Self::held`], with when the hold ends.
+    /// Why `token` is not to be tried now, if the upstream refused it moments ago, and when the hold ends.
     fn held_until(&self, token: &SecretString) -> Option<(String, SystemTime)> {
         let hold = self.auth_hold.lock().ok()?;
         let hold = hold.as_ref()?;
