@@ -337,7 +337,23 @@ pub fn failed_send(service: &str, e: &reqwest::Error) -> Outcome {
 mod tests {
     use super::*;
 
-    /// A send with no reply in time says the message may have gone; a refused connection does not.
+    /// What [`failed_send`] says of a POST to `addr` that fails (within `limit`).
+    async fn said_of_a_send_to(addr: std::net::SocketAddr, limit: Duration) -> String {
+        let e = reqwest::Client::new()
+            .post(format!("http://{addr}/sendMail"))
+            .body("x")
+            .timeout(limit)
+            .send()
+            .await
+            .unwrap_err();
+        match failed_send("Graph", &e) {
+            Outcome::Transient(text) => text,
+            other => panic!("not transient: {other:?}"),
+        }
+    }
+
+    /// A send with no reply (in time, or before the connection closed) says the message may have gone; a refused
+    /// connection does not.
     #[tokio::test]
     async fn a_send_without_a_reply_in_time_may_have_gone() {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -347,15 +363,7 @@ mod tests {
             // Holds the connection open, answering nothing, until the test ends.
             std::future::pending::<()>().await;
         });
-        let e = reqwest::Client::new()
-            .post(format!("http://{addr}/sendMail"))
-            .timeout(Duration::from_millis(200))
-            .send()
-            .await
-            .unwrap_err();
-        let Outcome::Transient(text) = failed_send("Graph", &e) else {
-            panic!("not transient");
-        };
+        let text = said_of_a_send_to(addr, Duration::from_millis(200)).await;
         assert!(text.contains("may have taken the message"), "{text}");
         held.abort();
         // Read, then closed without a reply: the same.
@@ -367,29 +375,13 @@ mod tests {
             let mut got = vec![0u8; 4096];
             let _ = conn.read(&mut got).await;
         });
-        let e = reqwest::Client::new()
-            .post(format!("http://{addr}/sendMail"))
-            .body("x")
-            .timeout(Duration::from_secs(20))
-            .send()
-            .await
-            .unwrap_err();
-        let Outcome::Transient(text) = failed_send("Graph", &e) else {
-            panic!("not transient");
-        };
+        let text = said_of_a_send_to(addr, Duration::from_secs(20)).await;
         assert!(text.contains("may have taken the message"), "{text}");
         reader.abort();
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone = closed.local_addr().unwrap();
         drop(closed);
-        let e = reqwest::Client::new()
-            .post(format!("http://{gone}/sendMail"))
-            .send()
-            .await
-            .unwrap_err();
-        let Outcome::Transient(text) = failed_send("Graph", &e) else {
-            panic!("not transient");
-        };
+        let text = said_of_a_send_to(gone, Duration::from_secs(20)).await;
         assert!(!text.contains("may have taken"), "{text}");
     }
 
