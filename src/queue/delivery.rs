@@ -1353,7 +1353,7 @@ impl Delivery {
             | Outcome::Unreachable { reply, .. } => {
                 self.defer(id, state, &reply, Some(&account.name))
             }
-            Outcome::Held { reply, .. } => self.held_back(id, &reply, &account.name),
+            Outcome::Held { reply, .. } => self.held_back(id, state, &reply, &account.name),
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
             // retry schedule), while another account of its route may take it sooner.
@@ -1375,13 +1375,10 @@ impl Delivery {
                 if wait.is_zero() {
                     return self.defer(id, state, &reply, Some(&account.name));
                 }
-                // Its last error says why it waits (`relay queue show`), without counting an attempt.
-                state.waits(&reply);
-                self.record(id, state, "cannot record why the message waits");
                 // The account's throttle, not the message's fault: no step of its retry schedule (it would
                 // otherwise wait that step after the pause ends, or hours after a long one); it waits with the
                 // account's other mail, or goes through another account of its route.
-                self.held_back(id, &reply, &account.name)
+                self.held_back(id, state, &reply, &account.name)
             }
         }
     }
@@ -1546,10 +1543,22 @@ impl Delivery {
     /// Refused for the account's sake, not the message's: its fresh token was refused ([`Outcome::Held`]; the hold
     /// is seen before an attempt takes the account, by [`Transports::ready`]), or the provider asked the account
     /// to pause. The message is taken up again in a moment, to wait with the account's other mail for the hold's
-    /// or the pause's end, or to go through another account of its route: no step of its retry schedule, nothing
-    /// written, no line but for debugging (the hold or the pause was logged when it began).
-    fn held_back(&self, id: QueueId, why: &str, account: &str) -> Attempted {
-        tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not tried: the account's token was refused moments ago");
+    /// or the pause's end, or to go through another account of its route: no step of its retry schedule, and no
+    /// line but for debugging (the hold or the pause was logged when it began). The reply is kept as its last
+    /// error, for `relay queue show` and for the reason it gives should it reach `max_age` this way (a few
+    /// writes a minute at most: the mail that waits untried is not taken up).
+    fn held_back(
+        &self,
+        id: QueueId,
+        state: &mut DeliveryState,
+        why: &str,
+        account: &str,
+    ) -> Attempted {
+        tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not counted as an attempt: the account was refused, not the message");
+        if state.last_error.as_deref() != Some(why) {
+            state.waits(why);
+            self.record(id, state, "cannot record why the message waits");
+        }
         let now = SystemTime::now();
         Attempted::later(now.checked_add(Duration::from_secs(1)).unwrap_or(now))
     }
