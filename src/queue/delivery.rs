@@ -271,6 +271,10 @@ const RECHECK: Duration = Duration::from_secs(30);
 /// (more runners than cores compete with the runtime's thread).
 const SETTLE_RUNNERS: usize = 2;
 
+/// A provider's wait at least this long (a 429's minute, a used-up quota's hour) is the account's pause: the
+/// message that met it uses no step of its retry schedule. A shorter one is deferred as any message is.
+const ACCOUNT_PAUSE: Duration = Duration::from_secs(30);
+
 /// What the scheduler does with a message after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempted {
@@ -1353,7 +1357,19 @@ impl Delivery {
             | Outcome::Unreachable { reply, .. } => {
                 self.defer(id, state, &reply, Some(&account.name))
             }
-            Outcome::Held { reply, .. } => self.held_back(id, state, &reply, &account.name),
+            Outcome::Held { reply, tried, .. } => {
+                if tried {
+                    // It went out and was refused: said as a deferral with its diagnosis (a few a hold at most,
+                    // one per connection), though it counts no attempt.
+                    let d = self.diagnosed(&reply, Some(&account.name));
+                    crate::events::emit(crate::events::Event::Deferred {
+                        id,
+                        account: Some(&account.name),
+                    });
+                    tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "deferred{d} (with the account's mail, not counted as an attempt: the account was refused, not the message)");
+                }
+                self.held_back(id, state, &reply, &account.name)
+            }
             // The provider said how long to wait. It is the account that waits: its other mail would only be
             // refused the same way meanwhile, so all of it is held (the message too, when it comes due on the
             // retry schedule), while another account of its route may take it sooner.
@@ -1372,8 +1388,11 @@ impl Delivery {
                         humantime::format_rfc3339_seconds(until)
                     );
                 }
-                if wait.is_zero() {
-                    return self.defer(id, state, &reply, Some(&account.name));
+                // A short wait (a 503's `Retry-After: 5`) is a server's trouble: the message is deferred as for
+                // any, at least that long, on its retry schedule (retaken at once, a short pause would have it
+                // sent again every second through an outage).
+                if wait < ACCOUNT_PAUSE {
+                    return self.defer_for(id, state, &reply, Some(&account.name), wait);
                 }
                 // The account's throttle, not the message's fault: no step of its retry schedule (it would
                 // otherwise wait that step after the pause ends, or hours after a long one); it waits with the
@@ -1555,8 +1574,11 @@ impl Delivery {
         account: &str,
     ) -> Attempted {
         tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not counted as an attempt: the account was refused, not the message");
-        if state.last_error.as_deref() != Some(why) {
+        // Its recorded next try goes too: a message woken early (its account's upstream back) would otherwise be
+        // taken for not due yet when retaken, and wait for that old step instead of the hold's or pause's end.
+        if state.last_error.as_deref() != Some(why) || state.next_attempt.is_some() {
             state.waits(why);
+            state.next_attempt = None;
             self.record(id, state, "cannot record why the message waits");
         }
         let now = SystemTime::now();

@@ -72,6 +72,8 @@ pub enum Outcome {
     Held {
         reply: String,
         until: std::time::SystemTime,
+        /// The message went out and was refused (with the account's token), rather than not being tried.
+        tried: bool,
     },
 }
 

@@ -134,7 +134,12 @@ struct AuthHold {
     until: std::time::Instant,
     token: blake3::Hash,
     reply: String,
+    /// How long it is: [`AUTH_HOLD`], doubled for each hold that follows soon after the last.
+    length: Duration,
 }
+
+/// The longest an account's mail waits after its fresh token is refused, however often it was before.
+const MAX_AUTH_HOLD: Duration = Duration::from_secs(15 * 60);
 
 impl Transports {
     pub fn new(
@@ -388,7 +393,11 @@ impl Transports {
             Err(e) => return Outcome::Transient(e.to_string()),
         };
         if let Some((reply, until)) = self.held_until(&token) {
-            return Outcome::Held { reply, until };
+            return Outcome::Held {
+                reply,
+                until,
+                tried: false,
+            };
         }
         let first = attempt(token.clone()).await;
         if !matches!(first, Outcome::AuthRejected(_)) {
@@ -406,7 +415,11 @@ impl Transports {
         // a refusal met under the hold is the account's, not the message's: the message is held (no step of its
         // retry schedule), and goes through another account of its route if it has one.
         if let Some((reply, until)) = self.held_until(&token) {
-            return Outcome::Held { reply, until };
+            return Outcome::Held {
+                reply,
+                until,
+                tried: true,
+            };
         }
         if let Some(failed) = self.refresh_failed_since(refused_at) {
             return Outcome::Transient(failed);
@@ -428,7 +441,11 @@ impl Transports {
             }
         };
         if let Some((reply, until)) = self.held_until(&fresh) {
-            return Outcome::Held { reply, until };
+            return Outcome::Held {
+                reply,
+                until,
+                tried: true,
+            };
         }
         let key = token_key(&fresh);
         let second = attempt(fresh).await;
@@ -436,30 +453,38 @@ impl Transports {
             self.set_hold(None);
             return second;
         };
-        let until = std::time::Instant::now() + AUTH_HOLD;
-        // Two attempts that refreshed together are refused together: the hold is said once.
-        let new = self
+        let now = std::time::Instant::now();
+        let mut h = self
             .auth_hold
             .lock()
-            .map(|mut h| {
-                let again = h
-                    .as_ref()
-                    .is_some_and(|h| h.token == key && std::time::Instant::now() < h.until);
-                *h = Some(AuthHold {
-                    until,
-                    token: key,
-                    reply: reply.clone(),
-                });
-                !again
-            })
-            .unwrap_or(true);
-        if new {
-            tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token)", humantime::format_duration(AUTH_HOLD));
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Two attempts that refreshed together are refused together: the hold is said once.
+        let again = h.as_ref().is_some_and(|h| h.token == key && now < h.until);
+        // Refused again soon after a hold ended: the next is twice as long (up to MAX_AUTH_HOLD), so that an
+        // account left without its permission for days does not log in and fail every minute.
+        let length = match h.as_ref() {
+            Some(prev) if again => prev.length,
+            Some(prev) if now < prev.until + prev.length * 2 => {
+                (prev.length * 2).min(MAX_AUTH_HOLD)
+            }
+            _ => AUTH_HOLD,
+        };
+        *h = Some(AuthHold {
+            until: now + length,
+            token: key,
+            reply: reply.clone(),
+            length,
+        });
+        drop(h);
+        if !again {
+            let d = super::diagnosis::Diagnosed::of(&reply, Some(&self.account));
+            tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token){d}", humantime::format_duration(length));
         }
         drop(one);
         Outcome::Held {
             reply,
-            until: SystemTime::now() + AUTH_HOLD,
+            until: SystemTime::now() + length,
+            tried: true,
         }
     }
 
@@ -479,7 +504,7 @@ impl Transports {
             let why = format!(
                 "{} (not tried: the upstream refused this account's fresh token less than {} ago)",
                 hold.reply,
-                humantime::format_duration(AUTH_HOLD)
+                humantime::format_duration(hold.length)
             );
             (why, SystemTime::now() + (hold.until - now))
         })
