@@ -658,6 +658,23 @@ mod tests {
         assert_eq!(c.listeners[0].auth, AuthPolicy::None);
     }
 
+    /// What `relay check` prints for a listener without an allow list that takes mail without a login: the
+    /// loopback network as written (it said `127.0.0.1/8`).
+    #[test]
+    fn the_default_allow_list_is_written_as_networks() {
+        let c = Config::parse(
+            "[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        let shown: Vec<String> = c.listeners[0]
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["127.0.0.0/8", "::1/128"]);
+    }
+
     #[test]
     fn unknown_key_names_line() {
         let e = Config::parse(

@@ -702,7 +702,7 @@ fn any_v6() -> IpNet {
     IpNet::V6(ipnet::Ipv6Net::default())
 }
 fn loopback_v4() -> IpNet {
-    IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8))
+    IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8).trunc())
 }
 fn loopback_v6() -> IpNet {
     IpNet::V6(ipnet::Ipv6Net::new_assert(

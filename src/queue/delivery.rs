@@ -923,7 +923,7 @@ impl Delivery {
                 // not when the window frees, maybe a day later. (Expired already and asking its session: until
                 // the session's week ends, or it would be taken up again at once, and again.)
                 if let Wait::Upstream(at) = wait {
-                    tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached a moment ago");
+                    tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached, or refused its fresh token, a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));
                 }
                 if let Wait::Limit(until) = wait {
