@@ -677,6 +677,17 @@ fn implicit_tls_config(dir: &std::path::Path, more: &str) -> std::path::PathBuf 
     )
 }
 
+/// Plain SMTP sent to an implicit-TLS port; the server answers with a TLS alert, or nothing, and closes.
+async fn plain_smtp_to(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"EHLO plain.lan\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, plain.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+}
+
 /// The first bytes of a ClientHello, whose record header promises more: the server waits for the rest.
 const HALF_A_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
 
@@ -696,13 +707,7 @@ async fn half_finished_tls_handshakes_neither_hold_up_a_stop_nor_flood_the_log()
         drop(tokio::net::TcpStream::connect(daemon.addr).await.unwrap());
     }
     for _ in 0..30 {
-        let mut plain = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-        plain.write_all(b"EHLO plain.lan\r\n").await.unwrap();
-        let mut rest = Vec::new();
-        // The server answers with a TLS alert, or nothing, and closes.
-        let _ = tokio::time::timeout(LIMIT, plain.read_to_end(&mut rest))
-            .await
-            .expect("closed in time");
+        plain_smtp_to(daemon.addr).await;
     }
     daemon.wait_log("more TLS handshakes failed");
     let all = daemon.terminate_with_log();
@@ -762,7 +767,7 @@ async fn a_handshake_begun_before_the_pressure_gets_the_short_timeout() {
 /// not logged as a failed handshake (OpenSSL says an end of file its own way), plain SMTP sent to it is.
 #[tokio::test]
 async fn a_legacy_port_does_not_log_hang_ups_as_failed_handshakes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let config = implicit_tls_config(dir.path(), "tls_compat = \"legacy\"\n");
     let mut daemon = Daemon::spawn(&config);
@@ -772,12 +777,7 @@ async fn a_legacy_port_does_not_log_hang_ups_as_failed_handshakes() {
     let mut half = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
     half.write_all(HALF_A_HELLO).await.unwrap();
     drop(half);
-    let mut plain = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    plain.write_all(b"EHLO plain.lan\r\n").await.unwrap();
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(LIMIT, plain.read_to_end(&mut rest))
-        .await
-        .expect("closed in time");
+    plain_smtp_to(daemon.addr).await;
     daemon.wait_log("TLS handshake failed");
     let all = daemon.terminate_with_log();
     let failed = all

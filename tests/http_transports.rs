@@ -336,17 +336,7 @@ async fn a_gmail_429_without_retry_after_pauses_the_account() {
     // The account's next message waits, and its line says why (not "sending limits").
     send_to(d.addr, &["ops@example.test"], msg).await;
     d.wait_log("held: the provider asked the account to pause");
-    let config = dir.path().join("relay.toml");
-    let out = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", "--all", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    queue_retry(&dir.path().join("relay.toml"), "--all");
     let sent = api.sent(2).await;
     assert!(sent.iter().all(|s| strip_received(&s.mime) == &msg[..]));
 }

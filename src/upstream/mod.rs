@@ -71,7 +71,6 @@ pub enum Outcome {
     /// message waits for the hold's end without using a step of its retry schedule.
     Held {
         reply: String,
-        until: std::time::SystemTime,
         /// The message went out and was refused (with the account's token), rather than not being tried.
         tried: bool,
     },

@@ -392,10 +392,9 @@ impl Transports {
             Ok(t) => t,
             Err(e) => return Outcome::Transient(e.to_string()),
         };
-        if let Some((reply, until)) = self.held_until(&token) {
+        if let Some(reply) = self.held(&token) {
             return Outcome::Held {
                 reply,
-                until,
                 tried: false,
             };
         }
@@ -414,12 +413,8 @@ impl Transports {
         // Refused with the token another attempt already refreshed to and was refused with again. Here and below,
         // a refusal met under the hold is the account's, not the message's: the message is held (no step of its
         // retry schedule), and goes through another account of its route if it has one.
-        if let Some((reply, until)) = self.held_until(&token) {
-            return Outcome::Held {
-                reply,
-                until,
-                tried: true,
-            };
+        if let Some(reply) = self.held(&token) {
+            return Outcome::Held { reply, tried: true };
         }
         if let Some(failed) = self.refresh_failed_since(refused_at) {
             return Outcome::Transient(failed);
@@ -440,12 +435,8 @@ impl Transports {
                 return Outcome::Transient(why);
             }
         };
-        if let Some((reply, until)) = self.held_until(&fresh) {
-            return Outcome::Held {
-                reply,
-                until,
-                tried: true,
-            };
+        if let Some(reply) = self.held(&fresh) {
+            return Outcome::Held { reply, tried: true };
         }
         let key = token_key(&fresh);
         let second = attempt(fresh).await;
@@ -481,11 +472,7 @@ impl Transports {
             tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token){d}", humantime::format_duration(length));
         }
         drop(one);
-        Outcome::Held {
-            reply,
-            until: SystemTime::now() + length,
-            tried: true,
-        }
+        Outcome::Held { reply, tried: true }
     }
 
     /// Why a refresh of a refused token failed, if one did after `refused_at`.
@@ -495,18 +482,17 @@ impl Transports {
         (*at >= refused_at).then(|| why.clone())
     }
 
-    /// Why `token` is not to be tried now, if the upstream refused it moments ago, and when the hold ends.
-    fn held_until(&self, token: &SecretString) -> Option<(String, SystemTime)> {
+    /// Why `token` is not to be tried now, if the upstream refused it moments ago.
+    fn held(&self, token: &SecretString) -> Option<String> {
         let hold = self.auth_hold.lock().ok()?;
         let hold = hold.as_ref()?;
         let now = std::time::Instant::now();
         (hold.token == token_key(token) && now < hold.until).then(|| {
-            let why = format!(
+            format!(
                 "{} (not tried: the upstream refused this account's fresh token less than {} ago)",
                 hold.reply,
                 humantime::format_duration(hold.length)
-            );
-            (why, SystemTime::now() + (hold.until - now))
+            )
         })
     }
 
