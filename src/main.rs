@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use relay::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Secrets};
 use relay::queue::retry::Retry;
+use relay::queue::room::rounded;
 use relay::queue::{Place, QueueEntry, QueueStore};
 use relay::terminal::{printable_lines, printable_str as safe};
 
@@ -463,6 +464,7 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
             "queue": status.queue,
             "accounts": status.accounts,
             "running": status.running,
+            "disk": status.disk,
             "ok": status.ok,
         });
         println!("{doc}");
@@ -485,6 +487,17 @@ fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 "daemon: not running (no `relay serve` holds {}): nothing is accepted or delivered until it starts (`systemctl start relay`; `journalctl -u relay` says why it stopped)",
                 config.state_dir.join(".lock").display()
             );
+        }
+        match &status.disk {
+            Some(d) if d.short => println!(
+                "disk: {} free on the state dir's filesystem{}, under [queue] min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed; queued mail is still delivered",
+                rounded(d.free_bytes),
+                d.free_files
+                    .map_or(String::new(), |f| format!(" ({f} free inodes)")),
+                rounded(d.min_free_space),
+            ),
+            Some(d) => println!("disk: {} free", rounded(d.free_bytes)),
+            None => {}
         }
         print!(
             "queue: {} queued ({} deferred), {} dead",

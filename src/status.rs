@@ -64,6 +64,8 @@ pub struct Status {
     /// A relay (`serve`) holds the state dir: without one, nothing is accepted or delivered, whatever the files
     /// say.
     pub running: bool,
+    /// The state dir's filesystem; `None` when it cannot be read (no state dir yet).
+    pub disk: Option<crate::queue::room::DiskReport>,
     pub ok: bool,
 }
 
@@ -104,7 +106,9 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .map(|a| account_status(config, a))
         .collect();
     let running = crate::queue::relay_runs_on(&config.state_dir);
+    let disk = crate::queue::room::DiskReport::of(&config.state_dir, config.queue.min_free_space.0);
     let ok = !(!running
+        || disk.as_ref().is_some_and(|d| d.short)
         || accounts.is_empty()
         || queue.dead > 0
         || queue.quarantined > 0
@@ -116,6 +120,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         queue,
         accounts,
         running,
+        disk,
         ok,
     })
 }

@@ -199,27 +199,9 @@ async fn unwritable_spool_answers_452_and_keeps_nothing() {
 #[tokio::test]
 async fn full_disk_answers_452_and_leaves_no_partial_file() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&state)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)");
+    let Some(_guard) = tmpfs_state(dir.path(), "256k") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _guard = Unmount(state.clone());
+    };
     // An account whose upstream refuses for now, so that the mail stays on the full disk.
     let idp = idp_issuing("tok").await;
     let mut upstream = FakeUpstream::start(&["tok"]).await;
@@ -228,7 +210,8 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
         dir.path(),
         &idp.uri(),
         &upstream,
-        "[queue]\nretry = [\"1s\"]\n",
+        // No margin: this test is about the write that fails (the margin is the next test's).
+        "[queue]\nretry = [\"1s\"]\nmin_free_space = \"0\"\n",
     );
     let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
     // A small message fits.
@@ -272,6 +255,124 @@ async fn full_disk_answers_452_and_leaves_no_partial_file() {
     assert_eq!(subjects, ["Subject: after", "Subject: fits"]);
     relay.drained().await;
     relay.stop().await;
+}
+
+/// Mounts a tmpfs of `size` as `dir/state`, unmounted when the guard goes. Needs root and mount(2); where the
+/// sandbox forbids it, `None`, and the test says so and checks nothing.
+fn tmpfs_state(dir: &std::path::Path, size: &str) -> Option<Unmount> {
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&state)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)");
+        return None;
+    }
+    Some(Unmount(state))
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The disk fills up: a MAIL whose declared SIZE does not fit, and then any MAIL once less than
+/// `min_free_space` is left, is answered 452 4.3.1 before the client sends its body, with one log line when the
+/// disk becomes short and one when it has room again; what was queued stays, and mail is taken again once space
+/// is freed. Through the binary, on a 4 MiB tmpfs.
+#[test]
+fn a_nearly_full_disk_refuses_mail_at_mail_and_takes_it_again_once_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_guard) = tmpfs_state(dir.path(), "4m") else {
+        return;
+    };
+    let config = write_config_with(
+        dir.path(),
+        "[queue]\nmin_free_space = \"1MiB\"\n",
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut relay = Daemon::spawn(&config);
+    let addr = relay.addr;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = RawClient::ready(addr).await;
+        // 3.5 MB would leave less than the margin on a 4 MiB disk: refused before a byte of it is sent.
+        let reply = c.cmd("MAIL FROM:<a@example.com> SIZE=3500000", 452).await;
+        assert!(reply.starts_with("452 4.3.1 "), "{reply}");
+        c.cmd("RCPT TO:<b@example.com>", 503).await;
+        // A small one fits.
+        c.cmd("MAIL FROM:<a@example.com> SIZE=2000", 250).await;
+        c.cmd("RCPT TO:<b@example.com>", 250).await;
+        c.cmd("DATA", 354).await;
+        c.send(b"Subject: kept\r\n\r\nsmall\r\n.\r\n").await;
+        c.expect(250).await;
+    });
+    let refused = relay.wait_log("command refused");
+    assert!(refused.contains("452 4.3.1"), "{refused}");
+    // Something else fills the disk until less than the margin is left.
+    let filler = dir.path().join("state/filler");
+    std::fs::write(&filler, vec![0u8; 3_400_000]).unwrap();
+    rt.block_on(async {
+        let mut c = RawClient::ready(addr).await;
+        for _ in 0..3 {
+            let reply = c.cmd("MAIL FROM:<a@example.com>", 452).await;
+            assert!(reply.starts_with("452 4.3.1 "), "{reply}");
+        }
+        c.cmd("QUIT", 221).await;
+    });
+    let short = relay.wait_log("relay_event=\"disk_full\"");
+    assert!(
+        short.contains("nearly full") && short.contains("WARN"),
+        "{short}"
+    );
+    // `relay status` says so, and that it needs attention.
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "{doc}");
+    assert_eq!(doc["disk"]["short"], true, "{doc}");
+    let text = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("min_free_space") && text.contains("452 4.3.1"),
+        "{text}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    rt.block_on(async {
+        let mut c = RawClient::ready(addr).await;
+        c.begin_message().await;
+        c.send(b"Subject: after\r\n\r\nsmall\r\n.\r\n").await;
+        c.expect(250).await;
+    });
+    let back = relay.wait_log("relay_event=\"disk_full\"");
+    assert!(back.contains("room again"), "{back}");
+    assert_eq!(status_json(&config).1["disk"]["short"], false);
+    let log = relay.terminate_with_log();
+    // The short disk was said once, not at every refused MAIL.
+    assert!(
+        !log.iter().any(|l| l.contains("relay_event=\"disk_full\"")),
+        "{log:?}"
+    );
+    let subjects: Vec<String> = queued_in(&dir.path().join("state"))
+        .iter()
+        .map(|(_, eml)| String::from_utf8_lossy(eml).into_owned())
+        .collect();
+    assert_eq!(subjects.len(), 2, "{subjects:?}");
+    assert!(subjects.iter().any(|m| m.contains("Subject: kept")));
 }
 
 /// A command line run with umask 000, the most permissive an operator's shell can have.

@@ -470,6 +470,9 @@ pub struct QueueConfig {
     pub retry: Vec<Duration>,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Free space the state dir's filesystem keeps beyond a new message's declared size: below it, MAIL is
+    /// answered 452 4.3.1, so that delivery's own writes (state files, tokens, bounces) still fit.
+    pub min_free_space: ByteSize,
 }
 
 impl Default for QueueConfig {
@@ -478,6 +481,7 @@ impl Default for QueueConfig {
         QueueConfig {
             retry: vec![m(1), m(5), m(15), m(30), m(60), m(120), m(240)],
             max_age: Duration::from_secs(5 * 86400),
+            min_free_space: ByteSize(1 << 20),
         }
     }
 }

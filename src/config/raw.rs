@@ -71,6 +71,7 @@ struct RawQueue {
     #[serde(default, with = "humantime_serde::option")]
     max_age: Option<Duration>,
     retry: Option<Vec<String>>,
+    min_free_space: Option<ByteSize>,
 }
 
 /// Builds errors that all name the same file, and collects them: validation goes on past a mistake, so that one
@@ -322,6 +323,9 @@ impl RawConfig {
                 .map_err(|r| errs.at("queue.max_age", r)))
             {
                 queue.max_age = max_age;
+            }
+            if let Some(min_free) = q.min_free_space {
+                queue.min_free_space = min_free;
             }
         }
 

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod pause;
 pub mod rate;
 pub mod retry;
+pub mod room;
 pub mod route;
 pub mod scheduler;
 pub mod seal;

@@ -69,6 +69,8 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     /// Messages between DATA and their commit, for the committer's wait ([`LINGER`]).
     arriving: Arc<AtomicUsize>,
+    /// Whether a new message may begin (the queue filesystem's free space).
+    room: super::room::Room,
     /// `STATE_DIR/.lock`, held (flock) while the spool is open: a second daemon on the same state dir would
     /// take unsealed files of this one's sessions for leftovers and remove them.
     _lock: File,
@@ -114,6 +116,9 @@ impl Spool {
         let committer_paths = paths.clone();
         let arriving = Arc::new(AtomicUsize::new(0));
         let committer_arriving = arriving.clone();
+        let room = super::room::Room::new(
+            File::open(&paths.queue).map_err(|e| SpoolError::io(&paths.queue, e))?,
+        );
         let lone = LoneFlush::for_dir(&paths.queue);
         tracing::debug!(queue = %paths.queue.display(), ?lone, "how a lone message is flushed");
         std::thread::Builder::new()
@@ -135,6 +140,7 @@ impl Spool {
                 owner,
                 jobs: tx,
                 arriving,
+                room,
                 _lock: lock,
             }),
         })
@@ -142,6 +148,11 @@ impl Spool {
 
     pub fn paths(&self) -> &SpoolPaths {
         &self.inner.paths
+    }
+
+    /// Whether a message of `size` bytes (0: not declared) may begin, leaving `reserve` bytes free.
+    pub fn has_room(&self, size: u64, reserve: u64) -> bool {
+        self.inner.room.admits(size, reserve)
     }
 
     /// Queues a whole message that relay wrote itself (a delivery status notification), without waiting: the

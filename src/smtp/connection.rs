@@ -39,6 +39,8 @@ pub(crate) struct ListenerCtx {
     /// Where messages go, to refuse at DATA one that no account would take; `None` when no account is configured
     /// at all (mail is queued until one is).
     pub routing: Option<Arc<Routing>>,
+    /// `[queue] min_free_space`: the free space a new message must leave on the queue's filesystem.
+    pub min_free_space: u64,
 }
 
 enum Outcome<S> {
@@ -351,6 +353,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         Step::Reply(reply) => out.extend_from_slice(&reply.to_wire()),
                         _ => {}
                     }
+                    continue;
+                }
+                Step::Room(size) => {
+                    let room = ctx.spool.has_room(size, ctx.min_free_space);
+                    let reply = session.room_checked(room);
+                    log_refusal(session, &reply, &mut refusals_logged);
+                    out.extend_from_slice(&reply.to_wire());
                     continue;
                 }
                 Step::StartTls(reply) => {

@@ -242,6 +242,7 @@ impl Listeners {
             abandon: self.abandon.clone(),
             routing: (!config.accounts.is_empty())
                 .then(|| Arc::new(crate::queue::route::Routing::new(config))),
+            min_free_space: config.queue.min_free_space.0,
         }
     }
 }

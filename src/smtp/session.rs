@@ -97,6 +97,9 @@ pub enum Step {
     StartTls(Reply),
     /// Send this 354 reply; the body follows: feed it to [`Session::feed_data`].
     Data(Reply),
+    /// A MAIL command passed every check of the session: see whether the queue has room for a message of this
+    /// many bytes (0 when the client declared no SIZE), then call [`Session::room_checked`].
+    Room(u64),
     /// Send this reply and close the connection.
     Close(Reply),
     /// Every buffered byte is used up: read more.
@@ -535,7 +538,18 @@ impl Session {
             body_8bit: flags & MAIL_BODY_8BITMIME != 0,
             smtputf8: flags & MAIL_SMTPUTF8 != 0,
         });
-        Step::Reply(Reply::new(250, "2.1.0", "Ok"))
+        Step::Room(size)
+    }
+
+    /// The answer to [`Step::Room`]: without room, the transaction does not begin. RFC 1870 section 6.1: 452
+    /// at MAIL, so the client keeps the message and tries later, before it sends a byte of it. Not counted as
+    /// the client's error: the disk is relay's problem.
+    pub fn room_checked(&mut self, room: bool) -> Reply {
+        if room {
+            return Reply::new(250, "2.1.0", "Ok");
+        }
+        self.txn = None;
+        Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
     }
 
     fn rcpt(&mut self, recipient: &str) -> Step {

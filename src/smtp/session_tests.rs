@@ -57,6 +57,8 @@ fn steps(s: &mut Session, input: &[u8]) -> Vec<Step> {
     loop {
         match s.next(&mut input) {
             Step::NeedInput => return out,
+            // The queue has room (the connection code asks the spool).
+            Step::Room(_) => out.push(Step::Reply(s.room_checked(true))),
             step => {
                 let stop = matches!(step, Step::Data(_) | Step::StartTls(_) | Step::Close(_));
                 out.push(step);
@@ -77,6 +79,7 @@ fn codes(steps: &[Step]) -> Vec<String> {
                 format!("{} {}", r.code, r.status.unwrap_or("-"))
             }
             Step::Authenticate(c) => format!("auth {} {}", c.mechanism, c.username),
+            Step::Room(size) => format!("room {size}"),
             Step::NeedInput => "need".into(),
         })
         .collect()
@@ -926,4 +929,30 @@ fn ordinary_clients_are_not_cut_off() {
         );
         store_a_one_line_message(&mut s);
     }
+}
+
+/// A full queue refuses the transaction at MAIL with 452 4.3.1, without counting it as the client's error, and
+/// the next MAIL may begin one; the size the client declared is what the room is asked for.
+#[test]
+fn mail_without_room_in_the_queue_is_refused_for_now() {
+    let mut s = greeted(AuthPolicy::None);
+    let mut input: &[u8] = b"MAIL FROM:<a@example.com> SIZE=900\r\n";
+    assert!(matches!(s.next(&mut input), Step::Room(900)));
+    assert_eq!(codes(&[Step::Reply(s.room_checked(false))]), ["452 4.3.1"]);
+    assert_eq!(
+        codes(&steps(&mut s, b"RCPT TO:<b@example.com>\r\n")),
+        ["503 5.5.1"]
+    );
+    for _ in 0..20 {
+        let mut input: &[u8] = b"MAIL FROM:<a@example.com>\r\n";
+        assert!(matches!(s.next(&mut input), Step::Room(0)));
+        assert_eq!(codes(&[Step::Reply(s.room_checked(false))]), ["452 4.3.1"]);
+    }
+    assert_eq!(
+        codes(&steps(
+            &mut s,
+            b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+        )),
+        ["250 2.1.0", "250 2.1.5", "354 2.0.0"]
+    );
 }
