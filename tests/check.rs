@@ -129,6 +129,24 @@ fn a_private_key_others_may_write_is_refused_in_those_words() {
     );
 }
 
+/// The group may read it (0640, for a service user in the file's group) but not change it: 0660 is refused.
+#[test]
+fn a_private_key_its_group_may_write_is_refused_in_those_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = good_key(dir.path());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let config = app_config(dir.path(), key.to_str().unwrap());
+    let err = both_refuse(
+        &config,
+        "account[0].private_key_file",
+        "is writable by its group (mode 0660)",
+    );
+    assert!(
+        err.contains(&format!("chmod 640 {}", key.display())),
+        "{err}"
+    );
+}
+
 /// A secret file not yet filled in would go to the provider as an empty secret, and fail there in its words.
 #[test]
 fn an_empty_secret_file_is_refused() {

@@ -634,21 +634,24 @@ fn check_key_mode(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-/// The standard for secret files: 0640 or stricter, nothing for others.
+/// The standard for secret files: 0640 or stricter, nothing for others and no writing by the group.
 fn refuse_readable_by_others(
     path: &std::path::Path,
     meta: &std::fs::Metadata,
 ) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 == 0 {
+    if mode & 0o027 == 0 {
         return Ok(());
     }
     let what = if mode & 0o004 != 0 {
         "readable by others"
-    } else {
+    } else if mode & 0o007 != 0 {
         // 0602, 0601: others cannot read it, but may replace or run it, which a secret must not allow either.
         "open to others"
+    } else {
+        // 0660: anyone in the file's group could put their own key or secret in its place.
+        "writable by its group"
     };
     Err(format!(
         "{} is {what} (mode {mode:04o}); run `chmod 640 {}`",
