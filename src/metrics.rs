@@ -54,6 +54,9 @@ pub struct Metrics {
     queue: IntGaugeVec,
     oldest: IntGauge,
     token_expiry: IntGaugeVec,
+    /// No labels; absent when the figures cannot be read (never a 0 that would look like a full disk).
+    free_bytes: IntGaugeVec,
+    free_files: IntGaugeVec,
     pub alerts: IntCounterVec,
     pub alerts_dropped: IntCounter,
     pub bounces: IntCounter,
@@ -160,6 +163,22 @@ impl Metrics {
                     "relay_token_expiry_seconds",
                     "Seconds until the account's access token expires (negative once expired); absent before its first token.",
                     &["account"],
+                ),
+            ),
+            free_bytes: reg(
+                &registry,
+                gauges(
+                    "relay_state_dir_free_bytes",
+                    "Free space on the state dir's filesystem (blocks reserved for root not counted); under [queue] min_free_space, new mail is refused with 452.",
+                    &[],
+                ),
+            ),
+            free_files: reg(
+                &registry,
+                gauges(
+                    "relay_state_dir_free_inodes",
+                    "Free inodes on the state dir's filesystem; absent where it has no fixed number.",
+                    &[],
                 ),
             ),
             alerts: reg(
@@ -318,6 +337,19 @@ impl Metrics {
             };
             self.token_expiry.with_label_values(&[account]).set(secs);
         }
+        self.free_bytes.reset();
+        self.free_files.reset();
+        if let Some(free) = snapshot.free {
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.free_bytes
+                .with_label_values(&[] as &[&str])
+                .set(gauge(free.bytes));
+            if let Some(files) = free.files {
+                self.free_files
+                    .with_label_values(&[] as &[&str])
+                    .set(gauge(files));
+            }
+        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "cannot encode the metrics");
@@ -365,6 +397,8 @@ pub struct Snapshot {
     pub census: Census,
     /// Each configured account that has tokens: when its access token expires.
     pub tokens: Vec<(String, SystemTime)>,
+    /// The state dir's filesystem, when its figures could be read.
+    pub free: Option<crate::queue::room::Free>,
 }
 
 /// Reads the state dir at most once per [`SNAPSHOT_TTL`], whoever asks.
@@ -408,6 +442,7 @@ impl StateReader {
                 Arc::new(Snapshot {
                     census: Census::default(),
                     tokens: Vec::new(),
+                    free: None,
                 })
             })
     }
@@ -433,9 +468,14 @@ impl StateReader {
                 Some((a.clone(), t.expires_at))
             })
             .collect();
+        let paths = SpoolPaths::new(&self.state_dir);
+        let free = std::fs::File::open(&paths.queue)
+            .and_then(|dir| crate::queue::room::Free::of(&dir))
+            .ok();
         let snapshot = Arc::new(Snapshot {
-            census: Census::take(&SpoolPaths::new(&self.state_dir)),
+            census: Census::take(&paths),
             tokens,
+            free,
         });
         *last = Some((Instant::now(), snapshot.clone()));
         snapshot
@@ -609,7 +649,16 @@ mod tests {
                 "office".into(),
                 SystemTime::now() + Duration::from_secs(100),
             )],
+            free: Some(crate::queue::room::Free {
+                bytes: 5 << 30,
+                files: None,
+            }),
         });
+        assert!(
+            text.contains("relay_state_dir_free_bytes 5368709120"),
+            "{text}"
+        );
+        assert!(!text.contains("relay_state_dir_free_inodes "), "{text}");
         assert!(
             text.contains("relay_queue_messages{state=\"queued\"} 2"),
             "{text}"
@@ -651,6 +700,7 @@ mod tests {
         let empty = Snapshot {
             census: Census::default(),
             tokens: Vec::new(),
+            free: None,
         };
         let text = m.render(&empty);
         assert!(
@@ -691,6 +741,7 @@ mod tests {
         let text = m.render(&Snapshot {
             census: Census::default(),
             tokens: Vec::new(),
+            free: None,
         });
         assert_eq!(
             accounts_shown(&text, "churn-"),

@@ -252,6 +252,7 @@ async fn the_endpoint_shows_queue_depth_deliveries_by_account_token_expiry_and_l
     assert_eq!(at("relay_queue_messages{state=\"dead\"}"), 1.0);
     assert_eq!(at("relay_queue_messages{state=\"quarantined\"}"), 0.0);
     assert!(at("relay_queue_oldest_age_seconds") < 60.0);
+    assert!(at("relay_state_dir_free_bytes") > 0.0);
     assert_eq!(at("relay_messages_accepted_total"), 4.0);
     assert_eq!(
         at("relay_deliveries_total{account=\"good\",result=\"delivered\"}"),
