@@ -77,6 +77,7 @@ fn alert_setup(config: &Config, c: &AlertsConfig, accounts: &[Arc<Account>]) -> 
     Setup {
         config: c.clone(),
         hostname: config.hostname.clone(),
+        min_free_space: config.queue.min_free_space.0,
         accounts: accounts
             .iter()
             .filter_map(|a| {

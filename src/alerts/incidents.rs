@@ -12,6 +12,7 @@
 //! | `credential_expiring` | 30, 7, 1 days ahead, expired (each a new notice) | the date is more than 30 days off again |
 //! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried) | `dead_window` without another |
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
+//! | `disk_full` | the state dir's filesystem has less than `[queue] min_free_space` left: new mail is refused | it has room again |
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -29,6 +30,7 @@ pub enum Kind {
     CredentialExpiring,
     Dead,
     QueueAge,
+    DiskFull,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::CredentialExpiring => "credential_expiring",
             Kind::Dead => "dead",
             Kind::QueueAge => "queue_age",
+            Kind::DiskFull => "disk_full",
         }
     }
 }
@@ -154,7 +157,7 @@ impl Tracker {
             Kind::AuthorizationNeeded | Kind::TokenRefreshFailed => accounts.contains(subject),
             Kind::CredentialExpiring => credentials.contains(subject),
             // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
-            Kind::Dead | Kind::QueueAge => true,
+            Kind::Dead | Kind::QueueAge | Kind::DiskFull => true,
         });
         self.changed |= self.open.len() != before;
         self.failures.retain(|a, _| accounts.contains(a));
@@ -235,6 +238,30 @@ impl Tracker {
                 });
             }
             Event::Accepted { .. } | Event::Deferred { .. } | Event::RecipientsRefused { .. } => {}
+        }
+        out
+    }
+
+    /// Now and then: the state dir's free space (`None` when it could not be read: nothing opens or closes).
+    pub fn disk(
+        &mut self,
+        now: SystemTime,
+        report: Option<&crate::queue::room::DiskReport>,
+    ) -> Vec<Notice> {
+        let mut out = Vec::new();
+        let Some(d) = report else {
+            return out;
+        };
+        let free = d.described();
+        if d.short {
+            let margin = crate::queue::room::rounded(d.min_free_space);
+            self.opening(Kind::DiskFull, QUEUE, now, None, &mut out, || {
+                format!("the state dir's filesystem has {free}, under [queue] min_free_space ({margin}): new mail is refused with 452 4.3.1 until space is freed (devices keep it and try again). Queued mail is still delivered; free space on that filesystem.")
+            });
+        } else {
+            self.closing(Kind::DiskFull, QUEUE, now, &mut out, |_| {
+                format!("the state dir's filesystem has room again ({free}): new mail is taken.")
+            });
         }
         out
     }
@@ -417,6 +444,35 @@ mod tests {
 
     fn states(n: &[Notice]) -> Vec<(String, State)> {
         n.iter().map(|n| (n.incident.clone(), n.state)).collect()
+    }
+
+    #[test]
+    fn a_full_disk_is_one_incident_until_it_has_room_again() {
+        use crate::queue::room::{DiskReport, Free};
+        let mut t = tracker();
+        let report = |bytes: u64| {
+            DiskReport::new(
+                Free {
+                    bytes,
+                    files: Some(1000),
+                },
+                1 << 20,
+            )
+        };
+        assert!(t.disk(at(0), Some(&report(5 << 20))).is_empty());
+        let opened = t.disk(at(10), Some(&report(1000)));
+        assert_eq!(
+            states(&opened),
+            [("disk_full:queue".to_string(), State::Open)]
+        );
+        assert!(opened[0].text.contains("452 4.3.1"), "{}", opened[0].text);
+        assert!(t.disk(at(20), Some(&report(10))).is_empty());
+        assert!(t.disk(at(25), None).is_empty(), "unreadable: no change");
+        let closed = t.disk(at(30), Some(&report(9 << 20)));
+        assert_eq!(
+            states(&closed),
+            [("disk_full:queue".to_string(), State::Recovered)]
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::AlertsConfig;
 use crate::events::{Event, Watcher};
 use crate::metrics::StateReader;
 use crate::oauth::expiry::Expiry;
+use crate::queue::room::DiskReport;
 pub use incidents::{Incident, Kind, Notice, State, Tracker};
 pub use notify::{MailAccount, Notifier};
 
@@ -50,6 +51,8 @@ pub struct Setup {
     pub accounts: Vec<MailAccount>,
     /// The configured accounts' dated credentials (client secrets, certificates).
     pub expiries: Vec<(String, Expiry)>,
+    /// `[queue] min_free_space`: the `disk_full` incident's threshold.
+    pub min_free_space: u64,
 }
 
 impl Setup {
@@ -215,12 +218,14 @@ pub async fn run(
                 let found = {
                     let mut t = alerts.tracker();
                     let setup = alerts.current();
-                    t.tick(
-                        SystemTime::now(),
-                        c.oldest_age(),
-                        c.queued + c.deferred,
-                        &setup.expiries,
-                    )
+                    let now = SystemTime::now();
+                    let disk = snapshot
+                        .free
+                        .map(|f| DiskReport::new(f, setup.min_free_space));
+                    let mut found =
+                        t.tick(now, c.oldest_age(), c.queued + c.deferred, &setup.expiries);
+                    found.extend(t.disk(now, disk.as_ref()));
+                    found
                 };
                 alerts.announce(found);
                 save(&alerts).await;

@@ -77,12 +77,25 @@ impl DiskReport {
     /// The figures of the filesystem holding `dir`; `None` when they cannot be read (no state dir yet).
     pub fn of(dir: &std::path::Path, min_free_space: u64) -> Option<DiskReport> {
         let free = Free::of(&File::open(dir).ok()?).ok()?;
-        Some(DiskReport {
+        Some(DiskReport::new(free, min_free_space))
+    }
+
+    pub fn new(free: Free, min_free_space: u64) -> DiskReport {
+        DiskReport {
             free_bytes: free.bytes,
             free_files: free.files,
             min_free_space,
             short: free.is_short(min_free_space),
-        })
+        }
+    }
+
+    /// The free space in words, inodes too when they are what is short.
+    pub fn described(&self) -> String {
+        let files = match self.free_files {
+            Some(f) if f < MIN_FREE_FILES => format!(" and {f} free inodes"),
+            _ => String::new(),
+        };
+        format!("{} free{files}", rounded(self.free_bytes))
     }
 }
 
