@@ -1198,3 +1198,53 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     }
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// The upstream refuses the account's token (revoked) and the token endpoint refuses the client too
+/// (`invalid_client`: a secret that expired): the first refused message asks for a new token once, and the
+/// messages after it take that answer for a while instead of each asking again. With `flow = "password"` each ask
+/// is a failed sign-in that a lockout policy counts. Every message stays queued.
+#[tokio::test]
+async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_per_message() {
+    let idp = MockServer::start().await;
+    answer_token_requests(
+        &idp,
+        ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": "invalid_client",
+            "error_description": "AADSTS7000222: The provided client secret keys are expired."
+        })),
+    )
+    .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream
+        .tokens
+        .lock()
+        .unwrap()
+        .push("REFUSE 535 5.7.3 Authentication unsuccessful".into());
+    let dir = tempfile::tempdir().unwrap();
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "office",
+        "tok",
+        Duration::from_secs(3600),
+    );
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "max_connections = 1\n[queue]\nretry = [\"1h\"]\n",
+    );
+    let mut relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    for _ in 0..3 {
+        accepted_during_fault(&relay).await;
+    }
+    relay.attempts_done(3).await;
+    assert_eq!(relay.queued().len(), 3);
+    let asked = idp.received_requests().await.unwrap_or_default().len();
+    assert_eq!(asked, 1, "token requests for three refused messages");
+    relay.stop().await;
+}

@@ -144,12 +144,7 @@ impl AccountTokens {
         {
             return Ok(t.access_token.clone());
         }
-        let recent = self
-            .failed_lock()
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < RENEW_RETRY)
-            .map(|(_, why)| why.clone());
-        if let Some(why) = recent {
+        if let Some(why) = self.recent_failure() {
             return match &state.tokens {
                 Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
                     Ok(t.access_token.clone())
@@ -158,12 +153,7 @@ impl AccountTokens {
             };
         }
         let renewed = self.refresh_locked(&mut state).await;
-        *self.failed_lock() = match &renewed {
-            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
-                Some((std::time::Instant::now(), e.to_string()))
-            }
-            _ => None,
-        };
+        self.note_renewal(&renewed);
         match renewed {
             // The renewal window opens well before expiry: while the old token is still good, a failed renewal
             // need not hold up mail, whatever the failure (the endpoint down, a proxy's page, a reply not
@@ -177,6 +167,25 @@ impl AccountTokens {
             },
             other => other,
         }
+    }
+
+    /// The words of a renewal that failed less than [`RENEW_RETRY`] ago, to be taken instead of asking again.
+    fn recent_failure(&self) -> Option<String> {
+        self.failed_lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < RENEW_RETRY)
+            .map(|(_, why)| why.clone())
+    }
+
+    /// Remembers how a renewal that deliveries asked for went (see [`RENEW_RETRY`]); a dead grant is not
+    /// remembered here: it is marked in the tokens themselves.
+    fn note_renewal<T>(&self, renewed: &Result<T, TokenError>) {
+        *self.failed_lock() = match renewed {
+            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
+                Some((std::time::Instant::now(), e.to_string()))
+            }
+            _ => None,
+        };
     }
 
     fn failed_lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, String)>> {
@@ -221,7 +230,14 @@ impl AccountTokens {
         {
             return Ok((t.access_token.clone(), false));
         }
-        self.refresh_locked(&mut state).await.map(|t| (t, true))
+        // A renewal failed moments ago (the token endpoint refuses the client's secret, say): each refused
+        // message would otherwise ask again, and with `flow = "password"` each ask is a failed sign-in.
+        if let Some(why) = self.recent_failure() {
+            return Err(TokenError::RecentlyFailed(why));
+        }
+        let renewed = self.refresh_locked(&mut state).await;
+        self.note_renewal(&renewed);
+        renewed.map(|t| (t, true))
     }
 
     /// A token for `scope` from the account's grant (the stored refresh token, or the client's credentials),
