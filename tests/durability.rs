@@ -385,6 +385,63 @@ async fn a_nearly_full_disk_refuses_mail_at_mail_and_takes_it_again_once_freed()
     assert!(subjects.iter().any(|m| m.contains("Subject: kept")));
 }
 
+/// The disk fills after a message was queued, so its deferrals cannot be written: its retries still back off
+/// along the schedule (the attempts are kept in memory), instead of each reading "never tried" from its file
+/// and waiting the first step again, for ever. Through the binary, on a full tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferrals_that_cannot_be_written_still_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_guard) = tmpfs_state(dir.path(), "2m") else {
+        return;
+    };
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1s\", \"1s\", \"1s\", \"1s\", \"1h\"]\nmin_free_space = \"0\"\n",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut relay = Daemon::spawn(&config);
+    let id = send_message(relay.addr, b"Subject: waits\r\n\r\nbody\r\n").await;
+    relay.wait_log("relay_event=\"deferred\"");
+    // Something else takes every byte left.
+    let filled = std::fs::write(dir.path().join("state/filler"), vec![0u8; 4 << 20]);
+    assert!(filled.is_err(), "the tmpfs is full");
+    relay.wait_log("cannot record the deferral");
+    // Within the five steps, a deferral an hour ahead.
+    let mut waits = Vec::new();
+    loop {
+        let line = relay.wait_log("relay_event=\"deferred\"");
+        assert!(line.contains(&id), "{line}");
+        let next = line
+            .split("next_attempt=")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .unwrap_or_else(|| panic!("no next_attempt in {line}"));
+        let wait = next
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        waits.push(wait.as_secs());
+        if wait > std::time::Duration::from_secs(1800) {
+            break;
+        }
+        assert!(waits.len() < 6, "the retries do not back off: {waits:?}");
+    }
+    assert!(
+        files_in(&dir.path().join("state"), "queue").contains(&format!("{id}.msg")),
+        "still queued"
+    );
+    drop(relay);
+}
+
 /// A command line run with umask 000, the most permissive an operator's shell can have.
 fn with_open_umask(mut cmd: std::process::Command) -> std::process::Command {
     use std::os::unix::process::CommandExt;

@@ -221,9 +221,11 @@ pub struct Delivery {
     /// Delivered, but their file could not be removed: never sent again by this run.
     /// Shared across reloads too: a message delivered before a reload is not sent again after it.
     delivered: Arc<Mutex<HashSet<QueueId>>>,
-    /// Recipients finished with whose state file could not be written (a full disk): kept here so that this run
-    /// does not send them the message again. Shared across reloads, like `delivered`.
-    unrecorded: Arc<Mutex<HashMap<QueueId, Vec<String>>>>,
+    /// What a state file that could not be written (a full disk) would have said: the recipients finished with,
+    /// so that this run does not send them the message again, and the attempts made, so that its retries still
+    /// back off. Small (a count and the finished list, rarely any): one entry per message whose write failed.
+    /// Shared across reloads, like `delivered`.
+    unrecorded: Arc<Mutex<HashMap<QueueId, Unrecorded>>>,
     /// Attempts started that have not yet taken (or given up on) a connection, and a wake-up for the scheduler
     /// when a delivery hands its connection back: with these the scheduler starts no more attempts than there
     /// are connections free, rather than attempts that read their message only to be parked.
@@ -745,12 +747,13 @@ impl Delivery {
         let opened = Arc::new(opened);
         let locked = opened.clone();
         let mut state = read_state(&self.paths.queue, id);
-        if let Some(finished) = lock(&self.unrecorded).get(&id) {
-            for r in finished {
+        if let Some(kept) = lock(&self.unrecorded).get(&id) {
+            for r in &kept.finished {
                 if !state.finished.contains(r) {
                     state.finished.push(r.clone());
                 }
             }
+            state.attempts = state.attempts.max(kept.attempts);
         }
         // A next attempt further ahead than any wait relay sets is not one it set (a clock stepped back after the
         // deferral, a state file edited by hand): the message is looked at now, so that it is tried or expires.
@@ -1595,9 +1598,13 @@ impl Delivery {
             }
             Err(e) => {
                 tracing::error!(relay_queue_id = %id, error = %e, "{what}");
-                if !state.finished.is_empty() {
-                    lock(&self.unrecorded).insert(id, state.finished.clone());
-                }
+                lock(&self.unrecorded).insert(
+                    id,
+                    Unrecorded {
+                        attempts: state.attempts,
+                        finished: state.finished.clone(),
+                    },
+                );
             }
         }
     }
@@ -1700,6 +1707,12 @@ struct Sending<'a> {
     recipients: &'a [String],
     message: &'a Outgoing,
     flags: MailFlags,
+}
+
+/// The part of a message's state kept in memory when its file could not be written (see `unrecorded`).
+struct Unrecorded {
+    attempts: u32,
+    finished: Vec<String>,
 }
 
 /// A message's Gmail upload session, kept in its delivery state for the account its attempt goes through: the
