@@ -12,10 +12,12 @@ pub const CONFIG: u64 = 16 * 1024 * 1024;
 
 /// The whole file, if it is at most `limit` bytes; `InvalidData` if it is larger.
 pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    read_from(std::fs::File::open(path)?, limit)
+}
+
+fn read_from(file: std::fs::File, limit: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)?;
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -25,10 +27,33 @@ pub fn read(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Opens one of relay's own files under the state dir for reading, refusing anything but a regular file. Opened
+/// without blocking: a FIFO put in its place would otherwise hang the open (and a start-up, a `relay status`, or
+/// every delivery after it) until something writes to it; a directory would fail only at the read.
+pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, NOT_REGULAR));
+    }
+    Ok(file)
+}
+
+/// Why [`open_regular`] refused a file.
+pub const NOT_REGULAR: &str = "not a regular file (a directory, FIFO or device is in its place)";
+
+/// As [`read`], for relay's own files under the state dir: only a regular file ([`open_regular`]).
+pub fn read_own(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    read_from(open_regular(path)?, limit)
+}
+
 /// One of relay's own small JSON files (a report, a pause, open incidents), if it is there and reads as `T`: a
 /// missing or damaged report is only a report not shown, never an error.
 pub fn report<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
-    serde_json::from_slice(&read(path, SMALL).ok()?).ok()
+    serde_json::from_slice(&read_own(path, SMALL).ok()?).ok()
 }
 
 fn shown(limit: u64) -> String {

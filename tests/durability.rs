@@ -442,6 +442,73 @@ async fn deferrals_that_cannot_be_written_still_back_off() {
     drop(relay);
 }
 
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path and a mode.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {path:?}"
+    );
+}
+
+/// A FIFO where relay expects one of its files (put there by hand or by another program): before, one named as
+/// a message hung the start (and `relay status`) on its open, and one named as a state file hung delivery. Now
+/// the first is quarantined and the second read as no state; the start, status and delivery go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_in_the_queue_neither_hang_the_start_nor_stop_delivery() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]\n",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut relay = Daemon::spawn(&config);
+    let id = send_message(relay.addr, b"Subject: behind a fifo\r\n\r\nbody\r\n").await;
+    relay.wait_log("relay_event=\"deferred\"");
+    assert_eq!(relay.terminate().code(), Some(0));
+    let queue = dir.path().join("state/queue");
+    let state_file = queue.join(format!("{id}.state"));
+    std::fs::remove_file(&state_file).unwrap();
+    mkfifo(&state_file);
+    let other = format!(
+        "{}{}",
+        &id[..id.len() - 1],
+        if id.ends_with('0') { '1' } else { '0' }
+    );
+    mkfifo(&queue.join(format!("{other}.msg")));
+    let status = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
+    );
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("queue:"),
+        "{status:?}"
+    );
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let mut relay = Daemon::spawn(&config);
+    let got = upstream.next().await;
+    assert!(String::from_utf8_lossy(&got.data).contains("Subject: behind a fifo"));
+    relay.wait_log("relay_event=\"delivered\"");
+    assert!(
+        files_in(&dir.path().join("state"), "quarantine").contains(&format!("{other}.msg")),
+        "the FIFO named as a message is quarantined"
+    );
+    assert_eq!(relay.terminate().code(), Some(0));
+}
+
 /// A command line run with umask 000, the most permissive an operator's shell can have.
 fn with_open_umask(mut cmd: std::process::Command) -> std::process::Command {
     use std::os::unix::process::CommandExt;

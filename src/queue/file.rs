@@ -114,7 +114,18 @@ pub fn read_open(path: &Path) -> Result<(QueuedMessage, File), FileError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io_err)?;
+    let mut file = crate::small_files::open_regular(path).map_err(|e| {
+        // A directory or a FIFO by a message's name is no message: quarantined, not tried again and again (nor,
+        // a FIFO, waited on for ever).
+        if e.kind() == io::ErrorKind::InvalidData {
+            FileError::Corrupt {
+                path: path.to_path_buf(),
+                reason: crate::small_files::NOT_REGULAR.into(),
+            }
+        } else {
+            io_err(e)
+        }
+    })?;
     let mut line = Vec::new();
     BufReader::new((&mut file).take(MAX_ENVELOPE_LINE))
         .read_until(b'\n', &mut line)

@@ -516,7 +516,7 @@ fn write_file(path: &Path, file: &CountsFile, durable: bool) -> std::io::Result<
 /// An unreadable one: every limit taken as reached when the file was last written, so that mail waits until the
 /// provider's windows have surely moved past whatever it held.
 fn load(path: &Path, limits: RateConfig, now: SystemTime) -> (Counts, Option<String>) {
-    let bytes = match crate::small_files::read(path, MAX_FILE) {
+    let bytes = match crate::small_files::read_own(path, MAX_FILE) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Counts::empty(), None),
         read => read.map_err(|e| e.to_string()),
     };

@@ -160,7 +160,7 @@ pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
 /// The message's state: `Ok(None)` when it has no state file, an error when it has one that cannot be read (for
 /// those who must not take a damaged file for "never tried", such as a move back from `dead/`).
 pub fn try_read_state(dir: &Path, id: QueueId) -> std::io::Result<Option<DeliveryState>> {
-    let file = match std::fs::File::open(state_path(dir, id)) {
+    let file = match crate::small_files::open_regular(&state_path(dir, id)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

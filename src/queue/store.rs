@@ -282,7 +282,7 @@ impl QueueStore {
             let path = msg_path(dir, id);
             // A delivery attempt locks the file for its whole length (`delivery.rs`); held here until the file is
             // gone, so that an attempt starting meanwhile finds it locked, then gone.
-            let file = match File::open(&path) {
+            let file = match crate::small_files::open_regular(&path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 other => other.map_err(io_err(&path))?,
             };

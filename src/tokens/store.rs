@@ -254,7 +254,7 @@ impl TokenStore {
     /// The file's bytes (None if there is none). Token files are a few KiB; a larger one is an error.
     fn read_bytes(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.path(account);
-        match crate::small_files::read(&path, crate::small_files::SMALL) {
+        match crate::small_files::read_own(&path, crate::small_files::SMALL) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             // Far too large to be tokens: damaged, like a file that does not parse.
@@ -522,7 +522,7 @@ impl TokenStore {
             Some(key) => {
                 let sealed = key.seal(account, &plain).map_err(io)?;
                 // Said once per file: the next write finds it sealed.
-                if let Ok(old) = crate::small_files::read(&path, crate::small_files::SMALL)
+                if let Ok(old) = crate::small_files::read_own(&path, crate::small_files::SMALL)
                     && Envelope::parse(&old).is_none()
                 {
                     tracing::info!(relay_account = %account, path = %path.display(), "the token file was plain; it is encrypted from now on");
