@@ -116,12 +116,23 @@ async fn leftovers_of_a_crash_are_cleared_at_start() {
         "{\"id\":",
     )
     .unwrap();
+    // A move back from dead/ (`relay queue retry --dead`) cut off between its rename and the unlink of dead/'s
+    // state file: the message and its state are in queue/ already, and the state file left in dead/ would stay
+    // for ever.
+    let dead = dir.path().join("state/dead");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(
+        dead.join("01a20a2d000000000000000000000004.state"),
+        "{\"attempts\":3}",
+    )
+    .unwrap();
     let relay = TestRelay::start_in(dir, LISTENER).await;
     assert_eq!(
         files_in(&relay.state(), "queue").len(),
         2,
         "only the two acknowledged messages stay"
     );
+    assert!(files_in(&relay.state(), "dead").is_empty());
     assert_eq!(
         files_in(&relay.state(), "quarantine"),
         ["01a20a2d000000000000000000000002.msg"]

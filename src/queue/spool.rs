@@ -488,11 +488,16 @@ fn recover(paths: &SpoolPaths, progress: &mut dyn FnMut(u64)) -> Result<(), Spoo
             }
         }
     }
-    // A move to dead/ cut off while its state file was being written leaves a temporary file there too.
+    // A move to dead/ cut off while its state file was being written leaves a temporary file there too; one cut
+    // off before its rename, or a move back (`relay queue retry --dead`) cut off after its own, a state file
+    // without its message (the message's recipients already done went with it, or it is still queued).
     if let Ok(entries) = fs::read_dir(&paths.dead) {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                let _ = fs::remove_file(entry.path());
+            let path = entry.path();
+            let orphan = matches!(parse_file_name(&path), Some((id, FileKind::State))
+                if fs::symlink_metadata(msg_path(&paths.dead, id)).is_err());
+            if orphan || entry.file_name().to_string_lossy().starts_with('.') {
+                let _ = fs::remove_file(&path);
             }
         }
     }
