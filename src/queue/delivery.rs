@@ -1492,7 +1492,7 @@ impl Delivery {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::error!(relay_queue_id = %id, path = %path.display(), error = %e, "cannot remove a delivered message; it is not sent again while relay runs, but would be after a restart: fix the queue directory's permissions");
+                tracing::error!(relay_queue_id = %id, path = %path.display(), error = %e, "cannot remove a delivered message; it is not sent again while relay runs, but would be after a restart: check the queue directory's permissions and the file's attributes (lsattr: immutable or append-only), and that the filesystem is writable");
                 return Attempted::later(SystemTime::now() + Duration::from_secs(60));
             }
         }
