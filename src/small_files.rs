@@ -37,7 +37,8 @@ pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     if !file.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, NOT_REGULAR));
+        // Not `InvalidData`, which callers take for damaged content (set aside, rewritten): nothing was read.
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, NOT_REGULAR));
     }
     Ok(file)
 }

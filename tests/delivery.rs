@@ -223,30 +223,20 @@ async fn a_refusal_in_the_middle_of_the_body_is_heard() {
     assert!(state.contains("552 5.3.4"), "{state}");
 }
 
-/// A queue file that can never be read (here a directory by a message's name) expires like any message, into
-/// dead/ with the reason, instead of being deferred for ever.
+/// A directory by a message's name is no message: moved to quarantine/ at start, with its reason in the log,
+/// instead of being tried (and deferred) until `max_age`.
 #[tokio::test]
-async fn a_queue_file_that_cannot_be_read_expires() {
+async fn a_directory_in_a_messages_place_is_quarantined() {
     let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    // An id from long ago (not a time-ordered one: its time reads as 1970).
     let name = "01a20a2d000000000000000000000009.msg";
     std::fs::create_dir_all(dir.path().join("state/queue").join(name)).unwrap();
     let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let mut relay = TestRelay::start_with(dir, &top, LISTENER).await;
-    relay.attempts_done(1).await;
-    assert!(relay.state().join("dead").join(name).exists());
-    let state = std::fs::read_to_string(
-        relay
-            .state()
-            .join("dead/01a20a2d000000000000000000000009.state"),
-    )
-    .unwrap();
-    assert!(
-        state.contains("expired after") && state.contains("cannot read the queue file"),
-        "{state}"
-    );
+    let relay = TestRelay::start_with(dir, &top, LISTENER).await;
+    assert!(relay.state().join("quarantine").join(name).is_dir());
+    assert!(files_in(&relay.state(), "queue").is_empty());
+    assert!(files_in(&relay.state(), "dead").is_empty());
 }
 
 #[tokio::test]

@@ -117,7 +117,7 @@ pub fn read_open(path: &Path) -> Result<(QueuedMessage, File), FileError> {
     let mut file = crate::small_files::open_regular(path).map_err(|e| {
         // A directory or a FIFO by a message's name is no message: quarantined, not tried again and again (nor,
         // a FIFO, waited on for ever).
-        if e.kind() == io::ErrorKind::InvalidData {
+        if e.kind() == io::ErrorKind::InvalidInput {
             FileError::Corrupt {
                 path: path.to_path_buf(),
                 reason: crate::small_files::NOT_REGULAR.into(),
