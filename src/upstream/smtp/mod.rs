@@ -241,10 +241,22 @@ impl SmtpUpstream {
             }
             Err(f) => {
                 let failed = outcome(f.failure);
+                let probe = tried.is_probe();
                 if let Some(WentDown(why)) =
                     tried.unanswered(now, self.settings.timeout, failed.reply())
                 {
                     tracing::warn!(relay_event = "upstream_unreachable", relay_account = %self.account, relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took (a few seconds at least)");
+                    return Err(failed);
+                }
+                // A probe of an upstream already known to be down, still down: the account's news, said when the
+                // outage began, not the message's. It waits with the others (no attempt, no retry step, no line),
+                // instead of one message after another being deferred every couple of seconds all outage long.
+                if probe && let Reachability::Held(until) = self.reach.now(Instant::now()) {
+                    tracing::debug!(relay_account = %self.account, reason = %failed.reply(), "the upstream still cannot be reached");
+                    return Err(Outcome::Unreachable {
+                        reply: failed.reply().to_string(),
+                        until: Some(until),
+                    });
                 }
                 return Err(failed);
             }

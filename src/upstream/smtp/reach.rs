@@ -10,13 +10,13 @@
 //! - for as long as that failed try took, up to the timeout (its *hold*), the account's mail is not tried: it
 //!   waits, parked by the scheduler until the hold ends (not an attempt, no retry step used up, no line per
 //!   message), while another account of its route may take it;
-//! - then one connection at a time tries the upstream (the *probe*, whose message is an attempt like any other);
-//!   the account's other mail waits for its end.
+//! - then one connection at a time tries the upstream (the *probe*); the account's other mail waits for its end.
+//!   A probe that is not answered either is not its message's attempt: the message waits with the others (the
+//!   outage was said once when it began), so that a long outage is not one `deferred` line every few seconds.
 //!
 //! The hold scales with what a try costs, from [`MIN_HOLD`]: a silent upstream is tried about once per two
-//! timeouts instead of once per message. A refused connect costs nothing to try again, but each try is a message's
-//! attempt and a `deferred` line: without the floor, a backlog against a closed port was tried and logged one
-//! message after another, a hundred lines a second. The floor is short because some failures are not an outage
+//! timeouts instead of once per message. A refused connect costs nothing to try again: without the floor, a
+//! backlog against a closed port was tried one message after another, a hundred times a second. The floor is short because some failures are not an outage
 //! (a server that caps connections with a reset before its greeting, no descriptor free here): for those, the
 //! account's mail stops and goes again every couple of seconds. A connection started
 //! before another was answered and failing after it says nothing about the upstream now, and is not counted (a
@@ -145,6 +145,11 @@ impl Reach {
 }
 
 impl Try<'_> {
+    /// This connection is the one try of an upstream that was down (see [`Reachability::Probe`]).
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// The server answered (its greeting, whatever it said): the upstream is up.
     pub fn answered(self, now: Instant) -> Option<CameBack> {
         let mut s = self.reach.state();
