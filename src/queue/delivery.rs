@@ -818,9 +818,18 @@ impl Delivery {
                     None => why,
                 },
             };
+            // Said as the account's when its route has one (the log line, the metrics, the `dead` alert): it is
+            // that account's trouble that kept it, though no attempt is under way now.
+            let account = self
+                .routing
+                .route(Addressing::from(&msg.envelope))
+                .and_then(|d| match d.accounts {
+                    [one] if self.accounts.contains_key(one) => Some(one.clone()),
+                    _ => None,
+                });
             return self
                 .clone()
-                .blocking(move |d| d.dead(id, &mut state, &why, None, &[]))
+                .blocking(move |d| d.dead(id, &mut state, &why, account.as_deref(), &[]))
                 .await;
         }
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
