@@ -1268,3 +1268,53 @@ async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_p
     assert_eq!(asked, 1, "token requests for three refused messages");
     relay.stop().await;
 }
+
+/// The upstream refuses the stored token, and the token the delivery gets instead lasts less than the old one
+/// would have (a minute here, the shortest relay takes): the refresher renews it in its time (15 s ahead), with no mail to ask for it, instead of
+/// sleeping until the old token's renewal time while the new one expires (an idle relay then showed an expired
+/// token as valid).
+#[tokio::test]
+async fn a_token_replaced_after_a_refusal_is_renewed_in_its_own_time() {
+    struct Minting(std::sync::atomic::AtomicUsize);
+    impl wiremock::Respond for Minting {
+        fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "token_type": "Bearer", "expires_in": 60, "access_token": format!("fresh-{n}")
+            }))
+        }
+    }
+    let idp = MockServer::start().await;
+    token_request()
+        .respond_with(Minting(Default::default()))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["fresh-0", "fresh-1", "fresh-2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_valid_tokens(
+        &dir.path().join("state"),
+        "office",
+        "revoked",
+        Duration::from_secs(3600),
+    );
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let relay = TestRelay::start_with(
+        dir,
+        &top,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    )
+    .await;
+    accepted_during_fault(&relay).await;
+    assert!(upstream.next().await.auth.contains("Bearer fresh-0"));
+    // No more mail: the refresher alone asks for the next token, 15 s before fresh-0 expires.
+    let deadline = std::time::Instant::now() + Duration::from_secs(75);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while idp.received_requests().await.unwrap_or_default().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced token was not renewed by the refresher"
+        );
+        tick.tick().await;
+    }
+    relay.stop().await;
+}

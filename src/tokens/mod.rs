@@ -77,6 +77,9 @@ pub struct AccountTokens {
     rotation: crate::config::Rotation,
     /// Set when the account's refresher stops (relay stops, or a reload replaced the account).
     stopping: std::sync::atomic::AtomicBool,
+    /// Told when a delivery replaced the token out of turn (the upstream refused it): the refresher's wait was
+    /// computed from the old one, which may have lasted longer.
+    replaced: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -97,6 +100,8 @@ struct State {
 /// account's lock, and with `flow = "password"` each ask is a failed sign-in that an ADFS lockout policy counts.
 /// The refresher keeps trying on its own schedule; `relay authorize` writes a file that is taken at once.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// The longest the refresher sleeps before it looks at the account's renewal time again.
+const DUE_RECHECK: Duration = Duration::from_secs(60);
 /// How long a renewal waits for another process's renewal of the same grant: longer than that one's token
 /// request may take (30 s), with room for its save.
 const RENEWAL_WAIT: Duration = Duration::from_secs(60);
@@ -121,6 +126,7 @@ impl AccountTokens {
             failed: std::sync::Mutex::new(None),
             rotation: crate::config::Rotation::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            replaced: tokio::sync::Notify::new(),
         }
     }
 
@@ -237,6 +243,9 @@ impl AccountTokens {
         }
         let renewed = self.refresh_locked(&mut state).await;
         self.note_renewal(&renewed);
+        if renewed.is_ok() {
+            self.replaced.notify_one();
+        }
         renewed.map(|t| (t, true))
     }
 
@@ -852,13 +861,20 @@ pub async fn refresher(
                     .next_due()
                     .await
                     .unwrap_or_else(|_| SystemTime::now() + backoff);
-                let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+                // Looked at again at least every minute: a delivery may have replaced the token meanwhile (a 535
+                // forces a refresh) with one that lasts less than the one this wait was computed from, and an idle
+                // relay would let it expire.
+                let wait = due
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .min(DUE_RECHECK);
                 let unsaved = account.has_unsaved().await;
                 if !unsaved {
                     save_backoff = FIRST_BACKOFF;
                 }
                 let save_only = tokio::select! {
                     _ = tokio::time::sleep(wait) => false,
+                    _ = account.replaced.notified() => continue,
                     _ = tokio::time::sleep(save_backoff), if unsaved => true,
                     _ = stop.wait_for(|s| *s) => return,
                 };
