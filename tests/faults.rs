@@ -1318,3 +1318,31 @@ async fn a_token_replaced_after_a_refusal_is_renewed_in_its_own_time() {
     }
     relay.stop().await;
 }
+
+/// An upstream that stops answering, with no mail left to try it (here the one message waits an hour for its
+/// retry; deleted or expired mail is the same): relay tries it on its own after each hold, so its return is
+/// seen (the warning, `relay status`) and the deferred mail goes then, instead of at its next retry or the
+/// next message. Before, `relay status` said it was down for as long as no new mail came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_comes_back_is_seen_without_mail_to_try_it() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Silent {
+        idp: _idp,
+        mut upstream,
+        dir: _dir,
+        config,
+        mut daemon,
+    } = Silent::with("retry = [\"1h\"]", 1).await;
+    daemon.wait_log("the upstream cannot be reached");
+    daemon.wait_log("relay_event=\"deferred\"");
+    let (_, doc) = status_json(&config);
+    assert!(doc["accounts"][0]["unreachable"].is_object(), "{doc}");
+    upstream.silent.store(false, SeqCst);
+    daemon.wait_log("the upstream can be reached again");
+    let got = upstream.next().await;
+    assert!(String::from_utf8_lossy(&got.data).contains("Subject: m0"));
+    daemon.wait_log("relay_event=\"delivered\"");
+    let (_, doc) = status_json(&config);
+    assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -653,6 +653,22 @@ impl Delivery {
         })
     }
 
+    /// Tries, without a message, each account's SMTP upstream that is down with its hold over and no try under
+    /// way (`Transports::check_reach`); one that answers is among [`Self::take_recovered`] afterwards.
+    pub fn check_unreachable(&self) {
+        let now = std::time::Instant::now();
+        for account in self.accounts.values() {
+            if account.transports.reachability(now) != Reachability::Probe {
+                continue;
+            }
+            let (account, recovered) = (account.clone(), self.recovered.clone());
+            tokio::spawn(async move {
+                account.transports.check_reach().await;
+                note_came_back(&recovered, &account);
+            });
+        }
+    }
+
     /// The accounts whose upstream answers again after it did not, each with since when it did not.
     pub fn take_recovered(&self) -> HashMap<String, std::time::Instant> {
         std::mem::take(&mut *lock(&self.recovered))
@@ -1123,11 +1139,7 @@ impl Delivery {
             _ => slot,
         };
         account.transports.note_attempt(&outcome, went_out, early);
-        if let Some(since) = account.transports.take_came_back() {
-            let mut recovered = lock(&self.recovered);
-            let at = recovered.entry(account.name.clone()).or_insert(since);
-            *at = (*at).min(since);
-        }
+        note_came_back(&self.recovered, &account);
         drop((message, memory, slot));
         self.slot_freed.notify_one();
         let name = account.name.clone();
@@ -1716,6 +1728,15 @@ struct Sending<'a> {
     recipients: &'a [String],
     message: &'a Outgoing,
     flags: MailFlags,
+}
+
+/// Adds `account` to `recovered` if its upstream answers again since this was last asked (earliest outage kept).
+fn note_came_back(recovered: &Mutex<HashMap<String, std::time::Instant>>, account: &Account) {
+    if let Some(since) = account.transports.take_came_back() {
+        let mut recovered = lock(recovered);
+        let at = recovered.entry(account.name.clone()).or_insert(since);
+        *at = (*at).min(since);
+    }
 }
 
 /// The part of a message's state kept in memory when its file could not be written (see `unrecorded`).

@@ -49,6 +49,20 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// The accounts whose upstream answers again: what waited for it, untried, goes now with every connection;
+    /// what it deferred meanwhile too, instead of at its next retry.
+    fn wake_recovered(&self, s: &mut Schedule) {
+        for (account, since) in self.delivery.take_recovered() {
+            for &pool in self.delivery.pools_with(&account) {
+                s.unpark(pool, self.delivery.room(pool).max(1), SystemTime::now());
+            }
+            let woken = s.wake_deferred(&account, since);
+            if woken > 0 {
+                tracing::info!(relay_account = %account, messages = woken, "the account's upstream can be reached again: the mail it deferred meanwhile is due now");
+            }
+        }
+    }
+
     pub fn new(config: &Config, accounts: Vec<Arc<Account>>) -> Scheduler {
         let delivery = Arc::new(Delivery::new(config, accounts));
         Scheduler {
@@ -217,17 +231,7 @@ impl Scheduler {
                         (Some((id, _)), Some(attempted)) => s.finished(id, attempted, &self.delivery),
                         _ => {}
                     }
-                    for (account, since) in self.delivery.take_recovered() {
-                        // What waited for it, untried, goes now with every connection; what it deferred meanwhile
-                        // too, instead of at its next retry.
-                        for &pool in self.delivery.pools_with(&account) {
-                            s.unpark(pool, self.delivery.room(pool).max(1), SystemTime::now());
-                        }
-                        let woken = s.wake_deferred(&account, since);
-                        if woken > 0 {
-                            tracing::info!(relay_account = %account, messages = woken, "the account's upstream can be reached again: the mail it deferred meanwhile is due now");
-                        }
-                    }
+                    self.wake_recovered(&mut s);
                     if !parked {
                         self.attempts.send_modify(|n| *n += 1);
                     }
@@ -261,6 +265,10 @@ impl Scheduler {
                 // account that is paused or at its limits; a first message held for its recipients counts room
                 // for all of them, so that it does not come back each tick while they do not fit.)
                 self.delivery.widen_connections();
+                // An upstream that is down with no mail left to try it is tried on its own, so that its return
+                // is seen; and seen returned, its mail goes.
+                self.delivery.check_unreachable();
+                self.wake_recovered(&mut s);
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {
                     let go = match s.held_first(pool) {

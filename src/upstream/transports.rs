@@ -265,6 +265,18 @@ impl Transports {
         }
     }
 
+    /// An SMTP upstream that is down, with its hold over and no try under way: tried once without a message
+    /// ([`super::smtp::SmtpUpstream::check_reach`]), and the report kept in step.
+    pub async fn check_reach(&self) {
+        if let Primary::Smtp(s) = &self.primary
+            && !self.graph_now()
+            && self.reachability(std::time::Instant::now()) == super::smtp::Reachability::Probe
+        {
+            s.check_reach().await;
+            self.record_reach();
+        }
+    }
+
     /// Keeps [`Unreachable`]'s file in step with the SMTP upstream: written when it stops answering, removed
     /// when it answers again. A file operation per change, not per attempt.
     fn record_reach(&self) {

@@ -266,6 +266,29 @@ impl SmtpUpstream {
             .map_err(outcome)
     }
 
+    /// While the upstream is down and no message is there to try it (its mail expired, was deleted, or went
+    /// another way): one connection that only reads the greeting and says QUIT, when the hold is over and no
+    /// other try is under way, so that its coming back is seen (and `relay status` stops saying it is down)
+    /// without waiting for the next message. Nothing if it is up, held, or being tried.
+    pub async fn check_reach(&self) {
+        let tried = match self.reach.before(Instant::now()) {
+            Before::Connect(t) if t.is_probe() => t,
+            _ => return,
+        };
+        match Conn::connect(&self.settings, None, Some(&self.open)).await {
+            Ok(conn) => {
+                self.answered(tried, Instant::now());
+                conn.quit().await;
+            }
+            Err(f) if f.answered => self.answered(tried, Instant::now()),
+            Err(f) => {
+                let failed = outcome(f.failure);
+                tracing::debug!(relay_account = %self.account, reason = %failed.reply(), "the upstream still cannot be reached");
+                let _ = tried.unanswered(Instant::now(), self.settings.timeout, failed.reply());
+            }
+        }
+    }
+
     /// Whether a connection may be tried now (`reach.rs`).
     pub fn reachability(&self, now: Instant) -> Reachability {
         self.reach.now(now)
