@@ -343,6 +343,57 @@ async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains()
     assert_eq!(got[0]["account"], serde_json::Value::Null);
 }
 
+/// A webhook that is down when an incident opens: the notice is tried again later instead of being lost, and
+/// the recovery goes after it, never alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let (config, hook) = office_with_alerts(
+        dir.path(),
+        &idp,
+        &upstream,
+        "client_credentials",
+        "queue_age = \"2s\"\n",
+    )
+    .await;
+    // The first three posts (one notice's tries) fail.
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&hook)
+        .await;
+    let mut daemon = Daemon::spawn(&config);
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    daemon.wait_log("alert open: queue_age");
+    daemon.wait_log("relay_event=\"alert_failed\"");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let retried = std::process::Command::new(relay_bin())
+        .args(["queue", "retry", "--all", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(retried.status.success(), "{retried:?}");
+    upstream.next().await;
+    daemon.wait_log("alert recovered: queue_age");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
+    let got = notices(&hook).await;
+    let states: Vec<&str> = got
+        .iter()
+        .map(|n| n["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        states,
+        ["open", "open", "open", "open", "recovered"],
+        "three failed posts, the notice again, then the recovery"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_refused_with_550_comes_back_to_its_sender_as_a_delivery_status_notification() {
     let mut t = two_accounts("bounce = \"sender\"", "").await;

@@ -1,9 +1,10 @@
 //! `[alerts]`: one notice when an incident opens and one when it recovers, by webhook and/or mail.
 //!
 //! Events reach the [`Tracker`] synchronously, under a lock, from [`events`](crate::events): no event is lost and
-//! the counts are exact. The notices it returns go into a bounded channel to the sending task; when that task is
-//! too far behind (a webhook that times out again and again), a notice is dropped and counted
-//! (`relay_alerts_dropped_total`) rather than ever holding up the delivery or token refresh that emitted it.
+//! the counts are exact. The notices it returns go into a bounded channel to the alerts' task, which hands each
+//! to one sender per channel (`outbox.rs`: a notice a channel could not take is tried again later, in order);
+//! when they are too far behind, a notice is dropped and counted (`relay_alerts_dropped_total`) rather than ever
+//! holding up the delivery or token refresh that emitted it.
 //! Open incidents are kept in `STATE_DIR/alerts.json`, so that a restart does not announce them again.
 //!
 //! What alerts take from the config (the `[alerts]` settings, the host's name, the accounts alert mail may go
@@ -13,6 +14,7 @@
 
 pub mod incidents;
 pub mod notify;
+mod outbox;
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -29,6 +31,7 @@ use crate::oauth::expiry::Expiry;
 use crate::queue::room::DiskReport;
 pub use incidents::{Incident, Kind, Notice, State, Tracker};
 pub use notify::{MailAccount, Notifier};
+use outbox::{Channel, Outbox};
 
 /// Notices waiting for the sender; past this they are dropped (and counted).
 const BACKLOG: usize = 64;
@@ -189,6 +192,9 @@ pub async fn run(
 ) {
     let mut setups = alerts.setup.subscribe();
     let mut tick = ticks(tick_every(&setups.borrow_and_update().config));
+    let notifier = Arc::new(notifier);
+    let outboxes = [Channel::Webhook, Channel::Mail]
+        .map(|c| Outbox::start(c, alerts.clone(), notifier.clone()));
     enum Next {
         Notice(Notice),
         Tick,
@@ -204,9 +210,9 @@ pub async fn run(
         };
         match next {
             Next::Notice(n) => {
-                notifier
-                    .send(&n, &alerts.current(), alerts.unhealthy())
-                    .await;
+                for outbox in &outboxes {
+                    outbox.post(n.clone());
+                }
                 save(&alerts).await;
             }
             Next::Setup => {
@@ -233,12 +239,15 @@ pub async fn run(
             Next::Stop => break,
         }
     }
-    let _ = tokio::time::timeout(DRAIN, async {
-        while let Ok(n) = notices.try_recv() {
-            notifier
-                .send(&n, &alerts.current(), alerts.unhealthy())
-                .await;
+    while let Ok(n) = notices.try_recv() {
+        for outbox in &outboxes {
+            outbox.post(n.clone());
         }
+    }
+    // What waits is tried once more, for a few seconds at most.
+    let _ = tokio::time::timeout(DRAIN, async {
+        let [webhook, mail] = outboxes;
+        tokio::join!(webhook.close(), mail.close());
     })
     .await;
     save(&alerts).await;

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::Setup;
 use super::incidents::{Notice, State};
+use super::outbox::{Channel, Sent};
 use crate::mailgen;
 use crate::queue::delivery::{Account, read_last_delivery};
 use crate::upstream::{MailFlags, Outcome};
@@ -48,22 +49,28 @@ struct Payload<'a> {
 }
 
 impl Notifier {
-    /// Sends `notice` to every channel `setup` configures. `avoid`: accounts not to send mail through.
-    pub async fn send(&self, notice: &Notice, setup: &Setup, avoid: HashSet<String>) {
-        let webhook = async {
-            if let Some(url) = &setup.config.webhook_url {
-                self.post(url, &setup.hostname, notice).await;
-            }
+    /// Sends `notice` through `channel` as `setup` configures it. `avoid`: accounts not to send mail through.
+    pub async fn deliver(
+        &self,
+        channel: Channel,
+        notice: &Notice,
+        setup: &Setup,
+        avoid: HashSet<String>,
+    ) -> Sent {
+        let sent = match channel {
+            Channel::Webhook => match &setup.config.webhook_url {
+                Some(url) => self.post(url, &setup.hostname, notice).await,
+                None => return Sent::Off,
+            },
+            Channel::Mail => match &setup.config.mail_to {
+                Some(to) => self.mail(to, setup, notice, avoid).await,
+                None => return Sent::Off,
+            },
         };
-        let mail = async {
-            if let Some(to) = &setup.config.mail_to {
-                self.mail(to, setup, notice, avoid).await;
-            }
-        };
-        tokio::join!(webhook, mail);
+        if sent { Sent::Yes } else { Sent::Failed }
     }
 
-    async fn post(&self, url: &str, host: &str, notice: &Notice) {
+    async fn post(&self, url: &str, host: &str, notice: &Notice) -> bool {
         let shown = crate::config::redact_url(url);
         let payload = Payload { notice, host };
         let mut last = String::new();
@@ -79,7 +86,7 @@ impl Notifier {
                 Ok(r) if r.status().is_success() => {
                     counted("webhook", "sent");
                     tracing::info!(relay_event = "alert_sent", channel = "webhook", incident = %notice.incident, url = %shown, "alert sent to the webhook");
-                    return;
+                    return true;
                 }
                 Ok(r) => last = format!("HTTP {}", r.status()),
                 // reqwest names the URL in its errors, and a webhook's path is often its secret.
@@ -89,9 +96,10 @@ impl Notifier {
         }
         counted("webhook", "failed");
         tracing::warn!(relay_event = "alert_failed", channel = "webhook", incident = %notice.incident, url = %shown, error = %last, "cannot send the alert to the webhook");
+        false
     }
 
-    async fn mail(&self, to: &str, setup: &Setup, notice: &Notice, avoid: HashSet<String>) {
+    async fn mail(&self, to: &str, setup: &Setup, notice: &Notice, avoid: HashSet<String>) -> bool {
         let mut errors = Vec::new();
         for m in self.healthy(&setup.accounts, avoid).await {
             let message = crate::upstream::outgoing::Outgoing::from_bytes(alert_message(
@@ -120,7 +128,7 @@ impl Notifier {
                 Outcome::Delivered(_) => {
                     counted("mail", "sent");
                     tracing::info!(relay_event = "alert_sent", channel = "mail", relay_account = %m.account.name, incident = %notice.incident, to = %to, "alert mailed");
-                    return;
+                    return true;
                 }
                 other => errors.push(format!("{}: {}", m.account.name, other.reply())),
             }
@@ -132,6 +140,7 @@ impl Notifier {
             errors.join("; ")
         };
         tracing::warn!(relay_event = "alert_failed", channel = "mail", incident = %notice.incident, to = %to, error = %why, "cannot mail the alert");
+        false
     }
 
     /// Accounts to try, best first: last delivery got through, then a valid token.
