@@ -1619,13 +1619,22 @@ impl Delivery {
             }
             Err(e) => {
                 tracing::error!(relay_queue_id = %id, error = %e, "{what}");
-                lock(&self.unrecorded).insert(
-                    id,
-                    Unrecorded {
-                        attempts: state.attempts,
-                        finished: state.finished.clone(),
-                    },
-                );
+                let mut unrecorded = lock(&self.unrecorded);
+                // Recipients done with are always kept (a duplicate otherwise); a bare count only while the map is
+                // small, so that a huge backlog on a full disk cannot grow it without end (past that, those
+                // messages retry at the schedule's first step, as before there was a count).
+                if !state.finished.is_empty()
+                    || unrecorded.len() < MAX_UNRECORDED
+                    || unrecorded.contains_key(&id)
+                {
+                    unrecorded.insert(
+                        id,
+                        Unrecorded {
+                            attempts: state.attempts,
+                            finished: state.finished.clone(),
+                        },
+                    );
+                }
             }
         }
     }
@@ -1738,6 +1747,10 @@ fn note_came_back(recovered: &Mutex<HashMap<String, std::time::Instant>>, accoun
         *at = (*at).min(since);
     }
 }
+
+/// Messages whose attempt count alone is kept in memory while their state files cannot be written: about 100
+/// bytes each.
+const MAX_UNRECORDED: usize = 100_000;
 
 /// The part of a message's state kept in memory when its file could not be written (see `unrecorded`).
 struct Unrecorded {
