@@ -299,20 +299,48 @@ async fn repeated_refresh_failures_open_one_incident_and_a_refresh_closes_it() {
     assert_eq!(got[1]["state"], "recovered");
 }
 
+/// One account whose upstream defers every message for now, `queue_age` at 2 s, and the alerts' webhook.
+struct QueueAge {
+    _dir: tempfile::TempDir,
+    _idp: MockServer,
+    upstream: FakeUpstream,
+    config: std::path::PathBuf,
+    hook: MockServer,
+}
+
+impl QueueAge {
+    async fn new() -> QueueAge {
+        let dir = tempfile::tempdir().unwrap();
+        let idp = idp_issuing("tok").await;
+        let upstream = FakeUpstream::start(&["tok"]).await;
+        *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+        let (config, hook) = office_with_alerts(
+            dir.path(),
+            &idp,
+            &upstream,
+            "client_credentials",
+            "queue_age = \"2s\"\n",
+        )
+        .await;
+        QueueAge {
+            _dir: dir,
+            _idp: idp,
+            upstream,
+            config,
+            hook,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains() {
-    let dir = tempfile::tempdir().unwrap();
-    let idp = idp_issuing("tok").await;
-    let mut upstream = FakeUpstream::start(&["tok"]).await;
-    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
-    let (config, hook) = office_with_alerts(
-        dir.path(),
-        &idp,
-        &upstream,
-        "client_credentials",
-        "queue_age = \"2s\"\n",
-    )
-    .await;
+    let QueueAge {
+        _dir,
+        _idp,
+        mut upstream,
+        config,
+        hook,
+    } = QueueAge::new().await;
     let mut daemon = Daemon::spawn(&config);
     send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
     daemon.wait_log("relay_event=\"deferred\"");
@@ -347,18 +375,13 @@ async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains()
 /// the recovery goes after it, never alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery() {
-    let dir = tempfile::tempdir().unwrap();
-    let idp = idp_issuing("tok").await;
-    let mut upstream = FakeUpstream::start(&["tok"]).await;
-    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
-    let (config, hook) = office_with_alerts(
-        dir.path(),
-        &idp,
-        &upstream,
-        "client_credentials",
-        "queue_age = \"2s\"\n",
-    )
-    .await;
+    let QueueAge {
+        _dir,
+        _idp,
+        mut upstream,
+        config,
+        hook,
+    } = QueueAge::new().await;
     // The first three posts (one notice's tries) fail.
     wiremock::Mock::given(wiremock::matchers::method("POST"))
         .respond_with(wiremock::ResponseTemplate::new(503))
