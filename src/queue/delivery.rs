@@ -653,12 +653,15 @@ impl Delivery {
         })
     }
 
-    /// Tries, without a message, each account's SMTP upstream that is down with its hold over and no try under
-    /// way (`Transports::check_reach`); one that answers is among [`Self::take_recovered`] afterwards.
-    pub fn check_unreachable(&self) {
+    /// Tries, without a message, each account's SMTP upstream that is down with its hold over, no try under way,
+    /// and no mail of its pools parked (`parked`: that mail tries it itself), now and then
+    /// (`Transports::check_reach`); one that answers is among [`Self::take_recovered`] afterwards.
+    pub fn check_unreachable(&self, parked: impl Fn(usize) -> bool) {
         let now = std::time::Instant::now();
         for account in self.accounts.values() {
-            if account.transports.reachability(now) != Reachability::Probe {
+            if account.transports.reachability(now) != Reachability::Probe
+                || self.pools_with(&account.name).iter().any(|&p| parked(p))
+            {
                 continue;
             }
             let (account, recovered) = (account.clone(), self.recovered.clone());

@@ -267,7 +267,8 @@ impl Scheduler {
                 self.delivery.widen_connections();
                 // An upstream that is down with no mail left to try it is tried on its own, so that its return
                 // is seen; and seen returned, its mail goes.
-                self.delivery.check_unreachable();
+                self.delivery
+                    .check_unreachable(|pool| s.parked.get(&pool).is_some_and(|p| !p.is_empty()));
                 self.wake_recovered(&mut s);
                 let pools: Vec<usize> = s.parked.keys().copied().collect();
                 for pool in pools {

@@ -67,7 +67,13 @@ pub struct SmtpUpstream {
     /// Set when it answers again after it did not: since when it did not (taken by the delivery, which has the
     /// mail deferred meanwhile tried at once).
     came_back: Mutex<Option<Instant>>,
+    /// While it is down and idle: when [`Self::check_reach`] may try it next, and the pause that was.
+    idle_check: Mutex<Option<(Instant, Duration)>>,
 }
+
+/// The first pause between checks of a down upstream that no mail tries, and the longest.
+const IDLE_CHECK_FIRST: Duration = Duration::from_secs(10);
+const IDLE_CHECK_MAX: Duration = Duration::from_secs(300);
 
 /// What BDAT has shown on this upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +141,7 @@ impl SmtpUpstream {
             open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             reach: Reach::default(),
             came_back: Mutex::new(None),
+            idle_check: Mutex::new(None),
         })
     }
 
@@ -270,22 +277,44 @@ impl SmtpUpstream {
     /// another way): one connection that only reads the greeting and says QUIT, when the hold is over and no
     /// other try is under way, so that its coming back is seen (and `relay status` stops saying it is down)
     /// without waiting for the next message. Nothing if it is up, held, or being tried.
+    ///
+    /// Not more often than [`IDLE_CHECK_FIRST`] at first, the pause doubling up to [`IDLE_CHECK_MAX`] while it
+    /// stays down: a long outage of an idle relay costs a connection every few minutes.
     pub async fn check_reach(&self) {
-        let tried = match self.reach.before(Instant::now()) {
+        let now = Instant::now();
+        let next = match self.idle_check.lock() {
+            Ok(c) => *c,
+            Err(_) => return,
+        };
+        if next.is_some_and(|(at, _)| now < at) {
+            return;
+        }
+        let tried = match self.reach.before(now) {
             Before::Connect(t) if t.is_probe() => t,
             _ => return,
         };
-        match Conn::connect(&self.settings, None, Some(&self.open)).await {
+        let answered = match Conn::connect(&self.settings, None, Some(&self.open)).await {
             Ok(conn) => {
                 self.answered(tried, Instant::now());
                 conn.quit().await;
+                true
             }
-            Err(f) if f.answered => self.answered(tried, Instant::now()),
+            Err(f) if f.answered => {
+                self.answered(tried, Instant::now());
+                true
+            }
             Err(f) => {
                 let failed = outcome(f.failure);
                 tracing::debug!(relay_account = %self.account, reason = %failed.reply(), "the upstream still cannot be reached");
                 let _ = tried.unanswered(Instant::now(), self.settings.timeout, failed.reply());
+                false
             }
+        };
+        if let Ok(mut c) = self.idle_check.lock() {
+            *c = (!answered).then(|| {
+                let pause = next.map_or(IDLE_CHECK_FIRST, |(_, p)| (p * 2).min(IDLE_CHECK_MAX));
+                (Instant::now() + pause, pause)
+            });
         }
     }
 
@@ -307,6 +336,9 @@ impl SmtpUpstream {
     /// `relay queue retry`: the next attempt tries the upstream instead of waiting for the hold after an
     /// unanswered connection to end. Whether there was a hold.
     pub fn lift_hold(&self) -> bool {
+        if let Ok(mut c) = self.idle_check.lock() {
+            *c = None;
+        }
         self.reach.lift(Instant::now())
     }
 
@@ -316,6 +348,9 @@ impl SmtpUpstream {
     }
 
     fn answered(&self, tried: Try<'_>, now: Instant) {
+        if let Ok(mut c) = self.idle_check.lock() {
+            *c = None;
+        }
         if let Some(CameBack(down)) = tried.answered(now) {
             if let Ok(mut c) = self.came_back.lock() {
                 let since = now.checked_sub(down).unwrap_or(now);
