@@ -417,6 +417,44 @@ async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery()
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A notice the webhook refuses for good (a 4xx) is not tried again: the notices after it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_the_webhook_refuses_for_good_is_not_retried() {
+    let QueueAge {
+        _dir,
+        _idp,
+        mut upstream,
+        config,
+        hook,
+    } = QueueAge::new().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(400))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&hook)
+        .await;
+    let mut daemon = Daemon::spawn(&config);
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    let refused = daemon.wait_log("relay_event=\"alert_failed\"");
+    assert!(refused.contains("not sent again"), "{refused}");
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let retried = std::process::Command::new(relay_bin())
+        .args(["queue", "retry", "--all", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(retried.status.success(), "{retried:?}");
+    upstream.next().await;
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
+    let states: Vec<String> = notices(&hook)
+        .await
+        .iter()
+        .map(|n| n["state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(states, ["open", "recovered"]);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_refused_with_550_comes_back_to_its_sender_as_a_delivery_status_notification() {
     let mut t = two_accounts("bounce = \"sender\"", "").await;

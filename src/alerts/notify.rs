@@ -57,20 +57,19 @@ impl Notifier {
         setup: &Setup,
         avoid: HashSet<String>,
     ) -> Sent {
-        let sent = match channel {
+        match channel {
             Channel::Webhook => match &setup.config.webhook_url {
                 Some(url) => self.post(url, &setup.hostname, notice).await,
-                None => return Sent::Off,
+                None => Sent::Off,
             },
             Channel::Mail => match &setup.config.mail_to {
                 Some(to) => self.mail(to, setup, notice, avoid).await,
-                None => return Sent::Off,
+                None => Sent::Off,
             },
-        };
-        if sent { Sent::Yes } else { Sent::Failed }
+        }
     }
 
-    async fn post(&self, url: &str, host: &str, notice: &Notice) -> bool {
+    async fn post(&self, url: &str, host: &str, notice: &Notice) -> Sent {
         let shown = crate::config::redact_url(url);
         let payload = Payload { notice, host };
         let mut last = String::new();
@@ -86,7 +85,17 @@ impl Notifier {
                 Ok(r) if r.status().is_success() => {
                     counted("webhook", "sent");
                     tracing::info!(relay_event = "alert_sent", channel = "webhook", incident = %notice.incident, url = %shown, "alert sent to the webhook");
-                    return true;
+                    return Sent::Yes;
+                }
+                // The webhook will never take this one (a wrong path, a payload it refuses): said once, and not
+                // tried again, so that it does not hold up the notices after it.
+                Ok(r)
+                    if r.status().is_client_error()
+                        && !matches!(r.status().as_u16(), 408 | 425 | 429) =>
+                {
+                    counted("webhook", "failed");
+                    tracing::warn!(relay_event = "alert_failed", channel = "webhook", incident = %notice.incident, url = %shown, error = %format!("HTTP {}", r.status()), "the webhook refused the alert; it is not sent again");
+                    return Sent::Refused;
                 }
                 Ok(r) => last = format!("HTTP {}", r.status()),
                 // reqwest names the URL in its errors, and a webhook's path is often its secret.
@@ -96,10 +105,12 @@ impl Notifier {
         }
         counted("webhook", "failed");
         tracing::warn!(relay_event = "alert_failed", channel = "webhook", incident = %notice.incident, url = %shown, error = %last, "cannot send the alert to the webhook");
-        false
+        Sent::Failed
     }
 
-    async fn mail(&self, to: &str, setup: &Setup, notice: &Notice, avoid: HashSet<String>) -> bool {
+    async fn mail(&self, to: &str, setup: &Setup, notice: &Notice, avoid: HashSet<String>) -> Sent {
+        // Every account that was tried refused it for good (the address refused, say): not tried again.
+        let mut refused = true;
         let mut errors = Vec::new();
         for m in self.healthy(&setup.accounts, avoid).await {
             let message = crate::upstream::outgoing::Outgoing::from_bytes(alert_message(
@@ -128,9 +139,13 @@ impl Notifier {
                 Outcome::Delivered(_) => {
                     counted("mail", "sent");
                     tracing::info!(relay_event = "alert_sent", channel = "mail", relay_account = %m.account.name, incident = %notice.incident, to = %to, "alert mailed");
-                    return true;
+                    return Sent::Yes;
                 }
-                other => errors.push(format!("{}: {}", m.account.name, other.reply())),
+                other => {
+                    refused &= matches!(other, Outcome::Permanent(_))
+                        || matches!(&other, Outcome::Refused { refused, .. } if refused.iter().all(|r| r.permanent));
+                    errors.push(format!("{}: {}", m.account.name, other.reply()));
+                }
             }
         }
         counted("mail", "failed");
@@ -139,8 +154,12 @@ impl Notifier {
         } else {
             errors.join("; ")
         };
+        if refused && !errors.is_empty() {
+            tracing::warn!(relay_event = "alert_failed", channel = "mail", incident = %notice.incident, to = %to, error = %why, "the alert mail was refused for good; it is not sent again");
+            return Sent::Refused;
+        }
         tracing::warn!(relay_event = "alert_failed", channel = "mail", incident = %notice.incident, to = %to, error = %why, "cannot mail the alert");
-        false
+        Sent::Failed
     }
 
     /// Accounts to try, best first: last delivery got through, then a valid token.

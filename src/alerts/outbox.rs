@@ -1,11 +1,12 @@
 //! One sender per channel (webhook, mail), each with its own queue of notices.
 //!
-//! A notice a channel could not take (the webhook down, or alert mail refused: it goes through the accounts,
-//! and the incident may be that very account's) is tried again later, with a growing pause, and in order: an
-//! incident's opening before its recovery, never a recovery alone. Each channel waits for itself only: a
-//! webhook that times out holds up neither the mail nor the alerts' looks at the queue. Bounded: at most
-//! [`QUEUED`] notices wait per channel (past that the oldest is dropped, and counted), and one that could not be
-//! sent for [`GIVE_UP`] is dropped with a line.
+//! A notice a channel could not take for now (the webhook down, or alert mail not sent: it goes through the
+//! accounts, and the incident may be that very account's) is tried again later, with a growing pause, and in
+//! order: an incident's opening before its recovery. One the channel refuses for good (a webhook's 4xx, mail
+//! refused for good) is not tried again. Each channel waits for itself only: a webhook that times out holds up
+//! neither the mail nor the alerts' looks at the queue. Bounded: about [`QUEUED`] notices wait per channel
+//! (past that the oldest is dropped), one that could not be sent for [`GIVE_UP`] is dropped, and what still waits
+//! at a stop after one more try is dropped: each with a line, and counted (`relay_alerts_dropped_total`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use tokio::sync::mpsc;
 
 use super::{Alerts, Notice, Notifier};
 
-/// Notices waiting per channel, those being retried included.
+/// Notices waiting per channel, those being retried included (and a few more handed over meanwhile).
 const QUEUED: usize = 64;
+/// Notices handed over and not yet taken by the sender (it takes them between tries).
+const HANDED: usize = 8;
 /// The pause before a failed notice is tried again, doubling up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
@@ -42,7 +45,10 @@ impl Channel {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sent {
     Yes,
+    /// For now: tried again later.
     Failed,
+    /// For good: not tried again.
+    Refused,
     /// The channel is not configured (any more: a reload removed it): nothing to send, nothing to keep.
     Off,
 }
@@ -56,7 +62,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn start(channel: Channel, alerts: Arc<Alerts>, notifier: Arc<Notifier>) -> Outbox {
-        let (tx, rx) = mpsc::channel(QUEUED);
+        let (tx, rx) = mpsc::channel(HANDED);
         let task = tokio::spawn(sender(channel, rx, alerts, notifier));
         Outbox { tx, task }
     }
@@ -109,19 +115,20 @@ async fn sender(
                 .deliver(channel, front, &alerts.current(), alerts.unhealthy())
                 .await;
             match sent {
-                Sent::Yes | Sent::Off => {
+                Sent::Yes | Sent::Off | Sent::Refused => {
                     waiting.pop_front();
                     pause = RETRY_FIRST;
                     retry_at = None;
                     continue;
                 }
                 Sent::Failed if !open => {
-                    // Stopping: said once, not kept (nowhere to keep it).
+                    // Stopping: said and counted, not kept (nowhere to keep it).
                     let left = waiting.len();
+                    crate::metrics::global().alerts_dropped.inc_by(left as u64);
                     tracing::warn!(
                         channel = channel.name(),
                         notices = left,
-                        "alert notices not sent before the stop"
+                        "alert notices not sent before the stop are dropped"
                     );
                     return;
                 }
