@@ -495,7 +495,8 @@ fn recover(paths: &SpoolPaths, progress: &mut dyn FnMut(u64)) -> Result<(), Spoo
         for entry in entries.flatten() {
             let path = entry.path();
             let orphan = matches!(parse_file_name(&path), Some((id, FileKind::State))
-                if fs::symlink_metadata(msg_path(&paths.dead, id)).is_err());
+                if fs::symlink_metadata(msg_path(&paths.dead, id))
+                    .is_err_and(|e| e.kind() == io::ErrorKind::NotFound));
             if orphan || entry.file_name().to_string_lossy().starts_with('.') {
                 let _ = fs::remove_file(&path);
             }
