@@ -206,7 +206,7 @@ impl Tracker {
                 let n = *n;
                 if n >= self.limits.refresh_failures {
                     self.opening(Kind::TokenRefreshFailed, account, now, None, &mut out, || {
-                        format!("account {account}: {n} token refreshes failed in a row; the last said: {why}. Mail goes on while the current access token lasts, then waits in the queue.")
+                        format!("account {account}: {n} token refreshes failed in a row; the last said: {why}. Mail goes on while the current access token lasts and the upstream takes it, then waits in the queue.")
                     });
                 }
             }
