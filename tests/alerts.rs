@@ -417,6 +417,62 @@ async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery()
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// An account's upstream that has not answered for five minutes (as the daemon records it for `relay status`,
+/// in `accounts/office.unreachable.json`, written here as the daemon would) is an incident of its own, and
+/// recovers when it answers again (the report removed): before, only `queue_age` (an hour by default) said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_down_for_minutes_is_announced_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let (config, hook) = office_with_alerts(
+        dir.path(),
+        &idp,
+        &upstream,
+        "client_credentials",
+        "queue_age = \"4s\"\n",
+    )
+    .await;
+    let mut daemon = Daemon::spawn(&config);
+    let report = dir.path().join("state/accounts/office.unreachable.json");
+    let since = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(600),
+    );
+    std::fs::create_dir_all(report.parent().unwrap()).unwrap();
+    std::fs::write(
+        &report,
+        format!(
+            "{{\"upstream\":\"127.0.0.1:9\",\"since\":\"{since}\",\"reason\":\"connection refused\"}}"
+        ),
+    )
+    .unwrap();
+    let line = daemon.wait_log("alert open: upstream_unreachable");
+    assert!(line.contains("relay_account=office"), "{line}");
+    std::fs::remove_file(&report).unwrap();
+    daemon.wait_log("alert recovered: upstream_unreachable");
+    daemon.wait_log(
+        "relay_event=\"alert_sent\" channel=\"webhook\" incident=upstream_unreachable:office",
+    );
+    daemon.wait_log(
+        "relay_event=\"alert_sent\" channel=\"webhook\" incident=upstream_unreachable:office",
+    );
+    let got: Vec<serde_json::Value> = notices(&hook)
+        .await
+        .into_iter()
+        .filter(|n| n["event"] == "upstream_unreachable")
+        .collect();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0]["account"], "office");
+    assert!(
+        got[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("127.0.0.1:9")),
+        "{got:#?}"
+    );
+    assert_eq!(got[1]["state"], "recovered");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 /// A notice the webhook refuses for good (a 4xx) is not tried again: the notices after it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_the_webhook_refuses_for_good_is_not_retried() {

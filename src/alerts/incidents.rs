@@ -13,6 +13,7 @@
 //! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried) | `dead_window` without another |
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
 //! | `disk_full` | the state dir's filesystem has less than `[queue] min_free_space` left: new mail is refused | it has room again |
+//! | `upstream_unreachable` | an account's SMTP upstream has not answered a connection for [`UNREACHABLE_ALERT`] | it answers again |
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -31,6 +32,7 @@ pub enum Kind {
     Dead,
     QueueAge,
     DiskFull,
+    UpstreamUnreachable,
 }
 
 impl Kind {
@@ -42,6 +44,7 @@ impl Kind {
             Kind::Dead => "dead",
             Kind::QueueAge => "queue_age",
             Kind::DiskFull => "disk_full",
+            Kind::UpstreamUnreachable => "upstream_unreachable",
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct Tracker {
 }
 
 const QUEUE: &str = "queue";
+/// How long an upstream may not answer before it is an incident.
+pub const UNREACHABLE_ALERT: Duration = Duration::from_secs(5 * 60);
 
 fn age(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
@@ -154,7 +159,9 @@ impl Tracker {
             .collect();
         let before = self.open.len();
         self.open.retain(|(kind, subject), _| match kind {
-            Kind::AuthorizationNeeded | Kind::TokenRefreshFailed => accounts.contains(subject),
+            Kind::AuthorizationNeeded | Kind::TokenRefreshFailed | Kind::UpstreamUnreachable => {
+                accounts.contains(subject)
+            }
             Kind::CredentialExpiring => credentials.contains(subject),
             // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
             Kind::Dead | Kind::QueueAge | Kind::DiskFull => true,
@@ -238,6 +245,39 @@ impl Tracker {
                 });
             }
             Event::Accepted { .. } | Event::Deferred { .. } | Event::RecipientsRefused { .. } => {}
+        }
+        out
+    }
+
+    /// Now and then: each configured account's SMTP upstream as the daemon last saw it (`None`: it answers).
+    /// An outage is announced once it has lasted [`UNREACHABLE_ALERT`], so that a blip is not an incident.
+    pub fn unreachable(
+        &mut self,
+        now: SystemTime,
+        reports: &[(String, Option<crate::upstream::transports::Unreachable>)],
+    ) -> Vec<Notice> {
+        let mut out = Vec::new();
+        for (account, report) in reports {
+            if !self.follows(account) {
+                continue;
+            }
+            match report {
+                Some(r) => {
+                    let down = now.duration_since(r.since).unwrap_or_default();
+                    if down < UNREACHABLE_ALERT {
+                        continue;
+                    }
+                    self.opening(Kind::UpstreamUnreachable, account, now, None, &mut out, || {
+                        format!("account {account}: its upstream {} has not answered a connection for {} (last: {}); its mail waits in the queue, untried, and goes once it answers. Check the network path and the upstream's address (`relay test {account}`).", r.upstream, age(down), r.reason)
+                    });
+                }
+                None => self.closing(Kind::UpstreamUnreachable, account, now, &mut out, |i| {
+                    format!(
+                        "account {account}: its upstream answers again (it did not from {}).",
+                        humantime::format_rfc3339_seconds(i.opened)
+                    )
+                }),
+            }
         }
         out
     }
@@ -406,7 +446,7 @@ impl Tracker {
 
 fn notice(i: &Incident, state: State, text: String, at: SystemTime) -> Notice {
     let account = match i.kind {
-        Kind::QueueAge => None,
+        Kind::QueueAge | Kind::DiskFull => None,
         Kind::Dead if i.subject == QUEUE => None,
         Kind::CredentialExpiring => i.subject.split('/').next().map(str::to_string),
         _ => Some(i.subject.clone()),
@@ -447,6 +487,44 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_down_for_five_minutes_is_an_incident_of_its_account() {
+        use crate::upstream::transports::Unreachable;
+        let mut t = tracker();
+        t.follow(HashSet::from(["office".to_string()]), &[]);
+        let down = |since: SystemTime| {
+            vec![(
+                "office".to_string(),
+                Some(Unreachable {
+                    upstream: "smtp.example.com:587".into(),
+                    since,
+                    reason: "connection refused".into(),
+                }),
+            )]
+        };
+        assert!(t.unreachable(at(100), &down(at(0))).is_empty(), "a blip");
+        let opened = t.unreachable(at(400), &down(at(0)));
+        assert_eq!(
+            states(&opened),
+            [("upstream_unreachable:office".to_string(), State::Open)]
+        );
+        assert_eq!(opened[0].account.as_deref(), Some("office"));
+        assert!(t.unreachable(at(500), &down(at(0))).is_empty());
+        let closed = t.unreachable(at(600), &[("office".to_string(), None)]);
+        assert_eq!(
+            states(&closed),
+            [("upstream_unreachable:office".to_string(), State::Recovered)]
+        );
+        // An account no longer configured opens nothing.
+        assert!(
+            t.unreachable(
+                at(700),
+                &[("gone".to_string(), down(at(0)).pop().and_then(|(_, r)| r))]
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
     fn a_full_disk_is_one_incident_until_it_has_room_again() {
         use crate::queue::room::{DiskReport, Free};
         let mut t = tracker();
@@ -466,6 +544,7 @@ mod tests {
             [("disk_full:queue".to_string(), State::Open)]
         );
         assert!(opened[0].text.contains("452 4.3.1"), "{}", opened[0].text);
+        assert_eq!(opened[0].account, None);
         assert!(t.disk(at(20), Some(&report(10))).is_empty());
         assert!(t.disk(at(25), None).is_empty(), "unreadable: no change");
         let closed = t.disk(at(30), Some(&report(9 << 20)));

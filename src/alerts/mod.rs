@@ -133,7 +133,14 @@ impl Alerts {
         self.tracker()
             .open()
             .into_iter()
-            .filter(|i| matches!(i.kind, Kind::AuthorizationNeeded | Kind::TokenRefreshFailed))
+            .filter(|i| {
+                matches!(
+                    i.kind,
+                    Kind::AuthorizationNeeded
+                        | Kind::TokenRefreshFailed
+                        | Kind::UpstreamUnreachable
+                )
+            })
             .map(|i| i.subject)
             .collect()
     }
@@ -220,6 +227,7 @@ pub async fn run(
             }
             Next::Tick => {
                 let snapshot = reader.snapshot().await;
+                let reports = unreachable_reports(&notifier.state_dir, &alerts.current()).await;
                 let c = &snapshot.census;
                 let found = {
                     let mut t = alerts.tracker();
@@ -231,6 +239,7 @@ pub async fn run(
                     let mut found =
                         t.tick(now, c.oldest_age(), c.queued + c.deferred, &setup.expiries);
                     found.extend(t.disk(now, disk.as_ref()));
+                    found.extend(t.unreachable(now, &reports));
                     found
                 };
                 alerts.announce(found);
@@ -251,6 +260,26 @@ pub async fn run(
     })
     .await;
     save(&alerts).await;
+}
+
+/// Each configured account's unreachable report (`relay status` reads the same files), on the blocking pool.
+async fn unreachable_reports(
+    state_dir: &Path,
+    setup: &Setup,
+) -> Vec<(String, Option<crate::upstream::transports::Unreachable>)> {
+    let names: Vec<String> = setup.account_names().into_iter().collect();
+    let state_dir = state_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        names
+            .into_iter()
+            .map(|n| {
+                let r = crate::upstream::transports::read_unreachable(&state_dir, &n);
+                (n, r)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// [`Alerts::save`] on the blocking pool: the runtime's threads never wait on the disk.
