@@ -207,7 +207,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Authorize { account } => authorize(&config()?, &account),
-        Command::Status { json } => status(&inspect()?, json),
+        // Exit 2 as `relay check`, not 1: a monitoring script must not read a config it cannot parse as mail
+        // needing attention.
+        Command::Status { json } => match inspect() {
+            Ok(c) => status(&c, json),
+            Err(e) => Ok(invalid(&e)),
+        },
         Command::Queue(q) => queue(&inspect()?, q),
         Command::Test { account, to } => test(&config()?, &account, &to),
     }

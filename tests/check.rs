@@ -455,3 +455,24 @@ fn a_listener_key_that_is_not_its_certificates_names_both_files() {
     );
     assert!(err.contains("its chain after it"), "{err}");
 }
+
+/// `relay status` on a config it cannot read says so as `relay check` does, and exits 2 as it does: 1 would read
+/// to a monitoring script as mail needing attention.
+#[test]
+fn status_on_an_invalid_config_exits_as_check_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[queue]\nmax_age = \"5d\"\nretries = 3\n",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let status = relay(&["status"], &config);
+    let check = relay(&["check"], &config);
+    assert_eq!(status.status.code(), Some(2), "{}", text(&status.stderr));
+    assert_eq!(text(&status.stderr), text(&check.stderr));
+    assert!(text(&status.stderr).contains("relay: invalid config: "));
+}
