@@ -1346,3 +1346,50 @@ async fn an_upstream_that_comes_back_is_seen_without_mail_to_try_it() {
     assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// The same with the queue emptied during the outage (the message deleted): once the upstream answers again,
+/// `relay status` says the account is ok, though no message has gone through it since (before, it stayed
+/// `failing` on its last deferral until the next message, and a monitoring check with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_is_ok_again_when_its_upstream_answers_with_nothing_queued() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Silent {
+        idp: _idp,
+        upstream,
+        dir,
+        config,
+        mut daemon,
+    } = Silent::with("retry = [\"1h\"]", 1).await;
+    daemon.wait_log("the upstream cannot be reached");
+    let deferred = daemon.wait_log("relay_event=\"deferred\"");
+    let id = deferred
+        .split("relay_queue_id=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .expect("the deferred line names its message")
+        .to_string();
+    let deleted = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["queue", "delete", &id, "--config"])
+            .arg(&config),
+    );
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert_eq!(status_json(&config).1["accounts"][0]["state"], "failing");
+    upstream.silent.store(false, SeqCst);
+    daemon.wait_log("the upstream can be reached again");
+    // The report is written just after the line: looked at until it is (bounded).
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        let (code, doc) = status_json(&config);
+        if doc["accounts"][0]["state"] == "ok" {
+            assert_eq!(code, Some(0), "{doc}");
+            assert_eq!(doc["accounts"][0]["last_delivery"]["outcome"], "reachable");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{doc}");
+        tick.tick().await;
+    }
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

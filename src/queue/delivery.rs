@@ -74,7 +74,8 @@ pub struct Account {
 pub struct LastDelivery {
     #[serde(with = "humantime_serde")]
     pub at: SystemTime,
-    /// `delivered`, `deferred` or `dead`.
+    /// `delivered`, `deferred` or `dead`; or `reachable`: the upstream answers again after an outage during which
+    /// the last message was deferred, and no message went since.
     pub outcome: String,
     pub reply: String,
 }
@@ -665,9 +666,29 @@ impl Delivery {
                 continue;
             }
             let (account, recovered) = (account.clone(), self.recovered.clone());
+            let state_dir = self.paths.state_dir().to_path_buf();
             tokio::spawn(async move {
                 account.transports.check_reach().await;
-                note_came_back(&recovered, &account);
+                let Some(since) = note_came_back(&recovered, &account) else {
+                    return;
+                };
+                // The account's report still says its last message was deferred in the outage: `relay status`
+                // would call it failing until the next message, hours away on a quiet relay.
+                let down_since = SystemTime::now()
+                    .checked_sub(since.elapsed())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if read_last_delivery(&state_dir, &account.name)
+                        .is_some_and(|d| d.outcome == "deferred" && d.at >= down_since)
+                    {
+                        account.record(
+                            &state_dir,
+                            "reachable",
+                            "the upstream answers again; no message has gone through it since",
+                        );
+                    }
+                })
+                .await;
             });
         }
     }
@@ -1742,13 +1763,17 @@ struct Sending<'a> {
     flags: MailFlags,
 }
 
-/// Adds `account` to `recovered` if its upstream answers again since this was last asked (earliest outage kept).
-fn note_came_back(recovered: &Mutex<HashMap<String, std::time::Instant>>, account: &Account) {
-    if let Some(since) = account.transports.take_came_back() {
-        let mut recovered = lock(recovered);
-        let at = recovered.entry(account.name.clone()).or_insert(since);
-        *at = (*at).min(since);
-    }
+/// Adds `account` to `recovered` if its upstream answers again since this was last asked (earliest outage kept);
+/// since when it did not, if so.
+fn note_came_back(
+    recovered: &Mutex<HashMap<String, std::time::Instant>>,
+    account: &Account,
+) -> Option<std::time::Instant> {
+    let since = account.transports.take_came_back()?;
+    let mut recovered = lock(recovered);
+    let at = recovered.entry(account.name.clone()).or_insert(since);
+    *at = (*at).min(since);
+    Some(since)
 }
 
 /// Messages whose attempt count alone is kept in memory while their state files cannot be written: about 100
