@@ -132,7 +132,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 /// `SubmissionQuotaExceeded`), 5.7.x, nor Microsoft's 5.2.252 (SendAsDenied): every later message meets those too.
 /// Through Graph: invalid recipients or a message too large; through the Gmail API: a 400 `invalidArgument` (a
 /// header Gmail cannot read).
-fn refused_for_itself(reply: &str) -> bool {
+pub fn refused_for_itself(reply: &str) -> bool {
     // The HTTP transports' words for the same (`upstream::http::refusal`: "SERVICE STATUS CODE: message"),
     // looked for before the message, which is the upstream's own text.
     let codes = reply.split_once(": ").map_or(reply, |(codes, _)| codes);

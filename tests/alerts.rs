@@ -419,7 +419,8 @@ async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery()
 
 /// An account's upstream that has not answered for five minutes (as the daemon records it for `relay status`,
 /// in `accounts/office.unreachable.json`, written here as the daemon would) is an incident of its own, and
-/// recovers when it answers again (the report removed): before, only `queue_age` (an hour by default) said so.
+/// recovers when it is seen answering again (the report removed, and a delivery): before, only `queue_age` (an
+/// hour by default) said so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_down_for_minutes_is_announced_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -448,7 +449,10 @@ async fn an_upstream_down_for_minutes_is_announced_and_recovers() {
     .unwrap();
     let line = daemon.wait_log("alert open: upstream_unreachable");
     assert!(line.contains("relay_account=office"), "{line}");
+    // The report gone (as at a restart) is not enough: the upstream must be seen answering, here by a delivery.
     std::fs::remove_file(&report).unwrap();
+    send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    daemon.wait_log("relay_event=\"delivered\"");
     daemon.wait_log("alert recovered: upstream_unreachable");
     daemon.wait_log(
         "relay_event=\"alert_sent\" channel=\"webhook\" incident=upstream_unreachable:office",

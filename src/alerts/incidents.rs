@@ -122,6 +122,14 @@ pub struct Tracker {
 }
 
 const QUEUE: &str = "queue";
+/// One account's upstream for [`Tracker::unreachable`]: its unreachable report, and when it was last seen answering
+/// (the account's last delivery, when it was `delivered` or `reachable`).
+pub struct UpstreamReport {
+    pub account: String,
+    pub down: Option<crate::upstream::transports::Unreachable>,
+    pub answered_at: Option<SystemTime>,
+}
+
 /// How long an upstream may not answer before it is an incident.
 pub const UNREACHABLE_ALERT: Duration = Duration::from_secs(5 * 60);
 
@@ -249,34 +257,46 @@ impl Tracker {
         out
     }
 
-    /// Now and then: each configured account's SMTP upstream as the daemon last saw it (`None`: it answers).
-    /// An outage is announced once it has lasted [`UNREACHABLE_ALERT`], so that a blip is not an incident.
-    pub fn unreachable(
-        &mut self,
-        now: SystemTime,
-        reports: &[(String, Option<crate::upstream::transports::Unreachable>)],
-    ) -> Vec<Notice> {
+    /// Now and then: each configured account's SMTP upstream as the daemon last saw it. An outage is announced
+    /// once it has lasted [`UNREACHABLE_ALERT`], so that a blip is not an incident; it recovers only once the
+    /// upstream was seen answering after the incident opened (a delivery, or the idle check's greeting): no
+    /// report alone is not enough, since a restart or a reload removes the reports before anything is tried.
+    pub fn unreachable(&mut self, now: SystemTime, reports: &[UpstreamReport]) -> Vec<Notice> {
         let mut out = Vec::new();
-        for (account, report) in reports {
+        for UpstreamReport {
+            account,
+            down,
+            answered_at,
+        } in reports
+        {
             if !self.follows(account) {
                 continue;
             }
-            match report {
+            match down {
                 Some(r) => {
                     let down = now.duration_since(r.since).unwrap_or_default();
                     if down < UNREACHABLE_ALERT {
                         continue;
                     }
                     self.opening(Kind::UpstreamUnreachable, account, now, None, &mut out, || {
-                        format!("account {account}: its upstream {} has not answered a connection for {} (last: {}); its mail waits in the queue, untried, and goes once it answers. Check the network path and the upstream's address (`relay test {account}`).", r.upstream, age(down), r.reason)
+                        format!("account {account}: its upstream {} has not answered a connection for {} (last: {}); its mail waits in the queue, untried (or goes through another account of its route), and goes once it answers. Check the network path and the upstream's address (`relay test {account}`).", r.upstream, age(down), r.reason)
                     });
                 }
-                None => self.closing(Kind::UpstreamUnreachable, account, now, &mut out, |i| {
-                    format!(
-                        "account {account}: its upstream answers again (it did not from {}).",
-                        humantime::format_rfc3339_seconds(i.opened)
-                    )
-                }),
+                None => {
+                    let seen = self
+                        .open
+                        .get(&(Kind::UpstreamUnreachable, account.clone()))
+                        .is_some_and(|i| answered_at.is_some_and(|at| at >= i.opened));
+                    if !seen {
+                        continue;
+                    }
+                    self.closing(Kind::UpstreamUnreachable, account, now, &mut out, |i| {
+                        format!(
+                            "account {account}: its upstream answers again (the alert opened at {}).",
+                            humantime::format_rfc3339_seconds(i.opened)
+                        )
+                    });
+                }
             }
         }
         out
@@ -491,16 +511,16 @@ mod tests {
         use crate::upstream::transports::Unreachable;
         let mut t = tracker();
         t.follow(HashSet::from(["office".to_string()]), &[]);
-        let down = |since: SystemTime| {
-            vec![(
-                "office".to_string(),
-                Some(Unreachable {
-                    upstream: "smtp.example.com:587".into(),
-                    since,
-                    reason: "connection refused".into(),
-                }),
-            )]
+        let report = |account: &str, since: Option<SystemTime>, answered_at| UpstreamReport {
+            account: account.to_string(),
+            down: since.map(|since| Unreachable {
+                upstream: "smtp.example.com:587".into(),
+                since,
+                reason: "connection refused".into(),
+            }),
+            answered_at,
         };
+        let down = |since: SystemTime| vec![report("office", Some(since), None)];
         assert!(t.unreachable(at(100), &down(at(0))).is_empty(), "a blip");
         let opened = t.unreachable(at(400), &down(at(0)));
         assert_eq!(
@@ -509,18 +529,20 @@ mod tests {
         );
         assert_eq!(opened[0].account.as_deref(), Some("office"));
         assert!(t.unreachable(at(500), &down(at(0))).is_empty());
-        let closed = t.unreachable(at(600), &[("office".to_string(), None)]);
+        // No report, and nothing seen answering since (a restart removed the report): still open.
+        assert!(
+            t.unreachable(at(550), &[report("office", None, Some(at(10)))])
+                .is_empty()
+        );
+        let closed = t.unreachable(at(600), &[report("office", None, Some(at(590)))]);
         assert_eq!(
             states(&closed),
             [("upstream_unreachable:office".to_string(), State::Recovered)]
         );
         // An account no longer configured opens nothing.
         assert!(
-            t.unreachable(
-                at(700),
-                &[("gone".to_string(), down(at(0)).pop().and_then(|(_, r)| r))]
-            )
-            .is_empty()
+            t.unreachable(at(700), &[report("gone", Some(at(0)), None)])
+                .is_empty()
         );
     }
 

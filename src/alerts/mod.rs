@@ -253,28 +253,43 @@ pub async fn run(
             outbox.post(n.clone());
         }
     }
-    // What waits is tried once more, for a few seconds at most.
-    let _ = tokio::time::timeout(DRAIN, async {
-        let [webhook, mail] = outboxes;
+    // What waits is tried once more, for a few seconds at most; what a sender could not get to is counted here.
+    let unsent: usize = outboxes.iter().map(Outbox::unsent).sum();
+    let [webhook, mail] = outboxes;
+    let closed = tokio::time::timeout(DRAIN, async {
         tokio::join!(webhook.close(), mail.close());
     })
     .await;
+    if closed.is_err() && unsent > 0 {
+        crate::metrics::global()
+            .alerts_dropped
+            .inc_by(unsent as u64);
+        tracing::warn!(
+            notices = unsent,
+            "alert notices still being sent at the stop may be lost"
+        );
+    }
     save(&alerts).await;
 }
 
-/// Each configured account's unreachable report (`relay status` reads the same files), on the blocking pool.
-async fn unreachable_reports(
-    state_dir: &Path,
-    setup: &Setup,
-) -> Vec<(String, Option<crate::upstream::transports::Unreachable>)> {
+/// Each configured account's unreachable report and last delivery (`relay status` reads the same files), on the
+/// blocking pool.
+async fn unreachable_reports(state_dir: &Path, setup: &Setup) -> Vec<incidents::UpstreamReport> {
     let names: Vec<String> = setup.account_names().into_iter().collect();
     let state_dir = state_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         names
             .into_iter()
-            .map(|n| {
-                let r = crate::upstream::transports::read_unreachable(&state_dir, &n);
-                (n, r)
+            .map(|account| {
+                let down = crate::upstream::transports::read_unreachable(&state_dir, &account);
+                let answered_at = crate::queue::delivery::read_last_delivery(&state_dir, &account)
+                    .filter(|d| matches!(d.outcome.as_str(), "delivered" | "reachable"))
+                    .map(|d| d.at);
+                incidents::UpstreamReport {
+                    account,
+                    down,
+                    answered_at,
+                }
             })
             .collect()
     })

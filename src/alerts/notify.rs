@@ -142,8 +142,11 @@ impl Notifier {
                     return Sent::Yes;
                 }
                 other => {
-                    refused &= matches!(other, Outcome::Permanent(_))
-                        || matches!(&other, Outcome::Refused { refused, .. } if refused.iter().all(|r| r.permanent));
+                    // Only a refusal of the message itself (the address, its size), not of the account (a
+                    // blocked sender, SendAsDenied, 5.7.x), which another account or a later try may not meet.
+                    refused &= (matches!(other, Outcome::Permanent(_))
+                        || matches!(&other, Outcome::Refused { refused, .. } if refused.iter().all(|r| r.permanent)))
+                        && crate::status::refused_for_itself(other.reply());
                     errors.push(format!("{}: {}", m.account.name, other.reply()));
                 }
             }

@@ -4,12 +4,14 @@
 //! accounts, and the incident may be that very account's) is tried again later, with a growing pause, and in
 //! order: an incident's opening before its recovery. One the channel refuses for good (a webhook's 4xx, mail
 //! refused for good) is not tried again. Each channel waits for itself only: a webhook that times out holds up
-//! neither the mail nor the alerts' looks at the queue. Bounded: about [`QUEUED`] notices wait per channel
-//! (past that the oldest is dropped), one that could not be sent for [`GIVE_UP`] is dropped, and what still waits
-//! at a stop after one more try is dropped: each with a line, and counted (`relay_alerts_dropped_total`).
+//! neither the mail nor the alerts' looks at the queue. Bounded: [`QUEUED`] notices wait per channel (past
+//! that the oldest is dropped) and as many more may be handed over (past that the newest is), one that could not
+//! be sent for [`GIVE_UP`] is dropped, and what still waits at a stop after one more try is dropped: each with a
+//! line, and counted (`relay_alerts_dropped_total`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -18,8 +20,9 @@ use super::{Alerts, Notice, Notifier};
 
 /// Notices waiting per channel, those being retried included (and a few more handed over meanwhile).
 const QUEUED: usize = 64;
-/// Notices handed over and not yet taken by the sender (it takes them between tries).
-const HANDED: usize = 8;
+/// Notices handed over and not yet taken by the sender (it takes them between tries, which may last minutes:
+/// a burst, one incident per account at once, must fit).
+const HANDED: usize = 64;
 /// The pause before a failed notice is tried again, doubling up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
@@ -58,13 +61,21 @@ pub enum Sent {
 pub struct Outbox {
     tx: mpsc::Sender<Notice>,
     task: tokio::task::JoinHandle<()>,
+    /// Notices the sender holds, for the count of those a stop drops when the sender cannot finish in time.
+    held: Arc<AtomicUsize>,
 }
 
 impl Outbox {
     pub fn start(channel: Channel, alerts: Arc<Alerts>, notifier: Arc<Notifier>) -> Outbox {
         let (tx, rx) = mpsc::channel(HANDED);
-        let task = tokio::spawn(sender(channel, rx, alerts, notifier));
-        Outbox { tx, task }
+        let held = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(sender(channel, rx, alerts, notifier, held.clone()));
+        Outbox { tx, task, held }
+    }
+
+    /// Notices this channel has not sent yet: handed over, or waiting.
+    pub fn unsent(&self) -> usize {
+        self.held.load(Ordering::Relaxed) + (HANDED - self.tx.capacity())
     }
 
     /// Hands a notice over without waiting; a channel too far behind drops it (counted).
@@ -91,6 +102,7 @@ async fn sender(
     mut rx: mpsc::Receiver<Notice>,
     alerts: Arc<Alerts>,
     notifier: Arc<Notifier>,
+    held: Arc<AtomicUsize>,
 ) {
     let mut waiting: VecDeque<Notice> = VecDeque::new();
     let mut pause = RETRY_FIRST;
@@ -107,6 +119,7 @@ async fn sender(
         while let Ok(n) = rx.try_recv() {
             take(&mut waiting, n);
         }
+        held.store(waiting.len(), Ordering::Relaxed);
         let due = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
         if let Some(front) = waiting.front()
             && (due || !open)

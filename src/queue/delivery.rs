@@ -668,10 +668,15 @@ impl Delivery {
             let (account, recovered) = (account.clone(), self.recovered.clone());
             let state_dir = self.paths.state_dir().to_path_buf();
             tokio::spawn(async move {
-                account.transports.check_reach().await;
+                let greeted = account.transports.check_reach().await;
                 let Some(since) = note_came_back(&recovered, &account) else {
                     return;
                 };
+                // Answered only to refuse (a 421 or 554 greeting, a failed TLS handshake): its mail will be
+                // deferred still, and the account stays failing on its last deferral.
+                if !greeted {
+                    return;
+                }
                 // The account's report still says its last message was deferred in the outage: `relay status`
                 // would call it failing until the next message, hours away on a quiet relay.
                 let down_since = SystemTime::now()

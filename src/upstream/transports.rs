@@ -266,15 +266,17 @@ impl Transports {
     }
 
     /// An SMTP upstream that is down, with its hold over and no try under way: tried once without a message
-    /// ([`super::smtp::SmtpUpstream::check_reach`]), and the report kept in step.
-    pub async fn check_reach(&self) {
+    /// ([`super::smtp::SmtpUpstream::check_reach`]), and the report kept in step. Whether it greeted with 220.
+    pub async fn check_reach(&self) -> bool {
         if let Primary::Smtp(s) = &self.primary
             && !self.graph_now()
             && self.reachability(std::time::Instant::now()) == super::smtp::Reachability::Probe
         {
-            s.check_reach().await;
+            let greeted = s.check_reach().await;
             self.record_reach();
+            return greeted;
         }
+        false
     }
 
     /// Keeps [`Unreachable`]'s file in step with the SMTP upstream: written when it stops answering, removed

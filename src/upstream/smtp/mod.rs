@@ -280,34 +280,38 @@ impl SmtpUpstream {
     ///
     /// Not more often than [`IDLE_CHECK_FIRST`] at first, the pause doubling up to [`IDLE_CHECK_MAX`] while it
     /// stays down: a long outage of an idle relay costs a connection every few minutes.
-    pub async fn check_reach(&self) {
+    ///
+    /// Whether it greeted with 220 (an answer that refuses, a 421 or 554 greeting or a failed TLS handshake, ends
+    /// the outage too, but says nothing good about the upstream).
+    pub async fn check_reach(&self) -> bool {
         let now = Instant::now();
         let next = match self.idle_check.lock() {
             Ok(c) => *c,
-            Err(_) => return,
+            Err(_) => return false,
         };
         if next.is_some_and(|(at, _)| now < at) {
-            return;
+            return false;
         }
         let tried = match self.reach.before(now) {
             Before::Connect(t) if t.is_probe() => t,
-            _ => return,
+            _ => return false,
         };
-        let answered = match Conn::connect(&self.settings, None, Some(&self.open)).await {
+        let (answered, greeted) = match Conn::connect(&self.settings, None, Some(&self.open)).await
+        {
             Ok(conn) => {
                 self.answered(tried, Instant::now());
                 conn.quit().await;
-                true
+                (true, true)
             }
             Err(f) if f.answered => {
                 self.answered(tried, Instant::now());
-                true
+                (true, false)
             }
             Err(f) => {
                 let failed = outcome(f.failure);
                 tracing::debug!(relay_account = %self.account, reason = %failed.reply(), "the upstream still cannot be reached");
                 let _ = tried.unanswered(Instant::now(), self.settings.timeout, failed.reply());
-                false
+                (false, false)
             }
         };
         if let Ok(mut c) = self.idle_check.lock() {
@@ -316,6 +320,7 @@ impl SmtpUpstream {
                 (Instant::now() + pause, pause)
             });
         }
+        greeted
     }
 
     /// Whether a connection may be tried now (`reach.rs`).
