@@ -45,6 +45,8 @@ fuzz_target!(|input: &[u8]| {
             match session.next(&mut rest) {
                 Step::NeedInput => break,
                 Step::Reply(r) | Step::Data(r) => check(&r.to_string()),
+                // The queue has room or not, as the declared size says: both answers are fuzzed.
+                Step::Room(size) => check(&session.room_checked(size % 2 == 0).to_string()),
                 Step::StartTls(r) => {
                     check(&r.to_string());
                     session.tls_started();
