@@ -10,16 +10,24 @@ use relay::smtp::data::Progress;
 use relay::smtp::session::{Policy, Session, Step};
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&knobs, data)) = input.split_first() else { return };
+    let Some((&knobs, data)) = input.split_first() else {
+        return;
+    };
     let policy = Arc::new(Policy {
         hostname: "fuzz".into(),
         listener: "127.0.0.1:25".into(),
-        auth: [AuthPolicy::None, AuthPolicy::Optional, AuthPolicy::Required][usize::from(knobs % 3)],
+        auth: [AuthPolicy::None, AuthPolicy::Optional, AuthPolicy::Required]
+            [usize::from(knobs % 3)],
         plaintext_auth: knobs & 4 != 0,
         starttls: knobs & 8 != 0,
-        bare_lf: [BareLineEndings::Reject, BareLineEndings::Normalize, BareLineEndings::Lenient][usize::from(knobs >> 4) % 3],
+        bare_lf: [
+            BareLineEndings::Reject,
+            BareLineEndings::Normalize,
+            BareLineEndings::Lenient,
+        ][usize::from(knobs >> 4) % 3],
         max_message_size: 4096,
         max_recipients: 3,
+        postmaster: (knobs & 64 != 0).then(|| "admin@example.com".into()),
     });
     let mut session = Session::new(policy, "192.0.2.1:4000".parse().unwrap(), false);
     let cut = usize::from(knobs >> 5) * 7 + 1;
@@ -53,7 +61,11 @@ fuzz_target!(|input: &[u8]| {
                     rest = &[];
                 }
                 Step::Authenticate(c) => {
-                    let step = if c.username.len() % 2 == 0 { session.auth_succeeded(c.username) } else { session.auth_failed() };
+                    let step = if c.username.len() % 2 == 0 {
+                        session.auth_succeeded(c.username)
+                    } else {
+                        session.auth_failed()
+                    };
                     if let Step::Close(_) = step {
                         return;
                     }
