@@ -332,6 +332,16 @@ impl QueueAge {
     }
 }
 
+/// The webhook answers its next `times` posts with `status`, then as before.
+async fn webhook_answers(hook: &MockServer, status: u16, times: u64) {
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(status))
+        .up_to_n_times(times)
+        .with_priority(1)
+        .mount(hook)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains() {
     let QueueAge {
@@ -351,12 +361,7 @@ async fn a_queue_older_than_queue_age_is_announced_and_recovers_once_it_drains()
     );
     // The upstream takes mail again; a retry empties the queue.
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let retried = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", "--all", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(retried.status.success(), "{retried:?}");
+    queue_retry(&config, "--all");
     upstream.next().await;
     let line = daemon.wait_log("relay_event=\"alert\"");
     assert!(
@@ -383,24 +388,14 @@ async fn a_notice_the_webhook_could_not_take_is_sent_again_before_the_recovery()
         hook,
     } = QueueAge::new().await;
     // The first three posts (one notice's tries) fail.
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(503))
-        .up_to_n_times(3)
-        .with_priority(1)
-        .mount(&hook)
-        .await;
+    webhook_answers(&hook, 503, 3).await;
     let mut daemon = Daemon::spawn(&config);
     send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
     daemon.wait_log("alert open: queue_age");
     daemon.wait_log("relay_event=\"alert_failed\"");
     daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let retried = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", "--all", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(retried.status.success(), "{retried:?}");
+    queue_retry(&config, "--all");
     upstream.next().await;
     daemon.wait_log("alert recovered: queue_age");
     daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
@@ -487,23 +482,13 @@ async fn a_notice_the_webhook_refuses_for_good_is_not_retried() {
         config,
         hook,
     } = QueueAge::new().await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .respond_with(wiremock::ResponseTemplate::new(400))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&hook)
-        .await;
+    webhook_answers(&hook, 400, 1).await;
     let mut daemon = Daemon::spawn(&config);
     send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
     let refused = daemon.wait_log("relay_event=\"alert_failed\"");
     assert!(refused.contains("not sent again"), "{refused}");
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let retried = std::process::Command::new(relay_bin())
-        .args(["queue", "retry", "--all", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(retried.status.success(), "{retried:?}");
+    queue_retry(&config, "--all");
     upstream.next().await;
     daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=queue_age:queue");
     let states: Vec<String> = notices(&hook)
