@@ -1253,12 +1253,7 @@ async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_p
         &upstream,
         "max_connections = 1\n[queue]\nretry = [\"1h\"]\n",
     );
-    let mut relay = TestRelay::start_with(
-        dir,
-        &top,
-        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    )
-    .await;
+    let mut relay = TestRelay::start_with(dir, &top, common::idp::LISTENER).await;
     for _ in 0..3 {
         accepted_during_fault(&relay).await;
     }
@@ -1298,12 +1293,7 @@ async fn a_token_replaced_after_a_refusal_is_renewed_in_its_own_time() {
         Duration::from_secs(3600),
     );
     let top = account_top(dir.path(), &idp.uri(), &upstream, "");
-    let relay = TestRelay::start_with(
-        dir,
-        &top,
-        "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    )
-    .await;
+    let relay = TestRelay::start_with(dir, &top, common::idp::LISTENER).await;
     accepted_during_fault(&relay).await;
     assert!(upstream.next().await.auth.contains("Bearer fresh-0"));
     // No more mail: the refresher alone asks for the next token, 15 s before fresh-0 expires.
