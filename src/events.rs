@@ -58,6 +58,13 @@ pub enum Event<'a> {
         account: &'a str,
         why: &'a str,
     },
+    /// The upstream refused the account's freshly fetched token too (a mailbox without SMTP AUTH, a missing
+    /// permission, a tenant that blocks the app): the account's mail waits, held, until a delivery through it
+    /// works. `why`: the upstream's reply and its diagnosis.
+    LoginRefused {
+        account: &'a str,
+        why: &'a str,
+    },
 }
 
 /// Something that acts on events as they happen.

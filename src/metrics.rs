@@ -61,6 +61,7 @@ pub struct Metrics {
     pub alerts_dropped: IntCounter,
     pub bounces: IntCounter,
     recipients_refused: IntCounterVec,
+    login_refusals: IntCounterVec,
     /// The accounts whose series exist ([`Metrics::know_accounts`], [`Metrics::forget_accounts`]).
     accounts: RwLock<HashSet<String>>,
 }
@@ -211,6 +212,14 @@ impl Metrics {
                     &["account"],
                 ),
             ),
+            login_refusals: reg(
+                &registry,
+                counters(
+                    "relay_upstream_login_refusals_total",
+                    "Times the upstream refused an account's freshly fetched token (its mail then waits), per account.",
+                    &["account"],
+                ),
+            ),
             accounts: RwLock::new(HashSet::new()),
             registry,
         }
@@ -227,7 +236,8 @@ impl Metrics {
             | Event::RecipientsRefused { account, .. }
             | Event::TokenRefreshed { account }
             | Event::TokenRefreshFailed { account, .. }
-            | Event::AuthorizationNeeded { account, .. } => Some(account),
+            | Event::AuthorizationNeeded { account, .. }
+            | Event::LoginRefused { account, .. } => Some(account),
             Event::Deferred { account, .. } | Event::Dead { account, .. } => account,
         };
         if gone(account) {
@@ -269,6 +279,9 @@ impl Metrics {
             | Event::AuthorizationNeeded { account, .. } => {
                 self.refresh_failures.with_label_values(&[account]).inc();
             }
+            Event::LoginRefused { account, .. } => {
+                self.login_refusals.with_label_values(&[account]).inc();
+            }
         }
     }
 
@@ -291,6 +304,7 @@ impl Metrics {
             self.refreshes.with_label_values(&[a]);
             self.refresh_failures.with_label_values(&[a]);
             self.recipients_refused.with_label_values(&[a]);
+            self.login_refusals.with_label_values(&[a]);
         }
         for channel in ["webhook", "mail"] {
             for result in ["sent", "failed"] {
@@ -311,6 +325,7 @@ impl Metrics {
             let _ = self.refreshes.remove_label_values(&[a]);
             let _ = self.refresh_failures.remove_label_values(&[a]);
             let _ = self.recipients_refused.remove_label_values(&[a]);
+            let _ = self.login_refusals.remove_label_values(&[a]);
         }
     }
 

@@ -472,6 +472,51 @@ async fn an_upstream_down_for_minutes_is_announced_and_recovers() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// The upstream refuses the account's login even with a fresh token (Microsoft's `535 5.7.139`: SMTP AUTH off for
+/// the mailbox, the most common reason an M365 relay stops sending): the account's mail waits, and the sysadmin
+/// hears it at once, with the diagnosis, not an hour later from `queue_age`. It recovers when mail goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_the_upstream_refuses_even_with_a_fresh_token_is_announced_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let refusal = "REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox.";
+    upstream.tokens.lock().unwrap().push(refusal.into());
+    let (config, hook) =
+        office_with_alerts(dir.path(), &idp, &upstream, "client_credentials", "").await;
+    let mut daemon = Daemon::spawn(&config);
+    for _ in 0..3 {
+        send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
+    }
+    let line = daemon.wait_log("relay_event=\"login_refused\"");
+    assert!(line.contains("relay_account=office"), "{line}");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=login_refused:office");
+
+    // The mailbox is allowed SMTP AUTH; the sysadmin says so with `relay queue retry --all`.
+    upstream.tokens.lock().unwrap().retain(|t| t != refusal);
+    queue_retry(&config, "--all");
+    for _ in 0..3 {
+        upstream.next().await;
+    }
+    daemon.wait_log("alert recovered: login_refused");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\" incident=login_refused:office");
+    let got: Vec<serde_json::Value> = notices(&hook)
+        .await
+        .into_iter()
+        .filter(|n| n["event"] == "login_refused")
+        .collect();
+    assert_eq!(got.len(), 2, "one opening, one recovery: {got:#?}");
+    assert_eq!(got[0]["state"], "open");
+    assert_eq!(got[0]["account"], "office");
+    let text = got[0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("5.7.139") && text.contains("fix:"),
+        "the upstream's words and what to do: {text}"
+    );
+    assert_eq!(got[1]["state"], "recovered");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 /// A notice the webhook refuses for good (a 4xx) is not tried again: the notices after it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_the_webhook_refuses_for_good_is_not_retried() {

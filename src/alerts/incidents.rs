@@ -14,6 +14,7 @@
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
 //! | `disk_full` | the state dir's filesystem has less than `[queue] min_free_space` left: new mail is refused | it has room again |
 //! | `upstream_unreachable` | an account's SMTP upstream has not answered a connection for [`UNREACHABLE_ALERT`] | it answers again |
+//! | `login_refused` | the upstream refused the account's freshly fetched token (SMTP AUTH off, a missing permission): its mail waits | a delivery through the account |
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -33,6 +34,7 @@ pub enum Kind {
     QueueAge,
     DiskFull,
     UpstreamUnreachable,
+    LoginRefused,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             Kind::QueueAge => "queue_age",
             Kind::DiskFull => "disk_full",
             Kind::UpstreamUnreachable => "upstream_unreachable",
+            Kind::LoginRefused => "login_refused",
         }
     }
 }
@@ -167,9 +170,10 @@ impl Tracker {
             .collect();
         let before = self.open.len();
         self.open.retain(|(kind, subject), _| match kind {
-            Kind::AuthorizationNeeded | Kind::TokenRefreshFailed | Kind::UpstreamUnreachable => {
-                accounts.contains(subject)
-            }
+            Kind::AuthorizationNeeded
+            | Kind::TokenRefreshFailed
+            | Kind::UpstreamUnreachable
+            | Kind::LoginRefused => accounts.contains(subject),
             Kind::CredentialExpiring => credentials.contains(subject),
             // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
             Kind::Dead | Kind::QueueAge | Kind::DiskFull => true,
@@ -203,6 +207,7 @@ impl Tracker {
             Event::AuthorizationNeeded { account, .. }
             | Event::TokenRefreshFailed { account, .. }
             | Event::TokenRefreshed { account }
+            | Event::LoginRefused { account, .. }
             | Event::Delivered { account, .. } => Some(account),
             _ => None,
         };
@@ -237,9 +242,22 @@ impl Tracker {
                     format!("account {account} is authorized again: a token was refreshed, and its mail goes out.")
                 });
             }
+            // Refused every few minutes while it lasts (each hold's end tries again): counted, said once. A new
+            // token does not close it (the upstream refused a fresh one); mail that goes through does.
+            Event::LoginRefused { account, why } => {
+                self.opening(Kind::LoginRefused, account, now, None, &mut out, || {
+                    format!("account {account}: the upstream refused its login with a freshly fetched token: {why}. Its mail waits in the queue and is tried again every few minutes (at once after `relay queue retry --all`); `relay test {account} --to ADDRESS` shows the upstream's answer.")
+                });
+            }
             Event::Delivered { account, .. } => {
                 self.closing(Kind::AuthorizationNeeded, account, now, &mut out, |_| {
                     format!("account {account} is authorized again: mail was delivered through it.")
+                });
+                self.closing(Kind::LoginRefused, account, now, &mut out, |i| {
+                    format!(
+                        "account {account}: the upstream takes its login again: mail was delivered through it (refused {} time(s) before).",
+                        i.count
+                    )
                 });
             }
             Event::Dead {
@@ -666,6 +684,44 @@ mod tests {
         };
         assert_eq!(t.event(&delivered, at(120))[0].state, State::Recovered);
         assert!(t.event(&delivered, at(180)).is_empty());
+    }
+
+    #[test]
+    fn a_refused_login_is_said_once_and_closes_on_a_delivery_not_on_a_new_token() {
+        let mut t = tracker();
+        let refused = Event::LoginRefused {
+            account: "office",
+            why: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox",
+        };
+        let opened = t.event(&refused, at(0));
+        assert_eq!(
+            states(&opened),
+            [("login_refused:office".into(), State::Open)]
+        );
+        assert!(opened[0].text.contains("5.7.139"), "{}", opened[0].text);
+        assert!(
+            t.event(&refused, at(300)).is_empty(),
+            "counted, not said again"
+        );
+        assert!(
+            t.event(&Event::TokenRefreshed { account: "office" }, at(400))
+                .is_empty(),
+            "a new token is not a login the upstream took"
+        );
+        let delivered = Event::Delivered {
+            id: QueueId::new(),
+            account: "office",
+        };
+        let closed = t.event(&delivered, at(500));
+        assert_eq!(
+            states(&closed),
+            [("login_refused:office".into(), State::Recovered)]
+        );
+        assert_eq!(closed[0].count, 2);
+        assert!(
+            t.event(&refused, at(600))[0].state == State::Open,
+            "a new incident"
+        );
     }
 
     #[test]

@@ -128,7 +128,8 @@ impl Alerts {
         }
     }
 
-    /// Accounts that alert mail should not go through: those with an open authorization or refresh incident.
+    /// Accounts that alert mail should not go through: those with an open authorization, refresh, reach or login
+    /// incident.
     fn unhealthy(&self) -> HashSet<String> {
         self.tracker()
             .open()
@@ -139,6 +140,7 @@ impl Alerts {
                     Kind::AuthorizationNeeded
                         | Kind::TokenRefreshFailed
                         | Kind::UpstreamUnreachable
+                        | Kind::LoginRefused
                 )
             })
             .map(|i| i.subject)

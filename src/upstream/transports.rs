@@ -483,7 +483,16 @@ impl Transports {
         drop(h);
         if !again {
             let d = super::diagnosis::Diagnosed::of(&reply, Some(&self.account));
-            tracing::warn!(relay_account = %self.account, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token){d}", humantime::format_duration(length));
+            tracing::warn!(relay_event = "login_refused", relay_account = %self.account, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token){d}", humantime::format_duration(length));
+            // An account with Graph to fall back on goes that way now (`send_now`): its mail does not wait.
+            let switching =
+                self.fallback.is_some() && smtp_auth_off(&Outcome::AuthRejected(reply.clone()));
+            if !switching {
+                crate::events::emit(crate::events::Event::LoginRefused {
+                    account: &self.account,
+                    why: &format!("{reply}{d}"),
+                });
+            }
         }
         drop(one);
         Outcome::Held { reply, tried: true }
