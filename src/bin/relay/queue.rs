@@ -1,0 +1,279 @@
+//! `relay queue`: list, show, retry and delete, printed for people or as JSON.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+
+use relay::config::Config;
+use relay::queue::retry::Retry;
+use relay::queue::{Place, QueueEntry, QueueStore};
+use relay::terminal::{printable_lines, printable_str as safe};
+
+use crate::{QueueCommand, age};
+
+pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
+    let store = QueueStore::new(&config.state_dir);
+    // Empty because the state dir is not there: most often the wrong one (another user's default, another config).
+    let note_missing = || {
+        if let Some(dir) = store.missing_state_dir() {
+            eprintln!(
+                "relay: note: the state dir {} does not exist, so nothing was ever queued there (config: {}); is it the one the daemon uses?",
+                dir.display(),
+                config.source
+            );
+        }
+    };
+    match cmd {
+        QueueCommand::List { json } => {
+            // Printed as read, one message at a time: a backlog of any size is listed in little memory.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut counts = [0usize; 2];
+            let mut print = |i: usize, e: QueueEntry| -> Result<()> {
+                if json {
+                    let sep = if counts == [0, 0] { "[" } else { "," };
+                    write!(out, "{sep}{}", serde_json::to_string(&e)?)?;
+                } else {
+                    if counts == [0, 0] {
+                        writeln!(
+                            out,
+                            "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  recipients",
+                            "id", "age", "size", "attempts", "next try", "sender"
+                        )?;
+                    }
+                    print_row(&mut out, &e)?;
+                }
+                counts[i] += 1;
+                Ok(())
+            };
+            let (queued, dead) = (store.order(Place::Queued)?, store.order(Place::Dead)?);
+            let unreadable_queued = store.each_entry(queued, |e| print(0, e))?;
+            let unreadable_dead = store.each_entry(dead, |e| print(1, e))?;
+            let [queued, dead] = counts;
+            if json {
+                writeln!(out, "{}", if queued + dead == 0 { "[]" } else { "]" })?;
+            } else if queued + dead == 0 {
+                writeln!(out, "queue is empty")?;
+            } else if dead == 0 {
+                writeln!(out, "{queued} message(s)")?;
+            } else {
+                writeln!(
+                    out,
+                    "{queued} message(s) queued, {dead} dead: failed for good, kept with their last error (`relay queue retry ID` sends one again, `relay queue delete ID` removes it)"
+                )?;
+            }
+            out.flush()?;
+            // On stderr, so that `--json` stays one document: the list above is not the whole queue.
+            for (place, n, then) in [
+                (
+                    Place::Queued,
+                    unreadable_queued,
+                    "the daemon moves to quarantine/ those that are not messages, and tries again those it cannot open until max_age",
+                ),
+                (Place::Dead, unreadable_dead, "look at them by hand"),
+            ] {
+                if n > 0 {
+                    eprintln!(
+                        "relay: note: {n} file(s) in {} cannot be read as messages and are not listed; {then}",
+                        store.dir(place).display()
+                    );
+                }
+            }
+            if queued > 0 {
+                note_held_accounts(config);
+            }
+            note_missing();
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Show { id, json } => {
+            let entry = store.entry(QueueStore::parse_id(&id)?)?;
+            if json {
+                println!("{}", serde_json::to_string(&entry)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let msg = &entry.message;
+            let env = &msg.envelope;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "id:          {}", env.id)?;
+            match entry.state {
+                Place::Queued => writeln!(out, "state:       queued")?,
+                Place::Dead => writeln!(
+                    out,
+                    "state:       dead (failed for good; `relay queue retry {}` sends it again, `relay queue delete {}` removes it)",
+                    env.id, env.id
+                )?,
+            }
+            writeln!(
+                out,
+                "received:    {} ({} ago)",
+                humantime::format_rfc3339_seconds(env.received_at),
+                age(env.received_at)
+            )?;
+            if let Some(t) = entry.requeued_at {
+                writeln!(
+                    out,
+                    "requeued:    {} ({} ago, moved back from dead/)",
+                    humantime::format_rfc3339_seconds(t),
+                    age(t)
+                )?;
+            }
+            // Everything the client or the upstream wrote is escaped: a header can hold terminal controls.
+            writeln!(
+                out,
+                "client:      {} (helo {})",
+                env.client,
+                safe(env.helo.as_deref().unwrap_or("-"))
+            )?;
+            writeln!(
+                out,
+                "user:        {}",
+                safe(env.user.as_deref().unwrap_or("-"))
+            )?;
+            writeln!(out, "listener:    {}", env.listener)?;
+            writeln!(out, "sender:      <{}>", safe(&env.sender))?;
+            writeln!(out, "recipients:  {}", safe(&env.recipients.join(", ")))?;
+            if !entry.finished.is_empty() {
+                writeln!(
+                    out,
+                    "finished:    {} (delivered to or refused for good; not sent to again)",
+                    safe(&entry.finished.join(", "))
+                )?;
+            }
+            writeln!(out, "size:        {} bytes", msg.size)?;
+            writeln!(out, "attempts:    {}", entry.attempts)?;
+            match (entry.state, entry.next_attempt) {
+                (Place::Dead, _) => writeln!(out, "next try:    none (dead)")?,
+                (Place::Queued, Some(t)) => writeln!(
+                    out,
+                    "next try:    {} ({})",
+                    humantime::format_rfc3339_seconds(t),
+                    next_try(Some(t))
+                )?,
+                (Place::Queued, None) => writeln!(out, "next try:    {}", next_try(None))?,
+            }
+            writeln!(
+                out,
+                "last error:  {}",
+                safe(entry.last_error.as_deref().unwrap_or("-"))
+            )?;
+            writeln!(out, "\n--- headers ({}) ---", msg.path.display())?;
+            out.write_all(printable_lines(&msg.header_block()?).as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Retry { id, all, dead } => {
+            let what = match (id, all) {
+                (Some(id), false) => Retry::One(QueueStore::parse_id(&id)?),
+                (None, true) => Retry::All { dead },
+                _ => anyhow::bail!("say which message (relay queue retry ID) or --all"),
+            };
+            let done = relay::queue::retry::retry(&config.state_dir, what)?;
+            match what {
+                Retry::One(id) if done.requeued > 0 => println!(
+                    "moved {id} from dead/ back to the queue, due now (attempts reset; the recipients it already reached are kept); a running relay picks it up within seconds"
+                ),
+                _ => println!(
+                    "{} message(s) due now; a running relay picks them up within seconds",
+                    done.due + done.requeued
+                ),
+            }
+            if matches!(what, Retry::All { .. }) && done.requeued > 0 {
+                println!(
+                    "{} of them moved back from dead/ (attempts reset)",
+                    done.requeued
+                );
+            }
+            if done.dead_left > 0 {
+                println!(
+                    "{} dead message(s) left in dead/: `relay queue retry ID` moves one back, `relay queue retry --all --dead` every one",
+                    done.dead_left
+                );
+            }
+            note_missing();
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Delete { id } => {
+            let id = QueueStore::parse_id(&id)?;
+            match store.delete(id)? {
+                Place::Queued => println!("deleted {id}"),
+                Place::Dead => println!("deleted {id} (from dead/)"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// One message per line; its last error, when it has one, on the line below.
+/// "next try: now" is when the daemon may try a message, not a promise that it will: mail for an account that
+/// needs authorizing, is paused, or whose upstream does not answer waits whatever its row says. Named on stderr,
+/// like `relay status` says it, so that `--json` stays one document.
+fn note_held_accounts(config: &Config) {
+    for account in &config.accounts {
+        let s = relay::status::account_status(config, account);
+        if s.state == "ok" {
+            continue;
+        }
+        let since = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let why = if let Some(u) = &s.unreachable {
+            format!(
+                "its upstream {} has not answered since {} ({}), as the daemon last saw it",
+                u.upstream,
+                since(u.since),
+                u.reason
+            )
+        } else if let Some(p) = &s.paused {
+            format!(
+                "the provider asked it to pause until {} ({})",
+                since(p.until),
+                p.reply
+            )
+        } else if let Some(e) = &s.last_error {
+            e.clone()
+        } else if let Some(d) = &s.last_delivery {
+            format!("its last delivery was {}: {}", d.outcome, d.reply)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "relay: note: account {} is {}: {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
+            account.name,
+            s.state,
+            safe(&why)
+        );
+    }
+}
+
+fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
+    let m = &entry.message;
+    let e = &m.envelope;
+    let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
+    writeln!(
+        out,
+        "{:<32}  {:>10}  {:>9}  {:>8}  {:<12}  {:<30}  {}",
+        e.id,
+        age(e.received_at),
+        m.size,
+        entry.attempts,
+        match entry.state {
+            Place::Queued => next_try(entry.next_attempt),
+            Place::Dead => "dead".into(),
+        },
+        safe(sender),
+        safe(&e.recipients.join(","))
+    )?;
+    if let Some(error) = &entry.last_error {
+        writeln!(out, "  last error: {}", safe(error))?;
+    }
+    Ok(())
+}
+
+/// `in 4m 30s`, or `now` for a message that is due (never tried, or its time has come).
+fn next_try(at: Option<SystemTime>) -> String {
+    match at.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+        Some(wait) => format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        ),
+        None => "now".into(),
+    }
+}

@@ -1,0 +1,148 @@
+//! `relay status`: the report of `relay::status`, printed for people or as JSON.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use relay::config::Config;
+use relay::queue::room::rounded;
+use relay::terminal::printable_str as safe;
+
+use crate::age;
+
+pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
+    let status = relay::status::status(config)?;
+    if json {
+        let doc = serde_json::json!({
+            "queue": status.queue,
+            "accounts": status.accounts,
+            "running": status.running,
+            "disk": status.disk,
+            "ok": status.ok,
+        });
+        println!("{doc}");
+    } else {
+        let q = &status.queue;
+        if config.state_dir.exists() {
+            println!("state dir: {}", config.state_dir.display());
+        } else {
+            // Most often the wrong one: another user's default, another config than the daemon's.
+            println!(
+                "state dir: {} (does not exist: nothing was ever queued there; is it the one the daemon uses? config: {})",
+                config.state_dir.display(),
+                config.source
+            );
+        }
+        if status.running {
+            println!("daemon: running");
+        } else {
+            println!(
+                "daemon: not running (no `relay serve` holds {}): nothing is accepted or delivered until it starts (`systemctl start relay`; `journalctl -u relay` says why it stopped)",
+                config.state_dir.join(".lock").display()
+            );
+        }
+        match &status.disk {
+            Some(d) if d.short => println!(
+                "disk: {} free on the state dir's filesystem{}, under [queue] min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed; queued mail is still delivered",
+                rounded(d.free_bytes),
+                d.free_files
+                    .map_or(String::new(), |f| format!(" ({f} free inodes)")),
+                rounded(d.min_free_space),
+            ),
+            Some(d) => println!("disk: {} free", rounded(d.free_bytes)),
+            None => {}
+        }
+        print!(
+            "queue: {} queued ({} deferred), {} dead",
+            q.queued, q.deferred, q.dead
+        );
+        match q.oldest {
+            Some(t) => println!(", oldest {}", age(t)),
+            None => println!(),
+        }
+        if q.dead > 0 {
+            println!(
+                "dead: {} message(s) failed for good: `relay queue list` shows them with their last error; `relay queue retry ID` sends one again, `relay queue delete ID` removes it",
+                q.dead
+            );
+        }
+        if q.quarantined > 0 {
+            println!(
+                "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
+                q.quarantined,
+                config.state_dir.join("quarantine").display()
+            );
+        }
+        if q.unreadable > 0 {
+            println!(
+                "unreadable: {} file(s) in {} cannot be read as messages; the daemon moves each to quarantine/ when it meets it",
+                q.unreadable,
+                config.state_dir.join("queue").display()
+            );
+        }
+        if status.accounts.is_empty() {
+            println!(
+                "accounts: no account is configured; mail is queued but not delivered (add an [[account]])"
+            );
+        }
+        for a in &status.accounts {
+            println!("account {} <{}>: {}", a.name, a.mailbox, a.state);
+            match &a.transport_switched {
+                Some(sw) => println!(
+                    "  transport: graph (fallback since {}, SMTP refused: {}; SMTP is tried again daily)",
+                    humantime::format_rfc3339_seconds(sw.since),
+                    sw.reason
+                ),
+                None => println!("  transport: {}", a.transport),
+            }
+            if let Some(t) = &a.token_valid_until {
+                println!("  token valid until {t}");
+            }
+            if let Some(t) = &a.last_refresh {
+                println!("  last refresh {t}");
+            }
+            if let Some(e) = &a.last_error {
+                println!("  last error: {}", safe(e));
+            }
+            for w in &a.warnings {
+                println!("  warning: {}", safe(w));
+            }
+            println!("  sending: {}", sending(&a.rate));
+            if let Some(d) = &a.last_delivery {
+                println!(
+                    "  last delivery {} ({} ago): {}",
+                    d.outcome,
+                    age(d.at),
+                    safe(&d.reply)
+                );
+            }
+            if let Some(t) = &a.test {
+                println!(
+                    "  relay test: {} ({} ago, to {}): {}",
+                    t.result,
+                    age(t.at),
+                    safe(&t.to),
+                    safe(&t.reply)
+                );
+            }
+        }
+    }
+    Ok(if status.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `12/30 messages this minute, 4310/10000 recipients in the last 24 h`.
+fn sending(u: &relay::queue::rate::Usage) -> String {
+    let of = |n: u64, limit: Option<u32>| match limit {
+        Some(l) => format!("{n}/{l}"),
+        None => format!("{n} (no limit)"),
+    };
+    format!(
+        "{} messages this minute, {} recipients in the last 24 h",
+        of(u.messages_this_minute, u.per_minute),
+        of(u.recipients_last_24h, u.recipients_per_day)
+    )
+}
