@@ -281,6 +281,38 @@ async fn mail_that_does_not_fit_the_day_is_held_once_not_every_tick() {
     t.end();
 }
 
+/// Recipients the upstream refuses at RCPT were sent nothing, and take nothing of the day's allowance: after a
+/// message to three recipients of which two were refused, a day of 3 still has room for two more (before, all
+/// three counted, and the next message waited a day).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_the_upstream_refuses_do_not_count_towards_the_day() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.answer_rcpt("b@example.com", "550 5.1.1 <b@example.com>: user unknown");
+    upstream.answer_rcpt("c@example.com", "550 5.1.1 <c@example.com>: user unknown");
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = common::idp::accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &upstream)],
+        "",
+        "rate = { recipients_per_day = 3 }\n",
+    );
+    let mut d = Daemon::spawn(&config);
+    send_to(
+        d.addr,
+        &["a@example.com", "b@example.com", "c@example.com"],
+        "first",
+    )
+    .await;
+    let first = next_within(&mut upstream, Duration::from_secs(20)).await;
+    assert_eq!(first.to, ["a@example.com"]);
+    send_to(d.addr, &["d@example.com", "e@example.com"], "second").await;
+    let second = next_within(&mut upstream, Duration::from_secs(20)).await;
+    assert_eq!(subject(&second), "second", "not held for the day");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// A message held for the day's window does not keep the mail behind it waiting once it is deleted with `relay
 /// queue delete` (which tells the daemon nothing): the small message behind it goes (it waited for the big one's
 /// window, a day, before).

@@ -304,6 +304,56 @@ async fn recipients_refused_with_different_replies_share_one_dsn() {
     assert!(drain(&mut upstream).is_empty(), "one DSN, one copy");
 }
 
+/// The upstream refuses one recipient at RCPT and then the message itself for the others (a content filter's 554
+/// after the data): the report gives each recipient its own reason, the refused one its RCPT reply (before, every
+/// recipient got the data's). Reports go through a second account, which takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_at_rcpt_keeps_its_own_reason_when_the_data_is_refused_too() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.answer_rcpt(TO[1], UNKNOWN);
+    *upstream.data_reply.lock().unwrap() = "554 5.7.1 content rejected (virus)".into();
+    let mut reports = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &upstream), ("reports", &reports)],
+        "bounce = \"sender\"",
+        "[[route]]\nrecipient = \"scanner@lan.test\"\naccount = \"reports\"\n",
+    );
+    let mut d = Daemon::spawn(&config);
+    let id = send(d.addr, &TO).await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains(&id), "{line}");
+    let dsn = reports.next().await;
+    assert_eq!(dsn.to, ["scanner@lan.test"]);
+    let text = String::from_utf8_lossy(&dsn.data).into_owned();
+    let block = |r: &str| {
+        let start = text
+            .find(&format!("Final-Recipient: rfc822; {r}\r\n"))
+            .unwrap_or_else(|| panic!("{r} is named: {text}"));
+        let rest = &text[start..];
+        rest[..rest.find("\r\n\r\n").unwrap_or(rest.len())].to_string()
+    };
+    let refused = block(TO[1]);
+    assert!(
+        refused.contains("Status: 5.1.1\r\n") && refused.contains("user unknown"),
+        "its own RCPT reply: {refused}"
+    );
+    assert!(!refused.contains("5.7.1"), "{refused}");
+    for r in [TO[0], TO[2]] {
+        let b = block(r);
+        assert!(
+            b.contains("Status: 5.7.1\r\n") && b.contains("virus"),
+            "{b}"
+        );
+    }
+    // (The report's file goes before its line is logged.)
+    d.wait_log("relay_event=\"delivered\"");
+    assert!(queued_in(&dir.path().join("state")).is_empty());
+}
+
 /// An upstream that takes only so many recipients per message (452 4.5.3 for the rest, as Gmail and Microsoft
 /// do): the rest go in a next message at once, not after the retry schedule's wait, and no attempt is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1179,6 +1179,8 @@ impl Delivery {
                 // the account sent nothing unless it says so.
                 if !went_out || (asks && !taken) {
                     reservation.unsent();
+                } else if let Outcome::Partial { refused, .. } = &outcome {
+                    reservation.finish_refusing(refused.len());
                 } else {
                     reservation.finish(taken);
                 }

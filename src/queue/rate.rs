@@ -367,15 +367,16 @@ impl AccountRate {
         c.generation += 1;
     }
 
-    fn settle(&self, now: SystemTime, recipients: u64, sent: bool, accepted: bool) {
+    /// `reserved` recipients were in flight; `accepted` of them count towards the day's limit.
+    fn settle(&self, now: SystemTime, reserved: u64, sent: bool, accepted: u64) {
         let mut c = lock(&self.counts);
         c.flying_messages = c.flying_messages.saturating_sub(1);
-        c.flying_recipients = c.flying_recipients.saturating_sub(recipients);
+        c.flying_recipients = c.flying_recipients.saturating_sub(reserved);
         if sent {
             c.messages.add(now, 1);
         }
-        if accepted {
-            c.recipients.add(now, recipients);
+        if accepted > 0 {
+            c.recipients.add(now, accepted.min(reserved));
         }
         c.generation += 1;
     }
@@ -457,8 +458,18 @@ impl Reservation {
         self.finish_at(SystemTime::now(), accepted);
     }
 
+    /// The upstream took the message for all but `refused` of its recipients: those it refused were sent
+    /// nothing, and count for no limit (a 4xx one counts when a later attempt gets it through).
+    pub fn finish_refusing(mut self, refused: usize) {
+        self.done = true;
+        let accepted = self.recipients.saturating_sub(refused as u64);
+        self.rate
+            .settle(SystemTime::now(), self.recipients, self.sending, accepted);
+    }
+
     fn finish_at(mut self, now: SystemTime, accepted: bool) {
         self.done = true;
+        let accepted = if accepted { self.recipients } else { 0 };
         self.rate
             .settle(now, self.recipients, self.sending, accepted);
     }
@@ -467,12 +478,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.rate.settle(
-                SystemTime::now(),
-                self.recipients,
-                self.sending,
-                self.sending,
-            );
+            let accepted = if self.sending { self.recipients } else { 0 };
+            self.rate
+                .settle(SystemTime::now(), self.recipients, self.sending, accepted);
         }
     }
 }

@@ -209,21 +209,27 @@ fn judge_envelope(replies: &[Reply], recipients: usize) -> Result<Vec<(usize, Re
     Ok(refused)
 }
 
-/// The failure for a transaction refused whole with `standing`: when MAIL was taken and every one of the
-/// `recipients` refused, each recipient's own refusal (the caller decides whether they differ enough to matter);
-/// else `standing` alone. Pure.
+/// The failure for a transaction refused whole with `standing`: when MAIL was taken and any of the `recipients`
+/// refused at RCPT, each recipient's own refusal, `standing` (the refusal of DATA or of the message itself) for
+/// those RCPT took (the caller decides whether they differ enough to matter: a bounce gives each recipient its
+/// own reason, and one refused for good at RCPT is not tried again with the others); else `standing` alone. Pure.
 fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failure {
     let taken = replies.first().is_some_and(Reply::is_positive);
     match replies.get(1..=recipients) {
         Some(rcpts)
             if taken
                 && recipients > 0
-                && rcpts.iter().all(|r| !r.is_positive() && r.code != 421) =>
+                && standing.code != 421
+                && rcpts.iter().all(|r| r.code != 421)
+                && rcpts.iter().any(|r| !r.is_positive()) =>
         {
-            Failure::EachRefused {
-                standing,
-                each: rcpts.iter().cloned().enumerate().collect(),
-            }
+            let each = rcpts
+                .iter()
+                .map(|r| if r.is_positive() { &standing } else { r })
+                .cloned()
+                .enumerate()
+                .collect();
+            Failure::EachRefused { standing, each }
         }
         _ => Failure::Refused(standing),
     }
@@ -761,7 +767,11 @@ impl Conn {
             }
             Ok(r) => {
                 let reusable = r.code != 421 && self.rset().await;
-                Err(fail(Failure::Refused(r), false, reusable))
+                Err(fail(
+                    refused_whole(&replies, recipients.len(), r),
+                    false,
+                    reusable,
+                ))
             }
             Err(f) => Err(fail(f.after_whole_message(), false, false)),
         }
@@ -1350,8 +1360,13 @@ mod tests {
             Some(vec![(0, r(550)), (1, r(550))])
         );
         assert_eq!(each(&[r(250), r(550), r(354)], 1), Some(vec![(0, r(550))]));
-        // Not every recipient refused, MAIL refused, a 421, replies cut short: not this.
-        assert_eq!(each(&[r(250), r(550), r(250), r(354)], 2), None);
+        // Some recipients refused at RCPT and the data refused: each its own, the others the data's.
+        assert_eq!(
+            each(&[r(250), r(550), r(250), r(354)], 2),
+            Some(vec![(0, r(550)), (1, r(1))])
+        );
+        // No recipient refused, MAIL refused, a 421, replies cut short: not this.
+        assert_eq!(each(&[r(250), r(250), r(250), r(354)], 2), None);
         assert_eq!(each(&[r(550), r(550), r(451)], 2), None);
         assert_eq!(each(&[r(250), r(550), r(421)], 2), None);
         assert_eq!(each(&[r(250), r(550)], 2), None);
