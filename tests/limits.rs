@@ -298,7 +298,7 @@ async fn recipients_the_upstream_refuses_do_not_count_towards_the_day() {
         "",
         "rate = { recipients_per_day = 3 }\n",
     );
-    let mut d = Daemon::spawn(&config);
+    let d = Daemon::spawn(&config);
     send_to(
         d.addr,
         &["a@example.com", "b@example.com", "c@example.com"],
