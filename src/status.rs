@@ -184,7 +184,13 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     // upstream refused that one message for itself (its dead/ file and the queue's count say so).
     let state = match &last_delivery {
         Some(d) if state == "ok" && d.outcome == "dead" && refused_for_itself(&d.reply) => state,
-        Some(d) if state == "ok" && !matches!(d.outcome.as_str(), "delivered" | "reachable") => {
+        Some(d)
+            if state == "ok"
+                && !matches!(
+                    d.outcome.as_str(),
+                    "delivered" | "reachable" | "recipients_deferred"
+                ) =>
+        {
             "failing"
         }
         _ => state,

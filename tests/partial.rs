@@ -354,6 +354,24 @@ async fn a_recipient_refused_at_rcpt_keeps_its_own_reason_when_the_data_is_refus
     assert!(queued_in(&dir.path().join("state")).is_empty());
 }
 
+/// A message whose only recipient is refused for now at RCPT (a full or busy mailbox) waits for its retry, but the
+/// account that sent it is not failing: the upstream took its login and its sender. `relay status` stays ok and
+/// exits 0 (it said `failing` and exited 1 until the retry, a false alarm for a sysadmin's monitoring).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_for_now_leaves_the_account_ok() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.answer_rcpt(TO[0], "450 4.2.1 <a@example.com>: mailbox busy, try later");
+    let (dir, mut d, _idp) = daemon(&upstream, "").await;
+    let id = send(d.addr, &TO[..1]).await;
+    let line = d.wait_log("relay_event=\"deferred\"");
+    assert!(line.contains(&id) && line.contains("4.2.1"), "{line}");
+    let (code, status) = status_json(&dir.path().join("relay.toml"));
+    let account = &status["accounts"][0];
+    assert_eq!(account["state"], "ok", "{status:#}");
+    assert_eq!(code, Some(0), "{status:#}");
+    assert_eq!(queued_in(&dir.path().join("state")).len(), 1, "it waits");
+}
+
 /// An upstream that takes only so many recipients per message (452 4.5.3 for the rest, as Gmail and Microsoft
 /// do): the rest go in a next message at once, not after the retry schedule's wait, and no attempt is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

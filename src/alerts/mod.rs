@@ -285,7 +285,12 @@ async fn unreachable_reports(state_dir: &Path, setup: &Setup) -> Vec<incidents::
             .map(|account| {
                 let down = crate::upstream::transports::read_unreachable(&state_dir, &account);
                 let answered_at = crate::queue::delivery::read_last_delivery(&state_dir, &account)
-                    .filter(|d| matches!(d.outcome.as_str(), "delivered" | "reachable"))
+                    .filter(|d| {
+                        matches!(
+                            d.outcome.as_str(),
+                            "delivered" | "reachable" | "recipients_deferred"
+                        )
+                    })
                     .map(|d| d.at);
                 incidents::UpstreamReport {
                     account,

@@ -1362,6 +1362,8 @@ impl Delivery {
             Outcome::Refused { reply: r, refused } if refused.iter().all(|r| r.permanent) => {
                 account.record(state_dir, "dead", r)
             }
+            // The login and the sender were taken: the recipients wait, the account works.
+            Outcome::RecipientsDeferred(r) => account.record(state_dir, "recipients_deferred", r),
             Outcome::Refused { reply: r, .. }
             | Outcome::Transient(r)
             | Outcome::AuthRejected(r)
@@ -1407,6 +1409,7 @@ impl Delivery {
             // (Busy here: no other connection of the account was open, see `attempt`; Unreachable never comes
             // here, it waits.)
             Outcome::Transient(reply)
+            | Outcome::RecipientsDeferred(reply)
             | Outcome::AuthRejected(reply)
             | Outcome::Busy { reply, .. }
             | Outcome::Unreachable { reply, .. } => {

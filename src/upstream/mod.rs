@@ -47,6 +47,10 @@ pub enum Outcome {
     },
     /// Try again later (4xx, connection or TLS trouble, no token yet).
     Transient(String),
+    /// MAIL was taken and every recipient refused for now (a full mailbox, "receiving mail too quickly"; SMTP
+    /// only): deferred as [`Outcome::Transient`] is, but the upstream took the account's login and sender, so
+    /// the account is not failing for it.
+    RecipientsDeferred(String),
     /// The provider asked relay to wait (HTTP 429/503/504 with `Retry-After`): not before this long.
     Throttled(String, Duration),
     /// Refused for good (5xx): move to `dead/`.
@@ -84,6 +88,7 @@ impl Outcome {
             | Outcome::Partial { reply: r, .. }
             | Outcome::Refused { reply: r, .. }
             | Outcome::Transient(r)
+            | Outcome::RecipientsDeferred(r)
             | Outcome::Throttled(r, _)
             | Outcome::Permanent(r)
             | Outcome::AuthRejected(r)

@@ -638,8 +638,11 @@ fn each_refused(
     if let Some((_, r)) = each.iter().find(|(_, r)| about_the_account(r)) {
         return outcome(Failure::Refused(r.clone()));
     }
-    if each.len() != recipients.len() || !each.iter().any(|(_, r)| conn::refused_for_good(r)) {
+    if each.len() != recipients.len() {
         return outcome(Failure::Refused(standing));
+    }
+    if !each.iter().any(|(_, r)| conn::refused_for_good(r)) {
+        return Outcome::RecipientsDeferred(standing.to_string());
     }
     let refused = each
         .into_iter()
@@ -889,10 +892,11 @@ mod tests {
             Outcome::Refused { .. }
         ));
         assert!(matches!(decide(unknown, unknown), Outcome::Refused { .. }));
-        // One reply decides for all: all for now, or about the account (whichever recipient it came to).
+        // One reply decides for all: all for now (the recipients', not the account's), or about the account
+        // (whichever recipient it came to).
         assert!(matches!(
             decide("450 4.2.0 later", "451 4.3.0 later"),
-            Outcome::Transient(_)
+            Outcome::RecipientsDeferred(_)
         ));
         let quota = "550 5.4.5 Daily user sending limit exceeded";
         assert!(matches!(decide(quota, unknown), Outcome::Throttled(..)));
