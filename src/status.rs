@@ -23,6 +23,12 @@ pub struct QueueCounts {
     pub quarantined: usize,
     /// Files in `queue/` that cannot be read (the daemon quarantines them when it meets them).
     pub unreadable: usize,
+    /// Queued, and held by their account's sending limits (or a pause its provider asked for) for longer than a
+    /// few minutes, as the daemon last wrote it (a day's limit used up).
+    pub held: usize,
+    /// The latest end of those holds.
+    #[serde(with = "humantime_serde::option")]
+    pub held_until: Option<SystemTime>,
     #[serde(skip)]
     pub oldest: Option<SystemTime>,
     pub oldest_age_seconds: Option<u64>,
@@ -73,12 +79,19 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     // Each message is looked at and let go: a backlog of any size costs this command no memory.
     let store = QueueStore::new(&config.state_dir);
     let queue_dir = &store.paths().queue;
-    let (mut queued, mut deferred) = (0, 0);
+    let (mut queued, mut deferred, mut held) = (0, 0, 0);
     let mut oldest: Option<SystemTime> = None;
+    let mut held_until: Option<SystemTime> = None;
+    let now = SystemTime::now();
     let unreadable = store.each(queue_dir, |m| {
         queued += 1;
-        if read_state(queue_dir, m.envelope.id).attempts > 0 {
+        let state = read_state(queue_dir, m.envelope.id);
+        if state.attempts > 0 {
             deferred += 1;
+        }
+        if let Some(until) = state.held_until.filter(|t| *t > now) {
+            held += 1;
+            held_until = Some(held_until.map_or(until, |h| h.max(until)));
         }
         let at = m.envelope.received_at;
         oldest = Some(oldest.map_or(at, |o| o.min(at)));
@@ -92,6 +105,8 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         dead,
         quarantined,
         unreadable,
+        held,
+        held_until,
         oldest,
         oldest_age_seconds: oldest.map(|t| {
             SystemTime::now()
@@ -113,6 +128,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         || queue.dead > 0
         || queue.quarantined > 0
         || queue.unreadable > 0
+        || queue.held > 0
         || accounts
             .iter()
             .any(|a| a.state != "ok" || !a.warnings.is_empty()));

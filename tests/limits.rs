@@ -155,10 +155,12 @@ async fn the_day_count_survives_a_crash_and_holds_mail_after_the_restart() {
     let held = daemon.wait_log("relay_event=\"held\"");
     assert!(held.contains(&id), "{held}");
     let state = dir.path().join("state");
-    assert!(
-        !state.join(format!("queue/{id}.state")).exists(),
-        "waiting is not an attempt"
-    );
+    // Waiting is not an attempt; a day's hold is noted for `relay queue` and `relay status`.
+    let noted: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join(format!("queue/{id}.state"))).unwrap())
+            .unwrap();
+    assert_eq!(noted["attempts"], 0, "waiting is not an attempt: {noted}");
+    assert!(noted["held_until"].is_string(), "{noted}");
     let (code, json) = status_json(&config);
     assert_eq!(code, Some(1), "a used-up day needs attention");
     let rate = &json["accounts"][0]["rate"];
@@ -311,6 +313,49 @@ async fn recipients_the_upstream_refuses_do_not_count_towards_the_day() {
     let second = next_within(&mut upstream, Duration::from_secs(20)).await;
     assert_eq!(subject(&second), "second", "not held for the day");
     assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// Mail held for the day's window says so where a sysadmin looks: `relay queue list` gives the hold's end
+/// instead of "now", `relay queue show` says until when and why, and `relay status` counts it and needs
+/// attention (it said the account was ok, exit 0, and the message due now, while it waited a day).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_held_for_the_day_says_so_in_queue_list_and_status() {
+    let t = DayLimited::start("").await;
+    let config = t.dir.path().join("relay.toml");
+    let (code, status) = status_json(&config);
+    assert_eq!(status["queue"]["held"], 1, "{status:#}");
+    assert!(status["queue"]["held_until"].is_string(), "{status:#}");
+    assert_eq!(code, Some(1), "{status:#}");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&["queue", "list", "--json"])).unwrap();
+    let big = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == t.big.as_str())
+        .expect("listed");
+    assert!(big["held_until"].is_string(), "{big:#}");
+    let text = run(&["queue", "list"]);
+    let row = text.lines().find(|l| l.contains(&t.big)).unwrap();
+    assert!(row.contains("held, in "), "{text}");
+    let shown = run(&["queue", "show", &t.big]);
+    assert!(shown.contains("held until:"), "{shown}");
+    assert!(
+        shown.contains("held by the account's sending limits until"),
+        "{shown}"
+    );
+    let human = run(&["status"]);
+    assert!(human.contains("held: 1 message(s)"), "{human}");
+    t.end();
 }
 
 /// A message held for the day's window does not keep the mail behind it waiting once it is deleted with `relay

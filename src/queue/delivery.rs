@@ -267,6 +267,10 @@ const READ_INLINE: u64 = 16 << 10;
 /// end of its own) comes up again.
 const RECHECK: Duration = Duration::from_secs(30);
 
+/// A hold by a sending limit longer than this is written into the message's state for `relay queue` and `relay
+/// status` (a per-minute limit's seconds are not worth a write per message).
+const LONG_HOLD: Duration = Duration::from_secs(5 * 60);
+
 /// At most this many blocking-pool tasks do the attempts' closing file work at once ([`Lane`]). Measured on the
 /// development machine (2 cores, ext4 with `discard`), `load drain 20000 4 60`, alternating rounds, medians: one
 /// `spawn_blocking` per attempt 11,900–13,700 msg/s across five sets; 2 runners 14,100–16,700 in the same sets
@@ -956,6 +960,8 @@ impl Delivery {
         ) {
             Ok(place) => {
                 drop(seeking);
+                // No longer held: what the attempt writes next says why it waits, if it does.
+                state.held_until = None;
                 // Between taking the connection and that drop, the scheduler may have counted this attempt twice
                 // and stopped starting others: have it look again.
                 self.slot_freed.notify_one();
@@ -999,11 +1005,47 @@ impl Delivery {
                     } else {
                         "held by the account's sending limits"
                     };
-                    tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %decision.accounts.join(","), recipients = msg.envelope.recipients.len(), until = %shown, "{why}");
+                    let accounts = decision.accounts.join(",");
+                    let held = msg.envelope.recipients.len();
+                    let said = move || {
+                        tracing::info!(relay_event = "held", relay_queue_id = %id, relay_account = %accounts, recipients = held, until = %shown, "{why}");
+                    };
                     wait = Wait::Limit(match (until, expires) {
                         (Some(u), Some(e)) => Some(u.min(e)),
                         (u, e) => u.or(e),
                     });
+                    // A long hold (a day's limit) is written down, once, for `relay queue` and `relay status`: they
+                    // cannot see the schedule, and said "next try: now" and "ok" for mail that waits a day. (Said
+                    // once written, so that what reads the log finds the file written.)
+                    if let Some(until) = until
+                        && until > now + LONG_HOLD
+                        && state.held_until.is_none_or(|h| {
+                            h.max(until)
+                                .duration_since(h.min(until))
+                                .unwrap_or_default()
+                                > Duration::from_secs(60)
+                        })
+                    {
+                        state.held_until = Some(until);
+                        state.waits(&format!(
+                            "{why} until {}",
+                            humantime::format_rfc3339_seconds(until)
+                        ));
+                        let waiting = Attempted::Waiting {
+                            pool,
+                            wait,
+                            recipients: recipients.len(),
+                        };
+                        return self
+                            .clone()
+                            .blocking(move |d| {
+                                d.record(id, &state, "cannot record why the message waits");
+                                said();
+                                waiting
+                            })
+                            .await;
+                    }
+                    said();
                 }
                 return Attempted::Waiting {
                     pool,

@@ -41,6 +41,15 @@ pub struct DeliveryState {
     /// it may hold the whole message, sent. (Absent from state files written before sessions were kept.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<KeptUpload>,
+    /// Until when a sending limit or a provider's pause holds the message, when that is long (a day's limit): for
+    /// `relay queue` and `relay status`, which cannot see the daemon's schedule. The daemon goes by its live
+    /// counts, never by this (a limit raised by a reload frees the message at once).
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub held_until: Option<SystemTime>,
 }
 
 /// A Gmail upload session kept between attempts. Its URL is a credential: the file is 0640 like every state

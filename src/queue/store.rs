@@ -102,6 +102,13 @@ pub struct QueueEntry {
         skip_serializing_if = "Option::is_none"
     )]
     pub requeued_at: Option<SystemTime>,
+    /// Until when the account's sending limits (or a pause its provider asked for) hold it, as the daemon last
+    /// said: a long hold only (a day's limit), not the seconds of a per-minute one.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub held_until: Option<SystemTime>,
 }
 
 /// The queue as seen from the state dir.
@@ -208,6 +215,10 @@ impl QueueStore {
             last_error: state.last_error,
             finished: state.finished,
             requeued_at: state.requeued_at,
+            held_until: match place {
+                Place::Queued => state.held_until.filter(|t| *t > SystemTime::now()),
+                Place::Dead => None,
+            },
         }
     }
 

@@ -152,6 +152,14 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 )?,
                 (Place::Queued, None) => writeln!(out, "next try:    {}", next_try(None))?,
             }
+            if let Some(t) = entry.held_until {
+                writeln!(
+                    out,
+                    "held until:  {} ({}): its account's sending limits, or a pause its provider asked for",
+                    humantime::format_rfc3339_seconds(t),
+                    next_try(Some(t))
+                )?;
+            }
             writeln!(
                 out,
                 "last error:  {}",
@@ -254,9 +262,10 @@ fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
         age(e.received_at),
         m.size,
         entry.attempts,
-        match entry.state {
-            Place::Queued => next_try(entry.next_attempt),
-            Place::Dead => "dead".into(),
+        match (entry.state, entry.held_until) {
+            (Place::Queued, Some(until)) => format!("held, {}", next_try(Some(until))),
+            (Place::Queued, None) => next_try(entry.next_attempt),
+            (Place::Dead, _) => "dead".into(),
         },
         safe(sender),
         safe(&e.recipients.join(","))

@@ -66,6 +66,12 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 q.dead
             );
         }
+        if let (n @ 1.., Some(until)) = (q.held, q.held_until) {
+            println!(
+                "held: {n} message(s) wait for their account's sending limits (or a pause its provider asked for), the last until {}; `relay queue list` shows them",
+                humantime::format_rfc3339_seconds(until)
+            );
+        }
         if q.quarantined > 0 {
             println!(
                 "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
