@@ -198,6 +198,12 @@ async fn a_recipient_refused_for_now_is_retried_alone() {
 
     let got = upstream.next().await;
     assert_eq!(got.to, [TO[0], TO[1]]);
+    // The journal says who has it now, not only once the last recipient does.
+    let line = d.wait_log("relay_event=\"partly_delivered\"");
+    assert!(
+        line.contains(&id) && line.contains(&format!("recipients=\"{}, {}\"", TO[0], TO[1])),
+        "{line}"
+    );
     let line = d.wait_log("relay_event=\"deferred\"");
     assert!(
         line.contains(&id) && line.contains(TO[2]) && line.contains("451"),

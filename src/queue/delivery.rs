@@ -1546,6 +1546,17 @@ impl Delivery {
         // Said (and bounced) before they are recorded as finished: a crash in between says it twice, never not
         // at all. The bounces read the message from the queue, so before its removal too.
         refused_for_good(id, &account.name, &failed);
+        // Taken for some while others wait: said now, not only with the last recipient's delivery (or not at all,
+        // should the others end in dead/). Not the message's `delivered`: that one says it left the queue.
+        let refused_any = |r: &String| refused.iter().any(|f| &f.recipient == r);
+        let taken: Vec<&str> = sent_to
+            .iter()
+            .filter(|r| !refused_any(r))
+            .map(String::as_str)
+            .collect();
+        if !later.is_empty() && !taken.is_empty() {
+            tracing::info!(relay_event = "partly_delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, recipients = %shown_addresses(&taken), waiting = later.len(), "delivered to these recipients; the others wait");
+        }
         let next = if later.is_empty() {
             // Recorded before the removal: should it fail or a crash come between, the next attempt finds every
             // recipient finished and removes the message without sending it again.
@@ -1910,6 +1921,20 @@ fn refused_for_good(id: QueueId, account: &str, failed: &[&Refusal]) {
         account,
         refused: &refused,
     });
+}
+
+/// Addresses for a log line, a few of them and how many more.
+fn shown_addresses(all: &[&str]) -> String {
+    let mut text = all
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if all.len() > SHOWN {
+        text.push_str(&format!(" and {} more", all.len() - SHOWN));
+    }
+    text
 }
 
 /// Refused recipients with their replies, a few of them: for a log line and the state file, where a thousand long
