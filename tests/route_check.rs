@@ -300,6 +300,13 @@ fn a_message_no_account_would_take_is_refused_at_data() {
             let line = relay.wait_log("message refused at DATA");
             assert!(line.contains("relay_event=\"rejected\""), "{line}");
         }
+        // `relay check --route` says what the listener does.
+        let (code, out, err) = check_route(
+            config.to_str().unwrap(),
+            &["scanner@lan.test", "boss@example.com"],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out.contains("451 4.3.5"), refused, "{out}");
         assert!(relay.terminate().success());
     }
 }

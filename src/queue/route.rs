@@ -297,11 +297,15 @@ pub fn explain(
             Some(u) => format!("user {u} names no account"),
             None => "no user".to_string(),
         };
+        // As the listener answers it: with accounts configured, such a message is refused at DATA for now.
+        let then = if config.accounts.is_empty() {
+            "the message would be queued until an account is configured"
+        } else {
+            "relay refuses the message at DATA with 451 4.3.5 (the device keeps it and tries again)"
+        };
         return Ok(Explanation {
             accounts: Vec::new(),
-            why: format!(
-                "no route matched, {user_part}, and default_account is not set; the message would stay queued"
-            ),
+            why: format!("no route matched, {user_part}, and default_account is not set; {then}"),
             notes,
         });
     };
