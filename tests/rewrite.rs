@@ -221,6 +221,19 @@ async fn the_daemon_logs_a_from_it_cannot_rewrite_and_delivers_the_message() {
     assert!(line.contains(&id), "{line}");
     assert!(line.contains("holds no address"), "{line}");
 
+    // A header section with no end within the 1 MiB relay reads of it: said too (it went with no line).
+    let pad = "X-Pad: 0123456789012345678901234567890123456789012345678901234567890123456789\r\n"
+        .repeat(14_000);
+    let huge = message(NAMED, &pad);
+    let id = send_message(daemon.addr, &dot_stuffed(&huge)).await;
+    let got = upstream.next().await;
+    assert_forwarded(&got, &huge, "a header section past 1 MiB");
+    let line = daemon.wait_log("From: not rewritten");
+    assert!(
+        line.contains(&id) && line.contains("header section"),
+        "{line}"
+    );
+
     let sent = message(NAMED, "");
     send_message(daemon.addr, &dot_stuffed(&sent)).await;
     let got = upstream.next().await;

@@ -109,7 +109,14 @@ impl SenderRewrite {
         if self.mode != RewriteFrom::Header {
             return (upstream_sender, message);
         }
-        match rewrite_header(&self.mailbox, message.header_block()) {
+        // An empty block: the section has no end within the 1 MiB the message keeps of it.
+        let head = message.header_block();
+        let change = if head.is_empty() && !message.is_empty() {
+            Err(HeaderError::TooLong)
+        } else {
+            rewrite_header(&self.mailbox, head)
+        };
+        match change {
             Ok(HeaderChange::Rewritten(new)) => {
                 tracing::debug!(relay_queue_id = %queue_id, from = new.original.as_str(), to = self.mailbox.as_str(), reply_to_added = new.reply_to_added, "From: rewritten");
                 let rewritten = message.with_head(new.head, new.rest);
