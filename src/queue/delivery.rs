@@ -960,8 +960,17 @@ impl Delivery {
         ) {
             Ok(place) => {
                 drop(seeking);
-                // No longer held: what the attempt writes next says why it waits, if it does.
-                state.held_until = None;
+                // No longer held: the note goes, here (once per long hold), since an attempt may end without
+                // writing the state (a busy or unreachable upstream), and the note would say "held" for a day.
+                if state.held_until.take().is_some() {
+                    crate::runtime::off_worker(|| {
+                        self.record(
+                            id,
+                            &state,
+                            "cannot record that the message is no longer held",
+                        )
+                    });
+                }
                 // Between taking the connection and that drop, the scheduler may have counted this attempt twice
                 // and stopped starting others: have it look again.
                 self.slot_freed.notify_one();

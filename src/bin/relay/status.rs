@@ -68,7 +68,7 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         if let (n @ 1.., Some(until)) = (q.held, q.held_until) {
             println!(
-                "held: {n} message(s) wait for their account's sending limits (or a pause its provider asked for), the last until {}; `relay queue list` shows them",
+                "held: {n} message(s) wait for their account's sending limits (or a pause its provider asked for), the last until {}; newer mail through the same accounts waits behind them, in order; `relay queue list` shows them",
                 humantime::format_rfc3339_seconds(until)
             );
         }

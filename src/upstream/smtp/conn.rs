@@ -54,6 +54,10 @@ pub enum Failure {
     EachRefused {
         standing: Reply,
         each: Vec<(usize, Reply)>,
+        /// Some recipients were taken at RCPT and the message itself was then refused for good (`standing`, to
+        /// DATA, the final dot or a BDAT): it failed for every recipient, each named with its own RCPT refusal
+        /// where it had one, the others with `standing`.
+        after_data: bool,
     },
     /// The server refused AUTH XOAUTH2.
     Auth(Reply),
@@ -96,9 +100,14 @@ impl Failure {
         match self {
             Failure::Connection(why) => Failure::Connection(cut(why)),
             Failure::Refused(r) => Failure::Refused(reply(r)),
-            Failure::EachRefused { standing, each } => Failure::EachRefused {
+            Failure::EachRefused {
+                standing,
+                each,
+                after_data,
+            } => Failure::EachRefused {
                 standing: reply(standing),
                 each: each.into_iter().map(|(i, r)| (i, reply(r))).collect(),
+                after_data,
             },
             Failure::Auth(r) => Failure::Auth(reply(r)),
             Failure::Unsupported(why) => Failure::Unsupported(cut(why)),
@@ -209,30 +218,43 @@ fn judge_envelope(replies: &[Reply], recipients: usize) -> Result<Vec<(usize, Re
     Ok(refused)
 }
 
-/// The failure for a transaction refused whole with `standing`: when MAIL was taken and any of the `recipients`
-/// refused at RCPT, each recipient's own refusal, `standing` (the refusal of DATA or of the message itself) for
-/// those RCPT took (the caller decides whether they differ enough to matter: a bounce gives each recipient its
-/// own reason, and one refused for good at RCPT is not tried again with the others); else `standing` alone. Pure.
+/// The failure for a transaction refused whole with `standing`: when MAIL was taken and every one of the
+/// `recipients` refused, each recipient's own refusal (the caller decides whether they differ enough to matter);
+/// when some were taken at RCPT and the message was then refused for good, every recipient's reason for its
+/// bounce (its own RCPT refusal, or `standing`: see [`Failure::EachRefused`]); else `standing` alone. Pure.
 fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failure {
     let taken = replies.first().is_some_and(Reply::is_positive);
-    match replies.get(1..=recipients) {
-        Some(rcpts)
-            if taken
-                && recipients > 0
-                && standing.code != 421
-                && rcpts.iter().all(|r| r.code != 421)
-                && rcpts.iter().any(|r| !r.is_positive()) =>
-        {
-            let each = rcpts
-                .iter()
-                .map(|r| if r.is_positive() { &standing } else { r })
-                .cloned()
-                .enumerate()
-                .collect();
-            Failure::EachRefused { standing, each }
-        }
-        _ => Failure::Refused(standing),
+    let Some(rcpts) = replies
+        .get(1..=recipients)
+        .filter(|_| taken && recipients > 0)
+    else {
+        return Failure::Refused(standing);
+    };
+    if rcpts.iter().any(|r| r.code == 421) {
+        return Failure::Refused(standing);
     }
+    if rcpts.iter().all(|r| !r.is_positive()) {
+        return Failure::EachRefused {
+            standing,
+            each: rcpts.iter().cloned().enumerate().collect(),
+            after_data: false,
+        };
+    }
+    // (A refusal for now of the message is the message's, and all of it waits, as before.)
+    if standing.is_permanent() && rcpts.iter().any(|r| !r.is_positive()) {
+        let each = rcpts
+            .iter()
+            .map(|r| if r.is_positive() { &standing } else { r })
+            .cloned()
+            .enumerate()
+            .collect();
+        return Failure::EachRefused {
+            standing,
+            each,
+            after_data: true,
+        };
+    }
+    Failure::Refused(standing)
 }
 
 /// Whether a reply to RCPT refuses that recipient for good. A 552 there is "too many recipients" as RFC 821
@@ -1340,36 +1362,56 @@ mod tests {
 
     #[test]
     fn every_recipient_refused_is_refused_each() {
-        let each = |replies: &[Reply], n| match refused_whole(replies, n, r(1)) {
-            Failure::EachRefused { standing, each } => {
-                assert_eq!(standing, r(1));
-                Some(each)
-            }
-            Failure::Refused(standing) => {
-                assert_eq!(standing, r(1));
-                None
-            }
-            other => panic!("{other:?}"),
-        };
+        let each =
+            |replies: &[Reply], n, standing: u16| match refused_whole(replies, n, r(standing)) {
+                Failure::EachRefused {
+                    standing: s,
+                    each,
+                    after_data,
+                } => {
+                    assert_eq!(s, r(standing));
+                    Some((each, after_data))
+                }
+                Failure::Refused(s) => {
+                    assert_eq!(s, r(standing));
+                    None
+                }
+                other => panic!("{other:?}"),
+            };
         assert_eq!(
-            each(&[r(250), r(550), r(451), r(554)], 2),
-            Some(vec![(0, r(550)), (1, r(451))])
+            each(&[r(250), r(550), r(451), r(554)], 2, 451),
+            Some((vec![(0, r(550)), (1, r(451))], false))
         );
         assert_eq!(
-            each(&[r(250), r(550), r(550), r(554)], 2),
-            Some(vec![(0, r(550)), (1, r(550))])
+            each(&[r(250), r(550), r(550), r(554)], 2, 550),
+            Some((vec![(0, r(550)), (1, r(550))], false))
         );
-        assert_eq!(each(&[r(250), r(550), r(354)], 1), Some(vec![(0, r(550))]));
-        // Some recipients refused at RCPT and the data refused: each its own, the others the data's.
         assert_eq!(
-            each(&[r(250), r(550), r(250), r(354)], 2),
-            Some(vec![(0, r(550)), (1, r(1))])
+            each(&[r(250), r(550), r(354)], 1, 550),
+            Some((vec![(0, r(550))], false))
         );
-        // No recipient refused, MAIL refused, a 421, replies cut short: not this.
-        assert_eq!(each(&[r(250), r(250), r(250), r(354)], 2), None);
-        assert_eq!(each(&[r(550), r(550), r(451)], 2), None);
-        assert_eq!(each(&[r(250), r(550), r(421)], 2), None);
-        assert_eq!(each(&[r(250), r(550)], 2), None);
+        // Every recipient refused, then DATA answered with a 421: each still its own.
+        assert_eq!(
+            each(&[r(250), r(550), r(550), r(421)], 2, 421),
+            Some((vec![(0, r(550)), (1, r(550))], false))
+        );
+        // Some recipients refused at RCPT and the message refused for good: each its own, the others the
+        // message's (a 552 among them: to the message it is final, whatever it means to a RCPT).
+        assert_eq!(
+            each(&[r(250), r(550), r(250), r(354)], 2, 552),
+            Some((vec![(0, r(550)), (1, r(552))], true))
+        );
+        assert_eq!(
+            each(&[r(250), r(450), r(250), r(354)], 2, 554),
+            Some((vec![(0, r(450)), (1, r(554))], true))
+        );
+        // The message refused for now: all of it waits, one reply.
+        assert_eq!(each(&[r(250), r(550), r(250), r(354)], 2, 451), None);
+        // No recipient refused, MAIL refused, a 421 among the RCPTs, replies cut short: not this.
+        assert_eq!(each(&[r(250), r(250), r(250), r(354)], 2, 554), None);
+        assert_eq!(each(&[r(550), r(550), r(451)], 2, 550), None);
+        assert_eq!(each(&[r(250), r(550), r(421)], 2, 421), None);
+        assert_eq!(each(&[r(250), r(550)], 2, 550), None);
     }
 
     #[test]
@@ -1689,7 +1731,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(
-            matches!(&failed.failure, Failure::EachRefused { standing, each } if standing.code == 550 && each.len() == 1),
+            matches!(&failed.failure, Failure::EachRefused { standing, each, .. } if standing.code == 550 && each.len() == 1),
             "{failed:?}"
         );
         assert!(!failed.reusable && !failed.unanswered, "{failed:?}");

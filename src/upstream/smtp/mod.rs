@@ -506,7 +506,11 @@ impl SmtpUpstream {
             self.give_back(key, conn);
         }
         match f.failure {
-            Failure::EachRefused { standing, each } => each_refused(standing, each, recipients),
+            Failure::EachRefused {
+                standing,
+                each,
+                after_data,
+            } => each_refused(standing, each, after_data, recipients),
             other => outcome(other),
         }
     }
@@ -573,13 +577,19 @@ async fn send_fitted(
             Ok(sent)
         }
         Err(SendFailure {
-            failure: Failure::EachRefused { standing, each },
+            failure:
+                Failure::EachRefused {
+                    standing,
+                    each,
+                    after_data,
+                },
             unanswered,
             reusable,
         }) => Err(SendFailure {
             failure: Failure::EachRefused {
                 standing,
                 each: renumbered(each, refused),
+                after_data,
             },
             unanswered,
             reusable,
@@ -631,12 +641,31 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 fn each_refused(
     standing: reply::Reply,
     each: Vec<(usize, reply::Reply)>,
+    after_data: bool,
     recipients: &[String],
 ) -> Outcome {
     let about_the_account =
         |r: &reply::Reply| r.code == 530 || quota_used_up(r) || concurrency_limit(r);
     if let Some((_, r)) = each.iter().find(|(_, r)| about_the_account(r)) {
         return outcome(Failure::Refused(r.clone()));
+    }
+    // The message refused for good after some recipients were taken: it failed for all of them, as it always
+    // did; each is bounced with its own reason.
+    if after_data {
+        let refused = each
+            .into_iter()
+            .filter_map(|(i, r)| {
+                Some(Refusal {
+                    recipient: recipients.get(i)?.clone(),
+                    permanent: true,
+                    reply: r.to_string(),
+                })
+            })
+            .collect();
+        return Outcome::Refused {
+            reply: standing.to_string(),
+            refused,
+        };
     }
     if each.len() != recipients.len() {
         return outcome(Failure::Refused(standing));
@@ -875,8 +904,21 @@ mod tests {
                 .0
         };
         let to = ["a@x".to_string(), "b@x".to_string()];
-        let decide = |a: &str, b: &str| each_refused(r(b), vec![(0, r(a)), (1, r(b))], &to);
+        let decide = |a: &str, b: &str| each_refused(r(b), vec![(0, r(a)), (1, r(b))], false, &to);
         let unknown = "550 5.1.1 user unknown";
+        // Taken at RCPT for b, then the message refused for good (a 552 to the data is final): both fail, a with
+        // its own reason; not a full mailbox's wait for a.
+        let data = "552 5.7.0 This message was blocked because its content presents a potential security issue";
+        for a in [unknown, "450 4.2.1 mailbox busy"] {
+            match each_refused(r(data), vec![(0, r(a)), (1, r(data))], true, &to) {
+                Outcome::Refused { refused, .. } => {
+                    assert!(refused.iter().all(|r| r.permanent), "{refused:?}");
+                    assert_eq!(refused[0].reply, a);
+                    assert_eq!(refused[1].reply, data);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         match decide(unknown, "451 4.2.0 busy") {
             Outcome::Refused { refused, .. } => {
                 assert_eq!(
