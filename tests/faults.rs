@@ -1383,3 +1383,59 @@ async fn an_account_is_ok_again_when_its_upstream_answers_with_nothing_queued() 
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// A token endpoint that fails while mail waits: the journal says so once per renewal that failed, not once per
+/// queued message at each retry step (the renewal's failure is remembered for 30 s, and each message met it: a
+/// four-minute outage with a busy queue logged thousands of `deferred` lines a minute). Each message's state still
+/// says why it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_down_is_said_once_not_for_every_queued_message() {
+    const MESSAGES: usize = 10;
+    let idp = common::idp::idp_answering(
+        ResponseTemplate::new(503).set_body_string("down for maintenance"),
+    )
+    .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = account_config(dir.path(), &idp.uri(), &upstream, "");
+    let daemon = Daemon::spawn(&config);
+    for _ in 0..MESSAGES {
+        send_message(daemon.addr, BODY).await;
+    }
+    // Every message tried once: each has its state, with the reason.
+    let queue = dir.path().join("state/queue");
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let states = loop {
+        let states: Vec<String> = std::fs::read_dir(&queue)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "state"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter(|s| s.contains("503"))
+            .collect();
+        if states.len() == MESSAGES {
+            break states;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} tried",
+            states.len()
+        );
+        tick.tick().await;
+    };
+    assert!(
+        states.iter().all(|s| s.contains("\"attempts\": 1")),
+        "{states:?}"
+    );
+    let log = daemon.terminate_with_log();
+    let deferred = log
+        .iter()
+        .filter(|l| l.contains("relay_event=\"deferred\""))
+        .count();
+    let asked = idp.received_requests().await.unwrap_or_default().len();
+    assert!(
+        (1..=asked.max(1)).contains(&deferred),
+        "{deferred} deferred lines for {asked} token requests: {log:#?}"
+    );
+}

@@ -1673,8 +1673,14 @@ impl Delivery {
         let next = now.checked_add(step).unwrap_or(now);
         state.next_attempt = Some(next);
         self.record(id, state, "cannot record the deferral");
-        let d = self.diagnosed(why, account);
         crate::events::emit(crate::events::Event::Deferred { id, account });
+        // A token failure the token manager remembers was said by the deferral that met it first (and by the
+        // refresher): repeated for every queued message it would flood the journal (`relay queue show` has it).
+        if why.ends_with(&format!("({})", crate::tokens::RECENTLY_FAILED)) {
+            tracing::debug!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, next_attempt = %humantime::format_rfc3339_seconds(next), "deferred: no token, as for the message before");
+            return Attempted::later(next);
+        }
+        let d = self.diagnosed(why, account);
         tracing::warn!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account.unwrap_or(""), relay_upstream_reply = %why, relay_diagnosis = d.field(), next_attempt = %humantime::format_rfc3339_seconds(next), "deferred{d}");
         Attempted::later(next)
     }

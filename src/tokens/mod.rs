@@ -43,9 +43,15 @@ pub enum TokenError {
     #[error("account {0}: relay is stopping; the token is renewed after it starts again")]
     Stopping(String),
     /// The last renewal failed moments ago, with these words: not asked again for every message.
-    #[error("{0} (renewal failed moments ago; asked again within 30 s, not for every message)")]
+    #[error("{0} ({RECENTLY_FAILED})")]
     RecentlyFailed(String),
 }
+
+/// How [`TokenError::RecentlyFailed`] ends: delivery logs such a deferral at debug level only, since the failure
+/// it repeats was logged once (a token endpoint down for minutes otherwise logged a deferral per queued message at
+/// each retry step, thousands a minute).
+pub const RECENTLY_FAILED: &str =
+    "renewal failed moments ago; asked again within 30 s, not for every message";
 
 impl TokenError {
     /// Mail waits (never bounces) on these: they may clear up by themselves or by `relay authorize`.
