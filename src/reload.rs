@@ -48,6 +48,37 @@ impl ReloadError {
     pub fn is_config(&self) -> bool {
         !matches!(self, ReloadError::Stopping)
     }
+
+    /// The config key at fault and why, as `relay check` names them (`accounts`: the new config's account names,
+    /// for an account's index), for the refusal's `key` and `reason` fields.
+    pub fn key_and_reason(&self, accounts: &[String]) -> Option<(String, String)> {
+        match self {
+            ReloadError::NeedsRestart { key, .. } => Some((
+                key.to_string(),
+                "changing it needs a restart (systemctl restart relay)".into(),
+            )),
+            ReloadError::Bind(BindError::Bind {
+                index,
+                address,
+                source,
+            }) => Some((
+                format!("listener[{index}].address"),
+                format!("{address}: cannot listen: {source}"),
+            )),
+            ReloadError::Bind(BindError::Tls { index, source }) => Some((
+                format!("listener[{index}].{}", source.config_key()),
+                source.to_string(),
+            )),
+            ReloadError::Account(a) => {
+                let key = match accounts.iter().position(|n| *n == a.account) {
+                    Some(i) => format!("account[{i}]"),
+                    None => "account".into(),
+                };
+                Some((key, a.reason.clone()))
+            }
+            ReloadError::Stopping => None,
+        }
+    }
 }
 
 /// What a reload changed, for the log.

@@ -163,6 +163,7 @@ where
     let refused = match loaded.await {
         Ok(Ok((config, warnings))) => {
             let file = config.source.clone();
+            let accounts: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
             match reloader.reload(config).await {
                 Ok(done) => {
                     tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
@@ -171,14 +172,18 @@ where
                     None
                 }
                 Err(e) => {
-                    // An account's or a listener's problem, said with the file it is in, as at start.
+                    // An account's or a listener's problem, said with the file it is in, as at start, and with
+                    // the key and reason as fields, as a config that does not parse is.
                     let why = match e {
                         ReloadError::NeedsRestart { .. } => e.to_string(),
                         _ => format!("{file}: {e}"),
                     };
+                    let (key, reason) = e.key_and_reason(&accounts).unzip();
                     tracing::error!(
                         relay_event = "reload_refused",
                         file = %file,
+                        key = key.as_deref(),
+                        reason = reason.as_deref(),
                         "new config refused, the running one stays: {why}"
                     );
                     Some(why)

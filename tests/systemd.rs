@@ -315,6 +315,11 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
         refused.contains("listener[1]") && refused.contains("missing.pem"),
         "{refused}"
     );
+    // With the key and the reason as fields, as a config that does not parse gets them (journalctl RELAY_KEY=).
+    assert!(
+        refused.contains("key=\"listener[1].cert\"") && refused.contains("reason="),
+        "{refused}"
+    );
     assert!(!greeted(other), "a refused reload left a port bound");
 
     // A TLS listener whose key others can read: refused as at start, with the file, the key and the fix.
@@ -397,6 +402,7 @@ async fn sighup_refuses_changes_that_need_a_restart() {
             refused.contains(&format!(": {key}: changing it needs a restart")),
             "{key}: {refused}"
         );
+        assert!(refused.contains(&format!("key=\"{key}\"")), "{refused}");
     }
 
     std::fs::write(&config, &good).unwrap();
