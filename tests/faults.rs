@@ -1439,3 +1439,37 @@ async fn a_token_endpoint_down_is_said_once_not_for_every_queued_message() {
         "{deferred} deferred lines for {asked} token requests: {log:#?}"
     );
 }
+
+/// Mail deferred because no token could be had goes as soon as the refresher has one again, not at its next retry
+/// step: with an hour's step, a token endpoint down for a few seconds held the message for the hour (the account
+/// `failing` meanwhile, its token fresh). The retry schedule here is an hour; the refresher's second try (after 5 s)
+/// gets a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_deferred_for_want_of_a_token_goes_once_the_refresher_has_one() {
+    let idp = MockServer::start().await;
+    token_request()
+        .respond_with(ResponseTemplate::new(500).set_body_string("down"))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&idp)
+        .await;
+    answer_token_requests(&idp, token("tok")).await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = account_config(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]\n",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let id = send_message(daemon.addr, BODY).await;
+    let line = daemon.wait_log("relay_event=\"deferred\"");
+    assert!(line.contains(&id) && line.contains("500"), "{line}");
+    let got = upstream.next().await;
+    assert_eq!(strip_received(&got.data), BODY);
+    let line = daemon.wait_log("the account can send again");
+    assert!(line.contains("messages=1"), "{line}");
+    daemon.wait_log("relay_event=\"delivered\"");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -663,6 +663,15 @@ impl Delivery {
     /// (`Transports::check_reach`); one that answers is among [`Self::take_recovered`] afterwards.
     pub fn check_unreachable(&self, parked: impl Fn(usize) -> bool) {
         let now = std::time::Instant::now();
+        // An account whose token could not be had has one again (the refresher's renewal worked): its mail
+        // deferred meanwhile goes now, as when an upstream answers again.
+        for account in self.accounts.values() {
+            if let Some(since) = account.tokens.take_came_back() {
+                let mut recovered = lock(&self.recovered);
+                let at = recovered.entry(account.name.clone()).or_insert(since);
+                *at = (*at).min(since);
+            }
+        }
         for account in self.accounts.values() {
             if account.transports.reachability(now) != Reachability::Probe
                 || self.pools_with(&account.name).iter().any(|&p| parked(p))

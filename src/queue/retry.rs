@@ -117,7 +117,9 @@ fn make_due(paths: &SpoolPaths, id: QueueId) -> Result<bool, StoreError> {
     // by its deferral, and the message would wait its next slot after all.
     super::store::lock(&file, &path, id, "made due")?;
     let mut state = read_state(&paths.queue, id);
-    if state.next_attempt.take().is_some() | state.held_until.take().is_some() {
+    // (A note that a sending limit holds it stays: a retry does not lift a limit, and the daemon, going by its
+    // counts, holds it again. A provider's pause the retry ends frees it, and its attempt removes the note.)
+    if state.next_attempt.take().is_some() {
         write_state(&paths.queue, id, &state).map_err(|source| StoreError::Io {
             path: state_path(&paths.queue, id),
             source,

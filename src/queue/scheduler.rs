@@ -58,7 +58,7 @@ impl Scheduler {
             }
             let woken = s.wake_deferred(&account, since);
             if woken > 0 {
-                tracing::info!(relay_account = %account, messages = woken, "the account's upstream can be reached again: the mail it deferred meanwhile is due now");
+                tracing::info!(relay_account = %account, messages = woken, "the account can send again (its upstream answers, or its token could be renewed again): the mail it deferred meanwhile is due now");
             }
         }
     }

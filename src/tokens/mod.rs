@@ -79,6 +79,9 @@ pub struct AccountTokens {
     /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]). Apart from
     /// `state`, so that `relay queue retry` can end the wait without waiting for a renewal in flight.
     failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Since when renewals have failed with none succeeding since; and once one succeeds after that, since when
+    /// they had failed, until delivery takes it ([`AccountTokens::take_came_back`]).
+    trouble: std::sync::Mutex<(Option<std::time::Instant>, Option<std::time::Instant>)>,
     /// How its rewritten files reach the daemon, for the fix advice on a refused grant.
     rotation: crate::config::Rotation,
     /// Set when the account's refresher stops (relay stops, or a reload replaced the account).
@@ -130,6 +133,7 @@ impl AccountTokens {
             state: Arc::new(Mutex::new(State::default())),
             scoped: Mutex::new(None),
             failed: std::sync::Mutex::new(None),
+            trouble: std::sync::Mutex::new((None, None)),
             rotation: crate::config::Rotation::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             replaced: tokio::sync::Notify::new(),
@@ -179,6 +183,26 @@ impl AccountTokens {
             },
             other => other,
         }
+    }
+
+    /// Follows renewals that fail and the first that works again (see `trouble`).
+    fn renewal_went(&self, ok: bool) {
+        let mut t = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        if !ok {
+            t.0.get_or_insert_with(std::time::Instant::now);
+        } else if let Some(since) = t.0.take() {
+            t.1 = Some(t.1.map_or(since, |c| c.min(since)));
+        }
+    }
+
+    /// Since when renewals had failed, once one works again (once): the mail deferred meanwhile for want of a
+    /// token goes now, not at its next retry step (hours later after a long outage of the token endpoint).
+    pub fn take_came_back(&self) -> Option<std::time::Instant> {
+        self.trouble
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .take()
     }
 
     /// The words of a renewal that failed less than [`RENEW_RETRY`] ago, to be taken instead of asking again.
@@ -551,6 +575,7 @@ impl AccountTokens {
                 account: &self.name,
             });
             *self.failed_lock() = None;
+            self.renewal_went(true);
             return Ok(t.access_token.clone());
         }
         // Stop came while this renewal waited (for the lock, or another's renewal): a request begun now could be
@@ -607,9 +632,11 @@ impl AccountTokens {
                     }
                 }
                 *self.failed_lock() = None;
+                self.renewal_went(true);
                 Ok(g.access_token)
             }
             Err(e) => {
+                self.renewal_went(false);
                 // Only a person's grant waits for `relay authorize`; the others are fetched again on every
                 // attempt, so a fixed credential (and `systemctl reload relay`, for a file) is enough.
                 let interactive = self.renewal.is_interactive();

@@ -48,9 +48,10 @@ pub enum Failure {
     Connection(String),
     /// The server refused a command or the message.
     Refused(Reply),
-    /// The server took MAIL and refused every recipient: each recipient (its index in those given) with the reply
-    /// to its RCPT, so that each can have its own outcome. `standing` is the one reply that stands for them all
-    /// where one is needed (as [`Failure::Refused`] would carry it).
+    /// The server took MAIL and refused every recipient (or, `after_data`, refused some for good at RCPT and then
+    /// the message): each recipient (its index in those given) with its own reply, so that each can have its own
+    /// outcome, or its own reason in a bounce. `standing` is the one reply that stands for them all where one is
+    /// needed (as [`Failure::Refused`] would carry it).
     EachRefused {
         standing: Reply,
         each: Vec<(usize, Reply)>,
@@ -240,11 +241,13 @@ fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failu
             after_data: false,
         };
     }
-    // (A refusal for now of the message is the message's, and all of it waits, as before.)
-    if standing.is_permanent() && rcpts.iter().any(|r| !r.is_positive()) {
+    // (A refusal for now of the message is the message's, and all of it waits, as before.) A recipient refused
+    // only for now at RCPT fails with the message, for the message's reason: its own 4xx would read as a
+    // permanent status of its own in the bounce (a busy mailbox's 4.2.1 as 5.2.1, "mailbox disabled").
+    if standing.is_permanent() && rcpts.iter().any(|r| r.is_permanent()) {
         let each = rcpts
             .iter()
-            .map(|r| if r.is_positive() { &standing } else { r })
+            .map(|r| if r.is_permanent() { r } else { &standing })
             .cloned()
             .enumerate()
             .collect();
@@ -1402,9 +1405,11 @@ mod tests {
             Some((vec![(0, r(550)), (1, r(552))], true))
         );
         assert_eq!(
-            each(&[r(250), r(450), r(250), r(354)], 2, 554),
-            Some((vec![(0, r(450)), (1, r(554))], true))
+            each(&[r(250), r(550), r(450), r(250), r(354)], 3, 554),
+            Some((vec![(0, r(550)), (1, r(554)), (2, r(554))], true))
         );
+        // Only refused for now at RCPT, then the message refused for good: one reason for all, the message's.
+        assert_eq!(each(&[r(250), r(450), r(250), r(354)], 2, 554), None);
         // The message refused for now: all of it waits, one reply.
         assert_eq!(each(&[r(250), r(550), r(250), r(354)], 2, 451), None);
         // No recipient refused, MAIL refused, a 421 among the RCPTs, replies cut short: not this.

@@ -635,9 +635,11 @@ fn delivered(sent: Sent, recipients: &[String]) -> Outcome {
 
 /// Every recipient refused. Where any is refused for good, each gets its own outcome: those refused for good are
 /// bounced now, each with its own reply, and the others wait (they all waited, for days until `max_age`, on one
-/// 4xx). Otherwise one reply decides for the whole message, as it always did: all refused for now (deferred), or a
-/// refusal about the account rather than a recipient (a login, a quota, a concurrency limit), which is then the
-/// one that decides.
+/// 4xx). Otherwise one reply decides for the whole message, as it always did: all refused for now (deferred, as
+/// the recipients' trouble), or a refusal about the account rather than a recipient (a login, a quota, a
+/// concurrency limit), which is then the one that decides. `after_data`: the message itself was refused for good
+/// after some recipients were taken, and fails for all of them, each with its own reason (see
+/// [`Failure::EachRefused`]).
 fn each_refused(
     standing: reply::Reply,
     each: Vec<(usize, reply::Reply)>,
@@ -909,7 +911,7 @@ mod tests {
         // Taken at RCPT for b, then the message refused for good (a 552 to the data is final): both fail, a with
         // its own reason; not a full mailbox's wait for a.
         let data = "552 5.7.0 This message was blocked because its content presents a potential security issue";
-        for a in [unknown, "450 4.2.1 mailbox busy"] {
+        for a in [unknown, "550 5.7.1 not allowed"] {
             match each_refused(r(data), vec![(0, r(a)), (1, r(data))], true, &to) {
                 Outcome::Refused { refused, .. } => {
                     assert!(refused.iter().all(|r| r.permanent), "{refused:?}");
