@@ -87,6 +87,8 @@ pub struct Reloaded {
     pub accounts_added: Vec<String>,
     pub accounts_changed: Vec<String>,
     pub accounts_removed: Vec<String>,
+    /// Accounts kept as they run, with new sending limits.
+    pub limits_changed: Vec<String>,
     pub listeners: ListenerChanges,
 }
 
@@ -104,10 +106,11 @@ impl std::fmt::Display for Reloaded {
         };
         write!(
             f,
-            "accounts added: {}; changed: {}; removed: {}; listeners kept: {}, opened: {}, closed: {}",
+            "accounts added: {}; changed: {}; removed: {}; sending limits changed: {}; listeners kept: {}, opened: {}, closed: {}",
             names(&self.accounts_added),
             names(&self.accounts_changed),
             names(&self.accounts_removed),
+            names(&self.limits_changed),
             self.listeners.kept,
             addrs(&self.listeners.opened),
             addrs(&self.listeners.closed),
@@ -292,6 +295,7 @@ impl Running {
         let http = accounts::shared_http()?;
         let store = accounts::token_store(&config)?;
         let mut next: Vec<(AccountConfig, Arc<Account>, Option<&RunningAccount>)> = Vec::new();
+        let mut new_limits = Vec::new();
         for a in &config.accounts {
             let old = self.accounts.iter().find(|r| r.config.name == a.name);
             match old {
@@ -303,7 +307,11 @@ impl Running {
                             || a.transport != crate::config::Transport::Smtp)
                         && accounts::files_hash(a) == r.account.files =>
                 {
-                    r.account.rate.set_limits(a.limits());
+                    // Only its sending limits changed: applied in place once nothing can fail, and said.
+                    if r.account.rate.limits() != a.limits() {
+                        new_limits.push((r.account.clone(), a.limits()));
+                        done.limits_changed.push(a.name.clone());
+                    }
                     next.push((a.clone(), r.account.clone(), Some(r)));
                 }
                 _ => {
@@ -320,6 +328,9 @@ impl Running {
         let prepared = self.listeners.prepare(&config).await?;
 
         // From here on nothing fails.
+        for (account, limits) in new_limits {
+            account.rate.set_limits(limits);
+        }
         let state_dir = config.state_dir.clone();
         let mut accounts = Vec::new();
         for (config, account, kept) in next {

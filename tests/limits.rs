@@ -348,7 +348,10 @@ async fn mail_held_for_the_day_says_so_in_queue_list_and_status() {
     let row = text.lines().find(|l| l.contains(&t.big)).unwrap();
     assert!(row.contains("held, in "), "{text}");
     let shown = run(&["queue", "show", &t.big]);
-    assert!(shown.contains("held until:"), "{shown}");
+    assert!(
+        shown.contains("held until:") && shown.contains("next try:    when its hold ends"),
+        "{shown}"
+    );
     assert!(
         shown.contains("held by the account's sending limits until"),
         "{shown}"

@@ -434,7 +434,10 @@ async fn sighup_applies_new_limits_and_account_settings_to_queued_mail() {
     with(&upstream, "rate = { per_minute = 5 }");
     signal(&daemon, libc::SIGHUP);
     let reloaded = daemon.wait_log("relay_event=\"reloaded\"");
-    assert!(reloaded.contains("changed: none"), "{reloaded}");
+    assert!(
+        reloaded.contains("changed: none") && reloaded.contains("sending limits changed: office"),
+        "{reloaded}"
+    );
     upstream.next().await;
 
     // Its upstream changes: the account is rebuilt, and new mail goes to the new one.

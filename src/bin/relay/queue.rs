@@ -150,6 +150,9 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     humantime::format_rfc3339_seconds(t),
                     next_try(Some(t))
                 )?,
+                (Place::Queued, None) if entry.held_until.is_some() => {
+                    writeln!(out, "next try:    when its hold ends (below)")?
+                }
                 (Place::Queued, None) => writeln!(out, "next try:    {}", next_try(None))?,
             }
             if let Some(t) = entry.held_until {
