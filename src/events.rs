@@ -24,6 +24,12 @@ pub enum Event<'a> {
         id: QueueId,
         account: &'a str,
     },
+    /// The upstream took the message for some recipients while others wait: mail went through the account (the
+    /// message's own `Delivered` comes when it leaves the queue).
+    PartlyDelivered {
+        id: QueueId,
+        account: &'a str,
+    },
     /// An attempt failed for now; `account` when one was tried.
     Deferred {
         id: QueueId,

@@ -233,6 +233,7 @@ impl Metrics {
         let account = match *event {
             Event::Accepted { .. } => None,
             Event::Delivered { account, .. }
+            | Event::PartlyDelivered { account, .. }
             | Event::RecipientsRefused { account, .. }
             | Event::TokenRefreshed { account }
             | Event::TokenRefreshFailed { account, .. }
@@ -257,6 +258,8 @@ impl Metrics {
                     .inc();
                 self.observe_delivery(id);
             }
+            // Counted once the message is delivered to all (or dead).
+            Event::PartlyDelivered { .. } => {}
             Event::Deferred { account, .. } => self
                 .deliveries
                 .with_label_values(&["deferred", account.unwrap_or("")])

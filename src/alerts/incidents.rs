@@ -208,7 +208,8 @@ impl Tracker {
             | Event::TokenRefreshFailed { account, .. }
             | Event::TokenRefreshed { account }
             | Event::LoginRefused { account, .. }
-            | Event::Delivered { account, .. } => Some(account),
+            | Event::Delivered { account, .. }
+            | Event::PartlyDelivered { account, .. } => Some(account),
             _ => None,
         };
         if account.is_some_and(|a| !self.follows(a)) {
@@ -249,7 +250,7 @@ impl Tracker {
                     format!("account {account}: the upstream refused its login with a freshly fetched token: {why}. Its mail waits in the queue and is tried again every few minutes (at once after `relay queue retry --all`); `relay test {account} --to ADDRESS` shows the upstream's answer.")
                 });
             }
-            Event::Delivered { account, .. } => {
+            Event::Delivered { account, .. } | Event::PartlyDelivered { account, .. } => {
                 self.closing(Kind::AuthorizationNeeded, account, now, &mut out, |_| {
                     format!("account {account} is authorized again: mail was delivered through it.")
                 });
@@ -721,6 +722,25 @@ mod tests {
         assert!(
             t.event(&refused, at(600))[0].state == State::Open,
             "a new incident"
+        );
+    }
+
+    #[test]
+    fn mail_that_goes_to_some_of_its_recipients_closes_a_refused_login() {
+        let mut t = tracker();
+        let refused = Event::LoginRefused {
+            account: "office",
+            why: "535 5.7.139",
+        };
+        t.event(&refused, at(0));
+        let partly = Event::PartlyDelivered {
+            id: QueueId::new(),
+            account: "office",
+        };
+        let closed = t.event(&partly, at(60));
+        assert_eq!(
+            states(&closed),
+            [("login_refused:office".into(), State::Recovered)]
         );
     }
 

@@ -1573,6 +1573,10 @@ impl Delivery {
             .map(String::as_str)
             .collect();
         if !later.is_empty() && !taken.is_empty() {
+            crate::events::emit(crate::events::Event::PartlyDelivered {
+                id,
+                account: &account.name,
+            });
             tracing::info!(relay_event = "partly_delivered", relay_queue_id = %id, relay_account = %account.name, relay_upstream_reply = %reply, recipients = %shown_addresses(&taken), waiting = later.len(), "delivered to these recipients; the others wait");
         }
         let next = if later.is_empty() {
