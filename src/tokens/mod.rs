@@ -76,6 +76,9 @@ pub struct AccountTokens {
     /// A token for another resource (Graph, when it is the fallback): in memory only, renewed from the same
     /// grant when needed.
     scoped: Mutex<Option<(String, SecretString, SystemTime)>>,
+    /// When the last request for a `scoped` token failed, and its words: as `failed`, for Graph's tokens (each
+    /// message of an account switched to Graph asked again, with `flow = "password"` a failed sign-in each).
+    scoped_failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// When the last renewal a delivery asked for failed, and its words (see [`RENEW_RETRY`]). Apart from
     /// `state`, so that `relay queue retry` can end the wait without waiting for a renewal in flight.
     failed: std::sync::Mutex<Option<(std::time::Instant, String)>>,
@@ -133,6 +136,7 @@ impl AccountTokens {
             state: Arc::new(Mutex::new(State::default())),
             scoped: Mutex::new(None),
             failed: std::sync::Mutex::new(None),
+            scoped_failed: std::sync::Mutex::new(None),
             trouble: std::sync::Mutex::new((None, None)),
             rotation: crate::config::Rotation::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -291,6 +295,12 @@ impl AccountTokens {
         {
             return Ok(token.clone());
         }
+        let scoped_failed = || self.scoped_failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, why)) = &*scoped_failed()
+            && at.elapsed() < RENEW_RETRY
+        {
+            return Err(TokenError::RecentlyFailed(why.clone()));
+        }
         let refresh = {
             let mut state = self.state.lock().await;
             self.reload_if_changed(&mut state)?;
@@ -304,7 +314,7 @@ impl AccountTokens {
                 return Err(TokenError::NeedsAuthorization(self.name.clone()));
             }
             Err(RenewalError::OAuth(e)) => {
-                return Err(TokenError::OAuth {
+                let failed = TokenError::OAuth {
                     account: self.name.clone(),
                     explained: e.explained(
                         &self.name,
@@ -312,9 +322,12 @@ impl AccountTokens {
                         &self.rotation,
                     ),
                     source: e,
-                });
+                };
+                *scoped_failed() = Some((std::time::Instant::now(), failed.to_string()));
+                return Err(failed);
             }
         };
+        *scoped_failed() = None;
         *cache = Some((
             scope.to_string(),
             grant.access_token.clone(),
@@ -1065,6 +1078,38 @@ mod replace_refused_tests {
         assert!(
             tokens.replace_refused(&first, now).await.is_err(),
             "an older token is not taken: a refresh is tried"
+        );
+    }
+
+    /// A Graph token (an account switched to Graph) that cannot be had is not asked for again by every message
+    /// for 30 s, as the account's own token is not.
+    #[tokio::test]
+    async fn a_scoped_token_that_failed_is_not_asked_again_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = one_account(dir.path());
+        let now = SystemTime::now();
+        crate::tokens::TokenStore::new(&config.state_dir)
+            .save(
+                "a",
+                &StoredTokens {
+                    access_token: SecretString::from("smtp"),
+                    expires_at: now + Duration::from_secs(3600),
+                    obtained_at: now,
+                    refresh_token: Some(SecretString::from("r")),
+                    last_refresh: Some(now),
+                    needs_authorization: false,
+                    last_error: None,
+                },
+            )
+            .unwrap();
+        let accounts = crate::accounts::build(&config).unwrap();
+        let tokens = &accounts[0].tokens;
+        let first = tokens.scoped_token("graph", false).await;
+        assert!(matches!(first, Err(TokenError::OAuth { .. })), "{first:?}");
+        let again = tokens.scoped_token("graph", true).await;
+        assert!(
+            matches!(again, Err(TokenError::RecentlyFailed(_))),
+            "{again:?}"
         );
     }
 
