@@ -72,6 +72,9 @@ pub struct Status {
     pub running: bool,
     /// The state dir's filesystem; `None` when it cannot be read (no state dir yet).
     pub disk: Option<crate::queue::room::DiskReport>,
+    /// Token files of accounts the config no longer names (a few of them): each still holds that account's grant,
+    /// which nothing uses or renews any more. Said, not removed: the account may come back.
+    pub stale_tokens: Vec<String>,
     pub ok: bool,
 }
 
@@ -121,6 +124,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .map(|a| account_status(config, a))
         .collect();
     let running = crate::queue::relay_runs_on(&config.state_dir);
+    let stale_tokens = stale_tokens(config);
     let disk = crate::queue::room::DiskReport::of(&config.state_dir, config.queue.min_free_space.0);
     let ok = !(!running
         || disk.as_ref().is_some_and(|d| d.short)
@@ -137,8 +141,31 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         accounts,
         running,
         disk,
+        stale_tokens,
         ok,
     })
+}
+
+/// How many [`Status::stale_tokens`] are named.
+const STALE_SHOWN: usize = 10;
+
+/// The accounts of `STATE_DIR/tokens/NAME.json` files that the config does not name, a few of them.
+fn stale_tokens(config: &Config) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(config.state_dir.join("tokens")) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let account = name.strip_suffix(".json")?;
+            (!account.starts_with('.') && !config.accounts.iter().any(|a| a.name == account))
+                .then(|| account.to_string())
+        })
+        .take(STALE_SHOWN)
+        .collect();
+    stale.sort();
+    stale
 }
 
 /// A refusal about the message, not the account, which goes on sending other mail: a recipient that does not

@@ -476,3 +476,43 @@ fn status_on_an_invalid_config_exits_as_check_does() {
     assert_eq!(text(&status.stderr), text(&check.stderr));
     assert!(text(&status.stderr).contains("relay: invalid config: "));
 }
+
+/// The token file of an account a config change removed still holds its grant (a refresh token, an access token)
+/// that nothing uses or renews: `relay status` names it, so that a sysadmin who retired the account can remove it.
+/// Only the accounts' own files count (not the lock and renewal marks beside them), and nothing is removed.
+#[test]
+fn status_names_token_files_of_accounts_no_longer_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\ndefault_account = \"office\"\n[[account]]\nname = \"office\"\nprovider = \"microsoft\"\nflow = \"device_code\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"c\"\nmailbox = \"noreply@example.com\"\n"
+        ),
+    )
+    .unwrap();
+    let tokens = state.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    for name in [
+        "office.json",
+        "retired.json",
+        ".retired.lock",
+        ".office.renew",
+    ] {
+        std::fs::write(tokens.join(name), "{}").unwrap();
+    }
+    let (_, json) = status_json(&config);
+    assert_eq!(
+        json["stale_tokens"],
+        serde_json::json!(["retired"]),
+        "{json}"
+    );
+    let out = relay(&["status"], &config);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("no longer names (retired)") && said.contains("remove them"),
+        "{said}"
+    );
+    assert!(tokens.join("retired.json").exists(), "said, not removed");
+}

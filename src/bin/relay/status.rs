@@ -18,6 +18,7 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
             "accounts": status.accounts,
             "running": status.running,
             "disk": status.disk,
+            "stale_tokens": status.stale_tokens,
             "ok": status.ok,
         });
         println!("{doc}");
@@ -39,6 +40,13 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
             println!(
                 "daemon: not running (no `relay serve` holds {}): nothing is accepted or delivered until it starts (`systemctl start relay`; `journalctl -u relay` says why it stopped)",
                 config.state_dir.join(".lock").display()
+            );
+        }
+        if !status.stale_tokens.is_empty() {
+            println!(
+                "tokens: {} has token files of accounts the config no longer names ({}): each still holds that account's grant, which nothing uses or renews; remove them once the accounts are gone for good",
+                config.state_dir.join("tokens").display(),
+                safe(&status.stale_tokens.join(", "))
             );
         }
         match &status.disk {
