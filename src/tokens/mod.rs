@@ -1041,6 +1041,25 @@ mod replace_refused_tests {
         .unwrap()
     }
 
+    /// Account `a`'s grant in its token file: `access_token`, obtained (and refreshed) at `obtained`, valid for an
+    /// hour from now, with a refresh token.
+    fn store_grant(config: &crate::config::Config, access_token: &str, obtained: SystemTime) {
+        crate::tokens::TokenStore::new(&config.state_dir)
+            .save(
+                "a",
+                &StoredTokens {
+                    access_token: SecretString::from(access_token.to_string()),
+                    expires_at: SystemTime::now() + Duration::from_secs(3600),
+                    obtained_at: obtained,
+                    refresh_token: Some(SecretString::from("r")),
+                    last_refresh: Some(obtained),
+                    needs_authorization: false,
+                    last_error: None,
+                },
+            )
+            .unwrap();
+    }
+
     /// A token obtained before the refusal is no replacement for the refused one, though it differs (the
     /// upstream may have revoked every token issued before some event): a refresh is asked for (here it fails,
     /// the token endpoint being closed). One obtained since is taken as it is.
@@ -1050,20 +1069,7 @@ mod replace_refused_tests {
         let config = one_account(dir.path());
         let now = SystemTime::now();
         let obtained = now - Duration::from_secs(60);
-        crate::tokens::TokenStore::new(&config.state_dir)
-            .save(
-                "a",
-                &StoredTokens {
-                    access_token: SecretString::from("second"),
-                    expires_at: now + Duration::from_secs(3600),
-                    obtained_at: obtained,
-                    refresh_token: Some(SecretString::from("r")),
-                    last_refresh: Some(obtained),
-                    needs_authorization: false,
-                    last_error: None,
-                },
-            )
-            .unwrap();
+        store_grant(&config, "second", obtained);
         let accounts = crate::accounts::build(&config).unwrap();
         let tokens = &accounts[0].tokens;
         let first = SecretString::from("first");
@@ -1087,21 +1093,7 @@ mod replace_refused_tests {
     async fn a_scoped_token_that_failed_is_not_asked_again_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let config = one_account(dir.path());
-        let now = SystemTime::now();
-        crate::tokens::TokenStore::new(&config.state_dir)
-            .save(
-                "a",
-                &StoredTokens {
-                    access_token: SecretString::from("smtp"),
-                    expires_at: now + Duration::from_secs(3600),
-                    obtained_at: now,
-                    refresh_token: Some(SecretString::from("r")),
-                    last_refresh: Some(now),
-                    needs_authorization: false,
-                    last_error: None,
-                },
-            )
-            .unwrap();
+        store_grant(&config, "smtp", SystemTime::now());
         let accounts = crate::accounts::build(&config).unwrap();
         let tokens = &accounts[0].tokens;
         let first = tokens.scoped_token("graph", false).await;
