@@ -554,7 +554,7 @@ async fn respond(mut stream: TcpStream, reader: &Arc<StateReader>) -> std::io::R
             return reply(
                 &mut stream,
                 "400 Bad Request",
-                "text/plain",
+                "Content-Type: text/plain",
                 b"bad request\n",
                 true,
             )
@@ -573,7 +573,7 @@ async fn respond(mut stream: TcpStream, reader: &Arc<StateReader>) -> std::io::R
             reply(
                 &mut stream,
                 "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
+                "Content-Type: text/plain; version=0.0.4; charset=utf-8",
                 body.as_bytes(),
                 with_body,
             )
@@ -583,7 +583,7 @@ async fn respond(mut stream: TcpStream, reader: &Arc<StateReader>) -> std::io::R
             reply(
                 &mut stream,
                 "404 Not Found",
-                "text/plain",
+                "Content-Type: text/plain",
                 b"see /metrics\n",
                 with_body,
             )
@@ -593,7 +593,8 @@ async fn respond(mut stream: TcpStream, reader: &Arc<StateReader>) -> std::io::R
             reply(
                 &mut stream,
                 "405 Method Not Allowed",
-                "text/plain",
+                // RFC 9110 15.5.6: a 405 names the methods the resource takes.
+                "Content-Type: text/plain\r\nAllow: GET, HEAD",
                 b"GET only\n",
                 true,
             )
@@ -632,12 +633,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
 async fn reply(
     stream: &mut TcpStream,
     status: &str,
-    content_type: &str,
+    headers: &str,
     body: &[u8],
     with_body: bool,
 ) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\n{headers}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

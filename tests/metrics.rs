@@ -314,12 +314,13 @@ async fn the_endpoint_shows_queue_depth_deliveries_by_account_token_expiry_and_l
 
     let (status, _, _) = get(metrics, "GET /other HTTP/1.1\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
-    let (status, _, _) = get(
+    let (status, headers, _) = get(
         metrics,
         "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
     assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert!(headers.contains("\r\nAllow: GET, HEAD"), "{headers}");
 }
 
 #[test]
