@@ -12,7 +12,7 @@
 use super::lock;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +26,8 @@ use super::lane::Lane;
 use super::layout::{SpoolPaths, msg_path, state_path};
 use super::rate::{AccountRate, Reservation};
 use super::route::{Addressing, Routing};
+use super::seeking::Seekers;
+pub use super::seeking::Seeking;
 use super::spool::quarantine;
 use super::state::{DeliveryState, KeptUpload, read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
@@ -230,7 +232,7 @@ pub struct Delivery {
     /// Attempts started that have not yet taken (or given up on) a connection, and a wake-up for the scheduler
     /// when a delivery hands its connection back: with these the scheduler starts no more attempts than there
     /// are connections free, rather than attempts that read their message only to be parked.
-    seeking: Arc<AtomicUsize>,
+    seekers: Arc<Seekers>,
     slot_freed: Arc<Notify>,
     /// Accounts whose upstream answers again after it did not, and since when it did not: the scheduler makes
     /// the mail they deferred meanwhile due at once ([`Delivery::take_recovered`]). Emptied at every attempt's
@@ -238,15 +240,6 @@ pub struct Delivery {
     recovered: Arc<Mutex<HashMap<String, std::time::Instant>>>,
     /// Where each attempt's closing file work runs (shared with the delivery a reload puts in its place).
     lane: Lane,
-}
-
-/// One attempt counted among those seeking a connection, until it takes one or ends.
-pub struct Seeking(Arc<AtomicUsize>);
-
-impl Drop for Seeking {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 const MEMORY_UNITS: u32 = (DELIVERY_MEMORY >> 10) as u32;
@@ -334,6 +327,15 @@ impl Waiting {
         }
     }
 
+    /// `id` is to be parked in `pool`, as its attempt is about to tell the scheduler: newer mail of the pool that
+    /// chooses before the scheduler has heard (attempts that end at once) already waits behind it.
+    fn hold(&self, pool: usize, id: QueueId) {
+        if let Ok(mut w) = self.0.lock() {
+            let oldest = w.entry(pool).or_insert(id);
+            *oldest = (*oldest).min(id);
+        }
+    }
+
     fn is_behind(&self, pool: usize, id: QueueId) -> bool {
         self.0
             .lock()
@@ -396,7 +398,7 @@ impl Delivery {
             memory: Arc::new(Semaphore::new(MEMORY_UNITS as usize)),
             delivered: Arc::default(),
             unrecorded: Arc::default(),
-            seeking: Arc::default(),
+            seekers: Arc::default(),
             slot_freed: Arc::default(),
             recovered: Arc::default(),
             lane: Lane::new(SETTLE_RUNNERS),
@@ -411,7 +413,7 @@ impl Delivery {
             delivered: self.delivered.clone(),
             unrecorded: self.unrecorded.clone(),
             // Attempts begun before the reload still seek connections of the accounts it kept.
-            seeking: self.seeking.clone(),
+            seekers: self.seekers.clone(),
             slot_freed: self.slot_freed.clone(),
             recovered: self.recovered.clone(),
             lane: self.lane.clone(),
@@ -436,9 +438,8 @@ impl Delivery {
     }
 
     /// Counts an attempt about to start among those seeking a connection (see [`Self::may_start`]).
-    pub fn seeking(&self) -> Seeking {
-        self.seeking.fetch_add(1, Ordering::AcqRel);
-        Seeking(self.seeking.clone())
+    pub fn seeking(&self, id: QueueId) -> Seeking {
+        self.seekers.start(id)
     }
 
     /// Whether the attempt of `id` may start now: fewer are seeking a connection than there are connections
@@ -460,7 +461,7 @@ impl Delivery {
             .values()
             .map(|a| a.slots.available_permits())
             .sum();
-        self.seeking.load(Ordering::Acquire) < free
+        self.seekers.count() < free
     }
 
     /// Resolves when a delivery hands back its connection.
@@ -728,7 +729,12 @@ impl Delivery {
 
     /// One delivery attempt, and what the scheduler does next with the message. `early`: made due before its
     /// time on purpose (its account's upstream answers again), so its recorded next attempt does not hold it.
-    pub async fn attempt(self: Arc<Self>, id: QueueId, seeking: Seeking, early: bool) -> Attempted {
+    pub async fn attempt(
+        self: Arc<Self>,
+        id: QueueId,
+        mut seeking: Seeking,
+        early: bool,
+    ) -> Attempted {
         let now = SystemTime::now();
         if self.already_delivered(id) {
             return self
@@ -952,6 +958,8 @@ impl Delivery {
             .filter(|_| asks);
         // When a wait for the upstream or a limit must end at the latest: at max_age, or at the session's week.
         let expires = max_age_ends.filter(|_| !asks).or(session_end);
+        // Oldest first: attempts begun before this one choose first (see `seeking.rs`).
+        seeking.after_older().await;
         if self.waiting.is_behind(pool, id) {
             return Attempted::Waiting {
                 pool,
@@ -1000,6 +1008,8 @@ impl Delivery {
                 return Attempted::later(at);
             }
             Err(mut wait) => {
+                self.waiting.hold(pool, id);
+                seeking.chosen();
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
                 // not when the window frees, maybe a day later. (Expired already and asking its session: until
                 // the session's week ends, or it would be taken up again at once, and again.)

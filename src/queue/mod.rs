@@ -19,6 +19,7 @@ pub mod room;
 pub mod route;
 pub mod scheduler;
 pub mod seal;
+mod seeking;
 mod spool;
 pub mod state;
 mod store;

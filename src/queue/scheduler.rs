@@ -171,7 +171,7 @@ impl Scheduler {
                 let early = s.early.contains(&id);
                 s.in_flight.insert(id);
                 let delivery = self.delivery.clone();
-                let seeking = delivery.seeking();
+                let seeking = delivery.seeking(id);
                 let handle = tasks.spawn(async move {
                     let attempted = delivery.attempt(id, seeking, early).await;
                     drop(permit);
@@ -461,6 +461,14 @@ impl Schedule {
         }
         if let Some(account) = attempted.freed() {
             for &pool in delivery.pools_with(account) {
+                // A first message held for recipients that still do not fit waits for the tick that finds room
+                // (each delivery's end took it up again, to be held and logged again).
+                if self
+                    .held_first(pool)
+                    .is_some_and(|(_, need)| delivery.room_for(pool, need) == 0)
+                {
+                    continue;
+                }
                 self.unpark(pool, 1, SystemTime::now());
             }
         }
