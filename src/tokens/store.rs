@@ -408,8 +408,8 @@ impl TokenStore {
         let Some(file) = self.lock_file(&format!(".{account}.lock"))? else {
             return Ok(None);
         };
-        match crate::runtime::off_worker(|| flock(&file, true)) {
-            Ok(_) => Ok(Some(file)),
+        match crate::runtime::off_worker(|| flock_within(&file, SAVE_LOCK_WAIT)) {
+            Ok(()) => Ok(Some(file)),
             Err(source) => Err(StoreError::Io {
                 path: self.dir.join(format!(".{account}.lock")),
                 source,
@@ -556,35 +556,77 @@ fn write_atomically(
     file.commit()
 }
 
-/// An exclusive flock on `file`, released when it is closed. `wait`: block until it is free; else Ok(false) at
-/// once if another open file holds it.
-fn flock(file: &std::fs::File, wait: bool) -> std::io::Result<bool> {
+/// An exclusive flock on `file`, released when it is closed; Ok(false) at once if another open file holds it.
+fn flock(file: &std::fs::File) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let op = if wait {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_EX | libc::LOCK_NB
-    };
     // SAFETY: the descriptor is open for the duration of the call.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         return Ok(true);
     }
     match std::io::Error::last_os_error() {
-        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        // EINTR: a signal came; looked at again like a held lock.
+        e if e.kind() == std::io::ErrorKind::WouldBlock
+            || e.kind() == std::io::ErrorKind::Interrupted =>
+        {
+            Ok(false)
+        }
         e => Err(e),
+    }
+}
+
+/// How long a token save waits for another process's save: each holds the lock for a compare and a rename, so a
+/// holder past this is stopped or hung (a `relay authorize` suspended with Ctrl-Z), and the save fails, saying
+/// so, rather than hold the account's tokens for ever.
+const SAVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An exclusive flock on `file` within `limit`: polled, since flock(2) has no timeout (a signal-based one would
+/// reach the daemon's other threads).
+fn flock_within(file: &std::fs::File, limit: std::time::Duration) -> std::io::Result<()> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if flock(file)? {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "another process has held this lock for over {} s (a `relay authorize` or `relay serve` that is stopped?)",
+                    limit.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
 /// Takes the renewal lock if it is free: Ok(false) if another process (or another open of it) holds it. Never
 /// blocks, so that an async task can wait for it without holding a thread.
 pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
-    flock(file, false)
+    flock(file)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A save does not wait for ever for a lock another process holds (one stopped with Ctrl-Z in the middle of
+    /// its save): it fails, saying why, and goes once the lock is free.
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".office.lock");
+        std::fs::write(&path, "").unwrap();
+        let holder = std::fs::File::open(&path).unwrap();
+        assert!(flock(&holder).unwrap());
+        let ours = std::fs::File::open(&path).unwrap();
+        let e = flock_within(&ours, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("another process"), "{e}");
+        drop(holder);
+        flock_within(&ours, Duration::from_millis(50)).unwrap();
+    }
 
     fn tokens(access: &str) -> StoredTokens {
         StoredTokens {
