@@ -61,7 +61,9 @@ pub struct FakeUpstream {
     /// none accepted is refused.
     pub rcpt_replies: Arc<Mutex<Vec<(String, String)>>>,
     /// Offer CHUNKING (RFC 3030) in EHLO, as Microsoft 365 and Gmail do, and take BDAT. With BDAT, `data_reply`
-    /// answers the LAST chunk; only plain replies and TAKEDROP (no DROP, STALL, SLOW, HANGUP).
+    /// answers the LAST chunk; only plain replies, TAKEDROP and "CHUNKDROP" (hang up at the first chunk that is
+    /// not the last, without answering it, the rest of the message unsent; once, then "250 2.0.0 OK"). No DROP,
+    /// STALL, SLOW, HANGUP.
     pub chunking: Arc<std::sync::atomic::AtomicBool>,
     /// Offer SMTPUTF8 (RFC 6531) in EHLO, as Microsoft 365 and Gmail do; on by default.
     pub smtputf8: Arc<std::sync::atomic::AtomicBool>,
@@ -339,6 +341,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
             chunks.extend_from_slice(&chunk);
+            if !last && *data_reply.lock().unwrap() == "CHUNKDROP" {
+                *data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+                return;
+            }
             if !last {
                 format!("250 2.0.0 {n} octets received")
             } else if msg.from.is_empty() && msg.to.is_empty() {

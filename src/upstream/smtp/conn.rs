@@ -68,10 +68,10 @@ pub enum Failure {
     /// this connection, not about a message, so never a reason to fail one for good.
     Session(Reply),
     /// The server offered CHUNKING, took MAIL and RCPT, and then did not know BDAT (500, 502, 504), or hung up
-    /// during the upload without answering any BDAT (such a server reads the chunk as commands and drops the
-    /// connection after too many errors; the reset can destroy its replies on the way): a server or a middlebox
-    /// that lies in its EHLO. DATA will do. `definite`: BDAT was refused in words; a hang-up may also have been
-    /// a network fault.
+    /// during the upload, before the whole message was sent, without answering any BDAT (such a server reads the
+    /// chunk as commands and drops the connection after too many errors; the reset can destroy its replies on
+    /// the way): a server or a middlebox that lies in its EHLO. DATA will do. `definite`: BDAT was refused in
+    /// words; a hang-up may also have been a network fault.
     ChunkingRefused { why: String, definite: bool },
     /// The server closed or reset the connection (a timeout is a `Connection` failure).
     Dropped(String),
@@ -335,14 +335,15 @@ impl Replies {
     }
 
     /// `failure` ended an upload before any BDAT was answered, by a close or a reset, and nothing refused the
-    /// envelope: what a server that does not know BDAT does (see [`Failure::ChunkingRefused`]).
+    /// envelope: what a server that does not know BDAT does (see [`Failure::ChunkingRefused`]). Only while the
+    /// message is not yet sent whole: the server cannot have taken it.
     fn dropped_unanswered(&self, failure: &Failure) -> Option<String> {
         let Failure::Dropped(why) = failure else {
             return None;
         };
         (self.seen <= self.commands && self.refusal().is_none()).then(|| {
             format!(
-                "the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why}); sent again with DATA, so if it had in fact taken the message, it may arrive twice"
+                "the upstream offers CHUNKING but hung up during a BDAT upload without answering it ({why}), before the whole message was sent; sent again with DATA"
             )
         })
     }
@@ -905,8 +906,12 @@ impl Conn {
                     }
                 }
                 Err(f) => {
-                    if let Some(failure) = replies.chunking_failure(&f) {
-                        return Err(fail(failure, false));
+                    // A hang-up now, with the whole message sent, is not taken for a server that does not know
+                    // BDAT (one says so in words, read above, before it hangs up): it may have taken the message,
+                    // which is not sent again at once, through DATA or on a fresh connection, but deferred, saying
+                    // that it may arrive twice, as after DATA.
+                    if let Some(r) = replies.chunking_refused() {
+                        return Err(fail(refused_in_words(r), false));
                     }
                     if let Some(refusal) = replies.refusal() {
                         return Err(fail(replies.refused(refusal), false));
