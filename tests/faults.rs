@@ -1285,6 +1285,21 @@ async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_p
     assert_eq!(relay.queued().len(), 3);
     let asked = idp.received_requests().await.unwrap_or_default().len();
     assert_eq!(asked, 1, "token requests for three refused messages");
+    // Each says both: the upstream's refusal (it was nowhere before, only the token endpoint's answer) and why no
+    // new token came.
+    let states = files_in(&relay.state(), "queue");
+    let states: Vec<&String> = states.iter().filter(|f| f.ends_with(".state")).collect();
+    assert_eq!(states.len(), 3, "{states:?}");
+    for name in states {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(relay.state().join("queue").join(name)).unwrap())
+                .unwrap();
+        let why = state["last_error"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("535 5.7.3 Authentication unsuccessful") && why.contains("AADSTS7000222"),
+            "{why}"
+        );
+    }
     relay.stop().await;
 }
 

@@ -430,8 +430,16 @@ impl Transports {
         if let Some(reply) = self.held(&token) {
             return Outcome::Held { reply, tried: true };
         }
+        // The refusal is said with the renewal's failure: alone, the latter pointed at the token endpoint only
+        // (`cannot reach …`), and the upstream's 535 was nowhere in the log.
+        let refused = |why: &str| {
+            Outcome::Transient(format!(
+                "the upstream refused the account's token ({}), and a new one could not be had: {why}",
+                first.reply()
+            ))
+        };
         if let Some(failed) = self.refresh_failed_since(refused_at) {
-            return Outcome::Transient(failed);
+            return refused(&failed);
         }
         let fresh = match tokens.replace_refused(&token, refused_at).await {
             Ok((t, refreshed)) => {
@@ -446,7 +454,7 @@ impl Transports {
                 if let Ok(mut f) = self.refresh_failed.lock() {
                     *f = Some((SystemTime::now(), why.clone()));
                 }
-                return Outcome::Transient(why);
+                return refused(&why);
             }
         };
         if let Some(reply) = self.held(&fresh) {
@@ -752,7 +760,10 @@ async fn via_graph(
     }
     match token(true).await {
         Ok(t) => send(t).await,
-        Err(e) => token_trouble(e),
+        Err(e) => Outcome::Transient(format!(
+            "Graph refused the account's token ({}), and a new one could not be had: {e}",
+            first.reply()
+        )),
     }
 }
 
