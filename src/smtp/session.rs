@@ -147,7 +147,7 @@ pub struct Session {
     junk: u32,
     /// Recipients given again or refused as too many in this transaction (see [`RECIPIENT_SURPLUS`]).
     surplus: u32,
-    /// The transaction's recipients in lower case, to find one given again in constant time: the list may be as
+    /// The transaction's recipients, their domains in lower case, to find one given again in constant time: the list may be as
     /// long as `max_recipients` allows, and a client may send RCPT after RCPT.
     given: std::collections::HashSet<String>,
 }
@@ -564,7 +564,12 @@ impl Session {
             return self.error(bad_address("RCPT", "empty local part or domain"));
         }
         // The same address twice gets one copy, as from Postfix; not counted twice against the limits either.
-        let folded = recipient.to_ascii_lowercase();
+        // Only the domain is compared without case: the local part is the receiving host's to read (RFC 5321
+        // section 2.4), and `John.Smith@` and `john.smith@` may be two mailboxes.
+        let folded = match recipient.rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+            None => recipient.to_string(),
+        };
         if self.given.contains(&folded) {
             return self.surplus(Reply::new(250, "2.1.5", "Ok"));
         }
@@ -993,9 +998,13 @@ fn stand_in_literal(line: &[u8]) -> Option<(Vec<u8>, String)> {
     if !verb.eq_ignore_ascii_case(b"MAIL FRO") && !verb.eq_ignore_ascii_case(b"RCPT TO:") {
         return None;
     }
-    let open = memchr::memmem::find(line, b"@[")? + 1;
-    let close = open + line[open..].iter().position(|&b| b == b']')?;
-    if line.get(close + 1) != Some(&b'>') {
+    // The literal ends the path, and the path ends at the first `>` outside a quoted local part (which may hold
+    // `@[…]>` itself: `"q@[192.0.2.1]>"@example.com` is an address at example.com).
+    let start = memchr::memchr(b'<', line)?;
+    let end = path_end(line, start)?;
+    let close = end.checked_sub(1).filter(|&c| line[c] == b']')?;
+    let open = line[..close].iter().rposition(|&b| b == b'[')?;
+    if open == 0 || line[open - 1] != b'@' {
         return None;
     }
     let inside = std::str::from_utf8(&line[open + 1..close]).ok()?;
@@ -1013,6 +1022,22 @@ fn stand_in_literal(line: &[u8]) -> Option<(Vec<u8>, String)> {
     out.extend_from_slice(LITERAL_STAND_IN.as_bytes());
     out.extend_from_slice(&line[close + 1..]);
     Some((out, format!("[{inside}]")))
+}
+
+/// Where the path that opens at `start` (its `<`) ends: the first `>` outside a quoted string (RFC 5321
+/// section 4.1.2: a quoted local part may hold any character, a backslash quoting the next one).
+fn path_end(line: &[u8], start: usize) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in line.iter().enumerate().skip(start) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Puts the literal that [`stand_in_literal`] took out back into the parsed address.
