@@ -349,7 +349,15 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
             Request::Helo { host } => self.hello(host.into_owned(), false),
-            Request::Mail { from } => self.mail(&from.address, declared_size(line), from.flags),
+            // smtp-proto reads `<postmaster>` as the null path here too, but a domainless postmaster is a recipient
+            // only (RFC 5321 section 4.1.1.3): taken, it made the message look like a bounce.
+            Request::Mail { from } if from.address.is_empty() && names_postmaster(line) => {
+                self.error(bad_address("MAIL", "postmaster without a domain"))
+            }
+            Request::Mail { from } => {
+                let unoffered = unoffered_parameter(&from);
+                self.mail(&from.address, declared_size(line), from.flags, unoffered)
+            }
             // smtp-proto reads `<postmaster>` as the empty path; only the line tells them apart.
             Request::Rcpt { to } if to.address.is_empty() && names_postmaster(line) => {
                 self.last = Some(("RCPT", "postmaster".to_string()));
@@ -498,7 +506,7 @@ impl Session {
         self.policy.auth != AuthPolicy::None && (self.tls || self.policy.plaintext_auth)
     }
 
-    fn mail(&mut self, sender: &str, size: u64, flags: u64) -> Step {
+    fn mail(&mut self, sender: &str, size: u64, flags: u64, unoffered: Option<&str>) -> Step {
         if self.helo.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
         }
@@ -529,6 +537,9 @@ impl Session {
         }
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return self.error(Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported"));
+        }
+        if let Some(name) = unoffered {
+            return self.error(Reply::new(555, "5.5.4", format!("{name} is not supported")));
         }
         self.surplus = 0;
         self.given.clear();
@@ -1040,6 +1051,35 @@ fn path_end(line: &[u8], start: usize) -> Option<usize> {
     None
 }
 
+/// A MAIL parameter of an extension relay does not offer, which smtp-proto parses all the same: taken and
+/// dropped, it would break what the client asked for (REQUIRETLS's TLS all the way, FUTURERELEASE's hold, a
+/// deadline, a priority). RFC 5321 section 4.1.1.11: 555. The DSN parameters (`RET`, `ENVID`) are let through
+/// without effect, as before: devices send them whatever the server offers, and refused, their mail would not go.
+fn unoffered_parameter(from: &smtp_proto::MailFrom<Cow<'_, str>>) -> Option<&'static str> {
+    use smtp_proto::{
+        MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, MAIL_CONPERM, MAIL_REQUIRETLS,
+    };
+    if from.flags & MAIL_REQUIRETLS != 0 {
+        Some("REQUIRETLS")
+    } else if from.hold_for != 0 || from.hold_until != 0 {
+        Some("HOLDFOR/HOLDUNTIL (FUTURERELEASE)")
+    } else if from.by != 0 || from.flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN | MAIL_BY_TRACE) != 0 {
+        Some("BY (DELIVERBY)")
+    } else if from.mt_priority != 0 {
+        Some("MT-PRIORITY")
+    } else if from.flags & MAIL_CONPERM != 0 {
+        Some("CONPERM")
+    } else if from.trans_id.is_some() {
+        Some("TRANSID")
+    } else if from.solicit.is_some() {
+        Some("SOLICIT")
+    } else if from.mtrk.is_some() {
+        Some("MTRK")
+    } else {
+        None
+    }
+}
+
 /// Puts the literal that [`stand_in_literal`] took out back into the parsed address.
 fn put_back_literal<'a>(request: Request<Cow<'a, str>>, literal: &str) -> Request<Cow<'a, str>> {
     let swap = |address: &mut Cow<'a, str>| {
@@ -1087,15 +1127,9 @@ fn path_span(line: &[u8]) -> Option<std::ops::Range<usize>> {
     (len > 0).then_some(start..start + len)
 }
 
-/// The path of a RCPT line is `<postmaster>` or `<"postmaster">`, in any case: the forms smtp-proto reads as the
-/// empty path.
+/// The path of a RCPT (or MAIL) line is `<postmaster>` or `<"postmaster">`, in any case: the forms smtp-proto
+/// reads as the empty path.
 fn names_postmaster(line: &[u8]) -> bool {
-    if !line
-        .get(..4)
-        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT"))
-    {
-        return false;
-    }
     let Some(path) = path_span(line).map(|span| &line[span]) else {
         return false;
     };

@@ -168,6 +168,56 @@ fn postmaster_is_taken_for_the_configured_address() {
     );
 }
 
+/// A domainless postmaster is a recipient only (RFC 5321 section 4.1.1.3): as a sender it is refused like any
+/// address without a domain, not taken for the null sender (which made the message look like a bounce).
+#[test]
+fn postmaster_is_not_a_sender() {
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<postmaster>\r\nMAIL FROM:<\"PostMaster\">\r\nMAIL FROM:<postmaster@relay.test>\r\n"
+        )[1..],
+        ["501 5.1.7", "501 5.1.7", "250 2.1.0"]
+    );
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(
+        replies(&mut s, b"EHLO x\r\nMAIL FROM:<>\r\n")[1..],
+        ["250 2.1.0"],
+        "the null sender is still one"
+    );
+}
+
+/// MAIL parameters of extensions relay does not offer are refused (RFC 5321 section 4.1.1.11), not taken and
+/// dropped: REQUIRETLS asks for TLS all the way, HOLDUNTIL for a later delivery, BY for a deadline. The DSN ones,
+/// which devices send regardless, still pass.
+#[test]
+fn parameters_of_extensions_not_offered_are_refused() {
+    for params in [
+        "REQUIRETLS",
+        "HOLDUNTIL=2030-01-01T00:00:00Z",
+        "HOLDFOR=100",
+        "BY=120;R",
+        "MT-PRIORITY=3",
+        "CONPERM",
+        "TRANSID=<a@b>",
+        "SOLICIT=x",
+    ] {
+        let mut s = session(AuthPolicy::None);
+        let line = format!("EHLO x\r\nMAIL FROM:<a@b.example> {params}\r\n");
+        let out = replies(&mut s, line.as_bytes());
+        assert_eq!(out[1..], ["555 5.5.4"], "{params}");
+    }
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(
+        replies(
+            &mut s,
+            b"EHLO x\r\nMAIL FROM:<a@b.example> SIZE=10 BODY=8BITMIME RET=HDRS ENVID=x1 SMTPUTF8\r\n"
+        )[1..],
+        ["250 2.1.0"]
+    );
+}
+
 /// A refused `<postmaster>` is logged as that, not as the empty path smtp-proto reads it as.
 #[test]
 fn a_refused_postmaster_is_logged_by_name() {
