@@ -396,10 +396,19 @@ async fn too_many_recipients_go_on_in_a_next_message_at_once() {
     assert!(line.contains(&id), "{line}");
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert!(drain(&mut upstream).is_empty(), "one copy each");
-    let line = d.wait_log("relay_event=\"deferred\"");
+    let line = d.wait_log("the 1 left go in a next message now");
     assert!(
-        line.contains("INFO") && line.contains("the 1 left go in a next message now"),
-        "not a failed attempt: {line}"
+        line.contains("INFO") && line.contains(&id) && !line.contains("relay_event"),
+        "not a failed attempt, nor a deferral: {line}"
+    );
+    let line = d.wait_log("relay_event=\"partly_delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert!(
+        !d.unmatched()
+            .iter()
+            .any(|l| l.contains("relay_event=\"deferred\"")),
+        "{:?}",
+        d.unmatched()
     );
 }
 

@@ -1776,11 +1776,8 @@ impl Delivery {
     ) -> Attempted {
         state.next_attempt = None;
         self.record(id, state, "cannot record the recipients delivered to");
-        crate::events::emit(crate::events::Event::Deferred {
-            id,
-            account: Some(account),
-        });
-        tracing::info!(relay_event = "deferred", relay_queue_id = %id, relay_account = %account, relay_upstream_reply = %why, "the upstream takes fewer recipients per message; the {left} left go in a next message now");
+        // Not a deferral (nothing waits; `partly_delivered` said what went), and not counted as one.
+        tracing::info!(relay_queue_id = %id, relay_account = %account, relay_upstream_reply = %why, "the upstream takes fewer recipients per message; the {left} left go in a next message now");
         Attempted::later(SystemTime::now())
     }
 

@@ -1176,9 +1176,13 @@ impl Conn {
             self.pos = 0;
             let mut chunk = [0u8; 4096];
             let Some(n) = self.read_by(&mut chunk, deadline).await? else {
+                // In whole seconds: `limit` is often what was left of a longer wait (29.958 s of 30 printed as
+                // "29s 958ms 374us 348ns").
+                let shown =
+                    Duration::from_secs(limit.as_secs() + u64::from(limit.subsec_nanos() > 0));
                 return Err(Failure::Connection(format!(
                     "upstream did not answer within {} (smtp_timeout)",
-                    humantime::format_duration(limit)
+                    humantime::format_duration(shown)
                 )));
             };
             self.buf.extend_from_slice(&chunk[..n]);
