@@ -657,3 +657,42 @@ async fn a_dead_pooled_connection_is_replaced_within_the_attempt() {
     );
     assert!(relay.queued().is_empty());
 }
+
+/// A pooled upstream connection idle past its time (a minute; a test hook shortens it here) is closed with QUIT
+/// then, not when the next message comes (which opened fresh ones beside the old, the upstream counting both
+/// against the mailbox for a moment). Through the binary.
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_without_waiting_for_the_next_message() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env("RELAY_TEST_IDLE_MS", "300");
+    let mut daemon = Daemon::start(cmd);
+    send_message(daemon.addr, WIRE).await;
+    upstream.next().await;
+    daemon.wait_log("relay_event=\"delivered\"");
+    let quit = || {
+        upstream
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c == "QUIT")
+    };
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    while !quit() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QUIT: {:?}",
+            upstream.commands.lock().unwrap()
+        );
+        tick.tick().await;
+    }
+    assert!(daemon.terminate().success());
+}

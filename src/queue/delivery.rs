@@ -574,6 +574,13 @@ impl Delivery {
         }
     }
 
+    /// Closes the upstream connections idle too long (see `Transports::close_idle`).
+    pub fn close_idle(&self) {
+        for a in self.accounts.values() {
+            a.transports.close_idle();
+        }
+    }
+
     /// Writes every account's counters that changed (every couple of seconds, and at shutdown after the last
     /// delivery).
     pub fn save_counters(&self) {

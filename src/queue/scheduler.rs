@@ -265,6 +265,7 @@ impl Scheduler {
                 // account that is paused or at its limits; a first message held for its recipients counts room
                 // for all of them, so that it does not come back each tick while they do not fit.)
                 self.delivery.widen_connections();
+                self.delivery.close_idle();
                 // An upstream that is down with no mail left to try it is tried on its own, so that its return
                 // is seen; and seen returned, its mail goes.
                 self.delivery

@@ -183,6 +183,13 @@ impl Transports {
         }
     }
 
+    /// Closes the SMTP connections idle too long, or closed by the server (see `SmtpUpstream::close_idle`).
+    pub fn close_idle(&self) {
+        if let Primary::Smtp(s) = &self.primary {
+            s.close_idle();
+        }
+    }
+
     /// Message bytes one delivery may hold in memory. SMTP and the single-request HTTP uploads (Graph's
     /// `sendMail`, Gmail's media upload) stream from the queue file; Graph's drafts hold the message without its
     /// largest attachments, Gmail's resumable upload a chunk at a time.

@@ -106,6 +106,24 @@ fn chunking_doubt() -> Duration {
     CHUNKING_DOUBT
 }
 
+/// How long a pooled connection may stay idle: [`STALE`], or in debug builds `RELAY_TEST_IDLE_MS` (a test hook,
+/// so that a test through the binary sees an idle connection closed; not part of relay's interface).
+fn stale() -> Duration {
+    #[cfg(debug_assertions)]
+    {
+        static HOOK: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+        if let Some(d) = HOOK.get_or_init(|| {
+            std::env::var("RELAY_TEST_IDLE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+        }) {
+            return *d;
+        }
+    }
+    STALE
+}
+
 impl SmtpUpstream {
     /// `ca`: PEM certificates to trust instead of the system's (tests, private upstreams). `hostname`: relay's
     /// own name (the config's `hostname`), given in EHLO.
@@ -471,13 +489,43 @@ impl SmtpUpstream {
         loop {
             let (k, mut conn) = self.idle.lock().ok()?.pop()?;
             // A new token means the old one is being replaced (refreshed, or refused): its sessions go too.
-            if k == key && conn.last_used.elapsed() <= STALE {
+            if k == key && conn.last_used.elapsed() <= stale() {
                 if conn.is_quiet() {
                     return Some(conn);
                 }
                 tracing::debug!(relay_account_mailbox = %self.mailbox, "a pooled upstream connection was closed or sent something unasked while idle; not used again");
                 continue;
             }
+            tokio::spawn(conn.quit());
+        }
+    }
+
+    /// Closes the pooled connections idle for longer than [`STALE`] (QUIT, in a task of its own) and drops those
+    /// the server closed meanwhile: called every couple of seconds, so that an account with nothing to send holds
+    /// no session the upstream counts against it (Exchange Online allows few per mailbox) and no socket the
+    /// server has closed. Before, they were closed only when the next message came, beside the fresh ones it
+    /// opened.
+    pub fn close_idle(&self) {
+        // Without budget no connection could be seen to be quiet, and each would be dropped.
+        if !tokio::task::coop::has_budget_remaining() {
+            return;
+        }
+        let mut closing = Vec::new();
+        if let Ok(mut idle) = self.idle.lock() {
+            let before = idle.len();
+            // In their order: the last is the one used last, which `reusable` takes first.
+            for (key, mut conn) in std::mem::take(&mut *idle) {
+                if conn.last_used.elapsed() > stale() {
+                    closing.push(conn);
+                } else if conn.is_quiet() {
+                    idle.push((key, conn));
+                }
+            }
+            if idle.len() < before {
+                tracing::debug!(relay_account_mailbox = %self.mailbox, closed = before - idle.len(), "idle upstream connections closed");
+            }
+        }
+        for conn in closing {
             tokio::spawn(conn.quit());
         }
     }
