@@ -756,7 +756,7 @@ async fn bdat_comes_back_after_a_hang_up_but_not_after_a_refusal() {
         let mut message = BODY.to_vec();
         if !refused_in_words {
             message = b"Subject: big\r\n\r\n".to_vec();
-            while message.len() < 8 << 20 {
+            while message.len() < 24 << 20 {
                 message.extend_from_slice(&[b'x'; 76]);
                 message.extend_from_slice(b"\r\n");
             }

@@ -380,7 +380,7 @@ async fn access_token_is_renewed_ahead_of_expiry() {
 /// Saving a renewed grant can wait: on the disk (its flushes, on a busy disk) or on `relay authorize`, which holds
 /// the account's lock while it writes. The daemon's runtime has a single worker on a 2-core machine; if the save
 /// waited on it, every SMTP session would wait too. Here the test holds the lock, so the save waits (up to its
-/// 10 s) while a client sends a message. The daemon runs with one worker, as on such a machine.
+/// 60 s) while a client sends a message. The daemon runs with one worker, as on such a machine.
 #[tokio::test]
 async fn a_token_save_waiting_for_its_lock_does_not_hold_up_mail() {
     let idp = MockServer::start().await;

@@ -312,34 +312,51 @@ pub enum Wait {
     Upstream(SystemTime),
 }
 
-/// The oldest message parked in each pool, as the scheduler last set it, so that a newer message does not
-/// overtake it. One entry per pool at most.
+/// The oldest message parked in each pool, as the scheduler last set it, and the messages whose attempts found
+/// they must wait, until the scheduler has their answer: so that a newer message does not overtake them. One
+/// entry per pool, and one per attempt in flight at most.
 #[derive(Debug, Default)]
-pub struct Waiting(Mutex<HashMap<usize, QueueId>>);
+pub struct Waiting(Mutex<WaitingLines>);
+
+#[derive(Debug, Default)]
+struct WaitingLines {
+    parked: HashMap<usize, QueueId>,
+    /// Held by their attempts (see [`Waiting::hold`]): id → pool.
+    held: HashMap<QueueId, usize>,
+}
 
 impl Waiting {
     pub fn set(&self, pool: usize, oldest: Option<QueueId>) {
         if let Ok(mut w) = self.0.lock() {
             match oldest {
-                Some(id) => w.insert(pool, id),
-                None => w.remove(&pool),
+                Some(id) => w.parked.insert(pool, id),
+                None => w.parked.remove(&pool),
             };
         }
     }
 
     /// `id` is to be parked in `pool`, as its attempt is about to tell the scheduler: newer mail of the pool that
-    /// chooses before the scheduler has heard (attempts that end at once) already waits behind it.
+    /// chooses before the scheduler has heard (attempts that end at once) already waits behind it. Kept apart
+    /// from what the scheduler sets, which may change meanwhile, until the scheduler has the attempt's answer
+    /// ([`Self::release`]).
     fn hold(&self, pool: usize, id: QueueId) {
         if let Ok(mut w) = self.0.lock() {
-            let oldest = w.entry(pool).or_insert(id);
-            *oldest = (*oldest).min(id);
+            w.held.insert(id, pool);
+        }
+    }
+
+    /// The scheduler has the answer of `id`'s attempt (parked, or not: then nothing of it stays here).
+    pub fn release(&self, id: QueueId) {
+        if let Ok(mut w) = self.0.lock() {
+            w.held.remove(&id);
         }
     }
 
     fn is_behind(&self, pool: usize, id: QueueId) -> bool {
-        self.0
-            .lock()
-            .is_ok_and(|w| w.get(&pool).is_some_and(|oldest| *oldest < id))
+        self.0.lock().is_ok_and(|w| {
+            w.parked.get(&pool).is_some_and(|oldest| *oldest < id)
+                || w.held.iter().any(|(held, p)| *p == pool && *held < id)
+        })
     }
 }
 
@@ -744,6 +761,8 @@ impl Delivery {
     ) -> Attempted {
         let now = SystemTime::now();
         if self.already_delivered(id) {
+            // Ends without choosing an account: newer attempts need not wait for its file work.
+            seeking.chosen();
             return self
                 .clone()
                 .blocking(move |d| d.remove_delivered(id, true))
@@ -774,8 +793,10 @@ impl Delivery {
                     .checked_add(self.queue.max_age)
                     .is_some_and(|end| end < now)
                 {
+                    seeking.chosen();
                     return self.clone().expire(id, state, why).await;
                 }
+                seeking.chosen();
                 return self
                     .clone()
                     .blocking(move |d| d.defer(id, &mut state, &why, None))
@@ -783,6 +804,7 @@ impl Delivery {
             }
             Err(e) => {
                 let why = e.to_string();
+                seeking.chosen();
                 return self
                     .clone()
                     .blocking(move |d| {
@@ -849,6 +871,7 @@ impl Delivery {
         // relay never queues a message without a recipient: this file was made or changed by something else, and
         // "delivered to every recipient" would remove it unsent.
         if msg.envelope.recipients.is_empty() {
+            seeking.chosen();
             return self
                 .clone()
                 .blocking(move |d| {
@@ -862,6 +885,7 @@ impl Delivery {
         if recipients.is_empty() {
             // The attempt that finished the last of them stopped before the removal (a crash).
             tracing::info!(relay_event = "delivered", relay_queue_id = %id, "delivered (every recipient was finished with before relay stopped; removed now)");
+            seeking.chosen();
             return self
                 .clone()
                 .blocking(move |d| d.remove_delivered(id, true))
@@ -898,6 +922,7 @@ impl Delivery {
                     [one] if self.accounts.contains_key(one) => Some(one.clone()),
                     _ => None,
                 });
+            seeking.chosen();
             return self
                 .clone()
                 .blocking(move |d| d.dead(id, &mut state, &why, account.as_deref(), &[]))
@@ -920,9 +945,11 @@ impl Delivery {
                 let why = format!(
                     "{why}: the Gmail upload session an earlier attempt kept for it was not asked, and may have sent it"
                 );
+                seeking.chosen();
                 return self.clone().expire(id, state, why).await;
             }
             Err(why) => {
+                seeking.chosen();
                 return self
                     .clone()
                     .blocking(move |d| d.defer(id, &mut state, &why, None))
@@ -950,6 +977,7 @@ impl Delivery {
                 let why = format!(
                     "the Gmail upload session account {h} kept for it was not asked (that account is no longer configured, or no longer sends through the Gmail API): it may have sent the message"
                 );
+                seeking.chosen();
                 return self.clone().expire(id, state, why).await;
             }
             None => decision.accounts,

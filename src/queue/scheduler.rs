@@ -218,7 +218,12 @@ impl Scheduler {
                         attempted,
                         Some(Attempted::Waiting { .. } | Attempted::Arriving { .. })
                     );
-                    match (running.remove(&task), attempted) {
+                    let ran = running.remove(&task);
+                    if let Some((id, _)) = ran {
+                        // Parked below if it is to be; either way its attempt's own hold has done its work.
+                        s.waiting.release(id);
+                    }
+                    match (ran, attempted) {
                         // Waiting in a pool of the delivery before a reload: due now, to find its pool in this one.
                         (Some((id, started)), Some(Attempted::Waiting { .. }))
                             if started != generation =>

@@ -349,14 +349,15 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
             Request::Helo { host } => self.hello(host.into_owned(), false),
-            // smtp-proto reads `<postmaster>` as the null path here too, but a domainless postmaster is a recipient
-            // only (RFC 5321 section 4.1.1.3): taken, it made the message look like a bounce.
-            Request::Mail { from } if from.address.is_empty() && names_postmaster(line) => {
-                self.error(bad_address("MAIL", "postmaster without a domain"))
-            }
             Request::Mail { from } => {
+                // smtp-proto reads `<postmaster>` as the null path here too.
+                let sender = if from.address.is_empty() && names_postmaster(line) {
+                    Sender::Postmaster
+                } else {
+                    Sender::Path(&from.address)
+                };
                 let unoffered = unoffered_parameter(&from);
-                self.mail(&from.address, declared_size(line), from.flags, unoffered)
+                self.mail(sender, declared_size(line), from.flags, unoffered)
             }
             // smtp-proto reads `<postmaster>` as the empty path; only the line tells them apart.
             Request::Rcpt { to } if to.address.is_empty() && names_postmaster(line) => {
@@ -506,7 +507,7 @@ impl Session {
         self.policy.auth != AuthPolicy::None && (self.tls || self.policy.plaintext_auth)
     }
 
-    fn mail(&mut self, sender: &str, size: u64, flags: u64, unoffered: Option<&str>) -> Step {
+    fn mail(&mut self, sender: Sender<'_>, size: u64, flags: u64, unoffered: Option<&str>) -> Step {
         if self.helo.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"));
         }
@@ -532,6 +533,15 @@ impl Session {
                 "Message size exceeds fixed maximum message size",
             ));
         }
+        let sender = match sender {
+            Sender::Path(path) => path,
+            // A domainless postmaster is a recipient only (RFC 5321 section 4.1.1.3): taken for the null sender,
+            // it made the message look like a bounce.
+            Sender::Postmaster => {
+                self.last = Some(("MAIL", "postmaster".to_string()));
+                return self.error(bad_address("MAIL", "postmaster without a domain"));
+            }
+        };
         if !sender.is_empty() && !is_plausible_address(sender) {
             return self.error(bad_address("MAIL", "empty local part or domain"));
         }
@@ -1049,6 +1059,12 @@ fn path_end(line: &[u8], start: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// The path of a MAIL command as smtp-proto parsed it, or the domainless `<postmaster>` it reads as the null path.
+enum Sender<'a> {
+    Path(&'a str),
+    Postmaster,
 }
 
 /// A MAIL parameter of an extension relay does not offer, which smtp-proto parses all the same: taken and

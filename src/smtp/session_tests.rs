@@ -180,6 +180,17 @@ fn postmaster_is_not_a_sender() {
         )[1..],
         ["501 5.1.7", "501 5.1.7", "250 2.1.0"]
     );
+    // Checked where any sender is: after the session's own checks, and logged by name.
+    let mut s = session(AuthPolicy::None);
+    assert_eq!(
+        replies(&mut s, b"MAIL FROM:<postmaster>\r\n"),
+        ["503 5.5.1"]
+    );
+    steps(&mut s, b"EHLO x\r\nMAIL FROM:<postmaster>\r\n");
+    assert_eq!(
+        s.last_mail_command().map(|c| (c.0, c.1.to_string())),
+        Some(("MAIL", "postmaster".to_string()))
+    );
     let mut s = session(AuthPolicy::None);
     assert_eq!(
         replies(&mut s, b"EHLO x\r\nMAIL FROM:<>\r\n")[1..],

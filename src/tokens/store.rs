@@ -574,10 +574,11 @@ fn flock(file: &std::fs::File) -> std::io::Result<bool> {
     }
 }
 
-/// How long a token save waits for another process's save: each holds the lock for a compare and a rename, so a
-/// holder past this is stopped or hung (a `relay authorize` suspended with Ctrl-Z), and the save fails, saying
-/// so, rather than hold the account's tokens for ever.
-const SAVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a token save waits for another process's save: each holds the lock for a compare, a write with its
+/// flush and a rename, seconds at most on a busy disk, so a holder past this is stopped or hung (a `relay
+/// authorize` suspended with Ctrl-Z), and the save fails, saying so, rather than hold the account's tokens for
+/// ever.
+const SAVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An exclusive flock on `file` within `limit`: polled, since flock(2) has no timeout (a signal-based one would
 /// reach the daemon's other threads).

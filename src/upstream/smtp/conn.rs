@@ -260,6 +260,14 @@ fn refused_whole(replies: &[Reply], recipients: usize, standing: Reply) -> Failu
     Failure::Refused(standing)
 }
 
+/// A wait in whole seconds, rounded up: what is timed is often what was left of a longer wait (29.958 s of 30 was
+/// printed as "29s 958ms 374us 348ns").
+fn whole_seconds(wait: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(
+        wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+    ))
+}
+
 /// Whether a reply to RCPT refuses that recipient for good. A 552 there is "too many recipients" as RFC 821
 /// used it, to be taken as temporary (RFC 5321 section 4.5.3.1.10).
 pub fn refused_for_good(rcpt: &Reply) -> bool {
@@ -1121,7 +1129,7 @@ impl Conn {
             ))),
             Err(_) => Err(Failure::Connection(format!(
                 "upstream took more than {} to take the data (smtp_timeout)",
-                humantime::format_duration(within)
+                whole_seconds(within)
             ))),
         }
     }
@@ -1176,13 +1184,9 @@ impl Conn {
             self.pos = 0;
             let mut chunk = [0u8; 4096];
             let Some(n) = self.read_by(&mut chunk, deadline).await? else {
-                // In whole seconds: `limit` is often what was left of a longer wait (29.958 s of 30 printed as
-                // "29s 958ms 374us 348ns").
-                let shown =
-                    Duration::from_secs(limit.as_secs() + u64::from(limit.subsec_nanos() > 0));
                 return Err(Failure::Connection(format!(
                     "upstream did not answer within {} (smtp_timeout)",
-                    humantime::format_duration(shown)
+                    whole_seconds(limit)
                 )));
             };
             self.buf.extend_from_slice(&chunk[..n]);

@@ -517,7 +517,8 @@ impl SmtpUpstream {
             for (key, mut conn) in std::mem::take(&mut *idle) {
                 if conn.last_used.elapsed() > stale() {
                     closing.push(conn);
-                } else if conn.is_quiet() {
+                } else if !tokio::task::coop::has_budget_remaining() || conn.is_quiet() {
+                    // (Each look at a socket uses budget: once it is gone, the rest are kept unlooked-at.)
                     idle.push((key, conn));
                 }
             }
