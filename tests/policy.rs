@@ -15,8 +15,10 @@ async fn auth_required_refuses_mail_before_auth() {
     assert!(relay.queued().is_empty());
 }
 
+/// RFC 5321 section 3.1: after its 554 greeting the refused client is answered 503 until it says QUIT (the
+/// connection was closed at once), and then closed.
 #[tokio::test]
-async fn client_outside_allow_list_gets_554_and_is_closed() {
+async fn client_outside_allow_list_gets_554_then_503_until_quit() {
     let relay = TestRelay::start(
         "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nallow = [\"10.0.0.0/8\", \"192.168.10.0/24\"]\n",
     )
@@ -25,7 +27,12 @@ async fn client_outside_allow_list_gets_554_and_is_closed() {
     let (code, text) = c.reply().await.expect("a reply before the close");
     assert_eq!(code, 554, "{text}");
     assert!(text.starts_with("554 5.7.1 "), "{text}");
+    let reply = c.cmd("EHLO printer", 503).await;
+    assert!(reply.starts_with("503 5.5.1 "), "{reply}");
+    c.cmd("MAIL FROM:<a@example.com>", 503).await;
+    c.cmd("QUIT", 221).await;
     assert!(c.closed().await);
+    assert!(relay.queued().is_empty());
 }
 
 const SMALL: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\nmax_message_size = \"4KiB\"\nbare_lf = \"reject\"\n";

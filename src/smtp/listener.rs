@@ -285,10 +285,51 @@ async fn refuse_now(mut tcp: TcpStream, implicit_tls: bool, reply: Reply) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = tcp.write_all(&reply.to_wire()).await;
+        if tcp.write_all(&reply.to_wire()).await.is_err() {
+            return;
+        }
+        if reply.code == 554 {
+            wait_for_quit(&mut tcp).await;
+        }
         let _ = tcp.shutdown().await;
     })
     .await;
+}
+
+/// RFC 5321 section 3.1: after a 554 greeting the server waits for the client's QUIT, answering anything else
+/// with 503, rather than close at once. Within the refusal's 5 s, and ten commands at most: a refused client gets
+/// no more of relay than that.
+async fn wait_for_quit(tcp: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 512];
+    let mut line = Vec::new();
+    let mut answered = 0;
+    loop {
+        let n = match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        for &b in &chunk[..n] {
+            if b != b'\n' {
+                // Only a short line can be QUIT; the rest of a long one is not kept.
+                if line.len() < 16 {
+                    line.push(b);
+                }
+                continue;
+            }
+            let quit = line.trim_ascii().eq_ignore_ascii_case(b"QUIT");
+            let answer: &[u8] = if quit {
+                b"221 2.0.0 Bye\r\n"
+            } else {
+                b"503 5.5.1 Access denied: only QUIT is taken\r\n"
+            };
+            answered += 1;
+            if tcp.write_all(answer).await.is_err() || quit || answered >= 10 {
+                return;
+            }
+            line.clear();
+        }
+    }
 }
 
 /// Counts a live connection for draining; the count goes down when this drops, even in a panicking session.
