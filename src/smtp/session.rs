@@ -463,12 +463,14 @@ impl Session {
         let again = self.helo.is_some();
         self.txn = None;
         self.esmtp = esmtp;
-        // The name is the client's text: its control characters (a NUL, an ESC) are not sent back raw.
-        let greeting = format!(
-            "{} Hello {}",
-            self.policy.hostname,
-            crate::terminal::printable_str(&host)
-        );
+        // The name is the client's text: its control characters (a NUL, an ESC) are not sent back raw, nor what
+        // is not ASCII (a reply's text is ASCII, RFC 5321 section 4.2; smtp-proto gives bytes that are not UTF-8
+        // as U+FFFD).
+        let shown: String = crate::terminal::printable_str(&host)
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '?' })
+            .collect();
+        let greeting = format!("{} Hello {shown}", self.policy.hostname);
         self.helo = Some(host);
         if !esmtp {
             return self.greeted(again, Reply::bare(250, vec![greeting.into()]));

@@ -257,6 +257,10 @@ fn the_hello_echo_escapes_control_characters() {
         let first = text.lines().next().unwrap_or_default();
         assert!(first.starts_with("250"), "{text:?}");
         assert!(first.contains("Hello a\\x00b\\x1b[2J"), "{text:?}");
+        let mut s = session(AuthPolicy::None);
+        let out = steps(&mut s, format!("{verb} h\u{e9}te\r\n").as_bytes());
+        let text = reply_text(&out[0]);
+        assert!(text.is_ascii() && text.contains("Hello h?te"), "{text:?}");
         assert!(
             !text.bytes().any(|b| b < 0x20 && b != b'\r' && b != b'\n'),
             "{text:?}"
