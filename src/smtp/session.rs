@@ -854,6 +854,10 @@ impl Session {
                 "AUTH not available: this listener offers no TLS and takes no password without it",
             ));
         }
+        if mechanism != AUTH_PLAIN && mechanism != AUTH_LOGIN {
+            // Before the 538: encryption would not make this mechanism work (RFC 4954 section 4).
+            return self.error(Reply::new(504, "5.5.4", "Unrecognized authentication type"));
+        }
         if !self.auth_offered() {
             // RFC 4954 section 6.
             return Step::Reply(Reply::new(

@@ -396,6 +396,8 @@ fn auth_is_hidden_without_tls_unless_plaintext_auth() {
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
     assert!(!text.contains("AUTH"));
     assert_eq!(replies(&mut s, b"AUTH PLAIN AGEAYg==\r\n"), ["538 5.7.11"]);
+    // A mechanism relay does not know is that, with or without TLS.
+    assert_eq!(replies(&mut s, b"AUTH CRAM-MD5\r\n"), ["504 5.5.4"]);
     assert_eq!(replies(&mut s, b"MAIL FROM:<a@b>\r\n"), ["530 5.7.0"]);
     s.tls_started();
     let text = reply_text(&steps(&mut s, b"EHLO x\r\n")[0]);
