@@ -257,8 +257,9 @@ pub fn token_store(config: &Config) -> Result<TokenStore, AccountError> {
     })
 }
 
-/// One account's token manager and upstream. `rate`: the counters it keeps (a reload keeps an account's counts
-/// and gives them its new limits); else they are read from the state dir.
+/// One account's token manager and upstream. `rate`: the counters it keeps (a reload keeps an account's counts,
+/// and gives them the new limits itself once the reload can no longer fail); else they are read from the state
+/// dir.
 pub fn build_one(
     config: &Config,
     a: &AccountConfig,
@@ -295,10 +296,7 @@ pub fn build_one(
         Account::new(a.name.clone(), tokens, transports, rewrite).with_connections(a.connections());
     account.files = files;
     account.rate = match rate {
-        Some(rate) => {
-            rate.set_limits(a.limits());
-            rate
-        }
+        Some(rate) => rate,
         None => Arc::new(AccountRate::load(&config.state_dir, &a.name, a.limits())),
     };
     Ok(account)

@@ -309,7 +309,7 @@ impl Running {
                 {
                     // Only its sending limits changed: applied in place once nothing can fail, and said.
                     if r.account.rate.limits() != a.limits() {
-                        new_limits.push((r.account.clone(), a.limits()));
+                        new_limits.push((r.account.rate.clone(), a.limits()));
                         done.limits_changed.push(a.name.clone());
                     }
                     next.push((a.clone(), r.account.clone(), Some(r)));
@@ -317,6 +317,11 @@ impl Running {
                 _ => {
                     let rate = old.map(|r| r.account.rate.clone());
                     let account = accounts::build_one(&config, a, &http, &store, rate)?;
+                    // Its counts are the old account's, shared with the mail in flight: their new limits too wait
+                    // until nothing can fail (a listener that cannot bind).
+                    if old.is_some() {
+                        new_limits.push((account.rate.clone(), a.limits()));
+                    }
                     match old {
                         Some(_) => done.accounts_changed.push(a.name.clone()),
                         None => done.accounts_added.push(a.name.clone()),
@@ -328,8 +333,8 @@ impl Running {
         let prepared = self.listeners.prepare(&config).await?;
 
         // From here on nothing fails.
-        for (account, limits) in new_limits {
-            account.rate.set_limits(limits);
+        for (rate, limits) in new_limits {
+            rate.set_limits(limits);
         }
         let state_dir = config.state_dir.clone();
         let mut accounts = Vec::new();

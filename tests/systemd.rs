@@ -449,6 +449,30 @@ async fn sighup_applies_new_limits_and_account_settings_to_queued_mail() {
     send_message(addr(port), BODY).await;
     moved.next().await;
     assert!(upstream.received.try_recv().is_err());
+
+    // A reload that would rebuild the account with a higher limit but is refused (a listener whose address
+    // another program holds) leaves the limit as it was: two more messages make five this minute, the sixth
+    // waits. (The rebuilt account's counts took the new limit before the refusal.)
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().port();
+    let third = FakeUpstream::start(&["tok"]).await;
+    let top = account_top(dir.path(), &idp.uri(), &third, "rate = { per_minute = 50 }");
+    write_config_with(
+        dir.path(),
+        &top,
+        &format!("{}[[listener]]\n{}", listener_on(port), listener_on(taken)),
+    );
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reload_refused\"");
+    for _ in 0..2 {
+        send_message(addr(port), BODY).await;
+        moved.next().await;
+    }
+    let over = send_message(addr(port), BODY).await;
+    let held = daemon.wait_log("relay_event=\"held\"");
+    assert!(held.contains(&over), "{held}");
+    drop(holder);
+    with(&moved, "rate = { per_minute = 5 }");
     assert!(daemon.terminate().success());
     let status = Command::new(relay_bin())
         .args(["status", "--json", "--config"])
@@ -457,7 +481,7 @@ async fn sighup_applies_new_limits_and_account_settings_to_queued_mail() {
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(
-        json["accounts"][0]["rate"]["messages_this_minute"], 3,
+        json["accounts"][0]["rate"]["messages_this_minute"], 5,
         "every message counted across the reloads: {json}"
     );
 }
