@@ -696,3 +696,43 @@ async fn an_idle_upstream_connection_is_closed_without_waiting_for_the_next_mess
     }
     assert!(daemon.terminate().success());
 }
+
+/// Mail kept in dead/ longer than `[queue] dead_max_age` (30 days by default) is removed, at start and every
+/// hour after, and said in one line; younger dead mail stays. Without it dead/ grew for ever. Through the binary.
+#[tokio::test]
+async fn dead_mail_past_dead_max_age_is_removed() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
+    let dead = dir.path().join("state/dead");
+    std::fs::create_dir_all(&dead).unwrap();
+    let day = std::time::Duration::from_secs(86400);
+    let now = std::time::SystemTime::now();
+    let (old, young) = (
+        "01a20a2d000070008000000000000001",
+        "01a20a2d000070008000000000000002",
+    );
+    for (id, died) in [(old, now - 31 * day), (young, now - 29 * day)] {
+        std::fs::write(dead.join(format!("{id}.msg")), "{}\nbody\r\n").unwrap();
+        let state = dead.join(format!("{id}.state"));
+        std::fs::write(&state, "{\"attempts\":1,\"last_error\":\"550 5.1.1 no\"}").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&state)
+            .unwrap()
+            .set_modified(died)
+            .unwrap();
+    }
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("relay_event=\"dead_removed\"");
+    assert!(
+        line.contains("count=1") && line.contains(old) && !line.contains(young),
+        "{line}"
+    );
+    let mut left = files_in(&dir.path().join("state"), "dead");
+    left.sort();
+    assert_eq!(left, [format!("{young}.msg"), format!("{young}.state")]);
+    assert!(daemon.terminate().success());
+}

@@ -473,6 +473,10 @@ pub struct QueueConfig {
     /// Free space the state dir's filesystem keeps beyond a new message's declared size: below it, MAIL is
     /// answered 452 4.3.1, so that delivery's own writes (state files, tokens, bounces) still fit.
     pub min_free_space: ByteSize,
+    /// How long mail that failed for good stays in `dead/` (for `relay queue show` and `retry`) before it is
+    /// removed; zero keeps it until it is deleted by hand.
+    #[serde(with = "humantime_serde")]
+    pub dead_max_age: Duration,
 }
 
 impl Default for QueueConfig {
@@ -482,6 +486,7 @@ impl Default for QueueConfig {
             retry: vec![m(1), m(5), m(15), m(30), m(60), m(120), m(240)],
             max_age: Duration::from_secs(5 * 86400),
             min_free_space: ByteSize(1 << 20),
+            dead_max_age: Duration::from_secs(30 * 86400),
         }
     }
 }

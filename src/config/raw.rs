@@ -72,6 +72,8 @@ struct RawQueue {
     max_age: Option<Duration>,
     retry: Option<Vec<String>>,
     min_free_space: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde::option")]
+    dead_max_age: Option<Duration>,
 }
 
 /// Builds errors that all name the same file, and collects them: validation goes on past a mistake, so that one
@@ -326,6 +328,16 @@ impl RawConfig {
             }
             if let Some(min_free) = q.min_free_space {
                 queue.min_free_space = min_free;
+            }
+            if let Some(keep) = q.dead_max_age
+                && let Some(keep) = errs.ok(at_most(
+                    keep,
+                    10 * YEAR,
+                    &humantime::format_duration(keep).to_string(),
+                )
+                .map_err(|r| errs.at("queue.dead_max_age", r)))
+            {
+                queue.dead_max_age = keep;
             }
         }
 

@@ -591,6 +591,11 @@ impl Delivery {
         }
     }
 
+    /// Removes the mail kept in `dead/` past `[queue] dead_max_age` (see `dead.rs`). May wait on the disk.
+    pub fn tidy_dead(&self) {
+        super::dead::tidy(&self.paths.dead, self.queue.dead_max_age);
+    }
+
     /// Closes the upstream connections idle too long (see `Transports::close_idle`).
     pub fn close_idle(&self) {
         for a in self.accounts.values() {

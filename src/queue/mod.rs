@@ -6,6 +6,7 @@
 //! attempt.
 
 pub mod announce;
+mod dead;
 pub mod delivery;
 mod envelope;
 pub mod file;

@@ -125,6 +125,9 @@ impl Scheduler {
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         let mut ticked = false;
         let mut saving: Option<tokio::task::JoinHandle<()>> = None;
+        // dead/'s retention: at the first tick, then every hour, one sweep at a time.
+        let mut tidying: Option<tokio::task::JoinHandle<()>> = None;
+        let mut next_tidy = Instant::now();
         // The same across reloads (`Delivery::succeeded_by` keeps it).
         let slot_freed = self.delivery.slot_freed();
         loop {
@@ -271,6 +274,11 @@ impl Scheduler {
                 // for all of them, so that it does not come back each tick while they do not fit.)
                 self.delivery.widen_connections();
                 self.delivery.close_idle();
+                if Instant::now() >= next_tidy && tidying.as_ref().is_none_or(|h| h.is_finished()) {
+                    next_tidy = Instant::now() + super::dead::SWEEP_EVERY;
+                    let delivery = self.delivery.clone();
+                    tidying = Some(tokio::task::spawn_blocking(move || delivery.tidy_dead()));
+                }
                 // An upstream that is down with no mail left to try it is tried on its own, so that its return
                 // is seen; and seen returned, its mail goes.
                 self.delivery
