@@ -554,47 +554,34 @@ async fn a_final_reply_too_long_to_keep_still_counts() {
 
 /// An upstream that keeps the message and hangs up before answering the final dot: the message is sent again,
 /// since a loss is worse than a duplicate, and its deferral says that it may arrive twice (RFC 1047), so that a
-/// sysadmin asking why a scan came twice finds the reason.
+/// sysadmin asking why a scan came twice finds the reason. Through BDAT the same: such a hang-up is not taken for
+/// a server that does not know BDAT (the message was sent again through DATA at once, in the same attempt, and
+/// arrived twice with nothing in the log at warn); it goes again at its retry, through BDAT.
 #[tokio::test]
-async fn a_lost_final_reply_sends_again_and_says_it_may_arrive_twice() {
-    let (_idp, mut upstream, mut relay) = upstream_answering(false, "TAKEDROP").await;
-    let id = accepted_during_fault(&relay).await;
-    let first = upstream.next().await;
-    relay.attempts_done(1).await;
-    let state = relay::queue::state::read_state(
-        &relay.state().join("queue"),
-        relay::queue::QueueStore::parse_id(&id).unwrap(),
-    );
-    let why = state.last_error.unwrap_or_default();
-    assert!(why.contains("may arrive twice"), "{why}");
-    let again = upstream.next().await;
-    assert_eq!(again.data, first.data);
-    relay.attempts_done(2).await;
-    assert!(relay.queued().is_empty());
-    relay.stop().await;
+async fn a_lost_final_reply_defers_and_says_it_may_arrive_twice() {
+    for chunking in [false, true] {
+        let (_idp, mut upstream, mut relay) = upstream_answering(chunking, "TAKEDROP").await;
+        let id = accepted_during_fault(&relay).await;
+        let first = upstream.next().await;
+        relay.attempts_done(1).await;
+        let why = state_of(&relay, &id).last_error.unwrap_or_default();
+        assert!(why.contains("may arrive twice"), "{why}");
+        let again = upstream.next().await;
+        assert_eq!(again.data, first.data);
+        relay.attempts_done(2).await;
+        assert!(relay.queued().is_empty(), "delivered");
+        let (bdat, data) = if chunking { (2, 0) } else { (0, 2) };
+        assert_bdat_and_data(&upstream, bdat, data);
+        relay.stop().await;
+    }
 }
 
-/// Through BDAT the same: a hang-up once the whole message was sent is not taken for a server that does not know
-/// BDAT (it was sent again through DATA at once, in the same attempt, and arrived twice with nothing in the log
-/// at warn): the message is deferred, saying that it may arrive twice, and goes again at its retry, through BDAT.
-#[tokio::test]
-async fn a_lost_reply_to_bdat_is_deferred_and_says_it_may_arrive_twice() {
-    let (_idp, mut upstream, mut relay) = upstream_answering(true, "TAKEDROP").await;
-    let id = accepted_during_fault(&relay).await;
-    let first = upstream.next().await;
-    relay.attempts_done(1).await;
-    let state = relay::queue::state::read_state(
+/// Queued message `id`'s delivery state.
+fn state_of(relay: &TestRelay, id: &str) -> relay::queue::state::DeliveryState {
+    relay::queue::state::read_state(
         &relay.state().join("queue"),
-        relay::queue::QueueStore::parse_id(&id).unwrap(),
-    );
-    let why = state.last_error.unwrap_or_default();
-    assert!(why.contains("may arrive twice"), "{why}");
-    let again = upstream.next().await;
-    assert_eq!(again.data, first.data);
-    relay.attempts_done(2).await;
-    assert!(relay.queued().is_empty(), "delivered");
-    assert_bdat_and_data(&upstream, 2, 0);
-    relay.stop().await;
+        relay::queue::QueueStore::parse_id(id).unwrap(),
+    )
 }
 
 /// A sending quota used up (Gmail's daily limit, Exchange Online's recipient rate limit) is answered with a 5xx,
@@ -701,10 +688,7 @@ async fn a_pooled_connection_that_hangs_up_after_the_whole_message_defers_it() {
     let id = accepted_during_fault(&relay).await;
     let first = upstream.next().await;
     relay.attempts_done(2).await;
-    let state = relay::queue::state::read_state(
-        &relay.state().join("queue"),
-        relay::queue::QueueStore::parse_id(&id).unwrap(),
-    );
+    let state = state_of(&relay, &id);
     assert_eq!(state.attempts, 1, "a failed attempt");
     let why = state.last_error.unwrap_or_default();
     assert!(why.contains("may arrive twice"), "{why}");
