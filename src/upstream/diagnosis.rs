@@ -45,6 +45,9 @@ pub fn diagnose(text: &str) -> Option<&'static Diagnosis> {
 /// again, not a second one that could contradict it.
 pub fn for_log(text: &str, account: Option<&str>) -> Option<String> {
     let account = account.filter(|a| !a.is_empty());
+    let text = text
+        .split_once(super::NO_NEW_TOKEN)
+        .map_or(text, |(_, cause)| cause);
     if text.contains(DIAGNOSED) {
         let given = TABLE
             .iter()
@@ -474,6 +477,7 @@ static TABLE: &[Diagnosis] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::NO_NEW_TOKEN;
 
     /// Replies as the providers word them (Trace and Correlation IDs shortened), and the code each must get.
     const CASES: &[(&str, &str, &str)] = &[
@@ -672,6 +676,27 @@ mod tests {
     /// Each TLS refusal gets its own row; a message dead of old age that quotes one gets that one (not "expired"),
     /// and the HTTP clients' refusals are not told to set `ca_file`.
     /// The SMTP client's own words when no connection is made (`smtp/conn.rs`), and the table's advice.
+    /// A refused token whose renewal failed is diagnosed by why no new token came, not by the refusal (which read
+    /// as "tick Authenticated SMTP" while the token endpoint was down).
+    #[test]
+    fn a_refused_token_without_a_new_one_is_diagnosed_by_the_renewal() {
+        let refused = "535 5.7.3 Authentication unsuccessful";
+        assert!(for_log(refused, Some("office")).is_some());
+        for cause in [
+            "account office: token endpoint answered HTTP 503: down",
+            "account office: token endpoint refused the grant: invalid_grant: AADSTS70008: The refresh token has expired",
+        ] {
+            let text = format!(
+                "the upstream refused the account's token ({refused}){NO_NEW_TOKEN}{cause}"
+            );
+            assert_eq!(
+                for_log(&text, Some("office")),
+                for_log(cause, Some("office")),
+                "{text}"
+            );
+        }
+    }
+
     #[test]
     fn an_upstream_that_does_not_answer_is_explained() {
         for (text, code) in [

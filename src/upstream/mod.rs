@@ -27,6 +27,11 @@ pub use transports::Transports;
 /// How long an account pauses when its provider says a daily sending quota is used up and names no time.
 pub const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
 
+/// Between an upstream's refusal of a token and why no new one could be had, in a deferral's words: what comes
+/// after it is the cause to diagnose (the refusal alone read as Exchange's "tick Authenticated SMTP" while the
+/// token endpoint was down).
+pub const NO_NEW_TOKEN: &str = ", and a new one could not be had: ";
+
 /// What became of one delivery attempt, and so what the queue does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

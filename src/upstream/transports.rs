@@ -441,8 +441,9 @@ impl Transports {
         // (`cannot reach …`), and the upstream's 535 was nowhere in the log.
         let refused = |why: &str| {
             Outcome::Transient(format!(
-                "the upstream refused the account's token ({}), and a new one could not be had: {why}",
-                first.reply()
+                "the upstream refused the account's token ({}){}{why}",
+                first.reply(),
+                super::NO_NEW_TOKEN
             ))
         };
         if let Some(failed) = self.refresh_failed_since(refused_at) {
@@ -768,8 +769,9 @@ async fn via_graph(
     match token(true).await {
         Ok(t) => send(t).await,
         Err(e) => Outcome::Transient(format!(
-            "Graph refused the account's token ({}), and a new one could not be had: {e}",
-            first.reply()
+            "Graph refused the account's token ({}){}{e}",
+            first.reply(),
+            super::NO_NEW_TOKEN
         )),
     }
 }

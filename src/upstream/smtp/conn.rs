@@ -1221,7 +1221,7 @@ impl Conn {
             let Some(n) = self.read_by(&mut pending, deadline).await? else {
                 return Err(Failure::Connection(format!(
                     "upstream's reply did not end within {} (smtp_timeout); it was over {} bytes",
-                    humantime::format_duration(limit),
+                    whole_seconds(limit),
                     reply::MAX_REPLY
                 )));
             };
