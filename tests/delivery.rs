@@ -736,3 +736,36 @@ async fn dead_mail_past_dead_max_age_is_removed() {
     assert_eq!(left, [format!("{young}.msg"), format!("{young}.state")]);
     assert!(daemon.terminate().success());
 }
+
+/// A stop that comes while the upstream has the whole message and has not answered (a slow scan): the drain runs
+/// out (20 s; a test hook shortens it here), the message stays queued, and its id is said with the warning that
+/// it may arrive twice (the line named no message before). Through the binary.
+#[tokio::test]
+async fn a_delivery_cut_short_by_a_stop_is_named_with_its_risk() {
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env("RELAY_TEST_DRAIN_MS", "300");
+    let daemon = Daemon::start(cmd);
+    let id = send_message(daemon.addr, WIRE).await;
+    upstream.next().await;
+    let log = daemon.terminate_with_log();
+    let named = log
+        .iter()
+        .find(|l| l.contains("stopped in the middle of its delivery"))
+        .unwrap_or_else(|| panic!("{log:#?}"));
+    assert!(
+        named.contains(&format!("relay_queue_id={id}")) && named.contains("may arrive twice"),
+        "{named}"
+    );
+    assert_eq!(
+        files_in(&dir.path().join("state"), "queue"),
+        [format!("{id}.msg")]
+    );
+}
