@@ -75,6 +75,9 @@ pub enum Failure {
     ChunkingRefused { why: String, definite: bool },
     /// The server closed or reset the connection (a timeout is a `Connection` failure).
     Dropped(String),
+    /// The server closed or reset the connection after the whole message went through BDAT, before answering any
+    /// BDAT: as `Dropped`, and the upstream is on DATA for a while (see [`Failure::ChunkingRefused`]).
+    DroppedAfterBdat(String),
 }
 
 impl Failure {
@@ -118,6 +121,7 @@ impl Failure {
                 definite,
             },
             Failure::Dropped(why) => Failure::Dropped(cut(why)),
+            Failure::DroppedAfterBdat(why) => Failure::DroppedAfterBdat(cut(why)),
         }
     }
 }
@@ -928,7 +932,15 @@ impl Conn {
                     // Bytes that did not parse were an answer of sorts: the message may have been taken.
                     let silent = self.buf.len() <= self.pos;
                     let unanswered = replies.seen == 0 && !timed_out && silent;
-                    return Err(fail(f.after_whole_message(), unanswered));
+                    let failure = match f.after_whole_message() {
+                        // No BDAT answered: a network fault, a server that crashed with the message, or one (a
+                        // middlebox) that does not know BDAT after all; the next attempt uses DATA.
+                        Failure::Dropped(why) if replies.seen <= replies.commands => {
+                            Failure::DroppedAfterBdat(why)
+                        }
+                        other => other,
+                    };
+                    return Err(fail(failure, unanswered));
                 }
             }
         }

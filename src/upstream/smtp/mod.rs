@@ -93,6 +93,14 @@ enum Chunking {
 /// of the daemon's life an extra round trip per message.
 const CHUNKING_DOUBT: Duration = Duration::from_secs(3600);
 
+/// Puts an upstream on DATA for [`chunking_doubt`], said once.
+fn doubt(chunking: &mut Chunking, mailbox: &str, why: &str) {
+    let doubt = chunking_doubt();
+    let until = Instant::now().checked_add(doubt);
+    *chunking = until.map_or(Chunking::Refused, Chunking::DoubtfulUntil);
+    tracing::warn!(relay_account_mailbox = %mailbox, relay_upstream_reply = %why, "sending with DATA for the next {}", humantime::format_duration(doubt));
+}
+
 /// Test hook, compiled into debug builds only: `RELAY_TEST_CHUNKING_DOUBT_MS` replaces [`CHUNKING_DOUBT`], so
 /// that a test through the binary sees BDAT come back. Not part of relay's interface.
 fn chunking_doubt() -> Duration {
@@ -422,14 +430,23 @@ impl SmtpUpstream {
                 tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "the upstream offers CHUNKING but did not know BDAT (a middlebox rewriting SMTP?); sending with DATA from now on");
             }
             (Chunking::DoubtfulUntil(_), false) => {}
-            (Chunking::Usable, false) => {
-                let doubt = chunking_doubt();
-                let until = Instant::now().checked_add(doubt);
-                *chunking = until.map_or(Chunking::Refused, Chunking::DoubtfulUntil);
-                tracing::warn!(relay_account_mailbox = %self.mailbox, relay_upstream_reply = %why, "sending with DATA for the next {}", humantime::format_duration(doubt));
-            }
+            (Chunking::Usable, false) => doubt(&mut chunking, &self.mailbox, why),
         }
         true
+    }
+
+    /// A hang-up after a whole message went through BDAT, unanswered ([`Failure::DroppedAfterBdat`]): the message
+    /// is deferred, and its next attempt, like the account's other mail for a while, goes through DATA, so that a
+    /// server (or a middlebox) that silently drops BDAT does not refuse every attempt of every message for good.
+    fn doubt_after(&self, f: &SendFailure) {
+        let Failure::DroppedAfterBdat(why) = &f.failure else {
+            return;
+        };
+        if let Ok(mut chunking) = self.chunking.lock()
+            && *chunking == Chunking::Usable
+        {
+            doubt(&mut chunking, &self.mailbox, why);
+        }
     }
 
     /// `relay test`: one message on a fresh connection that is not pooled, every line into `transcript`.
@@ -551,6 +568,7 @@ impl SmtpUpstream {
         f: SendFailure,
         recipients: &[String],
     ) -> Outcome {
+        self.doubt_after(&f);
         if f.reusable {
             self.give_back(key, conn);
         }
@@ -781,9 +799,10 @@ fn concurrency_limit(r: &reply::Reply) -> bool {
 /// What the queue does with a failure.
 fn outcome(f: Failure) -> Outcome {
     match f {
-        Failure::Connection(why) | Failure::Dropped(why) | Failure::ChunkingRefused { why, .. } => {
-            Outcome::Transient(why)
-        }
+        Failure::Connection(why)
+        | Failure::Dropped(why)
+        | Failure::DroppedAfterBdat(why)
+        | Failure::ChunkingRefused { why, .. } => Outcome::Transient(why),
         Failure::Unsupported(why) => Outcome::Permanent(why),
         // Past the server's connection limit for this client, said to the session or the login (Exchange Online's
         // 432 may come at either): nothing of the message was offered.
