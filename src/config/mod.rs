@@ -710,6 +710,23 @@ mod tests {
         );
         let e = Config::parse("[queue]\nmax_age = 5\n", "x.toml").unwrap_err();
         assert!(e.key.starts_with("queue.max_age (line 2"), "{e}");
+        // dead/'s retention: a duration, zero for "kept until deleted", ten years at most.
+        let kept = |text: &str| Config::parse(&format!("[queue]\n{text}\n"), "x.toml");
+        assert_eq!(
+            Config::parse("", "x.toml").unwrap().queue.dead_max_age,
+            Duration::from_secs(30 * 86400)
+        );
+        assert!(
+            kept("dead_max_age = \"0s\"")
+                .unwrap()
+                .queue
+                .dead_max_age
+                .is_zero()
+        );
+        for bad in ["dead_max_age = \"soon\"", "dead_max_age = \"11y\""] {
+            let e = kept(bad).unwrap_err();
+            assert!(e.key.starts_with("queue.dead_max_age"), "{bad}: {e}");
+        }
     }
 
     #[test]

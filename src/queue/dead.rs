@@ -15,77 +15,119 @@ use super::layout::{self, FileKind, msg_path, state_path};
 /// How often `dead/` is looked at.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// At most this many messages removed by one sweep: a month of a mass failure goes over a few hours, each
-/// sweep a bounded piece of work on the blocking pool.
+/// The first look after start: not at once, so that a clock not yet set at boot (ahead, from a bad RTC) has been
+/// put right by then. In debug builds `RELAY_TEST_DEAD_SWEEP_MS` replaces it (a test hook, not part of relay's
+/// interface).
+pub fn first_sweep() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("RELAY_TEST_DEAD_SWEEP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_millis(ms);
+    }
+    Duration::from_secs(600)
+}
+
+/// How soon the next sweep comes when one stopped at [`PER_SWEEP`]: a backlog goes in bounded pieces, not one
+/// piece an hour.
+pub const SWEEP_AGAIN: Duration = Duration::from_secs(60);
+
+/// At most this many messages removed by one sweep: each sweep a bounded piece of work on the blocking pool.
 const PER_SWEEP: usize = 10_000;
 
-/// [`sweep`], said in the log: one line for what was removed (its first ids), one for a failure.
-pub fn tidy(dead: &Path, keep: Duration) {
-    match sweep(dead, keep, SystemTime::now()) {
-        Ok(removed) if removed.is_empty() => {}
-        Ok(removed) => {
-            let shown: Vec<String> = removed.iter().take(10).map(QueueId::to_string).collect();
-            let more = match removed.len() {
-                n if n > 10 => format!(" and {} more", n - 10),
-                _ => String::new(),
-            };
-            tracing::info!(relay_event = "dead_removed", count = removed.len(), ids = %format!("{}{more}", shown.join(", ")), "removed from dead/ after {} there ([queue] dead_max_age)", humantime::format_duration(keep));
-        }
-        Err(e) => {
-            tracing::warn!(dir = %dead.display(), error = %e, "cannot look through dead/ for mail past dead_max_age; tried again in an hour");
-        }
+/// What a sweep did: the ids removed, whether it stopped at [`PER_SWEEP`] with more to look at, and the first
+/// error met (a file that could not be looked at or removed is left, and the sweep goes on).
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub removed: Vec<QueueId>,
+    pub more: bool,
+    pub error: Option<std::io::Error>,
+}
+
+/// [`sweep`], said in the log: one line for what was removed (its first ids), one for the first error. Whether
+/// more is left for a sweep soon.
+pub fn tidy(dead: &Path, keep: Duration) -> bool {
+    let swept = sweep(dead, keep, SystemTime::now());
+    if !swept.removed.is_empty() {
+        let shown: Vec<String> = swept
+            .removed
+            .iter()
+            .take(10)
+            .map(QueueId::to_string)
+            .collect();
+        let more = match swept.removed.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        tracing::info!(relay_event = "dead_removed", count = swept.removed.len(), ids = %format!("{}{more}", shown.join(", ")), "removed from dead/ after {} there ([queue] dead_max_age)", humantime::format_duration(keep));
     }
+    if let Some(e) = &swept.error {
+        tracing::warn!(dir = %dead.display(), error = %e, "cannot look at or remove some of dead/'s mail past dead_max_age; it is left, and looked at again at the next sweep");
+    }
+    swept.more
 }
 
 /// Removes from `dead` the messages (and stray state files) that have been there longer than `keep`; zero keeps
-/// everything. Returns the ids removed. A message locked by `relay queue delete` or `retry` at that moment is
-/// left for the next sweep.
-pub fn sweep(dead: &Path, keep: Duration, now: SystemTime) -> std::io::Result<Vec<QueueId>> {
-    let mut removed = Vec::new();
+/// everything. A message locked by `relay queue delete` or `retry` at that moment is left for the next sweep.
+pub fn sweep(dead: &Path, keep: Duration, now: SystemTime) -> Swept {
+    let mut swept = Swept::default();
     if keep.is_zero() {
-        return Ok(removed);
+        return swept;
     }
     let Some(before) = now.checked_sub(keep) else {
-        return Ok(removed);
+        return swept;
     };
     let files = match layout::files(dead) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return swept,
+        Err(e) => {
+            swept.error = Some(e);
+            return swept;
+        }
     };
     for file in files {
-        if removed.len() >= PER_SWEEP {
+        if swept.removed.len() >= PER_SWEEP {
+            swept.more = true;
             break;
         }
-        let (id, kind) = file?;
-        let gone = match kind {
-            FileKind::Message => remove_message(dead, id, before)?,
+        let done = file.and_then(|(id, kind)| match kind {
+            FileKind::Message => remove_message(dead, id, before).map(|gone| gone.then_some(id)),
             // A state file whose message is gone (a crash between the two removals, a message deleted by hand).
             FileKind::State => {
                 let state = state_path(dead, id);
                 if !msg_path(dead, id).exists() && modified(&state).is_some_and(|t| t < before) {
                     ignore_missing(std::fs::remove_file(&state))?;
                 }
-                false
+                Ok(None)
             }
-        };
-        if gone {
-            removed.push(id);
+        });
+        match done {
+            Ok(Some(id)) => swept.removed.push(id),
+            Ok(None) => {}
+            Err(e) => {
+                swept.error.get_or_insert(e);
+            }
         }
     }
-    Ok(removed)
+    swept
 }
 
-/// Removes message `id` if it came to `dead/` before `before`: its state file first, so that a crash between the
-/// two leaves the message (found again by the next sweep), never a state file taken for another's.
+/// When message `id` came to `dead/`: its state file's mtime (written then), else the message file's ctime (the
+/// rename into `dead/`).
+fn died(dead: &Path, id: QueueId) -> Option<SystemTime> {
+    modified(&state_path(dead, id)).or_else(|| changed(&msg_path(dead, id)))
+}
+
+/// Removes message `id` if it came to `dead/` before `before`: the message first, then its state file (a crash
+/// between the two leaves a stray state file, which the next sweep removes).
 fn remove_message(dead: &Path, id: QueueId, before: SystemTime) -> std::io::Result<bool> {
-    let msg = msg_path(dead, id);
-    let state = state_path(dead, id);
-    let died = modified(&state).or_else(|| changed(&msg));
-    if died.is_none_or(|t| t >= before) {
+    if died(dead, id).is_none_or(|t| t >= before) {
         return Ok(false);
     }
-    let file = match std::fs::File::open(&msg) {
+    let msg = msg_path(dead, id);
+    // Never a FIFO or a device by that name, which would block the open.
+    let file = match crate::small_files::open_regular(&msg) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
@@ -97,12 +139,17 @@ fn remove_message(dead: &Path, id: QueueId, before: SystemTime) -> std::io::Resu
         // A filesystem without locks: removed all the same.
         Err(std::fs::TryLockError::Error(_)) => {}
     }
-    ignore_missing(std::fs::remove_file(&state))?;
-    match std::fs::remove_file(&msg) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+    // Looked at again under the lock: moved back by a retry and dead again meanwhile, it is young.
+    if died(dead, id).is_none_or(|t| t >= before) {
+        return Ok(false);
     }
+    match std::fs::remove_file(&msg) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    ignore_missing(std::fs::remove_file(state_path(dead, id)))?;
+    Ok(true)
 }
 
 fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
@@ -158,9 +205,10 @@ mod tests {
         at(dir.path(), &format!("{stray}.state"), now - 31 * day);
         std::fs::write(dir.path().join("notes.txt"), "kept").unwrap();
 
-        assert!(sweep(dir.path(), Duration::ZERO, now).unwrap().is_empty());
-        let removed = sweep(dir.path(), 30 * day, now).unwrap();
-        assert_eq!(removed, vec![old]);
+        assert!(sweep(dir.path(), Duration::ZERO, now).removed.is_empty());
+        let swept = sweep(dir.path(), 30 * day, now);
+        assert_eq!(swept.removed, vec![old]);
+        assert!(!swept.more && swept.error.is_none(), "{swept:?}");
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -174,11 +222,25 @@ mod tests {
         ];
         want.sort();
         assert_eq!(left, want);
-        assert!(
-            sweep(&dir.path().join("none"), 30 * day, now)
-                .unwrap()
-                .is_empty()
-        );
+        let none = sweep(&dir.path().join("none"), 30 * day, now);
+        assert!(none.removed.is_empty() && none.error.is_none());
+    }
+
+    /// A file that cannot be looked at (a directory by a message's name) is said, and the sweep goes on.
+    #[test]
+    fn a_file_that_cannot_be_removed_does_not_stop_the_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86400);
+        let (odd, old) = (QueueId::new(), QueueId::new());
+        std::fs::create_dir(msg_path(dir.path(), odd)).unwrap();
+        at(dir.path(), &format!("{odd}.state"), now - 31 * day);
+        at(dir.path(), &format!("{old}.msg"), now);
+        at(dir.path(), &format!("{old}.state"), now - 31 * day);
+        let swept = sweep(dir.path(), 30 * day, now);
+        assert_eq!(swept.removed, vec![old]);
+        assert!(swept.error.is_some(), "{swept:?}");
+        assert!(msg_path(dir.path(), odd).is_dir());
     }
 
     #[test]
@@ -195,8 +257,8 @@ mod tests {
         let held = std::fs::File::open(msg_path(dir.path(), id)).unwrap();
         held.lock().unwrap();
         let hour = Duration::from_secs(3600);
-        assert!(sweep(dir.path(), hour, now).unwrap().is_empty());
+        assert!(sweep(dir.path(), hour, now).removed.is_empty());
         drop(held);
-        assert_eq!(sweep(dir.path(), hour, now).unwrap(), vec![id]);
+        assert_eq!(sweep(dir.path(), hour, now).removed, vec![id]);
     }
 }

@@ -591,9 +591,10 @@ impl Delivery {
         }
     }
 
-    /// Removes the mail kept in `dead/` past `[queue] dead_max_age` (see `dead.rs`). May wait on the disk.
-    pub fn tidy_dead(&self) {
-        super::dead::tidy(&self.paths.dead, self.queue.dead_max_age);
+    /// Removes the mail kept in `dead/` past `[queue] dead_max_age` (see `dead.rs`); whether more is left for a
+    /// sweep soon. May wait on the disk.
+    pub fn tidy_dead(&self) -> bool {
+        super::dead::tidy(&self.paths.dead, self.queue.dead_max_age)
     }
 
     /// Closes the upstream connections idle too long (see `Transports::close_idle`).

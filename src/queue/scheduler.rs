@@ -138,9 +138,10 @@ impl Scheduler {
         let mut check = tokio::time::interval(TRIGGER_CHECK);
         let mut ticked = false;
         let mut saving: Option<tokio::task::JoinHandle<()>> = None;
-        // dead/'s retention: at the first tick, then every hour, one sweep at a time.
-        let mut tidying: Option<tokio::task::JoinHandle<()>> = None;
-        let mut next_tidy = Instant::now();
+        // dead/'s retention: a while after start, then every hour (sooner while a backlog lasts), one sweep at a
+        // time.
+        let mut tidying: Option<tokio::task::JoinHandle<bool>> = None;
+        let mut next_tidy = Instant::now() + super::dead::first_sweep();
         // The same across reloads (`Delivery::succeeded_by` keeps it).
         let slot_freed = self.delivery.slot_freed();
         loop {
@@ -287,7 +288,13 @@ impl Scheduler {
                 // for all of them, so that it does not come back each tick while they do not fit.)
                 self.delivery.widen_connections();
                 self.delivery.close_idle();
-                if Instant::now() >= next_tidy && tidying.as_ref().is_none_or(|h| h.is_finished()) {
+                if tidying.as_ref().is_some_and(|h| h.is_finished())
+                    && let Some(done) = tidying.take()
+                    && matches!(done.await, Ok(true))
+                {
+                    next_tidy = next_tidy.min(Instant::now() + super::dead::SWEEP_AGAIN);
+                }
+                if tidying.is_none() && Instant::now() >= next_tidy {
                     next_tidy = Instant::now() + super::dead::SWEEP_EVERY;
                     let delivery = self.delivery.clone();
                     tidying = Some(tokio::task::spawn_blocking(move || delivery.tidy_dead()));
@@ -372,7 +379,7 @@ impl Scheduler {
             // may have taken it, and goes again at the next start. (Said, not written into its state: the
             // attempt's own file work may still be running.)
             for (id, _) in running.values() {
-                tracing::warn!(relay_queue_id = %id, "stopped in the middle of its delivery: it stays queued and goes again at the next start; if the upstream had already taken it (it had not answered yet), it may arrive twice");
+                tracing::warn!(relay_queue_id = %id, "stopped in the middle of its delivery attempt: it stays queued and goes again at the next start; if the upstream had been sent the whole message and had not answered yet, it may arrive twice");
             }
             tasks.shutdown().await;
         }

@@ -22,6 +22,9 @@ const EVICTION_WAIT: Duration = Duration::from_secs(5);
 const MAX_WAITING: usize = 32;
 /// Refusals being written at once.
 const MAX_REFUSING: usize = 256;
+/// Refused clients (outside the allow list) waited on for their QUIT at once; beyond this they are closed
+/// after the 554, so that a flood of them holds none of the refusals' places for long.
+const MAX_LINGERING: usize = 32;
 
 /// A bound listener, ready to accept.
 pub struct Listener {
@@ -33,6 +36,7 @@ pub struct Listener {
     per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     waiting: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    lingering: Arc<Semaphore>,
     refusals_logged: Mutex<LogBudget>,
     /// Failed TLS handshakes are logged by their sessions, within this budget.
     handshakes_logged: Arc<Mutex<LogBudget>>,
@@ -100,6 +104,7 @@ impl Listener {
             per_client: Arc::default(),
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
             refusals_logged: Mutex::new(LogBudget::new(
                 Counted::RefusedConnections,
                 std::time::Instant::now(),
@@ -271,34 +276,44 @@ impl Listener {
         let Ok(permit) = self.refusing.clone().try_acquire_owned() else {
             return;
         };
+        let linger = match reply.code {
+            554 => self.lingering.clone().try_acquire_owned().ok(),
+            _ => None,
+        };
         tokio::spawn(async move {
-            refuse_now(tcp, implicit, reply).await;
+            let tcp = refuse_now(tcp, implicit, reply).await;
             drop(permit);
+            if let (Some(mut tcp), Some(_linger)) = (tcp, linger) {
+                let _ = tokio::time::timeout(LINGER, wait_for_quit(&mut tcp)).await;
+                let _ = tcp.shutdown().await;
+            }
         });
     }
 }
 
+/// How long a refused client outside the allow list is waited on for its QUIT.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// On an implicit-TLS port there is nobody to read a plain-text reply, so the connection is just closed. On an
 /// `auto` port the client is more likely a plain one (TLS clients there are rarer and fail either way).
-async fn refuse_now(mut tcp: TcpStream, implicit_tls: bool, reply: Reply) {
+/// The connection back once the reply is written and the connection is still open for a 554's wait for QUIT
+/// (closed otherwise).
+async fn refuse_now(mut tcp: TcpStream, implicit_tls: bool, reply: Reply) -> Option<TcpStream> {
     if implicit_tls {
-        return;
+        return None;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        if tcp.write_all(&reply.to_wire()).await.is_err() {
-            return;
-        }
-        if reply.code == 554 {
-            wait_for_quit(&mut tcp).await;
-        }
-        let _ = tcp.shutdown().await;
-    })
-    .await;
+    let written =
+        tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&reply.to_wire())).await;
+    if matches!(written, Ok(Ok(()))) && reply.code == 554 {
+        return Some(tcp);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.shutdown()).await;
+    None
 }
 
 /// RFC 5321 section 3.1: after a 554 greeting the server waits for the client's QUIT, answering anything else
-/// with 503, rather than close at once. Within the refusal's 5 s, and ten commands at most: a refused client gets
-/// no more of relay than that.
+/// with 503, rather than close at once. For [`LINGER`], ten commands at most, [`MAX_LINGERING`] clients at
+/// once: a refused client gets no more of relay than that.
 async fn wait_for_quit(tcp: &mut TcpStream) {
     use tokio::io::AsyncReadExt;
     let mut chunk = [0u8; 512];
