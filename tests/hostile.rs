@@ -665,6 +665,38 @@ async fn connections_refused_by_the_allow_list_do_not_flood_the_log() {
     assert_eq!(refused, 10, "{all:#?}");
 }
 
+/// Many connections that each have commands refused (MAIL before the login a listener requires, until the session
+/// is ended for its errors): at most a hundred `command refused` lines a minute for the listener, then a count,
+/// not ten lines and a "more refusals" line for every connection (a reconnecting client wrote 380,000 a minute).
+#[tokio::test]
+async fn refused_commands_of_many_connections_do_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"required\"\nplaintext_auth = true\nallow = [\"127.0.0.0/8\"]",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    for n in 0..25u8 {
+        let mut c = RawClient::connect_from(daemon.addr, device_ip(10 + n % 5)).await;
+        c.expect(220).await;
+        c.cmd("EHLO flood", 250).await;
+        for _ in 0..9 {
+            c.cmd("MAIL FROM:<a@example.com>", 530).await;
+        }
+        c.reply_to("MAIL FROM:<a@example.com>").await;
+        assert!(c.closed().await, "ended for its errors");
+    }
+    daemon.wait_log("more commands refused");
+    let all = daemon.terminate_with_log();
+    let refused = all.iter().filter(|l| l.contains("command refused")).count();
+    assert_eq!(refused, 100, "{all:#?}");
+    let more = all
+        .iter()
+        .filter(|l| l.contains("more refusals on this connection"))
+        .count();
+    assert!(more <= 10, "{more}");
+}
+
 /// A listener with implicit TLS (the test's own certificate), open to everyone.
 fn implicit_tls_config(dir: &std::path::Path, more: &str) -> std::path::PathBuf {
     let cert = make_cert(dir);

@@ -1,7 +1,7 @@
 //! One client connection: moves bytes between the socket, the [`Session`] state machine and the spool.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -11,7 +11,7 @@ use tokio::time::timeout;
 
 use super::auth::{Authenticator, Verdict};
 use super::data::Progress;
-use super::log_budget::LogBudget;
+use super::log_budget::{SessionBudgets, may_log};
 use super::occupancy::{STRESS_TIMEOUT, Seat};
 use super::reply::Reply;
 use super::session::{Policy, Session, Step};
@@ -63,7 +63,7 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     seat: &Seat,
-    handshakes_logged: &Mutex<LogBudget>,
+    budgets: &SessionBudgets,
 ) {
     let mut session = Session::new(ctx.policy.clone(), peer, false);
     let result = async {
@@ -73,18 +73,19 @@ pub(crate) async fn serve(
             ListenerTls::None | ListenerTls::Starttls => false,
         };
         if implicit_tls {
-            let tls = handshake(&ctx, tcp, seat, handshakes_logged).await?;
+            let tls = handshake(&ctx, tcp, seat, &budgets.handshakes).await?;
             session.tls_started();
             let greeting = session.greeting();
-            drive(&ctx, &mut session, tls, Some(greeting), seat).await?;
+            drive(&ctx, &mut session, tls, Some(greeting), seat, budgets).await?;
             return Ok(());
         }
         let greeting = session.greeting();
-        if let Outcome::StartTls(tcp) = drive(&ctx, &mut session, tcp, Some(greeting), seat).await?
+        if let Outcome::StartTls(tcp) =
+            drive(&ctx, &mut session, tcp, Some(greeting), seat, budgets).await?
         {
-            let tls = handshake(&ctx, tcp, seat, handshakes_logged).await?;
+            let tls = handshake(&ctx, tcp, seat, &budgets.handshakes).await?;
             session.tls_started();
-            drive(&ctx, &mut session, tls, None, seat).await?;
+            drive(&ctx, &mut session, tls, None, seat, budgets).await?;
         }
         Ok::<(), std::io::Error>(())
     }
@@ -117,7 +118,7 @@ async fn handshake(
     ctx: &ListenerCtx,
     tcp: TcpStream,
     seat: &Seat,
-    logged: &Mutex<LogBudget>,
+    logged: &std::sync::Mutex<super::log_budget::LogBudget>,
 ) -> std::io::Result<TlsConn> {
     let Some(acceptor) = &ctx.tls else {
         return Err(std::io::Error::other(
@@ -166,11 +167,8 @@ async fn handshake(
     if let (Err(e), Some(peer)) = (&accepted, peer) {
         match super::tls::handshake_failure(e, ctx.cfg.tls_compat) {
             Some(reason) => {
-                let log = logged.lock().map_or(true, |mut b| {
-                    b.take(std::time::Instant::now(), ctx.cfg.address)
-                });
-                if log {
-                    tracing::info!(relay_event = "tls_failed", relay_client = %peer, error = %reason, "TLS handshake failed");
+                if may_log(logged, ctx.cfg.address) {
+                    tracing::info!(relay_event = "tls_failed", relay_client = %peer, listener = %ctx.cfg.address, error = %reason, "TLS handshake failed");
                 }
             }
             None => {
@@ -184,17 +182,43 @@ async fn handshake(
 /// Refused commands logged per connection.
 const MAX_REFUSALS_LOGGED: u32 = 10;
 
+/// What a connection may still log of its refusals: [`MAX_REFUSALS_LOGGED`] of its own, within its listener's
+/// budget (a flood of connections that each use up their ten would otherwise write hundreds of thousands of lines
+/// a minute).
+struct Refusals<'a> {
+    logged: u32,
+    budget: &'a std::sync::Mutex<super::log_budget::LogBudget>,
+    listener: SocketAddr,
+}
+
+impl Refusals<'_> {
+    /// Whether one more refusal on this connection is logged. Some refusals (530, 452, 552) do not count towards
+    /// the session's error limit, and a refused message counts only until the limit closes the session: a
+    /// client repeating one would otherwise fill the journal, whose rate limit would then drop relay's other
+    /// lines.
+    fn may_log(&mut self, peer: SocketAddr) -> bool {
+        self.logged = self.logged.saturating_add(1);
+        if self.logged > MAX_REFUSALS_LOGGED {
+            if self.logged == MAX_REFUSALS_LOGGED + 1 && may_log(self.budget, self.listener) {
+                tracing::warn!(relay_client = %peer, "more refusals on this connection; they are not logged");
+            }
+            return false;
+        }
+        may_log(self.budget, self.listener)
+    }
+}
+
 /// Logs a refused MAIL, RCPT or DATA command (a refused message after DATA has its own line, with its queue id):
 /// a device whose mail never arrives shows up in the journal. Addresses are client text, so they are written
 /// escaped (`?`) and cut short.
-fn log_refusal(session: &Session, reply: &Reply, logged: &mut u32) {
+fn log_refusal(session: &Session, reply: &Reply, logged: &mut Refusals<'_>) {
     if reply.is_positive() {
         return;
     }
     let Some((command, address, sender)) = session.last_mail_command() else {
         return;
     };
-    if !may_log_refusal(session.peer(), logged) {
+    if !logged.may_log(session.peer()) {
         return;
     }
     let shown = |a: &str| a.chars().take(256).collect::<String>();
@@ -210,17 +234,6 @@ fn log_refusal(session: &Session, reply: &Reply, logged: &mut u32) {
     );
 }
 
-/// Whether one more refusal on this connection is logged. Some refusals (530, 452, 552) do not count towards
-/// the session's error limit, and a refused message counts only until the limit closes the session: a client
-/// repeating one would otherwise fill the journal, whose rate limit would then drop relay's other lines.
-fn may_log_refusal(peer: std::net::SocketAddr, logged: &mut u32) -> bool {
-    *logged += 1;
-    if *logged == MAX_REFUSALS_LOGGED + 1 {
-        tracing::warn!(relay_client = %peer, "more refusals on this connection; they are not logged");
-    }
-    *logged <= MAX_REFUSALS_LOGGED
-}
-
 /// The message being received, and its id for log lines even once its bytes are dropped.
 struct Receiving {
     id: QueueId,
@@ -233,6 +246,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     greeting: Option<Reply>,
     seat: &Seat,
+    budgets: &SessionBudgets,
 ) -> std::io::Result<Outcome<S>> {
     let peer = session.peer();
     let tls = session.is_tls();
@@ -244,7 +258,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     // holds the read buffer alone.
     let mut body = Vec::new();
     let mut receiving_msg: Option<Receiving> = None;
-    let mut refusals_logged = 0;
+    let mut refusals_logged = Refusals {
+        logged: 0,
+        budget: &budgets.commands,
+        listener: ctx.cfg.address,
+    };
     let mut shutdown = ctx.shutdown.clone();
     let mut abandon = ctx.abandon.clone();
     let mut stress = seat.stress();
@@ -516,7 +534,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 return close(&mut stream, &mut out, reply, ctx, tls).await;
             }
             Woke::Evicted => {
-                tracing::info!(relay_client = %peer, "idle connection closed to make room for a new client");
+                if may_log(&budgets.evictions, ctx.cfg.address) {
+                    tracing::info!(relay_event = "evicted", relay_client = %peer, listener = %ctx.cfg.address, "idle connection closed to make room for a new client");
+                }
                 let reply = Reply::new(
                     421,
                     "4.7.0",
@@ -566,14 +586,14 @@ async fn give_up(receiving: Option<Receiving>) {
 async fn finish_message(
     session: &mut Session,
     receiving: Option<Receiving>,
-    logged: &mut u32,
+    logged: &mut Refusals<'_>,
 ) -> Reply {
     let peer = session.peer();
     let Some(Receiving { id, incoming }) = receiving else {
         return session.data_stored(Err(()));
     };
     if let Some(refusal) = session.refusal() {
-        if may_log_refusal(peer, logged) {
+        if logged.may_log(peer) {
             tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
         }
         if let Some(incoming) = incoming {

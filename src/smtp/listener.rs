@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::connection::{ListenerCtx, serve};
-use super::log_budget::{Counted, LogBudget};
+use super::log_budget::{Counted, LogBudget, SessionBudgets};
 use super::occupancy::{Occupancy, Slots};
 use super::reply::Reply;
 use crate::config::ListenerTls;
@@ -39,7 +39,7 @@ pub struct Listener {
     lingering: Arc<Semaphore>,
     refusals_logged: Mutex<LogBudget>,
     /// Failed TLS handshakes are logged by their sessions, within this budget.
-    handshakes_logged: Arc<Mutex<LogBudget>>,
+    session_budgets: Arc<SessionBudgets>,
 }
 
 /// A listener's settings and the places its connections take. Replaced whole by a reload, so that a session
@@ -109,10 +109,7 @@ impl Listener {
                 Counted::RefusedConnections,
                 std::time::Instant::now(),
             )),
-            handshakes_logged: Arc::new(Mutex::new(LogBudget::new(
-                Counted::FailedHandshakes,
-                std::time::Instant::now(),
-            ))),
+            session_budgets: Arc::new(SessionBudgets::new()),
         };
         let control = ListenerControl {
             local,
@@ -239,11 +236,11 @@ impl Listener {
         };
         let _ = tcp.set_nodelay(true);
         let live = LiveSession::new(sessions);
-        let (ctx, slots, occupancy, handshakes_logged) = (
+        let (ctx, slots, occupancy, budgets) = (
             admission.ctx.clone(),
             admission.slots.clone(),
             admission.occupancy.clone(),
-            self.handshakes_logged.clone(),
+            self.session_budgets.clone(),
         );
         tokio::spawn(async move {
             let slot = match slot {
@@ -264,7 +261,7 @@ impl Listener {
             };
             drop(waiting);
             let seat = occupancy.seat(ip);
-            serve(ctx, tcp, peer, &seat, &handshakes_logged).await;
+            serve(ctx, tcp, peer, &seat, &budgets).await;
             // Whatever way the session ended (a panic included), these give back its places on drop.
             drop((seat, slot, client_slot, live));
         });

@@ -1,18 +1,21 @@
-//! Log lines a listener gives one kind of event (a refused connection, a failed TLS handshake) per minute: a
-//! scan of the port or a flood would otherwise write one per connection, and journald's rate limit would then
-//! drop relay's other lines. Beyond the budget, events are counted and the count said in one line.
+//! Log lines a listener gives one kind of event (a refused connection, a failed TLS handshake, a refused command,
+//! an idle connection closed for a new one) per minute: a scan of the port or a flood would otherwise write one
+//! per connection, and journald's rate limit would then drop relay's other lines. Beyond the budget, events are
+//! counted and the count said in one line.
 
 use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-
-/// Events of one kind a listener logs one by one per minute.
-const LOGGED_PER_MINUTE: u32 = 10;
 
 /// What is being counted, as the summary lines say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Counted {
     RefusedConnections,
     FailedHandshakes,
+    /// MAIL, RCPT and DATA refused, and messages refused after their data: more of them are logged, since a
+    /// device whose mail never arrives is found by them.
+    RefusedCommands,
+    Evictions,
 }
 
 impl Counted {
@@ -20,8 +23,48 @@ impl Counted {
         match self {
             Counted::RefusedConnections => ("rejected", "connections refused"),
             Counted::FailedHandshakes => ("tls_failed", "TLS handshakes failed"),
+            Counted::RefusedCommands => ("rejected", "commands refused"),
+            Counted::Evictions => (
+                "evicted",
+                "idle connections closed to make room for new clients",
+            ),
         }
     }
+
+    /// Events of this kind a listener logs one by one per minute.
+    fn per_minute(self) -> u32 {
+        match self {
+            Counted::RefusedCommands => 100,
+            _ => 10,
+        }
+    }
+}
+
+/// A listener's budgets for the events its sessions log (its refused connections have their own, in the accept
+/// loop).
+pub(crate) struct SessionBudgets {
+    pub handshakes: Mutex<LogBudget>,
+    pub commands: Mutex<LogBudget>,
+    pub evictions: Mutex<LogBudget>,
+}
+
+impl SessionBudgets {
+    pub(crate) fn new() -> SessionBudgets {
+        let now = Instant::now();
+        SessionBudgets {
+            handshakes: Mutex::new(LogBudget::new(Counted::FailedHandshakes, now)),
+            commands: Mutex::new(LogBudget::new(Counted::RefusedCommands, now)),
+            evictions: Mutex::new(LogBudget::new(Counted::Evictions, now)),
+        }
+    }
+}
+
+/// Whether one more event of `budget`'s kind is logged now.
+pub(crate) fn may_log(budget: &Mutex<LogBudget>, listener: SocketAddr) -> bool {
+    budget
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take(Instant::now(), listener)
 }
 
 pub(crate) struct LogBudget {
@@ -55,7 +98,7 @@ impl LogBudget {
             }
             *self = LogBudget::new(self.counted, now);
         }
-        if self.logged < LOGGED_PER_MINUTE {
+        if self.logged < self.counted.per_minute() {
             self.logged += 1;
             return true;
         }
@@ -78,6 +121,13 @@ mod tests {
         let mut b = LogBudget::new(Counted::RefusedConnections, t0);
         let logged = (0..50).filter(|_| b.take(t0, listener)).count();
         assert_eq!((logged, b.unlogged), (10, 40));
+        let mut c = LogBudget::new(Counted::RefusedCommands, t0);
+        let logged = (0..150).filter(|_| c.take(t0, listener)).count();
+        assert_eq!(
+            (logged, c.unlogged),
+            (100, 50),
+            "more refused commands are logged"
+        );
         // A new minute: counted anew.
         assert!(b.take(t0 + Duration::from_secs(61), listener));
         assert_eq!(b.unlogged, 0);
