@@ -143,7 +143,16 @@ async fn handshake(
             accepted = tokio::time::timeout_at(started + limit, &mut accept) => {
                 break accepted.unwrap_or_else(|_| Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("the client did not finish the TLS handshake within {}", humantime::format_duration(limit)),
+                    format!(
+                        "the client did not finish the TLS handshake within {}{}",
+                        humantime::format_duration(limit),
+                        // A plain device on an implicit port sends nothing: it waits for a greeting.
+                        if ctx.cfg.tls == ListenerTls::Implicit {
+                            " (a plain SMTP device on a port with tls = \"implicit\" sends nothing and waits for a greeting: it needs a listener with tls = \"starttls\" or \"auto\")"
+                        } else {
+                            ""
+                        }
+                    ),
                 )));
             }
             // Ended by relay, not by the client: nothing to log.
@@ -165,7 +174,8 @@ async fn handshake(
     // (a scan of an implicit-TLS port fails a handshake per connection). A client that hangs up (a health
     // check's connect and close) is not news.
     if let (Err(e), Some(peer)) = (&accepted, peer) {
-        match super::tls::handshake_failure(e, ctx.cfg.tls_compat) {
+        let implicit = ctx.cfg.tls != ListenerTls::Starttls;
+        match super::tls::handshake_failure(e, ctx.cfg.tls_compat, implicit) {
             Some(reason) => {
                 if may_log(logged, ctx.cfg.address) {
                     tracing::info!(relay_event = "tls_failed", relay_client = %peer, listener = %ctx.cfg.address, error = %reason, "TLS handshake failed");

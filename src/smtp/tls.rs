@@ -82,8 +82,10 @@ impl ServerTls {
 
 /// What a failed handshake is logged as: the error with what a sysadmin can do about it, or `None` for a client
 /// that just hung up (a health check's connect and close, a client giving up).
-pub fn handshake_failure(e: &io::Error, compat: TlsCompat) -> Option<String> {
-    use rustls::{AlertDescription, Error};
+/// `implicit`: the listener's TLS begins at connect (a plain client's bytes then arrive where a ClientHello is
+/// awaited); on a STARTTLS listener the client asked for TLS itself.
+pub fn handshake_failure(e: &io::Error, compat: TlsCompat, implicit: bool) -> Option<String> {
+    use rustls::{AlertDescription, Error, InvalidMessage};
     if matches!(
         e.kind(),
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
@@ -99,7 +101,7 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat) -> Option<String> {
         Error::PeerIncompatible(_) if compat == TlsCompat::Modern => {
             "the client's TLS is older than this listener takes (TLS 1.2 and 1.3, modern ciphers); for old devices set tls_compat = \"legacy\" on this listener"
         }
-        Error::InvalidMessage(_) => {
+        Error::InvalidMessage(InvalidMessage::InvalidContentType) if implicit => {
             "what the client sent is not TLS: a plain SMTP client on a port with tls = \"implicit\" needs a listener with tls = \"starttls\" or \"auto\""
         }
         Error::AlertReceived(
@@ -353,20 +355,37 @@ mod tests {
         let old = wrapped(rustls::Error::PeerIncompatible(
             rustls::PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         ));
-        let said = handshake_failure(&old, TlsCompat::Modern).unwrap();
+        let said = handshake_failure(&old, TlsCompat::Modern, true).unwrap();
         assert!(said.contains("tls_compat = \"legacy\""), "{said}");
         // A legacy listener already is what the hint would suggest.
-        let said = handshake_failure(&old, TlsCompat::Legacy).unwrap();
+        let said = handshake_failure(&old, TlsCompat::Legacy, true).unwrap();
         assert!(!said.contains("tls_compat"), "{said}");
         let untrusted = wrapped(rustls::Error::AlertReceived(
             rustls::AlertDescription::UnknownCA,
         ));
-        let said = handshake_failure(&untrusted, TlsCompat::Modern).unwrap();
+        let said = handshake_failure(&untrusted, TlsCompat::Modern, true).unwrap();
         assert!(
             said.contains("does not accept this listener's certificate"),
             "{said}"
         );
         let gone = io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof");
-        assert_eq!(handshake_failure(&gone, TlsCompat::Modern), None);
+        assert_eq!(handshake_failure(&gone, TlsCompat::Modern, true), None);
+        // Plain text where a ClientHello was awaited: the hint only where the listener began TLS itself; a
+        // hello too large is not plain text.
+        let plain = || {
+            wrapped(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType,
+            ))
+        };
+        let hint = "needs a listener with tls = \"starttls\"";
+        let said = handshake_failure(&plain(), TlsCompat::Modern, true).unwrap();
+        assert!(said.contains(hint), "{said}");
+        let said = handshake_failure(&plain(), TlsCompat::Modern, false).unwrap();
+        assert!(!said.contains(hint), "{said}");
+        let huge = wrapped(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::HandshakePayloadTooLarge,
+        ));
+        let said = handshake_failure(&huge, TlsCompat::Modern, true).unwrap();
+        assert!(!said.contains(hint), "{said}");
     }
 }
