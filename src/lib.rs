@@ -28,6 +28,7 @@ pub mod smtp;
 pub mod state_files;
 pub mod status;
 pub mod terminal;
+pub mod test_hooks;
 pub mod tokens;
 pub mod upstream;
 

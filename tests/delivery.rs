@@ -19,6 +19,14 @@ const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"
 const BODY: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n.dot line\r\nend\r\n";
 const WIRE: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubject: scan\r\n\r\n..dot line\r\nend\r\n";
 
+/// `relay serve` on `config` with one of its debug-build test hooks set (`RELAY_TEST_…_MS`, see
+/// `relay::test_hooks`).
+fn daemon_with_hook(config: &std::path::Path, hook: &str, value: &str) -> Daemon {
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"]).arg(config).env(hook, value);
+    Daemon::start(cmd)
+}
+
 /// The state file of message `id` in `dir` (queue or dead).
 fn state_file(relay: &TestRelay, dir: &str, id: &str) -> String {
     std::fs::read_to_string(relay.state().join(format!("{dir}/{id}.state"))).unwrap()
@@ -668,11 +676,7 @@ async fn an_idle_upstream_connection_is_closed_without_waiting_for_the_next_mess
     let dir = tempfile::tempdir().unwrap();
     let config =
         common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_IDLE_MS", "300");
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = daemon_with_hook(&config, "RELAY_TEST_IDLE_MS", "300");
     send_message(daemon.addr, WIRE).await;
     upstream.next().await;
     daemon.wait_log("relay_event=\"delivered\"");
@@ -726,11 +730,7 @@ async fn dead_mail_past_dead_max_age_is_removed() {
             .set_modified(died)
             .unwrap();
     }
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_DEAD_SWEEP_MS", "0");
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = daemon_with_hook(&config, "RELAY_TEST_DEAD_SWEEP_MS", "0");
     let line = daemon.wait_log("relay_event=\"dead_removed\"");
     assert!(
         line.contains("count=1") && line.contains(old) && !line.contains(young),
@@ -753,11 +753,7 @@ async fn a_delivery_cut_short_by_a_stop_is_named_with_its_risk() {
     let dir = tempfile::tempdir().unwrap();
     let config =
         common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_DRAIN_MS", "300");
-    let daemon = Daemon::start(cmd);
+    let daemon = daemon_with_hook(&config, "RELAY_TEST_DRAIN_MS", "300");
     let id = send_message(daemon.addr, WIRE).await;
     upstream.next().await;
     let log = daemon.terminate_with_log();

@@ -16,17 +16,9 @@ use super::layout::{self, FileKind, msg_path, state_path};
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// The first look after start: not at once, so that a clock not yet set at boot (ahead, from a bad RTC) has been
-/// put right by then. In debug builds `RELAY_TEST_DEAD_SWEEP_MS` replaces it (a test hook, not part of relay's
-/// interface).
+/// put right by then; `RELAY_TEST_DEAD_SWEEP_MS` in a test.
 pub fn first_sweep() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("RELAY_TEST_DEAD_SWEEP_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    Duration::from_secs(600)
+    crate::test_hooks::duration("RELAY_TEST_DEAD_SWEEP_MS", Duration::from_secs(600))
 }
 
 /// How soon the next sweep comes when one stopped at [`PER_SWEEP`]: a backlog goes in bounded pieces, not one

@@ -38,17 +38,9 @@ const PARKED_FULL_RECHECK: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for deliveries in flight.
 pub const DRAIN: Duration = Duration::from_secs(20);
 
-/// [`DRAIN`], or in debug builds `RELAY_TEST_DRAIN_MS` (a test hook, so that a test through the binary sees the
-/// drain run out; not part of relay's interface).
+/// [`DRAIN`]; `RELAY_TEST_DRAIN_MS` in a test, so that it sees the drain run out.
 fn drain_time() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("RELAY_TEST_DRAIN_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    DRAIN
+    crate::test_hooks::duration("RELAY_TEST_DRAIN_MS", DRAIN)
 }
 
 type Due = BinaryHeap<Reverse<(SystemTime, QueueId)>>;

@@ -101,35 +101,15 @@ fn doubt(chunking: &mut Chunking, mailbox: &str, why: &str) {
     tracing::warn!(relay_account_mailbox = %mailbox, relay_upstream_reply = %why, "sending with DATA for the next {}", humantime::format_duration(doubt));
 }
 
-/// Test hook, compiled into debug builds only: `RELAY_TEST_CHUNKING_DOUBT_MS` replaces [`CHUNKING_DOUBT`], so
-/// that a test through the binary sees BDAT come back. Not part of relay's interface.
+/// [`CHUNKING_DOUBT`]; `RELAY_TEST_CHUNKING_DOUBT_MS` in a test, so that it sees BDAT come back.
 fn chunking_doubt() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("RELAY_TEST_CHUNKING_DOUBT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_millis(ms);
-    }
-    CHUNKING_DOUBT
+    crate::test_hooks::duration("RELAY_TEST_CHUNKING_DOUBT_MS", CHUNKING_DOUBT)
 }
 
-/// How long a pooled connection may stay idle: [`STALE`], or in debug builds `RELAY_TEST_IDLE_MS` (a test hook,
-/// so that a test through the binary sees an idle connection closed; not part of relay's interface).
+/// How long a pooled connection may stay idle: [`STALE`]; `RELAY_TEST_IDLE_MS` in a test, so that it sees an
+/// idle connection closed.
 fn stale() -> Duration {
-    #[cfg(debug_assertions)]
-    {
-        static HOOK: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-        if let Some(d) = HOOK.get_or_init(|| {
-            std::env::var("RELAY_TEST_IDLE_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis)
-        }) {
-            return *d;
-        }
-    }
-    STALE
+    crate::test_hooks::duration("RELAY_TEST_IDLE_MS", STALE)
 }
 
 impl SmtpUpstream {
