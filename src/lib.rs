@@ -21,6 +21,7 @@ pub mod observers;
 pub mod probe;
 pub mod queue;
 pub mod reload;
+pub mod running;
 pub mod runtime;
 pub mod service;
 pub mod small_files;

@@ -31,10 +31,13 @@ where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
     tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
-    log_warnings(config.warnings());
+    let mut warned = Warned::default();
+    warned.log(config.warnings());
     // Installed before READY=1: from then on systemd may send SIGHUP, whose default action would end relay.
     let signals = Signals::install();
     let relay = Relay::start(&config).await?;
+    // Once the state dir is this daemon's (`Relay::start` took its lock).
+    let report = crate::running::Report::started(&config);
     if config.accounts.is_empty() {
         tracing::warn!(
             "no [[account]] is configured: mail is accepted and queued, but not delivered"
@@ -57,7 +60,12 @@ where
         background.spawn(ping_watchdog(health, interval));
     }
     background.spawn(report_status(status.clone()));
-    let until_stopped = signals.until_stopped(relay.reloader(), Arc::new(load), status, background);
+    let loads = Loads {
+        load: Arc::new(load),
+        report,
+        warned,
+    };
+    let until_stopped = signals.until_stopped(relay.reloader(), loads, status, background);
     relay.run(until_stopped).await?;
     tracing::info!("stopped");
     Ok(())
@@ -100,7 +108,7 @@ impl Signals {
     async fn until_stopped<L>(
         mut self,
         reloader: Reloader,
-        load: Arc<L>,
+        mut loads: Loads<L>,
         status: StatusLine,
         mut background: JoinSet<()>,
     ) where
@@ -116,7 +124,7 @@ impl Signals {
                     tracing::info!("SIGINT received");
                     break;
                 }
-                _ = recv(&mut self.hup) => reload(&reloader, &load, &status).await,
+                _ = recv(&mut self.hup) => reload(&reloader, &mut loads, &status).await,
             }
         }
         background.abort_all();
@@ -127,22 +135,49 @@ impl Signals {
     }
 }
 
-/// What the config may say but a sysadmin probably did not mean, at start and after each reload. The metrics
-/// endpoint says its own when it binds, and the expiry watch a listener certificate's dates (`.cert`), with
-/// `relay_event = credential_expiring`.
-fn log_warnings(warnings: Vec<crate::config::Warning>) {
-    for w in warnings
-        .into_iter()
-        .filter(|w| w.key != "metrics.address" && !w.key.ends_with(".cert"))
-    {
-        tracing::warn!(key = %w.key, "{}", w.text);
+/// How the config is read again on SIGHUP, and what is remembered of the loads before.
+struct Loads<L> {
+    load: Arc<L>,
+    /// `STATE_DIR/daemon.json`, for `relay status`.
+    report: crate::running::Report,
+    warned: Warned,
+}
+
+/// The config warnings already logged: a reload logs only new ones, so that a SIGHUP from a log rotation or a
+/// certificate renewal does not repeat every warning the sysadmin has already read (`relay check` lists them all).
+#[derive(Default)]
+struct Warned(Vec<crate::config::Warning>);
+
+impl Warned {
+    /// What the config may say but a sysadmin probably did not mean, at start and after each reload. The metrics
+    /// endpoint says its own when it binds, and the expiry watch a listener certificate's dates (`.cert`), with
+    /// `relay_event = credential_expiring`.
+    fn log(&mut self, warnings: Vec<crate::config::Warning>) {
+        let warnings: Vec<_> = warnings
+            .into_iter()
+            .filter(|w| w.key != "metrics.address" && !w.key.ends_with(".cert"))
+            .collect();
+        let mut same = 0;
+        for w in &warnings {
+            if self.0.contains(w) {
+                same += 1;
+            } else {
+                tracing::warn!(key = %w.key, "{}", w.text);
+            }
+        }
+        if same > 0 {
+            tracing::info!(
+                "{same} config warning(s) as before, not repeated (`relay check` lists them)"
+            );
+        }
+        self.0 = warnings;
     }
 }
 
 /// systemd's reload protocol: `RELOADING=1` (with the time, which newer systemd asks for), the work, then
 /// `READY=1`. A refused config is logged with its file, key and reason, and `STATUS=` says so until a reload
 /// succeeds.
-async fn reload<L>(reloader: &Reloader, load: &Arc<L>, status: &StatusLine)
+async fn reload<L>(reloader: &Reloader, loads: &mut Loads<L>, status: &StatusLine)
 where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
@@ -152,7 +187,7 @@ where
     }
     let _ = sd_notify::notify(&reloading);
     tracing::info!("SIGHUP received: reading the config again");
-    let load = load.clone();
+    let load = loads.load.clone();
     // The warnings read files (a listener's certificate dates): off the runtime's threads, with the load.
     let loaded = tokio::task::spawn_blocking(move || {
         load().map(|config| {
@@ -163,12 +198,15 @@ where
     let refused = match loaded.await {
         Ok(Ok((config, warnings))) => {
             let file = config.source.clone();
+            let digest = config.digest.clone();
             let accounts: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
             match reloader.reload(config).await {
                 Ok(done) => {
+                    // Before the log line, which is what a sysadmin (or a test) runs `relay status` after.
+                    loads.report.reloaded(&file, &digest);
                     tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
                     // As at start: a renewed certificate that is already expired, a listener no one can use.
-                    log_warnings(warnings);
+                    loads.warned.log(warnings);
                     None
                 }
                 Err(e) => {
@@ -179,6 +217,7 @@ where
                         _ => format!("{file}: {e}"),
                     };
                     let (key, reason) = e.key_and_reason(&accounts).unzip();
+                    loads.report.refused(&why);
                     tracing::error!(
                         relay_event = "reload_refused",
                         file = %file,
@@ -197,6 +236,7 @@ where
                 .map(|p| format!("{}: {}: {}", p.file, p.key, p.reason))
                 .collect::<Vec<_>>()
                 .join("; ");
+            loads.report.refused(&all);
             tracing::error!(
                 relay_event = "reload_refused",
                 file = %e.file,
@@ -208,8 +248,10 @@ where
             Some(all)
         }
         Err(e) => {
+            let why = format!("cannot read the config: {e}");
+            loads.report.refused(&why);
             tracing::error!(relay_event = "reload_refused", error = %e, "cannot read the config; the running one stays");
-            Some(format!("cannot read the config: {e}"))
+            Some(why)
         }
     };
     status.set_refused(refused.map(|why| short_status(&why)));

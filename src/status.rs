@@ -70,6 +70,9 @@ pub struct Status {
     /// A relay (`serve`) holds the state dir: without one, nothing is accepted or delivered, whatever the files
     /// say.
     pub running: bool,
+    /// What the running daemon loaded, next to the config this command read (`running.rs`); `None` when no
+    /// daemon runs, or its report cannot be read.
+    pub daemon: Option<crate::running::DaemonReport>,
     /// The state dir's filesystem; `None` when it cannot be read (no state dir yet).
     pub disk: Option<crate::queue::room::DiskReport>,
     /// Token files of accounts the config no longer names (a few of them): each still holds that account's grant,
@@ -124,9 +127,11 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .map(|a| account_status(config, a))
         .collect();
     let running = crate::queue::relay_runs_on(&config.state_dir);
+    let daemon = running.then(|| crate::running::read(config)).flatten();
     let stale_tokens = stale_tokens(config);
     let disk = crate::queue::room::DiskReport::of(&config.state_dir, config.queue.min_free_space.0);
     let ok = !(!running
+        || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
         || disk.as_ref().is_some_and(|d| d.short)
         || accounts.is_empty()
         || queue.dead > 0
@@ -140,6 +145,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         queue,
         accounts,
         running,
+        daemon,
         disk,
         stale_tokens,
         ok,

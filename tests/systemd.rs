@@ -854,3 +854,96 @@ async fn greeted_within_bounded_tries(port: u16) -> RawClient<tokio::net::TcpStr
     }
     panic!("no place came free");
 }
+
+/// `systemctl reload` succeeds whether or not relay took the new config, and `relay status` reads the file as it
+/// is now: status says what the daemon runs, an edit not yet applied, and a refused reload (exit 1 until a
+/// reload succeeds). A reload repeats no warning the sysadmin has already read.
+#[test]
+fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    // A timeout shorter than devices need: a config warning.
+    let listener = "address = \"127.0.0.1:0\"\nauth = \"none\"\ndata_timeout = \"10s\"\n";
+    let config = write_config(dir.path(), listener);
+    let good = std::fs::read_to_string(&config).unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let status = |config: &Path| {
+        let out = Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (_, text) = status(&config);
+    assert!(
+        text.contains(&format!("daemon: running (pid {}", daemon.pid()))
+            && text.contains(&format!("config {} as loaded at", config.display()))
+            && !text.contains("has changed")
+            && !text.contains("refused"),
+        "{text}"
+    );
+
+    // Edited, not yet reloaded: a change a reload refuses (it needs a restart), valid for `relay status` to read.
+    std::fs::write(&config, format!("bounce = \"sender\"\n{good}")).unwrap();
+    let (_, text) = status(&config);
+    assert!(
+        text.contains("has changed since the daemon loaded it") && !text.contains("refused"),
+        "{text}"
+    );
+    // Reloaded, and refused.
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("relay_event=\"reload_refused\"");
+    let (code, text) = status(&config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("the last reload, at")
+            && text.contains("was refused")
+            && text.contains("bounce")
+            && text.contains("has changed since"),
+        "{text}"
+    );
+    let (_, json) = status_json(&config);
+    assert_eq!(json["daemon"]["config_changed"], true, "{json}");
+    assert!(
+        json["daemon"]["reload_refused"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bounce"),
+        "{json}"
+    );
+
+    // Another file than the daemon's.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, &good).unwrap();
+    let (_, text) = status(&other);
+    assert!(
+        text.contains(&format!("the daemon runs {}", config.display())),
+        "{text}"
+    );
+
+    // Fixed and reloaded: nothing left to say, and the listener's warning, already logged at start, is not
+    // logged again.
+    std::fs::write(&config, &good).unwrap();
+    daemon.reload();
+    let (_, text) = status(&config);
+    assert!(
+        !text.contains("refused") && !text.contains("has changed"),
+        "{text}"
+    );
+    let (_, json) = status_json(&config);
+    assert!(json["daemon"]["reload_refused"].is_null(), "{json}");
+    let log = daemon.terminate_with_log();
+    let warned = log
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("data_timeout"))
+        .count();
+    assert_eq!(warned, 1, "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("1 config warning(s) as before")),
+        "{log:#?}"
+    );
+}

@@ -80,6 +80,10 @@ pub struct Config {
     /// them ([`Secrets::NotRead`]); their files are checked when the service starts.
     #[serde(skip)]
     pub credentials_at_start: Vec<String>,
+    /// BLAKE3 of the config's text, so that `relay status` can tell whether the file is still the one the
+    /// running daemon loaded (`running.rs`).
+    #[serde(skip)]
+    pub digest: String,
     pub state_dir: PathBuf,
     pub hostname: String,
     pub default_account: Option<String>,
@@ -552,7 +556,9 @@ impl Config {
             };
             ConfigError::new(file, key, e.message().trim())
         })?;
-        raw.validate(file, secrets)
+        let mut config = raw.validate(file, secrets)?;
+        config.digest = blake3::hash(text.as_bytes()).to_hex().to_string();
+        Ok(config)
     }
 
     /// The resolved config as TOML, secrets redacted (for `relay check`).

@@ -388,6 +388,7 @@ impl RawConfig {
         let config = Config {
             source: file.to_string(),
             credentials_at_start: at_start,
+            digest: String::new(),
             state_dir: self.state_dir.unwrap_or_else(default_state_dir),
             hostname: self.hostname.unwrap_or_else(system_hostname),
             default_account: self.default_account,

@@ -17,6 +17,7 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
             "queue": status.queue,
             "accounts": status.accounts,
             "running": status.running,
+            "daemon": status.daemon,
             "disk": status.disk,
             "stale_tokens": status.stale_tokens,
             "ok": status.ok,
@@ -35,7 +36,7 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
             );
         }
         if status.running {
-            println!("daemon: running");
+            print_daemon(config, status.daemon.as_ref());
         } else {
             println!(
                 "daemon: not running (no `relay serve` holds {}): nothing is accepted or delivered until it starts (`systemctl start relay`; `journalctl -u relay` says why it stopped)",
@@ -159,4 +160,43 @@ fn sending(u: &relay::queue::rate::Usage) -> String {
         of(u.messages_this_minute, u.per_minute),
         of(u.recipients_last_24h, u.recipients_per_day)
     )
+}
+
+/// The running daemon, and whether it runs the config this command read: an edit not applied, a reload it
+/// refused (systemd's `reload` succeeds all the same), or another file altogether.
+fn print_daemon(config: &Config, daemon: Option<&relay::running::DaemonReport>) {
+    let Some(d) = daemon else {
+        println!("daemon: running");
+        return;
+    };
+    let at = |t| humantime::format_rfc3339_seconds(t).to_string();
+    println!(
+        "daemon: running (pid {}, relay {}, since {}; config {} as loaded at {})",
+        d.pid,
+        safe(&d.version),
+        at(d.started_at),
+        safe(&d.config),
+        at(d.loaded_at)
+    );
+    if let Some(r) = &d.reload_refused {
+        println!(
+            "reload: the last reload, at {}, was refused: {}; the daemon still runs the config loaded at {}",
+            at(r.at),
+            safe(&r.reason),
+            at(d.loaded_at)
+        );
+    }
+    if d.other_config {
+        println!(
+            "config: the daemon runs {}, not {} which this command read: what follows describes a config it does not run (`--config {}` reports on its own)",
+            safe(&d.config),
+            safe(&config.source),
+            safe(&d.config)
+        );
+    } else if d.config_changed {
+        println!(
+            "config: {} has changed since the daemon loaded it: this report reads the file as it is now; `relay check`, then `systemctl reload relay`, applies it",
+            safe(&config.source)
+        );
+    }
 }
