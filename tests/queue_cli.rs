@@ -205,6 +205,14 @@ async fn delete_and_retry_refuse_a_message_being_delivered() {
     let id = send(d.addr, &TO[..1], b"in flight").await;
     // The upstream has the whole message and has not answered yet.
     upstream.next().await;
+    // Listed as being sent, not as due "now".
+    let list = ok(&cfg, &["queue", "list"]);
+    let row = list.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(row.contains("sending now"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&cfg, &["queue", "list", "--json"])).unwrap();
+    assert_eq!(json[0]["sending"], true, "{json}");
+    assert!(ok(&cfg, &["queue", "show", &id]).contains("next try:    being sent now"));
     let out = relay(&cfg, &["queue", "delete", &id]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);

@@ -6,6 +6,7 @@
 //! Messages in `dead/` are part of what this shows and acts on: a sysadmin lists, shows and deletes them as queued
 //! ones, and `requeue` moves one back into `queue/` for a fresh attempt.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,8 @@ pub struct QueueEntry {
         skip_serializing_if = "Option::is_none"
     )]
     pub held_until: Option<SystemTime>,
+    /// A delivery attempt holds it right now: its next try and last error are from before this attempt.
+    pub sending: bool,
 }
 
 /// The queue as seen from the state dir.
@@ -171,9 +174,14 @@ impl QueueStore {
     ) -> Result<usize, E> {
         let dir = self.dir(order.place);
         let mut unreadable = order.unreadable;
+        let locked = match order.place {
+            Place::Queued => locked_files(),
+            Place::Dead => HashSet::new(),
+        };
         for (_, id) in order.ids {
-            match read_sealed(&msg_path(dir, id)) {
-                Ok(Some(m)) => seen(self.with_state(m, order.place))?,
+            let path = msg_path(dir, id);
+            match read_sealed(&path) {
+                Ok(Some(m)) => seen(self.with_state(m, order.place, is_locked(&locked, &path)))?,
                 Ok(None) => {}
                 Err(_) => unreadable += 1,
             }
@@ -185,12 +193,15 @@ impl QueueStore {
     pub fn entry(&self, id: QueueId) -> Result<QueueEntry, StoreError> {
         // queue/ before dead/, the way the daemon moves messages: one moved meanwhile is still found.
         match self.get(id) {
-            Ok(m) => return Ok(self.with_state(m, Place::Queued)),
+            Ok(m) => {
+                let sending = is_locked(&locked_files(), &m.path);
+                return Ok(self.with_state(m, Place::Queued, sending));
+            }
             Err(StoreError::NotFound(_) | StoreError::NoStateDir { .. }) => {}
             Err(e) => return Err(e),
         }
         match read_sealed(&msg_path(&self.paths.dead, id))? {
-            Some(m) => Ok(self.with_state(m, Place::Dead)),
+            Some(m) => Ok(self.with_state(m, Place::Dead, false)),
             None => Err(self.not_found(id)),
         }
     }
@@ -202,7 +213,7 @@ impl QueueStore {
         }
     }
 
-    fn with_state(&self, message: QueuedMessage, place: Place) -> QueueEntry {
+    fn with_state(&self, message: QueuedMessage, place: Place, sending: bool) -> QueueEntry {
         let state = read_state(self.dir(place), message.envelope.id);
         QueueEntry {
             message,
@@ -219,6 +230,7 @@ impl QueueStore {
                 Place::Queued => state.held_until.filter(|t| *t > SystemTime::now()),
                 Place::Dead => None,
             },
+            sending,
         }
     }
 
@@ -359,6 +371,35 @@ impl QueueStore {
         let _ = fs::remove_file(state_path(&self.paths.dead, id));
         sync_dir(&self.paths.dead)
     }
+}
+
+/// Files under a `flock` of any process, as (device, inode), from `/proc/locks`: a delivery attempt holds its
+/// message's lock for its whole length (`delivery.rs`), so this tells a message being sent. Read, not tried: a
+/// lock this command took, even for an instant, would make an attempt starting then put the message off. Empty
+/// where `/proc/locks` cannot be read: nothing is marked then.
+fn locked_files() -> HashSet<(u64, u64)> {
+    fs::read_to_string("/proc/locks")
+        .map(|text| text.lines().filter_map(flock_of).collect())
+        .unwrap_or_default()
+}
+
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF` → (device, inode); a waiter's line (`1: -> FLOCK …`)
+/// and POSIX locks are not attempts' locks.
+fn flock_of(line: &str) -> Option<(u64, u64)> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.get(1) != Some(&"FLOCK") {
+        return None;
+    }
+    let mut id = fields.get(5)?.split(':');
+    let major = u32::from_str_radix(id.next()?, 16).ok()?;
+    let minor = u32::from_str_radix(id.next()?, 16).ok()?;
+    let inode = id.next()?.parse().ok()?;
+    Some((libc::makedev(major, minor), inode))
+}
+
+fn is_locked(locked: &HashSet<(u64, u64)>, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    !locked.is_empty() && fs::metadata(path).is_ok_and(|m| locked.contains(&(m.dev(), m.ino())))
 }
 
 /// Takes a message file's lock, which a delivery attempt holds for its whole length (`delivery.rs`).
@@ -560,6 +601,44 @@ mod tests {
         drop(attempt);
         store.requeue(dead).unwrap();
         assert!(msg_path(&paths.queue, dead).exists());
+    }
+
+    #[test]
+    fn a_message_an_attempt_holds_is_listed_as_being_sent() {
+        let (_dir, store) = store();
+        let paths = store.paths().clone();
+        let id = write_message(&paths.queue, &["a@x"]);
+        let other = write_message(&paths.queue, &["b@x"]);
+        let attempt = File::open(msg_path(&paths.queue, id)).unwrap();
+        attempt.try_lock().unwrap();
+        let (entries, _) = store.entries(Place::Queued).unwrap();
+        let sending = |i| {
+            entries
+                .iter()
+                .find(|e| e.message.envelope.id == i)
+                .unwrap()
+                .sending
+        };
+        assert!(sending(id) && !sending(other));
+        assert!(store.entry(id).unwrap().sending);
+        drop(attempt);
+        assert!(!store.entry(id).unwrap().sending);
+    }
+
+    #[test]
+    fn proc_locks_lines_are_read_as_flocks_only() {
+        let dev = libc::makedev(0xfd, 0x01);
+        assert_eq!(
+            flock_of("1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF"),
+            Some((dev, 1234567))
+        );
+        assert_eq!(
+            flock_of("1: -> FLOCK  ADVISORY  WRITE 4243 fd:01:1234567 0 EOF"),
+            None
+        );
+        assert_eq!(flock_of("2: POSIX  ADVISORY  WRITE 99 fd:01:7 0 EOF"), None);
+        assert_eq!(flock_of("3: FLOCK  ADVISORY  WRITE 1 garbage 0 EOF"), None);
+        assert_eq!(flock_of(""), None);
     }
 
     #[test]

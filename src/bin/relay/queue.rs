@@ -144,6 +144,10 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             writeln!(out, "attempts:    {}", entry.attempts)?;
             match (entry.state, entry.next_attempt) {
                 (Place::Dead, _) => writeln!(out, "next try:    none (dead)")?,
+                (Place::Queued, _) if entry.sending => writeln!(
+                    out,
+                    "next try:    being sent now (a delivery attempt holds it; the attempts and last error below are from before it)"
+                )?,
                 (Place::Queued, Some(t)) => writeln!(
                     out,
                     "next try:    {} ({})",
@@ -266,6 +270,7 @@ fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
         m.size,
         entry.attempts,
         match (entry.state, entry.held_until) {
+            (Place::Queued, _) if entry.sending => "sending now".into(),
             (Place::Queued, Some(until)) => format!("held, {}", next_try(Some(until))),
             (Place::Queued, None) => next_try(entry.next_attempt),
             (Place::Dead, _) => "dead".into(),
