@@ -460,3 +460,79 @@ async fn a_message_refused_for_itself_leaves_its_account_ok() {
     assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A device's login leaked and the queue filled with spam: `relay queue delete --all` with `--user` or `--from`
+/// removes those messages and no other; several ids at once are each said, and one that is not there fails the
+/// command without stopping the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_purges_by_login_or_sender_and_takes_several_ids() {
+    use base64::Engine;
+    // No account: mail is queued and stays there.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"optional\"\nplaintext_auth = true\n",
+    );
+    let d = Daemon::spawn(&cfg);
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0printer\0{PASSWORD}"));
+    let queue = |login: bool, from: &'static str| {
+        let plain = plain.clone();
+        let addr = d.addr;
+        async move {
+            let mut c = RawClient::ready(addr).await;
+            if login {
+                c.cmd(&format!("AUTH PLAIN {plain}"), 235).await;
+            }
+            c.cmd(&format!("MAIL FROM:<{from}>"), 250).await;
+            c.cmd("RCPT TO:<a@example.com>", 250).await;
+            c.cmd("DATA", 354).await;
+            c.send(b"Subject: x\r\n\r\nhello\r\n.\r\n").await;
+            let reply = c.expect(250).await;
+            c.cmd("QUIT", 221).await;
+            reply.trim_end().rsplit(' ').next().unwrap().to_string()
+        }
+    };
+    for _ in 0..3 {
+        queue(true, "spam@forged.test").await;
+    }
+    let spam_unauthenticated = queue(false, "SPAM@forged.test").await;
+    let kept: Vec<String> = [
+        queue(false, "scanner@lan.test").await,
+        queue(false, "").await,
+    ]
+    .into_iter()
+    .collect();
+
+    let out = relay(&cfg, &["queue", "delete", "--from", "spam@forged.test"]);
+    assert_eq!(out.status.code(), Some(1), "--from needs --all or --dead");
+    assert!(text(&out.stderr).contains("--all"), "{out:?}");
+    let out = ok(&cfg, &["queue", "delete", "--all", "--user", "printer"]);
+    assert_eq!(out.trim(), "deleted 3 queued message(s)");
+    let out = ok(
+        &cfg,
+        &["queue", "delete", "--all", "--from", "Spam@Forged.test"],
+    );
+    assert_eq!(out.trim(), "deleted 1 queued message(s)");
+    let list = ok(&cfg, &["queue", "list"]);
+    assert!(!list.contains(&spam_unauthenticated), "{list}");
+    assert!(kept.iter().all(|id| list.contains(id)), "{list}");
+    assert_eq!(
+        files_in(&dir.path().join("state"), "queue").len(),
+        2,
+        "{list}"
+    );
+
+    let missing = "0".repeat(32);
+    let out = relay(&cfg, &["queue", "delete", &kept[0], &missing, &kept[1]]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stdout),
+        format!("deleted {}\ndeleted {}\n", kept[0], kept[1])
+    );
+    assert!(
+        text(&out.stderr).contains(&format!("no message {missing}")),
+        "{out:?}"
+    );
+    assert!(ok(&cfg, &["queue", "list"]).contains("queue is empty"));
+    assert_eq!(d.terminate().code(), Some(0));
+}

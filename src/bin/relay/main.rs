@@ -91,10 +91,23 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete one message, queued or dead, for good
+    /// Delete messages, queued or dead, for good: by id, or every queued (--all) or dead (--dead) one, those
+    /// of one sender (--from) or one login (--user) only if asked. A message being sent at that moment is left
     Delete {
-        /// A queue id, as `relay queue list` prints it
-        id: String,
+        /// Queue ids, as `relay queue list` prints them
+        ids: Vec<String>,
+        /// Every queued message (dead ones stay unless --dead is given too)
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Every dead message (failed for good, in dead/)
+        #[arg(long, conflicts_with = "ids")]
+        dead: bool,
+        /// With --all or --dead: only messages with this envelope sender (`<>` for bounces); case does not matter
+        #[arg(long, conflicts_with = "ids")]
+        from: Option<String>,
+        /// With --all or --dead: only messages from clients logged in as this [[user]]
+        #[arg(long, conflicts_with = "ids")]
+        user: Option<String>,
     },
     /// Try a message now: a queued one at once; a dead one is moved back to the queue for a fresh attempt
     /// (attempts reset, the recipients it already reached kept). Any retry also ends every pause a provider

@@ -207,14 +207,81 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             note_missing();
             Ok(ExitCode::SUCCESS)
         }
-        QueueCommand::Delete { id } => {
-            let id = QueueStore::parse_id(&id)?;
-            match store.delete(id)? {
-                Place::Queued => println!("deleted {id}"),
-                Place::Dead => println!("deleted {id} (from dead/)"),
+        QueueCommand::Delete {
+            ids,
+            all,
+            dead,
+            from,
+            user,
+        } => {
+            if !ids.is_empty() {
+                return delete_ids(&store, &ids);
+            }
+            if !all && !dead {
+                anyhow::bail!(
+                    "say which messages: their ids (relay queue delete ID…), --all (every queued one) or --dead (every dead one), with --from or --user to choose among them"
+                );
+            }
+            // `<>` (or nothing) is the null sender of bounces, stored as an empty address.
+            let from = from.map(|f| f.trim_matches(['<', '>']).to_lowercase());
+            let matches = |e: &relay::queue::Envelope| {
+                from.as_ref().is_none_or(|f| e.sender.to_lowercase() == *f)
+                    && user.as_ref().is_none_or(|u| e.user.as_ref() == Some(u))
+            };
+            let mut busy = 0;
+            for (place, asked, what) in
+                [(Place::Queued, all, "queued"), (Place::Dead, dead, "dead")]
+            {
+                if !asked {
+                    continue;
+                }
+                let done = store.delete_where(place, matches)?;
+                println!("deleted {} {what} message(s)", done.deleted);
+                if done.unreadable > 0 {
+                    eprintln!(
+                        "relay: note: {} file(s) in {} cannot be read as messages and were left",
+                        done.unreadable,
+                        store.dir(place).display()
+                    );
+                }
+                busy += done.busy;
+            }
+            note_missing();
+            if busy > 0 {
+                eprintln!(
+                    "relay: {busy} message(s) in a delivery attempt right now were left: if the upstream takes them, they leave the queue by themselves; run the command again in a moment for the others"
+                );
+                return Ok(ExitCode::from(1));
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `relay queue delete ID…`: each said, and the command fails if one could not be deleted (not there, being
+/// sent), after trying the others.
+fn delete_ids(store: &QueueStore, ids: &[String]) -> Result<ExitCode> {
+    let mut failed = false;
+    for id in ids {
+        match QueueStore::parse_id(id).and_then(|id| store.delete(id).map(|p| (id, p))) {
+            Ok((id, place)) => print_deleted(id, place),
+            Err(e) => {
+                eprintln!("relay: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_deleted(id: relay::queue::QueueId, place: Place) {
+    match place {
+        Place::Queued => println!("deleted {id}"),
+        Place::Dead => println!("deleted {id} (from dead/)"),
     }
 }
 
