@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod oauth;
 pub mod observers;
+pub mod open_files;
 pub mod probe;
 pub mod queue;
 pub mod reload;

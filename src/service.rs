@@ -31,8 +31,13 @@ where
     L: Fn() -> Result<Config, ConfigError> + Send + Sync + 'static,
 {
     tracing::info!(config = %config.source, state_dir = %config.state_dir.display(), "starting");
+    match crate::open_files::raise() {
+        Ok((now, Some(was))) => tracing::debug!("open-file limit raised from {was} to {now}"),
+        Ok((_, None)) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let mut warned = Warned::default();
-    warned.log(config.warnings());
+    warned.log(daemon_warnings(&config));
     // Installed before READY=1: from then on systemd may send SIGHUP, whose default action would end relay.
     let signals = Signals::install();
     let relay = Relay::start(&config).await?;
@@ -135,6 +140,14 @@ impl Signals {
     }
 }
 
+/// The config's warnings, and those only the daemon can judge (its own open-file limit, which a shell's
+/// `relay check` does not share).
+fn daemon_warnings(config: &Config) -> Vec<crate::config::Warning> {
+    let mut warnings = config.warnings();
+    warnings.extend(crate::open_files::warning(config));
+    warnings
+}
+
 /// How the config is read again on SIGHUP, and what is remembered of the loads before.
 struct Loads<L> {
     load: Arc<L>,
@@ -191,7 +204,7 @@ where
     // The warnings read files (a listener's certificate dates): off the runtime's threads, with the load.
     let loaded = tokio::task::spawn_blocking(move || {
         load().map(|config| {
-            let warnings = config.warnings();
+            let warnings = daemon_warnings(&config);
             (config, warnings)
         })
     });

@@ -947,3 +947,55 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
         "{log:#?}"
     );
 }
+
+/// systemd's soft limit of 1024 open files is too few for listeners at their default connections (two
+/// descriptors a session while a message arrives): relay raises its soft limit to the hard one, and says so when
+/// even that is below what its max_connections may need.
+#[test]
+fn the_open_file_limit_is_raised_and_a_too_low_one_is_said() {
+    use std::os::unix::process::CommandExt;
+    let run = |soft: u64, hard: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &listener_on(0));
+        let mut cmd = Command::new(relay_bin());
+        cmd.args(["serve", "--config"]).arg(&config);
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let daemon = Daemon::start(cmd);
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+        let open_files = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .map(|n| n.parse::<u64>().unwrap())
+            .collect::<Vec<_>>();
+        let log = daemon.terminate_with_log();
+        (open_files, log, dir)
+    };
+    // The default listener's 200 sessions may need 656 (two each, and a reserve).
+    let (limits, log, _dir) = run(64, 512);
+    assert_eq!(limits, [512, 512]);
+    assert!(
+        log.iter().any(|l| l.contains("WARN")
+            && l.contains("may need 656 open files at once, above this process's limit of 512")
+            && l.contains("LimitNOFILE=")),
+        "{log:#?}"
+    );
+    let (limits, log, _dir) = run(64, 4096);
+    assert_eq!(limits, [4096, 4096]);
+    assert!(!log.iter().any(|l| l.contains("open files")), "{log:#?}");
+}
