@@ -821,3 +821,43 @@ async fn a_legacy_port_does_not_log_hang_ups_as_failed_handshakes() {
         "only the plain client's line, already matched: {all:#?}"
     );
 }
+
+/// Out of descriptors (the open-file limit reached by held connections), accept() fails at every try: logged
+/// once with what to do, the rest counted, not a line every 100 ms; connections wait in the kernel's queue and
+/// are served once sessions end.
+#[test]
+fn out_of_descriptors_accept_failures_are_logged_once_and_service_resumes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"\n");
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"]).arg(&config);
+    // About fifteen descriptors are the daemon's own: a few more than that for sessions.
+    open_file_limit(&mut cmd, 32, 32);
+    let mut daemon = Daemon::start(cmd);
+    let addr = daemon.addr;
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(LIMIT)).unwrap();
+        tcp
+    };
+    // More than the limit leaves room for: the later ones are accepted only once descriptors are free.
+    let held: Vec<std::net::TcpStream> = (0..40).map(|_| connect()).collect();
+    let first = daemon.wait_log("accept failed");
+    assert!(
+        first.contains("Too many open files") && first.contains("LimitNOFILE="),
+        "{first}"
+    );
+    daemon.wait_log("more accepts failed; for the rest of the minute they are counted");
+    // Every session ends: the waiting connections are accepted and greeted.
+    drop(held);
+    let mut late = connect();
+    let mut greeting = [0u8; 3];
+    late.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"220");
+    let log = daemon.terminate_with_log();
+    assert!(
+        !log.iter().any(|l| l.contains("accept failed")),
+        "one line, then counted: {log:#?}"
+    );
+}

@@ -953,25 +953,12 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
 /// even that is below what its max_connections may need.
 #[test]
 fn the_open_file_limit_is_raised_and_a_too_low_one_is_said() {
-    use std::os::unix::process::CommandExt;
     let run = |soft: u64, hard: u64| {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path(), &listener_on(0));
         let mut cmd = Command::new(relay_bin());
         cmd.args(["serve", "--config"]).arg(&config);
-        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        open_file_limit(&mut cmd, soft, hard);
         let daemon = Daemon::start(cmd);
         let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
         let open_files = limits

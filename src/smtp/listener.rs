@@ -38,6 +38,7 @@ pub struct Listener {
     refusing: Arc<Semaphore>,
     lingering: Arc<Semaphore>,
     refusals_logged: Mutex<LogBudget>,
+    accept_errors_logged: Mutex<LogBudget>,
     /// Failed TLS handshakes are logged by their sessions, within this budget.
     session_budgets: Arc<SessionBudgets>,
 }
@@ -109,6 +110,10 @@ impl Listener {
                 Counted::RefusedConnections,
                 std::time::Instant::now(),
             )),
+            accept_errors_logged: Mutex::new(LogBudget::new(
+                Counted::AcceptErrors,
+                std::time::Instant::now(),
+            )),
             session_budgets: Arc::new(SessionBudgets::new()),
         };
         let control = ListenerControl {
@@ -154,9 +159,17 @@ impl Listener {
                     self.admit(&admission, tcp, peer, &sessions);
                 }
                 Err(e) => {
-                    // EMFILE and friends: log and go on after a pause (the error repeats at once until a
-                    // descriptor is free, and retrying in a tight loop would take a core).
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: log (within a budget: it fails again at every try until a descriptor
+                    // is free) and go on after a pause (retrying in a tight loop would take a core).
+                    let listener = self.admission.borrow().ctx.cfg.address;
+                    if super::log_budget::may_log(&self.accept_errors_logged, listener) {
+                        let hint = if e.raw_os_error() == Some(libc::EMFILE) {
+                            "; the process's open-file limit is reached: new connections wait in the kernel's queue until a session ends (raise LimitNOFILE= in the unit, or lower max_connections)"
+                        } else {
+                            ""
+                        };
+                        tracing::warn!(relay_event = "accept_failed", error = %e, listener = %listener, "accept failed{hint}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -16,6 +16,8 @@ pub(crate) enum Counted {
     /// device whose mail never arrives is found by them.
     RefusedCommands,
     Evictions,
+    /// accept() failing: out of descriptors (EMFILE) it fails again every time the loop tries, ten times a second.
+    AcceptErrors,
 }
 
 impl Counted {
@@ -28,6 +30,7 @@ impl Counted {
                 "evicted",
                 "idle connections closed to make room for new clients",
             ),
+            Counted::AcceptErrors => ("accept_failed", "accepts failed"),
         }
     }
 
@@ -35,6 +38,7 @@ impl Counted {
     fn per_minute(self) -> u32 {
         match self {
             Counted::RefusedCommands => 100,
+            Counted::AcceptErrors => 1,
             _ => 10,
         }
     }

@@ -780,3 +780,21 @@ pub fn proc_kib(pid: u32, field: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap()
 }
+
+/// Starts `cmd` with this open-file limit (`ulimit -n`, as a unit's `LimitNOFILE=soft:hard` gives it).
+pub fn open_file_limit(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
