@@ -677,3 +677,52 @@ async fn a_non_ascii_address_is_bounced_at_once_though_the_others_are_refused_fo
     assert_eq!(upstream.next().await.to, [TO[0]]);
     assert!(drain(&mut upstream).is_empty(), "one copy each");
 }
+
+/// A state file that cannot be read just now (here its permissions; out of descriptors, an I/O error) is not
+/// taken for "never tried": the message, already taken for `a`, waits instead of going to `a` again, and once
+/// its state reads it goes to the recipient still owed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_that_cannot_be_read_holds_the_message_instead_of_sending_it_again() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    upstream.answer_rcpt(TO[1], "450 4.2.1 mailbox busy, try later");
+    let (dir, mut d, _idp) = daemon(&upstream, "").await;
+    let id = send(d.addr, &TO[..2]).await;
+    assert_eq!(upstream.next().await.to, [TO[0]]);
+    d.wait_log("relay_event=\"deferred\"");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    let state = dir.path().join("state/queue").join(format!("{id}.state"));
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let config = dir.path().join("relay.toml");
+    // Root reads any file: the daemon runs without the capabilities that let it (as the service's own user would
+    // find a file root left it unable to read).
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
+            .arg(relay_bin());
+        c
+    } else {
+        std::process::Command::new(relay_bin())
+    };
+    cmd.args(["serve", "--config"]).arg(&config);
+    let mut d = Daemon::start(cmd);
+    let line = d.wait_log("cannot read the message's delivery state");
+    assert!(line.contains(&id) && line.contains("WARN"), "{line}");
+    assert!(
+        drain(&mut upstream).is_empty(),
+        "sent again to the recipient it had reached"
+    );
+
+    // Readable again, and made due.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
+    saved["next_attempt"] = serde_json::Value::Null;
+    std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    queue_retry(&config, &id);
+    assert_eq!(upstream.next().await.to, [TO[1]]);
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert_eq!(d.terminate().code(), Some(0));
+}

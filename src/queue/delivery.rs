@@ -29,7 +29,7 @@ use super::route::{Addressing, Routing};
 use super::seeking::Seekers;
 pub use super::seeking::Seeking;
 use super::spool::quarantine;
-use super::state::{DeliveryState, KeptUpload, read_state, write_state};
+use super::state::{DeliveryState, KeptUpload, try_read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
@@ -259,6 +259,10 @@ const READ_INLINE: u64 = 16 << 10;
 /// When a message that could not be looked at now (still arriving, an attempt that failed oddly, a wait with no
 /// end of its own) comes up again.
 const RECHECK: Duration = Duration::from_secs(30);
+
+/// When a message whose state file cannot be read is looked at again: longer than [`RECHECK`], since each look
+/// logs a warning (a state dir whose files root made unreadable would otherwise write one per message every 30 s).
+const STATE_RECHECK: Duration = Duration::from_secs(300);
 
 /// A hold by a sending limit longer than this is written into the message's state for `relay queue` and `relay
 /// status` (a per-minute limit's seconds are not worth a write per message).
@@ -791,17 +795,19 @@ impl Delivery {
             // Counted as a failed attempt, so that it follows the retry schedule (and is said in the log each time).
             Err(e @ FileError::Io { .. }) => {
                 let why = format!("cannot read the queue file: {e}");
-                let mut state = read_state(&self.paths.queue, id);
+                let state = self.state_to_update(id);
                 // Never readable (a directory by that name, a file root made unreadable to relay's user): it
                 // expires like any other message, into dead/ with the reason, instead of being tried for ever.
-                if id
-                    .created_at()
-                    .checked_add(self.queue.max_age)
-                    .is_some_and(|end| end < now)
-                {
+                if self.past_max_age(id, now) {
                     seeking.chosen();
-                    return self.clone().expire(id, state, why).await;
+                    return self
+                        .clone()
+                        .expire(id, state.unwrap_or_default(), why)
+                        .await;
                 }
+                let Ok(mut state) = state else {
+                    return Attempted::later(now + STATE_RECHECK);
+                };
                 seeking.chosen();
                 return self
                     .clone()
@@ -843,9 +849,17 @@ impl Delivery {
         {
             return Attempted::Done { account: None };
         }
+        let mut state = match self.state_to_update(id) {
+            Ok(state) => state,
+            // As a queue file that cannot be read: past max_age, into dead/ with the reason.
+            Err(why) if self.past_max_age(id, now) => {
+                seeking.chosen();
+                return self.clone().expire(id, DeliveryState::default(), why).await;
+            }
+            Err(_) => return Attempted::later(now + STATE_RECHECK),
+        };
         let opened = Arc::new(opened);
         let locked = opened.clone();
-        let mut state = read_state(&self.paths.queue, id);
         if let Some(kept) = lock(&self.unrecorded).get(&id) {
             for r in &kept.finished {
                 if !state.finished.contains(r) {
@@ -1692,8 +1706,44 @@ impl Delivery {
         if !msg_path(&self.paths.queue, id).exists() || self.already_delivered(id) {
             return Attempted::Done { account: None };
         }
-        let mut state = read_state(&self.paths.queue, id);
+        let Ok(mut state) = self.state_to_update(id) else {
+            return Attempted::later(SystemTime::now() + STATE_RECHECK);
+        };
         self.defer(id, &mut state, why, None)
+    }
+
+    /// The message's delivery state, for an attempt that writes it back. A state file that is there but cannot
+    /// be read just now (out of descriptors, an I/O error, its permissions) is not taken for "never tried":
+    /// written back so, the recipients already reached would be forgotten, and sent the message again. `None`
+    /// then (the reason), and the message waits. A damaged one (not JSON, or not a file) never reads, so the
+    /// message goes as on its first attempt, said in the log.
+    fn state_to_update(&self, id: QueueId) -> Result<DeliveryState, String> {
+        match try_read_state(&self.paths.queue, id) {
+            Ok(state) => Ok(state.unwrap_or_default()),
+            // Damaged, or not a file (a directory or FIFO in its place): it never reads, so the message goes to every
+            // recipient again (a duplicate for some, never a loss).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                ) =>
+            {
+                tracing::error!(relay_queue_id = %id, error = %e, "the message's delivery state cannot be read as one; it is sent as on its first attempt, so recipients it already reached may get it twice");
+                Ok(DeliveryState::default())
+            }
+            Err(e) => {
+                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state, which names the recipients it already reached; it waits, and is looked at again in 5 minutes");
+                Err(format!("cannot read its delivery state: {e}"))
+            }
+        }
+    }
+
+    /// Whether `id` has been queued longer than `max_age` (by its id's time: for a message whose state, which
+    /// may say it was moved back from dead/ since, cannot be read).
+    fn past_max_age(&self, id: QueueId, now: SystemTime) -> bool {
+        id.created_at()
+            .checked_add(self.queue.max_age)
+            .is_some_and(|end| end < now)
     }
 
     /// The diagnosis of `why`, fitted to the account's files.
@@ -2089,6 +2139,7 @@ fn open_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::state::read_state;
 
     #[test]
     fn too_many_recipients_is_told_from_a_full_mailbox() {

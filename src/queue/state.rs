@@ -158,9 +158,10 @@ fn capped(text: &str, max: usize) -> &str {
 pub fn read_state(dir: &Path, id: QueueId) -> DeliveryState {
     match try_read_state(dir, id) {
         Ok(state) => state.unwrap_or_default(),
+        // For a look at the message (when it is due, what `relay queue list` shows). An attempt, which writes
+        // the state back, reads it through `try_read_state` and says what it does (`delivery.rs`).
         Err(e) => {
-            // Read as no state: the message goes to every recipient again (a duplicate for some, never a loss).
-            tracing::error!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state; it is sent as on its first attempt");
+            tracing::debug!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state; taken as never tried");
             DeliveryState::default()
         }
     }
