@@ -187,10 +187,12 @@ pub fn refused_for_itself(reply: &str) -> bool {
     let codes = reply.split_once(": ").map_or(reply, |(codes, _)| codes);
     let words = |w: &str| codes.split(' ').any(|c| c == w);
     if (reply.starts_with("Graph ")
-        && (words("ErrorInvalidRecipients") || words("ErrorMessageSizeExceeded") || words("413")))
+        && (words("ErrorInvalidRecipients")
+            || words("ErrorMessageSizeExceeded")
+            || (words("413") && !words("ErrorQuotaExceeded"))))
         || (reply.starts_with("Gmail API 400 ") && words("invalidArgument"))
         // relay's own refusal of a message over the API's size limit
-        || ["Graph: the message is ", "Graph: even without its attachments", "Gmail API: the message is "]
+        || ["Graph: the message is ", "Graph: without the attachments relay can upload", "Gmail API: the message is "]
             .iter()
             .any(|p| reply.starts_with(p))
     {

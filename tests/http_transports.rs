@@ -499,6 +499,17 @@ async fn graph_account_refusals_wait_message_refusals_go_to_dead_and_401_refresh
             "ErrorMessageSubmissionBlocked",
             "Cannot send mail. The sender is restricted from sending.",
         ),
+        // The sending mailbox full (Sent Items fill it): not the message's size, whatever the status says.
+        graph_error(
+            413,
+            "ErrorQuotaExceeded",
+            "The process failed to get the correct properties. Mailbox has exceeded maximum mailbox size.",
+        ),
+        graph_error(
+            403,
+            "Authorization_RequestDenied",
+            "Insufficient privileges to complete the operation.",
+        ),
     ]);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test"], msg).await;
@@ -524,6 +535,23 @@ async fn graph_account_refusals_wait_message_refusals_go_to_dead_and_401_refresh
         &[
             "Graph 403 ErrorMessageSubmissionBlocked",
             "Restricted entities",
+            account,
+        ],
+    );
+    deferred_saying(
+        &mut d,
+        &[
+            "Graph 413 ErrorQuotaExceeded",
+            "over its storage quota",
+            "save_to_sent_items = false",
+            account,
+        ],
+    );
+    deferred_saying(
+        &mut d,
+        &[
+            "Graph 403 Authorization_RequestDenied",
+            "Mail.Send",
             account,
         ],
     );
@@ -638,6 +666,11 @@ async fn replies_that_say_nothing_about_the_message_defer_it() {
             .insert_header("Location", "https://login.example/portal?ticket=T0P"),
         ResponseTemplate::new(407).set_body_string(portal),
         ResponseTemplate::new(460),
+        graph_error(
+            409,
+            "ErrorIrresolvableConflict",
+            "The send or update operation could not be performed because the change key passed in the request does not match the current change key for the item.",
+        ),
     ]);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test"], msg).await;
@@ -656,6 +689,13 @@ async fn replies_that_say_nothing_about_the_message_defer_it() {
     assert!(!line.contains("T0P"), "{line}");
     deferred_saying(&mut d, &["Graph 407", "wants credentials"]);
     deferred_saying(&mut d, &["Graph 460", "does not define"]);
+    deferred_saying(
+        &mut d,
+        &[
+            "Graph 409 ErrorIrresolvableConflict",
+            "a conflict with the state",
+        ],
+    );
     let sent = api.sent(1).await;
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);
     d.wait_log("relay_event=\"delivered\"");

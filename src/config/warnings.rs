@@ -1,7 +1,7 @@
 //! What a config may say but a sysadmin probably did not mean: `relay check` prints these, and `relay serve`
 //! logs them at start. None of them stops relay.
 
-use super::{AuthPolicy, Config, Flow, ListenerTls, TlsCompat};
+use super::{AuthPolicy, Config, Flow, ListenerTls, RewriteFrom, TlsCompat, Transport};
 
 /// One warning: the key it is about, and what to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,18 @@ impl Config {
             warn(
                 format!("account {}", a.name),
                 "flow = \"password\" stops working as soon as the mailbox needs MFA or a Conditional Access policy applies, and Microsoft is retiring it; prefer device_code, authorization_code or client_credentials".into(),
+            );
+        }
+        // Graph takes no envelope sender: the message goes with its own From:, which Exchange refuses
+        // (ErrorSendAsDenied) unless it is the mailbox or one it may send as.
+        for a in self
+            .accounts
+            .iter()
+            .filter(|a| a.transport == Transport::Graph && a.rewrite_from == RewriteFrom::Envelope)
+        {
+            warn(
+                format!("account {}.rewrite_from", a.name),
+                "transport = \"graph\" has no envelope sender, so rewrite_from = \"envelope\" (the default) changes nothing: mail goes with the device's own From:, which Exchange refuses (ErrorSendAsDenied) unless the mailbox may send as it; set rewrite_from = \"header\" to send as the mailbox (the device's address kept in Reply-To), or \"none\" if the devices already use the mailbox's address".into(),
             );
         }
         for (i, l) in self.listeners.iter().enumerate() {
@@ -211,6 +223,31 @@ mod tests {
             "[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\nallow = [\"0.0.0.0/0\"]\n",
         );
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_graph_account_rewriting_only_the_envelope_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = |rewrite: &str| {
+            format!(
+                "state_dir = {:?}\n[[listener]]\naddress = \"127.0.0.1:25\"\nauth = \"none\"\n[[account]]\nname = \"o\"\nprovider = \"microsoft\"\nflow = \"client_credentials\"\ntransport = \"graph\"\nmailbox = \"box@example.com\"\ntenant = \"t.onmicrosoft.com\"\nclient_id = \"c\"\nclient_secret_file = {secret:?}\n{rewrite}",
+                dir.path()
+            )
+        };
+        let w = keys(&config(""));
+        assert!(
+            w.iter()
+                .any(|(k, t)| k == "account o.rewrite_from" && t.contains("ErrorSendAsDenied")),
+            "{w:?}"
+        );
+        for quiet in ["rewrite_from = \"header\"\n", "rewrite_from = \"none\"\n"] {
+            let w = keys(&config(quiet));
+            assert!(!w.iter().any(|(k, _)| k.contains("rewrite_from")), "{w:?}");
+        }
     }
 
     #[test]

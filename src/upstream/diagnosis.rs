@@ -193,7 +193,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         code: "554 5.2.252 SendAsDenied",
         cause: "the mailbox may not send as the sender address the device used",
-        fix: "set rewrite_from = \"envelope\" or \"header\" on the account so mail goes as the mailbox, or give the mailbox Send As rights for that address (Exchange admin center > Recipients > Mailboxes > Delegation, or `Add-RecipientPermission`)",
+        fix: "set rewrite_from = \"header\" on the account so mail goes as the mailbox (the default, \"envelope\", changes only MAIL FROM, which Graph does not even have, and Exchange Online checks the From: header; \"header\" rewrites both and keeps the device's address in Reply-To), or give the mailbox Send As rights for that address (Exchange admin center > Recipients > Mailboxes > Delegation, or `Add-RecipientPermission`)",
         matches: &[&["5.2.252"], &["sendasdenied"]],
     },
     Diagnosis {

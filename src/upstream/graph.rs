@@ -92,7 +92,8 @@ impl GraphUpstream {
             Ok(Ok(parts)) => parts,
             Ok(Err(kept)) => {
                 return Outcome::Permanent(format!(
-                    "Graph: even without its attachments the message is {kept} bytes, over Graph's 4 MB request limit"
+                    "Graph: without the attachments relay can upload on their own (base64, 7bit, 8bit or binary parts), the message is {kept} bytes, {} as base64, over Graph's 4 MB request limit: its body (or a quoted-printable attachment) is too large for Graph; such mail goes through SMTP or the Gmail API",
+                    base64_len(kept)
                 ));
             }
             Err(e) => return unreadable(e),
@@ -128,6 +129,9 @@ impl GraphUpstream {
         }
         .await;
         match sent {
+            Ok(()) if cut.is_empty() => Outcome::Delivered(
+                "Graph 202 Accepted (a draft, its recipients set from the envelope)".into(),
+            ),
             Ok(()) => Outcome::Delivered(format!(
                 "Graph 202 Accepted (draft with {} attachment(s) added separately)",
                 cut.len()
@@ -506,6 +510,13 @@ fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
             "the mailbox is not an Exchange Online mailbox Graph can send from (no licence, on-premises, or a wrong `mailbox`)",
             Fault::Account,
         )
+    } else if has("ErrorQuotaExceeded") {
+        // The sending mailbox's storage (Exchange: "Mailbox has exceeded maximum mailbox size"), which the copies in
+        // Sent Items fill: every message would be refused, none is at fault. Before 413, the status it may come with.
+        (
+            "the sending mailbox is over its storage quota: free space in it (Sent Items, Deleted Items), raise its quota, or set save_to_sent_items = false for this account; mail waits until then",
+            Fault::Account,
+        )
     } else if has("ErrorMessageSizeExceeded") || status == 413 {
         (
             "the message is larger than the mailbox's size limit",
@@ -516,6 +527,13 @@ fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
     } else if has("InvalidAuthenticationToken") {
         (
             "the token was refused: it may be for the wrong resource (Graph needs https://graph.microsoft.com scopes)",
+            Fault::Account,
+        )
+    } else if status == 403 {
+        // Forbidden with a code not above (`Authorization_RequestDenied`, a policy's own): what the app or the
+        // mailbox may do, the same for every message, as the Gmail API's unknown 403s are taken.
+        (
+            "Graph forbids this app or mailbox to send: check the app's Mail.Send permission and admin consent, and any policy on the mailbox; mail waits until then",
             Fault::Account,
         )
     } else {
@@ -555,6 +573,9 @@ mod tests {
             (403, "ErrorMessageSubmissionBlocked"),
             (400, "ErrorMessageSubmissionBlocked"),
             (429, "ErrorSubmissionQuotaExceeded"),
+            (413, "ErrorQuotaExceeded"),
+            (403, "ErrorQuotaExceeded"),
+            (403, "Authorization_RequestDenied"),
         ] {
             assert_eq!(fault(status, code), Some(Fault::Account), "{status} {code}");
         }

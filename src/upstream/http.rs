@@ -282,6 +282,11 @@ pub fn judge(reply: &Reply, diagnose: Diagnose) -> Outcome {
         // session or a draft of relay's own that is gone): about the request, never the message's content. A
         // recipient or mailbox that does not exist has a code of its own above.
         404 | 405 | 410 => not_about_message("what relay asked for is not at that address".into()),
+        // A clash with the state of what relay is building (Exchange's change-key conflict on a draft,
+        // `ErrorIrresolvableConflict`; an upload session's ranges; a lock): the next attempt builds it afresh.
+        409 | 412 | 416 | 423 => not_about_message(
+            "a conflict with the state of the draft or upload relay was building".into(),
+        ),
         400..=499 if defined => Outcome::Permanent(text),
         _ => not_about_message("a status HTTP does not define (a load balancer's own?)".into()),
     }
@@ -439,9 +444,8 @@ mod tests {
         for (status, body) in [
             (400, graph_error("ErrorInvalidRecipients")),
             (413, String::new()),
-            (422, graph_error("Other")),
             // A 4xx HTTP defines, with no code the table knows, stays the provider's refusal of the request.
-            (409, graph_error("Conflict")),
+            (422, graph_error("Other")),
         ] {
             let out = judged(status, &body, None);
             assert!(matches!(out, Outcome::Permanent(_)), "{status}: {out:?}");
@@ -466,8 +470,8 @@ mod tests {
     fn a_status_that_says_nothing_about_the_message_defers_it() {
         let page = "<html><body>Sign in to the guest network</body></html>";
         for status in [
-            100, 101, 103, 200, 201, 204, 299, 300, 302, 307, 404, 405, 407, 410, 421, 460, 499,
-            600, 999,
+            100, 101, 103, 200, 201, 204, 299, 300, 302, 307, 404, 405, 407, 409, 410, 412, 416,
+            421, 423, 460, 499, 600, 999,
         ] {
             let out = judged(status, page, None);
             let Outcome::Transient(why) = &out else {
