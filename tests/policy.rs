@@ -291,7 +291,34 @@ async fn a_crlf_client_ending_data_with_lf_dot_lf_is_told_in_the_log() {
     c.expect(421).await;
     let line = daemon.wait_log("no end of data within data_timeout");
     assert!(
-        line.contains("only CRLF . CRLF ends the data of a client whose commands end with CRLF"),
+        line.contains("only CRLF . CRLF ends the data of a client whose commands end with CRLF")
+            && line.contains("relay_event=\"discarded\""),
+        "{line}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    // A device that ends every line with LF alone, on a `normalize` listener: told which setting takes it.
+    let config = write_config(
+        dir.path(),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\nbare_lf = \"normalize\"\ndata_timeout = \"1s\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let mut c = RawClient::connect(daemon.addr).await;
+    c.expect(220).await;
+    for (line, code) in [
+        ("EHLO lf.lan", 250),
+        ("MAIL FROM:<a@lan.test>", 250),
+        ("RCPT TO:<b@example.com>", 250),
+        ("DATA", 354),
+    ] {
+        c.send(format!("{line}\n").as_bytes()).await;
+        c.expect(code).await;
+    }
+    c.send(b"Subject: x\n\nbody\n.\n").await;
+    c.expect(421).await;
+    let line = daemon.wait_log("no end of data within data_timeout");
+    assert!(
+        line.contains("ends its lines with LF alone") && line.contains("bare_lf = \"lenient\""),
         "{line}"
     );
     assert_eq!(daemon.terminate().code(), Some(0));

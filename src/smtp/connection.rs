@@ -506,7 +506,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(e) => {
                         // A reset says as much as a close: the message the client was sending is not taken.
                         if let Some(r) = &receiving_msg {
-                            tracing::info!(relay_queue_id = %r.id, relay_client = %peer, error = %e, "connection lost during DATA; message discarded");
+                            tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, error = %e, "connection lost during DATA; message discarded");
                         }
                         return Err(e);
                     }
@@ -520,12 +520,14 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(r) = &receiving_msg {
                     // A device ending its data with `LF . LF` while its commands end with CRLF waits here: under
                     // lenient that is text, never its end (SMTP smuggling); its log line says so.
-                    let hint = if session.data_saw_bare() {
-                        "; the body had lines ended by a bare LF or CR: only CRLF . CRLF ends the data of a client whose commands end with CRLF"
-                    } else {
+                    let hint = if !session.data_saw_bare() {
                         ""
+                    } else if session.commands_end_with_lf() {
+                        "; this client ends its lines with LF alone, and so its data with LF . LF, which only bare_lf = \"lenient\" takes as the end (on a listener whose allow list holds only private addresses); elsewhere it is text, or refused under \"reject\""
+                    } else {
+                        "; the body had lines ended by a bare LF or CR: only CRLF . CRLF ends the data of a client whose commands end with CRLF"
                     };
-                    tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
+                    tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
                 }
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
                 give_up(receiving_msg.take()).await;
@@ -559,7 +561,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         if n == 0 {
             if let Some(r) = receiving_msg {
-                tracing::info!(relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded");
+                tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded");
             }
             return Ok(Outcome::Closed);
         }

@@ -667,6 +667,11 @@ impl Session {
 
     /// The body ended as an LF-only client ends it, on a `reject` listener: the message is refused and the
     /// connection must be closed after the reply.
+    /// Every command so far ended with LF alone: a device that ends its data with `LF . LF` too.
+    pub fn commands_end_with_lf(&self) -> bool {
+        !self.crlf_client
+    }
+
     /// The body being received has had a bare CR or LF so far.
     pub fn data_saw_bare(&self) -> bool {
         self.data.as_ref().is_some_and(|d| d.receiver.saw_bare)
