@@ -772,7 +772,12 @@ impl Session {
 
     /// The trace line put in front of the message (RFC 5321 section 4.4), with the protocol names of RFC 3848.
     pub fn received_header(&self, id: QueueId, date: SystemTime) -> String {
-        let proto = match (self.esmtp, self.tls, self.user.is_some()) {
+        // A login after HELO is still an ESMTP extension used (RFC 3848 has no "SMTPA").
+        let proto = match (
+            self.esmtp || self.user.is_some(),
+            self.tls,
+            self.user.is_some(),
+        ) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, true, false) => "ESMTPS",
@@ -837,7 +842,8 @@ impl Session {
         if self.policy.auth == AuthPolicy::None {
             return self.error(Reply::new(502, "5.5.1", "AUTH not offered on this port"));
         }
-        if self.helo.is_none() || !self.esmtp {
+        // After HELO too, as Postfix takes it: old firmware greets with HELO and then logs in.
+        if self.helo.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO first"));
         }
         if self.user.is_some() {

@@ -408,6 +408,32 @@ fn auth_is_hidden_without_tls_unless_plaintext_auth() {
     assert_eq!(replies(&mut s, b"AUTH PLAIN AGEAYg==\r\n"), ["503 5.5.1"]);
 }
 
+/// Old firmware that greets with HELO and then logs in, as Postfix lets it: AUTH is taken after HELO (not before
+/// any greeting), and the trace line says the session was authenticated.
+#[test]
+fn auth_after_helo_is_taken_as_postfix_takes_it() {
+    let mut s = session_on(policy(AuthPolicy::Required, true, false));
+    assert_eq!(replies(&mut s, b"AUTH LOGIN\r\n"), ["503 5.5.1"]);
+    steps(&mut s, b"HELO printer\r\n");
+    assert_eq!(replies(&mut s, b"AUTH LOGIN\r\n"), ["334 -"]);
+    assert_eq!(
+        replies(&mut s, format!("{}\r\n", b64(b"printer")).as_bytes()),
+        ["334 -"]
+    );
+    let out = steps(&mut s, format!("{}\r\n", b64(b"pw")).as_bytes());
+    assert!(
+        matches!(out.first(), Some(Step::Authenticate(c)) if c.username == "printer"),
+        "{out:?}"
+    );
+    assert_eq!(codes(&[s.auth_succeeded("printer".into())]), ["235 2.7.0"]);
+    assert_eq!(
+        replies(&mut s, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"),
+        ["250 2.1.0", "250 2.1.5"]
+    );
+    let trace = s.received_header(QueueId::new(), SystemTime::UNIX_EPOCH);
+    assert!(trace.contains(" with ESMTPA\r\n"), "{trace}");
+}
+
 #[test]
 fn mail_needs_helo_and_auth_when_required() {
     let mut s = session(AuthPolicy::Required);
