@@ -144,8 +144,14 @@ async fn eight_bit_bodies_dsn_parameters_and_vrfy() {
     c.expect(250).await;
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), body);
-    // The upstream is told what the device did not say: the body is 8-bit (RFC 6152).
+    // The upstream is told what the device did not say: the body is 8-bit (RFC 6152). And its size, which is
+    // what goes (RFC 1870): the queued bytes, relay's Received: line among them.
     assert!(got.mail_params.contains("BODY=8BITMIME"), "{got:?}");
+    assert!(
+        got.mail_params
+            .contains(&format!("SIZE={}", got.data.len())),
+        "{got:?}"
+    );
     // A 7-bit body is not declared 8-bit.
     c.cmd("MAIL FROM:<a@lan.test>", 250).await;
     c.cmd("RCPT TO:<b@example.test>", 250).await;

@@ -319,7 +319,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 "LOGIN XOAUTH2"
             };
             format!(
-                "250-fake.outlook.test\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH {mechanisms}\r\n250 PIPELINING"
+                "250-fake.outlook.test\r\n250-SIZE 157286400\r\n250-8BITMIME\r\n{chunking}{smtputf8}250-AUTH {mechanisms}\r\n250 PIPELINING"
             )
         } else if let Some(reply) = upper.strip_prefix("BDAT ").and_then(|_| {
             tokens

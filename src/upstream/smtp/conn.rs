@@ -680,7 +680,10 @@ impl Conn {
             });
         }
         let mut mail = format!("MAIL FROM:<{sender}>");
-        if self.offers.size.is_some() {
+        // Not for a message whose long lines are re-encoded on the way (`long_lines.rs`): what goes is larger than
+        // what is queued, up to three times for 8-bit text made quoted-printable, and a SIZE below what comes
+        // would be wrong (RFC 1870); counting it exactly would mean reading the message twice.
+        if self.offers.size.is_some() && !message.has_long_lines() {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
         if flags.eight_bit && self.offers.eight_bit_mime {
