@@ -1108,6 +1108,45 @@ async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// A token endpoint that hangs (accepts, never answers: a stalling proxy) while the token in hand is still good:
+/// mail goes with that token at once, not behind the renewal's 30 s timeout, message after message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_hangs_does_not_hold_up_mail_while_the_token_is_good() {
+    let idp = MockServer::start().await;
+    answer_token_requests(
+        &idp,
+        tokens("access-2", "refresh-2").set_delay(Duration::from_secs(600)),
+    )
+    .await;
+    let mut upstream = FakeUpstream::start(&["current"]).await;
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let state = dir.path().join("state");
+    // Five minutes left of an hour: inside the renewal window, so the refresher renews at once, and hangs.
+    save_tokens(
+        &state,
+        &stored(
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+            Duration::ZERO,
+        ),
+    );
+    let d = Daemon::spawn(&config);
+    // The refresher asks at once, and waits; each upstream.next() is bounded (20 s), below the renewal's 30 s
+    // timeout.
+    for n in 0..3 {
+        send_message(d.addr, format!("Subject: {n}\r\n\r\nbody\r\n").as_bytes()).await;
+        let got = upstream.next().await;
+        assert!(got.auth.contains("Bearer current"), "{}", got.auth);
+    }
+    let asked = idp.received_requests().await.unwrap().len();
+    assert!(
+        asked <= 1,
+        "the refresher's renewal, and no delivery's: {asked}"
+    );
+    // Killed: a stop would let the hanging renewal run out its timeout first.
+    drop(d);
+}
+
 /// A device-code poll that the token endpoint fails (503) does not end the sign-in in progress (RFC 8628
 /// section 3.5): relay says so, waits longer, and polls again until the user has approved.
 #[tokio::test]

@@ -92,6 +92,12 @@ pub struct AccountTokens {
     /// Told when a delivery replaced the token out of turn (the upstream refused it): the refresher's wait was
     /// computed from the old one, which may have lasted longer.
     replaced: tokio::sync::Notify,
+    /// The access token as last seen under `state`'s lock, and its expiry: what deliveries take while a renewal
+    /// holds the lock (see [`AccountTokens::access_token`]).
+    in_hand: std::sync::Mutex<Option<(SecretString, SystemTime)>>,
+    /// A refresher task renews this account's token on its own schedule (the daemon's; not `relay test`): a
+    /// delivery then leaves a renewal it does not need yet to it.
+    followed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -112,6 +118,9 @@ struct State {
 /// account's lock, and with `flow = "password"` each ask is a failed sign-in that an ADFS lockout policy counts.
 /// The refresher keeps trying on its own schedule; `relay authorize` writes a file that is taken at once.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// How long the token in hand must still be good for a delivery to take it while a renewal holds the tokens:
+/// time for a delivery to connect and log in with it.
+const IN_HAND_MARGIN: Duration = Duration::from_secs(60);
 /// The longest the refresher sleeps before it looks at the account's renewal time again.
 const DUE_RECHECK: Duration = Duration::from_secs(60);
 /// How long a renewal waits for another process's renewal of the same grant: longer than that one's token
@@ -141,6 +150,8 @@ impl AccountTokens {
             rotation: crate::config::Rotation::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             replaced: tokio::sync::Notify::new(),
+            in_hand: std::sync::Mutex::new(None),
+            followed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -155,12 +166,55 @@ impl AccountTokens {
     }
 
     /// A valid access token, refreshed first if it is close to expiry.
+    ///
+    /// While another holds the tokens (a renewal under way, the refresher's or another delivery's, whose request
+    /// may take its whole timeout against a token endpoint that hangs), the token in hand is taken as long as it
+    /// has [`IN_HAND_MARGIN`] left: mail is not held up behind a renewal it does not need yet.
     pub async fn access_token(&self) -> Result<SecretString, TokenError> {
-        let mut state = self.state.lock().await;
-        self.reload_if_changed(&mut state)?;
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(_) => match self.in_hand() {
+                Some(token) => return Ok(token),
+                None => self.state.lock().await,
+            },
+        };
+        let token = self.access_token_locked(&mut state).await;
+        self.keep_in_hand(&state);
+        token
+    }
+
+    fn in_hand(&self) -> Option<SecretString> {
+        let in_hand = self.in_hand.lock().unwrap_or_else(|p| p.into_inner());
+        in_hand
+            .as_ref()
+            .filter(|(_, expires)| SystemTime::now() + IN_HAND_MARGIN < *expires)
+            .map(|(token, _)| token.clone())
+    }
+
+    /// Notes the token `state` holds, for deliveries that come while a renewal holds the lock.
+    fn keep_in_hand(&self, state: &State) {
+        *self.in_hand.lock().unwrap_or_else(|p| p.into_inner()) = state
+            .tokens
+            .as_ref()
+            .filter(|t| !t.needs_authorization)
+            .map(|t| (t.access_token.clone(), t.expires_at));
+    }
+
+    async fn access_token_locked(&self, state: &mut State) -> Result<SecretString, TokenError> {
+        self.reload_if_changed(state)?;
         if let Some(t) = &state.tokens
             && !t.needs_authorization
             && SystemTime::now() < renew_at(t)
+        {
+            return Ok(t.access_token.clone());
+        }
+        // In the renewal window with time left: the refresher renews it (at its due time, within a minute), and
+        // a message is not made to wait on the token endpoint for a token it does not need yet.
+        if let Some(t) = &state.tokens
+            && !t.needs_authorization
+            && SystemTime::now() + IN_HAND_MARGIN < t.expires_at
+            && self.followed.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.stopping.load(std::sync::atomic::Ordering::Relaxed)
         {
             return Ok(t.access_token.clone());
         }
@@ -172,7 +226,7 @@ impl AccountTokens {
                 _ => Err(TokenError::RecentlyFailed(why)),
             };
         }
-        let renewed = self.refresh_locked(&mut state).await;
+        let renewed = self.refresh_locked(state).await;
         self.note_renewal(&renewed);
         match renewed {
             // The renewal window opens well before expiry: while the old token is still good, a failed renewal
@@ -246,7 +300,9 @@ impl AccountTokens {
     pub async fn force_refresh(&self) -> Result<SecretString, TokenError> {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
-        self.refresh_locked(&mut state).await
+        let renewed = self.refresh_locked(&mut state).await;
+        self.keep_in_hand(&state);
+        renewed
     }
 
     /// A token to try instead of `refused`, which the upstream refused at `refused_at` (535), and whether it was
@@ -260,6 +316,16 @@ impl AccountTokens {
         refused_at: SystemTime,
     ) -> Result<(SecretString, bool), TokenError> {
         use secrecy::ExposeSecret;
+        // Not handed to deliveries again while its replacement is fetched.
+        {
+            let mut in_hand = self.in_hand.lock().unwrap_or_else(|p| p.into_inner());
+            if in_hand
+                .as_ref()
+                .is_some_and(|(t, _)| t.expose_secret() == refused.expose_secret())
+            {
+                *in_hand = None;
+            }
+        }
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
         if let Some(t) = &state.tokens
@@ -340,6 +406,7 @@ impl AccountTokens {
     pub async fn next_due(&self) -> Result<SystemTime, TokenError> {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
+        self.keep_in_hand(&state);
         Ok(match &state.tokens {
             None => SystemTime::now(),
             Some(t) if t.needs_authorization => SystemTime::now() + Duration::from_secs(60),
@@ -893,6 +960,9 @@ pub async fn refresher(
     for account in accounts.iter().cloned() {
         let mut stop = stop.clone();
         let renewing = renewing.clone();
+        account
+            .followed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tasks.spawn(async move {
             let mut backoff = FIRST_BACKOFF;
             // Tokens a refresh could not save are saved again soon, not only at the next refresh (up to an hour
