@@ -346,6 +346,7 @@ impl Running {
                     // from copying an unsaved one over a file rewritten with a failure.
                     if let Some(old) = self.accounts.iter().find(|r| r.config.name == config.name) {
                         account.tokens.copy_unsaved_from(&old.account.tokens).await;
+                        account.tokens.carry_trouble_from(&old.account.tokens);
                     }
                     // Built anew, with an upstream that counts as reachable: an earlier report is not true of it.
                     crate::upstream::transports::forget_unreachable(&state_dir, &config.name);

@@ -1243,6 +1243,46 @@ async fn a_reload_takes_up_a_secret_rotated_in_place() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// The fix relay names for a refused client secret (rewrite it, reload) sends the mail deferred meanwhile at
+/// once, as a token endpoint that comes back does, not at its next retry step (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_deferred_for_a_refused_secret_goes_once_a_reload_brings_the_right_one() {
+    let idp = MockServer::start().await;
+    token_request()
+        .and(body_string_contains("client_secret=n3w-secret-value"))
+        .respond_with(tokens("tok-2", "unused"))
+        .mount(&idp)
+        .await;
+    answer_token_requests(
+        &idp,
+        ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": "invalid_client",
+            "error_description": "AADSTS7000215: Invalid client secret provided."
+        })),
+    )
+    .await;
+    let mut upstream = FakeUpstream::start(&["tok-2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::idp::account_config(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]",
+    );
+    let mut d = Daemon::spawn(&config);
+    let id = send_message(d.addr, b"Subject: waits\r\n\r\nbody\r\n").await;
+    let deferred = d.wait_log("relay_event=\"deferred\"");
+    assert!(deferred.contains(&id), "{deferred}");
+
+    std::fs::write(dir.path().join("secret"), "n3w-secret-value\n").unwrap();
+    d.reload();
+    let got = upstream.next().await;
+    assert!(got.auth.contains("Bearer tok-2"), "{}", got.auth);
+    let delivered = d.wait_log("relay_event=\"delivered\"");
+    assert!(delivered.contains(&id), "{delivered}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// relay stopping (`systemctl stop`, a restart after an upgrade) while it renews an account's grant lets the
 /// renewal finish and saves it: aborted between the provider's answer and the save, a rotated refresh token is
 /// lost, and with a provider that rotates strictly, the grant with it.

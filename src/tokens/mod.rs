@@ -569,6 +569,17 @@ impl AccountTokens {
         }
     }
 
+    /// A rebuilt account (a reload) takes over the old one's failing renewals: once its own first renewal works
+    /// (a secret rewritten, then `systemctl reload`), the mail deferred meanwhile goes at once, as when the
+    /// endpoint comes back by itself ([`take_came_back`](Self::take_came_back)), not at its next retry step.
+    pub fn carry_trouble_from(&self, old: &AccountTokens) {
+        let old = *old.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = old.0.or(old.1) {
+            t.0 = Some(t.0.map_or(since, |s| s.min(since)));
+        }
+    }
+
     /// Whether the account holds tokens that could not be saved yet.
     pub async fn has_unsaved(&self) -> bool {
         self.state.lock().await.unsaved
