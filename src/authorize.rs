@@ -76,6 +76,8 @@ pub async fn authorize(
         }
     };
     let now = SystemTime::now();
+    let renewable = grant.refresh_token.is_some();
+    let expires_at = grant.expires_at;
     let tokens = StoredTokens {
         access_token: grant.access_token,
         expires_at: grant.expires_at,
@@ -99,6 +101,13 @@ pub async fn authorize(
         account.mailbox,
         store.path(name).display()
     );
+    if !renewable {
+        let _ = writeln!(
+            out,
+            "Warning: the provider gave no refresh token, so relay cannot renew this grant: its access token lasts until {}, then the account needs `relay authorize {name}` again. Most often the scope lacks offline_access (Microsoft) or the app is not allowed offline access.",
+            humantime::format_rfc3339_seconds(expires_at)
+        );
+    }
     Ok(())
 }
 

@@ -212,6 +212,11 @@ pub fn refused_for_itself(reply: &str) -> bool {
     about_message && !reply.to_ascii_lowercase().contains("submissionquota")
 }
 
+/// A person's grant (device code, authorization code) without a refresh token: relay cannot renew it.
+fn unrenewable(a: &AccountConfig, t: &crate::tokens::StoredTokens) -> bool {
+    matches!(a.flow, Flow::DeviceCode | Flow::AuthorizationCode) && t.refresh_token.is_none()
+}
+
 pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let (state, tokens, error) = match TokenStore::for_config(config).and_then(|s| s.load(&a.name))
@@ -227,6 +232,16 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         Ok(Some(t)) if t.needs_authorization => {
             ("needs-authorization", Some(t.clone()), t.last_error.clone())
         }
+        // A person's grant that came without a refresh token is over once its access token is.
+        Ok(Some(t)) if unrenewable(a, &t) && t.expires_at <= SystemTime::now() => (
+            "needs-authorization",
+            Some(t.clone()),
+            Some(format!(
+                "the grant has no refresh token and its access token ran out at {}: run `relay authorize {}`",
+                rfc(t.expires_at),
+                a.name
+            )),
+        ),
         Ok(Some(t)) if t.last_error.is_some() => ("failing", Some(t.clone()), t.last_error.clone()),
         Ok(Some(t)) => ("ok", Some(t), None),
     };
@@ -260,6 +275,16 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         .iter()
         .filter_map(|e| crate::oauth::expiry::warning(&a.name, e, now))
         .collect();
+    if let Some(t) = tokens
+        .as_ref()
+        .filter(|t| unrenewable(a, t) && !t.needs_authorization && t.expires_at > SystemTime::now())
+    {
+        warnings.push(format!(
+            "the grant has no refresh token (most often the scope lacks offline_access), so relay cannot renew it: its access token lasts until {}, then mail waits for `relay authorize {}`",
+            rfc(t.expires_at),
+            a.name
+        ));
+    }
     let transport_switched = a
         .fallback_transport
         .and_then(|_| crate::upstream::transports::read_switch(&config.state_dir, &a.name));

@@ -1108,6 +1108,52 @@ async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// A grant that came without a refresh token (a `scope` without `offline_access`) cannot be renewed: `relay
+/// authorize` says so; `relay status` warns while its access token lasts; once that has run out the daemon marks
+/// the account as needing authorization and says so (`authorization_needed`), instead of calling it `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_without_a_refresh_token_is_said_and_needs_authorizing_once_it_runs_out() {
+    let idp = device_code_idp(900).await;
+    device_code_poll()
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "token_type": "Bearer", "scope": "https://outlook.office.com/SMTP.Send", "expires_in": 3599,
+            "access_token": "access-1"
+        })))
+        .mount(&idp)
+        .await;
+    let (dir, config) = device_config(&idp, 9);
+    let stdout = authorize_succeeds(&config).await;
+    assert!(
+        stdout.contains("no refresh token") && stdout.contains("offline_access"),
+        "{stdout}"
+    );
+    let (code, status) = status_json(&config);
+    assert_eq!(code, Some(1), "{status}");
+    let warnings = status["accounts"][0]["warnings"].to_string();
+    assert!(warnings.contains("no refresh token"), "{warnings}");
+
+    // Its access token has run out.
+    let state = dir.path().join("state");
+    let mut t = stored(
+        Duration::from_secs(300),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    );
+    t.expires_at = SystemTime::now() - Duration::from_secs(1);
+    t.refresh_token = None;
+    save_tokens(&state, &t);
+    let (_, status) = status_json(&config);
+    assert_eq!(
+        status["accounts"][0]["state"], "needs-authorization",
+        "{status}"
+    );
+    let mut d = Daemon::spawn(&config);
+    let line = d.wait_log("relay_event=\"authorization_needed\"");
+    assert!(line.contains("no refresh token"), "{line}");
+    assert_eq!(token_file(&state)["needs_authorization"], true);
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// A token endpoint that hangs (accepts, never answers: a stalling proxy) while the token in hand is still good:
 /// mail goes with that token at once, not behind the renewal's 30 s timeout, message after message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

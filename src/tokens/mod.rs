@@ -111,6 +111,8 @@ struct State {
     unsaved: bool,
     /// The file could not be read, and that was said: once per spell, not at every delivery.
     unreadable_said: bool,
+    /// A grant without a refresh token was said to be unrenewable: once while its access token lasts.
+    no_refresh_said: bool,
 }
 
 /// After a failed renewal, how long deliveries take its answer instead of asking the endpoint again. Each
@@ -440,6 +442,7 @@ impl AccountTokens {
                 Ok(loaded) => {
                     state.file_mtime = mtime;
                     state.unreadable_said = false;
+                    state.no_refresh_said = false;
                     loaded
                 }
                 // A grant that needs no person (client credentials, a service account, a password) is obtained
@@ -621,6 +624,39 @@ impl AccountTokens {
     }
 
     /// Records a successful write of `tokens`, whose file now hashes to `hash`.
+    /// A person's grant that came without a refresh token (a `scope` without `offline_access`) cannot be
+    /// renewed: said once while its access token lasts; once that has run out the account needs authorizing,
+    /// marked and said as a revoked grant is (the file, `authorization_needed`, the alert), not left to look `ok`.
+    fn cannot_renew(&self, state: &mut State, previous: Option<&StoredTokens>) {
+        let Some(t) = previous.filter(|t| !t.needs_authorization) else {
+            return;
+        };
+        let fix = format!(
+            "the grant has no refresh token (the provider gave none: most often the scope lacks offline_access), so relay cannot renew it; run `relay authorize {}`",
+            self.name
+        );
+        if SystemTime::now() < t.expires_at {
+            if !std::mem::replace(&mut state.no_refresh_said, true) {
+                tracing::warn!(relay_event = "token_refresh_failed", relay_account = %self.name, expires_at = %humantime::format_rfc3339_seconds(t.expires_at), "{fix} before its access token runs out");
+            }
+            return;
+        }
+        let mut marked = t.clone();
+        marked.needs_authorization = true;
+        marked.last_error = Some(fix.clone());
+        if let Ok(Some(hash)) = self
+            .store
+            .save_if_unchanged(&self.name, &marked, state.file_hash)
+        {
+            self.saved(state, marked, hash);
+        }
+        tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, "{fix}; mail stays queued until then");
+        crate::events::emit(crate::events::Event::AuthorizationNeeded {
+            account: &self.name,
+            why: &fix,
+        });
+    }
+
     fn saved(&self, state: &mut State, tokens: StoredTokens, hash: blake3::Hash) {
         state.file_hash = Some(hash);
         state.file_mtime = self.store.mtime(&self.name);
@@ -683,6 +719,9 @@ impl AccountTokens {
         let grant = match self.renewal.obtain(&self.client, refresh).await {
             Ok(g) => Ok(g),
             Err(RenewalError::NoGrant) => {
+                if self.renewal.is_interactive() {
+                    self.cannot_renew(state, previous.as_ref());
+                }
                 return Err(TokenError::NeedsAuthorization(self.name.clone()));
             }
             Err(RenewalError::OAuth(e)) => Err(e),
