@@ -223,7 +223,14 @@ async fn wait_for_redirect(
     // Pasted by the user, a refusal without a state is taken: only they could have typed it.
     const NOT_THIS_ONE: &str = "the redirect's state does not match this sign-in (refused: it may be an old tab or a forged request)";
     let check = |target: &str, pasted: bool| -> Result<Option<String>, AuthorizeError> {
-        match parse_redirect(target).map_err(failed)? {
+        let redirect = match parse_redirect(target) {
+            Ok(r) => r,
+            // Through the loopback port (anything on this machine, any page the browser opens, can send a
+            // `?code=` without a state): not this sign-in's, answered and waited past.
+            Err(_) if !pasted => return Ok(None),
+            Err(e) => return Err(failed(e)),
+        };
+        match redirect {
             Redirect::Code { code, state: got } if got == state => Ok(Some(code)),
             Redirect::Error { state: got, .. }
                 if got.as_deref().is_some_and(|g| g != state) || (got.is_none() && !pasted) =>

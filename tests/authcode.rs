@@ -227,6 +227,12 @@ async fn the_browser_is_told_the_outcome_and_a_refusal_needs_the_state() {
         page.starts_with("HTTP/1.1 400") && page.contains("goes on"),
         "{page}"
     );
+    // Nor is a code without a state (any page the browser opens can send one).
+    let page = browser_get(&redirect, "code=forged").await;
+    assert!(
+        page.starts_with("HTTP/1.1 400") && page.contains("goes on"),
+        "{page}"
+    );
     let page = browser_get(
         &redirect,
         &format!(
