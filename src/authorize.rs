@@ -37,6 +37,14 @@ pub async fn authorize(
     let http = crate::accounts::http_client().map_err(|e| failed(e.to_string()))?;
     let (ep, client) = crate::accounts::token_client(account, &http).map_err(failed)?;
     let store = TokenStore::for_config(config).map_err(|e| failed(e.to_string()))?;
+    // Before anyone signs in: an approved grant that cannot be saved is lost (and a provider may count it).
+    if matches!(account.flow, Flow::DeviceCode | Flow::AuthorizationCode) {
+        store.check_writable().map_err(|e| {
+            failed(format!(
+                "cannot store tokens: {e}; run it as root (sudo relay authorize {name}) or as the service's user"
+            ))
+        })?;
+    }
     // The browser of an authorization-code sign-in, waiting on the loopback redirect for the outcome.
     let mut browser = None;
     let grant = match account.flow {

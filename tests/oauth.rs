@@ -1154,6 +1154,47 @@ async fn a_grant_without_a_refresh_token_is_said_and_needs_authorizing_once_it_r
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// `relay authorize` by someone who cannot write the token files (a sysadmin who forgot sudo) says so before the
+/// sign-in starts: approved, then not saved, the grant would be lost.
+#[tokio::test]
+async fn authorize_without_write_access_to_the_tokens_says_so_before_the_sign_in() {
+    use std::os::unix::fs::PermissionsExt;
+    let idp = device_code_idp(900).await;
+    let (dir, config) = device_config(&idp, 9);
+    let tokens = dir.path().join("state/tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // Root writes anywhere: without the capabilities that let it, as an ordinary user would be.
+    let mut cmd = if is_root() {
+        let mut c = tokio::process::Command::new("setpriv");
+        c.args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
+            .arg(relay_bin());
+        c
+    } else {
+        tokio::process::Command::new(relay_bin())
+    };
+    cmd.args(["authorize", "office", "--config"]).arg(&config);
+    let out = tokio::time::timeout(LIMIT, cmd.output())
+        .await
+        .expect("authorize finishes")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot store tokens") && err.contains("sudo relay authorize office"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("ABCD-EFGH"),
+        "no code shown"
+    );
+    assert_eq!(token_requests_made(&idp).await, 0);
+    assert!(
+        idp.received_requests().await.unwrap().is_empty(),
+        "the sign-in never started"
+    );
+}
+
 /// A token endpoint that hangs (accepts, never answers: a stalling proxy) while the token in hand is still good:
 /// mail goes with that token at once, not behind the renewal's 30 s timeout, message after message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,6 +396,24 @@ impl TokenStore {
         Ok(Some(aside))
     }
 
+    /// Whether this process may write token files (before `relay authorize` asks a person to sign in: a grant
+    /// approved and then not saved is lost).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        use std::os::unix::ffi::OsStrExt;
+        let io = |source| StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        self.create_dir().map_err(io)?;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes())
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        // SAFETY: access reads the NUL-terminated path we own.
+        if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     pub fn save(&self, account: &str, t: &StoredTokens) -> Result<(), StoreError> {
         let _lock = self.lock(account)?;
         self.write(account, t).map(|_| ())
