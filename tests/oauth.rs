@@ -480,6 +480,36 @@ async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A grant the provider revoked, authorized again while the daemon runs: the daemon says it took the new grant
+/// up (`token_refreshed`, which closes the `authorization_needed` incident) when it first reads it.
+#[tokio::test]
+async fn a_revoked_grant_authorized_again_is_said_to_be_taken_up() {
+    let idp = device_code_idp(900).await;
+    device_code_poll()
+        .respond_with(tokens("access-1", "refresh-1"))
+        .mount(&idp)
+        .await;
+    let mut upstream = FakeUpstream::start(&["access-1"]).await;
+    let (dir, config) = device_config(&idp, upstream.addr.port());
+    let mut revoked = stored(
+        Duration::ZERO,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    );
+    revoked.needs_authorization = true;
+    save_tokens(&dir.path().join("state"), &revoked);
+    let mut daemon = Daemon::spawn(&config);
+    let id = send_message(daemon.addr, b"Subject: waiting\r\n\r\nbody\r\n").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    authorize_succeeds(&config).await;
+    let line = daemon.wait_log("a new grant was stored");
+    assert!(line.contains("relay_event=\"token_refreshed\""), "{line}");
+    assert!(upstream.next().await.auth.contains("Bearer access-1"));
+    let delivered = daemon.wait_log("relay_event=\"delivered\"");
+    assert!(delivered.contains(&id), "{delivered}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 /// A refresh that fails for a passing reason (503) is retried after a short backoff; nothing is lost.
 #[tokio::test]
 async fn transient_refresh_failure_is_retried() {

@@ -438,6 +438,7 @@ impl AccountTokens {
             return Ok(());
         }
         if mtime != state.file_mtime || state.tokens.is_none() {
+            let was_revoked = state.tokens.as_ref().is_some_and(|t| t.needs_authorization);
             (state.tokens, state.file_hash) = match self.store.load_hashed(&self.name) {
                 Ok(loaded) => {
                     state.file_mtime = mtime;
@@ -464,6 +465,19 @@ impl AccountTokens {
                 }
                 Err(e) => return self.keep_over_unreadable(state, e),
             };
+            // `relay authorize` stored a new grant: said, and the incident it was for closed now, not at the
+            // next renewal (up to an hour away).
+            if was_revoked
+                && state
+                    .tokens
+                    .as_ref()
+                    .is_some_and(|t| !t.needs_authorization)
+            {
+                tracing::info!(relay_event = "token_refreshed", relay_account = %self.name, "a new grant was stored (relay authorize): the account's mail goes again");
+                crate::events::emit(crate::events::Event::TokenRefreshed {
+                    account: &self.name,
+                });
+            }
         }
         Ok(())
     }
