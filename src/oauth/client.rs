@@ -82,11 +82,29 @@ fn seconds(
 /// Parses a token endpoint's success reply. Public for the fuzz target: whatever the bytes, this returns.
 pub fn parse_token_reply(body: &[u8], before: SystemTime) -> Result<Grant, OAuthError> {
     let t: TokenReply =
-        serde_json::from_slice(body).map_err(|e| OAuthError::Malformed(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| OAuthError::Malformed(described(&e)))?;
     if t.access_token.is_empty() {
         return Err(OAuthError::Malformed("empty access_token".into()));
     }
     Ok(grant(t, before))
+}
+
+/// A reply that did not parse, in words that never quote it: serde quotes a string it did not expect (`invalid
+/// type: string "eyJ0…"`), and in a token endpoint's reply that string may be the token.
+fn described(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if !text.contains('"') {
+        return text;
+    }
+    let at = format!("at line {} column {}", e.line(), e.column());
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            format!("JSON, but not a token reply's shape (a value of another type {at})")
+        }
+        serde_json::error::Category::Syntax => format!("not valid JSON ({at})"),
+        serde_json::error::Category::Eof => format!("JSON cut short ({at})"),
+        serde_json::error::Category::Io => format!("unreadable ({at})"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -322,7 +340,7 @@ impl TokenClient {
             });
         }
         serde_json::from_slice(&body).map_err(|e| {
-            let e = quotable(&e.to_string(), &secrets);
+            let e = quotable(&described(&e), &secrets);
             OAuthError::Malformed(
                 match not_json(status.as_u16(), &content_type, &body, &secrets) {
                     Some(what) => format!("{what} ({e})"),
@@ -710,6 +728,30 @@ mod tests {
         assert!(html_page("text/html; charset=utf-8", "anything"));
         assert!(html_page("no content type", "  <!DOCTYPE html><title>502"));
         assert!(!html_page("application/json", "{\"error\":\"x\"}"));
+    }
+
+    /// A reply that is a bare JSON string (a gateway's, or a provider's own odd shape) may be the token itself:
+    /// the parse error never quotes it.
+    #[test]
+    fn a_reply_that_does_not_parse_is_never_quoted() {
+        let secret = "eyJ0eXAiOiJKV1QiLCJub25jZSI6InNlY3JldCJ9";
+        for body in [
+            format!("\"{secret}\""),
+            format!("[\"{secret}\"]"),
+            format!("{{\"access_token\": [\"{secret}\"]}}"),
+        ] {
+            let e = parse_token_reply(body.as_bytes(), SystemTime::now())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(!e.contains(secret), "{e}");
+            assert!(e.contains("line 1"), "{e}");
+        }
+        let e = parse_token_reply(b"{}", SystemTime::now()).err().unwrap();
+        assert!(
+            e.to_string().contains("missing field `access_token`"),
+            "{e}"
+        );
     }
 
     #[test]
