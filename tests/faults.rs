@@ -956,7 +956,7 @@ async fn an_upstream_that_stops_answering_is_tried_one_connection_at_a_time() {
     );
     assert!(rows.contains("message(s)"), "{rows}");
     assert!(
-        notes.contains("account office is failing: its upstream 127.0.0.1:")
+        notes.contains("account office (failing): its upstream 127.0.0.1:")
             && notes.contains("has not answered since"),
         "{notes}"
     );

@@ -329,6 +329,7 @@ async fn a_gmail_429_without_retry_after_pauses_the_account() {
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test"], msg).await;
     let line = d.wait_log("the provider asked the account to pause");
+    assert!(line.contains("relay_event=\"paused\""), "{line}");
     assert!(line.contains("Gmail API 429"), "{line}");
     assert!(line.contains("fewer requests a minute"), "{line}");
     let pause = dir.path().join("state/rate/office.pause");

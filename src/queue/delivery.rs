@@ -1563,6 +1563,7 @@ impl Delivery {
                 if !wait.is_zero() && account.rate.pause_until(until, &reply) {
                     let d = self.diagnosed(&reply, Some(&account.name));
                     tracing::warn!(
+                        relay_event = "paused",
                         relay_account = %account.name,
                         relay_queue_id = %id,
                         relay_upstream_reply = %reply,

@@ -317,7 +317,7 @@ fn note_held_accounts(config: &Config) {
             String::new()
         };
         eprintln!(
-            "relay: note: account {} is {}: {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
+            "relay: note: account {} ({}): {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
             account.name,
             s.state,
             safe(&why)
