@@ -155,6 +155,9 @@ pub struct Session {
 struct DataState {
     receiver: DataReceiver,
     len: u64,
+    /// relay's own `Received:` line, which the stored message also holds: `max_message_size` is the most that
+    /// is queued and sent, as a provider counts it (Gmail's 35 MiB is the default's, to the byte).
+    reserved: u64,
     too_big: bool,
 }
 
@@ -643,6 +646,9 @@ impl Session {
                 self.data = Some(DataState {
                     receiver: DataReceiver::new(self.body_line_endings()),
                     len: 0,
+                    reserved: self
+                        .received_header(QueueId::new(), SystemTime::now())
+                        .len() as u64,
                     too_big: false,
                 });
                 Step::Data(Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
@@ -659,7 +665,7 @@ impl Session {
         let before = out.len();
         let progress = state.receiver.feed(input, out);
         state.len += (out.len() - before) as u64;
-        if state.len > self.policy.max_message_size {
+        if state.len + state.reserved > self.policy.max_message_size {
             state.too_big = true;
         }
         progress

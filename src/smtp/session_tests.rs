@@ -597,6 +597,23 @@ fn size_limits() {
     assert_eq!(replies(&mut s, b"RCPT TO:<c@d>\r\n"), ["503 5.5.1"]);
 }
 
+/// `max_message_size` is what is queued and sent, relay's own `Received:` line included: the default is Gmail's
+/// limit to the byte, and a message that fits it must fit Gmail too.
+#[test]
+fn the_size_limit_counts_relays_own_trace_line() {
+    for extra in [0, 1] {
+        let mut s = session(AuthPolicy::None);
+        steps(&mut s, b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        let trace = s.received_header(QueueId::new(), SystemTime::now()).len();
+        steps(&mut s, b"DATA\r\n");
+        let (body, refused) = (1000 - trace + extra, extra == 1);
+        let big = vec![b'x'; body];
+        let (mut input, mut out) = (&big[..], Vec::new());
+        s.feed_data(&mut input, &mut out);
+        assert_eq!(s.refusal().is_some(), refused, "{body} + {trace}");
+    }
+}
+
 #[test]
 fn bare_lf_is_refused_by_default() {
     let mut s = session(AuthPolicy::None);
