@@ -362,8 +362,13 @@ impl GraphUpstream {
     /// What the draft must say that its MIME does not: the envelope's recipients when they differ from the
     /// headers', and no copy in Sent Items when the account says so.
     fn draft_changes(&self, recipients: &[String], header: &[u8]) -> Option<serde_json::Value> {
-        let headers = mime::header_recipients(header);
-        let envelope: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
+        // Compared as the Gmail API's are (`mime::address_key`): a header's `hans@bücher.example` is the
+        // envelope's `hans@xn--bcher-kva.example`.
+        let headers: Vec<(Field, String)> = mime::header_recipients(header)
+            .into_iter()
+            .map(|(f, a)| (f, mime::address_key(&a)))
+            .collect();
+        let envelope: HashSet<String> = recipients.iter().map(|r| mime::address_key(r)).collect();
         let named: HashSet<&String> = headers.iter().map(|(_, a)| a).collect();
         let same = named.len() == envelope.len() && envelope.iter().all(|r| named.contains(r));
         let mut patch = serde_json::Map::new();
@@ -377,7 +382,7 @@ impl GraphUpstream {
             let list = |want: Field| {
                 recipients
                     .iter()
-                    .filter(|r| field(&r.to_ascii_lowercase()) == want)
+                    .filter(|r| field(&mime::address_key(r)) == want)
                     .map(|r| json!({"emailAddress": {"address": r}}))
                     .collect::<Vec<_>>()
             };
@@ -586,6 +591,18 @@ mod tests {
         ] {
             assert_eq!(fault(status, code), Some(Fault::Message), "{status} {code}");
         }
+    }
+
+    /// A header's Unicode domain is the envelope's punycode one: the same recipient, kept in To:, not moved to
+    /// Bcc with To: emptied.
+    #[test]
+    fn a_unicode_domain_in_the_headers_is_the_envelopes_ascii_one() {
+        let g = GraphUpstream::new("https://graph.test", "box@example.com".into(), true).unwrap();
+        let msg = "To: Hans <hans@bücher.example>\r\n\r\nhi\r\n".as_bytes();
+        assert!(
+            g.draft_changes(&["hans@xn--bcher-kva.example".into()], msg)
+                .is_none()
+        );
     }
 
     #[test]
