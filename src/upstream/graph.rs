@@ -138,13 +138,22 @@ impl GraphUpstream {
             )),
             Err(outcome) => {
                 // A half-built draft would otherwise stay in the mailbox's Drafts folder at every retry.
-                let _ = self
+                let deleted = self
                     .http
                     .delete(format!("{}/messages/{id}", self.base))
                     .bearer_auth(token.expose_secret())
                     .timeout(Duration::from_secs(30))
                     .send()
                     .await;
+                let why = match deleted {
+                    Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
+                        return outcome;
+                    }
+                    Ok(r) => format!("HTTP {}", r.status().as_u16()),
+                    Err(e) => e.to_string(),
+                };
+                // Said, so that a sysadmin who finds drafts with the device's mail in the mailbox knows why.
+                tracing::warn!(mailbox = %self.mailbox, error = %why, "cannot remove the half-built draft of a message that did not go: it stays in the mailbox's Drafts folder (the message itself is tried again)");
                 outcome
             }
         }
