@@ -228,7 +228,7 @@ pub fn tokens_open(
 pub fn build(config: &Config) -> Result<Vec<Arc<Account>>, AccountError> {
     let http = shared_http()?;
     let store = token_store(config)?;
-    warn_unauthorized(config, &store);
+    warn_unauthorized(&config.accounts, &store);
     config
         .accounts
         .iter()
@@ -332,8 +332,12 @@ pub fn files_hash(a: &AccountConfig) -> blake3::Hash {
 
 /// One warning per account that waits for `relay authorize` (its flow needs a person to sign in, and it has no
 /// tokens yet), so that the first hint is not a deferred message. Flows that get their own tokens need none.
-fn warn_unauthorized(config: &Config, store: &TokenStore) {
-    for a in &config.accounts {
+/// At start, and for the accounts a reload adds.
+pub fn warn_unauthorized<'a>(
+    accounts: impl IntoIterator<Item = &'a AccountConfig>,
+    store: &TokenStore,
+) {
+    for a in accounts {
         if matches!(a.flow, Flow::DeviceCode | Flow::AuthorizationCode)
             && store.mtime(&a.name).is_none()
         {

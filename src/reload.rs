@@ -333,6 +333,14 @@ impl Running {
         let prepared = self.listeners.prepare(&config).await?;
 
         // From here on nothing fails.
+        // An account added without tokens is said as at start, not first by its deferred mail.
+        accounts::warn_unauthorized(
+            config
+                .accounts
+                .iter()
+                .filter(|a| done.accounts_added.contains(&a.name)),
+            &store,
+        );
         for (rate, limits) in new_limits {
             rate.set_limits(limits);
         }

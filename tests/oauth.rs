@@ -480,6 +480,22 @@ async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// An account that needs a person to sign in, added by a reload, is said to need `relay authorize` at once, as
+/// at start, not first by its deferred mail.
+#[tokio::test]
+async fn an_account_added_by_a_reload_without_tokens_is_said_to_need_authorizing() {
+    let idp = MockServer::start().await;
+    let (dir, config) = device_config(&idp, 9);
+    let with_account = std::fs::read_to_string(&config).unwrap();
+    write_config_with(dir.path(), "", "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let mut daemon = Daemon::spawn(&config);
+    std::fs::write(&config, with_account).unwrap();
+    daemon.reload();
+    let line = daemon.wait_log("relay_event=\"authorization_needed\"");
+    assert!(line.contains("relay authorize office"), "{line}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 /// A grant the provider revoked, authorized again while the daemon runs: the daemon says it took the new grant
 /// up (`token_refreshed`, which closes the `authorization_needed` incident) when it first reads it.
 #[tokio::test]
