@@ -17,7 +17,10 @@ const RESERVE: u64 = 256;
 /// `fs.nr_open`, would be refused).
 const CEILING: u64 = 1 << 20;
 
-/// Raises the soft limit to the hard one; returns the limit now in force, and what it was when raised.
+/// Raises the soft limit to the hard one (at most [`CEILING`]); returns the limit now in force, and what it was
+/// when raised.
+// `rlim_t` is u64 here, u32 on some 32-bit targets: the conversions are needed there.
+#[allow(clippy::useless_conversion)]
 pub fn raise() -> std::io::Result<(u64, Option<u64>)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -27,27 +30,29 @@ pub fn raise() -> std::io::Result<(u64, Option<u64>)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let target = lim.rlim_max.min(CEILING);
-    if lim.rlim_cur >= target {
-        return Ok((lim.rlim_cur, None));
+    let (soft, hard) = (u64::from(lim.rlim_cur), u64::from(lim.rlim_max));
+    let target = hard.min(CEILING);
+    if soft >= target {
+        return Ok((soft, None));
     }
-    let was = lim.rlim_cur;
-    lim.rlim_cur = target;
+    lim.rlim_cur = libc::rlim_t::try_from(target).unwrap_or(lim.rlim_max);
     // SAFETY: setrlimit reads the struct we own; a soft limit up to the hard one needs no privilege.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((target, Some(was)))
+    Ok((target, Some(soft)))
 }
 
 /// The soft limit in force.
+#[allow(clippy::useless_conversion)]
 fn current() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we own.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0)
+        .then(|| u64::from(lim.rlim_cur))
 }
 
 /// What the config may hold open at once: two per inbound session (socket, queue file), two per upstream

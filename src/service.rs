@@ -42,7 +42,7 @@ where
     let signals = Signals::install();
     let relay = Relay::start(&config).await?;
     // Once the state dir is this daemon's (`Relay::start` took its lock).
-    let report = crate::running::Report::started(&config);
+    let report = Arc::new(crate::running::Report::started(&config));
     if config.accounts.is_empty() {
         tracing::warn!(
             "no [[account]] is configured: mail is accepted and queued, but not delivered"
@@ -152,8 +152,18 @@ fn daemon_warnings(config: &Config) -> Vec<crate::config::Warning> {
 struct Loads<L> {
     load: Arc<L>,
     /// `STATE_DIR/daemon.json`, for `relay status`.
-    report: crate::running::Report,
+    report: Arc<crate::running::Report>,
     warned: Warned,
+}
+
+impl<L> Loads<L> {
+    /// `daemon.json` rewritten on the blocking pool: a small file, but a stalled disk must not hold the loop that
+    /// drives the daemon (its reloads, its stop). Awaited, so that the file is written before the log line that
+    /// a sysadmin runs `relay status` after.
+    async fn report_off_thread(&self, f: impl FnOnce(&crate::running::Report) + Send + 'static) {
+        let report = self.report.clone();
+        let _ = tokio::task::spawn_blocking(move || f(&report)).await;
+    }
 }
 
 /// The config warnings already logged: a reload logs only new ones, so that a SIGHUP from a log rotation or a
@@ -216,7 +226,10 @@ where
             match reloader.reload(config).await {
                 Ok(done) => {
                     // Before the log line, which is what a sysadmin (or a test) runs `relay status` after.
-                    loads.report.reloaded(&file, &digest);
+                    let source = file.clone();
+                    loads
+                        .report_off_thread(move |r| r.reloaded(&source, &digest))
+                        .await;
                     tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
                     // As at start: a renewed certificate that is already expired, a listener no one can use.
                     loads.warned.log(warnings);
@@ -230,7 +243,10 @@ where
                         _ => format!("{file}: {e}"),
                     };
                     let (key, reason) = e.key_and_reason(&accounts).unzip();
-                    loads.report.refused(&why);
+                    {
+                        let why = why.clone();
+                        loads.report_off_thread(move |r| r.refused(&why)).await;
+                    }
                     tracing::error!(
                         relay_event = "reload_refused",
                         file = %file,
@@ -249,7 +265,10 @@ where
                 .map(|p| format!("{}: {}: {}", p.file, p.key, p.reason))
                 .collect::<Vec<_>>()
                 .join("; ");
-            loads.report.refused(&all);
+            {
+                let all = all.clone();
+                loads.report_off_thread(move |r| r.refused(&all)).await;
+            }
             tracing::error!(
                 relay_event = "reload_refused",
                 file = %e.file,
@@ -262,7 +281,10 @@ where
         }
         Err(e) => {
             let why = format!("cannot read the config: {e}");
-            loads.report.refused(&why);
+            {
+                let why = why.clone();
+                loads.report_off_thread(move |r| r.refused(&why)).await;
+            }
             tracing::error!(relay_event = "reload_refused", error = %e, "cannot read the config; the running one stays");
             Some(why)
         }

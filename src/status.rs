@@ -192,7 +192,7 @@ pub fn refused_for_itself(reply: &str) -> bool {
             || (words("413") && !words("ErrorQuotaExceeded"))))
         || (reply.starts_with("Gmail API 400 ") && words("invalidArgument"))
         // relay's own refusal of a message over the API's size limit
-        || ["Graph: the message is ", "Graph: without the attachments relay can upload", "Gmail API: the message is "]
+        || ["Graph: the message is ", "Graph: without the attachments relay can upload", "Graph: even without its attachments", "Gmail API: the message is "]
             .iter()
             .any(|p| reply.starts_with(p))
     {

@@ -229,6 +229,8 @@ pub struct Delivery {
     /// back off. Small (a count and the finished list, rarely any): one entry per message whose write failed.
     /// Shared across reloads, like `delivered`.
     unrecorded: Arc<Mutex<HashMap<QueueId, Unrecorded>>>,
+    /// Messages whose unreadable state file was said (a warning each, once per run; at most [`MAX_SAID`]).
+    state_unreadable_said: Arc<Mutex<std::collections::HashSet<QueueId>>>,
     /// Attempts started that have not yet taken (or given up on) a connection, and a wake-up for the scheduler
     /// when a delivery hands its connection back: with these the scheduler starts no more attempts than there
     /// are connections free, rather than attempts that read their message only to be parked.
@@ -263,6 +265,9 @@ const RECHECK: Duration = Duration::from_secs(30);
 /// When a message whose state file cannot be read is looked at again: longer than [`RECHECK`], since each look
 /// logs a warning (a state dir whose files root made unreadable would otherwise write one per message every 30 s).
 const STATE_RECHECK: Duration = Duration::from_secs(300);
+
+/// The most messages whose unreadable state is remembered as said; past it, the rest are said at debug.
+const MAX_SAID: usize = 10_000;
 
 /// A hold by a sending limit longer than this is written into the message's state for `relay queue` and `relay
 /// status` (a per-minute limit's seconds are not worth a write per message).
@@ -419,6 +424,7 @@ impl Delivery {
             memory: Arc::new(Semaphore::new(MEMORY_UNITS as usize)),
             delivered: Arc::default(),
             unrecorded: Arc::default(),
+            state_unreadable_said: Arc::default(),
             seekers: Arc::default(),
             slot_freed: Arc::default(),
             recovered: Arc::default(),
@@ -433,6 +439,7 @@ impl Delivery {
             memory: self.memory.clone(),
             delivered: self.delivered.clone(),
             unrecorded: self.unrecorded.clone(),
+            state_unreadable_said: self.state_unreadable_said.clone(),
             // Attempts begun before the reload still seek connections of the accounts it kept.
             seekers: self.seekers.clone(),
             slot_freed: self.slot_freed.clone(),
@@ -795,19 +802,16 @@ impl Delivery {
             // Counted as a failed attempt, so that it follows the retry schedule (and is said in the log each time).
             Err(e @ FileError::Io { .. }) => {
                 let why = format!("cannot read the queue file: {e}");
-                let state = self.state_to_update(id);
+                // Its state neither: nothing is written over it (it names the recipients already reached).
+                let Ok(mut state) = self.state_to_update(id) else {
+                    return Attempted::later(now + STATE_RECHECK);
+                };
                 // Never readable (a directory by that name, a file root made unreadable to relay's user): it
                 // expires like any other message, into dead/ with the reason, instead of being tried for ever.
                 if self.past_max_age(id, now) {
                     seeking.chosen();
-                    return self
-                        .clone()
-                        .expire(id, state.unwrap_or_default(), why)
-                        .await;
+                    return self.clone().expire(id, state, why).await;
                 }
-                let Ok(mut state) = state else {
-                    return Attempted::later(now + STATE_RECHECK);
-                };
                 seeking.chosen();
                 return self
                     .clone()
@@ -849,14 +853,10 @@ impl Delivery {
         {
             return Attempted::Done { account: None };
         }
-        let mut state = match self.state_to_update(id) {
-            Ok(state) => state,
-            // As a queue file that cannot be read: past max_age, into dead/ with the reason.
-            Err(why) if self.past_max_age(id, now) => {
-                seeking.chosen();
-                return self.clone().expire(id, DeliveryState::default(), why).await;
-            }
-            Err(_) => return Attempted::later(now + STATE_RECHECK),
+        // Not expired either while its state cannot be read: its max_age may have begun again (a move back from
+        // dead/), and dead/ would get a blank state, the recipients already reached forgotten (and bounced).
+        let Ok(mut state) = self.state_to_update(id) else {
+            return Attempted::later(now + STATE_RECHECK);
         };
         let opened = Arc::new(opened);
         let locked = opened.clone();
@@ -1715,9 +1715,10 @@ impl Delivery {
 
     /// The message's delivery state, for an attempt that writes it back. A state file that is there but cannot
     /// be read just now (out of descriptors, an I/O error, its permissions) is not taken for "never tried":
-    /// written back so, the recipients already reached would be forgotten, and sent the message again. `None`
-    /// then (the reason), and the message waits. A damaged one (not JSON, or not a file) never reads, so the
-    /// message goes as on its first attempt, said in the log.
+    /// written back so, the recipients already reached would be forgotten, and sent the message again. An
+    /// error then (the reason), and the message waits, said once per message and run (a reread of the schedule sees it
+    /// due again). A damaged one (not JSON, or not a file) never reads, so the message goes as on its first
+    /// attempt, said in the log.
     fn state_to_update(&self, id: QueueId) -> Result<DeliveryState, String> {
         match try_read_state(&self.paths.queue, id) {
             Ok(state) => Ok(state.unwrap_or_default()),
@@ -1733,14 +1734,21 @@ impl Delivery {
                 Ok(DeliveryState::default())
             }
             Err(e) => {
-                tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state, which names the recipients it already reached; it waits, and is looked at again in 5 minutes");
+                let first = {
+                    let mut said = lock(&self.state_unreadable_said);
+                    said.len() < MAX_SAID && said.insert(id)
+                };
+                if first {
+                    tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state, which names the recipients it already reached; it waits, looked at again every 5 minutes, until the file can be read");
+                } else {
+                    tracing::debug!(relay_queue_id = %id, error = %e, "the message's delivery state still cannot be read");
+                }
                 Err(format!("cannot read its delivery state: {e}"))
             }
         }
     }
 
-    /// Whether `id` has been queued longer than `max_age` (by its id's time: for a message whose state, which
-    /// may say it was moved back from dead/ since, cannot be read).
+    /// Whether `id` has been queued longer than `max_age`, by its id's time.
     fn past_max_age(&self, id: QueueId, now: SystemTime) -> bool {
         id.created_at()
             .checked_add(self.queue.max_age)

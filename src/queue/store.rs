@@ -115,13 +115,16 @@ pub struct QueueEntry {
 }
 
 /// What [`QueueStore::delete_where`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Deleted {
     pub deleted: usize,
     /// Held by a delivery attempt at that moment: left.
     pub busy: usize,
     /// Files that cannot be read as messages: not looked at, not removed.
     pub unreadable: usize,
+    /// Messages that could not be removed, and the first reason.
+    pub failed: usize,
+    pub first_error: Option<String>,
 }
 
 /// The queue as seen from the state dir.
@@ -353,25 +356,28 @@ impl QueueStore {
             })?,
             ..Deleted::default()
         };
+        // Past an error the others are still deleted, and the directory flushed for those that were: one
+        // left behind by an early return could come back after a power cut, and be sent.
         for id in ids {
             let path = msg_path(dir, id);
-            let file = match crate::small_files::open_regular(&path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                other => other.map_err(io_err(&path))?,
-            };
-            match lock(&file, &path, id, "deleted") {
-                Err(StoreError::Busy { .. }) => {
-                    done.busy += 1;
-                    continue;
+            let removed = crate::small_files::open_regular(&path)
+                .map_err(io_err(&path))
+                .and_then(|file| {
+                    lock(&file, &path, id, "deleted")?;
+                    fs::remove_file(&path).map_err(io_err(&path))
+                });
+            match removed {
+                Ok(()) => {
+                    let _ = fs::remove_file(state_path(dir, id));
+                    done.deleted += 1;
                 }
-                other => other?,
+                Err(StoreError::Busy { .. }) => done.busy += 1,
+                Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    done.failed += 1;
+                    done.first_error.get_or_insert_with(|| e.to_string());
+                }
             }
-            match fs::remove_file(&path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                other => other.map_err(io_err(&path))?,
-            }
-            let _ = fs::remove_file(state_path(dir, id));
-            done.deleted += 1;
         }
         if done.deleted > 0 {
             sync_dir(dir)?;
@@ -435,9 +441,18 @@ impl QueueStore {
 /// message's lock for its whole length (`delivery.rs`), so this tells a message being sent. Read, not tried: a
 /// lock this command took, even for an instant, would make an attempt starting then put the message off. Empty
 /// where `/proc/locks` cannot be read: nothing is marked then.
-fn locked_files() -> HashSet<(u64, u64)> {
+///
+/// By inode alone: /proc/locks names the superblock's device, which `stat` does not give on btrfs subvolumes or
+/// overlay filesystems. Another file with the same inode number on another filesystem would only show a message
+/// as being sent.
+fn locked_files() -> HashSet<u64> {
     fs::read_to_string("/proc/locks")
-        .map(|text| text.lines().filter_map(flock_of).collect())
+        .map(|text| {
+            text.lines()
+                .filter_map(flock_of)
+                .map(|(_, ino)| ino)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -455,9 +470,9 @@ fn flock_of(line: &str) -> Option<(u64, u64)> {
     Some((libc::makedev(major, minor), inode))
 }
 
-fn is_locked(locked: &HashSet<(u64, u64)>, path: &Path) -> bool {
+fn is_locked(locked: &HashSet<u64>, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    !locked.is_empty() && fs::metadata(path).is_ok_and(|m| locked.contains(&(m.dev(), m.ino())))
+    !locked.is_empty() && fs::metadata(path).is_ok_and(|m| locked.contains(&m.ino()))
 }
 
 /// Takes a message file's lock, which a delivery attempt holds for its whole length (`delivery.rs`).

@@ -531,7 +531,12 @@ impl Session {
             // An error as in Postfix: a client that never logs in cannot hold its connection by asking for ever.
             return self.error(Reply::new(530, "5.7.0", text));
         }
-        if size > self.policy.max_message_size {
+        // With relay's own Received: line, as the data will be counted: a size declared at the limit would
+        // otherwise be uploaded whole, then refused.
+        let trace = self
+            .received_header(QueueId::new(), SystemTime::now())
+            .len() as u64;
+        if size > 0 && size.saturating_add(trace) > self.policy.max_message_size {
             return self.error(Reply::new(
                 552,
                 "5.3.4",
@@ -671,8 +676,6 @@ impl Session {
         progress
     }
 
-    /// The body ended as an LF-only client ends it, on a `reject` listener: the message is refused and the
-    /// connection must be closed after the reply.
     /// Every command so far ended with LF alone: a device that ends its data with `LF . LF` too.
     pub fn commands_end_with_lf(&self) -> bool {
         !self.crlf_client
@@ -683,6 +686,8 @@ impl Session {
         self.data.as_ref().is_some_and(|d| d.receiver.saw_bare)
     }
 
+    /// The body ended as an LF-only client ends it, on a `reject` listener: the message is refused and the
+    /// connection must be closed after the reply.
     pub fn data_ended_by_bare_lf(&self) -> bool {
         self.data
             .as_ref()

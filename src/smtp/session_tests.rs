@@ -612,6 +612,16 @@ fn the_size_limit_counts_relays_own_trace_line() {
         s.feed_data(&mut input, &mut out);
         assert_eq!(s.refusal().is_some(), refused, "{body} + {trace}");
     }
+    // A size declared at MAIL is counted so too: refused before the upload, not after it.
+    let mut s = session(AuthPolicy::None);
+    steps(&mut s, b"EHLO x\r\n");
+    let trace = s.received_header(QueueId::new(), SystemTime::now()).len();
+    let declared = |n: usize| format!("MAIL FROM:<a@b> SIZE={n}\r\nRSET\r\n");
+    assert_eq!(replies(&mut s, declared(1000).as_bytes())[0], "552 5.3.4");
+    assert_eq!(
+        replies(&mut s, declared(1000 - trace).as_bytes())[0],
+        "250 2.1.0"
+    );
 }
 
 #[test]
@@ -1063,8 +1073,8 @@ fn ordinary_clients_are_not_cut_off() {
 #[test]
 fn mail_without_room_in_the_queue_is_refused_for_now() {
     let mut s = greeted(AuthPolicy::None);
-    let mut input: &[u8] = b"MAIL FROM:<a@example.com> SIZE=900\r\n";
-    assert!(matches!(s.next(&mut input), Step::Room(900)));
+    let mut input: &[u8] = b"MAIL FROM:<a@example.com> SIZE=800\r\n";
+    assert!(matches!(s.next(&mut input), Step::Room(800)));
     assert_eq!(codes(&[Step::Reply(s.room_checked(false))]), ["452 4.3.1"]);
     assert_eq!(
         codes(&steps(&mut s, b"RCPT TO:<b@example.com>\r\n")),

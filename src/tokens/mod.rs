@@ -95,6 +95,9 @@ pub struct AccountTokens {
     /// The access token as last seen under `state`'s lock, and its expiry: what deliveries take while a renewal
     /// holds the lock (see [`AccountTokens::access_token`]).
     in_hand: std::sync::Mutex<Option<(SecretString, SystemTime)>>,
+    /// The last token an upstream refused: never put in hand again (a look at the tokens before its replacement
+    /// is fetched would otherwise hand it out once more).
+    refused: std::sync::Mutex<Option<SecretString>>,
     /// A refresher task renews this account's token on its own schedule (the daemon's; not `relay test`): a
     /// delivery then leaves a renewal it does not need yet to it.
     followed: std::sync::atomic::AtomicBool,
@@ -153,6 +156,7 @@ impl AccountTokens {
             stopping: std::sync::atomic::AtomicBool::new(false),
             replaced: tokio::sync::Notify::new(),
             in_hand: std::sync::Mutex::new(None),
+            refused: std::sync::Mutex::new(None),
             followed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -195,10 +199,17 @@ impl AccountTokens {
 
     /// Notes the token `state` holds, for deliveries that come while a renewal holds the lock.
     fn keep_in_hand(&self, state: &State) {
+        use secrecy::ExposeSecret;
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         *self.in_hand.lock().unwrap_or_else(|p| p.into_inner()) = state
             .tokens
             .as_ref()
             .filter(|t| !t.needs_authorization)
+            .filter(|t| {
+                refused
+                    .as_ref()
+                    .is_none_or(|r| r.expose_secret() != t.access_token.expose_secret())
+            })
             .map(|t| (t.access_token.clone(), t.expires_at));
     }
 
@@ -235,12 +246,22 @@ impl AccountTokens {
             // need not hold up mail, whatever the failure (the endpoint down, a proxy's page, a reply not
             // understood, a refused client secret: the token already issued stays valid till it expires). Only
             // a dead grant stops it: `invalid_grant` for a person's grant, which `refresh_locked` has marked.
-            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => match &state.tokens {
-                Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
-                    Ok(t.access_token.clone())
+            // (A grant without a refresh token cannot be renewed either, but its token is good until it expires:
+            // `cannot_renew` marks it only then.)
+            Err(e)
+                if !matches!(e, TokenError::NeedsAuthorization(_))
+                    || state
+                        .tokens
+                        .as_ref()
+                        .is_some_and(|t| !t.needs_authorization) =>
+            {
+                match &state.tokens {
+                    Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
+                        Ok(t.access_token.clone())
+                    }
+                    _ => Err(e),
                 }
-                _ => Err(e),
-            },
+            }
             other => other,
         }
     }
@@ -320,6 +341,7 @@ impl AccountTokens {
         use secrecy::ExposeSecret;
         // Not handed to deliveries again while its replacement is fetched.
         {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(refused.clone());
             let mut in_hand = self.in_hand.lock().unwrap_or_else(|p| p.into_inner());
             if in_hand
                 .as_ref()
@@ -592,9 +614,13 @@ impl AccountTokens {
     pub fn carry_trouble_from(&self, old: &AccountTokens) {
         let old = *old.trouble.lock().unwrap_or_else(|p| p.into_inner());
         let mut t = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(since) = old.0.or(old.1) {
-            t.0 = Some(t.0.map_or(since, |s| s.min(since)));
-        }
+        let earliest = |a: Option<std::time::Instant>, b: Option<std::time::Instant>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Still failing, and came back but not yet taken by delivery: each carried as it was.
+        t.0 = earliest(t.0, old.0);
+        t.1 = earliest(t.1, old.1);
     }
 
     /// Whether the account holds tokens that could not be saved yet.
@@ -637,7 +663,6 @@ impl AccountTokens {
         }
     }
 
-    /// Records a successful write of `tokens`, whose file now hashes to `hash`.
     /// A person's grant that came without a refresh token (a `scope` without `offline_access`) cannot be
     /// renewed: said once while its access token lasts; once that has run out the account needs authorizing,
     /// marked and said as a revoked grant is (the file, `authorization_needed`, the alert), not left to look `ok`.
@@ -658,11 +683,13 @@ impl AccountTokens {
         let mut marked = t.clone();
         marked.needs_authorization = true;
         marked.last_error = Some(fix.clone());
-        if let Ok(Some(hash)) = self
+        // Marked in memory whether or not the file can be written: said once, not at every look.
+        match self
             .store
             .save_if_unchanged(&self.name, &marked, state.file_hash)
         {
-            self.saved(state, marked, hash);
+            Ok(Some(hash)) => self.saved(state, marked, hash),
+            _ => state.tokens = Some(marked),
         }
         tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, "{fix}; mail stays queued until then");
         crate::events::emit(crate::events::Event::AuthorizationNeeded {
@@ -671,6 +698,7 @@ impl AccountTokens {
         });
     }
 
+    /// Records a successful write of `tokens`, whose file now hashes to `hash`.
     fn saved(&self, state: &mut State, tokens: StoredTokens, hash: blake3::Hash) {
         state.file_hash = Some(hash);
         state.file_mtime = self.store.mtime(&self.name);

@@ -371,19 +371,22 @@ impl GraphUpstream {
     /// What the draft must say that its MIME does not: the envelope's recipients when they differ from the
     /// headers', and no copy in Sent Items when the account says so.
     fn draft_changes(&self, recipients: &[String], header: &[u8]) -> Option<serde_json::Value> {
-        // Compared as the Gmail API's are (`mime::address_key`): a header's `hans@bücher.example` is the
-        // envelope's `hans@xn--bcher-kva.example`.
-        let headers: Vec<(Field, String)> = mime::header_recipients(header)
-            .into_iter()
-            .map(|(f, a)| (f, mime::address_key(&a)))
-            .collect();
-        let envelope: HashSet<String> = recipients.iter().map(|r| mime::address_key(r)).collect();
+        let headers = mime::header_recipients(header);
+        let envelope: HashSet<String> = recipients.iter().map(|r| r.to_ascii_lowercase()).collect();
         let named: HashSet<&String> = headers.iter().map(|(_, a)| a).collect();
+        // Exactly the envelope's addresses, or the envelope's are set: a header's `hans@bücher.example` then goes
+        // as the envelope's `hans@xn--bcher-kva.example`, which every server reads.
         let same = named.len() == envelope.len() && envelope.iter().all(|r| named.contains(r));
         let mut patch = serde_json::Map::new();
         if !same {
+            // Each in the field the headers name it in, compared as the Gmail API compares them (`address_key`:
+            // the same domain in Unicode or in ASCII).
+            let keyed: Vec<(Field, String)> = headers
+                .iter()
+                .map(|(f, a)| (*f, mime::address_key(a)))
+                .collect();
             let field = |r: &str| {
-                headers
+                keyed
                     .iter()
                     .find(|(f, a)| a == r && *f != Field::Bcc)
                     .map_or(Field::Bcc, |(f, _)| *f)
@@ -602,16 +605,20 @@ mod tests {
         }
     }
 
-    /// A header's Unicode domain is the envelope's punycode one: the same recipient, kept in To:, not moved to
-    /// Bcc with To: emptied.
+    /// A header's Unicode domain is the envelope's punycode one: the same recipient, set in ASCII and kept in
+    /// To:, not moved to Bcc with To: emptied.
     #[test]
     fn a_unicode_domain_in_the_headers_is_the_envelopes_ascii_one() {
         let g = GraphUpstream::new("https://graph.test", "box@example.com".into(), true).unwrap();
         let msg = "To: Hans <hans@bücher.example>\r\n\r\nhi\r\n".as_bytes();
-        assert!(
-            g.draft_changes(&["hans@xn--bcher-kva.example".into()], msg)
-                .is_none()
+        let p = g
+            .draft_changes(&["hans@xn--bcher-kva.example".into()], msg)
+            .unwrap();
+        assert_eq!(
+            p["toRecipients"][0]["emailAddress"]["address"],
+            "hans@xn--bcher-kva.example"
         );
+        assert_eq!(p["bccRecipients"].as_array().unwrap().len(), 0);
     }
 
     #[test]

@@ -228,7 +228,7 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 from.as_ref().is_none_or(|f| e.sender.to_lowercase() == *f)
                     && user.as_ref().is_none_or(|u| e.user.as_ref() == Some(u))
             };
-            let mut busy = 0;
+            let (mut busy, mut failed) = (0, false);
             for (place, asked, what) in
                 [(Place::Queued, all, "queued"), (Place::Dead, dead, "dead")]
             {
@@ -244,6 +244,13 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                         store.dir(place).display()
                     );
                 }
+                if let Some(e) = &done.first_error {
+                    eprintln!(
+                        "relay: {} message(s) could not be deleted; the first: {e}",
+                        done.failed
+                    );
+                    failed = true;
+                }
                 busy += done.busy;
             }
             note_missing();
@@ -251,9 +258,12 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                 eprintln!(
                     "relay: {busy} message(s) in a delivery attempt right now were left: if the upstream takes them, they leave the queue by themselves; run the command again in a moment for the others"
                 );
-                return Ok(ExitCode::from(1));
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if busy > 0 || failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
