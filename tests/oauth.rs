@@ -1210,15 +1210,7 @@ async fn authorize_without_write_access_to_the_tokens_says_so_before_the_sign_in
     let tokens = dir.path().join("state/tokens");
     std::fs::create_dir_all(&tokens).unwrap();
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o555)).unwrap();
-    // Root writes anywhere: without the capabilities that let it, as an ordinary user would be.
-    let mut cmd = if is_root() {
-        let mut c = tokio::process::Command::new("setpriv");
-        c.args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
-            .arg(relay_bin());
-        c
-    } else {
-        tokio::process::Command::new(relay_bin())
-    };
+    let mut cmd = tokio::process::Command::from(relay_without_file_override());
     cmd.args(["authorize", "office", "--config"]).arg(&config);
     let out = tokio::time::timeout(LIMIT, cmd.output())
         .await

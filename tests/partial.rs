@@ -697,16 +697,7 @@ async fn a_state_file_that_cannot_be_read_holds_the_message_instead_of_sending_i
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o000)).unwrap();
     let config = dir.path().join("relay.toml");
-    // Root reads any file: the daemon runs without the capabilities that let it (as the service's own user would
-    // find a file root left it unable to read).
-    let mut cmd = if is_root() {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
-            .arg(relay_bin());
-        c
-    } else {
-        std::process::Command::new(relay_bin())
-    };
+    let mut cmd = relay_without_file_override();
     cmd.args(["serve", "--config"]).arg(&config);
     let mut d = Daemon::start(cmd);
     let line = d.wait_log("cannot read the message's delivery state");

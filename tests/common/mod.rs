@@ -798,3 +798,16 @@ pub fn open_file_limit(cmd: &mut Command, soft: u64, hard: u64) {
         });
     }
 }
+
+/// `relay` as an ordinary user runs it: root reads and writes any file, so run as root the binary goes without
+/// the capabilities that let it (a file left unreadable to the service's user, a directory it cannot write).
+pub fn relay_without_file_override() -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
+            .arg(relay_bin());
+        c
+    } else {
+        Command::new(relay_bin())
+    }
+}
