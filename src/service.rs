@@ -157,9 +157,9 @@ struct Loads<L> {
 }
 
 impl<L> Loads<L> {
-    /// `daemon.json` rewritten on the blocking pool: a small file, but a stalled disk must not hold the loop that
-    /// drives the daemon (its reloads, its stop). Awaited, so that the file is written before the log line that
-    /// a sysadmin runs `relay status` after.
+    /// `daemon.json` rewritten on the blocking pool: a small file, but a stalled disk must not hold a runtime
+    /// worker (the sessions and deliveries on it). Awaited, so that the file is written before the log line that
+    /// a sysadmin runs `relay status` after; a SIGTERM meanwhile waits for it.
     async fn report_off_thread(&self, f: impl FnOnce(&crate::running::Report) + Send + 'static) {
         let report = self.report.clone();
         let _ = tokio::task::spawn_blocking(move || f(&report)).await;

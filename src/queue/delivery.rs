@@ -229,8 +229,9 @@ pub struct Delivery {
     /// back off. Small (a count and the finished list, rarely any): one entry per message whose write failed.
     /// Shared across reloads, like `delivered`.
     unrecorded: Arc<Mutex<HashMap<QueueId, Unrecorded>>>,
-    /// Messages whose unreadable state file was said (a warning each, once per run; at most [`MAX_SAID`]).
-    state_unreadable_said: Arc<Mutex<std::collections::HashSet<QueueId>>>,
+    /// Messages whose state file cannot be read, and when that was last said (a warning each, then again every
+    /// [`STATE_RESAID`]; at most [`MAX_SAID`] remembered). Forgotten once the file reads again.
+    state_unreadable_said: Arc<Mutex<HashMap<QueueId, std::time::Instant>>>,
     /// Attempts started that have not yet taken (or given up on) a connection, and a wake-up for the scheduler
     /// when a delivery hands its connection back: with these the scheduler starts no more attempts than there
     /// are connections free, rather than attempts that read their message only to be parked.
@@ -262,9 +263,11 @@ const READ_INLINE: u64 = 16 << 10;
 /// end of its own) comes up again.
 const RECHECK: Duration = Duration::from_secs(30);
 
-/// When a message whose state file cannot be read is looked at again: longer than [`RECHECK`], since each look
-/// logs a warning (a state dir whose files root made unreadable would otherwise write one per message every 30 s).
+/// When a message whose state file cannot be read is looked at again.
 const STATE_RECHECK: Duration = Duration::from_secs(300);
+
+/// How often a message whose state file still cannot be read is said again: it waits until the file is fixed.
+const STATE_RESAID: Duration = Duration::from_secs(3600);
 
 /// The most messages whose unreadable state is remembered as said; past it, the rest are said at debug.
 const MAX_SAID: usize = 10_000;
@@ -806,8 +809,8 @@ impl Delivery {
                 let Ok(mut state) = self.state_to_update(id) else {
                     return Attempted::later(now + STATE_RECHECK);
                 };
-                // Never readable (a directory by that name, a file root made unreadable to relay's user): it
-                // expires like any other message, into dead/ with the reason, instead of being tried for ever.
+                // Never readable (a directory by that name, a file root made unreadable to relay's user), its state
+                // readable: it expires like any other message, into dead/ with the reason.
                 if self.past_max_age(id, now) {
                     seeking.chosen();
                     return self.clone().expire(id, state, why).await;
@@ -1721,7 +1724,14 @@ impl Delivery {
     /// attempt, said in the log.
     fn state_to_update(&self, id: QueueId) -> Result<DeliveryState, String> {
         match try_read_state(&self.paths.queue, id) {
-            Ok(state) => Ok(state.unwrap_or_default()),
+            Ok(state) => {
+                if let Ok(mut said) = self.state_unreadable_said.lock()
+                    && !said.is_empty()
+                {
+                    said.remove(&id);
+                }
+                Ok(state.unwrap_or_default())
+            }
             // Damaged, or not a file (a directory or FIFO in its place): it never reads, so the message goes to every
             // recipient again (a duplicate for some, never a loss).
             Err(e)
@@ -1736,10 +1746,15 @@ impl Delivery {
             Err(e) => {
                 let first = {
                     let mut said = lock(&self.state_unreadable_said);
-                    said.len() < MAX_SAID && said.insert(id)
+                    let due = said.get(&id).is_none_or(|at| at.elapsed() >= STATE_RESAID);
+                    let room = said.len() < MAX_SAID || said.contains_key(&id);
+                    if due && room {
+                        said.insert(id, std::time::Instant::now());
+                    }
+                    due && room
                 };
                 if first {
-                    tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state, which names the recipients it already reached; it waits, looked at again every 5 minutes, until the file can be read");
+                    tracing::warn!(relay_queue_id = %id, error = %e, "cannot read the message's delivery state, which names the recipients it already reached; it waits, looked at again every 5 minutes (and said again hourly), until the file can be read or the message is deleted");
                 } else {
                     tracing::debug!(relay_queue_id = %id, error = %e, "the message's delivery state still cannot be read");
                 }

@@ -533,9 +533,11 @@ impl Session {
         }
         // With relay's own Received: line, as the data will be counted: a size declared at the limit would
         // otherwise be uploaded whole, then refused.
+        // (Its protocol word is 3 bytes longer once the transaction is SMTPUTF8: counted as if it were.)
         let trace = self
             .received_header(QueueId::new(), SystemTime::now())
-            .len() as u64;
+            .len() as u64
+            + 3;
         if size > 0 && size.saturating_add(trace) > self.policy.max_message_size {
             return self.error(Reply::new(
                 552,
