@@ -329,6 +329,25 @@ fn stored(
     }
 }
 
+/// An upstream taking the token `current`, and a device-code account on it and `idp` whose access token
+/// `current` has five minutes left of an hour: inside the renewal window (the last ten minutes).
+async fn in_renewal_window(
+    idp: &MockServer,
+    last_refresh_ago: Duration,
+) -> (FakeUpstream, tempfile::TempDir, std::path::PathBuf) {
+    let upstream = FakeUpstream::start(&["current"]).await;
+    let (dir, config) = device_config(idp, upstream.addr.port());
+    save_tokens(
+        &dir.path().join("state"),
+        &stored(
+            Duration::from_secs(300),
+            Duration::from_secs(3600),
+            last_refresh_ago,
+        ),
+    );
+    (upstream, dir, config)
+}
+
 /// With no mail at all, a refresh token unused for a day is used, so that it never reaches its idle expiry.
 #[tokio::test]
 async fn idle_refresh_token_is_kept_alive() {
@@ -455,29 +474,47 @@ fn waits_for_lock(pid: u32) -> bool {
 }
 
 /// Mail for an account that is not yet authorized waits; `relay authorize`, run while the daemon runs, lets it
-/// go at once, without a restart.
+/// go at once, without a restart. So for a grant the provider revoked, authorized again: the daemon also says it
+/// took the new grant up (`token_refreshed`, which closes the `authorization_needed` incident) when it first reads
+/// it.
 #[tokio::test]
 async fn authorize_while_the_daemon_runs_releases_waiting_mail() {
-    let idp = device_code_idp(900).await;
-    device_code_poll()
-        .respond_with(tokens("access-1", "refresh-1"))
-        .mount(&idp)
-        .await;
-    let mut upstream = FakeUpstream::start(&["access-1"]).await;
-    let (_dir, config) = device_config(&idp, upstream.addr.port());
-    let mut daemon = Daemon::spawn(&config);
-    let id = send_message(daemon.addr, b"Subject: waiting\r\n\r\nbody\r\n").await;
-    let line = daemon.wait_log("relay_event=\"deferred\"");
-    assert!(
-        line.contains(&id) && line.contains("relay authorize office"),
-        "{line}"
-    );
-    authorize_succeeds(&config).await;
-    let got = upstream.next().await;
-    assert!(got.auth.contains("Bearer access-1"));
-    assert!(String::from_utf8_lossy(&got.data).contains("Subject: waiting"));
-    daemon.wait_log("relay_event=\"delivered\"");
-    assert_eq!(daemon.terminate().code(), Some(0));
+    for revoked in [false, true] {
+        let idp = device_code_idp(900).await;
+        device_code_poll()
+            .respond_with(tokens("access-1", "refresh-1"))
+            .mount(&idp)
+            .await;
+        let mut upstream = FakeUpstream::start(&["access-1"]).await;
+        let (dir, config) = device_config(&idp, upstream.addr.port());
+        if revoked {
+            let mut t = stored(
+                Duration::ZERO,
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+            );
+            t.needs_authorization = true;
+            save_tokens(&dir.path().join("state"), &t);
+        }
+        let mut daemon = Daemon::spawn(&config);
+        let id = send_message(daemon.addr, b"Subject: waiting\r\n\r\nbody\r\n").await;
+        let line = daemon.wait_log("relay_event=\"deferred\"");
+        assert!(line.contains(&id), "{line}");
+        if !revoked {
+            assert!(line.contains("relay authorize office"), "{line}");
+        }
+        authorize_succeeds(&config).await;
+        if revoked {
+            let line = daemon.wait_log("a new grant was stored");
+            assert!(line.contains("relay_event=\"token_refreshed\""), "{line}");
+        }
+        let got = upstream.next().await;
+        assert!(got.auth.contains("Bearer access-1"));
+        assert!(String::from_utf8_lossy(&got.data).contains("Subject: waiting"));
+        let delivered = daemon.wait_log("relay_event=\"delivered\"");
+        assert!(delivered.contains(&id), "{delivered}");
+        assert_eq!(daemon.terminate().code(), Some(0));
+    }
 }
 
 /// An account that needs a person to sign in, added by a reload, is said to need `relay authorize` at once, as
@@ -493,36 +530,6 @@ async fn an_account_added_by_a_reload_without_tokens_is_said_to_need_authorizing
     daemon.reload();
     let line = daemon.wait_log("relay_event=\"authorization_needed\"");
     assert!(line.contains("relay authorize office"), "{line}");
-    assert_eq!(daemon.terminate().code(), Some(0));
-}
-
-/// A grant the provider revoked, authorized again while the daemon runs: the daemon says it took the new grant
-/// up (`token_refreshed`, which closes the `authorization_needed` incident) when it first reads it.
-#[tokio::test]
-async fn a_revoked_grant_authorized_again_is_said_to_be_taken_up() {
-    let idp = device_code_idp(900).await;
-    device_code_poll()
-        .respond_with(tokens("access-1", "refresh-1"))
-        .mount(&idp)
-        .await;
-    let mut upstream = FakeUpstream::start(&["access-1"]).await;
-    let (dir, config) = device_config(&idp, upstream.addr.port());
-    let mut revoked = stored(
-        Duration::ZERO,
-        Duration::from_secs(3600),
-        Duration::from_secs(3600),
-    );
-    revoked.needs_authorization = true;
-    save_tokens(&dir.path().join("state"), &revoked);
-    let mut daemon = Daemon::spawn(&config);
-    let id = send_message(daemon.addr, b"Subject: waiting\r\n\r\nbody\r\n").await;
-    daemon.wait_log("relay_event=\"deferred\"");
-    authorize_succeeds(&config).await;
-    let line = daemon.wait_log("a new grant was stored");
-    assert!(line.contains("relay_event=\"token_refreshed\""), "{line}");
-    assert!(upstream.next().await.auth.contains("Bearer access-1"));
-    let delivered = daemon.wait_log("relay_event=\"delivered\"");
-    assert!(delivered.contains(&id), "{delivered}");
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
@@ -1131,18 +1138,7 @@ async fn a_token_still_valid_is_used_when_its_renewal_fails_with_a_page() {
         ),
     )
     .await;
-    let mut upstream = FakeUpstream::start(&["current"]).await;
-    let (dir, config) = device_config(&idp, upstream.addr.port());
-    let state = dir.path().join("state");
-    // Five minutes left of an hour: inside the renewal window (the last ten minutes).
-    save_tokens(
-        &state,
-        &stored(
-            Duration::from_secs(300),
-            Duration::from_secs(3600),
-            Duration::from_secs(3300),
-        ),
-    );
+    let (mut upstream, _dir, config) = in_renewal_window(&idp, Duration::from_secs(3300)).await;
     let mut d = Daemon::spawn(&config);
     let id = send_message(d.addr, b"Subject: still valid\r\n\r\nbody\r\n").await;
     let got = upstream.next().await;
@@ -1243,18 +1239,8 @@ async fn a_token_endpoint_that_hangs_does_not_hold_up_mail_while_the_token_is_go
         tokens("access-2", "refresh-2").set_delay(Duration::from_secs(600)),
     )
     .await;
-    let mut upstream = FakeUpstream::start(&["current"]).await;
-    let (dir, config) = device_config(&idp, upstream.addr.port());
-    let state = dir.path().join("state");
-    // Five minutes left of an hour: inside the renewal window, so the refresher renews at once, and hangs.
-    save_tokens(
-        &state,
-        &stored(
-            Duration::from_secs(300),
-            Duration::from_secs(3600),
-            Duration::ZERO,
-        ),
-    );
+    // Inside the renewal window: the refresher renews at once, and hangs.
+    let (mut upstream, _dir, config) = in_renewal_window(&idp, Duration::ZERO).await;
     let d = Daemon::spawn(&config);
     // The refresher asks at once, and waits; each upstream.next() is bounded (20 s), below the renewal's 30 s
     // timeout.

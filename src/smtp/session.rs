@@ -533,12 +533,9 @@ impl Session {
         }
         // With relay's own Received: line, as the data will be counted: a size declared at the limit would
         // otherwise be uploaded whole, then refused.
-        // (Its protocol word is 3 bytes longer once the transaction is SMTPUTF8: counted as if it were.)
-        let trace = self
-            .received_header(QueueId::new(), SystemTime::now())
-            .len() as u64
-            + 3;
-        if size > 0 && size.saturating_add(trace) > self.policy.max_message_size {
+        // (Its protocol word is 3 bytes longer once the transaction is SMTPUTF8: counted as if it were.) Only for a
+        // declared size: the trace line is not made for every MAIL.
+        if size > 0 && size.saturating_add(self.trace_len() + 3) > self.policy.max_message_size {
             return self.error(Reply::new(
                 552,
                 "5.3.4",
@@ -653,9 +650,7 @@ impl Session {
                 self.data = Some(DataState {
                     receiver: DataReceiver::new(self.body_line_endings()),
                     len: 0,
-                    reserved: self
-                        .received_header(QueueId::new(), SystemTime::now())
-                        .len() as u64,
+                    reserved: self.trace_len(),
                     too_big: false,
                 });
                 Step::Data(Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
@@ -781,6 +776,12 @@ impl Session {
             smtputf8: txn.smtputf8,
             via: None,
         })
+    }
+
+    /// The length of relay's own trace line as it stands now, which `max_message_size` counts with the data.
+    fn trace_len(&self) -> u64 {
+        self.received_header(QueueId::new(), SystemTime::now())
+            .len() as u64
     }
 
     /// The trace line put in front of the message (RFC 5321 section 4.4), with the protocol names of RFC 3848.
