@@ -841,6 +841,24 @@ async fn gmail_api_sends_to_the_envelope_not_to_every_header_address() {
         assert!(!head.contains(gone), "{gone} still named: {head}");
     }
     assert!(text.ends_with("Subject: shared\r\n\r\nhello\r\n"), "{text}");
+
+    // Every header address is the envelope's, and one more is hidden: one Bcc: line names both (a message has
+    // at most one), not the message's own and relay's.
+    let msg = b"From: scanner@lan.test\r\nTo: only@example.test\r\nBcc: secret@example.test\r\nSubject: two\r\n\r\nhi\r\n";
+    let to = [
+        "only@example.test",
+        "secret@example.test",
+        "hidden@example.test",
+    ];
+    send_to(relay.addr(), &to, msg).await;
+    let sent = api.sent(2).await;
+    let text = String::from_utf8_lossy(&sent[1].mime).into_owned();
+    let head = &text[..text.find("\r\n\r\n").unwrap()];
+    assert_eq!(head.matches("Bcc:").count(), 1, "{head}");
+    assert!(
+        head.starts_with("Bcc: secret@example.test, hidden@example.test\r\n"),
+        "{head}"
+    );
 }
 
 #[tokio::test]

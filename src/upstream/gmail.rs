@@ -144,7 +144,9 @@ impl GmailUpstream {
     ) -> Outcome {
         // Gmail sends to every address of To:, Cc: and Bcc:, whatever the envelope says.
         let keep: HashSet<String> = recipients.iter().map(|r| mime::address_key(r)).collect();
-        let narrowed = super::rewrite::narrow_recipients(message.header_block(), &keep)
+        // A message with its own Bcc: that names only some of the hidden recipients gets one merged line.
+        let adds_bcc = !hidden_recipients(recipients, message.header_block()).is_empty();
+        let narrowed = super::rewrite::narrow_recipients(message.header_block(), &keep, adds_bcc)
             .map(|(head, old)| message.with_head(head, old));
         let message = narrowed.as_ref().unwrap_or(message);
         let bcc = hidden_recipients(recipients, message.header_block());

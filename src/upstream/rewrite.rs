@@ -196,11 +196,13 @@ pub fn rewrite_header(mailbox: &str, message: &[u8]) -> Result<HeaderChange, Hea
 /// name (its recipient's mail routed through another account, or already delivered) must not be sent to. To: and
 /// Cc: keep their display names (groups are flattened) and go when nothing is left of them; Bcc: goes (the
 /// transport names what the headers do not in a `Bcc:` line of its own). `None` when every header address is
-/// kept, or the header section cannot be read. Otherwise the new start of the message, and how many bytes of it
-/// that replaces.
+/// kept (and `drop_bcc` is false or there is no Bcc:), or the header section cannot be read. Otherwise the new
+/// start of the message, and how many bytes of it that replaces. `drop_bcc`: the transport is about to add a
+/// `Bcc:` line, and a message may have only one (RFC 5322 3.6), so the message's own goes whatever it holds.
 pub fn narrow_recipients(
     message: &[u8],
     keep: &std::collections::HashSet<String>,
+    drop_bcc: bool,
 ) -> Option<(Vec<u8>, usize)> {
     let fields = header_fields(message).ok()?;
     let listed = |f: &Field| {
@@ -230,7 +232,8 @@ pub fn narrow_recipients(
         .filter(|f| listed(f))
         .flat_map(&addresses)
         .any(|(_, a)| !keep.contains(&super::mime::address_key(&a)));
-    if !outside {
+    let own_bcc = drop_bcc && fields.iter().any(|f| f.is(message, b"bcc"));
+    if !outside && !own_bcc {
         return None;
     }
     let end = fields.last()?.end;
@@ -542,17 +545,25 @@ mod tests {
         let keep = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
         let msg = b"Received: x\r\nTo: A <a@x>, b@x\r\nCC: team: c@x, =?UTF-8?B?w6k=?= <d@x>;\r\nBcc: e@x\r\nSubject: s\r\n\r\nbody\r\n";
         assert_eq!(
-            narrow_recipients(msg, &keep(&["a@x", "b@x", "c@x", "d@x", "e@x"])),
+            narrow_recipients(msg, &keep(&["a@x", "b@x", "c@x", "d@x", "e@x"]), false),
             None
         );
-        let (head, old) = narrow_recipients(msg, &keep(&["a@x", "d@x"])).unwrap();
+        let (head, old) = narrow_recipients(msg, &keep(&["a@x", "d@x"]), false).unwrap();
         assert_eq!(&msg[old..], b"\r\nbody\r\n");
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "Received: x\r\nTo: A <a@x>\r\nCC: =?UTF-8?B?w6k=?= <d@x>\r\nSubject: s\r\n"
         );
+        // Every address kept, but a Bcc: line is to be added: the message's own goes.
+        let (head, _) = narrow_recipients(
+            msg,
+            &keep(&["a@x", "b@x", "c@x", "d@x", "e@x", "f@x"]),
+            true,
+        )
+        .unwrap();
+        assert!(!String::from_utf8(head).unwrap().contains("Bcc"));
         // Nothing of To: left: the field goes.
-        let (head, _) = narrow_recipients(msg, &keep(&["c@x"])).unwrap();
+        let (head, _) = narrow_recipients(msg, &keep(&["c@x"]), false).unwrap();
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "Received: x\r\nCC: c@x\r\nSubject: s\r\n"
@@ -560,7 +571,7 @@ mod tests {
         // A Unicode domain in the header is the envelope's ASCII one; a field with no address stays.
         let idn =
             "To: u@b\u{fc}cher.de, v@x\r\nCc: undisclosed-recipients:;\r\n\r\nbody\r\n".as_bytes();
-        let (head, _) = narrow_recipients(idn, &keep(&["u@xn--bcher-kva.de"])).unwrap();
+        let (head, _) = narrow_recipients(idn, &keep(&["u@xn--bcher-kva.de"]), false).unwrap();
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "To: u@b\u{fc}cher.de\r\nCc: undisclosed-recipients:;\r\n"
