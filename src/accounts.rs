@@ -288,9 +288,11 @@ pub fn build_one(
     tokens_open(&a.name, store.check(&a.name)).map_err(err)?;
     let tokens = Arc::new(
         AccountTokens::new(a.name.clone(), renewal, client, store.clone())
-            .with_rotation(crate::config::Rotation::of(a)),
+            .with_rotation(crate::config::Rotation::of(a))
+            .with_provider(a.provider),
     );
-    let transports = Transports::new(&a.name, &config.state_dir, primary, fallback);
+    let transports =
+        Transports::new(&a.name, &config.state_dir, primary, fallback).with_provider(a.provider);
     let rewrite = SenderRewrite::new(a.mailbox.clone(), a.rewrite_from);
     let mut account =
         Account::new(a.name.clone(), tokens, transports, rewrite).with_connections(a.connections());

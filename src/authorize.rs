@@ -72,10 +72,15 @@ pub async fn authorize(
                 // The table's words where it knows the refusal: they name the setting to fix.
                 crate::oauth::RenewalError::OAuth(e) => {
                     let text = e.to_string();
-                    match crate::upstream::diagnosis::for_grant(&text, Some(name), false) {
-                        Some(_) => {
-                            failed(e.explained(name, false, &crate::config::Rotation::of(account)))
-                        }
+                    let provider = Some(account.provider);
+                    match crate::upstream::diagnosis::for_grant(&text, Some(name), false, provider)
+                    {
+                        Some(_) => failed(e.explained(
+                            name,
+                            false,
+                            &crate::config::Rotation::of(account),
+                            provider,
+                        )),
                         None => failed(explain(&e)),
                     }
                 }

@@ -90,15 +90,17 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
         .await;
     let diagnosis = match &outcome {
         Outcome::Delivered(_) => None,
-        other => crate::upstream::diagnosis::for_log(other.reply(), Some(account))
-            .map(|d| crate::config::Rotation::of(a).advise(&d))
-            // The HTTP transports put their own advice after the provider's words.
-            .or_else(|| {
-                other
-                    .reply()
-                    .rsplit_once(" — ")
-                    .map(|(_, why)| why.to_string())
-            }),
+        other => {
+            crate::upstream::diagnosis::for_log(other.reply(), Some(account), Some(a.provider))
+                .map(|d| crate::config::Rotation::of(a).advise(&d))
+                // The HTTP transports put their own advice after the provider's words.
+                .or_else(|| {
+                    other
+                        .reply()
+                        .rsplit_once(" — ")
+                        .map(|(_, why)| why.to_string())
+                })
+        }
     };
     let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();
     let report = Report {

@@ -497,17 +497,17 @@ async fn upstream_over_tls_verified_with_ca_file() {
     let other = self_signed("localhost", true, None);
     let refused = over_tls(&openssl_style, &other.0).await.unwrap_err();
     assert!(refused.contains("invalid peer certificate"), "{refused}");
-    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    let said = relay::upstream::diagnosis::diagnose(&refused, None).map(|d| d.code);
     assert_eq!(said, Some("TLS CaUsedAsEndEntity"), "{refused}");
     let unknown = over_tls(&self_signed("localhost", false, None), &other.0)
         .await
         .unwrap_err();
-    let said = relay::upstream::diagnosis::diagnose(&unknown).map(|d| d.code);
+    let said = relay::upstream::diagnosis::diagnose(&unknown, None).map(|d| d.code);
     assert_eq!(said, Some("TLS UnknownIssuer"), "{unknown}");
     let elsewhere = self_signed("mail.example.net", true, None);
     let refused = over_tls(&elsewhere, &elsewhere.0).await.unwrap_err();
     assert!(refused.contains("not valid for name"), "{refused}");
-    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    let said = relay::upstream::diagnosis::diagnose(&refused, None).map(|d| d.code);
     assert_eq!(said, Some("TLS NotValidForName"), "{refused}");
     // Dovecot's mkcert.sh makes certificates with a Common Name only: compared whole, as OpenSSL's clients do.
     let cn_only = self_signed("cn:localhost", true, None);
@@ -528,7 +528,7 @@ async fn upstream_over_tls_verified_with_ca_file() {
     }
     let expired = self_signed("localhost", true, Some((2021, 1, 1)));
     let refused = over_tls(&expired, &expired.0).await.unwrap_err();
-    let said = relay::upstream::diagnosis::diagnose(&refused).map(|d| d.code);
+    let said = relay::upstream::diagnosis::diagnose(&refused, None).map(|d| d.code);
     assert_eq!(said, Some("TLS Expired"), "{refused}");
 }
 

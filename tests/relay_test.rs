@@ -244,14 +244,7 @@ async fn each_listed_failure_gets_its_diagnosis() {
             Token(400, "invalid_grant", "Token has been expired or revoked."),
             "invalid_grant",
         ),
-        (
-            Token(
-                401,
-                "unauthorized_client",
-                "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
-            ),
-            "unauthorized_client",
-        ),
+        // (Google's service-account refusals fit only a Google account: `upstream::diagnosis`'s tests.)
     ];
     for (refusal, code) in cases {
         let idp = wiremock::MockServer::start().await;
@@ -281,6 +274,27 @@ async fn each_listed_failure_gets_its_diagnosis() {
             diagnosis.contains(&format!("({code})")),
             "{code}: {diagnosis}"
         );
+    }
+}
+
+/// A `generic` account's own server words its refusals as Exchange Online or Gmail do, meaning its own things:
+/// no advice about Microsoft's admin center or Google's scopes (the probe's on-premises 535 5.7.3 got both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_servers_refusal_gets_no_microsoft_or_google_advice() {
+    let idp = idp_issuing("tok-1").await;
+    for (reply, says) in [
+        (
+            "535 5.7.3 Authentication unsuccessful",
+            "relay has no advice",
+        ),
+        ("535 5.7.8 Error: authentication failed", "(535 5.7.8)"),
+    ] {
+        let upstream = FakeUpstream::start(&[&format!("REFUSE {reply}")]).await;
+        let diagnosis = failed_test_diagnosis(&idp, &upstream).await;
+        assert!(diagnosis.contains(says), "{reply}: {diagnosis}");
+        for other in ["Exchange", "Microsoft 365", "Gmail", "mail.google.com"] {
+            assert!(!diagnosis.contains(other), "{reply}: {diagnosis}");
+        }
     }
 }
 

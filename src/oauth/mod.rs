@@ -65,15 +65,16 @@ impl OAuthError {
     /// The error with what it means and how to fix it, where the diagnosis table knows (`upstream::diagnosis`):
     /// for logs, the token file and `relay status`. `interactive`: the account's grant is one a person starts
     /// (`relay authorize`), so a dead grant is its refresh token's, not its credentials'. `rotation`: how the
-    /// account's rewritten files reach the daemon, for the fix.
+    /// account's rewritten files reach the daemon, for the fix. `provider`: the account's, where known.
     pub fn explained(
         &self,
         account: &str,
         interactive: bool,
         rotation: &crate::config::Rotation,
+        provider: Option<crate::config::Provider>,
     ) -> String {
         let text = self.to_string();
-        match crate::upstream::diagnosis::for_grant(&text, Some(account), interactive) {
+        match crate::upstream::diagnosis::for_grant(&text, Some(account), interactive, provider) {
             Some(d) => format!("{text}; {}", rotation.advise(&d)),
             None => text,
         }
@@ -128,23 +129,23 @@ mod tests {
         );
         assert!(
             expired
-                .explained("office", true, &Default::default())
+                .explained("office", true, &Default::default(), None)
                 .contains("create a new secret")
         );
         let google = endpoint("invalid_grant", "Token has been expired or revoked.");
         assert!(
             google
-                .explained("office", true, &Default::default())
+                .explained("office", true, &Default::default(), None)
                 .contains("Testing")
         );
         assert!(google.needs_authorization());
         assert!(
             endpoint("invalid_grant", "gone")
-                .explained("office", true, &Default::default())
+                .explained("office", true, &Default::default(), None)
                 .contains("relay authorize office")
         );
         assert_eq!(
-            endpoint("invalid_scope", "x").explained("office", true, &Default::default()),
+            endpoint("invalid_scope", "x").explained("office", true, &Default::default(), None),
             endpoint("invalid_scope", "x").to_string()
         );
         assert!(!endpoint("invalid_client", "x").is_transient());

@@ -1772,10 +1772,11 @@ impl Delivery {
 
     /// The diagnosis of `why`, fitted to the account's files.
     fn diagnosed(&self, why: &str, account: Option<&str>) -> Diagnosed {
-        let d = Diagnosed::of(why, account);
         match account.and_then(|name| self.accounts.get(name)) {
-            Some(a) => d.advised(a.tokens.rotation()),
-            None => d,
+            Some(a) => {
+                Diagnosed::of(why, account, a.tokens.provider()).advised(a.tokens.rotation())
+            }
+            None => Diagnosed::of(why, account, None),
         }
     }
 

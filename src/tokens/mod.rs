@@ -87,6 +87,8 @@ pub struct AccountTokens {
     trouble: std::sync::Mutex<(Option<std::time::Instant>, Option<std::time::Instant>)>,
     /// How its rewritten files reach the daemon, for the fix advice on a refused grant.
     rotation: crate::config::Rotation,
+    /// For the diagnosis of a token endpoint's refusal (Google's words are not another provider's).
+    provider: Option<crate::config::Provider>,
     /// Set when the account's refresher stops (relay stops, or a reload replaced the account).
     stopping: std::sync::atomic::AtomicBool,
     /// Told when a delivery replaced the token out of turn (the upstream refused it): the refresher's wait was
@@ -153,6 +155,7 @@ impl AccountTokens {
             scoped_failed: std::sync::Mutex::new(None),
             trouble: std::sync::Mutex::new((None, None)),
             rotation: crate::config::Rotation::default(),
+            provider: None,
             stopping: std::sync::atomic::AtomicBool::new(false),
             replaced: tokio::sync::Notify::new(),
             in_hand: std::sync::Mutex::new(None),
@@ -165,6 +168,26 @@ impl AccountTokens {
     pub fn with_rotation(mut self, rotation: crate::config::Rotation) -> AccountTokens {
         self.rotation = rotation;
         self
+    }
+
+    /// Whose token endpoint this is, for the diagnosis of its refusals.
+    pub fn with_provider(mut self, provider: crate::config::Provider) -> AccountTokens {
+        self.provider = Some(provider);
+        self
+    }
+
+    pub fn provider(&self) -> Option<crate::config::Provider> {
+        self.provider
+    }
+
+    /// A token endpoint's refusal with the table's diagnosis, fitted to this account.
+    fn explain(&self, e: &crate::oauth::OAuthError) -> String {
+        e.explained(
+            &self.name,
+            self.renewal.is_interactive(),
+            &self.rotation,
+            self.provider,
+        )
     }
 
     pub fn rotation(&self) -> &crate::config::Rotation {
@@ -406,11 +429,7 @@ impl AccountTokens {
             Err(RenewalError::OAuth(e)) => {
                 let failed = TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(
-                        &self.name,
-                        self.renewal.is_interactive(),
-                        &self.rotation,
-                    ),
+                    explained: self.explain(&e),
                     source: e,
                 };
                 *scoped_failed() = Some((std::time::Instant::now(), failed.to_string()));
@@ -813,8 +832,13 @@ impl AccountTokens {
                 // attempt, so a fixed credential (and `systemctl reload relay`, for a file) is enough.
                 let interactive = self.renewal.is_interactive();
                 let revoked = e.needs_authorization() && interactive;
-                let diagnosis = Diagnosed::of_grant(&e.to_string(), Some(&self.name), interactive)
-                    .advised(&self.rotation);
+                let diagnosis = Diagnosed::of_grant(
+                    &e.to_string(),
+                    Some(&self.name),
+                    interactive,
+                    self.provider,
+                )
+                .advised(&self.rotation);
                 let (account, why) = (self.name.as_str(), &e.to_string());
                 if revoked {
                     tracing::error!(relay_event = "authorization_needed", relay_account = %self.name, relay_diagnosis = diagnosis.field(), error = %e, "the grant was revoked or expired; mail stays queued until `relay authorize {}` is run{diagnosis}", self.name);
@@ -845,11 +869,7 @@ impl AccountTokens {
                     } else {
                         false
                     };
-                    t.last_error = Some(e.explained(
-                        &self.name,
-                        self.renewal.is_interactive(),
-                        &self.rotation,
-                    ));
+                    t.last_error = Some(self.explain(&e));
                     match self
                         .store
                         .save_if_unchanged(&self.name, &t, state.file_hash)
@@ -867,11 +887,7 @@ impl AccountTokens {
                 }
                 Err(TokenError::OAuth {
                     account: self.name.clone(),
-                    explained: e.explained(
-                        &self.name,
-                        self.renewal.is_interactive(),
-                        &self.rotation,
-                    ),
+                    explained: self.explain(&e),
                     source: e,
                 })
             }

@@ -99,6 +99,8 @@ const AUTH_HOLD: Duration = Duration::from_secs(60);
 
 pub struct Transports {
     account: String,
+    /// For the diagnosis of a refused login (another provider's words mean something else).
+    provider: Option<crate::config::Provider>,
     primary: Primary,
     /// Graph, and the scope of its tokens.
     fallback: Option<(GraphUpstream, String)>,
@@ -157,6 +159,7 @@ impl Transports {
             unreachable_file,
             unreachable_recorded,
             account: account.to_string(),
+            provider: None,
             primary,
             fallback,
             switch_file: switch_path(state_dir, account),
@@ -167,6 +170,12 @@ impl Transports {
             api_trouble: Mutex::new(None),
             api_came_back: Mutex::new(None),
         }
+    }
+
+    /// Whose servers these are, for the diagnosis of their refusals.
+    pub fn with_provider(mut self, provider: crate::config::Provider) -> Transports {
+        self.provider = Some(provider);
+        self
     }
 
     /// Whether a Gmail upload session an earlier attempt kept can be asked through this account (it sends through
@@ -498,7 +507,7 @@ impl Transports {
         });
         drop(h);
         if !again {
-            let d = super::diagnosis::Diagnosed::of(&reply, Some(&self.account));
+            let d = super::diagnosis::Diagnosed::of(&reply, Some(&self.account), self.provider);
             tracing::warn!(relay_event = "login_refused", relay_account = %self.account, relay_upstream_reply = %reply, relay_diagnosis = d.field(), "the upstream refused a freshly fetched token too; the account's mail waits {} before it is tried again (at once after `relay authorize`, `relay queue retry` or a new token){d}", humantime::format_duration(length));
             // An account with Graph to fall back on goes that way now (`send_now`): its mail does not wait.
             let switching =
