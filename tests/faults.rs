@@ -1230,8 +1230,9 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
 
 /// The upstream refuses the account's token (revoked) and the token endpoint refuses the client too
 /// (`invalid_client`: a secret that expired): the first refused message asks for a new token once, and the
-/// messages after it take that answer for a while instead of each asking again. With `flow = "password"` each ask
-/// is a failed sign-in that a lockout policy counts. Every message stays queued.
+/// messages after it take that answer for a while instead of each asking again (nor log in again with the refused
+/// token). With `flow = "password"` each ask is a failed sign-in that a lockout policy counts, as each refused
+/// login is the upstream's. Every message stays queued.
 #[tokio::test]
 async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_per_message() {
     let idp = MockServer::start().await;
@@ -1270,6 +1271,15 @@ async fn a_refused_token_and_a_refused_renewal_ask_the_token_endpoint_once_not_p
     assert_eq!(relay.queued().len(), 3);
     let asked = idp.received_requests().await.unwrap_or_default().len();
     assert_eq!(asked, 1, "token requests for three refused messages");
+    // Nor does each log in with the refused token again: one failed login, not one per message.
+    let logins = upstream
+        .commands
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("AUTH"))
+        .count();
+    assert_eq!(logins, 1, "logins with the refused token");
     // Each says both: the upstream's refusal (it was nowhere before, only the token endpoint's answer) and why no
     // new token came.
     let states = files_in(&relay.state(), "queue");

@@ -116,11 +116,25 @@ pub struct Transports {
     retrying: tokio::sync::Mutex<()>,
     /// The last refresh of a refused token that failed, and when: the attempts refused before it give up at once
     /// instead of each asking the token endpoint again.
-    refresh_failed: Mutex<Option<(SystemTime, String)>>,
+    refresh_failed: Mutex<Option<RefreshFailed>>,
     /// An HTTP API's trouble (no answer, a 5xx, a proxy in the way): since when, and how many attempts met it.
     api_trouble: Mutex<Option<(std::time::Instant, u32)>>,
     /// Since when the API was in trouble, once a delivery went through after it (for the scheduler).
     api_came_back: Mutex<Option<std::time::Instant>>,
+}
+
+/// A refused token whose replacement could not be had (the token endpoint down, a refused secret, no refresh
+/// token).
+struct RefreshFailed {
+    at: SystemTime,
+    /// Why no new token came.
+    why: String,
+    /// The refused token, and the upstream's refusal: until [`AUTH_HOLD`] has passed, the account's attempts do
+    /// not log in with it again. The token layer still hands it out while it has not expired (it may be good for
+    /// another upstream), and each message logged in and failed once more, which lockout policies count.
+    token: blake3::Hash,
+    reply: String,
+    since: std::time::Instant,
 }
 
 /// How long an attempt refused with its token waits for another one's refresh and retry (a whole message sent)
@@ -428,6 +442,9 @@ impl Transports {
                 tried: false,
             };
         }
+        if let Some(why) = self.unreplaced(&token) {
+            return Outcome::Transient(why);
+        }
         let first = attempt(token.clone()).await;
         if !matches!(first, Outcome::AuthRejected(_)) {
             self.set_hold(None);
@@ -458,6 +475,7 @@ impl Transports {
         if let Some(failed) = self.refresh_failed_since(refused_at) {
             return refused(&failed);
         }
+        let key = token_key(&token);
         let fresh = match tokens.replace_refused(&token, refused_at).await {
             Ok((t, refreshed)) => {
                 if !refreshed {
@@ -469,7 +487,13 @@ impl Transports {
             Err(e) => {
                 let why = e.to_string();
                 if let Ok(mut f) = self.refresh_failed.lock() {
-                    *f = Some((SystemTime::now(), why.clone()));
+                    *f = Some(RefreshFailed {
+                        at: SystemTime::now(),
+                        why: why.clone(),
+                        token: key,
+                        reply: first.reply().to_string(),
+                        since: std::time::Instant::now(),
+                    });
                 }
                 return refused(&why);
             }
@@ -526,8 +550,24 @@ impl Transports {
     /// Why a refresh of a refused token failed, if one did after `refused_at`.
     fn refresh_failed_since(&self, refused_at: SystemTime) -> Option<String> {
         let failed = self.refresh_failed.lock().ok()?;
-        let (at, why) = failed.as_ref()?;
-        (*at >= refused_at).then(|| why.clone())
+        let f = failed.as_ref()?;
+        (f.at >= refused_at).then(|| f.why.clone())
+    }
+
+    /// Why `token` is not tried now, if the upstream refused it less than [`AUTH_HOLD`] ago and no replacement
+    /// could be had: the deferral says both, as the attempt that met them did.
+    fn unreplaced(&self, token: &SecretString) -> Option<String> {
+        let failed = self.refresh_failed.lock().ok()?;
+        let f = failed.as_ref()?;
+        (f.token == token_key(token) && f.since.elapsed() < AUTH_HOLD).then(|| {
+            format!(
+                "the upstream refused the account's token ({}) less than {} ago, not tried again{}{}",
+                f.reply,
+                humantime::format_duration(AUTH_HOLD),
+                super::NO_NEW_TOKEN,
+                f.why
+            )
+        })
     }
 
     /// Why `token` is not to be tried now, if the upstream refused it moments ago.
@@ -547,6 +587,9 @@ impl Transports {
     /// `relay queue retry`: the sysadmin says the cause may be gone (a permission granted, a mailbox enabled), so
     /// the account's next attempt tries its token instead of answering from the hold. Whether there was one.
     pub fn lift_hold(&self) -> bool {
+        if let Ok(mut f) = self.refresh_failed.lock() {
+            *f = None;
+        }
         self.auth_hold
             .lock()
             .ok()
