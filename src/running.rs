@@ -59,7 +59,7 @@ impl Report {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 started_at: now,
-                config: config.source.clone(),
+                config: resolved(&config.source),
                 config_digest: config.digest.clone(),
                 loaded_at: now,
                 refused: None,
@@ -71,7 +71,7 @@ impl Report {
 
     pub fn reloaded(&self, source: &str, digest: &str) {
         self.change(|d| {
-            d.config = source.to_string();
+            d.config = resolved(source);
             d.config_digest = digest.to_string();
             d.loaded_at = SystemTime::now();
             d.refused = None;
@@ -145,6 +145,15 @@ pub fn read(config: &Config) -> Option<DaemonReport> {
         other_config,
         reload_refused: loaded.refused,
     })
+}
+
+/// A config file's path as `relay status` can use it from any directory (a daemon started with `--config
+/// relay.toml` had status suggest `--config relay.toml` elsewhere); the embedded default as it is named.
+fn resolved(source: &str) -> String {
+    std::fs::canonicalize(source)
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string))
+        .unwrap_or_else(|| source.to_string())
 }
 
 /// Two sources name the same file: as written, or once resolved (`relay.toml` from /etc/relay, a symlink).

@@ -865,7 +865,11 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
     let listener = "address = \"127.0.0.1:0\"\nauth = \"none\"\ndata_timeout = \"10s\"\n";
     let config = write_config(dir.path(), listener);
     let good = std::fs::read_to_string(&config).unwrap();
-    let mut daemon = Daemon::spawn(&config);
+    // Started with a relative path, as from a shell in /etc/relay: status from elsewhere still finds it.
+    let mut cmd = Command::new(relay_bin());
+    cmd.current_dir(dir.path())
+        .args(["serve", "--config", "relay.toml"]);
+    let mut daemon = Daemon::start(cmd);
     let status = |config: &Path| {
         let out = Command::new(relay_bin())
             .args(["status", "--config"])

@@ -527,6 +527,31 @@ impl Config {
         Self::parse_for(&text, &file, secrets)
     }
 
+    /// `path` if given, else `default` (the system file) if it exists, else the embedded default. A system file
+    /// that cannot be looked at (`/etc/relay` is 0750 root:relay, and the sysadmin is in neither) is an error:
+    /// taken as absent, `relay status` described the embedded default's empty state dir while the daemon ran,
+    /// and `relay check` called the config valid.
+    pub fn load_chosen(
+        path: Option<&Path>,
+        default: &Path,
+        secrets: Secrets,
+    ) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Self::load_for(p, secrets),
+            None => match default.try_exists() {
+                Ok(true) => Self::load_for(default, secrets),
+                Ok(false) => Ok(Self::embedded_default()),
+                Err(e) => Err(ConfigError::new(
+                    default.display().to_string(),
+                    "(file)",
+                    format!(
+                        "cannot tell whether it exists: {e} (run as root or as a member of its group, or name a config with --config)"
+                    ),
+                )),
+            },
+        }
+    }
+
     /// The config relay runs on when no file is given.
     pub fn embedded_default() -> Config {
         // The embedded text is a constant checked by a unit test, so this cannot fail at run time.
@@ -664,6 +689,25 @@ pub fn system_hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A system file that may be there but cannot be looked at is said, not taken for the embedded default.
+    #[test]
+    fn a_system_config_that_cannot_be_looked_at_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("relay.toml");
+        let c = Config::load_chosen(None, &absent, Secrets::Read).unwrap();
+        assert_eq!(c.source, "<embedded default>");
+        // (As root no mode hides a file: a path through a file fails the look the same way as EACCES.)
+        std::fs::write(dir.path().join("etc"), "").unwrap();
+        let hidden = dir.path().join("etc/relay.toml");
+        let e = Config::load_chosen(None, &hidden, Secrets::Read).unwrap_err();
+        assert_eq!(e.file, hidden.display().to_string());
+        assert!(
+            e.reason.contains("cannot tell whether it exists"),
+            "{}",
+            e.reason
+        );
+    }
 
     #[test]
     fn embedded_default_is_valid() {

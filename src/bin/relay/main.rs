@@ -278,13 +278,7 @@ fn check_route(
 
 /// `--config`, else the system file if present, else the embedded default.
 fn load_config(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigError> {
-    match path {
-        Some(p) => Config::load_for(p, secrets),
-        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            Config::load_for(Path::new(DEFAULT_CONFIG_PATH), secrets)
-        }
-        None => Ok(Config::embedded_default()),
-    }
+    Config::load_chosen(path, Path::new(DEFAULT_CONFIG_PATH), secrets)
 }
 
 /// Says every problem of a config that cannot work, one line each; exit 2, which the unit's
