@@ -89,7 +89,9 @@ pub async fn authorize(
         }
     };
     let now = SystemTime::now();
-    let renewable = grant.refresh_token.is_some();
+    // Only a person's grant is renewed with a refresh token; the other flows fetch a new one by themselves.
+    let renewable = grant.refresh_token.is_some()
+        || !matches!(account.flow, Flow::DeviceCode | Flow::AuthorizationCode);
     let expires_at = grant.expires_at;
     let tokens = StoredTokens {
         access_token: grant.access_token,

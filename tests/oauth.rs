@@ -717,6 +717,18 @@ async fn client_credentials(
     (idp, upstream, dir, config)
 }
 
+/// `relay authorize` on a client-credentials account checks that a token can be had, and says nothing of a
+/// refresh token: relay fetches the next one by itself (it warned that the grant could not be renewed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_on_client_credentials_does_not_warn_of_a_missing_refresh_token() {
+    let (_idp, _upstream, _dir, config) = client_credentials(common::idp::token("tok")).await;
+    let out = run_authorize(&config).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("Authorized"), "{stdout}");
+    assert!(!stdout.contains("Warning"), "{stdout}");
+}
+
 /// The identity provider issues tokens again; the waiting mail, retried now, is delivered.
 async fn token_endpoint_recovers(
     idp: &MockServer,
