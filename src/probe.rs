@@ -30,6 +30,9 @@ pub struct Report {
     pub outcome: Outcome,
     /// The cause and the fix in plain words, when the failure is one relay knows.
     pub diagnosis: Option<String>,
+    /// Queued messages made due now by a test that went through: what the sysadmin fixed and tested is what
+    /// held them (a running daemon sends them at once, as after `relay queue retry --all`).
+    pub due_now: usize,
 }
 
 impl Report {
@@ -103,13 +106,17 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
         }
     };
     let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();
-    let report = Report {
+    let mut report = Report {
         account: account.to_string(),
         transcript,
         outcome,
         diagnosis,
+        due_now: 0,
     };
     record(&config.state_dir, &report, to);
+    if report.delivered() {
+        report.due_now = crate::queue::retry::request_retry(&config.state_dir, None).unwrap_or(0);
+    }
     Ok(report)
 }
 

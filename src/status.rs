@@ -246,10 +246,18 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         Ok(Some(t)) => ("ok", Some(t), None),
     };
     let last_delivery = read_last_delivery(&config.state_dir, &a.name);
+    let test = crate::probe::read_last_test(&config.state_dir, &a.name);
+    // A `relay test` that went through after it outweighs it (a quiet relay otherwise stayed `failing` until
+    // its next message, whatever the sysadmin fixed and tested).
+    let verified_since = |d: &crate::queue::delivery::LastDelivery| {
+        test.as_ref()
+            .is_some_and(|t| t.result == "verified" && t.at > d.at)
+    };
     // The last delivery did not get through: the account is failing, whatever its token says, unless the
     // upstream refused that one message for itself (its dead/ file and the queue's count say so).
     let state = match &last_delivery {
         Some(d) if state == "ok" && d.outcome == "dead" && refused_for_itself(&d.reply) => state,
+        Some(d) if verified_since(d) => state,
         Some(d)
             if state == "ok"
                 && !matches!(
@@ -351,7 +359,7 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
         rate,
         paused,
         unreachable,
-        test: crate::probe::read_last_test(&config.state_dir, &a.name),
+        test,
         warnings,
     }
 }

@@ -72,6 +72,49 @@ async fn a_test_message_shows_the_transcript_and_is_remembered() {
     assert!(out.contains("no account named `nosuch`"), "{out}");
 }
 
+/// The upstream deferred a message and the daemon stopped; the sysadmin fixes the upstream and runs `relay test`:
+/// it goes through, so status no longer says `failing` for the old deferral (before: until the next message, for
+/// ever on a quiet relay), and the deferred message is due now, not at its next retry step an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_that_goes_through_clears_failing_and_makes_waiting_mail_due() {
+    let idp = idp_issuing("tok-1").await;
+    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]\n",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
+    );
+    let mut d = Daemon::spawn(&config);
+    let id = send_message(d.addr, b"Subject: waits\r\n\r\nhi\r\n").await;
+    d.wait_log("relay_event=\"deferred\"");
+    assert_eq!(d.terminate().code(), Some(0));
+    let (_, doc) = status_json(&config);
+    assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
+
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 queued message(s) made due now"), "{out}");
+    upstream.next().await;
+    let (_, doc) = status_json(&config);
+    assert_eq!(doc["accounts"][0]["state"], "ok", "{doc}");
+
+    // Due now: the daemon started again sends it at once, not an hour after its deferral.
+    let mut d = Daemon::spawn(&config);
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains(&id), "{line}");
+    assert!(strip_received(&upstream.next().await.data).ends_with(b"hi\r\n"));
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// Where a fake upstream gives its refusal.
 enum Refusal {
     /// Answering AUTH XOAUTH2.

@@ -248,6 +248,12 @@ fn test(config: &Config, account: &str, to: &str) -> Result<ExitCode> {
     }
     if report.delivered() {
         println!("delivered: {}", report.outcome.reply());
+        if report.due_now > 0 {
+            println!(
+                "{} queued message(s) made due now: a running relay tries them at once",
+                report.due_now
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     println!("failed: {}", report.outcome.reply());
