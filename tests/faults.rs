@@ -1151,6 +1151,64 @@ async fn another_account_of_the_route_takes_the_mail_of_one_that_cannot_be_reach
     }
 }
 
+/// A route with two accounts, one of which cannot get a token (its identity provider answers 500): after its
+/// first deferral the other takes the mail. Before, the one in trouble had sent the least and was picked for
+/// every message: they used up their retry schedules through it while the healthy one sat idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_account_of_the_route_takes_the_mail_of_one_without_a_token() {
+    const MESSAGES: usize = 6;
+    let idp = idp_issuing("tok").await;
+    let broken_idp = MockServer::start().await;
+    answer_token_requests(
+        &broken_idp,
+        ResponseTemplate::new(500).set_body_string("identity provider down"),
+    )
+    .await;
+    let broken = FakeUpstream::start(&["tok"]).await;
+    let mut healthy = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path());
+    // The broken one first: with nothing sent yet by either, config order picks it.
+    let top = format!(
+        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"broken\", \"healthy\"]\n",
+        generic_account_at(
+            "broken",
+            &broken_idp.uri(),
+            broken.addr.port(),
+            "client_credentials"
+        ),
+        generic_account_at(
+            "healthy",
+            &idp.uri(),
+            healthy.addr.port(),
+            "client_credentials"
+        ),
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log(&format!("relay_event=\"deferred\" relay_queue_id={first}"));
+    assert!(line.contains("relay_account=broken"), "{line}");
+    for i in 0..MESSAGES {
+        let m = format!("Subject: m{i}\r\n\r\nbody\r\n");
+        send_message(daemon.addr, m.as_bytes()).await;
+        let got = healthy.next().await;
+        assert_eq!(got.from, "healthy@example.com");
+        daemon.wait_log("relay_event=\"delivered\"");
+    }
+    let deferred: Vec<&String> = daemon
+        .unmatched()
+        .iter()
+        .filter(|l| l.contains("relay_event=\"deferred\""))
+        .collect();
+    assert!(deferred.is_empty(), "{deferred:?}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     const MESSAGES: usize = 8;

@@ -69,7 +69,16 @@ pub struct Account {
     /// Slots given up because the upstream refused more connections than the account's others ([`Self::narrow`]).
     narrowed: Mutex<Narrowed>,
     last_written: Mutex<Option<(std::time::Instant, &'static str)>>,
+    /// When an attempt through it last failed for its own sake (no token, a deferral, a refused login), until one
+    /// goes through: a route with other accounts gives them its mail first ([`TROUBLE_REMEMBERED`]).
+    trouble: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long an account whose last attempt failed is passed over by a route with other accounts: then it gets
+/// mail again by its share (its trouble may be over; a deferral may have been the message's own), and is
+/// passed over again if that fails too. Without it, an account whose token could not be had had sent the least
+/// and was picked for every message, which used up their retry schedules while the route's others sat idle.
+const TROUBLE_REMEMBERED: Duration = Duration::from_secs(300);
 
 /// `STATE_DIR/accounts/NAME.json`: the last delivery result, for `relay status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,7 +128,19 @@ impl Account {
             connections: PER_ACCOUNT,
             narrowed: Mutex::new(Narrowed::default()),
             last_written: Mutex::new(None),
+            trouble: Mutex::new(None),
         }
+    }
+
+    /// Notes how an attempt through it went: `ok`, it took mail (or refused a message for the message's sake).
+    fn went(&self, ok: bool) {
+        *lock(&self.trouble) = (!ok).then(std::time::Instant::now);
+    }
+
+    /// Whether an attempt through it failed for its own sake within [`TROUBLE_REMEMBERED`].
+    fn troubled(&self, now: std::time::Instant) -> bool {
+        lock(&self.trouble)
+            .is_some_and(|since| now.saturating_duration_since(since) < TROUBLE_REMEMBERED)
     }
 
     /// The upstream refused one more connection (`reply`, an [`Outcome::Busy`]). With others of the account
@@ -629,7 +650,9 @@ impl Delivery {
     /// An account of the pool that can take a message to `recipients` recipients now, with a connection and a
     /// place under its limits; else what the message waits for. Of several, those whose upstream answers go first
     /// (one that could not be reached a moment ago gets mail only when none of them can take it: it has sent the
-    /// least, and would otherwise be picked for every message), then the one that has used the least of its day
+    /// least, and would otherwise be picked for every message), then those whose last attempt did not fail for
+    /// their own sake (a token that cannot be had, a greeting that turns mail away: the same reason), then the
+    /// one that has used the least of its day
     /// (then the fewest recipients, then config order), so that mail spreads evenly. Before those, `kept`: the
     /// account whose upload session an earlier attempt kept (it may hold the message whole: another account
     /// would send it again).
@@ -641,10 +664,10 @@ impl Delivery {
         kept: Option<&str>,
     ) -> Result<(Arc<Account>, OwnedSemaphorePermit, Reservation), Wait> {
         let instant = std::time::Instant::now();
-        // (Down, not the kept session's, share of the day, recipients used, config order) for the order; where
-        // it stands.
+        // (Down, not the kept session's, in trouble, share of the day, recipients used, config order) for the
+        // order; where it stands.
         type Candidate<'a> = (
-            (bool, bool, u64, u64, usize),
+            (bool, bool, bool, u64, u64, usize),
             Reachability,
             &'a Arc<Account>,
         );
@@ -660,7 +683,12 @@ impl Delivery {
                 let reach = a.transports.ready(instant);
                 let down = reach != Reachability::Up;
                 let other = kept != Some(n.as_str());
-                Some(((down, other, share, u.recipients_last_24h, i), reach, a))
+                let troubled = a.troubled(instant);
+                Some((
+                    (down, other, troubled, share, u.recipients_last_24h, i),
+                    reach,
+                    a,
+                ))
             })
             .collect();
         if names.len() > 1 {
@@ -1482,6 +1510,15 @@ impl Delivery {
         written: bool,
     ) -> Attempted {
         let state_dir = self.paths.state_dir();
+        // Taken or refused for the message's sake: the account works. Anything else is its own trouble.
+        account.went(matches!(
+            outcome,
+            Outcome::Delivered(_)
+                | Outcome::Partial { .. }
+                | Outcome::Permanent(_)
+                | Outcome::Refused { .. }
+                | Outcome::RecipientsDeferred(_)
+        ));
         match &outcome {
             Outcome::Delivered(r) | Outcome::Partial { reply: r, .. } => {
                 account.record(state_dir, "delivered", r)
