@@ -89,6 +89,20 @@ pub fn endpoints(a: &AccountConfig) -> Result<Endpoints, (&'static str, String)>
         .clone()
         .or(host)
         .ok_or(("smtp_host", required_generic()))?;
+    // `[::1]`, as listener addresses write it: the address inside (the resolver took the brackets for a name).
+    let inside = smtp_host.strip_prefix('[').map(|h| h.strip_suffix(']'));
+    let smtp_host = match inside {
+        Some(Some(ip)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip.to_string(),
+        Some(_) => {
+            return Err((
+                "smtp_host",
+                format!(
+                    "{smtp_host}: only an IPv6 address goes in brackets (the port goes in smtp_port)"
+                ),
+            ));
+        }
+        None => smtp_host,
+    };
     let smtp_tls = a.smtp_tls.unwrap_or(TlsMode::Starttls);
     let smtp_port = a.smtp_port.unwrap_or(if smtp_tls == TlsMode::Implicit {
         465
@@ -307,6 +321,19 @@ mod tests {
         );
         assert_eq!(e.scope, GOOGLE_SCOPE);
         assert_eq!((e.smtp_host.as_str(), e.smtp_port), ("smtp.gmail.com", 587));
+    }
+
+    /// `[::1]` as a listener's address writes it is the address ::1 (plain text allowed: it is loopback); other
+    /// brackets are refused with what goes where.
+    #[test]
+    fn an_ipv6_host_in_brackets_is_the_address() {
+        let base = "provider = \"google\"\nflow = \"device_code\"\nsmtp_tls = \"none\"\n";
+        let e = endpoints(&account(&format!("{base}smtp_host = \"[::1]\""))).unwrap();
+        assert_eq!(e.smtp_host, "::1");
+        let (key, why) =
+            endpoints(&account(&format!("{base}smtp_host = \"[::1]:25\""))).unwrap_err();
+        assert_eq!(key, "smtp_host");
+        assert!(why.contains("smtp_port"), "{why}");
     }
 
     #[test]
