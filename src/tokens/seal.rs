@@ -190,7 +190,7 @@ fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN], String> {
     let mode = meta.permissions().mode() & 0o777;
     if mode & !0o640 != 0 {
         return Err(format!(
-            "{shown} has mode {mode:04o}: a token key must be 0640 or stricter (never readable by others); run `chmod 600 {shown}`"
+            "{shown} has mode {mode:04o}: a token key must be 0640 or stricter (never readable by others); run `chmod 640 {shown}`"
         ));
     }
     let bytes =
@@ -309,6 +309,10 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let got = check(&TokenEncryption::KeyFile(path.clone()));
             assert_eq!(got.is_ok(), ok, "{mode:o}: {got:?}");
+            // The fix keeps the group's read (the service's user reads a root:relay key through it).
+            if let Err(e) = got {
+                assert!(e.contains(&format!("chmod 640 {}", path.display())), "{e}");
+            }
         }
     }
 }
