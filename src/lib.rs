@@ -54,8 +54,12 @@ const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("state dir {dir}: {source}")]
-    Spool { dir: String, source: SpoolError },
+    #[error("{source}{hint}")]
+    Spool {
+        source: SpoolError,
+        /// What to do, for a state dir this user cannot write.
+        hint: &'static str,
+    },
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
@@ -112,7 +116,14 @@ impl Relay {
         };
         let spool = Spool::open(&config.state_dir, Some(committed_tx), &mut progress).map_err(
             |source| RunError::Spool {
-                dir: config.state_dir.display().to_string(),
+                hint: match &source {
+                    SpoolError::Io { source: e, .. }
+                        if e.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        " (set state_dir in the config to a directory this user may write, or run as the user that owns it; without state_dir relay uses $STATE_DIRECTORY, /var/lib/relay for root, else $XDG_STATE_HOME/relay or ~/.local/state/relay)"
+                    }
+                    _ => "",
+                },
                 source,
             },
         )?;

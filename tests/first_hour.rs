@@ -314,6 +314,37 @@ fn a_config_with_several_mistakes_reports_them_all() {
     }
 }
 
+/// A state dir this user cannot write (the default one under a HOME it cannot write, say): the error names it
+/// once and says what to set.
+#[test]
+fn a_state_dir_that_cannot_be_written_says_how_to_choose_another() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let out = run_bounded(
+        relay_without_file_override()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("JOURNAL_STREAM"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains("set state_dir in the config"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("relay: "))
+        .unwrap_or_default();
+    assert_eq!(
+        line.matches(&state.display().to_string()).count(),
+        1,
+        "{err}"
+    );
+}
+
 #[test]
 fn an_address_in_use_is_reported_with_the_os_error_once() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
