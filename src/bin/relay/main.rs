@@ -50,9 +50,14 @@ enum Command {
     /// stdin
     HashPassword,
     /// Obtain an account's OAuth2 grant (device code: prints a URL and a code, then waits) and store its tokens
-    Authorize { account: String },
-    /// Queue counts and account health
+    Authorize {
+        /// The account's name, as its [[account]] entry gives it
+        account: String,
+    },
+    /// Queue counts, account health and what the daemon runs; exit 0 all well, 1 something needs attention, 2 the
+    /// config is invalid
     Status {
+        /// One JSON document instead of text
         #[arg(long)]
         json: bool,
     },
@@ -62,6 +67,7 @@ enum Command {
     /// Send a test message through an account now, bypassing the queue; print the upstream transcript (tokens
     /// redacted) and, on failure, what it means and how to fix it
     Test {
+        /// The account's name, as its [[account]] entry gives it
         account: String,
         /// The recipient
         #[arg(long, value_name = "ADDR")]
@@ -70,7 +76,6 @@ enum Command {
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
     /// Print the relay(8) man page (roff)
-    #[command(hide = true)]
     Man,
 }
 
@@ -88,6 +93,7 @@ enum QueueCommand {
     Show {
         /// A queue id, as `relay queue list` prints it
         id: String,
+        /// One JSON document instead of text
         #[arg(long)]
         json: bool,
     },

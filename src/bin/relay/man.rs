@@ -64,7 +64,7 @@ pub fn man_page(out: &mut impl Write) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        ".SH FILES\n.TP\n/etc/relay/relay.toml\nThe config; \\fBrelay check\\fR validates it.\n.TP\n/var/lib/relay\nThe state dir: queue/, dead/, quarantine/, tokens/.\n.SH SEE ALSO\n\\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), /usr/share/doc/relay/README.md"
+        ".SH EXIT STATUS\n.TP\n0\nSuccess; for \\fBstatus\\fR, nothing needs attention.\n.TP\n1\nThe command failed (a test message refused, a message not found, one being sent left undeleted); for \\fBstatus\\fR, something needs attention (an account failing or waiting for \\fBrelay authorize\\fR, the daemon not running, a refused reload, a full disk).\n.TP\n2\nThe config is invalid (each problem on a line of its own, with its file, key and reason); the unit's RestartPreventExitStatus=2 does not restart \\fBrelay serve\\fR then.\n.SH FILES\n.TP\n/etc/relay/relay.toml\nThe config; \\fBrelay check\\fR validates it.\n.TP\n/var/lib/relay\nThe state dir: queue/, dead/, quarantine/, tokens/.\n.SH SEE ALSO\n\\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1), /usr/share/doc/relay/README.md"
     )
 }
 
