@@ -161,6 +161,53 @@ fn check_and_serve_warn_about_an_open_listener_and_a_config_without_listeners() 
     );
 }
 
+/// `relay status` and `relay queue` read the state dir only: a sysadmin who may not read an account's secret
+/// (root:root 0600 while the daemon reads it through LoadCredential=) still sees them. Before: "invalid config:
+/// …client_secret_file: Permission denied", exit 2. `relay check` still reads it.
+#[test]
+fn status_and_queue_do_not_look_at_the_secret_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    // Not even its owner may read it: as root, what no group or other bit would stop.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let account = format!(
+        "default_account = \"office\"\n[[account]]\nname = \"office\"\nprovider = \"microsoft\"\nflow = \"client_credentials\"\ntenant = \"t\"\nclient_id = \"c\"\nmailbox = \"office@example.com\"\nclient_secret_file = {:?}\n",
+        secret.display().to_string()
+    );
+    let config = write_config_with(
+        dir.path(),
+        &account,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let run = |args: &[&str]| {
+        run_bounded(
+            relay_without_file_override()
+                .args(args)
+                .arg("--config")
+                .arg(&config),
+        )
+    };
+    let out = run(&["status"]);
+    // Not running: needs attention, but no invalid config.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("office"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["queue", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn bad_config_fails_with_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -508,9 +508,13 @@ fn durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Err
 pub enum Secrets {
     /// `relay serve`, `authorize`, `test`: every file must be there, at its resolved path.
     Read,
-    /// `relay status`, `queue`, `check`: run from a shell, outside the unit whose `LoadCredential=` a
+    /// `relay check`: run from a shell, outside the unit whose `LoadCredential=` a
     /// `$CREDENTIALS_DIRECTORY/…` path names. Such a path is left as it is, and checked when the service starts.
     NotRead,
+    /// `relay status`, `queue`: as [`Secrets::NotRead`], and no secret file is even looked at (its mode, whether
+    /// it can be opened): they read the state dir only, and a sysadmin who may not read a root-only secret still
+    /// sees the queue (it was "invalid config: …: Permission denied", exit 2).
+    Unchecked,
 }
 
 impl Config {

@@ -192,6 +192,7 @@ impl RawConfig {
                 ("ca_file", &a.ca_file),
             ] {
                 if let Some(path) = file
+                    && secrets != Secrets::Unchecked
                     && !at_start.contains(&format!("account[{i}].{key}"))
                     && let Err(reason) =
                         check_secret_file(path, !matches!(key, "ca_file" | "certificate_file"))
@@ -231,7 +232,7 @@ impl RawConfig {
             .listener
             .into_iter()
             .enumerate()
-            .filter_map(|(i, l)| l.validate(&errs, i, &at_start))
+            .filter_map(|(i, l)| l.validate(&errs, i, &at_start, secrets == Secrets::Unchecked))
             .collect();
         let mut addrs = HashSet::new();
         for (i, l) in listeners.iter().enumerate() {
@@ -418,7 +419,14 @@ impl RawConfig {
 
 impl RawListener {
     /// The listener, or `None` with each of its problems noted.
-    fn validate(self, errs: &Errs<'_>, i: usize, at_start: &[String]) -> Option<ListenerConfig> {
+    /// `unchecked`: its key file is not looked at ([`Secrets::Unchecked`]).
+    fn validate(
+        self,
+        errs: &Errs<'_>,
+        i: usize,
+        at_start: &[String],
+        unchecked: bool,
+    ) -> Option<ListenerConfig> {
         let before = errs.found.borrow().len();
         let key = |k: &str| format!("listener[{i}].{k}");
         let address: Option<SocketAddr> = self.address.parse().ok();
@@ -447,6 +455,7 @@ impl RawListener {
         // cannot be read at all is reported when the TLS files are loaded (at start, `relay check`, a reload).
         if tls != ListenerTls::None
             && let Some(path) = &self.key
+            && !unchecked
             && !at_start.contains(&format!("listener[{i}].key"))
             && let Err(reason) = check_key_mode(path)
         {
@@ -586,7 +595,7 @@ impl RawConfig {
             };
             match (expand_credentials(path), secrets) {
                 (Ok(p), _) => *path = p,
-                (Err(_), Secrets::NotRead) => at_start.push(key),
+                (Err(_), Secrets::NotRead | Secrets::Unchecked) => at_start.push(key),
                 (Err(reason), Secrets::Read) => return Err(errs.at(key, reason)),
             }
             Ok(())
@@ -608,7 +617,7 @@ impl RawConfig {
             expand(&mut l.key, format!("listener[{i}].key"))?;
         }
         // The systemd credential reaches the service alone, in the same directory (LoadCredentialEncrypted=).
-        if secrets == Secrets::NotRead
+        if secrets != Secrets::Read
             && self.token_encryption.as_deref() == Some("systemd-creds")
             && std::env::var_os("CREDENTIALS_DIRECTORY").is_none_or(|d| d.is_empty())
         {

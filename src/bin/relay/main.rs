@@ -182,6 +182,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = || load_config(cli.config.as_deref(), Secrets::Read);
     // Commands that never read the secrets: run from a shell, they must not need the unit's LoadCredential=.
     let inspect = || load_config(cli.config.as_deref(), Secrets::NotRead);
+    // Nor even look at them: status and the queue read the state dir only.
+    let report = || load_config(cli.config.as_deref(), Secrets::Unchecked);
     match cli.command {
         // The same exit code as `relay check` for a config that cannot work: the unit's
         // RestartPreventExitStatus=2 stops systemd from restarting relay in a loop on it.
@@ -229,11 +231,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Authorize { account } => authorize(&config()?, &account),
         // Exit 2 as `relay check`, not 1: a monitoring script must not read a config it cannot parse as mail
         // needing attention.
-        Command::Status { json } => match inspect() {
+        Command::Status { json } => match report() {
             Ok(c) => status::status(&c, json),
             Err(e) => Ok(invalid(&e)),
         },
-        Command::Queue(q) => queue::queue(&inspect()?, q),
+        Command::Queue(q) => queue::queue(&report()?, q),
         Command::Test { account, to } => test(&config()?, &account, &to),
     }
 }
