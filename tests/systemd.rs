@@ -919,6 +919,39 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
         "{json}"
     );
 
+    // A typo, and a reload refused: the status of that very file (the usual case) still says what the state dir
+    // knows, with the config's problem (before: the problem alone, exit 2, and nothing on stdout for --json).
+    std::fs::write(&config, format!("bounce_typo = 1\n{good}")).unwrap();
+    signal(&daemon, libc::SIGHUP);
+    daemon.wait_log("unknown field `bounce_typo`");
+    let (code, text) = status(&config);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("is invalid")
+            && text.contains(&format!("daemon: running (pid {}", daemon.pid()))
+            && text.contains("bounce_typo")
+            && text.contains("queue: 0 queued"),
+        "{text}"
+    );
+    let (code, json) = status_json(&config);
+    assert_eq!(code, Some(2), "{json}");
+    assert_eq!(json["running"], true, "{json}");
+    assert_eq!(json["ok"], false, "{json}");
+    assert!(
+        json["config_error"][0]
+            .as_str()
+            .unwrap()
+            .contains("bounce_typo"),
+        "{json}"
+    );
+    assert!(
+        json["daemon"]["reload_refused"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bounce_typo"),
+        "{json}"
+    );
+
     // Another file than the daemon's.
     let other = dir.path().join("other.toml");
     std::fs::write(&other, &good).unwrap();

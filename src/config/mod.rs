@@ -556,6 +556,28 @@ impl Config {
         }
     }
 
+    /// What `relay status` still reports on when the chosen config is invalid: the state dir the file names
+    /// (read leniently: a file that is TOML with a bad value elsewhere still names it; else the default one),
+    /// with the file's name and digest (for the running daemon's report: the reload it refused, an edit since),
+    /// and no accounts. `None` when the file cannot be read at all.
+    pub fn stand_in(path: Option<&Path>, default: &Path) -> Option<Config> {
+        let file = match path {
+            Some(p) => p,
+            None if default.try_exists().ok()? => default,
+            None => return None,
+        };
+        let text = crate::small_files::read_to_string(file, crate::small_files::CONFIG).ok()?;
+        let named = toml::from_str::<toml::Table>(&text)
+            .ok()
+            .and_then(|t| t.get("state_dir")?.as_str().map(PathBuf::from));
+        let mut c = Self::embedded_default();
+        c.listeners.clear();
+        c.state_dir = named.unwrap_or_else(default_state_dir);
+        c.source = file.display().to_string();
+        c.digest = blake3::hash(text.as_bytes()).to_hex().to_string();
+        Some(c)
+    }
+
     /// The config relay runs on when no file is given.
     pub fn embedded_default() -> Config {
         // The embedded text is a constant checked by a unit test, so this cannot fail at run time.

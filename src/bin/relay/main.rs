@@ -232,8 +232,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         // Exit 2 as `relay check`, not 1: a monitoring script must not read a config it cannot parse as mail
         // needing attention.
         Command::Status { json } => match report() {
-            Ok(c) => status::status(&c, json),
-            Err(e) => Ok(invalid(&e)),
+            Ok(c) => status::status(&c, json, None),
+            // What the state dir says is still worth hearing: the daemon runs on, and refused the reload.
+            Err(e) => {
+                let code = invalid(&e);
+                match Config::stand_in(cli.config.as_deref(), Path::new(DEFAULT_CONFIG_PATH)) {
+                    Some(c) => status::status(&c, json, Some(&e)),
+                    None => {
+                        if json {
+                            let doc = serde_json::json!({"config_error": status::problems(&e), "ok": false});
+                            println!("{doc}");
+                        }
+                        Ok(code)
+                    }
+                }
+            }
         },
         Command::Queue(q) => queue::queue(&report()?, q),
         Command::Test { account, to } => test(&config()?, &account, &to),

@@ -4,26 +4,38 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use relay::config::Config;
+use relay::config::{Config, ConfigError};
 use relay::queue::room::rounded;
 use relay::terminal::printable_str as safe;
 
 use crate::age;
 
-pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
+/// `invalid`: the config read is invalid (its problems already said on stderr), and `config` stands in for it
+/// ([`Config::stand_in`]): what the state dir says is still reported (the daemon, which runs the config it
+/// loaded before, the reload it refused, the queue), without accounts; exit 2.
+pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Result<ExitCode> {
     let status = relay::status::status(config)?;
     if json {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "queue": status.queue,
             "accounts": status.accounts,
             "running": status.running,
             "daemon": status.daemon,
             "disk": status.disk,
             "stale_tokens": status.stale_tokens,
-            "ok": status.ok,
+            "ok": status.ok && invalid.is_none(),
         });
+        if let Some(e) = invalid {
+            doc["config_error"] = problems(e);
+        }
         println!("{doc}");
     } else {
+        if invalid.is_some() {
+            println!(
+                "config: {} is invalid (each problem is said above, as `relay check` says it): its accounts are not shown; the rest is read from the state dir",
+                safe(&config.source)
+            );
+        }
         let q = &status.queue;
         if config.state_dir.exists() {
             println!("state dir: {}", config.state_dir.display());
@@ -95,7 +107,7 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 config.state_dir.join("queue").display()
             );
         }
-        if status.accounts.is_empty() {
+        if status.accounts.is_empty() && invalid.is_none() {
             println!(
                 "accounts: no account is configured; mail is queued but not delivered (add an [[account]])"
             );
@@ -142,11 +154,20 @@ pub fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if status.ok {
+    Ok(if invalid.is_some() {
+        ExitCode::from(2)
+    } else if status.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A config's problems for JSON: `FILE: KEY: REASON` each.
+pub fn problems(e: &ConfigError) -> serde_json::Value {
+    e.problems()
+        .map(|p| format!("{}: {}: {}", p.file, p.key, p.reason))
+        .collect()
 }
 
 /// `12/30 messages this minute, 4310/10000 recipients in the last 24 h`.
