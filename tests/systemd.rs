@@ -951,6 +951,23 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
             .contains("bounce_typo"),
         "{json}"
     );
+    // The queue can be looked at meanwhile, not acted on.
+    let queue = |args: &[&str]| {
+        Command::new(relay_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = queue(&["queue", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("is invalid") && err.contains("bounce_typo"),
+        "{err}"
+    );
+    assert_ne!(queue(&["queue", "retry", "--all"]).status.code(), Some(0));
 
     // Another file than the daemon's.
     let other = dir.path().join("other.toml");

@@ -248,7 +248,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         },
-        Command::Queue(q) => queue::queue(&report()?, q),
+        Command::Queue(q) => match report() {
+            Ok(c) => queue::queue(&c, q),
+            // Looking needs only the state dir: a sysadmin fixing a config still sees what waits. Acting on the
+            // queue waits for a config that can be read whole.
+            Err(e) if matches!(q, QueueCommand::List { .. } | QueueCommand::Show { .. }) => {
+                match Config::stand_in(cli.config.as_deref(), Path::new(DEFAULT_CONFIG_PATH)) {
+                    Some(c) => {
+                        eprintln!(
+                            "relay: note: {} is invalid ({}: {}); the queue is read from the state dir it names, {}",
+                            c.source,
+                            e.key,
+                            e.reason,
+                            c.state_dir.display()
+                        );
+                        queue::queue(&c, q)
+                    }
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Test { account, to } => test(&config()?, &account, &to),
     }
 }
