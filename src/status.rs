@@ -29,6 +29,9 @@ pub struct QueueCounts {
     /// The latest end of those holds.
     #[serde(with = "humantime_serde::option")]
     pub held_until: Option<SystemTime>,
+    /// Queued, and no account of this config takes them (a reload removed their route's account or
+    /// `default_account`): retried in vain until `max_age`.
+    pub unroutable: usize,
     #[serde(skip)]
     pub oldest: Option<SystemTime>,
     pub oldest_age_seconds: Option<u64>,
@@ -85,7 +88,20 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     // Each message is looked at and let go: a backlog of any size costs this command no memory.
     let store = QueueStore::new(&config.state_dir);
     let queue_dir = &store.paths().queue;
-    let (mut queued, mut deferred, mut held) = (0, 0, 0);
+    let (mut queued, mut deferred, mut held, mut unroutable) = (0, 0, 0, 0);
+    let routing = crate::queue::route::Routing::new(config);
+    // A config without accounts says so on its own (and a stand-in for an invalid one has none).
+    let routed = |e: &crate::queue::Envelope| {
+        config.accounts.is_empty()
+            || routing
+                .route(crate::queue::route::Addressing::from(e))
+                .is_some_and(|d| {
+                    !d.accounts.is_empty()
+                        && d.accounts
+                            .iter()
+                            .all(|n| config.accounts.iter().any(|a| &a.name == n))
+                })
+    };
     let mut oldest: Option<SystemTime> = None;
     let mut held_until: Option<SystemTime> = None;
     let now = SystemTime::now();
@@ -98,6 +114,9 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         if let Some(until) = state.held_until.filter(|t| *t > now) {
             held += 1;
             held_until = Some(held_until.map_or(until, |h| h.max(until)));
+        }
+        if !routed(&m.envelope) {
+            unroutable += 1;
         }
         let at = m.envelope.received_at;
         oldest = Some(oldest.map_or(at, |o| o.min(at)));
@@ -113,6 +132,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         unreadable,
         held,
         held_until,
+        unroutable,
         oldest,
         oldest_age_seconds: oldest.map(|t| {
             SystemTime::now()
@@ -138,6 +158,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         || queue.quarantined > 0
         || queue.unreadable > 0
         || queue.held > 0
+        || queue.unroutable > 0
         || accounts
             .iter()
             .any(|a| a.state != "ok" || !a.warnings.is_empty()));

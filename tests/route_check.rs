@@ -310,3 +310,41 @@ fn a_message_no_account_would_take_is_refused_at_data() {
         assert!(relay.terminate().success());
     }
 }
+
+/// A reload (here, an edit) that leaves queued mail with no account: `relay status` counts it and asks for
+/// attention (before: exit 0, "1 queued (1 deferred)", while the message was deferred in vain until `max_age`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_queued_mail_no_account_takes() {
+    let idp = common::idp::idp_issuing("tok").await;
+    let upstream = common::upstream::FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = common::idp::account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]\n",
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, b"Subject: waits\r\n\r\nhi\r\n").await;
+    d.wait_log("relay_event=\"deferred\"");
+    assert_eq!(d.terminate().code(), Some(0));
+    let (_, doc) = status_json(&config);
+    assert_eq!(doc["queue"]["unroutable"], 0, "{doc}");
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("default_account = \"office\"", "")).unwrap();
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "{doc}");
+    assert_eq!(doc["queue"]["unroutable"], 1, "{doc}");
+    let (_, out, _) = run(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        out.contains("unroutable: 1 queued message(s) match no account"),
+        "{out}"
+    );
+}

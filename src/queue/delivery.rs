@@ -979,11 +979,10 @@ impl Delivery {
                 .blocking(move |d| d.dead(id, &mut state, &why, account.as_deref(), &[]))
                 .await;
         }
+        const NO_ACCOUNT: &str = "no account is configured for this message (no [[route]] matches it, and neither its login's account nor default_account names one): add one, then `systemctl reload relay`";
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
-            None => Err("no account is configured for this message".to_string()),
-            Some(d) if d.accounts.is_empty() => {
-                Err("no account is configured for this message".to_string())
-            }
+            None => Err(NO_ACCOUNT.to_string()),
+            Some(d) if d.accounts.is_empty() => Err(NO_ACCOUNT.to_string()),
             Some(d) => match d.accounts.iter().find(|n| !self.accounts.contains_key(*n)) {
                 Some(name) => Err(format!("account {name} is not configured")),
                 None => Ok(d),

@@ -93,6 +93,12 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
                 humantime::format_rfc3339_seconds(until)
             );
         }
+        if q.unroutable > 0 {
+            println!(
+                "unroutable: {} queued message(s) match no account of this config (no [[route]] matches, and neither the login's account nor default_account names one, or names an account that is gone): they are deferred until `max_age`, then bounced; add a route or default_account, then `systemctl reload relay`",
+                q.unroutable
+            );
+        }
         if q.quarantined > 0 {
             println!(
                 "quarantine: {} file(s) in {} could not be read or failed their seal check; they are neither delivered nor deleted: look at them, then move them back to queue/ or remove them",
