@@ -348,3 +348,29 @@ async fn status_counts_queued_mail_no_account_takes() {
         "{out}"
     );
 }
+
+/// Routes that can never be taken are warned about: a user no [[user]] has (a typo sent that device's mail
+/// through another account, silently), a listener address no listener has, a route after one that takes every
+/// message. The shipped routes of [`write_routed_config`] get none of these.
+#[test]
+fn check_warns_of_routes_that_are_never_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_routed_config(dir.path());
+    let cfg = config.to_str().unwrap();
+    let (code, _, err) = run(&["check", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("never taken"), "{err}");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[[route]]\nuser = \"prnter\"\naccount = \"gmail\"\n\n[[route]]\nlistener = \"127.0.0.1:2999\"\naccount = \"gmail\"\n\n[[route]]\nsender = \"*\"\naccount = \"office\"\n\n[[route]]\nrecipient = \"*@late.example\"\naccount = \"gmail\"\n";
+    std::fs::write(&config, text).unwrap();
+    let (code, _, err) = run(&["check", "--config", cfg]);
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "warning: route[2].user: no [[user]] is named \"prnter\"",
+        "warning: route[3].listener: no [[listener]] has the address \"127.0.0.1:2999\" (they are 127.0.0.1:2525, 127.0.0.1:2587)",
+        "warning: route[5]: comes after route[4], which takes every message",
+    ] {
+        assert!(err.contains(line), "{line}: {err}");
+    }
+    assert_eq!(err.matches("never taken").count(), 3, "{err}");
+}

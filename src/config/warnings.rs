@@ -11,6 +11,61 @@ pub struct Warning {
 }
 
 impl Config {
+    /// Routes that can never be taken: a user or listener the config does not have (a typo sends the device's
+    /// mail through another account, silently), or a route after one that takes every message.
+    fn route_warnings(&self, warn: &mut impl FnMut(String, String)) {
+        let wild = |p: &str| p.contains(['*', '?']);
+        let mut catch_all: Option<usize> = None;
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("route[{i}]");
+            if let Some(first) = catch_all {
+                warn(
+                    key.clone(),
+                    format!(
+                        "comes after route[{first}], which takes every message: it is never taken"
+                    ),
+                );
+            }
+            if let Some(u) = r.user.as_deref().filter(|u| !wild(u))
+                && !self.users.iter().any(|x| x.name.eq_ignore_ascii_case(u))
+            {
+                warn(
+                    format!("{key}.user"),
+                    format!(
+                        "no [[user]] is named {u:?}: the route is never taken, and that login's mail goes by the next route that matches"
+                    ),
+                );
+            }
+            if let Some(l) = r.listener.as_deref().filter(|l| !wild(l))
+                && !self.listeners.iter().any(|x| x.address.to_string() == l)
+            {
+                let known: Vec<String> = self
+                    .listeners
+                    .iter()
+                    .map(|x| x.address.to_string())
+                    .collect();
+                warn(
+                    format!("{key}.listener"),
+                    format!(
+                        "no [[listener]] has the address {l:?} (they are {}): the route is never taken",
+                        known.join(", ")
+                    ),
+                );
+            }
+            let every =
+                |p: &Option<String>| p.as_deref().is_none_or(|p| p.chars().all(|c| c == '*'));
+            if catch_all.is_none()
+                && every(&r.sender)
+                && every(&r.recipient)
+                // (`user = "*"` takes only mail from a login.)
+                && r.user.is_none()
+                && every(&r.listener)
+            {
+                catch_all = Some(i);
+            }
+        }
+    }
+
     pub fn warnings(&self) -> Vec<Warning> {
         let mut out = Vec::new();
         let mut warn = |key: String, text: String| out.push(Warning { key, text });
@@ -46,6 +101,7 @@ impl Config {
                 "transport = \"graph\" has no envelope sender, so rewrite_from = \"envelope\" (the default) changes nothing: mail goes with the device's own From:, which Exchange refuses (ErrorSendAsDenied) unless the mailbox may send as it; set rewrite_from = \"header\" to send as the mailbox (the device's address kept in Reply-To), or \"none\" if the devices already use the mailbox's address".into(),
             );
         }
+        self.route_warnings(&mut warn);
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("listener[{i}] ({})", l.address);
             if l.tls_compat == TlsCompat::Legacy {
