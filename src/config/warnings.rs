@@ -102,6 +102,21 @@ impl Config {
             );
         }
         self.route_warnings(&mut warn);
+        // The provider counts a mailbox's sending, whichever account of relay's sent it.
+        for (i, a) in self.accounts.iter().enumerate() {
+            if let Some(b) = self.accounts[..i]
+                .iter()
+                .find(|b| b.mailbox.eq_ignore_ascii_case(&a.mailbox))
+            {
+                warn(
+                    format!("account {}.mailbox", a.name),
+                    format!(
+                        "account {} sends as the same mailbox ({}): relay counts each account's sending limits apart, while the provider counts the mailbox's together, so together they may send twice what its limits allow; use one account, or halve the limits (rate = {{ ... }})",
+                        b.name, a.mailbox
+                    ),
+                );
+            }
+        }
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("listener[{i}] ({})", l.address);
             if l.tls_compat == TlsCompat::Legacy {
@@ -248,6 +263,24 @@ mod tests {
             .into_iter()
             .map(|w| (w.key, w.text))
             .collect()
+    }
+
+    #[test]
+    fn two_accounts_of_one_mailbox_are_warned_about() {
+        let account = |name: &str, mailbox: &str| {
+            format!(
+                "[[account]]\nname = \"{name}\"\nprovider = \"microsoft\"\nflow = \"device_code\"\ntenant = \"t\"\nclient_id = \"c\"\nmailbox = \"{mailbox}\"\n"
+            )
+        };
+        let w = keys(&format!(
+            "{}{}{}",
+            account("a", "office@contoso.com"),
+            account("b", "Office@Contoso.com"),
+            account("c", "other@contoso.com")
+        ));
+        let same: Vec<_> = w.iter().filter(|w| w.1.contains("same mailbox")).collect();
+        assert_eq!(same.len(), 1, "{w:?}");
+        assert_eq!(same[0].0, "account b.mailbox");
     }
 
     #[test]
