@@ -8,13 +8,37 @@ use anyhow::Result;
 
 use relay::config::Config;
 use relay::queue::retry::Retry;
+use relay::queue::route::{Addressing, Routing};
 use relay::queue::{Place, QueueEntry, QueueStore};
 use relay::terminal::{printable_lines, printable_str as safe};
 
 use crate::{QueueCommand, age};
 
+/// The accounts a message goes through, by the config as it is now (`relay check --route`'s answer): empty
+/// when none takes it.
+fn accounts_of(config: &Config, routing: &Routing, e: &relay::queue::Envelope) -> Vec<String> {
+    routing
+        .route(Addressing::from(e))
+        .map(|d| {
+            d.accounts
+                .iter()
+                .filter(|n| config.accounts.iter().any(|a| &a.name == *n))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An entry as JSON, with the accounts it goes through (`accounts`).
+fn entry_json(entry: &QueueEntry, accounts: Vec<String>) -> Result<String> {
+    let mut doc = serde_json::to_value(entry)?;
+    doc["accounts"] = accounts.into();
+    Ok(doc.to_string())
+}
+
 pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
     let store = QueueStore::new(&config.state_dir);
+    let routing = Routing::new(config);
     // Empty because the state dir is not there: most often the wrong one (another user's default, another config).
     let note_missing = || {
         if let Some(dir) = store.missing_state_dir() {
@@ -31,9 +55,10 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut counts = [0usize; 2];
             let mut print = |i: usize, e: QueueEntry| -> Result<()> {
+                let accounts = accounts_of(config, &routing, &e.message.envelope);
                 if json {
                     let sep = if counts == [0, 0] { "[" } else { "," };
-                    write!(out, "{sep}{}", serde_json::to_string(&e)?)?;
+                    write!(out, "{sep}{}", entry_json(&e, accounts)?)?;
                 } else {
                     if counts == [0, 0] {
                         writeln!(
@@ -42,7 +67,9 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                             "id", "age", "size", "attempts", "next try", "sender"
                         )?;
                     }
-                    print_row(&mut out, &e)?;
+                    // (A config without accounts says so on its own: `relay status`, the daemon's log.)
+                    let accounts = (!config.accounts.is_empty()).then_some(accounts.as_slice());
+                    print_row(&mut out, &e, accounts)?;
                 }
                 counts[i] += 1;
                 Ok(())
@@ -88,8 +115,9 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
         }
         QueueCommand::Show { id, json } => {
             let entry = store.entry(QueueStore::parse_id(&id)?)?;
+            let accounts = accounts_of(config, &routing, &entry.message.envelope);
             if json {
-                println!("{}", serde_json::to_string(&entry)?);
+                println!("{}", entry_json(&entry, accounts)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let msg = &entry.message;
@@ -140,6 +168,7 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     safe(&entry.finished.join(", "))
                 )?;
             }
+            writeln!(out, "account:     {}", shown_accounts(&accounts))?;
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "attempts:    {}", entry.attempts)?;
             match (entry.state, entry.next_attempt) {
@@ -335,7 +364,20 @@ fn note_held_accounts(config: &Config) {
     }
 }
 
-fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
+/// `office`, `office or gmail`, or what no account means.
+fn shown_accounts(accounts: &[String]) -> String {
+    if accounts.is_empty() {
+        "none: no account of the config takes it".into()
+    } else {
+        accounts.join(" or ")
+    }
+}
+
+fn print_row(
+    out: &mut impl Write,
+    entry: &QueueEntry,
+    accounts: Option<&[String]>,
+) -> std::io::Result<()> {
     let m = &entry.message;
     let e = &m.envelope;
     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
@@ -356,7 +398,15 @@ fn print_row(out: &mut impl Write, entry: &QueueEntry) -> std::io::Result<()> {
         safe(&e.recipients.join(","))
     )?;
     if let Some(error) = &entry.last_error {
-        writeln!(out, "  last error: {}", safe(error))?;
+        match accounts {
+            Some(a) => writeln!(
+                out,
+                "  last error (account {}): {}",
+                shown_accounts(a),
+                safe(error)
+            )?,
+            None => writeln!(out, "  last error: {}", safe(error))?,
+        }
     }
     Ok(())
 }
