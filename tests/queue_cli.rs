@@ -511,8 +511,16 @@ async fn delete_purges_by_login_or_sender_and_takes_several_ids() {
     let out = relay(&cfg, &["queue", "delete", "--from", "spam@forged.test"]);
     assert_eq!(out.status.code(), Some(1), "--from needs --all or --dead");
     assert!(text(&out.stderr).contains("--all"), "{out:?}");
-    let out = ok(&cfg, &["queue", "delete", "--all", "--user", "printer"]);
-    assert_eq!(out.trim(), "deleted 3 queued message(s)");
+    // A user the config does not have: said, not only "deleted 0".
+    let out = relay(&cfg, &["queue", "delete", "--all", "--user", "prnter"]);
+    assert_eq!(text(&out.stdout).trim(), "deleted 0 queued message(s)");
+    assert!(
+        text(&out.stderr).contains("no [[user]] is named \"prnter\""),
+        "{out:?}"
+    );
+    let out = relay(&cfg, &["queue", "delete", "--all", "--user", "printer"]);
+    assert_eq!(text(&out.stdout).trim(), "deleted 3 queued message(s)");
+    assert!(text(&out.stderr).is_empty(), "{out:?}");
     let out = ok(
         &cfg,
         &["queue", "delete", "--all", "--from", "Spam@Forged.test"],

@@ -251,6 +251,17 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     "say which messages: their ids (relay queue delete ID…), --all (every queued one) or --dead (every dead one), with --from or --user to choose among them"
                 );
             }
+            // A typo would delete nothing and say only "deleted 0": said, as `check --route --user` does. (Still
+            // run: the user may have been removed from the config since its mail came.)
+            if let Some(u) = &user
+                && !config.users.iter().any(|x| &x.name == u)
+            {
+                eprintln!(
+                    "relay: note: no [[user]] is named {:?} in {}: only mail it sent before it was removed can match",
+                    safe(u),
+                    config.source
+                );
+            }
             // `<>` (or nothing) is the null sender of bounces, stored as an empty address.
             let from = from.map(|f| f.trim_matches(['<', '>']).to_lowercase());
             let matches = |e: &relay::queue::Envelope| {
