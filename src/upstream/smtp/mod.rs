@@ -258,7 +258,7 @@ impl SmtpUpstream {
                 if let Some(WentDown(why)) =
                     tried.unanswered(now, self.settings.timeout, failed.reply())
                 {
-                    tracing::warn!(relay_event = "upstream_unreachable", relay_account = %self.account, relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (no answer to a connection); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took (a few seconds at least)");
+                    tracing::warn!(relay_event = "upstream_unreachable", relay_account = %self.account, relay_account_mailbox = %self.mailbox, upstream = %self.endpoint(), reason = %why, "the upstream cannot be reached (its connection was refused, went unanswered or its name did not resolve: see reason); until it answers, one connection at a time tries it, and the account's other mail waits in the queue, untried, for as long as the last try took (a few seconds at least)");
                     return Err(failed);
                 }
                 // A probe of an upstream already known to be down, still down: the account's news, said when the
