@@ -1562,6 +1562,8 @@ async fn mail_deferred_for_want_of_a_token_goes_once_the_refresher_has_one() {
     assert_eq!(strip_received(&got.data), BODY);
     let line = daemon.wait_log("the account can send again");
     assert!(line.contains("messages=1"), "{line}");
+    // Which of the two came back (the upstream never left).
+    assert!(line.contains("(its token could be had again)"), "{line}");
     daemon.wait_log("relay_event=\"delivered\"");
     assert_eq!(daemon.terminate().code(), Some(0));
 }

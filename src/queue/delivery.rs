@@ -261,7 +261,7 @@ pub struct Delivery {
     /// Accounts whose upstream answers again after it did not, and since when it did not: the scheduler makes
     /// the mail they deferred meanwhile due at once ([`Delivery::take_recovered`]). Emptied at every attempt's
     /// end; one entry per account at most. Shared across reloads: an attempt begun before one reports here.
-    recovered: Arc<Mutex<HashMap<String, std::time::Instant>>>,
+    recovered: Arc<Mutex<HashMap<String, Recovered>>>,
     /// Where each attempt's closing file work runs (shared with the delivery a reload puts in its place).
     lane: Lane,
 }
@@ -740,9 +740,7 @@ impl Delivery {
         // deferred meanwhile goes now, as when an upstream answers again.
         for account in self.accounts.values() {
             if let Some(since) = account.tokens.take_came_back() {
-                let mut recovered = lock(&self.recovered);
-                let at = recovered.entry(account.name.clone()).or_insert(since);
-                *at = (*at).min(since);
+                Recovered::note(&self.recovered, &account.name, since, Recovered::TOKEN);
             }
         }
         for account in self.accounts.values() {
@@ -785,7 +783,7 @@ impl Delivery {
     }
 
     /// The accounts whose upstream answers again after it did not, each with since when it did not.
-    pub fn take_recovered(&self) -> HashMap<String, std::time::Instant> {
+    pub fn take_recovered(&self) -> HashMap<String, Recovered> {
         std::mem::take(&mut *lock(&self.recovered))
     }
 
@@ -2016,14 +2014,48 @@ struct Sending<'a> {
 /// Adds `account` to `recovered` if its upstream answers again since this was last asked (earliest outage kept);
 /// since when it did not, if so.
 fn note_came_back(
-    recovered: &Mutex<HashMap<String, std::time::Instant>>,
+    recovered: &Mutex<HashMap<String, Recovered>>,
     account: &Account,
 ) -> Option<std::time::Instant> {
     let since = account.transports.take_came_back()?;
-    let mut recovered = lock(recovered);
-    let at = recovered.entry(account.name.clone()).or_insert(since);
-    *at = (*at).min(since);
+    Recovered::note(recovered, &account.name, since, Recovered::UPSTREAM);
     Some(since)
+}
+
+/// An account that can send again: since when it could not, and what came back (so that the log says which:
+/// a token had again while the upstream is still down was said as "its upstream answers").
+#[derive(Debug, Clone, Copy)]
+pub struct Recovered {
+    pub since: std::time::Instant,
+    what: u8,
+}
+
+impl Recovered {
+    const TOKEN: u8 = 1;
+    const UPSTREAM: u8 = 2;
+
+    fn note(
+        map: &Mutex<HashMap<String, Recovered>>,
+        account: &str,
+        since: std::time::Instant,
+        what: u8,
+    ) {
+        let mut map = lock(map);
+        let r = map
+            .entry(account.to_string())
+            .or_insert(Recovered { since, what });
+        r.since = r.since.min(since);
+        r.what |= what;
+    }
+
+    /// What came back, in words.
+    pub fn what(&self) -> &'static str {
+        match self.what {
+            Self::TOKEN => "its token could be had again",
+            Self::UPSTREAM => "its upstream answers again",
+            _ => "its token could be had again and its upstream answers",
+        }
+    }
 }
 
 /// Messages whose attempt count alone is kept in memory while their state files cannot be written: about 100

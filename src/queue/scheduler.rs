@@ -57,13 +57,14 @@ impl Scheduler {
     /// The accounts whose upstream answers again: what waited for it, untried, goes now with every connection;
     /// what it deferred meanwhile too, instead of at its next retry.
     fn wake_recovered(&self, s: &mut Schedule) {
-        for (account, since) in self.delivery.take_recovered() {
+        for (account, back) in self.delivery.take_recovered() {
+            let since = back.since;
             for &pool in self.delivery.pools_with(&account) {
                 s.unpark(pool, self.delivery.room(pool).max(1), SystemTime::now());
             }
             let woken = s.wake_deferred(&account, since);
             if woken > 0 {
-                tracing::info!(relay_account = %account, messages = woken, "the account can send again (its upstream answers, or its token could be renewed again): the mail it deferred meanwhile is due now");
+                tracing::info!(relay_account = %account, messages = woken, "the account can send again ({}): the mail it deferred meanwhile is due now", back.what());
             }
         }
     }
