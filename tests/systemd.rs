@@ -608,6 +608,9 @@ async fn secrets_come_from_the_credentials_directory() {
             && stderr.contains("CREDENTIALS_DIRECTORY"),
         "{stderr}"
     );
+    // Said once: not also "$CREDENTIALS_DIRECTORY/office-secret: No such file or directory".
+    assert!(!stderr.contains("No such file"), "{stderr}");
+    assert_eq!(stderr.matches("client_secret_file").count(), 1, "{stderr}");
 
     let mut cmd = Command::new(relay_bin());
     cmd.args(["serve", "--config"])

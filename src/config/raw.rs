@@ -596,9 +596,13 @@ impl RawConfig {
             match (expand_credentials(path), secrets) {
                 (Ok(p), _) => *path = p,
                 (Err(_), Secrets::NotRead | Secrets::Unchecked) => at_start.push(key),
-                (Err(reason), Secrets::Read) => return Err(errs.at(key, reason)),
+                // Said once: the file's own check would add "$CREDENTIALS_DIRECTORY/x: No such file".
+                (Err(reason), Secrets::Read) => {
+                    errs.add(key.clone(), reason);
+                    at_start.push(key);
+                }
             }
-            Ok(())
+            Ok::<(), ConfigError>(())
         };
         for (i, a) in self.account.iter_mut().enumerate() {
             for (key, file) in [
