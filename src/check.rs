@@ -46,6 +46,35 @@ fn look_for_busy(config: &Config) -> Vec<crate::config::Warning> {
 }
 
 /// The config, if serve would start on it; else every problem found, each with its file, key and reason.
+/// The config as `relay check` prints it: each account with its provider's defaults filled in (the token
+/// endpoint, the scope, the SMTP host and port, the HTTP APIs it uses), so that a sysadmin sees where mail and
+/// tokens go without reading relay's source.
+pub fn resolved_toml(config: &Config) -> String {
+    use crate::config::Transport;
+    let mut c = config.clone();
+    for a in &mut c.accounts {
+        let Ok(ep) = crate::oauth::provider::endpoints(a) else {
+            continue;
+        };
+        a.token_url = Some(ep.token_url);
+        a.device_authorization_url = ep.device_authorization_url;
+        a.authorization_url = ep.authorization_url;
+        a.scope = Some(ep.scope);
+        if a.transport == Transport::Smtp {
+            a.smtp_host = Some(ep.smtp_host);
+            a.smtp_port = Some(ep.smtp_port);
+            a.smtp_tls = Some(ep.smtp_tls);
+        }
+        if a.transport == Transport::Graph || a.fallback_transport == Some(Transport::Graph) {
+            a.graph_url = Some(ep.graph_url);
+        }
+        if a.transport == Transport::GmailApi {
+            a.gmail_api_url = Some(ep.gmail_api_url);
+        }
+    }
+    c.to_toml()
+}
+
 pub fn check(config: Config) -> Result<Config, ConfigError> {
     // rustls loads nothing until a crypto provider is chosen (two are compiled in through dependencies).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

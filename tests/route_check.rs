@@ -374,3 +374,22 @@ fn check_warns_of_routes_that_are_never_taken() {
     }
     assert_eq!(err.matches("never taken").count(), 3, "{err}");
 }
+
+/// `relay check` prints each account with its provider's defaults filled in: where tokens come from and where
+/// mail goes (it printed only what the file said).
+#[test]
+fn check_fills_in_the_providers_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_routed_config(dir.path());
+    let (code, out, err) = run(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "token_url = \"https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token\"",
+        "smtp_host = \"smtp.office365.com\"",
+        "smtp_port = 587",
+        "smtp_host = \"smtp.gmail.com\"",
+        "scope = \"https://mail.google.com/\"",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+}

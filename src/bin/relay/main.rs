@@ -214,7 +214,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "# {} is valid; resolved settings follow (secrets redacted)",
                     c.source
                 );
-                print!("{}", c.to_toml());
+                print!("{}", relay::check::resolved_toml(&c));
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => Ok(invalid(&e)),
