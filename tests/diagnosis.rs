@@ -89,6 +89,35 @@ async fn a_dead_letter_for_send_as_denied_names_rewrite_from() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// The same refusal for an account that already rewrites From: to its mailbox: the fix is not to set what is
+/// set, but the mailbox's own address, a Sender: header, or Send As rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_as_refusal_with_from_rewritten_already_says_what_else_to_check() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "554 5.2.252 SendAsDenied; relay@example.com not allowed to send as relay@example.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "rewrite_from = \"header\"\n",
+    );
+    let mut d = Daemon::spawn(&write_config_with(dir.path(), &top, LISTENER));
+    send_message(d.addr, b"Subject: t\r\n\r\nhi\r\n").await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert_says(
+        &line,
+        &[
+            "already made its From: the account's mailbox",
+            "Sender: header",
+            "primary address",
+        ],
+    );
+    assert!(!line.contains("set rewrite_from"), "{line}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// An expired Azure client secret (AADSTS7000222) on refresh: the refresh failure and the deferral both say to
 /// create a new secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1807,9 +1807,9 @@ impl Delivery {
     /// The diagnosis of `why`, fitted to the account's files.
     fn diagnosed(&self, why: &str, account: Option<&str>) -> Diagnosed {
         match account.and_then(|name| self.accounts.get(name)) {
-            Some(a) => {
-                Diagnosed::of(why, account, a.tokens.provider()).advised(a.tokens.rotation())
-            }
+            Some(a) => Diagnosed::of(why, account, a.tokens.provider())
+                .advised(a.tokens.rotation())
+                .rewriting(a.rewrite.rewrites_header(), why, account),
             None => Diagnosed::of(why, account, None),
         }
     }

@@ -75,7 +75,7 @@ pub fn for_log(text: &str, account: Option<&str>, provider: Option<Provider>) ->
     if text.contains(DIAGNOSED) {
         let given = TABLE
             .iter()
-            .chain([&CREDENTIALS])
+            .chain([&CREDENTIALS, &SEND_AS_REWRITTEN])
             .map(|d| d.text(account))
             // As given, or as fitted to an account's LoadCredential= copies (see `Diagnosed::advised`).
             .find(|d| {
@@ -119,6 +119,16 @@ static CREDENTIALS: Diagnosis = Diagnosis {
     matches: &[],
 };
 
+/// A refused sender when relay already rewrote From: to the account's mailbox (`rewrite_from = "header"`): the
+/// table's fix, to set that, is what was done.
+static SEND_AS_REWRITTEN: Diagnosis = Diagnosis {
+    only: None,
+    code: "554 5.2.252 SendAsDenied",
+    cause: "the mailbox may not send as the sender of the message relay sent, though rewrite_from = \"header\" already made its From: the account's mailbox",
+    fix: "check that `mailbox` is the exact primary address of the user the token is for (an alias, or a shared mailbox that user has no Send As on, is refused), and that the device's message carries no Sender: header with another address (relay keeps it as it is); or give the user Send As on that address (Exchange admin center > Recipients > Mailboxes > Delegation, or `Add-RecipientPermission`)",
+    matches: &[],
+};
+
 /// A log line's diagnosis: the `relay_diagnosis` field, and the same text after the message (`Display` gives
 /// `: TEXT`, or nothing when the table has no entry).
 pub struct Diagnosed(Option<String>);
@@ -142,6 +152,18 @@ impl Diagnosed {
     /// take up a rewritten `LoadCredential=` copy).
     pub fn advised(self, rotation: &crate::config::Rotation) -> Diagnosed {
         Diagnosed(self.0.map(|d| rotation.advise(&d)))
+    }
+
+    /// The diagnosis as it applies to an account that rewrites From: already (`header`): a send-as refusal's fix
+    /// is not to set what is set.
+    pub fn rewriting(self, header: bool, text: &str, account: Option<&str>) -> Diagnosed {
+        let send_as = |d: &Diagnosis| d.fix.contains("set rewrite_from = \"header\"");
+        match diagnose(text, None) {
+            Some(d) if header && send_as(d) => Diagnosed(Some(
+                SEND_AS_REWRITTEN.text(account.filter(|a| !a.is_empty())),
+            )),
+            _ => self,
+        }
     }
 
     /// The field's value: absent from the line when there is no diagnosis.

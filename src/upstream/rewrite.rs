@@ -83,6 +83,11 @@ impl SenderRewrite {
         SenderRewrite { mailbox, mode }
     }
 
+    /// Whether From: is rewritten to the mailbox (`rewrite_from = "header"`).
+    pub fn rewrites_header(&self) -> bool {
+        self.mode == RewriteFrom::Header
+    }
+
     /// The MAIL FROM that goes upstream.
     pub fn envelope_sender<'a>(&'a self, sender: &'a str) -> &'a str {
         match self.mode {
