@@ -115,7 +115,16 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     };
     record(&config.state_dir, &report, to);
     if report.delivered() {
-        report.due_now = crate::queue::retry::request_retry(&config.state_dir, None).unwrap_or(0);
+        // Only the mail this account takes, and only its waits lifted (see `request_account_retry`).
+        let routing = crate::queue::route::Routing::new(config);
+        let routed = |e: &crate::queue::Envelope| {
+            routing
+                .route(crate::queue::route::Addressing::from(e))
+                .is_some_and(|d| d.accounts.iter().any(|n| n == account))
+        };
+        report.due_now =
+            crate::queue::retry::request_account_retry(&config.state_dir, account, routed)
+                .unwrap_or(0);
     }
     Ok(report)
 }

@@ -271,8 +271,11 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
     // A `relay test` that went through after it outweighs it (a quiet relay otherwise stayed `failing` until
     // its next message, whatever the sysadmin fixed and tested).
     let verified_since = |d: &crate::queue::delivery::LastDelivery| {
-        test.as_ref()
-            .is_some_and(|t| t.result == "verified" && t.at > d.at)
+        // (Not a dead message: the test's own mail may go where the devices' is refused, SendAsDenied say.)
+        d.outcome == "deferred"
+            && test
+                .as_ref()
+                .is_some_and(|t| t.result == "verified" && t.at > d.at)
     };
     // The last delivery did not get through: the account is failing, whatever its token says, unless the
     // upstream refused that one message for itself (its dead/ file and the queue's count say so).

@@ -99,8 +99,16 @@ async fn a_test_that_goes_through_clears_failing_and_makes_waiting_mail_due() {
     let (_, doc) = status_json(&config);
     assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
 
+    // Another account's pause (a used-up quota) is not the tester's to end.
+    let other_pause = dir.path().join("state/rate/other.pause");
+    std::fs::create_dir_all(other_pause.parent().unwrap()).unwrap();
+    std::fs::write(&other_pause, "{}").unwrap();
     *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
     let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert!(
+        other_pause.exists(),
+        "another account's pause ended by a test"
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 queued message(s) made due now"), "{out}");
     upstream.next().await;

@@ -924,6 +924,9 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
 
     // A typo, and a reload refused: the status of that very file (the usual case) still says what the state dir
     // knows, with the config's problem (before: the problem alone, exit 2, and nothing on stdout for --json).
+    let waiting = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(send_message(daemon.addr, b"Subject: waits\r\n\r\nhi\r\n"));
     std::fs::write(&config, format!("bounce_typo = 1\n{good}")).unwrap();
     signal(&daemon, libc::SIGHUP);
     daemon.wait_log("unknown field `bounce_typo`");
@@ -933,7 +936,7 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
         text.contains("is invalid")
             && text.contains(&format!("daemon: running (pid {}", daemon.pid()))
             && text.contains("bounce_typo")
-            && text.contains("queue: 0 queued"),
+            && text.contains("queue: 1 queued"),
         "{text}"
     );
     let (code, json) = status_json(&config);
@@ -969,6 +972,11 @@ fn relay_status_tells_a_refused_or_pending_reload_and_reloads_repeat_no_warning(
     assert!(
         err.contains("is invalid") && err.contains("bounce_typo"),
         "{err}"
+    );
+    // From the daemon's own state dir.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&waiting),
+        "{out:?}"
     );
     assert_ne!(queue(&["queue", "retry", "--all"]).status.code(), Some(0));
 

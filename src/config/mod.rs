@@ -559,7 +559,7 @@ impl Config {
     /// What `relay status` still reports on when the chosen config is invalid: the state dir the file names
     /// (read leniently: a file that is TOML with a bad value elsewhere still names it; else the default one),
     /// with the file's name and digest (for the running daemon's report: the reload it refused, an edit since),
-    /// and no accounts. `None` when the file cannot be read at all.
+    /// and no accounts. `None` when the file cannot be read, or is not TOML.
     pub fn stand_in(path: Option<&Path>, default: &Path) -> Option<Config> {
         let file = match path {
             Some(p) => p,
@@ -567,9 +567,12 @@ impl Config {
             None => return None,
         };
         let text = crate::small_files::read_to_string(file, crate::small_files::CONFIG).ok()?;
-        let named = toml::from_str::<toml::Table>(&text)
-            .ok()
-            .and_then(|t| t.get("state_dir")?.as_str().map(PathBuf::from));
+        // Not TOML at all: no state dir to trust (the default one may be another daemon's, or none).
+        let table = toml::from_str::<toml::Table>(&text).ok()?;
+        let named = table
+            .get("state_dir")
+            .and_then(|v| v.as_str())
+            .map(PathBuf::from);
         let mut c = Self::embedded_default();
         c.listeners.clear();
         c.state_dir = named.unwrap_or_else(default_state_dir);

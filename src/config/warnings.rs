@@ -37,7 +37,10 @@ impl Config {
                 );
             }
             if let Some(l) = r.listener.as_deref().filter(|l| !wild(l))
-                && !self.listeners.iter().any(|x| x.address.to_string() == l)
+                && !self
+                    .listeners
+                    .iter()
+                    .any(|x| x.address.to_string().eq_ignore_ascii_case(l))
             {
                 let known: Vec<String> = self
                     .listeners
@@ -52,8 +55,11 @@ impl Config {
                     ),
                 );
             }
-            let every =
-                |p: &Option<String>| p.as_deref().is_none_or(|p| p.chars().all(|c| c == '*'));
+            // (`sender = ""` takes only bounces.)
+            let every = |p: &Option<String>| {
+                p.as_deref()
+                    .is_none_or(|p| !p.is_empty() && p.chars().all(|c| c == '*'))
+            };
             if catch_all.is_none()
                 && every(&r.sender)
                 && every(&r.recipient)

@@ -583,10 +583,15 @@ impl Delivery {
     /// `relay queue retry` (or `relay authorize`) was run: a pause a provider asked for ends now, so that mail
     /// made due goes at once (a quota raised, a throttle past); if the cause is still there, one refusal says so.
     /// Whether any was lifted.
-    pub fn lift_pauses(&self) -> bool {
+    /// `only`: that account's alone (a `relay test` went through it).
+    pub fn lift_pauses(&self, only: Option<&str>) -> bool {
         let now = SystemTime::now();
         let mut lifted = false;
-        for a in self.accounts.values() {
+        for a in self
+            .accounts
+            .values()
+            .filter(|a| only.is_none_or(|o| o == a.name))
+        {
             if a.rate.lift_pause(now) {
                 lifted = true;
                 tracing::info!(relay_account = %a.name, "the pause the provider asked for is lifted (relay queue retry or relay authorize)");
@@ -599,9 +604,13 @@ impl Delivery {
     /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
     /// And the hold after an upstream could not be reached (a firewall opened meanwhile): it is tried at once.
     /// Whether such a hold was lifted (the mail waiting for its end is due now).
-    pub fn lift_holds(&self) -> bool {
+    pub fn lift_holds(&self, only: Option<&str>) -> bool {
         let mut reach = false;
-        for a in self.accounts.values() {
+        for a in self
+            .accounts
+            .values()
+            .filter(|a| only.is_none_or(|o| o == a.name))
+        {
             if a.transports.lift_hold() {
                 reach = true;
                 tracing::info!(relay_account = %a.name, "the account's refused token is tried again (relay queue retry or relay authorize)");

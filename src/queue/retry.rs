@@ -143,6 +143,62 @@ pub fn request_retry(state_dir: &Path, ids: Option<&[QueueId]>) -> std::io::Resu
     }
 }
 
+/// What a trigger asks of the daemon besides rereading the schedule: every account's waits lifted (`relay queue
+/// retry`, `relay authorize`), or only this account's (a `relay test` that went through it).
+const ACCOUNT_LINE: &str = "account ";
+
+/// A `relay test` went through `account`: its queued messages (those `routed` says it takes) are made due now,
+/// and only its waits (a provider's pause, a refused token's minute, an unreachable upstream's hold) are lifted:
+/// another account's pause (a used-up quota) or hold (a refused password, which lockout policies count) is not
+/// the tester's to end. Returns how many were made due.
+pub fn request_account_retry(
+    state_dir: &Path,
+    account: &str,
+    routed: impl Fn(&super::Envelope) -> bool,
+) -> Result<usize, StoreError> {
+    let store = QueueStore::new(state_dir);
+    if store.missing_state_dir().is_some() {
+        return Ok(0);
+    }
+    let mut due = 0;
+    store.each(&store.paths().queue, |m| {
+        if routed(&m.envelope)
+            && matches!(
+                make_due(store.paths(), m.envelope.id),
+                Ok(true) | Err(StoreError::Busy { .. })
+            )
+        {
+            due += 1;
+        }
+    })?;
+    let pause = super::pause::pause_path(state_dir, account);
+    match std::fs::remove_file(&pause) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(StoreError::Io {
+                path: pause,
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    let path = state_dir.join(RETRY_TRIGGER);
+    let text = format!(
+        "{ACCOUNT_LINE}{account}\n{}",
+        humantime::format_rfc3339_nanos(SystemTime::now())
+    );
+    crate::state_files::write(&path, text.as_bytes())
+        .map_err(|source| StoreError::Io { path, source })?;
+    Ok(due)
+}
+
+/// The account a trigger names (see [`request_account_retry`]); `None`: every account.
+pub fn trigger_account(state_dir: &Path) -> Option<String> {
+    let text = crate::small_files::read_to_string(&state_dir.join(RETRY_TRIGGER), 4096).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(ACCOUNT_LINE))
+        .map(str::to_string)
+}
+
 /// Tells a running daemon to reread the queue's schedule.
 pub fn touch_trigger(state_dir: &Path) -> std::io::Result<()> {
     let path = state_dir.join(RETRY_TRIGGER);

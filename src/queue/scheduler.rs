@@ -320,8 +320,9 @@ impl Scheduler {
                             trigger_seen = now_seen;
                             // Attempts start at the next turn of the loop, so none of the mail made due meets
                             // a hold lifted here.
-                            let reach = self.delivery.lift_holds();
-                            if self.delivery.lift_pauses() | reach {
+                            let only = super::retry::trigger_account(&state_dir);
+                            let reach = self.delivery.lift_holds(only.as_deref());
+                            if self.delivery.lift_pauses(only.as_deref()) | reach {
                                 // The mail held by the pauses waits for their end: it is due now instead, and so
                                 // is that of attempts still deciding (a new generation), which saw them.
                                 s.wake_all();

@@ -168,7 +168,10 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     safe(&entry.finished.join(", "))
                 )?;
             }
-            writeln!(out, "account:     {}", shown_accounts(&accounts))?;
+            // (A config without accounts, or the stand-in for an invalid one, knows none.)
+            if !config.accounts.is_empty() {
+                writeln!(out, "account:     {}", shown_accounts(&accounts))?;
+            }
             writeln!(out, "size:        {} bytes", msg.size)?;
             writeln!(out, "attempts:    {}", entry.attempts)?;
             match (entry.state, entry.next_attempt) {

@@ -14,7 +14,11 @@ use crate::age;
 /// ([`Config::stand_in`]): what the state dir says is still reported (the daemon, which runs the config it
 /// loaded before, the reload it refused, the queue), without accounts; exit 2.
 pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Result<ExitCode> {
-    let status = relay::status::status(config)?;
+    let mut status = relay::status::status(config)?;
+    if invalid.is_some() {
+        // The stand-in names no account: every token file would read as stale, and be removed on that advice.
+        status.stale_tokens.clear();
+    }
     if json {
         let mut doc = serde_json::json!({
             "queue": status.queue,
