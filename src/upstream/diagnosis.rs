@@ -328,7 +328,15 @@ static TABLE: &[Diagnosis] = &[
         fix: "use OAuth for this account (flow = \"authorization_code\" or \"service_account\") rather than a password; then run `relay authorize ACCOUNT`",
         matches: &[&["534", "5.7.9", "gsmtp"], &["534", "5.7.9", "google.com"]],
     },
-    // --- Any SMTP server (RFC 4954's codes), for a generic provider's ---
+    // --- Any SMTP server (RFC 3463's and RFC 4954's codes), for a generic provider's ---
+    Diagnosis {
+        only: None,
+        code: "550 5.1.1",
+        cause: "the recipient's address does not exist at its domain (a typo, or a mailbox since removed)",
+        fix: "check the address with whoever set it on the device; relay gave up on that recipient alone (its sender gets a bounce where `bounce` says so), the others are not affected",
+        // Microsoft says 5.1.10 (RESOLVER.ADR.RecipientNotFound), Gmail and most others 5.1.1.
+        matches: &[&["550", "5.1.1"], &["550", "5.1.10"]],
+    },
     Diagnosis {
         only: None,
         code: "535 5.7.8",
@@ -929,6 +937,22 @@ mod tests {
             ),
             Some("550 5.7.30")
         );
+    }
+
+    #[test]
+    fn an_unknown_recipient_is_said_as_such() {
+        for reply in [
+            "550 5.1.1 <b@example.com>: Recipient address rejected: user unknown",
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            "550-5.1.1 The email account that you tried to reach does not exist. - gsmtp",
+        ] {
+            assert_eq!(
+                diagnose(reply, None).map(|d| d.code),
+                Some("550 5.1.1"),
+                "{reply}"
+            );
+        }
+        assert_eq!(diagnose("550 5.1.100 other", None), None);
     }
 
     #[test]
