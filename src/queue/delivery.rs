@@ -1111,7 +1111,9 @@ impl Delivery {
                 }
                 if let Wait::Limit(until) = wait {
                     let shown = until.map_or_else(
-                        || "a delivery in flight ends".to_string(),
+                        // The window's room is taken by deliveries still in flight: one that goes through
+                        // counts from when it ends, so the room comes a window after that.
+                        || "a delivery in flight ends, then (if it went through) its minute, or its day for recipients_per_day".to_string(),
                         |t| humantime::format_rfc3339_seconds(t).to_string(),
                     );
                     // A pause the provider asked for (a 429, a used-up day) holds the same way as a limit.
