@@ -1332,6 +1332,20 @@ impl Delivery {
             _ => slot,
         };
         account.transports.note_attempt(&outcome, went_out, early);
+        // Taken or refused for the message's sake (a 4xx once the message went out, a content scan's, included):
+        // the account works. Anything else (no token, a refused login, a greeting that turns mail away) is its
+        // own trouble.
+        account.went(
+            went_out && matches!(outcome, Outcome::Transient(_))
+                || matches!(
+                    outcome,
+                    Outcome::Delivered(_)
+                        | Outcome::Partial { .. }
+                        | Outcome::Permanent(_)
+                        | Outcome::Refused { .. }
+                        | Outcome::RecipientsDeferred(_)
+                ),
+        );
         note_came_back(&self.recovered, &account);
         drop((message, memory, slot));
         self.slot_freed.notify_one();
@@ -1518,15 +1532,6 @@ impl Delivery {
         written: bool,
     ) -> Attempted {
         let state_dir = self.paths.state_dir();
-        // Taken or refused for the message's sake: the account works. Anything else is its own trouble.
-        account.went(matches!(
-            outcome,
-            Outcome::Delivered(_)
-                | Outcome::Partial { .. }
-                | Outcome::Permanent(_)
-                | Outcome::Refused { .. }
-                | Outcome::RecipientsDeferred(_)
-        ));
         match &outcome {
             Outcome::Delivered(r) | Outcome::Partial { reply: r, .. } => {
                 account.record(state_dir, "delivered", r)
