@@ -1209,6 +1209,47 @@ async fn another_account_of_the_route_takes_the_mail_of_one_without_a_token() {
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A 451 once the message went out (a content scan's, say) is the message's, not the account's: the route's
+/// next message still goes through that account by its share (config order here), not around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferral_after_the_data_does_not_pass_the_account_over() {
+    let idp = idp_issuing("tok").await;
+    let mut first = FakeUpstream::start(&["tok"]).await;
+    *first.data_reply.lock().unwrap() = "451 4.7.1 content scan failed, try later".into();
+    let second = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path());
+    let top = format!(
+        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"first\", \"second\"]\n",
+        generic_account_at("first", &idp.uri(), first.addr.port(), "client_credentials"),
+        generic_account_at(
+            "second",
+            &idp.uri(),
+            second.addr.port(),
+            "client_credentials"
+        ),
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let scanned = send_message(daemon.addr, b"Subject: scanned\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log(&format!(
+        "relay_event=\"deferred\" relay_queue_id={scanned}"
+    ));
+    assert!(line.contains("relay_account=first"), "{line}");
+    *first.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    send_message(daemon.addr, b"Subject: next\r\n\r\nbody\r\n").await;
+    let got = first.next().await;
+    assert_eq!(got.from, "first@example.com");
+    let line = daemon.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("relay_account=first"), "{line}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+    drop(second);
+}
+
 async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     const MESSAGES: usize = 8;
