@@ -1140,6 +1140,28 @@ async fn mail_deferred_while_the_upstream_did_not_answer_goes_when_it_answers_ag
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
+/// A route of two generic client-credentials accounts, `(name, token endpoint, port, more)` each, the first
+/// first in config order (picked when neither has sent anything), with an hour between retries; the daemon's
+/// config in `dir`, a listener without AUTH.
+fn route_of_two(
+    dir: &std::path::Path,
+    a: (&str, &str, u16, &str),
+    b: (&str, &str, u16, &str),
+) -> std::path::PathBuf {
+    write_secret(dir);
+    let account = |(name, idp, port, more): (&str, &str, u16, &str)| {
+        generic_account_at(name, idp, port, "client_credentials") + more
+    };
+    let top = format!(
+        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"{}\", \"{}\"]\n",
+        account(a),
+        account(b),
+        a.0,
+        b.0
+    );
+    write_config_with(dir, &top, "address = \"127.0.0.1:0\"\nauth = \"none\"")
+}
+
 /// A route with two accounts, one of whose upstreams cannot be reached (silent, or refusing connections): the
 /// other takes the mail; none of it is deferred through the unreachable one. A refused connect holds only a few
 /// seconds, so without the order (an account whose upstream answers first) the unreachable one, having sent the
@@ -1167,27 +1189,11 @@ async fn another_account_of_the_route_takes_the_mail_of_one_without_a_token() {
     let broken = FakeUpstream::start(&["tok"]).await;
     let mut healthy = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    write_secret(dir.path());
     // The broken one first: with nothing sent yet by either, config order picks it.
-    let top = format!(
-        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"broken\", \"healthy\"]\n",
-        generic_account_at(
-            "broken",
-            &broken_idp.uri(),
-            broken.addr.port(),
-            "client_credentials"
-        ),
-        generic_account_at(
-            "healthy",
-            &idp.uri(),
-            healthy.addr.port(),
-            "client_credentials"
-        ),
-    );
-    let config = write_config_with(
+    let config = route_of_two(
         dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        ("broken", &broken_idp.uri(), broken.addr.port(), ""),
+        ("healthy", &idp.uri(), healthy.addr.port(), ""),
     );
     let mut daemon = Daemon::spawn(&config);
     let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;
@@ -1218,21 +1224,10 @@ async fn a_deferral_after_the_data_does_not_pass_the_account_over() {
     *first.data_reply.lock().unwrap() = "451 4.7.1 content scan failed, try later".into();
     let second = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    write_secret(dir.path());
-    let top = format!(
-        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"first\", \"second\"]\n",
-        generic_account_at("first", &idp.uri(), first.addr.port(), "client_credentials"),
-        generic_account_at(
-            "second",
-            &idp.uri(),
-            second.addr.port(),
-            "client_credentials"
-        ),
-    );
-    let config = write_config_with(
+    let config = route_of_two(
         dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        ("first", &idp.uri(), first.addr.port(), ""),
+        ("second", &idp.uri(), second.addr.port(), ""),
     );
     let mut daemon = Daemon::spawn(&config);
     let scanned = send_message(daemon.addr, b"Subject: scanned\r\n\r\nbody\r\n").await;
@@ -1264,20 +1259,12 @@ async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     };
     let mut healthy = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
-    write_secret(dir.path());
-    let account = |name: &str, port: u16| {
-        generic_account_at(name, &idp.uri(), port, "client_credentials") + "smtp_timeout = \"5s\"\n"
-    };
     // The unreachable one first: with nothing sent yet by either, config order picks it.
-    let top = format!(
-        "[queue]\nretry = [\"1h\"]\n{}{}[[route]]\nsender = \"*\"\naccounts = [\"unreachable\", \"healthy\"]\n",
-        account("unreachable", unreachable_port),
-        account("healthy", healthy.addr.port()),
-    );
-    let config = write_config_with(
+    let timeout = "smtp_timeout = \"5s\"\n";
+    let config = route_of_two(
         dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+        ("unreachable", &idp.uri(), unreachable_port, timeout),
+        ("healthy", &idp.uri(), healthy.addr.port(), timeout),
     );
     let mut daemon = Daemon::spawn(&config);
     let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;

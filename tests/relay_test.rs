@@ -77,25 +77,13 @@ async fn a_test_message_shows_the_transcript_and_is_remembered() {
 /// ever on a quiet relay), and the deferred message is due now, not at its next retry step an hour away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_that_goes_through_clears_failing_and_makes_waiting_mail_due() {
-    let idp = idp_issuing("tok-1").await;
-    let mut upstream = FakeUpstream::start(&["tok-1"]).await;
-    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
-    let dir = tempfile::tempdir().unwrap();
-    let top = account_top(
-        dir.path(),
-        &idp.uri(),
-        &upstream,
-        "[queue]\nretry = [\"1h\"]\n",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"\n",
-    );
-    let mut d = Daemon::spawn(&config);
-    let id = send_message(d.addr, b"Subject: waits\r\n\r\nhi\r\n").await;
-    d.wait_log("relay_event=\"deferred\"");
-    assert_eq!(d.terminate().code(), Some(0));
+    let common::idp::OneDeferred {
+        idp: _idp,
+        mut upstream,
+        dir,
+        config,
+        id,
+    } = common::idp::one_deferred_message().await;
     let (_, doc) = status_json(&config);
     assert_eq!(doc["accounts"][0]["state"], "failing", "{doc}");
 

@@ -315,25 +315,13 @@ fn a_message_no_account_would_take_is_refused_at_data() {
 /// attention (before: exit 0, "1 queued (1 deferred)", while the message was deferred in vain until `max_age`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counts_queued_mail_no_account_takes() {
-    let idp = common::idp::idp_issuing("tok").await;
-    let upstream = common::upstream::FakeUpstream::start(&["tok"]).await;
-    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
-    let dir = tempfile::tempdir().unwrap();
-    let top = common::idp::account_top(
-        dir.path(),
-        &idp.uri(),
-        &upstream,
-        "[queue]\nretry = [\"1h\"]\n",
-    );
-    let config = write_config_with(
-        dir.path(),
-        &top,
-        "address = \"127.0.0.1:0\"\nauth = \"none\"",
-    );
-    let mut d = Daemon::spawn(&config);
-    send_message(d.addr, b"Subject: waits\r\n\r\nhi\r\n").await;
-    d.wait_log("relay_event=\"deferred\"");
-    assert_eq!(d.terminate().code(), Some(0));
+    let common::idp::OneDeferred {
+        idp: _idp,
+        upstream: _upstream,
+        dir: _dir,
+        config,
+        ..
+    } = common::idp::one_deferred_message().await;
     let (_, doc) = status_json(&config);
     assert_eq!(doc["queue"]["unroutable"], 0, "{doc}");
 

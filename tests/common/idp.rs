@@ -369,3 +369,42 @@ pub fn write_tokens_due(state: &std::path::Path, account: &str, refresh: &str) {
         )
         .expect("token file written");
 }
+
+/// A daemon with [`account_top`]'s account, whose upstream answers the data with a 451 (the retry an hour
+/// away): one message queued and deferred, then the daemon stopped. The upstream still defers.
+pub struct OneDeferred {
+    pub idp: MockServer,
+    pub upstream: FakeUpstream,
+    pub dir: tempfile::TempDir,
+    pub config: std::path::PathBuf,
+    pub id: String,
+}
+
+pub async fn one_deferred_message() -> OneDeferred {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try again later".into();
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1h\"]\n",
+    );
+    let config = super::write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut d = super::Daemon::spawn(&config);
+    let id = super::send_message(d.addr, b"Subject: waits\r\n\r\nhi\r\n").await;
+    d.wait_log("relay_event=\"deferred\"");
+    assert_eq!(d.terminate().code(), Some(0));
+    OneDeferred {
+        idp,
+        upstream,
+        dir,
+        config,
+        id,
+    }
+}
