@@ -377,7 +377,9 @@ async fn device_code(
             // RFC 8628 section 3.5: a poll that times out (and, alike, a refused connection, a 5xx, a 429) is
             // asked again, less often, until the code expires: the sign-in in progress is the user's, and the
             // endpoint's trouble may pass before they finish it.
-            Err(e) if e.is_transient() => {
+            // A page in the endpoint's place (a captive portal on a laptop's Wi-Fi) too: it ended the sign-in at
+            // once.
+            Err(e) if e.is_transient() || e.is_intercepted() => {
                 wait = (wait * 2).min(MAX_POLL_WAIT);
                 let _ = writeln!(
                     out,

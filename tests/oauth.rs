@@ -1270,8 +1270,9 @@ async fn a_token_endpoint_that_hangs_does_not_hold_up_mail_while_the_token_is_go
     drop(d);
 }
 
-/// A device-code poll that the token endpoint fails (503) does not end the sign-in in progress (RFC 8628
-/// section 3.5): relay says so, waits longer, and polls again until the user has approved.
+/// A device-code poll that the token endpoint fails (503), or that a page answers in its place (a captive
+/// portal's 200 HTML), does not end the sign-in in progress (RFC 8628 section 3.5): relay says so, waits longer,
+/// and polls again until the user has approved. (The portal's page ended it at once.)
 #[tokio::test]
 async fn device_code_polling_outlives_a_failed_poll() {
     let idp = device_code_idp(900).await;
@@ -1280,7 +1281,13 @@ async fn device_code_polling_outlives_a_failed_poll() {
             1,
             ResponseTemplate::new(503).set_body_string("Service Unavailable"),
         ),
-        (2, oauth_error("authorization_pending")),
+        (
+            2,
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/html")
+                .set_body_string("<html><body>Accept the Wi-Fi terms to continue</body></html>"),
+        ),
+        (3, oauth_error("authorization_pending")),
     ] {
         token_request()
             .respond_with(reply)
@@ -1291,7 +1298,7 @@ async fn device_code_polling_outlives_a_failed_poll() {
     }
     device_code_poll()
         .respond_with(tokens("access-1", "refresh-1"))
-        .with_priority(3)
+        .with_priority(4)
         .mount(&idp)
         .await;
     let (dir, config) = device_config(&idp, 9);
@@ -1300,7 +1307,12 @@ async fn device_code_polling_outlives_a_failed_poll() {
         stdout.contains("The poll failed") && stdout.contains("503"),
         "{stdout}"
     );
-    assert_eq!(token_requests_made(&idp).await, 3, "503, pending, granted");
+    assert!(stdout.contains("not understood"), "{stdout}");
+    assert_eq!(
+        token_requests_made(&idp).await,
+        4,
+        "503, portal, pending, granted"
+    );
     let stored = token_file(&dir.path().join("state"));
     assert_eq!(stored["refresh_token"], "refresh-1");
 }

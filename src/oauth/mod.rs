@@ -81,6 +81,16 @@ impl OAuthError {
     }
 
     /// Worth retrying later: the network, or the endpoint's own trouble.
+    /// A reply that is not the endpoint's at all: a page in its place (a captive portal's 200 or redirect, a
+    /// proxy's login page). While a person is signing in, that may pass (the device-code poll asks again).
+    pub fn is_intercepted(&self) -> bool {
+        match self {
+            OAuthError::Malformed(_) => true,
+            OAuthError::Http { status, .. } => *status < 400,
+            _ => false,
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             OAuthError::Network(_) => true,
