@@ -380,7 +380,9 @@ async fn device_code(
             // A page in the endpoint's place (a captive portal on a laptop's Wi-Fi) too: it ended the sign-in at
             // once.
             Err(e) if e.is_transient() || e.is_intercepted() => {
-                wait = (wait * 2).min(MAX_POLL_WAIT);
+                // Never past the code's end: "asking again in 8s" with 2 s left was a promise not kept.
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait = (wait * 2).min(MAX_POLL_WAIT).min(left);
                 let _ = writeln!(
                     out,
                     "The poll failed ({e}); asking again in {}…",
