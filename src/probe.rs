@@ -30,8 +30,8 @@ pub struct Report {
     pub outcome: Outcome,
     /// The cause and the fix in plain words, when the failure is one relay knows.
     pub diagnosis: Option<String>,
-    /// Queued messages made due now by a test that went through: what the sysadmin fixed and tested is what
-    /// held them (a running daemon sends them at once, as after `relay queue retry --all`).
+    /// The account's queued messages made due now by a test that went through: what the sysadmin fixed and
+    /// tested is what held them (a running daemon sends them at once, the account's own waits lifted).
     pub due_now: usize,
 }
 
