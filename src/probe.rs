@@ -94,15 +94,23 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     let diagnosis = match &outcome {
         Outcome::Delivered(_) => None,
         other => {
-            crate::upstream::diagnosis::for_log(other.reply(), Some(account), Some(a.provider))
-                .map(|d| crate::config::Rotation::of(a).advise(&d))
-                // The HTTP transports put their own advice after the provider's words.
-                .or_else(|| {
-                    other
-                        .reply()
-                        .rsplit_once(" — ")
-                        .map(|(_, why)| why.to_string())
-                })
+            let header = a.rewrite_from == crate::config::RewriteFrom::Header;
+            crate::upstream::diagnosis::Diagnosed::of(
+                other.reply(),
+                Some(account),
+                Some(a.provider),
+            )
+            .advised(&crate::config::Rotation::of(a))
+            .rewriting(header, other.reply(), Some(account))
+            .field()
+            .map(str::to_string)
+            // The HTTP transports put their own advice after the provider's words.
+            .or_else(|| {
+                other
+                    .reply()
+                    .rsplit_once(" — ")
+                    .map(|(_, why)| why.to_string())
+            })
         }
     };
     let transcript = transcript.lock().map(|t| t.clone()).unwrap_or_default();

@@ -103,7 +103,26 @@ async fn a_send_as_refusal_with_from_rewritten_already_says_what_else_to_check()
         &upstream,
         "rewrite_from = \"header\"\n",
     );
-    let mut d = Daemon::spawn(&write_config_with(dir.path(), &top, LISTENER));
+    let config = write_config_with(dir.path(), &top, LISTENER);
+    // `relay test` says the same.
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            std::process::Command::new(relay_bin())
+                .args(["test", "office", "--to", "ops@example.com", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("already made its From:") && !said.contains("set rewrite_from"),
+        "{said}"
+    );
+    let mut d = Daemon::spawn(&config);
     send_message(d.addr, b"Subject: t\r\n\r\nhi\r\n").await;
     let line = d.wait_log("relay_event=\"dead\"");
     assert_says(

@@ -583,14 +583,14 @@ impl Delivery {
     /// `relay queue retry` (or `relay authorize`) was run: a pause a provider asked for ends now, so that mail
     /// made due goes at once (a quota raised, a throttle past); if the cause is still there, one refusal says so.
     /// Whether any was lifted.
-    /// `only`: that account's alone (a `relay test` went through it).
-    pub fn lift_pauses(&self, only: Option<&str>) -> bool {
+    /// `only`: those accounts' alone (a `relay test` went through them).
+    pub fn lift_pauses(&self, only: Option<&[String]>) -> bool {
         let now = SystemTime::now();
         let mut lifted = false;
         for a in self
             .accounts
             .values()
-            .filter(|a| only.is_none_or(|o| o == a.name))
+            .filter(|a| only.is_none_or(|o| o.contains(&a.name)))
         {
             if a.rate.lift_pause(now) {
                 lifted = true;
@@ -604,12 +604,12 @@ impl Delivery {
     /// granted meanwhile, a mailbox enabled): the next attempt tries the token instead of answering from the hold.
     /// And the hold after an upstream could not be reached (a firewall opened meanwhile): it is tried at once.
     /// Whether such a hold was lifted (the mail waiting for its end is due now).
-    pub fn lift_holds(&self, only: Option<&str>) -> bool {
+    pub fn lift_holds(&self, only: Option<&[String]>) -> bool {
         let mut reach = false;
         for a in self
             .accounts
             .values()
-            .filter(|a| only.is_none_or(|o| o == a.name))
+            .filter(|a| only.is_none_or(|o| o.contains(&a.name)))
         {
             if a.transports.lift_hold() {
                 reach = true;

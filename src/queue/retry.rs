@@ -181,22 +181,41 @@ pub fn request_account_retry(
         }
         _ => {}
     }
+    // A trigger the daemon may not have read yet (it looks every TRIGGER_CHECK) is added to, not replaced: a
+    // `relay queue retry --all` just before would otherwise lift only this account's waits.
+    let recent = trigger_mtime(state_dir)
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < TRIGGER_CHECK * 5);
+    let mut accounts = vec![account.to_string()];
+    if recent {
+        match trigger_accounts(state_dir) {
+            // Every account's: it stays so.
+            None => accounts.clear(),
+            Some(named) => accounts.extend(named.into_iter().filter(|n| n != account)),
+        }
+    }
     let path = state_dir.join(RETRY_TRIGGER);
-    let text = format!(
-        "{ACCOUNT_LINE}{account}\n{}",
-        humantime::format_rfc3339_nanos(SystemTime::now())
-    );
+    let mut text: String = accounts
+        .iter()
+        .map(|a| format!("{ACCOUNT_LINE}{a}\n"))
+        .collect();
+    text.push_str(&humantime::format_rfc3339_nanos(SystemTime::now()).to_string());
     crate::state_files::write(&path, text.as_bytes())
         .map_err(|source| StoreError::Io { path, source })?;
     Ok(due)
 }
 
-/// The account a trigger names (see [`request_account_retry`]); `None`: every account.
-pub fn trigger_account(state_dir: &Path) -> Option<String> {
-    let text = crate::small_files::read_to_string(&state_dir.join(RETRY_TRIGGER), 4096).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(ACCOUNT_LINE))
+/// The accounts a trigger names (see [`request_account_retry`]); `None`: every account (a trigger that cannot
+/// be read too).
+pub fn trigger_accounts(state_dir: &Path) -> Option<Vec<String>> {
+    let text =
+        crate::small_files::read_to_string(&state_dir.join(RETRY_TRIGGER), 64 * 1024).ok()?;
+    let named: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(ACCOUNT_LINE))
         .map(str::to_string)
+        .collect();
+    (!named.is_empty()).then_some(named)
 }
 
 /// Tells a running daemon to reread the queue's schedule.
@@ -220,4 +239,34 @@ pub fn trigger_mtime(state_dir: &Path) -> Option<SystemTime> {
     std::fs::metadata(state_dir.join(RETRY_TRIGGER))
         .and_then(|m| m.modified())
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trigger the daemon may not have read yet is added to: a `relay queue retry --all` just before a
+    /// `relay test` stays every account's; two tests name both accounts.
+    #[test]
+    fn an_account_trigger_adds_to_one_not_yet_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("queue")).unwrap();
+        let none = |_: &super::super::Envelope| false;
+        request_account_retry(dir.path(), "office", none).unwrap();
+        assert_eq!(
+            trigger_accounts(dir.path()),
+            Some(vec!["office".to_string()])
+        );
+        request_account_retry(dir.path(), "gmail", none).unwrap();
+        let mut both = trigger_accounts(dir.path()).unwrap();
+        both.sort();
+        assert_eq!(both, ["gmail", "office"]);
+        touch_trigger(dir.path()).unwrap();
+        request_account_retry(dir.path(), "office", none).unwrap();
+        assert_eq!(
+            trigger_accounts(dir.path()),
+            None,
+            "every account's, as retry --all asked"
+        );
+    }
 }

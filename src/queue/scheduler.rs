@@ -320,7 +320,7 @@ impl Scheduler {
                             trigger_seen = now_seen;
                             // Attempts start at the next turn of the loop, so none of the mail made due meets
                             // a hold lifted here.
-                            let only = super::retry::trigger_account(&state_dir);
+                            let only = super::retry::trigger_accounts(&state_dir);
                             let reach = self.delivery.lift_holds(only.as_deref());
                             if self.delivery.lift_pauses(only.as_deref()) | reach {
                                 // The mail held by the pauses waits for their end: it is due now instead, and so
