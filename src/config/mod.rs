@@ -573,6 +573,26 @@ impl Config {
             .get("state_dir")
             .and_then(|v| v.as_str())
             .map(PathBuf::from);
+        // No state_dir, and a top-level key relay does not know: perhaps `state_dir` itself misspelt, so the
+        // default one would be a guess (it described an empty queue and no daemon while the daemon ran).
+        const TOP: &[&str] = &[
+            "state_dir",
+            "hostname",
+            "default_account",
+            "postmaster",
+            "listener",
+            "user",
+            "account",
+            "route",
+            "queue",
+            "token_encryption",
+            "bounce",
+            "alerts",
+            "metrics",
+        ];
+        if named.is_none() && table.keys().any(|k| !TOP.contains(&k.as_str())) {
+            return None;
+        }
         let mut c = Self::embedded_default();
         c.listeners.clear();
         c.state_dir = named.unwrap_or_else(default_state_dir);
@@ -736,6 +756,23 @@ mod tests {
             "{}",
             e.reason
         );
+    }
+
+    /// What `relay status` reads an invalid config's state dir from: the file's own `state_dir`, never a guess
+    /// when it may be that very key misspelt.
+    #[test]
+    fn a_stand_in_takes_the_state_dir_the_file_names_and_never_guesses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        let absent = dir.path().join("none.toml");
+        std::fs::write(&file, "bounce_typo = 1\nstate_dir = \"/srv/relay\"\n").unwrap();
+        let c = Config::stand_in(Some(&file), &absent).unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/relay"));
+        assert!(c.accounts.is_empty() && c.listeners.is_empty());
+        std::fs::write(&file, "state_dr = \"/srv/relay\"\n").unwrap();
+        assert!(Config::stand_in(Some(&file), &absent).is_none());
+        std::fs::write(&file, "state_dir = \"/srv/relay\n").unwrap();
+        assert!(Config::stand_in(Some(&file), &absent).is_none(), "not TOML");
     }
 
     #[test]
