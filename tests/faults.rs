@@ -1245,6 +1245,50 @@ async fn a_deferral_after_the_data_does_not_pass_the_account_over() {
     drop(second);
 }
 
+/// A route of two accounts, both in trouble: one's upstream does not answer, the other cannot get a token. The
+/// message is deferred (an hour) through the second; when the first's upstream answers again, it goes through
+/// the first at once, not at its retry step (only mail the recovered account itself deferred was woken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_another_account_of_the_route_deferred_goes_when_one_recovers() {
+    let idp = idp_issuing("tok").await;
+    let broken_idp = MockServer::start().await;
+    answer_token_requests(
+        &broken_idp,
+        ResponseTemplate::new(500).set_body_string("identity provider down"),
+    )
+    .await;
+    // Refused connections until the fake starts on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tokenless = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = route_of_two(
+        dir.path(),
+        ("down", &idp.uri(), port, ""),
+        ("tokenless", &broken_idp.uri(), tokenless.addr.port(), ""),
+    );
+    let mut daemon = Daemon::spawn(&config);
+    // The first finds `down` refusing (config order picks it): deferred through it. The second, `down` known
+    // down, goes to the other, which has no token: deferred through that one.
+    let first = send_message(daemon.addr, b"Subject: first\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log(&format!("relay_event=\"deferred\" relay_queue_id={first}"));
+    assert!(line.contains("relay_account=down"), "{line}");
+    let id = send_message(daemon.addr, b"Subject: waits\r\n\r\nbody\r\n").await;
+    let line = daemon.wait_log(&format!("relay_event=\"deferred\" relay_queue_id={id}"));
+    assert!(line.contains("relay_account=tokenless"), "{line}");
+    let mut down = FakeUpstream::start_on(&["tok"], port).await;
+    for _ in 0..2 {
+        assert_eq!(down.next().await.from, "down@example.com");
+        let line = daemon.wait_log("relay_event=\"delivered\"");
+        assert!(line.contains("relay_account=down"), "{line}");
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+    drop(tokenless);
+}
+
 async fn mail_goes_around_an_unreachable_account(refusing: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     const MESSAGES: usize = 8;

@@ -530,6 +530,30 @@ impl Delivery {
         self.pools_with.get(account).map_or(&[], Vec::as_slice)
     }
 
+    /// `account` can send again (its upstream answers, its token could be had): it is no longer passed over for
+    /// its last failure, so that the mail woken for it goes through it rather than back to a mate in trouble.
+    pub fn recovered(&self, account: &str) {
+        if let Some(a) = self.accounts.get(account) {
+            a.went(true);
+        }
+    }
+
+    /// The accounts that share a pool with `account`, itself included: mail one of them deferred may go through
+    /// `account` once it can send again.
+    pub fn pool_mates(&self, account: &str) -> Vec<String> {
+        let mut mates: Vec<String> = self
+            .pools_with(account)
+            .iter()
+            .filter_map(|&p| self.routing.pools().get(p))
+            .flatten()
+            .cloned()
+            .collect();
+        mates.push(account.to_string());
+        mates.sort();
+        mates.dedup();
+        mates
+    }
+
     /// Where the scheduler tells delivery which message of each pool waits longest.
     pub fn waiting(&self) -> Arc<Waiting> {
         self.waiting.clone()

@@ -59,10 +59,17 @@ impl Scheduler {
     fn wake_recovered(&self, s: &mut Schedule) {
         for (account, back) in self.delivery.take_recovered() {
             let since = back.since;
+            self.delivery.recovered(&account);
             for &pool in self.delivery.pools_with(&account) {
                 s.unpark(pool, self.delivery.room(pool).max(1), SystemTime::now());
             }
-            let woken = s.wake_deferred(&account, since);
+            // Mail a route's other account deferred (its token trouble, say) may go through this one now.
+            let woken: usize = self
+                .delivery
+                .pool_mates(&account)
+                .iter()
+                .map(|a| s.wake_deferred(a, since))
+                .sum();
             if woken > 0 {
                 tracing::info!(relay_account = %account, messages = woken, "the account can send again ({}): the mail it deferred meanwhile is due now", back.what());
             }

@@ -113,12 +113,25 @@ impl FakeUpstream {
         self.tokens.lock().unwrap().push(ONLY_OAUTHBEARER.into());
     }
 
+    /// On a port chosen before (one that refused connections until now: an upstream that comes back).
+    pub async fn start_on(tokens: &[&str], port: u16) -> FakeUpstream {
+        Self::start_tls_at(tokens, None, &format!("127.0.0.1:{port}")).await
+    }
+
     /// With `tls`, the fake speaks implicit TLS (port-465 style) with that acceptor.
     pub async fn start_tls(
         tokens: &[&str],
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> FakeUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_tls_at(tokens, tls, "127.0.0.1:0").await
+    }
+
+    async fn start_tls_at(
+        tokens: &[&str],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        bind: &str,
+    ) -> FakeUpstream {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, received) = mpsc::unbounded_channel();
         let tokens = Arc::new(Mutex::new(
