@@ -543,7 +543,12 @@ impl Config {
         match path {
             Some(p) => Self::load_for(p, secrets),
             None => match default.try_exists() {
-                Ok(true) => Self::load_for(default, secrets),
+                Ok(true) => Self::load_for(default, secrets).map_err(|mut e| {
+                    if e.key == "(file)" && e.reason.contains("Permission denied") {
+                        e.reason.push_str(" (run as root or as a member of its group, or name a config with --config)");
+                    }
+                    e
+                }),
                 Ok(false) => Ok(Self::embedded_default()),
                 Err(e) => Err(ConfigError::new(
                     default.display().to_string(),

@@ -412,7 +412,9 @@ fn print_row(
         safe(&e.recipients.join(","))
     )?;
     if let Some(error) = &entry.last_error {
-        match accounts {
+        // A token error already names its account.
+        let named = |a: &[String]| error.starts_with(&format!("account {}: ", shown_accounts(a)));
+        match accounts.filter(|a| !named(a)) {
             Some(a) => writeln!(
                 out,
                 "  last error (account {}): {}",
