@@ -1636,3 +1636,93 @@ async fn a_session_another_account_kept_is_asked_before_this_one_uploads_anew() 
         assert_eq!(d.terminate().code(), Some(0));
     }
 }
+
+fn graph_calls(api: &FakeApi, method: &str, path_end: &str) -> usize {
+    api.log()
+        .iter()
+        .filter(|(m, p, _)| m == method && p.ends_with(path_end))
+        .count()
+}
+
+/// relay killed while it uploads a large message's attachment into a Graph draft: the draft's id was kept in
+/// the message's state (`draft`), so the restarted relay asks Graph about it, finds it still a draft (not sent),
+/// removes it and sends the message once through a new draft. Before, every such crash left a half-built draft
+/// with the device's mail in the mailbox's Drafts folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_draft_left_by_a_kill_mid_upload_is_removed_and_the_message_sent_once() {
+    let (_idp, api, d, dir) = daemon_through_api("microsoft").await;
+    let state = dir.path().join("state");
+    let (msg, pdf) = scan(4_500_000);
+    api.hold_graph_chunks(1);
+    send_to(d.addr, &["ops@example.test"], &msg).await;
+    api.requests(1, |m, p| m == "PUT" && p.starts_with("/graph-upload/"))
+        .await;
+    let (_, kept) = kept_state(&state);
+    assert_eq!(kept["draft"]["id"], "AAMkAD1", "{kept}");
+    assert_eq!(kept["draft"]["account"], "office", "{kept}");
+    drop(d);
+    assert_eq!(api.drafts_left(), 1);
+
+    let mut d = Daemon::spawn(&dir.path().join("relay.toml"));
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("draft with 1 attachment"), "{line}");
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1, "sent twice");
+    assert!(
+        sent[0].attachments[0].bytes == pdf,
+        "the PDF arrived changed"
+    );
+    assert_eq!(api.drafts_left(), 0, "a draft left in the mailbox");
+    assert_eq!(graph_calls(&api, "GET", "/messages/AAMkAD1"), 1);
+    assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 1);
+    assert!(files_in(&state, "queue").is_empty());
+    none_deferred(&d);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// A draft's `/send` that Graph carried out but answered with a 500, or whose answer never came before relay
+/// was killed: the draft (made with an immutable id, which its copy in Sent Items keeps) is asked, found sent,
+/// and the message counts as delivered, not sent a second time. Its copy in Sent Items is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_draft_sent_without_a_clear_answer_is_not_sent_twice() {
+    // An envelope recipient the headers do not name: the message goes as a draft, its recipients patched.
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    let rcpt = ["ops@example.test", "audit@example.test"];
+    for killed in [false, true] {
+        let (_idp, api, mut d, dir) = daemon_through_api("microsoft").await;
+        let answer = if killed {
+            ResponseTemplate::new(202).set_delay(common::http_api::HELD)
+        } else {
+            graph_error(
+                500,
+                "InternalServerError",
+                "An internal server error occurred.",
+            )
+        };
+        api.script_sent_then(vec![answer]);
+        send_to(d.addr, &rcpt, msg).await;
+        api.sent(1).await;
+        let line = if killed {
+            drop(d);
+            d = Daemon::spawn(&dir.path().join("relay.toml"));
+            let line = d.wait_log("relay_event=\"delivered\"");
+            assert!(line.contains("earlier attempt made was sent"), "{line}");
+            line
+        } else {
+            let line = d.wait_log("relay_event=\"delivered\"");
+            assert!(line.contains("the draft, asked, was sent"), "{line}");
+            assert!(line.contains("Graph 500"), "{line}");
+            line
+        };
+        let sent = api.sent(1).await;
+        assert_eq!(sent.len(), 1, "killed {killed}: sent twice: {line}");
+        assert_eq!(graph_calls(&api, "GET", "/messages/AAMkAD1"), 1);
+        assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 0);
+        assert_eq!(graph_calls(&api, "POST", "/messages"), 1, "a second draft");
+        assert!(files_in(&dir.path().join("state"), "queue").is_empty());
+        none_deferred(&d);
+        assert!(api.errors().is_empty(), "{:?}", api.errors());
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}

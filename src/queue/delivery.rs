@@ -29,11 +29,12 @@ use super::route::{Addressing, Routing};
 use super::seeking::Seekers;
 pub use super::seeking::Seeking;
 use super::spool::quarantine;
-use super::state::{DeliveryState, KeptUpload, try_read_state, write_state};
+use super::state::{DeliveryState, KeptDraft, KeptUpload, try_read_state, write_state};
 use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
-use crate::upstream::gmail::{ResumePoint, UploadSession};
+use crate::upstream::gmail::UploadSession;
+use crate::upstream::kept::ResumePoint;
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::smtp::Reachability;
@@ -2158,6 +2159,36 @@ impl ResumePoint for StateResume {
 
     fn ask_only(&self) -> bool {
         self.ask_only
+    }
+
+    fn draft(&self) -> Option<String> {
+        let state = lock(&self.state);
+        let kept = state.draft.as_ref().filter(|d| d.account == self.account)?;
+        Some(kept.id.clone())
+    }
+
+    fn keep_draft(&self, id: Option<String>) -> std::io::Result<()> {
+        let mut state = lock(&self.state);
+        let draft = id.map(|id| KeptDraft {
+            account: self.account.clone(),
+            id,
+        });
+        if state.draft == draft {
+            return Ok(());
+        }
+        // Another account's draft is not replaced by forgetting this one's: that mailbox still holds it.
+        if draft.is_none()
+            && state
+                .draft
+                .as_ref()
+                .is_some_and(|d| d.account != self.account)
+        {
+            return Ok(());
+        }
+        state.draft = draft;
+        let written = write_state(&self.dir, self.id, &state);
+        self.written.store(true, Ordering::Release);
+        written
     }
 }
 

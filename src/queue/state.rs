@@ -41,6 +41,10 @@ pub struct DeliveryState {
     /// it may hold the whole message, sent. (Absent from state files written before sessions were kept.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<KeptUpload>,
+    /// The Graph draft an attempt made and did not see through: the next attempt through the same account asks
+    /// whether it was sent (else removes it) before it makes another. (Absent from state files written before.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<KeptDraft>,
     /// Until when a sending limit or a provider's pause holds the message, when that is long (a day's limit): for
     /// `relay queue` and `relay status`, which cannot see the daemon's schedule. The daemon goes by its live
     /// counts, never by this (a limit raised by a reload frees the message at once).
@@ -74,6 +78,14 @@ pub struct KeptUpload {
         skip_serializing_if = "Option::is_none"
     )]
     pub begun_at: Option<SystemTime>,
+}
+
+/// A Graph draft kept between attempts: its id (immutable: the same in Drafts and, once sent, in Sent Items), and
+/// the account whose mailbox holds it. Not a credential: reading it takes the account's token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptDraft {
+    pub account: String,
+    pub id: String,
 }
 
 impl KeptUpload {

@@ -24,6 +24,7 @@ use super::http::{
     Fault, MAX_REPLY_BODY, Reply, bounded_body, client, failed, failed_send, judge, refusal,
     streamed, time_for,
 };
+use super::kept::ResumePoint;
 use super::mime;
 use super::outgoing::Outgoing;
 
@@ -73,21 +74,6 @@ impl std::fmt::Debug for UploadSession {
             .field("fingerprint", &self.fingerprint)
             .field("begun_at", &self.begun_at)
             .finish()
-    }
-}
-
-/// Where a message's upload session is kept between attempts: the queue implements it over the message's delivery
-/// state, for the account the attempt goes through, so that the transport knows nothing of the queue's files.
-pub trait ResumePoint: Send + Sync {
-    /// The session an earlier attempt of this message through this account began, if one is kept.
-    fn load(&self) -> Option<UploadSession>;
-    /// Keeps `session` in place of any other (`None`: none), on disk before it returns.
-    fn save(&self, session: Option<UploadSession>) -> std::io::Result<()>;
-    /// The kept session is only asked whether it sent the message, and nothing of it is uploaded: the message
-    /// is past the queue's `max_age` (a bounce would tell its sender it failed), or another account is to send it
-    /// (uploaded anew, it would go twice if the session had sent it).
-    fn ask_only(&self) -> bool {
-        false
     }
 }
 

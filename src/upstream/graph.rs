@@ -6,6 +6,7 @@
 //! the headers, so when the envelope says otherwise (Bcc), the draft's recipients are set from the envelope.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,6 +19,7 @@ use super::http::{
     Fault, MAX_REPLY_BODY, base64_len, client, failed, failed_send, json_reply, refusal, streamed,
     streamed_len, time_for,
 };
+use super::kept::ResumePoint;
 use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
 
@@ -35,6 +37,24 @@ pub const CHUNK: usize = 12 * 320 * 1024;
 pub const SMALL_ATTACHMENT: u64 = 3_000_000;
 /// MAPI's PR_DELETE_AFTER_SUBMIT: what Graph's own `saveToSentItems: false` sets, which MIME sends cannot pass.
 const DELETE_AFTER_SUBMIT: &str = "Boolean 0x0E01";
+/// Asks Graph for a draft's immutable id, which it keeps when the draft moves to Sent Items as it is sent (a
+/// plain id changes then): so a draft whose `/send` went unanswered can be asked later whether it went. Sent with
+/// every request about the draft, since the header applies to the request it is on.
+const IMMUTABLE_ID: (&str, &str) = ("Prefer", "IdType=\"ImmutableId\"");
+/// How long a question about a draft (is it sent, remove it) may take.
+const DRAFT_QUESTION: Duration = Duration::from_secs(30);
+
+/// What Graph says of a draft an attempt made.
+enum Asked {
+    /// No longer a draft: sent.
+    Sent,
+    /// Still a draft: not sent.
+    Draft,
+    /// Not there: removed by someone, or sent from a mailbox that keeps no copy (`save_to_sent_items = false`).
+    Gone,
+    /// No clear answer.
+    Unclear(Outcome),
+}
 
 pub struct GraphUpstream {
     http: reqwest::Client,
@@ -58,12 +78,27 @@ impl GraphUpstream {
     /// it lies in the queue file: the draft is the message without its largest attachments (at most 4 MB), and
     /// each of those is decoded and uploaded a chunk at a time. So a delivery holds at most a few megabytes,
     /// whatever the message's size ([`super::Transports::memory_for`]).
+    ///
+    /// `kept`: where the draft's id is kept between attempts (none for `relay test`): a draft an earlier attempt
+    /// left (relay stopped or killed while it uploaded, or before it heard `/send`'s answer) is asked first, and
+    /// the message counts as delivered if that draft was sent; else it is removed, and a new one made.
     pub async fn send(
         &self,
         token: &SecretString,
         recipients: &[String],
         message: &Outgoing,
+        kept: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
+        if let Some(kept) = kept
+            && let Some(id) = kept.draft()
+        {
+            // (Read back from a file: checked as Graph's reply was, since it goes into the request's path.)
+            if !usable_id(&id) {
+                forget(Some(kept));
+            } else if let Err(outcome) = self.earlier_draft(token, &id, kept).await {
+                return outcome;
+            }
+        }
         let size = message.len();
         if size > MESSAGE_LIMIT {
             return Outcome::Permanent(format!(
@@ -103,7 +138,14 @@ impl GraphUpstream {
             Err(outcome) => return outcome,
         };
         drop(draft_mime);
-        let sent = async {
+        // Kept before anything more is done with it: a stop or a crash from here on leaves the next attempt to
+        // find it. (Not kept, the attempt goes on: at worst the draft stays in Drafts, as it did before drafts
+        // were kept.)
+        let kept_it = kept.map(|k| k.keep_draft(Some(id.clone())));
+        if let Some(Err(e)) = &kept_it {
+            tracing::warn!(mailbox = %self.mailbox, error = %e, "cannot keep the Graph draft's id in the message's state: should relay stop before the message goes, the draft stays in the mailbox's Drafts folder");
+        }
+        let built = async {
             if let Some(p) = &patch {
                 self.call(token, reqwest::Method::PATCH, &format!("/messages/{id}"), p)
                     .await?;
@@ -111,52 +153,164 @@ impl GraphUpstream {
             for leaf in &cut {
                 self.attach(token, &id, leaf, message).await?;
             }
-            let url = format!("{}/messages/{id}/send", self.base);
-            let resp = self
-                .http
-                .post(url)
-                .bearer_auth(token.expose_secret())
-                .header(reqwest::header::CONTENT_LENGTH, 0)
-                .timeout(time_for(0))
-                .send()
-                .await
-                .map_err(|e| failed_send("Graph", &e))?;
-            if resp.status().as_u16() == 202 {
-                Ok(())
-            } else {
-                Err(refusal("Graph", resp, diagnose).await)
-            }
+            Ok(())
         }
         .await;
-        match sent {
-            Ok(()) if cut.is_empty() => Outcome::Delivered(
-                "Graph 202 Accepted (a draft, its recipients set from the envelope)".into(),
-            ),
-            Ok(()) => Outcome::Delivered(format!(
-                "Graph 202 Accepted (draft with {} attachment(s) added separately)",
-                cut.len()
+        let outcome = match built {
+            Ok(()) => self.send_draft(token, &id).await,
+            Err(outcome) => Err((outcome, false)),
+        };
+        let outcome = match outcome {
+            Ok(()) if cut.is_empty() => {
+                return Outcome::Delivered(
+                    "Graph 202 Accepted (a draft, its recipients set from the envelope)".into(),
+                );
+            }
+            Ok(()) => {
+                return Outcome::Delivered(format!(
+                    "Graph 202 Accepted (draft with {} attachment(s) added separately)",
+                    cut.len()
+                ));
+            }
+            // `/send` got no clear answer: the draft says whether it went.
+            Err((outcome, true)) => match self.ask(token, &id).await {
+                Asked::Sent => {
+                    return Outcome::Delivered(format!(
+                        "Graph sent the draft ({}; the draft, asked, was sent)",
+                        outcome.reply()
+                    ));
+                }
+                Asked::Gone => {
+                    forget(kept);
+                    return outcome;
+                }
+                // Kept, not removed: the next attempt asks again (removed, a sent draft's copy would go from
+                // Sent Items, and the message out a second time).
+                Asked::Unclear(_) => return outcome,
+                Asked::Draft => outcome,
+            },
+            Err((outcome, false)) => outcome,
+        };
+        // A half-built draft would otherwise stay in the mailbox's Drafts folder at every retry.
+        if self.remove_draft(token, &id).await {
+            forget(kept);
+        }
+        outcome
+    }
+
+    /// `/send` of a draft: `Err` with whether its answer leaves open that it was sent (no answer, a server error).
+    async fn send_draft(&self, token: &SecretString, id: &str) -> Result<(), (Outcome, bool)> {
+        let url = format!("{}/messages/{id}/send", self.base);
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .header(reqwest::header::CONTENT_LENGTH, 0)
+            .timeout(time_for(0))
+            .send()
+            .await
+            .map_err(|e| (failed_send("Graph", &e), !e.is_connect() && !e.is_builder()))?;
+        let status = resp.status().as_u16();
+        if status == 202 {
+            return Ok(());
+        }
+        // A 429 or 503 with Retry-After was turned away before it was taken; any other 5xx, a 408 or a success
+        // that is not Graph's may have been taken.
+        let unclear = matches!(status, 200..=299 | 408 | 500..=502 | 504..=599)
+            || (status == 503 && resp.headers().get(reqwest::header::RETRY_AFTER).is_none());
+        Err((refusal("Graph", resp, diagnose).await, unclear))
+    }
+
+    /// The draft an earlier attempt left: `Err` with the outcome when it was sent (delivered) or cannot be asked
+    /// now (asked again at the next attempt); else it is removed, and the attempt makes another.
+    async fn earlier_draft(
+        &self,
+        token: &SecretString,
+        id: &str,
+        kept: &Arc<dyn ResumePoint>,
+    ) -> Result<(), Outcome> {
+        let forget = || forget(Some(kept));
+        match self.ask(token, id).await {
+            Asked::Sent => Err(Outcome::Delivered(
+                "Graph: the draft an earlier attempt made was sent (found in the mailbox, no longer a draft; not sent again)"
+                    .into(),
             )),
-            Err(outcome) => {
-                // A half-built draft would otherwise stay in the mailbox's Drafts folder at every retry.
-                let deleted = self
-                    .http
-                    .delete(format!("{}/messages/{id}", self.base))
-                    .bearer_auth(token.expose_secret())
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
-                let why = match deleted {
-                    Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
-                        return outcome;
-                    }
-                    Ok(r) => format!("HTTP {}", r.status().as_u16()),
-                    Err(e) => e.to_string(),
-                };
-                // Said, so that a sysadmin who finds drafts with the device's mail in the mailbox knows why.
-                tracing::warn!(mailbox = %self.mailbox, error = %why, "cannot remove the half-built draft of a message that did not go: it stays in the mailbox's Drafts folder (the message itself is tried again)");
-                outcome
+            Asked::Draft => {
+                // Not removed: said by `remove_draft`, and a new draft is made all the same (this one was not sent).
+                self.remove_draft(token, id).await;
+                forget();
+                Ok(())
+            }
+            Asked::Gone => {
+                forget();
+                Ok(())
+            }
+            // The token (refreshed, and asked again), Graph busy or away: asked again at the next attempt, since a
+            // new draft would send the message twice if this one went.
+            Asked::Unclear(outcome @ (Outcome::AuthRejected(_) | Outcome::Throttled(..))) => {
+                Err(outcome)
+            }
+            Asked::Unclear(Outcome::Transient(why)) => Err(Outcome::Transient(format!(
+                "cannot ask Graph whether the draft an earlier attempt made was sent (asked again next time): {why}"
+            ))),
+            // Refused for what relay asked (an id Graph does not take): nothing to ask, and the message goes anew.
+            Asked::Unclear(outcome) => {
+                tracing::warn!(mailbox = %self.mailbox, reply = %outcome.reply(), "Graph does not answer about the draft an earlier attempt left: it is forgotten, and the message sent anew");
+                forget();
+                Ok(())
             }
         }
+    }
+
+    /// Whether a draft relay made was sent.
+    async fn ask(&self, token: &SecretString, id: &str) -> Asked {
+        let resp = self
+            .http
+            .get(format!("{}/messages/{id}?$select=isDraft", self.base))
+            .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .timeout(DRAFT_QUESTION)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => return Asked::Unclear(failed("Graph", &e)),
+        };
+        match resp.status().as_u16() {
+            200 => {
+                let reply: Option<serde_json::Value> = json_reply(resp, MAX_REPLY_BODY).await;
+                match reply.as_ref().and_then(|r| r["isDraft"].as_bool()) {
+                    Some(false) => Asked::Sent,
+                    Some(true) => Asked::Draft,
+                    None => Asked::Unclear(Outcome::Transient(
+                        "Graph: a draft's reply without isDraft (a proxy's page?)".into(),
+                    )),
+                }
+            }
+            404 => Asked::Gone,
+            _ => Asked::Unclear(refusal("Graph", resp, diagnose).await),
+        }
+    }
+
+    /// Removes a draft relay made; whether it is gone.
+    async fn remove_draft(&self, token: &SecretString, id: &str) -> bool {
+        let deleted = self
+            .http
+            .delete(format!("{}/messages/{id}", self.base))
+            .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .timeout(DRAFT_QUESTION)
+            .send()
+            .await;
+        let why = match deleted {
+            Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => return true,
+            Ok(r) => format!("HTTP {}", r.status().as_u16()),
+            Err(e) => e.to_string(),
+        };
+        // Said, so that a sysadmin who finds drafts with the device's mail in the mailbox knows why.
+        tracing::warn!(mailbox = %self.mailbox, error = %why, "cannot remove the half-built draft of a message that did not go: it stays in the mailbox's Drafts folder (the message itself is tried again)");
+        false
     }
 
     /// The message as base64 MIME in one `sendMail` request, read from the queue file as it is sent.
@@ -188,6 +342,7 @@ impl GraphUpstream {
             .http
             .post(format!("{}/messages", self.base))
             .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
             .header(reqwest::header::CONTENT_TYPE, "text/plain")
             .body(body)
             .timeout(time_for(len))
@@ -199,7 +354,7 @@ impl GraphUpstream {
         }
         draft_id(resp)
             .await
-            .filter(|id| !id.is_empty() && !id.contains(['/', '?', '#']))
+            .filter(|id| usable_id(id))
             .ok_or_else(|| {
                 Outcome::Transient(
                     "Graph: the draft reply has no usable id; a draft may be left in the mailbox's Drafts folder"
@@ -223,6 +378,7 @@ impl GraphUpstream {
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(time_for(body.len()))
             .body(body)
@@ -442,6 +598,18 @@ async fn draft_id(resp: reqwest::Response) -> Option<String> {
     .await
     .ok()
     .flatten()
+}
+
+/// Whether a draft id can go into a request's path as it is. (Graph's ids are base64url, about 150 characters.)
+fn usable_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 1024 && !id.contains(['/', '?', '#', '%'])
+}
+
+/// Forgets the kept draft: it was removed, or is gone.
+fn forget(kept: Option<&Arc<dyn ResumePoint>>) {
+    if let Some(Err(e)) = kept.map(|k| k.keep_draft(None)) {
+        tracing::warn!(error = %e, "cannot write the message's state after its Graph draft was removed");
+    }
 }
 
 /// `read` on an attachment of the queue file, on the blocking pool.

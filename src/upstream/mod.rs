@@ -8,6 +8,7 @@ pub mod diagnosis;
 pub mod gmail;
 pub mod graph;
 mod http;
+pub mod kept;
 // Not a transport: makes lines over 998 octets fit the SMTP one.
 pub mod long_lines;
 pub mod mime;

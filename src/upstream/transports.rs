@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::gmail::{GmailUpstream, ResumePoint};
+use super::gmail::GmailUpstream;
 use super::graph::GraphUpstream;
+use super::kept::ResumePoint;
 use super::outgoing::Outgoing;
 use super::smtp::SmtpUpstream;
 use super::transcript::TranscriptHandle;
@@ -362,7 +363,7 @@ impl Transports {
         if let Some(sw) = &switched
             && SystemTime::now() < sw.smtp_tried + SMTP_RETRY
         {
-            return via_graph(graph, tokens, scope, recipients, message, offered).await;
+            return via_graph(graph, tokens, scope, recipients, message, resume, offered).await;
         }
         let out = self
             .primary(tokens, sender, recipients, message, flags, resume, offered)
@@ -401,7 +402,7 @@ impl Transports {
             }
         };
         self.set_switch(Some(sw));
-        via_graph(graph, tokens, scope, recipients, message, offered).await
+        via_graph(graph, tokens, scope, recipients, message, resume, offered).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -424,7 +425,7 @@ impl Transports {
                 // An HTTP request carries the message from its first byte.
                 Primary::Graph(g) => {
                     offered.store(true, Ordering::Relaxed);
-                    g.send(&token, recipients, message).await
+                    g.send(&token, recipients, message, resume).await
                 }
                 Primary::Gmail(g) => {
                     offered.store(true, Ordering::Relaxed);
@@ -761,7 +762,7 @@ impl Transports {
         match (&self.primary, graph) {
             (_, Some((g, _))) | (Primary::Graph(g), None) => {
                 note("through Microsoft Graph");
-                let out = g.send(token, recipients, message).await;
+                let out = g.send(token, recipients, message, None).await;
                 http(
                     format!("POST {}/sendMail (or a draft and its send)", g.endpoint()),
                     out,
@@ -804,12 +805,13 @@ async fn via_graph(
     scope: &str,
     recipients: &[String],
     message: &Outgoing,
+    resume: Option<&Arc<dyn ResumePoint>>,
     offered: &AtomicBool,
 ) -> Outcome {
     let token = |fresh| tokens.scoped_token(scope, fresh);
     let send = |t: SecretString| async move {
         offered.store(true, Ordering::Relaxed);
-        graph.send(&t, recipients, message).await
+        graph.send(&t, recipients, message, resume).await
     };
     let first = match token(false).await {
         Ok(t) => send(t).await,

@@ -44,6 +44,8 @@ struct Draft {
     mime: Vec<u8>,
     patch: Option<serde_json::Value>,
     attachments: Vec<Attached>,
+    /// Made with `Prefer: IdType="ImmutableId"`: once sent, the copy in Sent Items keeps its id.
+    immutable: bool,
 }
 
 #[derive(Default)]
@@ -66,6 +68,12 @@ struct State {
     next: usize,
     /// Canned replies for the next send calls (sendMail, draft send, Gmail send).
     script: VecDeque<ResponseTemplate>,
+    /// Replies for the next Graph draft sends, given after the draft was sent.
+    sent_then: VecDeque<ResponseTemplate>,
+    /// Graph: the copies of sent drafts in Sent Items, by the id they keep (made with an immutable id).
+    sent_items: std::collections::HashSet<String>,
+    /// Graph upload chunks still to hold unanswered (not kept).
+    held_graph_chunks: usize,
     /// What becomes of the next Gmail resumable chunks.
     chunks: VecDeque<Chunk>,
     /// Replies to the next Gmail status queries, instead of what the session holds.
@@ -165,6 +173,16 @@ impl FakeApi {
     /// The next send calls get these replies instead (then the fake works normally again).
     pub fn script(&self, replies: Vec<ResponseTemplate>) {
         self.state.lock().unwrap().script.extend(replies);
+    }
+
+    /// The next Graph draft sends send the draft, then answer with these (a 500, an answer held for [`HELD`]).
+    pub fn script_sent_then(&self, replies: Vec<ResponseTemplate>) {
+        self.state.lock().unwrap().sent_then.extend(replies);
+    }
+
+    /// The next `n` Graph upload chunks are held unanswered for [`HELD`], and not kept.
+    pub fn hold_graph_chunks(&self, n: usize) {
+        self.state.lock().unwrap().held_graph_chunks += n;
     }
 
     /// The next Gmail resumable chunks, in order, meet these (then chunks are taken whole again).
@@ -357,10 +375,16 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
                 "id": id,
                 "isDraft": true,
             });
+            let immutable = req
+                .headers
+                .get("prefer")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v == "IdType=\"ImmutableId\"");
             s.drafts.insert(
                 id.clone(),
                 Draft {
                     mime,
+                    immutable,
                     ..Draft::default()
                 },
             );
@@ -377,8 +401,29 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
             Ok(ResponseTemplate::new(200).set_body_json(body))
         }
         ("DELETE", ["messages", id]) => {
-            s.drafts.remove(*id);
+            if s.drafts.remove(*id).is_none() && !s.sent_items.remove(*id) {
+                return Err(graph_error(404, "ErrorItemNotFound", "no such item"));
+            }
             Ok(ResponseTemplate::new(204))
+        }
+        ("GET", ["messages", id]) => {
+            let draft = if s.drafts.contains_key(*id) {
+                true
+            } else if s.sent_items.contains(*id) {
+                false
+            } else {
+                return Err(graph_error(
+                    404,
+                    "ErrorItemNotFound",
+                    "The specified object was not found in the store.",
+                ));
+            };
+            Ok(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users('relay')/messages(isDraft)/$entity",
+                "@odata.etag": "W/\"CQAAABYAAAA\"",
+                "id": id,
+                "isDraft": draft,
+            })))
         }
         ("POST", ["messages", id, "attachments", "createUploadSession"]) => {
             if !s.drafts.contains_key(*id) {
@@ -469,6 +514,14 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
                 .drafts
                 .remove(*id)
                 .ok_or_else(|| graph_error(404, "ErrorItemNotFound", "no such draft"))?;
+            // A copy in Sent Items, unless the draft asked to be deleted after it is sent.
+            let kept = d
+                .patch
+                .as_ref()
+                .is_none_or(|p| p["singleValueExtendedProperties"][0]["value"] != "true");
+            if d.immutable && kept {
+                s.sent_items.insert(id.to_string());
+            }
             s.sent.push(Sent {
                 mime: d.mime,
                 attachments: d.attachments,
@@ -476,7 +529,9 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
                 path: "draft",
                 at: SystemTime::now(),
             });
-            Ok(ResponseTemplate::new(202))
+            Ok(s.sent_then
+                .pop_front()
+                .unwrap_or_else(|| ResponseTemplate::new(202)))
         }
         _ => Err(graph_error(400, "BadRequest", "unexpected Graph call")),
     }
@@ -506,6 +561,10 @@ fn graph_upload(s: &mut State, req: &Request, up: &str) -> Reply {
     let bad = |m: &str| graph_error(400, "InvalidRequest", m);
     if req.method.as_str() != "PUT" {
         return Err(bad("uploads are PUT"));
+    }
+    if s.held_graph_chunks > 0 {
+        s.held_graph_chunks -= 1;
+        return Ok(ResponseTemplate::new(200).set_delay(HELD));
     }
     let (a, b, total) = content_range(req).ok_or_else(|| bad("Content-Range missing"))?;
     let u = s.uploads.get_mut(up).ok_or_else(|| bad("no such upload"))?;
