@@ -1658,8 +1658,9 @@ async fn a_graph_draft_left_by_a_kill_mid_upload_is_removed_and_the_message_sent
     api.requests(1, |m, p| m == "PUT" && p.starts_with("/graph-upload/"))
         .await;
     let (_, kept) = kept_state(&state);
-    assert_eq!(kept["draft"]["id"], "AAMkAD1", "{kept}");
-    assert_eq!(kept["draft"]["account"], "office", "{kept}");
+    assert_eq!(kept["drafts"][0]["id"], "AAMkAD1", "{kept}");
+    assert_eq!(kept["drafts"][0]["account"], "office", "{kept}");
+    assert!(kept["drafts"][0]["sent_at"].is_null(), "{kept}");
     drop(d);
     assert_eq!(api.drafts_left(), 1);
 
@@ -1683,15 +1684,17 @@ async fn a_graph_draft_left_by_a_kill_mid_upload_is_removed_and_the_message_sent
 
 /// A draft's `/send` that Graph carried out but answered with a 500, or whose answer never came before relay
 /// was killed: the draft (made with an immutable id, which its copy in Sent Items keeps) is asked, found sent,
-/// and the message counts as delivered, not sent a second time. Its copy in Sent Items is left alone.
+/// and the message counts as delivered, not sent a second time. Its copy in Sent Items is left alone. And when
+/// the copy shows only later (Graph moves a sent draft to Sent Items "after it has gone out"), the message waits
+/// and is asked again, neither sent anew nor its draft removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graph_draft_sent_without_a_clear_answer_is_not_sent_twice() {
     // An envelope recipient the headers do not name: the message goes as a draft, its recipients patched.
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     let rcpt = ["ops@example.test", "audit@example.test"];
-    for killed in [false, true] {
+    for case in ["500", "killed", "late copy"] {
         let (_idp, api, mut d, dir) = daemon_through_api("microsoft").await;
-        let answer = if killed {
+        let answer = if case == "killed" {
             ResponseTemplate::new(202).set_delay(common::http_api::HELD)
         } else {
             graph_error(
@@ -1701,28 +1704,93 @@ async fn a_graph_draft_sent_without_a_clear_answer_is_not_sent_twice() {
             )
         };
         api.script_sent_then(vec![answer]);
+        if case == "late copy" {
+            api.late_copies(2);
+        }
         send_to(d.addr, &rcpt, msg).await;
         api.sent(1).await;
-        let line = if killed {
-            drop(d);
-            d = Daemon::spawn(&dir.path().join("relay.toml"));
-            let line = d.wait_log("relay_event=\"delivered\"");
-            assert!(line.contains("earlier attempt made was sent"), "{line}");
-            line
-        } else {
-            let line = d.wait_log("relay_event=\"delivered\"");
-            assert!(line.contains("the draft, asked, was sent"), "{line}");
-            assert!(line.contains("Graph 500"), "{line}");
-            line
+        let line = match case {
+            "killed" => {
+                drop(d);
+                d = Daemon::spawn(&dir.path().join("relay.toml"));
+                let line = d.wait_log("relay_event=\"delivered\"");
+                assert!(line.contains("earlier attempt made was sent"), "{line}");
+                line
+            }
+            "500" => {
+                let line = d.wait_log("relay_event=\"delivered\"");
+                assert!(line.contains("the draft, asked, was sent"), "{line}");
+                assert!(line.contains("Graph 500"), "{line}");
+                none_deferred(&d);
+                line
+            }
+            _ => {
+                deferred_saying(
+                    &mut d,
+                    &["Graph 500", "does not say yet whether the draft was sent"],
+                );
+                deferred_saying(
+                    &mut d,
+                    &[
+                        "is not found",
+                        "asked again before the message is sent anew",
+                    ],
+                );
+                let line = d.wait_log("relay_event=\"delivered\"");
+                assert!(line.contains("earlier attempt made was sent"), "{line}");
+                line
+            }
         };
         let sent = api.sent(1).await;
-        assert_eq!(sent.len(), 1, "killed {killed}: sent twice: {line}");
-        assert_eq!(graph_calls(&api, "GET", "/messages/AAMkAD1"), 1);
-        assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 0);
-        assert_eq!(graph_calls(&api, "POST", "/messages"), 1, "a second draft");
+        assert_eq!(sent.len(), 1, "{case}: sent twice: {line}");
+        let asked = graph_calls(&api, "GET", "/messages/AAMkAD1");
+        assert_eq!(asked, if case == "late copy" { 3 } else { 1 }, "{case}");
+        assert_eq!(
+            graph_calls(&api, "DELETE", "/messages/AAMkAD1"),
+            0,
+            "{case}"
+        );
+        assert_eq!(
+            graph_calls(&api, "POST", "/messages"),
+            1,
+            "{case}: a second draft"
+        );
         assert!(files_in(&dir.path().join("state"), "queue").is_empty());
-        none_deferred(&d);
         assert!(api.errors().is_empty(), "{:?}", api.errors());
         assert_eq!(d.terminate().code(), Some(0));
     }
+}
+
+/// A draft's `/send` answered with a 500 that Graph did not carry out: the draft stays a draft. It is kept and
+/// asked again (Graph may be slow to move a sent one) until the time for that is over; then it is removed and
+/// the message goes through a new draft, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_draft_not_sent_after_a_500_is_removed_once_graph_had_time_and_sent_anew() {
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    let (_idp, api, d, dir) = daemon_through_api("microsoft").await;
+    drop(d);
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"])
+        .arg(dir.path().join("relay.toml"))
+        .env("RELAY_TEST_GRAPH_SEND_SETTLES_MS", "1500");
+    let mut d = Daemon::start(cmd);
+    api.script(vec![graph_error(
+        500,
+        "InternalServerError",
+        "An internal server error occurred.",
+    )]);
+    send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
+    deferred_saying(
+        &mut d,
+        &["Graph 500", "does not say yet whether the draft was sent"],
+    );
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("Graph 202 Accepted"), "{line}");
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 1);
+    assert_eq!(graph_calls(&api, "POST", "/messages"), 2);
+    assert_eq!(api.drafts_left(), 0);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
 }

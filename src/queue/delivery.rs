@@ -34,7 +34,7 @@ use crate::config::{Config, QueueConfig, RateConfig};
 use crate::tokens::AccountTokens;
 use crate::upstream::diagnosis::Diagnosed;
 use crate::upstream::gmail::UploadSession;
-use crate::upstream::kept::ResumePoint;
+use crate::upstream::kept::{Draft, ResumePoint};
 use crate::upstream::outgoing::Outgoing;
 use crate::upstream::rewrite::SenderRewrite;
 use crate::upstream::smtp::Reachability;
@@ -1090,7 +1090,12 @@ impl Delivery {
             names,
             recipients.len(),
             now,
-            state.upload.as_ref().map(|u| u.account.as_str()),
+            // The account holding a kept session or draft first: it can ask whether that sent the message.
+            state
+                .upload
+                .as_ref()
+                .map(|u| u.account.as_str())
+                .or_else(|| state.drafts.first().map(|d| d.account.as_str())),
         ) {
             Ok(place) => {
                 drop(seeking);
@@ -2161,31 +2166,30 @@ impl ResumePoint for StateResume {
         self.ask_only
     }
 
-    fn draft(&self) -> Option<String> {
+    fn draft(&self) -> Option<Draft> {
         let state = lock(&self.state);
-        let kept = state.draft.as_ref().filter(|d| d.account == self.account)?;
-        Some(kept.id.clone())
+        let kept = state.drafts.iter().find(|d| d.account == self.account)?;
+        Some(Draft {
+            id: kept.id.clone(),
+            sent_at: kept.sent_at,
+        })
     }
 
-    fn keep_draft(&self, id: Option<String>) -> std::io::Result<()> {
+    fn keep_draft(&self, draft: Option<Draft>) -> std::io::Result<()> {
         let mut state = lock(&self.state);
-        let draft = id.map(|id| KeptDraft {
-            account: self.account.clone(),
-            id,
-        });
-        if state.draft == draft {
+        let before = state.drafts.clone();
+        // Only this account's: another account's draft stays kept, for that account's next attempt to ask.
+        state.drafts.retain(|d| d.account != self.account);
+        if let Some(d) = draft {
+            state.drafts.push(KeptDraft {
+                account: self.account.clone(),
+                id: d.id,
+                sent_at: d.sent_at,
+            });
+        }
+        if state.drafts == before {
             return Ok(());
         }
-        // Another account's draft is not replaced by forgetting this one's: that mailbox still holds it.
-        if draft.is_none()
-            && state
-                .draft
-                .as_ref()
-                .is_some_and(|d| d.account != self.account)
-        {
-            return Ok(());
-        }
-        state.draft = draft;
         let written = write_state(&self.dir, self.id, &state);
         self.written.store(true, Ordering::Release);
         written
@@ -2394,5 +2398,34 @@ mod tests {
         assert_eq!(kept(dir.path(), id, "other", on_disk).load(), None);
         gmail.save(None).unwrap();
         assert_eq!(read_state(dir.path(), id).upload, None);
+    }
+
+    /// Each account's Graph draft is kept apart: one account's attempt neither replaces nor forgets another's,
+    /// which that account's next attempt must still ask about.
+    #[test]
+    fn graph_drafts_are_kept_per_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = QueueId::new();
+        let draft = |id: &str| Draft {
+            id: id.into(),
+            sent_at: None,
+        };
+        let a = kept(dir.path(), id, "a", DeliveryState::default());
+        a.keep_draft(Some(draft("A1"))).unwrap();
+        let b = kept(dir.path(), id, "b", read_state(dir.path(), id));
+        assert_eq!(b.draft(), None);
+        b.keep_draft(Some(draft("B1"))).unwrap();
+        b.keep_draft(Some(draft("B2"))).unwrap();
+        let on_disk = read_state(dir.path(), id);
+        assert_eq!(on_disk.drafts.len(), 2, "{:?}", on_disk.drafts);
+        assert_eq!(
+            kept(dir.path(), id, "a", on_disk.clone()).draft(),
+            Some(draft("A1"))
+        );
+        assert_eq!(b.draft(), Some(draft("B2")));
+        b.keep_draft(None).unwrap();
+        let on_disk = read_state(dir.path(), id);
+        assert_eq!(on_disk.drafts.len(), 1);
+        assert_eq!(on_disk.drafts[0].id, "A1");
     }
 }

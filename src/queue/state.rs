@@ -41,10 +41,11 @@ pub struct DeliveryState {
     /// it may hold the whole message, sent. (Absent from state files written before sessions were kept.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<KeptUpload>,
-    /// The Graph draft an attempt made and did not see through: the next attempt through the same account asks
-    /// whether it was sent (else removes it) before it makes another. (Absent from state files written before.)
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub draft: Option<KeptDraft>,
+    /// The Graph drafts attempts made and did not see through, at most one per account (a route's accounts take
+    /// turns): the next attempt through that account asks whether it was sent (else removes it) before it makes
+    /// another. (Absent from state files written before.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drafts: Vec<KeptDraft>,
     /// Until when a sending limit or a provider's pause holds the message, when that is long (a day's limit): for
     /// `relay queue` and `relay status`, which cannot see the daemon's schedule. The daemon goes by its live
     /// counts, never by this (a limit raised by a reload frees the message at once).
@@ -86,6 +87,13 @@ pub struct KeptUpload {
 pub struct KeptDraft {
     pub account: String,
     pub id: String,
+    /// When its `/send` was posted, if it was: Graph may take a while to move a sent draft to Sent Items.
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sent_at: Option<SystemTime>,
 }
 
 impl KeptUpload {

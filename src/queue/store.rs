@@ -414,8 +414,11 @@ impl QueueStore {
             path: state_path(&self.paths.dead, id),
             source,
         })?;
+        // The Graph drafts an attempt left go along: the next attempt asks them before it sends again.
+        let (finished, drafts) = old.map(|s| (s.finished, s.drafts)).unwrap_or_default();
         let state = DeliveryState {
-            finished: old.map(|s| s.finished).unwrap_or_default(),
+            finished,
+            drafts,
             requeued_at: Some(SystemTime::now()),
             ..DeliveryState::default()
         };

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -19,7 +19,7 @@ use super::http::{
     Fault, MAX_REPLY_BODY, base64_len, client, failed, failed_send, json_reply, refusal, streamed,
     streamed_len, time_for,
 };
-use super::kept::ResumePoint;
+use super::kept::{Draft, ResumePoint};
 use super::mime::{self, Field, Leaf, Source};
 use super::outgoing::Outgoing;
 
@@ -43,14 +43,23 @@ const DELETE_AFTER_SUBMIT: &str = "Boolean 0x0E01";
 const IMMUTABLE_ID: (&str, &str) = ("Prefer", "IdType=\"ImmutableId\"");
 /// How long a question about a draft (is it sent, remove it) may take.
 const DRAFT_QUESTION: Duration = Duration::from_secs(30);
+/// How long after its `/send` a draft may still read as a draft, or as not there: Graph moves a sent draft to
+/// Sent Items once it has gone out, which "may take time" (Microsoft's words). Until then the draft is neither
+/// removed nor sent anew: either could send the message twice.
+const SEND_SETTLES: Duration = Duration::from_secs(15 * 60);
+
+fn send_settles() -> Duration {
+    crate::test_hooks::duration("RELAY_TEST_GRAPH_SEND_SETTLES_MS", SEND_SETTLES)
+}
 
 /// What Graph says of a draft an attempt made.
 enum Asked {
     /// No longer a draft: sent.
     Sent,
-    /// Still a draft: not sent.
+    /// Still a draft: not sent (yet).
     Draft,
-    /// Not there: removed by someone, or sent from a mailbox that keeps no copy (`save_to_sent_items = false`).
+    /// Graph's own "not found": removed by someone, on its way to Sent Items, or sent from a mailbox that keeps no
+    /// copy (`save_to_sent_items = false`).
     Gone,
     /// No clear answer.
     Unclear(Outcome),
@@ -90,12 +99,12 @@ impl GraphUpstream {
         kept: Option<&Arc<dyn ResumePoint>>,
     ) -> Outcome {
         if let Some(kept) = kept
-            && let Some(id) = kept.draft()
+            && let Some(draft) = kept.draft()
         {
             // (Read back from a file: checked as Graph's reply was, since it goes into the request's path.)
-            if !usable_id(&id) {
+            if !usable_id(&draft.id) {
                 forget(Some(kept));
-            } else if let Err(outcome) = self.earlier_draft(token, &id, kept).await {
+            } else if let Err(outcome) = self.earlier_draft(token, &draft, kept).await {
                 return outcome;
             }
         }
@@ -133,18 +142,17 @@ impl GraphUpstream {
             }
             Err(e) => return unreadable(e),
         };
-        let id = match self.create_draft(token, &draft_mime).await {
-            Ok(id) => id,
+        let (id, is_draft) = match self.create_draft(token, &draft_mime).await {
+            Ok(made) => made,
             Err(outcome) => return outcome,
         };
         drop(draft_mime);
+        // Asked later only if Graph made it a draft, as it does from MIME: were it ever not one, "not a draft"
+        // would not mean "sent".
+        let kept = kept.filter(|_| is_draft);
         // Kept before anything more is done with it: a stop or a crash from here on leaves the next attempt to
-        // find it. (Not kept, the attempt goes on: at worst the draft stays in Drafts, as it did before drafts
-        // were kept.)
-        let kept_it = kept.map(|k| k.keep_draft(Some(id.clone())));
-        if let Some(Err(e)) = &kept_it {
-            tracing::warn!(mailbox = %self.mailbox, error = %e, "cannot keep the Graph draft's id in the message's state: should relay stop before the message goes, the draft stays in the mailbox's Drafts folder");
-        }
+        // find it. (Not kept, the attempt goes on: at worst the draft stays in Drafts, as before drafts were kept.)
+        keep(kept, &self.mailbox, &id, None);
         let built = async {
             if let Some(p) = &patch {
                 self.call(token, reqwest::Method::PATCH, &format!("/messages/{id}"), p)
@@ -157,7 +165,10 @@ impl GraphUpstream {
         }
         .await;
         let outcome = match built {
-            Ok(()) => self.send_draft(token, &id).await,
+            Ok(()) => {
+                keep(kept, &self.mailbox, &id, Some(SystemTime::now()));
+                self.send_draft(token, &id).await
+            }
             Err(outcome) => Err((outcome, false)),
         };
         let outcome = match outcome {
@@ -172,28 +183,34 @@ impl GraphUpstream {
                     cut.len()
                 ));
             }
-            // `/send` got no clear answer: the draft says whether it went.
-            Err((outcome, true)) => match self.ask(token, &id).await {
+            // `/send` got no clear answer: the draft says whether it went, if Graph has moved it yet. Otherwise it
+            // is kept, not removed, and the next attempt asks again (removed, a sent draft's copy would go from
+            // Sent Items, and sent anew, the message would go twice).
+            Err((outcome, true)) if kept.is_some() => match self.ask(token, &id).await {
                 Asked::Sent => {
                     return Outcome::Delivered(format!(
                         "Graph sent the draft ({}; the draft, asked, was sent)",
                         outcome.reply()
                     ));
                 }
-                Asked::Gone => {
-                    forget(kept);
-                    return outcome;
+                _ => {
+                    return Outcome::Transient(format!(
+                        "{}; Graph does not say yet whether the draft was sent: it is asked again before the message is sent anew",
+                        outcome.reply()
+                    ));
                 }
-                // Kept, not removed: the next attempt asks again (removed, a sent draft's copy would go from
-                // Sent Items, and the message out a second time).
-                Asked::Unclear(_) => return outcome,
-                Asked::Draft => outcome,
             },
+            // Not kept (`relay test`), so never asked: left alone, since it may be the copy in Sent Items.
+            Err((outcome, true)) => return outcome,
+            // Refused before it was sent: a half-built draft would otherwise stay in the mailbox's Drafts folder
+            // at every retry. (A clear refusal of `/send` is taken at its word: the draft is removed.)
             Err((outcome, false)) => outcome,
         };
-        // A half-built draft would otherwise stay in the mailbox's Drafts folder at every retry.
         if self.remove_draft(token, &id).await {
             forget(kept);
+        } else {
+            // Kept as not sent: the next attempt removes it.
+            keep(kept, &self.mailbox, &id, None);
         }
         outcome
     }
@@ -222,30 +239,48 @@ impl GraphUpstream {
         Err((refusal("Graph", resp, diagnose).await, unclear))
     }
 
-    /// The draft an earlier attempt left: `Err` with the outcome when it was sent (delivered) or cannot be asked
-    /// now (asked again at the next attempt); else it is removed, and the attempt makes another.
+    /// The draft an earlier attempt left: `Err` with the outcome when it was sent (delivered) or cannot be told
+    /// yet (asked again at the next attempt); else it is removed, and the attempt makes another.
     async fn earlier_draft(
         &self,
         token: &SecretString,
-        id: &str,
+        draft: &Draft,
         kept: &Arc<dyn ResumePoint>,
     ) -> Result<(), Outcome> {
-        let forget = || forget(Some(kept));
+        let id = &draft.id;
+        // Its `/send` was posted a short while ago: Graph may not have moved it to Sent Items yet.
+        let settling = draft.sent_at.filter(|at| {
+            SystemTime::now()
+                .duration_since(*at)
+                .map_or(true, |age| age < send_settles())
+        });
+        let wait = |at: SystemTime, what: &str| {
+            Err(Outcome::Transient(format!(
+                "Graph: the draft an earlier attempt sent at {} {what}; Graph may not have moved it to Sent Items yet: it is asked again before the message is sent anew",
+                humantime::format_rfc3339_seconds(at)
+            )))
+        };
         match self.ask(token, id).await {
             Asked::Sent => Err(Outcome::Delivered(
                 "Graph: the draft an earlier attempt made was sent (found in the mailbox, no longer a draft; not sent again)"
                     .into(),
             )),
-            Asked::Draft => {
-                // Not removed: said by `remove_draft`, and a new draft is made all the same (this one was not sent).
-                self.remove_draft(token, id).await;
-                forget();
-                Ok(())
-            }
-            Asked::Gone => {
-                forget();
-                Ok(())
-            }
+            Asked::Draft => match settling {
+                Some(at) => wait(at, "is still a draft"),
+                None => {
+                    // Not removed: said by `remove_draft`; a new draft is made all the same (this one was not sent).
+                    self.remove_draft(token, id).await;
+                    forget(Some(kept));
+                    Ok(())
+                }
+            },
+            Asked::Gone => match settling {
+                Some(at) => wait(at, "is not found"),
+                None => {
+                    forget(Some(kept));
+                    Ok(())
+                }
+            },
             // The token (refreshed, and asked again), Graph busy or away: asked again at the next attempt, since a
             // new draft would send the message twice if this one went.
             Asked::Unclear(outcome @ (Outcome::AuthRejected(_) | Outcome::Throttled(..))) => {
@@ -257,7 +292,7 @@ impl GraphUpstream {
             // Refused for what relay asked (an id Graph does not take): nothing to ask, and the message goes anew.
             Asked::Unclear(outcome) => {
                 tracing::warn!(mailbox = %self.mailbox, reply = %outcome.reply(), "Graph does not answer about the draft an earlier attempt left: it is forgotten, and the message sent anew");
-                forget();
+                forget(Some(kept));
                 Ok(())
             }
         }
@@ -280,20 +315,34 @@ impl GraphUpstream {
         match resp.status().as_u16() {
             200 => {
                 let reply: Option<serde_json::Value> = json_reply(resp, MAX_REPLY_BODY).await;
-                match reply.as_ref().and_then(|r| r["isDraft"].as_bool()) {
+                // The item asked for, in Graph's words: a proxy's page or another item says nothing of it.
+                let this = reply.as_ref().filter(|r| r["id"].as_str() == Some(id));
+                match this.and_then(|r| r["isDraft"].as_bool()) {
                     Some(false) => Asked::Sent,
                     Some(true) => Asked::Draft,
                     None => Asked::Unclear(Outcome::Transient(
-                        "Graph: a draft's reply without isDraft (a proxy's page?)".into(),
+                        "Graph: the reply about the draft is not the draft's (a proxy's page?)"
+                            .into(),
                     )),
                 }
             }
-            404 => Asked::Gone,
+            404 => {
+                // Graph's own "not found" only: a proxy's or a wrong host's 404 says nothing of the draft.
+                let (code, _) = super::http::error_code(&super::http::error_text(resp).await);
+                if code.split(' ').any(|c| c == "ErrorItemNotFound") {
+                    Asked::Gone
+                } else {
+                    Asked::Unclear(Outcome::Transient(format!(
+                        "Graph 404 {code}: not Graph's answer about the draft (a proxy?)"
+                    )))
+                }
+            }
             _ => Asked::Unclear(refusal("Graph", resp, diagnose).await),
         }
     }
 
-    /// Removes a draft relay made; whether it is gone.
+    /// Removes a draft relay made (never one whose `/send` may have gone: by its immutable id, that would be the
+    /// copy in Sent Items); whether it is gone.
     async fn remove_draft(&self, token: &SecretString, id: &str) -> bool {
         let deleted = self
             .http
@@ -309,7 +358,7 @@ impl GraphUpstream {
             Err(e) => e.to_string(),
         };
         // Said, so that a sysadmin who finds drafts with the device's mail in the mailbox knows why.
-        tracing::warn!(mailbox = %self.mailbox, error = %why, "cannot remove the half-built draft of a message that did not go: it stays in the mailbox's Drafts folder (the message itself is tried again)");
+        tracing::warn!(mailbox = %self.mailbox, error = %why, "cannot remove the half-built draft of a message that did not go: it stays in the mailbox's Drafts folder until an attempt can remove it (the message itself is tried again)");
         false
     }
 
@@ -335,7 +384,12 @@ impl GraphUpstream {
         }
     }
 
-    async fn create_draft(&self, token: &SecretString, mime: &[u8]) -> Result<String, Outcome> {
+    /// The draft's id, and whether Graph says it is a draft.
+    async fn create_draft(
+        &self,
+        token: &SecretString,
+        mime: &[u8],
+    ) -> Result<(String, bool), Outcome> {
         let body = B64.encode(mime);
         let len = body.len();
         let resp = self
@@ -354,7 +408,7 @@ impl GraphUpstream {
         }
         draft_id(resp)
             .await
-            .filter(|id| usable_id(id))
+            .filter(|(id, _)| usable_id(id))
             .ok_or_else(|| {
                 Outcome::Transient(
                     "Graph: the draft reply has no usable id; a draft may be left in the mailbox's Drafts folder"
@@ -577,23 +631,25 @@ impl GraphUpstream {
     }
 }
 
-/// The id of the draft Graph created, from its reply: the whole message resource, its body as JSON text
+/// The id of the draft Graph created and whether it says it is a draft (said, or not said), from its reply: the whole message resource, its body as JSON text
 /// included, parsed as it arrives on the blocking pool, every other field skipped without being kept. So the
 /// reply costs a read buffer, whatever the draft's body.
-async fn draft_id(resp: reqwest::Response) -> Option<String> {
+async fn draft_id(resp: reqwest::Response) -> Option<(String, bool)> {
     use futures_util::TryStreamExt;
     use std::io::Read;
     #[derive(serde::Deserialize)]
-    struct Draft {
+    struct Made {
         id: String,
+        #[serde(rename = "isDraft")]
+        is_draft: Option<bool>,
     }
     let body = resp.bytes_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
     tokio::task::spawn_blocking(move || {
         let reader = std::io::BufReader::new(reader).take(DRAFT_REPLY_LIMIT);
-        serde_json::from_reader::<_, Draft>(reader)
+        serde_json::from_reader::<_, Made>(reader)
             .ok()
-            .map(|d| d.id)
+            .map(|d| (d.id, d.is_draft != Some(false)))
     })
     .await
     .ok()
@@ -605,7 +661,18 @@ fn usable_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 1024 && !id.contains(['/', '?', '#', '%'])
 }
 
-/// Forgets the kept draft: it was removed, or is gone.
+/// Keeps the draft's id (and when its `/send` was posted) in the message's state, where there is one.
+fn keep(kept: Option<&Arc<dyn ResumePoint>>, mailbox: &str, id: &str, sent_at: Option<SystemTime>) {
+    let draft = Draft {
+        id: id.to_string(),
+        sent_at,
+    };
+    if let Some(Err(e)) = kept.map(|k| k.keep_draft(Some(draft))) {
+        tracing::warn!(mailbox = %mailbox, error = %e, "cannot keep the Graph draft's id in the message's state: should relay stop before the message goes, the draft is not asked about (it may stay in the mailbox's Drafts folder, or a message it sent go again)");
+    }
+}
+
+/// Forgets the account's kept draft: removed, gone, or not one relay can ask about.
 fn forget(kept: Option<&Arc<dyn ResumePoint>>) {
     if let Some(Err(e)) = kept.map(|k| k.keep_draft(None)) {
         tracing::warn!(error = %e, "cannot write the message's state after its Graph draft was removed");

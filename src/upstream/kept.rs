@@ -3,7 +3,16 @@
 //! a crash, an answer lost), and the next attempt asks it first: sent anew, the message would go twice. The queue
 //! implements [`ResumePoint`] over the message's delivery state, so that the transports know nothing of its files.
 
+use std::time::SystemTime;
+
 use super::gmail::UploadSession;
+
+/// A Graph draft an attempt made: its immutable id, and when its `/send` was posted, if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    pub id: String,
+    pub sent_at: Option<SystemTime>,
+}
 
 /// Where an attempt's upload session or draft is kept, for the account the attempt goes through.
 pub trait ResumePoint: Send + Sync {
@@ -17,13 +26,14 @@ pub trait ResumePoint: Send + Sync {
     fn ask_only(&self) -> bool {
         false
     }
-    /// The id of the Graph draft an earlier attempt of this message through this account made and did not see
-    /// through (sent, or removed), if one is kept.
-    fn draft(&self) -> Option<String> {
+    /// The Graph draft an earlier attempt of this message through this account made and did not see through
+    /// (sent, or removed), if one is kept.
+    fn draft(&self) -> Option<Draft> {
         None
     }
-    /// Keeps the id of the draft this attempt made (`None`: none is left), on disk before it returns.
-    fn keep_draft(&self, _id: Option<String>) -> std::io::Result<()> {
+    /// Keeps the draft this attempt made in place of this account's earlier one (`None`: none is left), on disk
+    /// before it returns.
+    fn keep_draft(&self, _draft: Option<Draft>) -> std::io::Result<()> {
         Ok(())
     }
 }

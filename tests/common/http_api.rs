@@ -74,6 +74,8 @@ struct State {
     sent_items: std::collections::HashSet<String>,
     /// Graph upload chunks still to hold unanswered (not kept).
     held_graph_chunks: usize,
+    /// GETs of a sent draft still to answer "not found", as Graph does until it has moved the draft to Sent Items.
+    late_copies: usize,
     /// What becomes of the next Gmail resumable chunks.
     chunks: VecDeque<Chunk>,
     /// Replies to the next Gmail status queries, instead of what the session holds.
@@ -178,6 +180,11 @@ impl FakeApi {
     /// The next Graph draft sends send the draft, then answer with these (a 500, an answer held for [`HELD`]).
     pub fn script_sent_then(&self, replies: Vec<ResponseTemplate>) {
         self.state.lock().unwrap().sent_then.extend(replies);
+    }
+
+    /// The next `n` GETs of a sent draft find nothing (404 ErrorItemNotFound): its copy is not in Sent Items yet.
+    pub fn late_copies(&self, n: usize) {
+        self.state.lock().unwrap().late_copies += n;
     }
 
     /// The next `n` Graph upload chunks are held unanswered for [`HELD`], and not kept.
@@ -409,6 +416,14 @@ fn graph(s: &mut State, req: &Request, rest: &str, uri: &str) -> Reply {
         ("GET", ["messages", id]) => {
             let draft = if s.drafts.contains_key(*id) {
                 true
+            } else if s.sent_items.contains(*id) && s.late_copies > 0 {
+                // Not an error of the request: Graph's answer while the copy is on its way.
+                s.late_copies -= 1;
+                return Ok(graph_error(
+                    404,
+                    "ErrorItemNotFound",
+                    "The specified object was not found in the store.",
+                ));
             } else if s.sent_items.contains(*id) {
                 false
             } else {
