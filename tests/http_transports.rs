@@ -1794,3 +1794,62 @@ async fn a_graph_draft_not_sent_after_a_500_is_removed_once_graph_had_time_and_s
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A page where the API's answer was due (a proxy's, a captive portal's) is not taken for the API's: a Gmail
+/// API 200 too long to be Gmail's, a Gmail 200 before the upload's last chunk, a Graph 202 that is an HTML page,
+/// a Graph upload chunk answered by a page. Each was taken as sent (the message lost) or led the message to
+/// dead/; now it is deferred, and the next attempt sends it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_where_the_apis_answer_was_due_are_not_taken_as_sent() {
+    use common::http_api::page;
+    let small =
+        b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: s\r\n\r\nhi\r\n".to_vec();
+    let (large, _) = scan(4_500_000);
+    let long_page = ResponseTemplate::new(200).set_body_raw(vec![b'x'; 1_200_000], "text/html");
+    let cases: Vec<(&str, &str, Vec<u8>, &[&str])> = vec![
+        (
+            "google",
+            "long 200",
+            small.clone(),
+            &["Gmail API 200", "not Gmail's"],
+        ),
+        (
+            "google",
+            "200 before the last chunk",
+            large.clone(),
+            &["before the last chunk"],
+        ),
+        (
+            "microsoft",
+            "202 page",
+            small.clone(),
+            &["Graph 202", "not Graph's own"],
+        ),
+        (
+            "microsoft",
+            "chunk page",
+            large.clone(),
+            &["Graph upload 200", "not Graph's answer"],
+        ),
+    ];
+    for (provider, case, msg, words) in cases {
+        let (_idp, api, mut d, dir) = daemon_through_api(provider).await;
+        match case {
+            "long 200" => api.script(vec![long_page.clone()]),
+            "200 before the last chunk" => api.script_chunks(vec![Chunk::Page]),
+            "202 page" => api.script(vec![page(202)]),
+            _ => api.script_graph_chunks(vec![page(200)]),
+        }
+        send_to(d.addr, &["ops@example.test"], &msg).await;
+        let line = d.wait_log("relay_event=\"deferred\"");
+        for w in words {
+            assert!(line.contains(w), "{case}: {w:?} not in {line}");
+        }
+        d.wait_log("relay_event=\"delivered\"");
+        let sent = api.sent(1).await;
+        assert_eq!(sent.len(), 1, "{case}");
+        none_dead_nor_bounced(&d, dir.path(), &sent);
+        assert_eq!(api.drafts_left(), 0, "{case}");
+        assert_eq!(d.terminate().code(), Some(0));
+    }
+}

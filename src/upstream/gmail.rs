@@ -431,6 +431,14 @@ impl Upload<'_> {
                         r.status()
                     )));
                 }
+                // A success before the last byte went is not Gmail's: it sends the message once it has it all.
+                // (A status query's answer, after a failed chunk, speaks for the whole session.)
+                status if (200..300).contains(&status) && !resumed && end < total => {
+                    return Err(Outcome::Transient(format!(
+                        "Gmail API {status} after bytes {at}-{} of {total}: a success before the last chunk is not Gmail's answer (a proxy's?); the session is kept and asked at the next attempt",
+                        end - 1
+                    )));
+                }
                 _ => return Ok((Ok(r), note, resumed)),
             }
         }
@@ -553,7 +561,15 @@ impl GmailUpstream {
 /// proxy's page than Gmail's: taken as sent, the message would be lost.
 async fn delivered(r: reqwest::Response, cut_off_is_sent: bool) -> Outcome {
     let status = r.status().as_u16();
+    // Gmail answers in JSON: a page (a proxy's, a captive portal's) that is cut off or endless is not its answer.
+    let json = r
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
     let (body, whole) = bounded_body(r, MAX_REPLY_BODY).await;
+    // Over the cap is not "cut off": Gmail's answer is a hundred bytes.
+    let cut_off = !whole && json && body.len() < MAX_REPLY_BODY;
     let sent: Option<serde_json::Value> =
         whole.then(|| serde_json::from_slice(&body).ok()).flatten();
     match sent.as_ref().and_then(|v| v["id"].as_str()) {
@@ -561,8 +577,11 @@ async fn delivered(r: reqwest::Response, cut_off_is_sent: bool) -> Outcome {
             "Gmail API {status} id {}",
             crate::terminal::printable_str(id)
         )),
-        _ if !whole && cut_off_is_sent => Outcome::Delivered(format!(
+        _ if cut_off && cut_off_is_sent => Outcome::Delivered(format!(
             "Gmail API {status} (its answer was cut off; taken as sent)"
+        )),
+        _ if !whole && cut_off_is_sent => Outcome::Transient(format!(
+            "Gmail API {status}: an answer too long, or not JSON and cut off, is not Gmail's (a proxy's page?): the message may or may not have gone, and is tried again"
         )),
         _ if !whole => Outcome::Transient(format!(
             "Gmail API {status}: the upload session's answer was cut off or too long to be Gmail's; the session is kept and asked again at the next attempt"

@@ -229,7 +229,7 @@ impl GraphUpstream {
             .await
             .map_err(|e| (failed_send("Graph", &e), !e.is_connect() && !e.is_builder()))?;
         let status = resp.status().as_u16();
-        if status == 202 {
+        if status == 202 && !is_page(&resp) {
             return Ok(());
         }
         // A 429 or 503 with Retry-After was turned away before it was taken; any other 5xx, a 408 or a success
@@ -376,7 +376,7 @@ impl GraphUpstream {
             .send()
             .await;
         match resp {
-            Ok(r) if r.status().as_u16() == 202 => {
+            Ok(r) if r.status().as_u16() == 202 && !is_page(&r) => {
                 Outcome::Delivered("Graph 202 Accepted (sendMail)".into())
             }
             Ok(r) => refusal("Graph", r, diagnose).await,
@@ -564,6 +564,15 @@ impl GraphUpstream {
                 .send()
                 .await
                 .map_err(|e| failed("Graph upload", &e))?;
+            // Graph answers a chunk before the last with 200 and the ranges it expects next, the last with 201
+            // (or 200): another success (a proxy's page) is not its answer, and the draft is built afresh next time.
+            let last = at + len == size;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() && (is_page(&resp) || (!last && status != 200)) {
+                return Err(Outcome::Transient(format!(
+                    "Graph upload {status}: not Graph's answer to an upload chunk (a proxy's page?); tried again"
+                )));
+            }
             if !resp.status().is_success() {
                 return Err(refusal("Graph upload", resp, diagnose).await);
             }
@@ -659,6 +668,14 @@ async fn draft_id(resp: reqwest::Response) -> Option<(String, bool)> {
 /// Whether a draft id can go into a request's path as it is. (Graph's ids are base64url, about 150 characters.)
 fn usable_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 1024 && !id.contains(['/', '?', '#', '%'])
+}
+
+/// An HTML page where Graph answers with JSON or nothing: a proxy's or a captive portal's, not Graph's answer.
+fn is_page(resp: &reqwest::Response) -> bool {
+    resp.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("text/html"))
 }
 
 /// Keeps the draft's id (and when its `/send` was posted) in the message's state, where there is one.

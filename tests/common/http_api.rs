@@ -74,6 +74,8 @@ struct State {
     sent_items: std::collections::HashSet<String>,
     /// Graph upload chunks still to hold unanswered (not kept).
     held_graph_chunks: usize,
+    /// Replies for the next Graph upload chunks instead of Graph's (the chunk not kept).
+    graph_chunk_answers: VecDeque<ResponseTemplate>,
     /// GETs of a sent draft still to answer "not found", as Graph does until it has moved the draft to Sent Items.
     late_copies: usize,
     /// What becomes of the next Gmail resumable chunks.
@@ -104,8 +106,18 @@ pub enum Chunk {
     /// Taken whole (after the last chunk: the message sent), but its answer is held for [`HELD`]: relay stops
     /// or is killed before it hears it.
     TakenButHeld,
+    /// Not kept, and answered by a proxy's page: 200, HTML.
+    Page,
     /// Not kept, and its answer held for [`HELD`]: the session holds what it held before.
     Held,
+}
+
+/// A proxy's or captive portal's page where the API's answer was due.
+pub fn page(status: u16) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_raw(
+        "<html><body>Please sign in to the guest network</body></html>",
+        "text/html",
+    )
 }
 
 /// How long a held answer takes: longer than any test runs.
@@ -185,6 +197,15 @@ impl FakeApi {
     /// The next `n` GETs of a sent draft find nothing (404 ErrorItemNotFound): its copy is not in Sent Items yet.
     pub fn late_copies(&self, n: usize) {
         self.state.lock().unwrap().late_copies += n;
+    }
+
+    /// The next Graph upload chunks get these replies instead, and are not kept.
+    pub fn script_graph_chunks(&self, replies: Vec<ResponseTemplate>) {
+        self.state
+            .lock()
+            .unwrap()
+            .graph_chunk_answers
+            .extend(replies);
     }
 
     /// The next `n` Graph upload chunks are held unanswered for [`HELD`], and not kept.
@@ -577,6 +598,9 @@ fn graph_upload(s: &mut State, req: &Request, up: &str) -> Reply {
     if req.method.as_str() != "PUT" {
         return Err(bad("uploads are PUT"));
     }
+    if let Some(r) = s.graph_chunk_answers.pop_front() {
+        return Ok(r);
+    }
     if s.held_graph_chunks > 0 {
         s.held_graph_chunks -= 1;
         return Ok(ResponseTemplate::new(200).set_delay(HELD));
@@ -707,13 +731,14 @@ fn gmail_chunk(s: &mut State, req: &Request, id: &str) -> Reply {
             return Ok(ResponseTemplate::new(status));
         }
         Chunk::Keeps(n) => n.min(req.body.len()),
-        Chunk::Held => 0,
+        Chunk::Held | Chunk::Page => 0,
         Chunk::Taken | Chunk::TakenButFails(_) | Chunk::TakenButHeld => req.body.len(),
     };
     u.bytes.extend_from_slice(&req.body[..kept]);
     let failed = match fate {
         Chunk::TakenButFails(status) => Some(ResponseTemplate::new(status)),
         Chunk::TakenButHeld | Chunk::Held => Some(ResponseTemplate::new(503).set_delay(HELD)),
+        Chunk::Page => Some(page(200)),
         _ => None,
     };
     if let Some(reply) = failed {
