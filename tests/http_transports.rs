@@ -1853,3 +1853,63 @@ async fn pages_where_the_apis_answer_was_due_are_not_taken_as_sent() {
         assert_eq!(d.terminate().code(), Some(0));
     }
 }
+
+/// A route of two Graph accounts: `a` sends the message as a draft whose `/send` Graph carries out but answers
+/// with a 500, and the draft's copy is slow to show in Sent Items. `a` is at its per-minute limit when the message
+/// comes due again, so `b` takes it: `b` first asks `a`'s draft, through `a`, waits while Graph does not yet say,
+/// and finds it sent. Before, `b` made a draft of its own and the message went twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_account_of_the_route_asks_the_draft_a_first_one_sent_before_sending() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    secret(dir.path());
+    let account = |name: &str, more: &str| {
+        format!(
+            "[[account]]\nname = \"{name}\"\nprovider = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"\nflow = \"client_credentials\"\nmailbox = \"{MAILBOX}\"\nclient_id = \"cid\"\nclient_secret_file = \"{}/secret\"\ntoken_url = \"{}/token\"\ntransport = \"graph\"\ngraph_url = \"{}\"\n{more}\n",
+            dir.path().display(),
+            idp.uri(),
+            api.uri()
+        )
+    };
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[queue]\nretry = [\"1s\"]\n{}{}[[route]]\naccounts = [\"a\", \"b\"]\n{LISTENER}",
+            dir.path().join("state"),
+            account("a", "rate = { per_minute = 1 }"),
+            account("b", "rate = { per_minute = 1 }"),
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(&config);
+    api.script_sent_then(vec![graph_error(
+        500,
+        "InternalServerError",
+        "An internal server error occurred.",
+    )]);
+    api.late_copies(3);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
+    let first = deferred_saying(&mut d, &["does not say yet whether the draft was sent"]);
+    let (first_account, other) = if first.contains("relay_account=a") {
+        ("a", "b")
+    } else {
+        ("b", "a")
+    };
+    let asked = d.wait_log("asking the Graph draft another account kept");
+    assert!(asked.contains(&format!("relay_account={other}")), "{asked}");
+    assert!(
+        asked.contains(&format!("kept_by={first_account}")),
+        "{asked}"
+    );
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("earlier attempt made was sent"), "{line}");
+    let sent = api.sent(1).await;
+    assert_eq!(sent.len(), 1, "sent twice");
+    assert_eq!(graph_calls(&api, "POST", "/messages"), 1, "a second draft");
+    assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 0);
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+    assert_eq!(d.terminate().code(), Some(0));
+}

@@ -1294,9 +1294,16 @@ impl Delivery {
             flags,
         };
         let mut asked_written = false;
-        let asked = self
+        let asked = match self
             .ask_holder(&account, &sending, &mut state, &mut asked_written)
-            .await;
+            .await
+        {
+            Some(asked) => Some(asked),
+            None => {
+                self.ask_draft_holder(&account, &sending, &mut state, &mut asked_written)
+                    .await
+            }
+        };
         if let Some((holder, outcome)) = asked {
             // The session's answer stands for the attempt; this account sent nothing.
             drop((message, memory, slot));
@@ -1450,22 +1457,48 @@ impl Delivery {
             tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %kept.account, "the Gmail upload session another account kept for this message cannot be asked (that account no longer sends through the Gmail API, or the session is past Google's week): this account uploads the message anew; should that session have completed unheard, it goes twice");
             return None;
         };
-        tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "asking the Gmail upload session another account kept for this message whether it sent it, before this account sends it");
         // Only the question goes (with the session's own byte count: these bytes are not sent), with the holding
         // account's token.
+        self.ask_through(
+            chosen,
+            holder,
+            sending,
+            state,
+            written,
+            "Gmail upload session",
+            |s| s.upload.is_some(),
+        )
+        .await
+    }
+
+    /// Asks the `what` (a Gmail upload session, a Graph draft) `holder` kept for this message whether it sent it,
+    /// through `holder`, before `chosen` sends the message. The answer stands for the attempt, unless the thing
+    /// asked is forgotten (`still_kept` says no: it did not send the message) or cannot be asked now that its
+    /// account's token is refused even fresh (a revoked grant): then `None`, and `chosen` sends it, since nobody
+    /// can ask and the message is not held back for that account's repair while this one works. (A token that
+    /// cannot be renewed, or no clear answer, defers it.)
+    #[allow(clippy::too_many_arguments)]
+    async fn ask_through(
+        &self,
+        chosen: &Account,
+        holder: Arc<Account>,
+        sending: &Sending<'_>,
+        state: &mut DeliveryState,
+        written: &mut bool,
+        what: &str,
+        still_kept: impl Fn(&DeliveryState) -> bool,
+    ) -> Option<(Arc<Account>, Outcome)> {
+        let id = sending.id;
+        tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "asking the {what} another account kept for this message whether it sent it, before this account sends it");
         let outcome;
         (outcome, *written, _) = self.send_keeping(&holder, sending, state, true).await;
         match outcome {
-            Outcome::Transient(_) if state.upload.is_none() => {
-                tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the Gmail upload session another account kept for this message does not hold it whole (or cannot be asked): this account sends it");
+            Outcome::Transient(_) if !still_kept(state) => {
+                tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the {what} another account kept for this message did not send it (or cannot be asked): this account sends it");
                 None
             }
-            // The holding account's token is refused even fresh (a revoked grant, a mailbox Gmail no longer
-            // serves): nobody can ask the session now, and the message is not held back for that account's
-            // repair while this one works. (A token that cannot be renewed, or a session that gives no clear
-            // answer, defers it: Google's week bounds that.)
             Outcome::AuthRejected(reply) | Outcome::Held { reply, .. } => {
-                tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, relay_upstream_reply = %reply, "the Gmail upload session another account kept for this message cannot be asked: that account's token is refused; this account uploads the message anew; should that session have completed unheard, it goes twice");
+                tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, relay_upstream_reply = %reply, "the {what} another account kept for this message cannot be asked: that account's token is refused; this account sends the message anew; should the {what} have sent it unheard, it goes twice");
                 None
             }
             // Sent by that account: its daily count gets the recipients an unclear answer left out.
@@ -1475,6 +1508,45 @@ impl Delivery {
             }
             outcome => Some((holder, outcome)),
         }
+    }
+
+    /// A Graph draft another account of the route kept for this message, whose `/send` was posted without a clear
+    /// answer (that account was busy, held or at its limit when the message came due again): asked through that
+    /// account before this one sends the message, as a kept Gmail session is. Sent: delivered by that account;
+    /// not yet known (Graph moves a sent draft to Sent Items in its own time): deferred; not sent: removed, and
+    /// this account sends it. A draft that was never sent is left to its own account's next attempt.
+    async fn ask_draft_holder(
+        &self,
+        chosen: &Account,
+        sending: &Sending<'_>,
+        state: &mut DeliveryState,
+        written: &mut bool,
+    ) -> Option<(Arc<Account>, Outcome)> {
+        let id = sending.id;
+        let kept = state
+            .drafts
+            .iter()
+            .find(|d| d.account != chosen.name && d.sent_at.is_some())?;
+        let name = kept.account.clone();
+        let Some(holder) = self
+            .accounts
+            .get(&name)
+            .filter(|h| h.transports.asks_drafts())
+            .cloned()
+        else {
+            tracing::warn!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %name, "the Graph draft another account sent for this message without a clear answer cannot be asked (that account is no longer configured, or no longer sends through Graph): this account sends the message; should that draft have gone, it goes twice");
+            return None;
+        };
+        self.ask_through(
+            chosen,
+            holder,
+            sending,
+            state,
+            written,
+            "Graph draft",
+            |s| s.drafts.iter().any(|d| d.account == name),
+        )
+        .await
     }
 
     /// Sends through `account` with the message's state at hand, so that a Gmail upload session can be kept in

@@ -52,6 +52,10 @@ fn send_settles() -> Duration {
     crate::test_hooks::duration("RELAY_TEST_GRAPH_SEND_SETTLES_MS", SEND_SETTLES)
 }
 
+/// Why a draft asked for another account, not sent, leaves the message to that account.
+pub const DRAFT_NOT_SENT: &str =
+    "Graph: the draft an earlier attempt made was not sent (removed, or gone)";
+
 /// What Graph says of a draft an attempt made.
 enum Asked {
     /// No longer a draft: sent.
@@ -107,6 +111,10 @@ impl GraphUpstream {
             } else if let Err(outcome) = self.earlier_draft(token, &draft, kept).await {
                 return outcome;
             }
+        }
+        // Asked for another account of the route, which sends the message if this draft did not.
+        if kept.is_some_and(|k| k.ask_only()) {
+            return Outcome::Transient(DRAFT_NOT_SENT.into());
         }
         let size = message.len();
         if size > MESSAGE_LIMIT {

@@ -199,6 +199,12 @@ impl Transports {
         matches!((&self.primary, &self.fallback), (Primary::Gmail(_), None))
     }
 
+    /// Whether a Graph draft an earlier attempt kept can be asked through this account (it sends through Graph,
+    /// with nothing that would send the message instead).
+    pub fn asks_drafts(&self) -> bool {
+        matches!((&self.primary, &self.fallback), (Primary::Graph(_), None))
+    }
+
     /// Upstream SMTP connections open now (none for the HTTP transports).
     pub fn open_connections(&self) -> usize {
         match &self.primary {
