@@ -1041,6 +1041,30 @@ async fn a_stale_unreachable_report_is_removed_at_start() {
     assert!(doc["accounts"][0]["unreachable"].is_null(), "{doc}");
 }
 
+/// A restart during an outage (a reboot, the watchdog, an upgrade): the upstream still does not answer, and the
+/// new run reports the outage since the earlier run saw it begin. Before, the report was removed at start and
+/// never written again, so `relay status` said nothing and the `upstream_unreachable` alert never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_that_outlives_a_restart_is_still_reported_since_it_began() {
+    let Silent {
+        idp: _idp,
+        upstream: _silent,
+        dir: _dir,
+        config,
+        mut daemon,
+    } = Silent::with("retry = [\"1s\"]", 1).await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    let (_, doc) = status_json(&config);
+    let since = doc["accounts"][0]["unreachable"]["since"].clone();
+    assert!(since.is_string(), "{doc}");
+    assert!(daemon.terminate().success());
+    let mut daemon = Daemon::spawn(&config);
+    daemon.wait_log("relay_event=\"deferred\"");
+    let (_, doc) = status_json(&config);
+    assert_eq!(doc["accounts"][0]["unreachable"]["since"], since, "{doc}");
+    assert!(daemon.terminate().success());
+}
+
 /// Mail that waited untried behind an upstream that never answered until it passed `max_age`: its dead-letter
 /// reason says it was never tried and that the upstream is not answering (for how long, its last failure), not
 /// only that it expired; mail that was tried says its last error, as before. And the untried mail goes to dead/

@@ -108,9 +108,12 @@ pub struct Transports {
     switch_file: PathBuf,
     switched: Mutex<Option<Switch>>,
     unreachable_file: PathBuf,
-    /// Whether `unreachable_file` says the upstream is down (a file from before a reload counts, so that the
-    /// first attempt through the rebuilt account removes it if the upstream answers).
+    /// Whether this run wrote `unreachable_file` (an earlier report is removed when the account is built).
     unreachable_recorded: Mutex<bool>,
+    /// Since when an earlier run's report said the upstream had not answered (the daemon restarted during an
+    /// outage): an outage this run meets before the upstream answers once is the same one, and is reported
+    /// since then (else a restart, by a reboot or the watchdog, began its count again, and its alert with it).
+    earlier_outage: Mutex<Option<SystemTime>>,
     auth_hold: Mutex<Option<AuthHold>>,
     /// Held by the attempt that refreshes a refused token and tries it: the account's other attempts refused
     /// meanwhile wait for its outcome (the hold, or a token that works) instead of each logging in again.
@@ -169,10 +172,15 @@ impl Transports {
             .as_ref()
             .and_then(|_| read_switch(state_dir, account));
         let unreachable_file = unreachable_path(state_dir, account);
-        let unreachable_recorded = Mutex::new(unreachable_file.exists());
+        // Read before the caller removes the report (`forget_unreachable`): nothing is recorded by this run yet,
+        // so the first outage it meets is written.
+        let earlier_outage = read_unreachable(state_dir, account)
+            .filter(|u| matches!(&primary, Primary::Smtp(s) if s.endpoint() == u.upstream))
+            .map(|u| u.since);
         Transports {
             unreachable_file,
-            unreachable_recorded,
+            unreachable_recorded: Mutex::new(false),
+            earlier_outage: Mutex::new(earlier_outage),
             account: account.to_string(),
             provider: None,
             primary,
@@ -329,19 +337,31 @@ impl Transports {
             return;
         }
         *recorded = outage.is_some();
+        let earlier = self
+            .earlier_outage
+            .lock()
+            .ok()
+            .and_then(|mut e| match outage {
+                Some(_) => *e,
+                // It answered: a later outage is another one.
+                None => e.take(),
+            });
         // Not fsynced: a report; lost in a crash, the daemon's start would remove it anyway.
         let written = match (outage, &self.primary) {
-            (Some((down, reason)), Primary::Smtp(s)) => crate::state_files::replace(
-                &self.unreachable_file,
-                &serde_json::to_vec_pretty(&Unreachable {
-                    upstream: s.endpoint(),
-                    since: SystemTime::now()
-                        .checked_sub(down)
-                        .unwrap_or_else(SystemTime::now),
-                    reason,
-                })
-                .unwrap_or_default(),
-            ),
+            (Some((down, reason)), Primary::Smtp(s)) => {
+                let since = SystemTime::now()
+                    .checked_sub(down)
+                    .unwrap_or_else(SystemTime::now);
+                crate::state_files::replace(
+                    &self.unreachable_file,
+                    &serde_json::to_vec_pretty(&Unreachable {
+                        upstream: s.endpoint(),
+                        since: earlier.map_or(since, |e| e.min(since)),
+                        reason,
+                    })
+                    .unwrap_or_default(),
+                )
+            }
             _ => remove_report(&self.unreachable_file),
         };
         if let Err(e) = written {
