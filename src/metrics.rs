@@ -10,7 +10,7 @@
 //! configured (an attempt that began before the reload) is not counted per account, so that it cannot bring a
 //! removed account's series back.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
@@ -22,15 +22,19 @@ use prometheus::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::events::Event;
 use crate::queue::SpoolPaths;
 
 /// How long a reading of the state dir serves scrapes.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(5);
-/// Scrapes served at once; more are turned away rather than queued.
-const MAX_CONNECTIONS: usize = 8;
+/// Connections served at once. When all are taken, the one that has waited longest for its request gives its
+/// place to the new one (a scraper sends its request at once: connections that send nothing cannot keep it
+/// out); when every one is being answered, the new one is turned away rather than queued.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a new connection waits for the place of one evicted while it waited for its request.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
 /// A request must arrive whole within this, and be at most [`MAX_REQUEST`] bytes.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 8192;
@@ -523,6 +527,9 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The connections still waiting for their request, oldest first, each with what ends it.
+    let waiting: Arc<Mutex<Waiting>> = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
@@ -536,19 +543,60 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let oldest = waiting.lock().ok().and_then(|mut w| w.pop_front());
+                let Some((_, end)) = oldest else {
+                    continue;
+                };
+                end.notify_one();
+                match tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => continue,
+                }
+            }
         };
-        let reader = reader.clone();
+        next_id += 1;
+        let (id, end) = (next_id, Arc::new(Notify::new()));
+        if let Ok(mut w) = waiting.lock() {
+            w.push_back((id, end.clone()));
+        }
+        let (reader, waiting) = (reader.clone(), waiting.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, respond(stream, &reader)).await;
+            let answering = waiting.clone();
+            let mut stream = stream;
+            let served = async move {
+                let head = tokio::select! {
+                    h = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)) => h,
+                    _ = end.notified() => return Ok(()),
+                };
+                // Its request came: no longer one to evict.
+                if let Ok(mut w) = answering.lock() {
+                    w.retain(|(i, _)| *i != id);
+                }
+                respond(stream, head, &reader).await
+            };
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, served).await;
+            if let Ok(mut w) = waiting.lock() {
+                w.retain(|(i, _)| *i != id);
+            }
             drop(permit);
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, reader: &Arc<StateReader>) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+/// Connections still waiting for their request: an id, and what ends the wait.
+type Waiting = VecDeque<(u64, Arc<Notify>)>;
+
+type Head = Result<std::io::Result<Option<String>>, tokio::time::error::Elapsed>;
+
+async fn respond(
+    mut stream: TcpStream,
+    head: Head,
+    reader: &Arc<StateReader>,
+) -> std::io::Result<()> {
+    let head = match head {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => {
             return reply(

@@ -349,3 +349,35 @@ fn relay_check_names_a_bad_metrics_address_and_warns_of_one_beyond_loopback() {
     let (ok, stderr) = check("127.0.0.1:9325");
     assert!(ok && !stderr.contains("warning"), "{stderr}");
 }
+
+/// Connections that never send a request (a port scanner, a stuck client, anyone on the host) cannot keep the
+/// scraper out: with every place held by such connections, a scrape evicts the one that has waited longest and is
+/// answered. Before, eight idle connections turned every scrape away for five seconds at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_keep_scrapes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &upstream)],
+        "",
+        "[metrics]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let metrics = metrics_address(&mut daemon);
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(metrics).await.unwrap());
+    }
+    for _ in 0..5 {
+        assert!(
+            scrape(metrics)
+                .await
+                .contains("relay_messages_accepted_total")
+        );
+    }
+    drop(idle);
+    assert!(daemon.terminate().success());
+}
