@@ -9,7 +9,7 @@
 //!
 //! [`emit`] never blocks on I/O: watchers update memory and hand any slow work to their own tasks.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::queue::QueueId;
@@ -42,6 +42,12 @@ pub enum Event<'a> {
         why: &'a str,
         /// Recipients refused for good, each in its own words, by the last attempt (empty: `why` is for all).
         refused: &'a [(String, String)],
+    },
+    /// A queue file relay cannot deliver from (its bytes do not match its seal, its envelope is unreadable) was
+    /// moved to `quarantine/`; `id` when its name gives one. Never bounced: the file cannot be trusted.
+    Quarantined {
+        id: Option<QueueId>,
+        why: &'a str,
     },
     /// The upstream refused these recipients for good while it took the message for others, or while others wait
     /// (the message is still in `queue/` when this is emitted).
@@ -81,10 +87,24 @@ pub trait Watcher: Send + Sync {
 
 static WATCHERS: RwLock<Vec<Arc<dyn Watcher>>> = RwLock::new(Vec::new());
 
+/// Files quarantined before there were watchers (the start's recovery scan finds damaged files before the alerts
+/// run): handed to the first watchers set, so that an alert says so. Bounded: past it, `relay status` and the
+/// `quarantined` gauge still count them.
+static EARLY_QUARANTINE: Mutex<Vec<(Option<QueueId>, String)>> = Mutex::new(Vec::new());
+const MAX_EARLY: usize = 100;
+
 /// Counts the event, and hands it to the watchers.
 pub fn emit(event: Event<'_>) {
     crate::metrics::global().record(&event);
     let watchers = WATCHERS.read().unwrap_or_else(|p| p.into_inner());
+    if watchers.is_empty()
+        && let Event::Quarantined { id, why } = event
+    {
+        let mut early = EARLY_QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
+        if early.len() < MAX_EARLY {
+            early.push((id, why.to_string()));
+        }
+    }
     for w in watchers.iter() {
         w.seen(&event);
     }
@@ -92,5 +112,16 @@ pub fn emit(event: Event<'_>) {
 
 /// Replaces the watchers (at start, and at a reload).
 pub fn set_watchers(watchers: Vec<Arc<dyn Watcher>>) {
+    let any = !watchers.is_empty();
     *WATCHERS.write().unwrap_or_else(|p| p.into_inner()) = watchers;
+    if any {
+        let early =
+            std::mem::take(&mut *EARLY_QUARANTINE.lock().unwrap_or_else(|p| p.into_inner()));
+        let watchers = WATCHERS.read().unwrap_or_else(|p| p.into_inner());
+        for (id, why) in &early {
+            for w in watchers.iter() {
+                w.seen(&Event::Quarantined { id: *id, why });
+            }
+        }
+    }
 }

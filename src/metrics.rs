@@ -235,7 +235,7 @@ impl Metrics {
         let known = self.accounts.read().unwrap_or_else(|p| p.into_inner());
         let gone = |account: Option<&str>| account.is_some_and(|a| !known.contains(a));
         let account = match *event {
-            Event::Accepted { .. } => None,
+            Event::Accepted { .. } | Event::Quarantined { .. } => None,
             Event::Delivered { account, .. }
             | Event::PartlyDelivered { account, .. }
             | Event::RecipientsRefused { account, .. }
@@ -262,8 +262,8 @@ impl Metrics {
                     .inc();
                 self.observe_delivery(id);
             }
-            // Counted once the message is delivered to all (or dead).
-            Event::PartlyDelivered { .. } => {}
+            // Counted once the message is delivered to all (or dead); quarantined files by the census.
+            Event::PartlyDelivered { .. } | Event::Quarantined { .. } => {}
             Event::Deferred { account, .. } => self
                 .deliveries
                 .with_label_values(&["deferred", account.unwrap_or("")])

@@ -704,3 +704,37 @@ async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_remov
     );
     assert!(daemon.terminate().success());
 }
+
+/// A queue file relay cannot deliver from (here one the start's scan cannot read) is moved to quarantine/: mail a
+/// client was promised that will not go. The `dead` incident of the queue says so (before, no alert did, and the
+/// files were found at start, before the alerts ran), the log line carries its queue id, and `relay queue show`
+/// says where it is instead of "no message".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_file_moved_to_quarantine_is_alerted_and_found_by_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let (config, hook) =
+        office_with_alerts(dir.path(), &idp, &upstream, "client_credentials", "").await;
+    let id = "01a20a2d000000000000000000000002";
+    let queue = dir.path().join("state/queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    std::fs::write(queue.join(format!("{id}.msg")), "{\"id\":").unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("relay_event=\"quarantined\"");
+    assert!(line.contains(&format!("relay_queue_id={id}")), "{line}");
+    let line = daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    assert!(line.contains("incident=dead:queue"), "{line}");
+    let got = notices(&hook).await;
+    assert_eq!(got[0]["event"], "dead", "{got:#?}");
+    let text = got[0].to_string();
+    assert!(text.contains(id) && text.contains("quarantine/"), "{text}");
+    let out = std::process::Command::new(relay_bin())
+        .args(["queue", "show", id, "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("is in quarantine/"), "{said}");
+    assert!(daemon.terminate().success());
+}

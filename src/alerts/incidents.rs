@@ -10,7 +10,7 @@
 //! | `authorization_needed` | the provider refused the grant (`invalid_grant`) | a token refreshed, or a delivery through the account |
 //! | `token_refresh_failed` | `refresh_failures` failures in a row | a token refreshed |
 //! | `credential_expiring` | 30, 7, 1 days ahead, expired (each a new notice) | the date is more than 30 days off again |
-//! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried) | `dead_window` without another |
+//! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried), or a file to `quarantine/` (`queue`) | `dead_window` without another |
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
 //! | `disk_full` | the state dir's filesystem has less than `[queue] min_free_space` left: new mail is refused | it has room again |
 //! | `upstream_unreachable` | an account's SMTP upstream has not answered a connection for [`UNREACHABLE_ALERT`] | it answers again |
@@ -269,6 +269,14 @@ impl Tracker {
                 let window = age(self.limits.dead_window);
                 self.opening(Kind::Dead, subject, now, None, &mut out, || {
                     format!("message {id}{via} was moved to dead/: {why}. Further messages moved to dead/ within {window} of the last one belong to this incident and are counted, not announced one by one. `relay status` shows the count; the files are in STATE_DIR/dead/.")
+                });
+            }
+            // A `dead` incident of the queue's: mail a client was promised that will not go, as dead mail.
+            Event::Quarantined { id, why } => {
+                let which = id.map_or("a queue file".to_string(), |id| format!("message {id}"));
+                let window = age(self.limits.dead_window);
+                self.opening(Kind::Dead, QUEUE, now, None, &mut out, || {
+                    format!("{which} was moved to quarantine/ and will not be delivered: {why}. Look at it in STATE_DIR/quarantine/, then move it back to queue/ or remove it. Further messages moved to dead/ or quarantine/ within {window} belong to this incident and are counted.")
                 });
             }
             Event::Accepted { .. } | Event::Deferred { .. } | Event::RecipientsRefused { .. } => {}

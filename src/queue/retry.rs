@@ -87,7 +87,7 @@ fn act(store: &QueueStore, what: Retry) -> Result<Retried, StoreError> {
                 match store.requeue(m.envelope.id) {
                     Ok(()) => done.requeued += 1,
                     // Deleted or moved back by someone else since the listing.
-                    Err(StoreError::NotFound(_)) => {}
+                    Err(StoreError::NotFound(_) | StoreError::Quarantined { .. }) => {}
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }

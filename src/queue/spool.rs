@@ -517,13 +517,23 @@ pub(crate) fn quarantine(paths: &SpoolPaths, path: &Path, why: &str) {
     let to = paths.quarantine.join(name);
     match fs::rename(path, &to) {
         Ok(()) => {
-            if let Some((id, _)) = parse_file_name(path) {
+            let id = parse_file_name(path).map(|(id, _)| id);
+            if let Some(id) = id {
                 let state = super::layout::state_path(&paths.queue, id);
                 let _ = fs::rename(&state, super::layout::state_path(&paths.quarantine, id));
             }
             let _ = File::open(&paths.quarantine).and_then(|d| d.sync_all());
             let _ = File::open(&paths.queue).and_then(|d| d.sync_all());
-            tracing::error!(relay_event = "quarantined", path = %to.display(), reason = %why, "queue file moved to quarantine/ (not delivered, not deleted): look at it, then move it back or remove it");
+            // With its queue id, so that `journalctl RELAY_QUEUE_ID=…` finds where the message went.
+            match id {
+                Some(id) => {
+                    tracing::error!(relay_event = "quarantined", relay_queue_id = %id, path = %to.display(), reason = %why, "queue file moved to quarantine/ (not delivered, not deleted): look at it, then move it back or remove it")
+                }
+                None => {
+                    tracing::error!(relay_event = "quarantined", path = %to.display(), reason = %why, "queue file moved to quarantine/ (not delivered, not deleted): look at it, then move it back or remove it")
+                }
+            }
+            crate::events::emit(crate::events::Event::Quarantined { id, why });
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {

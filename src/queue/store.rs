@@ -29,6 +29,12 @@ pub enum StoreError {
         path.display()
     )]
     NoStateDir { id: String, path: PathBuf },
+    /// Moved to `quarantine/`: relay could not deliver from it, and does not touch it again.
+    #[error(
+        "message {id} is in quarantine/ ({}): relay moved it there because it could not deliver from it (the log's `quarantined` line says why); it is not delivered until a person looks at it and moves it back to queue/",
+        path.display()
+    )]
+    Quarantined { id: String, path: PathBuf },
     /// Only a crash or a hand-made copy puts one id in both places; which copy is right is for a person to say.
     #[error(
         "message {0} is both in queue/ and in dead/: delete or move one of the two by hand, then try again"
@@ -210,7 +216,11 @@ impl QueueStore {
                 let sending = is_locked(&locked_files(), &m.path);
                 return Ok(self.with_state(m, Place::Queued, sending));
             }
-            Err(StoreError::NotFound(_) | StoreError::NoStateDir { .. }) => {}
+            Err(
+                StoreError::NotFound(_)
+                | StoreError::NoStateDir { .. }
+                | StoreError::Quarantined { .. },
+            ) => {}
             Err(e) => return Err(e),
         }
         match read_sealed(&msg_path(&self.paths.dead, id))? {
@@ -249,10 +259,15 @@ impl QueueStore {
 
     /// Not found: in a state dir that exists, or because it does not.
     fn not_found(&self, id: QueueId) -> StoreError {
+        let quarantined = msg_path(&self.paths.quarantine, id);
         match self.missing_state_dir() {
             Some(dir) => StoreError::NoStateDir {
                 id: id.to_string(),
                 path: dir.to_path_buf(),
+            },
+            None if fs::symlink_metadata(&quarantined).is_ok() => StoreError::Quarantined {
+                id: id.to_string(),
+                path: quarantined,
             },
             None => StoreError::NotFound(id.to_string()),
         }
