@@ -1913,3 +1913,31 @@ async fn another_account_of_the_route_asks_the_draft_a_first_one_sent_before_sen
     assert!(api.errors().is_empty(), "{:?}", api.errors());
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// The Gmail API sends to every address the header names. A header section relay cannot edit (a line that is
+/// not a field, as devices that fold without indenting write) naming a recipient the envelope does not: the
+/// message is refused with the reason, not sent to that recipient too. Sent before, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gmail_api_refuses_a_header_it_cannot_narrow_to_the_envelope() {
+    let (_idp, api, mut d, dir) = daemon_through_api("google").await;
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: scan\r\nX-Broken line without colon\r\nBcc: secret@example.test\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test"], msg).await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(
+        line.contains("secret@example.test") && line.contains("cannot take them out"),
+        "{line}"
+    );
+    // Whatever the API got is the bounce to the sender, never the message.
+    let log = api.log();
+    let posts = log.iter().filter(|(m, _, _)| m == "POST").count();
+    if posts > 0 {
+        let sent = api.sent(posts).await;
+        assert!(
+            sent.iter()
+                .all(|s| String::from_utf8_lossy(&s.mime).contains("multipart/report")),
+            "the message itself was sent"
+        );
+    }
+    assert_eq!(files_in(&dir.path().join("state"), "dead").len(), 2);
+    assert_eq!(d.terminate().code(), Some(0));
+}

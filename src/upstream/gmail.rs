@@ -132,8 +132,30 @@ impl GmailUpstream {
         let keep: HashSet<String> = recipients.iter().map(|r| mime::address_key(r)).collect();
         // A message with its own Bcc: that names only some of the hidden recipients gets one merged line.
         let adds_bcc = !hidden_recipients(recipients, message.header_block()).is_empty();
-        let narrowed = super::rewrite::narrow_recipients(message.header_block(), &keep, adds_bcc)
-            .map(|(head, old)| message.with_head(head, old));
+        let narrowed = match super::rewrite::narrow_recipients(
+            message.header_block(),
+            &keep,
+            adds_bcc,
+        ) {
+            Ok(n) => n.map(|(head, old)| message.with_head(head, old)),
+            Err(e) => {
+                // Gmail would send to every address its headers name: refused rather than sent to recipients
+                // the envelope does not name (a Bcc: of the device's, another account's share of the mail).
+                let outside: Vec<String> = mime::header_recipients(message.header_block())
+                    .into_iter()
+                    .map(|(_, a)| a)
+                    .filter(|a| !keep.contains(&mime::address_key(a)))
+                    .take(5)
+                    .collect();
+                if !outside.is_empty() {
+                    return Outcome::Permanent(format!(
+                        "Gmail API: the message's header names recipients its envelope does not ({}), and relay cannot take them out: {e}. The Gmail API sends to every address the header names, so the message is not sent that way (through SMTP or Graph it goes to the envelope's recipients only)",
+                        outside.join(", ")
+                    ));
+                }
+                None
+            }
+        };
         let message = narrowed.as_ref().unwrap_or(message);
         let bcc = hidden_recipients(recipients, message.header_block());
         let total = bcc.len() + message.len() as usize;

@@ -201,15 +201,15 @@ pub fn rewrite_header(mailbox: &str, message: &[u8]) -> Result<HeaderChange, Hea
 /// name (its recipient's mail routed through another account, or already delivered) must not be sent to. To: and
 /// Cc: keep their display names (groups are flattened) and go when nothing is left of them; Bcc: goes (the
 /// transport names what the headers do not in a `Bcc:` line of its own). `None` when every header address is
-/// kept (and `drop_bcc` is false or there is no Bcc:), or the header section cannot be read. Otherwise the new
-/// start of the message, and how many bytes of it that replaces. `drop_bcc`: the transport is about to add a
+/// kept (and `drop_bcc` is false or there is no Bcc:); an error when the header section cannot be read (so
+/// cannot be edited). Otherwise the new start of the message, and how many bytes of it that replaces. `drop_bcc`: the transport is about to add a
 /// `Bcc:` line, and a message may have only one (RFC 5322 3.6), so the message's own goes whatever it holds.
 pub fn narrow_recipients(
     message: &[u8],
     keep: &std::collections::HashSet<String>,
     drop_bcc: bool,
-) -> Option<(Vec<u8>, usize)> {
-    let fields = header_fields(message).ok()?;
+) -> Result<Option<(Vec<u8>, usize)>, HeaderError> {
+    let fields = header_fields(message)?;
     let listed = |f: &Field| {
         [b"to".as_slice(), b"cc", b"bcc"]
             .iter()
@@ -239,9 +239,11 @@ pub fn narrow_recipients(
         .any(|(_, a)| !keep.contains(&super::mime::address_key(&a)));
     let own_bcc = drop_bcc && fields.iter().any(|f| f.is(message, b"bcc"));
     if !outside && !own_bcc {
-        return None;
+        return Ok(None);
     }
-    let end = fields.last()?.end;
+    let Some(end) = fields.last().map(|f| f.end) else {
+        return Ok(None);
+    };
     let mut head = Vec::with_capacity(end);
     let mut at = 0;
     for f in &fields {
@@ -284,7 +286,7 @@ pub fn narrow_recipients(
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(&message[at..end]);
-    Some((head, end))
+    Ok(Some((head, end)))
 }
 
 /// One header field: `message[start..end]`, its line ends included; the name ends before `colon`.
@@ -550,10 +552,12 @@ mod tests {
         let keep = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
         let msg = b"Received: x\r\nTo: A <a@x>, b@x\r\nCC: team: c@x, =?UTF-8?B?w6k=?= <d@x>;\r\nBcc: e@x\r\nSubject: s\r\n\r\nbody\r\n";
         assert_eq!(
-            narrow_recipients(msg, &keep(&["a@x", "b@x", "c@x", "d@x", "e@x"]), false),
+            narrow_recipients(msg, &keep(&["a@x", "b@x", "c@x", "d@x", "e@x"]), false).unwrap(),
             None
         );
-        let (head, old) = narrow_recipients(msg, &keep(&["a@x", "d@x"]), false).unwrap();
+        let (head, old) = narrow_recipients(msg, &keep(&["a@x", "d@x"]), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(&msg[old..], b"\r\nbody\r\n");
         assert_eq!(
             String::from_utf8(head).unwrap(),
@@ -565,10 +569,13 @@ mod tests {
             &keep(&["a@x", "b@x", "c@x", "d@x", "e@x", "f@x"]),
             true,
         )
+        .unwrap()
         .unwrap();
         assert!(!String::from_utf8(head).unwrap().contains("Bcc"));
         // Nothing of To: left: the field goes.
-        let (head, _) = narrow_recipients(msg, &keep(&["c@x"]), false).unwrap();
+        let (head, _) = narrow_recipients(msg, &keep(&["c@x"]), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "Received: x\r\nCC: c@x\r\nSubject: s\r\n"
@@ -576,7 +583,9 @@ mod tests {
         // A Unicode domain in the header is the envelope's ASCII one; a field with no address stays.
         let idn =
             "To: u@b\u{fc}cher.de, v@x\r\nCc: undisclosed-recipients:;\r\n\r\nbody\r\n".as_bytes();
-        let (head, _) = narrow_recipients(idn, &keep(&["u@xn--bcher-kva.de"]), false).unwrap();
+        let (head, _) = narrow_recipients(idn, &keep(&["u@xn--bcher-kva.de"]), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "To: u@b\u{fc}cher.de\r\nCc: undisclosed-recipients:;\r\n"
