@@ -299,6 +299,13 @@ fn a_message_no_account_would_take_is_refused_at_data() {
         if refused {
             let line = relay.wait_log("message refused at DATA");
             assert!(line.contains("relay_event=\"rejected\""), "{line}");
+            // As every refused command's line: the command, its addresses, the reply.
+            assert!(
+                line.contains("command=\"DATA\"")
+                    && line.contains("boss@example.com")
+                    && line.contains("reply=\"451 4.3.5"),
+                "{line}"
+            );
         }
         // `relay check --route` says what the listener does.
         let (code, out, err) = check_route(

@@ -408,12 +408,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     {
                         // Queued, it would wait out the retry schedule and end in dead/: the device is told now,
                         // with a temporary code, so that nothing is lost while the config is fixed.
-                        tracing::warn!(relay_event = "rejected", relay_client = %peer, sender = ?env.sender, user = env.user.as_deref().unwrap_or(""), "message refused at DATA: no route, user account or default_account names an account for it");
                         let reply = Reply::new(
                             451,
                             "4.3.5",
                             "No account is configured for this message; try again later",
                         );
+                        // The fields of every refused command's line (README, Logs), the recipients as `address`.
+                        let text = reply.to_string();
+                        let recipients: String =
+                            env.recipients.join(",").chars().take(256).collect();
+                        tracing::warn!(relay_event = "rejected", relay_client = %peer, command = "DATA", address = ?recipients, sender = ?env.sender, user = env.user.as_deref().unwrap_or(""), reply = %text.trim_end(), "message refused at DATA: no route, user account or default_account names an account for it");
                         out.extend_from_slice(&session.cancel_data(reply).to_wire());
                         continue;
                     }
