@@ -546,14 +546,24 @@ pub async fn serve(
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                let oldest = waiting.lock().ok().and_then(|mut w| w.pop_front());
-                let Some((_, end)) = oldest else {
-                    continue;
-                };
-                end.notify_one();
-                match tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => p,
-                    _ => continue,
+                // The oldest first; one whose request came meanwhile keeps its place, and the next is asked.
+                let mut freed = None;
+                while freed.is_none() {
+                    let oldest = waiting.lock().ok().and_then(|mut w| w.pop_front());
+                    let Some((_, end)) = oldest else {
+                        break;
+                    };
+                    end.notify_one();
+                    tokio::select! {
+                        p = tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned()) => {
+                            freed = p.ok().and_then(Result::ok);
+                        }
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+                match freed {
+                    Some(p) => p,
+                    None => continue,
                 }
             }
         };

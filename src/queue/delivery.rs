@@ -1490,8 +1490,8 @@ impl Delivery {
     ) -> Option<(Arc<Account>, Outcome)> {
         let id = sending.id;
         tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "asking the {what} another account kept for this message whether it sent it, before this account sends it");
-        let outcome;
-        (outcome, *written, _) = self.send_keeping(&holder, sending, state, true).await;
+        let (outcome, wrote, _) = self.send_keeping(&holder, sending, state, true).await;
+        *written |= wrote;
         match outcome {
             Outcome::Transient(_) if !still_kept(state) => {
                 tracing::info!(relay_queue_id = %id, relay_account = %chosen.name, kept_by = %holder.name, "the {what} another account kept for this message did not send it (or cannot be asked): this account sends it");

@@ -588,7 +588,11 @@ async fn delivered(r: reqwest::Response, cut_off_is_sent: bool) -> Outcome {
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|t| t.to_str().ok())
-        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
     let (body, whole) = bounded_body(r, MAX_REPLY_BODY).await;
     // Over the cap is not "cut off": Gmail's answer is a hundred bytes.
     let cut_off = !whole && json && body.len() < MAX_REPLY_BODY;

@@ -107,7 +107,7 @@ impl GraphUpstream {
         {
             // (Read back from a file: checked as Graph's reply was, since it goes into the request's path.)
             if !usable_id(&draft.id) {
-                forget(Some(kept));
+                forget(Some(kept)).await;
             } else if let Err(outcome) = self.earlier_draft(token, &draft, kept).await {
                 return outcome;
             }
@@ -160,7 +160,7 @@ impl GraphUpstream {
         let kept = kept.filter(|_| is_draft);
         // Kept before anything more is done with it: a stop or a crash from here on leaves the next attempt to
         // find it. (Not kept, the attempt goes on: at worst the draft stays in Drafts, as before drafts were kept.)
-        keep(kept, &self.mailbox, &id, None);
+        keep(kept, &self.mailbox, &id, None).await;
         let built = async {
             if let Some(p) = &patch {
                 self.call(token, reqwest::Method::PATCH, &format!("/messages/{id}"), p)
@@ -173,10 +173,18 @@ impl GraphUpstream {
         }
         .await;
         let outcome = match built {
-            Ok(()) => {
-                keep(kept, &self.mailbox, &id, Some(SystemTime::now()));
-                self.send_draft(token, &id).await
+            // Posted only once its time is on disk: a crash after it leaves the next attempt to wait for Graph
+            // to move a sent draft, not to take it for one never sent (removed, and the message sent again).
+            Ok(()) if !keep(kept, &self.mailbox, &id, Some(SystemTime::now())).await => {
+                Err((
+                    Outcome::Transient(
+                        "cannot record in the message's state that its Graph draft is being sent; not sent, tried again"
+                            .into(),
+                    ),
+                    false,
+                ))
             }
+            Ok(()) => self.send_draft(token, &id).await,
             Err(outcome) => Err((outcome, false)),
         };
         let outcome = match outcome {
@@ -202,10 +210,15 @@ impl GraphUpstream {
                     ));
                 }
                 _ => {
-                    return Outcome::Transient(format!(
+                    let why = format!(
                         "{}; Graph does not say yet whether the draft was sent: it is asked again before the message is sent anew",
                         outcome.reply()
-                    ));
+                    );
+                    // A wait Graph asked for stands.
+                    return match outcome {
+                        Outcome::Throttled(_, wait) => Outcome::Throttled(why, wait),
+                        _ => Outcome::Transient(why),
+                    };
                 }
             },
             // Not kept (`relay test`), so never asked: left alone, since it may be the copy in Sent Items.
@@ -215,10 +228,10 @@ impl GraphUpstream {
             Err((outcome, false)) => outcome,
         };
         if self.remove_draft(token, &id).await {
-            forget(kept);
+            forget(kept).await;
         } else {
             // Kept as not sent: the next attempt removes it.
-            keep(kept, &self.mailbox, &id, None);
+            keep(kept, &self.mailbox, &id, None).await;
         }
         outcome
     }
@@ -257,11 +270,13 @@ impl GraphUpstream {
     ) -> Result<(), Outcome> {
         let id = &draft.id;
         // Its `/send` was posted a short while ago: Graph may not have moved it to Sent Items yet.
-        let settling = draft.sent_at.filter(|at| {
-            SystemTime::now()
-                .duration_since(*at)
-                .map_or(true, |age| age < send_settles())
-        });
+        // (Ahead of the clock by more than that, the clock stepped back: not waited for until it catches up.)
+        let settling = draft
+            .sent_at
+            .filter(|at| match SystemTime::now().duration_since(*at) {
+                Ok(age) => age < send_settles(),
+                Err(ahead) => ahead.duration() < send_settles(),
+            });
         let wait = |at: SystemTime, what: &str| {
             Err(Outcome::Transient(format!(
                 "Graph: the draft an earlier attempt sent at {} {what}; Graph may not have moved it to Sent Items yet: it is asked again before the message is sent anew",
@@ -278,14 +293,14 @@ impl GraphUpstream {
                 None => {
                     // Not removed: said by `remove_draft`; a new draft is made all the same (this one was not sent).
                     self.remove_draft(token, id).await;
-                    forget(Some(kept));
+                    forget(Some(kept)).await;
                     Ok(())
                 }
             },
             Asked::Gone => match settling {
                 Some(at) => wait(at, "is not found"),
                 None => {
-                    forget(Some(kept));
+                    forget(Some(kept)).await;
                     Ok(())
                 }
             },
@@ -297,10 +312,15 @@ impl GraphUpstream {
             Asked::Unclear(Outcome::Transient(why)) => Err(Outcome::Transient(format!(
                 "cannot ask Graph whether the draft an earlier attempt made was sent (asked again next time): {why}"
             ))),
+            // Refused for what relay asked while the draft may have gone: asked again.
+            Asked::Unclear(outcome) if settling.is_some() => Err(Outcome::Transient(format!(
+                "cannot ask Graph whether the draft an earlier attempt sent was sent (asked again next time): {}",
+                outcome.reply()
+            ))),
             // Refused for what relay asked (an id Graph does not take): nothing to ask, and the message goes anew.
             Asked::Unclear(outcome) => {
                 tracing::warn!(mailbox = %self.mailbox, reply = %outcome.reply(), "Graph does not answer about the draft an earlier attempt left: it is forgotten, and the message sent anew");
-                forget(Some(kept));
+                forget(Some(kept)).await;
                 Ok(())
             }
         }
@@ -361,7 +381,9 @@ impl GraphUpstream {
             .send()
             .await;
         let why = match deleted {
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => return true,
+            Ok(r) if (r.status().is_success() && !is_page(&r)) || r.status().as_u16() == 404 => {
+                return true;
+            }
             Ok(r) => format!("HTTP {}", r.status().as_u16()),
             Err(e) => e.to_string(),
         };
@@ -572,11 +594,14 @@ impl GraphUpstream {
                 .send()
                 .await
                 .map_err(|e| failed("Graph upload", &e))?;
-            // Graph answers a chunk before the last with 200 and the ranges it expects next, the last with 201
-            // (or 200): another success (a proxy's page) is not its answer, and the draft is built afresh next time.
+            // Graph answers a chunk before the last with 200 (202 for some upload sessions) and the ranges it
+            // expects next, the last with 201 (or 200): another success, or a page (a proxy's), is not its answer,
+            // and the draft is built afresh next time.
             let last = at + len == size;
             let status = resp.status().as_u16();
-            if resp.status().is_success() && (is_page(&resp) || (!last && status != 200)) {
+            if resp.status().is_success()
+                && (is_page(&resp) || (!last && !matches!(status, 200 | 202)))
+            {
                 return Err(Outcome::Transient(format!(
                     "Graph upload {status}: not Graph's answer to an upload chunk (a proxy's page?); tried again"
                 )));
@@ -686,22 +711,43 @@ fn is_page(resp: &reqwest::Response) -> bool {
         .is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("text/html"))
 }
 
-/// Keeps the draft's id (and when its `/send` was posted) in the message's state, where there is one.
-fn keep(kept: Option<&Arc<dyn ResumePoint>>, mailbox: &str, id: &str, sent_at: Option<SystemTime>) {
+/// Keeps the draft's id (and when its `/send` was posted) in the message's state, where there is one: written
+/// and flushed on the blocking pool, off the runtime's threads. Whether it is on disk (or there is nowhere to keep
+/// it).
+async fn keep(
+    kept: Option<&Arc<dyn ResumePoint>>,
+    mailbox: &str,
+    id: &str,
+    sent_at: Option<SystemTime>,
+) -> bool {
     let draft = Draft {
         id: id.to_string(),
         sent_at,
     };
-    if let Some(Err(e)) = kept.map(|k| k.keep_draft(Some(draft))) {
-        tracing::warn!(mailbox = %mailbox, error = %e, "cannot keep the Graph draft's id in the message's state: should relay stop before the message goes, the draft is not asked about (it may stay in the mailbox's Drafts folder, or a message it sent go again)");
+    match store(kept, Some(draft)).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(mailbox = %mailbox, error = %e, "cannot keep the Graph draft's id in the message's state: should relay stop before the message goes, the draft is not asked about (it may stay in the mailbox's Drafts folder)");
+            false
+        }
     }
 }
 
 /// Forgets the account's kept draft: removed, gone, or not one relay can ask about.
-fn forget(kept: Option<&Arc<dyn ResumePoint>>) {
-    if let Some(Err(e)) = kept.map(|k| k.keep_draft(None)) {
+async fn forget(kept: Option<&Arc<dyn ResumePoint>>) {
+    if let Err(e) = store(kept, None).await {
         tracing::warn!(error = %e, "cannot write the message's state after its Graph draft was removed");
     }
+}
+
+async fn store(kept: Option<&Arc<dyn ResumePoint>>, draft: Option<Draft>) -> std::io::Result<()> {
+    let Some(k) = kept.cloned() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || k.keep_draft(draft))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
 }
 
 /// `read` on an attachment of the queue file, on the blocking pool.

@@ -333,19 +333,17 @@ impl Transports {
         };
         // Not down for an account that delivers through Graph meanwhile, nor for one that no longer uses SMTP.
         let outage = self.outage(std::time::Instant::now());
+        // It answered: a later outage is another one than the earlier run's (also when nothing is to be written).
+        if outage.is_none()
+            && let Ok(mut e) = self.earlier_outage.lock()
+        {
+            e.take();
+        }
         if outage.is_some() == *recorded {
             return;
         }
         *recorded = outage.is_some();
-        let earlier = self
-            .earlier_outage
-            .lock()
-            .ok()
-            .and_then(|mut e| match outage {
-                Some(_) => *e,
-                // It answered: a later outage is another one.
-                None => e.take(),
-            });
+        let earlier = self.earlier_outage.lock().ok().and_then(|e| *e);
         // Not fsynced: a report; lost in a crash, the daemon's start would remove it anyway.
         let written = match (outage, &self.primary) {
             (Some((down, reason)), Primary::Smtp(s)) => {
