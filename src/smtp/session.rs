@@ -1132,18 +1132,11 @@ fn unoffered_parameter(from: &smtp_proto::MailFrom<Cow<'_, str>>) -> Option<&'st
 /// part is not a dot-atom, or the address would name other mailboxes on the way out (`a,b@x` is `a` and `b@x` in a
 /// header, and no valid path in RCPT).
 fn requote(request: Request<Cow<'_, str>>) -> Request<Cow<'_, str>> {
-    with_address(request, |address| {
+    let fix = |address: &mut Cow<'_, str>| {
         if let Some(quoted) = quoted_local_part(address) {
             *address = Cow::Owned(quoted);
         }
-    })
-}
-
-/// A MAIL or RCPT request with `fix` applied to its address; any other as it is.
-fn with_address<'a>(
-    request: Request<Cow<'a, str>>,
-    fix: impl Fn(&mut Cow<'a, str>),
-) -> Request<Cow<'a, str>> {
+    };
     match request {
         Request::Mail { mut from } => {
             fix(&mut from.address);
@@ -1186,11 +1179,22 @@ pub(crate) fn quoted_local_part(address: &str) -> Option<String> {
 
 /// Puts the literal that [`stand_in_literal`] took out back into the parsed address.
 fn put_back_literal<'a>(request: Request<Cow<'a, str>>, literal: &str) -> Request<Cow<'a, str>> {
-    with_address(request, |address| {
+    let swap = |address: &mut Cow<'a, str>| {
         if let Some(local) = address.strip_suffix(LITERAL_STAND_IN) {
             *address = Cow::Owned(format!("{local}{literal}"));
         }
-    })
+    };
+    match request {
+        Request::Mail { mut from } => {
+            swap(&mut from.address);
+            Request::Mail { from }
+        }
+        Request::Rcpt { mut to } => {
+            swap(&mut to.address);
+            Request::Rcpt { to }
+        }
+        other => other,
+    }
 }
 
 /// Where the path of a MAIL or RCPT line is: the first word after `MAIL FROM:` or `RCPT TO:`, in any case and
