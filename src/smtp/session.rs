@@ -343,7 +343,6 @@ impl Session {
             Some(literal) => put_back_literal(request, &literal),
             None => request,
         };
-        let request = requote(request);
         self.last = match &request {
             Request::Mail { from } => Some(("MAIL", from.address.to_string())),
             Request::Rcpt { to } => Some(("RCPT", to.address.to_string())),
@@ -1126,55 +1125,6 @@ fn unoffered_parameter(from: &smtp_proto::MailFrom<Cow<'_, str>>) -> Option<&'st
     } else {
         None
     }
-}
-
-/// smtp-proto gives a quoted local part without its quotes (`"a,b"@x` as `a,b@x`): put back where the local
-/// part is not a dot-atom, or the address would name other mailboxes on the way out (`a,b@x` is `a` and `b@x` in a
-/// header, and no valid path in RCPT).
-fn requote(request: Request<Cow<'_, str>>) -> Request<Cow<'_, str>> {
-    let fix = |address: &mut Cow<'_, str>| {
-        if let Some(quoted) = quoted_local_part(address) {
-            *address = Cow::Owned(quoted);
-        }
-    };
-    match request {
-        Request::Mail { mut from } => {
-            fix(&mut from.address);
-            Request::Mail { from }
-        }
-        Request::Rcpt { mut to } => {
-            fix(&mut to.address);
-            Request::Rcpt { to }
-        }
-        other => other,
-    }
-}
-
-/// `address` with its local part quoted (RFC 5321 section 4.1.2), when that part is not a dot-atom; `None` when it
-/// is one (or there is no `@`).
-pub(crate) fn quoted_local_part(address: &str) -> Option<String> {
-    let (local, domain) = address.rsplit_once('@')?;
-    // atext (RFC 5322 section 3.2.3), and any non-ASCII character (RFC 6531's UTF-8 local parts).
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
-    let dot_atom = !local.is_empty()
-        && local
-            .split('.')
-            .all(|w| !w.is_empty() && w.chars().all(atext));
-    if dot_atom {
-        return None;
-    }
-    let mut out = String::with_capacity(address.len() + 4);
-    out.push('"');
-    for c in local.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push_str("\"@");
-    out.push_str(domain);
-    Some(out)
 }
 
 /// Puts the literal that [`stand_in_literal`] took out back into the parsed address.
