@@ -601,3 +601,29 @@ fn a_file_far_larger_than_it_should_be_is_refused_not_read() {
         );
     }
 }
+
+/// `relay status` when the state dir cannot be read (here a file in its place): nothing can be said, which is
+/// exit 3 (a monitoring plugin's UNKNOWN), not 1 ("needs attention"), and `--json` still prints a document.
+#[test]
+fn status_says_unknown_when_the_state_dir_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    std::fs::write(dir.path().join("state"), "not a directory").unwrap();
+    let out = relay(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read the state dir"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = relay(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON document");
+    assert_eq!(doc["ok"], false);
+    assert!(
+        doc["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("state dir")),
+        "{doc}"
+    );
+}

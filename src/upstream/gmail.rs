@@ -674,6 +674,8 @@ fn hidden_recipients(recipients: &[String], message: &[u8]) -> Vec<u8> {
     if hidden.is_empty() {
         return Vec::new();
     }
+    // Quoted where they must be: stored unquoted, `"a,b"@x` would read as two addresses.
+    let hidden: Vec<String> = hidden.iter().map(|a| mime::written_address(a)).collect();
     format!("Bcc: {}\r\n", hidden.join(", ")).into_bytes()
 }
 
@@ -726,6 +728,24 @@ fn diagnose(status: u16, code: &str) -> Option<(&'static str, Fault)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An envelope address stored unquoted (`"a,b"@x` as `a,b@x`) is quoted again in the `Bcc:` line: else it reads
+    /// as two addresses, `a` and `b@x`.
+    #[test]
+    fn the_bcc_line_quotes_local_parts_that_need_it() {
+        let line = hidden_recipients(
+            &[
+                "a,b@example.test".into(),
+                "john smith@example.test".into(),
+                "ok@example.test".into(),
+            ],
+            b"To: x@example.test\r\n\r\nhi\r\n",
+        );
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            "Bcc: \"a,b\"@example.test, \"john smith\"@example.test, ok@example.test\r\n"
+        );
+    }
 
     #[test]
     fn envelope_only_recipients_become_bcc() {

@@ -647,7 +647,7 @@ impl GraphUpstream {
                 recipients
                     .iter()
                     .filter(|r| field(&mime::address_key(r)) == want)
-                    .map(|r| json!({"emailAddress": {"address": r}}))
+                    .map(|r| json!({"emailAddress": {"address": mime::written_address(r)}}))
                     .collect::<Vec<_>>()
             };
             patch.insert("toRecipients".into(), list(Field::To).into());

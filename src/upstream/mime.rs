@@ -78,6 +78,38 @@ pub fn header_recipients(message: &[u8]) -> Vec<(Field, String)> {
     out
 }
 
+/// The local part as it goes on the wire, or into a header or an API's recipient. The inbound parser keeps a quoted local part unquoted (`"john smith"`
+/// is stored as `john smith`, `"a\"b"` as `a"b`), so one that is not a dot-string is quoted again (RFC 5321
+/// section 4.1.2), or the upstream would read a different address, or none.
+pub fn local_part(user: &str) -> std::borrow::Cow<'_, str> {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_string = user
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_string {
+        return user.into();
+    }
+    let mut quoted = String::with_capacity(user.len() + 2);
+    quoted.push('"');
+    for c in user.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted.into()
+}
+
+/// An envelope address as written anywhere it leaves relay: its local part quoted where it must be.
+pub fn written_address(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((user, domain)) => format!("{}@{domain}", local_part(user)),
+        None => address.to_string(),
+    }
+}
+
 /// An address as compared across the envelope and the headers: lowercase, its domain in ASCII (a header's
 /// `user@bücher.de` is the envelope's `user@xn--bcher-kva.de`).
 pub fn address_key(address: &str) -> String {

@@ -55,7 +55,7 @@ enum Command {
         account: String,
     },
     /// Queue counts, account health and what the daemon runs; exit 0 all well, 1 something needs attention, 2 the
-    /// config is invalid
+    /// config is invalid, 3 the state dir cannot be read
     Status {
         /// One JSON document instead of text
         #[arg(long)]

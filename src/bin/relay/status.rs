@@ -14,7 +14,22 @@ use crate::age;
 /// ([`Config::stand_in`]): what the state dir says is still reported (the daemon, which runs the config it
 /// loaded before, the reload it refused, the queue), without accounts; exit 2.
 pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Result<ExitCode> {
-    let mut status = relay::status::status(config)?;
+    let mut status = match relay::status::status(config) {
+        Ok(s) => s,
+        // Nothing can be said, which is not "needs attention" (1): a monitoring plugin's UNKNOWN, and a JSON
+        // document all the same, for what reads stdout.
+        Err(e) => {
+            let why = format!(
+                "cannot read the state dir {}: {e:#}",
+                config.state_dir.display()
+            );
+            if json {
+                println!("{}", serde_json::json!({"error": why, "ok": false}));
+            }
+            eprintln!("relay: {why}");
+            return Ok(ExitCode::from(3));
+        }
+    };
     if invalid.is_some() {
         // The stand-in names no account: every token file would read as stale, and be removed on that advice.
         status.stale_tokens.clear();

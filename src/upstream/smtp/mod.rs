@@ -868,31 +868,7 @@ fn address(a: &str) -> Result<String, &'static str> {
     if user.is_empty() || domain.is_empty() || domain.contains([' ', '<', '>', '"']) {
         return Err("empty local part or bad domain");
     }
-    Ok(format!("{}@{domain}", local_part(user)))
-}
-
-/// The local part as it goes on the wire. The inbound parser keeps a quoted local part unquoted (`"john smith"`
-/// is stored as `john smith`, `"a\"b"` as `a"b`), so one that is not a dot-string is quoted again (RFC 5321
-/// section 4.1.2), or the upstream would read a different address, or none.
-fn local_part(user: &str) -> std::borrow::Cow<'_, str> {
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
-    let dot_string = user
-        .split('.')
-        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
-    if dot_string {
-        return user.into();
-    }
-    let mut quoted = String::with_capacity(user.len() + 2);
-    quoted.push('"');
-    for c in user.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
-        }
-        quoted.push(c);
-    }
-    quoted.push('"');
-    quoted.into()
+    Ok(format!("{}@{domain}", super::mime::local_part(user)))
 }
 
 #[cfg(test)]
@@ -931,12 +907,21 @@ mod tests {
 
     #[test]
     fn local_parts_are_quoted_only_when_they_must_be() {
-        assert_eq!(local_part("scanner.3f+{x}"), "scanner.3f+{x}");
-        assert_eq!(local_part(&"0".repeat(80)), "0".repeat(80));
-        assert_eq!(local_part("john smith"), "\"john smith\"");
-        assert_eq!(local_part("a\"b\\c"), r#""a\"b\\c""#);
-        assert_eq!(local_part("a@b"), "\"a@b\"");
-        assert_eq!(local_part("a..b"), "\"a..b\"");
+        assert_eq!(
+            super::super::mime::local_part("scanner.3f+{x}"),
+            "scanner.3f+{x}"
+        );
+        assert_eq!(
+            super::super::mime::local_part(&"0".repeat(80)),
+            "0".repeat(80)
+        );
+        assert_eq!(
+            super::super::mime::local_part("john smith"),
+            "\"john smith\""
+        );
+        assert_eq!(super::super::mime::local_part("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(super::super::mime::local_part("a@b"), "\"a@b\"");
+        assert_eq!(super::super::mime::local_part("a..b"), "\"a..b\"");
         assert_eq!(address("a@b@example.com").unwrap(), "\"a@b\"@example.com");
         assert!(address("a\r\nRCPT TO:<x>@example.com").is_err());
         assert_eq!(address("a<b>@example.com").unwrap(), "\"a<b>\"@example.com");
