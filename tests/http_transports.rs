@@ -1941,3 +1941,42 @@ async fn gmail_api_refuses_a_header_it_cannot_narrow_to_the_envelope() {
     assert_eq!(files_in(&dir.path().join("state"), "dead").len(), 2);
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A message whose Graph draft was sent without a clear answer, and that reaches `max_age` while Graph still does
+/// not say whether the draft went: moved to dead/ (it is not asked past max_age), but its reason, and so the
+/// bounce, says it may have been delivered, not that it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_expiring_with_a_draft_sent_unclearly_says_it_may_have_gone() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = top(
+        dir.path(),
+        &idp.uri(),
+        "microsoft",
+        &through("microsoft", &api),
+    )
+    .replace("[queue]\n", "[queue]\nmax_age = \"3s\"\n");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n{t}\n{LISTENER}",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(&config);
+    // Not carried out, and the draft stays a draft: within its 15 minutes it is only asked.
+    api.script(vec![graph_error(
+        500,
+        "InternalServerError",
+        "An internal server error occurred.",
+    )]);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
+    let line = d.wait_log("relay_event=\"dead\"");
+    assert!(line.contains("it may have been delivered"), "{line}");
+    assert_eq!(graph_calls(&api, "DELETE", "/messages/AAMkAD1"), 0);
+    assert_eq!(d.terminate().code(), Some(0));
+}

@@ -371,14 +371,15 @@ impl Tracker {
             .map(|i| i.subject.clone())
             .collect();
         for subject in quiet {
-            let via = if subject == QUEUE {
-                String::new()
+            // The queue's incident counts files moved to quarantine/ too.
+            let (via, place) = if subject == QUEUE {
+                (String::new(), "dead/ or quarantine/")
             } else {
-                format!(" through account {subject}")
+                (format!(" through account {subject}"), "dead/")
             };
             self.closing(Kind::Dead, &subject, now, &mut out, |i| {
                 format!(
-                    "no message{via} has been moved to dead/ for {}; {} message(s) went there in this incident, from {} to {}.",
+                    "no message{via} has been moved to {place} for {}; {} message(s) went there in this incident, from {} to {}.",
                     age(window),
                     i.count,
                     humantime::format_rfc3339_seconds(i.opened),

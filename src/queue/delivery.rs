@@ -996,6 +996,14 @@ impl Delivery {
                     None => why,
                 },
             };
+            // Not asked past max_age (as a Gmail session is): the bounce must not say for sure that it failed.
+            let why = match state.drafts.iter().find_map(|d| d.sent_at) {
+                Some(at) => format!(
+                    "{why}; but a Graph draft of it was sent at {} without a clear answer, and Graph never said whether it went: it may have been delivered",
+                    humantime::format_rfc3339_seconds(at)
+                ),
+                None => why,
+            };
             // Said as the account's when its route has one (the log line, the metrics, the `dead` alert): it is
             // that account's trouble that kept it, though no attempt is under way now.
             let account = self

@@ -248,7 +248,8 @@ impl GraphUpstream {
             .timeout(time_for(0))
             .send()
             .await
-            .map_err(|e| (failed_send("Graph", &e), !e.is_connect() && !e.is_builder()))?;
+            // (`failed`, not `failed_send`: whether it may arrive twice is what the draft is asked.)
+            .map_err(|e| (failed("Graph", &e), !e.is_connect() && !e.is_builder()))?;
         let status = resp.status().as_u16();
         if status == 202 && !is_page(&resp) {
             return Ok(());
