@@ -614,11 +614,11 @@ async fn a_message_refused_with_550_comes_back_to_its_sender_as_a_delivery_statu
 }
 
 /// A sysadmin adds an account whose client secret expires in five days and reloads: it is alerted on at once, like
-/// the accounts relay started with. The reload that removes it drops its incident without a notice (nothing about
-/// it can recover any more), and the new `[alerts]` settings (another webhook) take effect for the account that
-/// reload adds.
+/// the accounts relay started with. The reload that removes it closes its incident with a notice saying so (before,
+/// it was dropped silently, and a monitor kept it open for ever), and the new `[alerts]` settings (another
+/// webhook) take effect for that notice and for the account the reload adds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_removed_ones() {
+async fn a_reload_alerts_on_the_added_accounts_credentials_and_closes_the_removed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let idp = idp_issuing("tok").await;
     let upstream = FakeUpstream::start(&["tok"]).await;
@@ -676,23 +676,35 @@ async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_remov
     // Forgotten before the reload is done, and saved so: a restart would not bring it back.
     let open = std::fs::read_to_string(&incidents).unwrap();
     assert!(!open.contains("second"), "{open}");
-    let line = daemon.wait_log("relay_event=\"alert\"");
+    let line = daemon.wait_log("incident=\"credential_expiring:second/client secret\"");
     assert!(
-        line.contains("incident=\"credential_expiring:third/client secret\"")
-            && line.contains("state=\"open\""),
+        line.contains("state=\"recovered\"") && line.contains("no longer configured"),
         "{line}"
     );
+    let line = daemon.wait_log("incident=\"credential_expiring:third/client secret\"");
+    assert!(line.contains("state=\"open\""), "{line}");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
     daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
     let got = notices(&other).await;
-    assert_eq!(got.len(), 1, "{got:#?}");
-    assert_eq!(
-        got[0]["incident"],
-        "credential_expiring:third/client secret"
+    let said: Vec<(&str, &str)> = got
+        .iter()
+        .map(|n| {
+            (
+                n["incident"].as_str().unwrap_or(""),
+                n["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        said.len() == 2
+            && said.contains(&("credential_expiring:second/client secret", "recovered"))
+            && said.contains(&("credential_expiring:third/client secret", "open")),
+        "{got:#?}"
     );
     assert_eq!(
         notices(&hook).await.len(),
         1,
-        "the old webhook heard nothing more, not even a recovery of the removed account"
+        "the old webhook heard nothing more"
     );
     assert!(
         !daemon
@@ -702,6 +714,15 @@ async fn a_reload_alerts_on_the_added_accounts_credentials_and_forgets_the_remov
         "no other alert: {:?}",
         daemon.unmatched()
     );
+    assert!(daemon.terminate().success());
+
+    // A restart with a config that no longer has `third`: its incident, left open in alerts.json, is closed too.
+    rewrite("", &other);
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("incident=\"credential_expiring:third/client secret\"");
+    assert!(line.contains("state=\"recovered\""), "{line}");
+    daemon.wait_log("relay_event=\"alert_sent\" channel=\"webhook\"");
+    assert_eq!(notices(&other).await.len(), 3);
     assert!(daemon.terminate().success());
 }
 

@@ -160,27 +160,48 @@ impl Tracker {
     }
 
     /// Follows the configured accounts and their dated credentials (at start, and at each reload): incidents and
-    /// failure counts of accounts and credentials no longer configured are dropped without a notice (nothing
-    /// about them can recover any more), and their events are ignored from now on. What was left about removed
-    /// accounts is bounded by the accounts configured now, however many reloads come and go.
-    pub fn follow(&mut self, accounts: HashSet<String>, expiries: &[(String, Expiry)]) {
+    /// failure counts of accounts and credentials no longer configured are dropped, and their events are ignored
+    /// from now on. Each dropped incident is announced as recovered, saying why: a monitor that was told it
+    /// opened must not keep it open for ever. What was left about removed accounts is bounded by the accounts
+    /// configured now, however many reloads come and go.
+    pub fn follow(
+        &mut self,
+        accounts: HashSet<String>,
+        expiries: &[(String, Expiry)],
+        now: SystemTime,
+    ) -> Vec<Notice> {
         let credentials: HashSet<String> = expiries
             .iter()
             .map(|(account, e)| format!("{account}/{}", e.what))
             .collect();
-        let before = self.open.len();
-        self.open.retain(|(kind, subject), _| match kind {
-            Kind::AuthorizationNeeded
-            | Kind::TokenRefreshFailed
-            | Kind::UpstreamUnreachable
-            | Kind::LoginRefused => accounts.contains(subject),
-            Kind::CredentialExpiring => credentials.contains(subject),
-            // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
-            Kind::Dead | Kind::QueueAge | Kind::DiskFull => true,
-        });
-        self.changed |= self.open.len() != before;
+        let gone: Vec<(Kind, String)> = self
+            .open
+            .keys()
+            .filter(|(kind, subject)| match kind {
+                Kind::AuthorizationNeeded
+                | Kind::TokenRefreshFailed
+                | Kind::UpstreamUnreachable
+                | Kind::LoginRefused => !accounts.contains(subject),
+                Kind::CredentialExpiring => !credentials.contains(subject),
+                // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
+                Kind::Dead | Kind::QueueAge | Kind::DiskFull => false,
+            })
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for (kind, subject) in gone {
+            self.closing(kind, &subject, now, &mut out, |i| match i.kind {
+                Kind::CredentialExpiring => format!(
+                    "credential {subject} is no longer configured (replaced or its account removed): this alert is closed."
+                ),
+                _ => format!(
+                    "account {subject} is no longer configured: this alert is closed (nothing about the account can recover any more)."
+                ),
+            });
+        }
         self.failures.retain(|a, _| accounts.contains(a));
         self.accounts = Some(accounts);
+        out
     }
 
     fn follows(&self, account: &str) -> bool {
@@ -538,7 +559,7 @@ mod tests {
     fn an_upstream_down_for_five_minutes_is_an_incident_of_its_account() {
         use crate::upstream::transports::Unreachable;
         let mut t = tracker();
-        t.follow(HashSet::from(["office".to_string()]), &[]);
+        t.follow(HashSet::from(["office".to_string()]), &[], at(0));
         let report = |account: &str, since: Option<SystemTime>, answered_at| UpstreamReport {
             account: account.to_string(),
             down: since.map(|since| Unreachable {
@@ -820,7 +841,10 @@ mod tests {
             )
         };
         let both = [expiring("office"), expiring("old")];
-        t.follow(["office", "old"].map(String::from).into(), &both);
+        assert!(
+            t.follow(["office", "old"].map(String::from).into(), &both, at(0))
+                .is_empty()
+        );
         let need = |account| Event::AuthorizationNeeded {
             account,
             why: "invalid_grant",
@@ -835,9 +859,21 @@ mod tests {
         assert_eq!(t.open().len(), 3);
         t.take_changed();
 
-        // `old` is removed: its incidents go without a notice, and are saved so.
+        // `old` is removed: its incidents are closed, each with a notice saying why, and saved so.
         let one = [expiring("office")];
-        t.follow(["office"].map(String::from).into(), &one);
+        let closed = t.follow(["office"].map(String::from).into(), &one, at(2));
+        let mut which: Vec<&str> = closed.iter().map(|n| n.incident.as_str()).collect();
+        which.sort();
+        assert_eq!(
+            which,
+            [
+                "authorization_needed:old",
+                "credential_expiring:old/client secret"
+            ]
+        );
+        assert!(closed.iter().all(|n| n.state == State::Recovered
+            && n.account.as_deref() == Some("old")
+            && n.text.contains("no longer configured")));
         assert!(t.take_changed());
         let open: Vec<String> = t.open().iter().map(|i| i.subject.clone()).collect();
         assert_eq!(open, ["office/client secret"]);
@@ -854,7 +890,7 @@ mod tests {
         assert_eq!(t.event(&fail("office"), at(5)).len(), 1);
 
         // A new account is followed as the others are.
-        t.follow(["office", "new"].map(String::from).into(), &one);
+        t.follow(["office", "new"].map(String::from).into(), &one, at(6));
         assert_eq!(t.event(&need("new"), at(6)).len(), 1);
     }
 

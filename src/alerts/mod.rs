@@ -78,7 +78,8 @@ impl Alerts {
         let file = incidents_path(state_dir);
         let open: Vec<Incident> = crate::small_files::report(&file).unwrap_or_default();
         let mut tracker = Tracker::new((&setup.config).into(), open);
-        tracker.follow(setup.account_names(), &setup.expiries);
+        // A previous run's incidents about accounts this config no longer has are closed with a notice.
+        let closed = tracker.follow(setup.account_names(), &setup.expiries, SystemTime::now());
         let (tx, rx) = mpsc::channel(BACKLOG);
         let alerts = Alerts {
             tracker: Mutex::new(tracker),
@@ -86,21 +87,24 @@ impl Alerts {
             file,
             setup: watch::channel(Arc::new(setup)).0,
         };
+        alerts.announce(closed);
         (Arc::new(alerts), rx)
     }
 
     /// Takes a reloaded config's setup: from now on, the new accounts' events and credentials are watched, the
-    /// removed ones' incidents are dropped (and saved so, before this returns), and notices go out with the new
+    /// removed ones' incidents are closed (with a notice, and saved so before this returns), and notices go out with the new
     /// settings. The sending task looks at the credentials at once.
     pub async fn follow(self: &Arc<Self>, setup: Setup) {
-        {
+        let closed = {
             // Swapped under the tracker's lock, which a look at the credentials holds too: no look can take the
             // old credentials to a tracker that has already forgotten them (and open their incidents again).
             let mut t = self.tracker();
             t.set_limits((&setup.config).into());
-            t.follow(setup.account_names(), &setup.expiries);
+            let closed = t.follow(setup.account_names(), &setup.expiries, SystemTime::now());
             self.setup.send_replace(Arc::new(setup));
-        }
+            closed
+        };
+        self.announce(closed);
         save(self).await;
     }
 

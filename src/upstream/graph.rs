@@ -236,14 +236,25 @@ impl GraphUpstream {
         outcome
     }
 
+    /// A request about a draft: every one names the draft by its immutable id (kept in the message's state), so
+    /// each carries the bearer token and the `Prefer` header that makes Graph use such ids.
+    fn draft_request(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        token: &SecretString,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, url)
+            .bearer_auth(token.expose_secret())
+            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+    }
+
     /// `/send` of a draft: `Err` with whether its answer leaves open that it was sent (no answer, a server error).
     async fn send_draft(&self, token: &SecretString, id: &str) -> Result<(), (Outcome, bool)> {
         let url = format!("{}/messages/{id}/send", self.base);
         let resp = self
-            .http
-            .post(url)
-            .bearer_auth(token.expose_secret())
-            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .draft_request(reqwest::Method::POST, url, token)
             .header(reqwest::header::CONTENT_LENGTH, 0)
             .timeout(time_for(0))
             .send()
@@ -330,10 +341,11 @@ impl GraphUpstream {
     /// Whether a draft relay made was sent.
     async fn ask(&self, token: &SecretString, id: &str) -> Asked {
         let resp = self
-            .http
-            .get(format!("{}/messages/{id}?$select=isDraft", self.base))
-            .bearer_auth(token.expose_secret())
-            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .draft_request(
+                reqwest::Method::GET,
+                format!("{}/messages/{id}?$select=isDraft", self.base),
+                token,
+            )
             .timeout(DRAFT_QUESTION)
             .send()
             .await;
@@ -374,10 +386,11 @@ impl GraphUpstream {
     /// copy in Sent Items); whether it is gone.
     async fn remove_draft(&self, token: &SecretString, id: &str) -> bool {
         let deleted = self
-            .http
-            .delete(format!("{}/messages/{id}", self.base))
-            .bearer_auth(token.expose_secret())
-            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .draft_request(
+                reqwest::Method::DELETE,
+                format!("{}/messages/{id}", self.base),
+                token,
+            )
             .timeout(DRAFT_QUESTION)
             .send()
             .await;
@@ -424,10 +437,11 @@ impl GraphUpstream {
         let body = B64.encode(mime);
         let len = body.len();
         let resp = self
-            .http
-            .post(format!("{}/messages", self.base))
-            .bearer_auth(token.expose_secret())
-            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .draft_request(
+                reqwest::Method::POST,
+                format!("{}/messages", self.base),
+                token,
+            )
             .header(reqwest::header::CONTENT_TYPE, "text/plain")
             .body(body)
             .timeout(time_for(len))
@@ -460,10 +474,7 @@ impl GraphUpstream {
         let body =
             serde_json::to_vec(body).map_err(|e| Outcome::Transient(format!("Graph: {e}")))?;
         let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token.expose_secret())
-            .header(IMMUTABLE_ID.0, IMMUTABLE_ID.1)
+            .draft_request(method, format!("{}{path}", self.base), token)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(time_for(body.len()))
             .body(body)
