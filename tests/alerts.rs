@@ -759,3 +759,24 @@ async fn a_queue_file_moved_to_quarantine_is_alerted_and_found_by_its_id() {
     assert!(said.contains("is in quarantine/"), "{said}");
     assert!(daemon.terminate().success());
 }
+
+/// `alerts.json` damaged (a full disk's half write, an editor): the start says it cannot read it (it is replaced at
+/// the next change), instead of saying nothing; the daemon runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_incidents_file_is_said_not_replaced_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let (config, _hook) =
+        office_with_alerts(dir.path(), &idp, &upstream, "client_credentials", "").await;
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let incidents = state.join("alerts.json");
+    std::fs::write(&incidents, b"[{\"kind\": \"dead\", \"subj").unwrap();
+    let mut daemon = Daemon::spawn(&config);
+    let line = daemon.wait_log("cannot read the incidents the last run left open");
+    assert!(line.contains("alerts.json"), "{line}");
+    send(daemon.addr, "scanner@lan.test", "ops@example.test").await;
+    daemon.wait_log("relay_event=\"delivered\"");
+    assert!(daemon.terminate().success());
+}

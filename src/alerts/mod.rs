@@ -71,12 +71,29 @@ pub fn incidents_path(state_dir: &Path) -> PathBuf {
     state_dir.join("alerts.json")
 }
 
+/// The incidents a previous run left open. A file that cannot be read is said, not silently replaced: what it held
+/// is announced again as it happens (an open incident's recovery would otherwise never come).
+fn earlier_incidents(file: &Path) -> Vec<Incident> {
+    let read = crate::small_files::read_own(file, crate::small_files::SMALL).and_then(|bytes| {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    });
+    match read {
+        Ok(open) => open,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "cannot read the incidents the last run left open: they are forgotten (the file is replaced at the next change), and an incident still going on is announced again");
+            Vec::new()
+        }
+    }
+}
+
 impl Alerts {
     /// The tracker, with the incidents a previous run left open (but none about an account or credential no
     /// longer configured).
     pub fn new(setup: Setup, state_dir: &Path) -> (Arc<Alerts>, mpsc::Receiver<Notice>) {
         let file = incidents_path(state_dir);
-        let open: Vec<Incident> = crate::small_files::report(&file).unwrap_or_default();
+        let open = earlier_incidents(&file);
         let mut tracker = Tracker::new((&setup.config).into(), open);
         // A previous run's incidents about accounts this config no longer has are closed with a notice.
         let closed = tracker.follow(setup.account_names(), &setup.expiries, SystemTime::now());
