@@ -141,6 +141,32 @@ pub struct Leaf {
     pub inline: bool,
 }
 
+/// The name Graph shows for a part that has none: numbered, with the extension of its type, so that a mail
+/// program opens it (a forwarded message as a `.eml`, a scan as a `.pdf`). A short table of what devices send
+/// rather than a crate of every type: anything else keeps no extension, as before.
+fn unnamed(n: usize, ctype: &str, subtype: &str) -> String {
+    let t = format!("{ctype}/{subtype}").to_ascii_lowercase();
+    let ext = match t.as_str() {
+        "message/rfc822" | "message/global" => ".eml",
+        "application/pdf" => ".pdf",
+        "image/jpeg" | "image/jpg" | "image/pjpeg" => ".jpg",
+        "image/png" => ".png",
+        "image/gif" => ".gif",
+        "image/tiff" => ".tif",
+        "text/csv" => ".csv",
+        "text/html" => ".html",
+        "text/plain" => ".txt",
+        "text/calendar" => ".ics",
+        "application/zip" => ".zip",
+        "application/xml" | "text/xml" => ".xml",
+        "application/json" => ".json",
+        "audio/wav" | "audio/x-wav" => ".wav",
+        "audio/mpeg" => ".mp3",
+        _ => "",
+    };
+    format!("attachment-{n}{ext}")
+}
+
 fn is_symbol(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'+' || b == b'/'
 }
@@ -395,7 +421,7 @@ impl<S: Source + ?Sized> Walker<'_, S> {
             out.push(Leaf {
                 cut: open.start..next.start,
                 body: content,
-                name: name.unwrap_or_else(|| format!("attachment-{}", out.len() + 1)),
+                name: name.unwrap_or_else(|| unnamed(out.len() + 1, ctype, subtype)),
                 content_type: format!("{ctype}/{subtype}"),
                 base64,
                 content_id,
@@ -495,6 +521,20 @@ mod tests {
             (false, None)
         );
         assert!(!part("Content-ID: <logo@x>\r\nContent-Disposition: attachment\r\n").0);
+    }
+
+    #[test]
+    fn an_unnamed_part_is_named_with_its_types_extension() {
+        let msg = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: fwd\r\n\r\nold\r\n--b\r\nContent-Type: application/PDF\r\nContent-Transfer-Encoding: base64\r\n\r\naGk=\r\n--b\r\nContent-Type: application/x-vendor\r\n\r\nraw\r\n--b--\r\n";
+        let names: Vec<String> = leaves(&&msg[..])
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["attachment-1.eml", "attachment-2.pdf", "attachment-3"]
+        );
     }
 
     #[test]
