@@ -961,6 +961,62 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
     );
 }
 
+/// An SMTP account switched to Graph sends a message as a Graph draft whose `/send` Graph carries out but answers
+/// with a 500 (the copy slow to show in Sent Items, so the attempt cannot tell). When SMTP's daily try comes (here:
+/// a restart with the switch's last SMTP try two days back) and SMTP takes logins again, the message's kept
+/// draft is asked through Graph first and found sent: the message is not sent again through SMTP. Before, SMTP's
+/// try sent it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_graph_draft_is_asked_before_smtp_is_tried_again() {
+    let idp = idp_issuing("tok").await;
+    let api = FakeApi::start("tok", MAILBOX).await;
+    let mut upstream = FakeUpstream::start(&["REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = smtp_falling_back_to_graph(dir.path(), &idp, upstream.addr.port(), &api);
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n{t}\n{LISTENER}",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(&config);
+    api.script_sent_then(vec![graph_error(
+        500,
+        "InternalServerError",
+        "An internal server error occurred.",
+    )]);
+    api.late_copies(1000);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
+    d.wait_log("transport_switched");
+    deferred_saying(&mut d, &["does not say yet whether the draft was sent"]);
+    assert_eq!(d.terminate().code(), Some(0));
+
+    // SMTP takes logins again, its daily try is due, and the draft's copy is now in Sent Items.
+    *upstream.tokens.lock().unwrap() = vec!["tok".into()];
+    let switch = dir.path().join("state/accounts/office.transport.json");
+    let mut sw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&switch).unwrap()).unwrap();
+    let long_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    sw["smtp_tried"] = humantime::format_rfc3339_seconds(long_ago)
+        .to_string()
+        .into();
+    std::fs::write(&switch, sw.to_string()).unwrap();
+    api.copies_now();
+    let mut d = Daemon::spawn(&config);
+    let line = d.wait_log("relay_event=\"delivered\"");
+    assert!(line.contains("earlier attempt made was sent"), "{line}");
+    assert_eq!(api.sent(1).await.len(), 1);
+    assert!(
+        upstream.received.try_recv().is_err(),
+        "sent again through SMTP"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// Below their single-request limits, Graph's `sendMail` (base64 MIME) and the Gmail API's media upload are read
 /// from the queue file while they are sent, as SMTP's are: the daemon's peak memory grows by less than the
 /// message (measured: 1.2 MiB for 2.7 MiB through Graph, 0.6 MiB for 4.8 MiB through Gmail; holding it whole,

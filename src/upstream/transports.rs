@@ -384,8 +384,13 @@ impl Transports {
                 .await;
         };
         let switched = self.switched.lock().ok().and_then(|s| s.clone());
-        if let Some(sw) = &switched
-            && SystemTime::now() < sw.smtp_tried + SMTP_RETRY
+        // A Graph draft an earlier attempt kept may have been sent: only Graph can ask it, and SMTP's daily try
+        // (or SMTP back in use) must not send the message anew meanwhile.
+        let draft_kept = resume.is_some_and(|r| r.draft().is_some());
+        if draft_kept
+            || switched
+                .as_ref()
+                .is_some_and(|sw| SystemTime::now() < sw.smtp_tried + SMTP_RETRY)
         {
             return via_graph(graph, tokens, scope, recipients, message, resume, offered).await;
         }

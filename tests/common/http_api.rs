@@ -199,6 +199,11 @@ impl FakeApi {
         self.state.lock().unwrap().late_copies += n;
     }
 
+    /// Sent drafts' copies are found in Sent Items from now on (the `late_copies` left are dropped).
+    pub fn copies_now(&self) {
+        self.state.lock().unwrap().late_copies = 0;
+    }
+
     /// The next Graph upload chunks get these replies instead, and are not kept.
     pub fn script_graph_chunks(&self, replies: Vec<ResponseTemplate>) {
         self.state
