@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::idp::{
-    account_config, account_top, answer_token_requests, generic_account_at, idp_issuing,
-    relay_with_account_and, relay_with_account_at, token, token_request, write_secret,
+    account_config, account_top, answer_token_requests, generic_account_at, idp_answering,
+    idp_issuing, relay_with_account_and, relay_with_account_at, token, token_request, write_secret,
 };
 use common::upstream::FakeUpstream;
 use common::*;
@@ -1204,12 +1204,8 @@ async fn another_account_of_the_route_takes_the_mail_of_one_that_cannot_be_reach
 async fn another_account_of_the_route_takes_the_mail_of_one_without_a_token() {
     const MESSAGES: usize = 6;
     let idp = idp_issuing("tok").await;
-    let broken_idp = MockServer::start().await;
-    answer_token_requests(
-        &broken_idp,
-        ResponseTemplate::new(500).set_body_string("identity provider down"),
-    )
-    .await;
+    let broken_idp =
+        idp_answering(ResponseTemplate::new(500).set_body_string("identity provider down")).await;
     let broken = FakeUpstream::start(&["tok"]).await;
     let mut healthy = FakeUpstream::start(&["tok"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1275,12 +1271,8 @@ async fn a_deferral_after_the_data_does_not_pass_the_account_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_another_account_of_the_route_deferred_goes_when_one_recovers() {
     let idp = idp_issuing("tok").await;
-    let broken_idp = MockServer::start().await;
-    answer_token_requests(
-        &broken_idp,
-        ResponseTemplate::new(500).set_body_string("identity provider down"),
-    )
-    .await;
+    let broken_idp =
+        idp_answering(ResponseTemplate::new(500).set_body_string("identity provider down")).await;
     // Refused connections until the fake starts on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
