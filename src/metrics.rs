@@ -729,6 +729,7 @@ mod tests {
             free: Some(crate::queue::room::Free {
                 bytes: 5 << 30,
                 files: None,
+                read_only: false,
             }),
         });
         assert!(

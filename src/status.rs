@@ -81,6 +81,9 @@ pub struct Status {
     /// Token files of accounts the config no longer names (a few of them): each still holds that account's grant,
     /// which nothing uses or renews any more. Said, not removed: the account may come back.
     pub stale_tokens: Vec<String>,
+    /// The state dir is there but its `queue/` is not (removed while the daemon ran): no new mail can be stored
+    /// until the daemon's next start makes it again.
+    pub queue_dir_missing: bool,
     pub ok: bool,
 }
 
@@ -150,9 +153,11 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     let daemon = running.then(|| crate::running::read(config)).flatten();
     let stale_tokens = stale_tokens(config);
     let disk = crate::queue::room::DiskReport::of(&config.state_dir, config.queue.min_free_space.0);
+    let queue_dir_missing = config.state_dir.is_dir() && !config.state_dir.join("queue").is_dir();
     let ok = !(!running
         || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
-        || disk.as_ref().is_some_and(|d| d.short)
+        || disk.as_ref().is_some_and(|d| d.short || d.read_only)
+        || queue_dir_missing
         || accounts.is_empty()
         || queue.dead > 0
         || queue.quarantined > 0
@@ -169,6 +174,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         daemon,
         disk,
         stale_tokens,
+        queue_dir_missing,
         ok,
     })
 }

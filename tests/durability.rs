@@ -185,7 +185,7 @@ fn sealed_of(file: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn unwritable_spool_answers_452_and_keeps_nothing() {
+async fn unwritable_spool_answers_451_local_error_and_keeps_nothing() {
     let mut relay = TestRelay::start(LISTENER).await;
     // Root ignores file modes; a regular file where the queue directory should be fails for anyone.
     let queue = relay.state().join("queue");
@@ -197,8 +197,9 @@ async fn unwritable_spool_answers_452_and_keeps_nothing() {
         body.extend(std::iter::repeat_n(b'z', size));
         body.extend_from_slice(b"\r\n.\r\n");
         c.send(&body).await;
-        let reply = c.expect(452).await;
-        assert!(reply.starts_with("452 4.3.1 "), "{reply}");
+        // Not "storage" (ENOTDIR, not ENOSPC): a local error, so that nobody looks at `df` for it.
+        let reply = c.expect(451).await;
+        assert!(reply.starts_with("451 4.3.0 "), "{reply}");
         c.cmd("NOOP", 250).await;
     }
     relay.idle().await;
@@ -206,7 +207,7 @@ async fn unwritable_spool_answers_452_and_keeps_nothing() {
 }
 
 /// A real ENOSPC from a 256 KiB tmpfs. Needs root and mount(2); where the sandbox forbids it, the test says so
-/// and checks nothing (the unwritable-spool test above covers the same reply).
+/// and checks nothing (the unwritable-spool test above covers a failed write, with its own reply).
 #[tokio::test]
 async fn full_disk_answers_452_and_leaves_no_partial_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +395,80 @@ async fn a_nearly_full_disk_refuses_mail_at_mail_and_takes_it_again_once_freed()
         .collect();
     assert_eq!(subjects.len(), 2, "{subjects:?}");
     assert!(subjects.iter().any(|m| m.contains("Subject: kept")));
+}
+
+/// The state dir's filesystem goes read-only under the daemon (ext4's `errors=remount-ro` after disk errors): MAIL
+/// is refused with 451 4.3.0 (not 452 4.3.1 "storage": nobody should look at `df`), said once in the log,
+/// by `relay status` and by an alert; once it is writable again, mail is taken and the alert recovers. A start on a
+/// read-only state dir fails, naming the path and the reason (it started and took no mail, looking healthy).
+/// Through the binary, on a tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_state_dir_refuses_mail_with_a_local_error_and_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_guard) = tmpfs_state(dir.path(), "4m") else {
+        return;
+    };
+    let state = dir.path().join("state");
+    // Opened read-only by the daemon when it exists: a file open for writing would keep the remount from happening.
+    std::fs::write(state.join(".lock"), b"").unwrap();
+    let remount = |how: &str| {
+        let out = run_bounded(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{how}")])
+                .arg(&state),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    let hook = fake_webhook().await;
+    let config = write_config_with(
+        dir.path(),
+        &format!(
+            "[alerts]\nwebhook_url = \"{}/hook\"\nqueue_age = \"4s\"\n",
+            hook.uri()
+        ),
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut relay = Daemon::spawn(&config);
+    let mut c = RawClient::ready(relay.addr).await;
+    remount("ro");
+    let reply = c.cmd("MAIL FROM:<a@example.com>", 451).await;
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    let line = relay.wait_log("relay_event=\"disk_read_only\"");
+    assert!(
+        line.contains("read-only") && line.contains("ERROR"),
+        "{line}"
+    );
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "{doc}");
+    assert_eq!(doc["disk"]["read_only"], true, "{doc}");
+    relay.wait_log("alert open: disk_read_only");
+
+    remount("rw");
+    c.cmd("MAIL FROM:<a@example.com>", 250).await;
+    c.cmd("RCPT TO:<b@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: after\r\n\r\nsmall\r\n.\r\n").await;
+    c.expect(250).await;
+    c.cmd("QUIT", 221).await;
+    let back = relay.wait_log("relay_event=\"disk_read_only\"");
+    assert!(back.contains("writable again"), "{back}");
+    relay.wait_log("alert recovered: disk_read_only");
+    assert_eq!(status_json(&config).1["disk"]["read_only"], false);
+    assert!(relay.terminate().success());
+
+    remount("ro");
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["serve", "--config"])
+            .arg(&config),
+    );
+    remount("rw");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("queue/.write-check") && err.contains("Read-only file system"),
+        "{err}"
+    );
 }
 
 /// The disk fills after a message was queued, so its deferrals cannot be written: its retries still back off

@@ -13,6 +13,7 @@
 //! | `dead` | a message moved to `dead/` (per account; `queue` when none was tried), or a file to `quarantine/` (`queue`) | `dead_window` without another |
 //! | `queue_age` | the oldest queued message is older than `queue_age` | it no longer is (or the queue is empty) |
 //! | `disk_full` | the state dir's filesystem has less than `[queue] min_free_space` left: new mail is refused | it has room again |
+//! | `disk_read_only` | the state dir's filesystem is mounted read-only: new mail is refused | it is writable again |
 //! | `upstream_unreachable` | an account's SMTP upstream has not answered a connection for [`UNREACHABLE_ALERT`] | it answers again |
 //! | `login_refused` | the upstream refused the account's freshly fetched token (SMTP AUTH off, a missing permission): its mail waits | a delivery through the account |
 
@@ -35,6 +36,7 @@ pub enum Kind {
     DiskFull,
     UpstreamUnreachable,
     LoginRefused,
+    DiskReadOnly,
 }
 
 impl Kind {
@@ -48,6 +50,7 @@ impl Kind {
             Kind::DiskFull => "disk_full",
             Kind::UpstreamUnreachable => "upstream_unreachable",
             Kind::LoginRefused => "login_refused",
+            Kind::DiskReadOnly => "disk_read_only",
         }
     }
 }
@@ -184,7 +187,7 @@ impl Tracker {
                 | Kind::LoginRefused => !accounts.contains(subject),
                 Kind::CredentialExpiring => !credentials.contains(subject),
                 // Mail moved to dead/ is the messages' story, not the account's: it closes after its window.
-                Kind::Dead | Kind::QueueAge | Kind::DiskFull => false,
+                Kind::Dead | Kind::QueueAge | Kind::DiskFull | Kind::DiskReadOnly => false,
             })
             .cloned()
             .collect();
@@ -360,6 +363,15 @@ impl Tracker {
         let Some(d) = report else {
             return out;
         };
+        if d.read_only {
+            self.opening(Kind::DiskReadOnly, QUEUE, now, None, &mut out, || {
+                "the state dir's filesystem is read-only (remounted after disk errors?): new mail is refused with 451 4.3.0 (devices keep it and try again). Check the kernel log (`journalctl -k`), repair the filesystem, and remount it read-write.".to_string()
+            });
+        } else {
+            self.closing(Kind::DiskReadOnly, QUEUE, now, &mut out, |_| {
+                "the state dir's filesystem is writable again: new mail is taken.".to_string()
+            });
+        }
         let free = d.described();
         if d.short {
             let margin = crate::queue::room::rounded(d.min_free_space);
@@ -515,7 +527,7 @@ impl Tracker {
 
 fn notice(i: &Incident, state: State, text: String, at: SystemTime) -> Notice {
     let account = match i.kind {
-        Kind::QueueAge | Kind::DiskFull => None,
+        Kind::QueueAge | Kind::DiskFull | Kind::DiskReadOnly => None,
         Kind::Dead if i.subject == QUEUE => None,
         Kind::CredentialExpiring => i.subject.split('/').next().map(str::to_string),
         _ => Some(i.subject.clone()),
@@ -604,6 +616,7 @@ mod tests {
                 Free {
                     bytes,
                     files: Some(1000),
+                    read_only: false,
                 },
                 1 << 20,
             )

@@ -19,6 +19,8 @@ pub struct Free {
     pub bytes: u64,
     /// `None` where the filesystem has no fixed number of inodes (btrfs, some network filesystems say 0).
     pub files: Option<u64>,
+    /// Mounted read-only (ext4 remounts so after disk errors with `errors=remount-ro`): nothing can be stored.
+    pub read_only: bool,
 }
 
 impl Free {
@@ -34,15 +36,19 @@ impl Free {
         // SAFETY: initialised by the successful call above.
         let st = unsafe { st.assume_init() };
         #[allow(clippy::unnecessary_cast)] // the field types differ between libc targets
-        let (avail, frsize, files, favail) = (
+        let (avail, frsize, files, favail, flags) = (
             st.f_bavail as u64,
             st.f_frsize as u64,
             st.f_files as u64,
             st.f_favail as u64,
+            st.f_flag as u64,
         );
+        #[allow(clippy::unnecessary_cast)]
+        let rdonly = libc::ST_RDONLY as u64;
         Ok(Free {
             bytes: avail.saturating_mul(frsize),
             files: (files > 0).then_some(favail),
+            read_only: flags & rdonly != 0,
         })
     }
 
@@ -71,6 +77,8 @@ pub struct DiskReport {
     pub min_free_space: u64,
     /// Less than `min_free_space` (or almost no inodes) is left: the daemon refuses new mail with 452.
     pub short: bool,
+    /// The filesystem is mounted read-only: the daemon refuses new mail with 451.
+    pub read_only: bool,
 }
 
 impl DiskReport {
@@ -86,6 +94,7 @@ impl DiskReport {
             free_files: free.files,
             min_free_space,
             short: free.is_short(min_free_space),
+            read_only: free.read_only,
         }
     }
 
@@ -121,6 +130,17 @@ pub fn rounded(bytes: u64) -> String {
 pub struct Room {
     dir: File,
     short: AtomicBool,
+    read_only: AtomicBool,
+}
+
+/// What [`Room::admits`] says of a message about to begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Too little space (or too few inodes): RFC 3463's 4.3.1, "mail system full".
+    Full,
+    /// The filesystem is read-only: nothing can be stored until it is writable again.
+    ReadOnly,
 }
 
 impl Room {
@@ -128,22 +148,37 @@ impl Room {
         Room {
             dir,
             short: AtomicBool::new(false),
+            read_only: AtomicBool::new(false),
         }
     }
 
     /// Whether a message of `size` bytes (0: not declared) may begin with `reserve` bytes to spare. When the
     /// figures cannot be read, it may: the write itself still fails safely on a full disk.
-    pub fn admits(&self, size: u64, reserve: u64) -> bool {
-        if reserve == 0 && size == 0 {
-            return true;
-        }
+    pub fn admits(&self, size: u64, reserve: u64) -> Admission {
         let free = match Free::of(&self.dir) {
             Ok(free) => free,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the queue filesystem's free space");
-                return true;
+                return Admission::Admitted;
             }
         };
+        let read_only = free.read_only;
+        if read_only != self.read_only.swap(read_only, Ordering::Relaxed) {
+            if read_only {
+                tracing::error!(
+                    relay_event = "disk_read_only",
+                    "the state dir's filesystem is read-only (remounted after disk errors?): new mail is refused with 451 4.3.0 until it is writable again"
+                );
+            } else {
+                tracing::info!(
+                    relay_event = "disk_read_only",
+                    "the state dir's filesystem is writable again: new mail is taken"
+                );
+            }
+        }
+        if read_only {
+            return Admission::ReadOnly;
+        }
         let short = free.is_short(reserve);
         if short != self.short.swap(short, Ordering::Relaxed) {
             let bytes = rounded(free.bytes);
@@ -155,7 +190,11 @@ impl Room {
                 tracing::info!(relay_event = "disk_full", free = %bytes, free_files = %files, "the state dir's filesystem has room again: new mail is taken");
             }
         }
-        free.admits(size, reserve)
+        if free.admits(size, reserve) {
+            Admission::Admitted
+        } else {
+            Admission::Full
+        }
     }
 }
 
@@ -168,6 +207,7 @@ mod tests {
         let free = Free {
             bytes: 10 << 20,
             files: Some(1000),
+            read_only: false,
         };
         assert!(free.admits(0, 1 << 20));
         assert!(free.admits(9 << 20, 1 << 20));
@@ -179,6 +219,7 @@ mod tests {
         let no_inodes = Free {
             bytes: 10 << 30,
             files: Some(3),
+            read_only: false,
         };
         assert!(!no_inodes.admits(0, 1 << 20));
         assert!(no_inodes.is_short(1 << 20));
@@ -186,6 +227,7 @@ mod tests {
         let btrfs = Free {
             bytes: 10 << 30,
             files: None,
+            read_only: false,
         };
         assert!(btrfs.admits(0, 1 << 20));
         assert!(no_inodes.admits(0, 0));

@@ -49,6 +49,12 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// The filesystem is out of space or inodes (or the user's quota): the reply says storage, not an error.
+    pub fn is_full(&self) -> bool {
+        matches!(self, SpoolError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+
     fn io(path: &Path, source: io::Error) -> SpoolError {
         SpoolError::Io {
             path: path.to_path_buf(),
@@ -110,6 +116,7 @@ impl Spool {
             }
         }
         let lock = lock_state_dir(state_dir)?;
+        can_write(&paths.queue)?;
         let owner = owner_for_root(&paths.queue);
         recover(&paths, progress)?;
         let (tx, rx) = mpsc::channel();
@@ -151,7 +158,7 @@ impl Spool {
     }
 
     /// Whether a message of `size` bytes (0: not declared) may begin, leaving `reserve` bytes free.
-    pub fn has_room(&self, size: u64, reserve: u64) -> bool {
+    pub fn has_room(&self, size: u64, reserve: u64) -> super::room::Admission {
         self.inner.room.admits(size, reserve)
     }
 
@@ -350,6 +357,22 @@ pub fn while_no_relay_runs<T>(state_dir: &Path, f: impl FnOnce() -> T) -> Option
 
 /// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by
 /// another command (`relay status`, `relay check` looking whether a relay runs), it is tried again for a while.
+/// A queue relay cannot write to (a read-only filesystem, a directory the service's user may not write) would
+/// take no mail while the daemon looked healthy: refused at start instead, with the path and the reason.
+fn can_write(queue: &Path) -> Result<(), SpoolError> {
+    // Not a queue file's name (no `.msg`/`.state`): nothing that reads the queue takes it for mail.
+    let probe = queue.join(".write-check");
+    let made = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&probe)
+        .and_then(|mut f| f.write_all(b"relay"));
+    let removed = fs::remove_file(&probe);
+    made.and(removed).map_err(|e| SpoolError::io(&probe, e))
+}
+
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");

@@ -14,7 +14,7 @@ use super::data::Progress;
 use super::log_budget::{SessionBudgets, may_log};
 use super::occupancy::{STRESS_TIMEOUT, Seat};
 use super::reply::Reply;
-use super::session::{Policy, Session, Step};
+use super::session::{Policy, Session, Step, StoreFailed};
 use super::tls::{ServerTls, TlsConn};
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::queue::route::{Addressing, Routing};
@@ -248,6 +248,16 @@ fn log_refusal(session: &Session, reply: &Reply, logged: &mut Refusals<'_>) {
 struct Receiving {
     id: QueueId,
     incoming: Option<Incoming>,
+    /// Why `incoming` is gone, when a write failed.
+    failed: StoreFailed,
+}
+
+fn store_failed(e: &crate::queue::SpoolError) -> StoreFailed {
+    if e.is_full() {
+        StoreFailed::Full
+    } else {
+        StoreFailed::Other
+    }
 }
 
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
@@ -305,6 +315,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     && let Err(e) = incoming.write(&body).await
                 {
                     tracing::error!(relay_event = "rejected", relay_queue_id = %r.id, relay_client = %peer, error = %e, "cannot spool message");
+                    r.failed = store_failed(&e);
                     if let Some(incoming) = r.incoming.take() {
                         incoming.discard().await;
                     }
@@ -422,6 +433,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         continue;
                     }
                     out.extend_from_slice(&reply.to_wire());
+                    let mut failed = StoreFailed::Other;
                     let incoming = match envelope {
                         Some(envelope) => {
                             let mut incoming = ctx.spool.begin(&envelope);
@@ -430,13 +442,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                                 Ok(()) => Some(incoming),
                                 Err(e) => {
                                     tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot spool message");
+                                    failed = store_failed(&e);
                                     None
                                 }
                             }
                         }
                         None => None,
                     };
-                    receiving_msg = Some(Receiving { id, incoming });
+                    receiving_msg = Some(Receiving {
+                        id,
+                        incoming,
+                        failed,
+                    });
                     data_progress = Some((std::time::Instant::now(), 0));
                     continue;
                 }
@@ -605,8 +622,13 @@ async fn finish_message(
     logged: &mut Refusals<'_>,
 ) -> Reply {
     let peer = session.peer();
-    let Some(Receiving { id, incoming }) = receiving else {
-        return session.data_stored(Err(()));
+    let Some(Receiving {
+        id,
+        incoming,
+        failed,
+    }) = receiving
+    else {
+        return session.data_stored(Err(StoreFailed::Other));
     };
     if let Some(refusal) = session.refusal() {
         if logged.may_log(peer) {
@@ -619,7 +641,7 @@ async fn finish_message(
     }
     let Some(incoming) = incoming else {
         // Already logged where the write failed.
-        return session.data_stored(Err(()));
+        return session.data_stored(Err(failed));
     };
     let (size, user) = (incoming.len(), session.user().unwrap_or("").to_string());
     let committing = std::time::Instant::now();
@@ -639,7 +661,7 @@ async fn finish_message(
         }
         Err(e) => {
             tracing::error!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, error = %e, "cannot queue message");
-            session.data_stored(Err(()))
+            session.data_stored(Err(store_failed(&e)))
         }
     }
 }

@@ -20,6 +20,7 @@ use smtp_proto::{
 use super::data::{DataReceiver, Progress};
 use super::reply::Reply;
 use crate::config::{AuthPolicy, BareLineEndings};
+use crate::queue::room::Admission;
 use crate::queue::{Envelope, QueueId};
 
 /// MAIL, RCPT or DATA at the start of a command line that did not parse, for the refusal's log line.
@@ -122,6 +123,29 @@ enum Mode {
     AuthLoginUser,
     AuthLoginPassword { username: String },
     Data,
+}
+
+/// Why a message could not be stored: the client hears a temporary reply either way, and keeps the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailed {
+    /// No space or inodes left (ENOSPC, EDQUOT).
+    Full,
+    /// Anything else: a read-only filesystem, a queue directory removed or not writable, an I/O error.
+    Other,
+}
+
+/// RFC 3463: 4.3.1 "mail system full"; the client keeps the message and tries again.
+fn full() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
+}
+
+/// RFC 3463: 4.3.0, a mail system trouble other than space; saying "storage" would send the sysadmin to `df`.
+fn local_error() -> Reply {
+    Reply::new(
+        451,
+        "4.3.0",
+        "Local error: the message cannot be stored, try again later",
+    )
 }
 
 pub struct Session {
@@ -574,12 +598,18 @@ impl Session {
     /// The answer to [`Step::Room`]: without room, the transaction does not begin. RFC 1870 section 6.1: 452
     /// at MAIL, so the client keeps the message and tries later, before it sends a byte of it. Not counted as
     /// the client's error: the disk is relay's problem.
-    pub fn room_checked(&mut self, room: bool) -> Reply {
-        if room {
-            return Reply::new(250, "2.1.0", "Ok");
+    pub fn room_checked(&mut self, room: Admission) -> Reply {
+        match room {
+            Admission::Admitted => Reply::new(250, "2.1.0", "Ok"),
+            Admission::Full => {
+                self.txn = None;
+                full()
+            }
+            Admission::ReadOnly => {
+                self.txn = None;
+                local_error()
+            }
         }
-        self.txn = None;
-        Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
     }
 
     fn rcpt(&mut self, recipient: &str) -> Step {
@@ -732,7 +762,7 @@ impl Session {
     }
 
     /// The final dot was seen and the connection code stored the message (or failed to).
-    pub fn data_stored(&mut self, result: Result<QueueId, ()>) -> Reply {
+    pub fn data_stored(&mut self, result: Result<QueueId, StoreFailed>) -> Reply {
         self.end_data();
         match result {
             Ok(id) => {
@@ -742,8 +772,8 @@ impl Session {
                 self.errors = 0;
                 Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
             }
-            // RFC 3463: 4.3.1 "mail system full"; the client keeps the message and tries again.
-            Err(()) => Reply::new(452, "4.3.1", "Insufficient system storage, try again later"),
+            Err(StoreFailed::Full) => full(),
+            Err(StoreFailed::Other) => local_error(),
         }
     }
 

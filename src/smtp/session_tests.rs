@@ -58,7 +58,7 @@ fn steps(s: &mut Session, input: &[u8]) -> Vec<Step> {
         match s.next(&mut input) {
             Step::NeedInput => return out,
             // The queue has room (the connection code asks the spool).
-            Step::Room(_) => out.push(Step::Reply(s.room_checked(true))),
+            Step::Room(_) => out.push(Step::Reply(s.room_checked(Admission::Admitted))),
             step => {
                 let stop = matches!(step, Step::Data(_) | Step::StartTls(_) | Step::Close(_));
                 out.push(step);
@@ -1076,7 +1076,10 @@ fn mail_without_room_in_the_queue_is_refused_for_now() {
     let mut s = greeted(AuthPolicy::None);
     let mut input: &[u8] = b"MAIL FROM:<a@example.com> SIZE=800\r\n";
     assert!(matches!(s.next(&mut input), Step::Room(800)));
-    assert_eq!(codes(&[Step::Reply(s.room_checked(false))]), ["452 4.3.1"]);
+    assert_eq!(
+        codes(&[Step::Reply(s.room_checked(Admission::Full))]),
+        ["452 4.3.1"]
+    );
     assert_eq!(
         codes(&steps(&mut s, b"RCPT TO:<b@example.com>\r\n")),
         ["503 5.5.1"]
@@ -1084,8 +1087,18 @@ fn mail_without_room_in_the_queue_is_refused_for_now() {
     for _ in 0..20 {
         let mut input: &[u8] = b"MAIL FROM:<a@example.com>\r\n";
         assert!(matches!(s.next(&mut input), Step::Room(0)));
-        assert_eq!(codes(&[Step::Reply(s.room_checked(false))]), ["452 4.3.1"]);
+        assert_eq!(
+            codes(&[Step::Reply(s.room_checked(Admission::Full))]),
+            ["452 4.3.1"]
+        );
     }
+    // A read-only filesystem is not "storage" (the sysadmin would look at `df`): a local error, for now too.
+    let mut input: &[u8] = b"MAIL FROM:<a@example.com>\r\n";
+    assert!(matches!(s.next(&mut input), Step::Room(0)));
+    assert_eq!(
+        codes(&[Step::Reply(s.room_checked(Admission::ReadOnly))]),
+        ["451 4.3.0"]
+    );
     assert_eq!(
         codes(&steps(
             &mut s,

@@ -82,6 +82,9 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             );
         }
         match &status.disk {
+            Some(d) if d.read_only => println!(
+                "disk: the state dir's filesystem is read-only (remounted after disk errors? see `journalctl -k`): new mail is refused with 451 4.3.0 until it is writable again"
+            ),
             Some(d) if d.short => println!(
                 "disk: {} free on the state dir's filesystem{}, under [queue] min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed; queued mail is still delivered",
                 rounded(d.free_bytes),
@@ -91,6 +94,12 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             ),
             Some(d) => println!("disk: {} free", rounded(d.free_bytes)),
             None => {}
+        }
+        if status.queue_dir_missing {
+            println!(
+                "queue: {} is missing (removed while relay ran?): new mail is refused with 451 4.3.0; `systemctl restart relay` makes it again (what was in it is gone)",
+                config.state_dir.join("queue").display()
+            );
         }
         print!(
             "queue: {} queued ({} deferred), {} dead",
