@@ -65,6 +65,7 @@ where
         background.spawn(ping_watchdog(health, interval));
     }
     background.spawn(report_status(status.clone()));
+    background.spawn(crate::memory::trim_now_and_then());
     let loads = Loads {
         load: Arc::new(load),
         report,
