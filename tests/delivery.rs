@@ -294,6 +294,28 @@ async fn a_failed_renewal_is_not_asked_again_for_every_message() {
     );
 }
 
+/// Messages that come while the refresher's first token request hangs wait for it, then take its failure: they
+/// do not ask again, each after the other (before, the next request went out as the first timed out, and held
+/// every delivery for a second timeout).
+#[tokio::test]
+async fn deliveries_waiting_on_the_refreshers_request_take_its_failure() {
+    let idp = idp_answering(
+        ResponseTemplate::new(503)
+            .set_body_string("down for maintenance")
+            .set_delay(std::time::Duration::from_secs(2)),
+    )
+    .await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let mut relay = relay_with_account(&idp, &upstream).await;
+    for _ in 0..3 {
+        send_message(relay.addr(), WIRE).await;
+    }
+    relay.attempts_done(3).await;
+    let asked = idp.received_requests().await.unwrap().len();
+    assert_eq!(asked, 1, "{asked} token requests");
+    assert_eq!(relay.queued().len(), 3, "all of it waits");
+}
+
 #[tokio::test]
 async fn queue_retry_sends_a_deferred_message_now() {
     let idp = idp_issuing("tok").await;

@@ -83,10 +83,7 @@ fn seconds(
 pub fn parse_token_reply(body: &[u8], before: SystemTime) -> Result<Grant, OAuthError> {
     let t: TokenReply =
         serde_json::from_slice(body).map_err(|e| OAuthError::Malformed(described(&e)))?;
-    if t.access_token.is_empty() {
-        return Err(OAuthError::Malformed("empty access_token".into()));
-    }
-    Ok(grant(t, before))
+    grant(t, before)
 }
 
 /// A reply that did not parse, in words that never quote it: serde quotes a string it did not expect (`invalid
@@ -213,7 +210,7 @@ impl TokenClient {
         ];
         let before = SystemTime::now();
         let t: TokenReply = self.post(&self.token_url, &form).await?;
-        Ok(grant(t, before))
+        grant(t, before)
     }
 
     /// Starts the device authorization grant.
@@ -370,12 +367,17 @@ impl TokenClient {
         }
         let before = SystemTime::now();
         let t: TokenReply = self.post(&self.token_url, &form).await?;
-        Ok(grant(t, before))
+        grant(t, before)
     }
 }
 
-fn grant(t: TokenReply, before: SystemTime) -> Grant {
-    Grant {
+/// The grant a success reply holds; an empty `access_token` is no token (sent, it would be `auth=Bearer ` with
+/// nothing after it, and the account taken for renewed).
+fn grant(t: TokenReply, before: SystemTime) -> Result<Grant, OAuthError> {
+    if t.access_token.trim().is_empty() {
+        return Err(OAuthError::Malformed("empty access_token".into()));
+    }
+    Ok(Grant {
         access_token: SecretString::from(t.access_token),
         // Counted from before the request, so that a slow reply never makes a token look fresher than it is.
         expires_at: before
@@ -385,7 +387,7 @@ fn grant(t: TokenReply, before: SystemTime) -> Grant {
                 TOKEN_LIFETIME,
             ),
         refresh_token: t.refresh_token.map(SecretString::from),
-    }
+    })
 }
 
 /// Form fields whose values are not secret: the rest (client secret, refresh token, authorization code, PKCE
@@ -794,6 +796,7 @@ mod tests {
         .unwrap();
         assert_eq!(g.expires_at, now + Duration::from_secs(86_400));
         assert!(parse_token_reply(br#"{"access_token":"","expires_in":1}"#, now).is_err());
+        assert!(parse_token_reply(br#"{"access_token":" ","expires_in":1}"#, now).is_err());
         assert!(parse_token_reply(b"{", now).is_err());
     }
 

@@ -317,8 +317,8 @@ impl AccountTokens {
             .map(|(_, why)| why.clone())
     }
 
-    /// Remembers how a renewal that deliveries asked for went (see [`RENEW_RETRY`]); a dead grant is not
-    /// remembered here: it is marked in the tokens themselves.
+    /// Remembers how a renewal, the refresher's or one deliveries asked for, went (see [`RENEW_RETRY`]); a dead
+    /// grant is not remembered here: it is marked in the tokens themselves.
     fn note_renewal<T>(&self, renewed: &Result<T, TokenError>) {
         *self.failed_lock() = match renewed {
             Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
@@ -347,6 +347,9 @@ impl AccountTokens {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
         let renewed = self.refresh_locked(&mut state).await;
+        // Deliveries that waited for the lock meanwhile take this answer too, rather than each asking again (a
+        // token endpoint that hangs held them for a second timeout; a refused password, a second failed sign-in).
+        self.note_renewal(&renewed);
         self.keep_in_hand(&state);
         renewed
     }
