@@ -104,8 +104,17 @@ const SUBDIRS: [&str; 6] = ["queue", "dead", "quarantine", "tokens", "accounts",
 /// Closes to others, at start, the directories an older relay made under a looser umask (0755, or 0777 under
 /// umask 000): the files it left in them, written before their modes were set, are then out of others' reach
 /// too. Only relay's own directories: the state dir itself is the operator's (systemd's `StateDirectoryMode=`).
-/// Never fails the start; what cannot be changed is logged.
+/// The token files in `tokens/` likewise (one restored from a backup, copied by hand): each holds a grant. A
+/// state dir others may write to is said (anyone could rename relay's directories away): that is the operator's to
+/// change. Never fails the start; what cannot be changed is logged.
 pub fn tighten(state_dir: &Path) {
+    if let Ok(meta) = std::fs::metadata(state_dir)
+        && meta.mode() & 0o002 != 0
+        && meta.mode() & 0o1000 == 0
+    {
+        tracing::warn!(path = %state_dir.display(), "the state dir is writable by others (mode {:04o}): anyone on this machine could replace its token files and queue; run `chmod o-w {}`", meta.mode() & 0o7777, state_dir.display());
+    }
+    tighten_token_files(&state_dir.join("tokens"));
     for name in SUBDIRS {
         let dir = state_dir.join(name);
         let Ok(meta) = std::fs::symlink_metadata(&dir) else {
@@ -124,6 +133,32 @@ pub fn tighten(state_dir: &Path) {
             }
             Err(e) => {
                 tracing::warn!(path = %dir.display(), error = %e, "the directory is mode {mode:04o}, more open than 0750, and cannot be changed; run `chmod g-w,o-rwx {}`", dir.display())
+            }
+        }
+    }
+}
+
+/// Token files more open than [`FILE_MODE`] are closed to it (see [`tighten`]).
+fn tighten_token_files(tokens: &Path) {
+    let Ok(entries) = std::fs::read_dir(tokens) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o777;
+        if !meta.is_file() || mode & !FILE_MODE == 0 {
+            continue;
+        }
+        let tight = mode & FILE_MODE;
+        match std::fs::set_permissions(&path, Permissions::from_mode(tight)) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "the token file was mode {mode:04o}, more open than 0640 (its grant may have been read by others; `relay authorize` makes a new one); it is {tight:04o} now")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the token file is mode {mode:04o}, more open than 0640, and cannot be changed; run `chmod 640 {}`", path.display())
             }
         }
     }
@@ -218,10 +253,10 @@ mod tests {
         assert_eq!(std::fs::read(&report).unwrap(), b"in place");
     }
 
-    /// Relay's own directories left open by an older relay are closed to others at start; stricter ones, the
-    /// state dir itself and whatever else is in it are left as they are.
+    /// Relay's own directories and token files left open by an older relay are closed to others at start;
+    /// stricter ones, the state dir itself and whatever else is in it are left as they are.
     #[test]
-    fn tighten_closes_relays_directories_only() {
+    fn tighten_closes_relays_directories_and_token_files_only() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path();
         std::fs::set_permissions(state, Permissions::from_mode(0o755)).unwrap();
@@ -235,7 +270,14 @@ mod tests {
             std::fs::create_dir(state.join(name)).unwrap();
             std::fs::set_permissions(state.join(name), Permissions::from_mode(mode)).unwrap();
         }
+        for (name, mode) in [("office.json", 0o666), ("gmail.json", 0o600)] {
+            let file = state.join("tokens").join(name);
+            std::fs::write(&file, "{}").unwrap();
+            std::fs::set_permissions(&file, Permissions::from_mode(mode)).unwrap();
+        }
         tighten(state);
+        assert_eq!(mode_of(&state.join("tokens/office.json")), 0o640);
+        assert_eq!(mode_of(&state.join("tokens/gmail.json")), 0o600);
         assert_eq!(mode_of(&state.join("accounts")), 0o750);
         assert_eq!(mode_of(&state.join("rate")), 0o750);
         assert_eq!(mode_of(&state.join("tokens")), 0o700);

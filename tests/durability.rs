@@ -676,6 +676,10 @@ async fn state_files_are_private_whatever_the_umask() {
         }
         std::fs::write(state.join("accounts/office.json"), b"{}").unwrap();
         open(&state.join("accounts/office.json"), 0o666);
+        // A token file restored from a backup, readable and writable by all (its account no longer configured,
+        // so that only the start's look, not a renewal's rewrite, can close it).
+        common::idp::write_tokens_due(&state, "old", "r-old");
+        open(&state.join("tokens/old.json"), 0o666);
     }
     let mut serve = std::process::Command::new(relay_bin());
     serve.args(["serve", "--config"]).arg(&config);
@@ -708,6 +712,7 @@ async fn state_files_are_private_whatever_the_umask() {
         "accounts/office.test.json".into(),
         "rate/office.json".into(),
         "tokens/office.json".into(),
+        "tokens/old.json".into(),
         "alerts.json".into(),
         ".retry".into(),
     ] {
