@@ -568,3 +568,55 @@ async fn a_renewal_in_another_process_is_waited_for_not_repeated() {
     assert!(String::from_utf8_lossy(&got.data).contains("Subject: after"));
     assert!(endpoint.asked.try_recv().is_err());
 }
+
+/// A server that answers DATA with 354 although it refused every recipient (as some do after pipelined
+/// commands): the test, as a delivery does, closes the connection without a word. It sent QUIT, which such a
+/// server reads as a line of the message, and waited for an answer that could not come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_354_after_every_recipient_refused_gets_no_quit() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (read, mut write) = sock.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"220 odd.test ESMTP\r\n").await.unwrap();
+        let mut after_354 = Vec::new();
+        let mut in_data = false;
+        // Ends when relay closes the connection (bounded by the test's limit).
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(LIMIT, lines.next_line()).await {
+            if in_data {
+                after_354.push(line);
+                continue;
+            }
+            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-odd.test\r\n250-PIPELINING\r\n250 AUTH XOAUTH2\r\n",
+                "AUTH" => b"235 2.7.0 Accepted\r\n",
+                "MAIL" => b"250 2.1.0 OK\r\n",
+                "RCPT" => b"550 5.1.1 no such user\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                }
+                _ => b"250 OK\r\n",
+            };
+            write.write_all(reply).await.unwrap();
+        }
+        after_354
+    });
+    let idp = idp_issuing("tok").await;
+    let dir = tempfile::tempdir().unwrap();
+    common::idp::write_secret(dir.path());
+    let top = format!(
+        "default_account = \"office\"\n{}",
+        common::idp::generic_account_at("office", &idp.uri(), port, "client_credentials")
+    );
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("550 5.1.1"), "{out}");
+    let after = server.await.unwrap();
+    assert!(after.is_empty(), "sent after the 354: {after:?}");
+}

@@ -460,17 +460,29 @@ impl SmtpUpstream {
             if data_only {
                 conn.forget_chunking();
             }
-            let out = match send_fitted(&mut conn, &sender, &wire, message, MailFlags::OWN).await {
-                Ok(sent) => delivered(sent, recipients),
+            let (out, in_step) = match send_fitted(
+                &mut conn,
+                &sender,
+                &wire,
+                message,
+                MailFlags::OWN,
+            )
+            .await
+            {
+                Ok(sent) => (delivered(sent, recipients), true),
                 Err(f) if !data_only && matches!(f.failure, Failure::ChunkingRefused { .. }) => {
                     if let Ok(mut t) = transcript.lock() {
                         t.note("the upstream offers CHUNKING but did not know BDAT: sending again with DATA, as relay serve does");
                     }
                     continue;
                 }
-                Err(f) => outcome(f.failure),
+                Err(f) => (outcome(f.failure), f.reusable),
             };
-            conn.quit().await;
+            // As a delivery does: a connection that is not where a command may follow (a server that said 354
+            // with every recipient refused waits for data, not for QUIT) is closed without a word.
+            if in_step {
+                conn.quit().await;
+            }
             return out;
         }
         Outcome::Transient(BDAT_THEN_DATA_FAILED.into())
