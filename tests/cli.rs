@@ -627,3 +627,39 @@ fn status_says_unknown_when_the_state_dir_cannot_be_read() {
         "{doc}"
     );
 }
+
+/// A token whose time is over is said to have expired, not to be "valid until" a moment in the past.
+#[test]
+fn status_says_an_expired_token_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    common::idp::write_secret(dir.path());
+    let top = format!(
+        "default_account = \"office\"\n{}",
+        common::idp::generic_account_at("office", "http://127.0.0.1:9", 9, "client_credentials")
+    );
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let now = std::time::SystemTime::now();
+    let hour = std::time::Duration::from_secs(3600);
+    relay::tokens::TokenStore::new(&dir.path().join("state"))
+        .save(
+            "office",
+            &relay::tokens::StoredTokens {
+                access_token: "A0".to_string().into(),
+                expires_at: now - hour,
+                obtained_at: now - 2 * hour,
+                refresh_token: None,
+                last_refresh: Some(now - 2 * hour),
+                needs_authorization: false,
+                last_error: None,
+            },
+        )
+        .unwrap();
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("  token expired at "), "{text}");
+    assert!(!text.contains("token valid until"), "{text}");
+}

@@ -333,7 +333,7 @@ static TABLE: &[Diagnosis] = &[
         only: None,
         code: "550 5.1.1",
         cause: "the recipient's address does not exist at its domain (a typo, or a mailbox since removed)",
-        fix: "check the address with whoever set it on the device; relay gave up on that recipient alone (its sender gets a bounce where `bounce` says so), the others are not affected",
+        fix: "check the address with whoever set it on the device; relay gave up on that recipient (its sender gets a bounce where `bounce` says so); the message's other recipients, if any, are not affected",
         // Microsoft says 5.1.10 (RESOLVER.ADR.RecipientNotFound), Gmail and most others 5.1.1.
         matches: &[&["550", "5.1.1"], &["550", "5.1.10"]],
     },
@@ -354,7 +354,7 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         only: None,
         code: "552 5.3.4",
-        cause: "the message is larger than the upstream takes (Microsoft 365: 35 MB by default; Gmail: 25 MB; counted as sent, where an attachment is a third larger than its file)",
+        cause: "the message is larger than the upstream takes (Microsoft 365: 35 MB by default; Gmail: 35 MB, as its SIZE says; counted as sent, where an attachment is a third larger than its file)",
         fix: "the message is in dead/ and cannot go as it is: ask its sender for a smaller one; set the listener's `max_message_size` at the provider's limit, so that devices are refused at once (552 5.3.4) instead of after relay took their mail",
         matches: &[&["552", "5.3.4"], &["552", "5.2.3"], &["5.3.4", "size"]],
     },

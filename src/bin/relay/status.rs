@@ -157,7 +157,13 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
                 None => println!("  transport: {}", a.transport),
             }
             if let Some(t) = &a.token_valid_until {
-                println!("  token valid until {t}");
+                let expired =
+                    humantime::parse_rfc3339(t).is_ok_and(|at| at <= std::time::SystemTime::now());
+                if expired {
+                    println!("  token expired at {t}");
+                } else {
+                    println!("  token valid until {t}");
+                }
             }
             if let Some(t) = &a.last_refresh {
                 println!("  last refresh {t}");
