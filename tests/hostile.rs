@@ -523,7 +523,8 @@ fn client_text_never_forges_or_leaks_into_the_log_and_refusals_are_logged() {
 }
 
 /// A client that goes away in the middle of a message, with a close or with a reset, leaves a log line that says
-/// so with the message's queue id, and nothing in the queue.
+/// so with the message's queue id (and, when its body had bare line ends, why they did not end it), and nothing in
+/// the queue.
 #[test]
 fn a_client_gone_during_data_is_logged_either_way() {
     let dir = tempfile::tempdir().unwrap();
@@ -549,6 +550,15 @@ fn a_client_gone_during_data_is_logged_either_way() {
         });
         assert!(line.contains("relay_queue_id="), "{line}");
     }
+    // A device that ended its data with LF . LF (its commands with CRLF) and hung up without waiting: the line
+    // says why that was not the end.
+    rt.block_on(async {
+        let mut c = RawClient::in_data(addr).await;
+        c.send(b"Subject: lf\n\nscan\n.\n").await;
+        drop(c.into_inner());
+    });
+    let line = relay.wait_log("connection closed during DATA; message discarded");
+    assert!(line.contains("bare LF or CR"), "{line}");
     assert!(queued_in(&dir.path().join("state")).is_empty());
     assert!(relay.terminate().success());
 }
@@ -623,7 +633,8 @@ async fn refused_message_after_refused_message_ends_the_session_and_its_log_line
     assert!(c.closed().await, "the session ends after its 421");
     assert!(queued_in(&dir.path().join("state")).is_empty());
     for _ in 0..10 {
-        daemon.wait_log("message refused");
+        let line = daemon.wait_log("message refused");
+        assert!(line.contains("bare_lf = \"lenient\""), "{line}");
     }
     // Every line the daemon writes, to its last: no more refusals among them.
     let rest = daemon.terminate_with_log();

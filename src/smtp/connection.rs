@@ -541,13 +541,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(r) = &receiving_msg {
                     // A device ending its data with `LF . LF` while its commands end with CRLF waits here: under
                     // lenient that is text, never its end (SMTP smuggling); its log line says so.
-                    let hint = if !session.data_saw_bare() {
-                        ""
-                    } else if session.commands_end_with_lf() {
-                        "; this client ends its lines with LF alone, and so its data with LF . LF, which only bare_lf = \"lenient\" takes as the end (on a listener whose allow list holds only private addresses); elsewhere it is text, or refused under \"reject\""
-                    } else {
-                        "; the body had lines ended by a bare LF or CR: only CRLF . CRLF ends the data of a client whose commands end with CRLF"
-                    };
+                    let hint = bare_hint(session);
                     tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, "no end of data within data_timeout; message discarded{hint}");
                 }
                 let reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
@@ -582,10 +576,23 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         };
         if n == 0 {
             if let Some(r) = receiving_msg {
-                tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded");
+                // A device that sent `LF . LF` and hung up without waiting for an answer ends here.
+                let hint = bare_hint(session);
+                tracing::info!(relay_event = "discarded", relay_queue_id = %r.id, relay_client = %peer, "connection closed during DATA; message discarded{hint}");
             }
             return Ok(Outcome::Closed);
         }
+    }
+}
+
+/// What a discarded message's log line adds when its body had bare line ends: which `bare_lf` the device needs.
+fn bare_hint(session: &Session) -> &'static str {
+    if !session.data_saw_bare() {
+        ""
+    } else if session.commands_end_with_lf() {
+        "; this client ends its lines with LF alone, and so its data with LF . LF, which only bare_lf = \"lenient\" takes as the end (on a listener whose allow list holds only private addresses); elsewhere it is text, or refused under \"reject\""
+    } else {
+        "; the body had lines ended by a bare LF or CR: only CRLF . CRLF ends the data of a client whose commands end with CRLF"
     }
 }
 
@@ -632,7 +639,14 @@ async fn finish_message(
     };
     if let Some(refusal) = session.refusal() {
         if logged.may_log(peer) {
-            tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused");
+            // Refused for bare line ends (a listener under `reject`): the line says what a device that needs them
+            // can be given.
+            let hint = if refusal.to_string().starts_with("550 5.6.0") {
+                "; a trusted device that needs bare line ends can be given its own listener with bare_lf = \"lenient\" or \"normalize\" (see relay.example.toml)"
+            } else {
+                ""
+            };
+            tracing::warn!(relay_event = "rejected", relay_queue_id = %id, relay_client = %peer, reply = %refusal.to_string().trim_end(), "message refused{hint}");
         }
         if let Some(incoming) = incoming {
             incoming.discard().await;
