@@ -21,6 +21,15 @@ pub enum ProbeError {
     BadRecipient(String),
     #[error(transparent)]
     Account(#[from] crate::accounts::AccountError),
+    #[error(
+        "account `{account}`: the running relay (pid {pid}) holds a renewed grant for it in memory that it could not save to {file} ({why}); a test now would renew the older grant in that file, which the provider may have replaced (a rotated refresh token: using it again can revoke both). Make the token file's directory writable (`relay status` says when the daemon has saved the grant), then test again"
+    )]
+    GrantHeldUnsaved {
+        account: String,
+        pid: u32,
+        file: String,
+        why: String,
+    },
 }
 
 /// What `relay test` found.
@@ -77,6 +86,17 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     }
     let http = crate::accounts::shared_http()?;
     let store = crate::accounts::token_store(config)?;
+    // The daemon's newest grant is in its memory only: a second owner of the grant must not renew the file's.
+    if let Some(u) = store.unsaved(account).filter(|u| u.may_be_held())
+        && let Some(pid) = u.pid.filter(|p| *p != std::process::id())
+    {
+        return Err(ProbeError::GrantHeldUnsaved {
+            account: account.to_string(),
+            pid,
+            file: store.path(account).display().to_string(),
+            why: u.why,
+        });
+    }
     let built = crate::accounts::build_one(config, a, &http, &store, None)?;
     let transcript = Arc::new(Mutex::new(Transcript::default()));
     let message = Outgoing::from_bytes(test_message(&a.mailbox, to));

@@ -620,3 +620,36 @@ async fn a_354_after_every_recipient_refused_gets_no_quit() {
     let after = server.await.unwrap();
     assert!(after.is_empty(), "sent after the 354: {after:?}");
 }
+
+/// While the running daemon holds a renewed grant it could not save (`accounts/NAME.unsaved` names its pid), a
+/// test does not renew the older grant in the token file: with a provider that rotates refresh tokens, that use
+/// would fail (and was said as a revoked grant) or revoke the daemon's grant too. It says why instead, and asks the
+/// token endpoint nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_leaves_a_grant_the_daemon_holds_unsaved_alone() {
+    let idp = idp_issuing("tok").await;
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let state = dir.path().join("state");
+    common::idp::write_tokens_due(&state, "office", "r-old");
+    // This test's own process stands for the daemon: a pid that runs.
+    std::fs::create_dir_all(state.join("accounts")).unwrap();
+    std::fs::write(
+        state.join("accounts/office.unsaved"),
+        format!(
+            "{{\"since\": \"{}\", \"why\": \"Permission denied\", \"pid\": {}}}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let (code, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("holds a renewed grant for it in memory"),
+        "{out}"
+    );
+    assert!(idp.received_requests().await.unwrap().is_empty());
+}
