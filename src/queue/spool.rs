@@ -355,8 +355,6 @@ pub fn while_no_relay_runs<T>(state_dir: &Path, f: impl FnOnce() -> T) -> Option
     Some(done)
 }
 
-/// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by
-/// another command (`relay status`, `relay check` looking whether a relay runs), it is tried again for a while.
 /// A queue relay cannot write to (a read-only filesystem, a directory the service's user may not write) would
 /// take no mail while the daemon looked healthy: refused at start instead, with the path and the reason.
 fn can_write(queue: &Path) -> Result<(), SpoolError> {
@@ -373,6 +371,8 @@ fn can_write(queue: &Path) -> Result<(), SpoolError> {
     made.and(removed).map_err(|e| SpoolError::io(&probe, e))
 }
 
+/// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by
+/// another command (`relay status`, `relay check` looking whether a relay runs), it is tried again for a while.
 fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     use std::os::fd::AsRawFd;
     let path = state_dir.join(".lock");
