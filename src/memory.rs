@@ -31,21 +31,29 @@ const TRIM_ABOVE: u64 = 16 * 1024 * 1024;
 
 /// Gives free arena pages back now and then, for as long as the daemon runs (see the module's header). Compared
 /// with the lowest level seen (at start, or after a trim): a trim in the middle of a burst gives little back,
-/// and the level it leaves must not become the one the burst's end is compared with. Under a lasting load that
-/// means a trim every [`TRIM_EVERY`], a few milliseconds.
+/// and the level it leaves must not become the one the burst's end is compared with. Trims that give little back
+/// (a working set grown for good: a large backlog) come less and less often, down to one in 16 ticks.
 pub async fn trim_now_and_then() {
-    let mut lowest = resident().unwrap_or(0);
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return;
+    }
+    let mut lowest: Option<u64> = None;
+    // Ticks to let pass before the next trim, and how many have.
+    let (mut spacing, mut since): (u32, u32) = (1, 0);
     let every = crate::test_hooks::duration("RELAY_TEST_TRIM_MS", TRIM_EVERY);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        since = since.saturating_add(1);
         // (Unreadable now and then, when descriptors run out: looked at again at the next tick.)
         let Some(now) = resident() else { continue };
-        lowest = lowest.min(now);
-        if now < lowest.saturating_add(TRIM_ABOVE) {
+        let floor = *lowest.get_or_insert(now);
+        lowest = Some(floor.min(now));
+        if now < floor.saturating_add(TRIM_ABOVE) || since < spacing {
             continue;
         }
+        since = 0;
         // Walks every arena under its lock: off the runtime's threads.
         let trimmed = tokio::task::spawn_blocking(|| {
             trim();
@@ -54,7 +62,12 @@ pub async fn trim_now_and_then() {
         .await;
         if let Ok(Some(after)) = trimmed {
             tracing::debug!(before = now, after, "free allocator pages given back");
-            lowest = lowest.min(after);
+            lowest = Some(floor.min(after));
+            spacing = if now.saturating_sub(after) < TRIM_ABOVE / 16 {
+                (spacing * 2).min(16)
+            } else {
+                1
+            };
         }
     }
 }

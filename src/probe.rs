@@ -22,7 +22,7 @@ pub enum ProbeError {
     #[error(transparent)]
     Account(#[from] crate::accounts::AccountError),
     #[error(
-        "account `{account}`: the running relay (pid {pid}) holds a renewed grant for it in memory that it could not save to {file} ({why}); a test now would renew the older grant in that file, which the provider may have replaced (a rotated refresh token: using it again can revoke both). Make the token file's directory writable (`relay status` says when the daemon has saved the grant), then test again"
+        "account `{account}`: a running relay process (pid {pid}) holds a renewed grant for it in memory that it could not save to {file} ({why}); a test now would renew the older grant in that file, which the provider may have replaced (a rotated refresh token: using it again can revoke both). Make the token file's directory writable (`relay status` says when the daemon has saved the grant), then test again"
     )]
     GrantHeldUnsaved {
         account: String,
@@ -87,8 +87,10 @@ pub async fn run(config: &Config, account: &str, to: &str) -> Result<Report, Pro
     let http = crate::accounts::shared_http()?;
     let store = crate::accounts::token_store(config)?;
     // The daemon's newest grant is in its memory only: a second owner of the grant must not renew the file's.
+    // (Only while a relay holds the state dir: a mark whose pid was reused after its daemon stopped is not one.)
     if let Some(u) = store.unsaved(account).filter(|u| u.may_be_held())
         && let Some(pid) = u.pid.filter(|p| *p != std::process::id())
+        && crate::queue::relay_runs_on(&config.state_dir)
     {
         return Err(ProbeError::GrantHeldUnsaved {
             account: account.to_string(),

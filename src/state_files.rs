@@ -145,7 +145,16 @@ fn tighten_token_files(tokens: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        // Opened without following a link, and changed through that descriptor: under `sudo relay serve`, a link
+        // put in place of a token file must not make root change the mode of what it points at.
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        let Ok(meta) = file.metadata() else {
             continue;
         };
         let mode = meta.mode() & 0o777;
@@ -153,7 +162,7 @@ fn tighten_token_files(tokens: &Path) {
             continue;
         }
         let tight = mode & FILE_MODE;
-        match std::fs::set_permissions(&path, Permissions::from_mode(tight)) {
+        match file.set_permissions(Permissions::from_mode(tight)) {
             Ok(()) => {
                 tracing::warn!(path = %path.display(), "the token file was mode {mode:04o}, more open than 0640 (its grant may have been read by others; `relay authorize` makes a new one); it is {tight:04o} now")
             }

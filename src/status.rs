@@ -153,7 +153,10 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     let daemon = running.then(|| crate::running::read(config)).flatten();
     let stale_tokens = stale_tokens(config);
     let disk = crate::queue::room::DiskReport::of(&config.state_dir, config.queue.min_free_space.0);
-    let queue_dir_missing = config.state_dir.is_dir() && !config.state_dir.join("queue").is_dir();
+    // Only under a running daemon: before the first `relay serve` (a `relay authorize` made the state dir) there is
+    // no queue/ yet, and nothing is wrong.
+    let queue_dir_missing =
+        running && config.state_dir.is_dir() && !config.state_dir.join("queue").is_dir();
     let ok = !(!running
         || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
         || disk.as_ref().is_some_and(|d| d.short || d.read_only)

@@ -275,8 +275,13 @@ async fn repeated_refresh_failures_open_one_incident_and_a_refresh_closes_it() {
         "refresh_failures = 3\n",
     )
     .await;
-    let mut daemon = Daemon::spawn(&config);
-    // The refresher's first try fails; each message's attempt tries again.
+    // The refresher's tries fail three times in a row (a fifth of a second apart here, not 5, 10, 20 s), then
+    // get a token; the messages' attempts meanwhile take its failures, asking nothing of their own.
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env("RELAY_TEST_REFRESH_BACKOFF_MS", "200");
+    let mut daemon = Daemon::start(cmd);
     for _ in 0..3 {
         send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
     }

@@ -634,7 +634,13 @@ async fn a_test_leaves_a_grant_the_daemon_holds_unsaved_alone() {
     let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
     let state = dir.path().join("state");
     common::idp::write_tokens_due(&state, "office", "r-old");
-    // This test's own process stands for the daemon: a pid that runs.
+    // This test's own process stands for the daemon: a pid that runs, holding the state dir's lock.
+    let lock = std::fs::File::create(state.join(".lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns, open for the rest of the test.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
     std::fs::create_dir_all(state.join("accounts")).unwrap();
     std::fs::write(
         state.join("accounts/office.unsaved"),

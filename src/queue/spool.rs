@@ -51,8 +51,10 @@ pub enum SpoolError {
 impl SpoolError {
     /// The filesystem is out of space or inodes (or the user's quota): the reply says storage, not an error.
     pub fn is_full(&self) -> bool {
+        // By kind too: a flush's error is rebuilt from its kind and text, without the errno.
         matches!(self, SpoolError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
     }
 
     fn io(path: &Path, source: io::Error) -> SpoolError {
@@ -357,18 +359,32 @@ pub fn while_no_relay_runs<T>(state_dir: &Path, f: impl FnOnce() -> T) -> Option
 
 /// A queue relay cannot write to (a read-only filesystem, a directory the service's user may not write) would
 /// take no mail while the daemon looked healthy: refused at start instead, with the path and the reason.
+/// A full disk is not such a queue: the daemon must start and deliver what is queued (MAIL is answered 452 meanwhile).
 fn can_write(queue: &Path) -> Result<(), SpoolError> {
     // Not a queue file's name (no `.msg`/`.state`): nothing that reads the queue takes it for mail.
     let probe = queue.join(".write-check");
+    // One a crash left (or anything put in its place) goes first; then a new file, never through a symlink: under
+    // `sudo relay serve` a link planted here must not make root write elsewhere.
+    let _ = fs::remove_file(&probe);
     let made = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&probe)
         .and_then(|mut f| f.write_all(b"relay"));
-    let removed = fs::remove_file(&probe);
-    made.and(removed).map_err(|e| SpoolError::io(&probe, e))
+    let removed = match fs::remove_file(&probe) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    match made.and(removed).map_err(|e| SpoolError::io(&probe, e)) {
+        Err(e) if e.is_full() => {
+            tracing::warn!(error = %e, "the state dir's filesystem is full: queued mail is delivered, new mail is refused until space is freed");
+            let _ = fs::remove_file(&probe);
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by

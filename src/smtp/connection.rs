@@ -641,7 +641,7 @@ async fn finish_message(
         if logged.may_log(peer) {
             // Refused for bare line ends (a listener under `reject`): the line says what a device that needs them
             // can be given.
-            let hint = if refusal.to_string().starts_with("550 5.6.0") {
+            let hint = if session.refused_for_bare_line_ends() {
                 "; a trusted device that needs bare line ends can be given its own listener with bare_lf = \"lenient\" or \"normalize\" (see relay.example.toml)"
             } else {
                 ""

@@ -743,6 +743,15 @@ impl Session {
         None
     }
 
+    /// Whether the message is refused for its bare CR or LF (a `reject` listener), for the log line's advice.
+    pub fn refused_for_bare_line_ends(&self) -> bool {
+        self.data.as_ref().is_some_and(|state| {
+            !state.too_big
+                && state.receiver.saw_bare
+                && self.policy.bare_lf == BareLineEndings::Reject
+        })
+    }
+
     /// The final dot was seen and the message refused: the transaction ends, and the refusal counts as an
     /// error (see [`too_many_errors`](Self::too_many_errors)).
     pub fn data_refused(&mut self) -> Reply {

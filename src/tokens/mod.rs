@@ -45,6 +45,9 @@ pub enum TokenError {
     /// The last renewal failed moments ago, with these words: not asked again for every message.
     #[error("{0} ({RECENTLY_FAILED})")]
     RecentlyFailed(String),
+    /// The refresher's renewal this delivery waited for failed, with these words (and whether mail waits on it).
+    #[error("{why}")]
+    Waited { why: String, transient: bool },
 }
 
 /// How [`TokenError::RecentlyFailed`] ends: delivery logs such a deferral at debug level only, since the failure
@@ -62,6 +65,7 @@ impl TokenError {
                 source.is_transient() || source.needs_authorization()
             }
             TokenError::Store(_) | TokenError::RecentlyFailed(_) | TokenError::Stopping(_) => true,
+            TokenError::Waited { transient, .. } => *transient,
         }
     }
 }
@@ -103,6 +107,9 @@ pub struct AccountTokens {
     /// A refresher task renews this account's token on its own schedule (the daemon's; not `relay test`): a
     /// delivery then leaves a renewal it does not need yet to it.
     followed: std::sync::atomic::AtomicBool,
+    /// How the refresher's last renewal failed (when, its words, whether mail waits on it), until a delivery
+    /// takes it (see [`AccountTokens::refresher_failure`]).
+    refresher_failed: std::sync::Mutex<Option<(std::time::Instant, String, bool)>>,
 }
 
 #[derive(Default)]
@@ -161,6 +168,7 @@ impl AccountTokens {
             in_hand: std::sync::Mutex::new(None),
             refused: std::sync::Mutex::new(None),
             followed: std::sync::atomic::AtomicBool::new(false),
+            refresher_failed: std::sync::Mutex::new(None),
         }
     }
 
@@ -254,13 +262,18 @@ impl AccountTokens {
         {
             return Ok(t.access_token.clone());
         }
+        let usable = state
+            .tokens
+            .as_ref()
+            .filter(|t| !t.needs_authorization && SystemTime::now() < t.expires_at)
+            .map(|t| t.access_token.clone());
+        if usable.is_none()
+            && let Some(failed) = self.refresher_failure()
+        {
+            return Err(failed);
+        }
         if let Some(why) = self.recent_failure() {
-            return match &state.tokens {
-                Some(t) if !t.needs_authorization && SystemTime::now() < t.expires_at => {
-                    Ok(t.access_token.clone())
-                }
-                _ => Err(TokenError::RecentlyFailed(why)),
-            };
+            return usable.ok_or(TokenError::RecentlyFailed(why));
         }
         let renewed = self.refresh_locked(state).await;
         self.note_renewal(&renewed);
@@ -317,8 +330,37 @@ impl AccountTokens {
             .map(|(_, why)| why.clone())
     }
 
-    /// Remembers how a renewal, the refresher's or one deliveries asked for, went (see [`RENEW_RETRY`]); a dead
-    /// grant is not remembered here: it is marked in the tokens themselves.
+    /// Keeps the refresher's last renewal's failure for the next delivery that needs a token (cleared when it
+    /// worked).
+    fn note_refresher<T>(&self, renewed: &Result<T, TokenError>) {
+        *self
+            .refresher_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = match renewed {
+            Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
+                Some((std::time::Instant::now(), e.to_string(), e.is_transient()))
+            }
+            _ => None,
+        };
+    }
+
+    /// The refresher's renewal that failed less than [`RENEW_RETRY`] ago, taken by the first delivery that needs a
+    /// token: that delivery says it in full, and the deliveries after it meet it as their own recent failure (a
+    /// debug line each). Asking again at once would hold them for a second timeout of an endpoint that hangs, and
+    /// with `flow = "password"` be one more failed sign-in.
+    fn refresher_failure(&self) -> Option<TokenError> {
+        let (at, why, transient) = self
+            .refresher_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(at, _, _)| at.elapsed() < RENEW_RETRY)?;
+        *self.failed_lock() = Some((at, why.clone()));
+        Some(TokenError::Waited { why, transient })
+    }
+
+    /// Remembers how a renewal that deliveries asked for went (see [`RENEW_RETRY`]); a dead grant is not
+    /// remembered here: it is marked in the tokens themselves.
     fn note_renewal<T>(&self, renewed: &Result<T, TokenError>) {
         *self.failed_lock() = match renewed {
             Err(e) if !matches!(e, TokenError::NeedsAuthorization(_)) => {
@@ -347,9 +389,7 @@ impl AccountTokens {
         let mut state = self.state.lock().await;
         self.reload_if_changed(&mut state)?;
         let renewed = self.refresh_locked(&mut state).await;
-        // Deliveries that waited for the lock meanwhile take this answer too, rather than each asking again (a
-        // token endpoint that hangs held them for a second timeout; a refused password, a second failed sign-in).
-        self.note_renewal(&renewed);
+        self.note_refresher(&renewed);
         self.keep_in_hand(&state);
         renewed
     }
@@ -1075,7 +1115,10 @@ pub async fn refresher(
             .followed
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tasks.spawn(async move {
-            let mut backoff = FIRST_BACKOFF;
+            // (Shortened by tests that watch failures in a row: the refresher's are the only ones now.)
+            let first_backoff =
+                crate::test_hooks::duration("RELAY_TEST_REFRESH_BACKOFF_MS", FIRST_BACKOFF);
+            let mut backoff = first_backoff;
             // Tokens a refresh could not save are saved again soon, not only at the next refresh (up to an hour
             // away): the admin who fixes the file's directory should not have to wait, nor risk a restart.
             let mut save_backoff = FIRST_BACKOFF;
@@ -1118,7 +1161,7 @@ pub async fn refresher(
                 let renewed = account.force_refresh().await;
                 renewing.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 match renewed {
-                    Ok(_) => backoff = FIRST_BACKOFF,
+                    Ok(_) => backoff = first_backoff,
                     Err(TokenError::NeedsAuthorization(_)) => {
                         // Wait for `relay authorize`: next_due rereads the file.
                         let wait = Duration::from_secs(60);

@@ -379,6 +379,14 @@ impl Transports {
         offered: &AtomicBool,
     ) -> Outcome {
         let Some((graph, scope)) = &self.fallback else {
+            // A draft kept from when this account had Graph (a reload took `fallback_transport` away) cannot be
+            // asked any more: said, since the message may arrive twice.
+            if matches!(self.primary, Primary::Smtp(_))
+                && let Some(d) = resume.and_then(|r| r.draft())
+                && d.sent_at.is_some()
+            {
+                tracing::warn!(relay_account = %self.account, "the message has a Graph draft sent without a clear answer, and this account no longer sends through Graph to ask it: sent through SMTP, it may arrive twice");
+            }
             return self
                 .primary(tokens, sender, recipients, message, flags, resume, offered)
                 .await;
