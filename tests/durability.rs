@@ -471,6 +471,41 @@ async fn a_read_only_state_dir_refuses_mail_with_a_local_error_and_is_said() {
     );
 }
 
+/// relay restarted on a state dir whose filesystem is full starts (its start-up write check does not take a full
+/// disk for one it cannot write) and delivers what is queued, freeing the space. Through the binary, on a tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_full_disk_delivers_what_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_guard) = tmpfs_state(dir.path(), "2m") else {
+        return;
+    };
+    let idp = idp_issuing("tok").await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = "451 4.3.0 try later".into();
+    let config = common::idp::account_config(
+        dir.path(),
+        &idp.uri(),
+        &upstream,
+        "[queue]\nretry = [\"1s\"]\n",
+    );
+    let mut daemon = Daemon::spawn(&config);
+    send_message(daemon.addr, b"Subject: kept\r\n\r\nbody\r\n").await;
+    daemon.wait_log("relay_event=\"deferred\"");
+    assert!(daemon.terminate().success());
+    // Filled to the last byte by something else.
+    let filler = dir.path().join("state/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    *upstream.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let mut daemon = Daemon::spawn(&config);
+    let got = upstream.next().await;
+    assert!(String::from_utf8_lossy(&got.data).contains("Subject: kept"));
+    daemon.wait_log("relay_event=\"delivered\"");
+    assert!(daemon.terminate().success());
+}
+
 /// The disk fills after a message was queued, so its deferrals cannot be written: its retries still back off
 /// along the schedule (the attempts are kept in memory), instead of each reading "never tried" from its file
 /// and waiting the first step again, for ever. Through the binary, on a full tmpfs.
