@@ -12,8 +12,8 @@
 //! Smaller blocks (a session's 64 KiB buffers, a message's first 128 KiB) come from the arenas, and a burst of
 //! hundreds of sessions leaves them free but resident, scattered between live blocks that keep malloc from
 //! trimming its heaps: 585 sessions at once left 82 MiB resident where 17 were in use. [`trim_now_and_then`]
-//! hands such pages back (`malloc_trim`, which also releases free pages inside the heaps) once RSS has grown
-//! well beyond what it was after the last trim.
+//! hands such pages back (`malloc_trim`, which also releases free pages inside the heaps) once RSS is well above
+//! its lowest and the arenas hold that much free.
 
 /// Sets the allocator up as above. Called first thing by `relay serve`; harmless to call twice.
 pub fn give_back_large_blocks() {
@@ -29,33 +29,31 @@ pub fn give_back_large_blocks() {
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 const TRIM_ABOVE: u64 = 16 * 1024 * 1024;
 
-/// Gives free arena pages back now and then, for as long as the daemon runs (see the module's header). Compared
-/// with the lowest level seen (at start, or after a trim): a trim in the middle of a burst gives little back,
-/// and the level it leaves must not become the one the burst's end is compared with. Trims that give little back
-/// (a working set grown for good: a large backlog) come less and less often, down to one in 16 ticks.
+/// Gives free arena pages back now and then, for as long as the daemon runs (see the module's header): when RSS
+/// is well above the lowest level seen and the arenas hold that much free (`mallinfo2`), so that memory a burst
+/// still uses is not trimmed for nothing, and the burst's end is trimmed at the next look.
 pub async fn trim_now_and_then() {
     if !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return;
     }
     let mut lowest: Option<u64> = None;
-    // Ticks to let pass before the next trim, and how many have.
-    let (mut spacing, mut since): (u32, u32) = (1, 0);
     let every = crate::test_hooks::duration("RELAY_TEST_TRIM_MS", TRIM_EVERY);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        since = since.saturating_add(1);
         // (Unreadable now and then, when descriptors run out: looked at again at the next tick.)
         let Some(now) = resident() else { continue };
         let floor = *lowest.get_or_insert(now);
         lowest = Some(floor.min(now));
-        if now < floor.saturating_add(TRIM_ABOVE) || since < spacing {
+        if now < floor.saturating_add(TRIM_ABOVE) {
             continue;
         }
-        since = 0;
-        // Walks every arena under its lock: off the runtime's threads.
+        // Both walk every arena under its lock: off the runtime's threads.
         let trimmed = tokio::task::spawn_blocking(|| {
+            if free_in_arenas() < TRIM_ABOVE {
+                return None;
+            }
             trim();
             resident()
         })
@@ -63,11 +61,6 @@ pub async fn trim_now_and_then() {
         if let Ok(Some(after)) = trimmed {
             tracing::debug!(before = now, after, "free allocator pages given back");
             lowest = Some(floor.min(after));
-            spacing = if now.saturating_sub(after) < TRIM_ABOVE / 16 {
-                (spacing * 2).min(16)
-            } else {
-                1
-            };
         }
     }
 }
@@ -78,6 +71,18 @@ fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Bytes the allocator holds free in its arenas (every arena's, in glibc 2.33 and later).
+fn free_in_arenas() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads malloc's statistics; it is thread-safe (it takes each arena's lock).
+        let info = unsafe { libc::mallinfo2() };
+        u64::try_from(info.fordblks).unwrap_or(u64::MAX)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
 }
 
 /// The process's resident set, in bytes.

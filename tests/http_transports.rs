@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::http_api::{Chunk, FakeApi};
+use common::http_api::{Chunk, FakeApi, graph_error};
 use common::idp::idp_issuing;
 use common::upstream::FakeUpstream;
 use common::*;
@@ -50,6 +50,26 @@ fn smtp_falling_back_to_graph(
             "smtp_host = \"127.0.0.1\"\nsmtp_port = {smtp_port}\nsmtp_tls = \"none\"\nfallback_transport = \"graph\"\ngraph_url = \"{}\"",
             api.uri()
         ),
+    )
+}
+
+/// `dir/relay.toml` with the state dir in `dir`, `top` (accounts, queue) and [`LISTENER`].
+fn config_file(dir: &std::path::Path, top: &str) -> std::path::PathBuf {
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n{top}\n{LISTENER}", dir.join("state")),
+    )
+    .unwrap();
+    config
+}
+
+/// Graph's answer when it fails on its side (the request may or may not have been carried out).
+fn graph_500() -> ResponseTemplate {
+    graph_error(
+        500,
+        "InternalServerError",
+        "An internal server error occurred.",
     )
 }
 
@@ -454,11 +474,6 @@ async fn graph_throttling_waits_for_retry_after_then_delivers() {
     let waited = sent[0].at.duration_since(refused_at).unwrap();
     assert!(waited >= Duration::from_secs(3), "retried after {waited:?}");
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);
-}
-
-fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
-    ResponseTemplate::new(status)
-        .set_body_json(serde_json::json!({"error": {"code": code, "message": message}}))
 }
 
 fn google_error(status: u16, grpc: &str, reason: &str, message: &str) -> ResponseTemplate {
@@ -909,15 +924,7 @@ async fn smtp_refused_falls_back_to_graph_and_a_40_mib_message_uploads_within_me
     let upstream = FakeUpstream::start(&["REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information."]).await;
     let dir = tempfile::tempdir().unwrap();
     let t = smtp_falling_back_to_graph(dir.path(), &idp, upstream.addr.port(), &api);
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n{t}\n{LISTENER}",
-            dir.path().join("state")
-        ),
-    )
-    .unwrap();
+    let config = config_file(dir.path(), &t);
     let mut daemon = Daemon::spawn(&config);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
     send_to(daemon.addr, &["ops@example.test"], msg).await;
@@ -973,21 +980,9 @@ async fn a_kept_graph_draft_is_asked_before_smtp_is_tried_again() {
     let mut upstream = FakeUpstream::start(&["REFUSE 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."]).await;
     let dir = tempfile::tempdir().unwrap();
     let t = smtp_falling_back_to_graph(dir.path(), &idp, upstream.addr.port(), &api);
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n{t}\n{LISTENER}",
-            dir.path().join("state")
-        ),
-    )
-    .unwrap();
+    let config = config_file(dir.path(), &t);
     let mut d = Daemon::spawn(&config);
-    api.script_sent_then(vec![graph_error(
-        500,
-        "InternalServerError",
-        "An internal server error occurred.",
-    )]);
+    api.script_sent_then(vec![graph_500()]);
     api.late_copies(1000);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
@@ -1830,11 +1825,7 @@ async fn a_graph_draft_not_sent_after_a_500_is_removed_once_graph_had_time_and_s
         .arg(dir.path().join("relay.toml"))
         .env("RELAY_TEST_GRAPH_SEND_SETTLES_MS", "1500");
     let mut d = Daemon::start(cmd);
-    api.script(vec![graph_error(
-        500,
-        "InternalServerError",
-        "An internal server error occurred.",
-    )]);
+    api.script(vec![graph_500()]);
     send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
     deferred_saying(
         &mut d,
@@ -1940,11 +1931,7 @@ async fn another_account_of_the_route_asks_the_draft_a_first_one_sent_before_sen
     )
     .unwrap();
     let mut d = Daemon::spawn(&config);
-    api.script_sent_then(vec![graph_error(
-        500,
-        "InternalServerError",
-        "An internal server error occurred.",
-    )]);
+    api.script_sent_then(vec![graph_500()]);
     api.late_copies(3);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
@@ -2013,22 +2000,10 @@ async fn a_message_expiring_with_a_draft_sent_unclearly_says_it_may_have_gone() 
         &through("microsoft", &api),
     )
     .replace("[queue]\n", "[queue]\nmax_age = \"3s\"\n");
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n{t}\n{LISTENER}",
-            dir.path().join("state")
-        ),
-    )
-    .unwrap();
+    let config = config_file(dir.path(), &t);
     let mut d = Daemon::spawn(&config);
     // Not carried out, and the draft stays a draft: within its 15 minutes it is only asked.
-    api.script(vec![graph_error(
-        500,
-        "InternalServerError",
-        "An internal server error occurred.",
-    )]);
+    api.script(vec![graph_500()]);
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
     let line = d.wait_log("relay_event=\"dead\"");

@@ -136,7 +136,8 @@ const GRAPH_UPLOAD_MIN: usize = 2 * 1024 * 1024;
 const GRAPH_POST_MAX: usize = 3_145_611;
 const GMAIL_LIMIT: usize = 35 * 1024 * 1024;
 
-fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
+/// An error in Graph's shape: `{"error": {"code", "message"}}` with `status`.
+pub fn graph_error(status: u16, code: &str, message: &str) -> ResponseTemplate {
     ResponseTemplate::new(status)
         .set_body_json(serde_json::json!({"error": {"code": code, "message": message}}))
 }
