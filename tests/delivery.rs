@@ -420,15 +420,30 @@ async fn concurrent_deliveries_share_one_token_request() {
     assert!(relay.queued().is_empty());
 }
 
+/// Mail past `max_age` is tried once more, as Postfix does: the upstream may take it now (its last wait, a retry
+/// step, a hold, may have ended past the age). Only a failed attempt past `max_age` sends it to dead/, saying the
+/// attempt's error. (It went to dead/ untried, bounced though the upstream would have taken it.)
 #[tokio::test]
-async fn mail_older_than_max_age_goes_to_dead() {
+async fn mail_older_than_max_age_is_tried_once_more_then_goes_to_dead() {
     let idp = idp_issuing("tok").await;
-    let upstream = FakeUpstream::start(&["tok"]).await;
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
     let mut relay = relay_with_account_and(&idp, &upstream, "[queue]\nmax_age = \"0s\"").await;
     let id = send_message(relay.addr(), WIRE).await;
     relay.attempts_done(1).await;
+    let got = upstream.next().await;
+    assert!(String::from_utf8_lossy(&got.data).contains("Subject: scan"));
+    assert!(relay.queued().is_empty(), "delivered");
+    assert!(!relay.state().join(format!("dead/{id}.msg")).exists());
+
+    *upstream.data_reply.lock().unwrap() =
+        "451 4.3.0 Mail server temporarily rejected message".into();
+    let id = send_message(relay.addr(), WIRE).await;
+    relay.attempts_done(2).await;
     let state = state_file(&relay, "dead", &id);
-    assert!(state.contains("expired after"), "{state}");
+    assert!(
+        state.contains("expired after 0s in the queue; last error: 451 4.3.0"),
+        "{state}"
+    );
 }
 
 /// One message through an upstream speaking implicit TLS with `server` (certificate, key), relay trusting only

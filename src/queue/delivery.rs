@@ -498,15 +498,10 @@ impl Delivery {
     /// Whether the attempt of `id` may start now: fewer are seeking a connection than there are connections
     /// free. Only where every message goes to the same accounts (one pool) does that say anything about this
     /// message; with several pools, one pool's busy connections must not hold back another's mail, and every
-    /// message may start (it is parked if its pool is busy). A message past `max_age` needs no connection (it
-    /// goes to dead/), nor does a relay without accounts.
-    pub fn may_start(&self, id: QueueId, now: SystemTime) -> bool {
-        if self.routing.pools().len() != 1
-            || id
-                .created_at()
-                .checked_add(self.queue.max_age)
-                .is_none_or(|end| end < now)
-        {
+    /// message may start (it is parked if its pool is busy). A message past `max_age` waits its turn too: it is
+    /// tried once more before it goes to dead/.
+    pub fn may_start(&self) -> bool {
+        if self.routing.pools().len() != 1 {
             return true;
         }
         let free: usize = self
@@ -984,41 +979,11 @@ impl Delivery {
         // uploaded; it is bounced once the session says it does not hold the message whole. A session that gives
         // no clear answer is asked again at the retry steps, until Google's week for it ends.
         let asks = expired && state.upload.as_ref().is_some_and(|u| u.is_young(now));
-        if expired && !asks {
-            let why = format!(
-                "expired after {} in the queue",
-                humantime::format_duration(self.queue.max_age)
-            );
-            let why = match &state.last_error {
-                Some(last) => format!("{why}; last error: {last}"),
-                None => match self.outage_of(&msg.envelope) {
-                    Some(outage) => format!("{why}; never tried; {outage}"),
-                    None => why,
-                },
-            };
-            // Not asked past max_age (as a Gmail session is): the bounce must not say for sure that it failed.
-            let why = match state.drafts.iter().find_map(|d| d.sent_at) {
-                Some(at) => format!(
-                    "{why}; but a Graph draft of it was sent at {} without a clear answer, and Graph never said whether it went: it may have been delivered",
-                    humantime::format_rfc3339_seconds(at)
-                ),
-                None => why,
-            };
-            // Said as the account's when its route has one (the log line, the metrics, the `dead` alert): it is
-            // that account's trouble that kept it, though no attempt is under way now.
-            let account = self
-                .routing
-                .route(Addressing::from(&msg.envelope))
-                .and_then(|d| match d.accounts {
-                    [one] if self.accounts.contains_key(one) => Some(one.clone()),
-                    _ => None,
-                });
-            seeking.chosen();
-            return self
-                .clone()
-                .blocking(move |d| d.dead(id, &mut state, &why, account.as_deref(), &[]))
-                .await;
-        }
+        // Otherwise an expired message is tried once more, as Postfix does (`maximal_queue_lifetime` bounces after
+        // a failed attempt): its last wait may have ended past max_age (a retry step, a hold, a limit), and the
+        // upstream may take it now. A failed attempt past max_age sends it to dead/ (`defer_for`, `held_back`), as
+        // does a wait that would keep it from being tried (a limit, a pause, an upstream held unreachable).
+        let last_try = expired && !asks;
         const NO_ACCOUNT: &str = "no account is configured for this message (no [[route]] matches it, and neither its login's account nor default_account names one): add one, then `systemctl reload relay`";
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
             None => Err(NO_ACCOUNT.to_string()),
@@ -1136,6 +1101,12 @@ impl Delivery {
                     _ => now + RECHECK,
                 };
                 return Attempted::later(at);
+            }
+            // Past max_age, and kept from its last try by more than a busy connection: dead/ now, with why.
+            Err(Wait::Limit(_) | Wait::Upstream(_)) if last_try => {
+                seeking.chosen();
+                let why = self.untried_why(&state, &msg.envelope);
+                return self.clone().expire_untried(id, state, why, names).await;
             }
             Err(mut wait) => {
                 self.waiting.hold(pool, id);
@@ -1336,10 +1307,16 @@ impl Delivery {
         let written = written || asked_written;
         // Not tried: another attempt found the upstream unreachable between this one taking the account and
         // connecting. It waits as if the account had not been taken (`take_place`), not an attempt.
-        if let Outcome::Unreachable { until, .. } = &outcome {
+        if let Outcome::Unreachable { until, reply } = &outcome {
             drop((message, memory, slot));
             reservation.unsent();
             self.slot_freed.notify_one();
+            if last_try && until.is_some() {
+                let why = self.untried_why(&state, &msg.envelope);
+                let why = format!("{why}; not tried: {reply}");
+                let names = std::slice::from_ref(&account.name);
+                return self.clone().expire_untried(id, state, why, names).await;
+            }
             let wait = match until {
                 Some(until) => {
                     let at = SystemTime::now()
@@ -1603,6 +1580,60 @@ impl Delivery {
             "expired after {} in the queue; {then}",
             humantime::format_duration(self.queue.max_age)
         )
+    }
+
+    /// Why a message past `max_age` that cannot be tried now goes to dead/: its last error, or that it was never
+    /// tried (and why, if its upstream is not answering), and whether a Graph draft of it may have gone.
+    fn untried_why(&self, state: &DeliveryState, envelope: &Envelope) -> String {
+        let then = match &state.last_error {
+            Some(last) => format!("last error: {last}"),
+            None => match self.outage_of(envelope) {
+                Some(outage) => format!("never tried; {outage}"),
+                None => "never tried".to_string(),
+            },
+        };
+        self.expired_with_drafts(state, &then)
+    }
+
+    /// [`Self::expired`], saying when a Graph draft of the message was sent without a clear answer: the bounce must
+    /// not say for sure that it failed.
+    fn expired_with_drafts(&self, state: &DeliveryState, then: &str) -> String {
+        let why = self.expired(then);
+        match state.drafts.iter().find_map(|d| d.sent_at) {
+            Some(at) => format!(
+                "{why}; but a Graph draft of it was sent at {} without a clear answer, and Graph never said whether it went: it may have been delivered",
+                humantime::format_rfc3339_seconds(at)
+            ),
+            None => why,
+        }
+    }
+
+    /// Moves a message past `max_age` that cannot be tried now to dead/, `why` in full. Said as its account's
+    /// when only one could take it (the log line, the metrics, the `dead` alert): that account's trouble kept it.
+    async fn expire_untried(
+        self: Arc<Self>,
+        id: QueueId,
+        mut state: DeliveryState,
+        why: String,
+        accounts: &[String],
+    ) -> Attempted {
+        let account = match accounts {
+            [one] if self.accounts.contains_key(one) => Some(one.clone()),
+            _ => None,
+        };
+        self.blocking(move |d| d.dead(id, &mut state, &why, account.as_deref(), &[]))
+            .await
+    }
+
+    /// Whether a message whose attempt failed (or was held back) is past `max_age` and goes to dead/ for it. Not
+    /// while a Gmail upload session an earlier attempt kept may have sent it: that is asked until Google's week
+    /// for it ends.
+    fn fails_expired(&self, id: QueueId, state: &DeliveryState, now: SystemTime) -> bool {
+        let expired = state
+            .age_from(id.created_at())
+            .checked_add(self.queue.max_age)
+            .is_some_and(|end| end < now);
+        expired && !state.upload.as_ref().is_some_and(|u| u.is_young(now))
     }
 
     /// Moves a message past `max_age` to dead/ (and has it bounced), `then` saying why after its age.
@@ -1959,6 +1990,10 @@ impl Delivery {
         account: Option<&str>,
         at_least: Duration,
     ) -> Attempted {
+        if self.fails_expired(id, state, SystemTime::now()) {
+            let why = self.expired_with_drafts(state, &format!("last error: {why}"));
+            return self.dead(id, state, &why, account, &[]);
+        }
         state.failed(why);
         let step = self
             .queue
@@ -1998,6 +2033,10 @@ impl Delivery {
         why: &str,
         account: &str,
     ) -> Attempted {
+        if self.fails_expired(id, state, SystemTime::now()) {
+            let why = self.expired_with_drafts(state, &format!("last error: {why}"));
+            return self.dead(id, state, &why, Some(account), &[]);
+        }
         tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not counted as an attempt: the account was refused, not the message");
         // Its recorded next try goes too: a message woken early (its account's upstream back) would otherwise be
         // taken for not due yet when retaken, and wait for that old step instead of the hold's or pause's end.

@@ -173,8 +173,7 @@ impl Scheduler {
                     s.rerun.insert(id);
                     continue;
                 }
-                if s.in_flight.len() >= self.delivery.attempt_budget()
-                    || !self.delivery.may_start(id, now)
+                if s.in_flight.len() >= self.delivery.attempt_budget() || !self.delivery.may_start()
                 {
                     break;
                 }
