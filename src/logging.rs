@@ -13,17 +13,50 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` names its device and inode (systemd.exec(5)), and is
+/// inherited by whatever the service starts, so it counts only when stderr is still that stream (relay run by a
+/// script of a service, its stderr sent to a file, logs to the file).
+fn stderr_is_the_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(named) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(stderr)
+        .metadata()
+        .is_ok_and(|m| names_stream(&named, m.dev(), m.ino()))
+}
+
+/// Whether a `JOURNAL_STREAM` value ("DEVICE:INODE", decimal) names the file `(dev, ino)`.
+fn names_stream(value: &std::ffi::OsStr, dev: u64, ino: u64) -> bool {
+    value
+        .to_str()
+        .and_then(|s| s.split_once(':'))
+        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default level (info).
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // JOURNAL_STREAM is set by systemd when stderr is connected to the journal: only then is the native
     // protocol worth using (and only then is the socket sure to exist).
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if stderr_is_the_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
+        // Levels as journalctl's priorities read them (`-p info` is the daemon's default output, `-p notice`
+        // what needs a look): the crate maps INFO to NOTICE, which put every delivery among the notices.
+        let priorities = tracing_journald::PriorityMappings {
+            info: tracing_journald::Priority::Informational,
+            debug: tracing_journald::Priority::Debug,
+            ..tracing_journald::PriorityMappings::new()
+        };
         let journald = journald
             .with_field_prefix(None)
-            .with_syslog_identifier("relay".into());
+            .with_syslog_identifier("relay".into())
+            .with_priority_mappings(priorities);
         let _ = tracing_subscriber::registry()
             .with(filter)
             .with(journald)
@@ -144,6 +177,17 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn journal_stream_counts_only_for_the_file_it_names() {
+        let named = |v: &str| names_stream(std::ffi::OsStr::new(v), 64769, 2114);
+        assert!(named("64769:2114"));
+        assert!(!named("64769:2115"));
+        assert!(!named("1:2114"));
+        assert!(!named("64769"));
+        assert!(!named(""));
+        assert!(!named("64769:2114:1"));
     }
 
     #[test]

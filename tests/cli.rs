@@ -243,6 +243,12 @@ fn bad_config_fails_with_file_key_and_reason() {
             "queue.retry[1]",
             "soon",
         ),
+        // A step of nothing: a message refused for now would be sent again in a loop (hundreds a second).
+        (
+            "[queue]\nretry = [\"1m\", \"0s\"]\n",
+            "queue.retry[1]",
+            "`0s` is shorter than 1s",
+        ),
         (
             "[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n[[account]]\nname = \"office.test\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"b@example.com\"\ntoken_url = \"http://127.0.0.1:9/token\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n",
             "account[1].name",

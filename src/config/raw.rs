@@ -313,6 +313,7 @@ impl RawConfig {
                         errs.ok(humantime::parse_duration(s)
                             .map_err(|e| format!("`{s}`: {e}"))
                             .and_then(|d| at_most(d, YEAR, s))
+                            .and_then(|d| at_least_a_second(d, s))
                             .map_err(|r| errs.at(format!("queue.retry[{j}]"), r)))
                     })
                     .collect();
@@ -703,6 +704,17 @@ fn at_most(d: Duration, max: Duration, text: &str) -> Result<Duration, String> {
         return Err(format!(
             "`{text}` is longer than {}",
             humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+/// A retry step: under a second, a message the upstream keeps refusing for now would be sent again and again in a
+/// loop (hundreds of logins a second to the provider, a journal line each).
+fn at_least_a_second(d: Duration, text: &str) -> Result<Duration, String> {
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "`{text}` is shorter than 1s: a message the upstream refuses for now would be retried in a loop"
         ));
     }
     Ok(d)

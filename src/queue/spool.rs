@@ -811,7 +811,7 @@ impl DirFlusher {
 /// ext4 without a journal keeps the directory fsync: there the entry is written by `ext4_sync_parent`, which
 /// before Linux 4.13 missed names added to an existing directory block (a busy, indexed `queue/`). So does
 /// anything else (btrfs, ZFS, NFS, tmpfs, overlayfs, an unknown mount), and an ext4 whose journal cannot be seen
-/// (an external journal device).
+/// (an external journal device, on a kernel without ext4's `journal_task` in sysfs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LoneFlush {
     FileOnly,
@@ -842,21 +842,33 @@ fn mount_of(path: &Path) -> Option<(String, (u32, u32))> {
     ))
 }
 
-/// Whether the ext4 filesystem on device `(major, minor)` has an internal journal: jbd2 lists it in /proc as
-/// `DEVNAME-8` (8: the journal's inode), the device's kernel name coming from sysfs.
+/// Whether the ext4 filesystem on device `(major, minor)` has a journal: its `journal_task` in sysfs names jbd2's
+/// thread, or (kernels without that file) jbd2 lists it in /proc as `DEVNAME-8` (8: the journal's inode), the
+/// device's kernel name coming from sysfs.
 fn has_journal((major, minor): (u32, u32)) -> bool {
     let Ok(uevent) = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")) else {
         return false;
     };
-    uevent
+    let Some(name) = uevent
         .lines()
         .find_map(|l| l.strip_prefix("DEVNAME="))
-        .is_some_and(|name| {
-            !name.contains('/')
-                && Path::new("/proc/fs/jbd2")
-                    .join(format!("{name}-8"))
-                    .exists()
-        })
+        .filter(|name| !name.contains('/'))
+    else {
+        return false;
+    };
+    // sysfs first: the shipped unit's `ProcSubset=pid` hides /proc/fs, and every ext4 on a journal read as
+    // without one (a second flush per lone message under systemd, and nowhere else).
+    match fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task")) {
+        Ok(task) => journal_task_runs(&task),
+        Err(_) => Path::new("/proc/fs/jbd2")
+            .join(format!("{name}-8"))
+            .exists(),
+    }
+}
+
+/// What ext4's `journal_task` (sysfs) says: the pid of the filesystem's jbd2 thread, or `<none>` without a journal.
+fn journal_task_runs(task: &str) -> bool {
+    task.trim().parse::<u32>().is_ok()
 }
 
 /// The filesystem type of the mount of device `dev` ("MAJOR:MINOR") in a mountinfo table: the third field, and
@@ -914,6 +926,13 @@ mod tests {
         kept.write(b"Subject: x\r\n\r\nbody\r\n").await.unwrap();
         kept.commit().await.unwrap();
         assert_eq!(arriving(), 0);
+    }
+
+    #[test]
+    fn a_journal_is_seen_by_its_thread() {
+        assert!(journal_task_runs("30389\n"));
+        assert!(!journal_task_runs("<none>\n"));
+        assert!(!journal_task_runs(""));
     }
 
     #[test]
