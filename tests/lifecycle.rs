@@ -142,18 +142,38 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     let mut c = RawClient::in_data(first.addr).await;
     c.send(format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(200_000)).as_bytes())
         .await;
-    let second = tokio::process::Command::new(relay_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
+    let second = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["serve", "--config"])
+            .arg(&config),
+    );
     assert_eq!(second.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(
         stderr.contains("another relay is already running on this state dir"),
         "{stderr}"
     );
+    // Nor once `.lock` is removed under the first (a clean-up of dot files): the directory itself is held too. And
+    // the commands still see a relay running.
+    std::fs::remove_file(dir.path().join("state/.lock")).unwrap();
+    let second = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["serve", "--config"])
+            .arg(&config),
+    );
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another relay is already running on this state dir"),
+        "{stderr}"
+    );
+    let status = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
+    );
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.contains("daemon: not running"), "{status}");
     c.send(b".\r\n").await;
     c.expect(250).await;
     assert_eq!(queued_in(&dir.path().join("state")).len(), 1);

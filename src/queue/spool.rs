@@ -79,9 +79,9 @@ struct Inner {
     arriving: Arc<AtomicUsize>,
     /// Whether a new message may begin (the queue filesystem's free space).
     room: super::room::Room,
-    /// `STATE_DIR/.lock`, held (flock) while the spool is open: a second daemon on the same state dir would
-    /// take unsealed files of this one's sessions for leftovers and remove them.
-    _lock: File,
+    /// `STATE_DIR/.lock` and the state dir itself, held (flock) while the spool is open: a second daemon on the
+    /// same state dir would take unsealed files of this one's sessions for leftovers and remove them.
+    _lock: (File, Option<File>),
 }
 
 struct Job {
@@ -342,19 +342,38 @@ pub fn relay_runs_on(state_dir: &Path) -> bool {
 /// it (see [`lock_state_dir`]) instead of meeting what `f` does (`relay check` binding the listeners' addresses
 /// for a moment). `None`: a relay runs (or may: a lock file that cannot be opened).
 pub fn while_no_relay_runs<T>(state_dir: &Path, f: impl FnOnce() -> T) -> Option<T> {
-    use std::os::fd::AsRawFd;
     let file = match File::open(state_dir.join(".lock")) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(f()),
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(_) => return None,
     };
-    // SAFETY: the descriptor is open for the duration of the call.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+    if file
+        .as_ref()
+        .is_some_and(|f| flock(f, libc::LOCK_SH).is_err())
+    {
+        return None;
+    }
+    // The directory's own lock: a relay whose `.lock` was removed under it (a clean-up, by hand) still holds it.
+    let dir = File::open(state_dir).ok();
+    if dir.as_ref().is_some_and(|d| {
+        flock(d, libc::LOCK_SH).is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+    }) {
         return None;
     }
     let done = f();
-    drop(file);
+    drop((file, dir));
     Some(done)
+}
+
+/// `flock(2)` without waiting: `op` is `LOCK_SH` or `LOCK_EX`.
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A queue relay cannot write to (a read-only filesystem, a directory the service's user may not write) would
@@ -389,8 +408,7 @@ fn can_write(queue: &Path) -> Result<(), SpoolError> {
 
 /// Takes `STATE_DIR/.lock` for this process (released by the kernel however it ends). Held for a moment by
 /// another command (`relay status`, `relay check` looking whether a relay runs), it is tried again for a while.
-fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
-    use std::os::fd::AsRawFd;
+fn lock_state_dir(state_dir: &Path) -> Result<(File, Option<File>), SpoolError> {
     let path = state_dir.join(".lock");
     // Opened read-only when it exists (flock needs no more); one root creates is given to the state dir's
     // owner, so that it does not stop the service's user.
@@ -413,18 +431,32 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, SpoolError> {
     const PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
     let started = std::time::Instant::now();
     loop {
-        // SAFETY: the descriptor is open for the duration of the call.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(file);
+        match flock(&file, libc::LOCK_EX) {
+            Ok(()) => break,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                return Err(SpoolError::io(&path, e));
+            }
+            Err(_) if started.elapsed() >= PATIENCE => return Err(SpoolError::Locked { path }),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(SpoolError::io(&path, e));
+    }
+    // The directory too: `.lock` removed under a running relay (a clean-up of dot files, by hand) let a second
+    // one start here. A filesystem whose directories take no lock (some network ones) has `.lock`'s alone.
+    let dir = File::open(state_dir).map_err(|e| SpoolError::io(state_dir, e))?;
+    loop {
+        match flock(&dir, libc::LOCK_EX) {
+            Ok(()) => return Ok((file, Some(dir))),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                tracing::debug!(error = %e, "the state dir itself cannot be locked; its .lock is");
+                return Ok((file, None));
+            }
+            Err(_) if started.elapsed() >= PATIENCE => {
+                return Err(SpoolError::Locked {
+                    path: state_dir.to_path_buf(),
+                });
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
-        if started.elapsed() >= PATIENCE {
-            return Err(SpoolError::Locked { path });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
