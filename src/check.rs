@@ -24,6 +24,63 @@ pub fn busy_addresses(config: &Config) -> Vec<crate::config::Warning> {
         .unwrap_or_default()
 }
 
+/// Run as root (`sudo relay check`, as the README's install says), the files the config names and the state dir as
+/// the service's user sees them: root reads everything, and a secret only root may read passed the check, then
+/// stopped the service. Warnings, not errors: the unit's `User=` may be another (`RELAY_SERVICE_USER` names it).
+pub fn service_user_access(config: &Config) -> Vec<crate::config::Warning> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Vec::new();
+    }
+    let name = std::env::var("RELAY_SERVICE_USER")
+        .unwrap_or_else(|_| crate::access::SERVICE_USER.to_string());
+    let Some(user) = crate::access::User::lookup(&name) else {
+        return Vec::new();
+    };
+    let mut reads: Vec<(String, &std::path::Path)> =
+        vec![("config".into(), std::path::Path::new(&config.source))];
+    for (i, l) in config.listeners.iter().enumerate() {
+        reads.extend(
+            l.cert
+                .as_deref()
+                .map(|p| (format!("listener[{i}].cert"), p)),
+        );
+        reads.extend(l.key.as_deref().map(|p| (format!("listener[{i}].key"), p)));
+    }
+    for (i, a) in config.accounts.iter().enumerate() {
+        for (key, path) in [
+            ("client_secret_file", &a.client_secret_file),
+            ("certificate_file", &a.certificate_file),
+            ("private_key_file", &a.private_key_file),
+            ("service_account_file", &a.service_account_file),
+            ("password_file", &a.password_file),
+            ("ca_file", &a.ca_file),
+        ] {
+            reads.extend(path.as_deref().map(|p| (format!("account[{i}].{key}"), p)));
+        }
+    }
+    if let Some(crate::config::TokenEncryption::KeyFile(p)) = &config.token_encryption {
+        reads.push(("token_encryption".into(), p));
+    }
+    let mut warnings: Vec<crate::config::Warning> = reads
+        .into_iter()
+        .filter_map(|(key, path)| {
+            let why = user.may_read(path).err()?;
+            Some(crate::config::Warning {
+                key,
+                text: format!("{why}: `relay serve` run by the unit would stop there (this check runs as root, which reads anything)"),
+            })
+        })
+        .collect();
+    if let Err(why) = user.may_write_dir(&config.state_dir) {
+        warnings.push(crate::config::Warning {
+            key: "state_dir".into(),
+            text: format!("{why}: `relay serve` run by the unit would stop there (this check runs as root, which writes anywhere)"),
+        });
+    }
+    warnings
+}
+
 fn look_for_busy(config: &Config) -> Vec<crate::config::Warning> {
     let mut warnings = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {

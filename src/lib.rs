@@ -3,6 +3,7 @@
 //! A message's path: [`smtp`] receives it, [`queue`] makes it durable before the client hears 250, the queue's
 //! scheduler hands it to [`upstream`] with a token from [`tokens`] (obtained through [`oauth`]).
 
+pub mod access;
 pub mod accounts;
 pub mod alerts;
 pub mod authorize;

@@ -516,3 +516,57 @@ fn status_names_token_files_of_accounts_no_longer_configured() {
     );
     assert!(tokens.join("retired.json").exists(), "said, not removed");
 }
+
+/// Run as root (`sudo relay check`, as the install steps say), check reads the files the config names and looks at
+/// the state dir as the service's user (`relay`; here `nobody`, through `RELAY_SERVICE_USER`) would: a secret only
+/// root may read passed the check, then stopped the unit. Once the files are the user's, nothing is said.
+#[test]
+fn as_root_check_says_what_the_services_user_cannot_read_or_write() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("office-secret");
+    write_private(&secret, "s3cret");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\nclient_id = \"app\"\nclient_secret_file = {secret:?}\ntoken_url = \"http://127.0.0.1:9/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n"
+        ),
+    )
+    .unwrap();
+    let check = || {
+        run_bounded(
+            Command::new(relay_bin())
+                .args(["check", "--config"])
+                .arg(&config)
+                .env("RELAY_SERVICE_USER", "nobody"),
+        )
+    };
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "warnings only");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "warning: account[0].client_secret_file: the service's user nobody cannot read"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: state_dir: the service's user nobody cannot write to"),
+        "{err}"
+    );
+
+    let id = run_bounded(Command::new("id").args(["-u", "nobody"]));
+    let nobody: u32 = text(&id.stdout).trim().parse().unwrap();
+    for path in [&secret, &state] {
+        std::os::unix::fs::chown(path, Some(nobody), None).unwrap();
+    }
+    let err = text(&check().stderr);
+    assert!(!err.contains("the service's user"), "{err}");
+}

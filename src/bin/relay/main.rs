@@ -207,6 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .warnings()
                     .into_iter()
                     .chain(relay::check::busy_addresses(&c))
+                    .chain(relay::check::service_user_access(&c))
                 {
                     eprintln!("warning: {}: {}", w.key, w.text);
                 }

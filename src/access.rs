@@ -1,0 +1,135 @@
+//! Whether the service's user may read a file or write a directory, judged by owner, group and mode bits along
+//! the path: for `sudo relay check`, which runs as root and can read everything, while the unit runs as
+//! `User=relay` (a secret only root may read passed the check, then stopped the service).
+//!
+//! ACLs are not looked at: a file opened to the user by an ACL alone is said unreadable (a warning too many, never
+//! one missed where the mode bits give access, since an ACL can only narrow the group's bits through its mask).
+//! Users come from `/etc/passwd` and `/etc/group`, where `systemd-sysusers` puts system users; one known only to
+//! another NSS source (LDAP) is not found, and nothing is said.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The user the shipped unit runs relay as (`User=relay`); `RELAY_SERVICE_USER` names another (a drop-in's
+/// `User=`).
+pub const SERVICE_USER: &str = "relay";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    uid: u32,
+    /// The primary group and every group listing the user.
+    gids: Vec<u32>,
+}
+
+impl User {
+    /// The user `name` from the system's files, if it is there.
+    pub fn lookup(name: &str) -> Option<User> {
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        Self::from_tables(name, &passwd, &group)
+    }
+
+    fn from_tables(name: &str, passwd: &str, group: &str) -> Option<User> {
+        let (uid, gid) = passwd.lines().find_map(|line| {
+            let mut f = line.split(':');
+            (f.next()? == name).then_some(())?;
+            let _password = f.next()?;
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })?;
+        let mut gids = vec![gid];
+        gids.extend(group.lines().filter_map(|line| {
+            let mut f = line.split(':');
+            let _name = f.next()?;
+            let _password = f.next()?;
+            let id: u32 = f.next()?.parse().ok()?;
+            f.next()?.split(',').any(|m| m == name).then_some(id)
+        }));
+        Some(User {
+            name: name.to_string(),
+            uid,
+            gids,
+        })
+    }
+
+    /// `Err(why)` when the user cannot read the file at `path` (a directory on the way it may not search, or the
+    /// file's own bits). A path that cannot be looked at is not judged (`Ok`): the check says what else is wrong.
+    pub fn may_read(&self, path: &Path) -> Result<(), String> {
+        let Ok(real) = std::fs::canonicalize(path) else {
+            return Ok(());
+        };
+        self.may_reach(&real)?;
+        self.allowed(&real, 0o4, "read")
+    }
+
+    /// `Err(why)` when the user cannot make files in the directory at `path`. One that does not exist yet is not
+    /// judged: systemd's `StateDirectory=` makes it, owned by the user, when the service starts.
+    pub fn may_write_dir(&self, path: &Path) -> Result<(), String> {
+        let Ok(real) = std::fs::canonicalize(path) else {
+            return Ok(());
+        };
+        self.may_reach(&real)?;
+        self.allowed(&real, 0o3, "write to")
+    }
+
+    /// Every directory above `real` searchable by the user.
+    fn may_reach(&self, real: &Path) -> Result<(), String> {
+        for dir in real.ancestors().skip(1) {
+            self.allowed(dir, 0o1, "reach anything in")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the user's class of `path` (owner, group, others) has every bit of `want` (r=4, w=2, x=1).
+    fn allowed(&self, path: &Path, want: u32, what: &str) -> Result<(), String> {
+        let Ok(m) = std::fs::metadata(path) else {
+            return Ok(());
+        };
+        if self.uid == 0 {
+            return Ok(());
+        }
+        let mode = m.mode();
+        let bits = if m.uid() == self.uid {
+            mode >> 6
+        } else if self.gids.contains(&m.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        if bits & want == want {
+            return Ok(());
+        }
+        Err(format!(
+            "the service's user {} cannot {what} {} (owner uid {}, group gid {}, mode {:04o})",
+            self.name,
+            path.display(),
+            m.uid(),
+            m.gid(),
+            mode & 0o7777
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nrelay:x:998:997::/var/lib/relay:/usr/sbin/nologin\n";
+    const GROUP: &str = "root:x:0:\nssl-cert:x:110:relay,www-data\nrelay:x:997:\nadm:x:4:syslog\n";
+
+    #[test]
+    fn a_user_is_found_with_its_groups() {
+        let user = User::from_tables("relay", PASSWD, GROUP);
+        assert_eq!(
+            user,
+            Some(User {
+                name: "relay".into(),
+                uid: 998,
+                gids: vec![997, 110],
+            })
+        );
+        assert_eq!(User::from_tables("nobody", PASSWD, GROUP), None);
+        assert_eq!(User::from_tables("relay", "relay:x:oops:1\n", ""), None);
+    }
+}
