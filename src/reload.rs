@@ -90,6 +90,9 @@ pub struct Reloaded {
     /// Accounts kept as they run, with new sending limits.
     pub limits_changed: Vec<String>,
     pub listeners: ListenerChanges,
+    /// `[[user]]`s by name: added, changed (password or account), removed.
+    pub users: [Vec<String>; 3],
+    pub routes_changed: bool,
 }
 
 impl std::fmt::Display for Reloaded {
@@ -106,7 +109,7 @@ impl std::fmt::Display for Reloaded {
         };
         write!(
             f,
-            "accounts added: {}; changed: {}; removed: {}; sending limits changed: {}; listeners kept: {}, opened: {}, closed: {}",
+            "accounts added: {}; changed: {}; removed: {}; sending limits changed: {}; listeners kept: {}, opened: {}, closed: {}; users added: {}, changed: {}, removed: {}; routes {}",
             names(&self.accounts_added),
             names(&self.accounts_changed),
             names(&self.accounts_removed),
@@ -114,6 +117,14 @@ impl std::fmt::Display for Reloaded {
             self.listeners.kept,
             addrs(&self.listeners.opened),
             addrs(&self.listeners.closed),
+            names(&self.users[0]),
+            names(&self.users[1]),
+            names(&self.users[2]),
+            if self.routes_changed {
+                "changed"
+            } else {
+                "unchanged"
+            },
         )
     }
 }
@@ -403,11 +414,37 @@ impl Running {
             tracing::info!(relay_event = "listening", address = %addr, "listening");
         }
         done.listeners = changes;
+        done.users = users_changed(&self.config.users, &config.users);
+        done.routes_changed = serde_json::to_value(&self.config.routes).ok()
+            != serde_json::to_value(&config.routes).ok();
         self.accounts = accounts;
         self.config = config;
         self.restart_expiries(tasks);
         Ok(done)
     }
+}
+
+/// The users added, changed (password hash or account) and removed between two configs, by name.
+fn users_changed(
+    was: &[crate::config::UserConfig],
+    now: &[crate::config::UserConfig],
+) -> [Vec<String>; 3] {
+    let mut changes: [Vec<String>; 3] = Default::default();
+    for u in now {
+        match was.iter().find(|old| old.name == u.name) {
+            None => changes[0].push(u.name.clone()),
+            Some(old) if old.password_hash != u.password_hash || old.account != u.account => {
+                changes[1].push(u.name.clone())
+            }
+            Some(_) => {}
+        }
+    }
+    changes[2].extend(
+        was.iter()
+            .filter(|u| !now.iter().any(|n| n.name == u.name))
+            .map(|u| u.name.clone()),
+    );
+    changes
 }
 
 fn spawn_refresher(a: &RunningAccount, tasks: &mut JoinSet<()>) {

@@ -1051,3 +1051,51 @@ fn the_open_file_limit_is_raised_and_a_too_low_one_is_said() {
     assert_eq!(limits, [4096, 4096]);
     assert!(!log.iter().any(|l| l.contains("open files")), "{log:#?}");
 }
+
+/// `[[user]]`s added, changed and removed by a reload take effect at once, and the `reloaded` line says which (it
+/// named accounts and listeners only, so a sysadmin could not tell that a new device's login was taken).
+#[tokio::test]
+async fn a_reload_applies_and_names_the_users_added_changed_and_removed() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listener = format!("address = \"127.0.0.1:{port}\"\nauth = \"required\"\ntls = \"none\"\n");
+    let user = |name: &str, hash: &str| {
+        format!("[[user]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n")
+    };
+    let other = relay::smtp::auth::hash_password("another one").unwrap();
+    let config = write_config_with(
+        dir.path(),
+        &format!(
+            "{}{}",
+            user("scanner", &password_hash()),
+            user("pbx", &password_hash())
+        ),
+        &listener,
+    );
+    let mut daemon = Daemon::spawn(&config);
+    write_config_with(
+        dir.path(),
+        &format!("{}{}", user("pbx", &other), user("fax", &password_hash())),
+        &listener,
+    );
+    let reloaded = daemon.reload();
+    assert!(
+        reloaded.contains("users added: fax, changed: pbx, removed: scanner; routes unchanged"),
+        "{reloaded}"
+    );
+    for (name, password, code) in [
+        ("fax", PASSWORD, 235),
+        ("pbx", "another one", 235),
+        ("pbx", PASSWORD, 535),
+        ("scanner", PASSWORD, 535),
+    ] {
+        let mut c = RawClient::connect(addr(port)).await;
+        c.expect(220).await;
+        c.cmd("EHLO device.lan", 250).await;
+        let plain =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{name}\0{password}"));
+        let (got, text) = c.reply_to(&format!("AUTH PLAIN {plain}")).await;
+        assert_eq!(got, code, "{name}: {text}");
+    }
+}
