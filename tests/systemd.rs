@@ -1099,3 +1099,25 @@ async fn a_reload_applies_and_names_the_users_added_changed_and_removed() {
         assert_eq!(got, code, "{name}: {text}");
     }
 }
+
+/// A listener moved from 127.0.0.1 to 0.0.0.0 on the same port cannot be bound while relay's own listener holds
+/// the port: the reload is refused, and says it takes a restart (it said only "Address already in use").
+#[test]
+fn a_listener_moved_onto_its_own_port_says_it_takes_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &listener_on(port));
+    let mut daemon = Daemon::spawn(&config);
+    write_config(
+        dir.path(),
+        &format!("address = \"0.0.0.0:{port}\"\nauth = \"none\"\n"),
+    );
+    signal(&daemon, libc::SIGHUP);
+    let refused = daemon.wait_log("relay_event=\"reload_refused\"");
+    assert!(
+        refused.contains(&format!("relay itself listens on 127.0.0.1:{port}"))
+            && refused.contains("takes a restart"),
+        "{refused}"
+    );
+    assert!(greeted(port), "the running listener stays");
+}

@@ -133,7 +133,11 @@ impl Listeners {
                     let local = self.controls[i].local;
                     updates.push((i, self.context(config, index, cfg, local, &auth)?));
                 }
-                None => opened.push(self.open(config, index, cfg, &auth).await?),
+                None => opened.push(
+                    self.open(config, index, cfg, &auth)
+                        .await
+                        .map_err(|e| self.held_by_itself(e))?,
+                ),
             }
         }
         let closed = (0..self.controls.len()).filter(|i| !taken[*i]).collect();
@@ -144,6 +148,40 @@ impl Listeners {
             users,
             auth,
         })
+    }
+
+    /// An address a reload cannot bind because one of relay's own listeners holds its port on an overlapping
+    /// address (127.0.0.1:25 becoming 0.0.0.0:25): that takes a restart, and the error says so (it said only
+    /// "Address already in use").
+    fn held_by_itself(&self, e: BindError) -> BindError {
+        match e {
+            BindError::Bind {
+                index,
+                address,
+                source,
+            } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                let own = self
+                    .controls
+                    .iter()
+                    .map(|c| c.local)
+                    .find(|l| l.port() == address.port());
+                let source = match own {
+                    Some(own) => std::io::Error::new(
+                        source.kind(),
+                        format!(
+                            "{source}: relay itself listens on {own}, which overlaps it; moving a listener between an address and 0.0.0.0 or [::] on the same port takes a restart (`systemctl restart relay`)"
+                        ),
+                    ),
+                    None => source,
+                };
+                BindError::Bind {
+                    index,
+                    address,
+                    source,
+                }
+            }
+            other => other,
+        }
     }
 
     /// Puts a prepared reload in place; returns the new listeners, to be run.
