@@ -2056,9 +2056,18 @@ impl Delivery {
         match write_state(&self.paths.queue, id, state) {
             Ok(()) => {
                 lock(&self.unrecorded).remove(&id);
+                if STATE_WRITES_FAIL.swap(false, Ordering::Relaxed) {
+                    tracing::info!(relay_queue_id = %id, "delivery state files can be written again");
+                }
             }
             Err(e) => {
-                tracing::error!(relay_queue_id = %id, error = %e, "{what}");
+                // Once, then at debug until a write works: on a full or read-only disk every message's every
+                // deferral failed to write its state, an ERROR line each (the disk's own event says the cause).
+                if STATE_WRITES_FAIL.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(relay_queue_id = %id, error = %e, "{what}");
+                } else {
+                    tracing::error!(relay_queue_id = %id, error = %e, "{what} (the next failures to write delivery states are not logged until one works: the attempts are kept in memory meanwhile)");
+                }
                 let mut unrecorded = lock(&self.unrecorded);
                 // Recipients done with are always kept (a duplicate otherwise); a bare count only while the map is
                 // small, so that a huge backlog on a full disk cannot grow it without end (past that, those
@@ -2222,6 +2231,9 @@ impl Recovered {
         }
     }
 }
+
+/// Whether the last delivery state written failed (see `Delivery::record`).
+static STATE_WRITES_FAIL: AtomicBool = AtomicBool::new(false);
 
 /// Messages whose attempt count alone is kept in memory while their state files cannot be written: about 100
 /// bytes each.
