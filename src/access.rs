@@ -2,8 +2,8 @@
 //! the path: for `sudo relay check`, which runs as root and can read everything, while the unit runs as
 //! `User=relay` (a secret only root may read passed the check, then stopped the service).
 //!
-//! ACLs are not looked at: a file opened to the user by an ACL alone is said unreadable (a warning too many, never
-//! one missed where the mode bits give access, since an ACL can only narrow the group's bits through its mask).
+//! ACLs are not looked at, either way: a file opened to the user by an ACL alone is said unreadable, and one an
+//! ACL closes to it is not said.
 //! Users come from `/etc/passwd` and `/etc/group`, where `systemd-sysusers` puts system users; one known only to
 //! another NSS source (LDAP) is not found, and nothing is said.
 
@@ -58,6 +58,7 @@ impl User {
         let Ok(real) = std::fs::canonicalize(path) else {
             return Ok(());
         };
+        self.may_reach(path)?;
         self.may_reach(&real)?;
         self.allowed(&real, 0o4, "read")
     }
@@ -68,13 +69,16 @@ impl User {
         let Ok(real) = std::fs::canonicalize(path) else {
             return Ok(());
         };
+        self.may_reach(path)?;
         self.may_reach(&real)?;
         self.allowed(&real, 0o3, "write to")
     }
 
-    /// Every directory above `real` searchable by the user.
-    fn may_reach(&self, real: &Path) -> Result<(), String> {
-        for dir in real.ancestors().skip(1) {
+    /// Every directory above `path` searchable by the user. Asked of the path as written and of its target: the
+    /// directories that hold a link are walked through too (certbot's `live/`, 0700, holds the links to
+    /// `archive/`'s keys). A link within a link's target is not followed.
+    fn may_reach(&self, path: &Path) -> Result<(), String> {
+        for dir in path.ancestors().skip(1) {
             self.allowed(dir, 0o1, "reach anything in")?;
         }
         Ok(())

@@ -92,6 +92,7 @@ pub struct Reloaded {
     pub listeners: ListenerChanges,
     /// `[[user]]`s by name: added, changed (password or account), removed.
     pub users: [Vec<String>; 3],
+    /// The `[[route]]`s or `default_account` changed (a user's own account is said with the users).
     pub routes_changed: bool,
 }
 
@@ -109,12 +110,13 @@ impl std::fmt::Display for Reloaded {
         };
         write!(
             f,
-            "accounts added: {}; changed: {}; removed: {}; sending limits changed: {}; listeners kept: {}, opened: {}, closed: {}; users added: {}, changed: {}, removed: {}; routes {}",
+            "accounts added: {}; changed: {}; removed: {}; sending limits changed: {}; listeners kept: {} (settings changed: {}), opened: {}, closed: {}; users added: {}, changed: {}, removed: {}; routes {}",
             names(&self.accounts_added),
             names(&self.accounts_changed),
             names(&self.accounts_removed),
             names(&self.limits_changed),
             self.listeners.kept,
+            addrs(&self.listeners.changed),
             addrs(&self.listeners.opened),
             addrs(&self.listeners.closed),
             names(&self.users[0]),
@@ -416,7 +418,8 @@ impl Running {
         done.listeners = changes;
         done.users = users_changed(&self.config.users, &config.users);
         done.routes_changed = serde_json::to_value(&self.config.routes).ok()
-            != serde_json::to_value(&config.routes).ok();
+            != serde_json::to_value(&config.routes).ok()
+            || self.config.default_account != config.default_account;
         self.accounts = accounts;
         self.config = config;
         self.restart_expiries(tasks);

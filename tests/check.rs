@@ -529,6 +529,12 @@ fn as_root_check_says_what_the_services_user_cannot_read_or_write() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let secret = dir.path().join("office-secret");
     write_private(&secret, "s3cret");
+    // Named through a link in a directory only root may search, as certbot's `live/` holds links to `archive/`.
+    let live = dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink("../office-secret", live.join("office")).unwrap();
+    let link = live.join("office");
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -536,7 +542,7 @@ fn as_root_check_says_what_the_services_user_cannot_read_or_write() {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {state:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\nclient_id = \"app\"\nclient_secret_file = {secret:?}\ntoken_url = \"http://127.0.0.1:9/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n"
+            "state_dir = {state:?}\n[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n[[account]]\nname = \"office\"\nprovider = \"generic\"\nflow = \"client_credentials\"\nmailbox = \"a@example.com\"\nclient_id = \"app\"\nclient_secret_file = {link:?}\ntoken_url = \"http://127.0.0.1:9/token\"\nscope = \"s\"\nsmtp_host = \"127.0.0.1\"\nsmtp_tls = \"none\"\n"
         ),
     )
     .unwrap();
@@ -552,9 +558,7 @@ fn as_root_check_says_what_the_services_user_cannot_read_or_write() {
     assert_eq!(out.status.code(), Some(0), "warnings only");
     let err = text(&out.stderr);
     assert!(
-        err.contains(
-            "warning: account[0].client_secret_file: the service's user nobody cannot read"
-        ),
+        err.contains("warning: account[0].client_secret_file: the service's user nobody cannot"),
         "{err}"
     );
     assert!(
@@ -567,6 +571,16 @@ fn as_root_check_says_what_the_services_user_cannot_read_or_write() {
     for path in [&secret, &state] {
         std::os::unix::fs::chown(path, Some(nobody), None).unwrap();
     }
+    let err = text(&check().stderr);
+    assert!(
+        err.contains(&format!(
+            "account[0].client_secret_file: the service's user nobody cannot reach anything in {}",
+            live.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("state_dir"), "{err}");
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o755)).unwrap();
     let err = text(&check().stderr);
     assert!(!err.contains("the service's user"), "{err}");
 }

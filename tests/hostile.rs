@@ -483,6 +483,8 @@ fn client_text_never_forges_or_leaks_into_the_log_and_refusals_are_logged() {
         refused.contains("command=\"MAIL\"") && refused.contains("530 5.7.0"),
         "{refused}"
     );
+    // No sender yet: none said (an empty one reads as the null sender).
+    assert!(!refused.contains("sender="), "{refused}");
     let unknown = [
         relay.wait_log("authentication failed"),
         relay.wait_log("authentication failed"),

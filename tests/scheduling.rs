@@ -55,6 +55,32 @@ async fn an_expired_message_waits_for_a_busy_connection_and_is_tried() {
     assert_eq!(datas, 2, "each went once");
 }
 
+/// A last try past `max_age` (0 s here) that finds its account's per-minute window full waits for the window, as it
+/// waits for a busy connection: held, not sent to dead/ untried (a day's limit or a pause would send it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_waits_for_a_minutes_limit() {
+    let mut upstream = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", &upstream)],
+        "",
+        "rate = { per_minute = 1 }\n[queue]\nmax_age = \"0s\"\n",
+    );
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, BODY).await;
+    upstream.next().await;
+    let second = send_message(d.addr, b"Subject: second\r\n\r\nhello\r\n").await;
+    let line = d.wait_log_any(&["relay_event=\"held\"", "relay_event=\"dead\""]);
+    assert!(
+        line.contains("relay_event=\"held\"") && line.contains(&second),
+        "{line}"
+    );
+    assert!(files_in(&dir.path().join("state"), "dead").is_empty());
+}
+
 /// The scheduler stops turning (a test hook) while more messages arrive than its announcements of new mail hold
 /// (4,096; 16 here, through another test hook): those that found them full are on disk all the same, and are read
 /// from there once it turns again. Every message is delivered, once.

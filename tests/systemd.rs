@@ -1052,8 +1052,9 @@ fn the_open_file_limit_is_raised_and_a_too_low_one_is_said() {
     assert!(!log.iter().any(|l| l.contains("open files")), "{log:#?}");
 }
 
-/// `[[user]]`s added, changed and removed by a reload take effect at once, and the `reloaded` line says which (it
-/// named accounts and listeners only, so a sysadmin could not tell that a new device's login was taken).
+/// `[[user]]`s added, changed and removed by a reload take effect at once, and the `reloaded` line says which, and
+/// which kept listeners got new settings (it named accounts and listeners opened or closed only, so a sysadmin could
+/// not tell that a new device's login or a new connection limit was taken).
 #[tokio::test]
 async fn a_reload_applies_and_names_the_users_added_changed_and_removed() {
     use base64::Engine;
@@ -1077,11 +1078,18 @@ async fn a_reload_applies_and_names_the_users_added_changed_and_removed() {
     write_config_with(
         dir.path(),
         &format!("{}{}", user("pbx", &other), user("fax", &password_hash())),
-        &listener,
+        &format!("{listener}max_connections = 50\n"),
     );
     let reloaded = daemon.reload();
     assert!(
         reloaded.contains("users added: fax, changed: pbx, removed: scanner; routes unchanged"),
+        "{reloaded}"
+    );
+    // The listener kept, with a new limit: said too.
+    assert!(
+        reloaded.contains(&format!(
+            "listeners kept: 1 (settings changed: 127.0.0.1:{port})"
+        )),
         "{reloaded}"
     );
     for (name, password, code) in [

@@ -284,6 +284,9 @@ const READ_INLINE: u64 = 16 << 10;
 /// When a message that could not be looked at now (still arriving, an attempt that failed oddly, a wait with no
 /// end of its own) comes up again.
 const RECHECK: Duration = Duration::from_secs(30);
+/// The longest a limit may keep a message past `max_age` from its last try: a per-minute window (counted from the
+/// end of the deliveries in it, so a little over a minute from now).
+const BRIEF_LIMIT: Duration = Duration::from_secs(120);
 
 /// When a message whose state file cannot be read is looked at again.
 const STATE_RECHECK: Duration = Duration::from_secs(300);
@@ -980,9 +983,9 @@ impl Delivery {
         // no clear answer is asked again at the retry steps, until Google's week for it ends.
         let asks = expired && state.upload.as_ref().is_some_and(|u| u.is_young(now));
         // Otherwise an expired message is tried once more, as Postfix does (`maximal_queue_lifetime` bounces after
-        // a failed attempt): its last wait may have ended past max_age (a retry step, a hold, a limit), and the
-        // upstream may take it now. A failed attempt past max_age sends it to dead/ (`defer_for`, `held_back`), as
-        // does a wait that would keep it from being tried (a limit, a pause, an upstream held unreachable).
+        // a failed attempt): its retry step may have ended past max_age, and the upstream may take it now. A failed
+        // attempt past max_age sends it to dead/ (`defer_for`, `held_back`), as does a wait that would keep it from
+        // being tried for long (a day's limit, a pause, an upstream held unreachable: `waits_briefly`).
         let last_try = expired && !asks;
         const NO_ACCOUNT: &str = "no account is configured for this message (no [[route]] matches it, and neither its login's account nor default_account names one): add one, then `systemctl reload relay`";
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
@@ -1011,6 +1014,17 @@ impl Delivery {
                     .await;
             }
         };
+        // A Graph draft whose `/send` got no clear answer is not asked past max_age, as before the last try: asked,
+        // a sent draft that Sent Items does not keep (`save_to_sent_items = false`) reads as gone, and the message
+        // would go again. To dead/, its reason saying it may have been delivered.
+        if last_try && state.drafts.iter().any(|d| d.sent_at.is_some()) {
+            seeking.chosen();
+            let why = self.untried_why(&state, &msg.envelope);
+            return self
+                .clone()
+                .expire_untried(id, state, why, decision.accounts)
+                .await;
+        }
         let pool = decision.pool;
         // An expired message whose kept session is asked goes through the account holding it, or nowhere.
         let holder = state
@@ -1046,8 +1060,10 @@ impl Delivery {
                     .checked_add(crate::upstream::gmail::SESSION_LIFETIME)
             })
             .filter(|_| asks);
-        // When a wait for the upstream or a limit must end at the latest: at max_age, or at the session's week.
-        let expires = max_age_ends.filter(|_| !asks).or(session_end);
+        // When a wait for the upstream or a limit must end at the latest: at max_age, or at the session's week. (Not
+        // for the last try: its waits are short ones, below, and one ended at once would be taken up again and
+        // again.)
+        let expires = max_age_ends.filter(|_| !asks && !last_try).or(session_end);
         // Oldest first: attempts begun before this one choose first (see `seeking.rs`).
         seeking.after_older().await;
         if self.waiting.is_behind(pool, id) {
@@ -1102,8 +1118,9 @@ impl Delivery {
                 };
                 return Attempted::later(at);
             }
-            // Past max_age, and kept from its last try by more than a busy connection: dead/ now, with why.
-            Err(Wait::Limit(_) | Wait::Upstream(_)) if last_try => {
+            // Past max_age, and kept from its last try by more than a connection in use or a minute's limit: a
+            // day's limit, a pause, an upstream that does not answer. dead/ now, with why.
+            Err(wait) if last_try && !self.waits_briefly(&wait, names) => {
                 seeking.chosen();
                 let why = self.untried_why(&state, &msg.envelope);
                 return self.clone().expire_untried(id, state, why, names).await;
@@ -1307,16 +1324,10 @@ impl Delivery {
         let written = written || asked_written;
         // Not tried: another attempt found the upstream unreachable between this one taking the account and
         // connecting. It waits as if the account had not been taken (`take_place`), not an attempt.
-        if let Outcome::Unreachable { until, reply } = &outcome {
+        if let Outcome::Unreachable { until, .. } = &outcome {
             drop((message, memory, slot));
             reservation.unsent();
             self.slot_freed.notify_one();
-            if last_try && until.is_some() {
-                let why = self.untried_why(&state, &msg.envelope);
-                let why = format!("{why}; not tried: {reply}");
-                let names = std::slice::from_ref(&account.name);
-                return self.clone().expire_untried(id, state, why, names).await;
-            }
             let wait = match until {
                 Some(until) => {
                     let at = SystemTime::now()
@@ -1580,6 +1591,26 @@ impl Delivery {
             "expired after {} in the queue; {then}",
             humantime::format_duration(self.queue.max_age)
         )
+    }
+
+    /// Whether a last try (past `max_age`) kept by `wait` waits for it rather than going to dead/ untried: a
+    /// connection in use (one of its accounts merely busy counts, whatever the others say) or a limit's room that
+    /// comes back within a minute (a per-minute window, a delivery in flight ending). A day's limit, a pause, an
+    /// upstream held as not answering: it would not be tried before they end.
+    fn waits_briefly(&self, wait: &Wait, names: &[String]) -> bool {
+        let (now, instant) = (SystemTime::now(), std::time::Instant::now());
+        let busy = names.iter().filter_map(|n| self.accounts.get(n)).any(|a| {
+            a.slots.available_permits() == 0
+                && matches!(
+                    a.transports.ready(instant),
+                    Reachability::Up | Reachability::Probe | Reachability::Probing
+                )
+        });
+        busy || match wait {
+            Wait::Connection | Wait::Behind | Wait::Limit(None) => true,
+            Wait::Limit(Some(at)) => at.duration_since(now).unwrap_or_default() <= BRIEF_LIMIT,
+            Wait::Upstream(_) => false,
+        }
     }
 
     /// Why a message past `max_age` that cannot be tried now goes to dead/: its last error, or that it was never
@@ -2066,7 +2097,7 @@ impl Delivery {
                 if STATE_WRITES_FAIL.swap(true, Ordering::Relaxed) {
                     tracing::debug!(relay_queue_id = %id, error = %e, "{what}");
                 } else {
-                    tracing::error!(relay_queue_id = %id, error = %e, "{what} (the next failures to write delivery states are not logged until one works: the attempts are kept in memory meanwhile)");
+                    tracing::error!(relay_queue_id = %id, error = %e, "{what} (the next failures to write delivery states are logged at debug until one works; meanwhile the recipients delivered to, and the attempts of up to 100,000 messages, are kept in memory)");
                 }
                 let mut unrecorded = lock(&self.unrecorded);
                 // Recipients done with are always kept (a duplicate otherwise); a bare count only while the map is

@@ -442,7 +442,10 @@ fn lock_state_dir(state_dir: &Path) -> Result<(File, Option<File>), SpoolError> 
     }
     // The directory too: `.lock` removed under a running relay (a clean-up of dot files, by hand) let a second
     // one start here. A filesystem whose directories take no lock (some network ones) has `.lock`'s alone.
-    let dir = File::open(state_dir).map_err(|e| SpoolError::io(state_dir, e))?;
+    // (A state dir its user may write and search but not read (0730) cannot be opened: `.lock`'s alone then.)
+    let Ok(dir) = File::open(state_dir) else {
+        return Ok((file, None));
+    };
     loop {
         match flock(&dir, libc::LOCK_EX) {
             Ok(()) => return Ok((file, Some(dir))),

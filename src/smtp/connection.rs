@@ -238,7 +238,8 @@ fn log_refusal(session: &Session, reply: &Reply, logged: &mut Refusals<'_>) {
         relay_client = %session.peer(),
         command,
         address = ?shown(address),
-        sender = ?shown(sender.unwrap_or("")),
+        // No transaction yet (a refused MAIL): no field, where `sender=""` read as the null sender `<>`.
+        sender = sender.map(|s| tracing::field::debug(shown(s))),
         reply = %text.trim_end(),
         "command refused"
     );

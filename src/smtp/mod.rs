@@ -55,6 +55,8 @@ pub struct Prepared {
     updates: Vec<(usize, ListenerCtx)>,
     opened: Vec<(Listener, ListenerControl)>,
     closed: Vec<usize>,
+    /// Kept listeners whose settings changed (their addresses).
+    changed: Vec<std::net::SocketAddr>,
     users: Vec<(String, String, Option<String>)>,
     auth: Arc<auth::Authenticator>,
 }
@@ -63,6 +65,8 @@ pub struct Prepared {
 #[derive(Debug, Default)]
 pub struct ListenerChanges {
     pub kept: usize,
+    /// Kept, with new settings (limits, TLS, policy).
+    pub changed: Vec<std::net::SocketAddr>,
     pub opened: Vec<std::net::SocketAddr>,
     pub closed: Vec<std::net::SocketAddr>,
 }
@@ -120,6 +124,7 @@ impl Listeners {
         };
         let mut taken = vec![false; self.controls.len()];
         let mut updates = Vec::new();
+        let mut changed = Vec::new();
         let mut opened = Vec::new();
         for (index, cfg) in config.listeners.iter().enumerate() {
             let running = self
@@ -131,6 +136,11 @@ impl Listeners {
                 Some(i) => {
                     taken[i] = true;
                     let local = self.controls[i].local;
+                    if serde_json::to_value(self.controls[i].cfg()).ok()
+                        != serde_json::to_value(cfg).ok()
+                    {
+                        changed.push(local);
+                    }
                     updates.push((i, self.context(config, index, cfg, local, &auth)?));
                 }
                 None => opened.push(
@@ -145,6 +155,7 @@ impl Listeners {
             updates,
             opened,
             closed,
+            changed,
             users,
             auth,
         })
@@ -160,11 +171,15 @@ impl Listeners {
                 address,
                 source,
             } if source.kind() == std::io::ErrorKind::AddrInUse => {
-                let own = self
-                    .controls
-                    .iter()
-                    .map(|c| c.local)
-                    .find(|l| l.port() == address.port());
+                // The same port on an overlapping address: the same one, or a wildcard covering the other (0.0.0.0
+                // covers IPv4; [::] may cover both, where IPv6 sockets take IPv4 too).
+                let covers = |w: &std::net::SocketAddr, a: &std::net::SocketAddr| {
+                    w.ip().is_unspecified() && (w.is_ipv6() || a.is_ipv4())
+                };
+                let own = self.controls.iter().map(|c| c.local).find(|l| {
+                    l.port() == address.port()
+                        && (l.ip() == address.ip() || covers(l, &address) || covers(&address, l))
+                });
                 let source = match own {
                     Some(own) => std::io::Error::new(
                         source.kind(),
@@ -188,6 +203,7 @@ impl Listeners {
     pub fn commit(&mut self, prepared: Prepared) -> (Vec<Listener>, ListenerChanges) {
         let mut changes = ListenerChanges {
             kept: prepared.updates.len(),
+            changed: prepared.changed,
             ..ListenerChanges::default()
         };
         for (i, ctx) in prepared.updates {
