@@ -8,6 +8,25 @@ use common::*;
 
 const BODY: &[u8] = b"Subject: scan\r\n\r\nhello\r\n";
 
+/// `relay serve` with one account, `office`, delivering to `upstream` (`account` added to it), and mail past its
+/// `max_age` as soon as it is queued (0 s).
+async fn office(
+    upstream: &FakeUpstream,
+    account: &str,
+) -> (tempfile::TempDir, wiremock::MockServer, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(
+        dir.path(),
+        &idp.uri(),
+        &[("office", upstream)],
+        "",
+        &format!("{account}\n[queue]\nmax_age = \"0s\"\n"),
+    );
+    let daemon = Daemon::spawn(&config);
+    (dir, idp, daemon)
+}
+
 /// The only account has one connection, held by a message whose final dot the upstream has not answered yet. A
 /// second message, past `max_age` (0 s here) from the start, waits for that connection and is tried once it frees:
 /// mail past its age is tried once more before it goes to dead/, as Postfix does. (It went to dead/ untried
@@ -16,16 +35,7 @@ const BODY: &[u8] = b"Subject: scan\r\n\r\nhello\r\n";
 async fn an_expired_message_waits_for_a_busy_connection_and_is_tried() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
     *upstream.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
-    let dir = tempfile::tempdir().unwrap();
-    let idp = idp_issuing("tok").await;
-    let config = accounts_config(
-        dir.path(),
-        &idp.uri(),
-        &[("office", &upstream)],
-        "",
-        "max_connections = 1\n[queue]\nmax_age = \"0s\"\n",
-    );
-    let mut d = Daemon::spawn(&config);
+    let (dir, _idp, mut d) = office(&upstream, "max_connections = 1").await;
     let held = send_message(d.addr, BODY).await;
     // The fake has it and holds its reply: the one connection is taken.
     upstream.next().await;
@@ -60,16 +70,7 @@ async fn an_expired_message_waits_for_a_busy_connection_and_is_tried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_waits_for_a_minutes_limit() {
     let mut upstream = FakeUpstream::start(&["tok"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let idp = idp_issuing("tok").await;
-    let config = accounts_config(
-        dir.path(),
-        &idp.uri(),
-        &[("office", &upstream)],
-        "",
-        "rate = { per_minute = 1 }\n[queue]\nmax_age = \"0s\"\n",
-    );
-    let mut d = Daemon::spawn(&config);
+    let (dir, _idp, mut d) = office(&upstream, "rate = { per_minute = 1 }").await;
     send_message(d.addr, BODY).await;
     upstream.next().await;
     let second = send_message(d.addr, b"Subject: second\r\n\r\nhello\r\n").await;
