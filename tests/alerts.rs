@@ -277,11 +277,9 @@ async fn repeated_refresh_failures_open_one_incident_and_a_refresh_closes_it() {
     .await;
     // The refresher's tries fail three times in a row (a fifth of a second apart here, not 5, 10, 20 s), then
     // get a token; the messages' attempts meanwhile take its failures, asking nothing of their own.
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_REFRESH_BACKOFF_MS", "200");
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = Daemon::spawn_with(&config, |c| {
+        c.env("RELAY_TEST_REFRESH_BACKOFF_MS", "200");
+    });
     for _ in 0..3 {
         send(daemon.addr, "scanner@lan.test", "ops@example.com").await;
     }

@@ -22,9 +22,9 @@ const WIRE: &[u8] = b"From: scanner@example.com\r\nTo: ops@example.com\r\nSubjec
 /// `relay serve` on `config` with one of its debug-build test hooks set (`RELAY_TEST_…_MS`, see
 /// `relay::test_hooks`).
 fn daemon_with_hook(config: &std::path::Path, hook: &str, value: &str) -> Daemon {
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"]).arg(config).env(hook, value);
-    Daemon::start(cmd)
+    Daemon::spawn_with(config, |c| {
+        c.env(hook, value);
+    })
 }
 
 /// The state file of message `id` in `dir` (queue or dead).

@@ -729,11 +729,9 @@ async fn bdat_comes_back_after_a_hang_up_but_not_after_a_refusal() {
         let idp = idp_issuing("tok").await;
         let config =
             common::idp::accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
-        let mut cmd = std::process::Command::new(relay_bin());
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .env("RELAY_TEST_CHUNKING_DOUBT_MS", "0");
-        let mut daemon = Daemon::start(cmd);
+        let mut daemon = Daemon::spawn_with(&config, |c| {
+            c.env("RELAY_TEST_CHUNKING_DOUBT_MS", "0");
+        });
 
         // For the hang-up, large enough to go in many chunks, so that the hang-up after the first one comes while
         // relay still writes the rest. (A large one refused in words would lose its refusal to the reset of a

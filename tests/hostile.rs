@@ -843,11 +843,8 @@ fn out_of_descriptors_accept_failures_are_logged_once_and_service_resumes() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "address = \"127.0.0.1:0\"\nauth = \"none\"\n");
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"]).arg(&config);
     // About fifteen descriptors are the daemon's own: a few more than that for sessions.
-    open_file_limit(&mut cmd, 32, 32);
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = Daemon::spawn_with(&config, |c| open_file_limit(c, 32, 32));
     let addr = daemon.addr;
     let connect = || {
         let tcp = std::net::TcpStream::connect(addr).unwrap();
@@ -887,11 +884,9 @@ async fn memory_taken_by_a_burst_of_sessions_is_given_back() {
         "",
         "address = \"127.0.0.1:0\"\nauth = \"none\"\nmax_connections = 400\nmax_connections_per_client = 400",
     );
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_TRIM_MS", "500");
-    let daemon = Daemon::start(cmd);
+    let daemon = Daemon::spawn_with(&config, |c| {
+        c.env("RELAY_TEST_TRIM_MS", "500");
+    });
     let pid = daemon.pid();
     let rss = || proc_kib(pid, "VmRSS:");
     let before = rss();

@@ -1820,11 +1820,9 @@ async fn a_graph_draft_not_sent_after_a_500_is_removed_once_graph_had_time_and_s
     let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: bcc\r\n\r\nhi\r\n";
     let (_idp, api, d, dir) = daemon_through_api("microsoft").await;
     drop(d);
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(dir.path().join("relay.toml"))
-        .env("RELAY_TEST_GRAPH_SEND_SETTLES_MS", "1500");
-    let mut d = Daemon::start(cmd);
+    let mut d = Daemon::spawn_with(&dir.path().join("relay.toml"), |c| {
+        c.env("RELAY_TEST_GRAPH_SEND_SETTLES_MS", "1500");
+    });
     api.script(vec![graph_500()]);
     send_to(d.addr, &["ops@example.test", "audit@example.test"], msg).await;
     deferred_saying(

@@ -410,11 +410,9 @@ async fn a_token_save_waiting_for_its_lock_does_not_hold_up_mail() {
     let lock = std::fs::File::open(state.join("tokens/.office.lock")).unwrap();
     // SAFETY: flock on a file descriptor this test owns.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("TOKIO_WORKER_THREADS", "1");
-    let mut d = Daemon::start(cmd);
+    let mut d = Daemon::spawn_with(&config, |c| {
+        c.env("TOKIO_WORKER_THREADS", "1");
+    });
     // Where `/proc/PID/syscall` is closed to this process (Yama ptrace_scope 3, some sandboxes), the wait cannot
     // be seen.
     if std::fs::read_to_string(format!("/proc/{}/syscall", d.pid())).is_err() {

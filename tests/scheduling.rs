@@ -95,12 +95,10 @@ async fn mail_accepted_while_the_scheduler_lags_is_read_from_disk() {
     let config = accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
     let wedge = dir.path().join("wedge");
     std::fs::write(&wedge, b"").unwrap();
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("RELAY_TEST_WEDGE_SCHEDULER", &wedge)
-        .env("RELAY_TEST_ANNOUNCEMENTS_HELD", "16");
-    let mut d = Daemon::start(cmd);
+    let mut d = Daemon::spawn_with(&config, |c| {
+        c.env("RELAY_TEST_WEDGE_SCHEDULER", &wedge)
+            .env("RELAY_TEST_ANNOUNCEMENTS_HELD", "16");
+    });
     d.wait_log("wedged by the test hook");
 
     let mut senders = tokio::task::JoinSet::new();

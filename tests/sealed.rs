@@ -279,11 +279,9 @@ async fn the_systemd_credential_seals_plain_tokens_at_start() {
         std::time::Duration::from_secs(3600),
     );
 
-    let mut cmd = std::process::Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", &creds);
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = Daemon::spawn_with(&config, |c| {
+        c.env("CREDENTIALS_DIRECTORY", &creds);
+    });
     let line = daemon.wait_log("the token file was plain; it is encrypted from now on");
     assert!(line.contains("relay_account=office"), "{line}");
     send_message(daemon.addr, b"Subject: plain then sealed\r\n\r\nbody\r\n").await;

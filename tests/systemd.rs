@@ -612,11 +612,9 @@ async fn secrets_come_from_the_credentials_directory() {
     assert!(!stderr.contains("No such file"), "{stderr}");
     assert_eq!(stderr.matches("client_secret_file").count(), 1, "{stderr}");
 
-    let mut cmd = Command::new(relay_bin());
-    cmd.args(["serve", "--config"])
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", &creds);
-    let mut daemon = Daemon::start(cmd);
+    let mut daemon = Daemon::spawn_with(&config, |c| {
+        c.env("CREDENTIALS_DIRECTORY", &creds);
+    });
     send_message(daemon.addr, BODY).await;
     let got = upstream.next().await;
     assert_eq!(strip_received(&got.data), BODY);

@@ -558,8 +558,14 @@ pub fn relay_bin() -> &'static str {
 
 impl Daemon {
     pub fn spawn(config: &Path) -> Daemon {
+        Daemon::spawn_with(config, |_| {})
+    }
+
+    /// [`spawn`](Self::spawn), the command set up by `set` first (a test hook's variable, a limit).
+    pub fn spawn_with(config: &Path, set: impl FnOnce(&mut Command)) -> Daemon {
         let mut cmd = Command::new(relay_bin());
         cmd.args(["serve", "--config"]).arg(config);
+        set(&mut cmd);
         Daemon::start(cmd)
     }
 
