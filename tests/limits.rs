@@ -477,6 +477,21 @@ async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
     }
 }
 
+/// Past `max_age` (0 s), a message refused by one account's used-up quota is not bounced: the refusal is the
+/// account's, not the message's, and the route's other account takes it (it went to dead/ untried through `b`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_refused_by_a_paused_account_goes_through_the_other() {
+    let idp = idp_issuing("tok").await;
+    let first = FakeUpstream::start(&["tok"]).await;
+    *first.data_reply.lock().unwrap() =
+        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
+    let mut second = FakeUpstream::start(&["tok"]).await;
+    let mut relay = route_of_two(&idp, &first, &second, "[queue]\nmax_age = \"0s\"\n").await;
+    four_sent_all_through(&relay, &mut second).await;
+    relay.drained().await;
+    assert!(files_in(&relay.state(), "dead").is_empty());
+}
+
 /// One account of a route whose provider says its daily quota is used up is paused; the route's other account
 /// takes its mail meanwhile, the refused message included (at its next try), and nothing goes to dead/.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

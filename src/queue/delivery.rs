@@ -984,8 +984,8 @@ impl Delivery {
         let asks = expired && state.upload.as_ref().is_some_and(|u| u.is_young(now));
         // Otherwise an expired message is tried once more, as Postfix does (`maximal_queue_lifetime` bounces after
         // a failed attempt): its retry step may have ended past max_age, and the upstream may take it now. A failed
-        // attempt past max_age sends it to dead/ (`defer_for`, `held_back`), as does a wait that would keep it from
-        // being tried for long (a day's limit, a pause, an upstream held unreachable: `waits_briefly`).
+        // attempt past max_age sends it to dead/ (`defer_for`), as does a wait that would keep it from being tried
+        // for long (a day's limit, a pause, an upstream held unreachable: `waits_briefly`).
         let last_try = expired && !asks;
         const NO_ACCOUNT: &str = "no account is configured for this message (no [[route]] matches it, and neither its login's account nor default_account names one): add one, then `systemctl reload relay`";
         let decision = match self.routing.route(Addressing::from(&msg.envelope)) {
@@ -1656,7 +1656,7 @@ impl Delivery {
             .await
     }
 
-    /// Whether a message whose attempt failed (or was held back) is past `max_age` and goes to dead/ for it. Not
+    /// Whether a message whose attempt failed is past `max_age` and goes to dead/ for it. Not
     /// while a Gmail upload session an earlier attempt kept may have sent it: that is asked until Google's week
     /// for it ends.
     fn fails_expired(&self, id: QueueId, state: &DeliveryState, now: SystemTime) -> bool {
@@ -2064,10 +2064,8 @@ impl Delivery {
         why: &str,
         account: &str,
     ) -> Attempted {
-        if self.fails_expired(id, state, SystemTime::now()) {
-            let why = self.expired_with_drafts(state, &format!("last error: {why}"));
-            return self.dead(id, state, &why, Some(account), &[]);
-        }
+        // Past max_age too: not the message's failed attempt. Taken up again, it goes through another account of
+        // its route, or to dead/ when every one is held for long (`waits_briefly`).
         tracing::debug!(relay_queue_id = %id, relay_account = %account, reply = %why, "not counted as an attempt: the account was refused, not the message");
         // Its recorded next try goes too: a message woken early (its account's upstream back) would otherwise be
         // taken for not due yet when retaken, and wait for that old step instead of the hold's or pause's end.
