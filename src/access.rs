@@ -55,23 +55,23 @@ impl User {
     /// `Err(why)` when the user cannot read the file at `path` (a directory on the way it may not search, or the
     /// file's own bits). A path that cannot be looked at is not judged (`Ok`): the check says what else is wrong.
     pub fn may_read(&self, path: &Path) -> Result<(), String> {
-        let Ok(real) = std::fs::canonicalize(path) else {
-            return Ok(());
-        };
-        self.may_reach(path)?;
-        self.may_reach(&real)?;
-        self.allowed(&real, 0o4, "read")
+        self.may(path, 0o4, "read")
     }
 
     /// `Err(why)` when the user cannot make files in the directory at `path`. One that does not exist yet is not
     /// judged: systemd's `StateDirectory=` makes it, owned by the user, when the service starts.
     pub fn may_write_dir(&self, path: &Path) -> Result<(), String> {
+        self.may(path, 0o3, "write to")
+    }
+
+    /// The directories on the way to `path` (as written and as resolved) searchable, then `want` of its target.
+    fn may(&self, path: &Path, want: u32, what: &str) -> Result<(), String> {
         let Ok(real) = std::fs::canonicalize(path) else {
             return Ok(());
         };
         self.may_reach(path)?;
         self.may_reach(&real)?;
-        self.allowed(&real, 0o3, "write to")
+        self.allowed(&real, want, what)
     }
 
     /// Every directory above `path` searchable by the user. Asked of the path as written and of its target: the

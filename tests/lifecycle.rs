@@ -142,31 +142,24 @@ async fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     let mut c = RawClient::in_data(first.addr).await;
     c.send(format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(200_000)).as_bytes())
         .await;
-    let second = run_bounded(
-        std::process::Command::new(relay_bin())
-            .args(["serve", "--config"])
-            .arg(&config),
-    );
-    assert_eq!(second.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        stderr.contains("another relay is already running on this state dir"),
-        "{stderr}"
-    );
+    let second_refused = || {
+        let second = run_bounded(
+            std::process::Command::new(relay_bin())
+                .args(["serve", "--config"])
+                .arg(&config),
+        );
+        assert_eq!(second.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            stderr.contains("another relay is already running on this state dir"),
+            "{stderr}"
+        );
+    };
+    second_refused();
     // Nor once `.lock` is removed under the first (a clean-up of dot files): the directory itself is held too. And
     // the commands still see a relay running.
     std::fs::remove_file(dir.path().join("state/.lock")).unwrap();
-    let second = run_bounded(
-        std::process::Command::new(relay_bin())
-            .args(["serve", "--config"])
-            .arg(&config),
-    );
-    assert_eq!(second.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        stderr.contains("another relay is already running on this state dir"),
-        "{stderr}"
-    );
+    second_refused();
     let status = run_bounded(
         std::process::Command::new(relay_bin())
             .args(["status", "--config"])

@@ -477,14 +477,16 @@ async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
     }
 }
 
+/// Gmail's reply when the account's day is used up: the provider asks it to pause.
+const DAY_USED_UP: &str = "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp";
+
 /// Past `max_age` (0 s), a message refused by one account's used-up quota is not bounced: the refusal is the
 /// account's, not the message's, and the route's other account takes it (it went to dead/ untried through `b`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_refused_by_a_paused_account_goes_through_the_other() {
     let idp = idp_issuing("tok").await;
     let first = FakeUpstream::start(&["tok"]).await;
-    *first.data_reply.lock().unwrap() =
-        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
+    *first.data_reply.lock().unwrap() = DAY_USED_UP.into();
     let mut second = FakeUpstream::start(&["tok"]).await;
     let mut relay = route_of_two(&idp, &first, &second, "[queue]\nmax_age = \"0s\"\n").await;
     four_sent_all_through(&relay, &mut second).await;
@@ -498,8 +500,7 @@ async fn an_expired_message_refused_by_a_paused_account_goes_through_the_other()
 async fn a_paused_account_leaves_its_routes_mail_to_the_other() {
     let idp = idp_issuing("tok").await;
     let first = FakeUpstream::start(&["tok"]).await;
-    *first.data_reply.lock().unwrap() =
-        "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp".into();
+    *first.data_reply.lock().unwrap() = DAY_USED_UP.into();
     let mut second = FakeUpstream::start(&["tok"]).await;
     let mut relay = route_of_two(&idp, &first, &second, "[queue]\nretry = [\"1s\"]\n").await;
     four_sent_all_through(&relay, &mut second).await;
