@@ -1,6 +1,7 @@
 //! Whether the service's user may read a file or write a directory, judged by owner, group and mode bits along
 //! the path: for `sudo relay check`, which runs as root and can read everything, while the unit runs as
-//! `User=relay` (a secret only root may read passed the check, then stopped the service).
+//! `User=relay` (a secret only root may read passed the check, then stopped the service); and for `relay status`,
+//! which asks it of the running daemon's own credentials.
 //!
 //! ACLs are not looked at, either way: a file opened to the user by an ACL alone is said unreadable, and one an
 //! ACL closes to it is not said.
@@ -20,6 +21,8 @@ pub struct User {
     uid: u32,
     /// The primary group and every group listing the user.
     gids: Vec<u32>,
+    /// Whose rights these are: the daemon's own (read off the process) or the service's (from its name).
+    running: bool,
 }
 
 impl User {
@@ -28,6 +31,49 @@ impl User {
         let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
         let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
         Self::from_tables(name, &passwd, &group)
+    }
+
+    /// The credentials a running process opens files with (`/proc/PID/status`: its filesystem uid, gid and
+    /// supplementary groups), named from `/etc/passwd` when it is there. For `relay status`, which asks what the
+    /// daemon itself can write, whatever user it was started as.
+    pub fn of_process(pid: u32) -> Option<User> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        Self::from_status(&status, &passwd)
+    }
+
+    fn from_status(status: &str, passwd: &str) -> Option<User> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
+        };
+        // Real, effective, saved, filesystem: the last is what the kernel checks a path against.
+        let uid: u32 = field("Uid:")?.get(3)?.parse().ok()?;
+        let gid: u32 = field("Gid:")?.get(3)?.parse().ok()?;
+        let mut gids = vec![gid];
+        gids.extend(
+            field("Groups:")
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+        let name = passwd
+            .lines()
+            .find_map(|line| {
+                let mut f = line.split(':');
+                let name = f.next()?;
+                let _password = f.next()?;
+                (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+            .unwrap_or_else(|| format!("uid {uid}"));
+        Some(User {
+            name,
+            uid,
+            gids,
+            running: true,
+        })
     }
 
     fn from_tables(name: &str, passwd: &str, group: &str) -> Option<User> {
@@ -49,6 +95,7 @@ impl User {
             name: name.to_string(),
             uid,
             gids,
+            running: false,
         })
     }
 
@@ -84,6 +131,14 @@ impl User {
         Ok(())
     }
 
+    fn who(&self) -> String {
+        if self.running {
+            format!("the daemon's user {}", self.name)
+        } else {
+            format!("the service's user {}", self.name)
+        }
+    }
+
     /// Whether the user's class of `path` (owner, group, others) has every bit of `want` (r=4, w=2, x=1).
     fn allowed(&self, path: &Path, want: u32, what: &str) -> Result<(), String> {
         let Ok(m) = std::fs::metadata(path) else {
@@ -104,8 +159,8 @@ impl User {
             return Ok(());
         }
         Err(format!(
-            "the service's user {} cannot {what} {} (owner uid {}, group gid {}, mode {:04o})",
-            self.name,
+            "{} cannot {what} {} (owner uid {}, group gid {}, mode {:04o})",
+            self.who(),
             path.display(),
             m.uid(),
             m.gid(),
@@ -131,9 +186,28 @@ mod tests {
                 name: "relay".into(),
                 uid: 998,
                 gids: vec![997, 110],
+                running: false,
             })
         );
         assert_eq!(User::from_tables("nobody", PASSWD, GROUP), None);
         assert_eq!(User::from_tables("relay", "relay:x:oops:1\n", ""), None);
+    }
+
+    #[test]
+    fn a_process_is_judged_by_its_filesystem_ids_and_groups() {
+        let status =
+            "Name:\trelay\nUid:\t0\t998\t998\t998\nGid:\t997\t997\t997\t997\nGroups:\t110 4 \n";
+        assert_eq!(
+            User::from_status(status, PASSWD),
+            Some(User {
+                name: "relay".into(),
+                uid: 998,
+                gids: vec![997, 110, 4],
+                running: true,
+            })
+        );
+        let unnamed = "Uid:\t5000\t5000\t5000\t5000\nGid:\t5000\t5000\t5000\t5000\nGroups:\n";
+        assert_eq!(User::from_status(unnamed, PASSWD).unwrap().name, "uid 5000");
+        assert_eq!(User::from_status("Uid:\t1\n", PASSWD), None);
     }
 }

@@ -84,6 +84,9 @@ pub struct Status {
     /// The state dir is there but its `queue/` is not (removed while the daemon ran): no new mail can be stored
     /// until the daemon's next start makes it again.
     pub queue_dir_missing: bool,
+    /// Why the running daemon cannot make files in `queue/` (its user, the directory's owner and mode): every
+    /// new message is refused with 451 4.3.0. A chown or chmod by hand, or a `sudo relay serve` before the unit.
+    pub queue_unwritable: Option<String>,
     pub ok: bool,
 }
 
@@ -157,10 +160,15 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     // no queue/ yet, and nothing is wrong.
     let queue_dir_missing =
         running && config.state_dir.is_dir() && !config.state_dir.join("queue").is_dir();
+    let queue_unwritable = daemon
+        .as_ref()
+        .and_then(|d| crate::access::User::of_process(d.pid))
+        .and_then(|user| user.may_write_dir(queue_dir).err());
     let ok = !(!running
         || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
         || disk.as_ref().is_some_and(|d| d.short || d.read_only)
         || queue_dir_missing
+        || queue_unwritable.is_some()
         || accounts.is_empty()
         || queue.dead > 0
         || queue.quarantined > 0
@@ -178,6 +186,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         disk,
         stale_tokens,
         queue_dir_missing,
+        queue_unwritable,
         ok,
     })
 }

@@ -397,6 +397,67 @@ async fn a_nearly_full_disk_refuses_mail_at_mail_and_takes_it_again_once_freed()
     assert!(subjects.iter().any(|m| m.contains("Subject: kept")));
 }
 
+/// A `queue/` the daemon's user cannot write (a chown or chmod by hand) refuses every message with 451, and
+/// `relay status` says so with the user, the owner and the mode, read off the running daemon (here `nobody`);
+/// once it can write again, status is quiet about it. Root only (the daemon is started as another user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_the_daemon_cannot_write_is_said_by_status() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    if !is_root() {
+        return;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = run_bounded(Command::new("id").args([flag, "nobody"]));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let (uid, gid) = (id("-u"), id("-g"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    let config = write_config_with(dir.path(), "", "address = \"127.0.0.1:0\"\nauth = \"none\"");
+    let relay = Daemon::spawn_with(&config, |c| {
+        c.uid(uid).gid(gid);
+    });
+    let queue = state.join("queue");
+    std::fs::set_permissions(&queue, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let mut c = RawClient::ready(relay.addr).await;
+    c.cmd("MAIL FROM:<a@example.com>", 250).await;
+    c.cmd("RCPT TO:<b@example.com>", 250).await;
+    c.cmd("DATA", 354).await;
+    c.send(b"Subject: refused\r\n\r\nsmall\r\n.\r\n").await;
+    let reply = c.expect(451).await;
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "{doc}");
+    let why = doc["queue_unwritable"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the daemon's user nobody cannot write to")
+            && why.contains(&queue.display().to_string())
+            && why.contains("mode 0500"),
+        "{doc}"
+    );
+    let text = run_bounded(
+        Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
+    );
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("new mail is refused with 451 4.3.0"),
+        "{text:?}"
+    );
+
+    std::fs::set_permissions(&queue, std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert_eq!(
+        status_json(&config).1["queue_unwritable"],
+        serde_json::Value::Null
+    );
+    assert!(relay.terminate().success());
+}
+
 /// The state dir's filesystem goes read-only under the daemon (ext4's `errors=remount-ro` after disk errors): MAIL
 /// is refused with 451 4.3.0 (not 452 4.3.1 "storage": nobody should look at `df`), said once in the log,
 /// by `relay status` and by an alert; once it is writable again, mail is taken and the alert recovers. A start on a

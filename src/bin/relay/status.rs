@@ -42,6 +42,8 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             "daemon": status.daemon,
             "disk": status.disk,
             "stale_tokens": status.stale_tokens,
+            "queue_dir_missing": status.queue_dir_missing,
+            "queue_unwritable": status.queue_unwritable,
             "ok": status.ok && invalid.is_none(),
         });
         if let Some(e) = invalid {
@@ -99,6 +101,11 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             println!(
                 "queue: {} is missing (removed while relay ran?): new mail is refused with 451 4.3.0; `systemctl restart relay` makes it again (what was in it is gone)",
                 config.state_dir.join("queue").display()
+            );
+        }
+        if let Some(why) = &status.queue_unwritable {
+            println!(
+                "queue: {why}: new mail is refused with 451 4.3.0 until it can (give the directory back to that user with chown, or its write bit with chmod)"
             );
         }
         print!(
