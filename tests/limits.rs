@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::idp::{account_top, idp_issuing, relay_with_account_and};
-use common::upstream::{FakeUpstream, Received};
+use common::upstream::{DAY_USED_UP, FakeUpstream, Received};
 use common::*;
 
 const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:0\"\nauth = \"none\"\n";
@@ -476,9 +476,6 @@ async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
         );
     }
 }
-
-/// Gmail's reply when the account's day is used up: the provider asks it to pause.
-const DAY_USED_UP: &str = "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp";
 
 /// Past `max_age` (0 s), a message refused by one account's used-up quota is not bounced: the refusal is the
 /// account's, not the message's, and the route's other account takes it (it went to dead/ untried through `b`).

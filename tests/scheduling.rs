@@ -3,7 +3,7 @@
 mod common;
 
 use common::idp::{accounts_config, idp_issuing};
-use common::upstream::FakeUpstream;
+use common::upstream::{DAY_USED_UP, FakeUpstream};
 use common::*;
 
 const BODY: &[u8] = b"Subject: scan\r\n\r\nhello\r\n";
@@ -63,6 +63,58 @@ async fn an_expired_message_waits_for_a_busy_connection_and_is_tried() {
         .filter(|c| c.starts_with("DATA"))
         .count();
     assert_eq!(datas, 2, "each went once");
+}
+
+/// Mail past `max_age` (0 s) that its account cannot try for long, its provider having asked it to pause, goes to
+/// dead/ with the provider's words: the message refused with its reply, and one never tried with the pause and the
+/// reply that asked for it (it said only "never tried").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_mail_held_by_a_pause_goes_to_dead_with_the_providers_words() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = DAY_USED_UP.into();
+    let (_dir, _idp, mut d) = office(&upstream, "").await;
+    let refused = send_message(d.addr, BODY).await;
+    let first = d.wait_log("relay_event=\"dead\"");
+    assert!(
+        first.contains(&refused) && first.contains("last error: 550 5.4.5 Daily"),
+        "{first}"
+    );
+    let untried = send_message(d.addr, BODY).await;
+    let second = d.wait_log("relay_event=\"dead\"");
+    assert!(
+        second.contains(&untried)
+            && second.contains("never tried; the provider asked account office to pause until ")
+            && second.contains("(550 5.4.5 Daily"),
+        "{second}"
+    );
+}
+
+/// A message held by its account's pause says why with the provider's words (`relay queue show`): the bounce, if
+/// the hold outlasts `max_age`, says them too (it said only "held: the provider asked the account to pause").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_by_a_pause_keeps_the_providers_words() {
+    let upstream = FakeUpstream::start(&["tok"]).await;
+    *upstream.data_reply.lock().unwrap() = DAY_USED_UP.into();
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp_issuing("tok").await;
+    let config = accounts_config(dir.path(), &idp.uri(), &[("office", &upstream)], "", "");
+    let mut d = Daemon::spawn(&config);
+    send_message(d.addr, BODY).await;
+    d.wait_log("relay_event=\"paused\"");
+    let held = send_message(d.addr, b"Subject: second\r\n\r\nhello\r\n").await;
+    let line = d.wait_log("relay_event=\"held\"");
+    assert!(line.contains(&held), "{line}");
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["queue", "show", &held, "--config"])
+            .arg(&config),
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("held: the provider asked the account to pause until ")
+            && shown.contains("(550 5.4.5 Daily"),
+        "{shown}"
+    );
 }
 
 /// A last try past `max_age` (0 s here) that finds its account's per-minute window full waits for the window, as it

@@ -561,6 +561,18 @@ impl Delivery {
     /// For the dead-letter reason of a message that was never tried: an account of its route whose upstream is
     /// not answering now (its mail waits untried while one connection at a time tries it), in words. Said as a
     /// fact about now, not as the cause: the message may have waited for other reasons before.
+    /// The first of `accounts` that its provider asked to pause, with the pause.
+    fn pause_of(
+        &self,
+        accounts: &[String],
+        now: SystemTime,
+    ) -> Option<(String, super::pause::PauseReport)> {
+        accounts.iter().find_map(|name| {
+            let pause = self.accounts.get(name)?.rate.pause(now)?;
+            Some((name.clone(), pause))
+        })
+    }
+
     fn outage_of(&self, envelope: &Envelope) -> Option<String> {
         let now = std::time::Instant::now();
         let decision = self.routing.route(Addressing::from(envelope))?;
@@ -1143,12 +1155,8 @@ impl Delivery {
                         |t| humantime::format_rfc3339_seconds(t).to_string(),
                     );
                     // A pause the provider asked for (a 429, a used-up day) holds the same way as a limit.
-                    let paused = decision.accounts.iter().any(|name| {
-                        self.accounts
-                            .get(name)
-                            .is_some_and(|a| a.rate.paused(now).is_some())
-                    });
-                    let why = if paused {
+                    let paused = self.pause_of(decision.accounts, now);
+                    let why = if paused.is_some() {
                         "held: the provider asked the account to pause"
                     } else {
                         "held by the account's sending limits"
@@ -1175,8 +1183,11 @@ impl Delivery {
                         })
                     {
                         state.held_until = Some(until);
+                        // The provider's words too: they are what a bounce after the hold can say of it.
+                        let reply =
+                            paused.map_or(String::new(), |(_, p)| format!(" ({})", p.reply));
                         state.waits(&format!(
-                            "{why} until {}",
+                            "{why} until {}{reply}",
                             humantime::format_rfc3339_seconds(until)
                         ));
                         let waiting = Attempted::Waiting {
@@ -1616,10 +1627,19 @@ impl Delivery {
     /// Why a message past `max_age` that cannot be tried now goes to dead/: its last error, or that it was never
     /// tried (and why, if its upstream is not answering), and whether a Graph draft of it may have gone.
     fn untried_why(&self, state: &DeliveryState, envelope: &Envelope) -> String {
+        let paused = || {
+            let decision = self.routing.route(Addressing::from(envelope))?;
+            let (name, p) = self.pause_of(decision.accounts, SystemTime::now())?;
+            Some(format!(
+                "the provider asked account {name} to pause until {} ({})",
+                humantime::format_rfc3339_seconds(p.until),
+                p.reply
+            ))
+        };
         let then = match &state.last_error {
             Some(last) => format!("last error: {last}"),
-            None => match self.outage_of(envelope) {
-                Some(outage) => format!("never tried; {outage}"),
+            None => match self.outage_of(envelope).or_else(paused) {
+                Some(why) => format!("never tried; {why}"),
                 None => "never tried".to_string(),
             },
         };

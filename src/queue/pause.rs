@@ -61,14 +61,14 @@ pub fn forget_all(state_dir: &Path) -> Result<(), (PathBuf, std::io::Error)> {
 pub struct ProviderPause {
     /// `None`: in memory only (an account built without a state dir).
     path: Option<PathBuf>,
-    until: Mutex<Option<SystemTime>>,
+    now: Mutex<Option<PauseReport>>,
 }
 
 impl ProviderPause {
     pub fn unpersisted() -> ProviderPause {
         ProviderPause {
             path: None,
-            until: Mutex::new(None),
+            now: Mutex::new(None),
         }
     }
 
@@ -78,7 +78,7 @@ impl ProviderPause {
         let report = read_pause(state_dir, account, now);
         let pause = ProviderPause {
             path: Some(pause_path(state_dir, account)),
-            until: Mutex::new(report.as_ref().map(|r| r.until)),
+            now: Mutex::new(report.clone()),
         };
         match &report {
             Some(r) => tracing::warn!(
@@ -97,19 +97,18 @@ impl ProviderPause {
     /// account was not paused before.
     pub fn extend(&self, until: SystemTime, reply: &str) -> bool {
         let now = SystemTime::now();
-        let mut p = lock(&self.until);
-        let was = p.filter(|&at| at > now);
+        let mut p = lock(&self.now);
+        let was = p.as_ref().map(|r| r.until).filter(|&at| at > now);
         if was.is_some_and(|at| at >= until) {
             return false;
         }
-        *p = Some(until);
+        let report = p.insert(PauseReport {
+            until,
+            reply: reply.to_string(),
+        });
         // Written under the lock, so that two pauses asked at once leave the later one on file.
         if let Some(path) = &self.path {
-            let report = PauseReport {
-                until,
-                reply: reply.to_string(),
-            };
-            let bytes = serde_json::to_vec_pretty(&report).unwrap_or_default();
+            let bytes = serde_json::to_vec_pretty(report).unwrap_or_default();
             if let Err(e) = crate::state_files::replace(path, &bytes) {
                 // The pause holds all the same; only `relay status` and a restart will not know of it.
                 tracing::warn!(path = %path.display(), error = %e, "cannot record the pause");
@@ -120,19 +119,24 @@ impl ProviderPause {
 
     /// Ends a pause early (`relay queue retry`: the sysadmin says the cause is gone); whether there was one.
     pub fn lift(&self, now: SystemTime) -> bool {
-        let mut p = lock(&self.until);
+        let mut p = lock(&self.now);
         let was = p.take();
         if was.is_some() {
             self.forget();
         }
-        was.is_some_and(|until| until > now)
+        was.is_some_and(|r| r.until > now)
     }
 
     /// Until when the account is paused, if that is still ahead.
     pub fn until(&self, now: SystemTime) -> Option<SystemTime> {
-        let mut p = lock(&self.until);
-        match *p {
-            Some(until) if until > now => Some(until),
+        self.report(now).map(|r| r.until)
+    }
+
+    /// The pause, with the provider's words that asked for it, if it is still ahead.
+    pub fn report(&self, now: SystemTime) -> Option<PauseReport> {
+        let mut p = lock(&self.now);
+        match &*p {
+            Some(r) if r.until > now => Some(r.clone()),
             Some(_) => {
                 *p = None;
                 self.forget();

@@ -257,6 +257,11 @@ impl AccountRate {
         self.pause.until(now)
     }
 
+    /// The pause still ahead, with the provider's words that asked for it.
+    pub fn pause(&self, now: SystemTime) -> Option<super::pause::PauseReport> {
+        self.pause.report(now)
+    }
+
     pub fn limits(&self) -> RateConfig {
         *lock(&self.limits)
     }

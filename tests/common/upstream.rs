@@ -593,3 +593,7 @@ async fn w<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     s.get_mut().write_all((line + "\r\n").as_bytes()).await
 }
+
+/// Gmail's reply when the account's day is used up: the provider asks it to pause (an hour).
+#[allow(dead_code)] // not every test binary uses it
+pub const DAY_USED_UP: &str = "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to https://support.google.com/a/answer/166852 - gsmtp";
