@@ -477,6 +477,57 @@ async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
     }
 }
 
+/// A route's account `a` has used up its day and `b` has its one connection in use: the next message waits for
+/// `b`'s connection (a delivery's end), and goes through `b`. It was logged "held by the account's sending
+/// limits" until `a`'s day ends, and written down as held for `relay status`, though `b` took it seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
+    let idp = idp_issuing("tok").await;
+    let mut limited = FakeUpstream::start(&["tok"]).await;
+    let mut busy = FakeUpstream::start(&["tok"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_private(&dir.path().join("secret"), "s3cret-value\n");
+    let top = format!(
+        "{}{}[[route]]\nrecipient = \"*@example.com\"\naccounts = [\"a\", \"b\"]\n",
+        account(
+            "a",
+            &idp.uri(),
+            &limited,
+            "rate = { recipients_per_day = 1 }"
+        ),
+        account("b", &idp.uri(), &busy, "max_connections = 1"),
+    );
+    let config = write_config_with(
+        dir.path(),
+        &top,
+        "address = \"127.0.0.1:0\"\nauth = \"none\"",
+    );
+    let mut daemon = Daemon::spawn_with(&config, |c| {
+        c.env("RUST_LOG", "relay=debug");
+    });
+    // `a` first (the same share of the day, config order): its day is used up.
+    send_to(daemon.addr, &["one@example.com"], "first").await;
+    next_within(&mut limited, LIMIT).await;
+    daemon.wait_log("relay_event=\"delivered\"");
+    *busy.data_reply.lock().unwrap() = "HOLD 250 2.0.0 OK".into();
+    send_to(daemon.addr, &["two@example.com"], "second").await;
+    next_within(&mut busy, LIMIT).await;
+    *busy.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
+    let third = send_to(daemon.addr, &["three@example.com"], "third").await;
+    let line = daemon.wait_log_any(&["waiting: every connection", "relay_event=\"held\""]);
+    assert!(
+        line.contains(&third) && line.contains("waiting: every connection"),
+        "{line}"
+    );
+    busy.release.notify_one();
+    assert_eq!(subject(&next_within(&mut busy, LIMIT).await), "third");
+    let log = daemon.terminate_with_log();
+    assert!(
+        !log.iter().any(|l| l.contains("relay_event=\"held\"")),
+        "{log:#?}"
+    );
+}
+
 /// Past `max_age` (0 s), a message refused by one account's used-up quota is not bounced: the refusal is the
 /// account's, not the message's, and the route's other account takes it (it went to dead/ untried through `b`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -740,6 +740,9 @@ impl Delivery {
         }
         let mut limited: Option<Option<SystemTime>> = None;
         let mut unreachable: Option<SystemTime> = None;
+        // An account whose connections are all in use but whose limits have room: a delivery's end lets the
+        // message go, however long another account's limit lasts.
+        let mut busy = false;
         for (_, reach, a) in accounts {
             // An upstream that could not be reached a moment ago is not tried again before its hold ends, and then
             // by one connection at a time; another account of the route may take the message meanwhile.
@@ -753,6 +756,7 @@ impl Delivery {
                 Reachability::Up | Reachability::Probe => {}
             }
             let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+                busy |= a.rate.room_for(now, recipients) > 0;
                 continue;
             };
             match a.rate.reserve(now, recipients) {
@@ -769,6 +773,7 @@ impl Delivery {
         // A limit says when it frees (and is logged so); an unreachable account of the same route whose hold
         // ends sooner is seen by the scheduler's tick, which asks `room_for` (it counts that account again then).
         Err(match (limited, unreachable) {
+            _ if busy => Wait::Connection,
             (Some(l), _) => Wait::Limit(l),
             (None, Some(u)) => Wait::Upstream(u),
             (None, None) => Wait::Connection,
@@ -1143,6 +1148,9 @@ impl Delivery {
                 // Taken up again when it expires, if that comes first: it goes to dead/ then (and is reported),
                 // not when the window frees, maybe a day later. (Expired already and asking its session: until
                 // the session's week ends, or it would be taken up again at once, and again.)
+                if let Wait::Connection = wait {
+                    tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), "waiting: every connection of the accounts with room is in use");
+                }
                 if let Wait::Upstream(at) = wait {
                     tracing::debug!(relay_queue_id = %id, relay_account = %decision.accounts.join(","), until = %humantime::format_rfc3339_seconds(at), "waiting: the account's upstream could not be reached, or refused its fresh token, a moment ago");
                     wait = Wait::Upstream(expires.map_or(at, |e| e.min(at)));

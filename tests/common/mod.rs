@@ -580,9 +580,12 @@ impl Daemon {
 
     /// Starts `cmd` without waiting for anything (`addr` stays unset).
     pub fn launch(mut cmd: Command) -> Daemon {
+        // Info, unless the test asked for more.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let mut child = cmd
             .env_remove("JOURNAL_STREAM")
-            .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
