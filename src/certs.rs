@@ -27,6 +27,33 @@ pub fn validity(path: &Path) -> Result<Validity, String> {
     })
 }
 
+/// Days ahead at which a listener's certificate is warned about.
+pub const WARN_DAYS: u64 = 30;
+
+/// Why clients checking a certificate refuse it, or soon will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    NotYetValid(SystemTime),
+    Expired(SystemTime),
+    /// Fewer than [`WARN_DAYS`] left: whole days, and the end.
+    Expiring(u64, SystemTime),
+}
+
+impl Validity {
+    pub fn trouble(&self, now: SystemTime) -> Option<Trouble> {
+        if now < self.not_before {
+            return Some(Trouble::NotYetValid(self.not_before));
+        }
+        match self.not_after.duration_since(now) {
+            Err(_) => Some(Trouble::Expired(self.not_after)),
+            Ok(left) if left.as_secs() / 86_400 < WARN_DAYS => {
+                Some(Trouble::Expiring(left.as_secs() / 86_400, self.not_after))
+            }
+            Ok(_) => None,
+        }
+    }
+}
+
 /// "2027-05-01", as the warnings say dates.
 pub fn day(t: SystemTime) -> String {
     let full = humantime::format_rfc3339_seconds(t).to_string();

@@ -29,6 +29,40 @@ pub struct Loaded {
     /// The last reload, when it was refused (a later one that succeeds clears it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refused>,
+    /// The listeners' certificates as loaded: what clients are shown until the next reload, whatever the files
+    /// hold now (a renewal without `systemctl reload relay` changes the file, not what is served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Served>,
+}
+
+/// A listener's certificate as the daemon loaded it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Served {
+    pub listener: String,
+    pub file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub not_before: SystemTime,
+    #[serde(with = "humantime_serde")]
+    pub not_after: SystemTime,
+}
+
+/// The certificates `config`'s TLS listeners load (read from their files, as the listeners just did).
+pub fn served(config: &Config) -> Vec<Served> {
+    config
+        .listeners
+        .iter()
+        .filter(|l| l.tls != crate::config::ListenerTls::None)
+        .filter_map(|l| {
+            let file = l.cert.clone()?;
+            let v = crate::certs::validity(&file).ok()?;
+            Some(Served {
+                listener: l.address.to_string(),
+                file,
+                not_before: v.not_before,
+                not_after: v.not_after,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,18 +97,20 @@ impl Report {
                 config_digest: config.digest.clone(),
                 loaded_at: now,
                 refused: None,
+                certificates: served(config),
             }),
         };
         report.write();
         report
     }
 
-    pub fn reloaded(&self, source: &str, digest: &str) {
+    pub fn reloaded(&self, source: &str, digest: &str, certificates: Vec<Served>) {
         self.change(|d| {
             d.config = resolved(source);
             d.config_digest = digest.to_string();
             d.loaded_at = SystemTime::now();
             d.refused = None;
+            d.certificates = certificates;
         });
     }
 
@@ -125,6 +161,8 @@ pub struct DaemonReport {
     pub config_changed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reload_refused: Option<Refused>,
+    /// The listeners' certificates as the daemon loaded them.
+    pub certificates: Vec<Served>,
 }
 
 /// The running daemon's report, when the file is there and its pid is alive (a daemon that has just taken the
@@ -144,6 +182,7 @@ pub fn read(config: &Config) -> Option<DaemonReport> {
         loaded_at: loaded.loaded_at,
         other_config,
         reload_refused: loaded.refused,
+        certificates: loaded.certificates,
     })
 }
 
@@ -197,7 +236,7 @@ mod tests {
             "relay.toml: account.x: nope"
         );
 
-        report.reloaded(&edited.source, &edited.digest);
+        report.reloaded(&edited.source, &edited.digest, Vec::new());
         let now = read(&edited).unwrap();
         assert!(!now.config_changed && now.reload_refused.is_none());
     }

@@ -216,11 +216,12 @@ where
     let loaded = tokio::task::spawn_blocking(move || {
         load().map(|config| {
             let warnings = daemon_warnings(&config);
-            (config, warnings)
+            let served = crate::running::served(&config);
+            (config, warnings, served)
         })
     });
     let refused = match loaded.await {
-        Ok(Ok((config, warnings))) => {
+        Ok(Ok((config, warnings, served))) => {
             let file = config.source.clone();
             let digest = config.digest.clone();
             let accounts: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
@@ -229,7 +230,7 @@ where
                     // Before the log line, which is what a sysadmin (or a test) runs `relay status` after.
                     let source = file.clone();
                     loads
-                        .report_off_thread(move |r| r.reloaded(&source, &digest))
+                        .report_off_thread(move |r| r.reloaded(&source, &digest, served))
                         .await;
                     tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
                     // As at start: a renewed certificate that is already expired, a listener no one can use.

@@ -87,6 +87,9 @@ pub struct Status {
     /// Why the running daemon cannot make files in `queue/` (its user, the directory's owner and mode): every
     /// new message is refused with 451 4.3.0. A chown or chmod by hand, or a `sudo relay serve` before the unit.
     pub queue_unwritable: Option<String>,
+    /// The running daemon's listener certificates that clients checking them refuse (expired, not valid yet) or
+    /// soon will (within 30 days): as loaded, which a renewal without a reload does not change.
+    pub certificates: Vec<String>,
     pub ok: bool,
 }
 
@@ -164,11 +167,16 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .as_ref()
         .and_then(|d| crate::access::User::of_process(d.pid))
         .and_then(|user| user.may_write_dir(queue_dir).err());
+    let certificates = daemon
+        .as_ref()
+        .map(|d| served_warnings(&d.certificates, now))
+        .unwrap_or_default();
     let ok = !(!running
         || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
         || disk.as_ref().is_some_and(|d| d.short || d.read_only)
         || queue_dir_missing
         || queue_unwritable.is_some()
+        || !certificates.is_empty()
         || accounts.is_empty()
         || queue.dead > 0
         || queue.quarantined > 0
@@ -187,8 +195,47 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         stale_tokens,
         queue_dir_missing,
         queue_unwritable,
+        certificates,
         ok,
     })
+}
+
+/// What is wrong with the certificates the daemon serves, one line each: those that clients checking them refuse, or
+/// will within [`crate::certs::WARN_DAYS`]. Said of what was loaded, with what the file holds now when that
+/// differs (renewed, not yet reloaded).
+fn served_warnings(served: &[crate::running::Served], now: SystemTime) -> Vec<String> {
+    use crate::certs::{Trouble, Validity, day};
+    served
+        .iter()
+        .filter_map(|c| {
+            let loaded = Validity {
+                not_before: c.not_before,
+                not_after: c.not_after,
+            };
+            let trouble = match loaded.trouble(now)? {
+                Trouble::NotYetValid(at) => format!("is not valid until {}", day(at)),
+                Trouble::Expired(at) => {
+                    format!(
+                        "expired on {}: clients that check it refuse to send",
+                        day(at)
+                    )
+                }
+                Trouble::Expiring(days, at) => format!("expires in {days} day(s), on {}", day(at)),
+            };
+            let fix = match crate::certs::validity(&c.file) {
+                Ok(v) if v != loaded && v.trouble(now).is_none() => format!(
+                    "the file now holds one valid until {}: `systemctl reload relay` serves it",
+                    day(v.not_after)
+                ),
+                _ => "renew it, then `systemctl reload relay`".to_string(),
+            };
+            Some(format!(
+                "listener {} serves a certificate ({}) that {trouble}; {fix}",
+                c.listener,
+                c.file.display()
+            ))
+        })
+        .collect()
 }
 
 /// How many [`Status::stale_tokens`] are named.

@@ -368,6 +368,55 @@ fn dated_cert(
     (cert_path, key_path)
 }
 
+/// `relay status` says a listener certificate the daemon serves that clients refuse (exit 1), as loaded: renewed in
+/// place without a reload, the old one is still served, and status says the file's is valid and a reload serves
+/// it; after the reload it is quiet. Before, an expired certificate left status at exit 0.
+#[test]
+fn relay_status_says_an_expired_certificate_the_daemon_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, old_key) = dated_cert(dir.path(), "old", (2020, 1, 1), (2021, 1, 1));
+    let (new, new_key) = dated_cert(dir.path(), "new", (2025, 1, 1), (2035, 1, 1));
+    let (live, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&old, &live).unwrap();
+    std::fs::copy(&old_key, &live_key).unwrap();
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!(
+            "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"starttls\"\ncert = {live:?}\nkey = {live_key:?}"
+        ),
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let certificates = || status_json(&config).1["certificates"].clone();
+    let said = certificates().to_string();
+    assert!(
+        said.contains("listener 127.0.0.1:0 serves a certificate (")
+            && said.contains("expired on 2021-01-01")
+            && said.contains("renew it, then `systemctl reload relay`"),
+        "{said}"
+    );
+    let human = text(&relay(&["status"], &config).stdout);
+    assert!(
+        human.contains("tls: listener 127.0.0.1:0 serves"),
+        "{human}"
+    );
+
+    // certbot's renewal, without its deploy hook: the files change, what is served does not.
+    std::fs::copy(&new, &live).unwrap();
+    std::fs::copy(&new_key, &live_key).unwrap();
+    let said = certificates().to_string();
+    assert!(
+        said.contains("expired on 2021-01-01")
+            && said.contains(
+                "the file now holds one valid until 2035-01-01: `systemctl reload relay` serves it"
+            ),
+        "{said}"
+    );
+    daemon.reload();
+    assert_eq!(certificates(), serde_json::json!([]));
+    assert!(daemon.terminate().success());
+}
+
 /// A listener certificate that clients checking it refuse (expired, not yet valid) is said by `relay check`, by
 /// the daemon at start and after a reload that brings one (`credential_expiring` with the listener); before, it
 /// was served without a word. A certificate set on a listener without `tls` is said to be unused.

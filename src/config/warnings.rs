@@ -225,37 +225,30 @@ impl Config {
     }
 }
 
-/// Days ahead at which a listener's certificate is warned about.
-pub const CERT_WARN_DAYS: u64 = 30;
-
 /// A listener's certificate that clients checking it refuse (expired, not yet valid) or soon will. Read at each
 /// `relay check`, start and reload; the daemon also looks hourly (`accounts::watch_expiries`).
 pub fn listener_cert_warning(cert: &std::path::Path, now: std::time::SystemTime) -> Option<String> {
-    use crate::certs::day;
+    use crate::certs::{Trouble, day};
     // A certificate that cannot be read is refused at load, in the TLS load's words.
     let v = crate::certs::validity(cert).ok()?;
     let fix = "renew it, then `systemctl reload relay`";
-    if now < v.not_before {
-        return Some(format!(
+    Some(match v.trouble(now)? {
+        Trouble::NotYetValid(at) => format!(
             "the certificate in {} is not valid until {}: clients that check it refuse it until then",
             cert.display(),
-            day(v.not_before)
-        ));
-    }
-    match v.not_after.duration_since(now) {
-        Err(_) => Some(format!(
+            day(at)
+        ),
+        Trouble::Expired(at) => format!(
             "the certificate in {} expired on {}: clients that check it refuse to send; {fix}",
             cert.display(),
-            day(v.not_after)
-        )),
-        Ok(left) if left.as_secs() / 86_400 < CERT_WARN_DAYS => Some(format!(
-            "the certificate in {} expires in {} day(s), on {}: {fix}",
+            day(at)
+        ),
+        Trouble::Expiring(days, at) => format!(
+            "the certificate in {} expires in {days} day(s), on {}: {fix}",
             cert.display(),
-            left.as_secs() / 86_400,
-            day(v.not_after)
-        )),
-        Ok(_) => None,
-    }
+            day(at)
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             "stale_tokens": status.stale_tokens,
             "queue_dir_missing": status.queue_dir_missing,
             "queue_unwritable": status.queue_unwritable,
+            "certificates": status.certificates,
             "ok": status.ok && invalid.is_none(),
         });
         if let Some(e) = invalid {
@@ -102,6 +103,9 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
                 "queue: {} is missing (removed while relay ran?): new mail is refused with 451 4.3.0; `systemctl restart relay` makes it again (what was in it is gone)",
                 config.state_dir.join("queue").display()
             );
+        }
+        for line in &status.certificates {
+            println!("tls: {line}");
         }
         if let Some(why) = &status.queue_unwritable {
             println!(
