@@ -384,6 +384,65 @@ async fn an_upstream_that_refuses_the_connection_is_diagnosed() {
     );
 }
 
+/// A TLS mode the upstream's port does not speak is diagnosed, both ways: implicit TLS to a port that greets in
+/// plain text (587) is told to use STARTTLS (it was "relay has no advice"), and STARTTLS to a port that takes the
+/// connection and says nothing, as an SMTPS port (465) waiting for a TLS hello does, is told to use implicit TLS
+/// (it read as an upstream that cannot be reached). `relay check` warns of either pair with 465, 587 or 25.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_mode_the_upstreams_port_does_not_speak_is_diagnosed() {
+    let idp = idp_issuing("tok-1").await;
+    let upstream = FakeUpstream::start(&["tok-1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "")
+        .replace("smtp_tls = \"none\"", "smtp_tls = \"implicit\"");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    assert!(
+        out.contains("diagnosis: ")
+            && out.contains("(TLS InvalidContentType)")
+            && out.contains("set smtp_tls = \"starttls\" with this port"),
+        "{out}"
+    );
+
+    // Taken by the kernel, never answered: what an SMTPS server does until it hears a TLS hello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let top = account_top(dir.path(), &idp.uri(), &upstream, "smtp_timeout = \"1s\"")
+        .replace(
+            &format!("smtp_port = {}", upstream.addr.port()),
+            &format!("smtp_port = {}", silent.local_addr().unwrap().port()),
+        )
+        .replace("smtp_tls = \"none\"", "smtp_tls = \"starttls\"");
+    let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+    let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
+    assert_eq!(exit, 1, "{out}");
+    assert!(
+        out.contains("took the connection but sent no greeting within 1s")
+            && out.contains("(no greeting)")
+            && out.contains("port 465 takes smtp_tls = \"implicit\""),
+        "{out}"
+    );
+
+    for (port, tls, says) in [
+        (465, "starttls", "set smtp_tls = \"implicit\""),
+        (587, "implicit", "set smtp_tls = \"starttls\""),
+    ] {
+        let top = account_top(dir.path(), &idp.uri(), &upstream, "")
+            .replace(
+                &format!("smtp_port = {}", upstream.addr.port()),
+                &format!("smtp_port = {port}"),
+            )
+            .replace("smtp_tls = \"none\"", &format!("smtp_tls = \"{tls}\""));
+        let config = write_config_with(dir.path(), &top, "address = \"127.0.0.1:0\"\n");
+        let (exit, out) = relay(&config, &["check"]).await;
+        assert_eq!(exit, 0, "{out}");
+        assert!(
+            out.contains("account office.smtp_tls") && out.contains(says),
+            "{port} {tls}: {out}"
+        );
+    }
+}
+
 /// A generic provider's server refusing the login with RFC 4954's code: the diagnosis speaks of the server and
 /// the account's settings, not of Gmail (whose replies carry the same code).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

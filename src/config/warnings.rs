@@ -1,7 +1,7 @@
 //! What a config may say but a sysadmin probably did not mean: `relay check` prints these, and `relay serve`
 //! logs them at start. None of them stops relay.
 
-use super::{AuthPolicy, Config, Flow, ListenerTls, RewriteFrom, TlsCompat, Transport};
+use super::{AuthPolicy, Config, Flow, ListenerTls, RewriteFrom, TlsCompat, TlsMode, Transport};
 
 /// One warning: the key it is about, and what to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,26 @@ impl Config {
                 format!("account {}.rewrite_from", a.name),
                 "transport = \"graph\" has no envelope sender, so rewrite_from = \"envelope\" (the default) changes nothing: mail goes with the device's own From:, which Exchange refuses (ErrorSendAsDenied) unless the mailbox may send as it; set rewrite_from = \"header\" to send as the mailbox (the device's address kept in Reply-To), or \"none\" if the devices already use the mailbox's address".into(),
             );
+        }
+        // A TLS mode the port does not speak: neither side says why (relay waits for a greeting an SMTPS server
+        // never sends; a plain server's greeting is no TLS hello), and every attempt fails.
+        for a in self
+            .accounts
+            .iter()
+            .filter(|a| a.transport == Transport::Smtp)
+        {
+            let tls = a.smtp_tls.unwrap_or(TlsMode::Starttls);
+            match (a.smtp_port, tls) {
+                (Some(465), TlsMode::Starttls | TlsMode::None) => warn(
+                    format!("account {}.smtp_tls", a.name),
+                    "smtp_port = 465 is implicit TLS (SMTPS): the server expects TLS first and says nothing until then; set smtp_tls = \"implicit\"".into(),
+                ),
+                (Some(port @ (25 | 587)), TlsMode::Implicit) => warn(
+                    format!("account {}.smtp_tls", a.name),
+                    format!("smtp_port = {port} speaks plain SMTP first, then STARTTLS: set smtp_tls = \"starttls\" (or smtp_port = 465 for implicit TLS)"),
+                ),
+                _ => {}
+            }
         }
         self.route_warnings(&mut warn);
         // The provider counts a mailbox's sending, whichever account of relay's sent it.

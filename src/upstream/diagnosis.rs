@@ -408,6 +408,20 @@ static TABLE: &[Diagnosis] = &[
     },
     Diagnosis {
         only: None,
+        code: "TLS InvalidContentType",
+        cause: "relay began TLS at once (smtp_tls = \"implicit\") and the upstream answered in plain text: its port speaks SMTP first (587 or 25, then STARTTLS)",
+        fix: "for ACCOUNT set smtp_tls = \"starttls\" with this port, or smtp_port = 465 with smtp_tls = \"implicit\"",
+        matches: &[&["tls: received corrupt message", "invalidcontenttype"]],
+    },
+    Diagnosis {
+        only: None,
+        code: "no greeting",
+        cause: "the upstream took the connection but said nothing: a server that expects TLS first (implicit TLS, port 465) waits for relay's TLS hello",
+        fix: "for ACCOUNT, port 465 takes smtp_tls = \"implicit\" (587 and 25 take \"starttls\"); `relay test ACCOUNT` shows the exchange",
+        matches: &[&["sent no greeting within", "expects tls first"]],
+    },
+    Diagnosis {
+        only: None,
         code: "TLS certificate",
         cause: "the upstream's TLS certificate was refused",
         fix: "`relay test ACCOUNT` shows the exchange; a private CA or the server's own certificate goes into `ca_file` for ACCOUNT",

@@ -511,10 +511,25 @@ impl Conn {
             Ok(r) => r,
             // Not a byte of a greeting (silent, or hung up at once): no answer; a garbled one is an answer.
             Err(failure) => {
-                return Err(ConnectFailure {
-                    failure,
-                    answered: !conn.buf.is_empty(),
-                });
+                let answered = !conn.buf.is_empty();
+                // Silent after the connection was taken: an SMTPS port (465) waits for a TLS hello and says
+                // nothing, which read as an upstream that cannot be reached.
+                let failure = match failure {
+                    Failure::Connection(why)
+                        if !answered
+                            && s.tls != TlsMode::Implicit
+                            && why.contains("did not answer within") =>
+                    {
+                        Failure::Connection(format!(
+                            "upstream {}:{}: took the connection but sent no greeting within {} (smtp_timeout): a server that expects TLS first (port 465) says nothing; if it is one, set smtp_tls = \"implicit\"",
+                            s.host,
+                            s.port,
+                            whole_seconds(s.timeout)
+                        ))
+                    }
+                    other => other,
+                };
+                return Err(ConnectFailure { failure, answered });
             }
         };
         if greeting.code != 220 {
