@@ -368,6 +368,60 @@ fn dated_cert(
     (cert_path, key_path)
 }
 
+/// A listener's certificate file without the certificate that issued it (certbot's `cert.pem` where
+/// `fullchain.pem` belongs) is warned about by `relay check`: every device then refused it, and nothing said why
+/// but their "unknown CA". With its issuer in the file, nothing is said.
+#[test]
+fn a_listener_certificate_without_its_issuer_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Relay Test CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let key_path = dir.path().join("privkey.pem");
+    write_private(&key_path, key.serialize_pem());
+    let check = |cert: &Path| {
+        let config = write_config_with(
+            dir.path(),
+            "",
+            &format!(
+                "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"starttls\"\ncert = {cert:?}\nkey = {key_path:?}"
+            ),
+        );
+        let out = relay(&["check"], &config);
+        assert!(out.status.success(), "{out:?}");
+        text(&out.stderr)
+    };
+    let alone = dir.path().join("cert.pem");
+    std::fs::write(&alone, leaf.pem()).unwrap();
+    let said = check(&alone);
+    // Without the system's CA store, a missing issuer is not judged (it may be a root found there).
+    if !Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        eprintln!("SKIPPED: no /etc/ssl/certs/ca-certificates.crt here");
+        return;
+    }
+    assert!(
+        said.contains("warning: listener[0] (127.0.0.1:0).cert: ")
+            && said.contains(
+                "issued by CN=Relay Test CA, which neither the file nor this machine's CA store"
+            )
+            && said.contains("fullchain.pem"),
+        "{said}"
+    );
+    let full = dir.path().join("fullchain.pem");
+    std::fs::write(&full, leaf.pem() + &ca_cert.pem()).unwrap();
+    let said = check(&full);
+    assert!(!said.contains(".cert: "), "{said}");
+}
+
 /// `relay status` says a listener certificate the daemon serves that clients refuse (exit 1), as loaded: renewed in
 /// place without a reload, the old one is still served, and status says the file's is valid and a reload serves
 /// it; after the reload it is quiet. Before, an expired certificate left status at exit 0.

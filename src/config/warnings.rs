@@ -171,7 +171,11 @@ impl Config {
                     "cert and key are set but tls is not, so they are not used and this listener offers no TLS (tls defaults to \"none\"); set tls = \"starttls\", \"implicit\" or \"auto\"".into(),
                 ),
                 (Some(cert), _) => {
-                    if let Some(text) = listener_cert_warning(cert, std::time::SystemTime::now()) {
+                    let now = std::time::SystemTime::now();
+                    if let Some(text) = listener_cert_warning(cert, now) {
+                        warn(format!("{key}.cert"), text);
+                    }
+                    if let Some(text) = crate::certs::chain_warning(cert, now) {
                         warn(format!("{key}.cert"), text);
                     }
                 }

@@ -111,7 +111,7 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat, implicit: bool) -> Op
             | AlertDescription::CertificateExpired
             | AlertDescription::UnsupportedCertificate,
         ) => {
-            "the client does not accept this listener's certificate (its issuer, its name or its dates): give the device the CA, or a certificate it trusts"
+            "the client does not accept this listener's certificate (its issuer, its name or its dates): give the device the CA, or a certificate it trusts; a file without its intermediates (cert.pem where fullchain.pem belongs) is refused too, and `relay check` says so"
         }
         _ => return Some(tls.to_string()),
     };
