@@ -808,6 +808,39 @@ async fn a_handshake_begun_before_the_pressure_gets_the_short_timeout() {
     drop(others);
 }
 
+/// An old device's SSLv2-format hello (first byte 0x80) on a `tls = "auto"` port: the failed handshake's line says
+/// to set `tls_compat = "legacy"`, which takes it (it said to use `tls = "auto"`, which the port already has).
+#[tokio::test]
+async fn an_sslv2_hello_on_an_auto_port_is_told_to_use_legacy_tls() {
+    use tokio::io::AsyncWriteExt;
+    // SSLv2 record header, CLIENT-HELLO for TLS 1.0, six cipher specs, no session id, a 16-byte challenge.
+    let mut hello = vec![
+        0x80, 0x2b, 0x01, 0x03, 0x01, 0x00, 0x12, 0x00, 0x00, 0x00, 0x10,
+    ];
+    hello.extend_from_slice(&[
+        0x01, 0x00, 0x80, 0x07, 0x00, 0xc0, 0x03, 0x00, 0x80, 0x00, 0x00, 0x35, 0x00, 0x00, 0x2f,
+        0x00, 0x00, 0x0a,
+    ]);
+    hello.extend_from_slice(&[b'A'; 16]);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"auto\"\ncert = {:?}\nkey = {:?}\n",
+            cert.cert, cert.key
+        ),
+    );
+    let mut daemon = Daemon::spawn(&config);
+    let mut old = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    old.write_all(&hello).await.unwrap();
+    let line = daemon.wait_log("TLS handshake failed");
+    assert!(
+        line.contains("tls_compat = \\\"legacy\\\"") && !line.contains("needs a listener with"),
+        "{line}"
+    );
+}
+
 /// The same on a `tls_compat = "legacy"` (OpenSSL) port: a client that connects and hangs up (a health check) is
 /// not logged as a failed handshake (OpenSSL says an end of file its own way), plain SMTP sent to it is.
 #[tokio::test]

@@ -229,6 +229,18 @@ impl Config {
                         "takes passwords without TLS from public addresses ({from}): they cross the network readable; use tls = \"starttls\" or \"implicit\""
                     ),
                 ),
+                // Offered before STARTTLS, a password goes readable whenever a client does not ask for TLS.
+                AuthPolicy::Required
+                    if l.plaintext_auth
+                        && matches!(l.tls, ListenerTls::Starttls | ListenerTls::Auto) =>
+                {
+                    warn(
+                        format!("{key}.plaintext_auth"),
+                        format!(
+                            "takes passwords before STARTTLS from public addresses ({from}): a client that does not start TLS sends its password readable; set plaintext_auth = false (the default), or allow only your devices' addresses"
+                        ),
+                    )
+                }
                 AuthPolicy::Required => {}
             }
         }
@@ -411,5 +423,33 @@ mod tests {
             w.len() == 1 && w[0].1.contains("no client can log in"),
             "{w:?}"
         );
+    }
+
+    /// Passwords before STARTTLS from public addresses are warned about as passwords without TLS are.
+    #[test]
+    fn passwords_before_starttls_from_public_addresses_are_warned_about() {
+        const USER: &str = "[[user]]\nname = \"p\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNoZmFrZWg\"\n";
+        let listener = |tls: &str, allow: &str| {
+            format!(
+                "[[listener]]\naddress = \"0.0.0.0:587\"\nauth = \"required\"\ntls = \"{tls}\"\ncert = \"/c\"\nkey = \"/k\"\nplaintext_auth = true\nallow = [\"{allow}\"]\n{USER}"
+            )
+        };
+        for tls in ["starttls", "auto"] {
+            let w = keys(&listener(tls, "0.0.0.0/0"));
+            assert!(
+                w.iter().any(|(k, t)| k.ends_with(".plaintext_auth")
+                    && t.contains(
+                        "takes passwords before STARTTLS from public addresses (0.0.0.0/0)"
+                    )),
+                "{tls}: {w:?}"
+            );
+        }
+        let quiet = |tls, allow| {
+            !keys(&listener(tls, allow))
+                .iter()
+                .any(|(_, t)| t.contains("before STARTTLS"))
+        };
+        assert!(quiet("starttls", "192.168.0.0/16"));
+        assert!(quiet("implicit", "0.0.0.0/0"));
     }
 }

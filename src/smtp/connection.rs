@@ -174,8 +174,7 @@ async fn handshake(
     // (a scan of an implicit-TLS port fails a handshake per connection). A client that hangs up (a health
     // check's connect and close) is not news.
     if let (Err(e), Some(peer)) = (&accepted, peer) {
-        let implicit = ctx.cfg.tls != ListenerTls::Starttls;
-        match super::tls::handshake_failure(e, ctx.cfg.tls_compat, implicit) {
+        match super::tls::handshake_failure(e, ctx.cfg.tls_compat, ctx.cfg.tls) {
             Some(reason) => {
                 if may_log(logged, ctx.cfg.address) {
                     tracing::info!(relay_event = "tls_failed", relay_client = %peer, listener = %ctx.cfg.address, error = %reason, "TLS handshake failed");

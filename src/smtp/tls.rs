@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsCompat;
+use crate::config::{ListenerTls, TlsCompat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -82,9 +82,10 @@ impl ServerTls {
 
 /// What a failed handshake is logged as: the error with what a sysadmin can do about it, or `None` for a client
 /// that just hung up (a health check's connect and close, a client giving up).
-/// `implicit`: the listener's TLS begins at connect (a plain client's bytes then arrive where a ClientHello is
-/// awaited); on a STARTTLS listener the client asked for TLS itself.
-pub fn handshake_failure(e: &io::Error, compat: TlsCompat, implicit: bool) -> Option<String> {
+/// `mode`: where the listener's TLS begins. At connect (implicit), a plain client's bytes arrive where a
+/// ClientHello is awaited; `auto` has already told plain SMTP apart, so what fails there is an old device's
+/// SSLv2-format hello; on a STARTTLS listener the client asked for TLS itself.
+pub fn handshake_failure(e: &io::Error, compat: TlsCompat, mode: ListenerTls) -> Option<String> {
     use rustls::{AlertDescription, Error, InvalidMessage};
     if matches!(
         e.kind(),
@@ -101,8 +102,13 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat, implicit: bool) -> Op
         Error::PeerIncompatible(_) if compat == TlsCompat::Modern => {
             "the client's TLS is older than this listener takes (TLS 1.2 and 1.3, modern ciphers); for old devices set tls_compat = \"legacy\" on this listener"
         }
-        Error::InvalidMessage(InvalidMessage::InvalidContentType) if implicit => {
-            "what the client sent is not TLS: a plain SMTP client on a port with tls = \"implicit\" needs a listener with tls = \"starttls\" or \"auto\""
+        Error::InvalidMessage(InvalidMessage::InvalidContentType)
+            if mode == ListenerTls::Implicit =>
+        {
+            "what the client sent is not TLS 1.2 or later: a plain SMTP client on a port with tls = \"implicit\" needs a listener with tls = \"starttls\" or \"auto\"; an old device's SSLv2-format hello needs tls_compat = \"legacy\""
+        }
+        Error::InvalidMessage(InvalidMessage::InvalidContentType) if mode == ListenerTls::Auto => {
+            "what the client sent is neither plain SMTP nor TLS 1.2 or later (an old device's SSLv2-format hello?): set tls_compat = \"legacy\" on this listener"
         }
         Error::AlertReceived(
             AlertDescription::UnknownCA
@@ -355,21 +361,24 @@ mod tests {
         let old = wrapped(rustls::Error::PeerIncompatible(
             rustls::PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         ));
-        let said = handshake_failure(&old, TlsCompat::Modern, true).unwrap();
+        let said = handshake_failure(&old, TlsCompat::Modern, ListenerTls::Implicit).unwrap();
         assert!(said.contains("tls_compat = \"legacy\""), "{said}");
         // A legacy listener already is what the hint would suggest.
-        let said = handshake_failure(&old, TlsCompat::Legacy, true).unwrap();
+        let said = handshake_failure(&old, TlsCompat::Legacy, ListenerTls::Implicit).unwrap();
         assert!(!said.contains("tls_compat"), "{said}");
         let untrusted = wrapped(rustls::Error::AlertReceived(
             rustls::AlertDescription::UnknownCA,
         ));
-        let said = handshake_failure(&untrusted, TlsCompat::Modern, true).unwrap();
+        let said = handshake_failure(&untrusted, TlsCompat::Modern, ListenerTls::Implicit).unwrap();
         assert!(
             said.contains("does not accept this listener's certificate"),
             "{said}"
         );
         let gone = io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof");
-        assert_eq!(handshake_failure(&gone, TlsCompat::Modern, true), None);
+        assert_eq!(
+            handshake_failure(&gone, TlsCompat::Modern, ListenerTls::Implicit),
+            None
+        );
         // Plain text where a ClientHello was awaited: the hint only where the listener began TLS itself; a
         // hello too large is not plain text.
         let plain = || {
@@ -378,14 +387,23 @@ mod tests {
             ))
         };
         let hint = "needs a listener with tls = \"starttls\"";
-        let said = handshake_failure(&plain(), TlsCompat::Modern, true).unwrap();
+        let said = handshake_failure(&plain(), TlsCompat::Modern, ListenerTls::Implicit).unwrap();
         assert!(said.contains(hint), "{said}");
-        let said = handshake_failure(&plain(), TlsCompat::Modern, false).unwrap();
-        assert!(!said.contains(hint), "{said}");
+        let said = handshake_failure(&plain(), TlsCompat::Modern, ListenerTls::Starttls).unwrap();
+        assert!(
+            !said.contains(hint) && !said.contains("tls_compat"),
+            "{said}"
+        );
+        // `auto` took plain SMTP for plain SMTP already: what is left is an old device's hello.
+        let said = handshake_failure(&plain(), TlsCompat::Modern, ListenerTls::Auto).unwrap();
+        assert!(
+            !said.contains(hint) && said.contains("tls_compat = \"legacy\""),
+            "{said}"
+        );
         let huge = wrapped(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::HandshakePayloadTooLarge,
         ));
-        let said = handshake_failure(&huge, TlsCompat::Modern, true).unwrap();
+        let said = handshake_failure(&huge, TlsCompat::Modern, ListenerTls::Implicit).unwrap();
         assert!(!said.contains(hint), "{said}");
     }
 }
