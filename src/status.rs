@@ -48,6 +48,9 @@ pub struct AccountStatus {
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
     pub last_delivery: Option<LastDelivery>,
+    /// What the last delivery's refusal means and what fixes it, where relay knows (the journal's
+    /// `relay_diagnosis`): a TLS error's own words are a library's.
+    pub last_delivery_diagnosis: Option<String>,
     /// `smtp`, `graph` or `gmail_api`: the transport in use now.
     pub transport: &'static str,
     /// Set while a fallback is in use: since when, and why.
@@ -444,6 +447,12 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
             .map(|t| rfc(t.expires_at)),
         last_refresh: tokens.as_ref().and_then(|t| t.last_refresh).map(rfc),
         last_error: error,
+        last_delivery_diagnosis: last_delivery
+            .as_ref()
+            .filter(|d| d.outcome == "deferred" || d.outcome == "dead")
+            .and_then(|d| {
+                crate::upstream::diagnosis::for_log(&d.reply, Some(&a.name), Some(a.provider))
+            }),
         last_delivery,
         rate,
         paused,

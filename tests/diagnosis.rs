@@ -86,6 +86,17 @@ async fn a_dead_letter_for_send_as_denied_names_rewrite_from() {
             "rewrite_from",
         ],
     );
+    // `relay status` says it under the last delivery too (it showed the reply alone).
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(dir.path().join("relay.toml")),
+    );
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("  diagnosis: the mailbox may not send as the sender address"),
+        "{status}"
+    );
     assert_eq!(d.terminate().code(), Some(0));
 }
 

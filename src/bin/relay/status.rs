@@ -193,6 +193,9 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
                     age(d.at),
                     safe(&d.reply)
                 );
+                if let Some(why) = &a.last_delivery_diagnosis {
+                    println!("  diagnosis: {}", safe(why));
+                }
             }
             if let Some(t) = &a.test {
                 println!(
