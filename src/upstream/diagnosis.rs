@@ -377,13 +377,19 @@ static TABLE: &[Diagnosis] = &[
     },
     Diagnosis {
         only: None,
+        code: "TLS no subjectAltName",
+        cause: "the upstream's TLS certificate lists no names in a subjectAltName (its host only in the Common Name, which relay, as browsers, does not read)",
+        fix: "reissue the server's certificate with a subjectAltName for its host (`openssl req ... -addext \"subjectAltName=DNS:HOST\"`), or put that very certificate into `ca_file` for ACCOUNT (a pinned self-signed certificate's Common Name is read)",
+        matches: &[&["tls: invalid peer certificate", "not valid for any names"]],
+    },
+    Diagnosis {
+        only: None,
         code: "TLS NotValidForName",
         cause: "the upstream's TLS certificate is for another name than the one relay connects to (`smtp_host`)",
         fix: "set `smtp_host` for ACCOUNT to a name the certificate lists (an IP address only if the certificate lists that address)",
         matches: &[
             &["tls: invalid peer certificate: certificate not valid for name"],
             &["tls: invalid peer certificate: notvalidforname"],
-            &["tls: invalid peer certificate: certificate is not valid for any names"],
         ],
     },
     Diagnosis {
@@ -872,6 +878,13 @@ mod tests {
                 "TLS Expired",
             ),
             (format!("{smtp}NotValidYet"), "TLS NotValidYet"),
+            // A CA-issued certificate naming its host in the Common Name only: a new name would not help.
+            (
+                format!(
+                    "{smtp}certificate not valid for name \"localhost\"; certificate is not valid for any names (according to its subjectAltName extension)"
+                ),
+                "TLS no subjectAltName",
+            ),
         ] {
             assert_eq!(diagnose(&text, None).map(|d| d.code), Some(code), "{text}");
         }
