@@ -36,7 +36,7 @@ pub struct Loaded {
 }
 
 /// A listener's certificate as the daemon loaded it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Served {
     pub listener: String,
     pub file: PathBuf,
@@ -112,6 +112,14 @@ impl Report {
             d.refused = None;
             d.certificates = certificates;
         });
+    }
+
+    /// The listeners' certificates as last loaded.
+    pub fn certificates(&self) -> Vec<Served> {
+        self.doc
+            .lock()
+            .map(|d| d.certificates.clone())
+            .unwrap_or_default()
     }
 
     pub fn refused(&self, reason: &str) {

@@ -227,12 +227,30 @@ where
             let accounts: Vec<String> = config.accounts.iter().map(|a| a.name.clone()).collect();
             match reloader.reload(config).await {
                 Ok(done) => {
+                    // A renewal's reload is what confirms the deploy hook worked: its certificates are named.
+                    let before = loads.report.certificates();
+                    let renewed: Vec<String> = served
+                        .iter()
+                        .filter(|c| !before.contains(c))
+                        .map(|c| {
+                            format!(
+                                "{} (valid until {})",
+                                c.listener,
+                                crate::certs::day(c.not_after)
+                            )
+                        })
+                        .collect();
+                    let renewed = if renewed.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; certificates loaded anew: {}", renewed.join(", "))
+                    };
                     // Before the log line, which is what a sysadmin (or a test) runs `relay status` after.
                     let source = file.clone();
                     loads
                         .report_off_thread(move |r| r.reloaded(&source, &digest, served))
                         .await;
-                    tracing::info!(relay_event = "reloaded", "config reloaded: {done}");
+                    tracing::info!(relay_event = "reloaded", "config reloaded: {done}{renewed}");
                     // As at start: a renewed certificate that is already expired, a listener no one can use.
                     loads.warned.log(warnings);
                     None

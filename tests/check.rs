@@ -466,8 +466,14 @@ fn relay_status_says_an_expired_certificate_the_daemon_serves() {
             ),
         "{said}"
     );
-    daemon.reload();
+    let reloaded = daemon.reload();
+    assert!(
+        reloaded.contains("certificates loaded anew: 127.0.0.1:0 (valid until 2035-01-01)"),
+        "{reloaded}"
+    );
     assert_eq!(certificates(), serde_json::json!([]));
+    // Reloaded again, unchanged: not named.
+    assert!(!daemon.reload().contains("certificates loaded anew"));
     assert!(daemon.terminate().success());
 }
 
