@@ -385,9 +385,9 @@ async fn an_upstream_that_refuses_the_connection_is_diagnosed() {
 }
 
 /// A TLS mode the upstream's port does not speak is diagnosed, both ways: implicit TLS to a port that greets in
-/// plain text (587) is told to use STARTTLS (it was "relay has no advice"), and STARTTLS to a port that takes the
-/// connection and says nothing, as an SMTPS port (465) waiting for a TLS hello does, is told to use implicit TLS
-/// (it read as an upstream that cannot be reached). `relay check` warns of either pair with 465, 587 or 25.
+/// plain text (587) is told to use STARTTLS (it was "relay has no advice"), and STARTTLS to a port (not 25 or 587)
+/// that takes the connection and says nothing, as an SMTPS port (465) waiting for a TLS hello does, is told of
+/// implicit TLS (it read only as an upstream that cannot be reached). `relay check` warns of either pair with 465, 587 or 25.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_mode_the_upstreams_port_does_not_speak_is_diagnosed() {
     let idp = idp_issuing("tok-1").await;
@@ -417,9 +417,10 @@ async fn a_tls_mode_the_upstreams_port_does_not_speak_is_diagnosed() {
     let (exit, out) = relay(&config, &["test", "office", "--to", "ops@example.com"]).await;
     assert_eq!(exit, 1, "{out}");
     assert!(
-        out.contains("took the connection but sent no greeting within 1s")
-            && out.contains("(no greeting)")
-            && out.contains("port 465 takes smtp_tls = \"implicit\""),
+        out.contains(
+            "did not answer within 1s (smtp_timeout): it took the connection but sent no greeting"
+        ) && out.contains("(no greeting)")
+            && out.contains("(465), set smtp_tls = \"implicit\" for office"),
         "{out}"
     );
 

@@ -1,5 +1,6 @@
 //! One client connection: moves bytes between the socket, the [`Session`] state machine and the spool.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -39,6 +40,8 @@ pub(crate) struct ListenerCtx {
     /// Where messages go, to refuse at DATA one that no account would take; `None` when no account is configured
     /// at all (mail is queued until one is).
     pub routing: Option<Arc<Routing>>,
+    /// The largest message each account can send, where its transport says (`upstream::largest_message`).
+    pub largest: Arc<HashMap<String, u64>>,
     /// `[queue] min_free_space`: the free space a new message must leave on the queue's filesystem.
     pub min_free_space: u64,
 }
@@ -412,10 +415,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     let id = QueueId::new();
                     let now = SystemTime::now();
                     let envelope = session.envelope(id, now);
-                    if let (Some(routing), Some(env)) = (&ctx.routing, &envelope)
-                        && routing
-                            .route(Addressing::from(env))
-                            .is_none_or(|d| d.accounts.is_empty())
+                    let decision = match (&ctx.routing, &envelope) {
+                        (Some(routing), Some(env)) => Some(routing.route(Addressing::from(env))),
+                        _ => None,
+                    };
+                    if let (Some(decision), Some(env)) = (&decision, &envelope)
+                        && decision.as_ref().is_none_or(|d| d.accounts.is_empty())
                     {
                         // Queued, it would wait out the retry schedule and end in dead/: the device is told now,
                         // with a temporary code, so that nothing is lost while the config is fixed.
@@ -431,6 +436,17 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         tracing::warn!(relay_event = "rejected", relay_client = %peer, command = "DATA", address = ?recipients, sender = ?env.sender, user = env.user.as_deref().unwrap_or(""), reply = %text.trim_end(), "message refused at DATA: no route, user account or default_account names an account for it");
                         out.extend_from_slice(&session.cancel_data(reply).to_wire());
                         continue;
+                    }
+                    // The route's accounts may take less than the listener: the most any of them can send.
+                    if let Some(Some(d)) = &decision {
+                        let most = d
+                            .accounts
+                            .iter()
+                            .map(|n| ctx.largest.get(n).copied().unwrap_or(u64::MAX))
+                            .max();
+                        if let Some(most) = most.filter(|&m| m < u64::MAX) {
+                            session.limit_message(most);
+                        }
                     }
                     out.extend_from_slice(&reply.to_wire());
                     let mut failed = StoreFailed::Other;

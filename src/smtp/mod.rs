@@ -296,6 +296,13 @@ impl Listeners {
             abandon: self.abandon.clone(),
             routing: (!config.accounts.is_empty())
                 .then(|| Arc::new(crate::queue::route::Routing::new(config))),
+            largest: Arc::new(
+                config
+                    .accounts
+                    .iter()
+                    .filter_map(|a| Some((a.name.clone(), crate::upstream::largest_message(a)?)))
+                    .collect(),
+            ),
             min_free_space: config.queue.min_free_space.0,
         }
     }

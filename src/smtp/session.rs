@@ -38,10 +38,17 @@ fn raw_path(line: &[u8]) -> String {
         return String::new();
     };
     let rest = line[colon + 1..].trim_ascii_start();
-    let end = rest
-        .iter()
-        .position(|b| b.is_ascii_whitespace())
-        .unwrap_or(rest.len());
+    // A bracketed path to its `>`, spaces and all (`<bad address@@>` was named `<bad`); else up to a space.
+    let end = match rest.first() {
+        Some(b'<') => rest
+            .iter()
+            .position(|&b| b == b'>')
+            .map_or(rest.len(), |i| i + 1),
+        _ => rest
+            .iter()
+            .position(|b| b.is_ascii_whitespace())
+            .unwrap_or(rest.len()),
+    };
     String::from_utf8_lossy(&rest[..end.min(256)]).into_owned()
 }
 
@@ -182,6 +189,8 @@ struct DataState {
     /// relay's own `Received:` line, which the stored message also holds: `max_message_size` is the most that
     /// is queued and sent, as a provider counts it (Gmail's 35 MiB is the default's, to the byte).
     reserved: u64,
+    /// `max_message_size`, or less where the accounts of the message's route send no larger.
+    limit: u64,
     too_big: bool,
 }
 
@@ -681,6 +690,7 @@ impl Session {
                     receiver: DataReceiver::new(self.body_line_endings()),
                     len: 0,
                     reserved: self.trace_len(),
+                    limit: self.policy.max_message_size,
                     too_big: false,
                 });
                 Step::Data(Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>"))
@@ -697,10 +707,18 @@ impl Session {
         let before = out.len();
         let progress = state.receiver.feed(input, out);
         state.len += (out.len() - before) as u64;
-        if state.len + state.reserved > self.policy.max_message_size {
+        if state.len + state.reserved > state.limit {
             state.too_big = true;
         }
         progress
+    }
+
+    /// Lowers the most the message being received may be (the accounts of its route send no larger): past it,
+    /// it is refused at its end, as past the listener's `max_message_size`.
+    pub fn limit_message(&mut self, most: u64) {
+        if let Some(state) = self.data.as_mut() {
+            state.limit = state.limit.min(most);
+        }
     }
 
     /// Every command so far ended with LF alone: a device that ends its data with `LF . LF` too.
@@ -725,6 +743,16 @@ impl Session {
     /// end: stopping early would make the rest of it commands.
     pub fn refusal(&self) -> Option<Reply> {
         let state = self.data.as_ref()?;
+        if state.too_big && state.limit < self.policy.max_message_size {
+            return Some(Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "Message size exceeds what its account can send ({} bytes at most)",
+                    state.limit
+                ),
+            ));
+        }
         if state.too_big {
             return Some(Reply::new(
                 552,

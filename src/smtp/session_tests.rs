@@ -829,6 +829,8 @@ fn duplicate_recipients_count_once_and_refusals_name_their_command() {
     // An address that did not parse is still named, as the client wrote it.
     steps(&mut s, b"RCPT TO:<x@[not-an-ip]> NOTIFY=NEVER\r\n");
     assert_eq!(s.last_mail_command().map(|c| c.1), Some("<x@[not-an-ip]>"));
+    steps(&mut s, b"RCPT TO:<bad address@@> NOTIFY=NEVER\r\n");
+    assert_eq!(s.last_mail_command().map(|c| c.1), Some("<bad address@@>"));
     steps(&mut s, b"NOOP\r\n");
     assert_eq!(s.last_mail_command(), None);
 }

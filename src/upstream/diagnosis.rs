@@ -422,9 +422,9 @@ static TABLE: &[Diagnosis] = &[
     Diagnosis {
         only: None,
         code: "no greeting",
-        cause: "the upstream took the connection but said nothing: a server that expects TLS first (implicit TLS, port 465) waits for relay's TLS hello",
-        fix: "for ACCOUNT, port 465 takes smtp_tls = \"implicit\" (587 and 25 take \"starttls\"); `relay test ACCOUNT` shows the exchange",
-        matches: &[&["sent no greeting within", "expects tls first"]],
+        cause: "the upstream took the connection but said nothing: a server that expects TLS first (implicit TLS, as on port 465) waits for relay's TLS hello; or the server hangs",
+        fix: "if the port is an implicit-TLS one (465), set smtp_tls = \"implicit\" for ACCOUNT; else the server is stuck (`relay test ACCOUNT` shows the exchange)",
+        matches: &[&["sent no greeting", "expects tls first"]],
     },
     Diagnosis {
         only: None,

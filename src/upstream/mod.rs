@@ -25,6 +25,17 @@ use std::time::Duration;
 
 pub use transports::Transports;
 
+/// The largest message an account's transport can send, where relay knows it (the HTTP APIs'; an SMTP upstream
+/// says its own in EHLO's SIZE, which is not known when a device sends): larger mail is refused at its end of
+/// data (552 5.3.4) rather than taken, then bounced or left in dead/ where the device never hears of it.
+pub fn largest_message(account: &crate::config::AccountConfig) -> Option<u64> {
+    match account.transport {
+        crate::config::Transport::GmailApi => Some(gmail::MESSAGE_LIMIT as u64),
+        crate::config::Transport::Graph => Some(graph::MESSAGE_LIMIT),
+        crate::config::Transport::Smtp => None,
+    }
+}
+
 /// How long an account pauses when its provider says a daily sending quota is used up and names no time.
 pub const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
 

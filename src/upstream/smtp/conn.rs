@@ -513,18 +513,17 @@ impl Conn {
             Err(failure) => {
                 let answered = !conn.buf.is_empty();
                 // Silent after the connection was taken: an SMTPS port (465) waits for a TLS hello and says
-                // nothing, which read as an upstream that cannot be reached.
+                // nothing, which read only as an upstream that cannot be reached. (Not on 25 or 587, which greet
+                // first: silence there is a server that hangs.)
                 let failure = match failure {
                     Failure::Connection(why)
                         if !answered
                             && s.tls != TlsMode::Implicit
+                            && !matches!(s.port, 25 | 587)
                             && why.contains("did not answer within") =>
                     {
                         Failure::Connection(format!(
-                            "upstream {}:{}: took the connection but sent no greeting within {} (smtp_timeout): a server that expects TLS first (port 465) says nothing; if it is one, set smtp_tls = \"implicit\"",
-                            s.host,
-                            s.port,
-                            whole_seconds(s.timeout)
+                            "{why}: it took the connection but sent no greeting; a server that expects TLS first (as on port 465) says nothing, and takes smtp_tls = \"implicit\""
                         ))
                     }
                     other => other,
