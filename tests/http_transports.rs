@@ -1911,6 +1911,30 @@ async fn pages_where_the_apis_answer_was_due_are_not_taken_as_sent() {
     }
 }
 
+/// A Gmail 200 typed JSON whose body does not parse is taken as sent, as one cut off is: it was tried again, and
+/// the message arrived twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gmail_200_whose_json_does_not_parse_is_taken_as_sent_not_sent_twice() {
+    let (_idp, api, mut d, _dir) = daemon_through_api("google").await;
+    api.script(vec![
+        ResponseTemplate::new(200).set_body_raw(b"{\"id\": \"18c".to_vec(), "application/json"),
+    ]);
+    let small = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: s\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test"], small).await;
+    let line = d.wait_log_any(&["relay_event=\"delivered\"", "relay_event=\"deferred\""]);
+    assert!(
+        line.contains("relay_event=\"delivered\"")
+            && line.contains("does not parse; taken as sent"),
+        "{line}"
+    );
+    let log = d.terminate_with_log();
+    assert!(
+        !log.iter().any(|l| l.contains("relay_event=\"deferred\"")),
+        "{log:#?}"
+    );
+    assert!(api.errors().is_empty(), "{:?}", api.errors());
+}
+
 /// A route of two Graph accounts: `a` sends the message as a draft whose `/send` Graph carries out but answers
 /// with a 500, and the draft's copy is slow to show in Sent Items. `a` is at its per-minute limit when the message
 /// comes due again, so `b` takes it: `b` first asks `a`'s draft, through `a`, waits while Graph does not yet say,

@@ -612,6 +612,11 @@ async fn delivered(r: reqwest::Response, cut_off_is_sent: bool) -> Outcome {
         _ if !whole => Outcome::Transient(format!(
             "Gmail API {status}: the upload session's answer was cut off or too long to be Gmail's; the session is kept and asked again at the next attempt"
         )),
+        // Typed JSON but not JSON (cut short with its length, say): as good as one cut off, and Gmail answers 2xx
+        // only once the message went; sent again, it would arrive twice. (JSON without an id stays a stranger's.)
+        _ if json && sent.is_none() && cut_off_is_sent => Outcome::Delivered(format!(
+            "Gmail API {status} (its JSON answer does not parse; taken as sent)"
+        )),
         _ => {
             let body = String::from_utf8_lossy(&body);
             let reply = Reply {
