@@ -476,6 +476,28 @@ async fn graph_throttling_waits_for_retry_after_then_delivers() {
     assert_eq!(strip_received(&sent[0].mime), &msg[..]);
 }
 
+/// A `Retry-After` under 30 s defers the message without the account's `paused` line (README: 30 s or more is the
+/// account's pause); it logged both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_retry_after_is_a_deferral_not_a_pause() {
+    let (_idp, api, mut d, _dir) = daemon_through_api("microsoft").await;
+    api.script(vec![
+        ResponseTemplate::new(429)
+            .insert_header("Retry-After", "2")
+            .set_body_json(serde_json::json!({"error": {"code": "ApplicationThrottled", "message": "Application is over its MailboxConcurrency limit."}})),
+    ]);
+    let msg = b"From: scanner@lan.test\r\nTo: ops@example.test\r\nSubject: t\r\n\r\nhi\r\n";
+    send_to(d.addr, &["ops@example.test"], msg).await;
+    d.wait_log("relay_event=\"deferred\"");
+    d.wait_log("relay_event=\"delivered\"");
+    let log = d.terminate_with_log();
+    assert!(
+        !log.iter().any(|l| l.contains("relay_event=\"paused\"")),
+        "{log:#?}"
+    );
+    assert_eq!(api.sent(1).await.len(), 1);
+}
+
 fn google_error(status: u16, grpc: &str, reason: &str, message: &str) -> ResponseTemplate {
     ResponseTemplate::new(status).set_body_json(serde_json::json!({"error": {
         "code": status,

@@ -1812,8 +1812,12 @@ impl Delivery {
             Outcome::Throttled(reply, wait) => {
                 let now = SystemTime::now();
                 let until = now.checked_add(wait).unwrap_or(now);
-                // `Retry-After: 0` (or a date past) asks for no pause.
-                if !wait.is_zero() && account.rate.pause_until(until, &reply) {
+                // `Retry-After: 0` (or a date past) asks for no pause. A short one holds the account's mail too,
+                // but is said as the message's deferral only (README: 30 s or more is the account's pause).
+                if !wait.is_zero()
+                    && account.rate.pause_until(until, &reply)
+                    && wait >= ACCOUNT_PAUSE
+                {
                     let d = self.diagnosed(&reply, Some(&account.name));
                     tracing::warn!(
                         relay_event = "paused",
