@@ -477,9 +477,10 @@ async fn four_sent_all_through(relay: &TestRelay, upstream: &mut FakeUpstream) {
     }
 }
 
-/// A route's account `a` has used up its day and `b` has its one connection in use: the next message waits for
-/// `b`'s connection (a delivery's end), and goes through `b`. It was logged "held by the account's sending
-/// limits" until `a`'s day ends, and written down as held for `relay status`, though `b` took it seconds later.
+/// A route's account `a` has room for one more recipient today and `b` has its one connection in use: a message
+/// to two waits for `b`'s connection (a delivery's end), and goes through `b`. It was logged "held by the
+/// account's sending limits" until `a`'s day ends, and written down as held for `relay status`, though `b` took
+/// it seconds later; and while it waited, `a`'s room for one had it taken up again at once, over and over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
     let idp = idp_issuing("tok").await;
@@ -493,7 +494,7 @@ async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
             "a",
             &idp.uri(),
             &limited,
-            "rate = { recipients_per_day = 1 }"
+            "rate = { recipients_per_day = 2 }"
         ),
         account("b", &idp.uri(), &busy, "max_connections = 1"),
     );
@@ -505,7 +506,7 @@ async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
     let mut daemon = Daemon::spawn_with(&config, |c| {
         c.env("RUST_LOG", "relay=debug");
     });
-    // `a` first (the same share of the day, config order): its day is used up.
+    // `a` first (the same share of the day, config order): one of its day's two recipients is used.
     send_to(daemon.addr, &["one@example.com"], "first").await;
     next_within(&mut limited, LIMIT).await;
     daemon.wait_log("relay_event=\"delivered\"");
@@ -513,11 +514,22 @@ async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
     send_to(daemon.addr, &["two@example.com"], "second").await;
     next_within(&mut busy, LIMIT).await;
     *busy.data_reply.lock().unwrap() = "250 2.0.0 OK".into();
-    let third = send_to(daemon.addr, &["three@example.com"], "third").await;
+    let third = send_to(
+        daemon.addr,
+        &["three@example.com", "four@example.com"],
+        "third",
+    )
+    .await;
     let line = daemon.wait_log_any(&["waiting: every connection", "relay_event=\"held\""]);
     assert!(
         line.contains(&third) && line.contains("waiting: every connection"),
         "{line}"
+    );
+    // A while for a loop to show (a command run to its end), then `b`'s connection frees.
+    run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["status", "--config"])
+            .arg(&config),
     );
     busy.release.notify_one();
     assert_eq!(subject(&next_within(&mut busy, LIMIT).await), "third");
@@ -526,6 +538,12 @@ async fn mail_waiting_for_a_busy_account_is_not_held_by_the_others_limit() {
         !log.iter().any(|l| l.contains("relay_event=\"held\"")),
         "{log:#?}"
     );
+    // Taken up at most at the scheduler's ticks (2 s apart), not in a loop.
+    let retaken = log
+        .iter()
+        .filter(|l| l.contains("waiting: every connection") && l.contains(&third))
+        .count();
+    assert!(retaken <= 3, "taken up again {retaken} times");
 }
 
 /// Past `max_age` (0 s), a message refused by one account's used-up quota is not bounced: the refusal is the

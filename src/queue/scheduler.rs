@@ -565,8 +565,10 @@ impl Schedule {
                     // (or, refused one by the upstream, gives its slot up: at most `max_connections - 1` times).
                     Wait::Connection | Wait::Behind => {
                         self.drop_need(pool, id);
+                        // Room for its own recipients: an account with room for one, and not for these, would
+                        // otherwise have it taken up again at once, and again, while the busy one stays busy.
                         if self.parked.get(&pool).and_then(BTreeSet::first) == Some(&id)
-                            && delivery.room(pool) > 0
+                            && delivery.room_for(pool, recipients) > 0
                         {
                             self.unpark(pool, 1, SystemTime::now());
                         }
