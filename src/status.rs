@@ -91,7 +91,8 @@ pub struct Status {
     /// new message is refused with 451 4.3.0. A chown or chmod by hand, or a `sudo relay serve` before the unit.
     pub queue_unwritable: Option<String>,
     /// The running daemon's listener certificates that clients checking them refuse (expired, not valid yet) or
-    /// soon will (within 30 days): as loaded, which a renewal without a reload does not change.
+    /// soon will (within 30 days and a fifth of its lifetime): as loaded, which a renewal without a reload does
+    /// not change.
     pub certificates: Vec<String>,
     pub ok: bool,
 }
@@ -172,7 +173,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         .and_then(|user| user.may_write_dir(queue_dir).err());
     let certificates = daemon
         .as_ref()
-        .map(|d| served_warnings(&d.certificates, now))
+        .map(|d| served_warnings(&d.certificates, config, now))
         .unwrap_or_default();
     let ok = !(!running
         || daemon.as_ref().is_some_and(|d| d.reload_refused.is_some())
@@ -206,7 +207,11 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
 /// What is wrong with the certificates the daemon serves, one line each: those that clients checking them refuse, or
 /// will within [`crate::certs::WARN_DAYS`]. Said of what was loaded, with what the file holds now when that
 /// differs (renewed, not yet reloaded).
-fn served_warnings(served: &[crate::running::Served], now: SystemTime) -> Vec<String> {
+fn served_warnings(
+    served: &[crate::running::Served],
+    config: &Config,
+    now: SystemTime,
+) -> Vec<String> {
     use crate::certs::{Trouble, Validity, day};
     served
         .iter()
@@ -215,7 +220,7 @@ fn served_warnings(served: &[crate::running::Served], now: SystemTime) -> Vec<St
                 not_before: c.not_before,
                 not_after: c.not_after,
             };
-            let trouble = match loaded.trouble(now)? {
+            let trouble = match due(&loaded, now)? {
                 Trouble::NotYetValid(at) => format!("is not valid until {}", day(at)),
                 Trouble::Expired(at) => {
                     format!(
@@ -225,8 +230,15 @@ fn served_warnings(served: &[crate::running::Served], now: SystemTime) -> Vec<St
                 }
                 Trouble::Expiring(days, at) => format!("expires in {days} day(s), on {}", day(at)),
             };
-            let fix = match crate::certs::validity(&c.file) {
-                Ok(v) if v != loaded && v.trouble(now).is_none() => format!(
+            // Read again only where this config names it, and only a plain file: daemon.json is the service
+            // user's to write, and this command often runs as root (a FIFO named there would hang it).
+            let named = config
+                .listeners
+                .iter()
+                .any(|l| l.cert.as_deref() == Some(c.file.as_path()))
+                && std::fs::metadata(&c.file).is_ok_and(|m| m.is_file() && m.len() < 1 << 20);
+            let fix = match named.then(|| crate::certs::validity(&c.file)) {
+                Some(Ok(v)) if v != loaded && due(&v, now).is_none() => format!(
                     "the file now holds one valid until {}: `systemctl reload relay` serves it",
                     day(v.not_after)
                 ),
@@ -239,6 +251,21 @@ fn served_warnings(served: &[crate::running::Served], now: SystemTime) -> Vec<St
             ))
         })
         .collect()
+}
+
+/// A certificate's trouble as `relay status` counts it: out of its dates, or near its end for its lifetime
+/// (within 30 days, and within a fifth of its lifetime: renewed at a third, as certbot does, a 90-day
+/// certificate is not said at 29 days left, nor a 6-day one all the time).
+fn due(v: &crate::certs::Validity, now: SystemTime) -> Option<crate::certs::Trouble> {
+    let trouble = v.trouble(now)?;
+    if let crate::certs::Trouble::Expiring(..) = trouble {
+        let lifetime = v.not_after.duration_since(v.not_before).unwrap_or_default();
+        let left = v.not_after.duration_since(now).unwrap_or_default();
+        if left >= lifetime / 5 {
+            return None;
+        }
+    }
+    Some(trouble)
 }
 
 /// How many [`Status::stale_tokens`] are named.
@@ -465,6 +492,25 @@ pub fn account_status(config: &Config, a: &AccountConfig) -> AccountStatus {
 #[cfg(test)]
 mod tests {
     use super::refused_for_itself;
+
+    #[test]
+    fn a_certificate_is_due_near_its_end_for_its_lifetime() {
+        use std::time::{Duration, SystemTime};
+        let day = Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let cert = |lifetime: u32, left: u32| crate::certs::Validity {
+            not_before: now + day * left - day * lifetime,
+            not_after: now + day * left,
+        };
+        // Let's Encrypt's 90 days, renewed at 30 left: not said at 25, said at 10.
+        assert!(super::due(&cert(90, 25), now).is_none());
+        assert!(super::due(&cert(90, 10), now).is_some());
+        // Six days, renewed every two or three: said only in its last day.
+        assert!(super::due(&cert(6, 2), now).is_none());
+        assert!(super::due(&cert(6, 1), now).is_some());
+        assert!(super::due(&cert(365, 29), now).is_some());
+        assert!(super::due(&cert(365, 0), now).is_some(), "expired");
+    }
 
     #[test]
     fn tells_a_refused_message_from_a_refused_account() {
