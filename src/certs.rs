@@ -97,52 +97,65 @@ fn chain_warning_with(path: &Path, now: SystemTime, store: &Path) -> Option<Stri
             ));
         }
     }
-    for c in certs.iter().skip(1) {
-        let at = |t: &x509_parser::time::ASN1Time| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-        };
-        let v = Validity {
-            not_before: at(&c.validity().not_before),
-            not_after: at(&c.validity().not_after),
-        };
-        let when = match v.trouble(now) {
-            Some(Trouble::Expired(t)) => format!("expired on {}", day(t)),
-            Some(Trouble::NotYetValid(t)) => format!("is not valid until {}", day(t)),
-            _ => continue,
-        };
-        return Some(format!(
-            "in {file}, the issuing certificate {} {when}: clients refuse the chain; use the CA's current chain (certbot's fullchain.pem after a renewal)",
-            c.subject()
-        ));
+    // Walked as a client builds it, up to the first certificate the store vouches for (its subject is a root
+    // the store holds, or its issuer is): what lies past that (a cross-signed root, an expired old root) is
+    // never needed, and was taken for a broken chain.
+    let trusted = store_subjects(store);
+    let in_store = |name: &[u8]| trusted.as_ref().is_some_and(|t| t.contains(name));
+    for (i, c) in certs.iter().enumerate() {
+        if i > 0 {
+            if in_store(c.subject().as_raw()) {
+                return None;
+            }
+            let at = |t: &x509_parser::time::ASN1Time| {
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+            };
+            let v = Validity {
+                not_before: at(&c.validity().not_before),
+                not_after: at(&c.validity().not_after),
+            };
+            let when = match v.trouble(now) {
+                Some(Trouble::Expired(t)) => Some(format!("expired on {}", day(t))),
+                Some(Trouble::NotYetValid(t)) => Some(format!("is not valid until {}", day(t))),
+                _ => None,
+            };
+            if let Some(when) = when {
+                return Some(format!(
+                    "in {file}, the issuing certificate {} {when}: clients refuse the chain; use the CA's current chain (certbot's fullchain.pem after a renewal)",
+                    c.subject()
+                ));
+            }
+        }
+        if in_store(c.issuer().as_raw()) || c.issuer().as_raw() == c.subject().as_raw() {
+            return None;
+        }
     }
+    // Without the store, a missing issuer is not judged: it may be a root found there.
+    trusted.as_ref()?;
     let last = certs.last()?;
-    let issuer = last.issuer().as_raw();
-    if issuer == last.subject().as_raw() || store_holds(store, issuer) != Some(false) {
-        return None;
-    }
     Some(format!(
-        "{file} ends with a certificate issued by {}, which neither the file nor this machine's CA store ({}) holds: a device that lacks it refuses the certificate. From a public CA, the file needs its intermediates (certbot's fullchain.pem, not cert.pem); from a private CA, the devices need that CA (in {} too, and this warning goes)",
+        "{file} ends with a certificate issued by {}, which neither the file nor this machine's CA store ({}) holds: a device that lacks it refuses the certificate. From a public CA, the file needs its intermediates (certbot's fullchain.pem, not cert.pem); from a private CA, append the CA's own certificate to the file (the chain then ends there) and give it to the devices",
         last.issuer(),
-        store.display(),
-        "/usr/local/share/ca-certificates"
+        store.display()
     ))
 }
 
-/// Whether the CA store at `store` holds a certificate whose subject is `name` (DER); `None` when it cannot be
-/// read (nothing is judged then).
-fn store_holds(store: &Path, name: &[u8]) -> Option<bool> {
+/// The subjects (DER) of the CA store's certificates; `None` when it cannot be read (nothing is judged then).
+fn store_subjects(store: &Path) -> Option<std::collections::HashSet<Vec<u8>>> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let mut found = false;
-    for der in CertificateDer::pem_file_iter(store).ok()?.flatten() {
-        if x509_parser::parse_x509_certificate(der.as_ref())
-            .is_ok_and(|(_, c)| c.subject().as_raw() == name)
-        {
-            found = true;
-            break;
-        }
-    }
-    Some(found)
+    Some(
+        CertificateDer::pem_file_iter(store)
+            .ok()?
+            .flatten()
+            .filter_map(|der| {
+                x509_parser::parse_x509_certificate(der.as_ref())
+                    .ok()
+                    .map(|(_, c)| c.subject().as_raw().to_vec())
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -205,6 +218,28 @@ mod tests {
         assert!(
             w.contains("CN=Test Intermediate expired on 2021-01-01"),
             "{w}"
+        );
+        // Cross-signed: the root the store holds, under its own name, signed by an older root long expired (as
+        // ISRG Root X1 by DST Root CA X3): clients stop at the store's root, and the rest is never looked at.
+        let old_key = rcgen::KeyPair::generate().unwrap();
+        let mut old = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        old.distinguished_name
+            .push(rcgen::DnType::CommonName, "Old Root");
+        old.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let old_issuer = rcgen::Issuer::new(old, old_key);
+        let mut cross = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        cross
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test Root");
+        cross.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        cross.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        cross.not_after = rcgen::date_time_ymd(2021, 9, 30);
+        let cross = cross
+            .signed_by(&rcgen::KeyPair::generate().unwrap(), &old_issuer)
+            .unwrap();
+        assert_eq!(
+            judge(&file("cross.pem", &[&leaf, &int, &cross.pem()])),
+            None
         );
         // No store to look in: a missing issuer is not judged.
         assert_eq!(

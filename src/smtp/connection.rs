@@ -76,7 +76,7 @@ pub(crate) async fn serve(
             ListenerTls::None | ListenerTls::Starttls => false,
         };
         if implicit_tls {
-            let tls = handshake(&ctx, tcp, seat, &budgets.handshakes).await?;
+            let tls = handshake(&ctx, tcp, seat, &budgets.handshakes, ctx.cfg.tls).await?;
             session.tls_started();
             let greeting = session.greeting();
             drive(&ctx, &mut session, tls, Some(greeting), seat, budgets).await?;
@@ -86,7 +86,8 @@ pub(crate) async fn serve(
         if let Outcome::StartTls(tcp) =
             drive(&ctx, &mut session, tcp, Some(greeting), seat, budgets).await?
         {
-            let tls = handshake(&ctx, tcp, seat, &budgets.handshakes).await?;
+            let tls =
+                handshake(&ctx, tcp, seat, &budgets.handshakes, ListenerTls::Starttls).await?;
             session.tls_started();
             drive(&ctx, &mut session, tls, None, seat, budgets).await?;
         }
@@ -117,11 +118,14 @@ async fn opens_with_tls(tcp: &TcpStream) -> std::io::Result<bool> {
 /// A handshake counts as idle: a client that never finishes one may be evicted, under pressure it gets the short
 /// timeout (also when the pressure begins during the handshake), and a shutdown drops it at once (there is no
 /// session yet to say 421 in, and a port scanner's half-open handshake must not hold up a restart).
+/// `mode`: how this handshake began, for a failure's hint: at connect (`Implicit`, or `Auto` having seen a
+/// TLS-like first byte), or after STARTTLS.
 async fn handshake(
     ctx: &ListenerCtx,
     tcp: TcpStream,
     seat: &Seat,
     logged: &std::sync::Mutex<super::log_budget::LogBudget>,
+    mode: ListenerTls,
 ) -> std::io::Result<TlsConn> {
     let Some(acceptor) = &ctx.tls else {
         return Err(std::io::Error::other(
@@ -177,7 +181,7 @@ async fn handshake(
     // (a scan of an implicit-TLS port fails a handshake per connection). A client that hangs up (a health
     // check's connect and close) is not news.
     if let (Err(e), Some(peer)) = (&accepted, peer) {
-        match super::tls::handshake_failure(e, ctx.cfg.tls_compat, ctx.cfg.tls) {
+        match super::tls::handshake_failure(e, ctx.cfg.tls_compat, mode) {
             Some(reason) => {
                 if may_log(logged, ctx.cfg.address) {
                     tracing::info!(relay_event = "tls_failed", relay_client = %peer, listener = %ctx.cfg.address, error = %reason, "TLS handshake failed");
