@@ -174,12 +174,16 @@ struct Warned(Vec<crate::config::Warning>);
 
 impl Warned {
     /// What the config may say but a sysadmin probably did not mean, at start and after each reload. The metrics
-    /// endpoint says its own when it binds, and the expiry watch a listener certificate's dates (`.cert`), with
-    /// `relay_event = credential_expiring`.
+    /// endpoint says its own when it binds, and the expiry watch a listener certificate's dates (`.cert`, "the
+    /// certificate in …"), with `relay_event = credential_expiring`; a chain clients cannot build is said here
+    /// (it was said by `relay check` alone, and a deploy hook reloading with cert.pem left no sign).
     fn log(&mut self, warnings: Vec<crate::config::Warning>) {
         let warnings: Vec<_> = warnings
             .into_iter()
-            .filter(|w| w.key != "metrics.address" && !w.key.ends_with(".cert"))
+            .filter(|w| {
+                w.key != "metrics.address"
+                    && !(w.key.ends_with(".cert") && w.text.starts_with("the certificate in "))
+            })
             .collect();
         let mut same = 0;
         for w in &warnings {

@@ -90,6 +90,9 @@ pub struct Status {
     /// Why the running daemon cannot make files in `queue/` (its user, the directory's owner and mode): every
     /// new message is refused with 451 4.3.0. A chown or chmod by hand, or a `sudo relay serve` before the unit.
     pub queue_unwritable: Option<String>,
+    /// Why the running daemon cannot make files in the state dir itself: its tokens, counters and reports are not
+    /// saved (a renewed refresh token lost at the next restart).
+    pub state_dir_unwritable: Option<String>,
     /// The running daemon's listener certificates that clients checking them refuse (expired, not valid yet) or
     /// soon will (within 30 days and a fifth of its lifetime): as loaded, which a renewal without a reload does
     /// not change.
@@ -167,10 +170,15 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
     // no queue/ yet, and nothing is wrong.
     let queue_dir_missing =
         running && config.state_dir.is_dir() && !config.state_dir.join("queue").is_dir();
-    let queue_unwritable = daemon
+    let daemon_user = daemon
         .as_ref()
-        .and_then(|d| crate::access::User::of_process(d.pid))
+        .and_then(|d| crate::access::User::of_process(d.pid));
+    let queue_unwritable = daemon_user
+        .as_ref()
         .and_then(|user| user.may_write_dir(queue_dir).err());
+    let state_dir_unwritable = daemon_user
+        .as_ref()
+        .and_then(|user| user.may_write_dir(&config.state_dir).err());
     let certificates = daemon
         .as_ref()
         .map(|d| served_warnings(&d.certificates, config, now))
@@ -180,6 +188,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         || disk.as_ref().is_some_and(|d| d.short || d.read_only)
         || queue_dir_missing
         || queue_unwritable.is_some()
+        || state_dir_unwritable.is_some()
         || !certificates.is_empty()
         || accounts.is_empty()
         || queue.dead > 0
@@ -199,6 +208,7 @@ pub fn status(config: &Config) -> Result<Status, StoreError> {
         stale_tokens,
         queue_dir_missing,
         queue_unwritable,
+        state_dir_unwritable,
         certificates,
         ok,
     })

@@ -420,6 +420,22 @@ fn a_listener_certificate_without_its_issuer_is_warned_about() {
     std::fs::write(&full, leaf.pem() + &ca_cert.pem()).unwrap();
     let said = check(&full);
     assert!(!said.contains(".cert: "), "{said}");
+
+    // The daemon says it too, at start (a deploy hook reloading with cert.pem left no sign but `relay check`).
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!(
+            "address = \"127.0.0.1:0\"\nauth = \"none\"\ntls = \"starttls\"\ncert = {alone:?}\nkey = {key_path:?}"
+        ),
+    );
+    let daemon = Daemon::spawn(&config);
+    let seen = daemon.unmatched().join("\n");
+    assert!(
+        seen.contains("which neither the file nor this machine's CA store"),
+        "{seen}"
+    );
+    assert!(daemon.terminate().success());
 }
 
 /// `relay status` says a listener certificate the daemon serves that clients refuse (exit 1), as loaded: renewed in

@@ -455,6 +455,21 @@ async fn a_queue_the_daemon_cannot_write_is_said_by_status() {
         status_json(&config).1["queue_unwritable"],
         serde_json::Value::Null
     );
+    // The state dir itself: tokens, counters and reports cannot be saved.
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "{doc}");
+    assert!(
+        doc["state_dir_unwritable"]
+            .as_str()
+            .is_some_and(|w| w.contains("the daemon's user nobody cannot write to")),
+        "{doc}"
+    );
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    assert_eq!(
+        status_json(&config).1["state_dir_unwritable"],
+        serde_json::Value::Null
+    );
     assert!(relay.terminate().success());
 }
 

@@ -115,6 +115,21 @@ async fn a_message_held_by_a_pause_keeps_the_providers_words() {
             && shown.contains("(550 5.4.5 Daily"),
         "{shown}"
     );
+    // Mail that arrives during the pause is parked untried, with no state of its own: `queue show` says what it
+    // waits for (it said "next try: now" and "last error: -" for the hour).
+    let later = send_message(d.addr, b"Subject: third\r\n\r\nhello\r\n").await;
+    let out = run_bounded(
+        std::process::Command::new(relay_bin())
+            .args(["queue", "show", &later, "--config"])
+            .arg(&config),
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(
+            "waits for:   account office (failing): the provider asked it to pause until "
+        ) && shown.contains("550 5.4.5 Daily"),
+        "{shown}"
+    );
 }
 
 /// A last try past `max_age` (0 s here) that finds its account's per-minute window full waits for the window, as it

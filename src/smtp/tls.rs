@@ -94,7 +94,12 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat, mode: ListenerTls) ->
         return None;
     }
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
-        return Some(e.to_string());
+        // The legacy listener's OpenSSL says it in its own words: the same hints, found in them.
+        let text = e.to_string();
+        return Some(match openssl_hint(&text, mode) {
+            Some(hint) => format!("{text}: {hint}"),
+            None => text,
+        });
     };
     let hint = match tls {
         // TLS 1.0/1.1 clients fail for want of an extension TLS 1.2 made mandatory; others for want of a cipher
@@ -116,12 +121,45 @@ pub fn handshake_failure(e: &io::Error, compat: TlsCompat, mode: ListenerTls) ->
             | AlertDescription::CertificateUnknown
             | AlertDescription::CertificateExpired
             | AlertDescription::UnsupportedCertificate,
-        ) => {
-            "the client does not accept this listener's certificate (its issuer, its name or its dates): give the device the CA, or a certificate it trusts; a file without its intermediates (cert.pem where fullchain.pem belongs) is refused too, and `relay check` says so"
-        }
+        ) => CERT_REFUSED,
         _ => return Some(tls.to_string()),
     };
     Some(format!("{tls}: {hint}"))
+}
+
+const CERT_REFUSED: &str = "the client does not accept this listener's certificate (its issuer, its name or its dates): give the device the CA, or a certificate it trusts; a file without its intermediates (cert.pem where fullchain.pem belongs) is refused too, and `relay check` says so";
+
+/// The hint for an OpenSSL handshake error (the legacy listener's), from its reason's words.
+fn openssl_hint(text: &str, mode: ListenerTls) -> Option<&'static str> {
+    let lower = text.to_ascii_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    if says(&["wrong version number", "http request", "unknown protocol"])
+        && mode != ListenerTls::Starttls
+    {
+        return Some(
+            "what the client sent is not TLS: a plain SMTP client on a port with tls = \"implicit\" needs a listener with tls = \"starttls\" or \"auto\"",
+        );
+    }
+    if says(&[
+        "alert unknown ca",
+        "alert bad certificate",
+        "alert certificate unknown",
+        "alert certificate expired",
+        "alert unsupported certificate",
+    ]) {
+        return Some(CERT_REFUSED);
+    }
+    if says(&["no shared cipher"]) {
+        return Some(
+            "the client offers no cipher this listener can use with its certificate: an old device often wants RSA key exchange, which needs an RSA certificate (an EC key serves ECDSA suites only)",
+        );
+    }
+    if says(&["unsupported protocol", "version too low"]) {
+        return Some(
+            "the client's TLS is older than even tls_compat = \"legacy\" takes (TLS 1.0 at the least): the device needs a firmware update, or plain SMTP on a trusted LAN",
+        );
+    }
+    None
 }
 
 pub fn rustls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
@@ -400,6 +438,33 @@ mod tests {
             !said.contains(hint) && said.contains("tls_compat = \"legacy\""),
             "{said}"
         );
+        // The legacy listener's OpenSSL, in its words.
+        let openssl = |text: &str, mode| {
+            handshake_failure(&io::Error::other(text.to_string()), TlsCompat::Legacy, mode).unwrap()
+        };
+        let said = openssl(
+            "error:0A00010B:SSL routines:ssl3_get_record:wrong version number:../ssl/record/ssl3_record.c:350:",
+            ListenerTls::Implicit,
+        );
+        assert!(said.contains(hint), "{said}");
+        let said = openssl(
+            "error:0A00010B:SSL routines:ssl3_get_record:wrong version number",
+            ListenerTls::Starttls,
+        );
+        assert!(!said.contains(hint), "{said}");
+        let said = openssl(
+            "error:0A000418:SSL routines:ssl3_read_bytes:tlsv1 alert unknown ca:../ssl/record/rec_layer_s3.c:1601:SSL alert number 48",
+            ListenerTls::Implicit,
+        );
+        assert!(
+            said.contains("does not accept this listener's certificate"),
+            "{said}"
+        );
+        let said = openssl(
+            "error:0A0000C1:SSL routines:tls_post_process_client_hello:no shared cipher",
+            ListenerTls::Starttls,
+        );
+        assert!(said.contains("RSA certificate"), "{said}");
         let huge = wrapped(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::HandshakePayloadTooLarge,
         ));

@@ -199,6 +199,17 @@ pub fn queue(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
                     next_try(Some(t))
                 )?;
             }
+            // "next try: now" is when the daemon may try it: mail that arrived during its account's pause (or
+            // outage) waits untried, with no state of its own to say so.
+            if entry.state == Place::Queued && !entry.sending {
+                for name in &accounts {
+                    if let Some(account) = config.accounts.iter().find(|a| &a.name == name)
+                        && let Some((state, why)) = held_why(config, account)
+                    {
+                        writeln!(out, "waits for:   account {name} ({state}): {}", safe(&why))?;
+                    }
+                }
+            }
             writeln!(
                 out,
                 "last error:  {}",
@@ -344,38 +355,48 @@ fn print_deleted(id: relay::queue::QueueId, place: Place) {
 /// like `relay status` says it, so that `--json` stays one document.
 fn note_held_accounts(config: &Config) {
     for account in &config.accounts {
-        let s = relay::status::account_status(config, account);
-        if s.state == "ok" {
+        let Some((state, why)) = held_why(config, account) else {
             continue;
-        }
-        let since = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-        let why = if let Some(u) = &s.unreachable {
-            format!(
-                "its upstream {} has not answered since {} ({}), as the daemon last saw it",
-                u.upstream,
-                since(u.since),
-                u.reason
-            )
-        } else if let Some(p) = &s.paused {
-            format!(
-                "the provider asked it to pause until {} ({})",
-                since(p.until),
-                p.reply
-            )
-        } else if let Some(e) = &s.last_error {
-            e.clone()
-        } else if let Some(d) = &s.last_delivery {
-            format!("its last delivery was {}: {}", d.outcome, d.reply)
-        } else {
-            String::new()
         };
         eprintln!(
-            "relay: note: account {} ({}): {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
+            "relay: note: account {} ({state}): {}; queued mail for it may wait whatever its next try says (`relay status` has more)",
             account.name,
-            s.state,
             safe(&why)
         );
     }
+}
+
+/// An account that is not `ok`: its state, and why its mail waits.
+fn held_why(
+    config: &Config,
+    account: &relay::config::AccountConfig,
+) -> Option<(&'static str, String)> {
+    let s = relay::status::account_status(config, account);
+    if s.state == "ok" {
+        return None;
+    }
+    let since = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let why = if let Some(u) = &s.unreachable {
+        format!(
+            "its upstream {} has not answered since {} ({}), as the daemon last saw it",
+            u.upstream,
+            since(u.since),
+            u.reason
+        )
+    } else if let Some(p) = &s.paused {
+        format!(
+            "the provider asked it to pause until {} ({})",
+            since(p.until),
+            p.reply
+        )
+    } else if let Some(e) = &s.last_error {
+        e.clone()
+    } else if let Some(d) = &s.last_delivery {
+        format!("its last delivery was {}: {}", d.outcome, d.reply)
+    } else {
+        String::new()
+    };
+    Some((s.state, why))
 }
 
 /// `office`, `office or gmail`, or what no account means.

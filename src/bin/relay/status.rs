@@ -44,6 +44,7 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
             "stale_tokens": status.stale_tokens,
             "queue_dir_missing": status.queue_dir_missing,
             "queue_unwritable": status.queue_unwritable,
+            "state_dir_unwritable": status.state_dir_unwritable,
             "certificates": status.certificates,
             "ok": status.ok && invalid.is_none(),
         });
@@ -106,6 +107,11 @@ pub fn status(config: &Config, json: bool, invalid: Option<&ConfigError>) -> Res
         }
         for line in &status.certificates {
             println!("tls: {line}");
+        }
+        if let Some(why) = &status.state_dir_unwritable {
+            println!(
+                "state dir: {why}: the daemon cannot save its tokens (a renewed refresh token is lost at the next restart), sending counters or reports (give the directory back to that user with chown, or its write bit with chmod)"
+            );
         }
         if let Some(why) = &status.queue_unwritable {
             println!(
