@@ -104,12 +104,15 @@ async fn a_message_held_by_a_pause_keeps_the_providers_words() {
     let held = send_message(d.addr, b"Subject: second\r\n\r\nhello\r\n").await;
     let line = d.wait_log("relay_event=\"held\"");
     assert!(line.contains(&held), "{line}");
-    let out = run_bounded(
-        std::process::Command::new(relay_bin())
-            .args(["queue", "show", &held, "--config"])
-            .arg(&config),
-    );
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let show = |id: &str| {
+        let out = run_bounded(
+            std::process::Command::new(relay_bin())
+                .args(["queue", "show", id, "--config"])
+                .arg(&config),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = show(&held);
     assert!(
         shown.contains("held: the provider asked the account to pause until ")
             && shown.contains("(550 5.4.5 Daily"),
@@ -118,12 +121,7 @@ async fn a_message_held_by_a_pause_keeps_the_providers_words() {
     // Mail that arrives during the pause is parked untried, with no state of its own: `queue show` says what it
     // waits for (it said "next try: now" and "last error: -" for the hour).
     let later = send_message(d.addr, b"Subject: third\r\n\r\nhello\r\n").await;
-    let out = run_bounded(
-        std::process::Command::new(relay_bin())
-            .args(["queue", "show", &later, "--config"])
-            .arg(&config),
-    );
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let shown = show(&later);
     assert!(
         shown.contains(
             "waits for:   account office (failing): the provider asked it to pause until "
