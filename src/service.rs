@@ -237,8 +237,13 @@ where
                         .iter()
                         .filter(|c| !before.contains(c))
                         .map(|c| {
+                            let until = if c.not_after < std::time::SystemTime::now() {
+                                "expired on"
+                            } else {
+                                "valid until"
+                            };
                             format!(
-                                "{} (valid until {})",
+                                "{} ({until} {})",
                                 c.listener,
                                 crate::certs::day(c.not_after)
                             )

@@ -252,6 +252,11 @@ fn served_warnings(
                     "the file now holds one valid until {}: `systemctl reload relay` serves it",
                     day(v.not_after)
                 ),
+                // Dated from the future: most often this machine's clock, or a CA's mistake.
+                _ if now < c.not_before => {
+                    "check this machine's clock (`timedatectl`), or have the certificate reissued"
+                        .to_string()
+                }
                 _ => "renew it, then `systemctl reload relay`".to_string(),
             };
             Some(format!(

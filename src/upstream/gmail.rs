@@ -163,7 +163,7 @@ impl GmailUpstream {
         // (Asked only, the session's own count matters, not these bytes'.)
         if total > MESSAGE_LIMIT && !ask_only {
             return Outcome::Permanent(format!(
-                "Gmail API: the message is {total} bytes; Gmail takes at most 35 MB"
+                "Gmail API: the message is {total} bytes; Gmail takes at most 35 MiB ({MESSAGE_LIMIT} bytes)"
             ));
         }
         // A message an earlier attempt began in a session (its `Bcc:` line or rewriting may have shrunk it since)
