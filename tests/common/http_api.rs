@@ -156,11 +156,13 @@ impl FakeApi {
         Mock::given(any())
             .respond_with(move |req: &Request| {
                 let mut s = st.lock().unwrap();
-                s.log.push((
-                    req.method.to_string(),
-                    req.url.path().to_string(),
-                    SystemTime::now(),
-                ));
+                // A Gmail upload with its kind: a small bounce's media upload is not the message's resumable one.
+                let path = match req.url.query_pairs().find(|(k, _)| k == "uploadType") {
+                    Some((_, kind)) => format!("{}?uploadType={kind}", req.url.path()),
+                    None => req.url.path().to_string(),
+                };
+                s.log
+                    .push((req.method.to_string(), path, SystemTime::now()));
                 let reply = handle(&mut s, req, &token, &mailbox, &uri);
                 if reply.is_err() {
                     let range = req
