@@ -21,12 +21,18 @@ pub fn validity(path: &Path) -> Result<Validity, String> {
         CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| format!("{}: not an X.509 certificate: {e}", path.display()))?;
-    let at =
-        |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    Ok(Validity {
-        not_before: at(cert.validity().not_before.timestamp()),
-        not_after: at(cert.validity().not_after.timestamp()),
-    })
+    Ok(dates(&cert))
+}
+
+/// A parsed certificate's dates (one before 1970 read as 1970).
+fn dates(cert: &x509_parser::certificate::X509Certificate<'_>) -> Validity {
+    let at = |t: &x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    Validity {
+        not_before: at(&cert.validity().not_before),
+        not_after: at(&cert.validity().not_after),
+    }
 }
 
 /// Days ahead at which a listener's certificate is warned about.
@@ -107,15 +113,7 @@ fn chain_warning_with(path: &Path, now: SystemTime, store: &Path) -> Option<Stri
             if in_store(c.subject().as_raw()) {
                 return None;
             }
-            let at = |t: &x509_parser::time::ASN1Time| {
-                SystemTime::UNIX_EPOCH
-                    + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-            };
-            let v = Validity {
-                not_before: at(&c.validity().not_before),
-                not_after: at(&c.validity().not_after),
-            };
-            let when = match v.trouble(now) {
+            let when = match dates(c).trouble(now) {
                 Some(Trouble::Expired(t)) => Some(format!("expired on {}", day(t))),
                 Some(Trouble::NotYetValid(t)) => Some(format!("is not valid until {}", day(t))),
                 _ => None,
